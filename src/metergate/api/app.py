@@ -1,0 +1,86 @@
+"""The ASGI application: a route table in front of the handlers, and the lifespan.
+
+Routing is one dict lookup on (method, path); there is no middleware stack to walk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from metergate.api.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
+from metergate.api.chat import CompletionsHandler
+from metergate.api.errors import GatewayError
+from metergate.api.info import InfoHandlers
+from metergate.config.model import GatewayConfig
+from metergate.runtime import Runtime
+
+log = logging.getLogger("metergate")
+
+Handler = Callable[[Request, Send], Awaitable[None]]
+
+
+class GatewayApp:
+    def __init__(self, config: GatewayConfig, runtime: Runtime | None = None) -> None:
+        self.runtime = runtime or Runtime(config)
+        info = InfoHandlers(self.runtime)
+        self._info = info
+        chat = CompletionsHandler(self.runtime, "chat")
+        embeddings = CompletionsHandler(self.runtime, "embeddings")
+        routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/healthz"): info.healthz,
+            ("GET", "/readyz"): info.readyz,
+            ("GET", "/metrics"): info.metrics,
+        }
+        for prefix in ("/v1", ""):  # some clients put /v1 in base_url, some do not
+            routes[("POST", f"{prefix}/chat/completions")] = chat
+            routes[("POST", f"{prefix}/embeddings")] = embeddings
+            routes[("GET", f"{prefix}/models")] = info.models
+        self.routes = routes
+        self.paths = {path for _, path in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.routes.get((scope["method"], scope["path"]))
+            request = Request(scope, receive)
+            try:
+                if handler is not None:
+                    await handler(request, send)
+                else:
+                    await self._unrouted(request, send)
+            except GatewayError as error:
+                headers = base_headers(request) + JSON_HEADERS + error.headers
+                await respond(send, error.status, error.body(), headers)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _unrouted(self, request: Request, send: Send) -> None:
+        path: str = request.scope["path"]
+        for prefix in ("/v1/models/", "/models/"):
+            if path.startswith(prefix) and request.scope["method"] == "GET":
+                await self._info.model(request, send, path.removeprefix(prefix))
+                return
+        if path in self.paths:
+            raise GatewayError(405, f"method {request.scope['method']} is not allowed on {path}")
+        raise GatewayError(
+            404,
+            f"no such endpoint: {path}; the API is under /v1 "
+            "(chat/completions, embeddings, models)",
+            code="unknown_endpoint",
+        )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.runtime.start()
+                except Exception as exc:
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

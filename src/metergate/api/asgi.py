@@ -1,0 +1,83 @@
+"""The few ASGI primitives the gateway needs, without a framework's per-request objects.
+
+The hot path is plain ASGI: one dict of headers, one body read, one or two `send` calls.
+A framework would add routing layers and request objects that this path does not use.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from metergate.api.errors import GatewayError, bad_request
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class Request:
+    """What a handler needs of one HTTP request: headers, body, id and start time."""
+
+    __slots__ = ("headers", "id", "receive", "scope", "started")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.started = time.perf_counter()
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        caller_id = self.headers.get(b"x-request-id")
+        self.id = caller_id.decode("latin-1")[:128] if caller_id else "req_" + secrets.token_hex(12)
+
+    async def body(self, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise GatewayError(499, "client closed the request", outcome="cancelled")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(
+                    413,
+                    f"request body is larger than the gateway's limit of {limit} bytes; "
+                    "send a smaller request or raise server.max_body_bytes",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def json(self, limit: int) -> dict[str, Any]:
+        raw = await self.body(limit)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(
+                f"request body is not valid JSON: {exc}", code="invalid_json"
+            ) from exc
+        if not isinstance(data, dict):
+            raise bad_request("request body must be a JSON object", code="invalid_json")
+        return data
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def base_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-id", request.id.encode("latin-1"))]

@@ -1,0 +1,13 @@
+"""Import-string entry point for servers that start their own worker processes."""
+
+from __future__ import annotations
+
+import os
+
+from metergate.api.app import GatewayApp
+from metergate.config import load_config
+
+
+def create_app() -> GatewayApp:
+    """Build the app from METERGATE_CONFIG (the embedded default when unset)."""
+    return GatewayApp(load_config(os.environ.get("METERGATE_CONFIG") or None))

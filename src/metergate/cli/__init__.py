@@ -1,0 +1,22 @@
+"""The `metergate` command line: serve, check, keys (and more as capabilities land)."""
+
+from __future__ import annotations
+
+import typer
+
+from metergate.cli import check, keys, serve
+
+app = typer.Typer(
+    name="metergate",
+    help="Self-hosted OpenAI-compatible gateway that routes, meters and guards LLM traffic.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("serve")(serve.serve)
+app.command("check")(check.check)
+app.add_typer(keys.app, name="keys")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,49 @@
+"""What the CLI commands share: the config option, loading it, and opening its database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from metergate.config import ConfigError, GatewayConfig, load_config
+from metergate.storage.database import Database, open_database
+
+T = TypeVar("T")
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="METERGATE_CONFIG",
+        help="YAML config file; the embedded default (simulated provider) when omitted.",
+    ),
+]
+
+
+def load_or_exit(path: Path | None) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        errors.print(f"[red]config has {len(error.problems)} problem(s):[/red]")
+        for problem in error.problems:
+            errors.print("  " + problem.render(), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]]) -> T:
+    async def run() -> T:
+        database = await open_database(config.ledger.url)
+        try:
+            return await work(database)
+        finally:
+            await database.close()
+
+    return asyncio.run(run())

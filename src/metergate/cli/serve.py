@@ -1,0 +1,115 @@
+"""`metergate serve`: start the gateway (the embedded default needs no config at all)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from metergate.auth.keys import hash_key
+from metergate.cli.common import ConfigOption, console, load_or_exit
+from metergate.config import GatewayConfig
+from metergate.storage import keys as store
+from metergate.storage.database import open_database
+
+
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="override server.host")] = None,
+    port: Annotated[int | None, typer.Option(help="override server.port")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
+) -> None:
+    """Start the gateway. Without --config it serves simulated demo models on SQLite."""
+    loaded = load_or_exit(config)
+    host = host or loaded.server.host
+    port = port if port is not None else loaded.server.port
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    demo_key = asyncio.run(_demo_key(loaded)) if config is None else None
+    _banner(loaded, host, port, demo_key, workers)
+    options = dict(
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+    )
+    if workers == 1:
+        from metergate.api.app import GatewayApp
+
+        uvicorn.run(GatewayApp(loaded), **options)  # type: ignore[arg-type]
+        return
+    if config is not None:
+        os.environ["METERGATE_CONFIG"] = str(Path(config).resolve())
+    # Several processes share one set of metric files, so any worker's scrape sums all.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metergate-metrics-")
+    uvicorn.run("metergate.api.factory:create_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+
+
+async def _demo_key(config: GatewayConfig) -> str | None:
+    """The embedded default's demo key: made on first start, reused while it is active."""
+    url = config.ledger.url
+    data_dir = (
+        Path(url.removeprefix("sqlite:///")).parent
+        if url.startswith("sqlite")
+        else (Path(".metergate"))
+    )
+    key_file = data_dir / "demo-key"
+    database = await open_database(url)
+    try:
+        active = await store.list_keys(database, include_revoked=False)
+        if key_file.exists():
+            secret = key_file.read_text().strip()
+            if any(record.key_hash == hash_key(secret) for record in active):
+                return secret
+        if active:
+            return None
+        secret, _ = await store.create_key(database, "demo")
+    finally:
+        await database.close()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(secret + "\n")
+    return secret
+
+
+def _banner(config: GatewayConfig, host: str, port: int, key: str | None, workers: int) -> None:
+    base = f"http://{host}:{port}/v1"
+    model = next(iter(config.models))
+    shown = key or "mgk_..."
+    console.print(
+        f"[bold green]metergate[/bold green] listening on {base} "
+        f"({workers} worker{'s' if workers > 1 else ''}); "
+        f"models: {', '.join(config.models)}"
+    )
+    console.print(f"metrics: http://{host}:{port}/metrics   ledger: {config.ledger.url}")
+    if key is None:
+        console.print("create a key first: [bold]metergate keys create --name my-service[/bold]")
+    else:
+        console.print(f"demo key (stored hashed; secret kept in .metergate/demo-key): {key}")
+    console.print("\ntry it with curl:", markup=False)
+    print(
+        f"  curl {base}/chat/completions -H 'Authorization: Bearer {shown}' "
+        f"-H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", '
+        f'"content": "Hello"}}]}}\''
+    )
+    print("\nor with the openai SDK:")
+    print(
+        f"  from openai import OpenAI\n"
+        f'  client = OpenAI(base_url="{base}", api_key="{shown}")\n'
+        f'  reply = client.chat.completions.create(model="{model}", '
+        f'messages=[{{"role": "user", "content": "Hello"}}])\n'
+        f"  print(reply.choices[0].message.content)\n",
+        flush=True,
+    )

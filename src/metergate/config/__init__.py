@@ -1,0 +1,19 @@
+"""Configuration: schema, loading with located error reports, and the embedded default."""
+
+from metergate.config.loader import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    parse_config,
+)
+from metergate.config.model import GatewayConfig
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "ConfigError",
+    "ConfigProblem",
+    "GatewayConfig",
+    "load_config",
+    "parse_config",
+]

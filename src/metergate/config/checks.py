@@ -1,0 +1,48 @@
+"""Cross-reference checks that pydantic cannot express field by field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from metergate.config.model import GatewayConfig
+
+Problem = tuple[tuple[str | int, ...], str, str]
+
+_NEEDS_BASE_URL = {"openai"}
+_NEEDS_KEY = {"anthropic", "gemini"}
+
+
+def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
+    """Yield (key path, message, hint) for every dangling or inconsistent reference."""
+    providers = sorted(config.providers)
+    for name, provider in config.providers.items():
+        if provider.type in _NEEDS_BASE_URL and not provider.base_url:
+            yield (
+                ("providers", name, "base_url"),
+                "an openai-compatible provider needs base_url",
+                "e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 for vLLM",
+            )
+        if provider.type in _NEEDS_KEY and provider.api_key is None:
+            yield (
+                ("providers", name, "api_key"),
+                f"a {provider.type} provider needs api_key",
+                f"write api_key: ${{{name.upper().replace('-', '_')}_API_KEY}}",
+            )
+    for name, upstream in config.upstreams.items():
+        if upstream.provider not in config.providers:
+            yield (
+                ("upstreams", name, "provider"),
+                f"unknown provider {upstream.provider!r}",
+                f"declared providers: {', '.join(providers) or 'none'}",
+            )
+    upstreams = sorted(config.upstreams)
+    for name, model in config.models.items():
+        for index, upstream in enumerate(model.upstreams):
+            if upstream not in config.upstreams:
+                yield (
+                    ("models", name, "upstreams", index),
+                    f"unknown upstream {upstream!r}",
+                    f"declared upstreams: {', '.join(upstreams) or 'none'}",
+                )
+    if not config.models:
+        yield (("models",), "no models are declared", "declare at least one model")

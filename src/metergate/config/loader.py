@@ -1,0 +1,170 @@
+"""Load a YAML config, substitute `${ENV}` secrets, validate, and report every problem.
+
+Each problem carries the file, the key path (`models.gpt-4.1.upstreams[0]`), the line
+when known, and a hint, so `metergate check` and a refused start say exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from metergate.config.model import GatewayConfig
+
+DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    path: KeyPath
+    message: str
+    hint: str = ""
+    line: int | None = None
+
+    def render(self) -> str:
+        where = self.file + (f":{self.line}" if self.line else "")
+        text = f"{where}: {format_path(self.path) or '(top level)'}: {self.message}"
+        return text + (f"\n    hint: {self.hint}" if self.hint else "")
+
+
+class ConfigError(Exception):
+    """Raised when a config cannot be used; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problem.render() for problem in problems))
+
+
+def format_path(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_config(path: str | Path | None = None) -> GatewayConfig:
+    """Read and validate a config file (the embedded default when `path` is None)."""
+    source = Path(path) if path else DEFAULT_CONFIG
+    name = str(source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigProblem(name, (), f"cannot read file: {exc.strerror}", "check the path")]
+        ) from exc
+    return parse_config(text, name)
+
+
+def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(
+            [ConfigProblem(name, (), f"not valid YAML: {exc}", "fix the YAML syntax", line)]
+        ) from exc
+    lines: dict[KeyPath, int] = {}
+    _index_lines(root, (), lines)
+    raw = yaml.safe_load(text) if root is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigProblem(name, (), "the top level must be a mapping")])
+
+    problems: list[ConfigProblem] = []
+    raw = _substitute_env(raw, (), problems, name, lines)
+    config: GatewayConfig | None = None
+    try:
+        config = GatewayConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_from_validation(exc, name, lines))
+    if config is not None:
+        from metergate.config.checks import cross_reference_problems
+
+        for path, message, hint in cross_reference_problems(config):
+            problems.append(ConfigProblem(name, path, message, hint, _line_for(path, lines)))
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return config
+
+
+def _index_lines(node: yaml.Node | None, path: KeyPath, out: dict[KeyPath, int]) -> None:
+    if node is None:
+        return
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*path, str(key_node.value))
+            _index_lines(value_node, child, out)
+            out[child] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _index_lines(item, (*path, index), out)
+
+
+def _line_for(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _substitute_env(
+    value: Any, path: KeyPath, problems: list[ConfigProblem], name: str, lines: dict
+) -> Any:
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, (*path, k), problems, name, lines) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, (*path, i), problems, name, lines) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        variable, default = match.group(1), match.group(2)
+        found = os.environ.get(variable)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        problems.append(
+            ConfigProblem(
+                name,
+                path,
+                f"environment variable {variable} is not set",
+                f"export {variable}=... or write ${{{variable}:-default}}",
+                _line_for(path, lines),
+            )
+        )
+        return ""
+
+    return _ENV_PATTERN.sub(replace, value)
+
+
+def _from_validation(exc: ValidationError, name: str, lines: dict) -> list[ConfigProblem]:
+    problems = []
+    for error in exc.errors():
+        path = tuple(error["loc"])
+        kind = error["type"]
+        hint = ""
+        if kind == "extra_forbidden":
+            message = "unknown key"
+            hint = "check the spelling against the config reference in the README"
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind == "literal_error":
+            message = error["msg"].replace("Input should be", "must be")
+        else:
+            message = error["msg"]
+        problems.append(ConfigProblem(name, path, message, hint, _line_for(path, lines)))
+    return problems

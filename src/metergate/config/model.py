@@ -1,0 +1,112 @@
+"""The configuration schema: what an operator writes in YAML, validated by pydantic.
+
+Cross-references between sections (an upstream naming a provider, a model naming an
+upstream) are checked in `metergate.config.checks`, so that every problem can be
+reported with its own location instead of one opaque validator error.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+ProviderType = Literal["openai", "anthropic", "gemini", "simulated"]
+ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
+
+
+class Strict(BaseModel):
+    """Unknown keys are typos in a config file, so they are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Price(Strict):
+    """USD per million tokens. `cached_input` defaults to `input` when omitted."""
+
+    input: Decimal = Field(default=Decimal(0), ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    output: Decimal = Field(default=Decimal(0), ge=0)
+
+    @property
+    def cached(self) -> Decimal:
+        return self.input if self.cached_input is None else self.cached_input
+
+
+class SimulatedSettings(Strict):
+    """Behaviour of the built-in `simulated` provider: deterministic for demos and drills."""
+
+    latency_ms: float = Field(default=0, ge=0, description="delay before the first token")
+    tokens_per_second: float = Field(default=0, ge=0, description="0 means instant")
+    output_tokens: int = Field(default=16, ge=1, le=100_000)
+    error_rate: float = Field(default=0, ge=0, le=1)
+    error_kind: ErrorKind = "server_error"
+    seed: int = 0
+
+
+class Timeouts(Strict):
+    """Seconds. `total` bounds a whole attempt; `stream_idle` the gap between chunks."""
+
+    connect: float = Field(default=5, gt=0)
+    first_byte: float = Field(default=60, gt=0)
+    total: float = Field(default=600, gt=0)
+    stream_idle: float = Field(default=60, gt=0)
+
+
+class ProviderConfig(Strict):
+    type: ProviderType
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    max_connections: int = Field(default=256, ge=1)
+    price_list: str = "official"
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
+class UpstreamConfig(Strict):
+    """One deployment: a provider plus the model id that provider knows it by."""
+
+    provider: str
+    model: str
+    price: Price | None = None
+
+
+class ModelConfig(Strict):
+    """A model name callers use, served by one or more upstream deployments."""
+
+    upstreams: list[str] = Field(min_length=1)
+    description: str = ""
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=4000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
+class LedgerConfig(Strict):
+    url: str = "sqlite:///.metergate/metergate.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://USER@HOST/DB")
+        return value
+
+
+class GatewayConfig(Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)

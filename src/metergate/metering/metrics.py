@@ -1,0 +1,197 @@
+"""Prometheus metrics of the gateway, exactly as the metric contract in the design names them.
+
+Labelled children are cached per label tuple, so the hot path does one dict lookup and a
+few increments per request. With several worker processes the values live in
+prometheus_client's shared memory-mapped files (PROMETHEUS_MULTIPROC_DIR), so a scrape
+of any worker sums all of them and counters never go backwards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    disable_created_metrics,
+    multiprocess,
+)
+
+# `_created` samples double the series count and no rule or dashboard here reads them.
+disable_created_metrics()
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+TOKEN_TYPES = ("input", "cached_input", "output")
+
+UNKNOWN_MODEL = "unknown"
+UNKNOWN_KEY = "unknown"
+NO_UPSTREAM = "none"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class _Series:
+    """The children of one (model, upstream, key) combination, resolved once."""
+
+    __slots__ = ("cost", "duration", "outcomes", "tokens", "ttft")
+
+    def __init__(self, metrics: Metrics, model: str, upstream: str, key: str) -> None:
+        self.duration = metrics.request_duration.labels(model, upstream)
+        self.ttft = metrics.time_to_first_token.labels(model, upstream)
+        self.tokens = tuple(metrics.tokens.labels(model, upstream, key, t) for t in TOKEN_TYPES)
+        self.cost = metrics.cost.labels(model, upstream, key)
+        self.outcomes: dict[str, Any] = {}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "metergate_requests",
+            "Requests by outcome.",
+            ["model", "upstream", "key", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "metergate_request_duration_seconds",
+            "Whole request time as the caller sees it.",
+            ["model", "upstream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "metergate_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            ["model", "upstream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_attempts = Counter(
+            "metergate_upstream_attempts",
+            "Attempts against upstreams by outcome.",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "metergate_overhead_seconds",
+            "Gateway time minus upstream time.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "metergate_tokens", "Tokens by type.", ["model", "upstream", "key", "type"], registry=r
+        )
+        self.cost = Counter(
+            "metergate_cost_usd",
+            "Cost in USD at the configured prices.",
+            ["model", "upstream", "key"],
+            registry=r,
+        )
+        self.model_price = Gauge(
+            "metergate_model_price_usd_per_million_tokens",
+            "Configured price per upstream.",
+            ["upstream", "type"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.active_requests = Gauge(
+            "metergate_active_requests",
+            "Requests in flight.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.fallbacks = Counter(
+            "metergate_fallbacks",
+            "Requests served by a fallback upstream.",
+            ["model", "from_upstream", "to_upstream"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "metergate_circuit_state",
+            "0 closed, 1 half-open, 2 open.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.cache_requests = Counter(
+            "metergate_cache_requests", "Response cache lookups.", ["model", "result"], registry=r
+        )
+        self.budget_spent = Gauge(
+            "metergate_budget_spent_usd",
+            "Spend in the budget's current period.",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.budget_limit = Gauge(
+            "metergate_budget_limit_usd",
+            "Hard limit of the budget.",
+            ["budget"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.rollout_weight = Gauge(
+            "metergate_rollout_weight",
+            "Share of a rollout's traffic per target.",
+            ["rollout", "target"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.rollout_transitions = Counter(
+            "metergate_rollout_transitions",
+            "Rollout stage changes.",
+            ["rollout", "event"],
+            registry=r,
+        )
+        self.ledger_pending = Gauge(
+            "metergate_ledger_pending_rows",
+            "Ledger rows not yet committed.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.build_info = Gauge(
+            "metergate_build_info",
+            "Version of the running gateway and its config.",
+            ["version", "config_version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._attempts: dict[tuple[str, str], Any] = {}
+
+    def series(self, model: str, upstream: str, key: str) -> _Series:
+        found = self._series.get((model, upstream, key))
+        if found is None:
+            found = self._series[(model, upstream, key)] = _Series(self, model, upstream, key)
+        return found
+
+    def count_request(self, series: _Series, labels: tuple[str, str, str], outcome: str) -> None:
+        child = series.outcomes.get(outcome)
+        if child is None:
+            child = series.outcomes[outcome] = self.requests.labels(*labels, outcome)
+        child.inc()
+
+    def count_attempt(self, upstream: str, outcome: str) -> None:
+        child = self._attempts.get((upstream, outcome))
+        if child is None:
+            child = self._attempts[(upstream, outcome)] = self.upstream_attempts.labels(
+                upstream, outcome
+            )
+        child.inc()
+
+    def exposition(self) -> bytes:
+        """The text a scrape returns: all workers' values when running several."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

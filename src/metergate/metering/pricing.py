@@ -1,0 +1,85 @@
+"""Exact cost: prices become integer pico-USD per token, costs integer nano-USD.
+
+Floats drift when millions of small costs are added; integers do not. A price with up
+to six decimals per million tokens is exact in pico-USD per token, so a request's cost
+is exact in pico-USD and rounded once, half up, to the nano-USD the ledger stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from metergate.config.model import Price
+from metergate.providers.base import Usage
+
+PRICE_LISTS_FILE = Path(__file__).with_name("prices.yaml")
+DEFAULT_PRICE_LIST = "official"
+_PICO_PER_MILLION = Decimal(1_000_000)  # USD per 1e6 tokens -> pico-USD per token
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPrices:
+    """Pico-USD per token of each type."""
+
+    input: int = 0
+    cached_input: int = 0
+    output: int = 0
+
+    @classmethod
+    def from_price(cls, price: Price | None) -> UnitPrices:
+        if price is None:
+            return cls()
+        return cls(_pico(price.input), _pico(price.cached), _pico(price.output))
+
+    def cost_nano(self, usage: Usage) -> int:
+        pico = (
+            usage.input_tokens * self.input
+            + usage.cached_input_tokens * self.cached_input
+            + usage.output_tokens * self.output
+        )
+        return (pico + 500) // 1000
+
+    def per_million_usd(self) -> dict[str, float]:
+        return {
+            "input": self.input / 1e6,
+            "cached_input": self.cached_input / 1e6,
+            "output": self.output / 1e6,
+        }
+
+
+def _pico(per_million: Decimal) -> int:
+    return int((per_million * _PICO_PER_MILLION).to_integral_value())
+
+
+def nano_to_usd(nano: int) -> float:
+    return nano / 1e9
+
+
+@cache
+def shipped_price_lists() -> dict[str, dict[str, Price]]:
+    raw = yaml.safe_load(PRICE_LISTS_FILE.read_text(encoding="utf-8"))
+    return {
+        name: {model: Price(**price) for model, price in table.items()}
+        for name, table in raw.items()
+    }
+
+
+def load_price_list(name_or_path: str) -> dict[str, Price]:
+    """A shipped list by name, or a YAML file mapping model id -> price."""
+    lists = shipped_price_lists()
+    if name_or_path in lists:
+        return lists[name_or_path]
+    raw = yaml.safe_load(Path(name_or_path).read_text(encoding="utf-8"))
+    return {model: Price(**price) for model, price in (raw or {}).items()}
+
+
+def price_for(model: str, explicit: Price | None, price_list: str | None) -> Price | None:
+    """The price of an upstream: its own, else its provider's list entry, else None."""
+    if explicit is not None:
+        return explicit
+    return shipped_price_lists().get(price_list or DEFAULT_PRICE_LIST, {}).get(model)

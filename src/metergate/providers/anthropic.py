@@ -1,0 +1,164 @@
+"""Anthropic's Messages API behind the OpenAI chat format.
+
+Requests are translated in `anthropic_translate`; this module holds the adapter and the
+stream translation. Behaviour callers may notice:
+
+* `max_tokens` is mandatory for Anthropic, so 4096 is sent when the caller set neither
+  `max_tokens` nor `max_completion_tokens`.
+* `response_format` (json_object / json_schema) is best effort: the Messages API has no
+  JSON mode, so an instruction to reply with JSON (quoting the schema) is appended to the
+  system prompt. The reply is usually valid JSON but, unlike OpenAI's strict mode, that is
+  not guaranteed. (Anthropic's structured-output beta was not used: it needs a beta
+  header and supports only some models; operators can still add it via `headers`.)
+* `n` > 1 is rejected with a 400: Anthropic returns one answer per request.
+* Thinking blocks are dropped: OpenAI's chat format has no place for them.
+* Usage: cache writes count as input tokens (they are billed at least as input), cache
+  reads as cached input tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from metergate.config.model import ProviderConfig
+from metergate.providers.anthropic_translate import (
+    finish_reason,
+    from_message,
+    to_messages_request,
+    usage_of,
+)
+from metergate.providers.base import Adapter, Completion, StreamState, UpstreamCall, UpstreamFailure
+from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.sse import Event
+from metergate.providers.translation import ChunkWriter, load_json, relay
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+API_VERSION = "2023-06-01"
+
+
+class AnthropicAdapter(Adapter):
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        super().__init__(name, config)
+        headers = {"anthropic-version": API_VERSION}
+        if config.api_key is not None:
+            headers["x-api-key"] = config.api_key.get_secret_value()
+        self.transport = HttpTransport(config, headers)
+        self.url = f"{config.base_url or DEFAULT_BASE_URL}/v1/messages"
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def chat(self, call: UpstreamCall) -> Completion:
+        answer = await self.transport.post(self.url, to_messages_request(call.body, call.model))
+        body, usage = from_message(load_json(answer, "Messages API answer"), call.model)
+        return Completion(body, usage)
+
+    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        payload = {**to_messages_request(call.body, call.model), "stream": True}
+        response = await self.transport.open_stream(self.url, payload)
+        async for out in relay(self.transport, response, _StreamTranslator(call, state)):
+            yield out
+
+
+class _StreamTranslator:
+    """Anthropic stream events -> OpenAI chunks; keeps `state` up to date as usage arrives."""
+
+    def __init__(self, call: UpstreamCall, state: StreamState) -> None:
+        self.call = call
+        self.state = state
+        self.writer: ChunkWriter | None = None
+        self.raw_usage: dict[str, Any] = {}
+        self.tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI index
+        self.stop_reason: str | None = None
+        self.done = False
+
+    def feed(self, event: Event) -> bytes:
+        if not event.data:
+            return b""
+        data = load_json(event.data, "stream event")
+        kind = data.get("type") or event.name
+        if kind == "error":
+            raise UpstreamFailure(
+                "upstream_error", f"upstream stream error: {error_message(event.data)}"
+            )
+        if kind == "message_start":
+            message = data.get("message") or {}
+            self.writer = ChunkWriter(
+                message.get("id") or "", message.get("model") or self.call.model
+            )
+            self._add_usage(message.get("usage"))
+            return self.writer.delta({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            return self._block_start(data.get("index", 0), data.get("content_block") or {})
+        if kind == "content_block_delta":
+            return self._block_delta(data.get("index", 0), data.get("delta") or {})
+        if kind == "message_delta":
+            self.stop_reason = (data.get("delta") or {}).get("stop_reason") or self.stop_reason
+            self._add_usage(data.get("usage"))
+        elif kind == "message_stop":
+            return self._stop()
+        return b""  # ping, content_block_stop, and event types added after this was written
+
+    def finish(self) -> bytes:
+        if not self.done:
+            raise UpstreamFailure("upstream_error", "the upstream stream ended before message_stop")
+        return b""
+
+    def _block_start(self, index: int, block: dict[str, Any]) -> bytes:
+        if block.get("type") == "tool_use":
+            position = self.tool_index[index] = len(self.tool_index)
+            return self._writer().delta(
+                {
+                    "tool_calls": [
+                        {
+                            "index": position,
+                            "id": block.get("id"),
+                            "type": "function",
+                            "function": {"name": block.get("name"), "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        if block.get("type") == "text" and block.get("text"):
+            return self._writer().delta({"content": block["text"]})
+        return b""
+
+    def _block_delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            return self._writer().delta({"content": delta["text"]})
+        if kind == "input_json_delta" and delta.get("partial_json") and index in self.tool_index:
+            return self._writer().delta(
+                {
+                    "tool_calls": [
+                        {
+                            "index": self.tool_index[index],
+                            "function": {"arguments": delta["partial_json"]},
+                        }
+                    ]
+                }
+            )
+        return b""  # thinking and signature deltas have no OpenAI equivalent
+
+    def _stop(self) -> bytes:
+        writer = self._writer()
+        self.done = True
+        reason = finish_reason(self.stop_reason)
+        self.state.finish_reason = reason
+        return writer.delta({}, reason) + writer.end(self.state.usage, self.call.include_usage)
+
+    def _add_usage(self, usage: dict[str, Any] | None) -> None:
+        """message_start carries input counts, message_delta the (cumulative) output count."""
+        self.raw_usage.update({k: v for k, v in (usage or {}).items() if v is not None})
+        self.state.usage = usage_of(self.raw_usage)
+
+    def _writer(self) -> ChunkWriter:
+        if self.writer is None:
+            raise UpstreamFailure(
+                "upstream_error", "the upstream stream began without message_start"
+            )
+        return self.writer

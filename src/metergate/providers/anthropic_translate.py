@@ -1,0 +1,248 @@
+"""OpenAI chat request -> Anthropic Messages request, and Messages answer -> OpenAI answer.
+
+Choices worth knowing (the adapter's docstring has the user-facing summary):
+
+* System and developer messages, wherever they appear, are joined into the top-level
+  `system` prompt: Anthropic has no system role inside `messages`.
+* Consecutive messages of one role are merged into one turn, so tool results (each an
+  OpenAI `tool` message) land together in one user turn, before any text that follows.
+* Sampling fields Anthropic lacks (frequency/presence penalties, seed, logit_bias,
+  logprobs) are dropped; values Anthropic rejects (e.g. temperature above 1) are passed
+  on so that its own 400 explains the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from metergate.providers.base import Usage
+from metergate.providers.translation import (
+    assistant_message,
+    completion_body,
+    image_url_of,
+    invalid_request,
+    max_output_tokens,
+    parse_arguments,
+    parse_data_url,
+    stop_sequences,
+    text_of,
+)
+
+DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI callers often omit it
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+_JSON_OBJECT = "Reply with one valid JSON object and nothing else: no prose, no code fences."
+_JSON_SCHEMA = (
+    "Reply with one valid JSON value that conforms to the JSON schema below, and nothing "
+    "else: no prose, no code fences.\nSchema ({name}): {schema}"
+)
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def usage_of(raw: dict[str, Any] | None) -> Usage:
+    """Cache writes are billed as (pricier) input; only cache reads count as cached."""
+    raw = raw or {}
+    return Usage(
+        input_tokens=(raw.get("input_tokens") or 0) + (raw.get("cache_creation_input_tokens") or 0),
+        cached_input_tokens=raw.get("cache_read_input_tokens") or 0,
+        output_tokens=raw.get("output_tokens") or 0,
+    )
+
+
+def to_messages_request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The Messages API payload for an OpenAI chat request (without `stream`)."""
+    if (body.get("n") or 1) > 1:
+        raise invalid_request(
+            "n > 1 is not supported by Anthropic models: send n separate requests instead"
+        )
+    system, messages = _turns(body.get("messages") or [])
+    instruction = _format_instruction(body.get("response_format"))
+    if instruction:
+        system.append(instruction)
+    limit = max_output_tokens(body)
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": DEFAULT_MAX_TOKENS if limit is None else limit,
+        "messages": messages,
+    }
+    if system:
+        payload["system"] = "\n\n".join(system)
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            payload[key] = body[key]
+    stops = stop_sequences(body.get("stop"))
+    if stops:
+        payload["stop_sequences"] = stops
+    if body.get("tools"):
+        payload["tools"] = [_tool(tool) for tool in body["tools"]]
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice:
+            payload["tool_choice"] = choice
+    if body.get("user"):
+        payload["metadata"] = {"user_id": str(body["user"])}
+    return payload
+
+
+def from_message(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
+    """The OpenAI `chat.completion` body and usage of a Messages API answer."""
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in data.get("content") or []:
+        if block.get("type") == "text":
+            texts.append(block.get("text") or "")
+        elif block.get("type") == "tool_use":
+            tool_calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": block.get("name"),
+                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
+                    },
+                }
+            )
+        # thinking blocks are not part of OpenAI's chat format and are dropped
+    usage = usage_of(data.get("usage"))
+    choice = {
+        "index": 0,
+        "message": assistant_message("".join(texts), tool_calls),
+        "finish_reason": finish_reason(data.get("stop_reason")),
+        "logprobs": None,
+    }
+    body = completion_body(data.get("id") or "", data.get("model") or model, [choice], usage)
+    return body, usage
+
+
+def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Split OpenAI messages into system texts and alternating user/assistant turns."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = text_of(message.get("content"))
+            if text:
+                system.append(text)
+            continue
+        if role == "user":
+            turn_role, blocks = "user", _user_blocks(message.get("content"))
+        elif role == "assistant":
+            turn_role, blocks = "assistant", _assistant_blocks(message)
+        elif role == "tool":
+            turn_role, blocks = "user", [_tool_result(message)]
+        else:
+            raise invalid_request(f"message role {role!r} is not supported for Anthropic models")
+        if not blocks:
+            continue  # Anthropic rejects empty turns; an empty message adds nothing
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": turn_role, "content": blocks})
+    return system, turns
+
+
+def _user_blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str) or content is None:
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            if part.get("text"):
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image(image_url_of(part)))
+        else:
+            raise invalid_request(f"content part type {kind!r} is not supported for Anthropic")
+    return blocks
+
+
+def _image(url: str) -> dict[str, Any]:
+    inline = parse_data_url(url)
+    if inline is None:
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    media_type, data = inline
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    text = text_of(message.get("content"))
+    if text:
+        blocks.append({"type": "text", "text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id"),
+                "name": function.get("name"),
+                "input": parse_arguments(function.get("arguments")),
+            }
+        )
+    return blocks
+
+
+def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
+    if not message.get("tool_call_id"):
+        raise invalid_request("a tool message needs the tool_call_id it answers")
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message["tool_call_id"]}
+    text = text_of(message.get("content"))
+    if text:
+        block["content"] = text
+    return block
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Anthropic")
+    function = tool.get("function") or {}
+    result: dict[str, Any] = {
+        "name": function.get("name"),
+        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if function.get("description"):
+        result["description"] = function["description"]
+    return result
+
+
+def _tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+    if choice is None:
+        result = {"type": "auto"} if parallel is False else None
+    elif choice in ("auto", "required", "none"):
+        result = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+        result = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise invalid_request(f"unsupported tool_choice {choice!r}")
+    if result and parallel is False and result["type"] != "none":
+        result["disable_parallel_tool_use"] = True
+    return result
+
+
+def _format_instruction(response_format: Any) -> str | None:
+    """Best-effort JSON mode: the Messages API has no response format, so ask in `system`."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return _JSON_OBJECT
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = orjson.dumps(spec.get("schema") or {}).decode()
+        return _JSON_SCHEMA.format(name=spec.get("name") or "response", schema=schema)
+    return None

@@ -1,0 +1,122 @@
+"""The contract between the gateway and a provider adapter.
+
+Callers always speak OpenAI's chat format. An adapter turns one such request into its
+provider's wire format, and the provider's answer back into OpenAI's: a complete JSON
+body, or a stream of OpenAI `chat.completion.chunk` SSE events. It also reports usage,
+which the gateway needs for every request, streamed or not.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from metergate.config.model import ProviderConfig
+
+
+@dataclass(slots=True)
+class Usage:
+    """Tokens of one request. `input_tokens` excludes cached ones, so each type is priced once."""
+
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any] | None) -> Usage:
+        if not usage:
+            return cls()
+        prompt = usage.get("prompt_tokens") or 0
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") or 0
+        return cls(prompt - cached, cached, usage.get("completion_tokens") or 0)
+
+    def to_openai(self) -> dict[str, Any]:
+        prompt = self.input_tokens + self.cached_input_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.output_tokens,
+            "total_tokens": prompt + self.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_input_tokens},
+        }
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One attempt against one upstream deployment."""
+
+    body: dict[str, Any]  # the caller's request, OpenAI shape; adapters must not mutate it
+    model: str  # the provider's own model id for this deployment
+    include_usage: bool = False  # streaming only: the caller asked for the usage chunk
+
+
+@dataclass(slots=True)
+class Completion:
+    """A finished non-streaming answer, already in OpenAI's JSON format."""
+
+    body: bytes
+    usage: Usage
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Filled in by an adapter while it streams, read by the gateway when the stream ends."""
+
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UpstreamFailure(Exception):
+    """A failed attempt, already classified into the metric contract's `outcome` values."""
+
+    def __init__(
+        self,
+        outcome: str,
+        message: str,
+        *,
+        status: int = 502,
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+        error_type: str = "upstream_error",
+    ) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+        self.status = status
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        self.error_type = error_type
+
+
+class Adapter(abc.ABC):
+    """One instance per configured provider; holds its pooled HTTP client."""
+
+    supports_embeddings = False
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.config = config
+
+    async def start(self) -> None:
+        """Open pooled connections; called once at startup, inside the event loop."""
+
+    async def close(self) -> None:
+        """Release connections at shutdown."""
+
+    @abc.abstractmethod
+    async def chat(self, call: UpstreamCall) -> Completion: ...
+
+    @abc.abstractmethod
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        """Yield OpenAI SSE bytes (one or more whole `data: ...\\n\\n` events per item)."""
+
+    async def embeddings(self, call: UpstreamCall) -> Completion:
+        raise UpstreamFailure(
+            "invalid_request",
+            f"provider {self.name!r} ({self.config.type}) does not serve embeddings",
+            status=400,
+            error_type="invalid_request_error",
+        )

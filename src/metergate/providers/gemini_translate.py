@@ -1,0 +1,277 @@
+"""OpenAI chat request -> Gemini generateContent request, and Gemini answers -> OpenAI.
+
+Choices worth knowing (the adapter's docstring has the user-facing summary):
+
+* System and developer messages are joined into `systemInstruction`.
+* A `tool` message becomes a `functionResponse` part; Gemini wants the function's name,
+  which OpenAI only puts on the assistant's tool call, so it is looked up by call id.
+  The tool's output is sent as `{"result": <text>}` (Gemini wants an object).
+* Schemas (tool parameters, `json_schema` response formats) go in the JSON Schema
+  fields `parametersJsonSchema` / `responseJsonSchema`, not in the older OpenAPI-subset
+  `parameters` / `responseSchema`, which reject common JSON Schema keywords such as
+  `additionalProperties` that OpenAI strict schemas always carry.
+* Gemini 3 models sign their function calls and want the signature back. It is passed
+  to callers the way Google's own OpenAI endpoint does, as
+  `tool_calls[].extra_content.google.thought_signature`, and sent back when present.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Any
+
+import orjson
+
+from metergate.providers.base import Usage
+from metergate.providers.translation import (
+    assistant_message,
+    completion_body,
+    image_url_of,
+    invalid_request,
+    max_output_tokens,
+    new_call_id,
+    parse_arguments,
+    parse_data_url,
+    stop_sequences,
+    text_of,
+)
+
+_FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+    }
+)
+_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
+_SAMPLING = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "n": "candidateCount",
+    "seed": "seed",
+    "presence_penalty": "presencePenalty",
+    "frequency_penalty": "frequencyPenalty",
+}
+
+
+def finish_reason(reason: str | None, called_tools: bool) -> str:
+    """Gemini says STOP even after a function call; OpenAI callers expect `tool_calls`."""
+    if called_tools:
+        return "tool_calls"
+    if reason == "MAX_TOKENS":
+        return "length"
+    return "content_filter" if reason in _FILTERED else "stop"
+
+
+def usage_of(meta: dict[str, Any] | None) -> Usage:
+    """Thinking tokens are billed as output; tool-use prompt tokens (e.g. search) as input."""
+    meta = meta or {}
+    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
+    cached = meta.get("cachedContentTokenCount") or 0
+    output = (meta.get("candidatesTokenCount") or 0) + (meta.get("thoughtsTokenCount") or 0)
+    return Usage(max(0, prompt - cached), cached, output)
+
+
+def candidates_of(data: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(choice index, candidate) pairs; a blocked prompt becomes one filtered candidate.
+
+    proto3 JSON omits a zero `index`, hence the position as fallback.
+    """
+    candidates = data.get("candidates") or []
+    if not candidates and (data.get("promptFeedback") or {}).get("blockReason"):
+        candidates = [{"finishReason": "SAFETY"}]
+    return [(c.get("index", position), c) for position, c in enumerate(candidates)]
+
+
+def parts_of(candidate: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The answer text and OpenAI tool calls of a candidate; thought parts are skipped."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for part in (candidate.get("content") or {}).get("parts") or []:
+        if part.get("thought"):
+            continue
+        if "functionCall" in part:
+            function = part["functionCall"]
+            call: dict[str, Any] = {
+                "id": new_call_id(),
+                "type": "function",
+                "function": {
+                    "name": function.get("name"),
+                    "arguments": orjson.dumps(function.get("args") or {}).decode(),
+                },
+            }
+            if part.get("thoughtSignature"):
+                call["extra_content"] = {"google": {"thought_signature": part["thoughtSignature"]}}
+            calls.append(call)
+        elif part.get("text"):
+            texts.append(part["text"])
+    return "".join(texts), calls
+
+
+def from_response(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
+    """The OpenAI `chat.completion` body and usage of a generateContent answer."""
+    choices = []
+    for index, candidate in candidates_of(data) or [(0, {"finishReason": "OTHER"})]:
+        text, calls = parts_of(candidate)
+        choices.append(
+            {
+                "index": index,
+                "message": assistant_message(text, calls),
+                "finish_reason": finish_reason(candidate.get("finishReason"), bool(calls)),
+                "logprobs": None,
+            }
+        )
+    usage = usage_of(data.get("usageMetadata"))
+    response_id = "chatcmpl-" + (data.get("responseId") or new_call_id()[5:])
+    body = completion_body(response_id, data.get("modelVersion") or model, choices, usage)
+    return body, usage
+
+
+def to_generate_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The generateContent payload for an OpenAI chat request (the model goes in the URL)."""
+    system, contents = _contents(body.get("messages") or [])
+    payload: dict[str, Any] = {"contents": contents}
+    if system:
+        payload["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+    config = _generation_config(body)
+    if config:
+        payload["generationConfig"] = config
+    if body.get("tools"):
+        payload["tools"] = [{"functionDeclarations": [_declaration(t) for t in body["tools"]]}]
+        choice = body.get("tool_choice")
+        if choice is not None:
+            payload["toolConfig"] = {"functionCallingConfig": _calling_config(choice)}
+    return payload
+
+
+def _contents(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, for the tool messages
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = text_of(message.get("content"))
+            if text:
+                system.append(text)
+            continue
+        if role == "user":
+            content_role, parts = "user", _user_parts(message.get("content"))
+        elif role == "assistant":
+            content_role, parts = "model", _model_parts(message, names)
+        elif role == "tool":
+            content_role, parts = "user", [_function_response(message, names)]
+        else:
+            raise invalid_request(f"message role {role!r} is not supported for Gemini models")
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == content_role:
+            contents[-1]["parts"].extend(parts)  # e.g. parallel calls' responses: one turn
+        else:
+            contents.append({"role": content_role, "parts": parts})
+    return system, contents
+
+
+def _user_parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str) or content is None:
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            if part.get("text"):
+                parts.append({"text": part["text"]})
+        elif kind == "image_url":
+            parts.append(_image(image_url_of(part)))
+        else:
+            raise invalid_request(f"content part type {kind!r} is not supported for Gemini")
+    return parts
+
+
+def _image(url: str) -> dict[str, Any]:
+    inline = parse_data_url(url)
+    if inline is not None:
+        return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
+    # Gemini wants a MIME type for file URIs; the extension is the best hint a URL gives.
+    mime = mimetypes.guess_type(url.split("?", 1)[0])[0] or "image/jpeg"
+    return {"fileData": {"mimeType": mime, "fileUri": url}}
+
+
+def _model_parts(message: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    text = text_of(message.get("content"))
+    if text:
+        parts.append({"text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        names[call.get("id") or ""] = function.get("name") or ""
+        part: dict[str, Any] = {
+            "functionCall": {
+                "name": function.get("name"),
+                "args": parse_arguments(function.get("arguments")),
+            }
+        }
+        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        if signature:
+            part["thoughtSignature"] = signature
+        parts.append(part)
+    return parts
+
+
+def _function_response(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    call_id = message.get("tool_call_id") or ""
+    if call_id not in names:
+        raise invalid_request(
+            f"tool message answers tool_call_id {call_id!r}, which no earlier assistant "
+            "message called; Gemini needs the function name from that call"
+        )
+    return {
+        "functionResponse": {
+            "name": names[call_id],
+            "response": {"result": text_of(message.get("content"))},
+        }
+    }
+
+
+def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        target: body[source] for source, target in _SAMPLING.items() if body.get(source) is not None
+    }
+    limit = max_output_tokens(body)
+    if limit is not None:
+        config["maxOutputTokens"] = limit
+    stops = stop_sequences(body.get("stop"))
+    if stops:
+        config["stopSequences"] = stops
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") in ("json_object", "json_schema"):
+        config["responseMimeType"] = "application/json"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if response_format["type"] == "json_schema" and schema:
+            config["responseJsonSchema"] = schema
+    return config
+
+
+def _declaration(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Gemini")
+    function = tool.get("function") or {}
+    declaration: dict[str, Any] = {"name": function.get("name")}
+    if function.get("description"):
+        declaration["description"] = function["description"]
+    if function.get("parameters"):
+        declaration["parametersJsonSchema"] = function["parameters"]
+    return declaration
+
+
+def _calling_config(choice: Any) -> dict[str, Any]:
+    if isinstance(choice, str) and choice in _MODES:
+        return {"mode": _MODES[choice]}
+    if isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+        return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    raise invalid_request(f"unsupported tool_choice {choice!r}")

@@ -1,0 +1,113 @@
+"""Any OpenAI-compatible API: OpenAI, DeepSeek, HolySheep, OpenRouter, vLLM, Ollama.
+
+The caller already speaks this format, so requests pass through with only the model id
+replaced (unknown fields untouched) and responses pass through byte for byte; the adapter
+only reads usage, and asks for it on streams even when the caller did not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from metergate.config.model import ProviderConfig
+from metergate.providers.base import (
+    Adapter,
+    Completion,
+    StreamState,
+    UpstreamCall,
+    UpstreamFailure,
+    Usage,
+)
+from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.sse import DONE, SSEDecoder
+
+
+class OpenAIAdapter(Adapter):
+    supports_embeddings = True
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        super().__init__(name, config)
+        headers = {}
+        if config.api_key is not None:
+            headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self.transport = HttpTransport(config, headers)
+        base = config.base_url or ""
+        self.chat_url = f"{base}/chat/completions"
+        self.embeddings_url = f"{base}/embeddings"
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def chat(self, call: UpstreamCall) -> Completion:
+        body = await self.transport.post(self.chat_url, {**call.body, "model": call.model})
+        return Completion(body, _usage_of(body))
+
+    async def embeddings(self, call: UpstreamCall) -> Completion:
+        body = await self.transport.post(self.embeddings_url, {**call.body, "model": call.model})
+        return Completion(body, _usage_of(body))
+
+    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        options = {**(call.body.get("stream_options") or {}), "include_usage": True}
+        payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
+        response = await self.transport.open_stream(self.chat_url, payload)
+        decoder = SSEDecoder()
+        finished = False
+        try:
+            async for chunk in response.content.iter_any():
+                out = bytearray()
+                for event in decoder.feed(chunk):
+                    finished = _relay(event.data, event.raw, call, state, out) or finished
+                if out:
+                    yield bytes(out)
+            tail = bytearray()
+            for event in decoder.flush():
+                finished = _relay(event.data, event.raw, call, state, tail) or finished
+            if tail:
+                yield bytes(tail)
+        except UpstreamFailure:
+            raise
+        except Exception as exc:
+            raise self.transport.failure_from_exception(exc) from exc
+        finally:
+            # A stream left unfinished must not go back to the pool with bytes unread.
+            response.release() if finished else response.close()
+        if not finished:
+            raise UpstreamFailure(
+                "upstream_error", "the upstream stream ended before [DONE]", status=502
+            )
+
+
+def _relay(data: bytes, raw: bytes, call: UpstreamCall, state: StreamState, out: bytearray) -> bool:
+    """Append one upstream event to `out` unless it is a usage chunk nobody asked for.
+
+    Returns True for the closing `[DONE]`.
+    """
+    if data == b"[DONE]":
+        out += DONE
+        return True
+    if data.startswith(b'{"error"'):
+        raise UpstreamFailure("upstream_error", f"upstream stream error: {error_message(data)}")
+    if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+        chunk: dict[str, Any] = orjson.loads(data)
+        if chunk.get("usage"):
+            state.usage = Usage.from_openai(chunk["usage"])
+            if not chunk.get("choices") and not call.include_usage:
+                return False
+    out += raw
+    return False
+
+
+def _usage_of(body: bytes) -> Usage:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamFailure(
+            "upstream_error", "the upstream answered with malformed JSON", status=502
+        ) from exc
+    return Usage.from_openai(data.get("usage") if isinstance(data, dict) else None)

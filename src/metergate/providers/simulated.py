@@ -1,0 +1,342 @@
+"""The built-in `simulated` provider: an in-process model for demos, load tests and drills.
+
+It is deterministic: the same request gives the same answer and usage, and failures
+follow a seeded sequence, so a drill with `error_rate: 0.2` fails the same requests every
+run. Latency, speed, answer length and the kind of failure are set in the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from metergate.config.model import ProviderConfig
+from metergate.providers.base import (
+    Adapter,
+    Completion,
+    StreamState,
+    UpstreamCall,
+    UpstreamFailure,
+    Usage,
+)
+from metergate.providers.sse import DONE, chunk_event
+
+_WORDS = (
+    "the",
+    "gateway",
+    "meters",
+    "every",
+    "call",
+    "and",
+    "routes",
+    "it",
+    "to",
+    "a",
+    "healthy",
+    "upstream",
+    "while",
+    "budgets",
+    "keep",
+    "spend",
+    "in",
+    "check",
+    "and",
+    "rollouts",
+    "shift",
+    "traffic",
+    "in",
+    "careful",
+    "stages",
+    "with",
+    "alerts",
+    "ready",
+)
+_FAILURES: dict[str, tuple[str, int, str, str]] = {
+    "server_error": ("upstream_error", 502, "upstream_error", "simulated upstream error 500"),
+    "rate_limited": ("rate_limited", 429, "rate_limit_error", "simulated upstream rate limit"),
+    "bad_request": (
+        "upstream_rejected",
+        400,
+        "invalid_request_error",
+        "simulated upstream rejection",
+    ),
+    "timeout": ("timeout", 504, "timeout", "simulated upstream timeout"),
+    "connection_error": (
+        "connection_error",
+        502,
+        "connection_error",
+        "simulated connection refused",
+    ),
+}
+
+
+class SimulatedAdapter(Adapter):
+    supports_embeddings = True
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        super().__init__(name, config)
+        self.settings = config.simulated
+        self._dice = random.Random(self.settings.seed)
+
+    async def chat(self, call: UpstreamCall) -> Completion:
+        await self._maybe_fail()
+        answer = _Answer(call, self.settings.output_tokens)
+        if self.settings.tokens_per_second:
+            await asyncio.sleep(answer.output_tokens / self.settings.tokens_per_second)
+        choices = [
+            {
+                "index": i,
+                "message": answer.message(),
+                "finish_reason": answer.finish_reason,
+                "logprobs": None,
+            }
+            for i in range(answer.n)
+        ]
+        body = {
+            "id": answer.id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "choices": choices,
+            "usage": answer.usage.to_openai(),
+            "system_fingerprint": "simulated",
+        }
+        return Completion(orjson.dumps(body), answer.usage)
+
+    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        await self._maybe_fail()
+        answer = _Answer(call, self.settings.output_tokens)
+        base = {
+            "id": answer.id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": call.model,
+            "system_fingerprint": "simulated",
+        }
+        delay = 1 / self.settings.tokens_per_second if self.settings.tokens_per_second else 0
+        batch = bytearray()
+        for index in range(answer.n):
+            for delta in answer.deltas():
+                batch += chunk_event(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": delta,
+                                "finish_reason": None,
+                                "logprobs": None,
+                            }
+                        ],
+                    }
+                )
+                if delay:
+                    yield bytes(batch)
+                    batch.clear()
+                    await asyncio.sleep(delay)
+            batch += chunk_event(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {},
+                            "finish_reason": answer.finish_reason,
+                            "logprobs": None,
+                        }
+                    ],
+                }
+            )
+        state.usage = answer.usage
+        state.finish_reason = answer.finish_reason
+        if call.include_usage:
+            batch += chunk_event({**base, "choices": [], "usage": answer.usage.to_openai()})
+        batch += DONE
+        yield bytes(batch)
+
+    async def embeddings(self, call: UpstreamCall) -> Completion:
+        await self._maybe_fail()
+        inputs = call.body.get("input")
+        items = (
+            inputs
+            if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+            else [inputs]
+        )
+        dimensions = int(call.body.get("dimensions") or 8)
+        as_base64 = call.body.get("encoding_format") == "base64"
+        data, tokens = [], 0
+        for index, item in enumerate(items):
+            text = item if isinstance(item, str) else orjson.dumps(item).decode()
+            tokens += _count_tokens(text)
+            vector = _vector(text, dimensions)
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                if as_base64
+                else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        usage = Usage(input_tokens=tokens)
+        body = {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return Completion(orjson.dumps(body), usage)
+
+    async def _maybe_fail(self) -> None:
+        settings = self.settings
+        failing = settings.error_rate > 0 and self._dice.random() < settings.error_rate
+        if settings.latency_ms:
+            await asyncio.sleep(settings.latency_ms / 1000)
+        if not failing:
+            return
+        outcome, status, error_type, message = _FAILURES[settings.error_kind]
+        if settings.error_kind == "timeout":
+            await asyncio.sleep(self.config.timeouts.first_byte)
+        raise UpstreamFailure(
+            outcome,
+            message,
+            status=status,
+            error_type=error_type,
+            upstream_status=status if status < 500 else 500,
+            retry_after=1.0 if settings.error_kind == "rate_limited" else None,
+        )
+
+
+class _Answer:
+    """The deterministic answer to one request."""
+
+    def __init__(self, call: UpstreamCall, default_tokens: int) -> None:
+        body = call.body
+        prompt = orjson.dumps(body.get("messages") or [], option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.sha256(prompt + call.model.encode()).digest()
+        self.id = "chatcmpl-sim-" + digest[:12].hex()
+        self.n = max(1, int(body.get("n") or 1))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        wanted = default_tokens
+        self.finish_reason = "stop"
+        if limit is not None and int(limit) < wanted:
+            wanted, self.finish_reason = max(1, int(limit)), "length"
+        self.words = [_WORDS[(digest[i % 32] + i) % len(_WORDS)] for i in range(wanted)]
+        self.tool_call = _pick_tool(body)
+        self.json_mode = (body.get("response_format") or {}).get("type") in (
+            "json_object",
+            "json_schema",
+        )
+        stop = body.get("stop")
+        self._cut_at_stop([stop] if isinstance(stop, str) else list(stop or []))
+        if self.tool_call:
+            self.finish_reason = "tool_calls"
+        prompt_tokens = max(1, _count_tokens(prompt.decode()))
+        cached = (prompt_tokens // 2) // 128 * 128 if prompt_tokens >= 1024 else 0
+        self.output_tokens = len(self.words) * self.n
+        self.usage = Usage(prompt_tokens - cached, cached, self.output_tokens)
+
+    def _cut_at_stop(self, stops: list[str]) -> None:
+        for index, word in enumerate(self.words):
+            if any(stop and stop in word for stop in stops):
+                self.words = self.words[:index]
+                self.finish_reason = "stop"
+                return
+
+    def text(self) -> str:
+        text = " ".join(self.words)
+        return orjson.dumps({"answer": text}).decode() if self.json_mode else text
+
+    def message(self) -> dict[str, Any]:
+        if self.tool_call:
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [self.tool_call],
+                "refusal": None,
+            }
+        return {"role": "assistant", "content": self.text(), "refusal": None}
+
+    def deltas(self) -> list[dict[str, Any]]:
+        if self.tool_call:
+            call = self.tool_call
+            return [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""},
+                        }
+                    ],
+                },
+                {
+                    "tool_calls": [
+                        {"index": 0, "function": {"arguments": call["function"]["arguments"]}}
+                    ]
+                },
+            ]
+        text = self.text()
+        if self.json_mode:
+            return [{"role": "assistant", "content": text}]
+        pieces = [word if i == 0 else " " + word for i, word in enumerate(text.split(" "))]
+        return [{"role": "assistant", "content": ""}] + [{"content": p} for p in pieces if p]
+
+
+def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice", "auto")
+    if not tools or choice == "none":
+        return None
+    messages = body.get("messages") or []
+    if choice == "auto" and messages and messages[-1].get("role") == "tool":
+        return None  # the tool already answered: reply in text
+    function = tools[0].get("function", {})
+    if isinstance(choice, dict):
+        wanted = choice.get("function", {}).get("name")
+        function = next(
+            (t.get("function", {}) for t in tools if t.get("function", {}).get("name") == wanted),
+            function,
+        )
+    schema = function.get("parameters") or {}
+    arguments = {
+        name: _example_value(spec)
+        for name, spec in (schema.get("properties") or {}).items()
+        if name in (schema.get("required") or [])
+    }
+    name = function.get("name", "tool")
+    return {
+        "id": "call_sim_" + hashlib.sha256(name.encode()).hexdigest()[:16],
+        "type": "function",
+        "function": {"name": name, "arguments": orjson.dumps(arguments).decode()},
+    }
+
+
+def _example_value(spec: dict[str, Any]) -> Any:
+    if spec.get("enum"):
+        return spec["enum"][0]
+    return {
+        "string": "example",
+        "integer": 1,
+        "number": 1.0,
+        "boolean": True,
+        "array": [],
+        "object": {},
+    }.get(spec.get("type", "string"), "example")
+
+
+def _count_tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((digest[i % 32] - 127.5) / 127.5, 6) for i in range(dimensions)]

@@ -1,0 +1,58 @@
+"""Server-sent events: split an upstream byte stream into events, and build OpenAI events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Event:
+    name: str  # the `event:` field, "" when absent (OpenAI and Gemini send none)
+    data: bytes  # the `data:` lines joined with newlines
+    raw: bytes  # the whole event as received, normalised to \n line ends
+
+
+class SSEDecoder:
+    """Incremental decoder: feed it chunks as they arrive, get back complete events."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + chunk
+        blocks = buffer.split(b"\n\n")
+        self._buffer = blocks.pop()
+        return [event for block in blocks if (event := _parse(block)) is not None]
+
+    def flush(self) -> list[Event]:
+        """Whatever the upstream left without a closing blank line when it ended."""
+        rest, self._buffer = self._buffer, b""
+        event = _parse(rest) if rest.strip() else None
+        return [event] if event else []
+
+
+def _parse(block: bytes) -> Event | None:
+    name = ""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    if not data and not name:
+        return None  # comment or keep-alive
+    return Event(name, b"\n".join(data), block + b"\n\n")
+
+
+def chunk_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"

@@ -1,0 +1,147 @@
+"""One small async interface over SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+Statements are written once with `?` placeholders; the PostgreSQL side rewrites them to
+`$1, $2, ...`. Opening a database applies any pending schema migrations.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+Row = tuple[Any, ...]
+
+
+class Database(abc.ABC):
+    dialect: Literal["sqlite", "postgresql"]
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
+
+    @abc.abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement for many rows in a single transaction (group commit)."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abc.abstractmethod
+    async def script(self, statements: Sequence[str], lock_key: int) -> None:
+        """Run statements in one transaction that excludes other processes doing the same."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class SQLiteDatabase(Database):
+    dialect = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: Any = None
+
+    async def connect(self) -> None:
+        import aiosqlite
+
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
+            await self._conn.execute(f"PRAGMA {pragma}")
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._conn.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self._conn.executemany(sql, rows)
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+        await self._conn.execute("COMMIT")
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._conn.execute(sql, params) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def script(self, statements: Sequence[str], lock_key: int) -> None:
+        await self._conn.execute("BEGIN IMMEDIATE")  # takes SQLite's single write lock
+        try:
+            for statement in statements:
+                await self._conn.execute(statement)
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+        await self._conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: Any = None
+        self._sql_cache: dict[str, str] = {}
+
+    async def connect(self) -> None:
+        import asyncpg
+
+        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4)
+
+    def _sql(self, sql: str) -> str:
+        converted = self._sql_cache.get(sql)
+        if converted is None:
+            counter = iter(range(1, 10_000))
+            converted = re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+            self._sql_cache[sql] = converted
+        return converted
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        await self._pool.execute(self._sql(sql), *params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(self._sql(sql), list(rows))
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(row) for row in await self._pool.fetch(self._sql(sql), *params)]
+
+    async def script(self, statements: Sequence[str], lock_key: int) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
+            for statement in statements:
+                await conn.execute(statement)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+async def open_database(url: str) -> Database:
+    """Connect to `sqlite:///path` or `postgresql://...` and bring the schema up to date."""
+    from metergate.storage.migrations import migrate
+
+    database: SQLiteDatabase | PostgresDatabase
+    if url.startswith("sqlite://"):
+        path = url.removeprefix("sqlite://")
+        path = path[1:] if path.startswith("/") else path  # sqlite:///rel, sqlite:////abs
+        database = SQLiteDatabase(path or ":memory:")
+    else:
+        database = PostgresDatabase(url)
+    await database.connect()
+    try:
+        await migrate(database)
+    except BaseException:
+        await database.close()
+        raise
+    return database

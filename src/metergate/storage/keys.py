@@ -1,0 +1,75 @@
+"""Gateway keys in the database: create, list, revoke, load for the key index."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import orjson
+
+from metergate.auth.keys import KeyRecord, generate_key, hash_key
+from metergate.storage.database import Database
+
+_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at"
+
+
+class KeyNameTaken(Exception):
+    """An active key already has this name."""
+
+
+async def create_key(
+    database: Database, name: str, models: list[str] | None = None
+) -> tuple[str, KeyRecord]:
+    """Create a key; return the secret (shown once, never stored) and its record."""
+    if await database.fetch("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)):
+        raise KeyNameTaken(name)
+    secret = generate_key()
+    record = KeyRecord(
+        id="key_" + secrets.token_hex(8),
+        name=name,
+        key_hash=hash_key(secret),
+        hint=secret[-4:],
+        models=tuple(models) if models else None,
+        created_at=time.time(),
+    )
+    await database.execute(
+        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.id,
+            record.name,
+            record.key_hash,
+            record.hint,
+            orjson.dumps(list(record.models)).decode() if record.models else None,
+            record.created_at,
+            None,
+        ),
+    )
+    return secret, record
+
+
+async def list_keys(database: Database, include_revoked: bool = True) -> list[KeyRecord]:
+    where = "" if include_revoked else " WHERE revoked_at IS NULL"
+    rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys{where} ORDER BY created_at")
+    return [
+        KeyRecord(
+            id=row[0],
+            name=row[1],
+            key_hash=row[2],
+            hint=row[3],
+            models=tuple(orjson.loads(row[4])) if row[4] else None,
+            created_at=row[5],
+            revoked_at=row[6],
+        )
+        for row in rows
+    ]
+
+
+async def revoke_key(database: Database, name_or_id: str) -> int:
+    """Revoke the active key with this name or id; return how many were revoked."""
+    matches = await database.fetch(
+        "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+        (name_or_id, name_or_id),
+    )
+    for (key_id,) in matches:
+        await database.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
+    return len(matches)

@@ -1,0 +1,102 @@
+"""Versioned schema migrations, applied in order at open, each exactly once.
+
+DDL is written once; `{pk}` becomes the dialect's auto-increment primary key. Running
+processes may start together: the whole check-and-apply runs under a write lock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from metergate.storage.database import Database
+
+_LOCK_KEY = 0x6D657465  # "mete": PostgreSQL advisory lock id for migrations
+_PK = {"sqlite": "INTEGER PRIMARY KEY", "postgresql": "BIGSERIAL PRIMARY KEY"}
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "keys and usage ledger",
+        (
+            """CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            hint TEXT NOT NULL,
+            models TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+            "CREATE UNIQUE INDEX keys_active_name ON keys (name) WHERE revoked_at IS NULL",
+            """CREATE TABLE requests (
+            id {pk},
+            ts DOUBLE PRECISION NOT NULL,
+            request_id TEXT NOT NULL,
+            key_name TEXT NOT NULL,
+            model TEXT NOT NULL,
+            upstream TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            cached_input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost_nano BIGINT NOT NULL,
+            saved_nano BIGINT NOT NULL,
+            duration_ms DOUBLE PRECISION NOT NULL,
+            ttft_ms DOUBLE PRECISION,
+            outcome TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            cache_hit INTEGER NOT NULL,
+            stream INTEGER NOT NULL
+        )""",
+            "CREATE INDEX requests_ts ON requests (ts)",
+            "CREATE INDEX requests_key_ts ON requests (key_name, ts)",
+            "CREATE INDEX requests_model_ts ON requests (model, ts)",
+        ),
+    ),
+)
+
+
+async def migrate(database: Database) -> list[int]:
+    """Apply pending migrations; return the versions applied now."""
+    await database.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+    )
+    applied_now: list[int] = []
+    for migration in MIGRATIONS:
+        done = await database.fetch(
+            "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+        )
+        if done:
+            continue
+        statements = [s.replace("{pk}", _PK[database.dialect]) for s in migration.statements]
+        record = (
+            "INSERT INTO schema_migrations (version, name, applied_at) "
+            f"SELECT {migration.version}, '{migration.name}', {time.time()} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM schema_migrations "
+            f"WHERE version = {migration.version})"
+        )
+        try:
+            await database.script([*statements, record], _LOCK_KEY)
+        except Exception:
+            # Another process applied it between our check and our lock: that is fine.
+            if not await database.fetch(
+                "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
+            ):
+                raise
+            continue
+        applied_now.append(migration.version)
+    return applied_now
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1].version

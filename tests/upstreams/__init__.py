@@ -1,0 +1,99 @@
+"""Fake provider APIs for tests: each speaks its provider's real wire format.
+
+`anthropic_server` and `gemini_server` build aiohttp apps; `running(app)` serves one on
+127.0.0.1 with a free port. Every app records what it received in `app[RECORDER]`, so
+tests can assert on an adapter's translation. Behaviour is steered by trigger words, see
+`trigger()` and each server's docstring.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ANSWER = "The quick brown fox jumps over the lazy dog."  # the fakes' plain text answer
+_TRIGGER = re.compile(r"TRIGGER:([a-z_]+)")
+
+
+@dataclass
+class Received:
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-cased names
+    body: Any
+
+
+@dataclass
+class Recorder:
+    requests: list[Received] = field(default_factory=list)
+
+    @property
+    def last(self) -> Received:
+        return self.requests[-1]
+
+    async def record(self, request: web.Request) -> Any:
+        """Store the request and return its JSON body (None when it is not JSON)."""
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        self.requests.append(Received(request.path, dict(request.query), headers, body))
+        return body
+
+
+RECORDER = web.AppKey("recorder", Recorder)
+
+
+def trigger(text: str) -> str | None:
+    """The word after `TRIGGER:` in a prompt, e.g. "overloaded" for "TRIGGER:overloaded"."""
+    match = _TRIGGER.search(text)
+    return match.group(1) if match else None
+
+
+def words_within(limit: int | None, stops: list[str]) -> tuple[str, str | None]:
+    """ANSWER cut at the first stop sequence or after `limit` words (one word, one token).
+
+    Returns the text and why it was cut: "stop" (a stop sequence), "length" or None.
+    """
+    text = ANSWER
+    for stop in stops:
+        if stop and stop in text:
+            return text[: text.index(stop)], "stop"
+    words = text.split(" ")
+    if limit is not None and limit < len(words):
+        return " ".join(words[:limit]), "length"
+    return text, None
+
+
+@asynccontextmanager
+async def running(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1 (free port) and yield its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def parse_sse(data: bytes) -> list[Any]:
+    """The payloads of an OpenAI SSE stream: JSON chunks, and the string "[DONE]"."""
+    events: list[Any] = []
+    for block in data.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[6:]
+        events.append(payload if payload == "[DONE]" else orjson.loads(payload))
+    return events
