@@ -7,6 +7,7 @@ Ledger writes and other side work happen off this path (see metering.ledger).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -17,15 +18,16 @@ from metergate.api.asgi import (
     Request,
     Send,
     base_headers,
-    respond,
 )
-from metergate.api.errors import GatewayError, bad_request, from_failure
+from metergate.api.errors import GatewayError, bad_request, error_body, from_failure
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
 from metergate.providers.base import StreamState, UpstreamFailure
 from metergate.routing.dispatch import Dispatcher, Kind
 from metergate.routing.router import Route
 from metergate.runtime import Runtime
+
+logger = logging.getLogger("metergate.api")
 
 
 class CompletionsHandler:
@@ -40,39 +42,52 @@ class CompletionsHandler:
         runtime = self.runtime
         log = RequestLog(request.id, request.started)
         headers = base_headers(request)
-        active = None
         try:
-            key = await runtime.keys.authenticate(request.headers)
-            log.key = key.name
-            body = await request.json(runtime.config.server.max_body_bytes)
-            route = runtime.router.route(body.get("model"), key)
-            log.model = route.name
-            active = runtime.metrics.active_requests.labels(route.name)
-            active.inc()
-            if self.kind == "embeddings":
-                _check_embeddings(body)
-                await self._unary(send, body, route, log, headers)
-            elif _check_chat(body):
-                log.stream = True
-                await self._stream(request, send, body, route, log, headers)
-            else:
-                await self._unary(send, body, route, log, headers)
+            reply = await self._handle(request, send, log, headers)
         except GatewayError as error:
             log.outcome, log.status = error.outcome, error.status
-            await respond(send, error.status, error.body(), headers + JSON_HEADERS + error.headers)
-        finally:
-            if active is not None:
-                active.dec()
+            reply = Reply(error.body(), error.status, headers + JSON_HEADERS + error.headers)
+        except Exception:
+            logger.exception("internal error serving request %s", request.id)
+            log.outcome, log.status = "upstream_error", 500
+            message = f"internal gateway error; quote request id {request.id} to the operator"
+            reply = Reply(error_body(message, "api_error"), 500, headers + JSON_HEADERS)
+        except BaseException:
+            log.outcome, log.status = "cancelled", 499
             runtime.meter.finish(log)
+            raise
+        # Metered before the last byte goes out, so a caller that sees the answer can
+        # already see it in /metrics and (after one ledger flush) in the ledger.
+        runtime.meter.finish(log)
+        await reply.send(send)
+
+    async def _handle(
+        self, request: Request, send: Send, log: RequestLog, headers: list[tuple[bytes, bytes]]
+    ) -> Reply:
+        runtime = self.runtime
+        key = await runtime.keys.authenticate(request.headers)
+        log.key = key.name
+        body = await request.json(runtime.config.server.max_body_bytes)
+        route = runtime.router.route(body.get("model"), key)
+        log.model = route.name
+        streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
+        active = runtime.metrics.active_requests.labels(route.name)
+        active.inc()
+        try:
+            if streaming:
+                log.stream = True
+                return await self._stream(request, send, body, route, log, headers)
+            return await self._unary(body, route, log, headers)
+        finally:
+            active.dec()
 
     async def _unary(
         self,
-        send: Send,
         body: dict[str, Any],
         route: Route,
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
-    ) -> None:
+    ) -> Reply:
         try:
             deployment, completion = await self.dispatcher.complete(route, body, log, self.kind)
         except UpstreamFailure as failure:
@@ -84,7 +99,7 @@ class CompletionsHandler:
             (b"x-metergate-cost-usd", b"%.9f" % (log.cost_nano / 1e9)),
             *JSON_HEADERS,
         )
-        await respond(send, 200, completion.body, headers)
+        return Reply(completion.body, 200, headers)
 
     async def _stream(
         self,
@@ -94,7 +109,8 @@ class CompletionsHandler:
         route: Route,
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
-    ) -> None:
+    ) -> Reply:
+        """Relay the stream; return its last message, sent once the request is metered."""
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
         try:
@@ -111,6 +127,7 @@ class CompletionsHandler:
         watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
         events = first.count(b"data:")
         attempt_outcome = "success"
+        last = b""
         try:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             log.ttft = time.perf_counter() - log.started
@@ -120,8 +137,6 @@ class CompletionsHandler:
                 events += chunk.count(b"data:")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter()
-            watcher.cancel()
-            await send({"type": "http.response.body", "body": b""})
         except asyncio.CancelledError:
             if not gone.is_set():
                 raise
@@ -131,14 +146,7 @@ class CompletionsHandler:
         except UpstreamFailure as failure:
             attempt_outcome = log.outcome = failure.outcome
             log.status = failure.status
-            error = from_failure(failure)
-            await send(
-                {
-                    "type": "http.response.body",
-                    "more_body": False,
-                    "body": b"data: " + error.body() + b"\n\n",
-                }
-            )
+            last = b"data: " + from_failure(failure).body() + b"\n\n"
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
@@ -146,6 +154,27 @@ class CompletionsHandler:
         usage = state.usage or estimate.abandoned_stream(body, events)
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
+        return Reply(last)
+
+
+class Reply:
+    """The last thing to send: a whole response, or the tail of a started stream."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = headers  # None: the response has started already
+
+    async def send(self, send: Send) -> None:
+        if self.headers is not None:
+            await send(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+        await send({"type": "http.response.body", "body": self.body})
 
 
 async def _watch_disconnect(
@@ -173,6 +202,7 @@ def _check_chat(body: dict[str, Any]) -> bool:
     return bool(stream)
 
 
-def _check_embeddings(body: dict[str, Any]) -> None:
+def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
         raise bad_request("`input` is required", param="input")
+    return False

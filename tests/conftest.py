@@ -1,0 +1,41 @@
+"""Shared fixtures: a background loop for servers, and factories for gateways and upstreams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer, start_gateway
+from tests.upstreams import openai_server
+
+
+@pytest.fixture(scope="session")
+def bg() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture
+def gateway_factory(bg: BackgroundLoop, tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(config: dict[str, Any] | str) -> Gateway:
+        gateway = start_gateway(bg, config, tmp_path / f"gw{len(started)}")
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def openai_upstream(bg: BackgroundLoop) -> Iterator[tuple[UpstreamServer, openai_server.State]]:
+    app, state = openai_server.create_app()
+    server = UpstreamServer(bg, app)
+    yield server, state
+    server.close()

@@ -1,0 +1,184 @@
+"""Run real servers for tests: the gateway (uvicorn) and fake upstreams, on loopback.
+
+Everything runs on one event loop in a background thread, so tests can use the
+official SDKs' synchronous clients as well as their async ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import uvicorn
+import yaml
+from aiohttp import web
+
+from metergate.api.app import GatewayApp
+from metergate.config import parse_config
+from metergate.storage.keys import create_key
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BackgroundLoop:
+    """An asyncio loop in a daemon thread; `run` executes a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class UpstreamServer:
+    """An aiohttp application served on a free loopback port."""
+
+    def __init__(self, bg: BackgroundLoop, app: web.Application) -> None:
+        self.bg = bg
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._runner = web.AppRunner(app)
+
+        async def start() -> None:
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        bg.run(start())
+
+    def close(self) -> None:
+        self.bg.run(self._runner.cleanup())
+
+
+@dataclass
+class Gateway:
+    """A running gateway and a key to call it with."""
+
+    bg: BackgroundLoop
+    app: GatewayApp
+    server: uvicorn.Server
+    serving: Future[None]
+    base_url: str
+    key: str
+
+    @property
+    def runtime(self):  # type: ignore[no-untyped-def]
+        return self.app.runtime
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **options)
+
+    def async_client(self, **options: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.key, max_retries=0, **options
+        )
+
+    def new_key(self, name: str, models: list[str] | None = None) -> str:
+        assert self.runtime.database is not None
+        secret, _ = self.bg.run(create_key(self.runtime.database, name, models))
+        self.bg.run(self.runtime.keys.reload())
+        return secret
+
+    def flush_ledger(self) -> None:
+        assert self.runtime.ledger is not None
+        self.bg.run(self.runtime.ledger.flush())
+
+    def ledger_rows(self, where: str = "1=1") -> list[dict[str, Any]]:
+        from metergate.metering.ledger import COLUMNS
+
+        self.flush_ledger()
+        assert self.runtime.database is not None
+        rows = self.bg.run(
+            self.runtime.database.fetch(
+                f"SELECT {', '.join(COLUMNS)} FROM requests WHERE {where} ORDER BY id"
+            )
+        )
+        return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
+        total = 0.0
+        for family in self.runtime.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.serving.result(30)
+
+
+def start_gateway(bg: BackgroundLoop, config: dict[str, Any] | str, workdir: Path) -> Gateway:
+    """Start a gateway on a free port with its ledger in `workdir`, and make it a key."""
+    raw = yaml.safe_load(config) if isinstance(config, str) else dict(config)
+    raw.setdefault("ledger", {"url": f"sqlite:///{workdir / 'ledger.db'}"})
+    parsed = parse_config(yaml.safe_dump(raw, sort_keys=False))
+    app = GatewayApp(parsed)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan="on",
+            log_level="warning",
+            access_log=False,
+            loop="none",
+            http="httptools",
+        )
+    )
+    serving = bg.submit(server.serve())
+
+    async def wait_started() -> None:
+        for _ in range(500):
+            if server.started:
+                return
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+        raise TimeoutError("gateway did not start")
+
+    bg.run(wait_started())
+    gateway = Gateway(bg, app, server, serving, f"http://127.0.0.1:{port}/v1", "")
+    gateway.key = gateway.new_key("test")
+    return gateway
+
+
+def simulated_config(**settings: Any) -> dict[str, Any]:
+    """One simulated provider and model `sim` with the given simulated settings."""
+    return {
+        "providers": {"sim": {"type": "simulated", "simulated": settings}},
+        "upstreams": {
+            "sim-up": {
+                "provider": "sim",
+                "model": "sim-model",
+                "price": {"input": 1.0, "cached_input": 0.5, "output": 2.0},
+            }
+        },
+        "models": {"sim": {"upstreams": ["sim-up"]}},
+    }

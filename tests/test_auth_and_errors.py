@@ -1,0 +1,147 @@
+"""Keys and error shapes: every failure is an OpenAI-format error an SDK understands."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from metergate.storage.keys import revoke_key
+from tests.harness import simulated_config
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def gateway(gateway_factory):
+    config = simulated_config()
+    config["upstreams"]["other-up"] = {"provider": "sim", "model": "other"}
+    config["models"]["other"] = {"upstreams": ["other-up"]}
+    config["server"] = {"max_body_bytes": 2048}
+    return gateway_factory(config)
+
+
+def call(gateway, key: str):
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0)
+    return client.chat.completions.create(model="sim", messages=MESSAGES)
+
+
+def test_missing_key_is_a_401(gateway):
+    response = httpx.post(
+        f"{gateway.base_url}/chat/completions", json={"model": "sim", "messages": MESSAGES}
+    )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert error["type"] == "authentication_error" and error["code"] == "missing_api_key"
+    assert "no API key" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("key", "code", "says"),
+    [
+        ("sk-proj-someopenaikey", "malformed_api_key", "malformed API key"),
+        ("mgk_" + "x" * 43, "invalid_api_key", "unknown API key"),
+    ],
+)
+def test_bad_keys_get_a_401_saying_what_is_wrong(gateway, key, code, says):
+    with pytest.raises(openai.AuthenticationError) as raised:
+        call(gateway, key)
+    assert raised.value.code == code
+    assert says in raised.value.message
+
+
+def test_revoked_key_is_refused_by_name(gateway):
+    secret = gateway.new_key("soon-gone")
+    assert call(gateway, secret).choices
+    revoked = gateway.bg.run(revoke_key(gateway.runtime.database, "soon-gone"))
+    assert revoked == 1
+    gateway.bg.run(gateway.runtime.keys.reload())
+    with pytest.raises(openai.AuthenticationError) as raised:
+        call(gateway, secret)
+    assert raised.value.code == "revoked_api_key"
+    assert "'soon-gone'" in raised.value.message and secret not in raised.value.message
+
+
+def test_key_model_allow_list(gateway):
+    secret = gateway.new_key("only-other", models=["other"])
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="sim", messages=MESSAGES)
+    assert "not allowed for this key" in raised.value.message
+    assert "models this key may use: other" in raised.value.message
+    assert [m.id for m in client.models.list()] == ["other"]
+    assert client.chat.completions.create(model="other", messages=MESSAGES).choices
+
+
+def test_unknown_model_lists_the_allowed_ones(gateway):
+    with pytest.raises(openai.NotFoundError) as raised:
+        gateway.client().chat.completions.create(model="gpt-5", messages=MESSAGES)
+    assert raised.value.code == "model_not_found"
+    assert "models this key may use: sim, other" in raised.value.message
+
+
+def raw(gateway, body: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {gateway.key}", **headers},
+    )
+
+
+def test_malformed_json_says_where(gateway):
+    response = raw(gateway, b'{"model": "sim", "messages": [}')
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and "column" in error["message"]
+
+
+def test_body_over_the_limit_is_413(gateway):
+    big = b'{"model": "sim", "messages": [{"role": "user", "content": "' + b"x" * 4096 + b'"}]}'
+    response = raw(gateway, big)
+    assert response.status_code == 413
+    assert "max_body_bytes" in response.json()["error"]["message"]
+
+
+def test_invalid_fields_are_400_with_param(gateway):
+    with pytest.raises(openai.BadRequestError) as raised:
+        gateway.client().chat.completions.create(model="sim", messages=[])
+    assert raised.value.param == "messages"
+    response = raw(
+        gateway, b'{"model": "sim", "messages": [{"role":"user","content":"x"}], "max_tokens": -3}'
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+
+
+def test_request_id_is_echoed_or_made(gateway):
+    mine = raw(
+        gateway,
+        b'{"model": "sim", "messages": [{"role":"user","content":"x"}]}',
+        **{"x-request-id": "trace-123"},
+    )
+    assert mine.headers["x-request-id"] == "trace-123"
+    made = raw(gateway, b"{")
+    assert made.headers["x-request-id"].startswith("req_")
+    assert gateway.ledger_rows("request_id = 'trace-123'")
+
+
+def test_unknown_endpoint_and_method(gateway):
+    root = gateway.base_url.removesuffix("/v1")
+    missing = httpx.get(f"{root}/v1/assistants")
+    assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]["message"]
+    wrong = httpx.get(f"{root}/v1/chat/completions")
+    assert wrong.status_code == 405
+
+
+def test_health_and_readiness(gateway):
+    root = gateway.base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{root}/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_keys_are_never_metric_labels_or_ledger_values(gateway):
+    call(gateway, gateway.key)
+    exposition = gateway.runtime.metrics.exposition().decode()
+    rows = gateway.ledger_rows()
+    assert gateway.key not in exposition and gateway.key not in repr(rows)
+    assert 'key="test"' in exposition

@@ -1,0 +1,159 @@
+"""Config validation with located problems, and the CLI as an operator runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from metergate.config import ConfigError, load_config, parse_config
+from tests.harness import free_port
+
+METERGATE = [sys.executable, "-m", "metergate"]
+
+BROKEN = """\
+providers:
+  openai:
+    type: openai
+    api_key: ${METERGATE_TEST_UNSET_VAR}
+  claude:
+    type: anthropic
+    base_url: api.anthropic.com
+upstreams:
+  gpt:
+    provider: openia
+    model: gpt-4.1
+    pricee: {input: 1}
+models:
+  gpt-4.1:
+    upstreams: [gpt, missing-one]
+"""
+
+
+def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([*METERGATE, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_every_problem_is_reported_with_its_location():
+    with pytest.raises(ConfigError) as raised:
+        parse_config(BROKEN, "gw.yaml")
+    rendered = [problem.render() for problem in raised.value.problems]
+    text = "\n".join(rendered)
+    assert "gw.yaml:4: providers.openai.api_key: environment variable " \
+           "METERGATE_TEST_UNSET_VAR is not set" in text
+    assert "gw.yaml:7: providers.claude.base_url" in text and "http://" in text
+    assert "upstreams.gpt.pricee: unknown key" in text
+    assert len(rendered) >= 3
+
+
+def test_cross_references_are_checked():
+    text = BROKEN.replace("${METERGATE_TEST_UNSET_VAR}", "sk-x").replace(
+        "base_url: api.anthropic.com", "api_key: k").replace("pricee", "price")
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    assert "upstreams.gpt.provider: unknown provider 'openia'" in rendered
+    assert "hint: declared providers: claude, openai" in rendered
+    assert "models.gpt-4.1.upstreams[1]: unknown upstream 'missing-one'" in rendered
+    assert "providers.openai.base_url: an openai-compatible provider needs base_url" in rendered
+
+
+def test_env_substitution_with_default(monkeypatch):
+    monkeypatch.setenv("METERGATE_TEST_KEY", "sk-from-env")
+    config = parse_config(
+        "providers:\n  p: {type: openai, base_url: '${METERGATE_TEST_URL:-http://h/v1}',"
+        " api_key: '${METERGATE_TEST_KEY}'}\n"
+        "upstreams: {u: {provider: p, model: m}}\nmodels: {m: {upstreams: [u]}}\n")
+    assert config.providers["p"].api_key.get_secret_value() == "sk-from-env"
+    assert config.providers["p"].base_url == "http://h/v1"
+
+
+def test_embedded_default_is_valid():
+    config = load_config(None)
+    assert {p.type for p in config.providers.values()} == {"simulated"}
+    assert config.ledger.url.startswith("sqlite")
+
+
+def test_check_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BROKEN)
+    result = run("check", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "upstreams.gpt.provider: unknown provider 'openia'" not in result.stderr  # schema first
+    assert f"{bad}:12: upstreams.gpt.pricee: unknown key" in result.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text((Path(__file__).parents[1] / "src/metergate/config/default.yaml").read_text())
+    ok = run("check", str(good), cwd=tmp_path)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+
+
+def test_serve_refuses_an_invalid_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BROKEN)
+    result = run("serve", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "problem(s)" in result.stderr and "unknown key" in result.stderr
+
+
+def test_keys_cli_create_list_revoke(tmp_path):
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
+                      "providers: {s: {type: simulated}}\n"
+                      "upstreams: {u: {provider: s, model: m}}\n"
+                      "models: {m: {upstreams: [u]}, n: {upstreams: [u]}}\n")
+    created = run("keys", "create", "--name", "search-mcp", "--models", "m", "-c", str(config),
+                  cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("mgk_") and len(secret) == 47
+    assert secret not in (tmp_path / "l.db").read_bytes().decode("latin-1")
+    again = run("keys", "create", "--name", "search-mcp", "-c", str(config), cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
+    listed = run("keys", "list", "-c", str(config), cwd=tmp_path)
+    assert "search-mcp" in listed.stdout and secret[-4:] in listed.stdout
+    assert secret not in listed.stdout
+    revoked = run("keys", "revoke", "search-mcp", "-c", str(config), cwd=tmp_path)
+    assert revoked.returncode == 0
+    assert "revoked" in run("keys", "list", "-c", str(config), cwd=tmp_path).stdout
+    unknown_model = run("keys", "create", "--name", "x", "--models", "zzz", "-c", str(config),
+                        cwd=tmp_path)
+    assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
+
+
+def test_default_serve_prints_a_working_demo_key(tmp_path):
+    """The README's first command: no config, no keys, simulated models."""
+    port = free_port()
+    env = {**os.environ, "NO_COLOR": "1"}
+    process = subprocess.Popen([*METERGATE, "serve", "--port", str(port)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        key = (tmp_path / ".metergate" / "demo-key").read_text().strip()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="demo-small", messages=[{"role": "user", "content": "Hello"}])
+        assert reply.choices[0].message.content
+        assert reply.usage.total_tokens > 0
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit here
+    assert process.returncode in (0, -15)
+    assert "ledger flushed: 1 rows committed" in output
+    assert key in output and f"http://127.0.0.1:{port}/v1" in output
+    assert "from openai import OpenAI" in output and "curl" in output
