@@ -27,6 +27,7 @@ class KeyRecord:
     models: tuple[str, ...] | None  # None: every model
     created_at: float
     revoked_at: float | None = None
+    max_tokens_cap: int | None = None
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -20,6 +20,9 @@ def create(
     models: Annotated[
         list[str] | None, typer.Option("--models", help="allowed models (repeat); all if omitted")
     ] = None,
+    max_tokens_cap: Annotated[
+        int | None, typer.Option("--max-tokens-cap", min=1, help="cap on max_tokens per request")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
@@ -31,7 +34,7 @@ def create(
         )
         raise typer.Exit(2)
     try:
-        secret, record = with_database(loaded, lambda db: store.create_key(db, name, models))
+        secret, record = with_database(loaded, lambda db: store.create_key(db, name, models, max_tokens_cap))
     except store.KeyNameTaken:
         errors.print(f"an active key named {name!r} exists; revoke it first or pick another name")
         raise typer.Exit(2) from None
@@ -45,13 +48,14 @@ def list_(config: ConfigOption = None) -> None:
     """List keys: name, id, last four characters, allowed models, state."""
     loaded = load_or_exit(config)
     records = with_database(loaded, store.list_keys)
-    table = Table("name", "id", "key", "models", "created", "state")
+    table = Table("name", "id", "key", "models", "max_tokens cap", "created", "state")
     for record in records:
         table.add_row(
             record.name,
             record.id,
             f"mgk_…{record.hint}",
             ", ".join(record.models) if record.models else "all",
+            str(record.max_tokens_cap or ""),
             _when(record.created_at),
             f"revoked {_when(record.revoked_at)}" if record.revoked_at else "active",
         )

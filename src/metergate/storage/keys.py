@@ -10,7 +10,7 @@ import orjson
 from metergate.auth.keys import KeyRecord, generate_key, hash_key
 from metergate.storage.database import Database
 
-_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at"
+_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap"
 
 
 class KeyNameTaken(Exception):
@@ -18,7 +18,10 @@ class KeyNameTaken(Exception):
 
 
 async def create_key(
-    database: Database, name: str, models: list[str] | None = None
+    database: Database,
+    name: str,
+    models: list[str] | None = None,
+    max_tokens_cap: int | None = None,
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record."""
     if await database.fetch("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)):
@@ -31,9 +34,10 @@ async def create_key(
         hint=secret[-4:],
         models=tuple(models) if models else None,
         created_at=time.time(),
+        max_tokens_cap=max_tokens_cap,
     )
     await database.execute(
-        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.id,
             record.name,
@@ -42,6 +46,7 @@ async def create_key(
             orjson.dumps(list(record.models)).decode() if record.models else None,
             record.created_at,
             None,
+            record.max_tokens_cap,
         ),
     )
     return secret, record
@@ -59,6 +64,7 @@ async def list_keys(database: Database, include_revoked: bool = True) -> list[Ke
             models=tuple(orjson.loads(row[4])) if row[4] else None,
             created_at=row[5],
             revoked_at=row[6],
+            max_tokens_cap=row[7],
         )
         for row in rows
     ]
