@@ -34,7 +34,9 @@ def create(
         )
         raise typer.Exit(2)
     try:
-        secret, record = with_database(loaded, lambda db: store.create_key(db, name, models, max_tokens_cap))
+        secret, record = with_database(
+            loaded, lambda db: store.create_key(db, name, models, max_tokens_cap)
+        )
     except store.KeyNameTaken:
         errors.print(f"an active key named {name!r} exists; revoke it first or pick another name")
         raise typer.Exit(2) from None

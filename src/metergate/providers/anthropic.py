@@ -19,6 +19,7 @@ stream translation. Behaviour callers may notice:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from metergate.config.model import ProviderConfig
@@ -60,8 +61,10 @@ class AnthropicAdapter(Adapter):
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = {**to_messages_request(call.body, call.model), "stream": True}
         response = await self.transport.open_stream(self.url, payload)
-        async for out in relay(self.transport, response, _StreamTranslator(call, state)):
-            yield out
+        translator = _StreamTranslator(call, state)
+        async with aclosing(relay(self.transport, response, translator)) as chunks:
+            async for out in chunks:
+                yield out
 
 
 class _StreamTranslator:

@@ -26,6 +26,7 @@ from metergate.providers.translation import (
     max_output_tokens,
     parse_arguments,
     parse_data_url,
+    request_translator,
     stop_sequences,
     text_of,
 )
@@ -63,6 +64,7 @@ def usage_of(raw: dict[str, Any] | None) -> Usage:
     )
 
 
+@request_translator
 def to_messages_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The Messages API payload for an OpenAI chat request (without `stream`)."""
     if (body.get("n") or 1) > 1:

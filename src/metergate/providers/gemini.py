@@ -17,6 +17,7 @@ import base64
 import math
 import struct
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -47,6 +48,7 @@ from metergate.providers.translation import (
     load_json,
     new_call_id,
     relay,
+    request_translator,
 )
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -82,22 +84,16 @@ class GeminiAdapter(Adapter):
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self._url(call.model, "streamGenerateContent") + "?alt=sse"
         response = await self.transport.open_stream(url, to_generate_request(call.body))
-        async for out in relay(self.transport, response, _StreamTranslator(call, state)):
-            yield out
+        translator = _StreamTranslator(call, state)
+        async with aclosing(relay(self.transport, response, translator)) as chunks:
+            async for out in chunks:
+                yield out
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
-        texts = _embedding_inputs(call.body.get("input"))
         model = call.model.removeprefix("models/")
-        requests: list[dict[str, Any]] = [
-            {"model": f"models/{model}", "content": {"parts": [{"text": text}]}} for text in texts
-        ]
-        if call.body.get("dimensions"):
-            for request in requests:
-                request["outputDimensionality"] = int(call.body["dimensions"])
+        texts, payload = _embed_request(call.body, model)
         answer = load_json(
-            await self.transport.post(
-                self._url(model, "batchEmbedContents"), {"requests": requests}
-            ),
+            await self.transport.post(self._url(model, "batchEmbedContents"), payload),
             "batchEmbedContents answer",
         )
         as_base64 = call.body.get("encoding_format") == "base64"
@@ -228,14 +224,22 @@ def _retry_delay(details: list[dict[str, Any]]) -> float | None:
     return None
 
 
-def _embedding_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        return value
-    raise invalid_request(
-        "Gemini embeddings take `input` as a string or a list of strings (not token ids)"
-    )
+@request_translator
+def _embed_request(body: dict[str, Any], model: str) -> tuple[list[str], dict[str, Any]]:
+    """The texts to embed and the batchEmbedContents payload for an OpenAI request."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise invalid_request(
+            "Gemini embeddings take `input` as a string or a list of strings (not token ids)"
+        )
+    extra = {"outputDimensionality": int(body["dimensions"])} if body.get("dimensions") else {}
+    requests = [
+        {"model": f"models/{model}", "content": {"parts": [{"text": text}]}, **extra}
+        for text in texts
+    ]
+    return texts, {"requests": requests}
 
 
 def _packed(values: list[float]) -> str:

@@ -32,6 +32,7 @@ from metergate.providers.translation import (
     new_call_id,
     parse_arguments,
     parse_data_url,
+    request_translator,
     stop_sequences,
     text_of,
 )
@@ -132,6 +133,7 @@ def from_response(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
     return body, usage
 
 
+@request_translator
 def to_generate_request(body: dict[str, Any]) -> dict[str, Any]:
     """The generateContent payload for an OpenAI chat request (the model goes in the URL)."""
     system, contents = _contents(body.get("messages") or [])

@@ -7,10 +7,11 @@ behave the same way (same error for a bad request, same chunk shape, same stream
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -19,12 +20,32 @@ from metergate.providers.base import UpstreamFailure, Usage
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 def invalid_request(message: str) -> UpstreamFailure:
-    """A request this provider cannot serve: the caller's fault, so a 400 (never retried)."""
+    """A request this provider cannot serve: the caller's fault, so a 400."""
     return UpstreamFailure(
         "invalid_request", message, status=400, error_type="invalid_request_error"
     )
+
+
+def request_translator(translate: Callable[P, R]) -> Callable[P, R]:
+    """Make a malformed request (say, a message that is not an object) a 400, not a 500.
+
+    The gateway checks only what it relies on itself; the shape of messages, content
+    parts and tools is first read here.
+    """
+
+    @functools.wraps(translate)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return translate(*args, **kwargs)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise invalid_request(f"malformed request: {type(exc).__name__}: {exc}") from exc
+
+    return checked
 
 
 def text_of(content: Any) -> str:

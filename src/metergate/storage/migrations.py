@@ -62,6 +62,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX requests_model_ts ON requests (model, ts)",
         ),
     ),
+    Migration(2, "per-key max_tokens cap", ("ALTER TABLE keys ADD COLUMN max_tokens_cap INTEGER",)),
 )
 
 
