@@ -58,19 +58,18 @@ def trigger(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def words_within(limit: int | None, stops: list[str]) -> tuple[str, str | None]:
-    """ANSWER cut at the first stop sequence or after `limit` words (one word, one token).
+def answer_within(limit: int | None, stops: list[str]) -> tuple[str, str | None, bool]:
+    """ANSWER cut like a model would: (text, the stop sequence hit, cut by the word limit).
 
-    Returns the text and why it was cut: "stop" (a stop sequence), "length" or None.
+    One word counts as one token.
     """
-    text = ANSWER
     for stop in stops:
-        if stop and stop in text:
-            return text[: text.index(stop)], "stop"
-    words = text.split(" ")
+        if stop and stop in ANSWER:
+            return ANSWER[: ANSWER.index(stop)], stop, False
+    words = ANSWER.split(" ")
     if limit is not None and limit < len(words):
-        return " ".join(words[:limit]), "length"
-    return text, None
+        return " ".join(words[:limit]), None, True
+    return ANSWER, None, False
 
 
 @asynccontextmanager

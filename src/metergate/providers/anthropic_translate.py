@@ -6,8 +6,8 @@ Choices worth knowing (the adapter's docstring has the user-facing summary):
   `system` prompt: Anthropic has no system role inside `messages`.
 * Consecutive messages of one role are merged into one turn, so tool results (each an
   OpenAI `tool` message) land together in one user turn, before any text that follows.
-* Sampling fields Anthropic lacks (frequency/presence penalties, seed, logit_bias,
-  logprobs) are dropped; values Anthropic rejects (e.g. temperature above 1) are passed
+* Fields Anthropic lacks (frequency/presence penalties, seed, logit_bias, logprobs,
+  reasoning_effort) are dropped; values Anthropic rejects (e.g. temperature above 1) are passed
   on so that its own 400 explains the problem.
 """
 
@@ -223,6 +223,7 @@ def _tool(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+    result: dict[str, Any] | None
     if choice is None:
         result = {"type": "auto"} if parallel is False else None
     elif choice in ("auto", "required", "none"):

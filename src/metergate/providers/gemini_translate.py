@@ -10,6 +10,8 @@ Choices worth knowing (the adapter's docstring has the user-facing summary):
   fields `parametersJsonSchema` / `responseJsonSchema`, not in the older OpenAPI-subset
   `parameters` / `responseSchema`, which reject common JSON Schema keywords such as
   `additionalProperties` that OpenAI strict schemas always carry.
+* Fields Gemini has no equivalent for (`user`, `logit_bias`, `logprobs`,
+  `parallel_tool_calls`, `reasoning_effort`) are dropped.
 * Gemini 3 models sign their function calls and want the signature back. It is passed
   to callers the way Google's own OpenAI endpoint does, as
   `tool_calls[].extra_content.google.thought_signature`, and sent back when present.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import aiohttp
@@ -197,7 +197,7 @@ class EventTranslator(Protocol):
 
 async def relay(
     transport: HttpTransport, response: aiohttp.ClientResponse, translator: EventTranslator
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Read an upstream SSE stream and yield its translation, one item per network read."""
     decoder = SSEDecoder()
     try:
