@@ -133,7 +133,9 @@ class Gateway:
         self.serving.result(30)
 
 
-def start_gateway(bg: BackgroundLoop, config: dict[str, Any] | str, workdir: Path) -> Gateway:
+def start_gateway(
+    bg: BackgroundLoop, config: dict[str, Any] | str, workdir: Path, key_name: str = "test"
+) -> Gateway:
     """Start a gateway on a free port with its ledger in `workdir`, and make it a key."""
     raw = yaml.safe_load(config) if isinstance(config, str) else dict(config)
     raw.setdefault("ledger", {"url": f"sqlite:///{workdir / 'ledger.db'}"})
@@ -165,7 +167,7 @@ def start_gateway(bg: BackgroundLoop, config: dict[str, Any] | str, workdir: Pat
 
     bg.run(wait_started())
     gateway = Gateway(bg, app, server, serving, f"http://127.0.0.1:{port}/v1", "")
-    gateway.key = gateway.new_key("test")
+    gateway.key = gateway.new_key(key_name)
     return gateway
 
 

@@ -7,6 +7,8 @@ import logging
 
 from metergate import __version__
 from metergate.auth.index import KeyIndex
+from metergate.budgets import BudgetBook
+from metergate.cache import ResponseCache
 from metergate.config.model import GatewayConfig
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
@@ -37,6 +39,8 @@ class Runtime:
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys)
         self.meter = Meter(self.metrics, None)
+        self.budgets = BudgetBook(config.budgets, self.metrics)
+        self.cache = ResponseCache(config.cache) if config.cache.enabled else None
         self.ready = False
 
     async def _load_keys(self):  # type: ignore[no-untyped-def]
@@ -45,6 +49,7 @@ class Runtime:
 
     async def start(self) -> None:
         self.database = await open_database(self.config.ledger.url)
+        await self.budgets.load(self.database)
         self.ledger = LedgerWriter(self.database, on_pending=self.metrics.ledger_pending.set)
         self.meter.ledger = self.ledger
         await self.ledger.start()
@@ -63,6 +68,7 @@ class Runtime:
     async def close(self) -> None:
         self.ready = False
         await self.keys.close()
+        await self.budgets.close()
         for adapter in self.adapters.values():
             await adapter.close()
         if self.ledger is not None:

@@ -31,12 +31,13 @@ SSE_HEADERS = [
 class Request:
     """What a handler needs of one HTTP request: headers, body, id and start time."""
 
-    __slots__ = ("headers", "id", "receive", "scope", "started")
+    __slots__ = ("body_size", "headers", "id", "receive", "scope", "started")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
         self.receive = receive
         self.started = time.perf_counter()
+        self.body_size = 0
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         caller_id = self.headers.get(b"x-request-id")
         self.id = caller_id.decode("latin-1")[:128] if caller_id else "req_" + secrets.token_hex(12)
@@ -59,6 +60,7 @@ class Request:
                 )
             chunks.append(chunk)
             if not message.get("more_body"):
+                self.body_size = size
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self, limit: int) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from metergate.api.asgi import (
     base_headers,
 )
 from metergate.api.errors import GatewayError, bad_request, error_body, from_failure
+from metergate.cache import CachedResponse
+from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
 from metergate.providers.base import StreamState, UpstreamFailure
@@ -71,15 +73,48 @@ class CompletionsHandler:
         route = runtime.router.route(body.get("model"), key)
         log.model = route.name
         streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
+        if self.kind == "chat":
+            apply_max_tokens_cap(body, route.config, key)
+        budgets = runtime.budgets.applicable(key.name, route.name)
+        if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
+            body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
+        cache_key = None
+        if runtime.cache is not None and route.config.cache and not streaming:
+            cache_key, hit = self._cache_lookup(request, body, key.name, route.name)
+            if hit is not None:
+                return _from_cache(hit, log, headers)
+        worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
+        reservation = runtime.budgets.reserve(budgets, worst)
         active = runtime.metrics.active_requests.labels(route.name)
         active.inc()
         try:
             if streaming:
                 log.stream = True
                 return await self._stream(request, send, body, route, log, headers)
-            return await self._unary(body, route, log, headers)
+            reply = await self._unary(body, route, log, headers)
+            if cache_key is not None:
+                assert runtime.cache is not None and log.usage is not None
+                runtime.cache.put(cache_key, reply.body, log.usage, log.upstream, log.cost_nano)
+            return reply
         finally:
             active.dec()
+            runtime.budgets.settle(reservation, log.cost_nano)
+
+    def _cache_lookup(
+        self, request: Request, body: dict[str, Any], key: str, model: str
+    ) -> tuple[bytes | None, CachedResponse | None]:
+        """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
+        cache = self.runtime.cache
+        assert cache is not None
+        control = request.headers.get(b"cache-control", b"")
+        if b"no-store" in control:
+            return None, None
+        cache_key = cache.key(self.kind, body, key)
+        if b"no-cache" in control:
+            return cache_key, None
+        hit = cache.get(cache_key)
+        self.runtime.metrics.cache_requests.labels(model, "miss" if hit is None else "hit").inc()
+        return cache_key, hit
 
     async def _unary(
         self,
@@ -155,6 +190,20 @@ class CompletionsHandler:
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
+
+
+def _from_cache(hit: CachedResponse, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
+    """A cache hit costs nothing; the ledger keeps what it saved."""
+    log.upstream = hit.upstream
+    log.cache_hit = True
+    log.saved_nano = hit.cost_nano
+    headers += (
+        (b"x-metergate-upstream", hit.upstream.encode()),
+        (b"x-metergate-cost-usd", b"0.000000000"),
+        (b"x-metergate-cache", b"hit"),
+        *JSON_HEADERS,
+    )
+    return Reply(hit.body, 200, headers)
 
 
 class Reply:

@@ -13,7 +13,7 @@ import typer
 import uvicorn
 
 from metergate.auth.keys import hash_key
-from metergate.cli.common import ConfigOption, console, load_or_exit
+from metergate.cli.common import ConfigOption, console, errors, load_or_exit
 from metergate.config import GatewayConfig
 from metergate.storage import keys as store
 from metergate.storage.database import open_database
@@ -27,6 +27,13 @@ def serve(
 ) -> None:
     """Start the gateway. Without --config it serves simulated demo models on SQLite."""
     loaded = load_or_exit(config)
+    if workers > 1 and any(budget.hard for budget in loaded.budgets.values()):
+        errors.print(
+            "hard budgets are enforced exactly within one process; with --workers > 1 each "
+            "worker would admit the whole limit. Run one worker per gateway, or make the "
+            "budgets soft (hard: false)."
+        )
+        raise typer.Exit(2)
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
     logging.basicConfig(

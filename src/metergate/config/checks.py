@@ -28,6 +28,16 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 f"a {provider.type} provider needs api_key",
                 f"write api_key: ${{{name.upper().replace('-', '_')}_API_KEY}}",
             )
+    from metergate.metering.pricing import shipped_price_lists
+
+    lists = shipped_price_lists()
+    for name, provider in config.providers.items():
+        if provider.price_list not in lists:
+            yield (
+                ("providers", name, "price_list"),
+                f"unknown price list {provider.price_list!r}",
+                f"shipped lists: {', '.join(lists)}; or give each upstream a price",
+            )
     for name, upstream in config.upstreams.items():
         if upstream.provider not in config.providers:
             yield (
@@ -44,5 +54,18 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                     f"unknown upstream {upstream!r}",
                     f"declared upstreams: {', '.join(upstreams) or 'none'}",
                 )
+    for name, budget in config.budgets.items():
+        if budget.scope != "global" and not budget.target:
+            yield (
+                ("budgets", name, "target"),
+                f"a {budget.scope} budget needs a target",
+                f"name the {budget.scope} it limits",
+            )
+        if budget.scope == "model" and budget.target and budget.target not in config.models:
+            yield (
+                ("budgets", name, "target"),
+                f"unknown model {budget.target!r}",
+                f"declared models: {', '.join(sorted(config.models))}",
+            )
     if not config.models:
         yield (("models",), "no models are declared", "declare at least one model")

@@ -85,6 +85,15 @@ class ModelConfig(Strict):
 
     upstreams: list[str] = Field(min_length=1)
     description: str = ""
+    max_tokens_cap: int | None = Field(default=None, ge=1)
+    over_cap: Literal["clamp", "reject"] = "clamp"
+    budget_max_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="max_tokens sent upstream when a hard budget applies and the caller "
+        "set none, so a request's worst-case cost is bounded",
+    )
+    cache: bool = True
 
 
 class ServerConfig(Strict):
@@ -104,9 +113,51 @@ class LedgerConfig(Strict):
         return value
 
 
+class BudgetConfig(Strict):
+    """Spend allowed per day or calendar month, for everything, one key or one model."""
+
+    scope: Literal["global", "key", "model"] = "global"
+    target: str | None = None
+    period: Literal["day", "month"] = "month"
+    timezone: str = "UTC"
+    limit_usd: Decimal = Field(gt=0)
+    hard: bool = True
+    alert_at_percent: list[int] = Field(default_factory=lambda: [50, 80, 100])
+    webhook_url: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name") from None
+        return value
+
+    @field_validator("alert_at_percent")
+    @classmethod
+    def _percentages(cls, value: list[int]) -> list[int]:
+        if any(p <= 0 or p > 1000 for p in value):
+            raise ValueError("percentages must be between 1 and 1000")
+        return sorted(set(value))
+
+
+class CacheConfig(Strict):
+    """Exact-match response cache for non-streamed requests (in memory, LRU with TTL)."""
+
+    enabled: bool = False
+    ttl_seconds: float = Field(default=300, gt=0)
+    max_entries: int = Field(default=10_000, ge=1)
+    shared_across_keys: bool = False
+
+
 class GatewayConfig(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
+    cache: CacheConfig = Field(default_factory=CacheConfig)

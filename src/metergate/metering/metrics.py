@@ -139,6 +139,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.budget_alerts = Counter(
+            "metergate_budget_alerts",
+            "Budget alert thresholds crossed (percent of the limit).",
+            ["budget", "threshold"],
+            registry=r,
+        )
         self.rollout_weight = Gauge(
             "metergate_rollout_weight",
             "Share of a rollout's traffic per target.",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from metergate.api.errors import GatewayError
 from metergate.auth.keys import KeyRecord
-from metergate.config.model import GatewayConfig
+from metergate.config.model import GatewayConfig, ModelConfig
 from metergate.metering.pricing import UnitPrices, price_for
 from metergate.providers.base import Adapter
 
@@ -26,12 +26,23 @@ class Deployment:
 @dataclass(slots=True)
 class Route:
     name: str
+    config: ModelConfig
     deployments: list[Deployment]
-    description: str = ""
+    worst_prices: UnitPrices = field(init=False)
     _turn: itertools.cycle = field(init=False, repr=False)  # type: ignore[type-arg]
 
     def __post_init__(self) -> None:
         self._turn = itertools.cycle(self.deployments)
+        # Budgets reserve at the dearest price any deployment of the model could charge.
+        self.worst_prices = UnitPrices(
+            max(d.prices.input for d in self.deployments),
+            max(d.prices.cached_input for d in self.deployments),
+            max(d.prices.output for d in self.deployments),
+        )
+
+    @property
+    def description(self) -> str:
+        return self.config.description
 
     def pick(self) -> Deployment:
         """Round robin over the model's deployments."""
@@ -52,7 +63,7 @@ class Router:
                 price is not None,
             )
         self.routes = {
-            name: Route(name, [self.deployments[u] for u in model.upstreams], model.description)
+            name: Route(name, model, [self.deployments[u] for u in model.upstreams])
             for name, model in config.models.items()
         }
 

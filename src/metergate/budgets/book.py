@@ -1,0 +1,180 @@
+"""The budget book: who may still spend, reserved before a call and settled after it.
+
+A request reserves its worst-case cost on every budget that applies to it before the
+upstream is called, and the check and the reservation happen with no `await` between
+them, so concurrent requests in this process can never jointly pass a hard limit.
+After the call the reservation is replaced by the real cost. Spend is in integer
+nano-USD, like the ledger, and is rebuilt from the ledger at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from metergate.api.errors import GatewayError
+from metergate.budgets.notify import WebhookNotifier
+from metergate.budgets.period import iso, period_bounds
+from metergate.config.model import BudgetConfig
+from metergate.metering.metrics import Metrics
+from metergate.storage.database import Database
+
+log = logging.getLogger("metergate.budgets")
+
+
+@dataclass(slots=True)
+class Budget:
+    name: str
+    config: BudgetConfig
+    limit_nano: int
+    start: float = 0.0
+    end: float = 0.0
+    spent_nano: int = 0
+    reserved_nano: int = 0
+    announced: set[int] = field(default_factory=set)
+
+    def describe(self) -> str:
+        target = "" if self.config.scope == "global" else f" {self.config.target}"
+        return f"{self.config.scope}{target}, per {self.config.period}"
+
+
+@dataclass(slots=True)
+class Reservation:
+    budgets: tuple[Budget, ...]
+    amount_nano: int
+
+
+_NONE = Reservation((), 0)
+
+
+class BudgetBook:
+    def __init__(self, budgets: dict[str, BudgetConfig], metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.budgets = [
+            Budget(name, cfg, int(cfg.limit_usd * 1_000_000_000)) for name, cfg in budgets.items()
+        ]
+        self.notifier = WebhookNotifier()
+        self._applicable: dict[tuple[str, str], tuple[Budget, ...]] = {}
+        now = time.time()
+        for budget in self.budgets:
+            budget.start, budget.end = period_bounds(
+                now, budget.config.period, budget.config.timezone
+            )
+            metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
+
+    def __bool__(self) -> bool:
+        return bool(self.budgets)
+
+    def hard_limits(self) -> bool:
+        return any(budget.config.hard for budget in self.budgets)
+
+    async def load(self, database: Database) -> None:
+        """Rebuild each budget's spend in its current period from the ledger."""
+        for budget in self.budgets:
+            sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
+            params: list[object] = [budget.start, budget.end]
+            if budget.config.scope != "global":
+                sql += " AND key_name = ?" if budget.config.scope == "key" else " AND model = ?"
+                params.append(budget.config.target)
+            ((spent,),) = await database.fetch(sql, params)
+            budget.spent_nano = int(spent)
+            budget.announced = {
+                p
+                for p in budget.config.alert_at_percent
+                if budget.spent_nano * 100 >= budget.limit_nano * p
+            }
+            self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+
+    def applicable(self, key: str, model: str) -> tuple[Budget, ...]:
+        found = self._applicable.get((key, model))
+        if found is None:
+            found = tuple(
+                b
+                for b in self.budgets
+                if b.config.scope == "global"
+                or (b.config.scope == "key" and b.config.target == key)
+                or (b.config.scope == "model" and b.config.target == model)
+            )
+            self._applicable[(key, model)] = found
+        return found
+
+    def reserve(self, budgets: tuple[Budget, ...], worst_nano: int) -> Reservation:
+        """Hold `worst_nano` on every budget, or refuse with 429 if a hard one would pass."""
+        if not budgets:
+            return _NONE
+        now = time.time()
+        for budget in budgets:
+            if now >= budget.end:
+                self._roll_over(budget, now)
+            if budget.config.hard and (
+                budget.spent_nano + budget.reserved_nano + worst_nano > budget.limit_nano
+            ):
+                raise _exhausted(budget, worst_nano)
+        for budget in budgets:
+            budget.reserved_nano += worst_nano
+        return Reservation(budgets, worst_nano)
+
+    def settle(self, reservation: Reservation, actual_nano: int) -> None:
+        """Replace a reservation by what the request really cost."""
+        for budget in reservation.budgets:
+            budget.reserved_nano -= reservation.amount_nano
+            budget.spent_nano += actual_nano
+            self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+            self._announce_crossings(budget)
+
+    def _roll_over(self, budget: Budget, now: float) -> None:
+        budget.start, budget.end = period_bounds(now, budget.config.period, budget.config.timezone)
+        budget.spent_nano = 0
+        budget.announced.clear()
+        self.metrics.budget_spent.labels(budget.name).set(0)
+        log.info("budget %s: new period from %s", budget.name, iso(budget.start))
+
+    def _announce_crossings(self, budget: Budget) -> None:
+        for percent in budget.config.alert_at_percent:
+            if percent in budget.announced:
+                continue
+            if budget.spent_nano * 100 < budget.limit_nano * percent:
+                break
+            budget.announced.add(percent)
+            spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
+            text = (
+                f"metergate budget {budget.name!r} ({budget.describe()}) passed {percent}%: "
+                f"${spent:.2f} of ${limit:.2f}, period resets {iso(budget.end)}"
+            )
+            log.warning(text)
+            self.metrics.budget_alerts.labels(budget.name, str(percent)).inc()
+            if budget.config.webhook_url:
+                self.notifier.send(
+                    budget.config.webhook_url,
+                    text,
+                    {
+                        "budget": budget.name,
+                        "percent": percent,
+                        "spent_usd": spent,
+                        "limit_usd": limit,
+                        "resets_at": iso(budget.end),
+                    },
+                )
+
+    async def close(self) -> None:
+        await self.notifier.close()
+
+
+def _exhausted(budget: Budget, worst_nano: int) -> GatewayError:
+    spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
+    reserved = budget.reserved_nano / 1e9
+    message = (
+        f"budget {budget.name!r} ({budget.describe()}) would be exceeded: limit ${limit:.6f}, "
+        f"spent ${spent:.6f}, held by requests in flight ${reserved:.6f}, this request may "
+        f"cost up to ${worst_nano / 1e9:.6f}; it resets at {iso(budget.end)}"
+    )
+    retry_after = max(1, int(budget.end - time.time()))
+    return GatewayError(
+        429,
+        message,
+        outcome="budget_exceeded",
+        code="budget_exceeded",
+        error_type="budget_exceeded",
+        headers=[(b"retry-after", str(retry_after).encode())],
+    )

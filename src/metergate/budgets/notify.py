@@ -1,0 +1,43 @@
+"""Budget threshold notices to an optional webhook, sent off the request path.
+
+The payload is Slack's incoming-webhook shape (`text`), which most chat tools accept;
+the structured fields ride along for receivers that want them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("metergate.budgets")
+
+
+class WebhookNotifier:
+    def __init__(self, timeout: float = 10) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, url: str, text: str, fields: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._post(url, {"text": text, **fields}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, url: str, payload: dict[str, Any]) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.post(url, json=payload) as response:
+                if response.status >= 300:
+                    log.warning("budget webhook answered %s", response.status)
+        except Exception as exc:
+            log.warning("budget webhook failed: %s", exc)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._session is not None:
+            await self._session.close()

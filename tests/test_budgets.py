@@ -1,0 +1,148 @@
+"""Budgets: hard limits hold under concurrency, thresholds notify, spend survives restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+from aiohttp import web
+
+from metergate.budgets.period import period_bounds
+from tests.harness import UpstreamServer, simulated_config, start_gateway
+
+ASK = [{"role": "user", "content": "budget me"}]
+
+
+def budget_config(limit_usd: float, **budget: object) -> dict:
+    config = simulated_config(latency_ms=50, output_tokens=10)
+    # 1 USD per token for input and output makes every cost easy to reason about
+    config["upstreams"]["sim-up"]["price"] = {"input": 1_000_000, "output": 1_000_000}
+    config["budgets"] = {"cap": {"limit_usd": limit_usd, **budget}}
+    return config
+
+
+def test_hard_limit_refuses_with_details(gateway_factory):
+    gateway = gateway_factory(budget_config(100, period="day"))
+    client = gateway.client()
+    first = client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    assert first.usage.total_tokens > 0
+    with pytest.raises(openai.RateLimitError) as raised:
+        for _ in range(20):
+            client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    error = raised.value
+    assert error.code == "budget_exceeded" and error.type == "budget_exceeded"
+    message = error.message
+    assert "budget 'cap' (global, per day)" in message and "limit $100" in message
+    _, end = period_bounds(time.time(), "day", "UTC")
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end)) in message
+    assert 0 < int(error.response.headers["retry-after"]) <= 86400
+    rows = gateway.ledger_rows()
+    assert sum(r["cost_nano"] for r in rows) <= 100 * 10**9
+    assert rows[-1]["outcome"] == "budget_exceeded" and rows[-1]["status"] == 429
+
+
+async def test_200_concurrent_requests_never_pass_a_hard_limit(gateway_factory):
+    limit = 600  # each answer costs ~ (prompt + 10) USD; the limit admits a few dozen
+    gateway = gateway_factory(budget_config(limit))
+    client = gateway.async_client()
+
+    async def one(i: int) -> str:
+        try:
+            await client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
+            )
+            return "ok"
+        except openai.RateLimitError as error:
+            assert error.code == "budget_exceeded"
+            return "refused"
+
+    results = await asyncio.gather(*(one(i) for i in range(200)))
+    rows = gateway.ledger_rows()
+    spent = sum(r["cost_nano"] for r in rows)
+    assert spent <= limit * 10**9
+    assert results.count("ok") == sum(r["outcome"] == "success" for r in rows) > 0
+    assert results.count("refused") > 0
+    assert gateway.metric("metergate_budget_spent_usd", budget="cap") == spent / 1e9
+    assert gateway.metric("metergate_budget_limit_usd", budget="cap") == limit
+
+
+def test_soft_thresholds_notify_once_each(gateway_factory, bg):
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = UpstreamServer(bg, app)
+    try:
+        gateway = gateway_factory(
+            budget_config(
+                400, hard=False, alert_at_percent=[10, 50, 100], webhook_url=f"{receiver.url}/hook"
+            )
+        )
+        client = gateway.client()
+        for _ in range(30):  # ~16 USD each: passes 10%, 50% and 100% of 400, never refused
+            client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+        deadline = time.monotonic() + 5
+        while len(received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        receiver.close()
+    assert [notice["percent"] for notice in received] == [10, 50, 100]
+    assert all("text" in notice and "'cap'" in notice["text"] for notice in received)
+    assert received[-1]["spent_usd"] >= 400 and received[-1]["limit_usd"] == 400
+    assert gateway.metric("metergate_budget_alerts_total", budget="cap", threshold="50") == 1
+
+
+def test_key_and_model_budgets_apply_only_to_their_target(gateway_factory):
+    config = budget_config(1)  # global budget too small for anything ...
+    config["budgets"] = {
+        "search": {"scope": "key", "target": "search-mcp", "limit_usd": 1},
+        "sim-model": {"scope": "model", "target": "sim", "limit_usd": 10_000},
+    }
+    gateway = gateway_factory(config)
+    search = openai.OpenAI(
+        base_url=gateway.base_url, api_key=gateway.new_key("search-mcp"), max_retries=0
+    )
+    with pytest.raises(openai.RateLimitError, match="budget 'search' \\(key search-mcp"):
+        search.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    assert gateway.client().chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+
+
+def test_spend_survives_a_restart(bg, tmp_path):
+    config = budget_config(100)
+    first = start_gateway(bg, config, tmp_path)
+    try:
+        first.client().chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+        spent = first.metric("metergate_budget_spent_usd", budget="cap")
+        assert spent > 0
+    finally:
+        first.stop()
+    second = start_gateway(bg, config, tmp_path, key_name="after-restart")
+    try:
+        assert second.metric("metergate_budget_spent_usd", budget="cap") == spent
+    finally:
+        second.stop()
+
+
+def test_missing_max_tokens_is_bounded_when_a_hard_budget_applies(gateway_factory):
+    config = budget_config(10_000)
+    config["models"]["sim"]["budget_max_tokens"] = 3
+    gateway = gateway_factory(config)
+    reply = gateway.client().chat.completions.create(model="sim", messages=ASK)
+    assert reply.usage.completion_tokens == 3
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_period_bounds_follow_the_time_zone():
+    now = 1_795_800_000.0  # 2026-11-27T17:20:00Z, already 11-28 in Seoul
+    start, end = period_bounds(now, "month", "UTC")
+    assert time.gmtime(start)[:3] == (2026, 11, 1) and time.gmtime(end)[:3] == (2026, 12, 1)
+    seoul_start, _ = period_bounds(now, "day", "Asia/Seoul")
+    assert time.gmtime(seoul_start)[:4] == (2026, 11, 27, 15)  # midnight in Seoul, UTC+9
+    ny_start, ny_end = period_bounds(now, "month", "America/New_York")
+    assert ny_end - ny_start == 30 * 86400 + 3600  # November 2026 gains the DST hour

@@ -1,0 +1,177 @@
+"""Tokens, cost, ledger rows and metrics agree for every kind of request."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+import pytest
+
+from metergate.metering.pricing import UnitPrices, shipped_price_lists
+from metergate.providers.base import Usage
+from tests.upstreams.openai_server import API_KEY
+
+PRICE = {"input": 2, "cached_input": 0.5, "output": 8}  # USD per million tokens
+
+
+@pytest.fixture
+def gateway(gateway_factory, openai_upstream):
+    server, _ = openai_upstream
+    return gateway_factory(
+        {
+            "providers": {
+                "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY}
+            },
+            "upstreams": {
+                "up-priced": {"provider": "up", "model": "gpt-x", "price": PRICE},
+                "up-listed": {"provider": "up", "model": "gpt-4.1"},
+            },
+            "models": {
+                "priced": {"upstreams": ["up-priced"]},
+                "listed": {"upstreams": ["up-listed"]},
+            },
+        }
+    )
+
+
+def expected_nano(prompt: int, cached: int, completion: int, price: dict) -> int:
+    pico = (
+        (prompt - cached) * Decimal(str(price["input"]))
+        + cached * Decimal(str(price["cached_input"]))
+        + completion * Decimal(str(price["output"]))
+    ) * 10**6
+    return int((pico / 1000).to_integral_value(rounding="ROUND_HALF_UP"))
+
+
+def snapshot(gateway, model: str) -> dict[str, float]:
+    return {
+        kind: gateway.metric("metergate_tokens_total", model=model, type=kind)
+        for kind in ("input", "cached_input", "output")
+    } | {"cost": gateway.metric("metergate_cost_usd_total", model=model)}
+
+
+def assert_agree(gateway, model: str, before: dict, row: dict, usage, header: str | None):
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    nano = expected_nano(usage.prompt_tokens, cached, usage.completion_tokens, PRICE)
+    assert row["cost_nano"] == nano
+    assert (row["input_tokens"], row["cached_input_tokens"], row["output_tokens"]) == (
+        usage.prompt_tokens - cached,
+        cached,
+        usage.completion_tokens,
+    )
+    if header is not None:
+        assert header == f"{nano / 1e9:.9f}"
+    after = snapshot(gateway, model)
+    assert after["input"] - before["input"] == usage.prompt_tokens - cached
+    assert after["cached_input"] - before["cached_input"] == cached
+    assert after["output"] - before["output"] == usage.completion_tokens
+    assert after["cost"] - before["cost"] == pytest.approx(nano / 1e9, abs=1e-12)
+
+
+def test_non_streaming_with_cached_tokens(gateway):
+    before = snapshot(gateway, "priced")
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="priced", messages=[{"role": "user", "content": "TRIGGER:cached"}]
+    )
+    reply = raw.parse()
+    assert reply.usage.prompt_tokens_details.cached_tokens == 1024
+    row = gateway.ledger_rows()[-1]
+    assert row["request_id"] == raw.headers["x-request-id"]
+    assert (
+        row["key_name"],
+        row["model"],
+        row["upstream"],
+        row["attempts"],
+        row["outcome"],
+        row["status"],
+    ) == ("test", "priced", "up-priced", 1, "success", 200)
+    assert_agree(gateway, "priced", before, row, reply.usage, raw.headers["x-metergate-cost-usd"])
+
+
+@pytest.mark.parametrize("caller_asks", [True, False])
+def test_streaming_usage_is_metered_either_way(gateway, caller_asks):
+    before = snapshot(gateway, "priced")
+    options = {"stream_options": {"include_usage": True}} if caller_asks else {}
+    stream = gateway.client().chat.completions.create(
+        model="priced",
+        messages=[{"role": "user", "content": "TRIGGER:cached"}],
+        stream=True,
+        **options,
+    )
+    seen = [chunk.usage for chunk in stream if chunk.usage]
+    row = gateway.ledger_rows()[-1]
+    assert row["stream"] == 1 and row["ttft_ms"] is not None
+    assert row["ttft_ms"] <= row["duration_ms"]
+    assert len(seen) == (1 if caller_asks else 0)
+    usage = openai.types.CompletionUsage(
+        prompt_tokens=2000,
+        completion_tokens=7,
+        total_tokens=2007,
+        prompt_tokens_details={"cached_tokens": 1024},
+    )
+    assert_agree(gateway, "priced", before, row, usage, None)
+    assert gateway.metric("metergate_time_to_first_token_seconds_count", model="priced") >= 1
+
+
+def test_upstream_error_costs_nothing_and_is_classified(gateway):
+    before = snapshot(gateway, "priced")
+    with pytest.raises(openai.APIStatusError):
+        gateway.client().chat.completions.create(
+            model="priced", messages=[{"role": "user", "content": "TRIGGER:500"}]
+        )
+    row = gateway.ledger_rows()[-1]
+    assert (row["outcome"], row["status"], row["cost_nano"]) == ("upstream_error", 502, 0)
+    assert snapshot(gateway, "priced") == before
+    assert gateway.metric("metergate_requests_total", model="priced", outcome="upstream_error") == 1
+    assert (
+        gateway.metric(
+            "metergate_upstream_attempts_total", upstream="up-priced", outcome="upstream_error"
+        )
+        == 1
+    )
+
+
+def test_shipped_price_list_prices_an_upstream_without_price(gateway):
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="listed", messages=[{"role": "user", "content": "hi"}]
+    )
+    official = shipped_price_lists()["official"]["gpt-4.1"]
+    nano = UnitPrices.from_price(official).cost_nano(Usage(11, 0, 7))
+    assert nano == (11 * 2_000_000 + 7 * 8_000_000 + 500) // 1000
+    assert raw.headers["x-metergate-cost-usd"] == f"{nano / 1e9:.9f}"
+    assert (
+        gateway.metric(
+            "metergate_model_price_usd_per_million_tokens", upstream="up-listed", type="output"
+        )
+        == 8.0
+    )
+    assert (
+        gateway.metric(
+            "metergate_model_price_usd_per_million_tokens",
+            upstream="up-priced",
+            type="cached_input",
+        )
+        == 0.5
+    )
+
+
+def test_seed_price_lists_cover_the_write_up_models():
+    lists = shipped_price_lists()
+    for model in ("gpt-4.1", "claude-sonnet-4-5", "gemini-2.5-flash", "deepseek-v3.2"):
+        assert model in lists["official"] and model in lists["seed-direct"]
+        assert model in lists["holysheep"]
+    ten_million = Usage(input_tokens=10_000_000)
+    direct = UnitPrices.from_price(lists["seed-direct"]["gpt-4.1"]).cost_nano(ten_million)
+    holysheep = UnitPrices.from_price(lists["holysheep"]["gpt-4.1"]).cost_nano(ten_million)
+    assert (direct, holysheep) == (150 * 10**9, 80 * 10**9)
+
+
+def test_cost_is_exact_integer_arithmetic():
+    prices = UnitPrices.from_price(
+        shipped_price_lists()["official"]["gpt-4o-mini"]
+    )  # 0.15 / 0.075 / 0.60
+    # 0.075 USD per million is 75_000 pico-USD per token: no float error anywhere
+    assert prices.cached_input == 75_000
+    assert prices.cost_nano(Usage(1, 1, 1)) == (150_000 + 75_000 + 600_000 + 500) // 1000
+    total = sum(prices.cost_nano(Usage(3, 0, 0)) for _ in range(1_000_000))
+    assert total == 1_000_000 * 450  # 3 tokens x 150_000 pico = 450 nano, exactly
