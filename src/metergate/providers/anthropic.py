@@ -54,15 +54,17 @@ class AnthropicAdapter(Adapter):
         await self.transport.close()
 
     async def chat(self, call: UpstreamCall) -> Completion:
-        answer = await self.transport.post(self.url, to_messages_request(call.body, call.model))
+        answer = await self.transport.post(
+            self.url, to_messages_request(call.body, call.model), call.timeouts
+        )
         body, usage = from_message(load_json(answer, "Messages API answer"), call.model)
         return Completion(body, usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = {**to_messages_request(call.body, call.model), "stream": True}
-        response = await self.transport.open_stream(self.url, payload)
+        response = await self.transport.open_stream(self.url, payload, call.timeouts)
         translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
+        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
             async for out in chunks:
                 yield out
 

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from metergate.config.model import ProviderConfig
+from metergate.config.model import ProviderConfig, Timeouts
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 
 @dataclass(slots=True)
@@ -50,6 +52,7 @@ class UpstreamCall:
     body: dict[str, Any]  # the caller's request, OpenAI shape; adapters must not mutate it
     model: str  # the provider's own model id for this deployment
     include_usage: bool = False  # streaming only: the caller asked for the usage chunk
+    timeouts: Timeouts = DEFAULT_TIMEOUTS  # the deployment's (upstream or provider) timeouts
 
 
 @dataclass(slots=True)

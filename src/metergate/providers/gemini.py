@@ -76,16 +76,18 @@ class GeminiAdapter(Adapter):
 
     async def chat(self, call: UpstreamCall) -> Completion:
         answer = await self.transport.post(
-            self._url(call.model, "generateContent"), to_generate_request(call.body)
+            self._url(call.model, "generateContent"), to_generate_request(call.body), call.timeouts
         )
         body, usage = from_response(load_json(answer, "generateContent answer"), call.model)
         return Completion(body, usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self._url(call.model, "streamGenerateContent") + "?alt=sse"
-        response = await self.transport.open_stream(url, to_generate_request(call.body))
+        response = await self.transport.open_stream(
+            url, to_generate_request(call.body), call.timeouts
+        )
         translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
+        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
             async for out in chunks:
                 yield out
 
@@ -93,7 +95,9 @@ class GeminiAdapter(Adapter):
         model = call.model.removeprefix("models/")
         texts, payload = _embed_request(call.body, model)
         answer = load_json(
-            await self.transport.post(self._url(model, "batchEmbedContents"), payload),
+            await self.transport.post(
+                self._url(model, "batchEmbedContents"), payload, call.timeouts
+            ),
             "batchEmbedContents answer",
         )
         as_base64 = call.body.get("encoding_format") == "base64"

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from metergate.config.model import ProviderConfig
+from metergate.config.model import ProviderConfig, Timeouts
 from metergate.providers.base import UpstreamFailure
 
 _KEYLIKE = re.compile(r"\b(sk|pk|key|AIza)[-_A-Za-z0-9]{12,}")
@@ -27,10 +27,7 @@ class HttpTransport:
         self.headers = {"content-type": "application/json", **headers, **config.headers}
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
         self.session: aiohttp.ClientSession | None = None
-        timeouts = config.timeouts
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.first_byte
-        )
+        self._timeouts: dict[tuple[Timeouts, bool], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -38,7 +35,6 @@ class HttpTransport:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
-            timeout=self._timeout,
             headers=self.headers,
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
@@ -49,11 +45,30 @@ class HttpTransport:
             await self.session.close()
             self.session = None
 
-    async def post(self, url: str, payload: dict[str, Any]) -> bytes:
+    def client_timeout(self, timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for an attempt, built once per distinct setting.
+
+        `sock_read` bounds the wait for the first byte and every later read; a stream has
+        no total (it may legitimately run long) and its reads switch to `stream_idle`
+        once the first chunk arrived (see `idle_after_first_chunk`).
+        """
+        found = self._timeouts.get((timeouts, stream))
+        if found is None:
+            found = self._timeouts[(timeouts, stream)] = aiohttp.ClientTimeout(
+                total=None if stream else timeouts.total,
+                sock_connect=timeouts.connect,
+                sock_read=timeouts.first_byte,
+            )
+        return found
+
+    async def post(self, url: str, payload: dict[str, Any], timeouts: Timeouts) -> bytes:
         """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise."""
         assert self.session is not None, "transport used before start()"
+        timeout = self.client_timeout(timeouts, stream=False)
         try:
-            async with self.session.post(url, data=orjson.dumps(payload)) as response:
+            async with self.session.post(
+                url, data=orjson.dumps(payload), timeout=timeout
+            ) as response:
                 body = await response.read()
                 if response.status >= 300:
                     raise self.failure_from_response(response.status, response.headers, body)
@@ -63,11 +78,14 @@ class HttpTransport:
         except Exception as exc:
             raise self.failure_from_exception(exc) from exc
 
-    async def open_stream(self, url: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def open_stream(
+        self, url: str, payload: dict[str, Any], timeouts: Timeouts
+    ) -> aiohttp.ClientResponse:
         """POST and return the response once its headers arrived; the caller must release it."""
         assert self.session is not None, "transport used before start()"
+        timeout = self.client_timeout(timeouts, stream=True)
         try:
-            response = await self.session.post(url, data=orjson.dumps(payload))
+            response = await self.session.post(url, data=orjson.dumps(payload), timeout=timeout)
         except Exception as exc:
             raise self.failure_from_exception(exc) from exc
         if response.status >= 300:

@@ -8,6 +8,7 @@ only reads usage, and asks for it on streams even when the caller did not.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -22,7 +23,8 @@ from metergate.providers.base import (
     Usage,
 )
 from metergate.providers.http import HttpTransport, error_message
-from metergate.providers.sse import DONE, SSEDecoder
+from metergate.providers.sse import DONE, Event
+from metergate.providers.translation import relay
 
 
 class OpenAIAdapter(Adapter):
@@ -45,62 +47,55 @@ class OpenAIAdapter(Adapter):
         await self.transport.close()
 
     async def chat(self, call: UpstreamCall) -> Completion:
-        body = await self.transport.post(self.chat_url, {**call.body, "model": call.model})
+        body = await self.transport.post(
+            self.chat_url, {**call.body, "model": call.model}, call.timeouts
+        )
         return Completion(body, _usage_of(body))
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
-        body = await self.transport.post(self.embeddings_url, {**call.body, "model": call.model})
+        body = await self.transport.post(
+            self.embeddings_url, {**call.body, "model": call.model}, call.timeouts
+        )
         return Completion(body, _usage_of(body))
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
-        response = await self.transport.open_stream(self.chat_url, payload)
-        decoder = SSEDecoder()
-        finished = False
-        try:
-            async for chunk in response.content.iter_any():
-                out = bytearray()
-                for event in decoder.feed(chunk):
-                    finished = _relay(event.data, event.raw, call, state, out) or finished
-                if out:
-                    yield bytes(out)
-            tail = bytearray()
-            for event in decoder.flush():
-                finished = _relay(event.data, event.raw, call, state, tail) or finished
-            if tail:
-                yield bytes(tail)
-        except UpstreamFailure:
-            raise
-        except Exception as exc:
-            raise self.transport.failure_from_exception(exc) from exc
-        finally:
-            # A stream left unfinished must not go back to the pool with bytes unread.
-            response.release() if finished else response.close()
-        if not finished:
-            raise UpstreamFailure(
-                "upstream_error", "the upstream stream ended before [DONE]", status=502
-            )
+        response = await self.transport.open_stream(self.chat_url, payload, call.timeouts)
+        translator = _PassThrough(call.include_usage, state)
+        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
+            async for out in chunks:
+                yield out
 
 
-def _relay(data: bytes, raw: bytes, call: UpstreamCall, state: StreamState, out: bytearray) -> bool:
-    """Append one upstream event to `out` unless it is a usage chunk nobody asked for.
+class _PassThrough:
+    """Relays OpenAI events as they are, reading usage and dropping the usage-only chunk
+    when the caller did not ask for it."""
 
-    Returns True for the closing `[DONE]`.
-    """
-    if data == b"[DONE]":
-        out += DONE
-        return True
-    if data.startswith(b'{"error"'):
-        raise UpstreamFailure("upstream_error", f"upstream stream error: {error_message(data)}")
-    if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
-        chunk: dict[str, Any] = orjson.loads(data)
-        if chunk.get("usage"):
-            state.usage = Usage.from_openai(chunk["usage"])
-            if not chunk.get("choices") and not call.include_usage:
-                return False
-    out += raw
-    return False
+    def __init__(self, include_usage: bool, state: StreamState) -> None:
+        self.include_usage = include_usage
+        self.state = state
+        self.done = False
+
+    def feed(self, event: Event) -> bytes:
+        data = event.data
+        if data == b"[DONE]":
+            self.done = True
+            return DONE
+        if data.startswith(b'{"error"'):
+            raise UpstreamFailure("upstream_error", f"upstream stream error: {error_message(data)}")
+        if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+            chunk: dict[str, Any] = orjson.loads(data)
+            if chunk.get("usage"):
+                self.state.usage = Usage.from_openai(chunk["usage"])
+                if not chunk.get("choices") and not self.include_usage:
+                    return b""
+        return event.raw
+
+    def finish(self) -> bytes:
+        if not self.done:
+            raise UpstreamFailure("upstream_error", "the upstream stream ended before [DONE]")
+        return b""
 
 
 def _usage_of(body: bytes) -> Usage:

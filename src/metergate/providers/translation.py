@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import aiohttp
 import orjson
 
+from metergate.config.model import Timeouts
 from metergate.providers.base import UpstreamFailure, Usage
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
@@ -196,17 +197,30 @@ class EventTranslator(Protocol):
 
 
 async def relay(
-    transport: HttpTransport, response: aiohttp.ClientResponse, translator: EventTranslator
+    transport: HttpTransport,
+    response: aiohttp.ClientResponse,
+    translator: EventTranslator,
+    timeouts: Timeouts,
 ) -> AsyncGenerator[bytes, None]:
-    """Read an upstream SSE stream and yield its translation, one item per network read."""
+    """Read an upstream SSE stream and yield its translation, one item per network read.
+
+    Until the first chunk the read timeout is `first_byte`; after it, `stream_idle`.
+    """
     decoder = SSEDecoder()
+    waiting_for_first = True
+    completed = False
     try:
         async for chunk in response.content.iter_any():
+            if waiting_for_first:
+                waiting_for_first = False
+                if response.connection is not None:
+                    response.connection.protocol.read_timeout = timeouts.stream_idle
             out = b"".join(translator.feed(event) for event in decoder.feed(chunk))
             if out:
                 yield out
         tail = b"".join(translator.feed(event) for event in decoder.flush())
         tail += translator.finish()
+        completed = True
         if tail:
             yield tail
     except UpstreamFailure:
@@ -214,4 +228,7 @@ async def relay(
     except Exception as exc:
         raise transport.failure_from_exception(exc) from exc
     finally:
-        response.release()
+        if completed:
+            response.release()  # back to the pool for the next request
+        else:
+            response.close()  # unread bytes must not reach the next request
