@@ -121,14 +121,13 @@ def test_upstream_error_costs_nothing_and_is_classified(gateway):
         )
     row = gateway.ledger_rows()[-1]
     assert (row["outcome"], row["status"], row["cost_nano"]) == ("upstream_error", 502, 0)
+    assert row["attempts"] == 3  # the default retry policy tries a 500 twice more
     assert snapshot(gateway, "priced") == before
     assert gateway.metric("metergate_requests_total", model="priced", outcome="upstream_error") == 1
-    assert (
-        gateway.metric(
-            "metergate_upstream_attempts_total", upstream="up-priced", outcome="upstream_error"
-        )
-        == 1
+    attempts = gateway.metric(
+        "metergate_upstream_attempts_total", upstream="up-priced", outcome="upstream_error"
     )
+    assert attempts == 3
 
 
 def test_shipped_price_list_prices_an_upstream_without_price(gateway):

@@ -141,7 +141,10 @@ def test_simulated_errors_follow_the_config(gateway_factory):
 
 def test_simulated_error_rate_is_deterministic(gateway_factory):
     def failures() -> list[bool]:
-        gateway = gateway_factory(simulated_config(error_rate=0.5, seed=7))
+        config = simulated_config(error_rate=0.5, seed=7)
+        config["models"]["sim"]["retry"] = {"max_retries": 0}
+        config["upstreams"]["sim-up"]["circuit"] = {"enabled": False}
+        gateway = gateway_factory(config)
         client = gateway.client()
         outcome = []
         for _ in range(12):

@@ -14,6 +14,8 @@ from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
 from metergate.providers import Adapter, build_adapter
+from metergate.routing.dispatch import Dispatcher
+from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
 from metergate.storage.database import Database, open_database
 from metergate.storage.keys import list_keys
@@ -34,7 +36,8 @@ class Runtime:
         self.adapters: dict[str, Adapter] = {
             name: build_adapter(name, provider) for name, provider in config.providers.items()
         }
-        self.router = Router(config, self.adapters)
+        self.router = Router(config, self.adapters, self._circuit_changed)
+        self.dispatcher = Dispatcher(self.metrics, RetryBudget(config.retry_budget))
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys)
@@ -42,6 +45,9 @@ class Runtime:
         self.budgets = BudgetBook(config.budgets, self.metrics)
         self.cache = ResponseCache(config.cache) if config.cache.enabled else None
         self.ready = False
+
+    def _circuit_changed(self, upstream: str, state: int) -> None:
+        self.metrics.circuit_state.labels(upstream).set(state)
 
     async def _load_keys(self):  # type: ignore[no-untyped-def]
         assert self.database is not None

@@ -25,7 +25,7 @@ from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
 from metergate.providers.base import StreamState, UpstreamFailure
-from metergate.routing.dispatch import Dispatcher, Kind
+from metergate.routing.dispatch import Kind
 from metergate.routing.router import Route
 from metergate.runtime import Runtime
 
@@ -38,7 +38,7 @@ class CompletionsHandler:
     def __init__(self, runtime: Runtime, kind: Kind) -> None:
         self.runtime = runtime
         self.kind = kind
-        self.dispatcher = Dispatcher(runtime.metrics)
+        self.dispatcher = runtime.dispatcher
 
     async def __call__(self, request: Request, send: Send) -> None:
         runtime = self.runtime
@@ -131,6 +131,7 @@ class CompletionsHandler:
         log.cost_nano = deployment.prices.cost_nano(completion.usage)
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
+            (b"x-metergate-attempts", b"%d" % log.attempts),
             (b"x-metergate-cost-usd", b"%.9f" % (log.cost_nano / 1e9)),
             *JSON_HEADERS,
         )
@@ -154,7 +155,11 @@ class CompletionsHandler:
             )
         except UpstreamFailure as failure:
             raise from_failure(failure) from None
-        headers += ((b"x-metergate-upstream", deployment.name.encode()), *SSE_HEADERS)
+        headers += (
+            (b"x-metergate-upstream", deployment.name.encode()),
+            (b"x-metergate-attempts", b"%d" % log.attempts),
+            *SSE_HEADERS,
+        )
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         gone = asyncio.Event()
         relay = asyncio.current_task()
@@ -185,7 +190,7 @@ class CompletionsHandler:
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
-        self.dispatcher.metrics.count_attempt(deployment.name, attempt_outcome)
+        self.dispatcher.stream_finished(deployment, attempt_outcome)
         usage = state.usage or estimate.abandoned_stream(body, events)
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from metergate.cli import check, keys, serve
+from metergate.cli import check, keys, serve, usage
 
 app = typer.Typer(
     name="metergate",
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.command("serve")(serve.serve)
 app.command("check")(check.check)
 app.add_typer(keys.app, name="keys")
+app.command("usage")(usage.usage)
 
 
 def main() -> None:

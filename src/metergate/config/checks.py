@@ -67,5 +67,18 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 f"unknown model {budget.target!r}",
                 f"declared models: {', '.join(sorted(config.models))}",
             )
+    for name, model in config.models.items():
+        for index, fallback in enumerate(model.fallbacks):
+            if fallback == name:
+                message = "a model cannot fall back to itself"
+            elif fallback not in config.models:
+                message = f"unknown model {fallback!r}"
+            else:
+                continue
+            yield (
+                ("models", name, "fallbacks", index),
+                message,
+                "fallbacks name other models declared under models:",
+            )
     if not config.models:
         yield (("models",), "no models are declared", "declare at least one model")

@@ -72,12 +72,51 @@ class ProviderConfig(Strict):
         return value.rstrip("/") if value else value
 
 
+class CircuitConfig(Strict):
+    """When an upstream is taken out of rotation, and how it is let back in."""
+
+    enabled: bool = True
+    failure_threshold: int = Field(default=5, ge=1, description="consecutive failures")
+    failure_ratio: float = Field(default=0.5, gt=0, le=1)
+    window_seconds: float = Field(default=30, gt=0)
+    min_requests: int = Field(default=10, ge=1, description="before the ratio is judged")
+    open_seconds: float = Field(default=30, gt=0)
+    half_open_probes: int = Field(default=2, ge=1)
+
+
+RetryableOutcome = Literal["connection_error", "timeout", "rate_limited", "upstream_error"]
+
+
+class RetryConfig(Strict):
+    """Retries of one model's deployments, with exponential backoff and full jitter."""
+
+    max_retries: int = Field(default=2, ge=0, le=10)
+    on: list[RetryableOutcome] = Field(
+        default_factory=lambda: ["connection_error", "timeout", "rate_limited", "upstream_error"]
+    )
+    backoff_base: float = Field(default=0.25, ge=0)
+    backoff_max: float = Field(default=8, ge=0)
+    max_retry_after: float = Field(
+        default=30, ge=0, description="longer Retry-After: move on instead of waiting"
+    )
+
+
+class RetryBudgetConfig(Strict):
+    """Retries may add at most `ratio` of live traffic (plus a small floor per second)."""
+
+    ratio: float = Field(default=0.2, ge=0)
+    min_per_second: float = Field(default=5, ge=0)
+
+
 class UpstreamConfig(Strict):
     """One deployment: a provider plus the model id that provider knows it by."""
 
     provider: str
     model: str
     price: Price | None = None
+    weight: int = Field(default=1, ge=0, description="0 takes it out of rotation")
+    timeouts: Timeouts | None = None  # the provider's when omitted
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
 
 
 class ModelConfig(Strict):
@@ -87,6 +126,10 @@ class ModelConfig(Strict):
     description: str = ""
     max_tokens_cap: int | None = Field(default=None, ge=1)
     over_cap: Literal["clamp", "reject"] = "clamp"
+    fallbacks: list[str] = Field(
+        default_factory=list, description="other models tried in order when this one fails"
+    )
+    retry: RetryConfig = Field(default_factory=RetryConfig)
     budget_max_tokens: int = Field(
         default=4096,
         ge=1,
@@ -161,3 +204,4 @@ class GatewayConfig(Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    retry_budget: RetryBudgetConfig = Field(default_factory=RetryBudgetConfig)

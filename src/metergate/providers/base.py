@@ -84,6 +84,7 @@ class UpstreamFailure(Exception):
         upstream_status: int | None = None,
         retry_after: float | None = None,
         error_type: str = "upstream_error",
+        partial: bool = False,
     ) -> None:
         super().__init__(message)
         self.outcome = outcome
@@ -92,6 +93,9 @@ class UpstreamFailure(Exception):
         self.upstream_status = upstream_status
         self.retry_after = retry_after
         self.error_type = error_type
+        # Part of the answer had arrived: the upstream did (some of) the work, so the
+        # failure is not retried.
+        self.partial = partial
 
 
 class Adapter(abc.ABC):

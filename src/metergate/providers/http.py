@@ -65,10 +65,12 @@ class HttpTransport:
         """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise."""
         assert self.session is not None, "transport used before start()"
         timeout = self.client_timeout(timeouts, stream=False)
+        answered = False
         try:
             async with self.session.post(
                 url, data=orjson.dumps(payload), timeout=timeout
             ) as response:
+                answered = True
                 body = await response.read()
                 if response.status >= 300:
                     raise self.failure_from_response(response.status, response.headers, body)
@@ -76,7 +78,9 @@ class HttpTransport:
         except UpstreamFailure:
             raise
         except Exception as exc:
-            raise self.failure_from_exception(exc) from exc
+            failure = self.failure_from_exception(exc)
+            failure.partial = answered
+            raise failure from exc
 
     async def open_stream(
         self, url: str, payload: dict[str, Any], timeouts: Timeouts

@@ -1,47 +1,47 @@
-"""Make the upstream attempt for a routed request, and account for it.
+"""Make the upstream attempts for a routed request: retries, fallbacks, circuit breakers.
 
-This is where attempts are counted and their time measured; retries, fallbacks and
-circuit breakers extend this module, not the API handlers.
+For one request: try the model's deployments (least loaded first, skipping open
+circuits), retry retryable failures with backoff while the retry budget allows, then
+move down the model's fallback chain. A caller's own mistake (a 4xx the provider
+blames on the request) is never retried nor sent elsewhere. Streams are retried only
+until their first chunk: once a byte has reached the caller, a failure is final.
+Every attempt is counted by outcome, timed, and reported to its circuit breaker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from metergate.metering.meter import RequestLog
 from metergate.metering.metrics import Metrics
 from metergate.providers.base import Completion, StreamState, UpstreamCall, UpstreamFailure
+from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route
 
 Kind = Literal["chat", "embeddings"]
+T = TypeVar("T")
+Attempt = Callable[[Deployment], Awaitable[T]]
+_CALLER_FAULT_STATUSES = frozenset({400, 413, 422})
 
 
 class Dispatcher:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, retry_budget: RetryBudget) -> None:
         self.metrics = metrics
+        self.retry_budget = retry_budget
 
     async def complete(
         self, route: Route, body: dict[str, Any], log: RequestLog, kind: Kind
     ) -> tuple[Deployment, Completion]:
-        deployment = route.pick()
-        log.upstream = deployment.name
-        log.attempts += 1
-        call = UpstreamCall(body, deployment.model)
-        started = time.perf_counter()
-        try:
+        async def attempt(deployment: Deployment) -> Completion:
+            call = UpstreamCall(body, deployment.model, timeouts=deployment.timeouts)
             if kind == "chat":
-                result = await deployment.adapter.chat(call)
-            else:
-                result = await deployment.adapter.embeddings(call)
-        except UpstreamFailure as failure:
-            self.metrics.count_attempt(deployment.name, failure.outcome)
-            raise
-        finally:
-            log.upstream_seconds += time.perf_counter() - started
-        self.metrics.count_attempt(deployment.name, "success")
-        return deployment, result
+                return await deployment.adapter.chat(call)
+            return await deployment.adapter.embeddings(call)
+
+        return await self._run(route, log, attempt, keep_open=False)
 
     async def open_stream(
         self,
@@ -51,23 +51,113 @@ class Dispatcher:
         state: StreamState,
         log: RequestLog,
     ) -> tuple[Deployment, AsyncIterator[bytes], bytes]:
-        """Start a stream and wait for its first chunk, the last point a retry is safe."""
-        deployment = route.pick()
+        """Start a stream and wait for its first chunk, the last point a retry is safe.
+
+        The attempt stays open: call `stream_finished` when the stream ends.
+        """
+
+        async def attempt(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes]:
+            call = UpstreamCall(body, deployment.model, include_usage, deployment.timeouts)
+            chunks = deployment.adapter.chat_stream(call, state)
+            try:
+                return chunks, await anext(chunks)
+            except StopAsyncIteration:
+                raise UpstreamFailure(
+                    "upstream_error", "the upstream sent an empty stream"
+                ) from None
+            except BaseException:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                raise
+
+        deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
+        return deployment, chunks, first
+
+    def stream_finished(self, deployment: Deployment, outcome: str) -> None:
+        self._account(deployment, outcome)
+
+    async def _run(
+        self, route: Route, log: RequestLog, attempt: Attempt[T], keep_open: bool
+    ) -> tuple[Deployment, T]:
+        self.retry_budget.on_request()
+        failure: UpstreamFailure | None = None
+        origin: str | None = None  # the first deployment chosen: "from" of a fallback
+        for position, current in enumerate((route, *route.fallbacks)):
+            policy = current.config.retry
+            tried: set[str] = set()
+            retries = 0
+            while (deployment := current.pick(tried)) is not None:
+                if origin is None:
+                    origin = deployment.name
+                elif position and not tried:
+                    self.metrics.fallbacks.labels(route.name, origin, deployment.name).inc()
+                tried.add(deployment.name)
+                try:
+                    return deployment, await self._attempt(deployment, attempt, log, keep_open)
+                except UpstreamFailure as error:
+                    failure = error
+                if failure.status in _CALLER_FAULT_STATUSES or failure.outcome == "invalid_request":
+                    raise failure
+                if (
+                    failure.outcome not in policy.on
+                    or failure.partial
+                    or retries >= policy.max_retries
+                    or not self.retry_budget.try_spend()
+                ):
+                    break
+                retries += 1
+                if not _untried_available(current, tried):
+                    wait = backoff_seconds(policy, retries - 1, failure.retry_after)
+                    if wait is None:
+                        break
+                    await asyncio.sleep(wait)
+            if origin is None:
+                origin = current.deployments[0].name
+        raise failure or _no_upstream(route)
+
+    async def _attempt(
+        self, deployment: Deployment, attempt: Attempt[T], log: RequestLog, keep_open: bool
+    ) -> T:
         log.upstream = deployment.name
         log.attempts += 1
-        chunks = deployment.adapter.chat_stream(
-            UpstreamCall(body, deployment.model, include_usage), state
-        )
+        deployment.in_flight += 1
         started = time.perf_counter()
+        outcome = "upstream_error"
         try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            failure = UpstreamFailure("upstream_error", "the upstream sent an empty stream")
-            self.metrics.count_attempt(deployment.name, failure.outcome)
-            raise failure from None
+            result = await attempt(deployment)
+            outcome = "success"
+            return result
         except UpstreamFailure as failure:
-            self.metrics.count_attempt(deployment.name, failure.outcome)
+            outcome = failure.outcome
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
             raise
         finally:
             log.upstream_seconds += time.perf_counter() - started
-        return deployment, chunks, first
+            if not (keep_open and outcome == "success"):
+                self._account(deployment, outcome)
+
+    def _account(self, deployment: Deployment, outcome: str) -> None:
+        deployment.in_flight -= 1
+        deployment.breaker.record(outcome)
+        self.metrics.count_attempt(deployment.name, outcome)
+
+
+def _untried_available(route: Route, tried: set[str]) -> bool:
+    return any(
+        d.name not in tried and d.weight and d.breaker.available() for d in route.deployments
+    )
+
+
+def _no_upstream(route: Route) -> UpstreamFailure:
+    """Every deployment of the model and its fallbacks has its circuit open."""
+    chain = [route, *route.fallbacks]
+    wait = min(d.breaker.retry_in() for r in chain for d in r.deployments)
+    names = ", ".join(d.name for r in chain for d in r.deployments)
+    return UpstreamFailure(
+        "upstream_error",
+        f"no upstream can serve model {route.name!r} now: circuits open for {names}; "
+        f"retry in {wait:.0f}s",
+        status=503,
+        retry_after=max(1.0, wait),
+    )

@@ -1,0 +1,258 @@
+"""Usage reports over the ledger: who spent what, how reliably, and where the month ends.
+
+Everything is read back from the `requests` table, so a report shows what actually
+happened. Money stays in integer nano-USD end to end (summed in SQL as integers, priced
+with integer `UnitPrices`); only the caller turns it into text. The SQL is plain enough
+(CTEs, window functions, integer arithmetic) to run unchanged on SQLite 3.25+ and
+PostgreSQL. Periods are half-open: `start <= ts < end`, in epoch seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from metergate.config.model import GatewayConfig, Price
+from metergate.metering.pricing import UnitPrices
+from metergate.providers.base import Usage
+from metergate.storage.database import Database
+
+GroupBy = Literal["model", "key", "upstream"]
+
+# Failures on the gateway's or the provider's side: what an error rate should measure.
+ERROR_OUTCOMES = ("upstream_error", "upstream_rejected", "timeout", "connection_error")
+# Requests turned away because of the caller (bad request, key, rate or budget): not
+# failures of the service, so they are counted apart and left out of the error rate.
+REFUSED_OUTCOMES = ("invalid_request", "unauthorized", "rate_limited", "budget_exceeded")
+
+_GROUP_COLUMNS: dict[GroupBy, str] = {"model": "model", "key": "key_name", "upstream": "upstream"}
+_DAY = 86_400
+
+
+def _sql_list(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    """Totals of one group of ledger rows; `name` is None for the row totalling all groups."""
+
+    name: str | None
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost_nano: int
+    saved_nano: int
+    errors: int
+    refused: int
+    p95_ms: float | None
+
+    @property
+    def error_rate(self) -> float | None:
+        """Errors among the requests the gateway tried to serve (refused ones excluded)."""
+        served = self.requests - self.refused
+        return self.errors / served if served else None
+
+
+# p95 by the nearest-rank method: the value at rank ceil(0.95 n) in ascending order,
+# written (95 n + 99) / 100 because both databases divide integers exactly that way.
+_SUMMARY_SQL = """WITH ranked AS (
+  SELECT {group} AS grp, input_tokens, cached_input_tokens, output_tokens, cost_nano,
+    saved_nano, outcome, duration_ms,
+    ROW_NUMBER() OVER ({window} ORDER BY duration_ms) AS rn,
+    COUNT(*) OVER ({window}) AS n
+  FROM requests WHERE ts >= ? AND ts < ?
+)
+SELECT grp, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+  SUM(cost_nano), SUM(saved_nano),
+  SUM(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END),
+  SUM(CASE WHEN outcome IN ({refused}) THEN 1 ELSE 0 END),
+  MAX(CASE WHEN rn = (95 * n + 99) / 100 THEN duration_ms END)
+FROM ranked GROUP BY grp"""
+
+
+def _summary_sql(column: str | None) -> str:
+    """The per-group query, or with no column the single-group query for the total."""
+    return _SUMMARY_SQL.format(
+        group=column or "'*'",
+        window=f"PARTITION BY {column}" if column else "",
+        errors=_sql_list(ERROR_OUTCOMES),
+        refused=_sql_list(REFUSED_OUTCOMES),
+    )
+
+
+def _usage_group(name: str | None, row: tuple[Any, ...]) -> UsageGroup:
+    # PostgreSQL returns SUM(bigint) as numeric (Decimal): int() keeps it exact.
+    counts = [int(value or 0) for value in row[:8]]
+    return UsageGroup(name, *counts, None if row[8] is None else float(row[8]))
+
+
+async def usage_summary(
+    db: Database, group_by: GroupBy, start: float, end: float
+) -> list[UsageGroup]:
+    """Per-group totals in `[start, end)`, costliest first, then one total row (name None).
+
+    Latency p95 covers every request of the group, refused ones included: it is what
+    the callers waited. Percentiles do not add up, so the total row has its own query.
+    """
+    period = (start, end)
+    rows = await db.fetch(_summary_sql(_GROUP_COLUMNS[group_by]), period)
+    groups = [_usage_group(str(row[0]), row[1:]) for row in rows]
+    groups.sort(key=lambda g: (-g.cost_nano, -g.requests, g.name or ""))
+    total_rows = await db.fetch(_summary_sql(None), period)
+    total = _usage_group(None, total_rows[0][1:] if total_rows else (None,) * 9)
+    return [*groups, total]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelComparison:
+    """One model's traffic priced as recorded and on another price list.
+
+    The request, token and cost fields cover the traffic the other list has a price
+    for. The rest is counted apart in `unpriced_requests` / `unpriced_actual_nano`, so
+    a missing price never reads as $0. `model` is None for the total row.
+    """
+
+    model: str | None
+    priced_as: tuple[str, ...]
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    actual_nano: int
+    compared_nano: int
+    unpriced_requests: int
+    unpriced_actual_nano: int
+
+    @property
+    def priced(self) -> bool:
+        return bool(self.priced_as)
+
+    @property
+    def savings_nano(self) -> int:
+        """Positive when the other list is cheaper for this traffic."""
+        return self.actual_nano - self.compared_nano
+
+    @property
+    def savings_pct(self) -> float | None:
+        if not self.actual_nano:
+            return None
+        return float(Fraction(100 * self.savings_nano, self.actual_nano))
+
+
+def _sum_comparisons(model: str | None, parts: list[ModelComparison]) -> ModelComparison:
+    return ModelComparison(
+        model=model,
+        priced_as=tuple(sorted({name for part in parts for name in part.priced_as})),
+        requests=sum(p.requests for p in parts),
+        input_tokens=sum(p.input_tokens for p in parts),
+        cached_input_tokens=sum(p.cached_input_tokens for p in parts),
+        output_tokens=sum(p.output_tokens for p in parts),
+        actual_nano=sum(p.actual_nano for p in parts),
+        compared_nano=sum(p.compared_nano for p in parts),
+        unpriced_requests=sum(p.unpriced_requests for p in parts),
+        unpriced_actual_nano=sum(p.unpriced_actual_nano for p in parts),
+    )
+
+
+_TRAFFIC_SQL = """SELECT model, upstream, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens),
+  SUM(output_tokens), SUM(cost_nano)
+FROM requests WHERE ts >= ? AND ts < ? AND cache_hit = 0 GROUP BY model, upstream"""
+
+
+async def compare_prices(
+    db: Database,
+    config: GatewayConfig,
+    price_list: Mapping[str, Price],
+    start: float,
+    end: float,
+) -> list[ModelComparison]:
+    """Price the traffic of `[start, end)` on `price_list`, per model, then a total row.
+
+    Each (model, upstream) is looked up by the upstream's provider model id, then by the
+    caller-facing model name (an upstream since removed from the config only has the
+    latter). Its token sums are priced once, exactly, with integer unit prices. Response
+    cache hits are left out: no provider is paid for them under either list.
+    """
+    by_model: dict[str, list[ModelComparison]] = {}
+    for model, upstream, *sums in await db.fetch(_TRAFFIC_SQL, (start, end)):
+        requests, input_tokens, cached, output, actual = (int(v or 0) for v in sums)
+        ids = [config.upstreams[upstream].model] if upstream in config.upstreams else []
+        entry = next((name for name in [*ids, model] if name in price_list), None)
+        if entry is None:
+            part = ModelComparison(model, (), 0, 0, 0, 0, 0, 0, requests, actual)
+        else:
+            prices = UnitPrices.from_price(price_list[entry])
+            compared = prices.cost_nano(Usage(input_tokens, cached, output))
+            part = ModelComparison(
+                model, (entry,), requests, input_tokens, cached, output, actual, compared, 0, 0
+            )
+        by_model.setdefault(model, []).append(part)
+    models = [_sum_comparisons(model, parts) for model, parts in by_model.items()]
+    models.sort(
+        key=lambda m: (not m.priced, -m.actual_nano, -m.unpriced_actual_nano, m.model or "")
+    )
+    return [*models, _sum_comparisons(None, models)]
+
+
+@dataclass(frozen=True, slots=True)
+class MonthForecast:
+    """Where this month's spend is heading, with the figures the projection came from."""
+
+    month: str
+    so_far_nano: int
+    daily_nano: int
+    basis_days: float
+    remaining_days: float
+    projected_nano: int
+
+
+def _midnight(day: dt.date, zone: ZoneInfo) -> float:
+    return dt.datetime.combine(day, dt.time(), zone).timestamp()
+
+
+async def _spend(db: Database, start: float, end: float) -> int:
+    rows = await db.fetch(
+        "SELECT SUM(cost_nano) FROM requests WHERE ts >= ? AND ts < ?", (start, end)
+    )
+    return int(rows[0][0] or 0)
+
+
+async def month_forecast(db: Database, now: float, tz: str = "UTC") -> MonthForecast:
+    """Project this calendar month's spend (months and days are those of `tz`).
+
+    - so far: spend from the first of the month to `now`;
+    - daily rate: spend over the last 7 complete days divided by their length, or over
+      the complete days of this month when fewer than 7 have passed; on the first of
+      the month, which has none, over the part of today elapsed so far;
+    - projection: so far + daily rate x days remaining until the next month starts,
+      counting the rest of today as the fraction of a day it is.
+    Days are measured in seconds / 86400, so a DST-shortened day weighs a little less.
+    """
+    zone = ZoneInfo(tz)
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    first = today.replace(day=1)
+    month_start = _midnight(first, zone)
+    month_end = _midnight((first + dt.timedelta(days=32)).replace(day=1), zone)
+    today_start = _midnight(today, zone)
+    basis_start = max(_midnight(today - dt.timedelta(days=7), zone), month_start)
+    basis_end = today_start if basis_start < today_start else now
+
+    so_far = await _spend(db, month_start, now)
+    basis = await _spend(db, basis_start, basis_end)
+    basis_seconds = Fraction(basis_end) - Fraction(basis_start)
+    remaining_seconds = Fraction(month_end) - Fraction(now)
+    rate = Fraction(basis) / basis_seconds if basis_seconds else Fraction(0)  # nano per s
+    return MonthForecast(
+        month=first.strftime("%Y-%m"),
+        so_far_nano=so_far,
+        daily_nano=round(rate * _DAY),
+        basis_days=float(basis_seconds / _DAY),
+        remaining_days=float(remaining_seconds / _DAY),
+        projected_nano=so_far + round(rate * remaining_seconds),
+    )
