@@ -1,0 +1,111 @@
+"""Run metergate against the nginx upstream: config, key, process, metering counters.
+
+The gateway is started through its real CLI (`metergate serve`), exactly as an operator
+would, so the benchmark measures the shipped server stack (uvicorn + uvloop + httptools).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchlib.procs import BenchError, Processes, Started, free_port, http, pinned, wait_ready
+
+MODEL = "bench"
+STREAM_MODEL = "bench-stream"
+PRICE = {"input": 1.0, "output": 2.0}  # USD per million tokens
+
+
+def metergate_bin() -> str:
+    """The CLI of the venv running this script (`.venv/bin/python bench/run.py`)."""
+    candidate = Path(sys.executable).parent / "metergate"
+    if not candidate.exists():
+        raise BenchError(f"{candidate} not found: run with the project's venv python")
+    return str(candidate)
+
+
+def write_config(workdir: Path, upstream_port: int) -> Path:
+    """A gateway config whose only upstreams are the nginx locations (unary and streaming)."""
+    base = f"http://127.0.0.1:{upstream_port}"
+    config = {
+        "server": {"host": "127.0.0.1", "port": 4000},
+        "ledger": {"url": f"sqlite:///{workdir / 'ledger.db'}"},
+        "providers": {
+            "nginx": {"type": "openai", "base_url": f"{base}/v1", "api_key": "sk-bench"},
+            "nginx-stream": {
+                "type": "openai",
+                "base_url": f"{base}/stream/v1",
+                "api_key": "sk-bench",
+            },
+        },
+        "upstreams": {
+            "nginx-model": {"provider": "nginx", "model": "bench-model", "price": dict(PRICE)},
+            "nginx-stream-model": {
+                "provider": "nginx-stream",
+                "model": "bench-model",
+                "price": dict(PRICE),
+            },
+        },
+        "models": {
+            MODEL: {"upstreams": ["nginx-model"]},
+            STREAM_MODEL: {"upstreams": ["nginx-stream-model"]},
+        },
+    }
+    path = workdir / "metergate.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def create_key(config: Path) -> str:
+    """`metergate keys create`; the secret is the last line of its stdout."""
+    done = subprocess.run(
+        [metergate_bin(), "keys", "create", "--name", "bench", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines or not lines[-1].startswith("mgk_"):
+        raise BenchError(f"could not create a key ({done.returncode}):\n{done.stdout}{done.stderr}")
+    return lines[-1].strip()
+
+
+@dataclass(frozen=True)
+class Gateway:
+    process: Started
+    port: int
+    config: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_gateway(
+    processes: Processes, config: Path, cpus: str | None, workers: int = 1
+) -> Gateway:
+    port = free_port()
+    command = [metergate_bin(), "serve", "--config", str(config), "--port", str(port)]
+    command += ["--workers", str(workers)]
+    started = processes.start("metergate", pinned(command, cpus), config.parent / "metergate.log")
+    wait_ready(started, f"http://127.0.0.1:{port}/readyz", timeout=60)
+    return Gateway(started, port, config)
+
+
+def requests_by_outcome(gateway: Gateway) -> dict[str, float]:
+    """`metergate_requests_total` summed over labels other than `outcome`."""
+    answer = http(f"{gateway.base}/metrics")
+    if answer.status != 200:
+        raise BenchError(f"GET /metrics answered {answer.status}: {answer.body[:300]!r}")
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(answer.body.decode()):
+        for sample in family.samples:
+            if sample.name == "metergate_requests_total":
+                outcome = sample.labels.get("outcome", "")
+                totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
