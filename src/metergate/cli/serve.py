@@ -39,8 +39,8 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    demo_key = asyncio.run(_demo_key(loaded)) if config is None else None
-    _banner(loaded, host, port, demo_key, workers)
+    demo_key, active_keys = asyncio.run(_startup_keys(loaded, make_demo=config is None))
+    _banner(loaded, host, port, demo_key, active_keys, workers)
     options = dict(
         host=host,
         port=port,
@@ -63,8 +63,10 @@ def serve(
     uvicorn.run("metergate.api.factory:create_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
 
 
-async def _demo_key(config: GatewayConfig) -> str | None:
-    """The embedded default's demo key: made on first start, reused while it is active."""
+async def _startup_keys(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:
+    """The demo key (embedded default only: made on first start, reused while active)
+    and how many active keys there are. Opening the ledger here also migrates it and
+    surfaces a database problem before the server starts."""
     url = config.ledger.url
     data_dir = (
         Path(url.removeprefix("sqlite:///")).parent
@@ -75,22 +77,26 @@ async def _demo_key(config: GatewayConfig) -> str | None:
     database = await open_database(url)
     try:
         active = await store.list_keys(database, include_revoked=False)
+        if not make_demo:
+            return None, len(active)
         if key_file.exists():
             secret = key_file.read_text().strip()
             if any(record.key_hash == hash_key(secret) for record in active):
-                return secret
+                return secret, len(active)
         if active:
-            return None
+            return None, len(active)
         secret, _ = await store.create_key(database, "demo")
     finally:
         await database.close()
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.touch(mode=0o600)
     key_file.write_text(secret + "\n")
-    return secret
+    return secret, 1
 
 
-def _banner(config: GatewayConfig, host: str, port: int, key: str | None, workers: int) -> None:
+def _banner(
+    config: GatewayConfig, host: str, port: int, key: str | None, active_keys: int, workers: int
+) -> None:
     base = f"http://{host}:{port}/v1"
     model = next(iter(config.models))
     shown = key or "mgk_..."
@@ -100,7 +106,9 @@ def _banner(config: GatewayConfig, host: str, port: int, key: str | None, worker
         f"models: {', '.join(config.models)}"
     )
     console.print(f"metrics: http://{host}:{port}/metrics   ledger: {config.ledger.url}")
-    if key is None:
+    if key is None and active_keys:
+        console.print(f"{active_keys} active key(s): see [bold]metergate keys list[/bold]")
+    elif key is None:
         console.print("create a key first: [bold]metergate keys create --name my-service[/bold]")
     else:
         console.print(f"demo key (stored hashed; secret kept in .metergate/demo-key): {key}")
