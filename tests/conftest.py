@@ -9,6 +9,13 @@ from typing import Any
 import pytest
 
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer, start_gateway
+from tests.services import (  # noqa: F401 - real PostgreSQL and Redis on loopback, per session
+    fresh_postgres_url,
+    postgres_server,
+    postgres_url,
+    redis_server,
+    redis_url,
+)
 from tests.upstreams import openai_server
 
 

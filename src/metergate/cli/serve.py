@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -59,8 +60,12 @@ def serve(
     if config is not None:
         os.environ["METERGATE_CONFIG"] = str(Path(config).resolve())
     # Several processes share one set of metric files, so any worker's scrape sums all.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metergate-metrics-")
-    uvicorn.run("metergate.api.factory:create_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+    metrics_dir = tempfile.mkdtemp(prefix="metergate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("metergate.api.factory:create_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _startup_keys(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:

@@ -7,12 +7,17 @@ Statements are written once with `?` placeholders; the PostgreSQL side rewrites 
 from __future__ import annotations
 
 import abc
+import asyncio
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 Row = tuple[Any, ...]
+
+# PostgreSQL advisory lock held while one process migrates at open. Not the key that
+# `migrations` takes per migration: the same key on a second connection would deadlock.
+_OPEN_LOCK_KEY = 0x6D676F70  # "mgop"
 
 
 class Database(abc.ABC):
@@ -37,11 +42,16 @@ class Database(abc.ABC):
 
 
 class SQLiteDatabase(Database):
+    """One connection, so statements take turns: a transaction spans several awaits, and
+    another task's statement run in between would join it (and be rolled back with it)
+    or fail with "cannot start a transaction within a transaction"."""
+
     dialect = "sqlite"
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: Any = None
+        self._lock = asyncio.Lock()
 
     async def connect(self) -> None:
         import aiosqlite
@@ -53,35 +63,39 @@ class SQLiteDatabase(Database):
             await self._conn.execute(f"PRAGMA {pragma}")
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        await self._conn.execute(sql, params)
+        async with self._lock:
+            await self._conn.execute(sql, params)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            await self._conn.executemany(sql, rows)
-        except BaseException:
-            await self._conn.execute("ROLLBACK")
-            raise
-        await self._conn.execute("COMMIT")
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.executemany(sql, rows)
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        async with self._conn.execute(sql, params) as cursor:
+        async with self._lock, self._conn.execute(sql, params) as cursor:
             return [tuple(row) for row in await cursor.fetchall()]
 
     async def script(self, statements: Sequence[str], lock_key: int) -> None:
-        await self._conn.execute("BEGIN IMMEDIATE")  # takes SQLite's single write lock
-        try:
-            for statement in statements:
-                await self._conn.execute(statement)
-        except BaseException:
-            await self._conn.execute("ROLLBACK")
-            raise
-        await self._conn.execute("COMMIT")
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")  # takes SQLite's single write lock
+            try:
+                for statement in statements:
+                    await self._conn.execute(statement)
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
 
 
 class PostgresDatabase(Database):
@@ -126,6 +140,21 @@ class PostgresDatabase(Database):
             await self._pool.close()
             self._pool = None
 
+    async def migrate_exclusively(self) -> None:
+        """Migrate while holding a session lock, so processes opening together take turns.
+
+        Even `CREATE TABLE IF NOT EXISTS` fails when two sessions run it at once (a unique
+        violation on pg_type), so the whole migration, not only each step, is serialized.
+        """
+        from metergate.storage.migrations import migrate
+
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", _OPEN_LOCK_KEY)
+            try:
+                await migrate(self)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _OPEN_LOCK_KEY)
+
 
 async def open_database(url: str) -> Database:
     """Connect to `sqlite:///path` or `postgresql://...` and bring the schema up to date."""
@@ -140,7 +169,10 @@ async def open_database(url: str) -> Database:
         database = PostgresDatabase(url)
     await database.connect()
     try:
-        await migrate(database)
+        if isinstance(database, PostgresDatabase):
+            await database.migrate_exclusively()
+        else:
+            await migrate(database)
     except BaseException:
         await database.close()
         raise

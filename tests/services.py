@@ -1,0 +1,505 @@
+"""Real PostgreSQL and Redis servers for tests, started on loopback in temp dirs.
+
+Each server is started once per test session (lazily, by the first test that needs it)
+and stopped at the end; tests never touch system services. A test that wants a clean
+PostgreSQL asks for `fresh_postgres_url` and gets a database of its own, which costs a
+`CREATE DATABASE` (tens of milliseconds), not a server start.
+
+PostgreSQL refuses to run as root, so as root the server runs as the `postgres` OS user
+(`runuser`), with its data in a temp dir owned by that user. Tests skip only when the
+binaries are missing; `scripts/test` installs them, so CI always runs them.
+
+The fixtures are thin wrappers over process-wide singletons: a test module may import
+them directly (`from tests.services import postgres_url`) as well as conftest.py, and
+the session still starts one server of each kind, stopped when the last user releases it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (a start retries if it is taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _postgres_bindir() -> Path | None:
+    """Where initdb/pg_ctl/postgres live: Debian's versioned dir, pg_config, or PATH."""
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            candidates.append(
+                subprocess.run(
+                    [pg_config, "--bindir"], capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+            )
+    initdb = shutil.which("initdb")
+    if initdb:
+        candidates.append(str(Path(initdb).parent))
+    for candidate in candidates:
+        path = Path(candidate)
+        if all((path / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres", "psql")):
+            return path
+    return None
+
+
+class PostgresServer:
+    """One PostgreSQL cluster: initdb'ed in a temp dir, listening on 127.0.0.1 only."""
+
+    user = "postgres"  # the database superuser; trust auth, loopback only
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.port = 0
+        self._os_user: str | None = None
+        if os.geteuid() == 0:
+            self._os_user = "postgres"
+            try:
+                self._pw = pwd.getpwnam(self._os_user)
+            except KeyError:
+                pytest.skip("running as root and there is no `postgres` OS user to run PostgreSQL")
+        self.root = Path(tempfile.mkdtemp(prefix="metergate-pg-"))  # under /tmp: traversable
+        self.data = self.root / "data"
+        self.sockets = self.root / "sock"
+        self.log = self.root / "postgres.log"
+        self.sockets.mkdir()
+        if self._os_user is not None:
+            for path in (self.root, self.sockets):
+                os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
+        self._names = itertools.count(1)
+        self._lock = threading.Lock()
+        self.started = False
+
+    def _run(self, *args: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        command = list(args)
+        if self._os_user is not None:
+            command = ["runuser", "-u", self._os_user, "--", *command]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, cwd=self.root, check=False
+        )
+
+    def start(self) -> None:
+        done = self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-instructions",
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{done.stdout}\n{done.stderr}")
+        last_error = ""
+        for _ in range(3):  # the free port may be taken between picking and binding
+            self.port = free_port()
+            options = " ".join(
+                (
+                    "-c listen_addresses=127.0.0.1",
+                    f"-p {self.port}",
+                    f"-k {self.sockets}",
+                    "-c fsync=off",  # tests do not survive power loss; speed matters more
+                    "-c synchronous_commit=off",
+                    "-c full_page_writes=off",
+                    "-c max_connections=200",
+                )
+            )
+            done = self._run(
+                str(self.bindir / "pg_ctl"),
+                "start",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                str(int(START_TIMEOUT)),
+                "-o",
+                options,
+                timeout=START_TIMEOUT + 10,
+            )
+            if done.returncode == 0:
+                self.started = True
+                self.psql("postgres", "SELECT 1")
+                return
+            last_error = f"{done.stdout}\n{done.stderr}\n{self._log_tail()}"
+        raise RuntimeError(f"PostgreSQL did not start:\n{last_error}")
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-2000:]
+        return ""
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, database: str, sql: str) -> str:
+        """Run one statement with psql over TCP (no event loop needed); return its output."""
+        done = subprocess.run(
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"psql {sql!r} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def create_database(self, prefix: str = "test") -> str:
+        """A new empty database; return its URL."""
+        with self._lock:
+            name = f"{prefix}_{next(self._names)}"
+        self.psql("postgres", f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+            self.psql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def stop(self) -> None:
+        if self.started:
+            self.started = False
+            done = self._run(
+                str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"
+            )
+            if done.returncode != 0:  # last resort: the postmaster's pid from its pid file
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    pid = int((self.data / "postmaster.pid").read_text().split()[0])
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """One redis-server, in memory only (no RDB, no AOF), listening on 127.0.0.1."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="metergate-redis-"))
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        last_error = ""
+        for _ in range(3):
+            self.port = free_port()
+            log = open(self.root / "redis.log", "wb")  # noqa: SIM115 - handed to the child
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.root),
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
+            log.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if self.ping():
+                    return
+                time.sleep(0.02)
+            last_error = (self.root / "redis.log").read_text(errors="replace")[-2000:]
+            self.stop_process()
+        raise RuntimeError(f"redis-server did not start:\n{last_error}")
+
+    def ping(self) -> bool:
+        """True when the server answers PING (raw RESP: no client library needed)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def flushall(self) -> None:
+        """Empty every database, so a test starts from a clean server."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            if not sock.recv(64).startswith(b"+OK"):
+                raise RuntimeError("redis FLUSHALL failed")
+
+    def stop_process(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        self.stop_process()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _Shared:
+    """A lazily started server shared by every fixture that uses it, stopped by the last."""
+
+    def __init__(self) -> None:
+        self.server: PostgresServer | RedisServer | None = None
+        self.users = 0
+        self.lock = threading.Lock()
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0 and self.server is not None:
+                server, self.server = self.server, None
+                server.stop()
+
+    def stop_at_exit(self) -> None:
+        """Backup for an interrupted session: never leave a server behind."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+_postgres = _Shared()
+_redis = _Shared()
+atexit.register(_postgres.stop_at_exit)
+atexit.register(_redis.stop_at_exit)
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server, started on first use (skip if not installed)."""
+    with _postgres.lock:
+        if _postgres.server is None:
+            bindir = _postgres_bindir()
+            if bindir is None:
+                pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
+            server = PostgresServer(bindir)
+            try:
+                server.start()
+            except BaseException:
+                server.stop()
+                raise
+            _postgres.server = server
+        _postgres.users += 1
+        server = _postgres.server
+    assert isinstance(server, PostgresServer)
+    try:
+        yield server
+    finally:
+        _postgres.release()
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[RedisServer]:
+    """The session's redis-server, started on first use (skip if not installed)."""
+    with _redis.lock:
+        if _redis.server is None:
+            binary = shutil.which("redis-server") or (
+                "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+            )
+            if binary is None:
+                pytest.skip("redis-server is not installed (scripts/test installs it)")
+            server = RedisServer(binary)
+            try:
+                server.start()
+            except BaseException:
+                server.stop()
+                raise
+            _redis.server = server
+        _redis.users += 1
+        server = _redis.server
+    assert isinstance(server, RedisServer)
+    try:
+        yield server
+    finally:
+        _redis.release()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (see `fresh_postgres_url` for a per-test database)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A database shared by the whole session: `postgresql://postgres@127.0.0.1:PORT/db`."""
+    return postgres_server.create_database("session")
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """An empty database of this test's own, dropped afterwards."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """`redis://127.0.0.1:PORT/0` of the session's in-memory redis-server."""
+    return redis_server.url
+
+
+# --- the gateway as a real process ---------------------------------------------------------
+
+
+def create_key_sync(ledger_url: str, name: str) -> str:
+    """Make a gateway key in a ledger database before a gateway process starts; return it.
+
+    Runs on an event loop of its own thread, so it works from sync and async tests alike
+    (and costs far less than starting `metergate keys create` as a process).
+    """
+    import asyncio
+
+    from metergate.storage.database import open_database
+    from metergate.storage.keys import create_key
+
+    async def create() -> str:
+        database = await open_database(ledger_url)
+        try:
+            secret, _ = await create_key(database, name)
+        finally:
+            await database.close()
+        return secret
+
+    result: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(asyncio.run(create()))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+class GatewayProcess:
+    """`python -m metergate serve` in a session of its own, so that it and every worker it
+    spawns can be killed together whatever a test does to it."""
+
+    def __init__(self, config: Path, workdir: Path, *, workers: int = 1) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        command = [sys.executable, "-m", "metergate", "serve", "--config", str(config)]
+        command += ["--port", str(self.port), "--workers", str(workers)]
+        env = {**os.environ, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # `serve --workers` makes its own
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll GET /readyz until it answers 200; fail with the log if the deadline passes."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log()}")
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def kill_all(self) -> None:
+        """Kill the process group (the server and its workers); safe to call repeatedly."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
