@@ -21,7 +21,7 @@ import yaml
 from aiohttp import web
 
 from metergate.api.app import GatewayApp
-from metergate.config import parse_config
+from metergate.config import read_config
 from metergate.storage.keys import create_key
 
 T = TypeVar("T")
@@ -133,14 +133,23 @@ class Gateway:
         self.serving.result(30)
 
 
+def write_config(config: dict[str, Any] | str, workdir: Path) -> Path:
+    """Write a test config to `workdir/gateway.yaml`, its ledger in `workdir` by default."""
+    raw = yaml.safe_load(config) if isinstance(config, str) else dict(config)
+    raw.setdefault("ledger", {"url": f"sqlite:///{workdir / 'ledger.db'}"})
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def start_gateway(
     bg: BackgroundLoop, config: dict[str, Any] | str, workdir: Path, key_name: str = "test"
 ) -> Gateway:
     """Start a gateway on a free port with its ledger in `workdir`, and make it a key."""
-    raw = yaml.safe_load(config) if isinstance(config, str) else dict(config)
-    raw.setdefault("ledger", {"url": f"sqlite:///{workdir / 'ledger.db'}"})
-    parsed = parse_config(yaml.safe_dump(raw, sort_keys=False))
-    app = GatewayApp(parsed)
+    path = write_config(config, workdir)
+    loaded = read_config(path)
+    app = GatewayApp(loaded.config, loaded.text, loaded.source)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(

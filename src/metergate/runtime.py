@@ -1,50 +1,135 @@
-"""Everything a running gateway holds, built from one config and torn down in order."""
+"""Everything a running gateway holds, and how a new config replaces the old one live.
+
+Long-lived parts (database, ledger, keys, metrics) live as long as the process. The
+parts built from a config (adapters, router, dispatcher, budgets, cache, rollouts) form
+a `Plan`; applying a new config builds a new plan and swaps it in with no `await`
+between the assignments, so every request sees one plan or the other, never a mix.
+Requests already running finish on the old plan; its adapters close once idle. What did
+not change is carried over: adapters keep their connections, circuit breakers and
+budget spend their state.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
+from dataclasses import dataclass
 
 from metergate import __version__
 from metergate.auth.index import KeyIndex
 from metergate.budgets import BudgetBook
 from metergate.cache import ResponseCache
+from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
 from metergate.config.model import GatewayConfig
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
 from metergate.providers import Adapter, build_adapter
+from metergate.rollout import RolloutController
 from metergate.routing.dispatch import Dispatcher
 from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
+from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
 from metergate.storage.keys import list_keys
 
 log = logging.getLogger("metergate")
 
 
-def config_version(config: GatewayConfig) -> str:
-    """A short stable id of a config's content (secrets included only as a hash input)."""
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+@dataclass(eq=False)
+class Plan:
+    """The parts of a gateway that one config determines."""
+
+    config: GatewayConfig
+    version: str
+    adapters: dict[str, Adapter]
+    router: Router
+    dispatcher: Dispatcher
+    budgets: BudgetBook
+    cache: ResponseCache | None
+    rollouts: RolloutController
 
 
 class Runtime:
-    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
-        self.config = config
-        self.version = config_version(config)
+    def __init__(
+        self,
+        config: GatewayConfig,
+        metrics: Metrics | None = None,
+        text: str | None = None,
+        source: str = "<config>",
+    ) -> None:
         self.metrics = metrics or Metrics()
-        self.adapters: dict[str, Adapter] = {
-            name: build_adapter(name, provider) for name, provider in config.providers.items()
-        }
-        self.router = Router(config, self.adapters, self._circuit_changed)
-        self.dispatcher = Dispatcher(self.metrics, RetryBudget(config.retry_budget))
+        self.source = source
+        self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys)
         self.meter = Meter(self.metrics, None)
-        self.budgets = BudgetBook(config.budgets, self.metrics)
-        self.cache = ResponseCache(config.cache) if config.cache.enabled else None
         self.ready = False
+        self._retired: set[asyncio.Task[None]] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._install(self._build(config, config_versions.text_hash(self.text), None))
+
+    # The current plan's parts, read by the request handlers.
+    config: GatewayConfig
+    version: str
+    adapters: dict[str, Adapter]
+    router: Router
+    dispatcher: Dispatcher
+    budgets: BudgetBook
+    cache: ResponseCache | None
+    rollouts: RolloutController
+
+    def _build(self, config: GatewayConfig, version: str, old: Plan | None) -> Plan:
+        adapters = {
+            name: (
+                old.adapters[name]
+                if old and old.config.providers.get(name) == provider
+                else build_adapter(name, provider)
+            )
+            for name, provider in config.providers.items()
+        }
+        rollouts = RolloutController(
+            config.rollouts, self.metrics, carry=old.rollouts if old else None
+        )
+        router = Router(
+            config,
+            adapters,
+            self._circuit_changed,
+            rollouts,
+            carry=old.router if old else None,
+        )
+        retry_budget = (
+            old.dispatcher.retry_budget
+            if old and old.config.retry_budget == config.retry_budget
+            else RetryBudget(config.retry_budget)
+        )
+        cache = (
+            old.cache
+            if old and old.config.cache == config.cache
+            else (ResponseCache(config.cache) if config.cache.enabled else None)
+        )
+        return Plan(
+            config=config,
+            version=version,
+            adapters=adapters,
+            router=router,
+            dispatcher=Dispatcher(self.metrics, retry_budget),
+            budgets=BudgetBook(config.budgets, self.metrics, carry=old.budgets if old else None),
+            cache=cache,
+            rollouts=rollouts,
+        )
+
+    def _install(self, plan: Plan) -> None:
+        self.plan = plan
+        self.config = plan.config
+        self.version = plan.version
+        self.adapters = plan.adapters
+        self.router = plan.router
+        self.dispatcher = plan.dispatcher
+        self.budgets = plan.budgets
+        self.cache = plan.cache
+        self.rollouts = plan.rollouts
 
     def _circuit_changed(self, upstream: str, state: int) -> None:
         self.metrics.circuit_state.labels(upstream).set(state)
@@ -62,10 +147,88 @@ class Runtime:
         await self.keys.start()
         for adapter in self.adapters.values():
             await adapter.start()
-        self._export_static_metrics()
+        await self.rollouts.start(self.database)
+        await config_versions.record(self.database, self.text, self.source, "started")
+        self._export_static_metrics(None)
+        self._follower = asyncio.create_task(self._follow_config(), name="config-follower")
         self.ready = True
 
-    def _export_static_metrics(self) -> None:
+    async def reload_from_source(self, trigger: str) -> bool:
+        """Re-read the config file, validate it, apply it and record it as the newest
+        version. An invalid file raises ConfigError and the running config stays."""
+        assert self.database is not None
+        if self.source == "<config>":
+            raise ConfigError([ConfigProblem(self.source, (), "this gateway was not started "
+                                             "from a file", "start it with --config FILE")])
+        try:
+            loaded = read_config(self.source)
+        except ConfigError as error:
+            log.error("config reload (%s) refused, keeping version %s:\n%s", trigger,
+                      self.version, error)
+            raise
+        applied = await self.apply(loaded.config, loaded.text, loaded.source)
+        await config_versions.record(self.database, loaded.text, loaded.source, trigger)
+        return applied
+
+    async def _follow_config(self, every: float = 2.0) -> None:
+        """Apply the newest recorded version when another process (a worker that got
+        SIGHUP, a replica, `metergate config rollback`) recorded one."""
+        refused: str | None = None
+        while True:
+            await asyncio.sleep(every)
+            try:
+                assert self.database is not None
+                newest = await config_versions.latest(self.database)
+                if newest is None or newest.hash in (self.version, refused):
+                    continue
+                config = parse_config(newest.body, newest.source)
+                await self.apply(config, newest.body, newest.source)
+            except ConfigError as error:
+                refused = newest.hash if newest else None
+                log.error("config version %s cannot be applied here, keeping %s:\n%s",
+                          refused, self.version, error)
+            except Exception:
+                log.exception("following the config history failed; retrying")
+
+    async def apply(self, config: GatewayConfig, text: str, source: str) -> bool:
+        """Switch to `config` without dropping requests; False when it is already running."""
+        version = config_versions.text_hash(text)
+        if version == self.version:
+            return False
+        assert self.database is not None and self.ledger is not None
+        old = self.plan
+        plan = self._build(config, version, old)
+        for name, adapter in plan.adapters.items():
+            if old.adapters.get(name) is not adapter:
+                await adapter.start()
+        await self.ledger.flush()  # budgets that changed rebuild their spend from the ledger
+        await plan.budgets.load(self.database, only_new=True)
+        await old.rollouts.close()
+        await plan.rollouts.start(self.database)
+        self._install(plan)
+        self.text, self.source = text, source
+        self._export_static_metrics(old)
+        retiring = [a for n, a in old.adapters.items() if plan.adapters.get(n) is not a]
+        task = asyncio.create_task(self._retire(old, retiring))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        log.info("config %s applied (was %s) from %s", version, old.version, source)
+        return True
+
+    async def _retire(self, old: Plan, adapters: list[Adapter], limit: float = 600) -> None:
+        """Close the old plan's replaced adapters once no request uses them any more."""
+        waited = 0.0
+        while waited < limit and any(
+            d.in_flight for d in old.router.deployments.values() if d.adapter in adapters
+        ):
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        for adapter in adapters:
+            await adapter.close()
+
+    def _export_static_metrics(self, old: Plan | None) -> None:
+        if old is not None:
+            self.metrics.build_info.remove(__version__, old.version)
         self.metrics.build_info.labels(__version__, self.version).set(1)
         for name, deployment in self.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
@@ -73,7 +236,10 @@ class Runtime:
 
     async def close(self) -> None:
         self.ready = False
+        for task in [*self._retired, *([self._follower] if self._follower else [])]:
+            task.cancel()
         await self.keys.close()
+        await self.rollouts.close()
         await self.budgets.close()
         for adapter in self.adapters.values():
             await adapter.close()

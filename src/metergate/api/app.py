@@ -5,9 +5,13 @@ Routing is one dict lookup on (method, path); there is no middleware stack to wa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 
+from metergate.api.admin import AdminHandlers
 from metergate.api.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.api.chat import CompletionsHandler
 from metergate.api.errors import GatewayError
@@ -21,9 +25,14 @@ Handler = Callable[[Request, Send], Awaitable[None]]
 
 
 class GatewayApp:
-    def __init__(self, config: GatewayConfig, runtime: Runtime | None = None) -> None:
-        self.runtime = runtime or Runtime(config)
+    def __init__(
+        self, config: GatewayConfig, text: str | None = None, source: str = "<config>"
+    ) -> None:
+        """`text` and `source`: the config file's content and path, for config history
+        and reloads."""
+        self.runtime = Runtime(config, text=text, source=source)
         info = InfoHandlers(self.runtime)
+        admin = AdminHandlers(self.runtime)
         self._info = info
         chat = CompletionsHandler(self.runtime, "chat")
         embeddings = CompletionsHandler(self.runtime, "embeddings")
@@ -31,6 +40,7 @@ class GatewayApp:
             ("GET", "/healthz"): info.healthz,
             ("GET", "/readyz"): info.readyz,
             ("GET", "/metrics"): info.metrics,
+            ("POST", "/admin/reload"): admin.reload,
         }
         for prefix in ("/v1", ""):  # some clients put /v1 in base_url, some do not
             routes[("POST", f"{prefix}/chat/completions")] = chat
@@ -38,6 +48,7 @@ class GatewayApp:
             routes[("GET", f"{prefix}/models")] = info.models
         self.routes = routes
         self.paths = {path for _, path in routes}
+        self._background: set[asyncio.Task[bool]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -69,6 +80,19 @@ class GatewayApp:
             code="unknown_endpoint",
         )
 
+    def _reload_on_sighup(self) -> None:
+        """`kill -HUP` re-reads the config file (only possible in the main thread)."""
+        loop = asyncio.get_running_loop()
+
+        def reload() -> None:
+            task = loop.create_task(self.runtime.reload_from_source("SIGHUP"))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged inside
+
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, reload)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -79,6 +103,7 @@ class GatewayApp:
                     log.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self._reload_on_sighup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.close()

@@ -38,7 +38,6 @@ class CompletionsHandler:
     def __init__(self, runtime: Runtime, kind: Kind) -> None:
         self.runtime = runtime
         self.kind = kind
-        self.dispatcher = runtime.dispatcher
 
     async def __call__(self, request: Request, send: Send) -> None:
         runtime = self.runtime
@@ -72,6 +71,8 @@ class CompletionsHandler:
         body = await request.json(runtime.config.server.max_body_bytes)
         route = runtime.router.route(body.get("model"), key)
         log.model = route.name
+        if route.rollout is not None:
+            log.affinity = _affinity(route.rollout.config.sticky, key.name, request.headers)
         streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
@@ -124,7 +125,9 @@ class CompletionsHandler:
         headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         try:
-            deployment, completion = await self.dispatcher.complete(route, body, log, self.kind)
+            deployment, completion = await self.runtime.dispatcher.complete(
+                route, body, log, self.kind
+            )
         except UpstreamFailure as failure:
             raise from_failure(failure) from None
         log.usage = completion.usage
@@ -149,8 +152,9 @@ class CompletionsHandler:
         """Relay the stream; return its last message, sent once the request is metered."""
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
+        dispatcher = self.runtime.dispatcher  # the stream ends on the plan it started on
         try:
-            deployment, chunks, first = await self.dispatcher.open_stream(
+            deployment, chunks, first = await dispatcher.open_stream(
                 route, body, include_usage, state, log
             )
         except UpstreamFailure as failure:
@@ -190,7 +194,7 @@ class CompletionsHandler:
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
-        self.dispatcher.stream_finished(deployment, attempt_outcome)
+        dispatcher.stream_finished(deployment, attempt_outcome, log)
         usage = state.usage or estimate.abandoned_stream(body, events)
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
@@ -239,6 +243,16 @@ async def _watch_disconnect(
         pass
     gone.set()
     relay.cancel()
+
+
+def _affinity(sticky: str, key: str, headers: dict[bytes, bytes]) -> str | None:
+    """What keeps a caller on one side of a rollout: its key, a header, or nothing."""
+    if sticky == "key":
+        return key
+    if sticky.startswith("header:"):
+        value = headers.get(sticky[7:].lower().encode())
+        return value.decode("latin-1") if value else None
+    return None
 
 
 def _check_chat(body: dict[str, Any]) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from metergate.api.app import GatewayApp
-from metergate.config import load_config
+from metergate.config import read_config
 
 
 def create_app() -> GatewayApp:
     """Build the app from METERGATE_CONFIG (the embedded default when unset)."""
-    return GatewayApp(load_config(os.environ.get("METERGATE_CONFIG") or None))
+    loaded = read_config(os.environ.get("METERGATE_CONFIG") or None)
+    return GatewayApp(loaded.config, loaded.text, loaded.source)

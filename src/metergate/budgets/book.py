@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 from metergate.api.errors import GatewayError
-from metergate.budgets.notify import WebhookNotifier
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.metrics import Metrics
 from metergate.storage.database import Database
+from metergate.webhooks import WebhookNotifier
 
 log = logging.getLogger("metergate.budgets")
 
@@ -49,19 +49,31 @@ _NONE = Reservation((), 0)
 
 
 class BudgetBook:
-    def __init__(self, budgets: dict[str, BudgetConfig], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        budgets: dict[str, BudgetConfig],
+        metrics: Metrics,
+        carry: BudgetBook | None = None,
+    ) -> None:
+        """`carry`: the book of the config being replaced; unchanged budgets keep their
+        spend and reservations (requests in flight settle on the same objects)."""
         self.metrics = metrics
-        self.budgets = [
-            Budget(name, cfg, int(cfg.limit_usd * 1_000_000_000)) for name, cfg in budgets.items()
-        ]
-        self.notifier = WebhookNotifier()
-        self._applicable: dict[tuple[str, str], tuple[Budget, ...]] = {}
+        previous = {b.name: b for b in carry.budgets} if carry else {}
+        self.budgets = []
+        self._carried: set[str] = set()
         now = time.time()
-        for budget in self.budgets:
-            budget.start, budget.end = period_bounds(
-                now, budget.config.period, budget.config.timezone
-            )
-            metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
+        for name, cfg in budgets.items():
+            kept = previous.get(name)
+            if kept is not None and kept.config == cfg:
+                self.budgets.append(kept)
+                self._carried.add(name)
+                continue
+            budget = Budget(name, cfg, int(cfg.limit_usd * 1_000_000_000))
+            budget.start, budget.end = period_bounds(now, cfg.period, cfg.timezone)
+            metrics.budget_limit.labels(name).set(budget.limit_nano / 1e9)
+            self.budgets.append(budget)
+        self.notifier = carry.notifier if carry else WebhookNotifier()
+        self._applicable: dict[tuple[str, str], tuple[Budget, ...]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.budgets)
@@ -69,9 +81,11 @@ class BudgetBook:
     def hard_limits(self) -> bool:
         return any(budget.config.hard for budget in self.budgets)
 
-    async def load(self, database: Database) -> None:
+    async def load(self, database: Database, only_new: bool = False) -> None:
         """Rebuild each budget's spend in its current period from the ledger."""
         for budget in self.budgets:
+            if only_new and budget.name in self._carried:
+                continue
             sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
             params: list[object] = [budget.start, budget.end]
             if budget.config.scope != "global":

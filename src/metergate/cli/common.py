@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from metergate.config import ConfigError, GatewayConfig, load_config
+from metergate.config import ConfigError, GatewayConfig, LoadedConfig, read_config
 from metergate.storage.database import Database, open_database
 
 T = TypeVar("T")
@@ -29,8 +29,13 @@ ConfigOption = Annotated[
 
 
 def load_or_exit(path: Path | None) -> GatewayConfig:
+    return read_or_exit(path).config
+
+
+def read_or_exit(path: Path | None) -> LoadedConfig:
+    """The validated config with its text, or the list of problems and exit status 2."""
     try:
-        return load_config(path)
+        return read_config(path)
     except ConfigError as error:
         errors.print(f"[red]config has {len(error.problems)} problem(s):[/red]")
         for problem in error.problems:

@@ -14,7 +14,7 @@ import typer
 import uvicorn
 
 from metergate.auth.keys import hash_key
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit
+from metergate.cli.common import ConfigOption, console, errors, read_or_exit
 from metergate.config import GatewayConfig
 from metergate.storage import keys as store
 from metergate.storage.database import open_database
@@ -27,7 +27,8 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
 ) -> None:
     """Start the gateway. Without --config it serves simulated demo models on SQLite."""
-    loaded = load_or_exit(config)
+    source = read_or_exit(config)
+    loaded = source.config
     if workers > 1 and any(budget.hard for budget in loaded.budgets.values()):
         errors.print(
             "hard budgets are enforced exactly within one process; with --workers > 1 each "
@@ -55,7 +56,7 @@ def serve(
     if workers == 1:
         from metergate.api.app import GatewayApp
 
-        uvicorn.run(GatewayApp(loaded), **options)  # type: ignore[arg-type]
+        uvicorn.run(GatewayApp(loaded, source.text, source.source), **options)  # type: ignore[arg-type]
         return
     if config is not None:
         os.environ["METERGATE_CONFIG"] = str(Path(config).resolve())

@@ -4,8 +4,10 @@ from metergate.config.loader import (
     DEFAULT_CONFIG,
     ConfigError,
     ConfigProblem,
+    LoadedConfig,
     load_config,
     parse_config,
+    read_config,
 )
 from metergate.config.model import GatewayConfig
 
@@ -14,6 +16,8 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "GatewayConfig",
+    "LoadedConfig",
     "load_config",
     "parse_config",
+    "read_config",
 ]

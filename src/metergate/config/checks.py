@@ -80,5 +80,34 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 message,
                 "fallbacks name other models declared under models:",
             )
+    for name, rollout in config.rollouts.items():
+        if rollout.model not in config.models:
+            yield (
+                ("rollouts", name, "model"),
+                f"unknown model {rollout.model!r}",
+                f"declared models: {', '.join(sorted(config.models))}",
+            )
+        for side in ("baseline", "candidate"):
+            for index, upstream in enumerate(getattr(rollout, side)):
+                if upstream not in config.upstreams:
+                    yield (
+                        ("rollouts", name, side, index),
+                        f"unknown upstream {upstream!r}",
+                        f"declared upstreams: {', '.join(upstreams) or 'none'}",
+                    )
+        if rollout.source == "prometheus" and not rollout.prometheus_url:
+            yield (
+                ("rollouts", name, "prometheus_url"),
+                "source prometheus needs a URL",
+                "e.g. http://127.0.0.1:9090",
+            )
+    models_in_rollouts = [r.model for r in config.rollouts.values()]
+    for name, rollout in config.rollouts.items():
+        if models_in_rollouts.count(rollout.model) > 1:
+            yield (
+                ("rollouts", name, "model"),
+                "two rollouts move the same model",
+                "run one rollout per model at a time",
+            )
     if not config.models:
         yield (("models",), "no models are declared", "declare at least one model")

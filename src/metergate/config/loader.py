@@ -52,9 +52,22 @@ def format_path(path: KeyPath) -> str:
     return out
 
 
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config with the text it came from, which config history stores."""
+
+    config: GatewayConfig
+    text: str
+    source: str
+
+
 def load_config(path: str | Path | None = None) -> GatewayConfig:
     """Read and validate a config file (the embedded default when `path` is None)."""
-    source = Path(path) if path else DEFAULT_CONFIG
+    return read_config(path).config
+
+
+def read_config(path: str | Path | None = None) -> LoadedConfig:
+    source = Path(path).resolve() if path else DEFAULT_CONFIG
     name = str(source)
     try:
         text = source.read_text(encoding="utf-8")
@@ -62,7 +75,7 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
         raise ConfigError(
             [ConfigProblem(name, (), f"cannot read file: {exc.strerror}", "check the path")]
         ) from exc
-    return parse_config(text, name)
+    return LoadedConfig(parse_config(text, name), text, name)
 
 
 def parse_config(text: str, name: str = "<config>") -> GatewayConfig:

@@ -7,6 +7,7 @@ reported with its own location instead of one opaque validator error.
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 from typing import Literal
 
@@ -196,6 +197,47 @@ class CacheConfig(Strict):
     shared_across_keys: bool = False
 
 
+class RolloutGates(Strict):
+    """A stage passes when the candidate stays within every gate (the write-up's
+    rollback triggers are the defaults: error rate over 10%, p99 over 30 s, 5xx)."""
+
+    max_error_rate: float = Field(default=0.10, ge=0, le=1)
+    max_p99_seconds: float = Field(default=30, gt=0)
+    max_5xx: int = Field(default=10, ge=0, description="5xx answers per judged interval")
+
+
+class RolloutConfig(Strict):
+    """Move a model's traffic from baseline upstreams to candidate upstreams in stages."""
+
+    model: str
+    baseline: list[str] = Field(min_length=1)
+    candidate: list[str] = Field(min_length=1)
+    stages: list[float] = Field(default_factory=lambda: [1, 10, 50, 100])
+    interval_seconds: float = Field(default=300, gt=0, description="judge every interval")
+    failure_threshold: int = Field(default=2, ge=1, description="failed judgments to roll back")
+    min_requests: int = Field(default=50, ge=1, description="candidate attempts per judgment")
+    gates: RolloutGates = Field(default_factory=RolloutGates)
+    sticky: str = Field(default="none", pattern=r"^(none|key|header:[A-Za-z0-9-]+)$")
+    source: Literal["local", "prometheus"] = "local"
+    prometheus_url: str | None = None
+    webhook_url: str | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not value or any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("stages must be increasing percentages")
+        if value[0] <= 0 or value[-1] != 100:
+            raise ValueError("stages must be above 0 and end at 100")
+        return value
+
+
+class AdminConfig(Strict):
+    """The admin API (config reload, and the console later). Off without a key."""
+
+    api_key: SecretStr | None = None
+
+
 class GatewayConfig(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
@@ -205,3 +247,5 @@ class GatewayConfig(Strict):
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     retry_budget: RetryBudgetConfig = Field(default_factory=RetryBudgetConfig)
+    rollouts: dict[str, RolloutConfig] = Field(default_factory=dict)
+    admin: AdminConfig = Field(default_factory=AdminConfig)

@@ -18,6 +18,8 @@ class RequestLog:
     """Everything known about one request by the time it ends."""
 
     __slots__ = (
+        "affinity",
+        "attempt_seconds",
         "attempts",
         "cache_hit",
         "cost_nano",
@@ -51,6 +53,8 @@ class RequestLog:
         self.upstream_seconds = 0.0
         self.cache_hit = False
         self.stream = False
+        self.affinity: str | None = None  # sticky rollout side: key name or header value
+        self.attempt_seconds = 0.0  # the last attempt, up to its answer or first chunk
 
 
 class Meter:

@@ -214,7 +214,10 @@ async def relay(
             if waiting_for_first:
                 waiting_for_first = False
                 if response.connection is not None:
-                    response.connection.protocol.read_timeout = timeouts.stream_idle
+                    protocol = response.connection.protocol
+                    protocol.read_timeout = timeouts.stream_idle
+                    # Re-arm now: the running timer was started with first_byte.
+                    protocol.start_timeout()
             out = b"".join(translator.feed(event) for event in decoder.feed(chunk))
             if out:
                 yield out

@@ -3,7 +3,8 @@
 For one request: try the model's deployments (least loaded first, skipping open
 circuits), retry retryable failures with backoff while the retry budget allows, then
 move down the model's fallback chain. A caller's own mistake (a 4xx the provider
-blames on the request) is never retried nor sent elsewhere. Streams are retried only
+blames on the request) is never retried nor sent elsewhere, and neither is a failure
+after part of the answer arrived (the upstream did the work). Streams are retried only
 until their first chunk: once a byte has reached the caller, a failure is final.
 Every attempt is counted by outcome, timed, and reported to its circuit breaker.
 """
@@ -72,8 +73,8 @@ class Dispatcher:
         deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
         return deployment, chunks, first
 
-    def stream_finished(self, deployment: Deployment, outcome: str) -> None:
-        self._account(deployment, outcome)
+    def stream_finished(self, deployment: Deployment, outcome: str, log: RequestLog) -> None:
+        self._account(deployment, outcome, log.attempt_seconds)
 
     async def _run(
         self, route: Route, log: RequestLog, attempt: Attempt[T], keep_open: bool
@@ -85,7 +86,7 @@ class Dispatcher:
             policy = current.config.retry
             tried: set[str] = set()
             retries = 0
-            while (deployment := current.pick(tried)) is not None:
+            while (deployment := current.pick(tried, log.affinity)) is not None:
                 if origin is None:
                     origin = deployment.name
                 elif position and not tried:
@@ -95,23 +96,25 @@ class Dispatcher:
                     return deployment, await self._attempt(deployment, attempt, log, keep_open)
                 except UpstreamFailure as error:
                     failure = error
-                if failure.status in _CALLER_FAULT_STATUSES or failure.outcome == "invalid_request":
-                    raise failure
                 if (
-                    failure.outcome not in policy.on
-                    or failure.partial
-                    or retries >= policy.max_retries
-                    or not self.retry_budget.try_spend()
+                    failure.status in _CALLER_FAULT_STATUSES
+                    or failure.outcome == "invalid_request"
+                    or failure.partial  # the upstream did the work: not redone, not even elsewhere
                 ):
+                    raise failure
+                if failure.outcome not in policy.on or retries >= policy.max_retries:
+                    break
+                wait = 0.0
+                if not _untried_available(current, tried):
+                    wait = backoff_seconds(policy, retries, failure.retry_after)
+                # Budget is spent only on a retry that will be made (not on a too-long Retry-After).
+                if wait is None or not self.retry_budget.try_spend():
                     break
                 retries += 1
-                if not _untried_available(current, tried):
-                    wait = backoff_seconds(policy, retries - 1, failure.retry_after)
-                    if wait is None:
-                        break
+                if wait:
                     await asyncio.sleep(wait)
             if origin is None:
-                origin = current.deployments[0].name
+                origin = current.serving()[0].name
         raise failure or _no_upstream(route)
 
     async def _attempt(
@@ -133,27 +136,28 @@ class Dispatcher:
             outcome = "cancelled"
             raise
         finally:
-            log.upstream_seconds += time.perf_counter() - started
+            log.attempt_seconds = time.perf_counter() - started
+            log.upstream_seconds += log.attempt_seconds
             if not (keep_open and outcome == "success"):
-                self._account(deployment, outcome)
+                self._account(deployment, outcome, log.attempt_seconds)
 
-    def _account(self, deployment: Deployment, outcome: str) -> None:
+    def _account(self, deployment: Deployment, outcome: str, seconds: float) -> None:
         deployment.in_flight -= 1
         deployment.breaker.record(outcome)
         self.metrics.count_attempt(deployment.name, outcome)
+        for rollout in deployment.observers:
+            rollout.observe(deployment.name, outcome, seconds)
 
 
 def _untried_available(route: Route, tried: set[str]) -> bool:
-    return any(
-        d.name not in tried and d.weight and d.breaker.available() for d in route.deployments
-    )
+    return any(d.name not in tried and d.weight and d.breaker.available() for d in route.serving())
 
 
 def _no_upstream(route: Route) -> UpstreamFailure:
     """Every deployment of the model and its fallbacks has its circuit open."""
     chain = [route, *route.fallbacks]
-    wait = min(d.breaker.retry_in() for r in chain for d in r.deployments)
-    names = ", ".join(d.name for r in chain for d in r.deployments)
+    wait = min(d.breaker.retry_in() for r in chain for d in r.serving())
+    names = ", ".join(d.name for r in chain for d in r.serving())
     return UpstreamFailure(
         "upstream_error",
         f"no upstream can serve model {route.name!r} now: circuits open for {names}; "

@@ -39,7 +39,7 @@ class RetryBudget:
         refill = (now - self._last) * self.config.min_per_second
         self._last = now
         self.tokens = min(self.capacity, self.tokens + refill)
-        if self.tokens < 1:
+        if self.tokens < 1 - 1e-9:  # ten additions of 0.1 sum to 0.9999999999999999
             return False
         self.tokens -= 1
         return True

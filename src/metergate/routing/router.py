@@ -1,9 +1,11 @@
 """Resolve a model name (and the caller's key) to the deployments that may serve it.
 
 Load balancing picks, among a model's deployments whose circuit lets traffic through,
-the one with the fewest requests in flight per unit of weight. In-flight count reacts
-at once when an upstream slows down (requests pile up on it) and needs no tuning; a
-latency average lags, and for LLMs mostly measures how long the answers were.
+the one with the fewest requests in flight per unit of weight; ties (light traffic,
+where nothing is in flight) go by smooth weighted round robin, so weights also split
+sequential traffic. In-flight count reacts at once when an upstream slows down
+(requests pile up on it) and needs no tuning; a latency average lags, and for LLMs
+mostly measures how long the answers were.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from metergate.auth.keys import KeyRecord
 from metergate.config.model import GatewayConfig, ModelConfig, Timeouts
 from metergate.metering.pricing import UnitPrices, price_for
 from metergate.providers.base import Adapter
+from metergate.rollout.controller import RolloutController
+from metergate.rollout.state import Rollout
 from metergate.routing.circuit import CircuitBreaker
 
 
@@ -32,6 +36,8 @@ class Deployment:
     timeouts: Timeouts
     breaker: CircuitBreaker
     in_flight: int = 0
+    observers: list[Rollout] = field(default_factory=list)  # rollouts judging this upstream
+    credit: int = 0  # smooth weighted round robin among equally loaded deployments
 
 
 @dataclass(slots=True, eq=False)
@@ -41,30 +47,64 @@ class Route:
     deployments: list[Deployment]
     fallbacks: list[Route] = field(default_factory=list)
     worst_prices: UnitPrices = field(default_factory=UnitPrices)
-    _turn: int = 0
+    rollout: Rollout | None = None
+    baseline: list[Deployment] = field(default_factory=list)
+    candidate: list[Deployment] = field(default_factory=list)
 
     @property
     def description(self) -> str:
         return self.config.description
 
-    def pick(self, tried: set[str]) -> Deployment | None:
+    def pick(self, tried: set[str], affinity: str | None = None) -> Deployment | None:
         """The least loaded available deployment, preferring ones not yet tried.
 
+        Under an active rollout the request's side (candidate or baseline) comes first
+        and the other side serves only retries, and only while both sides carry traffic.
         Returns None when every deployment's circuit is open (or weight is 0).
         """
-        candidates = [d for d in self.deployments if d.weight and d.breaker.available()]
-        fresh = [d for d in candidates if d.name not in tried]
-        pool = fresh or candidates
-        if not pool:
-            return None
-        self._turn += 1
-        count = len(pool)
-        best = min(
-            range(count),
-            key=lambda i: ((pool[i].in_flight + 1) / pool[i].weight, (i - self._turn) % count),
-        )
-        chosen = pool[best]
-        return chosen if chosen.breaker.allow() else None
+        groups = self._groups(affinity)
+        for fresh_only in (True, False):
+            for group in groups:
+                pool = [
+                    d
+                    for d in group
+                    if d.weight and d.breaker.available() and not (fresh_only and d.name in tried)
+                ]
+                if pool:
+                    chosen = _least_loaded(pool)
+                    return chosen if chosen.breaker.allow() else None
+        return None
+
+    def serving(self) -> list[Deployment]:
+        """The deployments that may take this model's traffic now."""
+        rollout = self.rollout
+        if rollout is None or not rollout.active:
+            return self.deployments
+        weight = rollout.weight
+        if weight <= 0:
+            return self.baseline
+        if weight >= 1:
+            return self.candidate
+        return [*self.candidate, *self.baseline]
+
+    def _groups(self, affinity: str | None) -> tuple[list[Deployment], ...]:
+        rollout = self.rollout
+        if rollout is None or not rollout.active or not 0 < rollout.weight < 1:
+            return (self.serving(),)
+        if rollout.to_candidate(affinity):
+            return (self.candidate, self.baseline)
+        return (self.baseline, self.candidate)
+
+
+def _least_loaded(pool: list[Deployment]) -> Deployment:
+    """Fewest in flight per unit of weight; ties by smooth weighted round robin."""
+    least = min(d.in_flight / d.weight for d in pool)
+    tied = [d for d in pool if d.in_flight / d.weight == least]
+    for d in tied:
+        d.credit += d.weight
+    chosen = max(tied, key=lambda d: d.credit)
+    chosen.credit -= sum(d.weight for d in tied)
+    return chosen
 
 
 class Router:
@@ -73,10 +113,22 @@ class Router:
         config: GatewayConfig,
         adapters: dict[str, Adapter],
         on_circuit_change: Callable[[str, int], None],
+        rollouts: RolloutController | None = None,
+        carry: Router | None = None,
     ) -> None:
+        """`carry`: the router of the config being replaced; an upstream whose config did
+        not change keeps its circuit breaker (and so its health history)."""
+        self.config = config
         self.deployments: dict[str, Deployment] = {}
         for name, upstream in config.upstreams.items():
             provider = config.providers[upstream.provider]
+            kept = carry.deployments.get(name) if carry else None
+            same = (
+                carry is not None
+                and kept is not None
+                and carry.config.upstreams.get(name) == upstream
+                and carry.config.providers.get(upstream.provider) == provider
+            )
             price = price_for(upstream.model, upstream.price, provider.price_list)
             self.deployments[name] = Deployment(
                 name=name,
@@ -86,16 +138,32 @@ class Router:
                 priced=price is not None,
                 weight=upstream.weight,
                 timeouts=upstream.timeouts or provider.timeouts,
-                breaker=CircuitBreaker(name, upstream.circuit, on_circuit_change),
+                breaker=(
+                    kept.breaker
+                    if same and kept is not None
+                    else CircuitBreaker(name, upstream.circuit, on_circuit_change)
+                ),
             )
         self.routes = {
             name: Route(name, model, [self.deployments[u] for u in model.upstreams])
             for name, model in config.models.items()
         }
         for route in self.routes.values():
+            rollout = rollouts.for_model(route.name) if rollouts else None
+            if rollout is not None:
+                route.rollout = rollout
+                route.baseline = [self.deployments[u] for u in rollout.config.baseline]
+                route.candidate = [self.deployments[u] for u in rollout.config.candidate]
+                for deployment in {*route.baseline, *route.candidate}:
+                    deployment.observers.append(rollout)
+        for route in self.routes.values():
             route.fallbacks = [self.routes[name] for name in route.config.fallbacks]
             # Budgets reserve at the dearest price any deployment that may serve could charge.
-            serving = [d for r in (route, *route.fallbacks) for d in r.deployments]
+            serving = [
+                d
+                for r in (route, *route.fallbacks)
+                for d in (*r.deployments, *r.baseline, *r.candidate)
+            ]
             route.worst_prices = UnitPrices(
                 max(d.prices.input for d in serving),
                 max(d.prices.cached_input for d in serving),

@@ -63,6 +63,43 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(2, "per-key max_tokens cap", ("ALTER TABLE keys ADD COLUMN max_tokens_cap INTEGER",)),
+    Migration(
+        3,
+        "config history, rollouts, leases",
+        (
+            """CREATE TABLE config_versions (
+                id {pk},
+                hash TEXT NOT NULL,
+                source TEXT NOT NULL,
+                body TEXT NOT NULL,
+                applied_at DOUBLE PRECISION NOT NULL,
+                note TEXT NOT NULL
+            )""",
+            """CREATE TABLE rollouts (
+                name TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                stage INTEGER NOT NULL,
+                stage_started_at DOUBLE PRECISION NOT NULL,
+                failures INTEGER NOT NULL,
+                last_judgment TEXT NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            """CREATE TABLE rollout_events (
+                id {pk},
+                ts DOUBLE PRECISION NOT NULL,
+                rollout TEXT NOT NULL,
+                event TEXT NOT NULL,
+                stage INTEGER NOT NULL,
+                detail TEXT NOT NULL
+            )""",
+            "CREATE INDEX rollout_events_rollout ON rollout_events (rollout, ts)",
+            """CREATE TABLE leases (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
 )
 
 

@@ -1,4 +1,4 @@
-"""Budget threshold notices to an optional webhook, sent off the request path.
+"""Notices (budget thresholds, rollout transitions) to webhooks, sent off the request path.
 
 The payload is Slack's incoming-webhook shape (`text`), which most chat tools accept;
 the structured fields ride along for receivers that want them.
@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
-log = logging.getLogger("metergate.budgets")
+log = logging.getLogger("metergate.webhooks")
 
 
 class WebhookNotifier:
@@ -27,17 +28,22 @@ class WebhookNotifier:
         task.add_done_callback(self._tasks.discard)
 
     async def _post(self, url: str, payload: dict[str, Any]) -> None:
+        """POST once; a failure is logged (without the URL's path, which may hold a token)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
             async with self._session.post(url, json=payload) as response:
                 if response.status >= 300:
-                    log.warning("budget webhook answered %s", response.status)
+                    log.warning("webhook %s answered %s", _host(url), response.status)
         except Exception as exc:
-            log.warning("budget webhook failed: %s", exc)
+            log.warning("webhook %s failed: %s", _host(url), exc)
 
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._session is not None:
             await self._session.close()
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc

@@ -1,0 +1,183 @@
+"""The rollout controller: a background loop in every gateway process.
+
+Every process follows the rollout state in the database (so a CLI command or another
+replica's decision takes effect everywhere within a tick). One process at a time holds
+a lease and judges: at each interval it promotes when every gate holds, holds when
+data is short, and rolls back when a gate has failed `failure_threshold` times. The
+lease holder also announces each transition once: log line, counter, webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from metergate.config.model import RolloutConfig
+from metergate.metering.metrics import Metrics
+from metergate.rollout import store, transitions
+from metergate.rollout.gates import (
+    FAIL,
+    INSUFFICIENT,
+    PASS,
+    judge,
+    local_observations,
+    prometheus_observations,
+)
+from metergate.rollout.state import RUNNING, Rollout
+from metergate.storage.database import Database
+from metergate.webhooks import WebhookNotifier
+
+log = logging.getLogger("metergate.rollout")
+
+
+class RolloutController:
+    def __init__(
+        self,
+        configs: dict[str, RolloutConfig],
+        metrics: Metrics,
+        carry: RolloutController | None = None,
+    ) -> None:
+        """`carry`: the controller of the config being replaced; a rollout whose config
+        did not change keeps its live numbers, and announcements continue where they were."""
+        previous = carry.rollouts if carry else {}
+        self.rollouts = {
+            name: previous[name]
+            if name in previous and previous[name].config == cfg
+            else Rollout(name, cfg)
+            for name, cfg in configs.items()
+        }
+        self.metrics = metrics
+        self.notifier = carry.notifier if carry else WebhookNotifier()
+        self.holder = carry.holder if carry else store.holder_id()
+        self.leader = False
+        shortest = min((c.interval_seconds for c in configs.values()), default=4.0)
+        self.tick_seconds = max(0.05, min(1.0, shortest / 4))
+        self._database: Database | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_event_id: int | None = carry._last_event_id if carry else None
+        self._http: aiohttp.ClientSession | None = None
+        self._owns_notifier = True  # the newest controller closes the shared notifier
+        if carry is not None:
+            carry._owns_notifier = False
+
+    def for_model(self, model: str) -> Rollout | None:
+        return next((r for r in self.rollouts.values() if r.config.model == model), None)
+
+    async def start(self, database: Database) -> None:
+        self._database = database
+        for rollout in self.rollouts.values():
+            await store.load(database, rollout)
+        self._export_weights()
+        if self.rollouts:
+            self._task = asyncio.create_task(self._run(), name="rollout-controller")
+
+    async def close(self) -> None:
+        """Stop the loop; the webhook notifier is closed by whichever controller is the
+        newest (a replaced controller hands it on)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._owns_notifier:
+            await self.notifier.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("rollout controller tick failed; retrying")
+            await asyncio.sleep(self.tick_seconds)
+
+    async def tick(self) -> None:
+        database = self._database
+        assert database is not None
+        self.leader = await store.take_lease(database, self.holder, self.tick_seconds * 3 + 1)
+        for rollout in self.rollouts.values():
+            await store.load(database, rollout)
+            if (
+                self.leader
+                and rollout.state == RUNNING
+                and time.time() >= (rollout.next_decision_at())
+            ):
+                await self._decide(database, rollout)
+        if self.leader:
+            await self._announce(database)
+        self._export_weights()
+
+    async def _decide(self, database: Database, rollout: Rollout) -> None:
+        if rollout.config.source == "prometheus":
+            if self._http is None:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            window = time.time() - max(
+                rollout.stage_started_at, float(rollout.last_judgment.get("at", 0) or 0)
+            )
+            candidate, baseline = await prometheus_observations(rollout, self._http, window)
+        else:
+            candidate, baseline = local_observations(rollout)
+        judgment = judge(rollout.config, candidate, baseline)
+        rollout.last_judgment = judgment
+        verdict = judgment["verdict"]
+        if verdict == PASS:
+            await transitions.promote(database, rollout, by="controller", judgment=judgment)
+        elif verdict == FAIL:
+            rollout.failures += 1
+            rollout.reset_window()
+            if rollout.failures >= rollout.config.failure_threshold:
+                await transitions.rollback(database, rollout, by="controller", judgment=judgment)
+            else:
+                await store.save(database, rollout)
+                await store.record_event(database, rollout, "gate_failed", judgment)
+        else:
+            assert verdict == INSUFFICIENT
+            await store.save(database, rollout)  # hold: keep collecting this stage's numbers
+            self.metrics.rollout_transitions.labels(rollout.name, "held").inc()
+
+    async def _announce(self, database: Database) -> None:
+        """Log, count and post every event recorded since the last tick, exactly once."""
+        if self._last_event_id is None:
+            rows = await database.fetch("SELECT COALESCE(MAX(id), 0) FROM rollout_events")
+            self._last_event_id = int(rows[0][0])
+            return
+        rows = await database.fetch(
+            "SELECT id, rollout, event, stage, detail FROM rollout_events WHERE id > ? ORDER BY id",
+            (self._last_event_id,),
+        )
+        for event_id, name, event, stage, detail in rows:
+            self._last_event_id = int(event_id)
+            rollout = self.rollouts.get(name)
+            if rollout is None:
+                continue
+            percent = rollout.config.stages[min(stage, len(rollout.config.stages) - 1)]
+            text = (
+                f"metergate rollout {name!r} ({rollout.config.model}): {event} "
+                f"at stage {stage + 1}/{len(rollout.config.stages)} ({percent:g}%)"
+            )
+            fields: dict[str, Any] = {
+                "rollout": name,
+                "event": event,
+                "stage": stage,
+                "detail": orjson.loads(detail),
+            }
+            (log.warning if event in ("rolled_back", "gate_failed") else log.info)(text)
+            self.metrics.rollout_transitions.labels(name, event).inc()
+            if rollout.config.webhook_url:
+                self.notifier.send(rollout.config.webhook_url, text, fields)
+
+    def _export_weights(self) -> None:
+        for rollout in self.rollouts.values():
+            weight = rollout.weight if rollout.active else 0.0
+            for side, share in (
+                (rollout.config.candidate, weight),
+                (rollout.config.baseline, 1 - weight),
+            ):
+                for target in side:
+                    self.metrics.rollout_weight.labels(rollout.name, target).set(share / len(side))

@@ -1,0 +1,71 @@
+"""One rollout as the hot path sees it: its stage, its weight and which side serves."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+from metergate.config.model import RolloutConfig
+from metergate.rollout.stats import WindowStats
+
+PENDING, RUNNING, PAUSED, COMPLETED, ROLLED_BACK = (
+    "pending",
+    "running",
+    "paused",
+    "completed",
+    "rolled_back",
+)
+
+
+@dataclass(slots=True, eq=False)
+class Rollout:
+    name: str
+    config: RolloutConfig
+    state: str = PENDING
+    stage: int = 0
+    stage_started_at: float = field(default_factory=time.time)
+    failures: int = 0
+    candidate_stats: WindowStats = field(default_factory=WindowStats)
+    baseline_stats: WindowStats = field(default_factory=WindowStats)
+    last_judgment: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        """Does this rollout decide where the model's traffic goes?"""
+        return self.state != PENDING
+
+    @property
+    def weight(self) -> float:
+        """The candidate's share of traffic, 0..1."""
+        if self.state in (RUNNING, PAUSED):
+            return self.config.stages[self.stage] / 100
+        return 1.0 if self.state == COMPLETED else 0.0
+
+    def to_candidate(self, affinity: str | None) -> bool:
+        """Route this request to the candidate? Sticky callers hash to a stable side."""
+        weight = self.weight
+        if weight <= 0 or weight >= 1:
+            return weight >= 1
+        if affinity is None:
+            return random.random() < weight
+        digest = hashlib.blake2b(f"{self.name}\0{affinity}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < weight
+
+    def observe(self, upstream: str, outcome: str, seconds: float) -> None:
+        if self.state != RUNNING:
+            return
+        if upstream in self.config.candidate:
+            self.candidate_stats.observe(outcome, seconds)
+        elif upstream in self.config.baseline:
+            self.baseline_stats.observe(outcome, seconds)
+
+    def reset_window(self) -> None:
+        self.candidate_stats = WindowStats()
+        self.baseline_stats = WindowStats()
+
+    def next_decision_at(self) -> float:
+        judged = self.last_judgment.get("at")
+        start = max(self.stage_started_at, float(judged) if isinstance(judged, int | float) else 0)
+        return start + self.config.interval_seconds
