@@ -1,10 +1,10 @@
-"""The `metergate` command line: serve, check, keys (and more as capabilities land)."""
+"""The `metergate` command line: serve, check, keys, usage, rollout, config."""
 
 from __future__ import annotations
 
 import typer
 
-from metergate.cli import check, keys, serve, usage
+from metergate.cli import check, configs, keys, rollouts, serve, usage
 
 app = typer.Typer(
     name="metergate",
@@ -17,6 +17,8 @@ app.command("serve")(serve.serve)
 app.command("check")(check.check)
 app.add_typer(keys.app, name="keys")
 app.command("usage")(usage.usage)
+app.add_typer(rollouts.app, name="rollout")
+app.add_typer(configs.app, name="config")
 
 
 def main() -> None:

@@ -70,6 +70,9 @@ class RolloutController:
 
     async def start(self, database: Database) -> None:
         self._database = database
+        if self._last_event_id is None:  # announce what happens from now on, not history
+            rows = await database.fetch("SELECT COALESCE(MAX(id), 0) FROM rollout_events")
+            self._last_event_id = int(rows[0][0])
         for rollout in self.rollouts.values():
             await store.load(database, rollout)
         self._export_weights()
@@ -143,10 +146,6 @@ class RolloutController:
 
     async def _announce(self, database: Database) -> None:
         """Log, count and post every event recorded since the last tick, exactly once."""
-        if self._last_event_id is None:
-            rows = await database.fetch("SELECT COALESCE(MAX(id), 0) FROM rollout_events")
-            self._last_event_id = int(rows[0][0])
-            return
         rows = await database.fetch(
             "SELECT id, rollout, event, stage, detail FROM rollout_events WHERE id > ? ORDER BY id",
             (self._last_event_id,),

@@ -6,6 +6,7 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from metergate.config.model import RolloutConfig
 from metergate.rollout.stats import WindowStats
@@ -29,7 +30,7 @@ class Rollout:
     failures: int = 0
     candidate_stats: WindowStats = field(default_factory=WindowStats)
     baseline_stats: WindowStats = field(default_factory=WindowStats)
-    last_judgment: dict[str, object] = field(default_factory=dict)
+    last_judgment: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -66,6 +67,5 @@ class Rollout:
         self.baseline_stats = WindowStats()
 
     def next_decision_at(self) -> float:
-        judged = self.last_judgment.get("at")
-        start = max(self.stage_started_at, float(judged) if isinstance(judged, int | float) else 0)
+        start = max(self.stage_started_at, float(self.last_judgment.get("at") or 0))
         return start + self.config.interval_seconds

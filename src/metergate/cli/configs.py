@@ -1,0 +1,110 @@
+"""`metergate config history|rollback|reload`: the config's versions, and going back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.table import Table
+
+from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.config import ConfigError, parse_config
+from metergate.config.loader import DEFAULT_CONFIG
+from metergate.storage import config_versions
+
+app = typer.Typer(help="Config versions: history, rollback, reload.", no_args_is_help=True)
+
+
+@app.command("history")
+def history(
+    limit: Annotated[int, typer.Option(min=1, help="how many versions")] = 20,
+    config: ConfigOption = None,
+) -> None:
+    """List applied configs, newest first (the newest is what gateways run)."""
+    loaded = load_or_exit(config)
+    versions = with_database(loaded, lambda db: config_versions.history(db, limit))
+    table = Table("version", "applied", "hash", "note", "source")
+    for index, version in enumerate(versions):
+        label = f"v{version.id}" + (" (current)" if index == 0 else "")
+        table.add_row(label, _when(version.applied_at), version.hash, version.note, version.source)
+    console.print(table)
+
+
+@app.command("rollback")
+def rollback(
+    version: Annotated[int | None, typer.Argument(help="version id; default: the previous")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Return to an earlier config: running gateways apply it within seconds, and the
+    config file is rewritten so a restart keeps it."""
+    loaded = load_or_exit(config)
+
+    async def go(db):  # type: ignore[no-untyped-def]
+        versions = await config_versions.history(db, 1000)
+        if len(versions) < 2 and version is None:
+            return None, "there is no earlier version to return to"
+        target = (
+            next((v for v in versions if v.id == version), None)
+            if version is not None
+            else next((v for v in versions[1:] if v.hash != versions[0].hash), None)
+        )
+        if target is None:
+            return None, f"no version v{version}; see `metergate config history`"
+        try:
+            parse_config(target.body, target.source)
+        except ConfigError as error:
+            return None, f"v{target.id} is not valid here any more:\n{error}"
+        recorded = await config_versions.record(
+            db, target.body, target.source, f"rollback to v{target.id}"
+        )
+        return target, recorded
+
+    target, result = with_database(loaded, go)
+    if target is None:
+        errors.print(result)
+        raise typer.Exit(1)
+    path = Path(target.source)
+    if path.is_file() and path.resolve() != DEFAULT_CONFIG.resolve():
+        path.write_text(target.body, encoding="utf-8")
+        console.print(f"wrote v{target.id} back to {path}")
+    console.print(
+        f"config rolled back to v{target.id} (recorded as v{result.id}); "
+        "running gateways apply it within a few seconds"
+    )
+
+
+@app.command("reload")
+def reload(
+    gateway: Annotated[str, typer.Option(help="gateway base URL")] = "http://127.0.0.1:4000",
+) -> None:
+    """Ask a running gateway to re-read its config file (admin key from
+    METERGATE_ADMIN_KEY). An invalid file is refused and the gateway keeps serving."""
+    key = os.environ.get("METERGATE_ADMIN_KEY")
+    if not key:
+        errors.print("set METERGATE_ADMIN_KEY to the gateway's admin.api_key")
+        raise typer.Exit(2)
+    try:
+        answer = httpx.post(
+            f"{gateway.rstrip('/')}/admin/reload",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    except httpx.HTTPError as exc:
+        errors.print(f"cannot reach {gateway}: {exc}")
+        raise typer.Exit(1) from None
+    body = answer.json()
+    if answer.status_code != 200:
+        errors.print(body.get("error", {}).get("message", answer.text))
+        for problem in body.get("error", {}).get("problems", []):
+            errors.print("  " + problem, markup=False, highlight=False)
+        raise typer.Exit(1)
+    state = "applied" if body["applied"] else "unchanged"
+    console.print(f"config {state}: version {body['version']}")
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,0 +1,155 @@
+"""Live config reload, config history and rollback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.harness import simulated_config, write_config
+from tests.services import GatewayProcess, create_key_sync
+
+ADMIN_KEY = "admin-secret-0123456789abcdef"
+ASK = [{"role": "user", "content": "reload"}]
+WRK_SCRIPT = Path(__file__).parents[1] / "bench" / "wrk" / "post.lua"
+
+
+def config_with_price(output_price: float) -> dict:
+    config = simulated_config(output_tokens=10)
+    config["upstreams"]["sim-up"]["price"] = {"input": 0, "output": output_price}
+    config["models"]["bench"] = {"upstreams": ["sim-up"]}
+    config["admin"] = {"api_key": ADMIN_KEY}
+    return config
+
+
+def cost(gateway_url: str, key: str) -> str:
+    client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="sim", messages=ASK)
+    return raw.headers["x-metergate-cost-usd"]
+
+
+def reload(base: str, key: str = ADMIN_KEY) -> httpx.Response:
+    return httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {key}"},
+                      timeout=30)
+
+
+def test_reload_under_load_drops_nothing(gateway_factory, tmp_path):
+    wrk = shutil.which("wrk")
+    assert wrk, "wrk is installed by scripts/test"
+    gateway = gateway_factory(config_with_price(1_000_000))
+    base = gateway.base_url.removesuffix("/v1")
+    path = Path(gateway.runtime.source)
+    assert cost(gateway.base_url, gateway.key) == "10.000000000"
+    load = subprocess.Popen(
+        [wrk, "-t1", "-c16", "-d4s", "--timeout", "5s", "-s", str(WRK_SCRIPT),
+         f"{gateway.base_url}/chat/completions", "--", gateway.key],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        for price in (2_000_000, 3_000_000, 4_000_000):
+            path.write_text(yaml.safe_dump(config_with_price(price) | {
+                "ledger": gateway.runtime.config.ledger.model_dump()}))
+            answer = reload(base)
+            assert answer.status_code == 200 and answer.json()["applied"] is True
+            time.sleep(0.6)
+    finally:
+        output = load.communicate(timeout=30)[0]
+    assert "Non-2xx" not in output and "Socket errors" not in output, output
+    served = int(output.split(" requests in ")[0].split()[-1])
+    assert served > 100
+    assert cost(gateway.base_url, gateway.key) == "40.000000000"
+    rows = gateway.ledger_rows("model = 'bench'")
+    assert len(rows) >= served and all(row["outcome"] == "success" for row in rows)
+    assert gateway.metric("metergate_build_info") == 1  # one version label at a time
+
+
+def test_invalid_reload_is_refused_and_reported(gateway_factory):
+    gateway = gateway_factory(config_with_price(1_000_000))
+    base = gateway.base_url.removesuffix("/v1")
+    version = gateway.runtime.version
+    Path(gateway.runtime.source).write_text("models:\n  sim:\n    upstreams: [nowhere]\n")
+    answer = reload(base)
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert f"still serving version {version}" in error["message"]
+    assert any("unknown upstream 'nowhere'" in problem for problem in error["problems"])
+    assert gateway.runtime.version == version
+    assert cost(gateway.base_url, gateway.key) == "10.000000000"
+
+
+def test_admin_api_takes_only_the_admin_key(gateway_factory):
+    gateway = gateway_factory(config_with_price(1))
+    base = gateway.base_url.removesuffix("/v1")
+    assert reload(base, gateway.key).status_code == 403
+    assert reload(base, "not-the-admin-key").status_code == 401
+    assert httpx.post(f"{base}/admin/reload").status_code == 401
+    unguarded = gateway_factory(simulated_config())
+    answer = reload(unguarded.base_url.removesuffix("/v1"))
+    assert answer.status_code == 404 and "admin API is off" in answer.json()["error"]["message"]
+
+
+def metergate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "metergate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def process_gateway(tmp_path):
+    path = write_config(config_with_price(1_000_000), tmp_path)
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    key = create_key_sync(ledger, "ops")
+    gateway = GatewayProcess(path, tmp_path)
+    try:
+        gateway.wait_ready()
+        yield gateway, path, key
+    finally:
+        gateway.kill_all()
+
+
+def wait_for_cost(gateway: GatewayProcess, key: str, expected: str, limit: float = 8) -> None:
+    deadline = time.monotonic() + limit
+    seen = None
+    while time.monotonic() < deadline:
+        seen = cost(f"{gateway.base_url}/v1", key)
+        if seen == expected:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"cost stayed {seen}, expected {expected}")
+
+
+def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):
+    gateway, path, key = process_gateway
+    ledger = {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    original = path.read_text()
+    path.write_text(yaml.safe_dump(config_with_price(5_000_000) | {"ledger": ledger}))
+    os.kill(gateway.pid, signal.SIGHUP)
+    wait_for_cost(gateway, key, "50.000000000")
+
+    history = metergate("config", "history", "-c", str(path), cwd=tmp_path)
+    assert history.returncode == 0
+    assert "v2 (current)" in history.stdout and "SIGHUP" in history.stdout
+    assert "started" in history.stdout
+
+    back = metergate("config", "rollback", "-c", str(path), cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    assert "rolled back to v1" in back.stdout
+    wait_for_cost(gateway, key, "10.000000000")
+    assert path.read_text() == original  # a restart keeps the rolled-back config
+    after = metergate("config", "history", "-c", str(path), cwd=tmp_path)
+    assert "rollback to v1" in after.stdout
+
+    path.write_text("providers: {broken")
+    os.kill(gateway.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert cost(f"{gateway.base_url}/v1", key) == "10.000000000"
+    assert "config reload (SIGHUP) refused" in gateway.log()

@@ -1,0 +1,198 @@
+"""Staged rollouts: promotion, holding on thin data, automatic rollback, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import openai
+import pytest
+from aiohttp import web
+
+from metergate.rollout import store, transitions
+from tests.harness import Gateway, UpstreamServer, start_gateway
+from tests.upstreams.fault_server import Fault, FaultServer
+
+ASK = [{"role": "user", "content": "roll"}]
+
+
+def rollout_config(base: FaultServer, cand: FaultServer, **rollout: object) -> dict:
+    provider = {"type": "openai", "api_key": "sk-test", "timeouts": {"first_byte": 2}}
+    return {
+        "providers": {
+            "base-p": {**provider, "base_url": f"{base.url}/v1"},
+            "cand-p": {**provider, "base_url": f"{cand.url}/v1"},
+        },
+        "upstreams": {
+            "base": {"provider": "base-p", "model": "m", "price": {"input": 1}},
+            "cand": {"provider": "cand-p", "model": "m", "price": {"input": 1},
+                     "circuit": {"enabled": False}},
+        },
+        "models": {"m": {"upstreams": ["base"],
+                         "retry": {"max_retries": 1, "backoff_base": 0.01}}},
+        "retry_budget": {"ratio": 1.0, "min_per_second": 100},
+        "rollouts": {"move": {
+            "model": "m", "baseline": ["base"], "candidate": ["cand"],
+            "interval_seconds": 0.4, "failure_threshold": 2, "min_requests": 5,
+            **rollout,
+        }},
+    }
+
+
+@pytest.fixture
+def servers(bg):
+    base, cand = FaultServer(bg, "base"), FaultServer(bg, "cand")
+    yield base, cand
+    base.close()
+    cand.close()
+
+
+def rollout_of(gateway: Gateway):
+    return gateway.runtime.rollouts.rollouts["move"]
+
+
+def start_rollout(gateway: Gateway) -> None:
+    gateway.bg.run(transitions.start(gateway.runtime.database, rollout_of(gateway)))
+
+
+async def load_until(gateway: Gateway, done: Callable[[], bool], limit: float,
+                     on_tick: Callable[[], None] = lambda: None) -> list[str]:
+    """Steady traffic from 6 callers until `done()` or `limit` seconds; every outcome."""
+    client = gateway.async_client()
+    outcomes: list[str] = []
+    deadline = time.monotonic() + limit
+
+    async def caller() -> None:
+        while not done() and time.monotonic() < deadline:
+            on_tick()
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="m", messages=ASK)
+                outcomes.append(raw.headers["x-metergate-upstream"])
+            except openai.APIError as error:
+                outcomes.append(f"error {error}")
+            await asyncio.sleep(0.005)
+
+    await asyncio.gather(*(caller() for _ in range(6)))
+    return outcomes
+
+
+async def test_healthy_candidate_is_promoted_through_every_stage(gateway_factory, servers):
+    base, cand = servers
+    gateway = gateway_factory(rollout_config(base, cand, stages=[20, 50, 100]))
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    outcomes = await load_until(gateway, lambda: rollout.state == "completed", 15)
+    assert rollout.state == "completed"
+    assert all(not outcome.startswith("error") for outcome in outcomes)
+    events = [row[1] for row in gateway.bg.run(store.events(gateway.runtime.database, "move"))]
+    assert events == ["started", "promoted", "promoted", "completed"]
+    # completed: all traffic on the candidate
+    after = await load_until(gateway, lambda: False, 0.3)
+    assert set(after) == {"cand"}
+    assert gateway.metric("metergate_rollout_weight", rollout="move", target="cand") == 1.0
+    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
+                          event="promoted") == 2
+
+
+async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
+    gateway_factory, servers, caplog, bg
+):
+    caplog.set_level(logging.INFO, logger="metergate.rollout")
+    notices: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        notices.append(await request.json())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = UpstreamServer(bg, app)
+    base, cand = servers
+    gateway = gateway_factory(rollout_config(
+        base, cand, stages=[20, 50, 100], webhook_url=f"{receiver.url}/hook"))
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    degraded_at: list[float] = []
+
+    def degrade_at_second_stage() -> None:
+        if rollout.stage == 1 and not degraded_at:
+            cand.plan.fail_until_cleared(Fault.error(500))
+            degraded_at.append(time.monotonic())
+
+    try:
+        outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 15,
+                                    degrade_at_second_stage)
+        rolled_back_after = time.monotonic() - degraded_at[0]
+        after = await load_until(gateway, lambda: False, 0.3)
+        deadline = time.monotonic() + 5
+        while len(notices) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        receiver.close()
+    assert rollout.state == "rolled_back"
+    # two failed judgments, one interval apart, plus a controller tick of slack
+    assert rolled_back_after <= 0.4 * 2 + 0.4 + 0.5
+    assert all(not outcome.startswith("error") for outcome in outcomes + after)
+    assert set(after) == {"base"}
+    rows = gateway.ledger_rows("model = 'm'")
+    assert len(rows) == len(outcomes) + len(after)
+    assert all(row["outcome"] == "success" for row in rows)
+    assert any(row["attempts"] == 2 and row["upstream"] == "base" for row in rows)
+    assert [n["event"] for n in notices] == ["started", "promoted", "gate_failed", "rolled_back"]
+    assert notices[-1]["detail"]["judgment"]["failed_gates"]
+    assert "'move' (m): rolled_back" in caplog.text
+    assert gateway.metric("metergate_rollout_weight", rollout="move", target="cand") == 0.0
+    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
+                          event="rolled_back") == 1
+
+
+async def test_too_little_traffic_holds_the_stage(gateway_factory, servers):
+    base, cand = servers
+    gateway = gateway_factory(rollout_config(base, cand, stages=[20, 100], min_requests=10_000))
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    await load_until(gateway, lambda: False, 1.5)
+    assert (rollout.state, rollout.stage) == ("running", 0)
+    assert rollout.last_judgment["verdict"] == "insufficient"
+    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
+                          event="held") >= 2
+
+
+async def test_sticky_by_key_keeps_a_caller_on_one_side(gateway_factory, servers):
+    base, cand = servers
+    gateway = gateway_factory(rollout_config(base, cand, stages=[50, 100], sticky="key",
+                                             interval_seconds=60))
+    start_rollout(gateway)
+    sides = set()
+    for name in ("svc-a", "svc-b", "svc-c", "svc-d", "svc-e", "svc-f"):
+        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.new_key(name),
+                                    max_retries=0)
+        seen = {
+            (await client.chat.completions.with_raw_response.create(model="m", messages=ASK))
+            .headers["x-metergate-upstream"] for _ in range(8)
+        }
+        assert len(seen) == 1, f"{name} flipped between {seen}"
+        sides |= seen
+    assert sides == {"base", "cand"}  # 6 keys at 50%: both sides in use
+
+
+def test_restart_finds_the_rollout_where_it_was(bg, tmp_path, servers):
+    base, cand = servers
+    config = rollout_config(base, cand, interval_seconds=600)
+    first = start_gateway(bg, config, tmp_path)
+    try:
+        start_rollout(first)
+        bg.run(transitions.promote(first.runtime.database, rollout_of(first)))
+        bg.run(transitions.promote(first.runtime.database, rollout_of(first)))
+    finally:
+        first.stop()
+    second = start_gateway(bg, config, tmp_path, key_name="again")
+    try:
+        rollout = rollout_of(second)
+        assert (rollout.state, rollout.stage, rollout.weight) == ("running", 2, 0.5)
+        assert second.metric("metergate_rollout_weight", rollout="move", target="cand") == 0.5
+    finally:
+        second.stop()
