@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from metergate.cli import check, configs, keys, rollouts, serve, usage
+from metergate.cli import check, configs, doctor, keys, rollouts, serve, usage
 
 app = typer.Typer(
     name="metergate",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.command("serve")(serve.serve)
 app.command("check")(check.check)
+app.command("doctor")(doctor.doctor)
 app.add_typer(keys.app, name="keys")
 app.command("usage")(usage.usage)
 app.add_typer(rollouts.app, name="rollout")

@@ -1,0 +1,420 @@
+"""The shipped monitoring stack, checked by the tools that will load it.
+
+promtool checks the Prometheus config and rules and runs the rule unit tests in
+deploy/prometheus/tests; amtool checks the Alertmanager config, its routes and its
+templates. The rest are the conventions an operator relies on: every alert unit-tested,
+with a severity, a runbook and a section in docs/monitoring.md; no secret in a config
+file; dashboards bound to the provisioned datasource with stable uids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from metergate.cli.doctor import EXPECTED_RULE_GROUPS
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
+RULE_TESTS = sorted((PROMETHEUS / "tests").glob("*_test.yml"))
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "metergate.yml"
+PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "metergate.yml"
+DOCS = ROOT / "docs" / "monitoring.md"
+SEVERITIES = {"critical", "warning", "info"}
+# Alerts about an event rather than a state: they fire at once, without `for:`.
+EVENT_ALERTS = {"MetergateRolloutRolledBack"}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path is None:
+        pytest.skip(f"{name} is not installed (scripts/test installs it)")
+    return path
+
+
+def run(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, cwd=cwd, check=False
+    )
+
+
+def rule_groups() -> Iterator[dict[str, Any]]:
+    for path in RULE_FILES:
+        yield from yaml.safe_load(path.read_text())["groups"]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in rule_groups() for rule in group["rules"] if "alert" in rule]
+
+
+# --- Prometheus -----------------------------------------------------------------------------
+
+
+def test_prometheus_config_and_rules_pass_promtool() -> None:
+    promtool = tool("promtool")
+    done = run(promtool, "check", "config", "prometheus.yml", cwd=PROMETHEUS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(RULE_FILES)} rule files found" in done.stdout + done.stderr
+    done = run(promtool, "check", "rules", *map(str, RULE_FILES))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_prometheus_scrapes_gateway_and_mcp_jobs_from_target_files() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) >= {"metergate", "mcp"}
+    assert jobs["metergate"]["metrics_path"] == "/metrics"  # at the root, not /v1
+    assert config["rule_files"] == ["rules/*.yml"]
+    files = [
+        *(f for job in jobs.values() for sd in job["file_sd_configs"] for f in sd["files"]),
+        *(
+            f
+            for am in config["alerting"]["alertmanagers"]
+            for sd in am["file_sd_configs"]
+            for f in sd["files"]
+        ),
+    ]
+    for name in files:  # each file_sd file exists and has the file_sd shape
+        groups = yaml.safe_load((PROMETHEUS / name).read_text())
+        assert isinstance(groups, list), name
+        for group in groups:
+            assert set(group) <= {"targets", "labels"}, name
+            assert all(re.fullmatch(r"[\w.-]+:\d+", t) for t in group["targets"]), name
+
+
+def test_rule_unit_tests_pass() -> None:
+    promtool = tool("promtool")
+    # One process per file, in parallel: together they take as long as the slowest.
+    processes = {
+        path.name: subprocess.Popen(
+            [promtool, "test", "rules", path.name],
+            cwd=path.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for path in RULE_TESTS
+    }
+    failures = []
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=120)
+        if process.returncode != 0:
+            failures.append(f"{name}:\n{output}")
+    assert not failures, "\n".join(failures)
+
+
+def test_every_alert_rule_is_unit_tested_firing_and_silent() -> None:
+    """Each alerting rule (name + severity + window) has a test where it fires, and each
+    alert name has one where it must stay silent."""
+    fired: set[tuple[str, str, str]] = set()
+    silent: set[str] = set()
+    for path in RULE_TESTS:
+        spec = yaml.safe_load(path.read_text())
+        for test in spec["tests"]:
+            for case in test.get("alert_rule_test", []):
+                name = case["alertname"]
+                if not case.get("exp_alerts"):
+                    silent.add(name)
+                for alert in case.get("exp_alerts") or []:
+                    labels = alert["exp_labels"]
+                    fired.add((name, labels["severity"], str(labels.get("window", ""))))
+                    assert alert.get("exp_annotations"), f"{path.name}: {name} annotations"
+    rules = {
+        (r["alert"], r["labels"]["severity"], str(r["labels"].get("window", "")))
+        for r in alert_rules()
+    }
+    assert rules - fired == set(), "alerting rules never shown firing"
+    assert {r["alert"] for r in alert_rules()} - silent == set(), "never shown silent"
+
+
+def test_alert_rules_have_severity_for_and_runbook_annotations() -> None:
+    docs = DOCS.read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in docs.splitlines()
+        if line.startswith("#")
+    }
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert name.startswith("Metergate"), name
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        assert ("for" in rule) != (name in EVENT_ALERTS), f"{name}: choose `for:` on purpose"
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook"} <= set(annotations), name
+        assert len(annotations["description"]) > 120, f"{name}: say what to check and do"
+        page, _, anchor = annotations["runbook"].partition("#")
+        assert page == "docs/monitoring.md" and anchor in anchors, f"{name}: {anchor}"
+
+
+def test_recording_rules_follow_conventions_and_aggregate_histograms_correctly() -> None:
+    records = [rule for group in rule_groups() for rule in group["rules"] if "record" in rule]
+    assert len({(r["record"], json.dumps(r.get("labels"))) for r in records}) == len(records)
+    for group in rule_groups():
+        for rule in group["rules"]:
+            if "record" in rule:  # level:metric:operations; knobs are constants, one colon
+                colons = 1 if group["name"] == "metergate.settings" else 2
+                assert rule["record"].count(":") >= colons, rule["record"]
+    for group in rule_groups():
+        for rule in group["rules"]:
+            expr = " ".join(rule["expr"].split())
+            # the source write-up's `histogram_quantile(...) by (le, model)` is invalid
+            assert not re.search(r"histogram_quantile\([^)]*\)\s*\)\s*by", expr), expr
+            for call in re.finditer(r"histogram_quantile\(\s*[\d.]+\s*,\s*", expr):
+                argument = expr[call.end() :]
+                by = re.match(r"sum by \(([^)]*)\)", argument)
+                assert (by and "le" in {label.strip() for label in by.group(1).split(",")}) or (
+                    re.match(r"\w+:\w+_bucket:\w+", argument)  # recorded `sum by (le, ...)`
+                ), f"{expr}: sum the buckets by (le, ...) before histogram_quantile"
+    recorded = {r["record"] for r in records}
+    assert {
+        "model:metergate_requests_errors:ratio_rate5m",
+        "model:metergate_request_duration_seconds:p50_5m",
+        "model:metergate_request_duration_seconds:p95_5m",
+        "model:metergate_request_duration_seconds:p99_5m",
+        "model_type:metergate_tokens:rate5m",
+        "key_type:metergate_tokens:increase1h",
+        "upstream:metergate_cost_usd:rate5m",
+        "key:metergate_cost_usd:increase1h",
+        "model:metergate_cost_usd:forecast_24h",
+    } <= recorded
+
+
+def test_doctor_expects_exactly_the_shipped_rule_groups() -> None:
+    assert sorted(EXPECTED_RULE_GROUPS) == sorted(g["name"] for g in rule_groups())
+
+
+# --- Alertmanager ---------------------------------------------------------------------------
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    done = run(tool("amtool"), "check-config", str(ALERTMANAGER))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 inhibit rules" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("labels", "receiver"),
+    [
+        (
+            ["severity=critical", "alertname=MetergateHighSpending", "model=gpt-4.1"],
+            "pagerduty-critical",
+        ),
+        (
+            ["severity=warning", "alertname=MetergateHighErrorRate", "model=gpt-4.1"],
+            "slack-warning",
+        ),
+        (["severity=info", "alertname=MetergateUsageSpike", "model=gpt-4.1"], "webhook-info"),
+        (
+            ["severity=critical", "alertname=MetergateBudgetSpent", "budget=monthly"],
+            "pagerduty-critical",
+        ),
+        # an alert without a known severity still reaches people
+        (["alertname=SomethingElse"], "slack-warning"),
+    ],
+)
+def test_alertmanager_routes_each_severity_to_its_receiver(
+    labels: list[str], receiver: str
+) -> None:
+    done = run(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER}", *labels)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == receiver
+
+
+def test_alertmanager_groups_by_alertname_and_model() -> None:
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    assert config["route"]["group_by"] == ["alertname", "model"]
+    generic = config["inhibit_rules"][0]
+    assert generic["source_matchers"] == ['severity="critical"']
+    assert 'severity="warning"' in generic["target_matchers"]
+    assert generic["equal"] == ["alertname", "model"]
+
+
+def test_alertmanager_takes_every_secret_from_a_file() -> None:
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    literal_secrets = {
+        "api_url",
+        "routing_key",
+        "service_key",
+        "slack_api_url",
+        "pagerduty_url",
+        "password",
+        "credentials",
+        "bot_token",
+        "api_key",
+        "token",
+        "auth_password",
+    }
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert key not in literal_secrets, f"{path}.{key} is a literal secret"
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+
+    walk(config, "alertmanager")
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert receivers["pagerduty-critical"]["pagerduty_configs"][0]["routing_key_file"]
+    assert receivers["slack-warning"]["slack_configs"][0]["api_url_file"]
+    webhook = receivers["webhook-info"]["webhook_configs"][0]
+    assert webhook["http_config"]["authorization"]["credentials_file"]
+    assert "@" not in webhook["url"] and "token" not in webhook["url"].lower()
+
+
+def test_alertmanager_templates_render() -> None:
+    data = {
+        "receiver": "slack-warning",
+        "status": "firing",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {
+                    "alertname": "MetergateHighErrorRate",
+                    "model": "gpt-4.1",
+                    "severity": "warning",
+                },
+                "annotations": {
+                    "summary": "Model gpt-4.1: 12% of requests fail",
+                    "description": "What to check.",
+                    "runbook": "docs/monitoring.md#metergatehigherrorrate",
+                },
+                "startsAt": "2026-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "http://prometheus/graph",
+                "fingerprint": "1",
+            }
+        ],
+        "groupLabels": {"alertname": "MetergateHighErrorRate", "model": "gpt-4.1"},
+        "commonLabels": {
+            "alertname": "MetergateHighErrorRate",
+            "model": "gpt-4.1",
+            "severity": "warning",
+        },
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager",
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(data, file)
+        file.flush()
+        done = run(
+            tool("amtool"),
+            "template",
+            "render",
+            f"--template.glob={ALERTMANAGER.parent / 'templates' / '*.tmpl'}",
+            f"--template.data={file.name}",
+            '--template.text={{ template "metergate.title" . }}\n{{ template "metergate.text" . }}',
+        )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[FIRING:1] MetergateHighErrorRate · model gpt-4.1"
+    assert "*WARNING* Model gpt-4.1: 12% of requests fail" in lines
+    assert "Runbook: docs/monitoring.md#metergatehigherrorrate" in lines
+
+
+# --- Grafana --------------------------------------------------------------------------------
+
+
+def datasource_uid() -> str:
+    (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert source["type"] == "prometheus"
+    return str(source["uid"])
+
+
+def datasource_refs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every `datasource` object anywhere in a dashboard: panels, targets, variables."""
+    if isinstance(node, dict):
+        if isinstance(node.get("datasource"), dict):
+            yield node["datasource"]
+        for value in node.values():
+            yield from datasource_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from datasource_refs(value)
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows
+
+
+def test_dashboards_use_the_provisioned_datasource_and_stable_uids() -> None:
+    uid = datasource_uid()
+    uids = set()
+    for path in DASHBOARDS:
+        text = path.read_text()
+        assert "${DS_" not in text and "__inputs" not in text, f"{path.name}: import placeholder"
+        dashboard = json.loads(text)
+        assert dashboard["uid"] == path.stem and "id" not in dashboard, path.name
+        uids.add(dashboard["uid"])
+        for source in datasource_refs(dashboard):
+            if source.get("type") != "grafana":  # Grafana's built-in annotations
+                assert source == {"type": "prometheus", "uid": uid}, path.name
+    assert uids == {"metergate-overview", "metergate-upstreams"}
+    for path in DASHBOARDS:
+        for link in json.loads(path.read_text()).get("links", []):
+            assert link["url"].removeprefix("/d/") in uids
+
+
+def test_dashboard_panels_are_laid_out_and_each_has_queries() -> None:
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        ids = [panel["id"] for panel in panels(dashboard)]
+        assert len(ids) == len(set(ids)), path.name
+        cells: set[tuple[int, int]] = set()
+        for panel in panels(dashboard):
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= 24, panel["title"]
+            area = {
+                (x, y)
+                for x in range(grid["x"], grid["x"] + grid["w"])
+                for y in range(grid["y"], grid["y"] + grid["h"])
+            }
+            assert not area & cells, f"{path.name}: {panel['title']} overlaps"
+            cells |= area
+            if panel["type"] == "row":
+                continue
+            assert panel.get("description"), panel["title"]
+            refs = [target["refId"] for target in panel["targets"]]
+            assert refs and len(refs) == len(set(refs)), panel["title"]
+            assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+def test_dashboard_provider_is_file_based_and_locked() -> None:
+    (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
+    assert provider["type"] == "file"
+    assert provider["allowUiUpdates"] is False
+    assert provider["options"]["path"]
+
+
+# --- docs -----------------------------------------------------------------------------------
+
+
+def test_monitoring_docs_cover_every_alert_and_the_knobs() -> None:
+    docs = DOCS.read_text()
+    for name in {rule["alert"] for rule in alert_rules()}:
+        assert f"### {name}" in docs, name
+    for needle in (
+        "99.5%",
+        "metergate-settings.yml",
+        "routing_key_file",
+        "api_url_file",
+        "metergate doctor",
+        "promtool test rules",
+    ):
+        assert needle in docs, needle
