@@ -1,0 +1,626 @@
+"""Fault drills through the gateway with the official openai SDK (which never retries here).
+
+Every drill sets faults on `tests/upstreams/fault_server.py` and checks what the caller
+received, how many attempts were made (fault server count, `x-metergate-attempts`,
+ledger), backoff timing, fallbacks, circuit state, attempt metrics and the ledger row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.harness import BackgroundLoop, Gateway, free_port
+from tests.upstreams.fault_server import Fault, FaultServer
+
+FAST = {"connect": 1, "first_byte": 0.3, "total": 5, "stream_idle": 0.3}
+RETRY = {"max_retries": 2, "backoff_base": 0.05, "backoff_max": 0.2}
+PRICE = {"input": 1.0, "output": 2.0}
+ASK = [{"role": "user", "content": "hi"}]
+ATTEMPTS = "metergate_upstream_attempts_total"
+FALLBACKS = "metergate_fallbacks_total"
+CIRCUIT = "metergate_circuit_state"
+
+
+@pytest.fixture
+def fault_server(bg: BackgroundLoop) -> Iterator[Callable[[str], FaultServer]]:
+    servers: list[FaultServer] = []
+
+    def make(name: str = "p") -> FaultServer:
+        server = FaultServer(bg, name)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def provider(url: str, **timeouts: float) -> dict[str, Any]:
+    return {
+        "type": "openai",
+        "base_url": f"{url}/v1",
+        "api_key": "sk-fault-drill",
+        "timeouts": {**FAST, **timeouts},
+    }
+
+
+def config(
+    primary_url: str,
+    *,
+    retry: dict[str, Any] | None = None,
+    circuit: dict[str, Any] | None = None,
+    fallback: bool = False,
+    timeouts: dict[str, float] | None = None,
+    retry_budget: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Model `primary` on upstream `p-up`; with `fallback`, model `backup` (simulated)."""
+    cfg: dict[str, Any] = {
+        "providers": {"p": provider(primary_url, **(timeouts or {}))},
+        "upstreams": {
+            "p-up": {
+                "provider": "p",
+                "model": "fault-model",
+                "price": PRICE,
+                "circuit": circuit or {},
+            },
+        },
+        "models": {"primary": {"upstreams": ["p-up"], "retry": {**RETRY, **(retry or {})}}},
+    }
+    if fallback:
+        cfg["providers"]["sim"] = {"type": "simulated", "simulated": {"output_tokens": 4}}
+        cfg["upstreams"]["backup-up"] = {"provider": "sim", "model": "sim-model", "price": PRICE}
+        cfg["models"]["backup"] = {"upstreams": ["backup-up"]}
+        cfg["models"]["primary"]["fallbacks"] = ["backup"]
+    if retry_budget:
+        cfg["retry_budget"] = retry_budget
+    return cfg
+
+
+def create(gateway: Gateway, model: str = "primary", **options: Any):
+    """A non-streamed call; returns (parsed completion, raw response)."""
+    raw = gateway.client(timeout=10).chat.completions.with_raw_response.create(
+        model=model, messages=ASK, **options
+    )
+    return raw.parse(), raw
+
+
+def last_row(gateway: Gateway) -> dict[str, Any]:
+    return gateway.ledger_rows()[-1]
+
+
+def gaps(arrivals: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+# --- retried failures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_server_errors_then_success_are_retried(gateway_factory, fault_server, status):
+    """Two 5xx, then a healthy answer: the caller gets it, after three attempts."""
+    server = fault_server("p")
+    server.plan.fail_next(2, Fault.error(status))
+    gateway = gateway_factory(config(server.url, retry={"backoff_base": 0.2, "backoff_max": 0.3}))
+    completion, raw = create(gateway)
+    assert completion.choices[0].message.content == "Hello from p."
+    assert raw.headers["x-metergate-attempts"] == "3"
+    assert raw.headers["x-metergate-upstream"] == "p-up"
+    assert server.plan.requests == 3
+    # Full jitter: retry n waits at most min(backoff_max, base * 2**n): 0.2, then 0.3.
+    first, second = gaps(server.plan.arrivals)
+    assert first <= 0.2 + 0.1 and second <= 0.3 + 0.1
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="success") == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"], row["upstream"]) == (
+        "success",
+        200,
+        3,
+        "p-up",
+    )
+    assert row["output_tokens"] == 4
+
+
+@pytest.mark.parametrize(("status", "caller_status"), [(500, 502), (503, 503)])
+def test_persistent_server_error_gives_up_after_max_retries(
+    gateway_factory, fault_server, status, caller_status
+):
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.error(status))
+    gateway = gateway_factory(config(server.url))
+    with pytest.raises(openai.InternalServerError) as raised:
+        create(gateway)
+    assert raised.value.status_code == caller_status
+    assert f"says {status}" in raised.value.message  # the provider's message is kept
+    assert server.plan.requests == 3  # 1 + max_retries
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == (
+        "upstream_error",
+        caller_status,
+        3,
+    )
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 3
+
+
+def test_rate_limit_retry_after_is_honoured(gateway_factory, fault_server):
+    """429 with Retry-After: 1, then healthy: the retry waits the full second, no jitter."""
+    server = fault_server("p")
+    server.plan.then(Fault.rate_limited("1"))
+    gateway = gateway_factory(config(server.url))
+    started = time.monotonic()
+    completion, raw = create(gateway)
+    elapsed = time.monotonic() - started
+    assert completion.choices[0].message.content == "Hello from p."
+    assert raw.headers["x-metergate-attempts"] == "2"
+    (gap,) = gaps(server.plan.arrivals)
+    assert 1.0 <= gap < 1.3
+    assert 1.0 <= elapsed < 2.0
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="rate_limited") == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["attempts"]) == ("success", 2)
+
+
+def test_long_retry_after_is_not_waited_for_and_spends_no_budget(gateway_factory, fault_server):
+    """Retry-After beyond max_retry_after: the caller gets the 429 at once, with the header."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.rate_limited("60"))
+    gateway = gateway_factory(config(server.url, retry={"max_retry_after": 5}))
+    budget = gateway.runtime.dispatcher.retry_budget
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as raised:
+        create(gateway)
+    assert time.monotonic() - started < 0.5
+    assert raised.value.status_code == 429
+    assert raised.value.response.headers["retry-after"] == "60"
+    assert server.plan.requests == 1
+    assert budget.tokens == pytest.approx(budget.capacity)  # no retry made, none paid for
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("rate_limited", 429, 1)
+
+
+def test_dropped_connection_is_retried(gateway_factory, fault_server):
+    """The upstream closes the connection without a byte: safe to retry."""
+    server = fault_server("p")
+    server.plan.then(Fault.drop())
+    gateway = gateway_factory(config(server.url))
+    completion, raw = create(gateway)
+    assert completion.choices[0].message.content == "Hello from p."
+    assert raw.headers["x-metergate-attempts"] == "2"
+    assert server.plan.requests == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="connection_error") == 1
+
+
+def test_connection_refused_is_retried_then_falls_back(gateway_factory):
+    """Nothing listens on the primary's port: retried, then the fallback model serves."""
+    gateway = gateway_factory(config(f"http://127.0.0.1:{free_port()}", fallback=True))
+    completion, raw = create(gateway)
+    assert completion.choices[0].message.content  # the simulated backup's answer
+    assert raw.headers["x-metergate-upstream"] == "backup-up"
+    assert raw.headers["x-metergate-attempts"] == "4"  # 3 refused + 1 served
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="connection_error") == 3
+    assert gateway.metric(ATTEMPTS, upstream="backup-up", outcome="success") == 1
+    assert (
+        gateway.metric(FALLBACKS, model="primary", from_upstream="p-up", to_upstream="backup-up")
+        == 1
+    )
+    row = last_row(gateway)
+    assert (row["model"], row["upstream"], row["outcome"], row["attempts"]) == (
+        "primary",
+        "backup-up",
+        "success",
+        4,
+    )
+
+
+def test_hang_before_first_byte_times_out_and_is_retried(gateway_factory, fault_server):
+    server = fault_server("p")
+    server.plan.then(Fault.hang(3))
+    gateway = gateway_factory(config(server.url))
+    started = time.monotonic()
+    completion, raw = create(gateway)
+    elapsed = time.monotonic() - started
+    assert completion.choices[0].message.content == "Hello from p."
+    assert raw.headers["x-metergate-attempts"] == "2"
+    (gap,) = gaps(server.plan.arrivals)
+    assert 0.3 <= gap <= 0.3 + 0.05 + 0.15  # first_byte, then at most backoff_base
+    assert elapsed < 1.5
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="timeout") == 1
+
+
+def test_persistent_hang_is_a_504(gateway_factory, fault_server):
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.hang(3))
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 1}))
+    with pytest.raises(openai.APIStatusError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 504
+    assert server.plan.requests == 2
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("timeout", 504, 2)
+
+
+def test_stream_hang_before_first_chunk_is_retried(gateway_factory, fault_server):
+    server = fault_server("p")
+    server.plan.then(Fault.hang(3))
+    gateway = gateway_factory(config(server.url))
+    stream = gateway.client(timeout=10).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Hello from p."
+    assert server.plan.requests == 2
+    row = last_row(gateway)
+    assert (row["outcome"], row["attempts"], row["stream"]) == ("success", 2, 1)
+
+
+def test_malformed_json_is_an_upstream_error(gateway_factory, fault_server):
+    """A 200 with broken JSON: nothing reached the caller, so retried; then a 502."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.malformed())
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 1}))
+    with pytest.raises(openai.APIStatusError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 502
+    assert "malformed JSON" in raised.value.message
+    assert server.plan.requests == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 2
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_error", 502, 2)
+
+
+# --- failures that must not be retried ----------------------------------------------------
+
+
+def test_reset_mid_body_is_not_retried(gateway_factory, fault_server):
+    """Headers and half the JSON arrived: the upstream did the work; no retry, a 502."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.reset())
+    gateway = gateway_factory(config(server.url, fallback=True))
+    with pytest.raises(openai.APIStatusError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 502
+    assert server.plan.requests == 1
+    assert gateway.metric(ATTEMPTS, upstream="backup-up") == 0  # not sent elsewhere either
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="connection_error") == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"], row["upstream"]) == (
+        "connection_error",
+        502,
+        1,
+        "p-up",
+    )
+
+
+def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(
+    gateway_factory, fault_server
+):
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.error(400))
+    gateway = gateway_factory(config(server.url, fallback=True))
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 400
+    assert server.plan.requests == 1
+    assert gateway.metric(ATTEMPTS, upstream="backup-up") == 0
+    assert gateway.metric(FALLBACKS) == 0
+    assert gateway.metric(CIRCUIT, upstream="p-up") == 0
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_rejected", 400, 1)
+
+
+@pytest.mark.parametrize(
+    ("fault", "outcome", "status", "message"),
+    [
+        (Fault.stall(3, after=3), "timeout", 504, "did not answer in time"),
+        (Fault.cut(after=3), "upstream_error", 502, "ended before [DONE]"),
+        (Fault.reset(after=3), "connection_error", 502, "could not reach the upstream"),
+    ],
+    ids=["stall", "cut", "reset"],
+)
+def test_stream_failure_after_first_chunk_is_an_error_event(
+    gateway_factory, fault_server, fault, outcome, status, message
+):
+    """Chunks reached the caller, then the upstream failed: an error event, no retry."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(fault)
+    gateway = gateway_factory(config(server.url, fallback=True))
+    stream = gateway.client(timeout=10).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "Hello from"  # role chunk, "Hello", " from"
+    assert message in raised.value.message
+    assert server.plan.requests == 1
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome=outcome) == 1
+    assert gateway.metric(ATTEMPTS, upstream="backup-up") == 0
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"], row["stream"]) == (
+        outcome,
+        status,
+        1,
+        1,
+    )
+
+
+def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
+    gateway_factory, fault_server
+):
+    """A patient first_byte (2 s) must not stretch the idle limit (0.3 s) of a started stream."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.stall(5, after=2))
+    gateway = gateway_factory(config(server.url, timeouts={"first_byte": 2.0}))
+    stream = gateway.client(timeout=10).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    first_chunk_at = None
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            first_chunk_at = first_chunk_at or time.monotonic()
+    assert first_chunk_at is not None
+    waited = time.monotonic() - first_chunk_at
+    assert 0.25 <= waited < 1.0
+    assert last_row(gateway)["outcome"] == "timeout"
+
+
+# --- balancing and circuits -----------------------------------------------------------------
+
+
+def test_weights_split_traffic_and_an_open_circuit_is_skipped(gateway_factory, fault_server):
+    a, b = fault_server("a"), fault_server("b")
+    cfg = {
+        "providers": {"a": provider(a.url), "b": provider(b.url)},
+        "upstreams": {
+            "a-up": {"provider": "a", "model": "m", "price": PRICE, "weight": 3},
+            "b-up": {
+                "provider": "b",
+                "model": "m",
+                "price": PRICE,
+                "weight": 1,
+                "circuit": {"failure_threshold": 1, "open_seconds": 30},
+            },
+        },
+        "models": {"w": {"upstreams": ["a-up", "b-up"], "retry": RETRY}},
+    }
+    gateway = gateway_factory(cfg)
+    client = gateway.client(timeout=10)
+
+    def served_by(count: int) -> Counter[str]:
+        raw = client.chat.completions.with_raw_response.create
+        return Counter(
+            raw(model="w", messages=ASK).headers["x-metergate-upstream"] for _ in range(count)
+        )
+
+    split = served_by(80)
+    assert 50 <= split["a-up"] <= 70 and split["a-up"] + split["b-up"] == 80  # ~3:1
+    assert (a.plan.requests, b.plan.requests) == (split["a-up"], split["b-up"])
+
+    b.plan.fail_until_cleared(Fault.error(503))
+    before = b.plan.requests
+    for _ in range(10):  # until b's one failure opens its circuit (retried on a)
+        _, raw = create(gateway, "w")
+        assert raw.headers["x-metergate-upstream"] == "a-up"
+        if b.plan.requests > before:
+            break
+    assert b.plan.requests == before + 1
+    assert gateway.metric(CIRCUIT, upstream="b-up") == 2
+    assert served_by(20) == {"a-up": 20}
+    assert b.plan.requests == before + 1  # skipped while open
+
+
+def test_refused_primary_opens_circuit_then_recovers(gateway_factory, fault_server, caplog):
+    """Listener closed: fallback serves and the circuit opens; listener back: it closes."""
+    server = fault_server("p")
+    cfg = config(
+        server.url,
+        retry={"max_retries": 1},
+        circuit={"failure_threshold": 2, "open_seconds": 0.4, "half_open_probes": 1},
+        fallback=True,
+    )
+    cfg["models"]["solo"] = {"upstreams": ["p-up"]}  # no fallback
+    gateway = gateway_factory(cfg)
+    assert create(gateway)[1].headers["x-metergate-upstream"] == "p-up"
+    server.stop_listening()
+    with caplog.at_level(logging.WARNING, logger="metergate.circuit"):
+        _, raw = create(gateway)
+        assert raw.headers["x-metergate-upstream"] == "backup-up"
+        assert raw.headers["x-metergate-attempts"] == "3"  # 2 refused (circuit opens), backup
+        assert gateway.metric(CIRCUIT, upstream="p-up") == 2
+        # Open: the primary is not even tried.
+        _, raw = create(gateway)
+        assert raw.headers["x-metergate-attempts"] == "1"
+        assert raw.headers["x-metergate-upstream"] == "backup-up"
+        with pytest.raises(openai.InternalServerError) as raised:
+            create(gateway, "solo")
+        assert raised.value.status_code == 503
+        assert int(raised.value.response.headers["retry-after"]) >= 1
+        assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="connection_error") == 2
+        server.start_listening()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            _, raw = create(gateway)
+            if raw.headers["x-metergate-upstream"] == "p-up":
+                break
+            time.sleep(0.05)
+    assert raw.headers["x-metergate-upstream"] == "p-up"
+    assert gateway.metric(CIRCUIT, upstream="p-up") == 0
+    changes = [r.getMessage() for r in caplog.records if r.name == "metergate.circuit"]
+    assert changes == [
+        "circuit p-up: closed -> open",
+        "circuit p-up: open -> half-open",
+        "circuit p-up: half-open -> closed",
+    ]
+
+
+# --- the outage drills ---------------------------------------------------------------------
+
+
+async def load(
+    gateway: Gateway, workers: int, seconds: float, on_tick: Callable[[float], None]
+) -> list[dict[str, Any]]:
+    """`workers` callers in a loop for `seconds`; every call's start, end and result."""
+    client = gateway.async_client(timeout=10)
+    results: list[dict[str, Any]] = []
+    started = time.monotonic()
+    stop = started + seconds
+
+    async def worker() -> None:
+        while time.monotonic() < stop:
+            call = {"start": time.monotonic() - started}
+            try:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="primary", messages=ASK
+                )
+                call["upstream"] = raw.headers["x-metergate-upstream"]
+                call["attempts"] = int(raw.headers["x-metergate-attempts"])
+            except openai.APIError as error:
+                call["error"] = repr(error)
+            call["end"] = time.monotonic() - started
+            results.append(call)
+            await asyncio.sleep(0.01)
+
+    async def ticker() -> None:
+        while time.monotonic() < stop:
+            on_tick(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(ticker(), *(worker() for _ in range(workers)))
+    await client.close()
+    return results
+
+
+async def test_outage_opens_circuit_moves_traffic_and_recovers(
+    gateway_factory, fault_server, caplog
+):
+    """8 callers for 3.2 s; the primary fails 100% from 0.5 s to 2.0 s."""
+    server = fault_server("p")
+    gateway = gateway_factory(
+        config(
+            server.url,
+            retry={"max_retries": 2, "backoff_base": 0.02, "backoff_max": 0.05},
+            circuit={
+                "failure_threshold": 5,
+                "failure_ratio": 0.5,
+                "min_requests": 10,
+                "window_seconds": 5,
+                "open_seconds": 0.4,
+                "half_open_probes": 2,
+            },
+            fallback=True,
+            retry_budget={"ratio": 0.1, "min_per_second": 1},
+        )
+    )
+    events: dict[str, float] = {}
+    gauge: list[tuple[float, float]] = []
+
+    def on_tick(t: float) -> None:
+        if t >= 0.5 and "down" not in events:
+            server.plan.fail_until_cleared(Fault.error(503))
+            events["down"] = t
+        if t >= 2.0 and "up" not in events:
+            server.plan.clear()
+            events["up"] = t
+        state = gateway.metric(CIRCUIT, upstream="p-up")
+        if not gauge or gauge[-1][1] != state:
+            gauge.append((t, state))
+
+    wall_start = time.time()
+    with caplog.at_level(logging.WARNING, logger="metergate.circuit"):
+        results = await load(gateway, workers=8, seconds=3.2, on_tick=on_tick)
+    duration = max(r["end"] for r in results)
+
+    # Every caller was answered: by the primary, or through the fallback.
+    assert [r for r in results if "error" in r] == []
+    by_upstream = Counter(r["upstream"] for r in results)
+    assert set(by_upstream) == {"p-up", "backup-up"}
+
+    # The circuit opened during the outage (gauge and log), and closed again after it.
+    states = [s for _, s in gauge]
+    assert states[0] == 0 and 2 in states and states[-1] == 0
+    opened_at = next(t for t, s in gauge if s == 2)
+    assert events["down"] <= opened_at < events["down"] + 0.5
+    transitions = [
+        (r.created - wall_start, r.getMessage())
+        for r in caplog.records
+        if r.name == "metergate.circuit"
+    ]
+    messages = [m for _, m in transitions]
+    assert messages[0] == "circuit p-up: closed -> open"
+    assert "circuit p-up: open -> half-open" in messages
+    assert "circuit p-up: half-open -> open" in messages  # probes during the outage failed
+    assert messages[-1] == "circuit p-up: half-open -> closed"
+    closed_at = transitions[-1][0]
+    assert events["up"] <= closed_at < events["up"] + 0.4 + 0.5  # open_seconds + margin
+
+    # While it was open, every caller was served by the fallback.
+    during = [r for r in results if opened_at + 0.05 <= r["start"] and r["end"] <= events["up"]]
+    assert len(during) > 20
+    assert {r["upstream"] for r in during} == {"backup-up"}
+    # After it closed, traffic is back on the primary.
+    after = [r for r in results if r["start"] > closed_at + 0.05]
+    assert len(after) > 20
+    assert {r["upstream"] for r in after} == {"p-up"}
+    before = [r for r in results if r["end"] < events["down"]]
+    assert {r["upstream"] for r in before} == {"p-up"}
+
+    # The retry budget holds attempts against the primary to requests x (1 + ratio)
+    # + min_per_second x duration, plus the bucket's initial burst (10).
+    requests = len(results)
+    assert server.plan.requests <= requests * 1.1 + 1 * duration + 10 + 2
+    failed = server.plan.served["error"]
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == failed
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="success") == by_upstream["p-up"]
+    assert (
+        gateway.metric(FALLBACKS, model="primary", from_upstream="p-up", to_upstream="backup-up")
+        == by_upstream["backup-up"]
+    )
+    rows = gateway.ledger_rows()
+    assert len(rows) == requests
+    assert Counter(r["upstream"] for r in rows) == by_upstream
+    assert {r["outcome"] for r in rows} == {"success"}
+    assert sum(r["attempts"] for r in rows) == sum(r["attempts"] for r in results)
+    print(
+        f"\noutage drill: {requests} requests in {duration:.2f}s, {by_upstream}, "
+        f"primary attempts {server.plan.requests} ({failed} failed), "
+        f"opened +{opened_at - events['down']:.2f}s after the outage, "
+        f"closed +{closed_at - events['up']:.2f}s after recovery, transitions {messages}"
+    )
+
+
+async def test_retry_budget_caps_retries_when_the_circuit_cannot(gateway_factory, fault_server):
+    """Circuit off, primary always failing, 3 retries allowed: the budget keeps retries
+    to ratio x requests (+ floor and burst), instead of quadrupling the load."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.error(503))
+    gateway = gateway_factory(
+        config(
+            server.url,
+            retry={"max_retries": 3, "backoff_base": 0.001, "backoff_max": 0.002},
+            circuit={"enabled": False},
+            fallback=True,
+            retry_budget={"ratio": 0.1, "min_per_second": 1},
+        )
+    )
+    results = await load(gateway, workers=8, seconds=1.0, on_tick=lambda t: None)
+    duration = max(r["end"] for r in results)
+    requests = len(results)
+    assert [r for r in results if "error" in r] == []
+    assert {r["upstream"] for r in results} == {"backup-up"}
+    attempts = server.plan.requests
+    retries = attempts - requests
+    assert requests >= 50
+    assert retries >= 10  # the initial burst was used: retries did happen
+    assert retries <= requests * 0.1 + 1 * duration + 10 + 1
+    assert attempts < 1.5 * requests  # unbudgeted, it would be 4 x requests
+    print(f"\nbudget drill: {requests} requests, {attempts} primary attempts in {duration:.2f}s")
