@@ -164,7 +164,6 @@ class CompletionsHandler:
             (b"x-metergate-attempts", b"%d" % log.attempts),
             *SSE_HEADERS,
         )
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
         gone = asyncio.Event()
         relay = asyncio.current_task()
         assert relay is not None
@@ -172,7 +171,8 @@ class CompletionsHandler:
         events = first.count(b"data:")
         attempt_outcome = "success"
         last = b""
-        try:
+        try:  # from here on, whatever happens, the attempt is accounted for below
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": first, "more_body": True})
             log.ttft = time.perf_counter() - log.started
             waited = time.perf_counter()
@@ -182,19 +182,22 @@ class CompletionsHandler:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter()
         except asyncio.CancelledError:
+            attempt_outcome = "cancelled"
             if not gone.is_set():
                 raise
             relay.uncancel()
-            attempt_outcome = log.outcome = "cancelled"
-            log.status = 499
+            log.outcome, log.status = "cancelled", 499
         except UpstreamFailure as failure:
             attempt_outcome = log.outcome = failure.outcome
             log.status = failure.status
             last = b"data: " + from_failure(failure).body() + b"\n\n"
+        except BaseException:
+            attempt_outcome = "upstream_error"
+            raise
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
-        dispatcher.stream_finished(deployment, attempt_outcome, log)
+            dispatcher.stream_finished(deployment, attempt_outcome, log)
         usage = state.usage or estimate.abandoned_stream(body, events)
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)

@@ -85,7 +85,12 @@ class _PassThrough:
         if data.startswith(b'{"error"'):
             raise UpstreamFailure("upstream_error", f"upstream stream error: {error_message(data)}")
         if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
-            chunk: dict[str, Any] = orjson.loads(data)
+            try:
+                chunk: dict[str, Any] = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamFailure(
+                    "upstream_error", "the upstream sent a malformed stream chunk"
+                ) from None
             if chunk.get("usage"):
                 self.state.usage = Usage.from_openai(chunk["usage"])
                 if not chunk.get("choices") and not self.include_usage:
