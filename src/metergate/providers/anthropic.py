@@ -44,8 +44,9 @@ class AnthropicAdapter(Adapter):
         headers = {"anthropic-version": API_VERSION}
         if config.api_key is not None:
             headers["x-api-key"] = config.api_key.get_secret_value()
-        self.transport = HttpTransport(config, headers)
-        self.url = f"{config.base_url or DEFAULT_BASE_URL}/v1/messages"
+        base = config.base_url or DEFAULT_BASE_URL
+        self.transport = HttpTransport(config, headers, base)
+        self.url = f"{base}/v1/messages"
 
     async def start(self) -> None:
         await self.transport.start()
@@ -64,7 +65,7 @@ class AnthropicAdapter(Adapter):
         payload = {**to_messages_request(call.body, call.model), "stream": True}
         response = await self.transport.open_stream(self.url, payload, call.timeouts)
         translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
+        async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:
                 yield out
 

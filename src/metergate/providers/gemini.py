@@ -62,8 +62,9 @@ class GeminiAdapter(Adapter):
         headers = {}
         if config.api_key is not None:
             headers["x-goog-api-key"] = config.api_key.get_secret_value()
-        self.transport = _GeminiTransport(config, headers)
-        self.base = f"{config.base_url or DEFAULT_BASE_URL}/v1beta/models"
+        base = config.base_url or DEFAULT_BASE_URL
+        self.transport = _GeminiTransport(config, headers, base)
+        self.base = f"{base}/v1beta/models"
 
     async def start(self) -> None:
         await self.transport.start()
@@ -87,7 +88,7 @@ class GeminiAdapter(Adapter):
             url, to_generate_request(call.body), call.timeouts
         )
         translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
+        async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:
                 yield out
 
@@ -187,7 +188,9 @@ class _StreamTranslator:
 class _GeminiTransport(HttpTransport):
     """Reads the two Gemini error details that the generic classification cannot see."""
 
-    def failure_from_response(self, status: int, headers: Any, body: bytes) -> UpstreamFailure:
+    def failure_from_response(
+        self, status: int, headers: dict[bytes, bytes], body: bytes
+    ) -> UpstreamFailure:
         details = _error_details(body)
         if status == 400 and any(d.get("reason") == "API_KEY_INVALID" for d in details):
             # Gemini answers a bad API key with 400 INVALID_ARGUMENT; the gateway's config is

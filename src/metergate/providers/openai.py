@@ -35,8 +35,8 @@ class OpenAIAdapter(Adapter):
         headers = {}
         if config.api_key is not None:
             headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        self.transport = HttpTransport(config, headers)
         base = config.base_url or ""
+        self.transport = HttpTransport(config, headers, base)
         self.chat_url = f"{base}/chat/completions"
         self.embeddings_url = f"{base}/embeddings"
 
@@ -63,7 +63,7 @@ class OpenAIAdapter(Adapter):
         payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
         response = await self.transport.open_stream(self.chat_url, payload, call.timeouts)
         translator = _PassThrough(call.include_usage, state)
-        async with aclosing(relay(self.transport, response, translator, call.timeouts)) as chunks:
+        async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:
                 yield out
 

@@ -13,11 +13,10 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-import aiohttp
 import orjson
 
-from metergate.config.model import Timeouts
 from metergate.providers.base import UpstreamFailure, Usage
+from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
 
@@ -197,33 +196,22 @@ class EventTranslator(Protocol):
 
 
 async def relay(
-    transport: HttpTransport,
-    response: aiohttp.ClientResponse,
-    translator: EventTranslator,
-    timeouts: Timeouts,
+    transport: HttpTransport, response: StreamResponse, translator: EventTranslator
 ) -> AsyncGenerator[bytes, None]:
     """Read an upstream SSE stream and yield its translation, one item per network read.
 
-    Until the first chunk the read timeout is `first_byte`; after it, `stream_idle`.
+    The client bounds the wait for the first chunk by `first_byte` and every later gap
+    by `stream_idle`; closing returns the connection to the pool only if the stream was
+    read to its end.
     """
     decoder = SSEDecoder()
-    waiting_for_first = True
-    completed = False
     try:
-        async for chunk in response.content.iter_any():
-            if waiting_for_first:
-                waiting_for_first = False
-                if response.connection is not None:
-                    protocol = response.connection.protocol
-                    protocol.read_timeout = timeouts.stream_idle
-                    # Re-arm now: the running timer was started with first_byte.
-                    protocol.start_timeout()
+        async for chunk in response:
             out = b"".join(translator.feed(event) for event in decoder.feed(chunk))
             if out:
                 yield out
         tail = b"".join(translator.feed(event) for event in decoder.flush())
         tail += translator.finish()
-        completed = True
         if tail:
             yield tail
     except UpstreamFailure:
@@ -231,7 +219,4 @@ async def relay(
     except Exception as exc:
         raise transport.failure_from_exception(exc) from exc
     finally:
-        if completed:
-            response.release()  # back to the pool for the next request
-        else:
-            response.close()  # unread bytes must not reach the next request
+        response.close()

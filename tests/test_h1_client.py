@@ -1,0 +1,187 @@
+"""The hot path's HTTP/1.1 client against raw servers that control every byte."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from metergate.providers.h1 import (
+    ConnectFailed,
+    Deadlines,
+    Disconnected,
+    HttpClient,
+    ReadTimeout,
+)
+
+FAST = Deadlines(connect=1, first_byte=0.5, total=2, idle=None)
+STREAM = Deadlines(connect=1, first_byte=0.5, total=None, idle=0.3)
+HEAD = b"content-type: application/json\r\n"
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    return head + await reader.readexactly(length)
+
+
+@asynccontextmanager
+async def server(handler: Handler, tls: ssl.SSLContext | None = None
+                 ) -> AsyncIterator[tuple[str, list[int]]]:
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}", connections
+    finally:
+        srv.close()
+
+
+def answer(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def test_keep_alive_reuses_one_connection():
+    async def handler(reader, writer):
+        while True:
+            request = await read_request(reader)
+            writer.write(answer(b'{"echo": %d}' % len(request)))
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=4)
+        for _ in range(5):
+            response = await client.post("/v1/x", HEAD, b"{}", FAST)
+            assert response.status == 200 and response.body.startswith(b'{"echo"')
+        assert len(connections) == 1
+        await client.close()
+
+
+async def test_chunked_gzip_and_close_delimited_bodies():
+    payload = b'{"usage": {"prompt_tokens": 3}}'
+    packed = gzip.compress(payload)
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Encoding: gzip\r\n\r\n")
+        for piece in (packed[:5], packed[5:]):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + payload)
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, max_connections=1)
+        assert (await client.post("/", HEAD, b"{}", FAST)).body == payload
+        assert (await client.post("/", HEAD, b"{}", FAST)).body == payload
+        await client.close()
+
+
+async def test_timeouts_and_failures_say_whether_the_answer_had_started():
+    async def hang(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def reset_mid_body(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"par")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with server(hang) as (url, _):
+        with pytest.raises(ReadTimeout) as timed_out:
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        assert timed_out.value.partial is False
+    async with server(reset_mid_body) as (url, _):
+        with pytest.raises(Disconnected) as cut:
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        assert cut.value.partial is True
+    with pytest.raises(ConnectFailed):
+        await HttpClient("http://127.0.0.1:9", 1).post("/", HEAD, b"{}", FAST)
+
+
+async def test_stream_idle_timeout_applies_after_the_first_chunk():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0.4)  # within first_byte (0.5)
+        writer.write(b"5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.45)  # beyond stream idle (0.3)
+        writer.write(b"4\r\nlate\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, 1)
+        response = await client.stream("/", HEAD, b"{}", STREAM)
+        received = []
+        with pytest.raises(ReadTimeout) as stalled:
+            async for chunk in response:
+                received.append(chunk)
+        response.close()
+        assert received == [b"first"] and stalled.value.partial is True
+
+
+async def test_pool_limit_makes_callers_wait_then_gives_up():
+    release = asyncio.Event()
+
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(answer(b"{}"))
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=2)
+        slow = [asyncio.create_task(client.post("/", HEAD, b"{}", FAST)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConnectFailed, match="all 2 connections"):
+            await client.post("/", HEAD, b"{}", Deadlines(0.1, 0.5, 2, None))
+        release.set()
+        assert [r.status for r in await asyncio.gather(*slow)] == [200, 200]
+        assert len(connections) == 2
+
+
+async def test_tls_with_certificate_checks(tmp_path: Path, monkeypatch):
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl ships with Debian"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    assert await made.wait() == 0
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b'{"secure": true}'))
+
+    async with server(handler, tls) as (url, _):
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it, as an operator's CA
+        response = await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        assert response.body == b'{"secure": true}'
