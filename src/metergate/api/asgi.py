@@ -6,9 +6,10 @@ A framework would add routing layers and request objects that this path does not
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -28,6 +29,17 @@ SSE_HEADERS = [
 ]
 
 
+def _ids() -> Iterator[str]:
+    """Request ids unique across processes and restarts: a random per-process prefix and
+    a counter (a fresh random id per request cost a system call each)."""
+    prefix = "req_" + secrets.token_hex(6)
+    for number in itertools.count(1):
+        yield f"{prefix}{number:012x}"
+
+
+_request_ids = _ids()
+
+
 class Request:
     """What a handler needs of one HTTP request: headers, body, id and start time."""
 
@@ -40,7 +52,7 @@ class Request:
         self.body_size = 0
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         caller_id = self.headers.get(b"x-request-id")
-        self.id = caller_id.decode("latin-1")[:128] if caller_id else "req_" + secrets.token_hex(12)
+        self.id = caller_id.decode("latin-1")[:128] if caller_id else next(_request_ids)
 
     async def body(self, limit: int) -> bytes:
         chunks: list[bytes] = []

@@ -272,10 +272,14 @@ class HttpClient:
         self._max = max_connections
 
     async def _checkout(self, deadlines: Deadlines) -> _Connection:
-        try:
-            await asyncio.wait_for(self._slots.acquire(), deadlines.connect)
-        except TimeoutError:
-            raise ConnectFailed(f"all {self._max} connections to {self.netloc} are busy") from None
+        if self._slots.locked():  # only then wait, under a deadline (wait_for costs a task)
+            try:
+                await asyncio.wait_for(self._slots.acquire(), deadlines.connect)
+            except TimeoutError:
+                busy = f"all {self._max} connections to {self.netloc} are busy"
+                raise ConnectFailed(busy) from None
+        else:
+            await self._slots.acquire()
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
