@@ -69,8 +69,15 @@ def rollback(
         raise typer.Exit(1)
     path = Path(target.source)
     if path.is_file() and path.resolve() != DEFAULT_CONFIG.resolve():
-        path.write_text(target.body, encoding="utf-8")
-        console.print(f"wrote v{target.id} back to {path}")
+        try:
+            path.write_text(target.body, encoding="utf-8")
+            console.print(f"wrote v{target.id} back to {path}")
+        except OSError as exc:
+            errors.print(
+                f"gateways run v{target.id} now, but {path} could not be rewritten "
+                f"({exc.strerror}); restore it by hand (e.g. the ConfigMap) so that a restart "
+                "keeps this version"
+            )
     console.print(
         f"config rolled back to v{target.id} (recorded as v{result.id}); "
         "running gateways apply it within a few seconds"
