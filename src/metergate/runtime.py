@@ -6,7 +6,8 @@ a `Plan`; applying a new config builds a new plan and swaps it in with no `await
 between the assignments, so every request sees one plan or the other, never a mix.
 Requests already running finish on the old plan; its adapters close once idle. What did
 not change is carried over: adapters keep their connections, circuit breakers and
-budget spend their state.
+budget spend their state, rate limits their buckets, and the Redis link (`redis:`,
+shared state for a fleet) its connections and this process's holds.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from metergate import __version__
 from metergate.auth.index import KeyIndex
 from metergate.budgets import BudgetBook
+from metergate.budgets.book import Budget, ledger_spend
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
 from metergate.config.model import GatewayConfig
+from metergate.limits.admission import Gate
+from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
@@ -29,9 +34,13 @@ from metergate.rollout import RolloutController
 from metergate.routing.dispatch import Dispatcher
 from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
+from metergate.shared.state import SharedState
 from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
 from metergate.storage.keys import list_keys
+
+if TYPE_CHECKING:
+    from metergate.mcp.gateway import McpGateway
 
 log = logging.getLogger("metergate")
 
@@ -48,6 +57,8 @@ class Plan:
     budgets: BudgetBook
     cache: ResponseCache | None
     rollouts: RolloutController
+    gate: Gate  # rate limits + budgets, admitted in one step
+    shared: SharedState | None  # Redis, when configured
 
 
 class Runtime:
@@ -68,7 +79,18 @@ class Runtime:
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._switching = asyncio.Lock()  # one config change at a time
         self._install(self._build(config, config_versions.text_hash(self.text), None))
+        self.mcp: McpGateway | None = None
+        if config.mcp is not None:
+            try:
+                from metergate.mcp.gateway import McpGateway
+            except ImportError as exc:
+                raise RuntimeError(
+                    "the config has an mcp: section; install it with pip install "
+                    "'metergate[mcp]'"
+                ) from exc
+            self.mcp = McpGateway(config.mcp, self)
 
     # The current plan's parts, read by the request handlers.
     config: GatewayConfig
@@ -79,6 +101,8 @@ class Runtime:
     budgets: BudgetBook
     cache: ResponseCache | None
     rollouts: RolloutController
+    gate: Gate
+    shared: SharedState | None
 
     def _build(self, config: GatewayConfig, version: str, old: Plan | None) -> Plan:
         adapters = {
@@ -104,20 +128,33 @@ class Runtime:
             if old and old.config.retry_budget == config.retry_budget
             else RetryBudget(config.retry_budget)
         )
+        shared = (
+            old.shared
+            if old and old.config.redis == config.redis
+            else (SharedState(config.redis, self.metrics) if config.redis else None)
+        )
         cache = (
             old.cache
-            if old and old.config.cache == config.cache
-            else (ResponseCache(config.cache) if config.cache.enabled else None)
+            if old and old.config.cache == config.cache and old.shared is shared
+            else (
+                ResponseCache(config.cache, shared.cache if shared else None)
+                if config.cache.enabled
+                else None
+            )
         )
+        budgets = BudgetBook(config.budgets, self.metrics, carry=old.budgets if old else None)
+        rates = RateLimiter(config.rate_limits, carry=old.gate.rates if old else None)
         return Plan(
             config=config,
             version=version,
             adapters=adapters,
             router=router,
             dispatcher=Dispatcher(self.metrics, retry_budget),
-            budgets=BudgetBook(config.budgets, self.metrics, carry=old.budgets if old else None),
+            budgets=budgets,
             cache=cache,
             rollouts=rollouts,
+            gate=Gate(budgets, rates, shared.counters if shared else None),
+            shared=shared,
         )
 
     def _install(self, plan: Plan) -> None:
@@ -130,6 +167,8 @@ class Runtime:
         self.budgets = plan.budgets
         self.cache = plan.cache
         self.rollouts = plan.rollouts
+        self.gate = plan.gate
+        self.shared = plan.shared
 
     def _circuit_changed(self, upstream: str, state: int) -> None:
         self.metrics.circuit_state.labels(upstream).set(state)
@@ -144,7 +183,10 @@ class Runtime:
         self.ledger = LedgerWriter(self.database, on_pending=self.metrics.ledger_pending.set)
         self.meter.ledger = self.ledger
         await self.ledger.start()
+        await self._start_shared(self.plan)
         await self.keys.start()
+        if self.mcp is not None:
+            await self.mcp.start()
         for adapter in self.adapters.values():
             await adapter.start()
         await self.rollouts.start(self.database)
@@ -166,8 +208,9 @@ class Runtime:
             log.error("config reload (%s) refused, keeping version %s:\n%s", trigger,
                       self.version, error)
             raise
-        applied = await self.apply(loaded.config, loaded.text, loaded.source)
-        await config_versions.record(self.database, loaded.text, loaded.source, trigger)
+        async with self._switching:  # the follower must not apply the previous version
+            applied = await self.apply(loaded.config, loaded.text, loaded.source)
+            await config_versions.record(self.database, loaded.text, loaded.source, trigger)
         return applied
 
     async def _follow_config(self, every: float = 2.0) -> None:
@@ -178,11 +221,12 @@ class Runtime:
             await asyncio.sleep(every)
             try:
                 assert self.database is not None
-                newest = await config_versions.latest(self.database)
-                if newest is None or newest.hash in (self.version, refused):
-                    continue
-                config = parse_config(newest.body, newest.source)
-                await self.apply(config, newest.body, newest.source)
+                async with self._switching:
+                    newest = await config_versions.latest(self.database)
+                    if newest is None or newest.hash in (self.version, refused):
+                        continue
+                    config = parse_config(newest.body, newest.source)
+                    await self.apply(config, newest.body, newest.source)
             except ConfigError as error:
                 refused = newest.hash if newest else None
                 log.error("config version %s cannot be applied here, keeping %s:\n%s",
@@ -203,20 +247,33 @@ class Runtime:
                 await adapter.start()
         await self.ledger.flush()  # budgets that changed rebuild their spend from the ledger
         await plan.budgets.load(self.database, only_new=True)
+        if plan.shared is not old.shared:
+            await self._start_shared(plan)
         await old.rollouts.close()
         await plan.rollouts.start(self.database)
         self._install(plan)
+        if self.mcp is not None and config.mcp is not None:
+            await self.mcp.apply(config.mcp)
         self.text, self.source = text, source
         self._export_static_metrics(old)
         retiring = [a for n, a in old.adapters.items() if plan.adapters.get(n) is not a]
-        task = asyncio.create_task(self._retire(old, retiring))
+        task = asyncio.create_task(
+            self._retire(old, retiring, old.shared if old.shared is not plan.shared else None)
+        )
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
         log.info("config %s applied (was %s) from %s", version, old.version, source)
         return True
 
-    async def _retire(self, old: Plan, adapters: list[Adapter], limit: float = 600) -> None:
-        """Close the old plan's replaced adapters once no request uses them any more."""
+    async def _retire(
+        self,
+        old: Plan,
+        adapters: list[Adapter],
+        shared: SharedState | None = None,
+        limit: float = 600,
+    ) -> None:
+        """Close the old plan's replaced adapters (and Redis link) once no request uses
+        them any more."""
         waited = 0.0
         while waited < limit and any(
             d.in_flight for d in old.router.deployments.values() if d.adapter in adapters
@@ -225,6 +282,29 @@ class Runtime:
             waited += 0.5
         for adapter in adapters:
             await adapter.close()
+        if shared is not None:
+            await shared.close()
+
+    async def _start_shared(self, plan: Plan) -> None:
+        """Connect to Redis and seed the budgets' shared counters from the ledger; the
+        same seeding runs again each time Redis comes back after an outage."""
+        shared = plan.shared
+        if shared is None:
+            return
+        database, ledger = self.database, self.ledger
+        assert database is not None and ledger is not None
+
+        async def spend_of(budget: Budget, until: float | None) -> int:
+            return await ledger_spend(database, budget, until)
+
+        async def resync() -> None:  # on the plan in force (or being installed)
+            assert shared is not None
+            book = self.budgets if self.plan.shared is shared else plan.budgets
+            await shared.counters.resync(book, ledger.flush)
+
+        shared.counters.spend_of = spend_of
+        shared.link.on_recover = resync
+        await shared.start()
 
     def _export_static_metrics(self, old: Plan | None) -> None:
         if old is not None:
@@ -236,10 +316,14 @@ class Runtime:
 
     async def close(self) -> None:
         self.ready = False
+        if self.mcp is not None:
+            await self.mcp.close()
         for task in [*self._retired, *([self._follower] if self._follower else [])]:
             task.cancel()
         await self.keys.close()
         await self.rollouts.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self.budgets.close()
         for adapter in self.adapters.values():
             await adapter.close()

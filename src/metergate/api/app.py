@@ -47,6 +47,10 @@ class GatewayApp:
             routes[("POST", f"{prefix}/chat/completions")] = chat
             routes[("POST", f"{prefix}/embeddings")] = embeddings
             routes[("GET", f"{prefix}/models")] = info.models
+        if self.runtime.mcp is not None:
+            self.runtime.mcp.app = self  # its `chat` tool calls /v1/chat/completions in process
+            for method in ("GET", "POST", "DELETE"):
+                routes[(method, "/mcp")] = self.runtime.mcp.handle
         self.routes = routes
         self.paths = {path for _, path in routes}
         self._background: set[asyncio.Task[bool]] = set()

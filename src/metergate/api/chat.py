@@ -1,7 +1,8 @@
 """POST /v1/chat/completions and /v1/embeddings: the gateway's hot path, top to bottom.
 
-request in → authenticate → parse → route → call upstream → meter → respond.
-Ledger writes and other side work happen off this path (see metering.ledger).
+request in → authenticate → parse → route → caps → cache → admit (rate limits and
+budget hold) → call upstream → settle → meter → respond. Ledger writes, and with Redis
+the settling, happen off this path (see metering.ledger, shared.counters).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class CompletionsHandler:
         self, request: Request, send: Send, log: RequestLog, headers: list[tuple[bytes, bytes]]
     ) -> Reply:
         runtime = self.runtime
+        gate = runtime.gate  # admit and settle on one plan, whatever reloads meanwhile
         key = await runtime.keys.authenticate(request.headers)
         log.key = key.name
         body = await request.json(runtime.config.server.max_body_bytes)
@@ -76,16 +78,17 @@ class CompletionsHandler:
         streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
-        budgets = runtime.budgets.applicable(key.name, route.name)
+        budgets = gate.budgets.applicable(key.name, route.name)
         if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         cache_key = None
         if runtime.cache is not None and route.config.cache and not streaming:
-            cache_key, hit = self._cache_lookup(request, body, key.name, route.name)
+            cache_key, hit = await self._cache_lookup(request, body, key.name, route.name)
             if hit is not None:
                 return _from_cache(hit, log, headers)
         worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
-        reservation = runtime.budgets.reserve(budgets, worst)
+        admission = await gate.admit(key.name, route.name, budgets, worst)
+        headers += admission.headers
         active = runtime.metrics.active_requests.labels(route.name)
         active.inc()
         try:
@@ -95,13 +98,15 @@ class CompletionsHandler:
             reply = await self._unary(body, route, log, headers)
             if cache_key is not None:
                 assert runtime.cache is not None and log.usage is not None
-                runtime.cache.put(cache_key, reply.body, log.usage, log.upstream, log.cost_nano)
+                await runtime.cache.store(
+                    cache_key, reply.body, log.usage, log.upstream, log.cost_nano
+                )
             return reply
         finally:
             active.dec()
-            runtime.budgets.settle(reservation, log.cost_nano)
+            gate.settle(admission, log.cost_nano, log.usage)
 
-    def _cache_lookup(
+    async def _cache_lookup(
         self, request: Request, body: dict[str, Any], key: str, model: str
     ) -> tuple[bytes | None, CachedResponse | None]:
         """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
@@ -113,7 +118,7 @@ class CompletionsHandler:
         cache_key = cache.key(self.kind, body, key)
         if b"no-cache" in control:
             return cache_key, None
-        hit = cache.get(cache_key)
+        hit = await cache.lookup(cache_key)
         self.runtime.metrics.cache_requests.labels(model, "miss" if hit is None else "hit").inc()
         return cache_key, hit
 

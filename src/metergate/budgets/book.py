@@ -5,6 +5,11 @@ upstream is called, and the check and the reservation happen with no `await` bet
 them, so concurrent requests in this process can never jointly pass a hard limit.
 After the call the reservation is replaced by the real cost. Spend is in integer
 nano-USD, like the ledger, and is rebuilt from the ledger at start.
+
+This book holds the policy (which budgets apply, periods, thresholds, the refusal) and
+the in-process counters. With Redis configured, `metergate.limits.admission` reserves
+and settles on the fleet's shared counters instead (`metergate.shared.counters`), and
+reports the fleet's spend back here through `observe`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ class Budget:
     start: float = 0.0
     end: float = 0.0
     spent_nano: int = 0
-    reserved_nano: int = 0
+    reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
+    unsynced_nano: int = 0  # settled here while Redis was unreachable, not yet shared
     announced: set[int] = field(default_factory=set)
 
     def describe(self) -> str:
@@ -83,22 +89,18 @@ class BudgetBook:
 
     async def load(self, database: Database, only_new: bool = False) -> None:
         """Rebuild each budget's spend in its current period from the ledger."""
-        for budget in self.budgets:
-            if only_new and budget.name in self._carried:
-                continue
-            sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
-            params: list[object] = [budget.start, budget.end]
-            if budget.config.scope != "global":
-                sql += " AND key_name = ?" if budget.config.scope == "key" else " AND model = ?"
-                params.append(budget.config.target)
-            ((spent,),) = await database.fetch(sql, params)
-            budget.spent_nano = int(spent)
+        for budget in self.loadable(only_new):
+            budget.spent_nano = await ledger_spend(database, budget)
             budget.announced = {
                 p
                 for p in budget.config.alert_at_percent
                 if budget.spent_nano * 100 >= budget.limit_nano * p
             }
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+
+    def loadable(self, only_new: bool = False) -> list[Budget]:
+        """The budgets `load` rebuilds: all, or only those a reload did not carry over."""
+        return [b for b in self.budgets if not (only_new and b.name in self._carried)]
 
     def applicable(self, key: str, model: str) -> tuple[Budget, ...]:
         found = self._applicable.get((key, model))
@@ -117,14 +119,12 @@ class BudgetBook:
         """Hold `worst_nano` on every budget, or refuse with 429 if a hard one would pass."""
         if not budgets:
             return _NONE
-        now = time.time()
+        self.roll(budgets)
         for budget in budgets:
-            if now >= budget.end:
-                self._roll_over(budget, now)
             if budget.config.hard and (
                 budget.spent_nano + budget.reserved_nano + worst_nano > budget.limit_nano
             ):
-                raise _exhausted(budget, worst_nano)
+                raise exhausted(budget, worst_nano, budget.spent_nano, budget.reserved_nano)
         for budget in budgets:
             budget.reserved_nano += worst_nano
         return Reservation(budgets, worst_nano)
@@ -137,9 +137,33 @@ class BudgetBook:
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
             self._announce_crossings(budget)
 
+    def observe(self, budget: Budget, spent_nano: int, claimed: set[int] | None = None) -> None:
+        """Take the fleet's spend (read back from Redis after a settle) as this budget's.
+
+        `claimed`: the thresholds this process won the right to announce; the others
+        the new spend crosses were (or will be) announced by another process."""
+        budget.spent_nano = spent_nano
+        self.metrics.budget_spent.labels(budget.name).set(spent_nano / 1e9)
+        if claimed is None:
+            self._announce_crossings(budget)
+            return
+        for percent in budget.config.alert_at_percent:
+            if percent in claimed:
+                self._announce(budget, percent)
+            elif spent_nano * 100 >= budget.limit_nano * percent:
+                budget.announced.add(percent)
+
+    def roll(self, budgets: tuple[Budget, ...]) -> None:
+        """Start a new period on every budget whose period has ended."""
+        now = time.time()
+        for budget in budgets:
+            if now >= budget.end:
+                self._roll_over(budget, now)
+
     def _roll_over(self, budget: Budget, now: float) -> None:
         budget.start, budget.end = period_bounds(now, budget.config.period, budget.config.timezone)
         budget.spent_nano = 0
+        budget.unsynced_nano = 0
         budget.announced.clear()
         self.metrics.budget_spent.labels(budget.name).set(0)
         log.info("budget %s: new period from %s", budget.name, iso(budget.start))
@@ -150,34 +174,55 @@ class BudgetBook:
                 continue
             if budget.spent_nano * 100 < budget.limit_nano * percent:
                 break
-            budget.announced.add(percent)
-            spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
-            text = (
-                f"metergate budget {budget.name!r} ({budget.describe()}) passed {percent}%: "
-                f"${spent:.2f} of ${limit:.2f}, period resets {iso(budget.end)}"
+            self._announce(budget, percent)
+
+    def _announce(self, budget: Budget, percent: int) -> None:
+        """Log, count and (when configured) post one threshold crossing, once."""
+        if percent in budget.announced:
+            return
+        budget.announced.add(percent)
+        spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
+        text = (
+            f"metergate budget {budget.name!r} ({budget.describe()}) passed {percent}%: "
+            f"${spent:.2f} of ${limit:.2f}, period resets {iso(budget.end)}"
+        )
+        log.warning(text)
+        self.metrics.budget_alerts.labels(budget.name, str(percent)).inc()
+        if budget.config.webhook_url:
+            self.notifier.send(
+                budget.config.webhook_url,
+                text,
+                {
+                    "budget": budget.name,
+                    "percent": percent,
+                    "spent_usd": spent,
+                    "limit_usd": limit,
+                    "resets_at": iso(budget.end),
+                },
             )
-            log.warning(text)
-            self.metrics.budget_alerts.labels(budget.name, str(percent)).inc()
-            if budget.config.webhook_url:
-                self.notifier.send(
-                    budget.config.webhook_url,
-                    text,
-                    {
-                        "budget": budget.name,
-                        "percent": percent,
-                        "spent_usd": spent,
-                        "limit_usd": limit,
-                        "resets_at": iso(budget.end),
-                    },
-                )
 
     async def close(self) -> None:
         await self.notifier.close()
 
 
-def _exhausted(budget: Budget, worst_nano: int) -> GatewayError:
-    spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
-    reserved = budget.reserved_nano / 1e9
+async def ledger_spend(database: Database, budget: Budget, until: float | None = None) -> int:
+    """What the ledger (the source of truth) says this budget spent in its period
+    (by requests that finished before `until`, when given)."""
+    sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
+    end = budget.end if until is None else min(budget.end, until)
+    params: list[object] = [budget.start, end]
+    if budget.config.scope != "global":
+        sql += " AND key_name = ?" if budget.config.scope == "key" else " AND model = ?"
+        params.append(budget.config.target)
+    ((spent,),) = await database.fetch(sql, params)
+    return int(spent)
+
+
+def exhausted(budget: Budget, worst_nano: int, spent_nano: int, held_nano: int) -> GatewayError:
+    """The 429 for a hard budget that `worst_nano` more would pass (same text whether the
+    numbers are this process's or the fleet's)."""
+    spent, limit = spent_nano / 1e9, budget.limit_nano / 1e9
+    reserved = held_nano / 1e9
     message = (
         f"budget {budget.name!r} ({budget.describe()}) would be exceeded: limit ${limit:.6f}, "
         f"spent ${spent:.6f}, held by requests in flight ${reserved:.6f}, this request may "

@@ -3,6 +3,9 @@
 Keys are a hash of the request body with sorted keys, the model and (unless the cache
 is shared) the caller's key name, so one service never receives another's answer.
 Only successful non-streamed answers are stored.
+
+With Redis configured, `lookup` and `store` use the shared store (one cached answer
+serves the whole fleet) and fall back to this process's LRU while Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from metergate.config.model import CacheConfig
 from metergate.providers.base import Usage
+from metergate.shared.redis import Unavailable
+
+if TYPE_CHECKING:
+    from metergate.shared.cache import SharedCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,13 +32,44 @@ class CachedResponse:
     usage: Usage
     upstream: str
     cost_nano: int  # what the original call cost: the saving of every hit
-    expires: float
+    expires: float  # monotonic; in-process entries only (Redis expires its own)
 
 
 class ResponseCache:
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, shared: SharedCache | None = None) -> None:
         self.config = config
+        self.shared = shared
         self._entries: OrderedDict[bytes, CachedResponse] = OrderedDict()
+
+    async def lookup(self, key: bytes) -> CachedResponse | None:
+        """The shared store when Redis is reachable, else this process's LRU."""
+        if self.shared is not None and self.shared.link.up:
+            try:
+                raw = await self.shared.get(key)
+            except Unavailable:
+                return self.get(key)
+            return None if raw is None else _decode(raw)
+        return self.get(key)
+
+    async def store(
+        self, key: bytes, body: bytes, usage: Usage, upstream: str, cost_nano: int
+    ) -> None:
+        if self.shared is not None and self.shared.link.up:
+            head = orjson.dumps(
+                [
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.output_tokens,
+                    upstream,
+                    cost_nano,
+                ]
+            )
+            try:
+                await self.shared.set(key, head + b"\n" + body, self.config.ttl_seconds)
+                return
+            except Unavailable:
+                pass
+        self.put(key, body, usage, upstream, cost_nano)
 
     def key(self, kind: str, body: dict[str, Any], key_name: str) -> bytes:
         scope = "" if self.config.shared_across_keys else key_name
@@ -57,3 +95,10 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _decode(raw: bytes) -> CachedResponse:
+    """A shared entry: one JSON line of metadata, then the answer's bytes."""
+    head, _, body = raw.partition(b"\n")
+    input_tokens, cached, output, upstream, cost_nano = orjson.loads(head)
+    return CachedResponse(body, Usage(input_tokens, cached, output), upstream, cost_nano, 0.0)

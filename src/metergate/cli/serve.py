@@ -29,13 +29,21 @@ def serve(
     """Start the gateway. Without --config it serves simulated demo models on SQLite."""
     source = read_or_exit(config)
     loaded = source.config
-    if workers > 1 and any(budget.hard for budget in loaded.budgets.values()):
-        errors.print(
-            "hard budgets are enforced exactly within one process; with --workers > 1 each "
-            "worker would admit the whole limit. Run one worker per gateway, or make the "
-            "budgets soft (hard: false)."
-        )
-        raise typer.Exit(2)
+    if workers > 1 and loaded.redis is None:
+        if any(budget.hard for budget in loaded.budgets.values()):
+            errors.print(
+                "hard budgets are enforced exactly within one process; with --workers > 1 "
+                "each worker would admit the whole limit. Configure redis: (budgets and rate "
+                "limits shared by all workers and replicas), run one worker per gateway, or "
+                "make the budgets soft (hard: false)."
+            )
+            raise typer.Exit(2)
+        if loaded.rate_limits.keys or loaded.rate_limits.models:
+            console.print(
+                f"[yellow]warning:[/yellow] without redis: each of the {workers} workers "
+                "enforces the rate limits on its own, so together they admit up to "
+                f"{workers} times each limit"
+            )
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
     logging.basicConfig(

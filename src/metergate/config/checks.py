@@ -101,6 +101,13 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 "source prometheus needs a URL",
                 "e.g. http://127.0.0.1:9090",
             )
+    for name in config.rate_limits.models:
+        if name != "*" and name not in config.models:
+            yield (
+                ("rate_limits", "models", name),
+                f"unknown model {name!r}",
+                f"declared models: {', '.join(sorted(config.models))}; or * for each model",
+            )
     models_in_rollouts = [r.model for r in config.rollouts.values()]
     for name, rollout in config.rollouts.items():
         if models_in_rollouts.count(rollout.model) > 1:

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from metergate.mcp.config import McpConfig
+
 ProviderType = Literal["openai", "anthropic", "gemini", "simulated"]
 ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
 
@@ -92,7 +94,7 @@ class RetryConfig(Strict):
     """Retries of one model's deployments, with exponential backoff and full jitter."""
 
     max_retries: int = Field(default=2, ge=0, le=10)
-    on: list[RetryableOutcome] = Field(
+    retry_on: list[RetryableOutcome] = Field(
         default_factory=lambda: ["connection_error", "timeout", "rate_limited", "upstream_error"]
     )
     backoff_base: float = Field(default=0.25, ge=0)
@@ -197,6 +199,44 @@ class CacheConfig(Strict):
     shared_across_keys: bool = False
 
 
+class RedisConfig(Strict):
+    """Shared state for a fleet: budgets, rate limits and the cache live in one Redis."""
+
+    url: str
+    on_failure: Literal["open", "closed"] = Field(
+        default="open",
+        description="Redis unreachable: open = serve on this process's own counters, "
+        "closed = refuse (503) requests that need budgets or rate limits",
+    )
+    key_prefix: str = "mg:"
+    timeout_seconds: float = Field(
+        default=0.25, gt=0, le=10, description="socket timeout of each Redis call (hot path)"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be redis://HOST:PORT/DB, rediss://... or unix:///PATH")
+        return value
+
+
+class RateLimit(Strict):
+    """Requests and tokens per minute. In a named entry, a field left out is taken from
+    the `*` entry and `null` lifts it."""
+
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute (in + out)")
+
+
+class RateLimitsConfig(Strict):
+    """`keys`: per gateway key (`*` = every key, each on its own); `models`: per model
+    name, across all keys (`*` = every model, each on its own)."""
+
+    keys: dict[str, RateLimit] = Field(default_factory=dict)
+    models: dict[str, RateLimit] = Field(default_factory=dict)
+
+
 class RolloutGates(Strict):
     """A stage passes when the candidate stays within every gate (the write-up's
     rollback triggers are the defaults: error rate over 10%, p99 over 30 s, 5xx)."""
@@ -246,6 +286,9 @@ class GatewayConfig(Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     budgets: dict[str, BudgetConfig] = Field(default_factory=dict)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    rate_limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    redis: RedisConfig | None = None
     retry_budget: RetryBudgetConfig = Field(default_factory=RetryBudgetConfig)
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    mcp: McpConfig | None = None

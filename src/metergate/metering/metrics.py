@@ -173,6 +173,19 @@ class Metrics:
         )
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._attempts: dict[tuple[str, str], Any] = {}
+        self._redis_up: Gauge | None = None
+
+    def redis_up(self) -> Gauge:
+        """`metergate_redis_up`, registered on first use: only a gateway configured with
+        Redis exports it (an untouched gauge would read 0, "down", everywhere else)."""
+        if self._redis_up is None:
+            self._redis_up = Gauge(
+                "metergate_redis_up",
+                "1 while the shared-state Redis is reachable, 0 while degraded.",
+                registry=self.registry,
+                multiprocess_mode="livemin",
+            )
+        return self._redis_up
 
     def series(self, model: str, upstream: str, key: str) -> _Series:
         found = self._series.get((model, upstream, key))

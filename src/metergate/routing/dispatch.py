@@ -102,7 +102,7 @@ class Dispatcher:
                     or failure.partial  # the upstream did the work: not redone, not even elsewhere
                 ):
                     raise failure
-                if failure.outcome not in policy.on or retries >= policy.max_retries:
+                if failure.outcome not in policy.retry_on or retries >= policy.max_retries:
                     break
                 wait = 0.0
                 if not _untried_available(current, tried):

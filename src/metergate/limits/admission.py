@@ -1,0 +1,109 @@
+"""Admission: a request's rate limits and budgets, checked and taken in one step.
+
+Rate limits are checked first, then hard budgets; only when every one passes is
+anything taken (a request from each request bucket, a hold on each budget), so a
+refused request costs nothing. Without Redis this is the in-process rate limiter and
+budget book, with no `await` between check and take. With Redis it is one script call
+(`metergate.shared.counters`); when Redis is unreachable, `redis.on_failure` decides:
+`open` falls back to this process's counters, `closed` refuses with a 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from metergate.api.errors import GatewayError
+from metergate.budgets.book import Budget, BudgetBook, Reservation
+from metergate.limits.rate import Bucket, RateLimiter, ratelimit_headers
+from metergate.providers.base import Usage
+from metergate.shared.redis import Unavailable
+
+if TYPE_CHECKING:
+    from metergate.shared.counters import BudgetKeys, SharedCounters
+
+
+@dataclass(slots=True, eq=False)
+class Admission:
+    """What an admitted request took, to be settled when it ends."""
+
+    buckets: tuple[Bucket, ...]
+    reservation: Reservation
+    headers: list[tuple[bytes, bytes]]  # x-ratelimit-*, on every response of a limited request
+    keys: tuple[BudgetKeys, ...] | None = None  # the budgets' Redis keys, when held there
+
+
+NOTHING = Admission((), Reservation((), 0), [])
+
+
+class Gate:
+    """Admits requests against one config's rate limits and budgets, and settles them."""
+
+    def __init__(
+        self, budgets: BudgetBook, rates: RateLimiter, shared: SharedCounters | None
+    ) -> None:
+        self.budgets = budgets
+        self.rates = rates
+        self.shared = shared
+
+    async def admit(
+        self, key: str, model: str, budgets: tuple[Budget, ...], worst_nano: int
+    ) -> Admission:
+        """Take the request from its rate limits and hold `worst_nano` on its budgets, or
+        raise the 429 (or, degraded and closed, the 503) that refuses it."""
+        buckets = self.rates.applicable(key, model) if self.rates else ()
+        if not buckets and not budgets:
+            return NOTHING
+        shared = self.shared
+        if shared is not None:
+            if shared.link.up:
+                self.budgets.roll(budgets)
+                with contextlib.suppress(Unavailable):
+                    return await shared.admit(buckets, budgets, worst_nano)
+            if shared.link.config.on_failure == "closed":
+                raise unavailable(shared.link.where)
+        return self._admit_here(buckets, budgets, worst_nano)
+
+    def _admit_here(
+        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst_nano: int
+    ) -> Admission:
+        verdicts = self.rates.check(buckets, _now_us()) if buckets else []
+        reservation = self.budgets.reserve(budgets, worst_nano)
+        self.rates.take(buckets, verdicts)
+        return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
+
+    def settle(self, admission: Admission, cost_nano: int, usage: Usage | None) -> None:
+        """Replace the hold by the real cost and charge the tokens used (never awaits:
+        the Redis part runs off the response path)."""
+        if admission is NOTHING:
+            return
+        tokens = (
+            0
+            if usage is None
+            else (usage.input_tokens + usage.cached_input_tokens + usage.output_tokens)
+        )
+        if admission.buckets:
+            self.rates.debit(admission.buckets, tokens, _now_us())
+        if admission.keys is None:
+            self.budgets.settle(admission.reservation, cost_nano)
+        if self.shared is not None:
+            self.shared.settle(self.budgets, admission, cost_nano, tokens)
+
+
+def unavailable(where: str) -> GatewayError:
+    return GatewayError(
+        503,
+        f"shared state unavailable: Redis at {where} is unreachable, and this gateway "
+        "refuses requests under budgets or rate limits until it is back "
+        "(redis.on_failure: closed); retry shortly",
+        outcome="upstream_error",  # the gateway's own dependency failed: an error, not a limit
+        code="shared_state_unavailable",
+        error_type="api_error",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def _now_us() -> float:
+    return time.monotonic_ns() / 1000

@@ -1,0 +1,211 @@
+"""Rate limits: requests and tokens per minute, per key and per model.
+
+The algorithm is GCRA, a token bucket kept as one number per limit: the "theoretical
+arrival time" (TAT) at which the bucket would be full again. Compared with a sliding
+window it needs O(1) state and one read-modify-write (no log of timestamps, no
+approximation between fixed windows), it is exact at every instant, and the same number
+gives OpenAI's `remaining` and `reset` headers and a precise `Retry-After`.
+
+- Requests: a bucket of `rpm` requests refilling continuously; each request must fit.
+- Tokens: usage is known only after the answer, so admission requires only that the
+  bucket is not in debt, and the real tokens (input + output) are debited afterwards.
+  Concurrent requests can push it into debt; the debt then blocks new requests until it
+  is repaid, so over any long stretch the rate stays within `tpm`.
+
+Times are integer microseconds. This module is the in-process implementation, used
+without Redis (and by a degraded fleet); `metergate.shared.scripts` does the same
+arithmetic in Lua on Redis's clock for a fleet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from metergate.api.errors import GatewayError
+from metergate.config.model import RateLimit, RateLimitsConfig
+
+MINUTE_US = 60_000_000
+Kind = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One limit: `per_minute` requests or tokens for one key or one model."""
+
+    scope: Literal["key", "model"]
+    name: str
+    kind: Kind
+    per_minute: int
+
+    @property
+    def interval_us(self) -> float:
+        """Time one request or token takes to refill. Requests: whole microseconds,
+        rounded down, so a full bucket admits exactly `per_minute` at once."""
+        if self.kind == "requests":
+            return float(MINUTE_US // self.per_minute)
+        return MINUTE_US / self.per_minute
+
+    @property
+    def window_us(self) -> float:
+        """How far the TAT may run ahead of now: the bucket's capacity in time."""
+        return self.interval_us * self.per_minute if self.kind == "requests" else MINUTE_US
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.scope}:{self.name}:{'rpm' if self.kind == 'requests' else 'tpm'}"
+
+    def describe(self) -> str:
+        return f"{self.scope} {self.name!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One bucket's answer: admitted or not, the TAT to store, and header values."""
+
+    admitted: bool
+    tat: float
+    remaining: int
+    reset_us: float  # until the bucket is full again
+    retry_us: float = 0  # when refused: until it would admit
+
+
+def judge(bucket: Bucket, tat: float, now: float) -> Verdict:
+    """GCRA admission of one request against one bucket (nothing is stored here)."""
+    tat = max(tat, now)
+    interval, window = bucket.interval_us, bucket.window_us
+    if bucket.kind == "requests":
+        after = tat + interval
+        if after - now > window:
+            return Verdict(False, tat, 0, tat - now, after - window - now)
+        return Verdict(True, after, int((window - (after - now)) // interval), after - now)
+    if tat - now >= window:  # in debt (or exactly empty): wait until a token is back
+        return Verdict(False, tat, 0, tat - now, tat - now - window + 1)
+    return Verdict(True, tat, int((window - (tat - now)) // interval), tat - now)
+
+
+def token_debit_us(bucket: Bucket, tokens: int) -> int:
+    """How far `tokens` move a token bucket's TAT (rounded up: never under-charged)."""
+    return math.ceil(tokens * bucket.interval_us)
+
+
+class RateLimiter:
+    """Which buckets apply to a (key, model), and their in-process state."""
+
+    def __init__(self, config: RateLimitsConfig, carry: RateLimiter | None = None) -> None:
+        """`carry`: the limiter being replaced; bucket state carries over a reload."""
+        self.config = config
+        self._tat: dict[str, float] = carry._tat if carry else {}
+        self._applicable: dict[tuple[str, str], tuple[Bucket, ...]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.config.keys or self.config.models)
+
+    def applicable(self, key: str, model: str) -> tuple[Bucket, ...]:
+        found = self._applicable.get((key, model))
+        if found is None:
+            found = self._applicable[(key, model)] = (
+                *_buckets("key", key, self.config.keys),
+                *_buckets("model", model, self.config.models),
+            )
+        return found
+
+    def check(self, buckets: tuple[Bucket, ...], now: float) -> list[Verdict]:
+        """Judge every bucket; raise 429 for the first that refuses. Stores nothing."""
+        verdicts = [judge(b, self._tat.get(b.state_key, now), now) for b in buckets]
+        for bucket, verdict in zip(buckets, verdicts, strict=True):
+            if not verdict.admitted:
+                raise rate_limited(bucket, verdict, ratelimit_headers(buckets, verdicts))
+        return verdicts
+
+    def take(self, buckets: tuple[Bucket, ...], verdicts: list[Verdict]) -> None:
+        """Commit admitted verdicts (only request buckets change at admission)."""
+        for bucket, verdict in zip(buckets, verdicts, strict=True):
+            if bucket.kind == "requests":
+                self._tat[bucket.state_key] = verdict.tat
+
+    def debit(self, buckets: tuple[Bucket, ...], tokens: int, now: float) -> None:
+        """Charge the tokens an answer really used to the token buckets."""
+        if tokens <= 0:
+            return
+        for bucket in buckets:
+            if bucket.kind == "tokens":
+                tat = max(self._tat.get(bucket.state_key, now), now)
+                self._tat[bucket.state_key] = tat + token_debit_us(bucket, tokens)
+
+
+def _buckets(scope: Literal["key", "model"], name: str, table: dict[str, RateLimit]):  # type: ignore[no-untyped-def]
+    """A named entry overrides `*` field by field; `null` in a named entry lifts a limit."""
+    base, named = table.get("*"), table.get(name)
+    for field, kind in (("rpm", "requests"), ("tpm", "tokens")):
+        if named is not None and field in named.model_fields_set:
+            value = getattr(named, field)
+        else:
+            value = getattr(base, field) if base is not None else None
+        if value is not None:
+            yield Bucket(scope, name, kind, value)  # type: ignore[arg-type]
+
+
+def ratelimit_headers(
+    buckets: tuple[Bucket, ...], verdicts: list[Verdict]
+) -> list[tuple[bytes, bytes]]:
+    """OpenAI's `x-ratelimit-*` headers, for the tightest request and token bucket."""
+    headers: list[tuple[bytes, bytes]] = []
+    for kind in ("requests", "tokens"):
+        pairs = [(b, v) for b, v in zip(buckets, verdicts, strict=True) if b.kind == kind]
+        if not pairs:
+            continue
+        bucket, verdict = min(pairs, key=lambda p: (p[1].remaining, -p[1].reset_us))
+        headers += (
+            (b"x-ratelimit-limit-" + kind.encode(), b"%d" % bucket.per_minute),
+            (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % max(0, verdict.remaining)),
+            (b"x-ratelimit-reset-" + kind.encode(), openai_duration(verdict.reset_us).encode()),
+        )
+    return headers
+
+
+def rate_limited(
+    bucket: Bucket, verdict: Verdict, headers: list[tuple[bytes, bytes]]
+) -> GatewayError:
+    """429 in OpenAI's shape, naming the limit, with Retry-After (and -ms)."""
+    wait = openai_duration(verdict.retry_us)
+    if bucket.kind == "requests":
+        detail = f"requests per min (RPM): Limit {bucket.per_minute}"
+    else:
+        debt = max(0, int((verdict.reset_us - bucket.window_us) // bucket.interval_us))
+        detail = (
+            f"tokens per min (TPM): Limit {bucket.per_minute}, answers already served used "
+            f"{debt} tokens more than the bucket held"
+        )
+    message = f"Rate limit reached for {bucket.describe()} on {detail}. Please try again in {wait}."
+    retry_ms = max(1, math.ceil(verdict.retry_us / 1000))
+    return GatewayError(
+        429,
+        message,
+        outcome="rate_limited",
+        code="rate_limit_exceeded",
+        error_type="rate_limit_error",
+        headers=[
+            (b"retry-after", b"%d" % math.ceil(retry_ms / 1000)),
+            (b"retry-after-ms", b"%d" % retry_ms),
+            *headers,
+        ],
+    )
+
+
+def openai_duration(us: float) -> str:
+    """A duration as OpenAI writes reset times: "120ms", "1s", "8.64s", "6m0s", "1h0m0s"."""
+    ms = max(0, math.ceil(us / 1000))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"

@@ -1,0 +1,252 @@
+"""metergate's own MCP tools: `chat`, `list_models` and `usage`, for the calling key.
+
+`chat` is an in-process call of the gateway's own `POST /v1/chat/completions` with the
+caller's key, so routing, caps, budgets, retries, metrics and the ledger apply exactly
+as to any other request: there is no second path to keep in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from mcp_types import CallToolResult, TextContent, Tool
+
+from metergate.auth.keys import KeyRecord
+from metergate.budgets.period import iso, period_bounds
+
+if TYPE_CHECKING:
+    from metergate.runtime import Runtime
+
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+_MESSAGE = {
+    "type": "object",
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "content": {"type": "string"},
+    },
+    "required": ["role", "content"],
+}
+
+TOOLS = [
+    Tool(
+        name="chat",
+        description="Ask a model through metergate (metered and budgeted like any request). "
+        "Give `prompt` for one user message, or `messages` for a conversation.",
+        input_schema={
+            "type": "object",
+            "properties": {
+                "model": {"type": "string", "description": "a model from list_models"},
+                "prompt": {"type": "string"},
+                "messages": {"type": "array", "items": _MESSAGE},
+                "max_tokens": {"type": "integer", "minimum": 1},
+                "temperature": {"type": "number", "minimum": 0},
+            },
+            "required": ["model"],
+        },
+    ),
+    Tool(
+        name="list_models",
+        description="The models this key may use, with their descriptions.",
+        input_schema={"type": "object", "properties": {}},
+    ),
+    Tool(
+        name="usage",
+        description="This key's spend today and this month (UTC) and its budgets' status.",
+        input_schema={"type": "object", "properties": {}},
+    ),
+]
+
+
+def _result(data: dict[str, Any], text: str | None = None, error: bool = False) -> CallToolResult:
+    body = text if text is not None else orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+    return CallToolResult(
+        content=[TextContent(type="text", text=body)], structured_content=data, is_error=error
+    )
+
+
+class Builtins:
+    """The tools, bound to one runtime and (for `chat`) the gateway's ASGI app."""
+
+    def __init__(self, runtime: Runtime, app: Callable[[], ASGIApp | None]) -> None:
+        self.runtime = runtime
+        self._app = app
+        self.tools = {tool.name: tool for tool in TOOLS}
+
+    async def call(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        key: KeyRecord,
+        credentials: list[tuple[bytes, bytes]],
+    ) -> CallToolResult:
+        if name == "chat":
+            return await self.chat(arguments, credentials)
+        if name == "list_models":
+            return self.list_models(key)
+        return await self.usage(key)
+
+    async def chat(
+        self, arguments: dict[str, Any], credentials: list[tuple[bytes, bytes]]
+    ) -> CallToolResult:
+        app = self._app()
+        if app is None:
+            return _result({"error": "chat is not wired to the gateway app"}, error=True)
+        messages = arguments.get("messages")
+        if not messages and isinstance(arguments.get("prompt"), str):
+            messages = [{"role": "user", "content": arguments["prompt"]}]
+        body: dict[str, Any] = {"model": arguments.get("model"), "messages": messages}
+        for option in ("max_tokens", "temperature"):
+            if arguments.get(option) is not None:
+                body[option] = arguments[option]
+        status, headers, raw = await asgi_post(
+            app, "/v1/chat/completions", orjson.dumps(body), credentials
+        )
+        reply = _json(raw)
+        if status != 200:
+            error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            message = error.get("message") or raw.decode("utf-8", "replace")[:500]
+            return _result(
+                {"status": status, "error": message, "code": error.get("code")},
+                text=f"HTTP {status}: {message}",
+                error=True,
+            )
+        choices = reply.get("choices") or [{}]
+        text = (choices[0].get("message") or {}).get("content") or ""
+        data = {
+            "model": reply.get("model"),
+            "content": text,
+            "usage": reply.get("usage"),
+            "upstream": headers.get(b"x-metergate-upstream", b"").decode(),
+            "cost_usd": float(headers.get(b"x-metergate-cost-usd", b"0") or 0),
+        }
+        return _result(data, text=text)
+
+    def list_models(self, key: KeyRecord) -> CallToolResult:
+        router = self.runtime.router
+        models = [
+            {"id": name, "description": router.routes[name].description}
+            for name in router.models_for(key)
+        ]
+        return _result({"models": models})
+
+    async def usage(self, key: KeyRecord) -> CallToolResult:
+        """Spend from the ledger (flushed first, so the caller's last requests count)."""
+        runtime = self.runtime
+        if runtime.ledger is not None:
+            await runtime.ledger.flush()
+        now = time.time()
+        spend: dict[str, Any] = {}
+        for period in ("day", "month"):
+            start, end = period_bounds(now, period, "UTC")
+            total = requests = 0
+            if runtime.database is not None:
+                ((total, requests),) = await runtime.database.fetch(
+                    "SELECT COALESCE(SUM(cost_nano), 0), COUNT(*) FROM requests "
+                    "WHERE key_name = ? AND ts >= ? AND ts < ?",
+                    (key.name, start, end),
+                )
+            spend["today" if period == "day" else "this_month"] = {
+                "cost_usd": int(total) / 1e9,
+                "requests": int(requests),
+                "since": iso(start),
+            }
+        return _result({"key": key.name, **spend, "budgets": self._budgets(key)})
+
+    def _budgets(self, key: KeyRecord) -> list[dict[str, Any]]:
+        models = set(self.runtime.router.models_for(key))
+        found = []
+        for budget in self.runtime.budgets.budgets:
+            scope, target = budget.config.scope, budget.config.target
+            if (scope == "key" and target != key.name) or (
+                scope == "model" and target not in models
+            ):
+                continue
+            found.append(
+                {
+                    "name": budget.name,
+                    "scope": scope,
+                    "target": target,
+                    "period": budget.config.period,
+                    "hard": budget.config.hard,
+                    "limit_usd": budget.limit_nano / 1e9,
+                    "spent_usd": budget.spent_nano / 1e9,
+                    "held_usd": budget.reserved_nano / 1e9,
+                    "remaining_usd": max(0, budget.limit_nano - budget.spent_nano) / 1e9,
+                    "resets_at": iso(budget.end),
+                }
+            )
+        return found
+
+
+async def asgi_post(
+    app: ASGIApp, path: str, body: bytes, extra_headers: list[tuple[bytes, bytes]]
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One POST through an ASGI app in process: no socket, no second HTTP stack."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", b"mcp_" + secrets.token_hex(10).encode()),
+        *extra_headers,
+    ]
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 0),
+        "server": ("metergate-mcp", 0),
+    }
+    finished = asyncio.Event()
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    status = 500
+    response_headers: dict[bytes, bytes] = {}
+    chunks: list[bytes] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        if pending:
+            return pending.pop()
+        await finished.wait()  # the "client" stays until the answer is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            response_headers.update(message.get("headers") or [])
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                finished.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        finished.set()
+    return status, response_headers, b"".join(chunks)
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,290 @@
+"""One MCP server behind the gateway: its connection, its tools, its health, its calls.
+
+A supervisor task owns the connection (the SDK's `Client` is an async context that must
+be entered and left in one task). While connected it probes the server with `tools/list`
+every `health_interval_seconds` (which also picks up changed tool lists); a failed probe,
+a failed call or a dropped connection marks the server down (`metergate_mcp_server_up`
+0) and the task reconnects with exponential backoff and jitter until it answers again.
+Calls from request handlers use the live `Client` concurrently; while the server is
+down they fail at once instead of waiting on a connection that is not there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import anyio
+import httpx2
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolResult, ErrorData, Tool
+
+from metergate.mcp.config import SEPARATOR, McpConfig, McpServerConfig
+from metergate.mcp.metrics import (
+    CONNECTION_CLOSED,
+    INTERNAL_ERROR,
+    REQUEST_TIMEOUT,
+    UNKNOWN_TOOL,
+    ClientMetrics,
+    code_error_type,
+)
+
+log = logging.getLogger("metergate.mcp")
+
+_MAX_PAGES = 100
+_RELIST_EVERY = 1.0  # seconds: at most one extra tools/list per server for unknown names
+
+
+def mcp_error(code: int, message: str) -> MCPError:
+    return MCPError.from_error_data(ErrorData(code=code, message=message))
+
+
+class Upstream:
+    def __init__(
+        self, name: str, config: McpServerConfig, settings: McpConfig, metrics: ClientMetrics
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.settings = settings
+        self.metrics = metrics
+        self.client: Client | None = None
+        self.tools: dict[str, Tool] = {}  # by the server's own name
+        self.listed: dict[str, Tool] = {}  # namespaced copies, by the server's own name
+        self._up = metrics.up.labels(name)
+        self._up.set(0)
+        self._probe_now = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._first_attempt = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_relist = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"mcp-upstream-{self.name}")
+
+    async def wait_first_attempt(self) -> None:
+        await self._first_attempt.wait()
+
+    async def close(self) -> None:
+        self._stopping.set()
+        self._probe_now.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 10)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> Client:
+        """Open the transport and the session; what is entered on `stack` closes with it.
+
+        Not under an anyio deadline: the client's task group must be left in the scope it
+        was entered in. The handshake is bounded by the client's read timeout instead,
+        and a TCP connect by the HTTP client's connect timeout.
+        """
+        handshake = self.settings.connect_timeout_seconds
+        if self.config.url is not None:
+            read = self.config.timeout_seconds + 5  # the call's own timeout comes first
+            http = httpx2.AsyncClient(
+                headers=self.config.headers,
+                timeout=httpx2.Timeout(self.settings.connect_timeout_seconds, read=read),
+            )
+            await stack.enter_async_context(http)
+            transport = streamable_http_client(self.config.url, http_client=http)
+            client = Client(transport, cache=None, read_timeout_seconds=handshake)
+            return await stack.enter_async_context(client)
+        assert self.config.command is not None
+        params = StdioServerParameters(
+            command=self.config.command,
+            args=self.config.args,
+            env=self.config.env or None,
+            cwd=self.config.cwd,
+        )
+        client = Client(params, cache=None, read_timeout_seconds=handshake)
+        return await stack.enter_async_context(client)
+
+    async def _supervise(self) -> None:
+        delay = self.settings.reconnect_min_seconds
+        while not self._stopping.is_set():
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    client = await self._connect(stack)
+                    await self._refresh(client)
+                    self._mark_up(client)
+                    delay = self.settings.reconnect_min_seconds
+                    await self._watch(client)
+            except Exception as exc:  # includes the SDK's ExceptionGroups from its task groups
+                if not self._stopping.is_set():
+                    log.warning("MCP server %s: %s", self.name, _describe(exc))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._stopping.is_set() or (task is not None and task.cancelling()):
+                    raise  # really cancelled: the gateway or the loop is stopping
+                # The SDK's transport cancelled this task's scope when the connection broke.
+                log.warning("MCP server %s: connection lost", self.name)
+            finally:
+                self._mark_down()
+                self._first_attempt.set()
+            if self._stopping.is_set():
+                return
+            pause = delay * random.uniform(0.8, 1.2)
+            delay = min(delay * 2, self.settings.reconnect_max_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+
+    async def _watch(self, client: Client) -> None:
+        """Probe until a probe fails (raise) or the gateway stops (return)."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._probe_now.wait(), self.settings.health_interval_seconds
+                )
+            self._probe_now.clear()
+            if self._stopping.is_set():
+                return
+            await self._refresh(client)
+
+    def _mark_up(self, client: Client) -> None:
+        if self.client is None:
+            log.info("MCP server %s is up (%d tools)", self.name, len(self.tools))
+        self.client = client
+        self._up.set(1)
+        self._first_attempt.set()
+
+    def _mark_down(self) -> None:
+        if self.client is not None and not self._stopping.is_set():
+            log.warning("MCP server %s is down; reconnecting", self.name)
+        self.client = None
+        self._up.set(0)
+
+    async def _refresh(self, client: Client) -> None:
+        """List every tool (all pages) within the server's timeout; metered like a call."""
+        started = time.perf_counter()
+        error_type = ""
+        try:
+            tools: dict[str, Tool] = {}
+            cursor: str | None = None
+            with anyio.fail_after(self.config.timeout_seconds):
+                for _ in range(_MAX_PAGES):
+                    page = await client.list_tools(cursor=cursor)
+                    tools.update((tool.name, tool) for tool in page.tools)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+        except TimeoutError:
+            error_type = "timeout"
+            raise
+        except MCPError as exc:
+            error_type = code_error_type(exc.error.code)
+            raise
+        except BaseException:
+            error_type = "transport"
+            raise
+        finally:
+            labels = (self.name, "tools/list", "", error_type)
+            self.metrics.operation.observe(labels, time.perf_counter() - started)
+        self.tools = tools
+        self.listed = {
+            own: tool.model_copy(update={"name": f"{self.name}{SEPARATOR}{own}"})
+            for own, tool in tools.items()
+        }
+
+    async def knows(self, tool: str) -> bool:
+        """Whether the server has `tool`, relisting once a second at most when unsure."""
+        if tool in self.tools:
+            return True
+        client = self.client
+        now = time.monotonic()
+        if client is None or now - self._last_relist < _RELIST_EVERY:
+            return False
+        self._last_relist = now
+        try:
+            await self._refresh(client)
+        except Exception:
+            self._probe_now.set()
+            return False
+        return tool in self.tools
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any] | None) -> CallToolResult:
+        """Call `tool` within the server's timeout; metered, whatever the outcome."""
+        label = tool if tool in self.tools else UNKNOWN_TOOL
+        timeout = self.config.timeout_seconds
+        started = time.perf_counter()
+        error_type = ""
+        try:
+            client = self.client
+            if client is None:
+                raise mcp_error(
+                    CONNECTION_CLOSED,
+                    f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
+                )
+            with anyio.fail_after(timeout):
+                result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout + 1)
+        except TimeoutError:
+            error_type = "timeout"
+            raise mcp_error(
+                REQUEST_TIMEOUT,
+                f"{self.name}{SEPARATOR}{tool} did not answer within {timeout:g} s "
+                f"(timeout_seconds of MCP server {self.name!r})",
+            ) from None
+        except MCPError as exc:
+            error_type = code_error_type(exc.error.code)
+            if error_type == "transport":
+                self._probe_now.set()
+            raise
+        except Exception as exc:
+            if not _is_transport(exc):  # e.g. a result that breaks the tool's output schema
+                error_type = str(INTERNAL_ERROR)
+                raise mcp_error(
+                    INTERNAL_ERROR, f"MCP server {self.name!r} answered badly: {_describe(exc)}"
+                ) from None
+            error_type = "transport"
+            self._probe_now.set()
+            raise mcp_error(
+                CONNECTION_CLOSED, f"MCP server {self.name!r} failed: {_describe(exc)}"
+            ) from None
+        except BaseException:  # the caller went away
+            error_type = "timeout"
+            raise
+        else:
+            if result.is_error:
+                error_type = "tool_error"
+        finally:
+            labels = (self.name, "tools/call", label, error_type)
+            self.metrics.operation.observe(labels, time.perf_counter() - started)
+        return result
+
+
+_TRANSPORT_ERRORS = (
+    OSError,
+    httpx2.TransportError,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+)
+
+
+def _is_transport(exc: BaseException) -> bool:
+    """A failure to reach the server (as opposed to an answer it gave)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_transport(inner) for inner in exc.exceptions)
+    return isinstance(exc, _TRANSPORT_ERRORS)
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost useful message of an exception (or of the first in a group)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

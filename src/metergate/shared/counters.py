@@ -1,0 +1,286 @@
+"""Budgets and rate limits on Redis: one script call admits a request, one settles it.
+
+Admission checks every rate limit and every hard budget and, only if all pass, takes
+the request from the request buckets and holds its worst-case cost on every budget
+(`scripts.ADMIT`). Settling releases the hold, adds the real cost and debits the token
+buckets (`scripts.SETTLE`); it runs off the response path.
+
+This process also tracks what it holds on each budget (`holding`): after an outage it
+tells Redis exactly that (`scripts.SYNC`), whatever calls were lost on the way, and it
+keeps spend settled during the outage (`Budget.unsynced_nano`) to add then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from metergate.budgets.book import Budget, BudgetBook, Reservation, exhausted
+from metergate.limits.admission import Admission
+from metergate.limits.rate import Bucket, Verdict, rate_limited, ratelimit_headers
+from metergate.shared import scripts
+from metergate.shared.redis import RedisLink, Unavailable
+
+log = logging.getLogger("metergate.redis")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetKeys:
+    """The Redis keys of one budget in one period (see `scripts` for the layout)."""
+
+    spent: str
+    held: str
+    alerts: str
+    expire_at: int  # a day after the period ends
+
+
+class SharedCounters:
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.holding: dict[str, int] = {}  # held key -> nano-USD this process holds there
+        # the ledger's sum for a budget (of rows finished before a time, when given)
+        self.spend_of: Callable[[Budget, float | None], Awaitable[int]] | None = None
+        self._keys: dict[tuple[str, str, str | None, float], BudgetKeys] = {}
+        self._rate_specs: dict[tuple[Bucket, ...], tuple[list[str], str]] = {}
+        self._seeding: dict[str, asyncio.Task[None]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+
+    def keys(self, budget: Budget) -> BudgetKeys:
+        ident = (budget.name, budget.config.scope, budget.config.target, budget.start)
+        found = self._keys.get(ident)
+        if found is None:
+            scope = f"{budget.config.scope}={budget.config.target or '*'}"
+            base = f"{self.link.prefix}budget:{budget.name}:{scope}:{int(budget.start)}"
+            found = self._keys[ident] = BudgetKeys(
+                f"{base}:spent", f"{base}:held", f"{base}:alerts", int(budget.end) + 86_400
+            )
+        return found
+
+    async def admit(
+        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst_nano: int
+    ) -> Admission:
+        """One round trip (plus a ledger seed when a budget's counter is missing)."""
+        keys = tuple(self.keys(b) for b in budgets)
+        rate_keys, rate_spec = self._rate_spec(buckets)
+        redis_keys = [*rate_keys, *(name for k in keys for name in (k.spent, k.held))]
+        budget_spec = " ".join(
+            f"{b.limit_nano} {int(b.config.hard)} {k.expire_at}"
+            for b, k in zip(budgets, keys, strict=True)
+        )
+        args = [self.link.holder, self.link.live_prefix, worst_nano, rate_spec, budget_spec]
+        for _ in range(3):
+            if not self.link.up:
+                raise Unavailable("redis went down during admission")
+            call = self.link.submit(self.link.admit, redis_keys, args)
+            try:
+                reply = [int(n) for n in (await asyncio.shield(call)).split()]
+            except asyncio.CancelledError:  # the caller left: release what it may still get
+                call.add_done_callback(lambda done: self._release(done, budgets, keys, worst_nano))
+                raise
+            code, index = reply[0], reply[1] - 1
+            if code == scripts.NEEDS_SEED:
+                await self.seed([budgets[i - 1] for i in reply[4:]])
+                continue
+            states = reply[4:]
+            verdicts = [
+                Verdict(True, 0, states[2 * i], states[2 * i + 1]) for i in range(len(buckets))
+            ]
+            headers = ratelimit_headers(buckets, verdicts)
+            if code == scripts.RATE_LIMITED:
+                refused = Verdict(False, 0, 0, verdicts[index].reset_us, reply[2])
+                raise rate_limited(buckets[index], refused, headers)
+            if code == scripts.OVER_BUDGET:
+                raise exhausted(budgets[index], worst_nano, reply[2], reply[3])
+            if worst_nano > 0:
+                for k in keys:
+                    self.holding[k.held] = self.holding.get(k.held, 0) + worst_nano
+            return Admission(buckets, Reservation(budgets, worst_nano), headers, keys)
+        raise Unavailable("budget counters keep disappearing from redis (evicted?)")
+
+    def _rate_spec(self, buckets: tuple[Bucket, ...]) -> tuple[list[str], str]:
+        """The buckets' Redis keys and their "kind interval window" triples (cached:
+        fewer, prebuilt arguments are most of what a script call costs in redis-py)."""
+        found = self._rate_specs.get(buckets)
+        if found is None:
+            keys = [f"{self.link.prefix}rate:{b.state_key}" for b in buckets]
+            spec = " ".join(
+                f"{'r' if b.kind == 'requests' else 't'} {b.interval_us!r} {b.window_us!r}"
+                for b in buckets
+            )
+            found = self._rate_specs[buckets] = (keys, spec)
+        return found
+
+    async def seed(self, budgets: Sequence[Budget]) -> None:
+        """Create missing spend counters from the ledger (SET NX: the first process wins).
+        One ledger query per counter at a time, however many requests are waiting."""
+        waits = []
+        for budget in budgets:
+            name = self.keys(budget).spent
+            task = self._seeding.get(name)
+            if task is None:
+                task = asyncio.create_task(self._seed_one(budget))
+                self._seeding[name] = task
+                task.add_done_callback(lambda _, name=name: self._seeding.pop(name, None))
+            waits.append(asyncio.shield(task))
+        await asyncio.gather(*waits)
+
+    async def _seed_one(self, budget: Budget) -> None:
+        assert self.spend_of is not None
+        try:
+            spend = await self.spend_of(budget, None)
+        except Exception as error:  # the ledger is down: degrade like Redis being down
+            message = f"cannot seed budget {budget.name!r} from the ledger: {error}"
+            raise Unavailable(message) from error
+        log.info("budget %s: shared counter seeded from the ledger", budget.name)
+        await self._sync([budget], [spend], [0], [-1])
+
+    async def resync(self, book: BudgetBook, flush: Callable[[], Awaitable[None]]) -> None:
+        """After an outage (and at start): seed missing counters from the ledger, add
+        what was settled here meanwhile where the counter survived, and set this
+        process's holds to exactly what it holds. Runs while the link is down."""
+        assert self.spend_of is not None
+        budgets = tuple(book.budgets)
+        book.roll(budgets)
+        # Spend settled here so far is in ledger rows finished before `cutoff` (a
+        # request settles and queues its row in one step): a counter Redis lost is
+        # seeded from exactly those rows, a surviving one gets `unsynced` added. Spend
+        # settled from here on stays in `unsynced_nano` and goes with the next settle.
+        cutoff = time.time()
+        unsynced = [b.unsynced_nano for b in budgets]
+        for b in budgets:
+            b.unsynced_nano = 0
+        try:
+            await flush()
+            spends = [await self.spend_of(b, cutoff) for b in budgets]
+            holding = [self.holding.get(self.keys(b).held, 0) for b in budgets]
+            replies = await self._sync(budgets, spends, unsynced, holding)
+        except BaseException:
+            for b, amount in zip(budgets, unsynced, strict=True):
+                b.unsynced_nano += amount
+            raise
+        for budget, (spent, _seeded) in zip(budgets, replies, strict=True):
+            book.observe(budget, spent, claimed=set())
+
+    async def _sync(
+        self,
+        budgets: Sequence[Budget],
+        spends: list[int],
+        unsynced: list[int],
+        holding: list[int],
+    ) -> list[tuple[int, int]]:
+        keys: list[str] = []
+        args: list[Any] = [self.link.holder]
+        for budget, spend, extra, held in zip(budgets, spends, unsynced, holding, strict=True):
+            k = self.keys(budget)
+            keys += (k.spent, k.held, k.alerts)
+            args += (spend, extra, held, k.expire_at, budget.limit_nano, _percents(budget))
+        reply = await self.link.call(self.link.sync, keys, args)
+        return [(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def settle(self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int) -> None:
+        """Release this process's holds now; tell Redis off the response path."""
+        if admission.keys is not None:
+            amount = admission.reservation.amount_nano
+            for k in admission.keys:
+                left = self.holding.get(k.held, 0) - amount
+                if left > 0:
+                    self.holding[k.held] = left
+                else:
+                    self.holding.pop(k.held, None)
+        if not self.link.up:
+            self._keep(book, admission, cost_nano)
+            return
+        task = asyncio.create_task(self._settle(book, admission, cost_nano, tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(
+        self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int
+    ) -> None:
+        budgets = admission.reservation.budgets
+        token_buckets = [b for b in admission.buckets if b.kind == "tokens"] if tokens else []
+        if not budgets and not token_buckets:
+            return
+        held_here = admission.keys is not None
+        keys = admission.keys if held_here else tuple(self.keys(b) for b in budgets)
+        amount = admission.reservation.amount_nano if held_here else 0
+        carried = [b.unsynced_nano for b in budgets]  # left from an outage: goes along
+        for b in budgets:
+            b.unsynced_nano = 0
+        if self.link.up:
+            costs = [cost_nano + extra for extra in carried]
+            redis_keys, args = self._settle_call(
+                budgets, keys, amount, costs, token_buckets, tokens
+            )
+            with contextlib.suppress(Unavailable):
+                reply = await self.link.call(self.link.settle, redis_keys, args)
+                for i, (budget, k) in enumerate(zip(budgets, keys, strict=True)):
+                    spent, claimed = reply[2 * i], reply[2 * i + 1]
+                    # -1: evicted, the next admission re-seeds it; a past period's key
+                    # says nothing of this one; and replies may arrive out of order.
+                    if spent >= 0 and k == self.keys(budget):
+                        percents = budget.config.alert_at_percent
+                        won = {p for bit, p in enumerate(percents) if claimed >> bit & 1}
+                        book.observe(budget, max(spent, budget.spent_nano), won)
+                return
+        for budget, extra in zip(budgets, carried, strict=True):
+            budget.unsynced_nano += extra
+        self._keep(book, admission, cost_nano)
+
+    def _settle_call(
+        self,
+        budgets: tuple[Budget, ...],
+        keys: tuple[BudgetKeys, ...],
+        amount: int,
+        costs: list[int],
+        token_buckets: list[Bucket],
+        tokens: int,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of `scripts.SETTLE`."""
+        redis_keys = [f"{self.link.prefix}rate:{b.state_key}" for b in token_buckets]
+        redis_keys += (name for k in keys for name in (k.spent, k.held, k.alerts))
+        intervals = " ".join(repr(b.interval_us) for b in token_buckets)
+        spec = " ".join(
+            f"{amount} {cost} {k.expire_at} {b.limit_nano} {_percents(b) or '-'}"
+            for b, k, cost in zip(budgets, keys, costs, strict=True)
+        )
+        return redis_keys, [self.link.holder, tokens, intervals, spec]
+
+    def _release(
+        self,
+        admitted: asyncio.Future[Any],
+        budgets: tuple[Budget, ...],
+        keys: tuple[BudgetKeys, ...],
+        worst_nano: int,
+    ) -> None:
+        """Undo the hold of an admission whose caller went away before its answer."""
+        if admitted.cancelled() or admitted.exception() is not None:
+            return
+        if int(admitted.result().split()[0]) != scripts.ADMITTED or not keys or worst_nano <= 0:
+            return
+        zero = [0] * len(budgets)
+        call = self.link.submit(
+            self.link.settle, *self._settle_call(budgets, keys, worst_nano, zero, [], 0)
+        )
+        call.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    def _keep(self, book: BudgetBook, admission: Admission, cost_nano: int) -> None:
+        """Redis is unreachable: count the cost here, and share it after the outage."""
+        for budget in admission.reservation.budgets:
+            budget.unsynced_nano += cost_nano
+            if admission.keys is not None:  # held on Redis: not yet in the book's spend
+                book.observe(budget, budget.spent_nano + cost_nano)
+
+    async def drain(self) -> None:
+        """Wait (a few seconds at most) for settles still on their way to Redis."""
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=5.0)
+
+
+def _percents(budget: Budget) -> str:
+    return ",".join(str(p) for p in budget.config.alert_at_percent)

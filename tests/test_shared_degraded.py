@@ -1,0 +1,158 @@
+"""Losing Redis mid-load: `open` keeps serving on in-process counters, `closed` refuses
+with a clear 503; either way the outage is logged, exported, and recovered from."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+
+from tests import services
+from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway
+from tests.services import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def shared_config(redis_url: str, on_failure: str) -> dict:
+    config = simulated_config(latency_ms=5, output_tokens=8)
+    config["budgets"] = {"month": {"limit_usd": 1000}}
+    config["rate_limits"] = {"keys": {"*": {"rpm": 100_000, "tpm": 10_000_000}}}
+    config["cache"] = {"enabled": True}
+    config["redis"] = {"url": redis_url, "on_failure": on_failure}
+    return config
+
+
+@pytest.fixture
+def gateway(
+    bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Gateway]:
+    redis_server.flushall()
+    started = start_gateway(bg, shared_config(redis_server.url, request.param), tmp_path)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def outage(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """Stop/start the session's redis-server; it is running again (same port) after."""
+    yield redis_server
+    if not redis_server.ping():
+        restart(redis_server, monkeypatch)
+
+
+def restart(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start the stopped server again on the same port (empty: it keeps nothing)."""
+    port = server.port
+    monkeypatch.setattr(services, "free_port", lambda: port)
+    server.start()
+    assert server.port == port
+
+
+async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("gateway", ["open"], indirect=True)
+async def test_open_keeps_serving_through_an_outage(gateway, outage, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="metergate.redis")
+    client = gateway.async_client()
+    answered: list[str] = []  # request ids of the 200s
+    stop = asyncio.Event()
+
+    async def caller(worker: int) -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            raw = await client.chat.completions.with_raw_response.create(
+                model="sim", messages=[{"role": "user", "content": f"w{worker} q{i}"}]
+            )
+            assert raw.status_code == 200
+            answered.append(raw.headers["x-request-id"])
+
+    callers = [asyncio.create_task(caller(w)) for w in range(4)]
+    try:
+        await until(lambda: len(answered) >= 40, 10, "load running")
+        assert gateway.metric("metergate_redis_up") == 1
+        await asyncio.to_thread(outage.stop_process)
+        await until(lambda: gateway.metric("metergate_redis_up") == 0, 5, "redis_up 0")
+        during = len(answered)
+        await until(lambda: len(answered) >= during + 40, 10, "serving while redis is down")
+        await asyncio.to_thread(restart, outage, monkeypatch)
+        await until(lambda: gateway.metric("metergate_redis_up") == 1, 10, "redis_up 1")
+        after = len(answered)
+        await until(lambda: len(answered) >= after + 40, 10, "serving after recovery")
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)  # a failed request fails the test here
+    messages = [r.getMessage() for r in caplog.records if r.name == "metergate.redis"]
+    assert any("unreachable" in m and "on_failure=open" in m for m in messages)
+    assert any("reachable again" in m for m in messages)
+    rows = gateway.ledger_rows()
+    assert {r["request_id"] for r in rows} >= set(answered)  # no answer lost its row
+    assert all(r["outcome"] == "success" for r in rows)
+    # Redis came back empty: the budget was re-seeded from the ledger, and every answer
+    # settled since (or during the outage) was added exactly once
+    gateway.bg.run(gateway.runtime.shared.counters.drain())
+    budget = gateway.runtime.budgets.budgets[0]
+    spent_key = gateway.runtime.shared.counters.keys(budget).spent
+    store = redis.Redis(port=outage.port)
+    try:
+        assert int(store.get(spent_key)) == sum(r["cost_nano"] for r in rows)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("gateway", ["closed"], indirect=True)
+async def test_closed_refuses_while_redis_is_down(gateway, outage, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="metergate.redis")
+    client = gateway.async_client()
+    await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "1"}])
+    await asyncio.to_thread(outage.stop_process)
+    for i in range(3):
+        with pytest.raises(openai.InternalServerError) as raised:
+            await client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"down {i}"}]
+            )
+        error = raised.value
+        assert error.status_code == 503 and error.code == "shared_state_unavailable"
+        assert f"Redis at {outage.url} is unreachable" in error.message
+        assert "redis.on_failure: closed" in error.message
+    assert gateway.metric("metergate_redis_up") == 0
+    await asyncio.to_thread(restart, outage, monkeypatch)
+    await until(lambda: gateway.metric("metergate_redis_up") == 1, 10, "redis_up 1")
+    reply = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "back"}]
+    )
+    assert reply.usage.total_tokens > 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "metergate.redis"]
+    assert any("unreachable" in m and "refused (503)" in m for m in messages)
+    assert any("reachable again" in m for m in messages)
+    outcomes = [r["outcome"] for r in gateway.ledger_rows()]
+    assert outcomes == ["success", "upstream_error", "upstream_error", "upstream_error", "success"]
+
+
+@pytest.mark.parametrize("on_failure", ["open", "closed"])
+def test_redis_down_at_start_degrades_instead_of_failing(gateway_factory, on_failure, caplog):
+    caplog.set_level(logging.INFO, logger="metergate.redis")
+    nobody = f"redis://127.0.0.1:{services.free_port()}/0"  # nothing listens there
+    gateway = gateway_factory(shared_config(nobody, on_failure))
+    assert gateway.metric("metergate_redis_up") == 0
+    client = gateway.client()
+    ask = [{"role": "user", "content": "no redis"}]
+    if on_failure == "open":
+        raw = client.chat.completions.with_raw_response.create(model="sim", messages=ask)
+        assert raw.headers["x-ratelimit-remaining-requests"] == "99999"  # counted here
+    else:
+        with pytest.raises(openai.InternalServerError, match="is unreachable"):
+            client.chat.completions.create(model="sim", messages=ask)
+    assert any("unreachable" in r.getMessage() for r in caplog.records)
