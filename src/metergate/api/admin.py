@@ -1,13 +1,19 @@
 """The admin API: operations on the running gateway, guarded by the admin key.
 
 It is off unless `admin.api_key` is configured. Caller keys never work here, and the
-admin key is compared as a hash, in constant time.
+admin key is compared as a hash, in constant time. Wrong keys are counted per client
+address and, past five a minute, the address is refused with 429 for a while. Every
+admin response, errors included, carries the console's security headers and
+`Cache-Control: no-store`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -15,41 +21,119 @@ from metergate.api.asgi import JSON_HEADERS, Request, Send, base_headers, respon
 from metergate.api.errors import GatewayError
 from metergate.auth.keys import PREFIX
 from metergate.config import ConfigError
+from metergate.console.security import FailedSignIns, secure_headers
 from metergate.runtime import Runtime
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate admin"')
+
+
+def client_address(request: Request) -> str:
+    client = request.scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class AdminGuard:
+    """Decides who may use the admin API: the configured admin key, nothing else."""
+
+    def __init__(self, runtime: Runtime, failures: FailedSignIns | None = None) -> None:
+        self.runtime = runtime
+        self.failures = failures or FailedSignIns()
+
+    def authorize(self, request: Request) -> None:
+        secret = self.runtime.config.admin.api_key
+        if secret is None:
+            raise GatewayError(
+                404, "the admin API is off: set admin.api_key in the config", code="admin_disabled"
+            )
+        raw = request.headers.get(b"authorization", b"").decode("latin-1")
+        presented = raw[7:].strip() if raw.lower().startswith("bearer ") else ""
+        if not presented:
+            raise GatewayError(
+                401,
+                "missing admin key: send `Authorization: Bearer ADMIN_KEY`",
+                outcome="unauthorized",
+                code="missing_admin_key",
+                headers=[_CHALLENGE],
+            )
+        address = client_address(request)
+        wait = self.failures.retry_after(address)
+        if wait > 0:
+            seconds = max(1, int(wait + 0.999))
+            raise GatewayError(
+                429,
+                f"too many wrong admin keys from {address}; try again in {seconds}s",
+                outcome="rate_limited",
+                code="too_many_sign_in_failures",
+                headers=[(b"retry-after", str(seconds).encode())],
+            )
+        if presented.startswith(PREFIX):
+            self.failures.fail(address)
+            raise GatewayError(
+                403,
+                "this is a caller key (mgk_...): caller keys cannot use the admin API "
+                "or the console; sign in with the admin key (admin.api_key in the config)",
+                outcome="unauthorized",
+                code="caller_key_on_admin_api",
+            )
+        expected = hashlib.sha256(secret.get_secret_value().encode()).digest()
+        if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+            self.failures.fail(address)
+            raise GatewayError(
+                401,
+                "wrong admin key",
+                outcome="unauthorized",
+                code="invalid_admin_key",
+                headers=[_CHALLENGE],
+            )
+
+
+def admin_endpoint(handler: H) -> H:
+    """Send a handler's GatewayError with the admin security headers (the app's generic
+    error path does not add them)."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: Any, request: Request, send: Send, *args: Any) -> Any:
+        try:
+            return await handler(self, request, send, *args)
+        except GatewayError as error:
+            headers = base_headers(request) + JSON_HEADERS + secure_headers() + error.headers
+            await respond(send, error.status, error.body(), headers)
+            return None
+
+    return wrapped  # type: ignore[return-value]
+
+
+async def send_json(request: Request, send: Send, payload: Any, status: int = 200) -> None:
+    body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
+    await respond(send, status, body, base_headers(request) + JSON_HEADERS + secure_headers())
 
 
 class AdminHandlers:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.guard = AdminGuard(runtime)
 
-    def _authorize(self, request: Request) -> None:
-        secret = self.runtime.config.admin.api_key
-        if secret is None:
-            raise GatewayError(404, "the admin API is off: set admin.api_key in the config",
-                               code="admin_disabled")
-        raw = request.headers.get(b"authorization", b"").decode("latin-1")
-        presented = raw[7:].strip() if raw.lower().startswith("bearer ") else ""
-        if presented.startswith(PREFIX):
-            raise GatewayError(403, "caller keys cannot use the admin API; use the admin key",
-                               outcome="unauthorized", code="caller_key_on_admin_api")
-        expected = hashlib.sha256(secret.get_secret_value().encode()).digest()
-        if not presented or not hmac.compare_digest(
-            hashlib.sha256(presented.encode()).digest(), expected
-        ):
-            raise GatewayError(401, "missing or wrong admin key", outcome="unauthorized",
-                               code="invalid_admin_key")
-
+    @admin_endpoint
     async def reload(self, request: Request, send: Send) -> None:
         """Re-read the config file; apply it if valid, else keep serving and say why."""
-        self._authorize(request)
+        self.guard.authorize(request)
         try:
             applied = await self.runtime.reload_from_source("admin API")
         except ConfigError as error:
-            body = orjson.dumps({"error": {
-                "message": f"config refused, still serving version {self.runtime.version}",
-                "type": "invalid_request_error", "code": "invalid_config", "param": None,
-                "problems": [problem.render() for problem in error.problems]}})
-            await respond(send, 422, body, base_headers(request) + JSON_HEADERS)
+            await send_json(
+                request,
+                send,
+                {
+                    "error": {
+                        "message": f"config refused, still serving version {self.runtime.version}",
+                        "type": "invalid_request_error",
+                        "code": "invalid_config",
+                        "param": None,
+                        "problems": [problem.render() for problem in error.problems],
+                    }
+                },
+                422,
+            )
             return
-        body = orjson.dumps({"applied": applied, "version": self.runtime.version})
-        await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
+        await send_json(request, send, {"applied": applied, "version": self.runtime.version})

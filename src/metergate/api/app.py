@@ -13,6 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from metergate.api.admin import AdminHandlers
+from metergate.api.admin_api import AdminApi
 from metergate.api.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.api.chat import CompletionsHandler
 from metergate.api.errors import GatewayError
@@ -34,6 +35,7 @@ class GatewayApp:
         self.runtime = Runtime(config, text=text, source=source)
         info = InfoHandlers(self.runtime)
         admin = AdminHandlers(self.runtime)
+        self._admin_api = AdminApi(self.runtime, admin.guard)  # the console and its JSON API
         self._info = info
         chat = CompletionsHandler(self.runtime, "chat")
         embeddings = CompletionsHandler(self.runtime, "embeddings")
@@ -42,6 +44,7 @@ class GatewayApp:
             ("GET", "/readyz"): info.readyz,
             ("GET", "/metrics"): info.metrics,
             ("POST", "/admin/reload"): admin.reload,
+            **self._admin_api.routes(),
         }
         for prefix in ("/v1", ""):  # some clients put /v1 in base_url, some do not
             routes[("POST", f"{prefix}/chat/completions")] = chat
@@ -72,6 +75,8 @@ class GatewayApp:
 
     async def _unrouted(self, request: Request, send: Send) -> None:
         path: str = request.scope["path"]
+        if await self._admin_api.dispatch(request, send, self.paths):  # /admin/api/keys/{id}...
+            return
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and request.scope["method"] == "GET":
                 await self._info.model(request, send, path.removeprefix(prefix))

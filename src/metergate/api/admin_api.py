@@ -1,0 +1,336 @@
+"""The admin JSON API under `/admin/api/...`, its OpenAPI document, and the console page.
+
+One API, two faces: the browser console calls exactly these endpoints with the admin
+key as a Bearer token, and so can a script or the CLI. The data itself is computed in
+`metergate.console`; this module is only HTTP: auth, parameters, status codes, headers.
+Paths with an id in them (`keys/{id}`, `rollouts/{name}/{action}`) are matched here,
+since the app's route table is exact paths only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+import orjson
+
+from metergate import __version__
+from metergate.api.admin import AdminGuard, admin_endpoint, send_json
+from metergate.api.asgi import Request, Send, base_headers, respond
+from metergate.api.errors import GatewayError, bad_request
+from metergate.console import keys as console_keys
+from metergate.console import requests_log
+from metergate.console.mcp import McpView
+from metergate.console.openapi import openapi_document
+from metergate.console.overview import overview
+from metergate.console.rollouts import ACTIONS, rollouts
+from metergate.console.security import PAGE_CSP, secure_headers
+from metergate.console.static_files import load_assets
+from metergate.console.upstreams import upstreams
+from metergate.console.windows import parse_window
+from metergate.rollout import store, transitions
+from metergate.runtime import Runtime
+from metergate.storage.database import Database
+from metergate.storage.keys import KeyNameTaken, create_key, list_keys
+
+Handler = Callable[[Request, Send], Awaitable[None]]
+BODY_LIMIT = 64 * 1024
+# Paths with parameters: (method, segments with None for a parameter, handler name).
+_PATTERNS: tuple[tuple[str, tuple[str | None, ...], str], ...] = (
+    ("PATCH", ("admin", "api", "keys", None), "update_key"),
+    ("POST", ("admin", "api", "keys", None, "revoke"), "revoke_key"),
+    ("POST", ("admin", "api", "rollouts", None, None), "rollout_action"),
+)
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    return parse_qs(raw, keep_blank_values=True)
+
+
+def _match(segments: list[str], pattern: tuple[str | None, ...]) -> list[str] | None:
+    if len(segments) != len(pattern):
+        return None
+    params = []
+    for segment, expected in zip(segments, pattern, strict=True):
+        if expected is None:
+            if not segment:
+                return None
+            params.append(segment)
+        elif segment != expected:
+            return None
+    return params
+
+
+class AdminApi:
+    def __init__(self, runtime: Runtime, guard: AdminGuard) -> None:
+        self.runtime = runtime
+        self.guard = guard
+        self.mcp = McpView()
+        self.assets = load_assets()
+        self._openapi = orjson.dumps(openapi_document(__version__))
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """The exact paths, for the app's route table."""
+        routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/admin/openapi.json"): self.openapi,
+            ("GET", "/admin/api/session"): self.session,
+            ("GET", "/admin/api/overview"): self.overview,
+            ("GET", "/admin/api/upstreams"): self.upstreams,
+            ("GET", "/admin/api/keys"): self.list_keys,
+            ("POST", "/admin/api/keys"): self.create_key,
+            ("GET", "/admin/api/rollouts"): self.list_rollouts,
+            ("GET", "/admin/api/mcp"): self.mcp_servers,
+            ("GET", "/admin/api/requests"): self.requests,
+            ("GET", "/admin/api/requests.csv"): self.requests_csv,
+        }
+        for path in self.assets:
+            routes[("GET", path)] = self.asset
+        return routes
+
+    async def dispatch(self, request: Request, send: Send, known_paths: set[str]) -> bool:
+        """Serve an admin or console path the route table has no exact entry for (one with
+        an id in it, or an unknown one, answered here so that it gets the admin headers);
+        False when the path is not the admin API's."""
+        path: str = request.scope["path"]
+        if not (path.startswith("/admin/") or path.startswith("/console")):
+            return False
+        await self._dispatch(request, send, path, known_paths)
+        return True
+
+    @admin_endpoint
+    async def _dispatch(
+        self, request: Request, send: Send, path: str, known_paths: set[str]
+    ) -> None:
+        segments = path.strip("/").split("/")
+        allowed = []
+        for method, pattern, name in _PATTERNS:
+            params = _match(segments, pattern)
+            if params is None:
+                continue
+            if method == request.scope["method"]:
+                await getattr(self, name)(request, send, *params)
+                return
+            allowed.append(method)
+        if allowed or path in known_paths:
+            raise GatewayError(
+                405,
+                f"method {request.scope['method']} is not allowed on {path}",
+                headers=[(b"allow", ", ".join(allowed).encode())] if allowed else [],
+            )
+        raise GatewayError(
+            404, f"no such admin endpoint: {path}; see /admin/openapi.json", code="unknown_endpoint"
+        )
+
+    async def _database(self, fresh: bool = False) -> Database:
+        """The ledger database; with `fresh`, after committing the rows still queued, so
+        the console shows the requests that just finished."""
+        database = self.runtime.database
+        if database is None:
+            raise GatewayError(503, "the gateway is starting; try again", code="not_ready")
+        ledger = self.runtime.ledger
+        if fresh and ledger is not None:
+            with contextlib.suppress(Exception):  # the writer keeps and retries its rows
+                await ledger.flush()
+        return database
+
+    # -- console page and OpenAPI ------------------------------------------------------
+
+    @admin_endpoint
+    async def asset(self, request: Request, send: Send) -> None:
+        asset = self.assets[request.scope["path"]]
+        cache = "no-store" if asset.is_page else "no-cache"
+        headers = [*base_headers(request), *secure_headers(PAGE_CSP, cache), (b"etag", asset.etag)]
+        if not asset.is_page and request.headers.get(b"if-none-match") == asset.etag:
+            await respond(send, 304, b"", headers)
+            return
+        await respond(
+            send, 200, asset.body, [*headers, (b"content-type", asset.content_type.encode())]
+        )
+
+    @admin_endpoint
+    async def openapi(self, request: Request, send: Send) -> None:
+        """Public: the API's shape is no secret, and tools fetch it without credentials."""
+        headers = [
+            *base_headers(request),
+            (b"content-type", b"application/json"),
+            *secure_headers(),
+        ]
+        await respond(send, 200, self._openapi, headers)
+
+    # -- read -----------------------------------------------------------------------
+
+    @admin_endpoint
+    async def session(self, request: Request, send: Send) -> None:
+        """Sign-in check for the console: 200 means the key is the admin key."""
+        self.guard.authorize(request)
+        runtime = self.runtime
+        await send_json(
+            request,
+            send,
+            {
+                "gateway_version": __version__,
+                "config_version": runtime.version,
+                "models": list(runtime.config.models),
+                "upstreams": list(runtime.config.upstreams),
+                "rollouts": list(runtime.config.rollouts),
+            },
+        )
+
+    @admin_endpoint
+    async def overview(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        window = parse_window(requests_log.query_value(_query(request), "window"))
+        database = await self._database(fresh=True)
+        await send_json(request, send, await overview(self.runtime, database, window))
+
+    @admin_endpoint
+    async def upstreams(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        window = parse_window(requests_log.query_value(_query(request), "window"))
+        database = await self._database(fresh=True)
+        await send_json(request, send, await upstreams(self.runtime, database, window))
+
+    @admin_endpoint
+    async def mcp_servers(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        await send_json(request, send, self.mcp.read(self.runtime.metrics.registry))
+
+    @admin_endpoint
+    async def requests(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        filters = requests_log.parse_filters(_query(request), 100, requests_log.PAGE_MAX)
+        database = await self._database(fresh=True)
+        rows = await requests_log.latest(database, filters)
+        choices = await requests_log.filter_choices(database, list(self.runtime.config.models))
+        next_before = rows[-1]["id"] if len(rows) == filters.limit else None
+        await send_json(
+            request, send, {"requests": rows, "next_before": next_before, "filters": choices}
+        )
+
+    @admin_endpoint
+    async def requests_csv(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        filters = requests_log.parse_filters(_query(request), 10_000, requests_log.CSV_MAX)
+        database = await self._database(fresh=True)
+        body = requests_log.to_csv(await requests_log.latest(database, filters))
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        headers = [
+            *base_headers(request),
+            (b"content-type", b"text/csv; charset=utf-8"),
+            (
+                b"content-disposition",
+                f'attachment; filename="metergate-requests-{stamp}.csv"'.encode(),
+            ),
+            *secure_headers(),
+        ]
+        await respond(send, 200, body, headers)
+
+    # -- keys -----------------------------------------------------------------------
+
+    @admin_endpoint
+    async def list_keys(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        database = await self._database(fresh=True)
+        await send_json(request, send, await console_keys.keys_with_spend(self.runtime, database))
+
+    @admin_endpoint
+    async def create_key(self, request: Request, send: Send) -> None:
+        """Create a key; the secret is in this one response (no-store) and nowhere else."""
+        self.guard.authorize(request)
+        body = await request.json(BODY_LIMIT)
+        name = console_keys.check_name(body.get("name"))
+        models = console_keys.check_models(self.runtime, body.get("models"))
+        cap = console_keys.check_cap(body.get("max_tokens_cap"))
+        database = await self._database()
+        try:
+            secret, record = await create_key(database, name, models, cap)
+        except KeyNameTaken:
+            raise GatewayError(
+                409,
+                f"an active key named {name!r} exists; revoke it first or pick another name",
+                code="key_name_taken",
+                param="name",
+            ) from None
+        await self.runtime.keys.reload()
+        await send_json(
+            request, send, {"key": console_keys.key_json(record), "secret": secret}, 201
+        )
+
+    async def update_key(self, request: Request, send: Send, key_id: str) -> None:
+        """PATCH: the fields present are changed (`models`, `max_tokens_cap`); null clears."""
+        self.guard.authorize(request)
+        body = await request.json(BODY_LIMIT)
+        unknown = set(body) - {"models", "max_tokens_cap"}
+        if unknown or not body:
+            raise bad_request(
+                "send `models` and/or `max_tokens_cap`", param=", ".join(sorted(unknown)) or None
+            )
+        database = await self._database()
+        current = next(
+            (k for k in await list_keys(database) if k.id == key_id and k.revoked_at is None), None
+        )
+        if current is None:
+            raise console_keys.not_found(key_id)
+        models = (
+            console_keys.check_models(self.runtime, body["models"])
+            if "models" in body
+            else (list(current.models) if current.models else None)
+        )
+        cap = (
+            console_keys.check_cap(body["max_tokens_cap"])
+            if "max_tokens_cap" in body
+            else current.max_tokens_cap
+        )
+        try:
+            record = await console_keys.update_key(database, key_id, models, cap)
+        except console_keys.KeyNotFound:
+            raise console_keys.not_found(key_id) from None
+        await self.runtime.keys.reload()
+        await send_json(request, send, {"key": console_keys.key_json(record)})
+
+    async def revoke_key(self, request: Request, send: Send, key_id: str) -> None:
+        """Revoke at once here; other gateway processes follow within two seconds."""
+        self.guard.authorize(request)
+        database = await self._database()
+        try:
+            record = await console_keys.revoke_key_by_id(database, key_id)
+        except console_keys.KeyNotFound:
+            raise console_keys.not_found(key_id) from None
+        await self.runtime.keys.reload()
+        await send_json(request, send, {"key": console_keys.key_json(record)})
+
+    # -- rollouts -------------------------------------------------------------------
+
+    @admin_endpoint
+    async def list_rollouts(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        database = await self._database()
+        await send_json(request, send, await rollouts(self.runtime, database))
+
+    async def rollout_action(self, request: Request, send: Send, name: str, action: str) -> None:
+        self.guard.authorize(request)
+        rollout = self.runtime.rollouts.rollouts.get(name)
+        if rollout is None:
+            configured = ", ".join(self.runtime.rollouts.rollouts) or "none"
+            raise GatewayError(
+                404, f"no rollout {name!r}; configured: {configured}", code="rollout_not_found"
+            )
+        change = ACTIONS.get(action)
+        if change is None:
+            raise GatewayError(
+                404,
+                f"no rollout action {action!r}; one of: {', '.join(ACTIONS)}",
+                code="unknown_action",
+            )
+        database = await self._database()
+        await store.load(database, rollout)
+        try:
+            await change(database, rollout, "admin API")
+        except transitions.TransitionRefused as refused:
+            raise GatewayError(409, str(refused), code="transition_refused") from None
+        result = await rollouts(self.runtime, database)
+        current = next(r for r in result["rollouts"] if r["name"] == name)
+        await send_json(request, send, {"rollout": current})

@@ -1,0 +1,150 @@
+"""Gateway keys for the console: listed with their spend, created, edited, revoked.
+
+Creating and listing reuse `storage.keys`. Two storage operations live here because
+only the admin API needs them: changing an active key's allowed models and max_tokens
+cap, and revoking by id alone (the CLI's `revoke_key` also matches names, which is
+right for a person typing, wrong for a button that means one row).
+
+A key's *budget* is a config budget with `scope: key` (enforced by the budget book and
+rebuilt from the ledger); the console shows those next to the key, read-only. Giving
+keys an editable budget would need a column and enforcement in the budget book.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from typing import Any
+
+import orjson
+
+from metergate.api.errors import GatewayError, bad_request
+from metergate.auth.keys import KeyRecord
+from metergate.console.overview import budget_json
+from metergate.metering.report import usage_summary
+from metergate.runtime import Runtime
+from metergate.storage.database import Database
+from metergate.storage.keys import list_keys
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class KeyNotFound(Exception):
+    """No key with this id, or it is revoked and so cannot change."""
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    """What the API shows of a key: never its hash, only the last four characters."""
+    return {
+        "id": record.id,
+        "name": record.name,
+        "hint": record.hint,
+        "models": list(record.models) if record.models is not None else None,
+        "max_tokens_cap": record.max_tokens_cap,
+        "created_at": record.created_at,
+        "revoked_at": record.revoked_at,
+        "state": "revoked" if record.revoked_at is not None else "active",
+    }
+
+
+async def update_key(
+    database: Database, key_id: str, models: list[str] | None, max_tokens_cap: int | None
+) -> KeyRecord:
+    """Set an active key's allowed models (None: all) and max_tokens cap (None: none)."""
+    found = await database.fetch(
+        "SELECT 1 FROM keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+    )
+    if not found:
+        raise KeyNotFound(key_id)
+    encoded = orjson.dumps(models).decode() if models else None
+    await database.execute(
+        "UPDATE keys SET models = ?, max_tokens_cap = ? WHERE id = ? AND revoked_at IS NULL",
+        (encoded, max_tokens_cap, key_id),
+    )
+    return next(r for r in await list_keys(database) if r.id == key_id)
+
+
+async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:
+    found = await database.fetch(
+        "SELECT 1 FROM keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+    )
+    if not found:
+        raise KeyNotFound(key_id)
+    await database.execute(
+        "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+        (time.time(), key_id),
+    )
+    return next(r for r in await list_keys(database) if r.id == key_id)
+
+
+def check_name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        raise bad_request(
+            "`name` must be 1-64 characters: letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it becomes a metric label)",
+            param="name",
+        )
+    return value
+
+
+def check_models(runtime: Runtime, value: Any) -> list[str] | None:
+    """None or [] means every model; otherwise each must be a configured model."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise bad_request("`models` must be a list of model names or null", param="models")
+    unknown = [m for m in value if m not in runtime.config.models]
+    if unknown:
+        raise bad_request(
+            f"unknown model(s): {', '.join(unknown)}; configured: "
+            f"{', '.join(runtime.config.models)}",
+            param="models",
+        )
+    return list(dict.fromkeys(value)) or None
+
+
+def check_cap(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_request(
+            "`max_tokens_cap` must be a positive integer or null", param="max_tokens_cap"
+        )
+    return value
+
+
+def not_found(key_id: str) -> GatewayError:
+    return GatewayError(404, f"no active key with id {key_id!r}", code="key_not_found")
+
+
+async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:
+    """Every key (revoked ones too), with the spend of its name today and this month
+    (UTC) and the key-scoped budgets of the config; spend is by name, as the ledger
+    records it, so a replaced key's spend shows on the active key of that name."""
+    now = time.time()
+    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    midnight = dt.datetime.combine(today, dt.time(), dt.UTC).timestamp()
+    month_start = dt.datetime.combine(today.replace(day=1), dt.time(), dt.UTC).timestamp()
+    month = {g.name: g for g in (await usage_summary(database, "key", month_start, now))[:-1]}
+    day = {g.name: g for g in (await usage_summary(database, "key", midnight, now))[:-1]}
+    key_budgets: dict[str, list[dict[str, Any]]] = {}
+    for budget in runtime.budgets.budgets:
+        if budget.config.scope == "key" and budget.config.target:
+            key_budgets.setdefault(budget.config.target, []).append(
+                await budget_json(database, budget, now)
+            )
+    records = await list_keys(database)
+    rows = []
+    for record in sorted(records, key=lambda r: (r.revoked_at is not None, r.name)):
+        spent_month, spent_today = month.get(record.name), day.get(record.name)
+        rows.append(
+            {
+                **key_json(record),
+                "requests_month": spent_month.requests if spent_month else 0,
+                "spend_today_nano": spent_today.cost_nano if spent_today else 0,
+                "spend_month_nano": spent_month.cost_nano if spent_month else 0,
+                "budgets": key_budgets.get(record.name, []),
+            }
+        )
+    return {"keys": rows, "models": list(runtime.config.models)}

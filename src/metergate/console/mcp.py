@@ -1,0 +1,152 @@
+"""The MCP page: each MCP server behind the gateway, from the gateway's own metric samples.
+
+It reads only the metric contract (`metergate_mcp_server_up`, and the histogram
+`mcp_client_operation_duration_seconds`), never the MCP gateway's objects, so it works
+with whatever registers those metrics. The counters are cumulative; a rate needs two
+readings, so each call keeps a snapshot and the rate is taken against the oldest one
+from the last five minutes (or, the first time, since the console started).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from metergate.console.samples import samples
+
+UP = "metergate_mcp_server_up"
+OPERATION = "mcp_client_operation_duration_seconds"
+TOOL_CALL = "tools/call"
+RATE_HORIZON = 300.0
+SLOW_TOOLS = 5
+
+
+@dataclass
+class _Tool:
+    count: float = 0.0
+    total_seconds: float = 0.0
+    errors: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+
+
+@dataclass
+class _Server:
+    up: float | None = None
+    methods: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    errors_by_type: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    tools: dict[str, _Tool] = field(default_factory=lambda: defaultdict(_Tool))
+
+    @property
+    def tool_calls(self) -> float:
+        return sum(tool.count for tool in self.tools.values())
+
+    @property
+    def tool_errors(self) -> float:
+        return sum(tool.errors for tool in self.tools.values())
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """`histogram_quantile` over cumulative buckets: linear within the bucket it falls in."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the last finite bucket: its bound is all we know
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def _read(registry: CollectorRegistry) -> dict[str, _Server]:
+    servers: dict[str, _Server] = defaultdict(_Server)
+    names = {UP, f"{OPERATION}_count", f"{OPERATION}_sum", f"{OPERATION}_bucket"}
+    for sample in samples(registry, names):
+        labels = sample.labels
+        server = servers[labels.get("mcp_server_name", "")]
+        if sample.name == UP:
+            server.up = sample.value
+            continue
+        method, error = labels.get("mcp_method_name", ""), labels.get("error_type", "")
+        tool = server.tools[labels.get("gen_ai_tool_name", "")] if method == TOOL_CALL else None
+        if sample.name.endswith("_count"):
+            server.methods[method] += sample.value
+            if error:
+                server.errors_by_type[error] += sample.value
+            if tool is not None:
+                tool.count += sample.value
+                tool.errors += sample.value if error else 0.0
+        elif sample.name.endswith("_sum"):
+            if tool is not None:
+                tool.total_seconds += sample.value
+        elif tool is not None:
+            bound = float(labels["le"])
+            tool.buckets[bound] = tool.buckets.get(bound, 0.0) + sample.value
+    return servers
+
+
+class McpView:
+    """Keeps the snapshots rates are computed from; one per gateway app."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._snapshots: deque[tuple[float, dict[str, float]]] = deque(maxlen=256)
+
+    def _rate_base(self, now: float) -> tuple[float, dict[str, float]]:
+        while self._snapshots and self._snapshots[0][0] < now - RATE_HORIZON:
+            self._snapshots.popleft()
+        for taken, calls in self._snapshots:
+            if now - taken >= 1.0:
+                return taken, calls
+        return self._started, {}
+
+    def read(self, registry: CollectorRegistry) -> dict[str, Any]:
+        now = self._clock()
+        servers = _read(registry)
+        since, before = self._rate_base(now)
+        self._snapshots.append((now, {name: s.tool_calls for name, s in servers.items()}))
+        elapsed = max(now - since, 1e-9)
+        rows = []
+        for name, server in sorted(servers.items()):
+            calls = server.tool_calls
+            slow = sorted(
+                (
+                    {
+                        "tool": tool_name,
+                        "calls": tool.count,
+                        "errors": tool.errors,
+                        "mean_seconds": tool.total_seconds / tool.count if tool.count else None,
+                        "p95_seconds": quantile(0.95, tool.buckets),
+                    }
+                    for tool_name, tool in server.tools.items()
+                    if tool.count
+                ),
+                key=lambda t: (-(t["p95_seconds"] or 0.0), -(t["mean_seconds"] or 0.0)),
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "up": None if server.up is None else server.up >= 1,
+                    "tool_calls": calls,
+                    "tool_calls_per_second": max(0.0, calls - before.get(name, 0.0)) / elapsed,
+                    "tool_error_rate": server.tool_errors / calls if calls else None,
+                    "errors_by_type": dict(sorted(server.errors_by_type.items())),
+                    "requests_by_method": dict(sorted(server.methods.items())),
+                    "slow_tools": slow[:SLOW_TOOLS],
+                }
+            )
+        return {"now": now, "rate_window_seconds": round(elapsed, 3), "servers": rows}

@@ -1,0 +1,623 @@
+"""The admin API's OpenAPI 3.1 document, written by hand next to the code it describes.
+
+A test validates it and checks that every admin route is in it, so it cannot drift.
+Money is integer nano-USD (1e-9 USD), times are epoch seconds, as in the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_NANO = {"type": "integer", "description": "nano-USD (1e-9 USD)"}
+_COUNTS = {"type": "object", "additionalProperties": _NUM}
+_SERIES = {"type": "array", "items": _nullable(_NUM)}
+
+_ERRORS = {
+    "400": "Invalid parameter or body",
+    "401": "Missing or wrong admin key",
+    "403": "A caller key (mgk_...) was sent: only the admin key is accepted",
+    "404": "Admin API off (no admin.api_key), or no such object",
+    "429": "Too many wrong admin keys from this address; see Retry-After",
+}
+_OTHER_ERRORS = {
+    "409": "Conflict: the name is taken, or the rollout's state does not allow the action",
+    "422": "The config file is invalid; the gateway keeps serving the running version",
+}
+
+
+def _responses(ok: str, schema: dict[str, Any], status: str = "200", *extra: str) -> Any:
+    responses: dict[str, Any] = {status: {"description": ok, "content": {JSON: {"schema": schema}}}}
+    for code in _ERRORS:
+        responses[code] = {"$ref": f"#/components/responses/E{code}"}
+    for code in extra:
+        responses[code] = {
+            "description": _OTHER_ERRORS[code],
+            "content": {JSON: {"schema": _ref("Error")}},
+        }
+    return responses
+
+
+def _window_param() -> dict[str, Any]:
+    return {
+        "name": "window",
+        "in": "query",
+        "required": False,
+        "description": "How far back: chart buckets are 1 min, 15 min, 1 h and 4 h wide.",
+        "schema": {"type": "string", "enum": ["1h", "24h", "7d", "30d"], "default": "24h"},
+    }
+
+
+def _filter_params(default: int, most: int) -> list[dict[str, Any]]:
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": description,
+        }
+
+    return [
+        query("key", _STR, "Only requests of this key name"),
+        query("model", _STR, "Only requests for this model"),
+        query("outcome", _ref("Outcome"), "Only requests with this outcome"),
+        query(
+            "before",
+            {"type": "integer", "minimum": 1},
+            "Only rows with a smaller id (the next page: `next_before`)",
+        ),
+        query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": most, "default": default},
+            "Rows to return, newest first",
+        ),
+    ]
+
+
+def _schemas() -> dict[str, Any]:
+    group = _object(
+        {
+            "requests": _INT,
+            "errors": _INT,
+            "refused": _INT,
+            "error_rate": _nullable(_NUM),
+            "p95_ms": _nullable(_NUM),
+            "cost_nano": _NANO,
+            "saved_nano": _NANO,
+            "input_tokens": _INT,
+            "cached_input_tokens": _INT,
+            "output_tokens": _INT,
+        }
+    )
+    budget = _object(
+        {
+            "name": _STR,
+            "scope": {"type": "string", "enum": ["global", "key", "model"]},
+            "target": _nullable(_STR),
+            "period": {"type": "string", "enum": ["day", "month"]},
+            "timezone": _STR,
+            "period_start": _NUM,
+            "period_end": _NUM,
+            "hard": _BOOL,
+            "limit_nano": _NANO,
+            "spent_nano": _NANO,
+            "reserved_nano": _NANO,
+            "percent": _NUM,
+            "soft_percent": {
+                **_INT,
+                "description": "amber from here: the highest alert threshold below 100%",
+            },
+            "alert_at_percent": {"type": "array", "items": _INT},
+            "state": {"type": "string", "enum": ["ok", "warning", "exceeded"]},
+        },
+        ["name", "limit_nano", "spent_nano", "state"],
+    )
+    key = _object(
+        {
+            "id": _STR,
+            "name": _STR,
+            "hint": {**_STR, "description": "last 4 characters"},
+            "models": _nullable({"type": "array", "items": _STR}),
+            "max_tokens_cap": _nullable(_INT),
+            "created_at": _NUM,
+            "revoked_at": _nullable(_NUM),
+            "state": {"type": "string", "enum": ["active", "revoked"]},
+        },
+        ["id", "name", "hint", "state"],
+    )
+    side = _object(
+        {"attempts": _NUM, "error_rate": _NUM, "p99_seconds": _NUM, "server_errors": _NUM}
+    )
+    rollout = _object(
+        {
+            "name": _STR,
+            "model": _STR,
+            "state": {
+                "type": "string",
+                "enum": ["pending", "running", "paused", "completed", "rolled_back"],
+            },
+            "stage": _INT,
+            "stages": {"type": "array", "items": _NUM},
+            "stage_percent": _NUM,
+            "stage_started_at": _nullable(_NUM),
+            "weights": _object(
+                {
+                    s: _object({"upstreams": {"type": "array", "items": _STR}, "share": _NUM})
+                    for s in ("candidate", "baseline")
+                }
+            ),
+            "gates": _object({"max_error_rate": _NUM, "max_p99_seconds": _NUM, "max_5xx": _INT}),
+            "min_requests": _INT,
+            "interval_seconds": _NUM,
+            "failures": _INT,
+            "failure_threshold": _INT,
+            "source": _STR,
+            "next_decision_at": _nullable(_NUM),
+            "last_judgment": _nullable(
+                {
+                    "type": "object",
+                    "description": "the deciding process's "
+                    "last verdict: gate values against limits",
+                }
+            ),
+            "live": _object({"candidate": side, "baseline": side}),
+            "actions": {"type": "array", "items": _ref("RolloutAction")},
+            "history": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "ts": _NUM,
+                        "event": _STR,
+                        "stage": _INT,
+                        "stage_percent": _NUM,
+                        "by": _nullable(_STR),
+                        "verdict": _nullable(_STR),
+                        "failed_gates": {"type": "array", "items": _STR},
+                    }
+                ),
+            },
+        },
+        ["name", "model", "state", "stage", "actions"],
+    )
+    return {
+        "Error": _object(
+            {
+                "error": _object(
+                    {
+                        "message": _STR,
+                        "type": _STR,
+                        "code": _nullable(_STR),
+                        "param": _nullable(_STR),
+                    },
+                    ["message", "type"],
+                )
+            },
+            ["error"],
+        ),
+        "Outcome": {
+            "type": "string",
+            "enum": [
+                "success",
+                "invalid_request",
+                "unauthorized",
+                "rate_limited",
+                "budget_exceeded",
+                "upstream_error",
+                "upstream_rejected",
+                "timeout",
+                "connection_error",
+                "cancelled",
+            ],
+        },
+        "RolloutAction": {
+            "type": "string",
+            "enum": ["start", "pause", "resume", "promote", "rollback"],
+        },
+        "UsageGroup": group,
+        "Budget": budget,
+        "Key": key,
+        "KeyWithSpend": {
+            "allOf": [
+                key,
+                _object(
+                    {
+                        "requests_month": _INT,
+                        "spend_today_nano": _NANO,
+                        "spend_month_nano": _NANO,
+                        "budgets": {"type": "array", "items": _ref("Budget")},
+                    }
+                ),
+            ]
+        },
+        "Rollout": rollout,
+        "Overview": _object(
+            {
+                "window": _STR,
+                "now": _NUM,
+                "spend": _object(
+                    {
+                        "today_nano": _NANO,
+                        "month": _STR,
+                        "month_nano": _NANO,
+                        "forecast_nano": {**_NANO, "description": "projected month-end spend"},
+                        "daily_rate_nano": _NANO,
+                        "forecast_basis_days": _NUM,
+                        "remaining_days": _NUM,
+                    }
+                ),
+                "totals": _ref("UsageGroup"),
+                "models": {
+                    "type": "array",
+                    "items": {"allOf": [_object({"model": _STR}), _ref("UsageGroup")]},
+                },
+                "series": _object(
+                    {
+                        "start": _NUM,
+                        "step": _INT,
+                        "timestamps": {"type": "array", "items": _NUM},
+                        "models": {
+                            "type": "object",
+                            "additionalProperties": _object(
+                                {
+                                    "requests_per_second": _SERIES,
+                                    "error_percent": _SERIES,
+                                    "p95_ms": _SERIES,
+                                    "ttft_p95_ms": _SERIES,
+                                }
+                            ),
+                        },
+                    }
+                ),
+                "budgets": {"type": "array", "items": _ref("Budget")},
+            },
+            ["window", "spend", "totals", "series", "budgets"],
+        ),
+        "Upstream": _object(
+            {
+                "name": _STR,
+                "provider": _STR,
+                "provider_type": _STR,
+                "model": _STR,
+                "weight": _INT,
+                "serves": {"type": "array", "items": _STR},
+                "circuit": {"type": "string", "enum": ["closed", "half-open", "open"]},
+                "circuit_retry_in": _nullable(_NUM),
+                "in_flight": _INT,
+                "window": {
+                    "allOf": [
+                        _ref("UsageGroup"),
+                        _object({"outcomes": _COUNTS, "retries": _INT, "fallbacks_served": _INT}),
+                    ]
+                },
+                "since_start": _object(
+                    {"attempts": _COUNTS, "fallbacks_from": _NUM, "fallbacks_to": _NUM}
+                ),
+            },
+            ["name", "circuit"],
+        ),
+        "McpServer": _object(
+            {
+                "name": _STR,
+                "up": _nullable(_BOOL),
+                "tool_calls": _NUM,
+                "tool_calls_per_second": _NUM,
+                "tool_error_rate": _nullable(_NUM),
+                "errors_by_type": _COUNTS,
+                "requests_by_method": _COUNTS,
+                "slow_tools": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "tool": _STR,
+                            "calls": _NUM,
+                            "errors": _NUM,
+                            "mean_seconds": _nullable(_NUM),
+                            "p95_seconds": _nullable(_NUM),
+                        }
+                    ),
+                },
+            },
+            ["name", "up"],
+        ),
+        "RequestRow": _object(
+            {
+                "id": _INT,
+                "ts": _NUM,
+                "request_id": _STR,
+                "key_name": _STR,
+                "model": _STR,
+                "upstream": _STR,
+                "attempts": _INT,
+                "input_tokens": _INT,
+                "cached_input_tokens": _INT,
+                "output_tokens": _INT,
+                "cost_nano": _NANO,
+                "saved_nano": _NANO,
+                "duration_ms": _NUM,
+                "ttft_ms": _nullable(_NUM),
+                "outcome": _ref("Outcome"),
+                "status": _INT,
+                "cache_hit": _BOOL,
+                "stream": _BOOL,
+            }
+        ),
+    }
+
+
+def _paths() -> dict[str, Any]:
+    key_id = {"name": "id", "in": "path", "required": True, "schema": _STR}
+    return {
+        "/admin/api/session": {
+            "get": {
+                "summary": "Check the admin key (the console's sign-in)",
+                "operationId": "session",
+                "responses": _responses(
+                    "The key is the admin key",
+                    _object(
+                        {
+                            "gateway_version": _STR,
+                            "config_version": _STR,
+                            "models": {"type": "array", "items": _STR},
+                            "upstreams": {"type": "array", "items": _STR},
+                            "rollouts": {"type": "array", "items": _STR},
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/overview": {
+            "get": {
+                "summary": "Spend, month-end forecast, per-model series and budgets",
+                "operationId": "overview",
+                "parameters": [_window_param()],
+                "responses": _responses("Overview", _ref("Overview")),
+            }
+        },
+        "/admin/api/upstreams": {
+            "get": {
+                "summary": "Health of each deployment: circuit, errors, retries, fallbacks",
+                "operationId": "upstreams",
+                "parameters": [_window_param()],
+                "responses": _responses(
+                    "Upstreams",
+                    _object(
+                        {
+                            "window": _STR,
+                            "now": _NUM,
+                            "upstreams": {"type": "array", "items": _ref("Upstream")},
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/keys": {
+            "get": {
+                "summary": "Keys with their spend and key-scoped budgets",
+                "operationId": "listKeys",
+                "responses": _responses(
+                    "Keys",
+                    _object(
+                        {
+                            "keys": {"type": "array", "items": _ref("KeyWithSpend")},
+                            "models": {"type": "array", "items": _STR},
+                        }
+                    ),
+                ),
+            },
+            "post": {
+                "summary": "Create a key; the secret is in this response only",
+                "operationId": "createKey",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": _object(
+                                {
+                                    "name": {
+                                        "type": "string",
+                                        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                    },
+                                    "models": _nullable({"type": "array", "items": _STR}),
+                                    "max_tokens_cap": _nullable({"type": "integer", "minimum": 1}),
+                                },
+                                ["name"],
+                            )
+                        }
+                    },
+                },
+                "responses": _responses(
+                    "Created",
+                    _object(
+                        {
+                            "key": _ref("Key"),
+                            "secret": {"type": "string", "description": "mgk_...; shown once"},
+                        },
+                        ["key", "secret"],
+                    ),
+                    "201",
+                    "409",
+                ),
+            },
+        },
+        "/admin/api/keys/{id}": {
+            "patch": {
+                "summary": "Set an active key's allowed models and max_tokens cap",
+                "description": "Fields left out stay; null clears (all models / no cap).",
+                "operationId": "updateKey",
+                "parameters": [key_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {
+                            "schema": _object(
+                                {
+                                    "models": _nullable({"type": "array", "items": _STR}),
+                                    "max_tokens_cap": _nullable({"type": "integer", "minimum": 1}),
+                                }
+                            )
+                        }
+                    },
+                },
+                "responses": _responses("Updated", _object({"key": _ref("Key")})),
+            }
+        },
+        "/admin/api/keys/{id}/revoke": {
+            "post": {
+                "summary": "Revoke a key (refused here at once, fleet-wide within 2 s)",
+                "operationId": "revokeKey",
+                "parameters": [key_id],
+                "responses": _responses("Revoked", _object({"key": _ref("Key")})),
+            }
+        },
+        "/admin/api/rollouts": {
+            "get": {
+                "summary": "Rollouts: stage, weights, gates, last judgment, history",
+                "operationId": "listRollouts",
+                "responses": _responses(
+                    "Rollouts",
+                    _object({"now": _NUM, "rollouts": {"type": "array", "items": _ref("Rollout")}}),
+                ),
+            }
+        },
+        "/admin/api/rollouts/{name}/{action}": {
+            "post": {
+                "summary": "Start, pause, resume, promote or roll back a rollout",
+                "operationId": "rolloutAction",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": _STR},
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": _ref("RolloutAction"),
+                    },
+                ],
+                "responses": _responses(
+                    "Done", _object({"rollout": _ref("Rollout")}), "200", "409"
+                ),
+            }
+        },
+        "/admin/api/mcp": {
+            "get": {
+                "summary": "MCP servers behind the gateway: up, tool call rate, errors, slow tools",
+                "operationId": "mcpServers",
+                "responses": _responses(
+                    "MCP servers (empty when none are configured)",
+                    _object(
+                        {
+                            "now": _NUM,
+                            "rate_window_seconds": _NUM,
+                            "servers": {"type": "array", "items": _ref("McpServer")},
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/requests": {
+            "get": {
+                "summary": "Latest ledger rows, newest first",
+                "operationId": "listRequests",
+                "parameters": _filter_params(100, 1000),
+                "responses": _responses(
+                    "Rows",
+                    _object(
+                        {
+                            "requests": {"type": "array", "items": _ref("RequestRow")},
+                            "next_before": _nullable(_INT),
+                            "filters": _object(
+                                {
+                                    k: {"type": "array", "items": _STR}
+                                    for k in ("keys", "models", "outcomes")
+                                }
+                            ),
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/requests.csv": {
+            "get": {
+                "summary": "The same rows as CSV (a download)",
+                "operationId": "exportRequests",
+                "parameters": _filter_params(10_000, 100_000),
+                "responses": {
+                    "200": {
+                        "description": "CSV, header line first",
+                        "content": {"text/csv": {"schema": _STR}},
+                    },
+                    **{code: {"$ref": f"#/components/responses/E{code}"} for code in _ERRORS},
+                },
+            }
+        },
+        "/admin/reload": {
+            "post": {
+                "summary": "Re-read the config file and apply it if valid",
+                "operationId": "reload",
+                "responses": _responses(
+                    "Applied (or already running)",
+                    _object({"applied": _BOOL, "version": _STR}),
+                    "200",
+                    "422",
+                ),
+            }
+        },
+        "/admin/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "metergate admin API",
+            "version": version,
+            "description": "What the console shows and does, for scripts too. Send the "
+            "admin key (admin.api_key) as `Authorization: Bearer ...`; caller keys (mgk_...) "
+            "are refused. Five wrong keys a minute from one address get 429 for a while.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"adminKey": []}],
+        "paths": _paths(),
+        "components": {
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": _schemas(),
+            "responses": {
+                f"E{code}": {"description": text, "content": {JSON: {"schema": _ref("Error")}}}
+                for code, text in _ERRORS.items()
+            },
+        },
+    }

@@ -1,0 +1,153 @@
+"""The latest ledger rows, filtered by key, model and outcome, as JSON or CSV.
+
+Newest first, paged by id (`before`): ids only grow, so a page never shifts while new
+requests arrive. CSV cells that a spreadsheet would run as a formula (`=`, `+`, `-`,
+`@`, tab, CR first) are prefixed with `'`: `request_id` is whatever the caller sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from metergate.api.errors import bad_request
+from metergate.storage.database import Database
+
+OUTCOMES = (
+    "success",
+    "invalid_request",
+    "unauthorized",
+    "rate_limited",
+    "budget_exceeded",
+    "upstream_error",
+    "upstream_rejected",
+    "timeout",
+    "connection_error",
+    "cancelled",
+)
+COLUMNS = (
+    "id",
+    "ts",
+    "request_id",
+    "key_name",
+    "model",
+    "upstream",
+    "attempts",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "cost_nano",
+    "saved_nano",
+    "duration_ms",
+    "ttft_ms",
+    "outcome",
+    "status",
+    "cache_hit",
+    "stream",
+)
+PAGE_MAX = 1_000
+CSV_MAX = 100_000
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    key: str | None = None
+    model: str | None = None
+    outcome: str | None = None
+    before: int | None = None
+    limit: int = 100
+
+
+def query_value(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values and values[-1] != "" else None
+
+
+def _int(query: dict[str, list[str]], name: str, low: int, high: int) -> int | None:
+    raw = query_value(query, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"`{name}` must be an integer", param=name) from None
+    if not low <= value <= high:
+        raise bad_request(f"`{name}` must be between {low} and {high}", param=name)
+    return value
+
+
+def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filters:
+    outcome = query_value(query, "outcome")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise bad_request(
+            f"unknown outcome {outcome!r}; one of: {', '.join(OUTCOMES)}", param="outcome"
+        )
+    return Filters(
+        key=query_value(query, "key"),
+        model=query_value(query, "model"),
+        outcome=outcome,
+        before=_int(query, "before", 1, 2**62),
+        limit=_int(query, "limit", 1, most) or default,
+    )
+
+
+async def latest(database: Database, filters: Filters) -> list[dict[str, Any]]:
+    where, params = [], []
+    for column, value in (
+        ("key_name", filters.key),
+        ("model", filters.model),
+        ("outcome", filters.outcome),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if filters.before is not None:
+        where.append("id < ?")
+        params.append(filters.before)
+    sql = f"SELECT {', '.join(COLUMNS)} FROM requests"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = await database.fetch(f"{sql} ORDER BY id DESC LIMIT ?", (*params, filters.limit))
+    return [_row(row) for row in rows]
+
+
+def _row(row: tuple[Any, ...]) -> dict[str, Any]:
+    item = dict(zip(COLUMNS, row, strict=True))
+    for name in ("cost_nano", "saved_nano", "id"):
+        item[name] = int(item[name])  # PostgreSQL BIGINT sums come back as Decimal
+    item["cache_hit"] = bool(item["cache_hit"])
+    item["stream"] = bool(item["stream"])
+    return item
+
+
+async def filter_choices(database: Database, models: list[str]) -> dict[str, list[str]]:
+    """What the filter menus offer: keys and models seen, and every outcome."""
+    keys = await database.fetch("SELECT DISTINCT name FROM keys ORDER BY name")
+    return {"keys": [k for (k,) in keys], "models": models, "outcomes": list(OUTCOMES)}
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def to_csv(rows: list[dict[str, Any]]) -> bytes:
+    """One header line, then one line per row; `time` is ISO 8601 UTC, cost also in USD."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["time", *COLUMNS, "cost_usd"])
+    for row in rows:
+        when = dt.datetime.fromtimestamp(row["ts"], dt.UTC).isoformat(timespec="milliseconds")
+        writer.writerow(
+            [
+                when.replace("+00:00", "Z"),
+                *(_cell(row[c]) for c in COLUMNS),
+                f"{row['cost_nano'] / 1e9:.9f}",
+            ]
+        )
+    return out.getvalue().encode()

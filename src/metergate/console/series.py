@@ -1,0 +1,100 @@
+"""Per-model time series from the ledger: request rate, error %, p95 latency and TTFT.
+
+Buckets end at `now`, so every bucket is complete and a rate is count / bucket width.
+Percentiles are nearest-rank over the bucket's rows, computed in SQL with the same
+window functions as `metering.report`, so the console and `metergate usage` agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metergate.console.windows import Window
+from metergate.metering.report import ERROR_OUTCOMES, REFUSED_OUTCOMES
+from metergate.storage.database import Database
+
+
+def _bucket(database: Database) -> str:
+    """Index of a row's bucket; SQLite's CAST truncates, PostgreSQL's would round."""
+    if database.dialect == "postgresql":
+        return "CAST(FLOOR((ts - ?) / ?) AS BIGINT)"
+    return "CAST((ts - ?) / ? AS INTEGER)"
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+_COUNTS_SQL = """WITH bucketed AS (
+  SELECT model, {bucket} AS bucket, outcome, duration_ms FROM requests WHERE ts >= ? AND ts < ?
+), ranked AS (
+  SELECT model, bucket, outcome, duration_ms,
+    ROW_NUMBER() OVER (PARTITION BY model, bucket ORDER BY duration_ms) AS rn,
+    COUNT(*) OVER (PARTITION BY model, bucket) AS n
+  FROM bucketed
+)
+SELECT model, bucket, COUNT(*),
+  SUM(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END),
+  SUM(CASE WHEN outcome IN ({refused}) THEN 1 ELSE 0 END),
+  MAX(CASE WHEN rn = (95 * n + 99) / 100 THEN duration_ms END)
+FROM ranked GROUP BY model, bucket"""
+
+_TTFT_SQL = """WITH bucketed AS (
+  SELECT model, {bucket} AS bucket, ttft_ms FROM requests
+  WHERE ts >= ? AND ts < ? AND ttft_ms IS NOT NULL
+), ranked AS (
+  SELECT model, bucket, ttft_ms,
+    ROW_NUMBER() OVER (PARTITION BY model, bucket ORDER BY ttft_ms) AS rn,
+    COUNT(*) OVER (PARTITION BY model, bucket) AS n
+  FROM bucketed
+)
+SELECT model, bucket, MAX(CASE WHEN rn = (95 * n + 99) / 100 THEN ttft_ms END)
+FROM ranked GROUP BY model, bucket"""
+
+
+async def model_series(database: Database, window: Window, now: float) -> dict[str, Any]:
+    """`{"start", "step", "timestamps", "models": {model: {metric: [value | None]}}}`.
+
+    Error % is of the requests the gateway tried to serve (refused ones left out, as in
+    `metergate usage`); None where a bucket has nothing to measure, so charts show gaps.
+    """
+    start = now - window.seconds
+    step = float(window.step)
+    bucket = _bucket(database)
+    params = (start, step, start, now)
+    counts = await database.fetch(
+        _COUNTS_SQL.format(
+            bucket=bucket, errors=_quoted(ERROR_OUTCOMES), refused=_quoted(REFUSED_OUTCOMES)
+        ),
+        params,
+    )
+    ttfts = await database.fetch(_TTFT_SQL.format(bucket=bucket), params)
+    size = window.buckets
+    models: dict[str, dict[str, list[float | None]]] = {}
+
+    def lines(model: str) -> dict[str, list[float | None]]:
+        if model not in models:
+            models[model] = {
+                "requests_per_second": [0.0] * size,
+                "error_percent": [None] * size,
+                "p95_ms": [None] * size,
+                "ttft_p95_ms": [None] * size,
+            }
+        return models[model]
+
+    for model, index, requests, errors, refused, p95 in counts:
+        i = min(int(index), size - 1)  # a row at exactly `now` - epsilon rounding
+        line = lines(str(model))
+        served = int(requests) - int(refused or 0)
+        line["requests_per_second"][i] = round(int(requests) / step, 6)
+        line["error_percent"][i] = round(100 * int(errors or 0) / served, 3) if served else None
+        line["p95_ms"][i] = None if p95 is None else round(float(p95), 3)
+    for model, index, p95 in ttfts:
+        i = min(int(index), size - 1)
+        lines(str(model))["ttft_p95_ms"][i] = None if p95 is None else round(float(p95), 3)
+    return {
+        "start": start,
+        "step": window.step,
+        "timestamps": [start + i * window.step for i in range(size)],
+        "models": dict(sorted(models.items())),
+    }

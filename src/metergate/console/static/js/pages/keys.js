@@ -1,0 +1,155 @@
+// Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
+import { api } from "../api.js";
+import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
+import { budgetBar } from "./shared.js";
+
+export const autoRefresh = false; // forms live here
+
+let revealed = null; // {name, secret}: shown until dismissed or the page is left
+
+function modelChecks(models, chosen, prefix) {
+  return h("div", { class: "checks", id: `${prefix}-models` }, models.map((m) =>
+    h("label", {}, h("input", { type: "checkbox", value: m, name: `${prefix}-model`, checked: chosen.includes(m) }), m)));
+}
+
+function checked(container) {
+  return [...container.querySelectorAll("input[type=checkbox]:checked")].map((c) => c.value);
+}
+
+function capValue(input) {
+  const raw = input.value.trim();
+  if (!raw) return null;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 1) throw new Error("The max_tokens cap must be a positive whole number.");
+  return value;
+}
+
+function secretPanel(rerender) {
+  if (!revealed) return null;
+  const code = h("code", { id: "new-secret", text: revealed.secret });
+  const copied = h("span", { class: "muted", role: "status" });
+  return h("section", { class: "panel secret", id: "secret-panel" },
+    h("h2", { text: `Key “${revealed.name}” created` }),
+    h("p", { text: "Copy the secret now: it is stored only as a hash and will not be shown again." }),
+    code,
+    h("div", { class: "row" },
+      h("button", { type: "button", class: "quiet", text: "Copy", onclick: async () => {
+        try {
+          await navigator.clipboard.writeText(revealed.secret);
+          copied.textContent = "Copied.";
+        } catch {
+          copied.textContent = "Copy failed: select the text and copy it by hand.";
+        }
+      } }),
+      h("button", { type: "button", id: "secret-done", text: "I have stored it", onclick: () => {
+        revealed = null;
+        rerender();
+      } }),
+      copied));
+}
+
+function createForm(models, rerender) {
+  const name = h("input", { id: "key-name", name: "name", placeholder: "e.g. search-mcp", required: true, maxlength: 64, autocomplete: "off" });
+  const cap = h("input", { id: "key-cap", name: "cap", inputmode: "numeric", placeholder: "none", autocomplete: "off" });
+  const checks = modelChecks(models, [], "create");
+  const error = h("p", { class: "error", role: "alert", id: "create-error" });
+  const button = h("button", { type: "submit", id: "create-key", text: "Create key" });
+  const form = h("form", { class: "panel stack", id: "create-form", autocomplete: "off" },
+    h("h2", { text: "Create a key" }),
+    h("div", { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "key-name", text: "Name (the calling service)" }), name),
+      h("div", { class: "field" }, h("label", { for: "key-cap", text: "max_tokens cap" }), cap)),
+    h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
+    h("div", { class: "row" }, button), error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    button.disabled = true;
+    try {
+      const chosen = checked(checks);
+      const created = await api("/admin/api/keys", {
+        method: "POST",
+        body: { name: name.value.trim(), models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap) },
+      });
+      revealed = { name: created.key.name, secret: created.secret };
+      await rerender(true);
+    } catch (e) {
+      error.textContent = e.message;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return form;
+}
+
+async function edit(key, models, rerender) {
+  const checks = modelChecks(models, key.models || [], "edit");
+  const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
+  const body = h("div", { class: "stack" },
+    h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
+    h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
+    h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
+  const saved = await modal(`Edit key “${key.name}”`, body, [
+    { label: "Cancel", value: "cancel", class: "quiet" },
+    { label: "Save", value: "save", action: async () => {
+      const chosen = checked(checks);
+      await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, {
+        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap) },
+      });
+    } },
+  ]);
+  if (saved === "save") await rerender();
+}
+
+async function revoke(key, rerender) {
+  const ok = await confirmAction(`Revoke key “${key.name}”?`,
+    `Requests with mgk_…${key.hint} are refused from now on (every gateway process within two seconds). This cannot be undone.`,
+    "Revoke");
+  if (!ok) return;
+  await api(`/admin/api/keys/${encodeURIComponent(key.id)}/revoke`, { method: "POST" });
+  await rerender();
+}
+
+function budgetsCell(k) {
+  if (!k.budgets.length) return h("span", { class: "muted", text: "—" });
+  return h("div", { class: "stack" }, k.budgets.map((b) => h("div", {},
+    h("div", { class: "muted", text: `${b.name}: ${fmt.usd(b.spent_nano)} / ${fmt.usd(b.limit_nano)} per ${b.period}` }),
+    budgetBar(b, true))));
+}
+
+export async function render(root, ctx, keepSecret = false) {
+  if (!keepSecret) revealed = null;
+  const data = await api("/admin/api/keys");
+  if (!ctx.isCurrent()) return;
+  const rerender = (keep = false) => render(root, ctx, keep);
+  const actionError = h("p", { class: "error", role: "alert", id: "keys-error" });
+  const guarded = (fn) => async () => {
+    actionError.textContent = "";
+    try {
+      await fn();
+    } catch (e) {
+      actionError.textContent = e.message;
+    }
+  };
+  const rows = data.keys.map((k) => ({ ...k, __data: { key: k.name, keyId: k.id, state: k.state } }));
+  replace(root, h("div", { class: "stack" },
+    h("div", { class: "toolbar" }, h("h1", { text: "Keys" })),
+    secretPanel(() => rerender(false)),
+    createForm(data.models, rerender),
+    h("section", { class: "panel", id: "keys" }, actionError, table([
+      { label: "Name", cell: (k) => h("strong", { text: k.name }) },
+      { label: "Key", cell: (k) => h("span", { class: "mono", text: `mgk_…${k.hint}` }) },
+      { label: "Models", cell: (k) => (k.models ? k.models.join(", ") : h("span", { class: "muted", text: "all" })) },
+      { label: "max_tokens cap", num: true, cell: (k) => (k.max_tokens_cap ? fmt.count(k.max_tokens_cap) : "—") },
+      { label: "Spend today", num: true, cell: (k) => fmt.usd(k.spend_today_nano) },
+      { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
+      { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
+      { label: "Budgets", cell: budgetsCell },
+      { label: "Created", cell: (k) => fmt.time(k.created_at) },
+      { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
+      { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },
+        h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(k, data.models, rerender)) }),
+        h("button", { type: "button", class: "danger small", text: "Revoke", dataset: { action: "revoke" }, onclick: guarded(() => revoke(k, rerender)) }))
+        : null) },
+    ], rows, "No keys yet."))));
+}

@@ -1,0 +1,47 @@
+// Pieces more than one page uses: the window picker and budget bars.
+import { fmt, h, segmented } from "../dom.js";
+
+export const WINDOWS = ["1h", "24h", "7d", "30d"];
+const state = { window: "24h" };
+
+export const currentWindow = () => state.window;
+
+export function windowPicker(rerender) {
+  return segmented(WINDOWS, state.window, (value) => {
+    state.window = value;
+    rerender();
+  }, "Time window");
+}
+
+export function budgetBar(budget, mini = false) {
+  const percent = Math.min(100, budget.percent);
+  const fill = h("div", { class: "fill" });
+  fill.style.width = `${percent}%`;
+  const mark = h("div", { class: "mark", title: `soft threshold ${budget.soft_percent}%` });
+  mark.style.left = `${Math.min(100, budget.soft_percent)}%`;
+  return h("div", {
+    class: `bar ${budget.state}${mini ? " mini" : ""}`,
+    role: "meter",
+    "aria-valuemin": 0,
+    "aria-valuemax": 100,
+    "aria-valuenow": Math.round(budget.percent),
+    "aria-label": `${budget.name}: ${budget.percent.toFixed(1)}% of the limit`,
+    title: `${budget.name}: ${fmt.usd(budget.spent_nano)} of ${fmt.usd(budget.limit_nano)}`,
+    dataset: { state: budget.state, budget: budget.name },
+  }, fill, mini ? null : mark);
+}
+
+export function budgetRow(budget) {
+  const scope = budget.scope === "global" ? "everything" : `${budget.scope} ${budget.target}`;
+  const kind = budget.hard ? "hard limit" : "soft (alerts only)";
+  return h("div", { class: "budget", dataset: { budget: budget.name } },
+    h("div", {},
+      h("div", { class: "name", text: budget.name }),
+      h("div", { class: "meta", text: `${scope} · per ${budget.period} (${budget.timezone}) · ${kind}` })),
+    budgetBar(budget),
+    h("div", { class: "amount" },
+      h("div", { text: `${fmt.usd(budget.spent_nano)} of ${fmt.usd(budget.limit_nano)}` }),
+      h("div", { class: "meta", text: `${budget.percent.toFixed(1)}% · amber at ${budget.soft_percent}%` })));
+}
+
+export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error"]);

@@ -1,0 +1,115 @@
+"""Upstream health: circuit state and load now, plus what the ledger saw in a window.
+
+From the ledger (every process of the fleet, over the window): requests each upstream
+ended, by outcome; retries (attempts beyond the first of the requests it ended as one of
+the model's own deployments); fallbacks served (requests for a model this upstream is
+not a deployment of, so it served as a fallback). From this process's counters since
+it started: attempts by outcome (every try, including the ones that were retried
+elsewhere) and fallbacks from/to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+from metergate.console.overview import group_json
+from metergate.console.samples import samples
+from metergate.console.windows import Window
+from metergate.metering.report import usage_summary
+from metergate.routing.circuit import STATE_NAMES
+from metergate.runtime import Runtime
+from metergate.storage.database import Database
+
+_OUTCOMES_SQL = """SELECT upstream, model, outcome, COUNT(*),
+  SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END)
+FROM requests WHERE ts >= ? AND ts < ? GROUP BY upstream, model, outcome"""
+
+
+def _own_deployments(runtime: Runtime) -> dict[str, set[str]]:
+    """For each model, the upstreams that serve it without a fallback."""
+    own: dict[str, set[str]] = {}
+    for name, route in runtime.router.routes.items():
+        own[name] = {d.name for d in (*route.deployments, *route.baseline, *route.candidate)}
+    return own
+
+
+def _process_counters(runtime: Runtime) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    attempts: dict[str, dict[str, float]] = defaultdict(dict)
+    fallbacks: dict[str, dict[str, float]] = defaultdict(lambda: {"from": 0.0, "to": 0.0})
+    names = {"metergate_upstream_attempts_total", "metergate_fallbacks_total"}
+    for sample in samples(runtime.metrics.registry, names):
+        labels = sample.labels
+        if sample.name == "metergate_upstream_attempts_total":
+            attempts[labels["upstream"]][labels["outcome"]] = sample.value
+        else:
+            fallbacks[labels["from_upstream"]]["from"] += sample.value
+            fallbacks[labels["to_upstream"]]["to"] += sample.value
+    return attempts, fallbacks
+
+
+async def upstreams(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:
+    now = time.time()
+    start = now - window.seconds
+    summary = {g.name: g for g in (await usage_summary(database, "upstream", start, now))[:-1]}
+    outcomes: dict[str, dict[str, int]] = defaultdict(dict)
+    retries: dict[str, int] = defaultdict(int)
+    fallback_served: dict[str, int] = defaultdict(int)
+    own = _own_deployments(runtime)
+    for upstream, model, outcome, count, extra in await database.fetch(_OUTCOMES_SQL, (start, now)):
+        outcomes[upstream][outcome] = outcomes[upstream].get(outcome, 0) + int(count)
+        if model in own and upstream not in own[model]:
+            fallback_served[upstream] += int(count)  # its extra attempts were elsewhere
+        else:
+            retries[upstream] += int(extra or 0)
+    attempts, fallbacks = _process_counters(runtime)
+    models_of: dict[str, list[str]] = defaultdict(list)
+    for model, names in own.items():
+        for name in sorted(names):
+            models_of[name].append(model)
+    rows = []
+    for name, deployment in runtime.router.deployments.items():
+        config = runtime.config.upstreams[name]
+        breaker = deployment.breaker
+        group = summary.get(name)
+        rows.append(
+            {
+                "name": name,
+                "provider": config.provider,
+                "provider_type": runtime.config.providers[config.provider].type,
+                "model": deployment.model,
+                "weight": deployment.weight,
+                "serves": models_of.get(name, []),
+                "circuit": STATE_NAMES[breaker.state],
+                "circuit_retry_in": round(breaker.retry_in(), 3) if breaker.state == 2 else None,
+                "in_flight": deployment.in_flight,
+                "window": {
+                    **(group_json(group) if group else _empty()),
+                    "outcomes": dict(sorted(outcomes.get(name, {}).items())),
+                    "retries": retries.get(name, 0),
+                    "fallbacks_served": fallback_served.get(name, 0),
+                },
+                "since_start": {
+                    "attempts": dict(sorted(attempts.get(name, {}).items())),
+                    "fallbacks_from": fallbacks[name]["from"] if name in fallbacks else 0.0,
+                    "fallbacks_to": fallbacks[name]["to"] if name in fallbacks else 0.0,
+                },
+            }
+        )
+    return {"window": window.name, "now": now, "upstreams": rows}
+
+
+def _empty() -> dict[str, Any]:
+    return {
+        "requests": 0,
+        "errors": 0,
+        "refused": 0,
+        "error_rate": None,
+        "p95_ms": None,
+        "cost_nano": 0,
+        "saved_nano": 0,
+        "input_tokens": 0,
+        "cached_input_tokens": 0,
+        "output_tokens": 0,
+    }
