@@ -33,6 +33,7 @@ DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "metergate.yml"
 PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "metergate.yml"
 DOCS = ROOT / "docs" / "monitoring.md"
+ROLLOUT_SOURCES = sorted((ROOT / "src" / "metergate" / "rollout").glob("*.py"))
 SEVERITIES = {"critical", "warning", "info"}
 # Alerts about an event rather than a state: they fire at once, without `for:`.
 EVENT_ALERTS = {"MetergateRolloutRolledBack"}
@@ -70,6 +71,23 @@ def test_prometheus_config_and_rules_pass_promtool() -> None:
     assert f"{len(RULE_FILES)} rule files found" in done.stdout + done.stderr
     done = run(promtool, "check", "rules", *map(str, RULE_FILES))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mcp_targets_are_named_like_the_gateways_mcp_servers() -> None:
+    """Job mcp's targets carry `mcp_server_name` (their name in the gateway's `mcp.servers`),
+    so both views of a server line up; a target without one is named by its address."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "mcp"]
+    assert job["metrics_path"] == "/metrics"
+    (relabel,) = job["relabel_configs"]
+    assert relabel["source_labels"] == ["mcp_server_name", "__address__"]
+    assert relabel["target_label"] == "mcp_server_name"
+    # Prometheus anchors the regex and joins the source labels with ";"
+    pattern = re.compile(f"^(?:{relabel['regex']})$")
+    assert pattern.match(";10.0.0.7:8000").expand(relabel["replacement"].replace("$", "\\")) == (
+        "10.0.0.7:8000"
+    )
+    assert not pattern.match("search;10.0.0.7:8000")  # a named target keeps its name
 
 
 def test_prometheus_scrapes_gateway_and_mcp_jobs_from_target_files() -> None:
@@ -180,6 +198,14 @@ def test_recording_rules_follow_conventions_and_aggregate_histograms_correctly()
                 ), f"{expr}: sum the buckets by (le, ...) before histogram_quantile"
     recorded = {r["record"] for r in records}
     assert {
+        "mcp_server:mcp_client_tool_calls:rate5m",
+        "mcp_server:mcp_client_tool_calls_errors:ratio_rate5m",
+        "mcp_server_tool:mcp_client_tool_calls_errors:ratio_rate5m",
+        "mcp_server_tool:mcp_client_tool_call_duration_seconds:p95_5m",
+        "mcp_server:mcp_server_tool_calls_errors:ratio_rate5m",
+        "mcp_server_tool:mcp_server_tool_call_duration_seconds:p95_5m",
+        "rollout_target:metergate_upstream_attempts_errors:ratio_rate5m",
+        "rollout_target:metergate_request_duration_seconds:p99_5m",
         "model:metergate_requests_errors:ratio_rate5m",
         "model:metergate_request_duration_seconds:p50_5m",
         "model:metergate_request_duration_seconds:p95_5m",
@@ -196,13 +222,50 @@ def test_doctor_expects_exactly_the_shipped_rule_groups() -> None:
     assert sorted(EXPECTED_RULE_GROUPS) == sorted(g["name"] for g in rule_groups())
 
 
+def test_rule_unit_tests_evaluate_every_group_in_order() -> None:
+    """Each test lists every group of the rule files it loads in group_eval_order, recording
+    groups first, so a new group cannot be evaluated out of order unnoticed."""
+    for path in RULE_TESTS:
+        spec = yaml.safe_load(path.read_text())
+        loaded = [
+            group["name"]
+            for name in spec["rule_files"]
+            if (path.parent / name).resolve().parent == PROMETHEUS / "rules"
+            for group in yaml.safe_load((path.parent / name).read_text())["groups"]
+        ]
+        order = [g for g in spec["group_eval_order"] if g in loaded]
+        assert sorted(order) == sorted(loaded), path.name
+        alerts = [i for i, g in enumerate(order) if ".alerts." in g]
+        assert alerts == list(range(len(order) - len(alerts), len(order))), path.name
+
+
+def rollout_events() -> set[str]:
+    """Every event name the rollout code records or counts (string literals)."""
+    events = set()
+    for path in ROLLOUT_SOURCES:
+        text = path.read_text()
+        events |= set(re.findall(r'_commit\(\s*database,\s*rollout,\s*"(\w+)"', text))
+        events |= set(re.findall(r'record_event\(\s*database,\s*rollout,\s*"(\w+)"', text))
+        events |= set(re.findall(r'rollout_transitions\.labels\([^,]+,\s*"(\w+)"\)', text))
+    return events
+
+
+def test_rollout_rules_and_dashboards_name_events_the_gateway_emits() -> None:
+    events = rollout_events()
+    assert events >= {"started", "promoted", "completed", "rolled_back", "gate_failed", "held"}
+    texts = [path.read_text() for path in RULE_FILES + DASHBOARDS]
+    named = {e for text in texts for e in re.findall(r'event\\?="(\w+)', text)}
+    assert "rolled_back" in named
+    assert named <= events, f"events nobody emits: {named - events}"
+
+
 # --- Alertmanager ---------------------------------------------------------------------------
 
 
 def test_alertmanager_config_passes_amtool() -> None:
     done = run(tool("amtool"), "check-config", str(ALERTMANAGER))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 inhibit rules" in done.stdout
+    assert "5 inhibit rules" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -221,6 +284,10 @@ def test_alertmanager_config_passes_amtool() -> None:
             ["severity=critical", "alertname=MetergateBudgetSpent", "budget=monthly"],
             "pagerduty-critical",
         ),
+        (
+            ["severity=warning", "alertname=MetergateMcpServerDown", "mcp_server_name=search"],
+            "slack-warning",
+        ),
         # an alert without a known severity still reaches people
         (["alertname=SomethingElse"], "slack-warning"),
     ],
@@ -233,9 +300,9 @@ def test_alertmanager_routes_each_severity_to_its_receiver(
     assert done.stdout.strip() == receiver
 
 
-def test_alertmanager_groups_by_alertname_and_model() -> None:
+def test_alertmanager_groups_by_alertname_and_model_or_mcp_server() -> None:
     config = yaml.safe_load(ALERTMANAGER.read_text())
-    assert config["route"]["group_by"] == ["alertname", "model"]
+    assert config["route"]["group_by"] == ["alertname", "model", "mcp_server_name"]
     generic = config["inhibit_rules"][0]
     assert generic["source_matchers"] == ['severity="critical"']
     assert 'severity="warning"' in generic["target_matchers"]
@@ -325,6 +392,23 @@ def test_alertmanager_templates_render() -> None:
     assert "*WARNING* Model gpt-4.1: 12% of requests fail" in lines
     assert "Runbook: docs/monitoring.md#metergatehigherrorrate" in lines
 
+    mcp = {"alertname": "MetergateMcpServerDown", "mcp_server_name": "search"}
+    data["alerts"][0]["labels"] = data["commonLabels"] = {**mcp, "severity": "warning"}
+    data["groupLabels"] = mcp
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(data, file)
+        file.flush()
+        done = run(
+            tool("amtool"),
+            "template",
+            "render",
+            f"--template.glob={ALERTMANAGER.parent / 'templates' / '*.tmpl'}",
+            f"--template.data={file.name}",
+            '--template.text={{ template "metergate.title" . }}',
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[FIRING:1] MetergateMcpServerDown · MCP server search"
+
 
 # --- Grafana --------------------------------------------------------------------------------
 
@@ -365,7 +449,12 @@ def test_dashboards_use_the_provisioned_datasource_and_stable_uids() -> None:
         for source in datasource_refs(dashboard):
             if source.get("type") != "grafana":  # Grafana's built-in annotations
                 assert source == {"type": "prometheus", "uid": uid}, path.name
-    assert uids == {"metergate-overview", "metergate-upstreams"}
+    assert uids == {
+        "metergate-overview",
+        "metergate-upstreams",
+        "metergate-mcp",
+        "metergate-rollouts",
+    }
     for path in DASHBOARDS:
         for link in json.loads(path.read_text()).get("links", []):
             assert link["url"].removeprefix("/d/") in uids
@@ -395,6 +484,120 @@ def test_dashboard_panels_are_laid_out_and_each_has_queries() -> None:
             assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
 
 
+def dashboard_exprs(uid: str) -> dict[str, list[str]]:
+    """Panel title -> its query expressions, for the dashboard `uid`."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / f"{uid}.json").read_text())
+    assert dashboard["uid"] == uid
+    return {
+        panel["title"]: [target["expr"] for target in panel.get("targets", [])]
+        for panel in panels(dashboard)
+    }
+
+
+def test_mcp_dashboard_shows_both_views_of_every_server() -> None:
+    exprs = dashboard_exprs("metergate-mcp")
+    text = "\n".join(e for found in exprs.values() for e in found)
+    # up/down: the gateway's health tracking and Prometheus' scrapes of job mcp
+    assert "metergate_mcp_server_up" in text and 'up{job="mcp"' in text
+    # calls, errors and p95 from the gateway (mcp_client_*) and the servers (mcp_server_*)
+    for gateway_side, server_side in (
+        ("mcp_server:mcp_client_tool_calls:rate5m", "mcp_server:mcp_server_tool_calls:rate5m"),
+        (
+            "mcp_server_error_type:mcp_client_tool_calls:rate5m",
+            "mcp_server_error_type:mcp_server_tool_calls:rate5m",
+        ),
+        (
+            "mcp_server_tool:mcp_client_tool_call_duration_seconds:p95_5m",
+            "mcp_server_tool:mcp_server_tool_call_duration_seconds:p95_5m",
+        ),
+    ):
+        titles = [t for t, found in exprs.items() if any(gateway_side in e for e in found)]
+        assert titles, gateway_side
+        for title in titles:  # each panel with the gateway's view has the servers' too
+            assert any(server_side in e for e in exprs[title]), title
+    # every query of a server filters by the dashboard's variable
+    for title, found in exprs.items():
+        if title.startswith("Gateway /mcp endpoint"):
+            continue  # the gateway's own endpoint, not an upstream server
+        assert all('mcp_server_name=~"$mcp_server"' in e for e in found), title
+
+
+def test_rollouts_dashboard_compares_targets_of_each_rollout() -> None:
+    exprs = dashboard_exprs("metergate-rollouts")
+    text = "\n".join(e for found in exprs.values() for e in found)
+    for needle in (
+        "metergate_rollout_weight",
+        "metergate_rollout_transitions_total",
+        "rollout_target:metergate_upstream_attempts_errors:ratio_rate5m",
+        "rollout_target:metergate_request_duration_seconds:p99_5m",
+    ):
+        assert needle in text, needle
+    assert all('rollout=~"$rollout"' in e for found in exprs.values() for e in found)
+
+
+def test_rollout_transitions_panel_counts_each_event_once(tmp_path: Path) -> None:
+    """The panel's query, run by promtool: a counter's first event (a new series, which
+    `increase` cannot see) counts, later events count by `increase`, and a Prometheus that
+    starts after the events reports none of them."""
+    (expr,) = dashboard_exprs("metergate-rollouts")["Transitions by event"]
+    expr = expr.replace("$__interval", "1m").replace("$rollout", ".*")
+    name = "metergate_rollout_transitions_total"
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="metergate",instance="gw-1:4000"}', "values": "1x30"},
+                    # started at 10m: the counter is born at 1
+                    {
+                        "series": f'{name}{{job="metergate",instance="gw-1:4000",'
+                        'rollout="move",event="started"}',
+                        "values": "_x10 1x20",
+                    },
+                    # promoted at 15m
+                    {
+                        "series": f'{name}{{job="metergate",instance="gw-1:4000",'
+                        'rollout="move",event="promoted"}',
+                        "values": "_x10 0x4 1x15",
+                    },
+                    # on a replica Prometheus only just scrapes: old events, not new ones
+                    {"series": 'up{job="metergate",instance="gw-2:4000"}', "values": "_x10 1x20"},
+                    {
+                        "series": f'{name}{{job="metergate",instance="gw-2:4000",'
+                        'rollout="move",event="rolled_back"}',
+                        "values": "_x10 3x20",
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {"labels": '{rollout="move",event="started"}', "value": 1},
+                            {"labels": '{rollout="move",event="promoted"}', "value": 0},
+                        ],
+                    },
+                    {
+                        "expr": expr,
+                        "eval_time": "15m",
+                        "exp_samples": [
+                            {"labels": '{rollout="move",event="started"}', "value": 0},
+                            {"labels": '{rollout="move",event="promoted"}', "value": 1},
+                            {"labels": '{rollout="move",event="rolled_back"}', "value": 0},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "transitions_test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = run(tool("promtool"), "test", "rules", path.name, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_provider_is_file_based_and_locked() -> None:
     (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
     assert provider["type"] == "file"
@@ -411,6 +614,9 @@ def test_monitoring_docs_cover_every_alert_and_the_knobs() -> None:
         assert f"### {name}" in docs, name
     for needle in (
         "99.5%",
+        "/d/metergate-mcp",
+        "/d/metergate-rollouts",
+        "mcp_server_name",
         "metergate-settings.yml",
         "routing_key_file",
         "api_url_file",

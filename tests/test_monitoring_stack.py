@@ -1,6 +1,7 @@
 """The monitoring stack, live: a gateway under simulated traffic, a real Prometheus scraping it
 with the shipped rules, a real Alertmanager with the shipped routes, and a webhook receiver
-owned by the test.
+owned by the test. The gateway also fronts a real MCP server (scraped as job `mcp`) and an
+MCP server that is down, and runs a staged rollout with traffic on both sides.
 
 Prometheus and Alertmanager run as subprocesses on free loopback ports with their data in
 temp dirs, and are stopped when the module's tests end. Only the timings are shortened for
@@ -16,6 +17,7 @@ import itertools
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -25,14 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 import pytest
 import yaml
 from aiohttp import web
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from typer.testing import CliRunner
 
 from metergate.cli import app as cli_app
+from metergate.rollout import transitions
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer, start_gateway
+from tests.mcp_servers.support import SEARCH_SERVER, HttpMcpServer, mcp_url
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +53,8 @@ START_TIMEOUT = 30.0
 GRAFANA_VARIABLES = {
     "model": ".*",
     "upstream": ".*",
+    "mcp_server": ".*",
+    "rollout": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",
@@ -164,10 +174,15 @@ def start_alertmanager(workdir: Path, hook_url: str) -> Process:
 
 
 def start_prometheus(
-    workdir: Path, gateway: str, alertmanager: str, fast_alerts: dict[str, str]
+    workdir: Path,
+    gateway: str,
+    alertmanager: str,
+    fast_alerts: dict[str, str],
+    mcp_targets: list[dict[str, Any]] | None = None,
 ) -> Process:
-    """Prometheus with the shipped config and rules; targets point at the test's servers,
-    intervals are 1 s, and the alerts in `fast_alerts` get a shorter `for:`."""
+    """Prometheus with the shipped config and rules; targets point at the test's servers
+    (`mcp_targets`: file_sd groups of job mcp), intervals are 1 s, and the alerts in
+    `fast_alerts` get a shorter `for:`."""
     shutil.copytree(PROMETHEUS_DIR, workdir, ignore=shutil.ignore_patterns("tests"))
     config_path = workdir / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
@@ -176,17 +191,21 @@ def start_prometheus(
     targets = workdir / "targets"
     (targets / "metergate.yml").write_text(yaml.safe_dump([{"targets": [gateway]}]))
     (targets / "alertmanager.yml").write_text(yaml.safe_dump([{"targets": [alertmanager]}]))
-    alerts_path = workdir / "rules" / "metergate-alerts.yml"
-    shipped = yaml.safe_load(alerts_path.read_text())
-    for group in shipped["groups"]:
-        for rule in group["rules"]:
-            if rule.get("alert") in fast_alerts:
-                rule["for"] = fast_alerts[rule["alert"]]
-    alerts_path.write_text(yaml.safe_dump(shipped, sort_keys=False))
-    original = yaml.safe_load((PROMETHEUS_DIR / "rules" / "metergate-alerts.yml").read_text())
-    assert [r["expr"] for g in shipped["groups"] for r in g["rules"]] == [
-        r["expr"] for g in original["groups"] for r in g["rules"]
-    ]
+    (targets / "mcp.yml").write_text(yaml.safe_dump(mcp_targets or []))
+    patched = set()
+    for rules_path in sorted((workdir / "rules").glob("*.yml")):
+        shipped = yaml.safe_load(rules_path.read_text())
+        for group in shipped["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") in fast_alerts:
+                    rule["for"] = fast_alerts[rule["alert"]]
+                    patched.add(rule["alert"])
+        rules_path.write_text(yaml.safe_dump(shipped, sort_keys=False))
+        original = yaml.safe_load((PROMETHEUS_DIR / "rules" / rules_path.name).read_text())
+        assert [r["expr"] for g in shipped["groups"] for r in g["rules"]] == [
+            r["expr"] for g in original["groups"] for r in g["rules"]
+        ]
+    assert patched == set(fast_alerts)
     command = binary("prometheus")
     process = Process(
         "prometheus",
@@ -236,10 +255,15 @@ class Receiver:
         raise AssertionError(f"no matching notification in {timeout} s; got {self.alerts()}")
 
 
-def gateway_config() -> dict[str, Any]:
+def gateway_config(search_url: str, gone_url: str) -> dict[str, Any]:
     """`sim` fails half its requests and callers see it (no retry, no circuit breaker);
     `flaky` fails as often but retries and falls back to `steady`, which always works and
-    is cached; a daily budget and prices make the cost and budget series move."""
+    is cached; a daily budget and prices make the cost and budget series move.
+
+    `canary` is under a rollout held at 50% (too few requests to judge, ever) from
+    `base-up` to `cand-up`, which fails a fifth of its attempts (retried on the baseline).
+    The MCP gateway fronts the real `search` server (0.5 s timeout) and `gone`, where
+    nothing answers."""
     price = {"input": 1.0, "cached_input": 0.5, "output": 2.0}
     return {
         "providers": {
@@ -252,6 +276,11 @@ def gateway_config() -> dict[str, Any]:
                 "simulated": {"error_rate": 0.5, "latency_ms": 5, "output_tokens": 8, "seed": 3},
             },
             "steady": {"type": "simulated", "simulated": {"latency_ms": 5, "output_tokens": 8}},
+            "base": {"type": "simulated", "simulated": {"latency_ms": 5, "output_tokens": 8}},
+            "cand": {
+                "type": "simulated",
+                "simulated": {"error_rate": 0.2, "latency_ms": 20, "output_tokens": 8, "seed": 5},
+            },
         },
         "upstreams": {
             "sim-up": {
@@ -267,6 +296,13 @@ def gateway_config() -> dict[str, Any]:
                 "circuit": {"enabled": False},
             },
             "steady-up": {"provider": "steady", "model": "steady-model", "price": price},
+            "base-up": {"provider": "base", "model": "base-model", "price": price},
+            "cand-up": {
+                "provider": "cand",
+                "model": "cand-model",
+                "price": price,
+                "circuit": {"enabled": False},
+            },
         },
         "models": {
             "sim": {"upstreams": ["sim-up"], "retry": {"max_retries": 0}, "cache": False},
@@ -277,14 +313,40 @@ def gateway_config() -> dict[str, Any]:
                 "cache": False,
             },
             "steady": {"upstreams": ["steady-up"]},
+            "canary": {
+                "upstreams": ["base-up"],
+                "retry": {"max_retries": 1, "backoff_base": 0},
+                "cache": False,
+            },
         },
         "budgets": {"daily": {"limit_usd": 5, "period": "day", "hard": False}},
         "cache": {"enabled": True},
+        "rollouts": {
+            "canary-move": {
+                "model": "canary",
+                "baseline": ["base-up"],
+                "candidate": ["cand-up"],
+                "stages": [50, 100],
+                "interval_seconds": 1,
+                "min_requests": 1_000_000,
+            }
+        },
+        "mcp": {
+            "servers": {
+                "search": {"url": search_url, "timeout_seconds": 0.5},
+                "gone": {"url": gone_url, "timeout_seconds": 0.5},
+            },
+            "default_access": {"servers": ["search", "gone"]},
+            "health_interval_seconds": 1,
+            "reconnect_min_seconds": 0.5,
+            "reconnect_max_seconds": 2,
+        },
     }
 
 
 class Traffic:
-    """A few callers on the gateway until stopped (and never longer than `limit` seconds)."""
+    """A few callers on the gateway and one MCP client on its /mcp, until stopped (and never
+    longer than `limit` seconds)."""
 
     SCHEDULE = (
         ("sim", False, None),
@@ -292,6 +354,15 @@ class Traffic:
         ("steady", False, "the same question"),  # cache hits after the first
         ("steady", True, None),
         ("flaky", False, None),
+        ("canary", False, None),
+    )
+    MCP_SCHEDULE = (
+        ("search.query", {"text": "metergate"}),
+        ("search.echo", {"text": "hello"}),
+        ("search.fail", {"reason": "no results"}),  # tool_error
+        ("search.query", {"text": "prometheus"}),
+        ("search.slow", {"seconds": 1}),  # timeout after 0.5 s
+        ("gone.query", {"text": "anyone?"}),  # refused at the gateway: -32602
     )
 
     def __init__(self, bg: BackgroundLoop, gateway: Gateway, limit: float = 150) -> None:
@@ -326,8 +397,22 @@ class Traffic:
                 await call(*self.SCHEDULE[step % len(self.SCHEDULE)])
                 await asyncio.sleep(0.1)
 
+        async def mcp_caller() -> None:
+            headers = {"Authorization": f"Bearer {gateway.key}"}
+            async with (
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(10)) as http,
+                Client(streamable_http_client(mcp_url(gateway), http_client=http)) as mcp,
+            ):
+                for step in itertools.count():
+                    if self.stopping.is_set() or asyncio.get_running_loop().time() > deadline:
+                        return
+                    name, arguments = self.MCP_SCHEDULE[step % len(self.MCP_SCHEDULE)]
+                    with contextlib.suppress(MCPError):  # timeouts and refusals are the point
+                        await mcp.call_tool(name, arguments)
+                    await asyncio.sleep(0.1)
+
         try:
-            await asyncio.gather(*(caller(i) for i in range(3)))
+            await asyncio.gather(*(caller(i) for i in range(3)), mcp_caller())
         finally:
             await client.close()
 
@@ -392,13 +477,15 @@ def dashboard_targets() -> Iterator[tuple[str, str, str]]:
 
 
 def variable_queries() -> Iterator[tuple[str, str, str]]:
-    """(dashboard uid, metric, label) of every `label_values(metric, label)` variable."""
+    """(dashboard uid, selector, label) of every `label_values([metric, ]label)` variable;
+    without a metric, the selector is any series with the label."""
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         for variable in dashboard["templating"]["list"]:
-            found = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["definition"])
+            found = re.fullmatch(r"label_values\((?:(\w+),\s*)?(\w+)\)", variable["definition"])
             assert found, variable["definition"]
-            yield dashboard["uid"], found.group(1), found.group(2)
+            metric, label = found.group(1), found.group(2)
+            yield dashboard["uid"], metric or f'{{{label}!=""}}', label
 
 
 # --- the stack ------------------------------------------------------------------------------
@@ -410,6 +497,7 @@ class Stack:
     prometheus: Process
     alertmanager: Process
     receiver: Receiver
+    search: HttpMcpServer  # the MCP server behind the gateway, scraped as job mcp
 
     @property
     def gateway_root(self) -> str:
@@ -424,8 +512,19 @@ def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with contextlib.ExitStack() as cleanup:
         receiver = Receiver(bg)
         cleanup.callback(receiver.server.close)
-        gateway = start_gateway(bg, gateway_config(), root / "gateway")
+        search = HttpMcpServer(SEARCH_SERVER, free_port(), root / "search.log")
+        search.start()
+        cleanup.callback(search.stop)
+        # `gone`: a port bound by the test but never listening, so connections are refused
+        # and nobody else can take it meanwhile
+        gone = cleanup.enter_context(socket.socket())
+        gone.bind(("127.0.0.1", 0))
+        gone_netloc = f"127.0.0.1:{gone.getsockname()[1]}"
+        config = gateway_config(search.url, f"http://{gone_netloc}/mcp")
+        gateway = start_gateway(bg, config, root / "gateway")
         cleanup.callback(gateway.stop)
+        rollout = gateway.runtime.rollouts.rollouts["canary-move"]
+        bg.run(transitions.start(gateway.runtime.database, rollout))
         alertmanager = start_alertmanager(root / "alertmanager", receiver.url)
         cleanup.callback(alertmanager.stop)
         netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
@@ -433,14 +532,25 @@ def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Itera
             root / "prometheus",
             netloc,
             alertmanager.netloc,
-            fast_alerts={"MetergateHighErrorRate": "1s"},
+            fast_alerts={
+                "MetergateHighErrorRate": "1s",
+                "MetergateMcpServerDown": "1s",
+                "MetergateMcpTargetDown": "3s",  # after the server-down alert that inhibits it
+            },
+            mcp_targets=[
+                {
+                    "targets": [search.url.removeprefix("http://").removesuffix("/mcp")],
+                    "labels": {"mcp_server_name": "search"},
+                },
+                {"targets": [gone_netloc], "labels": {"mcp_server_name": "gone"}},
+            ],
         )
         cleanup.callback(prometheus.stop)
         traffic = Traffic(bg, gateway)
         cleanup.callback(traffic.stop)
         up = wait_for_data(prometheus, 'up{job="metergate"} == 1', START_TIMEOUT)
         assert up, f"Prometheus does not scrape the gateway:\n{prometheus.log()}"
-        yield Stack(gateway, prometheus, alertmanager, receiver)
+        yield Stack(gateway, prometheus, alertmanager, receiver, search)
 
 
 def test_error_rate_alert_reaches_its_receiver(stack: Stack) -> None:
@@ -477,15 +587,85 @@ def test_every_dashboard_query_returns_data(stack: Stack) -> None:
         if not query(stack.prometheus, f"count by ({label}) ({metric})"):
             failures.append(f"{uid}: variable {label} has no values from {metric}")
     assert not failures, "\n".join(failures)
+    assert {uid for uid, _, _ in dashboard_targets()} >= {"metergate-mcp", "metergate-rollouts"}
 
 
-def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
-    text = httpx.get(f"{stack.gateway_root}/metrics", timeout=10).text
+def test_mcp_and_rollout_series_line_up_in_prometheus(stack: Stack) -> None:
+    """Both views of the MCP server carry its name, errors show on both sides, and the
+    rollout's two targets are each measured."""
+    failures = []
+    for expr in (
+        'mcp_server:mcp_client_tool_calls_errors:ratio_rate5m{mcp_server_name="search"} > 0',
+        'mcp_server:mcp_server_tool_calls_errors:ratio_rate5m{mcp_server_name="search"} > 0',
+        'mcp_server_error_type:mcp_client_tool_calls:rate5m{error_type="timeout"} > 0',
+        'mcp_server_error_type:mcp_server_tool_calls:rate5m{error_type="timeout"} > 0',
+        'mcp_server_error_type:mcp_client_tool_calls:rate5m{error_type="tool_error"} > 0',
+        'metergate_mcp_server_up{mcp_server_name="search"} == 1',
+        'metergate_mcp_server_up{mcp_server_name="gone"} == 0',
+        'up{job="mcp",mcp_server_name="search"} == 1',
+        'up{job="mcp",mcp_server_name="gone"} == 0',
+        'rollout_target:metergate_upstream_attempts_errors:ratio_rate5m{target="cand-up"} > 0',
+        'rollout_target:metergate_request_duration_seconds:p99_5m{target="base-up"}',
+        'metergate_rollout_weight{rollout="canary-move",target="cand-up"} == 0.5',
+        'metergate_rollout_transitions_total{rollout="canary-move",event="started"} == 1',
+        'metergate_rollout_transitions_total{rollout="canary-move",event="held"} > 0',
+    ):
+        if not wait_for_data(stack.prometheus, expr, 30):
+            failures.append(expr)
+    assert not failures, "no data for:\n" + "\n".join(failures)
+
+
+def test_mcp_server_down_alert_reaches_its_receiver_and_silences_its_target_down(
+    stack: Stack,
+) -> None:
+    def server_down(receiver: str, alert: dict[str, Any]) -> bool:
+        labels = alert["labels"]
+        return labels.get("alertname") == "MetergateMcpServerDown" and alert["status"] == "firing"
+
+    receiver, alert = stack.receiver.wait_for(server_down, timeout=30)
+    assert receiver == "slack-warning"
+    assert alert["labels"]["mcp_server_name"] == "gone"
+    assert "marked down for 2 minutes" in alert["annotations"]["description"]
+    assert alert["annotations"]["runbook"] == "docs/monitoring.md#metergatemcpserverdown"
+
+    # Prometheus cannot scrape `gone` either; that alert is inhibited by the one above
+    deadline = time.monotonic() + 30
+    target_down: list[dict[str, Any]] = []
+    while not target_down and time.monotonic() < deadline:
+        target_down = [
+            a
+            for a in httpx.get(f"{stack.alertmanager.url}/api/v2/alerts", timeout=5).json()
+            if a["labels"]["alertname"] == "MetergateMcpTargetDown"
+        ]
+        time.sleep(0.2)
+    assert [a["labels"]["mcp_server_name"] for a in target_down] == ["gone"]
+    assert target_down[0]["status"]["state"] == "suppressed"
+    assert target_down[0]["status"]["inhibitedBy"]
+    time.sleep(1.5)  # a group interval
+    names = {(a["labels"]["alertname"], a["labels"].get("mcp_server_name")) for _, a in
+             stack.receiver.alerts()}  # fmt: skip
+    assert ("MetergateMcpTargetDown", "gone") not in names
+    # the server that answers raises nothing
+    assert not {name for name in names if name[1] == "search"}
+
+
+def exported_names(url: str) -> set[str]:
+    """The series names a /metrics endpoint exports (histograms with their suffixes)."""
+    text = httpx.get(url, timeout=10).text
     exported = set(re.findall(r"^([a-zA-Z_:][\w:]*)[{ ]", text, re.MULTILINE))
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.MULTILINE):
         exported.add(name)
         if kind == "histogram":
             exported |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return exported
+
+
+def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
+    # the gateway (job metergate) and the MCP server behind it (job mcp)
+    gateway = exported_names(f"{stack.gateway_root}/metrics")
+    server = exported_names(stack.search.metrics_url)
+    assert "mcp_server_operation_duration_seconds_bucket" in server
+    exported = gateway | server
     rules = [
         rule
         for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
@@ -495,12 +675,28 @@ def test_dashboards_and_rules_use_only_exported_metrics(stack: Stack) -> None:
     recorded = {rule["record"] for rule in rules if "record" in rule}
     known = exported | recorded | SYNTHETIC_SERIES
     unknown = []
+    used = set()
     for uid, title, expr in dashboard_targets():
-        unknown += [f"{uid} / {title}: {name}" for name in metric_names(substitute(expr)) - known]
+        names = metric_names(substitute(expr))
+        used |= names
+        unknown += [f"{uid} / {title}: {name}" for name in names - known]
     for rule in rules:
         name = rule.get("record") or rule.get("alert")
-        unknown += [f"rule {name}: {metric}" for metric in metric_names(rule["expr"]) - known]
+        names = metric_names(rule["expr"])
+        used |= names
+        unknown += [f"rule {name}: {metric}" for metric in names - known]
     assert not unknown, "metrics the gateway does not export:\n" + "\n".join(unknown)
+    # the MCP and rollout metrics are among those checked
+    assert used >= {
+        "metergate_mcp_server_up",
+        "mcp_client_operation_duration_seconds_count",
+        "mcp_client_operation_duration_seconds_bucket",
+        "mcp_server_operation_duration_seconds_count",
+        "mcp_server_operation_duration_seconds_bucket",
+        "metergate_rollout_weight",
+        "metergate_rollout_transitions_total",
+        "metergate_upstream_attempts_total",
+    }
     # and the parser does find names, so the check above is not vacuous
     assert metric_names('sum by (model) (rate(metergate_requests_total{a="b"}[5m])) > 0') == {
         "metergate_requests_total"
@@ -522,7 +718,7 @@ def test_doctor_passes_against_the_live_stack(stack: Stack) -> None:
     assert result.exit_code == 0, result.output
     assert "FAIL" not in result.output
     assert f"job metergate: {stack.gateway_root.removeprefix('http://')} is up" in result.output
-    assert "11 metergate groups" in result.output
+    assert "14 metergate groups" in result.output
     assert "all 6 checks passed" in result.output
 
 
@@ -589,9 +785,21 @@ def test_alertmanager_inhibits_warnings_under_a_critical_of_the_same_alert(
             "MetergateTargetDown", "warning", job="metergate", instance="gw-1:4000"
         ),
         "usage spike": alert("MetergateUsageSpike", "info", model="claude"),
+        "mcp server down": alert(
+            "MetergateMcpServerDown", "warning", mcp_server_name="search", instance="gw-1:4000"
+        ),
+        "its tool errors": alert(
+            "MetergateMcpHighToolErrorRate", "warning", mcp_server_name="search"
+        ),
+        "its slow tool": alert(
+            "MetergateMcpSlowTool", "warning", mcp_server_name="search", gen_ai_tool_name="query"
+        ),
+        "other server's tool errors": alert(
+            "MetergateMcpHighToolErrorRate", "warning", mcp_server_name="files"
+        ),
     }
     inhibited = {"ticket, same model", "error rate under the page", "same budget at 80%",
-                 "one replica down"}  # fmt: skip
+                 "one replica down", "its tool errors", "its slow tool"}  # fmt: skip
     response = httpx.post(f"{alertmanager.url}/api/v2/alerts", json=list(sent.values()), timeout=5)
     assert response.status_code == 200, response.text
 

@@ -29,10 +29,13 @@ EXPECTED_RULE_GROUPS = (
     "metergate.upstreams",
     "metergate.usage",
     "metergate.budgets",
+    "metergate.mcp",
+    "metergate.rollouts",
     "metergate.alerts.availability",
     "metergate.alerts.latency",
     "metergate.alerts.cost",
     "metergate.alerts.operations",
+    "metergate.alerts.mcp",
 )
 RULES_HINT = (
     "load deploy/prometheus/rules/*.yml through `rule_files` in prometheus.yml, check them "
