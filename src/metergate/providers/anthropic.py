@@ -29,8 +29,8 @@ from metergate.providers.anthropic_translate import (
     to_messages_request,
     usage_of,
 )
-from metergate.providers.base import Adapter, Completion, StreamState, UpstreamCall, UpstreamFailure
-from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.base import Completion, StreamState, UpstreamCall, UpstreamFailure
+from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import Event
 from metergate.providers.translation import ChunkWriter, load_json, relay
 
@@ -38,7 +38,7 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
 
 
-class AnthropicAdapter(Adapter):
+class AnthropicAdapter(HttpAdapter):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         super().__init__(name, config)
         headers = {"anthropic-version": API_VERSION}
@@ -47,12 +47,6 @@ class AnthropicAdapter(Adapter):
         base = config.base_url or DEFAULT_BASE_URL
         self.transport = HttpTransport(config, headers, base)
         self.url = f"{base}/v1/messages"
-
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def close(self) -> None:
-        await self.transport.close()
 
     async def chat(self, call: UpstreamCall) -> Completion:
         answer = await self.transport.post(

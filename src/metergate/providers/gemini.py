@@ -25,7 +25,6 @@ import orjson
 
 from metergate.config.model import ProviderConfig
 from metergate.providers.base import (
-    Adapter,
     Completion,
     StreamState,
     UpstreamCall,
@@ -40,7 +39,7 @@ from metergate.providers.gemini_translate import (
     to_generate_request,
     usage_of,
 )
-from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import Event
 from metergate.providers.translation import (
     ChunkWriter,
@@ -54,7 +53,7 @@ from metergate.providers.translation import (
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
-class GeminiAdapter(Adapter):
+class GeminiAdapter(HttpAdapter):
     supports_embeddings = True
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
@@ -65,12 +64,6 @@ class GeminiAdapter(Adapter):
         base = config.base_url or DEFAULT_BASE_URL
         self.transport = _GeminiTransport(config, headers, base)
         self.base = f"{base}/v1beta/models"
-
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def close(self) -> None:
-        await self.transport.close()
 
     def _url(self, model: str, method: str) -> str:
         return f"{self.base}/{quote(model.removeprefix('models/'), safe='')}:{method}"

@@ -16,7 +16,7 @@ import orjson
 
 from metergate import __version__
 from metergate.config.model import ProviderConfig, Timeouts
-from metergate.providers.base import UpstreamFailure
+from metergate.providers.base import Adapter, UpstreamFailure
 from metergate.providers.h1 import (
     ConnectFailed,
     Deadlines,
@@ -209,3 +209,15 @@ def parse_retry_after(value: bytes | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+class HttpAdapter(Adapter):
+    """An adapter that reaches its provider over HTTP through one pooled transport."""
+
+    transport: HttpTransport
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def close(self) -> None:
+        await self.transport.close()

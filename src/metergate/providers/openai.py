@@ -15,19 +15,18 @@ import orjson
 
 from metergate.config.model import ProviderConfig
 from metergate.providers.base import (
-    Adapter,
     Completion,
     StreamState,
     UpstreamCall,
     UpstreamFailure,
     Usage,
 )
-from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import DONE, Event
 from metergate.providers.translation import relay
 
 
-class OpenAIAdapter(Adapter):
+class OpenAIAdapter(HttpAdapter):
     supports_embeddings = True
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
@@ -39,12 +38,6 @@ class OpenAIAdapter(Adapter):
         self.transport = HttpTransport(config, headers, base)
         self.chat_url = f"{base}/chat/completions"
         self.embeddings_url = f"{base}/embeddings"
-
-    async def start(self) -> None:
-        await self.transport.start()
-
-    async def close(self) -> None:
-        await self.transport.close()
 
     async def chat(self, call: UpstreamCall) -> Completion:
         body = await self.transport.post(
