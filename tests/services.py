@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -503,3 +503,65 @@ class GatewayProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(10)
+
+
+class ServerProcess:
+    """A server binary on a free loopback port, in a session of its own, ready when
+    `ready_path` answers 200; `stop` ends it. Used for nginx, Prometheus, Alertmanager."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        command: Callable[[int], list[str]],
+        ready_path: str = "/-/ready",
+    ) -> None:
+        self.name, self.workdir, self.command, self.ready_path = name, workdir, command, ready_path
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def netloc(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        import httpx
+
+        for _ in range(3):  # the free port may be taken between picking and binding
+            self.port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    self.command(self.port),
+                    cwd=self.workdir,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.process.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
+                        return self
+                time.sleep(0.05)
+            self.stop()
+        raise RuntimeError(f"{self.name} did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-4000:]
+        return ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None

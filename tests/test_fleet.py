@@ -14,10 +14,8 @@ test sent, from both replicas.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import shutil
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -32,12 +30,11 @@ import pytest
 import yaml
 
 from tests.services import (
-    START_TIMEOUT,
     GatewayProcess,
     PostgresServer,
     RedisServer,
+    ServerProcess,
     create_key_sync,
-    free_port,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,58 +58,7 @@ def binary(name: str) -> str:
     return found
 
 
-class Server:
-    """A server binary on a free loopback port, in a session of its own; `stop` ends it."""
-
-    def __init__(
-        self, name: str, workdir: Path, command: Callable[[int], list[str]], ready_path: str
-    ) -> None:
-        self.name, self.workdir, self.command, self.ready_path = name, workdir, command, ready_path
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"{name}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        for _ in range(3):  # the free port may be taken between picking and binding
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    self.command(self.port),
-                    cwd=self.workdir,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.process.poll() is None:
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
-                        return self
-                time.sleep(0.05)
-            self.stop()
-        raise RuntimeError(f"{self.name} did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-4000:]
-        return ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
-
-
-def start_nginx(workdir: Path, replicas: list[str]) -> Server:
+def start_nginx(workdir: Path, replicas: list[str]) -> ServerProcess:
     """nginx with its own prefix in front of the replicas, as deploy/compose/nginx.conf."""
     workdir.mkdir()
     servers = "\n".join(f"        server {r} max_fails=3 fail_timeout=10s;" for r in replicas)
@@ -169,17 +115,17 @@ http {{
             str(workdir / "error.log"),
         ]
 
-    return Server("nginx", workdir, command, "/nginx-healthz").start()
+    return ServerProcess("nginx", workdir, command, "/nginx-healthz").start()
 
 
-def start_prometheus(workdir: Path, replicas: list[str]) -> Server:
+def start_prometheus(workdir: Path, replicas: list[str]) -> ServerProcess:
     workdir.mkdir()
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{"job_name": "metergate", "static_configs": [{"targets": replicas}]}],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    return Server(
+    return ServerProcess(
         "prometheus",
         workdir,
         lambda port: [
@@ -193,20 +139,20 @@ def start_prometheus(workdir: Path, replicas: list[str]) -> Server:
     ).start()
 
 
-def promql(prometheus: Server, expr: str) -> list[dict[str, Any]]:
+def promql(prometheus: ServerProcess, expr: str) -> list[dict[str, Any]]:
     response = httpx.post(f"{prometheus.url}/api/v1/query", data={"query": expr}, timeout=10)
     body = response.json()
     assert body.get("status") == "success", f"{expr}: {body.get('error', body)}"
     return body["data"]["result"]
 
 
-def targets(prometheus: Server) -> list[tuple[str, str, str]]:
+def targets(prometheus: ServerProcess) -> list[tuple[str, str, str]]:
     """(instance, health, last error) of every target, for a failure message."""
     active = httpx.get(f"{prometheus.url}/api/v1/targets", timeout=10).json()["data"]
     return [(t["scrapeUrl"], t["health"], t["lastError"]) for t in active["activeTargets"]]
 
 
-def scalar(prometheus: Server, expr: str) -> float | None:
+def scalar(prometheus: ServerProcess, expr: str) -> float | None:
     result = promql(prometheus, expr)
     return float(result[0]["value"][1]) if result else None
 
@@ -258,8 +204,8 @@ def session(limit: int) -> aiohttp.ClientSession:
 @dataclass
 class Fleet:
     replicas: list[GatewayProcess]
-    nginx: Server
-    prometheus: Server
+    nginx: ServerProcess
+    prometheus: ServerProcess
     keys: dict[str, str]
     ledger: Callable[[str], str]  # SQL -> psql output, on the fleet's ledger
 
@@ -292,7 +238,7 @@ def fleet(
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     database = fresh_postgres_url.rsplit("/", 1)[1]
     replicas: list[GatewayProcess] = []
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     try:
         for name in ("r1", "r2"):
             workdir = tmp_path / name

@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from metergate.cli import app as cli_app
 from metergate.rollout import transitions
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer, start_gateway
 from tests.mcp_servers.support import SEARCH_SERVER, HttpMcpServer, mcp_url
-from tests.services import free_port
+from tests.services import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -80,62 +79,7 @@ def binary(*names: str) -> str:
 # --- processes ------------------------------------------------------------------------------
 
 
-class Process:
-    """A server binary on a free loopback port, in a session of its own; `stop` ends it."""
-
-    def __init__(self, name: str, workdir: Path, command: Callable[[int], list[str]]) -> None:
-        self.name = name
-        self.workdir = workdir
-        self.command = command
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / f"{name}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def netloc(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        for _ in range(3):  # the free port may be taken between picking and binding
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    self.command(self.port),
-                    cwd=self.workdir,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.process.poll() is None:
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                        return
-                time.sleep(0.05)
-            self.stop()
-        raise RuntimeError(f"{self.name} did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-4000:]
-        return ""
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
-
-
-def start_alertmanager(workdir: Path, hook_url: str) -> Process:
+def start_alertmanager(workdir: Path, hook_url: str) -> ServerProcess:
     """Alertmanager with the shipped routes and inhibitions; each receiver replaced by the
     test's webhook at /<receiver name>, and the waits shortened."""
     workdir.mkdir(parents=True)
@@ -157,7 +101,7 @@ def start_alertmanager(workdir: Path, hook_url: str) -> Process:
     (workdir / "alertmanager.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     (workdir / "data").mkdir()
     command = binary("prometheus-alertmanager", "alertmanager")
-    process = Process(
+    process = ServerProcess(
         "alertmanager",
         workdir,
         lambda port: [
@@ -179,7 +123,7 @@ def start_prometheus(
     alertmanager: str,
     fast_alerts: dict[str, str],
     mcp_targets: list[dict[str, Any]] | None = None,
-) -> Process:
+) -> ServerProcess:
     """Prometheus with the shipped config and rules; targets point at the test's servers
     (`mcp_targets`: file_sd groups of job mcp), intervals are 1 s, and the alerts in
     `fast_alerts` get a shorter `for:`."""
@@ -207,7 +151,7 @@ def start_prometheus(
         ]
     assert patched == set(fast_alerts)
     command = binary("prometheus")
-    process = Process(
+    process = ServerProcess(
         "prometheus",
         workdir,
         lambda port: [
@@ -424,7 +368,7 @@ class Traffic:
 # --- Prometheus queries ---------------------------------------------------------------------
 
 
-def query(prometheus: Process, expr: str) -> list[dict[str, Any]]:
+def query(prometheus: ServerProcess, expr: str) -> list[dict[str, Any]]:
     response = httpx.post(f"{prometheus.url}/api/v1/query", data={"query": expr}, timeout=10)
     body = response.json()
     assert body.get("status") == "success", f"{expr}: {body.get('error', body)}"
@@ -432,7 +376,7 @@ def query(prometheus: Process, expr: str) -> list[dict[str, Any]]:
     return result if isinstance(result, list) else [result]
 
 
-def wait_for_data(prometheus: Process, expr: str, timeout: float) -> list[dict[str, Any]]:
+def wait_for_data(prometheus: ServerProcess, expr: str, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         result = query(prometheus, expr)
@@ -494,8 +438,8 @@ def variable_queries() -> Iterator[tuple[str, str, str]]:
 @dataclass
 class Stack:
     gateway: Gateway
-    prometheus: Process
-    alertmanager: Process
+    prometheus: ServerProcess
+    alertmanager: ServerProcess
     receiver: Receiver
     search: HttpMcpServer  # the MCP server behind the gateway, scraped as job mcp
 
@@ -750,7 +694,9 @@ def test_doctor_explains_a_gateway_that_does_not_answer(stack: Stack) -> None:
 
 
 @pytest.fixture
-def alertmanager_alone(bg: BackgroundLoop, tmp_path: Path) -> Iterator[tuple[Process, Receiver]]:
+def alertmanager_alone(
+    bg: BackgroundLoop, tmp_path: Path
+) -> Iterator[tuple[ServerProcess, Receiver]]:
     with contextlib.ExitStack() as cleanup:
         receiver = Receiver(bg)
         cleanup.callback(receiver.server.close)
@@ -760,7 +706,7 @@ def alertmanager_alone(bg: BackgroundLoop, tmp_path: Path) -> Iterator[tuple[Pro
 
 
 def test_alertmanager_inhibits_warnings_under_a_critical_of_the_same_alert(
-    alertmanager_alone: tuple[Process, Receiver],
+    alertmanager_alone: tuple[ServerProcess, Receiver],
 ) -> None:
     alertmanager, receiver = alertmanager_alone
 
