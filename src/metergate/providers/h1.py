@@ -184,6 +184,13 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         self._fail(ReadTimeout("the upstream did not answer in time", self.got_bytes))
 
+    def expire(self) -> None:
+        """The whole answer took longer than its total deadline."""
+        if not self.done.done():
+            self._fail(
+                ReadTimeout("the upstream did not finish its answer in time", self.got_bytes)
+            )
+
     def close(self) -> None:
         self._disarm()
         self.closed = True
@@ -330,18 +337,16 @@ class HttpClient:
         """POST and read the whole answer. `head`: prebuilt header lines, CRLF-terminated."""
         conn = await self._checkout(deadlines)
         reuse = False
+        assert deadlines.total is not None
+        # One timer handle for the whole answer: asyncio.timeout() cost ~8% of the hot path.
+        total = conn.loop.call_later(deadlines.total, conn.expire)
         try:
             conn.send(self._request_bytes(path, head, body), deadlines.first_byte)
-            assert deadlines.total is not None
-            async with asyncio.timeout(deadlines.total):
-                await conn.done
+            await conn.done
             reuse = conn.keep_alive
             return Response(conn.status, conn.headers, conn.take())
-        except TimeoutError:
-            raise ReadTimeout(
-                "the upstream did not finish its answer in time", conn.got_bytes
-            ) from None
         finally:
+            total.cancel()
             self._release(conn, reuse)
 
     async def stream(
