@@ -21,6 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from metergate.metering.exposition import FastExposition
+
 # `_created` samples double the series count and no rule or dashboard here reads them.
 disable_created_metrics()
 
@@ -171,6 +173,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self._exposition: FastExposition | None = None
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._attempts: dict[tuple[str, str], Any] = {}
         self._redis_up: Gauge | None = None
@@ -213,4 +216,6 @@ class Metrics:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
-        return generate_latest(self.registry)
+        if self._exposition is None:
+            self._exposition = FastExposition(self.registry)
+        return self._exposition.render()

@@ -1,0 +1,59 @@
+"""The fast /metrics renderer says exactly what prometheus_client would."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from metergate.metering.metrics import Metrics
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def families(text: str) -> dict[str, tuple[str, str]]:
+    return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text)}
+
+
+def test_fast_exposition_matches_prometheus_client() -> None:
+    metrics = Metrics()
+    for model in ("m1", 'odd"model\\with\nbreaks'):
+        series = metrics.series(model, "up", "key")
+        metrics.count_request(series, (model, "up", "key"), "success")
+        series.duration.observe(0.3)
+        series.duration.observe(42)
+        series.tokens[2].inc(7)
+        series.cost.inc(0.000123)
+    metrics.overhead.observe(0.0002)
+    metrics.ledger_pending.set(3)
+    metrics.circuit_state.labels("up").set(2)
+    extra = Counter("custom_things", "Registered by someone else.", registry=metrics.registry)
+    extra.inc(5)
+
+    fast = metrics.exposition().decode()
+    reference = generate_latest(metrics.registry).decode()
+    assert samples(fast) == samples(reference)
+    assert families(fast) == families(reference)
+    assert len(samples(fast)) > 40
+    # values change, cached prefixes do not go stale
+    metrics.count_request(metrics.series("m1", "up", "key"), ("m1", "up", "key"), "success")
+    again = samples(metrics.exposition().decode())
+    key = ("metergate_requests_total",
+           (("key", "key"), ("model", "m1"), ("outcome", "success"), ("upstream", "up")))
+    assert again[key] == 2
+
+
+def test_a_removed_series_disappears() -> None:
+    metrics = Metrics()
+    metrics.build_info.labels("1", "old").set(1)
+    metrics.exposition()
+    metrics.build_info.remove("1", "old")
+    metrics.build_info.labels("1", "new").set(1)
+    shown = samples(metrics.exposition().decode())
+    names = {labels for name, labels in shown if name == "metergate_build_info"}
+    assert names == {(("config_version", "new"), ("version", "1"))}
