@@ -34,13 +34,13 @@ from metergate.rollout import RolloutController
 from metergate.routing.dispatch import Dispatcher
 from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
-from metergate.shared.state import SharedState
 from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
 from metergate.storage.keys import list_keys
 
 if TYPE_CHECKING:
     from metergate.mcp.gateway import McpGateway
+    from metergate.shared.state import SharedState
 
 log = logging.getLogger("metergate")
 
@@ -87,8 +87,7 @@ class Runtime:
                 from metergate.mcp.gateway import McpGateway
             except ImportError as exc:
                 raise RuntimeError(
-                    "the config has an mcp: section; install it with pip install "
-                    "'metergate[mcp]'"
+                    "the config has an mcp: section; install it with pip install 'metergate[mcp]'"
                 ) from exc
             self.mcp = McpGateway(config.mcp, self)
 
@@ -128,11 +127,11 @@ class Runtime:
             if old and old.config.retry_budget == config.retry_budget
             else RetryBudget(config.retry_budget)
         )
-        shared = (
-            old.shared
-            if old and old.config.redis == config.redis
-            else (SharedState(config.redis, self.metrics) if config.redis else None)
-        )
+        shared = old.shared if old and old.config.redis == config.redis else None
+        if shared is None and config.redis is not None:
+            from metergate.shared.state import SharedState  # the Redis client, only if used
+
+            shared = SharedState(config.redis, self.metrics)
         cache = (
             old.cache
             if old and old.config.cache == config.cache and old.shared is shared
@@ -200,13 +199,22 @@ class Runtime:
         version. An invalid file raises ConfigError and the running config stays."""
         assert self.database is not None
         if self.source == "<config>":
-            raise ConfigError([ConfigProblem(self.source, (), "this gateway was not started "
-                                             "from a file", "start it with --config FILE")])
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        self.source,
+                        (),
+                        "this gateway was not started from a file",
+                        "start it with --config FILE",
+                    )
+                ]
+            )
         try:
             loaded = read_config(self.source)
         except ConfigError as error:
-            log.error("config reload (%s) refused, keeping version %s:\n%s", trigger,
-                      self.version, error)
+            log.error(
+                "config reload (%s) refused, keeping version %s:\n%s", trigger, self.version, error
+            )
             raise
         async with self._switching:  # the follower must not apply the previous version
             applied = await self.apply(loaded.config, loaded.text, loaded.source)
@@ -229,8 +237,12 @@ class Runtime:
                     await self.apply(config, newest.body, newest.source)
             except ConfigError as error:
                 refused = newest.hash if newest else None
-                log.error("config version %s cannot be applied here, keeping %s:\n%s",
-                          refused, self.version, error)
+                log.error(
+                    "config version %s cannot be applied here, keeping %s:\n%s",
+                    refused,
+                    self.version,
+                    error,
+                )
             except Exception:
                 log.exception("following the config history failed; retrying")
 

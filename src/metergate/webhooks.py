@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
+
 
 log = logging.getLogger("metergate.webhooks")
 
@@ -19,7 +21,7 @@ log = logging.getLogger("metergate.webhooks")
 class WebhookNotifier:
     def __init__(self, timeout: float = 10) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
 
     def send(self, url: str, text: str, fields: dict[str, Any]) -> None:
@@ -30,7 +32,11 @@ class WebhookNotifier:
     async def _post(self, url: str, payload: dict[str, Any]) -> None:
         """POST once; a failure is logged (without the URL's path, which may hold a token)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            import aiohttp  # loaded only when a notice is actually sent
+
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout)
+            )
         try:
             async with self._session.post(url, json=payload) as response:
                 if response.status >= 300:

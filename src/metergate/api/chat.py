@@ -89,7 +89,7 @@ class CompletionsHandler:
         worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
         admission = await gate.admit(key.name, route.name, budgets, worst)
         headers += admission.headers
-        active = runtime.metrics.active_requests.labels(route.name)
+        active = runtime.metrics.active(route.name)
         active.inc()
         try:
             if streaming:
@@ -237,6 +237,8 @@ class Reply:
 
     async def send(self, send: Send) -> None:
         if self.headers is not None:
+            # A length lets the server send the body in one piece instead of chunked.
+            self.headers.append((b"content-length", b"%d" % len(self.body)))
             await send(
                 {"type": "http.response.start", "status": self.status, "headers": self.headers}
             )

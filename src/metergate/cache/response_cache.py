@@ -20,7 +20,7 @@ import orjson
 
 from metergate.config.model import CacheConfig
 from metergate.providers.base import Usage
-from metergate.shared.redis import Unavailable
+from metergate.shared.errors import Unavailable
 
 if TYPE_CHECKING:
     from metergate.shared.cache import SharedCache

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import typer
 from rich.table import Table
 
@@ -90,6 +89,8 @@ def reload(
 ) -> None:
     """Ask a running gateway to re-read its config file (admin key from
     METERGATE_ADMIN_KEY). An invalid file is refused and the gateway keeps serving."""
+    import httpx  # only this command needs an HTTP client
+
     key = os.environ.get("METERGATE_ADMIN_KEY")
     if not key:
         errors.print("set METERGATE_ADMIN_KEY to the gateway's admin.api_key")

@@ -11,10 +11,9 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import typer
 from rich.markup import escape
 
@@ -43,6 +42,9 @@ RULES_HINT = (
 )
 _BUILD_INFO = re.compile(r"^metergate_build_info\{([^}]*)\}", re.MULTILINE)
 
+if TYPE_CHECKING:
+    import aiohttp
+
 
 @dataclass
 class Result:
@@ -70,6 +72,8 @@ def _netloc(url: str) -> str:
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    import aiohttp
+
     try:
         async with session.get(url) as response:
             return response.status, await response.text()
@@ -290,6 +294,8 @@ async def run_checks(
     job: str,
     timeout_seconds: float,
 ) -> list[Result]:
+    import aiohttp  # loaded by this command only, not by every `metergate` process
+
     client_timeout = aiohttp.ClientTimeout(total=timeout_seconds)
     async with aiohttp.ClientSession(timeout=client_timeout) as session:
         results = [await check_gateway(session, gateway)]

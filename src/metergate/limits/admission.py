@@ -19,7 +19,7 @@ from metergate.api.errors import GatewayError
 from metergate.budgets.book import Budget, BudgetBook, Reservation
 from metergate.limits.rate import Bucket, RateLimiter, ratelimit_headers
 from metergate.providers.base import Usage
-from metergate.shared.redis import Unavailable
+from metergate.shared.errors import Unavailable
 
 if TYPE_CHECKING:
     from metergate.shared.counters import BudgetKeys, SharedCounters

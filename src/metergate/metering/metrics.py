@@ -173,6 +173,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self._active: dict[str, Any] = {}
         self._exposition: FastExposition | None = None
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._attempts: dict[tuple[str, str], Any] = {}
@@ -189,6 +190,13 @@ class Metrics:
                 multiprocess_mode="livemin",
             )
         return self._redis_up
+
+    def active(self, model: str) -> Any:
+        """The in-flight gauge of a model (its child cached: labels() is not free)."""
+        found = self._active.get(model)
+        if found is None:
+            found = self._active[model] = self.active_requests.labels(model)
+        return found
 
     def series(self, model: str, upstream: str, key: str) -> _Series:
         found = self._series.get((model, upstream, key))

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
 from metergate.config.model import RolloutConfig
@@ -31,6 +30,9 @@ from metergate.rollout.gates import (
 from metergate.rollout.state import RUNNING, Rollout
 from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("metergate.rollout")
 
@@ -119,6 +121,8 @@ class RolloutController:
     async def _decide(self, database: Database, rollout: Rollout) -> None:
         if rollout.config.source == "prometheus":
             if self._http is None:
+                import aiohttp  # only rollouts judged from Prometheus need it
+
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
             window = time.time() - max(
                 rollout.stage_started_at, float(rollout.last_judgment.get("at", 0) or 0)

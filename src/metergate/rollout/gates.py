@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from metergate.config.model import RolloutConfig
 from metergate.rollout.state import Rollout
 from metergate.rollout.stats import WindowStats
+
+if TYPE_CHECKING:
+    import aiohttp
 
 PASS, FAIL, INSUFFICIENT = "pass", "fail", "insufficient"
 

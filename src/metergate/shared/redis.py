@@ -32,6 +32,7 @@ from redis.exceptions import NoScriptError, RedisError
 from metergate.config.model import RedisConfig
 from metergate.metering.metrics import Metrics
 from metergate.shared import scripts
+from metergate.shared.errors import Unavailable
 
 log = logging.getLogger("metergate.redis")
 T = TypeVar("T")
@@ -40,10 +41,6 @@ Call = tuple[AsyncScript, list[str], list[Any], "asyncio.Future[Any]"]  # queued
 # What "Redis is unreachable" looks like: refused or reset connections, timeouts, a
 # server still loading or out of memory. All of them degrade; none become a 500.
 ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
-
-
-class Unavailable(Exception):
-    """A shared-state call failed; the link is now down and recovering."""
 
 
 class RedisLink:
