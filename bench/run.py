@@ -3,8 +3,8 @@
     .venv/bin/python bench/run.py [--duration 10] [--connections 64] [--runs 3]
 
 Measures, with wrk, the same POST /v1/chat/completions sent (a) straight to nginx and
-(b) through metergate (1 worker, metering and ledger on): requests/s at saturation and
-p50/p99 latency at one connection. Each measurement runs `--runs` times, direct and
+(b) through metergate (1 worker, every feature on, as in bench/suite.py): requests/s at
+saturation and p50/p99 latency at one connection. Each measurement runs `--runs` times, direct and
 gateway interleaved so that noise on the machine hits both alike; medians are reported.
 Everything listens on 127.0.0.1 and every process started here is stopped on the way out.
 """
@@ -114,7 +114,7 @@ def verify(targets: dict[str, str], stream_url: str, key: str) -> list[Check]:
     streamed = procs.http(stream_url, body, _headers(key))
     checks.append(
         Check(
-            "gateway relays the 50-chunk SSE stream unchanged (not measured yet)",
+            "gateway relays the 50-chunk SSE stream unchanged (measured by bench/suite.py)",
             streamed.status == 200 and streamed.body == upstream.STREAM_BODY,
             f"HTTP {streamed.status}, {len(streamed.body)} of {len(upstream.STREAM_BODY)} bytes",
             required=False,
@@ -305,7 +305,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout) -> tup
 
     method = (
         f"wrk -t1 POSTs a small chat completion request (bench/wrk/post.lua) to nginx directly "
-        f"and through metergate (1 worker, metering and SQLite ledger on). "
+        f"and through metergate (1 worker, every feature on: key auth, metrics, SQLite "
+        f"ledger, prices, a hard budget). "
         f"Saturation: -c{args.connections}; latency: -c1 with --latency percentiles. "
         f"Each run lasts {args.duration} s, after a {args.warmup} s warm-up per target; "
         f"medians of {args.runs} runs, direct and gateway interleaved."

@@ -18,7 +18,12 @@ from benchlib.procs import BenchError, Processes, Started, free_port, http, pinn
 
 MODEL = "bench"
 STREAM_MODEL = "bench-stream"
+SLOW_MODEL = "bench-slow"
 PRICE = {"input": 1.0, "output": 2.0}  # USD per million tokens
+# Every feature on while measured: a hard budget so large it never refuses, but still
+# reserved before and settled after every request (which also pins serve to 1 worker).
+BUDGET = {"limit_usd": 1_000_000, "period": "month", "hard": True}
+MAX_CONNECTIONS = 2048  # per provider: the memory test holds 1,000 streams open upstream
 
 
 def metergate_bin() -> str:
@@ -30,31 +35,32 @@ def metergate_bin() -> str:
 
 
 def write_config(workdir: Path, upstream_port: int) -> Path:
-    """A gateway config whose only upstreams are the nginx locations (unary and streaming)."""
+    """A gateway config whose upstreams are the nginx locations (unary, stream, slow stream),
+    with every feature on: key auth, metrics, SQLite ledger, prices, a hard budget."""
     base = f"http://127.0.0.1:{upstream_port}"
+    locations = {MODEL: "/v1", STREAM_MODEL: "/stream/v1", SLOW_MODEL: "/slow/v1"}
     config = {
         "server": {"host": "127.0.0.1", "port": 4000},
         "ledger": {"url": f"sqlite:///{workdir / 'ledger.db'}"},
         "providers": {
-            "nginx": {"type": "openai", "base_url": f"{base}/v1", "api_key": "sk-bench"},
-            "nginx-stream": {
+            f"nginx-{name}": {
                 "type": "openai",
-                "base_url": f"{base}/stream/v1",
+                "base_url": base + path,
                 "api_key": "sk-bench",
-            },
+                "max_connections": MAX_CONNECTIONS,
+            }
+            for name, path in locations.items()
         },
         "upstreams": {
-            "nginx-model": {"provider": "nginx", "model": "bench-model", "price": dict(PRICE)},
-            "nginx-stream-model": {
-                "provider": "nginx-stream",
+            f"{name}-upstream": {
+                "provider": f"nginx-{name}",
                 "model": "bench-model",
                 "price": dict(PRICE),
-            },
+            }
+            for name in locations
         },
-        "models": {
-            MODEL: {"upstreams": ["nginx-model"]},
-            STREAM_MODEL: {"upstreams": ["nginx-stream-model"]},
-        },
+        "models": {name: {"upstreams": [f"{name}-upstream"]} for name in locations},
+        "budgets": {"bench-total": dict(BUDGET)},
     }
     path = workdir / "metergate.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

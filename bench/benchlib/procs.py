@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,6 +78,16 @@ def ensure_tools() -> None:
             policy.unlink(missing_ok=True)
 
 
+def tool_version(command: Sequence[str]) -> str:
+    """First line a `--version` style command prints, or "unknown"."""
+    try:
+        done = subprocess.run(list(command), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
 def _which(name: str) -> str | None:
     with contextlib.suppress(BenchError):
         return tool(name)
@@ -102,7 +112,13 @@ class Processes:
 
     started: list[Started] = field(default_factory=list)
 
-    def start(self, name: str, command: Sequence[str], log: Path) -> Started:
+    def start(
+        self,
+        name: str,
+        command: Sequence[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> Started:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             popen = subprocess.Popen(
@@ -111,6 +127,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=None if env is None else dict(env),
             )
         entry = Started(name, popen, log)
         self.started.append(entry)

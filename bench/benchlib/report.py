@@ -19,7 +19,17 @@ from pathlib import Path
 from benchlib.procs import tool
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("metergate", "uvicorn", "aiohttp", "uvloop", "httptools", "orjson")
+PACKAGES = (
+    "metergate",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "orjson",
+    "prometheus_client",
+    "aiosqlite",
+    "asyncpg",
+    "pydantic",
+)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ from benchlib.procs import BenchError, Processes, Started, free_port, pinned, to
 TEMPLATE = Path(__file__).resolve().parent.parent / "nginx" / "nginx.conf.template"
 CHAT_PATH = "/v1/chat/completions"
 STREAM_PATH = "/stream/v1/chat/completions"
+SLOW_PATH = "/slow/v1/chat/completions"
 STREAM_CHUNKS = 50
+SLOW_SECONDS = 10.0  # how long nginx takes to send the whole stream at SLOW_PATH
 CREATED = 1700000000
 
 
@@ -74,8 +76,13 @@ def _stream_body(chunks: int = STREAM_CHUNKS) -> bytes:
 STREAM_BODY: bytes = _stream_body()
 
 
+def slow_rate() -> int:
+    """Bytes per second that spread STREAM_BODY over about SLOW_SECONDS."""
+    return max(1, round(len(STREAM_BODY) / SLOW_SECONDS))
+
+
 def render_config(prefix: Path, port: int) -> str:
-    text = TEMPLATE.read_text()
+    text = TEMPLATE.read_text().replace("@SLOW_RATE@", str(slow_rate()))
     return text.replace("@PREFIX@", str(prefix)).replace("@PORT@", str(port))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from benchlib.procs import BenchError, pinned, tool
 
 POST_SCRIPT = Path(__file__).resolve().parent.parent / "wrk" / "post.lua"
+STREAM_SCRIPT = POST_SCRIPT.with_name("stream.lua")
 _TO_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 _TIME = r"([\d.]+)(us|ms|s|m|h)"
 
@@ -72,6 +73,7 @@ def run(
     token: str,
     cpus: str | None,
     threads: int = 1,
+    script: Path = POST_SCRIPT,
 ) -> WrkResult:
     """One wrk run (always with --latency); bounded by a timeout well past its duration."""
     command = [
@@ -83,7 +85,7 @@ def run(
         "5s",
         "--latency",
         "-s",
-        str(POST_SCRIPT),
+        str(script),
         url,
         "--",
         token,
