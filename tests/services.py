@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -328,53 +329,49 @@ atexit.register(_redis.stop_at_exit)
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
+def _use(shared: _Shared, make: Callable[[], PostgresServer | RedisServer]) -> Iterator[Any]:
+    """Start the shared server on first use; the last user to leave stops it."""
+    with shared.lock:
+        if shared.server is None:
+            server = make()
+            try:
+                server.start()
+            except BaseException:
+                server.stop()
+                raise
+            shared.server = server
+        shared.users += 1
+        server = shared.server
+    try:
+        yield server
+    finally:
+        shared.release()
+
+
+def _make_postgres() -> PostgresServer:
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
+    return PostgresServer(bindir)
+
+
+def _make_redis() -> RedisServer:
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if binary is None:
+        pytest.skip("redis-server is not installed (scripts/test installs it)")
+    return RedisServer(binary)
+
+
+def running_postgres() -> contextlib.AbstractContextManager[PostgresServer]:
     """The session's PostgreSQL server, started on first use (skip if not installed)."""
-    with _postgres.lock:
-        if _postgres.server is None:
-            bindir = _postgres_bindir()
-            if bindir is None:
-                pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
-            server = PostgresServer(bindir)
-            try:
-                server.start()
-            except BaseException:
-                server.stop()
-                raise
-            _postgres.server = server
-        _postgres.users += 1
-        server = _postgres.server
-    assert isinstance(server, PostgresServer)
-    try:
-        yield server
-    finally:
-        _postgres.release()
+    return _use(_postgres, _make_postgres)
 
 
-@contextlib.contextmanager
-def running_redis() -> Iterator[RedisServer]:
+def running_redis() -> contextlib.AbstractContextManager[RedisServer]:
     """The session's redis-server, started on first use (skip if not installed)."""
-    with _redis.lock:
-        if _redis.server is None:
-            binary = shutil.which("redis-server") or (
-                "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
-            )
-            if binary is None:
-                pytest.skip("redis-server is not installed (scripts/test installs it)")
-            server = RedisServer(binary)
-            try:
-                server.start()
-            except BaseException:
-                server.stop()
-                raise
-            _redis.server = server
-        _redis.users += 1
-        server = _redis.server
-    assert isinstance(server, RedisServer)
-    try:
-        yield server
-    finally:
-        _redis.release()
+    return _use(_redis, _make_redis)
 
 
 @pytest.fixture(scope="session")

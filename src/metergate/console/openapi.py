@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from metergate.metering.metrics import OUTCOMES
+
 JSON = "application/json"
 
 
@@ -216,21 +218,7 @@ def _schemas() -> dict[str, Any]:
             },
             ["error"],
         ),
-        "Outcome": {
-            "type": "string",
-            "enum": [
-                "success",
-                "invalid_request",
-                "unauthorized",
-                "rate_limited",
-                "budget_exceeded",
-                "upstream_error",
-                "upstream_rejected",
-                "timeout",
-                "connection_error",
-                "cancelled",
-            ],
-        },
+        "Outcome": {"type": "string", "enum": list(OUTCOMES)},
         "RolloutAction": {
             "type": "string",
             "enum": ["start", "pause", "resume", "promote", "rollback"],

@@ -14,20 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from metergate.api.errors import bad_request
+from metergate.metering.metrics import OUTCOMES
 from metergate.storage.database import Database
 
-OUTCOMES = (
-    "success",
-    "invalid_request",
-    "unauthorized",
-    "rate_limited",
-    "budget_exceeded",
-    "upstream_error",
-    "upstream_rejected",
-    "timeout",
-    "connection_error",
-    "cancelled",
-)
 COLUMNS = (
     "id",
     "ts",

@@ -30,6 +30,19 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20,
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 TOKEN_TYPES = ("input", "cached_input", "output")
 
+# The contract's `outcome` values, in the order reports list them.
+OUTCOMES = (
+    "success",
+    "invalid_request",
+    "unauthorized",
+    "rate_limited",
+    "budget_exceeded",
+    "upstream_error",
+    "upstream_rejected",
+    "timeout",
+    "connection_error",
+    "cancelled",
+)
 UNKNOWN_MODEL = "unknown"
 UNKNOWN_KEY = "unknown"
 NO_UPSTREAM = "none"

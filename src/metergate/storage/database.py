@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import re
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -59,8 +60,18 @@ class SQLiteDatabase(Database):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000"):
-            await self._conn.execute(f"PRAGMA {pragma}")
+        await self._conn.execute("PRAGMA busy_timeout=30000")
+        # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
+        # handler: processes opening the same new file together retry for a while.
+        for attempt in range(200):
+            try:
+                await self._conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or attempt == 199:
+                    raise
+                await asyncio.sleep(0.05)
+        await self._conn.execute("PRAGMA synchronous=NORMAL")
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         async with self._lock:
