@@ -286,18 +286,23 @@ class RedisServer:
                 raise RuntimeError("redis FLUSHALL failed")
 
     def stop_process(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        terminate(self.process)
         self.process = None
 
     def stop(self) -> None:
         self.stop_process()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a server and wait for it; SIGKILL it if it has not gone after 10 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 class _Shared:
@@ -554,11 +559,5 @@ class ServerProcess:
         return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        terminate(self.process)
         self.process = None
