@@ -15,8 +15,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
 from metergate.config.model import ProviderConfig
+from metergate.errors import GatewayError
 from metergate.providers.anthropic import AnthropicAdapter
-from metergate.providers.base import StreamState, UpstreamCall, UpstreamFailure, Usage
+from metergate.providers.base import StreamState, UpstreamCall, Usage
 from tests.upstreams import ANSWER, RECORDER, Recorder, parse_sse, running
 from tests.upstreams.anthropic_server import API_KEY, create_app
 
@@ -330,7 +331,7 @@ async def test_unsupported_requests_fail_before_the_upstream(
     adapter: AnthropicAdapter, recorder: Recorder, body: dict[str, Any], fragment: str
 ) -> None:
     before = len(recorder.requests)
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         await adapter.chat(UpstreamCall(body, MODEL))
     assert (caught.value.outcome, caught.value.status) == ("invalid_request", 400)
     assert fragment in caught.value.message
@@ -424,7 +425,7 @@ async def test_broken_streams(
     adapter: AnthropicAdapter, word: str, outcome: str, fragment: str
 ) -> None:
     state = StreamState()
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         async for _ in adapter.chat_stream(UpstreamCall(user(f"TRIGGER:{word}"), MODEL), state):
             pass
     assert caught.value.outcome == outcome
@@ -452,7 +453,7 @@ async def test_error_classification(
     retry: float | None,
 ) -> None:
     call = UpstreamCall(user(f"TRIGGER:{word}"), MODEL)
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         if streaming:
             async for _ in adapter.chat_stream(call, StreamState()):
                 pass
@@ -471,7 +472,7 @@ async def test_wrong_api_key_is_the_gateways_problem(server: tuple[web.Applicati
     )
     await adapter.start()
     try:
-        with pytest.raises(UpstreamFailure) as caught:
+        with pytest.raises(GatewayError) as caught:
             await adapter.chat(UpstreamCall(user("Hi"), MODEL))
     finally:
         await adapter.close()

@@ -18,7 +18,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
 from metergate.config.model import ProviderConfig
-from metergate.providers.base import StreamState, UpstreamCall, UpstreamFailure, Usage
+from metergate.errors import GatewayError
+from metergate.providers.base import StreamState, UpstreamCall, Usage
 from metergate.providers.gemini import GeminiAdapter
 from tests.upstreams import ANSWER, RECORDER, Recorder, parse_sse, running
 from tests.upstreams.gemini_server import API_KEY, create_app
@@ -323,7 +324,7 @@ async def test_unsupported_requests_fail_before_the_upstream(
     adapter: GeminiAdapter, recorder: Recorder, body: dict[str, Any], fragment: str
 ) -> None:
     before = len(recorder.requests)
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         await adapter.chat(UpstreamCall(body, MODEL))
     assert (caught.value.outcome, caught.value.status) == ("invalid_request", 400)
     assert fragment in caught.value.message
@@ -439,7 +440,7 @@ async def test_stream_tool_calls(adapter: GeminiAdapter) -> None:
 async def test_broken_streams(
     adapter: GeminiAdapter, word: str, outcome: str, fragment: str
 ) -> None:
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         async for _ in adapter.chat_stream(
             UpstreamCall(user(f"TRIGGER:{word}"), MODEL), StreamState()
         ):
@@ -468,7 +469,7 @@ async def test_error_classification(
     retry: float | None,
 ) -> None:
     call = UpstreamCall(user(f"TRIGGER:{word}"), MODEL)
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         if streaming:
             async for _ in adapter.chat_stream(call, StreamState()):
                 pass
@@ -487,7 +488,7 @@ async def test_bad_api_key_is_the_gateways_problem(server: tuple[web.Application
     )
     await adapter.start()
     try:
-        with pytest.raises(UpstreamFailure) as caught:
+        with pytest.raises(GatewayError) as caught:
             await adapter.chat(UpstreamCall(user("Hi"), MODEL))
     finally:
         await adapter.close()
@@ -538,7 +539,7 @@ async def test_embeddings(adapter: GeminiAdapter, recorder: Recorder, encoding: 
 
 
 async def test_embeddings_reject_token_ids(adapter: GeminiAdapter) -> None:
-    with pytest.raises(UpstreamFailure) as caught:
+    with pytest.raises(GatewayError) as caught:
         await adapter.embeddings(UpstreamCall({"input": [[1, 2, 3]]}, "text-embedding-test"))
     assert (caught.value.outcome, caught.value.status) == ("invalid_request", 400)
 

@@ -57,7 +57,7 @@ def test_reload_under_load_drops_nothing(gateway_factory, tmp_path):
         time.sleep(0.5)
         for price in (2_000_000, 3_000_000, 4_000_000):
             path.write_text(yaml.safe_dump(config_with_price(price) | {
-                "ledger": gateway.runtime.config.ledger.model_dump()}))
+                "ledger": gateway.runtime.plan.config.ledger.model_dump()}))
             answer = reload(base)
             assert answer.status_code == 200 and answer.json()["applied"] is True
             time.sleep(0.6)
@@ -75,14 +75,14 @@ def test_reload_under_load_drops_nothing(gateway_factory, tmp_path):
 def test_invalid_reload_is_refused_and_reported(gateway_factory):
     gateway = gateway_factory(config_with_price(1_000_000))
     base = gateway.base_url.removesuffix("/v1")
-    version = gateway.runtime.version
+    version = gateway.runtime.plan.version
     Path(gateway.runtime.source).write_text("models:\n  sim:\n    upstreams: [nowhere]\n")
     answer = reload(base)
     assert answer.status_code == 422
     error = answer.json()["error"]
     assert f"still serving version {version}" in error["message"]
     assert any("unknown upstream 'nowhere'" in problem for problem in error["problems"])
-    assert gateway.runtime.version == version
+    assert gateway.runtime.plan.version == version
     assert cost(gateway.base_url, gateway.key) == "10.000000000"
 
 

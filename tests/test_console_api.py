@@ -545,7 +545,7 @@ def test_rollout_actions_follow_the_state_machine(gateway):
     assert started["state"] == "running"
     assert started["weights"]["candidate"] == {"upstreams": ["new"], "share": 0.1}
     assert started["actions"] == ["pause", "promote", "rollback"]
-    assert gateway.runtime.rollouts.rollouts["move"].state == "running"  # live at once
+    assert gateway.runtime.plan.rollouts.rollouts["move"].state == "running"  # live at once
     gateway.client().chat.completions.create(model="moving", messages=ASK)
     live = admin(gateway, "/admin/api/rollouts").json()["rollouts"][0]["live"]
     assert live["candidate"]["attempts"] + live["baseline"]["attempts"] == 1

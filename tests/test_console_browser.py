@@ -204,13 +204,13 @@ def test_rollouts_page_rolls_back_with_confirmation(page, gateway_factory):
     confirm = page.locator("dialog[open]")
     playwright_api.expect(confirm).to_contain_text("back to old")
     confirm.locator("button[data-value=cancel]").click()  # changing one's mind changes nothing
-    assert gateway.runtime.rollouts.rollouts["move"].state == "running"
+    assert gateway.runtime.plan.rollouts.rollouts["move"].state == "running"
 
     card.locator("button[data-action=rollback]").click()
     page.locator("dialog[open] button[data-value=ok]").click()
     rolled = page.locator("section[data-rollout=move][data-state=rolled_back]")
     playwright_api.expect(rolled).to_have_count(1)
-    assert gateway.runtime.rollouts.rollouts["move"].state == "rolled_back"
+    assert gateway.runtime.plan.rollouts.rollouts["move"].state == "rolled_back"
     playwright_api.expect(rolled).to_contain_text("rolled back")
     for _ in range(5):
         raw = client.chat.completions.with_raw_response.create(model="moving", messages=ASK)

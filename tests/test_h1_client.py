@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from metergate.providers.h1 import (
-    ConnectFailed,
+    ConnectError,
     Deadlines,
     Disconnected,
     HttpClient,
+    PoolTimeout,
     ReadTimeout,
 )
 
@@ -116,7 +117,7 @@ async def test_timeouts_and_failures_say_whether_the_answer_had_started():
         with pytest.raises(Disconnected) as cut:
             await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
         assert cut.value.partial is True
-    with pytest.raises(ConnectFailed):
+    with pytest.raises(ConnectError):
         await HttpClient("http://127.0.0.1:9", 1).post("/", HEAD, b"{}", FAST)
 
 
@@ -155,8 +156,8 @@ async def test_pool_limit_makes_callers_wait_then_gives_up():
         client = HttpClient(url, max_connections=2)
         slow = [asyncio.create_task(client.post("/", HEAD, b"{}", FAST)) for _ in range(2)]
         await asyncio.sleep(0.05)
-        with pytest.raises(ConnectFailed, match="all 2 connections"):
-            await client.post("/", HEAD, b"{}", Deadlines(0.1, 0.5, 2, None))
+        with pytest.raises(PoolTimeout, match="all 2 connections"):
+            await client.post("/", HEAD, b"{}", Deadlines(1, 0.5, 2, None, pool=0.1))
         release.set()
         assert [r.status for r in await asyncio.gather(*slow)] == [200, 200]
         assert len(connections) == 2
@@ -180,7 +181,7 @@ async def test_tls_with_certificate_checks(tmp_path: Path, monkeypatch):
         writer.write(answer(b'{"secure": true}'))
 
     async with server(handler, tls) as (url, _):
-        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it, as an operator's CA
         response = await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)

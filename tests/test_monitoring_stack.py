@@ -467,7 +467,7 @@ def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Itera
         config = gateway_config(search.url, f"http://{gone_netloc}/mcp")
         gateway = start_gateway(bg, config, root / "gateway")
         cleanup.callback(gateway.stop)
-        rollout = gateway.runtime.rollouts.rollouts["canary-move"]
+        rollout = gateway.runtime.plan.rollouts.rollouts["canary-move"]
         bg.run(transitions.start(gateway.runtime.database, rollout))
         alertmanager = start_alertmanager(root / "alertmanager", receiver.url)
         cleanup.callback(alertmanager.stop)

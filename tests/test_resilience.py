@@ -174,7 +174,7 @@ def test_long_retry_after_is_not_waited_for_and_spends_no_budget(gateway_factory
     server = fault_server("p")
     server.plan.fail_until_cleared(Fault.rate_limited("60"))
     gateway = gateway_factory(config(server.url, retry={"max_retry_after": 5}))
-    budget = gateway.runtime.dispatcher.retry_budget
+    budget = gateway.runtime.plan.dispatcher.retry_budget
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as raised:
         create(gateway)

@@ -51,7 +51,7 @@ def servers(bg):
 
 
 def rollout_of(gateway: Gateway):
-    return gateway.runtime.rollouts.rollouts["move"]
+    return gateway.runtime.plan.rollouts.rollouts["move"]
 
 
 def start_rollout(gateway: Gateway) -> None:

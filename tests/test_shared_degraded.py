@@ -102,9 +102,9 @@ async def test_open_keeps_serving_through_an_outage(gateway, outage, monkeypatch
     assert all(r["outcome"] == "success" for r in rows)
     # Redis came back empty: the budget was re-seeded from the ledger, and every answer
     # settled since (or during the outage) was added exactly once
-    gateway.bg.run(gateway.runtime.shared.counters.drain())
-    budget = gateway.runtime.budgets.budgets[0]
-    spent_key = gateway.runtime.shared.counters.keys(budget).spent
+    gateway.bg.run(gateway.runtime.plan.shared.counters.drain())
+    budget = gateway.runtime.plan.budgets.budgets[0]
+    spent_key = gateway.runtime.plan.shared.counters.keys(budget).spent
     store = redis.Redis(port=outage.port)
     try:
         assert int(store.get(spent_key)) == sum(r["cost_nano"] for r in rows)
@@ -138,7 +138,8 @@ async def test_closed_refuses_while_redis_is_down(gateway, outage, monkeypatch, 
     assert any("unreachable" in m and "refused (503)" in m for m in messages)
     assert any("reachable again" in m for m in messages)
     outcomes = [r["outcome"] for r in gateway.ledger_rows()]
-    assert outcomes == ["success", "upstream_error", "upstream_error", "upstream_error", "success"]
+    # Redis is the gateway's own dependency: an error, never held against an upstream
+    assert outcomes == ["success", "gateway_error", "gateway_error", "gateway_error", "success"]
 
 
 @pytest.mark.parametrize("on_failure", ["open", "closed"])

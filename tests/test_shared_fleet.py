@@ -56,7 +56,7 @@ def clients(fleet: Fleet) -> list[openai.AsyncOpenAI]:
 def settled(*gateways: Gateway) -> None:
     """Wait until every settle sent off the response path has reached Redis."""
     for gateway in gateways:
-        gateway.bg.run(gateway.runtime.shared.counters.drain())
+        gateway.bg.run(gateway.runtime.plan.shared.counters.drain())
 
 
 def priced_config(**simulated: object) -> dict:
@@ -195,8 +195,8 @@ def test_only_live_processes_holds_count(fleet, redis_server):
     client = openai.OpenAI(base_url=a.base_url, api_key=secret, max_retries=0)
     client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)  # seeds the keys
     settled(a)
-    budget = a.runtime.budgets.budgets[0]
-    held = a.runtime.shared.counters.keys(budget).held
+    budget = a.runtime.plan.budgets.budgets[0]
+    held = a.runtime.plan.shared.counters.keys(budget).held
     store = redis.Redis(port=redis_server.port)
     try:
         store.hset(held, "crashed-host:1:abc", 900 * 10**9)  # no live key: ignored, dropped
@@ -222,21 +222,21 @@ def test_a_reload_carries_the_redis_link_and_dropping_redis_retires_it(
     client = gateway.client()
     for _ in range(2):
         client.chat.completions.create(model="sim", messages=ASK)
-    shared = runtime.shared
+    shared = runtime.plan.shared
 
     def apply(raw: dict) -> None:
-        text = yaml.safe_dump({**raw, "ledger": {"url": runtime.config.ledger.url}})
+        text = yaml.safe_dump({**raw, "ledger": {"url": runtime.plan.config.ledger.url}})
         assert gateway.bg.run(runtime.apply(parse_config(text), text, "test"))
 
     config["rate_limits"]["keys"]["*"]["tpm"] = 100_000
     apply(config)
-    assert runtime.shared is shared and shared.link.up
+    assert runtime.plan.shared is shared and shared.link.up
     raw = client.chat.completions.with_raw_response.create(model="sim", messages=ASK)
     assert raw.headers["x-ratelimit-remaining-requests"] == "0"  # the same shared bucket
     assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
     del config["redis"]
     apply(config)
-    assert runtime.shared is None
+    assert runtime.plan.shared is None
     deadline = time.monotonic() + 5
     while shared.link.up and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -3,7 +3,7 @@
 Each pair is the code before and after one change, run on uvloop in this process:
 
 - request id: `"req_" + secrets.token_hex(12)` (a getrandom system call per request)
-  against a per-process random prefix plus a counter (metergate.api.asgi._ids);
+  against a per-process random prefix plus a counter (metergate.asgi._ids);
 - pool checkout: `asyncio.wait_for(semaphore.acquire(), timeout)` (wait_for wraps the
   coroutine in a task) against a plain `await semaphore.acquire()` when a slot is free
   (metergate.providers.h1.HttpClient._checkout);

@@ -2,18 +2,22 @@
 
 Long-lived parts (database, ledger, keys, metrics) live as long as the process. The
 parts built from a config (adapters, router, dispatcher, budgets, cache, rollouts) form
-a `Plan`; applying a new config builds a new plan and swaps it in with no `await`
-between the assignments, so every request sees one plan or the other, never a mix.
-Requests already running finish on the old plan; its adapters close once idle. What did
-not change is carried over: adapters keep their connections, circuit breakers and
-budget spend their state, rate limits their buckets, and the Redis link (`redis:`,
-shared state for a fleet) its connections and this process's holds.
+a `Plan`; applying a new config builds a new plan and swaps it in with one assignment.
+
+A request takes the plan in force when it arrives (`Plan.enter`) and uses only that
+plan until it ends (`Plan.leave`), whatever reloads happen at its awaits: reading the
+body, waiting for a retry, relaying a stream. A replaced plan's adapters (and Redis
+link) are closed when its last request leaves. What did not change is carried over:
+adapters keep their connections, circuit breakers and budget spend their state, rate
+limits their buckets, and the Redis link (`redis:`, shared state for a fleet) its
+connections and this process's holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +63,25 @@ class Plan:
     rollouts: RolloutController
     gate: Gate  # rate limits + budgets, admitted in one step
     shared: SharedState | None  # Redis, when configured
+    active: int = 0  # requests that entered this plan and have not left it
+    _on_idle: Callable[[], None] | None = None
+
+    def enter(self) -> Plan:
+        self.active += 1
+        return self
+
+    def leave(self) -> None:
+        self.active -= 1
+        if not self.active and self._on_idle is not None:
+            on_idle, self._on_idle = self._on_idle, None
+            on_idle()
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once no request uses this plan (now, if none does)."""
+        if self.active:
+            self._on_idle = callback
+        else:
+            callback()
 
 
 class Runtime:
@@ -80,7 +103,7 @@ class Runtime:
         self._retired: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # one config change at a time
-        self._install(self._build(config, config_versions.text_hash(self.text), None))
+        self.plan = self._build(config, config_versions.text_hash(self.text), None)
         self.mcp: McpGateway | None = None
         if config.mcp is not None:
             try:
@@ -90,18 +113,6 @@ class Runtime:
                     "the config has an mcp: section; install it with pip install 'metergate[mcp]'"
                 ) from exc
             self.mcp = McpGateway(config.mcp, self)
-
-    # The current plan's parts, read by the request handlers.
-    config: GatewayConfig
-    version: str
-    adapters: dict[str, Adapter]
-    router: Router
-    dispatcher: Dispatcher
-    budgets: BudgetBook
-    cache: ResponseCache | None
-    rollouts: RolloutController
-    gate: Gate
-    shared: SharedState | None
 
     def _build(self, config: GatewayConfig, version: str, old: Plan | None) -> Plan:
         adapters = {
@@ -156,19 +167,6 @@ class Runtime:
             shared=shared,
         )
 
-    def _install(self, plan: Plan) -> None:
-        self.plan = plan
-        self.config = plan.config
-        self.version = plan.version
-        self.adapters = plan.adapters
-        self.router = plan.router
-        self.dispatcher = plan.dispatcher
-        self.budgets = plan.budgets
-        self.cache = plan.cache
-        self.rollouts = plan.rollouts
-        self.gate = plan.gate
-        self.shared = plan.shared
-
     def _circuit_changed(self, upstream: str, state: int) -> None:
         self.metrics.circuit_state.labels(upstream).set(state)
 
@@ -177,18 +175,19 @@ class Runtime:
         return await list_keys(self.database)
 
     async def start(self) -> None:
-        self.database = await open_database(self.config.ledger.url)
-        await self.budgets.load(self.database)
+        plan = self.plan
+        self.database = await open_database(plan.config.ledger.url)
+        await plan.budgets.load(self.database)
         self.ledger = LedgerWriter(self.database, on_pending=self.metrics.ledger_pending.set)
         self.meter.ledger = self.ledger
         await self.ledger.start()
-        await self._start_shared(self.plan)
+        await self._start_shared(plan)
         await self.keys.start()
         if self.mcp is not None:
             await self.mcp.start()
-        for adapter in self.adapters.values():
+        for adapter in plan.adapters.values():
             await adapter.start()
-        await self.rollouts.start(self.database)
+        await plan.rollouts.start(self.database)
         await config_versions.record(self.database, self.text, self.source, "started")
         self._export_static_metrics(None)
         self._follower = asyncio.create_task(self._follow_config(), name="config-follower")
@@ -213,7 +212,10 @@ class Runtime:
             loaded = read_config(self.source)
         except ConfigError as error:
             log.error(
-                "config reload (%s) refused, keeping version %s:\n%s", trigger, self.version, error
+                "config reload (%s) refused, keeping version %s:\n%s",
+                trigger,
+                self.plan.version,
+                error,
             )
             raise
         async with self._switching:  # the follower must not apply the previous version
@@ -231,7 +233,7 @@ class Runtime:
                 assert self.database is not None
                 async with self._switching:
                     newest = await config_versions.latest(self.database)
-                    if newest is None or newest.hash in (self.version, refused):
+                    if newest is None or newest.hash in (self.plan.version, refused):
                         continue
                     config = parse_config(newest.body, newest.source)
                     await self.apply(config, newest.body, newest.source)
@@ -240,7 +242,7 @@ class Runtime:
                 log.error(
                     "config version %s cannot be applied here, keeping %s:\n%s",
                     refused,
-                    self.version,
+                    self.plan.version,
                     error,
                 )
             except Exception:
@@ -249,7 +251,7 @@ class Runtime:
     async def apply(self, config: GatewayConfig, text: str, source: str) -> bool:
         """Switch to `config` without dropping requests; False when it is already running."""
         version = config_versions.text_hash(text)
-        if version == self.version:
+        if version == self.plan.version:
             return False
         assert self.database is not None and self.ledger is not None
         old = self.plan
@@ -263,39 +265,30 @@ class Runtime:
             await self._start_shared(plan)
         await old.rollouts.close()
         await plan.rollouts.start(self.database)
-        self._install(plan)
+        self.plan = plan
         if self.mcp is not None and config.mcp is not None:
             await self.mcp.apply(config.mcp)
         self.text, self.source = text, source
         self._export_static_metrics(old)
         retiring = [a for n, a in old.adapters.items() if plan.adapters.get(n) is not a]
-        task = asyncio.create_task(
-            self._retire(old, retiring, old.shared if old.shared is not plan.shared else None)
-        )
-        self._retired.add(task)
-        task.add_done_callback(self._retired.discard)
+        shared = old.shared if old.shared is not plan.shared else None
+        old.when_idle(lambda: self._retire(retiring, shared))
         log.info("config %s applied (was %s) from %s", version, old.version, source)
         return True
 
-    async def _retire(
-        self,
-        old: Plan,
-        adapters: list[Adapter],
-        shared: SharedState | None = None,
-        limit: float = 600,
-    ) -> None:
-        """Close the old plan's replaced adapters (and Redis link) once no request uses
-        them any more."""
-        waited = 0.0
-        while waited < limit and any(
-            d.in_flight for d in old.router.deployments.values() if d.adapter in adapters
-        ):
-            await asyncio.sleep(0.5)
-            waited += 0.5
-        for adapter in adapters:
-            await adapter.close()
-        if shared is not None:
-            await shared.close()
+    def _retire(self, adapters: list[Adapter], shared: SharedState | None) -> None:
+        """Close a replaced plan's own adapters (and Redis link): its last request left."""
+
+        async def close() -> None:
+            for adapter in adapters:
+                await adapter.close()
+            if shared is not None:
+                await shared.close()
+
+        if adapters or shared is not None:
+            task = asyncio.get_running_loop().create_task(close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
 
     async def _start_shared(self, plan: Plan) -> None:
         """Connect to Redis and seed the budgets' shared counters from the ledger; the
@@ -311,7 +304,7 @@ class Runtime:
 
         async def resync() -> None:  # on the plan in force (or being installed)
             assert shared is not None
-            book = self.budgets if self.plan.shared is shared else plan.budgets
+            book = self.plan.budgets if self.plan.shared is shared else plan.budgets
             await shared.counters.resync(book, ledger.flush)
 
         shared.counters.spend_of = spend_of
@@ -321,8 +314,8 @@ class Runtime:
     def _export_static_metrics(self, old: Plan | None) -> None:
         if old is not None:
             self.metrics.build_info.remove(__version__, old.version)
-        self.metrics.build_info.labels(__version__, self.version).set(1)
-        for name, deployment in self.router.deployments.items():
+        self.metrics.build_info.labels(__version__, self.plan.version).set(1)
+        for name, deployment in self.plan.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
                 self.metrics.model_price.labels(name, kind).set(value)
 
@@ -333,11 +326,12 @@ class Runtime:
         for task in [*self._retired, *([self._follower] if self._follower else [])]:
             task.cancel()
         await self.keys.close()
-        await self.rollouts.close()
-        if self.shared is not None:
-            await self.shared.close()
-        await self.budgets.close()
-        for adapter in self.adapters.values():
+        plan = self.plan
+        await plan.rollouts.close()
+        if plan.shared is not None:
+            await plan.shared.close()
+        await plan.budgets.close()
+        for adapter in plan.adapters.values():
             await adapter.close()
         if self.ledger is not None:
             await self.ledger.close()

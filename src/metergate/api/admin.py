@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from metergate.api.asgi import JSON_HEADERS, Request, Send, base_headers, respond
-from metergate.api.errors import GatewayError
+from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import PREFIX
 from metergate.config import ConfigError
 from metergate.console.security import FailedSignIns, secure_headers
+from metergate.errors import GatewayError, NotFound, RateLimited, Unauthorized
 from metergate.runtime import Runtime
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
@@ -41,18 +41,16 @@ class AdminGuard:
         self.failures = failures or FailedSignIns()
 
     def authorize(self, request: Request) -> None:
-        secret = self.runtime.config.admin.api_key
+        secret = self.runtime.plan.config.admin.api_key
         if secret is None:
-            raise GatewayError(
-                404, "the admin API is off: set admin.api_key in the config", code="admin_disabled"
+            raise NotFound(
+                "the admin API is off: set admin.api_key in the config", code="admin_disabled"
             )
         raw = request.headers.get(b"authorization", b"").decode("latin-1")
         presented = raw[7:].strip() if raw.lower().startswith("bearer ") else ""
         if not presented:
-            raise GatewayError(
-                401,
+            raise Unauthorized(
                 "missing admin key: send `Authorization: Bearer ADMIN_KEY`",
-                outcome="unauthorized",
                 code="missing_admin_key",
                 headers=[_CHALLENGE],
             )
@@ -60,29 +58,25 @@ class AdminGuard:
         wait = self.failures.retry_after(address)
         if wait > 0:
             seconds = max(1, int(wait + 0.999))
-            raise GatewayError(
-                429,
+            raise RateLimited(
                 f"too many wrong admin keys from {address}; try again in {seconds}s",
-                outcome="rate_limited",
                 code="too_many_sign_in_failures",
                 headers=[(b"retry-after", str(seconds).encode())],
             )
         if presented.startswith(PREFIX):
             self.failures.fail(address)
-            raise GatewayError(
-                403,
+            raise Unauthorized(
                 "this is a caller key (mgk_...): caller keys cannot use the admin API "
                 "or the console; sign in with the admin key (admin.api_key in the config)",
-                outcome="unauthorized",
+                status=403,
+                error_type="permission_error",
                 code="caller_key_on_admin_api",
             )
         expected = hashlib.sha256(secret.get_secret_value().encode()).digest()
         if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
             self.failures.fail(address)
-            raise GatewayError(
-                401,
+            raise Unauthorized(
                 "wrong admin key",
-                outcome="unauthorized",
                 code="invalid_admin_key",
                 headers=[_CHALLENGE],
             )
@@ -121,12 +115,13 @@ class AdminHandlers:
         try:
             applied = await self.runtime.reload_from_source("admin API")
         except ConfigError as error:
+            running = self.runtime.plan.version
             await send_json(
                 request,
                 send,
                 {
                     "error": {
-                        "message": f"config refused, still serving version {self.runtime.version}",
+                        "message": f"config refused, still serving version {running}",
                         "type": "invalid_request_error",
                         "code": "invalid_config",
                         "param": None,
@@ -136,4 +131,4 @@ class AdminHandlers:
                 422,
             )
             return
-        await send_json(request, send, {"applied": applied, "version": self.runtime.version})
+        await send_json(request, send, {"applied": applied, "version": self.runtime.plan.version})

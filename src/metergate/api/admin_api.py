@@ -18,8 +18,7 @@ import orjson
 
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, send_json
-from metergate.api.asgi import Request, Send, base_headers, respond
-from metergate.api.errors import GatewayError, bad_request
+from metergate.asgi import Request, Send, base_headers, respond
 from metergate.console import keys as console_keys
 from metergate.console import requests_log
 from metergate.console.mcp import McpView
@@ -30,6 +29,7 @@ from metergate.console.security import PAGE_CSP, secure_headers
 from metergate.console.static_files import load_assets
 from metergate.console.upstreams import upstreams
 from metergate.console.windows import parse_window
+from metergate.errors import GatewayLimit, InvalidRequest, NotFound
 from metergate.rollout import store, transitions
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
@@ -115,13 +115,14 @@ class AdminApi:
                 return
             allowed.append(method)
         if allowed or path in known_paths:
-            raise GatewayError(
-                405,
+            raise InvalidRequest(
                 f"method {request.scope['method']} is not allowed on {path}",
+                status=405,
+                code="method_not_allowed",
                 headers=[(b"allow", ", ".join(allowed).encode())] if allowed else [],
             )
-        raise GatewayError(
-            404, f"no such admin endpoint: {path}; see /admin/openapi.json", code="unknown_endpoint"
+        raise NotFound(
+            f"no such admin endpoint: {path}; see /admin/openapi.json", code="unknown_endpoint"
         )
 
     async def _database(self, fresh: bool = False) -> Database:
@@ -129,7 +130,7 @@ class AdminApi:
         the console shows the requests that just finished."""
         database = self.runtime.database
         if database is None:
-            raise GatewayError(503, "the gateway is starting; try again", code="not_ready")
+            raise GatewayLimit("the gateway is starting; try again", code="not_ready")
         ledger = self.runtime.ledger
         if fresh and ledger is not None:
             with contextlib.suppress(Exception):  # the writer keeps and retries its rows
@@ -172,10 +173,10 @@ class AdminApi:
             send,
             {
                 "gateway_version": __version__,
-                "config_version": runtime.version,
-                "models": list(runtime.config.models),
-                "upstreams": list(runtime.config.upstreams),
-                "rollouts": list(runtime.config.rollouts),
+                "config_version": runtime.plan.version,
+                "models": list(runtime.plan.config.models),
+                "upstreams": list(runtime.plan.config.upstreams),
+                "rollouts": list(runtime.plan.config.rollouts),
             },
         )
 
@@ -204,7 +205,7 @@ class AdminApi:
         filters = requests_log.parse_filters(_query(request), 100, requests_log.PAGE_MAX)
         database = await self._database(fresh=True)
         rows = await requests_log.latest(database, filters)
-        choices = await requests_log.filter_choices(database, list(self.runtime.config.models))
+        choices = await requests_log.filter_choices(database, list(self.runtime.plan.config.models))
         next_before = rows[-1]["id"] if len(rows) == filters.limit else None
         await send_json(
             request, send, {"requests": rows, "next_before": next_before, "filters": choices}
@@ -248,9 +249,9 @@ class AdminApi:
         try:
             secret, record = await create_key(database, name, models, cap)
         except KeyNameTaken:
-            raise GatewayError(
-                409,
+            raise InvalidRequest(
                 f"an active key named {name!r} exists; revoke it first or pick another name",
+                status=409,
                 code="key_name_taken",
                 param="name",
             ) from None
@@ -265,7 +266,7 @@ class AdminApi:
         body = await request.json(BODY_LIMIT)
         unknown = set(body) - {"models", "max_tokens_cap"}
         if unknown or not body:
-            raise bad_request(
+            raise InvalidRequest(
                 "send `models` and/or `max_tokens_cap`", param=", ".join(sorted(unknown)) or None
             )
         database = await self._database()
@@ -312,16 +313,15 @@ class AdminApi:
 
     async def rollout_action(self, request: Request, send: Send, name: str, action: str) -> None:
         self.guard.authorize(request)
-        rollout = self.runtime.rollouts.rollouts.get(name)
+        rollout = self.runtime.plan.rollouts.rollouts.get(name)
         if rollout is None:
-            configured = ", ".join(self.runtime.rollouts.rollouts) or "none"
-            raise GatewayError(
-                404, f"no rollout {name!r}; configured: {configured}", code="rollout_not_found"
+            configured = ", ".join(self.runtime.plan.rollouts.rollouts) or "none"
+            raise NotFound(
+                f"no rollout {name!r}; configured: {configured}", code="rollout_not_found"
             )
         change = ACTIONS.get(action)
         if change is None:
-            raise GatewayError(
-                404,
+            raise NotFound(
                 f"no rollout action {action!r}; one of: {', '.join(ACTIONS)}",
                 code="unknown_action",
             )
@@ -330,7 +330,7 @@ class AdminApi:
         try:
             await change(database, rollout, "admin API")
         except transitions.TransitionRefused as refused:
-            raise GatewayError(409, str(refused), code="transition_refused") from None
+            raise InvalidRequest(str(refused), status=409, code="transition_refused") from None
         result = await rollouts(self.runtime, database)
         current = next(r for r in result["rollouts"] if r["name"] == name)
         await send_json(request, send, {"rollout": current})

@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 
 from metergate.api.admin import AdminHandlers
 from metergate.api.admin_api import AdminApi
-from metergate.api.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.api.chat import CompletionsHandler
-from metergate.api.errors import GatewayError
 from metergate.api.info import InfoHandlers
+from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.config.model import GatewayConfig
+from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound
 from metergate.runtime import Runtime
 
 log = logging.getLogger("metergate")
@@ -70,6 +70,13 @@ class GatewayApp:
             except GatewayError as error:
                 headers = base_headers(request) + JSON_HEADERS + error.headers
                 await respond(send, error.status, error.body(), headers)
+            except Exception:
+                log.exception("internal error serving %s %s", scope["method"], scope["path"])
+                error = InternalError(
+                    f"internal gateway error; quote request id {request.id} to the operator"
+                )
+                with contextlib.suppress(Exception):  # unless the answer had started
+                    await respond(send, 500, error.body(), base_headers(request) + JSON_HEADERS)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -82,9 +89,14 @@ class GatewayApp:
                 await self._info.model(request, send, path.removeprefix(prefix))
                 return
         if path in self.paths:
-            raise GatewayError(405, f"method {request.scope['method']} is not allowed on {path}")
-        raise GatewayError(
-            404,
+            allowed = ", ".join(sorted(m for m, p in self.routes if p == path))
+            raise InvalidRequest(
+                f"method {request.scope['method']} is not allowed on {path}; use {allowed}",
+                status=405,
+                code="method_not_allowed",
+                headers=[(b"allow", allowed.encode())],
+            )
+        raise NotFound(
             f"no such endpoint: {path}; the API is under /v1 "
             "(chat/completions, embeddings, models)",
             code="unknown_endpoint",

@@ -1,8 +1,13 @@
 """POST /v1/chat/completions and /v1/embeddings: the gateway's hot path, top to bottom.
 
-request in → authenticate → parse → route → caps → cache → admit (rate limits and
-budget hold) → call upstream → settle → meter → respond. Ledger writes, and with Redis
-the settling, happen off this path (see metering.ledger, shared.counters).
+request in → take the plan → authenticate → parse → route → caps → cache → admit (rate
+limits and budget hold) → call upstream → settle → meter → respond. Ledger writes, and
+with Redis the settling, happen off this path (see metering.ledger, shared.counters).
+
+The plan in force when the request arrives serves it to the end (`runtime.Plan`): a
+reload while the body arrives, during a retry's wait or mid-stream changes nothing for
+it. Every failure ends as one of the error kinds of `metergate.errors`; anything else is
+a gateway bug, answered as a 500 `gateway_error` that quotes the request id.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from metergate.api.asgi import (
+from metergate.asgi import (
     JSON_HEADERS,
     SSE_HEADERS,
     Receive,
@@ -20,15 +25,15 @@ from metergate.api.asgi import (
     Send,
     base_headers,
 )
-from metergate.api.errors import GatewayError, bad_request, error_body, from_failure
 from metergate.cache import CachedResponse
+from metergate.errors import GatewayError, InternalError, InvalidRequest
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
-from metergate.providers.base import StreamState, UpstreamFailure
+from metergate.providers.base import StreamState
 from metergate.routing.dispatch import Kind
 from metergate.routing.router import Route
-from metergate.runtime import Runtime
+from metergate.runtime import Plan, Runtime
 
 logger = logging.getLogger("metergate.api")
 
@@ -41,37 +46,44 @@ class CompletionsHandler:
         self.kind = kind
 
     async def __call__(self, request: Request, send: Send) -> None:
-        runtime = self.runtime
+        meter = self.runtime.meter
+        plan = self.runtime.plan.enter()
         log = RequestLog(request.id, request.started)
         headers = base_headers(request)
         try:
-            reply = await self._handle(request, send, log, headers)
-        except GatewayError as error:
-            log.outcome, log.status = error.outcome, error.status
-            reply = Reply(error.body(), error.status, headers + JSON_HEADERS + error.headers)
-        except Exception:
-            logger.exception("internal error serving request %s", request.id)
-            log.outcome, log.status = "upstream_error", 500
-            message = f"internal gateway error; quote request id {request.id} to the operator"
-            reply = Reply(error_body(message, "api_error"), 500, headers + JSON_HEADERS)
-        except BaseException:
-            log.outcome, log.status = "cancelled", 499
-            runtime.meter.finish(log)
-            raise
-        # Metered before the last byte goes out, so a caller that sees the answer can
-        # already see it in /metrics and (after one ledger flush) in the ledger.
-        runtime.meter.finish(log)
-        await reply.send(send)
+            try:
+                reply = await self._handle(plan, request, send, log, headers)
+            except GatewayError as error:
+                reply = _error_reply(error, log, headers)
+            except Exception:
+                logger.exception("internal error serving request %s", request.id)
+                reply = _error_reply(_internal(request.id), log, headers)
+            except BaseException:
+                log.outcome, log.status = "cancelled", 499
+                meter.finish(log)
+                raise
+            # Metered before the last byte goes out, so a caller that sees the answer can
+            # already see it in /metrics and (after one ledger flush) in the ledger.
+            meter.finish(log)
+            await reply.send(send)
+        finally:
+            plan.leave()
 
     async def _handle(
-        self, request: Request, send: Send, log: RequestLog, headers: list[tuple[bytes, bytes]]
+        self,
+        plan: Plan,
+        request: Request,
+        send: Send,
+        log: RequestLog,
+        headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         runtime = self.runtime
-        gate = runtime.gate  # admit and settle on one plan, whatever reloads meanwhile
+        gate = plan.gate
         key = await runtime.keys.authenticate(request.headers)
         log.key = key.name
-        body = await request.json(runtime.config.server.max_body_bytes)
-        route = runtime.router.route(body.get("model"), key)
+        server = plan.config.server
+        body = await request.json(server.max_body_bytes, server.max_json_depth)
+        route = plan.router.route(body.get("model"), key)
         log.model = route.name
         if route.rollout is not None:
             log.affinity = _affinity(route.rollout.config.sticky, key.name, request.headers)
@@ -82,8 +94,8 @@ class CompletionsHandler:
         if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         cache_key = None
-        if runtime.cache is not None and route.config.cache and not streaming:
-            cache_key, hit = await self._cache_lookup(request, body, key.name, route.name)
+        if plan.cache is not None and route.config.cache and not streaming:
+            cache_key, hit = await self._cache_lookup(plan, request, body, key.name, route.name)
             if hit is not None:
                 return _from_cache(hit, log, headers)
         worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
@@ -94,11 +106,11 @@ class CompletionsHandler:
         try:
             if streaming:
                 log.stream = True
-                return await self._stream(request, send, body, route, log, headers)
-            reply = await self._unary(body, route, log, headers)
+                return await self._stream(plan, request, send, body, route, log, headers)
+            reply = await self._unary(plan, body, route, log, headers)
             if cache_key is not None:
-                assert runtime.cache is not None and log.usage is not None
-                await runtime.cache.store(
+                assert plan.cache is not None and log.usage is not None
+                await plan.cache.store(
                     cache_key, reply.body, log.usage, log.upstream, log.cost_nano
                 )
             return reply
@@ -107,10 +119,10 @@ class CompletionsHandler:
             gate.settle(admission, log.cost_nano, log.usage)
 
     async def _cache_lookup(
-        self, request: Request, body: dict[str, Any], key: str, model: str
+        self, plan: Plan, request: Request, body: dict[str, Any], key: str, model: str
     ) -> tuple[bytes | None, CachedResponse | None]:
         """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
-        cache = self.runtime.cache
+        cache = plan.cache
         assert cache is not None
         control = request.headers.get(b"cache-control", b"")
         if b"no-store" in control:
@@ -124,17 +136,13 @@ class CompletionsHandler:
 
     async def _unary(
         self,
+        plan: Plan,
         body: dict[str, Any],
         route: Route,
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
     ) -> Reply:
-        try:
-            deployment, completion = await self.runtime.dispatcher.complete(
-                route, body, log, self.kind
-            )
-        except UpstreamFailure as failure:
-            raise from_failure(failure) from None
+        deployment, completion = await plan.dispatcher.complete(route, body, log, self.kind)
         log.usage = completion.usage
         log.cost_nano = deployment.prices.cost_nano(completion.usage)
         headers += (
@@ -147,6 +155,7 @@ class CompletionsHandler:
 
     async def _stream(
         self,
+        plan: Plan,
         request: Request,
         send: Send,
         body: dict[str, Any],
@@ -157,13 +166,10 @@ class CompletionsHandler:
         """Relay the stream; return its last message, sent once the request is metered."""
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
-        dispatcher = self.runtime.dispatcher  # the stream ends on the plan it started on
-        try:
-            deployment, chunks, first = await dispatcher.open_stream(
-                route, body, include_usage, state, log
-            )
-        except UpstreamFailure as failure:
-            raise from_failure(failure) from None
+        dispatcher = plan.dispatcher
+        deployment, chunks, first = await dispatcher.open_stream(
+            route, body, include_usage, state, log
+        )
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
             (b"x-metergate-attempts", b"%d" % log.attempts),
@@ -174,7 +180,7 @@ class CompletionsHandler:
         assert relay is not None
         watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
         events = first.count(b"data:")
-        attempt_outcome = "success"
+        error: BaseException | None = None
         last = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -186,27 +192,39 @@ class CompletionsHandler:
                 events += chunk.count(b"data:")
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter()
-        except asyncio.CancelledError:
-            attempt_outcome = "cancelled"
+        except asyncio.CancelledError as cancelled:
+            error = cancelled
             if not gone.is_set():
                 raise
             relay.uncancel()
             log.outcome, log.status = "cancelled", 499
-        except UpstreamFailure as failure:
-            attempt_outcome = log.outcome = failure.outcome
-            log.status = failure.status
-            last = b"data: " + from_failure(failure).body() + b"\n\n"
-        except BaseException:
-            attempt_outcome = "upstream_error"
+        except Exception as exc:
+            # After the first byte the status is sent: the stream ends with an error event.
+            if not isinstance(exc, GatewayError):
+                logger.exception("internal error relaying stream %s", request.id)
+            error = exc if isinstance(exc, GatewayError) else _internal(request.id)
+            log.outcome, log.status = error.outcome, error.status
+            last = b"data: " + error.body() + b"\n\n"
+        except BaseException as exc:
+            error = exc
             raise
         finally:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
-            dispatcher.stream_finished(deployment, attempt_outcome, log)
+            dispatcher.stream_finished(deployment, error, log)
         usage = state.usage or estimate.abandoned_stream(body, events)
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
+
+
+def _internal(request_id: str) -> InternalError:
+    return InternalError(f"internal gateway error; quote request id {request_id} to the operator")
+
+
+def _error_reply(error: GatewayError, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
+    log.outcome, log.status = error.outcome, error.status
+    return Reply(error.body(), error.status, headers + JSON_HEADERS + error.headers)
 
 
 def _from_cache(hit: CachedResponse, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
@@ -269,18 +287,18 @@ def _check_chat(body: dict[str, Any]) -> bool:
     """Validate what the gateway itself relies on; return whether the call streams."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("`messages` must be a non-empty array", param="messages")
+        raise InvalidRequest("`messages` must be a non-empty array", param="messages")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise bad_request("`stream` must be true or false", param="stream")
+        raise InvalidRequest("`stream` must be true or false", param="stream")
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = body.get(name)
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise bad_request(f"`{name}` must be a positive integer", param=name)
+            raise InvalidRequest(f"`{name}` must be a positive integer", param=name)
     return bool(stream)
 
 
 def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
-        raise bad_request("`input` is required", param="input")
+        raise InvalidRequest("`input` is required", param="input")
     return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from metergate.api.asgi import JSON_HEADERS, Request, Send, base_headers, respond
+from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.runtime import Runtime
 
 
@@ -14,13 +14,13 @@ class InfoHandlers:
 
     async def models(self, request: Request, send: Send) -> None:
         key = await self.runtime.keys.authenticate(request.headers)
-        data = [_model(name, self.runtime) for name in self.runtime.router.models_for(key)]
+        data = [_model(name, self.runtime) for name in self.runtime.plan.router.models_for(key)]
         body = orjson.dumps({"object": "list", "data": data})
         await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
 
     async def model(self, request: Request, send: Send, name: str) -> None:
         key = await self.runtime.keys.authenticate(request.headers)
-        self.runtime.router.route(name, key)  # 404 with the allowed list when not allowed
+        self.runtime.plan.router.route(name, key)  # 404 with the allowed list when not allowed
         body = orjson.dumps(_model(name, self.runtime))
         await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
 
@@ -42,7 +42,7 @@ class InfoHandlers:
             {
                 "status": "not ready" if problems else "ready",
                 "problems": problems,
-                "config_version": runtime.version,
+                "config_version": runtime.plan.version,
                 "ledger_pending_rows": runtime.ledger.pending if runtime.ledger else 0,
             }
         )
@@ -55,7 +55,7 @@ class InfoHandlers:
 
 
 def _model(name: str, runtime: Runtime) -> dict[str, object]:
-    route = runtime.router.routes[name]
+    route = runtime.plan.router.routes[name]
     return {
         "id": name,
         "object": "model",

@@ -12,8 +12,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from metergate.api.errors import unauthorized
 from metergate.auth.keys import PREFIX, KeyRecord, hash_key, well_formed
+from metergate.errors import Unauthorized
 
 log = logging.getLogger("metergate.auth")
 
@@ -59,16 +59,16 @@ class KeyIndex:
             await self.reload()
             record = self._by_hash.get(digest)
         if record is None:
-            raise unauthorized(
+            raise Unauthorized(
                 "unknown API key: no gateway key matches; create one with "
                 "`metergate keys create --name SERVICE`",
-                "invalid_api_key",
+                code="invalid_api_key",
             )
         if record.revoked_at is not None:
-            raise unauthorized(
+            raise Unauthorized(
                 f"API key {record.name!r} (…{record.hint}) was revoked; "
                 "ask the operator for a new key",
-                "revoked_api_key",
+                code="revoked_api_key",
             )
         return record
 
@@ -81,22 +81,22 @@ def _presented_key(headers: dict[bytes, bytes]) -> str:
     if raw is not None:
         scheme, _, value = raw.decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized(
+            raise Unauthorized(
                 "malformed Authorization header: expected `Authorization: Bearer mgk_...`",
-                "malformed_api_key",
+                code="malformed_api_key",
             )
         secret = value.strip()
     elif (api_key := headers.get(b"x-api-key")) is not None:
         secret = api_key.decode("latin-1").strip()
     else:
-        raise unauthorized(
+        raise Unauthorized(
             "no API key: send your gateway key as `Authorization: Bearer mgk_...`",
-            "missing_api_key",
+            code="missing_api_key",
         )
     if not well_formed(secret):
-        raise unauthorized(
+        raise Unauthorized(
             f"malformed API key: gateway keys start with {PREFIX} followed by 43 "
             "characters; this is not a metergate key (a provider key will not work here)",
-            "malformed_api_key",
+            code="malformed_api_key",
         )
     return secret

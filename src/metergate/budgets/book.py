@@ -18,9 +18,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from metergate.api.errors import GatewayError
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import BudgetConfig
+from metergate.errors import BudgetExceeded
 from metergate.metering.metrics import Metrics
 from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
@@ -218,7 +218,7 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
     return int(spent)
 
 
-def exhausted(budget: Budget, worst_nano: int, spent_nano: int, held_nano: int) -> GatewayError:
+def exhausted(budget: Budget, worst_nano: int, spent_nano: int, held_nano: int) -> BudgetExceeded:
     """The 429 for a hard budget that `worst_nano` more would pass (same text whether the
     numbers are this process's or the fleet's)."""
     spent, limit = spent_nano / 1e9, budget.limit_nano / 1e9
@@ -229,11 +229,4 @@ def exhausted(budget: Budget, worst_nano: int, spent_nano: int, held_nano: int) 
         f"cost up to ${worst_nano / 1e9:.6f}; it resets at {iso(budget.end)}"
     )
     retry_after = max(1, int(budget.end - time.time()))
-    return GatewayError(
-        429,
-        message,
-        outcome="budget_exceeded",
-        code="budget_exceeded",
-        error_type="budget_exceeded",
-        headers=[(b"retry-after", str(retry_after).encode())],
-    )
+    return BudgetExceeded(message, retry_after=retry_after)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from decimal import Decimal
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -49,12 +50,14 @@ class SimulatedSettings(Strict):
 
 
 class Timeouts(Strict):
-    """Seconds. `total` bounds a whole attempt; `stream_idle` the gap between chunks."""
+    """Seconds. `total` bounds a whole attempt; `stream_idle` the gap between chunks;
+    `pool` the wait for a free connection when all `max_connections` are busy."""
 
     connect: float = Field(default=5, gt=0)
     first_byte: float = Field(default=60, gt=0)
     total: float = Field(default=600, gt=0)
     stream_idle: float = Field(default=60, gt=0)
+    pool: float = Field(default=10, gt=0)
 
 
 class ProviderConfig(Strict):
@@ -63,6 +66,13 @@ class ProviderConfig(Strict):
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     max_connections: int = Field(default=256, ge=1)
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="largest answer body accepted"
+    )
+    proxy: str | None = Field(
+        default=None,
+        description="http://[user:pass@]host:port, or `direct`; default: HTTPS_PROXY etc.",
+    )
     price_list: str = "official"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
@@ -73,6 +83,19 @@ class ProviderConfig(Strict):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        if value is None or value == "direct":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                "must be `direct` or an http:// proxy URL (http://[user:pass@]host:port); "
+                "TLS to the upstream is tunnelled through it with CONNECT"
+            )
+        return value
 
 
 class CircuitConfig(Strict):
@@ -146,6 +169,12 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=4000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(
+        default=100,
+        ge=8,
+        le=200,  # orjson encodes 254 levels; adapters wrap a few around the caller's JSON
+        description="deepest nesting of objects and arrays a request body may have",
+    )
 
 
 class LedgerConfig(Strict):

@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from metergate.api.errors import GatewayError, bad_request
 from metergate.auth.keys import KeyRecord
 from metergate.console.overview import budget_json
+from metergate.errors import InvalidRequest, NotFound
 from metergate.metering.report import usage_summary
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
@@ -80,7 +80,7 @@ async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:
 
 def check_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME.match(value):
-        raise bad_request(
+        raise InvalidRequest(
             "`name` must be 1-64 characters: letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (it becomes a metric label)",
             param="name",
@@ -93,12 +93,12 @@ def check_models(runtime: Runtime, value: Any) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-        raise bad_request("`models` must be a list of model names or null", param="models")
-    unknown = [m for m in value if m not in runtime.config.models]
+        raise InvalidRequest("`models` must be a list of model names or null", param="models")
+    configured = runtime.plan.config.models
+    unknown = [m for m in value if m not in configured]
     if unknown:
-        raise bad_request(
-            f"unknown model(s): {', '.join(unknown)}; configured: "
-            f"{', '.join(runtime.config.models)}",
+        raise InvalidRequest(
+            f"unknown model(s): {', '.join(unknown)}; configured: {', '.join(configured)}",
             param="models",
         )
     return list(dict.fromkeys(value)) or None
@@ -108,14 +108,14 @@ def check_cap(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_request(
+        raise InvalidRequest(
             "`max_tokens_cap` must be a positive integer or null", param="max_tokens_cap"
         )
     return value
 
 
-def not_found(key_id: str) -> GatewayError:
-    return GatewayError(404, f"no active key with id {key_id!r}", code="key_not_found")
+def not_found(key_id: str) -> NotFound:
+    return NotFound(f"no active key with id {key_id!r}", code="key_not_found")
 
 
 async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:
@@ -129,7 +129,7 @@ async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any
     month = {g.name: g for g in (await usage_summary(database, "key", month_start, now))[:-1]}
     day = {g.name: g for g in (await usage_summary(database, "key", midnight, now))[:-1]}
     key_budgets: dict[str, list[dict[str, Any]]] = {}
-    for budget in runtime.budgets.budgets:
+    for budget in runtime.plan.budgets.budgets:
         if budget.config.scope == "key" and budget.config.target:
             key_budgets.setdefault(budget.config.target, []).append(
                 await budget_json(database, budget, now)
@@ -147,4 +147,4 @@ async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any
                 "budgets": key_budgets.get(record.name, []),
             }
         )
-    return {"keys": rows, "models": list(runtime.config.models)}
+    return {"keys": rows, "models": list(runtime.plan.config.models)}

@@ -89,7 +89,7 @@ async def budget_json(database: Database, budget: Budget, now: float) -> dict[st
 
 
 async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict[str, Any]]:
-    return [await budget_json(database, b, now) for b in runtime.budgets.budgets]
+    return [await budget_json(database, b, now) for b in runtime.plan.budgets.budgets]
 
 
 async def overview(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from metergate.api.errors import bad_request
+from metergate.errors import InvalidRequest
 from metergate.metering.metrics import OUTCOMES
 from metergate.storage.database import Database
 
@@ -63,16 +63,16 @@ def _int(query: dict[str, list[str]], name: str, low: int, high: int) -> int | N
     try:
         value = int(raw)
     except ValueError:
-        raise bad_request(f"`{name}` must be an integer", param=name) from None
+        raise InvalidRequest(f"`{name}` must be an integer", param=name) from None
     if not low <= value <= high:
-        raise bad_request(f"`{name}` must be between {low} and {high}", param=name)
+        raise InvalidRequest(f"`{name}` must be between {low} and {high}", param=name)
     return value
 
 
 def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filters:
     outcome = query_value(query, "outcome")
     if outcome is not None and outcome not in OUTCOMES:
-        raise bad_request(
+        raise InvalidRequest(
             f"unknown outcome {outcome!r}; one of: {', '.join(OUTCOMES)}", param="outcome"
         )
     return Filters(

@@ -83,7 +83,7 @@ async def rollouts(runtime: Runtime, database: Database) -> dict[str, Any]:
     """Every configured rollout, refreshed from the database (another process or the CLI
     may have moved it since this process's controller last looked)."""
     rows = []
-    for name, rollout in runtime.rollouts.rollouts.items():
+    for name, rollout in runtime.plan.rollouts.rollouts.items():
         await store.load(database, rollout)
         rows.append(rollout_json(rollout, await store.events(database, name, 30)))
     return {"now": time.time(), "rollouts": rows}

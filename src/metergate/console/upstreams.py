@@ -19,7 +19,7 @@ from metergate.console.samples import samples
 from metergate.console.windows import Window
 from metergate.metering.report import usage_summary
 from metergate.routing.circuit import STATE_NAMES
-from metergate.runtime import Runtime
+from metergate.runtime import Plan, Runtime
 from metergate.storage.database import Database
 
 _OUTCOMES_SQL = """SELECT upstream, model, outcome, COUNT(*),
@@ -27,10 +27,10 @@ _OUTCOMES_SQL = """SELECT upstream, model, outcome, COUNT(*),
 FROM requests WHERE ts >= ? AND ts < ? GROUP BY upstream, model, outcome"""
 
 
-def _own_deployments(runtime: Runtime) -> dict[str, set[str]]:
+def _own_deployments(plan: Plan) -> dict[str, set[str]]:
     """For each model, the upstreams that serve it without a fallback."""
     own: dict[str, set[str]] = {}
-    for name, route in runtime.router.routes.items():
+    for name, route in plan.router.routes.items():
         own[name] = {d.name for d in (*route.deployments, *route.baseline, *route.candidate)}
     return own
 
@@ -50,13 +50,14 @@ def _process_counters(runtime: Runtime) -> tuple[dict[str, dict[str, float]], di
 
 
 async def upstreams(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:
+    plan = runtime.plan  # one config throughout, whatever reloads during the queries
     now = time.time()
     start = now - window.seconds
     summary = {g.name: g for g in (await usage_summary(database, "upstream", start, now))[:-1]}
     outcomes: dict[str, dict[str, int]] = defaultdict(dict)
     retries: dict[str, int] = defaultdict(int)
     fallback_served: dict[str, int] = defaultdict(int)
-    own = _own_deployments(runtime)
+    own = _own_deployments(plan)
     for upstream, model, outcome, count, extra in await database.fetch(_OUTCOMES_SQL, (start, now)):
         outcomes[upstream][outcome] = outcomes[upstream].get(outcome, 0) + int(count)
         if model in own and upstream not in own[model]:
@@ -69,15 +70,15 @@ async def upstreams(runtime: Runtime, database: Database, window: Window) -> dic
         for name in sorted(names):
             models_of[name].append(model)
     rows = []
-    for name, deployment in runtime.router.deployments.items():
-        config = runtime.config.upstreams[name]
+    for name, deployment in plan.router.deployments.items():
+        config = plan.config.upstreams[name]
         breaker = deployment.breaker
         group = summary.get(name)
         rows.append(
             {
                 "name": name,
                 "provider": config.provider,
-                "provider_type": runtime.config.providers[config.provider].type,
+                "provider_type": plan.config.providers[config.provider].type,
                 "model": deployment.model,
                 "weight": deployment.weight,
                 "serves": models_of.get(name, []),

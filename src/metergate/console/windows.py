@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metergate.api.errors import bad_request
+from metergate.errors import InvalidRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ WINDOWS = {
 def parse_window(value: str | None, default: str = "24h") -> Window:
     found = WINDOWS.get(value or default)
     if found is None:
-        raise bad_request(
+        raise InvalidRequest(
             f"unknown window {value!r}; use one of {', '.join(WINDOWS)}", param="window"
         )
     return found

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from metergate.api.errors import GatewayError
 from metergate.budgets.book import Budget, BudgetBook, Reservation
+from metergate.errors import GatewayLimit
 from metergate.limits.rate import Bucket, RateLimiter, ratelimit_headers
 from metergate.providers.base import Usage
 from metergate.shared.errors import Unavailable
@@ -92,16 +92,14 @@ class Gate:
             self.shared.settle(self.budgets, admission, cost_nano, tokens)
 
 
-def unavailable(where: str) -> GatewayError:
-    return GatewayError(
-        503,
+def unavailable(where: str) -> GatewayLimit:
+    """The gateway's own dependency failed: an error, but never the upstream's."""
+    return GatewayLimit(
         f"shared state unavailable: Redis at {where} is unreachable, and this gateway "
         "refuses requests under budgets or rate limits until it is back "
         "(redis.on_failure: closed); retry shortly",
-        outcome="upstream_error",  # the gateway's own dependency failed: an error, not a limit
         code="shared_state_unavailable",
-        error_type="api_error",
-        headers=[(b"retry-after", b"1")],
+        retry_after=1,
     )
 
 

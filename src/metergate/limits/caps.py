@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from metergate.api.errors import bad_request
 from metergate.auth.keys import KeyRecord
 from metergate.config.model import ModelConfig
+from metergate.errors import InvalidRequest
 
 _FIELDS = ("max_completion_tokens", "max_tokens")
 
@@ -29,7 +29,7 @@ def apply_max_tokens_cap(body: dict[str, Any], model: ModelConfig, key: KeyRecor
     if asked is not None and asked <= cap:
         return
     if asked is not None and model.over_cap == "reject":
-        raise bad_request(
+        raise InvalidRequest(
             f"max_tokens {asked} is above this key's and model's cap of {cap}; "
             f"ask for at most {cap}",
             code="max_tokens_over_cap",

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from metergate.api.errors import GatewayError
 from metergate.config.model import RateLimit, RateLimitsConfig
+from metergate.errors import RateLimited
 
 MINUTE_US = 60_000_000
 Kind = Literal["requests", "tokens"]
@@ -167,7 +167,7 @@ def ratelimit_headers(
 
 def rate_limited(
     bucket: Bucket, verdict: Verdict, headers: list[tuple[bytes, bytes]]
-) -> GatewayError:
+) -> RateLimited:
     """429 in OpenAI's shape, naming the limit, with Retry-After (and -ms)."""
     wait = openai_duration(verdict.retry_us)
     if bucket.kind == "requests":
@@ -180,12 +180,9 @@ def rate_limited(
         )
     message = f"Rate limit reached for {bucket.describe()} on {detail}. Please try again in {wait}."
     retry_ms = max(1, math.ceil(verdict.retry_us / 1000))
-    return GatewayError(
-        429,
+    return RateLimited(
         message,
-        outcome="rate_limited",
         code="rate_limit_exceeded",
-        error_type="rate_limit_error",
         headers=[
             (b"retry-after", b"%d" % math.ceil(retry_ms / 1000)),
             (b"retry-after-ms", b"%d" % retry_ms),

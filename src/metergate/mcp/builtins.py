@@ -135,7 +135,7 @@ class Builtins:
         return _result(data, text=text)
 
     def list_models(self, key: KeyRecord) -> CallToolResult:
-        router = self.runtime.router
+        router = self.runtime.plan.router
         models = [
             {"id": name, "description": router.routes[name].description}
             for name in router.models_for(key)
@@ -166,9 +166,9 @@ class Builtins:
         return _result({"key": key.name, **spend, "budgets": self._budgets(key)})
 
     def _budgets(self, key: KeyRecord) -> list[dict[str, Any]]:
-        models = set(self.runtime.router.models_for(key))
+        models = set(self.runtime.plan.router.models_for(key))
         found = []
-        for budget in self.runtime.budgets.budgets:
+        for budget in self.runtime.plan.budgets.budgets:
             scope, target = budget.config.scope, budget.config.target
             if (scope == "key" and target != key.name) or (
                 scope == "model" and target not in models

@@ -35,9 +35,9 @@ from mcp_types import (
 from prometheus_client import CollectorRegistry
 
 from metergate import __version__
-from metergate.api.asgi import Receive, Request, Scope, Send
-from metergate.api.errors import GatewayError
+from metergate.asgi import Receive, Request, Scope, Send
 from metergate.auth.keys import KeyRecord
+from metergate.errors import GatewayError
 from metergate.mcp.builtins import ASGIApp, Builtins
 from metergate.mcp.config import SEPARATOR, McpConfig
 from metergate.mcp.metrics import INVALID_PARAMS, client_metrics, server_metrics

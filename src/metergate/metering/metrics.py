@@ -42,6 +42,7 @@ OUTCOMES = (
     "timeout",
     "connection_error",
     "cancelled",
+    "gateway_error",
 )
 UNKNOWN_MODEL = "unknown"
 UNKNOWN_KEY = "unknown"

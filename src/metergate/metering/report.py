@@ -24,7 +24,13 @@ from metergate.storage.database import Database
 GroupBy = Literal["model", "key", "upstream"]
 
 # Failures on the gateway's or the provider's side: what an error rate should measure.
-ERROR_OUTCOMES = ("upstream_error", "upstream_rejected", "timeout", "connection_error")
+ERROR_OUTCOMES = (
+    "upstream_error",
+    "upstream_rejected",
+    "timeout",
+    "connection_error",
+    "gateway_error",
+)
 # Requests turned away because of the caller (bad request, key, rate or budget): not
 # failures of the service, so they are counted apart and left out of the error rate.
 REFUSED_OUTCOMES = ("invalid_request", "unauthorized", "rate_limited", "budget_exceeded")

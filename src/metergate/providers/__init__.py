@@ -8,7 +8,6 @@ from metergate.providers.base import (
     Completion,
     StreamState,
     UpstreamCall,
-    UpstreamFailure,
     Usage,
 )
 
@@ -37,7 +36,6 @@ __all__ = [
     "Completion",
     "StreamState",
     "UpstreamCall",
-    "UpstreamFailure",
     "Usage",
     "build_adapter",
 ]

@@ -23,13 +23,14 @@ from contextlib import aclosing
 from typing import Any
 
 from metergate.config.model import ProviderConfig
+from metergate.errors import UpstreamProtocolError, UpstreamServerError
 from metergate.providers.anthropic_translate import (
     finish_reason,
     from_message,
     to_messages_request,
     usage_of,
 )
-from metergate.providers.base import Completion, StreamState, UpstreamCall, UpstreamFailure
+from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import Event
 from metergate.providers.translation import ChunkWriter, load_json, relay
@@ -82,9 +83,7 @@ class _StreamTranslator:
         data = load_json(event.data, "stream event")
         kind = data.get("type") or event.name
         if kind == "error":
-            raise UpstreamFailure(
-                "upstream_error", f"upstream stream error: {error_message(event.data)}"
-            )
+            raise UpstreamServerError(f"upstream stream error: {error_message(event.data)}")
         if kind == "message_start":
             message = data.get("message") or {}
             self.writer = ChunkWriter(
@@ -105,7 +104,7 @@ class _StreamTranslator:
 
     def finish(self) -> bytes:
         if not self.done:
-            raise UpstreamFailure("upstream_error", "the upstream stream ended before message_stop")
+            raise UpstreamProtocolError("the upstream stream ended before message_stop")
         return b""
 
     def _block_start(self, index: int, block: dict[str, Any]) -> bytes:
@@ -158,7 +157,5 @@ class _StreamTranslator:
 
     def _writer(self) -> ChunkWriter:
         if self.writer is None:
-            raise UpstreamFailure(
-                "upstream_error", "the upstream stream began without message_start"
-            )
+            raise UpstreamProtocolError("the upstream stream began without message_start")
         return self.writer

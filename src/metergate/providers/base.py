@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.config.model import ProviderConfig, Timeouts
+from metergate.errors import InvalidRequest
 
 DEFAULT_TIMEOUTS = Timeouts()
 
@@ -72,32 +73,6 @@ class StreamState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class UpstreamFailure(Exception):
-    """A failed attempt, already classified into the metric contract's `outcome` values."""
-
-    def __init__(
-        self,
-        outcome: str,
-        message: str,
-        *,
-        status: int = 502,
-        upstream_status: int | None = None,
-        retry_after: float | None = None,
-        error_type: str = "upstream_error",
-        partial: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.message = message
-        self.status = status
-        self.upstream_status = upstream_status
-        self.retry_after = retry_after
-        self.error_type = error_type
-        # Part of the answer had arrived: the upstream did (some of) the work, so the
-        # failure is not retried.
-        self.partial = partial
-
-
 class Adapter(abc.ABC):
     """One instance per configured provider; holds its pooled HTTP client."""
 
@@ -121,9 +96,6 @@ class Adapter(abc.ABC):
         """Yield OpenAI SSE bytes (one or more whole `data: ...\\n\\n` events per item)."""
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
-        raise UpstreamFailure(
-            "invalid_request",
-            f"provider {self.name!r} ({self.config.type}) does not serve embeddings",
-            status=400,
-            error_type="invalid_request_error",
+        raise InvalidRequest(
+            f"provider {self.name!r} ({self.config.type}) does not serve embeddings"
         )

@@ -24,11 +24,16 @@ from urllib.parse import quote
 import orjson
 
 from metergate.config.model import ProviderConfig
+from metergate.errors import (
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamRejected,
+    UpstreamServerError,
+)
 from metergate.providers.base import (
     Completion,
     StreamState,
     UpstreamCall,
-    UpstreamFailure,
     Usage,
 )
 from metergate.providers.gemini_translate import (
@@ -133,9 +138,7 @@ class _StreamTranslator:
             return b""
         data = load_json(event.data, "stream event")
         if "error" in data:
-            raise UpstreamFailure(
-                "upstream_error", f"upstream stream error: {error_message(event.data)}"
-            )
+            raise UpstreamServerError(f"upstream stream error: {error_message(event.data)}")
         if self.writer is None:
             response_id = "chatcmpl-" + (data.get("responseId") or new_call_id()[5:])
             self.writer = ChunkWriter(response_id, data.get("modelVersion") or self.call.model)
@@ -170,9 +173,7 @@ class _StreamTranslator:
     def finish(self) -> bytes:
         """Gemini has no end-of-stream event: a finish reason is the only sign of a full answer."""
         if self.writer is None or not self.finished:
-            raise UpstreamFailure(
-                "upstream_error", "the upstream stream ended before any finishReason"
-            )
+            raise UpstreamProtocolError("the upstream stream ended before any finishReason")
         self.state.usage = self.state.usage or Usage()
         self.state.finish_reason = self.finished.get(0) or next(iter(self.finished.values()))
         return self.writer.end(self.state.usage, self.call.include_usage)
@@ -189,8 +190,7 @@ class _GeminiTransport(HttpTransport):
             # Gemini answers a bad API key with 400 INVALID_ARGUMENT; the gateway's config is
             # at fault, not the caller's request, so this must not look like the caller's 400.
             message = self.redact(error_message(body))
-            return UpstreamFailure(
-                "upstream_rejected",
+            return UpstreamRejected(
                 f"upstream refused the gateway's API key: {message}; "
                 "check this provider's api_key in the gateway config",
                 status=502,

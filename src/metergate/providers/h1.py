@@ -1,25 +1,37 @@
 """A small keep-alive HTTP/1.1 client for the hot path: pooled connections to one origin.
 
-Why not aiohttp: measured on this path (bench/stack/results.md), aiohttp's request
+Why not aiohttp or httpx: measured on this path (bench/stack/results.md), their request
 machinery costs ~100 µs of CPU per request more than a protocol that hands bytes to
 httptools (the same C parser uvicorn uses), which is most of the gateway's budget. This
-client does only what the gateway needs: POST a prebuilt request to one origin over
-HTTP/1.1 with or without TLS, pool connections (LIFO, limited, idle ones expire), read a
-whole answer or stream one, decode gzip, and enforce the gateway's timeouts:
+client does only what the gateway needs, and does it the way mature clients do:
 
-- connect: opening the connection (and the TLS handshake);
-- first byte: from sending the request to the first byte of the answer, and also bounds
-  every later gap while reading a non-streamed answer;
-- total: a whole non-streamed answer;
-- stream idle: the gap between chunks once a stream's first chunk has arrived.
+- POST a prebuilt request to one origin over HTTP/1.1, with or without TLS, directly or
+  through an HTTP proxy (CONNECT tunnel for TLS; see `providers.proxy`);
+- pool connections (LIFO, limited; waiting for a free one is bounded by its own `pool`
+  deadline and fails as `PoolTimeout`, the gateway's limit, never the upstream's fault);
+- before reusing an idle connection, check that its socket has not become readable: an
+  idle keep-alive socket that is readable was closed by the server (or a load balancer);
+- when a *reused* connection fails before any byte of the answer arrived, send the
+  request once more on a fresh connection: the server closed an idle connection as the
+  request went out, which is routine and says nothing about the upstream's health;
+- read a whole answer at full speed up to `max_body` bytes; pause reading a stream only
+  while the caller has not taken what arrived (back-pressure);
+- bound what an upstream may send before its body: `MAX_HEADER_BYTES`, `MAX_HEADERS`;
+- decode gzip and deflate;
+- enforce the timeouts: connect (TCP, proxy tunnel and TLS handshake), pool, first byte
+  (also every later gap of a whole answer), total (a whole answer), stream idle (the gap
+  between chunks once a stream's first chunk arrived).
 
 A connection that timed out, failed or was abandoned half way is closed, never reused.
+Errors are this module's own kinds (like httpcore's); `providers.http` maps them to the
+gateway's error kinds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import ssl
 import time
 import zlib
@@ -29,7 +41,11 @@ from urllib.parse import urlsplit
 
 import httptools
 
-MAX_BODY = 64 * 1024 * 1024
+from metergate.providers.proxy import Proxy, ProxyError, open_tunnel
+
+MAX_BODY = 64 * 1024 * 1024  # default bound of one answer's body (decoded)
+MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one answer
+MAX_HEADERS = 128
 _BUFFER_HIGH = 1024 * 1024  # stop reading a stream the caller does not keep up with
 
 
@@ -41,20 +57,28 @@ class H1Error(Exception):
         self.partial = partial
 
 
-class ConnectFailed(H1Error):
-    pass
+class ConnectError(H1Error):
+    """The connection (TCP, proxy tunnel or TLS) could not be opened."""
+
+
+class ConnectTimeout(ConnectError):
+    """Opening the connection took longer than the connect deadline."""
+
+
+class PoolTimeout(H1Error):
+    """Every connection the pool may open is busy, for longer than the pool deadline."""
 
 
 class Disconnected(H1Error):
-    pass
+    """The server closed the connection before the answer was complete."""
 
 
 class ReadTimeout(H1Error):
-    pass
+    """The answer (or its next part) did not arrive in time."""
 
 
 class ProtocolError(H1Error):
-    pass
+    """The answer broke HTTP/1.1, or a limit of this client (headers, body size)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +87,7 @@ class Deadlines:
     first_byte: float
     total: float | None  # None for streams
     idle: float | None  # streams: gap allowed between chunks after the first one
+    pool: float = 10.0  # waiting for a free connection when all are busy
 
 
 @dataclass(slots=True)
@@ -73,26 +98,33 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_body: int) -> None:
         self.loop = loop
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.exchanges = 0  # requests sent on this connection
         self.idle_since = time.monotonic()
-        self._reset()
+        self._reset(streaming=False)
 
-    def _reset(self) -> None:
+    def _reset(self, streaming: bool) -> None:
+        self.streaming = streaming
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
+        self.header_count = 0
+        self.head_bytes = 0
         self.got_bytes = False
         self.headers_done: asyncio.Future[None] = self.loop.create_future()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
+        self.received = 0
         self.readable = asyncio.Event()
         self.keep_alive = False
         self.delimited = False
-        self.decoder: zlib._Decompress | None = None  # type: ignore[name-defined]
+        self.decoder: zlib._Decompress | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.gap = 0.0
         self.error: H1Error | None = None
@@ -100,6 +132,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -109,6 +143,17 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}", partial=True))
+            return
+        if not self.headers_done.done():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEADER_BYTES:
+                self._fail(
+                    ProtocolError(
+                        f"the upstream sent more than {MAX_HEADER_BYTES // 1024} KiB of "
+                        "status line and headers",
+                        partial=True,
+                    )
+                )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -122,6 +167,9 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks ----------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS:
+            raise httptools.HttpParserError(f"more than {MAX_HEADERS} headers")
         key = name.lower()
         self.headers[key] = value
         if key == b"content-length" or (key == b"transfer-encoding" and b"chunked" in value):
@@ -141,10 +189,12 @@ class _Connection(asyncio.Protocol):
             return
         self.chunks.append(body)
         self.buffered += len(body)
+        self.received += len(body)
         self.readable.set()
-        if self.buffered > MAX_BODY:
-            self._fail(ProtocolError("the upstream answer is larger than 64 MiB", True))
-        elif self.buffered > _BUFFER_HIGH and self.transport is not None:
+        if self.received > self.max_body:
+            limit = self.max_body // (1024 * 1024)
+            self._fail(ProtocolError(f"the upstream answer is larger than {limit} MiB", True))
+        elif self.streaming and self.buffered > _BUFFER_HIGH and self.transport is not None:
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
@@ -191,14 +241,28 @@ class _Connection(asyncio.Protocol):
                 ReadTimeout("the upstream did not finish its answer in time", self.got_bytes)
             )
 
+    def looks_dead(self) -> bool:
+        """An idle keep-alive socket has nothing to say: readable means the server closed
+        it (or sent garbage), even if the event loop has not noticed yet."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return True
+        if self.fd < 0:
+            return False
+        try:
+            readable, _, _ = select.select((self.fd,), (), (), 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
     def close(self) -> None:
         self._disarm()
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
 
-    def send(self, request: bytes, first_byte: float) -> None:
-        self._reset()
+    def send(self, request: bytes, first_byte: float, streaming: bool) -> None:
+        self._reset(streaming)
+        self.exchanges += 1
         self.idle_since = 0.0
         assert self.transport is not None
         self.transport.write(request)
@@ -210,7 +274,7 @@ class _Connection(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
         self.readable.clear()
-        if self.transport is not None and not self.closed:
+        if self.streaming and self.transport is not None and not self.closed:
             self.transport.resume_reading()
         return data
 
@@ -265,7 +329,15 @@ class StreamResponse:
 class HttpClient:
     """Pooled HTTP/1.1 connections to one origin (`http://` or `https://` host:port)."""
 
-    def __init__(self, base_url: str, max_connections: int, idle_seconds: float = 15.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        max_connections: int,
+        idle_seconds: float = 15.0,
+        *,
+        max_body: int = MAX_BODY,
+        proxy: Proxy | None = None,
+    ) -> None:
         parts = urlsplit(base_url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
@@ -273,47 +345,70 @@ class HttpClient:
         self.netloc = parts.netloc
         self.base_path = parts.path.rstrip("/")
         self.idle_seconds = idle_seconds
+        self.max_body = max_body
+        self.proxy = proxy
+        # Plain HTTP through a proxy: the request line names the whole URL (absolute form).
+        self._target = f"http://{self.netloc}" if proxy is not None and not self.tls else ""
+        self._proxy_head = proxy.authorization if proxy is not None and not self.tls else b""
         self._ssl = ssl.create_default_context() if self.tls else None
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._max = max_connections
 
-    async def _checkout(self, deadlines: Deadlines) -> _Connection:
+    async def _checkout(self, deadlines: Deadlines, fresh: bool = False) -> _Connection:
+        """A connection to use: the most recently idle one that is still alive, or a new
+        one (`fresh`: always a new one)."""
         if self._slots.locked():  # only then wait, under a deadline (wait_for costs a task)
             try:
-                await asyncio.wait_for(self._slots.acquire(), deadlines.connect)
+                await asyncio.wait_for(self._slots.acquire(), deadlines.pool)
             except TimeoutError:
-                busy = f"all {self._max} connections to {self.netloc} are busy"
-                raise ConnectFailed(busy) from None
+                raise PoolTimeout(
+                    f"all {self._max} connections to {self.netloc} stayed busy for "
+                    f"{deadlines.pool:g}s"
+                ) from None
         else:
             await self._slots.acquire()
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < self.idle_seconds:
-                return conn
-            conn.close()
-        loop = asyncio.get_running_loop()
+        if not fresh:
+            now = time.monotonic()
+            while self._idle:
+                conn = self._idle.pop()
+                if now - conn.idle_since < self.idle_seconds and not conn.looks_dead():
+                    return conn
+                conn.close()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(loop),
-                    self.host,
-                    self.port,
-                    ssl=self._ssl,
-                    server_hostname=self.host if self.tls else None,
-                ),
-                deadlines.connect,
-            )
-        except TimeoutError:
-            self._slots.release()
-            raise ReadTimeout(f"connecting to {self.netloc} timed out") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._slots.release()
-            raise ConnectFailed(f"cannot connect to {self.netloc}: {exc}") from exc
+            return await self._connect(deadlines.connect)
         except BaseException:
             self._slots.release()
             raise
+
+    async def _connect(self, seconds: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop, self.max_body)
+        try:
+            async with asyncio.timeout(seconds):
+                if self.proxy is None:
+                    await loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host if self.tls else None,
+                    )
+                elif self.tls:
+                    sock = await open_tunnel(self.proxy, self.host, self.port)
+                    await loop.create_connection(
+                        lambda: conn, sock=sock, ssl=self._ssl, server_hostname=self.host
+                    )
+                else:
+                    await loop.create_connection(lambda: conn, self.proxy.host, self.proxy.port)
+        except TimeoutError:
+            via = f" through proxy {self.proxy.netloc}" if self.proxy else ""
+            raise ConnectTimeout(
+                f"connecting to {self.netloc}{via} took longer than {seconds:g}s"
+            ) from None
+        except (OSError, ssl.SSLError, ProxyError) as exc:
+            via = f" through proxy {self.proxy.netloc}" if self.proxy else ""
+            raise ConnectError(f"cannot connect to {self.netloc}{via}: {exc}") from exc
         return conn
 
     def _release(self, conn: _Connection, reuse: bool) -> None:
@@ -325,9 +420,10 @@ class HttpClient:
         self._slots.release()
 
     def _request_bytes(self, path: str, head: bytes, body: bytes) -> bytes:
-        return b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
-            (self.base_path + path).encode(),
+        return b"POST %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
+            (self._target + self.base_path + path).encode(),
             self.netloc.encode(),
+            self._proxy_head,
             head,
             len(body),
             body,
@@ -335,32 +431,48 @@ class HttpClient:
 
     async def post(self, path: str, head: bytes, body: bytes, deadlines: Deadlines) -> Response:
         """POST and read the whole answer. `head`: prebuilt header lines, CRLF-terminated."""
-        conn = await self._checkout(deadlines)
-        reuse = False
+        request = self._request_bytes(path, head, body)
         assert deadlines.total is not None
-        # One timer handle for the whole answer: asyncio.timeout() cost ~8% of the hot path.
-        total = conn.loop.call_later(deadlines.total, conn.expire)
-        try:
-            conn.send(self._request_bytes(path, head, body), deadlines.first_byte)
-            await conn.done
-            reuse = conn.keep_alive
-            return Response(conn.status, conn.headers, conn.take())
-        finally:
-            total.cancel()
-            self._release(conn, reuse)
+        fresh = False
+        while True:
+            conn = await self._checkout(deadlines, fresh)
+            reuse = False
+            # One timer handle for the whole answer: asyncio.timeout() cost ~8% of the hot path.
+            total = conn.loop.call_later(deadlines.total, conn.expire)
+            try:
+                conn.send(request, deadlines.first_byte, streaming=False)
+                await conn.done
+                reuse = conn.keep_alive
+                return Response(conn.status, conn.headers, conn.take())
+            except Disconnected as exc:
+                if fresh or exc.partial or conn.exchanges < 2:
+                    raise
+                fresh = True  # a reused connection the server had closed: once more, anew
+            finally:
+                total.cancel()
+                self._release(conn, reuse)
 
     async def stream(
         self, path: str, head: bytes, body: bytes, deadlines: Deadlines
     ) -> StreamResponse:
         """POST and return once the answer's headers arrived; iterate the body."""
-        conn = await self._checkout(deadlines)
-        try:
-            conn.send(self._request_bytes(path, head, body), deadlines.first_byte)
-            await conn.headers_done
-        except BaseException:
-            self._release(conn, reuse=False)
-            raise
-        return StreamResponse(self, conn, deadlines.idle or deadlines.first_byte)
+        request = self._request_bytes(path, head, body)
+        fresh = False
+        while True:
+            conn = await self._checkout(deadlines, fresh)
+            try:
+                conn.send(request, deadlines.first_byte, streaming=True)
+                await conn.headers_done
+            except Disconnected as exc:
+                self._release(conn, reuse=False)
+                if fresh or exc.partial or conn.exchanges < 2:
+                    raise
+                fresh = True
+                continue
+            except BaseException:
+                self._release(conn, reuse=False)
+                raise
+            return StreamResponse(self, conn, deadlines.idle or deadlines.first_byte)
 
     async def close(self) -> None:
         while self._idle:

@@ -7,7 +7,6 @@ httpx was far slower still. Headers are encoded once per provider.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,16 +15,21 @@ import orjson
 
 from metergate import __version__
 from metergate.config.model import ProviderConfig, Timeouts
-from metergate.providers.base import Adapter, UpstreamFailure
-from metergate.providers.h1 import (
+from metergate.errors import (
     ConnectFailed,
-    Deadlines,
-    Disconnected,
-    H1Error,
-    HttpClient,
-    ReadTimeout,
-    StreamResponse,
+    ConnectTimeout,
+    GatewayLimit,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
 )
+from metergate.providers import h1
+from metergate.providers.base import Adapter
+from metergate.providers.h1 import Deadlines, H1Error, HttpClient, StreamResponse
+from metergate.providers.proxy import proxy_for
 
 _KEYLIKE = re.compile(r"\b(sk|pk|key|AIza)[-_A-Za-z0-9]{12,}")
 
@@ -37,6 +41,7 @@ class HttpTransport:
         self.config = config
         parts = urlsplit(base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.name = "this provider"  # the adapter names it (for messages) once built
         merged = {
             "content-type": "application/json",
             "accept-encoding": "gzip",
@@ -53,7 +58,12 @@ class HttpTransport:
         self._deadlines: dict[tuple[Timeouts, bool], Deadlines] = {}
 
     async def start(self) -> None:
-        self.client = HttpClient(self.origin, self.config.max_connections)
+        self.client = HttpClient(
+            self.origin,
+            self.config.max_connections,
+            max_body=self.config.max_response_bytes,
+            proxy=proxy_for(self.origin, self.config.proxy),
+        )
 
     async def close(self) -> None:
         if self.client is not None:
@@ -70,6 +80,7 @@ class HttpTransport:
                 first_byte=timeouts.first_byte,
                 total=None if stream else timeouts.total,
                 idle=timeouts.stream_idle if stream else None,
+                pool=timeouts.pool,
             )
         return found
 
@@ -113,30 +124,25 @@ class HttpTransport:
             raise self.failure_from_response(response.status, response.headers, body)
         return response
 
-    def failure_from_exception(self, exc: BaseException) -> UpstreamFailure:
+    def failure_from_exception(self, exc: BaseException) -> UpstreamFailure | GatewayLimit:
+        """The gateway's error kind for a transport failure (the one place they map)."""
         partial = isinstance(exc, H1Error) and exc.partial
-        if isinstance(exc, ReadTimeout | asyncio.TimeoutError):
-            return UpstreamFailure(
-                "timeout",
-                "the upstream did not answer in time",
-                status=504,
-                error_type="timeout",
-                partial=partial,
-            )
         detail = self.redact(str(exc) or type(exc).__name__)
-        if isinstance(exc, ConnectFailed | Disconnected | OSError):
-            return UpstreamFailure(
-                "connection_error",
-                f"could not reach the upstream: {detail}",
-                status=502,
-                error_type="connection_error",
-                partial=partial,
+        if isinstance(exc, h1.PoolTimeout):
+            return GatewayLimit(
+                f"the gateway's connection limit for provider {self.name!r} is reached: "
+                f"{detail} (max_connections: {self.config.max_connections}, "
+                f"timeouts.pool); raise max_connections or add capacity",
+                code="gateway_pool_exhausted",
             )
-        return UpstreamFailure(
-            "upstream_error",
-            f"the upstream broke the HTTP protocol: {detail}",
-            status=502,
-            partial=partial,
+        if isinstance(exc, h1.ConnectTimeout):
+            return ConnectTimeout(f"could not reach the upstream: {detail} (timeouts.connect)")
+        if isinstance(exc, h1.ReadTimeout | TimeoutError):
+            return UpstreamTimeout("the upstream did not answer in time", partial=partial)
+        if isinstance(exc, h1.ConnectError | h1.Disconnected | OSError):
+            return ConnectFailed(f"could not reach the upstream: {detail}", partial=partial)
+        return UpstreamProtocolError(
+            f"the upstream broke the HTTP protocol: {detail}", partial=partial
         )
 
     def failure_from_response(
@@ -145,17 +151,13 @@ class HttpTransport:
         message = self.redact(error_message(body) or f"HTTP {status}")
         retry_after = parse_retry_after(headers.get(b"retry-after"))
         if status == 429:
-            return UpstreamFailure(
-                "rate_limited",
+            return UpstreamRateLimited(
                 f"upstream rate limit: {message}",
-                status=429,
                 upstream_status=status,
                 retry_after=retry_after,
-                error_type="rate_limit_error",
             )
         if status >= 500:
-            return UpstreamFailure(
-                "upstream_error",
+            return UpstreamServerError(
                 f"upstream error {status}: {message}",
                 status=503 if status == 503 else 502,
                 upstream_status=status,
@@ -164,19 +166,16 @@ class HttpTransport:
         if status in (401, 403, 404):
             # The gateway's own provider credentials or model id are wrong: not the caller's
             # fault, and a 401 would wrongly tell the caller that their gateway key is bad.
-            return UpstreamFailure(
-                "upstream_rejected",
+            return UpstreamRejected(
                 f"upstream refused the gateway's request ({status}): {message}; "
                 "check this provider's api_key and model id in the gateway config",
-                status=502,
+                error_type="upstream_error",
                 upstream_status=status,
             )
-        return UpstreamFailure(
-            "upstream_rejected",
+        return UpstreamRejected(
             message,
             status=status if status in (400, 413, 422) else 400,
             upstream_status=status,
-            error_type="invalid_request_error",
         )
 
     def redact(self, text: str) -> str:
@@ -217,6 +216,7 @@ class HttpAdapter(Adapter):
     transport: HttpTransport
 
     async def start(self) -> None:
+        self.transport.name = self.name
         await self.transport.start()
 
     async def close(self) -> None:

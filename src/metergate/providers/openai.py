@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 
 from metergate.config.model import ProviderConfig
+from metergate.errors import UpstreamProtocolError, UpstreamServerError
 from metergate.providers.base import (
     Completion,
     StreamState,
     UpstreamCall,
-    UpstreamFailure,
     Usage,
 )
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
@@ -76,14 +76,12 @@ class _PassThrough:
             self.done = True
             return DONE
         if data.startswith(b'{"error"'):
-            raise UpstreamFailure("upstream_error", f"upstream stream error: {error_message(data)}")
+            raise UpstreamServerError(f"upstream stream error: {error_message(data)}")
         if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
             try:
                 chunk: dict[str, Any] = orjson.loads(data)
             except orjson.JSONDecodeError:
-                raise UpstreamFailure(
-                    "upstream_error", "the upstream sent a malformed stream chunk"
-                ) from None
+                raise UpstreamProtocolError("the upstream sent a malformed stream chunk") from None
             if chunk.get("usage"):
                 self.state.usage = Usage.from_openai(chunk["usage"])
                 if not chunk.get("choices") and not self.include_usage:
@@ -92,7 +90,7 @@ class _PassThrough:
 
     def finish(self) -> bytes:
         if not self.done:
-            raise UpstreamFailure("upstream_error", "the upstream stream ended before [DONE]")
+            raise UpstreamProtocolError("the upstream stream ended before [DONE]")
         return b""
 
 
@@ -100,7 +98,5 @@ def _usage_of(body: bytes) -> Usage:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamFailure(
-            "upstream_error", "the upstream answered with malformed JSON", status=502
-        ) from exc
+        raise UpstreamProtocolError("the upstream answered with malformed JSON") from exc
     return Usage.from_openai(data.get("usage") if isinstance(data, dict) else None)

@@ -19,14 +19,15 @@ from typing import Any
 import orjson
 
 from metergate.config.model import ProviderConfig
-from metergate.providers.base import (
-    Adapter,
-    Completion,
-    StreamState,
-    UpstreamCall,
+from metergate.errors import (
+    ConnectFailed,
     UpstreamFailure,
-    Usage,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
 )
+from metergate.providers.base import Adapter, Completion, StreamState, UpstreamCall, Usage
 from metergate.providers.sse import DONE, chunk_event
 
 _WORDS = (
@@ -59,22 +60,12 @@ _WORDS = (
     "alerts",
     "ready",
 )
-_FAILURES: dict[str, tuple[str, int, str, str]] = {
-    "server_error": ("upstream_error", 502, "upstream_error", "simulated upstream error 500"),
-    "rate_limited": ("rate_limited", 429, "rate_limit_error", "simulated upstream rate limit"),
-    "bad_request": (
-        "upstream_rejected",
-        400,
-        "invalid_request_error",
-        "simulated upstream rejection",
-    ),
-    "timeout": ("timeout", 504, "timeout", "simulated upstream timeout"),
-    "connection_error": (
-        "connection_error",
-        502,
-        "connection_error",
-        "simulated connection refused",
-    ),
+_FAILURES: dict[str, tuple[type[UpstreamFailure], int, str]] = {
+    "server_error": (UpstreamServerError, 500, "simulated upstream error 500"),
+    "rate_limited": (UpstreamRateLimited, 429, "simulated upstream rate limit"),
+    "bad_request": (UpstreamRejected, 400, "simulated upstream rejection"),
+    "timeout": (UpstreamTimeout, 504, "simulated upstream timeout"),
+    "connection_error": (ConnectFailed, 502, "simulated connection refused"),
 }
 
 
@@ -199,15 +190,13 @@ class SimulatedAdapter(Adapter):
             await asyncio.sleep(settings.latency_ms / 1000)
         if not failing:
             return
-        outcome, status, error_type, message = _FAILURES[settings.error_kind]
+        kind, status, message = _FAILURES[settings.error_kind]
         if settings.error_kind == "timeout":
             await asyncio.sleep(self.config.timeouts.first_byte)
-        raise UpstreamFailure(
-            outcome,
+        raise kind(
             message,
-            status=status,
-            error_type=error_type,
-            upstream_status=status if status < 500 else 500,
+            status=400 if kind is UpstreamRejected else None,
+            upstream_status=status,
             retry_after=1.0 if settings.error_kind == "rate_limited" else None,
         )
 

@@ -15,7 +15,8 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 import orjson
 
-from metergate.providers.base import UpstreamFailure, Usage
+from metergate.errors import GatewayError, InvalidRequest, UpstreamProtocolError
+from metergate.providers.base import Usage
 from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
@@ -24,11 +25,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def invalid_request(message: str) -> UpstreamFailure:
+def invalid_request(message: str) -> InvalidRequest:
     """A request this provider cannot serve: the caller's fault, so a 400."""
-    return UpstreamFailure(
-        "invalid_request", message, status=400, error_type="invalid_request_error"
-    )
+    return InvalidRequest(message)
 
 
 def request_translator(translate: Callable[P, R]) -> Callable[P, R]:
@@ -114,7 +113,7 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise UpstreamFailure("upstream_error", f"the upstream sent a malformed {what}")
+        raise UpstreamProtocolError(f"the upstream sent a malformed {what}")
     return value
 
 
@@ -214,7 +213,7 @@ async def relay(
         tail += translator.finish()
         if tail:
             yield tail
-    except UpstreamFailure:
+    except GatewayError:
         raise
     except Exception as exc:
         raise transport.failure_from_exception(exc) from exc

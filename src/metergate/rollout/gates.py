@@ -83,7 +83,11 @@ async def prometheus_observations(
 
     async def side(upstreams: list[str]) -> Observed:
         match = "|".join(upstreams)
-        attempts = f'metergate_upstream_attempts_total{{upstream=~"{match}"}}'
+        # Attempts the upstream answered or failed (as WindowStats counts them).
+        attempts = (
+            f'metergate_upstream_attempts_total{{upstream=~"{match}",'
+            'outcome!~"cancelled|gateway_error|invalid_request"}'
+        )
         queries = {
             "attempts": f"sum(increase({attempts}[{window}]))",
             "errors": f'sum(increase(metergate_upstream_attempts_total{{upstream=~"{match}",'

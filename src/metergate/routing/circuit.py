@@ -69,10 +69,16 @@ class CircuitBreaker:
     def retry_in(self) -> float:
         return max(0.0, self.config.open_seconds - (self._clock() - self._opened_at))
 
+    def release(self) -> None:
+        """An attempt ended without a verdict on the upstream (the caller went away, the
+        gateway failed): give back its half-open probe slot, judge nothing."""
+        if self.state == HALF_OPEN and self._probes:
+            self._probes -= 1
+
     def record(self, outcome: str) -> None:
+        """The upstream answered (`success`) or failed with an upstream outcome."""
         if not self.config.enabled or outcome == "cancelled":
-            if self.state == HALF_OPEN and self._probes:
-                self._probes -= 1
+            self.release()
             return
         failed = outcome in FAILURES
         if self.state == HALF_OPEN:

@@ -6,7 +6,11 @@ move down the model's fallback chain. A caller's own mistake (a 4xx the provider
 blames on the request) is never retried nor sent elsewhere, and neither is a failure
 after part of the answer arrived (the upstream did the work). Streams are retried only
 until their first chunk: once a byte has reached the caller, a failure is final.
-Every attempt is counted by outcome, timed, and reported to its circuit breaker.
+
+Every attempt is counted by outcome and timed. Only what the upstream did is reported
+to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
+connection pool, a request it could not encode, a bug) is final, counted as
+`gateway_error`, and leaves the upstream's health untouched (`metergate.errors`).
 """
 
 from __future__ import annotations
@@ -16,16 +20,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
+from metergate.errors import (
+    GatewayError,
+    InternalError,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamServerError,
+    is_final,
+)
 from metergate.metering.meter import RequestLog
 from metergate.metering.metrics import Metrics
-from metergate.providers.base import Completion, StreamState, UpstreamCall, UpstreamFailure
+from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route
 
 Kind = Literal["chat", "embeddings"]
 T = TypeVar("T")
 Attempt = Callable[[Deployment], Awaitable[T]]
-_CALLER_FAULT_STATUSES = frozenset({400, 413, 422})
 
 
 class Dispatcher:
@@ -63,9 +74,7 @@ class Dispatcher:
             try:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
-                raise UpstreamFailure(
-                    "upstream_error", "the upstream sent an empty stream"
-                ) from None
+                raise UpstreamProtocolError("the upstream sent an empty stream") from None
             except BaseException:
                 await chunks.aclose()  # type: ignore[attr-defined]
                 raise
@@ -73,14 +82,17 @@ class Dispatcher:
         deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
         return deployment, chunks, first
 
-    def stream_finished(self, deployment: Deployment, outcome: str, log: RequestLog) -> None:
-        self._account(deployment, outcome, log.attempt_seconds)
+    def stream_finished(
+        self, deployment: Deployment, error: BaseException | None, log: RequestLog
+    ) -> None:
+        """Account for a stream's attempt, however it ended (`error` None: completely)."""
+        self._account(deployment, error, log.attempt_seconds)
 
     async def _run(
         self, route: Route, log: RequestLog, attempt: Attempt[T], keep_open: bool
     ) -> tuple[Deployment, T]:
         self.retry_budget.on_request()
-        failure: UpstreamFailure | None = None
+        failure: GatewayError | None = None
         origin: str | None = None  # the first deployment chosen: "from" of a fallback
         for position, current in enumerate((route, *route.fallbacks)):
             policy = current.config.retry
@@ -94,13 +106,9 @@ class Dispatcher:
                 tried.add(deployment.name)
                 try:
                     return deployment, await self._attempt(deployment, attempt, log, keep_open)
-                except UpstreamFailure as error:
+                except GatewayError as error:
                     failure = error
-                if (
-                    failure.status in _CALLER_FAULT_STATUSES
-                    or failure.outcome == "invalid_request"
-                    or failure.partial  # the upstream did the work: not redone, not even elsewhere
-                ):
+                if is_final(failure):  # the caller's fault, the gateway's, or work done
                     raise failure
                 if failure.outcome not in policy.retry_on or retries >= policy.max_retries:
                     break
@@ -124,27 +132,43 @@ class Dispatcher:
         log.attempts += 1
         deployment.in_flight += 1
         started = time.perf_counter()
-        outcome = "upstream_error"
+        error: BaseException | None = None
         try:
-            result = await attempt(deployment)
-            outcome = "success"
-            return result
-        except UpstreamFailure as failure:
-            outcome = failure.outcome
+            return await attempt(deployment)
+        except GatewayError as failure:
+            error = failure
             raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+        except Exception as exc:
+            # A bug of the gateway or an adapter (say, a body it cannot encode): final,
+            # and never the upstream's fault.
+            error = InternalError(
+                f"internal gateway error; quote request id {log.request_id} to the operator"
+            )
+            raise error from exc
+        except BaseException as exc:  # cancelled: the caller went away
+            error = exc
             raise
         finally:
             log.attempt_seconds = time.perf_counter() - started
             log.upstream_seconds += log.attempt_seconds
-            if not (keep_open and outcome == "success"):
-                self._account(deployment, outcome, log.attempt_seconds)
+            if not keep_open or error is not None:
+                self._account(deployment, error, log.attempt_seconds)
 
-    def _account(self, deployment: Deployment, outcome: str, seconds: float) -> None:
+    def _account(self, deployment: Deployment, error: BaseException | None, seconds: float) -> None:
+        """Count the attempt; judge the upstream only by what it did (success or an
+        upstream failure), never by the caller's mistakes or the gateway's own."""
         deployment.in_flight -= 1
-        deployment.breaker.record(outcome)
+        if error is None:
+            outcome = "success"
+        elif isinstance(error, GatewayError):
+            outcome = error.outcome
+        else:
+            outcome = "cancelled"  # CancelledError: the caller went away
         self.metrics.count_attempt(deployment.name, outcome)
+        if error is not None and not isinstance(error, UpstreamFailure):
+            deployment.breaker.release()  # a half-open probe slot, if it held one
+            return
+        deployment.breaker.record(outcome)
         for rollout in deployment.observers:
             rollout.observe(deployment.name, outcome, seconds)
 
@@ -158,8 +182,7 @@ def _no_upstream(route: Route) -> UpstreamFailure:
     chain = [route, *route.fallbacks]
     wait = min(d.breaker.retry_in() for r in chain for d in r.serving())
     names = ", ".join(d.name for r in chain for d in r.serving())
-    return UpstreamFailure(
-        "upstream_error",
+    return UpstreamServerError(
         f"no upstream can serve model {route.name!r} now: circuits open for {names}; "
         f"retry in {wait:.0f}s",
         status=503,

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from metergate.api.errors import GatewayError
 from metergate.auth.keys import KeyRecord
 from metergate.config.model import GatewayConfig, ModelConfig, Timeouts
+from metergate.errors import InvalidRequest, NotFound
 from metergate.metering.pricing import UnitPrices, price_for
 from metergate.providers.base import Adapter
 from metergate.rollout.controller import RolloutController
@@ -172,8 +172,7 @@ class Router:
 
     def route(self, model: object, key: KeyRecord) -> Route:
         if not isinstance(model, str) or not model:
-            raise GatewayError(
-                400,
+            raise InvalidRequest(
                 "`model` is required and must be a string",
                 param="model",
                 code="missing_model",
@@ -182,10 +181,8 @@ class Router:
         if found is None or not key.allows(model):
             allowed = ", ".join(self.models_for(key)) or "none"
             reason = "does not exist" if found is None else "is not allowed for this key"
-            raise GatewayError(
-                404,
+            raise NotFound(
                 f"model {model!r} {reason}; models this key may use: {allowed}",
-                outcome="invalid_request",
                 code="model_not_found",
                 param="model",
             )

@@ -44,4 +44,4 @@ export function budgetRow(budget) {
       h("div", { class: "meta", text: `${budget.percent.toFixed(1)}% · amber at ${budget.soft_percent}%` })));
 }
 
-export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error"]);
+export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error", "gateway_error"]);

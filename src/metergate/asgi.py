@@ -1,7 +1,13 @@
-"""The few ASGI primitives the gateway needs, without a framework's per-request objects.
+"""The few ASGI primitives the gateway's doors need, without a framework's per-request
+objects.
 
 The hot path is plain ASGI: one dict of headers, one body read, one or two `send` calls.
 A framework would add routing layers and request objects that this path does not use.
+
+Input bounds are enforced here, once, when the body is read: its size and its JSON
+nesting depth. Every later stage (translation, re-encoding for the upstream, the cache
+key) can then handle whatever was accepted: orjson encodes at most 254 levels, so the
+depth limit leaves room for what adapters wrap around the caller's JSON.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from typing import Any
 
 import orjson
 
-from metergate.api.errors import GatewayError, bad_request
+from metergate.errors import ClientGone, InvalidRequest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+MAX_JSON_DEPTH = 100  # the default of server.max_json_depth
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -60,14 +67,14 @@ class Request:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise GatewayError(499, "client closed the request", outcome="cancelled")
+                raise ClientGone("client closed the request")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise GatewayError(
-                    413,
+                raise InvalidRequest(
                     f"request body is larger than the gateway's limit of {limit} bytes; "
                     "send a smaller request or raise server.max_body_bytes",
+                    status=413,
                     code="request_too_large",
                 )
             chunks.append(chunk)
@@ -75,17 +82,44 @@ class Request:
                 self.body_size = size
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def json(self, limit: int) -> dict[str, Any]:
+    async def json(self, limit: int, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
         raw = await self.body(limit)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise bad_request(
+            if str(exc).startswith("depth limit exceeded"):
+                raise _too_deep(max_depth) from None
+            raise InvalidRequest(
                 f"request body is not valid JSON: {exc}", code="invalid_json"
             ) from exc
         if not isinstance(data, dict):
-            raise bad_request("request body must be a JSON object", code="invalid_json")
+            raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+        # Fewer brackets than the limit cannot nest deeper than it (the usual small body).
+        if raw.count(b"{") + raw.count(b"[") > max_depth and _deeper_than(data, max_depth):
+            raise _too_deep(max_depth)
         return data
+
+
+def _deeper_than(value: dict[str, Any], limit: int) -> bool:
+    """Does `value` nest objects and arrays more than `limit` levels deep?"""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return False
+
+
+def _too_deep(limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"request body nests JSON objects and arrays more than {limit} levels deep, the "
+        "gateway's limit (server.max_json_depth); flatten the request",
+        code="json_too_deep",
+    )
 
 
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
