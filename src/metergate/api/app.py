@@ -72,11 +72,12 @@ class GatewayApp:
                 await respond(send, error.status, error.body(), headers)
             except Exception:
                 log.exception("internal error serving %s %s", scope["method"], scope["path"])
-                error = InternalError(
+                internal = InternalError(
                     f"internal gateway error; quote request id {request.id} to the operator"
                 )
                 with contextlib.suppress(Exception):  # unless the answer had started
-                    await respond(send, 500, error.body(), base_headers(request) + JSON_HEADERS)
+                    body = internal.body()
+                    await respond(send, 500, body, base_headers(request) + JSON_HEADERS)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 

@@ -65,7 +65,7 @@ class BudgetBook:
         spend and reservations (requests in flight settle on the same objects)."""
         self.metrics = metrics
         previous = {b.name: b for b in carry.budgets} if carry else {}
-        self.budgets = []
+        self.budgets: list[Budget] = []
         self._carried: set[str] = set()
         now = time.time()
         for name, cfg in budgets.items():
@@ -78,7 +78,7 @@ class BudgetBook:
             budget.start, budget.end = period_bounds(now, cfg.period, cfg.timezone)
             metrics.budget_limit.labels(name).set(budget.limit_nano / 1e9)
             self.budgets.append(budget)
-        self.notifier = carry.notifier if carry else WebhookNotifier()
+        self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
         self._applicable: dict[tuple[str, str], tuple[Budget, ...]] = {}
 
     def __bool__(self) -> bool:

@@ -196,12 +196,12 @@ async def _check_target(
         )
         return Result(name, True, f"job {job}: {where}")
     first = down[0]
-    error = first.get("lastError") or f"health {first.get('health')}"
+    problem = first.get("lastError") or f"health {first.get('health')}"
     return Result(
         name,
         False,
-        f"job {job}: {first.get('scrapeUrl')} is {first.get('health')}: {error}",
-        _scrape_fix(error),
+        f"job {job}: {first.get('scrapeUrl')} is {first.get('health')}: {problem}",
+        _scrape_fix(problem),
     )
 
 

@@ -38,11 +38,11 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 f"unknown price list {provider.price_list!r}",
                 f"shipped lists: {', '.join(lists)}; or give each upstream a price",
             )
-    for name, upstream in config.upstreams.items():
-        if upstream.provider not in config.providers:
+    for name, deployment in config.upstreams.items():
+        if deployment.provider not in config.providers:
             yield (
                 ("upstreams", name, "provider"),
-                f"unknown provider {upstream.provider!r}",
+                f"unknown provider {deployment.provider!r}",
                 f"declared providers: {', '.join(providers) or 'none'}",
             )
     upstreams = sorted(config.upstreams)

@@ -111,15 +111,19 @@ class CircuitConfig(Strict):
 
 
 RetryableOutcome = Literal["connection_error", "timeout", "rate_limited", "upstream_error"]
+_DEFAULT_RETRY_ON: tuple[RetryableOutcome, ...] = (
+    "connection_error",
+    "timeout",
+    "rate_limited",
+    "upstream_error",
+)
 
 
 class RetryConfig(Strict):
     """Retries of one model's deployments, with exponential backoff and full jitter."""
 
     max_retries: int = Field(default=2, ge=0, le=10)
-    retry_on: list[RetryableOutcome] = Field(
-        default_factory=lambda: ["connection_error", "timeout", "rate_limited", "upstream_error"]
-    )
+    retry_on: list[RetryableOutcome] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
     backoff_base: float = Field(default=0.25, ge=0)
     backoff_max: float = Field(default=8, ge=0)
     max_retry_after: float = Field(
@@ -281,7 +285,7 @@ class RolloutConfig(Strict):
     model: str
     baseline: list[str] = Field(min_length=1)
     candidate: list[str] = Field(min_length=1)
-    stages: list[float] = Field(default_factory=lambda: [1, 10, 50, 100])
+    stages: list[float] = Field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0])
     interval_seconds: float = Field(default=300, gt=0, description="judge every interval")
     failure_threshold: int = Field(default=2, ge=1, description="failed judgments to roll back")
     min_requests: int = Field(default=50, ge=1, description="candidate attempts per judgment")

@@ -135,7 +135,7 @@ class McpView:
                     for tool_name, tool in server.tools.items()
                     if tool.count
                 ),
-                key=lambda t: (-(t["p95_seconds"] or 0.0), -(t["mean_seconds"] or 0.0)),
+                key=lambda t: (-float(t["p95_seconds"] or 0.0), -float(t["mean_seconds"] or 0.0)),
             )
             rows.append(
                 {

@@ -85,7 +85,8 @@ def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filte
 
 
 async def latest(database: Database, filters: Filters) -> list[dict[str, Any]]:
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     for column, value in (
         ("key_name", filters.key),
         ("model", filters.model),

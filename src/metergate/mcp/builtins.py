@@ -116,7 +116,8 @@ class Builtins:
         )
         reply = _json(raw)
         if status != 200:
-            error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            found = reply.get("error")
+            error: dict[str, Any] = found if isinstance(found, dict) else {}
             message = error.get("message") or raw.decode("utf-8", "replace")[:500]
             return _result(
                 {"status": status, "error": message, "code": error.get("code")},

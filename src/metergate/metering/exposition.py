@@ -62,7 +62,7 @@ class FastExposition:
                 others.extend(collector.collect())
         text = "".join(out).encode()
         if others:
-            text += generate_latest(_Families(others))  # type: ignore[arg-type]
+            text += generate_latest(_Families(others))
         return text
 
     def _header(self, metric: Any) -> str:

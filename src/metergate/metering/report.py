@@ -95,7 +95,18 @@ def _summary_sql(column: str | None) -> str:
 def _usage_group(name: str | None, row: tuple[Any, ...]) -> UsageGroup:
     # PostgreSQL returns SUM(bigint) as numeric (Decimal): int() keeps it exact.
     counts = [int(value or 0) for value in row[:8]]
-    return UsageGroup(name, *counts, None if row[8] is None else float(row[8]))
+    return UsageGroup(
+        name,
+        requests=counts[0],
+        input_tokens=counts[1],
+        cached_input_tokens=counts[2],
+        output_tokens=counts[3],
+        cost_nano=counts[4],
+        saved_nano=counts[5],
+        errors=counts[6],
+        refused=counts[7],
+        p95_ms=None if row[8] is None else float(row[8]),
+    )
 
 
 async def usage_summary(

@@ -47,15 +47,15 @@ class RolloutController:
         """`carry`: the controller of the config being replaced; a rollout whose config
         did not change keeps its live numbers, and announcements continue where they were."""
         previous = carry.rollouts if carry else {}
-        self.rollouts = {
+        self.rollouts: dict[str, Rollout] = {
             name: previous[name]
             if name in previous and previous[name].config == cfg
             else Rollout(name, cfg)
             for name, cfg in configs.items()
         }
         self.metrics = metrics
-        self.notifier = carry.notifier if carry else WebhookNotifier()
-        self.holder = carry.holder if carry else store.holder_id()
+        self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
+        self.holder: str = carry.holder if carry else store.holder_id()
         self.leader = False
         shortest = min((c.interval_seconds for c in configs.values()), default=4.0)
         self.tick_seconds = max(0.05, min(1.0, shortest / 4))

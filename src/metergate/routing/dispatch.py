@@ -112,7 +112,7 @@ class Dispatcher:
                     raise failure
                 if failure.outcome not in policy.retry_on or retries >= policy.max_retries:
                     break
-                wait = 0.0
+                wait: float | None = 0.0
                 if not _untried_available(current, tried):
                     wait = backoff_seconds(policy, retries, failure.retry_after)
                 # Budget is spent only on a retry that will be made (not on a too-long Retry-After).

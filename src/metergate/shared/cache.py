@@ -18,7 +18,7 @@ class SharedCache:
     async def get(self, key: bytes) -> bytes | None:
         """The stored entry, or None; raises `Unavailable` when Redis is unreachable."""
         value = await self.link.run(self.link.client.get(self.prefix + key.hex()))
-        return value  # type: ignore[no-any-return]
+        return value if isinstance(value, bytes) else None
 
     async def set(self, key: bytes, value: bytes, ttl_seconds: float) -> None:
         ttl_ms = max(1, int(ttl_seconds * 1000))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +25,8 @@ from metergate.budgets.book import Budget, BudgetBook, Reservation, exhausted
 from metergate.limits.admission import Admission
 from metergate.limits.rate import Bucket, Verdict, rate_limited, ratelimit_headers
 from metergate.shared import scripts
-from metergate.shared.redis import RedisLink, Unavailable
+from metergate.shared.errors import Unavailable
+from metergate.shared.redis import RedisLink
 
 log = logging.getLogger("metergate.redis")
 
@@ -125,9 +127,12 @@ class SharedCounters:
             if task is None:
                 task = asyncio.create_task(self._seed_one(budget))
                 self._seeding[name] = task
-                task.add_done_callback(lambda _, name=name: self._seeding.pop(name, None))
+                task.add_done_callback(functools.partial(self._seeded, name))
             waits.append(asyncio.shield(task))
         await asyncio.gather(*waits)
+
+    def _seeded(self, name: str, _: asyncio.Task[None]) -> None:
+        self._seeding.pop(name, None)
 
     async def _seed_one(self, budget: Budget) -> None:
         assert self.spend_of is not None
@@ -207,7 +212,9 @@ class SharedCounters:
         if not budgets and not token_buckets:
             return
         held_here = admission.keys is not None
-        keys = admission.keys if held_here else tuple(self.keys(b) for b in budgets)
+        keys = (
+            admission.keys if admission.keys is not None else tuple(self.keys(b) for b in budgets)
+        )
         amount = admission.reservation.amount_nano if held_here else 0
         carried = [b.unsynced_nano for b in budgets]  # left from an outage: goes along
         for b in budgets:

@@ -141,7 +141,7 @@ class RedisLink:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
-        return replies  # type: ignore[no-any-return]
+        return replies
 
     async def run(self, command: Awaitable[T]) -> T:
         """Await one Redis command; any failure marks the link down, raises `Unavailable`."""
