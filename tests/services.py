@@ -39,6 +39,16 @@ import pytest
 START_TIMEOUT = 30.0
 
 
+def binary(name: str) -> str:
+    """A server binary from Debian's packages; skip when missing (scripts/test installs them)."""
+    found = shutil.which(name) or next(
+        (f"{d}/{name}" for d in ("/usr/sbin", "/usr/bin") if Path(f"{d}/{name}").exists()), None
+    )
+    if found is None:
+        pytest.skip(f"{name} is not installed (scripts/test installs it)")
+    return found
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (a start retries if it is taken)."""
     with socket.socket() as sock:

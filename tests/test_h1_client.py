@@ -18,6 +18,7 @@ from metergate.providers.h1 import (
     Disconnected,
     HttpClient,
     PoolTimeout,
+    ProtocolError,
     ReadTimeout,
 )
 
@@ -186,3 +187,105 @@ async def test_tls_with_certificate_checks(tmp_path: Path, monkeypatch):
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it, as an operator's CA
         response = await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
         assert response.body == b'{"secure": true}'
+
+
+async def test_a_whole_answer_larger_than_the_stream_buffer_is_read_at_once():
+    """A 3 MiB answer (a normal embeddings batch) is more than the stream back-pressure
+    mark; a whole answer must still be read to its end, not paused until it times out."""
+    payload = b'{"data": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(payload))
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, 1)
+        response = await client.post("/", HEAD, b"{}", FAST)
+        assert response.body == payload
+        await client.close()
+
+
+async def test_an_answer_over_the_configured_maximum_is_refused():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b"x" * (2 * 1024 * 1024)))
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        with pytest.raises(ProtocolError, match="larger than 1 MiB"):
+            await HttpClient(url, 1, max_body=1024 * 1024).post("/", HEAD, b"{}", FAST)
+
+
+async def test_servers_that_close_after_every_answer_silently_fail_no_request():
+    """The server closes each connection after answering, without `Connection: close`:
+    a pooled connection may be dead when reused. Back-to-back requests must all succeed."""
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b'{"ok": true}'))
+        await writer.drain()
+        # return: the connection is closed right after the answer
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=4)
+        for _ in range(50):
+            response = await client.post("/", HEAD, b"{}", FAST)
+            assert response.body == b'{"ok": true}'
+        for _ in range(10):
+            stream = await client.stream("/", HEAD, b"{}", STREAM)
+            assert b"".join([chunk async for chunk in stream]) == b'{"ok": true}'
+            stream.close()
+        assert len(connections) == 60  # each request on a connection of its own
+        await client.close()
+
+
+async def test_a_reused_connection_closed_as_the_request_goes_out_is_retried_once():
+    """The race no readability check can close: the server takes the request on a
+    kept-alive connection, then drops it unanswered. The client sends it once more on a
+    fresh connection; a fresh connection that fails the same way is an error."""
+    seen: list[int] = []
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b"{}"))  # first request on the connection: answered
+        await writer.drain()
+        await read_request(reader)  # second: dropped without an answer
+        seen.append(1)
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=1)
+        assert (await client.post("/", HEAD, b"{}", FAST)).status == 200
+        assert (await client.post("/", HEAD, b"{}", FAST)).status == 200
+        assert len(connections) == 2 and len(seen) == 1
+        await client.close()
+
+    async def never_answer(reader, writer):
+        await read_request(reader)
+
+    async with server(never_answer) as (url, connections):
+        with pytest.raises(Disconnected, match="before answering") as dropped:
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        assert dropped.value.partial is False and len(connections) == 1
+
+
+async def test_header_bytes_and_count_are_bounded():
+    async def huge_header(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        for _ in range(64):  # 64 MiB, unless the client hangs up first
+            writer.write(b"a" * (1024 * 1024))
+            await writer.drain()
+
+    async def many_headers(reader, writer):
+        await read_request(reader)
+        lines = b"".join(b"X-H%d: v\r\n" % i for i in range(500))
+        writer.write(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async with server(huge_header) as (url, _):
+        with pytest.raises(ProtocolError, match="64 KiB"):
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+    async with server(many_headers) as (url, _):
+        with pytest.raises(ProtocolError, match="headers"):
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)

@@ -142,7 +142,12 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"malformed HTTP answer: {exc}", partial=True))
+            problem = (
+                f"the upstream sent more than {MAX_HEADERS} headers"
+                if self.header_count > MAX_HEADERS
+                else f"malformed HTTP answer: {exc}"
+            )
+            self._fail(ProtocolError(problem, partial=True))
             return
         if not self.headers_done.done():
             self.head_bytes += len(data)
@@ -169,7 +174,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         if self.header_count > MAX_HEADERS:
-            raise httptools.HttpParserError(f"more than {MAX_HEADERS} headers")
+            raise httptools.HttpParserError("too many headers")  # reported by data_received
         key = name.lower()
         self.headers[key] = value
         if key == b"content-length" or (key == b"transfer-encoding" and b"chunked" in value):
