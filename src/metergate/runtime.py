@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from metergate import __version__
 from metergate.auth.index import KeyIndex
+from metergate.auth.keys import KeyRecord
 from metergate.budgets import BudgetBook
 from metergate.budgets.book import Budget, ledger_spend
 from metergate.cache import ResponseCache
@@ -40,7 +41,7 @@ from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
 from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
-from metergate.storage.keys import list_keys
+from metergate.storage.keys import find_keys, list_keys
 
 if TYPE_CHECKING:
     from metergate.mcp.gateway import McpGateway
@@ -97,7 +98,7 @@ class Runtime:
         self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
-        self.keys = KeyIndex(self._load_keys)
+        self.keys = KeyIndex(self._load_keys, self._find_keys)
         self.meter = Meter(self.metrics, None)
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
@@ -170,9 +171,13 @@ class Runtime:
     def _circuit_changed(self, upstream: str, state: int) -> None:
         self.metrics.circuit_state.labels(upstream).set(state)
 
-    async def _load_keys(self):  # type: ignore[no-untyped-def]
+    async def _load_keys(self) -> list[KeyRecord]:
         assert self.database is not None
         return await list_keys(self.database)
+
+    async def _find_keys(self, digests: Sequence[str]) -> list[KeyRecord]:
+        assert self.database is not None
+        return await find_keys(self.database, digests)
 
     async def start(self) -> None:
         plan = self.plan

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -55,19 +57,31 @@ async def create_key(
 async def list_keys(database: Database, include_revoked: bool = True) -> list[KeyRecord]:
     where = "" if include_revoked else " WHERE revoked_at IS NULL"
     rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys{where} ORDER BY created_at")
-    return [
-        KeyRecord(
-            id=row[0],
-            name=row[1],
-            key_hash=row[2],
-            hint=row[3],
-            models=tuple(orjson.loads(row[4])) if row[4] else None,
-            created_at=row[5],
-            revoked_at=row[6],
-            max_tokens_cap=row[7],
-        )
-        for row in rows
-    ]
+    return [_record(row) for row in rows]
+
+
+async def find_keys(database: Database, digests: Sequence[str]) -> list[KeyRecord]:
+    """The keys with these hashes (an indexed lookup: `key_hash` is unique)."""
+    if not digests:
+        return []
+    marks = ", ".join("?" * len(digests))
+    rows = await database.fetch(
+        f"SELECT {_COLUMNS} FROM keys WHERE key_hash IN ({marks})", tuple(digests)
+    )
+    return [_record(row) for row in rows]
+
+
+def _record(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        name=row[1],
+        key_hash=row[2],
+        hint=row[3],
+        models=tuple(orjson.loads(row[4])) if row[4] else None,
+        created_at=row[5],
+        revoked_at=row[6],
+        max_tokens_cap=row[7],
+    )
 
 
 async def revoke_key(database: Database, name_or_id: str) -> int:
