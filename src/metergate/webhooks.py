@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    import aiohttp
+    import httpx2
 
 
 log = logging.getLogger("metergate.webhooks")
@@ -20,7 +20,7 @@ log = logging.getLogger("metergate.webhooks")
 
 class WebhookNotifier:
     def __init__(self, timeout: float = 10) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._session: httpx2.AsyncClient | None = None
         self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -32,15 +32,13 @@ class WebhookNotifier:
     async def _post(self, url: str, payload: dict[str, Any]) -> None:
         """POST once; a failure is logged (without the URL's path, which may hold a token)."""
         if self._session is None:
-            import aiohttp  # loaded only when a notice is actually sent
+            import httpx2  # loaded only when a notice is actually sent
 
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout)
-            )
+            self._session = httpx2.AsyncClient(timeout=self._timeout)
         try:
-            async with self._session.post(url, json=payload) as response:
-                if response.status >= 300:
-                    log.warning("webhook %s answered %s", _host(url), response.status)
+            response = await self._session.post(url, json=payload)
+            if response.status_code >= 300:
+                log.warning("webhook %s answered %s", _host(url), response.status_code)
         except Exception as exc:
             log.warning("webhook %s failed: %s", _host(url), exc)
 
@@ -48,7 +46,7 @@ class WebhookNotifier:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._session is not None:
-            await self._session.close()
+            await self._session.aclose()
 
 
 def _host(url: str) -> str:

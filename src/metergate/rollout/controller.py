@@ -32,7 +32,7 @@ from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
 
 if TYPE_CHECKING:
-    import aiohttp
+    import httpx2
 
 log = logging.getLogger("metergate.rollout")
 
@@ -62,7 +62,7 @@ class RolloutController:
         self._database: Database | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_event_id: int | None = carry._last_event_id if carry else None
-        self._http: aiohttp.ClientSession | None = None
+        self._http: httpx2.AsyncClient | None = None
         self._owns_notifier = True  # the newest controller closes the shared notifier
         if carry is not None:
             carry._owns_notifier = False
@@ -91,7 +91,7 @@ class RolloutController:
         if self._owns_notifier:
             await self.notifier.close()
         if self._http is not None:
-            await self._http.close()
+            await self._http.aclose()
             self._http = None
 
     async def _run(self) -> None:
@@ -121,9 +121,9 @@ class RolloutController:
     async def _decide(self, database: Database, rollout: Rollout) -> None:
         if rollout.config.source == "prometheus":
             if self._http is None:
-                import aiohttp  # only rollouts judged from Prometheus need it
+                import httpx2  # only rollouts judged from Prometheus need it
 
-                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+                self._http = httpx2.AsyncClient(timeout=10)
             window = time.time() - max(
                 rollout.stage_started_at, float(rollout.last_judgment.get("at", 0) or 0)
             )

@@ -16,7 +16,7 @@ from metergate.rollout.state import Rollout
 from metergate.rollout.stats import WindowStats
 
 if TYPE_CHECKING:
-    import aiohttp
+    import httpx2
 
 PASS, FAIL, INSUFFICIENT = "pass", "fail", "insufficient"
 
@@ -75,7 +75,7 @@ def local_observations(rollout: Rollout) -> tuple[Observed, Observed]:
 
 
 async def prometheus_observations(
-    rollout: Rollout, session: aiohttp.ClientSession, window_seconds: float
+    rollout: Rollout, session: httpx2.AsyncClient, window_seconds: float
 ) -> tuple[Observed, Observed]:
     """Fleet-wide numbers from Prometheus over the judgment window, per side."""
     assert rollout.config.prometheus_url
@@ -113,9 +113,9 @@ async def prometheus_observations(
     return await side(rollout.config.candidate), await side(rollout.config.baseline)
 
 
-async def _instant(session: aiohttp.ClientSession, base: str, query: str) -> float:
-    async with session.get(f"{base.rstrip('/')}/api/v1/query", params={"query": query}) as r:
-        body = await r.json()
+async def _instant(session: httpx2.AsyncClient, base: str, query: str) -> float:
+    answer = await session.get(f"{base.rstrip('/')}/api/v1/query", params={"query": query})
+    body = answer.json()
     if body.get("status") != "success":
         raise RuntimeError(f"Prometheus query failed: {body.get('error', body)}")
     result = body["data"]["result"]
