@@ -61,6 +61,7 @@ class RecordingDatabase(Database):
         self.transactions = 0
         self.batch_sizes: list[int] = []
         self.fail_next = 0
+        self.lose_answer_next = 0  # commit, then fail as if the answer never arrived
         self.failures = 0
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
@@ -79,6 +80,10 @@ class RecordingDatabase(Database):
             raise
         self.transactions += 1
         self.batch_sizes.append(len(rows))
+        if self.lose_answer_next:
+            self.lose_answer_next -= 1
+            self.failures += 1
+            raise ConnectionResetError("simulated: committed, then the connection was lost")
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return await self.inner.fetch(sql, params)
@@ -293,6 +298,25 @@ async def test_database_closed_under_the_writer(database: Database) -> None:
     assert writer.pending >= 200
     await database.connect()  # type: ignore[attr-defined] - both backends reconnect so
     for row in appended[400:]:
+        writer.append(row)
+    await wait_for(lambda: writer.committed == len(appended))
+    await writer.close()
+    assert await stored_rows(database) == appended
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_written_twice(database: Database) -> None:
+    """COMMIT reached the database but its answer did not reach the gateway (the
+    connection died, or failed while the pool took it back): the batch must be found
+    committed, not inserted again."""
+    recording = RecordingDatabase(database)
+    writer = LedgerWriter(recording, flush_seconds=0.02)
+    await writer.start()
+    appended = [make_row(i) for i in range(300)]
+    for row in appended[:100]:
+        writer.append(row)
+    recording.lose_answer_next = 1
+    await wait_for(lambda: recording.failures >= 1)
+    for row in appended[100:]:
         writer.append(row)
     await wait_for(lambda: writer.committed == len(appended))
     await writer.close()

@@ -4,6 +4,12 @@
 transaction every `flush_seconds` (or sooner once `batch_rows` are waiting). Shutdown
 flushes everything; a SIGKILL loses at most the rows of one window, which
 `tests/test_ledger_durability.py` measures.
+
+Exactly once: a commit that fails may still have been applied (the connection died
+while COMMIT's answer was on its way, or while the pool took the connection back), so a
+failed batch is kept as *uncertain*. Before it is written again, the ledger is asked
+whether its first row is there (a batch is one transaction: all of it or none is);
+if it is, the batch counts as committed and is not written twice.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class LedgerWriter:
         self.flush_seconds = flush_seconds
         self.batch_rows = batch_rows
         self._pending: list[LedgerRow] = []
+        self._uncertain: list[list[LedgerRow]] = []  # batches whose commit failed: applied?
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -71,7 +78,7 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return sum(map(len, self._uncertain)) + len(self._pending)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -87,28 +94,44 @@ class LedgerWriter:
         if self._task is not None:
             await self._task
             self._task = None
-        while self._pending:
+        while self.pending:
             await self.flush()
 
     async def flush(self) -> None:
+        while self._uncertain:  # each batch is taken by one flush at a time
+            batch = self._uncertain.pop(0)
+            try:
+                if not await self._stored(batch[0]):
+                    await self.database.executemany(_INSERT, batch)
+            except Exception:
+                self._uncertain.insert(0, batch)
+                raise
+            self.committed += len(batch)
         batch, self._pending = self._pending, []
         if not batch:
             return
         try:
             await self.database.executemany(_INSERT, batch)
         except Exception:
-            # Keep the rows: they go back in front of newer ones and are retried.
-            self._pending[:0] = batch
+            self._uncertain.append(batch)  # retried, or found committed, before newer rows
             raise
         self.committed += len(batch)
-        self._on_pending(len(self._pending))
+        self._on_pending(self.pending)
+
+    async def _stored(self, row: LedgerRow) -> bool:
+        """Is this row in the ledger? (ts and request id tell rows apart; ts is indexed.)"""
+        found = await self.database.fetch(
+            "SELECT 1 FROM requests WHERE ts = ? AND request_id = ? AND key_name = ?",
+            (row.ts, row.request_id, row.key_name),
+        )
+        return bool(found)
 
     async def _run(self) -> None:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
             self._wake.clear()
-            self._on_pending(len(self._pending))
+            self._on_pending(self.pending)
             try:
                 await self.flush()
             except Exception:
