@@ -7,13 +7,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from aiohttp import web
 
 from metergate.rollout import store, transitions
 from tests.harness import Gateway, UpstreamServer, start_gateway
+from tests.services import ServerProcess, binary
 from tests.upstreams.fault_server import Fault, FaultServer
 
 ASK = [{"role": "user", "content": "roll"}]
@@ -198,3 +201,64 @@ def test_restart_finds_the_rollout_where_it_was(bg, tmp_path, servers):
         assert second.metric("metergate_rollout_weight", rollout="move", target="cand") == 0.5
     finally:
         second.stop()
+
+
+def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:
+    """A real Prometheus scraping the targets listed in `targets.yml` every second."""
+    workdir.mkdir()
+    targets = workdir / "targets.yml"
+    targets.write_text("[]\n")
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "metergate",
+                "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}],
+            }
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    process = ServerProcess(
+        "prometheus",
+        workdir,
+        lambda port: [
+            binary("prometheus"),
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+    )
+    return process.start(), targets
+
+
+async def test_a_rollout_judged_from_prometheus_rolls_back_a_failing_candidate(
+    gateway_factory, servers, tmp_path
+):
+    """`source: prometheus`: the gates read the fleet's numbers from a real Prometheus."""
+    base, cand = servers
+    prometheus, targets = _prometheus(tmp_path / "prometheus")
+    try:
+        gateway = gateway_factory(
+            rollout_config(
+                base,
+                cand,
+                stages=[50, 100],
+                interval_seconds=3,
+                source="prometheus",
+                prometheus_url=prometheus.url,
+            )
+        )
+        netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
+        targets.write_text(yaml.safe_dump([{"targets": [netloc]}]))
+        cand.plan.fail_until_cleared(Fault.error(500))
+        start_rollout(gateway)
+        rollout = rollout_of(gateway)
+        outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 60)
+        assert rollout.state == "rolled_back"
+        assert all(not outcome.startswith("error") for outcome in outcomes)  # base served
+        judgment = rollout.last_judgment
+        assert judgment["verdict"] == "fail" and "error_rate" in judgment["failed_gates"]
+        assert judgment["candidate"]["attempts"] >= 5  # counted by Prometheus, not locally
+    finally:
+        prometheus.stop()
