@@ -350,3 +350,29 @@ async def test_a_flood_of_unknown_keys_costs_one_lookup_at_a_time():
     before = calls
     await asyncio.gather(*(attempt(k) for k in keys[:500]))  # the same wrong keys again
     assert calls == before  # proven unknown: the database is not asked again
+
+
+def test_an_adapter_carried_through_reloads_stays_open_for_the_oldest_request(
+    bg: BackgroundLoop, gateway_factory
+):
+    """Reload twice mid-stream: the adapter is carried into the second plan (its provider
+    did not change), then replaced in the third. The second plan draining must not close
+    it while the first plan's stream still uses it."""
+    release = asyncio.Event()
+    upstream = UpstreamServer(bg, _paced_stream_app(release, []))
+    config = _config(upstream.url)
+    gateway = gateway_factory(config)
+    first_adapter = gateway.runtime.plan.adapters["p"]
+    stream = gateway.client().chat.completions.create(model="m", messages=ASK, stream=True)
+    first = next(iter(stream))
+    carried = {**config, "models": {"m": {**config["models"]["m"], "description": "v2"}}}
+    _reload(gateway, carried)
+    assert gateway.runtime.plan.adapters["p"] is first_adapter  # carried over
+    _reload(gateway, _config(upstream.url, headers={"x-config": "3"}))
+    assert gateway.runtime.plan.adapters["p"] is not first_adapter
+    assert first_adapter.transport.client is not None
+    bg.loop.call_soon_threadsafe(release.set)
+    rest = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert first.choices[0].delta.content + rest == "one two three four"
+    assert _adapter_closed(gateway, first_adapter)
+    upstream.close()

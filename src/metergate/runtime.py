@@ -102,6 +102,7 @@ class Runtime:
         self.meter = Meter(self.metrics, None)
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
+        self._draining: set[Plan] = set()  # replaced plans that requests still use
         self._follower: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # one config change at a time
         self.plan = self._build(config, config_versions.text_hash(self.text), None)
@@ -275,14 +276,24 @@ class Runtime:
             await self.mcp.apply(config.mcp)
         self.text, self.source = text, source
         self._export_static_metrics(old)
-        retiring = [a for n, a in old.adapters.items() if plan.adapters.get(n) is not a]
-        shared = old.shared if old.shared is not plan.shared else None
-        old.when_idle(lambda: self._retire(retiring, shared))
+        self._draining.add(old)
+        old.when_idle(lambda: self._drained(old))
         log.info("config %s applied (was %s) from %s", version, old.version, source)
         return True
 
-    def _retire(self, adapters: list[Adapter], shared: SharedState | None) -> None:
-        """Close a replaced plan's own adapters (and Redis link): its last request left."""
+    def _drained(self, old: Plan) -> None:
+        """A replaced plan's last request left: close what no plan in use still holds.
+
+        An adapter (or Redis link) carried from plan to plan is shared, so it closes only
+        when neither the current plan nor any plan still draining holds it.
+        """
+        self._draining.discard(old)
+        holding = [self.plan, *self._draining]
+        in_use = {id(a) for p in holding for a in p.adapters.values()}
+        adapters = [a for a in old.adapters.values() if id(a) not in in_use]
+        shared = old.shared
+        if shared is not None and any(p.shared is shared for p in holding):
+            shared = None
 
         async def close() -> None:
             for adapter in adapters:
