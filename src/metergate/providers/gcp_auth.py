@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 from typing import Any
 
 import google.auth
 import google.auth.exceptions
+from google.auth import aws, identity_pool
 from google.auth.transport.requests import Request
+from google.oauth2 import service_account
 
 from metergate.config.model import VertexSettings
 from metergate.errors import ConnectFailed, UpstreamRejected
@@ -68,13 +71,24 @@ class GoogleToken:
         return f"authorization: Bearer {token}\r\n".encode(), lifetime
 
     def _load(self) -> Any:
-        if self.settings.credentials_file:
-            credentials, _ = google.auth.load_credentials_from_file(
-                self.settings.credentials_file, scopes=SCOPES
-            )
-        else:
+        path = self.settings.credentials_file
+        if not path:
             credentials, _ = google.auth.default(scopes=SCOPES)
-        return credentials
+            return credentials
+        with open(path, encoding="utf-8") as file:
+            info = json.load(file)
+        kind = info.get("type") if isinstance(info, dict) else None
+        if kind == "service_account":
+            return service_account.Credentials.from_service_account_info(info, scopes=SCOPES)
+        if kind == "external_account":  # workload identity federation
+            source = info.get("credential_source") or {}
+            if str(source.get("environment_id", "")).startswith("aws"):
+                return aws.Credentials.from_info(info, scopes=SCOPES)
+            return identity_pool.Credentials.from_info(info, scopes=SCOPES)
+        raise google.auth.exceptions.DefaultCredentialsError(
+            f"{path} holds credentials of type {kind!r}; expected service_account or "
+            "external_account"
+        )
 
     def _rejected(self, detail: str) -> UpstreamRejected:
         return UpstreamRejected(

@@ -1,0 +1,434 @@
+"""Azure OpenAI, AWS Bedrock and Google Vertex AI (Gemini and Claude) behind the gateway.
+
+The same suite the Anthropic and Gemini adapters pass (`test_providers_through_gateway`),
+driven by the official openai SDK through a served gateway, against fakes that speak
+each service's wire format and check its authentication (`tests.clouds`): answers and
+limits, streams, usage forwarded exactly, usage = cost header = ledger = metrics, tool
+calls, errors, a failure in the middle of a stream, the gateway's own bad credentials,
+embeddings, a fallback into and out of each provider, and a rollout onto each of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yarl
+from aiohttp import web
+from openai.types import CompletionUsage
+
+from metergate.rollout import transitions
+from tests.clouds import UPSTREAMS, Clouds, config, serve_clouds
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer
+from tests.test_providers_through_gateway import CACHED, WEATHER, ask, ledger_row, split, tokens
+from tests.upstreams import ANSWER
+
+
+@dataclass
+class Cloud:
+    model: str  # the name callers use; its upstream is `{model}-up`
+    server: str  # which fake serves it
+    overloaded: tuple[int, str]  # the gateway's status for the fake's overload, and its words
+    rate_limited: str  # the fake's rate limit message
+    retry_after: str | None  # the Retry-After the caller gets on a rate limit
+    marker: bytes  # where the fake's mid-stream error begins
+
+    @property
+    def upstream(self) -> str:
+        return f"{self.model}-up"
+
+    @property
+    def prices(self) -> tuple[str, str, str]:
+        return UPSTREAMS[self.upstream][2]
+
+
+AZURE = Cloud("azure", "azure", (503, "overloaded"), "Rate limit reached", "7", b'data: {"error"')
+AZURE_ENTRA = Cloud(
+    "azure-entra", "azure", (503, "overloaded"), "Rate limit reached", "7", b'data: {"error"'
+)
+BEDROCK = Cloud(
+    "bedrock", "bedrock", (503, "unavailable"), "Too many requests", None, b":exception-type"
+)
+VERTEX_GEMINI = Cloud(
+    "vertex-gemini", "vertex", (503, "overloaded"), "current quota", "7", b'data: {"error"'
+)
+VERTEX_CLAUDE = Cloud(
+    "vertex-claude", "vertex", (502, "Overloaded"), "per-minute rate limit", "7", b"event: error"
+)
+CLOUDS = [AZURE, AZURE_ENTRA, BEDROCK, VERTEX_GEMINI, VERTEX_CLAUDE]
+
+
+@pytest.fixture
+def clouds(bg: BackgroundLoop, tmp_path: Path) -> Iterator[Clouds]:
+    yield from serve_clouds(bg, tmp_path)
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway], clouds: Clouds) -> Gateway:
+    return gateway_factory(config(clouds))
+
+
+@pytest.fixture(params=CLOUDS, ids=lambda c: c.model)
+def cloud(request: pytest.FixtureRequest) -> Cloud:
+    return request.param
+
+
+def expected_cost(cloud: Cloud, usage: CompletionUsage) -> Decimal:
+    micro = sum(n * Decimal(p) for n, p in zip(split(usage), cloud.prices, strict=True))
+    return (micro / 1_000_000).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
+
+
+def spend(gateway: Gateway, cloud: Cloud) -> tuple[float, ...]:
+    labels = {"model": cloud.model, "upstream": cloud.upstream, "key": "test"}
+    counted = (
+        gateway.metric("metergate_tokens_total", type=kind, **labels)
+        for kind in ("input", "cached_input", "output")
+    )
+    return (*counted, gateway.metric("metergate_cost_usd_total", **labels))
+
+
+def test_answer_and_length(gateway: Gateway, clouds: Clouds, cloud: Cloud) -> None:
+    client = gateway.client()
+    reply = client.chat.completions.create(model=cloud.model, messages=ask("Hello"))
+    choice = reply.choices[0]
+    assert (choice.message.role, choice.message.content) == ("assistant", ANSWER)
+    assert choice.finish_reason == "stop" and reply.usage.completion_tokens == 9
+    cut = client.chat.completions.create(
+        model=cloud.model, messages=ask("Hi", system="Be brief."), max_tokens=3
+    )
+    assert cut.choices[0].message.content == "The quick brown"
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
+    sent = clouds.recorder(cloud.server).last
+    if cloud is BEDROCK:  # Converse: the profile id in the path, limits in inferenceConfig
+        assert sent.path == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/converse"
+        assert sent.body["system"] == [{"text": "Be brief."}]
+        assert sent.body["inferenceConfig"] == {"maxTokens": 3}
+    elif cloud is AZURE:
+        assert sent.path == "/openai/deployments/prod-gpt41/chat/completions"
+        assert sent.query == {"api-version": "2024-10-21"}
+    elif cloud is AZURE_ENTRA:
+        assert sent.path == "/openai/v1/chat/completions" and sent.body["model"] == "prod-gpt41"
+    else:
+        base = "/v1/projects/metergate-test/locations/us-east5/publishers"
+        method = "claude-sonnet-4-5@20250929:rawPredict"
+        expected = f"{base}/anthropic/models/{method}" if cloud is VERTEX_CLAUDE else (
+            f"{base}/google/models/gemini-2.5-flash:generateContent"
+        )
+        assert sent.path == expected
+
+
+async def test_stream_matches_the_unary_answer(gateway: Gateway, cloud: Cloud) -> None:
+    client = gateway.async_client()
+    unary = await client.chat.completions.create(model=cloud.model, messages=ask("Hello"))
+    stream = await client.chat.completions.create(
+        model=cloud.model, messages=ask("Hello"), stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks), "usage not asked for"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert text == unary.choices[0].message.content == ANSWER
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    assert reasons == ["stop"] and chunks[-1].choices[0].finish_reason == "stop"
+    row = ledger_row(gateway, "stream = 1")
+    assert row["outcome"] == "success" and tokens(row) == split(unary.usage)
+
+
+def test_stream_forwards_usage_when_asked(gateway: Gateway, cloud: Cloud) -> None:
+    client = gateway.client()
+    messages = ask("Hello", system=CACHED)
+    unary = client.chat.completions.create(model=cloud.model, messages=messages)
+    chunks = list(
+        client.chat.completions.create(
+            model=cloud.model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usages = [chunk.usage for chunk in chunks if chunk.usage]
+    assert len(usages) == 1 and chunks[-1].usage is not None and chunks[-1].choices == []
+    assert usages[0].prompt_tokens_details.cached_tokens == 1024
+    assert usages[0].model_dump(exclude_none=True) == unary.usage.model_dump(exclude_none=True)
+    unary_row = ledger_row(gateway, "stream = 0")
+    stream_row = ledger_row(gateway, "stream = 1")
+    assert tokens(stream_row) == split(usages[0])
+    assert stream_row["cost_nano"] == unary_row["cost_nano"] > 0
+
+
+def test_usage_cost_ledger_and_metrics_agree(gateway: Gateway, cloud: Cloud) -> None:
+    before = spend(gateway, cloud)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model=cloud.model, messages=ask("What is cached?", system=CACHED)
+    )
+    usage = raw.parse().usage
+    assert usage.prompt_tokens_details.cached_tokens == 1024
+    assert usage.prompt_tokens > 1024 and usage.completion_tokens == 9
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    cost = expected_cost(cloud, usage)
+    assert raw.headers["x-metergate-cost-usd"] == f"{cost:.9f}"
+    assert raw.headers["x-metergate-upstream"] == cloud.upstream
+    row = ledger_row(gateway, f"request_id = '{raw.headers['x-request-id']}'")
+    assert tokens(row) == split(usage) and row["cost_nano"] == int(cost * 10**9)
+    assert (row["upstream"], row["outcome"], row["status"]) == (cloud.upstream, "success", 200)
+    moved = [now - then for now, then in zip(spend(gateway, cloud), before, strict=True)]
+    assert tuple(moved[:3]) == tokens(row)
+    assert moved[3] == pytest.approx(float(cost), abs=1e-12)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_calls(gateway: Gateway, cloud: Cloud, stream: bool) -> None:
+    reply: Any = await gateway.async_client().chat.completions.create(
+        model=cloud.model, messages=ask("Weather?"), tools=[WEATHER], stream=stream
+    )
+    calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+    reasons = []
+    if stream:
+        async for chunk in reply:
+            for delta in chunk.choices[0].delta.tool_calls or []:
+                call = calls.setdefault(delta.index, ["", "", ""])
+                call[0] += delta.id or ""
+                call[1] += (delta.function and delta.function.name) or ""
+                call[2] += (delta.function and delta.function.arguments) or ""
+            reasons.append(chunk.choices[0].finish_reason)
+    else:
+        reasons.append(reply.choices[0].finish_reason)
+        for index, call in enumerate(reply.choices[0].message.tool_calls):
+            calls[index] = [call.id, call.function.name, call.function.arguments]
+    assert [reason for reason in reasons if reason] == ["tool_calls"]
+    assert sorted(calls) == [0, 1]
+    assert [calls[i][1] for i in (0, 1)] == ["get_weather", "get_weather"]
+    arguments = [json.loads(calls[i][2]) for i in (0, 1)]
+    assert arguments == [{"location": "Paris"}, {"location": "Tokyo"}]
+    assert calls[0][0] and calls[1][0] and calls[0][0] != calls[1][0]
+
+
+async def test_tool_results_round_trip(gateway: Gateway, cloud: Cloud) -> None:
+    """The answers to the calls go back in the provider's format and are accepted."""
+    client = gateway.async_client()
+    first = await client.chat.completions.create(
+        model=cloud.model, messages=ask("Weather?"), tools=[WEATHER]
+    )
+    message = first.choices[0].message
+    results = [
+        {"role": "tool", "tool_call_id": call.id, "content": f"{n + 18}C"}
+        for n, call in enumerate(message.tool_calls or [])
+    ]
+    history = [*ask("Weather?"), message.model_dump(exclude_none=True), *results]
+    second = await client.chat.completions.create(
+        model=cloud.model, messages=history, tools=[WEATHER]
+    )
+    assert second.choices[0].message.content == ANSWER
+
+
+@pytest.mark.parametrize("word", ["overloaded", "rate_limit", "invalid"])
+def test_upstream_errors_through_the_sdk(gateway: Gateway, cloud: Cloud, word: str) -> None:
+    status, message, error_class, outcome = {
+        "overloaded": (*cloud.overloaded, openai.APIStatusError, "upstream_error"),
+        "rate_limit": (429, cloud.rate_limited, openai.RateLimitError, "rate_limited"),
+        "invalid": (400, "trigger asked for a 400", openai.BadRequestError, "upstream_rejected"),
+    }[word]
+    with pytest.raises(error_class) as raised:
+        gateway.client().chat.completions.create(model=cloud.model, messages=ask(f"TRIGGER:{word}"))
+    assert raised.value.status_code == status
+    assert message.lower() in raised.value.message.lower()
+    if word == "rate_limit":
+        assert raised.value.response.headers.get("retry-after") == cloud.retry_after
+    row = ledger_row(gateway, "1=1")
+    assert (row["status"], row["outcome"], row["attempts"]) == (status, outcome, 1)
+    assert row["output_tokens"] == row["cost_nano"] == 0
+
+
+def gated_proxy(target: str, marker: bytes, gate: asyncio.Event) -> web.Application:
+    """Relays to `target` (Host header, path and body untouched, so signatures hold) but
+    holds the answer back from `marker` until `gate` is set."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        skip = ("content-length", "transfer-encoding")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+        url = yarl.URL(target + request.raw_path, encoded=True)
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.post(url, data=await request.read(), headers=headers) as up,
+        ):
+            head, found, tail = (await up.read()).partition(marker)
+            response = web.StreamResponse(
+                status=up.status, headers={"content-type": up.headers["content-type"]}
+            )
+        await response.prepare(request)
+        await response.write(head)
+        await asyncio.wait_for(gate.wait(), 10)
+        await response.write(found + tail)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", forward)
+    return app
+
+
+def test_mid_stream_error(
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, bg: BackgroundLoop, cloud: Cloud
+) -> None:
+    """The provider's error after some deltas: the SDK raises while iterating."""
+    gate = asyncio.Event()
+    target = getattr(clouds, cloud.server).url
+    proxy = UpstreamServer(bg, gated_proxy(target, cloud.marker, gate))
+    try:
+        gateway = gateway_factory(config(clouds, **{cloud.model.split("-")[0]: proxy.url,
+                                                     "azure-entra": proxy.url}))
+        stream = gateway.client().chat.completions.create(
+            model=cloud.model, messages=ask("TRIGGER:stream_error"), stream=True
+        )
+        chunks = iter(stream)
+        received = next(chunks).choices[0].delta.content or ""
+        bg.loop.call_soon_threadsafe(gate.set)
+        with pytest.raises(openai.APIError, match=r"(?i)overloaded"):
+            for chunk in chunks:
+                received += chunk.choices[0].delta.content or ""
+    finally:
+        bg.loop.call_soon_threadsafe(gate.set)
+        proxy.close()
+    assert ANSWER.startswith(received) and received != ANSWER
+    row = ledger_row(gateway, "stream = 1")
+    assert (row["outcome"], row["stream"]) == ("upstream_error", 1)
+
+
+def test_wrong_provider_credentials_are_a_502(
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud, tmp_path: Path
+) -> None:
+    """The service refusing the gateway's credentials is not the caller's 401."""
+    settings = config(clouds)
+    provider = settings["providers"][UPSTREAMS[cloud.upstream][0]]
+    secret = "wrong-secret-abcdefghijklmnop0123"
+    if cloud in (AZURE,):
+        provider["api_key"] = secret
+    elif cloud is AZURE_ENTRA:
+        provider["azure"]["client_secret"] = secret
+    elif cloud is BEDROCK:
+        provider["bedrock"]["secret_access_key"] = secret
+    else:  # a key file for another key pair than the one Google knows
+        from tests.upstreams.vertex_server import State
+
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps(State().service_account(f"{clouds.vertex.url}/token")))
+        provider["vertex"]["credentials_file"] = str(other)
+    gateway = gateway_factory(settings)
+    with pytest.raises(openai.APIStatusError) as raised:
+        gateway.client().chat.completions.create(model=cloud.model, messages=ask("hi"))
+    assert not isinstance(raised.value, openai.AuthenticationError)
+    assert raised.value.status_code == 502
+    assert secret not in raised.value.response.text
+    assert "check" in raised.value.message
+    row = ledger_row(gateway, "1=1")
+    assert (row["status"], row["outcome"]) == (502, "upstream_rejected")
+
+
+@pytest.mark.parametrize(
+    ("model", "tokens_used"),
+    [("azure-embed", 7), ("titan", 7), ("cohere", 7), ("vertex-embed", 7)],
+)
+def test_embeddings(gateway: Gateway, model: str, tokens_used: int) -> None:
+    """Base64 (the SDK's default, decoded by it) and floats agree; usage as reported
+    (the fakes count one token per word)."""
+    client = gateway.client()
+    texts = ["hello world", "a longer sentence to embed"]
+    default = client.embeddings.create(model=model, input=texts)
+    floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.index for d in default.data] == [d.index for d in floats.data] == [0, 1]
+    for decoded, exact in zip(default.data, floats.data, strict=True):
+        assert len(exact.embedding) == 8
+        assert decoded.embedding == pytest.approx(exact.embedding, abs=1e-6)
+    assert floats.data[0].embedding != floats.data[1].embedding
+    assert default.usage.prompt_tokens == floats.usage.prompt_tokens == tokens_used
+    row = gateway.ledger_rows("1=1")[-1]
+    assert (row["input_tokens"], row["outcome"]) == (tokens_used, "success")
+
+
+def with_simulated(settings: dict[str, Any], error_rate: float) -> dict[str, Any]:
+    settings["providers"]["sim"] = {
+        "type": "simulated",
+        "simulated": {"error_rate": error_rate, "error_kind": "server_error"},
+    }
+    settings["upstreams"]["sim-up"] = {"provider": "sim", "model": "sim-model", "price": {}}
+    settings["models"]["sim"] = {"upstreams": ["sim-up"], "retry": {"max_retries": 0}}
+    return settings
+
+
+def test_fallback_into_the_provider(
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+) -> None:
+    settings = with_simulated(config(clouds), error_rate=1.0)
+    settings["models"]["sim"]["fallbacks"] = [cloud.model]
+    gateway = gateway_factory(settings)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="sim", messages=ask("Hello")
+    )
+    assert raw.parse().choices[0].message.content == ANSWER
+    assert raw.headers["x-metergate-upstream"] == cloud.upstream
+    assert gateway.metric(
+        "metergate_fallbacks_total", model="sim", from_upstream="sim-up", to_upstream=cloud.upstream
+    ) == 1
+    row = ledger_row(gateway, "1=1")
+    assert (row["upstream"], row["attempts"], row["outcome"]) == (cloud.upstream, 2, "success")
+
+
+def test_fallback_out_of_the_provider(
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+) -> None:
+    settings = with_simulated(config(clouds), error_rate=0.0)
+    settings["models"][cloud.model]["fallbacks"] = ["sim"]
+    gateway = gateway_factory(settings)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model=cloud.model, messages=ask("TRIGGER:overloaded")
+    )
+    assert raw.headers["x-metergate-upstream"] == "sim-up"
+    assert gateway.metric(
+        "metergate_upstream_attempts_total", upstream=cloud.upstream, outcome="upstream_error"
+    ) == 1
+    row = ledger_row(gateway, "1=1")
+    assert (row["upstream"], row["attempts"], row["outcome"]) == ("sim-up", 2, "success")
+
+
+async def test_rollout_onto_the_provider(
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+) -> None:
+    """A staged rollout from the simulator to the provider completes; both served."""
+    settings = with_simulated(config(clouds), error_rate=0.0)
+    settings["rollouts"] = {
+        "move": {
+            "model": "sim",
+            "baseline": ["sim-up"],
+            "candidate": [cloud.upstream],
+            "stages": [50, 100],
+            "interval_seconds": 0.3,
+            "min_requests": 3,
+        }
+    }
+    gateway = gateway_factory(settings)
+    rollout = gateway.runtime.plan.rollouts.rollouts["move"]
+    gateway.bg.run(transitions.start(gateway.runtime.database, rollout))
+    client = gateway.async_client()
+    served: list[str] = []
+    deadline = time.monotonic() + 20
+    while rollout.state != "completed" and time.monotonic() < deadline:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="sim", messages=ask("Hello")
+        )
+        served.append(raw.headers["x-metergate-upstream"])
+        await asyncio.sleep(0.01)
+    assert rollout.state == "completed"
+    assert {"sim-up", cloud.upstream} <= set(served)
+    after = await client.chat.completions.with_raw_response.create(
+        model="sim", messages=ask("Hello")
+    )
+    assert after.headers["x-metergate-upstream"] == cloud.upstream
+    assert after.parse().choices[0].message.content == ANSWER
