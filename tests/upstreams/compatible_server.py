@@ -79,11 +79,11 @@ def create_app() -> web.Application:
 
 
 def error(
-    status: int, message: str, kind: str | None, code: str | None = None, **extra: Any
+    http_status: int, message: str, kind: str | None, code: str | None = None, **extra: Any
 ) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
-    headers = {"retry-after": "7"} if status == 429 else None
-    return web.json_response(body, status=status, headers=headers)
+    headers = {"retry-after": "7"} if http_status == 429 else None
+    return web.json_response(body, status=http_status, headers=headers)
 
 
 def _text(content: Any) -> str:
