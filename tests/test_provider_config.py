@@ -238,3 +238,16 @@ def test_botocore_decodes_the_fakes_frames() -> None:
     buffer.add_data(bytes(corrupt))
     with pytest.raises(ChecksumMismatch):
         list(buffer)
+
+
+def test_readme_provider_examples_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's example has one provider of each new kind, and it passes the checks."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Providers", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    for variable in ("DEEPSEEK_API_KEY", "AZURE_OPENAI_API_KEY"):
+        monkeypatch.setenv(variable, "placeholder-secret")
+    config = parse_config(block, "README.md")
+    kinds = {(p.type, p.preset) for p in config.providers.values()}
+    assert kinds == {("openai", "deepseek"), ("azure", None), ("bedrock", None), ("vertex", None)}
+    assert config.providers["bedrock"].price_list == "bedrock"

@@ -7,6 +7,7 @@ reported with its own location instead of one opaque validator error.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 from decimal import Decimal
 from typing import Any, Literal
@@ -83,6 +84,12 @@ class AzureSettings(Strict):
     client_secret: SecretStr | None = None
     authority: str = "https://login.microsoftonline.com"
     scope: str = "https://cognitiveservices.azure.com/.default"
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _date_as_written(cls, value: Any) -> Any:
+        """YAML reads an unquoted 2024-10-21 as a date; Azure wants the text."""
+        return value.isoformat() if isinstance(value, datetime.date) else value
 
 
 class BedrockSettings(Strict):
