@@ -15,7 +15,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,19 @@ import openai
 import pytest
 import yarl
 from aiohttp import web
-from openai.types import CompletionUsage
 
 from metergate.rollout import transitions
 from tests.clouds import UPSTREAMS, Clouds, config, serve_clouds
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer
-from tests.test_providers_through_gateway import CACHED, WEATHER, ask, ledger_row, split, tokens
+from tests.test_providers_through_gateway import (  # the shared suite, run here on each cloud
+    WEATHER,
+    ask,
+    ledger_row,
+    test_stream_forwards_usage_when_asked,
+    test_stream_matches_the_unary_answer,
+    test_tool_calls,
+    test_usage_cost_ledger_and_metrics_agree,
+)
 from tests.upstreams import ANSWER
 
 
@@ -78,144 +84,54 @@ def gateway(gateway_factory: Callable[..., Gateway], clouds: Clouds) -> Gateway:
 
 
 @pytest.fixture(params=CLOUDS, ids=lambda c: c.model)
-def cloud(request: pytest.FixtureRequest) -> Cloud:
+def provider(request: pytest.FixtureRequest) -> Cloud:
+    """Named as in the shared suite, whose tests are imported above and run here."""
     return request.param
 
 
-def expected_cost(cloud: Cloud, usage: CompletionUsage) -> Decimal:
-    micro = sum(n * Decimal(p) for n, p in zip(split(usage), cloud.prices, strict=True))
-    return (micro / 1_000_000).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
+__all__ = [
+    "test_stream_forwards_usage_when_asked",
+    "test_stream_matches_the_unary_answer",
+    "test_tool_calls",
+    "test_usage_cost_ledger_and_metrics_agree",
+]
 
 
-def spend(gateway: Gateway, cloud: Cloud) -> tuple[float, ...]:
-    labels = {"model": cloud.model, "upstream": cloud.upstream, "key": "test"}
-    counted = (
-        gateway.metric("metergate_tokens_total", type=kind, **labels)
-        for kind in ("input", "cached_input", "output")
-    )
-    return (*counted, gateway.metric("metergate_cost_usd_total", **labels))
-
-
-def test_answer_and_length(gateway: Gateway, clouds: Clouds, cloud: Cloud) -> None:
+def test_answer_and_length(gateway: Gateway, clouds: Clouds, provider: Cloud) -> None:
     client = gateway.client()
-    reply = client.chat.completions.create(model=cloud.model, messages=ask("Hello"))
+    reply = client.chat.completions.create(model=provider.model, messages=ask("Hello"))
     choice = reply.choices[0]
     assert (choice.message.role, choice.message.content) == ("assistant", ANSWER)
     assert choice.finish_reason == "stop" and reply.usage.completion_tokens == 9
     cut = client.chat.completions.create(
-        model=cloud.model, messages=ask("Hi", system="Be brief."), max_tokens=3
+        model=provider.model, messages=ask("Hi", system="Be brief."), max_tokens=3
     )
     assert cut.choices[0].message.content == "The quick brown"
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
-    sent = clouds.recorder(cloud.server).last
-    if cloud is BEDROCK:  # Converse: the profile id in the path, limits in inferenceConfig
+    sent = clouds.recorder(provider.server).last
+    if provider is BEDROCK:  # Converse: the profile id in the path, limits in inferenceConfig
         assert sent.path == "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/converse"
         assert sent.body["system"] == [{"text": "Be brief."}]
         assert sent.body["inferenceConfig"] == {"maxTokens": 3}
-    elif cloud is AZURE:
+    elif provider is AZURE:
         assert sent.path == "/openai/deployments/prod-gpt41/chat/completions"
         assert sent.query == {"api-version": "2024-10-21"}
-    elif cloud is AZURE_ENTRA:
+    elif provider is AZURE_ENTRA:
         assert sent.path == "/openai/v1/chat/completions" and sent.body["model"] == "prod-gpt41"
     else:
         base = "/v1/projects/metergate-test/locations/us-east5/publishers"
         method = "claude-sonnet-4-5@20250929:rawPredict"
-        expected = f"{base}/anthropic/models/{method}" if cloud is VERTEX_CLAUDE else (
+        expected = f"{base}/anthropic/models/{method}" if provider is VERTEX_CLAUDE else (
             f"{base}/google/models/gemini-2.5-flash:generateContent"
         )
         assert sent.path == expected
 
 
-async def test_stream_matches_the_unary_answer(gateway: Gateway, cloud: Cloud) -> None:
-    client = gateway.async_client()
-    unary = await client.chat.completions.create(model=cloud.model, messages=ask("Hello"))
-    stream = await client.chat.completions.create(
-        model=cloud.model, messages=ask("Hello"), stream=True
-    )
-    chunks = [chunk async for chunk in stream]
-    assert all(chunk.choices and chunk.usage is None for chunk in chunks), "usage not asked for"
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
-    assert text == unary.choices[0].message.content == ANSWER
-    reasons = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
-    assert reasons == ["stop"] and chunks[-1].choices[0].finish_reason == "stop"
-    row = ledger_row(gateway, "stream = 1")
-    assert row["outcome"] == "success" and tokens(row) == split(unary.usage)
-
-
-def test_stream_forwards_usage_when_asked(gateway: Gateway, cloud: Cloud) -> None:
-    client = gateway.client()
-    messages = ask("Hello", system=CACHED)
-    unary = client.chat.completions.create(model=cloud.model, messages=messages)
-    chunks = list(
-        client.chat.completions.create(
-            model=cloud.model,
-            messages=messages,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    usages = [chunk.usage for chunk in chunks if chunk.usage]
-    assert len(usages) == 1 and chunks[-1].usage is not None and chunks[-1].choices == []
-    assert usages[0].prompt_tokens_details.cached_tokens == 1024
-    assert usages[0].model_dump(exclude_none=True) == unary.usage.model_dump(exclude_none=True)
-    unary_row = ledger_row(gateway, "stream = 0")
-    stream_row = ledger_row(gateway, "stream = 1")
-    assert tokens(stream_row) == split(usages[0])
-    assert stream_row["cost_nano"] == unary_row["cost_nano"] > 0
-
-
-def test_usage_cost_ledger_and_metrics_agree(gateway: Gateway, cloud: Cloud) -> None:
-    before = spend(gateway, cloud)
-    raw = gateway.client().chat.completions.with_raw_response.create(
-        model=cloud.model, messages=ask("What is cached?", system=CACHED)
-    )
-    usage = raw.parse().usage
-    assert usage.prompt_tokens_details.cached_tokens == 1024
-    assert usage.prompt_tokens > 1024 and usage.completion_tokens == 9
-    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    cost = expected_cost(cloud, usage)
-    assert raw.headers["x-metergate-cost-usd"] == f"{cost:.9f}"
-    assert raw.headers["x-metergate-upstream"] == cloud.upstream
-    row = ledger_row(gateway, f"request_id = '{raw.headers['x-request-id']}'")
-    assert tokens(row) == split(usage) and row["cost_nano"] == int(cost * 10**9)
-    assert (row["upstream"], row["outcome"], row["status"]) == (cloud.upstream, "success", 200)
-    moved = [now - then for now, then in zip(spend(gateway, cloud), before, strict=True)]
-    assert tuple(moved[:3]) == tokens(row)
-    assert moved[3] == pytest.approx(float(cost), abs=1e-12)
-
-
-@pytest.mark.parametrize("stream", [False, True])
-async def test_tool_calls(gateway: Gateway, cloud: Cloud, stream: bool) -> None:
-    reply: Any = await gateway.async_client().chat.completions.create(
-        model=cloud.model, messages=ask("Weather?"), tools=[WEATHER], stream=stream
-    )
-    calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
-    reasons = []
-    if stream:
-        async for chunk in reply:
-            for delta in chunk.choices[0].delta.tool_calls or []:
-                call = calls.setdefault(delta.index, ["", "", ""])
-                call[0] += delta.id or ""
-                call[1] += (delta.function and delta.function.name) or ""
-                call[2] += (delta.function and delta.function.arguments) or ""
-            reasons.append(chunk.choices[0].finish_reason)
-    else:
-        reasons.append(reply.choices[0].finish_reason)
-        for index, call in enumerate(reply.choices[0].message.tool_calls):
-            calls[index] = [call.id, call.function.name, call.function.arguments]
-    assert [reason for reason in reasons if reason] == ["tool_calls"]
-    assert sorted(calls) == [0, 1]
-    assert [calls[i][1] for i in (0, 1)] == ["get_weather", "get_weather"]
-    arguments = [json.loads(calls[i][2]) for i in (0, 1)]
-    assert arguments == [{"location": "Paris"}, {"location": "Tokyo"}]
-    assert calls[0][0] and calls[1][0] and calls[0][0] != calls[1][0]
-
-
-async def test_tool_results_round_trip(gateway: Gateway, cloud: Cloud) -> None:
+async def test_tool_results_round_trip(gateway: Gateway, provider: Cloud) -> None:
     """The answers to the calls go back in the provider's format and are accepted."""
     client = gateway.async_client()
     first = await client.chat.completions.create(
-        model=cloud.model, messages=ask("Weather?"), tools=[WEATHER]
+        model=provider.model, messages=ask("Weather?"), tools=[WEATHER]
     )
     message = first.choices[0].message
     results = [
@@ -224,24 +140,26 @@ async def test_tool_results_round_trip(gateway: Gateway, cloud: Cloud) -> None:
     ]
     history = [*ask("Weather?"), message.model_dump(exclude_none=True), *results]
     second = await client.chat.completions.create(
-        model=cloud.model, messages=history, tools=[WEATHER]
+        model=provider.model, messages=history, tools=[WEATHER]
     )
     assert second.choices[0].message.content == ANSWER
 
 
 @pytest.mark.parametrize("word", ["overloaded", "rate_limit", "invalid"])
-def test_upstream_errors_through_the_sdk(gateway: Gateway, cloud: Cloud, word: str) -> None:
+def test_upstream_errors_through_the_sdk(gateway: Gateway, provider: Cloud, word: str) -> None:
     status, message, error_class, outcome = {
-        "overloaded": (*cloud.overloaded, openai.APIStatusError, "upstream_error"),
-        "rate_limit": (429, cloud.rate_limited, openai.RateLimitError, "rate_limited"),
+        "overloaded": (*provider.overloaded, openai.APIStatusError, "upstream_error"),
+        "rate_limit": (429, provider.rate_limited, openai.RateLimitError, "rate_limited"),
         "invalid": (400, "trigger asked for a 400", openai.BadRequestError, "upstream_rejected"),
     }[word]
     with pytest.raises(error_class) as raised:
-        gateway.client().chat.completions.create(model=cloud.model, messages=ask(f"TRIGGER:{word}"))
+        gateway.client().chat.completions.create(
+            model=provider.model, messages=ask(f"TRIGGER:{word}")
+        )
     assert raised.value.status_code == status
     assert message.lower() in raised.value.message.lower()
     if word == "rate_limit":
-        assert raised.value.response.headers.get("retry-after") == cloud.retry_after
+        assert raised.value.response.headers.get("retry-after") == provider.retry_after
     row = ledger_row(gateway, "1=1")
     assert (row["status"], row["outcome"], row["attempts"]) == (status, outcome, 1)
     assert row["output_tokens"] == row["cost_nano"] == 0
@@ -276,17 +194,17 @@ def gated_proxy(target: str, marker: bytes, gate: asyncio.Event) -> web.Applicat
 
 
 def test_mid_stream_error(
-    gateway_factory: Callable[..., Gateway], clouds: Clouds, bg: BackgroundLoop, cloud: Cloud
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, bg: BackgroundLoop, provider: Cloud
 ) -> None:
     """The provider's error after some deltas: the SDK raises while iterating."""
     gate = asyncio.Event()
-    target = getattr(clouds, cloud.server).url
-    proxy = UpstreamServer(bg, gated_proxy(target, cloud.marker, gate))
+    target = getattr(clouds, provider.server).url
+    proxy = UpstreamServer(bg, gated_proxy(target, provider.marker, gate))
     try:
-        gateway = gateway_factory(config(clouds, **{cloud.model.split("-")[0]: proxy.url,
+        gateway = gateway_factory(config(clouds, **{provider.model.split("-")[0]: proxy.url,
                                                      "azure-entra": proxy.url}))
         stream = gateway.client().chat.completions.create(
-            model=cloud.model, messages=ask("TRIGGER:stream_error"), stream=True
+            model=provider.model, messages=ask("TRIGGER:stream_error"), stream=True
         )
         chunks = iter(stream)
         received = next(chunks).choices[0].delta.content or ""
@@ -303,27 +221,27 @@ def test_mid_stream_error(
 
 
 def test_wrong_provider_credentials_are_a_502(
-    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud, tmp_path: Path
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud, tmp_path: Path
 ) -> None:
     """The service refusing the gateway's credentials is not the caller's 401."""
     settings = config(clouds)
-    provider = settings["providers"][UPSTREAMS[cloud.upstream][0]]
+    entry = settings["providers"][UPSTREAMS[provider.upstream][0]]
     secret = "wrong-secret-abcdefghijklmnop0123"
-    if cloud in (AZURE,):
-        provider["api_key"] = secret
-    elif cloud is AZURE_ENTRA:
-        provider["azure"]["client_secret"] = secret
-    elif cloud is BEDROCK:
-        provider["bedrock"]["secret_access_key"] = secret
+    if provider in (AZURE,):
+        entry["api_key"] = secret
+    elif provider is AZURE_ENTRA:
+        entry["azure"]["client_secret"] = secret
+    elif provider is BEDROCK:
+        entry["bedrock"]["secret_access_key"] = secret
     else:  # a key file for another key pair than the one Google knows
         from tests.upstreams.vertex_server import State
 
         other = tmp_path / "other.json"
         other.write_text(json.dumps(State().service_account(f"{clouds.vertex.url}/token")))
-        provider["vertex"]["credentials_file"] = str(other)
+        entry["vertex"]["credentials_file"] = str(other)
     gateway = gateway_factory(settings)
     with pytest.raises(openai.APIStatusError) as raised:
-        gateway.client().chat.completions.create(model=cloud.model, messages=ask("hi"))
+        gateway.client().chat.completions.create(model=provider.model, messages=ask("hi"))
     assert not isinstance(raised.value, openai.AuthenticationError)
     assert raised.value.status_code == 502
     assert secret not in raised.value.response.text
@@ -364,42 +282,41 @@ def with_simulated(settings: dict[str, Any], error_rate: float) -> dict[str, Any
 
 
 def test_fallback_into_the_provider(
-    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud
 ) -> None:
     settings = with_simulated(config(clouds), error_rate=1.0)
-    settings["models"]["sim"]["fallbacks"] = [cloud.model]
+    settings["models"]["sim"]["fallbacks"] = [provider.model]
     gateway = gateway_factory(settings)
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="sim", messages=ask("Hello")
     )
     assert raw.parse().choices[0].message.content == ANSWER
-    assert raw.headers["x-metergate-upstream"] == cloud.upstream
-    assert gateway.metric(
-        "metergate_fallbacks_total", model="sim", from_upstream="sim-up", to_upstream=cloud.upstream
-    ) == 1
+    assert raw.headers["x-metergate-upstream"] == provider.upstream
+    moved = {"model": "sim", "from_upstream": "sim-up", "to_upstream": provider.upstream}
+    assert gateway.metric("metergate_fallbacks_total", **moved) == 1
     row = ledger_row(gateway, "1=1")
-    assert (row["upstream"], row["attempts"], row["outcome"]) == (cloud.upstream, 2, "success")
+    assert (row["upstream"], row["attempts"], row["outcome"]) == (provider.upstream, 2, "success")
 
 
 def test_fallback_out_of_the_provider(
-    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud
 ) -> None:
     settings = with_simulated(config(clouds), error_rate=0.0)
-    settings["models"][cloud.model]["fallbacks"] = ["sim"]
+    settings["models"][provider.model]["fallbacks"] = ["sim"]
     gateway = gateway_factory(settings)
     raw = gateway.client().chat.completions.with_raw_response.create(
-        model=cloud.model, messages=ask("TRIGGER:overloaded")
+        model=provider.model, messages=ask("TRIGGER:overloaded")
     )
     assert raw.headers["x-metergate-upstream"] == "sim-up"
     assert gateway.metric(
-        "metergate_upstream_attempts_total", upstream=cloud.upstream, outcome="upstream_error"
+        "metergate_upstream_attempts_total", upstream=provider.upstream, outcome="upstream_error"
     ) == 1
     row = ledger_row(gateway, "1=1")
     assert (row["upstream"], row["attempts"], row["outcome"]) == ("sim-up", 2, "success")
 
 
 async def test_rollout_onto_the_provider(
-    gateway_factory: Callable[..., Gateway], clouds: Clouds, cloud: Cloud
+    gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud
 ) -> None:
     """A staged rollout from the simulator to the provider completes; both served."""
     settings = with_simulated(config(clouds), error_rate=0.0)
@@ -407,7 +324,7 @@ async def test_rollout_onto_the_provider(
         "move": {
             "model": "sim",
             "baseline": ["sim-up"],
-            "candidate": [cloud.upstream],
+            "candidate": [provider.upstream],
             "stages": [50, 100],
             "interval_seconds": 0.3,
             "min_requests": 3,
@@ -426,9 +343,9 @@ async def test_rollout_onto_the_provider(
         served.append(raw.headers["x-metergate-upstream"])
         await asyncio.sleep(0.01)
     assert rollout.state == "completed"
-    assert {"sim-up", cloud.upstream} <= set(served)
+    assert {"sim-up", provider.upstream} <= set(served)
     after = await client.chat.completions.with_raw_response.create(
         model="sim", messages=ask("Hello")
     )
-    assert after.headers["x-metergate-upstream"] == cloud.upstream
+    assert after.headers["x-metergate-upstream"] == provider.upstream
     assert after.parse().choices[0].message.content == ANSWER
