@@ -45,7 +45,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.upstreams import RECORDER, Recorder, answer_within, trigger
+from tests.upstreams import RECORDER, Recorder, answer_within, send_stream, trigger
 from tests.upstreams.eventstream import event, exception
 
 REGION = "us-east-1"
@@ -306,19 +306,8 @@ async def _stream(
         frames = frames[:5]
         if word == "stream_error":
             frames.append(exception("modelStreamErrorException", "The model is overloaded."))
-    response = web.StreamResponse(headers={"content-type": "application/vnd.amazon.eventstream"})
-    await response.prepare(request)
-    for number, data in enumerate(frames):
-        if number == 3:  # one frame split across two writes, as TCP may deliver it
-            await response.write(data[:9])
-            data = data[9:]
-        await response.write(data)
-    if word == "stream_abort":
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+    content_type = "application/vnd.amazon.eventstream"
+    return await send_stream(request, content_type, frames, word == "stream_abort")
 
 
 def _frames(answer: dict[str, Any]) -> list[bytes]:

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.upstreams import RECORDER, Recorder, answer_within, trigger
+from tests.upstreams import RECORDER, Recorder, answer_within, send_stream, trigger
 
 API_KEY = "sk-compatible-test-key-0123456789"
 FLAVORS = ("openai", "deepseek", "xai", "groq", "mistral", "perplexity")
@@ -284,16 +284,7 @@ async def _stream(
         if word == "stream_error":
             failure = {"error": {"message": "The server is overloaded.", "type": "server_error"}}
             events.append(b"data: " + orjson.dumps(failure) + b"\n\n")
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    for event in events:
-        await response.write(event)
-    if word == "stream_abort":
-        assert request.transport is not None
-        request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+    return await send_stream(request, "text/event-stream", events, word == "stream_abort")
 
 
 def embeddings(body: Any) -> web.Response:
