@@ -79,6 +79,11 @@ class BedrockAdapter(HttpAdapter):
         self.transport = _BedrockTransport(config, headers, self.base)
         self.signer = None if config.api_key is not None else AwsSigner(name, settings, region)
 
+    async def close(self) -> None:
+        await super().close()
+        if self.signer is not None:
+            self.signer.cache.close()
+
     def url(self, model: str, operation: str) -> str:
         return f"{self.base}/model/{quote(model, safe='')}/{operation}"
 

@@ -57,6 +57,7 @@ class EntraToken:
         return await self.cache.get()
 
     async def close(self) -> None:
+        self.cache.close()
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -42,6 +42,11 @@ class GoogleToken:
     async def header(self) -> bytes:
         return await self.cache.get()
 
+    def close(self) -> None:
+        self.cache.close()
+        if self._request is not None:
+            self._request.session.close()
+
     async def _fetch(self) -> tuple[bytes, float | None]:
         return await asyncio.to_thread(self._refresh)
 

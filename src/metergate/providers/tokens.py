@@ -53,6 +53,11 @@ class Refreshing(Generic[T]):
             raise self._failure
         return await asyncio.shield(self._start())
 
+    def close(self) -> None:
+        """Stop a refresh in progress (the adapter is being closed)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     def _start(self) -> asyncio.Task[T]:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._refresh())

@@ -57,6 +57,10 @@ class VertexAdapter(HttpAdapter):
         self.transport = gemini._GeminiTransport(config, {}, base)
         self.token = GoogleToken(name, settings)
 
+    async def close(self) -> None:
+        await super().close()
+        self.token.close()
+
     def model_path(self, model: str) -> tuple[str, bool]:
         """(URL of the model, without `:method`; whether the model is Anthropic's)."""
         publisher, slash, name = model.partition("/")
