@@ -14,9 +14,9 @@ import openai
 import pytest
 
 from tests.clouds import Clouds, config, serve_clouds
-from tests.harness import BackgroundLoop, Gateway
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer
 from tests.test_providers_through_gateway import ask, ledger_row
-from tests.upstreams import ANSWER, bedrock_server
+from tests.upstreams import ANSWER, bedrock_server, sts_server
 
 
 @pytest.fixture
@@ -226,3 +226,35 @@ def test_azure_unknown_deployment_is_the_gateways_problem(
     with pytest.raises(openai.APIStatusError) as raised:
         gateway.client().chat.completions.create(model="azure", messages=ask("Hi"))
     assert raised.value.status_code == 502 and "does not exist" in raised.value.message
+
+
+def test_bedrock_credentials_from_a_web_identity_are_refreshed(
+    gateway_factory: Callable[..., Gateway],
+    clouds: Clouds,
+    bg: BackgroundLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The chain's web-identity step (as on EKS): role credentials from STS that live
+    4 s are replaced before they expire, and every request verifies."""
+    state = sts_server.State(clouds.bedrock_state, lifetime=4)
+    sts = UpstreamServer(bg, sts_server.create_app(state))
+    token_file = tmp_path / "web-identity-token"
+    token_file.write_text(sts_server.TOKEN)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ROLE_ARN", sts_server.ROLE)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_STS", sts.url)
+    monkeypatch.setenv("AWS_REGION", bedrock_server.REGION)
+    try:
+        gateway = gateway_factory(bedrock_only(clouds))
+        asked = ask_until(gateway, "bedrock", lambda: state.issued >= 3, 20)
+    finally:
+        sts.close()
+    assert state.issued >= 3 and asked > state.issued
+    keys = {r.headers["authorization"].split("/")[0] for r in clouds.recorder("bedrock").requests}
+    assert len(keys) >= 2 and all("ASIAFAKEWEBIDENTITY" in key for key in keys)
