@@ -96,3 +96,23 @@ def parse_sse(data: bytes) -> list[Any]:
         payload = block[6:]
         events.append(payload if payload == "[DONE]" else orjson.loads(payload))
     return events
+
+
+async def send_stream(
+    request: web.Request, content_type: str, parts: list[bytes], abort: bool = False
+) -> web.StreamResponse:
+    """Write a streamed answer: the fourth part split across two writes (as TCP may
+    deliver it), then a clean end, or a dropped connection when `abort`."""
+    response = web.StreamResponse(headers={"content-type": content_type})
+    await response.prepare(request)
+    for number, data in enumerate(parts):
+        if number == 3:
+            await response.write(data[:9])
+            data = data[9:]
+        await response.write(data)
+    if abort:
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+    await response.write_eof()
+    return response

@@ -7,14 +7,24 @@ from typing import Annotated
 
 import typer
 
-from metergate.cli.common import console, load_or_exit
+from metergate.cli.common import console, errors, load_or_exit
+from metergate.config.checks import price_warnings
+from metergate.config.loader import format_path
 
 
 def check(
     config: Annotated[Path, typer.Argument(help="the YAML config file to validate")],
 ) -> None:
-    """Validate a config file; exit 2 and list every problem if it is not usable."""
+    """Validate a config file; exit 2 and list every problem if it is not usable.
+
+    Warnings (an upstream without a price) do not fail the check."""
     loaded = load_or_exit(config)
+    for path, message, hint in price_warnings(loaded):
+        errors.print(
+            f"warning: {config}: {format_path(path)}: {message}\n    hint: {hint}",
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"[green]ok[/green] {config}: {len(loaded.providers)} providers, "
         f"{len(loaded.upstreams)} upstreams, {len(loaded.models)} models"

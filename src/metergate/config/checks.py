@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from metergate.config.model import GatewayConfig
+from metergate.config.provider_checks import Problem, price_warnings, provider_problems
 
-Problem = tuple[tuple[str | int, ...], str, str]
+__all__ = ["Problem", "cross_reference_problems", "price_warnings"]
 
 _NEEDS_BASE_URL = {"openai"}
 _NEEDS_KEY = {"anthropic", "gemini"}
@@ -15,6 +16,7 @@ _NEEDS_KEY = {"anthropic", "gemini"}
 def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
     """Yield (key path, message, hint) for every dangling or inconsistent reference."""
     providers = sorted(config.providers)
+    yield from provider_problems(config)
     for name, provider in config.providers.items():
         if provider.type in _NEEDS_BASE_URL and not provider.base_url:
             yield (

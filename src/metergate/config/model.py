@@ -7,16 +7,18 @@ reported with its own location instead of one opaque validator error.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from metergate.config.presets import DEFAULT_PRICE_LISTS, PRESETS, PresetName
 from metergate.mcp.config import McpConfig
 
-ProviderType = Literal["openai", "anthropic", "gemini", "simulated"]
+ProviderType = Literal["openai", "anthropic", "gemini", "simulated", "azure", "bedrock", "vertex"]
 ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
 
 
@@ -60,8 +62,66 @@ class Timeouts(Strict):
     pool: float = Field(default=10, gt=0)
 
 
+# --- cloud provider settings (Azure OpenAI, AWS Bedrock, Google Vertex AI) -----------
+
+
+class AzureSettings(Strict):
+    """Azure OpenAI: `base_url` is the resource endpoint (https://NAME.openai.azure.com).
+    Authenticate with the provider's `api_key` (the `api-key` header) or with a Microsoft
+    Entra app (client credentials: tenant_id, client_id, client_secret)."""
+
+    api: Literal["deployments", "v1"] = Field(
+        default="deployments",
+        description="deployments: /openai/deployments/{name}/...?api-version=; v1: /openai/v1/...",
+    )
+    api_version: str = "2024-10-21"
+    deployments: dict[str, str] = Field(
+        default_factory=dict,
+        description="upstream model id (what prices are looked up by) -> deployment name",
+    )
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    authority: str = "https://login.microsoftonline.com"
+    scope: str = "https://cognitiveservices.azure.com/.default"
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _date_as_written(cls, value: Any) -> Any:
+        """YAML reads an unquoted 2024-10-21 as a date; Azure wants the text."""
+        return value.isoformat() if isinstance(value, datetime.date) else value
+
+
+class BedrockSettings(Strict):
+    """AWS Bedrock: SigV4 with credentials from the standard AWS chain (environment,
+    shared profile, web identity, container and instance roles), a named `profile`, or
+    explicit keys; or a Bedrock API key as the provider's `api_key` (bearer)."""
+
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+
+class VertexSettings(Strict):
+    """Google Vertex AI: credentials through google-auth (a service-account or external
+    account key file, else Application Default Credentials: workload identity, metadata
+    server, gcloud)."""
+
+    project: str | None = None
+    location: str | None = None
+    credentials_file: str | None = None
+
+
 class ProviderConfig(Strict):
     type: ProviderType
+    preset: PresetName | None = Field(
+        default=None, description="type openai only: fills base_url, price_list and quirks"
+    )
+    azure: AzureSettings | None = None
+    bedrock: BedrockSettings | None = None
+    vertex: VertexSettings | None = None
     base_url: str | None = None
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -76,6 +136,21 @@ class ProviderConfig(Strict):
     price_list: str = "official"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        """A preset (or a cloud type) supplies base_url and price_list when not written."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset")
+        preset = PRESETS.get(name) if isinstance(name, str) else None
+        defaults: dict[str, Any] = {}
+        if preset is not None and data.get("type") == "openai":
+            defaults = {"base_url": preset.base_url, "price_list": preset.price_list}
+        elif data.get("type") in DEFAULT_PRICE_LISTS:
+            defaults = {"price_list": DEFAULT_PRICE_LISTS[data["type"]]}
+        return {**defaults, **{k: v for k, v in data.items() if v is not None or k not in defaults}}
 
     @field_validator("base_url")
     @classmethod

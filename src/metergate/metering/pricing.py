@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,7 +19,11 @@ from metergate.config.model import Price
 from metergate.providers.base import Usage
 
 PRICE_LISTS_FILE = Path(__file__).with_name("prices.yaml")
+PROVIDER_PRICES_FILE = Path(__file__).with_name("provider_prices.yaml")
 DEFAULT_PRICE_LIST = "official"
+FREE = "free"  # every model at 0: local servers (the ollama and vllm presets)
+# Geographies of Bedrock's cross-region inference profiles, the prefix of their ids.
+_PROFILE_PREFIXES = frozenset({"us", "eu", "apac", "global", "us-gov", "jp", "au", "ca"})
 _PICO_PER_MILLION = Decimal(1_000_000)  # USD per 1e6 tokens -> pico-USD per token
 
 
@@ -63,10 +68,25 @@ def nano_to_usd(nano: int) -> float:
 @cache
 def shipped_price_lists() -> dict[str, dict[str, Price]]:
     raw = yaml.safe_load(PRICE_LISTS_FILE.read_text(encoding="utf-8"))
-    return {
+    lists = {
         name: {model: Price(**price) for model, price in table.items()}
         for name, table in raw.items()
     }
+    for name, entry in _provider_lists().items():
+        lists[name] = {model: Price(**price) for model, price in entry["models"].items()}
+    lists[FREE] = {}
+    return lists
+
+
+@cache
+def price_list_sources() -> dict[str, str]:
+    """Where each provider price list's figures come from, and when they were read."""
+    return {name: f"{e['source']}, as of {e['as_of']}" for name, e in _provider_lists().items()}
+
+
+def _provider_lists() -> dict[str, dict[str, Any]]:
+    raw = yaml.safe_load(PROVIDER_PRICES_FILE.read_text(encoding="utf-8"))
+    return dict(raw or {})
 
 
 def load_price_list(name_or_path: str) -> dict[str, Price]:
@@ -79,7 +99,20 @@ def load_price_list(name_or_path: str) -> dict[str, Price]:
 
 
 def price_for(model: str, explicit: Price | None, price_list: str | None) -> Price | None:
-    """The price of an upstream: its own, else its provider's list entry, else None."""
+    """The price of an upstream: its own, else its provider's list entry, else None.
+
+    The `free` list prices every model at 0. A Bedrock cross-region inference profile
+    id (`us.anthropic...`) is priced as the model it routes to.
+    """
     if explicit is not None:
         return explicit
-    return shipped_price_lists().get(price_list or DEFAULT_PRICE_LIST, {}).get(model)
+    name = price_list or DEFAULT_PRICE_LIST
+    if name == FREE:
+        return Price()
+    table = shipped_price_lists().get(name, {})
+    found = table.get(model)
+    if found is None:
+        region, dot, rest = model.partition(".")
+        if dot and region in _PROFILE_PREFIXES:
+            found = table.get(rest)
+    return found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from metergate.config.model import ProviderConfig
 from metergate.providers.base import (
     Adapter,
@@ -11,13 +13,57 @@ from metergate.providers.base import (
     Usage,
 )
 
+# The optional extras a provider type needs: (module that must import, extra name).
+EXTRAS: dict[str, tuple[str, str]] = {
+    "bedrock": ("botocore", "bedrock"),
+    "vertex": ("google.auth.transport.requests", "vertex"),
+}
+
+
+class MissingExtra(RuntimeError):
+    """A provider type whose optional dependencies are not installed."""
+
+
+def missing_extra(provider_type: str) -> str | None:
+    """The pip command that installs what `provider_type` needs, None when it is there."""
+    if provider_type not in EXTRAS:
+        return None
+    module, extra = EXTRAS[provider_type]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"pip install 'metergate[{extra}]'"
+    return None
+
 
 def build_adapter(name: str, config: ProviderConfig) -> Adapter:
     """Create the adapter for a configured provider (imports only the kinds in use)."""
+    command = missing_extra(config.type)
+    if command is not None:
+        raise MissingExtra(
+            f"provider {name!r} is of type {config.type}, whose dependencies are not "
+            f"installed: {command}"
+        )
+    if config.type == "openai" and config.preset:
+        from metergate.providers.compatible import PresetAdapter
+
+        return PresetAdapter(name, config)
     if config.type == "openai":
         from metergate.providers.openai import OpenAIAdapter
 
         return OpenAIAdapter(name, config)
+    if config.type == "azure":
+        from metergate.providers.azure import AzureOpenAIAdapter
+
+        return AzureOpenAIAdapter(name, config)
+    if config.type == "bedrock":
+        from metergate.providers.bedrock import BedrockAdapter
+
+        return BedrockAdapter(name, config)
+    if config.type == "vertex":
+        from metergate.providers.vertex import VertexAdapter
+
+        return VertexAdapter(name, config)
     if config.type == "anthropic":
         from metergate.providers.anthropic import AnthropicAdapter
 
@@ -34,8 +80,10 @@ def build_adapter(name: str, config: ProviderConfig) -> Adapter:
 __all__ = [
     "Adapter",
     "Completion",
+    "MissingExtra",
     "StreamState",
     "UpstreamCall",
     "Usage",
     "build_adapter",
+    "missing_extra",
 ]

@@ -84,14 +84,24 @@ class HttpTransport:
             )
         return found
 
-    async def post(self, url: str, payload: dict[str, Any], timeouts: Timeouts) -> bytes:
-        """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise."""
+    async def post(
+        self,
+        url: str,
+        payload: dict[str, Any] | bytes,
+        timeouts: Timeouts,
+        headers: bytes = b"",
+    ) -> bytes:
+        """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise.
+
+        `headers`: CRLF-terminated lines for this request only (a SigV4 signature, a
+        rotating bearer token); `payload` may come encoded when those headers sign it.
+        """
         assert self.client is not None, "transport used before start()"
         try:
             response = await self.client.post(
                 url.removeprefix(self.origin),
-                self.head,
-                orjson.dumps(payload),
+                self.head + headers if headers else self.head,
+                payload if isinstance(payload, bytes) else orjson.dumps(payload),
                 self.deadlines(timeouts, stream=False),
             )
         except (H1Error, OSError) as exc:
@@ -101,15 +111,19 @@ class HttpTransport:
         return response.body
 
     async def open_stream(
-        self, url: str, payload: dict[str, Any], timeouts: Timeouts
+        self,
+        url: str,
+        payload: dict[str, Any] | bytes,
+        timeouts: Timeouts,
+        headers: bytes = b"",
     ) -> StreamResponse:
         """POST and return the response once its headers arrived; the caller must close it."""
         assert self.client is not None, "transport used before start()"
         try:
             response = await self.client.stream(
                 url.removeprefix(self.origin),
-                self.head,
-                orjson.dumps(payload),
+                self.head + headers if headers else self.head,
+                payload if isinstance(payload, bytes) else orjson.dumps(payload),
                 self.deadlines(timeouts, stream=True),
             )
         except (H1Error, OSError) as exc:

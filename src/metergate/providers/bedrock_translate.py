@@ -1,0 +1,241 @@
+"""OpenAI chat request -> Bedrock Converse request, and Converse answers -> OpenAI.
+
+Converse is one format for every chat model on Bedrock (Anthropic, Llama, Mistral, Nova,
+...). Choices worth knowing (the adapter's docstring has the user-facing summary):
+
+* System and developer messages become `system` blocks; consecutive messages of one role
+  are merged into one turn (Converse wants user and assistant turns to alternate), so
+  tool results, each an OpenAI `tool` message, land together in one user turn.
+* Images must be inline: data URLs become `image` blocks; Converse cannot fetch a URL.
+* `response_format` is best effort, as for Anthropic: an instruction in `system`.
+* `tool_choice: none` has no Converse equivalent: tools are then left out of the
+  request unless the conversation already holds tool calls (Converse needs them then).
+* Reasoning blocks are dropped; their tokens are billed as output, as Bedrock counts them.
+* Usage: cache writes count as input tokens (billed at least as input), cache reads as
+  cached input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from metergate.providers.anthropic_translate import _format_instruction
+from metergate.providers.base import Usage
+from metergate.providers.translation import (
+    assistant_message,
+    completion_body,
+    image_url_of,
+    invalid_request,
+    max_output_tokens,
+    new_call_id,
+    parse_arguments,
+    parse_data_url,
+    request_translator,
+    stop_sequences,
+    text_of,
+)
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+}
+_IMAGE_FORMATS = {f"image/{kind}": kind for kind in ("png", "jpeg", "gif", "webp")}
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    return FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def usage_of(raw: dict[str, Any] | None) -> Usage:
+    raw = raw or {}
+    return Usage(
+        input_tokens=(raw.get("inputTokens") or 0) + (raw.get("cacheWriteInputTokens") or 0),
+        cached_input_tokens=raw.get("cacheReadInputTokens") or 0,
+        output_tokens=raw.get("outputTokens") or 0,
+    )
+
+
+@request_translator
+def to_converse_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The Converse payload for an OpenAI chat request (the model id goes in the URL)."""
+    if (body.get("n") or 1) > 1:
+        raise invalid_request("n > 1 is not supported by Bedrock: send n separate requests")
+    system, messages = _turns(body.get("messages") or [])
+    instruction = _format_instruction(body.get("response_format"))
+    if instruction:
+        system.append(instruction)
+    payload: dict[str, Any] = {"messages": messages}
+    if system:
+        payload["system"] = [{"text": text} for text in system]
+    config: dict[str, Any] = {}
+    limit = max_output_tokens(body)
+    if limit is not None:
+        config["maxTokens"] = limit
+    for source, target in (("temperature", "temperature"), ("top_p", "topP")):
+        if body.get(source) is not None:
+            config[target] = body[source]
+    stops = stop_sequences(body.get("stop"))
+    if stops:
+        config["stopSequences"] = stops
+    if config:
+        payload["inferenceConfig"] = config
+    tools = _tool_config(body, messages)
+    if tools:
+        payload["toolConfig"] = tools
+    return payload
+
+
+def from_converse(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
+    """The OpenAI `chat.completion` body and usage of a Converse answer."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    message = (data.get("output") or {}).get("message") or {}
+    for block in message.get("content") or []:
+        if "text" in block:
+            texts.append(block.get("text") or "")
+        elif "toolUse" in block:
+            use = block["toolUse"] or {}
+            calls.append(
+                {
+                    "id": use.get("toolUseId") or new_call_id(),
+                    "type": "function",
+                    "function": {
+                        "name": use.get("name"),
+                        "arguments": orjson.dumps(use.get("input") or {}).decode(),
+                    },
+                }
+            )
+    usage = usage_of(data.get("usage"))
+    choice = {
+        "index": 0,
+        "message": assistant_message("".join(texts), calls),
+        "finish_reason": finish_reason(data.get("stopReason")),
+        "logprobs": None,
+    }
+    return completion_body("chatcmpl-" + new_call_id()[5:], model, [choice], usage), usage
+
+
+def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = text_of(message.get("content"))
+            if text:
+                system.append(text)
+            continue
+        if role == "user":
+            turn_role, blocks = "user", _user_blocks(message.get("content"))
+        elif role == "assistant":
+            turn_role, blocks = "assistant", _assistant_blocks(message)
+        elif role == "tool":
+            turn_role, blocks = "user", [_tool_result(message)]
+        else:
+            raise invalid_request(f"message role {role!r} is not supported for Bedrock models")
+        if not blocks:
+            continue  # Converse rejects empty turns
+        if turns and turns[-1]["role"] == turn_role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": turn_role, "content": blocks})
+    return system, turns
+
+
+def _user_blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str) or content is None:
+        return [{"text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            if part.get("text"):
+                blocks.append({"text": part["text"]})
+        elif kind == "image_url":
+            blocks.append(_image(image_url_of(part)))
+        else:
+            raise invalid_request(f"content part type {kind!r} is not supported for Bedrock")
+    return blocks
+
+
+def _image(url: str) -> dict[str, Any]:
+    inline = parse_data_url(url)
+    if inline is None:
+        raise invalid_request("Bedrock takes images inline only: send a base64 data: URL")
+    media_type, data = inline
+    if media_type not in _IMAGE_FORMATS:
+        raise invalid_request(f"image type {media_type!r} is not supported by Bedrock")
+    return {"image": {"format": _IMAGE_FORMATS[media_type], "source": {"bytes": data}}}
+
+
+def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    text = text_of(message.get("content"))
+    if text:
+        blocks.append({"text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        blocks.append(
+            {
+                "toolUse": {
+                    "toolUseId": call.get("id"),
+                    "name": function.get("name"),
+                    "input": parse_arguments(function.get("arguments")),
+                }
+            }
+        )
+    return blocks
+
+
+def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
+    if not message.get("tool_call_id"):
+        raise invalid_request("a tool message needs the tool_call_id it answers")
+    text = text_of(message.get("content"))
+    return {
+        "toolResult": {
+            "toolUseId": message["tool_call_id"],
+            "content": [{"text": text or "(empty)"}],
+        }
+    }
+
+
+def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any] | None:
+    tools = body.get("tools")
+    if not tools:
+        return None
+    choice = body.get("tool_choice")
+    used = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
+    if choice == "none" and not used:
+        return None
+    config: dict[str, Any] = {"tools": [_tool_spec(tool) for tool in tools]}
+    if choice in (None, "none"):
+        return config
+    if choice == "auto":
+        config["toolChoice"] = {"auto": {}}
+    elif choice == "required":
+        config["toolChoice"] = {"any": {}}
+    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+        config["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
+    else:
+        raise invalid_request(f"unsupported tool_choice {choice!r}")
+    return config
+
+
+def _tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Bedrock")
+    function = tool.get("function") or {}
+    spec: dict[str, Any] = {
+        "name": function.get("name"),
+        "inputSchema": {"json": function.get("parameters") or {"type": "object", "properties": {}}},
+    }
+    if function.get("description"):
+        spec["description"] = function["description"]
+    return {"toolSpec": spec}
