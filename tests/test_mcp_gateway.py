@@ -13,15 +13,13 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import orjson
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from metergate.mcp.config import McpConfig
@@ -33,6 +31,7 @@ from tests.mcp_servers.support import (
     HttpMcpServer,
     Samples,
     buckets,
+    connect,
     eventually,
     mcp_url,
     names,
@@ -45,8 +44,11 @@ CLIENT_OP = "mcp_client_operation_duration_seconds"
 SERVER_OP = "mcp_server_operation_duration_seconds"
 UP = "metergate_mcp_server_up"
 BUILTINS = {"chat", "list_models", "usage"}
-SEARCH_TOOLS = {"search.query", "search.slow", "search.fail", "search.echo"}
-FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid"}
+SEARCH_TOOLS = {
+    f"search.{tool}"
+    for tool in ("query", "slow", "fail", "echo", "steps", "hold", "cancelled", "link")
+}
+FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.write"}
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +69,22 @@ def stack(
         "test-daily": {"scope": "key", "target": "test", "period": "day", "limit_usd": 5}
     }
     config["mcp"] = {
-            "servers": {
-                "search": {"url": search.url, "timeout_seconds": 0.5},
-                "files": {
-                    "command": sys.executable,
-                    "args": [str(FILES_SERVER), str(free_port())],
-                    "timeout_seconds": 5,
-                },
+        "servers": {
+            "search": {"url": search.url, "timeout_seconds": 0.5},
+            "files": {
+                "command": sys.executable,
+                "args": [str(FILES_SERVER), str(free_port())],
+                "timeout_seconds": 5,
             },
-            "access": {
-                "test": {"servers": ["search", "files"]},
-                "search-agent": {"tools": ["search.*"]},
-                "reader": {"tools": ["files.read"]},
-            },
-            "health_interval_seconds": 0.2,
-            "reconnect_min_seconds": 0.1,
-            "reconnect_max_seconds": 0.4,
+        },
+        "access": {
+            "test": {"servers": ["search", "files"]},
+            "search-agent": {"tools": ["search.*"]},
+            "reader": {"tools": ["files.read"]},
+        },
+        "health_interval_seconds": 0.2,
+        "reconnect_min_seconds": 0.1,
+        "reconnect_max_seconds": 0.4,
     }
     gateway = start_gateway(bg, config, tmp_path_factory.mktemp("gw"))
     mcp = gateway.runtime.mcp
@@ -95,17 +97,6 @@ def stack(
     }
     yield gateway, mcp, keys
     gateway.stop()
-
-
-@contextlib.asynccontextmanager
-async def connect(url: str, key: str | None) -> AsyncIterator[Client]:
-    """The official client, sending `Authorization: Bearer KEY` on every request."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(10)) as http,
-        Client(streamable_http_client(url, http_client=http)) as client,
-    ):
-        yield client
 
 
 def samples_of(gateway: Gateway) -> Samples:

@@ -7,15 +7,19 @@ api/app.py and runtime.py do, so the tests exercise the gateway as it will be mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +28,7 @@ from tests.harness import Gateway
 HERE = Path(__file__).parent
 SEARCH_SERVER = HERE / "search_server.py"
 FILES_SERVER = HERE / "files_server.py"
+LEGACY_SERVER = HERE / "legacy_server.py"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -84,6 +89,18 @@ def mcp_url(gateway: Gateway) -> str:
     return gateway.base_url.removesuffix("/v1") + "/mcp"
 
 
+@contextlib.asynccontextmanager
+async def connect(url: str, key: str | None, **options: Any) -> AsyncIterator[Client]:
+    """The official client, sending `Authorization: Bearer KEY` on every request;
+    `options` go to `Client` (`mode="legacy"` for a handshake-era session)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(10)) as http,
+        Client(streamable_http_client(url, http_client=http), **options) as client,
+    ):
+        yield client
+
+
 def parse(text: str) -> Samples:
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
@@ -126,6 +143,20 @@ async def eventually(check: Any, within: float, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + within
     while True:
         result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[Any]], within: float, interval: float = 0.05
+) -> Any:
+    """`eventually` for a check that must await (a call through an MCP client)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
         if result:
             return result
         if time.monotonic() > deadline:
