@@ -32,10 +32,12 @@ from tests.mcp_servers.support import (
     Samples,
     buckets,
     connect,
+    delta,
     eventually,
     mcp_url,
     names,
     registry_samples,
+    running,
     scrape,
     value,
 )
@@ -53,10 +55,8 @@ FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.wri
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcpServer]:
-    server = HttpMcpServer(SEARCH_SERVER, free_port(), tmp_path_factory.mktemp("s") / "log")
-    server.start()
-    yield server
-    server.stop()
+    with running(SEARCH_SERVER, tmp_path_factory.mktemp("s")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +116,6 @@ def client_count(samples: Samples, server: str, tool: str, error_type: str) -> f
 def front_count(samples: Samples, tool: str, error_type: str) -> float:
     labels = {"mcp_method_name": "tools/call", "gen_ai_tool_name": tool, "error_type": error_type}
     return value(samples, f"{SERVER_OP}_count", **labels) or 0.0
-
-
-def delta(count: Any, before: Samples, after: Samples, *labels: str) -> float:
-    return count(after, *labels) - count(before, *labels)
 
 
 def text(result: Any) -> str:

@@ -32,10 +32,12 @@ from tests.mcp_servers.support import (
     HttpMcpServer,
     Samples,
     connect,
+    delta,
     eventually,
     eventually_async,
     mcp_url,
     registry_samples,
+    running,
 )
 
 CLIENT_OP = "mcp_client_operation_duration_seconds_count"
@@ -53,10 +55,8 @@ ERAS = ["auto", "legacy"]
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcpServer]:
-    server = HttpMcpServer(SEARCH_SERVER, free_port(), tmp_path_factory.mktemp("s") / "log")
-    server.start()
-    yield server
-    server.stop()
+    with running(SEARCH_SERVER, tmp_path_factory.mktemp("s")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -149,25 +149,13 @@ async def test_resources_are_listed_namespaced_and_read_through(stack: Any, mode
         assert (await client.read_resource(topic)).contents[0].text == "results about cats"
     after = samples_of(gateway)
     for server, reads in (("files", 1), ("search", 2), ("memos", 1)):
-        assert (
-            upstream_count(after, server, "resources/read")
-            - upstream_count(before, server, "resources/read")
-            == reads
-        )
+        assert delta(upstream_count, before, after, server, "resources/read") == reads
     # one listing upstream per server, and the second page only from memos
     for server, listings in (("memos", 2), ("files", 1), ("search", 1)):
-        assert (
-            upstream_count(after, server, "resources/list")
-            - upstream_count(before, server, "resources/list")
-            == listings
-        )
-    assert front_count(after, "resources/read") - front_count(before, "resources/read") == 4
-    assert front_count(after, "resources/list") - front_count(before, "resources/list") == 2
-    assert (
-        front_count(after, "resources/templates/list")
-        - front_count(before, "resources/templates/list")
-        == 1
-    )
+        assert delta(upstream_count, before, after, server, "resources/list") == listings
+    assert delta(front_count, before, after, "resources/read") == 4
+    assert delta(front_count, before, after, "resources/list") == 2
+    assert delta(front_count, before, after, "resources/templates/list") == 1
 
 
 @pytest.mark.parametrize("mode", ERAS)
@@ -185,19 +173,11 @@ async def test_prompts_are_listed_namespaced_and_got(stack: Any, mode: str) -> N
         assert got.messages[0].content.text == "Review notes.txt, please."
     after = samples_of(gateway)
     for server in ("search", "files"):
-        assert (
-            upstream_count(after, server, "prompts/get")
-            - upstream_count(before, server, "prompts/get")
-            == 1
-        )
-        assert (
-            upstream_count(after, server, "prompts/list")
-            - upstream_count(before, server, "prompts/list")
-            == 1
-        )
+        assert delta(upstream_count, before, after, server, "prompts/get") == 1
+        assert delta(upstream_count, before, after, server, "prompts/list") == 1
     # memos offers no prompts: it is not asked
     assert upstream_count(after, "memos", "prompts/list") == 0
-    assert front_count(after, "prompts/get") - front_count(before, "prompts/get") == 2
+    assert delta(front_count, before, after, "prompts/get") == 2
 
 
 async def test_a_key_sees_and_uses_only_what_its_allow_list_names(stack: Any) -> None:
@@ -235,19 +215,9 @@ async def test_a_key_sees_and_uses_only_what_its_allow_list_names(stack: Any) ->
         assert (await client.list_prompts()).prompts == []
     after = samples_of(gateway)
     # refusals never reached the servers: reader read once, browser once
-    assert (
-        upstream_count(after, "files", "resources/read")
-        - upstream_count(before, "files", "resources/read")
-        == 2
-    )
-    assert upstream_count(after, "search", "resources/read") == upstream_count(
-        before, "search", "resources/read"
-    )
-    assert (
-        front_count(after, "resources/read", "-32602")
-        - front_count(before, "resources/read", "-32602")
-        == 4
-    )
+    assert delta(upstream_count, before, after, "files", "resources/read") == 2
+    assert delta(upstream_count, before, after, "search", "resources/read") == 0
+    assert delta(front_count, before, after, "resources/read", "-32602") == 4
 
 
 async def test_an_unknown_resource_is_a_json_rpc_error_from_the_server(stack: Any) -> None:
@@ -268,16 +238,8 @@ async def test_an_unknown_resource_is_a_json_rpc_error_from_the_server(stack: An
         assert (raised.value.code, raised.value.message) == (-32602, "Invalid cursor")
     after = samples_of(gateway)
     # the server said so (and is counted with its error code); the other never got there
-    assert (
-        upstream_count(after, "files", "resources/read", "-32602")
-        - upstream_count(before, "files", "resources/read", "-32602")
-        == 1
-    )
-    assert (
-        front_count(after, "resources/read", "-32602")
-        - front_count(before, "resources/read", "-32602")
-        == 2
-    )
+    assert delta(upstream_count, before, after, "files", "resources/read", "-32602") == 1
+    assert delta(front_count, before, after, "resources/read", "-32602") == 2
 
 
 async def test_resource_links_in_tool_results_are_namespaced(stack: Any) -> None:
@@ -344,11 +306,7 @@ async def test_a_cancelled_call_is_cancelled_upstream(stack: Any, mode: str) -> 
     }
     key = (CLIENT_OP, frozenset(labels.items()))
     assert after.get(key, 0) - before.get(key, 0) == 1
-    assert (
-        front_count(after, "tools/call", "timeout", "search.hold")
-        - front_count(before, "tools/call", "timeout", "search.hold")
-        == 1
-    )
+    assert delta(front_count, before, after, "tools/call", "timeout", "search.hold") == 1
 
 
 async def test_a_listen_stream_gets_updates_of_what_it_may_read(stack: Any) -> None:
@@ -376,11 +334,9 @@ async def test_a_listen_stream_gets_updates_of_what_it_may_read(stack: Any) -> N
     ):
         assert stream.honored.resource_subscriptions == [README]
     after = samples_of(gateway)
-    assert upstream_count(after, "files", "subscriptions/listen") > upstream_count(
-        before, "files", "subscriptions/listen"
-    )
+    assert delta(upstream_count, before, after, "files", "subscriptions/listen") >= 1
     for method in ("resources/subscribe", "resources/unsubscribe"):
-        assert upstream_count(after, "memos", method) - upstream_count(before, "memos", method) == 1
+        assert delta(upstream_count, before, after, "memos", method) == 1
     # each stream is timed when it ends, which the gateway sees a moment after the client
     opened = front_count(before, "subscriptions/listen")
     await eventually(
@@ -512,16 +468,9 @@ async def test_a_server_that_is_down_fails_fast_and_is_counted(
                 assert stream.honored.resource_subscriptions == [MEMO_A]
             after = samples_of(gateway)
             for method in ("resources/read", "prompts/get", "resources/list"):
-                assert (
-                    upstream_count(after, "flaky", method, "transport")
-                    - upstream_count(before, "flaky", method, "transport")
-                    == 1
-                ), method
-            assert (
-                front_count(after, "resources/read", "transport")
-                - front_count(before, "resources/read", "transport")
-                == 1
-            )
+                transport = delta(upstream_count, before, after, "flaky", method, "transport")
+                assert transport == 1, method
+            assert delta(front_count, before, after, "resources/read", "transport") == 1
             # the gauge says so, unchanged
             up = samples_of(gateway).get(
                 ("metergate_mcp_server_up", frozenset({("mcp_server_name", "flaky")}))

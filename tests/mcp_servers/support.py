@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Gateway
+from tests.harness import Gateway, free_port
 
 HERE = Path(__file__).parent
 SEARCH_SERVER = HERE / "search_server.py"
@@ -71,6 +71,17 @@ class HttpMcpServer:
         self.process.kill()
         self.process.wait(5)
         self.process = None
+
+
+@contextlib.contextmanager
+def running(script: Path, workdir: Path) -> Iterator[HttpMcpServer]:
+    """A streamable-HTTP server from `script` on a free port, for a fixture's lifetime."""
+    server = HttpMcpServer(script, free_port(), workdir / "log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None) -> None:
@@ -125,6 +136,11 @@ def registry_samples(registry: CollectorRegistry) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     """The sample with exactly these labels (None when absent)."""
     return samples.get((name, frozenset(labels.items())))
+
+
+def delta(count: Any, before: Samples, after: Samples, *labels: str) -> float:
+    """How much `count(samples, *labels)` grew between two readings."""
+    return count(after, *labels) - count(before, *labels)
 
 
 def buckets(samples: Samples, name: str, **labels: str) -> dict[str, float]:
