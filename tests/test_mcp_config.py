@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from metergate.config.model import GatewayConfig
 from metergate.mcp.config import McpAccess, McpConfig
+from metergate.mcp.naming import qualify_uri, split_name, split_uri
 
 SERVERS = {
     "search": {"url": "http://127.0.0.1:9001/mcp", "headers": {"Authorization": "Bearer t"}},
@@ -46,6 +47,11 @@ def test_a_full_section_parses_with_defaults() -> None:
         ({"servers": SERVERS, "default_access": {"tools": ["mail.send"]}}, "unknown server 'mail'"),
         ({"servers": SERVERS, "timeout": 3}, "Extra inputs are not permitted"),
         ({"servers": {"x": {"command": "c", "timeout_seconds": 0}}}, "greater than 0"),
+        ({"servers": SERVERS, "access": {"k": {"prompts": ["review"]}}}, "SERVER.PROMPT"),
+        ({"servers": SERVERS, "access": {"k": {"resources": ["file:///a"]}}}, "SERVER.\\*, a URI"),
+        ({"servers": SERVERS, "access": {"k": {"resources": ["metergate://mail/x"]}}}, "'mail'"),
+        ({"servers": SERVERS, "access": {"k": {"resources": ["mail.*"]}}}, "unknown server 'mail'"),
+        ({"servers": SERVERS, "access": {"k": {"prompts": ["mail.draft"]}}}, "unknown server"),
     ],
 )
 def test_mistakes_are_refused_with_a_reason(section: dict[str, Any], message: str) -> None:
@@ -74,3 +80,68 @@ def test_the_config_needs_no_mcp_sdk() -> None:
         "assert not [m for m in sys.modules if m == 'mcp' or m.startswith('mcp.')], sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_resource_and_prompt_allow_lists() -> None:
+    """`servers:` grants a server's resources and prompts too; `resources` takes exact
+    namespaced URIs, URI prefixes ending in `*`, or `SERVER.*`; `prompts` is like `tools`."""
+    config = McpConfig.model_validate(
+        {
+            "servers": SERVERS,
+            "access": {
+                "whole": {"servers": ["files"]},
+                "some": {
+                    "resources": ["metergate://files/file:///readme.md", "search.*"],
+                    "prompts": ["files.review"],
+                },
+                "prefix": {"resources": ["metergate://files/file:///public/*"]},
+            },
+        }
+    )
+    whole, some, prefix = (config.access_for(k) for k in ("whole", "some", "prefix"))
+    assert whole.allows_resource("files", "file:///x") and whole.allows_prompt("files", "any")
+    assert whole.allows_template("files", "file:///{path}")
+    assert not whole.may_use_resources("search") and not whole.may_use_prompts("search")
+
+    assert some.allows_resource("files", "file:///readme.md")
+    assert not some.allows_resource("files", "file:///readme.md.bak")
+    assert some.allows_resource("search", "anything://at/all")
+    assert some.may_use_resources("files") and some.may_use_resources("search")
+    assert not some.allows_template("files", "file:///{path}")  # could produce anything
+    assert some.allows_prompt("files", "review") and not some.allows_prompt("files", "other")
+    assert not some.may_use("files")  # tools are granted separately, as before
+
+    assert prefix.allows_resource("files", "file:///public/a.txt")
+    assert not prefix.allows_resource("files", "file:///private/a.txt")
+    assert prefix.allows_template("files", "file:///public/{name}")
+    assert not prefix.allows_template("files", "file:///{dir}/a.txt")
+    assert not prefix.may_use_prompts("files")
+
+
+def test_an_allow_list_of_before_still_means_what_it_meant() -> None:
+    """Configs written for the tools-only gateway parse, and grant the same tools."""
+    access = McpConfig.model_validate(
+        {"servers": SERVERS, "access": {"k": {"tools": ["files.read", "search.*"]}}}
+    ).access_for("k")
+    assert access.allows("files", "read") and access.allows("search", "x")
+    assert not access.allows("files", "write")
+    assert not access.may_use_resources("files") and not access.may_use_prompts("search")
+
+
+@pytest.mark.parametrize(
+    "uri", ["file:///a b/c.txt", "db://host/t?q=1#frag", "x:", "metergate://files/nested", "/"]
+)
+def test_namespaced_resource_uris_round_trip(uri: str) -> None:
+    namespaced = qualify_uri("files", uri)
+    assert namespaced == f"metergate://files/{uri}"
+    assert split_uri(namespaced) == ("files", uri)
+
+
+def test_names_and_uris_that_name_no_server() -> None:
+    assert split_name("files.read.all") == ("files", "read.all")
+    assert [split_name(n) for n in ("files", "files.", ".read")] == [None, None, None]
+    assert [split_uri(u) for u in ("file:///a", "metergate://files", "metergate:///a")] == [
+        None,
+        None,
+        None,
+    ]

@@ -13,15 +13,13 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import orjson
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from metergate.mcp.config import McpConfig
@@ -33,10 +31,13 @@ from tests.mcp_servers.support import (
     HttpMcpServer,
     Samples,
     buckets,
+    connect,
+    delta,
     eventually,
     mcp_url,
     names,
     registry_samples,
+    running,
     scrape,
     value,
 )
@@ -45,16 +46,17 @@ CLIENT_OP = "mcp_client_operation_duration_seconds"
 SERVER_OP = "mcp_server_operation_duration_seconds"
 UP = "metergate_mcp_server_up"
 BUILTINS = {"chat", "list_models", "usage"}
-SEARCH_TOOLS = {"search.query", "search.slow", "search.fail", "search.echo"}
-FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid"}
+SEARCH_TOOLS = {
+    f"search.{tool}"
+    for tool in ("query", "slow", "fail", "echo", "steps", "hold", "cancelled", "link")
+}
+FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.write"}
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcpServer]:
-    server = HttpMcpServer(SEARCH_SERVER, free_port(), tmp_path_factory.mktemp("s") / "log")
-    server.start()
-    yield server
-    server.stop()
+    with running(SEARCH_SERVER, tmp_path_factory.mktemp("s")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +69,22 @@ def stack(
         "test-daily": {"scope": "key", "target": "test", "period": "day", "limit_usd": 5}
     }
     config["mcp"] = {
-            "servers": {
-                "search": {"url": search.url, "timeout_seconds": 0.5},
-                "files": {
-                    "command": sys.executable,
-                    "args": [str(FILES_SERVER), str(free_port())],
-                    "timeout_seconds": 5,
-                },
+        "servers": {
+            "search": {"url": search.url, "timeout_seconds": 0.5},
+            "files": {
+                "command": sys.executable,
+                "args": [str(FILES_SERVER), str(free_port())],
+                "timeout_seconds": 5,
             },
-            "access": {
-                "test": {"servers": ["search", "files"]},
-                "search-agent": {"tools": ["search.*"]},
-                "reader": {"tools": ["files.read"]},
-            },
-            "health_interval_seconds": 0.2,
-            "reconnect_min_seconds": 0.1,
-            "reconnect_max_seconds": 0.4,
+        },
+        "access": {
+            "test": {"servers": ["search", "files"]},
+            "search-agent": {"tools": ["search.*"]},
+            "reader": {"tools": ["files.read"]},
+        },
+        "health_interval_seconds": 0.2,
+        "reconnect_min_seconds": 0.1,
+        "reconnect_max_seconds": 0.4,
     }
     gateway = start_gateway(bg, config, tmp_path_factory.mktemp("gw"))
     mcp = gateway.runtime.mcp
@@ -95,17 +97,6 @@ def stack(
     }
     yield gateway, mcp, keys
     gateway.stop()
-
-
-@contextlib.asynccontextmanager
-async def connect(url: str, key: str | None) -> AsyncIterator[Client]:
-    """The official client, sending `Authorization: Bearer KEY` on every request."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with (
-        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(10)) as http,
-        Client(streamable_http_client(url, http_client=http)) as client,
-    ):
-        yield client
 
 
 def samples_of(gateway: Gateway) -> Samples:
@@ -125,10 +116,6 @@ def client_count(samples: Samples, server: str, tool: str, error_type: str) -> f
 def front_count(samples: Samples, tool: str, error_type: str) -> float:
     labels = {"mcp_method_name": "tools/call", "gen_ai_tool_name": tool, "error_type": error_type}
     return value(samples, f"{SERVER_OP}_count", **labels) or 0.0
-
-
-def delta(count: Any, before: Samples, after: Samples, *labels: str) -> float:
-    return count(after, *labels) - count(before, *labels)
 
 
 def text(result: Any) -> str:

@@ -1,6 +1,8 @@
 """A stdio MCP server, instrumented with its metrics on a port of its own.
 
-Run: python files_server.py METRICS_PORT (stdio). Tools: read, list, slow, pid.
+Run: python files_server.py METRICS_PORT (stdio). Tools: read, list, slow, pid, write
+(changes a file and publishes its update). Resources `file:///NAME` for every file (a
+template, so files written later can be read too), prompt `review`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import os
 import sys
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 
 from metergate.mcp import instrument
 
@@ -44,6 +47,38 @@ async def slow(seconds: float) -> str:
 def pid() -> int:
     """This process's id, so a test can kill it."""
     return os.getpid()
+
+
+@mcp.tool()
+async def write(path: str, text: str, ctx: Context) -> str:
+    """Replace a file's content, and tell its subscribers."""
+    FILES[path] = text
+    await ctx.notify_resource_updated(f"file:///{path}")
+    return "written"
+
+
+def _static(name: str) -> None:
+    @mcp.resource(f"file:///{name}", name=name, mime_type="text/plain")
+    def content() -> str:
+        return FILES[name]
+
+
+for _name in list(FILES):
+    _static(_name)
+
+
+@mcp.resource("file:///{name}", mime_type="text/plain")
+def any_file(name: str) -> str:
+    """Any file, by name."""
+    if name not in FILES:
+        raise ResourceNotFoundError(f"no such file: {name}")
+    return FILES[name]
+
+
+@mcp.prompt()
+def review(path: str) -> str:
+    """Ask for a review of a file."""
+    return f"Review {path}, please."
 
 
 instrument(mcp, metrics_port=int(sys.argv[1]))

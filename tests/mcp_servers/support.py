@@ -7,23 +7,28 @@ api/app.py and runtime.py do, so the tests exercise the gateway as it will be mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Gateway
+from tests.harness import Gateway, free_port
 
 HERE = Path(__file__).parent
 SEARCH_SERVER = HERE / "search_server.py"
 FILES_SERVER = HERE / "files_server.py"
+LEGACY_SERVER = HERE / "legacy_server.py"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -68,6 +73,17 @@ class HttpMcpServer:
         self.process = None
 
 
+@contextlib.contextmanager
+def running(script: Path, workdir: Path) -> Iterator[HttpMcpServer]:
+    """A streamable-HTTP server from `script` on a free port, for a fixture's lifetime."""
+    server = HttpMcpServer(script, free_port(), workdir / "log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -82,6 +98,18 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
 
 def mcp_url(gateway: Gateway) -> str:
     return gateway.base_url.removesuffix("/v1") + "/mcp"
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str, key: str | None, **options: Any) -> AsyncIterator[Client]:
+    """The official client, sending `Authorization: Bearer KEY` on every request;
+    `options` go to `Client` (`mode="legacy"` for a handshake-era session)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(10)) as http,
+        Client(streamable_http_client(url, http_client=http), **options) as client,
+    ):
+        yield client
 
 
 def parse(text: str) -> Samples:
@@ -110,6 +138,11 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+def delta(count: Any, before: Samples, after: Samples, *labels: str) -> float:
+    """How much `count(samples, *labels)` grew between two readings."""
+    return count(after, *labels) - count(before, *labels)
+
+
 def buckets(samples: Samples, name: str, **labels: str) -> dict[str, float]:
     """A histogram's cumulative bucket counts by `le`, for one label set."""
     found: dict[str, float] = {}
@@ -126,6 +159,20 @@ async def eventually(check: Any, within: float, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + within
     while True:
         result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[Any]], within: float, interval: float = 0.05
+) -> Any:
+    """`eventually` for a check that must await (a call through an MCP client)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
         if result:
             return result
         if time.monotonic() > deadline:

@@ -1,4 +1,4 @@
-"""Configuration of the MCP gateway: upstream servers and which key may use which tools.
+"""Configuration of the MCP gateway: upstream servers, and what each key may use of them.
 
 Plain pydantic, no `mcp` SDK import, so a config file can be checked without the
 `metergate[mcp]` extra installed. The base is its own copy of config.model's `Strict`
@@ -11,10 +11,18 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-SEPARATOR = "."
-"""Between a server's name and its tool's name in the gateway's tool names: `search.query`."""
+from metergate.mcp.naming import RESOURCE_PREFIX, SEPARATOR, qualify_uri, split_uri
+
+__all__ = ["BUILTIN_TOOLS", "SEPARATOR", "McpAccess", "McpConfig", "McpServerConfig"]
 
 BUILTIN_TOOLS = ("chat", "list_models", "usage")
 """metergate's own tools on the MCP endpoint; un-namespaced, so they never clash."""
@@ -64,35 +72,109 @@ class McpServerConfig(_Strict):
 
 
 class McpAccess(_Strict):
-    """Upstream tools one key may list and call; metergate's own tools are always allowed.
+    """What one key may list and use upstream; metergate's own tools are always allowed.
 
-    `servers: [search]` allows every tool of `search`; `tools` names single tools as
-    `server.tool`, or `server.*` (the same as listing the server).
+    `servers: [search]` allows everything of `search`: its tools, resources and prompts.
+    `tools` and `prompts` name single items as `server.name`, or `server.*` for all of a
+    server's tools or prompts. `resources` holds `server.*` (all of a server's
+    resources), namespaced URIs (`metergate://files/file:///readme.md`), or namespaced
+    URI prefixes ending in `*` (`metergate://files/file:///public/*`).
     """
 
     servers: list[str] = Field(default_factory=list)
     tools: list[str] = Field(default_factory=list)
+    resources: list[str] = Field(default_factory=list)
+    prompts: list[str] = Field(default_factory=list)
 
-    @field_validator("tools")
+    @field_validator("tools", "prompts")
     @classmethod
-    def _namespaced(cls, value: list[str]) -> list[str]:
+    def _namespaced(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        kind = "TOOL" if info.field_name == "tools" else "PROMPT"
         for entry in value:
-            server, sep, tool = entry.partition(SEPARATOR)
-            if not sep or not server or not tool:
-                raise ValueError(f"{entry!r}: name tools as SERVER{SEPARATOR}TOOL or SERVER.*")
+            server, sep, name = entry.partition(SEPARATOR)
+            if not sep or not server or not name:
+                raise ValueError(f"{entry!r}: name them as SERVER{SEPARATOR}{kind} or SERVER.*")
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not (entry.endswith(f"{SEPARATOR}*") or _resource_server(entry)):
+                raise ValueError(
+                    f"{entry!r}: give SERVER.*, a URI {RESOURCE_PREFIX}SERVER/URI, or a URI "
+                    f"prefix ending in *"
+                )
         return value
 
     def allows(self, server: str, tool: str) -> bool:
-        return (
-            server in self.servers
-            or f"{server}{SEPARATOR}*" in self.tools
-            or f"{server}{SEPARATOR}{tool}" in self.tools
-        )
+        """Whether the key may list and call `tool` of `server`."""
+        return _named(server, tool, self.servers, self.tools)
 
     def may_use(self, server: str) -> bool:
         """Whether any tool of `server` may be allowed (a cheap filter before `allows`)."""
-        prefix = f"{server}{SEPARATOR}"
-        return server in self.servers or any(t.startswith(prefix) for t in self.tools)
+        return _any_named(server, self.servers, self.tools)
+
+    def allows_prompt(self, server: str, prompt: str) -> bool:
+        return _named(server, prompt, self.servers, self.prompts)
+
+    def may_use_prompts(self, server: str) -> bool:
+        return _any_named(server, self.servers, self.prompts)
+
+    def allows_resource(self, server: str, uri: str) -> bool:
+        """Whether the key may read (and subscribe to) `uri`, the server's own URI."""
+        if server in self.servers or f"{server}{SEPARATOR}*" in self.resources:
+            return True
+        namespaced = qualify_uri(server, uri)
+        return any(
+            namespaced.startswith(entry[:-1]) if entry.endswith("*") else namespaced == entry
+            for entry in self.resources
+        )
+
+    def allows_template(self, server: str, uri_template: str) -> bool:
+        """Whether every URI the template can produce is allowed: the whole server's
+        resources, or a URI prefix that the template's literal start already carries."""
+        if self._all_resources(server):
+            return True
+        literal = qualify_uri(server, uri_template.partition("{")[0])
+        return any(
+            entry.endswith("*") and literal.startswith(entry[:-1]) for entry in self.resources
+        )
+
+    def may_use_resources(self, server: str) -> bool:
+        return self._all_resources(server) or any(
+            _resource_server(entry) == server for entry in self.resources
+        )
+
+    def _all_resources(self, server: str) -> bool:
+        return server in self.servers or f"{server}{SEPARATOR}*" in self.resources
+
+    def named_servers(self) -> list[str]:
+        """Every server this allow-list mentions, for the config's reference check."""
+        named = [*self.servers]
+        named += [entry.partition(SEPARATOR)[0] for entry in (*self.tools, *self.prompts)]
+        for entry in self.resources:
+            named.append(_resource_server(entry) or entry.partition(SEPARATOR)[0])
+        return named
+
+
+def _named(server: str, name: str, servers: list[str], entries: list[str]) -> bool:
+    return (
+        server in servers
+        or f"{server}{SEPARATOR}*" in entries
+        or f"{server}{SEPARATOR}{name}" in entries
+    )
+
+
+def _any_named(server: str, servers: list[str], entries: list[str]) -> bool:
+    prefix = f"{server}{SEPARATOR}"
+    return server in servers or any(entry.startswith(prefix) for entry in entries)
+
+
+def _resource_server(entry: str) -> str | None:
+    """The server of a namespaced URI (or URI prefix) entry: `metergate://files/...`."""
+    found = split_uri(entry)
+    return found[0] if found else None
 
 
 class McpConfig(_Strict):
@@ -119,7 +201,7 @@ class McpConfig(_Strict):
                     f"{SEPARATOR!r}: it separates server and tool in tool names)"
                 )
         for owner, access in [*self.access.items(), ("default_access", self.default_access)]:
-            for server in [*access.servers, *(t.partition(SEPARATOR)[0] for t in access.tools)]:
+            for server in access.named_servers():
                 if server not in self.servers:
                     known = ", ".join(self.servers) or "none"
                     raise ValueError(

@@ -1,11 +1,15 @@
 """The metered MCP gateway: many MCP servers behind one streamable-HTTP endpoint.
 
 Every upstream tool is listed as `server.tool`, next to metergate's own `chat`,
-`list_models` and `usage`. Each HTTP request is authenticated with a gateway key before
-the MCP SDK sees it (the key also owns any session it opens, so another key cannot use
-that session), and each key sees and may call only the tools its allow-list names.
-Every proxied call is timed into `mcp_client_operation_duration_seconds`, every request
-on this endpoint into `mcp_server_operation_duration_seconds`, in the gateway's registry.
+`list_models` and `usage`; prompts as `server.prompt`, resources as
+`metergate://server/URI` (see `naming`). Each HTTP request is authenticated with a
+gateway key before the MCP SDK sees it (the key also owns any session it opens, so
+another key cannot use that session), and each key sees and may use only what its
+allow-list names. Progress an upstream reports reaches the caller under the caller's
+token; a caller that cancels (or leaves) cancels the upstream request. The gateway
+announces only what its servers offer. Every request to an upstream is timed into
+`mcp_client_operation_duration_seconds`, every request on this endpoint into
+`mcp_server_operation_duration_seconds`, in the gateway's registry.
 
 Wiring: `await gateway.start()` after the key index is loaded, route GET/POST/DELETE
 `/mcp` to `gateway.handle` (or mount `gateway` as a plain ASGI app), and set
@@ -17,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import mcp_types as types
 import orjson
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import (
-    SERVER_INFO_META_KEY,
     CallToolRequestParams,
     CallToolResult,
     ListToolsResult,
@@ -39,9 +45,12 @@ from metergate.asgi import Receive, Request, Scope, Send
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError
 from metergate.mcp.builtins import ASGIApp, Builtins
-from metergate.mcp.config import SEPARATOR, McpConfig
+from metergate.mcp.catalog import PROMPTS, RESOURCES, TEMPLATES, Catalog, offers, own_tool_result
+from metergate.mcp.config import McpAccess, McpConfig
+from metergate.mcp.listeners import Listeners
 from metergate.mcp.metrics import INVALID_PARAMS, client_metrics, server_metrics
 from metergate.mcp.middleware import MetricsMiddleware
+from metergate.mcp.naming import split_name
 from metergate.mcp.upstream import Upstream, mcp_error
 
 if TYPE_CHECKING:
@@ -54,9 +63,32 @@ _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 INVALID_REQUEST = -32600
 
 INSTRUCTIONS = (
-    "metergate: tools of several MCP servers, named SERVER.TOOL, plus `chat` (ask a "
-    "model), `list_models` and `usage` (this key's spend and budgets)."
+    "metergate: tools and prompts of several MCP servers, named SERVER.NAME, and their "
+    "resources as metergate://SERVER/URI, plus `chat` (ask a model), `list_models` and "
+    "`usage` (this key's spend and budgets)."
 )
+
+
+class _Front(Server[Any]):
+    """The gateway's own MCP server; it announces what its upstream servers offer."""
+
+    offers: Callable[[], dict[str, Any]] = dict
+
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> types.ServerCapabilities:
+        own = super().get_capabilities(
+            notification_options,
+            experimental_capabilities,
+            extensions,
+            protocol_version=protocol_version,
+        )
+        return own.model_copy(update=self.offers())
 
 
 class McpGateway:
@@ -73,24 +105,35 @@ class McpGateway:
         self.app = app
         registry = runtime.metrics.registry if registry is None else registry
         self.client_metrics = client_metrics(registry)
-        self.upstreams = {
-            name: Upstream(name, server, config, self.client_metrics)
-            for name, server in config.servers.items()
-        }
+        self.catalog = Catalog(lambda: self.upstreams)
+        self.listeners = Listeners(
+            self.catalog, lambda: self.upstreams, lambda key: self.config.access_for(key)
+        )
+        self.upstreams = {name: self._upstream(name, config) for name in config.servers}
         self.builtins = Builtins(runtime, lambda: self.app)
-        self.server: Server[Any] = Server(
+        self.server = _Front(
             "metergate",
             version=__version__,
             instructions=INSTRUCTIONS,
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
             get_tool_input_schema=self._input_schema,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_templates,
+            on_read_resource=self._read_resource,
+            on_subscribe_resource=self._subscribe,
+            on_unsubscribe_resource=self._unsubscribe,
+            on_subscriptions_listen=self._listen,
+            on_list_prompts=self._list_prompts,
+            on_get_prompt=self._get_prompt,
         )
+        self.server.offers = self._offers
         self.server.middleware.insert(
             0, MetricsMiddleware(server_metrics(registry), known_tool=self._known)
         )
-        # JSON answers, not SSE: the gateway does not relay progress notifications.
-        self.sessions = StreamableHTTPSessionManager(self.server, json_response=True)
+        # SSE answers where needed: progress rides the request's stream, and a client
+        # that closes it (2026-07-28) or sends notifications/cancelled cancels the call.
+        self.sessions = StreamableHTTPSessionManager(self.server, json_response=False)
         self._http = StreamableHTTPASGIApp(self.sessions)
         self._principals: dict[str, AuthenticatedUser] = {}
         self._stop = asyncio.Event()
@@ -120,8 +163,19 @@ class McpGateway:
             started.set()
             await self._stop.wait()
 
+    def _upstream(self, name: str, config: McpConfig) -> Upstream:
+        return Upstream(
+            name,
+            config.servers[name],
+            config,
+            self.client_metrics,
+            wanted=self.listeners.wanted(name),
+            on_updated=self.listeners.published,
+        )
+
     async def close(self) -> None:
         self._ready = False
+        self.listeners.close()
         await asyncio.gather(*(upstream.close() for upstream in self.upstreams.values()))
         self._stop.set()
         if self._serving is not None:
@@ -150,8 +204,7 @@ class McpGateway:
                     self.client_metrics.up.remove(name)
         self.config = config
         self.upstreams = {
-            name: kept.get(name) or Upstream(name, server, config, self.client_metrics)
-            for name, server in config.servers.items()
+            name: kept.get(name) or self._upstream(name, config) for name in config.servers
         }
         fresh = [u for name, u in self.upstreams.items() if name not in kept]
         for upstream in fresh:
@@ -196,8 +249,7 @@ class McpGateway:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListToolsResult:
-        key, _ = _caller(ctx)
-        access = self.config.access_for(key.name)
+        access = self._access(ctx)
         tools = list(self.builtins.tools.values())
         for name, upstream in self.upstreams.items():
             if access.may_use(name):
@@ -211,43 +263,124 @@ class McpGateway:
         name = params.name
         if name in self.builtins.tools:
             return await self.builtins.call(name, params.arguments or {}, key, credentials)
-        server, _, tool = name.partition(SEPARATOR)
+        server, tool = split_name(name) or ("", "")
         upstream = self.upstreams.get(server)
         # Not allowed and not there answer alike, so a key learns nothing of other tools.
         if (
             upstream is None
-            or not tool
             or not self.config.access_for(key.name).allows(server, tool)
             or (upstream.up and not await upstream.knows(tool))
         ):
             raise mcp_error(INVALID_PARAMS, f"Unknown tool: {name}")
-        result = await upstream.call_tool(tool, params.arguments)
-        if result.meta and SERVER_INFO_META_KEY in result.meta:
-            # The upstream's identity stamp would claim the answer came from it, not us.
-            meta = {k: v for k, v in result.meta.items() if k != SERVER_INFO_META_KEY}
-            result = result.model_copy(update={"meta": meta or None})
-        return result
+        result = await upstream.call_tool(tool, params.arguments, _progress(ctx))
+        return own_tool_result(server, result)
+
+    async def _list_resources(
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        found, cursor = await self.catalog.list_page(RESOURCES, self._access(ctx), _cursor(params))
+        return types.ListResourcesResult(resources=found, next_cursor=cursor)
+
+    async def _list_templates(
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        found, cursor = await self.catalog.list_page(TEMPLATES, self._access(ctx), _cursor(params))
+        return types.ListResourceTemplatesResult(resource_templates=found, next_cursor=cursor)
+
+    async def _read_resource(
+        self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        return await self.catalog.read_resource(self._access(ctx), params.uri, _progress(ctx))
+
+    async def _subscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscribeRequestParams
+    ) -> types.EmptyResult:
+        key, _ = _caller(ctx)
+        return await self.listeners.subscribe(ctx, key.name, params.uri)
+
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> types.EmptyResult:
+        _caller(ctx)
+        return await self.listeners.unsubscribe(ctx, params.uri)
+
+    async def _listen(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        key, _ = _caller(ctx)
+        return await self.listeners.listen(ctx, key.name, params)
+
+    async def _list_prompts(
+        self, ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        found, cursor = await self.catalog.list_page(PROMPTS, self._access(ctx), _cursor(params))
+        return types.ListPromptsResult(prompts=found, next_cursor=cursor)
+
+    async def _get_prompt(
+        self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        access = self._access(ctx)
+        return await self.catalog.get_prompt(access, params.name, params.arguments, _progress(ctx))
+
+    def _access(self, ctx: ServerRequestContext[Any, Any]) -> McpAccess:
+        key, _ = _caller(ctx)
+        return self.config.access_for(key.name)
+
+    def _offers(self) -> dict[str, Any]:
+        """The capabilities the gateway announces: its own tools, and resources (with
+        subscriptions) and prompts when some upstream server announced them. Lists are
+        not announced as changing: the gateway sends no list-changed notifications."""
+        upstreams = list(self.upstreams.values())
+        resources = [u for u in upstreams if offers(u, "resources")]
+        subscribe = any(u.subscriptions.supported for u in resources)
+        return {
+            "tools": types.ToolsCapability(list_changed=False),
+            "resources": types.ResourcesCapability(subscribe=subscribe, list_changed=False)
+            if resources
+            else None,
+            "prompts": types.PromptsCapability(list_changed=False)
+            if any(offers(u, "prompts") for u in upstreams)
+            else None,
+        }
 
     def _known(self, name: str) -> bool:
         """Tool names that may become metric labels: ours, and the servers' listed ones."""
-        if name in self.builtins.tools:
-            return True
-        server, _, tool = name.partition(SEPARATOR)
-        upstream = self.upstreams.get(server)
-        return upstream is not None and tool in upstream.tools
+        return self._tool(name) is not None
 
     def _input_schema(self, name: str) -> dict[str, Any] | None:
+        found = self._tool(name)
+        return None if found is None else dict(found.input_schema)
+
+    def _tool(self, name: str) -> types.Tool | None:
         found = self.builtins.tools.get(name)
         if found is None:
-            server, _, tool = name.partition(SEPARATOR)
+            server, tool = split_name(name) or ("", "")
             upstream = self.upstreams.get(server)
             found = upstream.tools.get(tool) if upstream is not None else None
-        return None if found is None else dict(found.input_schema)
+        return found
 
 
 def _settings(config: McpConfig) -> dict[str, Any]:
     """The section's settings that every upstream connection depends on."""
     return config.model_dump(exclude={"servers", "access", "default_access"})
+
+
+def _cursor(params: PaginatedRequestParams | None) -> str | None:
+    return params.cursor if params is not None else None
+
+
+def _progress(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT | None:
+    """Relay an upstream's progress to the caller under the caller's own token, when the
+    caller asked for progress (the SDK gives the upstream a token of its own)."""
+    if not ctx.meta or ctx.meta.get("progress_token") is None:
+        return None
+    session = ctx.session
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        with contextlib.suppress(Exception):  # the caller's stream may be gone already
+            await session.report_progress(progress, total, message)
+
+    return relay
 
 
 def _caller(ctx: ServerRequestContext[Any, Any]) -> tuple[KeyRecord, list[tuple[bytes, bytes]]]:

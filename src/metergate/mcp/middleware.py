@@ -43,6 +43,7 @@ from metergate.mcp.metrics import (
 
 _KNOWN_METHODS = frozenset({*_methods.SPEC_CLIENT_METHODS, "initialize"})
 _MAX_LEARNED_TOOLS = 10_000
+_LISTEN = "subscriptions/listen"  # a stream of notifications, timed from opening to close
 
 
 class MetricsMiddleware:
@@ -52,7 +53,8 @@ class MetricsMiddleware:
     `known_tool` says whether a `tools/call` name is a real tool, so that an unknown name
     is labelled `unknown` instead of becoming a series; without it, names are learned from
     the server's own `tools/list` answers. A request the client abandons (its timeout, a
-    cancel notification, a dropped connection) is cancelled and counted as `timeout`.
+    cancel notification, a dropped connection) is cancelled and counted as `timeout`;
+    a `subscriptions/listen` stream lasts until the client closes it, which is no error.
     """
 
     def __init__(
@@ -92,9 +94,13 @@ class MetricsMiddleware:
             error_type = str(INTERNAL_ERROR)
             raise
         except BaseException as exc:
-            # Cancelled: the client stopped waiting (or the server is stopping).
+            # Cancelled: the client stopped waiting (or the server is stopping). A listen
+            # stream has no answer to wait for: the client closing it is its normal end.
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-            error_type = "timeout" if cancelled else str(INTERNAL_ERROR)
+            if not cancelled:
+                error_type = str(INTERNAL_ERROR)
+            elif method != _LISTEN:
+                error_type = "timeout"
             raise
         else:
             if method == "tools/call" and is_tool_error(result):

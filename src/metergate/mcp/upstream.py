@@ -1,12 +1,15 @@
-"""One MCP server behind the gateway: its connection, its tools, its health, its calls.
+"""One MCP server behind the gateway: its connection, its tools, its health, its requests.
 
 A supervisor task owns the connection (the SDK's `Client` is an async context that must
 be entered and left in one task). While connected it probes the server with `tools/list`
-every `health_interval_seconds` (which also picks up changed tool lists); a failed probe,
-a failed call or a dropped connection marks the server down (`metergate_mcp_server_up`
-0) and the task reconnects with exponential backoff and jitter until it answers again.
-Calls from request handlers use the live `Client` concurrently; while the server is
-down they fail at once instead of waiting on a connection that is not there.
+every `health_interval_seconds` (which also picks up changed tool lists; a server without
+tools gets `resources/list` or `prompts/list` instead); a failed probe, a failed request
+or a dropped connection marks the server down (`metergate_mcp_server_up` 0) and the task
+reconnects with exponential backoff and jitter until it answers again. Requests from
+handlers use the live `Client` concurrently, each within the server's timeout and
+metered whatever its outcome; while the server is down they fail at once instead of
+waiting on a connection that is not there. What the server announced at connection
+(capabilities, protocol era) is kept, so the gateway can say what its servers support.
 """
 
 from __future__ import annotations
@@ -16,16 +19,22 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 import httpx2
+import mcp_types as types
 from mcp import Client, StdioServerParameters
+from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, ErrorData, Tool
+from mcp_types import CallToolResult, ErrorData, ServerCapabilities, Tool
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
 
-from metergate.mcp.config import SEPARATOR, McpConfig, McpServerConfig
+from metergate.mcp.config import McpConfig, McpServerConfig
 from metergate.mcp.metrics import (
     CONNECTION_CLOSED,
     INTERNAL_ERROR,
@@ -33,29 +42,50 @@ from metergate.mcp.metrics import (
     UNKNOWN_TOOL,
     ClientMetrics,
     code_error_type,
+    is_tool_error,
 )
+from metergate.mcp.naming import qualify
+from metergate.mcp.subscriptions import UpstreamSubscriptions
 
 log = logging.getLogger("metergate.mcp")
 
 _MAX_PAGES = 100
 _RELIST_EVERY = 1.0  # seconds: at most one extra tools/list per server for unknown names
 
+T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
+Send = Callable[[Client, float], Awaitable[T]]
+"""One request on a live client, given the seconds it may take."""
 
-def mcp_error(code: int, message: str) -> MCPError:
-    return MCPError.from_error_data(ErrorData(code=code, message=message))
+
+def mcp_error(code: int, message: str, data: Any = None) -> MCPError:
+    return MCPError.from_error_data(ErrorData(code=code, message=message, data=data))
 
 
 class Upstream:
     def __init__(
-        self, name: str, config: McpServerConfig, settings: McpConfig, metrics: ClientMetrics
+        self,
+        name: str,
+        config: McpServerConfig,
+        settings: McpConfig,
+        metrics: ClientMetrics,
+        *,
+        wanted: Callable[[], set[str]] = set,
+        on_updated: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`wanted`: the server's resource URIs that downstream clients subscribe to;
+        `on_updated(server, uri)`: called when the server says one of them changed."""
         self.name = name
         self.config = config
         self.settings = settings
         self.metrics = metrics
         self.client: Client | None = None
+        self.capabilities: ServerCapabilities | None = None  # as last announced
+        self.modern = False  # the connection speaks the 2026-07-28 era (no handshake)
         self.tools: dict[str, Tool] = {}  # by the server's own name
         self.listed: dict[str, Tool] = {}  # namespaced copies, by the server's own name
+        self.subscriptions = UpstreamSubscriptions(self, wanted)
+        self._on_updated = on_updated
         self._up = metrics.up.labels(name)
         self._up.set(0)
         self._probe_now = asyncio.Event()
@@ -77,6 +107,7 @@ class Upstream:
     async def close(self) -> None:
         self._stopping.set()
         self._probe_now.set()
+        await self.subscriptions.close()
         if self._task is None:
             return
         try:
@@ -103,7 +134,12 @@ class Upstream:
             )
             await stack.enter_async_context(http)
             transport = streamable_http_client(self.config.url, http_client=http)
-            client = Client(transport, cache=None, read_timeout_seconds=handshake)
+            client = Client(
+                transport,
+                cache=None,
+                read_timeout_seconds=handshake,
+                message_handler=self._on_message,
+            )
             return await stack.enter_async_context(client)
         assert self.config.command is not None
         params = StdioServerParameters(
@@ -112,8 +148,19 @@ class Upstream:
             env=self.config.env or None,
             cwd=self.config.cwd,
         )
-        client = Client(params, cache=None, read_timeout_seconds=handshake)
+        client = Client(
+            params, cache=None, read_timeout_seconds=handshake, message_handler=self._on_message
+        )
         return await stack.enter_async_context(client)
+
+    async def _on_message(self, message: IncomingMessage) -> None:
+        """Notifications from the server: resource updates go to subscribers (on a
+        listen stream or, handshake era, the session), a changed tool list is relisted."""
+        if isinstance(message, types.ResourceUpdatedNotification):
+            if self._on_updated is not None:
+                self._on_updated(self.name, message.params.uri)
+        elif isinstance(message, types.ToolListChangedNotification):
+            self._probe_now.set()
 
     async def _supervise(self) -> None:
         delay = self.settings.reconnect_min_seconds
@@ -121,6 +168,9 @@ class Upstream:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     client = await self._connect(stack)
+                    stack.callback(self.subscriptions.disconnected)  # before the client closes
+                    self.capabilities = client.server_capabilities
+                    self.modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
                     await self._refresh(client)
                     self._mark_up(client)
                     delay = self.settings.reconnect_min_seconds
@@ -162,27 +212,50 @@ class Upstream:
         self.client = client
         self._up.set(1)
         self._first_attempt.set()
+        self.subscriptions.connected()
 
     def _mark_down(self) -> None:
         if self.client is not None and not self._stopping.is_set():
             log.warning("MCP server %s is down; reconnecting", self.name)
         self.client = None
         self._up.set(0)
+        self.subscriptions.disconnected()
 
     async def _refresh(self, client: Client) -> None:
-        """List every tool (all pages) within the server's timeout; metered like a call."""
+        """The health probe: list every tool (all pages) within the server's timeout, or
+        for a server without tools a first page of what it has; metered like a call."""
+        capabilities = self.capabilities or ServerCapabilities(tools=types.ToolsCapability())
+        if capabilities.tools is None and capabilities.resources is not None:
+            await self._probe(client, "resources/list", lambda c: c.session.list_resources())
+        elif capabilities.tools is None and capabilities.prompts is not None:
+            await self._probe(client, "prompts/list", lambda c: c.session.list_prompts())
+        else:
+            tools = await self._probe(client, "tools/list", self._list_tools)
+            self.tools = tools
+            self.listed = {
+                own: tool.model_copy(update={"name": qualify(self.name, own)})
+                for own, tool in tools.items()
+            }
+
+    async def _list_tools(self, client: Client) -> dict[str, Tool]:
+        tools: dict[str, Tool] = {}
+        cursor: str | None = None
+        for _ in range(_MAX_PAGES):
+            page = await client.list_tools(cursor=cursor)
+            tools.update((tool.name, tool) for tool in page.tools)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return tools
+
+    async def _probe(
+        self, client: Client, method: str, probe: Callable[[Client], Awaitable[T]]
+    ) -> T:
         started = time.perf_counter()
         error_type = ""
         try:
-            tools: dict[str, Tool] = {}
-            cursor: str | None = None
             with anyio.fail_after(self.config.timeout_seconds):
-                for _ in range(_MAX_PAGES):
-                    page = await client.list_tools(cursor=cursor)
-                    tools.update((tool.name, tool) for tool in page.tools)
-                    cursor = page.next_cursor
-                    if cursor is None:
-                        break
+                return await probe(client)
         except TimeoutError:
             error_type = "timeout"
             raise
@@ -193,13 +266,8 @@ class Upstream:
             error_type = "transport"
             raise
         finally:
-            labels = (self.name, "tools/list", "", error_type)
+            labels = (self.name, method, "", error_type)
             self.metrics.operation.observe(labels, time.perf_counter() - started)
-        self.tools = tools
-        self.listed = {
-            own: tool.model_copy(update={"name": f"{self.name}{SEPARATOR}{own}"})
-            for own, tool in tools.items()
-        }
 
     async def knows(self, tool: str) -> bool:
         """Whether the server has `tool`, relisting once a second at most when unsure."""
@@ -217,9 +285,43 @@ class Upstream:
             return False
         return tool in self.tools
 
-    async def call_tool(self, tool: str, arguments: dict[str, Any] | None) -> CallToolResult:
-        """Call `tool` within the server's timeout; metered, whatever the outcome."""
+    async def call_tool(
+        self, tool: str, arguments: dict[str, Any] | None, progress: ProgressFnT | None = None
+    ) -> CallToolResult:
+        """Call `tool`; metered, a result with `isError` counted as `tool_error`."""
+
+        def send(client: Client, seconds: float) -> Awaitable[CallToolResult]:
+            return client.call_tool(
+                tool, arguments, read_timeout_seconds=seconds, progress_callback=progress
+            )
+
         label = tool if tool in self.tools else UNKNOWN_TOOL
+        result = await self.request("tools/call", send, what=qualify(self.name, tool), tool=label)
+        return result
+
+    async def send(
+        self,
+        method: str,
+        request: types.ClientRequest,
+        result_type: type[R],
+        progress: ProgressFnT | None = None,
+    ) -> R:
+        """Send one request (resources, prompts, subscriptions) and validate its result."""
+
+        def send(client: Client, seconds: float) -> Awaitable[R]:
+            return client.session.send_request(
+                request,
+                result_type,
+                request_read_timeout_seconds=seconds,
+                progress_callback=progress,
+            )
+
+        return await self.request(method, send, what=f"{method} on MCP server {self.name!r}")
+
+    async def request(self, method: str, send: Send[T], *, what: str, tool: str = "") -> T:
+        """Run `send` on the live client within the server's timeout; metered as `method`
+        whatever the outcome (`tool` labels `tools/call`). A caller that goes away
+        cancels the request upstream too (the SDK tells the server)."""
         timeout = self.config.timeout_seconds
         started = time.perf_counter()
         error_type = ""
@@ -231,12 +333,12 @@ class Upstream:
                     f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
                 )
             with anyio.fail_after(timeout):
-                result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout + 1)
+                result = await send(client, timeout + 1)
         except TimeoutError:
             error_type = "timeout"
             raise mcp_error(
                 REQUEST_TIMEOUT,
-                f"{self.name}{SEPARATOR}{tool} did not answer within {timeout:g} s "
+                f"{what} did not answer within {timeout:g} s "
                 f"(timeout_seconds of MCP server {self.name!r})",
             ) from None
         except MCPError as exc:
@@ -259,10 +361,10 @@ class Upstream:
             error_type = "timeout"
             raise
         else:
-            if result.is_error:
+            if method == "tools/call" and is_tool_error(result):
                 error_type = "tool_error"
         finally:
-            labels = (self.name, "tools/call", label, error_type)
+            labels = (self.name, method, tool, error_type)
             self.metrics.operation.observe(labels, time.perf_counter() - started)
         return result
 
