@@ -210,6 +210,11 @@ class Fleet:
     ledger: Callable[[str], str]  # SQL -> psql output, on the fleet's ledger
 
 
+def _logs(fleet: Fleet) -> str:
+    """The replicas' logs, for a failure that only they can explain."""
+    return "\n".join(f"--- {r.base_url}\n{r.log()[-6000:]}" for r in fleet.replicas)
+
+
 @pytest.fixture
 def fleet(
     tmp_path: Path,
@@ -292,7 +297,7 @@ def test_fleet_behind_nginx_holds_limits_shares_cache_and_is_counted(fleet: Flee
 
     answers, elapsed = asyncio.run(burst())
     statuses = Counter(x.status for x in answers)
-    assert set(statuses) <= {200, 429}, statuses
+    assert set(statuses) <= {200, 429}, (statuses, _logs(fleet))
     refill = math.floor(elapsed * RPM / 60)  # a request back every 3 s: none in a fast burst
     assert RPM <= statuses[200] <= RPM + refill, (statuses, elapsed)
     assert {x.headers[REPLICA_HEADER] for x in answers} == set(by_addr)  # both replicas
