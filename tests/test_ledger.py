@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from metergate.metering.ledger import COLUMNS, LedgerRow, LedgerWriter
+from metergate.metering.metrics import APIS
 from metergate.storage.database import Database, Row, open_database
 from metergate.storage.migrations import MIGRATIONS, latest_version, migrate
 from tests.harness import BackgroundLoop, Gateway, simulated_config
