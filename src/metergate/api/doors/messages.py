@@ -41,6 +41,7 @@ from metergate.runtime import Plan, Runtime
 # figure per image or document (Anthropic's images cost up to ~1,600 tokens).
 CHARS_PER_TOKEN = 4
 TOKENS_PER_ATTACHMENT = 1600
+_NOT_TEXT = frozenset({"type", "role", "cache_control", "id", "tool_use_id", "signature"})
 
 
 class MessagesDoor(Door):
@@ -155,5 +156,5 @@ def estimate_tokens(body: dict[str, Any]) -> int:
             elif node.get("type") == "tool_use" or "input_schema" in node:
                 characters += len(orjson.dumps(node))
             else:
-                stack.extend(v for k, v in node.items() if k not in ("type", "cache_control"))
+                stack.extend(v for k, v in node.items() if k not in _NOT_TEXT)
     return math.ceil(characters / CHARS_PER_TOKEN) + TOKENS_PER_ATTACHMENT * attachments
