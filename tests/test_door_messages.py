@@ -278,8 +278,15 @@ def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
     trouble = [{"role": "user", "content": "TRIGGER:stream_error"}]
     stream = client.messages.stream(model="claude", max_tokens=50, messages=trouble)
     with pytest.raises(anthropic.APIStatusError) as broken, stream as events:
-        events.get_final_message()  # after the first byte, the error is an event
+        events.get_final_message()
     assert broken.value.body["error"]["type"] == "overloaded_error"
+    # After the first byte, a failure is an `error` event (the OpenAI fake's `cut` ends
+    # its stream before [DONE]).
+    trouble = [{"role": "user", "content": "TRIGGER:cut"}]
+    events = raw_events(gateway, {"model": "gpt", "max_tokens": 50, "messages": trouble})
+    assert events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "api_error"
+    assert "ended before [DONE]" in events[-1][1]["error"]["message"]
     # Without the SDK's own checks: a body missing max_tokens, and no key at all.
     url = gateway.base_url + "/messages"
     refused = httpx.post(url, json={"model": "sim", "messages": HELLO},

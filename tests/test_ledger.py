@@ -116,6 +116,7 @@ def make_row(i: int) -> LedgerRow:
         status=200 if i % 5 else 502,
         cache_hit=i % 2,
         stream=(i // 2) % 2,
+        api=APIS[i % len(APIS)],
     )
 
 

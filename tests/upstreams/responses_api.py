@@ -135,6 +135,7 @@ def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
         "error": None,
         "incomplete_details": None,
         "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
         "model": body["model"],
         "output": [output],
         "parallel_tool_calls": True,

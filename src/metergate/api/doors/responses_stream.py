@@ -114,6 +114,7 @@ class ResponseStream:
             if position not in self.calls:
                 out += self._close()
                 item = call_item(new_id("fc"), call, "in_progress")
+                item["arguments"] = ""  # the deltas bring them
                 self.calls[position] = self.call = item
                 self.output.append(item)
                 out += self.events(
