@@ -68,6 +68,8 @@ _FIELDS = frozenset(
         "tool_choice",
         "thinking",
         "service_tier",
+        "context_management",
+        "output_config",
     }
 )
 _MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -174,8 +176,10 @@ def _validate(body: Any) -> str | None:
 
 def _validate_message(number: int, message: Any, previous: Any) -> str | None:
     where = f"messages.{number}"
-    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-        return f"{where}.role: Input should be 'user' or 'assistant'"
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        return f"{where}.role: Input should be 'user', 'assistant' or 'system'"
+    if message["role"] == "system":  # mid-conversation instructions (beta)
+        return None if isinstance(message.get("content"), str | list) else f"{where}: content"
     if previous is not None and previous["role"] == message["role"]:
         return (
             f'{where}: roles must alternate between "user" and "assistant", but found '

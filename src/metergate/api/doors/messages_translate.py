@@ -4,7 +4,8 @@ Used when a `/v1/messages` request is served by an upstream that does not speak 
 Messages API (OpenAI-compatible, Gemini, simulated); Anthropic upstreams get the request
 as it came. Choices worth knowing:
 
-* `system` (a string or text blocks) becomes the first, system message; `tool_result`
+* `system` (a string or text blocks) becomes the first, system message, and system
+  messages inside `messages` system messages where they stand; `tool_result`
   blocks become `tool` messages placed before the rest of their user turn, as chat wants.
 * Images become `image_url` parts, base64 PDF documents `file` parts, text documents text.
 * Thinking blocks the caller sends back are dropped, and so are `cache_control` markers,
@@ -69,9 +70,12 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
             messages += _user(content, lost)
         elif role == "assistant":
             messages.append(_assistant(content, lost))
+        elif role == "system":  # mid-conversation instructions (a beta Claude Code uses)
+            messages.append({"role": "system", "content": _system_text(content, lost)})
         else:
             raise InvalidRequest(
-                f"messages.{number}.role: must be 'user' or 'assistant'", param="messages"
+                f"messages.{number}.role: must be 'user', 'assistant' or 'system'",
+                param="messages",
             )
     chat: dict[str, Any] = {
         "model": body["model"],
