@@ -354,3 +354,27 @@ def test_unsupported_fields_are_refused(gateway: Gateway) -> None:
         headers={"authorization": f"Bearer {gateway.key}"},
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "background"
+
+
+def test_stored_responses_on_postgresql(gateway_factory: Any, fresh_postgres_url: str) -> None:
+    """The store's SQL (the recursive conversation query, upserts, purge) on PostgreSQL."""
+    gateway = gateway_factory({
+        "ledger": {"url": fresh_postgres_url},
+        "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 3}}},
+        "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
+        "models": {"sim": {"upstreams": ["sim-up"]}},
+        "responses": {"max_stored_mb": 0.0015},
+    })
+    client = gateway.client()
+    first = client.responses.create(model="sim", input="one")
+    second = client.responses.create(model="sim", input="two", previous_response_id=first.id)
+    third = client.responses.create(model="sim", input="three", previous_response_id=second.id)
+    assert client.responses.retrieve(third.id).previous_response_id == second.id
+    assert [i.content[0].text for i in client.responses.input_items.list(third.id)] == ["three"]
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as broken:  # its conversation lost its start
+        client.responses.create(model="sim", input="four", previous_response_id=third.id)
+    assert first.id in broken.value.message
+    assert gateway.bg.run(gateway.app.responses.purge()) >= 1
+    assert client.responses.retrieve(third.id).id == third.id  # the newest stays
+    assert {row["api"] for row in gateway.ledger_rows()} == {"responses"}
