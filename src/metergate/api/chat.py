@@ -190,7 +190,7 @@ class CompletionsHandler:
         deployment, chunks, first = await dispatcher.open_stream(
             route, body, include_usage, state, log, exchange.native
         )
-        outward = self.door.relay(exchange, deployment, state, log)  # None: chunks as they are
+        outward = self.door.relay(exchange, deployment, state)  # None: chunks as they are
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
             (b"x-metergate-attempts", b"%d" % log.attempts),

@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Protocol
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError
-from metergate.metering.meter import RequestLog
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.dispatch import Kind
 from metergate.routing.router import Deployment
@@ -89,9 +88,7 @@ class Door:
     async def from_cache(self, exchange: Exchange, body: bytes, key: KeyRecord) -> bytes:
         return body
 
-    def relay(
-        self, exchange: Exchange, deployment: Deployment, state: StreamState, log: RequestLog
-    ) -> Relay | None:
+    def relay(self, exchange: Exchange, deployment: Deployment, state: StreamState) -> Relay | None:
         """None: the stream's chunks go to the caller as they are."""
         return None
 

@@ -17,7 +17,6 @@ from metergate.api.doors import Door, Exchange, Relay
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
-from metergate.metering.meter import RequestLog
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.providers.sse import DONE, SSEDecoder, chunk_event
 from metergate.routing.router import Deployment
@@ -64,9 +63,7 @@ class CompletionsDoor(Door):
         choices = [_choice(c, (c.get("message") or {}).get("content")) for c in chat["choices"]]
         return orjson.dumps({**_head(chat), "choices": choices, "usage": chat.get("usage")})
 
-    def relay(
-        self, exchange: Exchange, deployment: Deployment, state: StreamState, log: RequestLog
-    ) -> Relay | None:
+    def relay(self, exchange: Exchange, deployment: Deployment, state: StreamState) -> Relay | None:
         return None if exchange.passthrough(deployment) else _TextStream()
 
 

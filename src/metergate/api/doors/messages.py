@@ -30,7 +30,6 @@ from metergate.api.doors.messages_translate import (
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
-from metergate.metering.meter import RequestLog
 from metergate.providers.anthropic import AnthropicAdapter
 from metergate.providers.anthropic_native import FORWARDED_HEADERS
 from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
@@ -62,9 +61,7 @@ class MessagesDoor(Door):
             return completion.body
         return to_message(completion.body, completion.usage)
 
-    def relay(
-        self, exchange: Exchange, deployment: Deployment, state: StreamState, log: RequestLog
-    ) -> Relay:
+    def relay(self, exchange: Exchange, deployment: Deployment, state: StreamState) -> Relay:
         if exchange.passthrough(deployment):
             return NativeMessageStream()
         return MessageStream(state)

@@ -31,7 +31,6 @@ from metergate.api.doors.responses_translate import input_items, new_id, to_chat
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
 from metergate.errors import InvalidRequest, NotFound
-from metergate.metering.meter import RequestLog
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
 from metergate.runtime import Plan, Runtime
@@ -140,9 +139,7 @@ class ResponsesDoor(Door):
         await self._keep(exchange.context, response)
         return orjson.dumps(response)
 
-    def relay(
-        self, exchange: Exchange, deployment: Deployment, state: StreamState, log: RequestLog
-    ) -> Relay:
+    def relay(self, exchange: Exchange, deployment: Deployment, state: StreamState) -> Relay:
         turn: _Turn = exchange.context
 
         async def keep(response: dict[str, Any]) -> None:
