@@ -44,7 +44,8 @@ def test_fast_exposition_matches_prometheus_client() -> None:
     metrics.count_request(metrics.series("m1", "up", "key"), ("m1", "up", "key"), "success")
     again = samples(metrics.exposition().decode())
     key = ("metergate_requests_total",
-           (("key", "key"), ("model", "m1"), ("outcome", "success"), ("upstream", "up")))
+           (("api", "chat"), ("key", "key"), ("model", "m1"), ("outcome", "success"),
+            ("upstream", "up")))
     assert again[key] == 2
 
 

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from metergate.metering.ledger import COLUMNS, LedgerRow, LedgerWriter
+from metergate.metering.metrics import APIS
 from metergate.storage.database import Database, Row, open_database
 from metergate.storage.migrations import MIGRATIONS, latest_version, migrate
 from tests.harness import BackgroundLoop, Gateway, simulated_config
@@ -115,6 +116,7 @@ def make_row(i: int) -> LedgerRow:
         status=200 if i % 5 else 502,
         cache_hit=i % 2,
         stream=(i // 2) % 2,
+        api=APIS[i % len(APIS)],
     )
 
 

@@ -62,13 +62,16 @@ class Provider:
     prices: tuple[str, str, str]  # as configured, USD per million: input, cached, output
     overloaded: tuple[int, str]  # the gateway's status, and the provider's message kept
     rate_limited: str  # the provider's rate limit message
+    cache_writes: int = 0  # of the input tokens, those CACHED writes to the prompt cache
 
     @property
     def upstream(self) -> str:  # the deployment's name, a metric label
         return f"{self.model}-up"
 
 
-CLAUDE = Provider("claude", ("3", "0.3", "15"), (502, "Overloaded"), "per-minute rate limit")
+CLAUDE = Provider(
+    "claude", ("3", "0.3", "15"), (502, "Overloaded"), "per-minute rate limit", cache_writes=256
+)
 GEMINI = Provider(
     "gemini", ("0.3", "0.075", "2.5"), (503, "The model is overloaded"), "current quota"
 )
@@ -125,9 +128,13 @@ def tokens(row: dict[str, Any]) -> tuple[int, int, int]:
     return row["input_tokens"], row["cached_input_tokens"], row["output_tokens"]
 
 
-def expected_cost(provider: Provider, usage: CompletionUsage) -> Decimal:
-    """USD at the configured prices (per million), rounded half up to the nano-dollar."""
+def expected_cost(provider: Provider, usage: CompletionUsage, writes: int = 0) -> Decimal:
+    """USD at the configured prices (per million), rounded half up to the nano-dollar.
+
+    `writes` of the input tokens were written to the prompt cache: with no price of their
+    own configured, they cost Anthropic's published 1.25 times the input price."""
     micro = sum(n * Decimal(p) for n, p in zip(split(usage), provider.prices, strict=True))
+    micro += writes * Decimal(provider.prices[0]) * Decimal("0.25")
     return (micro / 1_000_000).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
 
 
@@ -223,7 +230,7 @@ def test_usage_cost_ledger_and_metrics_agree(gateway: Gateway, provider: Provide
     assert usage.prompt_tokens_details.cached_tokens == 1024
     assert usage.prompt_tokens > 1024 and usage.completion_tokens == 9
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    cost = expected_cost(provider, usage)
+    cost = expected_cost(provider, usage, provider.cache_writes)
     assert raw.headers["x-metergate-cost-usd"] == f"{cost:.9f}"
     assert raw.headers["x-metergate-upstream"] == provider.upstream
 

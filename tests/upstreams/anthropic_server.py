@@ -1,4 +1,5 @@
-"""A fake Anthropic Messages API (`POST /v1/messages`) speaking the real wire format.
+"""A fake Anthropic Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`)
+speaking the real wire format.
 
 It validates requests the way the real API does, answering in Anthropic's error shape
 `{"type": "error", "error": {"type": ..., "message": ...}}`:
@@ -31,6 +32,11 @@ text block unless a tool was forced. Otherwise it is `ANSWER`, cut by `stop_sequ
 (stop_reason `stop_sequence`) or after `max_tokens` words (stop_reason `max_tokens`).
 Streams use real SSE framing: `event:` lines, a `ping`, one delta per word, tool input
 in several `input_json_delta` fragments, and one event split across two writes.
+
+With `thinking` enabled the answer starts with a thinking block (`THOUGHT`, signed
+`SIGNATURE`; streamed as `thinking_delta` and `signature_delta`). Request content may hold
+documents, thinking and redacted thinking blocks, and `cache_control` anywhere.
+`count_tokens` answers the same `input_tokens` a message with that prompt would report.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from aiohttp import web
 from tests.upstreams import RECORDER, Recorder, answer_within, trigger
 
 API_KEY = "sk-ant-test-key-0123456789"
+THOUGHT = "The user wants an answer."
+SIGNATURE = "sig-fake-0123456789"
 _FIELDS = frozenset(
     {
         "model",
@@ -60,6 +68,8 @@ _FIELDS = frozenset(
         "tool_choice",
         "thinking",
         "service_tier",
+        "context_management",
+        "output_config",
     }
 )
 _MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -98,8 +108,24 @@ def create_app(api_key: str = API_KEY) -> web.Application:
             return await _stream(request, answer, word)
         return web.json_response(answer)
 
+    async def count_tokens(request: web.Request) -> web.Response:
+        body = await app[RECORDER].record(request)
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if api_key not in (request.headers.get("x-api-key"), bearer):
+            return _error(401, "authentication_error", "invalid x-api-key")
+        problem = _validate({**body, "max_tokens": 1}) if isinstance(body, dict) else "no JSON"
+        if problem:
+            return _error(400, "invalid_request_error", problem)
+        return web.json_response({"input_tokens": _prompt_tokens(body)})
+
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     return app
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    system = body.get("system") or ""
+    return math.ceil(len(orjson.dumps([system, body["messages"], body.get("tools") or []])) / 4)
 
 
 def _error(
@@ -150,8 +176,10 @@ def _validate(body: Any) -> str | None:
 
 def _validate_message(number: int, message: Any, previous: Any) -> str | None:
     where = f"messages.{number}"
-    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-        return f"{where}.role: Input should be 'user' or 'assistant'"
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        return f"{where}.role: Input should be 'user', 'assistant' or 'system'"
+    if message["role"] == "system":  # mid-conversation instructions (beta)
+        return None if isinstance(message.get("content"), str | list) else f"{where}: content"
     if previous is not None and previous["role"] == message["role"]:
         return (
             f'{where}: roles must alternate between "user" and "assistant", but found '
@@ -185,6 +213,15 @@ def _validate_block(block: Any) -> str | None:
         return None if ok else "tool_use blocks need id, name and an object input"
     if kind == "tool_result":
         return None if block.get("tool_use_id") else "tool_use_id: Field required"
+    if kind == "document":
+        source = block.get("source") or {}
+        ok = source.get("type") in ("base64", "text", "url", "content")
+        return None if ok else "document.source: invalid document source"
+    if kind == "thinking":
+        ok = isinstance(block.get("thinking"), str) and block.get("signature")
+        return None if ok else "thinking blocks need thinking and signature"
+    if kind == "redacted_thinking":
+        return None if block.get("data") else "redacted_thinking blocks need data"
     return f"Input tag '{kind}' found using 'type' does not match any of the expected tags"
 
 
@@ -204,14 +241,15 @@ def _answer(body: dict[str, Any], serial: int) -> dict[str, Any]:
     system = body.get("system") or ""
     system_text = system if isinstance(system, str) else _text_of(system)
     cached = trigger(system_text) == "cached"
-    prompt = orjson.dumps([system, body["messages"], body.get("tools") or []])
     usage = {
-        "input_tokens": math.ceil(len(prompt) / 4),
+        "input_tokens": _prompt_tokens(body),
         "cache_creation_input_tokens": 256 if cached else 0,
         "cache_read_input_tokens": 1024 if cached else 0,
         "output_tokens": 0,
     }
     content, stop_reason, stop_sequence = _content(body, serial)
+    if (body.get("thinking") or {}).get("type") == "enabled":
+        content = [{"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}, *content]
     usage["output_tokens"] = sum(
         len(b["text"].split()) if b["type"] == "text" else 8 for b in content
     )
@@ -310,6 +348,12 @@ def _events(answer: dict[str, Any]) -> list[bytes]:
             words = block["text"].split(" ")
             deltas = [
                 {"type": "text_delta", "text": w if not n else " " + w} for n, w in enumerate(words)
+            ]
+        elif block["type"] == "thinking":
+            opening = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [
+                {"type": "thinking_delta", "thinking": block["thinking"]},
+                {"type": "signature_delta", "signature": block["signature"]},
             ]
         else:
             opening = {**block, "input": {}}

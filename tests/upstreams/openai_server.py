@@ -1,4 +1,5 @@
-"""A local server speaking OpenAI's chat-completions and embeddings wire format.
+"""A local server speaking OpenAI's chat-completions, embeddings, Responses and legacy
+completions wire formats (`responses_api.py` has the last two).
 
 It plays a real OpenAI-compatible provider: it checks the bearer key, answers in
 OpenAI's JSON and SSE shapes (with `usage: null` on every chunk and a final usage
@@ -10,7 +11,9 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
-Every request body and its headers are recorded in `state.requests`.
+With `tools`, a non-streamed answer calls the first tool (`{"city": "Seoul"}`) unless the
+last message is a tool's answer. Every request body and its headers are recorded in
+`state.requests`.
 """
 
 from __future__ import annotations
@@ -94,8 +97,9 @@ def create_app() -> tuple[web.Application, State]:
             "system_fingerprint": "fp_fake",
         }
         tools = body.get("tools")
+        answered = (body.get("messages") or [{}])[-1].get("role") == "tool"
         if not body.get("stream"):
-            if tools:
+            if tools and not answered:
                 name = tools[0]["function"]["name"]
                 message = {
                     "role": "assistant",
@@ -145,6 +149,9 @@ def create_app() -> tuple[web.Application, State]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
+    from tests.upstreams import responses_api
+
+    responses_api.add_routes(app, state, API_KEY)
     return app, state
 
 

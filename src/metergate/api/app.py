@@ -14,10 +14,14 @@ from collections.abc import Awaitable, Callable
 
 from metergate.api.admin import AdminHandlers
 from metergate.api.admin_api import AdminApi
-from metergate.api.chat import CompletionsHandler
+from metergate.api.chat import ChatDoor, CompletionsHandler, EmbeddingsDoor
+from metergate.api.cors import Cors
+from metergate.api.doors.completions import CompletionsDoor
+from metergate.api.doors.messages import CountTokens, MessagesDoor
+from metergate.api.doors.responses import ResponsesDoor
 from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
-from metergate.config.model import GatewayConfig
+from metergate.config.model import CorsConfig, GatewayConfig
 from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound
 from metergate.runtime import Runtime
 
@@ -37,8 +41,14 @@ class GatewayApp:
         admin = AdminHandlers(self.runtime)
         self._admin_api = AdminApi(self.runtime, admin.guard)  # the console and its JSON API
         self._info = info
-        chat = CompletionsHandler(self.runtime, "chat")
-        embeddings = CompletionsHandler(self.runtime, "embeddings")
+        chat = CompletionsHandler(self.runtime, ChatDoor())
+        embeddings = CompletionsHandler(self.runtime, EmbeddingsDoor())
+        messages = CompletionsHandler(self.runtime, MessagesDoor())
+        count_tokens = CountTokens(self.runtime)
+        self.responses = ResponsesDoor(self.runtime)  # and its stored responses
+        responses = CompletionsHandler(self.runtime, self.responses)
+        completions = CompletionsHandler(self.runtime, CompletionsDoor())
+        self._cors: tuple[CorsConfig | None, Cors | None] = (None, None)
         routes: dict[tuple[str, str], Handler] = {
             ("GET", "/healthz"): info.healthz,
             ("GET", "/readyz"): info.readyz,
@@ -49,6 +59,10 @@ class GatewayApp:
         for prefix in ("/v1", ""):  # some clients put /v1 in base_url, some do not
             routes[("POST", f"{prefix}/chat/completions")] = chat
             routes[("POST", f"{prefix}/embeddings")] = embeddings
+            routes[("POST", f"{prefix}/messages")] = messages
+            routes[("POST", f"{prefix}/messages/count_tokens")] = count_tokens
+            routes[("POST", f"{prefix}/responses")] = responses
+            routes[("POST", f"{prefix}/completions")] = completions
             routes[("GET", f"{prefix}/models")] = info.models
         if self.runtime.mcp is not None:
             self.runtime.mcp.app = self  # its `chat` tool calls /v1/chat/completions in process
@@ -62,6 +76,17 @@ class GatewayApp:
         if scope["type"] == "http":
             handler = self.routes.get((scope["method"], scope["path"]))
             request = Request(scope, receive)
+            origin = request.headers.get(b"origin")  # only browsers send it
+            if origin is not None:
+                cors = self._cors_policy()
+                if cors is not None:
+                    if scope["method"] == "OPTIONS" and (
+                        b"access-control-request-method" in request.headers
+                    ):
+                        await cors.preflight(request, send, origin)
+                        return
+                    if cors.allows(origin):
+                        send = cors.wrap(send, origin)
             try:
                 if handler is not None:
                     await handler(request, send)
@@ -81,6 +106,13 @@ class GatewayApp:
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
+    def _cors_policy(self) -> Cors | None:
+        """The CORS policy of the config in force (None while no origin is allowed)."""
+        config = self.runtime.plan.config.server.cors
+        if self._cors[0] is not config:
+            self._cors = (config, Cors(config) if config.allowed_origins else None)
+        return self._cors[1]
+
     async def _unrouted(self, request: Request, send: Send) -> None:
         path: str = request.scope["path"]
         if await self._admin_api.dispatch(request, send, self.paths):  # /admin/api/keys/{id}...
@@ -88,6 +120,10 @@ class GatewayApp:
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and request.scope["method"] == "GET":
                 await self._info.model(request, send, path.removeprefix(prefix))
+                return
+        for prefix in ("/v1/responses/", "/responses/"):
+            if path.startswith(prefix) and len(path) > len(prefix):
+                await self.responses.stored(request, send, path.removeprefix(prefix))
                 return
         if path in self.paths:
             allowed = ", ".join(sorted(m for m, p in self.routes if p == path))
@@ -99,7 +135,7 @@ class GatewayApp:
             )
         raise NotFound(
             f"no such endpoint: {path}; the API is under /v1 "
-            "(chat/completions, embeddings, models)",
+            "(chat/completions, responses, messages, completions, embeddings, models)",
             code="unknown_endpoint",
         )
 
@@ -127,11 +163,13 @@ class GatewayApp:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 self._reload_on_sighup()
+                self.responses.start()  # deletes stored responses past their retention
                 # Everything loaded so far lives as long as the process: keep it out of
                 # the collector's full passes, which otherwise stall the loop for ~50 ms.
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.responses.close()
                 await self.runtime.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -4,6 +4,11 @@ request in → take the plan → authenticate → parse → route → caps → c
 limits and budget hold) → call upstream → settle → meter → respond. Ledger writes, and
 with Redis the settling, happen off this path (see metering.ledger, shared.counters).
 
+Every other door (Anthropic Messages, the Responses API, legacy completions) takes this
+same path: its `Door` translates the caller's request into the chat body on the way in
+and the answer, the stream and errors back on the way out (`api.doors`), so budgets,
+rate limits, caps, the cache, retries, fallbacks and rollouts apply to all of them alike.
+
 The plan in force when the request arrives serves it to the end (`runtime.Plan`): a
 reload while the body arrives, during a retry's wait or mid-stream changes nothing for
 it. Every failure ends as one of the error kinds of `metergate.errors`; anything else is
@@ -17,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+from metergate.api.doors import Door, Exchange, Relay
 from metergate.asgi import (
     JSON_HEADERS,
     SSE_HEADERS,
@@ -25,13 +31,13 @@ from metergate.asgi import (
     Send,
     base_headers,
 )
+from metergate.auth.keys import KeyRecord
 from metergate.cache import CachedResponse
 from metergate.errors import GatewayError, InternalError, InvalidRequest
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
 from metergate.providers.base import StreamState
-from metergate.routing.dispatch import Kind
 from metergate.routing.router import Route
 from metergate.runtime import Plan, Runtime
 
@@ -39,25 +45,28 @@ logger = logging.getLogger("metergate.api")
 
 
 class CompletionsHandler:
-    """Serves chat completions (streamed or not) and embeddings."""
+    """Serves chat completions (streamed or not) and embeddings, and every other door's
+    model calls (`door`: how its protocol enters and leaves this pipeline)."""
 
-    def __init__(self, runtime: Runtime, kind: Kind) -> None:
+    def __init__(self, runtime: Runtime, door: Door) -> None:
         self.runtime = runtime
-        self.kind = kind
+        self.door = door
+        self.kind = door.kind
 
     async def __call__(self, request: Request, send: Send) -> None:
         meter = self.runtime.meter
         plan = self.runtime.plan.enter()
         log = RequestLog(request.id, request.started)
+        log.api = self.door.api
         headers = base_headers(request)
         try:
             try:
                 reply = await self._handle(plan, request, send, log, headers)
             except GatewayError as error:
-                reply = _error_reply(error, log, headers)
+                reply = _error_reply(self.door, error, log, headers)
             except Exception:
                 logger.exception("internal error serving request %s", request.id)
-                reply = _error_reply(_internal(request.id), log, headers)
+                reply = _error_reply(self.door, _internal(request.id), log, headers)
             except BaseException:
                 log.outcome, log.status = "cancelled", 499
                 meter.finish(log)
@@ -87,17 +96,23 @@ class CompletionsHandler:
         log.model = route.name
         if route.rollout is not None:
             log.affinity = _affinity(route.rollout.config.sticky, key.name, request.headers)
-        streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
+        exchange = await self.door.enter(request, body, key, plan)
+        body, streaming = exchange.body, exchange.stream
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name)
         if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
+        if exchange.native is not None:  # the same limit for upstreams that get it as it came
+            limit = requested_max_tokens(body)
+            if limit is not None:
+                exchange.native.body[self.door.max_tokens_field] = limit
         cache_key = None
         if plan.cache is not None and route.config.cache and not streaming:
-            cache_key, hit = await self._cache_lookup(plan, request, body, key.name, route.name)
+            cache_key, hit = await self._cache_lookup(plan, request, exchange, key.name, route.name)
             if hit is not None:
-                return _from_cache(hit, log, headers)
+                hit_body = await self.door.from_cache(exchange, hit.body, key)
+                return _from_cache(hit, hit_body, log, headers)
         worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
         admission = await gate.admit(key.name, route.name, budgets, worst)
         headers += admission.headers
@@ -106,8 +121,8 @@ class CompletionsHandler:
         try:
             if streaming:
                 log.stream = True
-                return await self._stream(plan, request, send, body, route, log, headers)
-            reply = await self._unary(plan, body, route, log, headers)
+                return await self._stream(plan, request, send, exchange, route, log, headers)
+            reply = await self._unary(plan, exchange, key, route, log, headers)
             if cache_key is not None:
                 assert plan.cache is not None and log.usage is not None
                 await plan.cache.store(
@@ -119,7 +134,7 @@ class CompletionsHandler:
             gate.settle(admission, log.cost_nano, log.usage)
 
     async def _cache_lookup(
-        self, plan: Plan, request: Request, body: dict[str, Any], key: str, model: str
+        self, plan: Plan, request: Request, exchange: Exchange, key: str, model: str
     ) -> tuple[bytes | None, CachedResponse | None]:
         """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
         cache = plan.cache
@@ -127,7 +142,7 @@ class CompletionsHandler:
         control = request.headers.get(b"cache-control", b"")
         if b"no-store" in control:
             return None, None
-        cache_key = cache.key(self.kind, body, key)
+        cache_key = cache.key(self.door.api, self.door.cache_material(exchange), key)
         if b"no-cache" in control:
             return cache_key, None
         hit = await cache.lookup(cache_key)
@@ -137,39 +152,45 @@ class CompletionsHandler:
     async def _unary(
         self,
         plan: Plan,
-        body: dict[str, Any],
+        exchange: Exchange,
+        key: KeyRecord,
         route: Route,
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
     ) -> Reply:
-        deployment, completion = await plan.dispatcher.complete(route, body, log, self.kind)
+        deployment, completion = await plan.dispatcher.complete(
+            route, exchange.body, log, self.kind, exchange.native
+        )
         log.usage = completion.usage
         log.cost_nano = deployment.prices.cost_nano(completion.usage)
+        answer = await self.door.answer(exchange, deployment, completion, key)
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
             (b"x-metergate-attempts", b"%d" % log.attempts),
             (b"x-metergate-cost-usd", b"%.9f" % (log.cost_nano / 1e9)),
             *JSON_HEADERS,
         )
-        return Reply(completion.body, 200, headers)
+        return Reply(answer, 200, headers)
 
     async def _stream(
         self,
         plan: Plan,
         request: Request,
         send: Send,
-        body: dict[str, Any],
+        exchange: Exchange,
         route: Route,
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
     ) -> Reply:
         """Relay the stream; return its last message, sent once the request is metered."""
+        body = exchange.body
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
         dispatcher = plan.dispatcher
         deployment, chunks, first = await dispatcher.open_stream(
-            route, body, include_usage, state, log
+            route, body, include_usage, state, log, exchange.native
         )
+        outward = self.door.relay(exchange, deployment, state)  # None: chunks as they are
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
             (b"x-metergate-attempts", b"%d" % log.attempts),
@@ -184,14 +205,18 @@ class CompletionsHandler:
         last = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": first, "more_body": True})
+            out = first if outward is None else outward.feed(first)
+            await send({"type": "http.response.body", "body": out, "more_body": True})
             log.ttft = time.perf_counter() - log.started
             waited = time.perf_counter()
             async for chunk in chunks:
                 log.upstream_seconds += time.perf_counter() - waited
                 events += chunk.count(b"data:")
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                out = chunk if outward is None else outward.feed(chunk)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
                 waited = time.perf_counter()
+            if outward is not None:
+                last = await outward.end()
         except asyncio.CancelledError as cancelled:
             error = cancelled
             if not gone.is_set():
@@ -204,7 +229,7 @@ class CompletionsHandler:
                 logger.exception("internal error relaying stream %s", request.id)
             error = exc if isinstance(exc, GatewayError) else _internal(request.id)
             log.outcome, log.status = error.outcome, error.status
-            last = b"data: " + error.body() + b"\n\n"
+            last = _stream_error(outward, error)
         except BaseException as exc:
             error = exc
             raise
@@ -222,12 +247,24 @@ def _internal(request_id: str) -> InternalError:
     return InternalError(f"internal gateway error; quote request id {request_id} to the operator")
 
 
-def _error_reply(error: GatewayError, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
-    log.outcome, log.status = error.outcome, error.status
-    return Reply(error.body(), error.status, headers + JSON_HEADERS + error.headers)
+def _error_reply(
+    door: Door, error: GatewayError, log: RequestLog, headers: list[tuple[bytes, bytes]]
+) -> Reply:
+    status, body = door.error(error)
+    log.outcome, log.status = error.outcome, status
+    return Reply(body, status, headers + JSON_HEADERS + error.headers)
 
 
-def _from_cache(hit: CachedResponse, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
+def _stream_error(outward: Relay | None, error: GatewayError) -> bytes:
+    """The event that ends a stream broken after its first byte, in the door's protocol."""
+    if outward is not None:
+        return outward.failed(error)
+    return b"data: " + error.body() + b"\n\n"
+
+
+def _from_cache(
+    hit: CachedResponse, body: bytes, log: RequestLog, headers: list[tuple[bytes, bytes]]
+) -> Reply:
     """A cache hit costs nothing; the ledger keeps what it saved."""
     log.upstream = hit.upstream
     log.cache_hit = True
@@ -238,7 +275,7 @@ def _from_cache(hit: CachedResponse, log: RequestLog, headers: list[tuple[bytes,
         (b"x-metergate-cache", b"hit"),
         *JSON_HEADERS,
     )
-    return Reply(hit.body, 200, headers)
+    return Reply(body, 200, headers)
 
 
 class Reply:
@@ -302,3 +339,24 @@ def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
         raise InvalidRequest("`input` is required", param="input")
     return False
+
+
+class ChatDoor(Door):
+    """POST /v1/chat/completions: the pipeline's own protocol."""
+
+    async def enter(
+        self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
+    ) -> Exchange:
+        return Exchange(body, _check_chat(body))
+
+
+class EmbeddingsDoor(Door):
+    """POST /v1/embeddings."""
+
+    api = "embeddings"
+    kind = "embeddings"
+
+    async def enter(
+        self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
+    ) -> Exchange:
+        return Exchange(body, _check_embeddings(body))

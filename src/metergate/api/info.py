@@ -13,15 +13,27 @@ class InfoHandlers:
         self.runtime = runtime
 
     async def models(self, request: Request, send: Send) -> None:
+        """OpenAI's list, or Anthropic's when the caller sends `anthropic-version`."""
         key = await self.runtime.keys.authenticate(request.headers)
-        data = [_model(name, self.runtime) for name in self.runtime.plan.router.models_for(key)]
-        body = orjson.dumps({"object": "list", "data": data})
+        names = self.runtime.plan.router.models_for(key)
+        if b"anthropic-version" in request.headers:
+            data = [_anthropic_model(name) for name in names]
+            first, last = (names[0], names[-1]) if names else (None, None)
+            page = {"data": data, "has_more": False, "first_id": first, "last_id": last}
+            body = orjson.dumps(page)
+        else:
+            body = orjson.dumps(
+                {"object": "list", "data": [_model(n, self.runtime) for n in names]}
+            )
         await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
 
     async def model(self, request: Request, send: Send, name: str) -> None:
         key = await self.runtime.keys.authenticate(request.headers)
         self.runtime.plan.router.route(name, key)  # 404 with the allowed list when not allowed
-        body = orjson.dumps(_model(name, self.runtime))
+        if b"anthropic-version" in request.headers:
+            body = orjson.dumps(_anthropic_model(name))
+        else:
+            body = orjson.dumps(_model(name, self.runtime))
         await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
 
     async def healthz(self, request: Request, send: Send) -> None:
@@ -63,3 +75,8 @@ def _model(name: str, runtime: Runtime) -> dict[str, object]:
         "owned_by": "metergate",
         "description": route.description,
     }
+
+
+def _anthropic_model(name: str) -> dict[str, object]:
+    """A model as Anthropic's API lists it (`created_at`: unknown, so the epoch)."""
+    return {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}

@@ -20,6 +20,7 @@ from metergate.mcp.config import McpConfig
 
 ProviderType = Literal["openai", "anthropic", "gemini", "simulated", "azure", "bedrock", "vertex"]
 ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
+NativeApi = Literal["responses", "completions"]
 
 
 class Strict(BaseModel):
@@ -29,15 +30,27 @@ class Strict(BaseModel):
 
 
 class Price(Strict):
-    """USD per million tokens. `cached_input` defaults to `input` when omitted."""
+    """USD per million tokens. `cached_input` defaults to `input` when omitted; prompt
+    cache writes (reported by Anthropic only) default to its published multipliers of
+    the input price: 1.25 for 5-minute writes, 2 for 1-hour writes."""
 
     input: Decimal = Field(default=Decimal(0), ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
     output: Decimal = Field(default=Decimal(0), ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write_1h: Decimal | None = Field(default=None, ge=0)
 
     @property
     def cached(self) -> Decimal:
         return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def write(self) -> Decimal:
+        return self.input * Decimal("1.25") if self.cache_write is None else self.cache_write
+
+    @property
+    def write_1h(self) -> Decimal:
+        return self.input * 2 if self.cache_write_1h is None else self.cache_write_1h
 
 
 class SimulatedSettings(Strict):
@@ -136,6 +149,27 @@ class ProviderConfig(Strict):
     price_list: str = "official"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+    apis: list[NativeApi] | None = Field(
+        default=None,
+        description="openai type: the OpenAI APIs besides chat this upstream serves, which "
+        "the doors of the same name pass through; default: both for api.openai.com, none "
+        "for other OpenAI-compatible servers (their requests are translated to chat)",
+    )
+
+    @model_validator(mode="after")
+    def _apis_of_openai(self) -> ProviderConfig:
+        if self.apis is not None and self.type != "openai":
+            raise ValueError("`apis` applies to openai-type providers only")
+        return self
+
+    @property
+    def native_apis(self) -> frozenset[str]:
+        if self.type != "openai":
+            return frozenset()
+        if self.apis is not None:
+            return frozenset(self.apis)
+        official = urlsplit(self.base_url or "").hostname == "api.openai.com"
+        return frozenset(("responses", "completions")) if official else frozenset()
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +278,46 @@ class ModelConfig(Strict):
     cache: bool = True
 
 
+class CorsConfig(Strict):
+    """Calls from browser apps on other origins; off while `allowed_origins` is empty."""
+
+    allowed_origins: list[str] = Field(
+        default_factory=list, description='exact origins (https://app.example.com) or "*"'
+    )
+    allowed_headers: list[str] = Field(
+        default_factory=lambda: ["*"], description='"*": the headers the browser asks for'
+    )
+    allowed_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "DELETE"])
+    expose_headers: list[str] = Field(
+        default_factory=lambda: [
+            "x-request-id",
+            "x-metergate-upstream",
+            "x-metergate-attempts",
+            "x-metergate-cost-usd",
+            "x-metergate-cache",
+            "retry-after",
+        ]
+    )
+    max_age_seconds: int = Field(default=600, ge=0, le=86400)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if origin != "*" and (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or parts.path
+                or parts.query
+            ):
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] "
+                    '(no path, no trailing slash), or "*" for any'
+                )
+        return value
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=4000, ge=0, le=65535)
@@ -254,6 +328,7 @@ class ServerConfig(Strict):
         le=200,  # orjson encodes 254 levels; adapters wrap a few around the caller's JSON
         description="deepest nesting of objects and arrays a request body may have",
     )
+    cors: CorsConfig = Field(default_factory=CorsConfig)
 
 
 class LedgerConfig(Strict):
@@ -380,6 +455,18 @@ class RolloutConfig(Strict):
         return value
 
 
+class ResponsesConfig(Strict):
+    """Responses API answers kept (`store`, default true) in the ledger database, so
+    `previous_response_id`, retrieval and input items work through any upstream."""
+
+    retention_hours: float = Field(
+        default=720, gt=0, description="deleted after this long (OpenAI keeps 30 days)"
+    )
+    max_stored_mb: float = Field(
+        default=1024, gt=0, description="total size kept; beyond it the oldest go first"
+    )
+
+
 class AdminConfig(Strict):
     """The admin API (config reload, and the console later). Off without a key."""
 
@@ -400,3 +487,4 @@ class GatewayConfig(Strict):
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     mcp: McpConfig | None = None
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)

@@ -45,6 +45,7 @@ class LedgerRow(NamedTuple):
     status: int
     cache_hit: int  # 0/1: INTEGER in both SQLite and PostgreSQL
     stream: int
+    api: str = "chat"  # the door: chat, responses, messages, completions, embeddings
 
 
 COLUMNS = LedgerRow._fields

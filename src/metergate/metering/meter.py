@@ -19,6 +19,7 @@ class RequestLog:
 
     __slots__ = (
         "affinity",
+        "api",
         "attempt_seconds",
         "attempts",
         "cache_hit",
@@ -55,6 +56,7 @@ class RequestLog:
         self.stream = False
         self.affinity: str | None = None  # sticky rollout side: key name or header value
         self.attempt_seconds = 0.0  # the last attempt, up to its answer or first chunk
+        self.api = "chat"  # the door it came in by: chat, responses, messages, completions, ...
 
 
 class Meter:
@@ -66,7 +68,7 @@ class Meter:
         duration = time.perf_counter() - log.started
         labels = (log.model, log.upstream, log.key)
         series = self.metrics.series(*labels)
-        self.metrics.count_request(series, labels, log.outcome)
+        self.metrics.count_request(series, labels, log.outcome, log.api)
         series.duration.observe(duration)
         if log.ttft is not None:
             series.ttft.observe(log.ttft)
@@ -103,6 +105,7 @@ class Meter:
                     log.status,
                     int(log.cache_hit),
                     int(log.stream),
+                    log.api,
                 )
             )
 

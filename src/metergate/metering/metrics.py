@@ -44,6 +44,8 @@ OUTCOMES = (
     "cancelled",
     "gateway_error",
 )
+# The contract's `api` values: the protocol a caller spoke (which door it came in by).
+APIS = ("chat", "responses", "messages", "completions", "embeddings")
 UNKNOWN_MODEL = "unknown"
 UNKNOWN_KEY = "unknown"
 NO_UPSTREAM = "none"
@@ -63,7 +65,7 @@ class _Series:
         self.ttft = metrics.time_to_first_token.labels(model, upstream)
         self.tokens = tuple(metrics.tokens.labels(model, upstream, key, t) for t in TOKEN_TYPES)
         self.cost = metrics.cost.labels(model, upstream, key)
-        self.outcomes: dict[str, Any] = {}
+        self.outcomes: dict[tuple[str, str], Any] = {}  # (outcome, api) -> child
 
 
 class Metrics:
@@ -73,7 +75,7 @@ class Metrics:
         self.requests = Counter(
             "metergate_requests",
             "Requests by outcome.",
-            ["model", "upstream", "key", "outcome"],
+            ["model", "upstream", "key", "outcome", "api"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -218,10 +220,13 @@ class Metrics:
             found = self._series[(model, upstream, key)] = _Series(self, model, upstream, key)
         return found
 
-    def count_request(self, series: _Series, labels: tuple[str, str, str], outcome: str) -> None:
-        child = series.outcomes.get(outcome)
+    def count_request(
+        self, series: _Series, labels: tuple[str, str, str], outcome: str, api: str = "chat"
+    ) -> None:
+        """`api` is one of APIS (set by the gateway's doors, never by the caller)."""
+        child = series.outcomes.get((outcome, api))
         if child is None:
-            child = series.outcomes[outcome] = self.requests.labels(*labels, outcome)
+            child = series.outcomes[(outcome, api)] = self.requests.labels(*labels, outcome, api)
         child.inc()
 
     def count_attempt(self, upstream: str, outcome: str) -> None:

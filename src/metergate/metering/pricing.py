@@ -34,12 +34,20 @@ class UnitPrices:
     input: int = 0
     cached_input: int = 0
     output: int = 0
+    cache_write: int = 0  # prompt-cache writes (5 minutes), which are also input tokens
+    cache_write_1h: int = 0  # ... and writes kept for an hour
 
     @classmethod
     def from_price(cls, price: Price | None) -> UnitPrices:
         if price is None:
             return cls()
-        return cls(_pico(price.input), _pico(price.cached), _pico(price.output))
+        return cls(
+            _pico(price.input),
+            _pico(price.cached),
+            _pico(price.output),
+            _pico(price.write),
+            _pico(price.write_1h),
+        )
 
     def cost_nano(self, usage: Usage) -> int:
         pico = (
@@ -47,6 +55,10 @@ class UnitPrices:
             + usage.cached_input_tokens * self.cached_input
             + usage.output_tokens * self.output
         )
+        if usage.cache_write_tokens:  # counted as input above: add what a write costs more
+            hour = usage.cache_write_1h_tokens
+            pico += (usage.cache_write_tokens - hour) * (self.cache_write - self.input)
+            pico += hour * (self.cache_write_1h - self.input)
         return (pico + 500) // 1000
 
     def per_million_usd(self) -> dict[str, float]:

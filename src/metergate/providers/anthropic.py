@@ -12,8 +12,11 @@ stream translation. Behaviour callers may notice:
   header and supports only some models; operators can still add it via `headers`.)
 * `n` > 1 is rejected with a 400: Anthropic returns one answer per request.
 * Thinking blocks are dropped: OpenAI's chat format has no place for them.
-* Usage: cache writes count as input tokens (they are billed at least as input), cache
-  reads as cached input tokens.
+* Usage: cache writes count as input tokens, priced at the cache-write rate; cache reads
+  as cached input tokens.
+
+Requests that came in by the `/v1/messages` door are not translated at all: they pass
+through as they are (`anthropic_native`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from metergate.config.model import ProviderConfig
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.providers import anthropic_native
 from metergate.providers.anthropic_translate import (
     finish_reason,
     from_message,
@@ -40,6 +44,8 @@ API_VERSION = "2023-06-01"
 
 
 class AnthropicAdapter(HttpAdapter):
+    native_protocols = frozenset({"messages"})
+
     def __init__(self, name: str, config: ProviderConfig) -> None:
         super().__init__(name, config)
         headers = {"anthropic-version": API_VERSION}
@@ -50,6 +56,8 @@ class AnthropicAdapter(HttpAdapter):
         self.url = f"{base}/v1/messages"
 
     async def chat(self, call: UpstreamCall) -> Completion:
+        if call.native is not None:
+            return await anthropic_native.message(self.transport, self.url, call)
         answer = await self.transport.post(
             self.url, to_messages_request(call.body, call.model), call.timeouts
         )
@@ -57,12 +65,22 @@ class AnthropicAdapter(HttpAdapter):
         return Completion(body, usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        if call.native is not None:
+            native = anthropic_native.message_stream(self.transport, self.url, call, state)
+            async with aclosing(native) as chunks:
+                async for out in chunks:
+                    yield out
+            return
         payload = {**to_messages_request(call.body, call.model), "stream": True}
         response = await self.transport.open_stream(self.url, payload, call.timeouts)
         translator = _StreamTranslator(call, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:
                 yield out
+
+    async def count_tokens(self, call: UpstreamCall) -> bytes:
+        """Anthropic's own count of the input tokens of `call.native` (free of charge)."""
+        return await anthropic_native.count_tokens(self.transport, f"{self.url}/count_tokens", call)
 
 
 class _StreamTranslator:

@@ -55,12 +55,17 @@ def finish_reason(stop_reason: str | None) -> str:
 
 
 def usage_of(raw: dict[str, Any] | None) -> Usage:
-    """Cache writes are billed as (pricier) input; only cache reads count as cached."""
+    """Cache writes count as input tokens, priced at the cache-write rate (5-minute or
+    1-hour); only cache reads count as cached."""
     raw = raw or {}
+    writes = raw.get("cache_creation_input_tokens") or 0
+    hour = (raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
     return Usage(
-        input_tokens=(raw.get("input_tokens") or 0) + (raw.get("cache_creation_input_tokens") or 0),
+        input_tokens=(raw.get("input_tokens") or 0) + writes,
         cached_input_tokens=raw.get("cache_read_input_tokens") or 0,
         output_tokens=raw.get("output_tokens") or 0,
+        cache_write_tokens=writes,
+        cache_write_1h_tokens=min(hour, writes),
     )
 
 

@@ -1,9 +1,14 @@
 """The contract between the gateway and a provider adapter.
 
-Callers always speak OpenAI's chat format. An adapter turns one such request into its
+The pipeline speaks OpenAI's chat format. An adapter turns one such request into its
 provider's wire format, and the provider's answer back into OpenAI's: a complete JSON
 body, or a stream of OpenAI `chat.completion.chunk` SSE events. It also reports usage,
 which the gateway needs for every request, streamed or not.
+
+A request that came in by another door (Anthropic Messages, the Responses API, legacy
+completions) also carries the caller's own request (`NativeRequest`). An adapter whose
+provider speaks that protocol (`native_protocols`) serves it as it is, nothing lost, and
+answers in that protocol; every other adapter serves the translated chat body.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class Usage:
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
+    # Of `input_tokens`, those written to the provider's prompt cache (Anthropic), priced
+    # at the cache-write rate; `cache_write_1h_tokens` is the part kept for an hour.
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage:
@@ -47,6 +56,33 @@ class Usage:
 
 
 @dataclass(slots=True)
+class NativeRequest:
+    """The caller's request in its own protocol, for upstreams that speak it natively.
+
+    `protocol` is the door's: "messages" (Anthropic), "responses" or "completions"
+    (OpenAI). `untranslatable` says why the chat translation had to leave something out
+    (a server-side tool, say): an upstream that cannot serve the request natively then
+    refuses it with a 400 instead of answering a different question.
+    """
+
+    protocol: str
+    body: dict[str, Any]  # adapters must not mutate it; the model id is theirs to set
+    headers: dict[str, str] = field(default_factory=dict)  # protocol headers to forward
+    untranslatable: str | None = None
+
+    def served_by(self, adapter: Adapter) -> NativeRequest | None:
+        """This request when `adapter` serves it natively; None when it gets the chat body."""
+        if self.protocol in adapter.native_protocols:
+            return self
+        if self.untranslatable is not None:
+            raise InvalidRequest(
+                f"{self.untranslatable}; upstream provider {adapter.name!r} "
+                f"({adapter.config.type}) cannot serve it"
+            )
+        return None
+
+
+@dataclass(slots=True)
 class UpstreamCall:
     """One attempt against one upstream deployment."""
 
@@ -54,6 +90,7 @@ class UpstreamCall:
     model: str  # the provider's own model id for this deployment
     include_usage: bool = False  # streaming only: the caller asked for the usage chunk
     timeouts: Timeouts = DEFAULT_TIMEOUTS  # the deployment's (upstream or provider) timeouts
+    native: NativeRequest | None = None  # set when this adapter serves the caller's protocol
 
 
 @dataclass(slots=True)
@@ -77,6 +114,7 @@ class Adapter(abc.ABC):
     """One instance per configured provider; holds its pooled HTTP client."""
 
     supports_embeddings = False
+    native_protocols: frozenset[str] = frozenset()  # doors' protocols served as they are
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name

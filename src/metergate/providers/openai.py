@@ -2,7 +2,9 @@
 
 The caller already speaks this format, so requests pass through with only the model id
 replaced (unknown fields untouched) and responses pass through byte for byte; the adapter
-only reads usage, and asks for it on streams even when the caller did not.
+only reads usage, and asks for it on streams even when the caller did not. Upstreams that
+serve the Responses or legacy completions APIs (`apis`) get those doors' requests as
+they are too (`openai_native`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import orjson
 
 from metergate.config.model import ProviderConfig
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.providers import openai_native
 from metergate.providers.base import (
     Completion,
     StreamState,
@@ -36,10 +39,14 @@ class OpenAIAdapter(HttpAdapter):
             headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
         base = config.base_url or ""
         self.transport = HttpTransport(config, headers, base)
+        self.base = base
         self.chat_url = f"{base}/chat/completions"
         self.embeddings_url = f"{base}/embeddings"
+        self.native_protocols = config.native_apis
 
     async def chat(self, call: UpstreamCall) -> Completion:
+        if call.native is not None:
+            return await openai_native.answer(self.transport, self.base, call)
         body = await self.transport.post(
             self.chat_url, {**call.body, "model": call.model}, call.timeouts
         )
@@ -52,6 +59,15 @@ class OpenAIAdapter(HttpAdapter):
         return Completion(body, _usage_of(body))
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        if call.native is not None:
+            asked = (call.native.body.get("stream_options") or {}).get("include_usage")
+            native = openai_native.stream(
+                self.transport, self.base, call, state, _PassThrough(bool(asked), state)
+            )
+            async with aclosing(native) as chunks:
+                async for out in chunks:
+                    yield out
+            return
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
         response = await self.transport.open_stream(self.chat_url, payload, call.timeouts)

@@ -30,7 +30,7 @@ from metergate.errors import (
 )
 from metergate.metering.meter import RequestLog
 from metergate.metering.metrics import Metrics
-from metergate.providers.base import Completion, StreamState, UpstreamCall
+from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
 from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route
 
@@ -45,10 +45,20 @@ class Dispatcher:
         self.retry_budget = retry_budget
 
     async def complete(
-        self, route: Route, body: dict[str, Any], log: RequestLog, kind: Kind
+        self,
+        route: Route,
+        body: dict[str, Any],
+        log: RequestLog,
+        kind: Kind,
+        native: NativeRequest | None = None,
     ) -> tuple[Deployment, Completion]:
+        """`native`: the caller's own request, for deployments whose adapter speaks its
+        protocol (their answer is then in that protocol, not OpenAI chat)."""
+
         async def attempt(deployment: Deployment) -> Completion:
             call = UpstreamCall(body, deployment.model, timeouts=deployment.timeouts)
+            if native is not None:
+                call.native = native.served_by(deployment.adapter)
             if kind == "chat":
                 return await deployment.adapter.chat(call)
             return await deployment.adapter.embeddings(call)
@@ -62,6 +72,7 @@ class Dispatcher:
         include_usage: bool,
         state: StreamState,
         log: RequestLog,
+        native: NativeRequest | None = None,
     ) -> tuple[Deployment, AsyncIterator[bytes], bytes]:
         """Start a stream and wait for its first chunk, the last point a retry is safe.
 
@@ -70,6 +81,8 @@ class Dispatcher:
 
         async def attempt(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes]:
             call = UpstreamCall(body, deployment.model, include_usage, deployment.timeouts)
+            if native is not None:
+                call.native = native.served_by(deployment.adapter)
             chunks = deployment.adapter.chat_stream(call, state)
             try:
                 return chunks, await anext(chunks)

@@ -100,6 +100,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        5,
+        "api of each request; stored Responses API answers",
+        (
+            "ALTER TABLE requests ADD COLUMN api TEXT NOT NULL DEFAULT 'chat'",
+            """CREATE TABLE stored_responses (
+                id TEXT PRIMARY KEY,
+                key_id TEXT NOT NULL,
+                previous_id TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL,
+                size INTEGER NOT NULL,
+                input TEXT NOT NULL,
+                response TEXT NOT NULL
+            )""",
+            "CREATE INDEX stored_responses_created ON stored_responses (created_at)",
+            "CREATE INDEX stored_responses_expires ON stored_responses (expires_at)",
+        ),
+    ),
 )
 
 

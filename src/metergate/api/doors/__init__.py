@@ -1,0 +1,97 @@
+"""The doors: each client protocol the gateway speaks, as a translator around one pipeline.
+
+Every model call, whatever door it came in by, goes through `api.chat.CompletionsHandler`:
+authenticate, route, cap, cache, admit (rate limits and the budget hold), dispatch with
+retries, fallbacks, circuit breakers and rollouts, settle, meter. A door only says how
+its protocol enters that pipeline and leaves it:
+
+- `enter`: validate the caller's request and turn it into the pipeline's OpenAI chat body,
+  keeping the request as it came (`NativeRequest`) for upstreams that speak the protocol;
+- `answer` / `relay`: turn the upstream's answer or stream (chat, or native when the
+  upstream spoke the door's protocol) into the door's protocol;
+- `error`: the door's error shape and status.
+
+The chat and embeddings doors are the identity: their bodies are already the pipeline's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+from metergate.asgi import Request
+from metergate.auth.keys import KeyRecord
+from metergate.errors import GatewayError
+from metergate.providers.base import Completion, NativeRequest, StreamState
+from metergate.routing.dispatch import Kind
+from metergate.routing.router import Deployment
+from metergate.runtime import Plan
+
+
+class Exchange:
+    """One request as the pipeline sees it, whatever door it came in by."""
+
+    __slots__ = ("body", "context", "native", "stream")
+
+    def __init__(
+        self,
+        body: dict[str, Any],
+        stream: bool,
+        native: NativeRequest | None = None,
+        context: Any = None,
+    ) -> None:
+        self.body = body  # OpenAI chat (or embeddings) shape: caps, estimates, adapters
+        self.stream = stream
+        self.native = native  # the caller's own request, for upstreams that speak it
+        self.context = context  # what the door needs again to answer
+
+    def passthrough(self, deployment: Deployment) -> bool:
+        """Did `deployment` get the caller's request as it was (so it answered in kind)?"""
+        native = self.native
+        return native is not None and native.protocol in deployment.adapter.native_protocols
+
+
+class Relay(Protocol):
+    """Turns one stream of the pipeline into the door's protocol, chunk by chunk."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    async def end(self) -> bytes:
+        """The stream's last events, once the upstream's ended completely."""
+        ...
+
+    def failed(self, error: GatewayError) -> bytes:
+        """The events that end the stream when it broke after its first byte."""
+        ...
+
+
+class Door:
+    """The chat completions door: the pipeline's own protocol, passed through."""
+
+    api: ClassVar[str] = "chat"  # the `api` of metrics and ledger rows
+    kind: ClassVar[Kind] = "chat"  # what the adapters are asked: chat or embeddings
+    max_tokens_field: ClassVar[str] = "max_tokens"  # its name in the native request
+
+    async def enter(
+        self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
+    ) -> Exchange:
+        raise NotImplementedError
+
+    def cache_material(self, exchange: Exchange) -> dict[str, Any]:
+        """What identifies the answer: the caller's own request."""
+        return exchange.native.body if exchange.native is not None else exchange.body
+
+    async def answer(
+        self, exchange: Exchange, deployment: Deployment, completion: Completion, key: KeyRecord
+    ) -> bytes:
+        return completion.body
+
+    async def from_cache(self, exchange: Exchange, body: bytes, key: KeyRecord) -> bytes:
+        return body
+
+    def relay(self, exchange: Exchange, deployment: Deployment, state: StreamState) -> Relay | None:
+        """None: the stream's chunks go to the caller as they are."""
+        return None
+
+    def error(self, error: GatewayError) -> tuple[int, bytes]:
+        """Status and body of an error answer."""
+        return error.status, error.body()

@@ -1,0 +1,237 @@
+"""Streams of the `/v1/responses` door, in the Responses API's semantic events.
+
+`ResponseStream` turns OpenAI chat chunks into the events OpenAI sends: response.created
+and .in_progress; per output item output_item.added, then for a message
+content_part.added, output_text.delta... output_text.done, content_part.done, and for a
+function call function_call_arguments.delta... .done; output_item.done; and finally
+response.completed (or .incomplete) with usage. A stream broken after its first byte ends
+with an `error` event and response.failed. `NativeResponseStream` relays an upstream's
+own Responses events. Both hold the final event back until the response is stored, so
+a caller that saw it can continue the conversation at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from metergate.api.doors.responses_translate import (
+    call_item,
+    finished,
+    new_id,
+    response_object,
+    text_item,
+)
+from metergate.errors import GatewayError
+from metergate.providers.base import StreamState
+from metergate.providers.sse import SSEDecoder
+
+Store = Callable[[dict[str, Any]], Awaitable[None]]  # keeps a finished response
+
+
+class _Events:
+    """Numbered Responses events (`sequence_number` counts from 0)."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def __call__(self, kind: str, **data: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self.sequence, **data}
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    def failure(self, response: dict[str, Any], error: GatewayError) -> bytes:
+        """`error`, then response.failed carrying the same error."""
+        code = error.code or error.error_type
+        failed = {**response, "status": "failed", "error": {"code": code, "message": error.message}}
+        return self("error", code=code, message=error.message, param=error.param) + self(
+            "response.failed", response=failed
+        )
+
+
+class ResponseStream:
+    """OpenAI chat chunks -> Responses events."""
+
+    def __init__(
+        self, body: dict[str, Any], response_id: str, state: StreamState, store: Store
+    ) -> None:
+        self.body = body
+        self.state = state
+        self.store = store
+        self.events = _Events()
+        self.decoder = SSEDecoder()
+        self.response = response_object(body, response_id, body["model"], "in_progress", [], None)
+        self.output: list[dict[str, Any]] = []
+        self.text: dict[str, Any] | None = None  # the open message item, if any
+        self.calls: dict[int, dict[str, Any]] = {}  # chat tool call index -> its item
+        self.call: dict[str, Any] | None = None  # the open function call item, if any
+        self.reason: str | None = None
+        self.started = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for sse in self.decoder.feed(chunk):
+            if not sse.data or sse.data == b"[DONE]":
+                continue
+            data = orjson.loads(sse.data)
+            if not self.started:
+                out += self._start(data.get("model"))
+            for choice in data.get("choices") or []:
+                if choice.get("index", 0) == 0:
+                    out += self._delta(choice.get("delta") or {})
+                    self.reason = choice.get("finish_reason") or self.reason
+        return bytes(out)
+
+    def _start(self, model: str | None) -> bytes:
+        self.started = True
+        if model:
+            self.response["model"] = model
+        return self.events("response.created", response=self.response) + self.events(
+            "response.in_progress", response=self.response
+        )
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        out = bytearray()
+        text = delta.get("content")
+        if text:
+            if self.text is None:
+                out += self._close()
+                out += self._open_text()
+            assert self.text is not None
+            self.text["content"][0]["text"] += text
+            out += self.events(
+                "response.output_text.delta",
+                item_id=self.text["id"],
+                output_index=len(self.output) - 1,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        for call in delta.get("tool_calls") or []:
+            position = call.get("index", 0)
+            if position not in self.calls:
+                out += self._close()
+                item = call_item(new_id("fc"), call, "in_progress")
+                item["arguments"] = ""  # the deltas bring them
+                self.calls[position] = self.call = item
+                self.output.append(item)
+                out += self.events(
+                    "response.output_item.added", output_index=len(self.output) - 1, item=item
+                )
+            piece = (call.get("function") or {}).get("arguments")
+            if piece:
+                item = self.calls[position]
+                item["arguments"] += piece
+                out += self.events(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self.output.index(item),
+                    delta=piece,
+                )
+        return bytes(out)
+
+    def _open_text(self) -> bytes:
+        item = text_item(new_id("msg"), "", "in_progress")
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        item["content"] = [part]
+        self.text = item
+        self.output.append(item)
+        index = len(self.output) - 1
+        added = {**item, "content": []}
+        return self.events(
+            "response.output_item.added", output_index=index, item=added
+        ) + self.events(
+            "response.content_part.added",
+            item_id=item["id"],
+            output_index=index,
+            content_index=0,
+            part={**part, "text": ""},
+        )
+
+    def _close(self) -> bytes:
+        """Finish the open item: its .done events, in order."""
+        out = bytearray()
+        if self.text is not None:
+            item, self.text = self.text, None
+            index = self.output.index(item)
+            part = item["content"][0]
+            item["status"] = "completed"
+            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            out += self.events("response.output_text.done", **ids, text=part["text"], logprobs=[])
+            out += self.events("response.content_part.done", **ids, part=part)
+            out += self.events("response.output_item.done", output_index=index, item=item)
+        if self.call is not None:
+            item, self.call = self.call, None
+            index = self.output.index(item)
+            item["status"] = "completed"
+            out += self.events(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+            out += self.events("response.output_item.done", output_index=index, item=item)
+        return bytes(out)
+
+    async def end(self) -> bytes:
+        out = bytearray() if self.started else bytearray(self._start(None))
+        out += self._close()
+        status, incomplete = finished(self.reason)
+        final = response_object(
+            self.body,
+            self.response["id"],
+            self.response["model"],
+            status,
+            self.output,
+            self.state.usage,
+            incomplete_details=incomplete,
+        )
+        final["created_at"] = self.response["created_at"]
+        await self.store(final)
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        return bytes(out + self.events(kind, response=final))
+
+    def failed(self, error: GatewayError) -> bytes:
+        out = b"" if self.started else self._start(None)
+        return out + self.events.failure(self.response, error)
+
+
+class NativeResponseStream:
+    """An upstream's own Responses events, relayed; the final one held back until the
+    response is stored."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.decoder = SSEDecoder()
+        self.events = _Events()
+        self.response: dict[str, Any] = {}
+        self.held: list[tuple[bytes, dict[str, Any]]] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for sse in self.decoder.feed(chunk):
+            kind = sse.name
+            if kind in ("response.created", "response.completed", "response.incomplete") or (
+                not kind and sse.data
+            ):
+                data = orjson.loads(sse.data)
+                kind = data.get("type") or kind
+                if kind == "response.created":
+                    self.response = data.get("response") or {}
+                elif kind in ("response.completed", "response.incomplete"):
+                    self.held.append((sse.raw, data.get("response") or {}))
+                    continue
+            self.events.sequence = self.events.sequence + 1
+            out += sse.raw
+        return bytes(out)
+
+    async def end(self) -> bytes:
+        for _, response in self.held:
+            await self.store(response)
+        return b"".join(raw for raw, _ in self.held)
+
+    def failed(self, error: GatewayError) -> bytes:
+        return self.events.failure(self.response, error)

@@ -1,0 +1,102 @@
+"""Anthropic Messages requests served as they are: the `/v1/messages` door's pass-through.
+
+A caller speaking the Messages API to an Anthropic upstream loses nothing: the body goes
+upstream untouched but for the deployment's model id (system blocks, `cache_control`,
+thinking blocks and their signatures, tools, images, documents, `stop_sequences`,
+`metadata`, fields added after this was written), with the caller's `anthropic-beta`
+header, and the answer, streamed or not, comes back byte for byte. Only usage is read
+on the way, from the answer or from `message_start` / `message_delta`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.providers.anthropic_translate import usage_of
+from metergate.providers.base import Completion, StreamState, UpstreamCall
+from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.sse import Event
+from metergate.providers.translation import load_json, relay
+
+FORWARDED_HEADERS = ("anthropic-beta",)  # the caller's, sent upstream as they came
+
+
+def with_headers(transport: HttpTransport, headers: dict[str, str]) -> HttpTransport:
+    """`transport` sending `headers` too: a view sharing its pool (the prebuilt header
+    block is per provider, so a request's own headers need a copy of it)."""
+    if not headers:
+        return transport
+    if any(c in name + value for name, value in headers.items() for c in "\r\n"):
+        raise ValueError("a forwarded header contains a line break")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    view = copy.copy(transport)
+    view.head = transport.head + extra.encode("latin-1", "replace")
+    return view
+
+
+def payload(call: UpstreamCall) -> dict[str, Any]:
+    assert call.native is not None
+    return {**call.native.body, "model": call.model}
+
+
+async def message(transport: HttpTransport, url: str, call: UpstreamCall) -> Completion:
+    assert call.native is not None
+    sender = with_headers(transport, call.native.headers)
+    answer = await sender.post(url, payload(call), call.timeouts)
+    usage = usage_of(load_json(answer, "Messages API answer").get("usage"))
+    return Completion(answer, usage)
+
+
+async def message_stream(
+    transport: HttpTransport, url: str, call: UpstreamCall, state: StreamState
+) -> AsyncGenerator[bytes, None]:
+    assert call.native is not None
+    sender = with_headers(transport, call.native.headers)
+    response = await sender.open_stream(url, {**payload(call), "stream": True}, call.timeouts)
+    async with aclosing(relay(sender, response, _Relay(state))) as chunks:
+        async for out in chunks:
+            yield out
+
+
+async def count_tokens(transport: HttpTransport, url: str, call: UpstreamCall) -> bytes:
+    """The upstream's own count (`POST /v1/messages/count_tokens`), as it answered."""
+    assert call.native is not None
+    sender = with_headers(transport, call.native.headers)
+    return await sender.post(url, payload(call), call.timeouts)
+
+
+class _Relay:
+    """Passes every event on as received; reads usage, and insists on `message_stop`."""
+
+    def __init__(self, state: StreamState) -> None:
+        self.state = state
+        self.raw_usage: dict[str, Any] = {}
+        self.done = False
+
+    def feed(self, event: Event) -> bytes:
+        name = event.name
+        if name in ("message_start", "message_delta", "error") or (not name and event.data):
+            data = load_json(event.data, "stream event")
+            name = data.get("type") or name
+            if name == "error":
+                error = data.get("error") or {}
+                raise UpstreamServerError(
+                    f"upstream stream error: {error_message(event.data)}",
+                    error_type=str(error.get("type") or "api_error"),
+                )
+            usage = (data.get("message") or {}).get("usage") or data.get("usage")
+            if usage:
+                self.raw_usage.update({k: v for k, v in usage.items() if v is not None})
+                self.state.usage = usage_of(self.raw_usage)
+        if name == "message_stop":
+            self.done = True
+        return event.raw
+
+    def finish(self) -> bytes:
+        if not self.done:
+            raise UpstreamProtocolError("the upstream stream ended before message_stop")
+        return b""

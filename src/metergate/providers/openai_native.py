@@ -1,0 +1,93 @@
+"""OpenAI's Responses and legacy completions APIs served as they are, for upstreams that
+have them (`providers.*.apis`): the pass-through of the `/v1/responses` and
+`/v1/completions` doors.
+
+The body goes upstream untouched but for the deployment's model id (and, on streams,
+`stream_options.include_usage` for legacy completions, as for chat); the answer comes
+back byte for byte. Only usage is read on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage
+from metergate.providers.http import HttpTransport
+from metergate.providers.sse import Event
+from metergate.providers.translation import EventTranslator, load_json, relay
+
+# The events that end a Responses stream, and those of them that mean it failed.
+TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+
+
+def responses_usage(usage: dict[str, Any] | None) -> Usage:
+    """Responses usage: `input_tokens` includes the cached ones, priced apart here."""
+    usage = usage or {}
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    total = usage.get("input_tokens") or 0
+    return Usage(max(0, total - cached), cached, usage.get("output_tokens") or 0)
+
+
+async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Completion:
+    native = call.native
+    assert native is not None
+    body = await transport.post(
+        f"{base}/{native.protocol}", {**native.body, "model": call.model}, call.timeouts
+    )
+    data = load_json(body, f"{native.protocol} answer")
+    if native.protocol == "responses":
+        return Completion(body, responses_usage(data.get("usage")))
+    return Completion(body, Usage.from_openai(data.get("usage")))
+
+
+async def stream(
+    transport: HttpTransport,
+    base: str,
+    call: UpstreamCall,
+    state: StreamState,
+    completions_relay: EventTranslator,
+) -> AsyncGenerator[bytes, None]:
+    """`completions_relay`: the chat pass-through's, whose SSE framing legacy shares."""
+    native = call.native
+    assert native is not None
+    payload = {**native.body, "model": call.model, "stream": True}
+    translator = completions_relay
+    if native.protocol == "responses":
+        translator = _ResponsesRelay(state)
+    else:
+        options = {**(native.body.get("stream_options") or {}), "include_usage": True}
+        payload["stream_options"] = options
+    response = await transport.open_stream(f"{base}/{native.protocol}", payload, call.timeouts)
+    async with aclosing(relay(transport, response, translator)) as chunks:
+        async for out in chunks:
+            yield out
+
+
+class _ResponsesRelay:
+    """Passes Responses events on as received; reads usage from the terminal event."""
+
+    def __init__(self, state: StreamState) -> None:
+        self.state = state
+        self.done = False
+
+    def feed(self, event: Event) -> bytes:
+        name = event.name
+        if name in TERMINAL or (not name and event.data):
+            data = load_json(event.data, "stream event")
+            name = data.get("type") or name
+            if name in ("error", "response.failed"):
+                failure = (data.get("response") or {}).get("error") or data
+                message = failure.get("message") if isinstance(failure, dict) else None
+                raise UpstreamServerError(f"upstream stream error: {message or 'it failed'}")
+            if name in TERMINAL:
+                self.done = True
+                self.state.usage = responses_usage((data.get("response") or {}).get("usage"))
+        return event.raw
+
+    def finish(self) -> bytes:
+        if not self.done:
+            raise UpstreamProtocolError("the upstream stream ended before response.completed")
+        return b""

@@ -1,0 +1,348 @@
+"""POST /v1/messages and /v1/messages/count_tokens through a served gateway, driven by the
+official `anthropic` SDK, against the simulated provider and local servers speaking the
+Anthropic (native pass-through), OpenAI and Gemini wire formats (translated)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+
+from tests.doors import (
+    MODELS,
+    Upstreams,
+    anthropic_client,
+    async_anthropic_client,
+    ledger_row,
+    upstreams,  # noqa: F401 - fixture
+)
+from tests.harness import Gateway
+from tests.upstreams import ANSWER, anthropic_server, openai_server
+
+WEATHER: dict[str, Any] = {
+    "name": "get_weather",
+    "description": "Current weather of a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"location": {"type": "string"}},
+        "required": ["location"],
+    },
+}
+EXPECTED_TEXT = {"claude": ANSWER, "gemini": ANSWER, "gpt": "".join(openai_server.WORDS)}
+HELLO = [{"role": "user", "content": "Hello"}]
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n fake image").decode()
+PDF = base64.b64encode(b"%PDF-1.4 fake document").decode()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any, upstreams: Upstreams) -> Gateway:  # noqa: F811
+    return gateway_factory(upstreams.config())
+
+
+def raw_events(gateway: Gateway, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The SSE events of a streamed /v1/messages answer: (event name, data)."""
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    url = gateway.base_url + "/messages"
+    with httpx.Client(timeout=30) as client:
+        text = client.post(url, json={**body, "stream": True}, headers=headers).text
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = block.split("\n", 1)
+        events.append((name.removeprefix("event: "), orjson.loads(data.removeprefix("data: "))))
+    return events
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_create_answers_as_the_messages_api(gateway: Gateway, model: str) -> None:
+    raw = anthropic_client(gateway).messages.with_raw_response.create(
+        model=model, max_tokens=200, system="Be brief.", messages=HELLO
+    )
+    message = raw.parse()
+    assert (message.type, message.role, message.stop_reason) == ("message", "assistant", "end_turn")
+    assert [block.type for block in message.content] == ["text"]
+    if model in EXPECTED_TEXT:
+        assert message.content[0].text == EXPECTED_TEXT[model]
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    # One accounting path: the ledger row of this request, with its api.
+    row = ledger_row(gateway, f"request_id = '{raw.headers['x-request-id']}'")
+    assert (row["api"], row["model"], row["upstream"]) == ("messages", model, f"{model}-up")
+    assert row["output_tokens"] == message.usage.output_tokens
+    assert raw.headers["x-metergate-cost-usd"] == f"{row['cost_nano'] / 1e9:.9f}"
+    labels = {"model": model, "api": "messages", "outcome": "success"}
+    assert gateway.metric("metergate_requests_total", **labels) == 1
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_async_stream_helper_matches_create(gateway: Gateway, model: str) -> None:
+    client = async_anthropic_client(gateway)
+    ask: dict[str, Any] = {"model": model, "max_tokens": 200, "messages": HELLO}
+    unary = await client.messages.create(**ask)
+    async with client.messages.stream(**ask) as stream:
+        pieces = [text async for text in stream.text_stream]
+        final = await stream.get_final_message()
+    assert len(pieces) > 1, "streamed in pieces"
+    assert "".join(pieces) == final.content[0].text == unary.content[0].text
+    assert final.stop_reason == unary.stop_reason == "end_turn"
+    assert final.usage.output_tokens == unary.usage.output_tokens
+    assert final.usage.input_tokens == unary.usage.input_tokens
+    row = ledger_row(gateway, "stream = 1")
+    assert (row["api"], row["output_tokens"]) == ("messages", final.usage.output_tokens)
+
+
+@pytest.mark.parametrize("model", ["sim", "gemini", "gpt"])
+def test_translated_stream_keeps_the_event_grammar(gateway: Gateway, model: str) -> None:
+    """message_start, ping, per block start / delta... / stop, message_delta, message_stop:
+    every event named as its data's type, block indexes counting up from 0."""
+    tools = [] if model == "gpt" else [WEATHER]  # the OpenAI fake streams text only
+    events = raw_events(
+        gateway, {"model": model, "max_tokens": 100, "messages": HELLO, "tools": tools}
+    )
+    assert all(name == data["type"] for name, data in events)
+    grammar = " ".join(name for name, _ in events)
+    block = r"content_block_start( content_block_delta)+ content_block_stop"
+    assert re.fullmatch(rf"message_start ping( {block})+ message_delta message_stop", grammar)
+    starts = [data for name, data in events if name == "content_block_start"]
+    assert [start["index"] for start in starts] == list(range(len(starts)))
+    delta = next(data for name, data in events if name == "message_delta")
+    assert delta["usage"]["output_tokens"] > 0 and delta["usage"]["input_tokens"] > 0
+    if tools:
+        kinds = {data["delta"]["type"] for name, data in events if name == "content_block_delta"}
+        assert "input_json_delta" in kinds and delta["delta"]["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tool_use_round_trip(gateway: Gateway, model: str) -> None:
+    client = anthropic_client(gateway)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.messages.create(model=model, max_tokens=200, tools=[WEATHER], messages=messages)
+    assert first.stop_reason == "tool_use"
+    uses = [block for block in first.content if block.type == "tool_use"]
+    assert uses and all(use.name == "get_weather" and use.input for use in uses)
+    results = [
+        {"type": "tool_result", "tool_use_id": use.id, "content": "18 degrees and sunny"}
+        for use in uses
+    ]
+    messages += [
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": results},
+    ]
+    second = client.messages.create(model=model, max_tokens=200, tools=[WEATHER], messages=messages)
+    assert second.stop_reason == "end_turn" and second.content[-1].type == "text"
+
+
+@pytest.mark.parametrize("model", ["sim", "claude", "gemini"])
+def test_stream_helper_tool_use(gateway: Gateway, model: str) -> None:
+    client = anthropic_client(gateway)
+    with client.messages.stream(
+        model=model, max_tokens=200, tools=[WEATHER], messages=[{"role": "user", "content": "?"}]
+    ) as stream:
+        final = stream.get_final_message()
+    uses = [block for block in final.content if block.type == "tool_use"]
+    assert final.stop_reason == "tool_use" and uses
+    assert all(isinstance(use.input, dict) and use.input for use in uses)
+
+
+def test_anthropic_upstream_gets_the_request_as_it_came(
+    gateway: Gateway,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """Native pass-through: system blocks, cache_control, thinking blocks and their
+    signatures, images, documents, tools, stop_sequences, metadata, top_k and the
+    anthropic-beta header reach Anthropic untouched; the answer comes back whole."""
+    ephemeral = {"type": "ephemeral"}
+    body: dict[str, Any] = {
+        "max_tokens": 300,
+        "system": [{"type": "text", "text": "You are terse.", "cache_control": ephemeral}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": PNG}},
+                    {"type": "document", "title": "spec", "cache_control": ephemeral,
+                     "source": {"type": "base64", "media_type": "application/pdf",
+                                "data": PDF}},
+                    {"type": "text", "text": "Summarize."},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "Short it is.", "signature": "sig-1"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "text", "text": "A spec."},
+                ],
+            },
+            {"role": "user", "content": "And in detail?"},
+        ],
+        "stop_sequences": ["lazy"],
+        "metadata": {"user_id": "user-42"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "tools": [{**WEATHER, "cache_control": ephemeral}],
+        "tool_choice": {"type": "none"},
+    }
+    beta = "interleaved-thinking-2025-05-14"
+    client = anthropic_client(gateway)
+    message = client.messages.create(
+        model="claude", **body, extra_headers={"anthropic-beta": beta}, extra_body={"top_k": 5}
+    )
+    sent = upstreams.claude_recorder.last
+    assert sent.body == {**body, "top_k": 5, "model": "claude-sonnet-4-5"}
+    assert sent.headers["anthropic-beta"] == beta
+    assert sent.headers["x-api-key"] == anthropic_server.API_KEY  # the provider's, not ours
+    thinking, text = message.content
+    assert (thinking.type, thinking.thinking, thinking.signature) == (
+        "thinking", anthropic_server.THOUGHT, anthropic_server.SIGNATURE
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "lazy")
+    assert text.text == ANSWER[: ANSWER.index("lazy")]
+    with client.messages.stream(model="claude", **body) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].signature == anthropic_server.SIGNATURE
+    assert final.model_dump(exclude={"id"}) == message.model_dump(exclude={"id"})
+
+
+def test_cache_writes_and_reads_priced_as_published(gateway: Gateway) -> None:
+    """Anthropic bills cache writes at 1.25x input and reads at the cached price."""
+    system = [{"type": "text", "text": "TRIGGER:cached", "cache_control": {"type": "ephemeral"}}]
+    client = anthropic_client(gateway)
+    ask: dict[str, Any] = {"model": "claude", "max_tokens": 50, "system": system}
+    raw = client.messages.with_raw_response.create(**ask, messages=HELLO)
+    answers = [(raw.parse().usage, raw.headers["x-request-id"])]
+    with client.messages.stream(**ask, messages=HELLO) as stream:
+        answers.append((stream.get_final_message().usage, stream.response.headers["x-request-id"]))
+    for usage, request_id in answers:
+        assert (usage.cache_creation_input_tokens, usage.cache_read_input_tokens) == (256, 1024)
+        micro = (
+            usage.input_tokens * Decimal(3)
+            + 256 * Decimal("3.75")
+            + 1024 * Decimal("0.3")
+            + usage.output_tokens * Decimal(15)
+        )
+        cost = (micro / 1_000_000).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
+        row = ledger_row(gateway, f"request_id = '{request_id}'")
+        assert row["cost_nano"] == int(cost * 10**9)
+        assert (row["input_tokens"], row["cached_input_tokens"]) == (usage.input_tokens + 256, 1024)
+
+
+def test_count_tokens(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: F811
+    """Exact from an Anthropic upstream (it counts), an estimate for the others."""
+    client = anthropic_client(gateway)
+    messages = [{"role": "user", "content": "x" * 400}]
+    exact = client.messages.count_tokens(model="claude", messages=messages, tools=[WEATHER])
+    sent = upstreams.claude_recorder.last
+    assert sent.path == "/v1/messages/count_tokens"
+    assert sent.body == {"model": "claude-sonnet-4-5", "messages": messages, "tools": [WEATHER]}
+    assert exact.input_tokens == anthropic_server._prompt_tokens(sent.body)
+    assert client.messages.count_tokens(model="sim", messages=messages).input_tokens == 100
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    with_image = [{"role": "user", "content": [image, {"type": "text", "text": "x" * 40}]}]
+    assert client.messages.count_tokens(model="gpt", messages=with_image).input_tokens == 1610
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="nope", messages=messages)
+    assert gateway.ledger_rows() == [], "counting is free, and not a model call"
+
+
+def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
+    client = anthropic_client(gateway)
+    ask: dict[str, Any] = {"max_tokens": 50, "messages": HELLO}
+    with pytest.raises(anthropic.AuthenticationError) as auth:
+        anthropic_client(gateway, api_key="mgk_" + "x" * 43).messages.create(model="sim", **ask)
+    assert auth.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="nope", **ask)
+    assert missing.value.body == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": missing.value.body["error"]["message"]},
+    }
+    with pytest.raises(anthropic.BadRequestError) as server_tool:
+        client.messages.create(
+            model="sim", tools=[{"type": "web_search_20250305", "name": "web_search"}], **ask
+        )
+    assert "web_search" in server_tool.value.message
+    trouble = [{"role": "user", "content": "TRIGGER:overloaded"}]
+    with pytest.raises(anthropic.OverloadedError):  # Anthropic's 529 stays a 529
+        client.messages.create(model="claude", max_tokens=50, messages=trouble)
+    trouble = [{"role": "user", "content": "TRIGGER:rate_limit"}]
+    with pytest.raises(anthropic.RateLimitError):
+        client.messages.create(model="claude", max_tokens=50, messages=trouble)
+    trouble = [{"role": "user", "content": "TRIGGER:invalid"}]
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="claude", max_tokens=50, messages=trouble)
+    trouble = [{"role": "user", "content": "TRIGGER:stream_error"}]
+    stream = client.messages.stream(model="claude", max_tokens=50, messages=trouble)
+    with pytest.raises(anthropic.APIStatusError) as broken, stream as events:
+        events.get_final_message()
+    assert broken.value.body["error"]["type"] == "overloaded_error"
+    # After the first byte, a failure is an `error` event (the OpenAI fake's `cut` ends
+    # its stream before [DONE]).
+    trouble = [{"role": "user", "content": "TRIGGER:cut"}]
+    events = raw_events(gateway, {"model": "gpt", "max_tokens": 50, "messages": trouble})
+    assert events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "api_error"
+    assert "ended before [DONE]" in events[-1][1]["error"]["message"]
+    # Without the SDK's own checks: a body missing max_tokens, and no key at all.
+    url = gateway.base_url + "/messages"
+    refused = httpx.post(url, json={"model": "sim", "messages": HELLO},
+                         headers={"x-api-key": gateway.key})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == {
+        "type": "invalid_request_error", "message": "max_tokens: a positive integer is required"
+    }
+    anonymous = httpx.post(url, json={"model": "sim", **ask})
+    assert anonymous.status_code == 401 and anonymous.json()["type"] == "error"
+
+
+def test_models_in_anthropic_shape(gateway: Gateway) -> None:
+    client = anthropic_client(gateway)
+    listed = client.models.list()
+    assert sorted(model.id for model in listed.data) == sorted([*MODELS, "gpt-native"])
+    assert all(model.type == "model" for model in listed.data) and not listed.has_more
+    assert client.models.retrieve("claude").display_name == "claude"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("nope")
+    # Without anthropic-version it stays OpenAI's list.
+    assert gateway.client().models.list().data[0].object == "model"
+
+
+@pytest.mark.parametrize("model", ["claude", "sim"])
+def test_claude_code_setup(
+    gateway: Gateway,
+    upstreams: Upstreams,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+) -> None:
+    """What Claude Code does with ANTHROPIC_BASE_URL and ANTHROPIC_AUTH_TOKEN set: the SDK
+    takes both from the environment and sends the key as a bearer token, calls the beta
+    messages endpoint (`?beta=true`) with `anthropic-beta` flags, cached system and tool
+    blocks and a `metadata.user_id`, streams, and names a model the gateway configures
+    (ANTHROPIC_MODEL and ANTHROPIC_DEFAULT_{OPUS,SONNET,HAIKU}_MODEL pick them)."""
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", gateway.base_url.removesuffix("/v1"))
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", gateway.key)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    client = anthropic.Anthropic(max_retries=0)
+    betas = ["claude-code-20250219", "interleaved-thinking-2025-05-14"]
+    cached = {"cache_control": {"type": "ephemeral"}}
+    with client.beta.messages.stream(
+        model=model,
+        max_tokens=32000,
+        betas=betas,
+        system=[{"type": "text", "text": "You are Claude Code.", **cached}],
+        tools=[{**WEATHER, **cached}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hi", **cached}]}],
+        metadata={"user_id": "user_abc_account__session_1"},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    row = ledger_row(gateway, "stream = 1")
+    assert (row["api"], row["model"], row["outcome"]) == ("messages", model, "success")
+    if model == "claude":
+        sent = upstreams.claude_recorder.last
+        assert sent.headers["anthropic-beta"] == ",".join(betas)
+        assert "authorization" not in sent.headers  # the gateway key stays here
