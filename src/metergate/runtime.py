@@ -235,8 +235,9 @@ class Runtime:
                     newest = await config_versions.latest(self.database)
                     if newest is None or newest.hash in (self.plan.version, refused):
                         continue
-                    config = parse_config(newest.body, newest.source)
-                    await self.apply(config, newest.body, newest.source)
+                    text = config_versions.with_secrets(newest, self.source, self.text)
+                    config = parse_config(text, newest.source)
+                    await self.apply(config, text, newest.source)
             except ConfigError as error:
                 refused = newest.hash if newest else None
                 log.error(
@@ -251,8 +252,8 @@ class Runtime:
     async def apply(self, config: GatewayConfig, text: str, source: str) -> bool:
         """Switch to `config` without dropping requests; False when it is already running."""
         version = config_versions.text_hash(text)
-        if version == self.plan.version:
-            return False
+        if version == self.plan.version and config == self.plan.config:
+            return False  # (the same version with other literal secrets is a change)
         assert self.database is not None and self.ledger is not None
         old = self.plan
         plan = self._build(config, version, old)
