@@ -123,14 +123,19 @@ def start_prometheus(
     alertmanager: str,
     fast_alerts: dict[str, str],
     mcp_targets: list[dict[str, Any]] | None = None,
+    metrics_token: str = "",
+    extra_jobs: list[dict[str, Any]] | None = None,
 ) -> ServerProcess:
     """Prometheus with the shipped config and rules; targets point at the test's servers
     (`mcp_targets`: file_sd groups of job mcp), intervals are 1 s, and the alerts in
-    `fast_alerts` get a shorter `for:`."""
+    `fast_alerts` get a shorter `for:`. `metrics_token` goes where the shipped scrape job
+    reads the gateway's token; `extra_jobs` are added scrape jobs."""
     shutil.copytree(PROMETHEUS_DIR, workdir, ignore=shutil.ignore_patterns("tests"))
+    (workdir / "secrets" / "metergate-metrics-token").write_text(metrics_token + "\n")
     config_path = workdir / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["scrape_configs"] += extra_jobs or []
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     targets = workdir / "targets"
     (targets / "metergate.yml").write_text(yaml.safe_dump([{"targets": [gateway]}]))
