@@ -98,6 +98,7 @@ class Runtime:
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys)
+        self._live_keys: list[tuple[str, tuple[str, ...] | None]] = []
         self.meter = Meter(self.metrics, None)
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
@@ -172,7 +173,10 @@ class Runtime:
 
     async def _load_keys(self):  # type: ignore[no-untyped-def]
         assert self.database is not None
-        return await list_keys(self.database)
+        records = await list_keys(self.database)
+        self._live_keys = [(k.name, k.models) for k in records if k.revoked_at is None]
+        self._prime_series()  # a new key's series exist before its first request
+        return records
 
     async def start(self) -> None:
         plan = self.plan
@@ -319,6 +323,21 @@ class Runtime:
         for name, deployment in self.plan.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
                 self.metrics.model_price.labels(name, kind).set(value)
+        self._prime_series()
+
+    def _prime_series(self) -> None:
+        """Start the series of every configured model, serving upstream and live key at 0
+        (`Metrics.prime`), after a start, a config change or a change of keys."""
+        plan = self.plan
+        serving = {
+            name: [
+                d.name
+                for r in (route, *route.fallbacks)
+                for d in (*r.deployments, *r.baseline, *r.candidate)
+            ]
+            for name, route in plan.router.routes.items()
+        }
+        self.metrics.prime(serving, self._live_keys, plan.config.rollouts)
 
     async def close(self) -> None:
         self.ready = False
