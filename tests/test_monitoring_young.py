@@ -18,12 +18,13 @@ from typing import Any
 import openai
 
 from metergate.rollout import transitions
-from tests.harness import BackgroundLoop, start_gateway
+from tests.harness import BackgroundLoop
 from tests.test_monitoring_stack import (
+    HELD_ROLLOUT,
     Receiver,
     binary,
-    start_alertmanager,
-    start_prometheus,
+    firing,
+    start_watched_gateway,
     wait_for_data,
 )
 
@@ -42,16 +43,7 @@ def config() -> dict[str, Any]:
             "cand-up": {"provider": "sim", "model": "cand"},
         },
         "models": {"agent": {"upstreams": ["pricey"]}, "canary": {"upstreams": ["base-up"]}},
-        "rollouts": {
-            "canary-move": {
-                "model": "canary",
-                "baseline": ["base-up"],
-                "candidate": ["cand-up"],
-                "stages": [50, 100],
-                "interval_seconds": 1,
-                "min_requests": 1_000_000,
-            }
-        },
+        "rollouts": HELD_ROLLOUT,
     }
 
 
@@ -63,20 +55,10 @@ def test_burst_and_rollback_alerts_reach_their_receivers_on_a_fresh_prometheus(
     with contextlib.ExitStack() as cleanup:
         receiver = Receiver(bg)
         cleanup.callback(receiver.server.close)
-        gateway = start_gateway(bg, config(), tmp_path / "gateway")
-        cleanup.callback(gateway.stop)
-        rollout = gateway.runtime.plan.rollouts.rollouts["canary-move"]
-        bg.run(transitions.start(gateway.runtime.database, rollout))
-        alertmanager = start_alertmanager(tmp_path / "alertmanager", receiver.url)
-        cleanup.callback(alertmanager.stop)
-        netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
-        prometheus = start_prometheus(
-            tmp_path / "prometheus",
-            netloc,
-            alertmanager.netloc,
-            fast_alerts={"MetergateHighSpending": "1s"},
+        gateway, _, prometheus = start_watched_gateway(
+            bg, cleanup, config(), tmp_path, receiver, {"MetergateHighSpending": "1s"}
         )
-        cleanup.callback(prometheus.stop)
+        rollout = gateway.runtime.plan.rollouts.rollouts["canary-move"]
 
         # a key created now: its series are exported (at 0) before its first request
         secret = gateway.new_key("burst-agent", ["agent"])
@@ -95,15 +77,7 @@ def test_burst_and_rollback_alerts_reach_their_receivers_on_a_fresh_prometheus(
         for _ in range(3):
             caller.chat.completions.create(model="agent", messages=ASK)
 
-        def spending(name: str, alert: dict[str, Any]) -> bool:
-            labels = alert["labels"]
-            return (
-                labels.get("alertname") == "MetergateHighSpending"
-                and labels.get("model") == "agent"
-                and alert["status"] == "firing"
-            )
-
-        name, alert = receiver.wait_for(spending, timeout=60)
+        name, alert = receiver.wait_for(firing("MetergateHighSpending", model="agent"), 60)
         assert name == "pagerduty-critical"
         spent = re.fullmatch(
             r"Model agent spent \$([\d.]+) in the last hour", alert["annotations"]["summary"]
@@ -113,14 +87,7 @@ def test_burst_and_rollback_alerts_reach_their_receivers_on_a_fresh_prometheus(
         # a rollback on a Prometheus not a minute old
         bg.run(transitions.rollback(gateway.runtime.database, rollout))
 
-        def rolled(name: str, alert: dict[str, Any]) -> bool:
-            labels = alert["labels"]
-            return (
-                labels.get("alertname") == "MetergateRolloutRolledBack"
-                and labels.get("rollout") == "canary-move"
-                and alert["status"] == "firing"
-            )
-
-        name, alert = receiver.wait_for(rolled, timeout=60)
+        rolled = firing("MetergateRolloutRolledBack", rollout="canary-move")
+        name, alert = receiver.wait_for(rolled, 60)
         assert name == "slack-warning"
         assert alert["annotations"]["summary"] == "Rollout canary-move rolled back"
