@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
 import io
 import time
 from typing import Any
@@ -21,6 +22,9 @@ from prometheus_client import Gauge, Histogram
 from metergate.console.mcp import McpView, quantile
 from metergate.console.security import FailedSignIns
 from metergate.metering.ledger import COLUMNS as LEDGER_COLUMNS
+from metergate.metering.ledger import LedgerRow, LedgerWriter
+from metergate.metering.report import month_forecast
+from metergate.storage.database import open_database
 from tests.harness import Gateway
 
 ADMIN_KEY = "console-admin-key-0123456789abcdef"
@@ -605,7 +609,7 @@ def test_mcp_page_reads_the_contract_metrics(gateway):
     assert search["tool_calls_per_second"] > 0
 
 
-def test_mcp_rates_come_from_successive_readings():
+def test_mcp_rates_are_over_the_last_minute_whenever_the_page_is_read():
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
@@ -617,16 +621,29 @@ def test_mcp_rates_come_from_successive_readings():
         ["mcp_server_name", "mcp_method_name", "gen_ai_tool_name", "error_type"],
         registry=registry,
     )
+
+    def call(n: int) -> None:
+        for _ in range(n):
+            calls.labels("a", "tools/call", "t", "").observe(0.1)
+
     now[0] = 110.0
-    for _ in range(20):
-        calls.labels("a", "tools/call", "t", "").observe(0.1)
-    assert view.read(registry)["servers"][0]["tool_calls_per_second"] == pytest.approx(2.0)
-    now[0] = 120.0
-    for _ in range(50):
-        calls.labels("a", "tools/call", "t", "").observe(0.1)
-    second = view.read(registry)
-    assert second["rate_window_seconds"] == pytest.approx(10)
-    assert second["servers"][0]["tool_calls_per_second"] == pytest.approx(5.0)
+    call(20)
+    first = view.read(registry)  # no minute of samples yet: since the process started
+    assert first["rate_window_seconds"] == pytest.approx(10)
+    assert first["servers"][0]["tool_calls_per_second"] == pytest.approx(2.0)
+    for second in range(115, 300, 5):  # the view's own samples, every 5 s
+        now[0] = float(second)
+        call(5)  # 1 call/s
+        view.sample(registry)
+    call(300)  # a burst in the last 5 seconds: 60 calls/s on top, over one minute
+    for gap in (300.0, 301.0, 359.0):  # a page read at any time after the last one
+        now[0] = gap
+        read = view.read(registry)
+        assert 60 <= read["rate_window_seconds"] < 65, gap
+        if gap == 300.0:
+            assert read["servers"][0]["tool_calls_per_second"] == pytest.approx(
+                (60 + 300) / read["rate_window_seconds"], rel=0.1
+            )
 
 
 def test_histogram_quantile_interpolates_within_a_bucket():
@@ -635,6 +652,35 @@ def test_histogram_quantile_interpolates_within_a_bucket():
     assert quantile(0.75, buckets) == pytest.approx(0.15)
     assert quantile(0.95, {1.0: 0.0, float("inf"): 10.0}) == 1.0  # beyond the last bound
     assert quantile(0.95, {}) is None
+
+
+async def test_forecast_of_a_ledger_younger_than_its_basis(tmp_path):
+    noon = dt.datetime(2025, 6, 10, 12, tzinfo=dt.UTC).timestamp()
+    blank = LedgerRow(
+        ts=noon, request_id="r", key_name="k", model="m", upstream="u", attempts=1,
+        input_tokens=0, cached_input_tokens=0, output_tokens=0, cost_nano=0, saved_nano=0,
+        duration_ms=1.0, ttft_ms=None, outcome="success", status=200, cache_hit=0, stream=0,
+    )  # fmt: skip
+    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        writer = LedgerWriter(database)
+        for i in range(357):  # $357 between 10:00 and 12:00, the ledger's first rows
+            writer.append(
+                blank._replace(ts=noon - 7200 + i * 20, request_id=f"r{i}", cost_nano=10**9)
+            )
+        await writer.flush()
+        forecast = await month_forecast(database, noon)
+        assert forecast.so_far_nano == 357 * 10**9
+        assert forecast.basis_days == pytest.approx(2 / 24, rel=0.01)
+        assert forecast.daily_nano == pytest.approx(357 * 12 * 10**9, rel=0.01)  # not $0/day
+        assert forecast.projected_nano == pytest.approx(
+            forecast.so_far_nano + forecast.daily_nano * forecast.remaining_days, rel=1e-6
+        )
+        # ten minutes of data are extrapolated as if from an hour
+        early = await month_forecast(database, noon - 7200 + 600)
+        assert early.basis_days == pytest.approx(1 / 24)
+    finally:
+        await database.close()
 
 
 # -- PostgreSQL -------------------------------------------------------------------------

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import math
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
+from metergate.console import mcp as mcp_view
+from metergate.metering.ledger import COLUMNS, LedgerRow
 from tests.harness import Gateway
 from tests.test_console_api import ADMIN_KEY, ASK, admin, base, console_config, send_traffic
 
@@ -288,3 +295,324 @@ def _fake_mcp_servers(gateway: Gateway) -> None:
     ]:
         calls.labels("search", "tools/call", tool, error).observe(seconds)
     calls.labels("files", "tools/call", "read_file", "transport").observe(0.5)
+
+
+# --- the console with realistic names and numbers (issue: console polish) -------------------
+#
+# It fits the window, every tab is reachable, lines are told apart, the window fits the
+# data, the forecast counts today, MCP rates have a fixed window, and a failed gate says
+# who judged. Layout is asserted on the rendered elements' sizes.
+
+# Names as providers spell them: long, with hyphens Chromium would break a line at.
+MODELS = [
+    "claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805", "gpt-4.1-mini-2025-04-14",
+    "gpt-4.1-2025-04-14", "gemini-2.5-pro-preview-06-05", "gemini-2.5-flash-lite",
+    "deepseek-chat-v3.1", "qwen3-coder-480b-a35b-instruct", "llama-3.3-70b-instruct-turbo",
+    "mistral-large-2411", "o4-mini-deep-research", "text-embedding-3-large",
+]  # fmt: skip
+
+
+def fleet_config(models: list[str] = MODELS) -> dict[str, Any]:
+    """Each model on two relays (provider model ids differ), one relay down with its circuit
+    open, fallbacks, and a rollout whose candidate always fails."""
+    sim = {"type": "simulated", "simulated": {"latency_ms": 1, "output_tokens": 12}}
+    providers = {
+        "holysheep-relay": sim,
+        "openrouter-eu": sim,
+        "down-relay": {"type": "simulated", "simulated": {"error_rate": 1.0}},
+    }
+    upstreams: dict[str, Any] = {}
+    routes: dict[str, Any] = {}
+    price = {"input": 1, "output": 2}
+    for name in models:
+        upstreams[f"holysheep-{name}"] = {
+            "provider": "holysheep-relay",
+            "model": name,
+            "price": price,
+        }
+        upstreams[f"openrouter-{name}"] = {
+            "provider": "openrouter-eu",
+            "model": f"vendor/{name}",
+            "price": price,
+        }
+        routes[name] = {"upstreams": [f"holysheep-{name}", f"openrouter-{name}"]}
+    upstreams["down-relay-gpt-4.1-2025-04-14"] = {
+        "provider": "down-relay", "model": "gpt-4.1-2025-04-14", "price": price,
+        "circuit": {"failure_threshold": 1, "open_seconds": 60},
+    }  # fmt: skip
+    routes["broken-route"] = {
+        "upstreams": ["down-relay-gpt-4.1-2025-04-14"],
+        "retry": {"max_retries": 0},
+    }
+    routes[models[0]]["fallbacks"] = models[3:5]
+    return {
+        "providers": providers,
+        "upstreams": upstreams,
+        "models": routes,
+        "admin": {"api_key": ADMIN_KEY},
+    }
+
+
+def traffic(gateway: Gateway, models: list[str]) -> None:
+    """More requests for the first models, so the busiest are known; and a failure."""
+    client = gateway.client()
+    for rank, name in enumerate(models):
+        for _ in range(len(models) - rank):
+            client.chat.completions.create(model=name, messages=ASK)
+    with pytest.raises(Exception):  # noqa: B017 - the upstream fails, the circuit opens
+        client.chat.completions.create(model="broken-route", messages=ASK)
+
+
+def overflow(page) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return page.evaluate("() => ({page: document.documentElement.scrollWidth - window.innerWidth})")
+
+
+# --- upstreams table and names --------------------------------------------------------------
+
+
+def test_upstreams_table_fits_1400px_and_names_never_break(page, gateway_factory):
+    gateway = gateway_factory(fleet_config())
+    traffic(gateway, MODELS)
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    open_page(page, "upstreams")
+    page.wait_for_selector("tr[data-upstream='down-relay-gpt-4.1-2025-04-14'][data-circuit=open]")
+    shot(page, "10-upstreams-1400")
+    sizes = page.evaluate(
+        """() => {
+          const wrap = document.querySelector('#upstreams .table-wrap');
+          const names = [...document.querySelectorAll('#upstreams .name')];
+          const broken = names.filter((el) => {
+            const line = parseFloat(getComputedStyle(el).lineHeight) || 18;
+            const tall = el.getBoundingClientRect().height > 1.6 * line;
+            return el.getClientRects().length !== 1 || tall;
+          }).map((el) => el.textContent);
+          return {page: document.documentElement.scrollWidth - window.innerWidth,
+                  table: wrap.scrollWidth - wrap.clientWidth, names: names.length, broken};
+        }"""
+    )
+    assert sizes["page"] <= 0, f"the page is {sizes['page']} px wider than the window"
+    assert sizes["table"] <= 0, f"the table scrolls sideways by {sizes['table']} px"
+    # every upstream's name, provider and model id, and every model it serves
+    rows = admin(gateway, "/admin/api/upstreams").json()["upstreams"]
+    assert sizes["names"] == sum(3 + len(row["serves"]) for row in rows), sizes
+    assert sizes["broken"] == []
+    # the overview's model table too
+    open_page(page, "overview")
+    broken = page.evaluate(
+        """() => [...document.querySelectorAll('#page .name')].filter(
+             (el) => el.getClientRects().length !== 1).map((el) => el.textContent)"""
+    )
+    assert broken == []
+    assert page.problems == []
+
+
+def test_every_tab_is_in_view_at_800px(browser, gateway_factory):
+    gateway = gateway_factory(fleet_config())
+    traffic(gateway, MODELS[:3])
+    context = browser.new_context(viewport={"width": 800, "height": 900})
+    context.set_default_timeout(WAIT_MS)
+    try:
+        tab = context.new_page()
+        sign_in(tab, gateway)
+        tab.wait_for_selector("#page[data-page=overview] #charts")
+        links = tab.evaluate(
+            """() => {
+              const nav = document.querySelector('nav');
+              return {scroll: nav.scrollWidth - nav.clientWidth,
+                      links: [...nav.querySelectorAll('a')].map((a) => {
+                        const r = a.getBoundingClientRect();
+                        return [a.dataset.page, r.left, r.right, r.top, r.bottom];
+                      })};
+            }"""
+        )
+        assert links["scroll"] <= 0, "the tabs scroll sideways"
+        for name, left, right, top, bottom in links["links"]:
+            assert left >= 0 and right <= 800 and top >= 0 and bottom <= 900, (name, left, right)
+        tab.screenshot(path=str(SHOTS / "11-nav-800.png"))
+        for name in ("mcp", "requests", "upstreams", "overview"):
+            open_page(tab, name)  # a click, no scrolling
+            assert overflow(tab)["page"] <= 0, f"{name} is wider than the window"
+    finally:
+        context.close()
+
+
+# --- chart colours ------------------------------------------------------------------------
+
+
+def _lab(rgb: tuple[int, ...]) -> tuple[float, float, float]:
+    def linear(c: int) -> float:
+        u = c / 255
+        return ((u + 0.055) / 1.055) ** 2.4 if u > 0.04045 else u / 12.92
+
+    r, g, b = (linear(c) for c in rgb)
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+
+    def f(t: float) -> float:
+        return t ** (1 / 3) if t > 0.008856 else 7.787 * t + 16 / 116
+
+    fx, fy, fz = f(x), f(y), f(z)
+    return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
+
+
+def legend_colours(page) -> list[tuple[str, tuple[int, ...]]]:  # type: ignore[no-untyped-def]
+    entries = page.evaluate(
+        """() => [...document.querySelectorAll('#chart-requests_per_second .legend span')].map(
+             (s) => [s.textContent, getComputedStyle(s).color])"""
+    )
+    return [
+        (name, tuple(int(v) for v in re.findall(r"\d+", colour)[:3])) for name, colour in entries
+    ]
+
+
+def test_ten_distinct_colours_then_the_rest_grouped(page, browser, gateway_factory):
+    gateway = gateway_factory(fleet_config())
+    traffic(gateway, MODELS)  # 12 models (13 with the broken one) in the window
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    shot(page, "12-overview-many-models")
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        legend = legend_colours(page)
+        names = [name for name, _ in legend]
+        assert len(legend) == 10, names
+        assert names[-1] == "4 other models"  # the least busy three, and the broken one
+        assert set(names[:-1]) == set(MODELS[:9])
+        distances = [
+            math.dist(_lab(a), _lab(b)) for (_, a), (_, b) in itertools.combinations(legend, 2)
+        ]
+        assert min(distances) > 20, f"{scheme}: two lines look alike ({min(distances):.1f})"
+    page.emulate_media(color_scheme="light")
+    # the grouped line counts the grouped models' requests together
+    series = admin(gateway, "/admin/api/overview?window=1h").json()["series"]["models"]
+    grouped = sum(v for v in series["4 other models"]["requests_per_second"] if v)
+    per_model = {
+        name: sum(v for v in line["requests_per_second"] if v) for name, line in series.items()
+    }
+    assert grouped * 60 == pytest.approx(3 + 2 + 1 + 1, rel=1e-3)  # per s, 1-minute buckets
+    assert per_model[MODELS[0]] * 60 == pytest.approx(12, rel=1e-3)
+    assert page.problems == []
+
+
+# --- the default window -------------------------------------------------------------------
+
+
+def test_default_window_follows_the_age_of_the_data(page, gateway_factory):
+    gateway = gateway_factory(fleet_config(MODELS[:2]))
+    traffic(gateway, MODELS[:2])  # all of it seconds old
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    pressed = ".segmented button[aria-pressed=true]"
+    assert page.get_attribute(pressed, "data-value") == "1h"
+    playwright_api.expect(page.locator("#requests .label")).to_have_text("Requests (1h)")
+    shot(page, "13-overview-young-data")
+
+    # an older ledger: rows from five hours ago
+    ledger = gateway.runtime.ledger
+    old = LedgerRow(**{k: gateway.ledger_rows()[0][k] for k in COLUMNS})
+    ledger.append(old._replace(ts=time.time() - 5 * 3600, request_id="old-row"))
+    gateway.flush_ledger()
+    page.reload()
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    assert page.get_attribute(pressed, "data-value") == "24h"
+    page.click(".segmented button[data-value='1h']")  # a choice of the operator's stays
+    open_page(page, "upstreams")
+    assert page.get_attribute(pressed, "data-value") == "1h"
+    assert page.problems == []
+
+
+# --- the forecast -------------------------------------------------------------------------
+
+
+def test_forecast_counts_todays_spend_on_a_new_gateway(page, gateway_factory):
+    gateway = gateway_factory(fleet_config(MODELS[:2]))
+    traffic(gateway, MODELS[:2])
+    spend = admin(gateway, "/admin/api/overview").json()["spend"]
+    assert spend["today_nano"] > 0
+    assert spend["daily_rate_nano"] > 0, "today's spend is the only spend: it sets the rate"
+    assert spend["forecast_nano"] > spend["month_nano"] or spend["remaining_days"] == 0
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    sub = page.inner_text("#forecast .sub")
+    assert "$0.00/day" not in sub and re.search(r"run rate \$[\d.,]+/day \(last 60 min\)", sub), sub
+    shot(page, "14-forecast")
+
+
+# --- MCP rates ----------------------------------------------------------------------------
+
+
+def test_mcp_rates_are_over_a_fixed_window_however_often_the_page_is_seen(
+    page, gateway_factory, monkeypatch
+):
+    monkeypatch.setattr(mcp_view, "RATE_WINDOW", 2.0)  # a minute in production
+    monkeypatch.setattr(mcp_view, "SAMPLE_EVERY", 0.2)
+    started = time.monotonic()
+    gateway = gateway_factory(fleet_config(MODELS[:1]))
+    _fake_mcp_servers(gateway)
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "mcp")  # the first read starts the sampling
+    deadline = time.monotonic() + 15
+    window = 0.0
+    while time.monotonic() < deadline:  # until samples cover a window (before: since start)
+        window = admin(gateway, "/admin/api/mcp").json()["rate_window_seconds"]
+        if 2.0 <= window < 2.3 and time.monotonic() - started > 3:
+            break
+        time.sleep(0.1)
+    assert 2.0 <= window < 2.3, window
+    for _ in range(3):  # seen again at once, and again: the same window
+        page.reload()
+        page.wait_for_selector("#page[data-page=mcp] #mcp-servers")
+        playwright_api.expect(page.locator("#mcp-rate-window")).to_contain_text(
+            "Rates over the last 2 s;"
+        )
+    shot(page, "15-mcp-rate-window")
+
+
+# --- rollout history ----------------------------------------------------------------------
+
+
+def test_a_failed_gate_says_the_controller_judged_it(page, gateway_factory):
+    config = fleet_config(MODELS[:1])
+    name = MODELS[0]
+    config["providers"]["bad-relay"] = {"type": "simulated", "simulated": {"error_rate": 1.0}}
+    config["upstreams"]["bad-relay-candidate"] = {
+        "provider": "bad-relay",
+        "model": "x",
+        "circuit": {"enabled": False},
+    }
+    config["rollouts"] = {
+        "to-bad": {
+            "model": name,
+            "baseline": [f"holysheep-{name}"],
+            "candidate": ["bad-relay-candidate"],
+            "stages": [50, 100],
+            "interval_seconds": 1,
+            "min_requests": 1,
+            "failure_threshold": 100,
+        }
+    }
+    gateway = gateway_factory(config)
+    assert admin(gateway, "/admin/api/rollouts/to-bad/start", "POST").status_code == 200
+    client = gateway.client()
+    deadline = time.monotonic() + 20
+    history: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        client.chat.completions.create(model=name, messages=ASK)  # retried on the baseline
+        (rollout,) = admin(gateway, "/admin/api/rollouts").json()["rollouts"]
+        history = [e for e in rollout["history"] if e["event"] == "gate_failed"]
+        if history:
+            break
+    assert history, "no gate failed"
+    assert history[0]["by"] == "controller" and history[0]["verdict"] == "fail"
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "rollouts")
+    row = page.locator("section[data-rollout=to-bad] tr", has_text="gate failed").first
+    cells = row.locator("td")
+    assert cells.nth(3).inner_text() == "controller"
+    assert cells.nth(4).inner_text().startswith("fail: ")
+    shot(page, "16-rollout-gate-failed")
+    assert page.problems == []

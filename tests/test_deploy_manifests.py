@@ -482,6 +482,7 @@ def prometheus_dir(tmp_path: Path, targets: Path) -> Path:
     root.mkdir()
     shutil.copy(PROMETHEUS / "prometheus.yml", root / "prometheus.yml")
     shutil.copytree(PROMETHEUS / "rules", root / "rules")
+    shutil.copytree(PROMETHEUS / "secrets", root / "secrets")  # mounted there in deployments
     shutil.copytree(targets, root / "targets")
     return root
 

@@ -123,14 +123,19 @@ def start_prometheus(
     alertmanager: str,
     fast_alerts: dict[str, str],
     mcp_targets: list[dict[str, Any]] | None = None,
+    metrics_token: str = "",
+    extra_jobs: list[dict[str, Any]] | None = None,
 ) -> ServerProcess:
     """Prometheus with the shipped config and rules; targets point at the test's servers
     (`mcp_targets`: file_sd groups of job mcp), intervals are 1 s, and the alerts in
-    `fast_alerts` get a shorter `for:`."""
+    `fast_alerts` get a shorter `for:`. `metrics_token` goes where the shipped scrape job
+    reads the gateway's token; `extra_jobs` are added scrape jobs."""
     shutil.copytree(PROMETHEUS_DIR, workdir, ignore=shutil.ignore_patterns("tests"))
+    (workdir / "secrets" / "metergate-metrics-token").write_text(metrics_token + "\n")
     config_path = workdir / "prometheus.yml"
     config = yaml.safe_load(config_path.read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["scrape_configs"] += extra_jobs or []
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     targets = workdir / "targets"
     (targets / "metergate.yml").write_text(yaml.safe_dump([{"targets": [gateway]}]))
@@ -199,6 +204,20 @@ class Receiver:
         raise AssertionError(f"no matching notification in {timeout} s; got {self.alerts()}")
 
 
+# `canary-move` moves model `canary` from `base-up` to `cand-up` and holds at 50%: too few
+# requests to judge, ever (start_watched_gateway starts it).
+HELD_ROLLOUT = {
+    "canary-move": {
+        "model": "canary",
+        "baseline": ["base-up"],
+        "candidate": ["cand-up"],
+        "stages": [50, 100],
+        "interval_seconds": 1,
+        "min_requests": 1_000_000,
+    }
+}
+
+
 def gateway_config(search_url: str, gone_url: str) -> dict[str, Any]:
     """`sim` fails half its requests and callers see it (no retry, no circuit breaker);
     `flaky` fails as often but retries and falls back to `steady`, which always works and
@@ -265,16 +284,7 @@ def gateway_config(search_url: str, gone_url: str) -> dict[str, Any]:
         },
         "budgets": {"daily": {"limit_usd": 5, "period": "day", "hard": False}},
         "cache": {"enabled": True},
-        "rollouts": {
-            "canary-move": {
-                "model": "canary",
-                "baseline": ["base-up"],
-                "candidate": ["cand-up"],
-                "stages": [50, 100],
-                "interval_seconds": 1,
-                "min_requests": 1_000_000,
-            }
-        },
+        "rollouts": HELD_ROLLOUT,
         "mcp": {
             "servers": {
                 "search": {"url": search_url, "timeout_seconds": 0.5},
@@ -448,6 +458,46 @@ class Stack:
         return self.gateway.base_url.removesuffix("/v1")
 
 
+def start_watched_gateway(
+    bg: BackgroundLoop,
+    cleanup: contextlib.ExitStack,
+    config: dict[str, Any],
+    root: Path,
+    receiver: Receiver,
+    fast_alerts: dict[str, str],
+    **prometheus_options: Any,
+) -> tuple[Gateway, ServerProcess, ServerProcess]:
+    """A gateway (its rollout `canary-move` started), an Alertmanager posting to
+    `receiver` and a Prometheus scraping the gateway and alerting there, each stopped by
+    `cleanup`."""
+    gateway = start_gateway(bg, config, root / "gateway")
+    cleanup.callback(gateway.stop)
+    rollout = gateway.runtime.plan.rollouts.rollouts["canary-move"]
+    bg.run(transitions.start(gateway.runtime.database, rollout))
+    alertmanager = start_alertmanager(root / "alertmanager", receiver.url)
+    cleanup.callback(alertmanager.stop)
+    netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
+    prometheus = start_prometheus(
+        root / "prometheus", netloc, alertmanager.netloc, fast_alerts, **prometheus_options
+    )
+    cleanup.callback(prometheus.stop)
+    return gateway, alertmanager, prometheus
+
+
+def firing(alertname: str, **labels: str) -> Callable[[str, dict[str, Any]], bool]:
+    """A `Receiver.wait_for` predicate: `alertname` with these labels, firing."""
+
+    def matches(receiver: str, alert: dict[str, Any]) -> bool:
+        found = alert["labels"]
+        return (
+            found.get("alertname") == alertname
+            and all(found.get(k) == v for k, v in labels.items())
+            and alert["status"] == "firing"
+        )
+
+    return matches
+
+
 @pytest.fixture(scope="module")
 def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     binary("prometheus")
@@ -465,17 +515,12 @@ def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Itera
         gone.bind(("127.0.0.1", 0))
         gone_netloc = f"127.0.0.1:{gone.getsockname()[1]}"
         config = gateway_config(search.url, f"http://{gone_netloc}/mcp")
-        gateway = start_gateway(bg, config, root / "gateway")
-        cleanup.callback(gateway.stop)
-        rollout = gateway.runtime.plan.rollouts.rollouts["canary-move"]
-        bg.run(transitions.start(gateway.runtime.database, rollout))
-        alertmanager = start_alertmanager(root / "alertmanager", receiver.url)
-        cleanup.callback(alertmanager.stop)
-        netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
-        prometheus = start_prometheus(
-            root / "prometheus",
-            netloc,
-            alertmanager.netloc,
+        gateway, alertmanager, prometheus = start_watched_gateway(
+            bg,
+            cleanup,
+            config,
+            root,
+            receiver,
             fast_alerts={
                 "MetergateHighErrorRate": "1s",
                 "MetergateMcpServerDown": "1s",
@@ -489,7 +534,6 @@ def stack(bg: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 {"targets": [gone_netloc], "labels": {"mcp_server_name": "gone"}},
             ],
         )
-        cleanup.callback(prometheus.stop)
         traffic = Traffic(bg, gateway)
         cleanup.callback(traffic.stop)
         up = wait_for_data(prometheus, 'up{job="metergate"} == 1', START_TIMEOUT)

@@ -99,6 +99,7 @@ class Runtime:
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys, self._find_keys)
+        self._live_keys: list[tuple[str, tuple[str, ...] | None]] = []
         self.meter = Meter(self.metrics, None)
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
@@ -174,7 +175,10 @@ class Runtime:
 
     async def _load_keys(self) -> list[KeyRecord]:
         assert self.database is not None
-        return await list_keys(self.database)
+        records = await list_keys(self.database)
+        self._live_keys = [(k.name, k.models) for k in records if k.revoked_at is None]
+        self._prime_series()  # a new key's series exist before its first request
+        return records
 
     async def _find_keys(self, digests: Sequence[str]) -> list[KeyRecord]:
         assert self.database is not None
@@ -241,8 +245,9 @@ class Runtime:
                     newest = await config_versions.latest(self.database)
                     if newest is None or newest.hash in (self.plan.version, refused):
                         continue
-                    config = parse_config(newest.body, newest.source)
-                    await self.apply(config, newest.body, newest.source)
+                    text = config_versions.with_secrets(newest, self.source, self.text)
+                    config = parse_config(text, newest.source)
+                    await self.apply(config, text, newest.source)
             except ConfigError as error:
                 refused = newest.hash if newest else None
                 log.error(
@@ -257,8 +262,8 @@ class Runtime:
     async def apply(self, config: GatewayConfig, text: str, source: str) -> bool:
         """Switch to `config` without dropping requests; False when it is already running."""
         version = config_versions.text_hash(text)
-        if version == self.plan.version:
-            return False
+        if version == self.plan.version and config == self.plan.config:
+            return False  # (the same version with other literal secrets is a change)
         assert self.database is not None and self.ledger is not None
         old = self.plan
         plan = self._build(config, version, old)
@@ -334,6 +339,21 @@ class Runtime:
         for name, deployment in self.plan.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
                 self.metrics.model_price.labels(name, kind).set(value)
+        self._prime_series()
+
+    def _prime_series(self) -> None:
+        """Start the series of every configured model, serving upstream and live key at 0
+        (`Metrics.prime`), after a start, a config change or a change of keys."""
+        plan = self.plan
+        serving = {
+            name: [
+                d.name
+                for r in (route, *route.fallbacks)
+                for d in (*r.deployments, *r.baseline, *r.candidate)
+            ]
+            for name, route in plan.router.routes.items()
+        }
+        self.metrics.prime(serving, self._live_keys, plan.config.rollouts)
 
     async def close(self) -> None:
         self.ready = False

@@ -53,6 +53,7 @@ class GatewayApp:
             ("GET", "/healthz"): info.healthz,
             ("GET", "/readyz"): info.readyz,
             ("GET", "/metrics"): info.metrics,
+            ("GET", "/v1/metrics"): info.metrics,  # where some scrape configs look for it
             ("POST", "/admin/reload"): admin.reload,
             **self._admin_api.routes(),
         }

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import orjson
+from pydantic import SecretStr
 
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
+from metergate.errors import Unauthorized
 from metergate.runtime import Runtime
+
+_METRICS_CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate metrics"')
 
 
 class InfoHandlers:
@@ -61,6 +68,11 @@ class InfoHandlers:
         await respond(send, status, body, base_headers(request) + JSON_HEADERS)
 
     async def metrics(self, request: Request, send: Send) -> None:
+        """The Prometheus exposition (at /metrics and /v1/metrics); with
+        `server.metrics_token` set, only for a request bearing it."""
+        token = self.runtime.plan.config.server.metrics_token
+        if token is not None:
+            _check_metrics_token(request, token)
         body = self.runtime.metrics.exposition()
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await respond(send, 200, body, base_headers(request) + headers)
@@ -80,3 +92,22 @@ def _model(name: str, runtime: Runtime) -> dict[str, object]:
 def _anthropic_model(name: str) -> dict[str, object]:
     """A model as Anthropic's API lists it (`created_at`: unknown, so the epoch)."""
     return {"type": "model", "id": name, "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+
+
+def _check_metrics_token(request: Request, token: SecretStr) -> None:
+    """401 unless the request bears the metrics token (compared as hashes, in constant time)."""
+    raw = request.headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, presented = raw.strip().partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized(
+            "/metrics needs the metrics token: send `Authorization: Bearer TOKEN` with the "
+            "gateway's server.metrics_token (Prometheus: `authorization:` in the scrape job)",
+            code="missing_metrics_token",
+            headers=[_METRICS_CHALLENGE],
+        )
+    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+        raise Unauthorized(
+            "wrong metrics token", code="invalid_metrics_token", headers=[_METRICS_CHALLENGE]
+        )

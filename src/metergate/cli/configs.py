@@ -10,7 +10,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.cli.common import (
+    ConfigOption,
+    console,
+    errors,
+    load_or_exit,
+    read_or_exit,
+    with_database,
+)
 from metergate.config import ConfigError, parse_config
 from metergate.config.loader import DEFAULT_CONFIG
 from metergate.storage import config_versions
@@ -40,7 +47,7 @@ def rollback(
 ) -> None:
     """Return to an earlier config: running gateways apply it within seconds, and the
     config file is rewritten so a restart keeps it."""
-    loaded = load_or_exit(config)
+    loaded = read_or_exit(config)
 
     async def go(db):  # type: ignore[no-untyped-def]
         versions = await config_versions.history(db, 1000)
@@ -53,23 +60,25 @@ def rollback(
         )
         if target is None:
             return None, f"no version v{version}; see `metergate config history`"
-        try:
-            parse_config(target.body, target.source)
+        try:  # literal secrets are not in the history: back from the live config
+            text = config_versions.with_secrets(target, target.source, loaded.text)
+            parse_config(text, target.source)
         except ConfigError as error:
             return None, f"v{target.id} is not valid here any more:\n{error}"
         recorded = await config_versions.record(
-            db, target.body, target.source, f"rollback to v{target.id}"
+            db, text, target.source, f"rollback to v{target.id}"
         )
-        return target, recorded
+        return (target, text), recorded
 
-    target, result = with_database(loaded, go)
-    if target is None:
+    found, result = with_database(loaded.config, go)
+    if found is None:
         errors.print(result)
         raise typer.Exit(1)
+    target, text = found
     path = Path(target.source)
     if path.is_file() and path.resolve() != DEFAULT_CONFIG.resolve():
         try:
-            path.write_text(target.body, encoding="utf-8")
+            path.write_text(text, encoding="utf-8")
             console.print(f"wrote v{target.id} back to {path}")
         except OSError as exc:
             errors.print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
@@ -71,11 +72,13 @@ def _netloc(url: str) -> str:
     return f"{host}:{port}"
 
 
-async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+async def _get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     import aiohttp
 
     try:
-        async with session.get(url) as response:
+        async with session.get(url, headers=headers) as response:
             return response.status, await response.text()
     except TimeoutError:
         raise Unreachable("no answer within the timeout") from None
@@ -100,8 +103,10 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 async def check_gateway(session: aiohttp.ClientSession, gateway: str) -> Result:
     url = f"{_base(gateway)}/metrics"
     name = "gateway metrics"
+    token = os.environ.get("METERGATE_METRICS_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        status, text = await _get(session, url)
+        status, text = await _get(session, url, headers)
     except Unreachable as error:
         return Result(
             name,
@@ -110,12 +115,19 @@ async def check_gateway(session: aiohttp.ClientSession, gateway: str) -> Result:
             "start the gateway (`metergate serve`) or pass --gateway with the address of a "
             "running replica (server.host and server.port of its config)",
         )
+    if status == 401:
+        return Result(
+            name,
+            False,
+            f"{url} answered HTTP 401: it needs the metrics token",
+            "set METERGATE_METRICS_TOKEN to the gateway's server.metrics_token",
+        )
     if status != 200:
         return Result(
             name,
             False,
             f"{url} answered HTTP {status}",
-            "metrics are served at /metrics on the root, not under /v1: pass --gateway as "
+            "metrics are served at /metrics on the root: pass --gateway as "
             "http://HOST:PORT without a path",
         )
     found = _BUILD_INFO.search(text)
@@ -207,8 +219,14 @@ async def _check_target(
 
 def _scrape_fix(error: str) -> str:
     lowered = error.lower()
+    if "401" in lowered:
+        return (
+            "the gateway wants its metrics token: put server.metrics_token in the file the "
+            "scrape job's authorization.credentials_file names "
+            "(deploy/prometheus/secrets/metergate-metrics-token)"
+        )
     if "404" in lowered:
-        return "set metrics_path: /metrics (the gateway serves it at the root, not under /v1)"
+        return "set metrics_path: /metrics (the gateway serves it there and at /v1/metrics)"
     if "connection refused" in lowered or "no such host" in lowered:
         return (
             "the target address is wrong or the replica is down: fix the address in "

@@ -329,6 +329,23 @@ class ServerConfig(Strict):
         description="deepest nesting of objects and arrays a request body may have",
     )
     cors: CorsConfig = Field(default_factory=CorsConfig)
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token GET /metrics requires, e.g. ${METERGATE_METRICS_TOKEN}; "
+        "none (or empty): /metrics is open, as Prometheus exporters usually are",
+    )
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError(
+                "use at least 16 characters (e.g. `openssl rand -hex 24`): wrong tokens "
+                "are not rate limited"
+            )
+        return value
 
 
 class LedgerConfig(Strict):

@@ -3,12 +3,16 @@
 It reads only the metric contract (`metergate_mcp_server_up`, and the histogram
 `mcp_client_operation_duration_seconds`), never the MCP gateway's objects, so it works
 with whatever registers those metrics. The counters are cumulative; a rate needs two
-readings, so each call keeps a snapshot and the rate is taken against the oldest one
-from the last five minutes (or, the first time, since the console started).
+readings. Once the page has been read, the view samples the counters every few seconds
+on its own, and each rate is over the last minute, whenever the page is read again;
+until a minute of samples exists it is the average since the process started. (It used
+to be against the previous read, so the window was the time since the last visit.)
+Sampling stops ten minutes after the last read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict, deque
@@ -23,7 +27,9 @@ from metergate.console.samples import samples
 UP = "metergate_mcp_server_up"
 OPERATION = "mcp_client_operation_duration_seconds"
 TOOL_CALL = "tools/call"
-RATE_HORIZON = 300.0
+RATE_WINDOW = 60.0  # seconds: what a rate on the page is the average over
+SAMPLE_EVERY = 5.0
+IDLE_STOP = 600.0  # no read for this long: stop sampling
 SLOW_TOOLS = 5
 
 
@@ -99,26 +105,65 @@ def _read(registry: CollectorRegistry) -> dict[str, _Server]:
 
 
 class McpView:
-    """Keeps the snapshots rates are computed from; one per gateway app."""
+    """Keeps the samples rates are computed from; one per gateway app."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        window: float | None = None,
+        every: float | None = None,
+    ) -> None:
         self._clock = clock
+        self._window = RATE_WINDOW if window is None else window
+        self._every = SAMPLE_EVERY if every is None else every
         self._started = clock()
-        self._snapshots: deque[tuple[float, dict[str, float]]] = deque(maxlen=256)
+        self._snapshots: deque[tuple[float, dict[str, float]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = self._started
+
+    def sample(self, registry: CollectorRegistry) -> None:
+        """Record each server's tool calls so far, keeping what the window needs."""
+        now = self._clock()
+        calls = {name: server.tool_calls for name, server in _read(registry).items()}
+        self._append(now, calls)
+
+    def _append(self, now: float, calls: dict[str, float]) -> None:
+        self._snapshots.append((now, calls))
+        while len(self._snapshots) > 1 and self._snapshots[1][0] <= now - self._window:
+            self._snapshots.popleft()  # one sample at or before the window's start stays
 
     def _rate_base(self, now: float) -> tuple[float, dict[str, float]]:
-        while self._snapshots and self._snapshots[0][0] < now - RATE_HORIZON:
-            self._snapshots.popleft()
+        """The newest sample at least a window old, else the process start."""
+        base: tuple[float, dict[str, float]] = (self._started, {})
         for taken, calls in self._snapshots:
-            if now - taken >= 1.0:
-                return taken, calls
-        return self._started, {}
+            if taken > now - self._window:
+                break
+            base = (taken, calls)
+        return base
+
+    def _keep_sampling(self, registry: CollectorRegistry) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a direct call): whoever calls samples
+            return
+
+        def tick() -> None:
+            self._timer = None
+            self.sample(registry)
+            if self._clock() - self._last_read < IDLE_STOP:
+                self._keep_sampling(registry)
+
+        self._timer = loop.call_later(self._every, tick)
 
     def read(self, registry: CollectorRegistry) -> dict[str, Any]:
         now = self._clock()
+        self._last_read = now
         servers = _read(registry)
         since, before = self._rate_base(now)
-        self._snapshots.append((now, {name: s.tool_calls for name, s in servers.items()}))
+        self._append(now, {name: s.tool_calls for name, s in servers.items()})
+        self._keep_sampling(registry)
         elapsed = max(now - since, 1e-9)
         rows = []
         for name, server in sorted(servers.items()):

@@ -38,7 +38,8 @@ def rollout_json(rollout: Rollout, events: list[tuple[Any, ...]]) -> dict[str, A
     history = []
     for ts, event, stage, detail in events:
         parsed = orjson.loads(detail) if detail else {}
-        judgment = parsed.get("judgment") or {}
+        # A controller's decision carries its judgment; a failed gate's detail *is* one.
+        judgment = parsed.get("judgment") or (parsed if "verdict" in parsed else {})
         history.append(
             {
                 "ts": float(ts),

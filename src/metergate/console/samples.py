@@ -7,6 +7,7 @@ they are read through the multiprocess collector and cover every worker, like /m
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.samples import Sample
@@ -16,7 +17,7 @@ from metergate.metering.metrics import multiprocess_dir
 
 def samples(registry: CollectorRegistry, names: set[str]) -> Iterator[Sample]:
     """Every sample whose name is in `names`."""
-    source = registry
+    source: Any = registry.restricted_registry(names)  # not every series of the gateway
     if multiprocess_dir():
         source = CollectorRegistry()
         multiprocess.MultiProcessCollector(source)

@@ -3,6 +3,12 @@
 Buckets end at `now`, so every bucket is complete and a rate is count / bucket width.
 Percentiles are nearest-rank over the bucket's rows, computed in SQL with the same
 window functions as `metering.report`, so the console and `metergate usage` agree.
+
+A chart tells at most MAX_SERIES lines apart (the console's palette has that many
+distinct colours): with more models in the window, the MAX_SERIES - 1 with the most
+requests keep their own line and the rest share one, "N other models", whose numbers
+are those of all their rows together (requests summed, error % and percentiles over
+the rows of every model in it).
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ def _quoted(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{value}'" for value in values)
 
 
+MAX_SERIES = 10
+
 _COUNTS_SQL = """WITH bucketed AS (
-  SELECT model, {bucket} AS bucket, outcome, duration_ms FROM requests WHERE ts >= ? AND ts < ?
+  SELECT {label} AS model, {bucket} AS bucket, outcome, duration_ms FROM requests
+  WHERE ts >= ? AND ts < ?
 ), ranked AS (
   SELECT model, bucket, outcome, duration_ms,
     ROW_NUMBER() OVER (PARTITION BY model, bucket ORDER BY duration_ms) AS rn,
@@ -40,7 +49,7 @@ SELECT model, bucket, COUNT(*),
 FROM ranked GROUP BY model, bucket"""
 
 _TTFT_SQL = """WITH bucketed AS (
-  SELECT model, {bucket} AS bucket, ttft_ms FROM requests
+  SELECT {label} AS model, {bucket} AS bucket, ttft_ms FROM requests
   WHERE ts >= ? AND ts < ? AND ttft_ms IS NOT NULL
 ), ranked AS (
   SELECT model, bucket, ttft_ms,
@@ -61,14 +70,18 @@ async def model_series(database: Database, window: Window, now: float) -> dict[s
     start = now - window.seconds
     step = float(window.step)
     bucket = _bucket(database)
-    params = (start, step, start, now)
+    label, label_params, group = await _labels(database, start, now)
+    params = (*label_params, start, step, start, now)
     counts = await database.fetch(
         _COUNTS_SQL.format(
-            bucket=bucket, errors=_quoted(ERROR_OUTCOMES), refused=_quoted(REFUSED_OUTCOMES)
+            label=label,
+            bucket=bucket,
+            errors=_quoted(ERROR_OUTCOMES),
+            refused=_quoted(REFUSED_OUTCOMES),
         ),
         params,
     )
-    ttfts = await database.fetch(_TTFT_SQL.format(bucket=bucket), params)
+    ttfts = await database.fetch(_TTFT_SQL.format(label=label, bucket=bucket), params)
     size = window.buckets
     models: dict[str, dict[str, list[float | None]]] = {}
 
@@ -92,9 +105,28 @@ async def model_series(database: Database, window: Window, now: float) -> dict[s
     for model, index, p95 in ttfts:
         i = min(int(index), size - 1)
         lines(str(model))["ttft_p95_ms"][i] = None if p95 is None else round(float(p95), 3)
+    ordered = dict(sorted((name, line) for name, line in models.items() if name != group))
+    if group in models:
+        ordered[group] = models[group]  # the shared line comes last
     return {
         "start": start,
         "step": window.step,
         "timestamps": [start + i * window.step for i in range(size)],
-        "models": dict(sorted(models.items())),
+        "models": ordered,
     }
+
+
+async def _labels(database: Database, start: float, end: float) -> tuple[str, tuple[str, ...], str]:
+    """The SQL that names each row's line (with its parameters), and the shared line's
+    name ("" when every model has its own line)."""
+    rows = await database.fetch(
+        "SELECT model, COUNT(*) FROM requests WHERE ts >= ? AND ts < ? GROUP BY model",
+        (start, end),
+    )
+    if len(rows) <= MAX_SERIES:
+        return "model", (), ""
+    busiest = sorted(rows, key=lambda row: (-int(row[1]), str(row[0])))
+    own = tuple(str(row[0]) for row in busiest[: MAX_SERIES - 1])
+    group = f"{len(rows) - len(own)} other models"
+    marks = ", ".join("?" for _ in own)
+    return f"CASE WHEN model IN ({marks}) THEN model ELSE ? END", (*own, group), group

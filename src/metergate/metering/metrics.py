@@ -9,6 +9,7 @@ of any worker sums all of them and counters never go backwards.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -194,6 +195,7 @@ class Metrics:
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._attempts: dict[tuple[str, str], Any] = {}
         self._redis_up: Gauge | None = None
+        self._primed: tuple[Any, ...] = ()
 
     def redis_up(self) -> Gauge:
         """`metergate_redis_up`, registered on first use: only a gateway configured with
@@ -236,6 +238,45 @@ class Metrics:
                 upstream, outcome
             )
         child.inc()
+
+    def prime(
+        self,
+        serving: Mapping[str, Iterable[str]],
+        keys: Iterable[tuple[str, Iterable[str] | None]],
+        rollouts: Iterable[str] = (),
+    ) -> None:
+        """Create at 0 every series the alerts need before their first increment: cost,
+        tokens and successful requests for each configured model, each upstream that may
+        serve it (its own, its rollout's, its fallbacks') and each key allowed to use it;
+        and each rollout's `rolled_back` count. `increase()` needs a sample before the
+        first increment: without one, a burst on a new key or a first rollback would be
+        invisible to MetergateHighSpending and MetergateRolloutRolledBack. Only
+        configured names and existing keys, as the metric contract allows; nothing
+        happens when nothing changed since the last call.
+
+        `serving`: model -> upstream names; `keys`: (name, the models it may use or
+        None for all) of the keys in use."""
+        wanted = (
+            tuple(sorted((model, tuple(sorted(set(ups)))) for model, ups in serving.items())),
+            tuple(sorted((name, None if m is None else tuple(sorted(m))) for name, m in keys)),
+            tuple(sorted(rollouts)),
+        )
+        if wanted == self._primed:
+            return
+        self._primed = wanted
+        for model, upstreams in wanted[0]:
+            for key, models in wanted[1]:
+                if models is not None and model not in models:
+                    continue
+                for upstream in upstreams:
+                    series = self.series(model, upstream, key)
+                    # One api suffices: the rules sum requests over it.
+                    if ("success", "chat") not in series.outcomes:
+                        series.outcomes[("success", "chat")] = self.requests.labels(
+                            model, upstream, key, "success", "chat"
+                        )
+        for rollout in wanted[2]:
+            self.rollout_transitions.labels(rollout, "rolled_back")
 
     def exposition(self) -> bytes:
         """The text a scrape returns: all workers' values when running several."""

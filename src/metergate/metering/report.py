@@ -36,6 +36,7 @@ ERROR_OUTCOMES = (
 REFUSED_OUTCOMES = ("invalid_request", "unauthorized", "rate_limited", "budget_exceeded")
 
 _GROUP_COLUMNS: dict[GroupBy, str] = {"model": "model", "key": "key_name", "upstream": "upstream"}
+_HOUR = 3600
 _DAY = 86_400
 
 
@@ -246,7 +247,10 @@ async def month_forecast(db: Database, now: float, tz: str = "UTC") -> MonthFore
     - so far: spend from the first of the month to `now`;
     - daily rate: spend over the last 7 complete days divided by their length, or over
       the complete days of this month when fewer than 7 have passed; on the first of
-      the month, which has none, over the part of today elapsed so far;
+      the month, which has none, over the part of today elapsed so far; when the ledger
+      begins inside those days (a new gateway), from its first request to now, today's
+      spend included, and over an hour at least (days before it existed are no data,
+      not days without spend);
     - projection: so far + daily rate x days remaining until the next month starts,
       counting the rest of today as the fraction of a day it is.
     Days are measured in seconds / 86400, so a DST-shortened day weighs a little less.
@@ -259,10 +263,16 @@ async def month_forecast(db: Database, now: float, tz: str = "UTC") -> MonthFore
     today_start = _midnight(today, zone)
     basis_start = max(_midnight(today - dt.timedelta(days=7), zone), month_start)
     basis_end = today_start if basis_start < today_start else now
+    ledger_start = (await db.fetch("SELECT MIN(ts) FROM requests"))[0][0]
+    young = ledger_start is not None and float(ledger_start) > basis_start
+    if young:
+        basis_start, basis_end = float(ledger_start), now
 
     so_far = await _spend(db, month_start, now)
     basis = await _spend(db, basis_start, basis_end)
     basis_seconds = Fraction(basis_end) - Fraction(basis_start)
+    if young:
+        basis_seconds = max(basis_seconds, Fraction(_HOUR))
     remaining_seconds = Fraction(month_end) - Fraction(now)
     rate = Fraction(basis) / basis_seconds if basis_seconds else Fraction(0)  # nano per s
     return MonthForecast(

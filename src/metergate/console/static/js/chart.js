@@ -6,7 +6,7 @@ import { fmt, h } from "./dom.js";
 
 const NS = "http://www.w3.org/2000/svg";
 const W = 640, H = 230, LEFT = 64, RIGHT = 16, TOP = 14, BOTTOM = 30;
-export const PALETTE_SIZE = 8;
+export const PALETTE_SIZE = 10; // distinct colours; the server sends at most this many lines
 
 function svg(tag, attrs = {}, ...children) {
   const el = document.createElementNS(NS, tag);

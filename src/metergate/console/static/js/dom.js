@@ -132,6 +132,12 @@ export const fmt = {
     if (step >= 3600) return d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
     return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   },
+  span(seconds) {
+    if (seconds < 120) return `${Math.round(seconds)} s`;
+    if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+    if (seconds < 172800) return `${(seconds / 3600).toFixed(1)} h`;
+    return `${(seconds / 86400).toFixed(1)} d`;
+  },
   ago(ts) {
     const s = Math.max(0, Date.now() / 1000 - ts);
     if (s < 60) return `${Math.round(s)}s ago`;

@@ -27,8 +27,8 @@ export async function render(root, ctx) {
   }
   const rows = data.servers.map((s) => ({ ...s, __data: { server: s.name } }));
   replace(root, h("div", { class: "stack" }, head,
-    h("p", { class: "muted", text:
-      `Rates over the last ${Math.round(data.rate_window_seconds)} s; totals since this gateway process started.` }),
+    h("p", { class: "muted", id: "mcp-rate-window", text:
+      `Rates over the last ${fmt.span(data.rate_window_seconds)}; totals since this gateway process started.` }),
     h("section", { class: "panel", id: "mcp-servers" }, table([
       { label: "Server", cell: (s) => h("strong", { text: s.name }) },
       { label: "State", cell: (s) => (s.up === null ? badge("unknown") : s.up ? badge("up", "ok") : badge("down", "bad")) },

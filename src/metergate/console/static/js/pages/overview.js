@@ -1,8 +1,7 @@
 // Overview: spend, month-end forecast, budgets, per-model charts over a window.
-import { api } from "../api.js";
 import { lineChart } from "../chart.js";
 import { fmt, h, replace, table } from "../dom.js";
-import { budgetRow, currentWindow, windowPicker } from "./shared.js";
+import { budgetRow, overviewData, windowPicker } from "./shared.js";
 
 export const autoRefresh = true;
 
@@ -22,7 +21,7 @@ function card(label, value, sub, id) {
 }
 
 export async function render(root, ctx) {
-  const data = await api(`/admin/api/overview?window=${currentWindow()}`);
+  const data = await overviewData();
   if (!ctx.isCurrent()) return;
   const { spend, totals, series } = data;
   const models = Object.keys(series.models);
@@ -30,7 +29,7 @@ export async function render(root, ctx) {
     card("Spend today (UTC)", fmt.usd(spend.today_nano), null, "spend-today"),
     card(`Spend in ${spend.month}`, fmt.usd(spend.month_nano), null, "spend-month"),
     card("Month-end forecast", fmt.usd(spend.forecast_nano),
-      `run rate ${fmt.usd(spend.daily_rate_nano)}/day (last ${spend.forecast_basis_days.toFixed(1)} d)`, "forecast"),
+      `run rate ${fmt.usd(spend.daily_rate_nano)}/day (last ${fmt.span(spend.forecast_basis_days * 86400)})`, "forecast"),
     card(`Requests (${data.window})`, fmt.count(totals.requests), `${fmt.count(totals.refused)} refused`, "requests"),
     card(`Error rate (${data.window})`, fmt.pct(totals.error_rate), `${fmt.count(totals.errors)} errors`, "error-rate"),
     card(`p95 latency (${data.window})`, fmt.ms(totals.p95_ms), null, "p95"));
@@ -56,7 +55,7 @@ export async function render(root, ctx) {
 
   const perModel = h("section", { class: "panel" }, h("h2", { text: `Models (${data.window})` }),
     table([
-      { label: "Model", cell: (m) => m.model },
+      { label: "Model", cell: (m) => h("span", { class: "name", text: m.model }) },
       { label: "Requests", num: true, cell: (m) => fmt.count(m.requests) },
       { label: "Error rate", num: true, cell: (m) => fmt.pct(m.error_rate) },
       { label: "p95 latency", num: true, cell: (m) => fmt.ms(m.p95_ms) },

@@ -1,13 +1,40 @@
 // Pieces more than one page uses: the window picker and budget bars.
+import { api } from "../api.js";
 import { fmt, h, segmented } from "../dom.js";
 
 export const WINDOWS = ["1h", "24h", "7d", "30d"];
-const state = { window: "24h" };
+// The window until the operator picks one: chosen from the data's age (windowFor).
+const state = { window: null };
 
-export const currentWindow = () => state.window;
+export const currentWindow = () => state.window || "24h";
+
+/** The window to open on: 1 h when every request of the last 24 h is less than an hour
+ * old (or there is none: a new gateway), so fresh data is not squeezed into the right
+ * edge of a day; 24 h otherwise. `overview`: an overview answer for 24 h. */
+export function windowFor(overview) {
+  const { timestamps, models } = overview.series;
+  const lines = Object.values(models).map((m) => m.requests_per_second);
+  const first = timestamps.findIndex((_, i) => lines.some((values) => values[i] > 0));
+  return first < 0 || timestamps[first] >= overview.now - 3600 ? "1h" : "24h";
+}
+
+/** The overview for the current window; the first time, the window is picked from the
+ * data's age (one more request only when that is not 24 h). */
+export async function overviewData() {
+  if (state.window) return api(`/admin/api/overview?window=${state.window}`);
+  const day = await api("/admin/api/overview?window=24h");
+  state.window = state.window || windowFor(day);
+  return state.window === "24h" ? day : api(`/admin/api/overview?window=${state.window}`);
+}
+
+/** The current window, picked from the data's age if nobody has picked one yet. */
+export async function resolvedWindow() {
+  if (!state.window) await overviewData();
+  return state.window;
+}
 
 export function windowPicker(rerender) {
-  return segmented(WINDOWS, state.window, (value) => {
+  return segmented(WINDOWS, currentWindow(), (value) => {
     state.window = value;
     rerender();
   }, "Time window");
