@@ -47,6 +47,7 @@ class Cloud:
     rate_limited: str  # the fake's rate limit message
     retry_after: str | None  # the Retry-After the caller gets on a rate limit
     marker: bytes  # where the fake's mid-stream error begins
+    cache_writes: int = 0  # of the input tokens, those written to a prompt cache
 
     @property
     def upstream(self) -> str:
@@ -62,13 +63,25 @@ AZURE_ENTRA = Cloud(
     "azure-entra", "azure", (503, "overloaded"), "Rate limit reached", "7", b'data: {"error"'
 )
 BEDROCK = Cloud(
-    "bedrock", "bedrock", (503, "unavailable"), "Too many requests", None, b":exception-type"
+    "bedrock",
+    "bedrock",
+    (503, "unavailable"),
+    "Too many requests",
+    None,
+    b":exception-type",
+    cache_writes=256,
 )
 VERTEX_GEMINI = Cloud(
     "vertex-gemini", "vertex", (503, "overloaded"), "current quota", "7", b'data: {"error"'
 )
 VERTEX_CLAUDE = Cloud(
-    "vertex-claude", "vertex", (502, "Overloaded"), "per-minute rate limit", "7", b"event: error"
+    "vertex-claude",
+    "vertex",
+    (502, "Overloaded"),
+    "per-minute rate limit",
+    "7",
+    b"event: error",
+    cache_writes=256,
 )
 CLOUDS = [AZURE, AZURE_ENTRA, BEDROCK, VERTEX_GEMINI, VERTEX_CLAUDE]
 

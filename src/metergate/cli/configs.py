@@ -98,19 +98,19 @@ def reload(
 ) -> None:
     """Ask a running gateway to re-read its config file (admin key from
     METERGATE_ADMIN_KEY). An invalid file is refused and the gateway keeps serving."""
-    import httpx  # only this command needs an HTTP client
+    import httpx2  # only this command needs an HTTP client
 
     key = os.environ.get("METERGATE_ADMIN_KEY")
     if not key:
         errors.print("set METERGATE_ADMIN_KEY to the gateway's admin.api_key")
         raise typer.Exit(2)
     try:
-        answer = httpx.post(
+        answer = httpx2.post(
             f"{gateway.rstrip('/')}/admin/reload",
             timeout=30,
             headers={"Authorization": f"Bearer {key}"},
         )
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         errors.print(f"cannot reach {gateway}: {exc}")
         raise typer.Exit(1) from None
     body = answer.json()

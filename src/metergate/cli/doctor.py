@@ -44,7 +44,7 @@ RULES_HINT = (
 _BUILD_INFO = re.compile(r"^metergate_build_info\{([^}]*)\}", re.MULTILINE)
 
 if TYPE_CHECKING:
-    import aiohttp
+    import httpx2
 
 
 @dataclass
@@ -73,24 +73,24 @@ def _netloc(url: str) -> str:
 
 
 async def _get(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+    session: httpx2.AsyncClient, url: str, headers: dict[str, str] | None = None
 ) -> tuple[int, str]:
-    import aiohttp
+    import httpx2
 
     try:
-        async with session.get(url, headers=headers) as response:
-            return response.status, await response.text()
-    except TimeoutError:
+        response = await session.get(url, headers=headers)
+        return response.status_code, response.text
+    except httpx2.TimeoutException:
         raise Unreachable("no answer within the timeout") from None
-    except aiohttp.ClientConnectorError as error:
-        if isinstance(error.os_error, ConnectionRefusedError):
+    except httpx2.ConnectError as error:
+        if isinstance(error.__context__, ConnectionRefusedError) or "refused" in str(error):
             raise Unreachable("connection refused") from None
-        raise Unreachable(str(error.os_error) or str(error)) from None
-    except aiohttp.ClientError as error:
+        raise Unreachable(str(error) or type(error).__name__) from None
+    except httpx2.HTTPError as error:
         raise Unreachable(str(error) or type(error).__name__) from None
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+async def _get_json(session: httpx2.AsyncClient, url: str) -> Any:
     status, text = await _get(session, url)
     if status != 200:
         raise Unreachable(f"HTTP {status} from {url}")
@@ -100,7 +100,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
         raise Unreachable(f"{url} did not answer with JSON") from None
 
 
-async def check_gateway(session: aiohttp.ClientSession, gateway: str) -> Result:
+async def check_gateway(session: httpx2.AsyncClient, gateway: str) -> Result:
     url = f"{_base(gateway)}/metrics"
     name = "gateway metrics"
     token = os.environ.get("METERGATE_METRICS_TOKEN")
@@ -149,7 +149,7 @@ async def check_gateway(session: aiohttp.ClientSession, gateway: str) -> Result:
 
 
 async def check_prometheus(
-    session: aiohttp.ClientSession, prometheus: str, gateway: str, job: str
+    session: httpx2.AsyncClient, prometheus: str, gateway: str, job: str
 ) -> list[Result]:
     base = _base(prometheus)
     try:
@@ -177,7 +177,7 @@ async def check_prometheus(
 
 
 async def _check_target(
-    session: aiohttp.ClientSession, base: str, gateway: str, job: str
+    session: httpx2.AsyncClient, base: str, gateway: str, job: str
 ) -> Result:
     name = "prometheus target"
     try:
@@ -239,7 +239,7 @@ def _scrape_fix(error: str) -> str:
     return "see the target's error on Prometheus' /targets page"
 
 
-async def _check_rules(session: aiohttp.ClientSession, base: str) -> Result:
+async def _check_rules(session: httpx2.AsyncClient, base: str) -> Result:
     name = "prometheus rules"
     try:
         data = await _get_json(session, f"{base}/api/v1/rules")
@@ -269,7 +269,7 @@ async def _check_rules(session: aiohttp.ClientSession, base: str) -> Result:
     )
 
 
-async def _check_alerting(session: aiohttp.ClientSession, base: str) -> Result:
+async def _check_alerting(session: httpx2.AsyncClient, base: str) -> Result:
     name = "prometheus alerting"
     try:
         data = await _get_json(session, f"{base}/api/v1/alertmanagers")
@@ -287,7 +287,7 @@ async def _check_alerting(session: aiohttp.ClientSession, base: str) -> Result:
     return Result(name, True, f"alerts go to {', '.join(active)}")
 
 
-async def check_alertmanager(session: aiohttp.ClientSession, alertmanager: str) -> Result:
+async def check_alertmanager(session: httpx2.AsyncClient, alertmanager: str) -> Result:
     base = _base(alertmanager)
     name = "alertmanager"
     try:
@@ -312,10 +312,9 @@ async def run_checks(
     job: str,
     timeout_seconds: float,
 ) -> list[Result]:
-    import aiohttp  # loaded by this command only, not by every `metergate` process
+    import httpx2  # loaded by this command only, not by every `metergate` process
 
-    client_timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+    async with httpx2.AsyncClient(timeout=timeout_seconds) as session:
         results = [await check_gateway(session, gateway)]
         if prometheus:
             results += await check_prometheus(session, prometheus, gateway, job)

@@ -55,10 +55,12 @@ def finish_reason(stop_reason: str | None) -> str:
 
 def usage_of(raw: dict[str, Any] | None) -> Usage:
     raw = raw or {}
+    writes = raw.get("cacheWriteInputTokens") or 0
     return Usage(
-        input_tokens=(raw.get("inputTokens") or 0) + (raw.get("cacheWriteInputTokens") or 0),
+        input_tokens=(raw.get("inputTokens") or 0) + writes,
         cached_input_tokens=raw.get("cacheReadInputTokens") or 0,
         output_tokens=raw.get("outputTokens") or 0,
+        cache_write_tokens=writes,  # priced at the cache-write rate, as Bedrock bills them
     )
 
 
