@@ -283,6 +283,26 @@ def _affinity(sticky: str, key: str, headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
+# Integer fields the gateway or an adapter reads, with their least value (None: any).
+# JSON's true/false are not numbers here, although Python's bool is an int.
+_CHAT_INTEGERS = (
+    ("max_tokens", 1),
+    ("max_completion_tokens", 1),
+    ("n", 1),
+    ("top_logprobs", 0),
+    ("seed", None),
+)
+
+
+def _check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
+    value = body.get(name)
+    if value is None or (type(value) is int and (least is None or value >= least)):
+        return
+    wanted = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[least]
+    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
+    raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
+
+
 def _check_chat(body: dict[str, Any]) -> bool:
     """Validate what the gateway itself relies on; return whether the call streams."""
     messages = body.get("messages")
@@ -291,14 +311,22 @@ def _check_chat(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InvalidRequest(f"`{name}` must be a positive integer", param=name)
+    for name, least in _CHAT_INTEGERS:
+        _check_integer(body, name, least)
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict)
+        or not isinstance(options.get("include_usage", False), bool | None)
+    ):
+        raise InvalidRequest(
+            "`stream_options` must be an object whose `include_usage` is true or false",
+            param="stream_options",
+        )
     return bool(stream)
 
 
 def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
         raise InvalidRequest("`input` is required", param="input")
+    _check_integer(body, "dimensions", 1)
     return False
