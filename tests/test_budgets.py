@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import openai
@@ -146,3 +147,28 @@ def test_period_bounds_follow_the_time_zone():
     assert time.gmtime(seoul_start)[:4] == (2026, 11, 27, 15)  # midnight in Seoul, UTC+9
     ny_start, ny_end = period_bounds(now, "month", "America/New_York")
     assert ny_end - ny_start == 30 * 86400 + 3600  # November 2026 gains the DST hour
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_a_refusal_for_want_of_max_tokens_says_which_fits(gateway_factory, request, shared):
+    """Zero spend, no max_tokens: budget_max_tokens x price is more than the budget, so
+    the request is refused; the message names a max_tokens that fits, and it does."""
+    config = simulated_config(output_tokens=10)
+    # $1 per million input tokens, $1000 per million output: budget_max_tokens (4096)
+    # bounds the answer at $4.096, four times the $1 budget
+    config["upstreams"]["sim-up"]["price"] = {"input": 1, "output": 1000}
+    config["budgets"] = {"cap": {"limit_usd": 1, "period": "day"}}
+    if shared:
+        config["redis"] = {"url": request.getfixturevalue("redis_url"), "key_prefix": "fit:"}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="sim", messages=ASK)
+    message = raised.value.message
+    assert "sent no max_tokens" in message and "budget_max_tokens, 4096" in message
+    fits = int(re.search(r"send max_tokens of at most (\d+)", message).group(1))
+    assert 900 < fits < 1000  # $1 left, $0.001 a token, minus the prompt's bound
+    reply = client.chat.completions.create(model="sim", messages=ASK, max_tokens=fits)
+    assert reply.usage.completion_tokens == 10
+    with pytest.raises(openai.RateLimitError, match="at most"):
+        client.chat.completions.create(model="sim", messages=ASK, max_tokens=fits + 100)

@@ -91,14 +91,15 @@ class CompletionsHandler:
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name)
-        if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
+        assumed = budgets and self.kind == "chat" and requested_max_tokens(body) is None
+        if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         cache_key = None
         if plan.cache is not None and route.config.cache and not streaming:
             cache_key, hit = await self._cache_lookup(plan, request, body, key.name, route.name)
             if hit is not None:
                 return _from_cache(hit, log, headers)
-        worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
+        worst = estimate.worst_case(request.body_size, body, route.worst_prices, bool(assumed))
         admission = await gate.admit(key.name, route.name, budgets, worst)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
