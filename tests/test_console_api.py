@@ -161,6 +161,7 @@ def insert_rows(gateway: Gateway, rows: list[dict[str, Any]]) -> None:
         "status": 200,
         "cache_hit": 0,
         "stream": 0,
+        "usage_estimated": 0,
     }
     values = [tuple({**defaults, **row}[c] for c in LEDGER_COLUMNS) for row in rows]
     sql = (

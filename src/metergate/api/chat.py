@@ -180,7 +180,8 @@ class CompletionsHandler:
         relay = asyncio.current_task()
         assert relay is not None
         watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
-        events = first.count(b"data:")
+        relayed = estimate.RelayedText()
+        relayed.add(first)
         error: BaseException | None = None
         last = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
@@ -190,7 +191,7 @@ class CompletionsHandler:
             waited = time.perf_counter()
             async for chunk in chunks:
                 log.upstream_seconds += time.perf_counter() - waited
-                events += chunk.count(b"data:")
+                relayed.add(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 waited = time.perf_counter()
         except asyncio.CancelledError as cancelled:
@@ -213,7 +214,10 @@ class CompletionsHandler:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
             dispatcher.stream_finished(deployment, error, log)
-        usage = state.usage or estimate.abandoned_stream(body, events)
+        # A stream that did not complete is billed at least what the caller received.
+        usage, log.usage_estimated = estimate.stream_usage(
+            body, state.usage, relayed, complete=error is None
+        )
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)

@@ -349,6 +349,11 @@ def _schemas() -> dict[str, Any]:
                 "status": _INT,
                 "cache_hit": _BOOL,
                 "stream": _BOOL,
+                "usage_estimated": {
+                    **_BOOL,
+                    "description": "tokens are the gateway's bound, not the upstream's count: "
+                    "a stream that did not complete is billed at least what it relayed",
+                },
             }
         ),
     }

@@ -36,6 +36,7 @@ COLUMNS = (
     "status",
     "cache_hit",
     "stream",
+    "usage_estimated",
 )
 PAGE_MAX = 1_000
 CSV_MAX = 100_000
@@ -111,6 +112,7 @@ def _row(row: tuple[Any, ...]) -> dict[str, Any]:
         item[name] = int(item[name])  # PostgreSQL BIGINT sums come back as Decimal
     item["cache_hit"] = bool(item["cache_hit"])
     item["stream"] = bool(item["stream"])
+    item["usage_estimated"] = bool(item["usage_estimated"])
     return item
 
 
