@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
+from metergate.metering.estimate import RelayedText
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer
 from tests.upstreams import anthropic_server, openai_server
 
@@ -134,3 +136,33 @@ def test_a_complete_stream_is_billed_as_the_upstream_reported(gateway: Gateway, 
     assert row["outcome"] == "success" and row["usage_estimated"] == 0
     reported = 7 if model == "gpt" else len(text.split())  # what each fake reports
     assert row["output_tokens"] == reported and row["cost_nano"] == cost_nano(row)
+
+
+def test_relayed_text_is_counted_across_batches_and_split_events() -> None:
+    """The relay's counter reads kept chunks in batches; an event split between two
+    chunks, multibyte text, tool call arguments and non-JSON data all count."""
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hello wörld"}}]},  # 12 bytes
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},  # 3
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}
+                        ]
+                    },
+                }
+            ]
+        },  # 1 + 7
+        {"choices": [], "usage": {"completion_tokens": 3}},
+    ]
+    stream = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    stream += b"data: not json\n\ndata: [DONE]\n\n"  # 8 bytes of garbage, relayed as is
+    for batch in (1, 7, 64, 1 << 20):
+        relayed = RelayedText(batch_bytes=batch)
+        for start in range(0, len(stream), 13):  # events split anywhere
+            relayed.add(stream[start : start + 13])
+        assert relayed.tokens() == 12 + 3 + 8 + 8, batch

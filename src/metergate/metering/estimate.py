@@ -67,7 +67,7 @@ class RelayedText:
             self._pending, self._pending_size = [], 0
         for line in data.split(b"\n"):
             if line.startswith(b"data:") and not line.endswith(b"[DONE]"):
-                self.text_bytes += _delta_text_bytes(line[5:])
+                self.text_bytes += _delta_text_bytes(line[6:] if line[5:6] == b" " else line[5:])
 
 
 def _delta_text_bytes(data: bytes) -> int:
