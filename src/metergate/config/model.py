@@ -7,6 +7,7 @@ reported with its own location instead of one opaque validator error.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 from decimal import Decimal
 from typing import Literal
@@ -179,6 +180,38 @@ class ServerConfig(Strict):
         le=200,  # orjson encodes 254 levels; adapters wrap a few around the caller's JSON
         description="deepest nesting of objects and arrays a request body may have",
     )
+    # Slow and oversized clients (applied by `metergate serve`, per connection).
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="request line and headers above this get a 431",
+    )
+    header_timeout_seconds: float = Field(
+        default=10, gt=0, description="a request's headers must arrive within this (else 408)"
+    )
+    body_timeout_seconds: float = Field(
+        default=60, gt=0, description="its body within this after the headers (else 408)"
+    )
+    idle_timeout_seconds: float = Field(
+        default=75, gt=0, description="a kept-alive connection idle this long is closed"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or CIDRs whose X-Forwarded-For is believed; default none",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or CIDR (e.g. 10.0.0.5, 10.0.0.0/8)"
+                ) from None
+        return value
 
 
 class LedgerConfig(Strict):
