@@ -78,12 +78,20 @@ def limits_of(app: Any) -> ConnectionLimits:
     return found
 
 
+# The parent's methods, called directly on the per-request path (cheaper than super()).
+_data_received = HttpToolsProtocol.data_received
+_headers_complete = HttpToolsProtocol.on_headers_complete
+_message_complete = HttpToolsProtocol.on_message_complete
+_response_complete = HttpToolsProtocol.on_response_complete
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header size and slow-client limits."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits_of(self.app)
+        self._max_header_bytes = self.limits.header_bytes
         self.timeout_keep_alive = self.limits.idle_seconds  # type: ignore[assignment]
         self._phase = _HEADERS
         self._header_bytes = 0
@@ -108,10 +116,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes = 0
         if phase == _HEADERS:
             total = self._header_bytes + len(data)
-            if total > self.limits.header_bytes and self._headers_too_large(data, total):
+            if total > self._max_header_bytes and self._headers_too_large(data, total):
                 return
             self._header_bytes = total
-        super().data_received(data)
+        _data_received(self, data)
         phase = self._phase
         if phase == _HEADERS:
             self._tail = data[-3:]
@@ -125,16 +133,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        super().on_headers_complete()
+        _headers_complete(self)
 
     def on_message_complete(self) -> None:
         self._phase = _BUSY
-        super().on_message_complete()
+        _message_complete(self)
 
     def on_response_complete(self) -> None:
         if self._phase == _BUSY and not self.pipeline:
             self._phase = _IDLE  # uvicorn's keep-alive timer takes over
-        super().on_response_complete()
+        _response_complete(self)
 
     # -- limits -------------------------------------------------------------------
 
