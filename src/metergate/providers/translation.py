@@ -47,7 +47,10 @@ def request_translator(translate: Callable[P, R]) -> Callable[P, R]:
         try:
             return translate(*args, **kwargs)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            log.warning("untranslatable request (%s: %s)", type(exc).__name__, exc)
+            # No message: it could quote the caller's content.
+            log.warning(
+                "%s met a shape it does not check (%s)", translate.__qualname__, type(exc).__name__
+            )
             raise invalid_request(
                 "malformed request: a field has a type this provider's translation cannot "
                 "read; check messages, tools, tool_choice, stop and response_format"
