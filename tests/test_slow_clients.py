@@ -103,6 +103,19 @@ def request(path: str, *headers: str, body: bytes = b"", method: str = "GET") ->
     return "\r\n".join(lines).encode() + body
 
 
+def chat_request(key: str, length: int, body: bytes, *headers: str) -> bytes:
+    """A chat request announcing a `length`-byte body, with `body` (its start, or none)."""
+    return request(
+        "/v1/chat/completions",
+        f"Authorization: Bearer {key}",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *headers,
+        body=body,
+        method="POST",
+    )
+
+
 @pytest.mark.parametrize("size", [1 << 20, 8 << 20])
 def test_huge_request_headers_get_a_431(gateway: tuple[GatewayProcess, str], size: int) -> None:
     process, _ = gateway
@@ -147,16 +160,7 @@ def test_a_connection_that_says_nothing_is_closed(gateway: tuple[GatewayProcess,
 def test_a_body_that_never_finishes_gets_a_408(gateway: tuple[GatewayProcess, str]) -> None:
     process, key = gateway
     with connection(process) as sock:
-        sock.sendall(
-            request(
-                "/v1/chat/completions",
-                f"Authorization: Bearer {key}",
-                "Content-Type: application/json",
-                "Content-Length: 1000",
-                body=b'{"model": "sim", ',
-                method="POST",
-            )
-        )
+        sock.sendall(chat_request(key, 1000, b'{"model": "sim", '))
         reply = answer(sock)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert b"server.body_timeout_seconds" in reply
@@ -166,16 +170,7 @@ def test_a_body_sent_in_pieces_in_time_is_served(gateway: tuple[GatewayProcess, 
     process, key = gateway
     body = b'{"model": "sim", "messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
     with connection(process) as sock:
-        sock.sendall(
-            request(
-                "/v1/chat/completions",
-                f"Authorization: Bearer {key}",
-                "Content-Type: application/json",
-                f"Content-Length: {len(body)}",
-                "Connection: close",
-                method="POST",
-            )
-        )
+        sock.sendall(chat_request(key, len(body), b"", "Connection: close"))
         for start in range(0, len(body), 50_000):
             sock.sendall(body[start : start + 50_000])
             time.sleep(0.05)
