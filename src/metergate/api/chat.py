@@ -91,7 +91,7 @@ class CompletionsHandler:
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name)
-        assumed = budgets and self.kind == "chat" and requested_max_tokens(body) is None
+        assumed = bool(budgets) and self.kind == "chat" and requested_max_tokens(body) is None
         if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         cache_key = None
@@ -99,7 +99,7 @@ class CompletionsHandler:
             cache_key, hit = await self._cache_lookup(plan, request, body, key.name, route.name)
             if hit is not None:
                 return _from_cache(hit, log, headers)
-        worst = estimate.worst_case(request.body_size, body, route.worst_prices, bool(assumed))
+        worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed)
         admission = await gate.admit(key.name, route.name, budgets, worst)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
