@@ -40,33 +40,27 @@ def upstreams(bg: BackgroundLoop) -> Iterator[dict[str, UpstreamServer]]:
 def gateway(
     gateway_factory: Callable[..., Gateway], upstreams: dict[str, UpstreamServer]
 ) -> Gateway:
-    idle = {"stream_idle": 0.5}  # a stalled stream ends after half a second of silence
-    return gateway_factory(
-        {
-            "providers": {
-                "oai": {
-                    "type": "openai",
-                    "base_url": f"{upstreams['gpt'].url}/v1",
-                    "api_key": openai_server.API_KEY,
-                    "timeouts": idle,
-                },
-                "claude": {
-                    "type": "anthropic",
-                    "base_url": upstreams["claude"].url,
-                    "api_key": anthropic_server.API_KEY,
-                    "timeouts": idle,
-                },
-            },
-            "upstreams": {
-                "gpt-up": {"provider": "oai", "model": "gpt-4.1", "price": PRICE},
-                "claude-up": {"provider": "claude", "model": "claude-sonnet-4-5", "price": PRICE},
-            },
-            "models": {
-                "gpt": {"upstreams": ["gpt-up"], "retry": {"max_retries": 0}},
-                "claude": {"upstreams": ["claude-up"], "retry": {"max_retries": 0}},
-            },
-        }
-    )
+    """Models `gpt` and `claude`, and `gpt-stall` and `claude-stall` on the same fake
+    upstreams, whose streams end after a second of silence (the others wait 60 s)."""
+    config: dict[str, Any] = {"providers": {}, "upstreams": {}, "models": {}}
+    for name, kind, url, key in (
+        ("gpt", "openai", f"{upstreams['gpt'].url}/v1", openai_server.API_KEY),
+        ("claude", "anthropic", upstreams["claude"].url, anthropic_server.API_KEY),
+    ):
+        for model, timeouts in ((name, {}), (f"{name}-stall", {"stream_idle": 1.0})):
+            config["providers"][model] = {
+                "type": kind,
+                "base_url": url,
+                "api_key": key,
+                "timeouts": timeouts,
+            }
+            config["upstreams"][f"{model}-up"] = {
+                "provider": model,
+                "model": f"{name}-test",
+                "price": PRICE,
+            }
+            config["models"][model] = {"upstreams": [f"{model}-up"], "retry": {"max_retries": 0}}
+    return gateway_factory(config)
 
 
 def relay(gateway: Gateway, model: str, trigger: str, request_id: str) -> tuple[str, int, bool]:
@@ -109,9 +103,9 @@ def cost_nano(row: dict[str, Any]) -> int:
     ("model", "trigger", "chunks"),
     [
         ("gpt", "cut_after_4", 4),
-        ("gpt", "stall_after_3", 3),
+        ("gpt-stall", "stall_after_3", 3),
         ("claude", "stream_cut_after_4", 4),
-        ("claude", "stream_stall_after_3", 3),
+        ("claude-stall", "stream_stall_after_3", 3),
     ],
 )
 def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
@@ -119,10 +113,13 @@ def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
 ) -> None:
     request_id = f"billing-{model}-{trigger}"
     text, received, failed = relay(gateway, model, trigger, request_id)
-    assert failed and received == chunks  # the caller saw N chunks, then an error event
+    # The caller saw N chunks, then an error event (a stall timer could, on a very
+    # loaded machine, fire before the N-th: what is billed must cover what came anyway).
+    assert failed and 0 < received <= chunks
+    assert received == chunks or "stall" in trigger
     row = ledger_row(gateway, request_id)
     assert row["outcome"] in ("upstream_error", "timeout"), row
-    assert row["output_tokens"] >= len(text.split()) >= chunks, (row, text)
+    assert row["output_tokens"] >= len(text.split()) >= received, (row, text)
     assert row["usage_estimated"] == 1
     assert row["input_tokens"] > 0 and row["cost_nano"] == cost_nano(row)
 
