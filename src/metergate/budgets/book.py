@@ -238,11 +238,13 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
     fits = worst.fitting_max_tokens(left) if worst.max_tokens else 0
     if fits:
         message += f"; send max_tokens of at most {fits} to fit the ${left / 1e9:.6f} left"
-    elif worst.max_tokens:
+    elif worst.prompt_pico > left * 1000:
         message += (
             f"; the prompt alone may cost up to ${worst.prompt_pico / 1e12:.6f}, more than "
             f"the ${left / 1e9:.6f} left: shorten it"
         )
+    elif worst.max_tokens:
+        message += f"; the ${left / 1e9:.6f} left does not pay for one output token"
     message += f"; the budget resets at {iso(budget.end)}"
     retry_after = max(1, int(budget.end - time.time()))
     return BudgetExceeded(message, retry_after=retry_after)
