@@ -323,8 +323,11 @@ async def test_json_schema_becomes_a_system_instruction(
             "JSON object",
         ),
         ({"messages": [{"role": "function", "content": "x"}]}, "role"),
-        ({"messages": ["not an object"]}, "malformed request"),
-        ({"messages": [{"role": "user", "content": "Hi"}], "tools": [5]}, "malformed request"),
+        ({"messages": ["not an object"]}, "`messages[0]` must be an object"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}], "tools": [5]},
+            "`tools[0]` must be an object",
+        ),
     ],
 )
 async def test_unsupported_requests_fail_before_the_upstream(

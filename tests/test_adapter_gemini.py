@@ -316,8 +316,8 @@ async def test_images(adapter: GeminiAdapter, recorder: Recorder) -> None:
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input_audio"),
         (user("Hi", tools=[{"type": "web_search"}]), "web_search"),
         (user("Hi", tools=[WEATHER], tool_choice="sometimes"), "tool_choice"),
-        ({"messages": [{"role": "user", "content": [None]}]}, "malformed request"),
-        (user("Hi", max_tokens="many"), "malformed request"),
+        ({"messages": [{"role": "user", "content": [None]}]}, "`messages[0].content[0]` must"),
+        (user("Hi", max_tokens="many"), "`max_tokens` must be a positive integer"),
     ],
 )
 async def test_unsupported_requests_fail_before_the_upstream(

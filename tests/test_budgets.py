@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import openai
 import pytest
 from aiohttp import web
 
+from metergate.budgets.book import Budget, exhausted
 from metergate.budgets.period import period_bounds
+from metergate.config.model import BudgetConfig
+from metergate.metering.estimate import WorstCase
 from tests.harness import UpstreamServer, simulated_config, start_gateway
 
 ASK = [{"role": "user", "content": "budget me"}]
@@ -146,3 +150,40 @@ def test_period_bounds_follow_the_time_zone():
     assert time.gmtime(seoul_start)[:4] == (2026, 11, 27, 15)  # midnight in Seoul, UTC+9
     ny_start, ny_end = period_bounds(now, "month", "America/New_York")
     assert ny_end - ny_start == 30 * 86400 + 3600  # November 2026 gains the DST hour
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_a_refusal_for_want_of_max_tokens_says_which_fits(gateway_factory, request, shared):
+    """Zero spend, no max_tokens: budget_max_tokens x price is more than the budget, so
+    the request is refused; the message names a max_tokens that fits, and it does."""
+    config = simulated_config(output_tokens=10)
+    # $1 per million input tokens, $1000 per million output: budget_max_tokens (4096)
+    # bounds the answer at $4.096, four times the $1 budget
+    config["upstreams"]["sim-up"]["price"] = {"input": 1, "output": 1000}
+    config["budgets"] = {"cap": {"limit_usd": 1, "period": "day"}}
+    if shared:
+        config["redis"] = {"url": request.getfixturevalue("redis_url"), "key_prefix": "fit:"}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="sim", messages=ASK)
+    message = raised.value.message
+    assert "sent no max_tokens" in message and "budget_max_tokens, 4096" in message
+    fits = int(re.search(r"send max_tokens of at most (\d+)", message).group(1))
+    assert 900 < fits < 1000  # $1 left, $0.001 a token, minus the prompt's bound
+    reply = client.chat.completions.create(model="sim", messages=ASK, max_tokens=fits)
+    assert reply.usage.completion_tokens == 10
+    with pytest.raises(openai.RateLimitError):  # (with Redis, the hold may still be held)
+        client.chat.completions.create(model="sim", messages=ASK, max_tokens=fits + 100)
+
+
+def test_a_refusal_says_why_no_max_tokens_fits():
+    budget = Budget("cap", BudgetConfig(limit_usd=1, period="day"), 10**9)
+    # a byte of prompt costs 1e-6 USD, a token of output 1e-3 USD; 100 bytes, 100 tokens
+    worst = WorstCase(100_100_000, 1_000_000, 100_000_000, 1_000_000_000, 100)
+    in_flight = exhausted(budget, worst, spent_nano=0, held_nano=999_500_000).message
+    assert "the $0.000500 left does not pay for one output token" in in_flight
+    spent = exhausted(budget, worst, spent_nano=999_950_000, held_nano=0).message
+    assert "the prompt alone may cost up to $0.000100, more than the $0.000050 left" in spent
+    room = exhausted(budget, worst, spent_nano=900_000_000, held_nano=0).message
+    assert "send max_tokens of at most 99 to fit the $0.100000 left" in room

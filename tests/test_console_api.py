@@ -165,6 +165,7 @@ def insert_rows(gateway: Gateway, rows: list[dict[str, Any]]) -> None:
         "status": 200,
         "cache_hit": 0,
         "stream": 0,
+        "usage_estimated": 0,
         "api": "chat",
     }
     values = [tuple({**defaults, **row}[c] for c in LEDGER_COLUMNS) for row in rows]
@@ -310,8 +311,13 @@ def test_unknown_admin_paths_and_methods(gateway):
     assert admin(gateway, "/console/nope.js").status_code == 404
     wrong_method = admin(gateway, "/admin/api/overview", "DELETE")
     assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "GET"
     patch_only = admin(gateway, "/admin/api/keys/key_x", "GET")
     assert patch_only.status_code == 405 and patch_only.headers["allow"] == "PATCH"
+    keys = admin(gateway, "/admin/api/keys", "TRACE")
+    assert keys.status_code == 405 and keys.headers["allow"] == "GET, POST"
+    reload = admin(gateway, "/admin/reload", "GET")
+    assert reload.status_code == 405 and reload.headers["allow"] == "POST"
     assert admin(gateway, "/admin/api/overview?window=2h").status_code == 400
 
 
@@ -507,11 +513,11 @@ def test_keys_create_list_edit_and_revoke(gateway):
     assert revoked.status_code == 200 and revoked.json()["key"]["state"] == "revoked"
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="chat", messages=ASK)
-    assert admin(gateway, f"/admin/api/keys/{key['id']}/revoke", "POST").status_code == 404
-    assert (
-        admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"models": None}).status_code
-        == 404
-    )
+    again = admin(gateway, f"/admin/api/keys/{key['id']}/revoke", "POST")  # changes nothing
+    assert again.status_code == 200 and again.json()["key"] == revoked.json()["key"]
+    frozen = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"models": None})
+    assert frozen.status_code == 409 and frozen.json()["error"]["code"] == "key_revoked"
+    assert admin(gateway, "/admin/api/keys/key_none/revoke", "POST").status_code == 404
 
 
 def test_key_requests_are_validated(gateway):
@@ -527,12 +533,46 @@ def test_key_requests_are_validated(gateway):
     assert create({"name": "x", "max_tokens_cap": True}).status_code == 400
     bad_json = admin(gateway, "/admin/api/keys", "POST", content=b"{nope")
     assert bad_json.status_code == 400
-    key_id = next(k["id"] for k in admin(gateway, "/admin/api/keys").json()["keys"])
-    assert admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={}).status_code == 400
+    huge = create({"name": "x", "max_tokens_cap": 2**64 - 1})  # was SQLite's overflow, a 500
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "max_tokens_cap"
+    assert create({"name": "x", "max_tokens_cap": 2**31}).status_code == 400
+    assert create({"name": "x\n"}).status_code == 400  # a name is the whole string
+    extra = create({"name": "x", "budget": 5})
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "budget"
+    key = next(k for k in admin(gateway, "/admin/api/keys").json()["keys"])
+    unchanged = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={})
+    assert unchanged.status_code == 200  # an empty patch changes nothing
+    assert unchanged.json()["key"] == {k: v for k, v in key.items() if k in unchanged.json()["key"]}
     assert (
-        admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={"name": "rename"}).status_code
+        admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"name": "rename"}).status_code
         == 400
     )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "window=",  # empty is not "left out"
+        "outcome=",
+        "key=",
+        "limit[x]=5",  # an object, as a form-encoded query spells one
+        "limit=5&limit=6",
+        "limit=5.0",
+        "limit=1_0",
+        "before=0",
+        "linit=5",
+    ],
+)
+def test_query_parameters_are_validated(gateway, query):
+    path = "/admin/api/overview" if query.startswith("window") else "/admin/api/requests"
+    answer = admin(gateway, f"{path}?{query}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"]
+
+
+def test_before_has_no_upper_bound(gateway):
+    assert admin(gateway, f"/admin/api/requests?before={10**40}").status_code == 200
+    assert admin(gateway, f"/admin/api/requests.csv?before={2**63}&limit=5").status_code == 200
 
 
 # -- rollouts ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ tests can assert on an adapter's translation. Behaviour is steered by trigger wo
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ import orjson
 from aiohttp import web
 
 ANSWER = "The quick brown fox jumps over the lazy dog."  # the fakes' plain text answer
-_TRIGGER = re.compile(r"TRIGGER:([a-z_]+)")
+_TRIGGER = re.compile(r"TRIGGER:([a-z0-9_]+)")
 
 
 @dataclass
@@ -70,6 +71,16 @@ def answer_within(limit: int | None, stops: list[str]) -> tuple[str, str | None,
     if limit is not None and limit < len(words):
         return " ".join(words[:limit]), None, True
     return ANSWER, None, False
+
+
+async def stall(request: web.Request, most: float = 60) -> None:
+    """Send nothing more until the client leaves (aiohttp does not cancel the handler
+    when it does), for at most `most` seconds."""
+    deadline = asyncio.get_running_loop().time() + most
+    while request.transport is not None and not request.transport.is_closing():
+        if asyncio.get_running_loop().time() > deadline:
+            return
+        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -20,6 +20,9 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `stream_error` -> (streaming) a few events, then an `error` event (`overloaded_error`);
 * `stream_cut` -> (streaming) a few events, then a clean end without `message_stop`;
 * `stream_abort` -> (streaming) a few events, then the connection is dropped.
+* `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
+  content delta, then a clean end without `message_stop`, or a stall until the client
+  leaves.
 
 `TRIGGER:cached` in the *system prompt* makes usage report
 `cache_creation_input_tokens=256` and `cache_read_input_tokens=1024`.
@@ -42,12 +45,13 @@ documents, thinking and redacted thinking blocks, and `cache_control` anywhere.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from tests.upstreams import RECORDER, Recorder, answer_within, trigger
+from tests.upstreams import RECORDER, Recorder, answer_within, stall, trigger
 
 API_KEY = "sk-ant-test-key-0123456789"
 THOUGHT = "The user wants an answer."
@@ -306,6 +310,10 @@ async def _stream(
                     },
                 )
             )
+    partial = re.fullmatch(r"stream_(cut|stall)_after_(\d+)", word or "")
+    if partial:
+        deltas = [n for n, e in enumerate(events) if e.startswith(b"event: content_block_delta")]
+        events = events[: deltas[int(partial.group(2)) - 1] + 1]
     response = web.StreamResponse(
         headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
     )
@@ -315,6 +323,8 @@ async def _stream(
             await response.write(event[:7])
             event = event[7:]
         await response.write(event)
+    if partial and partial.group(1) == "stall":
+        await stall(request)
     if word == "stream_abort":
         assert request.transport is not None
         request.transport.abort()

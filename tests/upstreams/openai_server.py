@@ -11,6 +11,10 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
+  TRIGGER:cut_after_N / TRIGGER:stall_after_N  stream N content chunks of three words
+                                           each (a provider may put several tokens in
+                                           one chunk), then end the stream without
+                                           `[DONE]`, or stall until the client leaves
 With `tools`, a non-streamed answer calls the first tool (`{"city": "Seoul"}`) unless the
 last message is a tool's answer. Every request body and its headers are recorded in
 `state.requests`.
@@ -19,6 +23,7 @@ last message is a tool's answer. Every request body and its headers are recorded
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +31,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.upstreams import ANSWER, stall
+
 API_KEY = "sk-upstream-test-key-0123456789"
 WORDS = ["Hello", " from", " the", " fake", " OpenAI", " upstream", "."]
+ANSWER_WORDS = [" " + word for word in ANSWER.split(" ")]
 
 
 @dataclass
@@ -174,6 +182,14 @@ async def _stream(
 
     try:
         await event({"role": "assistant", "content": ""})
+        partial = re.fullmatch(r"(cut|stall)_after_(\d+)", trigger)
+        if partial:
+            words = ANSWER_WORDS * 10
+            for number in range(int(partial.group(2))):
+                await event({"content": "".join(words[3 * number : 3 * number + 3])})
+            if partial.group(1) == "stall":
+                await stall(request)
+            return response
         if trigger == "slowstream":
             for _ in range(50):
                 await asyncio.sleep(0.1)

@@ -14,12 +14,14 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import orjson
 
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import PREFIX
 from metergate.config import ConfigError
+from metergate.console.requests_log import check_query
 from metergate.console.security import FailedSignIns, secure_headers
 from metergate.errors import GatewayError, NotFound, RateLimited, Unauthorized
 from metergate.runtime import Runtime
@@ -82,6 +84,15 @@ class AdminGuard:
             )
 
 
+def query_params(request: Request, *known: str) -> dict[str, list[str]]:
+    """The query parameters, refusing any the endpoint does not take (`known`)."""
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    query = parse_qs(raw, keep_blank_values=True)
+    if query:
+        check_query(query, known)
+    return query
+
+
 def admin_endpoint(handler: H) -> H:
     """Send a handler's GatewayError with the admin security headers (the app's generic
     error path does not add them)."""
@@ -112,6 +123,7 @@ class AdminHandlers:
     async def reload(self, request: Request, send: Send) -> None:
         """Re-read the config file; apply it if valid, else keep serving and say why."""
         self.guard.authorize(request)
+        query_params(request)
         try:
             applied = await self.runtime.reload_from_source("admin API")
         except ConfigError as error:

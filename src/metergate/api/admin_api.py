@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 
 from metergate import __version__
-from metergate.api.admin import AdminGuard, admin_endpoint, send_json
+from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
 from metergate.console import keys as console_keys
 from metergate.console import requests_log
@@ -33,7 +32,7 @@ from metergate.errors import GatewayLimit, InvalidRequest, NotFound
 from metergate.rollout import store, transitions
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
-from metergate.storage.keys import KeyNameTaken, create_key, list_keys
+from metergate.storage.keys import KeyNameTaken, create_key
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 BODY_LIMIT = 64 * 1024
@@ -43,11 +42,6 @@ _PATTERNS: tuple[tuple[str, tuple[str | None, ...], str], ...] = (
     ("POST", ("admin", "api", "keys", None, "revoke"), "revoke_key"),
     ("POST", ("admin", "api", "rollouts", None, None), "rollout_action"),
 )
-
-
-def _query(request: Request) -> dict[str, list[str]]:
-    raw = request.scope.get("query_string", b"").decode("latin-1")
-    return parse_qs(raw, keep_blank_values=True)
 
 
 def _match(segments: list[str], pattern: tuple[str | None, ...]) -> list[str] | None:
@@ -70,7 +64,7 @@ class AdminApi:
         self.guard = guard
         self.mcp = McpView()
         self.assets = load_assets()
-        self._openapi = orjson.dumps(openapi_document(__version__))
+        self._openapi = (b"", b"")  # (config version, document): models are in it
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """The exact paths, for the app's route table."""
@@ -90,22 +84,24 @@ class AdminApi:
             routes[("GET", path)] = self.asset
         return routes
 
-    async def dispatch(self, request: Request, send: Send, known_paths: set[str]) -> bool:
+    async def dispatch(
+        self, request: Request, send: Send, routes: Mapping[tuple[str, str], object]
+    ) -> bool:
         """Serve an admin or console path the route table has no exact entry for (one with
         an id in it, or an unknown one, answered here so that it gets the admin headers);
         False when the path is not the admin API's."""
         path: str = request.scope["path"]
         if not (path.startswith("/admin/") or path.startswith("/console")):
             return False
-        await self._dispatch(request, send, path, known_paths)
+        await self._dispatch(request, send, path, routes)
         return True
 
     @admin_endpoint
     async def _dispatch(
-        self, request: Request, send: Send, path: str, known_paths: set[str]
+        self, request: Request, send: Send, path: str, routes: Mapping[tuple[str, str], object]
     ) -> None:
         segments = path.strip("/").split("/")
-        allowed = []
+        allowed = sorted(method for method, exact in routes if exact == path)
         for method, pattern, name in _PATTERNS:
             params = _match(segments, pattern)
             if params is None:
@@ -114,12 +110,13 @@ class AdminApi:
                 await getattr(self, name)(request, send, *params)
                 return
             allowed.append(method)
-        if allowed or path in known_paths:
+        if allowed:
             raise InvalidRequest(
-                f"method {request.scope['method']} is not allowed on {path}",
+                f"method {request.scope['method']} is not allowed on {path}; "
+                f"use {', '.join(allowed)}",
                 status=405,
                 code="method_not_allowed",
-                headers=[(b"allow", ", ".join(allowed).encode())] if allowed else [],
+                headers=[(b"allow", ", ".join(allowed).encode())],
             )
         raise NotFound(
             f"no such admin endpoint: {path}; see /admin/openapi.json", code="unknown_endpoint"
@@ -153,13 +150,20 @@ class AdminApi:
 
     @admin_endpoint
     async def openapi(self, request: Request, send: Send) -> None:
-        """Public: the API's shape is no secret, and tools fetch it without credentials."""
+        """Public: the API's shape is no secret, and tools fetch it without credentials.
+        It lists the configured models, so it is rebuilt when the config changes."""
+        query_params(request)
+        plan = self.runtime.plan
+        version = plan.version.encode()
+        if self._openapi[0] != version:
+            document = openapi_document(__version__, list(plan.config.models))
+            self._openapi = (version, orjson.dumps(document))
         headers = [
             *base_headers(request),
             (b"content-type", b"application/json"),
             *secure_headers(),
         ]
-        await respond(send, 200, self._openapi, headers)
+        await respond(send, 200, self._openapi[1], headers)
 
     # -- read -----------------------------------------------------------------------
 
@@ -167,6 +171,7 @@ class AdminApi:
     async def session(self, request: Request, send: Send) -> None:
         """Sign-in check for the console: 200 means the key is the admin key."""
         self.guard.authorize(request)
+        query_params(request)
         runtime = self.runtime
         await send_json(
             request,
@@ -183,26 +188,29 @@ class AdminApi:
     @admin_endpoint
     async def overview(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
-        window = parse_window(requests_log.query_value(_query(request), "window"))
+        window = parse_window(requests_log.query_value(query_params(request, "window"), "window"))
         database = await self._database(fresh=True)
         await send_json(request, send, await overview(self.runtime, database, window))
 
     @admin_endpoint
     async def upstreams(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
-        window = parse_window(requests_log.query_value(_query(request), "window"))
+        window = parse_window(requests_log.query_value(query_params(request, "window"), "window"))
         database = await self._database(fresh=True)
         await send_json(request, send, await upstreams(self.runtime, database, window))
 
     @admin_endpoint
     async def mcp_servers(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
+        query_params(request)
         await send_json(request, send, self.mcp.read(self.runtime.metrics.registry))
 
     @admin_endpoint
     async def requests(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
-        filters = requests_log.parse_filters(_query(request), 100, requests_log.PAGE_MAX)
+        filters = requests_log.parse_filters(
+            query_params(request, *requests_log.FILTERS), 100, requests_log.PAGE_MAX
+        )
         database = await self._database(fresh=True)
         rows = await requests_log.latest(database, filters)
         choices = await requests_log.filter_choices(database, list(self.runtime.plan.config.models))
@@ -214,7 +222,9 @@ class AdminApi:
     @admin_endpoint
     async def requests_csv(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
-        filters = requests_log.parse_filters(_query(request), 10_000, requests_log.CSV_MAX)
+        filters = requests_log.parse_filters(
+            query_params(request, *requests_log.FILTERS), 10_000, requests_log.CSV_MAX
+        )
         database = await self._database(fresh=True)
         body = requests_log.to_csv(await requests_log.latest(database, filters))
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -234,6 +244,7 @@ class AdminApi:
     @admin_endpoint
     async def list_keys(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
+        query_params(request)
         database = await self._database(fresh=True)
         await send_json(request, send, await console_keys.keys_with_spend(self.runtime, database))
 
@@ -241,7 +252,9 @@ class AdminApi:
     async def create_key(self, request: Request, send: Send) -> None:
         """Create a key; the secret is in this one response (no-store) and nowhere else."""
         self.guard.authorize(request)
+        query_params(request)
         body = await request.json(BODY_LIMIT)
+        console_keys.check_fields(body, {"name", "models", "max_tokens_cap"})
         name = console_keys.check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = console_keys.check_cap(body.get("max_tokens_cap"))
@@ -261,45 +274,31 @@ class AdminApi:
         )
 
     async def update_key(self, request: Request, send: Send, key_id: str) -> None:
-        """PATCH: the fields present are changed (`models`, `max_tokens_cap`); null clears."""
+        """PATCH: the fields present are changed (`models`, `max_tokens_cap`); null clears;
+        an empty object changes nothing (and answers the key as it is)."""
         self.guard.authorize(request)
+        query_params(request)
         body = await request.json(BODY_LIMIT)
-        unknown = set(body) - {"models", "max_tokens_cap"}
-        if unknown or not body:
-            raise InvalidRequest(
-                "send `models` and/or `max_tokens_cap`", param=", ".join(sorted(unknown)) or None
-            )
+        console_keys.check_fields(body, {"models", "max_tokens_cap"})
+        models = console_keys.check_models(self.runtime, body.get("models"))
+        cap = console_keys.check_cap(body.get("max_tokens_cap"))
         database = await self._database()
-        current = next(
-            (k for k in await list_keys(database) if k.id == key_id and k.revoked_at is None), None
-        )
-        if current is None:
-            raise console_keys.not_found(key_id)
-        models = (
-            console_keys.check_models(self.runtime, body["models"])
-            if "models" in body
-            else (list(current.models) if current.models else None)
-        )
-        cap = (
-            console_keys.check_cap(body["max_tokens_cap"])
-            if "max_tokens_cap" in body
-            else current.max_tokens_cap
-        )
-        try:
-            record = await console_keys.update_key(database, key_id, models, cap)
-        except console_keys.KeyNotFound:
-            raise console_keys.not_found(key_id) from None
+        current = await console_keys.active_key(database, key_id)
+        if "models" not in body:
+            models = list(current.models) if current.models else None
+        if "max_tokens_cap" not in body:
+            cap = current.max_tokens_cap
+        record = await console_keys.update_key(database, key_id, models, cap)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
     async def revoke_key(self, request: Request, send: Send, key_id: str) -> None:
-        """Revoke at once here; other gateway processes follow within two seconds."""
+        """Revoke at once here; other gateway processes follow within two seconds.
+        Revoking a revoked key changes nothing."""
         self.guard.authorize(request)
+        query_params(request)
         database = await self._database()
-        try:
-            record = await console_keys.revoke_key_by_id(database, key_id)
-        except console_keys.KeyNotFound:
-            raise console_keys.not_found(key_id) from None
+        record = await console_keys.revoke_key_by_id(database, key_id)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
@@ -308,11 +307,13 @@ class AdminApi:
     @admin_endpoint
     async def list_rollouts(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
+        query_params(request)
         database = await self._database()
         await send_json(request, send, await rollouts(self.runtime, database))
 
     async def rollout_action(self, request: Request, send: Send, name: str, action: str) -> None:
         self.guard.authorize(request)
+        query_params(request)
         rollout = self.runtime.plan.rollouts.rollouts.get(name)
         if rollout is None:
             configured = ", ".join(self.runtime.plan.rollouts.rollouts) or "none"

@@ -116,7 +116,7 @@ class GatewayApp:
 
     async def _unrouted(self, request: Request, send: Send) -> None:
         path: str = request.scope["path"]
-        if await self._admin_api.dispatch(request, send, self.paths):  # /admin/api/keys/{id}...
+        if await self._admin_api.dispatch(request, send, self.routes):  # /admin/api/keys/{id}...
             return
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and request.scope["method"] == "GET":

@@ -101,7 +101,8 @@ class CompletionsHandler:
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name)
-        if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
+        assumed = bool(budgets) and self.kind == "chat" and requested_max_tokens(body) is None
+        if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         if exchange.native is not None:  # the same limit for upstreams that get it as it came
             limit = requested_max_tokens(body)
@@ -113,7 +114,7 @@ class CompletionsHandler:
             if hit is not None:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
-        worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
+        worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed)
         admission = await gate.admit(key.name, route.name, budgets, worst)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
@@ -200,7 +201,8 @@ class CompletionsHandler:
         relay = asyncio.current_task()
         assert relay is not None
         watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
-        events = first.count(b"data:")
+        relayed = estimate.RelayedText()
+        relayed.add(first)
         error: BaseException | None = None
         last = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
@@ -211,7 +213,7 @@ class CompletionsHandler:
             waited = time.perf_counter()
             async for chunk in chunks:
                 log.upstream_seconds += time.perf_counter() - waited
-                events += chunk.count(b"data:")
+                relayed.add(chunk)
                 out = chunk if outward is None else outward.feed(chunk)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 waited = time.perf_counter()
@@ -237,7 +239,10 @@ class CompletionsHandler:
             watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
             dispatcher.stream_finished(deployment, error, log)
-        usage = state.usage or estimate.abandoned_stream(body, events)
+        # A stream that did not complete is billed at least what the caller received.
+        usage, log.usage_estimated = estimate.stream_usage(
+            body, state.usage, relayed, complete=error is None
+        )
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
@@ -320,6 +325,26 @@ def _affinity(sticky: str, key: str, headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
+# Integer fields the gateway or an adapter reads, with their least value (None: any).
+# JSON's true/false are not numbers here, although Python's bool is an int.
+_CHAT_INTEGERS = (
+    ("max_tokens", 1),
+    ("max_completion_tokens", 1),
+    ("n", 1),
+    ("top_logprobs", 0),
+    ("seed", None),
+)
+
+
+def _check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
+    value = body.get(name)
+    if value is None or (type(value) is int and (least is None or value >= least)):
+        return
+    wanted = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[least]
+    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
+    raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
+
+
 def _check_chat(body: dict[str, Any]) -> bool:
     """Validate what the gateway itself relies on; return whether the call streams."""
     messages = body.get("messages")
@@ -328,16 +353,24 @@ def _check_chat(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InvalidRequest(f"`{name}` must be a positive integer", param=name)
+    for name, least in _CHAT_INTEGERS:
+        _check_integer(body, name, least)
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict)
+        or not isinstance(options.get("include_usage", False), bool | None)
+    ):
+        raise InvalidRequest(
+            "`stream_options` must be an object whose `include_usage` is true or false",
+            param="stream_options",
+        )
     return bool(stream)
 
 
 def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
         raise InvalidRequest("`input` is required", param="input")
+    _check_integer(body, "dimensions", 1)
     return False
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.errors import BudgetExceeded
+from metergate.metering.estimate import WorstCase
 from metergate.metering.metrics import Metrics
 from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
@@ -115,16 +116,17 @@ class BudgetBook:
             self._applicable[(key, model)] = found
         return found
 
-    def reserve(self, budgets: tuple[Budget, ...], worst_nano: int) -> Reservation:
-        """Hold `worst_nano` on every budget, or refuse with 429 if a hard one would pass."""
+    def reserve(self, budgets: tuple[Budget, ...], worst: WorstCase) -> Reservation:
+        """Hold the worst case on every budget, or refuse with 429 if a hard one would pass."""
         if not budgets:
             return _NONE
         self.roll(budgets)
+        worst_nano = worst.nano
         for budget in budgets:
             if budget.config.hard and (
                 budget.spent_nano + budget.reserved_nano + worst_nano > budget.limit_nano
             ):
-                raise exhausted(budget, worst_nano, budget.spent_nano, budget.reserved_nano)
+                raise exhausted(budget, worst, budget.spent_nano, budget.reserved_nano)
         for budget in budgets:
             budget.reserved_nano += worst_nano
         return Reservation(budgets, worst_nano)
@@ -218,15 +220,31 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
     return int(spent)
 
 
-def exhausted(budget: Budget, worst_nano: int, spent_nano: int, held_nano: int) -> BudgetExceeded:
-    """The 429 for a hard budget that `worst_nano` more would pass (same text whether the
-    numbers are this process's or the fleet's)."""
+def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int) -> BudgetExceeded:
+    """The 429 for a hard budget that `worst` more would pass (same text whether the
+    numbers are this process's or the fleet's), saying what would fit."""
     spent, limit = spent_nano / 1e9, budget.limit_nano / 1e9
-    reserved = held_nano / 1e9
+    left = max(0, budget.limit_nano - spent_nano - held_nano)
     message = (
         f"budget {budget.name!r} ({budget.describe()}) would be exceeded: limit ${limit:.6f}, "
-        f"spent ${spent:.6f}, held by requests in flight ${reserved:.6f}, this request may "
-        f"cost up to ${worst_nano / 1e9:.6f}; it resets at {iso(budget.end)}"
+        f"spent ${spent:.6f}, held by requests in flight ${held_nano / 1e9:.6f}, this request "
+        f"may cost up to ${worst.nano / 1e9:.6f}"
     )
+    if worst.assumed:
+        message += (
+            f" (it sent no max_tokens, so the gateway bounds its answer at the model's "
+            f"budget_max_tokens, {worst.max_tokens})"
+        )
+    fits = worst.fitting_max_tokens(left) if worst.max_tokens else 0
+    if fits:
+        message += f"; send max_tokens of at most {fits} to fit the ${left / 1e9:.6f} left"
+    elif worst.prompt_pico > left * 1000:
+        message += (
+            f"; the prompt alone may cost up to ${worst.prompt_pico / 1e12:.6f}, more than "
+            f"the ${left / 1e9:.6f} left: shorten it"
+        )
+    elif worst.max_tokens:
+        message += f"; the ${left / 1e9:.6f} left does not pay for one output token"
+    message += f"; the budget resets at {iso(budget.end)}"
     retry_after = max(1, int(budget.end - time.time()))
     return BudgetExceeded(message, retry_after=retry_after)

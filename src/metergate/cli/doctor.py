@@ -176,9 +176,7 @@ async def check_prometheus(
     return results
 
 
-async def _check_target(
-    session: httpx2.AsyncClient, base: str, gateway: str, job: str
-) -> Result:
+async def _check_target(session: httpx2.AsyncClient, base: str, gateway: str, job: str) -> Result:
     name = "prometheus target"
     try:
         data = await _get_json(session, f"{base}/api/v1/targets?state=active")

@@ -51,15 +51,22 @@ def serve(
     )
     demo_key, active_keys = asyncio.run(_startup_keys(loaded, make_demo=config is None))
     _banner(loaded, host, port, demo_key, active_keys, workers)
+    trusted = loaded.server.trusted_proxies
     options = dict(
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        # httptools with header size and slow-client limits (server.max_header_bytes etc.)
+        http="metergate.api.protocol:GuardedHttpToolsProtocol",
         lifespan="on",
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=30,
+        timeout_keep_alive=loaded.server.idle_timeout_seconds,
+        # X-Forwarded-For rewrites the client address (the admin sign-in limiter's key)
+        # only when it comes from a listed proxy; uvicorn's default trusts loopback.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=",".join(trusted) or None,
     )
     if workers == 1:
         from metergate.api.app import GatewayApp

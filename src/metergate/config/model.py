@@ -8,6 +8,7 @@ reported with its own location instead of one opaque validator error.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import itertools
 from decimal import Decimal
 from typing import Any, Literal
@@ -334,6 +335,26 @@ class ServerConfig(Strict):
         description="bearer token GET /metrics requires, e.g. ${METERGATE_METRICS_TOKEN}; "
         "none (or empty): /metrics is open, as Prometheus exporters usually are",
     )
+    # Slow and oversized clients (applied by `metergate serve`, per connection).
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        le=1024 * 1024,
+        description="request line and headers above this get a 431",
+    )
+    header_timeout_seconds: float = Field(
+        default=10, gt=0, description="a request's headers must arrive within this (else 408)"
+    )
+    body_timeout_seconds: float = Field(
+        default=60, gt=0, description="its body within this after the headers (else 408)"
+    )
+    idle_timeout_seconds: float = Field(
+        default=75, gt=0, description="a kept-alive connection idle this long is closed"
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or CIDRs whose X-Forwarded-For is believed; default none",
+    )
 
     @field_validator("metrics_token")
     @classmethod
@@ -345,6 +366,18 @@ class ServerConfig(Strict):
                 "use at least 16 characters (e.g. `openssl rand -hex 24`): wrong tokens "
                 "are not rate limited"
             )
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or CIDR (e.g. 10.0.0.5, 10.0.0.0/8)"
+                ) from None
         return value
 
 

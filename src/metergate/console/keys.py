@@ -27,11 +27,8 @@ from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import list_keys
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class KeyNotFound(Exception):
-    """No key with this id, or it is revoked and so cannot change."""
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
+CAP_MAX = 2**31 - 1  # the column is a 32-bit INTEGER in PostgreSQL
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -48,38 +45,61 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
     }
 
 
+async def find_key(database: Database, key_id: str) -> KeyRecord:
+    """The key with this id, active or revoked; 404 when there is none."""
+    found = next((k for k in await list_keys(database) if k.id == key_id), None)
+    if found is None:
+        raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
+    return found
+
+
+async def active_key(database: Database, key_id: str) -> KeyRecord:
+    """The key with this id if it is active: a revoked key still exists (it is listed,
+    its spend stays), but cannot change, so that is a 409 and not a 404."""
+    found = await find_key(database, key_id)
+    if found.revoked_at is not None:
+        raise InvalidRequest(
+            f"key {key_id!r} ({found.name}) is revoked and cannot change; create a new key",
+            status=409,
+            code="key_revoked",
+        )
+    return found
+
+
 async def update_key(
     database: Database, key_id: str, models: list[str] | None, max_tokens_cap: int | None
 ) -> KeyRecord:
     """Set an active key's allowed models (None: all) and max_tokens cap (None: none)."""
-    found = await database.fetch(
-        "SELECT 1 FROM keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
-    )
-    if not found:
-        raise KeyNotFound(key_id)
     encoded = orjson.dumps(models).decode() if models else None
     await database.execute(
         "UPDATE keys SET models = ?, max_tokens_cap = ? WHERE id = ? AND revoked_at IS NULL",
         (encoded, max_tokens_cap, key_id),
     )
-    return next(r for r in await list_keys(database) if r.id == key_id)
+    return await active_key(database, key_id)  # revoked meanwhile: refused
 
 
 async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:
-    found = await database.fetch(
-        "SELECT 1 FROM keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
-    )
-    if not found:
-        raise KeyNotFound(key_id)
+    """Revoke the key with this id (already revoked: unchanged)."""
+    await find_key(database, key_id)
     await database.execute(
         "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
         (time.time(), key_id),
     )
-    return next(r for r in await list_keys(database) if r.id == key_id)
+    return await find_key(database, key_id)
+
+
+def check_fields(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"send only {', '.join(f'`{k}`' for k in sorted(known))}",
+            param=unknown[0],
+        )
 
 
 def check_name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise InvalidRequest(
             "`name` must be 1-64 characters: letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (it becomes a metric label)",
@@ -105,17 +125,17 @@ def check_models(runtime: Runtime, value: Any) -> list[str] | None:
 
 
 def check_cap(value: Any) -> int | None:
+    """A positive 32-bit integer; 2213.0 is one too (JSON does not tell them apart)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= CAP_MAX:
         raise InvalidRequest(
-            "`max_tokens_cap` must be a positive integer or null", param="max_tokens_cap"
+            f"`max_tokens_cap` must be an integer from 1 to {CAP_MAX}, or null",
+            param="max_tokens_cap",
         )
     return value
-
-
-def not_found(key_id: str) -> NotFound:
-    return NotFound(f"no active key with id {key_id!r}", code="key_not_found")
 
 
 async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from metergate.console.keys import CAP_MAX
 from metergate.metering.metrics import OUTCOMES
 
 JSON = "application/json"
@@ -44,7 +45,9 @@ _ERRORS = {
     "429": "Too many wrong admin keys from this address; see Retry-After",
 }
 _OTHER_ERRORS = {
-    "409": "Conflict: the name is taken, or the rollout's state does not allow the action",
+    "409": "Conflict: the name is taken, the key is revoked, or the rollout's state does "
+    "not allow the action",
+    "413": "The request body is larger than 64 KiB",
     "422": "The config file is invalid; the gateway keeps serving the running version",
 }
 
@@ -82,8 +85,8 @@ def _filter_params(default: int, most: int) -> list[dict[str, Any]]:
         }
 
     return [
-        query("key", _STR, "Only requests of this key name"),
-        query("model", _STR, "Only requests for this model"),
+        query("key", {"type": "string", "minLength": 1}, "Only requests of this key name"),
+        query("model", {"type": "string", "minLength": 1}, "Only requests for this model"),
         query("outcome", _ref("Outcome"), "Only requests with this outcome"),
         query(
             "before",
@@ -349,12 +352,35 @@ def _schemas() -> dict[str, Any]:
                 "status": _INT,
                 "cache_hit": _BOOL,
                 "stream": _BOOL,
+                "usage_estimated": {
+                    **_BOOL,
+                    "description": "tokens are the gateway's bound, not the upstream's count: "
+                    "a stream that did not complete is billed at least what it relayed",
+                },
             }
         ),
     }
 
 
-def _paths() -> dict[str, Any]:
+def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
+    """A key's writable fields; nothing else is accepted."""
+    model = {"type": "string", "enum": models} if models else _STR
+    properties: dict[str, Any] = {
+        "models": {
+            **_nullable({"type": "array", "items": model}),
+            "description": "configured model names; null or [] means every model",
+        },
+        "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
+    }
+    if "name" in required:
+        properties = {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+            **properties,
+        }
+    return {**_object(properties, required), "additionalProperties": False}
+
+
+def _paths(models: list[str] | None) -> dict[str, Any]:
     key_id = {"name": "id", "in": "path", "required": True, "schema": _STR}
     return {
         "/admin/api/session": {
@@ -419,21 +445,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "createKey",
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": _object(
-                                {
-                                    "name": {
-                                        "type": "string",
-                                        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                                    },
-                                    "models": _nullable({"type": "array", "items": _STR}),
-                                    "max_tokens_cap": _nullable({"type": "integer", "minimum": 1}),
-                                },
-                                ["name"],
-                            )
-                        }
-                    },
+                    "content": {JSON: {"schema": _key_body(models, ["name"])}},
                 },
                 "responses": _responses(
                     "Created",
@@ -446,34 +458,30 @@ def _paths() -> dict[str, Any]:
                     ),
                     "201",
                     "409",
+                    "413",
                 ),
             },
         },
         "/admin/api/keys/{id}": {
             "patch": {
                 "summary": "Set an active key's allowed models and max_tokens cap",
-                "description": "Fields left out stay; null clears (all models / no cap).",
+                "description": "Fields left out stay; null clears (all models / no cap); "
+                "an empty object changes nothing.",
                 "operationId": "updateKey",
                 "parameters": [key_id],
                 "requestBody": {
                     "required": True,
-                    "content": {
-                        JSON: {
-                            "schema": _object(
-                                {
-                                    "models": _nullable({"type": "array", "items": _STR}),
-                                    "max_tokens_cap": _nullable({"type": "integer", "minimum": 1}),
-                                }
-                            )
-                        }
-                    },
+                    "content": {JSON: {"schema": _key_body(models, [])}},
                 },
-                "responses": _responses("Updated", _object({"key": _ref("Key")})),
+                "responses": _responses(
+                    "Updated", _object({"key": _ref("Key")}), "200", "409", "413"
+                ),
             }
         },
         "/admin/api/keys/{id}/revoke": {
             "post": {
                 "summary": "Revoke a key (refused here at once, fleet-wide within 2 s)",
+                "description": "Revoking a revoked key changes nothing.",
                 "operationId": "revokeKey",
                 "parameters": [key_id],
                 "responses": _responses("Revoked", _object({"key": _ref("Key")})),
@@ -587,7 +595,8 @@ def _paths() -> dict[str, Any]:
     }
 
 
-def openapi_document(version: str) -> dict[str, Any]:
+def openapi_document(version: str, models: list[str] | None = None) -> dict[str, Any]:
+    """The document; `models`, the configured model names, are what a key may allow."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -595,11 +604,13 @@ def openapi_document(version: str) -> dict[str, Any]:
             "version": version,
             "description": "What the console shows and does, for scripts too. Send the "
             "admin key (admin.api_key) as `Authorization: Bearer ...`; caller keys (mgk_...) "
-            "are refused. Five wrong keys a minute from one address get 429 for a while.",
+            "are refused. Five wrong keys a minute from one address get 429 for a while. "
+            "Unknown query parameters and body fields, a parameter given twice or empty, "
+            "are refused with 400.",
         },
         "servers": [{"url": "/"}],
         "security": [{"adminKey": []}],
-        "paths": _paths(),
+        "paths": _paths(models),
         "components": {
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
             "schemas": _schemas(),

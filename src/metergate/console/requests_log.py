@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ COLUMNS = (
     "status",
     "cache_hit",
     "stream",
+    "usage_estimated",
 )
 PAGE_MAX = 1_000
 CSV_MAX = 100_000
@@ -51,35 +53,61 @@ class Filters:
     limit: int = 100
 
 
+FILTERS = ("key", "model", "outcome", "before", "limit")
+_INTEGER = re.compile(r"-?[0-9]+")
+_ROW_ID_MAX = 2**63 - 1  # ids are 64-bit: a larger `before` means every row
+
+
 def query_value(query: dict[str, list[str]], name: str) -> str | None:
+    """A query parameter given at most once; empty is an error, not "left out"."""
     values = query.get(name)
-    return values[-1] if values and values[-1] != "" else None
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest(f"`{name}` is given {len(values)} times; give it once", param=name)
+    if values[0] == "":
+        raise InvalidRequest(f"`{name}` is empty; give a value or leave it out", param=name)
+    return values[0]
 
 
-def _int(query: dict[str, list[str]], name: str, low: int, high: int) -> int | None:
+def check_query(query: dict[str, list[str]], known: tuple[str, ...]) -> None:
+    """Refuse query parameters the endpoint does not take (a typo would be ignored)."""
+    unknown = sorted(name for name in query if name not in known)
+    if unknown:
+        takes = ", ".join(known) or "no parameters"
+        raise InvalidRequest(
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this takes: {takes}",
+            param=unknown[0],
+        )
+
+
+def _int(query: dict[str, list[str]], name: str, low: int, high: int | None) -> int | None:
     raw = query_value(query, name)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"`{name}` must be an integer", param=name) from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"`{name}` must be between {low} and {high}", param=name)
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidRequest(f"`{name}` must be an integer", param=name)
+    # Far beyond any bound, a number's digits need not be read (nor its size limit met).
+    value = int(raw) if len(raw) <= 40 else -(10**40) if raw[0] == "-" else 10**40
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise InvalidRequest(f"`{name}` must be {bound}", param=name)
     return value
 
 
 def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filters:
+    check_query(query, FILTERS)
     outcome = query_value(query, "outcome")
     if outcome is not None and outcome not in OUTCOMES:
         raise InvalidRequest(
             f"unknown outcome {outcome!r}; one of: {', '.join(OUTCOMES)}", param="outcome"
         )
+    before = _int(query, "before", 1, None)
     return Filters(
         key=query_value(query, "key"),
         model=query_value(query, "model"),
         outcome=outcome,
-        before=_int(query, "before", 1, 2**62),
+        before=None if before is None else min(before, _ROW_ID_MAX),
         limit=_int(query, "limit", 1, most) or default,
     )
 
@@ -111,6 +139,7 @@ def _row(row: tuple[Any, ...]) -> dict[str, Any]:
         item[name] = int(item[name])  # PostgreSQL BIGINT sums come back as Decimal
     item["cache_hit"] = bool(item["cache_hit"])
     item["stream"] = bool(item["stream"])
+    item["usage_estimated"] = bool(item["usage_estimated"])
     return item
 
 

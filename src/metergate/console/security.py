@@ -42,8 +42,10 @@ class FailedSignIns:
     address is refused (even with the right key) until its oldest failure expires.
 
     Per process: with N workers an address gets up to N x `limit` guesses a window, still
-    hopeless against a random key but worth knowing. Behind a reverse proxy every client
-    shares the proxy's address (forwarded headers are not trusted: they are forgeable).
+    hopeless against a random key but worth knowing. The address is the peer's, or the
+    client's named in X-Forwarded-For when the peer is one of `server.trusted_proxies`
+    (uvicorn rewrites it, `metergate serve` configures which): anyone else could forge
+    the header to get fresh attempts. Behind an unlisted proxy all clients share one.
     """
 
     def __init__(

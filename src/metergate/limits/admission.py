@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from metergate.budgets.book import Budget, BudgetBook, Reservation
 from metergate.errors import GatewayLimit
 from metergate.limits.rate import Bucket, RateLimiter, ratelimit_headers
+from metergate.metering.estimate import WorstCase
 from metergate.providers.base import Usage
 from metergate.shared.errors import Unavailable
 
@@ -49,9 +50,9 @@ class Gate:
         self.shared = shared
 
     async def admit(
-        self, key: str, model: str, budgets: tuple[Budget, ...], worst_nano: int
+        self, key: str, model: str, budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Admission:
-        """Take the request from its rate limits and hold `worst_nano` on its budgets, or
+        """Take the request from its rate limits and hold its worst case on its budgets, or
         raise the 429 (or, degraded and closed, the 503) that refuses it."""
         buckets = self.rates.applicable(key, model) if self.rates else ()
         if not buckets and not budgets:
@@ -61,16 +62,16 @@ class Gate:
             if shared.link.up:
                 self.budgets.roll(budgets)
                 with contextlib.suppress(Unavailable):
-                    return await shared.admit(buckets, budgets, worst_nano)
+                    return await shared.admit(buckets, budgets, worst)
             if shared.link.config.on_failure == "closed":
                 raise unavailable(shared.link.where)
-        return self._admit_here(buckets, budgets, worst_nano)
+        return self._admit_here(buckets, budgets, worst)
 
     def _admit_here(
-        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst_nano: int
+        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Admission:
         verdicts = self.rates.check(buckets, _now_us()) if buckets else []
-        reservation = self.budgets.reserve(budgets, worst_nano)
+        reservation = self.budgets.reserve(budgets, worst)
         self.rates.take(buckets, verdicts)
         return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
 

@@ -1,12 +1,21 @@
 """Token estimates for when exact usage is not (yet) known.
 
-Used to reserve budget before a call and to charge a stream the caller abandoned
-before the upstream reported usage. Four characters per token is the usual rule of
-thumb for English text; estimates are only ever stand-ins for reported usage.
+Used to reserve budget before a call, and to bill a stream that did not complete (cut
+by the upstream, stalled, or abandoned by the caller) or whose upstream reported no
+usage. Such a stream is billed at least what the caller received: its output is the
+larger of what the upstream reported and a bound on the relayed text, one token per
+UTF-8 byte. No provider's tokenizer makes a token of less than one byte (byte-level
+BPE and SentencePiece with byte fallback alike), so the bound never under-counts,
+whatever the model; for English it is about four times the real count. A real
+tokenizer would be closer for one model family only, and tiktoken fetches its
+encodings over the network on first use, which a gateway cannot count on. The prompt
+of such a stream is the upstream's count when it sent one (Anthropic does at the
+start), else four characters per token of the messages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,18 +31,125 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return (size + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
-def abandoned_stream(body: dict[str, Any], events_relayed: int) -> Usage:
-    """Usage of a stream cut short: the prompt, and about one token per relayed event."""
-    return Usage(input_tokens=prompt_tokens(body), output_tokens=max(0, events_relayed - 1))
+class RelayedText:
+    """The text a stream relayed to its caller, measured in UTF-8 bytes (see above).
 
-
-def worst_case_nano(body_size: int, body: dict[str, Any], prices: UnitPrices) -> int:
-    """An upper bound on a request's cost, reserved against budgets before the call.
-
-    A token is at least one byte of the request, so the body's size in bytes bounds
-    the prompt; the output is bounded by max_tokens for each of the `n` choices.
+    The relay only keeps the chunks; they are read in batches of `batch_bytes`, and a
+    stream that completes with the upstream's usage is never read at all.
     """
+
+    __slots__ = ("_pending", "_pending_size", "batch_bytes", "text_bytes")
+
+    def __init__(self, batch_bytes: int = 64 * 1024) -> None:
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.batch_bytes = batch_bytes
+        self.text_bytes = 0
+
+    def add(self, chunk: bytes) -> None:
+        """A chunk of OpenAI SSE events as sent to the caller."""
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= self.batch_bytes:
+            self._read()
+
+    def tokens(self) -> int:
+        """At least as many output tokens as the caller has received."""
+        self._read(final=True)
+        return self.text_bytes
+
+    def _read(self, final: bool = False) -> None:
+        data = b"".join(self._pending)
+        if not final:  # keep an event split between chunks for the next batch
+            data, _, rest = data.rpartition(b"\n\n")
+            self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
+        else:
+            self._pending, self._pending_size = [], 0
+        for line in data.split(b"\n"):
+            if line.startswith(b"data:") and not line.endswith(b"[DONE]"):
+                self.text_bytes += _delta_text_bytes(line[6:] if line[5:6] == b" " else line[5:])
+
+
+def _delta_text_bytes(data: bytes) -> int:
+    """UTF-8 bytes of the text in one chunk's deltas: content, refusal, reasoning, and
+    tool calls' names and arguments."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return len(data)  # not JSON, yet relayed: count all of it
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    size = 0
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        texts = [delta.get(name) for name in _DELTA_TEXTS]
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                texts += (function.get("name"), function.get("arguments"))
+        size += sum(len(text.encode()) for text in texts if isinstance(text, str))
+    return size
+
+
+_DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def stream_usage(
+    body: dict[str, Any], reported: Usage | None, relayed: RelayedText, complete: bool
+) -> tuple[Usage, bool]:
+    """What a stream is billed, and whether that is an estimate: the upstream's usage
+    when the stream completed with it, else at least what was relayed."""
+    if complete and reported is not None:
+        return reported, False
+    output = relayed.tokens()
+    if reported is None:
+        return Usage(input_tokens=prompt_tokens(body), output_tokens=output), True
+    prompt_known = reported.input_tokens + reported.cached_input_tokens > 0
+    return (
+        Usage(
+            reported.input_tokens if prompt_known else prompt_tokens(body),
+            reported.cached_input_tokens,
+            max(reported.output_tokens, output),
+        ),
+        True,
+    )
+
+
+# Room kept, in request bytes, for the `"max_tokens": N` a refused caller is told to add.
+_FIELD_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class WorstCase:
+    """An upper bound on a request's cost, reserved against budgets before the call, and
+    what it is made of, so that a refusal can say which `max_tokens` would fit."""
+
+    nano: int
+    byte_pico: int  # a request byte's part (one token per byte, at the dearest input price)
+    prompt_pico: int  # the prompt's part: every byte of the request body
+    token_pico: int  # what one more max_tokens adds: `n` choices at the output price
+    max_tokens: int  # 0 when the request has none (no budget applies then)
+    assumed: bool = False  # max_tokens is the model's budget_max_tokens, not the caller's
+
+    def fitting_max_tokens(self, available_nano: int) -> int:
+        """The largest max_tokens whose worst case, once the caller adds it to the
+        request, fits in `available_nano`; 0 when none does."""
+        room = available_nano * 1000 - self.prompt_pico - _FIELD_BYTES * self.byte_pico
+        if room < self.token_pico:
+            return 0
+        return self.max_tokens if self.token_pico == 0 else room // self.token_pico
+
+
+def worst_case(
+    body_size: int, body: dict[str, Any], prices: UnitPrices, assumed: bool = False
+) -> WorstCase:
+    """A token is at least one byte of the request, so the body's size in bytes bounds
+    the prompt; the output is bounded by max_tokens for each of the `n` choices."""
     output = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
-    output *= int(body.get("n") or 1)
-    pico = body_size * max(prices.input, prices.cached_input) + output * prices.output
-    return (pico + 999) // 1000
+    byte = max(prices.input, prices.cached_input)
+    prompt = body_size * byte
+    token = int(body.get("n") or 1) * prices.output
+    nano = (prompt + output * token + 999) // 1000
+    return WorstCase(nano, byte, prompt, token, output, assumed)

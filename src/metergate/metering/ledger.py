@@ -45,6 +45,7 @@ class LedgerRow(NamedTuple):
     status: int
     cache_hit: int  # 0/1: INTEGER in both SQLite and PostgreSQL
     stream: int
+    usage_estimated: int = 0  # 1: the tokens are the gateway's bound, not the upstream's count
     api: str = "chat"  # the door: chat, responses, messages, completions, embeddings
 
 

@@ -36,6 +36,7 @@ class RequestLog:
         "upstream",
         "upstream_seconds",
         "usage",
+        "usage_estimated",
     )
 
     def __init__(self, request_id: str, started: float) -> None:
@@ -48,6 +49,7 @@ class RequestLog:
         self.status = 200
         self.attempts = 0
         self.usage: Usage | None = None
+        self.usage_estimated = False  # the gateway's bound (a cut stream), not the upstream's
         self.cost_nano = 0
         self.saved_nano = 0
         self.ttft: float | None = None
@@ -105,6 +107,7 @@ class Meter:
                     log.status,
                     int(log.cache_hit),
                     int(log.stream),
+                    int(log.usage_estimated),
                     log.api,
                 )
             )

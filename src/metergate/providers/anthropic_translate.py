@@ -19,14 +19,20 @@ import orjson
 
 from metergate.providers.base import Usage
 from metergate.providers.translation import (
+    a_list,
+    a_string,
+    an_object,
     assistant_message,
     completion_body,
+    function_of,
     image_url_of,
     invalid_request,
     max_output_tokens,
     parse_arguments,
     parse_data_url,
     request_translator,
+    response_format_of,
+    shown,
     stop_sequences,
     text_of,
 )
@@ -74,10 +80,10 @@ def to_messages_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The Messages API payload for an OpenAI chat request (without `stream`)."""
     if (body.get("n") or 1) > 1:
         raise invalid_request(
-            "n > 1 is not supported by Anthropic models: send n separate requests instead"
+            "n > 1 is not supported by Anthropic models: send n separate requests instead", "n"
         )
-    system, messages = _turns(body.get("messages") or [])
-    instruction = _format_instruction(body.get("response_format"))
+    system, messages = turns_of(a_list(body.get("messages"), "messages"))
+    instruction = format_instruction(body)
     if instruction:
         system.append(instruction)
     limit = max_output_tokens(body)
@@ -94,8 +100,9 @@ def to_messages_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     stops = stop_sequences(body.get("stop"))
     if stops:
         payload["stop_sequences"] = stops
-    if body.get("tools"):
-        payload["tools"] = [_tool(tool) for tool in body["tools"]]
+    tools = a_list(body.get("tools"), "tools")
+    if tools:
+        payload["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice:
             payload["tool_choice"] = choice
@@ -134,25 +141,31 @@ def from_message(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
     return body, usage
 
 
-def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def turns_of(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
     """Split OpenAI messages into system texts and alternating user/assistant turns."""
     system: list[str] = []
     turns: list[dict[str, Any]] = []
-    for message in messages:
+    for index, item in enumerate(messages):
+        where = f"messages[{index}]"
+        message = an_object(item, where)
         role = message.get("role")
         if role in ("system", "developer"):
-            text = text_of(message.get("content"))
+            text = text_of(message.get("content"), f"{where}.content")
             if text:
                 system.append(text)
             continue
         if role == "user":
-            turn_role, blocks = "user", _user_blocks(message.get("content"))
+            turn_role, blocks = "user", _user_blocks(message.get("content"), f"{where}.content")
         elif role == "assistant":
-            turn_role, blocks = "assistant", _assistant_blocks(message)
+            turn_role, blocks = "assistant", _assistant_blocks(message, where)
         elif role == "tool":
-            turn_role, blocks = "user", [_tool_result(message)]
+            turn_role, blocks = "user", [_tool_result(message, where)]
         else:
-            raise invalid_request(f"message role {role!r} is not supported for Anthropic models")
+            raise invalid_request(
+                f"`{where}.role` must be system, developer, user, assistant or tool "
+                f"for Anthropic models, not {shown(role)}",
+                f"{where}.role",
+            )
         if not blocks:
             continue  # Anthropic rejects empty turns; an empty message adds nothing
         if turns and turns[-1]["role"] == turn_role:
@@ -162,95 +175,117 @@ def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, An
     return system, turns
 
 
-def _user_blocks(content: Any) -> list[dict[str, Any]]:
+def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str) or content is None:
         return [{"type": "text", "text": content}] if content else []
     blocks: list[dict[str, Any]] = []
-    for part in content:
+    for index, item in enumerate(a_list(content, where)):
+        at = f"{where}[{index}]"
+        part = an_object(item, at)
         kind = part.get("type")
         if kind == "text":
-            if part.get("text"):
-                blocks.append({"type": "text", "text": part["text"]})
+            text = a_string(part.get("text"), f"{at}.text")
+            if text:
+                blocks.append({"type": "text", "text": text})
         elif kind == "image_url":
-            blocks.append(_image(image_url_of(part)))
+            blocks.append(_image(image_url_of(part, at), at))
         else:
-            raise invalid_request(f"content part type {kind!r} is not supported for Anthropic")
+            raise invalid_request(
+                f"`{at}.type` {shown(kind)} is not supported for Anthropic; use text or image_url",
+                f"{at}.type",
+            )
     return blocks
 
 
-def _image(url: str) -> dict[str, Any]:
-    inline = parse_data_url(url)
+def _image(url: str, where: str) -> dict[str, Any]:
+    inline = parse_data_url(url, where)
     if inline is None:
         return {"type": "image", "source": {"type": "url", "url": url}}
     media_type, data = inline
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
-    text = text_of(message.get("content"))
+    text = text_of(message.get("content"), f"{where}.content")
     if text:
         blocks.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
+    for index, item in enumerate(a_list(message.get("tool_calls"), f"{where}.tool_calls")):
+        at = f"{where}.tool_calls[{index}]"
+        call = an_object(item, at)
+        function = function_of(call, at)
         blocks.append(
             {
                 "type": "tool_use",
-                "id": call.get("id"),
+                "id": a_string(call.get("id"), f"{at}.id"),
                 "name": function.get("name"),
-                "input": parse_arguments(function.get("arguments")),
+                "input": parse_arguments(function.get("arguments"), f"{at}.function.arguments"),
             }
         )
     return blocks
 
 
-def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
-    if not message.get("tool_call_id"):
-        raise invalid_request("a tool message needs the tool_call_id it answers")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message["tool_call_id"]}
-    text = text_of(message.get("content"))
+def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
+    call_id = a_string(message.get("tool_call_id"), f"{where}.tool_call_id")
+    if not call_id:
+        raise invalid_request(
+            f"`{where}.tool_call_id` is required: a tool message answers a tool call",
+            f"{where}.tool_call_id",
+        )
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id}
+    text = text_of(message.get("content"), f"{where}.content")
     if text:
         block["content"] = text
     return block
 
 
-def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+def _tool(item: Any, where: str) -> dict[str, Any]:
+    tool = an_object(item, where)
     if tool.get("type", "function") != "function":
-        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Anthropic")
-    function = tool.get("function") or {}
+        raise invalid_request(
+            f"`{where}.type` {shown(tool.get('type'))} is not supported for Anthropic; "
+            "only function tools are",
+            f"{where}.type",
+        )
+    function = function_of(tool, where)
+    parameters = function.get("parameters")
     result: dict[str, Any] = {
         "name": function.get("name"),
-        "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+        "input_schema": an_object(parameters, f"{where}.function.parameters")
+        if parameters
+        else {"type": "object", "properties": {}},
     }
-    if function.get("description"):
-        result["description"] = function["description"]
+    description = a_string(function.get("description"), f"{where}.function.description")
+    if description:
+        result["description"] = description
     return result
 
 
-def _tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     result: dict[str, Any] | None
     if choice is None:
         result = {"type": "auto"} if parallel is False else None
-    elif choice in ("auto", "required", "none"):
+    elif isinstance(choice, str) and choice in ("auto", "required", "none"):
         result = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
-    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+    elif (
+        isinstance(choice, dict)
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
         result = {"type": "tool", "name": choice["function"]["name"]}
     else:
-        raise invalid_request(f"unsupported tool_choice {choice!r}")
+        raise invalid_request(f"unsupported tool_choice {shown(choice)}", "tool_choice")
     if result and parallel is False and result["type"] != "none":
         result["disable_parallel_tool_use"] = True
     return result
 
 
-def _format_instruction(response_format: Any) -> str | None:
+def format_instruction(body: dict[str, Any]) -> str | None:
     """Best-effort JSON mode: the Messages API has no response format, so ask in `system`."""
-    if not isinstance(response_format, dict):
-        return None
-    kind = response_format.get("type")
+    kind, spec = response_format_of(body)
     if kind == "json_object":
         return _JSON_OBJECT
     if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
         schema = orjson.dumps(spec.get("schema") or {}).decode()
         return _JSON_SCHEMA.format(name=spec.get("name") or "response", schema=schema)
     return None

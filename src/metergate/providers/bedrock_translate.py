@@ -21,20 +21,17 @@ from typing import Any
 
 import orjson
 
-from metergate.providers.anthropic_translate import _format_instruction
+from metergate.providers.anthropic_translate import format_instruction, turns_of
 from metergate.providers.base import Usage
 from metergate.providers.translation import (
+    a_list,
     assistant_message,
     completion_body,
-    image_url_of,
     invalid_request,
     max_output_tokens,
     new_call_id,
-    parse_arguments,
-    parse_data_url,
     request_translator,
     stop_sequences,
-    text_of,
 )
 
 FINISH_REASONS = {
@@ -69,8 +66,8 @@ def to_converse_request(body: dict[str, Any]) -> dict[str, Any]:
     """The Converse payload for an OpenAI chat request (the model id goes in the URL)."""
     if (body.get("n") or 1) > 1:
         raise invalid_request("n > 1 is not supported by Bedrock: send n separate requests")
-    system, messages = _turns(body.get("messages") or [])
-    instruction = _format_instruction(body.get("response_format"))
+    system, messages = _turns(a_list(body.get("messages"), "messages"))
+    instruction = format_instruction(body)
     if instruction:
         system.append(instruction)
     payload: dict[str, Any] = {"messages": messages}
@@ -124,88 +121,33 @@ def from_converse(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
     return completion_body("chatcmpl-" + new_call_id()[5:], model, [choice], usage), usage
 
 
-def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    system: list[str] = []
-    turns: list[dict[str, Any]] = []
-    for message in messages:
-        role = message.get("role")
-        if role in ("system", "developer"):
-            text = text_of(message.get("content"))
-            if text:
-                system.append(text)
-            continue
-        if role == "user":
-            turn_role, blocks = "user", _user_blocks(message.get("content"))
-        elif role == "assistant":
-            turn_role, blocks = "assistant", _assistant_blocks(message)
-        elif role == "tool":
-            turn_role, blocks = "user", [_tool_result(message)]
-        else:
-            raise invalid_request(f"message role {role!r} is not supported for Bedrock models")
-        if not blocks:
-            continue  # Converse rejects empty turns
-        if turns and turns[-1]["role"] == turn_role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": turn_role, "content": blocks})
+def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Anthropic's turns (the same alternation rules, the same checks of the caller's
+    messages, with field paths in errors) in Converse's block shapes."""
+    system, turns = turns_of(messages)
+    for turn in turns:
+        turn["content"] = [_converse_block(block) for block in turn["content"]]
     return system, turns
 
 
-def _user_blocks(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str) or content is None:
-        return [{"text": content}] if content else []
-    blocks: list[dict[str, Any]] = []
-    for part in content:
-        kind = part.get("type")
-        if kind == "text":
-            if part.get("text"):
-                blocks.append({"text": part["text"]})
-        elif kind == "image_url":
-            blocks.append(_image(image_url_of(part)))
-        else:
-            raise invalid_request(f"content part type {kind!r} is not supported for Bedrock")
-    return blocks
-
-
-def _image(url: str) -> dict[str, Any]:
-    inline = parse_data_url(url)
-    if inline is None:
+def _converse_block(block: dict[str, Any]) -> dict[str, Any]:
+    kind = block["type"]
+    if kind == "text":
+        return {"text": block["text"]}
+    if kind == "tool_use":
+        return {
+            "toolUse": {"toolUseId": block["id"], "name": block["name"], "input": block["input"]}
+        }
+    if kind == "tool_result":
+        content = [{"text": block.get("content") or "(empty)"}]
+        return {"toolResult": {"toolUseId": block["tool_use_id"], "content": content}}
+    source = block["source"]  # an image
+    if source["type"] != "base64":
         raise invalid_request("Bedrock takes images inline only: send a base64 data: URL")
-    media_type, data = inline
+    media_type = source["media_type"]
     if media_type not in _IMAGE_FORMATS:
         raise invalid_request(f"image type {media_type!r} is not supported by Bedrock")
-    return {"image": {"format": _IMAGE_FORMATS[media_type], "source": {"bytes": data}}}
-
-
-def _assistant_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = []
-    text = text_of(message.get("content"))
-    if text:
-        blocks.append({"text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        blocks.append(
-            {
-                "toolUse": {
-                    "toolUseId": call.get("id"),
-                    "name": function.get("name"),
-                    "input": parse_arguments(function.get("arguments")),
-                }
-            }
-        )
-    return blocks
-
-
-def _tool_result(message: dict[str, Any]) -> dict[str, Any]:
-    if not message.get("tool_call_id"):
-        raise invalid_request("a tool message needs the tool_call_id it answers")
-    text = text_of(message.get("content"))
-    return {
-        "toolResult": {
-            "toolUseId": message["tool_call_id"],
-            "content": [{"text": text or "(empty)"}],
-        }
-    }
+    return {"image": {"format": _IMAGE_FORMATS[media_type], "source": {"bytes": source["data"]}}}
 
 
 def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any] | None:

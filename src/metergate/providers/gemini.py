@@ -232,7 +232,8 @@ def _embed_request(body: dict[str, Any], model: str) -> tuple[list[str], dict[st
         texts = [texts]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise invalid_request(
-            "Gemini embeddings take `input` as a string or a list of strings (not token ids)"
+            "Gemini embeddings take `input` as a string or a list of strings (not token ids)",
+            "input",
         )
     extra = {"outputDimensionality": int(body["dimensions"])} if body.get("dimensions") else {}
     requests = [

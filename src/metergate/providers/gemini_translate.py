@@ -26,8 +26,12 @@ import orjson
 
 from metergate.providers.base import Usage
 from metergate.providers.translation import (
+    a_list,
+    a_string,
+    an_object,
     assistant_message,
     completion_body,
+    function_of,
     image_url_of,
     invalid_request,
     max_output_tokens,
@@ -35,6 +39,8 @@ from metergate.providers.translation import (
     parse_arguments,
     parse_data_url,
     request_translator,
+    response_format_of,
+    shown,
     stop_sequences,
     text_of,
 )
@@ -138,40 +144,49 @@ def from_response(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
 @request_translator
 def to_generate_request(body: dict[str, Any]) -> dict[str, Any]:
     """The generateContent payload for an OpenAI chat request (the model goes in the URL)."""
-    system, contents = _contents(body.get("messages") or [])
+    system, contents = _contents(a_list(body.get("messages"), "messages"))
     payload: dict[str, Any] = {"contents": contents}
     if system:
         payload["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
     config = _generation_config(body)
     if config:
         payload["generationConfig"] = config
-    if body.get("tools"):
-        payload["tools"] = [{"functionDeclarations": [_declaration(t) for t in body["tools"]]}]
+    tools = a_list(body.get("tools"), "tools")
+    if tools:
+        payload["tools"] = [
+            {"functionDeclarations": [_declaration(t, f"tools[{i}]") for i, t in enumerate(tools)]}
+        ]
         choice = body.get("tool_choice")
         if choice is not None:
             payload["toolConfig"] = {"functionCallingConfig": _calling_config(choice)}
     return payload
 
 
-def _contents(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
     system: list[str] = []
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name, for the tool messages
-    for message in messages:
+    for index, item in enumerate(messages):
+        where = f"messages[{index}]"
+        message = an_object(item, where)
         role = message.get("role")
         if role in ("system", "developer"):
-            text = text_of(message.get("content"))
+            text = text_of(message.get("content"), f"{where}.content")
             if text:
                 system.append(text)
             continue
         if role == "user":
-            content_role, parts = "user", _user_parts(message.get("content"))
+            content_role, parts = "user", _user_parts(message.get("content"), f"{where}.content")
         elif role == "assistant":
-            content_role, parts = "model", _model_parts(message, names)
+            content_role, parts = "model", _model_parts(message, names, where)
         elif role == "tool":
-            content_role, parts = "user", [_function_response(message, names)]
+            content_role, parts = "user", [_function_response(message, names, where)]
         else:
-            raise invalid_request(f"message role {role!r} is not supported for Gemini models")
+            raise invalid_request(
+                f"`{where}.role` must be system, developer, user, assistant or tool "
+                f"for Gemini models, not {shown(role)}",
+                f"{where}.role",
+            )
         if not parts:
             continue
         if contents and contents[-1]["role"] == content_role:
@@ -181,24 +196,30 @@ def _contents(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str,
     return system, contents
 
 
-def _user_parts(content: Any) -> list[dict[str, Any]]:
+def _user_parts(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str) or content is None:
         return [{"text": content}] if content else []
     parts: list[dict[str, Any]] = []
-    for part in content:
+    for index, item in enumerate(a_list(content, where)):
+        at = f"{where}[{index}]"
+        part = an_object(item, at)
         kind = part.get("type")
         if kind == "text":
-            if part.get("text"):
-                parts.append({"text": part["text"]})
+            text = a_string(part.get("text"), f"{at}.text")
+            if text:
+                parts.append({"text": text})
         elif kind == "image_url":
-            parts.append(_image(image_url_of(part)))
+            parts.append(_image(image_url_of(part, at), at))
         else:
-            raise invalid_request(f"content part type {kind!r} is not supported for Gemini")
+            raise invalid_request(
+                f"`{at}.type` {shown(kind)} is not supported for Gemini; use text or image_url",
+                f"{at}.type",
+            )
     return parts
 
 
-def _image(url: str) -> dict[str, Any]:
-    inline = parse_data_url(url)
+def _image(url: str, where: str) -> dict[str, Any]:
+    inline = parse_data_url(url, where)
     if inline is not None:
         return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
     # Gemini wants a MIME type for file URIs; the extension is the best hint a URL gives.
@@ -206,38 +227,49 @@ def _image(url: str) -> dict[str, Any]:
     return {"fileData": {"mimeType": mime, "fileUri": url}}
 
 
-def _model_parts(message: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+def _model_parts(
+    message: dict[str, Any], names: dict[str, str], where: str
+) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
-    text = text_of(message.get("content"))
+    text = text_of(message.get("content"), f"{where}.content")
     if text:
         parts.append({"text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        names[call.get("id") or ""] = function.get("name") or ""
+    for index, item in enumerate(a_list(message.get("tool_calls"), f"{where}.tool_calls")):
+        at = f"{where}.tool_calls[{index}]"
+        call = an_object(item, at)
+        function = function_of(call, at)
+        names[a_string(call.get("id"), f"{at}.id") or ""] = function.get("name") or ""
         part: dict[str, Any] = {
             "functionCall": {
                 "name": function.get("name"),
-                "args": parse_arguments(function.get("arguments")),
+                "args": parse_arguments(function.get("arguments"), f"{at}.function.arguments"),
             }
         }
-        signature = ((call.get("extra_content") or {}).get("google") or {}).get("thought_signature")
+        extra = an_object(call.get("extra_content") or {}, f"{at}.extra_content")
+        google = an_object(extra.get("google") or {}, f"{at}.extra_content.google")
+        signature = a_string(
+            google.get("thought_signature"), f"{at}.extra_content.google.thought_signature"
+        )
         if signature:
             part["thoughtSignature"] = signature
         parts.append(part)
     return parts
 
 
-def _function_response(message: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
-    call_id = message.get("tool_call_id") or ""
+def _function_response(
+    message: dict[str, Any], names: dict[str, str], where: str
+) -> dict[str, Any]:
+    call_id = a_string(message.get("tool_call_id"), f"{where}.tool_call_id") or ""
     if call_id not in names:
         raise invalid_request(
-            f"tool message answers tool_call_id {call_id!r}, which no earlier assistant "
-            "message called; Gemini needs the function name from that call"
+            f"`{where}.tool_call_id` {shown(call_id)} answers no tool call of an earlier "
+            "assistant message; Gemini needs the function name from that call",
+            f"{where}.tool_call_id",
         )
     return {
         "functionResponse": {
             "name": names[call_id],
-            "response": {"result": text_of(message.get("content"))},
+            "response": {"result": text_of(message.get("content"), f"{where}.content")},
         }
     }
 
@@ -252,30 +284,41 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
     stops = stop_sequences(body.get("stop"))
     if stops:
         config["stopSequences"] = stops
-    response_format = body.get("response_format") or {}
-    if response_format.get("type") in ("json_object", "json_schema"):
+    kind, spec = response_format_of(body)
+    if kind in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if response_format["type"] == "json_schema" and schema:
+        schema = spec.get("schema")
+        if kind == "json_schema" and schema:
             config["responseJsonSchema"] = schema
     return config
 
 
-def _declaration(tool: dict[str, Any]) -> dict[str, Any]:
+def _declaration(item: Any, where: str) -> dict[str, Any]:
+    tool = an_object(item, where)
     if tool.get("type", "function") != "function":
-        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Gemini")
-    function = tool.get("function") or {}
+        raise invalid_request(
+            f"`{where}.type` {shown(tool.get('type'))} is not supported for Gemini; "
+            "only function tools are",
+            f"{where}.type",
+        )
+    function = function_of(tool, where)
     declaration: dict[str, Any] = {"name": function.get("name")}
-    if function.get("description"):
-        declaration["description"] = function["description"]
-    if function.get("parameters"):
-        declaration["parametersJsonSchema"] = function["parameters"]
+    description = a_string(function.get("description"), f"{where}.function.description")
+    if description:
+        declaration["description"] = description
+    parameters = function.get("parameters")
+    if parameters:
+        declaration["parametersJsonSchema"] = an_object(parameters, f"{where}.function.parameters")
     return declaration
 
 
 def _calling_config(choice: Any) -> dict[str, Any]:
     if isinstance(choice, str) and choice in _MODES:
         return {"mode": _MODES[choice]}
-    if isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
+    if (
+        isinstance(choice, dict)
+        and isinstance(choice.get("function"), dict)
+        and isinstance(choice["function"].get("name"), str)
+    ):
         return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
-    raise invalid_request(f"unsupported tool_choice {choice!r}")
+    raise invalid_request(f"unsupported tool_choice {shown(choice)}", "tool_choice")

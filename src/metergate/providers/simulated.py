@@ -29,6 +29,14 @@ from metergate.errors import (
 )
 from metergate.providers.base import Adapter, Completion, StreamState, UpstreamCall, Usage
 from metergate.providers.sse import DONE, chunk_event
+from metergate.providers.translation import (
+    a_list,
+    an_object,
+    function_of,
+    request_translator,
+    response_format_of,
+    stop_sequences,
+)
 
 _WORDS = (
     "the",
@@ -202,8 +210,10 @@ class SimulatedAdapter(Adapter):
 
 
 class _Answer:
-    """The deterministic answer to one request."""
+    """The deterministic answer to one request (a malformed one is a 400 naming the field,
+    read with the same checks as the translating adapters)."""
 
+    @request_translator
     def __init__(self, call: UpstreamCall, default_tokens: int) -> None:
         body = call.body
         prompt = orjson.dumps(body.get("messages") or [], option=orjson.OPT_SORT_KEYS)
@@ -217,12 +227,8 @@ class _Answer:
             wanted, self.finish_reason = max(1, int(limit)), "length"
         self.words = [_WORDS[(digest[i % 32] + i) % len(_WORDS)] for i in range(wanted)]
         self.tool_call = _pick_tool(body)
-        self.json_mode = (body.get("response_format") or {}).get("type") in (
-            "json_object",
-            "json_schema",
-        )
-        stop = body.get("stop")
-        self._cut_at_stop([stop] if isinstance(stop, str) else list(stop or []))
+        self.json_mode = response_format_of(body)[0] in ("json_object", "json_schema")
+        self._cut_at_stop(stop_sequences(body.get("stop")))
         if self.tool_call:
             self.finish_reason = "tool_calls"
         prompt_tokens = max(1, _count_tokens(prompt.decode()))
@@ -281,27 +287,29 @@ class _Answer:
 
 
 def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    tools = body.get("tools") or []
+    tools = [an_object(t, f"tools[{i}]") for i, t in enumerate(a_list(body.get("tools"), "tools"))]
+    functions = [function_of(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
     choice = body.get("tool_choice", "auto")
     if not tools or choice == "none":
         return None
     messages = body.get("messages") or []
-    if choice == "auto" and messages and messages[-1].get("role") == "tool":
+    last = messages[-1] if messages else None
+    if choice == "auto" and isinstance(last, dict) and last.get("role") == "tool":
         return None  # the tool already answered: reply in text
-    function = tools[0].get("function", {})
+    index = 0
     if isinstance(choice, dict):
-        wanted = choice.get("function", {}).get("name")
-        function = next(
-            (t.get("function", {}) for t in tools if t.get("function", {}).get("name") == wanted),
-            function,
-        )
-    schema = function.get("parameters") or {}
+        wanted = function_of(choice, "tool_choice").get("name")
+        index = next((i for i, f in enumerate(functions) if f.get("name") == wanted), 0)
+    function, where = functions[index], f"tools[{index}].function.parameters"
+    schema = an_object(function.get("parameters") or {}, where)
+    properties = an_object(schema.get("properties") or {}, f"{where}.properties")
+    required = a_list(schema.get("required"), f"{where}.required")
     arguments = {
         name: _example_value(spec)
-        for name, spec in (schema.get("properties") or {}).items()
-        if name in (schema.get("required") or [])
+        for name, spec in properties.items()
+        if name in required and isinstance(spec, dict)
     }
-    name = function.get("name", "tool")
+    name = function.get("name") or "tool"
     return {
         "id": "call_sim_" + hashlib.sha256(name.encode()).hexdigest()[:16],
         "type": "function",

@@ -8,6 +8,7 @@ behave the same way (same error for a bad request, same chunk shape, same stream
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -21,20 +22,24 @@ from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
 
+log = logging.getLogger("metergate.providers")
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def invalid_request(message: str) -> InvalidRequest:
-    """A request this provider cannot serve: the caller's fault, so a 400."""
-    return InvalidRequest(message)
+def invalid_request(message: str, param: str | None = None) -> InvalidRequest:
+    """A request this provider cannot serve: the caller's fault, so a 400 that names the
+    field (`messages[2].content[0].text`) in the caller's OpenAI terms."""
+    return InvalidRequest(message, param=param)
 
 
 def request_translator(translate: Callable[P, R]) -> Callable[P, R]:
-    """Make a malformed request (say, a message that is not an object) a 400, not a 500.
+    """Make a malformed request that slipped past the shape checks a 400, not a 500.
 
     The gateway checks only what it relies on itself; the shape of messages, content
-    parts and tools is first read here.
+    parts and tools is first read by the translators, through the checks below, which
+    name the offending field. This is the net under them: it names no field (so the tests
+    make sure nothing reaches it) and never quotes Python's own message.
     """
 
     @functools.wraps(translate)
@@ -42,44 +47,96 @@ def request_translator(translate: Callable[P, R]) -> Callable[P, R]:
         try:
             return translate(*args, **kwargs)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise invalid_request(f"malformed request: {type(exc).__name__}: {exc}") from exc
+            # No message: it could quote the caller's content.
+            log.warning(
+                "%s met a shape it does not check (%s)", translate.__qualname__, type(exc).__name__
+            )
+            raise invalid_request(
+                "malformed request: a field has a type this provider's translation cannot "
+                "read; check messages, tools, tool_choice, stop and response_format"
+            ) from exc
 
     return checked
 
 
-def text_of(content: Any) -> str:
-    """The text of an OpenAI message `content`: a string, or a list of parts (text only)."""
+def an_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid_request(f"`{where}` must be an object, not {_kind(value)}", where)
+    return value
+
+
+def a_list(value: Any, where: str) -> list[Any]:
+    """An array; null or absent is an empty one."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid_request(f"`{where}` must be an array, not {_kind(value)}", where)
+    return value
+
+
+def a_string(value: Any, where: str) -> str | None:
+    """A string, or None when null or absent."""
+    if value is not None and not isinstance(value, str):
+        raise invalid_request(f"`{where}` must be a string, not {_kind(value)}", where)
+    return value
+
+
+def shown(value: Any) -> str:
+    """A caller's value quoted in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    """What the caller sent, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    names: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return names.get(type(value), "a value")
+
+
+def text_of(content: Any, where: str) -> str:
+    """The text of an OpenAI message `content`: a string, or a list of parts whose text
+    parts are joined (other parts carry no text here)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(
-        part.get("text") or ""
-        for part in content
-        if isinstance(part, dict) and part.get("type") == "text"
-    )
+    texts = []
+    for index, part in enumerate(a_list(content, where)):
+        part = an_object(part, f"{where}[{index}]")
+        if part.get("type") == "text":
+            texts.append(a_string(part.get("text"), f"{where}[{index}].text") or "")
+    return "".join(texts)
 
 
-def image_url_of(part: dict[str, Any]) -> str:
+def image_url_of(part: dict[str, Any], where: str) -> str:
     """The URL of an `image_url` content part (an object per the spec; some clients send a str)."""
     ref = part.get("image_url")
     url = ref.get("url") if isinstance(ref, dict) else ref
     if not isinstance(url, str) or not url:
-        raise invalid_request("an image_url content part has no url")
+        raise invalid_request(f"`{where}.image_url` has no url", f"{where}.image_url")
     return url
 
 
-def parse_data_url(url: str) -> tuple[str, str] | None:
+def parse_data_url(url: str, where: str) -> tuple[str, str] | None:
     """(media type, base64 payload) of a `data:` URL, None for any other URL."""
     if not url.startswith("data:"):
         return None
     header, comma, data = url[5:].partition(",")
     if not comma or not header.endswith(";base64"):
-        raise invalid_request("image data URLs must be base64-encoded (data:<type>;base64,...)")
+        raise invalid_request(
+            f"`{where}.image_url`: image data URLs must be base64-encoded (data:<type>;base64,...)",
+            f"{where}.image_url",
+        )
     return header.split(";", 1)[0] or "application/octet-stream", data
 
 
-def parse_arguments(arguments: Any) -> dict[str, Any]:
+def parse_arguments(arguments: Any, where: str) -> dict[str, Any]:
     """The JSON object of a tool call's `arguments`; both providers want a real object."""
     if isinstance(arguments, dict):
         return arguments
@@ -88,21 +145,46 @@ def parse_arguments(arguments: Any) -> dict[str, Any]:
     except (orjson.JSONDecodeError, TypeError):
         value = None
     if not isinstance(value, dict):
-        raise invalid_request("tool call arguments must be a JSON object encoded as a string")
+        raise invalid_request(f"`{where}` must be a JSON object encoded as a string", where)
     return value
 
 
 def stop_sequences(stop: Any) -> list[str]:
     if isinstance(stop, str):
         return [stop] if stop else []
-    return [item for item in stop or [] if isinstance(item, str) and item]
+    stops = a_list(stop, "stop")
+    if not all(isinstance(item, str) for item in stops):
+        raise invalid_request("`stop` must be a string or an array of strings", "stop")
+    return [item for item in stops if item]
+
+
+def function_of(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """The `function` object of a tool or tool call (absent: empty), its name a string."""
+    function = an_object(item.get("function") or {}, f"{where}.function")
+    a_string(function.get("name"), f"{where}.function.name")
+    return function
+
+
+def response_format_of(body: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """The `response_format` type and, for `json_schema`, its `json_schema` object."""
+    value = body.get("response_format")
+    if value is None:
+        return None, {}
+    response_format = an_object(value, "response_format")
+    kind = a_string(response_format.get("type"), "response_format.type")
+    spec = an_object(response_format.get("json_schema") or {}, "response_format.json_schema")
+    a_string(spec.get("name"), "response_format.json_schema.name")
+    return kind, spec
 
 
 def max_output_tokens(body: dict[str, Any]) -> int | None:
     """`max_completion_tokens`, or the older `max_tokens` that many clients still send."""
     for key in ("max_completion_tokens", "max_tokens"):
-        if body.get(key) is not None:
-            return int(body[key])
+        value = body.get(key)
+        if value is not None:
+            if type(value) is not int:
+                raise invalid_request(f"`{key}` must be a positive integer", key)
+            return value
     return None
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from metergate.budgets.book import Budget, BudgetBook, Reservation, exhausted
 from metergate.limits.admission import Admission
 from metergate.limits.rate import Bucket, Verdict, rate_limited, ratelimit_headers
+from metergate.metering.estimate import WorstCase
 from metergate.shared import scripts
 from metergate.shared.errors import Unavailable
 from metergate.shared.redis import RedisLink
@@ -64,9 +65,10 @@ class SharedCounters:
         return found
 
     async def admit(
-        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst_nano: int
+        self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Admission:
         """One round trip (plus a ledger seed when a budget's counter is missing)."""
+        worst_nano = worst.nano
         keys = tuple(self.keys(b) for b in budgets)
         rate_keys, rate_spec = self._rate_spec(buckets)
         redis_keys = [*rate_keys, *(name for k in keys for name in (k.spent, k.held))]
@@ -97,7 +99,7 @@ class SharedCounters:
                 refused = Verdict(False, 0, 0, verdicts[index].reset_us, reply[2])
                 raise rate_limited(buckets[index], refused, headers)
             if code == scripts.OVER_BUDGET:
-                raise exhausted(budgets[index], worst_nano, reply[2], reply[3])
+                raise exhausted(budgets[index], worst, reply[2], reply[3])
             if worst_nano > 0:
                 for k in keys:
                     self.holding[k.held] = self.holding.get(k.held, 0) + worst_nano

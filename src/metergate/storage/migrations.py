@@ -101,6 +101,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
+        4,
+        "usage estimated by the gateway",
+        ("ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0",),
+    ),
+    Migration(
         5,
         "api of each request; stored Responses API answers",
         (

@@ -103,7 +103,7 @@ def _system_text(system: Any, lost: list[str]) -> str:
     for block in system:
         if block.get("type") != "text":
             lost.append(f"system block type {block.get('type')!r}")
-    return text_of(system)
+    return text_of(system, "system")
 
 
 def _user(content: Any, lost: list[str]) -> list[dict[str, Any]]:
@@ -150,7 +150,7 @@ def _document(block: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     if kind == "text":
         return {"type": "text", "text": source.get("data") or ""}
     if kind == "content":
-        return {"type": "text", "text": text_of(source.get("content"))}
+        return {"type": "text", "text": text_of(source.get("content"), "document.source.content")}
     lost.append(f"document source type {kind!r}")
     return {"type": "text", "text": ""}
 
@@ -159,7 +159,7 @@ def _tool_result(block: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     content = block.get("content")
     if isinstance(content, list) and any(part.get("type") != "text" for part in content):
         lost.append("non-text content in a tool_result")
-    text = text_of(content)
+    text = text_of(content, "tool_result.content")
     if block.get("is_error"):
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}

@@ -1,0 +1,221 @@
+"""The HTTP/1.1 protocol the gateway serves with: uvicorn's httptools protocol, bounded.
+
+uvicorn's httptools protocol puts no limit on a request's header bytes, and no deadline
+on a client that trickles its headers or body: one byte a second keeps a connection, and
+a task, alive forever (slowloris). This subclass adds, per connection (`server:` in the
+config, read when the app is loaded):
+
+- `max_header_bytes`: request line and headers above it get a 431 and the connection
+  closes, before more of them is buffered;
+- `header_timeout_seconds`: from a connection's start or a request's first byte to the
+  end of its headers; past it, a 408 and close;
+- `body_timeout_seconds`: from the end of the headers to the end of the body; past it,
+  a 408 (or, if the answer has started, a plain close) and the handler sees the client
+  gone;
+- `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed
+  (uvicorn's own keep-alive timer, set from this value).
+
+The common request arrives in one read, headers and body together: it arms no timer
+and costs a few attribute writes. Timers are armed only when a read ends mid-headers or
+mid-body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from metergate.config.model import ServerConfig
+from metergate.errors import error_body
+
+# Where a connection is: waiting for headers, reading a body, serving, kept alive, or
+# refused and closing.
+_HEADERS, _BODY, _BUSY, _IDLE, _CLOSING = range(5)
+_END_OF_HEADERS = b"\r\n\r\n"
+# After a refusal, what the client still sends is read and dropped for this long, so
+# that closing with unread data (which resets the connection) cannot destroy the
+# answer before the client has read it.
+LINGER_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_bytes: int
+    header_seconds: float
+    body_seconds: float
+    idle_seconds: float
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> ConnectionLimits:
+        return cls(
+            server.max_header_bytes,
+            server.header_timeout_seconds,
+            server.body_timeout_seconds,
+            server.idle_timeout_seconds,
+        )
+
+
+_DEFAULT = ConnectionLimits.of(ServerConfig())
+_limits: dict[int, ConnectionLimits] = {}  # id(loaded app) -> its limits
+
+
+def limits_of(app: Any) -> ConnectionLimits:
+    """The limits of the gateway app uvicorn serves, under whatever middleware uvicorn
+    wrapped around it (each keeps the wrapped app as `.app`)."""
+    found = _limits.get(id(app))
+    if found is None:
+        inner, found = app, _DEFAULT
+        while inner is not None:
+            runtime = getattr(inner, "runtime", None)
+            if runtime is not None:
+                found = ConnectionLimits.of(runtime.plan.config.server)
+                break
+            inner = getattr(inner, "app", None)
+        _limits[id(app)] = found
+    return found
+
+
+# The parent's methods, called directly on the per-request path (cheaper than super()).
+_data_received = HttpToolsProtocol.data_received
+_headers_complete = HttpToolsProtocol.on_headers_complete
+_message_complete = HttpToolsProtocol.on_message_complete
+_response_complete = HttpToolsProtocol.on_response_complete
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header size and slow-client limits."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits_of(self.app)
+        self._max_header_bytes = self.limits.header_bytes
+        self.timeout_keep_alive = self.limits.idle_seconds  # type: ignore[assignment]
+        self._phase = _HEADERS
+        self._header_bytes = 0
+        self._tail = b""  # the last bytes of a read that ended mid-headers
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed = _IDLE  # the phase the timer is for
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(_HEADERS, self.limits.header_seconds)  # a new client must speak soon
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase == _CLOSING:
+            return
+        if phase == _IDLE:
+            self._phase = phase = _HEADERS
+            self._header_bytes = 0
+        if phase == _HEADERS:
+            total = self._header_bytes + len(data)
+            if total > self._max_header_bytes and self._headers_too_large(data, total):
+                return
+            self._header_bytes = total
+        _data_received(self, data)
+        phase = self._phase
+        if phase == _HEADERS:
+            self._tail = data[-3:]
+            if self._timed != _HEADERS:
+                self._arm(_HEADERS, self.limits.header_seconds)
+        elif phase == _BODY:
+            if self._timed != _BODY:
+                self._arm(_BODY, self.limits.body_seconds)
+        elif self._timer is not None:
+            self._disarm()
+
+    def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        _headers_complete(self)
+
+    def on_message_complete(self) -> None:
+        self._phase = _BUSY
+        _message_complete(self)
+
+    def on_response_complete(self) -> None:
+        if self._phase == _BUSY and not self.pipeline:
+            self._phase = _IDLE  # uvicorn's keep-alive timer takes over
+        _response_complete(self)
+
+    # -- limits -------------------------------------------------------------------
+
+    def _headers_too_large(self, data: bytes, total: int) -> bool:
+        """Refuse the request if its headers pass the limit (`total`: bytes of this
+        message so far, this read included, which may hold body bytes too)."""
+        end = (self._tail + data).find(_END_OF_HEADERS)
+        size = total if end < 0 else self._header_bytes - len(self._tail) + end + 4
+        if size <= self.limits.header_bytes:
+            return False
+        self._refuse(
+            431,
+            f"request headers are larger than the gateway's limit of "
+            f"{self.limits.header_bytes} bytes (server.max_header_bytes)",
+            "request_header_fields_too_large",
+        )
+        return True
+
+    def _arm(self, phase: int, seconds: float) -> None:
+        self._disarm()
+        self._timed = phase
+        self._timer = self.loop.call_later(seconds, self._expired, phase)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timed = _IDLE
+
+    def _expired(self, phase: int) -> None:
+        self._timer, self._timed = None, _IDLE
+        if self._phase != phase or self.transport.is_closing():
+            return
+        if phase == _HEADERS:
+            what = "headers", self.limits.header_seconds, "server.header_timeout_seconds"
+        else:
+            what = "body", self.limits.body_seconds, "server.body_timeout_seconds"
+        self._refuse(
+            408,
+            f"the request {what[0]} did not arrive within {what[1]:g} s ({what[2]})",
+            "request_timeout",
+        )
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer `status` unless this request has been answered (or a pipelined one
+        before it is being answered), and close the connection; the request's handler,
+        if one runs, sees its client gone."""
+        cycle = self.cycle
+        if self._phase == _HEADERS:  # `cycle` is a previous request's, if any
+            speak = cycle is None or cycle.response_complete
+        else:
+            speak = cycle is not None and not cycle.response_started
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._phase = _CLOSING
+        if not speak:
+            self.transport.close()
+            return
+        body = error_body(message, "invalid_request_error", code)
+        self.transport.write(
+            b"".join(
+                (
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                )
+            )
+        )
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer, then end of stream; keep reading
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()

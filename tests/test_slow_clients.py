@@ -1,0 +1,223 @@
+"""Slow, idle and oversized clients against a real `metergate serve`, over raw sockets.
+
+The limits are set low (seconds, 8 KiB) so that each test is short; the deadlines the
+tests wait on are several times longer than the limits, so a loaded machine does not
+make them flaky. Also: forwarded headers move the admin sign-in limiter only when they come
+from a configured trusted proxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.services import GatewayProcess, create_key_sync
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMITS = {
+    "max_header_bytes": 8192,
+    "header_timeout_seconds": 2,
+    "body_timeout_seconds": 3,  # room for the test that sends its body in time
+    "idle_timeout_seconds": 1,
+}
+PATIENCE = 10.0  # seconds a test waits for the gateway to act on a limit of a few
+ADMIN_KEY = "admin-secret-for-tests-0123456789"
+
+
+def serve(workdir: Path, server: dict[str, object]) -> tuple[GatewayProcess, str]:
+    ledger = f"sqlite:///{workdir / 'ledger.db'}"
+    config = {
+        "server": server,
+        "ledger": {"url": ledger},
+        "admin": {"api_key": ADMIN_KEY},
+        "providers": {"sim": {"type": "simulated"}},
+        "upstreams": {"sim-up": {"provider": "sim", "model": "sim-1"}},
+        "models": {"sim": {"upstreams": ["sim-up"]}},
+    }
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    key = create_key_sync(ledger, "slow")
+    gateway = GatewayProcess(path, workdir)
+    try:
+        gateway.wait_ready()
+    except BaseException:
+        gateway.kill_all()
+        raise
+    return gateway, key
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str]]:
+    process, key = serve(tmp_path_factory.mktemp("slow"), LIMITS)
+    yield process, key
+    process.kill_all()
+
+
+@contextlib.contextmanager
+def connection(process: GatewayProcess) -> Iterator[socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", process.port), timeout=PATIENCE)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def answer(sock: socket.socket) -> bytes:
+    """What the gateway sends until it closes the connection (or PATIENCE runs out)."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def one_response(sock: socket.socket) -> bytes:
+    """One whole response (sized or chunked) from a kept-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line[15:])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        ),
+        None,
+    )
+    while (len(body) < length) if length is not None else not body.endswith(b"0\r\n\r\n"):
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def request(path: str, *headers: str, body: bytes = b"", method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gateway", *headers, "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def chat_request(key: str, length: int, body: bytes, *headers: str) -> bytes:
+    """A chat request announcing a `length`-byte body, with `body` (its start, or none)."""
+    return request(
+        "/v1/chat/completions",
+        f"Authorization: Bearer {key}",
+        "Content-Type: application/json",
+        f"Content-Length: {length}",
+        *headers,
+        body=body,
+        method="POST",
+    )
+
+
+@pytest.mark.parametrize("size", [1 << 20, 8 << 20])
+def test_huge_request_headers_get_a_431(gateway: tuple[GatewayProcess, str], size: int) -> None:
+    process, _ = gateway
+    with connection(process) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request("/healthz", "X-Big: " + "a" * size))
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert (
+        b"server.max_header_bytes" in reply and b'"code":"request_header_fields_too_large"' in reply
+    )
+
+
+def test_headers_within_the_limit_are_served(gateway: tuple[GatewayProcess, str]) -> None:
+    process, _ = gateway
+    response = httpx.get(f"{process.base_url}/healthz", headers={"x-pad": "a" * 7000})
+    assert response.status_code == 200
+
+
+def test_headers_sent_a_byte_at_a_time_get_a_408(gateway: tuple[GatewayProcess, str]) -> None:
+    process, _ = gateway
+    started = time.monotonic()
+    with connection(process) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for byte in request("/healthz", "X-Slow: " + "a" * 100):
+                sock.send(bytes([byte]))
+                time.sleep(0.1)  # the whole request would take 13 s
+                if time.monotonic() - started > PATIENCE:
+                    break
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert b"server.header_timeout_seconds" in reply
+    assert time.monotonic() - started < PATIENCE
+
+
+def test_a_connection_that_says_nothing_is_closed(gateway: tuple[GatewayProcess, str]) -> None:
+    process, _ = gateway
+    with connection(process) as sock:
+        assert answer(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_body_that_never_finishes_gets_a_408(gateway: tuple[GatewayProcess, str]) -> None:
+    process, key = gateway
+    with connection(process) as sock:
+        sock.sendall(chat_request(key, 1000, b'{"model": "sim", '))
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert b"server.body_timeout_seconds" in reply
+
+
+def test_a_body_sent_in_pieces_in_time_is_served(gateway: tuple[GatewayProcess, str]) -> None:
+    process, key = gateway
+    body = b'{"model": "sim", "messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
+    with connection(process) as sock:
+        sock.sendall(chat_request(key, len(body), b"", "Connection: close"))
+        for start in range(0, len(body), 50_000):
+            sock.sendall(body[start : start + 50_000])
+            time.sleep(0.05)
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+
+
+def test_an_idle_kept_alive_connection_is_closed(gateway: tuple[GatewayProcess, str]) -> None:
+    process, _ = gateway
+    with connection(process) as sock:
+        sock.sendall(request("/healthz"))
+        first = one_response(sock)
+        assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()
+        waited = time.monotonic()
+        assert answer(sock) == b""  # closed without a word
+        # after about the configured second: well before the 75 s default (or uvicorn's 5 s)
+        assert time.monotonic() - waited < 4
+
+
+# -- forwarded headers and the sign-in limiter ------------------------------------------
+
+
+def sign_in(process: GatewayProcess, key: str, forwarded_for: str | None = None) -> int:
+    headers = {"authorization": f"Bearer {key}"}
+    if forwarded_for:
+        headers["x-forwarded-for"] = forwarded_for
+    return httpx.get(f"{process.base_url}/admin/api/session", headers=headers).status_code
+
+
+def test_forwarded_for_is_not_trusted_by_default(tmp_path: Path) -> None:
+    """Rotating X-Forwarded-For does not give a client fresh sign-in attempts."""
+    process, _ = serve(tmp_path, {})
+    try:
+        statuses = [sign_in(process, "wrong-key", f"203.0.113.{i}") for i in range(8)]
+        assert statuses[:5] == [401] * 5 and statuses[5:] == [429] * 3
+        assert sign_in(process, ADMIN_KEY, "198.51.100.7") == 429  # still this client
+    finally:
+        process.kill_all()
+
+
+def test_forwarded_for_from_a_trusted_proxy_names_the_client(tmp_path: Path) -> None:
+    process, _ = serve(tmp_path, {"trusted_proxies": ["127.0.0.0/8"]})
+    try:
+        assert [sign_in(process, "wrong-key", "203.0.113.1") for _ in range(6)] == [401] * 5 + [429]
+        assert sign_in(process, ADMIN_KEY, "203.0.113.1") == 429  # that client is limited
+        assert sign_in(process, ADMIN_KEY, "203.0.113.2") == 200  # another one is not
+        # a client's own claim before the proxy's entry is believed only through trusted hops
+        assert sign_in(process, ADMIN_KEY, "203.0.113.1, 203.0.113.3") == 200
+    finally:
+        process.kill_all()

@@ -1,0 +1,165 @@
+"""A stream that does not complete is billed at least what the caller received.
+
+The fake upstreams cut or stall a stream after N content chunks; the caller reads what
+arrives with the openai SDK. Every word is at least one token for any real tokenizer,
+so the words received are a floor the billed output must reach; the ledger row says the
+figure is an estimate, and its cost is that figure at the configured prices.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from metergate.metering.estimate import RelayedText
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer
+from tests.upstreams import anthropic_server, openai_server
+
+PRICE = {"input": 1, "output": 10}  # USD per million tokens
+PICO = {"input": 1_000_000, "output": 10_000_000}  # the same, per token
+
+
+@pytest.fixture
+def upstreams(bg: BackgroundLoop) -> Iterator[dict[str, UpstreamServer]]:
+    app, _ = openai_server.create_app()
+    servers = {
+        "gpt": UpstreamServer(bg, app),
+        "claude": UpstreamServer(bg, anthropic_server.create_app()),
+    }
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+@pytest.fixture
+def gateway(
+    gateway_factory: Callable[..., Gateway], upstreams: dict[str, UpstreamServer]
+) -> Gateway:
+    """Models `gpt` and `claude`, and `gpt-stall` and `claude-stall` on the same fake
+    upstreams, whose streams end after a second of silence (the others wait 60 s)."""
+    config: dict[str, Any] = {"providers": {}, "upstreams": {}, "models": {}}
+    for name, kind, url, key in (
+        ("gpt", "openai", f"{upstreams['gpt'].url}/v1", openai_server.API_KEY),
+        ("claude", "anthropic", upstreams["claude"].url, anthropic_server.API_KEY),
+    ):
+        for model, timeouts in ((name, {}), (f"{name}-stall", {"stream_idle": 1.0})):
+            config["providers"][model] = {
+                "type": kind,
+                "base_url": url,
+                "api_key": key,
+                "timeouts": timeouts,
+            }
+            config["upstreams"][f"{model}-up"] = {
+                "provider": model,
+                "model": f"{name}-test",
+                "price": PRICE,
+            }
+            config["models"][model] = {"upstreams": [f"{model}-up"], "retry": {"max_retries": 0}}
+    return gateway_factory(config)
+
+
+def relay(gateway: Gateway, model: str, trigger: str, request_id: str) -> tuple[str, int, bool]:
+    """Stream with the openai SDK: (text received, content chunks, ended by an error)."""
+    text, chunks = "", 0
+    stream = gateway.client(timeout=30).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Tell me. TRIGGER:{trigger}"}],
+        stream=True,
+        extra_headers={"x-request-id": request_id},
+    )
+    try:
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    text += choice.delta.content
+                    chunks += 1
+    except openai.APIError:
+        return text, chunks, True
+    return text, chunks, False
+
+
+def ledger_row(gateway: Gateway, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        rows = gateway.ledger_rows(f"request_id = '{request_id}'")
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def cost_nano(row: dict[str, Any]) -> int:
+    pico = row["input_tokens"] * PICO["input"] + row["output_tokens"] * PICO["output"]
+    return (pico + 500) // 1000
+
+
+@pytest.mark.parametrize(
+    ("model", "trigger", "chunks"),
+    [
+        ("gpt", "cut_after_4", 4),
+        ("gpt-stall", "stall_after_3", 3),
+        ("claude", "stream_cut_after_4", 4),
+        ("claude-stall", "stream_stall_after_3", 3),
+    ],
+)
+def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
+    gateway: Gateway, model: str, trigger: str, chunks: int
+) -> None:
+    request_id = f"billing-{model}-{trigger}"
+    text, received, failed = relay(gateway, model, trigger, request_id)
+    # The caller saw N chunks, then an error event (a stall timer could, on a very
+    # loaded machine, fire before the N-th: what is billed must cover what came anyway).
+    assert failed and 0 < received <= chunks
+    assert received == chunks or "stall" in trigger
+    row = ledger_row(gateway, request_id)
+    assert row["outcome"] in ("upstream_error", "timeout"), row
+    assert row["output_tokens"] >= len(text.split()) >= received, (row, text)
+    assert row["usage_estimated"] == 1
+    assert row["input_tokens"] > 0 and row["cost_nano"] == cost_nano(row)
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
+def test_a_complete_stream_is_billed_as_the_upstream_reported(gateway: Gateway, model: str) -> None:
+    request_id = f"billing-{model}-complete"
+    text, received, failed = relay(gateway, model, "none", request_id)
+    assert not failed and received > 3
+    row = ledger_row(gateway, request_id)
+    assert row["outcome"] == "success" and row["usage_estimated"] == 0
+    reported = 7 if model == "gpt" else len(text.split())  # what each fake reports
+    assert row["output_tokens"] == reported and row["cost_nano"] == cost_nano(row)
+
+
+def test_relayed_text_is_counted_across_batches_and_split_events() -> None:
+    """The relay's counter reads kept chunks in batches; an event split between two
+    chunks, multibyte text, tool call arguments and non-JSON data all count."""
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hello wörld"}}]},  # 12 bytes
+        {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},  # 3
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "function": {"name": "f", "arguments": '{"a":1}'}}
+                        ]
+                    },
+                }
+            ]
+        },  # 1 + 7
+        {"choices": [], "usage": {"completion_tokens": 3}},
+    ]
+    stream = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+    stream += b"data: not json\n\ndata: [DONE]\n\n"  # 8 bytes of garbage, relayed as is
+    for batch in (1, 7, 64, 1 << 20):
+        relayed = RelayedText(batch_bytes=batch)
+        for start in range(0, len(stream), 13):  # events split anywhere
+            relayed.add(stream[start : start + 13])
+        assert relayed.tokens() == 12 + 3 + 8 + 8, batch
