@@ -163,3 +163,32 @@ def test_relayed_text_is_counted_across_batches_and_split_events() -> None:
         for start in range(0, len(stream), 13):  # events split anywhere
             relayed.add(stream[start : start + 13])
         assert relayed.tokens() == 12 + 3 + 8 + 8, batch
+
+
+def test_a_cut_stream_relayed_in_its_own_protocol_is_billed_what_was_relayed(
+    gateway: Gateway,
+) -> None:
+    """`/v1/messages` to an Anthropic upstream is relayed as Anthropic's own events (no
+    translation): a cut stream is still billed at least the text the caller received."""
+    import anthropic
+
+    client = anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+    request_id = "billing-messages-native-cut"
+    text = ""
+    with (
+        pytest.raises(anthropic.APIError),  # the stream ends with an error event
+        client.messages.stream(
+            model="claude",
+            max_tokens=200,
+            messages=[{"role": "user", "content": "Tell me. TRIGGER:stream_cut_after_4"}],
+            extra_headers={"x-request-id": request_id},
+        ) as stream,
+    ):
+        for piece in stream.text_stream:
+            text += piece
+    assert len(text.split()) >= 4
+    row = ledger_row(gateway, request_id)
+    assert row["api"] == "messages" and row["usage_estimated"] == 1
+    assert row["output_tokens"] >= len(text.split()), (row, text)

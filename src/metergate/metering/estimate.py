@@ -72,12 +72,17 @@ class RelayedText:
 
 def _delta_text_bytes(data: bytes) -> int:
     """UTF-8 bytes of the text in one chunk's deltas: content, refusal, reasoning, and
-    tool calls' names and arguments."""
+    tool calls' names and arguments. A stream relayed in its own protocol (an Anthropic
+    or Responses upstream serving its own door) counts its deltas the same way."""
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         return len(data)  # not JSON, yet relayed: count all of it
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not isinstance(chunk, dict):
+        return 0
+    if "choices" not in chunk:
+        return _native_delta_bytes(chunk.get("delta"))
+    choices = chunk.get("choices")
     size = 0
     for choice in choices if isinstance(choices, list) else ():
         delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -94,6 +99,19 @@ def _delta_text_bytes(data: bytes) -> int:
 
 
 _DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+# Anthropic's content_block_delta: text_delta, input_json_delta, thinking_delta.
+_NATIVE_DELTA_TEXTS = ("text", "partial_json", "thinking")
+
+
+def _native_delta_bytes(delta: Any) -> int:
+    """Responses events carry their delta as a string (`response.output_text.delta`,
+    `...function_call_arguments.delta`); Anthropic's as an object."""
+    if isinstance(delta, str):
+        return len(delta.encode())
+    if not isinstance(delta, dict):
+        return 0
+    texts = (delta.get(name) for name in _NATIVE_DELTA_TEXTS)
+    return sum(len(text.encode()) for text in texts if isinstance(text, str))
 
 
 def stream_usage(
