@@ -6,14 +6,18 @@ would, so the benchmark measures the shipped server stack (uvicorn + uvloop + ht
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchlib.procfs import session_pids
 from benchlib.procs import BenchError, Processes, Started, free_port, http, pinned, wait_ready
 
 MODEL = "bench"
@@ -115,3 +119,43 @@ def requests_by_outcome(gateway: Gateway) -> dict[str, float]:
                 outcome = sample.labels.get("outcome", "")
                 totals[outcome] = totals.get(outcome, 0.0) + sample.value
     return totals
+
+
+def worker_pids(leader: int) -> list[int]:
+    """The uvicorn worker processes under a `serve --workers N` (spawned by multiprocessing;
+    with one worker, the server is the leader itself)."""
+    found = []
+    for pid in session_pids(leader):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return sorted(found) or [leader]
+
+
+def wait_workers(gateway: Gateway, workers: int, ledger: Path, timeout: float = 60) -> list[int]:
+    """Wait until every worker has opened the ledger (its startup is then nearly done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(gateway.process.popen.pid)
+        if workers == 1 or (len(pids) == workers and all(_opened(pid, ledger) for pid in pids)):
+            return pids
+        time.sleep(0.1)
+    raise BenchError(f"{workers} workers not all up after {timeout:.0f} s")
+
+
+def _opened(pid: int, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == str(path):
+                    return True
+    return False
+
+
+def multiproc_dir(pid: int) -> Path | None:
+    """PROMETHEUS_MULTIPROC_DIR as a worker process sees it (serve sets it for workers)."""
+    with contextlib.suppress(OSError):
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if item.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+                return Path(item.split(b"=", 1)[1].decode())
+    return None
