@@ -62,6 +62,7 @@ from benchlib import (
     workers,
     wrk,
 )
+from benchlib.measure import half_load_connections, ttft_once
 from benchlib.outcome import (
     ONE,
     SAT,
@@ -76,6 +77,7 @@ from benchlib.outcome import (
     median_of,
     ms,
 )
+from benchlib.procs import CpuLayout, cpu_layout
 from benchlib.report import Check
 from benchlib.suite_report import render
 from benchlib.targets import (
@@ -88,35 +90,12 @@ from benchlib.targets import (
     PEERS,
     PORTKEY,
     SLOW_BODY,
-    STREAM_BODY,
     Target,
     verify,
 )
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-
-
-@dataclass(frozen=True)
-class CpuLayout:
-    gateway: str | None  # every gateway (metergate, peers, floor), one at a time busy
-    other: str | None  # nginx, wrk, py-spy and this process's probes
-    cpus: tuple[int, ...] = ()  # every CPU the run may use (the workers step spreads)
-
-    def describe(self) -> str:
-        if self.gateway is None:
-            return "not pinned"
-        return (
-            f"gateways (metergate, LiteLLM, Portkey, floor) on CPU {self.gateway}, one loaded at a "
-            f"time; nginx, wrk, py-spy and the suite's asyncio probes on CPU {self.other}"
-        )
-
-
-def cpu_layout(pin: bool) -> CpuLayout:
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2 or shutil.which("taskset") is None:
-        return CpuLayout(None, None, tuple(cpus))
-    return CpuLayout(str(cpus[0]), ",".join(map(str, cpus[1:])), tuple(cpus))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -307,52 +286,9 @@ def run_loads(
     return results
 
 
-def half_load_connections(
-    target: Target, max_rps: float, seconds: int, cpus: str | None
-) -> tuple[int, list[tuple[int, float]]]:
-    """The wrk connection count whose throughput is closest to half of `max_rps`."""
-    tried: list[tuple[int, float]] = []
-    for connections in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48):
-        result = wrk.run(
-            target.unary,
-            connections=connections,
-            seconds=seconds,
-            token=target.token,
-            cpus=cpus,
-            headers=target.headers("unary"),
-        )
-        tried.append((connections, result.rps))
-        if result.rps >= 0.5 * max_rps:
-            break
-    best = min(tried, key=lambda item: abs(item[1] - 0.5 * max_rps))
-    return best[0], tried
-
-
 # --------------------------------------------------------------------------------------
 # Streaming time to first chunk.
 # --------------------------------------------------------------------------------------
-
-
-def ttft_once(target: Target, count: int) -> TtftRun:
-    """`count` streamed requests one after the other on one connection: when each one's
-    first body bytes arrived, and when it ended."""
-    exchanges = probe.run(
-        probe.sequential(target.stream, STREAM_BODY, target.token, count, target.headers("stream"))
-    )
-    good = [
-        e
-        for e in exchanges
-        if e.status == 200 and e.error is None and e.first_event is not None and b"[DONE]" in e.body
-    ]
-    firsts = [ms(e.first_event) for e in good if e.first_event is not None]
-    totals = [ms(e.done) for e in good if e.done is not None]
-    return TtftRun(
-        probe.percentile(firsts, 50) if firsts else float("nan"),
-        probe.percentile(firsts, 99) if firsts else float("nan"),
-        probe.percentile(totals, 50) if totals else float("nan"),
-        len(good),
-        len(exchanges),
-    )
 
 
 def ttft_runs(

@@ -71,13 +71,29 @@ def write_config(workdir: Path, upstream_port: int) -> Path:
     return path
 
 
-def create_key(config: Path) -> str:
+@dataclass(frozen=True)
+class Install:
+    """How to run a metergate: its CLI command and environment (default: this venv's).
+    `bench/ab.py` runs another commit's tree through the same python with PYTHONPATH."""
+
+    cli: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+
+    def command(self, *args: str) -> list[str]:
+        return [*(self.cli or (metergate_bin(),)), *args]
+
+
+THIS_TREE = Install()
+
+
+def create_key(config: Path, install: Install = THIS_TREE) -> str:
     """`metergate keys create`; the secret is the last line of its stdout."""
     done = subprocess.run(
-        [metergate_bin(), "keys", "create", "--name", "bench", "--config", str(config)],
+        install.command("keys", "create", "--name", "bench", "--config", str(config)),
         capture_output=True,
         text=True,
         timeout=60,
+        env=install.env,
     )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines or not lines[-1].startswith("mgk_"):
@@ -97,12 +113,18 @@ class Gateway:
 
 
 def start_gateway(
-    processes: Processes, config: Path, cpus: str | None, workers: int = 1
+    processes: Processes,
+    config: Path,
+    cpus: str | None,
+    workers: int = 1,
+    install: Install = THIS_TREE,
 ) -> Gateway:
     port = free_port()
-    command = [metergate_bin(), "serve", "--config", str(config), "--port", str(port)]
-    command += ["--workers", str(workers)]
-    started = processes.start("metergate", pinned(command, cpus), config.parent / "metergate.log")
+    command = install.command("serve", "--config", str(config), "--port", str(port))
+    if workers != 1:  # (an older tree under A/B may predate the option)
+        command += ["--workers", str(workers)]
+    log = config.parent / "metergate.log"
+    started = processes.start("metergate", pinned(command, cpus), log, install.env)
     wait_ready(started, f"http://127.0.0.1:{port}/readyz", timeout=60)
     return Gateway(started, port, config)
 
