@@ -75,7 +75,7 @@ def summary_rows(
         )
 
     def added(value: float, direct: float) -> str:
-        return "n/a" if math.isnan(value - direct) else f"+{value - direct:.3f} ms"
+        return "n/a" if math.isnan(value - direct) else f"{value - direct:+.3f} ms"
 
     rps = {n: v(n, SAT, "rps", o.unary) for n in [*o.names, FLOOR_LABEL]}
     row(
@@ -118,7 +118,7 @@ def summary_rows(
         if label == "p50":
             extra = round(values[METERGATE] - values[DIRECT], 3)  # wrk's resolution: 10 µs
             targets.append(
-                ("added latency ≤ 0.3 ms p50 at 1 connection", extra <= 0.3, f"+{extra:.3f} ms")
+                ("added latency ≤ 0.3 ms p50 at 1 connection", extra <= 0.3, f"{extra:+.3f} ms")
             )
     gateways = [n for n in (METERGATE, *peers) if n in o.half_connections]
     for field_name, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
@@ -164,7 +164,7 @@ def summary_rows(
         (
             "streaming: added time to first chunk ≤ 0.5 ms p50",
             added_ttft <= 0.5,
-            f"+{added_ttft:.3f} ms",
+            f"{added_ttft:+.3f} ms",
         )
     )
     chunks = {n: v(n, "streams", "rps", o.streams) * upstream.STREAM_CHUNKS for n in o.names}
@@ -252,7 +252,7 @@ def pacing_rows(
     def lags(name: str) -> str:
         found = lag[name]
         return (
-            f"+{_f(found.first_ms, 1)} / {_f(found.median_ms, 1)} / {_f(found.max_ms, 1)}, "
+            f"{found.first_ms:+.1f} / {_f(found.median_ms, 1)} / {_f(found.max_ms, 1)}, "
             f"{pacing.reads[name]} reads"
         )
 
