@@ -25,8 +25,8 @@ http://127.0.0.1:NGINX/<location>/v1`, plus the bearer token that it forwards up
 A custom host on loopback is allowed by default (`TRUSTED_CUSTOM_HOSTS` defaults to
 localhost, 127.0.0.1, ::1); the bench sets `TRUSTED_CUSTOM_HOSTS=127.0.0.1` explicitly.
 Nothing here makes it reach the internet (no Redis, no guardrail plugins, no
-portkey.ai-hosted configs or logs); the suite checks that its process holds no
-connection to a non-loopback address.
+portkey.ai-hosted configs or logs); while it runs, the suite samples its sockets every
+0.5 s (`EgressWatch`, from `ss`) and fails if one was connected to a non-loopback address.
 
 What it does per request, compared with metergate: routing from headers, its request
 log for the (disabled) console (it re-parses every JSON answer for it), and, on streams,
@@ -42,6 +42,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,17 +144,44 @@ def start(processes: Processes, workdir: Path, cpus: str | None) -> Portkey:
 
 
 def remote_peers(pid: int) -> list[str]:
-    """Addresses of TCP connections the process holds to anything but loopback."""
-    done = subprocess.run(
-        ["ss", "-Htnp", "state", "established"], capture_output=True, text=True, check=False
-    )
+    """Peers of the TCP and UDP sockets the process holds to anything but loopback."""
+    done = subprocess.run(["ss", "-Htunp"], capture_output=True, text=True, check=False, timeout=30)
     found = []
     for line in done.stdout.splitlines():
         if f"pid={pid}," not in line:
             continue
         fields = line.split()
-        peer = fields[3] if len(fields) > 3 else ""
+        peer = fields[5] if len(fields) > 5 else ""
         host = peer.rsplit(":", 1)[0].strip("[]")
-        if not (host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")):
-            found.append(peer)
+        if peer.endswith(":*") or host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1"):
+            continue  # not connected, or loopback
+        found.append(peer)
     return found
+
+
+class EgressWatch:
+    """Samples `remote_peers(pid)` every `every` seconds while the loads run, so that a
+    connection Portkey opened and closed between two loads is seen too."""
+
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        self.pid = pid
+        self.every = every
+        self.seen: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.seen.update(remote_peers(self.pid))
+            self.samples += 1
+
+    def start(self) -> EgressWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(10)
+        self.seen.update(remote_peers(self.pid))
+        return sorted(self.seen)

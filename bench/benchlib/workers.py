@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from benchlib import gateway as gw
-from benchlib import ledger_rate, probe, procs, profile, scrape, upstream, wrk
+from benchlib import ledger_rate, probe, procfs, procs, profile, scrape, upstream, wrk
 from benchlib.ledger_rate import LedgerRate
 from benchlib.report import Check
 from benchlib.scrape import ScrapeResult
@@ -117,6 +117,7 @@ class Variant:
     pids: list[int]
     sat: list[wrk.WrkResult] = field(default_factory=list)
     one: list[wrk.WrkResult] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # gateway CPU per request, per -c run
     completed: int = 0  # requests wrk saw answered, warm-up included
     in_flight_bound: int = 0  # connections open when each wrk run stopped, summed
 
@@ -126,6 +127,7 @@ class Variant:
 
     def load(self, connections: int, seconds: int) -> wrk.WrkResult:
         p = self.placement
+        cpu = procfs.cpu_seconds(self.gateway.process.popen.pid)
         result = wrk.run(
             self.url,
             connections=connections,
@@ -135,6 +137,9 @@ class Variant:
             threads=min(p.client_threads, connections),
         )
         self.completed += result.requests
+        if connections > 1 and result.requests:
+            used = procfs.cpu_seconds(self.gateway.process.popen.pid) - cpu
+            self.cpu_us.append(used / result.requests * 1e6)
         self.in_flight_bound += connections
         return result
 
@@ -317,6 +322,7 @@ class WorkersResult:
     connections: int
     sat: dict[int, list[wrk.WrkResult]] = field(default_factory=dict)
     one: dict[int, list[wrk.WrkResult]] = field(default_factory=dict)
+    cpu_us: dict[int, list[float]] = field(default_factory=dict)  # per request, saturated
     exactness: list[Exactness] = field(default_factory=list)
     profile: WorkerProfile | None = None
     scrapes: list[ScrapeResult] = field(default_factory=list)
@@ -362,6 +368,8 @@ def measure(
                     f"errors {run.errors}",
                     flush=True,
                 )
+    for variant in variants:  # warm-up and the saturated runs
+        result.cpu_us[variant.placement.workers] = variant.cpu_us
     widest = variants[-1]
     if profile_seconds > 0 and widest.placement.workers > 1:
         raw = out_dir / f"workers-{widest.placement.workers}-profile.raw.txt"

@@ -13,7 +13,7 @@ from benchlib.workers import CATEGORIES, EXACT_REQUESTS, WorkersResult
 SCALE_PER_WORKER = 0.85  # the issue's target: 2 workers >= 1.7x one worker's requests/s
 
 
-def _median(values: list[float | None]) -> float:
+def _median(values: list[float] | list[float | None]) -> float:
     found = [v for v in values if v is not None]
     return float(statistics.median(found)) if found else float("nan")
 
@@ -40,6 +40,12 @@ def targets(
         times = rps(result, n) / one if one else float("nan")
         wanted = SCALE_PER_WORKER * n
         note = " (wrk and nginx shared the workers' CPUs)" if place.shared else ""
+        cpu_one, cpu_n = (
+            _median(list(result.cpu_us.get(1, []))),
+            _median(list(result.cpu_us.get(n, []))),
+        )
+        if not math.isnan(cpu_one) and not math.isnan(cpu_n):
+            note += f"; gateway CPU per request {cpu_n:.0f} µs vs {cpu_one:.0f} µs"
         found.append(
             (
                 f"{n} workers ≥ {wanted:.1f}x one worker's requests/s",
@@ -76,6 +82,7 @@ def section(result: WorkersResult) -> list[str]:
                 f"{_f(_median([r.p50_ms for r in sat]))} / {_f(_median([r.p99_ms for r in sat]))}",
                 f"{_f(_median([r.p50_ms for r in single]))} / "
                 f"{_f(_median([r.p99_ms for r in single]))}",
+                _f(_median(list(result.cpu_us.get(n, []))), 0),
             ]
         )
     c = result.connections
@@ -95,10 +102,16 @@ def section(result: WorkersResult) -> list[str]:
                 "vs 1 worker",
                 f"p50 / p99 at -c{c} (ms)",
                 "p50 / p99 at 1 connection (ms)",
+                "gateway CPU per request (µs)",
             ],
             rows,
-            "llrrrr",
+            "llrrrrr",
         ),
+        "",
+        "Gateway CPU per request: user + system time of every worker (and the supervisor) "
+        "over each saturated run, from /proc, divided by the requests wrk completed. Equal "
+        "for every N means the workers cost each other nothing per request, and any "
+        "shortfall in requests/s is the machine's CPUs (wrk and nginx sharing them).",
         "",
         "### Exactness (checked in the same run)",
         "",
