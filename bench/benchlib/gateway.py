@@ -6,14 +6,18 @@ would, so the benchmark measures the shipped server stack (uvicorn + uvloop + ht
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchlib.procfs import session_pids
 from benchlib.procs import BenchError, Processes, Started, free_port, http, pinned, wait_ready
 
 MODEL = "bench"
@@ -67,13 +71,29 @@ def write_config(workdir: Path, upstream_port: int) -> Path:
     return path
 
 
-def create_key(config: Path) -> str:
+@dataclass(frozen=True)
+class Install:
+    """How to run a metergate: its CLI command and environment (default: this venv's).
+    `bench/ab.py` runs another commit's tree through the same python with PYTHONPATH."""
+
+    cli: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+
+    def command(self, *args: str) -> list[str]:
+        return [*(self.cli or (metergate_bin(),)), *args]
+
+
+THIS_TREE = Install()
+
+
+def create_key(config: Path, install: Install = THIS_TREE) -> str:
     """`metergate keys create`; the secret is the last line of its stdout."""
     done = subprocess.run(
-        [metergate_bin(), "keys", "create", "--name", "bench", "--config", str(config)],
+        install.command("keys", "create", "--name", "bench", "--config", str(config)),
         capture_output=True,
         text=True,
         timeout=60,
+        env=install.env,
     )
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines or not lines[-1].startswith("mgk_"):
@@ -93,12 +113,18 @@ class Gateway:
 
 
 def start_gateway(
-    processes: Processes, config: Path, cpus: str | None, workers: int = 1
+    processes: Processes,
+    config: Path,
+    cpus: str | None,
+    workers: int = 1,
+    install: Install = THIS_TREE,
 ) -> Gateway:
     port = free_port()
-    command = [metergate_bin(), "serve", "--config", str(config), "--port", str(port)]
-    command += ["--workers", str(workers)]
-    started = processes.start("metergate", pinned(command, cpus), config.parent / "metergate.log")
+    command = install.command("serve", "--config", str(config), "--port", str(port))
+    if workers != 1:  # (an older tree under A/B may predate the option)
+        command += ["--workers", str(workers)]
+    log = config.parent / "metergate.log"
+    started = processes.start("metergate", pinned(command, cpus), log, install.env)
     wait_ready(started, f"http://127.0.0.1:{port}/readyz", timeout=60)
     return Gateway(started, port, config)
 
@@ -115,3 +141,43 @@ def requests_by_outcome(gateway: Gateway) -> dict[str, float]:
                 outcome = sample.labels.get("outcome", "")
                 totals[outcome] = totals.get(outcome, 0.0) + sample.value
     return totals
+
+
+def worker_pids(leader: int) -> list[int]:
+    """The uvicorn worker processes under a `serve --workers N` (spawned by multiprocessing;
+    with one worker, the server is the leader itself)."""
+    found = []
+    for pid in session_pids(leader):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return sorted(found) or [leader]
+
+
+def wait_workers(gateway: Gateway, workers: int, ledger: Path, timeout: float = 60) -> list[int]:
+    """Wait until every worker has opened the ledger (its startup is then nearly done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = worker_pids(gateway.process.popen.pid)
+        if workers == 1 or (len(pids) == workers and all(_opened(pid, ledger) for pid in pids)):
+            return pids
+        time.sleep(0.1)
+    raise BenchError(f"{workers} workers not all up after {timeout:.0f} s")
+
+
+def _opened(pid: int, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == str(path):
+                    return True
+    return False
+
+
+def multiproc_dir(pid: int) -> Path | None:
+    """PROMETHEUS_MULTIPROC_DIR as a worker process sees it (serve sets it for workers)."""
+    with contextlib.suppress(OSError):
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if item.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+                return Path(item.split(b"=", 1)[1].decode())
+    return None

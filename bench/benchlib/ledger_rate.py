@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.storage.database import open_database
@@ -38,10 +40,10 @@ class LedgerRate:
         return self.rows / self.seconds
 
 
-def _row(index: int, now: float) -> LedgerRow:
+def _row(index: int, now: float, prefix: str = "req_bench") -> LedgerRow:
     return LedgerRow(
         now,
-        f"req_bench{index:012x}",
+        f"{prefix}{index:012x}",
         "bench",
         "bench",
         "bench-upstream",
@@ -60,7 +62,9 @@ def _row(index: int, now: float) -> LedgerRow:
     )
 
 
-async def measure(url: str, backend: str, rows: int, burst: int = 100) -> LedgerRate:
+async def measure(
+    url: str, backend: str, rows: int, burst: int = 100, prefix: str = "req_bench"
+) -> LedgerRate:
     database = await open_database(url)
     commits = 0
     try:
@@ -78,7 +82,7 @@ async def measure(url: str, backend: str, rows: int, burst: int = 100) -> Ledger
         max_pending = 0
         started = time.perf_counter()
         for index in range(rows):
-            writer.append(_row(index, now))
+            writer.append(_row(index, now, prefix))
             if index % burst == burst - 1:
                 max_pending = max(max_pending, writer.pending)
                 await asyncio.sleep(0)
@@ -94,6 +98,58 @@ async def measure(url: str, backend: str, rows: int, burst: int = 100) -> Ledger
 def sqlite(rows: int) -> LedgerRate:
     with tempfile.TemporaryDirectory(prefix="metergate-ledger-") as tmp:
         return asyncio.run(measure(f"sqlite:///{tmp}/ledger.db", "SQLite (WAL)", rows))
+
+
+def _writer_process(url: str, rows: int, prefix: str, start: Any, out: Any) -> None:
+    """One of `sqlite_processes`' writers (a spawned process): wait, write, report."""
+    start.wait()
+    result = asyncio.run(measure(url, "SQLite", rows, prefix=prefix))
+    out.put((result.max_pending, result.commits))
+
+
+def sqlite_processes(rows: int, processes: int) -> LedgerRate:
+    """`processes` LedgerWriters in as many processes, one SQLite file, `rows` in all: what
+    gateway workers sharing a SQLite ledger can commit together (each process has its own
+    connection; SQLite lets one write at a time, the others wait in its busy handler)."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="metergate-ledger-") as tmp:
+        url = f"sqlite:///{tmp}/ledger.db"
+        asyncio.run(_migrate(url))  # once, before the clock: not what is measured
+        start, out = context.Barrier(processes + 1), context.Queue()
+        share = rows // processes
+        children = [
+            context.Process(target=_writer_process, args=(url, share, f"req_p{index}_", start, out))
+            for index in range(processes)
+        ]
+        for child in children:
+            child.start()
+        try:
+            start.wait(timeout=120)
+            began = time.perf_counter()
+            for child in children:
+                child.join(timeout=600)
+            seconds = time.perf_counter() - began
+            if any(child.exitcode != 0 for child in children):
+                raise RuntimeError(
+                    f"a ledger writer process failed: {[c.exitcode for c in children]}"
+                )
+            reports = [out.get(timeout=10) for _ in children]
+        finally:
+            for child in children:
+                if child.is_alive():
+                    child.kill()
+        return LedgerRate(
+            f"SQLite (WAL), {processes} processes on one file",
+            share * processes,
+            seconds,
+            max(r[0] for r in reports),
+            sum(r[1] for r in reports),
+        )
+
+
+async def _migrate(url: str) -> None:
+    database = await open_database(url)
+    await database.close()
 
 
 @contextlib.contextmanager

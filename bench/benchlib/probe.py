@@ -114,12 +114,16 @@ async def connect(host: str, port: int) -> _Connection:
     return conn
 
 
-def build_request(url: str, body: bytes, token: str) -> tuple[str, int, bytes]:
-    """(host, port, raw POST) of a JSON request with a bearer token, keep-alive."""
+def build_request(
+    url: str, body: bytes, token: str, headers: Sequence[str] = ()
+) -> tuple[str, int, bytes]:
+    """(host, port, raw POST) of a JSON request with a bearer token, keep-alive, and
+    `headers` ("Name: value") besides."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    extra = "".join(f"{line}\r\n" for line in headers)
     raw = (
-        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}"
         f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
@@ -136,9 +140,11 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
         return runner.run(coroutine)
 
 
-async def sequential(url: str, body: bytes, token: str, count: int) -> list[Exchange]:
+async def sequential(
+    url: str, body: bytes, token: str, count: int, headers: Sequence[str] = ()
+) -> list[Exchange]:
     """`count` requests one after the other on one keep-alive connection."""
-    host, port, raw = build_request(url, body, token)
+    host, port, raw = build_request(url, body, token, headers)
     conn = await connect(host, port)
     try:
         results = []
@@ -158,6 +164,7 @@ async def concurrent(
     count: int,
     seconds: float,
     while_open: Callable[[], Awaitable[None]] | None = None,
+    headers: Sequence[str] = (),
 ) -> list[Exchange]:
     """Open `count` connections, send one request on each at once, wait for every answer
     (at most `seconds`: the unfinished ones come back with an error).
@@ -165,7 +172,7 @@ async def concurrent(
     `while_open` runs alongside (e.g. sampling the gateway's memory) and is cancelled
     when the last answer ends.
     """
-    host, port, raw = build_request(url, body, token)
+    host, port, raw = build_request(url, body, token, headers)
     conns: list[_Connection] = []
     for start in range(0, count, 200):  # in batches: stay under the listen backlog
         conns += await asyncio.gather(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def memory(leader: int) -> Memory:
         hwm += int(status.get("VmHWM", "0 kB").split()[0])
         count += 1
     return Memory(rss, hwm, count)
+
+
+def cpu_seconds(leader: int) -> float:
+    """User + system CPU time of the session so far (every thread of every process)."""
+    ticks = 0
+    for pid in session_pids(leader):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Sampler:

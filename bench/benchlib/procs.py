@@ -37,6 +37,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class CpuLayout:
+    gateway: str | None  # every gateway (metergate, peers, floor), one at a time busy
+    other: str | None  # nginx, wrk, py-spy and this process's probes
+    cpus: tuple[int, ...] = ()  # every CPU the run may use (the workers step spreads)
+
+    def describe(self) -> str:
+        if self.gateway is None:
+            return "not pinned"
+        return (
+            f"every gateway under test on CPU {self.gateway}, one loaded at a time; nginx, "
+            f"wrk, py-spy and the asyncio probes on CPU {self.other}"
+        )
+
+
+def cpu_layout(pin: bool) -> CpuLayout:
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2 or _which("taskset") is None:
+        return CpuLayout(None, None, tuple(cpus))
+    return CpuLayout(str(cpus[0]), ",".join(map(str, cpus[1:])), tuple(cpus))
+
+
 def tool(name: str) -> str:
     """Path of an external tool, from PATH or its Debian location (sbin may not be on PATH)."""
     found = shutil.which(name)

@@ -135,6 +135,23 @@ def analyse(raw: Path, top: int = 30) -> Profile:
     return Profile(total, rooted[:top], self_lines.most_common(top), by_package.most_common())
 
 
+def shares(raw: Path, categories: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Per category, the share of samples with a frame whose file or function contains
+    one of the category's markers anywhere on the stack (inclusive, counted once)."""
+    counts = dict.fromkeys(categories, 0)
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        total += int(count_text)
+        frames = [parse_frame(part) for part in stack.split(";")]
+        for name, markers in categories.items():
+            if any(m in f.file or m in f.function for f in frames for m in markers):
+                counts[name] += int(count_text)
+    return {name: count / total if total else 0.0 for name, count in counts.items()}
+
+
 def first_lines(functions: list[tuple[str, str]], raw: Path) -> dict[tuple[str, str], int]:
     """The lowest line number seen per function: close to its `def` (for file:line)."""
     lowest: dict[tuple[str, str], int] = {}

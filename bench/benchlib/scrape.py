@@ -18,15 +18,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.metrics_core import Metric
 
 from benchlib import probe, profile
-from benchlib.gateway import BUDGET, PRICE, Gateway, start_gateway
+from benchlib.gateway import BUDGET, PRICE, Gateway, multiproc_dir, start_gateway, wait_workers
 from benchlib.procs import BenchError, Processes, http
 from metergate.storage.database import open_database
 from metergate.storage.keys import create_key
 
 MODELS = 50
 KEYS = 200
+
+
+@dataclass(frozen=True)
+class RenderBreakdown:
+    """A multi-process scrape's two halves, timed in the suite's process on the gateway's
+    own metric files (best of a few rounds)."""
+
+    files: int
+    file_bytes: int
+    collect_ms: float  # MultiProcessCollector: read and merge every worker's mmap files
+    format_ms: float  # generate_latest's text formatting of the merged samples
 
 
 @dataclass(frozen=True)
@@ -37,13 +50,46 @@ class ScrapeResult:
     scrape_ms: list[float]
     body_bytes: int
     series: int  # sample lines in the exposition
+    workers: int = 1
+    render: RenderBreakdown | None = None
 
     @property
     def median_ms(self) -> float:
         return probe.median(self.scrape_ms)
 
 
-def write_config(workdir: Path) -> Path:
+def multiprocess_render(directory: Path, rounds: int = 3) -> RenderBreakdown:
+    collector = multiprocess.MultiProcessCollector(None, path=str(directory))
+    collect = render = float("inf")
+    for _ in range(rounds):
+        began = time.perf_counter()
+        families = list(collector.collect())
+        collect = min(collect, time.perf_counter() - began)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collected(families))
+        began = time.perf_counter()
+        generate_latest(registry)
+        render = min(render, time.perf_counter() - began)
+    files = list(directory.glob("*.db"))
+    return RenderBreakdown(
+        len(files), sum(f.stat().st_size for f in files), collect * 1000, render * 1000
+    )
+
+
+class _Collected:
+    """Already collected metric families, so that formatting is timed alone."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+def write_config(workdir: Path, hard_budget: bool = True) -> Path:
     names = [f"model-{i:02d}" for i in range(MODELS)]
     config = {
         "server": {"host": "127.0.0.1", "port": 4000},
@@ -59,7 +105,7 @@ def write_config(workdir: Path) -> Path:
             for name in names
         },
         "models": {name: {"upstreams": [f"{name}-sim"]} for name in names},
-        "budgets": {"bench-total": dict(BUDGET)},
+        "budgets": {"bench-total": {**BUDGET, "hard": hard_budget}},
     }
     path = workdir / "scrape.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -81,12 +127,21 @@ def run(
     scrapes: int = 10,
     profile_to: Path | None = None,
     profiler_cpus: str | None = None,
+    workers: int = 1,
 ) -> tuple[ScrapeResult, Gateway]:
-    """Fill the label set, then time the scrapes (sampled by py-spy into `profile_to`)."""
-    config = write_config(workdir)
+    """Fill the label set, then time the scrapes (sampled by py-spy into `profile_to`).
+
+    With `workers` > 1 the gateway runs `serve --workers N` (multi-process metrics; the
+    budget soft, as serve requires without Redis), the label set spreads over every
+    worker's metric files, and the render is also timed in halves (`RenderBreakdown`).
+    """
+    workdir = workdir / f"scrape-{workers}" if workers > 1 else workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = write_config(workdir, hard_budget=workers == 1)
     ledger_url = f"sqlite:///{workdir / 'scrape-ledger.db'}"
     keys = asyncio.run(_create_keys(ledger_url, KEYS))
-    gateway = start_gateway(processes, config, cpus)
+    gateway = start_gateway(processes, config, cpus, workers=workers)
+    pids = wait_workers(gateway, workers, workdir / "scrape-ledger.db")
     requests = []
     for model in range(MODELS):
         body = (
@@ -120,4 +175,9 @@ def run(
     if recorder is not None and profile_to is not None:
         profile.finish(recorder, profile_to, interrupt=True)
     series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
-    return ScrapeResult(len(requests), non_200, filled, timings, len(body), series), gateway
+    directory = multiproc_dir(pids[0]) if workers > 1 else None
+    render = multiprocess_render(directory) if directory is not None else None
+    result = ScrapeResult(
+        len(requests), non_200, filled, timings, len(body), series, workers, render
+    )
+    return result, gateway

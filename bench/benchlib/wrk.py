@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,10 @@ def run(
     cpus: str | None,
     threads: int = 1,
     script: Path = POST_SCRIPT,
+    headers: Sequence[str] = (),
 ) -> WrkResult:
-    """One wrk run (always with --latency); bounded by a timeout well past its duration."""
+    """One wrk run (always with --latency); bounded by a timeout well past its duration.
+    `headers` ("Name: value") are added to every request by the script."""
     command = [
         tool("wrk"),
         f"-t{threads}",
@@ -89,6 +92,7 @@ def run(
         url,
         "--",
         token,
+        *headers,
     ]
     done = subprocess.run(
         pinned(command, cpus), capture_output=True, text=True, timeout=seconds + 30
