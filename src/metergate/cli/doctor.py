@@ -83,11 +83,21 @@ async def _get(
     except httpx2.TimeoutException:
         raise Unreachable("no answer within the timeout") from None
     except httpx2.ConnectError as error:
-        if isinstance(error.__context__, ConnectionRefusedError) or "refused" in str(error):
+        if _refused(error):
             raise Unreachable("connection refused") from None
         raise Unreachable(str(error) or type(error).__name__) from None
     except httpx2.HTTPError as error:
         raise Unreachable(str(error) or type(error).__name__) from None
+
+
+def _refused(error: BaseException) -> bool:
+    """Was the connection refused? (httpx2 wraps the OSError a few causes deep.)"""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 async def _get_json(session: httpx2.AsyncClient, url: str) -> Any:
