@@ -48,7 +48,7 @@ class CompletionsHandler:
     async def __call__(self, request: Request, send: Send) -> None:
         meter = self.runtime.meter
         plan = self.runtime.plan.enter()
-        log = RequestLog(request.id, request.started)
+        log = meter.begin(request.id, request.started, request.headers)
         headers = base_headers(request)
         try:
             try:
@@ -80,9 +80,10 @@ class CompletionsHandler:
         runtime = self.runtime
         gate = plan.gate
         key = await runtime.keys.authenticate(request.headers)
-        log.key = key.name
+        log.identify(key)
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
+        log.attach(body)
         route = plan.router.route(body.get("model"), key)
         log.model = route.name
         if route.rollout is not None:
@@ -90,7 +91,7 @@ class CompletionsHandler:
         streaming = _check_chat(body) if self.kind == "chat" else _check_embeddings(body)
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
-        budgets = gate.budgets.applicable(key.name, route.name)
+        budgets = gate.budgets.applicable(key.name, route.name, key.team)
         if budgets and self.kind == "chat" and requested_max_tokens(body) is None:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         cache_key = None
@@ -99,7 +100,7 @@ class CompletionsHandler:
             if hit is not None:
                 return _from_cache(hit, log, headers)
         worst = estimate.worst_case_nano(request.body_size, body, route.worst_prices)
-        admission = await gate.admit(key.name, route.name, budgets, worst)
+        admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
         active.inc()
@@ -223,7 +224,7 @@ def _internal(request_id: str) -> InternalError:
 
 
 def _error_reply(error: GatewayError, log: RequestLog, headers: list[tuple[bytes, bytes]]) -> Reply:
-    log.outcome, log.status = error.outcome, error.status
+    log.fail(error)
     return Reply(error.body(), error.status, headers + JSON_HEADERS + error.headers)
 
 

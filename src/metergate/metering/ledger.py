@@ -45,6 +45,8 @@ class LedgerRow(NamedTuple):
     status: int
     cache_hit: int  # 0/1: INTEGER in both SQLite and PostgreSQL
     stream: int
+    team: str | None = None  # the key's team when the request was made
+    tags: str | None = None  # JSON object of the request's tags (with defaults), or NULL
 
 
 COLUMNS = LedgerRow._fields

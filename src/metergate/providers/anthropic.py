@@ -51,14 +51,16 @@ class AnthropicAdapter(HttpAdapter):
 
     async def chat(self, call: UpstreamCall) -> Completion:
         answer = await self.transport.post(
-            self.url, to_messages_request(call.body, call.model), call.timeouts
+            self.url, to_messages_request(call.body, call.model), call.timeouts, call.extra_headers
         )
         body, usage = from_message(load_json(answer, "Messages API answer"), call.model)
         return Completion(body, usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = {**to_messages_request(call.body, call.model), "stream": True}
-        response = await self.transport.open_stream(self.url, payload, call.timeouts)
+        response = await self.transport.open_stream(
+            self.url, payload, call.timeouts, call.extra_headers
+        )
         translator = _StreamTranslator(call, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:

@@ -54,6 +54,7 @@ class UpstreamCall:
     model: str  # the provider's own model id for this deployment
     include_usage: bool = False  # streaming only: the caller asked for the usage chunk
     timeouts: Timeouts = DEFAULT_TIMEOUTS  # the deployment's (upstream or provider) timeouts
+    extra_headers: bytes = b""  # per-attempt header lines (CRLF-ended), e.g. traceparent
 
 
 @dataclass(slots=True)

@@ -84,13 +84,16 @@ class HttpTransport:
             )
         return found
 
-    async def post(self, url: str, payload: dict[str, Any], timeouts: Timeouts) -> bytes:
-        """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise."""
+    async def post(
+        self, url: str, payload: dict[str, Any], timeouts: Timeouts, extra_headers: bytes = b""
+    ) -> bytes:
+        """POST JSON and return the body of a 2xx answer; raise a classified failure otherwise.
+        `extra_headers`: this request's own header lines (CRLF-ended), after the provider's."""
         assert self.client is not None, "transport used before start()"
         try:
             response = await self.client.post(
                 url.removeprefix(self.origin),
-                self.head,
+                self.head + extra_headers if extra_headers else self.head,
                 orjson.dumps(payload),
                 self.deadlines(timeouts, stream=False),
             )
@@ -101,14 +104,14 @@ class HttpTransport:
         return response.body
 
     async def open_stream(
-        self, url: str, payload: dict[str, Any], timeouts: Timeouts
+        self, url: str, payload: dict[str, Any], timeouts: Timeouts, extra_headers: bytes = b""
     ) -> StreamResponse:
         """POST and return the response once its headers arrived; the caller must close it."""
         assert self.client is not None, "transport used before start()"
         try:
             response = await self.client.stream(
                 url.removeprefix(self.origin),
-                self.head,
+                self.head + extra_headers if extra_headers else self.head,
                 orjson.dumps(payload),
                 self.deadlines(timeouts, stream=True),
             )
