@@ -6,6 +6,8 @@ the MCP SDK sees it (the key also owns any session it opens, so another key cann
 that session), and each key sees and may call only the tools its allow-list names.
 Every proxied call is timed into `mcp_client_operation_duration_seconds`, every request
 on this endpoint into `mcp_server_operation_duration_seconds`, in the gateway's registry.
+With `tracing:` on, each request is a server span and each proxied call a client span
+(`metergate.mcp.spans`), exported with the gateway's other spans.
 
 Wiring: `await gateway.start()` after the key index is loaded, route GET/POST/DELETE
 `/mcp` to `gateway.handle` (or mount `gateway` as a plain ASGI app), and set
@@ -25,6 +27,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from mcp.shared.exceptions import MCPError
 from mcp_types import (
     SERVER_INFO_META_KEY,
     CallToolRequestParams,
@@ -40,8 +43,15 @@ from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError
 from metergate.mcp.builtins import ASGIApp, Builtins
 from metergate.mcp.config import SEPARATOR, McpConfig
-from metergate.mcp.metrics import INVALID_PARAMS, client_metrics, server_metrics
-from metergate.mcp.middleware import MetricsMiddleware
+from metergate.mcp.metrics import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    client_metrics,
+    code_error_type,
+    is_tool_error,
+    server_metrics,
+)
+from metergate.mcp.middleware import MetricsMiddleware, replace_sdk_spans
 from metergate.mcp.upstream import Upstream, mcp_error
 
 if TYPE_CHECKING:
@@ -86,8 +96,12 @@ class McpGateway:
             on_call_tool=self._call_tool,
             get_tool_input_schema=self._input_schema,
         )
+        replace_sdk_spans(self.server)  # the gateway's spans follow its `tracing:` config
         self.server.middleware.insert(
-            0, MetricsMiddleware(server_metrics(registry), known_tool=self._known)
+            0,
+            MetricsMiddleware(
+                server_metrics(registry), known_tool=self._known, tracer=self._tracer
+            ),
         )
         # JSON answers, not SSE: the gateway does not relay progress notifications.
         self.sessions = StreamableHTTPSessionManager(self.server, json_response=True)
@@ -221,11 +235,50 @@ class McpGateway:
             or (upstream.up and not await upstream.knows(tool))
         ):
             raise mcp_error(INVALID_PARAMS, f"Unknown tool: {name}")
-        result = await upstream.call_tool(tool, params.arguments)
+        tracer = self._tracer()
+        if tracer is None:
+            result = await upstream.call_tool(tool, params.arguments)
+        else:
+            result = await self._traced_call(tracer, key, upstream, tool, params.arguments)
         if result.meta and SERVER_INFO_META_KEY in result.meta:
             # The upstream's identity stamp would claim the answer came from it, not us.
             meta = {k: v for k, v in result.meta.items() if k != SERVER_INFO_META_KEY}
             result = result.model_copy(update={"meta": meta or None})
+        return result
+
+    def _tracer(self) -> Any:
+        """The tracer of the MCP spans while the gateway's `tracing:` is on, else None."""
+        return self.runtime.observers.mcp_tracer()
+
+    async def _traced_call(
+        self,
+        tracer: Any,
+        key: KeyRecord,
+        upstream: Upstream,
+        tool: str,
+        arguments: dict[str, Any] | None,
+    ) -> CallToolResult:
+        from metergate.mcp import spans
+
+        spans.annotate({"metergate.key": key.name, "metergate.mcp_server": upstream.name})
+        span = spans.start_client_span(tracer, upstream.name, tool, upstream.config.url)
+        error_type = ""
+        try:
+            with spans.current(span):  # the SDK puts it in `_meta.traceparent` upstream
+                result = await upstream.call_tool(tool, arguments)
+        except MCPError as error:
+            error_type = code_error_type(error.error.code)
+            raise
+        except Exception:
+            error_type = str(INTERNAL_ERROR)
+            raise
+        except BaseException:
+            error_type = "timeout"  # the caller went away
+            raise
+        else:
+            error_type = "tool_error" if is_tool_error(result) else ""
+        finally:
+            spans.end_span(span, error_type)
         return result
 
     def _known(self, name: str) -> bool:
