@@ -105,7 +105,8 @@ class HttpCollector(Spans):
             message.ParseFromString(await request.read())
             self.add(message)
             reply = trace_service_pb2.ExportTraceServiceResponse()
-            return web.Response(body=reply.SerializeToString(), content_type="application/x-protobuf")
+            body = reply.SerializeToString()
+            return web.Response(body=body, content_type="application/x-protobuf")
 
         app = web.Application()
         app.router.add_post("/v1/traces", traces)

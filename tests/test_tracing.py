@@ -122,7 +122,9 @@ def test_one_server_span_and_a_client_span_per_attempt_on_the_callers_trace(
     assert "gen_ai.input.messages" not in attrs and "gen_ai.output.messages" not in attrs
 
 
-def test_retries_and_fallbacks_are_separate_child_spans(gateway_factory, openai_upstream, collector):
+def test_retries_and_fallbacks_are_separate_child_spans(
+    gateway_factory, openai_upstream, collector
+):
     server, _ = openai_upstream
     gateway = gateway_factory(traced_config(server.url, collector.endpoint))
     raw = gateway.client().chat.completions.with_raw_response.create(
