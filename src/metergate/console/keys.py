@@ -45,6 +45,8 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
         "state": "revoked" if record.revoked_at is not None else "active",
+        "team": record.team,
+        "tags": dict(record.tags),
     }
 
 
