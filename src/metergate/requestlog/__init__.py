@@ -83,11 +83,8 @@ class RequestRecorder:
             await self._write_batch()
 
     async def _run(self) -> None:
-        next_purge = 0.0
+        next_purge = 0.0  # at start, then hourly
         while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), _FLUSH_SECONDS)
-            self._wake.clear()
             try:
                 await self.flush()
                 if time.monotonic() >= next_purge:
@@ -99,6 +96,9 @@ class RequestRecorder:
             except Exception:
                 log.exception("request log writer failed; retrying")
                 await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _FLUSH_SECONDS)
+            self._wake.clear()
         await self.flush()
 
     async def _write_batch(self) -> None:

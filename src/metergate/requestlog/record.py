@@ -49,6 +49,13 @@ def _body(raw: bytes | None, parsed: Any, redactor: Redactor, cap: int) -> dict[
     return {"body": text, "bytes": size, "truncated": truncated}
 
 
+def _answer(log: RequestLog) -> bytes | None:
+    """What the caller got: the upstream's answer as relayed, or the error body."""
+    if log.response is None and log.failure is not None:
+        return log.failure.body()
+    return log.response
+
+
 def build(item: Pending, redactor: Redactor, cap: int) -> tuple[Any, ...]:
     """(ts, request_id, key, outcome, JSON text) of one finished request."""
     log = item.log
@@ -76,7 +83,7 @@ def build(item: Pending, redactor: Redactor, cap: int) -> tuple[Any, ...]:
         "ts": item.ts,
         "key": log.key,
         "team": log.team,
-        "tags": item.tags,
+        "tags": {name: redactor.text(value) for name, value in item.tags.items()},
         "model": log.model,
         "upstream": log.upstream,
         "operation": log.operation,
@@ -99,7 +106,7 @@ def build(item: Pending, redactor: Redactor, cap: int) -> tuple[Any, ...]:
             "headers": redactor.header_map(log.headers),
             **(_body(None, log.body, redactor, cap) or {"body": None, "bytes": 0}),
         },
-        "response": _body(log.response, None, redactor, cap) if log.capture else None,
+        "response": _body(_answer(log), None, redactor, cap) if log.capture else None,
         "error": None
         if failure is None
         else {

@@ -74,23 +74,32 @@ class JsonlStore:
         self.directory = Path(directory)
         self.max_file_bytes = max_file_bytes
         self._current: Path | None = None
+        self._size = 0
 
-    def _file(self) -> Path:
-        current = self._current
-        if current is None or not current.exists() or current.stat().st_size >= self.max_file_bytes:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            current = (
-                self.directory
-                / f"requests-{stamp}-{os.getpid()}-{time.time_ns() % 10**6:06d}.jsonl"
-            )
-            self._current = current
-        return current
+    def _new_file(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        unique = f"{os.getpid()}-{time.time_ns() % 10**6:06d}"
+        return self.directory / f"requests-{stamp}-{unique}.jsonl"
 
     def _append(self, rows: Sequence[Row]) -> None:
-        lines = "".join(row[4] + "\n" for row in rows).encode()
-        with self._file().open("ab") as out:
-            out.write(lines)
+        """Append the records, starting a new file before one would pass the size limit."""
+        current, size = self._current, self._size
+        if current is None or not current.exists():
+            current, size = self._new_file(), 0
+        out = current.open("ab")
+        try:
+            for row in rows:
+                line = row[4].encode() + b"\n"
+                if size and size + len(line) > self.max_file_bytes:
+                    out.close()
+                    current, size = self._new_file(), 0
+                    out = current.open("ab")
+                out.write(line)
+                size += len(line)
+        finally:
+            out.close()
+            self._current, self._size = current, size
 
     async def write(self, rows: Sequence[Row]) -> None:
         await asyncio.to_thread(self._append, rows)

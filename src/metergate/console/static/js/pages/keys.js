@@ -24,6 +24,16 @@ function capValue(input) {
   return value;
 }
 
+function tagValue(input) {
+  const tags = {};
+  for (const item of input.value.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const at = item.indexOf("=");
+    if (at < 1) throw new Error(`Tags are name=value, separated by commas (not “${item}”).`);
+    tags[item.slice(0, at).trim()] = item.slice(at + 1).trim();
+  }
+  return tags;
+}
+
 function secretPanel(rerender) {
   if (!revealed) return null;
   const code = h("code", { id: "new-secret", text: revealed.secret });
@@ -85,16 +95,21 @@ function createForm(models, rerender) {
 async function edit(key, models, rerender) {
   const checks = modelChecks(models, key.models || [], "edit");
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
+  const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
+  const tags = h("input", { id: "edit-tags", placeholder: "none", autocomplete: "off",
+    value: Object.entries(key.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ") });
   const body = h("div", { class: "stack" },
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
+    h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
+    h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (name=value, comma-separated)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
   const saved = await modal(`Edit key “${key.name}”`, body, [
     { label: "Cancel", value: "cancel", class: "quiet" },
     { label: "Save", value: "save", action: async () => {
       const chosen = checked(checks);
       await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, {
-        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap) },
+        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap), team: team.value.trim() || null, tags: tagValue(tags) },
       });
     } },
   ]);
@@ -145,6 +160,7 @@ export async function render(root, ctx, keepSecret = false) {
       { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
       { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
       { label: "Budgets", cell: budgetsCell },
+      { label: "Team", cell: (k) => k.team || "—" },
       { label: "Created", cell: (k) => fmt.time(k.created_at) },
       { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
       { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },
