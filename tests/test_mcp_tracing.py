@@ -129,9 +129,11 @@ async def test_one_trace_runs_caller_gateway_mcp_server(
             with pytest.raises(MCPError):
                 await client.call_tool("search.nothing", {}, meta=META)
         spans = collector.wait(
-            lambda s: {"tools/call search.lookup", "tools/call lookup"} <= {x["name"] for x in s}
-            and len([x for x in s if x["name"] == "tools/call lookup"]) == 2
-            and any(x["name"] == "tools/call search.nothing" for x in s)
+            lambda s: (
+                {"tools/call search.lookup", "tools/call lookup"} <= {x["name"] for x in s}
+                and len([x for x in s if x["name"] == "tools/call lookup"]) == 2
+                and any(x["name"] == "tools/call search.nothing" for x in s)
+            )
         )
     finally:
         gateway.stop()
