@@ -5,6 +5,7 @@ CLI; team spend in the ledger, reports and metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -52,6 +53,21 @@ def ask(i: int = 0) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"question {i:03d}"}]
 
 
+async def spend(
+    clients: list[openai.AsyncOpenAI], i: int, in_flight: asyncio.Semaphore | None = None
+) -> str:
+    """One request on client i % 2: "ok", or "refused" by a budget."""
+    async with in_flight or contextlib.nullcontext():
+        try:
+            await clients[i % 2].chat.completions.create(
+                model="sim", messages=ask(i), max_tokens=10
+            )
+            return "ok"
+        except openai.RateLimitError as error:
+            assert error.code == "budget_exceeded"
+            return "refused"
+
+
 def test_a_team_budget_caps_its_keys_together(gateway_factory):
     gateway = gateway_factory(team_config())
     make_team(gateway, budgets=[{"period": "day", "limit_usd": "120"}])
@@ -89,17 +105,7 @@ async def test_200_concurrent_requests_never_pass_a_team_limit(gateway_factory):
         for n in range(2)
     ]
 
-    async def one(i: int) -> str:
-        try:
-            await clients[i % 2].chat.completions.create(
-                model="sim", messages=ask(i), max_tokens=10
-            )
-            return "ok"
-        except openai.RateLimitError as error:
-            assert error.code == "budget_exceeded"
-            return "refused"
-
-    results = await asyncio.gather(*(one(i) for i in range(200)))
+    results = await asyncio.gather(*(spend(clients, i) for i in range(200)))
     rows = gateway.ledger_rows("team = 'search'")
     spent = sum(r["cost_nano"] for r in rows)
     assert spent <= limit * 10**9
@@ -384,19 +390,7 @@ async def test_a_team_budget_holds_across_two_gateways(fleet, bg):
     ]
 
     in_flight = asyncio.Semaphore(6)  # waves: both gateways spend while the budget lasts
-
-    async def one(i: int) -> str:
-        async with in_flight:
-            try:
-                await clients[i % 2].chat.completions.create(
-                    model="sim", messages=ask(i), max_tokens=10
-                )
-                return "ok"
-            except openai.RateLimitError as error:
-                assert error.code == "budget_exceeded"
-                return "refused"
-
-    results = await asyncio.gather(*(one(i) for i in range(80)))
+    results = await asyncio.gather(*(spend(clients, i, in_flight) for i in range(80)))
     for gateway in (a, b):
         bg.run(gateway.runtime.plan.shared.counters.drain())
     b.flush_ledger()  # one ledger for both: read it once, after both committed

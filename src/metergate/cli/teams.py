@@ -5,7 +5,6 @@ seconds. Put a key in a team with `metergate keys create --team` or `keys update
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Annotated, Any
 
@@ -13,7 +12,7 @@ import typer
 from rich.table import Table
 
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
-from metergate.metering.report import UsageFilter, usage_summary
+from metergate.console.overview import day_and_month
 from metergate.storage import teams as store
 from metergate.storage.database import Database
 from metergate.teams import TeamError, TeamRecord, check_change, parse_budget_option
@@ -170,15 +169,13 @@ async def _overview(
 ) -> tuple[list[TeamRecord], dict[str, list[str]], dict[str, int], dict[str, int]]:
     records = await store.list_teams(db)
     keys = {r.name: await store.team_keys(db, r.name) for r in records}
-    now = time.time()
-    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
-    midnight = dt.datetime.combine(day, dt.time(), dt.UTC).timestamp()
-    first = dt.datetime.combine(day.replace(day=1), dt.time(), dt.UTC).timestamp()
-    spend = []
-    for start in (midnight, first):
-        groups = await usage_summary(db, "team", start, now, UsageFilter())
-        spend.append({g.name or "": g.cost_nano for g in groups[:-1]})
-    return records, keys, spend[0], spend[1]
+    today, month = await day_and_month(db, "team", time.time())
+    return (
+        records,
+        keys,
+        {name or "": g.cost_nano for name, g in today.items()},
+        {name or "": g.cost_nano for name, g in month.items()},
+    )
 
 
 def _budgets(record: TeamRecord) -> str:

@@ -8,11 +8,10 @@ reads them.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Any
 
-from metergate.console.overview import budget_json, group_json
+from metergate.console.overview import budget_json, day_and_month, group_json
 from metergate.console.windows import Window
 from metergate.errors import InvalidRequest, NotFound
 from metergate.metering.report import (
@@ -39,11 +38,7 @@ def team_not_found(name: str) -> NotFound:
 async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
     """Every team: its record, active keys, spend today and this month, budgets' state."""
     now = time.time()
-    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
-    midnight = dt.datetime.combine(day, dt.time(), dt.UTC).timestamp()
-    month_start = dt.datetime.combine(day.replace(day=1), dt.time(), dt.UTC).timestamp()
-    month = {g.name: g for g in (await usage_summary(database, "team", month_start, now))[:-1]}
-    today = {g.name: g for g in (await usage_summary(database, "team", midnight, now))[:-1]}
+    today, month = await day_and_month(database, "team", now)
     installed = runtime.plan.budgets.team_budgets()
     rows = []
     for record in await store.list_teams(database):

@@ -1,7 +1,7 @@
 // Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
 import { api } from "../api.js";
 import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
-import { budgetBar } from "./shared.js";
+import { budgetBar, guard, parseTags } from "./shared.js";
 
 export const autoRefresh = false; // forms live here
 
@@ -22,16 +22,6 @@ function capValue(input) {
   const value = Number(raw);
   if (!Number.isInteger(value) || value < 1) throw new Error("The max_tokens cap must be a positive whole number.");
   return value;
-}
-
-function tagValue(input) {
-  const tags = {};
-  for (const item of input.value.split(",").map((s) => s.trim()).filter(Boolean)) {
-    const at = item.indexOf("=");
-    if (at < 1) throw new Error(`Tags are name=value, separated by commas (not “${item}”).`);
-    tags[item.slice(0, at).trim()] = item.slice(at + 1).trim();
-  }
-  return tags;
 }
 
 function secretPanel(rerender) {
@@ -109,7 +99,7 @@ async function edit(key, models, rerender) {
     { label: "Save", value: "save", action: async () => {
       const chosen = checked(checks);
       await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, {
-        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap), team: team.value.trim() || null, tags: tagValue(tags) },
+        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap), team: team.value.trim() || null, tags: parseTags(tags.value) },
       });
     } },
   ]);
@@ -138,14 +128,7 @@ export async function render(root, ctx, keepSecret = false) {
   if (!ctx.isCurrent()) return;
   const rerender = (keep = false) => render(root, ctx, keep);
   const actionError = h("p", { class: "error", role: "alert", id: "keys-error" });
-  const guarded = (fn) => async () => {
-    actionError.textContent = "";
-    try {
-      await fn();
-    } catch (e) {
-      actionError.textContent = e.message;
-    }
-  };
+  const guarded = guard(actionError);
   const rows = data.keys.map((k) => ({ ...k, __data: { key: k.name, keyId: k.id, state: k.state } }));
   replace(root, h("div", { class: "stack" },
     h("div", { class: "toolbar" }, h("h1", { text: "Keys" })),

@@ -2,21 +2,11 @@
 // their spend; and spend grouped by any request tag over a window.
 import { api, query } from "../api.js";
 import { confirmAction, fmt, h, modal, replace, table } from "../dom.js";
-import { budgetBar, currentWindow, windowPicker } from "./shared.js";
+import { budgetBar, currentWindow, guard, parseTags, windowPicker } from "./shared.js";
 
 export const autoRefresh = false; // forms live here
 
 const state = { tag: "" };
-
-function parseTags(text) {
-  const tags = {};
-  for (const item of text.split(",").map((s) => s.trim()).filter(Boolean)) {
-    const at = item.indexOf("=");
-    if (at < 1) throw new Error(`Tags are name=value, separated by commas (not “${item}”).`);
-    tags[item.slice(0, at).trim()] = item.slice(at + 1).trim();
-  }
-  return tags;
-}
 
 function limit(input, name) {
   const raw = input.value.trim();
@@ -147,14 +137,7 @@ export async function render(root, ctx) {
   const usage = await tagPanel(rerender);
   if (!ctx.isCurrent()) return;
   const actionError = h("p", { class: "error", role: "alert", id: "teams-error" });
-  const guarded = (fn) => async () => {
-    actionError.textContent = "";
-    try {
-      await fn();
-    } catch (e) {
-      actionError.textContent = e.message;
-    }
-  };
+  const guarded = guard(actionError);
   const rows = data.teams.map((t) => ({ ...t, __data: { team: t.name } }));
   replace(root, h("div", { class: "stack" },
     h("div", { class: "toolbar" }, h("h1", { text: "Teams" })),
