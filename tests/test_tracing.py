@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -306,3 +307,30 @@ def test_requests_do_not_wait_for_a_collector_that_is_down(gateway_factory, open
     gateway.stop()
     assert time.monotonic() - stop_started < 25  # export timeout 10 s, then it gives up
     silent.close()
+
+
+def test_a_reload_turns_tracing_on_and_off(gateway_factory, openai_upstream, collector):
+    import yaml
+
+    server, state = openai_upstream
+    config = traced_config(server.url, collector.endpoint)
+    config["tracing"]["enabled"] = False
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    client.chat.completions.create(model="gpt-4.1", messages=ASK, extra_headers=traceparent())
+    assert "traceparent" not in state.headers[-1]
+
+    def apply(enabled: bool) -> None:
+        config["tracing"]["enabled"] = enabled
+        path = Path(gateway.runtime.source)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        assert gateway.bg.run(gateway.runtime.reload_from_source("test"))
+
+    apply(True)
+    client.chat.completions.create(model="gpt-4.1", messages=ASK, extra_headers=traceparent())
+    assert state.headers[-1]["traceparent"].startswith(f"00-{CALLER_TRACE}-")
+    collector.wait(lambda s: len(s) == 2)
+    apply(False)
+    client.chat.completions.create(model="gpt-4.1", messages=ASK, extra_headers=traceparent())
+    assert "traceparent" not in state.headers[-1]
+    assert gateway.runtime.meter.tracing is None
