@@ -61,6 +61,9 @@ class Tracing:
         trace = record.trace
         if trace is None or not trace.sampled:
             return
+        if self.pipeline.full:  # the collector is behind: drop before building anything
+            self.pipeline.dropped.inc(1 + len(record.steps or ()))
+            return
         try:
             for span in self.builder.build(record, ts, duration, tags):
                 self.pipeline.submit(span)

@@ -114,9 +114,13 @@ class SpanPipeline:
         )
         self.provider.add_span_processor(_Bounded(self))
 
+    @property
+    def full(self) -> bool:
+        return self._last_submitted - self._finished >= self.config.max_queue_size
+
     def submit(self, span: ReadableSpan) -> None:
         """Queue a finished span, or drop and count it when the queue is full."""
-        if self._last_submitted - self._finished >= self.config.max_queue_size:
+        if self.full:
             self.dropped.inc()
             return
         self._last_submitted = next(self._submitted)
