@@ -334,3 +334,31 @@ def test_a_reload_turns_tracing_on_and_off(gateway_factory, openai_upstream, col
     client.chat.completions.create(model="gpt-4.1", messages=ASK, extra_headers=traceparent())
     assert "traceparent" not in state.headers[-1]
     assert gateway.runtime.meter.tracing is None
+
+
+@pytest.mark.parametrize(
+    ("protocol", "extra"), [("http/protobuf", "tracing"), ("grpc", "tracing-grpc")]
+)
+def test_tracing_without_opentelemetry_says_what_to_install(monkeypatch, protocol, extra):
+    import importlib.util
+
+    from metergate.config import ConfigError, parse_config
+
+    real = importlib.util.find_spec
+
+    def without_otel(name: str, *args: Any) -> Any:
+        return None if name.startswith("opentelemetry") else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_otel)
+    text = (
+        "providers: {sim: {type: simulated}}\n"
+        "upstreams: {s: {provider: sim, model: m}}\n"
+        "models: {m: {upstreams: [s]}}\n"
+        f"tracing: {{enabled: true, protocol: {protocol}}}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    (problem,) = raised.value.problems
+    assert problem.path == ("tracing", "enabled")
+    assert f"pip install 'metergate[{extra}]'" in problem.render()
+    assert parse_config(text.replace("enabled: true", "enabled: false"), "gw.yaml")
