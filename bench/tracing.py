@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchlib import gateway, procs, upstream, wrk
+from benchlib import gateway, procs, tracing_micro, upstream, wrk
 from benchlib.procs import free_port, http
 
 ROOT = Path(__file__).parent
@@ -107,6 +107,8 @@ def main() -> None:
                 spans[name] = (2.0 * completed[name] * rate, dropped)
         received = float(http(f"http://127.0.0.1:{sink_port}/count").body)
     lines = report(args, results, spans, received)
+    lines += "\nCPU per request, in process (`benchlib/tracing_micro.py`, min of 5 rounds):\n\n"
+    lines += "".join(f"- {name}: {value:.1f}\n" for name, value in tracing_micro.measure().items())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(lines)
     print(lines)
