@@ -284,11 +284,11 @@ class Runtime:
         await plan.budgets.load(self.database, only_new=True)
         if plan.shared is not old.shared:
             await self._start_shared(plan)
+        await self.observers.apply(config, self.database)  # tracing, request log, tags
         await old.rollouts.close()
         await plan.rollouts.start(self.database)
         self.plan = plan
         await self.teams.install(plan)
-        await self.observers.apply(config, self.database)
         if self.mcp is not None and config.mcp is not None:
             await self.mcp.apply(config.mcp)
         self.text, self.source = text, source
