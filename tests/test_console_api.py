@@ -167,6 +167,8 @@ def insert_rows(gateway: Gateway, rows: list[dict[str, Any]]) -> None:
         "stream": 0,
         "usage_estimated": 0,
         "api": "chat",
+        "team": None,
+        "tags": None,
     }
     values = [tuple({**defaults, **row}[c] for c in LEDGER_COLUMNS) for row in rows]
     sql = (
@@ -337,6 +339,9 @@ def test_openapi_document_is_valid_and_covers_every_admin_route(gateway):
         ("PATCH", "/admin/api/keys/{id}"),
         ("POST", "/admin/api/keys/{id}/revoke"),
         ("POST", "/admin/api/rollouts/{name}/{action}"),
+        ("PATCH", "/admin/api/teams/{name}"),
+        ("DELETE", "/admin/api/teams/{name}"),
+        ("GET", "/admin/api/requests/{id}"),
     }
     assert documented == served
 

@@ -615,4 +615,82 @@ def test_a_failed_gate_says_the_controller_judged_it(page, gateway_factory):
     assert cells.nth(3).inner_text() == "controller"
     assert cells.nth(4).inner_text().startswith("fail: ")
     shot(page, "16-rollout-gate-failed")
+
+
+def test_a_request_opens_with_its_attempts_headers_and_bodies(page, gateway_factory):
+    config = console_config()
+    config["request_log"] = {"enabled": True}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    client.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": "hello, write to kim@example.com"}],
+        extra_headers={"x-metergate-tags": "feature=console"},
+    )
+    client.chat.completions.create(model="resilient", messages=ASK)  # shaky, then chat
+    gateway.flush_ledger()
+    rows = admin(gateway, "/admin/api/requests").json()["requests"][::-1]  # oldest first
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "requests")
+    first = rows[0]
+    page.locator(f"#requests a[href='#/request?id={first['id']}']").click()
+    page.wait_for_selector("#page[data-page=request] #request-detail")
+    summary = page.locator("#summary")
+    playwright_api.expect(summary).to_contain_text(first["request_id"])
+    playwright_api.expect(summary).to_contain_text("feature=console")
+    playwright_api.expect(summary).to_contain_text(f"${first['cost_nano'] / 1e9:.6f}")
+    playwright_api.expect(page.locator("#request-headers")).to_contain_text("[REDACTED]")
+    body = page.inner_text("#request-body pre")
+    assert "[REDACTED:email]" in body and "kim@example.com" not in page.content()
+    playwright_api.expect(page.locator("#response-body pre")).to_contain_text("chat.completion")
+    playwright_api.expect(page.locator("#attempts tbody tr")).to_have_count(1)
+    shot(page, "07-request")
+    with page.expect_download() as download:
+        page.click("#download-json")
+    saved = Path(download.value.path()).read_text()
+    assert first["request_id"] in saved
+    # a request that fell back: each attempt on its own row and lane
+    page.goto(base(gateway) + f"/console#/request?id={rows[-1]['id']}")
+    page.wait_for_selector("#page[data-page=request] #attempts")
+    attempts = rows[-1]["attempts"]
+    playwright_api.expect(page.locator("#attempts tbody tr")).to_have_count(attempts)
+    assert page.locator("#attempts .waterfall .lane").count() == attempts
+    shot(page, "07-request-fallback")
+    assert page.problems == []
+
+
+def test_teams_page_creates_a_team_and_groups_spend_by_tag(page, gateway_factory):
+    gateway = gateway_factory(console_config())
+    client = gateway.client()
+    for feature in ("search", "search", "rerank"):
+        client.chat.completions.create(
+            model="chat", messages=ASK, extra_headers={"x-metergate-tags": f"feature={feature}"}
+        )
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "teams")
+    page.fill("#team-name", "search")
+    page.fill("#create-month", "25")
+    page.fill("#create-rpm", "100")
+    page.fill("#create-tags", "cost_center=42")
+    page.click("#create-team")
+    row = page.locator("tr[data-team=search]")
+    playwright_api.expect(row).to_contain_text("100 rpm")
+    playwright_api.expect(row).to_contain_text("cost_center=42")
+    assert gateway.runtime.plan.budgets.team_budgets()["team:search:month"].limit_nano == 25 * 10**9
+    row.locator("button[data-action=edit]").click()
+    dialog = page.locator("dialog[open]")
+    dialog.locator("#edit-rpm").fill("50")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(page.locator("tr[data-team=search]")).to_contain_text("50 rpm")
+    page.fill("#tag-name", "feature")
+    page.click("#tag-form button")
+    groups = page.locator("#usage-by tbody tr")
+    playwright_api.expect(groups).to_have_count(2)
+    playwright_api.expect(page.locator("tr[data-group=search]")).to_contain_text("2")
+    shot(page, "08-teams")
+    page.locator("tr[data-team=search] button[data-action=delete]").click()
+    page.locator("dialog[open] button[data-value=ok]").click()
+    playwright_api.expect(page.locator("tr[data-team=search]")).to_have_count(0)
     assert page.problems == []

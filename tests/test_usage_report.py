@@ -442,3 +442,31 @@ def test_cli_bad_options_exit_2(ledger_config: Path, args: list[str], message: s
     result = run(ledger_config, *args)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+async def test_groups_and_filters_by_team_and_tag_on_both_backends(db: Database) -> None:
+    from metergate.metering.report import NO_VALUE, UnknownGrouping, UsageFilter
+
+    tagged = '{"feature": "rerank", "team.name": "x"}'
+    await insert(
+        db,
+        [
+            row(DAY_START + 1, cost_nano=10, team="search", tags=tagged),
+            row(DAY_START + 2, cost_nano=20, team="search", tags='{"feature": "chat"}'),
+            row(DAY_START + 3, cost_nano=40, team="ads", tags=tagged),
+            row(DAY_START + 4, cost_nano=80),  # no team, no tags
+        ],
+    )
+    by_team = {g.name: g.cost_nano for g in await usage_summary(db, "team", DAY_START, DAY_END)}
+    assert by_team == {"search": 30, "ads": 40, NO_VALUE: 80, None: 150}
+    by_tag = {
+        g.name: g.requests for g in await usage_summary(db, "tag:feature", DAY_START, DAY_END)
+    }
+    assert by_tag == {"rerank": 2, "chat": 1, NO_VALUE: 1, None: 4}
+    dotted = await usage_summary(db, "tag:team.name", DAY_START, DAY_END)
+    assert {g.name: g.requests for g in dotted} == {"x": 2, NO_VALUE: 2, None: 4}
+    only = UsageFilter(team="search", tags=(("feature", "rerank"),))
+    (group, total) = await usage_summary(db, "key", DAY_START, DAY_END, only)
+    assert (group.name, group.cost_nano, total.cost_nano) == ("svc", 10, 10)
+    with pytest.raises(UnknownGrouping):
+        await usage_summary(db, "tag:it's", DAY_START, DAY_END)

@@ -34,6 +34,7 @@ from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
+from metergate.metering.observers import Observers
 from metergate.providers import Adapter, build_adapter
 from metergate.rollout import RolloutController
 from metergate.routing.dispatch import Dispatcher
@@ -42,6 +43,9 @@ from metergate.routing.router import Router
 from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
 from metergate.storage.keys import find_keys, list_keys
+from metergate.storage.teams import list_teams
+from metergate.teams import TeamRecord
+from metergate.teams.registry import TeamRegistry
 
 if TYPE_CHECKING:
     from metergate.mcp.gateway import McpGateway
@@ -101,6 +105,8 @@ class Runtime:
         self.keys = KeyIndex(self._load_keys, self._find_keys)
         self._live_keys: list[tuple[str, tuple[str, ...] | None]] = []
         self.meter = Meter(self.metrics, None)
+        self.observers = Observers(self.meter)  # tracing, request log, tag labels
+        self.teams = TeamRegistry(self._load_teams, self.meter, lambda: self.plan, self._flush)
         self.ready = False
         self._retired: set[asyncio.Task[None]] = set()
         self._draining: set[Plan] = set()  # replaced plans that requests still use
@@ -184,6 +190,14 @@ class Runtime:
         assert self.database is not None
         return await find_keys(self.database, digests)
 
+    async def _load_teams(self) -> list[TeamRecord]:
+        assert self.database is not None
+        return await list_teams(self.database)
+
+    async def _flush(self) -> None:
+        if self.ledger is not None:
+            await self.ledger.flush()
+
     async def start(self) -> None:
         plan = self.plan
         self.database = await open_database(plan.config.ledger.url)
@@ -191,6 +205,8 @@ class Runtime:
         self.ledger = LedgerWriter(self.database, on_pending=self.metrics.ledger_pending.set)
         self.meter.ledger = self.ledger
         await self.ledger.start()
+        await self.observers.apply(plan.config, self.database)
+        await self.teams.start(self.database)
         await self._start_shared(plan)
         await self.keys.start()
         if self.mcp is not None:
@@ -274,9 +290,11 @@ class Runtime:
         await plan.budgets.load(self.database, only_new=True)
         if plan.shared is not old.shared:
             await self._start_shared(plan)
+        await self.observers.apply(config, self.database)  # tracing, request log, tags
         await old.rollouts.close()
         await plan.rollouts.start(self.database)
         self.plan = plan
+        await self.teams.install(plan)
         if self.mcp is not None and config.mcp is not None:
             await self.mcp.apply(config.mcp)
         self.text, self.source = text, source
@@ -362,6 +380,7 @@ class Runtime:
         for task in [*self._retired, *([self._follower] if self._follower else [])]:
             task.cancel()
         await self.keys.close()
+        await self.teams.close()
         plan = self.plan
         await plan.rollouts.close()
         if plan.shared is not None:
@@ -369,6 +388,7 @@ class Runtime:
         await plan.budgets.close()
         for adapter in plan.adapters.values():
             await adapter.close()
+        await self.observers.close()
         if self.ledger is not None:
             await self.ledger.close()
             log.info("ledger flushed: %d rows committed", self.ledger.committed)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
+from metergate.auth.keys import KeyRecord
+from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
-from metergate.console import requests_log
+from metergate.console import request_detail as detail
 from metergate.console.mcp import McpView
 from metergate.console.openapi import openapi_document
 from metergate.console.overview import overview
@@ -31,8 +34,11 @@ from metergate.console.windows import parse_window
 from metergate.errors import GatewayLimit, InvalidRequest, NotFound
 from metergate.rollout import store, transitions
 from metergate.runtime import Runtime
+from metergate.storage import teams as team_store
 from metergate.storage.database import Database
-from metergate.storage.keys import KeyNameTaken, create_key
+from metergate.storage.keys import KeyNameTaken, create_key, set_attribution
+from metergate.storage.teams import get_team
+from metergate.teams import TeamError, check_change, check_tags
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 BODY_LIMIT = 64 * 1024
@@ -41,6 +47,9 @@ _PATTERNS: tuple[tuple[str, tuple[str | None, ...], str], ...] = (
     ("PATCH", ("admin", "api", "keys", None), "update_key"),
     ("POST", ("admin", "api", "keys", None, "revoke"), "revoke_key"),
     ("POST", ("admin", "api", "rollouts", None, None), "rollout_action"),
+    ("PATCH", ("admin", "api", "teams", None), "update_team"),
+    ("DELETE", ("admin", "api", "teams", None), "delete_team"),
+    ("GET", ("admin", "api", "requests", None), "request_detail"),
 )
 
 
@@ -79,6 +88,10 @@ class AdminApi:
             ("GET", "/admin/api/mcp"): self.mcp_servers,
             ("GET", "/admin/api/requests"): self.requests,
             ("GET", "/admin/api/requests.csv"): self.requests_csv,
+            ("GET", "/admin/api/request-log.jsonl"): self.export_request_log,
+            ("GET", "/admin/api/teams"): self.list_teams,
+            ("POST", "/admin/api/teams"): self.create_team,
+            ("GET", "/admin/api/usage"): self.usage,
         }
         for path in self.assets:
             routes[("GET", path)] = self.asset
@@ -254,13 +267,14 @@ class AdminApi:
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(body, {"name", "models", "max_tokens_cap"})
+        console_keys.check_fields(body, {"name", "models", "max_tokens_cap", "team", "tags"})
         name = console_keys.check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = console_keys.check_cap(body.get("max_tokens_cap"))
         database = await self._database()
+        team, tags = await self._attribution_of(database, body, None, ())
         try:
-            secret, record = await create_key(database, name, models, cap)
+            secret, record = await create_key(database, name, models, cap, team, tags)
         except KeyNameTaken:
             raise InvalidRequest(
                 f"an active key named {name!r} exists; revoke it first or pick another name",
@@ -274,12 +288,12 @@ class AdminApi:
         )
 
     async def update_key(self, request: Request, send: Send, key_id: str) -> None:
-        """PATCH: the fields present are changed (`models`, `max_tokens_cap`); null clears;
-        an empty object changes nothing (and answers the key as it is)."""
+        """PATCH: the fields present are changed (`models`, `max_tokens_cap`, `team`,
+        `tags`); null clears; an empty object changes nothing (and answers the key as it is)."""
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(body, {"models", "max_tokens_cap"})
+        console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = console_keys.check_cap(body.get("max_tokens_cap"))
         database = await self._database()
@@ -289,6 +303,8 @@ class AdminApi:
         if "max_tokens_cap" not in body:
             cap = current.max_tokens_cap
         record = await console_keys.update_key(database, key_id, models, cap)
+        if "team" in body or "tags" in body:
+            record = await self._key_attribution(database, record, body)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
@@ -301,6 +317,139 @@ class AdminApi:
         record = await console_keys.revoke_key_by_id(database, key_id)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
+
+    async def _attribution_of(
+        self,
+        database: Database,
+        body: dict[str, Any],
+        team: str | None,
+        tags: tuple[tuple[str, str], ...],
+    ) -> tuple[str | None, dict[str, str]]:
+        """A key's `team` (an existing team, or null) and `tags`, as given or as they were."""
+        team = body.get("team", team)
+        if team is not None and (not isinstance(team, str) or not await get_team(database, team)):
+            raise InvalidRequest(f"no team named {team!r}", param="team")
+        try:
+            return team, dict(check_tags(body["tags"]) if "tags" in body else tags)
+        except TeamError as error:
+            raise attribution.invalid(error) from None
+
+    async def _key_attribution(
+        self, database: Database, record: KeyRecord, body: dict[str, Any]
+    ) -> KeyRecord:
+        team, tags = await self._attribution_of(database, body, record.team, record.tags)
+        updated = await set_attribution(database, record.id, team, tags)
+        if updated is None:
+            raise NotFound(f"no key with id {record.id!r}", code="key_not_found")
+        return updated
+
+    # -- teams and attribution --------------------------------------------------------
+
+    @admin_endpoint
+    async def list_teams(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        query_params(request)
+        database = await self._database(fresh=True)
+        await send_json(request, send, await attribution.teams_view(self.runtime, database))
+
+    @admin_endpoint
+    async def create_team(self, request: Request, send: Send) -> None:
+        self.guard.authorize(request)
+        query_params(request)
+        body = await request.json(BODY_LIMIT)
+        try:
+            values = check_change(body, creating=True)
+        except TeamError as error:
+            raise attribution.invalid(error) from None
+        database = await self._database()
+        try:
+            record = await team_store.create_team(database, values)
+        except team_store.TeamExists:
+            raise InvalidRequest(
+                f"a team named {values['name']!r} exists",
+                status=409,
+                code="team_name_taken",
+                param="name",
+            ) from None
+        await self.runtime.teams.reload()
+        await send_json(request, send, {"team": record.to_json()}, 201)
+
+    async def update_team(self, request: Request, send: Send, name: str) -> None:
+        """PATCH: the fields present replace the team's (`budgets` and `tags` whole)."""
+        self.guard.authorize(request)
+        query_params(request)
+        body = await request.json(BODY_LIMIT)
+        try:
+            values = check_change(body, creating=False)
+        except TeamError as error:
+            raise attribution.invalid(error) from None
+        if not values:
+            raise InvalidRequest("send description, tags, budgets, rpm and/or tpm")
+        record = await team_store.update_team(await self._database(), name, values)
+        if record is None:
+            raise attribution.team_not_found(name)
+        await self.runtime.teams.reload()
+        await send_json(request, send, {"team": record.to_json()})
+
+    async def delete_team(self, request: Request, send: Send, name: str) -> None:
+        self.guard.authorize(request)
+        query_params(request)
+        try:
+            found = await team_store.delete_team(await self._database(), name)
+        except team_store.TeamInUse as in_use:
+            raise InvalidRequest(
+                f"team {name!r} still has active keys: {', '.join(in_use.keys)}; "
+                "move them to another team first",
+                status=409,
+                code="team_in_use",
+            ) from None
+        if not found:
+            raise attribution.team_not_found(name)
+        await self.runtime.teams.reload()
+        await send_json(request, send, {"deleted": name})
+
+    @admin_endpoint
+    async def usage(self, request: Request, send: Send) -> None:
+        """Usage grouped by model, key, upstream, team or tag:NAME over a window."""
+        self.guard.authorize(request)
+        query = query_params(request, "window", "by", "team", "tag")
+        value = requests_log.query_value
+        window = parse_window(value(query, "window"))
+        grouping, only = attribution.parse_grouping(
+            value(query, "by"), value(query, "team"), value(query, "tag")
+        )
+        database = await self._database(fresh=True)
+        await send_json(
+            request, send, await attribution.usage_view(database, window, grouping, only)
+        )
+
+    # -- request log ----------------------------------------------------------------
+
+    async def request_detail(self, request: Request, send: Send, row_id: str) -> None:
+        self.guard.authorize(request)
+        query_params(request)
+        database = await self._database(fresh=True)
+        await send_json(request, send, await detail.request_detail(self.runtime, database, row_id))
+
+    @admin_endpoint
+    async def export_request_log(self, request: Request, send: Send) -> None:
+        """The request log's records of a period as JSON Lines (a download)."""
+        self.guard.authorize(request)
+        query = query_params(request, "since")
+        start, end = detail.export_period(requests_log.query_value(query, "since"))
+        database = await self._database(fresh=True)
+        body = await detail.export_records(self.runtime, database, start, end, detail.EXPORT_MAX)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        headers = [
+            *base_headers(request),
+            (b"content-type", b"application/x-ndjson"),
+            (
+                b"content-disposition",
+                f'attachment; filename="metergate-request-log-{stamp}.jsonl"'.encode(),
+            ),
+            *secure_headers(),
+        ]
+        await respond(send, 200, body, headers)
 
     # -- rollouts -------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class CompletionsHandler:
     async def __call__(self, request: Request, send: Send) -> None:
         meter = self.runtime.meter
         plan = self.runtime.plan.enter()
-        log = RequestLog(request.id, request.started)
+        log = meter.begin(request.id, request.started, request.headers)
         log.api = self.door.api
         headers = base_headers(request)
         try:
@@ -89,9 +89,10 @@ class CompletionsHandler:
         runtime = self.runtime
         gate = plan.gate
         key = await runtime.keys.authenticate(request.headers)
-        log.key = key.name
+        log.identify(key)
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
+        log.attach(body)
         route = plan.router.route(body.get("model"), key)
         log.model = route.name
         if route.rollout is not None:
@@ -100,7 +101,7 @@ class CompletionsHandler:
         body, streaming = exchange.body, exchange.stream
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
-        budgets = gate.budgets.applicable(key.name, route.name)
+        budgets = gate.budgets.applicable(key.name, route.name, key.team)
         assumed = bool(budgets) and self.kind == "chat" and requested_max_tokens(body) is None
         if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
@@ -115,7 +116,7 @@ class CompletionsHandler:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
         worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed)
-        admission = await gate.admit(key.name, route.name, budgets, worst)
+        admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
         active.inc()
@@ -256,7 +257,8 @@ def _error_reply(
     door: Door, error: GatewayError, log: RequestLog, headers: list[tuple[bytes, bytes]]
 ) -> Reply:
     status, body = door.error(error)
-    log.outcome, log.status = error.outcome, status
+    log.fail(error)
+    log.status = status  # the door's (Anthropic's overloaded is 529, say)
     return Reply(body, status, headers + JSON_HEADERS + error.headers)
 
 

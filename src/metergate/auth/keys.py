@@ -28,6 +28,8 @@ class KeyRecord:
     created_at: float
     revoked_at: float | None = None
     max_tokens_cap: int | None = None
+    team: str | None = None  # its team: team budgets and rate limits apply on top of its own
+    tags: tuple[tuple[str, str], ...] = ()  # default tags of its requests, (name, value)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -7,13 +7,16 @@ After the call the reservation is replaced by the real cost. Spend is in integer
 nano-USD, like the ledger, and is rebuilt from the ledger at start.
 
 This book holds the policy (which budgets apply, periods, thresholds, the refusal) and
-the in-process counters. With Redis configured, `metergate.limits.admission` reserves
+the in-process counters. Besides the config's budgets it holds the teams' (managed in
+the database, installed by `metergate.teams.registry` with `set_team_budgets`, carried
+over a reload like the config's). With Redis configured, `metergate.limits.admission` reserves
 and settles on the fleet's shared counters instead (`metergate.shared.counters`), and
 reports the fleet's spend back here through `observe`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,6 +71,7 @@ class BudgetBook:
         previous = {b.name: b for b in carry.budgets} if carry else {}
         self.budgets: list[Budget] = []
         self._carried: set[str] = set()
+        self._teams: dict[str, Budget] = dict(carry._teams) if carry else {}
         now = time.time()
         for name, cfg in budgets.items():
             kept = previous.get(name)
@@ -79,8 +83,10 @@ class BudgetBook:
             budget.start, budget.end = period_bounds(now, cfg.period, cfg.timezone)
             metrics.budget_limit.labels(name).set(budget.limit_nano / 1e9)
             self.budgets.append(budget)
+        self.budgets.extend(self._teams.values())
+        self._carried.update(self._teams)
         self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
-        self._applicable: dict[tuple[str, str], tuple[Budget, ...]] = {}
+        self._applicable: dict[tuple[str, str, str | None], tuple[Budget, ...]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.budgets)
@@ -103,8 +109,8 @@ class BudgetBook:
         """The budgets `load` rebuilds: all, or only those a reload did not carry over."""
         return [b for b in self.budgets if not (only_new and b.name in self._carried)]
 
-    def applicable(self, key: str, model: str) -> tuple[Budget, ...]:
-        found = self._applicable.get((key, model))
+    def applicable(self, key: str, model: str, team: str | None = None) -> tuple[Budget, ...]:
+        found = self._applicable.get((key, model, team))
         if found is None:
             found = tuple(
                 b
@@ -112,9 +118,56 @@ class BudgetBook:
                 if b.config.scope == "global"
                 or (b.config.scope == "key" and b.config.target == key)
                 or (b.config.scope == "model" and b.config.target == model)
+                or (b.config.scope == "team" and team is not None and b.config.target == team)
             )
-            self._applicable[(key, model)] = found
+            self._applicable[(key, model, team)] = found
         return found
+
+    def team_budgets(self) -> dict[str, Budget]:
+        return dict(self._teams)
+
+    async def set_team_budgets(self, configs: dict[str, BudgetConfig], database: Database) -> None:
+        """Install the teams' budgets. A budget whose period is unchanged keeps its spend
+        and holds (a new limit applies to the next request); a new one (or one with a
+        new period) starts from the ledger's spend before it is enforced."""
+        current = self._teams
+        if {n: b.config for n, b in current.items()} == configs:
+            return
+        chosen: dict[str, Budget] = {}
+        fresh: list[Budget] = []
+        now = time.time()
+        for name, cfg in configs.items():
+            kept = current.get(name)
+            if kept is not None and (kept.config.period, kept.config.timezone) == (
+                cfg.period,
+                cfg.timezone,
+            ):
+                kept.config, kept.limit_nano = cfg, int(cfg.limit_usd * 1_000_000_000)
+                self.metrics.budget_limit.labels(name).set(kept.limit_nano / 1e9)
+                chosen[name] = kept
+                continue
+            budget = Budget(name, cfg, int(cfg.limit_usd * 1_000_000_000))
+            budget.start, budget.end = period_bounds(now, cfg.period, cfg.timezone)
+            fresh.append(budget)
+            chosen[name] = budget
+        for budget in fresh:
+            budget.spent_nano = await ledger_spend(database, budget)
+            budget.announced = {
+                p
+                for p in budget.config.alert_at_percent
+                if budget.spent_nano * 100 >= budget.limit_nano * p
+            }
+            self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
+            self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+        current = self._teams  # what is installed now (a concurrent call may have run)
+        self._teams = chosen
+        self.budgets = [b for b in self.budgets if b.name not in current] + list(chosen.values())
+        self._carried = (self._carried - set(current)) | set(chosen)
+        self._applicable.clear()
+        for name in set(current) - set(chosen):
+            for gauge in (self.metrics.budget_spent, self.metrics.budget_limit):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
 
     def reserve(self, budgets: tuple[Budget, ...], worst: WorstCase) -> Reservation:
         """Hold the worst case on every budget, or refuse with 429 if a hard one would pass."""
@@ -207,6 +260,9 @@ class BudgetBook:
         await self.notifier.close()
 
 
+_SCOPE_COLUMNS = {"key": "key_name", "model": "model", "team": "team"}
+
+
 async def ledger_spend(database: Database, budget: Budget, until: float | None = None) -> int:
     """What the ledger (the source of truth) says this budget spent in its period
     (by requests that finished before `until`, when given)."""
@@ -214,7 +270,7 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
     end = budget.end if until is None else min(budget.end, until)
     params: list[object] = [budget.start, end]
     if budget.config.scope != "global":
-        sql += " AND key_name = ?" if budget.config.scope == "key" else " AND model = ?"
+        sql += f" AND {_SCOPE_COLUMNS[budget.config.scope]} = ?"
         params.append(budget.config.target)
     ((spent,),) = await database.fetch(sql, params)
     return int(spent)

@@ -1,4 +1,5 @@
-"""`metergate keys create|list|revoke`: one key per calling service."""
+"""`metergate keys create|list|update|revoke`: one key per calling service, in a team or
+not, with default tags for its requests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from metergate.auth.keys import KeyRecord
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
 from metergate.storage import keys as store
+from metergate.storage.database import Database
+from metergate.storage.teams import get_team, list_teams
+from metergate.teams import TeamError, check_tags
 
 app = typer.Typer(help="Create, list and revoke gateway keys.", no_args_is_help=True)
 
@@ -23,6 +28,11 @@ def create(
     max_tokens_cap: Annotated[
         int | None, typer.Option("--max-tokens-cap", min=1, help="cap on max_tokens per request")
     ] = None,
+    team: Annotated[str | None, typer.Option("--team", help="the team it belongs to")] = None,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option("--tag", metavar="NAME=VALUE", help="default tag of its requests (repeat)"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
@@ -33,10 +43,14 @@ def create(
             f"unknown model(s): {', '.join(unknown)}; configured: {', '.join(loaded.models)}"
         )
         raise typer.Exit(2)
+    defaults = _tags_or_exit(tags or [])
+
+    async def work(db: Database) -> tuple[str, KeyRecord]:
+        await _team_or_exit(db, team)
+        return await store.create_key(db, name, models, max_tokens_cap, team, defaults)
+
     try:
-        secret, record = with_database(
-            loaded, lambda db: store.create_key(db, name, models, max_tokens_cap)
-        )
+        secret, record = with_database(loaded, work)
     except store.KeyNameTaken:
         errors.print(f"an active key named {name!r} exists; revoke it first or pick another name")
         raise typer.Exit(2) from None
@@ -50,7 +64,7 @@ def list_(config: ConfigOption = None) -> None:
     """List keys: name, id, last four characters, allowed models, state."""
     loaded = load_or_exit(config)
     records = with_database(loaded, store.list_keys)
-    table = Table("name", "id", "key", "models", "max_tokens cap", "created", "state")
+    table = Table("name", "id", "key", "models", "max_tokens cap", "team", "created", "state")
     for record in records:
         table.add_row(
             record.name,
@@ -58,10 +72,72 @@ def list_(config: ConfigOption = None) -> None:
             f"mgk_…{record.hint}",
             ", ".join(record.models) if record.models else "all",
             str(record.max_tokens_cap or ""),
+            record.team or "",
             _when(record.created_at),
             f"revoked {_when(record.revoked_at)}" if record.revoked_at else "active",
         )
     console.print(table)
+
+
+@app.command("update")
+def update(
+    name: Annotated[str, typer.Argument(help="key name or id")],
+    team: Annotated[str | None, typer.Option("--team", help="move it to this team")] = None,
+    no_team: Annotated[bool, typer.Option("--no-team", help="take it out of its team")] = False,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option("--tag", metavar="NAME=VALUE", help="its default tags, replacing them"),
+    ] = None,
+    clear_tags: Annotated[bool, typer.Option("--clear-tags", help="remove its tags")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Change a key's team or default tags; running gateways follow within seconds."""
+    if team is not None and no_team:
+        errors.print("give --team or --no-team, not both")
+        raise typer.Exit(2)
+    loaded = load_or_exit(config)
+    new_tags = _tags_or_exit(tags or []) if (tags or clear_tags) else None
+
+    async def work(db: Database) -> KeyRecord | None:
+        current = next(
+            (k for k in await store.list_keys(db, False) if name in (k.name, k.id)), None
+        )
+        if current is None:
+            return None
+        await _team_or_exit(db, team)
+        chosen = None if no_team else (team or current.team)
+        kept = dict(current.tags) if new_tags is None else new_tags
+        return await store.set_attribution(db, current.id, chosen, kept)
+
+    record = with_database(loaded, work)
+    if record is None:
+        errors.print(f"no active key named or with id {name!r}")
+        raise typer.Exit(1)
+    tag_text = ", ".join(f"{k}={v}" for k, v in record.tags) or "none"
+    console.print(f"key {record.name}: team {record.team or 'none'}, tags {tag_text}")
+
+
+async def _team_or_exit(db: Database, team: str | None) -> None:
+    if team is not None and await get_team(db, team) is None:
+        known = ", ".join(t.name for t in await list_teams(db)) or "none yet"
+        errors.print(f"no team named {team!r} (teams: {known}); create it with metergate teams")
+        raise typer.Exit(2)
+
+
+def _tags_or_exit(items: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        tags[name] = value
+        if not sep:
+            errors.print(f"--tag takes NAME=VALUE (got {item!r})")
+            raise typer.Exit(2)
+    try:
+        check_tags(tags)
+    except TeamError as error:
+        errors.print(str(error), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    return tags
 
 
 @app.command("revoke")

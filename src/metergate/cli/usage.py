@@ -28,9 +28,13 @@ from metergate.metering.report import (
     GroupBy,
     ModelComparison,
     MonthForecast,
+    UnknownGrouping,
+    UsageFilter,
     UsageGroup,
     compare_prices,
+    group_expression,
     month_forecast,
+    tag_expression,
     usage_summary,
 )
 from metergate.storage.database import Database
@@ -57,7 +61,14 @@ def usage(
             "--to", help="period end, exclusive, now by default; a bare date includes its day"
         ),
     ] = None,
-    by: Annotated[GroupBy, typer.Option("--by", help="group rows by")] = "model",
+    by: Annotated[
+        str, typer.Option("--by", help="group rows by model, key, upstream, team or tag:NAME")
+    ] = "model",
+    team: Annotated[str | None, typer.Option("--team", help="only this team's requests")] = None,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option("--tag", metavar="NAME=VALUE", help="only requests with this tag (repeat)"),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="csv/json: machine-readable")] = "table",
     compare: Annotated[
         str | None,
@@ -70,7 +81,8 @@ def usage(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Report usage per model, key or upstream, with a month-end spend forecast.
+    """Report usage per model, key, upstream, team or request tag (`--by tag:team`), with
+    a month-end spend forecast.
 
     Errors are upstream/provider failures; their rate leaves out requests refused
     because of the caller (invalid, unauthorized, rate-limited, over budget), which are
@@ -80,11 +92,12 @@ def usage(
     """
     now = time.time()
     period = _period_or_exit(since, start, end, now)
+    only = _filter_or_exit(by, team, tags or [])
     loaded = load_or_exit(config)
     prices = None if compare is None else _price_list_or_exit(compare)
 
     async def gather(db: Database) -> Report:
-        summary = await usage_summary(db, by, *period)
+        summary = await usage_summary(db, by, *period, only)
         comparison = None
         if prices is not None:
             comparison = await compare_prices(db, loaded, prices, *period)
@@ -157,6 +170,23 @@ def _period_or_exit(
     except PeriodError as error:
         errors.print(str(error), markup=False, highlight=False)
         raise typer.Exit(2) from None
+
+
+def _filter_or_exit(by: str, team: str | None, tags: list[str]) -> UsageFilter:
+    """Check --by and the filters before anything is opened."""
+    pairs = []
+    try:
+        group_expression("sqlite", by)
+        for item in tags:
+            name, sep, value = item.partition("=")
+            if not sep or not value:
+                raise UnknownGrouping(f"--tag takes NAME=VALUE (got {item!r})")
+            tag_expression("sqlite", name)
+            pairs.append((name, value))
+    except UnknownGrouping as error:
+        errors.print(str(error), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    return UsageFilter(team, tuple(pairs))
 
 
 def _price_list_or_exit(name_or_path: str) -> dict[str, Price]:

@@ -57,6 +57,12 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                     f"declared upstreams: {', '.join(upstreams) or 'none'}",
                 )
     for name, budget in config.budgets.items():
+        if name.startswith("team:"):
+            yield (
+                ("budgets", name),
+                "budget names starting with team: are the teams' own budgets",
+                "pick another name; a team's budgets are set with `metergate teams`",
+            )
         if budget.scope != "global" and not budget.target:
             yield (
                 ("budgets", name, "target"),
@@ -118,5 +124,27 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
                 "two rollouts move the same model",
                 "run one rollout per model at a time",
             )
+    if config.tracing.enabled:
+        yield from _tracing_packages(config)
     if not config.models:
         yield (("models",), "no models are declared", "declare at least one model")
+
+
+def _tracing_packages(config: GatewayConfig) -> Iterator[Problem]:
+    """Tracing needs the OpenTelemetry SDK and exporter, an optional extra."""
+    import importlib.util
+
+    grpc = config.tracing.protocol == "grpc"
+    exporter = "opentelemetry.exporter.otlp.proto." + ("grpc" if grpc else "http")
+    for module in ("opentelemetry.sdk", exporter):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            yield (
+                ("tracing", "enabled"),
+                f"tracing needs {module}, which is not installed",
+                f"pip install 'metergate[{'tracing-grpc' if grpc else 'tracing'}]'",
+            )
+            return

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from metergate.config.observe import RequestLogConfig, TagsConfig, TracingConfig
 from metergate.config.presets import DEFAULT_PRICE_LISTS, PRESETS, PresetName
 from metergate.mcp.config import McpConfig
 
@@ -393,9 +394,10 @@ class LedgerConfig(Strict):
 
 
 class BudgetConfig(Strict):
-    """Spend allowed per day or calendar month, for everything, one key or one model."""
+    """Spend allowed per day or calendar month, for everything, one key, one model or one
+    team (a team's keys together; teams are managed with `metergate teams`)."""
 
-    scope: Literal["global", "key", "model"] = "global"
+    scope: Literal["global", "key", "model", "team"] = "global"
     target: str | None = None
     period: Literal["day", "month"] = "month"
     timezone: str = "UTC"
@@ -464,10 +466,12 @@ class RateLimit(Strict):
 
 class RateLimitsConfig(Strict):
     """`keys`: per gateway key (`*` = every key, each on its own); `models`: per model
-    name, across all keys (`*` = every model, each on its own)."""
+    name, across all keys (`*` = every model, each on its own); `teams`: per team, across
+    its keys, on top of each key's own (`*` = every team, each on its own)."""
 
     keys: dict[str, RateLimit] = Field(default_factory=dict)
     models: dict[str, RateLimit] = Field(default_factory=dict)
+    teams: dict[str, RateLimit] = Field(default_factory=dict)
 
 
 class RolloutGates(Strict):
@@ -538,3 +542,6 @@ class GatewayConfig(Strict):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     mcp: McpConfig | None = None
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
+    tags: TagsConfig = Field(default_factory=TagsConfig)

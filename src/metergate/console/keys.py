@@ -12,7 +12,6 @@ keys an editable budget would need a column and enforcement in the budget book.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import time
 from typing import Any
@@ -20,9 +19,8 @@ from typing import Any
 import orjson
 
 from metergate.auth.keys import KeyRecord
-from metergate.console.overview import budget_json
+from metergate.console.overview import budget_json, day_and_month
 from metergate.errors import InvalidRequest, NotFound
-from metergate.metering.report import usage_summary
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import list_keys
@@ -42,6 +40,8 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
         "state": "revoked" if record.revoked_at is not None else "active",
+        "team": record.team,
+        "tags": dict(record.tags),
     }
 
 
@@ -143,11 +143,7 @@ async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any
     (UTC) and the key-scoped budgets of the config; spend is by name, as the ledger
     records it, so a replaced key's spend shows on the active key of that name."""
     now = time.time()
-    today = dt.datetime.fromtimestamp(now, dt.UTC).date()
-    midnight = dt.datetime.combine(today, dt.time(), dt.UTC).timestamp()
-    month_start = dt.datetime.combine(today.replace(day=1), dt.time(), dt.UTC).timestamp()
-    month = {g.name: g for g in (await usage_summary(database, "key", month_start, now))[:-1]}
-    day = {g.name: g for g in (await usage_summary(database, "key", midnight, now))[:-1]}
+    day, month = await day_and_month(database, "key", now)
     key_budgets: dict[str, list[dict[str, Any]]] = {}
     for budget in runtime.plan.budgets.budgets:
         if budget.config.scope == "key" and budget.config.target:

@@ -36,6 +36,8 @@ _BOOL = {"type": "boolean"}
 _NANO = {"type": "integer", "description": "nano-USD (1e-9 USD)"}
 _COUNTS = {"type": "object", "additionalProperties": _NUM}
 _SERIES = {"type": "array", "items": _nullable(_NUM)}
+_TAGS = {"type": "object", "additionalProperties": _STR, "description": "tag name: value"}
+_TEAM_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
 
 _ERRORS = {
     "400": "Invalid parameter or body",
@@ -119,7 +121,7 @@ def _schemas() -> dict[str, Any]:
     budget = _object(
         {
             "name": _STR,
-            "scope": {"type": "string", "enum": ["global", "key", "model"]},
+            "scope": {"type": "string", "enum": ["global", "key", "model", "team"]},
             "target": _nullable(_STR),
             "period": {"type": "string", "enum": ["day", "month"]},
             "timezone": _STR,
@@ -149,6 +151,8 @@ def _schemas() -> dict[str, Any]:
             "created_at": _NUM,
             "revoked_at": _nullable(_NUM),
             "state": {"type": "string", "enum": ["active", "revoked"]},
+            "team": _nullable(_STR),
+            "tags": _TAGS,
         },
         ["id", "name", "hint", "state"],
     )
@@ -357,8 +361,107 @@ def _schemas() -> dict[str, Any]:
                     "description": "tokens are the gateway's bound, not the upstream's count: "
                     "a stream that did not complete is billed at least what it relayed",
                 },
+                "team": _nullable(_STR),
+                "tags": _TAGS,
             }
         ),
+        **_attribution_schemas(),
+    }
+
+
+def _attribution_schemas() -> dict[str, Any]:
+    """Teams, usage by group, and the request log's records."""
+    team_budget = _object(
+        {
+            "period": {"type": "string", "enum": ["day", "month"]},
+            "limit_usd": {"type": "string", "description": "USD, a decimal string"},
+            "hard": _BOOL,
+            "timezone": _STR,
+            "alert_at_percent": {"type": "array", "items": _INT},
+        },
+        ["period", "limit_usd"],
+    )
+    team = _object(
+        {
+            "name": _TEAM_NAME,
+            "description": _STR,
+            "tags": _TAGS,
+            "budgets": {"type": "array", "items": team_budget},
+            "rpm": _nullable(_INT),
+            "tpm": _nullable(_INT),
+            "created_at": _NUM,
+            "updated_at": _NUM,
+        },
+        ["name", "budgets"],
+    )
+    attempt = _object(
+        {
+            "number": _INT,
+            "upstream": _STR,
+            "provider": _STR,
+            "model": _STR,
+            "started_ms": {**_NUM, "description": "after the request arrived"},
+            "duration_ms": _NUM,
+            "outcome": _ref("Outcome"),
+            "upstream_status": _nullable(_INT),
+            "error": _nullable(_STR),
+            "span_id": _nullable(_STR),
+        }
+    )
+    body = _object(
+        {
+            "body": _nullable({**_STR, "description": "redacted, cut at max_body_bytes"}),
+            "bytes": {**_INT, "description": "size before redaction and cutting"},
+            "truncated": _BOOL,
+        }
+    )
+    record = _object(
+        {
+            "request_id": _STR,
+            "ts": _NUM,
+            "key": _STR,
+            "team": _nullable(_STR),
+            "tags": _TAGS,
+            "model": _STR,
+            "upstream": _STR,
+            "operation": _STR,
+            "outcome": _ref("Outcome"),
+            "status": _INT,
+            "duration_ms": _NUM,
+            "ttft_ms": _nullable(_NUM),
+            "upstream_ms": _NUM,
+            "cost_nano": _NANO,
+            "usage": _COUNTS,
+            "trace_id": _nullable(_STR),
+            "request": {
+                "allOf": [
+                    body,
+                    _object({"headers": {"type": "object", "additionalProperties": _STR}}),
+                ]
+            },
+            "response": _nullable(body),
+            "error": _nullable(_object({"type": _STR, "code": _nullable(_STR), "message": _STR})),
+            "attempts": {"type": "array", "items": attempt},
+        }
+    )
+    return {
+        "TeamBudget": team_budget,
+        "Team": team,
+        "TeamWithSpend": {
+            "allOf": [
+                team,
+                _object(
+                    {
+                        "keys": {"type": "array", "items": _STR},
+                        "requests_month": _INT,
+                        "spend_today_nano": _NANO,
+                        "spend_month_nano": _NANO,
+                        "budget_state": {"type": "array", "items": _ref("Budget")},
+                    }
+                ),
+            ]
+        },
+        "RequestLogRecord": record,
     }
 
 
@@ -371,6 +474,8 @@ def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
             "description": "configured model names; null or [] means every model",
         },
         "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
+        "team": _nullable(_STR),
+        "tags": _TAGS,
     }
     if "name" in required:
         properties = {
@@ -464,7 +569,7 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
         },
         "/admin/api/keys/{id}": {
             "patch": {
-                "summary": "Set an active key's allowed models and max_tokens cap",
+                "summary": "Set an active key's allowed models, max_tokens cap, team and tags",
                 "description": "Fields left out stay; null clears (all models / no cap); "
                 "an empty object changes nothing.",
                 "operationId": "updateKey",
@@ -567,6 +672,7 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                 },
             }
         },
+        **_attribution_paths(),
         "/admin/reload": {
             "post": {
                 "summary": "Re-read the config file and apply it if valid",
@@ -589,6 +695,147 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                         "description": "OpenAPI 3.1",
                         "content": {JSON: {"schema": {"type": "object"}}},
                     }
+                },
+            }
+        },
+    }
+
+
+def _attribution_paths() -> dict[str, Any]:
+    """Teams, usage by team or tag, one request in detail, the request log export."""
+    name = {"name": "name", "in": "path", "required": True, "schema": _STR}
+    change = {
+        "description": _STR,
+        "tags": _TAGS,
+        "budgets": {"type": "array", "items": _ref("TeamBudget")},
+        "rpm": _nullable({"type": "integer", "minimum": 1}),
+        "tpm": _nullable({"type": "integer", "minimum": 1}),
+    }
+
+    def query(param: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
+        return {
+            "name": param,
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": text,
+        }
+
+    return {
+        "/admin/api/teams": {
+            "get": {
+                "summary": "Teams with their keys, spend, budgets and limits",
+                "operationId": "listTeams",
+                "responses": _responses(
+                    "Teams",
+                    _object(
+                        {"now": _NUM, "teams": {"type": "array", "items": _ref("TeamWithSpend")}}
+                    ),
+                ),
+            },
+            "post": {
+                "summary": "Create a team (live on every gateway process within 2 s)",
+                "operationId": "createTeam",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        JSON: {"schema": _object({"name": _TEAM_NAME, **change}, ["name"])}
+                    },
+                },
+                "responses": _responses("Created", _object({"team": _ref("Team")}), "201", "409"),
+            },
+        },
+        "/admin/api/teams/{name}": {
+            "patch": {
+                "summary": "Change a team: fields sent replace its own (budgets, tags whole)",
+                "operationId": "updateTeam",
+                "parameters": [name],
+                "requestBody": {"required": True, "content": {JSON: {"schema": _object(change)}}},
+                "responses": _responses("Updated", _object({"team": _ref("Team")})),
+            },
+            "delete": {
+                "summary": "Delete a team no active key belongs to",
+                "operationId": "deleteTeam",
+                "parameters": [name],
+                "responses": _responses("Deleted", _object({"deleted": _STR}), "200", "409"),
+            },
+        },
+        "/admin/api/usage": {
+            "get": {
+                "summary": "Usage grouped by model, key, upstream, team or a request tag",
+                "operationId": "usage",
+                "parameters": [
+                    _window_param(),
+                    query(
+                        "by",
+                        {"type": "string", "default": "team"},
+                        "model, key, upstream, team, or tag:NAME; `(none)` groups requests "
+                        "without a team or the tag",
+                    ),
+                    query("team", _STR, "Only this team's requests"),
+                    query("tag", _STR, "Only requests with this tag, as NAME:VALUE"),
+                ],
+                "responses": _responses(
+                    "Groups, costliest first, and the total",
+                    _object(
+                        {
+                            "window": _STR,
+                            "now": _NUM,
+                            "by": _STR,
+                            "groups": {
+                                "type": "array",
+                                "items": {"allOf": [_object({"name": _STR}), _ref("UsageGroup")]},
+                            },
+                            "total": _ref("UsageGroup"),
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/requests/{id}": {
+            "get": {
+                "summary": "One request: its ledger row and, when kept, its request log record",
+                "operationId": "requestDetail",
+                "parameters": [
+                    {
+                        "name": "id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                        "description": "the ledger row id (`id` in the request list)",
+                    }
+                ],
+                "responses": _responses(
+                    "The request",
+                    _object(
+                        {
+                            "request": _ref("RequestRow"),
+                            "log": _nullable(_ref("RequestLogRecord")),
+                            "request_log": _object(
+                                {"enabled": _BOOL, "capture": _STR, "store": _STR}
+                            ),
+                        }
+                    ),
+                ),
+            }
+        },
+        "/admin/api/request-log.jsonl": {
+            "get": {
+                "summary": "The request log's records of a period, as JSON Lines (a download)",
+                "operationId": "exportRequestLog",
+                "parameters": [
+                    query(
+                        "since",
+                        {"type": "string", "default": "24h"},
+                        "How far back: 30m, 24h, 7d",
+                    )
+                ],
+                "responses": {
+                    "200": {
+                        "description": "One RequestLogRecord per line, oldest first",
+                        "content": {"application/x-ndjson": {"schema": _STR}},
+                    },
+                    **{code: {"$ref": f"#/components/responses/E{code}"} for code in _ERRORS},
                 },
             }
         },

@@ -41,6 +41,18 @@ def group_json(group: UsageGroup) -> dict[str, Any]:
     }
 
 
+async def day_and_month(
+    database: Database, group_by: str, now: float
+) -> tuple[dict[str | None, UsageGroup], dict[str | None, UsageGroup]]:
+    """Usage per group (key, team, ...) today and this month, UTC, up to `now`."""
+    midnight = _utc_midnight(now)
+    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    month_start = dt.datetime.combine(day.replace(day=1), dt.time(), dt.UTC).timestamp()
+    today = await usage_summary(database, group_by, midnight, now)
+    month = await usage_summary(database, group_by, month_start, now)
+    return {g.name: g for g in today[:-1]}, {g.name: g for g in month[:-1]}
+
+
 async def spend(database: Database, now: float) -> dict[str, Any]:
     today = await usage_summary(database, "model", _utc_midnight(now), now)
     forecast = await month_forecast(database, now, "UTC")

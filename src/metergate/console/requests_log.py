@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from metergate.errors import InvalidRequest
 from metergate.metering.metrics import OUTCOMES
 from metergate.storage.database import Database
@@ -38,6 +40,8 @@ COLUMNS = (
     "cache_hit",
     "stream",
     "usage_estimated",
+    "team",
+    "tags",
 )
 PAGE_MAX = 1_000
 CSV_MAX = 100_000
@@ -49,11 +53,12 @@ class Filters:
     key: str | None = None
     model: str | None = None
     outcome: str | None = None
+    team: str | None = None
     before: int | None = None
     limit: int = 100
 
 
-FILTERS = ("key", "model", "outcome", "before", "limit")
+FILTERS = ("key", "model", "team", "outcome", "before", "limit")
 _INTEGER = re.compile(r"-?[0-9]+")
 _ROW_ID_MAX = 2**63 - 1  # ids are 64-bit: a larger `before` means every row
 
@@ -107,6 +112,7 @@ def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filte
         key=query_value(query, "key"),
         model=query_value(query, "model"),
         outcome=outcome,
+        team=query_value(query, "team"),
         before=None if before is None else min(before, _ROW_ID_MAX),
         limit=_int(query, "limit", 1, most) or default,
     )
@@ -119,6 +125,7 @@ async def latest(database: Database, filters: Filters) -> list[dict[str, Any]]:
         ("key_name", filters.key),
         ("model", filters.model),
         ("outcome", filters.outcome),
+        ("team", filters.team),
     ):
         if value is not None:
             where.append(f"{column} = ?")
@@ -130,16 +137,17 @@ async def latest(database: Database, filters: Filters) -> list[dict[str, Any]]:
     if where:
         sql += " WHERE " + " AND ".join(where)
     rows = await database.fetch(f"{sql} ORDER BY id DESC LIMIT ?", (*params, filters.limit))
-    return [_row(row) for row in rows]
+    return [row_json(row) for row in rows]
 
 
-def _row(row: tuple[Any, ...]) -> dict[str, Any]:
+def row_json(row: tuple[Any, ...]) -> dict[str, Any]:
     item = dict(zip(COLUMNS, row, strict=True))
     for name in ("cost_nano", "saved_nano", "id"):
         item[name] = int(item[name])  # PostgreSQL BIGINT sums come back as Decimal
     item["cache_hit"] = bool(item["cache_hit"])
     item["stream"] = bool(item["stream"])
     item["usage_estimated"] = bool(item["usage_estimated"])
+    item["tags"] = orjson.loads(item["tags"]) if item["tags"] else {}
     return item
 
 
@@ -150,6 +158,8 @@ async def filter_choices(database: Database, models: list[str]) -> dict[str, lis
 
 
 def _cell(value: Any) -> Any:
+    if isinstance(value, dict):  # tags
+        value = ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value

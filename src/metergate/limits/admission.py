@@ -50,11 +50,17 @@ class Gate:
         self.shared = shared
 
     async def admit(
-        self, key: str, model: str, budgets: tuple[Budget, ...], worst: WorstCase
+        self,
+        key: str,
+        model: str,
+        budgets: tuple[Budget, ...],
+        worst: WorstCase,
+        team: str | None = None,
     ) -> Admission:
-        """Take the request from its rate limits and hold its worst case on its budgets, or
-        raise the 429 (or, degraded and closed, the 503) that refuses it."""
-        buckets = self.rates.applicable(key, model) if self.rates else ()
+        """Take the request from its rate limits (its key's, model's and team's) and hold
+        its worst case on its budgets, or raise the 429 (or, degraded and closed, the 503)
+        that refuses it."""
+        buckets = self.rates.applicable(key, model, team) if self.rates else ()
         if not buckets and not budgets:
             return NOTHING
         shared = self.shared

@@ -34,7 +34,7 @@ Kind = Literal["requests", "tokens"]
 class Bucket:
     """One limit: `per_minute` requests or tokens for one key or one model."""
 
-    scope: Literal["key", "model"]
+    scope: Literal["key", "model", "team"]
     name: str
     kind: Kind
     per_minute: int
@@ -97,19 +97,33 @@ class RateLimiter:
         """`carry`: the limiter being replaced; bucket state carries over a reload."""
         self.config = config
         self._tat: dict[str, float] = carry._tat if carry else {}
-        self._applicable: dict[tuple[str, str], tuple[Bucket, ...]] = {}
+        self._applicable: dict[tuple[str, str, str | None], tuple[Bucket, ...]] = {}
+        # teams' own limits (from the database), under the config's `rate_limits.teams`
+        self._team_limits: dict[str, RateLimit] = carry._team_limits if carry else {}
+        self._teams = self._team_table()
 
     def __bool__(self) -> bool:
-        return bool(self.config.keys or self.config.models)
+        return bool(self.config.keys or self.config.models or self._teams)
 
-    def applicable(self, key: str, model: str) -> tuple[Bucket, ...]:
-        found = self._applicable.get((key, model))
+    def applicable(self, key: str, model: str, team: str | None = None) -> tuple[Bucket, ...]:
+        found = self._applicable.get((key, model, team))
         if found is None:
-            found = self._applicable[(key, model)] = (
+            found = self._applicable[(key, model, team)] = (
                 *_buckets("key", key, self.config.keys),
                 *_buckets("model", model, self.config.models),
+                *(_buckets("team", team, self._teams) if team is not None else ()),
             )
         return found
+
+    def set_team_limits(self, limits: dict[str, RateLimit]) -> None:
+        """The teams' own limits; a team named in `rate_limits.teams` keeps the config's."""
+        if limits != self._team_limits:
+            self._team_limits = limits
+            self._teams = self._team_table()
+            self._applicable.clear()
+
+    def _team_table(self) -> dict[str, RateLimit]:
+        return {**self._team_limits, **self.config.teams}
 
     def check(self, buckets: tuple[Bucket, ...], now: float) -> list[Verdict]:
         """Judge every bucket; raise 429 for the first that refuses. Stores nothing."""
@@ -135,7 +149,7 @@ class RateLimiter:
                 self._tat[bucket.state_key] = tat + token_debit_us(bucket, tokens)
 
 
-def _buckets(scope: Literal["key", "model"], name: str, table: dict[str, RateLimit]):  # type: ignore[no-untyped-def]
+def _buckets(scope: Literal["key", "model", "team"], name: str, table: dict[str, RateLimit]):  # type: ignore[no-untyped-def]
     """A named entry overrides `*` field by field; `null` in a named entry lifts a limit."""
     base, named = table.get("*"), table.get(name)
     for field, kind in (("rpm", "requests"), ("tpm", "tokens")):

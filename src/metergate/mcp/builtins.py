@@ -171,8 +171,10 @@ class Builtins:
         found = []
         for budget in self.runtime.plan.budgets.budgets:
             scope, target = budget.config.scope, budget.config.target
-            if (scope == "key" and target != key.name) or (
-                scope == "model" and target not in models
+            if (
+                (scope == "key" and target != key.name)
+                or (scope == "model" and target not in models)
+                or (scope == "team" and target != key.team)
             ):
                 continue
             found.append(

@@ -10,6 +10,8 @@ token; a caller that cancels (or leaves) cancels the upstream request. The gatew
 announces only what its servers offer. Every request to an upstream is timed into
 `mcp_client_operation_duration_seconds`, every request on this endpoint into
 `mcp_server_operation_duration_seconds`, in the gateway's registry.
+With `tracing:` on, each request is a server span and each proxied call a client span
+(`metergate.mcp.spans`), exported with the gateway's other spans.
 
 Wiring: `await gateway.start()` after the key index is loaded, route GET/POST/DELETE
 `/mcp` to `gateway.handle` (or mount `gateway` as a plain ASGI app), and set
@@ -32,6 +34,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
 from mcp_types import (
     CallToolRequestParams,
     CallToolResult,
@@ -48,8 +51,15 @@ from metergate.mcp.builtins import ASGIApp, Builtins
 from metergate.mcp.catalog import PROMPTS, RESOURCES, TEMPLATES, Catalog, offers, own_tool_result
 from metergate.mcp.config import McpAccess, McpConfig
 from metergate.mcp.listeners import Listeners
-from metergate.mcp.metrics import INVALID_PARAMS, client_metrics, server_metrics
-from metergate.mcp.middleware import MetricsMiddleware
+from metergate.mcp.metrics import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    client_metrics,
+    code_error_type,
+    is_tool_error,
+    server_metrics,
+)
+from metergate.mcp.middleware import MetricsMiddleware, replace_sdk_spans
 from metergate.mcp.naming import split_name
 from metergate.mcp.upstream import Upstream, mcp_error
 
@@ -128,8 +138,12 @@ class McpGateway:
             on_get_prompt=self._get_prompt,
         )
         self.server.offers = self._offers
+        replace_sdk_spans(self.server)  # the gateway's spans follow its `tracing:` config
         self.server.middleware.insert(
-            0, MetricsMiddleware(server_metrics(registry), known_tool=self._known)
+            0,
+            MetricsMiddleware(
+                server_metrics(registry), known_tool=self._known, tracer=self._tracer
+            ),
         )
         # SSE answers where needed: progress rides the request's stream, and a client
         # that closes it (2026-07-28) or sends notifications/cancelled cancels the call.
@@ -272,7 +286,13 @@ class McpGateway:
             or (upstream.up and not await upstream.knows(tool))
         ):
             raise mcp_error(INVALID_PARAMS, f"Unknown tool: {name}")
-        result = await upstream.call_tool(tool, params.arguments, _progress(ctx))
+        tracer = self._tracer()
+        if tracer is None:
+            result = await upstream.call_tool(tool, params.arguments, _progress(ctx))
+        else:
+            result = await self._traced_call(
+                tracer, key, upstream, tool, params.arguments, _progress(ctx)
+            )
         return own_tool_result(server, result)
 
     async def _list_resources(
@@ -342,6 +362,42 @@ class McpGateway:
             if any(offers(u, "prompts") for u in upstreams)
             else None,
         }
+
+    def _tracer(self) -> Any:
+        """The tracer of the MCP spans while the gateway's `tracing:` is on, else None."""
+        return self.runtime.observers.mcp_tracer()
+
+    async def _traced_call(
+        self,
+        tracer: Any,
+        key: KeyRecord,
+        upstream: Upstream,
+        tool: str,
+        arguments: dict[str, Any] | None,
+        progress: ProgressFnT | None,
+    ) -> CallToolResult:
+        from metergate.mcp import spans
+
+        spans.annotate({"metergate.key": key.name, "metergate.mcp_server": upstream.name})
+        span = spans.start_client_span(tracer, upstream.name, tool, upstream.config.url)
+        error_type = ""
+        try:
+            with spans.current(span):  # the SDK puts it in `_meta.traceparent` upstream
+                result = await upstream.call_tool(tool, arguments, progress)
+        except MCPError as error:
+            error_type = code_error_type(error.error.code)
+            raise
+        except Exception:
+            error_type = str(INTERNAL_ERROR)
+            raise
+        except BaseException:
+            error_type = "timeout"  # the caller went away
+            raise
+        else:
+            error_type = "tool_error" if is_tool_error(result) else ""
+        finally:
+            spans.end_span(span, error_type)
+        return result
 
     def _known(self, name: str) -> bool:
         """Tool names that may become metric labels: ours, and the servers' listed ones."""

@@ -7,7 +7,8 @@
 It is one server middleware `(ctx, call_next)`, first in the chain, so each request's
 time covers everything the SDK does for it. It observes and re-raises; it never changes
 a result, except that an optional `timeout_seconds` turns an overlong request into a
-JSON-RPC timeout error.
+JSON-RPC timeout error. Given an OpenTelemetry tracer provider (`tracer_provider=`), it
+also makes a span per request with the MCP semantic conventions (`metergate.mcp.spans`).
 """
 
 from __future__ import annotations
@@ -64,11 +65,13 @@ class MetricsMiddleware:
         known_tool: Callable[[str], bool] | None = None,
         known_method: Callable[[str], bool] | None = None,
         timeout_seconds: float | None = None,
+        tracer: Callable[[], Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.known_tool = known_tool
         self.known_method = known_method or _KNOWN_METHODS.__contains__
         self.timeout_seconds = timeout_seconds
+        self.tracer = tracer  # the OpenTelemetry tracer of the spans, or None: no spans
         self._listed: set[str] = set()
 
     async def __call__(
@@ -76,6 +79,18 @@ class MetricsMiddleware:
     ) -> HandlerResult:
         if ctx.request_id is None:  # a notification: no response, nothing to time
             return await call_next(ctx)
+        tracer = self.tracer() if self.tracer is not None else None
+        if tracer is None:
+            return await self._observe(ctx, call_next, None)
+        from metergate.mcp import spans
+
+        span = spans.start_server_span(tracer, ctx, self.known_method(ctx.method))
+        with spans.current(span):
+            return await self._observe(ctx, call_next, span)
+
+    async def _observe(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, span: Any
+    ) -> HandlerResult:
         started = time.perf_counter()
         method = ctx.method
         error_type = ""
@@ -108,6 +123,10 @@ class MetricsMiddleware:
         finally:
             seconds = time.perf_counter() - started
             self.metrics.operation.observe(self._labels(ctx, method, error_type), seconds)
+            if span is not None:
+                from metergate.mcp.spans import end_span
+
+                end_span(span, error_type)
             if method == "initialize":
                 self._session_started(ctx, started, error_type)
         if method == "tools/list":
@@ -200,6 +219,7 @@ def instrument(
     metrics_host: str = "127.0.0.1",
     registry: CollectorRegistry | None = None,
     timeout_seconds: float | None = None,
+    tracer_provider: Any = None,
 ) -> Instrumentation:
     """Add Prometheus metrics to an MCP server; call it before the server runs.
 
@@ -208,7 +228,12 @@ def instrument(
     `http://{metrics_host}:{metrics_port}/metrics` from a thread. A low-level `Server`
     takes the route as `streamable_http_app(custom_starlette_routes=[metrics_route()])`.
     `timeout_seconds` bounds each request; past it the client gets a JSON-RPC
-    -32001 error and the metric `error_type="timeout"`.
+    -32001 error and the metric `error_type="timeout"`. `tracer_provider` (an
+    OpenTelemetry `TracerProvider`) makes a span per request on that provider,
+    continuing the caller's trace from `params._meta.traceparent` or the HTTP
+    `traceparent` header, with the same `error.type` as the metrics; it takes the place
+    of the SDK's own span middleware (which reports to the global provider), so a
+    request is not traced twice.
     """
     registry = REGISTRY if registry is None else registry
     lowlevel: Server[Any] = server._lowlevel_server if isinstance(server, MCPServer) else server
@@ -223,6 +248,10 @@ def instrument(
         ),
         timeout_seconds=timeout_seconds,
     )
+    if tracer_provider is not None:
+        tracer = tracer_provider.get_tracer("metergate.mcp")
+        middleware.tracer = lambda: tracer
+        replace_sdk_spans(lowlevel)
     lowlevel.middleware.insert(0, middleware)
     if isinstance(server, MCPServer):
         server.custom_route("/metrics", methods=["GET"])(_metrics_endpoint(registry))
@@ -232,6 +261,14 @@ def instrument(
 
         listener, _ = start_http_server(metrics_port, addr=metrics_host, registry=registry)
     return Instrumentation(middleware, registry, metrics_port, listener)
+
+
+def replace_sdk_spans(server: Server[Any]) -> None:
+    """Remove the `mcp` SDK's own OpenTelemetry middleware (on by default since 2.x, on
+    the global tracer provider): metergate's makes the MCP spans instead."""
+    server.middleware[:] = [
+        m for m in server.middleware if type(m).__name__ != "OpenTelemetryMiddleware"
+    ]
 
 
 def metrics_route(registry: CollectorRegistry | None = None, path: str = "/metrics") -> Route:

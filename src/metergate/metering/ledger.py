@@ -47,6 +47,8 @@ class LedgerRow(NamedTuple):
     stream: int
     usage_estimated: int = 0  # 1: the tokens are the gateway's bound, not the upstream's count
     api: str = "chat"  # the door: chat, responses, messages, completions, embeddings
+    team: str | None = None  # the key's team when the request was made
+    tags: str | None = None  # JSON object of the request's tags (with defaults), or NULL
 
 
 COLUMNS = LedgerRow._fields

@@ -1,17 +1,60 @@
-"""Record one finished request everywhere it must appear: metrics, cost, ledger.
+"""Record one finished request everywhere it must appear: metrics, cost, ledger, and
+(when configured) its trace and its request log record.
 
-The handler fills a `RequestLog` as the request moves along; `Meter.finish` is the one
-place that turns it into metric samples and a ledger row, so the two always agree.
+The handler fills a `RequestLog` as the request moves along (`Meter.begin`, then
+`identify`, `attach`, `fail`; the dispatcher adds its attempts); `Meter.finish` is the
+one place that turns it into metric samples and a ledger row, so the two always agree.
+Spans and request log records are made from the same record, after the fact, and
+handed to background writers: with tracing and the request log off, a request carries
+no trace context, no attempt list and no captured body.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
+from metergate.errors import GatewayError
+from metergate.metering import tags as tagging
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.metrics import NO_UPSTREAM, UNKNOWN_KEY, UNKNOWN_MODEL, Metrics
 from metergate.metering.pricing import nano_to_usd
 from metergate.providers.base import Usage
+
+if TYPE_CHECKING:
+    from metergate.auth.keys import KeyRecord
+    from metergate.routing.router import Deployment
+    from metergate.tracing.context import TraceContext
+
+
+class AttemptRecord:
+    """One upstream attempt as the trace and the request log show it."""
+
+    __slots__ = ("deployment", "ended", "error", "outcome", "span_id", "started", "status")
+
+    def __init__(self, deployment: Deployment, started: float, span_id: int = 0) -> None:
+        self.deployment = deployment
+        self.started = started  # perf_counter
+        self.ended = started
+        self.outcome = "success"
+        self.error: str | None = None
+        self.status: int | None = None  # the upstream's HTTP status, when it answered one
+        self.span_id = span_id  # its span, named in the traceparent sent upstream
+
+    def end(self, error: BaseException | None) -> None:
+        self.ended = time.perf_counter()
+        if error is None:
+            return
+        if isinstance(error, GatewayError):
+            self.outcome, self.error, self.status = (
+                error.outcome,
+                error.message,
+                error.upstream_status,
+            )
+        else:
+            self.outcome, self.error = "cancelled", "the caller went away"
 
 
 class RequestLog:
@@ -22,24 +65,38 @@ class RequestLog:
         "api",
         "attempt_seconds",
         "attempts",
+        "body",
         "cache_hit",
+        "capture",
         "cost_nano",
+        "failure",
+        "headers",
         "key",
+        "key_tags",
         "model",
+        "operation",
         "outcome",
         "request_id",
+        "response",
         "saved_nano",
         "started",
         "status",
+        "steps",
         "stream",
+        "tags",
+        "team",
+        "trace",
         "ttft",
         "upstream",
+        "upstream_headers",
         "upstream_seconds",
         "usage",
         "usage_estimated",
     )
 
-    def __init__(self, request_id: str, started: float) -> None:
+    def __init__(
+        self, request_id: str, started: float, headers: dict[bytes, bytes] | None = None
+    ) -> None:
         self.request_id = request_id
         self.started = started
         self.key = UNKNOWN_KEY
@@ -59,12 +116,74 @@ class RequestLog:
         self.affinity: str | None = None  # sticky rollout side: key name or header value
         self.attempt_seconds = 0.0  # the last attempt, up to its answer or first chunk
         self.api = "chat"  # the door it came in by: chat, responses, messages, completions, ...
+        self.headers = headers
+        self.body: dict[str, Any] | None = None
+        self.team: str | None = None
+        self.key_tags: tuple[tuple[str, str], ...] = ()
+        self.tags: dict[str, str] | None = None  # the request's own (header, metadata)
+        self.operation = "chat"
+        self.failure: GatewayError | None = None
+        # Filled only when tracing or the request log is on (`Meter.begin`):
+        self.trace: TraceContext | None = None
+        self.steps: list[AttemptRecord] | None = None  # every attempt, in order
+        self.capture = False  # keep the answer's body (`response`)
+        self.response: bytes | None = None
+        self.upstream_headers = b""  # header lines for the attempt being made
+
+    def identify(self, key: KeyRecord) -> None:
+        """The caller is known: its key's name, team and default tags."""
+        self.key = key.name
+        self.team = key.team
+        self.key_tags = key.tags
+
+    def attach(self, body: dict[str, Any]) -> None:
+        """The body is parsed: read the request's tags (a 400 when they are malformed)."""
+        self.body = body
+        tags = tagging.request_tags(self.headers, body)
+        if tags:
+            self.tags = tags
+
+    def fail(self, error: GatewayError) -> None:
+        self.outcome, self.status, self.failure = error.outcome, error.status, error
+
+
+class Observer(Protocol):
+    """A background consumer of finished requests: the tracer, the request log."""
+
+    def finish(self, log: RequestLog, ts: float, duration: float, tags: dict[str, str]) -> None:
+        """Take the record; never block, never raise."""
 
 
 class Meter:
     def __init__(self, metrics: Metrics, ledger: LedgerWriter | None) -> None:
         self.metrics = metrics
         self.ledger = ledger
+        self.tracing: Any = None  # metergate.tracing.Tracing, when `tracing.enabled`
+        self.recorder: Any = None  # metergate.requestlog.RequestRecorder, when enabled
+        self.tag_labels: tagging.TagLabels | None = None
+        self.team_tags: dict[str, tuple[tuple[str, str], ...]] = {}  # team -> default tags
+        self._observers: tuple[Observer, ...] = ()
+
+    def observe(self, tracing: Any, recorder: Any, tag_labels: tagging.TagLabels | None) -> None:
+        """Install (or remove, with None) the tracer, the request log and tag labels."""
+        self.tracing, self.recorder = tracing, recorder
+        self.tag_labels = tag_labels if tag_labels else None
+        self._observers = tuple(o for o in (tracing, recorder) if o is not None)
+
+    def begin(
+        self, request_id: str, started: float, headers: dict[bytes, bytes] | None = None
+    ) -> RequestLog:
+        """The record of a request that just arrived (its trace, when tracing is on)."""
+        log = RequestLog(request_id, started, headers)
+        if self._observers:
+            log.steps = []
+            tracing, recorder = self.tracing, self.recorder
+            if tracing is not None:
+                log.trace = tracing.start(headers or {})
+                log.capture = tracing.capture_content and log.trace.sampled
+            if recorder is not None and recorder.wants():
+                log.capture = True
+        return log
 
     def finish(self, log: RequestLog) -> None:
         duration = time.perf_counter() - log.started
@@ -85,12 +204,19 @@ class Meter:
             series.tokens[2].inc(usage.output_tokens)
         if log.cost_nano:
             series.cost.inc(nano_to_usd(log.cost_nano))
+        tags = self._tags(log)
+        if log.team is not None and log.cost_nano:
+            self.metrics.team_cost(log.team).inc(nano_to_usd(log.cost_nano))
+        if tags and self.tag_labels is not None:
+            for name, value in self.tag_labels.labels(tags):
+                self.metrics.count_tag(name, value, log.cost_nano)
+        now = time.time()
         if self.ledger is not None and log.key is not UNKNOWN_KEY:
             # Unauthenticated requests are counted in metrics only: a flood of bad keys
             # must not be able to fill the ledger's disk.
             self.ledger.append(
                 LedgerRow(
-                    time.time(),
+                    now,
                     log.request_id,
                     log.key,
                     log.model,
@@ -109,8 +235,20 @@ class Meter:
                     int(log.stream),
                     int(log.usage_estimated),
                     log.api,
+                    log.team,
+                    orjson.dumps(tags).decode() if tags else None,
                 )
             )
+        for observer in self._observers:
+            observer.finish(log, now, duration, tags)
+
+    def _tags(self, log: RequestLog) -> dict[str, str]:
+        """Team defaults < key defaults < the request's own tags."""
+        team = self.team_tags.get(log.team) if log.team is not None else None
+        if not (team or log.key_tags or log.tags):
+            return _NO_TAGS
+        return tagging.merge(dict(team or ()), dict(log.key_tags), log.tags)
 
 
 _NO_USAGE = Usage()
+_NO_TAGS: dict[str, str] = {}

@@ -190,6 +190,37 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.team_cost_usd = Counter(
+            "metergate_team_cost_usd",
+            "Cost in USD of each team's keys.",
+            ["team"],
+            registry=r,
+        )
+        self.tag_requests = Counter(
+            "metergate_tag_requests",
+            "Requests by allow-listed tag (tags.metric_labels).",
+            ["tag", "value"],
+            registry=r,
+        )
+        self.tag_cost_usd = Counter(
+            "metergate_tag_cost_usd",
+            "Cost in USD by allow-listed tag (tags.metric_labels).",
+            ["tag", "value"],
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter(
+            "metergate_trace_spans_dropped",
+            "Spans not exported: the queue was full or the collector refused or was down.",
+            registry=r,
+        )
+        self.request_log_records = Counter(
+            "metergate_request_log_records",
+            "Request log records by what became of them.",
+            ["result"],
+            registry=r,
+        )
+        self._teams: dict[str, Any] = {}
+        self._tags: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._active: dict[str, Any] = {}
         self._exposition: FastExposition | None = None
         self._series: dict[tuple[str, str, str], _Series] = {}
@@ -277,6 +308,23 @@ class Metrics:
                         )
         for rollout in wanted[2]:
             self.rollout_transitions.labels(rollout, "rolled_back")
+
+    def team_cost(self, team: str) -> Any:
+        found = self._teams.get(team)
+        if found is None:
+            found = self._teams[team] = self.team_cost_usd.labels(team)
+        return found
+
+    def count_tag(self, tag: str, value: str, cost_nano: int) -> None:
+        found = self._tags.get((tag, value))
+        if found is None:
+            found = self._tags[(tag, value)] = (
+                self.tag_requests.labels(tag, value),
+                self.tag_cost_usd.labels(tag, value),
+            )
+        found[0].inc()
+        if cost_nano:
+            found[1].inc(cost_nano / 1e9)
 
     def exposition(self) -> bytes:
         """The text a scrape returns: all workers' values when running several."""

@@ -13,15 +13,18 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from metergate.config.model import GatewayConfig, Price
+from metergate.config.observe import TAG_NAME
 from metergate.metering.pricing import UnitPrices
 from metergate.providers.base import Usage
 from metergate.storage.database import Database
 
-GroupBy = Literal["model", "key", "upstream"]
+GroupBy = str  # model, key, upstream, team, or tag:NAME (the request tag NAME)
+FIXED_GROUPS = ("model", "key", "upstream", "team")
+NO_VALUE = "(none)"  # the group of requests without a team, or without the tag
 
 # Failures on the gateway's or the provider's side: what an error rate should measure.
 ERROR_OUTCOMES = (
@@ -35,7 +38,12 @@ ERROR_OUTCOMES = (
 # failures of the service, so they are counted apart and left out of the error rate.
 REFUSED_OUTCOMES = ("invalid_request", "unauthorized", "rate_limited", "budget_exceeded")
 
-_GROUP_COLUMNS: dict[GroupBy, str] = {"model": "model", "key": "key_name", "upstream": "upstream"}
+_GROUP_COLUMNS: dict[GroupBy, str] = {
+    "model": "model",
+    "key": "key_name",
+    "upstream": "upstream",
+    "team": "team",
+}
 _HOUR = 3600
 _DAY = 86_400
 
@@ -73,7 +81,7 @@ _SUMMARY_SQL = """WITH ranked AS (
     saved_nano, outcome, duration_ms,
     ROW_NUMBER() OVER ({window} ORDER BY duration_ms) AS rn,
     COUNT(*) OVER ({window}) AS n
-  FROM requests WHERE ts >= ? AND ts < ?
+  FROM requests WHERE ts >= ? AND ts < ?{where}
 )
 SELECT grp, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
   SUM(cost_nano), SUM(saved_nano),
@@ -83,14 +91,59 @@ SELECT grp, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_to
 FROM ranked GROUP BY grp"""
 
 
-def _summary_sql(column: str | None) -> str:
+def _summary_sql(column: str | None, where: str = "") -> str:
     """The per-group query, or with no column the single-group query for the total."""
     return _SUMMARY_SQL.format(
         group=column or "'*'",
         window=f"PARTITION BY {column}" if column else "",
         errors=_sql_list(ERROR_OUTCOMES),
         refused=_sql_list(REFUSED_OUTCOMES),
+        where=where,
     )
+
+
+class UnknownGrouping(ValueError):
+    """A `--by` / `by=` the report cannot group by; the message lists what it can."""
+
+
+def tag_expression(dialect: str, name: str) -> str:
+    """SQL for the value of request tag `name` (NULL when the request lacks it)."""
+    if not TAG_NAME.match(name):
+        raise UnknownGrouping(
+            f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with one "
+            "of the first two"
+        )
+    if dialect == "postgresql":
+        return f"(tags::jsonb ->> '{name}')"
+    return f"json_extract(tags, '$.\"{name}\"')"
+
+
+def group_expression(dialect: str, group_by: GroupBy) -> str:
+    if group_by in _GROUP_COLUMNS:
+        return _GROUP_COLUMNS[group_by]
+    if group_by.startswith("tag:"):
+        return tag_expression(dialect, group_by[4:])
+    raise UnknownGrouping(
+        f"cannot group by {group_by!r}: use one of {', '.join(FIXED_GROUPS)} or tag:NAME"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Only requests of this team and carrying these tags (all of them)."""
+
+    team: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def sql(self, dialect: str) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        if self.team is not None:
+            clauses.append("team = ?")
+            params.append(self.team)
+        for name, value in self.tags:
+            clauses.append(f"{tag_expression(dialect, name)} = ?")
+            params.append(value)
+        return "".join(f" AND {c}" for c in clauses), params
 
 
 def _usage_group(name: str | None, row: tuple[Any, ...]) -> UsageGroup:
@@ -111,18 +164,26 @@ def _usage_group(name: str | None, row: tuple[Any, ...]) -> UsageGroup:
 
 
 async def usage_summary(
-    db: Database, group_by: GroupBy, start: float, end: float
+    db: Database,
+    group_by: GroupBy,
+    start: float,
+    end: float,
+    only: UsageFilter | None = None,
 ) -> list[UsageGroup]:
     """Per-group totals in `[start, end)`, costliest first, then one total row (name None).
 
-    Latency p95 covers every request of the group, refused ones included: it is what
-    the callers waited. Percentiles do not add up, so the total row has its own query.
+    `group_by` is model, key, upstream, team or `tag:NAME`; requests without a team (or
+    without the tag) form the group `(none)`. Latency p95 covers every request of the
+    group, refused ones included: it is what the callers waited. Percentiles do not add
+    up, so the total row has its own query.
     """
-    period = (start, end)
-    rows = await db.fetch(_summary_sql(_GROUP_COLUMNS[group_by]), period)
-    groups = [_usage_group(str(row[0]), row[1:]) for row in rows]
+    where, params = (only or UsageFilter()).sql(db.dialect)
+    period = (start, end, *params)
+    column = group_expression(db.dialect, group_by)
+    rows = await db.fetch(_summary_sql(column, where), period)
+    groups = [_usage_group(NO_VALUE if row[0] is None else str(row[0]), row[1:]) for row in rows]
     groups.sort(key=lambda g: (-g.cost_nano, -g.requests, g.name or ""))
-    total_rows = await db.fetch(_summary_sql(None), period)
+    total_rows = await db.fetch(_summary_sql(None, where), period)
     total = _usage_group(None, total_rows[0][1:] if total_rows else (None,) * 9)
     return [*groups, total]
 

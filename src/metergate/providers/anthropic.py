@@ -59,7 +59,7 @@ class AnthropicAdapter(HttpAdapter):
         if call.native is not None:
             return await anthropic_native.message(self.transport, self.url, call)
         answer = await self.transport.post(
-            self.url, to_messages_request(call.body, call.model), call.timeouts
+            self.url, to_messages_request(call.body, call.model), call.timeouts, call.extra_headers
         )
         body, usage = from_message(load_json(answer, "Messages API answer"), call.model)
         return Completion(body, usage)
@@ -72,7 +72,9 @@ class AnthropicAdapter(HttpAdapter):
                     yield out
             return
         payload = {**to_messages_request(call.body, call.model), "stream": True}
-        response = await self.transport.open_stream(self.url, payload, call.timeouts)
+        response = await self.transport.open_stream(
+            self.url, payload, call.timeouts, call.extra_headers
+        )
         translator = _StreamTranslator(call, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:

@@ -10,12 +10,11 @@ on the way, from the answer or from `message_start` / `message_delta`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.errors import InvalidRequest, UpstreamProtocolError, UpstreamServerError
 from metergate.providers.anthropic_translate import usage_of
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpTransport, error_message
@@ -25,17 +24,14 @@ from metergate.providers.translation import load_json, relay
 FORWARDED_HEADERS = ("anthropic-beta",)  # the caller's, sent upstream as they came
 
 
-def with_headers(transport: HttpTransport, headers: dict[str, str]) -> HttpTransport:
-    """`transport` sending `headers` too: a view sharing its pool (the prebuilt header
-    block is per provider, so a request's own headers need a copy of it)."""
-    if not headers:
-        return transport
+def own_headers(call: UpstreamCall) -> bytes:
+    """This request's own header lines: the caller's forwarded ones, and trace context."""
+    assert call.native is not None
+    headers = call.native.headers
     if any(c in name + value for name, value in headers.items() for c in "\r\n"):
-        raise ValueError("a forwarded header contains a line break")
-    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    view = copy.copy(transport)
-    view.head = transport.head + extra.encode("latin-1", "replace")
-    return view
+        raise InvalidRequest("a forwarded header (anthropic-beta) contains a line break")
+    forwarded = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return forwarded.encode("latin-1", "replace") + call.extra_headers
 
 
 def payload(call: UpstreamCall) -> dict[str, Any]:
@@ -45,8 +41,7 @@ def payload(call: UpstreamCall) -> dict[str, Any]:
 
 async def message(transport: HttpTransport, url: str, call: UpstreamCall) -> Completion:
     assert call.native is not None
-    sender = with_headers(transport, call.native.headers)
-    answer = await sender.post(url, payload(call), call.timeouts)
+    answer = await transport.post(url, payload(call), call.timeouts, own_headers(call))
     usage = usage_of(load_json(answer, "Messages API answer").get("usage"))
     return Completion(answer, usage)
 
@@ -55,9 +50,9 @@ async def message_stream(
     transport: HttpTransport, url: str, call: UpstreamCall, state: StreamState
 ) -> AsyncGenerator[bytes, None]:
     assert call.native is not None
-    sender = with_headers(transport, call.native.headers)
-    response = await sender.open_stream(url, {**payload(call), "stream": True}, call.timeouts)
-    async with aclosing(relay(sender, response, _Relay(state))) as chunks:
+    body = {**payload(call), "stream": True}
+    response = await transport.open_stream(url, body, call.timeouts, own_headers(call))
+    async with aclosing(relay(transport, response, _Relay(state))) as chunks:
         async for out in chunks:
             yield out
 
@@ -65,8 +60,7 @@ async def message_stream(
 async def count_tokens(transport: HttpTransport, url: str, call: UpstreamCall) -> bytes:
     """The upstream's own count (`POST /v1/messages/count_tokens`), as it answered."""
     assert call.native is not None
-    sender = with_headers(transport, call.native.headers)
-    return await sender.post(url, payload(call), call.timeouts)
+    return await transport.post(url, payload(call), call.timeouts, own_headers(call))
 
 
 class _Relay:

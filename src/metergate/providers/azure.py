@@ -72,20 +72,22 @@ class AzureOpenAIAdapter(HttpAdapter):
             found = self._targets[(model, operation)] = (url, deployment)
         return found
 
-    async def _auth(self) -> bytes:
-        return await self.entra.header() if self.entra is not None else b""
+    async def _auth(self, call: UpstreamCall) -> bytes:
+        """This attempt's own header lines: an Entra token (cached), trace context."""
+        token = await self.entra.header() if self.entra is not None else b""
+        return token + call.extra_headers
 
     async def chat(self, call: UpstreamCall) -> Completion:
         url, deployment = self.target(call.model, "chat/completions")
         body = await self.transport.post(
-            url, {**call.body, "model": deployment}, call.timeouts, await self._auth()
+            url, {**call.body, "model": deployment}, call.timeouts, await self._auth(call)
         )
         return Completion(body, _usage_of(body))
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         url, deployment = self.target(call.model, "embeddings")
         body = await self.transport.post(
-            url, {**call.body, "model": deployment}, call.timeouts, await self._auth()
+            url, {**call.body, "model": deployment}, call.timeouts, await self._auth(call)
         )
         return Completion(body, _usage_of(body))
 
@@ -93,7 +95,9 @@ class AzureOpenAIAdapter(HttpAdapter):
         url, deployment = self.target(call.model, "chat/completions")
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": deployment, "stream": True, "stream_options": options}
-        response = await self.transport.open_stream(url, payload, call.timeouts, await self._auth())
+        response = await self.transport.open_stream(
+            url, payload, call.timeouts, await self._auth(call)
+        )
         translator = _AzurePassThrough(call.include_usage, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:

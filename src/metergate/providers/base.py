@@ -91,6 +91,7 @@ class UpstreamCall:
     include_usage: bool = False  # streaming only: the caller asked for the usage chunk
     timeouts: Timeouts = DEFAULT_TIMEOUTS  # the deployment's (upstream or provider) timeouts
     native: NativeRequest | None = None  # set when this adapter serves the caller's protocol
+    extra_headers: bytes = b""  # per-attempt header lines (CRLF-ended), e.g. traceparent
 
 
 @dataclass(slots=True)

@@ -95,14 +95,16 @@ class BedrockAdapter(HttpAdapter):
     async def chat(self, call: UpstreamCall) -> Completion:
         url = self.url(call.model, "converse")
         body, auth = await self._send(url, to_converse_request(call.body))
-        answer = await self.transport.post(url, body, call.timeouts, auth)
+        answer = await self.transport.post(url, body, call.timeouts, auth + call.extra_headers)
         text, usage = from_converse(load_json(answer, "Converse answer"), call.model)
         return Completion(text, usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self.url(call.model, "converse-stream")
         body, auth = await self._send(url, to_converse_request(call.body))
-        response = await self.transport.open_stream(url, body, call.timeouts, auth)
+        response = await self.transport.open_stream(
+            url, body, call.timeouts, auth + call.extra_headers
+        )
         translator = _StreamTranslator(call, state)
         frames = EventStreamBuffer()
         try:

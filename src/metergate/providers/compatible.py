@@ -58,7 +58,9 @@ class PresetAdapter(OpenAIAdapter):
         return body
 
     async def chat(self, call: UpstreamCall) -> Completion:
-        answer = await self.transport.post(self.chat_url, self.payload(call, False), call.timeouts)
+        answer = await self.transport.post(
+            self.chat_url, self.payload(call, False), call.timeouts, call.extra_headers
+        )
         data = load_json(answer, "chat completion")
         usage, fixed = normalized(data.get("usage"))
         if fixed is not None:
@@ -67,7 +69,9 @@ class PresetAdapter(OpenAIAdapter):
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = self.payload(call, True)
-        response = await self.transport.open_stream(self.chat_url, payload, call.timeouts)
+        response = await self.transport.open_stream(
+            self.chat_url, payload, call.timeouts, call.extra_headers
+        )
         translator = _Relay(call.include_usage, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:

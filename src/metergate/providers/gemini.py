@@ -75,7 +75,10 @@ class GeminiAdapter(HttpAdapter):
 
     async def chat(self, call: UpstreamCall) -> Completion:
         answer = await self.transport.post(
-            self._url(call.model, "generateContent"), to_generate_request(call.body), call.timeouts
+            self._url(call.model, "generateContent"),
+            to_generate_request(call.body),
+            call.timeouts,
+            call.extra_headers,
         )
         body, usage = from_response(load_json(answer, "generateContent answer"), call.model)
         return Completion(body, usage)
@@ -83,7 +86,7 @@ class GeminiAdapter(HttpAdapter):
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self._url(call.model, "streamGenerateContent") + "?alt=sse"
         response = await self.transport.open_stream(
-            url, to_generate_request(call.body), call.timeouts
+            url, to_generate_request(call.body), call.timeouts, call.extra_headers
         )
         translator = _StreamTranslator(call, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
@@ -95,7 +98,7 @@ class GeminiAdapter(HttpAdapter):
         texts, payload = _embed_request(call.body, model)
         answer = load_json(
             await self.transport.post(
-                self._url(model, "batchEmbedContents"), payload, call.timeouts
+                self._url(model, "batchEmbedContents"), payload, call.timeouts, call.extra_headers
             ),
             "batchEmbedContents answer",
         )

@@ -48,13 +48,16 @@ class OpenAIAdapter(HttpAdapter):
         if call.native is not None:
             return await openai_native.answer(self.transport, self.base, call)
         body = await self.transport.post(
-            self.chat_url, {**call.body, "model": call.model}, call.timeouts
+            self.chat_url, {**call.body, "model": call.model}, call.timeouts, call.extra_headers
         )
         return Completion(body, _usage_of(body))
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         body = await self.transport.post(
-            self.embeddings_url, {**call.body, "model": call.model}, call.timeouts
+            self.embeddings_url,
+            {**call.body, "model": call.model},
+            call.timeouts,
+            call.extra_headers,
         )
         return Completion(body, _usage_of(body))
 
@@ -70,7 +73,9 @@ class OpenAIAdapter(HttpAdapter):
             return
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
-        response = await self.transport.open_stream(self.chat_url, payload, call.timeouts)
+        response = await self.transport.open_stream(
+            self.chat_url, payload, call.timeouts, call.extra_headers
+        )
         translator = _PassThrough(call.include_usage, state)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:

@@ -35,7 +35,10 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
     native = call.native
     assert native is not None
     body = await transport.post(
-        f"{base}/{native.protocol}", {**native.body, "model": call.model}, call.timeouts
+        f"{base}/{native.protocol}",
+        {**native.body, "model": call.model},
+        call.timeouts,
+        call.extra_headers,
     )
     data = load_json(body, f"{native.protocol} answer")
     if native.protocol == "responses":
@@ -60,7 +63,9 @@ async def stream(
     else:
         options = {**(native.body.get("stream_options") or {}), "include_usage": True}
         payload["stream_options"] = options
-    response = await transport.open_stream(f"{base}/{native.protocol}", payload, call.timeouts)
+    response = await transport.open_stream(
+        f"{base}/{native.protocol}", payload, call.timeouts, call.extra_headers
+    )
     async with aclosing(relay(transport, response, translator)) as chunks:
         async for out in chunks:
             yield out

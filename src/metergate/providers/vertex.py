@@ -71,7 +71,7 @@ class VertexAdapter(HttpAdapter):
 
     async def chat(self, call: UpstreamCall) -> Completion:
         path, claude = self.model_path(call.model)
-        auth = await self.token.header()
+        auth = await self.token.header() + call.extra_headers
         if claude:
             answer = await self.transport.post(
                 f"{path}:rawPredict", _claude_request(call), call.timeouts, auth
@@ -93,7 +93,7 @@ class VertexAdapter(HttpAdapter):
         else:
             url, payload = f"{path}:streamGenerateContent?alt=sse", to_generate_request(call.body)
             translator = gemini._StreamTranslator(call, state)
-        auth = await self.token.header()
+        auth = await self.token.header() + call.extra_headers
         response = await self.transport.open_stream(url, payload, call.timeouts, auth)
         async with aclosing(relay(self.transport, response, translator)) as chunks:
             async for out in chunks:
@@ -104,7 +104,7 @@ class VertexAdapter(HttpAdapter):
         if claude:
             raise invalid_request(f"{call.model!r} is not an embedding model")
         texts, payload = _predict_request(call.body)
-        auth = await self.token.header()
+        auth = await self.token.header() + call.extra_headers
         answer = load_json(
             await self.transport.post(f"{path}:predict", payload, call.timeouts, auth),
             "predict answer",

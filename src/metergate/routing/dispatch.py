@@ -11,6 +11,11 @@ Every attempt is counted by outcome and timed. Only what the upstream did is rep
 to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
 connection pool, a request it could not encode, a bug) is final, counted as
 `gateway_error`, and leaves the upstream's health untouched (`metergate.errors`).
+
+When the request is traced or logged (`RequestLog.steps` is a list), each attempt is
+also recorded there, gets its own span id, and sends the upstream a `traceparent` that
+names it; the answer's body (a stream's first chunk) is kept for its model and finish
+reasons, and a whole stream when its content is to be kept (`RequestLog.capture`).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from metergate.errors import (
     UpstreamServerError,
     is_final,
 )
-from metergate.metering.meter import RequestLog
+from metergate.metering.meter import AttemptRecord, RequestLog
 from metergate.metering.metrics import Metrics
 from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
 from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route
+from metergate.tracing.context import new_span_id
 
 Kind = Literal["chat", "embeddings"]
 T = TypeVar("T")
@@ -56,14 +62,23 @@ class Dispatcher:
         protocol (their answer is then in that protocol, not OpenAI chat)."""
 
         async def attempt(deployment: Deployment) -> Completion:
-            call = UpstreamCall(body, deployment.model, timeouts=deployment.timeouts)
+            call = UpstreamCall(
+                body,
+                deployment.model,
+                timeouts=deployment.timeouts,
+                extra_headers=log.upstream_headers,
+            )
             if native is not None:
                 call.native = native.served_by(deployment.adapter)
             if kind == "chat":
                 return await deployment.adapter.chat(call)
             return await deployment.adapter.embeddings(call)
 
-        return await self._run(route, log, attempt, keep_open=False)
+        log.operation = kind
+        deployment, completion = await self._run(route, log, attempt, keep_open=False)
+        if log.steps is not None:  # traced or logged: the answer names its model, reasons
+            log.response = completion.body
+        return deployment, completion
 
     async def open_stream(
         self,
@@ -80,7 +95,13 @@ class Dispatcher:
         """
 
         async def attempt(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes]:
-            call = UpstreamCall(body, deployment.model, include_usage, deployment.timeouts)
+            call = UpstreamCall(
+                body,
+                deployment.model,
+                include_usage,
+                deployment.timeouts,
+                extra_headers=log.upstream_headers,
+            )
             if native is not None:
                 call.native = native.served_by(deployment.adapter)
             chunks = deployment.adapter.chat_stream(call, state)
@@ -93,12 +114,18 @@ class Dispatcher:
                 raise
 
         deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
+        if log.steps is not None:
+            log.response = first
+            if log.capture:
+                chunks = _Captured(chunks, log)
         return deployment, chunks, first
 
     def stream_finished(
         self, deployment: Deployment, error: BaseException | None, log: RequestLog
     ) -> None:
         """Account for a stream's attempt, however it ended (`error` None: completely)."""
+        if log.steps:
+            log.steps[-1].end(error)
         self._account(deployment, error, log.attempt_seconds)
 
     async def _run(
@@ -146,6 +173,9 @@ class Dispatcher:
         deployment.in_flight += 1
         started = time.perf_counter()
         error: BaseException | None = None
+        record = None
+        if log.steps is not None:
+            record = _record(deployment, started, log)
         try:
             return await attempt(deployment)
         except GatewayError as failure:
@@ -165,6 +195,8 @@ class Dispatcher:
             log.attempt_seconds = time.perf_counter() - started
             log.upstream_seconds += log.attempt_seconds
             if not keep_open or error is not None:
+                if record is not None:
+                    record.end(error)
                 self._account(deployment, error, log.attempt_seconds)
 
     def _account(self, deployment: Deployment, error: BaseException | None, seconds: float) -> None:
@@ -184,6 +216,47 @@ class Dispatcher:
         deployment.breaker.record(outcome)
         for rollout in deployment.observers:
             rollout.observe(deployment.name, outcome, seconds)
+
+
+def _record(deployment: Deployment, started: float, log: RequestLog) -> AttemptRecord:
+    """Note an attempt in the request's record; when traced, name its span upstream."""
+    assert log.steps is not None
+    trace = log.trace
+    if trace is None:
+        record = AttemptRecord(deployment, started)
+    else:
+        record = AttemptRecord(deployment, started, new_span_id())
+        log.upstream_headers = trace.outgoing(record.span_id)
+    log.steps.append(record)
+    return record
+
+
+class _Captured:
+    """Relays a stream while keeping what was relayed, up to 16 MiB (the request log cuts
+    bodies at a few MiB at most). Closing it closes the upstream stream, started or not."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], log: RequestLog) -> None:
+        self._chunks = chunks
+        self._log = log
+        self._kept = [log.response or b""]
+        self._size = len(self._kept[0])
+
+    def __aiter__(self) -> _Captured:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._chunks)
+        if self._size < _CAPTURE_LIMIT:
+            self._kept.append(chunk)
+            self._size += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._log.response = b"".join(self._kept)
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+_CAPTURE_LIMIT = 16 * 1024 * 1024
 
 
 def _untried_available(route: Route, tried: set[str]) -> bool:

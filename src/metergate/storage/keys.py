@@ -1,4 +1,5 @@
-"""Gateway keys in the database: create, list, revoke, load for the key index."""
+"""Gateway keys in the database: create, list, revoke, load for the key index; a key's
+team and default tags (attribution)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import orjson
 from metergate.auth.keys import KeyRecord, generate_key, hash_key
 from metergate.storage.database import Database
 
-_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap"
+_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags"
 
 
 class KeyNameTaken(Exception):
@@ -24,6 +25,8 @@ async def create_key(
     name: str,
     models: list[str] | None = None,
     max_tokens_cap: int | None = None,
+    team: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record."""
     if await database.fetch("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)):
@@ -37,9 +40,11 @@ async def create_key(
         models=tuple(models) if models else None,
         created_at=time.time(),
         max_tokens_cap=max_tokens_cap,
+        team=team,
+        tags=tuple(sorted((tags or {}).items())),
     )
     await database.execute(
-        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.id,
             record.name,
@@ -49,6 +54,8 @@ async def create_key(
             record.created_at,
             None,
             record.max_tokens_cap,
+            record.team,
+            encode_tags(record.tags),
         ),
     )
     return secret, record
@@ -81,7 +88,33 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         created_at=row[5],
         revoked_at=row[6],
         max_tokens_cap=row[7],
+        team=row[8],
+        tags=tuple(sorted(orjson.loads(row[9]).items())) if row[9] else (),
     )
+
+
+def encode_tags(tags: Sequence[tuple[str, str]] | dict[str, str] | None) -> str | None:
+    """Tags as the database keeps them: a JSON object, or NULL for none."""
+    pairs = dict(tags.items() if isinstance(tags, dict) else tags or ())
+    return orjson.dumps(pairs, option=orjson.OPT_SORT_KEYS).decode() if pairs else None
+
+
+async def set_attribution(
+    database: Database, name_or_id: str, team: str | None, tags: dict[str, str] | None
+) -> KeyRecord | None:
+    """Set an active key's team (None: no team) and default tags; None when no such key."""
+    matches = await database.fetch(
+        "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+        (name_or_id, name_or_id),
+    )
+    if not matches:
+        return None
+    ((key_id,),) = matches[:1]
+    await database.execute(
+        "UPDATE keys SET team = ?, tags = ? WHERE id = ?", (team, encode_tags(tags), key_id)
+    )
+    rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+    return _record(rows[0])
 
 
 async def revoke_key(database: Database, name_or_id: str) -> int:

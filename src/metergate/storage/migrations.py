@@ -124,6 +124,37 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX stored_responses_expires ON stored_responses (expires_at)",
         ),
     ),
+    Migration(
+        6,
+        "teams, tags, request log",
+        (
+            """CREATE TABLE teams (
+                name TEXT PRIMARY KEY,
+                description TEXT NOT NULL,
+                tags TEXT,
+                budgets TEXT NOT NULL,
+                rpm INTEGER,
+                tpm INTEGER,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            "ALTER TABLE keys ADD COLUMN team TEXT",
+            "ALTER TABLE keys ADD COLUMN tags TEXT",
+            "ALTER TABLE requests ADD COLUMN team TEXT",
+            "ALTER TABLE requests ADD COLUMN tags TEXT",
+            "CREATE INDEX requests_team_ts ON requests (team, ts)",
+            """CREATE TABLE request_log (
+                id {pk},
+                ts DOUBLE PRECISION NOT NULL,
+                request_id TEXT NOT NULL,
+                key_name TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                record TEXT NOT NULL
+            )""",
+            "CREATE INDEX request_log_request ON request_log (request_id, ts)",
+            "CREATE INDEX request_log_ts ON request_log (ts)",
+        ),
+    ),
 )
 
 

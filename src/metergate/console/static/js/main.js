@@ -4,11 +4,13 @@ import { h, replace } from "./dom.js";
 import * as keys from "./pages/keys.js";
 import * as mcp from "./pages/mcp.js";
 import * as overview from "./pages/overview.js";
+import * as request from "./pages/request.js";
 import * as requests from "./pages/requests.js";
 import * as rollouts from "./pages/rollouts.js";
+import * as teams from "./pages/teams.js";
 import * as upstreams from "./pages/upstreams.js";
 
-const PAGES = { overview, upstreams, keys, rollouts, mcp, requests };
+const PAGES = { overview, upstreams, keys, teams, rollouts, mcp, requests, request };
 const REFRESH_MS = 15_000;
 const $ = (id) => document.getElementById(id);
 

@@ -1,7 +1,7 @@
 // Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
 import { api } from "../api.js";
 import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
-import { budgetBar } from "./shared.js";
+import { budgetBar, guard, parseTags } from "./shared.js";
 
 export const autoRefresh = false; // forms live here
 
@@ -85,16 +85,21 @@ function createForm(models, rerender) {
 async function edit(key, models, rerender) {
   const checks = modelChecks(models, key.models || [], "edit");
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
+  const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
+  const tags = h("input", { id: "edit-tags", placeholder: "none", autocomplete: "off",
+    value: Object.entries(key.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ") });
   const body = h("div", { class: "stack" },
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
+    h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
+    h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (name=value, comma-separated)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
   const saved = await modal(`Edit key “${key.name}”`, body, [
     { label: "Cancel", value: "cancel", class: "quiet" },
     { label: "Save", value: "save", action: async () => {
       const chosen = checked(checks);
       await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, {
-        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap) },
+        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap), team: team.value.trim() || null, tags: parseTags(tags.value) },
       });
     } },
   ]);
@@ -123,14 +128,7 @@ export async function render(root, ctx, keepSecret = false) {
   if (!ctx.isCurrent()) return;
   const rerender = (keep = false) => render(root, ctx, keep);
   const actionError = h("p", { class: "error", role: "alert", id: "keys-error" });
-  const guarded = (fn) => async () => {
-    actionError.textContent = "";
-    try {
-      await fn();
-    } catch (e) {
-      actionError.textContent = e.message;
-    }
-  };
+  const guarded = guard(actionError);
   const rows = data.keys.map((k) => ({ ...k, __data: { key: k.name, keyId: k.id, state: k.state } }));
   replace(root, h("div", { class: "stack" },
     h("div", { class: "toolbar" }, h("h1", { text: "Keys" })),
@@ -145,6 +143,7 @@ export async function render(root, ctx, keepSecret = false) {
       { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
       { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
       { label: "Budgets", cell: budgetsCell },
+      { label: "Team", cell: (k) => k.team || "—" },
       { label: "Created", cell: (k) => fmt.time(k.created_at) },
       { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
       { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },

@@ -20,10 +20,10 @@ function select(name, label, options, rerender) {
   return h("div", { class: "field" }, h("label", { for: `filter-${name}`, text: label }), el);
 }
 
-async function exportCsv(status) {
-  status.textContent = "Preparing CSV…";
+async function exportCsv(status, path = null) {
+  status.textContent = "Preparing the download…";
   try {
-    const response = await api(`/admin/api/requests.csv${query({ ...filters, limit: 100000 })}`, { raw: true });
+    const response = await api(path || `/admin/api/requests.csv${query({ ...filters, limit: 100000 })}`, { raw: true });
     const blob = await response.blob();
     const disposition = response.headers.get("content-disposition") || "";
     const name = /filename="([^"]+)"/.exec(disposition)?.[1] || "metergate-requests.csv";
@@ -42,6 +42,7 @@ async function exportCsv(status) {
 const COLUMNS = [
   { label: "Time", cell: (r) => fmt.time(r.ts) },
   { label: "Key", cell: (r) => r.key_name },
+  { label: "Team", cell: (r) => r.team || "" },
   { label: "Model", cell: (r) => r.model },
   { label: "Upstream", cell: (r) => r.upstream },
   { label: "Outcome", cell: (r) => outcomeBadge(r.outcome) },
@@ -52,7 +53,7 @@ const COLUMNS = [
   { label: "Duration", num: true, cell: (r) => fmt.ms(r.duration_ms) },
   { label: "TTFT", num: true, cell: (r) => fmt.ms(r.ttft_ms) },
   { label: "", cell: (r) => [r.stream ? badge("stream") : null, r.cache_hit ? badge("cache", "info") : null] },
-  { label: "Request id", cell: (r) => h("span", { class: "mono muted", text: r.request_id }) },
+  { label: "Request id", cell: (r) => h("a", { class: "mono", href: `#/request?id=${r.id}`, text: r.request_id, title: "Open this request" }) },
 ];
 
 export async function render(root, ctx) {
@@ -78,7 +79,8 @@ export async function render(root, ctx) {
     h("div", { class: "toolbar" }, h("h1", { text: "Requests" }),
       h("div", { class: "row" },
         h("button", { type: "button", class: "quiet", id: "refresh", text: "Refresh", onclick: rerender }),
-        h("button", { type: "button", id: "export-csv", text: "Export CSV", onclick: () => exportCsv(status) }))),
+        h("button", { type: "button", id: "export-csv", text: "Export CSV", onclick: () => exportCsv(status) }),
+        h("button", { type: "button", class: "quiet", id: "export-log", text: "Export request log", onclick: () => exportCsv(status, "/admin/api/request-log.jsonl?since=7d") }))),
     h("div", { class: "panel row", id: "filters" },
       select("key", "Key", [["", "all keys"], ...choices.keys.map((k) => [k, k])], rerender),
       select("model", "Model", [["", "all models"], ...choices.models.map((m) => [m, m])], rerender),

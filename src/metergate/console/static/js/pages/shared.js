@@ -72,3 +72,26 @@ export function budgetRow(budget) {
 }
 
 export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error", "gateway_error"]);
+
+/** "name=value, name=value" as an object of tags; throws on an item without a name. */
+export function parseTags(text) {
+  const tags = {};
+  for (const item of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const at = item.indexOf("=");
+    if (at < 1) throw new Error(`Tags are name=value, separated by commas (not “${item}”).`);
+    tags[item.slice(0, at).trim()] = item.slice(at + 1).trim();
+  }
+  return tags;
+}
+
+/** Wraps a button's action: its error shows in `errorEl` instead of escaping. */
+export function guard(errorEl) {
+  return (fn) => async () => {
+    errorEl.textContent = "";
+    try {
+      await fn();
+    } catch (e) {
+      errorEl.textContent = e.message;
+    }
+  };
+}

@@ -1,0 +1,96 @@
+"""Whose money: teams (with their keys, spend, budgets and limits) and usage grouped by
+any request tag, for the console's Teams page and the admin API.
+
+Spend is read from the ledger (each row records its request's team and tags), today
+and this month in UTC as elsewhere in the console; budgets as `overview.budget_json`
+reads them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from metergate.console.overview import budget_json, day_and_month, group_json
+from metergate.console.windows import Window
+from metergate.errors import InvalidRequest, NotFound
+from metergate.metering.report import (
+    UnknownGrouping,
+    UsageFilter,
+    group_expression,
+    tag_expression,
+    usage_summary,
+)
+from metergate.runtime import Runtime
+from metergate.storage import teams as store
+from metergate.storage.database import Database
+from metergate.teams import TeamError, TeamRecord, budget_name
+
+
+def invalid(error: TeamError | UnknownGrouping) -> InvalidRequest:
+    return InvalidRequest(str(error), param=getattr(error, "field", None))
+
+
+def team_not_found(name: str) -> NotFound:
+    return NotFound(f"no team named {name!r}", code="team_not_found")
+
+
+async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
+    """Every team: its record, active keys, spend today and this month, budgets' state."""
+    now = time.time()
+    today, month = await day_and_month(database, "team", now)
+    installed = runtime.plan.budgets.team_budgets()
+    rows = []
+    for record in await store.list_teams(database):
+        budgets = [
+            await budget_json(database, installed[name], now)
+            for b in record.budgets
+            if (name := budget_name(record.name, b.period)) in installed
+        ]
+        spent_month, spent_today = month.get(record.name), today.get(record.name)
+        rows.append(
+            {
+                **record.to_json(),
+                "keys": await store.team_keys(database, record.name),
+                "requests_month": spent_month.requests if spent_month else 0,
+                "spend_today_nano": spent_today.cost_nano if spent_today else 0,
+                "spend_month_nano": spent_month.cost_nano if spent_month else 0,
+                "budget_state": budgets,
+            }
+        )
+    return {"now": now, "teams": rows}
+
+
+def team_json(record: TeamRecord) -> dict[str, Any]:
+    return record.to_json()
+
+
+def parse_grouping(by: str | None, team: str | None, tag: str | None) -> tuple[str, UsageFilter]:
+    """`by` (model, key, upstream, team, tag:NAME) and the filters `team`, `tag=NAME:VALUE`."""
+    grouping = by or "team"
+    tags: tuple[tuple[str, str], ...] = ()
+    try:
+        group_expression("sqlite", grouping)
+        if tag is not None:
+            name, sep, value = tag.partition(":")
+            if not sep or not value:
+                raise UnknownGrouping(f"`tag` takes NAME:VALUE (got {tag!r})")
+            tag_expression("sqlite", name)
+            tags = ((name, value),)
+    except UnknownGrouping as error:
+        raise InvalidRequest(str(error), param="by" if tag is None else "tag") from None
+    return grouping, UsageFilter(team, tags)
+
+
+async def usage_view(
+    database: Database, window: Window, grouping: str, only: UsageFilter
+) -> dict[str, Any]:
+    now = time.time()
+    groups = await usage_summary(database, grouping, now - window.seconds, now, only)
+    return {
+        "window": window.name,
+        "now": now,
+        "by": grouping,
+        "groups": [{"name": g.name, **group_json(g)} for g in groups[:-1]],
+        "total": group_json(groups[-1]),
+    }

@@ -1,0 +1,77 @@
+"""One request, opened from the console's Requests page: its ledger row (timings, cost,
+tokens, team, tags) and, when the request log kept it, its record (headers and bodies,
+redacted; every attempt with its timing and error; the trace id). Also the request log
+as JSON Lines, for export.
+
+A ledger row and its record are written by the same `Meter.finish` with the same finish
+time, so the record is found by request id and that time, even when callers reuse ids.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from metergate.console.requests_log import COLUMNS, row_json
+from metergate.errors import InvalidRequest, NotFound
+from metergate.requestlog.store import open_store
+from metergate.runtime import Runtime
+from metergate.storage.database import Database
+
+EXPORT_MAX = 100_000
+
+
+async def request_detail(runtime: Runtime, database: Database, row_id: str) -> dict[str, Any]:
+    try:
+        number = int(row_id)
+    except ValueError:
+        raise InvalidRequest(f"request row id must be an integer, not {row_id!r}") from None
+    rows = await database.fetch(
+        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE id = ?", (number,)
+    )
+    if not rows:
+        raise NotFound(f"no request with id {number} in the ledger", code="request_not_found")
+    row = row_json(rows[0])
+    settings = runtime.plan.config.request_log
+    recorder = runtime.observers.recorder
+    if recorder is not None:
+        await recorder.flush()
+    store = recorder.store if recorder is not None else open_store(settings, database)
+    record = await store.find(row["request_id"], row["ts"])
+    return {
+        "request": row,
+        "log": record,
+        "request_log": {
+            "enabled": settings.enabled,
+            "capture": settings.capture,
+            "store": settings.store,
+        },
+    }
+
+
+async def export_records(
+    runtime: Runtime, database: Database, start: float, end: float, limit: int
+) -> bytes:
+    """Request log records finished in `[start, end)`, oldest first, one JSON per line."""
+    recorder = runtime.observers.recorder
+    if recorder is not None:
+        await recorder.flush()
+    store = (
+        recorder.store
+        if recorder is not None
+        else open_store(runtime.plan.config.request_log, database)
+    )
+    lines = await store.export(start, end, min(limit, EXPORT_MAX))
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def export_period(since: str | None) -> tuple[float, float]:
+    """`since`: 30m, 24h, 7d (default 24h), ending now."""
+    text = since or "24h"
+    units = {"m": 60, "h": 3_600, "d": 86_400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) < 1:
+        raise InvalidRequest(
+            f"`since` takes a number and a unit: 30m, 24h, 7d (got {text!r})", param="since"
+        )
+    now = time.time()
+    return now - int(text[:-1]) * units[text[-1]], now + 1

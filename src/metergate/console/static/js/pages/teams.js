@@ -1,0 +1,158 @@
+// Teams: groups of keys with budgets and rate limits of their own (create, edit, delete),
+// their spend; and spend grouped by any request tag over a window.
+import { api, query } from "../api.js";
+import { confirmAction, fmt, h, modal, replace, table } from "../dom.js";
+import { budgetBar, currentWindow, guard, parseTags, windowPicker } from "./shared.js";
+
+export const autoRefresh = false; // forms live here
+
+const state = { tag: "" };
+
+function limit(input, name) {
+  const raw = input.value.trim();
+  if (!raw) return null;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 1) throw new Error(`${name} must be a positive whole number.`);
+  return value;
+}
+
+/** The fields of a team, filled from `team` (editing) or empty (creating). */
+function teamFields(prefix, team = null) {
+  const budget = (period) => (team?.budgets || []).find((b) => b.period === period);
+  const monthly = budget("month");
+  const daily = budget("day");
+  const input = (name, props = {}) => h("input", { id: `${prefix}-${name}`, name, autocomplete: "off", ...props });
+  const fields = {
+    description: input("description", { placeholder: "optional", value: team?.description || "" }),
+    month: input("month", { inputmode: "decimal", placeholder: "none", value: monthly?.limit_usd || "" }),
+    monthHard: h("input", { type: "checkbox", id: `${prefix}-month-hard`, checked: monthly ? monthly.hard : true }),
+    day: input("day", { inputmode: "decimal", placeholder: "none", value: daily?.limit_usd || "" }),
+    dayHard: h("input", { type: "checkbox", id: `${prefix}-day-hard`, checked: daily ? daily.hard : true }),
+    rpm: input("rpm", { inputmode: "numeric", placeholder: "none", value: team?.rpm ?? "" }),
+    tpm: input("tpm", { inputmode: "numeric", placeholder: "none", value: team?.tpm ?? "" }),
+    tags: input("tags", {
+      placeholder: "cost_center=42, env=prod",
+      value: Object.entries(team?.tags || {}).map(([k, v]) => `${k}=${v}`).join(", "),
+    }),
+  };
+  const field = (label, el, extra) => h("div", { class: "field" }, h("label", { for: el.id, text: label }), el, extra);
+  const hard = (el) => h("label", { class: "inline" }, el, " hard (refuse over it)");
+  const layout = h("div", { class: "stack" },
+    h("div", { class: "row" },
+      field("Monthly budget (USD)", fields.month, hard(fields.monthHard)),
+      field("Daily budget (USD)", fields.day, hard(fields.dayHard))),
+    h("div", { class: "row" }, field("Requests per minute", fields.rpm), field("Tokens per minute", fields.tpm)),
+    h("div", { class: "row" }, field("Default tags of its keys' requests", fields.tags), field("Description", fields.description)));
+  const body = () => {
+    const budgets = [];
+    for (const [period, amount, hardBox] of [["month", fields.month, fields.monthHard], ["day", fields.day, fields.dayHard]]) {
+      if (amount.value.trim()) budgets.push({ period, limit_usd: amount.value.trim(), hard: hardBox.checked });
+    }
+    return {
+      description: fields.description.value.trim(),
+      budgets,
+      rpm: limit(fields.rpm, "Requests per minute"),
+      tpm: limit(fields.tpm, "Tokens per minute"),
+      tags: parseTags(fields.tags.value),
+    };
+  };
+  return { layout, body };
+}
+
+function createForm(rerender) {
+  const name = h("input", { id: "team-name", name: "name", placeholder: "e.g. search", required: true, maxlength: 64, autocomplete: "off" });
+  const fields = teamFields("create");
+  const error = h("p", { class: "error", role: "alert", id: "team-create-error" });
+  const button = h("button", { type: "submit", id: "create-team", text: "Create team" });
+  const form = h("form", { class: "panel stack", id: "team-form", autocomplete: "off" },
+    h("h2", { text: "Create a team" }),
+    h("div", { class: "field" }, h("label", { for: "team-name", text: "Name" }), name),
+    fields.layout, h("div", { class: "row" }, button), error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    button.disabled = true;
+    try {
+      await api("/admin/api/teams", { method: "POST", body: { name: name.value.trim(), ...fields.body() } });
+      await rerender();
+    } catch (e) {
+      error.textContent = e.message;
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return form;
+}
+
+async function edit(team, rerender) {
+  const fields = teamFields("edit", team);
+  const saved = await modal(`Edit team “${team.name}”`, fields.layout, [
+    { label: "Cancel", value: "cancel", class: "quiet" },
+    { label: "Save", value: "save", action: () => api(`/admin/api/teams/${encodeURIComponent(team.name)}`, { method: "PATCH", body: fields.body() }) },
+  ]);
+  if (saved === "save") await rerender();
+}
+
+async function remove(team, rerender) {
+  const ok = await confirmAction(`Delete team “${team.name}”?`,
+    "Its budgets and rate limits stop applying. A team with active keys cannot be deleted: move them first.", "Delete");
+  if (!ok) return;
+  await api(`/admin/api/teams/${encodeURIComponent(team.name)}`, { method: "DELETE" });
+  await rerender();
+}
+
+function budgetsCell(team) {
+  if (!team.budget_state.length) return h("span", { class: "muted", text: "—" });
+  return h("div", { class: "stack" }, team.budget_state.map((b) => h("div", {},
+    h("div", { class: "muted", text: `${fmt.usd(b.spent_nano)} / ${fmt.usd(b.limit_nano)} per ${b.period}${b.hard ? "" : " (soft)"}` }),
+    budgetBar(b, true))));
+}
+
+async function tagPanel(rerender) {
+  const input = h("input", { id: "tag-name", name: "tag", placeholder: "tag name, e.g. feature", value: state.tag, autocomplete: "off" });
+  const by = state.tag ? `tag:${state.tag}` : "team";
+  const data = await api(`/admin/api/usage${query({ by, window: currentWindow() })}`);
+  const form = h("form", { class: "row", id: "tag-form" }, input,
+    h("button", { type: "submit", class: "quiet", text: "Group" }));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.tag = input.value.trim();
+    rerender();
+  });
+  return h("section", { class: "panel", id: "usage-by" },
+    h("div", { class: "toolbar" }, h("h2", { text: state.tag ? `Spend by tag “${state.tag}”` : "Spend by team" }),
+      h("div", { class: "row" }, form, windowPicker(rerender))),
+    table([
+      { label: state.tag ? state.tag : "Team", cell: (g) => g.name },
+      { label: "Requests", num: true, cell: (g) => fmt.count(g.requests) },
+      { label: "Errors", num: true, cell: (g) => fmt.pct(g.error_rate) },
+      { label: "Tokens in / out", num: true, cell: (g) => `${fmt.count(g.input_tokens)} / ${fmt.count(g.output_tokens)}` },
+      { label: "Cost", num: true, cell: (g) => fmt.usd(g.cost_nano) },
+    ], data.groups.map((g) => ({ ...g, __data: { group: g.name } })), "No requests in this window."));
+}
+
+export async function render(root, ctx) {
+  const data = await api("/admin/api/teams");
+  const rerender = () => render(root, ctx);
+  const usage = await tagPanel(rerender);
+  if (!ctx.isCurrent()) return;
+  const actionError = h("p", { class: "error", role: "alert", id: "teams-error" });
+  const guarded = guard(actionError);
+  const rows = data.teams.map((t) => ({ ...t, __data: { team: t.name } }));
+  replace(root, h("div", { class: "stack" },
+    h("div", { class: "toolbar" }, h("h1", { text: "Teams" })),
+    h("section", { class: "panel", id: "teams" }, actionError, table([
+      { label: "Team", cell: (t) => h("div", {}, h("strong", { text: t.name }), t.description ? h("div", { class: "muted", text: t.description }) : null) },
+      { label: "Keys", cell: (t) => (t.keys.length ? t.keys.join(", ") : h("span", { class: "muted", text: "none" })) },
+      { label: "Spend today", num: true, cell: (t) => fmt.usd(t.spend_today_nano) },
+      { label: "Spend this month", num: true, cell: (t) => fmt.usd(t.spend_month_nano) },
+      { label: "Budgets", cell: budgetsCell },
+      { label: "Rate limits", cell: (t) => [t.rpm ? `${fmt.count(t.rpm)} rpm` : null, t.tpm ? `${fmt.count(t.tpm)} tpm` : null].filter(Boolean).join(", ") || "—" },
+      { label: "Tags", cell: (t) => Object.entries(t.tags).map(([k, v]) => `${k}=${v}`).join(", ") || "—" },
+      { label: "", cell: (t) => h("div", { class: "row" },
+        h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(t, rerender)) }),
+        h("button", { type: "button", class: "danger small", text: "Delete", dataset: { action: "delete" }, onclick: guarded(() => remove(t, rerender)) })) },
+    ], rows, "No teams yet: create one below, then put keys in it (Keys page or metergate keys update KEY --team NAME).")),
+    usage,
+    createForm(rerender)));
+}

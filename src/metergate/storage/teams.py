@@ -1,0 +1,148 @@
+"""Teams in the database: create, list, change, delete; the registry loads them all."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from metergate.storage.database import Database
+from metergate.storage.keys import encode_tags
+from metergate.teams import TeamBudget, TeamRecord
+
+_COLUMNS = "name, description, tags, budgets, rpm, tpm, created_at, updated_at"
+
+
+class TeamExists(Exception):
+    """A team with this name exists."""
+
+
+class TeamInUse(Exception):
+    """Active keys still belong to the team."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(", ".join(keys))
+        self.keys = keys
+
+
+def _record(row: Sequence[Any]) -> TeamRecord:
+    budgets = tuple(
+        TeamBudget(
+            b["period"],
+            Decimal(b["limit_usd"]),
+            b["hard"],
+            b["timezone"],
+            tuple(b["alert_at_percent"]),
+        )
+        for b in orjson.loads(row[3])
+    )
+    return TeamRecord(
+        name=row[0],
+        description=row[1],
+        tags=tuple(sorted(orjson.loads(row[2]).items())) if row[2] else (),
+        budgets=budgets,
+        rpm=row[4],
+        tpm=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+    )
+
+
+def _budgets_json(budgets: Sequence[TeamBudget]) -> str:
+    return orjson.dumps([b.to_json() for b in budgets]).decode()
+
+
+async def list_teams(database: Database) -> list[TeamRecord]:
+    rows = await database.fetch(f"SELECT {_COLUMNS} FROM teams ORDER BY name")
+    return [_record(row) for row in rows]
+
+
+async def get_team(database: Database, name: str) -> TeamRecord | None:
+    rows = await database.fetch(f"SELECT {_COLUMNS} FROM teams WHERE name = ?", (name,))
+    return _record(rows[0]) if rows else None
+
+
+async def create_team(database: Database, values: dict[str, Any]) -> TeamRecord:
+    """`values`: validated by `teams.check_change(..., creating=True)`."""
+    if await get_team(database, values["name"]) is not None:
+        raise TeamExists(values["name"])
+    now = time.time()
+    record = TeamRecord(
+        name=values["name"],
+        description=values.get("description", ""),
+        tags=values.get("tags", ()),
+        budgets=values.get("budgets", ()),
+        rpm=values.get("rpm"),
+        tpm=values.get("tpm"),
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        await database.execute(
+            f"INSERT INTO teams ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.name,
+                record.description,
+                encode_tags(record.tags),
+                _budgets_json(record.budgets),
+                record.rpm,
+                record.tpm,
+                now,
+                now,
+            ),
+        )
+    except Exception:
+        if await get_team(database, record.name) is not None:  # created meanwhile
+            raise TeamExists(record.name) from None
+        raise
+    return record
+
+
+async def update_team(database: Database, name: str, values: dict[str, Any]) -> TeamRecord | None:
+    """Change the fields in `values`; None when there is no such team."""
+    current = await get_team(database, name)
+    if current is None:
+        return None
+    merged = {
+        "description": values.get("description", current.description),
+        "tags": values.get("tags", current.tags),
+        "budgets": values.get("budgets", current.budgets),
+        "rpm": values.get("rpm", current.rpm),
+        "tpm": values.get("tpm", current.tpm),
+    }
+    await database.execute(
+        "UPDATE teams SET description = ?, tags = ?, budgets = ?, rpm = ?, tpm = ?, "
+        "updated_at = ? WHERE name = ?",
+        (
+            merged["description"],
+            encode_tags(merged["tags"]),
+            _budgets_json(merged["budgets"]),
+            merged["rpm"],
+            merged["tpm"],
+            time.time(),
+            name,
+        ),
+    )
+    return await get_team(database, name)
+
+
+async def team_keys(database: Database, name: str) -> list[str]:
+    """The names of the active keys that belong to the team."""
+    rows = await database.fetch(
+        "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL ORDER BY name", (name,)
+    )
+    return [key for (key,) in rows]
+
+
+async def delete_team(database: Database, name: str) -> bool:
+    """Delete a team no active key belongs to; False when there is no such team."""
+    keys = await team_keys(database, name)
+    if keys:
+        raise TeamInUse(keys)
+    if await get_team(database, name) is None:
+        return False
+    await database.execute("DELETE FROM teams WHERE name = ?", (name,))
+    return True

@@ -1,0 +1,228 @@
+"""Teams: a group of keys with budgets and rate limits of its own, on top of each key's.
+
+A team lives in the ledger database (created and changed with `metergate teams` or the
+admin API, live on every process within seconds), and a key names its team. A team's
+budgets are ordinary budgets of scope `team` (`team:<name>:<period>`), so they are
+reserved before each call and settled after it on the same path as every other budget
+(in process, or on Redis for a fleet), and rebuilt from the ledger, whose rows record
+each request's team. Its rate limits are buckets of scope `team`, shared by its keys.
+Config files can declare team budgets (`scope: team`) and limits (`rate_limits.teams`)
+too; they apply the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import ValidationError
+
+from metergate.config.model import BudgetConfig, RateLimit
+from metergate.config.observe import TAG_NAME
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PERIODS = ("day", "month")
+BUDGET_PREFIX = "team:"
+
+
+class TeamError(ValueError):
+    """A team definition that cannot be used; the message says what to write instead."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class TeamBudget:
+    period: str  # day | month
+    limit_usd: Decimal
+    hard: bool = True
+    timezone: str = "UTC"
+    alert_at_percent: tuple[int, ...] = (50, 80, 100)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "limit_usd": str(self.limit_usd),
+            "hard": self.hard,
+            "timezone": self.timezone,
+            "alert_at_percent": list(self.alert_at_percent),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TeamRecord:
+    name: str
+    description: str = ""
+    tags: tuple[tuple[str, str], ...] = ()  # default tags of its keys' requests
+    budgets: tuple[TeamBudget, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def budget_configs(self) -> dict[str, BudgetConfig]:
+        """Its budgets as the budget book takes them, named `team:<name>:<period>`."""
+        return {
+            budget_name(self.name, b.period): BudgetConfig(
+                scope="team",
+                target=self.name,
+                period=b.period,  # type: ignore[arg-type]
+                timezone=b.timezone,
+                limit_usd=b.limit_usd,
+                hard=b.hard,
+                alert_at_percent=list(b.alert_at_percent),
+            )
+            for b in self.budgets
+        }
+
+    def rate_limit(self) -> RateLimit | None:
+        """Its rate limits as a named `rate_limits.teams` entry (fields left out inherit `*`)."""
+        fields = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm)) if v is not None}
+        return RateLimit(**fields) if fields else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tags": dict(self.tags),
+            "budgets": [b.to_json() for b in self.budgets],
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def budget_name(team: str, period: str) -> str:
+    return f"{BUDGET_PREFIX}{team}:{period}"
+
+
+def check_name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        raise TeamError(
+            "a team name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (it becomes a metric label)",
+            "name",
+        )
+    return value
+
+
+def check_tags(value: Any, field: str = "tags") -> tuple[tuple[str, str], ...]:
+    """Default tags: an object of up to 16 string values under valid tag names."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > 16:
+        raise TeamError("`tags` must be an object of at most 16 name: value strings", field)
+    for name, tag in value.items():
+        if not isinstance(name, str) or not TAG_NAME.match(name):
+            raise TeamError(f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-'", field)
+        if not isinstance(tag, str) or not tag or len(tag) > 512 or not tag.isprintable():
+            raise TeamError(f"tag {name!r} needs a printable value of 1-512 characters", field)
+    return tuple(sorted(value.items()))
+
+
+def check_limit(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TeamError(f"`{field}` must be a positive integer or null", field)
+    return value
+
+
+def check_budgets(value: Any) -> tuple[TeamBudget, ...]:
+    """A list of {period, limit_usd, hard?, timezone?, alert_at_percent?}, one per period."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TeamError("`budgets` must be a list of {period, limit_usd, ...}", "budgets")
+    budgets: dict[str, TeamBudget] = {}
+    for item in value:
+        if not isinstance(item, dict):
+            raise TeamError("each budget is an object {period, limit_usd, ...}", "budgets")
+        unknown = set(item) - {"period", "limit_usd", "hard", "timezone", "alert_at_percent"}
+        if unknown:
+            raise TeamError(f"unknown budget field(s): {', '.join(sorted(unknown))}", "budgets")
+        period = item.get("period")
+        if period not in PERIODS:
+            raise TeamError("a budget's `period` is day or month", "budgets")
+        if period in budgets:
+            raise TeamError(f"one budget per period: two for {period}", "budgets")
+        try:
+            limit = Decimal(str(item.get("limit_usd")))
+        except InvalidOperation:
+            raise TeamError("a budget's `limit_usd` must be a number of USD", "budgets") from None
+        hard = item.get("hard", True)
+        if not isinstance(hard, bool):
+            raise TeamError("a budget's `hard` is true or false", "budgets")
+        budget = TeamBudget(
+            period,
+            limit,
+            hard,
+            item.get("timezone", "UTC"),
+            tuple(item.get("alert_at_percent", (50, 80, 100))),
+        )
+        _validate(budget)
+        budgets[period] = budget
+    return tuple(budgets[p] for p in PERIODS if p in budgets)
+
+
+def _validate(budget: TeamBudget) -> None:
+    """The budget book's own rules (limit > 0, a real time zone, 1-1000 percents)."""
+    try:
+        BudgetConfig(
+            scope="team",
+            target="t",
+            period=budget.period,  # type: ignore[arg-type]
+            timezone=budget.timezone,
+            limit_usd=budget.limit_usd,
+            hard=budget.hard,
+            alert_at_percent=list(budget.alert_at_percent),
+        )
+    except (ValidationError, TypeError) as error:
+        problems = error.errors() if isinstance(error, ValidationError) else []
+        text = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems
+        ) or str(error)
+        raise TeamError(f"invalid budget: {text}", "budgets") from None
+
+
+def parse_budget_option(text: str) -> dict[str, Any]:
+    """The CLI's `--budget PERIOD:USD[:soft]`, e.g. `month:200` or `day:10:soft`."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("soft", "hard")):
+        raise TeamError(f"--budget takes PERIOD:USD[:soft], e.g. month:200 (got {text!r})")
+    return {
+        "period": parts[0],
+        "limit_usd": parts[1],
+        "hard": len(parts) == 2 or parts[2] == "hard",
+    }
+
+
+def check_change(body: dict[str, Any], creating: bool) -> dict[str, Any]:
+    """Validate an admin API / CLI body; return the fields to store."""
+    allowed = {"name", "description", "tags", "budgets", "rpm", "tpm"}
+    unknown = set(body) - allowed
+    if unknown:
+        raise TeamError(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
+    values: dict[str, Any] = {}
+    if creating:
+        values["name"] = check_name(body.get("name"))
+    elif "name" in body:
+        raise TeamError("a team cannot be renamed; create another and move its keys", "name")
+    if "description" in body or creating:
+        description = body.get("description") or ""
+        if not isinstance(description, str) or len(description) > 500:
+            raise TeamError("`description` is text of at most 500 characters", "description")
+        values["description"] = description
+    if "tags" in body or creating:
+        values["tags"] = check_tags(body.get("tags"))
+    if "budgets" in body or creating:
+        values["budgets"] = check_budgets(body.get("budgets"))
+    for name in ("rpm", "tpm"):
+        if name in body or creating:
+            values[name] = check_limit(body.get(name), name)
+    return values

@@ -1,0 +1,137 @@
+"""What a span may say about an answer, and, only with `capture_content`, about the
+conversation: the OpenAI-shaped answer (a JSON body or SSE events) read back for its
+model, id and finish reasons; messages in the GenAI conventions' JSON shape
+(`[{"role", "parts": [{"type": "text", "content"}]}]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class Answer:
+    model: str | None = None
+    id: str | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    output: str | None = None  # gen_ai.output.messages, when content is captured
+
+
+def read_answer(raw: bytes | None, with_output: bool) -> Answer:
+    """Read a whole JSON answer, or as much of a stream as was kept (its first chunk,
+    or all of it when content is captured)."""
+    answer = Answer()
+    if not raw:
+        return answer
+    if raw.lstrip()[:1] == b"{":
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return answer
+        if isinstance(data, dict):
+            _read_body(data, answer, with_output)
+        return answer
+    _read_stream(raw, answer, with_output)
+    return answer
+
+
+def _read_body(data: dict[str, Any], answer: Answer, with_output: bool) -> None:
+    answer.model = _text(data.get("model"))
+    answer.id = _text(data.get("id"))
+    outputs = []
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        reason = _text(choice.get("finish_reason"))
+        if reason:
+            answer.finish_reasons.append(reason)
+        message = choice.get("message")
+        if with_output and isinstance(message, dict):
+            outputs.append({**_message(message), "finish_reason": reason or ""})
+    if with_output and outputs:
+        answer.output = orjson.dumps(outputs).decode()
+
+
+def _read_stream(raw: bytes, answer: Answer, with_output: bool) -> None:
+    texts: dict[int, list[str]] = {}
+    reasons: dict[int, str] = {}
+    for line in raw.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload.startswith(b"{"):
+            continue
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        answer.model = answer.model or _text(chunk.get("model"))
+        answer.id = answer.id or _text(chunk.get("id"))
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            if not isinstance(index, int):
+                index = 0
+            reason = _text(choice.get("finish_reason"))
+            if reason:
+                reasons[index] = reason
+            delta = choice.get("delta")
+            if with_output and isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                texts.setdefault(index, []).append(delta["content"])
+    answer.finish_reasons = [reasons[i] for i in sorted(reasons)]
+    if with_output and (texts or reasons):
+        answer.output = orjson.dumps(
+            [
+                {
+                    "role": "assistant",
+                    "parts": [{"type": "text", "content": "".join(texts.get(i, []))}],
+                    "finish_reason": reasons.get(i, ""),
+                }
+                for i in sorted(set(texts) | set(reasons))
+            ]
+        ).decode()
+
+
+def input_messages(body: dict[str, Any]) -> str | None:
+    """gen_ai.input.messages of a chat request (or an embeddings request's input)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return orjson.dumps([_message(m) for m in messages if isinstance(m, dict)]).decode()
+    data = body.get("input")
+    if data is None:
+        return None
+    texts = data if isinstance(data, list) else [data]
+    parts = [{"type": "text", "content": t} for t in texts if isinstance(t, str)]
+    return orjson.dumps([{"role": "user", "parts": parts}]).decode()
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    body = message.get("content")
+    if isinstance(body, str):
+        parts.append({"type": "text", "content": body})
+    elif isinstance(body, list):
+        for part in body:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "content": part["text"]})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts.append(
+                {
+                    "type": "tool_call",
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": function.get("arguments"),
+                }
+            )
+    return {"role": _text(message.get("role")) or "user", "parts": parts}
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,161 @@
+"""The export side of tracing: OpenTelemetry's SDK batch processor and OTLP exporter.
+
+Spans go into a bounded queue and a background thread exports them in batches
+(`BatchSpanProcessor`), so a request never waits on the collector. The bound is kept
+here, in front of the SDK's own queue: when `max_queue_size` spans are waiting or being
+exported, a new span is dropped and counted in `metergate_trace_spans_dropped_total`
+instead of displacing an older one with a warning per span; a batch the collector
+refuses, or cannot take in `export_timeout_seconds` (retries included), is counted
+there too. Importing this module needs the `metergate[tracing]` extra.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from metergate import __version__
+from metergate.config.observe import TracingConfig
+
+log = logging.getLogger("metergate.tracing")
+
+SCOPE = InstrumentationScope("metergate", __version__)
+
+
+def build_exporter(config: TracingConfig) -> SpanExporter:
+    headers = {name: value.get_secret_value() for name, value in config.headers.items()}
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(
+            endpoint=config.endpoint,
+            insecure=config.endpoint.startswith("http://"),
+            headers=headers or None,
+            timeout=config.export_timeout_seconds,
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(
+        endpoint=config.endpoint, headers=headers or None, timeout=config.export_timeout_seconds
+    )
+
+
+class _Counting(SpanExporter):
+    """Wraps the exporter: counts what left the queue, and what never reached the collector."""
+
+    def __init__(self, inner: SpanExporter, pipeline: SpanPipeline) -> None:
+        self.inner = inner
+        self.pipeline = pipeline
+        self.stopped = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = SpanExportResult.FAILURE
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            log.exception("exporting %d spans failed", len(spans))
+        finally:
+            self.pipeline.exported(len(spans), result is SpanExportResult.SUCCESS)
+        return result
+
+    def shutdown(self) -> None:
+        """Stop the exporter: a retry in progress gives up, later exports fail at once."""
+        if not self.stopped:
+            self.stopped = True
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class SpanPipeline:
+    """A bounded queue of finished spans and the thread that exports them."""
+
+    def __init__(self, config: TracingConfig, dropped: Any) -> None:
+        self.config = config
+        self.dropped = dropped  # the Prometheus counter
+        self.resource = Resource.create(
+            {
+                "service.name": config.service_name,
+                "service.version": __version__,
+                **config.resource_attributes,
+            }
+        )
+        # Written by one thread each (submit: the event loop; exported: the export
+        # thread), so their difference is what waits, without a lock on the hot path.
+        self._submitted = itertools.count(1)
+        self._last_submitted = 0
+        self._finished = 0
+        self.exporter = _Counting(build_exporter(config), self)
+        self.processor = BatchSpanProcessor(
+            self.exporter,
+            max_queue_size=config.max_queue_size,
+            schedule_delay_millis=config.export_interval_seconds * 1000,
+            max_export_batch_size=min(config.max_export_batch_size, config.max_queue_size),
+            export_timeout_millis=config.export_timeout_seconds * 1000,
+        )
+        self.provider = TracerProvider(
+            resource=self.resource, sampler=ParentBasedTraceIdRatio(config.sample_rate)
+        )
+        self.provider.add_span_processor(_Bounded(self))
+
+    @property
+    def full(self) -> bool:
+        return self._last_submitted - self._finished >= self.config.max_queue_size
+
+    def submit(self, span: ReadableSpan) -> None:
+        """Queue a finished span, or drop and count it when the queue is full."""
+        if self.full:
+            self.dropped.inc()
+            return
+        self._last_submitted = next(self._submitted)
+        self.processor.on_end(span)
+
+    def exported(self, count: int, ok: bool) -> None:
+        self._finished += count
+        if not ok:
+            self.dropped.inc(count)
+
+    @property
+    def waiting(self) -> int:
+        return self._last_submitted - self._finished
+
+    def shutdown(self, timeout_seconds: float) -> None:
+        """Export what is queued, for at most `timeout_seconds`, then stop; what is left
+        unexported is counted as dropped. Blocking: run it in a thread."""
+        flusher = threading.Thread(target=self.processor.force_flush, daemon=True)
+        flusher.start()
+        flusher.join(timeout_seconds)
+        self.exporter.shutdown()  # a collector that is down: its retries give up now
+        flusher.join(1.0)
+        self.processor.shutdown()
+        left = self.waiting
+        if left > 0:
+            self.dropped.inc(left)
+            self._finished += left
+
+
+class _Bounded(SpanProcessor):
+    """Spans the SDK's own tracer makes (the MCP spans) take the same bounded path."""
+
+    def __init__(self, pipeline: SpanPipeline) -> None:
+        self.pipeline = pipeline
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is not None and span.context.trace_flags.sampled:
+            self.pipeline.submit(span)

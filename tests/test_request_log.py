@@ -1,0 +1,297 @@
+"""The opt-in request log: what it keeps (all, errors, a sample), what it masks, where
+it writes (ledger database or rotated JSONL), how long, and how an operator reads it
+(one request in the admin API, the JSONL export), with the admin key only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import openai
+import pytest
+
+from metergate.storage.database import open_database
+from tests.harness import Gateway
+from tests.test_console_api import ADMIN_KEY, admin
+from tests.upstreams.openai_server import API_KEY
+
+CARD = "4111 1111 1111 1111"  # passes the Luhn check
+NOT_A_CARD = "4111 1111 1111 1112"  # does not
+PROVIDER_KEY = "sk-proj-Abcdefghijklmnop1234567890"
+SECRET_TEXT = f"mail kim@example.com, card {CARD}, key {PROVIDER_KEY}, order ACME-123456"
+
+
+def logged_config(upstream_url: str, **request_log: Any) -> dict[str, Any]:
+    return {
+        "providers": {
+            "up": {"type": "openai", "base_url": f"{upstream_url}/v1", "api_key": API_KEY},
+        },
+        "upstreams": {
+            "up-gpt": {
+                "provider": "up",
+                "model": "gpt-4.1-2025-04-14",
+                "price": {"input": 2, "output": 8},
+            },
+        },
+        "models": {
+            "gpt-4.1": {
+                "upstreams": ["up-gpt"],
+                "retry": {"max_retries": 1, "backoff_base": 0.001, "backoff_max": 0.001},
+            },
+        },
+        "admin": {"api_key": ADMIN_KEY},
+        "request_log": {
+            "enabled": True,
+            "redact": {"patterns": [r"ACME-\d{6}"], "json_paths": ["$.metadata.user_id"]},
+            **request_log,
+        },
+    }
+
+
+@pytest.fixture
+def upstream_url(openai_upstream) -> str:
+    server, _ = openai_upstream
+    return server.url
+
+
+def latest_row(gateway: Gateway) -> dict[str, Any]:
+    listing = admin(gateway, "/admin/api/requests?limit=1").json()
+    return listing["requests"][0]
+
+
+def detail(gateway: Gateway, row_id: int) -> dict[str, Any]:
+    answer = admin(gateway, f"/admin/api/requests/{row_id}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def stored_records(gateway: Gateway) -> list[str]:
+    assert gateway.runtime.database is not None
+    gateway.bg.run(gateway.runtime.observers.recorder.flush())
+    rows = gateway.bg.run(gateway.runtime.database.fetch("SELECT record FROM request_log"))
+    return [record for (record,) in rows]
+
+
+def test_a_request_is_kept_with_its_secrets_masked(gateway_factory, upstream_url):
+    gateway = gateway_factory(logged_config(upstream_url))
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-4.1",
+        messages=[{"role": "user", "content": SECRET_TEXT + f" not a card {NOT_A_CARD}"}],
+        metadata={"user_id": "u-778899", "feature": "support"},
+        extra_headers={"x-customer": "kim@example.com", "x-metergate-tags": "team=care"},
+    )
+    reply = raw.parse()
+    row = latest_row(gateway)
+    data = detail(gateway, row["id"])
+    record = data["log"]
+    assert record is not None and record["request_id"] == row["request_id"]
+    # the ledger row and the record describe the same request
+    assert (
+        record["cost_nano"]
+        == row["cost_nano"]
+        == round(float(raw.headers["x-metergate-cost-usd"]) * 1e9)
+    )
+    assert record["usage"]["output_tokens"] == reply.usage.completion_tokens
+    assert record["tags"] == {"feature": "support", "team": "care", "user_id": "u-778899"}
+    assert record["outcome"] == "success" and record["status"] == 200
+    assert 0 < record["upstream_ms"] <= record["duration_ms"]
+    (attempt,) = record["attempts"]
+    assert attempt["upstream"] == "up-gpt" and attempt["model"] == "gpt-4.1-2025-04-14"
+    assert attempt["outcome"] == "success" and attempt["error"] is None
+    # headers: credentials masked always, the rest through the text rules
+    headers = record["request"]["headers"]
+    assert headers["authorization"] == "[REDACTED]"
+    assert headers["x-customer"] == "[REDACTED:email]"
+    assert headers["x-metergate-tags"] == "team=care"
+    # bodies: default rules, the operator's regex and JSON path
+    body = json.loads(record["request"]["body"])
+    sent = body["messages"][0]["content"]
+    assert "[REDACTED:email]" in sent and "[REDACTED:card]" in sent and "[REDACTED:key]" in sent
+    assert "order [REDACTED]" in sent and NOT_A_CARD in sent
+    assert body["metadata"] == {"user_id": "[REDACTED]", "feature": "support"}
+    answer = json.loads(record["response"]["body"])
+    assert answer["choices"][0]["message"]["content"] == reply.choices[0].message.content
+    # nothing secret reached the store, in any field (tags are attribution, as in the
+    # ledger: the JSON path masks the body's copy of user_id, not the tag)
+    for stored in stored_records(gateway):
+        for secret in ("kim@example.com", CARD, PROVIDER_KEY, "ACME-123456"):
+            assert secret not in stored
+        assert gateway.key not in stored and API_KEY not in stored
+
+
+def test_only_failed_requests_with_capture_errors(gateway_factory, upstream_url):
+    gateway = gateway_factory(logged_config(upstream_url, capture="errors"))
+    client = gateway.client()
+    client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "ok"}])
+    ok_row = latest_row(gateway)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": "TRIGGER:500"}]
+        )
+    failed_row = latest_row(gateway)
+    assert detail(gateway, ok_row["id"])["log"] is None
+    record = detail(gateway, failed_row["id"])["log"]
+    assert record["outcome"] == "upstream_error" and record["status"] == 502
+    assert record["error"]["message"].startswith("upstream error 500")
+    # the retry is there too: each attempt with its own error and timing
+    assert [a["outcome"] for a in record["attempts"]] == ["upstream_error", "upstream_error"]
+    assert all(a["upstream_status"] == 500 for a in record["attempts"])
+    assert all("upstream says 500" in a["error"] for a in record["attempts"])
+    first, second = record["attempts"]
+    assert first["started_ms"] + first["duration_ms"] <= second["started_ms"]
+    # the response is the error the caller got
+    assert json.loads(record["response"]["body"])["error"]["type"] == "upstream_error"
+    # a refused request (bad input) is an error too, kept with its error
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4.1", messages=[])
+    refused = detail(gateway, latest_row(gateway)["id"])["log"]
+    assert refused["outcome"] == "invalid_request" and refused["attempts"] == []
+    assert "messages" in refused["error"]["message"]
+
+
+def test_a_sample(gateway_factory, upstream_url):
+    gateway = gateway_factory(logged_config(upstream_url, capture="sample", sample_rate=0.5))
+    client = gateway.client()
+    for _ in range(60):
+        client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "x"}])
+    kept = len(stored_records(gateway))
+    assert 0 < kept < 60  # each request flips its own coin: all or none is ~1e-18
+
+
+def test_bodies_are_cut_and_streams_kept_as_relayed(gateway_factory, upstream_url):
+    gateway = gateway_factory(logged_config(upstream_url, max_body_bytes=256))
+    client = gateway.client()
+    long_text = "words " * 200
+    client.chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": long_text}]
+    )
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    assert record["request"]["truncated"] is True
+    assert record["request"]["bytes"] > 1200
+    assert len(record["request"]["body"].encode()) <= 256
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": "stream"}], stream=True
+        )
+    )
+    streamed = detail(gateway, latest_row(gateway)["id"])["log"]
+    assert streamed["stream"] is True and streamed["ttft_ms"] is not None
+    relayed = streamed["response"]["body"]
+    assert relayed.startswith("data: {") and len(chunks) > 3
+    assert streamed["response"]["truncated"] is True  # 256 bytes hold a chunk or two
+
+
+def test_off_by_default_nothing_is_kept(gateway_factory, upstream_url):
+    config = logged_config(upstream_url)
+    del config["request_log"]
+    gateway = gateway_factory(config)
+    gateway.client().chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": SECRET_TEXT}]
+    )
+    data = detail(gateway, latest_row(gateway)["id"])
+    assert data["log"] is None and data["request_log"]["enabled"] is False
+    assert gateway.runtime.observers.recorder is None
+    rows = gateway.bg.run(gateway.runtime.database.fetch("SELECT COUNT(*) FROM request_log"))
+    assert rows[0][0] == 0
+
+
+def test_admin_key_required_and_export(gateway_factory, upstream_url):
+    gateway = gateway_factory(logged_config(upstream_url))
+    client = gateway.client()
+    for word in ("one", "two", "three"):
+        client.chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": word}]
+        )
+    row = latest_row(gateway)
+    for path in (f"/admin/api/requests/{row['id']}", "/admin/api/request-log.jsonl"):
+        assert admin(gateway, path, key="").status_code == 401
+        assert admin(gateway, path, key=gateway.key).status_code == 403  # a caller key
+    assert admin(gateway, "/admin/api/requests/999999").status_code == 404
+    assert admin(gateway, "/admin/api/requests/abc").status_code == 400
+    assert admin(gateway, "/admin/api/request-log.jsonl?since=soon").status_code == 400
+    exported = admin(gateway, "/admin/api/request-log.jsonl?since=1h")
+    assert exported.status_code == 200
+    assert exported.headers["content-type"] == "application/x-ndjson"
+    assert "attachment" in exported.headers["content-disposition"]
+    records = [json.loads(line) for line in exported.text.splitlines()]
+    said = [json.loads(r["request"]["body"])["messages"][0]["content"] for r in records]
+    assert said == ["one", "two", "three"]  # oldest first
+
+
+def test_jsonl_store_rotates_finds_and_expires(gateway_factory, upstream_url, tmp_path):
+    directory = tmp_path / "request-log"
+    directory.mkdir()
+    expired = directory / "requests-20200101T000000-1-000001.jsonl"
+    expired.write_text('{"request_id": "old", "ts": 1}\n')
+    ten_days_ago = time.time() - 10 * 86_400
+    os.utime(expired, (ten_days_ago, ten_days_ago))
+    config = logged_config(
+        upstream_url,
+        store="jsonl",
+        directory=str(directory),
+        max_file_bytes=64 * 1024,
+        retention_days=7,
+    )
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    padding = "lorem ipsum " * 400  # ~5 KB per request body: rotation within 30 requests
+    for i in range(30):
+        client.chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": f"{i} {padding}"}]
+        )
+    row = latest_row(gateway)
+    record = detail(gateway, row["id"])["log"]
+    assert record["request_id"] == row["request_id"]
+    assert json.loads(record["request"]["body"])["messages"][0]["content"].startswith("29 ")
+    deadline = time.monotonic() + 10
+    while expired.exists():  # past retention: removed when the writer starts
+        assert time.monotonic() < deadline, "the expired file was not removed"
+        time.sleep(0.05)
+    files = sorted(directory.glob("requests-*.jsonl"))
+    assert len(files) >= 2 and all(f.stat().st_size <= 64 * 1024 for f in files)
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(lines) == 30
+    exported = admin(gateway, "/admin/api/request-log.jsonl?since=1h").text.splitlines()
+    assert len(exported) == 30
+    assert gateway.metric("metergate_request_log_records_total", result="written") == 30
+
+
+def test_ledger_store_expires_old_records(upstream_url, bg, tmp_path):
+    from tests.harness import start_gateway
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    async def old_record() -> None:
+        database = await open_database(url)
+        await database.execute(
+            "INSERT INTO request_log (ts, request_id, key_name, outcome, record) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (time.time() - 30 * 86_400, "ancient", "test", "success", "{}"),
+        )
+        await database.execute(
+            "INSERT INTO request_log (ts, request_id, key_name, outcome, record) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (time.time() - 86_400, "recent", "test", "success", "{}"),
+        )
+        await database.close()
+
+    bg.run(old_record())
+    config = {**logged_config(upstream_url, retention_days=7), "ledger": {"url": url}}
+    gateway = start_gateway(bg, config, tmp_path / "gw")
+    try:
+
+        async def ids() -> set[str]:
+            assert gateway.runtime.database is not None
+            rows = await gateway.runtime.database.fetch("SELECT request_id FROM request_log")
+            return {r for (r,) in rows}
+
+        deadline = time.monotonic() + 10
+        while "ancient" in bg.run(ids()):
+            assert time.monotonic() < deadline, "the expired record was not removed"
+            bg.run(asyncio.sleep(0.05))
+        assert "recent" in bg.run(ids())
+    finally:
+        gateway.stop()

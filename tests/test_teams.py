@@ -1,0 +1,403 @@
+"""Teams: keys grouped under budgets and rate limits of their own, on top of each key's,
+exact under concurrency and across a fleet, managed live through the admin API and the
+CLI; team spend in the ledger, reports and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway
+from tests.services import RedisServer
+from tests.test_console_api import ADMIN_KEY, admin
+
+METERGATE = [sys.executable, "-m", "metergate"]
+
+
+def team_config(**simulated: Any) -> dict[str, Any]:
+    config = simulated_config(**{"latency_ms": 20, "output_tokens": 10, **simulated})
+    # 1 USD per token makes every cost easy to reason about
+    config["upstreams"]["sim-up"]["price"] = {"input": 1_000_000, "output": 1_000_000}
+    config["admin"] = {"api_key": ADMIN_KEY}
+    return config
+
+
+def make_team(gateway: Gateway, name: str = "search", **fields: Any) -> dict[str, Any]:
+    answer = admin(gateway, "/admin/api/teams", "POST", json={"name": name, **fields})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["team"]
+
+
+def team_key(gateway: Gateway, name: str, team: str | None, **fields: Any) -> str:
+    answer = admin(gateway, "/admin/api/keys", "POST", json={"name": name, "team": team, **fields})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["secret"]
+
+
+def client_for(gateway: Gateway, secret: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+
+
+def ask(i: int = 0) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"question {i:03d}"}]
+
+
+async def spend(
+    clients: list[openai.AsyncOpenAI], i: int, in_flight: asyncio.Semaphore | None = None
+) -> str:
+    """One request on client i % 2: "ok", or "refused" by a budget."""
+    async with in_flight or contextlib.nullcontext():
+        try:
+            await clients[i % 2].chat.completions.create(
+                model="sim", messages=ask(i), max_tokens=10
+            )
+            return "ok"
+        except openai.RateLimitError as error:
+            assert error.code == "budget_exceeded"
+            return "refused"
+
+
+def test_a_team_budget_caps_its_keys_together(gateway_factory):
+    gateway = gateway_factory(team_config())
+    make_team(gateway, budgets=[{"period": "day", "limit_usd": "120"}])
+    a = client_for(gateway, team_key(gateway, "search-a", "search"))
+    b = client_for(gateway, team_key(gateway, "search-b", "search"))
+    outsider = gateway.client()  # key `test`, in no team
+    refused = None
+    for i in range(30):
+        try:
+            (a if i % 2 else b).chat.completions.create(model="sim", messages=ask(i), max_tokens=10)
+        except openai.RateLimitError as error:
+            refused = error
+            break
+    assert refused is not None and refused.code == "budget_exceeded"
+    assert "budget 'team:search:day' (team search, per day)" in refused.message
+    # a key outside the team is not held back by the team's budget
+    assert outsider.chat.completions.create(model="sim", messages=ask(), max_tokens=10).choices
+    rows = gateway.ledger_rows()
+    team_rows = [r for r in rows if r["team"] == "search"]
+    assert {r["key_name"] for r in team_rows} == {"search-a", "search-b"}
+    assert sum(r["cost_nano"] for r in team_rows) <= 120 * 10**9
+    assert all(r["team"] is None for r in rows if r["key_name"] == "test")
+
+
+async def test_200_concurrent_requests_never_pass_a_team_limit(gateway_factory):
+    limit = 600
+    gateway = gateway_factory(team_config())
+    make_team(gateway, budgets=[{"period": "month", "limit_usd": str(limit)}])
+    clients = [
+        openai.AsyncOpenAI(
+            base_url=gateway.base_url,
+            api_key=team_key(gateway, f"svc-{n}", "search"),
+            max_retries=0,
+        )
+        for n in range(2)
+    ]
+
+    results = await asyncio.gather(*(spend(clients, i) for i in range(200)))
+    rows = gateway.ledger_rows("team = 'search'")
+    spent = sum(r["cost_nano"] for r in rows)
+    assert spent <= limit * 10**9
+    assert results.count("ok") == sum(r["outcome"] == "success" for r in rows) > 0
+    assert results.count("refused") > 0
+    budget = "team:search:month"
+    assert gateway.metric("metergate_budget_spent_usd", budget=budget) == spent / 1e9
+    assert gateway.metric("metergate_budget_limit_usd", budget=budget) == limit
+    assert gateway.metric("metergate_team_cost_usd_total", team="search") == pytest.approx(
+        spent / 1e9
+    )
+
+
+def test_a_soft_team_budget_alerts_and_never_refuses(gateway_factory):
+    gateway = gateway_factory(team_config())
+    budget = {"period": "day", "limit_usd": "50", "hard": False, "alert_at_percent": [50, 100]}
+    make_team(gateway, budgets=[budget])
+    client = client_for(gateway, team_key(gateway, "svc", "search"))
+    for i in range(6):
+        client.chat.completions.create(model="sim", messages=ask(i), max_tokens=10)
+    spent = sum(r["cost_nano"] for r in gateway.ledger_rows("team = 'search'"))
+    assert spent > 50 * 10**9  # over the limit: a soft budget only tells
+    for threshold in ("50", "100"):
+        assert (
+            gateway.metric(
+                "metergate_budget_alerts_total", budget="team:search:day", threshold=threshold
+            )
+            == 1
+        )
+
+
+def test_team_rate_limits_apply_on_top_of_each_keys(gateway_factory):
+    config = team_config()
+    config["rate_limits"] = {"keys": {"*": {"rpm": 100}}}
+    gateway = gateway_factory(config)
+    make_team(gateway, rpm=3)
+    a = client_for(gateway, team_key(gateway, "svc-a", "search"))
+    b = client_for(gateway, team_key(gateway, "svc-b", "search"))
+    for client in (a, b, a):
+        client.chat.completions.create(model="sim", messages=ask(), max_tokens=5)
+    with pytest.raises(openai.RateLimitError) as raised:
+        b.chat.completions.create(model="sim", messages=ask(), max_tokens=5)
+    assert "team 'search'" in raised.value.message and "RPM): Limit 3" in raised.value.message
+    headers = raised.value.response.headers
+    assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-limit-requests"] == "3"
+    # the key's own limit and other keys are untouched
+    assert gateway.client().chat.completions.create(model="sim", messages=ask()).choices
+
+
+def test_teams_change_live_and_cannot_be_deleted_with_keys(gateway_factory):
+    gateway = gateway_factory(team_config())
+    make_team(gateway, budgets=[{"period": "day", "limit_usd": "1000"}], tags={"cost_center": "42"})
+    secret = team_key(gateway, "svc", "search", tags={"service": "crawler"})
+    client = client_for(gateway, secret)
+    client.chat.completions.create(model="sim", messages=ask(), max_tokens=10)
+    # a lower limit applies to the very next request
+    changed = admin(
+        gateway,
+        "/admin/api/teams/search",
+        "PATCH",
+        json={"budgets": [{"period": "day", "limit_usd": "5"}]},
+    )
+    assert changed.status_code == 200 and changed.json()["team"]["budgets"][0]["limit_usd"] == "5"
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="sim", messages=ask(), max_tokens=10)
+    listing = admin(gateway, "/admin/api/teams").json()["teams"]
+    (team,) = listing
+    assert team["keys"] == ["svc"] and team["spend_today_nano"] > 5 * 10**9
+    assert team["budget_state"][0]["state"] == "exceeded"
+    # a team with keys stays; out of the team, the key is free again
+    refused = admin(gateway, "/admin/api/teams/search", "DELETE")
+    assert refused.status_code == 409 and "svc" in refused.json()["error"]["message"]
+    key_id = next(
+        k["id"] for k in admin(gateway, "/admin/api/keys").json()["keys"] if k["name"] == "svc"
+    )
+    moved = admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={"team": None})
+    assert moved.status_code == 200 and moved.json()["key"]["team"] is None
+    assert client.chat.completions.create(model="sim", messages=ask(), max_tokens=10).choices
+    assert admin(gateway, "/admin/api/teams/search", "DELETE").status_code == 200
+    assert "team:search:day" not in gateway.runtime.plan.budgets.team_budgets()
+    # bad input is refused with what to fix
+    bad = admin(
+        gateway, "/admin/api/teams", "POST", json={"name": "x", "budgets": [{"period": "week"}]}
+    )
+    assert bad.status_code == 400 and "day or month" in bad.json()["error"]["message"]
+    unknown = admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={"team": "nope"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "team"
+    assert admin(gateway, "/admin/api/teams/nope", "PATCH", json={"rpm": 5}).status_code == 404
+    make_team(gateway, "ops")
+    taken = admin(gateway, "/admin/api/teams", "POST", json={"name": "ops"})
+    assert taken.status_code == 409
+
+
+def test_tags_from_header_metadata_key_and_team_reach_the_ledger(gateway_factory):
+    config = team_config()
+    config["tags"] = {
+        "metric_labels": {"feature": ["rerank", "search"], "env": "*"},
+        "max_label_values": 2,
+    }
+    gateway = gateway_factory(config)
+    make_team(gateway, tags={"cost_center": "42", "env": "prod"})
+    client = client_for(gateway, team_key(gateway, "svc", "search", tags={"service": "crawler"}))
+    client.chat.completions.create(
+        model="sim",
+        messages=ask(),
+        metadata={"feature": "search", "env": "staging", "note": "not a tag name!", "x": "y"},
+        extra_headers={"x-metergate-tags": "feature=rerank, experiment=b"},
+    )
+    (row,) = gateway.ledger_rows("key_name = 'svc'")
+    assert row["team"] == "search"
+    assert json.loads(row["tags"]) == {
+        "cost_center": "42",  # team default
+        "env": "staging",  # metadata over the team's default
+        "service": "crawler",  # key default
+        "feature": "rerank",  # the header over metadata
+        "experiment": "b",
+        "note": "not a tag name!",
+        "x": "y",
+    }
+    for value in ("dev", "qa", "perf"):  # env: any value, at most 2 distinct per process
+        client.chat.completions.create(
+            model="sim",
+            messages=ask(),
+            extra_headers={"x-metergate-tags": f"env={value},feature=other-thing"},
+        )
+    assert gateway.metric("metergate_tag_requests_total", tag="feature", value="rerank") == 1
+    assert gateway.metric("metergate_tag_requests_total", tag="feature", value="other") == 3
+    assert gateway.metric("metergate_tag_requests_total", tag="env", value="staging") == 1
+    assert gateway.metric("metergate_tag_requests_total", tag="env", value="dev") == 1
+    assert gateway.metric("metergate_tag_requests_total", tag="env", value="other") == 2
+    cost = gateway.metric("metergate_tag_cost_usd_total", tag="feature", value="rerank")
+    assert cost == pytest.approx(row["cost_nano"] / 1e9)
+    # only allow-listed names are labels, never the others
+    labels = {
+        s.labels.get("tag")
+        for f in gateway.runtime.metrics.registry.collect()
+        for s in f.samples
+        if s.name.startswith("metergate_tag_")
+    }
+    assert labels == {"feature", "env"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "metadata", "message"),
+    [
+        ({"x-metergate-tags": "feature"}, None, "is not name=value"),
+        ({"x-metergate-tags": "bad name=x"}, None, "tag name 'bad name'"),
+        ({"x-metergate-tags": "a="}, None, "printable value"),
+        ({}, {"feature": 5}, "`metadata.feature` must be a string"),
+    ],
+)
+def test_malformed_tags_are_a_400(gateway_factory, headers, metadata, message):
+    gateway = gateway_factory(team_config())
+    extra = {"metadata": metadata} if metadata is not None else {}
+    with pytest.raises(openai.BadRequestError) as raised:
+        gateway.client().chat.completions.create(
+            model="sim", messages=ask(), extra_headers=headers, extra_body=extra
+        )
+    assert raised.value.code == "invalid_tags" and message in raised.value.message
+    (row,) = gateway.ledger_rows()
+    assert row["outcome"] == "invalid_request"
+
+
+# -- the CLI ----------------------------------------------------------------------------
+
+
+def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [*METERGATE, *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=config.parent,
+    )
+
+
+def test_cli_manages_teams_a_running_gateway_follows(gateway_factory):
+    gateway = gateway_factory(team_config())
+    config = Path(gateway.runtime.source)
+    created = run(
+        config,
+        "teams",
+        "create",
+        "search",
+        "--rpm",
+        "2",
+        "--budget",
+        "month:500",
+        "--tag",
+        "cost_center=42",
+    )
+    assert created.returncode == 0, created.stderr
+    assert "$500 per month" in created.stdout and "2 rpm" in created.stdout
+    bad = run(config, "teams", "create", "x", "--budget", "week:5")
+    assert bad.returncode == 2 and "day or month" in bad.stderr
+    made = run(
+        config, "keys", "create", "--name", "crawler", "--team", "search", "--tag", "service=crawl"
+    )
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip().splitlines()[-1]
+    assert run(config, "keys", "create", "--name", "y", "--team", "nope").returncode == 2
+    client = client_for(gateway, secret)  # the running gateway learns the key and its team
+    deadline = time.monotonic() + 10
+    while True:  # the team's 2 rpm reaches the gateway within its refresh (2 s)
+        try:
+            for _ in range(3):
+                client.chat.completions.create(model="sim", messages=ask(), max_tokens=5)
+        except openai.RateLimitError as error:
+            assert "team 'search'" in error.message
+            break
+        assert time.monotonic() < deadline, "the team's rate limit never applied"
+        time.sleep(0.5)
+    gateway.client().chat.completions.create(model="sim", messages=ask(), max_tokens=5)
+    gateway.flush_ledger()
+    listed = run(config, "teams", "list")
+    assert listed.returncode == 0 and "search" in listed.stdout and "crawler" in listed.stdout
+    by_team = run(config, "usage", "--by", "team", "--format", "json", "--since", "1h")
+    groups = {g["name"]: g for g in json.loads(by_team.stdout)["groups"]}
+    assert groups["search"]["requests"] >= 2 and "(none)" in groups  # the `test` key's
+    by_tag = run(config, "usage", "--by", "tag:service", "--format", "csv", "--since", "1h")
+    assert by_tag.returncode == 0 and by_tag.stdout.splitlines()[0].startswith("tag:service,")
+    assert any(line.startswith("crawl,") for line in by_tag.stdout.splitlines())
+    only = run(
+        config,
+        "usage",
+        "--by",
+        "key",
+        "--tag",
+        "cost_center=42",
+        "--format",
+        "json",
+        "--since",
+        "1h",
+    )
+    names = [g["name"] for g in json.loads(only.stdout)["groups"]]
+    assert names == ["crawler"]
+    assert run(config, "usage", "--by", "tag:bad name").returncode == 2
+    refused = run(config, "teams", "delete", "search")
+    assert refused.returncode == 2 and "crawler" in refused.stderr
+    assert run(config, "keys", "update", "crawler", "--no-team").returncode == 0
+    assert run(config, "teams", "delete", "search").returncode == 0
+
+
+# -- a fleet -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(
+    bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer, fresh_postgres_url: str
+) -> Iterator[Callable[[dict[str, Any]], tuple[Gateway, Gateway]]]:
+    redis_server.flushall()
+    started: list[Gateway] = []
+
+    def make(config: dict[str, Any]) -> tuple[Gateway, Gateway]:
+        config = {
+            **config,
+            "redis": {"url": redis_server.url},
+            "ledger": {"url": fresh_postgres_url},
+        }
+        for name in ("a", "b"):
+            started.append(start_gateway(bg, config, tmp_path / name, key_name=f"gw-{name}"))
+        return started[0], started[1]
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+async def test_a_team_budget_holds_across_two_gateways(fleet, bg):
+    limit = 300
+    a, b = fleet(team_config())
+    make_team(a, budgets=[{"period": "month", "limit_usd": str(limit)}])
+    secrets = [team_key(a, f"svc-{n}", "search") for n in range(2)]
+    for gateway in (a, b):
+        bg.run(gateway.runtime.teams.reload())
+        bg.run(gateway.runtime.keys.reload())
+    clients = [
+        openai.AsyncOpenAI(base_url=g.base_url, api_key=s, max_retries=0)
+        for g, s in ((a, secrets[0]), (b, secrets[1]))
+    ]
+
+    in_flight = asyncio.Semaphore(6)  # waves: both gateways spend while the budget lasts
+    results = await asyncio.gather(*(spend(clients, i, in_flight) for i in range(80)))
+    for gateway in (a, b):
+        bg.run(gateway.runtime.plan.shared.counters.drain())
+    b.flush_ledger()  # one ledger for both: read it once, after both committed
+    spent = sum(r["cost_nano"] for r in a.ledger_rows("team = 'search'"))
+    assert 0 < spent <= limit * 10**9
+    assert results.count("refused") > 0
+    assert {r["key_name"] for r in a.ledger_rows("team = 'search' AND outcome = 'success'")} == {
+        "svc-0",
+        "svc-1",
+    }
