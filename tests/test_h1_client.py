@@ -289,3 +289,21 @@ async def test_header_bytes_and_count_are_bounded():
     async with server(many_headers) as (url, _):
         with pytest.raises(ProtocolError, match="headers"):
             await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+
+
+async def test_a_trickling_answer_is_bounded_by_the_total_deadline():
+    """Bytes arriving within every gap keep an answer alive, but not past its total."""
+
+    async def trickle(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(100):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async with server(trickle) as (url, _):
+        trickling = Deadlines(connect=1, first_byte=0.5, total=1.0, idle=None)
+        with pytest.raises(ReadTimeout, match="did not finish") as late:
+            await HttpClient(url, 1).post("/", HEAD, b"{}", trickling)
+        assert late.value.partial is True

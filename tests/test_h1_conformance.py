@@ -340,3 +340,19 @@ async def test_a_stalled_stream_times_out_between_chunks():
         stream.close()
         await client.close()
 
+
+
+async def test_waiters_for_a_full_pool_are_all_served_even_when_one_gives_up():
+    """10 slow requests through 2 connections: each waits its turn; a waiter cancelled
+    while queued (its caller left) does not take a turn that the next one needs."""
+    async with _aiohttp() as url:
+        client = HttpClient(url, max_connections=2)
+        patient = Deadlines(connect=5, first_byte=10, total=60, idle=None, pool=60)
+        tasks = [asyncio.create_task(client.post("/slow", HEAD, b"{}", patient)) for _ in range(10)]
+        await asyncio.sleep(0)
+        tasks[5].cancel()  # queued behind the first two
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[5], asyncio.CancelledError)
+        assert [r.body for i, r in enumerate(done) if i != 5] == [EXPECTED] * 9
+        assert client._busy == 0 and not client._waiting
+        await client.close()

@@ -26,7 +26,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from metergate.config.model import ServerConfig
 from metergate.errors import error_body
@@ -78,11 +82,73 @@ def limits_of(app: Any) -> ConnectionLimits:
     return found
 
 
+class _Capture:
+    """Stands in for the transport while uvicorn composes an answer's bytes."""
+
+    __slots__ = ("closing", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def close(self) -> None:
+        self.closing = True
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request cycle, writing a whole answer (one with a content-length) in one
+    system call: its status line and headers wait for its body instead of going out
+    alone. A streamed answer (no content-length: an SSE stream may wait long for its
+    first event) still gets its headers at once."""
+
+    _held = b""
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            if not any(name == b"content-length" for name, _ in message.get("headers", ())):
+                await _cycle_send(self, message)
+                return
+            self._held = await self._composed(message)
+            return
+        held = self._held
+        if not held:
+            await _cycle_send(self, message)
+            return
+        self._held = b""
+        transport = self.transport
+        capture = _Capture()
+        self.transport = capture  # type: ignore[assignment]
+        try:
+            await _cycle_send(self, message)
+        finally:
+            self.transport = transport
+        if not self.disconnected:
+            transport.write(held + b"".join(capture.parts))
+        if capture.closing:
+            transport.close()
+
+    async def _composed(self, message: Any) -> bytes:
+        transport = self.transport
+        capture = _Capture()
+        self.transport = capture  # type: ignore[assignment]
+        try:
+            await _cycle_send(self, message)
+        finally:
+            self.transport = transport
+        return b"".join(capture.parts)
+
+
+_cycle_send = RequestResponseCycle.send
+
 # The parent's methods, called directly on the per-request path (cheaper than super()).
 _data_received = HttpToolsProtocol.data_received
 _headers_complete = HttpToolsProtocol.on_headers_complete
 _message_complete = HttpToolsProtocol.on_message_complete
 _response_complete = HttpToolsProtocol.on_response_complete
+_start_task = HttpToolsProtocol._start_asgi_task
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -134,6 +200,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = _BODY
         _headers_complete(self)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.__class__ = OneWriteCycle  # uvicorn builds the cycle; we only change `send`
+        _start_task(self, cycle, app)
 
     def on_message_complete(self) -> None:
         self._phase = _BUSY

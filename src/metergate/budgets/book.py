@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import BudgetConfig
@@ -43,6 +44,7 @@ class Budget:
     reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
     unsynced_nano: int = 0  # settled here while Redis was unreachable, not yet shared
     announced: set[int] = field(default_factory=set)
+    spent_gauge: Any = None  # its metergate_budget_spent_usd child, looked up once
 
     def describe(self) -> str:
         target = "" if self.config.scope == "global" else f" {self.config.target}"
@@ -189,7 +191,7 @@ class BudgetBook:
         for budget in reservation.budgets:
             budget.reserved_nano -= reservation.amount_nano
             budget.spent_nano += actual_nano
-            self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+            self._show_spent(budget)
             self._announce_crossings(budget)
 
     def observe(self, budget: Budget, spent_nano: int, claimed: set[int] | None = None) -> None:
@@ -198,7 +200,7 @@ class BudgetBook:
         `claimed`: the thresholds this process won the right to announce; the others
         the new spend crosses were (or will be) announced by another process."""
         budget.spent_nano = spent_nano
-        self.metrics.budget_spent.labels(budget.name).set(spent_nano / 1e9)
+        self._show_spent(budget)
         if claimed is None:
             self._announce_crossings(budget)
             return
@@ -222,6 +224,14 @@ class BudgetBook:
         budget.announced.clear()
         self.metrics.budget_spent.labels(budget.name).set(0)
         log.info("budget %s: new period from %s", budget.name, iso(budget.start))
+
+    def _show_spent(self, budget: Budget) -> None:
+        """Per request: the gauge child is looked up once (`labels()` costs a lock and a
+        tuple per call)."""
+        gauge = budget.spent_gauge
+        if gauge is None:
+            gauge = budget.spent_gauge = self.metrics.budget_spent.labels(budget.name)
+        gauge.set(budget.spent_nano / 1e9)
 
     def _announce_crossings(self, budget: Budget) -> None:
         for percent in budget.config.alert_at_percent:

@@ -116,17 +116,25 @@ class _Connection(asyncio.Protocol):
         self.header_count = 0
         self.head_bytes = 0
         self.got_bytes = False
-        self.headers_done: asyncio.Future[None] = self.loop.create_future()
+        self.got_headers = False
         self.done: asyncio.Future[None] = self.loop.create_future()
+        # A stream is read as it arrives: it needs these two; a whole answer does not
+        # (an asyncio.Event costs more to make than the rest of this reset).
+        self.headers_done: asyncio.Future[None] | None = None
+        self.readable: asyncio.Event | None = None
+        if streaming:
+            self.headers_done = self.loop.create_future()
+            self.readable = asyncio.Event()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.received = 0
-        self.readable = asyncio.Event()
         self.keep_alive = False
         self.delimited = False
         self.decoder: zlib._Decompress | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.gap = 0.0
+        self.gap = 0.0  # seconds allowed without a byte (first byte, then between reads)
+        self.last_read = 0.0  # loop time of the last read (or of sending the request)
+        self.finish_by: float | None = None  # loop time the whole answer must end by
         self.error: H1Error | None = None
 
     # asyncio.Protocol -------------------------------------------------------------
@@ -138,7 +146,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         if self.timer is not None:
-            self._arm(self.gap)
+            self.last_read = self.loop.time()  # the timer checks it when it fires
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -149,7 +157,7 @@ class _Connection(asyncio.Protocol):
             )
             self._fail(ProtocolError(problem, partial=True))
             return
-        if not self.headers_done.done():
+        if not self.got_headers:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEADER_BYTES:
                 self._fail(
@@ -164,7 +172,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.done.done():
             return
-        if self.headers_done.done() and not self.delimited:
+        if self.got_headers and not self.delimited:
             self._finish(False)  # a body delimited by the connection closing
             return
         state = "in the middle of the answer" if self.got_bytes else "before answering"
@@ -184,7 +192,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        if not self.headers_done.done():
+        self.got_headers = True
+        if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
@@ -195,7 +204,8 @@ class _Connection(asyncio.Protocol):
         self.chunks.append(body)
         self.buffered += len(body)
         self.received += len(body)
-        self.readable.set()
+        if self.readable is not None:
+            self.readable.set()
         if self.received > self.max_body:
             limit = self.max_body // (1024 * 1024)
             self._fail(ProtocolError(f"the upstream answer is larger than {limit} MiB", True))
@@ -209,26 +219,38 @@ class _Connection(asyncio.Protocol):
     def _finish(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
         self._disarm()
-        if not self.headers_done.done():
+        self.got_headers = True
+        if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
         if not self.done.done():
             self.done.set_result(None)
-        self.readable.set()
+        if self.readable is not None:
+            self.readable.set()
 
     def _fail(self, error: H1Error) -> None:
         self.error = error
         for future in (self.headers_done, self.done):
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved here: it is re-raised where awaited
-        self.readable.set()
+        if self.readable is not None:
+            self.readable.set()
         self.close()
 
-    def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.gap = seconds
-        self.timer = self.loop.call_later(seconds, self._timed_out)
+    def _arm(self, gap: float) -> None:
+        """Allow `gap` seconds without a byte from now on (and keep the total deadline).
+
+        One timer handle per answer: a read only notes its time, and the timer, when it
+        fires, sleeps on if a byte came meanwhile (a timer per read cost more than the
+        read)."""
+        self.gap = gap
+        self.last_read = now = self.loop.time()
+        due = now + gap if self.finish_by is None else min(now + gap, self.finish_by)
+        timer = self.timer
+        if timer is None or timer.when() > due:  # a shorter gap than before: sooner
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(due, self._timed_out)
 
     def _disarm(self) -> None:
         if self.timer is not None:
@@ -237,14 +259,18 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
-        self._fail(ReadTimeout("the upstream did not answer in time", self.got_bytes))
-
-    def expire(self) -> None:
-        """The whole answer took longer than its total deadline."""
-        if not self.done.done():
+        now = self.loop.time()
+        if self.finish_by is not None and now >= self.finish_by:
             self._fail(
                 ReadTimeout("the upstream did not finish its answer in time", self.got_bytes)
             )
+            return
+        quiet_until = self.last_read + self.gap
+        if now < quiet_until:  # a byte came since: wait for the rest of the gap
+            due = quiet_until if self.finish_by is None else min(quiet_until, self.finish_by)
+            self.timer = self.loop.call_at(due, self._timed_out)
+            return
+        self._fail(ReadTimeout("the upstream did not answer in time", self.got_bytes))
 
     def looks_dead(self) -> bool:
         """An idle keep-alive socket has nothing to say: readable means the server closed
@@ -265,12 +291,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def send(self, request: bytes, first_byte: float, streaming: bool) -> None:
+    def send(
+        self, request: bytes, first_byte: float, streaming: bool, total: float | None = None
+    ) -> None:
         self._reset(streaming)
         self.exchanges += 1
         self.idle_since = 0.0
         assert self.transport is not None
         self.transport.write(request)
+        self.finish_by = None if total is None else self.loop.time() + total
         self._arm(first_byte)
 
     def take(self) -> bytes:
@@ -278,10 +307,16 @@ class _Connection(asyncio.Protocol):
         data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
         self.chunks.clear()
         self.buffered = 0
-        self.readable.clear()
+        if self.readable is not None:
+            self.readable.clear()
         if self.streaming and self.transport is not None and not self.closed:
             self.transport.resume_reading()
         return data
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class StreamResponse:
@@ -308,8 +343,10 @@ class StreamResponse:
         conn = self._conn
         while True:
             if not conn.chunks and not conn.done.done():
-                conn.readable.clear()
-                await conn.readable.wait()
+                readable = conn.readable
+                assert readable is not None  # a stream's connection has one
+                readable.clear()
+                await readable.wait()
             if conn.error is not None:
                 raise conn.error
             if conn.chunks:
@@ -357,22 +394,16 @@ class HttpClient:
         self._proxy_head = proxy.authorization if proxy is not None and not self.tls else b""
         self._ssl = ssl.create_default_context() if self.tls else None
         self._idle: collections.deque[_Connection] = collections.deque()
-        self._slots = asyncio.Semaphore(max_connections)
         self._max = max_connections
+        self._busy = 0  # connections checked out (open or being opened)
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def _checkout(self, deadlines: Deadlines, fresh: bool = False) -> _Connection:
         """A connection to use: the most recently idle one that is still alive, or a new
         one (`fresh`: always a new one)."""
-        if self._slots.locked():  # only then wait, under a deadline (wait_for costs a task)
-            try:
-                await asyncio.wait_for(self._slots.acquire(), deadlines.pool)
-            except TimeoutError:
-                raise PoolTimeout(
-                    f"all {self._max} connections to {self.netloc} stayed busy for "
-                    f"{deadlines.pool:g}s"
-                ) from None
-        else:
-            await self._slots.acquire()
+        if self._busy >= self._max:  # only then wait, under a deadline
+            await self._wait_for_slot(deadlines.pool)
+        self._busy += 1
         if not fresh:
             now = time.monotonic()
             while self._idle:
@@ -383,8 +414,48 @@ class HttpClient:
         try:
             return await self._connect(deadlines.connect)
         except BaseException:
-            self._slots.release()
+            self._free_slot()
             raise
+
+    async def _wait_for_slot(self, seconds: float) -> None:
+        """Wait until a connection is given back (FIFO), at most `seconds` in all.
+
+        A plain counter and a queue of futures: asyncio.Semaphore's `locked()` walks its
+        waiters on every call, which cost several percent of the hot path."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._busy >= self._max:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PoolTimeout(
+                    f"all {self._max} connections to {self.netloc} stayed busy for {seconds:g}s"
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiting.append(waiter)
+            timer = loop.call_later(remaining, _expire, waiter)
+            try:
+                await waiter
+            except TimeoutError:
+                continue  # the loop says so, unless a connection came free meanwhile
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake_next()  # woken, then cancelled: pass the turn on
+                raise
+            finally:
+                timer.cancel()
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+
+    def _free_slot(self) -> None:
+        self._busy -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _connect(self, seconds: float) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -422,7 +493,7 @@ class HttpClient:
             self._idle.append(conn)
         else:
             conn.close()
-        self._slots.release()
+        self._free_slot()
 
     def _request_bytes(self, path: str, head: bytes, body: bytes) -> bytes:
         return b"POST %s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n\r\n%s" % (
@@ -442,10 +513,8 @@ class HttpClient:
         while True:
             conn = await self._checkout(deadlines, fresh)
             reuse = False
-            # One timer handle for the whole answer: asyncio.timeout() cost ~8% of the hot path.
-            total = conn.loop.call_later(deadlines.total, conn.expire)
             try:
-                conn.send(request, deadlines.first_byte, streaming=False)
+                conn.send(request, deadlines.first_byte, streaming=False, total=deadlines.total)
                 await conn.done
                 reuse = conn.keep_alive
                 return Response(conn.status, conn.headers, conn.take())
@@ -454,7 +523,6 @@ class HttpClient:
                     raise
                 fresh = True  # a reused connection the server had closed: once more, anew
             finally:
-                total.cancel()
                 self._release(conn, reuse)
 
     async def stream(
@@ -467,6 +535,7 @@ class HttpClient:
             conn = await self._checkout(deadlines, fresh)
             try:
                 conn.send(request, deadlines.first_byte, streaming=True)
+                assert conn.headers_done is not None
                 await conn.headers_done
             except Disconnected as exc:
                 self._release(conn, reuse=False)

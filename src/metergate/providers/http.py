@@ -55,7 +55,9 @@ class HttpTransport:
         self.head = "".join(f"{name}: {value}\r\n" for name, value in merged.items()).encode()
         self._secret = config.api_key.get_secret_value() if config.api_key else ""
         self.client: HttpClient | None = None
-        self._deadlines: dict[tuple[Timeouts, bool], Deadlines] = {}
+        # Keyed by the Timeouts object's identity: hashing a frozen pydantic model hashes
+        # every field, per request. A deployment's Timeouts live as long as its plan.
+        self._deadlines: dict[tuple[int, bool], tuple[Timeouts, Deadlines]] = {}
 
     async def start(self) -> None:
         self.client = HttpClient(
@@ -73,15 +75,17 @@ class HttpTransport:
     def deadlines(self, timeouts: Timeouts, stream: bool) -> Deadlines:
         """A stream has no total (it may legitimately run long); its gaps after the first
         chunk are bounded by `stream_idle` instead of `first_byte`."""
-        found = self._deadlines.get((timeouts, stream))
-        if found is None:
-            found = self._deadlines[(timeouts, stream)] = Deadlines(
-                connect=timeouts.connect,
-                first_byte=timeouts.first_byte,
-                total=None if stream else timeouts.total,
-                idle=timeouts.stream_idle if stream else None,
-                pool=timeouts.pool,
-            )
+        cached = self._deadlines.get((id(timeouts), stream))
+        if cached is not None and cached[0] is timeouts:  # (an id can be reused)
+            return cached[1]
+        found = Deadlines(
+            connect=timeouts.connect,
+            first_byte=timeouts.first_byte,
+            total=None if stream else timeouts.total,
+            idle=timeouts.stream_idle if stream else None,
+            pool=timeouts.pool,
+        )
+        self._deadlines[(id(timeouts), stream)] = (timeouts, found)
         return found
 
     async def post(

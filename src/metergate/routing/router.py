@@ -62,6 +62,11 @@ class Route:
         and the other side serves only retries, and only while both sides carry traffic.
         Returns None when every deployment's circuit is open (or weight is 0).
         """
+        if len(self.deployments) == 1 and self.rollout is None:  # the common case, fast
+            only = self.deployments[0]
+            if only.weight and only.breaker.available():
+                return only if only.breaker.allow() else None
+            return None
         groups = self._groups(affinity)
         for fresh_only in (True, False):
             for group in groups:
