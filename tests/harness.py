@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,18 @@ from metergate.config import read_config
 from metergate.storage.keys import create_key
 
 T = TypeVar("T")
+
+
+async def eventually(condition: Callable[[], bool], within: float = 10) -> bool:
+    """Whether `condition` holds within `within` seconds, polled every 10 ms: tests wait
+    on what they expect with a deadline, never sleep and then assert."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def free_port() -> int:

@@ -571,3 +571,21 @@ class ServerProcess:
     def stop(self) -> None:
         terminate(self.process)
         self.process = None
+
+
+def run_prometheus(workdir: Path, config: dict[str, Any]) -> ServerProcess:
+    """A real Prometheus with `config` as its prometheus.yml, its data in `workdir`."""
+    import yaml
+
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    return ServerProcess(
+        "prometheus",
+        workdir,
+        lambda port: [
+            binary("prometheus"),
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+    ).start()

@@ -35,6 +35,7 @@ from tests.services import (
     RedisServer,
     ServerProcess,
     create_key_sync,
+    run_prometheus,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -124,19 +125,7 @@ def start_prometheus(workdir: Path, replicas: list[str]) -> ServerProcess:
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{"job_name": "metergate", "static_configs": [{"targets": replicas}]}],
     }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    return ServerProcess(
-        "prometheus",
-        workdir,
-        lambda port: [
-            binary("prometheus"),
-            f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        "/-/ready",
-    ).start()
+    return run_prometheus(workdir, config)
 
 
 def promql(prometheus: ServerProcess, expr: str) -> list[dict[str, Any]]:

@@ -25,7 +25,14 @@ import yaml
 from aiohttp import web
 
 from metergate.providers.openai import OpenAIAdapter
-from tests.harness import BackgroundLoop, Gateway, UpstreamServer, simulated_config, write_config
+from tests.harness import (
+    BackgroundLoop,
+    Gateway,
+    UpstreamServer,
+    eventually,
+    simulated_config,
+    write_config,
+)
 from tests.services import GatewayProcess, create_key_sync
 from tests.upstreams.fault_server import Fault, FaultServer
 
@@ -152,17 +159,7 @@ def _reload(gateway: Gateway, config: dict[str, Any]) -> None:
 
 
 def _adapter_closed(gateway: Gateway, adapter: Any) -> bool:
-    return gateway.bg.run(_wait_for(lambda: adapter.transport.client is None))
-
-
-async def _wait_for(condition: Any, within: float = 10) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+    return gateway.bg.run(eventually(lambda: adapter.transport.client is None))
 
 
 def test_a_reload_while_the_body_arrives_serves_it_on_the_plan_it_arrived_on(
@@ -181,7 +178,7 @@ def test_a_reload_while_the_body_arrives_serves_it_on_the_plan_it_arrived_on(
             b"Content-Length: %d\r\n\r\n%s"
             % (gateway.key.encode(), len(body), body[:10])
         )
-        assert gateway.bg.run(_wait_for(lambda: old_plan.active == 1))  # it has arrived
+        assert gateway.bg.run(eventually(lambda: old_plan.active == 1))  # it has arrived
         _reload(gateway, _config(b.url))  # the provider now points elsewhere
         sock.sendall(body[10:])
         answer = _read_answer(sock)
@@ -222,7 +219,7 @@ def test_a_reload_during_a_retry_wait_does_not_fail_the_retry(gateway_factory, s
 
     caller = threading.Thread(target=call)
     caller.start()
-    assert gateway.bg.run(_wait_for(lambda: a.plan.requests == 1))
+    assert gateway.bg.run(eventually(lambda: a.plan.requests == 1))
     _reload(gateway, _config(a.url, headers={"x-config": "2"}))  # replaces the adapter
     assert gateway.runtime.plan.adapters["p"] is not old_adapter
     caller.join(30)

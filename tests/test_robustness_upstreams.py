@@ -15,7 +15,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.harness import BackgroundLoop, UpstreamServer
+from tests.harness import BackgroundLoop, UpstreamServer, eventually
 from tests.services import ServerProcess, binary, free_port
 from tests.upstreams.fault_server import Fault, FaultServer
 
@@ -199,7 +199,7 @@ def test_a_full_connection_pool_is_a_503_of_the_gateway_not_an_upstream_failure(
         target=lambda: client.chat.completions.create(model="m", messages=ASK)
     )
     holder.start()
-    assert asyncio.run(_until(lambda: fault_server.plan.requests == 1))
+    assert asyncio.run(eventually(lambda: fault_server.plan.requests == 1))
     refused = []
     for _ in range(6):  # more than the breaker's failure_threshold (5)
         with pytest.raises(openai.InternalServerError) as caught:
@@ -218,16 +218,6 @@ def test_a_full_connection_pool_is_a_503_of_the_gateway_not_an_upstream_failure(
     assert gateway.metric(REQUESTS, model="m", outcome="gateway_error") == 6
     assert gateway.metric(ATTEMPTS, upstream="up", outcome="upstream_error") == 0
     assert client.chat.completions.create(model="m", messages=ASK).choices[0].message.content
-
-
-async def _until(condition: Callable[[], bool], within: float = 10) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 @contextlib.contextmanager
@@ -338,7 +328,7 @@ def _start_tcp(server: ServerProcess) -> ServerProcess:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        if asyncio.run(_until(lambda: _accepts(server.port), within=10)):
+        if asyncio.run(eventually(lambda: _accepts(server.port), within=10)):
             return server
         server.stop()
     raise RuntimeError("tinyproxy did not start")
@@ -364,7 +354,7 @@ def test_requests_reach_the_upstream_through_the_configured_proxy(
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert fault_server.plan.requests == 2
     port = fault_server.url.rsplit(":", 1)[1]
-    assert asyncio.run(_until(lambda: f"127.0.0.1:{port}" in _proxy_log(tinyproxy)))
+    assert asyncio.run(eventually(lambda: f"127.0.0.1:{port}" in _proxy_log(tinyproxy)))
 
 
 def _tls_upstream(bg: BackgroundLoop, workdir: Path) -> tuple[str, Path, web.AppRunner]:
@@ -404,7 +394,7 @@ def test_tls_goes_through_a_connect_tunnel_from_the_environment(
     reply = gateway.client().chat.completions.create(model="m", messages=ASK)
     assert reply.choices[0].message.content == "Hello from tls."
     port = url.rsplit(":", 1)[1]
-    assert asyncio.run(_until(lambda: f"CONNECT 127.0.0.1:{port}" in _proxy_log(tinyproxy)))
+    assert asyncio.run(eventually(lambda: f"CONNECT 127.0.0.1:{port}" in _proxy_log(tinyproxy)))
     bg.run(runner.cleanup())
 
 

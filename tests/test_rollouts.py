@@ -16,7 +16,7 @@ from aiohttp import web
 
 from metergate.rollout import store, transitions
 from tests.harness import Gateway, UpstreamServer, start_gateway
-from tests.services import ServerProcess, binary
+from tests.services import ServerProcess, run_prometheus
 from tests.upstreams.fault_server import Fault, FaultServer
 
 ASK = [{"role": "user", "content": "roll"}]
@@ -217,19 +217,7 @@ def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:
             }
         ],
     }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    process = ServerProcess(
-        "prometheus",
-        workdir,
-        lambda port: [
-            binary("prometheus"),
-            f"--config.file={workdir / 'prometheus.yml'}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-    )
-    return process.start(), targets
+    return run_prometheus(workdir, config), targets
 
 
 async def test_a_rollout_judged_from_prometheus_rolls_back_a_failing_candidate(

@@ -111,26 +111,22 @@ class OneWriteCycle(RequestResponseCycle):
             if not any(name == b"content-length" for name, _ in message.get("headers", ())):
                 await _cycle_send(self, message)
                 return
-            self._held = await self._composed(message)
+            self._held, _ = await self._composed(message)
             return
         held = self._held
         if not held:
             await _cycle_send(self, message)
             return
         self._held = b""
+        body, closing = await self._composed(message)
         transport = self.transport
-        capture = _Capture()
-        self.transport = capture  # type: ignore[assignment]
-        try:
-            await _cycle_send(self, message)
-        finally:
-            self.transport = transport
         if not self.disconnected:
-            transport.write(held + b"".join(capture.parts))
-        if capture.closing:
+            transport.write(held + body)
+        if closing:
             transport.close()
 
-    async def _composed(self, message: Any) -> bytes:
+    async def _composed(self, message: Any) -> tuple[bytes, bool]:
+        """The bytes uvicorn would write for `message`, and whether it would then close."""
         transport = self.transport
         capture = _Capture()
         self.transport = capture  # type: ignore[assignment]
@@ -138,7 +134,7 @@ class OneWriteCycle(RequestResponseCycle):
             await _cycle_send(self, message)
         finally:
             self.transport = transport
-        return b"".join(capture.parts)
+        return b"".join(capture.parts), capture.closing
 
 
 _cycle_send = RequestResponseCycle.send
