@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import openai
 import pytest
 from openapi_spec_validator import validate
@@ -557,22 +558,45 @@ def test_key_requests_are_validated(gateway):
 @pytest.mark.parametrize(
     "query",
     [
-        "window=",  # empty is not "left out"
-        "outcome=",
-        "key=",
-        "limit[x]=5",  # an object, as a form-encoded query spells one
-        "limit=5&limit=6",
-        "limit=5.0",
-        "limit=1_0",
-        "before=0",
-        "linit=5",
+        "overview?window=",  # empty is not "left out"
+        "requests?outcome=",
+        "requests?key=",
+        "requests?team=",
+        "requests?limit[x]=5",  # an object, as a form-encoded query spells one
+        "requests?limit=5&limit=6",
+        "requests?limit=5.0",
+        "requests?limit=1_0",
+        "requests?before=0",
+        "requests?linit=5",
+        "usage?team=",
+        "usage?tag=",
+        "usage?tag=feature",  # NAME:VALUE
+        "usage?by=tag:a%0A",  # a tag name is the whole string
+        "usage?by=cost",
+        "request-log.jsonl?since=",
+        "request-log.jsonl?since=0h",
+        "request-log.jsonl?since=%C2%B2h",  # a digit to str.isdigit, not to int()
     ],
 )
 def test_query_parameters_are_validated(gateway, query):
-    path = "/admin/api/overview" if query.startswith("window") else "/admin/api/requests"
-    answer = admin(gateway, f"{path}?{query}")
+    answer = admin(gateway, f"/admin/api/{query}")
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"]
+
+
+def test_the_document_says_which_tag_values_are_printable(gateway):
+    """The server checks `str.isprintable()`; the document's pattern says the same of
+    every character, read by a JSON Schema validator's own regex engine."""
+    document = httpx.get(base(gateway) + "/admin/openapi.json").json()
+    value = document["components"]["schemas"]["DefaultTags"]["additionalProperties"]
+    validator = jsonschema_rs.Draft202012Validator({"pattern": value["pattern"]})
+    disagree = [
+        hex(point)
+        for point in range(0x110000)
+        if not 0xD800 <= point <= 0xDFFF  # never in JSON text
+        and validator.is_valid(chr(point)) != chr(point).isprintable()
+    ]
+    assert disagree == []
 
 
 def test_before_has_no_upper_bound(gateway):

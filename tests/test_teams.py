@@ -192,7 +192,7 @@ def test_teams_change_live_and_cannot_be_deleted_with_keys(gateway_factory):
     )
     assert bad.status_code == 400 and "day or month" in bad.json()["error"]["message"]
     unknown = admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={"team": "nope"})
-    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "team"
+    assert unknown.status_code == 409 and unknown.json()["error"]["code"] == "team_not_found"
     assert admin(gateway, "/admin/api/teams/nope", "PATCH", json={"rpm": 5}).status_code == 404
     make_team(gateway, "ops")
     taken = admin(gateway, "/admin/api/teams", "POST", json={"name": "ops"})
@@ -401,3 +401,52 @@ async def test_a_team_budget_holds_across_two_gateways(fleet, bg):
         "svc-0",
         "svc-1",
     }
+
+
+def test_team_and_key_bodies_are_what_the_api_document_says(gateway_factory):
+    gateway = gateway_factory(team_config())
+    team = make_team(gateway, budgets=[{"period": "month", "limit_usd": 12.5}], rpm=5.0)
+    assert team["budgets"][0]["limit_usd"] == "12.5" and team["rpm"] == 5  # numbers, too
+    # an empty change changes nothing, not even the time of the last change
+    unchanged = admin(gateway, "/admin/api/teams/search", "PATCH", json={})
+    assert unchanged.status_code == 200 and unchanged.json()["team"] == team
+    assert admin(gateway, "/admin/api/teams/nope", "PATCH", json={}).status_code == 404
+    # null is no list, object or text: only rpm and tpm take it
+    budget = {"period": "day", "limit_usd": "5"}
+    for body, param in (
+        ({"budgets": None}, "budgets"),
+        ({"tags": None}, "tags"),
+        ({"description": None}, "description"),
+        ({"budgets": [budget, {**budget, "limit_usd": "6"}]}, "budgets"),  # two per day
+        ({"budgets": [{**budget, "limit_usd": "0.00"}]}, "budgets"),
+        ({"budgets": [{**budget, "limit_usd": "1e3"}]}, "budgets"),
+        ({"budgets": [{**budget, "limit_usd": 10**10}]}, "budgets"),  # past 64-bit nano-USD
+        ({"budgets": [{**budget, "timezone": "Mars/Olympus"}]}, "budgets"),
+        ({"budgets": [{**budget, "timezone": {}}]}, "budgets"),
+        ({"budgets": [{**budget, "alert_at_percent": [0]}]}, "budgets"),
+        ({"rpm": 2**31}, "rpm"),  # a 32-bit column in PostgreSQL
+        ({"tags": {"env": "a\nb"}}, "tags"),
+        ({"tags": {"env\n": "prod"}}, "tags"),
+    ):
+        refused = admin(gateway, "/admin/api/teams/search", "PATCH", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, body
+        created = admin(gateway, "/admin/api/teams", "POST", json={"name": "other", **body})
+        assert created.status_code == 400, body
+    assert [t["name"] for t in admin(gateway, "/admin/api/teams").json()["teams"]] == ["search"]
+    assert admin(gateway, "/admin/api/teams/search", "PATCH", json={}).json()["team"] == team
+    assert admin(gateway, "/admin/api/teams", "POST", json={"name": "x\n"}).status_code == 400
+    # a key's team must exist; nothing of a refused change is written
+    secret = team_key(gateway, "svc", None, tags={"service": "crawler"})
+    key = next(k for k in admin(gateway, "/admin/api/keys").json()["keys"] if k["name"] == "svc")
+    for body in ({"models": ["sim"], "team": "nope"}, {"max_tokens_cap": 5, "tags": None}):
+        refused = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json=body)
+        assert refused.status_code in (400, 409), refused.text
+    lost = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"team": "nope"})
+    assert lost.status_code == 409 and lost.json()["error"]["code"] == "team_not_found"
+    after = next(k for k in admin(gateway, "/admin/api/keys").json()["keys"] if k["name"] == "svc")
+    assert after == key
+    assert client_for(gateway, secret).chat.completions.create(model="sim", messages=ask()).choices
+    for body in ({"tags": None}, {"tags": {"a": 5}}, {"team": "bad name"}, {"team": "nope"}):
+        answer = admin(gateway, "/admin/api/keys", "POST", json={"name": "new", **body})
+        assert answer.status_code in (400, 409) and answer.json()["error"]["param"] in body
+    assert "new" not in {k["name"] for k in admin(gateway, "/admin/api/keys").json()["keys"]}

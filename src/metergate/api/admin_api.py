@@ -12,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import orjson
 
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
-from metergate.auth.keys import KeyRecord
 from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
 from metergate.console import request_detail as detail
@@ -37,8 +35,7 @@ from metergate.runtime import Runtime
 from metergate.storage import teams as team_store
 from metergate.storage.database import Database
 from metergate.storage.keys import KeyNameTaken, create_key, set_attribution
-from metergate.storage.teams import get_team
-from metergate.teams import TeamError, check_change, check_tags
+from metergate.teams import TeamError, check_change
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 BODY_LIMIT = 64 * 1024
@@ -271,8 +268,11 @@ class AdminApi:
         name = console_keys.check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = console_keys.check_cap(body.get("max_tokens_cap"))
+        given = attribution.key_attribution(body)
         database = await self._database()
-        team, tags = await self._attribution_of(database, body, None, ())
+        team = given.get("team")
+        await attribution.require_team(database, team)
+        tags = dict(given.get("tags", ()))
         try:
             secret, record = await create_key(database, name, models, cap, team, tags)
         except KeyNameTaken:
@@ -289,22 +289,30 @@ class AdminApi:
 
     async def update_key(self, request: Request, send: Send, key_id: str) -> None:
         """PATCH: the fields present are changed (`models`, `max_tokens_cap`, `team`,
-        `tags`); null clears; an empty object changes nothing (and answers the key as it is)."""
+        `tags`); null clears the first three, `{}` the tags; an empty object changes nothing
+        (and answers the key as it is). All is checked before anything is written."""
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = console_keys.check_cap(body.get("max_tokens_cap"))
+        given = attribution.key_attribution(body)
         database = await self._database()
         current = await console_keys.active_key(database, key_id)
+        await attribution.require_team(database, given.get("team"))
         if "models" not in body:
             models = list(current.models) if current.models else None
         if "max_tokens_cap" not in body:
             cap = current.max_tokens_cap
         record = await console_keys.update_key(database, key_id, models, cap)
-        if "team" in body or "tags" in body:
-            record = await self._key_attribution(database, record, body)
+        if given:
+            team = given.get("team", record.team)
+            tags = dict(given.get("tags", record.tags))
+            updated = await set_attribution(database, record.id, team, tags)
+            if updated is None:
+                raise NotFound(f"no key with id {record.id!r}", code="key_not_found")
+            record = updated
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
@@ -317,31 +325,6 @@ class AdminApi:
         record = await console_keys.revoke_key_by_id(database, key_id)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
-
-    async def _attribution_of(
-        self,
-        database: Database,
-        body: dict[str, Any],
-        team: str | None,
-        tags: tuple[tuple[str, str], ...],
-    ) -> tuple[str | None, dict[str, str]]:
-        """A key's `team` (an existing team, or null) and `tags`, as given or as they were."""
-        team = body.get("team", team)
-        if team is not None and (not isinstance(team, str) or not await get_team(database, team)):
-            raise InvalidRequest(f"no team named {team!r}", param="team")
-        try:
-            return team, dict(check_tags(body["tags"]) if "tags" in body else tags)
-        except TeamError as error:
-            raise attribution.invalid(error) from None
-
-    async def _key_attribution(
-        self, database: Database, record: KeyRecord, body: dict[str, Any]
-    ) -> KeyRecord:
-        team, tags = await self._attribution_of(database, body, record.team, record.tags)
-        updated = await set_attribution(database, record.id, team, tags)
-        if updated is None:
-            raise NotFound(f"no key with id {record.id!r}", code="key_not_found")
-        return updated
 
     # -- teams and attribution --------------------------------------------------------
 
@@ -375,7 +358,8 @@ class AdminApi:
         await send_json(request, send, {"team": record.to_json()}, 201)
 
     async def update_team(self, request: Request, send: Send, name: str) -> None:
-        """PATCH: the fields present replace the team's (`budgets` and `tags` whole)."""
+        """PATCH: the fields present replace the team's (`budgets` and `tags` whole); an
+        empty object changes nothing (and answers the team as it is)."""
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
@@ -383,12 +367,15 @@ class AdminApi:
             values = check_change(body, creating=False)
         except TeamError as error:
             raise attribution.invalid(error) from None
-        if not values:
-            raise InvalidRequest("send description, tags, budgets, rpm and/or tpm")
-        record = await team_store.update_team(await self._database(), name, values)
+        database = await self._database()
+        if values:
+            record = await team_store.update_team(database, name, values)
+        else:
+            record = await team_store.get_team(database, name)
         if record is None:
             raise attribution.team_not_found(name)
-        await self.runtime.teams.reload()
+        if values:
+            await self.runtime.teams.reload()
         await send_json(request, send, {"team": record.to_json()})
 
     async def delete_team(self, request: Request, send: Send, name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from metergate.config.observe import TAG_NAME
 from metergate.console.overview import budget_json, day_and_month, group_json
 from metergate.console.windows import Window
 from metergate.errors import InvalidRequest, NotFound
@@ -18,13 +19,12 @@ from metergate.metering.report import (
     UnknownGrouping,
     UsageFilter,
     group_expression,
-    tag_expression,
     usage_summary,
 )
 from metergate.runtime import Runtime
 from metergate.storage import teams as store
 from metergate.storage.database import Database
-from metergate.teams import TeamError, TeamRecord, budget_name
+from metergate.teams import TeamError, TeamRecord, budget_name, check_name, check_tags
 
 
 def invalid(error: TeamError | UnknownGrouping) -> InvalidRequest:
@@ -33,6 +33,33 @@ def invalid(error: TeamError | UnknownGrouping) -> InvalidRequest:
 
 def team_not_found(name: str) -> NotFound:
     return NotFound(f"no team named {name!r}", code="team_not_found")
+
+
+def key_attribution(body: dict[str, Any]) -> dict[str, Any]:
+    """The `team` (a team name or null) and `tags` of a key's create or change body, those
+    it has, validated before anything is written."""
+    values: dict[str, Any] = {}
+    try:
+        if "team" in body:
+            values["team"] = None if body["team"] is None else check_name(body["team"], "team")
+        if "tags" in body:
+            values["tags"] = check_tags(body["tags"])
+    except TeamError as error:
+        raise invalid(error) from None
+    return values
+
+
+async def require_team(database: Database, team: str | None) -> None:
+    """A key's `team` must name a team. When it names none, the key (the request's
+    target) is still there, so that is a 409 and not a 404: the request conflicts with
+    what exists, and is right once the team is created."""
+    if team is not None and await store.get_team(database, team) is None:
+        raise InvalidRequest(
+            f"no team named {team!r}; create it first (POST /admin/api/teams)",
+            status=409,
+            code="team_not_found",
+            param="team",
+        )
 
 
 async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
@@ -65,20 +92,31 @@ def team_json(record: TeamRecord) -> dict[str, Any]:
     return record.to_json()
 
 
+def _tag_name(name: str, param: str) -> None:
+    if not TAG_NAME.fullmatch(name):  # the whole string: not even a newline after it
+        raise InvalidRequest(
+            f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit",
+            param=param,
+        )
+
+
 def parse_grouping(by: str | None, team: str | None, tag: str | None) -> tuple[str, UsageFilter]:
     """`by` (model, key, upstream, team, tag:NAME) and the filters `team`, `tag=NAME:VALUE`."""
     grouping = by or "team"
-    tags: tuple[tuple[str, str], ...] = ()
+    if grouping.startswith("tag:"):
+        _tag_name(grouping[4:], "by")
     try:
         group_expression("sqlite", grouping)
-        if tag is not None:
-            name, sep, value = tag.partition(":")
-            if not sep or not value:
-                raise UnknownGrouping(f"`tag` takes NAME:VALUE (got {tag!r})")
-            tag_expression("sqlite", name)
-            tags = ((name, value),)
     except UnknownGrouping as error:
-        raise InvalidRequest(str(error), param="by" if tag is None else "tag") from None
+        raise InvalidRequest(str(error), param="by") from None
+    tags: tuple[tuple[str, str], ...] = ()
+    if tag is not None:
+        name, sep, value = tag.partition(":")
+        if not sep or not value:
+            raise InvalidRequest(f"`tag` takes NAME:VALUE (got {tag!r})", param="tag")
+        _tag_name(name, "tag")
+        tags = ((name, value),)
     return grouping, UsageFilter(team, tags)
 
 

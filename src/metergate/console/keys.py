@@ -24,6 +24,7 @@ from metergate.errors import InvalidRequest, NotFound
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import list_keys
+from metergate.teams import whole_number
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
 CAP_MAX = 2**31 - 1  # the column is a 32-bit INTEGER in PostgreSQL
@@ -128,14 +129,13 @@ def check_cap(value: Any) -> int | None:
     """A positive 32-bit integer; 2213.0 is one too (JSON does not tell them apart)."""
     if value is None:
         return None
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    if type(value) is not int or not 1 <= value <= CAP_MAX:
+    number = whole_number(value)
+    if number is None or not 1 <= number <= CAP_MAX:
         raise InvalidRequest(
             f"`max_tokens_cap` must be an integer from 1 to {CAP_MAX}, or null",
             param="max_tokens_cap",
         )
-    return value
+    return number
 
 
 async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:

@@ -6,10 +6,15 @@ Money is integer nano-USD (1e-9 USD), times are epoch seconds, as in the ledger.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from metergate import teams
+from metergate.config.observe import TAG_NAME
 from metergate.console.keys import CAP_MAX
+from metergate.console.request_detail import SINCE
 from metergate.metering.metrics import OUTCOMES
+from metergate.metering.report import FIXED_GROUPS
 
 JSON = "application/json"
 
@@ -37,7 +42,8 @@ _NANO = {"type": "integer", "description": "nano-USD (1e-9 USD)"}
 _COUNTS = {"type": "object", "additionalProperties": _NUM}
 _SERIES = {"type": "array", "items": _nullable(_NUM)}
 _TAGS = {"type": "object", "additionalProperties": _STR, "description": "tag name: value"}
-_TEAM_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+_TEAM_NAME = {"type": "string", "pattern": f"^{teams.NAME.pattern}$"}
+_TAG_NAME = TAG_NAME.pattern.removeprefix("^").removesuffix("$")
 
 _ERRORS = {
     "400": "Invalid parameter or body",
@@ -54,13 +60,21 @@ _OTHER_ERRORS = {
 }
 
 
-def _responses(ok: str, schema: dict[str, Any], status: str = "200", *extra: str) -> Any:
+def _responses(
+    ok: str,
+    schema: dict[str, Any],
+    status: str = "200",
+    *extra: str,
+    means: dict[str, str] | None = None,
+) -> Any:
+    """`extra`: error statuses beyond the common ones; `means`: what an error status
+    means for this operation, where the general text would not say."""
     responses: dict[str, Any] = {status: {"description": ok, "content": {JSON: {"schema": schema}}}}
     for code in _ERRORS:
         responses[code] = {"$ref": f"#/components/responses/E{code}"}
-    for code in extra:
+    for code in (*extra, *(means or {})):
         responses[code] = {
-            "description": _OTHER_ERRORS[code],
+            "description": (means or {}).get(code) or _OTHER_ERRORS[code],
             "content": {JSON: {"schema": _ref("Error")}},
         }
     return responses
@@ -89,6 +103,7 @@ def _filter_params(default: int, most: int) -> list[dict[str, Any]]:
     return [
         query("key", {"type": "string", "minLength": 1}, "Only requests of this key name"),
         query("model", {"type": "string", "minLength": 1}, "Only requests for this model"),
+        query("team", {"type": "string", "minLength": 1}, "Only requests of this team"),
         query("outcome", _ref("Outcome"), "Only requests with this outcome"),
         query(
             "before",
@@ -366,6 +381,7 @@ def _schemas() -> dict[str, Any]:
             }
         ),
         **_attribution_schemas(),
+        **_input_schemas(),
     }
 
 
@@ -465,6 +481,86 @@ def _attribution_schemas() -> dict[str, Any]:
     }
 
 
+@functools.cache
+def _printable() -> str:
+    """A pattern for what `str.isprintable()` accepts, which the server checks (letters,
+    marks, numbers, punctuation, symbols, the space; not controls, format characters,
+    other separators, private use, unassigned), listed from this Python's Unicode
+    database so that the document and the server agree character for character."""
+    accepted: list[tuple[int, int]] = []
+    for point in range(0x110000):
+        if not chr(point).isprintable():
+            continue
+        if accepted and accepted[-1][1] == point - 1:
+            accepted[-1] = (accepted[-1][0], point)
+        else:
+            accepted.append((point, point))
+
+    def char(point: int) -> str:  # \uXXXX is read alike by ECMA, Python and Rust
+        return f"\\u{point:04X}" if point <= 0xFFFF else chr(point)
+
+    spans = "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in accepted)
+    return f"^[{spans}]*$"
+
+
+def _input_schemas() -> dict[str, Any]:
+    """What request bodies take, exactly as the server checks it (`metergate.teams`)."""
+    usd = teams.USD.pattern
+    return {
+        "DefaultTags": {
+            "type": "object",
+            "maxProperties": teams.MAX_TAGS,
+            "propertyNames": {"pattern": f"^{_TAG_NAME}$"},
+            "additionalProperties": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": teams.MAX_TAG_VALUE,
+                "pattern": _printable(),
+                "description": "printable: letters, marks, numbers, punctuation, symbols, "
+                "the space",
+            },
+            "description": "Default tags of requests, name: value ({} for none)",
+        },
+        "TeamBudgetChange": {
+            **_object(
+                {
+                    "period": {"type": "string", "enum": list(teams.PERIODS)},
+                    "limit_usd": {
+                        "anyOf": [
+                            {
+                                "type": "string",
+                                "pattern": f"^{usd}$",
+                                "not": {"pattern": f"^{teams.USD_ZERO.pattern}$"},
+                            },
+                            {
+                                "type": "number",
+                                "exclusiveMinimum": 0,
+                                "exclusiveMaximum": teams.USD_MAX,
+                            },
+                        ],
+                        "description": "USD, above 0 and below 10^9: a decimal string "
+                        '(exact, at most 9 decimals: "12.50") or a number',
+                    },
+                    "hard": {**_BOOL, "default": True},
+                    "timezone": {
+                        "type": "string",
+                        "enum": sorted(teams.time_zones()) or ["UTC"],
+                        "default": "UTC",
+                        "description": "IANA name: the day or month starts at midnight there",
+                    },
+                    "alert_at_percent": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "default": [50, 80, 100],
+                    },
+                },
+                ["period", "limit_usd"],
+            ),
+            "additionalProperties": False,
+        },
+    }
+
+
 def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
     """A key's writable fields; nothing else is accepted."""
     model = {"type": "string", "enum": models} if models else _STR
@@ -474,8 +570,8 @@ def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
             "description": "configured model names; null or [] means every model",
         },
         "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
-        "team": _nullable(_STR),
-        "tags": _TAGS,
+        "team": {**_nullable(_TEAM_NAME), "description": "an existing team's name, or null"},
+        "tags": _ref("DefaultTags"),
     }
     if "name" in required:
         properties = {
@@ -564,14 +660,19 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                     "201",
                     "409",
                     "413",
+                    means={
+                        "409": "An active key has this name (`key_name_taken`), or `team` "
+                        "names no team (`team_not_found`)"
+                    },
                 ),
             },
         },
         "/admin/api/keys/{id}": {
             "patch": {
                 "summary": "Set an active key's allowed models, max_tokens cap, team and tags",
-                "description": "Fields left out stay; null clears (all models / no cap); "
-                "an empty object changes nothing.",
+                "description": "Fields left out stay; null clears (all models / no cap / no "
+                "team); `tags` replaces the key's tags ({} for none); an empty object changes "
+                "nothing.",
                 "operationId": "updateKey",
                 "parameters": [key_id],
                 "requestBody": {
@@ -579,7 +680,15 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                     "content": {JSON: {"schema": _key_body(models, [])}},
                 },
                 "responses": _responses(
-                    "Updated", _object({"key": _ref("Key")}), "200", "409", "413"
+                    "Updated",
+                    _object({"key": _ref("Key")}),
+                    "200",
+                    "409",
+                    "413",
+                    means={
+                        "409": "The key is revoked (`key_revoked`), or `team` names no team "
+                        "(`team_not_found`)"
+                    },
                 ),
             }
         },
@@ -704,13 +813,33 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
 def _attribution_paths() -> dict[str, Any]:
     """Teams, usage by team or tag, one request in detail, the request log export."""
     name = {"name": "name", "in": "path", "required": True, "schema": _STR}
+    limit = _nullable({"type": "integer", "minimum": 1, "maximum": teams.LIMIT_MAX})
     change = {
-        "description": _STR,
-        "tags": _TAGS,
-        "budgets": {"type": "array", "items": _ref("TeamBudget")},
-        "rpm": _nullable({"type": "integer", "minimum": 1}),
-        "tpm": _nullable({"type": "integer", "minimum": 1}),
+        "description": {"type": "string", "maxLength": teams.MAX_DESCRIPTION},
+        "tags": _ref("DefaultTags"),
+        "budgets": {
+            "type": "array",
+            "items": _ref("TeamBudgetChange"),
+            # at most one budget per period
+            "allOf": [
+                {
+                    "contains": _object({"period": {"const": period}}, ["period"]),
+                    "minContains": 0,
+                    "maxContains": 1,
+                }
+                for period in teams.PERIODS
+            ],
+            "description": "at most one per period; [] removes them",
+        },
+        "rpm": {**limit, "description": "requests per minute; null: no team limit"},
+        "tpm": {**limit, "description": "tokens per minute; null: no team limit"},
     }
+
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "required": True,
+            "content": {JSON: {"schema": {**schema, "additionalProperties": False}}},
+        }
 
     def query(param: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
         return {
@@ -736,12 +865,7 @@ def _attribution_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Create a team (live on every gateway process within 2 s)",
                 "operationId": "createTeam",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {"schema": _object({"name": _TEAM_NAME, **change}, ["name"])}
-                    },
-                },
+                "requestBody": body(_object({"name": _TEAM_NAME, **change}, ["name"])),
                 "responses": _responses("Created", _object({"team": _ref("Team")}), "201", "409"),
             },
         },
@@ -750,7 +874,8 @@ def _attribution_paths() -> dict[str, Any]:
                 "summary": "Change a team: fields sent replace its own (budgets, tags whole)",
                 "operationId": "updateTeam",
                 "parameters": [name],
-                "requestBody": {"required": True, "content": {JSON: {"schema": _object(change)}}},
+                "description": "Fields left out stay; an empty object changes nothing.",
+                "requestBody": body(_object(change)),
                 "responses": _responses("Updated", _object({"team": _ref("Team")})),
             },
             "delete": {
@@ -768,12 +893,21 @@ def _attribution_paths() -> dict[str, Any]:
                     _window_param(),
                     query(
                         "by",
-                        {"type": "string", "default": "team"},
+                        {
+                            "type": "string",
+                            "pattern": f"^(?:{'|'.join(FIXED_GROUPS)}|tag:{_TAG_NAME})$",
+                            "default": "team",
+                        },
                         "model, key, upstream, team, or tag:NAME; `(none)` groups requests "
                         "without a team or the tag",
                     ),
-                    query("team", _STR, "Only this team's requests"),
-                    query("tag", _STR, "Only requests with this tag, as NAME:VALUE"),
+                    query("team", {"type": "string", "minLength": 1}, "Only this team's requests"),
+                    query(
+                        "tag",
+                        # the value after the first colon: anything, at least one character
+                        {"type": "string", "pattern": f"^{_TAG_NAME}:[\\s\\S]"},
+                        "Only requests with this tag, as NAME:VALUE",
+                    ),
                 ],
                 "responses": _responses(
                     "Groups, costliest first, and the total",
@@ -816,6 +950,10 @@ def _attribution_paths() -> dict[str, Any]:
                             ),
                         }
                     ),
+                    means={
+                        "404": "Admin API off, or no ledger row has this id, or the id is not "
+                        "a row id at all (`request_not_found`)"
+                    },
                 ),
             }
         },
@@ -826,8 +964,8 @@ def _attribution_paths() -> dict[str, Any]:
                 "parameters": [
                     query(
                         "since",
-                        {"type": "string", "default": "24h"},
-                        "How far back: 30m, 24h, 7d",
+                        {"type": "string", "pattern": f"^{SINCE.pattern}$", "default": "24h"},
+                        "How far back: a whole number of minutes, hours or days (30m, 24h, 7d)",
                     )
                 ],
                 "responses": {

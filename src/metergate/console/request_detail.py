@@ -9,6 +9,7 @@ time, so the record is found by request id and that time, even when callers reus
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -19,18 +20,22 @@ from metergate.runtime import Runtime
 from metergate.storage.database import Database
 
 EXPORT_MAX = 100_000
+_ROW_ID = re.compile(r"[0-9]{1,19}")
+_ROW_ID_MAX = 2**63 - 1  # ids are 64-bit
+# `since`: a whole number of minutes, hours or days; the OpenAPI document says the same.
+SINCE = re.compile(r"[1-9][0-9]{0,5}[mhd]")
+_UNITS = {"m": 60, "h": 3_600, "d": 86_400}
 
 
 async def request_detail(runtime: Runtime, database: Database, row_id: str) -> dict[str, Any]:
-    try:
-        number = int(row_id)
-    except ValueError:
-        raise InvalidRequest(f"request row id must be an integer, not {row_id!r}") from None
-    rows = await database.fetch(
-        f"SELECT {', '.join(COLUMNS)} FROM requests WHERE id = ?", (number,)
-    )
+    """The row with this id; an id that is no row's (not even a number) is a 404."""
+    rows = []
+    if _ROW_ID.fullmatch(row_id) and int(row_id) <= _ROW_ID_MAX:
+        rows = await database.fetch(
+            f"SELECT {', '.join(COLUMNS)} FROM requests WHERE id = ?", (int(row_id),)
+        )
     if not rows:
-        raise NotFound(f"no request with id {number} in the ledger", code="request_not_found")
+        raise NotFound(f"no request with id {row_id!r} in the ledger", code="request_not_found")
     row = row_json(rows[0])
     settings = runtime.plan.config.request_log
     recorder = runtime.observers.recorder
@@ -68,10 +73,10 @@ async def export_records(
 def export_period(since: str | None) -> tuple[float, float]:
     """`since`: 30m, 24h, 7d (default 24h), ending now."""
     text = since or "24h"
-    units = {"m": 60, "h": 3_600, "d": 86_400}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) < 1:
+    if not SINCE.fullmatch(text):
         raise InvalidRequest(
-            f"`since` takes a number and a unit: 30m, 24h, 7d (got {text!r})", param="since"
+            f"`since` takes a whole number (1-999999) and a unit: 30m, 24h, 7d (got {text!r})",
+            param="since",
         )
     now = time.time()
-    return now - int(text[:-1]) * units[text[-1]], now + 1
+    return now - int(text[:-1]) * _UNITS[text[-1]], now + 1

@@ -12,9 +12,11 @@ too; they apply the same way.
 
 from __future__ import annotations
 
+import functools
 import re
+import zoneinfo
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,9 +24,19 @@ from pydantic import ValidationError
 from metergate.config.model import BudgetConfig, RateLimit
 from metergate.config.observe import TAG_NAME
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
 PERIODS = ("day", "month")
 BUDGET_PREFIX = "team:"
+MAX_TAGS = 16
+MAX_TAG_VALUE = 512
+MAX_DESCRIPTION = 500
+LIMIT_MAX = 2**31 - 1  # rpm and tpm are 32-bit INTEGER columns in PostgreSQL
+# USD as a decimal string: nano-USD precision, below a billion (the budget book counts
+# integer nano-USD, which the API and the ledger keep in 64 bits: at most ~9.2e9 USD).
+USD = re.compile(r"(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,9})?")
+USD_ZERO = re.compile(r"0(?:\.0+)?")
+USD_MAX = 10**9
+BUDGET_FIELDS = ("period", "limit_usd", "hard", "timezone", "alert_at_percent")
 
 
 class TeamError(ValueError):
@@ -101,72 +113,119 @@ def budget_name(team: str, period: str) -> str:
     return f"{BUDGET_PREFIX}{team}:{period}"
 
 
-def check_name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME.match(value):
+def check_name(value: Any, field: str = "name") -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise TeamError(
             "a team name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
             "digit (it becomes a metric label)",
-            "name",
+            field,
         )
     return value
 
 
 def check_tags(value: Any, field: str = "tags") -> tuple[tuple[str, str], ...]:
-    """Default tags: an object of up to 16 string values under valid tag names."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict) or len(value) > 16:
-        raise TeamError("`tags` must be an object of at most 16 name: value strings", field)
+    """Default tags: an object of up to 16 printable string values under valid tag names
+    (the rules of a request's own tags); `{}` is none."""
+    if not isinstance(value, dict) or len(value) > MAX_TAGS:
+        raise TeamError(
+            f"`{field}` must be an object of at most {MAX_TAGS} name: value strings", field
+        )
     for name, tag in value.items():
-        if not isinstance(name, str) or not TAG_NAME.match(name):
+        if not TAG_NAME.fullmatch(name):
             raise TeamError(f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-'", field)
-        if not isinstance(tag, str) or not tag or len(tag) > 512 or not tag.isprintable():
-            raise TeamError(f"tag {name!r} needs a printable value of 1-512 characters", field)
+        if not isinstance(tag, str) or not 1 <= len(tag) <= MAX_TAG_VALUE or not tag.isprintable():
+            raise TeamError(
+                f"tag {name!r} needs a printable value of 1-{MAX_TAG_VALUE} characters", field
+            )
     return tuple(sorted(value.items()))
+
+
+def whole_number(value: Any) -> int | None:
+    """An integer, or a float with no fraction (JSON does not tell 5 and 5.0 apart); else
+    None. Booleans are not numbers here."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value if type(value) is int else None
 
 
 def check_limit(value: Any, field: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TeamError(f"`{field}` must be a positive integer or null", field)
-    return value
+    number = whole_number(value)
+    if number is None or not 1 <= number <= LIMIT_MAX:
+        raise TeamError(f"`{field}` must be an integer from 1 to {LIMIT_MAX}, or null", field)
+    return number
+
+
+@functools.cache
+def time_zones() -> frozenset[str]:
+    """The IANA time zones a team budget may use: those of this system's tz database."""
+    return frozenset(zoneinfo.available_timezones())
+
+
+def check_usd(value: Any) -> Decimal:
+    """A positive amount of USD below a billion: a decimal string ("12.50", at most nine
+    decimals, exact) or a JSON number."""
+    if isinstance(value, str):
+        if USD.fullmatch(value) and not USD_ZERO.fullmatch(value):
+            return Decimal(value)
+    elif type(value) in (int, float) and 0 < value < USD_MAX:
+        return Decimal(str(value))
+    raise TeamError(
+        "a budget's `limit_usd` is a positive amount of USD below 10^9: a decimal string "
+        'with at most 9 decimals ("12.50") or a number',
+        "budgets",
+    )
+
+
+def _check_percents(value: Any) -> tuple[int, ...]:
+    numbers = [whole_number(p) for p in value] if isinstance(value, list) else [None]
+    if any(p is None or not 1 <= p <= 1000 for p in numbers):
+        raise TeamError("a budget's `alert_at_percent` is a list of integers 1-1000", "budgets")
+    return tuple(p for p in numbers if p is not None)
+
+
+def _check_budget(item: Any) -> TeamBudget:
+    if not isinstance(item, dict):
+        raise TeamError("each budget is an object {period, limit_usd, ...}", "budgets")
+    unknown = set(item) - set(BUDGET_FIELDS)
+    if unknown:
+        raise TeamError(f"unknown budget field(s): {', '.join(sorted(unknown))}", "budgets")
+    period = item.get("period")
+    if period not in PERIODS:
+        raise TeamError("a budget's `period` is day or month", "budgets")
+    hard = item.get("hard", True)
+    if not isinstance(hard, bool):
+        raise TeamError("a budget's `hard` is true or false", "budgets")
+    timezone = item.get("timezone", "UTC")
+    if not isinstance(timezone, str) or timezone not in time_zones():
+        raise TeamError(
+            f"a budget's `timezone` is an IANA time zone name, e.g. Europe/Berlin "
+            f"(got {timezone!r})",
+            "budgets",
+        )
+    budget = TeamBudget(
+        period,
+        check_usd(item.get("limit_usd")),
+        hard,
+        timezone,
+        _check_percents(item.get("alert_at_percent", [50, 80, 100])),
+    )
+    _validate(budget)
+    return budget
 
 
 def check_budgets(value: Any) -> tuple[TeamBudget, ...]:
-    """A list of {period, limit_usd, hard?, timezone?, alert_at_percent?}, one per period."""
-    if value is None:
-        return ()
+    """A list of {period, limit_usd, hard?, timezone?, alert_at_percent?}, one per period;
+    `[]` is none."""
     if not isinstance(value, list):
         raise TeamError("`budgets` must be a list of {period, limit_usd, ...}", "budgets")
     budgets: dict[str, TeamBudget] = {}
     for item in value:
-        if not isinstance(item, dict):
-            raise TeamError("each budget is an object {period, limit_usd, ...}", "budgets")
-        unknown = set(item) - {"period", "limit_usd", "hard", "timezone", "alert_at_percent"}
-        if unknown:
-            raise TeamError(f"unknown budget field(s): {', '.join(sorted(unknown))}", "budgets")
-        period = item.get("period")
-        if period not in PERIODS:
-            raise TeamError("a budget's `period` is day or month", "budgets")
-        if period in budgets:
-            raise TeamError(f"one budget per period: two for {period}", "budgets")
-        try:
-            limit = Decimal(str(item.get("limit_usd")))
-        except InvalidOperation:
-            raise TeamError("a budget's `limit_usd` must be a number of USD", "budgets") from None
-        hard = item.get("hard", True)
-        if not isinstance(hard, bool):
-            raise TeamError("a budget's `hard` is true or false", "budgets")
-        budget = TeamBudget(
-            period,
-            limit,
-            hard,
-            item.get("timezone", "UTC"),
-            tuple(item.get("alert_at_percent", (50, 80, 100))),
-        )
-        _validate(budget)
-        budgets[period] = budget
+        budget = _check_budget(item)
+        if budget.period in budgets:
+            raise TeamError(f"one budget per period: two for {budget.period}", "budgets")
+        budgets[budget.period] = budget
     return tuple(budgets[p] for p in PERIODS if p in budgets)
 
 
@@ -203,7 +262,8 @@ def parse_budget_option(text: str) -> dict[str, Any]:
 
 
 def check_change(body: dict[str, Any], creating: bool) -> dict[str, Any]:
-    """Validate an admin API / CLI body; return the fields to store."""
+    """Validate an admin API / CLI body; return the fields to store (those sent, and
+    when creating, the defaults of the others). Only rpm and tpm take null (no limit)."""
     allowed = {"name", "description", "tags", "budgets", "rpm", "tpm"}
     unknown = set(body) - allowed
     if unknown:
@@ -213,15 +273,17 @@ def check_change(body: dict[str, Any], creating: bool) -> dict[str, Any]:
         values["name"] = check_name(body.get("name"))
     elif "name" in body:
         raise TeamError("a team cannot be renamed; create another and move its keys", "name")
+    description = body.get("description", "")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        raise TeamError(
+            f"`description` is text of at most {MAX_DESCRIPTION} characters", "description"
+        )
     if "description" in body or creating:
-        description = body.get("description") or ""
-        if not isinstance(description, str) or len(description) > 500:
-            raise TeamError("`description` is text of at most 500 characters", "description")
         values["description"] = description
     if "tags" in body or creating:
-        values["tags"] = check_tags(body.get("tags"))
+        values["tags"] = check_tags(body.get("tags", {}))
     if "budgets" in body or creating:
-        values["budgets"] = check_budgets(body.get("budgets"))
+        values["budgets"] = check_budgets(body.get("budgets", []))
     for name in ("rpm", "tpm"):
         if name in body or creating:
             values[name] = check_limit(body.get(name), name)
