@@ -450,3 +450,14 @@ def test_team_and_key_bodies_are_what_the_api_document_says(gateway_factory):
         answer = admin(gateway, "/admin/api/keys", "POST", json={"name": "new", **body})
         assert answer.status_code in (400, 409) and answer.json()["error"]["param"] in body
     assert "new" not in {k["name"] for k in admin(gateway, "/admin/api/keys").json()["keys"]}
+
+
+def test_a_tag_name_with_a_trailing_newline_is_no_tag() -> None:
+    """Tag names are matched whole: `$` in a pattern would let "team\\n" through, and a
+    newline in a name would split a ledger report line or a Prometheus label."""
+    from metergate.errors import InvalidRequest
+    from metergate.metering import tags
+
+    assert tags.from_metadata({"team": "search", "team\n": "evil"}) == {"team": "search"}
+    with pytest.raises(InvalidRequest, match="tag name"):
+        tags.check_tag("team\n", "search", "x-metergate-tags")

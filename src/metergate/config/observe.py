@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 # A tag name: what `x-metergate-tags: name=value` and `metadata` keys may use.
-TAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: `$` lets a trailing newline through
 # The JSON paths redaction understands: $.a.b, $.a[*].b, $.a[0], $..b (any depth), $.a.*
 JSON_PATH = re.compile(r"^\$(?:\.\.?(?:[A-Za-z_][A-Za-z0-9_-]*|\*)|\[(?:\*|[0-9]+)\])+$")
 
@@ -142,7 +142,7 @@ class TagsConfig(Strict):
     @classmethod
     def _names(cls, value: dict[str, list[str] | str]) -> dict[str, list[str] | str]:
         for name in value:
-            if not TAG_NAME.match(name):
+            if not TAG_NAME.fullmatch(name):
                 raise ValueError(
                     f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting "
                     "with a letter or digit"

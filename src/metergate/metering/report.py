@@ -108,7 +108,7 @@ class UnknownGrouping(ValueError):
 
 def tag_expression(dialect: str, name: str) -> str:
     """SQL for the value of request tag `name` (NULL when the request lacks it)."""
-    if not TAG_NAME.match(name):
+    if not TAG_NAME.fullmatch(name):
         raise UnknownGrouping(
             f"tag name {name!r}: 1-64 letters, digits, '.', '_' or '-', starting with one "
             "of the first two"

@@ -27,7 +27,7 @@ def _bad(message: str, param: str | None = None) -> InvalidRequest:
 
 def check_tag(name: str, value: str, where: str) -> None:
     """Raise a 400 that says what is wrong with one tag (`where`: its source, for the text)."""
-    if not TAG_NAME.match(name):
+    if not TAG_NAME.fullmatch(name):
         raise _bad(
             f"{where}: tag name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -68,7 +68,7 @@ def from_metadata(metadata: Any) -> dict[str, str]:
     for name, value in metadata.items():
         if not isinstance(value, str):
             raise _bad(f"`metadata.{name}` must be a string", "metadata")
-        if TAG_NAME.match(name) and value and len(value) <= MAX_VALUE and value.isprintable():
+        if TAG_NAME.fullmatch(name) and value and len(value) <= MAX_VALUE and value.isprintable():
             tags[name] = value
     if len(tags) > MAX_TAGS:
         raise _bad(f"`metadata` may carry at most {MAX_TAGS} entries", "metadata")
