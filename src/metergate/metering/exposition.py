@@ -15,7 +15,7 @@ format 0.0.4 (tests/test_exposition.py parses both and compares every sample).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -47,15 +47,17 @@ def header(name: str, kind: str, documentation: str) -> str:
 
 
 class RenderedFamily:
-    """One family's text between scrapes. `raw` values come in line order, except that
-    a histogram gives its buckets' own counts and its sum (no count): `shape` says, per
-    histogram after the `plain` lines, how many buckets and whether a sum follows."""
+    """One family's text between scrapes: its lines (each starting with its escaped
+    `name{labels}` prefix), their values, and the whole text. `raw` values come in line
+    order, except that a histogram gives its buckets' own counts and its sum, not its
+    count: `shape` says, per histogram after the `plain` lines, how many buckets it
+    shows and whether a sum follows."""
 
-    __slots__ = ("header", "lines", "plain", "prefixes", "raw", "shape", "text", "values")
+    __slots__ = ("header", "keys", "lines", "plain", "raw", "shape", "text", "values")
 
     def __init__(self, header: str) -> None:
         self.header = header
-        self.prefixes: list[str] = []
+        self.keys: list[Any] = []  # what each line shows (a value object, a series key)
         self.plain = 0
         self.shape: list[tuple[int, bool]] = []
         self.raw: tuple[float, ...] | None = None
@@ -63,11 +65,18 @@ class RenderedFamily:
         self.lines: list[str] = []
         self.text = b""
 
-    def layout(self, prefixes: list[str], plain: int, shape: list[tuple[int, bool]]) -> None:
-        """A new set of lines; a line whose prefix was there before keeps its text."""
-        kept = dict(zip(self.prefixes, zip(self.values, self.lines, strict=True), strict=True))
-        before = [kept.get(prefix, (None, "")) for prefix in prefixes]
-        self.prefixes, self.plain, self.shape = prefixes, plain, shape
+    def layout(
+        self,
+        keys: list[Any],
+        prefix: Callable[[int], str],
+        plain: int,
+        shape: list[tuple[int, bool]],
+    ) -> None:
+        """A new set of lines. A line whose key was there before keeps its text; a new
+        one gets `prefix(its index)` (prefixes are not kept: a line starts with its own)."""
+        kept = dict(zip(self.keys, zip(self.values, self.lines, strict=True), strict=True))
+        before = [kept.get(key) or (None, prefix(i) + " \n") for i, key in enumerate(keys)]
+        self.keys, self.plain, self.shape = keys, plain, shape
         self.values = [value for value, _ in before]
         self.lines = [line for _, line in before]
         self.raw = None
@@ -100,10 +109,8 @@ class RenderedFamily:
         values = self.line_values(raw)
         fmt = format_value
         self.lines = [
-            line if value == old else f"{prefix} {fmt(value)}\n"
-            for prefix, value, old, line in zip(
-                self.prefixes, values, self.values, self.lines, strict=True
-            )
+            line if value == old else f"{line[: line.rindex(' ')]} {fmt(value)}\n"
+            for value, old, line in zip(values, self.values, self.lines, strict=True)
         ]
         self.values = values
         self.text = (self.header + "".join(self.lines)).encode()
@@ -135,7 +142,6 @@ class _Metric:
 class FastExposition:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._prefixes: dict[Any, Any] = {}  # child -> its escaped name{labels} prefix(es)
         self._metrics: dict[Any, _Metric] = {}
 
     def render(self) -> bytes:
@@ -169,41 +175,40 @@ class FastExposition:
             state.count, state.last = len(children), last
         return state.family.render(tuple(map(_VALUE, state.values)))
 
-    def _layout(self, metric: Any, children: dict[tuple[str, ...], Any], state: _Metric) -> None:
-        names = metric._labelnames
-        prefixes: list[str] = []
+    @staticmethod
+    def _layout(metric: Any, children: dict[tuple[str, ...], Any], state: _Metric) -> None:
+        """Lines keyed by their value objects (a histogram's count line by the child)."""
+        keys: list[Any] = []
         values: list[Any] = []
+        origins: list[tuple[tuple[str, ...], int]] = []  # per line: labels, line of the child
         shape: list[tuple[int, bool]] = []
         histogram = metric._type == "histogram"
         for labels, child in children.items():
-            prefix = self._prefixes.get(child)
-            if prefix is None:
-                prefix = self._prefixes[child] = self._prefix(metric, names, labels, child)
             if histogram:
-                prefixes.extend(prefix)
+                keys.extend((*child._buckets, child, child._sum))
                 values.extend((*child._buckets, child._sum))
+                origins.extend((labels, i) for i in range(len(child._buckets) + 2))
                 shape.append((len(child._buckets), True))
             else:
-                prefixes.append(prefix)
+                keys.append(child._value)
                 values.append(child._value)
+                origins.append((labels, 0))
         state.values = values
-        state.family.layout(prefixes, 0 if histogram else len(prefixes), shape)
-
-    @staticmethod
-    def _prefix(metric: Any, names: tuple[str, ...], values: tuple[str, ...], child: Any) -> Any:
-        """A counter's or gauge's prefix; a histogram's, one per line: its buckets, count
-        and sum."""
-        pairs = list(zip(names, values, strict=True))
-        name = metric._name
-        if metric._type == "counter":
-            return f"{name}_total{label_text(pairs)}"
-        if metric._type == "gauge":
-            return f"{name}{label_text(pairs)}"
-        return (
-            *(
-                f"{name}_bucket{label_text([*pairs, ('le', floatToGoString(bound))])}"
-                for bound in child._upper_bounds
-            ),
-            f"{name}_count{label_text(pairs)}",
-            f"{name}_sum{label_text(pairs)}",
+        state.family.layout(
+            keys, lambda i: _prefix(metric, *origins[i]), 0 if histogram else len(keys), shape
         )
+
+
+def _prefix(metric: Any, labels: tuple[str, ...], line: int) -> str:
+    """The `name{labels}` of a counter's or gauge's series, or of line `line` of a
+    histogram's (its buckets, then count, then sum)."""
+    pairs = list(zip(metric._labelnames, labels, strict=True))
+    name = metric._name
+    if metric._type == "counter":
+        return f"{name}_total{label_text(pairs)}"
+    if metric._type == "gauge":
+        return f"{name}{label_text(pairs)}"
+    bounds = metric._upper_bounds
+    if line < len(bounds):
+        return f"{name}_bucket{label_text([*pairs, ('le', floatToGoString(bounds[line]))])}"
+    return f"{name}_{'count' if line == len(bounds) else 'sum'}{label_text(pairs)}"

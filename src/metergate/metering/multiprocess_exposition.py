@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -91,16 +92,20 @@ class _Group:
         self.typ = typ
         self.combine, self.live, self.per_pid = _GAUGE_MODES.get(mode, ("sum", False, False))
         self.sources: list[_Source] = []
-        self.slots: dict[Any, int] = {}  # key (and pid, per process) -> slot
+        self.size = 0  # slots numbered so far
         self.totals: Sequence[float] = ()
         self.present: set[int] = set()  # the slots to show
         self.listed: set[int] = set()  # the slots of the processes that count
         self.layout: tuple[Any, ...] = ()
 
+    def new_slot(self) -> int:
+        self.size += 1
+        return self.size - 1
+
     def combine_values(self, active: list[_Source]) -> bool:
         """`totals` and `present` from the files of the processes that count; True when
         the set of present series may have changed."""
-        size = len(self.slots)
+        size = self.size
         layout = (size, *((id(s), len(s.slots)) for s in active))
         changed = layout != self.layout
         if changed:
@@ -170,46 +175,57 @@ class _Family:
         self.rendered = RenderedFamily(header(name, typ, help_text))
         self.series: dict[tuple[str, Labels], int] = {}  # a plain sample -> its slot
         self.hists: dict[Labels, _Histogram] = {}  # a histogram's labels -> its slots
+        self.names: set[str] = set()  # the sample names it has
         self.dirty = True
+        self.shown = 0  # lines shown
         self.getter: Getter = _getter(())
-        self.samples: list[tuple[str, Labels]] = []  # (name, labels) per line
-        self._prefixes: dict[tuple[str, Labels], str] = {}
 
-    def rebuild(self, present: set[int]) -> None:
-        positions: list[int] = []
-        samples: list[tuple[str, Labels]] = []
-        for line, slot in self.series.items():
+    def hist(self, labels: Labels) -> _Histogram:
+        found = self.hists.get(labels)
+        if found is None:
+            found = self.hists[labels] = _Histogram()
+            self.names.update(self.name + suffix for suffix in ("_bucket", "_count", "_sum"))
+        return found
+
+    def lines(self, present: set[int]) -> Iterator[tuple[Any, str, Labels]]:
+        """(key, sample name, labels) of every line shown, in order: a line's key is its
+        slot, a histogram's count line's its labels."""
+        for (sample, labels), slot in self.series.items():
             if slot in present:
-                positions.append(slot)
-                samples.append(line)
-        plain = len(samples)
-        shape = []
+                yield slot, sample, labels
         for labels, hist in self.hists.items():
             buckets = [(b, s) for b, s in sorted(hist.buckets.items()) if s in present]
             for bound, slot in buckets:
-                positions.append(slot)
-                samples.append((self.name + "_bucket", (*labels, ("le", floatToGoString(bound)))))
+                yield slot, self.name + "_bucket", (*labels, ("le", floatToGoString(bound)))
             if buckets:
-                samples.append((self.name + "_count", labels))
-            with_sum = hist.sum is not None and hist.sum in present
-            if with_sum:
-                positions.append(hist.sum)  # type: ignore[arg-type]
-                samples.append((self.name + "_sum", labels))
-            shape.append((len(buckets), with_sum))
-        self.getter = _getter(positions)
-        self.samples = samples
-        prefixes = [self._prefixes.get(line) or self._prefix(line) for line in samples]
-        self.rendered.layout(prefixes, plain, shape)
+                yield labels, self.name + "_count", labels
+            if hist.sum is not None and hist.sum in present:
+                yield hist.sum, self.name + "_sum", labels
+
+    def rebuild(self, present: set[int]) -> None:
+        lines = list(self.lines(present))
+        keys = [key for key, _, _ in lines]
+        plain = sum(1 for line in self.series.values() if line in present)
+        shape = []
+        for hist in self.hists.values():
+            buckets = sum(1 for slot in hist.buckets.values() if slot in present)
+            shape.append((buckets, hist.sum is not None and hist.sum in present))
+        self.getter = _getter([key for key in keys if isinstance(key, int)])
+        self.rendered.layout(keys, lambda i: lines[i][1] + label_text(lines[i][2]), plain, shape)
+        self.shown = len(lines)
         self.dirty = False
 
-    def _prefix(self, line: tuple[str, Labels]) -> str:
-        found = self._prefixes[line] = line[0] + label_text(line[1])
-        return found
-
     def render(self) -> bytes:
-        if not self.samples:
+        if not self.shown:
             return b""  # (prometheus_client shows no family without samples either)
         return self.rendered.render(self.getter(self.group.totals))
+
+    def samples(self, names: set[str]) -> Iterator[Sample]:
+        values = self.rendered.line_values(self.getter(self.group.totals))
+        lines = self.lines(self.group.present)
+        for (_, sample, labels), value in zip(lines, values, strict=True):
+            if sample in names:
+                yield Sample(sample, dict(labels), value)
 
 
 class _Histogram:
@@ -229,7 +245,7 @@ class MultiProcessExposition:
         self._sources: dict[str, _Source] = {}  # by file name
         self._groups: dict[str, _Group] = {}  # by kind
         self._families: dict[str, _Family] = {}
-        self._parsed: dict[bytes, tuple[str, str, Labels, str]] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}  # one object per label pair
 
     def render(self) -> bytes:
         """The text format 0.0.4 exposition of every worker's metrics."""
@@ -241,24 +257,28 @@ class MultiProcessExposition:
         """Every merged sample whose name is in `names` (for the console)."""
         with self._lock:
             self._refresh()
-            found = []
-            for family in self._families.values():
-                if not family.samples or not any(s in names for s, _ in family.samples):
-                    continue
-                values = family.rendered.line_values(family.getter(family.group.totals))
-                for (sample, labels), value in zip(family.samples, values, strict=True):
-                    if sample in names:
-                        found.append(Sample(sample, dict(labels), value))
+            found = [
+                sample
+                for family in self._families.values()
+                if family.shown and family.names & names
+                for sample in family.samples(names)
+            ]
         yield from found
 
     # -- reading -----------------------------------------------------------------------
 
     def _refresh(self) -> None:
         self._scan()
+        # The first read of several files finds the same keys in each: parse each once.
+        # (Kept for this read only: the keys would take more memory than all the rest.)
+        seen: dict[Any, int | None] = {}
         for source in self._sources.values():
-            appended = source.file.refresh()
-            for key, index in appended:
-                slot = self._resolve(source, key)
+            per_pid = source.group.per_pid
+            for key, index in source.file.refresh():
+                cache_key = (key, source.pid) if per_pid else (key, source.group.kind)
+                slot = seen.get(cache_key, -1)
+                if slot == -1:
+                    slot = seen[cache_key] = self._resolve(source, key)
                 if slot is not None:
                     source.slots.append(slot)
                     source.indices.append(index)
@@ -303,37 +323,45 @@ class MultiProcessExposition:
             self._sources[name] = source
 
     def _resolve(self, source: _Source, key: bytes) -> int | None:
-        """The slot of an entry's series in its group (created on first sight)."""
+        """The slot of an entry's series in its group (numbered on first sight)."""
         group = source.group
-        cache_key: Any = (key, source.pid) if group.per_pid else key
-        slot = group.slots.get(cache_key)
-        if slot is not None:
-            return slot
-        parsed = self._parsed.get(key)
-        if parsed is None:
-            metric, sample, labels, help_text = json.loads(key)
-            parsed = self._parsed[key] = (metric, sample, tuple(sorted(labels.items())), help_text)
-        metric, sample, labels, help_text = parsed
+        metric, sample, labels, help_text = json.loads(key)
         family = self._families.get(metric)
         if family is None:
             family = self._families[metric] = _Family(metric, group.typ, help_text, group)
         elif family.group is not group:
             return None  # the same name written as another kind: not a valid exposition
-        if group.typ == "histogram" and sample == metric + "_count":
+        histogram = group.typ == "histogram"
+        if histogram and sample == metric + "_count":
             return None  # (not written by prometheus_client) the buckets' total is shown
-        slot = group.slots[cache_key] = len(group.slots)
-        family.dirty = True
-        le = next((value for name, value in labels if name == "le"), None)
-        if group.typ == "histogram" and le is not None:
-            base = tuple(pair for pair in labels if pair[0] != "le")
-            family.hists.setdefault(base, _Histogram()).buckets[float(le)] = slot
-        elif group.typ == "histogram" and sample == metric + "_sum":
-            family.hists.setdefault(labels, _Histogram()).sum = slot
+        le = labels.pop("le", None) if histogram else None
+        if group.per_pid:
+            labels["pid"] = source.pid
+        # Label names and values repeat across thousands of series: one object each.
+        pair = self._pairs.get
+        pairs = tuple(sorted(pair((k, v)) or self._pair(k, v) for k, v in labels.items()))
+        if le is not None:
+            buckets = family.hist(pairs).buckets
+            slot = buckets.get(float(le))
+            if slot is None:
+                slot = buckets[float(le)] = group.new_slot()
+        elif histogram and sample == metric + "_sum":
+            hist = family.hist(pairs)
+            slot = hist.sum
+            if slot is None:
+                slot = hist.sum = group.new_slot()
         else:
-            if group.per_pid:
-                labels = (*labels, ("pid", source.pid))
-            family.series[(sample, labels)] = slot
+            line = (sys.intern(sample), pairs)
+            slot = family.series.get(line)
+            if slot is None:
+                slot = family.series[line] = group.new_slot()
+                family.names.add(line[0])
+        family.dirty = True
         return slot
+
+    def _pair(self, name: str, value: str) -> tuple[str, str]:
+        found = self._pairs[(name, value)] = (sys.intern(name), value)
+        return found
 
 
 _shared: dict[str, MultiProcessExposition] = {}
