@@ -3,7 +3,8 @@
 Labelled children are cached per label tuple, so the hot path does one dict lookup and a
 few increments per request. With several worker processes the values live in
 prometheus_client's shared memory-mapped files (PROMETHEUS_MULTIPROC_DIR), so a scrape
-of any worker sums all of them and counters never go backwards.
+of any worker sums all of them and counters never go backwards; they are written by
+metering/multiprocess.py's value class and merged by metering/multiprocess_exposition.py.
 """
 
 from __future__ import annotations
