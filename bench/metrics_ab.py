@@ -253,14 +253,8 @@ def render(
             "lrl",
         ),
         "",
-        "## Checks",
-        "",
+        *report.checks_and_environment(checks, env),
     ]
-    for check in checks:
-        mark = "ok" if check.ok else ("FAILED" if check.required else "warning")
-        lines.append(f"- **{mark}**: {check.name}" + (f" ({check.detail})" if check.detail else ""))
-    lines += ["", "## Environment", ""]
-    lines += [f"- {name}: {value}" for name, value in env]
     return "\n".join(lines) + "\n"
 
 
