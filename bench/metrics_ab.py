@@ -14,6 +14,12 @@ what metrics cost: `/metrics` at 50 models x 200 keys and `serve --workers N` th
   `--duration` s per run, interleaved the same way; then each variant's exactness checks
   (every answered request counted once across workers, one ledger row each).
 
+- **Metric writes per request**: in a process of each tree, with PROMETHEUS_MULTIPROC_DIR
+  set as `serve --workers N` sets it, the metric calls one answered request makes (the
+  in-flight gauge, the attempt, the request, its duration and overhead histograms, tokens,
+  cost, the budget gauge), timed over 20,000 requests; trees alternating, best of `--runs`
+  rounds. Less noisy than requests/s on a shared machine.
+
 The machine is shared: compare the ratios within the run. Report:
 `bench/results/metrics-ab.md`. About 6 minutes with the defaults.
 """
@@ -24,6 +30,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +59,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "metrics-ab.md")
     return parser.parse_args(argv)
+
+
+# One answered request's metric calls, as Meter.finish and the handlers make them.
+RECORD = """
+import os, shutil, sys, tempfile, time
+directory = tempfile.mkdtemp(prefix="metergate-record-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+from metergate.metering.metrics import Metrics
+metrics = Metrics()
+labels = ("bench", "bench-upstream", "bench")
+series = metrics.series(*labels)
+active = metrics.active("bench")
+spent = metrics.budget_spent.labels("bench-total")
+count = 20_000
+began = time.perf_counter()
+for _ in range(count):
+    active.inc()
+    metrics.count_attempt("bench-upstream", "success")
+    metrics.count_request(series, labels, "success", "chat")
+    series.duration.observe(0.0012)
+    metrics.overhead.observe(0.0002)
+    series.tokens[0].inc(11)
+    series.tokens[2].inc(7)
+    series.cost.inc(0.000025)
+    spent.set(1.5)
+    active.dec()
+print((time.perf_counter() - began) / count * 1e9)
+shutil.rmtree(directory)
+"""
+
+
+def measure_record(installs: dict[str, gw.Install], runs: int) -> dict[str, list[float]]:
+    """ns of metric writes per request, per tree and round."""
+    found: dict[str, list[float]] = {tree: [] for tree in installs}
+    for index in range(runs):
+        for tree, install in _alternating(list(installs.items()), index):
+            python = install.cli[0] if install.cli else sys.executable
+            done = subprocess.run(
+                [python, "-c", RECORD], capture_output=True, text=True, timeout=300, env=install.env
+            )
+            if done.returncode != 0:
+                raise procs.BenchError(f"{tree}: the metric writes failed:\n{done.stderr[-2000:]}")
+            found[tree].append(float(done.stdout.strip()))
+            print(f"round {index + 1}/{runs} {tree}: {found[tree][-1] / 1000:.2f} µs", flush=True)
+    return found
 
 
 @dataclass
@@ -156,6 +208,7 @@ def render(
     tree: baseline.Tree,
     scraped: list[Scraped],
     loaded: list[Loaded],
+    record: dict[str, list[float]],
     checks: list[Check],
     env: list[tuple[str, str]],
 ) -> str:
@@ -253,6 +306,25 @@ def render(
             "lrl",
         ),
         "",
+        "## Metric writes per request, multi-process mode, in process",
+        "",
+        f"Best of {args.runs} rounds of 20,000 requests (`RECORD` in bench/metrics_ab.py).",
+        "",
+        table(
+            ["tree", "µs per request", "every round (µs)"],
+            [
+                [
+                    name,
+                    f"{min(record[name]) / 1000:.2f}",
+                    ", ".join(f"{v / 1000:.2f}" for v in record[name]),
+                ]
+                for name in (BASELINE, CURRENT)
+            ],
+            "lrl",
+        ),
+        "",
+        f"current / baseline: {min(record[CURRENT]) / min(record[BASELINE]):.3f}x",
+        "",
         *report.checks_and_environment(checks, env),
     ]
     return "\n".join(lines) + "\n"
@@ -274,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         tree = baseline.export(args.baseline, workdir, venv=args.venv)
         print(f"baseline {args.baseline} = {tree.commit[:12]} ({tree.subject})", flush=True)
         installs = {CURRENT: gw.THIS_TREE, BASELINE: tree.install}
+        record = measure_record(installs, args.runs)
         with procs.Processes() as processes:
             scraped = measure_scrapes(processes, workdir, installs, layout.cpus, args)
             loaded, checks = measure_rps(processes, workdir, installs, layout.cpus, args)
         env.append(("duration", f"{(time.monotonic() - started) / 60:.1f} min"))
-        text = render(args, tree, scraped, loaded, checks, env)
+        text = render(args, tree, scraped, loaded, record, checks, env)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
         print("\n" + text)
