@@ -47,6 +47,15 @@ def test_fast_exposition_matches_prometheus_client() -> None:
            (("api", "chat"), ("key", "key"), ("model", "m1"), ("outcome", "success"),
             ("upstream", "up")))
     assert again[key] == 2
+    # lines and families reused when unchanged, redone when not, new series added
+    for _ in range(3):
+        series = metrics.series("m1", "up", "key")
+        series.duration.observe(0.007)
+        metrics.series("m3", "up2", "key").cost.inc(1.5)
+        metrics.ledger_pending.set(0)
+        assert samples(metrics.exposition().decode()) == samples(
+            generate_latest(metrics.registry).decode()
+        )
 
 
 def test_a_removed_series_disappears() -> None:

@@ -116,6 +116,17 @@ def table(header: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join(lines)
 
 
+def checks_and_environment(checks: list[Check], env: list[tuple[str, str]]) -> list[str]:
+    """The "Checks" and "Environment" sections of a report, as markdown lines."""
+    lines = ["## Checks", ""]
+    for check in checks:
+        mark = "ok" if check.ok else ("FAILED" if check.required else "warning")
+        lines.append(f"- **{mark}**: {check.name}" + (f" ({check.detail})" if check.detail else ""))
+    lines += ["", "## Environment", ""]
+    lines += [f"- {name}: {value}" for name, value in env]
+    return lines
+
+
 def render(
     title: str,
     method: str,
@@ -132,14 +143,8 @@ def render(
             "lrrr",
         ),
         "",
-        "## Checks",
-        "",
     ]
-    for check in checks:
-        mark = "ok" if check.ok else ("FAILED" if check.required else "warning")
-        parts.append(f"- **{mark}**: {check.name}" + (f" ({check.detail})" if check.detail else ""))
-    parts += ["", "## Environment", ""]
-    parts += [f"- {name}: {value}" for name, value in env]
+    parts += checks_and_environment(checks, env)
     parts += [
         "",
         "## Every run",

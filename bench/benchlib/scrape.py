@@ -22,8 +22,18 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.metrics_core import Metric
 
 from benchlib import probe, profile
-from benchlib.gateway import BUDGET, PRICE, Gateway, multiproc_dir, start_gateway, wait_workers
+from benchlib.gateway import (
+    BUDGET,
+    PRICE,
+    THIS_TREE,
+    Gateway,
+    Install,
+    multiproc_dir,
+    start_gateway,
+    wait_workers,
+)
 from benchlib.procs import BenchError, Processes, http
+from metergate.metering.multiprocess_exposition import MultiProcessExposition
 from metergate.storage.database import open_database
 from metergate.storage.keys import create_key
 
@@ -33,13 +43,16 @@ KEYS = 200
 
 @dataclass(frozen=True)
 class RenderBreakdown:
-    """A multi-process scrape's two halves, timed in the suite's process on the gateway's
-    own metric files (best of a few rounds)."""
+    """A multi-process render timed in the suite's process on the gateway's own metric
+    files (best of a few rounds): prometheus_client's collector in its two halves (what
+    the gateway used before), and metergate's merged view, from scratch and again."""
 
     files: int
     file_bytes: int
     collect_ms: float  # MultiProcessCollector: read and merge every worker's mmap files
     format_ms: float  # generate_latest's text formatting of the merged samples
+    merged_first_ms: float | None = None  # MultiProcessExposition: the first render
+    merged_ms: float | None = None  # and every later one (files unchanged)
 
 
 @dataclass(frozen=True)
@@ -70,9 +83,24 @@ def multiprocess_render(directory: Path, rounds: int = 3) -> RenderBreakdown:
         began = time.perf_counter()
         generate_latest(registry)
         render = min(render, time.perf_counter() - began)
+    first = again = float("inf")
+    for _ in range(rounds):
+        merged = MultiProcessExposition(str(directory))
+        began = time.perf_counter()
+        merged.render()
+        first = min(first, time.perf_counter() - began)
+        for _ in range(3):
+            began = time.perf_counter()
+            merged.render()
+            again = min(again, time.perf_counter() - began)
     files = list(directory.glob("*.db"))
     return RenderBreakdown(
-        len(files), sum(f.stat().st_size for f in files), collect * 1000, render * 1000
+        len(files),
+        sum(f.stat().st_size for f in files),
+        collect * 1000,
+        render * 1000,
+        first * 1000,
+        again * 1000,
     )
 
 
@@ -120,27 +148,31 @@ async def _create_keys(ledger_url: str, count: int) -> list[str]:
         await database.close()
 
 
-def run(
+@dataclass
+class Filled:
+    """A gateway whose 50 x 200 series exist, ready to be scraped."""
+
+    gateway: Gateway
+    workers: int
+    pids: list[int]
+    requests: int
+    seconds: float
+
+
+def fill(
     processes: Processes,
     workdir: Path,
     cpus: str | None,
-    scrapes: int = 10,
-    profile_to: Path | None = None,
-    profiler_cpus: str | None = None,
     workers: int = 1,
-) -> tuple[ScrapeResult, Gateway]:
-    """Fill the label set, then time the scrapes (sampled by py-spy into `profile_to`).
-
-    With `workers` > 1 the gateway runs `serve --workers N` (multi-process metrics; the
-    budget soft, as serve requires without Redis), the label set spreads over every
-    worker's metric files, and the render is also timed in halves (`RenderBreakdown`).
-    """
-    workdir = workdir / f"scrape-{workers}" if workers > 1 else workdir
+    install: Install = THIS_TREE,
+) -> Filled:
+    """Start a gateway (`install`'s tree) with 50 models and 200 keys, and send one
+    request per (model, key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir, hard_budget=workers == 1)
     ledger_url = f"sqlite:///{workdir / 'scrape-ledger.db'}"
     keys = asyncio.run(_create_keys(ledger_url, KEYS))
-    gateway = start_gateway(processes, config, cpus, workers=workers)
+    gateway = start_gateway(processes, config, cpus, workers=workers, install=install)
     pids = wait_workers(gateway, workers, workdir / "scrape-ledger.db")
     requests = []
     for model in range(MODELS):
@@ -158,13 +190,14 @@ def run(
     non_200 = sum(1 for status in statuses if status != 200)
     if non_200:
         raise BenchError(f"{non_200} of {len(requests)} label-filling requests failed")
+    return Filled(gateway, workers, pids, len(requests), filled)
+
+
+def time_scrapes(gateway: Gateway, scrapes: int) -> tuple[list[float], bytes]:
+    """`scrapes` GET /metrics one after the other, each on a new connection (so that
+    with several workers they spread over the workers); times in ms and the last body."""
     timings = []
     body = b""
-    recorder = None
-    if profile_to is not None:
-        py_spy = profile.py_spy(sys.executable)
-        recorder = profile.start(py_spy, gateway.process.popen.pid, None, profile_to, profiler_cpus)
-        time.sleep(0.5)  # py-spy attaches
     for _ in range(scrapes):
         began = time.perf_counter()
         answer = http(f"{gateway.base}/metrics", timeout=60)
@@ -172,12 +205,44 @@ def run(
         if answer.status != 200:
             raise BenchError(f"GET /metrics answered {answer.status}")
         body = answer.body
+    return timings, body
+
+
+def samples_in(body: bytes) -> int:
+    return sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+
+
+def run(
+    processes: Processes,
+    workdir: Path,
+    cpus: str | None,
+    scrapes: int = 10,
+    profile_to: Path | None = None,
+    profiler_cpus: str | None = None,
+    workers: int = 1,
+) -> tuple[ScrapeResult, Gateway]:
+    """Fill the label set, then time the scrapes (sampled by py-spy into `profile_to`).
+
+    With `workers` > 1 the gateway runs `serve --workers N` (multi-process metrics; the
+    budget soft, as serve requires without Redis), the label set spreads over every
+    worker's metric files, and the render is also timed in the suite's process
+    (`RenderBreakdown`).
+    """
+    filled = fill(
+        processes, workdir / f"scrape-{workers}" if workers > 1 else workdir, cpus, workers
+    )
+    gateway = filled.gateway
+    recorder = None
+    if profile_to is not None:
+        py_spy = profile.py_spy(sys.executable)
+        recorder = profile.start(py_spy, gateway.process.popen.pid, None, profile_to, profiler_cpus)
+        time.sleep(0.5)  # py-spy attaches
+    timings, body = time_scrapes(gateway, scrapes)
     if recorder is not None and profile_to is not None:
         profile.finish(recorder, profile_to, interrupt=True)
-    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
-    directory = multiproc_dir(pids[0]) if workers > 1 else None
+    directory = multiproc_dir(filled.pids[0]) if workers > 1 else None
     render = multiprocess_render(directory) if directory is not None else None
     result = ScrapeResult(
-        len(requests), non_200, filled, timings, len(body), series, workers, render
+        filled.requests, 0, filled.seconds, timings, len(body), samples_in(body), workers, render
     )
     return result, gateway

@@ -200,17 +200,24 @@ class Exactness:
 
 
 def start_variants(
-    processes: procs.Processes, workdir: Path, places: list[Placement]
+    processes: procs.Processes,
+    workdir: Path,
+    places: list[Placement],
+    install: gw.Install = gw.THIS_TREE,
+    name: str = "workers",
 ) -> tuple[upstream.Upstream, list[Variant]]:
-    """A private nginx on the client CPUs, and one gateway per worker count."""
-    nginx = upstream.start_nginx(processes, workdir / "workers-nginx", places[0].client_cpus)
+    """A private nginx on the client CPUs, and one gateway (of `install`'s tree) per
+    worker count; `name` tells their directories from another tree's."""
+    nginx = upstream.start_nginx(processes, workdir / f"{name}-nginx", places[0].client_cpus)
     variants = []
     for place in places:
-        home = workdir / f"workers-{place.workers}"
+        home = workdir / f"{name}-{place.workers}"
         home.mkdir(parents=True, exist_ok=True)
         config = write_config(home, nginx.port)
-        key = gw.create_key(config)
-        gateway = gw.start_gateway(processes, config, place.gateway_cpus, workers=place.workers)
+        key = gw.create_key(config, install)
+        gateway = gw.start_gateway(
+            processes, config, place.gateway_cpus, workers=place.workers, install=install
+        )
         ledger = home / "ledger.db"
         pids = gw.wait_workers(gateway, place.workers, ledger)
         variants.append(Variant(place, gateway, key, ledger, pids))
@@ -276,15 +283,21 @@ def finish(processes: procs.Processes, variant: Variant) -> Exactness:
 # Where a worker's time goes that is about running several of them: (label, test on a
 # frame's file or function).
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "prometheus_client multiprocess values (mmap writes per inc/observe)": (
+    "multiprocess metric values (mmap writes per inc/observe)": (
         "prometheus_client/mmap_dict.py",
         "prometheus_client/values.py",
+        "metergate/metering/multiprocess.py",
+        "metergate/metering/mmapfile.py",
     ),
     "ledger (LedgerWriter, aiosqlite)": ("metergate/metering/ledger.py", "aiosqlite/"),
     "key reloads (KeyIndex.reload every 2 s)": ("KeyIndex.reload", "KeyIndex._refresh_forever"),
     "rollout controller (lease, state)": ("metergate/rollout/",),
     "budgets (soft: reserve and settle)": ("metergate/budgets/",),
-    "/metrics render": ("prometheus_client/multiprocess.py", "metergate/metering/exposition.py"),
+    "/metrics render": (
+        "prometheus_client/multiprocess.py",
+        "metergate/metering/exposition.py",
+        "metergate/metering/multiprocess_exposition.py",
+    ),
 }
 
 

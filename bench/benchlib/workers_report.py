@@ -143,10 +143,12 @@ def section(result: WorkersResult) -> list[str]:
         lines += [
             "### `/metrics` in multi-process mode (50 models x 200 keys)",
             "",
-            "The scrape as a client sees it, and the same render timed in halves in the "
-            "suite's process on the gateway's own metric files: reading and merging every "
-            "worker's mmap files (`MultiProcessCollector`), then formatting "
-            "(`generate_latest`).",
+            "The scrape as a client sees it; then, timed in the suite's process on the "
+            "gateway's own metric files, prometheus_client's render in halves (reading and "
+            "merging every worker's mmap files with `MultiProcessCollector`, then "
+            "formatting with `generate_latest`: what the gateway used before) and "
+            "metergate's merged view (`metering/multiprocess_exposition.py`), its first "
+            "render and every later one.",
             "",
             table(
                 [
@@ -156,6 +158,7 @@ def section(result: WorkersResult) -> list[str]:
                     "MB",
                     "collect (ms)",
                     "format (ms)",
+                    "merged: first / later (ms)",
                     "metric files",
                 ],
                 [
@@ -166,13 +169,16 @@ def section(result: WorkersResult) -> list[str]:
                         f"{s.body_bytes / 1e6:.1f}",
                         _f(s.render.collect_ms, 1) if s.render else "n/a",
                         _f(s.render.format_ms, 1) if s.render else "n/a",
+                        f"{_f(s.render.merged_first_ms, 1)} / {_f(s.render.merged_ms, 1)}"
+                        if s.render and s.render.merged_ms is not None
+                        else "n/a",
                         f"{s.render.files} ({s.render.file_bytes / 1e6:.1f} MB)"
                         if s.render
                         else "n/a",
                     ]
                     for s in result.scrapes
                 ],
-                "lrrrrrr",
+                "lrrrrrrr",
             ),
             "",
         ]

@@ -2,25 +2,30 @@
 
 `generate_latest` builds a Sample object, a label dict and an escaped label string for
 every series on every scrape: with 50 models x 200 keys (~50,000 series) that took ~0.7 s
-here. This renderer keeps each series' escaped `name{labels}` prefix across scrapes and
-only formats the current values, reading them from prometheus_client's own metric
-objects (without their locks: the event loop is the only writer, and reading a float
-is atomic). Anything it does not know (a custom collector) is rendered by prometheus_client.
-The output is the same Prometheus text format 0.0.4 (tests/test_exposition.py parses both
-and compares every sample).
+here. This renderer keeps each series' escaped `name{labels}` prefix and its last rendered
+line across scrapes: a scrape reads the current values (from prometheus_client's own
+metric objects, without their locks: the event loop is the only writer, and reading a
+float is atomic), reuses a family's whole text when none of its values changed, and
+formats again only the lines whose value did. Anything it does not know (a custom
+collector) is rendered by prometheus_client. The output is the same Prometheus text
+format 0.0.4 (tests/test_exposition.py parses both and compares every sample).
+`RenderedFamily` is shared with the multi-process renderer (multiprocess_exposition.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from operator import attrgetter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.utils import floatToGoString
 
+_VALUE = attrgetter("_value")  # a MutexValue's float
 
-def _format(value: float) -> str:
+
+def format_value(value: float) -> str:
     """repr() round-trips every finite float and parsers accept it; Go's spelling is only
     needed for infinities and NaN."""
     return repr(value) if math.isfinite(value) else floatToGoString(value)
@@ -30,9 +35,86 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+def label_text(pairs: Iterable[tuple[str, str]]) -> str:
     inner = ",".join(f'{name}="{_escape(value)}"' for name, value in pairs)
     return "{" + inner + "}" if inner else ""
+
+
+def header(name: str, kind: str, documentation: str) -> str:
+    shown = name + "_total" if kind == "counter" else name
+    doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {shown} {doc}\n# TYPE {shown} {kind}\n"
+
+
+class RenderedFamily:
+    """One family's text between scrapes: its lines (each starting with its escaped
+    `name{labels}` prefix), their values, and the whole text. `raw` values come in line
+    order, except that a histogram gives its buckets' own counts and its sum, not its
+    count: `shape` says, per histogram after the `plain` lines, how many buckets it
+    shows and whether a sum follows."""
+
+    __slots__ = ("header", "keys", "lines", "plain", "raw", "shape", "text", "values")
+
+    def __init__(self, header: str) -> None:
+        self.header = header
+        self.keys: list[Any] = []  # what each line shows (a value object, a series key)
+        self.plain = 0
+        self.shape: list[tuple[int, bool]] = []
+        self.raw: tuple[float, ...] | None = None
+        self.values: Sequence[float | None] = ()
+        self.lines: list[str] = []
+        self.text = b""
+
+    def layout(
+        self,
+        keys: list[Any],
+        prefix: Callable[[int], str],
+        plain: int,
+        shape: list[tuple[int, bool]],
+    ) -> None:
+        """A new set of lines. A line whose key was there before keeps its text; a new
+        one gets `prefix(its index)` (prefixes are not kept: a line starts with its own)."""
+        kept = dict(zip(self.keys, zip(self.values, self.lines, strict=True), strict=True))
+        before = [kept.get(key) or (None, prefix(i) + " \n") for i, key in enumerate(keys)]
+        self.keys, self.plain, self.shape = keys, plain, shape
+        self.values = [value for value, _ in before]
+        self.lines = [line for _, line in before]
+        self.raw = None
+
+    def line_values(self, raw: tuple[float, ...]) -> Sequence[float]:
+        """The value of each line: plain samples as read; a histogram's buckets summed up
+        to each bound, then its count (the last bucket's total), then its sum."""
+        if not self.shape:
+            return raw
+        out = list(raw[: self.plain])
+        at = self.plain
+        append = out.append
+        for buckets, with_sum in self.shape:
+            acc = 0.0
+            for value in raw[at : at + buckets]:
+                acc += value
+                append(acc)
+            at += buckets
+            if buckets:
+                append(acc)
+            if with_sum:
+                append(raw[at])
+                at += 1
+        return out
+
+    def render(self, raw: tuple[float, ...]) -> bytes:
+        if raw == self.raw:
+            return self.text
+        self.raw = raw
+        values = self.line_values(raw)
+        fmt = format_value
+        self.lines = [
+            line if value == old else f"{line[: line.rindex(' ')]} {fmt(value)}\n"
+            for value, old, line in zip(values, self.values, self.lines, strict=True)
+        ]
+        self.values = values
+        self.text = (self.header + "".join(self.lines)).encode()
+        return self.text
 
 
 class _Families:
@@ -45,84 +127,88 @@ class _Families:
         return self.families
 
 
+class _Metric:
+    """A metric's children as last seen, and where their values are."""
+
+    __slots__ = ("count", "family", "last", "values")
+
+    def __init__(self, family: RenderedFamily) -> None:
+        self.family = family
+        self.count = -1
+        self.last: Any = None
+        self.values: list[Any] = []  # the value objects, in `raw` order
+
+
 class FastExposition:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._prefixes: dict[Any, Any] = {}  # child -> its escaped name{labels} lines
-        self._series: dict[Any, tuple[int, Any, list[tuple[Any, Any]]]] = {}
-        self._headers: dict[int, str] = {}
+        self._metrics: dict[Any, _Metric] = {}
 
     def render(self) -> bytes:
-        out: list[str] = []
+        out: list[bytes] = []
         others: list[Any] = []
         for collector in list(self.registry._collector_to_names):
             if isinstance(collector, Counter | Gauge | Histogram):
-                self._render_metric(collector, out)
+                out.append(self._render_metric(collector))
             else:
                 others.extend(collector.collect())
-        text = "".join(out).encode()
         if others:
-            text += generate_latest(_Families(others))
-        return text
+            out.append(generate_latest(_Families(others)))
+        return b"".join(out)
 
-    def _header(self, metric: Any) -> str:
-        found = self._headers.get(id(metric))
-        if found is None:
-            kind = metric._type
-            name = metric._name + ("_total" if kind == "counter" else "")
-            doc = metric._documentation.replace("\\", r"\\").replace("\n", r"\n")
-            found = self._headers[id(metric)] = f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
-        return found
-
-    def _render_metric(self, metric: Any, out: list[str]) -> None:
-        out.append(self._header(metric))
-        pairs = self._pairs(metric)
-        fmt = _format
-        if metric._type != "histogram":
-            out.extend([f"{prefix} {fmt(child._value._value)}\n" for prefix, child in pairs])
-            return
-        append = out.append
-        for (buckets, (count_line, sum_line)), child in pairs:
-            acc = 0.0
-            for line, bucket in zip(buckets, child._buckets, strict=True):
-                acc += bucket._value
-                append(f"{line} {fmt(acc)}\n")
-            append(f"{count_line} {fmt(acc)}\n")
-            append(f"{sum_line} {fmt(child._sum._value)}\n")
-
-    def _pairs(self, metric: Any) -> list[tuple[Any, Any]]:
-        """(prefix, child) for every series, rebuilt only when the set of children changed
-        (a different count, or a different newest child: children are only appended,
-        removed ones are rare)."""
-        names = metric._labelnames
-        if not names:
+    def _render_metric(self, metric: Any) -> bytes:
+        state = self._metrics.get(metric)
+        if state is None:
+            state = self._metrics[metric] = _Metric(
+                RenderedFamily(header(metric._name, metric._type, metric._documentation))
+            )
+        if not metric._labelnames:
             children: dict[tuple[str, ...], Any] = {(): metric}
         else:
             with metric._lock:
                 children = dict(metric._metrics)
+        # Children are only appended (removed ones are rare): a different count or a
+        # different newest child means the set changed.
         last = next(reversed(children.values()), None)
-        cached = self._series.get(metric)
-        if cached is not None and cached[0] == len(children) and cached[1] is last:
-            return cached[2]
-        pairs = []
-        for values, child in children.items():
-            prefix = self._prefixes.get(child)
-            if prefix is None:
-                prefix = self._prefixes[child] = self._prefix(metric, names, values, child)
-            pairs.append((prefix, child))
-        self._series[metric] = (len(children), last, pairs)
-        return pairs
+        if state.count != len(children) or state.last is not last:
+            self._layout(metric, children, state)
+            state.count, state.last = len(children), last
+        return state.family.render(tuple(map(_VALUE, state.values)))
 
     @staticmethod
-    def _prefix(metric: Any, names: tuple[str, ...], values: tuple[str, ...], child: Any) -> Any:
-        pairs = list(zip(names, values, strict=True))
-        name = metric._name
-        if metric._type == "counter":
-            return f"{name}_total{_labels(pairs)}"
-        if metric._type == "gauge":
-            return f"{name}{_labels(pairs)}"
-        buckets = [
-            f"{name}_bucket{_labels([*pairs, ('le', floatToGoString(bound))])}"
-            for bound in child._upper_bounds
-        ]
-        return buckets, (f"{name}_count{_labels(pairs)}", f"{name}_sum{_labels(pairs)}")
+    def _layout(metric: Any, children: dict[tuple[str, ...], Any], state: _Metric) -> None:
+        """Lines keyed by their value objects (a histogram's count line by the child)."""
+        keys: list[Any] = []
+        values: list[Any] = []
+        origins: list[tuple[tuple[str, ...], int]] = []  # per line: labels, line of the child
+        shape: list[tuple[int, bool]] = []
+        histogram = metric._type == "histogram"
+        for labels, child in children.items():
+            if histogram:
+                keys.extend((*child._buckets, child, child._sum))
+                values.extend((*child._buckets, child._sum))
+                origins.extend((labels, i) for i in range(len(child._buckets) + 2))
+                shape.append((len(child._buckets), True))
+            else:
+                keys.append(child._value)
+                values.append(child._value)
+                origins.append((labels, 0))
+        state.values = values
+        state.family.layout(
+            keys, lambda i: _prefix(metric, *origins[i]), 0 if histogram else len(keys), shape
+        )
+
+
+def _prefix(metric: Any, labels: tuple[str, ...], line: int) -> str:
+    """The `name{labels}` of a counter's or gauge's series, or of line `line` of a
+    histogram's (its buckets, then count, then sum)."""
+    pairs = list(zip(metric._labelnames, labels, strict=True))
+    name = metric._name
+    if metric._type == "counter":
+        return f"{name}_total{label_text(pairs)}"
+    if metric._type == "gauge":
+        return f"{name}{label_text(pairs)}"
+    bounds = metric._upper_bounds
+    if line < len(bounds):
+        return f"{name}_bucket{label_text([*pairs, ('le', floatToGoString(bounds[line]))])}"
+    return f"{name}_{'count' if line == len(bounds) else 'sum'}{label_text(pairs)}"

@@ -3,7 +3,8 @@
 Labelled children are cached per label tuple, so the hot path does one dict lookup and a
 few increments per request. With several worker processes the values live in
 prometheus_client's shared memory-mapped files (PROMETHEUS_MULTIPROC_DIR), so a scrape
-of any worker sums all of them and counters never go backwards.
+of any worker sums all of them and counters never go backwards; they are written by
+metering/multiprocess.py's value class and merged by metering/multiprocess_exposition.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    generate_latest,
-    multiprocess,
 )
 
+from metergate.metering import multiprocess as multiprocess_values
+from metergate.metering import multiprocess_exposition
 from metergate.metering.exposition import FastExposition
 
 # `_created` samples double the series count and no rule or dashboard here reads them.
@@ -54,6 +55,32 @@ NO_UPSTREAM = "none"
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+# Written only by the event loop's thread, on every request: in multi-process mode their
+# values take no lock (metering/multiprocess.py). A metric any other thread writes (the
+# tracing export thread's dropped spans, say) must not be listed here.
+LOOP_ONLY = frozenset(
+    {
+        "metergate_requests",
+        "metergate_request_duration_seconds",
+        "metergate_time_to_first_token_seconds",
+        "metergate_upstream_attempts",
+        "metergate_overhead_seconds",
+        "metergate_tokens",
+        "metergate_cost_usd",
+        "metergate_active_requests",
+        "metergate_fallbacks",
+        "metergate_cache_requests",
+        "metergate_budget_spent_usd",
+        "metergate_team_cost_usd",
+        "metergate_tag_requests",
+        "metergate_tag_cost_usd",
+    }
+)
+if _directory := multiprocess_dir():
+    # Before any metric exists: prometheus_client reads values.ValueClass per value.
+    multiprocess_values.install(_directory, LOOP_ONLY)
 
 
 class _Series:
@@ -328,10 +355,9 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text a scrape returns: all workers' values when running several."""
-        if multiprocess_dir():
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
+        directory = multiprocess_dir()
+        if directory:
+            return multiprocess_exposition.shared(directory).render()
         if self._exposition is None:
             self._exposition = FastExposition(self.registry)
         return self._exposition.render()

@@ -1,0 +1,326 @@
+"""Multi-process metrics: the workers' value class and the merged /metrics renderer say
+exactly what prometheus_client's own files and MultiProcessCollector would.
+
+Real processes write the files: some with metergate's value class, one with
+prometheus_client's own, some still running, one dead. The reference is
+prometheus_client's `MultiProcessCollector` + `generate_latest`, run on a copy of the
+directory from which `mark_process_dead` removed the dead process's `live*` files (what
+prometheus_client expects someone to do; metergate decides liveness by pid instead).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
+
+from metergate.metering.multiprocess_exposition import MultiProcessExposition
+
+MODES = (
+    "all",
+    "liveall",
+    "sum",
+    "livesum",
+    "max",
+    "livemax",
+    "min",
+    "livemin",
+    "mostrecent",
+    "livemostrecent",
+)
+
+# One writer process: creates the metrics, then runs the steps it is sent on stdin.
+WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, values
+    flavour, w = sys.argv[1], int(sys.argv[2])
+    if flavour == "metergate":
+        import metergate.metering.metrics  # installs the value class
+        assert getattr(values.ValueClass, "_metergate_directory", None), values.ValueClass
+    else:
+        assert values.ValueClass.__name__ == "MmapedValue", values.ValueClass
+    r = CollectorRegistry()
+    requests = Counter("t_requests", "Requests.\\nSecond line, a \\\\ too.", ["model", "key"],
+                       registry=r)
+    plain = Counter("t_plain", "No labels.", registry=r)
+    seconds = Histogram("t_seconds", "Durations.", ["model"], buckets=(0.1, 1, 10), registry=r)
+    sizes = Summary("t_size", "Sizes.", registry=r)
+    gauges = {mode: Gauge("t_gauge_" + mode, "A gauge.", ["model"], multiprocess_mode=mode,
+                          registry=r) for mode in sys.argv[3].split(",")}
+
+    def step(n):
+        if n == 1:
+            for i in range(3):
+                requests.labels(f"m{i}", f'k"{w}\\n\\\\').inc(w + i + 0.5)
+                seconds.labels(f"m{i}").observe(0.05 * (w + 1) * (i + 1))
+                seconds.labels(f"m{i}").observe(5)
+            plain.inc(w)
+            sizes.observe(100 + w)
+            for mode, gauge in gauges.items():
+                gauge.labels("shared").set(w * 10 - 5)
+                gauge.labels(f"own-{w}").set(w + 0.25)
+            gauges["mostrecent"].labels("never-set")  # at 0, timestamp 0: not shown
+        elif n == 2:  # many new series: the files grow past their first 64 KiB
+            for i in range(600):
+                requests.labels(f"model-{i:04d}-" + "x" * 60, f"key-{w}").inc(i)
+            seconds.labels("m0").observe(0.5)
+            plain.inc(1)
+            for gauge in gauges.values():
+                gauge.labels("shared").set(w * 3.5)
+            requests.labels("m1", "new").inc(7)
+
+    for line in sys.stdin:
+        if line.strip() == "exit":
+            break
+        step(int(line))
+        print("done", flush=True)
+    """
+)
+
+
+class Writer:
+    def __init__(self, directory: Path, flavour: str, index: int) -> None:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, flavour, str(index), ",".join(MODES)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.pid = self.process.pid
+
+    def step(self, n: int) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(f"{n}\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "done"
+
+    def exit(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.write("exit\n")
+            self.process.stdin.flush()
+            assert self.process.wait(30) == 0
+
+
+@pytest.fixture
+def writers(tmp_path: Path) -> Iterator[tuple[Path, list[Writer]]]:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    started = [Writer(directory, "metergate", i) for i in range(3)]
+    started.append(Writer(directory, "prometheus_client", 3))
+    try:
+        yield directory, started
+    finally:
+        for writer in started:
+            writer.exit()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> tuple[Samples, dict[str, tuple[str, str]]]:
+    samples: Samples = {}
+    families = {}
+    for family in text_string_to_metric_families(text):
+        families[family.name] = (family.type, family.documentation)
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, key
+            samples[key] = sample.value
+    return samples, families
+
+
+def same(ours: Samples, expected: Samples) -> bool:
+    """The same samples; values equal up to the order floats were added in (the files are
+    read in another order than prometheus_client's, so a sum may differ in its last bit)."""
+    assert ours.keys() == expected.keys(), (
+        ours.keys() - expected.keys(),
+        expected.keys() - ours.keys(),
+    )
+    for key, value in ours.items():
+        assert math.isclose(value, expected[key], rel_tol=1e-12, abs_tol=1e-12), (key, value)
+    return True
+
+
+def reference(directory: Path, dead: list[int], scratch: Path) -> str:
+    """prometheus_client's view, with the dead processes marked dead as it expects."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(directory, scratch)
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, str(scratch))
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(scratch))
+    return generate_latest(registry).decode()
+
+
+def test_merged_exposition_matches_multiprocess_collector(
+    writers: tuple[Path, list[Writer]], tmp_path: Path
+) -> None:
+    directory, procs = writers
+    for writer in procs:
+        writer.step(1)
+    procs[0].exit()  # a worker that died: its counters still count, its live gauges not
+    dead = [procs[0].pid]
+    ours = MultiProcessExposition(str(directory))
+
+    first, first_families = parse(ours.render().decode())
+    expected, expected_families = parse(reference(directory, dead, tmp_path / "ref"))
+    assert same(first, expected)
+    assert first_families == expected_families
+    # what the comparison covers: every kind, the dead worker's counts, both flavours
+    requests = [v for (name, _), v in first.items() if name == "t_requests_total"]
+    assert len(requests) == 12 and sum(requests) == sum(
+        w + i + 0.5 for w in range(4) for i in range(3)
+    )
+    assert first[("t_gauge_livesum", (("model", "shared"),))] == 5 + 15 + 25
+    assert first[("t_gauge_sum", (("model", "shared"),))] == -5 + 5 + 15 + 25
+    assert ("t_gauge_all", (("model", f"own-{procs[0].pid}"),)) not in first
+    assert first[("t_gauge_all", (("model", "own-0"), ("pid", str(procs[0].pid))))] == 0.25
+    assert ("t_gauge_mostrecent", (("model", "never-set"),)) not in first
+    assert first[("t_seconds_count", (("model", "m0"),))] == 8
+    assert first[("t_seconds_bucket", (("le", "+Inf"), ("model", "m0")))] == 8
+
+    # the same renderer again: only what was appended is parsed, the files grew past
+    # their first mapping, changed values show and unchanged lines are reused
+    for writer in procs[1:]:
+        writer.step(2)
+    second, second_families = parse(ours.render().decode())
+    expected, expected_families = parse(reference(directory, dead, tmp_path / "ref"))
+    assert same(second, expected)
+    assert second_families == expected_families
+    assert len(second) > len(first) + 1800
+    assert second[("t_plain_total", ())] == first[("t_plain_total", ())] + 3
+    assert all(
+        os.path.getsize(p) > 65536
+        for p in directory.glob("counter_*.db")
+        if str(procs[0].pid) not in p.name
+    )
+
+    # the console's samples are the same merged values
+    names = {"t_requests_total", "t_seconds_bucket", "t_gauge_livemax"}
+    picked = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in ours.samples(names)}
+    assert picked == {key: value for key, value in second.items() if key[0] in names}
+
+
+def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None:
+    """A file already there for this pid: its counters continue, never restart at 0."""
+    script = textwrap.dedent(
+        """
+        from prometheus_client import CollectorRegistry, Counter, values
+        import metergate.metering.metrics
+        first = Counter("t_total_things", "Things.", ["k"], registry=CollectorRegistry())
+        first.labels("a").inc(5)
+        values.ValueClass.close_all_files()
+        from metergate.metering.multiprocess import value_class
+        import os
+        values.ValueClass = value_class(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        again = Counter("t_total_things", "Things.", ["k"], registry=CollectorRegistry())
+        again.labels("a").inc(2)
+        print(again.labels("a")._value.get())
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "7.0"
+    shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
+    assert shown == {("t_total_things_total", (("k", "a"),)): 7.0}
+
+
+def test_a_fork_after_metrics_exist_fails_loudly(tmp_path: Path) -> None:
+    """A forked child must not write into its parent's file (both would count): its first
+    write raises, and the parent's values are untouched and still writable."""
+    script = textwrap.dedent(
+        """
+        import os
+        from prometheus_client import CollectorRegistry, Counter
+        from metergate.metering.metrics import Metrics
+        from metergate.metering.multiprocess import ForkedWrite
+        metrics = Metrics()
+        metrics.requests.labels("m", "u", "k", "success", "chat").inc()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                metrics.requests.labels("m", "u", "k", "success", "chat").inc()
+            except ForkedWrite:
+                code |= 1
+            try:
+                Counter("t_new", "New.", registry=CollectorRegistry())
+            except ForkedWrite:
+                code |= 2
+            try:
+                metrics.trace_spans_dropped.inc()  # a locked value
+            except ForkedWrite:
+                code |= 4
+            os._exit(10 + code)
+        _, status = os.waitpid(pid, 0)
+        metrics.requests.labels("m", "u", "k", "success", "chat").inc()
+        print(os.waitstatus_to_exitcode(status))
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(10 + 1 + 2 + 4)
+    shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
+    key = (
+        "metergate_requests_total",
+        (("api", "chat"), ("key", "k"), ("model", "m"), ("outcome", "success"), ("upstream", "u")),
+    )
+    assert shown[key] == 2.0
+
+
+def test_metrics_written_from_threads_stay_exact(tmp_path: Path) -> None:
+    """The export thread and the event loop both count dropped spans: no increment lost.
+    CPython 3.11 happens not to switch threads inside `value += amount`; an opcode tracer
+    lets it switch between any two bytecodes (as other interpreters may), which loses
+    increments unless the value holds its lock."""
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        sys.setswitchinterval(1e-6)
+        from metergate.metering.metrics import Metrics
+        metrics = Metrics()
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_name == "inc":
+                frame.f_trace_opcodes = True
+                return lambda *args: None
+            return None
+
+        def work():
+            sys.settrace(tracer)
+            for _ in range(20_000):
+                metrics.trace_spans_dropped.inc()
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
+    assert shown[("metergate_trace_spans_dropped_total", ())] == 80_000
