@@ -13,8 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-# A tag name: what `x-metergate-tags: name=value` and `metadata` keys may use.
-TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: `$` lets a trailing newline through
+# A tag name: what `x-metergate-tags: name=value` and `metadata` keys may use. Always
+# `fullmatch` it: `$` would let a trailing newline through.
+TAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The JSON paths redaction understands: $.a.b, $.a[*].b, $.a[0], $..b (any depth), $.a.*
 JSON_PATH = re.compile(r"^\$(?:\.\.?(?:[A-Za-z_][A-Za-z0-9_-]*|\*)|\[(?:\*|[0-9]+)\])+$")
 
