@@ -78,9 +78,11 @@ LOOP_ONLY = frozenset(
         "metergate_tag_cost_usd",
     }
 )
+# Before any metric exists: prometheus_client reads values.ValueClass per value.
 if _directory := multiprocess_dir():
-    # Before any metric exists: prometheus_client reads values.ValueClass per value.
     multiprocess_values.install(_directory, LOOP_ONLY)
+else:
+    multiprocess_values.install_in_process(LOOP_ONLY)
 
 
 class _Series:
