@@ -46,6 +46,12 @@ CURRENT, BASELINE = "current", "baseline"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD~1", help="commit to compare with (HEAD~1)")
+    parser.add_argument(
+        "--current",
+        default=None,
+        help="measure this commit as the current side instead of the working tree "
+        "(compare two commits, e.g. a change's before and after)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="interleaved repetitions (5)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (5)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up seconds per tree (3)")
@@ -154,6 +160,14 @@ def rows(sides: dict[str, Side], half: int, connections: int) -> list[list[str]]
     return out
 
 
+def _commit(rev: str) -> str:
+    return baseline._git("rev-parse", "--verify", f"{rev}^{{commit}}")
+
+
+def _subject(rev: str) -> str:
+    return baseline._git("log", "-1", "--format=%s", _commit(rev))
+
+
 def render(
     args: argparse.Namespace,
     tree: baseline.Tree,
@@ -164,6 +178,9 @@ def render(
     env: list[tuple[str, str]],
 ) -> str:
     current, subject = baseline.head()
+    if args.current is not None:
+        current = f"{args.current}` = `{_commit(args.current)[:12]}"
+        subject = _subject(args.current)
     calibration = ", ".join(f"-c{c} {r:,.0f}/s" for c, r in tried)
     lines = [
         "# A/B: the current tree against an earlier commit, same run",
@@ -235,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         env = report.environment(layout.describe())
-        tree = baseline.export(args.baseline, workdir, venv=args.venv)
+        tree = baseline.export(args.baseline, workdir / "baseline-tree", venv=args.venv)
         print(f"baseline {args.baseline} = {tree.commit[:12]} ({tree.subject})", flush=True)
+        current = gw.THIS_TREE
+        if args.current is not None:
+            other = baseline.export(args.current, workdir / "current-tree", venv=args.venv)
+            print(f"current {args.current} = {other.commit[:12]} ({other.subject})", flush=True)
+            current = other.install
         with procs.Processes() as processes:
             nginx = upstream.start_nginx(processes, workdir, layout.other)
             sides = {}
-            for name, install in ((CURRENT, gw.THIS_TREE), (BASELINE, tree.install)):
+            for name, install in ((CURRENT, current), (BASELINE, tree.install)):
                 home = workdir / name
                 home.mkdir()
                 config = gw.write_config(home, nginx.port)
