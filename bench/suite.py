@@ -621,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     procs.install_signal_exit()
     procs.ensure_tools()
+    profile.ensure_installed(sys.executable)
     names = [DIRECT, METERGATE] + [
         name for name, skip in ((LITELLM, args.no_litellm), (PORTKEY, args.no_portkey)) if not skip
     ]

@@ -46,8 +46,22 @@ class Profile:
     self_by_package: list[tuple[str, int]]
 
 
+PY_SPY = "py-spy>=0.4"  # also the `bench` extra in pyproject.toml
+
+
 def py_spy(python: str) -> str:
     return str(Path(python).parent / "py-spy")
+
+
+def ensure_installed(python: str) -> None:
+    """Install py-spy beside `python` on first use: `scripts/test` does not need it."""
+    if Path(py_spy(python)).exists():
+        return
+    print(f"installing {PY_SPY} into {Path(python).parent.parent} (once)", flush=True)
+    step = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", PY_SPY]
+    done = subprocess.run(step, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not Path(py_spy(python)).exists():
+        raise BenchError(f"{' '.join(step)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
 
 
 def start(
