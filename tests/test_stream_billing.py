@@ -165,6 +165,17 @@ def test_relayed_text_is_counted_across_batches_and_split_events() -> None:
         assert relayed.tokens() == 12 + 3 + 8 + 8, batch
 
 
+def test_a_long_stream_holds_a_bounded_amount_of_relayed_text() -> None:
+    """The relay keeps at most one batch (4 KiB) of a stream's events however long it
+    runs, so 1,000 open streams cost megabytes, not their whole answers."""
+    relayed = RelayedText()
+    event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": "tok "}}]})
+    for _ in range(10_000):  # ~1 MiB of events
+        relayed.add(event + b"\n\n")
+        assert relayed._pending_size < 4 * 1024 + len(event) + 2
+    assert relayed.tokens() == 4 * 10_000
+
+
 def test_a_cut_stream_relayed_in_its_own_protocol_is_billed_what_was_relayed(
     gateway: Gateway,
 ) -> None:

@@ -34,13 +34,16 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 class RelayedText:
     """The text a stream relayed to its caller, measured in UTF-8 bytes (see above).
 
-    The relay only keeps the chunks; they are read in batches of `batch_bytes`, and a
-    stream that completes with the upstream's usage is never read at all.
+    The relay only keeps the chunks, and reads them in batches of `batch_bytes`: a
+    stream that ends (with the upstream's usage) before its first batch is full is
+    never read at all, and a stream holds at most one batch (plus the event it ends
+    in) however long it runs: 4 KiB x 1,000 open streams is 4 MiB. Reading costs about
+    1 µs per event (`orjson` and a walk of the deltas).
     """
 
     __slots__ = ("_pending", "_pending_size", "batch_bytes", "text_bytes")
 
-    def __init__(self, batch_bytes: int = 64 * 1024) -> None:
+    def __init__(self, batch_bytes: int = 4 * 1024) -> None:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self.batch_bytes = batch_bytes
@@ -65,9 +68,11 @@ class RelayedText:
             self._pending, self._pending_size = ([rest], len(rest)) if rest else ([], 0)
         else:
             self._pending, self._pending_size = [], 0
+        size = 0
         for line in data.split(b"\n"):
-            if line.startswith(b"data:") and not line.endswith(b"[DONE]"):
-                self.text_bytes += _delta_text_bytes(line[6:] if line[5:6] == b" " else line[5:])
+            if line[:5] == b"data:" and line[-6:] != b"[DONE]":
+                size += _delta_text_bytes(line[6:] if line[5:6] == b" " else line[5:])
+        self.text_bytes += size
 
 
 def _delta_text_bytes(data: bytes) -> int:
@@ -78,27 +83,41 @@ def _delta_text_bytes(data: bytes) -> int:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         return len(data)  # not JSON, yet relayed: count all of it
-    if not isinstance(chunk, dict):
+    if chunk.__class__ is not dict:
         return 0
-    if "choices" not in chunk:
-        return _native_delta_bytes(chunk.get("delta"))
     choices = chunk.get("choices")
+    if choices is None:
+        return _native_delta_bytes(chunk.get("delta"))
     size = 0
-    for choice in choices if isinstance(choices, list) else ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
+    for choice in choices if choices.__class__ is list else ():
+        delta = choice.get("delta") if choice.__class__ is dict else None
+        if delta.__class__ is not dict:
             continue
-        texts = [delta.get(name) for name in _DELTA_TEXTS]
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                texts += (function.get("name"), function.get("arguments"))
-        size += sum(len(text.encode()) for text in texts if isinstance(text, str))
+        for name, value in delta.items():  # a delta holds one or two fields
+            if value.__class__ is str and name in _DELTA_TEXTS:
+                size += _utf8_size(value)
+            elif name == "tool_calls" and value.__class__ is list:
+                size += _tool_call_bytes(value)
     return size
 
 
-_DELTA_TEXTS = ("content", "refusal", "reasoning_content", "reasoning")
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _tool_call_bytes(calls: list[Any]) -> int:
+    size = 0
+    for call in calls:
+        function = call.get("function") if call.__class__ is dict else None
+        if function.__class__ is dict:
+            for name in ("name", "arguments"):
+                text = function.get(name)
+                if text.__class__ is str:
+                    size += _utf8_size(text)
+    return size
+
+
+_DELTA_TEXTS = frozenset(("content", "refusal", "reasoning_content", "reasoning"))
 # Anthropic's content_block_delta: text_delta, input_json_delta, thinking_delta.
 _NATIVE_DELTA_TEXTS = ("text", "partial_json", "thinking")
 
@@ -107,11 +126,11 @@ def _native_delta_bytes(delta: Any) -> int:
     """Responses events carry their delta as a string (`response.output_text.delta`,
     `...function_call_arguments.delta`); Anthropic's as an object."""
     if isinstance(delta, str):
-        return len(delta.encode())
+        return _utf8_size(delta)
     if not isinstance(delta, dict):
         return 0
     texts = (delta.get(name) for name in _NATIVE_DELTA_TEXTS)
-    return sum(len(text.encode()) for text in texts if isinstance(text, str))
+    return sum(_utf8_size(text) for text in texts if isinstance(text, str))
 
 
 def stream_usage(
