@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -284,19 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         env.append(("duration", f"{(time.monotonic() - started) / 60:.1f} min"))
         text = render(args, tree, sides, half, tried, checks, env)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print("\n" + text)
-        print(f"written to {args.output}")
-        passed = all(c.ok for c in checks if c.required)
+        passed = report.publish(text, args.output, checks)
     except procs.BenchError as error:
         print(f"A/B FAILED: {error}", file=sys.stderr)
-    finally:
-        if passed and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work dir kept for inspection: {workdir}", file=sys.stderr)
-    return 0 if passed else 1
+    return procs.finish(workdir, passed, args.keep)
 
 
 if __name__ == "__main__":

@@ -340,12 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             print("benchmark FAILED: see the checks above", file=sys.stderr)
     except procs.BenchError as error:
         print(f"benchmark FAILED: {error}", file=sys.stderr)
-    finally:
-        if passed and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work dir kept for inspection: {workdir}", file=sys.stderr)
-    return 0 if passed else 1
+    return procs.finish(workdir, passed, args.keep)
 
 
 if __name__ == "__main__":

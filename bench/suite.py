@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import os
 import re
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -643,22 +642,12 @@ def main(argv: list[str] | None = None) -> int:
         o.env = environment(layout)  # the commit and tree as they are when the run starts
         benchmark(args, workdir, layout, o)
         o.env.append(("suite duration", f"{(time.monotonic() - started) / 60:.1f} min"))
-        text = render(o, args)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text)
-        print("\n" + text)
-        print(f"written to {args.output}")
-        passed = all(c.ok for c in o.checks if c.required)
+        passed = report.publish(render(o, args), args.output, o.checks)
         if not passed:
             print("benchmark FAILED: see the checks above", file=sys.stderr)
     except procs.BenchError as error:
         print(f"benchmark FAILED: {error}", file=sys.stderr)
-    finally:
-        if passed and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"work dir kept for inspection: {workdir}", file=sys.stderr)
-    return 0 if passed else 1
+    return procs.finish(workdir, passed, args.keep)
 
 
 if __name__ == "__main__":

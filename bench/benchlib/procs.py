@@ -255,3 +255,12 @@ def install_signal_exit() -> None:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGHUP, leave)
+
+
+def finish(workdir: Path, passed: bool, keep: bool) -> int:
+    """Remove a run's work dir unless it failed or was asked for; the exit status."""
+    if passed and not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"work dir kept for inspection: {workdir}", file=sys.stderr)
+    return 0 if passed else 1

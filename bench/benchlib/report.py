@@ -157,3 +157,12 @@ def render(
         "",
     ]
     return "\n".join(parts)
+
+
+def publish(text: str, output: Path, checks: list[Check]) -> bool:
+    """Write the report to `output`, print it, and say whether every required check held."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print("\n" + text)
+    print(f"written to {output}")
+    return all(c.ok for c in checks if c.required)

@@ -28,10 +28,9 @@ from typing import Any
 import orjson
 
 from metergate.config.model import ProviderConfig
-from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.errors import UpstreamProtocolError
 from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage
-from metergate.providers.http import error_message
-from metergate.providers.openai import OpenAIAdapter
+from metergate.providers.openai import OpenAIAdapter, _PassThrough
 from metergate.providers.sse import DONE, Event, chunk_event
 from metergate.providers.translation import load_json, relay
 
@@ -98,22 +97,18 @@ def normalized(raw: Any) -> tuple[Usage, dict[str, Any] | None]:
     return Usage.from_openai(fixed), fixed
 
 
-class _Relay:
+class _Relay(_PassThrough):
     """Relays the service's chunks, reading (and where needed fixing) usage."""
 
     def __init__(self, include_usage: bool, state: StreamState) -> None:
-        self.include_usage = include_usage
-        self.state = state
-        self.done = False
+        super().__init__(include_usage, state)
         self.finished = False
 
     def feed(self, event: Event) -> bytes:
         data = event.data
-        if data == b"[DONE]":
-            self.done = True
-            return DONE
-        if data.startswith(b'{"error"'):
-            raise UpstreamServerError(f"upstream stream error: {error_message(data)}")
+        control = self.control(data)
+        if control is not None:
+            return control
         if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
             self.finished = True
         if b'"usage"' not in data:

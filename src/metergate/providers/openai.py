@@ -91,13 +91,20 @@ class _PassThrough:
         self.state = state
         self.done = False
 
-    def feed(self, event: Event) -> bytes:
-        data = event.data
+    def control(self, data: bytes) -> bytes | None:
+        """The `[DONE]` and error events, alike in every OpenAI-format stream."""
         if data == b"[DONE]":
             self.done = True
             return DONE
         if data.startswith(b'{"error"'):
             raise UpstreamServerError(f"upstream stream error: {error_message(data)}")
+        return None
+
+    def feed(self, event: Event) -> bytes:
+        data = event.data
+        control = self.control(data)
+        if control is not None:
+            return control
         if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
             try:
                 chunk: dict[str, Any] = orjson.loads(data)
