@@ -2,6 +2,7 @@
 #
 #   docker build -t metergate:0.1.0 .
 #   docker build --build-arg EXTRAS=mcp -t metergate:0.1.0-mcp .   # with the MCP gateway
+#   docker build --build-arg EXTRAS=mcp,tracing,bedrock,vertex ...  # extras, comma-separated
 #   docker run -p 4000:4000 -v $PWD/gateway.yaml:/etc/metergate/gateway.yaml:ro \
 #       -e OPENAI_API_KEY -e POSTGRES_PASSWORD ... metergate:0.1.0
 #
