@@ -295,3 +295,39 @@ def test_ledger_store_expires_old_records(upstream_url, bg, tmp_path):
         assert "recent" in bg.run(ids())
     finally:
         gateway.stop()
+
+
+def test_a_full_queue_drops_records_and_counts_them(tmp_path):
+    """When the writer falls behind by `max_pending` records, later ones are dropped and
+    counted (`result="dropped"`); the request itself never waits, and what was queued is
+    still written."""
+    from metergate.config.observe import RequestLogConfig
+    from metergate.metering.meter import RequestLog
+    from metergate.metering.metrics import Metrics
+    from metergate.requestlog import RequestRecorder
+
+    config = RequestLogConfig(enabled=True, store="jsonl", directory=str(tmp_path), max_pending=10)
+    metrics = Metrics()
+    recorder = RequestRecorder(config, metrics, None)  # its writer task is not started
+    for n in range(15):
+        record = RequestLog(f"req-{n}", time.time(), {b"content-type": b"application/json"})
+        record.capture = True
+        record.body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": str(n)}]}
+        record.response = b'{"id": "x"}'
+        recorder.finish(record, time.time(), 0.01, {})
+
+    def counted(result: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "metergate_request_log_records_total", {"result": result}
+        )
+        return value or 0.0
+
+    assert counted("dropped") == 5
+    asyncio.run(recorder.flush())
+    assert counted("written") == 10
+    lines = [
+        json.loads(line)
+        for path in sorted(tmp_path.glob("requests-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(line["request_id"] for line in lines) == sorted(f"req-{n}" for n in range(10))
