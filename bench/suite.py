@@ -35,6 +35,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +51,7 @@ from benchlib import (
     ledger_rate,
     litellm,
     micro,
+    native,
     portkey,
     probe,
     procfs,
@@ -90,6 +92,7 @@ from benchlib.targets import (
     PORTKEY,
     SLOW_BODY,
     Target,
+    start_floor,
     verify,
 )
 
@@ -130,28 +133,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------
 # Starting the targets and checking they answer right.
 # --------------------------------------------------------------------------------------
-
-
-def start_floor(processes: procs.Processes, workdir: Path, chat_url: str, cpus: str | None) -> str:
-    """bench/stack's minimal proxy on uvicorn with its bare httptools client: the floor."""
-    port = procs.free_port()
-    command = [
-        sys.executable,
-        str(BENCH / "stack" / "compare.py"),
-        "serve",
-        "--server",
-        "uvicorn",
-        "--client",
-        "bare",
-        "--port",
-        str(port),
-        "--upstream",
-        chat_url,
-    ]
-    env = {**os.environ, "PROXY_CLIENT": "bare", "PROXY_UPSTREAM": chat_url, "PROXY_GC": ""}
-    started = processes.start("floor", procs.pinned(command, cpus), workdir / "floor.log", env)
-    procs.wait_ready(started, f"http://127.0.0.1:{port}/healthz", timeout=60)
-    return f"http://127.0.0.1:{port}{upstream.CHAT_PATH}"
 
 
 # --------------------------------------------------------------------------------------
@@ -335,6 +316,33 @@ def profile_gateway(
     return ProfileResult(analysed, result.rps, raw, def_lines(analysed))
 
 
+def native_profiles(
+    targets: dict[str, Target],
+    args: argparse.Namespace,
+    cpus: str | None,
+    out_dir: Path,
+) -> tuple[list[native.NativeProfile], str]:
+    """`benchlib.native` on each target, one after the other."""
+    missing = native.missing_tools()
+    if missing:
+        return [], f"{' and '.join(missing)} not installed"
+    found = []
+    for name, target in targets.items():
+        assert target.pid is not None
+        try:
+            load = native.Load(target.unary, target.token, args.duration, args.connections, cpus)
+            result = native.measure(name, target.pid, load, out_dir)
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            return found, f"perf or strace failed: {exc}"
+        found.append(result)
+        print(
+            f"{name}: {result.cpu_us:.0f} µs CPU per request, "
+            + ", ".join(f"{part} {100 * share:.0f}%" for part, share in result.parts[:3]),
+            flush=True,
+        )
+    return found, ""
+
+
 def def_lines(analysed: profile.Profile) -> dict[tuple[str, str], int]:
     """Where each sampled metergate function is defined (src/FILE), for file:line."""
     found = {}
@@ -443,7 +451,9 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
                 gateway_portkey.process.popen.pid,
                 {kind: portkey.headers(nginx.port, kind) for kind in portkey.LOCATIONS},
             )
-        floor = start_floor(processes, workdir, nginx.base + upstream.CHAT_PATH, layout.gateway)
+        floor, floor_pid = start_floor(
+            processes, workdir, nginx.base + upstream.CHAT_PATH, layout.gateway
+        )
         o.checks += verify(targets, floor)
         names = list(targets)
         gateways = [n for n in names if n != DIRECT]
@@ -469,7 +479,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
         time.sleep(2)  # let the gateways close the 1,000 streams' connections first
         o.pacing = pacing_test(targets)
 
-        all_targets = {**targets, FLOOR_LABEL: Target(FLOOR_LABEL, "x", floor, "", "")}
+        all_targets = {**targets, FLOOR_LABEL: Target(FLOOR_LABEL, "x", floor, "", "", floor_pid)}
         with PendingWatcher(gateway.base).running() as watcher:
             step("non-streaming: warm-up, saturation and 1 connection")
             for target in all_targets.values():
@@ -528,6 +538,14 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
         out_dir = BENCH / "results" / "tmp"
         out_dir.mkdir(parents=True, exist_ok=True)
         o.profiled = profile_gateway(targets[METERGATE], args, other, out_dir)
+
+        step("below Python: perf by shared object and strace -c, metergate and the floor")
+        o.native, o.native_skipped = native_profiles(
+            {METERGATE: targets[METERGATE], FLOOR_LABEL: all_targets[FLOOR_LABEL]},
+            args,
+            other,
+            out_dir,
+        )
 
         metered = gw.requests_by_outcome(gateway)
         wrk_errors = sum(

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import ledger_rate, procfs, profile, scrape, workers, wrk
+from benchlib import ledger_rate, native, procfs, profile, scrape, workers, wrk
 from benchlib.report import Check
 from benchlib.targets import DIRECT
 
@@ -105,6 +105,8 @@ class Outcome:
     memory: dict[str, MemoryResult] = field(default_factory=dict)
     pacing: Pacing | None = None
     profiled: ProfileResult | None = None
+    native: list[native.NativeProfile] = field(default_factory=list)
+    native_skipped: str = ""  # why the native step did not run, when it did not
     scrape: scrape.ScrapeResult | None = None
     scrape_raw: Path | None = None
     micro: list[tuple[str, float, float]] = field(default_factory=list)

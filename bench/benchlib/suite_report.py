@@ -8,7 +8,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from benchlib import portkey, profile, scrape, upstream, workers_report
+from benchlib import native, portkey, profile, scrape, upstream, workers_report
 from benchlib.litellm import REQUIREMENTS as LITELLM_REQUIREMENTS
 from benchlib.outcome import (
     ONE,
@@ -338,6 +338,8 @@ def render(o: Outcome, args: argparse.Namespace) -> str:
         parts += workers_report.section(o.workers)
     if o.profiled is not None:
         parts += profile_section(o.profiled)
+    if o.native or o.native_skipped:
+        parts += native.section(o.native, o.native_skipped, args.connections)
     if o.scrape_raw is not None and o.scrape_raw.exists():
         parts += scrape_profile_section(profile.analyse(o.scrape_raw, top=15))
     if o.micro:

@@ -9,7 +9,10 @@ same request to each.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 
@@ -28,6 +31,7 @@ UPSTREAM_CONTENT = "Hello from the bench upstream."
 
 DIRECT, METERGATE, LITELLM, PORTKEY = "direct", "metergate", "litellm", "portkey"
 FLOOR_LABEL = "floor"
+STACK_PROXY = Path(__file__).resolve().parent.parent / "stack" / "compare.py"
 PEERS = (LITELLM, PORTKEY)  # the other gateways, in the report's column order
 NAMES = {
     DIRECT: "direct (nginx)",
@@ -145,3 +149,27 @@ def litellm_metrics(target: Target) -> Check:
         metrics.status == 200 and series > 0,
         f"HTTP {metrics.status}, {series} series",
     )
+
+
+def start_floor(
+    processes: procs.Processes, workdir: Path, chat_url: str, cpus: str | None
+) -> tuple[str, int]:
+    """bench/stack's minimal proxy on uvicorn with its bare httptools client: the floor."""
+    port = procs.free_port()
+    command = [
+        sys.executable,
+        str(STACK_PROXY),
+        "serve",
+        "--server",
+        "uvicorn",
+        "--client",
+        "bare",
+        "--port",
+        str(port),
+        "--upstream",
+        chat_url,
+    ]
+    env = {**os.environ, "PROXY_CLIENT": "bare", "PROXY_UPSTREAM": chat_url, "PROXY_GC": ""}
+    started = processes.start("floor", procs.pinned(command, cpus), workdir / "floor.log", env)
+    procs.wait_ready(started, f"http://127.0.0.1:{port}/healthz", timeout=60)
+    return f"http://127.0.0.1:{port}{upstream.CHAT_PATH}", started.popen.pid
