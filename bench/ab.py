@@ -209,14 +209,8 @@ def render(
         f"Half load: {half} connection(s), the count closest to half of the current tree's "
         f"max in 2 s trials ({calibration}); the same count for both.",
         "",
-        "## Checks",
-        "",
+        *report.checks_and_environment(checks, env),
     ]
-    for check in checks:
-        mark = "ok" if check.ok else ("FAILED" if check.required else "warning")
-        lines.append(f"- **{mark}**: {check.name}" + (f" ({check.detail})" if check.detail else ""))
-    lines += ["", "## Environment", ""]
-    lines += [f"- {name}: {value}" for name, value in env]
     runs = []
     for name, side in sides.items():
         for index, (s, o, h, t) in enumerate(
