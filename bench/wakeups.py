@@ -98,8 +98,8 @@ def render(
     lines = [
         "# Latency at one connection: the client CPU's idle wake-ups",
         "",
-        f"wrk -c1, {args.duration} s per run, medians of {args.runs} runs, the two conditions "
-        "interleaved (order alternating run by run); every proxy pinned to its CPU, nginx "
+        f"wrk -c1, {args.duration} s per run, medians of {args.runs} runs, the three conditions "
+        "interleaved (order reversed every other run); every proxy pinned to its CPU, nginx "
         "and wrk on the other. Reproduce: `.venv/bin/python bench/wakeups.py`. Why: the "
         "docstring of `bench/wakeups.py`.",
         "",
