@@ -147,7 +147,9 @@ class FastExposition:
     def render(self) -> bytes:
         out: list[bytes] = []
         others: list[Any] = []
-        for collector in list(self.registry._collector_to_names):
+        with self.registry._lock:  # a metric may be registered meanwhile (redis_up)
+            collectors = list(self.registry._collector_to_names)
+        for collector in collectors:
             if isinstance(collector, Counter | Gauge | Histogram):
                 out.append(self._render_metric(collector))
             else:

@@ -10,6 +10,7 @@ metering/multiprocess.py's value class and merged by metering/multiprocess_expos
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -252,6 +253,7 @@ class Metrics:
         self._tags: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._active: dict[str, Any] = {}
         self._exposition: FastExposition | None = None
+        self._exposition_lock = threading.Lock()
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._attempts: dict[tuple[str, str], Any] = {}
         self._redis_up: Gauge | None = None
@@ -356,10 +358,13 @@ class Metrics:
             found[1].inc(cost_nano / 1e9)
 
     def exposition(self) -> bytes:
-        """The text a scrape returns: all workers' values when running several."""
+        """The text a scrape returns: all workers' values when running several. Safe to
+        call from any thread (/metrics renders in one) while the loop writes values;
+        renders run one at a time."""
         directory = multiprocess_dir()
         if directory:
             return multiprocess_exposition.shared(directory).render()
-        if self._exposition is None:
-            self._exposition = FastExposition(self.registry)
-        return self._exposition.render()
+        with self._exposition_lock:
+            if self._exposition is None:
+                self._exposition = FastExposition(self.registry)
+            return self._exposition.render()
