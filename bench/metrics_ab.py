@@ -7,7 +7,9 @@ what metrics cost: `/metrics` at 50 models x 200 keys and `serve --workers N` th
   the scrape step's 50 models x 200 keys (`benchlib/scrape.py`: 10,000 requests, ~52,000
   samples); after a warm-up (the first scrape of a worker builds its caches: reported
   apart), `--scrapes` scrapes of each gateway per run, gateways interleaved, order
-  alternating run by run; medians over all runs.
+  alternating run by run; medians over all runs. Meanwhile a thread sends `GET /healthz`
+  on 8 kept-alive connections (spread over the workers): the longest wait says how long
+  a scrape held a worker's requests (`benchlib/scrape.HealthWatch`).
 - **Requests/s**: for each tree, `serve --workers 1` and `--workers 2` with the workers
   step's config and placement (`benchlib/workers.py`: every feature on, the budget soft,
   an idle rollout; on 2 cores, 2 workers share a CPU with nginx and wrk), wrk -c64 for
@@ -113,6 +115,8 @@ class Scraped:
     body_bytes: int = 0
     first_ms: list[float] = field(default_factory=list)  # the warm-up's, caches cold
     ms: list[float] = field(default_factory=list)
+    first_wait_ms: float = 0.0  # the longest /healthz wait during the first scrapes
+    wait_ms: float = 0.0  # ... during the timed ones
 
 
 @dataclass
@@ -142,12 +146,15 @@ def measure_scrapes(
             done = scrape.fill(processes, workdir / f"{tree}-scrape-{n}", pinned, n, install)
             filled.append((Scraped(tree, n), done))
     for result, done in filled:  # every worker's first scrape: its caches are built
-        result.first_ms, body = scrape.time_scrapes(done.gateway, 4 * done.workers)
+        result.first_ms, body, result.first_wait_ms = scrape.time_scrapes(
+            done.gateway, 4 * done.workers
+        )
         result.samples, result.body_bytes = scrape.samples_in(body), len(body)
     for index in range(args.runs):
         for result, done in _alternating(filled, index):
-            timings, _ = scrape.time_scrapes(done.gateway, args.scrapes)
+            timings, _, waited = scrape.time_scrapes(done.gateway, args.scrapes)
             result.ms += timings
+            result.wait_ms = max(result.wait_ms, waited)
             print(
                 f"run {index + 1}/{args.runs} {result.tree} workers={result.workers}: "
                 f"/metrics {statistics.median(timings):.1f} ms",
@@ -258,6 +265,19 @@ def render(
                 for s in scraped
             ],
             "lrll",
+        ),
+        "",
+        "What a scrape holds: the longest a `GET /healthz` waited while the scrapes ran "
+        "(sent in turn on 8 kept-alive connections, opened before the scrapes so that "
+        "they are spread over the workers, from a thread of this script).",
+        "",
+        table(
+            ["tree", "workers", "during the first scrapes (ms)", "during the timed ones (ms)"],
+            [
+                [s.tree, str(s.workers), f"{s.first_wait_ms:.1f}", f"{s.wait_ms:.1f}"]
+                for s in scraped
+            ],
+            "lrrr",
         ),
         "",
         "## serve --workers N, requests/s (wrk -c64)",

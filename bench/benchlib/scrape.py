@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -193,19 +196,72 @@ def fill(
     return Filled(gateway, workers, pids, len(requests), filled)
 
 
-def time_scrapes(gateway: Gateway, scrapes: int) -> tuple[list[float], bytes]:
+class HealthWatch:
+    """GET /healthz over and over on a few kept-alive connections, in turn, while
+    something else runs: the longest wait says how long an event loop was held. The
+    connections are opened first, so with several workers they are spread over them (a
+    worker whose loop is held accepts no new connection: new ones would go elsewhere)."""
+
+    def __init__(self, base: str, connections: int = 8) -> None:
+        parts = urlsplit(base)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.connections = connections
+        self.longest_ms = 0.0
+        self.probes = 0
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._open: list[HTTPConnection] = []
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for conn in self._open:
+                    began = time.perf_counter()
+                    conn.request("GET", "/healthz")
+                    answer = conn.getresponse()
+                    answer.read()
+                    if answer.status != 200:
+                        self.error = f"GET /healthz answered {answer.status}"
+                        return
+                    waited = (time.perf_counter() - began) * 1000
+                    self.longest_ms = max(self.longest_ms, waited)
+                    self.probes += 1
+        except (OSError, HTTPException) as exc:
+            self.error = f"GET /healthz failed: {exc}"
+
+    def __enter__(self) -> HealthWatch:
+        for _ in range(self.connections):
+            conn = HTTPConnection(*self.address, timeout=60)
+            conn.connect()
+            self._open.append(conn)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(70)
+        for conn in self._open:
+            conn.close()
+        if self.error:
+            raise BenchError(self.error)
+
+
+def time_scrapes(gateway: Gateway, scrapes: int) -> tuple[list[float], bytes, float]:
     """`scrapes` GET /metrics one after the other, each on a new connection (so that
-    with several workers they spread over the workers); times in ms and the last body."""
+    with several workers they spread over the workers); times in ms, the last body, and
+    the longest a /healthz request waited meanwhile (ms)."""
     timings = []
     body = b""
-    for _ in range(scrapes):
-        began = time.perf_counter()
-        answer = http(f"{gateway.base}/metrics", timeout=60)
-        timings.append((time.perf_counter() - began) * 1000)
-        if answer.status != 200:
-            raise BenchError(f"GET /metrics answered {answer.status}")
-        body = answer.body
-    return timings, body
+    with HealthWatch(gateway.base) as watch:
+        for _ in range(scrapes):
+            began = time.perf_counter()
+            answer = http(f"{gateway.base}/metrics", timeout=60)
+            timings.append((time.perf_counter() - began) * 1000)
+            if answer.status != 200:
+                raise BenchError(f"GET /metrics answered {answer.status}")
+            body = answer.body
+    return timings, body, watch.longest_ms
 
 
 def samples_in(body: bytes) -> int:
@@ -237,7 +293,7 @@ def run(
         py_spy = profile.py_spy(sys.executable)
         recorder = profile.start(py_spy, gateway.process.popen.pid, None, profile_to, profiler_cpus)
         time.sleep(0.5)  # py-spy attaches
-    timings, body = time_scrapes(gateway, scrapes)
+    timings, body, _ = time_scrapes(gateway, scrapes)
     if recorder is not None and profile_to is not None:
         profile.finish(recorder, profile_to, interrupt=True)
     directory = multiproc_dir(filled.pids[0]) if workers > 1 else None
