@@ -146,15 +146,16 @@ def measure_scrapes(
             done = scrape.fill(processes, workdir / f"{tree}-scrape-{n}", pinned, n, install)
             filled.append((Scraped(tree, n), done))
     for result, done in filled:  # every worker's first scrape: its caches are built
-        result.first_ms, body, result.first_wait_ms = scrape.time_scrapes(
-            done.gateway, 4 * done.workers
+        result.first_ms, body, first_wait = scrape.time_scrapes(
+            done.gateway, 4 * done.workers, watch=True
         )
+        result.first_wait_ms = first_wait or 0.0
         result.samples, result.body_bytes = scrape.samples_in(body), len(body)
     for index in range(args.runs):
         for result, done in _alternating(filled, index):
-            timings, _, waited = scrape.time_scrapes(done.gateway, args.scrapes)
+            timings, _, waited = scrape.time_scrapes(done.gateway, args.scrapes, watch=True)
             result.ms += timings
-            result.wait_ms = max(result.wait_ms, waited)
+            result.wait_ms = max(result.wait_ms, waited or 0.0)
             print(
                 f"run {index + 1}/{args.runs} {result.tree} workers={result.workers}: "
                 f"/metrics {statistics.median(timings):.1f} ms",

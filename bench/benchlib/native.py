@@ -93,11 +93,10 @@ class Load:
 
 def measure(name: str, pid: int, load: Load, out_dir: Path) -> NativeProfile:
     """Both views of `pid` under `load`."""
-    cpus, seconds = load.cpus, load.seconds
     data = out_dir / f"{name}.perf.data"
     record = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "2000", "-o", str(data)]
     recorder = subprocess.Popen(
-        pinned([*record, "-p", str(pid)], cpus),
+        pinned([*record, "-p", str(pid)], load.cpus),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -108,11 +107,10 @@ def measure(name: str, pid: int, load: Load, out_dir: Path) -> NativeProfile:
     _interrupt(recorder)
     parts, samples = _parts(data)
     calls, strace_rps = _syscalls(pid, load, out_dir / f"{name}.strace.txt")
-    requests = loaded.rps * seconds
     return NativeProfile(
         name,
         loaded.rps,
-        used / requests * 1e6 if requests else 0.0,
+        used / loaded.requests * 1e6 if loaded.requests else 0.0,
         parts,
         samples,
         calls,
@@ -162,7 +160,7 @@ def _syscalls(pid: int, load: Load, out: Path) -> tuple[list[tuple[str, float]],
     time.sleep(0.5)  # strace attaches to every thread
     loaded = load.run()
     _interrupt(tracer)
-    requests = loaded.rps * load.seconds or 1.0
+    requests = loaded.requests or 1
     calls = []
     with contextlib.suppress(OSError):
         for line in out.read_text().splitlines():
@@ -177,6 +175,7 @@ def section(profiles: list[NativeProfile], skipped: str, connections: int) -> li
     title = "## Below Python: where each request's CPU goes, metergate and the floor"
     if not profiles:
         return [title, "", f"Not measured: {skipped}.", ""]
+    missing = [f"Not measured further: {skipped}.", ""] if skipped else []
     names = [p.name for p in profiles]
     first = profiles[0]
     parts = [part for part, _ in first.parts]
@@ -225,4 +224,5 @@ def section(profiles: list[NativeProfile], skipped: str, connections: int) -> li
         "",
         table(["system call", *names], call_rows, "l" + "r" * len(names)),
         "",
+        *missing,
     ]

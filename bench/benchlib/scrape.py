@@ -12,6 +12,7 @@ fetched `scrapes` times, one at a time; the median is reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -207,7 +208,6 @@ class HealthWatch:
         self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.connections = connections
         self.longest_ms = 0.0
-        self.probes = 0
         self.error = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -226,7 +226,6 @@ class HealthWatch:
                         return
                     waited = (time.perf_counter() - began) * 1000
                     self.longest_ms = max(self.longest_ms, waited)
-                    self.probes += 1
         except (OSError, HTTPException) as exc:
             self.error = f"GET /healthz failed: {exc}"
 
@@ -247,13 +246,17 @@ class HealthWatch:
             raise BenchError(self.error)
 
 
-def time_scrapes(gateway: Gateway, scrapes: int) -> tuple[list[float], bytes, float]:
+def time_scrapes(
+    gateway: Gateway, scrapes: int, watch: bool = False
+) -> tuple[list[float], bytes, float | None]:
     """`scrapes` GET /metrics one after the other, each on a new connection (so that
     with several workers they spread over the workers); times in ms, the last body, and
-    the longest a /healthz request waited meanwhile (ms)."""
+    with `watch` the longest a /healthz request waited meanwhile (ms; the probes load
+    the gateway too, so the suite's timings are taken without them)."""
     timings = []
     body = b""
-    with HealthWatch(gateway.base) as watch:
+    watcher = HealthWatch(gateway.base) if watch else None
+    with watcher or contextlib.nullcontext():
         for _ in range(scrapes):
             began = time.perf_counter()
             answer = http(f"{gateway.base}/metrics", timeout=60)
@@ -261,7 +264,7 @@ def time_scrapes(gateway: Gateway, scrapes: int) -> tuple[list[float], bytes, fl
             if answer.status != 200:
                 raise BenchError(f"GET /metrics answered {answer.status}")
             body = answer.body
-    return timings, body, watch.longest_ms
+    return timings, body, None if watcher is None else watcher.longest_ms
 
 
 def samples_in(body: bytes) -> int:
