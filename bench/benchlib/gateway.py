@@ -118,6 +118,7 @@ def start_gateway(
     cpus: str | None,
     workers: int = 1,
     install: Install = THIS_TREE,
+    ready_timeout: float = 60,
 ) -> Gateway:
     port = free_port()
     command = install.command("serve", "--config", str(config), "--port", str(port))
@@ -125,7 +126,7 @@ def start_gateway(
         command += ["--workers", str(workers)]
     log = config.parent / "metergate.log"
     started = processes.start("metergate", pinned(command, cpus), log, install.env)
-    wait_ready(started, f"http://127.0.0.1:{port}/readyz", timeout=60)
+    wait_ready(started, f"http://127.0.0.1:{port}/readyz", timeout=ready_timeout)
     return Gateway(started, port, config)
 
 

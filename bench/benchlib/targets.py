@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +153,18 @@ def litellm_metrics(target: Target) -> Check:
 
 
 def start_floor(
-    processes: procs.Processes, workdir: Path, chat_url: str, cpus: str | None
+    processes: procs.Processes,
+    workdir: Path,
+    chat_url: str,
+    cpus: str | None,
+    prefix: Sequence[str] = (),
+    ready_timeout: float = 60,
 ) -> tuple[str, int]:
-    """bench/stack's minimal proxy on uvicorn with its bare httptools client: the floor."""
+    """bench/stack's minimal proxy on uvicorn with its bare httptools client: the floor
+    (`prefix`: a command to run it under, e.g. valgrind)."""
     port = procs.free_port()
     command = [
+        *prefix,
         sys.executable,
         str(STACK_PROXY),
         "serve",
@@ -171,5 +179,5 @@ def start_floor(
     ]
     env = {**os.environ, "PROXY_CLIENT": "bare", "PROXY_UPSTREAM": chat_url, "PROXY_GC": ""}
     started = processes.start("floor", procs.pinned(command, cpus), workdir / "floor.log", env)
-    procs.wait_ready(started, f"http://127.0.0.1:{port}/healthz", timeout=60)
+    procs.wait_ready(started, f"http://127.0.0.1:{port}/healthz", timeout=ready_timeout)
     return f"http://127.0.0.1:{port}{upstream.CHAT_PATH}", started.popen.pid
