@@ -119,7 +119,7 @@ class CompletionsHandler:
         admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
-        active.inc()
+        active.inc(1)
         try:
             if streaming:
                 log.stream = True
@@ -132,7 +132,7 @@ class CompletionsHandler:
                 )
             return reply
         finally:
-            active.dec()
+            active.inc(-1)
             gate.settle(admission, log.cost_nano, log.usage)
 
     async def _cache_lookup(

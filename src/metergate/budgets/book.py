@@ -26,7 +26,7 @@ from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.errors import BudgetExceeded
 from metergate.metering.estimate import WorstCase
-from metergate.metering.metrics import Metrics
+from metergate.metering.metrics import Metrics, value_of
 from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
 
@@ -44,7 +44,7 @@ class Budget:
     reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
     unsynced_nano: int = 0  # settled here while Redis was unreachable, not yet shared
     announced: set[int] = field(default_factory=set)
-    spent_gauge: Any = None  # its metergate_budget_spent_usd child, looked up once
+    spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
 
     def describe(self) -> str:
         target = "" if self.config.scope == "global" else f" {self.config.target}"
@@ -226,11 +226,12 @@ class BudgetBook:
         log.info("budget %s: new period from %s", budget.name, iso(budget.start))
 
     def _show_spent(self, budget: Budget) -> None:
-        """Per request: the gauge child is looked up once (`labels()` costs a lock and a
+        """Per request: the gauge's value is looked up once (`labels()` costs a lock and a
         tuple per call)."""
         gauge = budget.spent_gauge
         if gauge is None:
-            gauge = budget.spent_gauge = self.metrics.budget_spent.labels(budget.name)
+            child = self.metrics.budget_spent.labels(budget.name)
+            gauge = budget.spent_gauge = value_of(child)
         gauge.set(budget.spent_nano / 1e9)
 
     def _announce_crossings(self, budget: Budget) -> None:

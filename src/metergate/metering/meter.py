@@ -194,7 +194,7 @@ class Meter:
         if log.ttft is not None:
             series.ttft.observe(log.ttft)
         if log.attempts:
-            self.metrics.overhead.observe(max(0.0, duration - log.upstream_seconds))
+            self.metrics.observe_overhead(max(0.0, duration - log.upstream_seconds))
         usage = log.usage or _NO_USAGE
         if usage.input_tokens:
             series.tokens[0].inc(usage.input_tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -86,17 +87,46 @@ else:
     multiprocess_values.install_in_process(LOOP_ONLY)
 
 
+# Per-request writes go to the children's values directly. prometheus_client's `inc` and
+# `observe` check on every call that the metric has no unset labels and that a counter's
+# amount is not negative: three Python calls around one addition, ~25 per request. The
+# labels are set once here, and what is counted is never negative (token counts are
+# checked where an upstream reports them: providers.base.Usage).
+
+
+class _Histogram:
+    """A histogram child's `observe`: the bucket found by bisection, the sum added."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds: list[float] = child._upper_bounds  # sorted, the last +Inf
+        self._buckets = child._buckets
+        self._sum = child._sum
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
+def value_of(child: Any) -> Any:
+    """A counter's or gauge's value: `inc(amount)` and `set(value)` with no checks."""
+    return child._value
+
+
 class _Series:
-    """The children of one (model, upstream, key) combination, resolved once."""
+    """The values of one (model, upstream, key) combination, resolved once."""
 
     __slots__ = ("cost", "duration", "outcomes", "tokens", "ttft")
 
     def __init__(self, metrics: Metrics, model: str, upstream: str, key: str) -> None:
-        self.duration = metrics.request_duration.labels(model, upstream)
-        self.ttft = metrics.time_to_first_token.labels(model, upstream)
-        self.tokens = tuple(metrics.tokens.labels(model, upstream, key, t) for t in TOKEN_TYPES)
-        self.cost = metrics.cost.labels(model, upstream, key)
-        self.outcomes: dict[tuple[str, str], Any] = {}  # (outcome, api) -> child
+        self.duration = _Histogram(metrics.request_duration.labels(model, upstream))
+        self.ttft = _Histogram(metrics.time_to_first_token.labels(model, upstream))
+        self.tokens = tuple(
+            value_of(metrics.tokens.labels(model, upstream, key, t)) for t in TOKEN_TYPES
+        )
+        self.cost = value_of(metrics.cost.labels(model, upstream, key))
+        self.outcomes: dict[tuple[str, str], Any] = {}  # (outcome, api) -> value
 
 
 class Metrics:
@@ -135,6 +165,7 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.observe_overhead = _Histogram(self.overhead).observe
         self.tokens = Counter(
             "metergate_tokens", "Tokens by type.", ["model", "upstream", "key", "type"], registry=r
         )
@@ -272,10 +303,11 @@ class Metrics:
         return self._redis_up
 
     def active(self, model: str) -> Any:
-        """The in-flight gauge of a model (its child cached: labels() is not free)."""
+        """The in-flight gauge's value of a model: `inc(1)`, `inc(-1)` (cached: labels()
+        is not free)."""
         found = self._active.get(model)
         if found is None:
-            found = self._active[model] = self.active_requests.labels(model)
+            found = self._active[model] = value_of(self.active_requests.labels(model))
         return found
 
     def series(self, model: str, upstream: str, key: str) -> _Series:
@@ -288,18 +320,18 @@ class Metrics:
         self, series: _Series, labels: tuple[str, str, str], outcome: str, api: str = "chat"
     ) -> None:
         """`api` is one of APIS (set by the gateway's doors, never by the caller)."""
-        child = series.outcomes.get((outcome, api))
-        if child is None:
-            child = series.outcomes[(outcome, api)] = self.requests.labels(*labels, outcome, api)
-        child.inc()
+        value = series.outcomes.get((outcome, api))
+        if value is None:
+            child = self.requests.labels(*labels, outcome, api)
+            value = series.outcomes[(outcome, api)] = value_of(child)
+        value.inc(1)
 
     def count_attempt(self, upstream: str, outcome: str) -> None:
-        child = self._attempts.get((upstream, outcome))
-        if child is None:
-            child = self._attempts[(upstream, outcome)] = self.upstream_attempts.labels(
-                upstream, outcome
-            )
-        child.inc()
+        value = self._attempts.get((upstream, outcome))
+        if value is None:
+            child = self.upstream_attempts.labels(upstream, outcome)
+            value = self._attempts[(upstream, outcome)] = value_of(child)
+        value.inc(1)
 
     def prime(
         self,
@@ -334,8 +366,8 @@ class Metrics:
                     series = self.series(model, upstream, key)
                     # One api suffices: the rules sum requests over it.
                     if ("success", "chat") not in series.outcomes:
-                        series.outcomes[("success", "chat")] = self.requests.labels(
-                            model, upstream, key, "success", "chat"
+                        series.outcomes[("success", "chat")] = value_of(
+                            self.requests.labels(model, upstream, key, "success", "chat")
                         )
         for rollout in wanted[2]:
             self.rollout_transitions.labels(rollout, "rolled_back")
