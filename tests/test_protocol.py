@@ -1,0 +1,153 @@
+"""The gateway's HTTP protocol writes each whole answer in one piece, byte for byte what
+uvicorn's own protocol writes, and leaves every unusual answer to uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from metergate.api import protocol
+from metergate.api.protocol import GuardedHttpToolsProtocol
+
+DEFAULT_HEADERS = [(b"date", b"Thu, 03 Dec 2026 12:00:00 GMT"), (b"server", b"uvicorn")]
+BODY = b'{"id":"chatcmpl-1","object":"chat.completion"}'
+POST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+    b"content-length: 2\r\n\r\n{}"
+)
+
+
+class Transport:
+    """What the protocols write, write by write, and whether they closed."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.closed_by_server = False  # before the test hangs up
+
+    def get_extra_info(self, name: str) -> Any:
+        return {"sockname": ("127.0.0.1", 4000), "peername": ("127.0.0.1", 50000)}.get(name)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+def app_answering(*messages: dict[str, Any]) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        for message in messages:
+            await send(message)
+
+    return app
+
+
+async def serve(protocol_class: type[HttpToolsProtocol], app: Any, request: bytes) -> Transport:
+    config = Config(app=app, http="httptools", lifespan="off", access_log=False)  # as `serve`
+    config.load()
+    state = ServerState()
+    state.default_headers = list(DEFAULT_HEADERS)
+    protocol = protocol_class(config=config, server_state=state, app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(request)
+    while state.tasks:  # the request's task, then a pipelined one's
+        await asyncio.wait_for(asyncio.gather(*state.tasks), 10)
+    transport.closed_by_server = transport.closed
+    protocol.connection_lost(None)  # the client goes: timers stop
+    return transport
+
+
+def start(headers: list[tuple[bytes, bytes]], status: int = 200) -> dict[str, Any]:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def body(data: bytes, more: bool = False) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+WHOLE = [
+    (b"x-request-id", b"req_1"),
+    (b"x-metergate-cost-usd", b"0.000025000"),
+    (b"content-type", b"application/json"),
+    (b"content-length", b"%d" % len(BODY)),
+]
+
+CASES = {
+    "whole answer": (POST, [start(WHOLE), body(BODY)]),
+    "an error answer": (POST, [start(WHOLE, 429), body(BODY)]),
+    "the client asks to close": (
+        POST.replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n"),
+        [start(WHOLE), body(BODY)],
+    ),
+    "HTTP/1.0": (POST.replace(b"HTTP/1.1", b"HTTP/1.0"), [start(WHOLE), body(BODY)]),
+    "HEAD": (b"HEAD /healthz HTTP/1.1\r\nhost: gw\r\n\r\n", [start(WHOLE), body(b"")]),
+    "an uppercase header name": (POST, [start([(b"X-Odd", b"1"), *WHOLE]), body(BODY)]),
+    "a tab in a value": (POST, [start([(b"x-odd", b"a\tb"), *WHOLE]), body(BODY)]),
+    "the app closes": (POST, [start([(b"connection", b"close"), *WHOLE]), body(BODY)]),
+    "a body in two parts": (POST, [start(WHOLE), body(BODY[:10], True), body(BODY[10:])]),
+    "a stream": (
+        POST,
+        [start([(b"content-type", b"text/event-stream")]), body(b"data: 1\n\n", True), body(b"")],
+    ),
+    "a header smuggled in a value": (POST, [start([(b"x-odd", b"a\r\nb: c"), *WHOLE]), body(BODY)]),
+    "a line feed in a value": (POST, [start([(b"x-odd", b"a\nb"), *WHOLE]), body(BODY)]),
+    "a space in a name": (POST, [start([(b"x odd", b"1"), *WHOLE]), body(BODY)]),
+    "a name that is not ASCII": (POST, [start([(b"x-\xe9", b"1"), *WHOLE]), body(BODY)]),
+    "a content-length that lies": (POST, [start(WHOLE), body(BODY + b"!")]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_answers_are_the_bytes_uvicorn_writes(case: str) -> None:
+    request, messages = CASES[case]
+    ours = await serve(GuardedHttpToolsProtocol, app_answering(*messages), request)
+    theirs = await serve(HttpToolsProtocol, app_answering(*messages), request)
+    if case == "a content-length that lies":
+        # uvicorn has written the head when the body turns out too long; the gateway
+        # holds the head until the body and writes neither. Either way no answer.
+        assert ours.writes == [] and ours.closed_by_server and theirs.closed_by_server
+        return
+    assert b"".join(ours.writes) == b"".join(theirs.writes)
+    assert ours.closed_by_server == theirs.closed_by_server
+
+
+async def test_a_whole_answer_is_one_write() -> None:
+    transport = await serve(GuardedHttpToolsProtocol, app_answering(start(WHOLE), body(BODY)), POST)
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[0].endswith(b"\r\n\r\n" + BODY)
+    assert not transport.closed_by_server
+
+
+async def test_a_kept_alive_connection_serves_the_next_request() -> None:
+    app = app_answering(start(WHOLE), body(BODY))
+    transport = await serve(GuardedHttpToolsProtocol, app, POST + POST)
+    assert b"".join(transport.writes).count(b"HTTP/1.1 200 OK\r\n") == 2
+
+
+async def test_the_usual_answer_skips_uvicorns_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def not_here(self: Any, message: Any) -> None:
+        raise AssertionError("the usual whole answer went through uvicorn's send")
+
+    monkeypatch.setattr(protocol.OneWriteCycle, "_composed", not_here)
+    transport = await serve(GuardedHttpToolsProtocol, app_answering(start(WHOLE), body(BODY)), POST)
+    assert transport.writes and transport.writes[0].endswith(BODY)
