@@ -25,6 +25,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+from metergate.errors import UpstreamProtocolError
+from metergate.providers.anthropic_translate import usage_of as anthropic_usage
+from metergate.providers.base import Usage
+from metergate.providers.bedrock_translate import usage_of as bedrock_usage
+from metergate.providers.gemini_translate import usage_of as gemini_usage
+from metergate.providers.openai_native import responses_usage
 from tests.harness import BackgroundLoop, UpstreamServer, eventually
 from tests.services import ServerProcess, binary, free_port
 from tests.upstreams.fault_server import Fault, FaultServer
@@ -59,9 +65,7 @@ def _embeddings_app(vectors: int) -> web.Application:
 
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
-        data = [
-            {"object": "embedding", "index": i, "embedding": floats[i]} for i in range(vectors)
-        ]
+        data = [{"object": "embedding", "index": i, "embedding": floats[i]} for i in range(vectors)]
         usage = {"prompt_tokens": 7 * vectors, "total_tokens": 7 * vectors}
         payload = {"object": "list", "data": data, "model": body["model"], "usage": usage}
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
@@ -143,9 +147,7 @@ class ClosingUpstream:
         self.server.close()
 
 
-def test_an_upstream_closing_every_connection_fails_no_request(
-    bg: BackgroundLoop, gateway_factory
-):
+def test_an_upstream_closing_every_connection_fails_no_request(bg: BackgroundLoop, gateway_factory):
     upstream = ClosingUpstream(bg)
     gateway = gateway_factory(_config(upstream.url))
 
@@ -294,6 +296,85 @@ def test_oversized_upstream_headers_are_an_upstream_error(bg: BackgroundLoop, ga
     server.close()
 
 
+# --- 7b. token counts an answer cannot be priced by --------------------------------------
+
+
+def _usage_app(usage: dict[str, Any]) -> web.Application:
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        payload = {
+            "id": "chatcmpl-odd",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": usage,
+        }
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("usage", "named"),
+    [
+        ({"prompt_tokens": -500, "completion_tokens": 4}, "prompt_tokens: '-500'"),
+        ({"prompt_tokens": 11, "completion_tokens": "4"}, "completion_tokens: '4'"),
+        ({"prompt_tokens": 11, "completion_tokens": 2.5}, "completion_tokens: '2.5'"),
+    ],
+)
+def test_unusable_token_counts_fail_the_attempt_and_refund_nothing(
+    bg: BackgroundLoop, gateway_factory, usage: dict[str, Any], named: str
+):
+    """A negative count used to reach the budget (a refund), the counters (a ValueError
+    after the answer was priced: a 500) and the ledger."""
+    upstream = UpstreamServer(bg, _usage_app(usage))
+    config = {**_config(upstream.url), "budgets": {"all": {"limit_usd": 100}}}
+    config["models"]["m"]["retry"] = {"max_retries": 0}
+    gateway = gateway_factory(config)
+    with pytest.raises(openai.APIStatusError) as caught:
+        gateway.client().chat.completions.create(model="m", messages=ASK)
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
+    assert f"unusable token count ({named})" in caught.value.message
+    [row] = gateway.ledger_rows()
+    assert row["outcome"] == "upstream_error" and row["cost_nano"] == 0
+    assert min(row["input_tokens"], row["output_tokens"]) == 0
+    assert gateway.metric("metergate_tokens_total") == 0
+    assert gateway.metric("metergate_budget_spent_usd", budget="all") == 0
+
+
+@pytest.mark.parametrize(
+    ("usage_of", "usage", "named"),
+    [
+        (anthropic_usage, {"input_tokens": 5, "output_tokens": -1}, "output_tokens"),
+        (anthropic_usage, {"input_tokens": 5, "cache_read_input_tokens": "9"}, "cache_read"),
+        (bedrock_usage, {"inputTokens": -3, "outputTokens": 1}, "inputTokens"),
+        (gemini_usage, {"promptTokenCount": 4, "thoughtsTokenCount": -2}, "thoughtsTokenCount"),
+        (responses_usage, {"input_tokens": 4, "output_tokens": [1]}, "output_tokens"),
+    ],
+)
+def test_every_provider_refuses_unusable_counts(usage_of: Any, usage: Any, named: str) -> None:
+    with pytest.raises(UpstreamProtocolError, match=f"unusable token count \\({named}"):
+        usage_of(usage)
+
+
+def test_more_cached_than_sent_is_all_cached() -> None:
+    usage = Usage.from_openai({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}})
+    assert (usage.input_tokens, usage.cached_input_tokens) == (0, 5)
+    usage = gemini_usage({"promptTokenCount": 5, "cachedContentTokenCount": 9})
+    assert (usage.input_tokens, usage.cached_input_tokens) == (0, 5)
+
+
+def test_a_whole_float_count_is_taken_as_the_integer(bg: BackgroundLoop, gateway_factory):
+    upstream = UpstreamServer(bg, _usage_app({"prompt_tokens": 11.0, "completion_tokens": 4.0}))
+    gateway = gateway_factory(_config(upstream.url))
+    answer = gateway.client().chat.completions.create(model="m", messages=ASK)
+    assert answer.usage is not None and answer.usage.prompt_tokens == 11
+    [row] = gateway.ledger_rows()
+    assert (row["input_tokens"], row["output_tokens"]) == (11, 4)
+
+
 # --- 8. egress through an HTTP proxy -------------------------------------------------------
 
 
@@ -305,7 +386,7 @@ def tinyproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     def command(port: int) -> list[str]:
         (workdir / "tinyproxy.conf").write_text(
             f"Port {port}\nListen 127.0.0.1\nTimeout 30\nLogLevel Connect\n"
-            f"LogFile \"{workdir}/tinyproxy.log\"\nPidFile \"{workdir}/tinyproxy.pid\"\n"
+            f'LogFile "{workdir}/tinyproxy.log"\nPidFile "{workdir}/tinyproxy.pid"\n'
             "MaxClients 50\nAllow 127.0.0.1\n"  # no ConnectPort line: CONNECT to any port
         )
         return [binary("tinyproxy"), "-d", "-c", str(workdir / "tinyproxy.conf")]

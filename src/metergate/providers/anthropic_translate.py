@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from metergate.providers.base import Usage
+from metergate.providers.base import Usage, token_count
 from metergate.providers.translation import (
     a_list,
     a_string,
@@ -64,12 +64,12 @@ def usage_of(raw: dict[str, Any] | None) -> Usage:
     """Cache writes count as input tokens, priced at the cache-write rate (5-minute or
     1-hour); only cache reads count as cached."""
     raw = raw or {}
-    writes = raw.get("cache_creation_input_tokens") or 0
-    hour = (raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
+    writes = token_count(raw, "cache_creation_input_tokens")
+    hour = token_count(raw.get("cache_creation"), "ephemeral_1h_input_tokens")
     return Usage(
-        input_tokens=(raw.get("input_tokens") or 0) + writes,
-        cached_input_tokens=raw.get("cache_read_input_tokens") or 0,
-        output_tokens=raw.get("output_tokens") or 0,
+        input_tokens=token_count(raw, "input_tokens") + writes,
+        cached_input_tokens=token_count(raw, "cache_read_input_tokens"),
+        output_tokens=token_count(raw, "output_tokens"),
         cache_write_tokens=writes,
         cache_write_1h_tokens=min(hour, writes),
     )

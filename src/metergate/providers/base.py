@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.config.model import ProviderConfig, Timeouts
-from metergate.errors import InvalidRequest
+from metergate.errors import InvalidRequest, UpstreamProtocolError
 
 DEFAULT_TIMEOUTS = Timeouts()
 
@@ -40,10 +40,9 @@ class Usage:
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage:
         if not usage:
             return cls()
-        prompt = usage.get("prompt_tokens") or 0
-        details = usage.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens") or 0
-        return cls(prompt - cached, cached, usage.get("completion_tokens") or 0)
+        prompt = token_count(usage, "prompt_tokens")
+        cached = min(prompt, token_count(usage.get("prompt_tokens_details"), "cached_tokens"))
+        return cls(prompt - cached, cached, token_count(usage, "completion_tokens"))
 
     def to_openai(self) -> dict[str, Any]:
         prompt = self.input_tokens + self.cached_input_tokens
@@ -53,6 +52,25 @@ class Usage:
             "total_tokens": prompt + self.output_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_input_tokens},
         }
+
+
+def token_count(usage: Any, field: str) -> int:
+    """A count of tokens from an upstream's usage object (absent or null: 0).
+
+    Anything but a whole number of tokens (a negative count, a string) cannot be priced:
+    taken as it came, it would refund budgets, run counters backwards or write a negative
+    ledger row, so it fails the attempt as a protocol error that names the field."""
+    value = usage.get(field) if isinstance(usage, dict) else None
+    if type(value) is int and value >= 0:
+        return value
+    if value is None:
+        return 0
+    if type(value) is float and value >= 0 and value.is_integer():
+        return int(value)  # 12.0 from some JSON encoders
+    raise UpstreamProtocolError(
+        f"the upstream reported an unusable token count ({field}: {str(value)[:40]!r}); "
+        "the answer cannot be priced"
+    )
 
 
 @dataclass(slots=True)

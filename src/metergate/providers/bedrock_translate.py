@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from metergate.providers.anthropic_translate import format_instruction, turns_of
-from metergate.providers.base import Usage
+from metergate.providers.base import Usage, token_count
 from metergate.providers.translation import (
     a_list,
     assistant_message,
@@ -52,11 +52,11 @@ def finish_reason(stop_reason: str | None) -> str:
 
 def usage_of(raw: dict[str, Any] | None) -> Usage:
     raw = raw or {}
-    writes = raw.get("cacheWriteInputTokens") or 0
+    writes = token_count(raw, "cacheWriteInputTokens")
     return Usage(
-        input_tokens=(raw.get("inputTokens") or 0) + writes,
-        cached_input_tokens=raw.get("cacheReadInputTokens") or 0,
-        output_tokens=raw.get("outputTokens") or 0,
+        input_tokens=token_count(raw, "inputTokens") + writes,
+        cached_input_tokens=token_count(raw, "cacheReadInputTokens"),
+        output_tokens=token_count(raw, "outputTokens"),
         cache_write_tokens=writes,  # priced at the cache-write rate, as Bedrock bills them
     )
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from metergate.providers.base import Usage
+from metergate.providers.base import Usage, token_count
 from metergate.providers.translation import (
     a_list,
     a_string,
@@ -80,10 +80,10 @@ def finish_reason(reason: str | None, called_tools: bool) -> str:
 def usage_of(meta: dict[str, Any] | None) -> Usage:
     """Thinking tokens are billed as output; tool-use prompt tokens (e.g. search) as input."""
     meta = meta or {}
-    prompt = (meta.get("promptTokenCount") or 0) + (meta.get("toolUsePromptTokenCount") or 0)
-    cached = meta.get("cachedContentTokenCount") or 0
-    output = (meta.get("candidatesTokenCount") or 0) + (meta.get("thoughtsTokenCount") or 0)
-    return Usage(max(0, prompt - cached), cached, output)
+    prompt = token_count(meta, "promptTokenCount") + token_count(meta, "toolUsePromptTokenCount")
+    cached = min(prompt, token_count(meta, "cachedContentTokenCount"))
+    output = token_count(meta, "candidatesTokenCount") + token_count(meta, "thoughtsTokenCount")
+    return Usage(prompt - cached, cached, output)
 
 
 def candidates_of(data: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:

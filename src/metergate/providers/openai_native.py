@@ -14,7 +14,7 @@ from contextlib import aclosing
 from typing import Any
 
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
-from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage
+from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage, token_count
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import Event
 from metergate.providers.translation import EventTranslator, load_json, relay
@@ -26,9 +26,9 @@ TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fai
 def responses_usage(usage: dict[str, Any] | None) -> Usage:
     """Responses usage: `input_tokens` includes the cached ones, priced apart here."""
     usage = usage or {}
-    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
-    total = usage.get("input_tokens") or 0
-    return Usage(max(0, total - cached), cached, usage.get("output_tokens") or 0)
+    total = token_count(usage, "input_tokens")
+    cached = min(total, token_count(usage.get("input_tokens_details"), "cached_tokens"))
+    return Usage(total - cached, cached, token_count(usage, "output_tokens"))
 
 
 async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Completion:
