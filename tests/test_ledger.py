@@ -222,6 +222,8 @@ async def test_group_commit_stores_rows_exactly(database: Database) -> None:
     await writer.close()
 
     assert await stored_rows(database) == appended  # same values, same order, no floats
+    nulls = await database.fetch("SELECT count(*) FROM requests WHERE ttft_ms IS NULL")
+    assert nulls[0][0] == sum(row.ttft_ms is None for row in appended)  # SQL NULLs
     # one commit per window or per full batch, not one per row
     bound = len(appended) // writer.batch_rows + elapsed / writer.flush_seconds + 2
     assert recording.transactions <= bound, (recording.transactions, elapsed)
