@@ -121,7 +121,7 @@ class OneWriteCycle(RequestResponseCycle):
                 message["type"] == "http.response.start"
                 and not self.response_started
                 and type(headers := message.get("headers")) in (list, tuple)
-                and b"content-length" in dict(headers)
+                and b"content-length" in map(_NAME, headers)
             ):
                 self._start = message
                 return
