@@ -10,7 +10,9 @@ import contextlib
 import csv
 import datetime as dt
 import io
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -20,6 +22,8 @@ import pytest
 from openapi_spec_validator import validate
 from prometheus_client import Gauge, Histogram
 
+from metergate.console import mcp as mcp_page
+from metergate.console import upstreams as upstreams_page
 from metergate.console.mcp import McpView, quantile
 from metergate.console.security import FailedSignIns
 from metergate.metering.ledger import COLUMNS as LEDGER_COLUMNS
@@ -645,6 +649,34 @@ def test_rollout_actions_follow_the_state_machine(gateway):
 
 
 # -- MCP --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("page", "reader"), [("/admin/api/mcp", mcp_page), ("/admin/api/upstreams", upstreams_page)]
+)
+def test_reading_metrics_for_a_page_does_not_hold_requests(
+    gateway, monkeypatch: pytest.MonkeyPatch, page: str, reader: Any
+) -> None:
+    """With several workers a page's metric read merges every worker's files (~15 ms,
+    most of a second the first time): chat requests arriving meanwhile are answered."""
+    read, reading, finish = reader.samples, threading.Event(), threading.Event()
+
+    def slow_samples(registry: Any, names: set[str]) -> Any:
+        reading.set()
+        finish.wait(20)
+        return read(registry, names)
+
+    monkeypatch.setattr(reader, "samples", slow_samples)
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(admin, gateway, page)
+        assert reading.wait(20)
+        try:
+            answer = gateway.client(timeout=10).chat.completions.create(model="chat", messages=ASK)
+            assert answer.choices[0].message.content
+            assert not loading.done()  # the page was still reading meanwhile
+        finally:
+            finish.set()
+        assert loading.result(60).status_code == 200
 
 
 def test_mcp_page_reads_the_contract_metrics(gateway):

@@ -213,7 +213,7 @@ class AdminApi:
     async def mcp_servers(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
         query_params(request)
-        await send_json(request, send, self.mcp.read(self.runtime.metrics.registry))
+        await send_json(request, send, await self.mcp.read_off_loop(self.runtime.metrics.registry))
 
     @admin_endpoint
     async def requests(self, request: Request, send: Send) -> None:

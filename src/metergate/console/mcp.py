@@ -13,6 +13,7 @@ Sampling stops ten minutes after the last read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import defaultdict, deque
@@ -31,6 +32,8 @@ RATE_WINDOW = 60.0  # seconds: what a rate on the page is the average over
 SAMPLE_EVERY = 5.0
 IDLE_STOP = 600.0  # no read for this long: stop sampling
 SLOW_TOOLS = 5
+
+log = logging.getLogger("metergate.console")
 
 
 @dataclass
@@ -119,6 +122,7 @@ class McpView:
         self._started = clock()
         self._snapshots: deque[tuple[float, dict[str, float]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._sampling: asyncio.Task[None] | None = None  # a sample being read in a thread
         self._last_read = self._started
 
     def sample(self, registry: CollectorRegistry) -> None:
@@ -151,16 +155,34 @@ class McpView:
 
         def tick() -> None:
             self._timer = None
-            self.sample(registry)
-            if self._clock() - self._last_read < IDLE_STOP:
-                self._keep_sampling(registry)
+            self._sampling = loop.create_task(self._sample_off_loop(registry))
 
         self._timer = loop.call_later(self._every, tick)
 
-    def read(self, registry: CollectorRegistry) -> dict[str, Any]:
+    async def _sample_off_loop(self, registry: CollectorRegistry) -> None:
+        try:
+            servers = await asyncio.to_thread(_read, registry)
+        except Exception:
+            log.exception("could not sample the MCP metrics for the console")
+        else:
+            self._append(self._clock(), {name: s.tool_calls for name, s in servers.items()})
+        if self._clock() - self._last_read < IDLE_STOP:
+            self._keep_sampling(registry)
+
+    async def read_off_loop(self, registry: CollectorRegistry) -> dict[str, Any]:
+        """`read`, the samples read in a thread: with several workers that merges every
+        worker's metric files (~15 ms, most of a second the first time in a process),
+        which must not hold the requests this worker serves meanwhile."""
+        return self.read(registry, await asyncio.to_thread(_read, registry))
+
+    def read(
+        self, registry: CollectorRegistry, servers: dict[str, _Server] | None = None
+    ) -> dict[str, Any]:
+        """The page's rows (`servers`: the samples, when already read)."""
         now = self._clock()
         self._last_read = now
-        servers = _read(registry)
+        if servers is None:
+            servers = _read(registry)
         since, before = self._rate_base(now)
         self._append(now, {name: s.tool_calls for name, s in servers.items()})
         self._keep_sampling(registry)

@@ -10,6 +10,7 @@ elsewhere) and fallbacks from/to it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from typing import Any
@@ -64,7 +65,8 @@ async def upstreams(runtime: Runtime, database: Database, window: Window) -> dic
             fallback_served[upstream] += int(count)  # its extra attempts were elsewhere
         else:
             retries[upstream] += int(extra or 0)
-    attempts, fallbacks = _process_counters(runtime)
+    # In a thread: with several workers this merges every worker's metric files.
+    attempts, fallbacks = await asyncio.to_thread(_process_counters, runtime)
     models_of: dict[str, list[str]] = defaultdict(list)
     for model, names in own.items():
         for name in sorted(names):
