@@ -356,7 +356,8 @@ def _check_chat(body: dict[str, Any]) -> bool:
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
     for name, least in _CHAT_INTEGERS:
-        _check_integer(body, name, least)
+        if name in body:  # most requests send one or none of them
+            _check_integer(body, name, least)
     options = body.get("stream_options")
     if options is not None and (
         not isinstance(options, dict)

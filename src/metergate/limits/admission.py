@@ -76,7 +76,9 @@ class Gate:
     def _admit_here(
         self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Admission:
-        verdicts = self.rates.check(buckets, _now_us()) if buckets else []
+        if not buckets:  # budgets only
+            return Admission(buckets, self.budgets.reserve(budgets, worst), [])
+        verdicts = self.rates.check(buckets, _now_us())
         reservation = self.budgets.reserve(budgets, worst)
         self.rates.take(buckets, verdicts)
         return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
