@@ -150,6 +150,10 @@ class ReadableFile:
         assert self._mapped is not None
         return self._mapped
 
+    def buffer(self) -> mmap.mmap:
+        """The mapping as it stands (after `refresh`), for reading values in bulk."""
+        return self._view()
+
     def _release(self) -> None:
         if self.doubles is not None:
             self.doubles.release()
