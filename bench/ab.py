@@ -9,7 +9,8 @@ suite's config (every feature on), their own ledger and key, the same CPU (one l
 a time) and the same nginx upstream, and are measured on the core workloads, their order
 alternating run by run:
 
-- requests/s at saturation (wrk -c64);
+- requests/s at saturation (wrk -c64), and the gateway's CPU time per request over
+  those runs (from /proc: less disturbed than requests/s by what else runs);
 - p50 and p99 at 1 connection;
 - p99 at about half load (the connection count that gives the current tree half its
   max, the same count for both);
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import baseline, procs, report, upstream, wrk
+from benchlib import baseline, procfs, procs, report, upstream, wrk
 from benchlib import gateway as gw
 from benchlib.measure import half_load_connections, ttft_once
 from benchlib.outcome import TtftRun
@@ -72,6 +73,17 @@ class Side:
     one: list[wrk.WrkResult] = field(default_factory=list)
     half: list[wrk.WrkResult] = field(default_factory=list)
     ttft: list[TtftRun] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # gateway CPU per request, saturated
+
+    def saturate(self, connections: int, seconds: int, cpus: str | None) -> wrk.WrkResult:
+        """The saturation run, and the gateway's CPU time per request over it (/proc):
+        less moved than requests/s by what else runs on this machine."""
+        assert self.target.pid is not None
+        before = procfs.cpu_seconds(self.target.pid)
+        result = self.load(connections, seconds, cpus)
+        used = procfs.cpu_seconds(self.target.pid) - before
+        self.cpu_us.append(used / max(result.requests, 1) * 1e6)
+        return result
 
     def load(self, connections: int, seconds: int, cpus: str | None) -> wrk.WrkResult:
         t = self.target
@@ -109,7 +121,7 @@ def measure(
         order = list(sides) if index % 2 == 0 else list(sides)[::-1]
         for name in order:
             side = sides[name]
-            side.sat.append(side.load(args.connections, args.duration, cpus))
+            side.sat.append(side.saturate(args.connections, args.duration, cpus))
             side.one.append(side.load(1, args.duration, cpus))
             side.half.append(side.load(half, args.duration, cpus))
             side.ttft.append(ttft_once(side.target, args.ttft_requests))
@@ -127,6 +139,7 @@ def rows(sides: dict[str, Side], half: int, connections: int) -> list[list[str]]
     def values(side: Side, metric: str) -> list[float]:
         pick = {
             "rps": [r.rps for r in side.sat],
+            "cpu": side.cpu_us,
             "p50@1": [r.p50_ms or float("nan") for r in side.one],
             "p99@1": [r.p99_ms or float("nan") for r in side.one],
             "p99@half": [r.p99_ms or float("nan") for r in side.half],
@@ -136,6 +149,7 @@ def rows(sides: dict[str, Side], half: int, connections: int) -> list[list[str]]
 
     labels = {
         "rps": (f"requests/s, wrk -c{connections}", 0, "higher"),
+        "cpu": (f"gateway CPU per request at -c{connections} (µs)", 0, "lower"),
         "p50@1": ("p50 at 1 connection (ms)", 3, "lower"),
         "p99@1": ("p99 at 1 connection (ms)", 3, "lower"),
         "p99@half": (f"p99 at about half load, -c{half} (ms)", 3, "lower"),

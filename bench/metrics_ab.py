@@ -67,25 +67,27 @@ RECORD = """
 import os, shutil, sys, tempfile, time
 directory = tempfile.mkdtemp(prefix="metergate-record-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-from metergate.metering.metrics import Metrics
-metrics = Metrics()
+from metergate.metering import metrics as module
+metrics = module.Metrics()
 labels = ("bench", "bench-upstream", "bench")
 series = metrics.series(*labels)
-active = metrics.active("bench")
+active = metrics.active("bench")  # a gauge child, or (since 8678d99) its value
 spent = metrics.budget_spent.labels("bench-total")
+spent = getattr(module, "value_of", lambda child: child)(spent)  # as BudgetBook holds it
+observe_overhead = getattr(metrics, "observe_overhead", metrics.overhead.observe)
 count = 20_000
 began = time.perf_counter()
 for _ in range(count):
-    active.inc()
+    active.inc(1)
     metrics.count_attempt("bench-upstream", "success")
     metrics.count_request(series, labels, "success", "chat")
     series.duration.observe(0.0012)
-    metrics.overhead.observe(0.0002)
+    observe_overhead(0.0002)
     series.tokens[0].inc(11)
     series.tokens[2].inc(7)
     series.cost.inc(0.000025)
     spent.set(1.5)
-    active.dec()
+    active.inc(-1)
 print((time.perf_counter() - began) / count * 1e9)
 shutil.rmtree(directory)
 """
