@@ -91,7 +91,7 @@ else:
 # `observe` check on every call that the metric has no unset labels and that a counter's
 # amount is not negative: three Python calls around one addition, ~25 per request. The
 # labels are set once here, and what is counted is never negative (token counts are
-# checked where an upstream reports them: providers.base.Usage).
+# checked where an upstream reports them: providers.base.token_count).
 
 
 class _Histogram:
