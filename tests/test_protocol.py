@@ -34,6 +34,8 @@ class Transport:
         return {"sockname": ("127.0.0.1", 4000), "peername": ("127.0.0.1", 50000)}.get(name)
 
     def write(self, data: bytes) -> None:
+        if self.closed:  # as uvloop's transport does
+            raise RuntimeError("unable to perform operation on a closed transport")
         self.writes.append(data)
 
     def close(self) -> None:
@@ -151,3 +153,33 @@ async def test_the_usual_answer_skips_uvicorns_send(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(protocol.OneWriteCycle, "_composed", not_here)
     transport = await serve(GuardedHttpToolsProtocol, app_answering(start(WHOLE), body(BODY)), POST)
     assert transport.writes and transport.writes[0].endswith(BODY)
+
+
+@pytest.mark.parametrize("case", ["whole answer", "a stream"])
+async def test_an_answer_on_a_connection_closed_under_it_is_dropped(case: str) -> None:
+    """The connection's own limits may close it while an earlier, pipelined request is
+    still answered: that answer is dropped as for a client gone, not an error."""
+    _, messages = CASES[case]
+    failures: list[BaseException] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        transport.close()  # what GuardedHttpToolsProtocol._refuse does
+        try:
+            for message in messages:
+                await send(message)
+        except BaseException as error:
+            failures.append(error)
+            raise
+
+    config = Config(app=app, http="httptools", lifespan="off", access_log=False)
+    config.load()
+    state = ServerState()
+    state.default_headers = list(DEFAULT_HEADERS)
+    server = GuardedHttpToolsProtocol(config=config, server_state=state, app_state={})
+    transport = Transport()
+    server.connection_made(transport)  # type: ignore[arg-type]
+    server.data_received(POST)
+    while state.tasks:
+        await asyncio.wait_for(asyncio.gather(*state.tasks), 10)
+    assert failures == [] and transport.writes == []

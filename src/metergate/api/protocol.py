@@ -115,6 +115,11 @@ class OneWriteCycle(RequestResponseCycle):
     _start: Any = None  # the held `http.response.start` of a whole answer
 
     async def send(self, message: Any) -> None:
+        if not self.disconnected and self.transport.is_closing():
+            # Closed under this answer by the connection's own limits (a pipelined
+            # request's timer, say): uvloop raises on a write to it; drop the answer as
+            # for a client gone.
+            self.disconnected = True
         start = self._start
         if start is None:
             if (
