@@ -115,7 +115,7 @@ def ledger_rows(path: Path) -> int:
 
 def rows(counted: list[Counted]) -> list[list[str]]:
     floor = next((c.per_request for c in counted if c.name == FLOOR_LABEL), None)
-    groups = [g for g, _ in callgrind.GROUPS] + [callgrind.OTHER]
+    groups = callgrind.GROUP_NAMES
     out = []
     for c in counted:
         by_group = {g: statistics.median(p.by_group().get(g, 0) for p in c.runs) for g in groups}
@@ -138,7 +138,7 @@ def render(
     checks: list[Check],
     env: list[tuple[str, str]],
 ) -> str:
-    groups = [g for g, _ in callgrind.GROUPS] + [callgrind.OTHER]
+    groups = callgrind.GROUP_NAMES
     commit, subject = baseline.head()
     lines = [
         "# Instructions per request, under callgrind",

@@ -62,13 +62,18 @@ def app_answering(*messages: dict[str, Any]) -> Any:
     return app
 
 
-async def serve(protocol_class: type[HttpToolsProtocol], app: Any, request: bytes) -> Transport:
+async def serve(
+    protocol_class: type[HttpToolsProtocol],
+    app: Any,
+    request: bytes,
+    transport: Transport | None = None,
+) -> Transport:
     config = Config(app=app, http="httptools", lifespan="off", access_log=False)  # as `serve`
     config.load()
     state = ServerState()
     state.default_headers = list(DEFAULT_HEADERS)
     protocol = protocol_class(config=config, server_state=state, app_state={})
-    transport = Transport()
+    transport = transport or Transport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     protocol.data_received(request)
     while state.tasks:  # the request's task, then a pipelined one's
@@ -172,14 +177,6 @@ async def test_an_answer_on_a_connection_closed_under_it_is_dropped(case: str) -
             failures.append(error)
             raise
 
-    config = Config(app=app, http="httptools", lifespan="off", access_log=False)
-    config.load()
-    state = ServerState()
-    state.default_headers = list(DEFAULT_HEADERS)
-    server = GuardedHttpToolsProtocol(config=config, server_state=state, app_state={})
     transport = Transport()
-    server.connection_made(transport)  # type: ignore[arg-type]
-    server.data_received(POST)
-    while state.tasks:
-        await asyncio.wait_for(asyncio.gather(*state.tasks), 10)
+    await serve(GuardedHttpToolsProtocol, app, POST, transport)
     assert failures == [] and transport.writes == []

@@ -35,6 +35,7 @@ GROUPS = (
     ("OpenSSL, hashlib", ("libcrypto", "libssl", "_hashlib.")),
 )
 OTHER = "other"
+GROUP_NAMES = (*(group for group, _ in GROUPS), OTHER)  # a report's columns, in order
 
 
 def missing() -> list[str]:
