@@ -11,7 +11,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from metergate.api import protocol
+from metergate.api import cycle
 from metergate.api.protocol import GuardedHttpToolsProtocol
 
 DEFAULT_HEADERS = [(b"date", b"Thu, 03 Dec 2026 12:00:00 GMT"), (b"server", b"uvicorn")]
@@ -52,10 +52,14 @@ class Transport:
         return False
 
 
-def app_answering(*messages: dict[str, Any]) -> Any:
+def app_answering(*messages: dict[str, Any], scopes: list[Any] | None = None) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
+        if scopes is not None:
+            scopes.append(scope)
+        while (received := await receive()).get("more_body"):
             pass
+        if scopes is not None:
+            scopes.append(received)
         for message in messages:
             await send(message)
 
@@ -105,6 +109,14 @@ CASES = {
         POST.replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n"),
         [start(WHOLE), body(BODY)],
     ),
+    "the client expects 100-continue": (
+        POST.replace(b"host: gw\r\n", b"host: gw\r\nexpect: 100-continue\r\n"),
+        [start(WHOLE), body(BODY)],
+    ),
+    "a percent-encoded path and a query": (
+        POST.replace(b"/v1/chat/completions", b"/v1/chat%2Fcompletions?a=1"),
+        [start(WHOLE), body(BODY)],
+    ),
     "HTTP/1.0": (POST.replace(b"HTTP/1.1", b"HTTP/1.0"), [start(WHOLE), body(BODY)]),
     "HEAD": (b"HEAD /healthz HTTP/1.1\r\nhost: gw\r\n\r\n", [start(WHOLE), body(b"")]),
     "an uppercase header name": (POST, [start([(b"X-Odd", b"1"), *WHOLE]), body(BODY)]),
@@ -126,8 +138,12 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 async def test_answers_are_the_bytes_uvicorn_writes(case: str) -> None:
     request, messages = CASES[case]
-    ours = await serve(GuardedHttpToolsProtocol, app_answering(*messages), request)
-    theirs = await serve(HttpToolsProtocol, app_answering(*messages), request)
+    our_view: list[Any] = []
+    their_view: list[Any] = []
+    ours = await serve(GuardedHttpToolsProtocol, app_answering(*messages, scopes=our_view), request)
+    theirs = await serve(HttpToolsProtocol, app_answering(*messages, scopes=their_view), request)
+    # The app sees the same scope and the same last request message as under uvicorn.
+    assert our_view == their_view
     if case == "a content-length that lies":
         # uvicorn has written the head when the body turns out too long; the gateway
         # holds the head until the body and writes neither. Either way no answer.
@@ -155,7 +171,7 @@ async def test_the_usual_answer_skips_uvicorns_send(monkeypatch: pytest.MonkeyPa
     async def not_here(self: Any, message: Any) -> None:
         raise AssertionError("the usual whole answer went through uvicorn's send")
 
-    monkeypatch.setattr(protocol.OneWriteCycle, "_composed", not_here)
+    monkeypatch.setattr(cycle.Cycle, "_composed", not_here)
     transport = await serve(GuardedHttpToolsProtocol, app_answering(start(WHOLE), body(BODY)), POST)
     assert transport.writes and transport.writes[0].endswith(BODY)
 

@@ -83,7 +83,7 @@ def one_response(sock: socket.socket) -> bytes:
     """One whole response (sized or chunked) from a kept-alive connection."""
     received = b""
     while b"\r\n\r\n" not in received:
-        received += sock.recv(65536)
+        received += _more(sock)
     head, _, body = received.partition(b"\r\n\r\n")
     length = next(
         (
@@ -94,8 +94,14 @@ def one_response(sock: socket.socket) -> bytes:
         None,
     )
     while (len(body) < length) if length is not None else not body.endswith(b"0\r\n\r\n"):
-        body += sock.recv(65536)
+        body += _more(sock)
     return head + b"\r\n\r\n" + body
+
+
+def _more(sock: socket.socket) -> bytes:
+    if not (data := sock.recv(65536)):
+        raise ConnectionError("the gateway closed the connection mid-answer")
+    return data
 
 
 def request(path: str, *headers: str, body: bytes = b"", method: str = "GET") -> bytes:
@@ -188,6 +194,22 @@ def test_an_idle_kept_alive_connection_is_closed(gateway: tuple[GatewayProcess, 
         assert answer(sock) == b""  # closed without a word
         # after about the configured second: well before the 75 s default (or uvicorn's 5 s)
         assert time.monotonic() - waited < 4
+
+
+def test_a_connection_in_use_outlives_the_idle_limit(gateway: tuple[GatewayProcess, str]) -> None:
+    """The idle deadline restarts with each answer: a client asking every 0.3 s keeps its
+    connection for several idle limits (the gateway's idle timer fires while requests are
+    served and must wait out the rest of the new deadline, not close)."""
+    process, _ = gateway
+    with connection(process) as sock:
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 3 * LIMITS["idle_timeout_seconds"]:  # type: ignore[operator]
+            sock.sendall(request("/healthz"))
+            assert one_response(sock).startswith(b"HTTP/1.1 200 "), f"after {answered} answers"
+            answered += 1
+            time.sleep(0.3)  # the client's pace, well inside the 1 s idle limit
+        assert answer(sock) == b""  # then, left idle, it is closed
 
 
 # -- forwarded headers and the sign-in limiter ------------------------------------------

@@ -12,33 +12,40 @@ config, read when the app is loaded):
 - `body_timeout_seconds`: from the end of the headers to the end of the body; past it,
   a 408 (or, if the answer has started, a plain close) and the handler sees the client
   gone;
-- `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed
-  (uvicorn's own keep-alive timer, set from this value).
+- `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed.
 
 The common request arrives in one read, headers and body together: it arms no timer
 and costs a few attribute writes. Timers are armed only when a read ends mid-headers or
-mid-body.
+mid-body; the idle deadline is a time written after each answer, watched by one timer per
+connection (uvicorn arms and cancels a keep-alive timer for every request).
+
+The per-request path is the gateway's own, uvicorn's parser callbacks rewritten without
+what it does not need (one `asyncio.Event` and one timer per request, a scope built in
+two steps) and each request served by an `api.cycle.Cycle`; the connection's life
+(addresses, flow control, a client gone, a bad request's 400, graceful shutdown,
+websocket hand-over) is uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
+from urllib.parse import unquote
 
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from metergate.api.cycle import Cycle
 from metergate.config.model import ServerConfig
 from metergate.errors import error_body
 
 # Where a connection is: waiting for headers, reading a body, serving, kept alive, or
 # refused and closing.
 _HEADERS, _BODY, _BUSY, _IDLE, _CLOSING = range(5)
+_UNTIMED = -1  # no timer armed
 _END_OF_HEADERS = b"\r\n\r\n"
 # After a refusal, what the client still sends is read and dropped for this long, so
 # that closing with unread data (which resets the connection) cannot destroy the
@@ -83,159 +90,22 @@ def limits_of(app: Any) -> ConnectionLimits:
     return found
 
 
-class _Capture:
-    """Stands in for the transport while uvicorn composes an answer's bytes."""
-
-    __slots__ = ("closing", "parts")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def close(self) -> None:
-        self.closing = True
-
-
-class OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request cycle, writing a whole answer (one with a content-length) in one
-    system call: its status line and headers wait for its body instead of going out
-    alone. A streamed answer (no content-length: an SSE stream may wait long for its
-    first event) still gets its headers at once.
-
-    The usual whole answer (lowercase header names, printable values, a content-length
-    equal to the body's length, no `connection` or `transfer-encoding` header, no access
-    log, not HEAD) is composed here: C-level joins of the header lines, names and values
-    and one byte filter over each, where uvicorn's `send` runs two regular expressions
-    and a few comparisons per header, twice through its state machine. Anything else takes
-    uvicorn's own path (`_composed`), which decides and raises exactly as uvicorn does."""
-
-    _start: Any = None  # the held `http.response.start` of a whole answer
-
-    async def send(self, message: Any) -> None:
-        if not self.disconnected and self.transport.is_closing():
-            # Closed under this answer by the connection's own limits (a pipelined
-            # request's timer, say): uvloop raises on a write to it; drop the answer as
-            # for a client gone.
-            self.disconnected = True
-        start = self._start
-        if start is None:
-            if (
-                message["type"] == "http.response.start"
-                and not self.response_started
-                and type(headers := message.get("headers")) in (list, tuple)
-                and b"content-length" in map(_NAME, headers)
-            ):
-                self._start = message
-                return
-            await _cycle_send(self, message)
-            return
-        self._start = None
-        if self.flow.write_paused and not self.disconnected:
-            await self.flow.drain()
-        if self.disconnected:
-            return
-        whole = None
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            whole = self._whole_answer(start, message.get("body", b""))
-        if whole is None:
-            await self._uvicorn_send(start, message)
-            return
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        self.chunked_encoding = False
-        self.expected_content_length = 0
-        self.response_complete = True
-        self.transport.write(whole)
-        self.message_event.set()
-        if not self.keep_alive:
-            self.transport.close()
-        self.on_response()
-
-    def _whole_answer(self, start: Any, body: bytes) -> bytes | None:
-        """The bytes of the answer, as uvicorn would write them; None where uvicorn's own
-        path must decide (see the class docstring)."""
-        status_line = STATUS_LINE.get(start["status"])
-        if status_line is None or self.access_log or self.scope["method"] == "HEAD":
-            return None
-        pairs = (*self.default_headers, *start["headers"])
-        # Every name a lowercase token, every value free of control characters but tab
-        # (so no value can end its line early): deleting the allowed bytes leaves none.
-        names, values = b"".join(map(_NAME, pairs)), b"".join(map(_VALUE, pairs))
-        if names.translate(None, _NAME_BYTES) or values.translate(None, _VALUE_BYTES):
-            return None
-        lines = b"".join(map(_HEADER_LINE, pairs))
-        marked = b"\r\n" + lines  # every header line now starts after a CRLF
-        at = marked.find(_LENGTH)
-        if at < 0 or marked.find(_LENGTH, at + 1) >= 0:
-            return None
-        # find(), not `in`: bytes' `in` first tries its operand as an integer and formats
-        # (then drops) a TypeError for every bytes needle.
-        if marked.find(b"\r\nconnection: ") >= 0 or marked.find(b"\r\ntransfer-encoding: ") >= 0:
-            return None
-        at += len(_LENGTH)
-        if marked[at : marked.index(b"\r\n", at)] != b"%d" % len(body):
-            return None
-        close = b"" if self.keep_alive else b"connection: close\r\n"
-        return b"".join((status_line, lines, close, b"\r\n", body))
-
-    async def _uvicorn_send(self, start: Any, message: Any) -> None:
-        """uvicorn's `send` for the held start and this message, written at once."""
-        held, _ = await self._composed(start)
-        body, closing = await self._composed(message)
-        transport = self.transport
-        if not self.disconnected:
-            transport.write(held + body)
-        if closing:
-            transport.close()
-
-    async def _composed(self, message: Any) -> tuple[bytes, bool]:
-        """The bytes uvicorn would write for `message`, and whether it would then close."""
-        transport = self.transport
-        capture = _Capture()
-        self.transport = capture  # type: ignore[assignment]
-        try:
-            await _cycle_send(self, message)
-        finally:
-            self.transport = transport
-        return b"".join(capture.parts), capture.closing
-
-
-# A header line as uvicorn writes it, from a (name, value) pair, in C.
-_HEADER_LINE = b"%s: %s\r\n".__mod__
-_NAME, _VALUE = itemgetter(0), itemgetter(1)
-# What uvicorn's per-header checks accept, names in lowercase only (an uppercase name
-# goes to uvicorn, which lowercases it).
-_NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-_VALUE_BYTES = bytes(b for b in range(256) if b == 9 or 0x20 <= b != 0x7F)
-_LENGTH = b"\r\ncontent-length: "
-
-
-_cycle_send = RequestResponseCycle.send
-
-# The parent's methods, called directly on the per-request path (cheaper than super()).
-_data_received = HttpToolsProtocol.data_received
-_headers_complete = HttpToolsProtocol.on_headers_complete
-_message_complete = HttpToolsProtocol.on_message_complete
-_response_complete = HttpToolsProtocol.on_response_complete
-_start_task = HttpToolsProtocol._start_asgi_task
-
-
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header size and slow-client limits."""
+    """uvicorn's httptools protocol with header size and slow-client limits, serving each
+    request with a `Cycle` (see the module docstring for what it keeps of uvicorn)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits_of(self.app)
         self._max_header_bytes = self.limits.header_bytes
-        self.timeout_keep_alive = self.limits.idle_seconds  # type: ignore[assignment]
         self._phase = _HEADERS
         self._header_bytes = 0
         self._tail = b""  # the last bytes of a read that ended mid-headers
         self._timer: asyncio.TimerHandle | None = None
-        self._timed = _IDLE  # the phase the timer is for
+        self._timed = _UNTIMED  # the phase the timer is for
+        self._idle_since = 0.0
+        self._fresh_context = bool(getattr(self.config, "reset_contextvars", False))
+        self._root_path_bytes = self.root_path.encode("ascii")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -257,7 +127,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if total > self._max_header_bytes and self._headers_too_large(data, total):
                 return
             self._header_bytes = total
-        _data_received(self, data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         phase = self._phase
         if phase == _HEADERS:
             self._tail = data[-3:]
@@ -266,25 +147,116 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif phase == _BODY:
             if self._timed != _BODY:
                 self._arm(_BODY, self.limits.body_seconds)
-        elif self._timer is not None:
-            self._disarm()
+        elif self._timed == _HEADERS or self._timed == _BODY:
+            self._disarm()  # the request is in; an idle timer stays (see _expired)
+
+    # -- parser callbacks: one request ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        # llhttp keeps trailing whitespace, which RFC 9110 excludes from the value.
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        _headers_complete(self)
+        parser = self.parser
+        http_version = parser.get_http_version()
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        scope = self.scope = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": http_version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "method": parser.get_method().decode("ascii"),
+            "root_path": self.root_path,
+            "path": self.root_path + path,
+            "raw_path": self._root_path_bytes + raw_path,
+            "query_string": url.query or b"",
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+        if parser.should_upgrade() and self._should_upgrade():
+            return  # uvicorn's websocket protocol takes the connection over
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        previous = self.cycle
+        cycle = self.cycle = Cycle(  # type: ignore[assignment]
+            scope,
+            self.transport,
+            self.flow,
+            self.server_state.default_headers,
+            http_version != "1.0" and parser.should_keep_alive(),
+            self.on_response_complete,
+        )
+        if self.expect_100_continue:
+            cycle.waiting_for_100_continue = True
+        if self.access_log:
+            cycle.access_log = True
+        if previous is None or previous.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:  # pipelined: it waits for the answers before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))  # type: ignore[arg-type]
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
-        cycle.__class__ = OneWriteCycle  # uvicorn builds the cycle; we only change `send`
-        _start_task(self, cycle, app)
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if self._fresh_context:
+            task = self.loop.create_task(cycle.run(app), context=contextvars.Context())
+        else:
+            task = self.loop.create_task(cycle.run(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         self._phase = _BUSY
-        _message_complete(self)
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def on_response_complete(self) -> None:
-        if self._phase == _BUSY and not self.pipeline:
-            self._phase = _IDLE  # uvicorn's keep-alive timer takes over
-        _response_complete(self)
+        """An answer is out: start a pipelined request, or wait for the next one."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        if self._phase == _BUSY:
+            self._phase = _IDLE
+        # The idle deadline is kept as a time, not a timer per request: one timer runs
+        # per connection and, when it fires early, waits out the rest (see _expired).
+        self._idle_since = self.loop.time()
+        if self._timer is None:
+            self._arm(_IDLE, self.limits.idle_seconds)
 
     # -- limits -------------------------------------------------------------------
 
@@ -312,11 +284,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timed = _IDLE
+        self._timed = _UNTIMED
 
     def _expired(self, phase: int) -> None:
-        self._timer, self._timed = None, _IDLE
+        self._timer, self._timed = None, _UNTIMED
         if self._phase != phase or self.transport.is_closing():
+            return  # an idle timer that fires while a request is served is re-armed after
+        if phase == _IDLE:
+            left = self._idle_since + self.limits.idle_seconds - self.loop.time()
+            if left > 0:
+                self._arm(_IDLE, left)  # answered meanwhile: the rest of the new deadline
+            else:
+                self.transport.close()
             return
         if phase == _HEADERS:
             what = "headers", self.limits.header_seconds, "server.header_timeout_seconds"
