@@ -122,6 +122,37 @@ async def test_timeouts_and_failures_say_whether_the_answer_had_started():
         await HttpClient("http://127.0.0.1:9", 1).post("/", HEAD, b"{}", FAST)
 
 
+async def test_a_reused_connection_still_times_out_a_silent_upstream():
+    """The connection's timer outlives a quick answer; on its next request it still
+    enforces that request's own deadline (first byte, then the total)."""
+    async def answer_once(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b"{}"))
+        await read_request(reader)  # the second request: never answered
+        await asyncio.sleep(5)
+
+    async def trickle_after_one(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b"{}"))
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(40):  # a byte every 0.1 s: never idle for first_byte, past total
+            await asyncio.sleep(0.1)
+            writer.write(b" ")
+
+    for handler, deadlines, partial in (
+        (answer_once, FAST, False),
+        (trickle_after_one, Deadlines(connect=1, first_byte=0.5, total=1, idle=None), True),
+    ):
+        async with server(handler) as (url, connections):
+            client = HttpClient(url, 1)
+            assert (await client.post("/", HEAD, b"{}", deadlines)).body == b"{}"
+            with pytest.raises(ReadTimeout) as timed_out:
+                await asyncio.wait_for(client.post("/", HEAD, b"{}", deadlines), 10)
+            assert timed_out.value.partial is partial and len(connections) == 1
+            await client.close()
+
+
 async def test_stream_idle_timeout_applies_after_the_first_chunk():
     async def handler(reader, writer):
         await read_request(reader)

@@ -107,6 +107,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.exchanges = 0  # requests sent on this connection
         self.idle_since = time.monotonic()
+        # One timer per connection, not per answer: an answer that ends leaves it armed,
+        # and when it fires with nothing in flight it just stops (see _timed_out).
+        self.timer: asyncio.TimerHandle | None = None
         self._reset(streaming=False)
 
     def _reset(self, streaming: bool) -> None:
@@ -131,7 +134,6 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.delimited = False
         self.decoder: zlib._Decompress | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.gap = 0.0  # seconds allowed without a byte (first byte, then between reads)
         self.last_read = 0.0  # loop time of the last read (or of sending the request)
         self.finish_by: float | None = None  # loop time the whole answer must end by
@@ -218,7 +220,6 @@ class _Connection(asyncio.Protocol):
     # own --------------------------------------------------------------------------
     def _finish(self, keep_alive: bool) -> None:
         self.keep_alive = keep_alive
-        self._disarm()
         self.got_headers = True
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
@@ -240,9 +241,9 @@ class _Connection(asyncio.Protocol):
     def _arm(self, gap: float) -> None:
         """Allow `gap` seconds without a byte from now on (and keep the total deadline).
 
-        One timer handle per answer: a read only notes its time, and the timer, when it
-        fires, sleeps on if a byte came meanwhile (a timer per read cost more than the
-        read)."""
+        One timer handle per connection: a read only notes its time, and the timer, when
+        it fires, sleeps on if a byte came meanwhile (a timer per read cost more than the
+        read); one still armed from an earlier answer is kept if it is due no later."""
         self.gap = gap
         self.last_read = now = self.loop.time()
         due = now + gap if self.finish_by is None else min(now + gap, self.finish_by)
@@ -259,6 +260,8 @@ class _Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.done.done():
+            return  # armed for an answer that has ended; the next one arms again
         now = self.loop.time()
         if self.finish_by is not None and now >= self.finish_by:
             self._fail(
