@@ -59,6 +59,15 @@ class BackgroundLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def close_server(self, server: asyncio.Server) -> None:
+        """Close an asyncio server on its own loop: closing it from another thread races
+        with the loop detaching its last connection (both wake the server's waiters)."""
+
+        async def close() -> None:
+            server.close()
+
+        self.run(close())
+
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

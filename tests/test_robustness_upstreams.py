@@ -144,7 +144,7 @@ class ClosingUpstream:
         writer.close()
 
     def close(self) -> None:
-        self.server.close()
+        self.bg.close_server(self.server)
 
 
 def test_an_upstream_closing_every_connection_fails_no_request(bg: BackgroundLoop, gateway_factory):
@@ -293,7 +293,7 @@ def test_oversized_upstream_headers_are_an_upstream_error(bg: BackgroundLoop, ga
     assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
     assert "more than 64 KiB of status line and headers" in caught.value.message
     assert len(sent) < 16  # the gateway hung up long before 64 MiB
-    server.close()
+    bg.close_server(server)
 
 
 # --- 7b. token counts an answer cannot be priced by --------------------------------------
