@@ -106,7 +106,7 @@ class AzureOpenAIAdapter(HttpAdapter):
 
 class _AzurePassThrough(_PassThrough):
     def feed(self, event: Event) -> bytes:
-        if b'"prompt_filter_results"' in event.data:
+        if event.data.find(b'"prompt_filter_results"') >= 0:  # per chunk: find(), not `in`
             chunk = load_json(event.data, "stream chunk")
             if not chunk.get("choices") and not chunk.get("usage"):
                 return b""

@@ -109,9 +109,10 @@ class _Relay(_PassThrough):
         control = self.control(data)
         if control is not None:
             return control
-        if b'"finish_reason":"' in data or b'"finish_reason": "' in data:
+        # find(), not `in`, per chunk (see openai._PassThrough.feed)
+        if data.find(b'"finish_reason":"') >= 0 or data.find(b'"finish_reason": "') >= 0:
             self.finished = True
-        if b'"usage"' not in data:
+        if data.find(b'"usage"') < 0:
             return event.raw
         chunk = load_json(data, "stream chunk")
         raw = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")

@@ -187,7 +187,8 @@ class _Connection(asyncio.Protocol):
             raise httptools.HttpParserError("too many headers")  # reported by data_received
         key = name.lower()
         self.headers[key] = value
-        if key == b"content-length" or (key == b"transfer-encoding" and b"chunked" in value):
+        chunked = key == b"transfer-encoding" and value.find(b"chunked") >= 0
+        if key == b"content-length" or chunked:
             self.delimited = True
         elif key == b"content-encoding" and value.lower() in (b"gzip", b"deflate"):
             self.decoder = zlib.decompressobj(47)  # gzip or zlib header, auto-detected

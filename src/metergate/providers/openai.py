@@ -105,7 +105,13 @@ class _PassThrough:
         control = self.control(data)
         if control is not None:
             return control
-        if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+        # find(), not `in`, on every chunk: bytes' `in` first tries its operand as an
+        # integer and formats (then drops) a TypeError for every bytes needle.
+        if (
+            data.find(b'"usage"') >= 0
+            and data.find(b'"usage":null') < 0
+            and data.find(b'"usage": null') < 0
+        ):
             try:
                 chunk: dict[str, Any] = orjson.loads(data)
             except orjson.JSONDecodeError:
