@@ -201,7 +201,7 @@ class CompletionsHandler:
         gone = asyncio.Event()
         relay = asyncio.current_task()
         assert relay is not None
-        watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
+        watcher: asyncio.Task[None] | None = None
         relayed = estimate.RelayedText()
         relayed.add(first)
         error: BaseException | None = None
@@ -211,6 +211,9 @@ class CompletionsHandler:
             out = first if outward is None else outward.feed(first)
             await send({"type": "http.response.body", "body": out, "more_body": True})
             log.ttft = time.perf_counter() - log.started
+            # Watched from the first chunk on, so that starting its task does not delay that
+            # chunk (a client gone before it dropped it; the watcher sees that at once).
+            watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
             waited = time.perf_counter()
             async for chunk in chunks:
                 log.upstream_seconds += time.perf_counter() - waited
@@ -237,7 +240,8 @@ class CompletionsHandler:
             error = exc
             raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
             dispatcher.stream_finished(deployment, error, log)
         # A stream that did not complete is billed at least what the caller received.

@@ -279,16 +279,30 @@ class EventTranslator(Protocol):
 async def relay(
     transport: HttpTransport, response: StreamResponse, translator: EventTranslator
 ) -> AsyncGenerator[bytes, None]:
-    """Read an upstream SSE stream and yield its translation, one item per network read.
+    """Read an upstream SSE stream and yield its translation, one item per network read,
+    except that the first event with something to send goes out alone: a read holding
+    many events (a fast upstream, a buffering proxy) does not hold the caller's first
+    token while the rest of it is translated.
 
     The client bounds the wait for the first chunk by `first_byte` and every later gap
     by `stream_idle`; closing returns the connection to the pool only if the stream was
     read to its end.
     """
     decoder = SSEDecoder()
+    started = False
     try:
         async for chunk in response:
-            out = b"".join(translator.feed(event) for event in decoder.feed(chunk))
+            events = decoder.feed(chunk)
+            if not started:
+                for index, event in enumerate(events):
+                    if first := translator.feed(event):
+                        started = True
+                        yield first
+                        events = events[index + 1 :]
+                        break
+                else:
+                    continue  # nothing to send yet
+            out = b"".join(translator.feed(event) for event in events)
             if out:
                 yield out
         tail = b"".join(translator.feed(event) for event in decoder.flush())

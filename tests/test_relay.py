@@ -1,0 +1,73 @@
+"""How an upstream SSE stream is cut into what the gateway sends: one item per network
+read, but the first event with something to send goes out alone, so that a read holding
+the whole stream (a fast upstream, a buffering proxy) does not hold the first token."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from metergate.providers.base import StreamState
+from metergate.providers.openai import _PassThrough
+from metergate.providers.translation import relay
+
+
+class Reads:
+    """An upstream stream as its network reads."""
+
+    def __init__(self, *reads: bytes) -> None:
+        self.reads = reads
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for read in self.reads:
+            yield read
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def event(n: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"tok%d "}}]}\n\n' % n
+
+
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+async def items(*reads: bytes, include_usage: bool = True) -> tuple[list[bytes], StreamState]:
+    state = StreamState()
+    response = Reads(*reads)
+    translator = _PassThrough(include_usage, state)
+    transport: Any = None  # only used to name a failure
+    async with aclosing(relay(transport, response, translator)) as chunks:  # type: ignore[arg-type]
+        found = [chunk async for chunk in chunks]
+    assert response.closed
+    return found, state
+
+
+async def test_a_read_holding_the_whole_stream_sends_its_first_event_alone() -> None:
+    whole = event(0) + event(1) + event(2) + USAGE + DONE
+    found, state = await items(whole)
+    assert found == [event(0), event(1) + event(2) + USAGE + DONE]
+    assert state.usage is not None and state.usage.output_tokens == 2
+
+
+async def test_after_the_first_event_each_read_is_one_item() -> None:
+    found, _ = await items(event(0) + event(1), event(2) + event(3), USAGE + DONE)
+    assert found == [event(0), event(1), event(2) + event(3), USAGE + DONE]
+
+
+async def test_the_first_item_is_the_first_event_with_something_to_send() -> None:
+    # a keep-alive comment and a usage chunk the caller did not ask for send nothing
+    found, _ = await items(
+        b": keep-alive\n\n", USAGE + event(0) + event(1) + DONE, include_usage=False
+    )
+    assert found == [event(0), event(1) + DONE]
+
+
+async def test_an_event_split_across_reads_is_sent_once_whole() -> None:
+    first = event(0)
+    found, _ = await items(first[:10], first[10:] + event(1), DONE)
+    assert found == [first, event(1), DONE]
