@@ -10,6 +10,7 @@ from typing import Any
 
 from metergate.providers.base import StreamState
 from metergate.providers.openai import _PassThrough
+from metergate.providers.sse import Event, SSEDecoder
 from metergate.providers.translation import relay
 
 
@@ -71,3 +72,21 @@ async def test_an_event_split_across_reads_is_sent_once_whole() -> None:
     first = event(0)
     found, _ = await items(first[:10], first[10:] + event(1), DONE)
     assert found == [first, event(1), DONE]
+
+
+def test_sse_events_decode_by_their_fields() -> None:
+    decoder = SSEDecoder()
+    stream = (
+        b"data: one\n\n"  # the usual: one data line
+        b"data:two\n\n"  # no space after the colon
+        b"event: ping\ndata: {}\n\n"
+        b": a comment\n\n"  # nothing to relay
+        b"data: a\r\ndata: b\r\n\r\n"  # several data lines, CRLF line ends
+    )
+    assert decoder.feed(stream[:7]) == []  # an event ends with a blank line
+    assert decoder.feed(stream[7:]) == [
+        Event("", b"one", b"data: one\n\n"),
+        Event("", b"two", b"data:two\n\n"),
+        Event("ping", b"{}", b"event: ping\ndata: {}\n\n"),
+        Event("", b"a\nb", b"data: a\ndata: b\n\n"),
+    ]

@@ -41,6 +41,9 @@ class SSEDecoder:
 
 
 def _parse(block: bytes) -> Event | None:
+    if block.startswith(b"data:") and block.find(b"\n") < 0:  # the usual: one data line
+        value = block[5:]
+        return Event("", value[1:] if value.startswith(b" ") else value, block + b"\n\n")
     name = ""
     data: list[bytes] = []
     for line in block.split(b"\n"):
