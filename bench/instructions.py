@@ -31,7 +31,7 @@ from pathlib import Path
 from benchlib import baseline, callgrind, procs, report, upstream
 from benchlib import gateway as gw
 from benchlib.report import Check, table
-from benchlib.targets import DIRECT_TOKEN, FLOOR_LABEL, UNARY_BODY, start_floor
+from benchlib.targets import DIRECT_TOKEN, FLOOR_LABEL, STREAM_BODY, UNARY_BODY, start_floor
 
 BENCH = Path(__file__).resolve().parent
 CURRENT, BASELINE = "metergate", "baseline"
@@ -47,9 +47,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="counted windows per server (3)")
     parser.add_argument("--connections", type=int, default=1, help="kept-alive connections (1)")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor proxy")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="streamed chat completions (the 50-chunk SSE stream; no floor: it relays none)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
-    parser.add_argument("--output", type=Path, default=BENCH / "results" / "instructions.md")
-    return parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=None, help="the report's path")
+    args = parser.parse_args(argv)
+    if args.output is None:
+        name = "instructions-stream.md" if args.stream else "instructions.md"
+        args.output = BENCH / "results" / name
+    return args
 
 
 @dataclass
@@ -73,9 +82,11 @@ class Server:
 
 
 def count(name: str, server: Server, dumps: Path, args: argparse.Namespace) -> Counted:
+    body = STREAM_BODY if args.stream else UNARY_BODY
+
     def load(requests: int) -> None:
         callgrind.counted_load(
-            server.port, server.path, server.headers, UNARY_BODY, requests, args.connections
+            server.port, server.path, server.headers, body, requests, args.connections
         )
 
     load(args.warmup)
@@ -151,8 +162,10 @@ def render(
         "",
         f"User-space instructions per request (every thread), median of {args.runs} windows of "
         f"{args.requests:,} requests after a {args.warmup}-request warm-up, "
-        f"{args.connections} kept-alive connection(s), nginx upstream. Reproduce: "
-        "`.venv/bin/python bench/instructions.py"
+        f"{args.connections} kept-alive connection(s), nginx upstream, "
+        + ("streamed (50 chunks, usage in the last). " if args.stream else "whole answers. ")
+        + "Reproduce: `.venv/bin/python bench/instructions.py"
+        + (" --stream" if args.stream else "")
         + (f" --baseline {args.baseline}`." if args.baseline else "`."),
         "",
         table(
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         ),
                     )
                 )
-            if not args.no_floor:
+            if not (args.no_floor or args.stream):
 
                 def floor(out: Path) -> Server:
                     url, pid = start_floor(

@@ -128,9 +128,15 @@ def parse(path: Path) -> Profile:
     return Profile(sum(costs.values()), dict(costs))
 
 
+# The end of a chunked body: an SSE event's data never ends a chunk with "0" (it ends
+# "\n\n"), so these bytes cannot appear before the last chunk.
+_LAST_CHUNK = b"\r\n0\r\n\r\n"
+
+
 async def _counted(host: str, port: int, request: bytes, count: int, connections: int) -> None:
     """Send `request` `count` times over `connections` kept-alive connections, each waiting
-    for its answer (the whole body, by its content-length) before sending again."""
+    for its answer (the whole body, by its content-length or to its last chunk) before
+    sending again."""
     left = count
 
     async def one() -> None:
@@ -144,9 +150,12 @@ async def _counted(host: str, port: int, request: bytes, count: int, connections
                 if not head.startswith(b"HTTP/1.1 200"):
                     raise BenchError(f"answer was not a 200: {head[:200]!r}")
                 length = re.search(rb"(?im)^content-length: *(\d+)", head)
-                if length is None:
-                    raise BenchError(f"answer without a content-length: {head[:300]!r}")
-                await reader.readexactly(int(length.group(1)))
+                if length is not None:
+                    await reader.readexactly(int(length.group(1)))
+                elif re.search(rb"(?im)^transfer-encoding: *chunked", head):
+                    await reader.readuntil(_LAST_CHUNK)  # a stream, to its end
+                else:
+                    raise BenchError(f"answer without a length or chunks: {head[:300]!r}")
         finally:
             writer.close()
 
