@@ -324,3 +324,22 @@ def test_metrics_written_from_threads_stay_exact(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
     assert shown[("metergate_trace_spans_dropped_total", ())] == 80_000
+
+
+@pytest.mark.parametrize("size", [0, 4])
+def test_a_file_a_worker_has_only_just_created_is_skipped(
+    writers: tuple[Path, list[Writer]], tmp_path: Path, size: int
+) -> None:
+    """A worker creates its file before it writes the header: a scrape in between finds
+    it shorter than a header, and renders the others (it used to fail with a 500)."""
+    directory, procs = writers
+    for writer in procs:
+        writer.step(1)
+    ours = MultiProcessExposition(str(directory))
+    ours.render()  # the groups exist, as in a gateway that has been scraped before
+    newcomer = directory / "counter_999999.db"  # a pid that is not running
+    newcomer.write_bytes(b"\0" * size)
+    shown, _ = parse(ours.render().decode())
+    newcomer.unlink()  # prometheus_client's collector cannot read it either
+    expected, _ = parse(reference(directory, [], tmp_path / "ref"))
+    assert same(shown, expected)

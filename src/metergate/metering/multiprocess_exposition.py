@@ -171,6 +171,8 @@ class _Source:
         The values are read with one precompiled `struct` layout (~0.8 ms for 50,000
         entries, where indexing the mapping's doubles took ~4.5 ms); the file whose
         entries came first numbered the slots, so its values need no reordering."""
+        if not self.slots:  # nothing read yet: a file a worker has only just created
+            return (fill,) * size
         if self._built != (size, len(self.slots)):
             self._unpack = _unpacker(self.indices)
             if self.slots == list(range(size)):
