@@ -8,8 +8,9 @@ work on it unchanged; what it changes is the cost of the usual request:
 - a request whose body has arrived is handed to the app at once, without a wait on an
   `asyncio.Event` (a `Wakeup` stands in for it: a flag, and futures only when someone
   waits);
-- the states that rarely change (disconnected, response started, ...) are class
-  attributes until they do, so building a cycle sets six attributes;
+- its fields are slots (uvicorn's cycle keeps a dict per request; class defaults for
+  the rarely changed ones measured 1 % more instructions than slots, as a dict grown
+  after `__init__` loses CPython's shared-key layout);
 - a whole answer (one with a content-length) goes out in one write: its status line and
   headers wait for its body. The usual one (lowercase header names, printable values, a
   content-length equal to the body's length, no `connection` or `transfer-encoding`
@@ -84,18 +85,28 @@ class Wakeup:
 class Cycle:
     """One request's ASGI cycle (see the module docstring)."""
 
-    # What uvicorn's send and connection code read; instance attributes once changed.
+    __slots__ = (
+        "_start",
+        "access_log",
+        "body",
+        "chunked_encoding",
+        "default_headers",
+        "disconnected",
+        "expected_content_length",
+        "flow",
+        "keep_alive",
+        "message_event",
+        "more_body",
+        "on_response",
+        "response_complete",
+        "response_started",
+        "scope",
+        "transport",
+        "waiting_for_100_continue",
+    )
+    # What uvicorn's send reads and never changes.
     logger = logging.getLogger("uvicorn.error")
     access_logger = logging.getLogger("uvicorn.access")
-    access_log = False
-    disconnected = False
-    waiting_for_100_continue = False
-    more_body = True
-    response_started = False
-    response_complete = False
-    chunked_encoding: bool | None = None
-    expected_content_length = 0
-    _start: Any = None  # the held `http.response.start` of a whole answer
 
     def __init__(
         self,
@@ -114,6 +125,12 @@ class Cycle:
         self.on_response = on_response
         self.message_event = Wakeup()
         self.body = b""
+        self.access_log = self.disconnected = self.waiting_for_100_continue = False
+        self.response_started = self.response_complete = False
+        self.more_body = True
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+        self._start: Any = None  # the held `http.response.start` of a whole answer
 
     async def run(self, app: Any) -> None:
         """Run the app for this request; what it leaves undone, done as uvicorn does."""
