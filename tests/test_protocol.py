@@ -196,3 +196,21 @@ async def test_an_answer_on_a_connection_closed_under_it_is_dropped(case: str) -
     transport = Transport()
     await serve(GuardedHttpToolsProtocol, app, POST, transport)
     assert failures == [] and transport.writes == []
+
+
+@pytest.mark.parametrize("fails", ["raises", "returns"])
+async def test_an_app_that_fails_between_head_and_body_gets_a_500(fails: str) -> None:
+    """The head of a whole answer waits for its body; if the app raises (or returns)
+    before the body, nothing was written and the client gets uvicorn's 500, whole."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send(start(WHOLE))
+        if fails == "raises":
+            raise RuntimeError("failed after its head")
+
+    transport = await serve(GuardedHttpToolsProtocol, app, POST)
+    written = b"".join(transport.writes)
+    assert written.startswith(b"HTTP/1.1 500 Internal Server Error\r\n"), written[:80]
+    assert written.endswith(b"\r\n\r\nInternal Server Error")
+    assert transport.closed_by_server

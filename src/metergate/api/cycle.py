@@ -139,7 +139,7 @@ class Cycle:
         except BaseException as exc:
             self.logger.error("Exception in ASGI application\n", exc_info=exc)
             if not self.response_started:
-                await _uvicorn_send_500(self)
+                await self._send_500()
             else:
                 self.transport.close()
         else:
@@ -148,12 +148,18 @@ class Cycle:
                 self.transport.close()
             elif not self.response_started and not self.disconnected:
                 self.logger.error("ASGI callable returned without starting response.")
-                await _uvicorn_send_500(self)
+                await self._send_500()
             elif not self.response_complete and not self.disconnected:
                 self.logger.error("ASGI callable returned without completing response.")
                 self.transport.close()
         finally:
             self.on_response = _nothing
+
+    async def _send_500(self) -> None:
+        """uvicorn's 500, instead of a whole answer's head that is held and unsent (the
+        app failed between its start and its body): nothing of it was written."""
+        self._start = None
+        await _uvicorn_send_500(self)
 
     async def receive(self) -> Any:
         if self.waiting_for_100_continue and not self.transport.is_closing():
