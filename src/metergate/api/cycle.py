@@ -44,9 +44,10 @@ def _nothing() -> None:
 
 
 class Wakeup:
-    """The part of `asyncio.Event` the cycle and uvicorn's connection code use: `set`
-    (data, the end of the body, a client gone), `wait` and `clear` (`receive`). Setting
-    it when nobody waits, the usual case, is a flag write."""
+    """The part of `asyncio.Event` the cycle and uvicorn's connection and `send` code use:
+    `set` (data, the end of the body, a client gone, an answer complete) and `wait`
+    (`receive`, which also lowers `flag` itself). Setting it when nobody waits, the usual
+    case, is a flag write."""
 
     # Class defaults (no __init__): most wakeups are set once and never waited on.
     flag = False
@@ -60,12 +61,6 @@ class Wakeup:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-
-    def clear(self) -> None:
-        self.flag = False
-
-    def is_set(self) -> bool:
-        return self.flag
 
     async def wait(self) -> bool:
         if self.flag:
@@ -115,6 +110,8 @@ class Cycle:
         flow: FlowControl,
         default_headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
+        expect_100_continue: bool,
+        access_log: bool,
         on_response: Callable[[], None],
     ) -> None:
         self.scope = scope
@@ -125,15 +122,18 @@ class Cycle:
         self.on_response = on_response
         self.message_event = Wakeup()
         self.body = b""
-        self.access_log = self.disconnected = self.waiting_for_100_continue = False
+        self.waiting_for_100_continue = expect_100_continue
+        self.access_log = access_log
+        self.disconnected = False
         self.response_started = self.response_complete = False
         self.more_body = True
         self.chunked_encoding: bool | None = None
         self.expected_content_length = 0
         self._start: Any = None  # the held `http.response.start` of a whole answer
 
-    async def run(self, app: Any) -> None:
-        """Run the app for this request; what it leaves undone, done as uvicorn does."""
+    async def run_asgi(self, app: Any) -> None:
+        """Run the app for this request; what it leaves undone, done as uvicorn does
+        (uvicorn's protocol starts each request's task with this name)."""
         try:
             result = await app(self.scope, self.receive, self.send)
         except BaseException as exc:

@@ -29,7 +29,6 @@ websocket hand-over) is uvicorn's.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -104,7 +103,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timed = _UNTIMED  # the phase the timer is for
         self._idle_since = 0.0
-        self._fresh_context = bool(getattr(self.config, "reset_contextvars", False))
         self._root_path_bytes = self.root_path.encode("ascii")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -203,25 +201,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.flow,
             self.server_state.default_headers,
             http_version != "1.0" and parser.should_keep_alive(),
+            self.expect_100_continue,
+            self.access_log,
             self.on_response_complete,
         )
-        if self.expect_100_continue:
-            cycle.waiting_for_100_continue = True
-        if self.access_log:
-            cycle.access_log = True
         if previous is None or previous.response_complete:
-            self._start_asgi_task(cycle, app)
+            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
         else:  # pipelined: it waits for the answers before it
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, app))  # type: ignore[arg-type]
-
-    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if self._fresh_context:
-            task = self.loop.create_task(cycle.run(app), context=contextvars.Context())
-        else:
-            task = self.loop.create_task(cycle.run(app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
