@@ -80,6 +80,21 @@ def cpu_seconds(leader: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpus_busy_seconds(cpus: list[int] | None = None) -> float:
+    """CPU time the machine's `cpus` (None: all) spent on anything but idling so far,
+    from /proc/stat: every process on them, and the kernel's interrupt work. Time the
+    hypervisor took (steal) and I/O waits are not counted as busy."""
+    ticks = 0
+    wanted = None if cpus is None else {f"cpu{n}" for n in cpus}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu" or (wanted and name not in wanted):
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, values[:7])
+        ticks += user + nice + system + irq + softirq
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler:
     """Polls `memory(leader)` every `every` seconds while awaited; keeps the peak."""
 

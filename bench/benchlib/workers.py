@@ -29,6 +29,7 @@ Exactness, per N, in the same run:
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import sys
 import time
@@ -55,6 +56,24 @@ class Placement:
     client_cpus: str | None
     client_threads: int
     shared: bool  # the client's CPUs are gateway CPUs too
+
+    @property
+    def cpus(self) -> list[int] | None:
+        """Every CPU the gateway, nginx and wrk may run on (None: not pinned, all)."""
+        if self.gateway_cpus is None or self.client_cpus is None:
+            return None
+        both = f"{self.gateway_cpus},{self.client_cpus}".split(",")
+        return sorted({int(cpu) for cpu in both})
+
+    def ceiling(self, gateway_us: float, rest_us: float) -> float:
+        """Requests/s these CPUs could make at these CPU costs per request: the gateway's
+        CPUs full when they are its own, all of them full when nginx and wrk share them
+        (`rest_us`: what else those CPUs did per request)."""
+        cpus = self.cpus
+        if cpus is None or self.shared:
+            return (len(cpus) if cpus else os.cpu_count() or 1) / (gateway_us + rest_us) * 1e6
+        clients = len(self.client_cpus.split(",")) if self.client_cpus else 1
+        return min(self.workers / gateway_us, clients / rest_us) * 1e6
 
     def describe(self) -> str:
         if self.gateway_cpus is None:
@@ -118,6 +137,7 @@ class Variant:
     sat: list[wrk.WrkResult] = field(default_factory=list)
     one: list[wrk.WrkResult] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # gateway CPU per request, per -c run
+    rest_us: list[float] = field(default_factory=list)  # the CPUs' other work per request
     completed: int = 0  # requests wrk saw answered, warm-up included
     in_flight_bound: int = 0  # connections open when each wrk run stopped, summed
 
@@ -128,6 +148,7 @@ class Variant:
     def load(self, connections: int, seconds: int) -> wrk.WrkResult:
         p = self.placement
         cpu = procfs.cpu_seconds(self.gateway.process.popen.pid)
+        busy = procfs.cpus_busy_seconds(p.cpus)
         result = wrk.run(
             self.url,
             connections=connections,
@@ -139,7 +160,9 @@ class Variant:
         self.completed += result.requests
         if connections > 1 and result.requests:
             used = procfs.cpu_seconds(self.gateway.process.popen.pid) - cpu
+            everything = procfs.cpus_busy_seconds(p.cpus) - busy
             self.cpu_us.append(used / result.requests * 1e6)
+            self.rest_us.append((everything - used) / result.requests * 1e6)
         self.in_flight_bound += connections
         return result
 
@@ -336,6 +359,7 @@ class WorkersResult:
     sat: dict[int, list[wrk.WrkResult]] = field(default_factory=dict)
     one: dict[int, list[wrk.WrkResult]] = field(default_factory=dict)
     cpu_us: dict[int, list[float]] = field(default_factory=dict)  # per request, saturated
+    rest_us: dict[int, list[float]] = field(default_factory=dict)  # nginx, wrk, kernel
     exactness: list[Exactness] = field(default_factory=list)
     profile: WorkerProfile | None = None
     scrapes: list[ScrapeResult] = field(default_factory=list)
@@ -383,6 +407,7 @@ def measure(
                 )
     for variant in variants:  # warm-up and the saturated runs
         result.cpu_us[variant.placement.workers] = variant.cpu_us
+        result.rest_us[variant.placement.workers] = variant.rest_us
     widest = variants[-1]
     if profile_seconds > 0 and widest.placement.workers > 1:
         raw = out_dir / f"workers-{widest.placement.workers}-profile.raw.txt"

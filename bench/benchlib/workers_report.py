@@ -8,7 +8,7 @@ import statistics
 
 from benchlib import scrape as scrape_step
 from benchlib.report import table
-from benchlib.workers import CATEGORIES, EXACT_REQUESTS, WorkersResult
+from benchlib.workers import CATEGORIES, EXACT_REQUESTS, Placement, WorkersResult
 
 SCALE_PER_WORKER = 0.85  # the issue's target: 2 workers >= 1.7x one worker's requests/s
 
@@ -24,6 +24,16 @@ def _f(value: float, digits: int = 3) -> str:
 
 def rps(result: WorkersResult, workers: int) -> float:
     return _median([r.rps for r in result.sat.get(workers, [])])
+
+
+def ceiling(result: WorkersResult, place: Placement) -> float:
+    """The requests/s `place`'s CPUs could make at the CPU per request measured."""
+    n = place.workers
+    gateway_us = _median(list(result.cpu_us.get(n, [])))
+    rest_us = _median(list(result.rest_us.get(n, [])))
+    if math.isnan(gateway_us) or math.isnan(rest_us) or gateway_us <= 0 or rest_us <= 0:
+        return float("nan")
+    return place.ceiling(gateway_us, rest_us)
 
 
 def targets(
@@ -46,6 +56,11 @@ def targets(
         )
         if not math.isnan(cpu_one) and not math.isnan(cpu_n):
             note += f"; gateway CPU per request {cpu_n:.0f} µs vs {cpu_one:.0f} µs"
+        first = next((p for p in result.placements if p.workers == 1), None)
+        if first is not None:
+            most = ceiling(result, place) / ceiling(result, first)
+            if not math.isnan(most):
+                note += f"; these CPUs' ceiling {most:.2f}x"
         found.append(
             (
                 f"{n} workers ≥ {wanted:.1f}x one worker's requests/s",
@@ -73,6 +88,7 @@ def section(result: WorkersResult) -> list[str]:
     for place in result.placements:
         n = place.workers
         sat, single = result.sat.get(n, []), result.one.get(n, [])
+        most = ceiling(result, place)
         rows.append(
             [
                 str(n),
@@ -83,6 +99,8 @@ def section(result: WorkersResult) -> list[str]:
                 f"{_f(_median([r.p50_ms for r in single]))} / "
                 f"{_f(_median([r.p99_ms for r in single]))}",
                 _f(_median(list(result.cpu_us.get(n, []))), 0),
+                _f(_median(list(result.rest_us.get(n, []))), 0),
+                f"{_f(most, 0)} ({_f(100 * rps(result, n) / most, 0)} %)",
             ]
         )
     c = result.connections
@@ -103,15 +121,21 @@ def section(result: WorkersResult) -> list[str]:
                 f"p50 / p99 at -c{c} (ms)",
                 "p50 / p99 at 1 connection (ms)",
                 "gateway CPU per request (µs)",
+                "other CPU per request (µs)",
+                "ceiling, requests/s (reached)",
             ],
             rows,
-            "llrrrrr",
+            "llrrrrrrr",
         ),
         "",
         "Gateway CPU per request: user + system time of every worker (and the supervisor) "
         "over each saturated run, from /proc, divided by the requests wrk completed. Equal "
-        "for every N means the workers cost each other nothing per request, and any "
-        "shortfall in requests/s is the machine's CPUs (wrk and nginx sharing them).",
+        "for every N means the workers cost each other nothing per request. Other CPU per "
+        "request: what else the placement's CPUs were busy with over the same runs "
+        "(/proc/stat: nginx, wrk, the kernel's network work), per request. Ceiling: the "
+        "requests/s those CPUs could make at these costs, the gateway's CPUs full when they "
+        "are its own (N / gateway), every CPU full when nginx and wrk share them (CPUs / "
+        "(gateway + other)); a shortfall against it is the workers', the rest the machine's.",
         "",
         "### Exactness (checked in the same run)",
         "",
