@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+
 import httpx
 import openai
 import pytest
@@ -137,6 +140,43 @@ def test_health_and_readiness(gateway):
     assert httpx.get(f"{root}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{root}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_probes_answer_head_like_get_without_the_body(gateway):
+    """Health checkers and uptime monitors send HEAD: same status and length as GET, no
+    body, and the kept-alive connection stays usable for the next request."""
+    port = int(gateway.base_url.split(":")[2].split("/")[0])
+    auth = {"Authorization": f"Bearer {gateway.key}"}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for path, headers in (
+            ("/healthz", {}),
+            ("/readyz", {}),
+            ("/v1/models", auth),
+            ("/v1/models/other", auth),
+        ):
+            connection.request("GET", path, headers=headers)
+            got = connection.getresponse()
+            body = got.read()
+            connection.request("HEAD", path, headers=headers)
+            head = connection.getresponse()
+            assert head.status == got.status == 200, (path, head.status, got.status)
+            assert head.read() == b""
+            assert int(head.headers["content-length"]) == len(body), path
+            assert head.headers["content-type"] == got.headers["content-type"]
+        connection.request("HEAD", "/metrics")
+        metrics = connection.getresponse()
+        assert metrics.status == 200 and metrics.read() == b""
+        assert int(metrics.headers["content-length"]) > 0
+        connection.request("HEAD", "/v1/models")  # no key: the same 401 as GET
+        refused = connection.getresponse()
+        assert refused.status == 401 and refused.read() == b""
+        connection.request("GET", "/healthz")  # still in step after the bodiless answers
+        assert json.loads(connection.getresponse().read()) == {"status": "ok"}
+    finally:
+        connection.close()
+    wrong = httpx.delete(f"http://127.0.0.1:{port}/healthz")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, HEAD"
 
 
 def test_keys_are_never_metric_labels_or_ledger_values(gateway):

@@ -123,6 +123,11 @@ def _too_deep(limit: int) -> InvalidRequest:
 
 
 async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """A whole answer with its length: sent in one piece, not chunked, and a HEAD
+    request's answer (the server drops the body) still says how long the GET's is. A 304
+    has no body and says nothing of the length (it would be the 200's)."""
+    if status != 304:
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -30,6 +30,9 @@ YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collecti
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 
+# Paths that answer HEAD as GET without the body (the server drops it, keeps the length).
+_PROBED = ("/healthz", "/readyz", "/metrics", "/v1/metrics", "/v1/models", "/models")
+
 
 class GatewayApp:
     def __init__(
@@ -66,6 +69,8 @@ class GatewayApp:
             routes[("POST", f"{prefix}/responses")] = responses
             routes[("POST", f"{prefix}/completions")] = completions
             routes[("GET", f"{prefix}/models")] = info.models
+        for path in _PROBED:  # health checkers and uptime monitors often send HEAD
+            routes[("HEAD", path)] = routes[("GET", path)]
         if self.runtime.mcp is not None:
             self.runtime.mcp.app = self  # its `chat` tool calls /v1/chat/completions in process
             for method in ("GET", "POST", "DELETE"):
@@ -120,7 +125,7 @@ class GatewayApp:
         if await self._admin_api.dispatch(request, send, self.routes):  # /admin/api/keys/{id}...
             return
         for prefix in ("/v1/models/", "/models/"):
-            if path.startswith(prefix) and request.scope["method"] == "GET":
+            if path.startswith(prefix) and request.scope["method"] in ("GET", "HEAD"):
                 await self._info.model(request, send, path.removeprefix(prefix))
                 return
         for prefix in ("/v1/responses/", "/responses/"):
