@@ -159,9 +159,11 @@ def start_floor(
     cpus: str | None,
     prefix: Sequence[str] = (),
     ready_timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[str, int]:
     """bench/stack's minimal proxy on uvicorn with its bare httptools client: the floor
-    (`prefix`: a command to run it under, e.g. valgrind)."""
+    (`prefix`: a command to run it under, e.g. valgrind; `extra_env`: added to its
+    environment)."""
     port = procs.free_port()
     command = [
         *prefix,
@@ -178,6 +180,7 @@ def start_floor(
         chat_url,
     ]
     env = {**os.environ, "PROXY_CLIENT": "bare", "PROXY_UPSTREAM": chat_url, "PROXY_GC": ""}
+    env.update(extra_env or {})
     started = processes.start("floor", procs.pinned(command, cpus), workdir / "floor.log", env)
     procs.wait_ready(started, f"http://127.0.0.1:{port}/healthz", timeout=ready_timeout)
     return f"http://127.0.0.1:{port}{upstream.CHAT_PATH}", started.popen.pid
