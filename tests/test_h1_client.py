@@ -99,6 +99,29 @@ async def test_chunked_gzip_and_close_delimited_bodies():
         await client.close()
 
 
+async def test_headers_are_read_by_lowercase_name_and_bounded_in_number():
+    many = b"".join(b"X-Filler-%d: %d\r\n" % (n, n) for n in range(125))
+
+    async def handler(reader, writer):
+        await read_request(reader)  # 128 header lines in all: the most accepted
+        writer.write(answer(b"{}", b"Retry-After: 1\r\nRETRY-AFTER: 7\r\n" + many))
+        await read_request(reader)  # 129: one too many
+        writer.write(answer(b"{}", b"X-One: 1\r\nX-Two: 2\r\nRetry-After: 1\r\n" + many))
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, max_connections=1)
+        response = await client.post("/", HEAD, b"{}", FAST)
+        assert response.status == 200 and response.body == b"{}"
+        assert response.headers[b"retry-after"] == b"7"  # a repeated name: its last value
+        assert response.headers[b"x-filler-124"] == b"124"
+        assert response.headers[b"content-length"] == b"2"
+        with pytest.raises(ProtocolError, match="more than 128 headers") as refused:
+            await client.post("/", HEAD, b"{}", FAST)
+        assert refused.value.partial is True
+        await client.close()
+
+
 async def test_timeouts_and_failures_say_whether_the_answer_had_started():
     async def hang(reader, writer):
         await read_request(reader)
