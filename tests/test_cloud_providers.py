@@ -134,8 +134,10 @@ def test_answer_and_length(gateway: Gateway, clouds: Clouds, provider: Cloud) ->
     else:
         base = "/v1/projects/metergate-test/locations/us-east5/publishers"
         method = "claude-sonnet-4-5@20250929:rawPredict"
-        expected = f"{base}/anthropic/models/{method}" if provider is VERTEX_CLAUDE else (
-            f"{base}/google/models/gemini-2.5-flash:generateContent"
+        expected = (
+            f"{base}/anthropic/models/{method}"
+            if provider is VERTEX_CLAUDE
+            else (f"{base}/google/models/gemini-2.5-flash:generateContent")
         )
         assert sent.path == expected
 
@@ -214,8 +216,9 @@ def test_mid_stream_error(
     target = getattr(clouds, provider.server).url
     proxy = UpstreamServer(bg, gated_proxy(target, provider.marker, gate))
     try:
-        gateway = gateway_factory(config(clouds, **{provider.model.split("-")[0]: proxy.url,
-                                                     "azure-entra": proxy.url}))
+        gateway = gateway_factory(
+            config(clouds, **{provider.model.split("-")[0]: proxy.url, "azure-entra": proxy.url})
+        )
         stream = gateway.client().chat.completions.create(
             model=provider.model, messages=ask("TRIGGER:stream_error"), stream=True
         )
@@ -321,9 +324,14 @@ def test_fallback_out_of_the_provider(
         model=provider.model, messages=ask("TRIGGER:overloaded")
     )
     assert raw.headers["x-metergate-upstream"] == "sim-up"
-    assert gateway.metric(
-        "metergate_upstream_attempts_total", upstream=provider.upstream, outcome="upstream_error"
-    ) == 1
+    assert (
+        gateway.metric(
+            "metergate_upstream_attempts_total",
+            upstream=provider.upstream,
+            outcome="upstream_error",
+        )
+        == 1
+    )
     row = ledger_row(gateway, "1=1")
     assert (row["upstream"], row["attempts"], row["outcome"]) == ("sim-up", 2, "success")
 

@@ -38,8 +38,9 @@ models:
 
 def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([*METERGATE, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [*METERGATE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_every_problem_is_reported_with_its_location():
@@ -47,16 +48,21 @@ def test_every_problem_is_reported_with_its_location():
         parse_config(BROKEN, "gw.yaml")
     rendered = [problem.render() for problem in raised.value.problems]
     text = "\n".join(rendered)
-    assert "gw.yaml:4: providers.openai.api_key: environment variable " \
-           "METERGATE_TEST_UNSET_VAR is not set" in text
+    assert (
+        "gw.yaml:4: providers.openai.api_key: environment variable "
+        "METERGATE_TEST_UNSET_VAR is not set" in text
+    )
     assert "gw.yaml:7: providers.claude.base_url" in text and "http://" in text
     assert "upstreams.gpt.pricee: unknown key" in text
     assert len(rendered) >= 3
 
 
 def test_cross_references_are_checked():
-    text = BROKEN.replace("${METERGATE_TEST_UNSET_VAR}", "sk-x").replace(
-        "base_url: api.anthropic.com", "api_key: k").replace("pricee", "price")
+    text = (
+        BROKEN.replace("${METERGATE_TEST_UNSET_VAR}", "sk-x")
+        .replace("base_url: api.anthropic.com", "api_key: k")
+        .replace("pricee", "price")
+    )
     with pytest.raises(ConfigError) as raised:
         parse_config(text, "gw.yaml")
     rendered = "\n".join(problem.render() for problem in raised.value.problems)
@@ -71,7 +77,8 @@ def test_env_substitution_with_default(monkeypatch):
     config = parse_config(
         "providers:\n  p: {type: openai, base_url: '${METERGATE_TEST_URL:-http://h/v1}',"
         " api_key: '${METERGATE_TEST_KEY}'}\n"
-        "upstreams: {u: {provider: p, model: m}}\nmodels: {m: {upstreams: [u]}}\n")
+        "upstreams: {u: {provider: p, model: m}}\nmodels: {m: {upstreams: [u]}}\n"
+    )
     assert config.providers["p"].api_key.get_secret_value() == "sk-from-env"
     assert config.providers["p"].base_url == "http://h/v1"
 
@@ -105,12 +112,15 @@ def test_serve_refuses_an_invalid_config(tmp_path):
 
 def test_keys_cli_create_list_revoke(tmp_path):
     config = tmp_path / "gw.yaml"
-    config.write_text(f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
-                      "providers: {s: {type: simulated}}\n"
-                      "upstreams: {u: {provider: s, model: m}}\n"
-                      "models: {m: {upstreams: [u]}, n: {upstreams: [u]}}\n")
-    created = run("keys", "create", "--name", "search-mcp", "--models", "m", "-c", str(config),
-                  cwd=tmp_path)
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
+        "providers: {s: {type: simulated}}\n"
+        "upstreams: {u: {provider: s, model: m}}\n"
+        "models: {m: {upstreams: [u]}, n: {upstreams: [u]}}\n"
+    )
+    created = run(
+        "keys", "create", "--name", "search-mcp", "--models", "m", "-c", str(config), cwd=tmp_path
+    )
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("mgk_") and len(secret) == 47
@@ -123,8 +133,9 @@ def test_keys_cli_create_list_revoke(tmp_path):
     revoked = run("keys", "revoke", "search-mcp", "-c", str(config), cwd=tmp_path)
     assert revoked.returncode == 0
     assert "revoked" in run("keys", "list", "-c", str(config), cwd=tmp_path).stdout
-    unknown_model = run("keys", "create", "--name", "x", "--models", "zzz", "-c", str(config),
-                        cwd=tmp_path)
+    unknown_model = run(
+        "keys", "create", "--name", "x", "--models", "zzz", "-c", str(config), cwd=tmp_path
+    )
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
@@ -132,9 +143,14 @@ def test_default_serve_prints_a_working_demo_key(tmp_path):
     """The README's first command: no config, no keys, simulated models."""
     port = free_port()
     env = {**os.environ, "NO_COLOR": "1"}
-    process = subprocess.Popen([*METERGATE, "serve", "--port", str(port)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env)
+    process = subprocess.Popen(
+        [*METERGATE, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(200):
@@ -146,7 +162,8 @@ def test_default_serve_prints_a_working_demo_key(tmp_path):
         key = (tmp_path / ".metergate" / "demo-key").read_text().strip()
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
         reply = client.chat.completions.create(
-            model="demo-small", messages=[{"role": "user", "content": "Hello"}])
+            model="demo-small", messages=[{"role": "user", "content": "Hello"}]
+        )
         assert reply.choices[0].message.content
         assert reply.usage.total_tokens > 0
     finally:

@@ -38,8 +38,9 @@ def cost(gateway_url: str, key: str) -> str:
 
 
 def reload(base: str, key: str = ADMIN_KEY) -> httpx.Response:
-    return httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {key}"},
-                      timeout=30)
+    return httpx.post(
+        f"{base}/admin/reload", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
 
 
 def test_reload_under_load_drops_nothing(gateway_factory, tmp_path):
@@ -50,14 +51,31 @@ def test_reload_under_load_drops_nothing(gateway_factory, tmp_path):
     path = Path(gateway.runtime.source)
     assert cost(gateway.base_url, gateway.key) == "10.000000000"
     load = subprocess.Popen(
-        [wrk, "-t1", "-c16", "-d4s", "--timeout", "5s", "-s", str(WRK_SCRIPT),
-         f"{gateway.base_url}/chat/completions", "--", gateway.key],
-        stdout=subprocess.PIPE, text=True)
+        [
+            wrk,
+            "-t1",
+            "-c16",
+            "-d4s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(WRK_SCRIPT),
+            f"{gateway.base_url}/chat/completions",
+            "--",
+            gateway.key,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)
         for price in (2_000_000, 3_000_000, 4_000_000):
-            path.write_text(yaml.safe_dump(config_with_price(price) | {
-                "ledger": gateway.runtime.plan.config.ledger.model_dump()}))
+            path.write_text(
+                yaml.safe_dump(
+                    config_with_price(price)
+                    | {"ledger": gateway.runtime.plan.config.ledger.model_dump()}
+                )
+            )
             answer = reload(base)
             assert answer.status_code == 200 and answer.json()["applied"] is True
             time.sleep(0.6)
@@ -99,8 +117,14 @@ def test_admin_api_takes_only_the_admin_key(gateway_factory):
 
 def metergate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "metergate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "metergate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture

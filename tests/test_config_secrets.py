@@ -315,8 +315,16 @@ mcp:
     for secret in ("pg-secret", "pw-2", "sk-default-secret", "k-3", "sk-shared", "s=1",
                    "block-secret", "ghp-secret", "debug"):  # fmt: skip
         assert secret not in redacted, secret
-    kept = ("${REDIS_PASSWORD}", "${OPENAI_API_KEY}", "Bearer ${TOKEN}", "files-mcp",
-            "anthropic-beta: tools", "sslmode=require", "postgresql://mg:", "api_key: null")
+    kept = (
+        "${REDIS_PASSWORD}",
+        "${OPENAI_API_KEY}",
+        "Bearer ${TOKEN}",
+        "files-mcp",
+        "anthropic-beta: tools",
+        "sslmode=require",
+        "postgresql://mg:",
+        "api_key: null",
+    )
     for kept_text in kept:
         assert kept_text in redacted, kept_text
     assert redact(redacted) == redacted

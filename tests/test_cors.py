@@ -33,8 +33,9 @@ def test_off_by_default(gateway_factory: Any) -> None:
     preflight = httpx.options(url, headers={**origin, **PREFLIGHT})
     assert preflight.status_code == 405
     assert "access-control-allow-origin" not in preflight.headers
-    answer = httpx.get(gateway.base_url + "/models", headers={
-        **origin, "authorization": f"Bearer {gateway.key}"})
+    answer = httpx.get(
+        gateway.base_url + "/models", headers={**origin, "authorization": f"Bearer {gateway.key}"}
+    )
     assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
 
 
@@ -46,8 +47,10 @@ def test_preflight_and_answers_for_an_allowed_origin(gateway_factory: Any) -> No
     assert preflight.status_code == 204
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     assert preflight.headers["access-control-allow-methods"] == "DELETE, GET, POST"
-    assert preflight.headers["access-control-allow-headers"] == PREFLIGHT[
-        "access-control-request-headers"]
+    assert (
+        preflight.headers["access-control-allow-headers"]
+        == PREFLIGHT["access-control-request-headers"]
+    )
     assert preflight.headers["access-control-max-age"] == "600"
     assert "origin" in preflight.headers["vary"]
     body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
@@ -72,11 +75,14 @@ def test_preflight_and_answers_for_an_allowed_origin(gateway_factory: Any) -> No
 def test_no_origin_no_cors(gateway_factory: Any) -> None:
     """Non-browser clients send no Origin: their answers stay as they were."""
     gateway = gateway_factory(cors_config("*"))
-    answer = httpx.get(gateway.base_url + "/models",
-                       headers={"authorization": f"Bearer {gateway.key}"})
+    answer = httpx.get(
+        gateway.base_url + "/models", headers={"authorization": f"Bearer {gateway.key}"}
+    )
     assert not any(name.startswith("access-control") for name in answer.headers)
-    anywhere = httpx.get(gateway.base_url + "/models", headers={
-        "authorization": f"Bearer {gateway.key}", "origin": "http://localhost:5173"})
+    anywhere = httpx.get(
+        gateway.base_url + "/models",
+        headers={"authorization": f"Bearer {gateway.key}", "origin": "http://localhost:5173"},
+    )
     assert anywhere.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
@@ -84,8 +90,15 @@ def test_no_origin_no_cors(gateway_factory: Any) -> None:
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 CALL = """async ([base, key]) => {
   const chat = await fetch(base + "/v1/chat/completions", {
     method: "POST",

@@ -46,11 +46,13 @@ def test_translated_for_chat_upstreams(gateway: Gateway, upstreams: Upstreams) -
 
 
 def test_max_tokens_defaults_to_16(gateway_factory: Any) -> None:
-    gateway = gateway_factory({
-        "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 40}}},
-        "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
-        "models": {"sim": {"upstreams": ["sim-up"]}},
-    })
+    gateway = gateway_factory(
+        {
+            "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 40}}},
+            "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
+            "models": {"sim": {"upstreams": ["sim-up"]}},
+        }
+    )
     completion = gateway.client().completions.create(model="sim", prompt="Go on")
     assert completion.usage.completion_tokens == 16
     assert completion.choices[0].finish_reason == "length"
@@ -59,9 +61,11 @@ def test_max_tokens_defaults_to_16(gateway_factory: Any) -> None:
 def test_streamed_translation(gateway: Gateway) -> None:
     client = gateway.client()
     unary = client.completions.create(model="sim", prompt="Stream me")
-    chunks = list(client.completions.create(
-        model="sim", prompt="Stream me", stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.completions.create(
+            model="sim", prompt="Stream me", stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
     assert text == unary.choices[0].text and len(chunks) > 3
     assert all(chunk.object == "text_completion" for chunk in chunks)

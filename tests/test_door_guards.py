@@ -96,15 +96,26 @@ def rollout_config() -> dict[str, Any]:
         },
         "upstreams": {
             "base": {"provider": "good", "model": "m", "price": {"input": 1}},
-            "cand": {"provider": "bad", "model": "m", "price": {"input": 1},
-                     "circuit": {"enabled": False}},
+            "cand": {
+                "provider": "bad",
+                "model": "m",
+                "price": {"input": 1},
+                "circuit": {"enabled": False},
+            },
         },
         "models": {"m": {"upstreams": ["base"], "retry": {"max_retries": 1, "backoff_base": 0}}},
         "retry_budget": {"ratio": 1.0, "min_per_second": 100},
-        "rollouts": {"move": {
-            "model": "m", "baseline": ["base"], "candidate": ["cand"], "stages": [50, 100],
-            "interval_seconds": 0.4, "failure_threshold": 2, "min_requests": 5,
-        }},
+        "rollouts": {
+            "move": {
+                "model": "m",
+                "baseline": ["base"],
+                "candidate": ["cand"],
+                "stages": [50, 100],
+                "interval_seconds": 0.4,
+                "failure_threshold": 2,
+                "min_requests": 5,
+            }
+        },
     }
 
 
@@ -140,8 +151,12 @@ async def test_rollout_judges_and_rolls_back_on_the_doors_traffic(
     assert {row["api"] for row in rows} == {door}
     assert all(row["outcome"] == "success" for row in rows)
     assert any(row["attempts"] == 2 for row in rows)
-    assert gateway.metric("metergate_upstream_attempts_total", upstream="cand",
-                          outcome="upstream_error") >= 5
+    assert (
+        gateway.metric(
+            "metergate_upstream_attempts_total", upstream="cand", outcome="upstream_error"
+        )
+        >= 5
+    )
 
 
 def fallback_config(upstreams: Upstreams) -> dict[str, Any]:  # noqa: F811
@@ -150,24 +165,34 @@ def fallback_config(upstreams: Upstreams) -> dict[str, Any]:  # noqa: F811
     dead = f"http://127.0.0.1:{free_port()}"
     config["providers"]["dead-claude"] = {"type": "anthropic", "base_url": dead, "api_key": "k"}
     config["providers"]["dead-openai"] = {
-        "type": "openai", "base_url": f"{dead}/v1", "api_key": "k", "apis": ["responses"]
+        "type": "openai",
+        "base_url": f"{dead}/v1",
+        "api_key": "k",
+        "apis": ["responses"],
     }
     config["upstreams"]["dead-claude-up"] = {"provider": "dead-claude", "model": "claude-x"}
     config["upstreams"]["dead-gpt-up"] = {"provider": "dead-openai", "model": "gpt-4.1"}
     once = {"max_retries": 0}
     config["models"]["claude-first"] = {
-        "upstreams": ["dead-claude-up"], "retry": once, "fallbacks": ["gpt"]
+        "upstreams": ["dead-claude-up"],
+        "retry": once,
+        "fallbacks": ["gpt"],
     }
     config["models"]["gpt-first"] = {
-        "upstreams": ["dead-gpt-up"], "retry": once, "fallbacks": ["sim"]
+        "upstreams": ["dead-gpt-up"],
+        "retry": once,
+        "fallbacks": ["sim"],
     }
     return config
 
 
-@pytest.mark.parametrize(("door", "model", "backup"), [
-    ("messages", "claude-first", "gpt-up"),
-    ("responses", "gpt-first", "sim-up"),
-])
+@pytest.mark.parametrize(
+    ("door", "model", "backup"),
+    [
+        ("messages", "claude-first", "gpt-up"),
+        ("responses", "gpt-first", "sim-up"),
+    ],
+)
 def test_fallback(
     gateway_factory: Any,
     upstreams: Upstreams,  # noqa: F811
@@ -184,12 +209,14 @@ def test_fallback(
     assert answer.headers["x-metergate-upstream"] == backup
     assert answer.headers["x-metergate-attempts"] == "2"
     primary = "dead-claude-up" if door == "messages" else "dead-gpt-up"
-    assert gateway.metric("metergate_fallbacks_total", model=model, from_upstream=primary,
-                          to_upstream=backup) == 1
-    row = gateway.ledger_rows()[-1]
-    assert (row["api"], row["model"], row["upstream"], row["attempts"]) == (
-        door, model, backup, 2
+    assert (
+        gateway.metric(
+            "metergate_fallbacks_total", model=model, from_upstream=primary, to_upstream=backup
+        )
+        == 1
     )
+    row = gateway.ledger_rows()[-1]
+    assert (row["api"], row["model"], row["upstream"], row["attempts"]) == (door, model, backup, 2)
 
 
 def test_caps_and_budget_bound_reach_native_requests(
@@ -198,10 +225,13 @@ def test_caps_and_budget_bound_reach_native_requests(
 ) -> None:
     """A model's max_tokens cap clamps a Messages request on its way to Anthropic, and a
     hard budget bounds a Responses request that named no limit (budget_max_tokens)."""
-    config = upstreams.config().replace(
-        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}}",
-        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}, max_tokens_cap: 7}",
-    ) + "budgets: {all: {limit_usd: 1000, period: day}}\n"
+    config = (
+        upstreams.config().replace(
+            "  claude: {upstreams: [claude-up], retry: {max_retries: 0}}",
+            "  claude: {upstreams: [claude-up], retry: {max_retries: 0}, max_tokens_cap: 7}",
+        )
+        + "budgets: {all: {limit_usd: 1000, period: day}}\n"
+    )
     gateway = gateway_factory(config)
     anthropic_client(gateway).messages.create(
         model="claude", max_tokens=5000, messages=[{"role": "user", "content": "hi"}]

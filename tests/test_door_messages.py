@@ -163,11 +163,16 @@ def test_anthropic_upstream_gets_the_request_as_it_came(
             {
                 "role": "user",
                 "content": [
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                 "data": PNG}},
-                    {"type": "document", "title": "spec", "cache_control": ephemeral,
-                     "source": {"type": "base64", "media_type": "application/pdf",
-                                "data": PDF}},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                    },
+                    {
+                        "type": "document",
+                        "title": "spec",
+                        "cache_control": ephemeral,
+                        "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+                    },
                     {"type": "text", "text": "Summarize."},
                 ],
             },
@@ -198,7 +203,9 @@ def test_anthropic_upstream_gets_the_request_as_it_came(
     assert sent.headers["x-api-key"] == anthropic_server.API_KEY  # the provider's, not ours
     thinking, text = message.content
     assert (thinking.type, thinking.thinking, thinking.signature) == (
-        "thinking", anthropic_server.THOUGHT, anthropic_server.SIGNATURE
+        "thinking",
+        anthropic_server.THOUGHT,
+        anthropic_server.SIGNATURE,
     )
     assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "lazy")
     assert text.text == ANSWER[: ANSWER.index("lazy")]
@@ -289,11 +296,13 @@ def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
     assert "ended before [DONE]" in events[-1][1]["error"]["message"]
     # Without the SDK's own checks: a body missing max_tokens, and no key at all.
     url = gateway.base_url + "/messages"
-    refused = httpx.post(url, json={"model": "sim", "messages": HELLO},
-                         headers={"x-api-key": gateway.key})
+    refused = httpx.post(
+        url, json={"model": "sim", "messages": HELLO}, headers={"x-api-key": gateway.key}
+    )
     assert refused.status_code == 400
     assert refused.json()["error"] == {
-        "type": "invalid_request_error", "message": "max_tokens: a positive integer is required"
+        "type": "invalid_request_error",
+        "message": "max_tokens: a positive integer is required",
     }
     anonymous = httpx.post(url, json={"model": "sim", **ask})
     assert anonymous.status_code == 401 and anonymous.json()["type"] == "error"

@@ -90,8 +90,9 @@ def test_openai_upstream_with_the_responses_api_gets_it_as_it_came(
     }
     response = client.responses.create(model="gpt-native", **body)
     assert openai_requests(upstreams)[-1] == {**body, "model": "gpt-4.1"}
-    assert response.output[0].type == "function_call" and response.id == "resp_fake" + \
-        response.id.removeprefix("resp_fake")
+    assert response.output[
+        0
+    ].type == "function_call" and response.id == "resp_fake" + response.id.removeprefix("resp_fake")
     # Not a chat request: the chat translation went nowhere.
     assert "messages" not in openai_requests(upstreams)[-1]
 
@@ -171,8 +172,13 @@ def test_previous_response_id_chain_across_upstreams(
     )
     turns = upstreams.claude_recorder.last.body["messages"]
     said = orjson.dumps(turns).decode()
-    for text in ("My name is Ada.", first.output_text, "What is my name?",
-                 second.output_text, "Spell it."):
+    for text in (
+        "My name is Ada.",
+        first.output_text,
+        "What is my name?",
+        second.output_text,
+        "Spell it.",
+    ):
         assert text in said
     assert [turn["role"] for turn in turns] == ["user", "assistant"] * 2 + ["user"]
     assert third.output_text == ANSWER
@@ -189,22 +195,25 @@ def test_input_items_pages(gateway: Gateway) -> None:
     newest = client.responses.input_items.list(response.id, limit=2)
     assert [item.content[0].text for item in newest.data] == ["line 4", "line 3"]
     assert newest.has_more
-    every = [item.content[0].text for item in client.responses.input_items.list(
-        response.id, limit=2)]  # the SDK follows the pages
+    every = [
+        item.content[0].text for item in client.responses.input_items.list(response.id, limit=2)
+    ]  # the SDK follows the pages
     assert every == [f"line {n}" for n in reversed(range(5))]
 
 
 def test_delete_and_ownership(gateway: Gateway) -> None:
     client = gateway.client()
-    other = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.new_key("other"),
-                          max_retries=0)
+    other = openai.OpenAI(
+        base_url=gateway.base_url, api_key=gateway.new_key("other"), max_retries=0
+    )
     response = client.responses.create(model="sim", input="secret plans")
     for call in (
         lambda: other.responses.retrieve(response.id),
         lambda: other.responses.input_items.list(response.id),
         lambda: other.responses.delete(response.id),
-        lambda: other.responses.create(model="sim", input="go on",
-                                       previous_response_id=response.id),
+        lambda: other.responses.create(
+            model="sim", input="go on", previous_response_id=response.id
+        ),
     ):
         with pytest.raises(openai.NotFoundError):
             call()
@@ -230,19 +239,29 @@ def test_store_false_keeps_nothing(gateway: Gateway) -> None:
 
 def test_translation_to_chat(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: F811
     """What a chat upstream receives for the Responses features it has an equivalent of."""
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
     gateway.client().responses.create(
         model="gpt",
         instructions="Answer in JSON.",
         input=[
-            {"role": "user", "content": [
-                {"type": "input_text", "text": "Describe"},
-                {"type": "input_image", "image_url": "https://example.com/a.png", "detail": "low"},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "Describe"},
+                    {
+                        "type": "input_image",
+                        "image_url": "https://example.com/a.png",
+                        "detail": "low",
+                    },
+                ],
+            },
         ],
-        text={"format": {"type": "json_schema", "name": "thing", "schema": schema,
-                         "strict": True}},
+        text={"format": {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}},
         max_output_tokens=99,
         reasoning={"effort": "low"},
         temperature=0.5,
@@ -254,25 +273,33 @@ def test_translation_to_chat(gateway: Gateway, upstreams: Upstreams) -> None:  #
         "model": "gpt-4.1",
         "messages": [
             {"role": "system", "content": "Answer in JSON."},
-            {"role": "user", "content": [
-                {"type": "text", "text": "Describe"},
-                {"type": "image_url",
-                 "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "https://example.com/a.png", "detail": "low"},
+                    },
+                ],
+            },
         ],
         "max_completion_tokens": 99,
         "temperature": 0.5,
         "reasoning_effort": "low",
-        "response_format": {"type": "json_schema", "json_schema": {
-            "name": "thing", "schema": schema, "strict": True}},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "thing", "schema": schema, "strict": True},
+        },
     }
 
 
 def test_errors(gateway: Gateway) -> None:
     client = gateway.client()
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=gateway.base_url, api_key="mgk_" + "y" * 43,
-                      max_retries=0).responses.create(model="sim", input="hi")
+        openai.OpenAI(
+            base_url=gateway.base_url, api_key="mgk_" + "y" * 43, max_retries=0
+        ).responses.create(model="sim", input="hi")
     with pytest.raises(openai.NotFoundError) as unknown:
         client.responses.create(model="nope", input="hi")
     assert unknown.value.code == "model_not_found"
@@ -331,7 +358,7 @@ def test_retention_and_bounded_storage(gateway_factory: Any) -> None:
     gateway.bg.run(gateway.app.responses.purge())
     kept = sizes()
     assert sum(size for _, size in kept) <= 0.004 * 1024 * 1024
-    assert [row[0] for row in kept] == [r.id for r in stored[-len(kept):]] and kept
+    assert [row[0] for row in kept] == [r.id for r in stored[-len(kept) :]] and kept
     newest = stored[-1].id
     assert client.responses.retrieve(newest).id == newest
     deadline = time.monotonic() + 30
@@ -358,13 +385,15 @@ def test_unsupported_fields_are_refused(gateway: Gateway) -> None:
 
 def test_stored_responses_on_postgresql(gateway_factory: Any, fresh_postgres_url: str) -> None:
     """The store's SQL (the recursive conversation query, upserts, purge) on PostgreSQL."""
-    gateway = gateway_factory({
-        "ledger": {"url": fresh_postgres_url},
-        "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 3}}},
-        "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
-        "models": {"sim": {"upstreams": ["sim-up"]}},
-        "responses": {"max_stored_mb": 0.0015},
-    })
+    gateway = gateway_factory(
+        {
+            "ledger": {"url": fresh_postgres_url},
+            "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 3}}},
+            "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
+            "models": {"sim": {"upstreams": ["sim-up"]}},
+            "responses": {"max_stored_mb": 0.0015},
+        }
+    )
     client = gateway.client()
     first = client.responses.create(model="sim", input="one")
     second = client.responses.create(model="sim", input="two", previous_response_id=first.id)

@@ -50,9 +50,16 @@ def test_fast_exposition_matches_prometheus_client() -> None:
     # values change, cached prefixes do not go stale
     metrics.count_request(metrics.series("m1", "up", "key"), ("m1", "up", "key"), "success")
     again = samples(metrics.exposition().decode())
-    key = ("metergate_requests_total",
-           (("api", "chat"), ("key", "key"), ("model", "m1"), ("outcome", "success"),
-            ("upstream", "up")))
+    key = (
+        "metergate_requests_total",
+        (
+            ("api", "chat"),
+            ("key", "key"),
+            ("model", "m1"),
+            ("outcome", "success"),
+            ("upstream", "up"),
+        ),
+    )
     assert again[key] == 2
     # lines and families reused when unchanged, redone when not, new series added
     for _ in range(3):

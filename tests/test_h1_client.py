@@ -30,14 +30,20 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 async def read_request(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+    )
     return head + await reader.readexactly(length)
 
 
 @asynccontextmanager
-async def server(handler: Handler, tls: ssl.SSLContext | None = None
-                 ) -> AsyncIterator[tuple[str, list[int]]]:
+async def server(
+    handler: Handler, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[int]]]:
     connections: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -82,8 +88,9 @@ async def test_chunked_gzip_and_close_delimited_bodies():
 
     async def handler(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
-                     b"Content-Encoding: gzip\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Encoding: gzip\r\n\r\n"
+        )
         for piece in (packed[:5], packed[5:]):
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await writer.drain()
@@ -129,7 +136,7 @@ async def test_timeouts_and_failures_say_whether_the_answer_had_started():
 
     async def reset_mid_body(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"par")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"par')
         await writer.drain()
         writer.transport.abort()
 
@@ -148,6 +155,7 @@ async def test_timeouts_and_failures_say_whether_the_answer_had_started():
 async def test_a_reused_connection_still_times_out_a_silent_upstream():
     """The connection's timer outlives a quick answer; on its next request it still
     enforces that request's own deadline (first byte, then the total)."""
+
     async def answer_once(reader, writer):
         await read_request(reader)
         writer.write(answer(b"{}"))
@@ -223,10 +231,25 @@ async def test_tls_with_certificate_checks(tmp_path: Path, monkeypatch):
     assert openssl, "openssl ships with Debian"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     made = await asyncio.create_subprocess_exec(
-        openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-        "-keyout", str(key), "-out", str(cert),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        openssl,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     assert await made.wait() == 0
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)

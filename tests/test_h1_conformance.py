@@ -341,7 +341,6 @@ async def test_a_stalled_stream_times_out_between_chunks():
         await client.close()
 
 
-
 async def test_waiters_for_a_full_pool_are_all_served_even_when_one_gives_up():
     """10 slow requests through 2 connections: each waits its turn; a waiter cancelled
     while queued (its caller left) does not take a turn that the next one needs."""

@@ -178,31 +178,49 @@ def test_cost_is_exact_integer_arithmetic():
 
 def test_fallback_is_metered_at_the_fallback_price(gateway_factory, openai_upstream):
     server, _ = openai_upstream
-    gateway = gateway_factory({
-        "providers": {
-            "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
-            "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY},
-        },
-        "upstreams": {
-            "broken-up": {"provider": "broken", "model": "b", "price": {"input": 100}},
-            "up-priced": {"provider": "up", "model": "gpt-x", "price": PRICE},
-        },
-        "models": {
-            "primary": {"upstreams": ["broken-up"], "fallbacks": ["backup"],
-                        "retry": {"max_retries": 0}},
-            "backup": {"upstreams": ["up-priced"]},
-        },
-    })
+    gateway = gateway_factory(
+        {
+            "providers": {
+                "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
+                "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY},
+            },
+            "upstreams": {
+                "broken-up": {"provider": "broken", "model": "b", "price": {"input": 100}},
+                "up-priced": {"provider": "up", "model": "gpt-x", "price": PRICE},
+            },
+            "models": {
+                "primary": {
+                    "upstreams": ["broken-up"],
+                    "fallbacks": ["backup"],
+                    "retry": {"max_retries": 0},
+                },
+                "backup": {"upstreams": ["up-priced"]},
+            },
+        }
+    )
     before = snapshot(gateway, "primary")
     raw = gateway.client().chat.completions.with_raw_response.create(
-        model="primary", messages=[{"role": "user", "content": "hi"}])
+        model="primary", messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-metergate-upstream"] == "up-priced"
     assert raw.headers["x-metergate-attempts"] == "2"
     row = gateway.ledger_rows()[-1]
     assert (row["model"], row["upstream"], row["attempts"]) == ("primary", "up-priced", 2)
-    assert_agree(gateway, "primary", before, row, raw.parse().usage,
-                 raw.headers["x-metergate-cost-usd"])
-    assert gateway.metric("metergate_fallbacks_total", model="primary",
-                          from_upstream="broken-up", to_upstream="up-priced") == 1
-    assert gateway.metric("metergate_upstream_attempts_total", upstream="broken-up",
-                          outcome="upstream_error") == 1
+    assert_agree(
+        gateway, "primary", before, row, raw.parse().usage, raw.headers["x-metergate-cost-usd"]
+    )
+    assert (
+        gateway.metric(
+            "metergate_fallbacks_total",
+            model="primary",
+            from_upstream="broken-up",
+            to_upstream="up-priced",
+        )
+        == 1
+    )
+    assert (
+        gateway.metric(
+            "metergate_upstream_attempts_total", upstream="broken-up", outcome="upstream_error"
+        )
+        == 1
+    )

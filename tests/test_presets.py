@@ -158,9 +158,7 @@ def test_xai_reasoning_tokens_count_as_output(gateway: Gateway) -> None:
 
 def test_groq_stream_usage_under_x_groq(gateway: Gateway) -> None:
     chunks = list(
-        gateway.client().chat.completions.create(
-            model="groq", messages=ask("Hello"), stream=True
-        )
+        gateway.client().chat.completions.create(model="groq", messages=ask("Hello"), stream=True)
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ANSWER
     row = ledger_row(gateway, "stream = 1")

@@ -139,10 +139,7 @@ def test_a_missing_extra_names_the_pip_command(tmp_path: Path) -> None:
         "providers: {br: {type: bedrock, bedrock: {region: us-east-1}}}\n"
         "upstreams: {u: {provider: br, model: amazon.nova-lite-v1:0}}\n" + MODELS
     )
-    blocked = (
-        "import sys; sys.modules['botocore'] = None\n"
-        "from metergate.cli import main; main()"
-    )
+    blocked = "import sys; sys.modules['botocore'] = None\nfrom metergate.cli import main; main()"
     done = metergate(blocked, "check", str(config), cwd=tmp_path)
     assert done.returncode == 2
     assert "provider type bedrock needs optional dependencies not installed" in done.stderr
@@ -152,8 +149,18 @@ def test_a_missing_extra_names_the_pip_command(tmp_path: Path) -> None:
 def test_price_lists_carry_source_and_date() -> None:
     lists = shipped_price_lists()
     sources = price_list_sources()
-    for name in ("bedrock", "vertex", "deepseek", "mistral", "groq", "openrouter", "together",
-                 "fireworks", "xai", "perplexity"):
+    for name in (
+        "bedrock",
+        "vertex",
+        "deepseek",
+        "mistral",
+        "groq",
+        "openrouter",
+        "together",
+        "fireworks",
+        "xai",
+        "perplexity",
+    ):
         assert lists[name], name
         assert sources[name].startswith("https://") and " as of 20" in sources[name]
 

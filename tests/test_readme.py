@@ -24,5 +24,9 @@ def test_configuration_reference_parses(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setenv(variable, value)
     config = parse_config(block.group(1), "README.md")
     assert config.models["gpt-4.1"].retry.retry_on == [
-        "connection_error", "timeout", "rate_limited", "upstream_error"]
+        "connection_error",
+        "timeout",
+        "rate_limited",
+        "upstream_error",
+    ]
     assert config.models["gpt-4.1"].fallbacks == ["claude"]

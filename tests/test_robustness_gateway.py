@@ -47,9 +47,7 @@ def _config(url: str, **provider: Any) -> dict[str, Any]:
             "p": {"type": "openai", "base_url": f"{url}/v1", "api_key": "sk-x", **provider}
         },
         "upstreams": {"up": {"provider": "p", "model": "up-model", "price": {"input": 1}}},
-        "models": {
-            "m": {"upstreams": ["up"], "retry": {"max_retries": 2, "backoff_base": 0.01}}
-        },
+        "models": {"m": {"upstreams": ["up"], "retry": {"max_retries": 2, "backoff_base": 0.01}}},
     }
 
 
@@ -175,8 +173,7 @@ def test_a_reload_while_the_body_arrives_serves_it_on_the_plan_it_arrived_on(
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
             b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s"
-            % (gateway.key.encode(), len(body), body[:10])
+            b"Content-Length: %d\r\n\r\n%s" % (gateway.key.encode(), len(body), body[:10])
         )
         assert gateway.bg.run(eventually(lambda: old_plan.active == 1))  # it has arrived
         _reload(gateway, _config(b.url))  # the provider now points elsewhere

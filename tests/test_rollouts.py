@@ -31,17 +31,26 @@ def rollout_config(base: FaultServer, cand: FaultServer, **rollout: object) -> d
         },
         "upstreams": {
             "base": {"provider": "base-p", "model": "m", "price": {"input": 1}},
-            "cand": {"provider": "cand-p", "model": "m", "price": {"input": 1},
-                     "circuit": {"enabled": False}},
+            "cand": {
+                "provider": "cand-p",
+                "model": "m",
+                "price": {"input": 1},
+                "circuit": {"enabled": False},
+            },
         },
-        "models": {"m": {"upstreams": ["base"],
-                         "retry": {"max_retries": 1, "backoff_base": 0.01}}},
+        "models": {"m": {"upstreams": ["base"], "retry": {"max_retries": 1, "backoff_base": 0.01}}},
         "retry_budget": {"ratio": 1.0, "min_per_second": 100},
-        "rollouts": {"move": {
-            "model": "m", "baseline": ["base"], "candidate": ["cand"],
-            "interval_seconds": 0.4, "failure_threshold": 2, "min_requests": 5,
-            **rollout,
-        }},
+        "rollouts": {
+            "move": {
+                "model": "m",
+                "baseline": ["base"],
+                "candidate": ["cand"],
+                "interval_seconds": 0.4,
+                "failure_threshold": 2,
+                "min_requests": 5,
+                **rollout,
+            }
+        },
     }
 
 
@@ -61,8 +70,12 @@ def start_rollout(gateway: Gateway) -> None:
     gateway.bg.run(transitions.start(gateway.runtime.database, rollout_of(gateway)))
 
 
-async def load_until(gateway: Gateway, done: Callable[[], bool], limit: float,
-                     on_tick: Callable[[], None] = lambda: None) -> list[str]:
+async def load_until(
+    gateway: Gateway,
+    done: Callable[[], bool],
+    limit: float,
+    on_tick: Callable[[], None] = lambda: None,
+) -> list[str]:
     """Steady traffic from 6 callers until `done()` or `limit` seconds; every outcome."""
     client = gateway.async_client()
     outcomes: list[str] = []
@@ -73,7 +86,8 @@ async def load_until(gateway: Gateway, done: Callable[[], bool], limit: float,
             on_tick()
             try:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model="m", messages=ASK)
+                    model="m", messages=ASK
+                )
                 outcomes.append(raw.headers["x-metergate-upstream"])
             except openai.APIError as error:
                 outcomes.append(f"error {error}")
@@ -97,8 +111,9 @@ async def test_healthy_candidate_is_promoted_through_every_stage(gateway_factory
     after = await load_until(gateway, lambda: False, 0.3)
     assert set(after) == {"cand"}
     assert gateway.metric("metergate_rollout_weight", rollout="move", target="cand") == 1.0
-    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
-                          event="promoted") == 2
+    assert (
+        gateway.metric("metergate_rollout_transitions_total", rollout="move", event="promoted") == 2
+    )
 
 
 async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
@@ -118,8 +133,9 @@ async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
     app.router.add_post("/hook", hook)
     receiver = UpstreamServer(bg, app)
     base, cand = servers
-    gateway = gateway_factory(rollout_config(
-        base, cand, stages=[20, 50, 100], webhook_url=f"{receiver.url}/hook"))
+    gateway = gateway_factory(
+        rollout_config(base, cand, stages=[20, 50, 100], webhook_url=f"{receiver.url}/hook")
+    )
     start_rollout(gateway)
     rollout = rollout_of(gateway)
     degraded_at: list[float] = []
@@ -130,8 +146,9 @@ async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
             degraded_at.append(time.monotonic())
 
     try:
-        outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 15,
-                                    degrade_at_second_stage)
+        outcomes = await load_until(
+            gateway, lambda: rollout.state == "rolled_back", 15, degrade_at_second_stage
+        )
         rolled_back_after = time.monotonic() - degraded_at[0]
         after = await load_until(gateway, lambda: False, 0.3)
         await asyncio.to_thread(all_four.wait, 5)
@@ -150,8 +167,10 @@ async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
     assert notices[-1]["detail"]["judgment"]["failed_gates"]
     assert "'move' (m): rolled_back" in caplog.text
     assert gateway.metric("metergate_rollout_weight", rollout="move", target="cand") == 0.0
-    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
-                          event="rolled_back") == 1
+    assert (
+        gateway.metric("metergate_rollout_transitions_total", rollout="move", event="rolled_back")
+        == 1
+    )
 
 
 async def test_too_little_traffic_holds_the_stage(gateway_factory, servers):
@@ -162,22 +181,25 @@ async def test_too_little_traffic_holds_the_stage(gateway_factory, servers):
     await load_until(gateway, lambda: False, 1.5)
     assert (rollout.state, rollout.stage) == ("running", 0)
     assert rollout.last_judgment["verdict"] == "insufficient"
-    assert gateway.metric("metergate_rollout_transitions_total", rollout="move",
-                          event="held") >= 2
+    assert gateway.metric("metergate_rollout_transitions_total", rollout="move", event="held") >= 2
 
 
 async def test_sticky_by_key_keeps_a_caller_on_one_side(gateway_factory, servers):
     base, cand = servers
-    gateway = gateway_factory(rollout_config(base, cand, stages=[50, 100], sticky="key",
-                                             interval_seconds=60))
+    gateway = gateway_factory(
+        rollout_config(base, cand, stages=[50, 100], sticky="key", interval_seconds=60)
+    )
     start_rollout(gateway)
     sides = set()
     for name in ("svc-a", "svc-b", "svc-c", "svc-d", "svc-e", "svc-f"):
-        client = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.new_key(name),
-                                    max_retries=0)
+        client = openai.AsyncOpenAI(
+            base_url=gateway.base_url, api_key=gateway.new_key(name), max_retries=0
+        )
         seen = {
-            (await client.chat.completions.with_raw_response.create(model="m", messages=ASK))
-            .headers["x-metergate-upstream"] for _ in range(8)
+            (
+                await client.chat.completions.with_raw_response.create(model="m", messages=ASK)
+            ).headers["x-metergate-upstream"]
+            for _ in range(8)
         }
         assert len(seen) == 1, f"{name} flipped between {seen}"
         sides |= seen

@@ -46,9 +46,7 @@ def create_app(state: State) -> web.Application:
         key = f"ASIAFAKEWEBIDENTITY{state.issued:03d}"
         secret, token = secrets.token_urlsafe(30), secrets.token_urlsafe(40)
         state.bedrock.credentials[key] = (secret, token)
-        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
-            seconds=state.lifetime
-        )
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=state.lifetime)
         body = f"""<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <AssumeRoleWithWebIdentityResult>
     <Credentials>
