@@ -130,6 +130,20 @@ def test_results_older_than_the_window_are_forgotten():
     assert b.state == OPEN  # 3 of 6
 
 
+def test_a_result_counts_for_90_to_100_percent_of_the_window():
+    """The window is ten buckets of a tenth of it: 8.9 s after a failure, 10 s windows
+    still count it; 9.1 s after, when a new tenth began, they may not."""
+    settings = dict(failure_threshold=100, failure_ratio=0.5, min_requests=4, window_seconds=10)
+    for later, counted in ((8.9, True), (9.1, False)):
+        clock = Clock()
+        b = breaker(clock, **settings)
+        clock.advance(0.95)  # late in a tenth of the window
+        fail(b, 3)
+        clock.advance(later)
+        b.record("success")
+        assert b.state == (OPEN if counted else CLOSED), later  # 3 of 4, or 0 of 1
+
+
 def test_open_rejects_until_open_seconds_then_half_opens():
     clock, changes = Clock(), []
     b = breaker(clock, changes, failure_threshold=1, open_seconds=30, half_open_probes=2)

@@ -5,13 +5,17 @@ or when at least `min_requests` in the last `window_seconds` failed at `failure_
 or more. Open: every request skips the upstream until `open_seconds` have passed.
 Half-open: up to `half_open_probes` requests at a time probe it; that many successes
 close the breaker, one failure opens it again.
+
+The window is kept as counts in `WINDOW_BUCKETS` buckets of a tenth of it each, so a
+result counts for the last 90 to 100 % of `window_seconds`. Keeping each result instead
+held one entry per request for the whole window: at 5,000 requests/s and the default
+30 s, 150,000 entries (~18 MB) per upstream.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 
 from metergate.config.model import CircuitConfig
@@ -22,6 +26,7 @@ CLOSED, HALF_OPEN, OPEN = 0, 1, 2
 STATE_NAMES = {CLOSED: "closed", HALF_OPEN: "half-open", OPEN: "open"}
 # Outcomes that say the upstream is unwell; a 4xx caused by the request does not.
 FAILURES = frozenset({"upstream_error", "timeout", "connection_error", "rate_limited"})
+WINDOW_BUCKETS = 10
 
 
 class CircuitBreaker:
@@ -38,7 +43,11 @@ class CircuitBreaker:
         self._on_change = on_change
         self._clock = clock
         self._consecutive = 0
-        self._window: deque[tuple[float, bool]] = deque()  # (time, failed)
+        self._bucket_seconds = config.window_seconds / WINDOW_BUCKETS
+        self._newest = 0  # the number (time / bucket length) of the bucket last written
+        self._requests = [0] * WINDOW_BUCKETS  # per bucket, at its number % WINDOW_BUCKETS
+        self._failures = [0] * WINDOW_BUCKETS
+        self._requests_in_window = 0
         self._failures_in_window = 0
         self._opened_at = 0.0
         self._probes = 0
@@ -93,18 +102,29 @@ class CircuitBreaker:
         if self.state == OPEN:
             return  # an attempt that started before the breaker opened
         self._consecutive = self._consecutive + 1 if failed else 0
-        now = self._clock()
-        self._window.append((now, failed))
-        self._failures_in_window += failed
-        horizon = now - self.config.window_seconds
-        while self._window and self._window[0][0] < horizon:
-            self._failures_in_window -= self._window.popleft()[1]
-        total = len(self._window)
+        bucket = int(self._clock() / self._bucket_seconds)
+        if bucket != self._newest:
+            self._expire(bucket)
+        slot = bucket % WINDOW_BUCKETS
+        self._requests[slot] += 1
+        total = self._requests_in_window = self._requests_in_window + 1
+        if failed:
+            self._failures[slot] += 1
+            self._failures_in_window += 1
         if self._consecutive >= self.config.failure_threshold or (
             total >= self.config.min_requests
             and self._failures_in_window >= self.config.failure_ratio * total
         ):
             self._open()
+
+    def _expire(self, bucket: int) -> None:
+        """Move the window on to `bucket`: empty the buckets it no longer covers."""
+        for number in range(max(self._newest + 1, bucket - WINDOW_BUCKETS + 1), bucket + 1):
+            slot = number % WINDOW_BUCKETS
+            self._requests_in_window -= self._requests[slot]
+            self._failures_in_window -= self._failures[slot]
+            self._requests[slot] = self._failures[slot] = 0
+        self._newest = bucket
 
     def _open(self) -> None:
         self._opened_at = self._clock()
@@ -112,8 +132,9 @@ class CircuitBreaker:
         self._move(OPEN)
 
     def _close(self) -> None:
-        self._consecutive = self._failures_in_window = 0
-        self._window.clear()
+        self._consecutive = self._requests_in_window = self._failures_in_window = 0
+        self._requests = [0] * WINDOW_BUCKETS
+        self._failures = [0] * WINDOW_BUCKETS
         self._probes = self._probe_successes = 0
         self._move(CLOSED)
 
