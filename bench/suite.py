@@ -15,7 +15,8 @@ ratios:
 3. non-streaming requests/s at saturation (wrk -c64), and p50/p99 at 1 connection (also
    for bench/stack's minimal uvicorn + bare-client proxy: the floor of a Python proxy);
 4. p50/p99 at about half of each gateway's max throughput (wrk with the connection count
-   that gives it; direct measured at the same count);
+   that gives it; direct measured at the same count); then each gateway's RSS, what
+   these non-streaming loads left resident;
 5. streaming: time to first chunk at 1 connection (asyncio probe), chunks/s (wrk -c64);
 6. a py-spy profile of metergate under the saturation load;
 7. `/metrics` scrape time with 50 models x 200 keys of live series (its own gateway);
@@ -513,6 +514,10 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
                 args,
                 other,
             )
+            for name in gateways:  # what the non-streaming loads left resident
+                pid = targets[name].pid
+                if pid is not None:
+                    o.loaded_rss_mib[name] = procfs.memory(pid).rss_mib
 
             step("streaming: time to first chunk (probe) and chunks/s (wrk)")
             o.ttft = ttft_runs(targets, names, args)

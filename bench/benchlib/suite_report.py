@@ -187,6 +187,14 @@ def summary_rows(
             _f(mem[METERGATE].idle.rss_mib, 1),
             {p: _f(mem[p].idle.rss_mib, 1) for p in peers if p in mem},
         )
+        if o.loaded_rss_mib:
+            loaded = o.loaded_rss_mib
+            row(
+                "RSS after the non-streaming loads (MiB, VmRSS)",
+                "",
+                _f(loaded[METERGATE], 1),
+                {p: _f(loaded[p], 1) for p in peers if p in loaded},
+            )
         row(
             f"peak RSS with {args.streams:,} concurrent slow streams (MiB)",
             "",
