@@ -15,8 +15,8 @@ ratios:
 3. non-streaming requests/s at saturation (wrk -c64), and p50/p99 at 1 connection (also
    for bench/stack's minimal uvicorn + bare-client proxy: the floor of a Python proxy);
 4. p50/p99 at about half of each gateway's max throughput (wrk with the connection count
-   that gives it; direct measured at the same count); then each gateway's RSS, what
-   these non-streaming loads left resident;
+   that gives it; direct measured at the same count); each gateway's RSS before and
+   after these non-streaming loads;
 5. streaming: time to first chunk at 1 connection (asyncio probe), chunks/s (wrk -c64);
 6. a py-spy profile of metergate under the saturation load;
 7. `/metrics` scrape time with 50 models x 200 keys of live series (its own gateway);
@@ -167,6 +167,10 @@ def memory_test(target: Target, streams: int) -> MemoryResult:
         first_event_ms=ms(med([e.first_event for e in ok if e.first_event is not None] or [0])),
         duration_s=med([e.done for e in ok if e.done is not None] or [0]),
     )
+
+
+def rss_mib(target: Target) -> float:
+    return procfs.memory(target.pid).rss_mib if target.pid is not None else float("nan")
 
 
 def pacing_test(targets: dict[str, Target]) -> Pacing:
@@ -483,6 +487,7 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
         all_targets = {**targets, FLOOR_LABEL: Target(FLOOR_LABEL, "x", floor, "", "", floor_pid)}
         with PendingWatcher(gateway.base).running() as watcher:
             step("non-streaming: warm-up, saturation and 1 connection")
+            resident = {name: rss_mib(targets[name]) for name in gateways}
             for target in all_targets.values():
                 wrk.run(
                     target.unary,
@@ -514,10 +519,8 @@ def benchmark(args: argparse.Namespace, workdir: Path, layout: CpuLayout, o: Out
                 args,
                 other,
             )
-            for name in gateways:  # what the non-streaming loads left resident
-                pid = targets[name].pid
-                if pid is not None:
-                    o.loaded_rss_mib[name] = procfs.memory(pid).rss_mib
+            for name, before in resident.items():  # what the non-streaming loads added
+                o.loaded_rss_mib[name] = (before, rss_mib(targets[name]))
 
             step("streaming: time to first chunk (probe) and chunks/s (wrk)")
             o.ttft = ttft_runs(targets, names, args)

@@ -103,7 +103,8 @@ class Outcome:
     streams: Runs = field(default_factory=dict)
     ttft: dict[str, list[TtftRun]] = field(default_factory=dict)
     memory: dict[str, MemoryResult] = field(default_factory=dict)
-    loaded_rss_mib: dict[str, float] = field(default_factory=dict)  # after the unary loads
+    # RSS before and after the non-streaming loads
+    loaded_rss_mib: dict[str, tuple[float, float]] = field(default_factory=dict)
     pacing: Pacing | None = None
     profiled: ProfileResult | None = None
     native: list[native.NativeProfile] = field(default_factory=list)

@@ -188,12 +188,12 @@ def summary_rows(
             {p: _f(mem[p].idle.rss_mib, 1) for p in peers if p in mem},
         )
         if o.loaded_rss_mib:
-            loaded = o.loaded_rss_mib
+            loaded = {n: f"{_f(a, 1)} → {_f(b, 1)}" for n, (a, b) in o.loaded_rss_mib.items()}
             row(
-                "RSS after the non-streaming loads (MiB, VmRSS)",
+                "RSS before → after the non-streaming loads (MiB, VmRSS; after the streams)",
                 "",
-                _f(loaded[METERGATE], 1),
-                {p: _f(loaded[p], 1) for p in peers if p in loaded},
+                loaded[METERGATE],
+                {p: loaded[p] for p in peers if p in loaded},
             )
         row(
             f"peak RSS with {args.streams:,} concurrent slow streams (MiB)",
