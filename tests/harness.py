@@ -7,6 +7,7 @@ official SDKs' synchronous clients as well as their async ones.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -25,6 +26,18 @@ from metergate.config import read_config
 from metergate.storage.keys import create_key
 
 T = TypeVar("T")
+
+# Debian's Chromium (scripts/test installs it), headless, for the tests that use a browser.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 async def eventually(condition: Callable[[], bool], within: float = 10) -> bool:

@@ -11,7 +11,6 @@ import io
 import itertools
 import math
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,21 +21,11 @@ import pytest
 
 from metergate.console import mcp as mcp_view
 from metergate.metering.ledger import COLUMNS, LedgerRow
-from tests.harness import Gateway
+from tests.harness import CHROMIUM, CHROMIUM_ARGS, Gateway
 from tests.test_console_api import ADMIN_KEY, ASK, admin, base, console_config, send_traffic
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SHOTS = Path(__file__).parent / "artifacts" / "console"
 WAIT_MS = 10_000
 
@@ -50,7 +39,7 @@ def browser() -> Iterator[object]:
     SHOTS.mkdir(parents=True, exist_ok=True)
     (SHOTS.parent / ".gitignore").write_text("*\n")  # screenshots are for review, not for git
     with playwright_api.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
         yield launched
         launched.close()
 

@@ -3,7 +3,6 @@ browser app on another origin calls the gateway with a key (checked in real Chro
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,14 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.harness import BackgroundLoop, Gateway, UpstreamServer, simulated_config
+from tests.harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    BackgroundLoop,
+    Gateway,
+    UpstreamServer,
+    simulated_config,
+)
 
 PREFLIGHT = {
     "access-control-request-method": "POST",
@@ -89,16 +95,6 @@ def test_no_origin_no_cors(gateway_factory: Any) -> None:
 # --- a real browser ---------------------------------------------------------------------
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CALL = """async ([base, key]) => {
   const chat = await fetch(base + "/v1/chat/completions", {
     method: "POST",
@@ -145,7 +141,7 @@ def test_a_browser_app_calls_the_gateway(
     gateway: Gateway = gateway_factory(cors_config(allowed.url))
     base = gateway.base_url.removesuffix("/v1")
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=30_000)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
         try:
             page = browser.new_page()
             page.goto(allowed.url + "/")
