@@ -145,8 +145,7 @@ def measure_metergate(
 
 def measure_floor(workdir: Path, args: argparse.Namespace) -> Counted:
     out = workdir / "floor.bytecodes"
-    extra = {k: v for k, v in hooked_env({}, out).items() if k != "PYTHONPATH"}
-    extra["PYTHONPATH"] = str(HOOK)
+    extra = {"PYTHONPATH": str(HOOK), "METERGATE_BENCH_BYTECODES": str(out)}
     with procs.Processes() as processes:
         nginx = upstream.start_nginx(processes, workdir / "floor", None)
         url, pid = start_floor(
