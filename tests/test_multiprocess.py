@@ -78,6 +78,9 @@ WRITER = textwrap.dedent(
             for gauge in gauges.values():
                 gauge.labels("shared").set(w * 3.5)
             requests.labels("m1", "new").inc(7)
+        elif n == 3:  # values only: no new series in any file
+            plain.inc(2)
+            seconds.labels("m1").observe(20)
 
     for line in sys.stdin:
         if line.strip() == "exit":
@@ -212,6 +215,19 @@ def test_merged_exposition_matches_multiprocess_collector(
     names = {"t_requests_total", "t_seconds_bucket", "t_gauge_livemax"}
     picked = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in ours.samples(names)}
     assert picked == {key: value for key, value in second.items() if key[0] in names}
+
+    # files nobody wrote to since: the same text; a value written to a series that
+    # was there already shows on the next scrape (the series in the files unchanged)
+    assert ours.render() == ours.render()
+    for writer in procs[1:]:
+        writer.step(3)
+    third, _ = parse(ours.render().decode())
+    expected, _ = parse(reference(directory, dead, tmp_path / "ref"))
+    assert same(third, expected)
+    assert third.keys() == second.keys()
+    assert third[("t_plain_total", ())] == second[("t_plain_total", ())] + 6
+    inf_bucket = ("t_seconds_bucket", (("le", "+Inf"), ("model", "m1")))
+    assert third[inf_bucket] == second[inf_bucket] + 3
 
 
 def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None:
