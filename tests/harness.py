@@ -194,7 +194,7 @@ def start_gateway(
             log_level="warning",
             access_log=False,
             loop="none",
-            http="httptools",
+            http="metergate.api.protocol:GuardedHttpToolsProtocol",  # what `serve` runs
         )
     )
     serving = bg.submit(server.serve())

@@ -374,6 +374,83 @@ def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
     assert last_row(gateway)["outcome"] == "timeout"
 
 
+# --- a caller that leaves before its answer ------------------------------------------------
+
+
+def rows_when_written(
+    gateway: Gateway, count: int = 1, seconds: float = 20
+) -> list[dict[str, Any]]:
+    """The ledger's rows once `count` are there (the handler writes one when it ends)."""
+    deadline = time.monotonic() + seconds
+    while len(rows := gateway.ledger_rows()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return rows
+
+
+def leave_early(gateway: Gateway, stream: bool = False) -> None:
+    """A caller that gives up after 0.3 s (the SDK closes its connection on a timeout)."""
+    with pytest.raises(openai.APITimeoutError):
+        reply = gateway.client(timeout=0.3).chat.completions.create(
+            model="primary", messages=ASK, stream=stream
+        )
+        for _ in reply if stream else ():
+            pass
+
+
+def test_no_retry_is_made_for_a_caller_that_left(gateway_factory, fault_server):
+    """429 with Retry-After: 1; the caller leaves during the wait: no second attempt."""
+    server = fault_server("p")
+    server.plan.then(Fault.rate_limited("1"))
+    gateway = gateway_factory(config(server.url))
+    leave_early(gateway)
+    (row,) = rows_when_written(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("cancelled", 499, 1)
+    assert server.plan.requests == 1
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="rate_limited") == 1
+    assert gateway.metric("metergate_active_requests", model="primary") == 0
+
+
+def test_an_answer_nobody_waits_for_is_metered_as_the_upstream_billed_it(
+    gateway_factory, fault_server
+):
+    """The caller leaves while the upstream works: that attempt finishes (providers bill
+    it anyway) and its real usage is in the ledger, as cancelled; nothing is retried."""
+    server = fault_server("p")
+    server.plan.then(Fault.hang(1.5))  # answers, healthy, after 1.5 s
+    gateway = gateway_factory(config(server.url, timeouts={"first_byte": 10}))
+    leave_early(gateway)
+    (row,) = rows_when_written(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("cancelled", 499, 1)
+    assert (row["input_tokens"], row["output_tokens"], row["usage_estimated"]) == (11, 4, 0)
+    assert row["cost_nano"] == 11 * 1000 + 4 * 2000  # $1 and $2 per million tokens
+    assert server.plan.requests == 1 and server.plan.hung_up == 0
+    assert gateway.metric("metergate_requests_total", model="primary", outcome="cancelled") == 1
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="success") == 1
+
+
+def test_a_stream_whose_caller_leaves_before_its_first_chunk_is_closed_at_once(
+    gateway_factory, fault_server
+):
+    """Closing a stream stops the upstream generating: it is closed when the caller
+    leaves, not when the first chunk would have come (a minute here), and not retried."""
+    server = fault_server("p")
+    server.plan.then(Fault.hang(60))
+    gateway = gateway_factory(config(server.url, timeouts={"first_byte": 60}))
+    leave_early(gateway, stream=True)
+    (row,) = rows_when_written(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("cancelled", 499, 1)
+    assert row["stream"] == 1
+    deadline = time.monotonic() + 20
+    while server.plan.hung_up == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.plan.hung_up == 1 and server.plan.requests == 1
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="cancelled") == 1
+    assert gateway.metric("metergate_active_requests", model="primary") == 0
+    # the gateway is as it was: the next caller is served
+    completion, _ = create(gateway)
+    assert completion.choices[0].message.content == "Hello from p."
+
+
 # --- balancing and circuits -----------------------------------------------------------------
 
 

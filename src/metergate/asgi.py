@@ -28,6 +28,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_JSON_DEPTH = 100  # the default of server.max_json_depth
+# Scope key: a callable a handler sets; the gateway's HTTP protocol (api/protocol.py) calls
+# it, once and on the loop, when the caller closes its connection before the answer is
+# complete, so a handler waiting on an upstream learns of it at once and without a task
+# of its own. Under another ASGI server nobody calls it; `receive()` still tells.
+ON_DEPARTURE = "metergate.on_departure"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),

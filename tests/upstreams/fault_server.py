@@ -84,6 +84,7 @@ class Fault:
 
 
 HEALTHY = Fault()
+_DROPPED = web.RequestKey("dropped", bool)  # a `drop` fault's own hang-up
 
 
 class FaultPlan:
@@ -99,6 +100,7 @@ class FaultPlan:
         self.arrivals: list[float] = []  # time.monotonic() of each request
         self.bodies: list[dict[str, Any]] = []
         self.served: Counter[str] = Counter()  # fault kind -> requests that got it
+        self.hung_up = 0  # requests the gateway hung up on before their answer was sent
 
     @property
     def requests(self) -> int:
@@ -221,6 +223,14 @@ def _events(name: str, model: str, include_usage: bool) -> list[bytes]:
 
 def create_app(plan: FaultPlan, name: str) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
+        try:
+            return await answer(request)
+        except asyncio.CancelledError:
+            if not request.get(_DROPPED):
+                plan.hung_up += 1  # aiohttp cancels a handler when its client hangs up
+            raise
+
+    async def answer(request: web.Request) -> web.StreamResponse:
         plan.arrivals.append(time.monotonic())
         body = await request.json()
         plan.bodies.append(body)
@@ -236,6 +246,7 @@ def create_app(plan: FaultPlan, name: str) -> web.Application:
         if fault.kind == "drop":
             assert request.transport is not None
             request.transport.close()
+            request[_DROPPED] = True
             raise asyncio.CancelledError  # nothing more to send on a closed connection
         if fault.kind == "malformed":
             return web.Response(

@@ -25,6 +25,7 @@ from typing import Any
 from metergate.api.doors import Door, Exchange, Relay
 from metergate.asgi import (
     JSON_HEADERS,
+    ON_DEPARTURE,
     SSE_HEADERS,
     Receive,
     Request,
@@ -58,6 +59,9 @@ class CompletionsHandler:
         plan = self.runtime.plan.enter()
         log = meter.begin(request.id, request.started, request.headers)
         log.api = self.door.api
+        task = asyncio.current_task()
+        assert task is not None
+        request.scope[ON_DEPARTURE] = _Departure(log, task)
         headers = base_headers(request)
         try:
             try:
@@ -67,10 +71,14 @@ class CompletionsHandler:
             except Exception:
                 logger.exception("internal error serving request %s", request.id)
                 reply = _error_reply(self.door, _internal(request.id), log, headers)
-            except BaseException:
+            except BaseException as exc:
                 log.outcome, log.status = "cancelled", 499
                 meter.finish(log)
+                if log.gone and isinstance(exc, asyncio.CancelledError) and not task.uncancel():
+                    return  # cancelled because the caller left (`_Departure`): nobody to answer
                 raise
+            if log.gone and log.status < 400:  # answered, but nobody is there to read it
+                log.outcome, log.status = "cancelled", 499
             # Metered before the last byte goes out, so a caller that sees the answer can
             # already see it in /metrics and (after one ledger flush) in the ledger.
             meter.finish(log)
@@ -213,7 +221,7 @@ class CompletionsHandler:
             log.ttft = time.perf_counter() - log.started
             # Watched from the first chunk on, so that starting its task does not delay that
             # chunk (a client gone before it dropped it; the watcher sees that at once).
-            watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay))
+            watcher = asyncio.create_task(_watch_disconnect(request.receive, gone, relay, log))
             waited = time.perf_counter()
             async for chunk in chunks:
                 log.upstream_seconds += time.perf_counter() - waited
@@ -225,7 +233,7 @@ class CompletionsHandler:
                 last = await outward.end()
         except asyncio.CancelledError as cancelled:
             error = cancelled
-            if not gone.is_set():
+            if not (gone.is_set() or log.gone):
                 raise
             relay.uncancel()
             log.outcome, log.status = "cancelled", 499
@@ -311,12 +319,38 @@ class Reply:
         await send({"type": "http.response.body", "body": self.body})
 
 
+class _Departure:
+    """What the gateway's HTTP protocol calls when the caller leaves before its answer is
+    complete (`asgi.ON_DEPARTURE`).
+
+    No attempt is made for a caller that has left (the dispatcher checks `log.gone`). A
+    stream is stopped at once: closing it makes the upstream stop generating. A whole
+    answer's attempt in flight is let finish (its timeouts bound it): providers finish
+    and bill a request whose caller went away, so the ledger gets the real usage, under
+    outcome `cancelled`.
+    """
+
+    __slots__ = ("log", "task")
+
+    def __init__(self, log: RequestLog, task: asyncio.Task[Any]) -> None:
+        self.log = log
+        self.task = task
+
+    def __call__(self) -> None:
+        self.log.gone = True
+        if self.log.stream:
+            self.task.cancel()
+
+
 async def _watch_disconnect(
-    receive: Receive, gone: asyncio.Event, relay: asyncio.Task[Any]
+    receive: Receive, gone: asyncio.Event, relay: asyncio.Task[Any], log: RequestLog
 ) -> None:
-    """Stop the relay (and with it the upstream call) when the client goes away."""
+    """Stop the relay (and with it the upstream call) when the client goes away (under
+    another ASGI server than the gateway's own, which tells `_Departure` first)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+    if log.gone:
+        return  # already stopped by `_Departure`
     gone.set()
     relay.cancel()
 

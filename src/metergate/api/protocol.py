@@ -35,9 +35,14 @@ from urllib.parse import unquote
 
 import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from metergate.api.cycle import Cycle
+from metergate.asgi import ON_DEPARTURE
 from metergate.config.model import ServerConfig
 from metergate.errors import error_body
 
@@ -112,6 +117,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        if self.cycle is not None:
+            _tell_departed(self.cycle)
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase
@@ -307,6 +314,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
+            _tell_departed(cycle)
         self._phase = _CLOSING
         if not speak:
             self.transport.close()
@@ -328,3 +336,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
         else:
             self.transport.close()
+
+
+def _tell_departed(cycle: Cycle | RequestResponseCycle) -> None:
+    """Tell the handler of a request whose caller left before its answer was complete
+    (`asgi.ON_DEPARTURE`), once."""
+    if cycle.disconnected:
+        scope: Any = cycle.scope  # (uvicorn types it as its own TypedDict)
+        departed = scope.pop(ON_DEPARTURE, None)
+        if departed is not None:
+            departed()

@@ -70,6 +70,7 @@ class RequestLog:
         "capture",
         "cost_nano",
         "failure",
+        "gone",
         "headers",
         "key",
         "key_tags",
@@ -113,6 +114,7 @@ class RequestLog:
         self.upstream_seconds = 0.0
         self.cache_hit = False
         self.stream = False
+        self.gone = False  # the caller left before its answer was complete
         self.affinity: str | None = None  # sticky rollout side: key name or header value
         self.attempt_seconds = 0.0  # the last attempt, up to its answer or first chunk
         self.api = "chat"  # the door it came in by: chat, responses, messages, completions, ...

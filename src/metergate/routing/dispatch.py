@@ -5,7 +5,8 @@ circuits), retry retryable failures with backoff while the retry budget allows, 
 move down the model's fallback chain. A caller's own mistake (a 4xx the provider
 blames on the request) is never retried nor sent elsewhere, and neither is a failure
 after part of the answer arrived (the upstream did the work). Streams are retried only
-until their first chunk: once a byte has reached the caller, a failure is final.
+until their first chunk: once a byte has reached the caller, a failure is final. No
+attempt is made once the caller has left (`RequestLog.gone`).
 
 Every attempt is counted by outcome and timed. Only what the upstream did is reported
 to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
 from metergate.errors import (
+    ClientGone,
     GatewayError,
     InternalError,
     UpstreamFailure,
@@ -139,6 +141,8 @@ class Dispatcher:
             tried: set[str] = set()
             retries = 0
             while (deployment := current.pick(tried, log.affinity)) is not None:
+                if log.gone:  # told by the HTTP protocol: no attempt for a caller that left
+                    raise ClientGone("the caller closed the connection before its answer")
                 if origin is None:
                     origin = deployment.name
                 elif position and not tried:
