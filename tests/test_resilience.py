@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -372,6 +373,54 @@ def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
     waited = time.monotonic() - first_chunk_at
     assert 0.25 <= waited < 1.0
     assert last_row(gateway)["outcome"] == "timeout"
+
+
+def test_a_stream_whose_first_event_is_not_json_is_retried(gateway_factory, fault_server):
+    """Nothing reached the caller yet: an upstream stream that is not JSON is the
+    upstream's failure, retried like any other before the first chunk."""
+    server = fault_server("p")
+    server.plan.then(Fault.garbage(after=0))
+    gateway = gateway_factory(config(server.url))
+    stream = gateway.client(timeout=10).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Hello from p."
+    assert server.plan.requests == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["attempts"]) == ("success", 2)
+
+
+def test_an_event_that_is_not_json_mid_stream_is_the_upstreams_fault_on_every_door(
+    gateway_factory, fault_server
+):
+    """Messages and Responses read every event to translate it: one that is not JSON
+    ends the stream with the door's error event, held against the upstream."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.garbage(after=2))
+    gateway = gateway_factory(config(server.url))
+    claude = anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+    with (
+        pytest.raises(anthropic.APIStatusError) as broken,
+        claude.messages.stream(model="primary", max_tokens=50, messages=ASK) as events,
+    ):
+        for _ in events:
+            pass
+    assert broken.value.body["error"]["type"] == "api_error"
+    assert "not a JSON object" in broken.value.body["error"]["message"]
+    with gateway.client().responses.stream(model="primary", input="hi") as stream:
+        kinds = [event.type for event in stream]
+    assert kinds[-2:] == ["error", "response.failed"]
+    rows = gateway.ledger_rows()
+    assert [(r["api"], r["outcome"], r["status"]) for r in rows] == [
+        ("messages", "upstream_error", 502),
+        ("responses", "upstream_error", 502),
+    ]
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="gateway_error") == 0
 
 
 # --- a caller that leaves before its answer ------------------------------------------------

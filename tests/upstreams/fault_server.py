@@ -11,7 +11,8 @@ Faults: `error` (any status, OpenAI error body), `rate_limited` (429 + Retry-Aft
 `drop` (close the connection without answering), `reset` (headers and part of the body,
 then abort the connection), `hang` (nothing, not even headers, for a while), `stall`
 (a few SSE chunks, or part of a JSON body, then silence), `malformed` (200 with broken
-JSON), `cut` (some SSE chunks, then a clean end without `[DONE]`). Anything else gets a
+JSON), `cut` (some SSE chunks, then a clean end without `[DONE]`), `garbage` (a stream
+with an event that is not JSON). Anything else gets a
 healthy answer with usage. The plan records every request's arrival time and body.
 """
 
@@ -81,6 +82,11 @@ class Fault:
     @classmethod
     def cut(cls, after: int = 3) -> Fault:
         return cls("cut", after=after)
+
+    @classmethod
+    def garbage(cls, after: int = 0) -> Fault:
+        """A stream whose event number `after` is not JSON; the others as usual."""
+        return cls("garbage", after=after)
 
 
 HEALTHY = Fault()
@@ -294,6 +300,8 @@ async def _stream(request: web.Request, fault: Fault, events: list[bytes]) -> we
             assert request.transport is not None
             request.transport.abort()
         return response  # cut: the chunked body ends cleanly, without [DONE]
+    if fault.kind == "garbage":
+        events = [*events[: fault.after], b"data: {not json\n\n", *events[fault.after :]]
     for event in events:
         await response.write(event)
     return response

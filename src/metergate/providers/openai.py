@@ -25,7 +25,7 @@ from metergate.providers.base import (
     Usage,
 )
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
-from metergate.providers.sse import DONE, Event
+from metergate.providers.sse import DONE, Event, event_object
 from metergate.providers.translation import relay
 
 
@@ -90,6 +90,8 @@ class _PassThrough:
         self.include_usage = include_usage
         self.state = state
         self.done = False
+        self.checked = False  # the first event is read: a stream that is not JSON fails
+        # while a retry is still safe; later events are relayed without being parsed
 
     def control(self, data: bytes) -> bytes | None:
         """The `[DONE]` and error events, alike in every OpenAI-format stream."""
@@ -105,6 +107,9 @@ class _PassThrough:
         control = self.control(data)
         if control is not None:
             return control
+        if not self.checked:
+            event_object(data)
+            self.checked = True
         # find(), not `in`, on every chunk: bytes' `in` first tries its operand as an
         # integer and formats (then drops) a TypeError for every bytes needle.
         if (

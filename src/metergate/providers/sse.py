@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 
+from metergate.errors import UpstreamProtocolError
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -55,6 +57,20 @@ def _parse(block: bytes) -> Event | None:
     if not data and not name:
         return None  # comment or keep-alive
     return Event(name, b"\n".join(data), block + b"\n\n")
+
+
+def event_object(data: bytes) -> dict[str, Any]:
+    """An event's data as the JSON object a JSON stream's events are; anything else is an
+    answer the gateway cannot use, the upstream's fault (not a gateway error)."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        value = None
+    if type(value) is not dict:
+        raise UpstreamProtocolError(
+            f"the upstream sent a stream event that is not a JSON object: {bytes(data[:60])!r}"
+        )
+    return value
 
 
 def chunk_event(payload: dict[str, Any]) -> bytes:

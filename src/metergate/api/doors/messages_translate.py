@@ -27,7 +27,7 @@ import orjson
 
 from metergate.errors import GatewayError, InvalidRequest
 from metergate.providers.base import StreamState, Usage
-from metergate.providers.sse import SSEDecoder
+from metergate.providers.sse import SSEDecoder, event_object
 from metergate.providers.translation import request_translator, text_of
 
 STOP_REASONS = {
@@ -307,7 +307,7 @@ class MessageStream:
         for sse in self.decoder.feed(chunk):
             if not sse.data or sse.data == b"[DONE]":
                 continue
-            data = orjson.loads(sse.data)
+            data = event_object(sse.data)
             if not self.started:
                 out += self._start(data)
             for choice in data.get("choices") or []:

@@ -26,7 +26,7 @@ from metergate.api.doors.responses_translate import (
 )
 from metergate.errors import GatewayError
 from metergate.providers.base import StreamState
-from metergate.providers.sse import SSEDecoder
+from metergate.providers.sse import SSEDecoder, event_object
 
 Store = Callable[[dict[str, Any]], Awaitable[None]]  # keeps a finished response
 
@@ -75,7 +75,7 @@ class ResponseStream:
         for sse in self.decoder.feed(chunk):
             if not sse.data or sse.data == b"[DONE]":
                 continue
-            data = orjson.loads(sse.data)
+            data = event_object(sse.data)
             if not self.started:
                 out += self._start(data.get("model"))
             for choice in data.get("choices") or []:
