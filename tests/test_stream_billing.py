@@ -1,4 +1,5 @@
-"""A stream that does not complete is billed at least what the caller received.
+"""A stream that does not complete, or an answer without usage, is billed at least
+what the caller received (and no more than its max_tokens allows).
 
 The fake upstreams cut or stall a stream after N content chunks; the caller reads what
 arrives with the openai SDK. Every word is at least one token for any real tokenizer,
@@ -63,7 +64,9 @@ def gateway(
     return gateway_factory(config)
 
 
-def relay(gateway: Gateway, model: str, trigger: str, request_id: str) -> tuple[str, int, bool]:
+def relay(
+    gateway: Gateway, model: str, trigger: str, request_id: str, **options: Any
+) -> tuple[str, int, bool]:
     """Stream with the openai SDK: (text received, content chunks, ended by an error)."""
     text, chunks = "", 0
     stream = gateway.client(timeout=30).chat.completions.create(
@@ -71,6 +74,7 @@ def relay(gateway: Gateway, model: str, trigger: str, request_id: str) -> tuple[
         messages=[{"role": "user", "content": f"Tell me. TRIGGER:{trigger}"}],
         stream=True,
         extra_headers={"x-request-id": request_id},
+        **options,
     )
     try:
         for chunk in stream:
@@ -122,6 +126,43 @@ def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
     assert row["output_tokens"] >= len(text.split()) >= received, (row, text)
     assert row["usage_estimated"] == 1
     assert row["input_tokens"] > 0 and row["cost_nano"] == cost_nano(row)
+
+
+def test_a_cut_stream_is_billed_no_more_than_its_max_tokens_allows(gateway: Gateway) -> None:
+    """The relayed-text bound is ~4x the real count for English; an upstream cannot
+    bill more than max_tokens, nor can the estimate pass the worst case held for it."""
+    text, received, failed = relay(gateway, "gpt", "cut_after_4", "billing-capped", max_tokens=5)
+    assert failed and received == 4 and len(text.encode()) > 5
+    row = ledger_row(gateway, "billing-capped")
+    assert (row["output_tokens"], row["usage_estimated"]) == (5, 1)
+    assert row["cost_nano"] == cost_nano(row)
+
+
+def test_an_answer_without_usage_is_billed_at_least_what_it_answered(gateway: Gateway) -> None:
+    """Some compatible servers send no `usage`: the answer is billed like a stream's
+    relayed text (one token per byte, up to max_tokens), not at $0, and says so."""
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt",
+        messages=[{"role": "user", "content": "Tell me. TRIGGER:nousage"}],
+        extra_headers={"x-request-id": "billing-nousage"},
+    )
+    answer = raw.parse()
+    assert answer.usage is None  # relayed as the upstream sent it
+    text = answer.choices[0].message.content or ""
+    row = ledger_row(gateway, "billing-nousage")
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 1)
+    assert row["output_tokens"] == len(text.encode()) > 0 and row["input_tokens"] > 0
+    assert row["cost_nano"] == cost_nano(row)
+    assert raw.headers["x-metergate-cost-usd"] == f"{row['cost_nano'] / 1e9:.9f}"
+    capped = gateway.client().chat.completions.create(
+        model="gpt",
+        messages=[{"role": "user", "content": "Again. TRIGGER:nousage"}],
+        max_tokens=3,
+        n=2,
+        extra_headers={"x-request-id": "billing-nousage-capped"},
+    )
+    assert len(capped.choices) == 2
+    assert ledger_row(gateway, "billing-nousage-capped")["output_tokens"] == 3 * 2
 
 
 @pytest.mark.parametrize("model", ["gpt", "claude"])

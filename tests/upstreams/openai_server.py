@@ -11,6 +11,8 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
+  TRIGGER:nousage                          a whole answer without `usage` (as some
+                                           compatible servers send)
   TRIGGER:cut_after_N / TRIGGER:stall_after_N  stream N content chunks of three words
                                            each (a provider may put several tokens in
                                            one chunk), then end the stream without
@@ -125,17 +127,18 @@ def create_app() -> tuple[web.Application, State]:
                 message = {"role": "assistant", "content": "".join(WORDS)}
                 finish = "stop"
             n = body.get("n") or 1
-            return web.json_response(
-                {
-                    **base,
-                    "object": "chat.completion",
-                    "choices": [
-                        {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
-                        for i in range(n)
-                    ],
-                    "usage": _usage(body, 7 * n, trigger == "cached"),
-                }
-            )
+            answer = {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+                    for i in range(n)
+                ],
+                "usage": _usage(body, 7 * n, trigger == "cached"),
+            }
+            if trigger == "nousage":
+                del answer["usage"]
+            return web.json_response(answer)
         return await _stream(request, body, base, trigger, state)
 
     async def embeddings(request: web.Request) -> web.Response:

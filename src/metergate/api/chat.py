@@ -171,8 +171,12 @@ class CompletionsHandler:
         deployment, completion = await plan.dispatcher.complete(
             route, exchange.body, log, self.kind, exchange.native
         )
-        log.usage = completion.usage
-        log.cost_nano = deployment.prices.cost_nano(completion.usage)
+        usage = completion.usage
+        if not completion.reported:  # billed at least what it answered (metering.estimate)
+            usage = estimate.answer_usage(exchange.body, completion.body)
+            log.usage_estimated = True
+        log.usage = usage
+        log.cost_nano = deployment.prices.cost_nano(usage)
         answer = await self.door.answer(exchange, deployment, completion, key)
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),

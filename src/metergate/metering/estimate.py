@@ -1,14 +1,16 @@
 """Token estimates for when exact usage is not (yet) known.
 
 Used to reserve budget before a call, and to bill a stream that did not complete (cut
-by the upstream, stalled, or abandoned by the caller) or whose upstream reported no
-usage. Such a stream is billed at least what the caller received: its output is the
-larger of what the upstream reported and a bound on the relayed text, one token per
-UTF-8 byte. No provider's tokenizer makes a token of less than one byte (byte-level
-BPE and SentencePiece with byte fallback alike), so the bound never under-counts,
-whatever the model; for English it is about four times the real count. A real
-tokenizer would be closer for one model family only, and tiktoken fetches its
-encodings over the network on first use, which a gateway cannot count on. The prompt
+by the upstream, stalled, or abandoned by the caller) or an answer whose upstream
+reported no usage. Such a stream is billed at least what the caller received: its
+output is the larger of what the upstream reported and a bound on the relayed text,
+one token per UTF-8 byte. No provider's tokenizer makes a token of less than one byte
+(byte-level BPE and SentencePiece with byte fallback alike), so the bound never
+under-counts, whatever the model; for English it is about four times the real count.
+A real tokenizer would be closer for one model family only, and tiktoken fetches its
+encodings over the network on first use, which a gateway cannot count on. The bound
+stops at what the request's `max_tokens` (for each of its `n` choices) lets an upstream
+bill, so an estimate never passes the worst case its budget hold reserved. The prompt
 of such a stream is the upstream's count when it sent one (Anthropic does at the
 start), else four characters per token of the messages.
 """
@@ -91,13 +93,19 @@ def _delta_text_bytes(data: bytes) -> int:
     size = 0
     for choice in choices if choices.__class__ is list else ():
         delta = choice.get("delta") if choice.__class__ is dict else None
-        if delta.__class__ is not dict:
-            continue
-        for name, value in delta.items():  # a delta holds one or two fields
-            if value.__class__ is str and name in _DELTA_TEXTS:
-                size += _utf8_size(value)
-            elif name == "tool_calls" and value.__class__ is list:
-                size += _tool_call_bytes(value)
+        if delta.__class__ is dict:
+            size += _fields_bytes(delta)
+    return size
+
+
+def _fields_bytes(fields: dict[str, Any]) -> int:
+    """UTF-8 bytes of the text of a chunk's delta or an answer's message."""
+    size = 0
+    for name, value in fields.items():  # a delta holds one or two fields
+        if value.__class__ is str and name in _DELTA_TEXTS:
+            size += _utf8_size(value)
+        elif name == "tool_calls" and value.__class__ is list:
+            size += _tool_call_bytes(value)
     return size
 
 
@@ -137,10 +145,11 @@ def stream_usage(
     body: dict[str, Any], reported: Usage | None, relayed: RelayedText, complete: bool
 ) -> tuple[Usage, bool]:
     """What a stream is billed, and whether that is an estimate: the upstream's usage
-    when the stream completed with it, else at least what was relayed."""
+    when the stream completed with it, else at least what was relayed (up to what
+    `max_tokens` lets the upstream bill)."""
     if complete and reported is not None:
         return reported, False
-    output = relayed.tokens()
+    output = _billable(relayed.tokens(), body)
     if reported is None:
         return Usage(input_tokens=prompt_tokens(body), output_tokens=output), True
     prompt_known = reported.input_tokens + reported.cached_input_tokens > 0
@@ -152,6 +161,35 @@ def stream_usage(
         ),
         True,
     )
+
+
+def answer_usage(body: dict[str, Any], answer: bytes) -> Usage:
+    """What a whole answer whose upstream reported no usage is billed: its prompt as a
+    stream's, its output one token per UTF-8 byte of the answer's text (as relayed text
+    is counted), up to what `max_tokens` lets the upstream bill."""
+    try:
+        data = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        data = None
+    size = 0
+    choices = data.get("choices") if data.__class__ is dict else None
+    for choice in choices if choices.__class__ is list else ():
+        message = choice.get("message") if choice.__class__ is dict else None
+        if message.__class__ is dict:
+            size += _fields_bytes(message)
+    return Usage(input_tokens=prompt_tokens(body), output_tokens=_billable(size, body))
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    """The request's limit on each choice's output tokens; 0 when it sets none."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+
+
+def _billable(tokens: int, body: dict[str, Any]) -> int:
+    """`tokens` of output, but no more than an upstream may bill for the request: its
+    max_tokens for each of its `n` choices."""
+    limit = _max_tokens(body)
+    return min(tokens, limit * int(body.get("n") or 1)) if limit else tokens
 
 
 # Room kept, in request bytes, for the `"max_tokens": N` a refused caller is told to add.
@@ -184,7 +222,7 @@ def worst_case(
 ) -> WorstCase:
     """A token is at least one byte of the request, so the body's size in bytes bounds
     the prompt; the output is bounded by max_tokens for each of the `n` choices."""
-    output = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+    output = _max_tokens(body)
     byte = max(prices.input, prices.cached_input)
     prompt = body_size * byte
     token = int(body.get("n") or 1) * prices.output

@@ -30,7 +30,7 @@ from metergate.errors import UpstreamFailure, UpstreamRejected, error_body
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.entra import EntraToken
 from metergate.providers.http import HttpAdapter, HttpTransport
-from metergate.providers.openai import _PassThrough, _usage_of
+from metergate.providers.openai import _PassThrough, completion_of
 from metergate.providers.sse import Event
 from metergate.providers.translation import load_json, relay
 
@@ -82,14 +82,14 @@ class AzureOpenAIAdapter(HttpAdapter):
         body = await self.transport.post(
             url, {**call.body, "model": deployment}, call.timeouts, await self._auth(call)
         )
-        return Completion(body, _usage_of(body))
+        return completion_of(body)
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         url, deployment = self.target(call.model, "embeddings")
         body = await self.transport.post(
             url, {**call.body, "model": deployment}, call.timeouts, await self._auth(call)
         )
-        return Completion(body, _usage_of(body))
+        return completion_of(body)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url, deployment = self.target(call.model, "chat/completions")

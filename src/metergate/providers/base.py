@@ -118,6 +118,7 @@ class Completion:
 
     body: bytes
     usage: Usage
+    reported: bool = True  # False: the answer said nothing of usage (the gateway estimates)
 
 
 @dataclass(slots=True)

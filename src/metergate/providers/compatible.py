@@ -64,7 +64,7 @@ class PresetAdapter(OpenAIAdapter):
         usage, fixed = normalized(data.get("usage"))
         if fixed is not None:
             answer = orjson.dumps({**data, "usage": fixed})
-        return Completion(answer, usage)
+        return Completion(answer, usage, reported=bool(data.get("usage")))
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = self.payload(call, True)

@@ -50,7 +50,7 @@ class OpenAIAdapter(HttpAdapter):
         body = await self.transport.post(
             self.chat_url, {**call.body, "model": call.model}, call.timeouts, call.extra_headers
         )
-        return Completion(body, _usage_of(body))
+        return completion_of(body)
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         body = await self.transport.post(
@@ -59,7 +59,7 @@ class OpenAIAdapter(HttpAdapter):
             call.timeouts,
             call.extra_headers,
         )
-        return Completion(body, _usage_of(body))
+        return completion_of(body)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:
@@ -133,9 +133,11 @@ class _PassThrough:
         return b""
 
 
-def _usage_of(body: bytes) -> Usage:
+def completion_of(body: bytes) -> Completion:
+    """An OpenAI-format answer and its usage (some compatible servers send none)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise UpstreamProtocolError("the upstream answered with malformed JSON") from exc
-    return Usage.from_openai(data.get("usage") if isinstance(data, dict) else None)
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return Completion(body, Usage.from_openai(usage), reported=bool(usage))
