@@ -187,3 +187,17 @@ def test_a_refusal_says_why_no_max_tokens_fits():
     assert "the prompt alone may cost up to $0.000100, more than the $0.000050 left" in spent
     room = exhausted(budget, worst, spent_nano=900_000_000, held_nano=0).message
     assert "send max_tokens of at most 99 to fit the $0.100000 left" in room
+
+
+def test_a_refusal_for_what_requests_in_flight_hold_says_retry_soon():
+    """Spent plus this request fits the limit: only holds of requests in flight are in
+    the way, and they end in seconds, not when the period resets."""
+    budget = Budget("cap", BudgetConfig(limit_usd=1, period="day"), 10**9)
+    worst = WorstCase(100_100_000, 1_000_000, 100_000_000, 1_000_000_000, 100)
+    budget.start, budget.end = period_bounds(time.time(), "day", "UTC")
+    held = exhausted(budget, worst, spent_nano=500_000_000, held_nano=450_000_000)
+    assert held.retry_after == 1 and "requests in flight hold the rest" in held.message
+    assert "resets" not in held.message
+    spent = exhausted(budget, worst, spent_nano=950_000_000, held_nano=0)
+    assert spent.retry_after is not None and spent.retry_after > 1
+    assert "the budget resets at" in spent.message

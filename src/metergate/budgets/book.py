@@ -312,6 +312,9 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
         )
     elif worst.max_tokens:
         message += f"; the ${left / 1e9:.6f} left does not pay for one output token"
+    if spent_nano + worst.nano <= budget.limit_nano:
+        # Refused for what requests in flight hold: it may fit as soon as they end.
+        message += "; requests in flight hold the rest until they end: retry in a moment"
+        return BudgetExceeded(message, retry_after=1)
     message += f"; the budget resets at {iso(budget.end)}"
-    retry_after = max(1, int(budget.end - time.time()))
-    return BudgetExceeded(message, retry_after=retry_after)
+    return BudgetExceeded(message, retry_after=max(1, int(budget.end - time.time())))
