@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 
@@ -96,6 +97,18 @@ def test_malformed_json_says_where(gateway):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["code"] == "invalid_json" and "column" in error["message"]
+
+
+def test_a_compressed_body_is_refused_by_name(gateway):
+    """Some HTTP clients compress request bodies; the gateway reads JSON as sent."""
+    body = gzip.compress(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
+    response = raw(gateway, body, **{"Content-Encoding": "gzip"})
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_content_encoding"
+    assert "Content-Encoding: gzip" in error["message"] and "uncompressed" in error["message"]
+    plain = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}'
+    assert raw(gateway, plain, **{"Content-Encoding": "identity"}).status_code == 200
 
 
 def test_body_over_the_limit_is_413(gateway):

@@ -94,6 +94,14 @@ class Request:
         except orjson.JSONDecodeError as exc:
             if str(exc).startswith("depth limit exceeded"):
                 raise _too_deep(max_depth) from None
+            encoding = self.headers.get(b"content-encoding", b"identity").strip().lower()
+            if encoding != b"identity":  # looked at only here: a valid body costs nothing
+                raise InvalidRequest(
+                    f"request bodies sent with Content-Encoding: {encoding.decode('latin-1')} "
+                    "are not accepted; send the JSON uncompressed",
+                    status=415,
+                    code="unsupported_content_encoding",
+                ) from None
             raise InvalidRequest(
                 f"request body is not valid JSON: {exc}", code="invalid_json"
             ) from exc
