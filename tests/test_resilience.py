@@ -323,7 +323,7 @@ def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(
     [
         (Fault.stall(3, after=3), "timeout", 504, "did not answer in time"),
         (Fault.cut(after=3), "upstream_error", 502, "ended before [DONE]"),
-        (Fault.reset(after=3), "connection_error", 502, "could not reach the upstream"),
+        (Fault.reset(after=3), "connection_error", 502, "closed the connection in the middle"),
     ],
     ids=["stall", "cut", "reset"],
 )

@@ -157,7 +157,9 @@ class HttpTransport:
             return ConnectTimeout(f"could not reach the upstream: {detail} (timeouts.connect)")
         if isinstance(exc, h1.ReadTimeout | TimeoutError):
             return UpstreamTimeout("the upstream did not answer in time", partial=partial)
-        if isinstance(exc, h1.ConnectError | h1.Disconnected | OSError):
+        if isinstance(exc, h1.Disconnected):  # it says when: before or while answering
+            return ConnectFailed(detail, partial=partial)
+        if isinstance(exc, h1.ConnectError | OSError):
             return ConnectFailed(f"could not reach the upstream: {detail}", partial=partial)
         return UpstreamProtocolError(
             f"the upstream broke the HTTP protocol: {detail}", partial=partial
