@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -254,6 +255,28 @@ def test_count_tokens(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: 
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nope", messages=messages)
     assert gateway.ledger_rows() == [], "counting is free, and not a model call"
+
+
+def test_errors_outside_the_door_take_anthropic_shape_for_anthropic_callers(
+    gateway: Gateway,
+) -> None:
+    """A wrong method on the door, and a model lookup by Anthropic's SDK (it sends
+    `anthropic-version`), answer in Anthropic's shape; OpenAI's callers keep theirs."""
+    wrong = httpx.get(
+        f"{gateway.base_url}/messages", headers={"x-api-key": gateway.key}, timeout=10
+    )
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["type"] == "error"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        anthropic_client(gateway).models.retrieve("nope")
+    assert missing.value.body["type"] == "error"
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic_client(gateway, api_key="mgk_" + "x" * 43).models.list()
+    with pytest.raises(openai.NotFoundError) as openai_missing:
+        gateway.client().models.retrieve("nope")
+    assert openai_missing.value.code == "model_not_found"
 
 
 def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:

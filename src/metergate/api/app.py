@@ -17,7 +17,7 @@ from metergate.api.admin_api import AdminApi
 from metergate.api.chat import ChatDoor, CompletionsHandler, EmbeddingsDoor
 from metergate.api.cors import Cors
 from metergate.api.doors.completions import CompletionsDoor
-from metergate.api.doors.messages import CountTokens, MessagesDoor
+from metergate.api.doors.messages import CountTokens, MessagesDoor, anthropic_error
 from metergate.api.doors.responses import ResponsesDoor
 from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
@@ -101,7 +101,10 @@ class GatewayApp:
                     await self._unrouted(request, send)
             except GatewayError as error:
                 headers = base_headers(request) + JSON_HEADERS + error.headers
-                await respond(send, error.status, error.body(), headers)
+                if _speaks_anthropic(request):  # its SDK reads only its own error shape
+                    await respond(send, *anthropic_error(error), headers)
+                else:
+                    await respond(send, error.status, error.body(), headers)
             except Exception:
                 log.exception("internal error serving %s %s", scope["method"], scope["path"])
                 internal = InternalError(
@@ -185,3 +188,13 @@ class GatewayApp:
                 await self.runtime.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _speaks_anthropic(request: Request) -> bool:
+    """A request to the Messages door, or from Anthropic's SDK (it sends
+    `anthropic-version`), whatever the path: its errors go out in Anthropic's shape."""
+    path: str = request.scope["path"]
+    return b"anthropic-version" in request.headers or path.startswith(_ANTHROPIC_PATHS)
+
+
+_ANTHROPIC_PATHS = ("/v1/messages", "/messages")
