@@ -423,6 +423,20 @@ def test_an_event_that_is_not_json_mid_stream_is_the_upstreams_fault_on_every_do
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="gateway_error") == 0
 
 
+def test_a_whole_answer_to_a_streamed_request_is_named_as_such(gateway_factory, fault_server):
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.unstreamed())
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
+    with pytest.raises(openai.APIStatusError) as raised:
+        for _ in gateway.client(timeout=10).chat.completions.create(
+            model="primary", messages=ASK, stream=True
+        ):
+            pass
+    assert raised.value.status_code == 502
+    assert "without a single stream event" in raised.value.message
+    assert last_row(gateway)["outcome"] == "upstream_error"
+
+
 # --- a caller that leaves before its answer ------------------------------------------------
 
 

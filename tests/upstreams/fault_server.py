@@ -12,8 +12,9 @@ Faults: `error` (any status, OpenAI error body), `rate_limited` (429 + Retry-Aft
 then abort the connection), `hang` (nothing, not even headers, for a while), `stall`
 (a few SSE chunks, or part of a JSON body, then silence), `malformed` (200 with broken
 JSON), `cut` (some SSE chunks, then a clean end without `[DONE]`), `garbage` (a stream
-with an event that is not JSON). Anything else gets a
-healthy answer with usage. The plan records every request's arrival time and body.
+with an event that is not JSON), `unstreamed` (a whole answer to a streamed request).
+Anything else gets a healthy answer with usage. The plan records every request's
+arrival time and body.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class Fault:
     @classmethod
     def cut(cls, after: int = 3) -> Fault:
         return cls("cut", after=after)
+
+    @classmethod
+    def unstreamed(cls) -> Fault:
+        """A whole JSON answer to a streamed request (a server that cannot stream)."""
+        return cls("unstreamed")
 
     @classmethod
     def garbage(cls, after: int = 0) -> Fault:
@@ -260,7 +266,7 @@ def create_app(plan: FaultPlan, name: str) -> web.Application:
                 status=200,
                 content_type="application/json",
             )
-        if body.get("stream"):
+        if body.get("stream") and fault.kind != "unstreamed":
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await _stream(request, fault, _events(name, model, include_usage))
         return await _answer(request, fault, _completion(name, model))

@@ -128,6 +128,7 @@ class _Relay(_PassThrough):
     def finish(self) -> bytes:
         if self.done:
             return b""
+        self.require_events()
         if self.finished:
             return DONE
         raise UpstreamProtocolError("the upstream stream ended before its finish reason")

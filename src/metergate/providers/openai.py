@@ -90,26 +90,35 @@ class _PassThrough:
         self.include_usage = include_usage
         self.state = state
         self.done = False
-        self.checked = False  # the first event is read: a stream that is not JSON fails
-        # while a retry is still safe; later events are relayed without being parsed
+        self.checked = False  # the first event was read (`control`)
 
     def control(self, data: bytes) -> bytes | None:
-        """The `[DONE]` and error events, alike in every OpenAI-format stream."""
+        """The `[DONE]` and error events, alike in every OpenAI-format stream; and the
+        first event read, so that a stream that is not JSON fails while a retry is safe
+        (later events are relayed without being parsed)."""
         if data == b"[DONE]":
             self.done = True
             return DONE
         if data.startswith(b'{"error"'):
             raise UpstreamServerError(f"upstream stream error: {error_message(data)}")
+        if not self.checked:
+            event_object(data)
+            self.checked = True
         return None
+
+    def require_events(self) -> None:
+        """At the end: a stream without a single event is not a stream at all."""
+        if not self.checked and not self.done:
+            raise UpstreamProtocolError(
+                "the upstream answered a streamed request without a single stream event "
+                "(a whole JSON answer, say): it did not stream"
+            )
 
     def feed(self, event: Event) -> bytes:
         data = event.data
         control = self.control(data)
         if control is not None:
             return control
-        if not self.checked:
-            event_object(data)
-            self.checked = True
         # find(), not `in`, on every chunk: bytes' `in` first tries its operand as an
         # integer and formats (then drops) a TypeError for every bytes needle.
         if (
@@ -128,6 +137,7 @@ class _PassThrough:
         return event.raw
 
     def finish(self) -> bytes:
+        self.require_events()
         if not self.done:
             raise UpstreamProtocolError("the upstream stream ended before [DONE]")
         return b""
