@@ -174,3 +174,5 @@ def test_default_serve_prints_a_working_demo_key(tmp_path):
     assert "ledger flushed: 1 rows committed" in output
     assert key in output and f"http://127.0.0.1:{port}/v1" in output
     assert "from openai import OpenAI" in output and "curl" in output
+    # where the ledger is: a sqlite:/// URL is relative to the directory served from
+    assert f"(file {(tmp_path / '.metergate' / 'metergate.db').resolve()})" in output

@@ -17,7 +17,7 @@ from metergate.auth.keys import hash_key
 from metergate.cli.common import ConfigOption, console, errors, read_or_exit
 from metergate.config import GatewayConfig
 from metergate.storage import keys as store
-from metergate.storage.database import open_database
+from metergate.storage.database import open_database, sqlite_path
 
 
 def serve(
@@ -89,11 +89,8 @@ async def _startup_keys(config: GatewayConfig, make_demo: bool) -> tuple[str | N
     and how many active keys there are. Opening the ledger here also migrates it and
     surfaces a database problem before the server starts."""
     url = config.ledger.url
-    data_dir = (
-        Path(url.removeprefix("sqlite:///")).parent
-        if url.startswith("sqlite")
-        else (Path(".metergate"))
-    )
+    path = sqlite_path(url)
+    data_dir = Path(path).parent if path is not None else Path(".metergate")
     key_file = data_dir / "demo-key"
     database = await open_database(url)
     try:
@@ -126,7 +123,11 @@ def _banner(
         f"({workers} worker{'s' if workers > 1 else ''}); "
         f"models: {', '.join(config.models)}"
     )
-    console.print(f"metrics: http://{host}:{port}/metrics   ledger: {config.ledger.url}")
+    ledger = config.ledger.url
+    path = sqlite_path(ledger)
+    if path is not None and path != ":memory:":
+        ledger = f"{ledger} (file {Path(path).resolve()})"  # sqlite:/// is relative
+    console.print(f"metrics: http://{host}:{port}/metrics   ledger: {ledger}")
     if key is None and active_keys:
         console.print(f"{active_keys} active key(s): see [bold]metergate keys list[/bold]")
     elif key is None:

@@ -178,15 +178,23 @@ class PostgresDatabase(Database):
                 await conn.execute("SELECT pg_advisory_unlock($1)", _OPEN_LOCK_KEY)
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file of a `sqlite://` URL (None for another database): `sqlite:///ledger.db` is
+    relative to the working directory, `sqlite:////var/lib/ledger.db` absolute."""
+    if not url.startswith("sqlite://"):
+        return None
+    path = url.removeprefix("sqlite://")
+    return (path[1:] if path.startswith("/") else path) or ":memory:"
+
+
 async def open_database(url: str) -> Database:
     """Connect to `sqlite:///path` or `postgresql://...` and bring the schema up to date."""
     from metergate.storage.migrations import migrate
 
     database: SQLiteDatabase | PostgresDatabase
-    if url.startswith("sqlite://"):
-        path = url.removeprefix("sqlite://")
-        path = path[1:] if path.startswith("/") else path  # sqlite:///rel, sqlite:////abs
-        database = SQLiteDatabase(path or ":memory:")
+    path = sqlite_path(url)
+    if path is not None:
+        database = SQLiteDatabase(path)
     else:
         database = PostgresDatabase(url)
     await database.connect()
