@@ -106,7 +106,6 @@ class _Group:
         self.sources: list[_Source] = []
         self.size = 0  # slots numbered so far
         self.totals: Sequence[float] = ()
-        self.read: list[tuple[float, ...]] = []  # each active file's values, as last read
         self.present: set[int] = set()  # the slots to show
         self.listed: set[int] = set()  # the slots of the processes that count
         self.layout: tuple[Any, ...] = ()
@@ -128,15 +127,10 @@ class _Group:
             self._most_recent(active, size)
             return True
         fill = _FILL[self.combine]
-        read = [source.aligned(size, fill) for source in active]
-        if not changed and all(map(operator.eq, read, self.read)):
-            # Nothing written since the last scrape (compared in C, stopping at the first
-            # difference): `totals` stays the same object, so families reuse their text.
-            return False
-        self.read = read
         combine = _COMBINE[self.combine]
         totals: Sequence[float] | None = None
-        for values in read:
+        for source in active:
+            values = source.aligned(size, fill)
             totals = values if totals is None else list(map(combine, totals, values))
         self.totals = totals if totals is not None else ()
         return changed
@@ -207,7 +201,6 @@ class _Family:
         self.dirty = True
         self.shown = 0  # lines shown
         self.getter: Getter = _getter(())
-        self.rendered_from: Sequence[float] | None = None  # the totals `rendered` shows
 
     def hist(self, labels: Labels) -> _Histogram:
         found = self.hists.get(labels)
@@ -242,17 +235,12 @@ class _Family:
         self.getter = _getter([key for key in keys if isinstance(key, int)])
         self.rendered.layout(keys, lambda i: lines[i][1] + label_text(lines[i][2]), plain, shape)
         self.shown = len(lines)
-        self.rendered_from = None
         self.dirty = False
 
     def render(self) -> bytes:
         if not self.shown:
             return b""  # (prometheus_client shows no family without samples either)
-        totals = self.group.totals
-        if totals is not self.rendered_from:
-            self.rendered_from = totals
-            self.rendered.render(self.getter(totals))
-        return self.rendered.text
+        return self.rendered.render(self.getter(self.group.totals))
 
     def samples(self, names: set[str]) -> Iterator[Sample]:
         values = self.rendered.line_values(self.getter(self.group.totals))
