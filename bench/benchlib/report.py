@@ -42,6 +42,21 @@ class Check:
     required: bool = True
 
 
+def outcomes_check(others: dict[str, float], left_bound: float, subject: str = "") -> Check:
+    """No request metered with an outcome other than success, but `cancelled` ones up to
+    `left_bound`: wrk closes its connections when a run ends, and a request it sent and
+    never read is one whose caller left (metered 499, as nginx would log it); each run
+    leaves at most its connections in flight."""
+    left = others.get("cancelled", 0.0)
+    unexpected = {k: v for k, v in others.items() if k != "cancelled" and v}
+    return Check(
+        f"{subject}no request metered with an outcome other than success, but callers wrk "
+        f"left in flight when a run stopped (cancelled, at most {left_bound:,.0f})",
+        not unexpected and left <= left_bound,
+        ", ".join(f"{k}: {v:.0f}" for k, v in others.items() if v),
+    )
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the summary table: direct and gateway values and how they compare."""

@@ -41,7 +41,7 @@ import yaml
 from benchlib import gateway as gw
 from benchlib import ledger_rate, probe, procfs, procs, profile, scrape, upstream, wrk
 from benchlib.ledger_rate import LedgerRate
-from benchlib.report import Check
+from benchlib.report import Check, outcomes_check
 from benchlib.scrape import ScrapeResult
 from benchlib.targets import UNARY_BODY
 
@@ -200,11 +200,7 @@ class Exactness:
                 f"counted {self.counted_during_wrk:.0f}, wrk completed {self.wrk_completed:,}, "
                 f"at most {self.in_flight_bound} in flight",
             ),
-            Check(
-                f"{n} worker(s): no request metered with an outcome other than success",
-                not self.other_outcomes,
-                ", ".join(f"{k}: {v:.0f}" for k, v in self.other_outcomes.items()),
-            ),
+            outcomes_check(self.other_outcomes, self.in_flight_bound, f"{n} worker(s): "),
             Check(
                 f"{n} worker(s): the ledger holds one success row per counted success after "
                 "a graceful stop",
