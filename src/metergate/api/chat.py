@@ -61,7 +61,7 @@ class CompletionsHandler:
         log.api = self.door.api
         task = asyncio.current_task()
         assert task is not None
-        request.scope[ON_DEPARTURE] = _Departure(log, task)
+        departure = request.scope[ON_DEPARTURE] = _Departure(log, task)
         headers = base_headers(request)
         try:
             try:
@@ -77,6 +77,7 @@ class CompletionsHandler:
                 if log.gone and isinstance(exc, asyncio.CancelledError) and not task.uncancel():
                     return  # cancelled because the caller left (`_Departure`): nobody to answer
                 raise
+            departure.task = None  # the answer is decided: sending it is not cancelled
             if log.gone and log.status < 400:  # answered, but nobody is there to read it
                 log.outcome, log.status = "cancelled", 499
             # Metered before the last byte goes out, so a caller that sees the answer can
@@ -338,11 +339,11 @@ class _Departure:
 
     def __init__(self, log: RequestLog, task: asyncio.Task[Any]) -> None:
         self.log = log
-        self.task = task
+        self.task: asyncio.Task[Any] | None = task  # None once only sending is left
 
     def __call__(self) -> None:
         self.log.gone = True
-        if self.log.stream:
+        if self.log.stream and self.task is not None:
             self.task.cancel()
 
 
