@@ -94,6 +94,14 @@ def create(gateway: Gateway, model: str = "primary", **options: Any):
     return raw.parse(), raw
 
 
+def streamed_text(gateway: Gateway) -> str:
+    """A streamed call to `primary`: the text of its chunks."""
+    stream = gateway.client(timeout=10).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
 def last_row(gateway: Gateway) -> dict[str, Any]:
     return gateway.ledger_rows()[-1]
 
@@ -253,11 +261,7 @@ def test_stream_hang_before_first_chunk_is_retried(gateway_factory, fault_server
     server = fault_server("p")
     server.plan.then(Fault.hang(3))
     gateway = gateway_factory(config(server.url))
-    stream = gateway.client(timeout=10).chat.completions.create(
-        model="primary", messages=ASK, stream=True
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == "Hello from p."
+    assert streamed_text(gateway) == "Hello from p."
     assert server.plan.requests == 2
     row = last_row(gateway)
     assert (row["outcome"], row["attempts"], row["stream"]) == ("success", 2, 1)
@@ -381,11 +385,7 @@ def test_a_stream_whose_first_event_is_not_json_is_retried(gateway_factory, faul
     server = fault_server("p")
     server.plan.then(Fault.garbage(after=0))
     gateway = gateway_factory(config(server.url))
-    stream = gateway.client(timeout=10).chat.completions.create(
-        model="primary", messages=ASK, stream=True
-    )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    assert text == "Hello from p."
+    assert streamed_text(gateway) == "Hello from p."
     assert server.plan.requests == 2
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 1
     row = last_row(gateway)
