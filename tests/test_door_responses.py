@@ -316,6 +316,19 @@ def test_errors(gateway: Gateway) -> None:
         client.responses.retrieve("resp_missing")
 
 
+def test_a_native_stream_that_breaks_is_kept_as_failed(gateway: Gateway) -> None:
+    """A Responses upstream's own stream, cut before its terminal event: the caller
+    gets error + response.failed, and the response's id retrieves it as failed."""
+    with gateway.client().responses.stream(model="gpt-native", input="TRIGGER:cut") as stream:
+        events = list(stream)
+    assert [event.type for event in events][-2:] == ["error", "response.failed"]
+    failed = events[-1].response
+    assert failed.id == events[0].response.id and failed.status == "failed"
+    assert "ended before response.completed" in failed.error.message
+    kept = gateway.client().responses.retrieve(failed.id)
+    assert (kept.status, kept.error.message) == ("failed", failed.error.message)
+
+
 def test_stream_broken_after_its_first_byte_fails_in_kind(gateway: Gateway) -> None:
     """The OpenAI fake's `TRIGGER:cut` ends its stream before [DONE], after the words."""
     with gateway.client().responses.stream(model="gpt", input="TRIGGER:cut") as stream:
@@ -328,6 +341,10 @@ def test_stream_broken_after_its_first_byte_fails_in_kind(gateway: Gateway) -> N
     failed = events[-1].response
     assert failed.status == "failed" and failed.id == events[0].response.id
     assert "ended before [DONE]" in failed.error.message
+    # kept, as OpenAI keeps a failed response: its id says what happened
+    kept = gateway.client().responses.retrieve(failed.id)
+    assert kept.status == "failed" and kept.error is not None
+    assert kept.error.message == failed.error.message
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta")
     row = ledger_row(gateway, "stream = 1")
     assert (row["api"], row["outcome"]) == ("responses", "upstream_error")

@@ -7,7 +7,8 @@ item is not a `function_call_output`, else the text `TEXT`; it refuses
 `previous_response_id` with a 400 (this fake stores nothing: the gateway must send the
 conversation itself). Streams send the real semantic events, `event:` lines included.
 `TRIGGER:500` / `TRIGGER:503` / `TRIGGER:429` / `TRIGGER:400` in the last user text
-answer with that status; `TRIGGER:cached` reports 1024 cached input tokens.
+answer with that status; `TRIGGER:cached` reports 1024 cached input tokens;
+`TRIGGER:cut` ends a Responses stream after its text, without its terminal event.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
             return _error(int(word), f"upstream says {word}")
         response = _response(body, word == "cached")
         if body.get("stream"):
-            return await _stream_response(request, response)
+            return await _stream_response(request, response, cut=word == "cut")
         return web.json_response(response)
 
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -152,7 +153,10 @@ def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
     }
 
 
-async def _stream_response(request: web.Request, response: dict[str, Any]) -> web.StreamResponse:
+async def _stream_response(
+    request: web.Request, response: dict[str, Any], cut: bool = False
+) -> web.StreamResponse:
+    """`cut`: the stream ends after the text, without its terminal event."""
     stream = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await stream.prepare(request)
     sequence = itertools.count()
@@ -174,6 +178,8 @@ async def _stream_response(request: web.Request, response: dict[str, Any]) -> we
         await emit("response.content_part.added", **ids, part=empty)
         for n, word in enumerate(TEXT.split(" ")):
             await emit("response.output_text.delta", **ids, delta=word if not n else " " + word)
+        if cut:
+            return stream
         await emit("response.output_text.done", **ids, text=TEXT)
         await emit("response.content_part.done", **ids, part=item["content"][0])
     else:

@@ -248,7 +248,7 @@ class CompletionsHandler:
                 logger.exception("internal error relaying stream %s", request.id)
             error = exc if isinstance(exc, GatewayError) else _internal(request.id)
             log.outcome, log.status = error.outcome, error.status
-            last = _stream_error(outward, error)
+            last = await _stream_error(outward, error)
         except BaseException as exc:
             error = exc
             raise
@@ -279,10 +279,10 @@ def _error_reply(
     return Reply(body, status, headers + JSON_HEADERS + error.headers)
 
 
-def _stream_error(outward: Relay | None, error: GatewayError) -> bytes:
+async def _stream_error(outward: Relay | None, error: GatewayError) -> bytes:
     """The event that ends a stream broken after its first byte, in the door's protocol."""
     if outward is not None:
-        return outward.failed(error)
+        return await outward.failed(error)
     return b"data: " + error.body() + b"\n\n"
 
 

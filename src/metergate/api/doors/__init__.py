@@ -59,7 +59,7 @@ class Relay(Protocol):
         """The stream's last events, once the upstream's ended completely."""
         ...
 
-    def failed(self, error: GatewayError) -> bytes:
+    async def failed(self, error: GatewayError) -> bytes:
         """The events that end the stream when it broke after its first byte."""
         ...
 

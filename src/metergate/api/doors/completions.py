@@ -134,5 +134,5 @@ class _TextStream:
     async def end(self) -> bytes:
         return b""
 
-    def failed(self, error: GatewayError) -> bytes:
+    async def failed(self, error: GatewayError) -> bytes:
         return b"data: " + error.body() + b"\n\n"

@@ -374,7 +374,7 @@ class MessageStream:
         out += event("message_stop", {})
         return bytes(out)
 
-    def failed(self, error: GatewayError) -> bytes:
+    async def failed(self, error: GatewayError) -> bytes:
         return error_event(error)
 
 
@@ -387,5 +387,5 @@ class NativeMessageStream:
     async def end(self) -> bytes:
         return b""
 
-    def failed(self, error: GatewayError) -> bytes:
+    async def failed(self, error: GatewayError) -> bytes:
         return error_event(error)

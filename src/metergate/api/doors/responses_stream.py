@@ -42,13 +42,22 @@ class _Events:
         self.sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
-    def failure(self, response: dict[str, Any], error: GatewayError) -> bytes:
-        """`error`, then response.failed carrying the same error."""
+    def failure(self, failed: dict[str, Any], error: GatewayError) -> bytes:
+        """`error`, then response.failed with the `failed` response."""
         code = error.code or error.error_type
-        failed = {**response, "status": "failed", "error": {"code": code, "message": error.message}}
         return self("error", code=code, message=error.message, param=error.param) + self(
             "response.failed", response=failed
         )
+
+
+async def fail(response: dict[str, Any], error: GatewayError, store: Store) -> dict[str, Any]:
+    """`response` as failed by `error`, stored as it is sent (OpenAI keeps a failed
+    response: its id can be retrieved, and says why it failed)."""
+    code = error.code or error.error_type
+    failed = {**response, "status": "failed", "error": {"code": code, "message": error.message}}
+    if failed.get("id"):
+        await store(failed)
+    return failed
 
 
 class ResponseStream:
@@ -194,9 +203,10 @@ class ResponseStream:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return bytes(out + self.events(kind, response=final))
 
-    def failed(self, error: GatewayError) -> bytes:
+    async def failed(self, error: GatewayError) -> bytes:
         out = b"" if self.started else self._start(None)
-        return out + self.events.failure(self.response, error)
+        failed = await fail(self.response, error, self.store)
+        return out + self.events.failure(failed, error)
 
 
 class NativeResponseStream:
@@ -233,5 +243,5 @@ class NativeResponseStream:
             await self.store(response)
         return b"".join(raw for raw, _ in self.held)
 
-    def failed(self, error: GatewayError) -> bytes:
-        return self.events.failure(self.response, error)
+    async def failed(self, error: GatewayError) -> bytes:
+        return self.events.failure(await fail(self.response, error, self.store), error)
