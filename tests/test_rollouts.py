@@ -14,7 +14,9 @@ import pytest
 import yaml
 from aiohttp import web
 
+from metergate.config.model import RolloutConfig
 from metergate.rollout import store, transitions
+from metergate.rollout.gates import Observed, judge
 from tests.harness import Gateway, UpstreamServer, start_gateway
 from tests.services import ServerProcess, run_prometheus
 from tests.upstreams.fault_server import Fault, FaultServer
@@ -171,6 +173,49 @@ async def test_degrading_candidate_is_rolled_back_and_no_caller_notices(
         gateway.metric("metergate_rollout_transitions_total", rollout="move", event="rolled_back")
         == 1
     )
+
+
+async def test_a_candidate_that_fails_every_call_is_rolled_back_behind_its_open_circuit(
+    gateway_factory, servers
+):
+    """The candidate's breaker opens after a few failures and lets a probe through now
+    and then: `min_requests` (50) never arrives, yet the errors already seen break the
+    gate whatever more would show, so it rolls back. Meanwhile every failed candidate
+    attempt is served by the baseline although the model allows no retry and the retry
+    budget is the default: no caller sees the bad candidate, nor pays for it."""
+    base, cand = servers
+    cand.plan.fail_until_cleared(Fault.error(500))
+    config = rollout_config(base, cand, stages=[50, 100], min_requests=50)
+    config["upstreams"]["cand"]["circuit"] = {"open_seconds": 0.5}
+    config["models"]["m"]["retry"] = {"max_retries": 0}
+    del config["retry_budget"]
+    gateway = gateway_factory(config)
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 20)
+    assert rollout.state == "rolled_back"
+    assert rollout.last_judgment["candidate"]["attempts"] < 50
+    assert "error_rate" in rollout.last_judgment["failed_gates"]
+    assert outcomes and all(outcome == "base" for outcome in outcomes)
+    rows = gateway.ledger_rows("model = 'm'")
+    assert len(rows) == len(outcomes)
+    assert all((row["outcome"], row["upstream"]) == ("success", "base") for row in rows)
+    assert any(row["attempts"] == 2 for row in rows)
+
+
+def test_too_few_attempts_fail_only_when_more_could_not_change_the_verdict():
+    config = RolloutConfig(
+        model="m", baseline=["b"], candidate=["c"], min_requests=50, gates={"max_5xx": 10}
+    )
+    few = Observed(attempts=6, error_rate=1.0, p99_seconds=0.1, server_errors=0)
+    assert judge(config, few, None)["verdict"] == "fail"  # 6 errors > 10 % of 50
+    some = Observed(attempts=5, error_rate=0.8, p99_seconds=0.1, server_errors=0)
+    assert judge(config, some, None)["verdict"] == "insufficient"  # 4 errors: could pass
+    slow = Observed(attempts=2, error_rate=0.0, p99_seconds=99.0, server_errors=0)
+    assert judge(config, slow, None)["verdict"] == "insufficient"  # a p99 of 2 settles nothing
+    broken = Observed(attempts=11, error_rate=1.0, p99_seconds=0.1, server_errors=11)
+    verdict = judge(config, broken, None)
+    assert verdict["verdict"] == "fail" and "server_errors" in verdict["failed_gates"]
 
 
 async def test_too_little_traffic_holds_the_stage(gateway_factory, servers):

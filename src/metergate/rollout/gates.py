@@ -2,7 +2,10 @@
 
 Verdicts: `pass` (promote), `fail` (counts toward rolling back), `insufficient` (fewer
 than `min_requests` candidate attempts: hold; a stage is never promoted on too little
-data, and never rolled back for it either).
+data). Too few attempts still fail when more could not change the verdict: more 5xx
+than `max_5xx`, or more errors than `max_error_rate` allows of `min_requests` attempts.
+A candidate that fails every call opens its circuit breaker and then gets one probe
+now and then, never `min_requests` attempts: without this, it would hold for ever.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ def judge(config: RolloutConfig, candidate: Observed, baseline: Observed | None)
     }
     failed = [name for name, (value, limit) in checks.items() if value > limit]
     if candidate.attempts < config.min_requests:
-        verdict = INSUFFICIENT
+        errors = candidate.error_rate * candidate.attempts
+        failed = [
+            name
+            for name in failed
+            if name == "server_errors"
+            or (name == "error_rate" and errors > gates.max_error_rate * config.min_requests)
+        ]
+        verdict = FAIL if failed else INSUFFICIENT
     else:
         verdict = FAIL if failed else PASS
     return {

@@ -6,7 +6,8 @@ move down the model's fallback chain. A caller's own mistake (a 4xx the provider
 blames on the request) is never retried nor sent elsewhere, and neither is a failure
 after part of the answer arrived (the upstream did the work). Streams are retried only
 until their first chunk: once a byte has reached the caller, a failure is final. No
-attempt is made once the caller has left (`RequestLog.gone`).
+attempt is made once the caller has left (`RequestLog.gone`). A rollout candidate's
+retryable failure is always tried again on the baseline while the baseline takes traffic.
 
 Every attempt is counted by outcome and timed. Only what the upstream did is reported
 to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
@@ -154,7 +155,14 @@ class Dispatcher:
                     failure = error
                 if is_final(failure):  # the caller's fault, the gateway's, or work done
                     raise failure
-                if failure.outcome not in policy.retry_on or retries >= policy.max_retries:
+                if failure.outcome not in policy.retry_on:
+                    break
+                if current.baseline_after(deployment, tried):
+                    # A bad candidate is not the caller's to pay for: the baseline serves
+                    # it, outside max_retries and the retry budget (the baseline gets at
+                    # most the traffic it had before the rollout).
+                    continue
+                if retries >= policy.max_retries:
                     break
                 wait: float | None = 0.0
                 if not _untried_available(current, tried):

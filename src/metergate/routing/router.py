@@ -80,6 +80,20 @@ class Route:
                     return chosen if chosen.breaker.allow() else None
         return None
 
+    def baseline_after(self, failed: Deployment, tried: set[str]) -> bool:
+        """Did a rollout's candidate fail, with a baseline deployment untried and taking
+        traffic? Then `pick` gives the baseline next."""
+        rollout = self.rollout
+        return (
+            rollout is not None
+            and rollout.active
+            and rollout.weight < 1
+            and failed in self.candidate
+            and any(
+                d.name not in tried and d.weight and d.breaker.available() for d in self.baseline
+            )
+        )
+
     def serving(self) -> list[Deployment]:
         """The deployments that may take this model's traffic now."""
         rollout = self.rollout
