@@ -40,7 +40,7 @@ from metergate.metering.meter import AttemptRecord, RequestLog
 from metergate.metering.metrics import Metrics
 from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
 from metergate.routing.retry import RetryBudget, backoff_seconds
-from metergate.routing.router import Deployment, Route
+from metergate.routing.router import Deployment, Route, any_untried
 from metergate.tracing.context import new_span_id
 
 Kind = Literal["chat", "embeddings"]
@@ -165,7 +165,7 @@ class Dispatcher:
                 if retries >= policy.max_retries:
                     break
                 wait: float | None = 0.0
-                if not _untried_available(current, tried):
+                if not any_untried(current.serving(), tried):
                     wait = backoff_seconds(policy, retries, failure.retry_after)
                 # Budget is spent only on a retry that will be made (not on a too-long Retry-After).
                 if wait is None or not self.retry_budget.try_spend():
@@ -269,10 +269,6 @@ class _Captured:
 
 
 _CAPTURE_LIMIT = 16 * 1024 * 1024
-
-
-def _untried_available(route: Route, tried: set[str]) -> bool:
-    return any(d.name not in tried and d.weight and d.breaker.available() for d in route.serving())
 
 
 def _no_upstream(route: Route) -> UpstreamFailure:

@@ -89,9 +89,7 @@ class Route:
             and rollout.active
             and rollout.weight < 1
             and failed in self.candidate
-            and any(
-                d.name not in tried and d.weight and d.breaker.available() for d in self.baseline
-            )
+            and any_untried(self.baseline, tried)
         )
 
     def serving(self) -> list[Deployment]:
@@ -113,6 +111,11 @@ class Route:
         if rollout.to_candidate(affinity):
             return (self.candidate, self.baseline)
         return (self.baseline, self.candidate)
+
+
+def any_untried(deployments: list[Deployment], tried: set[str]) -> bool:
+    """Is one of `deployments` untried, weighted and let through by its circuit?"""
+    return any(d.name not in tried and d.weight and d.breaker.available() for d in deployments)
 
 
 def _least_loaded(pool: list[Deployment]) -> Deployment:
