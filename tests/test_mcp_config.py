@@ -113,6 +113,16 @@ def test_resource_and_prompt_allow_lists() -> None:
 
     assert prefix.allows_resource("files", "file:///public/a.txt")
     assert not prefix.allows_resource("files", "file:///private/a.txt")
+    assert prefix.allows_resource("files", "file:///public/a..b/.hidden")
+    for outside in (
+        "file:///public/../secret",
+        "file:///public/./../secret",
+        "file:///public/%2E%2E/secret",
+        "file:///public/%252e%252e/secret",
+        "file:///public/..\\secret",
+        "file:///public/..",
+    ):
+        assert not prefix.allows_resource("files", outside), outside
     assert prefix.allows_template("files", "file:///public/{name}")
     assert not prefix.allows_template("files", "file:///{dir}/a.txt")
     assert not prefix.may_use_prompts("files")

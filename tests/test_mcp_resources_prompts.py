@@ -209,6 +209,11 @@ async def test_a_key_sees_and_uses_only_what_its_allow_list_names(stack: Any) ->
         templates = (await client.list_resource_templates()).resource_templates
         assert [t.uri_template for t in templates] == ["metergate://files/file:///{name}"]
         assert (await client.read_resource(NOTES)).contents[0].text == "buy milk"
+        # a prefix grant covers no dot segment, which a server could resolve to outside it
+        for uri in ("metergate://files/file:///../readme.md", "metergate://files/file:///%2E%2e/x"):
+            with pytest.raises(MCPError) as raised:
+                await client.read_resource(uri)
+            assert (raised.value.code, raised.value.data) == (-32602, {"uri": uri})
         assert (await client.list_prompts()).prompts == []
     async with connect(mcp_url(gateway), keys["nobody"]) as client:
         assert (await client.list_resources()).resources == []
@@ -216,8 +221,9 @@ async def test_a_key_sees_and_uses_only_what_its_allow_list_names(stack: Any) ->
     after = samples_of(gateway)
     # refusals never reached the servers: reader read once, browser once
     assert delta(upstream_count, before, after, "files", "resources/read") == 2
+    assert delta(upstream_count, before, after, "files", "resources/read", "-32602") == 0
     assert delta(upstream_count, before, after, "search", "resources/read") == 0
-    assert delta(front_count, before, after, "resources/read", "-32602") == 4
+    assert delta(front_count, before, after, "resources/read", "-32602") == 6
 
 
 async def test_an_unknown_resource_is_a_json_rpc_error_from_the_server(stack: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import unquote
 
 from pydantic import (
     BaseModel,
@@ -127,7 +128,7 @@ class McpAccess(_Strict):
             return True
         namespaced = qualify_uri(server, uri)
         return any(
-            namespaced.startswith(entry[:-1]) if entry.endswith("*") else namespaced == entry
+            _under_prefix(namespaced, entry[:-1]) if entry.endswith("*") else namespaced == entry
             for entry in self.resources
         )
 
@@ -169,6 +170,27 @@ def _named(server: str, name: str, servers: list[str], entries: list[str]) -> bo
 def _any_named(server: str, servers: list[str], entries: list[str]) -> bool:
     prefix = f"{server}{SEPARATOR}"
     return server in servers or any(entry.startswith(prefix) for entry in entries)
+
+
+def _under_prefix(namespaced: str, prefix: str) -> bool:
+    """Whether a URI lies under a prefix grant. A `.` or `..` segment after the prefix
+    (also percent-encoded, or between backslashes) is refused: a server that resolves it
+    would serve what lies outside, `file:///public/../secret` from a `file:///public/*`
+    grant."""
+    if not namespaced.startswith(prefix):
+        return False
+    rest = namespaced[len(prefix) :]
+    for _ in range(3):  # %252e%252e is %2e%2e once decoded, `..` twice
+        decoded = unquote(rest)
+        if decoded == rest:
+            break
+        rest = decoded
+    else:
+        return False  # still encoded after three passes: no honest URI looks like that
+    return not any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(rest))
+
+
+_SEGMENT_SEPARATORS = re.compile(r"[/\\?#]")
 
 
 def _resource_server(entry: str) -> str | None:
