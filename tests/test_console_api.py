@@ -722,6 +722,8 @@ def test_mcp_rates_are_over_the_last_minute_whenever_the_page_is_read():
         ["mcp_server_name", "mcp_method_name", "gen_ai_tool_name", "error_type"],
         registry=registry,
     )
+    up = Gauge("metergate_mcp_server_up", "up", ["mcp_server_name"], registry=registry)
+    up.labels("a").set(1)  # as the gateway has for every server it is configured with
 
     def call(n: int) -> None:
         for _ in range(n):

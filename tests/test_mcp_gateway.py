@@ -22,6 +22,7 @@ import orjson
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from metergate.console.mcp import McpView
 from metergate.mcp.config import McpConfig
 from metergate.mcp.gateway import McpGateway
 from tests.harness import BackgroundLoop, Gateway, free_port, simulated_config, start_gateway
@@ -97,6 +98,12 @@ def stack(
     }
     yield gateway, mcp, keys
     gateway.stop()
+
+
+def console_servers(gateway: Gateway) -> dict[str, bool]:
+    """The console's MCP page (`/admin/api/mcp`): each server listed and whether it is up."""
+    page = McpView().read(gateway.runtime.metrics.registry)
+    return {server["name"]: server["up"] for server in page["servers"]}
 
 
 def samples_of(gateway: Gateway) -> Samples:
@@ -404,8 +411,12 @@ async def test_a_reloaded_section_adds_and_removes_servers_and_rules(
             bg.run(mcp.apply(McpConfig.model_validate(section)))
             assert names((await client.list_tools()).tools) == BUILTINS | {"search.echo"}
             assert text(await client.call_tool("search.echo", {"text": "hot"})) == "hot"
+            assert console_servers(gateway) == {"search": True}
             bg.run(mcp.apply(McpConfig.model_validate({"servers": {}})))
             assert names((await client.list_tools()).tools) == BUILTINS
             assert value(samples_of(gateway), UP, mcp_server_name="search") is None
+            # Its call counts stay in /metrics, but the console lists it no more.
+            assert client_count(samples_of(gateway), "search", "echo", "") == 1
+            assert console_servers(gateway) == {}
     finally:
         gateway.stop()

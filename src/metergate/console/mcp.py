@@ -81,6 +81,9 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 
 def _read(registry: CollectorRegistry) -> dict[str, _Server]:
+    """The servers behind the gateway now: those with an up series. The gateway makes one
+    for each configured server and drops it when a reload removes the server, whose
+    cumulative operation counts stay (counters never go away) but are no longer shown."""
     servers: dict[str, _Server] = defaultdict(_Server)
     names = {UP, f"{OPERATION}_count", f"{OPERATION}_sum", f"{OPERATION}_bucket"}
     for sample in samples(registry, names):
@@ -104,7 +107,7 @@ def _read(registry: CollectorRegistry) -> dict[str, _Server]:
         elif tool is not None:
             bound = float(labels["le"])
             tool.buckets[bound] = tool.buckets.get(bound, 0.0) + sample.value
-    return servers
+    return {name: server for name, server in servers.items() if server.up is not None}
 
 
 class McpView:
@@ -207,7 +210,7 @@ class McpView:
             rows.append(
                 {
                     "name": name,
-                    "up": None if server.up is None else server.up >= 1,
+                    "up": server.up is not None and server.up >= 1,
                     "tool_calls": calls,
                     "tool_calls_per_second": max(0.0, calls - before.get(name, 0.0)) / elapsed,
                     "tool_error_rate": server.tool_errors / calls if calls else None,

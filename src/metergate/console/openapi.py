@@ -330,7 +330,7 @@ def _schemas() -> dict[str, Any]:
         "McpServer": _object(
             {
                 "name": _STR,
-                "up": _nullable(_BOOL),
+                "up": _BOOL,
                 "tool_calls": _NUM,
                 "tool_calls_per_second": _NUM,
                 "tool_error_rate": _nullable(_NUM),

@@ -31,7 +31,7 @@ export async function render(root, ctx) {
       `Rates over the last ${fmt.span(data.rate_window_seconds)}; totals since this gateway process started.` }),
     h("section", { class: "panel", id: "mcp-servers" }, table([
       { label: "Server", cell: (s) => h("strong", { text: s.name }) },
-      { label: "State", cell: (s) => (s.up === null ? badge("unknown") : s.up ? badge("up", "ok") : badge("down", "bad")) },
+      { label: "State", cell: (s) => (s.up ? badge("up", "ok") : badge("down", "bad")) },
       { label: "Tool calls", num: true, cell: (s) => fmt.count(s.tool_calls) },
       { label: "Rate", num: true, cell: (s) => fmt.rate(s.tool_calls_per_second) },
       { label: "Error rate", num: true, cell: (s) => fmt.pct(s.tool_error_rate) },
