@@ -17,9 +17,10 @@ import openai
 import orjson
 import pytest
 
+from metergate.metering import estimate
 from metergate.metering.estimate import RelayedText
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer
-from tests.upstreams import anthropic_server, openai_server
+from tests.upstreams import anthropic_server, openai_server, responses_api
 
 PRICE = {"input": 1, "output": 10}  # USD per million tokens
 PICO = {"input": 1_000_000, "output": 10_000_000}  # the same, per token
@@ -42,7 +43,9 @@ def gateway(
     gateway_factory: Callable[..., Gateway], upstreams: dict[str, UpstreamServer]
 ) -> Gateway:
     """Models `gpt` and `claude`, and `gpt-stall` and `claude-stall` on the same fake
-    upstreams, whose streams end after a second of silence (the others wait 60 s)."""
+    upstreams, whose streams end after a second of silence (the others wait 60 s). The
+    OpenAI upstream serves the Responses and legacy completions APIs too, and the
+    Anthropic one the Messages API: those doors pass through to them as they are."""
     config: dict[str, Any] = {"providers": {}, "upstreams": {}, "models": {}}
     for name, kind, url, key in (
         ("gpt", "openai", f"{upstreams['gpt'].url}/v1", openai_server.API_KEY),
@@ -55,6 +58,8 @@ def gateway(
                 "api_key": key,
                 "timeouts": timeouts,
             }
+            if kind == "openai":  # the Responses and completions doors pass through
+                config["providers"][model]["apis"] = ["responses", "completions"]
             config["upstreams"][f"{model}-up"] = {
                 "provider": model,
                 "model": f"{name}-test",
@@ -244,3 +249,176 @@ def test_a_cut_stream_relayed_in_its_own_protocol_is_billed_what_was_relayed(
     row = ledger_row(gateway, request_id)
     assert row["api"] == "messages" and row["usage_estimated"] == 1
     assert row["output_tokens"] >= len(text.split()), (row, text)
+
+
+def _anthropic(gateway: Gateway) -> Any:
+    import anthropic
+
+    return anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+
+
+# Each helper makes one call through a door that passes through, with its official SDK,
+# and returns (the answer's text, the output tokens the caller was told of, or None when
+# none were, the answer's headers, or None for a stream).
+Answered = tuple[str, int | None, Any]
+
+
+def _responses_unary(gateway: Gateway, request_id: str, trigger: str) -> Answered:
+    raw = gateway.client().responses.with_raw_response.create(
+        model="gpt", input=f"Tell me. TRIGGER:{trigger}", extra_headers={"x-request-id": request_id}
+    )
+    answer = raw.parse()
+    return answer.output_text, answer.usage and answer.usage.output_tokens, raw.headers
+
+
+def _responses_stream(gateway: Gateway, request_id: str, trigger: str) -> Answered:
+    text, told = "", None
+    with gateway.client().responses.create(
+        model="gpt",
+        input=f"Tell me. TRIGGER:{trigger}",
+        stream=True,
+        extra_headers={"x-request-id": request_id},
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            elif event.type == "response.completed" and event.response.usage:
+                told = event.response.usage.output_tokens
+    return text, told, None
+
+
+def _completions_unary(gateway: Gateway, request_id: str, trigger: str) -> Answered:
+    raw = gateway.client().completions.with_raw_response.create(
+        model="gpt",
+        prompt=f"Tell me. TRIGGER:{trigger}",
+        max_tokens=100,
+        extra_headers={"x-request-id": request_id},
+    )
+    answer = raw.parse()
+    return answer.choices[0].text, answer.usage and answer.usage.completion_tokens, raw.headers
+
+
+def _completions_stream(gateway: Gateway, request_id: str, trigger: str) -> Answered:
+    text, told = "", None
+    for chunk in gateway.client().completions.create(
+        model="gpt",
+        prompt=f"Tell me. TRIGGER:{trigger}",
+        max_tokens=100,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-request-id": request_id},
+    ):
+        text += "".join(choice.text for choice in chunk.choices)
+        told = chunk.usage.completion_tokens if chunk.usage else told
+    return text, told, None
+
+
+def _messages_unary(gateway: Gateway, request_id: str, trigger: str) -> Answered:
+    raw = _anthropic(gateway).messages.with_raw_response.create(
+        model="claude",
+        max_tokens=1000,
+        messages=[{"role": "user", "content": f"Tell me. TRIGGER:{trigger}"}],
+        extra_headers={"x-request-id": request_id},
+    )
+    answer = raw.http_response.json()
+    text = "".join(block["text"] for block in answer["content"])
+    return text, (answer.get("usage") or {}).get("output_tokens"), raw.headers
+
+
+@pytest.mark.parametrize(
+    ("call", "api", "expected"),
+    [
+        (_responses_unary, "responses", responses_api.TEXT),
+        (_responses_stream, "responses", responses_api.TEXT),
+        (_completions_unary, "completions", responses_api.COMPLETION),
+        (_completions_stream, "completions", responses_api.COMPLETION),
+        (_messages_unary, "messages", None),
+    ],
+    ids=["responses", "responses-stream", "completions", "completions-stream", "messages"],
+)
+def test_an_answer_passed_through_without_usage_is_billed_what_it_answered(
+    gateway: Gateway, call: Callable[..., Answered], api: str, expected: str | None
+) -> None:
+    """The Responses, completions and Messages doors relay an upstream serving their
+    protocol as it answers; one that reports no usage is billed its answer's text (one
+    token per byte), not $0, whatever the protocol."""
+    request_id = f"billing-native-nousage-{call.__name__}"
+    text, told, headers = call(gateway, request_id, "nousage")
+    assert told is None  # relayed as the upstream sent it
+    assert text == (expected or text) and text
+    row = ledger_row(gateway, request_id)
+    assert (row["api"], row["outcome"], row["usage_estimated"]) == (api, "success", 1)
+    assert row["output_tokens"] == len(text.encode()) and row["input_tokens"] > 0
+    assert row["cost_nano"] == cost_nano(row)
+    if headers is not None:
+        assert headers["x-metergate-cost-usd"] == f"{row['cost_nano'] / 1e9:.9f}"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [_responses_unary, _responses_stream, _completions_unary, _completions_stream, _messages_unary],
+)
+def test_an_answer_passed_through_with_usage_is_billed_as_reported(
+    gateway: Gateway, call: Callable[..., Answered]
+) -> None:
+    request_id = f"billing-native-usage-{call.__name__}"
+    _, told, _ = call(gateway, request_id, "none")
+    row = ledger_row(gateway, request_id)
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 0)
+    assert row["output_tokens"] == told and row["cost_nano"] == cost_nano(row)
+
+
+def test_a_cut_legacy_completions_stream_is_billed_what_was_relayed(gateway: Gateway) -> None:
+    """Legacy completions chunks carry `text`, not a delta: counted all the same."""
+    text = ""
+    with pytest.raises(openai.APIError):  # the gateway ends the stream with an error event
+        for chunk in gateway.client().completions.create(
+            model="gpt",
+            prompt="Tell me. TRIGGER:cut",
+            max_tokens=100,
+            stream=True,
+            extra_headers={"x-request-id": "billing-completions-cut"},
+        ):
+            text += "".join(choice.text for choice in chunk.choices)
+    assert text == responses_api.COMPLETION
+    row = ledger_row(gateway, "billing-completions-cut")
+    assert (row["api"], row["usage_estimated"]) == ("completions", 1)
+    assert row["output_tokens"] == len(text.encode()), row
+
+
+def test_a_whole_answer_counts_its_text_in_each_protocol() -> None:
+    """Tool calls' names and arguments, reasoning summaries and refusals are output the
+    upstream bills; ids, types, signatures and statuses are not."""
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    responses = {
+        "output": [
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [{"type": "summary_text", "text": "ab"}],
+            },
+            {"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f", "arguments": "{}"},
+            {
+                "type": "message",
+                "id": "msg_1",
+                "status": "completed",
+                "content": [
+                    {"type": "output_text", "text": "wörld", "annotations": []},
+                    {"type": "refusal", "refusal": "no"},
+                ],
+            },
+        ]
+    }
+    messages = {
+        "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "x" * 40},
+            {"type": "text", "text": "ok"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+        ]
+    }
+    legacy = {"choices": [{"text": "abc", "index": 0}, {"text": "de", "index": 1}]}
+    for answer, size in ((responses, 2 + 1 + 2 + 6 + 2), (messages, 3 + 2 + 1 + 7), (legacy, 5)):
+        usage = estimate.answer_usage(body, orjson.dumps(answer))
+        assert usage.output_tokens == size, answer

@@ -20,6 +20,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `stream_error` -> (streaming) a few events, then an `error` event (`overloaded_error`);
 * `stream_cut` -> (streaming) a few events, then a clean end without `message_stop`;
 * `stream_abort` -> (streaming) a few events, then the connection is dropped.
+* `nousage` -> (not streaming) an answer without `usage`, as an Anthropic-compatible
+  server might send;
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
   content delta, then a clean end without `message_stop`, or a stall until the client
   leaves.
@@ -110,6 +112,8 @@ def create_app(api_key: str = API_KEY) -> web.Application:
         answer = _answer(body, len(app[RECORDER].requests))
         if body.get("stream"):
             return await _stream(request, answer, word)
+        if word == "nousage":
+            del answer["usage"]
         return web.json_response(answer)
 
     async def count_tokens(request: web.Request) -> web.Response:

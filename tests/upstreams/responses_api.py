@@ -8,7 +8,10 @@ item is not a `function_call_output`, else the text `TEXT`; it refuses
 conversation itself). Streams send the real semantic events, `event:` lines included.
 `TRIGGER:500` / `TRIGGER:503` / `TRIGGER:429` / `TRIGGER:400` in the last user text
 answer with that status; `TRIGGER:cached` reports 1024 cached input tokens;
-`TRIGGER:cut` ends a Responses stream after its text, without its terminal event.
+`TRIGGER:cut` ends a stream after its text, without its terminal event (`[DONE]` for
+legacy completions); `TRIGGER:nousage` answers without usage, as some compatible servers
+do (a Responses answer's `usage` is null; legacy completions send no usage, streamed or
+not, even when `stream_options.include_usage` asks for it).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
         if word in ("500", "503", "429", "400"):
             return _error(int(word), f"upstream says {word}")
         response = _response(body, word == "cached")
+        if word == "nousage":
+            response["usage"] = None
         if body.get("stream"):
             return await _stream_response(request, response, cut=word == "cut")
         return web.json_response(response)
@@ -85,16 +90,19 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
         usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
         if not body.get("stream"):
             choice = {"text": COMPLETION, "index": 0, "logprobs": None, "finish_reason": "stop"}
-            return web.json_response({**head, "choices": [choice], "usage": usage})
+            answer = {**head, "choices": [choice]}
+            return web.json_response(answer if word == "nousage" else {**answer, "usage": usage})
         stream = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await stream.prepare(request)
-        for n, word in enumerate(COMPLETION.split(" ")):
-            text = word if not n else " " + word
+        for n, piece in enumerate(COMPLETION.split(" ")):
+            text = piece if not n else " " + piece
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": None}
             await stream.write(b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n")
+        if word == "cut":
+            return stream
         final = {"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}
         await stream.write(b"data: " + orjson.dumps({**head, "choices": [final]}) + b"\n\n")
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and word != "nousage":
             chunk = {**head, "choices": [], "usage": usage}
             await stream.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await stream.write(b"data: [DONE]\n\n")

@@ -92,9 +92,13 @@ def _delta_text_bytes(data: bytes) -> int:
         return _native_delta_bytes(chunk.get("delta"))
     size = 0
     for choice in choices if choices.__class__ is list else ():
-        delta = choice.get("delta") if choice.__class__ is dict else None
+        if choice.__class__ is not dict:
+            continue
+        delta, text = choice.get("delta"), choice.get("text")
         if delta.__class__ is dict:
             size += _fields_bytes(delta)
+        elif text.__class__ is str:  # a legacy completions chunk, passed through
+            size += _utf8_size(text)
     return size
 
 
@@ -166,18 +170,63 @@ def stream_usage(
 def answer_usage(body: dict[str, Any], answer: bytes) -> Usage:
     """What a whole answer whose upstream reported no usage is billed: its prompt as a
     stream's, its output one token per UTF-8 byte of the answer's text (as relayed text
-    is counted), up to what `max_tokens` lets the upstream bill."""
+    is counted), up to what `max_tokens` lets the upstream bill. `answer` is in the
+    protocol it came in: chat, legacy completions, Responses or Anthropic Messages (the
+    last three passed through as they are); `body` is the request's chat form."""
     try:
         data = orjson.loads(answer)
     except orjson.JSONDecodeError:
         data = None
-    size = 0
-    choices = data.get("choices") if data.__class__ is dict else None
-    for choice in choices if choices.__class__ is list else ():
-        message = choice.get("message") if choice.__class__ is dict else None
-        if message.__class__ is dict:
-            size += _fields_bytes(message)
+    size = _answer_text_bytes(data) if data.__class__ is dict else 0
     return Usage(input_tokens=prompt_tokens(body), output_tokens=_billable(size, body))
+
+
+def _answer_text_bytes(answer: dict[str, Any]) -> int:
+    """UTF-8 bytes of the text a whole answer holds, whichever its protocol."""
+    size = 0
+    choices = answer.get("choices")
+    for choice in choices if choices.__class__ is list else ():
+        if choice.__class__ is not dict:
+            continue
+        message, text = choice.get("message"), choice.get("text")
+        if message.__class__ is dict:  # chat
+            size += _fields_bytes(message)
+        elif text.__class__ is str:  # legacy completions
+            size += _utf8_size(text)
+    items = answer.get("output")  # Responses: messages, function calls, reasoning
+    for item in items if items.__class__ is list else ():
+        size += _strings_bytes(item, _OUTPUT_TEXTS)
+    blocks = answer.get("content")  # Anthropic Messages: text, tool_use, thinking
+    for block in blocks if blocks.__class__ is list else ():
+        if block.__class__ is not dict:
+            continue
+        for name in ("text", "thinking", "name"):  # "name": a tool_use block's
+            text = block.get(name)
+            size += _utf8_size(text) if text.__class__ is str else 0
+        if block.get("input") is not None:  # a tool call's arguments, as JSON
+            size += len(orjson.dumps(block["input"]))
+    return size
+
+
+# The fields of a Responses output item (or of the parts and summaries nested in it)
+# that hold generated text.
+_OUTPUT_TEXTS = ("text", "refusal", "arguments", "name")
+
+
+def _strings_bytes(value: Any, names: tuple[str, ...]) -> int:
+    """UTF-8 bytes of the strings under `names` in `value`, at any depth of lists and
+    objects (a Responses message's content parts, a reasoning item's summary)."""
+    if value.__class__ is list:
+        return sum(_strings_bytes(item, names) for item in value)
+    if value.__class__ is not dict:
+        return 0
+    size = 0
+    for name, field_value in value.items():
+        if field_value.__class__ is str:
+            size += _utf8_size(field_value) if name in names else 0
+        elif field_value.__class__ in (list, dict):
+            size += _strings_bytes(field_value, names)
+    return size
 
 
 def _max_tokens(body: dict[str, Any]) -> int:

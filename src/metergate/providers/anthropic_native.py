@@ -42,8 +42,8 @@ def payload(call: UpstreamCall) -> dict[str, Any]:
 async def message(transport: HttpTransport, url: str, call: UpstreamCall) -> Completion:
     assert call.native is not None
     answer = await transport.post(url, payload(call), call.timeouts, own_headers(call))
-    usage = usage_of(load_json(answer, "Messages API answer").get("usage"))
-    return Completion(answer, usage)
+    usage = load_json(answer, "Messages API answer").get("usage")
+    return Completion(answer, usage_of(usage), reported=bool(usage))
 
 
 async def message_stream(

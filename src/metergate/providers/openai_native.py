@@ -41,9 +41,11 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
         call.extra_headers,
     )
     data = load_json(body, f"{native.protocol} answer")
+    usage = data.get("usage")
+    reported = bool(usage)  # some compatible servers send none: the gateway estimates
     if native.protocol == "responses":
-        return Completion(body, responses_usage(data.get("usage")))
-    return Completion(body, Usage.from_openai(data.get("usage")))
+        return Completion(body, responses_usage(usage), reported)
+    return Completion(body, Usage.from_openai(usage), reported)
 
 
 async def stream(
@@ -89,7 +91,9 @@ class _ResponsesRelay:
                 raise UpstreamServerError(f"upstream stream error: {message or 'it failed'}")
             if name in TERMINAL:
                 self.done = True
-                self.state.usage = responses_usage((data.get("response") or {}).get("usage"))
+                usage = (data.get("response") or {}).get("usage")
+                if usage:  # else it stays unknown, and the relayed text is billed
+                    self.state.usage = responses_usage(usage)
         return event.raw
 
     def finish(self) -> bytes:
