@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,50 @@ async def test_a_crashed_stdio_server_is_started_again(stack: Any) -> None:
             await asyncio.sleep(0.05)
         assert second and second != first
         assert text(await client.call_tool("files.read", {"path": "readme.md"})) == "# hello"
+
+
+async def test_a_server_that_never_answers_its_handshake_does_not_hold_a_shutdown(
+    tmp_path: Path,
+) -> None:
+    """A stdio server that starts but never answers `initialize`: closing (a shutdown or
+    a reload) abandons the attempt at once instead of waiting out the connect timeout,
+    and the server's process is gone afterwards."""
+    from prometheus_client import CollectorRegistry
+
+    from metergate.mcp.metrics import ClientMetrics
+    from metergate.mcp.upstream import Upstream
+
+    pid_file = tmp_path / "pid"
+    script = tmp_path / "mute.py"
+    script.write_text(
+        "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+    )
+    settings = McpConfig.model_validate(
+        {
+            "servers": {"mute": {"command": sys.executable, "args": [str(script), str(pid_file)]}},
+            "connect_timeout_seconds": 120,
+        }
+    )
+    upstream = Upstream(
+        "mute", settings.servers["mute"], settings, ClientMetrics(CollectorRegistry())
+    )
+    await upstream.start()
+    await eventually(lambda: pid_file.exists() and pid_file.read_text(), within=30)
+    pid = int(pid_file.read_text())
+    started = time.monotonic()
+    await upstream.close()
+    # Before: the close waited for the handshake (here 120 s), at most its own 10 s cap.
+    assert time.monotonic() - started < 8
+    assert not upstream.up
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await eventually(gone, within=10)
 
 
 async def test_a_server_that_goes_down_is_reported_and_reconnected(

@@ -105,17 +105,25 @@ class Upstream:
         await self._first_attempt.wait()
 
     async def close(self) -> None:
+        """Stop: a connected server's session is ended in order (bounded); one still
+        connecting is abandoned at once, as a server that never answers its handshake
+        would otherwise hold a shutdown or reload for the whole connect timeout."""
         self._stopping.set()
         self._probe_now.set()
         await self.subscriptions.close()
         if self._task is None:
             return
+        if self.client is None:
+            self._task.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 10)
         except TimeoutError:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # this close itself was cancelled
         self._task = None
 
     async def _connect(self, stack: contextlib.AsyncExitStack) -> Client:
