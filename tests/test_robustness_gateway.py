@@ -92,6 +92,32 @@ def test_json_nested_too_deep_is_refused_at_parse_time(gateway_factory, servers)
     assert upstream.plan.bodies[-1]["x"] == _nested(99)
 
 
+def test_lone_surrogate_escapes_are_taken_as_replacement_characters(gateway_factory, servers):
+    """A client that cuts a string between the halves of an emoji (JavaScript's
+    `slice` on UTF-16) sends `"\\ud83d"`: valid JSON, but no UTF-8 text. The request is
+    served with U+FFFD in its place, as Go's encoding/json reads it; a body broken
+    otherwise is still refused with the parser's reason."""
+    upstream = servers("a")
+    gateway = gateway_factory(_config(upstream.url))
+    url = f"{gateway.base_url}/chat/completions"
+    headers = {"authorization": f"Bearer {gateway.key}", "content-type": "application/json"}
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "cut \\ud83d here, '
+        b'and a pair \\ud83d\\ude00 kept"}], "metadata": {"\\ude00": "\\udc00"}}'
+    )
+    reply = httpx2.post(url, content=body, headers=headers, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == "Hello from a."
+    sent = upstream.plan.bodies[-1]
+    assert sent["messages"][0]["content"] == "cut \ufffd here, and a pair \U0001f600 kept"
+    assert sent["metadata"] == {"\ufffd": "\ufffd"}
+    broken = httpx2.post(url, content=body[:-1] + b",}", headers=headers, timeout=30)
+    assert broken.status_code == 400
+    assert broken.json()["error"]["code"] == "invalid_json"
+    assert "surrogate" in broken.json()["error"]["message"]
+    assert upstream.plan.requests == 1
+
+
 def test_nesting_at_the_limit_is_translated_for_other_providers(bg, gateway_factory):
     """The Anthropic translation wraps the caller's JSON (tool schemas) a few levels
     deeper; a request at the depth limit must still be encoded and sent."""

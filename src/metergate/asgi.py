@@ -13,6 +13,7 @@ depth limit leaves room for what adapters wrap around the caller's JSON.
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -92,25 +93,47 @@ class Request:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            if str(exc).startswith("depth limit exceeded"):
-                raise _too_deep(max_depth) from None
-            encoding = self.headers.get(b"content-encoding", b"identity").strip().lower()
-            if encoding != b"identity":  # looked at only here: a valid body costs nothing
-                raise InvalidRequest(
-                    f"request bodies sent with Content-Encoding: {encoding.decode('latin-1')} "
-                    "are not accepted; send the JSON uncompressed",
-                    status=415,
-                    code="unsupported_content_encoding",
-                ) from None
-            raise InvalidRequest(
-                f"request body is not valid JSON: {exc}", code="invalid_json"
-            ) from exc
+            data = self._not_strict_json(raw, exc, max_depth)
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object", code="invalid_json")
         # Fewer brackets than the limit cannot nest deeper than it (the usual small body).
         if raw.count(b"{") + raw.count(b"[") > max_depth and _deeper_than(data, max_depth):
             raise _too_deep(max_depth)
         return data
+
+    def _not_strict_json(self, raw: bytes, exc: orjson.JSONDecodeError, max_depth: int) -> Any:
+        """A body orjson refused: JSON with lone surrogate escapes (`"\\ud83d"`, what a
+        client that cut a string between the halves of an emoji sends) is taken with each
+        replaced by U+FFFD, as Go's encoding/json does, since no upstream could be sent
+        it as UTF-8; anything else is refused with a message that says why."""
+        reason = str(exc)
+        if reason.startswith("depth limit exceeded"):
+            raise _too_deep(max_depth) from None
+        if "surrogate" in reason:
+            try:
+                return _surrogates_replaced(json.loads(raw))
+            except (ValueError, RecursionError):
+                pass  # refused below, with orjson's reason
+        encoding = self.headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding != b"identity":  # looked at only here: a valid body costs nothing
+            raise InvalidRequest(
+                f"request bodies sent with Content-Encoding: {encoding.decode('latin-1')} "
+                "are not accepted; send the JSON uncompressed",
+                status=415,
+                code="unsupported_content_encoding",
+            ) from None
+        raise InvalidRequest(f"request body is not valid JSON: {reason}", code="invalid_json")
+
+
+def _surrogates_replaced(value: Any) -> Any:
+    """`value` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_surrogates_replaced(item) for item in value]
+    if isinstance(value, dict):
+        return {_surrogates_replaced(k): _surrogates_replaced(v) for k, v in value.items()}
+    return value
 
 
 def _deeper_than(value: dict[str, Any], limit: int) -> bool:
