@@ -51,6 +51,9 @@ def preset_config(server: UpstreamServer, **extra_models: str) -> dict[str, Any]
             "api_key": API_KEY,
         }
         upstreams[f"{preset}-up"] = {"provider": preset, "model": model}
+    # The fake's Perplexity is its retired Sonar chat API (its Agent API, which the preset
+    # now speaks, is tests/test_provider_perplexity.py): `chat_via: chat` still reaches it.
+    providers["perplexity"]["chat_via"] = "chat"
     upstreams["deepseek-reasoner-up"] = {"provider": "deepseek", "model": "deepseek-reasoner"}
     models = {
         name.removesuffix("-up"): {"upstreams": [name], "retry": {"max_retries": 0}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -161,10 +162,12 @@ def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
     }
 
 
-async def _stream_response(
-    request: web.Request, response: dict[str, Any], cut: bool = False
-) -> web.StreamResponse:
-    """`cut`: the stream ends after the text, without its terminal event."""
+Emit = Callable[..., Awaitable[None]]
+
+
+async def event_stream(request: web.Request) -> tuple[web.StreamResponse, Emit]:
+    """An SSE answer and its `emit(kind, **data)`: one Responses event, `event:` line,
+    `type` and `sequence_number` included, as OpenAI (and Perplexity) write them."""
     stream = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await stream.prepare(request)
     sequence = itertools.count()
@@ -175,6 +178,14 @@ async def _stream_response(
             b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
         )
 
+    return stream, emit
+
+
+async def _stream_response(
+    request: web.Request, response: dict[str, Any], cut: bool = False
+) -> web.StreamResponse:
+    """`cut`: the stream ends after the text, without its terminal event."""
+    stream, emit = await event_stream(request)
     started = {**response, "status": "in_progress", "output": [], "usage": None}
     await emit("response.created", response=started)
     await emit("response.in_progress", response=started)

@@ -151,6 +151,13 @@ class ProviderConfig(Strict):
     price_list: str = "official"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+    chat_via: Literal["chat", "responses"] | None = Field(
+        default=None,
+        description="openai type: `responses` sends chat requests to the upstream's "
+        "Responses API, translated (for upstreams or models that serve no chat "
+        "completions: Perplexity's Agent API, OpenAI's Responses-only models); default: "
+        "the preset's, else `chat`",
+    )
     apis: list[NativeApi] | None = Field(
         default=None,
         description="openai type: the OpenAI APIs besides chat this upstream serves, which "
@@ -162,7 +169,17 @@ class ProviderConfig(Strict):
     def _apis_of_openai(self) -> ProviderConfig:
         if self.apis is not None and self.type != "openai":
             raise ValueError("`apis` applies to openai-type providers only")
+        if self.chat_via is not None and self.type != "openai":
+            raise ValueError("`chat_via` applies to openai-type providers only")
         return self
+
+    @property
+    def chat_via_responses(self) -> bool:
+        """Chat requests go to the Responses API, translated (`chat_via`)."""
+        if self.chat_via is not None:
+            return self.chat_via == "responses"
+        preset = PRESETS.get(self.preset or "")
+        return self.type == "openai" and preset is not None and preset.chat_via == "responses"
 
     @property
     def native_apis(self) -> frozenset[str]:
@@ -170,6 +187,8 @@ class ProviderConfig(Strict):
             return frozenset()
         if self.apis is not None:
             return frozenset(self.apis)
+        if self.chat_via_responses:  # it speaks Responses: that door passes through
+            return frozenset(("responses",))
         official = urlsplit(self.base_url or "").hostname == "api.openai.com"
         return frozenset(("responses", "completions")) if official else frozenset()
 

@@ -32,6 +32,7 @@ class Preset:
     price_list: str
     needs_key: bool = True
     key_env: str = ""  # the environment variable its docs name, for hints
+    chat_via: Literal["chat", "responses"] = "chat"  # the API chat requests are sent to
 
 
 PRESETS: dict[str, Preset] = {
@@ -46,7 +47,14 @@ PRESETS: dict[str, Preset] = {
         "https://api.fireworks.ai/inference/v1", "fireworks", key_env="FIREWORKS_API_KEY"
     ),
     "xai": Preset("https://api.x.ai/v1", "xai", key_env="XAI_API_KEY"),
-    "perplexity": Preset("https://api.perplexity.ai", "perplexity", key_env="PERPLEXITY_API_KEY"),
+    # Perplexity retired its Sonar chat completions API on 2026-09-27: its Agent API
+    # speaks OpenAI's Responses format (`/v1/responses`), and chat is translated to it.
+    "perplexity": Preset(
+        "https://api.perplexity.ai/v1",
+        "perplexity",
+        key_env="PERPLEXITY_API_KEY",
+        chat_via="responses",
+    ),
     "holysheep": Preset("https://api.holysheep.ai/v1", "holysheep", key_env="HOLYSHEEP_API_KEY"),
     # Local servers: no key by default, and their tokens cost nothing.
     "ollama": Preset("http://127.0.0.1:11434/v1", "free", needs_key=False),

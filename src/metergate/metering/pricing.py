@@ -50,6 +50,8 @@ class UnitPrices:
         )
 
     def cost_nano(self, usage: Usage) -> int:
+        if usage.billed_nano is not None:  # the upstream's own figure (Usage.billed_nano)
+            return usage.billed_nano
         pico = (
             usage.input_tokens * self.input
             + usage.cached_input_tokens * self.cached_input

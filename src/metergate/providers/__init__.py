@@ -44,6 +44,10 @@ def build_adapter(name: str, config: ProviderConfig) -> Adapter:
             f"provider {name!r} is of type {config.type}, whose dependencies are not "
             f"installed: {command}"
         )
+    if config.type == "openai" and config.chat_via_responses:
+        from metergate.providers.responses_bridge import ResponsesBridgeAdapter
+
+        return ResponsesBridgeAdapter(name, config)
     if config.type == "openai" and config.preset:
         from metergate.providers.compatible import PresetAdapter
 

@@ -35,6 +35,7 @@ from metergate.providers.translation import (
     shown,
     stop_sequences,
     text_of,
+    tool_calls_of,
 )
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI callers often omit it
@@ -210,10 +211,7 @@ def _assistant_blocks(message: dict[str, Any], where: str) -> list[dict[str, Any
     text = text_of(message.get("content"), f"{where}.content")
     if text:
         blocks.append({"type": "text", "text": text})
-    for index, item in enumerate(a_list(message.get("tool_calls"), f"{where}.tool_calls")):
-        at = f"{where}.tool_calls[{index}]"
-        call = an_object(item, at)
-        function = function_of(call, at)
+    for call, function, at in tool_calls_of(message, where):
         blocks.append(
             {
                 "type": "tool_use",

@@ -35,6 +35,9 @@ class Usage:
     # at the cache-write rate; `cache_write_1h_tokens` is the part kept for an hour.
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    # What the upstream says the request cost, when it says (Perplexity states its
+    # tokens, request and tool fees): that is the cost, whatever the price list says.
+    billed_nano: int | None = None
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage:

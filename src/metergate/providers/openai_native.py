@@ -9,8 +9,10 @@ back byte for byte. Only usage is read on the way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from decimal import Decimal
 from typing import Any
 
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
@@ -24,11 +26,31 @@ TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fai
 
 
 def responses_usage(usage: dict[str, Any] | None) -> Usage:
-    """Responses usage: `input_tokens` includes the cached ones, priced apart here."""
+    """Responses usage: `input_tokens` includes the cached ones (OpenAI's `cached_tokens`,
+    Perplexity's `cache_read_input_tokens`), priced apart here; and the cost the upstream
+    states, if any (Perplexity's `cost.total_cost`: tokens, request and tool fees)."""
     usage = usage or {}
+    details = usage.get("input_tokens_details")
     total = token_count(usage, "input_tokens")
-    cached = min(total, token_count(usage.get("input_tokens_details"), "cached_tokens"))
-    return Usage(total - cached, cached, token_count(usage, "output_tokens"))
+    cached = token_count(details, "cached_tokens") or token_count(
+        details, "cache_read_input_tokens"
+    )
+    cached = min(total, cached)
+    found = Usage(total - cached, cached, token_count(usage, "output_tokens"))
+    found.billed_nano = _billed_nano(usage.get("cost"))
+    return found
+
+
+def _billed_nano(cost: Any) -> int | None:
+    """A stated total cost in nano-USD; None when there is none (or not in USD)."""
+    if not isinstance(cost, dict) or cost.get("currency", "USD") != "USD":
+        return None
+    total = cost.get("total_cost")
+    if isinstance(total, bool) or not isinstance(total, int | float) or not math.isfinite(total):
+        return None
+    if total < 0:
+        raise UpstreamProtocolError(f"the upstream stated a negative cost ({total!r})")
+    return int((Decimal(str(total)) * 1_000_000_000).to_integral_value())
 
 
 async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Completion:

@@ -11,7 +11,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import orjson
@@ -147,6 +147,16 @@ def parse_arguments(arguments: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid_request(f"`{where}` must be a JSON object encoded as a string", where)
     return value
+
+
+def tool_calls_of(
+    message: dict[str, Any], where: str
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], str]]:
+    """Each tool call of an assistant message: the call, its `function`, and where it is."""
+    for index, item in enumerate(a_list(message.get("tool_calls"), f"{where}.tool_calls")):
+        at = f"{where}.tool_calls[{index}]"
+        call = an_object(item, at)
+        yield call, function_of(call, at), at
 
 
 def stop_sequences(stop: Any) -> list[str]:
