@@ -286,6 +286,19 @@ class EventTranslator(Protocol):
         ...
 
 
+def _translated(
+    translator: EventTranslator, events: list[Event]
+) -> tuple[bytes, GatewayError | None]:
+    """The translation of `events`, and the error that stopped it (None: all went)."""
+    parts = []
+    try:
+        for event in events:
+            parts.append(translator.feed(event))
+    except GatewayError as error:
+        return b"".join(parts), error
+    return b"".join(parts), None
+
+
 async def relay(
     transport: HttpTransport, response: StreamResponse, translator: EventTranslator
 ) -> AsyncGenerator[bytes, None]:
@@ -296,7 +309,8 @@ async def relay(
 
     The client bounds the wait for the first chunk by `first_byte` and every later gap
     by `stream_idle`; closing returns the connection to the pool only if the stream was
-    read to its end.
+    read to its end. An upstream error event still lets what came before it in the same
+    read go out first: the caller gets the text the upstream generated (and bills).
     """
     decoder = SSEDecoder()
     started = False
@@ -312,9 +326,11 @@ async def relay(
                         break
                 else:
                     continue  # nothing to send yet
-            out = b"".join(translator.feed(event) for event in events)
+            out, failed = _translated(translator, events)
             if out:
                 yield out
+            if failed is not None:
+                raise failed
         tail = b"".join(translator.feed(event) for event in decoder.flush())
         tail += translator.finish()
         if tail:
