@@ -117,11 +117,14 @@ def test_check_warns_about_unpriced_models(tmp_path: Path) -> None:
         "providers:\n"
         "  ds: {type: openai, preset: deepseek, api_key: sk-x}\n"
         "  br: {type: bedrock, bedrock: {region: us-east-1}}\n"
+        "  pplx: {type: openai, preset: perplexity, api_key: pplx-x}\n"
         "upstreams:\n"
         "  known: {provider: ds, model: deepseek-chat}\n"
         "  profile: {provider: br, model: eu.anthropic.claude-sonnet-4-5-20250929-v1:0}\n"
         "  unknown: {provider: ds, model: deepseek-v9}\n"
-        "models: {m: {upstreams: [known, profile, unknown]}}\n"
+        "  sonar: {provider: pplx, model: perplexity/sonar}\n"
+        "  research: {provider: pplx, model: 'preset:deep-research'}\n"
+        "models: {m: {upstreams: [known, profile, unknown, sonar, research]}}\n"
     )
     done = metergate("from metergate.cli import main; main()", "check", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -129,7 +132,12 @@ def test_check_warns_about_unpriced_models(tmp_path: Path) -> None:
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
         f"warning: {config}: upstreams.unknown.model: no price for model 'deepseek-v9' in "
-        "price list 'deepseek': its requests will be metered at $0"
+        "price list 'deepseek': its requests will be metered at $0",
+        # Perplexity states each answer's cost: only holds and estimates lack a price.
+        f"warning: {config}: upstreams.research.model: no price for model "
+        "'preset:deep-research' in price list 'perplexity': each answer states its cost, "
+        "which is what it is metered at, but budget holds and the estimates of cut streams "
+        "will be $0",
     ]
 
 

@@ -186,10 +186,16 @@ def price_warnings(config: GatewayConfig) -> Iterator[Problem]:
         if provider is None or provider.type == "simulated":
             continue
         if price_for(upstream.model, upstream.price, provider.price_list) is None:
+            metered = (
+                "each answer states its cost, which is what it is metered at, but budget "
+                "holds and the estimates of cut streams will be $0"
+                if provider.preset == "perplexity" and provider.chat_via_responses
+                else "its requests will be metered at $0"
+            )
             yield (
                 ("upstreams", name, "model"),
                 f"no price for model {upstream.model!r} in price list "
-                f"{provider.price_list!r}: its requests will be metered at $0",
+                f"{provider.price_list!r}: {metered}",
                 "give the upstream a price: {input: ..., cached_input: ..., output: ...} "
                 "(USD per million tokens)",
             )
