@@ -170,6 +170,35 @@ def test_an_answer_without_usage_is_billed_at_least_what_it_answered(gateway: Ga
     assert ledger_row(gateway, "billing-nousage-capped")["output_tokens"] == 3 * 2
 
 
+def test_a_translated_answer_without_usage_is_billed_what_it_answered(gateway: Gateway) -> None:
+    """An Anthropic answer without `usage` (as an Anthropic-compatible server might send)
+    is translated with `usage: null`, not zeros, and billed like any answer without it;
+    a door that builds its own answer (Responses) reports the tokens it is billed."""
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="claude",
+        messages=[{"role": "user", "content": "Tell me. TRIGGER:nousage"}],
+        extra_headers={"x-request-id": "billing-translated-nousage"},
+    )
+    answer = raw.parse()
+    assert answer.usage is None
+    text = answer.choices[0].message.content or ""
+    row = ledger_row(gateway, "billing-translated-nousage")
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 1)
+    assert row["output_tokens"] == len(text.encode()) > 0 and row["input_tokens"] > 0
+    assert raw.headers["x-metergate-cost-usd"] == f"{row['cost_nano'] / 1e9:.9f}"
+    response = gateway.client().responses.create(
+        model="claude",
+        input="Tell me. TRIGGER:nousage",
+        extra_headers={"x-request-id": "billing-translated-nousage-responses"},
+    )
+    row = ledger_row(gateway, "billing-translated-nousage-responses")
+    assert (row["api"], row["usage_estimated"]) == ("responses", 1)
+    assert response.usage is not None
+    assert (
+        response.usage.output_tokens == row["output_tokens"] == len(response.output_text.encode())
+    )
+
+
 @pytest.mark.parametrize("model", ["gpt", "claude"])
 def test_a_complete_stream_is_billed_as_the_upstream_reported(gateway: Gateway, model: str) -> None:
     request_id = f"billing-{model}-complete"

@@ -176,6 +176,7 @@ class CompletionsHandler:
         if not completion.reported:  # billed at least what it answered (metering.estimate)
             usage = estimate.answer_usage(exchange.body, completion.body)
             log.usage_estimated = True
+            completion.usage = usage  # what a door that builds its answer reports
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         answer = await self.door.answer(exchange, deployment, completion, key)

@@ -61,8 +61,7 @@ class AnthropicAdapter(HttpAdapter):
         answer = await self.transport.post(
             self.url, to_messages_request(call.body, call.model), call.timeouts, call.extra_headers
         )
-        body, usage = from_message(load_json(answer, "Messages API answer"), call.model)
-        return Completion(body, usage)
+        return from_message(load_json(answer, "Messages API answer"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:

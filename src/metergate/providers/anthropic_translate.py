@@ -17,13 +17,12 @@ from typing import Any
 
 import orjson
 
-from metergate.providers.base import Usage, token_count
+from metergate.providers.base import Completion, Usage, token_count
 from metergate.providers.translation import (
     a_list,
     a_string,
     an_object,
     assistant_message,
-    completion_body,
     function_of,
     image_url_of,
     invalid_request,
@@ -36,6 +35,7 @@ from metergate.providers.translation import (
     stop_sequences,
     text_of,
     tool_calls_of,
+    translated_completion,
 )
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; OpenAI callers often omit it
@@ -112,8 +112,8 @@ def to_messages_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     return payload
 
 
-def from_message(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
-    """The OpenAI `chat.completion` body and usage of a Messages API answer."""
+def from_message(data: dict[str, Any], model: str) -> Completion:
+    """The OpenAI `chat.completion` answer and usage of a Messages API answer."""
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     for block in data.get("content") or []:
@@ -131,15 +131,15 @@ def from_message(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
                 }
             )
         # thinking blocks are not part of OpenAI's chat format and are dropped
-    usage = usage_of(data.get("usage"))
+    raw = data.get("usage")
     choice = {
         "index": 0,
         "message": assistant_message("".join(texts), tool_calls),
         "finish_reason": finish_reason(data.get("stop_reason")),
         "logprobs": None,
     }
-    body = completion_body(data.get("id") or "", data.get("model") or model, [choice], usage)
-    return body, usage
+    answer_id, answer_model = data.get("id") or "", data.get("model") or model
+    return translated_completion(answer_id, answer_model, [choice], raw, usage_of(raw))
 
 
 def turns_of(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -96,8 +96,7 @@ class BedrockAdapter(HttpAdapter):
         url = self.url(call.model, "converse")
         body, auth = await self._send(url, to_converse_request(call.body))
         answer = await self.transport.post(url, body, call.timeouts, auth + call.extra_headers)
-        text, usage = from_converse(load_json(answer, "Converse answer"), call.model)
-        return Completion(text, usage)
+        return from_converse(load_json(answer, "Converse answer"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self.url(call.model, "converse-stream")

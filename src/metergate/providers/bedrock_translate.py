@@ -22,16 +22,16 @@ from typing import Any
 import orjson
 
 from metergate.providers.anthropic_translate import format_instruction, turns_of
-from metergate.providers.base import Usage, token_count
+from metergate.providers.base import Completion, Usage, token_count
 from metergate.providers.translation import (
     a_list,
     assistant_message,
-    completion_body,
     invalid_request,
     max_output_tokens,
     new_call_id,
     request_translator,
     stop_sequences,
+    translated_completion,
 )
 
 FINISH_REASONS = {
@@ -91,8 +91,8 @@ def to_converse_request(body: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def from_converse(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
-    """The OpenAI `chat.completion` body and usage of a Converse answer."""
+def from_converse(data: dict[str, Any], model: str) -> Completion:
+    """The OpenAI `chat.completion` answer and usage of a Converse answer."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     message = (data.get("output") or {}).get("message") or {}
@@ -111,14 +111,15 @@ def from_converse(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
                     },
                 }
             )
-    usage = usage_of(data.get("usage"))
+    raw = data.get("usage")
     choice = {
         "index": 0,
         "message": assistant_message("".join(texts), calls),
         "finish_reason": finish_reason(data.get("stopReason")),
         "logprobs": None,
     }
-    return completion_body("chatcmpl-" + new_call_id()[5:], model, [choice], usage), usage
+    answer_id = "chatcmpl-" + new_call_id()[5:]
+    return translated_completion(answer_id, model, [choice], raw, usage_of(raw))
 
 
 def _turns(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:

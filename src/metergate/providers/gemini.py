@@ -80,8 +80,7 @@ class GeminiAdapter(HttpAdapter):
             call.timeouts,
             call.extra_headers,
         )
-        body, usage = from_response(load_json(answer, "generateContent answer"), call.model)
-        return Completion(body, usage)
+        return from_response(load_json(answer, "generateContent answer"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self._url(call.model, "streamGenerateContent") + "?alt=sse"
@@ -177,7 +176,7 @@ class _StreamTranslator:
         """Gemini has no end-of-stream event: a finish reason is the only sign of a full answer."""
         if self.writer is None or not self.finished:
             raise UpstreamProtocolError("the upstream stream ended before any finishReason")
-        self.state.usage = self.state.usage or Usage()
+        # No usageMetadata at all leaves the usage unknown: the relayed text is billed.
         self.state.finish_reason = self.finished.get(0) or next(iter(self.finished.values()))
         return self.writer.end(self.state.usage, self.call.include_usage)
 

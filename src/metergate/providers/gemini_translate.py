@@ -24,13 +24,12 @@ from typing import Any
 
 import orjson
 
-from metergate.providers.base import Usage, token_count
+from metergate.providers.base import Completion, Usage, token_count
 from metergate.providers.translation import (
     a_list,
     a_string,
     an_object,
     assistant_message,
-    completion_body,
     function_of,
     image_url_of,
     invalid_request,
@@ -43,6 +42,7 @@ from metergate.providers.translation import (
     shown,
     stop_sequences,
     text_of,
+    translated_completion,
 )
 
 _FILTERED = frozenset(
@@ -122,8 +122,8 @@ def parts_of(candidate: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return "".join(texts), calls
 
 
-def from_response(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
-    """The OpenAI `chat.completion` body and usage of a generateContent answer."""
+def from_response(data: dict[str, Any], model: str) -> Completion:
+    """The OpenAI `chat.completion` answer and usage of a generateContent answer."""
     choices = []
     for index, candidate in candidates_of(data) or [(0, {"finishReason": "OTHER"})]:
         text, calls = parts_of(candidate)
@@ -135,10 +135,10 @@ def from_response(data: dict[str, Any], model: str) -> tuple[bytes, Usage]:
                 "logprobs": None,
             }
         )
-    usage = usage_of(data.get("usageMetadata"))
+    raw = data.get("usageMetadata")
     response_id = "chatcmpl-" + (data.get("responseId") or new_call_id()[5:])
-    body = completion_body(response_id, data.get("modelVersion") or model, choices, usage)
-    return body, usage
+    answer_model = data.get("modelVersion") or model
+    return translated_completion(response_id, answer_model, choices, raw, usage_of(raw))
 
 
 @request_translator

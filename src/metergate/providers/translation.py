@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import orjson
 
 from metergate.errors import GatewayError, InvalidRequest, UpstreamProtocolError
-from metergate.providers.base import Usage
+from metergate.providers.base import Completion, Usage
 from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
@@ -225,19 +225,21 @@ def assistant_message(text: str, tool_calls: list[dict[str, Any]]) -> dict[str, 
     return message
 
 
-def completion_body(
-    response_id: str, model: str, choices: list[dict[str, Any]], usage: Usage
-) -> bytes:
-    return orjson.dumps(
-        {
-            "id": response_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": usage.to_openai(),
-        }
-    )
+def translated_completion(
+    response_id: str, model: str, choices: list[dict[str, Any]], usage: Any, read: Usage
+) -> Completion:
+    """The OpenAI answer made from a provider's: `usage` is what the provider sent, `read`
+    its tokens. An answer that reported none says `usage: null`, as an OpenAI-compatible
+    server would, and the gateway estimates what it bills (`Completion.reported`)."""
+    body = {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": read.to_openai() if usage else None,
+    }
+    return Completion(orjson.dumps(body), read, reported=bool(usage))
 
 
 class ChunkWriter:

@@ -76,13 +76,11 @@ class VertexAdapter(HttpAdapter):
             answer = await self.transport.post(
                 f"{path}:rawPredict", _claude_request(call), call.timeouts, auth
             )
-            body, usage = from_message(load_json(answer, "rawPredict answer"), call.model)
-        else:
-            answer = await self.transport.post(
-                f"{path}:generateContent", to_generate_request(call.body), call.timeouts, auth
-            )
-            body, usage = from_response(load_json(answer, "generateContent answer"), call.model)
-        return Completion(body, usage)
+            return from_message(load_json(answer, "rawPredict answer"), call.model)
+        answer = await self.transport.post(
+            f"{path}:generateContent", to_generate_request(call.body), call.timeouts, auth
+        )
+        return from_response(load_json(answer, "generateContent answer"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         path, claude = self.model_path(call.model)
