@@ -108,7 +108,7 @@ def test_chat_is_served_by_the_agent_api_and_costs_what_perplexity_states(
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Tell me about foxes."},
     ]
-    assert "temperature" not in sent.body and "messages" not in sent.body
+    assert not {"temperature", "store", "messages"} & set(sent.body)
     # The request fee is in the stated cost: tokens alone would be a fraction of it.
     row = ledger_row(gateway, "pplx-unary")
     assert (row["outcome"], row["usage_estimated"]) == ("success", 0)
@@ -303,6 +303,7 @@ def test_chat_via_responses_on_an_openai_upstream(
     assert reply.usage is not None and reply.usage.completion_tokens == 7
     sent = state.requests[-1]
     assert sent["temperature"] == 0.5  # OpenAI's Responses API has it
+    assert sent["store"] is False  # as chat completions: not kept unless asked
     assert sent["text"] == {"format": {"type": "json_schema", **schema}}
     arguments = ""
     for chunk in client.chat.completions.create(

@@ -12,6 +12,8 @@ What the translation does, as a caller sees it:
   `input_text` and `input_image`; assistant tool calls `function_call` items and tool
   messages `function_call_output` items; function tools are flattened to the Responses
   shape, `tool_choice` likewise;
+* `store` is false unless the caller set it (chat completions are not stored by
+  default; Responses are);
 * `max_completion_tokens` (or `max_tokens`) is `max_output_tokens`, `reasoning_effort`
   is `reasoning.effort`, `response_format` is `text.format` (Perplexity takes it as
   `response_format`, as sent); other fields pass through untouched, except that

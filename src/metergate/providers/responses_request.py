@@ -70,6 +70,8 @@ def to_responses_request(body: dict[str, Any], model: str, format_field: str) ->
             )
     request: dict[str, Any] = {k: v for k, v in body.items() if k not in _TRANSLATED}
     request["model"] = model
+    # Chat completions are not stored unless asked; the Responses API stores by default.
+    request.setdefault("store", False)
     request["input"] = [
         item
         for index, message in enumerate(a_list(body.get("messages"), "messages"))
