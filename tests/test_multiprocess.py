@@ -18,6 +18,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -255,6 +256,92 @@ def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None
     assert done.stdout.strip() == "7.0"
     shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
     assert shown == {("t_total_things_total", (("k", "a"),)): 7.0}
+
+
+# A worker whose gauge series come and go (an MCP server a reload adds, then removes).
+SETTER = textwrap.dedent(
+    """
+    import sys
+    import metergate.metering.metrics  # installs the value class
+    from prometheus_client import CollectorRegistry, Gauge
+    from metergate.metering.multiprocess import remove_series
+    r = CollectorRegistry()
+    gauges = [Gauge("t_up_" + mode, "Up.", ["server"], multiprocess_mode=mode, registry=r)
+              for mode in sys.argv[1].split(",")]
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "exit":
+            break
+        for gauge in gauges:
+            if command == "set":
+                gauge.labels(args[0]).set(float(args[1]))
+            else:
+                remove_series(gauge, args[0])
+        print("done", flush=True)
+    """
+)
+
+
+def test_a_gauge_series_a_worker_removed_leaves_the_merged_metrics(tmp_path: Path) -> None:
+    """prometheus_client's files cannot delete a series: `remove_series` marks it, and
+    the merged /metrics shows it only while another worker that counts still has it."""
+    modes = ("livesum", "livemin", "max", "all", "mostrecent")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", SETTER, ",".join(modes)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    view = MultiProcessExposition(str(tmp_path))
+
+    def tell(worker: int, line: str) -> None:
+        process = workers[worker]
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "done"
+
+    def shown(server: str) -> dict[str, Any]:
+        samples, _ = parse(view.render().decode())
+        found: dict[str, Any] = {}
+        for (name, labels), value in samples.items():
+            if dict(labels).get("server") == server:
+                mode = name.removeprefix("t_up_")
+                pid = dict(labels).get("pid")
+                found[mode if pid is None else f"{mode}:{pid == str(workers[0].pid)}"] = value
+        return found
+
+    try:
+        tell(0, "set a 1")
+        tell(0, "set b 5")
+        tell(1, "set a 3")
+        tell(1, "set b 7")
+        everywhere = {"livesum": 4, "livemin": 1, "max": 3, "all:True": 1, "all:False": 3}
+        assert shown("a") == {**everywhere, "mostrecent": 3}
+        tell(0, "remove a")  # the other worker still has it
+        assert shown("a") == {"livesum": 3, "livemin": 3, "max": 3, "all:False": 3}
+        assert shown("b") == {
+            "livesum": 12, "livemin": 5, "max": 7, "all:True": 5, "all:False": 7, "mostrecent": 7
+        }  # fmt: skip
+        tell(1, "set a 4")
+        assert shown("a")["mostrecent"] == 4
+        tell(1, "remove a")  # now no worker has it
+        assert shown("a") == {}
+        assert len(shown("b")) == 6
+        tell(0, "set a 2")  # added again
+        assert shown("a") == {"livesum": 2, "livemin": 2, "max": 2, "all:True": 2, "mostrecent": 2}
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                assert worker.stdin is not None
+                worker.stdin.write("exit\n")
+                worker.stdin.flush()
+                worker.wait(30)
 
 
 def test_a_fork_after_metrics_exist_fails_loudly(tmp_path: Path) -> None:

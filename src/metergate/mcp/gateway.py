@@ -62,6 +62,7 @@ from metergate.mcp.metrics import (
 from metergate.mcp.middleware import MetricsMiddleware, replace_sdk_spans
 from metergate.mcp.naming import split_name
 from metergate.mcp.upstream import Upstream, mcp_error
+from metergate.metering.multiprocess import remove_series
 
 if TYPE_CHECKING:
     from metergate.runtime import Runtime
@@ -215,7 +216,7 @@ class McpGateway:
             if name not in kept:
                 await upstream.close()
                 if name not in config.servers:
-                    self.client_metrics.up.remove(name)
+                    remove_series(self.client_metrics.up, name)
         self.config = config
         self.upstreams = {
             name: kept.get(name) or self._upstream(name, config) for name in config.servers

@@ -23,12 +23,13 @@ writes per request) skip it.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Collection
 from typing import Any
 
-from prometheus_client import values
+from prometheus_client import Gauge, values
 from prometheus_client.mmap_dict import mmap_key
 
 from metergate.metering.mmapfile import WritableFile
@@ -49,6 +50,15 @@ class _Forked:
             f"process {os.getpid()} writes a metric into {self.path}, which belongs to the "
             "process it was forked from: start processes with 'spawn' once metrics exist"
         )
+
+
+def remove_series(gauge: Gauge, *labelvalues: str) -> None:
+    """`gauge.remove(*labelvalues)`, also in a worker's file: prometheus_client's files
+    cannot delete a series, so without this it would keep its last value in /metrics
+    until the worker restarts. The value is set to NaN first, which the merged /metrics
+    (`multiprocess_exposition`) reads as removed; in one process `remove` is enough."""
+    gauge.labels(*labelvalues).set(math.nan)
+    gauge.remove(*labelvalues)
 
 
 def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[..., Any]:
@@ -98,8 +108,10 @@ def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[...
             with lock:  # the files and their growth are shared with the locked values
                 self._file = file_of(kind)
                 self._index = self._file.index(key)
-                # An existing entry (a restarted worker that got the same pid) carries on.
-                self._value: float = self._file.doubles[self._index]
+                # An existing entry (a restarted worker that got the same pid) carries on;
+                # one marked removed (`remove_series`) starts again from 0.
+                value = self._file.doubles[self._index]
+                self._value: float = 0.0 if value != value else value
 
         def inc(self, amount: float) -> None:
             self._value += amount

@@ -17,7 +17,9 @@ The result is what `MultiProcessCollector` + `generate_latest` say
 (tests/test_multiprocess.py compares every sample on files written by real processes):
 counters, histograms and summaries summed over every file, a dead worker's included (so
 counters never go backwards); gauges by their multiprocess_mode, where the `live*` modes
-count only processes still running. prometheus_client leaves liveness to
+count only processes still running, and a gauge series a process removed (its value a
+NaN, `multiprocess.remove_series`) is shown only while another process that counts
+still has it. prometheus_client leaves liveness to
 `mark_process_dead` deleting a dead process's `live*` files, which nothing calls when a
 uvicorn worker dies; so liveness is decided here by the pid in the file name.
 """
@@ -129,10 +131,24 @@ class _Group:
         fill = _FILL[self.combine]
         combine = _COMBINE[self.combine]
         totals: Sequence[float] | None = None
-        for source in active:
+        removed: dict[int, set[int]] = {}  # source -> slots it marked removed
+        for number, source in enumerate(active):
             values = source.aligned(size, fill)
+            total = sum(values)  # (in C: a NaN anywhere makes it NaN)
+            if total != total and self.typ == "gauge":
+                removed[number] = {slot for slot, value in enumerate(values) if value != value}
+                values = tuple(fill if value != value else value for value in values)
             totals = values if totals is None else list(map(combine, totals, values))
         self.totals = totals if totals is not None else ()
+        present = self.listed
+        if removed:  # shown while any process that counts still has it
+            kept = set().union(
+                *(set(s.slots) - removed.get(n, set()) for n, s in enumerate(active))
+            )
+            present = self.listed & kept
+        if present is not self.present and present != self.present:
+            self.present = present
+            changed = True
         return changed
 
     def _most_recent(self, active: list[_Source], size: int) -> None:
@@ -146,7 +162,10 @@ class _Group:
                 if stamp > stamps[slot]:
                     totals[slot], stamps[slot] = doubles[index], stamp
         self.totals = totals
-        self.present = {slot for slot in self.listed if stamps[slot] > 0}
+        # Never set (timestamp 0), or removed last (a NaN): not shown.
+        self.present = {
+            slot for slot in self.listed if stamps[slot] > 0 and totals[slot] == totals[slot]
+        }
 
 
 class _Source:
