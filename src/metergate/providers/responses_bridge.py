@@ -290,13 +290,10 @@ class StreamTranslator:
         self.done = True
         if response.get("usage"):
             self.state.usage = responses_usage(response["usage"])
-        for item in response.get("output") or []:  # results not announced one by one
-            if (
-                isinstance(item, dict)
-                and item.get("type") == "search_results"
-                and not self.output.results
-            ):
-                self.output.item(item)
+        if not self.output.results:  # not announced item by item: read from the response
+            for item in response.get("output") or []:
+                if isinstance(item, dict) and item.get("type") == "search_results":
+                    self.output.item(item)
         reason = finish_reason(response, bool(self.calls))
         self.state.finish_reason = reason
         choice = {"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}
