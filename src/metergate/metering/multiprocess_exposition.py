@@ -131,11 +131,12 @@ class _Group:
         fill = _FILL[self.combine]
         combine = _COMBINE[self.combine]
         totals: Sequence[float] | None = None
+        gauge = self.typ == "gauge"  # (only gauges are removed: counters never go away)
         removed: dict[int, set[int]] = {}  # source -> slots it marked removed
         for number, source in enumerate(active):
             values = source.aligned(size, fill)
-            total = sum(values)  # (in C: a NaN anywhere makes it NaN)
-            if total != total and self.typ == "gauge":
+            total = sum(values) if gauge else 0.0  # (in C: a NaN anywhere makes it NaN)
+            if total != total:
                 removed[number] = {slot for slot, value in enumerate(values) if value != value}
                 values = tuple(fill if value != value else value for value in values)
             totals = values if totals is None else list(map(combine, totals, values))
