@@ -236,6 +236,28 @@ def test_mid_stream_error(
     assert (row["outcome"], row["stream"]) == ("upstream_error", 1)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bedrock_answer_without_usage_is_billed_what_it_answered(
+    gateway: Gateway, stream: bool
+) -> None:
+    """No usage in the Converse answer (or the stream's metadata): `usage: null` to the
+    caller, and billed one token per byte of the text, not $0."""
+    client = gateway.client()
+    ask_for = ask("Tell me. TRIGGER:nousage")
+    if stream:
+        chunks = list(
+            client.chat.completions.create(model="bedrock", messages=ask_for, stream=True)
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        answer = client.chat.completions.create(model="bedrock", messages=ask_for)
+        assert answer.usage is None
+        text = answer.choices[0].message.content or ""
+    row = ledger_row(gateway, f"stream = {int(stream)}")
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 1)
+    assert row["output_tokens"] == len(text.encode()) > 0 and row["cost_nano"] > 0
+
+
 def test_wrong_provider_credentials_are_a_502(
     gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud, tmp_path: Path
 ) -> None:

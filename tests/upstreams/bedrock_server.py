@@ -25,7 +25,9 @@ answers that many next requests with ThrottlingException. `TRIGGER:cached` in th
 prompt reports 1024 cache-read and 256 cache-write tokens. With tools (and the last turn
 not answering tool uses) the answer is "Let me check." plus tool uses of the forced (else
 first) tool with `{"location": "Paris"}` and `{"location": "Tokyo"}`; otherwise `ANSWER`
-cut by `stopSequences` or after `maxTokens` words.
+cut by `stopSequences` or after `maxTokens` words. `TRIGGER:nousage` leaves the usage out
+of the answer (streamed: the metadata event carries none), as a gateway in front of
+Bedrock might.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def create_app(state: State | None = None) -> web.Application:
         if word in _ERRORS:
             return _error(*_ERRORS[word])
         answer = _answer(body, len(app[RECORDER].requests))
+        if word == "nousage":
+            answer["usage"] = None
         if operation == "converse":
             return web.json_response(answer)
         return await _stream(request, answer, word)

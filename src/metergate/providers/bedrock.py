@@ -206,8 +206,8 @@ class _StreamTranslator:
             self.stopped = True
             reason = self.state.finish_reason = finish_reason(data.get("stopReason"))
             return self.writer.delta({}, reason)
-        elif event == "metadata":
-            self.state.usage = usage_of(data.get("usage"))
+        elif event == "metadata" and data.get("usage"):  # none: unknown, the text is billed
+            self.state.usage = usage_of(data["usage"])
         return b""
 
     def _delta(self, index: int, delta: dict[str, Any]) -> bytes:
