@@ -261,13 +261,14 @@ def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None
 # A worker whose gauge series come and go (an MCP server a reload adds, then removes).
 SETTER = textwrap.dedent(
     """
-    import sys
+    import sys, warnings
     import metergate.metering.metrics  # installs the value class
     from prometheus_client import CollectorRegistry, Gauge
     from metergate.metering.multiprocess import remove_series
     r = CollectorRegistry()
     gauges = [Gauge("t_up_" + mode, "Up.", ["server"], multiprocess_mode=mode, registry=r)
               for mode in sys.argv[1].split(",")]
+    warnings.simplefilter("error")  # prometheus_client's "not implemented" warning: none
     for line in sys.stdin:
         command, *args = line.split()
         if command == "exit":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -58,7 +59,9 @@ def remove_series(gauge: Gauge, *labelvalues: str) -> None:
     until the worker restarts. The value is set to NaN first, which the merged /metrics
     (`multiprocess_exposition`) reads as removed; in one process `remove` is enough."""
     gauge.labels(*labelvalues).set(math.nan)
-    gauge.remove(*labelvalues)
+    with warnings.catch_warnings():  # "not implemented in multi-process mode": it is, here
+        warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
+        gauge.remove(*labelvalues)
 
 
 def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[..., Any]:
