@@ -246,9 +246,15 @@ def test_a_bedrock_answer_without_usage_is_billed_what_it_answered(
     ask_for = ask("Tell me. TRIGGER:nousage")
     if stream:
         chunks = list(
-            client.chat.completions.create(model="bedrock", messages=ask_for, stream=True)
+            client.chat.completions.create(
+                model="bedrock",
+                messages=ask_for,
+                stream=True,
+                stream_options={"include_usage": True},  # none to give: no zeros either
+            )
         )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert all(chunk.usage is None for chunk in chunks)
     else:
         answer = client.chat.completions.create(model="bedrock", messages=ask_for)
         assert answer.usage is None

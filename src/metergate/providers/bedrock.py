@@ -222,7 +222,7 @@ class _StreamTranslator:
     def finish(self) -> bytes:
         if not self.stopped:
             raise UpstreamProtocolError("the upstream stream ended before messageStop")
-        return self.writer.end(self.state.usage or Usage(), self.call.include_usage)
+        return self.writer.end(self.state.usage, self.call.include_usage)
 
 
 def _stream_failure(kind: str, payload: bytes) -> UpstreamFailure:

@@ -271,11 +271,12 @@ class ChunkWriter:
         )
 
     def end(self, usage: Usage | None, include_usage: bool) -> bytes:
-        """The usage chunk (only when the caller asked for it) and the closing `[DONE]`."""
-        if not include_usage:
+        """The usage chunk (when the caller asked for it and the provider reported usage:
+        none is sent rather than zeros, as from an OpenAI server that sends none) and the
+        closing `[DONE]`."""
+        if not include_usage or usage is None:
             return DONE
-        totals = (usage or Usage()).to_openai()
-        return chunk_event({**self.base, "choices": [], "usage": totals}) + DONE
+        return chunk_event({**self.base, "choices": [], "usage": usage.to_openai()}) + DONE
 
 
 class EventTranslator(Protocol):
