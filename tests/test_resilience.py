@@ -8,6 +8,7 @@ ledger), backoff timing, fallbacks, circuit state, attempt metrics and the ledge
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import logging
 import time
@@ -194,6 +195,36 @@ def test_long_retry_after_is_not_waited_for_and_spends_no_budget(gateway_factory
     assert budget.tokens == pytest.approx(budget.capacity)  # no retry made, none paid for
     row = last_row(gateway)
     assert (row["outcome"], row["status"], row["attempts"]) == ("rate_limited", 429, 1)
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "1e400", "nan", "soon"])
+def test_a_retry_after_that_is_no_number_is_no_advice(gateway_factory, fault_server, retry_after):
+    """A 429 whose Retry-After is not a finite wait: backed off as without one, and the
+    caller gets a 429 with a ledger row (an infinite wait once answered a 500, unmetered)."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.rate_limited(retry_after))
+    gateway = gateway_factory(config(server.url))
+    with pytest.raises(openai.RateLimitError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 429
+    assert "retry-after" not in raised.value.response.headers
+    assert server.plan.requests == 3  # retried with backoff, not given up on
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("rate_limited", 429, 3)
+    assert gateway.metric("metergate_requests_total", outcome="rate_limited") == 1
+
+
+def test_retry_after_as_an_http_date_is_honoured(gateway_factory, fault_server):
+    """Retry-After in its other form, an HTTP-date, is a wait too: too long here, so the
+    caller gets the 429 at once with the wait in seconds."""
+    server = fault_server("p")
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    server.plan.fail_until_cleared(Fault.rate_limited(when))
+    gateway = gateway_factory(config(server.url, retry={"max_retry_after": 5}))
+    with pytest.raises(openai.RateLimitError) as raised:
+        create(gateway)
+    assert server.plan.requests == 1
+    assert 100 <= int(raised.value.response.headers["retry-after"]) <= 121
 
 
 def test_dropped_connection_is_retried(gateway_factory, fault_server):

@@ -7,6 +7,9 @@ httpx was far slower still. Headers are encoded once per provider.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
+import math
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -221,13 +224,30 @@ def error_message(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip()
 
 
+MAX_RETRY_AFTER = 86_400.0  # a day: longer is no wait anyone means, and is not relayed
+
+
 def parse_retry_after(value: bytes | None) -> float | None:
+    """Seconds to wait, from delay-seconds or an HTTP-date (RFC 9110 10.2.3).
+
+    Not a finite number or a date (`inf`, `1e400`, garbage): no advice. Capped at a day,
+    so what is relayed to the caller stays a number a client can sleep on."""
     if not value:
         return None
+    text = value.decode("latin-1").strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(text)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # an HTTP-date is GMT; a zone-less one is read as such
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    if not math.isfinite(seconds):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 class HttpAdapter(Adapter):
