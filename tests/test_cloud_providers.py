@@ -264,6 +264,20 @@ def test_a_bedrock_answer_without_usage_is_billed_what_it_answered(
     assert row["output_tokens"] == len(text.encode()) > 0 and row["cost_nano"] > 0
 
 
+def test_a_bedrock_model_failure_is_an_upstream_error_not_the_callers(gateway: Gateway) -> None:
+    """HTTP 424 ModelErrorException: the model failed on a valid request. A 502 the
+    caller may retry (and the gateway does), not a 400 telling it its request is wrong."""
+    with pytest.raises(openai.InternalServerError) as raised:
+        gateway.client().chat.completions.create(
+            model="bedrock", messages=ask("TRIGGER:model_error")
+        )
+    assert raised.value.status_code == 502
+    assert "ModelErrorException" in raised.value.message
+    assert "failed to process" in raised.value.message
+    row = ledger_row(gateway, "1=1")
+    assert (row["status"], row["outcome"]) == (502, "upstream_error")
+
+
 def test_wrong_provider_credentials_are_a_502(
     gateway_factory: Callable[..., Gateway], clouds: Clouds, provider: Cloud, tmp_path: Path
 ) -> None:

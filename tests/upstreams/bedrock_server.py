@@ -19,7 +19,8 @@ model id -> 400 `ValidationException`.
 
 Behaviour by `TRIGGER:<word>` in the last user turn's text (see `tests.upstreams`):
 `overloaded` -> 503 ServiceUnavailableException; `rate_limit` -> 429
-ThrottlingException; `invalid` -> 400 ValidationException; `stream_error` (a few events,
+ThrottlingException; `invalid` -> 400 ValidationException; `model_error` -> 424
+ModelErrorException; `stream_error` (a few events,
 then a `modelStreamErrorException` frame), `stream_cut`, `stream_abort`. `state.throttle`
 answers that many next requests with ThrottlingException. `TRIGGER:cached` in the system
 prompt reports 1024 cache-read and 256 cache-write tokens. With tools (and the last turn
@@ -75,6 +76,7 @@ _ERRORS = {
     "overloaded": (503, "ServiceUnavailableException", "The service is unavailable."),
     "rate_limit": (429, "ThrottlingException", "Too many requests, please wait."),
     "invalid": (400, "ValidationException", "The trigger asked for a 400."),
+    "model_error": (424, "ModelErrorException", "The model failed to process the request."),
 }
 
 

@@ -10,7 +10,8 @@ callers and operators may notice:
   A profile id is priced as the model it routes to (`metering.pricing`).
 * Throttling (`ThrottlingException`, `ServiceQuotaExceededException`, a model not ready)
   is a 429 `rate_limited`, retried with backoff or moved to another deployment like any
-  upstream rate limit; `ModelTimeoutException` is a timeout.
+  upstream rate limit; `ModelTimeoutException` is a timeout; a model that failed
+  (`ModelErrorException`, HTTP 424) is an upstream error, retried and fallen back from.
 * Embeddings: Titan (`amazon.titan-embed-*`, one text per InvokeModel call, sent
   concurrently) and Cohere (`cohere.embed-*`, one call) with their own token counts.
 """
@@ -62,6 +63,8 @@ _THROTTLED = frozenset(
         "TooManyRequestsException",
     }
 )
+# HTTP 424: the model failed while serving a valid request (not the caller's 400).
+_MODEL_FAILED = frozenset({"ModelErrorException", "ModelStreamErrorException"})
 
 
 class BedrockAdapter(HttpAdapter):
@@ -255,6 +258,10 @@ class _BedrockTransport(HttpTransport):
             )
         if kind == "ModelTimeoutException" or status == 408:
             return UpstreamTimeout(f"the model timed out ({kind}): {message}")
+        if kind in _MODEL_FAILED or status == 424:  # the model failed, not the request
+            return UpstreamServerError(
+                f"the model failed ({kind or status}): {message}", upstream_status=status
+            )
         return super().failure_from_response(status, headers, body)
 
     async def post_for_headers(
