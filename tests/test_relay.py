@@ -90,3 +90,16 @@ def test_sse_events_decode_by_their_fields() -> None:
         Event("ping", b"{}", b"event: ping\ndata: {}\n\n"),
         Event("", b"a\nb", b"data: a\ndata: b\n\n"),
     ]
+
+
+def test_a_crlf_split_between_two_reads_is_one_line_end() -> None:
+    """`event: x\r` in one read and `\ndata: ...` in the next is one event with its
+    name and data, not a name-only event followed by a nameless one."""
+    stream = b"event: message_start\r\ndata: {}\r\n\r\nevent: ping\r\ndata: 1\r\n\r\n"
+    for cut in range(len(stream) + 1):  # every place a read can end
+        decoder = SSEDecoder()
+        found = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert found == [
+            Event("message_start", b"{}", b"event: message_start\ndata: {}\n\n"),
+            Event("ping", b"1", b"event: ping\ndata: 1\n\n"),
+        ], cut

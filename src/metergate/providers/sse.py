@@ -22,13 +22,19 @@ class Event:
 class SSEDecoder:
     """Incremental decoder: feed it chunks as they arrive, get back complete events."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_after_cr", "_buffer")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._after_cr = False  # the last read ended with \r: a \n opening the next ends it
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if self._after_cr:  # a CRLF split between two reads is one line end, not two
+            self._after_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
         if chunk.find(b"\r") >= 0:  # not `in`: it formats and drops a TypeError per call
+            self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk
         blocks = buffer.split(b"\n\n")
