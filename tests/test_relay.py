@@ -93,7 +93,7 @@ def test_sse_events_decode_by_their_fields() -> None:
 
 
 def test_a_crlf_split_between_two_reads_is_one_line_end() -> None:
-    """`event: x\r` in one read and `\ndata: ...` in the next is one event with its
+    r"""`event: x\r` in one read and `\ndata: ...` in the next is one event with its
     name and data, not a name-only event followed by a nameless one."""
     stream = b"event: message_start\r\ndata: {}\r\n\r\nevent: ping\r\ndata: 1\r\n\r\n"
     for cut in range(len(stream) + 1):  # every place a read can end
