@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,13 +164,47 @@ def test_a_connection_that_says_nothing_is_closed(gateway: tuple[GatewayProcess,
         assert answer(sock).startswith(b"HTTP/1.1 408 ")
 
 
+def ledger_row(process: GatewayProcess, request_id: str) -> tuple[str, int]:
+    """(outcome, status) of the request's ledger row, once the ledger has written it."""
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(process.log_path.parent / "ledger.db")) as db:
+            found = db.execute(
+                "SELECT outcome, status FROM requests WHERE request_id = ?", (request_id,)
+            ).fetchall()
+        if found:
+            assert len(found) == 1
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
 def test_a_body_that_never_finishes_gets_a_408(gateway: tuple[GatewayProcess, str]) -> None:
+    """And the ledger says 408, what the caller got, not that the caller left."""
     process, key = gateway
     with connection(process) as sock:
-        sock.sendall(chat_request(key, 1000, b'{"model": "sim", '))
+        sock.sendall(chat_request(key, 1000, b'{"model": "sim", ', "X-Request-Id: slow-body"))
         reply = answer(sock)
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert b"server.body_timeout_seconds" in reply
+    assert ledger_row(process, "slow-body") == ("invalid_request", 408)
+
+
+@pytest.mark.parametrize("expect", [True, False])
+def test_a_body_announced_too_large_is_refused_before_it_is_sent(
+    gateway: tuple[GatewayProcess, str], expect: bool
+) -> None:
+    """Content-Length over server.max_body_bytes: a 413 at once, without `100 Continue`
+    inviting the upload (curl asks for it on large bodies) or a wait for bytes that
+    would only be thrown away; the connection closes, its body unread."""
+    process, key = gateway
+    headers = ["Expect: 100-continue"] if expect else []
+    with connection(process) as sock:
+        sock.sendall(chat_request(key, 100 << 20, b"", *headers, f"X-Request-Id: big-{expect}"))
+        reply = answer(sock)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b"server.max_body_bytes" in reply and b"connection: close" in reply.lower()
+    assert ledger_row(process, f"big-{expect}") == ("invalid_request", 413)
 
 
 def test_a_body_sent_in_pieces_in_time_is_served(gateway: tuple[GatewayProcess, str]) -> None:

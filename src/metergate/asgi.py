@@ -34,6 +34,10 @@ MAX_JSON_DEPTH = 100  # the default of server.max_json_depth
 # complete, so a handler waiting on an upstream learns of it at once and without a task
 # of its own. Under another ASGI server nobody calls it; `receive()` still tells.
 ON_DEPARTURE = "metergate.on_departure"
+# Scope key: (status, message, code) of the answer the gateway's HTTP protocol sent itself
+# when it cut a request short (a body that did not arrive in time), so the handler records
+# that answer instead of a caller that left.
+REFUSAL = "metergate.refusal"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -68,21 +72,25 @@ class Request:
         self.id = caller_id.decode("latin-1")[:128] if caller_id else next(_request_ids)
 
     async def body(self, limit: int) -> bytes:
+        declared = self.headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            # Refused before a byte of it is read (and before `100 Continue` invites it);
+            # the connection closes, since the body it announced will not be read.
+            raise _too_large(limit, [(b"connection", b"close")])
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
+                refusal = self.scope.get(REFUSAL)
+                if refusal is not None:
+                    status, text, code = refusal
+                    raise InvalidRequest(text, status=status, code=code)
                 raise ClientGone("client closed the request")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise InvalidRequest(
-                    f"request body is larger than the gateway's limit of {limit} bytes; "
-                    "send a smaller request or raise server.max_body_bytes",
-                    status=413,
-                    code="request_too_large",
-                )
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body"):
                 self.body_size = size
@@ -123,6 +131,16 @@ class Request:
                 code="unsupported_content_encoding",
             ) from None
         raise InvalidRequest(f"request body is not valid JSON: {reason}", code="invalid_json")
+
+
+def _too_large(limit: int, headers: list[tuple[bytes, bytes]] | None = None) -> InvalidRequest:
+    return InvalidRequest(
+        f"request body is larger than the gateway's limit of {limit} bytes; "
+        "send a smaller request or raise server.max_body_bytes",
+        status=413,
+        code="request_too_large",
+        headers=headers,
+    )
 
 
 def _surrogates_replaced(value: Any) -> Any:

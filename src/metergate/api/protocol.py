@@ -42,7 +42,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from metergate.api.cycle import Cycle
-from metergate.asgi import ON_DEPARTURE
+from metergate.asgi import ON_DEPARTURE, REFUSAL
 from metergate.config.model import ServerConfig
 from metergate.errors import error_body
 
@@ -312,6 +312,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             speak = cycle is not None and not cycle.response_started
         if cycle is not None and not cycle.response_complete:
+            if speak:  # its handler records this answer, not a caller that left
+                cycle.scope[REFUSAL] = (status, message, code)
             cycle.disconnected = True
             cycle.message_event.set()
             _tell_departed(cycle)
