@@ -305,7 +305,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer `status` unless this request has been answered (or a pipelined one
         before it is being answered), and close the connection; the request's handler,
-        if one runs, sees its client gone."""
+        if one runs, sees its client gone (and the answer sent, `asgi.REFUSAL`)."""
         cycle = self.cycle
         if self._phase == _HEADERS:  # `cycle` is a previous request's, if any
             speak = cycle is None or cycle.response_complete
@@ -313,7 +313,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             speak = cycle is not None and not cycle.response_started
         if cycle is not None and not cycle.response_complete:
             if speak:  # its handler records this answer, not a caller that left
-                cycle.scope[REFUSAL] = (status, message, code)
+                scope: Any = cycle.scope  # (uvicorn types it as its own TypedDict)
+                scope[REFUSAL] = (status, message, code)
             cycle.disconnected = True
             cycle.message_event.set()
             _tell_departed(cycle)
