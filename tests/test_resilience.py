@@ -313,6 +313,46 @@ def test_malformed_json_is_an_upstream_error(gateway_factory, fault_server):
     assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_error", 502, 2)
 
 
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'{"error": {"message": "engine overloaded"}}', "engine overloaded"),
+        (b'{"id": "x", "usage": {"prompt_tokens": 3}}', "without `choices`"),
+    ],
+)
+def test_a_200_that_is_no_completion_is_the_upstreams_fault_on_every_door(
+    gateway_factory, fault_server, body, said
+):
+    """A 200 whose JSON is not a chat completion (an error object, a list, no choices):
+    not relayed as a success, nor a 500 of the gateway on the doors that translate it,
+    but a 502 held against the upstream, after its retries."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.answered(body))
+    circuit = {"enabled": False}  # eight failures in a row: all four doors must get there
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 1}, circuit=circuit))
+    with pytest.raises(openai.APIStatusError) as chat:
+        create(gateway)
+    with pytest.raises(openai.APIStatusError) as legacy:
+        gateway.client().completions.create(model="primary", prompt="hi")
+    with pytest.raises(openai.APIStatusError) as responses:
+        gateway.client().responses.create(model="primary", input="hi")
+    claude = anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+    with pytest.raises(anthropic.APIStatusError) as messages:
+        claude.messages.create(model="primary", max_tokens=50, messages=ASK)
+    for raised in (chat, legacy, responses, messages):
+        assert raised.value.status_code == 502
+        assert said in raised.value.message
+    rows = gateway.ledger_rows()
+    assert [(r["api"], r["outcome"], r["status"], r["attempts"]) for r in rows] == [
+        (api, "upstream_error", 502, 2) for api in ("chat", "completions", "responses", "messages")
+    ]
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 8
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="gateway_error") == 0
+
+
 # --- failures that must not be retried ----------------------------------------------------
 
 

@@ -11,8 +11,9 @@ Faults: `error` (any status, OpenAI error body), `rate_limited` (429 + Retry-Aft
 `drop` (close the connection without answering), `reset` (headers and part of the body,
 then abort the connection), `hang` (nothing, not even headers, for a while), `stall`
 (a few SSE chunks, or part of a JSON body, then silence), `malformed` (200 with broken
-JSON), `cut` (some SSE chunks, then a clean end without `[DONE]`), `garbage` (a stream
-with an event that is not JSON), `unstreamed` (a whole answer to a streamed request).
+JSON), `answered` (200 with a given body), `cut` (some SSE chunks, then a clean end
+without `[DONE]`), `garbage` (a stream with an event that is not JSON), `unstreamed` (a
+whole answer to a streamed request).
 Anything else gets a healthy answer with usage. The plan records every request's
 arrival time and body.
 """
@@ -47,6 +48,7 @@ class Fault:
     retry_after: str | None = None
     seconds: float = 0.0  # hang / stall duration
     after: int = 0  # stall / cut / reset (streams): SSE events sent first
+    body: bytes = b""  # what `answered` sends
 
     @classmethod
     def healthy(cls) -> Fault:
@@ -79,6 +81,11 @@ class Fault:
     @classmethod
     def malformed(cls) -> Fault:
         return cls("malformed")
+
+    @classmethod
+    def answered(cls, body: bytes) -> Fault:
+        """A 200 with this JSON body, whatever was asked (an answer that is none)."""
+        return cls("answered", body=body)
 
     @classmethod
     def cut(cls, after: int = 3) -> Fault:
@@ -260,6 +267,8 @@ def create_app(plan: FaultPlan, name: str) -> web.Application:
             request.transport.close()
             request[_DROPPED] = True
             raise asyncio.CancelledError  # nothing more to send on a closed connection
+        if fault.kind == "answered":
+            return web.Response(body=fault.body, status=200, content_type="application/json")
         if fault.kind == "malformed":
             return web.Response(
                 body=b'{"id": "chatcmpl-broken", "choices": [',

@@ -37,7 +37,7 @@ from metergate.providers.anthropic_translate import (
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import Event
-from metergate.providers.translation import ChunkWriter, load_json, relay
+from metergate.providers.translation import ChunkWriter, load_answer, load_json, relay
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -61,7 +61,7 @@ class AnthropicAdapter(HttpAdapter):
         answer = await self.transport.post(
             self.url, to_messages_request(call.body, call.model), call.timeouts, call.extra_headers
         )
-        return from_message(load_json(answer, "Messages API answer"), call.model)
+        return from_message(load_answer(answer, "Messages API answer", "content"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:

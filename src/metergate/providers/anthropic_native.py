@@ -19,7 +19,7 @@ from metergate.providers.anthropic_translate import usage_of
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpTransport, error_message
 from metergate.providers.sse import Event
-from metergate.providers.translation import load_json, relay
+from metergate.providers.translation import load_answer, load_json, relay
 
 FORWARDED_HEADERS = ("anthropic-beta",)  # the caller's, sent upstream as they came
 
@@ -42,7 +42,7 @@ def payload(call: UpstreamCall) -> dict[str, Any]:
 async def message(transport: HttpTransport, url: str, call: UpstreamCall) -> Completion:
     assert call.native is not None
     answer = await transport.post(url, payload(call), call.timeouts, own_headers(call))
-    usage = load_json(answer, "Messages API answer").get("usage")
+    usage = load_answer(answer, "Messages API answer", "content").get("usage")
     return Completion(answer, usage_of(usage), reported=bool(usage))
 
 

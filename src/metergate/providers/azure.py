@@ -89,7 +89,7 @@ class AzureOpenAIAdapter(HttpAdapter):
         body = await self.transport.post(
             url, {**call.body, "model": deployment}, call.timeouts, await self._auth(call)
         )
-        return completion_of(body)
+        return completion_of(body, "data")
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url, deployment = self.target(call.model, "chat/completions")

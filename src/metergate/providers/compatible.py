@@ -32,7 +32,7 @@ from metergate.errors import UpstreamProtocolError
 from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage
 from metergate.providers.openai import OpenAIAdapter, _PassThrough
 from metergate.providers.sse import DONE, Event, chunk_event
-from metergate.providers.translation import load_json, relay
+from metergate.providers.translation import load_answer, load_json, relay
 
 _NO_STREAM_OPTIONS = frozenset({"mistral"})
 _MAX_TOKENS_ONLY = frozenset({"mistral"})
@@ -60,7 +60,7 @@ class PresetAdapter(OpenAIAdapter):
         answer = await self.transport.post(
             self.chat_url, self.payload(call, False), call.timeouts, call.extra_headers
         )
-        data = load_json(answer, "chat completion")
+        data = load_answer(answer, "chat completion", "choices")
         usage, fixed = normalized(data.get("usage"))
         if fixed is not None:
             answer = orjson.dumps({**data, "usage": fixed})

@@ -26,7 +26,7 @@ from metergate.providers.base import (
 )
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.sse import DONE, Event, event_object
-from metergate.providers.translation import relay
+from metergate.providers.translation import load_answer, relay
 
 
 class OpenAIAdapter(HttpAdapter):
@@ -59,7 +59,7 @@ class OpenAIAdapter(HttpAdapter):
             call.timeouts,
             call.extra_headers,
         )
-        return completion_of(body)
+        return completion_of(body, "data")
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:
@@ -143,11 +143,15 @@ class _PassThrough:
         return b""
 
 
-def completion_of(body: bytes) -> Completion:
-    """An OpenAI-format answer and its usage (some compatible servers send none)."""
+def completion_of(body: bytes, field: str = "choices") -> Completion:
+    """An OpenAI-format answer (`choices`, or an embeddings answer's `data`) and its usage
+    (some compatible servers send none)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise UpstreamProtocolError("the upstream answered with malformed JSON") from exc
-    usage = data.get("usage") if isinstance(data, dict) else None
+    if type(data) is not dict or type(data.get(field)) is not list:
+        what = "chat completion" if field == "choices" else "embeddings answer"
+        load_answer(body, what, field)  # raises, saying what came instead
+    usage = data.get("usage")
     return Completion(body, Usage.from_openai(usage), reported=bool(usage))

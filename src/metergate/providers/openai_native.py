@@ -19,7 +19,7 @@ from metergate.errors import UpstreamProtocolError, UpstreamServerError
 from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage, token_count
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import Event
-from metergate.providers.translation import EventTranslator, load_json, relay
+from metergate.providers.translation import EventTranslator, load_answer, load_json, relay
 
 # The events that end a Responses stream, and those of them that mean it failed.
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
@@ -62,7 +62,8 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
         call.timeouts,
         call.extra_headers,
     )
-    data = load_json(body, f"{native.protocol} answer")
+    answer_field = "output" if native.protocol == "responses" else "choices"
+    data = load_answer(body, f"{native.protocol} answer", answer_field)
     usage = data.get("usage")
     reported = bool(usage)  # some compatible servers send none: the gateway estimates
     if native.protocol == "responses":

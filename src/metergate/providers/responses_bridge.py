@@ -44,7 +44,13 @@ from metergate.providers.openai import OpenAIAdapter
 from metergate.providers.openai_native import responses_usage
 from metergate.providers.responses_request import to_responses_request
 from metergate.providers.sse import Event, chunk_event
-from metergate.providers.translation import ChunkWriter, assistant_message, load_json, relay
+from metergate.providers.translation import (
+    ChunkWriter,
+    assistant_message,
+    load_answer,
+    load_json,
+    relay,
+)
 
 _NOT_PERPLEXITY = (
     "temperature",
@@ -87,7 +93,7 @@ class ResponsesBridgeAdapter(OpenAIAdapter):
         answer = await self.transport.post(
             self.responses_url, request, call.timeouts, call.extra_headers
         )
-        return from_response(load_json(answer, "Responses answer"), call.model)
+        return from_response(load_answer(answer, "Responses answer", "output"), call.model)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:

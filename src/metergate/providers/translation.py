@@ -205,7 +205,24 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise UpstreamProtocolError(f"the upstream sent a malformed {what}")
+        raise UpstreamProtocolError(f"the upstream sent a malformed {what} (not a JSON object)")
+    return value
+
+
+def load_answer(data: bytes, what: str, field: str) -> dict[str, Any]:
+    """An upstream's whole answer, which must carry its `field` list (`choices`, `data`,
+    `output`, `content`): a 200 with anything else (an error object, a bare list, an empty
+    object) is no answer to relay, bill or translate, and fails the attempt as the
+    upstream's fault."""
+    value = load_json(data, what)
+    if type(value.get(field)) is not list:
+        error = value.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else error
+            raise UpstreamProtocolError(
+                f"the upstream answered 200 with an error instead of a {what}: {str(message)[:300]}"
+            )
+        raise UpstreamProtocolError(f"the upstream sent a {what} without `{field}`")
     return value
 
 

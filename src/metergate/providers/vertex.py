@@ -33,7 +33,13 @@ from metergate.providers.base import Completion, StreamState, UpstreamCall, Usag
 from metergate.providers.gcp_auth import GoogleToken
 from metergate.providers.gemini_translate import from_response, to_generate_request
 from metergate.providers.http import HttpAdapter
-from metergate.providers.translation import EventTranslator, invalid_request, load_json, relay
+from metergate.providers.translation import (
+    EventTranslator,
+    invalid_request,
+    load_answer,
+    load_json,
+    relay,
+)
 
 ANTHROPIC_VERSION = "vertex-2023-10-16"
 
@@ -76,7 +82,7 @@ class VertexAdapter(HttpAdapter):
             answer = await self.transport.post(
                 f"{path}:rawPredict", _claude_request(call), call.timeouts, auth
             )
-            return from_message(load_json(answer, "rawPredict answer"), call.model)
+            return from_message(load_answer(answer, "rawPredict answer", "content"), call.model)
         answer = await self.transport.post(
             f"{path}:generateContent", to_generate_request(call.body), call.timeouts, auth
         )
