@@ -466,8 +466,9 @@ def test_a_stream_whose_first_event_is_not_json_is_retried(gateway_factory, faul
 def test_an_event_that_is_not_json_mid_stream_is_the_upstreams_fault_on_every_door(
     gateway_factory, fault_server
 ):
-    """Messages and Responses read every event to translate it: one that is not JSON
-    ends the stream with the door's error event, held against the upstream."""
+    """Messages, Responses and legacy completions read every event to translate it: one
+    that is not JSON ends the stream with the door's error event, held against the
+    upstream (the chat door relays events unparsed, as the upstream sent them)."""
     server = fault_server("p")
     server.plan.fail_until_cleared(Fault.garbage(after=2))
     gateway = gateway_factory(config(server.url))
@@ -485,12 +486,16 @@ def test_an_event_that_is_not_json_mid_stream_is_the_upstreams_fault_on_every_do
     with gateway.client().responses.stream(model="primary", input="hi") as stream:
         kinds = [event.type for event in stream]
     assert kinds[-2:] == ["error", "response.failed"]
+    with pytest.raises(openai.APIError, match="not a JSON object"):
+        for _ in gateway.client().completions.create(model="primary", prompt="hi", stream=True):
+            pass
     rows = gateway.ledger_rows()
     assert [(r["api"], r["outcome"], r["status"]) for r in rows] == [
         ("messages", "upstream_error", 502),
         ("responses", "upstream_error", 502),
+        ("completions", "upstream_error", 502),
     ]
-    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 2
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 3
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="gateway_error") == 0
 
 

@@ -18,7 +18,7 @@ from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
 from metergate.providers.base import Completion, NativeRequest, StreamState
-from metergate.providers.sse import DONE, SSEDecoder, chunk_event
+from metergate.providers.sse import DONE, SSEDecoder, chunk_event, event_object
 from metergate.routing.router import Deployment
 from metergate.runtime import Plan
 
@@ -121,11 +121,12 @@ class _TextStream:
             if sse.data == b"[DONE]":
                 out += DONE
                 continue
-            data = orjson.loads(sse.data)
+            data = event_object(sse.data)  # not JSON: the upstream's fault, said so
             choices = [
                 _choice(c, (c.get("delta") or {}).get("content"))
                 for c in data.get("choices") or []
-                if (c.get("delta") or {}).get("content") or c.get("finish_reason")
+                if isinstance(c, dict)
+                and ((c.get("delta") or {}).get("content") or c.get("finish_reason"))
             ]
             if choices or data.get("usage"):
                 out += chunk_event({**_head(data), "choices": choices, "usage": data.get("usage")})
