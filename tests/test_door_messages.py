@@ -254,6 +254,11 @@ def test_count_tokens(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: 
     assert client.messages.count_tokens(model="gpt", messages=with_image).input_tokens == 1610
     with pytest.raises(anthropic.NotFoundError):
         client.messages.count_tokens(model="nope", messages=messages)
+    garbled = [{"role": "user", "content": "TRIGGER:garbled"}]
+    with pytest.raises(anthropic.APIStatusError) as raised:  # not the SDK's JSON error
+        client.messages.count_tokens(model="claude", messages=garbled)
+    assert raised.value.status_code == 502
+    assert "token count" in raised.value.message
     assert gateway.ledger_rows() == [], "counting is free, and not a model call"
 
 

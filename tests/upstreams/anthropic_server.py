@@ -41,7 +41,8 @@ in several `input_json_delta` fragments, and one event split across two writes.
 With `thinking` enabled the answer starts with a thinking block (`THOUGHT`, signed
 `SIGNATURE`; streamed as `thinking_delta` and `signature_delta`). Request content may hold
 documents, thinking and redacted thinking blocks, and `cache_control` anywhere.
-`count_tokens` answers the same `input_tokens` a message with that prompt would report.
+`count_tokens` answers the same `input_tokens` a message with that prompt would report
+(`TRIGGER:garbled` anywhere in the messages: a 200 of plain text instead).
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def create_app(api_key: str = API_KEY) -> web.Application:
         problem = _validate({**body, "max_tokens": 1}) if isinstance(body, dict) else "no JSON"
         if problem:
             return _error(400, "invalid_request_error", problem)
+        if "TRIGGER:garbled" in orjson.dumps(body["messages"]).decode():
+            return web.Response(text="not json", content_type="text/plain")
         return web.json_response({"input_tokens": _prompt_tokens(body)})
 
     app.router.add_post("/v1/messages", messages)

@@ -58,9 +58,15 @@ async def message_stream(
 
 
 async def count_tokens(transport: HttpTransport, url: str, call: UpstreamCall) -> bytes:
-    """The upstream's own count (`POST /v1/messages/count_tokens`), as it answered."""
+    """The upstream's own count (`POST /v1/messages/count_tokens`), as it answered, once
+    it is seen to be a count: anything else is the upstream's fault, not the caller's
+    JSON to fail to parse."""
     assert call.native is not None
-    return await transport.post(url, payload(call), call.timeouts, own_headers(call))
+    answer = await transport.post(url, payload(call), call.timeouts, own_headers(call))
+    counted = load_json(answer, "token count").get("input_tokens")
+    if type(counted) is not int or counted < 0:
+        raise UpstreamProtocolError("the upstream's token count has no `input_tokens` count")
+    return answer
 
 
 class _Relay:
