@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic
 import openai
 import orjson
 import pytest
@@ -197,6 +198,46 @@ def test_a_translated_answer_without_usage_is_billed_what_it_answered(gateway: G
     assert (
         response.usage.output_tokens == row["output_tokens"] == len(response.output_text.encode())
     )
+
+
+def test_a_door_stream_without_upstream_usage_reports_what_it_is_billed(
+    gateway_factory: Callable[..., Gateway], upstreams: dict[str, UpstreamServer]
+) -> None:
+    """A chat stream without usage from the upstream, translated into the Messages and
+    Responses doors (which build their own last events): those events carry the
+    estimate the ledger bills, as their whole answers do, not zeros or null."""
+    provider = {"type": "openai", "base_url": f"{upstreams['gpt'].url}/v1"}
+    gateway = gateway_factory(
+        {
+            "providers": {"chat-only": {**provider, "api_key": openai_server.API_KEY}},
+            "upstreams": {"gpt-up": {"provider": "chat-only", "model": "m", "price": PRICE}},
+            "models": {"gpt": {"upstreams": ["gpt-up"]}},
+        }
+    )
+    claude = anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+    with claude.messages.stream(
+        model="gpt",
+        max_tokens=200,
+        messages=[{"role": "user", "content": "Tell me. TRIGGER:nousage"}],
+        extra_headers={"x-request-id": "billing-messages-stream-nousage"},
+    ) as stream:
+        message = stream.get_final_message()
+    row = ledger_row(gateway, "billing-messages-stream-nousage")
+    assert (row["api"], row["outcome"], row["usage_estimated"]) == ("messages", "success", 1)
+    assert message.usage.output_tokens == row["output_tokens"] > 0
+    with gateway.client().responses.stream(
+        model="gpt",
+        input="Tell me. TRIGGER:nousage",
+        extra_headers={"x-request-id": "billing-responses-stream-nousage"},
+    ) as events:
+        response = events.get_final_response()
+    row = ledger_row(gateway, "billing-responses-stream-nousage")
+    assert (row["api"], row["outcome"], row["usage_estimated"]) == ("responses", "success", 1)
+    assert response.usage is not None
+    assert response.usage.output_tokens == row["output_tokens"] > 0
+    assert response.usage.input_tokens == row["input_tokens"] > 0
 
 
 @pytest.mark.parametrize("model", ["gpt", "claude"])

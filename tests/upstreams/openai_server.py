@@ -11,7 +11,7 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
-  TRIGGER:nousage                          a whole answer without `usage` (as some
+  TRIGGER:nousage                          an answer or stream without `usage` (as some
                                            compatible servers send)
   TRIGGER:cut_after_N / TRIGGER:stall_after_N  stream N content chunks of three words
                                            each (a provider may put several tokens in
@@ -202,7 +202,7 @@ async def _stream(
         if trigger == "cut":
             return response
         await event({}, "stop")
-        if include_usage:
+        if include_usage and trigger != "nousage":
             chunk = {
                 **base,
                 "object": "chat.completion.chunk",

@@ -236,6 +236,9 @@ class CompletionsHandler:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 waited = time.perf_counter()
             if outward is not None:
+                if state.usage is None:  # none from the upstream: the door reports the bill
+                    state.usage = estimate.stream_usage(body, None, relayed, complete=True)[0]
+                    log.usage_estimated = True
                 last = await outward.end()
         except asyncio.CancelledError as cancelled:
             error = cancelled
@@ -259,10 +262,8 @@ class CompletionsHandler:
             await chunks.aclose()  # type: ignore[attr-defined]
             dispatcher.stream_finished(deployment, error, log)
         # A stream that did not complete is billed at least what the caller received.
-        usage, log.usage_estimated = estimate.stream_usage(
-            body, state.usage, relayed, complete=error is None
-        )
-        log.usage = usage
+        usage, estimated = estimate.stream_usage(body, state.usage, relayed, error is None)
+        log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
 
