@@ -63,6 +63,8 @@ def test_create_retrieve_and_ledger(gateway: Gateway, model: str) -> None:
     response = raw.parse()
     assert response.object == "response" and response.status == "completed"
     assert response.id.startswith("resp_") and response.output_text
+    # Every field the SDK's type requires is there (the SDK's own parse lets some pass).
+    openai.types.responses.Response.model_validate(raw.http_response.json())
     if model in EXPECTED_TEXT:
         assert response.output_text == EXPECTED_TEXT[model]
     assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0

@@ -113,6 +113,42 @@ def test_streaming_usage_is_metered_either_way(gateway, caller_asks):
     assert gateway.metric("metergate_time_to_first_token_seconds_count", model="priced") >= 1
 
 
+@pytest.mark.parametrize("door", ["chat", "chat-stream", "responses"])
+def test_openai_cache_writes_are_priced_as_writes(gateway_factory, openai_upstream, door):
+    """GPT-5.6 reports prompt-cache writes (`cache_write_tokens`) and bills them above
+    the input price: 1,500 of 2,000 prompt tokens written cost the write rate (its
+    default, 1.25x input, or the configured `cache_write`), not the plain input rate.
+    Chat answers, chat streams and the Responses door (passed through) alike."""
+    server, _ = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY}
+    gateway = gateway_factory(
+        {
+            "providers": {"up": {**provider, "apis": ["responses"]}},
+            "upstreams": {
+                "default": {"provider": "up", "model": "gpt-x", "price": PRICE},
+                "set": {"provider": "up", "model": "gpt-x", "price": {**PRICE, "cache_write": 3}},
+            },
+            "models": {"default": {"upstreams": ["default"]}, "set": {"upstreams": ["set"]}},
+        }
+    )
+    client = gateway.client()
+    for model, write in (("default", Decimal("2.5")), ("set", Decimal(3))):
+        ask = "TRIGGER:cache_write"
+        if door == "responses":
+            reported = client.responses.create(model=model, input=ask).usage
+            assert reported.input_tokens_details.cache_write_tokens == 1500
+        else:
+            messages = [{"role": "user", "content": ask}]
+            if door == "chat":
+                client.chat.completions.create(model=model, messages=messages)
+            else:
+                list(client.chat.completions.create(model=model, messages=messages, stream=True))
+        row = gateway.ledger_rows()[-1]
+        assert (row["input_tokens"], row["cached_input_tokens"]) == (2000, 0)
+        pico = 500 * Decimal(PRICE["input"]) + 1500 * write + row["output_tokens"] * PRICE["output"]
+        assert row["cost_nano"] == int(pico * 10**6 / 1000)
+
+
 def test_upstream_error_costs_nothing_and_is_classified(gateway):
     before = snapshot(gateway, "priced")
     with pytest.raises(openai.APIStatusError):

@@ -9,6 +9,8 @@ Control words in the last user message choose the behaviour:
   TRIGGER:500 / TRIGGER:503 / TRIGGER:400  answer with that status and an OpenAI error body
   TRIGGER:429                              429 with `retry-after: 2`
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
+  TRIGGER:cache_write                      report 1500 of 2000 prompt tokens as written to
+                                           the prompt cache (`cache_write_tokens`)
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
   TRIGGER:nousage                          an answer or stream without `usage` (as some
@@ -64,13 +66,17 @@ def _trigger(body: dict[str, Any]) -> str:
     return ""
 
 
-def _usage(body: dict[str, Any], completion_tokens: int, cached: bool) -> dict[str, Any]:
-    prompt = 2000 if cached else 11
+def _usage(body: dict[str, Any], completion_tokens: int, trigger: str) -> dict[str, Any]:
+    cached, writes = trigger == "cached", trigger == "cache_write"
+    prompt = 2000 if cached or writes else 11
+    details = {"cached_tokens": 1024 if cached else 0, "audio_tokens": 0}
+    if writes:  # as GPT-5.6 reports them
+        details["cache_write_tokens"] = 1500
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 1024 if cached else 0, "audio_tokens": 0},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
@@ -134,7 +140,7 @@ def create_app() -> tuple[web.Application, State]:
                     {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
                     for i in range(n)
                 ],
-                "usage": _usage(body, 7 * n, trigger == "cached"),
+                "usage": _usage(body, 7 * n, trigger),
             }
             if trigger == "nousage":
                 del answer["usage"]
@@ -207,7 +213,7 @@ async def _stream(
                 **base,
                 "object": "chat.completion.chunk",
                 "choices": [],
-                "usage": _usage(body, len(WORDS), trigger == "cached"),
+                "usage": _usage(body, len(WORDS), trigger),
             }
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")

@@ -7,7 +7,8 @@ item is not a `function_call_output`, else the text `TEXT`; it refuses
 `previous_response_id` with a 400 (this fake stores nothing: the gateway must send the
 conversation itself). Streams send the real semantic events, `event:` lines included.
 `TRIGGER:500` / `TRIGGER:503` / `TRIGGER:429` / `TRIGGER:400` in the last user text
-answer with that status; `TRIGGER:cached` reports 1024 cached input tokens;
+answer with that status; `TRIGGER:cached` reports 1024 cached input tokens,
+`TRIGGER:cache_write` 1500 of 2000 written to the prompt cache;
 `TRIGGER:cut` ends a stream after its text, without its terminal event (`[DONE]` for
 legacy completions); `TRIGGER:nousage` answers without usage, as some compatible servers
 do (a Responses answer's `usage` is null; legacy completions send no usage, streamed or
@@ -68,7 +69,7 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
         word = _trigger(_last_text(body.get("input")))
         if word in ("500", "503", "429", "400"):
             return _error(int(word), f"upstream says {word}")
-        response = _response(body, word == "cached")
+        response = _response(body, word)
         if word == "nousage":
             response["usage"] = None
         if body.get("stream"):
@@ -113,7 +114,7 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
     app.router.add_post("/v1/completions", completions)
 
 
-def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
+def _response(body: dict[str, Any], word: str | None) -> dict[str, Any]:
     serial = next(_ids)
     items = body.get("input")
     last = items[-1] if isinstance(items, list) and items else {}
@@ -136,7 +137,8 @@ def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
             "role": "assistant",
             "content": [part],
         }
-    prompt = 2000 if cached else 11
+    cached, writes = word == "cached", word == "cache_write"
+    prompt = 2000 if cached or writes else 11
     return {
         "id": f"resp_fake{serial:04d}",
         "object": "response",
@@ -151,10 +153,14 @@ def _response(body: dict[str, Any], cached: bool) -> dict[str, Any]:
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "store": body.get("store", True),
+        "tool_choice": body.get("tool_choice", "auto"),
         "tools": body.get("tools") or [],
         "usage": {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": 1024 if cached else 0},
+            "input_tokens_details": {
+                "cached_tokens": 1024 if cached else 0,
+                "cache_write_tokens": 1500 if writes else 0,
+            },
             "output_tokens": 7,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + 7,

@@ -33,8 +33,9 @@ class Strict(BaseModel):
 
 class Price(Strict):
     """USD per million tokens. `cached_input` defaults to `input` when omitted; prompt
-    cache writes (reported by Anthropic only) default to its published multipliers of
-    the input price: 1.25 for 5-minute writes, 2 for 1-hour writes."""
+    cache writes (reported by Anthropic, and by OpenAI from GPT-5.6 on) default to the
+    published multipliers of the input price: 1.25 for writes (Anthropic's 5-minute ones,
+    OpenAI's of either retention), 2 for Anthropic's 1-hour writes."""
 
     input: Decimal = Field(default=Decimal(0), ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)

@@ -31,8 +31,9 @@ class Usage:
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
-    # Of `input_tokens`, those written to the provider's prompt cache (Anthropic), priced
-    # at the cache-write rate; `cache_write_1h_tokens` is the part kept for an hour.
+    # Of `input_tokens`, those written to the provider's prompt cache (Anthropic; OpenAI
+    # from GPT-5.6 on), priced at the cache-write rate; `cache_write_1h_tokens` is the
+    # part kept for an hour (Anthropic's longer retention).
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
     # What the upstream says the request cost, when it says (Perplexity states its
@@ -44,8 +45,14 @@ class Usage:
         if not usage:
             return cls()
         prompt = token_count(usage, "prompt_tokens")
-        cached = min(prompt, token_count(usage.get("prompt_tokens_details"), "cached_tokens"))
-        return cls(prompt - cached, cached, token_count(usage, "completion_tokens"))
+        details = usage.get("prompt_tokens_details")
+        cached = min(prompt, token_count(details, "cached_tokens"))
+        found = cls(prompt - cached, cached, token_count(usage, "completion_tokens"))
+        if details.__class__ is dict and details.get("cache_write_tokens"):
+            found.cache_write_tokens = min(
+                found.input_tokens, token_count(details, "cache_write_tokens")
+            )
+        return found
 
     def to_openai(self) -> dict[str, Any]:
         prompt = self.input_tokens + self.cached_input_tokens

@@ -27,7 +27,8 @@ TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fai
 
 def responses_usage(usage: dict[str, Any] | None) -> Usage:
     """Responses usage: `input_tokens` includes the cached ones (OpenAI's `cached_tokens`,
-    Perplexity's `cache_read_input_tokens`), priced apart here; and the cost the upstream
+    Perplexity's `cache_read_input_tokens`) and those written to the cache, each priced
+    apart here; and the cost the upstream
     states, if any (Perplexity's `cost.total_cost`: tokens, request and tool fees)."""
     usage = usage or {}
     details = usage.get("input_tokens_details")
@@ -37,6 +38,8 @@ def responses_usage(usage: dict[str, Any] | None) -> Usage:
     )
     cached = min(total, cached)
     found = Usage(total - cached, cached, token_count(usage, "output_tokens"))
+    # Writes to the prompt cache (GPT-5.6 on), of the uncached input, priced apart.
+    found.cache_write_tokens = min(found.input_tokens, token_count(details, "cache_write_tokens"))
     found.billed_nano = _billed_nano(usage.get("cost"))
     return found
 

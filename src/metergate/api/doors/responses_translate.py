@@ -174,7 +174,10 @@ def usage_of(usage: Usage) -> dict[str, Any]:
     prompt = usage.input_tokens + usage.cached_input_tokens
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + usage.output_tokens,
