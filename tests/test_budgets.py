@@ -142,6 +142,17 @@ def test_missing_max_tokens_is_bounded_when_a_hard_budget_applies(gateway_factor
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_a_soft_budget_leaves_a_missing_max_tokens_missing(gateway_factory):
+    """A soft budget only alerts: it bounds nothing, so the caller's answer is not cut at
+    budget_max_tokens as a hard budget's would be."""
+    config = budget_config(10_000, hard=False)
+    config["models"]["sim"]["budget_max_tokens"] = 3
+    gateway = gateway_factory(config)
+    reply = gateway.client().chat.completions.create(model="sim", messages=ASK)
+    assert reply.usage.completion_tokens > 3
+    assert reply.choices[0].finish_reason == "stop"
+
+
 def test_period_bounds_follow_the_time_zone():
     now = 1_795_800_000.0  # 2026-11-27T17:20:00Z, already 11-28 in Seoul
     start, end = period_bounds(now, "month", "UTC")

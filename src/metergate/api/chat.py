@@ -111,7 +111,12 @@ class CompletionsHandler:
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name, key.team)
-        assumed = bool(budgets) and self.kind == "chat" and requested_max_tokens(body) is None
+        assumed = (  # a hard budget must bound the worst case; a soft one only alerts
+            bool(budgets)
+            and self.kind == "chat"
+            and requested_max_tokens(body) is None
+            and any(budget.config.hard for budget in budgets)
+        )
         if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
         if exchange.native is not None:  # the same limit for upstreams that get it as it came
