@@ -497,3 +497,61 @@ def test_no_proxy_and_direct_bypass_the_proxy(
     with pytest.raises(openai.APIStatusError) as caught:
         proxied.client(http_client=own).chat.completions.create(model="m", messages=ASK)
     assert caught.value.code == "connection_error" and "through proxy" in caught.value.message
+
+
+# --- credentials an upstream echoes back -----------------------------------------------------
+
+
+def _echo_app() -> web.Application:
+    """Refuses every request, quoting the headers it was sent (as some proxies do), in a
+    whole error answer or, when streamed, in an error event after one chunk."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        sent = request.headers
+        quoted = f"auth was {sent.get('authorization')}; token {sent.get('x-team-token')}"
+        error = orjson.dumps({"error": {"message": quoted, "type": "invalid_request_error"}})
+        if not body.get("stream"):
+            return web.Response(status=400, body=error, content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "m",
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": "x"}, "finish_reason": None}
+            ],
+        }
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await response.write(b"data: " + error + b"\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_credentials_an_upstream_echoes_never_reach_the_caller(
+    bg: BackgroundLoop, gateway_factory, stream: bool
+):
+    """A credential in the provider's configured headers (a proxy's bearer token, a team
+    token), not only its api_key, is taken out of the upstream's messages."""
+    upstream = UpstreamServer(bg, _echo_app())
+    token, team = "proxytoken0a1b2c3d4e5f6789", "teamtoken-0123456789"
+    headers = {"Authorization": f"Bearer {token}", "X-Team-Token": team}
+    config = _config(upstream.url, headers=headers)
+    del config["providers"]["p"]["api_key"]
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    with pytest.raises(openai.APIError) as raised:
+        if stream:
+            list(client.chat.completions.create(model="m", messages=ASK, stream=True))
+        else:
+            client.chat.completions.create(model="m", messages=ASK)
+    message = str(raised.value.message) + str(getattr(raised.value, "body", ""))
+    assert "auth was" in message  # the upstream's message is kept, but for the secrets
+    assert token not in message and team not in message
+    assert "***" in message
+    upstream.close()

@@ -11,6 +11,7 @@ import datetime
 import email.utils
 import math
 import re
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +36,16 @@ from metergate.providers.h1 import Deadlines, H1Error, HttpClient, StreamRespons
 from metergate.providers.proxy import proxy_for
 
 _KEYLIKE = re.compile(r"\b(sk|pk|key|AIza)[-_A-Za-z0-9]{12,}")
+# Headers that carry a provider credential, whatever the adapter; every header the
+# operator configured (`providers.*.headers`) is treated as one too.
+_CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
+)
+# The credentials each live transport sends: taken out of any upstream text that reaches
+# a caller or a log (an upstream that echoes the request's headers in its error).
+_credentials: weakref.WeakKeyDictionary[HttpTransport, tuple[str, ...]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class HttpTransport:
@@ -56,7 +67,7 @@ class HttpTransport:
             if any(c in name + value for c in "\r\n"):
                 raise ValueError(f"header {name!r} of provider contains a line break")
         self.head = "".join(f"{name}: {value}\r\n" for name, value in merged.items()).encode()
-        self._secret = config.api_key.get_secret_value() if config.api_key else ""
+        _credentials[self] = _credentials_of(config, merged)
         self.client: HttpClient | None = None
         # Keyed by the Timeouts object's identity: hashing a frozen pydantic model hashes
         # every field, per request. A deployment's Timeouts live as long as its plan.
@@ -202,13 +213,36 @@ class HttpTransport:
         )
 
     def redact(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return _KEYLIKE.sub("***", text)
+        return redact(text)
+
+
+def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> tuple[str, ...]:
+    """The secrets among a provider's request headers: the whole value and, after an
+    auth scheme (`Bearer x`), the token alone; longest first, short values left out."""
+    found = {config.api_key.get_secret_value()} if config.api_key else set()
+    for name, value in headers.items():
+        if name.lower() in _CREDENTIAL_HEADERS or name in config.headers:
+            found.add(value)
+            found.add(value.partition(" ")[2])
+    return tuple(sorted((s for s in found if len(s) >= 8), key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """`text` without any live provider's credentials or anything shaped like a key."""
+    for credentials in list(_credentials.values()):
+        for secret in credentials:
+            if secret in text:
+                text = text.replace(secret, "***")
+    return _KEYLIKE.sub("***", text)
 
 
 def error_message(body: bytes) -> str:
-    """The human message of an OpenAI, Anthropic or Gemini error body (all use error.message)."""
+    """The human message of an OpenAI, Anthropic or Gemini error body (all use error.message),
+    credentials taken out."""
+    return redact(_error_text(body))
+
+
+def _error_text(body: bytes) -> str:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
