@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
 from metergate.config import ConfigError, parse_config
 from metergate.config.secrets import MARKER, redact, restore
@@ -345,3 +346,48 @@ def test_a_redacted_version_never_runs_with_its_placeholders():
     # a secret now taken from the environment restores as that reference
     restored = restore(redacted, "providers:\n  a: {type: openai, api_key: '${A_KEY}'}\n")
     assert yaml.safe_load(restored)["providers"]["a"]["api_key"] == "${A_KEY}"
+
+
+def test_secret_urls_stay_out_of_the_log(bg: BackgroundLoop, tmp_path: Path) -> None:
+    """A webhook URL is a secret (Slack's carry their token in the path): the gateway's
+    log, where the HTTP client would write every request's URL, does not show it."""
+    hooks: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooks.append(request.path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/services/{token:.*}", hook)
+    receiver = UpstreamServer(bg, app)
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"""
+ledger: {{url: "{ledger}"}}
+providers: {{sim: {{type: simulated}}}}
+upstreams: {{sim-up: {{provider: sim, model: s, price: {{input: 1000000, output: 1000000}}}}}}
+models: {{m: {{upstreams: [sim-up]}}}}
+budgets:
+  watch:
+    limit_usd: 1000
+    hard: false
+    alert_at_percent: [1]
+    webhook_url: {receiver.url}/services/T0/B0/{HOOK_TOKEN}
+"""
+    )
+    key = create_key_sync(ledger, "ops")
+    gateway = GatewayProcess(path, tmp_path)
+    try:
+        gateway.wait_ready()
+        client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0)
+        client.chat.completions.create(model="m", messages=ASK)  # ~$30 of $1000: over 1 %
+        deadline = time.monotonic() + 10
+        while not hooks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hooks == [f"/services/T0/B0/{HOOK_TOKEN}"]
+    finally:
+        gateway.kill_all()
+        receiver.close()
+    assert HOOK_TOKEN not in gateway.log()
+    assert "budget" in gateway.log()  # the log is there, and speaks of the alert

@@ -49,6 +49,10 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The HTTP clients log every request's full URL at INFO: MCP servers, webhooks and
+    # Prometheus URLs may carry a token in their query or path (Slack's hook URLs do).
+    for client in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(client).setLevel(logging.WARNING)
     demo_key, active_keys = asyncio.run(_startup_keys(loaded, make_demo=config is None))
     _banner(loaded, host, port, demo_key, active_keys, workers)
     trusted = loaded.server.trusted_proxies
