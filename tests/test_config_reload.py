@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import simulated_config, write_config
 from tests.services import GatewayProcess, create_key_sync
@@ -177,3 +178,60 @@ def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):
     time.sleep(0.5)
     assert cost(f"{gateway.base_url}/v1", key) == "10.000000000"
     assert "config reload (SIGHUP) refused" in gateway.log()
+
+
+def _series(gateway: GatewayProcess) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every sample's (name, labels) in the gateway's /metrics (all workers merged)."""
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_what_a_reload_removes_leaves_metrics(tmp_path: Path, workers: int) -> None:
+    """A budget, an upstream and a rollout removed by a reload leave /metrics (their
+    gauges would otherwise keep their last value, and alerts on them keep firing, until
+    a restart), with one worker or several; the build info names the new version only."""
+    config = config_with_price(1_000_000)
+    config["upstreams"]["spare-up"] = {"provider": "sim", "model": "s2", "price": {"input": 3}}
+    config["models"]["sim"]["upstreams"] = ["sim-up", "spare-up"]
+    config["budgets"] = {"monthly": {"limit_usd": 100, "hard": False}}
+    config["rollouts"] = {
+        "move": {"model": "bench", "baseline": ["sim-up"], "candidate": ["spare-up"]}
+    }
+    path = write_config(config, tmp_path)
+    ledger = {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    spare = ("upstream", "spare-up")
+    gateway = GatewayProcess(path, tmp_path, workers=workers)
+    try:
+        gateway.wait_ready()
+        before = _series(gateway)
+        removed = {
+            ("metergate_budget_limit_usd", (("budget", "monthly"),)),
+            ("metergate_budget_spent_usd", (("budget", "monthly"),)),
+            (
+                "metergate_model_price_usd_per_million_tokens",
+                (("type", "input"), ("upstream", "spare-up")),
+            ),
+            ("metergate_circuit_state", (spare,)),
+            ("metergate_rollout_weight", (("rollout", "move"), ("target", "spare-up"))),
+        }
+        assert removed <= before
+        path.write_text(yaml.safe_dump(config_with_price(1_000_000) | {"ledger": ledger}))
+        answer = reload(gateway.base_url)
+        assert answer.status_code == 200 and answer.json()["applied"] is True
+        deadline = time.monotonic() + 15  # every worker follows within its 2 s poll
+        while time.monotonic() < deadline:
+            after = _series(gateway)
+            builds = [labels for name, labels in after if name == "metergate_build_info"]
+            if not removed & after and len(builds) == 1:
+                break
+            time.sleep(0.2)
+        assert not removed & after, removed & after
+        assert len(builds) == 1, builds
+        assert ("metergate_circuit_state", (("upstream", "sim-up"),)) in after  # kept ones stay
+    finally:
+        gateway.kill_all()

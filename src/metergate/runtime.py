@@ -34,6 +34,7 @@ from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
+from metergate.metering.multiprocess import remove_series
 from metergate.metering.observers import Observers
 from metergate.providers import Adapter, build_adapter
 from metergate.rollout import RolloutController
@@ -352,12 +353,39 @@ class Runtime:
 
     def _export_static_metrics(self, old: Plan | None) -> None:
         if old is not None:
-            self.metrics.build_info.remove(__version__, old.version)
+            self._retire_series(old)
         self.metrics.build_info.labels(__version__, self.plan.version).set(1)
         for name, deployment in self.plan.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
                 self.metrics.model_price.labels(name, kind).set(value)
         self._prime_series()
+
+    def _retire_series(self, old: Plan) -> None:
+        """Take out the gauge series of what the new config no longer has (its version,
+        upstreams' prices and circuits, budgets, rollouts' targets): left, they would
+        keep their last value, and an alert on them keep firing, until a restart. Also
+        in a worker's metric file (`remove_series`), where a plain removal is ignored."""
+        metrics, new = self.metrics, self.plan
+        remove_series(metrics.build_info, __version__, old.version)
+        kept = new.router.deployments
+        for name, deployment in old.router.deployments.items():
+            priced = kept[name].prices.per_million_usd() if name in kept else {}
+            for kind in deployment.prices.per_million_usd().keys() - priced.keys():
+                remove_series(metrics.model_price, name, kind)
+            if name not in kept:
+                remove_series(metrics.circuit_state, name)
+        for budget in old.config.budgets.keys() - new.config.budgets.keys():
+            remove_series(metrics.budget_spent, budget)
+            remove_series(metrics.budget_limit, budget)
+        targets = {
+            (name, target)
+            for name, rollout in new.config.rollouts.items()
+            for target in (*rollout.baseline, *rollout.candidate)
+        }
+        for name, rollout in old.config.rollouts.items():
+            for target in (*rollout.baseline, *rollout.candidate):
+                if (name, target) not in targets:
+                    remove_series(metrics.rollout_weight, name, target)
 
     def _prime_series(self) -> None:
         """Start the series of every configured model, serving upstream and live key at 0

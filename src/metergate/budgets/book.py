@@ -16,7 +16,6 @@ reports the fleet's spend back here through `observe`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from metergate.config.model import BudgetConfig
 from metergate.errors import BudgetExceeded
 from metergate.metering.estimate import WorstCase
 from metergate.metering.metrics import Metrics, value_of
+from metergate.metering.multiprocess import remove_series
 from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
 
@@ -168,8 +168,7 @@ class BudgetBook:
         self._applicable.clear()
         for name in set(current) - set(chosen):
             for gauge in (self.metrics.budget_spent, self.metrics.budget_limit):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+                remove_series(gauge, name)  # also from a worker's metric file
 
     def reserve(self, budgets: tuple[Budget, ...], worst: WorstCase) -> Reservation:
         """Hold the worst case on every budget, or refuse with 429 if a hard one would pass."""
