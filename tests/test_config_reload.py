@@ -105,6 +105,29 @@ def test_invalid_reload_is_refused_and_reported(gateway_factory):
     assert cost(gateway.base_url, gateway.key) == "10.000000000"
 
 
+def test_a_reload_says_which_settings_wait_for_a_restart(gateway_factory, caplog):
+    """A new port, ledger or header limit cannot be taken by a running process: the rest
+    of the config is applied, and the answer (and the log) name what waits for a
+    restart, until the file goes back to what the process started with."""
+    gateway = gateway_factory(config_with_price(1_000_000))
+    base = gateway.base_url.removesuffix("/v1")
+    path = Path(gateway.runtime.source)
+    started = yaml.safe_load(path.read_text())
+    changed = config_with_price(2_000_000) | {
+        "ledger": {"url": f"sqlite:///{path.parent / 'elsewhere.db'}"},
+        "server": {"port": 4999, "max_header_bytes": 16384},
+    }
+    path.write_text(yaml.safe_dump(changed))
+    answer = reload(base)
+    assert answer.status_code == 200 and answer.json()["applied"] is True
+    assert answer.json()["restart_required"] == ["server.port", "server.max_header_bytes", "ledger"]
+    assert "take effect only after a restart: server.port" in caplog.text
+    assert cost(gateway.base_url, gateway.key) == "20.000000000"  # the rest is applied
+    path.write_text(yaml.safe_dump(started | {"admin": {"api_key": ADMIN_KEY}}))
+    back = reload(base)
+    assert back.status_code == 200 and back.json()["restart_required"] == []
+
+
 def test_admin_api_takes_only_the_admin_key(gateway_factory):
     gateway = gateway_factory(config_with_price(1))
     base = gateway.base_url.removesuffix("/v1")

@@ -29,6 +29,7 @@ from metergate.budgets.book import Budget, ledger_spend
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
 from metergate.config.model import GatewayConfig
+from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
 from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
@@ -114,6 +115,7 @@ class Runtime:
         self._follower: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # one config change at a time
         self.plan = self._build(config, config_versions.text_hash(self.text), None)
+        self.started_with = config  # what a reload cannot change (`config.restart`)
         self.mcp: McpGateway | None = None
         if config.mcp is not None:
             try:
@@ -303,7 +305,15 @@ class Runtime:
         self._draining.add(old)
         old.when_idle(lambda: self._drained(old))
         log.info("config %s applied (was %s) from %s", version, old.version, source)
+        pending = self.restart_pending()
+        if pending:
+            log.warning("these settings take effect only after a restart: %s", ", ".join(pending))
         return True
+
+    def restart_pending(self) -> list[str]:
+        """The running config's settings this process has not applied (it started with
+        others, and they are read at start only)."""
+        return restart_needed(self.started_with, self.plan.config)
 
     def _drained(self, old: Plan) -> None:
         """A replaced plan's last request left: close what no plan in use still holds.

@@ -143,4 +143,9 @@ class AdminHandlers:
                 422,
             )
             return
-        await send_json(request, send, {"applied": applied, "version": self.runtime.plan.version})
+        answer = {
+            "applied": applied,
+            "version": self.runtime.plan.version,
+            "restart_required": self.runtime.restart_pending(),  # not applied until then
+        }
+        await send_json(request, send, answer)

@@ -121,6 +121,9 @@ def reload(
         raise typer.Exit(1)
     state = "applied" if body["applied"] else "unchanged"
     console.print(f"config {state}: version {body['version']}")
+    pending = body.get("restart_required") or []
+    if pending:
+        errors.print(f"[yellow]restart the gateway to apply:[/yellow] {', '.join(pending)}")
 
 
 def _when(ts: float) -> str:

@@ -788,7 +788,13 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                 "operationId": "reload",
                 "responses": _responses(
                     "Applied (or already running)",
-                    _object({"applied": _BOOL, "version": _STR}),
+                    _object(
+                        {
+                            "applied": _BOOL,
+                            "version": _STR,
+                            "restart_required": {"type": "array", "items": _STR},
+                        }
+                    ),
                     "200",
                     "422",
                 ),
