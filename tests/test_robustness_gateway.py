@@ -337,6 +337,39 @@ def test_a_new_key_works_on_its_first_request_on_every_worker(tmp_path: Path):
         gateway.kill_all()
 
 
+async def test_handshake_era_mcp_clients_work_with_several_workers(tmp_path: Path):
+    """A handshake-era MCP session is held in one worker's memory; with two workers on
+    the port its requests reach either. Served without sessions there (each request on
+    its own), every call of such a client is answered, not 'Session not found'."""
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    from tests.mcp_servers.support import SEARCH_SERVER, running
+
+    with running(SEARCH_SERVER, tmp_path) as search:
+        config = simulated_config()
+        config["mcp"] = {"servers": {"search": {"url": search.url}}}
+        config["mcp"]["access"] = {"agent": {"servers": ["search"]}}
+        path = write_config(config, tmp_path)
+        secret = create_key_sync(yaml.safe_load(path.read_text())["ledger"]["url"], "agent")
+        gateway = GatewayProcess(path, tmp_path, workers=2)
+        try:
+            gateway.wait_ready()
+            http = httpx2.AsyncClient(  # a new connection per request: either worker answers
+                headers={"Authorization": f"Bearer {secret}"},
+                limits=httpx2.Limits(max_keepalive_connections=0),
+                timeout=30,
+            )
+            transport = streamable_http_client(f"{gateway.base_url}/mcp", http_client=http)
+            async with http, Client(transport, mode="legacy") as client:
+                for number in range(12):
+                    result = await client.call_tool("search.query", {"text": f"q{number}"})
+                    assert not result.is_error, result
+                    assert f"q{number}" in result.content[0].text
+        finally:
+            gateway.kill_all()
+
+
 async def test_a_flood_of_unknown_keys_costs_one_lookup_at_a_time():
     from metergate.auth.index import KeyIndex
     from metergate.errors import Unauthorized

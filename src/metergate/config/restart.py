@@ -34,4 +34,6 @@ def restart_needed(started: GatewayConfig, running: GatewayConfig) -> list[str]:
         pending.append("ledger")
     if (started.mcp is None) != (running.mcp is None):
         pending.append("mcp (added or removed)")
+    elif started.mcp and running.mcp and started.mcp.stateless != running.mcp.stateless:
+        pending.append("mcp.stateless")
     return pending

@@ -213,6 +213,12 @@ class McpConfig(_Strict):
     connect_timeout_seconds: float = Field(default=10, gt=0)
     reconnect_min_seconds: float = Field(default=0.5, gt=0)
     reconnect_max_seconds: float = Field(default=30, gt=0)
+    stateless: bool | None = Field(
+        default=None,
+        description="serve handshake-era clients without sessions, each request on its "
+        "own; default: so when several processes share the port (serve --workers N), "
+        "where a session held in one worker's memory is unknown to the others",
+    )
 
     @model_validator(mode="after")
     def _references(self) -> McpConfig:

@@ -62,6 +62,7 @@ from metergate.mcp.metrics import (
 from metergate.mcp.middleware import MetricsMiddleware, replace_sdk_spans
 from metergate.mcp.naming import split_name
 from metergate.mcp.upstream import Upstream, mcp_error
+from metergate.metering.metrics import multiprocess_dir
 from metergate.metering.multiprocess import remove_series
 
 if TYPE_CHECKING:
@@ -148,7 +149,14 @@ class McpGateway:
         )
         # SSE answers where needed: progress rides the request's stream, and a client
         # that closes it (2026-07-28) or sends notifications/cancelled cancels the call.
-        self.sessions = StreamableHTTPSessionManager(self.server, json_response=False)
+        # A handshake session lives in one process's memory: with several workers on the
+        # port its next request may reach another, so there each request stands alone.
+        stateless = config.stateless
+        if stateless is None:
+            stateless = multiprocess_dir() is not None  # set by serve --workers N > 1
+        self.sessions = StreamableHTTPSessionManager(
+            self.server, json_response=False, stateless=stateless
+        )
         self._http = StreamableHTTPASGIApp(self.sessions)
         self._principals: dict[str, AuthenticatedUser] = {}
         self._stop = asyncio.Event()
