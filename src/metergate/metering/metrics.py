@@ -214,7 +214,7 @@ class Metrics:
         )
         self.budget_limit = Gauge(
             "metergate_budget_limit_usd",
-            "Hard limit of the budget.",
+            "Limit of the budget in its period (hard: enforced; soft: alerts only).",
             ["budget"],
             registry=r,
             multiprocess_mode="max",
