@@ -239,6 +239,26 @@ def test_cache_writes_and_reads_priced_as_published(gateway: Gateway) -> None:
         assert (row["input_tokens"], row["cached_input_tokens"]) == (usage.input_tokens + 256, 1024)
 
 
+def test_web_searches_are_billed_per_search(gateway: Gateway) -> None:
+    """A server-side web_search tool costs $10 per 1,000 searches on top of the tokens
+    (Anthropic's usage.server_tool_use): metered, whole answers and streams alike, not
+    free (web fetches cost only their tokens)."""
+    client = anthropic_client(gateway)
+    ask: dict[str, Any] = {"model": "claude", "max_tokens": 50, "system": "TRIGGER:searched"}
+    raw = client.messages.with_raw_response.create(**ask, messages=HELLO)
+    answers = [(raw.parse().usage, raw.headers["x-request-id"])]
+    with client.messages.stream(**ask, messages=HELLO) as stream:
+        answers.append((stream.get_final_message().usage, stream.response.headers["x-request-id"]))
+    for usage, request_id in answers:
+        assert usage.server_tool_use is not None
+        assert usage.server_tool_use.web_search_requests == 3
+        micro = usage.input_tokens * Decimal(3) + usage.output_tokens * Decimal(15)
+        searches = Decimal(3) * 10 / 1000  # USD
+        cost = (micro / 1_000_000 + searches).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
+        row = ledger_row(gateway, f"request_id = '{request_id}'")
+        assert row["cost_nano"] == int(cost * 10**9)
+
+
 def test_count_tokens(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: F811
     """Exact from an Anthropic upstream (it counts), an estimate for the others."""
     client = anthropic_client(gateway)

@@ -27,7 +27,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
   leaves.
 
 `TRIGGER:cached` in the *system prompt* makes usage report
-`cache_creation_input_tokens=256` and `cache_read_input_tokens=1024`.
+`cache_creation_input_tokens=256` and `cache_read_input_tokens=1024`; `TRIGGER:searched`
+there, `server_tool_use` of 3 web searches and 1 web fetch (in `message_delta` too).
 
 Without a trigger the answer is a tool use when the request has tools, `tool_choice` is
 not `none` and the last user turn holds no `tool_result`: a `tool_use` block with input
@@ -252,12 +253,14 @@ def _answer(body: dict[str, Any], serial: int) -> dict[str, Any]:
     system = body.get("system") or ""
     system_text = system if isinstance(system, str) else _text_of(system)
     cached = trigger(system_text) == "cached"
-    usage = {
+    usage: dict[str, Any] = {
         "input_tokens": _prompt_tokens(body),
         "cache_creation_input_tokens": 256 if cached else 0,
         "cache_read_input_tokens": 1024 if cached else 0,
         "output_tokens": 0,
     }
+    if trigger(system_text) == "searched":  # as a web_search server tool reports it
+        usage["server_tool_use"] = {"web_search_requests": 3, "web_fetch_requests": 1}
     content, stop_reason, stop_sequence = _content(body, serial)
     if (body.get("thinking") or {}).get("type") == "enabled":
         content = [{"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}, *content]
@@ -400,7 +403,14 @@ def _events(answer: dict[str, Any]) -> list[bytes]:
                     "stop_reason": answer["stop_reason"],
                     "stop_sequence": answer["stop_sequence"],
                 },
-                "usage": {"output_tokens": usage["output_tokens"]},
+                "usage": {
+                    "output_tokens": usage["output_tokens"],
+                    **(
+                        {"server_tool_use": usage["server_tool_use"]}
+                        if "server_tool_use" in usage
+                        else {}
+                    ),
+                },
             },
         )
     )

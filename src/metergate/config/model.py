@@ -42,6 +42,12 @@ class Price(Strict):
     output: Decimal = Field(default=Decimal(0), ge=0)
     cache_write: Decimal | None = Field(default=None, ge=0)
     cache_write_1h: Decimal | None = Field(default=None, ge=0)
+    web_search: Decimal = Field(
+        default=Decimal(10),
+        ge=0,
+        description="USD per 1,000 web searches a provider's server-side tool ran (reported "
+        "by Anthropic, whose published price is the default)",
+    )
 
     @property
     def cached(self) -> Decimal:

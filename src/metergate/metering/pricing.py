@@ -36,6 +36,7 @@ class UnitPrices:
     output: int = 0
     cache_write: int = 0  # prompt-cache writes (5 minutes), which are also input tokens
     cache_write_1h: int = 0  # ... and writes kept for an hour
+    web_search: int = 0  # one search by a provider's server-side tool
 
     @classmethod
     def from_price(cls, price: Price | None) -> UnitPrices:
@@ -47,6 +48,7 @@ class UnitPrices:
             _pico(price.output),
             _pico(price.write),
             _pico(price.write_1h),
+            _pico(price.web_search) * 1000,  # its price is per 1,000 searches, not 1e6
         )
 
     def cost_nano(self, usage: Usage) -> int:
@@ -61,6 +63,8 @@ class UnitPrices:
             hour = usage.cache_write_1h_tokens
             pico += (usage.cache_write_tokens - hour) * (self.cache_write - self.input)
             pico += hour * (self.cache_write_1h - self.input)
+        if usage.web_searches:
+            pico += usage.web_searches * self.web_search
         return (pico + 500) // 1000
 
     def per_million_usd(self) -> dict[str, float]:

@@ -63,17 +63,21 @@ def finish_reason(stop_reason: str | None) -> str:
 
 def usage_of(raw: dict[str, Any] | None) -> Usage:
     """Cache writes count as input tokens, priced at the cache-write rate (5-minute or
-    1-hour); only cache reads count as cached."""
+    1-hour); only cache reads count as cached; web searches are counted to be priced."""
     raw = raw or {}
     writes = token_count(raw, "cache_creation_input_tokens")
     hour = token_count(raw.get("cache_creation"), "ephemeral_1h_input_tokens")
-    return Usage(
+    found = Usage(
         input_tokens=token_count(raw, "input_tokens") + writes,
         cached_input_tokens=token_count(raw, "cache_read_input_tokens"),
         output_tokens=token_count(raw, "output_tokens"),
         cache_write_tokens=writes,
         cache_write_1h_tokens=min(hour, writes),
     )
+    tools = raw.get("server_tool_use")  # server tools' runs: searches cost per search
+    if tools:
+        found.web_searches = token_count(tools, "web_search_requests")
+    return found
 
 
 @request_translator

@@ -36,6 +36,9 @@ class Usage:
     # part kept for an hour (Anthropic's longer retention).
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    # Web searches a provider's server-side tool ran (Anthropic's `web_search`), billed
+    # per search on top of the tokens.
+    web_searches: int = 0
     # What the upstream says the request cost, when it says (Perplexity states its
     # tokens, request and tool fees): that is the cost, whatever the price list says.
     billed_nano: int | None = None
