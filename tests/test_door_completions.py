@@ -102,3 +102,22 @@ def test_what_chat_cannot_express_is_refused(gateway: Gateway) -> None:
         client.completions.create(model="sim", prompt=["one", "two"])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="sim", prompt=[1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"n": 0}, "n"),
+        ({"n": True}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"seed": "1"}, "seed"),
+    ],
+)
+def test_integers_are_checked_as_the_chat_door_checks_them(
+    gateway: Gateway, options: dict[str, Any], named: str
+) -> None:
+    """`n: 0` was answered 200 here while chat refuses it: the same 400, naming the field."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().completions.create(model="sim", prompt="hi", **options)
+    assert refused.value.body["param"] == named
+    assert f"`{named}` must be" in refused.value.message

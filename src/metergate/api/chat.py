@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from metergate.api.doors import Door, Exchange, Relay
+from metergate.api.doors import Door, Exchange, Relay, check_integer
 from metergate.asgi import (
     JSON_HEADERS,
     ON_DEPARTURE,
@@ -388,15 +388,6 @@ _CHAT_INTEGERS = (
 )
 
 
-def _check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
-    value = body.get(name)
-    if value is None or (type(value) is int and (least is None or value >= least)):
-        return
-    wanted = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[least]
-    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
-    raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
-
-
 def _check_chat(body: dict[str, Any]) -> bool:
     """Validate what the gateway itself relies on; return whether the call streams."""
     messages = body.get("messages")
@@ -407,7 +398,7 @@ def _check_chat(body: dict[str, Any]) -> bool:
         raise InvalidRequest("`stream` must be true or false", param="stream")
     for name, least in _CHAT_INTEGERS:
         if name in body:  # most requests send one or none of them
-            _check_integer(body, name, least)
+            check_integer(body, name, least)
     options = body.get("stream_options")
     if options is not None and (
         not isinstance(options, dict)
@@ -423,7 +414,7 @@ def _check_chat(body: dict[str, Any]) -> bool:
 def _check_embeddings(body: dict[str, Any]) -> bool:
     if body.get("input") in (None, "", []):
         raise InvalidRequest("`input` is required", param="input")
-    _check_integer(body, "dimensions", 1)
+    check_integer(body, "dimensions", 1)
     return False
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
-from metergate.errors import GatewayError
+from metergate.errors import GatewayError, InvalidRequest
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.dispatch import Kind
 from metergate.routing.router import Deployment
@@ -62,6 +62,17 @@ class Relay(Protocol):
     async def failed(self, error: GatewayError) -> bytes:
         """The events that end the stream when it broke after its first byte."""
         ...
+
+
+def check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
+    """A 400 naming `name` unless it is absent or an integer of at least `least` (JSON's
+    true/false are not numbers here, although Python's bool is an int)."""
+    value = body.get(name)
+    if value is None or (type(value) is int and (least is None or value >= least)):
+        return
+    wanted = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[least]
+    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
+    raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
 
 
 class Door:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay
+from metergate.api.doors import Door, Exchange, Relay, check_integer
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
@@ -38,6 +38,10 @@ _PASSED = (
 )
 
 
+# The integers the legacy API takes, with their least value (as the chat door checks).
+_INTEGERS = (("max_tokens", 1), ("n", 1), ("best_of", 1), ("logprobs", 0), ("seed", None))
+
+
 class CompletionsDoor(Door):
     api = "completions"
     max_tokens_field = "max_tokens"
@@ -48,9 +52,8 @@ class CompletionsDoor(Door):
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequest("`stream` must be true or false", param="stream")
-        limit = body.get("max_tokens")
-        if limit is not None and (type(limit) is not int or limit < 1):
-            raise InvalidRequest("`max_tokens` must be a positive integer", param="max_tokens")
+        for name, least in _INTEGERS:
+            check_integer(body, name, least)
         chat, lost = to_chat(body)
         return Exchange(chat, bool(stream), NativeRequest("completions", body, {}, lost))
 
