@@ -193,7 +193,10 @@ def test_a_refusal_says_why_no_max_tokens_fits():
     # a byte of prompt costs 1e-6 USD, a token of output 1e-3 USD; 100 bytes, 100 tokens
     worst = WorstCase(100_100_000, 1_000_000, 100_000_000, 1_000_000_000, 100)
     in_flight = exhausted(budget, worst, spent_nano=0, held_nano=999_500_000).message
-    assert "the $0.000500 left does not pay for one output token" in in_flight
+    assert (
+        "of the $0.000500 left, the prompt may take up to $0.000100 and the rest does not "
+        "pay for one output token"
+    ) in in_flight
     spent = exhausted(budget, worst, spent_nano=999_950_000, held_nano=0).message
     assert "the prompt alone may cost up to $0.000100, more than the $0.000050 left" in spent
     room = exhausted(budget, worst, spent_nano=900_000_000, held_nano=0).message

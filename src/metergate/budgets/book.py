@@ -310,7 +310,10 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
             f"the ${left / 1e9:.6f} left: shorten it"
         )
     elif worst.max_tokens:
-        message += f"; the ${left / 1e9:.6f} left does not pay for one output token"
+        message += (
+            f"; of the ${left / 1e9:.6f} left, the prompt may take up to "
+            f"${worst.prompt_pico / 1e12:.6f} and the rest does not pay for one output token"
+        )
     if spent_nano + worst.nano <= budget.limit_nano:
         # Refused for what requests in flight hold: it may fit as soon as they end.
         message += "; requests in flight hold the rest until they end: retry in a moment"
