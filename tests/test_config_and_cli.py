@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from metergate.config import ConfigError, load_config, parse_config
+from metergate.config import ConfigError, load_config, parse_config, read_config
 from tests.harness import free_port
 
 METERGATE = [sys.executable, "-m", "metergate"]
@@ -108,6 +108,20 @@ def test_serve_refuses_an_invalid_config(tmp_path):
     result = run("serve", "--config", str(bad), cwd=tmp_path)
     assert result.returncode == 2
     assert "problem(s)" in result.stderr and "unknown key" in result.stderr
+
+
+def test_a_config_that_is_not_utf8_is_a_config_problem(tmp_path):
+    """A file saved as Latin-1 is reported like any invalid config, not as a traceback."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# gateway\nserver:\n  host: café\n".encode("latin-1"))
+    expected = f"{latin}:3: (top level): not valid UTF-8: byte 0xe9 at line 3, column 12"
+    with pytest.raises(ConfigError) as raised:
+        read_config(latin)
+    assert raised.value.problems[0].render().startswith(expected)
+    for command in (["check", str(latin)], ["serve", "-c", str(latin)]):
+        result = run(*command, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and "Traceback" not in result.stderr
 
 
 def test_keys_cli_create_list_revoke(tmp_path):

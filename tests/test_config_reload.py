@@ -128,6 +128,19 @@ def test_a_reload_says_which_settings_wait_for_a_restart(gateway_factory, caplog
     assert back.status_code == 200 and back.json()["restart_required"] == []
 
 
+def test_a_reload_of_a_file_that_is_not_utf8_is_refused(gateway_factory):
+    gateway = gateway_factory(config_with_price(1_000_000))
+    base = gateway.base_url.removesuffix("/v1")
+    version = gateway.runtime.plan.version
+    path = Path(gateway.runtime.source)
+    path.write_bytes(path.read_text().replace("sim-up", "sim-café").encode("latin-1"))
+    answer = reload(base)
+    assert answer.status_code == 422
+    assert "not valid UTF-8: byte 0xe9" in answer.json()["error"]["problems"][0]
+    assert gateway.runtime.plan.version == version
+    assert cost(gateway.base_url, gateway.key) == "10.000000000"
+
+
 def test_admin_api_takes_only_the_admin_key(gateway_factory):
     gateway = gateway_factory(config_with_price(1))
     base = gateway.base_url.removesuffix("/v1")
@@ -201,6 +214,14 @@ def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):
     time.sleep(0.5)
     assert cost(f"{gateway.base_url}/v1", key) == "10.000000000"
     assert "config reload (SIGHUP) refused" in gateway.log()
+
+    path.write_bytes(original.replace("sim-up", "sim-café").encode("latin-1"))
+    os.kill(gateway.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "not valid UTF-8: byte 0xe9" not in gateway.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "not valid UTF-8: byte 0xe9" in gateway.log()
+    assert cost(f"{gateway.base_url}/v1", key) == "10.000000000"
 
 
 def _series(gateway: GatewayProcess) -> set[tuple[str, tuple[tuple[str, str], ...]]]:

@@ -21,6 +21,7 @@ from metergate.api.doors.messages import CountTokens, MessagesDoor, anthropic_er
 from metergate.api.doors.responses import ResponsesDoor
 from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
+from metergate.config import ConfigError
 from metergate.config.model import CorsConfig, GatewayConfig
 from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound
 from metergate.runtime import Runtime
@@ -157,7 +158,7 @@ class GatewayApp:
             task = loop.create_task(self.runtime.reload_from_source("SIGHUP"))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged inside
+            task.add_done_callback(_log_reload_failure)
 
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, reload)
@@ -198,3 +199,13 @@ def _speaks_anthropic(request: Request) -> bool:
 
 
 _ANTHROPIC_PATHS = ("/v1/messages", "/messages")
+
+
+def _log_reload_failure(task: asyncio.Task[bool]) -> None:
+    """A SIGHUP reload has no caller to answer: a refused config is logged inside, any
+    other failure (the ledger unreachable while recording the version) is logged here."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, ConfigError):
+        log.error("config reload (SIGHUP) failed", exc_info=error)

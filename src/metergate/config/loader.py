@@ -70,12 +70,36 @@ def read_config(path: str | Path | None = None) -> LoadedConfig:
     source = Path(path).resolve() if path else DEFAULT_CONFIG
     name = str(source)
     try:
-        text = source.read_text(encoding="utf-8")
+        data = source.read_bytes()
     except OSError as exc:
         raise ConfigError(
             [ConfigProblem(name, (), f"cannot read file: {exc.strerror}", "check the path")]
         ) from exc
+    text = _decode(data, name)
     return LoadedConfig(parse_config(text, name), text, name)
+
+
+def _decode(data: bytes, name: str) -> str:
+    """The text of a config file, which must be UTF-8; ConfigError says where it is not
+    (a file saved as Latin-1 or Windows-1252 fails at its first accented letter)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8")) + 1  # valid up to there
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    name,
+                    (),
+                    f"not valid UTF-8: byte 0x{data[exc.start]:02x} at line {line}, "
+                    f"column {column} (byte offset {exc.start})",
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                    line,
+                )
+            ]
+        ) from exc
 
 
 def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
