@@ -11,7 +11,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from metergate.cli import app as cli_app
 from metergate.config import ConfigError, load_config, parse_config, read_config
 from tests.harness import free_port
 
@@ -122,6 +124,18 @@ def test_a_config_that_is_not_utf8_is_a_config_problem(tmp_path):
         result = run(*command, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_port_it_cannot_listen_on(tmp_path):
+    """70000 would wrap to 4464 while the banner said 70000; 0 would listen anywhere."""
+    missing = str(tmp_path / "missing.yaml")  # never serves, even if the port passed
+    for port in ("70000", "0", "-1"):
+        result = CliRunner().invoke(cli_app, ["serve", "--port", port, "-c", missing])
+        assert result.exit_code == 2 and "'--port'" in result.output, result.output
+    config = tmp_path / "gw.yaml"
+    config.write_text("server: {port: 0}\n")
+    with pytest.raises(ConfigError, match=r"server\.port: Input should be greater than or equal"):
+        read_config(config)
 
 
 def test_keys_cli_create_list_revoke(tmp_path):

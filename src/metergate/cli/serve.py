@@ -23,7 +23,7 @@ from metergate.storage.database import open_database, sqlite_path
 def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="override server.host")] = None,
-    port: Annotated[int | None, typer.Option(help="override server.port")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="override server.port")] = None,
     workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
 ) -> None:
     """Start the gateway. Without --config it serves simulated demo models on SQLite."""

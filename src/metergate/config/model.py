@@ -348,7 +348,9 @@ class CorsConfig(Strict):
 
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
-    port: int = Field(default=4000, ge=0, le=65535)
+    # Not 0 (any free port): callers could not find the gateway, nor could the banner
+    # say where it listens, since uvicorn binds after it is printed.
+    port: int = Field(default=4000, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(
         default=100,
