@@ -167,6 +167,26 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--name", "", "--name must be 1-64 characters"),
+        ("--name", "bad name/with slash", "--name must be 1-64 characters"),
+        ("--name", "two\nlines", "--name must be 1-64 characters"),
+        ("--name", "x" * 5000, "--name must be 1-64 characters"),
+        ("--max-tokens-cap", "0", "--max-tokens-cap must be an integer from 1 to 2147483647"),
+        ("--max-tokens-cap", "99999999999", "--max-tokens-cap must be an integer from 1"),
+    ],
+)
+def test_keys_create_applies_the_admin_api_rules(tmp_path, option, value, message):
+    """What the admin API refuses (a name that is no metric label, a cap PostgreSQL cannot
+    store) the CLI refuses too, before it opens anything."""
+    args = ["keys", "create", "--name", "ok", option, value, "-c", str(tmp_path / "none.yaml")]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 2
+    assert message in result.output and "cannot read file" not in result.output
+
+
 def test_default_serve_prints_a_working_demo_key(tmp_path):
     """The README's first command: no config, no keys, simulated models."""
     port = free_port()

@@ -18,6 +18,7 @@ import orjson
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
+from metergate.auth.rules import check_cap, check_name
 from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
 from metergate.console import request_detail as detail
@@ -265,9 +266,9 @@ class AdminApi:
         query_params(request)
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(body, {"name", "models", "max_tokens_cap", "team", "tags"})
-        name = console_keys.check_name(body.get("name"))
+        name = check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
-        cap = console_keys.check_cap(body.get("max_tokens_cap"))
+        cap = check_cap(body.get("max_tokens_cap"))
         given = attribution.key_attribution(body)
         database = await self._database()
         team = given.get("team")
@@ -296,7 +297,7 @@ class AdminApi:
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
         models = console_keys.check_models(self.runtime, body.get("models"))
-        cap = console_keys.check_cap(body.get("max_tokens_cap"))
+        cap = check_cap(body.get("max_tokens_cap"))
         given = attribution.key_attribution(body)
         database = await self._database()
         current = await console_keys.active_key(database, key_id)

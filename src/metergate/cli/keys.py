@@ -10,7 +10,9 @@ import typer
 from rich.table import Table
 
 from metergate.auth.keys import KeyRecord
+from metergate.auth.rules import CAP_MAX, check_cap, check_name
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.errors import InvalidRequest
 from metergate.storage import keys as store
 from metergate.storage.database import Database
 from metergate.storage.teams import get_team, list_teams
@@ -26,7 +28,8 @@ def create(
         list[str] | None, typer.Option("--models", help="allowed models (repeat); all if omitted")
     ] = None,
     max_tokens_cap: Annotated[
-        int | None, typer.Option("--max-tokens-cap", min=1, help="cap on max_tokens per request")
+        int | None,
+        typer.Option("--max-tokens-cap", help=f"cap on max_tokens per request (1-{CAP_MAX})"),
     ] = None,
     team: Annotated[str | None, typer.Option("--team", help="the team it belongs to")] = None,
     tags: Annotated[
@@ -36,6 +39,12 @@ def create(
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
+    try:  # the admin API's rules, so the CLI makes no key the API would refuse
+        check_name(name, "--name")
+        check_cap(max_tokens_cap, "--max-tokens-cap", unset=None)
+    except InvalidRequest as error:
+        errors.print(error.message, markup=False, highlight=False)
+        raise typer.Exit(2) from None
     loaded = load_or_exit(config)
     unknown = [m for m in models or [] if m not in loaded.models]
     if unknown:

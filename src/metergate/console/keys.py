@@ -12,7 +12,6 @@ keys an editable budget would need a column and enforcement in the budget book.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -24,10 +23,6 @@ from metergate.errors import InvalidRequest, NotFound
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import list_keys
-from metergate.teams import whole_number
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
-CAP_MAX = 2**31 - 1  # the column is a 32-bit INTEGER in PostgreSQL
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -99,16 +94,6 @@ def check_fields(body: dict[str, Any], known: set[str]) -> None:
         )
 
 
-def check_name(value: Any) -> str:
-    if not isinstance(value, str) or not NAME.fullmatch(value):
-        raise InvalidRequest(
-            "`name` must be 1-64 characters: letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (it becomes a metric label)",
-            param="name",
-        )
-    return value
-
-
 def check_models(runtime: Runtime, value: Any) -> list[str] | None:
     """None or [] means every model; otherwise each must be a configured model."""
     if value is None:
@@ -123,19 +108,6 @@ def check_models(runtime: Runtime, value: Any) -> list[str] | None:
             param="models",
         )
     return list(dict.fromkeys(value)) or None
-
-
-def check_cap(value: Any) -> int | None:
-    """A positive 32-bit integer; 2213.0 is one too (JSON does not tell them apart)."""
-    if value is None:
-        return None
-    number = whole_number(value)
-    if number is None or not 1 <= number <= CAP_MAX:
-        raise InvalidRequest(
-            f"`max_tokens_cap` must be an integer from 1 to {CAP_MAX}, or null",
-            param="max_tokens_cap",
-        )
-    return number
 
 
 async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:

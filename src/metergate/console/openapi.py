@@ -10,8 +10,8 @@ import functools
 from typing import Any
 
 from metergate import teams
+from metergate.auth.rules import CAP_MAX
 from metergate.config.observe import TAG_NAME
-from metergate.console.keys import CAP_MAX
 from metergate.console.request_detail import SINCE
 from metergate.metering.metrics import OUTCOMES
 from metergate.metering.report import FIXED_GROUPS
