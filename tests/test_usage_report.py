@@ -405,6 +405,27 @@ def test_cli_csv_and_period_options(ledger_config: Path) -> None:
     assert compared.stdout.splitlines()[0].startswith("model,priced_as,requests")
 
 
+async def test_cli_csv_cells_never_run_as_formulas(tmp_path: Path) -> None:
+    """Key names and tag values come from callers; a spreadsheet must show them as text.
+    Numbers the report writes itself (a negative saving) stay numbers."""
+    url = f"sqlite:///{tmp_path}/cli.db"
+    (tmp_path / "gw.yaml").write_text(CONFIG.format(url=url))
+    database = await open_database(url)
+    evil = '=HYPERLINK("http://x")'
+    tags = json.dumps({"team": "+1+1", "who": "@SUM(A1)"})
+    await insert(
+        database,
+        [row(time.time() - 60, key_name=evil, tags=tags, cost_nano=5, saved_nano=-7)],
+    )
+    await database.close()
+    by_key = list(csv.reader(io.StringIO(run(tmp_path, "--format", "csv", "--by", "key").stdout)))
+    assert by_key[1][0] == "'" + evil
+    assert by_key[1][by_key[0].index("saved_usd")] == "-0.000000007"
+    for name, value in (("team", "+1+1"), ("who", "@SUM(A1)")):
+        result = run(tmp_path, "--format", "csv", "--by", f"tag:{name}")
+        assert list(csv.reader(io.StringIO(result.stdout)))[1][0] == "'" + value
+
+
 def test_cli_table(ledger_config: Path) -> None:
     result = run(ledger_config, "--compare", "holysheep", "--by", "key")
     assert result.returncode == 0, result.stderr

@@ -32,6 +32,7 @@ from metergate.metering.report import (
     UsageFilter,
     UsageGroup,
     compare_prices,
+    csv_text,
     group_expression,
     month_forecast,
     tag_expression,
@@ -292,7 +293,7 @@ def _json(
 
 def _usage_csv(by: GroupBy, summary: list[UsageGroup]) -> list[list[Any]]:
     header = [by, *_group_fields(summary[-1])]
-    rows = [[group.name or "", *_group_fields(group).values()] for group in summary]
+    rows = [[csv_text(group.name or ""), *_group_fields(group).values()] for group in summary]
     return [header, *([("" if v is None else v) for v in row] for row in rows)]
 
 
@@ -301,8 +302,8 @@ def _comparison_csv(comparison: list[ModelComparison]) -> list[list[Any]]:
     rows: list[list[Any]] = []
     for row in comparison:
         fields = _comparison_fields(row)
-        fields["priced_as"] = " ".join(row.priced_as)
-        rows.append([row.model or "", *("" if v is None else v for v in fields.values())])
+        fields["priced_as"] = csv_text(" ".join(row.priced_as))
+        rows.append([csv_text(row.model or ""), *("" if v is None else v for v in fields.values())])
     return [header, *rows]
 
 

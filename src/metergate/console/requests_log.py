@@ -18,6 +18,7 @@ import orjson
 
 from metergate.errors import InvalidRequest
 from metergate.metering.metrics import OUTCOMES
+from metergate.metering.report import csv_text
 from metergate.storage.database import Database
 
 COLUMNS = (
@@ -45,7 +46,6 @@ COLUMNS = (
 )
 PAGE_MAX = 1_000
 CSV_MAX = 100_000
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +160,7 @@ async def filter_choices(database: Database, models: list[str]) -> dict[str, lis
 def _cell(value: Any) -> Any:
     if isinstance(value, dict):  # tags
         value = ",".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
-        return "'" + value
-    return value
+    return csv_text(value) if isinstance(value, str) else value
 
 
 def to_csv(rows: list[dict[str, Any]]) -> bytes:

@@ -44,12 +44,22 @@ _GROUP_COLUMNS: dict[GroupBy, str] = {
     "upstream": "upstream",
     "team": "team",
 }
+# A CSV cell starting with one of these runs as a formula when the file is opened in a
+# spreadsheet; key names, models, tag values and request ids come from callers.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _HOUR = 3600
 _DAY = 86_400
 
 
 def _sql_list(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{value}'" for value in values)
+
+
+def csv_text(value: str) -> str:
+    """A text cell for a CSV export, prefixed with `'` when a spreadsheet would run it as
+    a formula (`=HYPERLINK(...)` as a tag value). For text only: `-1.5` as a number is
+    written by the exporter itself and must stay a number."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
 
 
 @dataclass(frozen=True, slots=True)
