@@ -303,6 +303,27 @@ def test_periods() -> None:
             parse_period(*args, now)
 
 
+def test_a_period_beyond_the_calendar_is_refused(tmp_path: Path) -> None:
+    """Further back than the year 1 (or past 9999) no date can show it: a usage error, not
+    a ValueError from datetime or an OverflowError from a huge number."""
+    now = utc(2025, 6, 10, 12)
+    for since in ("1000000d", "999999999999m", "9" * 40 + "d", "9" * 5000 + "h"):
+        with pytest.raises(PeriodError, match="reaches back before the year 1"):
+            parse_period(since, None, None, now)
+    assert parse_period("700000d", None, None, now)[0] == now - 700_000 * 86_400
+    for start, end in [
+        ("2020-01-01", "9999-12-31"),  # a bare --to date ends at the next midnight
+        ("0001-01-01T00:00+05:00", None),
+        ("2020-01-01", "9999-12-31T23:00-05:00"),
+    ]:
+        with pytest.raises(PeriodError, match="out of range"):
+            parse_period(None, start, end, now)
+    (tmp_path / "gw.yaml").write_text(CONFIG.format(url=f"sqlite:///{tmp_path}/cli.db"))
+    result = run(tmp_path, "--since", "1000000d")
+    assert result.returncode == 2 and "reaches back before the year 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_usd_is_exact() -> None:
     assert usd(0) == "0.000000000"
     assert usd(150 * NANO + 7) == "150.000000007"

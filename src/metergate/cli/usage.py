@@ -46,6 +46,7 @@ Report = tuple[list[UsageGroup], list[ModelComparison] | None, MonthForecast]
 _SINCE = re.compile(r"([1-9][0-9]*)([mhd])")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86_400}
 _NANO = 1_000_000_000
+_FIRST_DAY = dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp()  # the earliest a report shows
 
 
 def usage(
@@ -137,7 +138,14 @@ def parse_period(
         match = _SINCE.fullmatch((since or "24h").strip())
         if match is None:
             raise PeriodError(f"--since takes a number and a unit: 30m, 24h, 7d (got {since!r})")
-        return now - int(match[1]) * _UNIT_SECONDS[match[2]], now
+        # 13 digits are already millions of years; int() refuses above 4,300 digits
+        seconds = int(match[1]) * _UNIT_SECONDS[match[2]] if len(match[1]) < 13 else None
+        if seconds is None or seconds > now - _FIRST_DAY:
+            raise PeriodError(
+                f"--since {since} reaches back before the year 1; give a shorter period, "
+                "or --from DATE"
+            )
+        return now - seconds, now
     period = _instant(start, "--from"), now if end is None else _instant(end, "--to")
     if period[0] >= period[1]:
         raise PeriodError("--from must be before --to (or before now)")
@@ -151,8 +159,8 @@ def _instant(text: str, option: str) -> float:
     except ValueError:
         pass
     else:
-        midnight = dt.datetime.combine(day, dt.time(), dt.UTC)
-        return (midnight + dt.timedelta(days=1 if option == "--to" else 0)).timestamp()
+        midnight = dt.datetime.combine(day, dt.time(), dt.UTC).timestamp()
+        return _checked(midnight + (86_400 if option == "--to" else 0), option, text)
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -160,7 +168,25 @@ def _instant(text: str, option: str) -> float:
             f"{option} takes an ISO date or date-time, e.g. 2025-06-01 or "
             f"2025-06-01T09:30+02:00 (got {text!r})"
         ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return _checked(aware.timestamp(), option, text)
+
+
+def _checked(ts: float, option: str, text: str) -> float:
+    if not _in_range(ts):
+        raise PeriodError(
+            f"{option} {text} is out of range: a period lies within the years 1-9999 (UTC)"
+        )
+    return ts
+
+
+def _in_range(ts: float) -> bool:
+    """Whether a report can show this instant as a UTC date (years 1-9999)."""
+    try:
+        dt.datetime.fromtimestamp(ts, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        return False
+    return True
 
 
 def _period_or_exit(
