@@ -167,6 +167,29 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
+def test_tables_are_not_cut_when_stdout_is_no_terminal(tmp_path):
+    """Piped (or `kubectl exec` without -t), a table is as wide as its content: a key's id
+    can be copied for `revoke`, a cost read whole."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
+        "providers: {s: {type: simulated}}\n"
+        "upstreams: {u: {provider: s, model: m}}\n"
+        "models: {m: {upstreams: [u]}}\n"
+    )
+    name = "a-rather-long-service-name-for-a-table"
+    created = run("keys", "create", "--name", name, "-c", str(config), cwd=tmp_path)
+    key_id = created.stdout.split("(")[1].split(")")[0]
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "80"}
+    for command, expected in (("keys", "list"), [name, key_id]), (("usage",), ["$0.000000"]):
+        shown = subprocess.run(
+            [*METERGATE, *command, "-c", str(config)], capture_output=True, text=True, env=env
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert all(text in shown.stdout for text in expected), shown.stdout
+        assert "…" not in shown.stdout.replace("mgk_…", "")
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [

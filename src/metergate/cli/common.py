@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -14,8 +15,12 @@ from metergate.config import ConfigError, GatewayConfig, LoadedConfig, read_conf
 from metergate.storage.database import Database, open_database
 
 T = TypeVar("T")
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+# Off a terminal (a pipe, `kubectl exec` without -t) rich would fit tables into 80
+# columns, cutting ids and costs to `key_6846…` and `$0.…`: there a line is as long as
+# its content, so what is printed can be copied and parsed.
+_UNBOUNDED = 100_000
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else _UNBOUNDED)
+errors = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else _UNBOUNDED)
 
 ConfigOption = Annotated[
     Path | None,

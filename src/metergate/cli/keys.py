@@ -74,6 +74,7 @@ def list_(config: ConfigOption = None) -> None:
     loaded = load_or_exit(config)
     records = with_database(loaded, store.list_keys)
     table = Table("name", "id", "key", "models", "max_tokens cap", "team", "created", "state")
+    table.columns[1].overflow = "fold"  # folded in a narrow terminal, never cut: revoke takes it
     for record in records:
         table.add_row(
             record.name,
