@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -45,6 +46,8 @@ def test_missing_key_is_a_401(gateway):
     [
         ("sk-proj-someopenaikey", "malformed_api_key", "malformed API key"),
         ("mgk_" + "x" * 43, "invalid_api_key", "unknown API key"),
+        # the gateway's config, or the key lands in another ledger; but no server path
+        ("mgk_" + "x" * 43, "invalid_api_key", "`metergate keys create --name SERVICE -c FILE`"),
     ],
 )
 def test_bad_keys_get_a_401_saying_what_is_wrong(gateway, key, code, says):
@@ -52,6 +55,7 @@ def test_bad_keys_get_a_401_saying_what_is_wrong(gateway, key, code, says):
         call(gateway, key)
     assert raised.value.code == code
     assert says in raised.value.message
+    assert str(Path(gateway.runtime.source).parent) not in raised.value.message
 
 
 def test_revoked_key_is_refused_by_name(gateway):

@@ -167,6 +167,34 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
+def test_the_banner_hint_names_the_config_served(tmp_path):
+    """Without -c, `keys create` would write to ./.metergate, which this gateway never reads."""
+    config = tmp_path / "my gw.yaml"
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
+        "providers: {s: {type: simulated}}\n"
+        "upstreams: {u: {provider: s, model: m}}\n"
+        "models: {m: {upstreams: [u]}}\n"
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [*METERGATE, "serve", "-c", str(config), "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        line = ""
+        while process.stdout and "create a key first" not in line and process.poll() is None:
+            line = process.stdout.readline()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert f"metergate keys create --name my-service -c '{config}'" in line
+
+
 def test_tables_are_not_cut_when_stdout_is_no_terminal(tmp_path):
     """Piped (or `kubectl exec` without -t), a table is as wide as its content: a key's id
     can be copied for `revoke`, a cost read whole."""

@@ -76,8 +76,9 @@ class KeyIndex:
             record = await self._look_up(digest)
         if record is None:
             raise Unauthorized(
-                "unknown API key: no gateway key matches; create one with "
-                "`metergate keys create --name SERVICE`",
+                "unknown API key: no gateway key matches; the operator creates one with "
+                "`metergate keys create --name SERVICE -c FILE`, FILE being the config "
+                "this gateway runs with (its ledger holds the keys)",
                 code="invalid_api_key",
             )
         if record.revoked_at is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from rich.markup import escape
 
 from metergate.auth.keys import hash_key
 from metergate.cli.common import ConfigOption, console, errors, read_or_exit
@@ -54,7 +56,9 @@ def serve(
     for client in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(client).setLevel(logging.WARNING)
     demo_key, active_keys = asyncio.run(_startup_keys(loaded, make_demo=config is None))
-    _banner(loaded, host, port, demo_key, active_keys, workers)
+    # The key commands must open this ledger: without -c they would use the default one.
+    with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
+    _banner(loaded, host, port, demo_key, active_keys, workers, with_config)
     trusted = loaded.server.trusted_proxies
     options = dict(
         host=host,
@@ -117,7 +121,13 @@ async def _startup_keys(config: GatewayConfig, make_demo: bool) -> tuple[str | N
 
 
 def _banner(
-    config: GatewayConfig, host: str, port: int, key: str | None, active_keys: int, workers: int
+    config: GatewayConfig,
+    host: str,
+    port: int,
+    key: str | None,
+    active_keys: int,
+    workers: int,
+    with_config: str,
 ) -> None:
     base = f"http://{host}:{port}/v1"
     model = next(iter(config.models))
@@ -133,9 +143,16 @@ def _banner(
         ledger = f"{ledger} (file {Path(path).resolve()})"  # sqlite:/// is relative
     console.print(f"metrics: http://{host}:{port}/metrics   ledger: {ledger}")
     if key is None and active_keys:
-        console.print(f"{active_keys} active key(s): see [bold]metergate keys list[/bold]")
+        console.print(
+            f"{active_keys} active key(s): see [bold]metergate keys list{with_config}[/bold]",
+            highlight=False,
+        )
     elif key is None:
-        console.print("create a key first: [bold]metergate keys create --name my-service[/bold]")
+        console.print(
+            "create a key first: "
+            f"[bold]metergate keys create --name my-service{with_config}[/bold]",
+            highlight=False,
+        )
     else:
         console.print(f"demo key (stored hashed; secret kept in .metergate/demo-key): {key}")
     console.print("\ntry it with curl:", markup=False)
