@@ -85,6 +85,27 @@ def test_env_substitution_with_default(monkeypatch):
     assert config.providers["p"].base_url == "http://h/v1"
 
 
+def test_env_default_forms_follow_the_shell(monkeypatch):
+    """`:-` takes the default for an unset or empty variable (`PORT=` in a .env file), `-`
+    only for an unset one, as the shell and docker compose do with the same variables."""
+    monkeypatch.setenv("METERGATE_TEST_EMPTY", "")
+    monkeypatch.delenv("METERGATE_TEST_UNSET", raising=False)
+    base = "upstreams: {u: {provider: p, model: m}}\nmodels: {m: {upstreams: [u]}}\n"
+
+    def server(port: str, host: str) -> tuple[int, str]:
+        config = parse_config(
+            f"server: {{port: '{port}', host: '{host}'}}\n"
+            f"providers: {{p: {{type: simulated}}}}\n{base}"
+        )
+        return config.server.port, config.server.host
+
+    assert server("${METERGATE_TEST_EMPTY:-4100}", "${METERGATE_TEST_EMPTY:-h}") == (4100, "h")
+    assert server("${METERGATE_TEST_UNSET:-4100}", "${METERGATE_TEST_UNSET-h}") == (4100, "h")
+    assert server("${METERGATE_TEST_UNSET-4100}", "${METERGATE_TEST_EMPTY-h}") == (4100, "")
+    with pytest.raises(ConfigError, match=r"server\.port: Input should be a valid integer"):
+        server("${METERGATE_TEST_EMPTY-4100}", "h")
+
+
 def test_embedded_default_is_valid():
     config = load_config(None)
     assert {p.type for p in config.providers.values()} == {"simulated"}

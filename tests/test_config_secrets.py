@@ -296,6 +296,16 @@ def test_versions_stored_verbatim_before_are_redacted_at_start(upstream, tmp_pat
 # --- redaction itself --------------------------------------------------------------------
 
 
+def test_a_default_in_either_form_is_a_literal_secret():
+    text = (
+        "providers:\n"
+        "  a: {type: openai, api_key: '${A_KEY-}'}\n"
+        "  b: {type: openai, api_key: '${B_KEY-sk-default-secret}'}\n"
+    )
+    redacted = redact(text)
+    assert "${A_KEY-}" in redacted and "sk-default-secret" not in redacted
+
+
 def test_redaction_takes_out_literal_secrets_only():
     text = """ledger: {url: "postgresql://mg:pg-secret@db:5432/mg?sslmode=require&password=pw-2"}
 redis: {url: "redis://:${REDIS_PASSWORD}@redis:6379/0"}

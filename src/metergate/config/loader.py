@@ -18,7 +18,9 @@ from pydantic import ValidationError
 from metergate.config.model import GatewayConfig
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${VAR}`, `${VAR:-default}` (VAR unset or empty) and `${VAR-default}` (VAR unset), as
+# in the shell and docker compose, which fill the same variables in the same deployments.
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
 
 KeyPath = tuple[str | int, ...]
 
@@ -168,9 +170,9 @@ def _substitute_env(
         return value
 
     def replace(match: re.Match[str]) -> str:
-        variable, default = match.group(1), match.group(2)
+        variable, form, default = match.group(1, 2, 3)
         found = os.environ.get(variable)
-        if found is not None:
+        if found is not None and (found or form != ":-"):
             return found
         if default is not None:
             return default

@@ -55,9 +55,9 @@ _SECRET_NAME = re.compile(
     r"^key$|^sig$|^code$",
     re.IGNORECASE,
 )
-# `${VAR}` (or `${VAR:-}`, empty default): a name, not a secret. A non-empty default is a
-# literal secret written inside the reference.
-_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-)?\}")
+# `${VAR}` (or `${VAR:-}`, `${VAR-}`: empty default): a name, not a secret. A non-empty
+# default is a literal secret written inside the reference.
+_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-)?\}")
 _SCHEME = re.compile(r"^\s*(?:bearer|basic|token|bot|apikey)\s+", re.IGNORECASE)
 _NULL = "tag:yaml.org,2002:null"
 
