@@ -234,7 +234,8 @@ def test_a_rotated_literal_secret_is_applied_on_reload(gateway_factory, upstream
     rotated = "admin-canary-rotated-0a1b2c3d4e"
     path.write_text(config_text(upstream, ledger, 1, admin_key=rotated))
     answer = reload(base)
-    assert answer.status_code == 200 and answer.json() == {"applied": True, "version": version}
+    assert answer.status_code == 200
+    assert answer.json() == {"applied": True, "version": version, "restart_required": []}
     assert reload(base).status_code == 401  # the old key is refused now
     assert reload(base, rotated).json()["applied"] is False
 
