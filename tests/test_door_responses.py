@@ -347,7 +347,10 @@ def test_stream_broken_after_its_first_byte_fails_in_kind(gateway: Gateway) -> N
     kept = gateway.client().responses.retrieve(failed.id)
     assert kept.status == "failed" and kept.error is not None
     assert kept.error.message == failed.error.message
-    assert "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    relayed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert relayed
+    # what the caller received before the failure is in the failed response, not lost
+    assert failed.output_text == kept.output_text == relayed
     row = ledger_row(gateway, "stream = 1")
     assert (row["api"], row["outcome"]) == ("responses", "upstream_error")
 

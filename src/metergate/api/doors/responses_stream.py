@@ -205,7 +205,8 @@ class ResponseStream:
 
     async def failed(self, error: GatewayError) -> bytes:
         out = b"" if self.started else self._start(None)
-        failed = await fail(self.response, error, self.store)
+        # What the caller was sent before the failure stays in the response it retrieves.
+        failed = await fail({**self.response, "output": self.output}, error, self.store)
         return out + self.events.failure(failed, error)
 
 
