@@ -38,8 +38,10 @@ models:
 """
 
 
-def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+def run(
+    *args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [*METERGATE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -123,6 +125,31 @@ def test_check_command(tmp_path):
     good.write_text((Path(__file__).parents[1] / "src/metergate/config/default.yaml").read_text())
     ok = run("check", str(good), cwd=tmp_path)
     assert ok.returncode == 0 and "ok" in ok.stdout
+
+
+def test_check_warns_of_what_is_valid_yet_likely_wrong(tmp_path):
+    """An api_key whose variable is set to nothing and an MCP command this machine cannot
+    find are warnings (the check passes: the gateway may run elsewhere), not silence."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        """
+providers:
+  openai: {type: openai, base_url: "http://127.0.0.1:9/v1", api_key: "${METERGATE_TEST_EMPTY_KEY}"}
+upstreams: {gpt: {provider: openai, model: gpt-4.1}}
+models: {gpt: {upstreams: [gpt]}}
+mcp:
+  servers:
+    files: {command: no-such-mcp-server-here}
+    shell: {command: sh}
+"""
+    )
+    result = run("check", str(config), cwd=tmp_path, env={"METERGATE_TEST_EMPTY_KEY": ""})
+    assert result.returncode == 0, result.stderr
+    assert "providers.openai.api_key: api_key is empty" in result.stderr
+    assert "mcp.servers.files.command: command 'no-such-mcp-server-here' is not found" in (
+        result.stderr
+    )
+    assert "mcp.servers.shell" not in result.stderr
 
 
 def test_serve_refuses_an_invalid_config(tmp_path):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from metergate.cli.common import console, errors, load_or_exit
-from metergate.config.checks import price_warnings
+from metergate.config.checks import config_warnings
 from metergate.config.loader import format_path
 
 
@@ -17,9 +17,10 @@ def check(
 ) -> None:
     """Validate a config file; exit 2 and list every problem if it is not usable.
 
-    Warnings (an upstream without a price) do not fail the check."""
+    Warnings (an upstream without a price, an empty api_key, an MCP command not found
+    here) do not fail the check."""
     loaded = load_or_exit(config)
-    for path, message, hint in price_warnings(loaded):
+    for path, message, hint in config_warnings(loaded):
         errors.print(
             f"warning: {config}: {format_path(path)}: {message}\n    hint: {hint}",
             markup=False,

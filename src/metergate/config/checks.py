@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from metergate.config.model import GatewayConfig
 from metergate.config.provider_checks import Problem, price_warnings, provider_problems
 
-__all__ = ["Problem", "cross_reference_problems", "price_warnings"]
+__all__ = ["Problem", "config_warnings", "cross_reference_problems", "price_warnings"]
 
 _NEEDS_BASE_URL = {"openai"}
 _NEEDS_KEY = {"anthropic", "gemini"}
@@ -148,3 +148,32 @@ def _tracing_packages(config: GatewayConfig) -> Iterator[Problem]:
                 f"pip install 'metergate[{'tracing-grpc' if grpc else 'tracing'}]'",
             )
             return
+
+
+def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
+    """What is valid yet likely wrong: an upstream metered at $0, a provider key that
+    came out empty (an environment variable set to nothing), an MCP server whose command
+    this machine cannot find. They do not fail a check: the gateway may run elsewhere."""
+    import shutil
+    from pathlib import Path
+
+    yield from price_warnings(config)
+    for name, provider in config.providers.items():
+        if provider.api_key is not None and not provider.api_key.get_secret_value().strip():
+            yield (
+                ("providers", name, "api_key"),
+                "api_key is empty: the provider will refuse every request",
+                "set the environment variable it names, or remove api_key",
+            )
+    servers = config.mcp.servers if config.mcp is not None else {}
+    for name, server in servers.items():
+        command = server.command
+        if command is None:
+            continue
+        where = Path(server.cwd or ".") / command
+        if shutil.which(command) is None and not (("/" in command) and where.is_file()):
+            yield (
+                ("mcp", "servers", name, "command"),
+                f"command {command!r} is not found on this machine's PATH",
+                "install it, or give its full path; it is started on every gateway worker",
+            )
