@@ -46,6 +46,13 @@ def serve(
                 "enforces the rate limits on its own, so together they admit up to "
                 f"{workers} times each limit"
             )
+        if loaded.budgets:
+            console.print(
+                f"[yellow]warning:[/yellow] without redis: each of the {workers} workers "
+                "counts only its own spend against the budgets, so their alerts fire late "
+                "and metergate_budget_spent_usd shows one worker's part (the ledger and "
+                "`metergate usage` have all of it)"
+            )
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
     logging.basicConfig(
