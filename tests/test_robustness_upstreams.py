@@ -511,8 +511,9 @@ def _echo_app() -> web.Application:
         sent = request.headers
         quoted = f"auth was {sent.get('authorization')}; token {sent.get('x-team-token')}"
         error = orjson.dumps({"error": {"message": quoted, "type": "invalid_request_error"}})
-        if not body.get("stream"):
-            return web.Response(status=400, body=error, content_type="application/json")
+        if not body.get("stream"):  # `user: ok` asks for the error under a 200
+            status = 200 if body.get("user") == "ok" else 400
+            return web.Response(status=status, body=error, content_type="application/json")
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         chunk = {
@@ -532,9 +533,9 @@ def _echo_app() -> web.Application:
     return app
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("way", ["error", "stream", "error under a 200"])
 def test_credentials_an_upstream_echoes_never_reach_the_caller(
-    bg: BackgroundLoop, gateway_factory, stream: bool
+    bg: BackgroundLoop, gateway_factory, way: str
 ):
     """A credential in the provider's configured headers (a proxy's bearer token, a team
     token), not only its api_key, is taken out of the upstream's messages."""
@@ -546,10 +547,11 @@ def test_credentials_an_upstream_echoes_never_reach_the_caller(
     gateway = gateway_factory(config)
     client = gateway.client()
     with pytest.raises(openai.APIError) as raised:
-        if stream:
+        if way == "stream":
             list(client.chat.completions.create(model="m", messages=ASK, stream=True))
         else:
-            client.chat.completions.create(model="m", messages=ASK)
+            user = "ok" if way == "error under a 200" else "x"
+            client.chat.completions.create(model="m", messages=ASK, user=user)
     message = str(raised.value.message) + str(getattr(raised.value, "body", ""))
     assert "auth was" in message  # the upstream's message is kept, but for the secrets
     assert token not in message and team not in message

@@ -19,7 +19,7 @@ import orjson
 from metergate.errors import GatewayError, InvalidRequest, UpstreamProtocolError
 from metergate.providers.base import Completion, Usage
 from metergate.providers.h1 import StreamResponse
-from metergate.providers.http import HttpTransport
+from metergate.providers.http import HttpTransport, error_message
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
 
 log = logging.getLogger("metergate.providers")
@@ -216,11 +216,10 @@ def load_answer(data: bytes, what: str, field: str) -> dict[str, Any]:
     upstream's fault."""
     value = load_json(data, what)
     if type(value.get(field)) is not list:
-        error = value.get("error")
-        if error:
-            message = error.get("message") if isinstance(error, dict) else error
+        if value.get("error"):  # its message as any error's, credentials taken out
             raise UpstreamProtocolError(
-                f"the upstream answered 200 with an error instead of a {what}: {str(message)[:300]}"
+                f"the upstream answered 200 with an error instead of a {what}: "
+                f"{error_message(data)}"
             )
         raise UpstreamProtocolError(f"the upstream sent a {what} without `{field}`")
     return value
