@@ -377,13 +377,10 @@ class Runtime:
         in a worker's metric file (`remove_series`), where a plain removal is ignored."""
         metrics, new = self.metrics, self.plan
         remove_series(metrics.build_info, __version__, old.version)
-        kept = new.router.deployments
-        for name, deployment in old.router.deployments.items():
-            priced = kept[name].prices.per_million_usd() if name in kept else {}
-            for kind in deployment.prices.per_million_usd().keys() - priced.keys():
+        for name in old.router.deployments.keys() - new.router.deployments.keys():
+            for kind in old.router.deployments[name].prices.per_million_usd():
                 remove_series(metrics.model_price, name, kind)
-            if name not in kept:
-                remove_series(metrics.circuit_state, name)
+            remove_series(metrics.circuit_state, name)
         for budget in old.config.budgets.keys() - new.config.budgets.keys():
             remove_series(metrics.budget_spent, budget)
             remove_series(metrics.budget_limit, budget)
