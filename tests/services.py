@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,35 @@ def binary(name: str) -> str:
     if found is None:
         pytest.skip(f"{name} is not installed (scripts/test installs it)")
     return found
+
+
+def certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (as an operator's own CA)."""
+    openssl = binary("openssl")
+    ca_key, ca, key, csr, cert = (
+        directory / name for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
+    run = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+    subprocess.run(
+        [*run, "-subj", "/CN=metergate test CA", "-keyout", ca_key, "-out", ca],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", key, "-out", csr],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-days", "2", "-extfile", extensions, "-out", cert],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return ca, cert, key
 
 
 def free_port() -> int:
@@ -232,8 +261,9 @@ class PostgresServer:
 class RedisServer:
     """One redis-server, in memory only (no RDB, no AOF), listening on 127.0.0.1."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, extra_args: Sequence[str] = ()) -> None:
         self.binary = binary
+        self.extra_args = list(extra_args)  # e.g. a unix socket or a TLS port besides
         self.root = Path(tempfile.mkdtemp(prefix="metergate-redis-"))
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -264,6 +294,7 @@ class RedisServer:
                     "no",
                     "--protected-mode",
                     "yes",
+                    *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

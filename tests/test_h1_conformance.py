@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from metergate.providers.h1 import (
     PoolTimeout,
     ReadTimeout,
 )
-from tests.services import ServerProcess, binary, free_port
+from tests.services import ServerProcess, binary, certificates, free_port
 
 WHOLE = Deadlines(connect=5, first_byte=10, total=60, idle=None)
 STREAM = Deadlines(connect=5, first_byte=10, total=None, idle=10)
@@ -44,35 +43,6 @@ def _body(mib: int) -> bytes:
 # --- nginx ---------------------------------------------------------------------------------
 
 
-def _certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it (as an operator's own CA)."""
-    openssl = binary("openssl")
-    ca_key, ca, key, csr, cert = (
-        directory / name for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
-    )
-    run = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-    subprocess.run(
-        [*run, "-subj", "/CN=metergate test CA", "-keyout", ca_key, "-out", ca],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-         "-keyout", key, "-out", csr],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    extensions = directory / "san.cnf"
-    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
-    subprocess.run(
-        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-days", "2", "-extfile", extensions, "-out", cert],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return ca, cert, key
-
-
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int, Path]]:
     """nginx serving static answers to POST, plain and TLS: (server, TLS port, CA file)."""
@@ -82,7 +52,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc
     for name, mib in SIZES.items():
         (site / f"{name}.bin").write_bytes(_body(mib))
     (site / "usage.json").write_text('{"usage": {"prompt_tokens": 3}, "pad": "%s"}' % ("x" * 4096))
-    ca, cert, key = _certificates(workdir)
+    ca, cert, key = certificates(workdir)
     tls_port = free_port()
     temp = "\n".join(
         f"    {kind}_temp_path {workdir}/{kind}_temp;"
