@@ -1,13 +1,14 @@
 """A/B: the current tree against another commit of metergate, interleaved in the same run.
 
-    .venv/bin/python bench/ab.py --baseline HEAD~1 [--runs 5] [--duration 5] [--venv]
+    .venv/bin/python bench/ab.py --baseline HEAD~1 [--runs 5] [--duration 5] [--venv] [--redis]
 
 So that a change can be shown to cost no throughput "compared in the same run against
 the previous commit": the baseline commit is exported with `git archive` into a
 throwaway directory (`benchlib/baseline.py`) and run from there; both gateways get the
 suite's config (every feature on), their own ledger and key, the same CPU (one loaded at
-a time) and the same nginx upstream, and are measured on the core workloads, their order
-alternating run by run:
+a time) and the same nginx upstream (with `--redis`, one redis-server too, which keeps
+both sides' budgets and rate limits under their own key prefixes), and are measured on
+the core workloads, their order alternating run by run:
 
 - requests/s at saturation (wrk -c64), and the gateway's CPU time per request over
   those runs (from /proc: less disturbed than requests/s by what else runs);
@@ -32,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import baseline, procfs, procs, report, upstream, wrk
+from benchlib import baseline, procfs, procs, redis_server, report, upstream, wrk
 from benchlib import gateway as gw
 from benchlib.measure import half_load_connections, ttft_once
 from benchlib.outcome import TtftRun
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64, help="saturation load (64)")
     parser.add_argument("--ttft-requests", type=int, default=300, help="probe streams per run")
     parser.add_argument("--venv", action="store_true", help="install the baseline in a venv")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="keep both sides' budgets and rate limits in one redis-server (own key prefixes)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "ab.md")
@@ -203,8 +209,13 @@ def render(
         f"{tree.how}",
         "",
         f"Medians of {args.runs} runs of {args.duration} s, the two trees interleaved (order "
-        "alternating run by run), same config (every feature on), same CPU, same nginx. "
-        f"Reproduce: `.venv/bin/python bench/ab.py --baseline {args.baseline}`.",
+        "alternating run by run), same config (every feature on"
+        + ("; budgets and rate limits in one redis-server" if args.redis else "")
+        + "), same CPU, same nginx. "
+        f"Reproduce: `.venv/bin/python bench/ab.py --baseline {args.baseline}"
+        + (" --venv" if args.venv else "")
+        + (" --redis" if args.redis else "")
+        + "`.",
         "",
         table(
             [
@@ -268,11 +279,14 @@ def main(argv: list[str] | None = None) -> int:
             current = other.install
         with procs.Processes() as processes:
             nginx = upstream.start_nginx(processes, workdir, layout.other)
+            redis_url = redis_server.start(processes, workdir) if args.redis else None
             sides = {}
             for name, install in ((CURRENT, current), (BASELINE, tree.install)):
                 home = workdir / name
                 home.mkdir()
                 config = gw.write_config(home, nginx.port)
+                if redis_url is not None:
+                    config = redis_server.with_redis(config, redis_url, config, f"{name}:")
                 key = gw.create_key(config, install)
                 gateway = gw.start_gateway(processes, config, layout.gateway, install=install)
                 chat = gateway.base + upstream.CHAT_PATH

@@ -13,14 +13,11 @@ Usage: .venv/bin/python bench/fleet.py [--runs 3] [--duration 5]
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from benchlib import gateway, procs, upstream, wrk
+from benchlib import gateway, procs, redis_server, upstream, wrk
 from benchlib.procs import free_port
 
 ROOT = Path(__file__).parent
@@ -44,13 +41,6 @@ http {{
 """
 
 
-def with_redis(config: Path, redis_url: str, out: Path) -> Path:
-    raw = yaml.safe_load(config.read_text())
-    raw["redis"] = {"url": redis_url}
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -58,34 +48,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "fleet.md")
     args = parser.parse_args()
     procs.ensure_tools()
-    redis_server = shutil.which("redis-server")
-    assert redis_server, "redis-server is needed (scripts/test installs it)"
     work = Path(tempfile.mkdtemp(prefix="metergate-fleet-", dir="/tmp"))
     work.chmod(0o755)
     with procs.Processes() as processes:
         nginx = upstream.start_nginx(processes, work, "1")
-        redis_port = free_port()
-        processes.start(
-            "redis",
-            [
-                redis_server,
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],
-            work / "redis.log",
-        )
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_url = redis_server.start(processes, work)
         local_dir, shared_dir = work / "local", work / "shared"
         local_dir.mkdir()
         shared_dir.mkdir()
         local = gateway.write_config(local_dir, nginx.port)
-        shared = with_redis(
+        shared = redis_server.with_redis(
             gateway.write_config(shared_dir, nginx.port), redis_url, shared_dir / "redis.yaml"
         )
         key_local, key_shared = gateway.create_key(local), gateway.create_key(shared)
