@@ -21,7 +21,7 @@ import uvloop
 from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import AuthenticationError, ResponseError
 
-from metergate.shared.pipe import Command, ScriptPipe, Settings
+from metergate.shared.pipe import Command, RedisPipe, Settings
 from tests.harness import simulated_config, start_gateway
 from tests.services import RedisServer, binary, certificates, free_port
 
@@ -47,7 +47,7 @@ def settings(url: str, timeout: float = 5.0) -> Settings:
 
 
 async def talk(url: str, *commands: Command) -> list[Any]:
-    pipe = await ScriptPipe.open(settings(url))
+    pipe = await RedisPipe.open(settings(url))
     try:
         return await pipe.execute(commands)
     finally:
@@ -93,7 +93,7 @@ def test_a_batch_answers_in_order_with_error_replies_in_place(redis_server, run)
     redis_server.flushall()
 
     async def scenario() -> tuple[list[Any], list[Any], bool]:
-        pipe = await ScriptPipe.open(settings(redis_server.url))
+        pipe = await RedisPipe.open(settings(redis_server.url))
         first = await pipe.execute(
             [
                 ("SET", "pipe:a", "1"),
@@ -178,7 +178,7 @@ def test_a_misbehaving_server_fails_the_batch_and_closes_the_pipe(answer, failur
     async def scenario() -> tuple[BaseException, BaseException]:
         server, url = await misbehaving(answer)
         try:
-            pipe = await ScriptPipe.open(settings(url, timeout=0.3))
+            pipe = await RedisPipe.open(settings(url, timeout=0.3))
             with pytest.raises(failure) as failed:
                 await pipe.execute([("PING",)])
             assert pipe.closed

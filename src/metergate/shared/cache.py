@@ -1,6 +1,7 @@
 """Cached answers in Redis, so an answer one gateway stored is a hit on every gateway.
 
-Entries are plain strings with a TTL (`SET ... PX`). The LRU bound is Redis's: give it
+Entries are plain strings with a TTL (`SET ... PX`), sent with admission's script calls
+on the link's own connection (`RedisLink.send`). The LRU bound is Redis's: give it
 a `maxmemory` and `maxmemory-policy allkeys-lru`, and it evicts the least recently used
 entries (`cache.max_entries` applies to the in-process cache only).
 """
@@ -17,9 +18,9 @@ class SharedCache:
 
     async def get(self, key: bytes) -> bytes | None:
         """The stored entry, or None; raises `Unavailable` when Redis is unreachable."""
-        value = await self.link.run(self.link.client.get(self.prefix + key.hex()))
+        value = await self.link.send("GET", self.prefix + key.hex())
         return value if isinstance(value, bytes) else None
 
     async def set(self, key: bytes, value: bytes, ttl_seconds: float) -> None:
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        await self.link.run(self.link.client.set(self.prefix + key.hex(), value, px=ttl_ms))
+        await self.link.send("SET", self.prefix + key.hex(), value, "PX", ttl_ms)

@@ -1,9 +1,10 @@
-"""The hot path's own Redis connection: a batch of script calls out, their replies back.
+"""The hot path's own Redis connection: a batch of commands out, their replies back.
 
-Admission and settling are one script call each per request. Through redis-py they
-cost ~100 µs of CPU for a lone call and ~25 µs per call in a pipeline (pool checkout,
-the pipeline object, retry and timeout wrappers, a parse per reply in Python): with
-budgets in Redis, a third of a worker's CPU (docs/performance.md, "Fleet"). This
+Admission and settling are one script call each per request (and the shared cache, when
+on, a GET and on a miss a SET). Through redis-py they cost ~100 µs of CPU for a lone call
+and ~25 µs per call in a pipeline (pool checkout, the pipeline object, retry and timeout
+wrappers, a parse per reply in Python): with budgets in Redis, a third of a worker's CPU
+(docs/performance.md, "Budgets in Redis"). This
 connection does only what those calls need: it writes a whole batch in one write and
 reads the replies with hiredis's C parser, ~45 µs for a lone call (about what the
 loopback round trip itself costs) and ~5 µs per call in a batch.
@@ -112,7 +113,7 @@ class _Replies(asyncio.Protocol):
             self.waiter.set_exception(self.lost)
 
 
-class ScriptPipe:
+class RedisPipe:
     """One connection to Redis for batches of commands, each batch sent in one write."""
 
     def __init__(self, protocol: _Replies, timeout: float) -> None:
@@ -120,7 +121,7 @@ class ScriptPipe:
         self._timeout = timeout
 
     @classmethod
-    async def open(cls, settings: Settings) -> ScriptPipe:
+    async def open(cls, settings: Settings) -> RedisPipe:
         """Connect, authenticate and select the database, within the timeout."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(settings.timeout):

@@ -33,11 +33,12 @@ from metergate.config.model import RedisConfig
 from metergate.metering.metrics import Metrics
 from metergate.shared import scripts
 from metergate.shared.errors import Unavailable
-from metergate.shared.pipe import ScriptPipe, Settings
+from metergate.shared.pipe import Command, RedisPipe, Settings
 
 log = logging.getLogger("metergate.redis")
 T = TypeVar("T")
-Call = tuple[AsyncScript, list[str], list[Any], "asyncio.Future[Any]"]  # queued for a pipeline
+# queued for the next batch: the command, its script if it runs one, who waits for the reply
+Call = tuple[Command, AsyncScript | None, "asyncio.Future[Any]"]
 
 # What "Redis is unreachable" looks like: refused or reset connections, timeouts, a
 # server still loading or out of memory. All of them degrade; none become a 500.
@@ -65,7 +66,7 @@ class RedisLink:
         )
         self.client = Redis(connection_pool=pool)
         self._pipe_settings = Settings.of(pool, config.timeout_seconds)
-        self._pipe: ScriptPipe | None = None  # the sender's own connection (`shared.pipe`)
+        self._pipe: RedisPipe | None = None  # the sender's own connection (`shared.pipe`)
         self.admit = self.client.register_script(scripts.ADMIT)
         self.settle = self.client.register_script(scripts.SETTLE)
         self.sync = self.client.register_script(scripts.SYNC)
@@ -107,8 +108,15 @@ class RedisLink:
         in the next batch (each script is still atomic on its own), sent on a connection
         of its own (`shared.pipe`: ~45 us of CPU for a lone call, ~5 us per call in a
         batch, where redis-py's pipeline took ~100 and ~25)."""
+        return self._enqueue((b"EVALSHA", script.sha, len(keys), *keys, *args), script)
+
+    def send(self, *command: str | bytes | int | float) -> asyncio.Future[Any]:
+        """Queue a plain command (the shared cache's GET and SET) for the next batch."""
+        return self._enqueue(command, None)
+
+    def _enqueue(self, command: Command, script: AsyncScript | None) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, future))
+        self._queue.append((command, script, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send(), name="redis-sender")
         return future
@@ -132,13 +140,14 @@ class RedisLink:
     async def _batch(self, batch: list[Call]) -> list[Any]:
         pipe = self._pipe
         if pipe is None or pipe.closed:
-            pipe = self._pipe = await ScriptPipe.open(self._pipe_settings)
-        commands = [(b"EVALSHA", s.sha, len(keys), *keys, *args) for s, keys, args, _ in batch]
+            pipe = self._pipe = await RedisPipe.open(self._pipe_settings)
+        commands = [command for command, _, _ in batch]
         replies = await pipe.execute(commands)
         missing = [i for i, reply in enumerate(replies) if _no_script(reply)]
         if missing:  # a restarted Redis forgot the scripts: load them, run those again
-            for script in {batch[i][0] for i in missing}:
-                await self.client.script_load(script.script)
+            for script in {batch[i][1] for i in missing}:
+                if script is not None:
+                    await self.client.script_load(script.script)
             again = await pipe.execute([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
