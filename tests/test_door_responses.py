@@ -429,3 +429,29 @@ def test_stored_responses_on_postgresql(gateway_factory: Any, fresh_postgres_url
     assert gateway.bg.run(gateway.app.responses.purge()) >= 1
     assert client.responses.retrieve(third.id).id == third.id  # the newest stays
     assert {row["api"] for row in gateway.ledger_rows()} == {"responses"}
+
+
+REASONING = {"gemini": ("thinking", 40), "gpt": ("reasoning", 5), "gpt-native": ("reasoning", 5)}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("model", list(REASONING))
+def test_reasoning_tokens_are_reported_apart(gateway: Gateway, model: str, stream: bool) -> None:
+    """Thinking is billed as output, and callers see how much of it was thinking: on this
+    door and, from a translated upstream, on the chat door."""
+    word, reasoning = REASONING[model]
+    client = gateway.client()
+    question = f"Think first. TRIGGER:{word}"
+    if stream:
+        with client.responses.stream(model=model, input=question) as events:
+            usage = events.get_final_response().usage
+    else:
+        usage = client.responses.create(model=model, input=question).usage
+    assert usage is not None and usage.output_tokens_details.reasoning_tokens == reasoning
+    assert usage.output_tokens > reasoning
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}]
+    )
+    assert chat.usage is not None and chat.usage.completion_tokens_details is not None
+    assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning
+    assert chat.usage.completion_tokens > reasoning

@@ -11,6 +11,7 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cached                           report 1024 of the prompt tokens as cached
   TRIGGER:cache_write                      report 1500 of 2000 prompt tokens as written to
                                            the prompt cache (`cache_write_tokens`)
+  TRIGGER:reasoning                        report 5 of the completion tokens as reasoning
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
   TRIGGER:nousage                          an answer or stream without `usage` (as some
@@ -77,7 +78,9 @@ def _usage(body: dict[str, Any], completion_tokens: int, trigger: str) -> dict[s
         "completion_tokens": completion_tokens,
         "total_tokens": prompt + completion_tokens,
         "prompt_tokens_details": details,
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": min(5, completion_tokens) if trigger == "reasoning" else 0
+        },
     }
 
 

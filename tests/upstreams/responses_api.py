@@ -8,7 +8,8 @@ item is not a `function_call_output`, else the text `TEXT`; it refuses
 conversation itself). Streams send the real semantic events, `event:` lines included.
 `TRIGGER:500` / `TRIGGER:503` / `TRIGGER:429` / `TRIGGER:400` in the last user text
 answer with that status; `TRIGGER:cached` reports 1024 cached input tokens,
-`TRIGGER:cache_write` 1500 of 2000 written to the prompt cache;
+`TRIGGER:cache_write` 1500 of 2000 written to the prompt cache; `TRIGGER:reasoning` 5 of
+the 7 output tokens spent reasoning;
 `TRIGGER:cut` ends a stream after its text, without its terminal event (`[DONE]` for
 legacy completions); `TRIGGER:nousage` answers without usage, as some compatible servers
 do (a Responses answer's `usage` is null; legacy completions send no usage, streamed or
@@ -162,7 +163,7 @@ def _response(body: dict[str, Any], word: str | None) -> dict[str, Any]:
                 "cache_write_tokens": 1500 if writes else 0,
             },
             "output_tokens": 7,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 5 if word == "reasoning" else 0},
             "total_tokens": prompt + 7,
         },
     }

@@ -39,6 +39,9 @@ class Usage:
     # Web searches a provider's server-side tool ran (Anthropic's `web_search`), billed
     # per search on top of the tokens.
     web_searches: int = 0
+    # Of `output_tokens`, those the model spent thinking (OpenAI's `reasoning_tokens`,
+    # Gemini's `thoughtsTokenCount`): billed as output, reported to callers apart.
+    reasoning_tokens: int = 0
     # What the upstream says the request cost, when it says (Perplexity states its
     # tokens, request and tool fees): that is the cost, whatever the price list says.
     billed_nano: int | None = None
@@ -55,16 +58,29 @@ class Usage:
             found.cache_write_tokens = min(
                 found.input_tokens, token_count(details, "cache_write_tokens")
             )
+        output = usage.get("completion_tokens_details")
+        if output.__class__ is dict and output.get("reasoning_tokens"):
+            found.reasoning_tokens = reported_part(output, "reasoning_tokens", found.output_tokens)
         return found
 
     def to_openai(self) -> dict[str, Any]:
         prompt = self.input_tokens + self.cached_input_tokens
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": self.output_tokens,
             "total_tokens": prompt + self.output_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_input_tokens},
         }
+        if self.reasoning_tokens:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+
+def reported_part(details: dict[str, Any], field: str, of: int) -> int:
+    """A count reported for callers only, not priced (reasoning tokens, part of `of`):
+    anything but a whole number is taken as 0 rather than failing a priced answer."""
+    value = details.get(field)
+    return min(value, of) if type(value) is int and value > 0 else 0
 
 
 def token_count(usage: Any, field: str) -> int:

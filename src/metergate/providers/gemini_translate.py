@@ -82,8 +82,10 @@ def usage_of(meta: dict[str, Any] | None) -> Usage:
     meta = meta or {}
     prompt = token_count(meta, "promptTokenCount") + token_count(meta, "toolUsePromptTokenCount")
     cached = min(prompt, token_count(meta, "cachedContentTokenCount"))
-    output = token_count(meta, "candidatesTokenCount") + token_count(meta, "thoughtsTokenCount")
-    return Usage(prompt - cached, cached, output)
+    thoughts = token_count(meta, "thoughtsTokenCount")
+    found = Usage(prompt - cached, cached, token_count(meta, "candidatesTokenCount") + thoughts)
+    found.reasoning_tokens = thoughts
+    return found
 
 
 def candidates_of(data: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:

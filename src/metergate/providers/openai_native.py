@@ -16,7 +16,14 @@ from decimal import Decimal
 from typing import Any
 
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
-from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage, token_count
+from metergate.providers.base import (
+    Completion,
+    StreamState,
+    UpstreamCall,
+    Usage,
+    reported_part,
+    token_count,
+)
 from metergate.providers.http import HttpTransport
 from metergate.providers.sse import Event
 from metergate.providers.translation import EventTranslator, load_answer, load_json, relay
@@ -40,6 +47,9 @@ def responses_usage(usage: dict[str, Any] | None) -> Usage:
     found = Usage(total - cached, cached, token_count(usage, "output_tokens"))
     # Writes to the prompt cache (GPT-5.6 on), of the uncached input, priced apart.
     found.cache_write_tokens = min(found.input_tokens, token_count(details, "cache_write_tokens"))
+    output = usage.get("output_tokens_details")
+    if isinstance(output, dict):
+        found.reasoning_tokens = reported_part(output, "reasoning_tokens", found.output_tokens)
     found.billed_nano = _billed_nano(usage.get("cost"))
     return found
 
