@@ -158,18 +158,17 @@ class RedisPipe:
         assert protocol.transport is not None and commands
         protocol.replies = []
         protocol.wanted = len(commands)
-        waiter = protocol.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = protocol.waiter = loop.create_future()
         protocol.transport.write(b"".join([_pack(c) for c in commands]))
+        timer = loop.call_later(self._timeout, _expire, waiter, self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
-                await waiter
-        except TimeoutError:
-            self.close()
-            raise TimeoutError(f"redis did not answer within {self._timeout:g} s") from None
-        except BaseException:  # lost, or the caller was cancelled: the order is lost too
+            await waiter
+        except BaseException:  # late, lost, or the caller was cancelled: the order is lost
             self.close()
             raise
         finally:
+            timer.cancel()
             protocol.waiter = None
         replies, protocol.replies = protocol.replies, []
         protocol.wanted = 0
@@ -177,3 +176,9 @@ class RedisPipe:
 
     def close(self) -> None:
         self._protocol._fail(ConnectionError("the connection was closed"))
+
+
+def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
+    """The batch's time is up (a timer, cheaper than a timeout context per batch)."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"redis did not answer within {timeout:g} s"))
