@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib import baseline, callgrind, procs, report, upstream
+from benchlib import baseline, callgrind, procs, redis_server, report, upstream
 from benchlib import gateway as gw
 from benchlib.report import table
 from benchlib.targets import FLOOR_LABEL, UNARY_BODY, start_floor
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000, help="requests counted (1000)")
     parser.add_argument("--warmup", type=int, default=500, help="requests before counting")
     parser.add_argument("--no-floor", action="store_true", help="skip the floor proxy")
+    parser.add_argument(
+        "--redis", action="store_true", help="metergate keeps budgets and rate limits in Redis"
+    )
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "bytecodes.md")
     return parser.parse_args(argv)
 
@@ -136,6 +139,9 @@ def measure_metergate(
     with procs.Processes() as processes:
         nginx = upstream.start_nginx(processes, workdir / name, None)
         config = gw.write_config(workdir / name, nginx.port)
+        if args.redis:
+            url = redis_server.start(processes, workdir / name)
+            config = redis_server.with_redis(config, url, config)
         key = gw.create_key(config, install)
         hooked = gw.Install(install.cli, hooked_env(install.env, out))
         gateway = gw.start_gateway(processes, config, None, install=hooked)
@@ -167,12 +173,16 @@ def render(args: argparse.Namespace, counted: list[Counted], described: str) -> 
     lines = [
         "# Python bytecodes per request",
         "",
-        f"- metergate: {described}, the suite's config (every feature on)",
+        f"- metergate: {described}, the suite's config (every feature on"
+        + ("; budgets and rate limits in Redis" if args.redis else "")
+        + ")",
         f"- {args.requests:,} requests after {args.warmup:,} to warm up, one after the other "
         "on one kept-alive connection, nginx upstream; the main thread's bytecodes "
         "(`sys.settrace` with opcode events). Reproduce: "
         "`.venv/bin/python bench/bytecodes.py"
-        + (f" --baseline {args.baseline}`." if args.baseline else "`."),
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + (" --redis" if args.redis else "")
+        + "`.",
         "",
         table(
             ["server", "bytecodes per request", "vs floor", "counted over"],
