@@ -193,6 +193,32 @@ def test_a_misbehaving_server_fails_the_batch_and_closes_the_pipe(answer, failur
     assert isinstance(after, OSError)  # what the link counts as "Redis unreachable"
 
 
+def test_a_server_that_refuses_on_connect_is_named_in_the_error(run):
+    """Redis at `maxclients` answers a new connection with an error and closes it."""
+
+    async def scenario() -> str:
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"-ERR max number of clients reached\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            pipe = await RedisPipe.open(settings(f"redis://127.0.0.1:{port}/0"))
+            deadline = time.monotonic() + 10
+            while not pipe.closed:
+                assert time.monotonic() < deadline, "the refusal was not noticed"
+                await asyncio.sleep(0.01)
+            with pytest.raises(ConnectionError) as failed:
+                await pipe.execute([("PING",)])
+            return str(failed.value)
+        finally:
+            server.close()
+
+    assert "max number of clients reached" in run(scenario())
+
+
 def test_a_gateway_admits_through_a_password_protected_database(guarded, bg, tmp_path, caplog):
     server, _, _ = guarded
     config = simulated_config(output_tokens=4)

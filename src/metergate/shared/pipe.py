@@ -97,7 +97,9 @@ class _Replies(asyncio.Protocol):
             self._fail(ConnectionError(f"redis sent something that is not RESP: {error}"))
             return
         if len(replies) > self.wanted:  # a reply nobody asked for: the order is lost
-            self._fail(ConnectionError("redis sent a reply that was not asked for"))
+            extra = replies[-1]  # e.g. "max number of clients reached", sent on connect
+            said = f": {extra}" if isinstance(extra, ResponseError) else ""
+            self._fail(ConnectionError(f"redis sent a reply that was not asked for{said}"))
         elif len(replies) == self.wanted and self.waiter and not self.waiter.done():
             self.waiter.set_result(None)
 
