@@ -4,10 +4,10 @@ Admission and settling are one script call each per request (and the shared cach
 on, a GET and on a miss a SET). Through redis-py they cost ~100 µs of CPU for a lone call
 and ~25 µs per call in a pipeline (pool checkout, the pipeline object, retry and timeout
 wrappers, a parse per reply in Python): with budgets in Redis, a third of a worker's CPU
-(docs/performance.md, "Budgets in Redis"). This
-connection does only what those calls need: it writes a whole batch in one write and
-reads the replies with hiredis's C parser, ~45 µs for a lone call (about what the
-loopback round trip itself costs) and ~5 µs per call in a batch.
+(docs/performance.md, "Budgets in Redis"). This connection does only what those calls
+need: it writes a whole batch in one write and reads the replies with hiredis's C
+parser, ~45 µs for a lone call (about what the loopback round trip itself costs) and
+~5 µs per call in a batch.
 
 The URL means what it means to redis-py, which reads it (`Settings.of`): host and port
 or a unix socket, database, user and password, and for `rediss://` the same TLS context
