@@ -76,6 +76,32 @@ def test_cross_references_are_checked():
     assert "providers.openai.base_url: an openai-compatible provider needs base_url" in rendered
 
 
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("http://user:URLPASSWORD@127.0.0.1:9/v1", "must not carry user:password@"),
+        ("http://127.0.0.1:9/v1?tenant=abc", "must not carry a query"),
+        ("http://127.0.0.1:9/v1#part", "must not carry a query (?...) or fragment"),
+    ],
+)
+def test_a_base_url_that_would_leak_or_misroute_is_refused(base_url, message):
+    """A password in base_url travelled in the Host header and in callers' error
+    messages; a query string ended up before the API path (/v1?x=1/chat/completions)."""
+    text = f"""
+providers:
+  up: {{type: openai, base_url: "{base_url}", api_key: k}}
+upstreams:
+  u: {{provider: up, model: m, price: {{input: 1, output: 1}}}}
+models:
+  m: {{upstreams: [u]}}
+"""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    assert "gw.yaml:3: providers.up.base_url" in rendered and message in rendered
+    assert "URLPASSWORD" not in rendered
+
+
 def test_env_substitution_with_default(monkeypatch):
     monkeypatch.setenv("METERGATE_TEST_KEY", "sk-from-env")
     config = parse_config(

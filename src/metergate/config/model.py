@@ -216,10 +216,23 @@ class ProviderConfig(Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _strip_slash(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
-        return value.rstrip("/") if value else value
+        parts = urlsplit(value)
+        if "@" in parts.netloc:  # it would travel in the Host header and error messages
+            raise ValueError(
+                "must not carry user:password@: put the credential in `api_key` or in "
+                "`headers:` (e.g. Authorization: Basic ...), written as ${VAR}"
+            )
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError(
+                "must not carry a query (?...) or fragment (#...): the API path "
+                "(/chat/completions, ...) is appended to it"
+            )
+        return value.rstrip("/")
 
     @field_validator("proxy")
     @classmethod

@@ -388,7 +388,7 @@ class HttpClient:
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.tls else 80)
-        self.netloc = parts.netloc
+        self.netloc = parts.netloc.rpartition("@")[2]  # never user:password (config refuses it)
         self.base_path = parts.path.rstrip("/")
         self.idle_seconds = idle_seconds
         self.max_body = max_body
