@@ -144,6 +144,27 @@ def test_request_id_is_echoed_or_made(gateway):
     assert gateway.ledger_rows("request_id = 'trace-123'")
 
 
+@pytest.mark.parametrize(
+    "caller_id",
+    ["é€😀".encode(), b"a\tb", "x".encode() * 20 + "ü".encode()],
+    ids=["utf-8", "tab", "late"],
+)
+def test_a_request_id_that_is_not_printable_ascii_is_replaced(gateway, caller_id):
+    """Header bytes are not text: kept, UTF-8 was stored garbled and control characters
+    reached the log, the console and CSV exports."""
+    answer = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": "sim", "messages": [{"role": "user", "content": "x"}]},
+        headers=[
+            (b"authorization", f"Bearer {gateway.key}".encode()),
+            (b"x-request-id", caller_id),
+        ],
+    )
+    assert answer.status_code == 200
+    made = answer.headers["x-request-id"]
+    assert made.startswith("req_") and gateway.ledger_rows(f"request_id = '{made}'")
+
+
 def test_unknown_endpoint_and_method(gateway):
     root = gateway.base_url.removesuffix("/v1")
     missing = httpx.get(f"{root}/v1/assistants")

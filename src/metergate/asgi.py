@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -55,6 +56,9 @@ def _ids() -> Iterator[str]:
 
 
 _request_ids = _ids()
+# A caller's id is kept when it is printable ASCII (cut at 128): anything else would be
+# stored garbled (headers are bytes) or carry control characters into logs and the console.
+_CALLER_ID = re.compile(rb"[\x20-\x7e]+")
 
 
 class Request:
@@ -69,7 +73,10 @@ class Request:
         self.body_size = 0
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         caller_id = self.headers.get(b"x-request-id")
-        self.id = caller_id.decode("latin-1")[:128] if caller_id else next(_request_ids)
+        if caller_id and _CALLER_ID.fullmatch(caller_id):
+            self.id = caller_id[:128].decode()
+        else:
+            self.id = next(_request_ids)
 
     async def body(self, limit: int) -> bytes:
         declared = self.headers.get(b"content-length")
