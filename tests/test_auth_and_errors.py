@@ -146,7 +146,7 @@ def test_request_id_is_echoed_or_made(gateway):
 
 @pytest.mark.parametrize(
     "caller_id",
-    ["é€😀".encode(), b"a\tb", "x".encode() * 20 + "ü".encode()],
+    ["é€😀".encode(), b"a\tb", b"x" * 20 + "ü".encode()],
     ids=["utf-8", "tab", "late"],
 )
 def test_a_request_id_that_is_not_printable_ascii_is_replaced(gateway, caller_id):

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from metergate.cli import app as cli_app
 from metergate.config import ConfigError, load_config, parse_config, read_config
+from metergate.config.model import AdminConfig
 from tests.harness import free_port
 
 METERGATE = [sys.executable, "-m", "metergate"]
@@ -100,6 +101,28 @@ models:
     rendered = "\n".join(problem.render() for problem in raised.value.problems)
     assert "gw.yaml:3: providers.up.base_url" in rendered and message in rendered
     assert "URLPASSWORD" not in rendered
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("short-key", "at least 16 characters"),
+        ("  padded-admin-key-0123  ", "without spaces"),
+        ("clé-admin-0123456789abcdef", "printable ASCII"),
+        ("mgk_0123456789abcdef0123", "prefix of caller keys"),
+    ],
+)
+def test_an_admin_key_that_is_weak_or_unusable_is_refused(key, message):
+    """A one-letter admin key was accepted, and keys with spaces or non-ASCII letters
+    loaded but could never sign in: a reload could lock the operator out."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(f'admin: {{api_key: "{key}"}}\n', "gw.yaml")
+    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    assert "admin.api_key" in rendered and message in rendered and key.strip() not in rendered
+
+
+def test_an_empty_admin_key_leaves_the_admin_api_off():
+    assert AdminConfig(api_key="").api_key is None  # as with METERGATE_ADMIN_KEY= set empty
 
 
 def test_env_substitution_with_default(monkeypatch):

@@ -229,6 +229,8 @@ def test_admin_api_is_off_without_an_admin_key(gateway_factory):
     assert "admin API is off" in answer.json()["error"]["message"]
     # the page itself holds no data; its sign-in then says the API is off
     assert httpx.get(base(gateway) + "/console").status_code == 200
+    document = httpx.get(base(gateway) + "/admin/openapi.json")  # it names the models
+    assert document.status_code == 404 and document.json()["error"]["code"] == "admin_disabled"
 
 
 def test_wrong_admin_keys_are_rate_limited_per_address(gateway):

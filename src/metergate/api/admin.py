@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import orjson
+from pydantic import SecretStr
 
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import PREFIX
@@ -42,12 +43,17 @@ class AdminGuard:
         self.runtime = runtime
         self.failures = failures or FailedSignIns()
 
-    def authorize(self, request: Request) -> None:
+    def require_enabled(self) -> SecretStr:
+        """The admin key; 404 when there is none (the admin API is off)."""
         secret = self.runtime.plan.config.admin.api_key
         if secret is None:
             raise NotFound(
                 "the admin API is off: set admin.api_key in the config", code="admin_disabled"
             )
+        return secret
+
+    def authorize(self, request: Request) -> None:
+        secret = self.require_enabled()
         raw = request.headers.get(b"authorization", b"").decode("latin-1")
         presented = raw[7:].strip() if raw.lower().startswith("bearer ") else ""
         if not presented:

@@ -162,7 +162,9 @@ class AdminApi:
     @admin_endpoint
     async def openapi(self, request: Request, send: Send) -> None:
         """Public: the API's shape is no secret, and tools fetch it without credentials.
-        It lists the configured models, so it is rebuilt when the config changes."""
+        It lists the configured models, so it is rebuilt when the config changes; with
+        the admin API off it answers 404, like every admin endpoint."""
+        self.guard.require_enabled()
         query_params(request)
         plan = self.runtime.plan
         version = plan.version.encode()

@@ -567,6 +567,22 @@ class AdminConfig(Strict):
 
     api_key: SecretStr | None = None
 
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A key that can be guessed, or that no client can send as written, would leave
+        the admin API open or its operator locked out after a reload."""
+        key = value.get_secret_value() if value is not None else ""
+        if not key:
+            return None  # off, as when the key is left out
+        if len(key) < 16:
+            raise ValueError("use at least 16 characters (e.g. `openssl rand -base64 32`)")
+        if not (key.isascii() and key.isprintable()) or " " in key:
+            raise ValueError("use printable ASCII without spaces: it is sent in an HTTP header")
+        if key.startswith("mgk_"):
+            raise ValueError("must not start with mgk_, the prefix of caller keys")
+        return value
+
 
 class GatewayConfig(Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
