@@ -461,3 +461,38 @@ def test_a_tag_name_with_a_trailing_newline_is_no_tag() -> None:
     assert tags.from_metadata({"team": "search", "team\n": "evil"}) == {"team": "search"}
     with pytest.raises(InvalidRequest, match="tag name"):
         tags.check_tag("team\n", "search", "x-metergate-tags")
+
+
+def test_a_numeric_budget_limit_is_held_to_nano_usd(gateway_factory):
+    """A JSON number is rounded to 9 decimals like a string must be written; one that
+    rounds to 0 is refused (a zero limit would refuse every request of the team), and
+    what the API answers can be sent back as it is (no "1E-7")."""
+    from pydantic import ValidationError
+
+    from metergate.config.model import BudgetConfig
+
+    gateway = gateway_factory(team_config())
+    for tiny in (1e-12, 1e-10, 5e-10):
+        body = {"name": "tiny", "budgets": [{"period": "day", "limit_usd": tiny}]}
+        refused = admin(gateway, "/admin/api/teams", "POST", json=body)
+        assert refused.status_code == 400, (tiny, refused.text)
+        assert refused.json()["error"]["param"] == "budgets"
+    assert admin(gateway, "/admin/api/teams").json()["teams"] == []
+    for number, text, nano in (
+        (1e-9, "0.000000001", 1),
+        (1e-7, "0.0000001", 100),
+        (1.0000000004, "1", 10**9),
+        (1.0000000006, "1.000000001", 10**9 + 1),
+        (250, "250", 250 * 10**9),
+    ):
+        team = make_team(gateway, budgets=[{"period": "day", "limit_usd": number}])
+        assert team["budgets"][0]["limit_usd"] == text, number
+        installed = gateway.runtime.plan.budgets.team_budgets()["team:search:day"]
+        assert installed.limit_nano == nano, number
+        resent = {"budgets": team["budgets"]}
+        again = admin(gateway, "/admin/api/teams/search", "PATCH", json=resent)
+        assert again.status_code == 200 and again.json()["team"]["budgets"] == team["budgets"]
+        assert admin(gateway, "/admin/api/teams/search", "DELETE").status_code == 200
+    # a config budget below one nano-USD is refused too
+    with pytest.raises(ValidationError, match="one nano-USD"):
+        BudgetConfig(limit_usd=1e-12)  # type: ignore[arg-type]

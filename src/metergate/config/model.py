@@ -465,6 +465,14 @@ class BudgetConfig(Strict):
             raise ValueError("percentages must be between 1 and 1000")
         return sorted(set(value))
 
+    @field_validator("limit_usd")
+    @classmethod
+    def _at_least_a_nano(cls, value: Decimal) -> Decimal:
+        # the budget book counts whole nano-USD: less would be a limit of 0, refusing all
+        if value * 1_000_000_000 < 1:
+            raise ValueError("limit_usd must be at least 0.000000001 (one nano-USD)")
+        return value
+
 
 class CacheConfig(Strict):
     """Exact-match response cache for non-streamed requests (in memory, LRU with TTL)."""

@@ -534,12 +534,14 @@ def _input_schemas() -> dict[str, Any]:
                             },
                             {
                                 "type": "number",
-                                "exclusiveMinimum": 0,
+                                # rounded to nano-USD, half to even: 5e-10 is 0
+                                "exclusiveMinimum": 5e-10,
                                 "exclusiveMaximum": teams.USD_MAX,
                             },
                         ],
                         "description": "USD, above 0 and below 10^9: a decimal string "
-                        '(exact, at most 9 decimals: "12.50") or a number',
+                        '(exact, at most 9 decimals: "12.50") or a number (rounded to 9 '
+                        "decimals, half to even; one that rounds to 0 is refused)",
                     },
                     "hard": {**_BOOL, "default": True},
                     "timezone": {

@@ -16,7 +16,7 @@ import functools
 import re
 import zoneinfo
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,6 +36,7 @@ LIMIT_MAX = 2**31 - 1  # rpm and tpm are 32-bit INTEGER columns in PostgreSQL
 USD = re.compile(r"(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,9})?")
 USD_ZERO = re.compile(r"0(?:\.0+)?")
 USD_MAX = 10**9
+NANO = Decimal("1E-9")
 BUDGET_FIELDS = ("period", "limit_usd", "hard", "timezone", "alert_at_percent")
 
 
@@ -58,7 +59,7 @@ class TeamBudget:
     def to_json(self) -> dict[str, Any]:
         return {
             "period": self.period,
-            "limit_usd": str(self.limit_usd),
+            "limit_usd": usd_text(self.limit_usd),
             "hard": self.hard,
             "timezone": self.timezone,
             "alert_at_percent": list(self.alert_at_percent),
@@ -163,17 +164,27 @@ def time_zones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
+def usd_text(amount: Decimal) -> str:
+    """USD as a plain decimal string ("0.0000001", never "1E-7"), which `check_usd` takes
+    back: what the API answers can be sent again as it is."""
+    return format(amount, "f")
+
+
 def check_usd(value: Any) -> Decimal:
-    """A positive amount of USD below a billion: a decimal string ("12.50", at most nine
-    decimals, exact) or a JSON number."""
+    """A positive amount of USD below a billion, held to the budget book's precision of
+    one nano-USD: a decimal string ("12.50", at most nine decimals, exact) or a JSON
+    number, which is binary floating point and so is rounded to nine decimals (half to
+    even); a number that rounds to 0 is refused, since a zero limit refuses everything."""
     if isinstance(value, str):
         if USD.fullmatch(value) and not USD_ZERO.fullmatch(value):
             return Decimal(value)
     elif type(value) in (int, float) and 0 < value < USD_MAX:
-        return Decimal(str(value))
+        amount = Decimal(repr(value)).quantize(NANO, ROUND_HALF_EVEN)
+        if amount > 0:
+            return amount.normalize() if amount % 1 else amount.to_integral_value()
     raise TeamError(
         "a budget's `limit_usd` is a positive amount of USD below 10^9: a decimal string "
-        'with at most 9 decimals ("12.50") or a number',
+        'with at most 9 decimals ("12.50") or a number (rounded to 9 decimals, not to 0)',
         "budgets",
     )
 
