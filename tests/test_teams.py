@@ -496,3 +496,35 @@ def test_a_numeric_budget_limit_is_held_to_nano_usd(gateway_factory):
     # a config budget below one nano-USD is refused too
     with pytest.raises(ValidationError, match="one nano-USD"):
         BudgetConfig(limit_usd=1e-12)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_team_description_is_printable_text(gateway_factory, request, database):
+    """Like a tag value: a NUL (which PostgreSQL's text refuses: was a 500), controls and
+    bidi overrides (U+202E made the console show "evil" as "live") are a 400 naming
+    `description`, the same on both databases; nothing is written."""
+    config = team_config()
+    if database == "postgresql":
+        config["ledger"] = {"url": request.getfixturevalue("fresh_postgres_url")}
+    gateway = gateway_factory(config)
+    team = make_team(gateway, description="Search — ünïcødé 😀")
+    for bad in (
+        "a\x00b",
+        "<img src=x>\x00\n\u202eevil",
+        "\u202eevil",
+        "x\u2066y\u2069",
+        "a\tb",
+        "a\x7f",
+        "a\x85b",
+        "zero\u200bwidth",
+    ):
+        refused = admin(gateway, "/admin/api/teams/search", "PATCH", json={"description": bad})
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["param"] == "description", bad
+        body = {"name": "other", "description": bad}
+        created = admin(gateway, "/admin/api/teams", "POST", json=body)
+        assert created.status_code == 400 and created.json()["error"]["param"] == "description"
+    assert [t["name"] for t in admin(gateway, "/admin/api/teams").json()["teams"]] == ["search"]
+    assert admin(gateway, "/admin/api/teams/search", "PATCH", json={}).json()["team"] == team
+    cleared = admin(gateway, "/admin/api/teams/search", "PATCH", json={"description": ""})
+    assert cleared.status_code == 200 and cleared.json()["team"]["description"] == ""

@@ -823,7 +823,12 @@ def _attribution_paths() -> dict[str, Any]:
     name = {"name": "name", "in": "path", "required": True, "schema": _STR}
     limit = _nullable({"type": "integer", "minimum": 1, "maximum": teams.LIMIT_MAX})
     change = {
-        "description": {"type": "string", "maxLength": teams.MAX_DESCRIPTION},
+        "description": {
+            "type": "string",
+            "maxLength": teams.MAX_DESCRIPTION,
+            "pattern": _printable(),
+            "description": "printable, as a tag value ('' for none)",
+        },
         "tags": _ref("DefaultTags"),
         "budgets": {
             "type": "array",

@@ -285,9 +285,17 @@ def check_change(body: dict[str, Any], creating: bool) -> dict[str, Any]:
     elif "name" in body:
         raise TeamError("a team cannot be renamed; create another and move its keys", "name")
     description = body.get("description", "")
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+    # printable, as tag values: a NUL fails PostgreSQL's text, a bidi override (U+202E)
+    # shows the console "evil" as "live", a newline forges a line of `teams list`
+    if (
+        not isinstance(description, str)
+        or len(description) > MAX_DESCRIPTION
+        or not description.isprintable()
+    ):
         raise TeamError(
-            f"`description` is text of at most {MAX_DESCRIPTION} characters", "description"
+            f"`description` is printable text of at most {MAX_DESCRIPTION} characters "
+            "(no control, format or bidi-override characters)",
+            "description",
         )
     if "description" in body or creating:
         values["description"] = description
