@@ -561,6 +561,25 @@ def test_key_requests_are_validated(gateway):
     )
 
 
+def test_a_key_may_keep_models_that_left_the_config(gateway):
+    """A change that keeps a key's model no longer configured is taken (the console sends
+    them back); a model that is neither configured nor the key's is still refused."""
+    gateway.new_key("restricted", models=["retired"])
+    keys = {k["name"]: k for k in admin(gateway, "/admin/api/keys").json()["keys"]}
+    restricted, other = keys["restricted"]["id"], keys["test"]["id"]
+
+    def patch(key_id: str, models: Any) -> httpx.Response:
+        return admin(gateway, f"/admin/api/keys/{key_id}", "PATCH", json={"models": models})
+
+    kept = patch(restricted, ["chat", "retired"])
+    assert kept.status_code == 200 and kept.json()["key"]["models"] == ["chat", "retired"]
+    for key_id, models in ((restricted, ["chat", "gpt-9"]), (other, ["retired"])):
+        refused = patch(key_id, models)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "models"
+    assert patch(restricted, ["chat"]).json()["key"]["models"] == ["chat"]
+    assert patch(restricted, ["retired"]).status_code == 400  # once dropped, it is gone
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -181,6 +181,60 @@ def test_keys_page_creates_and_revokes_a_key(page, gateway_factory):
     assert page.problems == []
 
 
+def patches(page) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """The bodies of the PATCH requests the page sends, as they are sent."""
+    sent: list[dict[str, Any]] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "PATCH" else None)
+    return sent
+
+
+def key_named(gateway: Gateway, name: str) -> dict[str, Any]:
+    keys = admin(gateway, "/admin/api/keys").json()["keys"]
+    return next(k for k in keys if k["name"] == name and k["state"] == "active")
+
+
+def test_editing_a_key_keeps_models_no_longer_configured(page, gateway_factory):
+    """A key whose models all left the config may use none. Changing only its cap in the
+    console sent `models: null` (no box ticked: all models) and so opened every model
+    to it; the dialog shows such models, keeps them, and sends only what changed."""
+    gateway = gateway_factory(console_config())
+    secret = gateway.new_key("restricted", models=["retired"])  # since removed from config
+    sent = patches(page)
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "keys")
+    page.locator("tr[data-key=restricted] button[data-action=edit]").click()
+    dialog = page.locator("dialog[open]")
+    dialog.locator("#edit-cap").fill("100")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    playwright_api.expect(page.locator("tr[data-key=restricted]")).to_contain_text("100")
+    key = key_named(gateway, "restricted")
+    assert key["models"] == ["retired"] and key["max_tokens_cap"] == 100
+    assert sent == [{"max_tokens_cap": 100}]
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="chat", messages=ASK)
+    # the dialog shows the model it cannot offer, ticked
+    page.locator("tr[data-key=restricted] button[data-action=edit]").click()
+    kept = dialog.locator("label[data-gone]")
+    playwright_api.expect(kept).to_contain_text("retired (not configured now)")
+    assert kept.locator("input").is_checked()
+    # adding a configured model keeps the one that left
+    dialog.locator("input[value=chat]").check()
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    playwright_api.expect(page.locator("tr[data-key=restricted]")).to_contain_text("chat")
+    assert sorted(key_named(gateway, "restricted")["models"]) == ["chat", "retired"]
+    assert sent[1] == {"models": ["chat", "retired"]}
+    # saving with nothing changed sends nothing
+    page.locator("tr[data-key=restricted] button[data-action=edit]").click()
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert len(sent) == 2
+    assert page.problems == []
+
+
 def test_rollouts_page_rolls_back_with_confirmation(page, gateway_factory):
     gateway = gateway_factory(console_config())
     assert admin(gateway, "/admin/api/rollouts/move/start", "POST").status_code == 200

@@ -298,11 +298,11 @@ class AdminApi:
         query_params(request)
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
-        models = console_keys.check_models(self.runtime, body.get("models"))
         cap = check_cap(body.get("max_tokens_cap"))
         given = attribution.key_attribution(body)
         database = await self._database()
         current = await console_keys.active_key(database, key_id)
+        models = console_keys.check_models(self.runtime, body.get("models"), current.models)
         await attribution.require_team(database, given.get("team"))
         if "models" not in body:
             models = list(current.models) if current.models else None

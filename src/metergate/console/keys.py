@@ -94,14 +94,18 @@ def check_fields(body: dict[str, Any], known: set[str]) -> None:
         )
 
 
-def check_models(runtime: Runtime, value: Any) -> list[str] | None:
-    """None or [] means every model; otherwise each must be a configured model."""
+def check_models(
+    runtime: Runtime, value: Any, kept: tuple[str, ...] | list[str] | None = None
+) -> list[str] | None:
+    """None or [] means every model; otherwise each must be a configured model, or one of
+    `kept`: the models the key has now, which it may keep after they left the config (a
+    change that keeps them must not have to drop them, or worse, allow every model)."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise InvalidRequest("`models` must be a list of model names or null", param="models")
     configured = runtime.plan.config.models
-    unknown = [m for m in value if m not in configured]
+    unknown = [m for m in value if m not in configured and m not in (kept or ())]
     if unknown:
         raise InvalidRequest(
             f"unknown model(s): {', '.join(unknown)}; configured: {', '.join(configured)}",

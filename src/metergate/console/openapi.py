@@ -566,10 +566,12 @@ def _input_schemas() -> dict[str, Any]:
 def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
     """A key's writable fields; nothing else is accepted."""
     model = {"type": "string", "enum": models} if models else _STR
+    creating = "name" in required
+    kept = "" if creating else " (or the key's own that have left the config since)"
     properties: dict[str, Any] = {
         "models": {
             **_nullable({"type": "array", "items": model}),
-            "description": "configured model names; null or [] means every model",
+            "description": f"configured model names{kept}; null or [] means every model",
         },
         "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
         "team": {**_nullable(_TEAM_NAME), "description": "an existing team's name, or null"},

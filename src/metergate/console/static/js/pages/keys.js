@@ -7,10 +7,16 @@ export const autoRefresh = false; // forms live here
 
 let revealed = null; // {name, secret}: shown until dismissed or the page is left
 
-function modelChecks(models, chosen, prefix) {
+/** A checkbox per model; those of `gone` (a key's models no longer configured) are
+ * marked so, and stay ticked unless the operator unticks them. */
+function modelChecks(models, chosen, prefix, gone = []) {
   return h("div", { class: "checks", id: `${prefix}-models` }, models.map((m) =>
-    h("label", {}, h("input", { type: "checkbox", value: m, name: `${prefix}-model`, checked: chosen.includes(m) }), m)));
+    h("label", { dataset: gone.includes(m) ? { gone: "" } : {} },
+      h("input", { type: "checkbox", value: m, name: `${prefix}-model`, checked: chosen.includes(m) }), m,
+      gone.includes(m) ? h("span", { class: "muted", text: " (not configured now)" }) : null)));
 }
+
+const sameModels = (a, b) => JSON.stringify([...(a || [])].sort()) === JSON.stringify([...(b || [])].sort());
 
 function checked(container) {
   return [...container.querySelectorAll("input[type=checkbox]:checked")].map((c) => c.value);
@@ -83,24 +89,37 @@ function createForm(models, rerender) {
 }
 
 async function edit(key, models, rerender) {
-  const checks = modelChecks(models, key.models || [], "edit");
+  const had = key.models || [];
+  const gone = had.filter((m) => !models.includes(m)); // left the config since: kept, shown
+  const checks = modelChecks([...models, ...gone], had, "edit", gone);
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
   const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
-  const tags = h("input", { id: "edit-tags", placeholder: "none", autocomplete: "off",
-    value: Object.entries(key.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ") });
+  const tagText = Object.entries(key.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  const tags = h("input", { id: "edit-tags", placeholder: "none", autocomplete: "off", value: tagText });
   const body = h("div", { class: "stack" },
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
     h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (name=value, comma-separated)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
+  // Only the fields the operator changed are sent: one left alone is never rewritten.
+  const changes = () => {
+    const change = {};
+    const chosen = checked(checks);
+    if (!sameModels(chosen, had)) change.models = chosen.length ? chosen : null;
+    const capNow = capValue(cap);
+    if (capNow !== (key.max_tokens_cap ?? null)) change.max_tokens_cap = capNow;
+    const teamNow = team.value.trim() || null;
+    if (teamNow !== (key.team ?? null)) change.team = teamNow;
+    if (tags.value !== tagText) change.tags = parseTags(tags.value);
+    return change;
+  };
   const saved = await modal(`Edit key “${key.name}”`, body, [
     { label: "Cancel", value: "cancel", class: "quiet" },
     { label: "Save", value: "save", action: async () => {
-      const chosen = checked(checks);
-      await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, {
-        method: "PATCH", body: { models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap), team: team.value.trim() || null, tags: parseTags(tags.value) },
-      });
+      const change = changes();
+      if (!Object.keys(change).length) return;
+      await api(`/admin/api/keys/${encodeURIComponent(key.id)}`, { method: "PATCH", body: change });
     } },
   ]);
   if (saved === "save") await rerender();
