@@ -737,3 +737,61 @@ def test_teams_page_creates_a_team_and_groups_spend_by_tag(page, gateway_factory
     page.locator("dialog[open] button[data-value=ok]").click()
     playwright_api.expect(page.locator("tr[data-team=search]")).to_have_count(0)
     assert page.problems == []
+
+
+def team_named(gateway: Gateway, name: str) -> dict[str, Any]:
+    fields = ("name", "description", "tags", "budgets", "rpm", "tpm", "updated_at")
+    teams = admin(gateway, "/admin/api/teams").json()["teams"]
+    return next({k: t[k] for k in fields} for t in teams if t["name"] == name)
+
+
+def test_editing_a_team_keeps_what_the_dialog_does_not_edit(page, gateway_factory):
+    """The Edit dialog sent each budget as {period, limit_usd, hard}, and PATCH replaces
+    budgets whole: saving reset a budget's time zone to UTC and its alerts to the
+    default. Saving with nothing changed now leaves the team exactly as it was; a change
+    sends only itself, and a changed budget keeps its time zone and alerts."""
+    gateway = gateway_factory(console_config())
+    daily = {
+        "period": "day",
+        "limit_usd": "10",
+        "hard": False,
+        "timezone": "Europe/Berlin",
+        "alert_at_percent": [90],
+    }
+    monthly = {
+        "period": "month",
+        "limit_usd": "200",
+        "hard": True,
+        "timezone": "Asia/Tokyo",
+        "alert_at_percent": [25, 75],
+    }
+    body = {"name": "tz", "rpm": 100, "description": "zones", "budgets": [daily, monthly]}
+    assert admin(gateway, "/admin/api/teams", "POST", json=body).status_code == 201
+    before = team_named(gateway, "tz")
+    sent = patches(page)
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "teams")
+    edit = page.locator("tr[data-team=tz] button[data-action=edit]")
+    dialog = page.locator("dialog[open]")
+    edit.click()
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert team_named(gateway, "tz") == before  # not even its time of change
+    assert sent == []
+    edit.click()  # the dialog says what it keeps
+    playwright_api.expect(dialog.locator("[data-kept=day]")).to_have_text(
+        "Europe/Berlin days, alerts at 90%"
+    )
+    dialog.locator("#edit-rpm").fill("50")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(page.locator("tr[data-team=tz]")).to_contain_text("50 rpm")
+    assert sent == [{"rpm": 50}]
+    assert team_named(gateway, "tz")["budgets"] == before["budgets"]
+    edit.click()
+    dialog.locator("#edit-day").fill("12")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(page.locator("tr[data-team=tz]")).to_contain_text("$12.00")
+    assert team_named(gateway, "tz")["budgets"] == [{**daily, "limit_usd": "12"}, monthly]
+    assert sent[1].keys() == {"budgets"}
+    assert page.problems == []

@@ -16,11 +16,23 @@ function limit(input, name) {
   return value;
 }
 
-/** The fields of a team, filled from `team` (editing) or empty (creating). */
+const PERIODS = ["day", "month"];
+const RATES = { rpm: "Requests per minute", tpm: "Tokens per minute" };
+const budgetOf = (budgets, period) => (budgets || []).find((b) => b.period === period);
+const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+
+/** What the dialog does not edit of a budget (its time zone, its alerts), shown so. */
+function budgetNote(budget) {
+  if (!budget) return null;
+  return h("div", { class: "muted", dataset: { kept: budget.period }, text: `${budget.timezone} ${budget.period}s, alerts at ${budget.alert_at_percent.join(", ")}%` });
+}
+
+/** The fields of a team, filled from `team` (editing) or empty (creating). `body()` is
+ * every field; `changes()` only those that differ from `team`, so that saving never
+ * rewrites what the operator left alone. */
 function teamFields(prefix, team = null) {
-  const budget = (period) => (team?.budgets || []).find((b) => b.period === period);
-  const monthly = budget("month");
-  const daily = budget("day");
+  const monthly = budgetOf(team?.budgets, "month");
+  const daily = budgetOf(team?.budgets, "day");
   const input = (name, props = {}) => h("input", { id: `${prefix}-${name}`, name, autocomplete: "off", ...props });
   const fields = {
     description: input("description", { placeholder: "optional", value: team?.description || "" }),
@@ -35,28 +47,41 @@ function teamFields(prefix, team = null) {
       value: Object.entries(team?.tags || {}).map(([k, v]) => `${k}=${v}`).join(", "),
     }),
   };
-  const field = (label, el, extra) => h("div", { class: "field" }, h("label", { for: el.id, text: label }), el, extra);
+  const tagText = fields.tags.value;
+  const field = (label, el, ...extra) => h("div", { class: "field" }, h("label", { for: el.id, text: label }), el, extra);
   const hard = (el) => h("label", { class: "inline" }, el, " hard (refuse over it)");
   const layout = h("div", { class: "stack" },
     h("div", { class: "row" },
-      field("Monthly budget (USD)", fields.month, hard(fields.monthHard)),
-      field("Daily budget (USD)", fields.day, hard(fields.dayHard))),
-    h("div", { class: "row" }, field("Requests per minute", fields.rpm), field("Tokens per minute", fields.tpm)),
+      field("Monthly budget (USD)", fields.month, hard(fields.monthHard), budgetNote(monthly)),
+      field("Daily budget (USD)", fields.day, hard(fields.dayHard), budgetNote(daily))),
+    h("div", { class: "row" }, field(RATES.rpm, fields.rpm), field(RATES.tpm, fields.tpm)),
     h("div", { class: "row" }, field("Default tags of its keys' requests", fields.tags), field("Description", fields.description)));
-  const body = () => {
-    const budgets = [];
-    for (const [period, amount, hardBox] of [["month", fields.month, fields.monthHard], ["day", fields.day, fields.dayHard]]) {
-      if (amount.value.trim()) budgets.push({ period, limit_usd: amount.value.trim(), hard: hardBox.checked });
+  // A budget keeps what the dialog does not edit (time zone, alerts): PATCH replaces it whole.
+  const budgets = () => PERIODS.flatMap((period) => {
+    const [amount, hardBox] = period === "day" ? [fields.day, fields.dayHard] : [fields.month, fields.monthHard];
+    const usd = amount.value.trim();
+    return usd ? [{ ...budgetOf(team?.budgets, period), period, limit_usd: usd, hard: hardBox.checked }] : [];
+  });
+  const body = () => ({
+    description: fields.description.value.trim(),
+    budgets: budgets(),
+    rpm: limit(fields.rpm, RATES.rpm),
+    tpm: limit(fields.tpm, RATES.tpm),
+    tags: parseTags(fields.tags.value),
+  });
+  const changes = () => {
+    const change = {};
+    if (fields.description.value !== team.description) change.description = fields.description.value.trim();
+    const now = budgets();
+    if (!PERIODS.every((p) => same(budgetOf(now, p), budgetOf(team.budgets, p)))) change.budgets = now;
+    for (const [name, label] of Object.entries(RATES)) {
+      const value = limit(fields[name], label);
+      if (value !== team[name]) change[name] = value;
     }
-    return {
-      description: fields.description.value.trim(),
-      budgets,
-      rpm: limit(fields.rpm, "Requests per minute"),
-      tpm: limit(fields.tpm, "Tokens per minute"),
-      tags: parseTags(fields.tags.value),
-    };
+    if (fields.tags.value !== tagText) change.tags = parseTags(fields.tags.value);
+    return change;
   };
-  return { layout, body };
+  return { layout, body, changes };
 }
 
 function createForm(rerender) {
@@ -88,7 +113,11 @@ async function edit(team, rerender) {
   const fields = teamFields("edit", team);
   const saved = await modal(`Edit team “${team.name}”`, fields.layout, [
     { label: "Cancel", value: "cancel", class: "quiet" },
-    { label: "Save", value: "save", action: () => api(`/admin/api/teams/${encodeURIComponent(team.name)}`, { method: "PATCH", body: fields.body() }) },
+    { label: "Save", value: "save", action: async () => {
+      const change = fields.changes();
+      if (!Object.keys(change).length) return;
+      await api(`/admin/api/teams/${encodeURIComponent(team.name)}`, { method: "PATCH", body: change });
+    } },
   ]);
   if (saved === "save") await rerender();
 }
