@@ -795,3 +795,33 @@ def test_editing_a_team_keeps_what_the_dialog_does_not_edit(page, gateway_factor
     assert team_named(gateway, "tz")["budgets"] == [{**daily, "limit_usd": "12"}, monthly]
     assert sent[1].keys() == {"budgets"}
     assert page.problems == []
+
+
+def test_tags_with_commas_survive_the_edit_dialogs(page, gateway_factory):
+    """A tag value may hold a comma (and "=", spaces at either end). The dialogs showed
+    tags as "name=value, name=value" and could not read "a, b" back: the key and team
+    could not be saved. One tag a line round-trips every value the API takes."""
+    gateway = gateway_factory(console_config())
+    tags = {"note": "a, b", "pad": " x=y "}
+    team = {"name": "commas", "tags": tags}
+    assert admin(gateway, "/admin/api/teams", "POST", json=team).status_code == 201
+    key = {"name": "commatag", "tags": tags}
+    assert admin(gateway, "/admin/api/keys", "POST", json=key).status_code == 201
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    dialog = page.locator("dialog[open]")
+    for page_name, row, field in (
+        ("keys", "tr[data-key=commatag]", "#edit-tags"),
+        ("teams", "tr[data-team=commas]", "#edit-tags"),
+    ):
+        open_page(page, page_name)
+        page.locator(f"{row} button[data-action=edit]").click()
+        shown = dialog.locator(field).input_value()
+        dialog.locator(field).fill(shown + "\nenv=prod")
+        shot(page, f"09-{page_name}-edit-tags")
+        dialog.locator("button[data-value=save]").click()
+        playwright_api.expect(dialog).to_have_count(0)
+        playwright_api.expect(page.locator(row)).to_be_visible()
+    assert key_named(gateway, "commatag")["tags"] == {**tags, "env": "prod"}
+    assert team_named(gateway, "commas")["tags"] == {**tags, "env": "prod"}
+    assert page.problems == []

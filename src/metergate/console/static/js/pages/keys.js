@@ -1,7 +1,7 @@
 // Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
 import { api } from "../api.js";
 import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
-import { budgetBar, guard, parseTags } from "./shared.js";
+import { budgetBar, guard, parseTags, tagsInput } from "./shared.js";
 
 export const autoRefresh = false; // forms live here
 
@@ -94,13 +94,13 @@ async function edit(key, models, rerender) {
   const checks = modelChecks([...models, ...gone], had, "edit", gone);
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
   const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
-  const tagText = Object.entries(key.tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
-  const tags = h("input", { id: "edit-tags", placeholder: "none", autocomplete: "off", value: tagText });
+  const tags = tagsInput("edit-tags", key.tags);
+  const tagText = tags.value;
   const body = h("div", { class: "stack" },
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
-    h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (name=value, comma-separated)" }), tags),
+    h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (one name=value a line)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
   // Only the fields the operator changed are sent: one left alone is never rewritten.
   const changes = () => {

@@ -73,13 +73,27 @@ export function budgetRow(budget) {
 
 export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error", "gateway_error"]);
 
-/** "name=value, name=value" as an object of tags; throws on an item without a name. */
+/** Tags as text, one name=value a line. A value may hold any printable character (a
+ * comma, "=", spaces at either end) but no line break, so nothing is lost on the way back. */
+export const tagText = (tags) => Object.entries(tags || {}).map(([k, v]) => `${k}=${v}`).join("\n");
+
+/** A text area for tags in tagText's form. */
+export function tagsInput(id, tags, placeholder = "none") {
+  return h("textarea", { id, name: id, rows: 3, spellcheck: "false", autocomplete: "off", placeholder, text: tagText(tags) });
+}
+
+/** tagText's form back to an object: the name is what precedes the first "=" (spaces
+ * around it dropped), the value all that follows, as written; blank lines are skipped.
+ * Throws on a line without a name, or a name given twice. The API checks the rest. */
 export function parseTags(text) {
   const tags = {};
-  for (const item of text.split(",").map((s) => s.trim()).filter(Boolean)) {
-    const at = item.indexOf("=");
-    if (at < 1) throw new Error(`Tags are name=value, separated by commas (not “${item}”).`);
-    tags[item.slice(0, at).trim()] = item.slice(at + 1).trim();
+  for (const line of text.split("\n")) {
+    if (!line.trim()) continue;
+    const at = line.indexOf("=");
+    const name = line.slice(0, Math.max(at, 0)).trim();
+    if (!name) throw new Error(`Tags are one name=value a line (not “${line}”).`);
+    if (name in tags) throw new Error(`Tag “${name}” is given twice.`);
+    tags[name] = line.slice(at + 1);
   }
   return tags;
 }

@@ -2,7 +2,7 @@
 // their spend; and spend grouped by any request tag over a window.
 import { api, query } from "../api.js";
 import { confirmAction, fmt, h, modal, replace, table } from "../dom.js";
-import { budgetBar, currentWindow, guard, parseTags, windowPicker } from "./shared.js";
+import { budgetBar, currentWindow, guard, parseTags, tagsInput, windowPicker } from "./shared.js";
 
 export const autoRefresh = false; // forms live here
 
@@ -42,10 +42,7 @@ function teamFields(prefix, team = null) {
     dayHard: h("input", { type: "checkbox", id: `${prefix}-day-hard`, checked: daily ? daily.hard : true }),
     rpm: input("rpm", { inputmode: "numeric", placeholder: "none", value: team?.rpm ?? "" }),
     tpm: input("tpm", { inputmode: "numeric", placeholder: "none", value: team?.tpm ?? "" }),
-    tags: input("tags", {
-      placeholder: "cost_center=42, env=prod",
-      value: Object.entries(team?.tags || {}).map(([k, v]) => `${k}=${v}`).join(", "),
-    }),
+    tags: tagsInput(`${prefix}-tags`, team?.tags, "cost_center=42\nenv=prod"),
   };
   const tagText = fields.tags.value;
   const field = (label, el, ...extra) => h("div", { class: "field" }, h("label", { for: el.id, text: label }), el, extra);
@@ -55,7 +52,7 @@ function teamFields(prefix, team = null) {
       field("Monthly budget (USD)", fields.month, hard(fields.monthHard), budgetNote(monthly)),
       field("Daily budget (USD)", fields.day, hard(fields.dayHard), budgetNote(daily))),
     h("div", { class: "row" }, field(RATES.rpm, fields.rpm), field(RATES.tpm, fields.tpm)),
-    h("div", { class: "row" }, field("Default tags of its keys' requests", fields.tags), field("Description", fields.description)));
+    h("div", { class: "row" }, field("Default tags of its keys' requests (one name=value a line)", fields.tags), field("Description", fields.description)));
   // A budget keeps what the dialog does not edit (time zone, alerts): PATCH replaces it whole.
   const budgets = () => PERIODS.flatMap((period) => {
     const [amount, hardBox] = period === "day" ? [fields.day, fields.dayHard] : [fields.month, fields.monthHard];
@@ -177,7 +174,9 @@ export async function render(root, ctx) {
       { label: "Spend this month", num: true, cell: (t) => fmt.usd(t.spend_month_nano) },
       { label: "Budgets", cell: budgetsCell },
       { label: "Rate limits", cell: (t) => [t.rpm ? `${fmt.count(t.rpm)} rpm` : null, t.tpm ? `${fmt.count(t.tpm)} tpm` : null].filter(Boolean).join(", ") || "—" },
-      { label: "Tags", cell: (t) => Object.entries(t.tags).map(([k, v]) => `${k}=${v}`).join(", ") || "—" },
+      { label: "Tags", cell: (t) => (Object.keys(t.tags).length
+        ? h("div", {}, Object.entries(t.tags).map(([k, v]) => h("div", { text: `${k}=${v}` })))
+        : "—") },
       { label: "", cell: (t) => h("div", { class: "row" },
         h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(t, rerender)) }),
         h("button", { type: "button", class: "danger small", text: "Delete", dataset: { action: "delete" }, onclick: guarded(() => remove(t, rerender)) })) },
