@@ -245,7 +245,7 @@ def rollout_events() -> set[str]:
     for path in ROLLOUT_SOURCES:
         text = path.read_text()
         events |= set(re.findall(r'_commit\(\s*database,\s*rollout,\s*"(\w+)"', text))
-        events |= set(re.findall(r'record_event\(\s*database,\s*rollout,\s*"(\w+)"', text))
+        events |= set(re.findall(r'save\(\s*database,\s*rollout,\s*"(\w+)"', text))
         events |= set(re.findall(r'rollout_transitions\.labels\([^,]+,\s*"(\w+)"\)', text))
     return events
 

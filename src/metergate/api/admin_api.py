@@ -31,7 +31,7 @@ from metergate.console.static_files import load_assets
 from metergate.console.upstreams import upstreams
 from metergate.console.windows import parse_window
 from metergate.errors import GatewayLimit, InvalidRequest, NotFound
-from metergate.rollout import store, transitions
+from metergate.rollout import transitions
 from metergate.runtime import Runtime
 from metergate.storage import teams as team_store
 from metergate.storage.database import Database
@@ -466,9 +466,8 @@ class AdminApi:
                 code="unknown_action",
             )
         database = await self._database()
-        await store.load(database, rollout)
         try:
-            await change(database, rollout, "admin API")
+            await transitions.apply(database, rollout, change, "admin API")
         except transitions.TransitionRefused as refused:
             raise InvalidRequest(str(refused), status=409, code="transition_refused") from None
         result = await rollouts(self.runtime, database)

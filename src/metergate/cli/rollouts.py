@@ -8,7 +8,6 @@ recorded: the candidate's and baseline's numbers against each gate.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import typer
@@ -21,7 +20,7 @@ from metergate.storage.database import Database
 
 app = typer.Typer(help="Staged rollouts between upstreams.", no_args_is_help=True)
 Name = Annotated[str, typer.Argument(help="rollout name from the config")]
-Action = Callable[[Database, Rollout], Awaitable[None]]
+Action = transitions.Action
 
 
 def _rollout(config: GatewayConfig, name: str) -> Rollout:
@@ -36,9 +35,8 @@ def _change(config: ConfigOption, name: str, action: Action, done: str) -> None:
     rollout = _rollout(loaded, name)
 
     async def go(db: Database) -> str | None:
-        await store.load(db, rollout)
         try:
-            await action(db, rollout)
+            await transitions.apply(db, rollout, action, "operator")
         except transitions.TransitionRefused as refused:
             return str(refused)
         return None

@@ -4,7 +4,6 @@ and the manual transitions (the same `rollout.transitions` the CLI and controlle
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -14,7 +13,7 @@ from metergate.rollout.state import COMPLETED, PAUSED, PENDING, ROLLED_BACK, RUN
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 
-Action = Callable[[Database, Rollout, str], Awaitable[None]]
+Action = transitions.Action
 ACTIONS: dict[str, Action] = {
     "start": transitions.start,
     "pause": transitions.pause,
@@ -85,6 +84,7 @@ async def rollouts(runtime: Runtime, database: Database) -> dict[str, Any]:
     may have moved it since this process's controller last looked)."""
     rows = []
     for name, rollout in runtime.plan.rollouts.rollouts.items():
-        await store.load(database, rollout)
+        async with rollout.lock:  # not in the middle of an action's load and save
+            await store.load(database, rollout)
         rows.append(rollout_json(rollout, await store.events(database, name, 30)))
     return {"now": time.time(), "rollouts": rows}

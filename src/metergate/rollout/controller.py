@@ -107,13 +107,14 @@ class RolloutController:
         assert database is not None
         self.leader = await store.take_lease(database, self.holder, self.tick_seconds * 3 + 1)
         for rollout in self.rollouts.values():
-            await store.load(database, rollout)
-            if (
-                self.leader
-                and rollout.state == RUNNING
-                and time.time() >= (rollout.next_decision_at())
-            ):
-                await self._decide(database, rollout)
+            async with rollout.lock:  # an admin action of this process waits, or goes first
+                await store.load(database, rollout)
+                if (
+                    self.leader
+                    and rollout.state == RUNNING
+                    and time.time() >= (rollout.next_decision_at())
+                ):
+                    await self._decide(database, rollout)
         if self.leader:
             await self._announce(database)
         self._export_weights()
@@ -133,20 +134,29 @@ class RolloutController:
         judgment = judge(rollout.config, candidate, baseline)
         rollout.last_judgment = judgment
         verdict = judgment["verdict"]
-        if verdict == PASS:
-            await transitions.promote(database, rollout, by="controller", judgment=judgment)
-        elif verdict == FAIL:
-            rollout.failures += 1
-            rollout.reset_window()
-            if rollout.failures >= rollout.config.failure_threshold:
-                await transitions.rollback(database, rollout, by="controller", judgment=judgment)
+        try:
+            if verdict == PASS:
+                await transitions.promote(database, rollout, by="controller", judgment=judgment)
+            elif verdict == FAIL:
+                rollout.failures += 1
+                rollout.reset_window()
+                if rollout.failures >= rollout.config.failure_threshold:
+                    await transitions.rollback(
+                        database, rollout, by="controller", judgment=judgment
+                    )
+                elif not await store.save(database, rollout, "gate_failed", judgment):
+                    await store.load(database, rollout)  # an operator acted: judge again
             else:
-                await store.save(database, rollout)
-                await store.record_event(database, rollout, "gate_failed", judgment)
-        else:
-            assert verdict == INSUFFICIENT
-            await store.save(database, rollout)  # hold: keep collecting this stage's numbers
-            self.metrics.rollout_transitions.labels(rollout.name, "held").inc()
+                assert verdict == INSUFFICIENT
+                # hold: keep collecting this stage's numbers
+                if await store.save(database, rollout):
+                    self.metrics.rollout_transitions.labels(rollout.name, "held").inc()
+                else:
+                    await store.load(database, rollout)
+        except transitions.TransitionRefused as refused:
+            # An operator (or another process) changed the rollout after it was judged:
+            # their action stands, and the next tick judges the state it left.
+            log.info("rollout controller: %s", refused)
 
     async def _announce(self, database: Database) -> None:
         """Log, count and post every event recorded since the last tick, exactly once."""

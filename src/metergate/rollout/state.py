@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -31,6 +32,10 @@ class Rollout:
     candidate_stats: WindowStats = field(default_factory=WindowStats)
     baseline_stats: WindowStats = field(default_factory=WindowStats)
     last_judgment: dict[str, Any] = field(default_factory=dict)
+    # The database row's version this object was loaded at (0: no row yet); a save is a
+    # compare-and-set on it. `lock` makes this process's load-check-save take turns.
+    version: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def active(self) -> bool:

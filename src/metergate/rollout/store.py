@@ -24,13 +24,13 @@ def holder_id() -> str:
 async def load(database: Database, rollout: Rollout) -> bool:
     """Refresh `rollout` from the database; False when it was never started."""
     rows = await database.fetch(
-        "SELECT state, stage, stage_started_at, failures, last_judgment FROM rollouts "
+        "SELECT state, stage, stage_started_at, failures, last_judgment, version FROM rollouts "
         "WHERE name = ?",
         (rollout.name,),
     )
     if not rows:
         return False
-    state, stage, started, failures, judgment = rows[0]
+    state, stage, started, failures, judgment, version = rows[0]
     if (state, stage, started) != (rollout.state, rollout.stage, rollout.stage_started_at):
         rollout.reset_window()
     rollout.state = state
@@ -38,10 +38,20 @@ async def load(database: Database, rollout: Rollout) -> bool:
     rollout.stage_started_at = float(started)
     rollout.failures = int(failures)
     rollout.last_judgment = orjson.loads(judgment)
+    rollout.version = int(version)
     return True
 
 
-async def save(database: Database, rollout: Rollout) -> None:
+async def save(
+    database: Database,
+    rollout: Rollout,
+    event: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> bool:
+    """Save `rollout` (and record `event`, in the same transaction) if its row is still at
+    the version it was loaded at; False, and nothing written, when another action of any
+    process changed it meanwhile: the caller's decision was made on a stale state."""
+    loaded_at = rollout.version
     values = (
         rollout.state,
         rollout.stage,
@@ -50,23 +60,31 @@ async def save(database: Database, rollout: Rollout) -> None:
         orjson.dumps(rollout.last_judgment).decode(),
         time.time(),
     )
-    await database.execute(
-        "INSERT INTO rollouts (name, state, stage, stage_started_at, failures, last_judgment,"
-        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
-        " state = excluded.state, stage = excluded.stage,"
-        " stage_started_at = excluded.stage_started_at, failures = excluded.failures,"
-        " last_judgment = excluded.last_judgment, updated_at = excluded.updated_at",
-        (rollout.name, *values),
-    )
-
-
-async def record_event(
-    database: Database, rollout: Rollout, event: str, detail: dict[str, Any]
-) -> None:
-    await database.execute(
-        "INSERT INTO rollout_events (ts, rollout, event, stage, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), rollout.name, event, rollout.stage, orjson.dumps(detail).decode()),
-    )
+    async with database.transaction() as tx:
+        if loaded_at == 0:  # never saved: only the first of concurrent starts inserts
+            changed = await tx.execute(
+                "INSERT INTO rollouts (name, state, stage, stage_started_at, failures,"
+                " last_judgment, updated_at, version) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+                " ON CONFLICT (name) DO NOTHING",
+                (rollout.name, *values),
+            )
+        else:
+            changed = await tx.execute(
+                "UPDATE rollouts SET state = ?, stage = ?, stage_started_at = ?, failures = ?,"
+                " last_judgment = ?, updated_at = ?, version = version + 1"
+                " WHERE name = ? AND version = ?",
+                (*values, rollout.name, loaded_at),
+            )
+        if changed != 1:
+            return False
+        if event is not None:
+            await tx.execute(
+                "INSERT INTO rollout_events (ts, rollout, event, stage, detail)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (time.time(), rollout.name, event, rollout.stage, orjson.dumps(detail).decode()),
+            )
+    rollout.version = loaded_at + 1
+    return True
 
 
 async def events(database: Database, name: str, limit: int = 20) -> list[tuple[Any, ...]]:

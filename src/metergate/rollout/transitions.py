@@ -1,9 +1,17 @@
-"""Every change of a rollout's state, manual (CLI) or automatic (controller), goes through
-here: it is checked, saved, and recorded as an event that the controller announces."""
+"""Every change of a rollout's state, manual (CLI, admin API) or automatic (controller),
+goes through here: it is checked, saved, and recorded as an event that the controller
+announces.
+
+The check is against the state the caller loaded, and the save is a compare-and-set on
+that state's version (`store.save`): when another action, in this process or another one
+sharing the database, changed the rollout in between, nothing is written and the action
+is refused, as if it had come after. Callers hold `rollout.lock` from load to save, so
+actions of one process take turns on its shared `Rollout`."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metergate.rollout import store
@@ -15,6 +23,40 @@ class TransitionRefused(Exception):
     """The rollout is not in a state that allows this transition."""
 
 
+class TransitionConflict(TransitionRefused):
+    """Another action changed the rollout between this one's check and its save."""
+
+
+Action = Callable[[Database, Rollout, str], Awaitable[None]]
+ATTEMPTS = 5
+
+
+async def apply(database: Database, rollout: Rollout, action: Action, by: str) -> None:
+    """An operator's action on the rollout's current state: loaded, checked and saved as
+    one step, as if the actions of every process came one after another. When another
+    action got in between, the state it left is checked again (a rollback still rolls
+    back a rollout promoted meanwhile; a promotion of one rolled back is refused)."""
+    for attempt in range(ATTEMPTS):
+        async with rollout.lock:
+            await store.load(database, rollout)
+            try:
+                await action(database, rollout, by)
+                return
+            except TransitionConflict:
+                if attempt == ATTEMPTS - 1:
+                    raise
+
+
+_VERBS = {
+    "started": "start",
+    "paused": "pause",
+    "resumed": "resume",
+    "promoted": "promote",
+    "completed": "promote",
+    "rolled_back": "roll back",
+}
+
+
 def _require(rollout: Rollout, allowed: tuple[str, ...], action: str) -> None:
     if rollout.state not in allowed:
         raise TransitionRefused(
@@ -24,8 +66,13 @@ def _require(rollout: Rollout, allowed: tuple[str, ...], action: str) -> None:
 
 
 async def _commit(database: Database, rollout: Rollout, event: str, detail: dict[str, Any]) -> None:
-    await store.save(database, rollout)
-    await store.record_event(database, rollout, event, detail)
+    if not await store.save(database, rollout, event, detail):
+        await store.load(database, rollout)  # drop this action's changes: the row decides
+        raise TransitionConflict(
+            f"cannot {_VERBS.get(event, event)} rollout {rollout.name!r}: another action"
+            f" changed it meanwhile; it is now {rollout.state.replace('_', ' ')} at stage"
+            f" {rollout.stage + 1}; look at it again and retry if still wanted"
+        )
 
 
 def _enter_stage(rollout: Rollout, stage: int) -> None:

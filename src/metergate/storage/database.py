@@ -8,21 +8,47 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 Row = tuple[Any, ...]
+Dialect = Literal["sqlite", "postgresql"]
 
 # PostgreSQL advisory lock held while one process migrates at open. Not the key that
 # `migrations` takes per migration: the same key on a second connection would deadlock.
 _OPEN_LOCK_KEY = 0x6D676F70  # "mgop"
 
 
+class UniqueViolation(Exception):
+    """A write broke a unique constraint (another writer got there first)."""
+
+
+class Transaction(abc.ABC):
+    """Statements that commit together or not at all: a check and the write it allows
+    (SQLite: `BEGIN IMMEDIATE`, the one write lock, so other processes wait; PostgreSQL:
+    READ COMMITTED, with rows locked by `lock_rows`)."""
+
+    dialect: Dialect
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; return how many rows it changed."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    def lock_rows(self, mode: Literal["SHARE", "UPDATE"]) -> str:
+        """The suffix of a SELECT that locks the rows it reads until the transaction ends
+        (nothing on SQLite, where the transaction already holds the database's write lock)."""
+        return f" FOR {mode}" if self.dialect == "postgresql" else ""
+
+
 class Database(abc.ABC):
-    dialect: Literal["sqlite", "postgresql"]
+    dialect: Dialect
 
     @abc.abstractmethod
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
@@ -41,6 +67,11 @@ class Database(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """A transaction: committed when the block ends, rolled back when it raises.
+        A unique constraint broken inside raises `UniqueViolation` out of the block."""
+        raise NotImplementedError(f"{type(self).__name__} has no transactions")
+
 
 def _null(value: None) -> None:
     return None
@@ -51,6 +82,37 @@ def _null(value: None) -> None:
 # each format an AttributeError: ~3,000 instructions per NULL, three per ledger row
 # (bench/instructions.py). A registered adapter is found first; NULL is still bound.
 sqlite3.register_adapter(type(None), _null)
+
+
+class _SQLiteTransaction(Transaction):
+    dialect = "sqlite"
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cursor = await self._conn.execute(sql, params)
+        return int(cursor.rowcount)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._conn.execute(sql, params) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+
+class _PostgresTransaction(Transaction):
+    dialect = "postgresql"
+
+    def __init__(self, conn: Any, sql: Any) -> None:
+        self._conn = conn
+        self._sql = sql
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        status = await self._conn.execute(self._sql(sql), *params)
+        count = str(status).rsplit(" ", 1)[-1]  # "UPDATE 1", "INSERT 0 1", "DELETE 0"
+        return int(count) if count.isdigit() else 0
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(row) for row in await self._conn.fetch(self._sql(sql), *params)]
 
 
 class SQLiteDatabase(Database):
@@ -113,6 +175,19 @@ class SQLiteDatabase(Database):
                 raise
             await self._conn.execute("COMMIT")
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SQLiteTransaction(self._conn)
+            except BaseException as error:
+                await self._conn.execute("ROLLBACK")
+                if isinstance(error, sqlite3.IntegrityError) and "UNIQUE" in str(error):
+                    raise UniqueViolation(str(error)) from error
+                raise
+            await self._conn.execute("COMMIT")
+
     async def close(self) -> None:
         async with self._lock:
             if self._conn is not None:
@@ -156,6 +231,16 @@ class PostgresDatabase(Database):
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
             for statement in statements:
                 await conn.execute(statement)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        import asyncpg
+
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield _PostgresTransaction(conn, self._sql)
+        except asyncpg.UniqueViolationError as error:
+            raise UniqueViolation(str(error)) from error
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -155,6 +155,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX request_log_ts ON request_log (ts)",
         ),
     ),
+    Migration(
+        7,
+        "rollout row versions",
+        # Every change of a rollout is a compare-and-set on its version, so two actions
+        # (of any processes) checked against the same state cannot both be saved.
+        ("ALTER TABLE rollouts ADD COLUMN version BIGINT NOT NULL DEFAULT 1",),
+    ),
 )
 
 

@@ -1,0 +1,129 @@
+"""The admin API under concurrency: each check and the write it allows are one step in
+the database, so two admin calls at the same moment (on one gateway, or on two processes
+sharing the ledger) give the answers they would give one after the other, on SQLite and
+PostgreSQL alike."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from metergate.config.model import RolloutConfig
+from metergate.rollout import Rollout, store, transitions
+from metergate.storage.database import open_database
+from tests.harness import BackgroundLoop, Gateway, start_gateway
+from tests.test_console_api import ADMIN_KEY, base, console_config
+
+HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ROUNDS = 20
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+@pytest.fixture
+def pair(
+    bg: BackgroundLoop, tmp_path: Path, ledger_url: str
+) -> Iterator[Callable[[], tuple[Gateway, Gateway]]]:
+    """Two gateways on one ledger database: two processes of a fleet, each with its own
+    memory (its own `Rollout` objects and key index)."""
+    started: list[Gateway] = []
+
+    def make() -> tuple[Gateway, Gateway]:
+        config = console_config(ledger={"url": ledger_url})
+        for name in ("a", "b"):
+            started.append(start_gateway(bg, config, tmp_path / name, key_name=f"gw-{name}"))
+        return started[0], started[1]
+
+    yield make
+    for gateway in started:
+        gateway.stop()
+
+
+def client(gateway: Gateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base(gateway), headers=HEADERS, timeout=30)
+
+
+def assert_admin_error(answer: httpx.Response, status: int, code: str) -> None:
+    """An OpenAI-shaped error with a message, and the admin headers."""
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == code and error["message"], error
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+# -- rollouts ---------------------------------------------------------------------------
+
+# After a rollback, only a new start may follow.
+AFTER_ROLLBACK = {"started"}
+
+
+def impossible_sequences(events: list[str]) -> list[tuple[str, str]]:
+    return [
+        (a, b)
+        for a, b in itertools.pairwise(events)
+        if a == "rolled_back" and b not in AFTER_ROLLBACK
+    ]
+
+
+async def test_an_action_decided_on_a_state_another_process_changed_is_refused(
+    ledger_url: str,
+):
+    """Two processes hold the rollout loaded as running; one rolls it back. The other's
+    promotion was checked against a state that is gone: refused, nothing written."""
+    config = console_config()["rollouts"]["move"]
+    database = await open_database(ledger_url)
+    try:
+        first = Rollout("move", RolloutConfig.model_validate(config))
+        second = Rollout("move", RolloutConfig.model_validate(config))
+        await transitions.start(database, first)
+        assert await store.load(database, second) and second.state == "running"
+        await transitions.rollback(database, first)
+        with pytest.raises(transitions.TransitionRefused, match="another action changed it"):
+            await transitions.promote(database, second)
+        assert (second.state, second.stage) == ("rolled_back", 0)  # the database's state
+        events = [row[1] for row in await store.events(database, "move")]
+        assert events == ["started", "rolled_back"]
+        # two processes starting a new rollout at once: one start
+        third = Rollout("other", RolloutConfig.model_validate(config))
+        fourth = Rollout("other", RolloutConfig.model_validate(config))
+        await transitions.start(database, third)
+        with pytest.raises(transitions.TransitionRefused):
+            await transitions.start(database, fourth)
+        assert [row[1] for row in await store.events(database, "other")] == ["started"]
+    finally:
+        await database.close()
+
+
+async def test_concurrent_rollback_and_promote_never_undo_an_acknowledged_rollback(pair):
+    a, b = pair()
+    async with client(a) as on_a, client(b) as on_b:
+        outcomes = []
+        for i in range(ROUNDS):
+            started = await on_a.post("/admin/api/rollouts/move/start")
+            assert started.status_code == 200, started.text
+            # the same gateway on even rounds, two processes on odd ones
+            promoter = on_a if i % 2 == 0 else on_b
+            rolled, promoted = await asyncio.gather(
+                on_a.post("/admin/api/rollouts/move/rollback"),
+                promoter.post("/admin/api/rollouts/move/promote"),
+            )
+            assert rolled.status_code == 200, rolled.text  # running or promoted: allowed
+            if promoted.status_code != 200:
+                assert_admin_error(promoted, 409, "transition_refused")
+            final = (await on_b.get("/admin/api/rollouts")).json()["rollouts"][0]
+            assert final["state"] == "rolled_back", (i, promoted.status_code, final["history"])
+            outcomes.append(promoted.status_code)
+    events = [row[1] for row in a.bg.run(store.events(a.runtime.database, "move", 10 * ROUNDS))]
+    assert len(events) == ROUNDS * 2 + outcomes.count(200)
+    assert impossible_sequences(events) == []
