@@ -9,6 +9,7 @@ import asyncio
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,7 +54,7 @@ def client(gateway: Gateway) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base(gateway), headers=HEADERS, timeout=30)
 
 
-def assert_admin_error(answer: httpx.Response, status: int, code: str) -> None:
+def assert_admin_error(answer: httpx.Response, status: int, code: str | None) -> None:
     """An OpenAI-shaped error with a message, and the admin headers."""
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
@@ -127,3 +128,53 @@ async def test_concurrent_rollback_and_promote_never_undo_an_acknowledged_rollba
     events = [row[1] for row in a.bg.run(store.events(a.runtime.database, "move", 10 * ROUNDS))]
     assert len(events) == ROUNDS * 2 + outcomes.count(200)
     assert impossible_sequences(events) == []
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+async def test_keys_created_with_one_name_at_once_give_one_key_and_409s(pair):
+    a, b = pair()
+    async with client(a) as on_a, client(b) as on_b:
+        answers = await asyncio.gather(
+            *(
+                (on_a if i % 2 else on_b).post("/admin/api/keys", json={"name": "racer"})
+                for i in range(20)
+            )
+        )
+    created = [r for r in answers if r.status_code == 201]
+    assert len(created) == 1, [r.status_code for r in answers]
+    for answer in answers:
+        if answer.status_code != 201:
+            assert_admin_error(answer, 409, "key_name_taken")
+            assert "revoke it first or pick another name" in answer.json()["error"]["message"]
+    rows = a.bg.run(a.runtime.database.fetch("SELECT id FROM keys WHERE name = 'racer'"))
+    assert rows == [(created[0].json()["key"]["id"],)]
+
+
+def test_a_bug_in_an_admin_endpoint_is_a_500_with_the_admin_headers(
+    gateway_factory, monkeypatch: pytest.MonkeyPatch
+):
+    import metergate.api.admin_api as admin_api
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(admin_api, "rollouts", broken)
+    monkeypatch.setattr(admin_api.console_keys, "revoke_key_by_id", broken)
+    gateway = gateway_factory(console_config())
+    for method, path in (
+        ("GET", "/admin/api/rollouts"),  # an exact path
+        ("POST", "/admin/api/keys/key_0/revoke"),  # a path with an id
+    ):
+        answer = httpx.request(
+            method,
+            base(gateway) + path,
+            headers={**HEADERS, "x-request-id": "req-bug-1"},
+            timeout=10,
+        )
+        assert_admin_error(answer, 500, None)
+        error = answer.json()["error"]
+        assert error["type"] == "api_error"
+        assert "quote request id req-bug-1" in error["message"]
+        assert answer.headers["x-frame-options"] == "DENY"

@@ -9,9 +9,11 @@ admin response, errors included, carries the console's security headers and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
@@ -24,10 +26,11 @@ from metergate.auth.keys import PREFIX
 from metergate.config import ConfigError
 from metergate.console.requests_log import check_query
 from metergate.console.security import FailedSignIns, secure_headers
-from metergate.errors import GatewayError, NotFound, RateLimited, Unauthorized
+from metergate.errors import GatewayError, InternalError, NotFound, RateLimited, Unauthorized
 from metergate.runtime import Runtime
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+log = logging.getLogger("metergate.admin")
 _CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate admin"')
 
 
@@ -101,16 +104,28 @@ def query_params(request: Request, *known: str) -> dict[str, list[str]]:
 
 def admin_endpoint(handler: H) -> H:
     """Send a handler's GatewayError with the admin security headers (the app's generic
-    error path does not add them)."""
+    error path does not add them), and a bug as the 500 `gateway_error` that quotes the
+    request id, with those headers too."""
 
     @functools.wraps(handler)
     async def wrapped(self: Any, request: Request, send: Send, *args: Any) -> Any:
         try:
             return await handler(self, request, send, *args)
         except GatewayError as error:
-            headers = base_headers(request) + JSON_HEADERS + secure_headers() + error.headers
-            await respond(send, error.status, error.body(), headers)
+            failure = error
+        except Exception:
+            scope = request.scope
+            log.exception("internal error serving %s %s", scope["method"], scope["path"])
+            failure = InternalError(
+                f"internal gateway error; quote request id {request.id} to the operator"
+            )
+        headers = base_headers(request) + JSON_HEADERS + secure_headers() + failure.headers
+        if isinstance(failure, InternalError):
+            with contextlib.suppress(Exception):  # unless the answer had started
+                await respond(send, failure.status, failure.body(), headers)
             return None
+        await respond(send, failure.status, failure.body(), headers)
+        return None
 
     return wrapped  # type: ignore[return-value]
 

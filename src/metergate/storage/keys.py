@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from metergate.auth.keys import KeyRecord, generate_key, hash_key
-from metergate.storage.database import Database
+from metergate.storage.database import Database, UniqueViolation
 
 _COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags"
 
@@ -28,9 +28,9 @@ async def create_key(
     team: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> tuple[str, KeyRecord]:
-    """Create a key; return the secret (shown once, never stored) and its record."""
-    if await database.fetch("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)):
-        raise KeyNameTaken(name)
+    """Create a key; return the secret (shown once, never stored) and its record.
+    KeyNameTaken when an active key has the name, also one created at the same moment
+    (the unique index on active names decides; its violation is this error, not a 500)."""
     secret = generate_key()
     record = KeyRecord(
         id="key_" + secrets.token_hex(8),
@@ -43,21 +43,28 @@ async def create_key(
         team=team,
         tags=tuple(sorted((tags or {}).items())),
     )
-    await database.execute(
-        f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            record.id,
-            record.name,
-            record.key_hash,
-            record.hint,
-            orjson.dumps(list(record.models)).decode() if record.models else None,
-            record.created_at,
-            None,
-            record.max_tokens_cap,
-            record.team,
-            encode_tags(record.tags),
-        ),
-    )
+    try:
+        async with database.transaction() as tx:
+            taken = "SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL"
+            if await tx.fetch(taken, (name,)):
+                raise KeyNameTaken(name)
+            await tx.execute(
+                f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    record.key_hash,
+                    record.hint,
+                    orjson.dumps(list(record.models)).decode() if record.models else None,
+                    record.created_at,
+                    None,
+                    record.max_tokens_cap,
+                    record.team,
+                    encode_tags(record.tags),
+                ),
+            )
+    except UniqueViolation:
+        raise KeyNameTaken(name) from None
     return secret, record
 
 
