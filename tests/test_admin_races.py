@@ -178,3 +178,65 @@ def test_a_bug_in_an_admin_endpoint_is_a_500_with_the_admin_headers(
         assert error["type"] == "api_error"
         assert "quote request id req-bug-1" in error["message"]
         assert answer.headers["x-frame-options"] == "DENY"
+
+
+# -- teams ------------------------------------------------------------------------------
+
+
+async def test_a_key_never_joins_a_team_deleted_at_the_same_moment(pair):
+    """Create a key into a team while the team is deleted, on one gateway or two: either
+    the key is created and the delete is a 409 (the team is in use), or the team is gone
+    and the key creation is a 409 naming it; never both 2xx."""
+    a, b = pair()
+    seen: set[tuple[int, int]] = set()
+    async with client(a) as on_a, client(b) as on_b:
+        for i in range(ROUNDS):
+            team = f"race{i}"
+            made = await on_a.post("/admin/api/teams", json={"name": team})
+            assert made.status_code == 201, made.text
+            creator = on_a if i % 2 == 0 else on_b
+            key, deleted = await asyncio.gather(
+                creator.post("/admin/api/keys", json={"name": f"rk{i}", "team": team}),
+                on_a.delete(f"/admin/api/teams/{team}"),
+            )
+            seen.add((key.status_code, deleted.status_code))
+            if key.status_code == 201:
+                assert_admin_error(deleted, 409, "team_in_use")
+                assert f"rk{i}" in deleted.json()["error"]["message"]
+            else:
+                assert deleted.status_code == 200, deleted.text
+                assert_admin_error(key, 409, "team_not_found")
+                assert "create it first" in key.json()["error"]["message"]
+    assert seen <= {(201, 409), (409, 200)}
+    orphans = a.bg.run(
+        a.runtime.database.fetch(
+            "SELECT k.name FROM keys k LEFT JOIN teams t ON t.name = k.team "
+            "WHERE k.team IS NOT NULL AND t.name IS NULL"
+        )
+    )
+    assert orphans == []
+
+
+async def test_a_key_never_moves_into_a_team_deleted_at_the_same_moment(pair):
+    a, b = pair()
+    async with client(a) as on_a, client(b) as on_b:
+        made = await on_a.post("/admin/api/keys", json={"name": "mover"})
+        key_id = made.json()["key"]["id"]
+        for i in range(ROUNDS):
+            team = f"move{i}"
+            assert (await on_a.post("/admin/api/teams", json={"name": team})).status_code == 201
+            moved, deleted = await asyncio.gather(
+                (on_a if i % 2 == 0 else on_b).patch(
+                    f"/admin/api/keys/{key_id}", json={"team": team}
+                ),
+                on_a.delete(f"/admin/api/teams/{team}"),
+            )
+            if moved.status_code == 200:
+                assert_admin_error(deleted, 409, "team_in_use")
+                left = await on_a.patch(f"/admin/api/keys/{key_id}", json={"team": None})
+                assert left.status_code == 200, left.text
+            else:
+                assert deleted.status_code == 200, deleted.text
+                assert_admin_error(moved, 409, "team_not_found")
+    (row,) = a.bg.run(a.runtime.database.fetch("SELECT team FROM keys WHERE name = 'mover'"))
+    assert row == (None,)

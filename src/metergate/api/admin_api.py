@@ -35,7 +35,7 @@ from metergate.rollout import transitions
 from metergate.runtime import Runtime
 from metergate.storage import teams as team_store
 from metergate.storage.database import Database
-from metergate.storage.keys import KeyNameTaken, create_key, set_attribution
+from metergate.storage.keys import KeyNameTaken, TeamMissing, create_key, set_attribution
 from metergate.teams import TeamError, check_change
 
 Handler = Callable[[Request, Send], Awaitable[None]]
@@ -274,10 +274,11 @@ class AdminApi:
         given = attribution.key_attribution(body)
         database = await self._database()
         team = given.get("team")
-        await attribution.require_team(database, team)
         tags = dict(given.get("tags", ()))
         try:
             secret, record = await create_key(database, name, models, cap, team, tags)
+        except TeamMissing:  # checked in the insert's transaction: never a deleted team
+            raise attribution.no_team(str(team)) from None
         except KeyNameTaken:
             raise InvalidRequest(
                 f"an active key named {name!r} exists; revoke it first or pick another name",
@@ -312,7 +313,10 @@ class AdminApi:
         if given:
             team = given.get("team", record.team)
             tags = dict(given.get("tags", record.tags))
-            updated = await set_attribution(database, record.id, team, tags)
+            try:
+                updated = await set_attribution(database, record.id, team, tags)
+            except TeamMissing:
+                raise attribution.no_team(str(team)) from None
             if updated is None:
                 raise NotFound(f"no key with id {record.id!r}", code="key_not_found")
             record = updated

@@ -63,6 +63,9 @@ def create(
     except store.KeyNameTaken:
         errors.print(f"an active key named {name!r} exists; revoke it first or pick another name")
         raise typer.Exit(2) from None
+    except store.TeamMissing:  # deleted since it was checked
+        errors.print(f"no team named {team!r}; create it with metergate teams")
+        raise typer.Exit(2) from None
     console.print(f"created key [bold]{record.name}[/bold] ({record.id})")
     console.print("secret (shown once, store it now):")
     print(secret)
@@ -119,7 +122,11 @@ def update(
         kept = dict(current.tags) if new_tags is None else new_tags
         return await store.set_attribution(db, current.id, chosen, kept)
 
-    record = with_database(loaded, work)
+    try:
+        record = with_database(loaded, work)
+    except store.TeamMissing:  # deleted since it was checked
+        errors.print(f"no team named {team!r}; create it with metergate teams")
+        raise typer.Exit(2) from None
     if record is None:
         errors.print(f"no active key named or with id {name!r}")
         raise typer.Exit(1)

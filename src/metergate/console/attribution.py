@@ -54,12 +54,16 @@ async def require_team(database: Database, team: str | None) -> None:
     target) is still there, so that is a 409 and not a 404: the request conflicts with
     what exists, and is right once the team is created."""
     if team is not None and await store.get_team(database, team) is None:
-        raise InvalidRequest(
-            f"no team named {team!r}; create it first (POST /admin/api/teams)",
-            status=409,
-            code="team_not_found",
-            param="team",
-        )
+        raise no_team(team)
+
+
+def no_team(team: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"no team named {team!r}; create it first (POST /admin/api/teams)",
+        status=409,
+        code="team_not_found",
+        param="team",
+    )
 
 
 async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:

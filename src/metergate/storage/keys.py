@@ -11,13 +11,27 @@ from typing import Any
 import orjson
 
 from metergate.auth.keys import KeyRecord, generate_key, hash_key
-from metergate.storage.database import Database, UniqueViolation
+from metergate.storage.database import Database, Transaction, UniqueViolation
 
 _COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags"
 
 
 class KeyNameTaken(Exception):
     """An active key already has this name."""
+
+
+class TeamMissing(Exception):
+    """A key was to join a team that does not exist (or was deleted meanwhile)."""
+
+
+async def hold_team(tx: Transaction, team: str | None) -> None:
+    """Check that `team` exists and keep it from being deleted until `tx` ends (a shared
+    row lock on PostgreSQL; SQLite's transaction holds the write lock): a key joins a
+    team atomically, never one that `teams.delete_team` removes at the same moment."""
+    if team is not None and not await tx.fetch(
+        "SELECT 1 FROM teams WHERE name = ?" + tx.lock_rows("SHARE"), (team,)
+    ):
+        raise TeamMissing(team)
 
 
 async def create_key(
@@ -30,7 +44,8 @@ async def create_key(
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record.
     KeyNameTaken when an active key has the name, also one created at the same moment
-    (the unique index on active names decides; its violation is this error, not a 500)."""
+    (the unique index on active names decides; its violation is this error, not a 500);
+    TeamMissing when `team` does not exist."""
     secret = generate_key()
     record = KeyRecord(
         id="key_" + secrets.token_hex(8),
@@ -48,6 +63,7 @@ async def create_key(
             taken = "SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL"
             if await tx.fetch(taken, (name,)):
                 raise KeyNameTaken(name)
+            await hold_team(tx, team)
             await tx.execute(
                 f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -109,18 +125,21 @@ def encode_tags(tags: Sequence[tuple[str, str]] | dict[str, str] | None) -> str 
 async def set_attribution(
     database: Database, name_or_id: str, team: str | None, tags: dict[str, str] | None
 ) -> KeyRecord | None:
-    """Set an active key's team (None: no team) and default tags; None when no such key."""
-    matches = await database.fetch(
-        "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
-        (name_or_id, name_or_id),
-    )
-    if not matches:
-        return None
-    ((key_id,),) = matches[:1]
-    await database.execute(
-        "UPDATE keys SET team = ?, tags = ? WHERE id = ?", (team, encode_tags(tags), key_id)
-    )
-    rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+    """Set an active key's team (None: no team) and default tags; None when no such key,
+    TeamMissing when the team does not exist."""
+    async with database.transaction() as tx:
+        matches = await tx.fetch(
+            "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+            (name_or_id, name_or_id),
+        )
+        if not matches:
+            return None
+        ((key_id,),) = matches[:1]
+        await hold_team(tx, team)
+        await tx.execute(
+            "UPDATE keys SET team = ?, tags = ? WHERE id = ?", (team, encode_tags(tags), key_id)
+        )
+        rows = await tx.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
     return _record(rows[0])
 
 

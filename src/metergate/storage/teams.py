@@ -138,11 +138,21 @@ async def team_keys(database: Database, name: str) -> list[str]:
 
 
 async def delete_team(database: Database, name: str) -> bool:
-    """Delete a team no active key belongs to; False when there is no such team."""
-    keys = await team_keys(database, name)
-    if keys:
-        raise TeamInUse(keys)
-    if await get_team(database, name) is None:
-        return False
-    await database.execute("DELETE FROM teams WHERE name = ?", (name,))
+    """Delete a team no active key belongs to; False when there is no such team.
+
+    One transaction that locks the team's row first: a key joining the team at the same
+    moment (`keys.hold_team`) either committed before, and is seen here (TeamInUse), or
+    waits and then finds no team (TeamMissing)."""
+    async with database.transaction() as tx:
+        found = await tx.fetch(
+            "SELECT name FROM teams WHERE name = ?" + tx.lock_rows("UPDATE"), (name,)
+        )
+        if not found:
+            return False
+        keys = await tx.fetch(
+            "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL ORDER BY name", (name,)
+        )
+        if keys:
+            raise TeamInUse([key for (key,) in keys])
+        await tx.execute("DELETE FROM teams WHERE name = ?", (name,))
     return True
