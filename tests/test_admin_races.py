@@ -240,3 +240,55 @@ async def test_a_key_never_moves_into_a_team_deleted_at_the_same_moment(pair):
                 assert_admin_error(moved, 409, "team_not_found")
     (row,) = a.bg.run(a.runtime.database.fetch("SELECT team FROM keys WHERE name = 'mover'"))
     assert row == (None,)
+
+
+# -- concurrent changes of different fields -----------------------------------------------
+
+
+async def test_concurrent_patches_of_different_key_fields_keep_both(pair):
+    a, b = pair()
+    async with client(a) as on_a, client(b) as on_b:
+        for i in range(ROUNDS):
+            made = await on_a.post("/admin/api/keys", json={"name": f"both{i}"})
+            key_id = made.json()["key"]["id"]
+            path = f"/admin/api/keys/{key_id}"
+            other = on_a if i % 2 == 0 else on_b
+            answers = await asyncio.gather(
+                on_a.patch(path, json={"max_tokens_cap": 99}),
+                other.patch(path, json={"models": ["chat"]}),
+                other.patch(path, json={"tags": {"round": str(i)}}),
+                on_a.patch(path, json={}),  # changes nothing, and writes nothing
+            )
+            assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+            (key,) = [
+                k for k in (await on_b.get("/admin/api/keys")).json()["keys"] if k["id"] == key_id
+            ]
+            assert (key["max_tokens_cap"], key["models"], key["tags"]) == (
+                99,
+                ["chat"],
+                {"round": str(i)},
+            ), i
+
+
+async def test_concurrent_patches_of_different_team_fields_keep_both(pair):
+    a, b = pair()
+    budget = {"period": "day", "limit_usd": "7", "timezone": "Europe/Berlin"}
+    async with client(a) as on_a, client(b) as on_b:
+        for i in range(ROUNDS):
+            team = f"t{i}"
+            assert (await on_a.post("/admin/api/teams", json={"name": team})).status_code == 201
+            path = f"/admin/api/teams/{team}"
+            other = on_a if i % 2 == 0 else on_b
+            answers = await asyncio.gather(
+                on_a.patch(path, json={"description": f"set-by-A {i}"}),
+                other.patch(path, json={"rpm": 77}),
+                other.patch(path, json={"budgets": [budget]}),
+            )
+            assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+            (found,) = [
+                t for t in (await on_b.get("/admin/api/teams")).json()["teams"] if t["name"] == team
+            ]
+            assert found["description"] == f"set-by-A {i}" and found["rpm"] == 77, found
+            assert [(x["limit_usd"], x["timezone"]) for x in found["budgets"]] == [
+                ("7", "Europe/Berlin")
+            ], found

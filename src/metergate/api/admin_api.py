@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -35,7 +36,7 @@ from metergate.rollout import transitions
 from metergate.runtime import Runtime
 from metergate.storage import teams as team_store
 from metergate.storage.database import Database
-from metergate.storage.keys import KeyNameTaken, TeamMissing, create_key, set_attribution
+from metergate.storage.keys import KeyNameTaken, TeamMissing, change_key, create_key
 from metergate.teams import TeamError, check_change
 
 Handler = Callable[[Request, Send], Awaitable[None]]
@@ -301,25 +302,22 @@ class AdminApi:
         console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
         cap = check_cap(body.get("max_tokens_cap"))
         given = attribution.key_attribution(body)
+        changes: dict[str, Any] = dict(given)  # team, tags
+        if "max_tokens_cap" in body:
+            changes["max_tokens_cap"] = cap
         database = await self._database()
-        current = await console_keys.active_key(database, key_id)
-        models = console_keys.check_models(self.runtime, body.get("models"), current.models)
-        await attribution.require_team(database, given.get("team"))
-        if "models" not in body:
-            models = list(current.models) if current.models else None
-        if "max_tokens_cap" not in body:
-            cap = current.max_tokens_cap
-        record = await console_keys.update_key(database, key_id, models, cap)
-        if given:
-            team = given.get("team", record.team)
-            tags = dict(given.get("tags", record.tags))
-            try:
-                updated = await set_attribution(database, record.id, team, tags)
-            except TeamMissing:
-                raise attribution.no_team(str(team)) from None
-            if updated is None:
-                raise NotFound(f"no key with id {record.id!r}", code="key_not_found")
-            record = updated
+        if "models" in body:  # it may keep its own models that have left the config since
+            current = console_keys.require_active(
+                await console_keys.find_key(database, key_id), key_id
+            )
+            changes["models"] = console_keys.check_models(
+                self.runtime, body["models"], current.models
+            )
+        try:  # only the fields sent are written, so a concurrent PATCH of others stays
+            changed = await change_key(database, key_id, changes)
+        except TeamMissing:
+            raise attribution.no_team(str(changes.get("team"))) from None
+        record = console_keys.require_active(changed, key_id)
         await self.runtime.keys.reload()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 

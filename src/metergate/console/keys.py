@@ -1,9 +1,8 @@
 """Gateway keys for the console: listed with their spend, created, edited, revoked.
 
-Creating and listing reuse `storage.keys`. Two storage operations live here because
-only the admin API needs them: changing an active key's allowed models and max_tokens
-cap, and revoking by id alone (the CLI's `revoke_key` also matches names, which is
-right for a person typing, wrong for a button that means one row).
+Creating, listing and changing reuse `storage.keys`. Revoking by id alone lives here
+because only the admin API needs it (the CLI's `revoke_key` also matches names, which
+is right for a person typing, wrong for a button that means one row).
 
 A key's *budget* is a config budget with `scope: key` (enforced by the budget book and
 rebuilt from the ledger); the console shows those next to the key, read-only. Giving
@@ -14,8 +13,6 @@ from __future__ import annotations
 
 import time
 from typing import Any
-
-import orjson
 
 from metergate.auth.keys import KeyRecord
 from metergate.console.overview import budget_json, day_and_month
@@ -49,10 +46,11 @@ async def find_key(database: Database, key_id: str) -> KeyRecord:
     return found
 
 
-async def active_key(database: Database, key_id: str) -> KeyRecord:
-    """The key with this id if it is active: a revoked key still exists (it is listed,
-    its spend stays), but cannot change, so that is a 409 and not a 404."""
-    found = await find_key(database, key_id)
+def require_active(found: KeyRecord | None, key_id: str) -> KeyRecord:
+    """A key that may change: a revoked key still exists (it is listed, its spend stays),
+    but cannot change, so that is a 409 and not a 404."""
+    if found is None:
+        raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
     if found.revoked_at is not None:
         raise InvalidRequest(
             f"key {key_id!r} ({found.name}) is revoked and cannot change; create a new key",
@@ -60,18 +58,6 @@ async def active_key(database: Database, key_id: str) -> KeyRecord:
             code="key_revoked",
         )
     return found
-
-
-async def update_key(
-    database: Database, key_id: str, models: list[str] | None, max_tokens_cap: int | None
-) -> KeyRecord:
-    """Set an active key's allowed models (None: all) and max_tokens cap (None: none)."""
-    encoded = orjson.dumps(models).decode() if models else None
-    await database.execute(
-        "UPDATE keys SET models = ?, max_tokens_cap = ? WHERE id = ? AND revoked_at IS NULL",
-        (encoded, max_tokens_cap, key_id),
-    )
-    return await active_key(database, key_id)  # revoked meanwhile: refused
 
 
 async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:

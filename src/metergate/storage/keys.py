@@ -143,6 +143,36 @@ async def set_attribution(
     return _record(rows[0])
 
 
+async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
+    """Change the fields named in `changes` (`models`: a list or None for all,
+    `max_tokens_cap`, `team`, `tags`) of the key with this id if it is active, and only
+    those: one UPDATE of those columns, so a concurrent change of another field is kept.
+    The key as it is afterwards (a revoked one unchanged); None when no key has the id;
+    TeamMissing when `team` names no team."""
+    encode = {
+        "models": lambda models: orjson.dumps(list(models)).decode() if models else None,
+        "max_tokens_cap": lambda cap: cap,
+        "team": lambda team: team,
+        "tags": encode_tags,
+    }
+    unknown = set(changes) - set(encode)
+    if unknown:
+        raise ValueError(f"not a changeable key field: {', '.join(sorted(unknown))}")
+    async with database.transaction() as tx:
+        select = f"SELECT {_COLUMNS} FROM keys WHERE id = ?"
+        rows = await tx.fetch(select, (key_id,))
+        if not rows or rows[0][6] is not None or not changes:  # none, revoked, no change
+            return _record(rows[0]) if rows else None
+        await hold_team(tx, changes.get("team"))
+        columns = ", ".join(f"{name} = ?" for name in changes)
+        values = [encode[name](value) for name, value in changes.items()]
+        await tx.execute(
+            f"UPDATE keys SET {columns} WHERE id = ? AND revoked_at IS NULL", (*values, key_id)
+        )
+        rows = await tx.fetch(select, (key_id,))
+    return _record(rows[0])
+
+
 async def revoke_key(database: Database, name_or_id: str) -> int:
     """Revoke the active key with this name or id; return how many were revoked."""
     matches = await database.fetch(

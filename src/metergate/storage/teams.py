@@ -102,31 +102,26 @@ async def create_team(database: Database, values: dict[str, Any]) -> TeamRecord:
 
 
 async def update_team(database: Database, name: str, values: dict[str, Any]) -> TeamRecord | None:
-    """Change the fields in `values`; None when there is no such team."""
-    current = await get_team(database, name)
-    if current is None:
-        return None
-    merged = {
-        "description": values.get("description", current.description),
-        "tags": values.get("tags", current.tags),
-        "budgets": values.get("budgets", current.budgets),
-        "rpm": values.get("rpm", current.rpm),
-        "tpm": values.get("tpm", current.tpm),
+    """Change the fields in `values`, and only those (one UPDATE of their columns, so a
+    concurrent change of another field is kept); None when there is no such team."""
+    encode = {
+        "description": lambda description: description,
+        "tags": encode_tags,
+        "budgets": _budgets_json,
+        "rpm": lambda rpm: rpm,
+        "tpm": lambda tpm: tpm,
     }
-    await database.execute(
-        "UPDATE teams SET description = ?, tags = ?, budgets = ?, rpm = ?, tpm = ?, "
-        "updated_at = ? WHERE name = ?",
-        (
-            merged["description"],
-            encode_tags(merged["tags"]),
-            _budgets_json(merged["budgets"]),
-            merged["rpm"],
-            merged["tpm"],
-            time.time(),
-            name,
-        ),
-    )
-    return await get_team(database, name)
+    changes = [(column, encode[column](values[column])) for column in encode if column in values]
+    columns = "".join(f"{column} = ?, " for column, _ in changes)
+    async with database.transaction() as tx:
+        changed = await tx.execute(
+            f"UPDATE teams SET {columns}updated_at = ? WHERE name = ?",
+            (*(value for _, value in changes), time.time(), name),
+        )
+        if not changed:
+            return None
+        rows = await tx.fetch(f"SELECT {_COLUMNS} FROM teams WHERE name = ?", (name,))
+    return _record(rows[0])
 
 
 async def team_keys(database: Database, name: str) -> list[str]:
