@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from metergate.config.model import RolloutConfig
 from metergate.rollout import Rollout, store, transitions
 from metergate.storage.database import open_database
 from tests.harness import BackgroundLoop, Gateway, start_gateway
+from tests.services import GatewayProcess
 from tests.test_console_api import ADMIN_KEY, base, console_config
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -292,3 +294,43 @@ async def test_concurrent_patches_of_different_team_fields_keep_both(pair):
             assert [(x["limit_usd"], x["timezone"]) for x in found["budgets"]] == [
                 ("7", "Europe/Berlin")
             ], found
+
+
+# -- `serve --workers 2`: processes that share nothing but the ledger --------------------
+
+
+async def test_rollout_actions_and_key_names_hold_across_serve_workers(
+    tmp_path: Path, ledger_url: str
+):
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(console_config(ledger={"url": ledger_url})))
+    gateway = GatewayProcess(config_path, tmp_path, workers=2)
+    # no keep-alive: each request on a new connection, so they spread over the workers
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    try:
+        gateway.wait_ready(timeout=60)
+        async with httpx.AsyncClient(
+            base_url=gateway.base_url, headers=HEADERS, timeout=30, limits=fresh
+        ) as http:
+            for i in range(ROUNDS):
+                assert (await http.post("/admin/api/rollouts/move/start")).status_code == 200
+                rolled, promoted = await asyncio.gather(
+                    http.post("/admin/api/rollouts/move/rollback"),
+                    http.post("/admin/api/rollouts/move/promote"),
+                )
+                assert rolled.status_code == 200, rolled.text
+                if promoted.status_code != 200:
+                    assert_admin_error(promoted, 409, "transition_refused")
+                final = (await http.get("/admin/api/rollouts")).json()["rollouts"][0]
+                assert final["state"] == "rolled_back", (i, final["history"])
+                history = [event["event"] for event in final["history"]]
+                assert impossible_sequences(history) == [], history
+            answers = await asyncio.gather(
+                *(http.post("/admin/api/keys", json={"name": "racer"}) for _ in range(10))
+            )
+            assert sorted(r.status_code for r in answers) == [201] + [409] * 9
+            for answer in answers:
+                if answer.status_code == 409:
+                    assert_admin_error(answer, 409, "key_name_taken")
+    finally:
+        gateway.kill_all()
