@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import yaml
 
 from metergate.config.model import RolloutConfig
 from metergate.rollout import Rollout, store, transitions
+from metergate.rollout.gates import Observed
 from metergate.storage.database import open_database
 from tests.harness import BackgroundLoop, Gateway, start_gateway
 from tests.services import GatewayProcess
@@ -36,13 +39,13 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def pair(
     bg: BackgroundLoop, tmp_path: Path, ledger_url: str
-) -> Iterator[Callable[[], tuple[Gateway, Gateway]]]:
+) -> Iterator[Callable[..., tuple[Gateway, Gateway]]]:
     """Two gateways on one ledger database: two processes of a fleet, each with its own
     memory (its own `Rollout` objects and key index)."""
     started: list[Gateway] = []
 
-    def make() -> tuple[Gateway, Gateway]:
-        config = console_config(ledger={"url": ledger_url})
+    def make(config: dict[str, Any] | None = None) -> tuple[Gateway, Gateway]:
+        config = {**(config or console_config()), "ledger": {"url": ledger_url}}
         for name in ("a", "b"):
             started.append(start_gateway(bg, config, tmp_path / name, key_name=f"gw-{name}"))
         return started[0], started[1]
@@ -130,6 +133,61 @@ async def test_concurrent_rollback_and_promote_never_undo_an_acknowledged_rollba
     events = [row[1] for row in a.bg.run(store.events(a.runtime.database, "move", 10 * ROUNDS))]
     assert len(events) == ROUNDS * 2 + outcomes.count(200)
     assert impossible_sequences(events) == []
+
+
+@pytest.mark.parametrize("operator", ["same process", "other process"])
+def test_an_operator_rollback_during_a_controller_judgment_stands(
+    pair, operator: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A controller asks Prometheus for a stage's numbers (which may take seconds);
+    meanwhile an operator rolls back, on the controller's gateway or another one. The
+    rollback answers at once, and the judgment of the stage that no longer runs, a
+    pass, promotes nothing."""
+    import metergate.rollout.controller as controller
+
+    asked, release = threading.Event(), threading.Event()
+    judging = {"started": 0, "finished": 0}
+    healthy = Observed(attempts=100, error_rate=0.0, p99_seconds=0.1, server_errors=0)
+
+    async def slow_prometheus(*args: Any) -> tuple[Observed, Observed]:
+        asked.set()
+        await asyncio.to_thread(release.wait, 30)  # a query that takes its time
+        return healthy, healthy
+
+    decide = controller.RolloutController._decide
+
+    async def decide_and_count(self: Any, *args: Any) -> None:
+        judging["started"] += 1
+        try:
+            await decide(self, *args)
+        finally:
+            judging["finished"] += 1
+
+    monkeypatch.setattr(controller, "prometheus_observations", slow_prometheus)
+    monkeypatch.setattr(controller.RolloutController, "_decide", decide_and_count)
+    config = console_config()
+    config["rollouts"]["move"].update(
+        source="prometheus", prometheus_url="http://127.0.0.1:9", interval_seconds=0.2
+    )
+    a, b = pair(config)
+    assert admin_post(a, "/admin/api/rollouts/move/start").status_code == 200
+    assert asked.wait(30), "the controller never judged the stage"
+    rolled = admin_post(a if operator == "same process" else b, "/admin/api/rollouts/move/rollback")
+    assert rolled.status_code == 200, rolled.text
+    assert not release.is_set() and judging["finished"] == 0  # answered while it judged
+    release.set()
+    deadline = time.monotonic() + 30
+    while judging["finished"] < judging["started"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert judging["finished"] == judging["started"]
+    listed = httpx.get(base(b) + "/admin/api/rollouts", headers=HEADERS, timeout=10)
+    final = listed.json()["rollouts"][0]
+    assert final["state"] == "rolled_back"
+    assert [event["event"] for event in final["history"]] == ["started", "rolled_back"]
+
+
+def admin_post(gateway: Gateway, path: str) -> httpx.Response:
+    return httpx.post(base(gateway) + path, headers=HEADERS, timeout=10)
 
 
 # -- keys -------------------------------------------------------------------------------

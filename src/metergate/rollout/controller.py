@@ -107,19 +107,25 @@ class RolloutController:
         assert database is not None
         self.leader = await store.take_lease(database, self.holder, self.tick_seconds * 3 + 1)
         for rollout in self.rollouts.values():
-            async with rollout.lock:  # an admin action of this process waits, or goes first
+            async with rollout.lock:  # not in the middle of an admin action's load and save
                 await store.load(database, rollout)
-                if (
-                    self.leader
-                    and rollout.state == RUNNING
-                    and time.time() >= (rollout.next_decision_at())
-                ):
-                    await self._decide(database, rollout)
+            if (
+                self.leader
+                and rollout.state == RUNNING
+                and time.time() >= (rollout.next_decision_at())
+            ):
+                await self._decide(database, rollout)
         if self.leader:
             await self._announce(database)
         self._export_weights()
 
     async def _decide(self, database: Database, rollout: Rollout) -> None:
+        """Judge the stage and act on the judgment. The numbers are gathered without the
+        rollout's lock (a Prometheus query may take seconds, and an operator's rollback
+        must not wait for it); the judgment applies only to the state it was made on: one
+        that changed meanwhile is judged again on a later tick, and the save is a
+        compare-and-set against other processes."""
+        judged = rollout.version
         if rollout.config.source == "prometheus":
             if self._http is None:
                 import httpx2  # only rollouts judged from Prometheus need it
@@ -131,7 +137,11 @@ class RolloutController:
             candidate, baseline = await prometheus_observations(rollout, self._http, window)
         else:
             candidate, baseline = local_observations(rollout)
-        judgment = judge(rollout.config, candidate, baseline)
+        async with rollout.lock:
+            if rollout.version == judged and rollout.state == RUNNING:
+                await self._act(database, rollout, judge(rollout.config, candidate, baseline))
+
+    async def _act(self, database: Database, rollout: Rollout, judgment: dict[str, Any]) -> None:
         rollout.last_judgment = judgment
         verdict = judgment["verdict"]
         try:
