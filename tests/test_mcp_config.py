@@ -52,6 +52,10 @@ def test_a_full_section_parses_with_defaults() -> None:
         ({"servers": SERVERS, "access": {"k": {"resources": ["metergate://mail/x"]}}}, "'mail'"),
         ({"servers": SERVERS, "access": {"k": {"resources": ["mail.*"]}}}, "unknown server 'mail'"),
         ({"servers": SERVERS, "access": {"k": {"prompts": ["mail.draft"]}}}, "unknown server"),
+        # only a whole SERVER.* is a wildcard: these matched nothing, silently
+        ({"servers": SERVERS, "access": {"k": {"tools": ["search.e*"]}}}, "whole SERVER.\\*"),
+        ({"servers": SERVERS, "access": {"k": {"tools": ["search.*.x"]}}}, "whole SERVER.\\*"),
+        ({"servers": SERVERS, "access": {"k": {"prompts": ["*.review"]}}}, "whole SERVER.\\*"),
     ],
 )
 def test_mistakes_are_refused_with_a_reason(section: dict[str, Any], message: str) -> None:

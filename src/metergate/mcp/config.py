@@ -95,6 +95,11 @@ class McpAccess(_Strict):
             server, sep, name = entry.partition(SEPARATOR)
             if not sep or not server or not name:
                 raise ValueError(f"{entry!r}: name them as SERVER{SEPARATOR}{kind} or SERVER.*")
+            if "*" in server or ("*" in name and name != "*"):
+                raise ValueError(
+                    f"{entry!r}: only a whole SERVER.* is a wildcard (no prefix patterns "
+                    "such as search.get_*); list the names one by one"
+                )
         return value
 
     @field_validator("resources")
