@@ -383,6 +383,15 @@ async def test_handshake_era_mcp_clients_work_with_several_workers(tmp_path: Pat
                     result = await client.call_tool("search.query", {"text": f"q{number}"})
                     assert not result.is_error, result
                     assert f"q{number}" in result.content[0].text
+            # no sessions there: a handshake is one request, not a session to time
+            async with httpx2.AsyncClient(timeout=30) as scraper:
+                exposition = (await scraper.get(f"{gateway.base_url}/metrics")).text
+            sessions = [
+                float(line.rsplit(" ", 1)[1])
+                for line in exposition.splitlines()
+                if line.startswith("mcp_server_session_duration_seconds_count")
+            ]
+            assert sum(sessions) == 0, sessions
         finally:
             gateway.kill_all()
 

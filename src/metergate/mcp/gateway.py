@@ -141,12 +141,6 @@ class McpGateway:
         )
         self.server.offers = self._offers
         replace_sdk_spans(self.server)  # the gateway's spans follow its `tracing:` config
-        self.server.middleware.insert(
-            0,
-            MetricsMiddleware(
-                server_metrics(registry), known_tool=self._known, tracer=self._tracer
-            ),
-        )
         # SSE answers where needed: progress rides the request's stream, and a client
         # that closes it (2026-07-28) or sends notifications/cancelled cancels the call.
         # A handshake session lives in one process's memory: with several workers on the
@@ -154,6 +148,15 @@ class McpGateway:
         stateless = config.stateless
         if stateless is None:
             stateless = multiprocess_dir() is not None  # set by serve --workers N > 1
+        self.server.middleware.insert(
+            0,
+            MetricsMiddleware(
+                server_metrics(registry),
+                known_tool=self._known,
+                tracer=self._tracer,
+                sessions=not stateless,  # stateless: a handshake's "session" is one request
+            ),
+        )
         self.sessions = StreamableHTTPSessionManager(
             self.server, json_response=False, stateless=stateless
         )

@@ -66,8 +66,10 @@ class MetricsMiddleware:
         known_method: Callable[[str], bool] | None = None,
         timeout_seconds: float | None = None,
         tracer: Callable[[], Any] | None = None,
+        sessions: bool = True,
     ) -> None:
         self.metrics = metrics
+        self.sessions = sessions  # False: requests stand alone (stateless), no sessions
         self.known_tool = known_tool
         self.known_method = known_method or _KNOWN_METHODS.__contains__
         self.timeout_seconds = timeout_seconds
@@ -127,7 +129,7 @@ class MetricsMiddleware:
                 from metergate.mcp.spans import end_span
 
                 end_span(span, error_type)
-            if method == "initialize":
+            if method == "initialize" and self.sessions:
                 self._session_started(ctx, started, error_type)
         if method == "tools/list":
             self._learn(result)
