@@ -49,6 +49,11 @@ class McpServerConfig(_Strict):
     )
     cwd: str | None = None
     timeout_seconds: float = Field(default=30, gt=0, description="per proxied call")
+    max_connections: int = Field(
+        default=100,
+        ge=1,
+        description="HTTP: requests in flight at once; more wait (up to timeout_seconds)",
+    )
 
     @field_validator("url")
     @classmethod

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -51,6 +51,10 @@ log = logging.getLogger("metergate.mcp")
 
 _MAX_PAGES = 100
 _RELIST_EVERY = 1.0  # seconds: at most one extra tools/list per server for unknown names
+_RESERVED = 8
+"""HTTP connections kept beyond `max_connections` for the gateway's own traffic (the
+health probe, the server's notification stream, listen streams, a relist): requests
+never take them, so a pool full of calls never makes a healthy server look down."""
 
 T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
@@ -93,6 +97,8 @@ class Upstream:
         self._first_attempt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_relist = 0.0
+        # HTTP: a request holds a slot while in flight; one over the limit waits for one.
+        self._slots = asyncio.Semaphore(config.max_connections) if config.url else None
 
     @property
     def up(self) -> bool:
@@ -139,6 +145,10 @@ class Upstream:
             http = httpx2.AsyncClient(
                 headers=self.config.headers,
                 timeout=httpx2.Timeout(self.settings.connect_timeout_seconds, read=read),
+                limits=httpx2.Limits(
+                    max_connections=self.config.max_connections + _RESERVED,
+                    max_keepalive_connections=self.config.max_connections + _RESERVED,
+                ),
             )
             await stack.enter_async_context(http)
             transport = streamable_http_client(self.config.url, http_client=http)
@@ -340,8 +350,17 @@ class Upstream:
                     CONNECTION_CLOSED,
                     f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
                 )
-            with anyio.fail_after(timeout):
-                result = await send(client, timeout + 1)
+            async with self._slot(timeout):
+                with anyio.fail_after(timeout):
+                    result = await send(client, timeout + 1)
+        except _Busy as busy:
+            error_type = "gateway_error"  # metergate's own limit, not the server's fault
+            raise mcp_error(
+                INTERNAL_ERROR,
+                f"{what} waited {timeout:g} s for one of the {busy.limit} connections "
+                f"metergate allows to MCP server {self.name!r} (max_connections); "
+                f"all were busy with other requests",
+            ) from None
         except TimeoutError:
             error_type = "timeout"
             raise mcp_error(
@@ -375,6 +394,31 @@ class Upstream:
             labels = (self.name, method, tool, error_type)
             self.metrics.operation.observe(labels, time.perf_counter() - started)
         return result
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, wait: float) -> AsyncIterator[None]:
+        """One of the server's `max_connections` request slots, waited for up to
+        `wait` seconds (then `_Busy`); a stdio server has no such limit."""
+        slots = self._slots
+        if slots is None:
+            yield
+            return
+        try:
+            await asyncio.wait_for(slots.acquire(), wait)
+        except TimeoutError:
+            raise _Busy(self.config.max_connections) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
+
+class _Busy(Exception):
+    """Every request slot of a server stayed taken for the request's whole timeout."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 _TRANSPORT_ERRORS = (

@@ -1,0 +1,128 @@
+"""The gateway's connections to an MCP server under load, reload and large answers.
+
+Real servers behind a real metergate, called with the official `mcp` client: a busy
+connection pool is not a dead server, and a call over the server's connection limit
+waits, then fails alone as the gateway's own limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from tests.harness import BackgroundLoop, Gateway, start_gateway
+from tests.harness import simulated_config as base_config
+from tests.mcp_servers.support import (
+    SEARCH_SERVER,
+    HttpMcpServer,
+    connect,
+    mcp_url,
+    registry_samples,
+    running,
+    value,
+)
+
+CLIENT_OP = "mcp_client_operation_duration_seconds_count"
+UP = "metergate_mcp_server_up"
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcpServer]:
+    with running(SEARCH_SERVER, tmp_path_factory.mktemp("s")) as server:
+        yield server
+
+
+def gateway_with(bg: BackgroundLoop, workdir: Path, **servers: dict[str, Any]) -> Gateway:
+    config = base_config()
+    config["mcp"] = {
+        "servers": servers,
+        "default_access": {"servers": list(servers)},
+        "health_interval_seconds": 0.2,  # probes often, so a call in flight meets one
+        "connect_timeout_seconds": 0.5,  # how long a probe would wait for a pooled connection
+        "reconnect_min_seconds": 0.1,
+        "reconnect_max_seconds": 0.3,
+    }
+    return start_gateway(bg, config, workdir)
+
+
+def calls(gateway: Gateway, server: str, tool: str, error_type: str) -> float:
+    samples = registry_samples(gateway.runtime.metrics.registry)
+    labels = {
+        "mcp_server_name": server,
+        "mcp_method_name": "tools/call",
+        "gen_ai_tool_name": tool,
+        "error_type": error_type,
+    }
+    return value(samples, CLIENT_OP, **labels) or 0.0
+
+
+def outcome(result: BaseException | Any) -> str:
+    if isinstance(result, MCPError):
+        return f"{result.error.code} {result.error.message}"
+    if isinstance(result, BaseException):
+        return repr(result)
+    return result.content[0].text
+
+
+async def test_a_full_connection_pool_is_not_taken_for_a_dead_server(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
+) -> None:
+    """100 calls in flight (the HTTP client's default pool) while probes keep running:
+    the probes still get through, the server stays up and every call is answered."""
+    gateway = gateway_with(bg, tmp_path, search={"url": search.url, "timeout_seconds": 20})
+    count = 100
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            results = await asyncio.gather(
+                *(client.call_tool("search.slow", {"seconds": 2}) for _ in range(count)),
+                return_exceptions=True,
+            )
+            assert Counter(map(outcome, results)) == {"slept 2.0": count}
+            samples = registry_samples(gateway.runtime.metrics.registry)
+            assert value(samples, UP, mcp_server_name="search") == 1
+            echoed = await client.call_tool("search.echo", {"text": "after"})
+            assert echoed.content[0].text == "after"
+        assert calls(gateway, "search", "slow", "") == count
+        assert calls(gateway, "search", "slow", "transport") == 0
+    finally:
+        gateway.stop()
+
+
+async def test_a_call_over_max_connections_waits_then_fails_alone_as_the_gateways(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
+) -> None:
+    """max_connections 1: one call holds the connection; of two more, the first in line
+    gets it when it frees, the other waits out its timeout and gets an error naming the
+    limit, counted as `gateway_error` (not against the server, which stays up)."""
+    server = {"url": search.url, "timeout_seconds": 1, "max_connections": 1}
+    gateway = gateway_with(bg, tmp_path, search=server)
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            holding = asyncio.Event()
+
+            async def on_progress(done: float, total: float | None, note: str | None) -> None:
+                holding.set()
+
+            first = asyncio.ensure_future(
+                client.call_tool("search.hold", {"label": "a"}, progress_callback=on_progress)
+            )
+            await holding.wait()  # the one connection is taken
+            others = [client.call_tool("search.hold", {"label": label}) for label in "bc"]
+            results = await asyncio.gather(first, *others, return_exceptions=True)
+            codes = Counter(result.error.code for result in results if isinstance(result, MCPError))
+            assert codes == {-32001: 2, -32603: 1}, [outcome(r) for r in results]
+            busy = next(r for r in results if isinstance(r, MCPError) and r.error.code == -32603)
+            assert "max_connections" in busy.error.message and "1 connection" in busy.error.message
+            echoed = await client.call_tool("search.echo", {"text": "after"})
+            assert echoed.content[0].text == "after"
+        assert calls(gateway, "search", "hold", "gateway_error") == 1
+        assert calls(gateway, "search", "hold", "timeout") == 2
+        assert calls(gateway, "search", "hold", "transport") == 0
+    finally:
+        gateway.stop()
