@@ -16,12 +16,14 @@ from typing import Any
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from metergate.mcp.config import McpConfig
 from tests.harness import BackgroundLoop, Gateway, start_gateway
 from tests.harness import simulated_config as base_config
 from tests.mcp_servers.support import (
     SEARCH_SERVER,
     HttpMcpServer,
     connect,
+    eventually,
     mcp_url,
     registry_samples,
     running,
@@ -124,5 +126,43 @@ async def test_a_call_over_max_connections_waits_then_fails_alone_as_the_gateway
         assert calls(gateway, "search", "hold", "gateway_error") == 1
         assert calls(gateway, "search", "hold", "timeout") == 2
         assert calls(gateway, "search", "hold", "transport") == 0
+    finally:
+        gateway.stop()
+
+
+async def test_a_reload_that_changes_a_server_lets_its_calls_in_flight_finish(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
+) -> None:
+    """A reload changes the server's timeout and rotates its header token while a call
+    is on the server: that call finishes on the old connection; new calls use the new
+    settings; the old connection closes once it is idle, and the server stays up."""
+    before = {"url": search.url, "timeout_seconds": 10, "headers": {"X-Token": "one"}}
+    gateway = gateway_with(bg, tmp_path, search=before)
+    mcp = gateway.runtime.mcp
+    assert mcp is not None
+    after = {**before, "timeout_seconds": 12, "headers": {"X-Token": "two"}}
+    section = {"servers": {"search": after}, "default_access": {"servers": ["search"]}}
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            napping = asyncio.Event()
+
+            async def on_progress(done: float, total: float | None, note: str | None) -> None:
+                napping.set()
+
+            call = asyncio.ensure_future(
+                client.call_tool("search.nap", {"seconds": 2}, progress_callback=on_progress)
+            )
+            await napping.wait()  # the call is on the server
+            await asyncio.wrap_future(bg.submit(mcp.apply(McpConfig.model_validate(section))))
+            assert mcp.upstreams["search"].config.timeout_seconds == 12
+            echoed = await client.call_tool("search.echo", {"text": "new"})
+            assert echoed.content[0].text == "new"  # served by the new connection
+            result = await asyncio.gather(call, return_exceptions=True)
+            assert outcome(result[0]) == "napped 2.0"
+        assert calls(gateway, "search", "nap", "") == 1
+        assert calls(gateway, "search", "nap", "transport") == 0
+        await eventually(lambda: not mcp._retiring, within=10)  # the old one closed
+        samples = registry_samples(gateway.runtime.metrics.registry)
+        assert value(samples, UP, mcp_server_name="search") == 1
     finally:
         gateway.stop()

@@ -1,10 +1,11 @@
 """A streamable-HTTP MCP server instrumented exactly as docs/mcp.md shows.
 
-Run: python search_server.py PORT. Tools: query (an answer), slow (sleeps), fail
-(a tool error), echo, steps (reports progress), hold (reports progress, then waits to be
-cancelled, which it remembers), cancelled (the holds that were cancelled), link (a
-resource link). Resource `search://stats`, template `search://results/{topic}`, prompt
-`summarize`. No resource subscriptions (`subscriptions/listen` is not served).
+Run: python search_server.py PORT. Tools: query (an answer), slow (sleeps), nap (reports
+that it started, then sleeps), fail (a tool error), echo, steps (reports progress), hold
+(reports progress, then waits to be cancelled, which it remembers), cancelled (the holds
+that were cancelled), link (a resource link). Resource `search://stats`, template
+`search://results/{topic}`, prompt `summarize`. No resource subscriptions
+(`subscriptions/listen` is not served).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ async def slow(seconds: float) -> str:
     """Answer after `seconds`."""
     await asyncio.sleep(seconds)
     return f"slept {seconds}"
+
+
+@mcp.tool()
+async def nap(seconds: float, ctx: Context) -> str:
+    """Report that it started, then answer after `seconds`."""
+    await ctx.report_progress(0, 1, "napping")
+    await asyncio.sleep(seconds)
+    return f"napped {seconds}"
 
 
 @mcp.tool()

@@ -165,6 +165,20 @@ class McpGateway:
         self._stop = asyncio.Event()
         self._serving: asyncio.Task[None] | None = None
         self._ready = False
+        self._retiring: set[Upstream] = set()  # replaced by a reload, finishing their calls
+        self._retirements: set[asyncio.Task[None]] = set()
+
+    def _retire(self, upstream: Upstream) -> None:
+        async def retire() -> None:
+            try:
+                await upstream.retire()
+            finally:
+                self._retiring.discard(upstream)
+
+        self._retiring.add(upstream)
+        task = asyncio.create_task(retire(), name=f"mcp-retire-{upstream.name}")
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
 
     async def start(self) -> None:
         """Serve sessions, connect every server; wait (bounded) for the first connections."""
@@ -202,7 +216,10 @@ class McpGateway:
     async def close(self) -> None:
         self._ready = False
         self.listeners.close()
-        await asyncio.gather(*(upstream.close() for upstream in self.upstreams.values()))
+        for task in self._retirements:
+            task.cancel()  # shutting down: their calls end with the process
+        closing = [*self.upstreams.values(), *self._retiring]
+        await asyncio.gather(*(upstream.close() for upstream in closing))
         self._stop.set()
         if self._serving is not None:
             with contextlib.suppress(Exception):
@@ -213,8 +230,9 @@ class McpGateway:
         """Take a reloaded `mcp:` section without a restart.
 
         Access rules apply to the next request. A server whose settings changed (or any
-        server, when the health or reconnection settings changed) is disconnected and
-        connected again; removed servers are disconnected and their series dropped.
+        server, when the health or reconnection settings changed) gets a new connection
+        for new requests; removed servers' series are dropped. A replaced connection is
+        closed once the requests already on it are done (bounded by their timeouts).
         """
         same = _settings(config) == _settings(self.config)
         old = self.upstreams
@@ -225,7 +243,8 @@ class McpGateway:
         }
         for name, upstream in old.items():
             if name not in kept:
-                await upstream.close()
+                # Its calls in flight finish on it; new ones go to its successor.
+                self._retire(upstream)
                 if name not in config.servers:
                     remove_series(self.client_metrics.up, name)
         self.config = config

@@ -99,6 +99,10 @@ class Upstream:
         self._last_relist = 0.0
         # HTTP: a request holds a slot while in flight; one over the limit waits for one.
         self._slots = asyncio.Semaphore(config.max_connections) if config.url else None
+        self._in_flight = 0
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
+        self._retired = False  # replaced by a reload: serves only what it already has
 
     @property
     def up(self) -> bool:
@@ -131,6 +135,18 @@ class Upstream:
             if not self._task.cancelled():
                 raise  # this close itself was cancelled
         self._task = None
+
+    async def retire(self) -> None:
+        """Replaced by a reload (or removed): take no part in the server's state any more
+        (its `up` series and notifications belong to the successor, or are gone), let
+        the requests already on this connection finish (bounded by their own time
+        limits), then close it. A request is served by the config it arrived under."""
+        self._retired = True
+        await self.subscriptions.close()
+        limit = 2 * self.config.timeout_seconds + 1  # a wait for a slot, then the request
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), limit)
+        await self.close()
 
     async def _connect(self, stack: contextlib.AsyncExitStack) -> Client:
         """Open the transport and the session; what is entered on `stack` closes with it.
@@ -174,6 +190,8 @@ class Upstream:
     async def _on_message(self, message: IncomingMessage) -> None:
         """Notifications from the server: resource updates go to subscribers (on a
         listen stream or, handshake era, the session), a changed tool list is relisted."""
+        if self._retired:
+            return
         if isinstance(message, types.ResourceUpdatedNotification):
             if self._on_updated is not None:
                 self._on_updated(self.name, message.params.uri)
@@ -205,8 +223,8 @@ class Upstream:
             finally:
                 self._mark_down()
                 self._first_attempt.set()
-            if self._stopping.is_set():
-                return
+            if self._stopping.is_set() or self._retired:
+                return  # a retired connection that broke has no requests left to serve
             pause = delay * random.uniform(0.8, 1.2)
             delay = min(delay * 2, self.settings.reconnect_max_seconds)
             with contextlib.suppress(TimeoutError):
@@ -228,15 +246,17 @@ class Upstream:
         if self.client is None:
             log.info("MCP server %s is up (%d tools)", self.name, len(self.tools))
         self.client = client
-        self._up.set(1)
         self._first_attempt.set()
-        self.subscriptions.connected()
+        if not self._retired:
+            self._up.set(1)
+            self.subscriptions.connected()
 
     def _mark_down(self) -> None:
-        if self.client is not None and not self._stopping.is_set():
+        if self.client is not None and not self._stopping.is_set() and not self._retired:
             log.warning("MCP server %s is down; reconnecting", self.name)
         self.client = None
-        self._up.set(0)
+        if not self._retired:
+            self._up.set(0)
         self.subscriptions.disconnected()
 
     async def _refresh(self, client: Client) -> None:
@@ -343,6 +363,8 @@ class Upstream:
         timeout = self.config.timeout_seconds
         started = time.perf_counter()
         error_type = ""
+        self._in_flight += 1
+        self._idle.clear()
         try:
             client = self.client
             if client is None:
@@ -393,6 +415,9 @@ class Upstream:
         finally:
             labels = (self.name, method, tool, error_type)
             self.metrics.operation.observe(labels, time.perf_counter() - started)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         return result
 
     @contextlib.asynccontextmanager
