@@ -50,7 +50,10 @@ UP = "metergate_mcp_server_up"
 BUILTINS = {"chat", "list_models", "usage"}
 SEARCH_TOOLS = {
     f"search.{tool}"
-    for tool in ("query", "slow", "nap", "fail", "echo", "steps", "hold", "cancelled", "link")
+    for tool in (
+        *("query", "slow", "nap", "big", "fail"),
+        *("echo", "steps", "hold", "cancelled", "link"),
+    )
 }
 FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.write"}
 

@@ -166,3 +166,41 @@ async def test_a_reload_that_changes_a_server_lets_its_calls_in_flight_finish(
         assert value(samples, UP, mcp_server_name="search") == 1
     finally:
         gateway.stop()
+
+
+async def test_an_answer_over_max_response_bytes_is_refused_while_read(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
+) -> None:
+    """A result larger than the server's max_response_bytes, as JSON or as an SSE event
+    (after progress), fails alone with an error naming the limit, counted against the
+    server; answers within the limit pass, and the server stays up."""
+    server = {"url": search.url, "timeout_seconds": 10, "max_response_bytes": 64 * 1024}
+    gateway = gateway_with(bg, tmp_path, search=server)
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            small = await client.call_tool("search.big", {"kib": 16})
+            assert len(small.content[0].text) == 16 * 1024
+
+            async def on_progress(done: float, total: float | None, note: str | None) -> None:
+                pass
+
+            for progress in (False, True):
+                with pytest.raises(MCPError) as raised:
+                    await client.call_tool(
+                        "search.big",
+                        {"kib": 256, "progress": progress},
+                        progress_callback=on_progress if progress else None,
+                    )
+                error = raised.value.error
+                assert error.code == -32603, outcome(raised.value)
+                assert "max_response_bytes" in error.message and "65536" in error.message
+            streamed = await client.call_tool(
+                "search.big", {"kib": 16, "progress": True}, progress_callback=on_progress
+            )
+            assert len(streamed.content[0].text) == 16 * 1024
+            samples = registry_samples(gateway.runtime.metrics.registry)
+            assert value(samples, UP, mcp_server_name="search") == 1
+        assert calls(gateway, "search", "big", "-32603") == 2
+        assert calls(gateway, "search", "big", "") == 2
+    finally:
+        gateway.stop()

@@ -1,11 +1,11 @@
 """A streamable-HTTP MCP server instrumented exactly as docs/mcp.md shows.
 
 Run: python search_server.py PORT. Tools: query (an answer), slow (sleeps), nap (reports
-that it started, then sleeps), fail (a tool error), echo, steps (reports progress), hold
-(reports progress, then waits to be cancelled, which it remembers), cancelled (the holds
-that were cancelled), link (a resource link). Resource `search://stats`, template
-`search://results/{topic}`, prompt `summarize`. No resource subscriptions
-(`subscriptions/listen` is not served).
+that it started, then sleeps), big (a large answer), fail (a tool error), echo, steps
+(reports progress), hold (reports progress, then waits to be cancelled, which it
+remembers), cancelled (the holds that were cancelled), link (a resource link). Resource
+`search://stats`, template `search://results/{topic}`, prompt `summarize`. No resource
+subscriptions (`subscriptions/listen` is not served).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ async def nap(seconds: float, ctx: Context) -> str:
     await ctx.report_progress(0, 1, "napping")
     await asyncio.sleep(seconds)
     return f"napped {seconds}"
+
+
+@mcp.tool()
+async def big(kib: int, ctx: Context, progress: bool = False) -> str:
+    """`kib` KiB of text; reporting progress first (an SSE answer) when `progress`."""
+    if progress:
+        await ctx.report_progress(0, 1, "writing")
+    return "x" * (kib * 1024)
 
 
 @mcp.tool()

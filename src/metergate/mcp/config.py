@@ -54,6 +54,11 @@ class McpServerConfig(_Strict):
         ge=1,
         description="HTTP: requests in flight at once; more wait (up to timeout_seconds)",
     )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="largest answer accepted (an SSE answer: each event); larger ones fail",
+    )
 
     @field_validator("url")
     @classmethod

@@ -34,6 +34,7 @@ from mcp_types import CallToolResult, ErrorData, ServerCapabilities, Tool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
+from metergate.mcp.bounded import SSE_MARGIN, BoundedTransport
 from metergate.mcp.config import McpConfig, McpServerConfig
 from metergate.mcp.metrics import (
     CONNECTION_CLOSED,
@@ -158,16 +159,20 @@ class Upstream:
         handshake = self.settings.connect_timeout_seconds
         if self.config.url is not None:
             read = self.config.timeout_seconds + 5  # the call's own timeout comes first
+            pool = self.config.max_connections + _RESERVED
+            limits = httpx2.Limits(max_connections=pool, max_keepalive_connections=pool)
+            bounded = self.config.max_response_bytes
             http = httpx2.AsyncClient(
                 headers=self.config.headers,
                 timeout=httpx2.Timeout(self.settings.connect_timeout_seconds, read=read),
-                limits=httpx2.Limits(
-                    max_connections=self.config.max_connections + _RESERVED,
-                    max_keepalive_connections=self.config.max_connections + _RESERVED,
+                transport=BoundedTransport(
+                    httpx2.AsyncHTTPTransport(limits=limits), self.name, bounded
                 ),
             )
             await stack.enter_async_context(http)
-            transport = streamable_http_client(self.config.url, http_client=http)
+            transport = streamable_http_client(
+                self.config.url, http_client=http, max_sse_event_size=bounded + SSE_MARGIN
+            )
             client = Client(
                 transport,
                 cache=None,
