@@ -40,13 +40,15 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpMcpServer]:
         yield server
 
 
-def gateway_with(bg: BackgroundLoop, workdir: Path, **servers: dict[str, Any]) -> Gateway:
+def gateway_with(
+    bg: BackgroundLoop, workdir: Path, connect_timeout: float = 2, **servers: dict[str, Any]
+) -> Gateway:
     config = base_config()
     config["mcp"] = {
         "servers": servers,
         "default_access": {"servers": list(servers)},
         "health_interval_seconds": 0.2,  # probes often, so a call in flight meets one
-        "connect_timeout_seconds": 0.5,  # how long a probe would wait for a pooled connection
+        "connect_timeout_seconds": connect_timeout,  # also how long a probe waits for the pool
         "reconnect_min_seconds": 0.1,
         "reconnect_max_seconds": 0.3,
     }
@@ -77,15 +79,16 @@ async def test_a_full_connection_pool_is_not_taken_for_a_dead_server(
 ) -> None:
     """100 calls in flight (the HTTP client's default pool) while probes keep running:
     the probes still get through, the server stays up and every call is answered."""
-    gateway = gateway_with(bg, tmp_path, search={"url": search.url, "timeout_seconds": 20})
-    count = 100
+    server = {"url": search.url, "timeout_seconds": 20}
+    gateway = gateway_with(bg, tmp_path, connect_timeout=1.5, search=server)
+    count = 100  # calls last longer than a probe's wait for a pooled connection
     try:
         async with connect(mcp_url(gateway), gateway.key) as client:
             results = await asyncio.gather(
-                *(client.call_tool("search.slow", {"seconds": 2}) for _ in range(count)),
+                *(client.call_tool("search.slow", {"seconds": 4}) for _ in range(count)),
                 return_exceptions=True,
             )
-            assert Counter(map(outcome, results)) == {"slept 2.0": count}
+            assert Counter(map(outcome, results)) == {"slept 4.0": count}
             samples = registry_samples(gateway.runtime.metrics.registry)
             assert value(samples, UP, mcp_server_name="search") == 1
             echoed = await client.call_tool("search.echo", {"text": "after"})
