@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 
+from metergate.mcp.bounded import BoundedTransport
 from metergate.mcp.config import McpConfig
 from tests.harness import BackgroundLoop, Gateway, start_gateway
 from tests.harness import simulated_config as base_config
@@ -207,3 +209,19 @@ async def test_an_answer_over_max_response_bytes_is_refused_while_read(
         assert calls(gateway, "search", "big", "") == 2
     finally:
         gateway.stop()
+
+
+async def test_answers_are_asked_for_uncompressed_so_the_limit_counts_what_is_relayed() -> None:
+    """A compressed answer would be counted before it expands (a small gzip body can
+    hold gigabytes), so the bounded transport asks for `identity`."""
+    seen: list[str] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request.headers["Accept-Encoding"])
+        return httpx2.Response(200, json={"jsonrpc": "2.0", "id": 1, "result": {}})
+
+    transport = BoundedTransport(httpx2.MockTransport(answer), "search", 1024)
+    async with httpx2.AsyncClient(transport=transport) as http:
+        response = await http.post("http://mcp.test/mcp", json={"id": 1})
+    assert response.json()["id"] == 1
+    assert seen == ["identity"]

@@ -32,6 +32,9 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         self.limit = limit
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        # The limit counts bytes as they arrive: a compressed answer would be counted
+        # before it expands, so ask for it uncompressed.
+        request.headers["Accept-Encoding"] = "identity"
         response = await self.inner.handle_async_request(request)
         if request.method != "POST":
             return response  # the server's notification stream: no results on it
