@@ -104,9 +104,11 @@ async def test_a_full_connection_pool_is_not_taken_for_a_dead_server(
 async def test_a_call_over_max_connections_waits_then_fails_alone_as_the_gateways(
     bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
 ) -> None:
-    """max_connections 1: one call holds the connection; of two more, the first in line
-    gets it when it frees, the other waits out its timeout and gets an error naming the
-    limit, counted as `gateway_error` (not against the server, which stays up)."""
+    """max_connections 1: one call holds the connection (until its timeout); two more
+    wait for it. The first in line usually gets it when it frees, but may time out too
+    if the holder lets go late; the last one always waits out its timeout. A call that
+    waited fails alone with an error naming the limit, counted as `gateway_error` (not
+    against the server, which stays up)."""
     server = {"url": search.url, "timeout_seconds": 1, "max_connections": 1}
     gateway = gateway_with(bg, tmp_path, search=server)
     try:
@@ -123,13 +125,15 @@ async def test_a_call_over_max_connections_waits_then_fails_alone_as_the_gateway
             others = [client.call_tool("search.hold", {"label": label}) for label in "bc"]
             results = await asyncio.gather(first, *others, return_exceptions=True)
             codes = Counter(result.error.code for result in results if isinstance(result, MCPError))
-            assert codes == {-32001: 2, -32603: 1}, [outcome(r) for r in results]
+            assert codes in ({-32001: 2, -32603: 1}, {-32001: 1, -32603: 2}), [
+                outcome(r) for r in results
+            ]
             busy = next(r for r in results if isinstance(r, MCPError) and r.error.code == -32603)
             assert "max_connections" in busy.error.message and "1 connection" in busy.error.message
             echoed = await client.call_tool("search.echo", {"text": "after"})
             assert echoed.content[0].text == "after"
-        assert calls(gateway, "search", "hold", "gateway_error") == 1
-        assert calls(gateway, "search", "hold", "timeout") == 2
+        assert calls(gateway, "search", "hold", "gateway_error") == codes[-32603]
+        assert calls(gateway, "search", "hold", "timeout") == codes[-32001]
         assert calls(gateway, "search", "hold", "transport") == 0
     finally:
         gateway.stop()
