@@ -274,8 +274,8 @@ def test_what_a_reload_removes_leaves_metrics(tmp_path: Path, workers: int) -> N
             if not removed & after and len(builds) == 1:
                 break
             time.sleep(0.2)
-        assert not removed & after, (removed & after, gateway.log())
-        assert len(builds) == 1, (builds, gateway.log())
+        if removed & after or len(builds) != 1:  # pytest.fail prints the log whole
+            pytest.fail(f"still shown: {removed & after}, builds {builds}\n{gateway.log()}")
         assert ("metergate_circuit_state", (("upstream", "sim-up"),)) in after  # kept ones stay
     finally:
         gateway.kill_all()
