@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from aiohttp import web
 from mcp.shared.exceptions import MCPError
 
 from metergate.mcp.bounded import BoundedTransport
@@ -229,3 +230,69 @@ async def test_answers_are_asked_for_uncompressed_so_the_limit_counts_what_is_re
         response = await http.post("http://mcp.test/mcp", json={"id": 1})
     assert response.json()["id"] == 1
     assert seen == ["identity"]
+
+
+async def broken_server() -> tuple[web.AppRunner, str]:
+    """An HTTP 'MCP server' whose tool answers are not JSON-RPC (as a proxy's error page,
+    a crashed handler or another service on the port would answer)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        message = await request.json()
+        if "id" not in message:
+            return web.Response(status=202)
+        ident, method = message["id"], message.get("method")
+
+        def ok(result: dict[str, Any]) -> web.Response:
+            return web.json_response({"jsonrpc": "2.0", "id": ident, "result": result})
+
+        if method == "initialize":
+            info = {"name": "broken", "version": "1"}
+            return ok(
+                {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}, "serverInfo": info}
+            )
+        if method == "tools/list":
+            schema = {"type": "object", "properties": {}}
+            names = ("garbage", "not_jsonrpc")
+            return ok({"tools": [{"name": n, "inputSchema": schema} for n in names]})
+        if method == "ping":
+            return ok({})
+        if method == "tools/call" and message["params"]["name"] == "garbage":
+            garbage = "{this is not json" + "x" * 3000
+            return web.Response(text=garbage, content_type="application/json")
+        if method == "tools/call":
+            return web.json_response({"hello": "world", "padding": "y" * 3000})
+        error = {"code": -32601, "message": f"no {method}"}
+        return web.json_response({"jsonrpc": "2.0", "id": ident, "error": error})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/mcp"
+
+
+@pytest.mark.parametrize("tool", ["garbage", "not_jsonrpc"])
+async def test_a_broken_answer_is_the_servers_fault_not_the_callers(
+    bg: BackgroundLoop, tmp_path: Path, tool: str
+) -> None:
+    """The SDK reads an answer it cannot parse as -32700 ("parse error": the caller's
+    request was not JSON) and quoted ~3 KB of it; the caller gets -32603 naming the
+    server instead, and the call counts against the server's transport."""
+    runner, url = bg.run(broken_server())  # on the gateway's loop: this one blocks at start
+    gateway = gateway_with(bg, tmp_path, broken={"url": url, "timeout_seconds": 5})
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            with pytest.raises(MCPError) as failed:
+                await client.call_tool(f"broken.{tool}", {})
+        error = failed.value.error
+        assert error.code == -32603, error
+        assert "MCP server 'broken' sent an answer that is not valid JSON-RPC" in error.message
+        assert len(error.message) < 400
+        assert calls(gateway, "broken", tool, "transport") == 1
+        assert calls(gateway, "broken", tool, "-32700") == 0
+    finally:
+        gateway.stop()
+        bg.run(runner.cleanup())

@@ -20,6 +20,8 @@ CONNECTION_CLOSED = -32000
 REQUEST_TIMEOUT = -32001
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+# What the SDK's client raises when a server's answer is not JSON-RPC it can read.
+BROKEN_ANSWER = frozenset({-32700, -32600})  # parse error, invalid request
 
 UNKNOWN_TOOL = "unknown"
 """`gen_ai_tool_name` of a call to a tool the server does not have: label values never

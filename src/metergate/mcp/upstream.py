@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from metergate.mcp.bounded import SSE_MARGIN, BoundedTransport
 from metergate.mcp.config import McpConfig, McpServerConfig
 from metergate.mcp.metrics import (
+    BROKEN_ANSWER,
     CONNECTION_CLOSED,
     INTERNAL_ERROR,
     REQUEST_TIMEOUT,
@@ -396,6 +397,14 @@ class Upstream:
                 f"(timeout_seconds of MCP server {self.name!r})",
             ) from None
         except MCPError as exc:
+            if exc.error.code in BROKEN_ANSWER:  # the server's answer, never the caller's
+                error_type = "transport"
+                self._probe_now.set()
+                raise mcp_error(
+                    INTERNAL_ERROR,
+                    f"MCP server {self.name!r} sent an answer that is not valid JSON-RPC: "
+                    f"{exc.error.message[:200]}",
+                ) from None
             error_type = code_error_type(exc.error.code)
             if error_type == "transport":
                 self._probe_now.set()
