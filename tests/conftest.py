@@ -46,3 +46,11 @@ def openai_upstream(bg: BackgroundLoop) -> Iterator[tuple[UpstreamServer, openai
     server = UpstreamServer(bg, app)
     yield server, state
     server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty ledger database of each kind the gateway supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))

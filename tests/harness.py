@@ -214,6 +214,16 @@ def start_gateway(
     return gateway
 
 
+def two_gateways(
+    bg: BackgroundLoop, config: dict[str, Any], workdir: Path, started: list[Gateway]
+) -> tuple[Gateway, Gateway]:
+    """Two gateways on one config (so one ledger): two processes of a fleet, each with its
+    own memory. They are appended to `started`, for the caller to stop."""
+    for name in ("a", "b"):
+        started.append(start_gateway(bg, config, workdir / name, key_name=f"gw-{name}"))
+    return started[-2], started[-1]
+
+
 def simulated_config(**settings: Any) -> dict[str, Any]:
     """One simulated provider and model `sim` with the given simulated settings."""
     return {

@@ -21,7 +21,7 @@ from metergate.config.model import RolloutConfig
 from metergate.rollout import Rollout, store, transitions
 from metergate.rollout.gates import Observed
 from metergate.storage.database import open_database
-from tests.harness import BackgroundLoop, Gateway, start_gateway
+from tests.harness import BackgroundLoop, Gateway, two_gateways
 from tests.services import GatewayProcess
 from tests.test_console_api import ADMIN_KEY, base, console_config
 
@@ -29,26 +29,17 @@ HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ROUNDS = 20
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.db'}"
-    return str(request.getfixturevalue("fresh_postgres_url"))
-
-
 @pytest.fixture
 def pair(
-    bg: BackgroundLoop, tmp_path: Path, ledger_url: str
+    bg: BackgroundLoop, tmp_path: Path, database_url: str
 ) -> Iterator[Callable[..., tuple[Gateway, Gateway]]]:
     """Two gateways on one ledger database: two processes of a fleet, each with its own
     memory (its own `Rollout` objects and key index)."""
     started: list[Gateway] = []
 
     def make(config: dict[str, Any] | None = None) -> tuple[Gateway, Gateway]:
-        config = {**(config or console_config()), "ledger": {"url": ledger_url}}
-        for name in ("a", "b"):
-            started.append(start_gateway(bg, config, tmp_path / name, key_name=f"gw-{name}"))
-        return started[0], started[1]
+        config = {**(config or console_config()), "ledger": {"url": database_url}}
+        return two_gateways(bg, config, tmp_path, started)
 
     yield make
     for gateway in started:
@@ -83,12 +74,12 @@ def impossible_sequences(events: list[str]) -> list[tuple[str, str]]:
 
 
 async def test_an_action_decided_on_a_state_another_process_changed_is_refused(
-    ledger_url: str,
+    database_url: str,
 ):
     """Two processes hold the rollout loaded as running; one rolls it back. The other's
     promotion was checked against a state that is gone: refused, nothing written."""
     config = console_config()["rollouts"]["move"]
-    database = await open_database(ledger_url)
+    database = await open_database(database_url)
     try:
         first = Rollout("move", RolloutConfig.model_validate(config))
         second = Rollout("move", RolloutConfig.model_validate(config))
@@ -358,10 +349,10 @@ async def test_concurrent_patches_of_different_team_fields_keep_both(pair):
 
 
 async def test_rollout_actions_and_key_names_hold_across_serve_workers(
-    tmp_path: Path, ledger_url: str
+    tmp_path: Path, database_url: str
 ):
     config_path = tmp_path / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(console_config(ledger={"url": ledger_url})))
+    config_path.write_text(yaml.safe_dump(console_config(ledger={"url": database_url})))
     gateway = GatewayProcess(config_path, tmp_path, workers=2)
     # no keep-alive: each request on a new connection, so they spread over the workers
     fresh = httpx.Limits(max_keepalive_connections=0)

@@ -13,7 +13,6 @@ import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,14 +31,6 @@ from tests.services import (  # noqa: F401 - fixtures, also when conftest.py lac
 )
 
 SELECT_ROWS = f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY id"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty ledger database of each kind the gateway supports."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return str(request.getfixturevalue("fresh_postgres_url"))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway
+from tests.harness import BackgroundLoop, Gateway, simulated_config, two_gateways
 from tests.services import RedisServer
 from tests.test_console_api import ADMIN_KEY, admin
 
@@ -367,9 +367,7 @@ def fleet(
             "redis": {"url": redis_server.url},
             "ledger": {"url": fresh_postgres_url},
         }
-        for name in ("a", "b"):
-            started.append(start_gateway(bg, config, tmp_path / name, key_name=f"gw-{name}"))
-        return started[0], started[1]
+        return two_gateways(bg, config, tmp_path, started)
 
     yield make
     for gateway in started:
