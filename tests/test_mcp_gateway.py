@@ -55,7 +55,7 @@ SEARCH_TOOLS = {
         *("echo", "steps", "hold", "cancelled", "link"),
     )
 }
-FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.write"}
+FILES_TOOLS = {"files.read", "files.list", "files.slow", "files.pid", "files.write", "files.big"}
 
 
 @pytest.fixture(scope="module")

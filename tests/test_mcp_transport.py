@@ -8,6 +8,7 @@ waits, then fails alone as the gateway's own limit.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,16 @@ from mcp.shared.exceptions import MCPError
 
 from metergate.mcp.bounded import BoundedTransport
 from metergate.mcp.config import McpConfig
-from tests.harness import BackgroundLoop, Gateway, start_gateway
+from metergate.mcp.stdio import Lines
+from tests.harness import BackgroundLoop, Gateway, free_port, start_gateway
 from tests.harness import simulated_config as base_config
 from tests.mcp_servers.support import (
+    FILES_SERVER,
     SEARCH_SERVER,
     HttpMcpServer,
     connect,
     eventually,
+    eventually_async,
     mcp_url,
     registry_samples,
     running,
@@ -296,3 +300,75 @@ async def test_a_broken_answer_is_the_servers_fault_not_the_callers(
     finally:
         gateway.stop()
         bg.run(runner.cleanup())
+
+
+def test_a_stdio_line_is_read_whole_across_reads_and_refused_past_the_limit() -> None:
+    lines = Lines(limit=8)
+    assert lines.feed(b'{"a"') == []
+    assert lines.feed(b":1}\n{") == [b'{"a":1}']
+    assert lines.feed(b"}\n12345678\n") == [b"{}", b"12345678"]  # the limit itself passes
+    assert not lines.overflowed
+    assert lines.feed(b"123456789") == [] and lines.overflowed  # no newline yet: too long
+    assert lines.feed(b"\n{}\n") == []  # nothing is read after a line too long
+
+
+async def test_a_stdio_answer_over_max_response_bytes_restarts_the_server_not_the_gateway(
+    bg: BackgroundLoop, tmp_path: Path
+) -> None:
+    """A stdio server's line over its max_response_bytes is not read (nor held: it is
+    refused before its end arrives): the call in flight with it fails naming the limit,
+    so does any other call in flight to that server (nothing in an unread line says
+    which call it answers), and the server is started again for the next calls."""
+    server = {
+        "command": sys.executable,
+        "args": [str(FILES_SERVER), str(free_port())],
+        "timeout_seconds": 30,
+        "max_response_bytes": 64 * 1024,
+    }
+    gateway = gateway_with(bg, tmp_path, files=server)
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            small = await client.call_tool("files.big", {"kib": 16})
+            assert len(small.content[0].text) == 16 * 1024
+            first = (await client.call_tool("files.pid", {})).content[0].text
+            waiting = asyncio.create_task(client.call_tool("files.slow", {"seconds": 20}))
+            await asyncio.sleep(0.2)  # let it reach the server before the large answer
+            with pytest.raises(MCPError) as refused:
+                await client.call_tool("files.big", {"kib": 1024})
+            with pytest.raises(MCPError) as bystander:
+                await waiting
+            for error in (refused.value.error, bystander.value.error):
+                assert error.code == -32603, error
+                assert "max_response_bytes" in error.message and "65536" in error.message
+
+            async def restarted() -> bool:
+                try:
+                    now = (await client.call_tool("files.pid", {})).content[0].text
+                except MCPError:
+                    return False  # not up again yet
+                return now != first
+
+            await eventually_async(restarted, within=30)
+            again = await client.call_tool("files.big", {"kib": 16})
+            assert len(again.content[0].text) == 16 * 1024
+        assert calls(gateway, "files", "big", "-32603") == 1
+        assert calls(gateway, "files", "slow", "-32603") == 1
+    finally:
+        gateway.stop()
+
+
+async def test_a_stdio_command_that_cannot_start_is_named_in_the_log(
+    bg: BackgroundLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = str(tmp_path / "no-such-mcp-server")
+    gateway = gateway_with(bg, tmp_path, gone={"command": missing})
+    try:
+        await eventually(
+            lambda: any(
+                f"cannot start {missing!r}: No such file or directory" in record.getMessage()
+                for record in caplog.records
+            ),
+            within=10,
+        )
+    finally:
+        gateway.stop()

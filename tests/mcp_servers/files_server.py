@@ -1,8 +1,9 @@
 """A stdio MCP server, instrumented with its metrics on a port of its own.
 
-Run: python files_server.py METRICS_PORT (stdio). Tools: read, list, slow, pid, write
-(changes a file and publishes its update). Resources `file:///NAME` for every file (a
-template, so files written later can be read too), prompt `review`.
+Run: python files_server.py METRICS_PORT (stdio). Tools: read, list, slow, pid, big (a
+text of `kib` KiB), write (changes a file and publishes its update). Resources
+`file:///NAME` for every file (a template, so files written later can be read too),
+prompt `review`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ async def slow(seconds: float) -> str:
 def pid() -> int:
     """This process's id, so a test can kill it."""
     return os.getpid()
+
+
+@mcp.tool()
+def big(kib: int) -> str:
+    """A text of `kib` KiB."""
+    return "x" * (kib * 1024)
 
 
 @mcp.tool()

@@ -57,7 +57,7 @@ class McpServerConfig(_Strict):
     max_response_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=1,
-        description="largest answer accepted (an SSE answer: each event); larger ones fail",
+        description="largest answer accepted (SSE: each event; stdio: each line); larger fail",
     )
 
     @field_validator("url")

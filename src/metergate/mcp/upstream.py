@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx2
 import mcp_types as types
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp.client.session import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
@@ -47,6 +47,7 @@ from metergate.mcp.metrics import (
     is_tool_error,
 )
 from metergate.mcp.naming import qualify
+from metergate.mcp.stdio import bounded_stdio
 from metergate.mcp.subscriptions import UpstreamSubscriptions
 
 log = logging.getLogger("metergate.mcp")
@@ -181,15 +182,11 @@ class Upstream:
                 message_handler=self._on_message,
             )
             return await stack.enter_async_context(client)
-        assert self.config.command is not None
-        params = StdioServerParameters(
-            command=self.config.command,
-            args=self.config.args,
-            env=self.config.env or None,
-            cwd=self.config.cwd,
-        )
         client = Client(
-            params, cache=None, read_timeout_seconds=handshake, message_handler=self._on_message
+            bounded_stdio(self.name, self.config),
+            cache=None,
+            read_timeout_seconds=handshake,
+            message_handler=self._on_message,
         )
         return await stack.enter_async_context(client)
 
