@@ -241,6 +241,8 @@ async def broken_server() -> tuple[web.AppRunner, str]:
     a crashed handler or another service on the port would answer)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") == "Bearer revoked":
+            return web.json_response({"error": "invalid_token"}, status=401)
         message = await request.json()
         if "id" not in message:
             return web.Response(status=202)
@@ -256,13 +258,18 @@ async def broken_server() -> tuple[web.AppRunner, str]:
             )
         if method == "tools/list":
             schema = {"type": "object", "properties": {}}
-            names = ("garbage", "not_jsonrpc")
+            names = ("garbage", "not_jsonrpc", "denied", "bad_gateway")
             return ok({"tools": [{"name": n, "inputSchema": schema} for n in names]})
         if method == "ping":
             return ok({})
         if method == "tools/call" and message["params"]["name"] == "garbage":
             garbage = "{this is not json" + "x" * 3000
             return web.Response(text=garbage, content_type="application/json")
+        tool = message["params"]["name"] if method == "tools/call" else None
+        if tool == "denied":
+            return web.json_response({"error": "invalid_token"}, status=401)
+        if tool == "bad_gateway":
+            return web.Response(text="<html>\n<h1>502  Bad Gateway</h1>", status=502)
         if method == "tools/call":
             return web.json_response({"hello": "world", "padding": "y" * 3000})
         error = {"code": -32601, "message": f"no {method}"}
@@ -372,3 +379,39 @@ async def test_a_stdio_command_that_cannot_start_is_named_in_the_log(
         )
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize(
+    ("tool", "said"),
+    [
+        ("denied", 'HTTP 401 Unauthorized: {"error": "invalid_token"}'),
+        ("bad_gateway", "HTTP 502 Bad Gateway: <html> <h1>502 Bad Gateway</h1>"),
+    ],
+)
+async def test_an_http_error_answer_says_what_the_server_said(
+    bg: BackgroundLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture, tool: str, said: str
+) -> None:
+    """The SDK turns an HTTP error answer without a JSON-RPC error into "Server returned
+    an error response", for the caller and in the log (a rejected token read like any
+    fault); both now name the status and quote the answer."""
+    runner, url = bg.run(broken_server())
+    revoked = {"url": url, "headers": {"Authorization": "Bearer revoked"}}
+    gateway = gateway_with(bg, tmp_path, broken={"url": url}, revoked=revoked)
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            with pytest.raises(MCPError) as failed:
+                await client.call_tool(f"broken.{tool}", {})
+        error = failed.value.error
+        assert error.code == -32603, error
+        assert error.message == f"MCP server 'broken' answered {said}"
+        assert calls(gateway, "broken", tool, "-32603") == 1
+        await eventually(
+            lambda: any(
+                "MCP server 'revoked' answered HTTP 401 Unauthorized" in record.getMessage()
+                for record in caplog.records
+            ),
+            within=10,
+        )
+    finally:
+        gateway.stop()
+        bg.run(runner.cleanup())

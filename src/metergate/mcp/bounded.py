@@ -1,4 +1,5 @@
-"""A cap on what an MCP server may answer over streamable HTTP, enforced while reading.
+"""A cap on what an MCP server may answer over streamable HTTP, enforced while reading,
+and HTTP error answers that say what the server said.
 
 `BoundedTransport` sits under the gateway's HTTP client for one server. A JSON answer is
 read (the SDK reads it whole anyway) only up to `max_response_bytes`; an SSE answer is
@@ -6,11 +7,17 @@ passed through as it streams, each event bounded by the same limit. An answer ov
 limit is never held in memory: the connection is dropped and the request gets, in its
 place, a JSON-RPC error (-32603) that names the limit, so the caller learns why and the
 failure is counted against the server that sent it.
+
+An HTTP error answer without a JSON-RPC error of its own (a 401 from a proxy, a 502 page)
+would reach the caller and the log as the SDK's "Server returned an error response";
+it is replaced by a JSON-RPC error (-32603) naming the server, the status and the start
+of what it said. A 404 is left to the SDK, which reads it as an ended session.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from typing import Any
 
 import httpx2
@@ -20,6 +27,7 @@ from metergate.mcp.metrics import INTERNAL_ERROR
 
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _CUT = b"\nevent: metergate-dropped\n\n"
+_QUOTED = 200  # bytes of an HTTP error answer quoted in the caller's error
 SSE_MARGIN = 64
 """What the SDK's own per-event limit must allow beyond ours: the line that ends a cut
 event (our limit fires first, and the SDK's would fail the whole stream instead)."""
@@ -56,6 +64,12 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         await response.aclose()
         if too_big:
             return httpx2.Response(200, json=refusal, request=request)
+        status = response.status_code
+        if status >= 400 and status != 404 and not _is_jsonrpc_error(body):
+            # The SDK would say only "Server returned an error response" (404 it reads
+            # itself: an ended session). Say what the server said, so a 401 reads as one.
+            failure = self._failure(request, status, bytes(body))
+            return httpx2.Response(status, json=failure, request=request)
         return httpx2.Response(
             response.status_code,
             headers=response.headers,
@@ -69,18 +83,41 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
 
     def _refusal(self, request: httpx2.Request) -> dict[str, Any]:
         """The JSON-RPC error that stands for an answer over the limit."""
-        try:
-            sent = orjson.loads(request.content)
-        except (orjson.JSONDecodeError, httpx2.RequestNotRead):
-            sent = {}
         message = (
             f"MCP server {self.server!r} answered more than {self.limit} bytes "
             f"(its max_response_bytes); metergate refused the answer"
         )
-        error = {"code": INTERNAL_ERROR, "message": message}
-        error["data"] = {"max_response_bytes": self.limit}
-        request_id = sent.get("id") if isinstance(sent, dict) else None
-        return {"jsonrpc": "2.0", "id": request_id, "error": error}
+        return _error(request, message, {"max_response_bytes": self.limit})
+
+    def _failure(self, request: httpx2.Request, status: int, body: bytes) -> dict[str, Any]:
+        """The JSON-RPC error that stands for an HTTP error answer without one."""
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:  # a status the standard does not name
+            reason = ""
+        said = " ".join(body[:_QUOTED].decode("utf-8", "replace").split())
+        message = f"MCP server {self.server!r} answered HTTP {status} {reason}".rstrip()
+        return _error(request, f"{message}: {said}" if said else message, {"http_status": status})
+
+
+def _error(request: httpx2.Request, message: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-RPC error (-32603) answering the request `request` carries."""
+    try:
+        sent = orjson.loads(request.content)
+    except (orjson.JSONDecodeError, httpx2.RequestNotRead):
+        sent = {}
+    request_id = sent.get("id") if isinstance(sent, dict) else None
+    error = {"code": INTERNAL_ERROR, "message": message, "data": data}
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _is_jsonrpc_error(body: bytes | bytearray) -> bool:
+    """Whether an HTTP error answer carries its own JSON-RPC error (the SDK reads it)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):
