@@ -285,6 +285,16 @@ async def broken_server() -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}/mcp"
 
 
+async def failed_call(gateway: Gateway, tool: str) -> Any:
+    """The error of a tool call that must fail as an internal error (-32603)."""
+    async with connect(mcp_url(gateway), gateway.key) as client:
+        with pytest.raises(MCPError) as failed:
+            await client.call_tool(tool, {})
+    error = failed.value.error
+    assert error.code == -32603, error
+    return error
+
+
 @pytest.mark.parametrize("tool", ["garbage", "not_jsonrpc"])
 async def test_a_broken_answer_is_the_servers_fault_not_the_callers(
     bg: BackgroundLoop, tmp_path: Path, tool: str
@@ -295,11 +305,7 @@ async def test_a_broken_answer_is_the_servers_fault_not_the_callers(
     runner, url = bg.run(broken_server())  # on the gateway's loop: this one blocks at start
     gateway = gateway_with(bg, tmp_path, broken={"url": url, "timeout_seconds": 5})
     try:
-        async with connect(mcp_url(gateway), gateway.key) as client:
-            with pytest.raises(MCPError) as failed:
-                await client.call_tool(f"broken.{tool}", {})
-        error = failed.value.error
-        assert error.code == -32603, error
+        error = await failed_call(gateway, f"broken.{tool}")
         assert "MCP server 'broken' sent an answer that is not valid JSON-RPC" in error.message
         assert len(error.message) < 400
         assert calls(gateway, "broken", tool, "transport") == 1
@@ -398,11 +404,7 @@ async def test_an_http_error_answer_says_what_the_server_said(
     revoked = {"url": url, "headers": {"Authorization": "Bearer revoked"}}
     gateway = gateway_with(bg, tmp_path, broken={"url": url}, revoked=revoked)
     try:
-        async with connect(mcp_url(gateway), gateway.key) as client:
-            with pytest.raises(MCPError) as failed:
-                await client.call_tool(f"broken.{tool}", {})
-        error = failed.value.error
-        assert error.code == -32603, error
+        error = await failed_call(gateway, f"broken.{tool}")
         assert error.message == f"MCP server 'broken' answered {said}"
         assert calls(gateway, "broken", tool, "-32603") == 1
         await eventually(
