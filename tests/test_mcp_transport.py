@@ -344,8 +344,15 @@ async def test_a_stdio_answer_over_max_response_bytes_restarts_the_server_not_th
             small = await client.call_tool("files.big", {"kib": 16})
             assert len(small.content[0].text) == 16 * 1024
             first = (await client.call_tool("files.pid", {})).content[0].text
-            waiting = asyncio.create_task(client.call_tool("files.slow", {"seconds": 20}))
-            await asyncio.sleep(0.2)  # let it reach the server before the large answer
+            arrived = asyncio.Event()
+
+            async def on_progress(done: float, total: float | None, note: str | None) -> None:
+                arrived.set()
+
+            waiting = asyncio.create_task(
+                client.call_tool("files.slow", {"seconds": 20}, progress_callback=on_progress)
+            )
+            await asyncio.wait_for(arrived.wait(), 30)  # in flight at the server
             with pytest.raises(MCPError) as refused:
                 await client.call_tool("files.big", {"kib": 1024})
             with pytest.raises(MCPError) as bystander:

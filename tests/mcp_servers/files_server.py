@@ -38,8 +38,10 @@ def list_files() -> list[str]:
 
 
 @mcp.tool()
-async def slow(seconds: float) -> str:
-    """Answer after `seconds`."""
+async def slow(seconds: float, ctx: Context) -> str:
+    """Answer after `seconds` (with a progress report first, so a caller that asks for
+    progress knows the call has arrived)."""
+    await ctx.report_progress(0, seconds)
     await asyncio.sleep(seconds)
     return "done"
 
