@@ -129,7 +129,14 @@ async def test_stdio_server_serves_metrics_on_its_own_port() -> None:
     params = StdioServerParameters(command=sys.executable, args=[str(FILES_SERVER), str(port)])
     async with Client(params) as client:
         listed = await client.list_tools()
-        assert {tool.name for tool in listed.tools} == {"read", "list", "slow", "pid", "write"}
+        assert {tool.name for tool in listed.tools} == {
+            "read",
+            "list",
+            "slow",
+            "pid",
+            "write",
+            "big",
+        }
         assert (await client.call_tool("read", {"path": "readme.md"})).content[0].text == "# hello"
         assert (await client.call_tool("read", {"path": "notes.txt"})).content[0].text == "buy milk"
         missing = await client.call_tool("read", {"path": "secret"})
