@@ -259,6 +259,56 @@ def test_web_searches_are_billed_per_search(gateway: Gateway) -> None:
         assert row["cost_nano"] == int(cost * 10**9)
 
 
+SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search"}
+
+
+def test_a_hard_budget_holds_what_web_searches_may_cost(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """Searches cost per search, beyond any token count: a hard budget holds the most a
+    request's search tools may run, their `max_uses`, or else the model's
+    budget_max_web_searches (5), which the tool is then sent as its own limit."""
+    config = upstreams.config() + "budgets:\n  tight: {limit_usd: 0.06, hard: true}\n"
+    client = anthropic_client(gateway_factory(config))
+    ask: dict[str, Any] = {"model": "claude", "max_tokens": 50, "messages": HELLO}
+    client.messages.create(**ask, tools=[SEARCH_TOOL])  # 5 x $0.01 fits in $0.06
+    sent = upstreams.claude_recorder.last.body["tools"]
+    assert sent == [{**SEARCH_TOOL, "max_uses": 5}]
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        client.messages.create(**ask, tools=[{**SEARCH_TOOL, "max_uses": 10}])
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert "budget 'tight'" in message and "up to 10 web searches" in message, message
+    assert "lower the search tool's max_uses" in message
+    assert len(upstreams.claude_recorder.requests) == 1
+
+
+@pytest.mark.parametrize(("marker", "write_price"), [(None, 3), ({}, 3.75), ({"ttl": "1h"}, 6)])
+def test_a_hard_budget_holds_prompt_bytes_at_the_cache_write_price_asked_for(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+    marker: dict[str, str] | None,
+    write_price: float,
+) -> None:
+    """A prompt marked for the cache may be billed as cache writes, dearer than input
+    ($3.75 per million for 5 minutes, $6 for an hour, at $3 input): the hold prices each
+    request byte at the price the request may be billed at."""
+    config = upstreams.config() + "budgets:\n  tiny: {limit_usd: 0.000001, hard: true}\n"
+    gateway = gateway_factory(config)
+    block: dict[str, Any] = {"type": "text", "text": "Hello " * 50}
+    if marker is not None:
+        block["cache_control"] = {"type": "ephemeral", **marker}
+    body = orjson.dumps(
+        {"model": "claude", "max_tokens": 50, "messages": [{"role": "user", "content": [block]}]}
+    )
+    headers = {"x-api-key": gateway.key, "content-type": "application/json"}
+    answer = httpx.post(gateway.base_url + "/messages", content=body, headers=headers)
+    assert answer.status_code == 429
+    pico = len(body) * int(write_price * 1_000_000) + 50 * 15_000_000
+    worst = (pico + 999) // 1000 / 1e9
+    assert f"this request may cost up to ${worst:.6f}" in answer.json()["error"]["message"]
+
+
 def test_count_tokens(gateway: Gateway, upstreams: Upstreams) -> None:  # noqa: F811
     """Exact from an Anthropic upstream (it counts), an estimate for the others."""
     client = anthropic_client(gateway)

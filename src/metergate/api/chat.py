@@ -33,6 +33,7 @@ from metergate.asgi import (
     base_headers,
 )
 from metergate.auth.keys import KeyRecord
+from metergate.budgets.book import Budget
 from metergate.cache import CachedResponse
 from metergate.errors import GatewayError, InternalError, InvalidRequest
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
@@ -115,10 +116,14 @@ class CompletionsHandler:
             bool(budgets)
             and self.kind == "chat"
             and requested_max_tokens(body) is None
-            and any(budget.config.hard for budget in budgets)
+            and _hard(budgets)
         )
         if assumed:
             body["max_tokens"] = route.config.budget_max_tokens  # bounds the worst case
+        extras = estimate.NO_EXTRAS
+        if budgets and exchange.native is not None:  # cache writes, server tools
+            searches = route.config.budget_max_web_searches
+            extras = self.door.extras(exchange, searches, _hard(budgets))
         if exchange.native is not None:  # the same limit for upstreams that get it as it came
             limit = requested_max_tokens(body)
             if limit is not None:
@@ -129,7 +134,7 @@ class CompletionsHandler:
             if hit is not None:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
-        worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed)
+        worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed, extras)
         admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
@@ -271,6 +276,10 @@ class CompletionsHandler:
         log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
         log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
+
+
+def _hard(budgets: tuple[Budget, ...]) -> bool:
+    return any(budget.config.hard for budget in budgets)
 
 
 def _internal(request_id: str) -> InternalError:

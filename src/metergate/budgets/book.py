@@ -304,6 +304,12 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
     fits = worst.fitting_max_tokens(left) if worst.max_tokens else 0
     if fits:
         message += f"; send max_tokens of at most {fits} to fit the ${left / 1e9:.6f} left"
+    elif worst.searches_pico and worst.fixed_pico > left * 1000:
+        message += (
+            f"; the prompt and up to {worst.web_searches} web searches may cost up to "
+            f"${worst.fixed_pico / 1e12:.6f}, more than the ${left / 1e9:.6f} left: shorten "
+            "the prompt or lower the search tool's max_uses"
+        )
     elif worst.prompt_pico > left * 1000:
         message += (
             f"; the prompt alone may cost up to ${worst.prompt_pico / 1e12:.6f}, more than "

@@ -316,6 +316,12 @@ class ModelConfig(Strict):
         description="max_tokens sent upstream when a hard budget applies and the caller "
         "set none, so a request's worst-case cost is bounded",
     )
+    budget_max_web_searches: int = Field(
+        default=5,
+        ge=1,
+        description="max_uses set on an Anthropic web search tool that has none when a "
+        "hard budget applies, so the searches it may run (priced per search) are bounded",
+    )
     cache: bool = True
 
 

@@ -246,6 +246,19 @@ _FIELD_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
+class Extras:
+    """What a request may cost beyond its tokens at their plain prices: the prompt-cache
+    writes it asks for (`"5m"` or `"1h"`: the dearer write price then bounds each prompt
+    byte) and the most web searches its server tools may run (priced per search)."""
+
+    cache_writes: str | None = None
+    web_searches: int = 0
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True, slots=True)
 class WorstCase:
     """An upper bound on a request's cost, reserved against budgets before the call, and
     what it is made of, so that a refusal can say which `max_tokens` would fit."""
@@ -256,24 +269,42 @@ class WorstCase:
     token_pico: int  # what one more max_tokens adds: `n` choices at the output price
     max_tokens: int  # 0 when the request has none (no budget applies then)
     assumed: bool = False  # max_tokens is the model's budget_max_tokens, not the caller's
+    web_searches: int = 0  # the most its server tools may run
+    searches_pico: int = 0  # what they may cost
+
+    @property
+    def fixed_pico(self) -> int:
+        """What the request may cost whatever its max_tokens: prompt and searches."""
+        return self.prompt_pico + self.searches_pico
 
     def fitting_max_tokens(self, available_nano: int) -> int:
         """The largest max_tokens whose worst case, once the caller adds it to the
         request, fits in `available_nano`; 0 when none does."""
-        room = available_nano * 1000 - self.prompt_pico - _FIELD_BYTES * self.byte_pico
+        room = available_nano * 1000 - self.fixed_pico - _FIELD_BYTES * self.byte_pico
         if room < self.token_pico:
             return 0
         return self.max_tokens if self.token_pico == 0 else room // self.token_pico
 
 
 def worst_case(
-    body_size: int, body: dict[str, Any], prices: UnitPrices, assumed: bool = False
+    body_size: int,
+    body: dict[str, Any],
+    prices: UnitPrices,
+    assumed: bool = False,
+    extras: Extras = NO_EXTRAS,
 ) -> WorstCase:
     """A token is at least one byte of the request, so the body's size in bytes bounds
-    the prompt; the output is bounded by max_tokens for each of the `n` choices."""
+    the prompt (each byte at the dearest price it may be billed at, a cache write's when
+    the request asks for them); the output is bounded by max_tokens for each of the `n`
+    choices, and server-side web searches by the most the request's tools may run."""
     output = _max_tokens(body)
     byte = max(prices.input, prices.cached_input)
+    if extras.cache_writes is not None:
+        byte = max(byte, prices.cache_write)
+        if extras.cache_writes == "1h":
+            byte = max(byte, prices.cache_write_1h)
     prompt = body_size * byte
     token = int(body.get("n") or 1) * prices.output
-    nano = (prompt + output * token + 999) // 1000
-    return WorstCase(nano, byte, prompt, token, output, assumed)
+    searches = extras.web_searches * prices.web_search
+    nano = (prompt + searches + output * token + 999) // 1000
+    return WorstCase(nano, byte, prompt, token, output, assumed, extras.web_searches, searches)

@@ -190,6 +190,9 @@ class Router:
                 max(d.prices.input for d in serving),
                 max(d.prices.cached_input for d in serving),
                 max(d.prices.output for d in serving),
+                max(d.prices.cache_write for d in serving),
+                max(d.prices.cache_write_1h for d in serving),
+                max(d.prices.web_search for d in serving),
             )
 
     def route(self, model: object, key: KeyRecord) -> Route:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
+from metergate.metering.estimate import NO_EXTRAS, Extras
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.dispatch import Kind
 from metergate.routing.router import Deployment
@@ -86,6 +87,12 @@ class Door:
         self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
     ) -> Exchange:
         raise NotImplementedError
+
+    def extras(self, exchange: Exchange, max_searches: int, bound: bool) -> Extras:
+        """What the request may cost beyond its tokens (`metering.estimate.Extras`), for
+        its budget hold. `bound`: a hard budget applies, so a web search tool without a
+        limit gets `max_searches` as its own. Chat bodies carry neither."""
+        return NO_EXTRAS
 
     def cache_material(self, exchange: Exchange) -> dict[str, Any]:
         """What identifies the answer: the caller's own request."""

@@ -30,6 +30,7 @@ from metergate.api.doors.messages_translate import (
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
+from metergate.metering.estimate import Extras
 from metergate.providers.anthropic import AnthropicAdapter
 from metergate.providers.anthropic_native import FORWARDED_HEADERS
 from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
@@ -68,6 +69,41 @@ class MessagesDoor(Door):
 
     def error(self, error: GatewayError) -> tuple[int, bytes]:
         return anthropic_error(error)
+
+    def extras(self, exchange: Exchange, max_searches: int, bound: bool) -> Extras:
+        """Prompt-cache writes asked for by `cache_control` (anywhere, or at the top for
+        automatic caching; `ttl: "1h"` for the dearer ones) and the web searches its
+        `web_search_*` server tools may run (their `max_uses`)."""
+        assert exchange.native is not None
+        body = exchange.native.body
+        searches = 0
+        for tool in body.get("tools") or ():
+            if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
+                uses = tool.get("max_uses")
+                if type(uses) is not int or uses < 0:
+                    uses = max_searches
+                    if bound:  # the tool is told the limit its hold was taken for
+                        tool["max_uses"] = uses
+                searches += uses
+        return Extras(_cache_writes(body), searches)
+
+
+def _cache_writes(body: dict[str, Any]) -> str | None:
+    """ "1h" or "5m" when the request marks anything for the prompt cache, else None."""
+    found: str | None = None
+    pending: list[Any] = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            marker = value.get("cache_control")
+            if isinstance(marker, dict):
+                if marker.get("ttl") == "1h":
+                    return "1h"
+                found = "5m"
+            pending.extend(v for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list):
+            pending.extend(v for v in value if isinstance(v, dict | list))
+    return found
 
 
 def anthropic_error(error: GatewayError) -> tuple[int, bytes]:
