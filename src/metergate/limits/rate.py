@@ -60,7 +60,7 @@ class Bucket:
         return f"{self.scope} {self.name!r}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per bucket per request (see estimate.WorstCase)
 class Verdict:
     """One bucket's answer: admitted or not, the TAT to store, and header values."""
 

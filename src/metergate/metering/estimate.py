@@ -258,7 +258,7 @@ class Extras:
 NO_EXTRAS = Extras()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~2x per field
 class WorstCase:
     """An upper bound on a request's cost, reserved against budgets before the call, and
     what it is made of, so that a refusal can say which `max_tokens` would fit."""
@@ -299,12 +299,14 @@ def worst_case(
     choices, and server-side web searches by the most the request's tools may run."""
     output = _max_tokens(body)
     byte = max(prices.input, prices.cached_input)
-    if extras.cache_writes is not None:
-        byte = max(byte, prices.cache_write)
-        if extras.cache_writes == "1h":
-            byte = max(byte, prices.cache_write_1h)
+    searches = 0
+    if extras is not NO_EXTRAS:
+        if extras.cache_writes is not None:
+            byte = max(byte, prices.cache_write)
+            if extras.cache_writes == "1h":
+                byte = max(byte, prices.cache_write_1h)
+        searches = extras.web_searches * prices.web_search
     prompt = body_size * byte
     token = int(body.get("n") or 1) * prices.output
-    searches = extras.web_searches * prices.web_search
     nano = (prompt + searches + output * token + 999) // 1000
     return WorstCase(nano, byte, prompt, token, output, assumed, extras.web_searches, searches)
