@@ -65,7 +65,9 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         if too_big:
             return httpx2.Response(200, json=refusal, request=request)
         status = response.status_code
-        if status >= 400 and status != 404 and not _is_jsonrpc_error(body):
+        content_type = response.headers.get("content-type", "").lower()
+        own_error = content_type.startswith("application/json") and _is_jsonrpc_error(body)
+        if status >= 400 and status != 404 and not own_error:
             # The SDK would say only "Server returned an error response" (404 it reads
             # itself: an ended session). Say what the server said, so a 401 reads as one.
             failure = self._failure(request, status, bytes(body))

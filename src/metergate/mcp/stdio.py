@@ -23,7 +23,6 @@ import anyio
 import mcp_types as types
 from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from mcp.client._transport import TransportStreams
 from mcp.client.stdio import get_default_environment
 from mcp.os.posix.utilities import terminate_posix_process_tree
 from mcp.shared.message import SessionMessage
@@ -38,6 +37,7 @@ EXIT_GRACE_SECONDS = 2.0
 _POLL_SECONDS = 0.01
 
 Incoming = SessionMessage | Exception
+Streams = tuple[MemoryObjectReceiveStream[Incoming], MemoryObjectSendStream[SessionMessage]]
 
 
 class Lines:
@@ -79,7 +79,7 @@ def parse(line: bytes | bytearray) -> Incoming:
 
 
 @contextlib.asynccontextmanager
-async def bounded_stdio(server: str, config: McpServerConfig) -> AsyncIterator[TransportStreams]:
+async def bounded_stdio(server: str, config: McpServerConfig) -> AsyncIterator[Streams]:
     """Start `config.command` and talk to it over its stdin and stdout."""
     assert config.command is not None
     try:

@@ -80,16 +80,19 @@ class MessagesDoor(Door):
         for tool in body.get("tools") or ():
             if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
                 uses = tool.get("max_uses")
-                if type(uses) is not int or uses < 0:
+                if uses is None:
                     uses = max_searches
                     if bound:  # the tool is told the limit its hold was taken for
                         tool["max_uses"] = uses
+                elif type(uses) is not int or uses < 0:
+                    uses = max_searches  # malformed: Anthropic refuses it (a 400)
                 searches += uses
         return Extras(_cache_writes(body), searches)
 
 
 def _cache_writes(body: dict[str, Any]) -> str | None:
-    """ "1h" or "5m" when the request marks anything for the prompt cache, else None."""
+    """The prompt-cache writes a request asks for: "1h" when any `cache_control` marker
+    keeps an hour, else "5m" when there is one, else None."""
     found: str | None = None
     pending: list[Any] = [body]
     while pending:
