@@ -77,6 +77,24 @@ def test_cross_references_are_checked():
     assert "providers.openai.base_url: an openai-compatible provider needs base_url" in rendered
 
 
+def one_upstream(base_url: str) -> str:
+    """A config of one OpenAI-compatible provider at `base_url`, one upstream, one model."""
+    return f"""providers:
+  up: {{type: openai, base_url: "{base_url}", api_key: k}}
+upstreams:
+  u: {{provider: up, model: m, price: {{input: 1, output: 1}}}}
+models:
+  m: {{upstreams: [u]}}
+"""
+
+
+def refusal(text: str) -> str:
+    """The problems a config file `gw.yaml` holding `text` is refused with."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    return "\n".join(problem.render() for problem in raised.value.problems)
+
+
 @pytest.mark.parametrize(
     ("base_url", "message"),
     [
@@ -88,19 +106,26 @@ def test_cross_references_are_checked():
 def test_a_base_url_that_would_leak_or_misroute_is_refused(base_url, message):
     """A password in base_url travelled in the Host header and in callers' error
     messages; a query string ended up before the API path (/v1?x=1/chat/completions)."""
-    text = f"""
-providers:
-  up: {{type: openai, base_url: "{base_url}", api_key: k}}
-upstreams:
-  u: {{provider: up, model: m, price: {{input: 1, output: 1}}}}
-models:
-  m: {{upstreams: [u]}}
-"""
-    with pytest.raises(ConfigError) as raised:
-        parse_config(text, "gw.yaml")
-    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    rendered = refusal("\n" + one_upstream(base_url))
     assert "gw.yaml:3: providers.up.base_url" in rendered and message in rendered
     assert "URLPASSWORD" not in rendered
+
+
+@pytest.mark.parametrize("url", ["hooks.slack.com/services/T0KEN", "https:///services/T0KEN"])
+def test_a_webhook_url_that_cannot_be_posted_to_is_refused_when_the_config_loads(url):
+    """Found out otherwise only by the first alert, which it would then lose."""
+    rendered = refusal(
+        one_upstream("http://127.0.0.1:9/v1")
+        + f"""budgets:
+  monthly: {{limit_usd: 10, webhook_url: "{url}"}}
+rollouts:
+  move: {{model: m, baseline: [u], candidate: [u], webhook_url: "{url}"}}
+"""
+    )
+    assert "budgets.monthly.webhook_url" in rendered
+    assert "rollouts.move.webhook_url" in rendered
+    assert "must be an http:// or https:// URL with a host" in rendered
+    assert "T0KEN" not in rendered  # a webhook URL is a secret
 
 
 @pytest.mark.parametrize(

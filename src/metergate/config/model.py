@@ -11,10 +11,18 @@ import datetime
 import ipaddress
 import itertools
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from metergate.config.observe import RequestLogConfig, TagsConfig, TracingConfig
 from metergate.config.presets import DEFAULT_PRICE_LISTS, PRESETS, PresetName
@@ -23,6 +31,18 @@ from metergate.mcp.config import McpConfig
 ProviderType = Literal["openai", "anthropic", "gemini", "simulated", "azure", "bedrock", "vertex"]
 ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
 NativeApi = Literal["responses", "completions"]
+
+
+def _webhook_url(value: str) -> str:
+    """Checked when the config loads: a URL that cannot be posted to would otherwise be
+    found out only by the first alert, which it would then lose."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+WebhookUrl = Annotated[str, AfterValidator(_webhook_url)]
 
 
 class Strict(BaseModel):
@@ -451,7 +471,7 @@ class BudgetConfig(Strict):
     limit_usd: Decimal = Field(gt=0)
     hard: bool = True
     alert_at_percent: list[int] = Field(default_factory=lambda: [50, 80, 100])
-    webhook_url: str | None = None
+    webhook_url: WebhookUrl | None = None
 
     @field_validator("timezone")
     @classmethod
@@ -552,7 +572,7 @@ class RolloutConfig(Strict):
     sticky: str = Field(default="none", pattern=r"^(none|key|header:[A-Za-z0-9-]+)$")
     source: Literal["local", "prometheus"] = "local"
     prometheus_url: str | None = None
-    webhook_url: str | None = None
+    webhook_url: WebhookUrl | None = None
 
     @field_validator("stages")
     @classmethod
