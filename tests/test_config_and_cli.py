@@ -128,6 +128,16 @@ rollouts:
     assert "T0KEN" not in rendered  # a webhook URL is a secret
 
 
+def test_an_empty_webhook_url_means_none() -> None:
+    """What `webhook_url: ${SLACK_WEBHOOK_URL}` gives with the variable set empty."""
+    config = parse_config(
+        one_upstream("http://127.0.0.1:9/v1")
+        + 'budgets:\n  monthly: {limit_usd: 10, webhook_url: ""}\n',
+        "gw.yaml",
+    )
+    assert not config.budgets["monthly"].webhook_url
+
+
 @pytest.mark.parametrize(
     ("key", "message"),
     [

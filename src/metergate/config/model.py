@@ -35,7 +35,10 @@ NativeApi = Literal["responses", "completions"]
 
 def _webhook_url(value: str) -> str:
     """Checked when the config loads: a URL that cannot be posted to would otherwise be
-    found out only by the first alert, which it would then lose."""
+    found out only by the first alert, which it would then lose. Empty means none (what
+    `${VAR}` gives with VAR set empty)."""
+    if not value:
+        return value
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
