@@ -209,8 +209,13 @@ GATEWAY_CONFIGS = {
 
 
 def load_example(text: str, name: str, monkeypatch: pytest.MonkeyPatch) -> GatewayConfig:
+    """Parse an example config with every variable it reads set (a URL where one is due:
+    the loader checks their form)."""
     for variable in variables(text):
-        monkeypatch.setenv(variable, f"dummy{variable.lower().replace('_', '')}")
+        dummy = f"dummy{variable.lower().replace('_', '')}"
+        if variable.endswith("_URL"):
+            dummy = f"https://{dummy}.example/hook"
+        monkeypatch.setenv(variable, dummy)
     return parse_config(text, name)
 
 
