@@ -455,3 +455,47 @@ def test_reasoning_tokens_are_reported_apart(gateway: Gateway, model: str, strea
     assert chat.usage is not None and chat.usage.completion_tokens_details is not None
     assert chat.usage.completion_tokens_details.reasoning_tokens == reasoning
     assert chat.usage.completion_tokens > reasoning
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_web_search_calls_are_billed_per_call(gateway: Gateway, stream: bool) -> None:
+    """OpenAI's built-in web search costs per call ($10 per 1,000 at the default price)
+    on top of the tokens: each `web_search_call` of the answer is metered."""
+    client = gateway.client()
+    ask: dict[str, Any] = {
+        "model": "gpt-native",
+        "input": "News? TRIGGER:searched",
+        "tools": [{"type": "web_search"}],
+    }
+    if stream:
+        with client.responses.stream(**ask) as events:
+            response = events.get_final_response()
+        row = ledger_row(gateway, "stream = 1")
+    else:
+        raw = client.responses.with_raw_response.create(**ask)
+        response = raw.parse()
+        row = ledger_row(gateway, f"request_id = '{raw.headers['x-request-id']}'")
+    assert [item.type for item in response.output].count("web_search_call") == 2
+    assert response.usage is not None
+    tokens_nano = (response.usage.input_tokens * 2 + response.usage.output_tokens * 8) * 1000
+    assert row["cost_nano"] == tokens_nano + 2 * 10_000_000  # two calls at $0.01
+
+
+def test_a_hard_budget_holds_what_web_search_calls_may_cost(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """The hold counts `max_tool_calls` searches, or the model's budget_max_web_searches
+    (5), which is then sent as the request's `max_tool_calls`."""
+    config = upstreams.config() + "budgets:\n  tight: {limit_usd: 0.06, hard: true}\n"
+    client = gateway_factory(config).client()
+    ask: dict[str, Any] = {"model": "gpt-native", "input": "News?", "max_output_tokens": 50}
+    ask["tools"] = [{"type": "web_search"}]
+    client.responses.create(**ask)  # 5 x $0.01 fits in $0.06
+    assert openai_requests(upstreams)[-1]["max_tool_calls"] == 5
+    sent = len(openai_requests(upstreams))
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.responses.create(**ask, max_tool_calls=10)
+    message = refused.value.message
+    assert "budget 'tight'" in message and "up to 10 web searches" in message, message
+    assert len(openai_requests(upstreams)) == sent

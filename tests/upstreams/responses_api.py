@@ -9,7 +9,7 @@ conversation itself). Streams send the real semantic events, `event:` lines incl
 `TRIGGER:500` / `TRIGGER:503` / `TRIGGER:429` / `TRIGGER:400` in the last user text
 answer with that status; `TRIGGER:cached` reports 1024 cached input tokens,
 `TRIGGER:cache_write` 1500 of 2000 written to the prompt cache; `TRIGGER:reasoning` 5 of
-the 7 output tokens spent reasoning;
+the 7 output tokens spent reasoning; `TRIGGER:searched` lists two `web_search_call` items;
 `TRIGGER:cut` ends a stream after its text, without its terminal event (`[DONE]` for
 legacy completions); `TRIGGER:nousage` answers without usage, as some compatible servers
 do (a Responses answer's `usage` is null; legacy completions send no usage, streamed or
@@ -138,6 +138,10 @@ def _response(body: dict[str, Any], word: str | None) -> dict[str, Any]:
             "role": "assistant",
             "content": [part],
         }
+    searches = [  # (OpenAI lists them before the message; after it here, for the stream)
+        {"id": f"ws_fake{serial:04d}{n}", "type": "web_search_call", "status": "completed"}
+        for n in range(2 if word == "searched" else 0)
+    ]
     cached, writes = word == "cached", word == "cache_write"
     prompt = 2000 if cached or writes else 11
     return {
@@ -150,7 +154,7 @@ def _response(body: dict[str, Any], word: str | None) -> dict[str, Any]:
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
         "model": body["model"],
-        "output": [output],
+        "output": [output, *searches],
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "store": body.get("store", True),

@@ -68,8 +68,9 @@ class Price(Strict):
     web_search: Decimal = Field(
         default=Decimal(10),
         ge=0,
-        description="USD per 1,000 web searches a provider's server-side tool ran (reported "
-        "by Anthropic, whose published price is the default)",
+        description="USD per 1,000 calls of a provider's server-side web search tool "
+        "(Anthropic's web_search, OpenAI's web_search_call items; the default is their "
+        "common published price)",
     )
 
     @property
@@ -342,8 +343,9 @@ class ModelConfig(Strict):
     budget_max_web_searches: int = Field(
         default=5,
         ge=1,
-        description="max_uses set on an Anthropic web search tool that has none when a "
-        "hard budget applies, so the searches it may run (priced per search) are bounded",
+        description="max_uses set on an Anthropic web search tool (max_tool_calls on an "
+        "OpenAI Responses request with one) that has none when a hard budget applies, so "
+        "the searches it may run (priced per search) are bounded",
     )
     cache: bool = True
 

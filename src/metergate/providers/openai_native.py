@@ -66,6 +66,16 @@ def _billed_nano(cost: Any) -> int | None:
     return int((Decimal(str(total)) * 1_000_000_000).to_integral_value())
 
 
+def web_search_calls(output: Any) -> int:
+    """The built-in web search tool's calls in a Responses answer's output items, each
+    billed per call (the upstream's `web_search` price) on top of the tokens."""
+    if output.__class__ is not list:
+        return 0
+    return sum(
+        1 for item in output if item.__class__ is dict and item.get("type") == "web_search_call"
+    )
+
+
 async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Completion:
     native = call.native
     assert native is not None
@@ -80,7 +90,9 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
     usage = data.get("usage")
     reported = bool(usage)  # some compatible servers send none: the gateway estimates
     if native.protocol == "responses":
-        return Completion(body, responses_usage(usage), reported)
+        found = responses_usage(usage)
+        found.web_searches = web_search_calls(data.get("output"))
+        return Completion(body, found, reported)
     return Completion(body, Usage.from_openai(usage), reported)
 
 
@@ -127,9 +139,11 @@ class _ResponsesRelay:
                 raise UpstreamServerError(f"upstream stream error: {message or 'it failed'}")
             if name in TERMINAL:
                 self.done = True
-                usage = (data.get("response") or {}).get("usage")
+                response = data.get("response") or {}
+                usage = response.get("usage")
                 if usage:  # else it stays unknown, and the relayed text is billed
                     self.state.usage = responses_usage(usage)
+                    self.state.usage.web_searches = web_search_calls(response.get("output"))
         return event.raw
 
     def finish(self) -> bytes:

@@ -76,6 +76,24 @@ def check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
     raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
 
 
+def is_web_search(tool: Any) -> bool:
+    """A provider's built-in web search tool (Anthropic's `web_search_2025...`, OpenAI's
+    `web_search`, `web_search_preview`), billed per search."""
+    return isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search")
+
+
+def search_limit(holder: dict[str, Any], field: str, max_searches: int, bound: bool) -> int:
+    """The most searches `holder[field]` lets run. Absent: `max_searches`, also written
+    there when `bound` (a hard budget applies), so the upstream keeps to what the hold
+    was taken for. Malformed: `max_searches` (the provider refuses it with a 400)."""
+    limit = holder.get(field)
+    if limit is None:
+        if bound:
+            holder[field] = max_searches
+        return max_searches
+    return limit if type(limit) is int and limit >= 0 else max_searches
+
+
 class Door:
     """The chat completions door: the pipeline's own protocol, passed through."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay
+from metergate.api.doors import Door, Exchange, Relay, is_web_search, search_limit
 from metergate.api.doors.messages_translate import (
     MessageStream,
     NativeMessageStream,
@@ -76,17 +76,12 @@ class MessagesDoor(Door):
         `web_search_*` server tools may run (their `max_uses`)."""
         assert exchange.native is not None
         body = exchange.native.body
-        searches = 0
-        for tool in body.get("tools") or ():
-            if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search"):
-                uses = tool.get("max_uses")
-                if uses is None:
-                    uses = max_searches
-                    if bound:  # the tool is told the limit its hold was taken for
-                        tool["max_uses"] = uses
-                elif type(uses) is not int or uses < 0:
-                    uses = max_searches  # malformed: Anthropic refuses it (a 400)
-                searches += uses
+        tools = body.get("tools")
+        searches = sum(
+            search_limit(tool, "max_uses", max_searches, bound)
+            for tool in (tools if isinstance(tools, list) else ())
+            if is_web_search(tool)
+        )
         return Extras(_cache_writes(body), searches)
 
 

@@ -25,12 +25,13 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay
+from metergate.api.doors import Door, Exchange, Relay, is_web_search, search_limit
 from metergate.api.doors.responses_stream import NativeResponseStream, ResponseStream
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
 from metergate.errors import InvalidRequest, NotFound
+from metergate.metering.estimate import NO_EXTRAS, Extras
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
 from metergate.runtime import Plan, Runtime
@@ -94,6 +95,17 @@ class ResponsesDoor(Door):
         retention = plan.config.responses.retention_hours * 3600
         turn = _Turn(body, items, previous, store, key.id, retention)
         return Exchange(chat, stream, NativeRequest("responses", native, {}, lost), turn)
+
+    def extras(self, exchange: Exchange, max_searches: int, bound: bool) -> Extras:
+        """The web searches a request with the built-in `web_search` tool may run: its
+        `max_tool_calls` (which bounds every built-in tool's calls), else
+        `max_searches`, then sent as its `max_tool_calls` when a hard budget applies."""
+        assert exchange.native is not None
+        body = exchange.native.body
+        tools = body.get("tools")
+        if not isinstance(tools, list) or not any(map(is_web_search, tools)):
+            return NO_EXTRAS
+        return Extras(None, search_limit(body, "max_tool_calls", max_searches, bound))
 
     async def _conversation(self, previous: Any, key: KeyRecord) -> list[Any]:
         if not isinstance(previous, str) or not previous:
