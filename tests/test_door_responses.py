@@ -499,3 +499,19 @@ def test_a_hard_budget_holds_what_web_search_calls_may_cost(
     message = refused.value.message
     assert "budget 'tight'" in message and "up to 10 web searches" in message, message
     assert len(openai_requests(upstreams)) == sent
+
+
+def test_a_budget_refusal_names_the_doors_own_output_limit(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """A Responses caller limits its answer with `max_output_tokens`: the 429 that says
+    which limit would fit names that field, not chat's `max_tokens`."""
+    config = upstreams.config() + "budgets:\n  tight: {limit_usd: 0.01, hard: true}\n"
+    client = gateway_factory(config).client()
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.responses.create(model="gpt-native", input="Hello")
+    message = refused.value.message
+    assert "(it sent no max_output_tokens, so the gateway bounds its answer" in message
+    fits = int(re.search(r"send max_output_tokens of at most (\d+) to fit", message).group(1))
+    assert client.responses.create(model="gpt-native", input="Hello", max_output_tokens=fits)

@@ -134,7 +134,14 @@ class CompletionsHandler:
             if hit is not None:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
-        worst = estimate.worst_case(request.body_size, body, route.worst_prices, assumed, extras)
+        worst = estimate.worst_case(
+            request.body_size,
+            body,
+            route.worst_prices,
+            assumed,
+            extras,
+            self.door.max_tokens_field,
+        )
         admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
         headers += admission.headers
         active = runtime.metrics.active(route.name)

@@ -298,12 +298,12 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
     )
     if worst.assumed:
         message += (
-            f" (it sent no max_tokens, so the gateway bounds its answer at the model's "
-            f"budget_max_tokens, {worst.max_tokens})"
+            f" (it sent no {worst.limit_field}, so the gateway bounds its answer at the "
+            f"model's budget_max_tokens, {worst.max_tokens})"
         )
     fits = worst.fitting_max_tokens(left) if worst.max_tokens else 0
     if fits:
-        message += f"; send max_tokens of at most {fits} to fit the ${left / 1e9:.6f} left"
+        message += f"; send {worst.limit_field} of at most {fits} to fit the ${left / 1e9:.6f} left"
     elif worst.searches_pico and worst.fixed_pico > left * 1000:
         message += (
             f"; the prompt and up to {worst.web_searches} web searches may cost up to "

@@ -271,6 +271,7 @@ class WorstCase:
     assumed: bool = False  # max_tokens is the model's budget_max_tokens, not the caller's
     web_searches: int = 0  # the most its server tools may run
     searches_pico: int = 0  # what they may cost
+    limit_field: str = "max_tokens"  # the output limit's name in the caller's protocol
 
     @property
     def fixed_pico(self) -> int:
@@ -292,6 +293,7 @@ def worst_case(
     prices: UnitPrices,
     assumed: bool = False,
     extras: Extras = NO_EXTRAS,
+    limit_field: str = "max_tokens",
 ) -> WorstCase:
     """A token is at least one byte of the request, so the body's size in bytes bounds
     the prompt (each byte at the dearest price it may be billed at, a cache write's when
@@ -309,4 +311,6 @@ def worst_case(
     prompt = body_size * byte
     token = int(body.get("n") or 1) * prices.output
     nano = (prompt + searches + output * token + 999) // 1000
-    return WorstCase(nano, byte, prompt, token, output, assumed, extras.web_searches, searches)
+    return WorstCase(
+        nano, byte, prompt, token, output, assumed, extras.web_searches, searches, limit_field
+    )
