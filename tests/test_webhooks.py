@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from metergate.webhooks import ATTEMPTS, WebhookNotifier
+from tests.harness import free_port
 
 
 class Receiver:
@@ -85,9 +86,11 @@ async def test_a_refused_notice_is_not_sent_again_and_a_failing_one_gives_up(
 async def test_an_unreachable_receiver_is_tried_again_and_named_by_its_host_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    port = free_port()  # nothing listens there
     notifier = WebhookNotifier(first_wait=0.01)
-    notifier.send("http://user:secret@127.0.0.1:9/hook/T0KEN", "x", {})  # discard port
+    notifier.send(f"http://user:secret@127.0.0.1:{port}/hook/T0KEN", "x", {})
     await asyncio.wait_for(asyncio.gather(*notifier._tasks), 30)
     await notifier.close()
-    assert f"webhook 127.0.0.1:9 failed: ConnectError; gave up after {ATTEMPTS}" in caplog.text
+    gave_up = f"webhook 127.0.0.1:{port} failed: ConnectError; gave up after {ATTEMPTS}"
+    assert gave_up in caplog.text
     assert "secret" not in caplog.text and "T0KEN" not in caplog.text
