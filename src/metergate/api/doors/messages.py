@@ -87,20 +87,22 @@ class MessagesDoor(Door):
 
 def _cache_writes(body: dict[str, Any]) -> str | None:
     """The prompt-cache writes a request asks for: "1h" when any `cache_control` marker
-    keeps an hour, else "5m" when there is one, else None."""
+    keeps an hour, else "5m" when there is one, else None. Markers go where Anthropic
+    takes them: the top (automatic caching), tools, system blocks, message blocks."""
+    places: list[Any] = [body]
+    for field in ("tools", "system"):
+        if isinstance(body.get(field), list):
+            places.extend(body[field])
+    for message in body.get("messages") or ():  # (checked to be a list of objects)
+        if isinstance(message.get("content"), list):
+            places.extend(message["content"])
     found: str | None = None
-    pending: list[Any] = [body]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            marker = value.get("cache_control")
-            if isinstance(marker, dict):
-                if marker.get("ttl") == "1h":
-                    return "1h"
-                found = "5m"
-            pending.extend(v for v in value.values() if isinstance(v, dict | list))
-        elif isinstance(value, list):
-            pending.extend(v for v in value if isinstance(v, dict | list))
+    for place in places:
+        marker = place.get("cache_control") if isinstance(place, dict) else None
+        if isinstance(marker, dict):
+            if marker.get("ttl") == "1h":
+                return "1h"
+            found = "5m"
     return found
 
 
