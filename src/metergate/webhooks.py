@@ -50,9 +50,6 @@ class WebhookNotifier:
             wait: float | None = None
             try:
                 response = await self._session.post(url, json=payload)
-            except httpx2.UnsupportedProtocol:
-                log.warning("webhook %s failed: not an http(s) URL", host)
-                return
             except httpx2.TransportError as exc:  # unreachable, reset, timed out
                 problem = f"failed: {type(exc).__name__}"
             except Exception as exc:  # a URL it cannot send to, say: trying again cannot help
