@@ -24,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from metergate.metering import multiprocess_exposition
 from metergate.metering.multiprocess_exposition import MultiProcessExposition
 
 MODES = (
@@ -82,6 +83,12 @@ WRITER = textwrap.dedent(
         elif n == 3:  # values only: no new series in any file
             plain.inc(2)
             seconds.labels("m1").observe(20)
+        elif n == 4:  # a few values far apart in a grown file, one of them twice
+            for i in (0, 299, 599, 299):
+                requests.labels(f"model-{i:04d}-" + "x" * 60, f"key-{w}").inc(0.25)
+        elif n == 5:  # nearly every value at once
+            for i in range(600):
+                requests.labels(f"model-{i:04d}-" + "x" * 60, f"key-{w}").inc(1)
 
     for line in sys.stdin:
         if line.strip() == "exit":
@@ -229,6 +236,54 @@ def test_merged_exposition_matches_multiprocess_collector(
     assert third[("t_plain_total", ())] == second[("t_plain_total", ())] + 6
     inf_bucket = ("t_seconds_bucket", (("le", "+Inf"), ("model", "m1")))
     assert third[inf_bucket] == second[inf_bucket] + 3
+
+
+@pytest.mark.parametrize("copies", ["all", "one file", "none"])
+def test_values_that_moved_anywhere_in_the_files_show_on_the_next_scrape(
+    writers: tuple[Path, list[Writer]],
+    tmp_path: Path,
+    copies: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A scrape reads again only the blocks of a file whose bytes changed since its copy:
+    a value in the middle of a file of many blocks, at its end, or nearly all of them
+    moving at once (the files read whole, then copied again once calm) each show as
+    prometheus_client reads them; so they do for files past the bound on copies."""
+    bound = {"all": 1 << 30, "one file": 300_000, "none": 0}[copies]
+    monkeypatch.setattr(multiprocess_exposition, "_COPIES", bound)
+    directory, procs = writers
+    for step in (1, 2):
+        for writer in procs:
+            writer.step(step)
+    ours = MultiProcessExposition(str(directory))
+    before, _ = parse(ours.render().decode())
+    assert same(before, parse(reference(directory, [], tmp_path / "ref"))[0])
+    assert all(p.stat().st_size > 4 * 16384 for p in directory.glob("counter_*.db"))
+
+    def requests(shown: Samples, i: int, w: int) -> float:
+        labels = (("key", f"key-{w}"), ("model", f"model-{i:04d}-" + "x" * 60))
+        return shown[("t_requests_total", labels)]
+
+    for writer in procs[1:3]:
+        writer.step(4)
+    after, _ = parse(ours.render().decode())
+    assert same(after, parse(reference(directory, [], tmp_path / "ref"))[0])
+    moved = {key for key in after if after[key] != before[key]}
+    assert len(moved) == 6  # 3 series in each of 2 files
+    assert requests(after, 299, 1) == requests(before, 299, 1) + 0.5
+    assert requests(after, 599, 2) == requests(before, 599, 2) + 0.25
+
+    for writer in procs:
+        writer.step(5)
+    busy, _ = parse(ours.render().decode())
+    assert same(busy, parse(reference(directory, [], tmp_path / "ref"))[0])
+    assert all(requests(busy, i, 3) == requests(after, i, 3) + 1 for i in range(600))
+    assert ours.render() == ours.render()  # calm again: copied
+
+    procs[1].step(4)
+    last, _ = parse(ours.render().decode())
+    assert same(last, parse(reference(directory, [], tmp_path / "ref"))[0])
+    assert requests(last, 299, 1) == requests(busy, 299, 1) + 0.5
 
 
 def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None:
