@@ -285,6 +285,17 @@ def test_values_that_moved_anywhere_in_the_files_show_on_the_next_scrape(
     assert same(last, parse(reference(directory, [], tmp_path / "ref"))[0])
     assert requests(last, 299, 1) == requests(busy, 299, 1) + 0.5
 
+    # the console reads the merged samples between two scrapes: the next scrape still
+    # shows what moved since the last one
+    assert ours.render() == ours.render()
+    procs[2].step(3)
+    plain = ("t_plain_total", ())
+    console = {(s.name, ()): s.value for s in ours.samples({"t_plain_total"})}
+    assert console[plain] == last[plain] + 2
+    scraped, _ = parse(ours.render().decode())
+    assert same(scraped, parse(reference(directory, [], tmp_path / "ref"))[0])
+    assert scraped[plain] == console[plain]
+
 
 def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None:
     """A file already there for this pid: its counters continue, never restart at 0."""

@@ -124,7 +124,7 @@ class _Group:
         self.present: set[int] = set()  # the slots to show
         self.listed: set[int] = set()  # the slots of the processes that count
         self.layout: tuple[Any, ...] = ()
-        self.still = False  # nothing moved at the last scrape: its families' text holds
+        self.version = 0  # counts the reads at which something moved
 
     def new_slot(self) -> int:
         self.size += 1
@@ -139,8 +139,8 @@ class _Group:
         if changed:
             self.layout = layout
             self.present = self.listed = set().union(*(s.slots for s in active))
-        self.still = False
         if self.combine == "recent":
+            self.version += 1
             self._most_recent(active, size)
             return True
         fill = _FILL[self.combine]
@@ -149,8 +149,8 @@ class _Group:
         gauge = self.typ == "gauge"  # (only gauges are removed: counters never go away)
         few = not changed and None not in moved
         if few and not any(moved):
-            self.still = True
             return False
+        self.version += 1
         if few and not gauge and len(self.totals) == size:
             slots = {slot for found in moved if found for slot in found}
             if len(slots) * 4 < size:  # a few series moved: add up only theirs
@@ -349,6 +349,7 @@ class _Family:
         self.dirty = True
         self.shown = 0  # lines shown
         self.getter: Getter = _getter(())
+        self.rendered_at = -1  # the group's version its text was rendered at
 
     def hist(self, labels: Labels) -> _Histogram:
         found = self.hists.get(labels)
@@ -388,8 +389,9 @@ class _Family:
     def render(self) -> bytes:
         if not self.shown:
             return b""  # (prometheus_client shows no family without samples either)
-        if self.group.still and self.rendered.raw is not None:
-            return self.rendered.text  # (laid out again, `raw` is None)
+        if self.rendered_at == self.group.version and self.rendered.raw is not None:
+            return self.rendered.text  # nothing moved since (laid out again, `raw` is None)
+        self.rendered_at = self.group.version
         return self.rendered.render(self.getter(self.group.totals))
 
     def samples(self, names: set[str]) -> Iterator[Sample]:
