@@ -9,7 +9,8 @@ all: ~1.5 s at 50 models x 200 keys with 2 workers. Here, across scrapes:
   (files only grow); each series of a kind of file has a slot, so that the workers'
   values add up element by element;
 - values are unpacked only from the blocks of a file whose bytes changed since the last
-  scrape (`_Source.read`), and when few series moved only their totals are added up again;
+  scrape (`multiprocess_values.py`), and when few series moved only their totals are
+  added up again;
 - each series' `name{labels}` prefix is built once; a family whose values did not change
   reuses its rendered text, and within a family that changed, so does every line whose
   value did not.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,10 +41,9 @@ from prometheus_client.utils import floatToGoString
 
 from metergate.metering.exposition import RenderedFamily, header, label_text
 from metergate.metering.mmapfile import ReadableFile
+from metergate.metering.multiprocess_values import FileValues, Getter, getter
 
 Labels = tuple[tuple[str, str], ...]
-Getter = Callable[[Any], tuple[Any, ...]]
-Unpack = Callable[[Any, int], tuple[Any, ...]]  # (buffer, offset) -> values
 
 # How each kind of file combines its processes' values: (combine, live only, per process).
 _GAUGE_MODES = {
@@ -68,36 +67,10 @@ _COMBINE: dict[str, Callable[[float, float], float]] = {
 }
 
 
-# Bytes of a file compared at a time between scrapes (`_Source.read`): ~60 entries of the
-# 50 models x 200 keys counters; smaller blocks cost more calls, larger ones more values
-# read again around each one that moved.
-_BLOCK = 1 << 14
-# The most bytes of copies (`_Source.read`) one process keeps: every worker that serves
-# /metrics holds a copy of every worker's files, so without a bound the copies would
-# grow with the square of the workers. A file past it is read whole at every scrape.
+# The most bytes of copies (`FileValues.read`) one process keeps: every worker that
+# serves /metrics holds a copy of every worker's files, so without a bound the copies
+# would grow with the square of the workers. A file past it is read whole at every scrape.
 _COPIES = 64 << 20
-
-
-def _getter(positions: Sequence[int]) -> Getter:
-    """`itemgetter(*positions)` that always returns a tuple."""
-    if len(positions) == 1:
-        only = positions[0]
-        return lambda seq: (seq[only],)
-    if not positions:
-        return lambda seq: ()
-    return operator.itemgetter(*positions)
-
-
-def _unpacker(indices: Sequence[int]) -> Unpack:
-    """Reads the doubles at `indices` (increasing, counted from the offset it is called
-    with) of a buffer in one call."""
-    layout, position = ["="], 0
-    for index in indices:
-        if index > position:
-            layout.append(f"{(index - position) * 8}x")
-        layout.append("d")
-        position = index + 1
-    return struct.Struct("".join(layout)).unpack_from
 
 
 def alive(pid: int) -> bool:
@@ -207,132 +180,16 @@ class _Group:
         }
 
 
-class _Block:
-    """A stretch of `_BLOCK` bytes of a file and the entries whose values lie in it."""
-
-    __slots__ = ("indices", "slots", "start", "unpack")
-
-    def __init__(self, start: int) -> None:
-        self.start = start
-        self.slots: list[int] = []
-        self.indices: list[int] = []  # their values' index in the file's doubles
-        self.unpack: Unpack | None = None  # None: entries were added, read it whole
-
-
-class _Source:
-    """One process's file of a group, where each of its entries goes, and its values as
-    last read.
-
-    A scrape compares the file with the copy of its bytes kept from the last one, a block
-    of `_BLOCK` bytes at a time (a `memcmp`, ~1 ms for 10 MB), and unpacks only the values
-    of the blocks that differ: an idle worker's file costs no float objects at all, and a
-    busy one's only those of the blocks its requests wrote to. The price is that copy,
-    each file's used bytes once more in the scraping process (at most `_COPIES` in all).
-    A copy, not marks set by the writers: those would cost every request's metric
-    writes, where the copy costs only the scrape."""
+class _Source(FileValues):
+    """One process's file of a group, and the process it belongs to."""
 
     def __init__(self, file: ReadableFile, group: _Group, pid: str) -> None:
-        self.file = file
+        super().__init__(file)
         self.group = group
         self.pid = pid
-        self.slots: list[int] = []  # per entry, in file order
-        self.indices: list[int] = []  # per entry: its value's index in the file's doubles
-        self.values: list[float] = []  # per slot of the group: this file's value, or fill
-        self._copy = bytearray()  # the file's bytes as last read, up to its last entry
-        self.copying = True  # False: over the process's `_COPIES`, read whole each time
-        self._calm = True  # nothing moved at the last whole read: worth a copy again
-        self._blocks: list[_Block] = []
-        # For reading the file whole: (slots, entries) it was built for, unpack, scatter.
-        self._whole: tuple[tuple[int, int], Unpack, Getter | None] | None = None
 
     def alive(self) -> bool:
         return not self.pid.isdigit() or alive(int(self.pid))
-
-    def add(self, slot: int, index: int) -> None:
-        """An entry just parsed: its series' slot, its value's index in the file."""
-        self.slots.append(slot)
-        self.indices.append(index)
-        number = index * 8 // _BLOCK
-        while len(self._blocks) <= number:
-            self._blocks.append(_Block(len(self._blocks) * _BLOCK))
-        block = self._blocks[number]
-        block.slots.append(slot)
-        block.indices.append(index)
-        block.unpack = None
-
-    def read(self, size: int, fill: float) -> list[int] | None:
-        """Bring `values` up to date with the file (`size` slots, `fill` where the file
-        has no such series); the slots whose value moved, or None when it was read whole.
-
-        It is read whole, and no copy kept, while more than a quarter of its blocks change
-        between scrapes (one `struct` call is cheaper then than block by block, and the
-        copy would be made for nothing); a copy is taken again at the first scrape that
-        finds every value as it was."""
-        values = self.values
-        if len(values) < size:
-            values.extend([fill] * (size - len(values)))
-        if not self.slots:  # nothing parsed yet: a file a worker has only just created
-            return []
-        copy, end = self._copy, self.file.parsed
-        changed: list[_Block] = []
-        most = len(self._blocks) // 4
-        if copy and not self.copying:
-            self._copy = copy = bytearray()
-        with memoryview(self.file.buffer()) as view:
-            if not copy:
-                if self.copying and self._calm:  # every value as of the copy taken now
-                    copy += view[:end]
-                    self._read_whole(copy, size, fill)
-                else:
-                    self._calm = self._read_whole(view, size, fill)
-                return None
-            if len(copy) < end:
-                copy += view[len(copy) : end]  # (its blocks have new entries: read below)
-            for block in self._blocks:
-                start = block.start
-                if block.unpack is None or not copy.startswith(
-                    view[start : min(start + _BLOCK, end)], start
-                ):
-                    changed.append(block)
-                    if len(changed) > most:
-                        self._copy = bytearray()
-                        self._calm = self._read_whole(view, size, fill)
-                        return None
-            for block in changed:
-                start = block.start
-                copy[start : start + _BLOCK] = view[start : min(start + _BLOCK, end)]
-        moved: list[int] = []
-        for block in changed:
-            if block.unpack is None:
-                block.unpack = _unpacker([i - block.start // 8 for i in block.indices])
-            for slot, value in zip(block.slots, block.unpack(copy, block.start), strict=True):
-                if value != values[slot]:
-                    values[slot] = value
-                    moved.append(slot)
-        return moved
-
-    def _read_whole(self, buffer: Any, size: int, fill: float) -> bool:
-        """`values` from the whole file at once: one precompiled `struct` layout reads
-        every value (~0.8 ms for 50,000 entries), an `itemgetter` puts them in slot order
-        (the file whose entries came first numbered the slots: its values need none).
-        True when every value is as it was."""
-        if self._whole is None or self._whole[0] != (size, len(self.slots)):
-            if self.slots == list(range(size)):
-                scatter = None
-            else:
-                where = dict(zip(self.slots, range(len(self.slots)), strict=True))
-                missing = len(self.slots)
-                scatter = _getter([where.get(slot, missing) for slot in range(size)])
-            self._whole = ((size, len(self.slots)), _unpacker(self.indices), scatter)
-        for block in self._blocks:  # (the copy holds their values now)
-            if block.unpack is None:
-                block.unpack = _unpacker([i - block.start // 8 for i in block.indices])
-        _, unpack, scatter = self._whole
-        found = unpack(buffer, 0)
-        values = list(found if scatter is None else scatter((*found, fill)))
-        calm = values == self.values
-        self.values = values
-        return calm
 
 
 class _Family:
@@ -348,7 +205,7 @@ class _Family:
         self.names: set[str] = set()  # the sample names it has
         self.dirty = True
         self.shown = 0  # lines shown
-        self.getter: Getter = _getter(())
+        self.getter: Getter = getter(())
         self.rendered_at = -1  # the group's version its text was rendered at
 
     def hist(self, labels: Labels) -> _Histogram:
@@ -381,7 +238,7 @@ class _Family:
         for hist in self.hists.values():
             buckets = sum(1 for slot in hist.buckets.values() if slot in present)
             shape.append((buckets, hist.sum is not None and hist.sum in present))
-        self.getter = _getter([key for key in keys if isinstance(key, int)])
+        self.getter = getter([key for key in keys if isinstance(key, int)])
         self.rendered.layout(keys, lambda i: lines[i][1] + label_text(lines[i][2]), plain, shape)
         self.shown = len(lines)
         self.dirty = False
