@@ -58,6 +58,12 @@ class Block:
         self.indices: list[int] = []  # their values' index in the file's doubles
         self.unpack: Unpack | None = None  # None: entries were added, read it whole
 
+    def prepare(self) -> Unpack:
+        """The layout that reads its values (from its start), built again after adds."""
+        if self.unpack is None:
+            self.unpack = unpacker([i - self.start // 8 for i in self.indices])
+        return self.unpack
+
 
 class FileValues:
     """One worker's file of one kind: where each of its entries goes (a slot of its kind,
@@ -138,9 +144,7 @@ class FileValues:
                 copy[start : start + _BLOCK] = view[start : min(start + _BLOCK, end)]
         moved: list[int] = []
         for block in changed:
-            if block.unpack is None:
-                block.unpack = unpacker([i - block.start // 8 for i in block.indices])
-            for slot, value in zip(block.slots, block.unpack(copy, block.start), strict=True):
+            for slot, value in zip(block.slots, block.prepare()(copy, block.start), strict=True):
                 if value != values[slot]:
                     values[slot] = value
                     moved.append(slot)
@@ -160,8 +164,7 @@ class FileValues:
                 scatter = getter([where.get(slot, missing) for slot in range(size)])
             self._whole = ((size, len(self.slots)), unpacker(self.indices), scatter)
         for block in self._blocks:  # (the copy holds their values now)
-            if block.unpack is None:
-                block.unpack = unpacker([i - block.start // 8 for i in block.indices])
+            block.prepare()
         _, unpack, scatter = self._whole
         found = unpack(buffer, 0)
         values = list(found if scatter is None else scatter((*found, fill)))
