@@ -23,7 +23,7 @@ from metergate.providers.translation import (
     a_string,
     an_object,
     assistant_message,
-    function_of,
+    function_tool,
     image_url_of,
     invalid_request,
     max_output_tokens,
@@ -242,24 +242,13 @@ def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _tool(item: Any, where: str) -> dict[str, Any]:
-    tool = an_object(item, where)
-    if tool.get("type", "function") != "function":
-        raise invalid_request(
-            f"`{where}.type` {shown(tool.get('type'))} is not supported for Anthropic; "
-            "only function tools are",
-            f"{where}.type",
-        )
-    function = function_of(tool, where)
-    parameters = function.get("parameters")
+    tool = function_tool(item, where, "Anthropic")
     result: dict[str, Any] = {
-        "name": function.get("name"),
-        "input_schema": an_object(parameters, f"{where}.function.parameters")
-        if parameters
-        else {"type": "object", "properties": {}},
+        "name": tool.name,
+        "input_schema": tool.parameters or {"type": "object", "properties": {}},
     }
-    description = a_string(function.get("description"), f"{where}.function.description")
-    if description:
-        result["description"] = description
+    if tool.description:
+        result["description"] = tool.description
     return result
 
 

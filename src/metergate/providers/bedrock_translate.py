@@ -26,6 +26,7 @@ from metergate.providers.base import Completion, Usage, token_count
 from metergate.providers.translation import (
     a_list,
     assistant_message,
+    function_tool,
     invalid_request,
     max_output_tokens,
     new_call_id,
@@ -152,14 +153,16 @@ def _converse_block(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str, Any] | None:
-    tools = body.get("tools")
+    tools = a_list(body.get("tools"), "tools")
     if not tools:
         return None
     choice = body.get("tool_choice")
     used = any("toolUse" in b or "toolResult" in b for t in turns for b in t["content"])
     if choice == "none" and not used:
         return None
-    config: dict[str, Any] = {"tools": [_tool_spec(tool) for tool in tools]}
+    config: dict[str, Any] = {
+        "tools": [_tool_spec(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    }
     if choice in (None, "none"):
         return config
     if choice == "auto":
@@ -173,14 +176,12 @@ def _tool_config(body: dict[str, Any], turns: list[dict[str, Any]]) -> dict[str,
     return config
 
 
-def _tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
-    if tool.get("type", "function") != "function":
-        raise invalid_request(f"tool type {tool.get('type')!r} is not supported for Bedrock")
-    function = tool.get("function") or {}
+def _tool_spec(item: Any, where: str) -> dict[str, Any]:
+    tool = function_tool(item, where, "Bedrock")
     spec: dict[str, Any] = {
-        "name": function.get("name"),
-        "inputSchema": {"json": function.get("parameters") or {"type": "object", "properties": {}}},
+        "name": tool.name,
+        "inputSchema": {"json": tool.parameters or {"type": "object", "properties": {}}},
     }
-    if function.get("description"):
-        spec["description"] = function["description"]
+    if tool.description:
+        spec["description"] = tool.description
     return {"toolSpec": spec}

@@ -31,6 +31,7 @@ from metergate.providers.translation import (
     an_object,
     assistant_message,
     function_of,
+    function_tool,
     image_url_of,
     invalid_request,
     max_output_tokens,
@@ -296,21 +297,12 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _declaration(item: Any, where: str) -> dict[str, Any]:
-    tool = an_object(item, where)
-    if tool.get("type", "function") != "function":
-        raise invalid_request(
-            f"`{where}.type` {shown(tool.get('type'))} is not supported for Gemini; "
-            "only function tools are",
-            f"{where}.type",
-        )
-    function = function_of(tool, where)
-    declaration: dict[str, Any] = {"name": function.get("name")}
-    description = a_string(function.get("description"), f"{where}.function.description")
-    if description:
-        declaration["description"] = description
-    parameters = function.get("parameters")
-    if parameters:
-        declaration["parametersJsonSchema"] = an_object(parameters, f"{where}.function.parameters")
+    tool = function_tool(item, where, "Gemini")
+    declaration: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        declaration["description"] = tool.description
+    if tool.parameters:
+        declaration["parametersJsonSchema"] = tool.parameters
     return declaration
 
 

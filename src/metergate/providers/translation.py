@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import orjson
@@ -173,6 +174,33 @@ def function_of(item: dict[str, Any], where: str) -> dict[str, Any]:
     function = an_object(item.get("function") or {}, f"{where}.function")
     a_string(function.get("name"), f"{where}.function.name")
     return function
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionTool:
+    """An OpenAI function tool, checked: what every provider's own tool is made of."""
+
+    name: str | None
+    description: str | None
+    parameters: dict[str, Any] | None  # None when absent or empty
+
+
+def function_tool(item: Any, where: str, provider: str) -> FunctionTool:
+    """Read one entry of `tools` for a provider that takes function tools only."""
+    tool = an_object(item, where)
+    if tool.get("type", "function") != "function":
+        raise invalid_request(
+            f"`{where}.type` {shown(tool.get('type'))} is not supported for {provider}; "
+            "only function tools are",
+            f"{where}.type",
+        )
+    function = function_of(tool, where)
+    parameters = function.get("parameters")
+    return FunctionTool(
+        function.get("name"),
+        a_string(function.get("description"), f"{where}.function.description") or None,
+        an_object(parameters, f"{where}.function.parameters") if parameters else None,
+    )
 
 
 def response_format_of(body: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
