@@ -515,3 +515,27 @@ def test_a_budget_refusal_names_the_doors_own_output_limit(
     assert "(it sent no max_output_tokens, so the gateway bounds its answer" in message
     fits = int(re.search(r"send max_output_tokens of at most (\d+) to fit", message).group(1))
     assert client.responses.create(model="gpt-native", input="Hello", max_output_tokens=fits)
+
+
+@pytest.mark.parametrize("value", ["abc", True, -5, 2.5])
+@pytest.mark.parametrize("field", ["max_output_tokens", "top_logprobs"])
+def test_a_malformed_integer_is_a_400_naming_it(
+    gateway_factory: Any, field: str, value: Any
+) -> None:
+    """Read as a number by the cap, the budget's worst case and every translator: a
+    string there was an internal error, a boolean or a negative number went upstream."""
+    gateway = gateway_factory(
+        {
+            "providers": {"sim": {"type": "simulated", "simulated": {"output_tokens": 3}}},
+            "upstreams": {"sim-up": {"provider": "sim", "model": "m"}},
+            "models": {"sim": {"upstreams": ["sim-up"], "max_tokens_cap": 50}},
+            "budgets": {"all": {"limit_usd": 10, "hard": True}},
+        }
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="sim", input="hi", **{field: value})
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == field  # type: ignore[index]
+    assert "must be" in refused.value.message
+    answered = gateway.client().responses.create(model="sim", input="hi", **{field: 7})
+    assert answered.status == "completed"

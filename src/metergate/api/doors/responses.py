@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay, is_web_search, search_limit
+from metergate.api.doors import Door, Exchange, Relay, check_integer, is_web_search, search_limit
 from metergate.api.doors.responses_stream import NativeResponseStream, ResponseStream
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
@@ -59,6 +59,9 @@ class _Turn:
     retention_seconds: float
 
 
+_INTEGERS = (("max_output_tokens", 1), ("max_tool_calls", 0), ("top_logprobs", 0))
+
+
 class ResponsesDoor(Door):
     api = "responses"
     max_tokens_field = "max_output_tokens"
@@ -79,6 +82,8 @@ class ResponsesDoor(Door):
         self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
     ) -> Exchange:
         stream, store = _flag(body, "stream", False), _flag(body, "store", True)
+        for name, least in _INTEGERS:  # read as numbers by caps, budgets and translators
+            check_integer(body, name, least)
         for name, reason in _UNSUPPORTED.items():
             if body.get(name):
                 raise InvalidRequest(reason, param=name)
