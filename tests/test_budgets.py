@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
+import yaml
 from aiohttp import web
 
 from metergate.budgets.book import Budget, exhausted
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.estimate import WorstCase
-from tests.harness import UpstreamServer, simulated_config, start_gateway
+from tests.harness import UpstreamServer, eventually, simulated_config, start_gateway
 
 ASK = [{"role": "user", "content": "budget me"}]
 
@@ -68,6 +71,54 @@ async def test_200_concurrent_requests_never_pass_a_hard_limit(gateway_factory):
     assert spent <= limit * 10**9
     assert results.count("ok") == sum(r["outcome"] == "success" for r in rows) > 0
     assert results.count("refused") > 0
+    assert gateway.metric("metergate_budget_spent_usd", budget="cap") == spent / 1e9
+    assert gateway.metric("metergate_budget_limit_usd", budget="cap") == limit
+
+
+async def test_a_reload_that_changes_a_budget_keeps_its_spend_and_holds(gateway_factory):
+    """Requests in flight across a reload that changes a hard budget's limit settle on
+    the budget they reserved on: the limit holds and no spend is forgotten (a budget
+    rebuilt from the ledger at the reload missed what those requests then spent)."""
+    admin = "admin-secret-0123456789abcdef"
+    limit = 600
+    config = budget_config(limit)
+    config["providers"]["sim"]["simulated"]["latency_ms"] = 400  # in flight at the reload
+    config["admin"] = {"api_key": admin}
+    gateway = gateway_factory(config)
+    path = Path(gateway.runtime.source)
+    client = gateway.async_client()
+
+    def cap() -> Budget:
+        return gateway.runtime.plan.budgets.budgets[0]
+
+    async def one(i: int) -> str:
+        try:
+            await client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
+            )
+            return "ok"
+        except openai.RateLimitError as error:
+            assert error.code == "budget_exceeded"
+            return "refused"
+
+    results: list[str] = []
+    async with httpx.AsyncClient(timeout=30) as http:
+        for wave, new_limit in enumerate((limit + 1, limit) * 3):
+            requests = [asyncio.ensure_future(one(wave * 20 + i)) for i in range(20)]
+            assert await eventually(lambda: cap().reserved_nano > 0)
+            config["budgets"]["cap"]["limit_usd"] = new_limit
+            await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+            reloaded = await http.post(
+                gateway.base_url.removesuffix("/v1") + "/admin/reload",
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            assert reloaded.status_code == 200, reloaded.text
+            results += await asyncio.gather(*requests)
+    gateway.flush_ledger()
+    spent = sum(r["cost_nano"] for r in gateway.ledger_rows())
+    assert "ok" in results and "refused" in results
+    assert spent <= (limit + 1) * 10**9
+    assert (cap().spent_nano, cap().reserved_nano) == (spent, 0)
     assert gateway.metric("metergate_budget_spent_usd", budget="cap") == spent / 1e9
     assert gateway.metric("metergate_budget_limit_usd", budget="cap") == limit
 

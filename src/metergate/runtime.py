@@ -296,6 +296,7 @@ class Runtime:
         await self.observers.apply(config, self.database)  # tracing, request log, tags
         await old.rollouts.close()
         await plan.rollouts.start(self.database)
+        plan.budgets.take_over()
         self.plan = plan
         await self.teams.install(plan)
         if self.mcp is not None and config.mcp is not None:

@@ -74,10 +74,13 @@ class BudgetBook:
         self.budgets: list[Budget] = []
         self._carried: set[str] = set()
         self._teams: dict[str, Budget] = dict(carry._teams) if carry else {}
+        self._changes: list[tuple[Budget, BudgetConfig]] = []  # applied by `take_over`
         now = time.time()
         for name, cfg in budgets.items():
             kept = previous.get(name)
-            if kept is not None and kept.config == cfg:
+            if kept is not None and _same_spend(kept.config, cfg):
+                if kept.config != cfg:  # a new limit, hardness or alerts: same spend
+                    self._changes.append((kept, cfg))
                 self.budgets.append(kept)
                 self._carried.add(name)
                 continue
@@ -106,6 +109,15 @@ class BudgetBook:
                 if budget.spent_nano * 100 >= budget.limit_nano * p
             }
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+
+    def take_over(self) -> None:
+        """This book's config goes live: budgets kept over the reload with a new limit,
+        hardness or thresholds take them now (not when the book was built, since a
+        reload that fails after that leaves the running config as it was)."""
+        for budget, config in self._changes:
+            _update(budget, config)
+            self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
+        self._changes.clear()
 
     def loadable(self, only_new: bool = False) -> list[Budget]:
         """The budgets `load` rebuilds: all, or only those a reload did not carry over."""
@@ -268,6 +280,27 @@ class BudgetBook:
 
     async def close(self) -> None:
         await self.notifier.close()
+
+
+def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
+    """Whether a changed budget still counts the same requests over the same period:
+    then it keeps its object, so its spend and the holds of requests in flight stay
+    (rebuilt from the ledger, it would miss what those requests are about to spend)."""
+    return (old.scope, old.target, old.period, old.timezone) == (
+        new.scope,
+        new.target,
+        new.period,
+        new.timezone,
+    )
+
+
+def _update(budget: Budget, config: BudgetConfig) -> None:
+    """Apply a changed limit, hardness or thresholds to a budget in use. A threshold no
+    longer reached at the new limit may be announced again when it is."""
+    budget.config, budget.limit_nano = config, int(config.limit_usd * 1_000_000_000)
+    budget.announced = {
+        p for p in budget.announced if budget.spent_nano * 100 >= budget.limit_nano * p
+    }
 
 
 _SCOPE_COLUMNS = {"key": "key_name", "model": "model", "team": "team"}
