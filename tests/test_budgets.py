@@ -30,6 +30,18 @@ def budget_config(limit_usd: float, **budget: object) -> dict:
     return config
 
 
+async def one(client: openai.AsyncOpenAI, i: int) -> str:
+    """One request under the budget: "ok", or "refused" by it."""
+    try:
+        await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
+        )
+        return "ok"
+    except openai.RateLimitError as error:
+        assert error.code == "budget_exceeded"
+        return "refused"
+
+
 def test_hard_limit_refuses_with_details(gateway_factory):
     gateway = gateway_factory(budget_config(100, period="day"))
     client = gateway.client()
@@ -55,17 +67,7 @@ async def test_200_concurrent_requests_never_pass_a_hard_limit(gateway_factory):
     gateway = gateway_factory(budget_config(limit))
     client = gateway.async_client()
 
-    async def one(i: int) -> str:
-        try:
-            await client.chat.completions.create(
-                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
-            )
-            return "ok"
-        except openai.RateLimitError as error:
-            assert error.code == "budget_exceeded"
-            return "refused"
-
-    results = await asyncio.gather(*(one(i) for i in range(200)))
+    results = await asyncio.gather(*(one(client, i) for i in range(200)))
     rows = gateway.ledger_rows()
     spent = sum(r["cost_nano"] for r in rows)
     assert spent <= limit * 10**9
@@ -91,20 +93,10 @@ async def test_a_reload_that_changes_a_budget_keeps_its_spend_and_holds(gateway_
     def cap() -> Budget:
         return gateway.runtime.plan.budgets.budgets[0]
 
-    async def one(i: int) -> str:
-        try:
-            await client.chat.completions.create(
-                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
-            )
-            return "ok"
-        except openai.RateLimitError as error:
-            assert error.code == "budget_exceeded"
-            return "refused"
-
     results: list[str] = []
     async with httpx.AsyncClient(timeout=30) as http:
         for wave, new_limit in enumerate((limit + 1, limit) * 3):
-            requests = [asyncio.ensure_future(one(wave * 20 + i)) for i in range(20)]
+            requests = [asyncio.ensure_future(one(client, wave * 20 + i)) for i in range(20)]
             assert await eventually(lambda: cap().reserved_nano > 0)
             config["budgets"]["cap"]["limit_usd"] = new_limit
             await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
