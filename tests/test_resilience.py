@@ -679,6 +679,32 @@ def test_refused_primary_opens_circuit_then_recovers(gateway_factory, fault_serv
     ]
 
 
+def test_an_open_circuit_shows_half_open_when_its_time_is_up_without_traffic(
+    gateway_factory, fault_server
+):
+    """The state gauge follows the clock, not the next request: a quiet upstream's circuit
+    must not read open (and MetergateCircuitOpen fire) long after it may be tried."""
+    server = fault_server("p")
+    cfg = config(
+        server.url,
+        circuit={"failure_threshold": 1, "open_seconds": 0.5, "half_open_probes": 1},
+    )
+    gateway = gateway_factory(cfg)
+    server.plan.fail_until_cleared(Fault.error(503))
+    with pytest.raises(openai.InternalServerError):
+        create(gateway)
+    assert gateway.metric(CIRCUIT, upstream="p-up") == 2
+    requests = server.plan.requests
+    deadline = time.monotonic() + 15  # the check runs every 2 s
+    while gateway.metric(CIRCUIT, upstream="p-up") != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gateway.metric(CIRCUIT, upstream="p-up") == 1
+    assert server.plan.requests == requests  # no request moved it
+    server.plan.clear()
+    assert create(gateway)[1].headers["x-metergate-upstream"] == "p-up"  # the probe
+    assert gateway.metric(CIRCUIT, upstream="p-up") == 0
+
+
 # --- the outage drills ---------------------------------------------------------------------
 
 

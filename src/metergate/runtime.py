@@ -254,10 +254,12 @@ class Runtime:
 
     async def _follow_config(self, every: float = 2.0) -> None:
         """Apply the newest recorded version when another process (a worker that got
-        SIGHUP, a replica, `metergate config rollback`) recorded one."""
+        SIGHUP, a replica, `metergate config rollback`) recorded one. Also shows, within
+        `every` seconds, the circuits whose open time is up as half-open."""
         refused: str | None = None
         while True:
             await asyncio.sleep(every)
+            self.plan.router.tick_circuits()  # open ones whose time is up: half-open
             try:
                 assert self.database is not None
                 async with self._switching:

@@ -75,6 +75,13 @@ class CircuitBreaker:
             return self._clock() - self._opened_at >= self.config.open_seconds
         return self._probes < self.config.half_open_probes
 
+    def tick(self) -> None:
+        """Go half-open once `open_seconds` have passed, without waiting for a request:
+        the state gauge then says so, where an upstream with little traffic would look
+        open (and its alert fire) long after it may be tried again."""
+        if self.state == OPEN and self.available():
+            self._move(HALF_OPEN)
+
     def retry_in(self) -> float:
         return max(0.0, self.config.open_seconds - (self._clock() - self._opened_at))
 

@@ -215,3 +215,8 @@ class Router:
 
     def models_for(self, key: KeyRecord) -> list[str]:
         return [name for name in self.routes if key.allows(name)]
+
+    def tick_circuits(self) -> None:
+        """Move the open circuits whose time is up to half-open (`CircuitBreaker.tick`)."""
+        for deployment in self.deployments.values():
+            deployment.breaker.tick()
