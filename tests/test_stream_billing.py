@@ -9,6 +9,7 @@ figure is an estimate, and its cost is that figure at the configured prices.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 
 from metergate.metering import estimate
 from metergate.metering.estimate import RelayedText
-from tests.harness import BackgroundLoop, Gateway, UpstreamServer
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer, simulated_config
 from tests.upstreams import anthropic_server, openai_server, responses_api
 
 PRICE = {"input": 1, "output": 10}  # USD per million tokens
@@ -492,3 +493,40 @@ def test_a_whole_answer_counts_its_text_in_each_protocol() -> None:
     for answer, size in ((responses, 2 + 1 + 2 + 6 + 2), (messages, 3 + 2 + 1 + 7), (legacy, 5)):
         usage = estimate.answer_usage(body, orjson.dumps(answer))
         assert usage.output_tokens == size, answer
+
+
+def test_a_stream_the_gateway_cancels_is_billed_what_it_relayed(gateway_factory: Any) -> None:
+    """A stream cut by the gateway itself (a shutdown whose grace period ran out cancels
+    the requests still running) is billed like one whose caller left: at least what it
+    relayed, marked estimated, never $0."""
+    gateway = gateway_factory(simulated_config(tokens_per_second=20, output_tokens=400))
+    stream = gateway.client().chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "go on"}], stream=True
+    )
+    words = 0
+    for chunk in stream:
+        words += len((chunk.choices[0].delta.content or "").split()) if chunk.choices else 0
+        if words >= 5:
+            break
+
+    async def cancel_requests() -> int:
+        running = [
+            task
+            for task in asyncio.all_tasks()
+            if task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
+        ]
+        for task in running:
+            task.cancel()
+        return len(running)
+
+    assert gateway.bg.run(cancel_requests()) == 1
+    stream.close()
+    gateway.flush_ledger()
+    deadline = time.monotonic() + 10
+    while not gateway.ledger_rows() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gateway.flush_ledger()
+    (row,) = gateway.ledger_rows()
+    assert (row["outcome"], row["status"], row["usage_estimated"]) == ("cancelled", 499, 1)
+    assert row["output_tokens"] >= 5 and row["input_tokens"] > 0
+    assert row["cost_nano"] > 0

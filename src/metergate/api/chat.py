@@ -278,10 +278,11 @@ class CompletionsHandler:
                 watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
             dispatcher.stream_finished(deployment, error, log)
-        # A stream that did not complete is billed at least what the caller received.
-        usage, estimated = estimate.stream_usage(body, state.usage, relayed, error is None)
-        log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
-        log.cost_nano = deployment.prices.cost_nano(usage)
+            # A stream that did not complete is billed at least what the caller received,
+            # also when it was cancelled here (a shutdown's timeout) and the error goes on.
+            usage, estimated = estimate.stream_usage(body, state.usage, relayed, error is None)
+            log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
+            log.cost_nano = deployment.prices.cost_nano(usage)
         return Reply(last)
 
 
