@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -196,6 +197,44 @@ async def test_calls_without_a_valid_gateway_key_get_401(
     assert {
         k: v for k, v in after.items() if k[0].startswith("mcp_") and "tools/call" in str(k)
     } == {k: v for k, v in before.items() if k[0].startswith("mcp_") and "tools/call" in str(k)}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status", "code"),
+    [
+        ({"query": "x" * (4 * 1024 * 1024)}, 413, "request_too_large"),  # server.max_body_bytes
+        (
+            {"query": "deep", "nested": functools.reduce(lambda v, _: [v], range(150), 0)},
+            400,
+            "json_too_deep",
+        ),  # server.max_json_depth
+    ],
+    ids=["too-large", "too-deep"],
+)
+async def test_a_body_past_the_gateways_limits_is_refused_before_any_server(
+    stack: Any, arguments: dict[str, Any], status: int, code: str
+) -> None:
+    """The limits every door applies hold for /mcp too, and the refusal is the caller's:
+    a server that never saw the call is not counted as failing it."""
+    gateway, _, keys = stack
+    before = samples_of(gateway)
+    headers = {**_bearer(keys["test"]), "Accept": "application/json, text/event-stream"}
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "search.search", "arguments": arguments},
+    }
+    async with httpx2.AsyncClient(timeout=30) as http:
+        response = await http.post(mcp_url(gateway), content=orjson.dumps(body), headers=headers)
+    assert response.status_code == status
+    error = orjson.loads(response.content)["error"]
+    assert error["data"] == {"status": status, "code": code}
+    assert "server.max_" in error["message"]
+    after = samples_of(gateway)  # (health probes list tools meanwhile: calls only)
+    assert {k: v for k, v in after.items() if "tools/call" in str(k)} == {
+        k: v for k, v in before.items() if "tools/call" in str(k)
+    }
 
 
 async def test_a_session_belongs_to_the_key_that_opened_it(stack: Any) -> None:

@@ -116,6 +116,21 @@ class Request:
             raise _too_deep(max_depth)
         return data
 
+    async def bounded_body(self, limit: int, max_depth: int = MAX_JSON_DEPTH) -> bytes:
+        """The body, refused past `limit` bytes or `max_depth` levels of JSON nesting, for
+        a handler that parses it itself (the MCP SDK): what is not JSON is its to refuse."""
+        raw = await self.body(limit)
+        if raw.count(b"{") + raw.count(b"[") > max_depth:
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                if str(exc).startswith("depth limit exceeded"):
+                    raise _too_deep(max_depth) from None
+                return raw
+            if isinstance(data, dict | list) and _deeper_than(data, max_depth):
+                raise _too_deep(max_depth)
+        return raw
+
     def _not_strict_json(self, raw: bytes, exc: orjson.JSONDecodeError, max_depth: int) -> Any:
         """A body orjson refused: JSON with lone surrogate escapes (`"\\ud83d"`, what a
         client that cut a string between the halves of an emoji sends) is taken with each
@@ -161,7 +176,7 @@ def _surrogates_replaced(value: Any) -> Any:
     return value
 
 
-def _deeper_than(value: dict[str, Any], limit: int) -> bool:
+def _deeper_than(value: dict[str, Any] | list[Any], limit: int) -> bool:
     """Does `value` nest objects and arrays more than `limit` levels deep?"""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:

@@ -44,7 +44,7 @@ from mcp_types import (
 from prometheus_client import CollectorRegistry
 
 from metergate import __version__
-from metergate.asgi import Receive, Request, Scope, Send
+from metergate.asgi import Message, Receive, Request, Scope, Send
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError
 from metergate.mcp.builtins import ASGIApp, Builtins
@@ -280,6 +280,16 @@ class McpGateway:
         except GatewayError as error:
             await _json_rpc_error(send, error.status, error.message, error.code or "unauthorized")
             return
+        if scope.get("method") == "POST":
+            server = self.runtime.plan.config.server
+            try:
+                body = await Request(scope, receive).bounded_body(
+                    server.max_body_bytes, server.max_json_depth
+                )
+            except GatewayError as error:
+                await _json_rpc_error(send, error.status, error.message, error.code or "invalid")
+                return
+            receive = _replay(body, receive)
         scope = {**scope, _KEY: key, "user": self._principal(key)}
         await self._http(scope, receive, send)
 
@@ -478,6 +488,21 @@ def _caller(ctx: ServerRequestContext[Any, Any]) -> tuple[KeyRecord, list[tuple[
         raise mcp_error(INVALID_REQUEST, "request did not pass metergate's authentication")
     credentials = [(k, v) for k, v in scope["headers"] if k in _CREDENTIAL_HEADERS]
     return key, credentials
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the SDK after the body was read (and bounded) here: the body once,
+    then what the connection says next (a disconnect)."""
+    pending = True
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 async def _json_rpc_error(send: Send, status: int, message: str, code: str) -> None:
