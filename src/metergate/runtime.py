@@ -259,8 +259,8 @@ class Runtime:
         refused: str | None = None
         while True:
             await asyncio.sleep(every)
-            self.plan.router.tick_circuits()  # open ones whose time is up: half-open
             try:
+                self.plan.router.tick_circuits()  # open ones whose time is up: half-open
                 assert self.database is not None
                 async with self._switching:
                     newest = await config_versions.latest(self.database)
