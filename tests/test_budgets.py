@@ -185,6 +185,47 @@ def test_missing_max_tokens_is_bounded_when_a_hard_budget_applies(gateway_factor
     assert reply.choices[0].finish_reason == "length"
 
 
+def test_images_by_url_are_held_at_their_token_bound(gateway_factory):
+    """An image given by URL is a few dozen request bytes but a thousand tokens or more
+    upstream: the hold counts `budget_attachment_tokens` for each, so a hard budget
+    refuses before the call what its images may cost."""
+    images = [
+        {"type": "image_url", "image_url": {"url": f"https://img.example/{i}.png"}}
+        for i in range(3)
+    ]
+    ask = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, *images]}]
+    config = budget_config(10_000)  # $1 a token: 3 images x 4,000 tokens is $12,000
+    gateway = gateway_factory(config)
+    with pytest.raises(openai.RateLimitError, match="the prompt alone may cost up to"):
+        gateway.client().chat.completions.create(model="sim", messages=ask, max_tokens=10)
+    assert not [r for r in gateway.ledger_rows() if r["outcome"] == "success"]
+
+    config["models"]["sim"]["budget_attachment_tokens"] = 100  # the model's own bound
+    gateway = gateway_factory(config)
+    reply = gateway.client().chat.completions.create(model="sim", messages=ask, max_tokens=10)
+    assert reply.usage.total_tokens > 0
+
+
+def test_a_stored_conversation_is_held_at_its_size(gateway_factory):
+    """A Responses request with `previous_response_id` sends the stored conversation
+    upstream: its hold bounds that prompt, not the few bytes the caller sent."""
+    config = budget_config(1)
+    config["models"]["capped"] = {"upstreams": ["sim-up"]}
+    limit = 5_000
+    config["budgets"] = {"capped": {"scope": "model", "target": "capped", "limit_usd": limit}}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    long_input = " ".join(f"word{i}" for i in range(8000))  # ~60 kB, thousands of tokens
+    first = client.responses.create(model="sim", input=long_input, max_output_tokens=10)
+    with pytest.raises(openai.RateLimitError, match="the prompt alone may cost up to"):
+        client.responses.create(
+            model="capped", input="go on", previous_response_id=first.id, max_output_tokens=10
+        )
+    capped = [r for r in gateway.ledger_rows() if r["model"] == "capped"]
+    assert sum(r["cost_nano"] for r in capped) <= limit * 10**9
+    assert [r["outcome"] for r in capped] == ["budget_exceeded"]
+
+
 def test_a_soft_budget_leaves_a_missing_max_tokens_missing(gateway_factory):
     """A soft budget only alerts: it bounds nothing, so the caller's answer is not cut at
     budget_max_tokens as a hard budget's would be."""

@@ -134,8 +134,11 @@ class CompletionsHandler:
             if hit is not None:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
+        prompt = request.body_size + exchange.added_bytes  # stored history a door added
+        if budgets:  # only a budget holds it, so a request without one skips the walk
+            prompt = estimate.prompt_bound(prompt, body, route.config.budget_attachment_tokens)
         worst = estimate.worst_case(
-            request.body_size,
+            prompt,
             body,
             route.worst_prices,
             assumed,

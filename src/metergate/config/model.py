@@ -347,6 +347,15 @@ class ModelConfig(Strict):
         "OpenAI Responses request with one) that has none when a hard budget applies, so "
         "the searches it may run (priced per search) are bounded",
     )
+    budget_attachment_tokens: int = Field(
+        default=4000,
+        ge=0,
+        description="prompt tokens a hard budget holds for each image or file part, whose "
+        "request bytes (a URL, a file id) say nothing of its size: 4000 bounds one image "
+        "at Anthropic (~1,600), GPT-4o (1,445) and GPT-4.1 mini or nano (2,488, 3,779); "
+        "raise it for models that count an image in more tokens (gpt-4o-mini) or for "
+        "multi-page documents",
+    )
     cache: bool = True
 
 

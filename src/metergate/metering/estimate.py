@@ -287,18 +287,38 @@ class WorstCase:
         return self.max_tokens if self.token_pico == 0 else room // self.token_pico
 
 
+# Chat content parts an upstream bills by what they show, not by their bytes here: an
+# image given by URL is a few dozen bytes of request but a thousand tokens or more. The
+# other doors' images and files reach the pipeline as these parts too.
+_ATTACHMENTS = frozenset(("image_url", "file"))
+
+
+def prompt_bound(body_size: int, body: dict[str, Any], attachment_tokens: int) -> int:
+    """An upper bound on the prompt's tokens: a token per byte of what the upstream is
+    sent (`body_size`), plus `attachment_tokens` for each image or file part of the
+    messages, whose bytes here (a URL, a file id) say nothing of what it is billed."""
+    attachments = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in _ATTACHMENTS:
+                    attachments += 1
+    return body_size + attachments * attachment_tokens
+
+
 def worst_case(
-    body_size: int,
+    prompt_tokens: int,
     body: dict[str, Any],
     prices: UnitPrices,
     assumed: bool = False,
     extras: Extras = NO_EXTRAS,
     limit_field: str = "max_tokens",
 ) -> WorstCase:
-    """A token is at least one byte of the request, so the body's size in bytes bounds
-    the prompt (each byte at the dearest price it may be billed at, a cache write's when
-    the request asks for them); the output is bounded by max_tokens for each of the `n`
-    choices, and server-side web searches by the most the request's tools may run."""
+    """`prompt_tokens` bounds the prompt (see `prompt_bound`: a token is at least one
+    byte of the request), each at the dearest price it may be billed at, a cache write's
+    when the request asks for them; the output is bounded by max_tokens for each of the
+    `n` choices, and server-side web searches by the most the request's tools may run."""
     output = _max_tokens(body)
     byte = max(prices.input, prices.cached_input)
     searches = 0
@@ -308,7 +328,7 @@ def worst_case(
             if extras.cache_writes == "1h":
                 byte = max(byte, prices.cache_write_1h)
         searches = extras.web_searches * prices.web_search
-    prompt = body_size * byte
+    prompt = prompt_tokens * byte
     token = int(body.get("n") or 1) * prices.output
     nano = (prompt + searches + output * token + 999) // 1000
     return WorstCase(

@@ -31,7 +31,7 @@ from metergate.runtime import Plan
 class Exchange:
     """One request as the pipeline sees it, whatever door it came in by."""
 
-    __slots__ = ("body", "context", "native", "stream")
+    __slots__ = ("added_bytes", "body", "context", "native", "stream")
 
     def __init__(
         self,
@@ -39,11 +39,15 @@ class Exchange:
         stream: bool,
         native: NativeRequest | None = None,
         context: Any = None,
+        added_bytes: int = 0,
     ) -> None:
         self.body = body  # OpenAI chat (or embeddings) shape: caps, estimates, adapters
         self.stream = stream
         self.native = native  # the caller's own request, for upstreams that speak it
         self.context = context  # what the door needs again to answer
+        # bytes of prompt the door added to the caller's (a stored conversation), which
+        # the budget hold bounds like the caller's own bytes
+        self.added_bytes = added_bytes
 
     def passthrough(self, deployment: Deployment) -> bool:
         """Did `deployment` get the caller's request as it was (so it answered in kind)?"""

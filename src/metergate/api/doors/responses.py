@@ -91,15 +91,18 @@ class ResponsesDoor(Door):
         previous = body.get("previous_response_id")
         native = body
         conversation = items
+        history_bytes = 0
         if previous is not None:
             history = await self._conversation(previous, key)
+            history_bytes = len(orjson.dumps(history))
             conversation = history + items
             native = {k: v for k, v in body.items() if k != "previous_response_id"}
             native["input"] = conversation
         chat, lost = to_chat(body, conversation)
         retention = plan.config.responses.retention_hours * 3600
         turn = _Turn(body, items, previous, store, key.id, retention)
-        return Exchange(chat, stream, NativeRequest("responses", native, {}, lost), turn)
+        native_request = NativeRequest("responses", native, {}, lost)
+        return Exchange(chat, stream, native_request, turn, history_bytes)
 
     def extras(self, exchange: Exchange, max_searches: int, bound: bool) -> Extras:
         """The web searches a request with the built-in `web_search` tool may run: its
