@@ -406,6 +406,53 @@ def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
     assert anonymous.status_code == 401 and anonymous.json()["type"] == "error"
 
 
+WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content.0"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, ".0.text"),
+    ({"messages": [{"role": "user", "content": [{"type": 3}]}]}, "messages.0.content.0.type"),
+    ({"system": 7}, "system"),
+    ({"system": [{"type": "text", "text": ["x"]}]}, "system[0].text"),
+    ({"tools": {"name": "x"}}, "tools"),
+    ({"tools": [{"input_schema": {}}]}, "tools.0.name"),
+    ({"tools": [{**WEATHER, "input_schema": "any"}]}, "tools.0.input_schema"),
+    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+    ({"stop_sequences": "END"}, "stop_sequences"),
+    ({"metadata": "me"}, "metadata"),
+    (
+        {
+            "messages": [
+                *HELLO,
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": 1}]},
+            ]
+        },
+        "messages.1.content.0.name",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
+        "messages.0.content.0.tool_use_id",
+    ),
+]
+
+
+@pytest.mark.parametrize("model", ["sim", "claude"])
+def test_a_wrongly_typed_field_gets_a_400_naming_it(gateway: Gateway, model: str) -> None:
+    """Whatever upstream serves the model, a field of the wrong type or a missing one is
+    the caller's to fix: a 400 whose message names it, not a generic one or a 500."""
+    url = gateway.base_url + "/messages"
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    with httpx.Client(timeout=30) as client:
+        for change, field in WRONG_TYPES:
+            body = {"model": model, "max_tokens": 20, "messages": HELLO, **change}
+            answer = client.post(url, json=body, headers=headers)
+            assert answer.status_code == 400, (change, answer.text)
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert field in error["message"], (change, error["message"])
+    assert not any(row["status"] == 500 for row in gateway.ledger_rows())
+
+
 def test_models_in_anthropic_shape(gateway: Gateway) -> None:
     client = anthropic_client(gateway)
     listed = client.models.list()

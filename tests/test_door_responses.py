@@ -539,3 +539,39 @@ def test_a_malformed_integer_is_a_400_naming_it(
     assert "must be" in refused.value.message
     answered = gateway.client().responses.create(model="sim", input="hi", **{field: 7})
     assert answered.status == "completed"
+
+
+WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
+    ({"instructions": ["be brief"]}, "instructions"),
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 1}]}]}, "[0].text"),
+    ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
+    ({"input": [{"type": "message", "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
+    (
+        {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}]},
+        "input[0].arguments",
+    ),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "[0].output"),
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": "any"}]}, "tools[0].parameters"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.name"),
+    ({"text": {"format": "json"}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"reasoning": "high"}, "reasoning"),
+]
+
+
+@pytest.mark.parametrize("model", ["sim", "gpt-native"])
+def test_a_wrongly_typed_field_gets_a_400_naming_it(gateway: Gateway, model: str) -> None:
+    """Whatever upstream serves the model, a field of the wrong type or a missing one is
+    the caller's to fix: a 400 that names it (`param`), not a generic one or a 500."""
+    client = gateway.client()
+    for change, field in WRONG_TYPES:
+        body = {"model": model, "input": "hi", **change}
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**body)
+        assert field in (refused.value.param or ""), (change, refused.value.message)
+        assert field in refused.value.message
+    assert not any(row["status"] == 500 for row in gateway.ledger_rows())

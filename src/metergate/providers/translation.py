@@ -82,6 +82,14 @@ def a_string(value: Any, where: str) -> str | None:
     return value
 
 
+def required_string(container: dict[str, Any], name: str, where: str) -> str:
+    """`container[name]`, a non-empty string (`where` names the container)."""
+    value = a_string(container.get(name), f"{where}.{name}")
+    if not value:
+        raise invalid_request(f"`{where}.{name}` is required", f"{where}.{name}")
+    return value
+
+
 def shown(value: Any) -> str:
     """A caller's value quoted in an error message, cut short."""
     text = repr(value)

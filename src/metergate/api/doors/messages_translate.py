@@ -28,7 +28,15 @@ import orjson
 from metergate.errors import GatewayError, InvalidRequest
 from metergate.providers.base import StreamState, Usage
 from metergate.providers.sse import SSEDecoder, event_object
-from metergate.providers.translation import request_translator, text_of
+from metergate.providers.translation import (
+    a_list,
+    a_string,
+    an_object,
+    invalid_request,
+    request_translator,
+    required_string,
+    text_of,
+)
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -64,12 +72,13 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     system = _system_text(body.get("system"), lost)
     if system:
         messages.append({"role": "system", "content": system})
-    for number, message in enumerate(body["messages"]):
-        role, content = message["role"], message["content"]
+    for number, message in enumerate(body["messages"]):  # (checked: objects)
+        role, where = message.get("role"), f"messages.{number}.content"
+        content = _content(message.get("content"), where)
         if role == "user":
-            messages += _user(content, lost)
+            messages += _user(content, where, lost)
         elif role == "assistant":
-            messages.append(_assistant(content, lost))
+            messages.append(_assistant(content, where, lost))
         elif role == "system":  # mid-conversation instructions (a beta Claude Code uses)
             messages.append({"role": "system", "content": _system_text(content, lost)})
         else:
@@ -85,43 +94,61 @@ def to_chat(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     for name in ("temperature", "top_p", "stream"):
         if body.get(name) is not None:
             chat[name] = body[name]
-    if body.get("stop_sequences"):
-        chat["stop"] = body["stop_sequences"]
-    user = (body.get("metadata") or {}).get("user_id")
+    stops = a_list(body.get("stop_sequences"), "stop_sequences")
+    for number, stop in enumerate(stops):
+        a_string(stop, f"stop_sequences.{number}")
+    if stops:
+        chat["stop"] = stops
+    user = an_object(body.get("metadata") or {}, "metadata").get("user_id")
     if user:
         chat["user"] = str(user)
-    tools = [_tool(tool, lost) for tool in body.get("tools") or []]
+    tools = [
+        _tool(an_object(tool, f"tools.{number}"), f"tools.{number}", lost)
+        for number, tool in enumerate(a_list(body.get("tools"), "tools"))
+    ]
     if any(tools):
         chat["tools"] = [tool for tool in tools if tool]
         _tool_choice(chat, body.get("tool_choice"))
     return chat, "; ".join(lost) or None
 
 
+def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    """A message's content: a string, or a list of blocks, each an object with a type."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid_request(f"`{where}` must be a string or an array of content blocks", where)
+    for number, block in enumerate(content):
+        a_string(an_object(block, f"{where}.{number}").get("type"), f"{where}.{number}.type")
+    return content
+
+
 def _system_text(system: Any, lost: list[str]) -> str:
-    if isinstance(system, str) or system is None:
-        return system or ""
+    system = _content(system or "", "system")
+    if isinstance(system, str):
+        return system
     for block in system:
         if block.get("type") != "text":
             lost.append(f"system block type {block.get('type')!r}")
     return text_of(system, "system")
 
 
-def _user(content: Any, lost: list[str]) -> list[dict[str, Any]]:
+def _user(content: str | list[dict[str, Any]], where: str, lost: list[str]) -> list[dict[str, Any]]:
     """A user turn: its tool results (as `tool` messages) first, then the rest."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    for block in content:
-        kind = block["type"]
+    for number, block in enumerate(content):
+        kind, at = block["type"], f"{where}.{number}"
         if kind == "tool_result":
-            results.append(_tool_result(block, lost))
+            results.append(_tool_result(block, at, lost))
         elif kind == "text":
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append({"type": "text", "text": a_string(block.get("text"), f"{at}.text") or ""})
         elif kind == "image":
-            parts.append(_image(block["source"], lost))
+            parts.append(_image(an_object(block.get("source"), f"{at}.source"), at, lost))
         elif kind == "document":
-            parts.append(_document(block, lost))
+            parts.append(_document(block, at, lost))
         elif kind not in ("thinking", "redacted_thinking"):
             lost.append(f"content block type {kind!r}")
     if parts:
@@ -129,23 +156,24 @@ def _user(content: Any, lost: list[str]) -> list[dict[str, Any]]:
     return results
 
 
-def _image(source: dict[str, Any], lost: list[str]) -> dict[str, Any]:
+def _image(source: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any]:
     if source.get("type") == "base64":
-        url = f"data:{source['media_type']};base64,{source['data']}"
+        media = a_string(source.get("media_type"), f"{at}.source.media_type")
+        url = f"data:{media};base64,{a_string(source.get('data'), f'{at}.source.data') or ''}"
     elif source.get("type") == "url":
-        url = source["url"]
+        url = a_string(source.get("url"), f"{at}.source.url") or ""
     else:
         lost.append(f"image source type {source.get('type')!r}")
         url = ""
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _document(block: dict[str, Any], lost: list[str]) -> dict[str, Any]:
-    source = block.get("source") or {}
+def _document(block: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any]:
+    source = an_object(block.get("source") or {}, f"{at}.source")
     kind = source.get("type")
     if kind == "base64" and source.get("media_type") == "application/pdf":
-        name = (block.get("title") or "document") + ".pdf"
-        data = f"data:application/pdf;base64,{source['data']}"
+        name = (a_string(block.get("title"), f"{at}.title") or "document") + ".pdf"
+        data = f"data:application/pdf;base64,{a_string(source.get('data'), f'{at}.source.data')}"
         return {"type": "file", "file": {"filename": name, "file_data": data}}
     if kind == "text":
         return {"type": "text", "text": source.get("data") or ""}
@@ -155,32 +183,36 @@ def _document(block: dict[str, Any], lost: list[str]) -> dict[str, Any]:
     return {"type": "text", "text": ""}
 
 
-def _tool_result(block: dict[str, Any], lost: list[str]) -> dict[str, Any]:
+def _tool_result(block: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any]:
     content = block.get("content")
+    text = text_of(content, f"{at}.content")  # checks a list's blocks are objects
     if isinstance(content, list) and any(part.get("type") != "text" for part in content):
         lost.append("non-text content in a tool_result")
-    text = text_of(content, "tool_result.content")
     if block.get("is_error"):
         text = f"Error: {text}"
-    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+    call_id = required_string(block, "tool_use_id", at)
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
 
 
-def _assistant(content: Any, lost: list[str]) -> dict[str, Any]:
+def _assistant(content: str | list[dict[str, Any]], where: str, lost: list[str]) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
-    for block in content:
-        kind = block["type"]
+    for number, block in enumerate(content):
+        kind, at = block["type"], f"{where}.{number}"
         if kind == "text":
-            texts.append(block["text"])
+            texts.append(a_string(block.get("text"), f"{at}.text") or "")
         elif kind == "tool_use":
-            arguments = orjson.dumps(block.get("input") or {}).decode()
+            arguments = orjson.dumps(an_object(block.get("input") or {}, f"{at}.input")).decode()
             calls.append(
                 {
-                    "id": block["id"],
+                    "id": required_string(block, "id", at),
                     "type": "function",
-                    "function": {"name": block["name"], "arguments": arguments},
+                    "function": {
+                        "name": required_string(block, "name", at),
+                        "arguments": arguments,
+                    },
                 }
             )
         elif kind not in ("thinking", "redacted_thinking"):
@@ -191,25 +223,29 @@ def _assistant(content: Any, lost: list[str]) -> dict[str, Any]:
     return message
 
 
-def _tool(tool: dict[str, Any], lost: list[str]) -> dict[str, Any] | None:
+def _tool(tool: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any] | None:
     if tool.get("type") not in (None, "custom"):
         lost.append(f"server tool {tool.get('name')!r} ({tool['type']}), which Anthropic runs")
         return None
+    schema = tool.get("input_schema")
     function: dict[str, Any] = {
-        "name": tool["name"],
-        "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
+        "name": required_string(tool, "name", at),
+        "parameters": an_object(schema, f"{at}.input_schema")
+        if schema
+        else {"type": "object", "properties": {}},
     }
-    if tool.get("description"):
+    if a_string(tool.get("description"), f"{at}.description"):
         function["description"] = tool["description"]
     return {"type": "function", "function": function}
 
 
-def _tool_choice(chat: dict[str, Any], choice: dict[str, Any] | None) -> None:
+def _tool_choice(chat: dict[str, Any], choice: Any) -> None:
     if not choice:
         return
-    kind = choice.get("type")
+    kind = an_object(choice, "tool_choice").get("type")
     if kind == "tool":
-        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        name = required_string(choice, "name", "tool_choice")
+        chat["tool_choice"] = {"type": "function", "function": {"name": name}}
     elif kind in _CHOICES:
         chat["tool_choice"] = _CHOICES[kind]
     if choice.get("disable_parallel_tool_use") and kind != "none":

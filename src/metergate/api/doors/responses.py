@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from metergate.api.doors import Door, Exchange, Relay, check_integer, is_web_search, search_limit
+from metergate.api.doors.responses_shape import check_request
 from metergate.api.doors.responses_stream import NativeResponseStream, ResponseStream
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
@@ -88,6 +89,7 @@ class ResponsesDoor(Door):
             if body.get(name):
                 raise InvalidRequest(reason, param=name)
         items = input_items(body)
+        check_request(body, items)
         previous = body.get("previous_response_id")
         native = body
         conversation = items
