@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anthropic
@@ -495,10 +496,34 @@ def test_a_whole_answer_counts_its_text_in_each_protocol() -> None:
         assert usage.output_tokens == size, answer
 
 
+async def cancel_requests() -> int:
+    """What uvicorn does to the requests still running when a shutdown's grace period
+    runs out: cancel their tasks."""
+    running = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
+    ]
+    for task in running:
+        task.cancel()
+    return len(running)
+
+
+def only_row(gateway: Gateway) -> dict[str, Any]:
+    """The ledger's one row, once written (a cancelled request is metered as it unwinds)."""
+    deadline = time.monotonic() + 10
+    rows = gateway.ledger_rows()
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rows = gateway.ledger_rows()
+    (row,) = rows
+    return row
+
+
 def test_a_stream_the_gateway_cancels_is_billed_what_it_relayed(gateway_factory: Any) -> None:
     """A stream cut by the gateway itself (a shutdown whose grace period ran out cancels
-    the requests still running) is billed like one whose caller left: at least what it
-    relayed, marked estimated, never $0."""
+    the requests still running) ends with an error event the SDK raises, and is billed
+    like one whose caller left: at least what it relayed, marked estimated, never $0."""
     gateway = gateway_factory(simulated_config(tokens_per_second=20, output_tokens=400))
     stream = gateway.client().chat.completions.create(
         model="sim", messages=[{"role": "user", "content": "go on"}], stream=True
@@ -509,24 +534,38 @@ def test_a_stream_the_gateway_cancels_is_billed_what_it_relayed(gateway_factory:
         if words >= 5:
             break
 
-    async def cancel_requests() -> int:
-        running = [
-            task
-            for task in asyncio.all_tasks()
-            if task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
-        ]
-        for task in running:
-            task.cancel()
-        return len(running)
-
     assert gateway.bg.run(cancel_requests()) == 1
-    stream.close()
-    gateway.flush_ledger()
-    deadline = time.monotonic() + 10
-    while not gateway.ledger_rows() and time.monotonic() < deadline:
-        time.sleep(0.05)
-        gateway.flush_ledger()
-    (row,) = gateway.ledger_rows()
-    assert (row["outcome"], row["status"], row["usage_estimated"]) == ("cancelled", 499, 1)
+    with pytest.raises(openai.APIError, match="the gateway shut down before request"):
+        for _ in stream:
+            pass
+    row = only_row(gateway)
+    assert (row["outcome"], row["status"], row["usage_estimated"]) == ("gateway_error", 503, 1)
     assert row["output_tokens"] >= 5 and row["input_tokens"] > 0
     assert row["cost_nano"] > 0
+
+
+def test_an_answer_the_gateway_cancels_gets_a_json_error(gateway_factory: Any) -> None:
+    """A request still waiting for its upstream when a shutdown's grace period runs out
+    gets a 503 in the OpenAI error shape with its request id, as every other failure
+    does, not the HTTP server's plain-text 500; the ledger says what the caller got."""
+    gateway = gateway_factory(simulated_config(latency_ms=60_000))
+    client = gateway.client()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            client.chat.completions.with_raw_response.create,
+            model="sim",
+            messages=[{"role": "user", "content": "slow"}],
+        )
+        deadline = time.monotonic() + 10  # until it waits for its upstream
+        while not gateway.metric("metergate_active_requests") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gateway.bg.run(cancel_requests()) == 1
+        with pytest.raises(openai.InternalServerError) as raised:
+            answer.result(timeout=30)
+    error = raised.value
+    assert error.status_code == 503 and error.code == "shutting_down"
+    request_id = error.response.headers["x-request-id"]
+    assert f"request {request_id} was answered" in error.message
+    assert error.response.headers["retry-after"] == "1"
+    row = only_row(gateway)
+    assert (row["outcome"], row["status"]) == ("gateway_error", 503)

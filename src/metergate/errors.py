@@ -147,6 +147,13 @@ class GatewayLimit(GatewayError):
     status = 503
 
 
+class ShutDown(GatewayLimit):
+    """The gateway stopped (its shutdown grace period ran out) before the answer came."""
+
+    def default_code(self) -> str | None:
+        return "shutting_down"
+
+
 # --- the upstream's side ------------------------------------------------------------
 
 

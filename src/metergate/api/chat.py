@@ -35,7 +35,7 @@ from metergate.asgi import (
 from metergate.auth.keys import KeyRecord
 from metergate.budgets.book import Budget
 from metergate.cache import CachedResponse
-from metergate.errors import GatewayError, InternalError, InvalidRequest
+from metergate.errors import GatewayError, InternalError, InvalidRequest, ShutDown
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import RequestLog
@@ -72,11 +72,20 @@ class CompletionsHandler:
             except Exception:
                 logger.exception("internal error serving request %s", request.id)
                 reply = _error_reply(self.door, _internal(request.id), log, headers)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                if log.gone or task.cancelling() > 1:
+                    log.outcome, log.status = "cancelled", 499
+                    meter.finish(log)
+                    if log.gone and not task.uncancel():
+                        return  # cancelled because the caller left (`_Departure`)
+                    raise
+                # Cancelled by the server (a shutdown whose grace period ran out) before the
+                # answer started: the caller is still there, and gets an error it can read.
+                task.uncancel()
+                reply = _error_reply(self.door, _shut_down(request.id), log, headers)
+            except BaseException:
                 log.outcome, log.status = "cancelled", 499
                 meter.finish(log)
-                if log.gone and isinstance(exc, asyncio.CancelledError) and not task.uncancel():
-                    return  # cancelled because the caller left (`_Departure`): nobody to answer
                 raise
             departure.task = None  # the answer is decided: sending it is not cancelled
             if log.gone and log.status < 400:  # answered, but nobody is there to read it
@@ -262,10 +271,16 @@ class CompletionsHandler:
                 last = await outward.end()
         except asyncio.CancelledError as cancelled:
             error = cancelled
-            if not (gone.is_set() or log.gone):
+            if gone.is_set() or log.gone:
+                relay.uncancel()
+                log.outcome, log.status = "cancelled", 499
+            elif relay.cancelling() > 1:
                 raise
-            relay.uncancel()
-            log.outcome, log.status = "cancelled", 499
+            else:  # cancelled by the server (a shutdown's grace period ran out)
+                relay.uncancel()
+                error = _shut_down(request.id)
+                log.outcome, log.status = error.outcome, error.status
+                last = await _stream_error(outward, error)
         except Exception as exc:
             # After the first byte the status is sent: the stream ends with an error event.
             if not isinstance(exc, GatewayError):
@@ -291,6 +306,14 @@ class CompletionsHandler:
 
 def _hard(budgets: tuple[Budget, ...]) -> bool:
     return any(budget.config.hard for budget in budgets)
+
+
+def _shut_down(request_id: str) -> ShutDown:
+    return ShutDown(
+        f"the gateway shut down before request {request_id} was answered (its grace period "
+        "for requests in flight ran out); retry it",
+        retry_after=1,
+    )
 
 
 def _internal(request_id: str) -> InternalError:
