@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from metergate.api.doors.blocks import Block, Blocks
 from metergate.errors import GatewayError, InvalidRequest
 from metergate.providers.base import StreamState, Usage
 from metergate.providers.sse import SSEDecoder, event_object
@@ -324,18 +325,17 @@ def event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + b"\n\n"
 
 
-class MessageStream:
+class MessageStream(Blocks):
     """OpenAI chat chunks -> Anthropic's stream events, in their exact grammar:
     message_start, ping, then per block content_block_start / _delta... / _stop, then
-    message_delta (stop reason and usage) and message_stop; an `error` event on failure."""
+    message_delta (stop reason and usage) and message_stop; an `error` event on failure.
+    Blocks go out one at a time, in the order they began upstream (see `Blocks`)."""
 
     def __init__(self, state: StreamState) -> None:
+        super().__init__()
         self.state = state  # the pipeline's: its usage is final when the stream ends
         self.decoder = SSEDecoder()
         self.started = False
-        self.block = -1  # index of the open content block, -1 when none is open
-        self.open = ""  # its kind: "text", "tool_use", or "" when none is open
-        self.tools: dict[int, int] = {}  # chat tool call index -> content block index
         self.reason: str | None = None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -370,40 +370,30 @@ class MessageStream:
         out = bytearray()
         text = delta.get("content") or delta.get("refusal")
         if text:
-            if self.open != "text":
-                out += self._open({"type": "text", "text": ""}, "text")
-            out += self._block_delta({"type": "text_delta", "text": text})
+            out += self._add_text(text)
         for call in delta.get("tool_calls") or []:
-            position = call.get("index", 0)
-            function = call.get("function") or {}
-            if position not in self.tools:
-                block = {"type": "tool_use", "id": call.get("id"), "name": function.get("name")}
-                out += self._open({**block, "input": {}}, "tool_use")
-                self.tools[position] = self.block
-            if function.get("arguments"):
-                piece = {"type": "input_json_delta", "partial_json": function["arguments"]}
-                out += self._block_delta(piece, self.tools[position])
+            out += self._add_call(call)
         return bytes(out)
 
-    def _open(self, block: dict[str, Any], kind: str) -> bytes:
-        out = self._close()
-        self.block += 1
-        self.open = kind
-        return out + event("content_block_start", {"index": self.block, "content_block": block})
+    def _opened(self, block: Block) -> bytes:
+        content: dict[str, Any] = {"type": "text", "text": ""}
+        if block.call is not None:
+            content = {"type": "tool_use", "id": block.call.get("id"), "name": block.name}
+            content["input"] = {}
+        return event("content_block_start", {"index": block.index, "content_block": content})
 
-    def _close(self) -> bytes:
-        if not self.open:
-            return b""
-        self.open = ""
-        return event("content_block_stop", {"index": self.block})
+    def _grew(self, block: Block, piece: str) -> bytes:
+        delta = {"type": "text_delta", "text": piece}
+        if block.call is not None:
+            delta = {"type": "input_json_delta", "partial_json": piece}
+        return event("content_block_delta", {"index": block.index, "delta": delta})
 
-    def _block_delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
-        position = self.block if index is None else index
-        return event("content_block_delta", {"index": position, "delta": delta})
+    def _closed(self, block: Block) -> bytes:
+        return event("content_block_stop", {"index": block.index})
 
     async def end(self) -> bytes:
         out = bytearray() if self.started else bytearray(self._start({}))
-        out += self._close()
+        out += self._finish()
         usage = usage_of(self.state.usage or Usage())
         delta = {"stop_reason": STOP_REASONS.get(self.reason or "stop"), "stop_sequence": None}
         out += event("message_delta", {"delta": delta, "usage": usage})

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from metergate.api.doors.blocks import Block, Blocks
 from metergate.api.doors.responses_translate import (
     call_item,
     finished,
@@ -60,22 +61,21 @@ async def fail(response: dict[str, Any], error: GatewayError, store: Store) -> d
     return failed
 
 
-class ResponseStream:
-    """OpenAI chat chunks -> Responses events."""
+class ResponseStream(Blocks):
+    """OpenAI chat chunks -> Responses events; output items one at a time, in the order
+    they began upstream (see `Blocks`)."""
 
     def __init__(
         self, body: dict[str, Any], response_id: str, state: StreamState, store: Store
     ) -> None:
+        super().__init__()
         self.body = body
         self.state = state
         self.store = store
         self.events = _Events()
         self.decoder = SSEDecoder()
         self.response = response_object(body, response_id, body["model"], "in_progress", [], None)
-        self.output: list[dict[str, Any]] = []
-        self.text: dict[str, Any] | None = None  # the open message item, if any
-        self.calls: dict[int, dict[str, Any]] = {}  # chat tool call index -> its item
-        self.call: dict[str, Any] | None = None  # the open function call item, if any
+        self.output: list[dict[str, Any]] = []  # the items opened, by block index
         self.reason: str | None = None
         self.started = False
 
@@ -103,91 +103,77 @@ class ResponseStream:
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
         out = bytearray()
-        text = delta.get("content")
-        if text:
-            if self.text is None:
-                out += self._close()
-                out += self._open_text()
-            assert self.text is not None
-            self.text["content"][0]["text"] += text
-            out += self.events(
-                "response.output_text.delta",
-                item_id=self.text["id"],
-                output_index=len(self.output) - 1,
-                content_index=0,
-                delta=text,
-                logprobs=[],
-            )
+        if delta.get("content"):
+            out += self._add_text(delta["content"])
         for call in delta.get("tool_calls") or []:
-            position = call.get("index", 0)
-            if position not in self.calls:
-                out += self._close()
-                item = call_item(new_id("fc"), call, "in_progress")
-                item["arguments"] = ""  # the deltas bring them
-                self.calls[position] = self.call = item
-                self.output.append(item)
-                out += self.events(
-                    "response.output_item.added", output_index=len(self.output) - 1, item=item
-                )
-            piece = (call.get("function") or {}).get("arguments")
-            if piece:
-                item = self.calls[position]
-                item["arguments"] += piece
-                out += self.events(
-                    "response.function_call_arguments.delta",
-                    item_id=item["id"],
-                    output_index=self.output.index(item),
-                    delta=piece,
-                )
+            out += self._add_call(call)
         return bytes(out)
 
-    def _open_text(self) -> bytes:
+    def _opened(self, block: Block) -> bytes:
+        if block.call is not None:
+            item = call_item(new_id("fc"), block.call, "in_progress")
+            item["arguments"] = ""  # the deltas bring them
+            self.output.append(item)
+            return self.events("response.output_item.added", output_index=block.index, item=item)
         item = text_item(new_id("msg"), "", "in_progress")
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         item["content"] = [part]
-        self.text = item
         self.output.append(item)
-        index = len(self.output) - 1
         added = {**item, "content": []}
         return self.events(
-            "response.output_item.added", output_index=index, item=added
+            "response.output_item.added", output_index=block.index, item=added
         ) + self.events(
             "response.content_part.added",
             item_id=item["id"],
-            output_index=index,
+            output_index=block.index,
             content_index=0,
             part={**part, "text": ""},
         )
 
-    def _close(self) -> bytes:
-        """Finish the open item: its .done events, in order."""
-        out = bytearray()
-        if self.text is not None:
-            item, self.text = self.text, None
-            index = self.output.index(item)
-            part = item["content"][0]
-            item["status"] = "completed"
-            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            out += self.events("response.output_text.done", **ids, text=part["text"], logprobs=[])
-            out += self.events("response.content_part.done", **ids, part=part)
-            out += self.events("response.output_item.done", output_index=index, item=item)
-        if self.call is not None:
-            item, self.call = self.call, None
-            index = self.output.index(item)
-            item["status"] = "completed"
-            out += self.events(
+    def _grew(self, block: Block, piece: str) -> bytes:
+        item = self.output[block.index]
+        if block.call is not None:
+            item["arguments"] += piece
+            return self.events(
+                "response.function_call_arguments.delta",
+                item_id=item["id"],
+                output_index=block.index,
+                delta=piece,
+            )
+        item["content"][0]["text"] += piece
+        return self.events(
+            "response.output_text.delta",
+            item_id=item["id"],
+            output_index=block.index,
+            content_index=0,
+            delta=piece,
+            logprobs=[],
+        )
+
+    def _closed(self, block: Block) -> bytes:
+        """The item's .done events, in order."""
+        item = self.output[block.index]
+        item["status"] = "completed"
+        index = block.index
+        if block.call is not None:
+            return self.events(
                 "response.function_call_arguments.done",
                 item_id=item["id"],
                 output_index=index,
                 name=item["name"],
                 arguments=item["arguments"],
-            )
-            out += self.events("response.output_item.done", output_index=index, item=item)
-        return bytes(out)
+            ) + self.events("response.output_item.done", output_index=index, item=item)
+        part = item["content"][0]
+        ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return (
+            self.events("response.output_text.done", **ids, text=part["text"], logprobs=[])
+            + self.events("response.content_part.done", **ids, part=part)
+            + self.events("response.output_item.done", output_index=index, item=item)
+        )
 
     async def end(self) -> bytes:
         out = bytearray() if self.started else bytearray(self._start(None))
-        out += self._close()
+        out += self._finish()
         status, incomplete = finished(self.reason)
         final = response_object(
             self.body,
