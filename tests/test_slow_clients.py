@@ -9,6 +9,7 @@ from a configured trusted proxy.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sqlite3
 import time
@@ -188,6 +189,39 @@ def test_a_body_that_never_finishes_gets_a_408(gateway: tuple[GatewayProcess, st
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert b"server.body_timeout_seconds" in reply
     assert ledger_row(process, "slow-body") == ("invalid_request", 408)
+
+
+def test_refusals_take_anthropic_shape_for_anthropic_callers(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """A 431 or 408 the HTTP layer sends itself reads as the caller's SDK expects: in
+    Anthropic's error shape on the Messages door (or with `anthropic-version`)."""
+    process, key = gateway
+
+    def refused(raw: bytes) -> dict:
+        with connection(process) as sock:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(raw)
+            reply = answer(sock)
+        return json.loads(reply.partition(b"\r\n\r\n")[2])
+
+    big = "X-Big: " + "a" * (1 << 20)
+    for path, headers in (("/v1/messages", ()), ("/v1/models", ("anthropic-version: 1",))):
+        body = refused(request(path, *headers, big, method="POST"))
+        assert body["type"] == "error" and "server.max_header_bytes" in body["error"]["message"]
+    body = refused(request("/v1/chat/completions", big, method="POST"))
+    assert body["error"]["code"] == "request_header_fields_too_large"  # OpenAI's shape
+    start = request(
+        "/v1/messages",
+        f"x-api-key: {key}",
+        "anthropic-version: 2023-06-01",
+        "Content-Length: 1000",
+        body=b'{"model": "sim", ',
+        method="POST",
+    )
+    body = refused(start)
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "server.body_timeout_seconds" in body["error"]["message"]
 
 
 @pytest.mark.parametrize("expect", [True, False])

@@ -17,7 +17,12 @@ from metergate.api.admin_api import AdminApi
 from metergate.api.chat import ChatDoor, CompletionsHandler, EmbeddingsDoor
 from metergate.api.cors import Cors
 from metergate.api.doors.completions import CompletionsDoor
-from metergate.api.doors.messages import CountTokens, MessagesDoor, anthropic_error
+from metergate.api.doors.messages import (
+    CountTokens,
+    MessagesDoor,
+    anthropic_error,
+    speaks_anthropic,
+)
 from metergate.api.doors.responses import ResponsesDoor
 from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
@@ -192,13 +197,7 @@ class GatewayApp:
 
 
 def _speaks_anthropic(request: Request) -> bool:
-    """A request to the Messages door, or from Anthropic's SDK (it sends
-    `anthropic-version`), whatever the path: its errors go out in Anthropic's shape."""
-    path: str = request.scope["path"]
-    return b"anthropic-version" in request.headers or path.startswith(_ANTHROPIC_PATHS)
-
-
-_ANTHROPIC_PATHS = ("/v1/messages", "/messages")
+    return speaks_anthropic(request.scope["path"], request.headers)
 
 
 def _log_reload_failure(task: asyncio.Task[bool]) -> None:

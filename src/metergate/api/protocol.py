@@ -42,9 +42,10 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from metergate.api.cycle import Cycle
+from metergate.api.doors.messages import anthropic_error, speaks_anthropic
 from metergate.asgi import ON_DEPARTURE, REFUSAL
 from metergate.config.model import ServerConfig
-from metergate.errors import error_body
+from metergate.errors import InvalidRequest, error_body
 
 # Where a connection is: waiting for headers, reading a body, serving, kept alive, or
 # refused and closing.
@@ -109,6 +110,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timed = _UNTIMED  # the phase the timer is for
         self._idle_since = 0.0
         self._root_path_bytes = self.root_path.encode("ascii")
+        self.url = b""  # the parser's, from a request's first bytes (uvicorn sets it then)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -267,6 +269,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             f"request headers are larger than the gateway's limit of "
             f"{self.limits.header_bytes} bytes (server.max_header_bytes)",
             "request_header_fields_too_large",
+            data[: self.limits.header_bytes] if self._header_bytes == 0 else b"",
         )
         return True
 
@@ -302,10 +305,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "request_timeout",
         )
 
-    def _refuse(self, status: int, message: str, code: str) -> None:
+    def _refuse(self, status: int, message: str, code: str, head: bytes = b"") -> None:
         """Answer `status` unless this request has been answered (or a pipelined one
         before it is being answered), and close the connection; the request's handler,
-        if one runs, sees its client gone (and the answer sent, `asgi.REFUSAL`)."""
+        if one runs, sees its client gone (and the answer sent, `asgi.REFUSAL`). `head`:
+        the request's first bytes when the parser has not been fed them."""
         cycle = self.cycle
         if self._phase == _HEADERS:  # `cycle` is a previous request's, if any
             speak = cycle is None or cycle.response_complete
@@ -322,7 +326,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not speak:
             self.transport.close()
             return
-        body = error_body(message, "invalid_request_error", code)
+        body = self._error_body(status, message, code, head)
         self.transport.write(
             b"".join(
                 (
@@ -339,6 +343,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.loop.call_later(LINGER_SECONDS, self.transport.close)
         else:
             self.transport.close()
+
+    def _error_body(self, status: int, message: str, code: str, head: bytes) -> bytes:
+        """The refusal in the shape its caller reads: Anthropic's for the Messages door
+        and Anthropic's SDK, OpenAI's for everyone else, judged from what has arrived of
+        the request (its target and the headers so far: parsed, or in `head`)."""
+        if head:
+            request_line, _, rest = head.partition(b"\r\n")
+            target = [*request_line.split(b" "), b"", b""][1]
+            names = {line.partition(b":")[0].lower() for line in rest.split(b"\r\n")}
+        else:
+            target, names = self.url, {name for name, _ in self.headers or ()}
+        path = target.partition(b"?")[0].decode("latin-1")
+        if speaks_anthropic(path, names):
+            return anthropic_error(InvalidRequest(message, status=status, code=code))[1]
+        return error_body(message, "invalid_request_error", code)
 
 
 def _tell_departed(cycle: Cycle | RequestResponseCycle) -> None:

@@ -15,6 +15,7 @@ send it; `anthropic-version` is accepted and `anthropic-beta` forwarded to Anthr
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import Any
 
 import orjson
@@ -104,6 +105,15 @@ def _cache_writes(body: dict[str, Any]) -> str | None:
                 return "1h"
             found = "5m"
     return found
+
+
+ANTHROPIC_PATHS = ("/v1/messages", "/messages")
+
+
+def speaks_anthropic(path: str, header_names: Container[bytes]) -> bool:
+    """A request to the Messages door, or from Anthropic's SDK (it sends
+    `anthropic-version`), whatever the path: its errors go out in Anthropic's shape."""
+    return path.startswith(ANTHROPIC_PATHS) or b"anthropic-version" in header_names
 
 
 def anthropic_error(error: GatewayError) -> tuple[int, bytes]:
