@@ -13,7 +13,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from metergate.budgets.book import Budget, exhausted
+from metergate.budgets.book import Budget, exhausted, usd
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.estimate import WorstCase
@@ -141,8 +141,21 @@ def test_soft_thresholds_notify_once_each(gateway_factory, bg):
         receiver.close()
     assert [notice["percent"] for notice in received] == [10, 50, 100]
     assert all("text" in notice and "'cap'" in notice["text"] for notice in received)
+    assert f"${usd(int(received[-1]['spent_usd'] * 1e9))} of $400.00" in received[-1]["text"]
     assert received[-1]["spent_usd"] >= 400 and received[-1]["limit_usd"] == 400
     assert gateway.metric("metergate_budget_alerts_total", budget="cap", threshold="50") == 1
+
+
+def test_alert_text_shows_a_small_budgets_digits():
+    """Cents, and below them what a small budget needs: "$0.0015 of $0.002", not
+    "$0.00 of $0.00"."""
+    assert [usd(n) for n in (1_500_000, 2_000_000, 400 * 10**9, 12_345_678_900, 0)] == [
+        "0.0015",
+        "0.002",
+        "400.00",
+        "12.345679",
+        "0.00",
+    ]
 
 
 def test_key_and_model_budgets_apply_only_to_their_target(gateway_factory):

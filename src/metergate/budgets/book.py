@@ -261,7 +261,8 @@ class BudgetBook:
         spent, limit = budget.spent_nano / 1e9, budget.limit_nano / 1e9
         text = (
             f"metergate budget {budget.name!r} ({budget.describe()}) passed {percent}%: "
-            f"${spent:.2f} of ${limit:.2f}, period resets {iso(budget.end)}"
+            f"${usd(budget.spent_nano)} of ${usd(budget.limit_nano)}, period resets "
+            f"{iso(budget.end)}"
         )
         log.warning(text)
         self.metrics.budget_alerts.labels(budget.name, str(percent)).inc()
@@ -280,6 +281,13 @@ class BudgetBook:
 
     async def close(self) -> None:
         await self.notifier.close()
+
+
+def usd(nano: int) -> str:
+    """Dollars for a person to read: cents, and the digits below them (up to a
+    micro-dollar) that a small budget needs ("0.002", not "0.00")."""
+    text = f"{nano / 1e9:.6f}".rstrip("0")
+    return text + "0" * (2 - len(text.partition(".")[2]))
 
 
 def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
