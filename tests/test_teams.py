@@ -137,6 +137,34 @@ def test_a_soft_team_budget_alerts_and_never_refuses(gateway_factory):
         )
 
 
+def test_a_raised_team_limit_announces_a_threshold_again_when_reached(gateway_factory):
+    """Raising a team budget's limit puts its spend back under a threshold it had
+    passed: that threshold is announced again when spend reaches it at the new limit."""
+    gateway = gateway_factory(team_config())
+    budget = {"period": "day", "limit_usd": "50", "hard": False, "alert_at_percent": [50]}
+    make_team(gateway, budgets=[budget])
+    client = client_for(gateway, team_key(gateway, "svc", "search"))
+
+    def alerts() -> float:
+        return gateway.metric(
+            "metergate_budget_alerts_total", budget="team:search:day", threshold="50"
+        )
+
+    def spend_until(count: int) -> None:
+        for i in range(40):
+            if alerts() >= count:
+                return
+            client.chat.completions.create(model="sim", messages=ask(i), max_tokens=10)
+
+    spend_until(1)
+    spent = sum(r["cost_nano"] for r in gateway.ledger_rows("team = 'search'")) / 1e9
+    raised = {**budget, "limit_usd": str(int(spent * 4))}  # 50% is now twice the spend
+    answer = admin(gateway, "/admin/api/teams/search", "PATCH", json={"budgets": [raised]})
+    assert answer.status_code == 200, answer.text
+    spend_until(2)
+    assert alerts() == 2
+
+
 def test_team_rate_limits_apply_on_top_of_each_keys(gateway_factory):
     config = team_config()
     config["rate_limits"] = {"keys": {"*": {"rpm": 100}}}

@@ -156,7 +156,7 @@ class BudgetBook:
                 cfg.period,
                 cfg.timezone,
             ):
-                kept.config, kept.limit_nano = cfg, int(cfg.limit_usd * 1_000_000_000)
+                _update(kept, cfg)
                 self.metrics.budget_limit.labels(name).set(kept.limit_nano / 1e9)
                 chosen[name] = kept
                 continue
