@@ -1,5 +1,6 @@
 """Losing Redis mid-load: `open` keeps serving on in-process counters, `closed` refuses
-with a clear 503; either way the outage is logged, exported, and recovered from."""
+with a clear 503; either way the outage is logged, exported, and recovered from, and
+the spend made meanwhile reaches the shared counters exactly once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from tests import services
-from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway
+from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway, two_gateways
 from tests.services import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,6 +41,22 @@ def gateway(
 
 
 @pytest.fixture
+def workers(
+    bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateways sharing the Redis and one SQLite ledger, as `serve --workers 2` runs."""
+    redis_server.flushall()
+    config = shared_config(redis_server.url, "open")
+    config["ledger"] = {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}
+    started: list[Gateway] = []
+    try:
+        yield two_gateways(bg, config, tmp_path, started)
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+@pytest.fixture
 def outage(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
     """Stop/start the session's redis-server; it is running again (same port) after."""
     yield redis_server
@@ -53,6 +70,22 @@ def restart(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(services, "free_port", lambda: port)
     server.start()
     assert server.port == port
+
+
+def counter_and_ledger(server: RedisServer, *gateways: Gateway) -> tuple[int, int]:
+    """The month budget's shared counter and the ledger's spend, once every gateway's
+    settles have reached Redis and its rows the ledger."""
+    for gateway in gateways:
+        gateway.bg.run(gateway.runtime.plan.shared.counters.drain())
+        gateway.flush_ledger()
+    first = gateways[0]
+    budget = first.runtime.plan.budgets.budgets[0]
+    store = redis.Redis(port=server.port)
+    try:
+        counter = int(store.get(first.runtime.plan.shared.counters.keys(budget).spent))
+    finally:
+        store.close()
+    return counter, sum(r["cost_nano"] for r in first.ledger_rows())
 
 
 async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
@@ -102,14 +135,8 @@ async def test_open_keeps_serving_through_an_outage(gateway, outage, monkeypatch
     assert all(r["outcome"] == "success" for r in rows)
     # Redis came back empty: the budget was re-seeded from the ledger, and every answer
     # settled since (or during the outage) was added exactly once
-    gateway.bg.run(gateway.runtime.plan.shared.counters.drain())
-    budget = gateway.runtime.plan.budgets.budgets[0]
-    spent_key = gateway.runtime.plan.shared.counters.keys(budget).spent
-    store = redis.Redis(port=outage.port)
-    try:
-        assert int(store.get(spent_key)) == sum(r["cost_nano"] for r in rows)
-    finally:
-        store.close()
+    counter, spent = counter_and_ledger(outage, gateway)
+    assert counter == spent == sum(r["cost_nano"] for r in rows)
 
 
 @pytest.mark.parametrize("gateway", ["closed"], indirect=True)
@@ -157,3 +184,43 @@ def test_redis_down_at_start_degrades_instead_of_failing(gateway_factory, on_fai
         with pytest.raises(openai.InternalServerError, match="is unreachable"):
             client.chat.completions.create(model="sim", messages=ask)
     assert any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+async def test_two_workers_count_an_outage_once(workers, outage, monkeypatch):
+    """Both workers spend while Redis is down and keep serving while it comes back
+    empty: whichever seeds the counter reads rows of both from the ledger, and neither
+    may add them again (nor lose any)."""
+    clients = [gateway.async_client() for gateway in workers]
+    answered = [0, 0]
+    stop = asyncio.Event()
+
+    async def caller(worker: int, name: str) -> None:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            await clients[worker].chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"{name} q{i}"}]
+            )
+            answered[worker] += 1
+
+    def each_answered(more: int) -> Callable[[], bool]:
+        start = list(answered)
+        return lambda: all(n >= s + more for n, s in zip(answered, start, strict=True))
+
+    def redis_up(value: int) -> Callable[[], bool]:
+        return lambda: all(g.metric("metergate_redis_up") == value for g in workers)
+
+    callers = [asyncio.create_task(caller(w, f"w{w}c{c}")) for w in (0, 1) for c in (0, 1)]
+    try:
+        await until(each_answered(20), 10, "load on both workers")
+        await asyncio.to_thread(outage.stop_process)
+        await until(redis_up(0), 5, "both see redis down")
+        await until(each_answered(40), 10, "both serving while redis is down")
+        await asyncio.to_thread(restart, outage, monkeypatch)
+        await until(redis_up(1), 10, "both resynced")
+        await until(each_answered(40), 10, "both serving after recovery")
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)  # a failed request fails the test here
+    counter, spent = counter_and_ledger(outage, *workers)
+    assert counter == spent, f"counter ${counter / 1e9:.9f} != ledger ${spent / 1e9:.9f}"

@@ -352,13 +352,14 @@ class Runtime:
         database, ledger = self.database, self.ledger
         assert database is not None and ledger is not None
 
-        async def spend_of(budget: Budget, until: float | None) -> int:
+        async def spend_of(budget: Budget, until: float) -> int:
+            await ledger.flush()  # this process's rows so far are among those summed
             return await ledger_spend(database, budget, until)
 
         async def resync() -> None:  # on the plan in force (or being installed)
             assert shared is not None
             book = self.plan.budgets if self.plan.shared is shared else plan.budgets
-            await shared.counters.resync(book, ledger.flush)
+            await shared.counters.resync(book)
 
         shared.counters.spend_of = spend_of
         shared.link.on_recover = resync

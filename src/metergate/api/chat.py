@@ -171,7 +171,8 @@ class CompletionsHandler:
             return reply
         finally:
             active.inc(-1)
-            gate.settle(admission, log.cost_nano, log.usage)
+            log.ended = time.time()
+            gate.settle(admission, log.cost_nano, log.usage, log.ended)
 
     async def _cache_lookup(
         self, plan: Plan, request: Request, exchange: Exchange, key: str, model: str

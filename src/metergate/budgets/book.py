@@ -42,7 +42,9 @@ class Budget:
     end: float = 0.0
     spent_nano: int = 0
     reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
-    unsynced_nano: int = 0  # settled here while Redis was unreachable, not yet shared
+    # settled here while Redis was unreachable, not yet shared: (the time its ledger row
+    # is dated, nano-USD) per request
+    unsynced: list[tuple[float, int]] = field(default_factory=list)
     announced: set[int] = field(default_factory=set)
     spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
 
@@ -231,7 +233,7 @@ class BudgetBook:
     def _roll_over(self, budget: Budget, now: float) -> None:
         budget.start, budget.end = period_bounds(now, budget.config.period, budget.config.timezone)
         budget.spent_nano = 0
-        budget.unsynced_nano = 0
+        budget.unsynced = []
         budget.announced.clear()
         self.metrics.budget_spent.labels(budget.name).set(0)
         log.info("budget %s: new period from %s", budget.name, iso(budget.start))

@@ -83,9 +83,10 @@ class Gate:
         self.rates.take(buckets, verdicts)
         return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
 
-    def settle(self, admission: Admission, cost_nano: int, usage: Usage | None) -> None:
+    def settle(self, admission: Admission, cost_nano: int, usage: Usage | None, at: float) -> None:
         """Replace the hold by the real cost and charge the tokens used (never awaits:
-        the Redis part runs off the response path)."""
+        the Redis part runs off the response path). `at`: the time the request's ledger
+        row is dated (`RequestLog.ended`)."""
         if admission is NOTHING:
             return
         tokens = (
@@ -98,7 +99,7 @@ class Gate:
         if admission.keys is None:
             self.budgets.settle(admission.reservation, cost_nano)
         if self.shared is not None:
-            self.shared.settle(self.budgets, admission, cost_nano, tokens)
+            self.shared.settle(self.budgets, admission, cost_nano, tokens, at)
 
 
 def unavailable(where: str) -> GatewayLimit:

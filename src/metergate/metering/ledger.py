@@ -70,6 +70,7 @@ class LedgerWriter:
         self._pending: list[LedgerRow] = []
         self._uncertain: list[list[LedgerRow]] = []  # batches whose commit failed: applied?
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._on_pending = on_pending or (lambda n: None)
@@ -102,6 +103,12 @@ class LedgerWriter:
             await self.flush()
 
     async def flush(self) -> None:
+        """Commit every row appended so far, those a flush under way has taken too (the
+        shared budget counters read the ledger after this and count on finding them)."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self._uncertain:  # each batch is taken by one flush at a time
             batch = self._uncertain.pop(0)
             try:

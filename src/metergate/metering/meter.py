@@ -69,6 +69,7 @@ class RequestLog:
         "cache_hit",
         "capture",
         "cost_nano",
+        "ended",
         "failure",
         "gone",
         "headers",
@@ -115,6 +116,7 @@ class RequestLog:
         self.cache_hit = False
         self.stream = False
         self.gone = False  # the caller left before its answer was complete
+        self.ended: float | None = None  # settled at (time.time()): its ledger row's ts
         self.affinity: str | None = None  # sticky rollout side: key name or header value
         self.attempt_seconds = 0.0  # the last attempt, up to its answer or first chunk
         self.api = "chat"  # the door it came in by: chat, responses, messages, completions, ...
@@ -212,7 +214,8 @@ class Meter:
         if tags and self.tag_labels is not None:
             for name, value in self.tag_labels.labels(tags):
                 self.metrics.count_tag(name, value, log.cost_nano)
-        now = time.time()
+        # dated when it was settled: spend kept through a Redis outage is dated alike
+        now = time.time() if log.ended is None else log.ended
         if self.ledger is not None and log.key is not UNKNOWN_KEY:
             # Unauthenticated requests are counted in metrics only: a flood of bad keys
             # must not be able to fill the ledger's disk.

@@ -7,7 +7,8 @@ buckets (`scripts.SETTLE`); it runs off the response path.
 
 This process also tracks what it holds on each budget (`holding`): after an outage it
 tells Redis exactly that (`scripts.SYNC`), whatever calls were lost on the way, and it
-keeps spend settled during the outage (`Budget.unsynced_nano`) to add then.
+keeps spend settled during the outage (`Budget.unsynced`, dated like its ledger rows)
+to add then, except what the ledger already gives a counter seeded meanwhile (`_sync`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class BudgetKeys:
     spent: str
     held: str
     alerts: str
+    seed: str
     expire_at: int  # a day after the period ends
 
 
@@ -46,8 +48,10 @@ class SharedCounters:
     def __init__(self, link: RedisLink) -> None:
         self.link = link
         self.holding: dict[str, int] = {}  # held key -> nano-USD this process holds there
-        # the ledger's sum for a budget (of rows finished before a time, when given)
-        self.spend_of: Callable[[Budget, float | None], Awaitable[int]] | None = None
+        # the ledger's sum for a budget of rows dated before a time, once this process's
+        # rows appended so far are committed
+        self.spend_of: Callable[[Budget, float], Awaitable[int]] | None = None
+        self._cuts: dict[str, float] = {}  # spent key -> its cut, once synced with it
         self._keys: dict[tuple[str, str, str | None, float], BudgetKeys] = {}
         self._rate_specs: dict[tuple[Bucket, ...], tuple[list[str], str]] = {}
         self._seeding: dict[str, asyncio.Task[None]] = {}
@@ -60,7 +64,11 @@ class SharedCounters:
             scope = f"{budget.config.scope}={budget.config.target or '*'}"
             base = f"{self.link.prefix}budget:{budget.name}:{scope}:{int(budget.start)}"
             found = self._keys[ident] = BudgetKeys(
-                f"{base}:spent", f"{base}:held", f"{base}:alerts", int(budget.end) + 86_400
+                f"{base}:spent",
+                f"{base}:held",
+                f"{base}:alerts",
+                f"{base}:seed",
+                int(budget.end) + 86_400,
             )
         return found
 
@@ -137,60 +145,84 @@ class SharedCounters:
         self._seeding.pop(name, None)
 
     async def _seed_one(self, budget: Budget) -> None:
-        assert self.spend_of is not None
         try:
-            spend = await self.spend_of(budget, None)
+            await self._sync([budget], hold=False)
+        except Unavailable:
+            raise
         except Exception as error:  # the ledger is down: degrade like Redis being down
             message = f"cannot seed budget {budget.name!r} from the ledger: {error}"
             raise Unavailable(message) from error
         log.info("budget %s: shared counter seeded from the ledger", budget.name)
-        await self._sync([budget], [spend], [0], [-1])
 
-    async def resync(self, book: BudgetBook, flush: Callable[[], Awaitable[None]]) -> None:
-        """After an outage (and at start): seed missing counters from the ledger, add
-        what was settled here meanwhile where the counter survived, and set this
-        process's holds to exactly what it holds. Runs while the link is down."""
-        assert self.spend_of is not None
+    async def resync(self, book: BudgetBook) -> None:
+        """After an outage (and at start): seed missing counters from the ledger, add what
+        was settled here meanwhile that they lack, and set this process's holds to
+        exactly what it holds. Runs while the link is down."""
         budgets = tuple(book.budgets)
         book.roll(budgets)
-        # Spend settled here so far is in ledger rows finished before `cutoff` (a
-        # request settles and queues its row in one step): a counter Redis lost is
-        # seeded from exactly those rows, a surviving one gets `unsynced` added. Spend
-        # settled from here on stays in `unsynced_nano` and goes with the next settle.
-        cutoff = time.time()
-        unsynced = [b.unsynced_nano for b in budgets]
-        for b in budgets:
-            b.unsynced_nano = 0
-        try:
-            await flush()
-            spends = [await self.spend_of(b, cutoff) for b in budgets]
-            holding = [self.holding.get(self.keys(b).held, 0) for b in budgets]
-            replies = await self._sync(budgets, spends, unsynced, holding)
-        except BaseException:
-            for b, amount in zip(budgets, unsynced, strict=True):
-                b.unsynced_nano += amount
-            raise
-        for budget, (spent, _seeded) in zip(budgets, replies, strict=True):
+        for budget, spent in zip(budgets, await self._sync(budgets, hold=True), strict=True):
             book.observe(budget, spent, claimed=set())
 
-    async def _sync(
-        self,
-        budgets: Sequence[Budget],
-        spends: list[int],
-        unsynced: list[int],
-        holding: list[int],
-    ) -> list[tuple[int, int]]:
-        keys: list[str] = []
-        args: list[Any] = [self.link.holder]
-        for budget, spend, extra, held in zip(budgets, spends, unsynced, holding, strict=True):
-            k = self.keys(budget)
-            keys += (k.spent, k.held, k.alerts)
-            args += (spend, extra, held, k.expire_at, budget.limit_nano, _percents(budget))
-        reply = await self.link.call(self.link.sync, keys, args)
-        return [(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+    async def _sync(self, budgets: Sequence[Budget], hold: bool) -> list[int]:
+        """Make each budget's counter count this process's spend exactly once; return the
+        counters.
 
-    def settle(self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int) -> None:
-        """Release this process's holds now; tell Redis off the response path."""
+        A counter counts the ledger's rows dated before its cut plus the spend dated from
+        the cut on, added by the process that settled it (`scripts.SYNC`). Another
+        process may have seeded the counter from rows this one wrote during an outage, so
+        of the spend kept here only what is dated from the cut on is added; the rest is
+        in the ledger, read here after this process's rows before the cut are committed.
+        The cut is this call's time when it seeds the counter, else the counter's (Redis
+        tells it: then the ledger is read again, before that cut).
+        """
+        assert self.spend_of is not None
+        # budget index -> the cut to sync with: this call's time, should the counter be missing
+        cuts = dict.fromkeys(range(len(budgets)), time.time())
+        spent: dict[int, int] = {}
+        for _ in range(3):
+            if not cuts:
+                break
+            # Rows this process writes from here on are dated from every cut on (a cut
+            # taken on another host may be ahead of this host's clock).
+            while (ahead := max(cuts.values()) - time.time()) > 0:  # noqa: ASYNC110 (wall clock)
+                await asyncio.sleep(ahead)
+            todo = list(cuts)
+            ledger = [await self.spend_of(budgets[i], cuts[i]) for i in todo]
+            kept = {i: budgets[i].unsynced for i in todo}
+            for i in todo:
+                budgets[i].unsynced = []
+            keys: list[str] = []
+            args: list[Any] = [self.link.holder]
+            for i, before in zip(todo, ledger, strict=True):
+                budget, k, cut = budgets[i], self.keys(budgets[i]), cuts[i]
+                held = self.holding.get(k.held, 0) if hold else -1
+                keys += (k.spent, k.held, k.alerts, k.seed)
+                args += (repr(cut), before, _dated_from(cut, kept[i]), held, k.expire_at)
+                args += (budget.limit_nano, _percents(budget))
+            try:
+                reply = await self.link.call(self.link.sync, keys, args)
+            except BaseException:
+                for i in todo:
+                    budgets[i].unsynced += kept[i]
+                raise
+            for n, i in enumerate(todo):
+                cut = float(reply[2 * n + 1])
+                if cut != cuts[i]:  # seeded with another cut: nothing was counted
+                    budgets[i].unsynced += kept[i]
+                    cuts[i] = cut
+                    continue
+                self._cuts[self.keys(budgets[i]).spent] = cut
+                spent[i] = reply[2 * n]
+                del cuts[i]
+        if cuts:
+            raise Unavailable("budget counters keep being seeded anew in redis")
+        return [spent[i] for i in range(len(budgets))]
+
+    def settle(
+        self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int, at: float
+    ) -> None:
+        """Release this process's holds now; tell Redis off the response path. `at`: the
+        time the request's ledger row is dated."""
         if admission.keys is not None:
             amount = admission.reservation.amount_nano
             for k in admission.keys:
@@ -200,14 +232,14 @@ class SharedCounters:
                 else:
                     self.holding.pop(k.held, None)
         if not self.link.up:
-            self._keep(book, admission, cost_nano)
+            self._keep(book, admission, cost_nano, at)
             return
-        task = asyncio.create_task(self._settle(book, admission, cost_nano, tokens))
+        task = asyncio.create_task(self._settle(book, admission, cost_nano, tokens, at))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
     async def _settle(
-        self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int
+        self, book: BudgetBook, admission: Admission, cost_nano: int, tokens: int, at: float
     ) -> None:
         budgets = admission.reservation.budgets
         token_buckets = [b for b in admission.buckets if b.kind == "tokens"] if tokens else []
@@ -218,11 +250,14 @@ class SharedCounters:
             admission.keys if admission.keys is not None else tuple(self.keys(b) for b in budgets)
         )
         amount = admission.reservation.amount_nano if held_here else 0
-        carried = [b.unsynced_nano for b in budgets]  # left from an outage: goes along
+        carried = [b.unsynced for b in budgets]  # left from an outage: what Redis lacks goes
         for b in budgets:
-            b.unsynced_nano = 0
+            b.unsynced = []
         if self.link.up:
-            costs = [cost_nano + extra for extra in carried]
+            costs = [
+                cost_nano + _dated_from(self._cuts.get(k.spent, 0.0), kept)
+                for k, kept in zip(keys, carried, strict=True)
+            ]
             redis_keys, args = self._settle_call(
                 budgets, keys, amount, costs, token_buckets, tokens
             )
@@ -237,9 +272,9 @@ class SharedCounters:
                         won = {p for bit, p in enumerate(percents) if claimed >> bit & 1}
                         book.observe(budget, max(spent, budget.spent_nano), won)
                 return
-        for budget, extra in zip(budgets, carried, strict=True):
-            budget.unsynced_nano += extra
-        self._keep(book, admission, cost_nano)
+        for budget, kept in zip(budgets, carried, strict=True):
+            budget.unsynced += kept
+        self._keep(book, admission, cost_nano, at)
 
     def _settle_call(
         self,
@@ -278,10 +313,11 @@ class SharedCounters:
         )
         call.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    def _keep(self, book: BudgetBook, admission: Admission, cost_nano: int) -> None:
+    def _keep(self, book: BudgetBook, admission: Admission, cost_nano: int, at: float) -> None:
         """Redis is unreachable: count the cost here, and share it after the outage."""
         for budget in admission.reservation.budgets:
-            budget.unsynced_nano += cost_nano
+            if cost_nano:
+                budget.unsynced.append((at, cost_nano))
             if admission.keys is not None:  # held on Redis: not yet in the book's spend
                 book.observe(budget, budget.spent_nano + cost_nano)
 
@@ -289,6 +325,12 @@ class SharedCounters:
         """Wait (a few seconds at most) for settles still on their way to Redis."""
         if self._settling:
             await asyncio.wait(set(self._settling), timeout=5.0)
+
+
+def _dated_from(cut: float, kept: list[tuple[float, int]]) -> int:
+    """What of the spend kept here a counter with this cut lacks (the rest is in the
+    ledger rows it counts)."""
+    return sum(nano for at, nano in kept if at >= cut)
 
 
 def _percents(budget: Budget) -> str:

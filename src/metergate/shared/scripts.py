@@ -10,6 +10,7 @@ Key layout (prefix `mg:` by default):
   budget:{name}:{scope}={target}:{period start}:spent   nano-USD settled in the period
   budget:...:held    hash: holder id -> nano-USD held by that process's requests in flight
   budget:...:alerts  hash: threshold percent -> 1 once some process announced it
+  budget:...:seed    hash: cut -> when the counter was seeded, seen -> ledger spend before it
   live:{holder id}   exists while that process is alive (short TTL, refreshed)
 Budget keys expire a day after their period ends.
 
@@ -156,40 +157,59 @@ end
 return out
 """
 
-# Seed budgets from the ledger and re-assert this process's holds (at start, after an
-# outage, and when a counter went missing).
-# KEYS: (spent, held, alerts) per budget.
-# ARGV: holder; per budget: ledger spend, spend settled here while Redis was unreachable,
-#       what this process holds now (-1: leave its holds alone), expire_at, limit,
-#       "50,80,100".
-# Reply: {spent_1, seeded_1, ...}
+# Seed budgets from the ledger, count spend Redis missed, and re-assert this process's
+# holds (at start, after an outage, and when a counter went missing).
+# A counter counts the ledger's rows dated before its cut (a time, chosen by the process
+# that seeds it) and, added by the process that settled it, every spend dated from the
+# cut on. Each process reads the rows before the cut after flushing its own: the counter
+# takes the largest sum read (`seen`), so rows still being written when it was seeded
+# are counted once, when a later read sees them.
+# KEYS: (spent, held, alerts, seed) per budget.
+# ARGV: holder; per budget: cut (proposed: used when the counter is missing), the
+#       ledger's spend before it, spend settled here from it on that Redis lacks, what
+#       this process holds now (-1: leave its holds alone), expire_at, limit, "50,80,100".
+# Reply: {spent_1, cut_1, ...}: when cut_n is not the caller's, nothing was counted for
+#   budget n (its holds were set): read the ledger before cut_n and call again.
 SYNC = """
 local out = {}
-for j = 1, #KEYS / 3 do
-  local spent_key, held_key, alerts_key = KEYS[3*j - 2], KEYS[3*j - 1], KEYS[3*j]
-  local a = 1 + (j - 1) * 6
-  local ledger, unsynced, holding = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local expire_at, limit = ARGV[a + 4], tonumber(ARGV[a + 5])
-  local seeded = 0
-  if redis.call('SET', spent_key, ledger, 'NX') then
-    seeded = 1  -- the ledger already holds what was settled here during an outage
+for j = 1, #KEYS / 4 do
+  local spent_key, held_key = KEYS[4*j - 3], KEYS[4*j - 2]
+  local alerts_key, seed_key = KEYS[4*j - 1], KEYS[4*j]
+  local a = 1 + (j - 1) * 7
+  local cut, ledger, unsynced = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local holding, expire_at, limit = tonumber(ARGV[a + 4]), ARGV[a + 5], tonumber(ARGV[a + 6])
+  local total = ledger + unsynced
+  if redis.call('SET', spent_key, string.format('%d', total), 'NX') then
     redis.call('EXPIREAT', spent_key, expire_at)
-    for percent in string.gmatch(ARGV[a + 6], '%d+') do
-      if tonumber(ledger) * 100 >= limit * tonumber(percent) then
+    redis.call('HSET', seed_key, 'cut', cut, 'seen', ARGV[a + 2])
+    redis.call('EXPIREAT', seed_key, expire_at)
+    for percent in string.gmatch(ARGV[a + 7], '%d+') do
+      if total * 100 >= limit * tonumber(percent) then
         redis.call('HSETNX', alerts_key, percent, 1)
       end
     end
     redis.call('EXPIREAT', alerts_key, expire_at)
-  elseif unsynced > 0 then
-    redis.call('INCRBY', spent_key, unsynced)
+  else
+    local have = redis.call('HGET', seed_key, 'cut') or '0'  -- 0: all spend is added
+    if tonumber(have) == tonumber(cut) then
+      local seen = tonumber(redis.call('HGET', seed_key, 'seen') or '0')
+      if ledger > seen then  -- rows before the cut written since it was seeded
+        redis.call('INCRBY', spent_key, string.format('%d', ledger - seen))
+        redis.call('HSET', seed_key, 'seen', ARGV[a + 2])
+      end
+      if unsynced > 0 then
+        redis.call('INCRBY', spent_key, ARGV[a + 3])
+      end
+    end
+    cut = have
   end
   if holding > 0 then
-    redis.call('HSET', held_key, ARGV[1], holding)
+    redis.call('HSET', held_key, ARGV[1], ARGV[a + 4])
     redis.call('EXPIREAT', held_key, expire_at)
   elseif holding == 0 then
     redis.call('HDEL', held_key, ARGV[1])
   end
-  out[#out + 1] = tonumber(redis.call('GET', spent_key)); out[#out + 1] = seeded
+  out[#out + 1] = tonumber(redis.call('GET', spent_key)); out[#out + 1] = cut
 end
 return out
 """
