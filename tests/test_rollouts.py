@@ -179,10 +179,11 @@ async def test_a_candidate_that_fails_every_call_is_rolled_back_behind_its_open_
     gateway_factory, servers
 ):
     """The candidate's breaker opens after a few failures and lets a probe through now
-    and then: `min_requests` (50) never arrives, yet the errors already seen break the
-    gate whatever more would show, so it rolls back. Meanwhile every failed candidate
-    attempt is served by the baseline although the model allows no retry and the retry
-    budget is the default: no caller sees the bad candidate, nor pays for it."""
+    and then: the candidate itself never sees `min_requests` (50), but the requests its
+    open circuit turns away count as its failures, so it rolls back. Meanwhile every
+    failed candidate attempt is served by the baseline although the model allows no
+    retry and the retry budget is the default: no caller sees the bad candidate, nor
+    pays for it."""
     base, cand = servers
     cand.plan.fail_until_cleared(Fault.error(500))
     config = rollout_config(base, cand, stages=[50, 100], min_requests=50)
@@ -194,13 +195,80 @@ async def test_a_candidate_that_fails_every_call_is_rolled_back_behind_its_open_
     rollout = rollout_of(gateway)
     outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 20)
     assert rollout.state == "rolled_back"
-    assert rollout.last_judgment["candidate"]["attempts"] < 50
+    assert cand.plan.requests < 50
     assert "error_rate" in rollout.last_judgment["failed_gates"]
     assert outcomes and all(outcome == "base" for outcome in outcomes)
     rows = gateway.ledger_rows("model = 'm'")
     assert len(rows) == len(outcomes)
     assert all((row["outcome"], row["upstream"]) == ("success", "base") for row in rows)
     assert any(row["attempts"] == 2 for row in rows)
+
+
+def at_last_stage(gateway: Gateway) -> None:
+    """Start the rollout and promote it to its last stage: all traffic on the candidate."""
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    while rollout.weight < 1:
+        gateway.bg.run(transitions.promote(gateway.runtime.database, rollout))
+    assert rollout.state == "running"
+
+
+async def test_at_the_last_stage_a_failing_candidate_is_served_by_the_baseline(
+    gateway_factory, servers
+):
+    """At 100 % the rollout is not over: a failed candidate attempt is tried again on the
+    baseline, and once the candidate's circuit opens the baseline serves its requests
+    (no 503 "circuits open"). Once the rollout completes, the baseline serves no more."""
+    base, cand = servers
+    cand.plan.fail_until_cleared(Fault.error(500))
+    config = rollout_config(base, cand, stages=[50, 100], interval_seconds=600)
+    config["upstreams"]["cand"]["circuit"] = {"failure_threshold": 3, "open_seconds": 600}
+    config["models"]["m"]["retry"] = {"max_retries": 0}
+    del config["retry_budget"]
+    gateway = gateway_factory(config)
+    at_last_stage(gateway)
+    breaker = gateway.runtime.plan.router.deployments["cand"].breaker
+    outcomes = await load_until(gateway, lambda: breaker.state == 2 and base.plan.requests > 30, 10)
+    assert breaker.state == 2  # open
+    assert outcomes and all(outcome == "base" for outcome in outcomes)
+    rows = gateway.ledger_rows("model = 'm'")
+    assert all((row["outcome"], row["upstream"]) == ("success", "base") for row in rows)
+    assert any(row["attempts"] == 2 for row in rows)  # the candidate failed, then the baseline
+    assert any(row["attempts"] == 1 for row in rows)  # the candidate's open circuit: baseline
+    gateway.bg.run(transitions.promote(gateway.runtime.database, rollout_of(gateway)))
+    assert rollout_of(gateway).state == "completed"
+    served = base.plan.requests
+    with pytest.raises(openai.APIStatusError) as refused:
+        await gateway.async_client().chat.completions.create(model="m", messages=ASK)
+    assert refused.value.status_code == 503
+    assert base.plan.requests == served
+
+
+async def test_a_candidate_behind_its_open_circuit_at_the_last_stage_is_rolled_back(
+    gateway_factory, servers
+):
+    """The candidate's circuit opens and stays open (600 s, no probe in this test): the
+    requests it turns away count as its failures, so the stage fails on them and rolls
+    back within a few intervals instead of holding for want of candidate attempts."""
+    base, cand = servers
+    cand.plan.fail_until_cleared(Fault.error(500))
+    config = rollout_config(base, cand, stages=[50, 100], min_requests=50)
+    config["upstreams"]["cand"]["circuit"] = {"failure_threshold": 3, "open_seconds": 600}
+    gateway = gateway_factory(config)
+    at_last_stage(gateway)
+    rollout = rollout_of(gateway)
+    outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 20)
+    assert rollout.state == "rolled_back"
+    # judged on the requests its circuit turned away: it took fewer than `min_requests`
+    # itself, and got no probe (still open); without them, the stage would hold
+    assert gateway.runtime.plan.router.deployments["cand"].breaker.state == 2  # open
+    assert cand.plan.requests < 50
+    judgment = rollout.last_judgment
+    assert judgment["candidate"]["attempts"] > 0 and judgment["candidate"]["error_rate"] == 1
+    assert "error_rate" in judgment["failed_gates"]
+    assert outcomes and all(outcome == "base" for outcome in outcomes)
+    after = await load_until(gateway, lambda: False, 0.3)
+    assert set(after) == {"base"}
 
 
 def test_too_few_attempts_fail_only_when_more_could_not_change_the_verdict():

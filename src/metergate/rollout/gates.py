@@ -5,7 +5,9 @@ than `min_requests` candidate attempts: hold; a stage is never promoted on too l
 data). Too few attempts still fail when more could not change the verdict: more 5xx
 than `max_5xx`, or more errors than `max_error_rate` allows of `min_requests` attempts.
 A candidate that fails every call opens its circuit breaker and then gets one probe
-now and then, never `min_requests` attempts: without this, it would hold for ever.
+now and then, never `min_requests` attempts: without this, it would hold for ever when
+judged from Prometheus. Judged locally, the requests its open circuit turns away count
+as failed attempts too (`Rollout.turned_away`), and it fails on those.
 """
 
 from __future__ import annotations

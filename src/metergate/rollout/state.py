@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.config.model import RolloutConfig
-from metergate.rollout.stats import WindowStats
+from metergate.rollout.stats import TURNED_AWAY, WindowStats
 
 PENDING, RUNNING, PAUSED, COMPLETED, ROLLED_BACK = (
     "pending",
@@ -43,9 +43,15 @@ class Rollout:
         return self.state != PENDING
 
     @property
+    def in_progress(self) -> bool:
+        """Are both sides in play (running or paused, at any stage, 100 % included)? The
+        baseline then serves what the candidate fails or its open circuits turn away."""
+        return self.state in (RUNNING, PAUSED)
+
+    @property
     def weight(self) -> float:
         """The candidate's share of traffic, 0..1."""
-        if self.state in (RUNNING, PAUSED):
+        if self.in_progress:
             return self.config.stages[self.stage] / 100
         return 1.0 if self.state == COMPLETED else 0.0
 
@@ -66,6 +72,13 @@ class Rollout:
             self.candidate_stats.observe(outcome, seconds)
         elif upstream in self.config.baseline:
             self.baseline_stats.observe(outcome, seconds)
+
+    def turned_away(self) -> None:
+        """A request meant for the candidate found every candidate circuit open: a
+        failed candidate attempt, so a candidate that fails behind its open circuit is
+        judged on the traffic it refuses rather than on the odd probe."""
+        if self.state == RUNNING:
+            self.candidate_stats.observe(TURNED_AWAY, 0.0)
 
     def reset_window(self) -> None:
         self.candidate_stats = WindowStats()

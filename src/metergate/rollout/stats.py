@@ -5,10 +5,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+# A request meant for the candidate that its open circuit breakers turned away: an
+# error of the candidate (not a 5xx it answered), with no latency to sample.
+TURNED_AWAY = "circuit_open"
 # Attempt outcomes that are the upstream's fault. A caller's own 4xx would show on both
 # sides alike; it still counts, because a misconfigured candidate answers 4xx too.
 ERRORS = frozenset(
-    {"upstream_error", "timeout", "connection_error", "upstream_rejected", "rate_limited"}
+    {
+        "upstream_error",
+        "timeout",
+        "connection_error",
+        "upstream_rejected",
+        "rate_limited",
+        TURNED_AWAY,
+    }
 )
 SERVER_ERRORS = frozenset({"upstream_error", "timeout", "connection_error"})
 _RESERVOIR = 4096
@@ -28,6 +38,8 @@ class WindowStats:
         self.attempts += 1
         self.errors += outcome in ERRORS
         self.server_errors += outcome in SERVER_ERRORS
+        if outcome == TURNED_AWAY:
+            return
         # Reservoir sampling keeps the p99 estimate unbiased with bounded memory.
         self._seen += 1
         if len(self.latencies) < _RESERVOIR:

@@ -6,13 +6,18 @@ move down the model's fallback chain. A caller's own mistake (a 4xx the provider
 blames on the request) is never retried nor sent elsewhere, and neither is a failure
 after part of the answer arrived (the upstream did the work). Streams are retried only
 until their first chunk: once a byte has reached the caller, a failure is final. No
-attempt is made once the caller has left (`RequestLog.gone`). A rollout candidate's
-retryable failure is always tried again on the baseline while the baseline takes traffic.
+attempt is made once the caller has left (`RequestLog.gone`). While a rollout is in
+progress, its last stage (100 %) included, a candidate's retryable failure is always
+tried again on the baseline, and a request the candidate's open circuits turn away is
+served by the baseline (`Route.pick`); once the rollout completes the baseline serves
+nothing.
 
 Every attempt is counted by outcome and timed. Only what the upstream did is reported
 to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
 connection pool, a request it could not encode, a bug) is final, counted as
-`gateway_error`, and leaves the upstream's health untouched (`metergate.errors`).
+`gateway_error`, and leaves the upstream's health untouched (`metergate.errors`). A
+request turned away by the candidate's open circuits counts in the rollout statistics
+as a failed candidate attempt (what the candidate did opened them).
 
 When the request is traced or logged (`RequestLog.steps` is a list), each attempt is
 also recorded there, gets its own span id, and sends the upstream a `traceparent` that

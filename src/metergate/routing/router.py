@@ -58,8 +58,10 @@ class Route:
     def pick(self, tried: set[str], affinity: str | None = None) -> Deployment | None:
         """The least loaded available deployment, preferring ones not yet tried.
 
-        Under an active rollout the request's side (candidate or baseline) comes first
-        and the other side serves only retries, and only while both sides carry traffic.
+        While a rollout is in progress (its last stage included) the request's side
+        (candidate or baseline) comes first and the other side serves only retries and
+        what the first side's open circuits turn away; a request meant for the candidate
+        that every candidate circuit turns away counts against it (`Rollout.turned_away`).
         Returns None when every deployment's circuit is open (or weight is 0).
         """
         if len(self.deployments) == 1 and self.rollout is None:  # the common case, fast
@@ -67,7 +69,7 @@ class Route:
             if only.weight and only.breaker.available():
                 return only if only.breaker.allow() else None
             return None
-        groups = self._groups(affinity)
+        groups = self._groups(affinity, first=not tried)
         for fresh_only in (True, False):
             for group in groups:
                 pool = [
@@ -81,36 +83,37 @@ class Route:
         return None
 
     def baseline_after(self, failed: Deployment, tried: set[str]) -> bool:
-        """Did a rollout's candidate fail, with a baseline deployment untried and taking
-        traffic? Then `pick` gives the baseline next."""
+        """Did the candidate of a rollout in progress fail, with a baseline deployment
+        untried and available? Then `pick` gives the baseline next (once the candidate's
+        deployments are tried)."""
         rollout = self.rollout
         return (
             rollout is not None
-            and rollout.active
-            and rollout.weight < 1
+            and rollout.in_progress
             and failed in self.candidate
             and any_untried(self.baseline, tried)
         )
 
     def serving(self) -> list[Deployment]:
-        """The deployments that may take this model's traffic now."""
+        """The deployments that may take this model's traffic now (at a rollout's last
+        stage the baseline still takes what the candidate fails or turns away)."""
         rollout = self.rollout
         if rollout is None or not rollout.active:
             return self.deployments
-        weight = rollout.weight
-        if weight <= 0:
-            return self.baseline
-        if weight >= 1:
-            return self.candidate
-        return [*self.candidate, *self.baseline]
+        if rollout.in_progress:
+            return [*self.candidate, *self.baseline]
+        return self.candidate if rollout.weight >= 1 else self.baseline
 
-    def _groups(self, affinity: str | None) -> tuple[list[Deployment], ...]:
+    def _groups(self, affinity: str | None, first: bool) -> tuple[list[Deployment], ...]:
+        """The deployments to pick from, in order; `first`: the request's first pick."""
         rollout = self.rollout
-        if rollout is None or not rollout.active or not 0 < rollout.weight < 1:
+        if rollout is None or not rollout.in_progress:
             return (self.serving(),)
-        if rollout.to_candidate(affinity):
-            return (self.candidate, self.baseline)
-        return (self.baseline, self.candidate)
+        if not rollout.to_candidate(affinity):
+            return (self.baseline, self.candidate)
+        if first and not any_untried(self.candidate, set()):
+            rollout.turned_away()
+        return (self.candidate, self.baseline)
 
 
 def any_untried(deployments: list[Deployment], tried: set[str]) -> bool:
