@@ -39,6 +39,7 @@ from tests.mcp_servers.support import (
     eventually,
     mcp_url,
     names,
+    on_the_server,
     registry_samples,
     running,
     scrape,
@@ -505,5 +506,34 @@ async def test_a_reloaded_section_adds_and_removes_servers_and_rules(
             # Its call counts stay in /metrics, but the console lists it no more.
             assert client_count(samples_of(gateway), "search", "echo", "") == 1
             assert console_servers(gateway) == {}
+    finally:
+        gateway.stop()
+
+
+async def test_a_call_in_flight_across_a_reload_that_removes_its_server_keeps_its_labels(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path
+) -> None:
+    """A reload removes the server while a call to it is on the server: the call
+    finishes on the old connection and is counted under its tool's name, on the
+    gateway's endpoint as upstream, not as a call to an `unknown` tool."""
+    config = simulated_config()
+    config["mcp"] = {
+        "servers": {"search": {"url": search.url, "timeout_seconds": 10}},
+        "default_access": {"servers": ["search"]},
+    }
+    gateway = start_gateway(bg, config, tmp_path / "gw")
+    mcp = gateway.runtime.mcp
+    assert mcp is not None
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            call = await on_the_server(client, "search.nap", {"seconds": 3})
+            removed = McpConfig.model_validate({"servers": {}})
+            await asyncio.wrap_future(bg.submit(mcp.apply(removed)))
+            assert not call.done()  # the reload came first, the answer after it
+            assert text(await call) == "napped 3.0"
+        await eventually(lambda: front_count(samples_of(gateway), "search.nap", "") == 1, 5)
+        samples = samples_of(gateway)
+        assert front_count(samples, "unknown", "") == 0
+        assert client_count(samples, "search", "nap", "") == 1
     finally:
         gateway.stop()

@@ -32,6 +32,7 @@ from tests.mcp_servers.support import (
     eventually,
     eventually_async,
     mcp_url,
+    on_the_server,
     registry_samples,
     running,
     value,
@@ -158,15 +159,7 @@ async def test_a_reload_that_changes_a_server_lets_its_calls_in_flight_finish(
     section = {"servers": {"search": after}, "default_access": {"servers": ["search"]}}
     try:
         async with connect(mcp_url(gateway), gateway.key) as client:
-            napping = asyncio.Event()
-
-            async def on_progress(done: float, total: float | None, note: str | None) -> None:
-                napping.set()
-
-            call = asyncio.ensure_future(
-                client.call_tool("search.nap", {"seconds": 2}, progress_callback=on_progress)
-            )
-            await napping.wait()  # the call is on the server
+            call = await on_the_server(client, "search.nap", {"seconds": 2})
             await asyncio.wrap_future(bg.submit(mcp.apply(McpConfig.model_validate(section))))
             assert mcp.upstreams["search"].config.timeout_seconds == 12
             echoed = await client.call_tool("search.echo", {"text": "new"})
@@ -344,15 +337,7 @@ async def test_a_stdio_answer_over_max_response_bytes_restarts_the_server_not_th
             small = await client.call_tool("files.big", {"kib": 16})
             assert len(small.content[0].text) == 16 * 1024
             first = (await client.call_tool("files.pid", {})).content[0].text
-            arrived = asyncio.Event()
-
-            async def on_progress(done: float, total: float | None, note: str | None) -> None:
-                arrived.set()
-
-            waiting = asyncio.create_task(
-                client.call_tool("files.slow", {"seconds": 20}, progress_callback=on_progress)
-            )
-            await asyncio.wait_for(arrived.wait(), 30)  # in flight at the server
+            waiting = await on_the_server(client, "files.slow", {"seconds": 20})
             with pytest.raises(MCPError) as refused:
                 await client.call_tool("files.big", {"kib": 1024})
             with pytest.raises(MCPError) as bystander:

@@ -112,6 +112,21 @@ async def connect(url: str, key: str | None, **options: Any) -> AsyncIterator[Cl
         yield client
 
 
+async def on_the_server(
+    client: Client, tool: str, arguments: dict[str, Any], within: float = 30
+) -> asyncio.Task[Any]:
+    """Start a call to a tool that reports progress as it starts (the test servers' `nap`,
+    `hold`, `slow` of files) and return its task once the server is running it."""
+    started = asyncio.Event()
+
+    async def on_progress(done: float, total: float | None, note: str | None) -> None:
+        started.set()
+
+    call = asyncio.create_task(client.call_tool(tool, arguments, progress_callback=on_progress))
+    await asyncio.wait_for(started.wait(), within)
+    return call
+
+
 def parse(text: str) -> Samples:
     samples: Samples = {}
     for family in text_string_to_metric_families(text):

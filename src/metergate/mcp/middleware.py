@@ -95,6 +95,7 @@ class MetricsMiddleware:
     ) -> HandlerResult:
         started = time.perf_counter()
         method = ctx.method
+        names = self._names(ctx, method)
         error_type = ""
         try:
             if self.timeout_seconds is None:
@@ -124,7 +125,9 @@ class MetricsMiddleware:
                 error_type = "tool_error"
         finally:
             seconds = time.perf_counter() - started
-            self.metrics.operation.observe(self._labels(ctx, method, error_type), seconds)
+            if names[1] == UNKNOWN_TOOL:  # a tool that appeared during the call (a relist)
+                names = self._names(ctx, method)
+            self.metrics.operation.observe((*names, error_type), seconds)
             if span is not None:
                 from metergate.mcp.spans import end_span
 
@@ -149,17 +152,18 @@ class MetricsMiddleware:
             )
         )
 
-    def _labels(
-        self, ctx: ServerRequestContext[Any, Any], method: str, error_type: str
-    ) -> tuple[str, str, str]:
+    def _names(self, ctx: ServerRequestContext[Any, Any], method: str) -> tuple[str, str]:
+        """The method and tool labels, taken when the request arrives: a reload that
+        removes or renames a tool's server while the call is in flight must not turn
+        the call, once finished, into one to an `unknown` tool."""
         if not self.known_method(method):
-            return ("unknown", "", error_type)
+            return ("unknown", "")
         if method != "tools/call":
-            return (method, "", error_type)
+            return (method, "")
         name = ctx.params.get("name") if ctx.params else None
         if not isinstance(name, str) or not self._is_tool(name):
             name = UNKNOWN_TOOL
-        return (method, name, error_type)
+        return (method, name)
 
     def _is_tool(self, name: str) -> bool:
         if self.known_tool is not None:
