@@ -52,7 +52,7 @@ class McpServerConfig(_Strict):
     max_connections: int = Field(
         default=100,
         ge=1,
-        description="HTTP: requests in flight at once; more wait (up to timeout_seconds)",
+        description="HTTP: requests in flight at once; more wait, within their timeout_seconds",
     )
     max_response_bytes: int = Field(
         default=64 * 1024 * 1024,

@@ -146,7 +146,7 @@ class Upstream:
         limits), then close it. A request is served by the config it arrived under."""
         self._retired = True
         await self.subscriptions.close()
-        limit = 2 * self.config.timeout_seconds + 1  # a wait for a slot, then the request
+        limit = self.config.timeout_seconds + 1  # a request's wait for a slot included
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), limit)
         await self.close()
@@ -362,9 +362,15 @@ class Upstream:
     async def request(self, method: str, send: Send[T], *, what: str, tool: str = "") -> T:
         """Run `send` on the live client within the server's timeout; metered as `method`
         whatever the outcome (`tool` labels `tools/call`). A caller that goes away
-        cancels the request upstream too (the SDK tells the server)."""
+        cancels the request upstream too (the SDK tells the server).
+
+        One deadline covers the wait for a connection slot and the request, so no
+        request takes longer than `timeout_seconds`; where it passed decides the error:
+        still waiting is metergate's own limit, on the server a timeout like any other.
+        """
         timeout = self.config.timeout_seconds
         started = time.perf_counter()
+        waited: float | None = None  # seconds spent waiting for a slot, once it has one
         error_type = ""
         self._in_flight += 1
         self._idle.clear()
@@ -375,23 +381,30 @@ class Upstream:
                     CONNECTION_CLOSED,
                     f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
                 )
-            async with self._slot(timeout):
-                with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout):
+                async with self._slot() as queued:
+                    waited = time.perf_counter() - started if queued else 0.0
                     result = await send(client, timeout + 1)
-        except _Busy as busy:
-            error_type = "gateway_error"  # metergate's own limit, not the server's fault
-            raise mcp_error(
-                INTERNAL_ERROR,
-                f"{what} waited {timeout:g} s for one of the {busy.limit} connections "
-                f"metergate allows to MCP server {self.name!r} (max_connections); "
-                f"all were busy with other requests",
-            ) from None
         except TimeoutError:
+            if waited is None:
+                error_type = "gateway_error"  # metergate's own limit, not the server's fault
+                raise mcp_error(
+                    INTERNAL_ERROR,
+                    f"{what} waited {timeout:g} s for one of the {self.config.max_connections} "
+                    f"connections metergate allows to MCP server {self.name!r} "
+                    f"(max_connections); all were busy with other requests",
+                ) from None
             error_type = "timeout"
+            queue = (
+                f", {waited:.1f} s of which it waited for a free connection "
+                f"(max_connections {self.config.max_connections})"
+                if waited
+                else ""
+            )
             raise mcp_error(
                 REQUEST_TIMEOUT,
                 f"{what} did not answer within {timeout:g} s "
-                f"(timeout_seconds of MCP server {self.name!r})",
+                f"(timeout_seconds of MCP server {self.name!r}){queue}",
             ) from None
         except MCPError as exc:
             if exc.error.code in BROKEN_ANSWER:  # the server's answer, never the caller's
@@ -432,29 +445,20 @@ class Upstream:
         return result
 
     @contextlib.asynccontextmanager
-    async def _slot(self, wait: float) -> AsyncIterator[None]:
-        """One of the server's `max_connections` request slots, waited for up to
-        `wait` seconds (then `_Busy`); a stdio server has no such limit."""
+    async def _slot(self) -> AsyncIterator[bool]:
+        """One of the server's `max_connections` request slots, waited for as long as
+        the caller's deadline allows; yields whether all were taken when it asked (it
+        had to queue). A stdio server has no such limit."""
         slots = self._slots
         if slots is None:
-            yield
+            yield False
             return
+        queued = slots.locked()
+        await slots.acquire()
         try:
-            await asyncio.wait_for(slots.acquire(), wait)
-        except TimeoutError:
-            raise _Busy(self.config.max_connections) from None
-        try:
-            yield
+            yield queued
         finally:
             slots.release()
-
-
-class _Busy(Exception):
-    """Every request slot of a server stayed taken for the request's whole timeout."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
-        self.limit = limit
 
 
 _TRANSPORT_ERRORS = (
