@@ -14,6 +14,7 @@ import openai
 import pytest
 import redis
 
+from metergate.shared.counters import _dated_from, _keep_dated, _next_slot
 from tests import services
 from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway, two_gateways
 from tests.services import RedisServer
@@ -224,3 +225,16 @@ async def test_two_workers_count_an_outage_once(workers, outage, monkeypatch):
         await asyncio.gather(*callers)  # a failed request fails the test here
     counter, spent = counter_and_ledger(outage, *workers)
     assert counter == spent, f"counter ${counter / 1e9:.9f} != ledger ${spent / 1e9:.9f}"
+
+
+def test_outage_spend_is_kept_per_tenth_of_a_second_not_per_request():
+    """A long outage under load keeps a bounded record: 10,000 settles over one second
+    are ten entries, and a cut (on a tenth of a second) splits them exactly by date."""
+    kept: list[tuple[int, int]] = []
+    dates = [1_000.0 + n / 10_000 for n in range(10_000)]
+    for at in dates:
+        _keep_dated(kept, at, 7)
+    assert len(kept) == 10 and sum(nano for _, nano in kept) == 70_000
+    cut = _next_slot(1_000.43)
+    assert cut == 1_000.5
+    assert _dated_from(cut, kept) == 7 * sum(at >= cut for at in dates)

@@ -42,9 +42,9 @@ class Budget:
     end: float = 0.0
     spent_nano: int = 0
     reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
-    # settled here while Redis was unreachable, not yet shared: (the time its ledger row
-    # is dated, nano-USD) per request
-    unsynced: list[tuple[float, int]] = field(default_factory=list)
+    # settled here while Redis was unreachable, not yet shared: (the tenth of a second
+    # its ledger rows are dated in, nano-USD) (`shared.counters._keep_dated`)
+    unsynced: list[tuple[int, int]] = field(default_factory=list)
     announced: set[int] = field(default_factory=set)
     spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
 
