@@ -219,6 +219,88 @@ def test_images_by_url_are_held_at_their_token_bound(gateway_factory):
     assert reply.usage.total_tokens > 0
 
 
+TOOL_USE = {"type": "tool_use", "id": "t1", "name": "look", "input": {}}
+PICTURE = {"type": "image", "source": {"type": "url", "url": "https://img.example/1.png"}}
+HIDDEN_ATTACHMENTS = {
+    "tool result images": (
+        "/messages",
+        {
+            "messages": [
+                {"role": "user", "content": "look"},
+                {"role": "assistant", "content": [TOOL_USE]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": [PICTURE] * 3}
+                    ],
+                },
+            ]
+        },
+    ),
+    "url documents": (
+        "/messages",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "document", "source": {"type": "url", "url": "https://d/x.pdf"}}
+                    ]
+                    * 3,
+                }
+            ]
+        },
+    ),
+    "files by url or id": (
+        "/responses",
+        {
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_file", "file_url": "https://d/x.pdf"},
+                        {"type": "input_image", "file_id": "file-1"},
+                        {"type": "input_image", "file_id": "file-2"},
+                    ],
+                }
+            ]
+        },
+    ),
+    "images in a tool output": (
+        "/responses",
+        {
+            "input": [
+                {"type": "function_call", "call_id": "c1", "name": "look", "arguments": "{}"},
+                {
+                    "type": "function_call_output",
+                    "call_id": "c1",
+                    "output": [{"type": "input_image", "image_url": "https://img.example/1.png"}]
+                    * 3,
+                },
+            ]
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HIDDEN_ATTACHMENTS)
+def test_attachments_the_chat_form_cannot_carry_are_held_too(gateway_factory, case):
+    """Images and documents that only an upstream speaking the caller's protocol gets
+    (in tool results, by URL or file id) are held like any other: the hold searches the
+    request in every form an upstream may get it."""
+    path, body = HIDDEN_ATTACHMENTS[case]
+    gateway = gateway_factory(budget_config(10_000))  # 3 x 4,000 tokens at $1: $12,000
+    limit = {"/messages": {"max_tokens": 10}, "/responses": {"max_output_tokens": 10}}[path]
+    answer = httpx.post(
+        gateway.base_url + path,
+        json={"model": "sim", **limit, **body},
+        headers={"authorization": f"Bearer {gateway.key}"},
+        timeout=30,
+    )
+    assert answer.status_code == 429, answer.text
+    assert "the prompt alone may cost up to" in answer.text
+
+
 def test_a_stored_conversation_is_held_at_its_size(gateway_factory):
     """A Responses request with `previous_response_id` sends the stored conversation
     upstream: its hold bounds that prompt, not the few bytes the caller sent."""

@@ -145,7 +145,8 @@ class CompletionsHandler:
                 return _from_cache(hit, hit_body, log, headers)
         prompt = request.body_size + exchange.added_bytes  # stored history a door added
         if budgets:  # only a budget holds it, so a request without one skips the walk
-            prompt = estimate.prompt_bound(prompt, body, route.config.budget_attachment_tokens)
+            forms = (body,) if exchange.native is None else (body, exchange.native.body)
+            prompt = estimate.prompt_bound(prompt, forms, route.config.budget_attachment_tokens)
         worst = estimate.worst_case(
             prompt,
             body,

@@ -287,24 +287,32 @@ class WorstCase:
         return self.max_tokens if self.token_pico == 0 else room // self.token_pico
 
 
-# Chat content parts an upstream bills by what they show, not by their bytes here: an
-# image given by URL is a few dozen bytes of request but a thousand tokens or more. The
-# other doors' images and files reach the pipeline as these parts too.
-_ATTACHMENTS = frozenset(("image_url", "file"))
+# Content an upstream bills by what it shows, not by its bytes here: an image or a
+# document given by URL or file id is a few dozen bytes of request but a thousand
+# tokens or more. Chat's parts, Anthropic's blocks and the Responses API's parts.
+_ATTACHMENTS = frozenset(("image_url", "file", "image", "document", "input_image", "input_file"))
 
 
-def prompt_bound(body_size: int, body: dict[str, Any], attachment_tokens: int) -> int:
+def prompt_bound(body_size: int, bodies: tuple[Any, ...], attachment_tokens: int) -> int:
     """An upper bound on the prompt's tokens: a token per byte of what the upstream is
-    sent (`body_size`), plus `attachment_tokens` for each image or file part of the
-    messages, whose bytes here (a URL, a file id) say nothing of what it is billed."""
-    attachments = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and part.get("type") in _ATTACHMENTS:
-                    attachments += 1
-    return body_size + attachments * attachment_tokens
+    sent (`body_size`), plus `attachment_tokens` for each image or document, whose
+    bytes here (a URL, a file id) say nothing of what it is billed. `bodies`: the
+    request in each form an upstream may get it (chat, and the caller's own protocol),
+    each searched whole: attachments sit in tool results and tool outputs too."""
+    return body_size + max(map(_attachments, bodies)) * attachment_tokens
+
+
+def _attachments(body: Any) -> int:
+    count, stack = 0, [body]
+    while stack:
+        value = stack.pop()
+        if value.__class__ is dict:
+            if value.get("type") in _ATTACHMENTS:
+                count += 1
+            stack.extend(value.values())
+        elif value.__class__ is list:
+            stack.extend(value)
+    return count
 
 
 def worst_case(
