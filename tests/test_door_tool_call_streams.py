@@ -27,7 +27,7 @@ CALLS = [  # id, name, arguments (as the model writes them)
     ("call_tokyo", "get_time", '{"city": "Tokyo"}'),
     ("call_oslo", "get_forecast", '{"city": "Oslo", "days": 3, "hourly": false}'),
 ]
-SCRIPTS = ("sequential", "interleaved")
+SCRIPTS = ("sequential", "interleaved", "late")
 
 
 def pieces(arguments: str) -> list[str]:
@@ -46,10 +46,17 @@ def piece(index: int, text: str) -> dict[str, Any]:
 
 def script(name: str) -> list[dict[str, Any]]:
     """The deltas of an answer: some text, then the three calls, one after the other
-    (`sequential`) or round-robin, one argument piece of each in turn (`interleaved`)."""
+    (`sequential`), or round-robin, one argument piece of each in turn (`interleaved`),
+    or one after the other with each call's id and name in its second delta (`late`)."""
     deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
     deltas += [{"content": text} for text in TEXT]
     split = [pieces(arguments) for _, _, arguments in CALLS]
+    if name == "late":
+        for index, parts in enumerate(split):
+            deltas.append({"tool_calls": [piece(index, parts[0])]})
+            deltas.append({"tool_calls": [{**start(index), "function": {"name": CALLS[index][1]}}]})
+            deltas += [{"tool_calls": [piece(index, part)]} for part in parts[1:]]
+        return deltas
     if name == "sequential":
         for index, parts in enumerate(split):
             deltas.append({"tool_calls": [start(index)]})

@@ -8,11 +8,14 @@ what comes for the blocks after it; when that block is finished, the next one is
 with what it buffered and goes live. A text block is finished when anything follows it;
 a tool call when a later block has begun and its arguments are a whole JSON object
 (past which only whitespace could validly follow); every block when the stream ends. So
-calls sent one after the other, as OpenAI does, are still relayed as they come.
+calls sent one after the other, as OpenAI does, are still relayed as they come. A call
+opens once its name is known: some upstreams send the id and name after the first
+argument piece.
 """
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -57,6 +60,8 @@ class Blocks(ABC):
         if block is None:
             block = self.calls[call.get("index", 0)] = Block(len(self.blocks), call)
             self.blocks.append(block)
+        elif not block.opened:  # an id or name sent after the call's first delta
+            _complete(block.call, call)
         if not block.closed:  # a closed call was a whole object: nothing more counts
             block.text += (call.get("function") or {}).get("arguments") or ""
         return self._release()
@@ -70,7 +75,11 @@ class Blocks(ABC):
         while self.live < len(self.blocks):
             block = self.blocks[self.live]
             if not block.opened:
+                if block.call is not None and not block.name and not ending:
+                    break  # a call opens with its name, which may come in a later delta
                 block.opened = True
+                if block.call is not None and not block.call.get("id"):
+                    block.call["id"] = "call_" + secrets.token_hex(12)  # one id, everywhere
                 out += self._opened(block)
             if block.sent < len(block.text):
                 out += self._grew(block, block.text[block.sent :])
@@ -95,6 +104,16 @@ class Blocks(ABC):
 
     @abstractmethod
     def _closed(self, block: Block) -> bytes: ...
+
+
+def _complete(first: dict[str, Any] | None, later: dict[str, Any]) -> None:
+    """Take an id or a function name that a later delta of a call brings."""
+    assert first is not None
+    if later.get("id") and not first.get("id"):
+        first["id"] = later["id"]
+    name = (later.get("function") or {}).get("name")
+    if name and not (first.get("function") or {}).get("name"):
+        first["function"] = {**(first.get("function") or {}), "name": name}
 
 
 def _whole_object(arguments: str) -> bool:
