@@ -418,6 +418,18 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
     ({"tools": [{"input_schema": {}}]}, "tools.0.name"),
     ({"tools": [{**WEATHER, "input_schema": "any"}]}, "tools.0.input_schema"),
     ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": ["tool"]}}, "tool_choice.type"),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "document", "source": {"type": "text", "data": 5}}],
+                }
+            ]
+        },
+        "messages.0.content.0.source.data",
+    ),
     ({"stop_sequences": "END"}, "stop_sequences"),
     ({"metadata": "me"}, "metadata"),
     (

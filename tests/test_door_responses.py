@@ -560,6 +560,9 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
     ({"text": {"format": "json"}}, "text.format"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ({"reasoning": "high"}, "reasoning"),
+    ({"reasoning": {"effort": {"k": 1}}}, "reasoning.effort"),
+    ({"tool_choice": {"type": 5}}, "tool_choice.type"),
+    ({"tool_choice": {}}, "tool_choice.type"),
 ]
 
 

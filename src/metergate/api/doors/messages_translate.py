@@ -177,9 +177,9 @@ def _document(block: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any]
         data = f"data:application/pdf;base64,{a_string(source.get('data'), f'{at}.source.data')}"
         return {"type": "file", "file": {"filename": name, "file_data": data}}
     if kind == "text":
-        return {"type": "text", "text": source.get("data") or ""}
+        return {"type": "text", "text": a_string(source.get("data"), f"{at}.source.data") or ""}
     if kind == "content":
-        return {"type": "text", "text": text_of(source.get("content"), "document.source.content")}
+        return {"type": "text", "text": text_of(source.get("content"), f"{at}.source.content")}
     lost.append(f"document source type {kind!r}")
     return {"type": "text", "text": ""}
 
@@ -243,7 +243,7 @@ def _tool(tool: dict[str, Any], at: str, lost: list[str]) -> dict[str, Any] | No
 def _tool_choice(chat: dict[str, Any], choice: Any) -> None:
     if not choice:
         return
-    kind = an_object(choice, "tool_choice").get("type")
+    kind = a_string(an_object(choice, "tool_choice").get("type"), "tool_choice.type")
     if kind == "tool":
         name = required_string(choice, "name", "tool_choice")
         chat["tool_choice"] = {"type": "function", "function": {"name": name}}

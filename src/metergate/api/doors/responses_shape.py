@@ -41,11 +41,12 @@ def check_request(body: dict[str, Any], items: list[dict[str, Any]]) -> None:
         if a_string(spec.get("type"), "text.format.type") == "json_schema":
             required_string(spec, "name", "text.format")
             an_object(spec.get("schema"), "text.format.schema")
-    an_object(body.get("reasoning") or {}, "reasoning")
+    reasoning = an_object(body.get("reasoning") or {}, "reasoning")
+    a_string(reasoning.get("effort"), "reasoning.effort")
 
 
 def _check_function_choice(choice: dict[str, Any]) -> None:
-    if choice.get("type") == "function":
+    if required_string(choice, "type", "tool_choice") == "function":
         required_string(choice, "name", "tool_choice")
 
 
