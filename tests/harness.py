@@ -52,6 +52,19 @@ async def eventually(condition: Callable[[], bool], within: float = 10) -> bool:
     return True
 
 
+async def cancel_requests() -> int:
+    """What uvicorn does to the requests still running when a shutdown's grace period
+    runs out: cancel their tasks."""
+    running = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
+    ]
+    for task in running:
+        task.cancel()
+    return len(running)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -23,7 +25,7 @@ from tests.doors import (
     ledger_row,
     upstreams,  # noqa: F401 - fixture
 )
-from tests.harness import Gateway
+from tests.harness import Gateway, cancel_requests
 from tests.upstreams import ANSWER, anthropic_server, openai_server
 
 WEATHER: dict[str, Any] = {
@@ -512,3 +514,27 @@ def test_claude_code_setup(
         sent = upstreams.claude_recorder.last
         assert sent.headers["anthropic-beta"] == ",".join(betas)
         assert "authorization" not in sent.headers  # the gateway key stays here
+
+
+def test_count_tokens_cut_by_a_shutdown_gets_an_anthropic_error(
+    gateway: Gateway,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """A request outside the model pipeline (count_tokens waiting on its upstream) that a
+    shutdown's grace period cuts gets a JSON 503 its SDK reads, with its request id, not
+    the HTTP server's plain-text 500."""
+    client = anthropic_client(gateway)
+    slow = [{"role": "user", "content": "TRIGGER:slow"}]
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.messages.count_tokens, model="claude", messages=slow)
+        recorder = upstreams.claude_recorder
+        deadline = time.monotonic() + 10  # until the fake upstream holds it
+        while not recorder.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gateway.bg.run(cancel_requests()) == 1
+        with pytest.raises(anthropic.InternalServerError) as raised:
+            answer.result(timeout=30)
+    error = raised.value
+    assert error.status_code == 503 and error.body["type"] == "error"
+    request_id = error.response.headers["x-request-id"]
+    assert f"request {request_id} was answered" in error.body["error"]["message"]

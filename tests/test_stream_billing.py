@@ -9,7 +9,6 @@ figure is an estimate, and its cost is that figure at the configured prices.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,13 @@ import pytest
 
 from metergate.metering import estimate
 from metergate.metering.estimate import RelayedText
-from tests.harness import BackgroundLoop, Gateway, UpstreamServer, simulated_config
+from tests.harness import (
+    BackgroundLoop,
+    Gateway,
+    UpstreamServer,
+    cancel_requests,
+    simulated_config,
+)
 from tests.upstreams import anthropic_server, openai_server, responses_api
 
 PRICE = {"input": 1, "output": 10}  # USD per million tokens
@@ -494,19 +499,6 @@ def test_a_whole_answer_counts_its_text_in_each_protocol() -> None:
     for answer, size in ((responses, 2 + 1 + 2 + 6 + 2), (messages, 3 + 2 + 1 + 7), (legacy, 5)):
         usage = estimate.answer_usage(body, orjson.dumps(answer))
         assert usage.output_tokens == size, answer
-
-
-async def cancel_requests() -> int:
-    """What uvicorn does to the requests still running when a shutdown's grace period
-    runs out: cancel their tasks."""
-    running = [
-        task
-        for task in asyncio.all_tasks()
-        if task.get_coro().__qualname__.endswith("run_asgi")  # type: ignore[union-attr]
-    ]
-    for task in running:
-        task.cancel()
-    return len(running)
 
 
 def only_row(gateway: Gateway) -> dict[str, Any]:

@@ -153,6 +153,14 @@ class ShutDown(GatewayLimit):
     def default_code(self) -> str | None:
         return "shutting_down"
 
+    @classmethod
+    def of(cls, request_id: str) -> ShutDown:
+        return cls(
+            f"the gateway shut down before request {request_id} was answered (its grace "
+            "period for requests in flight ran out); retry it",
+            retry_after=1,
+        )
+
 
 # --- the upstream's side ------------------------------------------------------------
 

@@ -43,7 +43,8 @@ With `thinking` enabled the answer starts with a thinking block (`THOUGHT`, sign
 `SIGNATURE`; streamed as `thinking_delta` and `signature_delta`). Request content may hold
 documents, thinking and redacted thinking blocks, and `cache_control` anywhere.
 `count_tokens` answers the same `input_tokens` a message with that prompt would report
-(`TRIGGER:garbled` anywhere in the messages: a 200 of plain text instead).
+(`TRIGGER:garbled` anywhere in the messages: a 200 of plain text instead; `TRIGGER:slow`:
+nothing until the client leaves).
 """
 
 from __future__ import annotations
@@ -126,8 +127,11 @@ def create_app(api_key: str = API_KEY) -> web.Application:
         problem = _validate({**body, "max_tokens": 1}) if isinstance(body, dict) else "no JSON"
         if problem:
             return _error(400, "invalid_request_error", problem)
-        if "TRIGGER:garbled" in orjson.dumps(body["messages"]).decode():
+        text = orjson.dumps(body["messages"]).decode()
+        if "TRIGGER:garbled" in text:
             return web.Response(text="not json", content_type="text/plain")
+        if "TRIGGER:slow" in text:
+            await stall(request)
         return web.json_response({"input_tokens": _prompt_tokens(body)})
 
     app.router.add_post("/v1/messages", messages)

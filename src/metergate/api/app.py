@@ -28,7 +28,7 @@ from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.config import ConfigError
 from metergate.config.model import CorsConfig, GatewayConfig
-from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound
+from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound, ShutDown
 from metergate.runtime import Runtime
 
 log = logging.getLogger("metergate")
@@ -106,11 +106,17 @@ class GatewayApp:
                 else:
                     await self._unrouted(request, send)
             except GatewayError as error:
-                headers = base_headers(request) + JSON_HEADERS + error.headers
-                if _speaks_anthropic(request):  # its SDK reads only its own error shape
-                    await respond(send, *anthropic_error(error), headers)
-                else:
-                    await respond(send, error.status, error.body(), headers)
+                await _refuse(request, send, error)
+            except asyncio.CancelledError:
+                # Cancelled by the server (a shutdown whose grace period ran out): the
+                # caller still gets an error it can read, unless the answer had started.
+                # (Model calls handle this, and a caller leaving, themselves.)
+                task = asyncio.current_task()
+                if task is None or task.cancelling() > 1:
+                    raise
+                task.uncancel()
+                with contextlib.suppress(Exception):
+                    await _refuse(request, send, ShutDown.of(request.id))
             except Exception:
                 log.exception("internal error serving %s %s", scope["method"], scope["path"])
                 internal = InternalError(
@@ -194,6 +200,14 @@ class GatewayApp:
                 await self.runtime.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _refuse(request: Request, send: Send, error: GatewayError) -> None:
+    headers = base_headers(request) + JSON_HEADERS + error.headers
+    if _speaks_anthropic(request):  # its SDK reads only its own error shape
+        await respond(send, *anthropic_error(error), headers)
+    else:
+        await respond(send, error.status, error.body(), headers)
 
 
 def _speaks_anthropic(request: Request) -> bool:

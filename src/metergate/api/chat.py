@@ -82,7 +82,7 @@ class CompletionsHandler:
                 # Cancelled by the server (a shutdown whose grace period ran out) before the
                 # answer started: the caller is still there, and gets an error it can read.
                 task.uncancel()
-                reply = _error_reply(self.door, _shut_down(request.id), log, headers)
+                reply = _error_reply(self.door, ShutDown.of(request.id), log, headers)
             except BaseException:
                 log.outcome, log.status = "cancelled", 499
                 meter.finish(log)
@@ -280,7 +280,7 @@ class CompletionsHandler:
                 raise
             else:  # cancelled by the server (a shutdown's grace period ran out)
                 relay.uncancel()
-                error = _shut_down(request.id)
+                error = ShutDown.of(request.id)
                 log.outcome, log.status = error.outcome, error.status
                 last = await _stream_error(outward, error)
         except Exception as exc:
@@ -308,14 +308,6 @@ class CompletionsHandler:
 
 def _hard(budgets: tuple[Budget, ...]) -> bool:
     return any(budget.config.hard for budget in budgets)
-
-
-def _shut_down(request_id: str) -> ShutDown:
-    return ShutDown(
-        f"the gateway shut down before request {request_id} was answered (its grace period "
-        "for requests in flight ran out); retry it",
-        retry_after=1,
-    )
 
 
 def _internal(request_id: str) -> InternalError:
