@@ -301,6 +301,27 @@ def test_attachments_the_chat_form_cannot_carry_are_held_too(gateway_factory, ca
     assert "the prompt alone may cost up to" in answer.text
 
 
+def test_an_attachment_spelled_with_escapes_is_held_too(gateway_factory):
+    """The hold looks for attachments only in bodies whose bytes may hold one; a type
+    written with JSON escapes (`"\\u0069mage_url"`) is still one, and still held."""
+    image = '{"type": "\\u0069mage_url", "\\u0069mage_url": {"url": "https://img.example/1.png"}}'
+    raw = (
+        '{"model": "sim", "max_tokens": 10, "messages": [{"role": "user", "content": ['
+        + ", ".join([image] * 3)
+        + "]}]}"
+    )
+    assert "image" not in raw
+    gateway = gateway_factory(budget_config(10_000))  # 3 x 4,000 tokens at $1: $12,000
+    answer = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=raw,
+        headers={"authorization": f"Bearer {gateway.key}", "content-type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 429, answer.text
+    assert "the prompt alone may cost up to" in answer.text
+
+
 def test_a_stored_conversation_is_held_at_its_size(gateway_factory):
     """A Responses request with `previous_response_id` sends the stored conversation
     upstream: its hold bounds that prompt, not the few bytes the caller sent."""

@@ -64,13 +64,14 @@ _CALLER_ID = re.compile(rb"[\x20-\x7e]+")
 class Request:
     """What a handler needs of one HTTP request: headers, body, id and start time."""
 
-    __slots__ = ("body_size", "headers", "id", "receive", "scope", "started")
+    __slots__ = ("body_size", "headers", "id", "raw", "receive", "scope", "started")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
         self.receive = receive
         self.started = time.perf_counter()
         self.body_size = 0
+        self.raw = b""  # the body as read by `json`, for scans cheaper on bytes than on JSON
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         caller_id = self.headers.get(b"x-request-id")
         if caller_id and _CALLER_ID.fullmatch(caller_id):
@@ -104,7 +105,7 @@ class Request:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self, limit: int, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
-        raw = await self.body(limit)
+        raw = self.raw = await self.body(limit)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -144,7 +144,9 @@ class CompletionsHandler:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
         prompt = request.body_size + exchange.added_bytes  # stored history a door added
-        if budgets:  # only a budget holds it, so a request without one skips the walk
+        # Only a budget holds it, so a request without one skips the walk, as does one
+        # whose bytes cannot hold an attachment and that carries no stored history.
+        if budgets and (exchange.added_bytes or estimate.may_attach(request.raw)):
             forms = (body,) if exchange.native is None else (body, exchange.native.body)
             prompt = estimate.prompt_bound(prompt, forms, route.config.budget_attachment_tokens)
         worst = estimate.worst_case(

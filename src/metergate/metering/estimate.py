@@ -302,6 +302,14 @@ def prompt_bound(body_size: int, bodies: tuple[Any, ...], attachment_tokens: int
     return body_size + max(map(_attachments, bodies)) * attachment_tokens
 
 
+def may_attach(raw: bytes) -> bool:
+    """Whether a request body, as it came, may hold an attachment: any whose `type` is
+    one of them spells "image", "file" or "document" in its bytes, or escapes a letter
+    (`\\u0069mage`). A few scans in C spare the common text-only request the walk of
+    `prompt_bound`."""
+    return b"image" in raw or b"file" in raw or b"document" in raw or b"\\u" in raw
+
+
 def _attachments(body: Any) -> int:
     count, stack = 0, [body]
     while stack:
