@@ -306,8 +306,14 @@ def may_attach(raw: bytes) -> bool:
     """Whether a request body, as it came, may hold an attachment: any whose `type` is
     one of them spells "image", "file" or "document" in its bytes, or escapes a letter
     (`\\u0069mage`). A few scans in C spare the common text-only request the walk of
-    `prompt_bound`."""
-    return b"image" in raw or b"file" in raw or b"document" in raw or b"\\u" in raw
+    `prompt_bound` (`find`, not `in`: bytes' `in` first tries its operand as an integer
+    and formats a TypeError it then drops)."""
+    return (
+        raw.find(b"image") >= 0
+        or raw.find(b"file") >= 0
+        or raw.find(b"document") >= 0
+        or raw.find(b"\\u") >= 0
+    )
 
 
 def _attachments(body: Any) -> int:
