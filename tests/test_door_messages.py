@@ -538,3 +538,23 @@ def test_count_tokens_cut_by_a_shutdown_gets_an_anthropic_error(
     assert error.status_code == 503 and error.body["type"] == "error"
     request_id = error.response.headers["x-request-id"]
     assert f"request {request_id} was answered" in error.body["error"]["message"]
+
+
+def test_error_shapes_follow_the_endpoint_and_anthropic_version(gateway: Gateway) -> None:
+    """What the README promises: the shared paths (models, an unknown path) answer an
+    Anthropic caller (`anthropic-version`) in Anthropic's error shape; the OpenAI
+    endpoints answer in OpenAI's whatever the headers."""
+    anthropic_caller = {"x-api-key": "mg-wrong", "anthropic-version": "2023-06-01"}
+    with httpx.Client(base_url=gateway.base_url, timeout=30) as client:
+        for method, path in [("GET", "/models"), ("GET", "/no-such-path")]:
+            answer = client.request(method, path, headers=anthropic_caller)
+            assert answer.status_code in (401, 404), answer.text
+            assert answer.json()["type"] == "error", (path, answer.text)
+            assert answer.json()["error"]["message"]
+        answer = client.post(
+            "/chat/completions",
+            json={"model": "sim", "messages": HELLO},
+            headers={**anthropic_caller, "authorization": "Bearer mg-wrong"},
+        )
+        assert answer.status_code == 401
+        assert set(answer.json()) == {"error"} and answer.json()["error"]["code"]
