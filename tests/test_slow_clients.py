@@ -224,6 +224,36 @@ def test_refusals_take_anthropic_shape_for_anthropic_callers(
     assert "server.body_timeout_seconds" in body["error"]["message"]
 
 
+def test_refusals_find_an_anthropic_caller_in_what_has_arrived(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """The shape is judged from every byte that arrived: an absolute-form target, a
+    header line in a later read than the request line, and the last complete line of a
+    head that stalls (which the parser holds back until the next line starts)."""
+    process, _ = gateway
+    big = "X-Big: " + "a" * (1 << 20)
+
+    def refused(*parts: bytes) -> dict:
+        with connection(process) as sock:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for part in parts:
+                    sock.sendall(part)
+                    time.sleep(0.2)  # apart, so that the gateway reads them apart
+            reply = answer(sock)
+        return json.loads(reply.partition(b"\r\n\r\n")[2])
+
+    absolute = refused(request("http://gateway/v1/messages?beta=true", big, method="POST"))
+    assert absolute["type"] == "error", absolute
+    request_line = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\n"
+    later = refused(request_line, f"anthropic-version: 1\r\n{big}\r\n\r\n".encode())
+    assert later["type"] == "error", later
+    stalled = refused(request_line + b"anthropic-version: 2023-06-01\r\n")
+    assert stalled["type"] == "error" and stalled["error"]["type"] == "invalid_request_error"
+    assert "server.header_timeout_seconds" in stalled["error"]["message"]
+    plain = refused(request_line + b"x-other: 1\r\n")
+    assert plain["error"]["code"] == "request_timeout"  # OpenAI's shape
+
+
 @pytest.mark.parametrize("expect", [True, False])
 def test_a_body_announced_too_large_is_refused_before_it_is_sent(
     gateway: tuple[GatewayProcess, str], expect: bool

@@ -105,7 +105,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._max_header_bytes = self.limits.header_bytes
         self._phase = _HEADERS
         self._header_bytes = 0
-        self._tail = b""  # the last bytes of a read that ended mid-headers
+        # A read that ended mid-headers: its end joins the next read's in the size
+        # check, and a refusal reads it for header lines the parser still holds back.
+        self._last_read = b""
         self._timer: asyncio.TimerHandle | None = None
         self._timed = _UNTIMED  # the phase the timer is for
         self._idle_since = 0.0
@@ -148,7 +150,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
         phase = self._phase
         if phase == _HEADERS:
-            self._tail = data[-3:]
+            self._last_read = data
             if self._timed != _HEADERS:
                 self._arm(_HEADERS, self.limits.header_seconds)
         elif phase == _BODY:
@@ -260,16 +262,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _headers_too_large(self, data: bytes, total: int) -> bool:
         """Refuse the request if its headers pass the limit (`total`: bytes of this
         message so far, this read included, which may hold body bytes too)."""
-        end = (self._tail + data).find(_END_OF_HEADERS)
-        size = total if end < 0 else self._header_bytes - len(self._tail) + end + 4
+        later = self._header_bytes > 0  # not this message's first read
+        tail = self._last_read[-3:] if later else b""
+        end = (tail + data).find(_END_OF_HEADERS)
+        size = total if end < 0 else self._header_bytes - len(tail) + end + 4
         if size <= self.limits.header_bytes:
             return False
+        limit = self.limits.header_bytes
         self._refuse(
             431,
-            f"request headers are larger than the gateway's limit of "
-            f"{self.limits.header_bytes} bytes (server.max_header_bytes)",
+            f"request headers are larger than the gateway's limit of {limit} bytes "
+            "(server.max_header_bytes)",
             "request_header_fields_too_large",
-            data[: self.limits.header_bytes] if self._header_bytes == 0 else b"",
+            head=b"" if later else data[:limit],
+            recent=self._last_read + data[:limit] if later else b"",
         )
         return True
 
@@ -295,21 +301,28 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self.transport.close()
             return
+        recent = b""
         if phase == _HEADERS:
             what = "headers", self.limits.header_seconds, "server.header_timeout_seconds"
+            recent = self._last_read
         else:
             what = "body", self.limits.body_seconds, "server.body_timeout_seconds"
         self._refuse(
             408,
             f"the request {what[0]} did not arrive within {what[1]:g} s ({what[2]})",
             "request_timeout",
+            recent=recent,
         )
 
-    def _refuse(self, status: int, message: str, code: str, head: bytes = b"") -> None:
+    def _refuse(
+        self, status: int, message: str, code: str, head: bytes = b"", recent: bytes = b""
+    ) -> None:
         """Answer `status` unless this request has been answered (or a pipelined one
         before it is being answered), and close the connection; the request's handler,
         if one runs, sees its client gone (and the answer sent, `asgi.REFUSAL`). `head`:
-        the request's first bytes when the parser has not been fed them."""
+        the request's first bytes when the parser has not been fed them; `recent`: the
+        last bytes of its head that arrived, whose header lines the parser may not have
+        passed on yet (it holds a line back until the next one starts)."""
         cycle = self.cycle
         if self._phase == _HEADERS:  # `cycle` is a previous request's, if any
             speak = cycle is None or cycle.response_complete
@@ -326,7 +339,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not speak:
             self.transport.close()
             return
-        body = self._error_body(status, message, code, head)
+        body = self._error_body(status, message, code, head, recent)
         self.transport.write(
             b"".join(
                 (
@@ -344,20 +357,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
-    def _error_body(self, status: int, message: str, code: str, head: bytes) -> bytes:
+    def _error_body(
+        self, status: int, message: str, code: str, head: bytes, recent: bytes
+    ) -> bytes:
         """The refusal in the shape its caller reads: Anthropic's for the Messages door
         and Anthropic's SDK, OpenAI's for everyone else, judged from what has arrived of
-        the request (its target and the headers so far: parsed, or in `head`)."""
+        the request (its target and the headers so far: parsed, in `head` or `recent`).
+        A request whose target is still incomplete gets OpenAI's."""
         if head:
             request_line, _, rest = head.partition(b"\r\n")
             target = [*request_line.split(b" "), b"", b""][1]
-            names = {line.partition(b":")[0].lower() for line in rest.split(b"\r\n")}
+            names = _header_names(rest)
         else:
-            target, names = self.url, {name for name, _ in self.headers or ()}
+            target = self.url
+            names = {name for name, _ in self.headers or ()} | _header_names(recent)
+        if not target.startswith(b"/"):  # the absolute form: http://host/path
+            target = b"/" + target.partition(b"://")[2].partition(b"/")[2]
         path = target.partition(b"?")[0].decode("latin-1")
         if speaks_anthropic(path, names):
             return anthropic_error(InvalidRequest(message, status=status, code=code))[1]
         return error_body(message, "invalid_request_error", code)
+
+
+def _header_names(lines: bytes) -> set[bytes]:
+    """The names of the header lines in `lines` (the first may be a line's end)."""
+    return {line.partition(b":")[0].strip().lower() for line in lines.split(b"\r\n")}
 
 
 def _tell_departed(cycle: Cycle | RequestResponseCycle) -> None:
