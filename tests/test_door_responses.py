@@ -563,6 +563,15 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
     ({"reasoning": {"effort": {"k": 1}}}, "reasoning.effort"),
     ({"tool_choice": {"type": 5}}, "tool_choice.type"),
     ({"tool_choice": {}}, "tool_choice.type"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]},
+        "input[0].content[0]",
+    ),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": 3}]}]},
+        "input[0].content[0].image_url",
+    ),
+    ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input[0].content[0]"),
 ]
 
 

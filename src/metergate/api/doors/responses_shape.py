@@ -75,6 +75,18 @@ def _check_parts(parts: Any, where: str) -> None:
     for index, part in enumerate(parts):
         at = f"{where}[{index}]"
         part = an_object(part, at)
-        a_string(part.get("type"), f"{at}.type")
-        for field in ("text", "image_url", "detail", "file_data", "file_id", "filename"):
+        kind = a_string(part.get("type"), f"{at}.type")
+        for field in _STRING_FIELDS:
             a_string(part.get(field), f"{at}.{field}")
+        sources = _SOURCES.get(kind or "")
+        if sources is not None and not any(part.get(field) for field in sources):
+            named = " or ".join(f"`{field}`" for field in sources)
+            raise invalid_request(f"`{at}` is an {kind} part without {named}", at)
+
+
+_STRING_FIELDS = ("text", "image_url", "detail", "file_data", "file_id", "file_url", "filename")
+# What an image or file part must give, one of them, to say what it is.
+_SOURCES = {
+    "input_image": ("image_url", "file_id"),
+    "input_file": ("file_data", "file_id", "file_url"),
+}
