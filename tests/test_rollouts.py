@@ -355,33 +355,71 @@ def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:
     return run_prometheus(workdir, config), targets
 
 
-async def test_a_rollout_judged_from_prometheus_rolls_back_a_failing_candidate(
-    gateway_factory, servers, tmp_path
-):
-    """`source: prometheus`: the gates read the fleet's numbers from a real Prometheus."""
+async def judged_from_prometheus(
+    gateway_factory, servers, tmp_path: Path, circuit: dict | None = None, **rollout: object
+) -> tuple[Gateway, list[str]]:
+    """A rollout judged from a real Prometheus that scrapes the gateway, started with a
+    candidate that fails every call, under load until it rolls back (or 60 s pass)."""
     base, cand = servers
     prometheus, targets = _prometheus(tmp_path / "prometheus")
     try:
-        gateway = gateway_factory(
-            rollout_config(
-                base,
-                cand,
-                stages=[50, 100],
-                interval_seconds=3,
-                source="prometheus",
-                prometheus_url=prometheus.url,
-            )
+        config = rollout_config(
+            base,
+            cand,
+            stages=[50, 100],
+            source="prometheus",
+            prometheus_url=prometheus.url,
+            **rollout,
         )
+        if circuit is not None:
+            config["upstreams"]["cand"]["circuit"] = circuit
+        gateway = gateway_factory(config)
         netloc = gateway.base_url.removeprefix("http://").removesuffix("/v1")
         targets.write_text(yaml.safe_dump([{"targets": [netloc]}]))
         cand.plan.fail_until_cleared(Fault.error(500))
         start_rollout(gateway)
-        rollout = rollout_of(gateway)
-        outcomes = await load_until(gateway, lambda: rollout.state == "rolled_back", 60)
-        assert rollout.state == "rolled_back"
-        assert all(not outcome.startswith("error") for outcome in outcomes)  # base served
-        judgment = rollout.last_judgment
-        assert judgment["verdict"] == "fail" and "error_rate" in judgment["failed_gates"]
-        assert judgment["candidate"]["attempts"] >= 5  # counted by Prometheus, not locally
+        rolling = rollout_of(gateway)
+        outcomes = await load_until(gateway, lambda: rolling.state == "rolled_back", 60)
+        return gateway, outcomes
     finally:
         prometheus.stop()
+
+
+async def test_a_rollout_judged_from_prometheus_rolls_back_a_failing_candidate(
+    gateway_factory, servers, tmp_path
+):
+    """`source: prometheus`: the gates read the fleet's numbers from a real Prometheus."""
+    gateway, outcomes = await judged_from_prometheus(
+        gateway_factory, servers, tmp_path, interval_seconds=3
+    )
+    rollout = rollout_of(gateway)
+    assert rollout.state == "rolled_back"
+    assert all(not outcome.startswith("error") for outcome in outcomes)  # base served
+    judgment = rollout.last_judgment
+    assert judgment["verdict"] == "fail" and "error_rate" in judgment["failed_gates"]
+    assert judgment["candidate"]["attempts"] >= 5  # counted by Prometheus, not locally
+
+
+async def test_a_rollout_judged_from_prometheus_rolls_back_a_candidate_behind_its_open_circuit(
+    gateway_factory, servers, tmp_path
+):
+    """Prometheus sees no requests the candidate's open circuit turns away, and with the
+    circuit open for 600 s no probe reaches it: judged on attempts alone the stage would
+    hold after its first failure. It sees the circuit open (`metergate_circuit_state`)
+    and fails the `circuit_open` gate on it, so the rollout rolls back."""
+    gateway, outcomes = await judged_from_prometheus(
+        gateway_factory,
+        servers,
+        tmp_path,
+        circuit={"failure_threshold": 3, "open_seconds": 600},
+        interval_seconds=2,
+        min_requests=50,
+        failure_threshold=3,
+    )
+    rollout = rollout_of(gateway)
+    assert rollout.state == "rolled_back"
+    assert servers[1].plan.requests < 50  # the candidate never had min_requests attempts
+    assert all(not outcome.startswith("error") for outcome in outcomes)  # base served
+    judgment = rollout.last_judgment
+    assert judgment["verdict"] == "fail" and "circuit_open" in judgment["failed_gates"]
+    assert judgment["gates"]["circuit_open"] == {"value": 1.0, "limit": 0}

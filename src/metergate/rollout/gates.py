@@ -7,7 +7,10 @@ than `max_5xx`, or more errors than `max_error_rate` allows of `min_requests` at
 A candidate that fails every call opens its circuit breaker and then gets one probe
 now and then, never `min_requests` attempts: without this, it would hold for ever when
 judged from Prometheus. Judged locally, the requests its open circuit turns away count
-as failed attempts too (`Rollout.turned_away`), and it fails on those.
+as failed attempts too (`Rollout.turned_away`), and it fails on those. Prometheus does
+not see them; it sees `metergate_circuit_state`, and a candidate whose every circuit is
+open when judged (on every replica that reports one) fails the `circuit_open` gate:
+it is failing now, and the traffic that would show it more is being turned away.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Observed:
     error_rate: float
     p99_seconds: float
     server_errors: float
+    circuit_open: bool = False  # every circuit of the side open (Prometheus's view)
 
     @classmethod
     def from_window(cls, stats: WindowStats) -> Observed:
@@ -45,13 +49,15 @@ def judge(config: RolloutConfig, candidate: Observed, baseline: Observed | None)
         "p99_seconds": (candidate.p99_seconds, gates.max_p99_seconds),
         "server_errors": (candidate.server_errors, gates.max_5xx),
     }
+    if config.source == "prometheus":  # judged locally, turned-away requests count instead
+        checks["circuit_open"] = (float(candidate.circuit_open), 0)
     failed = [name for name, (value, limit) in checks.items() if value > limit]
     if candidate.attempts < config.min_requests:
         errors = candidate.error_rate * candidate.attempts
         failed = [
             name
             for name in failed
-            if name == "server_errors"
+            if name in ("server_errors", "circuit_open")
             or (name == "error_rate" and errors > gates.max_error_rate * config.min_requests)
         ]
         verdict = FAIL if failed else INSUFFICIENT
@@ -109,6 +115,8 @@ async def prometheus_observations(
             f'outcome=~"upstream_error|timeout|connection_error"}}[{window}]))',
             "p99": "histogram_quantile(0.99, sum by (le) (rate("
             f'metergate_request_duration_seconds_bucket{{upstream=~"{match}"}}[{window}])))',
+            # The least open of the side's circuits (2 open, 1 half-open, 0 closed), now.
+            "circuit": f'min(metergate_circuit_state{{upstream=~"{match}"}})',
         }
         values = {
             name: await _instant(session, rollout.config.prometheus_url or "", query)
@@ -120,6 +128,7 @@ async def prometheus_observations(
             values["errors"] / attempts_n if attempts_n else 0.0,
             values["p99"],
             values["server_errors"],
+            values["circuit"] == 2,
         )
 
     return await side(rollout.config.candidate), await side(rollout.config.baseline)
