@@ -346,6 +346,41 @@ async def test_a_reused_connection_closed_as_the_request_goes_out_is_retried_onc
         assert dropped.value.partial is False and len(connections) == 1
 
 
+async def test_a_connection_the_server_sent_bytes_on_while_idle_is_not_reused():
+    """Bytes after an answer (the start of one nobody asked for), in its read or later
+    while the connection is idle, would be read as the head of the next request's
+    answer: the connection is dropped as they arrive, and the next request goes out on
+    a fresh one."""
+    stray_sent = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        if stray_sent.is_set():  # a later connection: answered plainly
+            writer.write(answer(b'{"again": true}'))
+            await writer.drain()
+            return
+        writer.write(answer(b'{"first": true}'))
+        await writer.drain()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")  # unasked, and cut short
+        await writer.drain()
+        stray_sent.set()
+        while True:  # answers further requests, if the client still sends them here
+            await read_request(reader)
+            writer.write(answer(b'{"again": true}'))
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=1)
+        assert (await client.post("/", HEAD, b"{}", FAST)).body == b'{"first": true}'
+        await stray_sent.wait()
+        deadline = asyncio.get_running_loop().time() + 5
+        while not all(idle.closed for idle in client._idle):  # with the answer, or after
+            assert asyncio.get_running_loop().time() < deadline, "the connection was kept"
+            await asyncio.sleep(0.01)
+        second = await client.post("/", HEAD, b"{}", FAST)
+        assert second.body == b'{"again": true}' and len(connections) == 2
+        await client.close()
+
+
 async def test_header_bytes_and_count_are_bounded():
     async def huge_header(reader, writer):
         await read_request(reader)

@@ -9,8 +9,12 @@ client does only what the gateway needs, and does it the way mature clients do:
   through an HTTP proxy (CONNECT tunnel for TLS; see `providers.proxy`);
 - pool connections (LIFO, limited; waiting for a free one is bounded by its own `pool`
   deadline and fails as `PoolTimeout`, the gateway's limit, never the upstream's fault);
-- before reusing an idle connection, check that its socket has not become readable: an
-  idle keep-alive socket that is readable was closed by the server (or a load balancer);
+- never reuse an idle connection the server closed or sent bytes on (the event loop
+  reports both); one idle for a second or more is also checked for a close the loop
+  has not yet read (its socket readable), where a server's idle timeout makes one
+  likely. Under load that saves a system call per request: the loop reads a close as
+  soon as it comes, and the one that lands between its last look and the request is
+  met by the retry below;
 - when a *reused* connection fails before any byte of the answer arrived, send the
   request once more on a fresh connection: the server closed an idle connection as the
   request went out, which is routine and says nothing about the upstream's health;
@@ -47,6 +51,11 @@ MAX_BODY = 64 * 1024 * 1024  # default bound of one answer's body (decoded)
 MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one answer
 MAX_HEADERS = 128
 _BUFFER_HIGH = 1024 * 1024  # stop reading a stream the caller does not keep up with
+_TRUSTED_IDLE = 1.0  # seconds idle under which the event loop's view of a socket is trusted
+
+
+class _Unasked(Exception):
+    """An answer began where none was asked for (raised to stop the parser)."""
 
 
 class H1Error(Exception):
@@ -146,12 +155,17 @@ class _Connection(asyncio.Protocol):
         self.fd = sock.fileno() if sock is not None else -1
 
     def data_received(self, data: bytes) -> None:
+        if self.idle_since:  # bytes on an idle connection: it cannot be trusted with a request
+            self.close()
+            return
         self.got_bytes = True
         if self.timer is not None:
             self.last_read = self.loop.time()  # the timer checks it when it fires
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if self.closed:  # bytes after the answer, dropped with it (on_message_begin)
+                return
             problem = (
                 f"the upstream sent more than {MAX_HEADERS} headers"
                 if self.header_count > MAX_HEADERS
@@ -181,6 +195,11 @@ class _Connection(asyncio.Protocol):
         self._fail(Disconnected(f"the upstream closed the connection {state}", self.got_bytes))
 
     # httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.done.done():  # a second answer after the one asked for: nobody's
+            self.close()
+            raise _Unasked  # stop parsing it (into the body the caller is about to take)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         if self.header_count > MAX_HEADERS:
@@ -276,12 +295,14 @@ class _Connection(asyncio.Protocol):
             return
         self._fail(ReadTimeout("the upstream did not answer in time", self.got_bytes))
 
-    def looks_dead(self) -> bool:
+    def looks_dead(self, now: float | None = None) -> bool:
         """An idle keep-alive socket has nothing to say: readable means the server closed
-        it (or sent garbage), even if the event loop has not noticed yet."""
+        it (or sent garbage), even if the event loop has not noticed yet. Given `now`
+        (time.monotonic()), one idle for less than `_TRUSTED_IDLE` is taken on the loop's
+        word, without asking the socket."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return True
-        if self.fd < 0:
+        if self.fd < 0 or (now is not None and now - self.idle_since < _TRUSTED_IDLE):
             return False
         try:
             readable, _, _ = select.select((self.fd,), (), (), 0)
@@ -412,7 +433,7 @@ class HttpClient:
             now = time.monotonic()
             while self._idle:
                 conn = self._idle.pop()
-                if now - conn.idle_since < self.idle_seconds and not conn.looks_dead():
+                if now - conn.idle_since < self.idle_seconds and not conn.looks_dead(now):
                     return conn
                 conn.close()
         try:
