@@ -381,6 +381,34 @@ async def test_a_connection_the_server_sent_bytes_on_while_idle_is_not_reused():
         await client.close()
 
 
+async def test_interim_answers_before_the_final_one_are_skipped():
+    """HTTP/1.1 lets a server send 1xx answers before the final one, asked for or not
+    (`103 Early Hints` from a CDN, `100 Continue`): the client reads past them, whole
+    answer or stream, and the connection stays usable."""
+
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+            await writer.drain()
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b'{"ok": true}', HEAD))
+            await writer.drain()
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=1)
+        for _ in range(3):
+            response = await client.post("/", HEAD, b"{}", FAST)
+            assert (response.status, response.body) == (200, b'{"ok": true}')
+            assert response.headers[b"content-type"] == b"application/json"
+            assert b"link" not in response.headers  # the interim answer's
+        stream = await client.stream("/", HEAD, b"{}", STREAM)
+        assert stream.status == 200
+        assert b"".join([chunk async for chunk in stream]) == b'{"ok": true}'
+        stream.close()
+        assert len(connections) == 1
+        await client.close()
+
+
 async def test_header_bytes_and_count_are_bounded():
     async def huge_header(reader, writer):
         await read_request(reader)

@@ -20,6 +20,7 @@ client does only what the gateway needs, and does it the way mature clients do:
   request went out, which is routine and says nothing about the upstream's health;
 - read a whole answer at full speed up to `max_body` bytes; pause reading a stream only
   while the caller has not taken what arrived (back-pressure);
+- read past interim (1xx) answers, which HTTP/1.1 lets a server send unasked;
 - bound what an upstream may send before its body: `MAX_HEADER_BYTES`, `MAX_HEADERS`;
 - decode gzip and deflate;
 - enforce the timeouts: connect (TCP, proxy tunnel and TLS handshake), pool, first byte
@@ -129,6 +130,7 @@ class _Connection(asyncio.Protocol):
         self.head_bytes = 0
         self.got_bytes = False
         self.got_headers = False
+        self.interim = False  # reading a 1xx answer, which the final one follows
         self.done: asyncio.Future[None] = self.loop.create_future()
         # A stream is read as it arrives: it needs these two; a whole answer does not
         # (an asyncio.Event costs more to make than the rest of this reset).
@@ -213,7 +215,12 @@ class _Connection(asyncio.Protocol):
             self.decoder = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints)
+            self.interim = True  # the final answer follows: read on, without these headers
+            self.headers, self.header_count, self.delimited, self.decoder = {}, 0, False, None
+            return
+        self.status = status
         self.got_headers = True
         if self.headers_done is not None and not self.headers_done.done():
             self.headers_done.set_result(None)
@@ -235,6 +242,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self._finish(self.parser.should_keep_alive())
 
     # own --------------------------------------------------------------------------
