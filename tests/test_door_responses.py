@@ -572,6 +572,9 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
         "input[0].content[0].image_url",
     ),
     ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input[0].content[0]"),
+    ({"input": [{"role": "user", "content": [{"text": "hi"}]}]}, "input[0].content[0].type"),
+    ({"input": [{"call_id": "c", "output": "x"}]}, "input[0].type"),
+    ({"tools": [{"type": None, "name": "f"}]}, "tools[0].type"),
 ]
 
 

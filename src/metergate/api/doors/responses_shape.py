@@ -27,7 +27,7 @@ def check_request(body: dict[str, Any], items: list[dict[str, Any]]) -> None:
         _check_item(item, f"input[{index}]")
     for index, tool in enumerate(a_list(body.get("tools"), "tools")):
         tool = an_object(tool, f"tools[{index}]")
-        if a_string(tool.get("type"), f"tools[{index}].type") == "function":
+        if required_string(tool, "type", f"tools[{index}]") == "function":
             required_string(tool, "name", f"tools[{index}]")
             a_string(tool.get("description"), f"tools[{index}].description")
             if tool.get("parameters") is not None:
@@ -52,6 +52,8 @@ def _check_function_choice(choice: dict[str, Any]) -> None:
 
 def _check_item(item: dict[str, Any], where: str) -> None:
     kind = a_string(item.get("type"), f"{where}.type") or ("message" if "role" in item else None)
+    if kind is None:  # only a message may leave its type out (it has a role)
+        raise invalid_request(f"`{where}.type` is required", f"{where}.type")
     if kind == "message":
         required_string(item, "role", where)
         content = item.get("content")
@@ -75,10 +77,10 @@ def _check_parts(parts: Any, where: str) -> None:
     for index, part in enumerate(parts):
         at = f"{where}[{index}]"
         part = an_object(part, at)
-        kind = a_string(part.get("type"), f"{at}.type")
+        kind = required_string(part, "type", at)
         for field in _STRING_FIELDS:
             a_string(part.get(field), f"{at}.{field}")
-        sources = _SOURCES.get(kind or "")
+        sources = _SOURCES.get(kind)
         if sources is not None and not any(part.get(field) for field in sources):
             named = " or ".join(f"`{field}`" for field in sources)
             raise invalid_request(f"`{at}` is an {kind} part without {named}", at)
