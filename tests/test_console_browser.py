@@ -21,6 +21,8 @@ import pytest
 
 from metergate.console import mcp as mcp_view
 from metergate.metering.ledger import COLUMNS, LedgerRow
+from metergate.rollout import store as rollout_store
+from metergate.rollout.gates import Observed, judge
 from tests.harness import CHROMIUM, CHROMIUM_ARGS, Gateway
 from tests.test_console_api import ADMIN_KEY, ASK, admin, base, console_config, send_traffic
 
@@ -658,6 +660,28 @@ def test_a_failed_gate_says_the_controller_judged_it(page, gateway_factory):
     assert cells.nth(3).inner_text() == "controller"
     assert cells.nth(4).inner_text().startswith("fail: ")
     shot(page, "16-rollout-gate-failed")
+
+
+def test_a_judgment_from_prometheus_shows_the_circuit_gate(page, gateway_factory):
+    """Judged from Prometheus, a stage also fails when every candidate circuit is open:
+    the gates table shows that gate, failed, beside the others (which passed)."""
+    config = console_config()
+    config["rollouts"]["move"].update(source="prometheus", prometheus_url="http://127.0.0.1:9")
+    gateway = gateway_factory(config)
+    rollout = gateway.runtime.plan.rollouts.rollouts["move"]
+    seen = Observed(attempts=2, error_rate=0.0, p99_seconds=0.1, server_errors=0, circuit_open=True)
+    rollout.last_judgment = judge(rollout.config, seen, None)
+    assert rollout.last_judgment["failed_gates"] == ["circuit_open"]
+    assert gateway.bg.run(rollout_store.save(gateway.runtime.database, rollout))
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "rollouts")
+    card = page.locator("section[data-rollout=move]")
+    circuit = card.locator("tr", has_text="Every circuit open")
+    playwright_api.expect(circuit).to_contain_text("yes")
+    playwright_api.expect(circuit).to_contain_text("fail")
+    playwright_api.expect(card.locator("tr", has_text="Error rate")).to_contain_text("pass")
+    assert page.problems == []
 
 
 def test_a_request_opens_with_its_attempts_headers_and_bodies(page, gateway_factory):

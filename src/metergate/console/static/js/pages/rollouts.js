@@ -19,6 +19,8 @@ const GATES = [
   { name: "p99_seconds", limit: "max_p99_seconds", label: "p99 latency", format: (v) => fmt.seconds(v) },
   { name: "server_errors", limit: "max_5xx", label: "5xx answers", format: (v) => fmt.count(v) },
 ];
+// Judged from Prometheus, which cannot see the requests an open circuit turns away.
+const CIRCUIT_GATE = { name: "circuit_open", label: "Every circuit open", format: (v) => (v ? "yes" : "no") };
 
 function stages(r) {
   return h("div", { class: "stages", "aria-label": "Stages" }, r.stages.map((pct, i) => {
@@ -41,12 +43,13 @@ function split(r) {
 
 function gates(r) {
   const judged = r.last_judgment;
-  const rows = GATES.map((g) => {
+  const shown = judged?.gates?.[CIRCUIT_GATE.name] ? [...GATES, CIRCUIT_GATE] : GATES;
+  const rows = shown.map((g) => {
     const value = judged?.gates?.[g.name]?.value;
     const failed = judged?.failed_gates?.includes(g.name);
     return {
       ...g,
-      limit: r.gates[g.limit],
+      limit: g.limit ? r.gates[g.limit] : 0,
       value,
       baseline: judged?.baseline?.[g.name],
       live: r.live.candidate[g.name],
@@ -58,7 +61,7 @@ function gates(r) {
     { label: "Limit", num: true, cell: (g) => g.format(g.limit) },
     { label: "Candidate (last judgment)", num: true, cell: (g) => (g.value === undefined ? "—" : g.format(g.value)) },
     { label: "Baseline", num: true, cell: (g) => (g.baseline === undefined ? "—" : g.format(g.baseline)) },
-    { label: "Live now", num: true, cell: (g) => g.format(g.live) },
+    { label: "Live now", num: true, cell: (g) => (g.live === undefined ? "—" : g.format(g.live)) },
     { label: "", cell: (g) => g.status },
   ], rows);
 }
