@@ -9,7 +9,8 @@ now and then, never `min_requests` attempts: without this, it would hold for eve
 judged from Prometheus. Judged locally, the requests its open circuit turns away count
 as failed attempts too (`Rollout.turned_away`), and it fails on those. Prometheus does
 not see them; it sees `metergate_circuit_state`, and a candidate whose every circuit is
-open when judged (on every replica that reports one) fails the `circuit_open` gate:
+open when judged (on every replica that reports one; a replica of several workers
+reports the most open of theirs) fails the `circuit_open` gate:
 it is failing now, and the traffic that would show it more is being turned away.
 """
 
