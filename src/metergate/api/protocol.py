@@ -52,6 +52,7 @@ from metergate.errors import InvalidRequest, error_body
 _HEADERS, _BODY, _BUSY, _IDLE, _CLOSING = range(5)
 _UNTIMED = -1  # no timer armed
 _END_OF_HEADERS = b"\r\n\r\n"
+_KEPT_READ = 4096  # bytes kept of a read that ended mid-headers (a connection's, idle too)
 # After a refusal, what the client still sends is read and dropped for this long, so
 # that closing with unread data (which resets the connection) cannot destroy the
 # answer before the client has read it.
@@ -105,8 +106,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._max_header_bytes = self.limits.header_bytes
         self._phase = _HEADERS
         self._header_bytes = 0
-        # A read that ended mid-headers: its end joins the next read's in the size
-        # check, and a refusal reads it for header lines the parser still holds back.
+        # A read that ended mid-headers (its last `_KEPT_READ` bytes): its end joins the
+        # next read's in the size check, and a refusal reads it for the header line the
+        # parser still holds back.
         self._last_read = b""
         self._timer: asyncio.TimerHandle | None = None
         self._timed = _UNTIMED  # the phase the timer is for
@@ -150,7 +152,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
         phase = self._phase
         if phase == _HEADERS:
-            self._last_read = data
+            self._last_read = data[-_KEPT_READ:]  # the whole of a usual read: no copy
             if self._timed != _HEADERS:
                 self._arm(_HEADERS, self.limits.header_seconds)
         elif phase == _BODY:
