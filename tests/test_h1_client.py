@@ -384,7 +384,8 @@ async def test_a_connection_the_server_sent_bytes_on_while_idle_is_not_reused():
 async def test_interim_answers_before_the_final_one_are_skipped():
     """HTTP/1.1 lets a server send 1xx answers before the final one, asked for or not
     (`103 Early Hints` from a CDN, `100 Continue`): the client reads past them, whole
-    answer or stream, and the connection stays usable."""
+    answer or stream, and the connection stays usable. `101 Switching Protocols`, which
+    the client never asks for, is a broken answer."""
 
     async def handler(reader, writer):
         while True:
@@ -407,6 +408,17 @@ async def test_interim_answers_before_the_final_one_are_skipped():
         stream.close()
         assert len(connections) == 1
         await client.close()
+
+    async def switching(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the client leaves
+
+    async with server(switching) as (url, _):
+        with pytest.raises(ProtocolError, match="switched protocols") as refused:
+            await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+        assert refused.value.partial is True
 
 
 async def test_header_bytes_and_count_are_bounded():

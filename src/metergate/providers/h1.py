@@ -55,8 +55,8 @@ _BUFFER_HIGH = 1024 * 1024  # stop reading a stream the caller does not keep up 
 _TRUSTED_IDLE = 1.0  # seconds idle under which the event loop's view of a socket is trusted
 
 
-class _Unasked(Exception):
-    """An answer began where none was asked for (raised to stop the parser)."""
+class _StopParsing(Exception):
+    """Raised in a parser callback that has closed the connection: read no further."""
 
 
 class H1Error(Exception):
@@ -166,7 +166,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.closed:  # bytes after the answer, dropped with it (on_message_begin)
+            if self.closed:  # a callback closed it and stopped the parser (_StopParsing)
                 return
             problem = (
                 f"the upstream sent more than {MAX_HEADERS} headers"
@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.done.done():  # a second answer after the one asked for: nobody's
             self.close()
-            raise _Unasked  # stop parsing it (into the body the caller is about to take)
+            raise _StopParsing  # not into the body the caller is about to take
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
@@ -216,8 +216,14 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status < 200 and status != 101:  # interim (100 Continue, 103 Early Hints)
-            self.interim = True  # the final answer follows: read on, without these headers
+        if status < 200:
+            if status == 101:  # never asked for: what follows would not be HTTP
+                problem = "the upstream switched protocols (101), which the gateway never asks"
+                self._fail(ProtocolError(problem, partial=True))
+                raise _StopParsing
+            # Interim (100 Continue, 103 Early Hints): the final answer follows. Read on,
+            # without these headers.
+            self.interim = True
             self.headers, self.header_count, self.delimited, self.decoder = {}, 0, False, None
             return
         self.status = status
