@@ -10,8 +10,8 @@ judged from Prometheus. Judged locally, the requests its open circuit turns away
 as failed attempts too (`Rollout.turned_away`), and it fails on those. Prometheus does
 not see them; it sees `metergate_circuit_state`, and a candidate whose every circuit is
 open when judged (on every replica that reports one; a replica of several workers
-reports the most open of theirs) fails the `circuit_open` gate:
-it is failing now, and the traffic that would show it more is being turned away.
+reports the most open of theirs) fails the `circuit_open` gate: it is failing now, and
+the traffic that would show it more is being turned away.
 """
 
 from __future__ import annotations
