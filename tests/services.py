@@ -162,37 +162,54 @@ class PostgresServer:
         last_error = ""
         for _ in range(3):  # the free port may be taken between picking and binding
             self.port = free_port()
-            options = " ".join(
-                (
-                    "-c listen_addresses=127.0.0.1",
-                    f"-p {self.port}",
-                    f"-k {self.sockets}",
-                    "-c fsync=off",  # tests do not survive power loss; speed matters more
-                    "-c synchronous_commit=off",
-                    "-c full_page_writes=off",
-                    "-c max_connections=200",
-                )
-            )
-            done = self._run(
-                str(self.bindir / "pg_ctl"),
-                "start",
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.log),
-                "-w",
-                "-t",
-                str(int(START_TIMEOUT)),
-                "-o",
-                options,
-                timeout=START_TIMEOUT + 10,
-            )
+            done = self._pg_ctl_start()
             if done.returncode == 0:
                 self.started = True
                 self.psql("postgres", "SELECT 1")
                 return
             last_error = f"{done.stdout}\n{done.stderr}\n{self._log_tail()}"
         raise RuntimeError(f"PostgreSQL did not start:\n{last_error}")
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        options = " ".join(
+            (
+                "-c listen_addresses=127.0.0.1",
+                f"-p {self.port}",
+                f"-k {self.sockets}",
+                "-c fsync=off",  # tests do not survive power loss; speed matters more
+                "-c synchronous_commit=off",
+                "-c full_page_writes=off",
+                "-c max_connections=200",
+            )
+        )
+        return self._run(
+            str(self.bindir / "pg_ctl"),
+            "start",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            str(int(START_TIMEOUT)),
+            "-o",
+            options,
+            timeout=START_TIMEOUT + 10,
+        )
+
+    def pause(self) -> None:
+        """Stop the server as an outage would, keeping its data and port for `resume`."""
+        done = self._run(
+            str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast", "-w"
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed:\n{done.stdout}\n{done.stderr}")
+
+    def resume(self) -> None:
+        done = self._pg_ctl_start()
+        if done.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not restart:\n{done.stderr}\n{self._log_tail()}")
+        self.psql("postgres", "SELECT 1")
 
     def _log_tail(self) -> str:
         with contextlib.suppress(OSError):
