@@ -36,7 +36,8 @@ ENV PATH=/opt/metergate/bin:$PATH \
 RUN groupadd --system --gid 10001 metergate \
     && useradd --system --uid 10001 --gid metergate --home-dir /var/lib/metergate \
        --create-home --shell /usr/sbin/nologin metergate \
-    && mkdir -p /etc/metergate
+    && mkdir -p /etc/metergate /var/lib/metergate/spool \
+    && chown metergate:metergate /var/lib/metergate/spool
 COPY --from=build /opt/metergate /opt/metergate
 WORKDIR /var/lib/metergate
 USER 10001:10001

@@ -181,9 +181,12 @@ class Gateway:
 
 
 def write_config(config: dict[str, Any] | str, workdir: Path) -> Path:
-    """Write a test config to `workdir/gateway.yaml`, its ledger in `workdir` by default."""
+    """Write a test config to `workdir/gateway.yaml`, its ledger and the ledger's spool in
+    `workdir` by default (not under the directory the tests run in)."""
     raw = yaml.safe_load(config) if isinstance(config, str) else dict(config)
-    raw.setdefault("ledger", {"url": f"sqlite:///{workdir / 'ledger.db'}"})
+    ledger = dict(raw.get("ledger") or {"url": f"sqlite:///{workdir / 'ledger.db'}"})
+    ledger.setdefault("spool_directory", str(workdir / "ledger-spool"))
+    raw["ledger"] = ledger
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -373,6 +373,11 @@ def test_compose_fleet_shape() -> None:
     assert command[command.index("--workers") + 1] == "2"
     assert "/readyz" in " ".join(first["healthcheck"]["test"])
     assert first["read_only"] is True and "/tmp" in first["tmpfs"]
+    spool = yaml.safe_load(COMPOSE_GATEWAY.read_text())["ledger"]["spool_directory"]
+    assert any(  # the read-only root leaves only volumes to keep refused ledger rows on
+        volume.split(":")[1] == spool and volume.split(":")[0] in raw["volumes"]
+        for volume in first["volumes"]
+    ), "the ledger spool is a named volume, outliving the container"
     assert int(first["stop_grace_period"].rstrip("s")) > 30, "longer than serve's 30 s drain"
     assert first["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
@@ -565,6 +570,9 @@ def test_kubernetes_deployment_runs_the_image_safely() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "/tmp is writable on a read-only root"
+    spool = yaml.safe_load(kube_gateway_text())["ledger"]["spool_directory"]
+    spool_volume = volumes[mounts[spool]["name"]]
+    assert "emptyDir" in spool_volume and "medium" not in spool_volume["emptyDir"], "on disk"
     config_mount = mounts["/etc/metergate"]
     assert "subPath" not in config_mount, "a subPath mount never sees ConfigMap updates"
     configmap = volumes[config_mount["name"]]["configMap"]["name"]

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metergate import __version__
@@ -28,7 +29,7 @@ from metergate.budgets import BudgetBook
 from metergate.budgets.book import Budget, ledger_spend
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
-from metergate.config.model import GatewayConfig
+from metergate.config.model import GatewayConfig, LedgerConfig
 from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
 from metergate.limits.rate import RateLimiter
@@ -37,6 +38,7 @@ from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics
 from metergate.metering.multiprocess import remove_series
 from metergate.metering.observers import Observers
+from metergate.metering.spool import Spool
 from metergate.providers import Adapter, build_adapter
 from metergate.rollout import RolloutController
 from metergate.routing.dispatch import Dispatcher
@@ -204,8 +206,8 @@ class Runtime:
     async def start(self) -> None:
         plan = self.plan
         self.database = await open_database(plan.config.ledger.url)
+        self.ledger = await self._open_ledger(self.database, plan.config.ledger)
         await plan.budgets.load(self.database)
-        self.ledger = LedgerWriter(self.database, on_pending=self.metrics.ledger_pending.set)
         self.meter.ledger = self.ledger
         await self.ledger.start()
         await self.observers.apply(plan.config, self.database)
@@ -221,6 +223,29 @@ class Runtime:
         self._export_static_metrics(None)
         self._follower = asyncio.create_task(self._follow_config(), name="config-follower")
         self.ready = True
+
+    async def _open_ledger(self, database: Database, config: LedgerConfig) -> LedgerWriter:
+        """The ledger writer, with the rows an outage left in the spool written first:
+        budgets load their spend from the ledger next and must find them."""
+        spool = Spool(Path(config.spool_directory))
+        problem = spool.problem()
+        if problem:
+            log.warning(
+                "ledger spool unusable (%s): rows refused in an outage stay in memory", problem
+            )
+        ledger = LedgerWriter(
+            database,
+            on_pending=self.metrics.ledger_pending.set,
+            spool=spool,
+            spool_after=config.spool_after_seconds,
+        )
+        ledger.adopt_spool()
+        if ledger.pending:
+            try:
+                await ledger.flush()
+            except Exception:
+                log.exception("ledger spool not written yet: %d rows wait", ledger.pending)
+        return ledger
 
     async def reload_from_source(self, trigger: str) -> bool:
         """Re-read the config file, validate it, apply it and record it as the newest

@@ -465,6 +465,10 @@ class ServerConfig(Strict):
 
 class LedgerConfig(Strict):
     url: str = "sqlite:///.metergate/metergate.db"
+    # Rows the database refuses for spool_after_seconds, or holds at a stop while it is
+    # unreachable, wait here on local disk until it is back (metering.spool).
+    spool_directory: str = ".metergate/ledger-spool"
+    spool_after_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     @field_validator("url")
     @classmethod

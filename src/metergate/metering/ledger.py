@@ -10,6 +10,11 @@ while COMMIT's answer was on its way, or while the pool took the connection back
 failed batch is kept as *uncertain*. Before it is written again, the ledger is asked
 whether its first row is there (a batch is one transaction: all of it or none is);
 if it is, the batch counts as committed and is not written twice.
+
+Outages: rows the database has refused for `spool_after` seconds go to the local spool
+(`metering.spool`), and so do the rows still held when the gateway stops while the
+database is unreachable. `flush` replays this process's spool before anything newer, so
+after a flush every row appended so far is in the ledger, as the budget rebuilds expect.
 """
 
 from __future__ import annotations
@@ -17,38 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
 
+from metergate.metering.ledger_row import LedgerRow as LedgerRow
+from metergate.metering.spool import Spool, SpoolFileError
 from metergate.storage.database import Database
 
 log = logging.getLogger("metergate.ledger")
-
-
-class LedgerRow(NamedTuple):
-    """One request as the ledger stores it (a tuple: inserted without conversion)."""
-
-    ts: float
-    request_id: str
-    key_name: str
-    model: str
-    upstream: str
-    attempts: int
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    cost_nano: int
-    saved_nano: int
-    duration_ms: float
-    ttft_ms: float | None
-    outcome: str
-    status: int
-    cache_hit: int  # 0/1: INTEGER in both SQLite and PostgreSQL
-    stream: int
-    usage_estimated: int = 0  # 1: the tokens are the gateway's bound, not the upstream's count
-    api: str = "chat"  # the door: chat, responses, messages, completions, embeddings
-    team: str | None = None  # the key's team when the request was made
-    tags: str | None = None  # JSON object of the request's tags (with defaults), or NULL
 
 
 COLUMNS = LedgerRow._fields
@@ -63,10 +45,16 @@ class LedgerWriter:
         flush_seconds: float = 0.2,
         batch_rows: int = 1000,
         on_pending: Callable[[int], None] | None = None,
+        spool: Spool | None = None,
+        spool_after: float = 5.0,
     ) -> None:
         self.database = database
         self.flush_seconds = flush_seconds
         self.batch_rows = batch_rows
+        self.spool = spool
+        self.spool_after = spool_after
+        self._spooled: dict[Path, int] = {}  # this process's spool files and their rows
+        self._failing_since: float | None = None
         self._pending: list[LedgerRow] = []
         self._uncertain: list[list[LedgerRow]] = []  # batches whose commit failed: applied?
         self._wake = asyncio.Event()
@@ -82,14 +70,21 @@ class LedgerWriter:
             self._wake.set()
 
     @property
-    def pending(self) -> int:
+    def held(self) -> int:
+        """Rows in memory, not yet known to be committed."""
         return sum(map(len, self._uncertain)) + len(self._pending)
+
+    @property
+    def pending(self) -> int:
+        """Rows not yet in the ledger: held in memory or waiting in this process's spool."""
+        return self.held + sum(self._spooled.values())
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def close(self) -> None:
-        """Let the background task finish its commit, then commit every row still pending.
+        """Let the background task finish its commit, then commit every row still held;
+        when the database refuses them for `spool_after` seconds, spool them.
 
         The task is not cancelled: a commit cut off mid-way could be applied by the
         database yet look failed here, and be written twice.
@@ -99,21 +94,82 @@ class LedgerWriter:
         if self._task is not None:
             await self._task
             self._task = None
+        deadline = time.monotonic() + self.spool_after
         while self.pending:
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                if self.spool is None:
+                    raise
+                if not self.held:
+                    log.error("ledger unreachable: %d rows stay spooled", self.pending)
+                    return
+                if time.monotonic() < deadline:
+                    log.warning("ledger commit failed at shutdown; retrying", exc_info=True)
+                    await asyncio.sleep(min(0.5, self.spool_after / 4))
+                    continue
+                async with self._flushing:
+                    await self._spool_held()
+                if self.held:
+                    log.error("%d ledger rows are lost: neither committed nor spooled", self.held)
+                return
 
     async def flush(self) -> None:
         """Commit every row appended so far, those a flush under way has taken too (the
         shared budget counters read the ledger after this and count on finding them)."""
         async with self._flushing:
+            while self._spooled:  # older than anything held
+                await self._replay(next(iter(self._spooled)))
             await self._flush()
+
+    def adopt_spool(self) -> None:
+        """Take on every spool file in the directory, those of earlier runs and other
+        processes too: the next flush writes them (at start, before budgets read)."""
+        if self.spool is not None:
+            for path, rows in self.spool.waiting().items():
+                self._spooled.setdefault(path, rows)
+
+    async def _replay(self, path: Path) -> None:
+        assert self.spool is not None
+        try:
+            inserted = await self.spool.replay(path, self._insert_missing)
+        except SpoolFileError:
+            log.exception("ledger spool file %s left out", path)
+            inserted = None
+        del self._spooled[path]
+        if inserted is not None:
+            self.committed += inserted
+            log.warning("ledger spool %s replayed: %d rows written", path, inserted)
+
+    async def _insert_missing(self, batch: list[LedgerRow]) -> int:
+        """Insert a batch unless its commit already happened (all or nothing)."""
+        if await self._stored(batch[0]):
+            return 0
+        await self.database.executemany(_INSERT, batch)
+        return len(batch)
+
+    async def _spool_held(self) -> None:
+        """Move every row held in memory to a new spool file (under `_flushing`)."""
+        assert self.spool is not None
+        batches = [*self._uncertain, *([self._pending] if self._pending else [])]
+        if not batches:
+            return
+        self._uncertain, self._pending = [], []
+        try:
+            path = await asyncio.to_thread(self.spool.write, batches)
+        except Exception:  # a full or read-only disk, mostly
+            log.exception("could not spool ledger rows; %d kept in memory", self.held)
+            self._uncertain[:0] = batches  # each still all or nothing, oldest first
+            return
+        rows = sum(map(len, batches))
+        self._spooled[path] = rows
+        log.error("ledger database unreachable: %d rows spooled to %s", rows, path)
 
     async def _flush(self) -> None:
         while self._uncertain:  # each batch is taken by one flush at a time
             batch = self._uncertain.pop(0)
             try:
-                if not await self._stored(batch[0]):
-                    await self.database.executemany(_INSERT, batch)
+                await self._insert_missing(batch)
             except Exception:
                 self._uncertain.insert(0, batch)
                 raise
@@ -145,6 +201,18 @@ class LedgerWriter:
             self._on_pending(self.pending)
             try:
                 await self.flush()
+                self._failing_since = None
             except Exception:
                 log.exception("ledger commit failed; %d rows kept for retry", self.pending)
+                await self._spool_if_failing()
                 await asyncio.sleep(min(5.0, self.flush_seconds * 10))
+
+    async def _spool_if_failing(self) -> None:
+        """Spool the rows held once commits have failed for `spool_after` seconds."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if self.spool is not None and now - self._failing_since >= self.spool_after:
+            async with self._flushing:
+                await self._spool_held()
+            self._on_pending(self.pending)

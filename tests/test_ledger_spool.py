@@ -1,0 +1,289 @@
+"""Ledger rows through a database outage: spooled to local disk, written back exactly once.
+
+The writer's tests run on SQLite and on a real PostgreSQL, behind a switch that makes the
+database refuse every call as an unreachable one would. The last test takes a real
+PostgreSQL away from a running `metergate serve`, stops the gateway while it is gone,
+then starts it again (with two workers, which race for the spool) once it is back.
+"""
+
+# ruff: noqa: F811 - test parameters named like the fixtures imported from tests.services
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from metergate.metering.ledger import LedgerWriter
+from metergate.metering.spool import Spool
+from metergate.storage.database import Database, Row, open_database
+from tests.harness import Gateway, simulated_config
+from tests.services import GatewayProcess, PostgresServer, _postgres_bindir, create_key_sync
+from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
+    RecordingDatabase,
+    database,
+    make_row,
+    stored_rows,
+    wait_for,
+)
+
+
+class Unreachable(RecordingDatabase):
+    """A real database that refuses every call while `down` is set, like a stopped server."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionRefusedError("simulated: the ledger database is unreachable")
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._check()
+        await super().executemany(sql, rows)
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        self._check()
+        return await super().fetch(sql, params)
+
+
+def spool_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("ledger-*.jsonl")) if directory.exists() else []
+
+
+async def test_rows_refused_at_shutdown_are_spooled_and_written_at_the_next_start(
+    database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = tmp_path / "spool"
+    unreachable = Unreachable(database)
+    writer = LedgerWriter(unreachable, flush_seconds=0.02, spool=Spool(spool), spool_after=0.2)
+    await writer.start()
+    appended = [make_row(i) for i in range(300)]
+    for row in appended[:100]:
+        writer.append(row)
+    await wait_for(lambda: writer.committed == 100)
+    unreachable.down = True
+    for row in appended[100:]:
+        writer.append(row)
+    with caplog.at_level(logging.ERROR, "metergate.ledger"):
+        await writer.close()  # retries for spool_after, then spools: does not raise
+    assert writer.held == 0 and writer.pending == 200  # every refused row is on disk
+    assert spool_files(spool) != [] and "rows spooled to" in caplog.text
+    assert await stored_rows(database) == appended[:100]
+
+    restarted = LedgerWriter(database, spool=Spool(spool))
+    restarted.adopt_spool()
+    assert restarted.pending == 200  # counted before they are written
+    await restarted.flush()
+    assert await stored_rows(database) == appended  # none lost, none twice, in order
+    assert spool_files(spool) == [] and restarted.pending == 0
+    await restarted.close()
+
+
+async def test_a_long_outage_moves_rows_to_disk_and_back_once_the_database_returns(
+    database: Database, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    unreachable = Unreachable(database)
+    pending: list[int] = []
+    writer = LedgerWriter(
+        unreachable,
+        flush_seconds=0.02,
+        spool=Spool(spool),
+        spool_after=0.1,
+        on_pending=pending.append,
+    )
+    await writer.start()
+    unreachable.down = True
+    appended = [make_row(i) for i in range(500)]
+    for row in appended[:250]:
+        writer.append(row)
+    await wait_for(lambda: spool_files(spool) != [])
+    assert writer.held < 250  # out of memory, on disk ...
+    await wait_for(lambda: bool(pending) and pending[-1] >= 250)  # ... and still counted
+    for row in appended[250:]:
+        writer.append(row)
+    unreachable.down = False
+    await wait_for(lambda: writer.committed == len(appended))
+    await writer.close()
+    assert await stored_rows(database) == appended
+    assert spool_files(spool) == [] and writer.pending == 0
+
+
+async def test_a_replay_cut_off_midway_writes_no_row_twice(
+    database: Database, tmp_path: Path
+) -> None:
+    """The first batch of a spool file is committed but its answer is lost: the file
+    stays, and the next replay finds that batch in the ledger and writes only the rest."""
+    spool = Spool(tmp_path / "spool")
+    appended = [make_row(i) for i in range(90)]
+    spool.write([appended[:30], appended[30:60], appended[60:]])
+    recording = RecordingDatabase(database)
+    recording.lose_answer_next = 1
+    writer = LedgerWriter(recording, spool=spool)
+    writer.adopt_spool()
+    with pytest.raises(ConnectionResetError):
+        await writer.flush()
+    assert await stored_rows(database) == appended[:30]
+    assert writer.pending == 90 and len(spool_files(spool.directory)) == 1
+    await writer.flush()
+    assert await stored_rows(database) == appended
+    assert spool_files(spool.directory) == [] and writer.pending == 0
+
+
+async def test_writers_racing_for_one_spool_write_each_row_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each worker of a gateway adopts every spool file at start: one takes each file."""
+    spool = Spool(tmp_path / "spool")
+    appended = [make_row(i) for i in range(400)]
+    for part in range(4):
+        spool.write([appended[part * 100 : part * 100 + 50], appended[part * 100 + 50 :][:50]])
+    databases = [await open_database(database_url) for _ in range(3)]
+    try:
+        writers = [LedgerWriter(db, spool=Spool(spool.directory)) for db in databases]
+        for writer in writers:
+            writer.adopt_spool()
+        await asyncio.gather(*(writer.flush() for writer in writers))
+        assert sorted(await stored_rows(databases[0])) == sorted(appended)
+        assert sum(writer.committed for writer in writers) == len(appended)
+        assert spool_files(spool.directory) == []
+    finally:
+        for db in databases:
+            await db.close()
+
+
+async def test_an_unreadable_spool_file_is_left_in_place_and_the_rest_written(
+    database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    appended = [make_row(i) for i in range(20)]
+    spool.write([appended[:10]])
+    broken = spool.directory / "ledger-2-1-1.jsonl"
+    broken.write_bytes(b'[["not", "a ledger row"]]\n[[1,')
+    spool.write([appended[10:]])
+    writer = LedgerWriter(database, spool=spool)
+    with caplog.at_level(logging.ERROR, "metergate.ledger"):
+        writer.adopt_spool()
+    assert f"ledger spool file {broken} left out" in caplog.text
+    await writer.flush()
+    assert await stored_rows(database) == appended
+    assert spool_files(spool.directory) == [broken]
+
+
+def test_a_spool_directory_that_cannot_be_written_is_reported_at_start(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found at start, not in the outage that needs it; the gateway serves all the same."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = simulated_config(latency_ms=0)
+    config["ledger"] = {
+        "url": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "spool_directory": str(blocker / "spool"),
+    }
+    with caplog.at_level(logging.WARNING, "metergate"):
+        gateway = gateway_factory(config)
+    assert f"ledger spool unusable ({blocker} is not a directory)" in caplog.text
+    answer = gateway.client().chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.choices[0].message.content
+
+
+# --- a real gateway on a real PostgreSQL --------------------------------------------------
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own: it is stopped and started mid-test."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
+    server = PostgresServer(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def gateway_config(tmp_path: Path, ledger_url: str) -> Path:
+    config = {
+        "ledger": {"url": ledger_url, "spool_after_seconds": 1},
+        "providers": {
+            "sim": {"type": "simulated", "simulated": {"latency_ms": 5, "output_tokens": 8}}
+        },
+        "upstreams": {
+            "sim-up": {"provider": "sim", "model": "sim-model", "price": {"input": 1, "output": 2}}
+        },
+        "models": {"sim": {"upstreams": ["sim-up"]}},
+        "budgets": {"everything": {"limit_usd": 100, "hard": False}},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def ask(gateway: GatewayProcess, key: str, request_id: str) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0)
+    answer = client.chat.completions.with_raw_response.create(
+        model="sim",
+        messages=[{"role": "user", "content": "hello"}],
+        extra_headers={"x-request-id": request_id},
+    )
+    assert answer.http_response.status_code == 200
+
+
+def test_a_gateway_stopped_while_postgres_is_down_loses_no_row(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = own_postgres.create_database("spool")
+    name = url.rsplit("/", 1)[1]
+    key = create_key_sync(url, "spool-test")
+    config = gateway_config(tmp_path, url)
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        gateway.wait_ready()
+        for i in range(10):
+            ask(gateway, key, f"before-{i}")
+        own_postgres.pause()
+        for i in range(15):  # answered, metered, and queued for a ledger that is gone
+            ask(gateway, key, f"during-{i}")
+        gateway.process.send_signal(signal.SIGTERM)
+        assert gateway.wait(60) == -signal.SIGTERM, gateway.log()
+    finally:
+        gateway.kill_all()
+    assert "rows spooled to" in gateway.log()
+    assert spool_files(tmp_path / ".metergate" / "ledger-spool") != []
+
+    own_postgres.resume()
+    restarted = GatewayProcess(config, tmp_path, workers=2)
+    try:
+        restarted.wait_ready()
+        expected = sorted([f"before-{i}" for i in range(10)] + [f"during-{i}" for i in range(15)])
+        deadline = time.monotonic() + 60  # the other worker may still be replaying a file
+        while True:
+            rows = own_postgres.psql(name, "SELECT request_id FROM requests")
+            if len(rows.split()) >= len(expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        metrics = httpx.get(f"{restarted.base_url}/metrics", timeout=10).text
+    finally:
+        restarted.kill_all()
+    assert sorted(rows.split()) == expected  # every answered request, once
+    spent = re.search(r'^metergate_budget_spent_usd\{budget="everything"\} (\S+)$', metrics, re.M)
+    assert spent is not None, metrics
+    cost_nano = int(own_postgres.psql(name, "SELECT sum(cost_nano) FROM requests"))
+    # Each worker loaded the budget after the spool was in: the outage's spend counts.
+    assert float(spent.group(1)) == pytest.approx(cost_nano / 1e9, rel=1e-9)
+    assert spool_files(tmp_path / ".metergate" / "ledger-spool") == []
