@@ -31,7 +31,7 @@ from metergate.api.doors.responses_stream import NativeResponseStream, ResponseS
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
-from metergate.errors import InvalidRequest, NotFound
+from metergate.errors import GatewayError, GatewayLimit, InvalidRequest, NotFound
 from metergate.metering.estimate import NO_EXTRAS, Extras
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
@@ -130,6 +130,8 @@ class ResponsesDoor(Door):
                 "which is no longer stored",
                 param="previous_response_id",
             ) from None
+        except Exception:
+            raise _store_unreachable(previous) from None
         if history is None:
             raise NotFound(
                 f"previous response {previous!r} not found (a response is visible only to "
@@ -196,27 +198,38 @@ class ResponsesDoor(Door):
         key = await self.runtime.keys.authenticate(request.headers)
         method = request.scope["method"]
         response_id, _, tail = rest.partition("/")
-        now = time.time()
-        if method == "GET" and not tail:
-            found = await self.store.get(response_id, key.id, now)
-            body = None if found is None else orjson.dumps(found)
-        elif method == "DELETE" and not tail:
-            deleted = await self.store.delete(response_id, key.id)
-            body = orjson.dumps({"id": response_id, "object": "response", "deleted": True})
-            body = body if deleted else None
-        elif method == "GET" and tail == "input_items":
-            items = await self.store.input_items(response_id, key.id, now)
-            body = None if items is None else _page(response_id, items, request)
-        else:
+        served = not tail and method in ("GET", "DELETE")
+        if not served and (method, tail) != ("GET", "input_items"):
             raise InvalidRequest(
                 f"{method} is not served on /v1/responses/{rest}; use GET or DELETE "
                 "/v1/responses/{id}, or GET /v1/responses/{id}/input_items",
                 status=405,
                 code="method_not_allowed",
             )
+        try:
+            body = await self._read_stored(method, tail, response_id, key, request)
+        except GatewayError:  # the caller's (a bad page size)
+            raise
+        except Exception:
+            raise _store_unreachable(response_id) from None
         if body is None:
             raise NotFound(f"no response found with id {response_id!r}", param="response_id")
         await respond(send, 200, body, base_headers(request) + JSON_HEADERS)
+
+    async def _read_stored(
+        self, method: str, tail: str, response_id: str, key: KeyRecord, request: Request
+    ) -> bytes | None:
+        """The answer's body, or None when the key has no such response."""
+        now = time.time()
+        if tail == "input_items":
+            items = await self.store.input_items(response_id, key.id, now)
+            return None if items is None else _page(response_id, items, request)
+        if method == "DELETE":
+            deleted = await self.store.delete(response_id, key.id)
+            body = orjson.dumps({"id": response_id, "object": "response", "deleted": True})
+            return body if deleted else None
+        found = await self.store.get(response_id, key.id, now)
+        return None if found is None else orjson.dumps(found)
 
     # --- retention ---------------------------------------------------------------------
 
@@ -291,3 +304,15 @@ def _listed(item: dict[str, Any], response_id: str, number: int) -> dict[str, An
     prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
     listed.setdefault("id", f"{prefix.get(kind, 'item')}_{response_id[5:]}{number:04d}")
     return listed
+
+
+def _store_unreachable(response_id: str) -> GatewayLimit:
+    """The database that keeps stored responses failed (logged here): a 503 to retry,
+    not an internal error, since nothing is wrong with the request or the gateway."""
+    logger.exception("could not read stored response %s", response_id)
+    return GatewayLimit(
+        f"stored response {response_id!r} cannot be read now: the response store (the "
+        "ledger database) is unreachable; try again shortly",
+        code="response_store_unavailable",
+        retry_after=1,
+    )
