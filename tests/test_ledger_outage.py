@@ -1,9 +1,11 @@
-"""Ledger rows through a database outage: spooled to local disk, written back exactly once.
+"""A ledger database outage: rows spooled to local disk and written back exactly once,
+and a gateway that keeps answering meanwhile.
 
 The writer's tests run on SQLite and on a real PostgreSQL, behind a switch that makes the
-database refuse every call as an unreachable one would. The last test takes a real
-PostgreSQL away from a running `metergate serve`, stops the gateway while it is gone,
-then starts it again (with two workers, which race for the spool) once it is back.
+database refuse every call as an unreachable one would. The last tests take a real
+PostgreSQL away from a running `metergate serve`: what callers and probes see while it is
+gone, and a gateway stopped then, started again (with two workers, which race for the
+spool) once it is back.
 """
 
 # ruff: noqa: F811 - test parameters named like the fixtures imported from tests.services
@@ -203,9 +205,9 @@ def test_a_spool_directory_that_cannot_be_written_is_reported_at_start(
 # --- a real gateway on a real PostgreSQL --------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test's own: it is stopped and started mid-test."""
+    """A PostgreSQL server of these tests' own: they stop and start it mid-test."""
     bindir = _postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
@@ -242,6 +244,49 @@ def ask(gateway: GatewayProcess, key: str, request_id: str) -> None:
         extra_headers={"x-request-id": request_id},
     )
     assert answer.http_response.status_code == 200
+
+
+def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = own_postgres.create_database("outage")
+    key = create_key_sync(url, "outage-test")
+    gateway = GatewayProcess(gateway_config(tmp_path, url), tmp_path)
+    try:
+        gateway.wait_ready()
+        client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0)
+        first = client.responses.create(model="sim", input="remember this")
+        own_postgres.pause()
+        try:
+            ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10)
+            assert ready.status_code == 200, ready.text  # a shared outage empties no pool
+            assert ready.json()["ledger"].startswith("unreachable: ")
+            strict = httpx.get(f"{gateway.base_url}/readyz?ledger=required", timeout=10)
+            assert strict.status_code == 503
+            assert strict.json()["problems"] == [f"ledger database {ready.json()['ledger']}"]
+
+            answer = client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": "still there?"}]
+            )
+            assert answer.choices[0].message.content
+            with pytest.raises(openai.APIStatusError) as chained:
+                client.responses.create(model="sim", input="and?", previous_response_id=first.id)
+            with pytest.raises(openai.APIStatusError) as read:
+                client.responses.retrieve(first.id)
+            for refused in (chained.value, read.value):
+                assert refused.status_code == 503
+                assert refused.response.headers["retry-after"] == "1"
+                error = refused.response.json()["error"]
+                assert error["code"] == "response_store_unavailable"
+                assert error["message"] == (
+                    f"stored response {first.id!r} cannot be read now: the response store "
+                    "(the ledger database) is unreachable; try again shortly"
+                )
+        finally:
+            own_postgres.resume()
+        assert client.responses.retrieve(first.id).id == first.id
+    finally:
+        gateway.kill_all()
 
 
 def test_a_gateway_stopped_while_postgres_is_down_loses_no_row(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+from urllib.parse import parse_qs
 
 import orjson
 from pydantic import SecretStr
@@ -12,8 +13,23 @@ from pydantic import SecretStr
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.errors import Unauthorized
 from metergate.runtime import Runtime
+from metergate.storage.database import Database
 
+_LEDGER_PROBE_SECONDS = 1.0
 _METRICS_CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate metrics"')
+
+
+async def _ledger_state(database: Database) -> str:
+    """ "reachable", or why not; within a second, so a probe's own timeout is not hit
+    while a partitioned database holds a connection attempt."""
+    try:
+        async with asyncio.timeout(_LEDGER_PROBE_SECONDS):
+            await database.fetch("SELECT 1")
+    except TimeoutError:
+        return f"unreachable: no answer within {_LEDGER_PROBE_SECONDS:g} s"
+    except Exception as exc:
+        return f"unreachable: {type(exc).__name__}: {exc}"
+    return "reachable"
 
 
 class InfoHandlers:
@@ -48,21 +64,27 @@ class InfoHandlers:
         await respond(send, 200, b'{"status":"ok"}', base_headers(request) + JSON_HEADERS)
 
     async def readyz(self, request: Request, send: Send) -> None:
+        """200 while the gateway serves. The ledger database is reported, not required:
+        without it rows wait in the spool (metering.spool) and requests are answered, so
+        a database outage does not take every replica out of its load balancer at once.
+        `?ledger=required` makes it required, for those who want that."""
         runtime = self.runtime
         problems = []
+        ledger = "not open"
         if not runtime.ready:
             problems.append("gateway is starting or stopping")
         elif runtime.database is not None:
-            try:
-                await runtime.database.fetch("SELECT 1")
-            except Exception as exc:
-                problems.append(f"ledger database unreachable: {type(exc).__name__}: {exc}")
+            ledger = await _ledger_state(runtime.database)
+            query = parse_qs(request.scope.get("query_string", b"").decode("latin-1"))
+            if ledger != "reachable" and query.get("ledger") == ["required"]:
+                problems.append(f"ledger database {ledger}")
         status = 503 if problems else 200
         body = orjson.dumps(
             {
                 "status": "not ready" if problems else "ready",
                 "problems": problems,
                 "config_version": runtime.plan.version,
+                "ledger": ledger,
                 "ledger_pending_rows": runtime.ledger.pending if runtime.ledger else 0,
             }
         )
