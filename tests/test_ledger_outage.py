@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,9 +29,15 @@ import yaml
 
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.spool import Spool
-from metergate.storage.database import Database, Row, open_database
+from metergate.storage.database import Database, Row, open_database, unreachable
 from tests.harness import Gateway, simulated_config
-from tests.services import GatewayProcess, PostgresServer, _postgres_bindir, create_key_sync
+from tests.services import (
+    GatewayProcess,
+    PostgresServer,
+    _postgres_bindir,
+    create_key_sync,
+    free_port,
+)
 from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
     RecordingDatabase,
     database,
@@ -38,6 +45,8 @@ from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
     stored_rows,
     wait_for,
 )
+
+ADMIN_KEY = "outage-admin-key-0123456789abcdef"
 
 
 class Unreachable(RecordingDatabase):
@@ -202,6 +211,21 @@ def test_a_spool_directory_that_cannot_be_written_is_reported_at_start(
     assert answer.choices[0].message.content
 
 
+async def test_a_database_that_cannot_be_reached_is_told_from_a_faulty_statement(
+    database: Database, tmp_path: Path
+) -> None:
+    """`unreachable` decides between a 503 to retry and a 500 that is a bug."""
+    with pytest.raises(Exception) as faulty:
+        await database.fetch("SELECT * FROM no_such_table")
+    assert not unreachable(faulty.value)
+    with pytest.raises(sqlite3.Error) as cannot_open:
+        sqlite3.connect(tmp_path / "no-such-directory" / "ledger.db")
+    assert unreachable(cannot_open.value)
+    with pytest.raises(OSError) as refused:  # nothing listens there
+        await open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/ledger")
+    assert unreachable(refused.value)
+
+
 # --- a real gateway on a real PostgreSQL --------------------------------------------------
 
 
@@ -230,6 +254,7 @@ def gateway_config(tmp_path: Path, ledger_url: str) -> Path:
         },
         "models": {"sim": {"upstreams": ["sim-up"]}},
         "budgets": {"everything": {"limit_usd": 100, "hard": False}},
+        "admin": {"api_key": ADMIN_KEY},
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -282,9 +307,15 @@ def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
                     f"stored response {first.id!r} cannot be read now: the response store "
                     "(the ledger database) is unreachable; try again shortly"
                 )
+            admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+            keys = httpx.get(f"{gateway.base_url}/admin/api/keys", headers=admin, timeout=10)
+            assert keys.status_code == 503, keys.text  # not "internal error, quote the id"
+            assert keys.json()["error"]["code"] == "ledger_unavailable"
         finally:
             own_postgres.resume()
         assert client.responses.retrieve(first.id).id == first.id
+        keys = httpx.get(f"{gateway.base_url}/admin/api/keys", headers=admin, timeout=10)
+        assert keys.status_code == 200
     finally:
         gateway.kill_all()
 

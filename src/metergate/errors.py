@@ -147,6 +147,21 @@ class GatewayLimit(GatewayError):
     status = 503
 
 
+class LedgerUnavailable(GatewayLimit):
+    """The ledger database did not answer. What needs it (the admin API, the console,
+    usage reports) waits for it; model calls go on, their rows spooled."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the ledger database is unreachable, so this cannot be done now (model calls "
+            "are still answered); try again shortly",
+            retry_after=1,
+        )
+
+    def default_code(self) -> str | None:
+        return "ledger_unavailable"
+
+
 class ShutDown(GatewayLimit):
     """The gateway stopped (its shutdown grace period ran out) before the answer came."""
 

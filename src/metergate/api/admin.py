@@ -26,8 +26,16 @@ from metergate.auth.keys import PREFIX
 from metergate.config import ConfigError
 from metergate.console.requests_log import check_query
 from metergate.console.security import FailedSignIns, secure_headers
-from metergate.errors import GatewayError, InternalError, NotFound, RateLimited, Unauthorized
+from metergate.errors import (
+    GatewayError,
+    InternalError,
+    LedgerUnavailable,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+)
 from metergate.runtime import Runtime
+from metergate.storage.database import unreachable
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 log = logging.getLogger("metergate.admin")
@@ -104,30 +112,34 @@ def query_params(request: Request, *known: str) -> dict[str, list[str]]:
 
 def admin_endpoint(handler: H) -> H:
     """Send a handler's GatewayError with the admin security headers (the app's generic
-    error path does not add them), and a bug as the 500 `gateway_error` that quotes the
-    request id, with those headers too."""
+    error path does not add them), a bug as the 500 `gateway_error` that quotes the
+    request id and an unreachable ledger database as a 503, with those headers too."""
 
     @functools.wraps(handler)
     async def wrapped(self: Any, request: Request, send: Send, *args: Any) -> Any:
         try:
             return await handler(self, request, send, *args)
         except GatewayError as error:
-            failure = error
-        except Exception:
-            scope = request.scope
-            log.exception("internal error serving %s %s", scope["method"], scope["path"])
-            failure = InternalError(
-                f"internal gateway error; quote request id {request.id} to the operator"
-            )
+            failure, unexpected = error, False
+        except Exception as exc:
+            failure, unexpected = _unexpected(request, exc), True
         headers = base_headers(request) + JSON_HEADERS + secure_headers() + failure.headers
-        if isinstance(failure, InternalError):
-            with contextlib.suppress(Exception):  # unless the answer had started
-                await respond(send, failure.status, failure.body(), headers)
-            return None
-        await respond(send, failure.status, failure.body(), headers)
+        # An unexpected failure may come after the answer started: nothing more to send.
+        with contextlib.suppress(Exception) if unexpected else contextlib.nullcontext():
+            await respond(send, failure.status, failure.body(), headers)
         return None
 
     return wrapped  # type: ignore[return-value]
+
+
+def _unexpected(request: Request, error: Exception) -> GatewayError:
+    """The ledger database not answering is a 503 to retry; anything else is a bug."""
+    scope = request.scope
+    if unreachable(error):
+        log.warning("ledger database unreachable for %s: %r", scope["path"], error)
+        return LedgerUnavailable()
+    log.exception("internal error serving %s %s", scope["method"], scope["path"])
+    return InternalError(f"internal gateway error; quote request id {request.id} to the operator")
 
 
 async def send_json(request: Request, send: Send, payload: Any, status: int = 200) -> None:

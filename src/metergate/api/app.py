@@ -28,8 +28,16 @@ from metergate.api.info import InfoHandlers
 from metergate.asgi import JSON_HEADERS, Receive, Request, Scope, Send, base_headers, respond
 from metergate.config import ConfigError
 from metergate.config.model import CorsConfig, GatewayConfig
-from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound, ShutDown
+from metergate.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    LedgerUnavailable,
+    NotFound,
+    ShutDown,
+)
 from metergate.runtime import Runtime
+from metergate.storage.database import unreachable
 
 log = logging.getLogger("metergate")
 YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collections
@@ -117,7 +125,12 @@ class GatewayApp:
                 task.uncancel()
                 with contextlib.suppress(Exception):
                     await _refuse(request, send, ShutDown.of(request.id))
-            except Exception:
+            except Exception as exc:
+                if unreachable(exc):  # the ledger database: admin API, console, MCP tools
+                    log.warning("ledger database unreachable for %s: %r", scope["path"], exc)
+                    with contextlib.suppress(Exception):
+                        await _refuse(request, send, LedgerUnavailable())
+                    return
                 log.exception("internal error serving %s %s", scope["method"], scope["path"])
                 internal = InternalError(
                     f"internal gateway error; quote request id {request.id} to the operator"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,39 @@ class Database(abc.ABC):
         """A transaction: committed when the block ends, rolled back when it raises.
         A unique constraint broken inside raises `UniqueViolation` out of the block."""
         raise NotImplementedError(f"{type(self).__name__} has no transactions")
+
+
+# SQLite failures of the file or its lock, not of the statement.
+_SQLITE_UNREACHABLE = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_FULL",
+    "SQLITE_CANTOPEN",
+)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Did a call fail because the database could not be reached or used (down, gone from
+    the network, out of connections or disk, locked past the busy timeout) rather than
+    because of what was asked? Callers can then say "try again", not "bug"."""
+    if isinstance(error, OSError):  # refused, reset, no route; TimeoutError too
+        return True
+    if isinstance(error, sqlite3.Error):
+        return str(getattr(error, "sqlite_errorname", "")).startswith(_SQLITE_UNREACHABLE)
+    asyncpg = sys.modules.get("asyncpg")
+    if asyncpg is None:
+        return False
+    kinds = asyncpg.exceptions
+    return isinstance(
+        error,
+        (
+            kinds.PostgresConnectionError,
+            kinds.OperatorInterventionError,  # shutting down, cannot connect now
+            kinds.InsufficientResourcesError,  # too many connections, disk full
+            kinds.InterfaceError,  # the connection was closed under the call
+        ),
+    )
 
 
 def _null(value: None) -> None:

@@ -31,11 +31,12 @@ from metergate.api.doors.responses_stream import NativeResponseStream, ResponseS
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
-from metergate.errors import GatewayError, GatewayLimit, InvalidRequest, NotFound
+from metergate.errors import GatewayLimit, InvalidRequest, NotFound
 from metergate.metering.estimate import NO_EXTRAS, Extras
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
 from metergate.runtime import Plan, Runtime
+from metergate.storage.database import unreachable
 from metergate.storage.responses import BrokenChain, ResponseStore
 
 logger = logging.getLogger("metergate.api")
@@ -130,7 +131,9 @@ class ResponsesDoor(Door):
                 "which is no longer stored",
                 param="previous_response_id",
             ) from None
-        except Exception:
+        except Exception as error:
+            if not unreachable(error):
+                raise
             raise _store_unreachable(previous) from None
         if history is None:
             raise NotFound(
@@ -208,9 +211,9 @@ class ResponsesDoor(Door):
             )
         try:
             body = await self._read_stored(method, tail, response_id, key, request)
-        except GatewayError:  # the caller's (a bad page size)
-            raise
-        except Exception:
+        except Exception as error:
+            if not unreachable(error):
+                raise
             raise _store_unreachable(response_id) from None
         if body is None:
             raise NotFound(f"no response found with id {response_id!r}", param="response_id")
@@ -307,9 +310,9 @@ def _listed(item: dict[str, Any], response_id: str, number: int) -> dict[str, An
 
 
 def _store_unreachable(response_id: str) -> GatewayLimit:
-    """The database that keeps stored responses failed (logged here): a 503 to retry,
-    not an internal error, since nothing is wrong with the request or the gateway."""
-    logger.exception("could not read stored response %s", response_id)
+    """The database that keeps stored responses does not answer: a 503 to retry, not an
+    internal error, since nothing is wrong with the request or the gateway."""
+    logger.warning("could not read stored response %s: ledger unreachable", response_id)
     return GatewayLimit(
         f"stored response {response_id!r} cannot be read now: the response store (the "
         "ledger database) is unreachable; try again shortly",
