@@ -30,6 +30,8 @@ import yaml
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.spool import Spool
 from metergate.storage.database import Database, Row, open_database, unreachable
+from metergate.storage.response_saves import RetriedSaves, Save
+from metergate.storage.responses import ResponseStore
 from tests.harness import Gateway, simulated_config
 from tests.services import (
     GatewayProcess,
@@ -57,6 +59,10 @@ class Unreachable(RecordingDatabase):
     def _check(self) -> None:
         if self.down:
             raise ConnectionRefusedError("simulated: the ledger database is unreachable")
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._check()
+        await super().execute(sql, params)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._check()
@@ -226,6 +232,30 @@ async def test_a_database_that_cannot_be_reached_is_told_from_a_faulty_statement
     assert unreachable(refused.value)
 
 
+async def test_responses_refused_in_an_outage_are_stored_once_it_ends_within_a_bound(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    unreachable_db = Unreachable(database)
+    store = ResponseStore(unreachable_db)
+    saves = RetriedSaves(store, max_bytes=700)
+    unreachable_db.down = True
+    kept = []
+    with caplog.at_level(logging.WARNING, "metergate.responses"):
+        for i in range(4):  # each about 300 bytes: the bound holds the last two
+            response = {"id": f"resp_{i}", "object": "response", "output": ["x" * 250]}
+            await saves.save(Save("key-1", response, [{"role": "user"}], None, time.time(), 60))
+            kept.append(response)
+    assert len(saves) == 2
+    assert "response resp_0 not stored: more than 700 bytes" in caplog.text
+    unreachable_db.down = False
+    await wait_for(lambda: len(saves) == 0)
+    for response in kept[2:]:
+        assert await store.get(response["id"], "key-1", time.time()) == response
+    for response in kept[:2]:
+        assert await store.get(response["id"], "key-1", time.time()) is None
+    await saves.close()
+
+
 # --- a real gateway on a real PostgreSQL --------------------------------------------------
 
 
@@ -294,6 +324,7 @@ def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
                 model="sim", messages=[{"role": "user", "content": "still there?"}]
             )
             assert answer.choices[0].message.content
+            during = client.responses.create(model="sim", input="said in the outage")
             with pytest.raises(openai.APIStatusError) as chained:
                 client.responses.create(model="sim", input="and?", previous_response_id=first.id)
             with pytest.raises(openai.APIStatusError) as read:
@@ -314,6 +345,18 @@ def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
         finally:
             own_postgres.resume()
         assert client.responses.retrieve(first.id).id == first.id
+        deadline = time.monotonic() + 30  # stored once the database answers again
+        while True:
+            try:
+                assert client.responses.retrieve(during.id).id == during.id
+                break
+            except openai.NotFoundError:
+                assert time.monotonic() < deadline, "the outage's response was never stored"
+                time.sleep(0.1)
+        follow_up = client.responses.create(
+            model="sim", input="and after it?", previous_response_id=during.id
+        )
+        assert follow_up.previous_response_id == during.id
         keys = httpx.get(f"{gateway.base_url}/admin/api/keys", headers=admin, timeout=10)
         assert keys.status_code == 200
     finally:

@@ -37,6 +37,7 @@ from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
 from metergate.runtime import Plan, Runtime
 from metergate.storage.database import unreachable
+from metergate.storage.response_saves import RetriedSaves, Save
 from metergate.storage.responses import BrokenChain, ResponseStore
 
 logger = logging.getLogger("metergate.api")
@@ -71,6 +72,7 @@ class ResponsesDoor(Door):
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._store: ResponseStore | None = None
+        self._saves: RetriedSaves | None = None
         self._purger: asyncio.Task[None] | None = None
 
     @property
@@ -79,6 +81,12 @@ class ResponsesDoor(Door):
             assert self.runtime.database is not None, "used before the gateway started"
             self._store = ResponseStore(self.runtime.database)
         return self._store
+
+    @property
+    def saves(self) -> RetriedSaves:
+        if self._saves is None:
+            self._saves = RetriedSaves(self.store)
+        return self._saves
 
     async def enter(
         self, request: Request, body: dict[str, Any], key: KeyRecord, plan: Plan
@@ -179,12 +187,10 @@ class ResponsesDoor(Door):
         return ResponseStream(turn.body, new_id("resp"), state, keep)
 
     async def _keep(self, turn: _Turn, response: dict[str, Any]) -> None:
-        """Store a finished response (`store: true`). A failure is logged, not raised:
-        the answer was paid for and goes to the caller all the same."""
-        if not turn.store:
-            return
-        try:
-            await self.store.save(
+        """Store a finished response (`store: true`). A failure is not raised: the answer
+        was paid for and goes to the caller all the same (`storage.response_saves`)."""
+        if turn.store:
+            save = Save(
                 turn.key_id,
                 response,
                 turn.items,
@@ -192,8 +198,7 @@ class ResponsesDoor(Door):
                 time.time(),
                 turn.retention_seconds,
             )
-        except Exception:
-            logger.exception("could not store response %s", response.get("id"))
+            await self.saves.save(save)  # or kept to save once the ledger answers again
 
     # --- GET /v1/responses/{id}, its /input_items, DELETE /v1/responses/{id} ---------
 
@@ -244,6 +249,8 @@ class ResponsesDoor(Door):
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
+        if self._saves is not None:
+            await self._saves.close()
 
     async def purge(self) -> int:
         """Delete expired responses, then the oldest beyond `responses.max_stored_mb`."""
