@@ -20,8 +20,8 @@ _METRICS_CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate metrics"')
 
 
 async def _ledger_state(database: Database) -> str:
-    """ "reachable", or why not; within a second, so a probe's own timeout is not hit
-    while a partitioned database holds a connection attempt."""
+    """The ledger database's state: "reachable", or why not. Within a second, so that a
+    partitioned database holding a connection attempt does not outlast the probe."""
     try:
         async with asyncio.timeout(_LEDGER_PROBE_SECONDS):
             await database.fetch("SELECT 1")

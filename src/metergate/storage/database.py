@@ -9,7 +9,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import re
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -74,6 +76,7 @@ class Database(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no transactions")
 
 
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 # SQLite failures of the file or its lock, not of the statement.
 _SQLITE_UNREACHABLE = (
     "SQLITE_BUSY",
@@ -88,8 +91,10 @@ def unreachable(error: BaseException) -> bool:
     """Did a call fail because the database could not be reached or used (down, gone from
     the network, out of connections or disk, locked past the busy timeout) rather than
     because of what was asked? Callers can then say "try again", not "bug"."""
-    if isinstance(error, OSError):  # refused, reset, no route; TimeoutError too
-        return True
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True  # refused, reset, timed out, name not found
+    if isinstance(error, OSError):
+        return error.errno in _NO_ROUTE
     if isinstance(error, sqlite3.Error):
         return str(getattr(error, "sqlite_errorname", "")).startswith(_SQLITE_UNREACHABLE)
     asyncpg = sys.modules.get("asyncpg")
