@@ -40,11 +40,14 @@ CANARIES = (PROVIDER_KEY, ADMIN_KEY, HEADER_SECRET, HOOK_TOKEN, PROXY_PASSWORD)
 ASK = [{"role": "user", "content": "secrets"}]
 
 
-def config_text(upstream: str, ledger: str, price: int, admin_key: str = ADMIN_KEY) -> str:
+def config_text(
+    upstream: str, ledger: str, price: int, admin_key: str = ADMIN_KEY, spool: str = ""
+) -> str:
     """A config as an operator writes it, literal secrets, comments and all."""
+    spool_line = f"\n  spool_directory: {spool}" if spool else ""
     return f"""# gateway config with literal secrets (not ${{VAR}}s)
 ledger:
-  url: {ledger}
+  url: {ledger}{spool_line}
 providers:
   up:
     type: openai
@@ -227,12 +230,13 @@ def test_a_rotated_literal_secret_is_applied_on_reload(gateway_factory, upstream
     gateway = gateway_factory(config)
     path = Path(gateway.runtime.source)
     ledger = f"sqlite:///{path.parent / 'ledger.db'}"
-    path.write_text(config_text(upstream, ledger, 1))
+    spool = gateway.runtime.plan.config.ledger.spool_directory  # the factory's, kept
+    path.write_text(config_text(upstream, ledger, 1, spool=spool))
     base = gateway.base_url.removesuffix("/v1")
     assert reload(base).status_code == 200
     version = gateway.runtime.plan.version
     rotated = "admin-canary-rotated-0a1b2c3d4e"
-    path.write_text(config_text(upstream, ledger, 1, admin_key=rotated))
+    path.write_text(config_text(upstream, ledger, 1, admin_key=rotated, spool=spool))
     answer = reload(base)
     assert answer.status_code == 200
     assert answer.json() == {"applied": True, "version": version, "restart_required": []}
