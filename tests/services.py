@@ -135,6 +135,7 @@ class PostgresServer:
                 os.chown(path, self._pw.pw_uid, self._pw.pw_gid)
         self._names = itertools.count(1)
         self._lock = threading.Lock()
+        self._frozen: list[int] = []
         self.started = False
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -205,6 +206,27 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl stop failed:\n{done.stdout}\n{done.stderr}")
 
+    def _processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, WAL writer, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP) without closing anything, as a hung
+        host or a network dropping packets looks to clients: connections open, no answer."""
+        self._frozen = self._processes()
+        for pid in self._frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen = []
+
     def resume(self) -> None:
         done = self._pg_ctl_start()
         if done.returncode != 0:
@@ -263,6 +285,7 @@ class PostgresServer:
             self.psql("postgres", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def stop(self) -> None:
+        self.thaw()  # a test that failed while it was frozen
         if self.started:
             self.started = False
             done = self._run(

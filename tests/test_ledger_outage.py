@@ -273,9 +273,9 @@ def own_postgres() -> Iterator[PostgresServer]:
         server.stop()
 
 
-def gateway_config(tmp_path: Path, ledger_url: str) -> Path:
+def gateway_config(tmp_path: Path, ledger_url: str, **ledger: Any) -> Path:
     config = {
-        "ledger": {"url": ledger_url, "spool_after_seconds": 1},
+        "ledger": {"url": ledger_url, "spool_after_seconds": 1, **ledger},
         "providers": {
             "sim": {"type": "simulated", "simulated": {"latency_ms": 5, "output_tokens": 8}}
         },
@@ -406,3 +406,49 @@ def test_a_gateway_stopped_while_postgres_is_down_loses_no_row(
     # Each worker loaded the budget after the spool was in: the outage's spend counts.
     assert float(spent.group(1)) == pytest.approx(cost_nano / 1e9, rel=1e-9)
     assert spool_files(tmp_path / ".metergate" / "ledger-spool") == []
+
+
+def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A hung server keeps its connections open and answers nothing: calls give up after
+    `ledger.timeout_seconds`, so rows spool, an unknown key gets its 503 and a stop ends."""
+    url = own_postgres.create_database("frozen")
+    name = url.rsplit("/", 1)[1]
+    key = create_key_sync(url, "frozen-test")
+    config = gateway_config(tmp_path, url, timeout_seconds=1)
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        gateway.wait_ready()
+        for i in range(5):
+            ask(gateway, key, f"before-{i}")
+        own_postgres.freeze()
+        try:
+            for i in range(10):
+                ask(gateway, key, f"during-{i}")
+            unknown = httpx.post(
+                f"{gateway.base_url}/v1/chat/completions",
+                headers={"authorization": "Bearer mgk_" + "x" * 43},
+                json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=60,
+            )
+            assert unknown.status_code == 503
+            assert unknown.json()["error"]["code"] == "key_store_unavailable"
+            ready = httpx.get(f"{gateway.base_url}/readyz", timeout=30)
+            assert ready.status_code == 200 and ready.json()["ledger"].startswith("unreachable")
+            gateway.process.send_signal(signal.SIGTERM)
+            assert gateway.wait(60) == -signal.SIGTERM, gateway.log()
+        finally:
+            own_postgres.thaw()
+    finally:
+        gateway.kill_all()
+    assert "rows spooled to" in gateway.log()
+
+    restarted = GatewayProcess(config, tmp_path)
+    try:
+        restarted.wait_ready()
+        rows = own_postgres.psql(name, "SELECT request_id FROM requests").split()
+    finally:
+        restarted.kill_all()
+    expected = [f"before-{i}" for i in range(5)] + [f"during-{i}" for i in range(10)]
+    assert sorted(rows) == sorted(expected)  # every answered request, once

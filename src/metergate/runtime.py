@@ -205,8 +205,9 @@ class Runtime:
 
     async def start(self) -> None:
         plan = self.plan
-        self.database = await open_database(plan.config.ledger.url)
-        self.ledger = await self._open_ledger(self.database, plan.config.ledger)
+        ledger = plan.config.ledger
+        self.database = await open_database(ledger.url, ledger.timeout_seconds)
+        self.ledger = await self._open_ledger(self.database, ledger)
         await plan.budgets.load(self.database)
         self.meter.ledger = self.ledger
         await self.ledger.start()

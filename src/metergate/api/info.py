@@ -13,28 +13,45 @@ from pydantic import SecretStr
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.errors import Unauthorized
 from metergate.runtime import Runtime
-from metergate.storage.database import Database
+from metergate.storage.database import Database, Row
 
 _LEDGER_PROBE_SECONDS = 1.0
 _METRICS_CHALLENGE = (b"www-authenticate", b'Bearer realm="metergate metrics"')
 
 
-async def _ledger_state(database: Database) -> str:
-    """The ledger database's state: "reachable", or why not. Within a second, so that a
-    partitioned database holding a connection attempt does not outlast the probe."""
-    try:
-        async with asyncio.timeout(_LEDGER_PROBE_SECONDS):
-            await database.fetch("SELECT 1")
-    except TimeoutError:
-        return f"unreachable: no answer within {_LEDGER_PROBE_SECONDS:g} s"
-    except Exception as exc:
-        return f"unreachable: {type(exc).__name__}: {exc}"
-    return "reachable"
+class LedgerProbe:
+    """The ledger database's state for /readyz: "reachable", or why not, within a second.
+
+    A call to a server that stopped answering is not cancelled (asyncpg's cancel waits on
+    that server too); it is left to end by the database's own timeout, and while it is
+    out no second one starts, so probes cannot pile up on a hung database."""
+
+    def __init__(self) -> None:
+        self._probe: asyncio.Future[list[Row]] | None = None
+
+    async def state(self, database: Database) -> str:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(database.fetch("SELECT 1"))
+            self._probe.add_done_callback(_retrieve)  # a late failure is not "never retrieved"
+        probe = self._probe
+        await asyncio.wait({probe}, timeout=_LEDGER_PROBE_SECONDS)
+        if not probe.done():
+            return f"unreachable: no answer within {_LEDGER_PROBE_SECONDS:g} s"
+        error = probe.exception()
+        if error is not None:
+            return f"unreachable: {type(error).__name__}: {error}"
+        return "reachable"
+
+
+def _retrieve(task: asyncio.Future[list[Row]]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class InfoHandlers:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._ledger = LedgerProbe()
 
     async def models(self, request: Request, send: Send) -> None:
         """OpenAI's list, or Anthropic's when the caller sends `anthropic-version`."""
@@ -74,7 +91,7 @@ class InfoHandlers:
         if not runtime.ready:
             problems.append("gateway is starting or stopping")
         elif runtime.database is not None:
-            ledger = await _ledger_state(runtime.database)
+            ledger = await self._ledger.state(runtime.database)
             query = parse_qs(request.scope.get("query_string", b"").decode("latin-1"))
             if ledger != "reachable" and query.get("ledger") == ["required"]:
                 problems.append(f"ledger database {ledger}")

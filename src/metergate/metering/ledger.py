@@ -94,7 +94,9 @@ class LedgerWriter:
         if self._task is not None:
             await self._task
             self._task = None
-        deadline = time.monotonic() + self.spool_after
+        # A database already failing is not waited for again: its rows go to the spool.
+        patience = 0.0 if self._failing_since is not None else self.spool_after
+        deadline = time.monotonic() + patience
         while self.pending:
             try:
                 await self.flush()

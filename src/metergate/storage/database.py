@@ -21,6 +21,9 @@ from typing import Any, Literal
 Row = tuple[Any, ...]
 Dialect = Literal["sqlite", "postgresql"]
 
+DEFAULT_TIMEOUT = 10.0  # seconds; `ledger.timeout_seconds`
+_MIGRATING = 24 * 3600.0  # a migration (or the wait for another process's) may take long
+
 # PostgreSQL advisory lock held while one process migrates at open. Not the key that
 # `migrations` takes per migration: the same key on a second connection would deadlock.
 _OPEN_LOCK_KEY = 0x6D676F70  # "mgop"
@@ -235,17 +238,24 @@ class SQLiteDatabase(Database):
 
 
 class PostgresDatabase(Database):
+    """A pool whose connection attempts and statements give up after `timeout` seconds:
+    a server that stops answering (a hung host, a network dropping packets) otherwise
+    holds a call for minutes, and cancelling it waits on that server too."""
+
     dialect = "postgresql"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.url = url
+        self.timeout = timeout
         self._pool: Any = None
         self._sql_cache: dict[str, str] = {}
 
     async def connect(self) -> None:
         import asyncpg
 
-        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4)
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=1, max_size=4, timeout=self.timeout, command_timeout=self.timeout
+        )
 
     def _sql(self, sql: str) -> str:
         converted = self._sql_cache.get(sql)
@@ -267,9 +277,9 @@ class PostgresDatabase(Database):
 
     async def script(self, statements: Sequence[str], lock_key: int) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key, timeout=_MIGRATING)
             for statement in statements:
-                await conn.execute(statement)
+                await conn.execute(statement, timeout=_MIGRATING)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -282,8 +292,12 @@ class PostgresDatabase(Database):
             raise UniqueViolation(str(error)) from error
 
     async def close(self) -> None:
+        """Close gracefully, or drop the connections of a server that does not answer."""
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), self.timeout)
+            except TimeoutError:
+                self._pool.terminate()
             self._pool = None
 
     async def migrate_exclusively(self) -> None:
@@ -295,7 +309,7 @@ class PostgresDatabase(Database):
         from metergate.storage.migrations import migrate
 
         async with self._pool.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock($1)", _OPEN_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_lock($1)", _OPEN_LOCK_KEY, timeout=_MIGRATING)
             try:
                 await migrate(self)
             finally:
@@ -311,8 +325,9 @@ def sqlite_path(url: str) -> str | None:
     return (path[1:] if path.startswith("/") else path) or ":memory:"
 
 
-async def open_database(url: str) -> Database:
-    """Connect to `sqlite:///path` or `postgresql://...` and bring the schema up to date."""
+async def open_database(url: str, answer_within: float = DEFAULT_TIMEOUT) -> Database:
+    """Connect to `sqlite:///path` or `postgresql://...` and bring the schema up to date.
+    `answer_within`: seconds PostgreSQL may leave a connect or a statement unanswered."""
     from metergate.storage.migrations import migrate
 
     database: SQLiteDatabase | PostgresDatabase
@@ -320,7 +335,7 @@ async def open_database(url: str) -> Database:
     if path is not None:
         database = SQLiteDatabase(path)
     else:
-        database = PostgresDatabase(url)
+        database = PostgresDatabase(url, answer_within)
     await database.connect()
     try:
         if isinstance(database, PostgresDatabase):
