@@ -327,6 +327,54 @@ def test_the_banner_hint_names_the_config_served(tmp_path):
     assert f"metergate keys create --name my-service -c '{config}'" in line
 
 
+SIMULATED = (
+    "providers: {s: {type: simulated}}\n"
+    "upstreams: {u: {provider: s, model: m}}\n"
+    "models: {m: {upstreams: [u]}}\n"
+)
+
+
+def test_a_ledger_that_cannot_be_opened_is_named_without_its_password(tmp_path):
+    """`serve` and the commands that read the ledger say which database they could not
+    open and exit 1: no traceback, and the URL's password never printed."""
+    port = free_port()  # nothing listens there
+    url = f"postgresql://metergate:pw-canary-5e6f7a@127.0.0.1:{port}/ledger"
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"ledger: {{url: '{url}'}}\n" + SIMULATED)
+    named = f"cannot open the ledger database postgresql://metergate:***@127.0.0.1:{port}/ledger"
+    for command in (["keys", "list"], ["usage"], ["serve", "--port", str(free_port())]):
+        result = run(*command, "-c", str(config), cwd=tmp_path)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert named + ": ConnectionRefusedError" in " ".join(result.stderr.split()), output
+        assert "Traceback" not in output and "pw-canary" not in output
+
+
+def test_the_serve_banner_hides_the_ledger_password(tmp_path, fresh_postgres_url):
+    """The database trusts loopback, so any password opens it: the banner shows none."""
+    url = fresh_postgres_url.replace("postgres@", "postgres:pw-canary-0a9b8c@")
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"ledger: {{url: '{url}'}}\n" + SIMULATED)
+    process = subprocess.Popen(
+        [*METERGATE, "serve", "-c", str(config), "--port", str(free_port())],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    lines = []
+    try:
+        while process.stdout and "metrics:" not in "".join(lines) and process.poll() is None:
+            lines.append(process.stdout.readline())
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    banner = "".join(lines)
+    assert "ledger: postgresql://postgres:***@127.0.0.1:" in banner, banner
+    assert "pw-canary" not in banner
+
+
 def test_tables_are_not_cut_when_stdout_is_no_terminal(tmp_path):
     """Piped (or `kubectl exec` without -t), a table is as wide as its content: a key's id
     can be copied for `revoke`, a cost read whole."""

@@ -6,13 +6,16 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from metergate.config import ConfigError, GatewayConfig, LoadedConfig, read_config
-from metergate.storage.database import Database, open_database
+from metergate.config.secrets import without_password
+from metergate.storage.database import Database, open_database, unreachable
 
 T = TypeVar("T")
 # Off a terminal (a pipe, `kubectl exec` without -t) rich would fit tables into 80
@@ -49,10 +52,29 @@ def read_or_exit(path: Path | None) -> LoadedConfig:
 
 
 def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `work` on the ledger database. One that cannot be opened, or stops answering,
+    is a message and exit status 1, not a traceback."""
+    where = without_password(config.ledger.url)
+    password = urlsplit(config.ledger.url).password
+
+    def fail(message: str) -> NoReturn:
+        if password:  # should a driver quote the URL back
+            message = message.replace(password, "***")
+        errors.print(f"[red]{escape(message)}[/red]")
+        errors.print("  hint: check `ledger.url` in the config and that the database is running")
+        raise typer.Exit(1)
+
     async def run() -> T:
-        database = await open_database(config.ledger.url)
+        try:
+            database = await open_database(config.ledger.url, config.ledger.timeout_seconds)
+        except Exception as error:
+            fail(f"cannot open the ledger database {where}: {type(error).__name__}: {error}")
         try:
             return await work(database)
+        except Exception as error:
+            if not unreachable(error):
+                raise
+            fail(f"the ledger database {where} stopped answering: {type(error).__name__}")
         finally:
             await database.close()
 

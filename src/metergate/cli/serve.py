@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shlex
@@ -16,10 +15,11 @@ import uvicorn
 from rich.markup import escape
 
 from metergate.auth.keys import hash_key
-from metergate.cli.common import ConfigOption, console, errors, read_or_exit
+from metergate.cli.common import ConfigOption, console, errors, read_or_exit, with_database
 from metergate.config import GatewayConfig
+from metergate.config.secrets import without_password
 from metergate.storage import keys as store
-from metergate.storage.database import open_database, sqlite_path
+from metergate.storage.database import Database, sqlite_path
 
 
 def serve(
@@ -62,7 +62,9 @@ def serve(
     # Prometheus URLs may carry a token in their query or path (Slack's hook URLs do).
     for client in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(client).setLevel(logging.WARNING)
-    demo_key, active_keys = asyncio.run(_startup_keys(loaded, make_demo=config is None))
+    demo_key, active_keys = with_database(
+        loaded, lambda database: _startup_keys(database, loaded, make_demo=config is None)
+    )
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
     _banner(loaded, host, port, demo_key, active_keys, workers, with_config)
@@ -99,28 +101,25 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _startup_keys(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:
+async def _startup_keys(
+    database: Database, config: GatewayConfig, make_demo: bool
+) -> tuple[str | None, int]:
     """The demo key (embedded default only: made on first start, reused while active)
-    and how many active keys there are. Opening the ledger here also migrates it and
+    and how many active keys there are. Opening the ledger for this also migrates it and
     surfaces a database problem before the server starts."""
-    url = config.ledger.url
-    path = sqlite_path(url)
+    path = sqlite_path(config.ledger.url)
     data_dir = Path(path).parent if path is not None else Path(".metergate")
     key_file = data_dir / "demo-key"
-    database = await open_database(url)
-    try:
-        active = await store.list_keys(database, include_revoked=False)
-        if not make_demo:
-            return None, len(active)
-        if key_file.exists():
-            secret = key_file.read_text().strip()
-            if any(record.key_hash == hash_key(secret) for record in active):
-                return secret, len(active)
-        if active:
-            return None, len(active)
-        secret, _ = await store.create_key(database, "demo")
-    finally:
-        await database.close()
+    active = await store.list_keys(database, include_revoked=False)
+    if not make_demo:
+        return None, len(active)
+    if key_file.exists():
+        secret = key_file.read_text().strip()
+        if any(record.key_hash == hash_key(secret) for record in active):
+            return secret, len(active)
+    if active:
+        return None, len(active)
+    secret, _ = await store.create_key(database, "demo")
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.touch(mode=0o600)
     key_file.write_text(secret + "\n")
@@ -144,7 +143,7 @@ def _banner(
         f"({workers} worker{'s' if workers > 1 else ''}); "
         f"models: {', '.join(config.models)}"
     )
-    ledger = config.ledger.url
+    ledger = without_password(config.ledger.url)
     path = sqlite_path(ledger)
     if path is not None and path != ":memory:":
         ledger = f"{ledger} (file {Path(path).resolve()})"  # sqlite:/// is relative

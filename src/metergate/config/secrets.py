@@ -22,12 +22,24 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from metergate.config.loader import ConfigError, ConfigProblem
 
 MARKER = "${METERGATE_REDACTED}"
+
+
+def without_password(url: str) -> str:
+    """A database or Redis URL fit for a log line, a banner or an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
 
 Kind = Literal["whole", "url", "header"]
 _ANY = "*"

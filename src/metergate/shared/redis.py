@@ -21,7 +21,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -30,6 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from metergate.config.model import RedisConfig
+from metergate.config.secrets import without_password
 from metergate.metering.metrics import Metrics
 from metergate.shared import scripts
 from metergate.shared.errors import Unavailable
@@ -55,7 +55,7 @@ class RedisLink:
         self.prefix = config.key_prefix
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.live_prefix = f"{self.prefix}live:"
-        self.where = _redacted(config.url)
+        self.where = without_password(config.url)
         pool = BlockingConnectionPool.from_url(
             config.url,
             max_connections=64,
@@ -279,13 +279,3 @@ def _unavailable(link: RedisLink, error: Exception) -> Unavailable:
 
 def _no_script(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
