@@ -452,3 +452,41 @@ def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
         restarted.kill_all()
     expected = [f"before-{i}" for i in range(5)] + [f"during-{i}" for i in range(10)]
     assert sorted(rows) == sorted(expected)  # every answered request, once
+
+
+def test_a_ledger_that_reads_but_refuses_writes_is_reported_and_its_rows_kept(
+    postgres_server: PostgresServer, fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """A full disk or a read-only replica answers SELECT 1 but fails every commit: /readyz
+    says so, the rows spool, and they are written once commits work again."""
+    name = fresh_postgres_url.rsplit("/", 1)[1]
+    key = create_key_sync(fresh_postgres_url, "refused-test")
+    gateway = GatewayProcess(gateway_config(tmp_path, fresh_postgres_url), tmp_path)
+    try:
+        gateway.wait_ready()
+        postgres_server.psql(
+            name,
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT ON requests"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        for i in range(8):
+            ask(gateway, key, f"refused-{i}")
+        deadline = time.monotonic() + 30
+        while "rows spooled to" not in gateway.log():
+            assert time.monotonic() < deadline, gateway.log()
+            time.sleep(0.1)
+        ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10).json()
+        assert ready["ledger"].startswith("unwritable: commits failing for "), ready
+        assert ready["ledger_pending_rows"] == 8
+        postgres_server.psql(name, "DROP TRIGGER refuse ON requests")
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{gateway.base_url}/readyz", timeout=10).json()["ledger_pending_rows"]:
+            assert time.monotonic() < deadline, gateway.log()
+            time.sleep(0.1)
+        assert httpx.get(f"{gateway.base_url}/readyz", timeout=10).json()["ledger"] == "reachable"
+    finally:
+        gateway.kill_all()
+    rows = postgres_server.psql(name, "SELECT request_id FROM requests").split()
+    assert sorted(rows) == sorted(f"refused-{i}" for i in range(8))

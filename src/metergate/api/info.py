@@ -92,6 +92,9 @@ class InfoHandlers:
             problems.append("gateway is starting or stopping")
         elif runtime.database is not None:
             ledger = await self._ledger.state(runtime.database)
+            failing = runtime.ledger.failing_for if runtime.ledger else None
+            if ledger == "reachable" and failing is not None:  # reads work, writes do not
+                ledger = f"unwritable: commits failing for {failing:.0f} s"
             query = parse_qs(request.scope.get("query_string", b"").decode("latin-1"))
             if ledger != "reachable" and query.get("ledger") == ["required"]:
                 problems.append(f"ledger database {ledger}")

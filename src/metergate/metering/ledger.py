@@ -79,6 +79,12 @@ class LedgerWriter:
         """Rows not yet in the ledger: held in memory or waiting in this process's spool."""
         return self.held + sum(self._spooled.values())
 
+    @property
+    def failing_for(self) -> float | None:
+        """Seconds since commits began to fail (None while they succeed)."""
+        since = self._failing_since
+        return None if since is None else time.monotonic() - since
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
