@@ -256,7 +256,7 @@ def serve_accepts(
     args[args.index("--config") + 1] = str(config_path)
     started: dict[str, Any] = {}
 
-    async def no_keys(config: GatewayConfig, make_demo: bool) -> tuple[None, int]:
+    def no_keys(config: GatewayConfig, make_demo: bool) -> tuple[None, int]:
         return None, 1  # the ledger database is not reachable from here
 
     def fake_run(app: object, **options: Any) -> None:
@@ -265,7 +265,7 @@ def serve_accepts(
     # serve exports these for its worker processes; monkeypatch restores them afterwards.
     monkeypatch.setenv("METERGATE_CONFIG", str(config_path))
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset")
-    monkeypatch.setattr(serve_module, "_startup_keys", no_keys)
+    monkeypatch.setattr(serve_module, "_check_ledger", no_keys)
     monkeypatch.setattr(serve_module.uvicorn, "run", fake_run)
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 0, result.output

@@ -62,9 +62,7 @@ def serve(
     # Prometheus URLs may carry a token in their query or path (Slack's hook URLs do).
     for client in ("httpx", "httpx2", "httpcore", "httpcore2"):
         logging.getLogger(client).setLevel(logging.WARNING)
-    demo_key, active_keys = with_database(
-        loaded, lambda database: _startup_keys(database, loaded, make_demo=config is None)
-    )
+    demo_key, active_keys = _check_ledger(loaded, make_demo=config is None)
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
     _banner(loaded, host, port, demo_key, active_keys, workers, with_config)
@@ -101,12 +99,17 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _check_ledger(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:
+    """Open the ledger before the server starts: it is migrated, and a database that
+    cannot be opened is a message and exit 1. Returns what `_startup_keys` found."""
+    return with_database(config, lambda database: _startup_keys(database, config, make_demo))
+
+
 async def _startup_keys(
     database: Database, config: GatewayConfig, make_demo: bool
 ) -> tuple[str | None, int]:
     """The demo key (embedded default only: made on first start, reused while active)
-    and how many active keys there are. Opening the ledger for this also migrates it and
-    surfaces a database problem before the server starts."""
+    and how many active keys there are."""
     path = sqlite_path(config.ledger.url)
     data_dir = Path(path).parent if path is not None else Path(".metergate")
     key_file = data_dir / "demo-key"
