@@ -291,6 +291,17 @@ def gateway_config(tmp_path: Path, ledger_url: str, **ledger: Any) -> Path:
     return path
 
 
+def served_on(
+    server: PostgresServer, database: str, tmp_path: Path, **ledger: Any
+) -> tuple[str, str, Path, GatewayProcess]:
+    """A new database on `server`, a key in it, and a gateway process starting on it:
+    (the database's name, the key, the config file, the gateway)."""
+    url = server.create_database(database)
+    key = create_key_sync(url, f"{database}-test")
+    config = gateway_config(tmp_path, url, **ledger)
+    return url.rsplit("/", 1)[1], key, config, GatewayProcess(config, tmp_path)
+
+
 def ask(gateway: GatewayProcess, key: str, request_id: str) -> None:
     client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=key, max_retries=0)
     answer = client.chat.completions.with_raw_response.create(
@@ -366,11 +377,7 @@ def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
 def test_a_gateway_stopped_while_postgres_is_down_loses_no_row(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    url = own_postgres.create_database("spool")
-    name = url.rsplit("/", 1)[1]
-    key = create_key_sync(url, "spool-test")
-    config = gateway_config(tmp_path, url)
-    gateway = GatewayProcess(config, tmp_path)
+    name, key, config, gateway = served_on(own_postgres, "spool", tmp_path)
     try:
         gateway.wait_ready()
         for i in range(10):
@@ -413,11 +420,7 @@ def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
 ) -> None:
     """A hung server keeps its connections open and answers nothing: calls give up after
     `ledger.timeout_seconds`, so rows spool, an unknown key gets its 503 and a stop ends."""
-    url = own_postgres.create_database("frozen")
-    name = url.rsplit("/", 1)[1]
-    key = create_key_sync(url, "frozen-test")
-    config = gateway_config(tmp_path, url, timeout_seconds=1)
-    gateway = GatewayProcess(config, tmp_path)
+    name, key, config, gateway = served_on(own_postgres, "frozen", tmp_path, timeout_seconds=1)
     try:
         gateway.wait_ready()
         for i in range(5):
