@@ -36,7 +36,7 @@ from tests.harness import Gateway, simulated_config
 from tests.services import (
     GatewayProcess,
     PostgresServer,
-    _postgres_bindir,
+    _make_postgres,
     create_key_sync,
     free_port,
 )
@@ -262,10 +262,7 @@ async def test_responses_refused_in_an_outage_are_stored_once_it_ends_within_a_b
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server of these tests' own: they stop and start it mid-test."""
-    bindir = _postgres_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries are not installed (scripts/test installs them)")
-    server = PostgresServer(bindir)
+    server = _make_postgres()  # skips, as every PostgreSQL test does, without the binaries
     server.start()
     try:
         yield server
