@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import openai
@@ -14,7 +14,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from metergate.config.model import RolloutConfig
+import metergate.runtime as runtime_module
+from metergate.config import parse_config
+from metergate.config.model import ProviderConfig, RolloutConfig
+from metergate.providers import Adapter, build_adapter
 from metergate.rollout import store, transitions
 from metergate.rollout.gates import Observed, judge
 from tests.harness import Gateway, UpstreamServer, start_gateway
@@ -423,3 +426,45 @@ async def test_a_rollout_judged_from_prometheus_rolls_back_a_candidate_behind_it
     judgment = rollout.last_judgment
     assert judgment["verdict"] == "fail" and "circuit_open" in judgment["failed_gates"]
     assert judgment["gates"]["circuit_open"] == {"value": 1.0, "limit": 0}
+
+
+async def test_a_reload_the_database_refuses_midway_changes_nothing(
+    gateway_factory, servers, monkeypatch
+):
+    """The database answers the ledger's flush and the budgets, then refuses the rollouts'
+    state (an outage beginning mid-reload): the reload fails as a whole. The rollout it
+    found keeps being judged, and no adapter of the refused config is left open."""
+    base, cand = servers
+    config = rollout_config(base, cand, stages=[50, 100])
+    gateway = gateway_factory(config)
+    runtime = gateway.runtime
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    version = runtime.plan.version
+    built: list[Adapter] = []
+
+    def build_and_remember(name: str, provider: ProviderConfig) -> Adapter:
+        built.append(build_adapter(name, provider))
+        return built[-1]
+
+    monkeypatch.setattr(runtime_module, "build_adapter", build_and_remember)
+    database, fetch = runtime.database, runtime.database.fetch
+
+    async def refusing_rollouts(sql: str, params: Sequence[object] = ()) -> list:
+        if "FROM rollouts" in sql:
+            raise ConnectionRefusedError("simulated: the database went away")
+        return await fetch(sql, params)
+
+    config["providers"]["extra-p"] = {**config["providers"]["base-p"]}
+    config["upstreams"]["base"]["price"] = {"input": 2}
+    text = yaml.safe_dump({**config, "ledger": {"url": runtime.plan.config.ledger.url}})
+    monkeypatch.setattr(database, "fetch", refusing_rollouts)
+    with pytest.raises(ConnectionRefusedError):
+        gateway.bg.run(runtime.apply(parse_config(text), text, "test"))
+    monkeypatch.setattr(database, "fetch", fetch)
+
+    assert runtime.plan.version == version
+    assert [a.name for a in built] == ["extra-p"]  # the one provider not carried over
+    assert all(a.transport.client is None for a in built)  # never opened, or closed
+    await load_until(gateway, lambda: rollout.state == "completed", 15)
+    assert rollout.state == "completed"  # the controller in force went on judging

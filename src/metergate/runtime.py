@@ -314,16 +314,14 @@ class Runtime:
         assert self.database is not None and self.ledger is not None
         old = self.plan
         plan = self._build(config, version, old)
-        for name, adapter in plan.adapters.items():
-            if old.adapters.get(name) is not adapter:
-                await adapter.start()
+        # What reads the database goes first: a reload the ledger cannot answer (an
+        # outage) fails here, having started and stopped nothing.
         await self.ledger.flush()  # budgets that changed rebuild their spend from the ledger
         await plan.budgets.load(self.database, only_new=True)
-        if plan.shared is not old.shared:
-            await self._start_shared(plan)
+        await plan.rollouts.load(self.database)
+        await self._start_new_parts(plan, old)
         await self.observers.apply(config, self.database)  # tracing, request log, tags
-        await old.rollouts.close()
-        await plan.rollouts.start(self.database)
+        await plan.rollouts.replace(old.rollouts)
         plan.budgets.take_over()
         self.plan = plan
         await self.teams.install(plan)
@@ -338,6 +336,24 @@ class Runtime:
         if pending:
             log.warning("these settings take effect only after a restart: %s", ", ".join(pending))
         return True
+
+    async def _start_new_parts(self, plan: Plan, old: Plan) -> None:
+        """Start the adapters and Redis link `plan` does not carry from `old`; if one
+        fails, close those started, so that a refused reload leaves nothing open."""
+        started: list[Adapter] = []
+        try:
+            for name, adapter in plan.adapters.items():
+                if old.adapters.get(name) is not adapter:
+                    started.append(adapter)
+                    await adapter.start()
+            if plan.shared is not old.shared:
+                await self._start_shared(plan)
+        except BaseException:
+            for adapter in started:
+                await adapter.close()
+            if plan.shared is not None and plan.shared is not old.shared:
+                await plan.shared.close()
+            raise
 
     def restart_pending(self) -> list[str]:
         """The running config's settings this process has not applied (it started with

@@ -64,19 +64,34 @@ class RolloutController:
         self._last_event_id: int | None = carry._last_event_id if carry else None
         self._http: httpx2.AsyncClient | None = None
         self._owns_notifier = True  # the newest controller closes the shared notifier
-        if carry is not None:
-            carry._owns_notifier = False
 
     def for_model(self, model: str) -> Rollout | None:
         return next((r for r in self.rollouts.values() if r.config.model == model), None)
 
     async def start(self, database: Database) -> None:
+        await self.load(database)
+        self._begin()
+
+    async def load(self, database: Database) -> None:
+        """Read the rollouts' state; nothing runs yet, so a config reload that fails
+        after this has changed nothing (`replace` starts the loop)."""
         self._database = database
         if self._last_event_id is None:  # announce what happens from now on, not history
             rows = await database.fetch("SELECT COALESCE(MAX(id), 0) FROM rollout_events")
             self._last_event_id = int(rows[0][0])
         for rollout in self.rollouts.values():
             await store.load(database, rollout)
+
+    async def replace(self, old: RolloutController) -> None:
+        """Stop the replaced controller's loop and start this one's (after `load`); the
+        webhook notifier they share passes on instead of closing."""
+        old._owns_notifier = False
+        await old.close()
+        if old._last_event_id is not None:  # it may have announced since we were built
+            self._last_event_id = old._last_event_id
+        self._begin()
+
+    def _begin(self) -> None:
         self._export_weights()
         if self.rollouts:
             self._task = asyncio.create_task(self._run(), name="rollout-controller")
