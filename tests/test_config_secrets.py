@@ -363,6 +363,21 @@ def test_a_redacted_version_never_runs_with_its_placeholders():
     assert yaml.safe_load(restored)["providers"]["a"]["api_key"] == "${A_KEY}"
 
 
+def test_a_config_file_broken_since_gives_no_secrets_and_the_running_config_does(
+    tmp_path: Path,
+) -> None:
+    """A process following a recorded version while its file holds a half-saved edit:
+    the secrets come from the config it runs, instead of a YAML error at every try."""
+    running = "providers:\n  a: {type: openai, api_key: sk-live-0123}\n"
+    version = config_versions.ConfigVersion(
+        id=2, hash="", source="gateway.yaml", body=redact(running), applied_at=0, note=""
+    )
+    live = tmp_path / "gateway.yaml"
+    live.write_text("providers: {a: {type: openai, api_key: sk-live")
+    restored = config_versions.with_secrets(version, str(live), running)
+    assert yaml.safe_load(restored)["providers"]["a"]["api_key"] == "sk-live-0123"
+
+
 def test_secret_urls_stay_out_of_the_log(bg: BackgroundLoop, tmp_path: Path) -> None:
     """A webhook URL is a secret (Slack's carry their token in the path): the gateway's
     log, where the HTTP client would write every request's URL, does not show it."""

@@ -91,8 +91,12 @@ def with_secrets(version: ConfigVersion, live: str | None, running: str | None =
             live_text = path.read_text(encoding="utf-8") if path.is_file() else None
         except (OSError, ValueError):
             live_text = None
-    if live_text is not None and redact(live_text) == version.body:
-        return live_text
+    if live_text is not None:
+        try:
+            if redact(live_text) == version.body:
+                return live_text
+        except yaml.YAMLError:  # a file broken since: its secrets cannot be read
+            live_text = None
     donors = [text for text in (live_text, running) if text is not None]
     return restore(version.body, *donors, name=f"config v{version.id} ({version.source})")
 
