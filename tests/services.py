@@ -580,6 +580,18 @@ class GatewayProcess:
     def wait(self, timeout: float) -> int:
         return self.process.wait(timeout)
 
+    def worker_pids(self) -> set[int]:
+        """The live worker processes of `--workers N` (children running multiprocessing's
+        spawn_main; not the resource tracker, not one that died)."""
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+                if int(fields[1]) == self.pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+                    found.add(int(stat.parent.name))
+        return found
+
     def kill_all(self) -> None:
         """Kill the process group (the server and its workers); safe to call repeatedly."""
         with contextlib.suppress(ProcessLookupError, PermissionError):

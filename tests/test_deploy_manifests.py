@@ -262,11 +262,12 @@ def serve_accepts(
     def fake_run(app: object, **options: Any) -> None:
         started.update(options)
 
-    # serve exports these for its worker processes; monkeypatch restores them afterwards.
-    monkeypatch.setenv("METERGATE_CONFIG", str(config_path))
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset")
+    def fake_workers(loaded: object, workers: int, options: dict[str, Any]) -> None:
+        started.update(options, workers=workers)
+
     monkeypatch.setattr(serve_module, "_check_ledger", no_keys)
     monkeypatch.setattr(serve_module.uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve_module, "run_workers", fake_workers)
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 0, result.output
     assert started, "serve did not get as far as starting the server"

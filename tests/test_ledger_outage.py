@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import sqlite3
@@ -47,6 +48,7 @@ from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
     stored_rows,
     wait_for,
 )
+from tests.test_workers import wait_until
 
 ADMIN_KEY = "outage-admin-key-0123456789abcdef"
 
@@ -289,14 +291,15 @@ def gateway_config(tmp_path: Path, ledger_url: str, **ledger: Any) -> Path:
 
 
 def served_on(
-    server: PostgresServer, database: str, tmp_path: Path, **ledger: Any
+    server: PostgresServer, database: str, tmp_path: Path, workers: int = 1, **ledger: Any
 ) -> tuple[str, str, Path, GatewayProcess]:
     """A new database on `server`, a key in it, and a gateway process starting on it:
     (the database's name, the key, the config file, the gateway)."""
     url = server.create_database(database)
     key = create_key_sync(url, f"{database}-test")
     config = gateway_config(tmp_path, url, **ledger)
-    return url.rsplit("/", 1)[1], key, config, GatewayProcess(config, tmp_path)
+    gateway = GatewayProcess(config, tmp_path, workers=workers)
+    return url.rsplit("/", 1)[1], key, config, gateway
 
 
 def ask(gateway: GatewayProcess, key: str, request_id: str) -> None:
@@ -410,6 +413,38 @@ def test_a_gateway_stopped_while_postgres_is_down_loses_no_row(
     # Each worker loaded the budget after the spool was in: the outage's spend counts.
     assert float(spent.group(1)) == pytest.approx(cost_nano / 1e9, rel=1e-9)
     assert spool_files(tmp_path / ".metergate" / "ledger-spool") == []
+
+
+def test_a_worker_replaced_while_postgres_is_down_waits_for_it_as_the_other_serves(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A worker cannot start without its ledger database. One that dies in an outage is
+    replaced once the database is back; the gateway serves on the other meanwhile (uvicorn
+    alone would stop the whole gateway when the replacement fails to start)."""
+    name, key, _, gateway = served_on(own_postgres, "respawn", tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        wait_until(lambda: gateway.log().count("joined the gateway") == 2, "both workers")
+        own_postgres.pause()
+        os.kill(min(gateway.worker_pids()), signal.SIGKILL)
+        wait_until(lambda: "could not start" in gateway.log(), "a replacement that failed")
+        for i in range(10):
+            ask(gateway, key, f"during-{i}")
+        assert gateway.process.poll() is None
+
+        own_postgres.resume()
+        wait_until(
+            lambda: gateway.log().count("joined the gateway") == 3, "the replacement to join"
+        )
+        assert len(gateway.worker_pids()) == 2
+        for i in range(10):
+            ask(gateway, key, f"after-{i}")
+        gateway.process.send_signal(signal.SIGTERM)  # the workers write what they hold
+        gateway.wait(60)
+    finally:
+        gateway.kill_all()
+    served = {f"{when}-{i}" for when in ("during", "after") for i in range(10)}
+    assert served <= set(own_postgres.psql(name, "SELECT request_id FROM requests").split())
 
 
 def test_a_postgres_that_stops_answering_is_unreachable_not_slow(

@@ -100,8 +100,13 @@ class Runtime:
         metrics: Metrics | None = None,
         text: str | None = None,
         source: str = "<config>",
+        joining: bool = False,
     ) -> None:
+        """`joining`: a worker of `serve --workers N`, whose parent recorded the config:
+        it takes the version the gateway runs (a newer one, when it replaces a worker that
+        died) instead of recording its own."""
         self.metrics = metrics or Metrics()
+        self.joining = joining
         self.source = source
         self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
@@ -220,9 +225,13 @@ class Runtime:
         for adapter in plan.adapters.values():
             await adapter.start()
         await plan.rollouts.start(self.database)
-        await config_versions.record(self.database, self.text, self.source, "started")
+        if not self.joining:
+            await config_versions.record(self.database, self.text, self.source, "started")
         self._export_static_metrics(None)
-        self._follower = asyncio.create_task(self._follow_config(), name="config-follower")
+        refused = await self._catch_up() if self.joining else None
+        self._follower = asyncio.create_task(
+            self._follow_config(refused=refused), name="config-follower"
+        )
         self.ready = True
 
     async def _open_ledger(self, database: Database, config: LedgerConfig) -> LedgerWriter:
@@ -278,33 +287,49 @@ class Runtime:
             await config_versions.record(self.database, loaded.text, loaded.source, trigger)
         return applied
 
-    async def _follow_config(self, every: float = 2.0) -> None:
+    async def _follow_config(self, every: float = 2.0, refused: str | None = None) -> None:
         """Apply the newest recorded version when another process (a worker that got
         SIGHUP, a replica, `metergate config rollback`) recorded one. Also shows, within
         `every` seconds, the circuits whose open time is up as half-open."""
-        refused: str | None = None
         while True:
             await asyncio.sleep(every)
             try:
                 self.plan.router.tick_circuits()  # open ones whose time is up: half-open
-                assert self.database is not None
-                async with self._switching:
-                    newest = await config_versions.latest(self.database)
-                    if newest is None or newest.hash in (self.plan.version, refused):
-                        continue
-                    text = config_versions.with_secrets(newest, self.source, self.text)
-                    config = parse_config(text, newest.source)
-                    await self.apply(config, text, newest.source)
+                refused = await self._take_recorded(refused)
+            except Exception:
+                log.exception("following the config history failed; retrying")
+
+    async def _catch_up(self) -> str | None:
+        """A joining process takes the version the gateway runs before it serves; failing
+        that (the database fails now), the follower takes it within seconds."""
+        try:
+            refused = await self._take_recorded(None)
+            log.info("joined the gateway at config version %s", self.plan.version)
+            return refused
+        except Exception:
+            log.exception("taking the gateway's config version failed; retrying")
+            return None
+
+    async def _take_recorded(self, refused: str | None) -> str | None:
+        """Apply the newest recorded config version unless this process runs it, or it is
+        `refused` (already found not applicable here). Returns the refused version."""
+        assert self.database is not None
+        async with self._switching:
+            newest = await config_versions.latest(self.database)
+            if newest is None or newest.hash in (self.plan.version, refused):
+                return refused
+            try:
+                text = config_versions.with_secrets(newest, self.source, self.text)
+                await self.apply(parse_config(text, newest.source), text, newest.source)
             except ConfigError as error:
-                refused = newest.hash if newest else None
                 log.error(
                     "config version %s cannot be applied here, keeping %s:\n%s",
-                    refused,
+                    newest.hash,
                     self.plan.version,
                     error,
                 )
-            except Exception:
-                log.exception("following the config history failed; retrying")
+                return newest.hash
+        return refused
 
     async def apply(self, config: GatewayConfig, text: str, source: str) -> bool:
         """Switch to `config` without dropping requests; False when it is already running."""

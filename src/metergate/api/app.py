@@ -50,11 +50,16 @@ _PROBED = ("/healthz", "/readyz", "/metrics", "/v1/metrics", "/v1/models", "/mod
 
 class GatewayApp:
     def __init__(
-        self, config: GatewayConfig, text: str | None = None, source: str = "<config>"
+        self,
+        config: GatewayConfig,
+        text: str | None = None,
+        source: str = "<config>",
+        *,
+        joining: bool = False,
     ) -> None:
         """`text` and `source`: the config file's content and path, for config history
-        and reloads."""
-        self.runtime = Runtime(config, text=text, source=source)
+        and reloads; `joining`: see `Runtime`."""
+        self.runtime = Runtime(config, text=text, source=source, joining=joining)
         info = InfoHandlers(self.runtime)
         admin = AdminHandlers(self.runtime)
         self._admin_api = AdminApi(self.runtime, admin.guard)  # the console and its JSON API

@@ -1,14 +1,39 @@
-"""Import-string entry point for servers that start their own worker processes."""
+"""Import-string entry point for the worker processes of `serve --workers N`.
+
+A worker builds its app from what `serve` read, checked and recorded (`CONFIG_COPY`), not
+from the file as it is when the worker starts: the file may have been edited since (not
+yet reloaded) or broken. The copy is named after the file (`CONFIG_SOURCE`), which
+reloads read. A worker (`JOINING`) takes the config version the gateway runs before it
+serves, instead of recording its own as the newest.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from metergate.api.app import GatewayApp
-from metergate.config import read_config
+from metergate import logs
+from metergate.config import parse_config, read_config
+
+if TYPE_CHECKING:
+    from metergate.api.app import GatewayApp
+
+CONFIG_SOURCE = "METERGATE_CONFIG"  # the config file (the embedded default when unset)
+CONFIG_COPY = "METERGATE_CONFIG_COPY"  # its text as `serve` read it
+JOINING = "METERGATE_JOINING"  # set by `serve --workers N`, which records the config
 
 
 def create_app() -> GatewayApp:
-    """Build the app from METERGATE_CONFIG (the embedded default when unset)."""
-    loaded = read_config(os.environ.get("METERGATE_CONFIG") or None)
-    return GatewayApp(loaded.config, loaded.text, loaded.source)
+    from metergate.api.app import GatewayApp  # not in the supervisor, which imports this
+
+    logs.configure()
+    copy = os.environ.get(CONFIG_COPY)
+    if copy is None:
+        loaded = read_config(os.environ.get(CONFIG_SOURCE) or None)
+        config, text, source = loaded.config, loaded.text, loaded.source
+    else:
+        source = os.environ[CONFIG_SOURCE]
+        text = Path(copy).read_text(encoding="utf-8")
+        config = parse_config(text, source)
+    return GatewayApp(config, text, source, joining=bool(os.environ.get(JOINING)))

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -14,8 +10,10 @@ import typer
 import uvicorn
 from rich.markup import escape
 
+from metergate import logs
 from metergate.auth.keys import hash_key
 from metergate.cli.common import ConfigOption, console, errors, read_or_exit, with_database
+from metergate.cli.supervisor import run_workers
 from metergate.config import GatewayConfig
 from metergate.config.secrets import without_password
 from metergate.storage import keys as store
@@ -55,13 +53,7 @@ def serve(
             )
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # The HTTP clients log every request's full URL at INFO: MCP servers, webhooks and
-    # Prometheus URLs may carry a token in their query or path (Slack's hook URLs do).
-    for client in ("httpx", "httpx2", "httpcore", "httpcore2"):
-        logging.getLogger(client).setLevel(logging.WARNING)
+    logs.configure()
     demo_key, active_keys = _check_ledger(loaded, make_demo=config is None)
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
@@ -88,15 +80,7 @@ def serve(
 
         uvicorn.run(GatewayApp(loaded, source.text, source.source), **options)  # type: ignore[arg-type]
         return
-    if config is not None:
-        os.environ["METERGATE_CONFIG"] = str(Path(config).resolve())
-    # Several processes share one set of metric files, so any worker's scrape sums all.
-    metrics_dir = tempfile.mkdtemp(prefix="metergate-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
-        uvicorn.run("metergate.api.factory:create_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+    run_workers(source, workers, options)
 
 
 def _check_ledger(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:

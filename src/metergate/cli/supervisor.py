@@ -1,0 +1,127 @@
+"""The parent process of `serve --workers N`: uvicorn's supervisor, with what the
+gateway's operators rely on.
+
+- `kill -HUP` re-reads the config file, as with one worker, instead of uvicorn's restart
+  of every worker: the signal goes to one serving worker, which applies the file (or logs
+  why it refuses it, changing nothing) and records the version; the other workers follow
+  the recorded version within two seconds.
+- Every worker joins the gateway (`api/factory.py`): it starts from the config `serve`
+  checked and recorded, and takes the version the gateway runs before it serves. So a
+  worker that dies (an OOM kill, say), replaced as uvicorn does and said in the log as a
+  warning with how it ended, comes back on the running config, whatever the file holds
+  by then (edited but not reloaded, or broken). A replacement that cannot start (in a
+  ledger outage) is tried again while the other workers serve, where uvicorn would stop
+  the whole gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, JOINING
+from metergate.cli.common import with_database
+from metergate.config import LoadedConfig
+from metergate.storage import config_versions
+
+log = logging.getLogger("metergate")
+RETRY_SECONDS = 5
+
+
+class Supervisor(Multiprocess):
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._first = set(self.processes)  # those whose failed start stops the gateway
+        self._start_at: dict[int, float] = {}  # slot -> when to try a replacement again
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_ready(timeout=1):
+                os.kill(process.pid, signal.SIGHUP)
+                log.info("SIGHUP: worker %d re-reads the config file", process.pid)
+                return
+        log.warning("SIGHUP: no worker is serving, so the config file was not re-read")
+
+    def keep_subprocess_alive(self) -> None:
+        """Replace a worker that died or hangs, as uvicorn does, except that a replacement
+        that cannot start (the ledger database is down, say) is tried again every
+        `RETRY_SECONDS` while the other workers serve; uvicorn would stop the gateway.
+        A first worker that cannot start still stops it: the gateway never ran."""
+        if self.should_exit.is_set():
+            return
+        for slot, process in enumerate(self.processes):
+            due = self._start_at.get(slot)
+            if due is not None:
+                if time.monotonic() >= due:
+                    del self._start_at[slot]
+                    self._replace(slot)
+                continue
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # hung; or gone already, which this leaves as it is
+            process.join()
+            if self.should_exit.is_set():
+                return
+            if process.exitcode != STARTUP_FAILURE:
+                log.warning("worker %s died (%s); replacing it", process.pid, _ending(process))
+                self._replace(slot)
+            elif process in self._first:
+                log.error("worker %s could not start; stopping the gateway", process.pid)
+                self.should_exit.set()
+                return
+            else:
+                log.warning(
+                    "worker %s could not start (its log above says why); trying again in %d s",
+                    process.pid,
+                    RETRY_SECONDS,
+                )
+                self._start_at[slot] = time.monotonic() + RETRY_SECONDS
+
+    def _replace(self, slot: int) -> None:
+        process = Process(self.config, self.sockets)
+        process.start()
+        self.processes[slot] = process
+
+
+def _ending(process: Process) -> str:
+    code = process.exitcode
+    if code is None:
+        return "hung"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> None:
+    """Serve with `workers` processes sharing one socket and one set of metric files.
+
+    The config is recorded as started here, once, and every worker joins it: were each
+    worker to record it, a slow one could record it after a reload another worker took
+    at once, and take the gateway back to it."""
+    with_database(
+        loaded.config,
+        lambda database: config_versions.record(database, loaded.text, loaded.source, "started"),
+    )
+    with tempfile.TemporaryDirectory(prefix="metergate-") as private:  # mode 0700
+        copy = Path(private, "config.yaml")
+        copy.write_text(loaded.text, encoding="utf-8")
+        copy.chmod(0o600)  # it holds what the file holds, literal secrets included
+        metrics = Path(private, "metrics")
+        metrics.mkdir()
+        os.environ[CONFIG_SOURCE] = loaded.source
+        os.environ[CONFIG_COPY] = str(copy)
+        os.environ[JOINING] = "1"
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # any worker's scrape sums all
+        config = uvicorn.Config(
+            "metergate.api.factory:create_app", factory=True, workers=workers, **options
+        )
+        Supervisor(config, sockets=[config.bind_socket()]).run()

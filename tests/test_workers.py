@@ -1,0 +1,134 @@
+"""`serve --workers 2` under its supervisor: SIGHUP to the gateway's pid reloads the
+config in place, as with one worker; a worker that dies is replaced by one that runs
+the config the gateway runs, whatever the file holds by then.
+
+The worker in a ledger outage is in test_ledger_outage.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import simulated_config, write_config
+from tests.services import GatewayProcess, create_key_sync
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def priced(output_per_million: float) -> dict:
+    config = simulated_config(output_tokens=10)
+    config["upstreams"]["sim-up"]["price"] = {"input": 0, "output": output_per_million}
+    return config
+
+
+def costs(gateway: GatewayProcess, key: str, calls: int = 16) -> set[str]:
+    """The cost headers of `calls` answers, each on a connection of its own."""
+    seen = set()
+    for _ in range(calls):
+        answer = httpx.post(
+            f"{gateway.base_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.headers["x-metergate-cost-usd"])
+    return seen
+
+
+def config_versions_served(gateway: GatewayProcess) -> set[str]:
+    """`config_version` of every metergate_build_info series: one per config that a
+    worker, live or dead, last ran."""
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    return {
+        sample.labels["config_version"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "metergate_build_info"
+    }
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {limit} s: {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[tuple[GatewayProcess, Path, str]]:
+    path = write_config(priced(1_000_000), tmp_path)  # 10 output tokens: $10
+    key = create_key_sync(yaml.safe_load(path.read_text())["ledger"]["url"], "ops")
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        wait_until(lambda: gateway.log().count("joined the gateway") == 2, "both workers")
+        yield gateway, path, key
+    finally:
+        gateway.kill_all()
+
+
+def rewrite(path: Path, config: dict) -> None:
+    ledger = yaml.safe_load(path.read_text())["ledger"]
+    path.write_text(yaml.safe_dump({**config, "ledger": ledger}))
+
+
+def reload_by_sighup(gateway: GatewayProcess, key: str, cost: str) -> None:
+    """SIGHUP to the gateway's pid; wait until every worker runs one config, at `cost`."""
+    os.kill(gateway.pid, signal.SIGHUP)
+    wait_until(
+        lambda: len(config_versions_served(gateway)) == 1 and costs(gateway, key) == {cost},
+        f"every worker on the new config (cost {cost})",
+    )
+
+
+def test_sighup_reloads_the_config_in_every_worker_without_restarting_them(workers):
+    gateway, path, key = workers
+    started = gateway.worker_pids()
+    rewrite(path, priced(2_000_000))
+    reload_by_sighup(gateway, key, "20.000000000")
+    assert gateway.worker_pids() == started  # applied in place: no worker restarted
+
+    path.write_text("providers: {broken")
+    os.kill(gateway.pid, signal.SIGHUP)
+    wait_until(lambda: "config reload (SIGHUP) refused" in gateway.log(), "the refusal logged")
+    assert costs(gateway, key) == {"20.000000000"}
+    assert gateway.worker_pids() == started
+
+
+def test_a_worker_that_dies_is_replaced_by_one_running_the_gateways_config(workers):
+    """The replacement runs neither the file as it is now (edited, not reloaded; then
+    broken) nor the config the gateway started with (reloaded since)."""
+    gateway, path, key = workers
+    rewrite(path, priced(2_000_000))
+    reload_by_sighup(gateway, key, "20.000000000")
+    running = config_versions_served(gateway)
+    rewrite(path, priced(3_000_000))  # edited, not reloaded
+
+    for broken in ("", "providers: {broken"):
+        if broken:
+            path.write_text(broken)
+        before = gateway.worker_pids()
+        joined = gateway.log().count("joined the gateway")
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(
+            lambda: gateway.log().count("joined the gateway") == joined + 1,  # noqa: B023 - waited on here
+            "the replacement to join",
+        )
+        assert f"worker {victim} died (killed by SIGKILL); replacing it" in gateway.log()
+        wait_until(lambda: len(gateway.worker_pids() - before) == 1, "a new worker")  # noqa: B023
+        assert config_versions_served(gateway) == running
+        assert costs(gateway, key) == {"20.000000000"}
+    assert "could not start" not in gateway.log()
+    assert gateway.process.poll() is None
