@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,3 +136,27 @@ def test_a_worker_that_dies_is_replaced_by_one_running_the_gateways_config(worke
         assert costs(gateway, key) == {"20.000000000"}
     assert "could not start" not in gateway.log()
     assert gateway.process.poll() is None
+
+
+def test_a_port_in_use_stops_serve_before_it_records_its_config(tmp_path: Path) -> None:
+    """Else the fleet would follow the config of a gateway that never ran."""
+    path = write_config(priced(1_000_000), tmp_path)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = str(taken.getsockname()[1])
+        command = [sys.executable, "-m", "metergate", "serve", "--config", str(path)]
+        done = subprocess.run(
+            [*command, "--port", port, "--workers", "2"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert done.returncode != 0
+    assert "address already in use" in (done.stdout + done.stderr).lower()
+    with sqlite3.connect(tmp_path / "ledger.db") as ledger:
+        assert ledger.execute("SELECT count(*) FROM config_versions").fetchone() == (0,)

@@ -104,9 +104,13 @@ def _ending(process: Process) -> str:
 def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> None:
     """Serve with `workers` processes sharing one socket and one set of metric files.
 
-    The config is recorded as started here, once, and every worker joins it: were each
-    worker to record it, a slow one could record it after a reload another worker took
-    at once, and take the gateway back to it."""
+    The config is recorded as started here, once the socket is bound, and every worker
+    joins it: were each worker to record it, a slow one could record it after a reload
+    another worker took at once, and take the gateway back to it."""
+    config = uvicorn.Config(
+        "metergate.api.factory:create_app", factory=True, workers=workers, **options
+    )
+    socket = config.bind_socket()  # a port in use ends here, before anything is recorded
     with_database(
         loaded.config,
         lambda database: config_versions.record(database, loaded.text, loaded.source, "started"),
@@ -121,7 +125,4 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         os.environ[CONFIG_COPY] = str(copy)
         os.environ[JOINING] = "1"
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # any worker's scrape sums all
-        config = uvicorn.Config(
-            "metergate.api.factory:create_app", factory=True, workers=workers, **options
-        )
-        Supervisor(config, sockets=[config.bind_socket()]).run()
+        Supervisor(config, sockets=[socket]).run()
