@@ -259,14 +259,14 @@ def serve_accepts(
     def no_keys(config: GatewayConfig, make_demo: bool) -> tuple[None, int]:
         return None, 1  # the ledger database is not reachable from here
 
-    def fake_run(app: object, **options: Any) -> None:
-        started.update(options)
+    def fake_one(loaded: object, options: dict[str, Any]) -> None:
+        started.update(options, workers=1)
 
     def fake_workers(loaded: object, workers: int, options: dict[str, Any]) -> None:
         started.update(options, workers=workers)
 
     monkeypatch.setattr(serve_module, "_check_ledger", no_keys)
-    monkeypatch.setattr(serve_module.uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve_module, "run_one", fake_one)
     monkeypatch.setattr(serve_module, "run_workers", fake_workers)
     result = CliRunner().invoke(cli_app, ["serve", *args])
     assert result.exit_code == 0, result.output

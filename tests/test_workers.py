@@ -1,6 +1,7 @@
 """`serve --workers 2` under its supervisor: SIGHUP to the gateway's pid reloads the
 config in place, as with one worker; a worker that dies is replaced by one that runs
-the config the gateway runs, whatever the file holds by then.
+the config the gateway runs, whatever the file holds by then. And a port in use stops
+`serve`, with any number of workers, before it records its config.
 
 The worker in a ledger outage is in test_ledger_outage.py.
 """
@@ -138,7 +139,10 @@ def test_a_worker_that_dies_is_replaced_by_one_running_the_gateways_config(worke
     assert gateway.process.poll() is None
 
 
-def test_a_port_in_use_stops_serve_before_it_records_its_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_stops_serve_before_it_records_its_config(
+    tmp_path: Path, workers: int
+) -> None:
     """Else the fleet would follow the config of a gateway that never ran."""
     path = write_config(priced(1_000_000), tmp_path)
     taken = socket.socket()
@@ -148,7 +152,7 @@ def test_a_port_in_use_stops_serve_before_it_records_its_config(tmp_path: Path) 
         port = str(taken.getsockname()[1])
         command = [sys.executable, "-m", "metergate", "serve", "--config", str(path)]
         done = subprocess.run(
-            [*command, "--port", port, "--workers", "2"],
+            [*command, "--port", port, "--workers", str(workers)],
             cwd=tmp_path,
             capture_output=True,
             text=True,

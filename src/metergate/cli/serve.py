@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
 from rich.markup import escape
+from uvicorn.config import STARTUP_FAILURE
 
 from metergate import logs
 from metergate.auth.keys import hash_key
 from metergate.cli.common import ConfigOption, console, errors, read_or_exit, with_database
 from metergate.cli.supervisor import run_workers
-from metergate.config import GatewayConfig
+from metergate.config import GatewayConfig, LoadedConfig
 from metergate.config.secrets import without_password
 from metergate.storage import keys as store
 from metergate.storage.database import Database, sqlite_path
@@ -76,11 +77,22 @@ def serve(
         forwarded_allow_ips=",".join(trusted) or None,
     )
     if workers == 1:
-        from metergate.api.app import GatewayApp
+        run_one(source, options)
+    else:
+        run_workers(source, workers, options)
 
-        uvicorn.run(GatewayApp(loaded, source.text, source.source), **options)  # type: ignore[arg-type]
-        return
-    run_workers(source, workers, options)
+
+def run_one(loaded: LoadedConfig, options: dict[str, Any]) -> None:
+    """Serve in this process. The socket is bound before the app starts, which records
+    its config: a gateway that cannot have its port must not make the fleet follow it."""
+    from metergate.api.app import GatewayApp
+
+    config = uvicorn.Config(GatewayApp(loaded.config, loaded.text, loaded.source), **options)
+    socket = config.bind_socket()
+    server = uvicorn.Server(config)
+    server.run(sockets=[socket])
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def _check_ledger(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:
