@@ -11,7 +11,8 @@ gateway's operators rely on.
   warning with how it ended, comes back on the running config, whatever the file holds
   by then (edited but not reloaded, or broken). A replacement that cannot start (in a
   ledger outage) is tried again while the other workers serve, where uvicorn would stop
-  the whole gateway.
+  the whole gateway. A first worker that cannot start stops it, with exit status 3
+  (uvicorn: 0), so that a process manager sees a failed start.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Supervisor(Multiprocess):
         super().init_processes()
         self._first = set(self.processes)  # those whose failed start stops the gateway
         self._start_at: dict[int, float] = {}  # slot -> when to try a replacement again
+        self.failed_start = False
 
     def handle_hup(self) -> None:
         for process in self.processes:
@@ -76,6 +78,7 @@ class Supervisor(Multiprocess):
                 self._replace(slot)
             elif process in self._first:
                 log.error("worker %s could not start; stopping the gateway", process.pid)
+                self.failed_start = True
                 self.should_exit.set()
                 return
             else:
@@ -125,4 +128,7 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         os.environ[CONFIG_COPY] = str(copy)
         os.environ[JOINING] = "1"
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # any worker's scrape sums all
-        Supervisor(config, sockets=[socket]).run()
+        supervisor = Supervisor(config, sockets=[socket])
+        supervisor.run()
+    if supervisor.failed_start:
+        raise SystemExit(STARTUP_FAILURE)  # uvicorn's supervisor would exit 0
