@@ -139,6 +139,20 @@ def test_a_worker_that_dies_is_replaced_by_one_running_the_gateways_config(worke
     assert gateway.process.poll() is None
 
 
+def test_a_worker_that_hangs_is_said_to_and_replaced(workers):
+    """SIGSTOP: alive, answering nothing (a worker stuck in a blocking call looks the same
+    to its supervisor). The log tells it from a worker killed from outside."""
+    gateway, _, key = workers
+    victim = min(gateway.worker_pids())
+    os.kill(victim, signal.SIGSTOP)
+    wait_until(
+        lambda: gateway.log().count("joined the gateway") == 3, "the replacement to join", 60
+    )
+    assert f"worker {victim} hung (no answer to the health check in 5 s)" in gateway.log()
+    assert victim not in gateway.worker_pids()
+    assert costs(gateway, key) == {"10.000000000"}
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_port_in_use_stops_serve_before_it_records_its_config(
     tmp_path: Path, workers: int

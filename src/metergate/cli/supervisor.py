@@ -69,11 +69,19 @@ class Supervisor(Multiprocess):
                 continue
             if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
-            process.kill()  # hung; or gone already, which this leaves as it is
+            hung = process.process.is_alive()  # running, yet no answer to the health check
+            process.kill()  # the hung one; one gone already is left as it is
             process.join()
             if self.should_exit.is_set():
                 return
-            if process.exitcode != STARTUP_FAILURE:
+            if hung:
+                log.warning(
+                    "worker %s hung (no answer to the health check in %s s): killed, replacing it",
+                    process.pid,
+                    self.config.timeout_worker_healthcheck,
+                )
+                self._replace(slot)
+            elif process.exitcode != STARTUP_FAILURE:
                 log.warning("worker %s died (%s); replacing it", process.pid, _ending(process))
                 self._replace(slot)
             elif process in self._first:
@@ -97,8 +105,7 @@ class Supervisor(Multiprocess):
 
 def _ending(process: Process) -> str:
     code = process.exitcode
-    if code is None:
-        return "hung"
+    assert code is not None  # joined
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
