@@ -290,11 +290,13 @@ class Runtime:
     async def _follow_config(self, every: float = 2.0, refused: str | None = None) -> None:
         """Apply the newest recorded version when another process (a worker that got
         SIGHUP, a replica, `metergate config rollback`) recorded one. Also shows, within
-        `every` seconds, the circuits whose open time is up as half-open."""
+        `every` seconds, the circuits whose open time is up as half-open, and budgets
+        whose period has ended as the new period's (no request may come to roll them)."""
         while True:
             await asyncio.sleep(every)
             try:
                 self.plan.router.tick_circuits()  # open ones whose time is up: half-open
+                self.plan.budgets.roll(self.plan.budgets.budgets)
                 refused = await self._take_recorded(refused)
             except Exception:
                 log.exception("following the config history failed; retrying")

@@ -199,10 +199,16 @@ class BudgetBook:
             budget.reserved_nano += worst_nano
         return Reservation(budgets, worst_nano)
 
-    def settle(self, reservation: Reservation, actual_nano: int) -> None:
-        """Replace a reservation by what the request really cost."""
+    def settle(self, reservation: Reservation, actual_nano: int, at: float) -> None:
+        """Replace a reservation by what the request really cost, counted in the period
+        its ledger row is dated in (`at`): a request in flight when its period ends is
+        spend of the next one, where the ledger (and so a restart) counts it."""
         for budget in reservation.budgets:
             budget.reserved_nano -= reservation.amount_nano
+            if at >= budget.end:
+                self._roll_over(budget, at)
+            elif at < budget.start:  # dated in a period that another request ended
+                continue
             budget.spent_nano += actual_nano
             self._show_spent(budget)
             self._announce_crossings(budget)
@@ -223,9 +229,10 @@ class BudgetBook:
             elif spent_nano * 100 >= budget.limit_nano * percent:
                 budget.announced.add(percent)
 
-    def roll(self, budgets: tuple[Budget, ...]) -> None:
-        """Start a new period on every budget whose period has ended."""
-        now = time.time()
+    def roll(self, budgets: tuple[Budget, ...] | list[Budget], now: float | None = None) -> None:
+        """Start a new period on every budget whose period has ended (by `now`)."""
+        if now is None:
+            now = time.time()
         for budget in budgets:
             if now >= budget.end:
                 self._roll_over(budget, now)

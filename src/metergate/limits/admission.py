@@ -97,7 +97,7 @@ class Gate:
         if admission.buckets:
             self.rates.debit(admission.buckets, tokens, _now_us())
         if admission.keys is None:
-            self.budgets.settle(admission.reservation, cost_nano)
+            self.budgets.settle(admission.reservation, cost_nano, at)
         if self.shared is not None:
             self.shared.settle(self.budgets, admission, cost_nano, tokens, at)
 

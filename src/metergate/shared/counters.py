@@ -43,6 +43,7 @@ class BudgetKeys:
     alerts: str
     seed: str
     expire_at: int  # a day after the period ends
+    start: float  # the period's start
 
 
 class SharedCounters:
@@ -70,6 +71,7 @@ class SharedCounters:
                 f"{base}:alerts",
                 f"{base}:seed",
                 int(budget.end) + 86_400,
+                budget.start,
             )
         return found
 
@@ -164,7 +166,9 @@ class SharedCounters:
         for budget, spent in zip(budgets, await self._sync(budgets, hold=True), strict=True):
             book.observe(budget, spent, claimed=set())
 
-    async def _sync(self, budgets: Sequence[Budget], hold: bool) -> list[int]:
+    async def _sync(
+        self, budgets: Sequence[Budget], hold: bool, cut: float | None = None
+    ) -> list[int]:
         """Make each budget's counter count this process's spend exactly once; return the
         counters.
 
@@ -174,11 +178,12 @@ class SharedCounters:
         of the spend kept here only what is dated from the cut on is added; the rest is
         in the ledger, read here after this process's rows before the cut are committed.
         The cut is this call's time when it seeds the counter, else the counter's (Redis
-        tells it: then the ledger is read again, before that cut).
+        tells it: then the ledger is read again, before that cut). `cut`: the cut to seed
+        a missing counter with instead (a request's past slot, `_straddled`).
         """
         assert self.spend_of is not None
         # budget index -> the cut to sync with: this call's time, should the counter be missing
-        cuts = dict.fromkeys(range(len(budgets)), _next_slot(time.time()))
+        cuts = dict.fromkeys(range(len(budgets)), _next_slot(time.time()) if cut is None else cut)
         spent: dict[int, int] = {}
         for _ in range(3):
             if not cuts:
@@ -232,6 +237,7 @@ class SharedCounters:
                     self.holding[k.held] = left
                 else:
                     self.holding.pop(k.held, None)
+        book.roll(admission.reservation.budgets, at)  # a period that ended meanwhile
         if not self.link.up:
             self._keep(book, admission, cost_nano, at)
             return
@@ -251,13 +257,15 @@ class SharedCounters:
             admission.keys if admission.keys is not None else tuple(self.keys(b) for b in budgets)
         )
         amount = admission.reservation.amount_nano if held_here else 0
+        # Held in a period that has ended since: the hold goes, the cost is the new one's.
+        crossed = [at >= b.start > k.start for b, k in zip(budgets, keys, strict=True)]
         carried = [b.unsynced for b in budgets]  # left from an outage: what Redis lacks goes
         for b in budgets:
             b.unsynced = []
         if self.link.up:
             costs = [
-                cost_nano + _dated_from(self._cuts.get(k.spent, 0.0), kept)
-                for k, kept in zip(keys, carried, strict=True)
+                (0 if later else cost_nano) + _dated_from(self._cuts.get(k.spent, 0.0), kept)
+                for later, k, kept in zip(crossed, keys, carried, strict=True)
             ]
             redis_keys, args = self._settle_call(
                 budgets, keys, amount, costs, token_buckets, tokens
@@ -272,10 +280,35 @@ class SharedCounters:
                         percents = budget.config.alert_at_percent
                         won = {p for bit, p in enumerate(percents) if claimed >> bit & 1}
                         book.observe(budget, max(spent, budget.spent_nano), won)
+                if any(crossed):
+                    straddled = [b for b, later in zip(budgets, crossed, strict=True) if later]
+                    await self._straddled(book, straddled, cost_nano, at)
                 return
         for budget, kept in zip(budgets, carried, strict=True):
             budget.unsynced += kept
         self._keep(book, admission, cost_nano, at)
+
+    async def _straddled(
+        self, book: BudgetBook, budgets: list[Budget], cost_nano: int, at: float
+    ) -> None:
+        """Count a request held in a period that ended while it ran on the new period's
+        counter, where its ledger row is dated. That counter may not exist yet, or may
+        have been seeded from the ledger just now, maybe with this row: a sync counts the
+        cost exactly once either way. A missing counter is seeded with a cut at the row's
+        slot, so that the row is among the spend added here, not read from the ledger.
+        (Seeded by another request after `at`, it relies on the row being read: this
+        process's rows are written before it reads, unless the answer is still being
+        sent then.) Periods end rarely, so the sync's ledger read is affordable."""
+        for budget in budgets:
+            _keep_dated(budget.unsynced, at, cost_nano)
+        cut = int(at * _SLOTS_PER_SECOND) / _SLOTS_PER_SECOND
+        try:
+            counted = await self._sync(budgets, hold=False, cut=cut)
+        except Exception as error:  # Redis or the ledger failed: the next settle shares it
+            log.warning("budget spend across a period's end not yet shared: %s", error)
+            return
+        for budget, spent in zip(budgets, counted, strict=True):
+            book.observe(budget, spent, claimed=set())
 
     def _settle_call(
         self,
