@@ -135,16 +135,19 @@ class AdminApi:
         )
 
     async def _database(self, fresh: bool = False) -> Database:
-        """The ledger database; with `fresh`, after committing the rows still queued, so
-        the console shows the requests that just finished."""
+        """The ledger database; with `fresh`, its connection for reports (apart from the
+        one requests and the ledger writer use), after committing the rows still queued,
+        so the console shows the requests that just finished."""
         database = self.runtime.database
         if database is None:
             raise GatewayLimit("the gateway is starting; try again", code="not_ready")
+        if not fresh:
+            return database
         ledger = self.runtime.ledger
-        if fresh and ledger is not None:
+        if ledger is not None:
             with contextlib.suppress(Exception):  # the writer keeps and retries its rows
                 await ledger.flush()
-        return database
+        return await database.reports()
 
     # -- console page and OpenAPI ------------------------------------------------------
 

@@ -22,6 +22,7 @@ Row = tuple[Any, ...]
 Dialect = Literal["sqlite", "postgresql"]
 
 DEFAULT_TIMEOUT = 10.0  # seconds; `ledger.timeout_seconds`
+REPORT_CONNECTIONS = 2  # PostgreSQL connections for the console's reports
 _MIGRATING = 24 * 3600.0  # a migration (or the wait for another process's) may take long
 
 # PostgreSQL advisory lock held while one process migrates at open. Not the key that
@@ -72,6 +73,13 @@ class Database(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    async def reports(self) -> Database:
+        """Where the console's reports (long read-only queries over many rows) run: apart
+        from the connections the ledger writes on and requests read from (stored
+        responses), so a report over a month of rows holds up neither. Opened on first
+        use, closed with this database."""
+        return self
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
         """A transaction: committed when the block ends, rolled back when it raises.
@@ -164,10 +172,13 @@ class SQLiteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, query_only: bool = False) -> None:
         self.path = path
+        self.query_only = query_only
         self._conn: Any = None
         self._lock = asyncio.Lock()
+        self._reader: SQLiteDatabase | None = None
+        self._opening = asyncio.Lock()
 
     async def connect(self) -> None:
         import aiosqlite
@@ -176,6 +187,9 @@ class SQLiteDatabase(Database):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
         await self._conn.execute("PRAGMA busy_timeout=30000")
+        if self.query_only:  # the file is in WAL mode already: readers do not block writers
+            await self._conn.execute("PRAGMA query_only=ON")
+            return
         # Switching a new file to WAL needs an exclusive lock and does not wait on the busy
         # handler: processes opening the same new file together retry for a while.
         for attempt in range(200):
@@ -230,7 +244,22 @@ class SQLiteDatabase(Database):
                 raise
             await self._conn.execute("COMMIT")
 
+    async def reports(self) -> Database:
+        """A second connection (SQLite runs one statement at a time per connection), in
+        its own thread; an in-memory database has only the one."""
+        if self.path == ":memory:" or self.query_only:
+            return self
+        async with self._opening:
+            if self._reader is None:
+                reader = SQLiteDatabase(self.path, query_only=True)
+                await reader.connect()
+                self._reader = reader
+        return self._reader
+
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         async with self._lock:
             if self._conn is not None:
                 await self._conn.close()
@@ -244,17 +273,25 @@ class PostgresDatabase(Database):
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, connections: int = 4) -> None:
         self.url = url
         self.timeout = timeout
+        self.connections = connections
         self._pool: Any = None
         self._sql_cache: dict[str, str] = {}
+        self.for_reports = False  # this is another database's pool for reports
+        self._reports: PostgresDatabase | None = None
+        self._opening = asyncio.Lock()
 
     async def connect(self) -> None:
         import asyncpg
 
         self._pool = await asyncpg.create_pool(
-            self.url, min_size=1, max_size=4, timeout=self.timeout, command_timeout=self.timeout
+            self.url,
+            min_size=1,
+            max_size=self.connections,
+            timeout=self.timeout,
+            command_timeout=self.timeout,
         )
 
     def _sql(self, sql: str) -> str:
@@ -291,8 +328,24 @@ class PostgresDatabase(Database):
         except asyncpg.UniqueViolationError as error:
             raise UniqueViolation(str(error)) from error
 
+    async def reports(self) -> Database:
+        """A pool of its own (of 2), so reports cannot take the connections the ledger
+        writer and the requests need."""
+        if self.for_reports:
+            return self
+        async with self._opening:
+            if self._reports is None:
+                reports = PostgresDatabase(self.url, self.timeout, REPORT_CONNECTIONS)
+                reports.for_reports = True
+                await reports.connect()
+                self._reports = reports
+        return self._reports
+
     async def close(self) -> None:
         """Close gracefully, or drop the connections of a server that does not answer."""
+        if self._reports is not None:
+            await self._reports.close()
+            self._reports = None
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), self.timeout)

@@ -95,11 +95,17 @@ async function signIn(event) {
 }
 
 function refreshLoop() {
-  setInterval(() => {
+  let refreshing = false; // a page slower than REFRESH_MS (a long window over a big ledger) is not asked again meanwhile
+  setInterval(async () => {
     const page = PAGES[currentPage()];
-    if (!session || !page.autoRefresh || document.hidden) return;
+    if (!session || !page.autoRefresh || document.hidden || refreshing) return;
     if (document.querySelector("dialog[open]") || document.activeElement?.matches("input, select")) return;
-    render();
+    refreshing = true;
+    try {
+      await render();
+    } finally {
+      refreshing = false;
+    }
   }, REFRESH_MS);
 }
 
