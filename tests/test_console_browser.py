@@ -849,3 +849,46 @@ def test_tags_with_commas_survive_the_edit_dialogs(page, gateway_factory):
     assert key_named(gateway, "commatag")["tags"] == {**tags, "env": "prod"}
     assert team_named(gateway, "commas")["tags"] == {**tags, "env": "prod"}
     assert page.problems == []
+
+
+# --- auto-refresh -------------------------------------------------------------------------
+
+# Counts the Overview's loads, and holds them while `__hold` is set (a slow ledger).
+HOLD_OVERVIEW = """
+window.__calls = 0;
+window.__hold = false;
+const waiting = [];
+window.__release = () => {
+  window.__hold = false;
+  waiting.splice(0).forEach((go) => go());
+};
+const original = window.fetch.bind(window);
+window.fetch = (input, init) => {
+  if (!String(input).includes("/admin/api/overview")) return original(input, init);
+  window.__calls += 1;
+  if (!window.__hold) return original(input, init);
+  return new Promise((go) => waiting.push(go)).then(() => original(input, init));
+};
+"""
+
+
+def test_a_page_still_loading_is_not_asked_again(page, gateway_factory):
+    """The Overview refreshes every 15 s; over a big ledger a load can take longer, and
+    asking again meanwhile would pile up reports on the gateway."""
+    gateway = gateway_factory(fleet_config(MODELS[:2]))
+    page.add_init_script(HOLD_OVERVIEW)
+    page.clock.install()
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview] #charts")
+    loaded = page.get_attribute("#page", "data-loaded")
+    page.evaluate("window.__hold = true")
+    calls = page.evaluate("window.__calls")
+    page.clock.run_for(15_000)  # the refresh asks, and waits for the answer
+    assert page.evaluate("window.__calls") == calls + 1
+    page.clock.run_for(60_000)  # four more refresh ticks while it waits
+    assert page.evaluate("window.__calls") == calls + 1
+    page.evaluate("window.__release()")
+    page.wait_for_selector(f"#page[data-page=overview]:not([data-loaded='{loaded}'])")
+    page.clock.run_for(15_000)  # loaded: the next tick asks again
+    assert page.evaluate("window.__calls") == calls + 2
+    assert page.problems == []
