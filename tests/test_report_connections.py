@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 
 import httpx
+import pytest
 
 from metergate.storage.database import Database, open_database
 from tests.harness import Gateway
@@ -52,6 +53,20 @@ async def test_long_reports_hold_up_neither_reads_nor_ledger_writes(database_url
         for task in running:
             with contextlib.suppress(BaseException):
                 await task
+        await database.close()
+
+
+async def test_a_report_may_run_longer_than_the_ledger_timeout(fresh_postgres_url):
+    """A statement of the ledger's connections gives up after `ledger.timeout_seconds`
+    (a hung server must not hold a request); a report only holds up its own page, and a
+    month of rows takes longer than that."""
+    database = await open_database(fresh_postgres_url, answer_within=1)
+    try:
+        with pytest.raises(TimeoutError):
+            await database.fetch("SELECT pg_sleep(2)")
+        reports = await database.reports()
+        assert await reports.fetch("SELECT 1 FROM pg_sleep(2)") == [(1,)]
+    finally:
         await database.close()
 
 

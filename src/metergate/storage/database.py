@@ -23,6 +23,9 @@ Dialect = Literal["sqlite", "postgresql"]
 
 DEFAULT_TIMEOUT = 10.0  # seconds; `ledger.timeout_seconds`
 REPORT_CONNECTIONS = 2  # PostgreSQL connections for the console's reports
+# seconds a report's statement may run on PostgreSQL: a month of a busy ledger takes
+# tens of seconds, and a report holds up nothing but the console page that asked for it
+REPORT_TIMEOUT = 300.0
 _MIGRATING = 24 * 3600.0  # a migration (or the wait for another process's) may take long
 
 # PostgreSQL advisory lock held while one process migrates at open. Not the key that
@@ -273,10 +276,17 @@ class PostgresDatabase(Database):
 
     dialect = "postgresql"
 
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, connections: int = 4) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        connections: int = 4,
+        statement_timeout: float | None = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.connections = connections
+        self.statement_timeout = timeout if statement_timeout is None else statement_timeout
         self._pool: Any = None
         self._sql_cache: dict[str, str] = {}
         self.for_reports = False  # this is another database's pool for reports
@@ -291,7 +301,7 @@ class PostgresDatabase(Database):
             min_size=1,
             max_size=self.connections,
             timeout=self.timeout,
-            command_timeout=self.timeout,
+            command_timeout=self.statement_timeout,
         )
 
     def _sql(self, sql: str) -> str:
@@ -330,12 +340,17 @@ class PostgresDatabase(Database):
 
     async def reports(self) -> Database:
         """A pool of its own (of 2), so reports cannot take the connections the ledger
-        writer and the requests need."""
+        writer and the requests need; its statements may run for `REPORT_TIMEOUT`."""
         if self.for_reports:
             return self
         async with self._opening:
             if self._reports is None:
-                reports = PostgresDatabase(self.url, self.timeout, REPORT_CONNECTIONS)
+                reports = PostgresDatabase(
+                    self.url,
+                    self.timeout,
+                    REPORT_CONNECTIONS,
+                    max(self.statement_timeout, REPORT_TIMEOUT),
+                )
                 reports.for_reports = True
                 await reports.connect()
                 self._reports = reports
