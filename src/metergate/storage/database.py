@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds; `ledger.timeout_seconds`
 REPORT_CONNECTIONS = 2  # PostgreSQL connections for the console's reports
 # seconds a report's statement may run on PostgreSQL: a month of a busy ledger takes
 # tens of seconds, and a report holds up nothing but the console page that asked for it
-REPORT_TIMEOUT = 300.0
+REPORT_TIMEOUT = 60.0
 _MIGRATING = 24 * 3600.0  # a migration (or the wait for another process's) may take long
 
 # PostgreSQL advisory lock held while one process migrates at open. Not the key that
