@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,7 +230,7 @@ class BudgetBook:
             elif spent_nano * 100 >= budget.limit_nano * percent:
                 budget.announced.add(percent)
 
-    def roll(self, budgets: tuple[Budget, ...] | list[Budget], now: float | None = None) -> None:
+    def roll(self, budgets: Sequence[Budget], now: float | None = None) -> None:
         """Start a new period on every budget whose period has ended (by `now`)."""
         if now is None:
             now = time.time()

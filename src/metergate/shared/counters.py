@@ -301,9 +301,8 @@ class SharedCounters:
         sent then.) Periods end rarely, so the sync's ledger read is affordable."""
         for budget in budgets:
             _keep_dated(budget.unsynced, at, cost_nano)
-        cut = int(at * _SLOTS_PER_SECOND) / _SLOTS_PER_SECOND
         try:
-            counted = await self._sync(budgets, hold=False, cut=cut)
+            counted = await self._sync(budgets, hold=False, cut=_slot_start(at))
         except Exception as error:  # Redis or the ledger failed: the next settle shares it
             log.warning("budget spend across a period's end not yet shared: %s", error)
             return
@@ -370,6 +369,11 @@ _SLOTS_PER_SECOND = 10
 def _next_slot(now: float) -> float:
     """A cut: the first slot boundary from `now` on."""
     return math.ceil(now * _SLOTS_PER_SECOND) / _SLOTS_PER_SECOND
+
+
+def _slot_start(at: float) -> float:
+    """A cut: the start of the slot `at` falls in (spend dated `at` is from it on)."""
+    return int(at * _SLOTS_PER_SECOND) / _SLOTS_PER_SECOND
 
 
 def _keep_dated(kept: list[tuple[int, int]], at: float, cost_nano: int) -> None:
