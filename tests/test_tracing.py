@@ -4,6 +4,7 @@ out unless asked for, and requests unaffected by a collector that is down."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,8 +206,6 @@ def test_content_is_in_spans_only_when_enabled(gateway_factory, openai_upstream,
     client.chat.completions.create(model="gpt-4.1", messages=ASK, extra_headers=traceparent())
     spans = collector.wait(lambda s: any(x["kind"] == "SERVER" for x in s))
     (root,) = by_kind(spans, "SERVER")
-    import json
-
     sent = json.loads(root["attributes"]["gen_ai.input.messages"])
     assert sent == [{"role": "user", "parts": [{"type": "text", "content": ASK[0]["content"]}]}]
     answered = json.loads(root["attributes"]["gen_ai.output.messages"])
@@ -218,6 +217,90 @@ def test_content_is_in_spans_only_when_enabled(gateway_factory, openai_upstream,
     streamed = by_kind(spans, "SERVER")[1]
     output = json.loads(streamed["attributes"]["gen_ai.output.messages"])
     assert output[0]["parts"][0]["content"] == "Hello from the fake OpenAI upstream."
+
+
+def test_captured_content_is_cut_at_max_content_bytes(gateway_factory, openai_upstream, collector):
+    """A long prompt is cut inside its text, later texts are cut to nothing, and the
+    attribute stays JSON that says how much is missing."""
+    server, _ = openai_upstream
+    config = traced_config(
+        server.url, collector.endpoint, capture_content=True, max_content_bytes=1024
+    )
+    gateway = gateway_factory(config)
+    long_ask = [
+        {"role": "system", "content": "s" * 1000},
+        {"role": "user", "content": "é" * 600},  # 1,200 bytes of UTF-8
+        {"role": "user", "content": "and one more thing"},
+    ]
+    gateway.client().chat.completions.create(model="gpt-4.1", messages=long_ask)
+    (root,) = by_kind(collector.wait(lambda s: any(x["kind"] == "SERVER" for x in s)), "SERVER")
+    sent = json.loads(root["attributes"]["gen_ai.input.messages"])
+    texts = [message["parts"][0]["content"] for message in sent]
+    assert texts[0] == "s" * 1000
+    assert texts[1] == "é" * 12 + "…[1176 more bytes cut]"
+    assert texts[2] == "…[18 more bytes cut]"
+
+
+def test_a_batch_too_big_for_the_collector_is_sent_in_parts(gateway_factory, openai_upstream):
+    """Six requests with 1.2 MB prompts make one batch of 12 spans, over 7 MB with their
+    content: a gRPC collector takes 4 MiB per message by default and would refuse it
+    whole, the small spans with it. Sent in parts, every span arrives."""
+    grpc_collector = GrpcCollector()
+    try:
+        server, _ = openai_upstream
+        config = traced_config(
+            server.url,
+            grpc_collector.endpoint,
+            protocol="grpc",
+            capture_content=True,
+            max_content_bytes=1024 * 1024,
+            max_export_batch_size=12,
+            export_interval_seconds=30,
+        )
+        # The simulated provider: the fake OpenAI server takes at most 1 MiB per body.
+        config["providers"]["sim"] = {"type": "simulated"}
+        config["upstreams"]["sim-gpt"] = {"provider": "sim", "model": "sim", "price": {}}
+        config["models"]["big"] = {"upstreams": ["sim-gpt"]}
+        gateway = gateway_factory(config)
+        client = gateway.client()
+        prompt = [{"role": "user", "content": "word " * 240_000}]
+        for _ in range(6):
+            client.chat.completions.create(model="big", messages=prompt)
+        spans = grpc_collector.wait(lambda s: len(s) >= 12, timeout=60)
+        assert len(by_kind(spans, "SERVER")) == 6
+        cut = json.loads(by_kind(spans, "SERVER")[0]["attributes"]["gen_ai.input.messages"])
+        assert cut[0]["parts"][0]["content"].endswith("…[151424 more bytes cut]")
+        assert gateway.metric("metergate_trace_spans_dropped_total") == 0
+    finally:
+        grpc_collector.close()
+
+
+def test_a_streamed_answer_is_cut_like_a_prompt() -> None:
+    from metergate.tracing.content import read_answer
+
+    chunks = [{"choices": [{"index": 0, "delta": {"content": "abcd" * 100}}]}] * 3
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    answer = read_answer(raw + b"data: [DONE]\n\n", output_bytes=1000)
+    (output,) = json.loads(answer.output or "")
+    assert output["parts"][0]["content"] == ("abcd" * 250) + "…[200 more bytes cut]"
+    assert output["finish_reason"] == "length" and answer.finish_reasons == ["length"]
+    assert read_answer(raw, output_bytes=None).output is None
+
+
+def test_export_parts_keep_order_and_bound_each_part() -> None:
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    from metergate.tracing.pipeline import export_parts, span_bytes
+
+    sizes = [10, 500, 10, 10, 2000, 10]
+    spans = [ReadableSpan(name=str(i), attributes={"a": "x" * n}) for i, n in enumerate(sizes)]
+    limit = span_bytes(spans[1]) + span_bytes(spans[2])
+    parts = list(export_parts(spans, limit))
+    assert [span.name for part in parts for span in part] == [str(i) for i in range(6)]
+    assert [len(part) for part in parts] == [2, 2, 1, 1]  # 2000 is over the limit: alone
+    assert all(sum(map(span_bytes, part)) <= limit for part in parts if len(part) > 1)
+    assert list(export_parts(spans, 10**9)) == [spans]
 
 
 def test_sampling_follows_the_caller_and_the_rate(gateway_factory, openai_upstream, collector):

@@ -52,6 +52,12 @@ class TracingConfig(Strict):
     capture_content: bool = Field(
         default=False, description="put prompts and completions in spans (off: never)"
     )
+    max_content_bytes: int = Field(
+        default=64 * 1024,
+        ge=256,
+        le=1024 * 1024,
+        description="with capture_content: text per attribute; longer is cut",
+    )
     max_queue_size: int = Field(default=2048, ge=1, le=1_000_000)
     max_export_batch_size: int = Field(default=512, ge=1, le=100_000)
     export_interval_seconds: float = Field(default=1.0, gt=0, le=60)

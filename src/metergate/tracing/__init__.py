@@ -51,7 +51,9 @@ class Tracing:
         self.config = config
         self.sample_rate = config.sample_rate
         self.capture_content = config.capture_content
-        self.builder = SpanBuilder(self.pipeline.resource, config.capture_content)
+        self.builder = SpanBuilder(
+            self.pipeline.resource, config.capture_content, config.max_content_bytes
+        )
         self.mcp_tracer = self.pipeline.provider.get_tracer("metergate.mcp", __version__)
 
     def start(self, headers: dict[bytes, bytes]) -> TraceContext:

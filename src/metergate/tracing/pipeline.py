@@ -6,7 +6,10 @@ here, in front of the SDK's own queue: when `max_queue_size` spans are waiting o
 exported, a new span is dropped and counted in `metergate_trace_spans_dropped_total`
 instead of displacing an older one with a warning per span; a batch the collector
 refuses, or cannot take in `export_timeout_seconds` (retries included), is counted
-there too. Importing this module needs the `metergate[tracing]` extra.
+there too. A batch is sent in parts of at most `MAX_EXPORT_BYTES`, so that a batch
+of large spans (captured content, many tags, a large `max_export_batch_size`) is not
+refused whole by a collector's request limit. Importing this module needs the
+`metergate[tracing]` extra.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -33,6 +36,11 @@ from metergate.config.observe import TracingConfig
 log = logging.getLogger("metergate.tracing")
 
 SCOPE = InstrumentationScope("metergate", __version__)
+
+# One export request's spans, estimated as encoded: under the 4 MiB a gRPC server takes
+# by default (the OpenTelemetry Collector's OTLP receivers: 4 MiB gRPC, 20 MiB HTTP).
+MAX_EXPORT_BYTES = 3 * 1024 * 1024
+_SPAN_BYTES = 256  # ids, times, name, kind, status: what a span costs beyond attributes
 
 
 def build_exporter(config: TracingConfig) -> SpanExporter:
@@ -64,14 +72,20 @@ class _Counting(SpanExporter):
         self.stopped = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = SpanExportResult.FAILURE
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            log.exception("exporting %d spans failed", len(spans))
-        finally:
-            self.pipeline.exported(len(spans), result is SpanExportResult.SUCCESS)
-        return result
+        """Send the batch in parts a collector takes; after a part fails, the rest of
+        the batch is dropped rather than waiting on the collector again."""
+        failed = False
+        for part in export_parts(spans, MAX_EXPORT_BYTES):
+            result = SpanExportResult.FAILURE
+            try:
+                if not failed:
+                    result = self.inner.export(part)
+            except Exception:
+                log.exception("exporting %d spans failed", len(part))
+            finally:
+                self.pipeline.exported(len(part), result is SpanExportResult.SUCCESS)
+            failed = result is not SpanExportResult.SUCCESS
+        return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         """Stop the exporter: a retry in progress gives up, later exports fail at once."""
@@ -81,6 +95,32 @@ class _Counting(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.inner.force_flush(timeout_millis)
+
+
+def export_parts(spans: Sequence[ReadableSpan], limit: int) -> Iterator[Sequence[ReadableSpan]]:
+    """Consecutive parts of `spans` of at most `limit` estimated bytes each (a span
+    larger than that goes alone)."""
+    start, size = 0, 0
+    for index, span in enumerate(spans):
+        weight = span_bytes(span)
+        if size + weight > limit and index > start:
+            yield spans[start:index]
+            start, size = index, 0
+        size += weight
+    if start < len(spans):
+        yield spans[start:] if start else spans
+
+
+def span_bytes(span: ReadableSpan) -> int:
+    """An upper estimate of a span's encoded size, from its attributes' text."""
+    size = _SPAN_BYTES
+    for key, value in (span.attributes or {}).items():
+        size += len(key) + 16
+        if isinstance(value, str):
+            size += len(value) if value.isascii() else 4 * len(value)
+        elif isinstance(value, Sequence):
+            size += sum(len(item) + 8 if isinstance(item, str) else 16 for item in value)
+    return size
 
 
 class SpanPipeline:

@@ -35,9 +35,10 @@ _MAX_STATUS_TEXT = 300
 
 
 class SpanBuilder:
-    def __init__(self, resource: Resource, capture_content: bool) -> None:
+    def __init__(self, resource: Resource, capture_content: bool, max_content_bytes: int) -> None:
         self.resource = resource
         self.capture_content = capture_content
+        self.max_content_bytes = max_content_bytes
 
     def build(
         self, log: RequestLog, ts: float, duration: float, tags: dict[str, str]
@@ -50,7 +51,8 @@ class SpanBuilder:
             return int((ts - (end_perf - perf)) * 1e9)
 
         server = SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED)
-        answer = content.read_answer(log.response, self.capture_content and log.capture)
+        captured = self.capture_content and log.capture
+        answer = content.read_answer(log.response, self.max_content_bytes if captured else None)
         steps = log.steps or []
         spans = [
             self._attempt(log, step, number, server, trace, epoch_ns)
@@ -138,7 +140,7 @@ class SpanBuilder:
         if answer.finish_reasons:
             attributes["gen_ai.response.finish_reasons"] = answer.finish_reasons
         if self.capture_content and log.capture:
-            messages = content.input_messages(body)
+            messages = content.input_messages(body, self.max_content_bytes)
             if messages is not None:
                 attributes["gen_ai.input.messages"] = messages
             if answer.output is not None:
