@@ -276,7 +276,7 @@ def test_a_batch_too_big_for_the_collector_is_sent_in_parts(gateway_factory, ope
 
 
 def test_a_streamed_answer_is_cut_like_a_prompt() -> None:
-    from metergate.tracing.content import read_answer
+    from metergate.tracing.answers import read_answer
 
     chunks = [{"choices": [{"index": 0, "delta": {"content": "abcd" * 100}}]}] * 3
     chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})

@@ -118,6 +118,8 @@ class CompletionsHandler:
             log.affinity = _affinity(route.rollout.config.sticky, key.name, request.headers)
         exchange = await self.door.enter(request, body, key, plan)
         body, streaming = exchange.body, exchange.stream
+        if log.steps is not None:  # traced or logged: a span shows the prompt as sent on
+            log.prompt = body
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
         budgets = gate.budgets.applicable(key.name, route.name, key.team)

@@ -78,6 +78,7 @@ class RequestLog:
         "model",
         "operation",
         "outcome",
+        "prompt",
         "request_id",
         "response",
         "saved_nano",
@@ -132,6 +133,7 @@ class RequestLog:
         self.steps: list[AttemptRecord] | None = None  # every attempt, in order
         self.capture = False  # keep the answer's body (`response`)
         self.response: bytes | None = None
+        self.prompt: dict[str, Any] | None = None  # the request in chat terms, as sent on
         self.upstream_headers = b""  # header lines for the attempt being made
 
     def identify(self, key: KeyRecord) -> None:

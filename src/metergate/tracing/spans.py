@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from metergate.metering.meter import AttemptRecord, RequestLog
-from metergate.tracing import content
+from metergate.tracing import answers, content
 from metergate.tracing.context import TraceContext
 from metergate.tracing.pipeline import SCOPE
 
@@ -52,7 +52,7 @@ class SpanBuilder:
 
         server = SpanContext(trace.trace_id, trace.span_id, False, _SAMPLED)
         captured = self.capture_content and log.capture
-        answer = content.read_answer(log.response, self.max_content_bytes if captured else None)
+        answer = answers.read_answer(log.response, self.max_content_bytes if captured else None)
         steps = log.steps or []
         spans = [
             self._attempt(log, step, number, server, trace, epoch_ns)
@@ -94,11 +94,11 @@ class SpanBuilder:
         self,
         log: RequestLog,
         tags: dict[str, str],
-        answer: content.Answer,
+        answer: answers.Answer,
         steps: list[AttemptRecord],
     ) -> dict[str, Any]:
         usage = log.usage
-        body = log.body or {}
+        body = log.prompt or log.body or {}  # in chat terms, whatever the door
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": log.operation,
             "gen_ai.request.model": log.model,
