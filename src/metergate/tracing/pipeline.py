@@ -41,6 +41,7 @@ SCOPE = InstrumentationScope("metergate", __version__)
 # by default (the OpenTelemetry Collector's OTLP receivers: 4 MiB gRPC, 20 MiB HTTP).
 MAX_EXPORT_BYTES = 3 * 1024 * 1024
 _SPAN_BYTES = 256  # ids, times, name, kind, status: what a span costs beyond attributes
+_ATTRIBUTE_BYTES = 96  # an attribute's key and framing (`metergate.tag.<name>`: up to 78)
 
 
 def build_exporter(config: TracingConfig) -> SpanExporter:
@@ -112,14 +113,17 @@ def export_parts(spans: Sequence[ReadableSpan], limit: int) -> Iterator[Sequence
 
 
 def span_bytes(span: ReadableSpan) -> int:
-    """An upper estimate of a span's encoded size, from its attributes' text."""
-    size = _SPAN_BYTES
-    for key, value in (span.attributes or {}).items():
-        size += len(key) + 16
-        if isinstance(value, str):
+    """An upper estimate of a span's encoded size: a fixed cost per span and attribute
+    (keys are short), plus the attributes' text. Cheap, as it runs for every span."""
+    attributes = span.attributes
+    if not attributes:
+        return _SPAN_BYTES
+    size = _SPAN_BYTES + _ATTRIBUTE_BYTES * len(attributes)
+    for value in attributes.values():
+        if value.__class__ is str:
             size += len(value) if value.isascii() else 4 * len(value)
-        elif isinstance(value, Sequence):
-            size += sum(len(item) + 8 if isinstance(item, str) else 16 for item in value)
+        elif value.__class__ is tuple or value.__class__ is list:
+            size += sum(len(item) + 8 if item.__class__ is str else 16 for item in value)
     return size
 
 
