@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from metergate.storage.database import open_database
+from tests.doors import anthropic_client, upstreams  # noqa: F401 - fixture
 from tests.harness import Gateway
 from tests.test_console_api import ADMIN_KEY, admin
 from tests.upstreams.openai_server import API_KEY
@@ -182,6 +183,27 @@ def test_bodies_are_cut_and_streams_kept_as_relayed(gateway_factory, upstream_ur
     relayed = streamed["response"]["body"]
     assert relayed.startswith("data: {") and len(chunks) > 3
     assert streamed["response"]["truncated"] is True  # 256 bytes hold a chunk or two
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])  # translated from chat; passed through
+def test_a_door_keeps_what_its_caller_got(gateway_factory, upstreams, model):  # noqa: F811
+    """A Messages request's record holds the Anthropic message its caller got, whether
+    the upstream spoke chat or Messages, streamed or not."""
+    logged = f"admin: {{api_key: {ADMIN_KEY}}}\nrequest_log: {{enabled: true}}\n"
+    gateway = gateway_factory(upstreams.config() + logged)
+    client = anthropic_client(gateway)
+    ask = {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
+    message = client.messages.create(**ask)
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    kept = json.loads(record["response"]["body"])
+    assert kept["id"] == message.id and kept["type"] == "message"
+    assert kept["content"][0]["text"] == message.content[0].text
+    with client.messages.stream(**ask) as events:
+        streamed = events.get_final_message()
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    relayed = record["response"]["body"]
+    assert relayed.startswith("event: message_start") and streamed.id in relayed
+    assert relayed.rstrip().rsplit("\n\n", 1)[-1].startswith("event: message_stop")
 
 
 def test_off_by_default_nothing_is_kept(gateway_factory, upstream_url):

@@ -1,7 +1,8 @@
 """Spans of the Anthropic Messages and OpenAI Responses doors read like a chat request's:
-the prompt with its system text or instructions, and the answer's text, id, model and
-finish reason, whether the upstream was passed the request as it came (and answered
-in its own shape) or was sent its chat translation, streamed or not."""
+the prompt with its system text or instructions, and the answer's text, id (the one
+its caller got), model and finish reason, whether the upstream was passed the request
+as it came (and answered in its own shape) or was sent its chat translation, streamed
+or not."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def collector(bg: BackgroundLoop) -> Iterator[HttpCollector]:
     receiver.close()
 
 
-@pytest.fixture
-def gateway(gateway_factory: Any, upstreams: Upstreams, collector: HttpCollector) -> Gateway:  # noqa: F811
+def traced(gateway_factory: Any, upstreams: Upstreams, endpoint: str, capture: bool) -> Gateway:  # noqa: F811
     tracing = (
-        "tracing: {enabled: true, capture_content: true, export_interval_seconds: 0.05, "
-        f"endpoint: '{collector.endpoint}'}}\n"
+        f"tracing: {{enabled: true, capture_content: {str(capture).lower()}, "
+        f"export_interval_seconds: 0.05, endpoint: '{endpoint}'}}\n"
     )
     return gateway_factory(upstreams.config() + tracing)
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any, upstreams: Upstreams, collector: HttpCollector) -> Gateway:  # noqa: F811
+    return traced(gateway_factory, upstreams, collector.endpoint, capture=True)
 
 
 def server_span(collector: HttpCollector) -> dict[str, Any]:
@@ -88,5 +93,22 @@ def test_a_responses_request(gateway, collector, model, stream):
     attributes = read_alike(collector, answer.output_text)
     assert attributes["gen_ai.response.model"] == "gpt-4.1"
     assert attributes["gen_ai.request.max_tokens"] == 48
-    if model == "gpt-native":  # the upstream's own answer is the caller's
-        assert attributes["gen_ai.response.id"] == answer.id
+    assert attributes["gen_ai.response.id"] == answer.id  # the caller's, translated or not
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
+def test_without_content_a_stream_still_names_the_answer_its_caller_got(
+    gateway_factory,
+    upstreams,  # noqa: F811
+    collector,
+    model,
+):
+    """Only the first chunk is kept then: the door's, so the id is the caller's."""
+    gateway = traced(gateway_factory, upstreams, collector.endpoint, capture=False)
+    request = {"model": model, "max_tokens": 32, "messages": [{"role": "user", "content": ASK}]}
+    with anthropic_client(gateway).messages.stream(**request) as events:
+        answer = events.get_final_message()
+    attributes = server_span(collector)
+    assert attributes["gen_ai.response.id"] == answer.id
+    assert "gen_ai.output.messages" not in attributes
+    assert "gen_ai.input.messages" not in attributes

@@ -38,7 +38,7 @@ from metergate.cache import CachedResponse
 from metergate.errors import GatewayError, InternalError, InvalidRequest, ShutDown
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
-from metergate.metering.meter import RequestLog
+from metergate.metering.meter import Answered, RequestLog
 from metergate.providers.base import StreamState
 from metergate.routing.router import Route
 from metergate.runtime import Plan, Runtime
@@ -215,6 +215,8 @@ class CompletionsHandler:
         log.usage = usage
         log.cost_nano = deployment.prices.cost_nano(usage)
         answer = await self.door.answer(exchange, deployment, completion, key)
+        if log.steps is not None:  # traced or logged: the answer as the caller gets it
+            log.response = answer
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
             (b"x-metergate-attempts", b"%d" % log.attempts),
@@ -253,11 +255,16 @@ class CompletionsHandler:
         watcher: asyncio.Task[None] | None = None
         relayed = estimate.RelayedText()
         relayed.add(first)
+        kept = Answered() if log.capture else None  # what the caller gets, for the record
         error: BaseException | None = None
         last = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             out = first if outward is None else outward.feed(first)
+            if kept is not None:
+                kept.add(out)
+            elif out and log.steps is not None:  # traced: the first chunk its caller got
+                log.response = out
             await send({"type": "http.response.body", "body": out, "more_body": True})
             log.ttft = time.perf_counter() - log.started
             # Watched from the first chunk on, so that starting its task does not delay that
@@ -268,6 +275,8 @@ class CompletionsHandler:
                 log.upstream_seconds += time.perf_counter() - waited
                 relayed.add(chunk)
                 out = chunk if outward is None else outward.feed(chunk)
+                if kept is not None:
+                    kept.add(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 waited = time.perf_counter()
             if outward is not None:
@@ -307,6 +316,9 @@ class CompletionsHandler:
             usage, estimated = estimate.stream_usage(body, state.usage, relayed, error is None)
             log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
             log.cost_nano = deployment.prices.cost_nano(usage)
+            if kept is not None:
+                kept.add(last)
+                log.response = kept.body()
         return Reply(last)
 
 

@@ -131,7 +131,7 @@ class RequestLog:
         # Filled only when tracing or the request log is on (`Meter.begin`):
         self.trace: TraceContext | None = None
         self.steps: list[AttemptRecord] | None = None  # every attempt, in order
-        self.capture = False  # keep the answer's body (`response`)
+        self.capture = False  # keep the whole answer the caller got (`response`)
         self.response: bytes | None = None
         self.prompt: dict[str, Any] | None = None  # the request in chat terms, as sent on
         self.upstream_headers = b""  # header lines for the attempt being made
@@ -151,6 +151,27 @@ class RequestLog:
 
     def fail(self, error: GatewayError) -> None:
         self.outcome, self.status, self.failure = error.outcome, error.status, error
+
+
+class Answered:
+    """What a stream sent its caller, as the door relayed it, kept for the request log and
+    spans (only of requests whose content is captured) up to `LIMIT`: the request log cuts
+    bodies at a few MiB at most."""
+
+    LIMIT = 16 * 1024 * 1024
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        if self.size < self.LIMIT:
+            self.parts.append(data)
+            self.size += len(data)
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 class Observer(Protocol):

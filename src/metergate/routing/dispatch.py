@@ -22,7 +22,8 @@ as a failed candidate attempt (what the candidate did opened them).
 When the request is traced or logged (`RequestLog.steps` is a list), each attempt is
 also recorded there, gets its own span id, and sends the upstream a `traceparent` that
 names it; the answer's body (a stream's first chunk) is kept for its model and finish
-reasons, and a whole stream when its content is to be kept (`RequestLog.capture`).
+reasons. What a whole stream sent its caller is kept by the door's relay, when its
+content is to be kept (`RequestLog.capture`).
 """
 
 from __future__ import annotations
@@ -122,10 +123,8 @@ class Dispatcher:
                 raise
 
         deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
-        if log.steps is not None:
+        if log.steps is not None:  # traced or logged: the first chunk names the model
             log.response = first
-            if log.capture:
-                chunks = _Captured(chunks, log)
         return deployment, chunks, first
 
     def stream_finished(
@@ -246,34 +245,6 @@ def _record(deployment: Deployment, started: float, log: RequestLog) -> AttemptR
         log.upstream_headers = trace.outgoing(record.span_id)
     log.steps.append(record)
     return record
-
-
-class _Captured:
-    """Relays a stream while keeping what was relayed, up to 16 MiB (the request log cuts
-    bodies at a few MiB at most). Closing it closes the upstream stream, started or not."""
-
-    def __init__(self, chunks: AsyncIterator[bytes], log: RequestLog) -> None:
-        self._chunks = chunks
-        self._log = log
-        self._kept = [log.response or b""]
-        self._size = len(self._kept[0])
-
-    def __aiter__(self) -> _Captured:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await anext(self._chunks)
-        if self._size < _CAPTURE_LIMIT:
-            self._kept.append(chunk)
-            self._size += len(chunk)
-        return chunk
-
-    async def aclose(self) -> None:
-        self._log.response = b"".join(self._kept)
-        await self._chunks.aclose()  # type: ignore[attr-defined]
-
-
-_CAPTURE_LIMIT = 16 * 1024 * 1024
 
 
 def _no_upstream(route: Route) -> UpstreamFailure:
