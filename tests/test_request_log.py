@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -204,6 +205,12 @@ def test_a_door_keeps_what_its_caller_got(gateway_factory, upstreams, model):  #
     relayed = record["response"]["body"]
     assert relayed.startswith("event: message_start") and streamed.id in relayed
     assert relayed.rstrip().rsplit("\n\n", 1)[-1].startswith("event: message_stop")
+    failing = "TRIGGER:overloaded" if model == "claude" else "TRIGGER:503"
+    with pytest.raises(anthropic.APIStatusError) as refused:  # no retries in these models
+        client.messages.create(**{**ask, "messages": [{"role": "user", "content": failing}]})
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    assert json.loads(record["response"]["body"]) == refused.value.body
+    assert refused.value.body["type"] == "error"  # Anthropic's shape, not OpenAI's
 
 
 def test_off_by_default_nothing_is_kept(gateway_factory, upstream_url):

@@ -336,6 +336,8 @@ def _error_reply(
     status, body = door.error(error)
     log.fail(error)
     log.status = status  # the door's (Anthropic's overloaded is 529, say)
+    if log.steps is not None:  # traced or logged: the error as its caller gets it
+        log.response = body
     return Reply(body, status, headers + JSON_HEADERS + error.headers)
 
 

@@ -50,7 +50,8 @@ def _body(raw: bytes | None, parsed: Any, redactor: Redactor, cap: int) -> dict[
 
 
 def _answer(log: RequestLog) -> bytes | None:
-    """What the caller got: the upstream's answer as relayed, or the error body."""
+    """What the caller got: the answer as the door relayed it, or the error (a request
+    refused before any record of it was kept: the OpenAI-shaped body)."""
     if log.response is None and log.failure is not None:
         return log.failure.body()
     return log.response
