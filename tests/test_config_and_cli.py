@@ -350,9 +350,16 @@ def test_a_ledger_that_cannot_be_opened_is_named_without_its_password(tmp_path):
         assert "Traceback" not in output and "pw-canary" not in output
 
 
-def test_the_serve_banner_hides_the_ledger_password(tmp_path, fresh_postgres_url):
-    """The database trusts loopback, so any password opens it: the banner shows none."""
-    url = fresh_postgres_url.replace("postgres@", "postgres:pw-canary-0a9b8c@")
+@pytest.mark.parametrize("where", ["userinfo", "query"])
+def test_the_serve_banner_hides_the_ledger_password(tmp_path, fresh_postgres_url, where):
+    """The database trusts loopback, so any password opens it: the banner shows none,
+    whether the URL carries it before the host or as libpq's `?password=`."""
+    if where == "userinfo":
+        url = fresh_postgres_url.replace("postgres@", "postgres:pw-canary-0a9b8c@")
+        shown = "ledger: postgresql://postgres:***@127.0.0.1:"
+    else:
+        url = f"{fresh_postgres_url}?password=pw-canary-0a9b8c"
+        shown = "?password=***"
     config = tmp_path / "gw.yaml"
     config.write_text(f"ledger: {{url: '{url}'}}\n" + SIMULATED)
     process = subprocess.Popen(
@@ -371,7 +378,7 @@ def test_the_serve_banner_hides_the_ledger_password(tmp_path, fresh_postgres_url
         process.terminate()
         process.communicate(timeout=30)
     banner = "".join(lines)
-    assert "ledger: postgresql://postgres:***@127.0.0.1:" in banner, banner
+    assert shown in banner, banner
     assert "pw-canary" not in banner
 
 

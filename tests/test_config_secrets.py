@@ -36,7 +36,8 @@ ADMIN_KEY = "admin-canary-7f3a9c0b5d2e4f61"
 HEADER_SECRET = "hdr-canary-1b2c3d4e5f60718293"
 HOOK_TOKEN = "hook-canary-a1b2c3d4e5f6a7b8c9"
 PROXY_PASSWORD = "proxy-canary-0f9e8d7c6b5a4938"
-CANARIES = (PROVIDER_KEY, ADMIN_KEY, HEADER_SECRET, HOOK_TOKEN, PROXY_PASSWORD)
+COLLECTOR_TOKEN = "otel-canary-5a6b7c8d9e0f1a2b3c"
+CANARIES = (PROVIDER_KEY, ADMIN_KEY, HEADER_SECRET, HOOK_TOKEN, PROXY_PASSWORD, COLLECTOR_TOKEN)
 ASK = [{"role": "user", "content": "secrets"}]
 
 
@@ -68,6 +69,9 @@ budgets:
     webhook_url: https://hooks.example.invalid/services/T0/B0/{HOOK_TOKEN}
 admin:
   api_key: {admin_key}
+tracing:  # kept for the day it is turned on
+  enabled: false
+  headers: {{x-honeycomb-team: {COLLECTOR_TOKEN}}}
 """
 
 
@@ -257,7 +261,7 @@ def test_postgresql_history_holds_no_literal_secret(
     assert reload(gateway.base_url.removesuffix("/v1")).status_code == 200
     database = fresh_postgres_url.rsplit("/", 1)[1]
     rows = postgres_server.psql(database, "SELECT hash, source, body, note FROM config_versions")
-    assert rows.count(MARKER) == 3 * 5  # the legacy row and two versions, 5 secrets each
+    assert rows.count(MARKER) == 3 * 6  # the legacy row and two versions, 6 secrets each
     assert_no_canary(rows.encode(), "config_versions")
     assert "output: 2" in rows  # the rest of the text is kept
 
@@ -326,10 +330,14 @@ admin:
 mcp:
   servers:
     files: {command: files-mcp, env: {GITHUB_PAT: ghp-secret, LOG_LEVEL: debug}}
+tracing:
+  endpoint: https://otel:trace-pw@collector:4318/v1/traces?token=trace-tok
+  headers: {x-honeycomb-team: hc-secret, authorization: "Bearer ${OTEL_TOKEN}"}
 """
     redacted = redact(text)
     for secret in ("pg-secret", "pw-2", "sk-default-secret", "k-3", "sk-shared", "s=1",
-                   "block-secret", "ghp-secret", "debug"):  # fmt: skip
+                   "block-secret", "ghp-secret", "debug", "trace-pw", "trace-tok",
+                   "hc-secret"):  # fmt: skip
         assert secret not in redacted, secret
     kept = (
         "${REDIS_PASSWORD}",
@@ -340,6 +348,8 @@ mcp:
         "sslmode=require",
         "postgresql://mg:",
         "api_key: null",
+        "Bearer ${OTEL_TOKEN}",
+        "https://otel:",
     )
     for kept_text in kept:
         assert kept_text in redacted, kept_text

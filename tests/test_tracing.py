@@ -5,6 +5,7 @@ out unless asked for, and requests unaffected by a collector that is down."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness import BackgroundLoop, Gateway
+from tests.harness import BackgroundLoop, Gateway, free_port
 from tests.otlp import GrpcCollector, HttpCollector, SilentCollector
 from tests.upstreams.openai_server import API_KEY
 
@@ -390,6 +391,24 @@ def test_requests_do_not_wait_for_a_collector_that_is_down(gateway_factory, open
     gateway.stop()
     assert time.monotonic() - stop_started < 25  # export timeout 10 s, then it gives up
     silent.close()
+
+
+def test_a_collector_token_in_the_url_stays_out_of_the_log(
+    gateway_factory, openai_upstream, caplog
+):
+    """The exporter's own warnings name the URL it failed to reach, query included."""
+    server, _ = openai_upstream
+    endpoint = f"http://otel:pw-canary@127.0.0.1:{free_port()}/v1/traces?token=tok-canary"
+    caplog.set_level(logging.INFO)
+    gateway = gateway_factory(traced_config(server.url, endpoint, export_timeout_seconds=2))
+    gateway.client().chat.completions.create(model="gpt-4.1", messages=ASK)
+    deadline = time.monotonic() + 20
+    while not any(r.name.startswith("opentelemetry") for r in caplog.records):
+        assert time.monotonic() < deadline, "the exporter never said it failed"
+        time.sleep(0.05)
+    said = caplog.text
+    assert "canary" not in said
+    assert "to http://otel:***@127.0.0.1:" in said and "/v1/traces?token=***" in said
 
 
 def test_a_reload_turns_tracing_on_and_off(gateway_factory, openai_upstream, collector):

@@ -22,7 +22,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -31,14 +30,18 @@ from metergate.config.loader import ConfigError, ConfigProblem
 MARKER = "${METERGATE_REDACTED}"
 
 
+def url_secrets(url: str) -> list[str]:
+    """The literal secrets a URL carries: its password, secret-named query values."""
+    return [url[start:end] for start, end in _parts("url", url).values()]
+
+
 def without_password(url: str) -> str:
-    """A database or Redis URL fit for a log line, a banner or an error message."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    """A URL fit for a log line, a banner or an error message: the password of its
+    userinfo and the values of secret-named query parameters (libpq's `?password=`, a
+    collector's `?token=`) are `***`."""
+    for start, end in sorted(_parts("url", url).values(), reverse=True):
+        url = f"{url[:start]}***{url[end:]}"
+    return url
 
 
 Kind = Literal["whole", "url", "header"]
@@ -61,6 +64,8 @@ _FIELDS: tuple[tuple[tuple[str, ...], Kind], ...] = (
     (("mcp", "servers", _ANY, "url"), "url"),
     (("mcp", "servers", _ANY, "headers", _ANY), "header"),
     (("mcp", "servers", _ANY, "env", _ANY), "whole"),  # a stdio server's credentials
+    (("tracing", "endpoint"), "url"),
+    (("tracing", "headers", _ANY), "whole"),  # a collector's token, whatever its name
 )
 _SECRET_NAME = re.compile(
     r"auth|token|secret|passw|pwd|api[-_]?key|x-key|cookie|session|signature|credential|"

@@ -9,6 +9,7 @@ import asyncio
 import logging
 
 from metergate.config.model import GatewayConfig
+from metergate.config.secrets import without_password
 from metergate.metering.meter import Meter
 from metergate.metering.tags import TagLabels
 from metergate.requestlog import RequestRecorder
@@ -59,7 +60,7 @@ class Observers:
             log.info(
                 "tracing: exporting OTLP (%s) to %s",
                 config.tracing.protocol,
-                config.tracing.endpoint,
+                without_password(config.tracing.endpoint),
             )
 
     def mcp_tracer(self) -> object | None:

@@ -32,6 +32,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from metergate import __version__
 from metergate.config.observe import TracingConfig
+from metergate.config.secrets import url_secrets
 
 log = logging.getLogger("metergate.tracing")
 
@@ -62,6 +63,33 @@ def build_exporter(config: TracingConfig) -> SpanExporter:
     return OTLPSpanExporter(
         endpoint=config.endpoint, headers=headers or None, timeout=config.export_timeout_seconds
     )
+
+
+class _WithoutSecrets(logging.Filter):
+    """Masks the endpoint's secrets in the exporter's log lines: a failed export names
+    its URL, query string (a collector's `?token=`) included."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if any(secret in message or secret in (record.exc_text or "") for secret in self.secrets):
+            for secret in self.secrets:
+                message = message.replace(secret, "***")
+                if record.exc_text:
+                    record.exc_text = record.exc_text.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+def _exporter_loggers(exporter: SpanExporter) -> list[logging.Logger]:
+    """The loggers an exporter writes to: its classes' modules' (the SDK logs by module)."""
+    modules = {cls.__module__ for cls in type(exporter).__mro__}
+    return [log, *(logging.getLogger(name) for name in sorted(modules) if "." in name)]
 
 
 class _Counting(SpanExporter):
@@ -145,7 +173,14 @@ class SpanPipeline:
         self._submitted = itertools.count(1)
         self._last_submitted = 0
         self._finished = 0
-        self.exporter = _Counting(build_exporter(config), self)
+        inner = build_exporter(config)
+        self.exporter = _Counting(inner, self)
+        secrets = url_secrets(config.endpoint)
+        mask = _WithoutSecrets(secrets)
+        self._masked = _exporter_loggers(inner) if secrets else []
+        for logger in self._masked:
+            logger.addFilter(mask)
+        self._mask = mask
         self.processor = BatchSpanProcessor(
             self.exporter,
             max_queue_size=config.max_queue_size,
@@ -192,6 +227,8 @@ class SpanPipeline:
         if left > 0:
             self.dropped.inc(left)
             self._finished += left
+        for logger in self._masked:
+            logger.removeFilter(self._mask)
 
 
 class _Bounded(SpanProcessor):
