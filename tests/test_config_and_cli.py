@@ -111,6 +111,25 @@ def test_a_base_url_that_would_leak_or_misroute_is_refused(base_url, message):
     assert "URLPASSWORD" not in rendered
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_start_that_fails_exits_and_names_the_proxy_without_its_password(tmp_path, workers):
+    """An environment proxy the gateway cannot use fails the start. The process exits
+    (the ledger database it had opened no longer keeps it alive), saying why, and the
+    proxy's password is not in what it says."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}\n"
+        + one_upstream("https://api.example.invalid/v1")
+    )
+    proxy = {"HTTPS_PROXY": "https://ops:pw-canary@proxy.invalid:3128"}
+    serve = ["serve", "-c", str(config), "--port", str(free_port()), "--workers", str(workers)]
+    result = run(*serve, cwd=tmp_path, env=proxy, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "proxy 'https://ops:***@proxy.invalid:3128': only http:// proxies" in output
+    assert "pw-canary" not in output
+
+
 @pytest.mark.parametrize("url", ["hooks.slack.com/services/T0KEN", "https:///services/T0KEN"])
 def test_a_webhook_url_that_cannot_be_posted_to_is_refused_when_the_config_loads(url):
     """Found out otherwise only by the first alert, which it would then lose."""

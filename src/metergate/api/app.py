@@ -200,6 +200,7 @@ class GatewayApp:
                     await self.runtime.start()
                 except Exception as exc:
                     log.exception("startup failed")
+                    await self._close_after_failed_start()
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 self._reload_on_sighup()
@@ -218,6 +219,19 @@ class GatewayApp:
                 await self.runtime.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+    async def _close_after_failed_start(self) -> None:
+        """Stop what started before the failure: the ledger database's thread, left
+        running, would keep the process from exiting, and a supervisor would see it hang
+        instead of fail."""
+        try:
+            await self.runtime.close()
+        except Exception:
+            log.exception("closing after the failed start failed")
+            if self.runtime.database is not None:
+                with contextlib.suppress(Exception):
+                    await self.runtime.database.close()
 
 
 async def _refuse(request: Request, send: Send, error: GatewayError) -> None:

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from metergate.config.secrets import without_password
+
 DIRECT = "direct"
 _MAX_ANSWER = 16 * 1024
 
@@ -40,13 +42,14 @@ class Proxy:
 def parse_proxy(url: str) -> Proxy:
     """A proxy URL as configured; raises ValueError with a message for the config check."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
+    shown = without_password(url)  # the message lands in logs and reload answers
     if parts.scheme != "http":
         raise ValueError(
-            f"proxy {url!r}: only http:// proxies are supported (TLS to the upstream is "
+            f"proxy {shown!r}: only http:// proxies are supported (TLS to the upstream is "
             "tunnelled through them with CONNECT)"
         )
     if not parts.hostname:
-        raise ValueError(f"proxy {url!r} has no host")
+        raise ValueError(f"proxy {shown!r} has no host")
     authorization = b""
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
