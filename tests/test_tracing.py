@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +114,8 @@ def test_one_server_span_and_a_client_span_per_attempt_on_the_callers_trace(
     assert attrs["http.response.status_code"] == 200
     assert root["status"] == "UNSET" and root["scope"] == "metergate"
     assert root["resource"]["service.name"] == "gateway-under-test"
+    # each worker of each replica is told apart (here the gateway runs in this process)
+    assert root["resource"]["service.instance.id"] == f"{socket.gethostname()}:{os.getpid()}"
     assert attempt["attributes"]["metergate.upstream"] == "up-gpt"
     assert attempt["attributes"]["server.address"] == "127.0.0.1"
     assert root["start"] <= attempt["start"] <= attempt["end"] <= root["end"]

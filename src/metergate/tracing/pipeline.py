@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -161,10 +163,15 @@ class SpanPipeline:
     def __init__(self, config: TracingConfig, dropped: Any) -> None:
         self.config = config
         self.dropped = dropped  # the Prometheus counter
+        host = socket.gethostname()
         self.resource = Resource.create(
             {
                 "service.name": config.service_name,
                 "service.version": __version__,
+                # which replica and worker: built in each worker, after the fork
+                "service.instance.id": f"{host}:{os.getpid()}",
+                "host.name": host,
+                "process.pid": os.getpid(),
                 **config.resource_attributes,
             }
         )
