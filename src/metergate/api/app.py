@@ -220,7 +220,6 @@ class GatewayApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-
     async def _close_after_failed_start(self) -> None:
         """Stop what started before the failure: the ledger database's thread, left
         running, would keep the process from exiting, and a supervisor would see it hang
