@@ -213,6 +213,20 @@ def test_a_door_keeps_what_its_caller_got(gateway_factory, upstreams, model):  #
     assert refused.value.body["type"] == "error"  # Anthropic's shape, not OpenAI's
 
 
+def test_a_cache_hit_keeps_the_answer_it_gave(gateway_factory, upstream_url):
+    config = logged_config(upstream_url)
+    config["cache"] = {"enabled": True}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    ask = [{"role": "user", "content": "the same question twice"}]
+    first = client.chat.completions.create(model="gpt-4.1", messages=ask)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4.1", messages=ask)
+    assert raw.headers["x-metergate-cache"] == "hit"
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    assert json.loads(record["response"]["body"])["id"] == first.id == raw.parse().id
+    assert record["attempts"] == []
+
+
 def test_off_by_default_nothing_is_kept(gateway_factory, upstream_url):
     config = logged_config(upstream_url)
     del config["request_log"]

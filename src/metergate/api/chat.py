@@ -355,6 +355,8 @@ def _from_cache(
     log.upstream = hit.upstream
     log.cache_hit = True
     log.saved_nano = hit.cost_nano
+    if log.steps is not None:  # traced or logged: the answer its caller got, from the cache
+        log.response = body
     headers += (
         (b"x-metergate-upstream", hit.upstream.encode()),
         (b"x-metergate-cost-usd", b"0.000000000"),
