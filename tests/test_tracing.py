@@ -293,6 +293,30 @@ def test_a_streamed_answer_is_cut_like_a_prompt() -> None:
     assert read_answer(raw, output_bytes=None).output is None
 
 
+@pytest.mark.parametrize(
+    ("kind", "preset", "named"),
+    [
+        ("openai", None, "openai"),
+        ("anthropic", None, "anthropic"),
+        ("gemini", None, "gcp.gemini"),
+        ("vertex", None, "gcp.vertex_ai"),
+        ("bedrock", None, "aws.bedrock"),
+        ("azure", None, "azure.ai.openai"),
+        ("openai", "mistral", "mistral_ai"),
+        ("openai", "xai", "x_ai"),
+        ("openai", "groq", "groq"),
+        ("openai", "ollama", "ollama"),
+    ],
+)
+def test_providers_are_named_as_the_genai_conventions_name_them(kind, preset, named) -> None:
+    """A dashboard grouping by gen_ai.provider.name sees the same values as for any other
+    instrumented client: `aws.bedrock`, not the config's `bedrock`; Groq, not `openai`."""
+    from metergate.config.model import ProviderConfig
+    from metergate.tracing.spans import provider_name
+
+    assert provider_name(ProviderConfig.model_construct(type=kind, preset=preset)) == named
+
+
 def test_export_parts_keep_order_and_bound_each_part() -> None:
     from opentelemetry.sdk.trace import ReadableSpan
 

@@ -19,17 +19,24 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from metergate.config.model import ProviderConfig
 from metergate.metering.meter import AttemptRecord, RequestLog
 from metergate.tracing import answers, content
 from metergate.tracing.context import TraceContext
 from metergate.tracing.pipeline import SCOPE
 
-PROVIDER_NAMES = {  # gen_ai.provider.name of each provider type
+# gen_ai.provider.name: the GenAI conventions' well-known value of each provider type,
+# and of the presets that have one (any other preset is named as it is: groq, deepseek).
+PROVIDER_NAMES = {
     "openai": "openai",
     "anthropic": "anthropic",
     "gemini": "gcp.gemini",
+    "vertex": "gcp.vertex_ai",
+    "bedrock": "aws.bedrock",
+    "azure": "azure.ai.openai",
     "simulated": "metergate.simulated",
 }
+PRESET_NAMES = {"mistral": "mistral_ai", "xai": "x_ai"}
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _MAX_STATUS_TEXT = 300
 
@@ -201,9 +208,14 @@ _REQUEST_FIELDS = (
 )
 
 
+def provider_name(config: ProviderConfig) -> str:
+    if config.preset is not None:
+        return PRESET_NAMES.get(config.preset, config.preset)
+    return PROVIDER_NAMES.get(config.type, config.type)
+
+
 def _provider(step: AttemptRecord) -> str:
-    kind = step.deployment.adapter.config.type
-    return PROVIDER_NAMES.get(kind, kind)
+    return provider_name(step.deployment.adapter.config)
 
 
 def _flags(trace: TraceContext) -> TraceFlags:
