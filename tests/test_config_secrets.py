@@ -14,15 +14,20 @@ import signal
 import subprocess
 import sys
 import time
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import yaml
 from aiohttp import web
+from pydantic import BaseModel, SecretStr
 
 from metergate.config import ConfigError, parse_config
+from metergate.config.model import GatewayConfig
 from metergate.config.secrets import MARKER, redact, restore
 from metergate.storage import config_versions
 from metergate.storage.database import open_database
@@ -357,6 +362,43 @@ tracing:
     assert yaml.safe_load(restore(redacted, text)) == yaml.safe_load(text)
     plain = "providers:\n  a: {type: openai, api_key: '${K}'}  # only references\n"
     assert redact(plain) == plain
+
+
+def _secret_paths(model: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key path of the config schema whose value is a SecretStr (`x`: any name)."""
+    for name, field in model.model_fields.items():
+        yield from _secret_paths_of(field.annotation, (*path, field.alias or name))
+
+
+def _secret_paths_of(annotation: Any, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    if annotation is SecretStr:
+        yield path
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield from _secret_paths(annotation, path)
+    elif typing.get_origin(annotation) is dict:
+        yield from _secret_paths_of(typing.get_args(annotation)[1], (*path, "x"))
+    else:  # X | None, list[X], Literal[...]: look inside
+        for inner in typing.get_args(annotation):
+            yield from _secret_paths_of(inner, path)
+
+
+def test_every_secret_field_of_the_schema_is_redacted():
+    """A secret the schema declares (SecretStr) but the redaction list misses would be
+    kept verbatim in every config version: Azure client secrets and AWS secret keys
+    were. Each such field, written literally, is taken out."""
+    paths = sorted(set(_secret_paths(GatewayConfig)))
+    assert ("providers", "x", "bedrock", "secret_access_key") in paths
+    config: dict[str, Any] = {}
+    for number, path in enumerate(paths):
+        node = config
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = f"canary-{number:03d}-literal"
+    text = yaml.safe_dump(config)
+    redacted = redact(text)
+    kept = [path for number, path in enumerate(paths) if f"canary-{number:03d}" in redacted]
+    assert kept == []
+    assert yaml.safe_load(restore(redacted, text)) == config  # and a rollback gets them back
 
 
 def test_a_redacted_version_never_runs_with_its_placeholders():

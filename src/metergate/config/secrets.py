@@ -51,6 +51,9 @@ _ANY = "*"
 # "header": the value, when the header's name says it carries credentials.
 _FIELDS: tuple[tuple[tuple[str, ...], Kind], ...] = (
     (("providers", _ANY, "api_key"), "whole"),
+    (("providers", _ANY, "azure", "client_secret"), "whole"),
+    (("providers", _ANY, "bedrock", "secret_access_key"), "whole"),
+    (("providers", _ANY, "bedrock", "session_token"), "whole"),
     (("providers", _ANY, "headers", _ANY), "header"),
     (("providers", _ANY, "base_url"), "url"),
     (("providers", _ANY, "proxy"), "url"),
