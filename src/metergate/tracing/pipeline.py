@@ -77,14 +77,14 @@ class _WithoutSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if any(secret in message or secret in (record.exc_text or "") for secret in self.secrets):
+        trace = record.exc_text or ""
+        if record.exc_info and not trace:
+            trace = logging.Formatter().formatException(record.exc_info)
+        if any(secret in message or secret in trace for secret in self.secrets):
             for secret in self.secrets:
-                message = message.replace(secret, "***")
-                if record.exc_text:
-                    record.exc_text = record.exc_text.replace(secret, "***")
+                message, trace = message.replace(secret, "***"), trace.replace(secret, "***")
             record.msg, record.args = message, None
+            record.exc_text = trace or None  # a handler prints this in place of exc_info
         return True
 
 
