@@ -130,6 +130,19 @@ def test_a_start_that_fails_exits_and_names_the_proxy_without_its_password(tmp_p
     assert "pw-canary" not in output
 
 
+def test_check_warns_of_an_environment_proxy_the_gateway_cannot_use(tmp_path):
+    config = tmp_path / "gw.yaml"
+    config.write_text(one_upstream("https://api.example.invalid/v1"))
+    proxy = {"HTTPS_PROXY": "https://ops:pw-canary@proxy.invalid:3128"}
+    result = run("check", str(config), cwd=tmp_path, env=proxy)
+    assert result.returncode == 0, result.stderr  # a warning: the gateway may run elsewhere
+    said = " ".join(result.stderr.split())
+    assert "the environment's HTTPS_PROXY cannot be used here: proxy 'https://ops:***@" in said
+    assert "pw-canary" not in result.stdout + result.stderr
+    config.write_text(config.read_text().replace("api_key: k}", "api_key: k, proxy: direct}"))
+    assert "HTTPS_PROXY" not in run("check", str(config), cwd=tmp_path, env=proxy).stderr
+
+
 @pytest.mark.parametrize("url", ["hooks.slack.com/services/T0KEN", "https:///services/T0KEN"])
 def test_a_webhook_url_that_cannot_be_posted_to_is_refused_when_the_config_loads(url):
     """Found out otherwise only by the first alert, which it would then lose."""

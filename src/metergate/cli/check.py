@@ -18,7 +18,7 @@ def check(
     """Validate a config file; exit 2 and list every problem if it is not usable.
 
     Warnings (an upstream without a price, an empty api_key, an MCP command not found
-    here) do not fail the check."""
+    here, an HTTP(S)_PROXY here that the gateway cannot use) do not fail the check."""
     loaded = load_or_exit(config)
     for path, message, hint in config_warnings(loaded):
         errors.print(

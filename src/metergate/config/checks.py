@@ -153,11 +153,14 @@ def _tracing_packages(config: GatewayConfig) -> Iterator[Problem]:
 def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
     """What is valid yet likely wrong: an upstream metered at $0, a provider key that
     came out empty (an environment variable set to nothing), an MCP server whose command
-    this machine cannot find. They do not fail a check: the gateway may run elsewhere."""
+    this machine cannot find, an environment proxy it cannot use. They do not fail a
+    check: the gateway may run elsewhere."""
     import shutil
     from pathlib import Path
 
     yield from price_warnings(config)
+    if any(p.type != "simulated" and p.proxy is None for p in config.providers.values()):
+        yield from _environment_proxy_warnings()
     for name, provider in config.providers.items():
         if provider.api_key is not None and not provider.api_key.get_secret_value().strip():
             yield (
@@ -176,4 +179,25 @@ def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
                 ("mcp", "servers", name, "command"),
                 f"command {command!r} is not found on this machine's PATH",
                 "install it, or give its full path; it is started on every gateway worker",
+            )
+
+
+def _environment_proxy_warnings() -> Iterator[Problem]:
+    """An HTTP(S)_PROXY in this environment the gateway cannot use fails its start (every
+    provider without `proxy:` takes it): say so before, with the password masked."""
+    import urllib.request
+
+    from metergate.providers.proxy import parse_proxy
+
+    for scheme, url in sorted(urllib.request.getproxies_environment().items()):
+        if scheme not in ("http", "https"):
+            continue
+        try:
+            parse_proxy(url)
+        except ValueError as error:
+            yield (
+                ("providers",),
+                f"the environment's {scheme.upper()}_PROXY cannot be used here: {error}",
+                "point it at an http:// proxy, unset it, or give the providers `proxy: direct` "
+                "(or their own proxy)",
             )
