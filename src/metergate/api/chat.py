@@ -263,8 +263,8 @@ class CompletionsHandler:
             out = first if outward is None else outward.feed(first)
             if kept is not None:
                 kept.add(out)
-            elif out and log.steps is not None:  # traced: the first chunk its caller got
-                log.response = out
+            elif log.steps is not None:  # traced: the first chunk its caller got (its
+                log.response = out or first  # model, id), or the upstream's if none yet
             await send({"type": "http.response.body", "body": out, "more_body": True})
             log.ttft = time.perf_counter() - log.started
             # Watched from the first chunk on, so that starting its task does not delay that

@@ -21,9 +21,8 @@ as a failed candidate attempt (what the candidate did opened them).
 
 When the request is traced or logged (`RequestLog.steps` is a list), each attempt is
 also recorded there, gets its own span id, and sends the upstream a `traceparent` that
-names it; the answer's body (a stream's first chunk) is kept for its model and finish
-reasons. What a whole stream sent its caller is kept by the door's relay, when its
-content is to be kept (`RequestLog.capture`).
+names it. The answer itself is kept by the handler, as its caller gets it in the door's
+shape (`RequestLog.response`).
 """
 
 from __future__ import annotations
@@ -84,10 +83,7 @@ class Dispatcher:
             return await deployment.adapter.embeddings(call)
 
         log.operation = kind
-        deployment, completion = await self._run(route, log, attempt, keep_open=False)
-        if log.steps is not None:  # traced or logged: the answer names its model, reasons
-            log.response = completion.body
-        return deployment, completion
+        return await self._run(route, log, attempt, keep_open=False)
 
     async def open_stream(
         self,
@@ -123,8 +119,6 @@ class Dispatcher:
                 raise
 
         deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
-        if log.steps is not None:  # traced or logged: the first chunk names the model
-            log.response = first
         return deployment, chunks, first
 
     def stream_finished(
