@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from metergate.cache import ResponseCache
+from metergate.cache.response_cache import ENTRY_OVERHEAD
 from metergate.config.model import CacheConfig
 from metergate.providers.base import Usage
 from tests.harness import eventually, simulated_config
@@ -79,6 +80,53 @@ def test_lru_and_ttl():
     expired.put(keys[0], b"{}", Usage(), "u", 1)
     assert expired.get(keys[0]) is None
     assert cache.key("chat", {"a": 1, "b": 2}, "k") == cache.key("chat", {"b": 2, "a": 1}, "k")
+
+
+def test_the_lru_holds_at_most_max_mb_of_answers():
+    cache = ResponseCache(CacheConfig(enabled=True, max_mb=0.01))  # 10 KiB
+    keys = [cache.key("chat", {"n": i}, "k") for i in range(5)]
+    for key in keys[:3]:
+        cache.put(key, b"x" * 3000, Usage(), "u", 1)
+    assert len(cache) == 3
+    cache.get(keys[0])  # used: the least recently used is now keys[1]
+    cache.put(keys[3], b"y" * 3000, Usage(), "u", 1)
+    assert cache.get(keys[1]) is None and len(cache) == 3
+    assert cache.bytes <= cache.max_bytes
+    cache.put(keys[3], b"z" * 3000, Usage(), "u", 1)  # stored again: counted once
+    assert len(cache) == 3 and cache.get(keys[0]) is not None
+    cache.put(keys[4], b"w" * 20_000, Usage(), "u", 1)  # bigger than the whole cache
+    assert cache.get(keys[4]) is None and len(cache) == 3
+    held = sum(len(entry.body) + ENTRY_OVERHEAD for entry in cache._entries.values())
+    assert cache.bytes == held
+
+
+def test_a_big_answer_is_served_but_not_stored(gateway_factory):
+    config = simulated_config(output_tokens=8)
+    config["cache"] = {"enabled": True, "max_entry_kb": 64}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+
+    def embed(dimensions: int) -> str | None:
+        raw = client.embeddings.with_raw_response.create(
+            model="sim", input=["a", "b", "c"], dimensions=dimensions, encoding_format="float"
+        )
+        assert len(raw.parse().data[0].embedding) == dimensions
+        return raw.headers.get("x-metergate-cache")
+
+    assert [embed(16), embed(16)] == [None, "hit"]
+    assert [embed(4096), embed(4096)] == [None, None]  # three vectors of 4096: > 64 KiB
+    assert gateway.metric("metergate_upstream_attempts_total", upstream="sim-up") == 3
+
+
+def test_cache_control_directives_ignore_case(gateway):
+    client = gateway.client()
+    client.chat.completions.create(model="sim", messages=ASK)
+    for control in ("No-Cache", "NO-STORE"):
+        raw = client.chat.completions.with_raw_response.create(
+            model="sim", messages=ASK, extra_headers={"Cache-Control": control}
+        )
+        assert "x-metergate-cache" not in raw.headers, control
+    assert gateway.metric("metergate_upstream_attempts_total", upstream="sim-up") == 3
 
 
 @pytest.mark.parametrize(("over_cap", "asked"), [("clamp", 50), ("clamp", None)])

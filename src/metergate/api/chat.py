@@ -185,7 +185,7 @@ class CompletionsHandler:
         """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
         cache = plan.cache
         assert cache is not None
-        control = request.headers.get(b"cache-control", b"")
+        control = request.headers.get(b"cache-control", b"").lower()  # directives ignore case
         if b"no-store" in control:
             return None, None
         cache_key = cache.key(self.door.api, self.door.cache_material(exchange), key)

@@ -2,7 +2,13 @@
 
 Keys are a hash of the request body with sorted keys, the model and (unless the cache
 is shared) the caller's key name, so one service never receives another's answer.
-Only successful non-streamed answers are stored.
+Only successful non-streamed answers are stored, and only those of at most
+`max_entry_kb`: one big answer (an embeddings batch is megabytes) would otherwise push out
+hundreds of small ones, or hold up the hot path while it is written to Redis.
+
+The in-process LRU is bounded twice: by `max_entries`, and by `max_mb` of answers (each
+counted with `ENTRY_OVERHEAD` for its key and bookkeeping), so a cache of big answers
+cannot grow the process without bound.
 
 With Redis configured, `lookup` and `store` use the shared store (one cached answer
 serves the whole fleet) and fall back to this process's LRU while Redis is unreachable.
@@ -25,6 +31,8 @@ from metergate.shared.errors import Unavailable
 if TYPE_CHECKING:
     from metergate.shared.cache import SharedCache
 
+ENTRY_OVERHEAD = 400  # bytes of an entry beside its answer: key, record, LRU links
+
 
 @dataclass(frozen=True, slots=True)
 class CachedResponse:
@@ -40,6 +48,9 @@ class ResponseCache:
         self.config = config
         self.shared = shared
         self._entries: OrderedDict[bytes, CachedResponse] = OrderedDict()
+        self.max_bytes = int(config.max_mb * 1024 * 1024)
+        self.max_entry_bytes = int(config.max_entry_kb * 1024)
+        self.bytes = 0  # what the in-process entries hold, overheads included
 
     async def lookup(self, key: bytes) -> CachedResponse | None:
         """The shared store when Redis is reachable, else this process's LRU."""
@@ -54,6 +65,9 @@ class ResponseCache:
     async def store(
         self, key: bytes, body: bytes, usage: Usage, upstream: str, cost_nano: int
     ) -> None:
+        """Keep an answer of at most `max_entry_kb`; a bigger one is not stored."""
+        if len(body) > self.max_entry_bytes:
+            return
         if self.shared is not None and self.shared.link.up:
             head = orjson.dumps(
                 [
@@ -81,17 +95,25 @@ class ResponseCache:
         if entry is None:
             return None
         if entry.expires <= time.monotonic():
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry
 
     def put(self, key: bytes, body: bytes, usage: Usage, upstream: str, cost_nano: int) -> None:
+        size = len(body) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
         expires = time.monotonic() + self.config.ttl_seconds
         self._entries[key] = CachedResponse(body, usage, upstream, cost_nano, expires)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.config.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += size
+        while len(self._entries) > self.config.max_entries or self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))  # the least recently used
+
+    def _drop(self, key: bytes) -> None:
+        self.bytes -= len(self._entries.pop(key).body) + ENTRY_OVERHEAD
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -527,6 +527,12 @@ class CacheConfig(Strict):
     enabled: bool = False
     ttl_seconds: float = Field(default=300, gt=0)
     max_entries: int = Field(default=10_000, ge=1)
+    max_mb: float = Field(
+        default=256, gt=0, description="bytes the in-memory cache may hold (its answers)"
+    )
+    max_entry_kb: float = Field(
+        default=2048, gt=0, description="a bigger answer is served but not stored"
+    )
     shared_across_keys: bool = False
 
 
