@@ -94,3 +94,41 @@ async def test_an_unreachable_receiver_is_tried_again_and_named_by_its_host_alon
     gave_up = f"webhook 127.0.0.1:{port} failed: ConnectError; gave up after {ATTEMPTS}"
     assert gave_up in caplog.text
     assert "secret" not in caplog.text and "T0KEN" not in caplog.text
+
+
+async def test_a_receiver_answering_with_an_endless_body_is_not_read() -> None:
+    """Only the status counts: a URL that streams gigabytes back costs no memory."""
+    sent = 0
+    requests = 0
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal sent, requests
+        requests += 1
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "application/octet-stream"})
+        await response.prepare(request)
+        chunk = b"x" * (1 << 20)
+        try:
+            while sent < 512 << 20:  # stops by itself, should the reader never leave
+                await response.write(chunk)
+                sent += len(chunk)
+        except ConnectionError:
+            pass  # the notifier hung up, as it should
+        return response
+
+    app = web.Application()
+    app.router.add_post("/hook", endless)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        notifier = WebhookNotifier(first_wait=0.01)
+        notifier.send(f"http://127.0.0.1:{port}/hook", "budget passed 80%", {})
+        await asyncio.wait_for(asyncio.gather(*notifier._tasks), 60)
+        await notifier.close()
+    finally:
+        await runner.cleanup()
+    assert requests == 1  # a 200 is a success, sent once
+    assert sent < 64 << 20

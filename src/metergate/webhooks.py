@@ -6,8 +6,10 @@ the structured fields ride along for receivers that want them.
 A notice is sent once per event, so losing it to a passing failure would lose the
 alert: a receiver that cannot be reached, times out, answers 429 or a 5xx is tried
 again, up to `ATTEMPTS` times in all, waiting 1, 2, 4 s (or its `Retry-After`, up to
-`MAX_WAIT_SECONDS`). Any other answer is final. What is logged names the receiver's
-host only: a webhook URL's path, query or user part often is its secret.
+`MAX_WAIT_SECONDS`). Any other answer is final. Only its status and headers are read:
+a body is of no use here, and a URL that points at something else than a webhook could
+send gigabytes. What is logged names the receiver's host only: a webhook URL's path,
+query or user part often is its secret.
 """
 
 from __future__ import annotations
@@ -49,21 +51,21 @@ class WebhookNotifier:
         for attempt in range(1, ATTEMPTS + 1):
             wait: float | None = None
             try:
-                response = await self._session.post(url, json=payload)
+                async with self._session.stream("POST", url, json=payload) as response:
+                    status, retry_after = response.status_code, response.headers.get("retry-after")
             except httpx2.TransportError as exc:  # unreachable, reset, timed out
                 problem = f"failed: {type(exc).__name__}"
             except Exception as exc:  # a URL it cannot send to, say: trying again cannot help
                 log.warning("webhook %s failed: %s", host, type(exc).__name__)
                 return
             else:
-                status = response.status_code
                 if status < 300:
                     return
                 problem = f"answered {status}"
                 if status != 429 and status < 500:
                     log.warning("webhook %s %s; not sent again", host, problem)
                     return
-                wait = _retry_after(response.headers.get("retry-after"))
+                wait = _retry_after(retry_after)
             if attempt == ATTEMPTS:
                 log.warning("webhook %s %s; gave up after %d attempts", host, problem, attempt)
                 return
