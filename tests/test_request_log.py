@@ -340,6 +340,21 @@ def test_ledger_store_expires_old_records(upstream_url, bg, tmp_path):
         gateway.stop()
 
 
+def records_counted(metrics: Any, result: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "metergate_request_log_records_total", {"result": result}
+    )
+    return value or 0.0
+
+
+def jsonl_records(directory: Any) -> list[dict[str, Any]]:
+    return [
+        json.loads(line)
+        for path in sorted(directory.glob("requests-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
 def test_a_full_queue_drops_records_and_counts_them(tmp_path):
     """When the writer falls behind by `max_pending` records, later ones are dropped and
     counted (`result="dropped"`); the request itself never waits, and what was queued is
@@ -360,17 +375,79 @@ def test_a_full_queue_drops_records_and_counts_them(tmp_path):
         recorder.finish(record, time.time(), 0.01, {})
 
     def counted(result: str) -> float:
-        value = metrics.registry.get_sample_value(
-            "metergate_request_log_records_total", {"result": result}
-        )
-        return value or 0.0
+        return records_counted(metrics, result)
 
     assert counted("dropped") == 5
     asyncio.run(recorder.flush())
     assert counted("written") == 10
-    lines = [
-        json.loads(line)
-        for path in sorted(tmp_path.glob("requests-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
+    lines = jsonl_records(tmp_path)
     assert sorted(line["request_id"] for line in lines) == sorted(f"req-{n}" for n in range(10))
+
+
+def test_a_queue_holding_max_pending_mb_of_bodies_drops_records(tmp_path):
+    """While the store falls behind, big requests fill the queue by their bytes before
+    its count: later ones are dropped and counted, and a lone record is always taken."""
+    from metergate.config.observe import RequestLogConfig
+    from metergate.metering.meter import RequestLog
+    from metergate.metering.metrics import Metrics
+    from metergate.requestlog import RequestRecorder
+
+    config = RequestLogConfig(
+        enabled=True, store="jsonl", directory=str(tmp_path), max_pending_mb=1
+    )
+    metrics = Metrics()
+    recorder = RequestRecorder(config, metrics, None)  # its writer task is not started
+    text = "x" * 300_000
+
+    def finish(n: int, content: str) -> None:
+        record = RequestLog(f"req-{n}", time.time(), {b"content-type": b"application/json"})
+        record.capture = True
+        body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": content}]}
+        record.attach(body, len(json.dumps(body)))
+        record.response = b'{"id": "x"}'
+        recorder.finish(record, time.time(), 0.01, {})
+
+    for n in range(5):  # 300 kB each: the fourth would pass 1 MiB
+        finish(n, text)
+    finish(5, "small")  # still fits
+
+    def counted(result: str) -> float:
+        return records_counted(metrics, result)
+
+    assert counted("dropped") == 2
+    asyncio.run(recorder.flush())
+    assert counted("written") == 4
+    finish(6, "y" * 2_000_000)  # bigger than the bound, but alone in the queue: kept
+    asyncio.run(recorder.flush())
+    assert (counted("written"), counted("dropped")) == (5, 2)
+    lines = jsonl_records(tmp_path)
+    kept = sorted(line["request_id"] for line in lines)
+    assert kept == ["req-0", "req-1", "req-2", "req-5", "req-6"]
+
+
+def test_masking_a_big_body_reads_only_what_is_kept_and_a_little_beyond(monkeypatch):
+    """Regexes run on the kept part and 16 KiB past it: a secret that begins before the
+    cut is masked whole, and a megabyte body costs what a cut one does."""
+    from metergate.config.observe import RedactionConfig
+    from metergate.requestlog import record
+    from metergate.requestlog.redact import Redactor
+
+    redactor = Redactor(RedactionConfig())
+    seen: list[int] = []
+    masking = redactor.text
+
+    def counting(value: str) -> str:
+        seen.append(len(value))
+        return masking(value)
+
+    monkeypatch.setattr(redactor, "text", counting)
+    cap = 4096
+    padding = "a" * (cap - 20)
+    body = {"content": padding + f" {PROVIDER_KEY} " + "b" * 1_000_000 + f" {PROVIDER_KEY}"}
+    kept = record._body(None, body, redactor, cap)
+    assert kept is not None and kept["truncated"] is True
+    assert kept["bytes"] == len(json.dumps(body, separators=(",", ":")))
+    assert max(seen) <= cap + record.REDACT_BEYOND_CUT
+    assert PROVIDER_KEY[:8] not in kept["body"]  # straddled the cut: masked, not half-kept
+    assert kept["body"].endswith(" [REDACT")  # the mask, cut at the cap
+    assert len(kept["body"].encode()) <= cap

@@ -111,7 +111,7 @@ class CompletionsHandler:
         log.identify(key)
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
-        log.attach(body)
+        log.attach(body, request.body_size)
         route = plan.router.route(body.get("model"), key)
         log.model = route.name
         if route.rollout is not None:

@@ -131,6 +131,9 @@ class RequestLogConfig(Strict):
     max_pending: int = Field(
         default=10_000, ge=10, le=1_000_000, description="records queued; beyond, dropped"
     )
+    max_pending_mb: float = Field(
+        default=256, gt=0, le=65_536, description="their bodies' bytes; beyond, dropped"
+    )
     redact: RedactionConfig = Field(default_factory=RedactionConfig)
 
 

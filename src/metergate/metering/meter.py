@@ -66,6 +66,7 @@ class RequestLog:
         "attempt_seconds",
         "attempts",
         "body",
+        "body_bytes",
         "cache_hit",
         "capture",
         "cost_nano",
@@ -123,6 +124,7 @@ class RequestLog:
         self.api = "chat"  # the door it came in by: chat, responses, messages, completions, ...
         self.headers = headers
         self.body: dict[str, Any] | None = None
+        self.body_bytes = 0  # its size as received (what a queued record holds of it)
         self.team: str | None = None
         self.key_tags: tuple[tuple[str, str], ...] = ()
         self.tags: dict[str, str] | None = None  # the request's own (header, metadata)
@@ -142,9 +144,9 @@ class RequestLog:
         self.team = key.team
         self.key_tags = key.tags
 
-    def attach(self, body: dict[str, Any]) -> None:
+    def attach(self, body: dict[str, Any], size: int) -> None:
         """The body is parsed: read the request's tags (a 400 when they are malformed)."""
-        self.body = body
+        self.body, self.body_bytes = body, size
         tags = tagging.request_tags(self.headers, body)
         if tags:
             self.tags = tags

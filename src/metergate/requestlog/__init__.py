@@ -7,6 +7,11 @@ record in a worker thread (redaction, JSON encoding, size caps: `record`), write
 to the ledger database or JSONL files (`store`), and deletes what is older than the
 retention period. A full queue or a store that keeps failing drops records, counted in
 `metergate_request_log_records_total{result="dropped"}`; requests never wait for it.
+
+The queue is full at `max_pending` records or at `max_pending_mb` of the bodies they
+hold, whichever comes first: while a store stalls (a frozen database host) big requests
+would otherwise pile up in memory for as long as it does. A lone record is always
+taken, however big, so a large request is never refused a record by the bound alone.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class RequestRecorder:
         self.store: Store = open_store(config, database)
         self.redactor = Redactor(config.redact)
         self._queue: deque[Pending] = deque()
+        self._held = 0  # bytes of the bodies the queued records hold
+        self._max_held = int(config.max_pending_mb * 1024 * 1024)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -58,10 +65,14 @@ class RequestRecorder:
     def finish(self, record: RequestLog, ts: float, duration: float, tags: dict[str, str]) -> None:
         if not record.capture or (self._errors_only and record.outcome == "success"):
             return
-        if len(self._queue) >= self.config.max_pending:
+        size = record.body_bytes + len(record.response or b"")
+        if self._queue and (
+            len(self._queue) >= self.config.max_pending or self._held + size > self._max_held
+        ):
             self._dropped.inc()
             return
-        self._queue.append(Pending(record, ts, duration, tags))
+        self._queue.append(Pending(record, ts, duration, tags, size))
+        self._held += size
         if len(self._queue) >= _BATCH:
             self._wake.set()
 
@@ -103,6 +114,7 @@ class RequestRecorder:
 
     async def _write_batch(self) -> None:
         items = [self._queue.popleft() for _ in range(min(_BATCH, len(self._queue)))]
+        self._held -= sum(item.size for item in items)
         cap = self.config.max_body_bytes
         rows = await asyncio.to_thread(_build_all, items, self.redactor, cap)
         if not rows:

@@ -2,7 +2,8 @@
 numbers, and whatever the operator names (regexes, JSON paths, headers).
 
 Order: JSON paths on a parsed body first (they need the structure), then every regex
-on the text, then the size cap, so a cut can never leave half a secret unmasked.
+on the text, then the size cap, so a cut can never leave half a secret unmasked. (The
+regexes see what the cut keeps and 16 KiB beyond it: `record.REDACT_BEYOND_CUT`.)
 
 JSON paths: `$.field`, `$.list[*].field`, `$.list[0]`, `$.object.*`, `$..field` (that
 field at any depth); the grammar `config.observe.JSON_PATH` accepts.
@@ -30,26 +31,35 @@ SECRET_HEADERS = frozenset(
     }
 )
 
+# Each starts with its literal prefix and checks the word boundary before it afterwards
+# (`mgk_(?<=\bmgk_)` is `\bmgk_`): a pattern that starts with a literal is searched for
+# by that literal, 10 to 40 times faster than one that starts with `\b`.
 _DEFAULTS: tuple[tuple[str, str], ...] = (
-    ("key", r"\bmgk_[A-Za-z0-9_-]{43}"),
-    ("key", r"\b(?:sk|pk|rk)-(?:proj-|ant-(?:api\d\d-)?|live-|test-)?[A-Za-z0-9_-]{16,}"),
-    ("key", r"\bAIza[0-9A-Za-z_-]{35}\b"),
-    ("key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    ("key", r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
-    ("key", r"\bgh[pousr]_[A-Za-z0-9]{36,}"),
-    ("key", r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # a JWT
-    ("key", r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}"),
+    ("key", r"mgk_(?<=\bmgk_)[A-Za-z0-9_-]{43}"),
+    ("sk", r"[spr]k-(?<=\b[spr]k-)(?:proj-|ant-(?:api\d\d-)?|live-|test-)?[A-Za-z0-9_-]{16,}"),
+    ("key", r"AIza(?<=\bAIza)[0-9A-Za-z_-]{35}\b"),
+    ("key", r"A[KS]IA(?<=\bA[KS]IA)[0-9A-Z]{16}\b"),
+    ("key", r"xox(?<=\bxox)[abprs]-[A-Za-z0-9-]{10,}"),
+    ("key", r"gh(?<=\bgh)[pousr]_[A-Za-z0-9]{36,}"),
+    ("key", r"eyJ(?<=\beyJ)[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # a JWT
+    ("bearer", r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}"),  # (?i): no literal to search by
     (
         "email",
         r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,}\b",
     ),
 )
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+# What a match holds, in lower case: a text without it is not scanned (the slow ones)
+_NEEDS = {"email": "@", "bearer": "bearer", "sk": "k-"}
+_CARD = re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])")  # \d after no digit or -
 
 Token = tuple[str, Any]  # ("key", name) | ("index", n) | ("any", None) | ("deep", name)
 _TOKEN = re.compile(
     r"\.\.([A-Za-z_][A-Za-z0-9_-]*)|\.([A-Za-z_][A-Za-z0-9_-]*)|\.\*|\[\*\]|\[(\d+)\]"
 )
+
+
+def _mask(kind: str) -> str:
+    return f"[REDACTED:{'email' if kind == 'email' else 'key'}]"
 
 
 def _luhn(digits: str) -> bool:
@@ -122,16 +132,22 @@ def mask_path(data: Any, tokens: list[Token]) -> None:
 
 class Redactor:
     def __init__(self, config: RedactionConfig) -> None:
-        patterns = [(f"[REDACTED:{kind}]", rx) for kind, rx in _DEFAULTS] if config.defaults else []
-        patterns += [(MASK, rx) for rx in config.patterns]
-        self.patterns = [(mask, re.compile(rx)) for mask, rx in patterns]
+        patterns = (
+            [(_mask(kind), rx, _NEEDS.get(kind, "")) for kind, rx in _DEFAULTS]
+            if config.defaults
+            else []
+        )
+        patterns += [(MASK, rx, "") for rx in config.patterns]
+        self.patterns = [(mask, re.compile(rx), needs) for mask, rx, needs in patterns]
         self.cards = config.defaults
         self.paths = [parse_path(p) for p in config.json_paths]
         self.headers = SECRET_HEADERS | {h.lower() for h in config.headers}
 
     def text(self, value: str) -> str:
-        for mask, pattern in self.patterns:
-            value = pattern.sub(mask, value)
+        lowered = value.lower()  # a mask never makes what a later pattern needs
+        for mask, pattern, needs in self.patterns:
+            if needs in lowered:  # "" is in every text
+                value = pattern.sub(mask, value)
         if self.cards:
             value = _CARD.sub(_mask_card, value)
         return value
