@@ -413,8 +413,8 @@ async def test_a_flood_of_unknown_keys_costs_one_lookup_at_a_time():
         running -= 1
         return []
 
-    async def load() -> list[Any]:
-        return []
+    async def load(since: int) -> tuple[list[Any], int]:
+        return [], since
 
     index = KeyIndex(load, lookup)
     keys = [b"Bearer mgk_" + (b"%043d" % n) for n in range(2000)]

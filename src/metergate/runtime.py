@@ -46,7 +46,7 @@ from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
 from metergate.storage import config_versions
 from metergate.storage.database import Database, open_database
-from metergate.storage.keys import find_keys, list_keys
+from metergate.storage.keys import find_keys, keys_changed
 from metergate.storage.teams import list_teams
 from metergate.teams import TeamRecord
 from metergate.teams.registry import TeamRegistry
@@ -111,7 +111,7 @@ class Runtime:
         self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
-        self.keys = KeyIndex(self._load_keys, self._find_keys)
+        self.keys = KeyIndex(self._load_keys, self._find_keys, self._keys_changed)
         self._live_keys: list[tuple[str, tuple[str, ...] | None]] = []
         self.meter = Meter(self.metrics, None)
         self.observers = Observers(self.meter)  # tracing, request log, tag labels
@@ -189,12 +189,14 @@ class Runtime:
     def _circuit_changed(self, upstream: str, state: int) -> None:
         self.metrics.circuit_state.labels(upstream).set(state)
 
-    async def _load_keys(self) -> list[KeyRecord]:
+    async def _load_keys(self, since: int) -> tuple[list[KeyRecord], int]:
         assert self.database is not None
-        records = await list_keys(self.database)
+        return await keys_changed(self.database, since)
+
+    def _keys_changed(self) -> None:
+        records = self.keys.records()
         self._live_keys = [(k.name, k.models) for k in records if k.revoked_at is None]
         self._prime_series()  # a new key's series exist before its first request
-        return records
 
     async def _find_keys(self, digests: Sequence[str]) -> list[KeyRecord]:
         assert self.database is not None

@@ -290,7 +290,7 @@ class AdminApi:
                 code="key_name_taken",
                 param="name",
             ) from None
-        await self.runtime.keys.reload()
+        await self.runtime.keys.refresh()
         await send_json(
             request, send, {"key": console_keys.key_json(record), "secret": secret}, 201
         )
@@ -321,7 +321,7 @@ class AdminApi:
         except TeamMissing:
             raise attribution.no_team(str(changes.get("team"))) from None
         record = console_keys.require_active(changed, key_id)
-        await self.runtime.keys.reload()
+        await self.runtime.keys.refresh()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
     async def revoke_key(self, request: Request, send: Send, key_id: str) -> None:
@@ -331,7 +331,7 @@ class AdminApi:
         query_params(request)
         database = await self._database()
         record = await console_keys.revoke_key_by_id(database, key_id)
-        await self.runtime.keys.reload()
+        await self.runtime.keys.refresh()
         await send_json(request, send, {"key": console_keys.key_json(record)})
 
     # -- teams and attribution --------------------------------------------------------

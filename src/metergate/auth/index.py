@@ -1,10 +1,13 @@
 """The in-memory key index the hot path authenticates against.
 
 Keys live in the database (created and revoked by the CLI or the admin API, possibly on
-another worker or replica). The index reloads them all every `refresh_seconds`, so a
-revoked key stops within seconds. A key the index does not know is looked up in the
-database before it is refused, so a key works on its first request the moment
-`keys create` returns, on every worker and replica:
+another worker or replica). Every `refresh_seconds` the index reads the keys changed
+since it last looked (each change carries a number: `storage.keys`), so a revoked key
+stops within seconds and a gateway with 100000 keys does not rebuild them all each
+time; every `full_reload_seconds` it reads them all again, for changes made without a
+number (by an older gateway during an upgrade, or by hand in the database). A key the
+index does not know is looked up in the database before it is refused, so a key works
+on its first request the moment `keys create` returns, on every worker and replica:
 
 - lookups are coalesced: at most one query runs at a time, and every digest that missed
   while it ran is answered by the next one (one `WHERE key_hash IN (...)` query), so a
@@ -28,18 +31,29 @@ from metergate.errors import GatewayLimit, Unauthorized
 
 log = logging.getLogger("metergate.auth")
 
-Loader = Callable[[], Awaitable[list[KeyRecord]]]
+# The keys changed after a change number (every key for -1), and the last number they carry
+Loader = Callable[[int], Awaitable[tuple[list[KeyRecord], int]]]
 Lookup = Callable[[Sequence[str]], Awaitable[list[KeyRecord]]]
 _UNKNOWN_REMEMBERED = 100_000
 _BATCH = 500  # digests per lookup query
 
 
 class KeyIndex:
-    def __init__(self, load: Loader, lookup: Lookup, refresh_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        load: Loader,
+        lookup: Lookup,
+        on_change: Callable[[], None] = lambda: None,
+        refresh_seconds: float = 2.0,
+        full_reload_seconds: float = 60.0,
+    ) -> None:
         self._load = load
         self._lookup = lookup
+        self._on_change = on_change  # after keys were added or changed (series to prime)
         self._by_hash: dict[str, KeyRecord] = {}
+        self._seen = -1  # the last change number read
         self._refresh_seconds = refresh_seconds
+        self._full_reload_seconds = full_reload_seconds
         self._task: asyncio.Task[None] | None = None
         self._unknown: OrderedDict[str, None] = OrderedDict()
         self._waiting: dict[str, asyncio.Future[KeyRecord | None]] = {}
@@ -56,14 +70,34 @@ class KeyIndex:
                 task.cancel()
 
     async def reload(self) -> None:
-        records = await self._load()
+        """Read every key again."""
+        records, self._seen = await self._load(-1)
         self._by_hash = {record.key_hash: record for record in records}
+        self._on_change()
+
+    async def refresh(self) -> None:
+        """Read the keys changed since the last read."""
+        records, seen = await self._load(self._seen)
+        for record in records:
+            self._by_hash[record.key_hash] = record
+        self._seen = max(self._seen, seen)
+        if records:
+            self._on_change()
+
+    def records(self) -> list[KeyRecord]:
+        return list(self._by_hash.values())
 
     async def _refresh_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        full_at = loop.time() + self._full_reload_seconds
         while True:
             await asyncio.sleep(self._refresh_seconds)
             try:
-                await self.reload()
+                if loop.time() >= full_at:
+                    full_at = loop.time() + self._full_reload_seconds
+                    await self.reload()
+                else:
+                    await self.refresh()
             except Exception:
                 log.exception("could not reload gateway keys; keeping the previous set")
 

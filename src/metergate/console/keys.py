@@ -19,7 +19,7 @@ from metergate.console.overview import budget_json, day_and_month
 from metergate.errors import InvalidRequest, NotFound
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
-from metergate.storage.keys import list_keys
+from metergate.storage.keys import list_keys, revoke
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -63,10 +63,8 @@ def require_active(found: KeyRecord | None, key_id: str) -> KeyRecord:
 async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:
     """Revoke the key with this id (already revoked: unchanged)."""
     await find_key(database, key_id)
-    await database.execute(
-        "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-        (time.time(), key_id),
-    )
+    async with database.transaction() as tx:
+        await revoke(tx, key_id)
     return await find_key(database, key_id)
 
 

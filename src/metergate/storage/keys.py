@@ -1,8 +1,16 @@
 """Gateway keys in the database: create, list, revoke, load for the key index; a key's
-team and default tags (attribution)."""
+team and default tags (attribution).
+
+Every change of a key stamps its row with the next number of the `key_changes` counter
+(`_next_change`, in the change's transaction), so the key index can ask for the keys
+changed since the number it last saw (`keys_changed`). The counter's row is locked
+until the change commits, so changes commit in the order of their numbers: a reader
+that sees number N has every change numbered below it too, and skips none.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Sequence
@@ -13,6 +21,7 @@ import orjson
 from metergate.auth.keys import KeyRecord, generate_key, hash_key
 from metergate.storage.database import Database, Transaction, UniqueViolation
 
+_MANY = 1000  # keys read at once beyond which their records are built in a thread
 _COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags"
 
 
@@ -22,6 +31,11 @@ class KeyNameTaken(Exception):
 
 class TeamMissing(Exception):
     """A key was to join a team that does not exist (or was deleted meanwhile)."""
+
+
+async def _next_change(tx: Transaction) -> int:
+    rows = await tx.fetch("UPDATE key_changes SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+    return int(rows[0][0])
 
 
 async def hold_team(tx: Transaction, team: str | None) -> None:
@@ -65,7 +79,8 @@ async def create_key(
                 raise KeyNameTaken(name)
             await hold_team(tx, team)
             await tx.execute(
-                f"INSERT INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO keys ({_COLUMNS}, change_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -77,6 +92,7 @@ async def create_key(
                     record.max_tokens_cap,
                     record.team,
                     encode_tags(record.tags),
+                    await _next_change(tx),
                 ),
             )
     except UniqueViolation:
@@ -87,6 +103,22 @@ async def create_key(
 async def list_keys(database: Database, include_revoked: bool = True) -> list[KeyRecord]:
     where = "" if include_revoked else " WHERE revoked_at IS NULL"
     rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys{where} ORDER BY created_at")
+    return [_record(row) for row in rows]
+
+
+async def keys_changed(database: Database, since: int) -> tuple[list[KeyRecord], int]:
+    """The keys changed after change number `since` (every key for -1), and the highest
+    change number among them (`since` when none changed)."""
+    rows = await database.fetch(
+        f"SELECT {_COLUMNS}, change_seq FROM keys WHERE change_seq > ?", (since,)
+    )
+    last = max((int(row[10]) for row in rows), default=since)
+    if len(rows) > _MANY:  # ~5 us a key: 100000 would hold the event loop for 0.5 s
+        return await asyncio.to_thread(_records, rows), last
+    return _records(rows), last
+
+
+def _records(rows: Sequence[Sequence[Any]]) -> list[KeyRecord]:
     return [_record(row) for row in rows]
 
 
@@ -137,7 +169,8 @@ async def set_attribution(
         ((key_id,),) = matches[:1]
         await hold_team(tx, team)
         await tx.execute(
-            "UPDATE keys SET team = ?, tags = ? WHERE id = ?", (team, encode_tags(tags), key_id)
+            "UPDATE keys SET team = ?, tags = ?, change_seq = ? WHERE id = ?",
+            (team, encode_tags(tags), await _next_change(tx), key_id),
         )
         rows = await tx.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
     return _record(rows[0])
@@ -164,8 +197,9 @@ async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -
         if not rows or rows[0][6] is not None or not changes:  # none, revoked, no change
             return _record(rows[0]) if rows else None
         await hold_team(tx, changes.get("team"))
-        columns = ", ".join(f"{name} = ?" for name in changes)
+        columns = ", ".join(f"{name} = ?" for name in [*changes, "change_seq"])
         values = [encode[name](value) for name, value in changes.items()]
+        values.append(await _next_change(tx))
         await tx.execute(
             f"UPDATE keys SET {columns} WHERE id = ? AND revoked_at IS NULL", (*values, key_id)
         )
@@ -175,10 +209,19 @@ async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -
 
 async def revoke_key(database: Database, name_or_id: str) -> int:
     """Revoke the active key with this name or id; return how many were revoked."""
-    matches = await database.fetch(
-        "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
-        (name_or_id, name_or_id),
-    )
-    for (key_id,) in matches:
-        await database.execute("UPDATE keys SET revoked_at = ? WHERE id = ?", (time.time(), key_id))
+    async with database.transaction() as tx:
+        matches = await tx.fetch(
+            "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
+            (name_or_id, name_or_id),
+        )
+        for (key_id,) in matches:
+            await revoke(tx, key_id)
     return len(matches)
+
+
+async def revoke(tx: Transaction, key_id: str) -> None:
+    """Revoke the key with this id, unless it already is."""
+    await tx.execute(
+        "UPDATE keys SET revoked_at = ?, change_seq = ? WHERE id = ? AND revoked_at IS NULL",
+        (time.time(), await _next_change(tx), key_id),
+    )

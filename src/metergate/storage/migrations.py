@@ -162,6 +162,19 @@ MIGRATIONS: tuple[Migration, ...] = (
         # (of any processes) checked against the same state cannot both be saved.
         ("ALTER TABLE rollouts ADD COLUMN version BIGINT NOT NULL DEFAULT 1",),
     ),
+    Migration(
+        8,
+        "key change numbers",
+        # Each change of a key takes the next number of one counter (its row lock orders
+        # concurrent changes), so gateways reload only the keys changed since they last
+        # looked instead of every key every two seconds (`storage.keys.keys_changed`).
+        (
+            "ALTER TABLE keys ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0",
+            "CREATE INDEX keys_change_seq ON keys (change_seq)",
+            "CREATE TABLE key_changes (id INTEGER PRIMARY KEY, seq BIGINT NOT NULL)",
+            "INSERT INTO key_changes (id, seq) VALUES (1, 0)",
+        ),
+    ),
 )
 
 
