@@ -112,3 +112,19 @@ def test_without_content_a_stream_still_names_the_answer_its_caller_got(
     assert attributes["gen_ai.response.id"] == answer.id
     assert "gen_ai.output.messages" not in attributes
     assert "gen_ai.input.messages" not in attributes
+
+
+@pytest.mark.parametrize(
+    ("model", "upstream_operation"), [("gpt-native", "text_completion"), ("claude", "chat")]
+)
+def test_a_legacy_completion_is_a_text_completion(gateway, collector, model, upstream_operation):
+    """The conventions' `text_completion` names the caller's request, and its attempt
+    when the upstream is sent a completions request; one translated is a chat upstream."""
+    gateway.client().completions.create(model=model, prompt=ASK, max_tokens=16)
+    spans = collector.wait(lambda s: {x["kind"] for x in s} >= {"SERVER", "CLIENT"})
+    (server,) = [s for s in spans if s["kind"] == "SERVER"]
+    (client,) = [s for s in spans if s["kind"] == "CLIENT"]
+    assert server["name"] == f"text_completion {model}"
+    assert server["attributes"]["gen_ai.operation.name"] == "text_completion"
+    assert client["attributes"]["gen_ai.operation.name"] == upstream_operation
+    assert client["name"].startswith(f"{upstream_operation} ")

@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from metergate.config.model import ProviderConfig
 from metergate.metering.meter import AttemptRecord, RequestLog
+from metergate.providers.base import Adapter
 from metergate.tracing import answers, content
 from metergate.tracing.context import TraceContext
 from metergate.tracing.pipeline import SCOPE
@@ -82,7 +83,7 @@ class SpanBuilder:
         )
         spans.append(
             ReadableSpan(
-                name=f"{log.operation} {log.model}",
+                name=f"{_operation(log)} {log.model}",
                 context=server,
                 parent=parent,
                 resource=self.resource,
@@ -107,7 +108,7 @@ class SpanBuilder:
         usage = log.usage
         body = log.prompt or log.body or {}  # in chat terms, whatever the door
         attributes: dict[str, Any] = {
-            "gen_ai.operation.name": log.operation,
+            "gen_ai.operation.name": _operation(log),
             "gen_ai.request.model": log.model,
             "metergate.request_id": log.request_id,
             "metergate.key": log.key,
@@ -165,8 +166,9 @@ class SpanBuilder:
     ) -> ReadableSpan:
         deployment = step.deployment
         provider = deployment.adapter.config
+        operation = _operation(log, deployment.adapter)
         attributes: dict[str, Any] = {
-            "gen_ai.operation.name": log.operation,
+            "gen_ai.operation.name": operation,
             "gen_ai.provider.name": _provider(step),
             "gen_ai.request.model": deployment.model,
             "metergate.upstream": deployment.name,
@@ -185,7 +187,7 @@ class SpanBuilder:
         if step.status is not None:
             attributes["http.response.status_code"] = step.status
         return ReadableSpan(
-            name=f"{log.operation} {deployment.model}",
+            name=f"{operation} {deployment.model}",
             context=SpanContext(trace.trace_id, step.span_id, False, _SAMPLED),
             parent=server,
             resource=self.resource,
@@ -212,6 +214,19 @@ def provider_name(config: ProviderConfig) -> str:
     if config.preset is not None:
         return PRESET_NAMES.get(config.preset, config.preset)
     return PROVIDER_NAMES.get(config.type, config.type)
+
+
+def _operation(log: RequestLog, adapter: Adapter | None = None) -> str:
+    """The conventions' operation: a legacy completions request is a `text_completion`,
+    at the gateway and upstream when it is sent on as one (`adapter` serves it natively);
+    translated for a chat upstream, its attempt is a `chat`."""
+    if (
+        log.api == "completions"
+        and log.operation == "chat"
+        and (adapter is None or "completions" in adapter.native_protocols)
+    ):
+        return "text_completion"
+    return log.operation
 
 
 def _provider(step: AttemptRecord) -> str:
