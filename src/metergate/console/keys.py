@@ -19,7 +19,7 @@ from metergate.console.overview import budget_json, day_and_month
 from metergate.errors import InvalidRequest, NotFound
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
-from metergate.storage.keys import list_keys, revoke
+from metergate.storage.keys import key_by_id, list_keys, revoke
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
 
 async def find_key(database: Database, key_id: str) -> KeyRecord:
     """The key with this id, active or revoked; 404 when there is none."""
-    found = next((k for k in await list_keys(database) if k.id == key_id), None)
+    found = await key_by_id(database, key_id)
     if found is None:
         raise NotFound(f"no key with id {key_id!r}", code="key_not_found")
     return found

@@ -122,6 +122,11 @@ def _records(rows: Sequence[Sequence[Any]]) -> list[KeyRecord]:
     return [_record(row) for row in rows]
 
 
+async def key_by_id(database: Database, key_id: str) -> KeyRecord | None:
+    rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+    return _record(rows[0]) if rows else None
+
+
 async def find_keys(database: Database, digests: Sequence[str]) -> list[KeyRecord]:
     """The keys with these hashes (an indexed lookup: `key_hash` is unique)."""
     if not digests:
