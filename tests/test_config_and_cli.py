@@ -241,6 +241,10 @@ def test_check_command(tmp_path):
     good.write_text((Path(__file__).parents[1] / "src/metergate/config/default.yaml").read_text())
     ok = run("check", str(good), cwd=tmp_path)
     assert ok.returncode == 0 and "ok" in ok.stdout
+    # `-c FILE`, as every other command takes the config
+    assert run("check", "-c", str(bad), cwd=tmp_path).returncode == 2
+    ok = run("check", "-c", str(good), cwd=tmp_path)
+    assert ok.returncode == 0 and f"ok {good}:" in ok.stdout
 
 
 def test_check_warns_of_what_is_valid_yet_likely_wrong(tmp_path):
