@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
     ]
-    lines += report.checks_and_environment([], report.environment("not pinned"))
-    report.publish("\n".join(lines) + "\n", args.output, [])
+    report.publish_measured(lines, args.output)
     return 0
 
 

@@ -38,16 +38,6 @@ BENCH = Path(__file__).resolve().parent
 MODEL = "sim"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", type=int, default=100_000, help="keys in the ledger (100000)")
-    parser.add_argument("--baseline", default=None, help="also measure this commit's metergate")
-    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU (10)")
-    parser.add_argument("--seconds", type=float, default=130.0, help="seconds of requests (130)")
-    parser.add_argument("--output", type=Path, default=BENCH / "results" / "many-keys.md")
-    return parser.parse_args(argv)
-
-
 @dataclass
 class Result:
     name: str
@@ -58,6 +48,16 @@ class Result:
     p999: float
     worst: float
     rss_mb: int
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=100_000, help="keys in the ledger (100000)")
+    parser.add_argument("--baseline", default=None, help="also measure this commit's metergate")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU (10)")
+    parser.add_argument("--seconds", type=float, default=130.0, help="seconds of requests (130)")
+    parser.add_argument("--output", type=Path, default=BENCH / "results" / "many-keys.md")
+    return parser.parse_args(argv)
 
 
 def write_config(workdir: Path) -> Path:
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         table([*header, "RSS MB"], rows, "lrrrrrrr"),
         "",
     ]
-    lines += report.checks_and_environment([], report.environment("not pinned"))
-    report.publish("\n".join(lines) + "\n", args.output, [])
+    report.publish_measured(lines, args.output)
     return 0
 
 

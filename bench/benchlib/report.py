@@ -174,6 +174,12 @@ def render(
     return "\n".join(parts)
 
 
+def publish_measured(lines: list[str], output: Path) -> None:
+    """A report without checks, measured unpinned: `lines`, then the environment."""
+    lines = [*lines, *checks_and_environment([], environment("not pinned"))]
+    publish("\n".join(lines) + "\n", output, [])
+
+
 def publish(text: str, output: Path, checks: list[Check]) -> bool:
     """Write the report to `output`, print it, and say whether every required check held."""
     output.parent.mkdir(parents=True, exist_ok=True)
