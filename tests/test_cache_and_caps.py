@@ -96,6 +96,8 @@ def test_the_lru_holds_at_most_max_mb_of_answers():
     assert len(cache) == 3 and cache.get(keys[0]) is not None
     cache.put(keys[4], b"w" * 20_000, Usage(), "u", 1)  # bigger than the whole cache
     assert cache.get(keys[4]) is None and len(cache) == 3
+    cache.put(keys[3], b"w" * 20_000, Usage(), "u", 1)  # a newer answer too big to keep:
+    assert cache.get(keys[3]) is None and len(cache) == 2  # the older one goes too
     held = sum(len(entry.body) + ENTRY_OVERHEAD for entry in cache._entries.values())
     assert cache.bytes == held
 

@@ -122,19 +122,21 @@ async def test_a_change_made_without_a_number_is_read_by_the_full_reload(
         loader = CountingLoader(database)
         index = KeyIndex(loader, loader.lookup, refresh_seconds=0.05, full_reload_seconds=0.5)
         await index.start()
-        await database.execute(
-            "UPDATE keys SET revoked_at = ? WHERE id = ?", (time.time(), record.id)
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                await index.authenticate(bearer(secret))
-            except Unauthorized as refused:
-                assert "was revoked" in refused.message
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the key revoked by hand was never refused")
-        await index.close()
+        try:
+            await database.execute(
+                "UPDATE keys SET revoked_at = ? WHERE id = ?", (time.time(), record.id)
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    await index.authenticate(bearer(secret))
+                except Unauthorized as refused:
+                    assert "was revoked" in refused.message
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the key revoked by hand was never refused")
+        finally:
+            await index.close()
     finally:
         await database.close()

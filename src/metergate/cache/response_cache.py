@@ -101,11 +101,11 @@ class ResponseCache:
         return entry
 
     def put(self, key: bytes, body: bytes, usage: Usage, upstream: str, cost_nano: int) -> None:
+        if key in self._entries:  # replaced, or (too big to keep) no longer the latest
+            self._drop(key)
         size = len(body) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return
-        if key in self._entries:
-            self._drop(key)
         expires = time.monotonic() + self.config.ttl_seconds
         self._entries[key] = CachedResponse(body, usage, upstream, cost_nano, expires)
         self.bytes += size
