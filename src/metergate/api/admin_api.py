@@ -261,9 +261,11 @@ class AdminApi:
     @admin_endpoint
     async def list_keys(self, request: Request, send: Send) -> None:
         self.guard.authorize(request)
-        query_params(request)
+        wanted = console_keys.parse_key_query(query_params(request, *console_keys.KEY_FILTERS))
         database = await self._database(fresh=True)
-        await send_json(request, send, await console_keys.keys_with_spend(self.runtime, database))
+        await send_json(
+            request, send, await console_keys.keys_with_spend(self.runtime, database, wanted)
+        )
 
     @admin_endpoint
     async def create_key(self, request: Request, send: Send) -> None:
@@ -393,8 +395,7 @@ class AdminApi:
             found = await team_store.delete_team(await self._database(), name)
         except team_store.TeamInUse as in_use:
             raise InvalidRequest(
-                f"team {name!r} still has active keys: {', '.join(in_use.keys)}; "
-                "move them to another team first",
+                f"team {name!r} still has active keys: {in_use}; move them to another team first",
                 status=409,
                 code="team_in_use",
             ) from None

@@ -17,6 +17,8 @@ from metergate.storage import teams as store
 from metergate.storage.database import Database
 from metergate.teams import TeamError, TeamRecord, check_change, parse_budget_option
 
+_KEYS_SHOWN = 10  # key names per team in `teams list`; `keys list` shows them all
+
 app = typer.Typer(help="Create, list, change and delete teams.", no_args_is_help=True)
 
 Budgets = Annotated[
@@ -135,7 +137,7 @@ def delete(name: Annotated[str, typer.Argument()], config: ConfigOption = None) 
         found = with_database(loaded, lambda db: store.delete_team(db, name))
     except store.TeamInUse as in_use:
         errors.print(
-            f"team {name!r} still has keys: {', '.join(in_use.keys)}; move them first "
+            f"team {name!r} still has keys: {in_use}; move them first "
             "(metergate keys update KEY --team OTHER, or --no-team)"
         )
         raise typer.Exit(2) from None
@@ -154,7 +156,7 @@ def list_(config: ConfigOption = None) -> None:
     for record in records:
         table.add_row(
             record.name,
-            ", ".join(keys.get(record.name, [])),
+            store.named_keys(*keys.get(record.name, ([], 0))),
             _budgets(record),
             _rates(record),
             ", ".join(f"{k}={v}" for k, v in record.tags),
@@ -166,9 +168,9 @@ def list_(config: ConfigOption = None) -> None:
 
 async def _overview(
     db: Database,
-) -> tuple[list[TeamRecord], dict[str, list[str]], dict[str, int], dict[str, int]]:
+) -> tuple[list[TeamRecord], dict[str, tuple[list[str], int]], dict[str, int], dict[str, int]]:
     records = await store.list_teams(db)
-    keys = {r.name: await store.team_keys(db, r.name) for r in records}
+    keys = {r.name: await store.team_keys(db, r.name, _KEYS_SHOWN) for r in records}
     today, month = await day_and_month(db, "team", time.time())
     return (
         records,

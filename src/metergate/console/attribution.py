@@ -26,6 +26,8 @@ from metergate.storage import teams as store
 from metergate.storage.database import Database
 from metergate.teams import TeamError, TeamRecord, budget_name, check_name, check_tags
 
+TEAM_KEYS_SHOWN = 50  # key names listed per team; the Keys page filters by team for all
+
 
 def invalid(error: TeamError | UnknownGrouping) -> InvalidRequest:
     return InvalidRequest(str(error), param=getattr(error, "field", None))
@@ -67,7 +69,8 @@ def no_team(team: str) -> InvalidRequest:
 
 
 async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
-    """Every team: its record, active keys, spend today and this month, budgets' state."""
+    """Every team: its record, active keys (the first TEAM_KEYS_SHOWN names and how many
+    in all), spend today and this month, budgets' state."""
     now = time.time()
     today, month = await day_and_month(database, "team", now)
     installed = runtime.plan.budgets.team_budgets()
@@ -79,10 +82,12 @@ async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
             if (name := budget_name(record.name, b.period)) in installed
         ]
         spent_month, spent_today = month.get(record.name), today.get(record.name)
+        keys, key_count = await store.team_keys(database, record.name, TEAM_KEYS_SHOWN)
         rows.append(
             {
                 **record.to_json(),
-                "keys": await store.team_keys(database, record.name),
+                "keys": keys,
+                "key_count": key_count,
                 "requests_month": spent_month.requests if spent_month else 0,
                 "spend_today_nano": spent_today.cost_nano if spent_today else 0,
                 "spend_month_nano": spent_month.cost_nano if spent_month else 0,

@@ -1,5 +1,8 @@
 """Gateway keys for the console: listed with their spend, created, edited, revoked.
 
+The list comes in pages (a gateway may hold a key per end user: 100,000 keys were 26 MB
+of JSON in one answer), found by part of a name, an id or a hint.
+
 Creating, listing and changing reuse `storage.keys`. Revoking by id alone lives here
 because only the admin API needs it (the CLI's `revoke_key` also matches names, which
 is right for a person typing, wrong for a button that means one row).
@@ -11,15 +14,19 @@ keys an editable budget would need a column and enforcement in the budget book.
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from metergate.auth.keys import KeyRecord
 from metergate.console.overview import budget_json, day_and_month
+from metergate.console.requests_log import check_query, int_value, query_value
 from metergate.errors import InvalidRequest, NotFound
+from metergate.metering.report import UsageFilter, UsageGroup
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
-from metergate.storage.keys import key_by_id, list_keys, revoke
+from metergate.storage.keys import KeyState, key_by_id, page_of_keys, revoke
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -98,21 +105,83 @@ def check_models(
     return list(dict.fromkeys(value)) or None
 
 
-async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any]:
-    """Every key (revoked ones too), with the spend of its name today and this month
-    (UTC) and the key-scoped budgets of the config; spend is by name, as the ledger
-    records it, so a replaced key's spend shows on the active key of that name."""
+KEY_FILTERS = ("limit", "after", "search", "state", "team")
+PAGE_DEFAULT = 100
+PAGE_MAX = 1_000
+_STATES: tuple[KeyState, ...] = ("active", "revoked", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyQuery:
+    limit: int = PAGE_DEFAULT
+    after: tuple[int, str, str] | None = None
+    state: KeyState = "all"
+    search: str | None = None
+    team: str | None = None
+
+
+def parse_key_query(query: dict[str, list[str]]) -> KeyQuery:
+    """The keys list's paging and filters; `after` is the `next_after` of a page before."""
+    check_query(query, KEY_FILTERS)
+    given = query_value(query, "state") or "all"
+    state = next((known for known in _STATES if known == given), None)
+    if state is None:
+        raise InvalidRequest(f"`state` must be one of: {', '.join(_STATES)}", param="state")
+    after = query_value(query, "after")
+    return KeyQuery(
+        limit=int_value(query, "limit", 1, PAGE_MAX) or PAGE_DEFAULT,
+        after=None if after is None else _place(after),
+        state=state,
+        search=query_value(query, "search"),
+        team=query_value(query, "team"),
+    )
+
+
+CURSOR = re.compile(r"([01])\.(key_[0-9a-f]{16})\.(.+)", re.DOTALL)
+"""`next_after`: `<1 if revoked>.<id>.<name>` of a page's last key. Readable on purpose:
+every string of this shape is a place in the order (the key need not exist any more),
+so the API never rejects a well-formed cursor; a revoked flag in it keeps paging steady
+when that key is revoked between two pages."""
+
+
+def _cursor(place: tuple[int, str, str]) -> str:
+    revoked, name, key_id = place
+    return f"{revoked}.{key_id}.{name}"
+
+
+def _place(cursor: str) -> tuple[int, str, str]:
+    found = CURSOR.fullmatch(cursor)
+    if found is None:
+        raise InvalidRequest(
+            "`after` is not a place this list gave (`next_after`, like "
+            "`0.key_0123456789abcdef.name`); leave it out for the first page",
+            param="after",
+        )
+    revoked, key_id, name = found.groups()
+    return int(revoked), name, key_id
+
+
+async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery) -> dict[str, Any]:
+    """A page of keys (active ones first, then by name), with the spend of their names
+    today and this month (UTC) and the key-scoped budgets of the config; spend is by
+    name, as the ledger records it, so a replaced key's spend shows on the active key of
+    that name. `matched` counts the keys the filters match on all pages."""
     now = time.time()
-    day, month = await day_and_month(database, "key", now)
+    page = await page_of_keys(
+        database, query.limit, query.after, query.state, query.search, query.team
+    )
+    names = tuple(dict.fromkeys(record.name for record in page.records))
+    day: dict[str | None, UsageGroup] = {}
+    month: dict[str | None, UsageGroup] = {}
+    if names:
+        day, month = await day_and_month(database, "key", now, UsageFilter(keys=names))
     key_budgets: dict[str, list[dict[str, Any]]] = {}
     for budget in runtime.plan.budgets.budgets:
-        if budget.config.scope == "key" and budget.config.target:
-            key_budgets.setdefault(budget.config.target, []).append(
-                await budget_json(database, budget, now)
-            )
-    records = await list_keys(database)
+        target = budget.config.target
+        if budget.config.scope == "key" and target in names:
+            key_budgets.setdefault(target, []).append(await budget_json(database, budget, now))
     rows = []
-    for record in sorted(records, key=lambda r: (r.revoked_at is not None, r.name)):
+    for record in page.records:
         spent_month, spent_today = month.get(record.name), day.get(record.name)
         rows.append(
             {
@@ -123,4 +192,9 @@ async def keys_with_spend(runtime: Runtime, database: Database) -> dict[str, Any
                 "budgets": key_budgets.get(record.name, []),
             }
         )
-    return {"keys": rows, "models": list(runtime.plan.config.models)}
+    return {
+        "keys": rows,
+        "next_after": None if page.after is None else _cursor(page.after),
+        "matched": page.matched,
+        "models": list(runtime.plan.config.models),
+    }

@@ -12,6 +12,7 @@ from typing import Any
 from metergate import teams
 from metergate.auth.rules import CAP_MAX
 from metergate.config.observe import TAG_NAME
+from metergate.console.keys import CURSOR
 from metergate.console.request_detail import SINCE
 from metergate.metering.metrics import OUTCOMES
 from metergate.metering.report import FIXED_GROUPS
@@ -90,31 +91,60 @@ def _window_param() -> dict[str, Any]:
     }
 
 
-def _filter_params(default: int, most: int) -> list[dict[str, Any]]:
-    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": description,
-        }
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """An optional query parameter."""
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
 
+
+def _filter_params(default: int, most: int) -> list[dict[str, Any]]:
     return [
-        query("key", {"type": "string", "minLength": 1}, "Only requests of this key name"),
-        query("model", {"type": "string", "minLength": 1}, "Only requests for this model"),
-        query("team", {"type": "string", "minLength": 1}, "Only requests of this team"),
-        query("outcome", _ref("Outcome"), "Only requests with this outcome"),
-        query(
+        _query("key", {"type": "string", "minLength": 1}, "Only requests of this key name"),
+        _query("model", {"type": "string", "minLength": 1}, "Only requests for this model"),
+        _query("team", {"type": "string", "minLength": 1}, "Only requests of this team"),
+        _query("outcome", _ref("Outcome"), "Only requests with this outcome"),
+        _query(
             "before",
             {"type": "integer", "minimum": 1},
             "Only rows with a smaller id (the next page: `next_before`)",
         ),
-        query(
+        _query(
             "limit",
             {"type": "integer", "minimum": 1, "maximum": most, "default": default},
             "Rows to return, newest first",
         ),
+    ]
+
+
+def _key_list_params() -> list[dict[str, Any]]:
+    text = {"type": "string", "minLength": 1}
+    return [
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "Keys to return",
+        ),
+        _query(
+            "after",
+            {"type": "string", "pattern": f"^{CURSOR.pattern}$"},
+            "Where the page starts: the `next_after` of the page before",
+        ),
+        _query(
+            "search",
+            text,
+            "Part of a name (any case), or a key's id or hint (last four characters)",
+        ),
+        _query(
+            "state",
+            {"type": "string", "enum": ["active", "revoked", "all"], "default": "all"},
+            "Only active or only revoked keys",
+        ),
+        _query("team", text, "Only keys of this team"),
     ]
 
 
@@ -468,7 +498,12 @@ def _attribution_schemas() -> dict[str, Any]:
                 team,
                 _object(
                     {
-                        "keys": {"type": "array", "items": _STR},
+                        "keys": {
+                            "type": "array",
+                            "items": _STR,
+                            "description": "the first 50 active keys' names, by name",
+                        },
+                        "key_count": {**_INT, "description": "active keys in the team"},
                         "requests_month": _INT,
                         "spend_today_nano": _NANO,
                         "spend_month_nano": _NANO,
@@ -633,13 +668,18 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
         },
         "/admin/api/keys": {
             "get": {
-                "summary": "Keys with their spend and key-scoped budgets",
+                "summary": "A page of keys with their spend and key-scoped budgets",
+                "description": "Active keys first, then by name. Pass `next_after` as "
+                "`after` for the next page; `matched` counts the keys of all pages.",
                 "operationId": "listKeys",
+                "parameters": _key_list_params(),
                 "responses": _responses(
                     "Keys",
                     _object(
                         {
                             "keys": {"type": "array", "items": _ref("KeyWithSpend")},
+                            "next_after": _nullable(_STR),
+                            "matched": _INT,
                             "models": {"type": "array", "items": _STR},
                         }
                     ),
@@ -762,8 +802,15 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                             "next_before": _nullable(_INT),
                             "filters": _object(
                                 {
-                                    k: {"type": "array", "items": _STR}
-                                    for k in ("keys", "models", "outcomes")
+                                    **{
+                                        k: {"type": "array", "items": _STR}
+                                        for k in ("keys", "models", "outcomes")
+                                    },
+                                    "keys_complete": {
+                                        **_BOOL,
+                                        "description": "false: `keys` are the first 1000 "
+                                        "names of more",
+                                    },
                                 }
                             ),
                         }
@@ -856,15 +903,6 @@ def _attribution_paths() -> dict[str, Any]:
             "content": {JSON: {"schema": {**schema, "additionalProperties": False}}},
         }
 
-    def query(param: str, schema: dict[str, Any], text: str) -> dict[str, Any]:
-        return {
-            "name": param,
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": text,
-        }
-
     return {
         "/admin/api/teams": {
             "get": {
@@ -906,7 +944,7 @@ def _attribution_paths() -> dict[str, Any]:
                 "operationId": "usage",
                 "parameters": [
                     _window_param(),
-                    query(
+                    _query(
                         "by",
                         {
                             "type": "string",
@@ -916,8 +954,8 @@ def _attribution_paths() -> dict[str, Any]:
                         "model, key, upstream, team, or tag:NAME; `(none)` groups requests "
                         "without a team or the tag",
                     ),
-                    query("team", {"type": "string", "minLength": 1}, "Only this team's requests"),
-                    query(
+                    _query("team", {"type": "string", "minLength": 1}, "Only this team's requests"),
+                    _query(
                         "tag",
                         # the value after the first colon: anything, at least one character
                         {"type": "string", "pattern": f"^{_TAG_NAME}:[\\s\\S]"},
@@ -977,7 +1015,7 @@ def _attribution_paths() -> dict[str, Any]:
                 "summary": "The request log's records of a period, as JSON Lines (a download)",
                 "operationId": "exportRequestLog",
                 "parameters": [
-                    query(
+                    _query(
                         "since",
                         {"type": "string", "pattern": f"^{SINCE.pattern}$", "default": "24h"},
                         "How far back: a whole number of minutes, hours or days (30m, 24h, 7d)",

@@ -14,7 +14,7 @@ from metergate.budgets.book import Budget, ledger_spend
 from metergate.budgets.period import period_bounds
 from metergate.console.series import model_series
 from metergate.console.windows import Window
-from metergate.metering.report import UsageGroup, month_forecast, usage_summary
+from metergate.metering.report import UsageFilter, UsageGroup, month_forecast, usage_summary
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 
@@ -42,14 +42,14 @@ def group_json(group: UsageGroup) -> dict[str, Any]:
 
 
 async def day_and_month(
-    database: Database, group_by: str, now: float
+    database: Database, group_by: str, now: float, only: UsageFilter | None = None
 ) -> tuple[dict[str | None, UsageGroup], dict[str | None, UsageGroup]]:
     """Usage per group (key, team, ...) today and this month, UTC, up to `now`."""
     midnight = _utc_midnight(now)
     day = dt.datetime.fromtimestamp(now, dt.UTC).date()
     month_start = dt.datetime.combine(day.replace(day=1), dt.time(), dt.UTC).timestamp()
-    today = await usage_summary(database, group_by, midnight, now)
-    month = await usage_summary(database, group_by, month_start, now)
+    today = await usage_summary(database, group_by, midnight, now, only)
+    month = await usage_summary(database, group_by, month_start, now, only)
     return {g.name: g for g in today[:-1]}, {g.name: g for g in month[:-1]}
 
 

@@ -46,6 +46,7 @@ COLUMNS = (
 )
 PAGE_MAX = 1_000
 CSV_MAX = 100_000
+KEY_CHOICES_MAX = 1_000  # key names offered in the filter menu
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,7 @@ def check_query(query: dict[str, list[str]], known: tuple[str, ...]) -> None:
         )
 
 
-def _int(query: dict[str, list[str]], name: str, low: int, high: int | None) -> int | None:
+def int_value(query: dict[str, list[str]], name: str, low: int, high: int | None) -> int | None:
     raw = query_value(query, name)
     if raw is None:
         return None
@@ -107,14 +108,14 @@ def parse_filters(query: dict[str, list[str]], default: int, most: int) -> Filte
         raise InvalidRequest(
             f"unknown outcome {outcome!r}; one of: {', '.join(OUTCOMES)}", param="outcome"
         )
-    before = _int(query, "before", 1, None)
+    before = int_value(query, "before", 1, None)
     return Filters(
         key=query_value(query, "key"),
         model=query_value(query, "model"),
         outcome=outcome,
         team=query_value(query, "team"),
         before=None if before is None else min(before, _ROW_ID_MAX),
-        limit=_int(query, "limit", 1, most) or default,
+        limit=int_value(query, "limit", 1, most) or default,
     )
 
 
@@ -151,10 +152,19 @@ def row_json(row: tuple[Any, ...]) -> dict[str, Any]:
     return item
 
 
-async def filter_choices(database: Database, models: list[str]) -> dict[str, list[str]]:
-    """What the filter menus offer: keys and models seen, and every outcome."""
-    keys = await database.fetch("SELECT DISTINCT name FROM keys ORDER BY name")
-    return {"keys": [k for (k,) in keys], "models": models, "outcomes": list(OUTCOMES)}
+async def filter_choices(database: Database, models: list[str]) -> dict[str, Any]:
+    """What the filter menus offer: key names (the first KEY_CHOICES_MAX; `keys_complete`
+    false when there are more, and the console asks for a name instead), models, and
+    every outcome."""
+    keys = await database.fetch(
+        "SELECT DISTINCT name FROM keys ORDER BY name LIMIT ?", (KEY_CHOICES_MAX + 1,)
+    )
+    return {
+        "keys": [k for (k,) in keys[:KEY_CHOICES_MAX]],
+        "keys_complete": len(keys) <= KEY_CHOICES_MAX,
+        "models": models,
+        "outcomes": list(OUTCOMES),
+    }
 
 
 def _cell(value: Any) -> Any:

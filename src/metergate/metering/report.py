@@ -140,16 +140,21 @@ def group_expression(dialect: str, group_by: GroupBy) -> str:
 
 @dataclass(frozen=True, slots=True)
 class UsageFilter:
-    """Only requests of this team and carrying these tags (all of them)."""
+    """Only requests of this team, carrying these tags (all of them) and, when `keys` is
+    not empty, made with one of these key names."""
 
     team: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    keys: tuple[str, ...] = ()
 
     def sql(self, dialect: str) -> tuple[str, list[Any]]:
         clauses, params = [], []
         if self.team is not None:
             clauses.append("team = ?")
             params.append(self.team)
+        if self.keys:
+            clauses.append(f"key_name IN ({', '.join('?' * len(self.keys))})")
+            params.extend(self.keys)
         for name, value in self.tags:
             clauses.append(f"{tag_expression(dialect, name)} = ?")
             params.append(value)

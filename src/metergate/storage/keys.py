@@ -14,7 +14,8 @@ import asyncio
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import orjson
 
@@ -104,6 +105,60 @@ async def list_keys(database: Database, include_revoked: bool = True) -> list[Ke
     where = "" if include_revoked else " WHERE revoked_at IS NULL"
     rows = await database.fetch(f"SELECT {_COLUMNS} FROM keys{where} ORDER BY created_at")
     return [_record(row) for row in rows]
+
+
+# Listing order: active keys first, then by name, then id (names repeat among revoked keys).
+_REVOKED = "CASE WHEN revoked_at IS NULL THEN 0 ELSE 1 END"
+KeyState = Literal["active", "revoked", "all"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    """One page of keys in listing order; `after` is the last one's place, from which
+    the next page starts (None when this is the last page), `matched` how many keys the
+    filters match on every page together."""
+
+    records: list[KeyRecord]
+    after: tuple[int, str, str] | None
+    matched: int
+
+
+async def page_of_keys(
+    database: Database,
+    limit: int,
+    after: tuple[int, str, str] | None = None,
+    state: KeyState = "all",
+    search: str | None = None,
+    team: str | None = None,
+) -> KeyPage:
+    """Up to `limit` keys after the place `after` (keyset paging: a key created or revoked
+    meanwhile never shifts a page). `search` matches part of a name (any case), or a
+    key's id or the last four characters of its secret (its hint) exactly."""
+    where: list[str] = []
+    params: list[Any] = []
+    if state != "all":
+        where.append("revoked_at IS NULL" if state == "active" else "revoked_at IS NOT NULL")
+    if search:
+        where.append("(LOWER(name) LIKE ? ESCAPE '!' OR id = ? OR hint = ?)")
+        pattern = search.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+        params += [f"%{pattern}%", search, search]
+    if team is not None:
+        where.append("team = ?")
+        params.append(team)
+    filters = " WHERE " + " AND ".join(where) if where else ""
+    ((matched,),) = await database.fetch(f"SELECT COUNT(*) FROM keys{filters}", tuple(params))
+    if after is not None:
+        where.append(f"({_REVOKED}, name, id) > (?, ?, ?)")
+        params += list(after)
+    filters = " WHERE " + " AND ".join(where) if where else ""
+    rows = await database.fetch(
+        f"SELECT {_COLUMNS}, {_REVOKED} FROM keys{filters} ORDER BY {_REVOKED}, name, id LIMIT ?",
+        (*params, limit + 1),
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = (int(rows[-1][10]), rows[-1][1], rows[-1][0]) if more else None
+    return KeyPage([_record(row) for row in rows], last, int(matched))
 
 
 async def keys_changed(database: Database, since: int) -> tuple[list[KeyRecord], int]:

@@ -21,11 +21,17 @@ class TeamExists(Exception):
 
 
 class TeamInUse(Exception):
-    """Active keys still belong to the team."""
+    """Active keys still belong to the team: the first few names, and how many in all."""
 
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__(", ".join(keys))
-        self.keys = keys
+    def __init__(self, keys: list[str], count: int) -> None:
+        self.keys, self.count = keys, count
+        super().__init__(named_keys(keys, count))
+
+
+def named_keys(keys: list[str], count: int) -> str:
+    """ "a, b, c" or, when `keys` are the first of more, "a, b, c and 1,234 more"."""
+    more = count - len(keys)
+    return ", ".join(keys) + (f" and {more:,} more" if more > 0 else "")
 
 
 def _record(row: Sequence[Any]) -> TeamRecord:
@@ -124,12 +130,19 @@ async def update_team(database: Database, name: str, values: dict[str, Any]) -> 
     return _record(rows[0])
 
 
-async def team_keys(database: Database, name: str) -> list[str]:
-    """The names of the active keys that belong to the team."""
+async def team_keys(database: Database, name: str, limit: int) -> tuple[list[str], int]:
+    """The first `limit` names (alphabetically) of the active keys that belong to the
+    team, and how many there are in all (a team may hold a key per end user)."""
     rows = await database.fetch(
-        "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL ORDER BY name", (name,)
+        "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL ORDER BY name LIMIT ?",
+        (name, limit),
     )
-    return [key for (key,) in rows]
+    if len(rows) < limit:
+        return [key for (key,) in rows], len(rows)
+    ((count,),) = await database.fetch(
+        "SELECT COUNT(*) FROM keys WHERE team = ? AND revoked_at IS NULL", (name,)
+    )
+    return [key for (key,) in rows], int(count)
 
 
 async def delete_team(database: Database, name: str) -> bool:
@@ -144,10 +157,15 @@ async def delete_team(database: Database, name: str) -> bool:
         )
         if not found:
             return False
-        keys = await tx.fetch(
-            "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL ORDER BY name", (name,)
+        ((count,),) = await tx.fetch(
+            "SELECT COUNT(*) FROM keys WHERE team = ? AND revoked_at IS NULL", (name,)
         )
-        if keys:
-            raise TeamInUse([key for (key,) in keys])
+        if count:
+            keys = await tx.fetch(
+                "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL "
+                "ORDER BY name LIMIT 10",
+                (name,),
+            )
+            raise TeamInUse([key for (key,) in keys], int(count))
         await tx.execute("DELETE FROM teams WHERE name = ?", (name,))
     return True
