@@ -23,6 +23,7 @@ from metergate.console import mcp as mcp_view
 from metergate.metering.ledger import COLUMNS, LedgerRow
 from metergate.rollout import store as rollout_store
 from metergate.rollout.gates import Observed, judge
+from metergate.storage.keys import create_key
 from tests.harness import CHROMIUM, CHROMIUM_ARGS, Gateway
 from tests.test_console_api import ADMIN_KEY, ASK, admin, base, console_config, send_traffic
 
@@ -180,6 +181,48 @@ def test_keys_page_creates_and_revokes_a_key(page, gateway_factory):
     assert 0 < spent < 10_000_000
     assert cells.nth(4).inner_text() == f"${spent / 1e9:.6f}"  # spend today, from the ledger
     shot(page, "03-keys")
+    assert page.problems == []
+
+
+def test_keys_page_pages_finds_and_follows_a_team(page, gateway_factory):
+    """A gateway with a key per user: the page shows the first 100, loads more on demand,
+    finds a key by part of its name, and the teams page links to all of a team's keys."""
+    gateway = gateway_factory(console_config())
+    database = gateway.runtime.database
+    assert admin(gateway, "/admin/api/teams", "POST", json={"name": "crowd"}).status_code == 201
+    for n in range(120):
+        gateway.bg.run(create_key(database, f"user-{n:03d}", team="crowd" if n < 60 else None))
+    total = len(admin(gateway, "/admin/api/keys?limit=1000").json()["keys"])
+    assert total > 120  # the config's keys too
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "keys")
+    rows = page.locator("#keys tbody tr")
+    playwright_api.expect(page.locator("#keys-shown")).to_have_text(f"100 of {total} keys")
+    playwright_api.expect(rows).to_have_count(100)
+    page.click("#more-keys")
+    playwright_api.expect(rows).to_have_count(total)
+    playwright_api.expect(page.locator("#keys-shown")).to_have_text(f"{total} of {total} keys")
+    playwright_api.expect(page.locator("#more-keys")).to_be_hidden()
+    assert page.locator("tr[data-key=user-119]").count() == 1
+
+    page.fill("#key-search", "USER-07")  # part of a name, any case
+    page.press("#key-search", "Enter")
+    playwright_api.expect(rows).to_have_count(10)
+    assert sorted(rows.evaluate_all("rows => rows.map(r => r.dataset.key)")) == [
+        f"user-{n:03d}" for n in range(70, 80)
+    ]
+    shot(page, "03-keys-found")
+
+    open_page(page, "teams")
+    team = page.locator("tr[data-team=crowd]")
+    playwright_api.expect(team).to_contain_text("user-000")
+    team.locator("a.more-keys").click()  # "and 10 more": every key of the team
+    page.wait_for_selector("#page[data-page=keys]")
+    playwright_api.expect(page.locator("#key-team")).to_contain_text("crowd")
+    playwright_api.expect(page.locator("#keys-shown")).to_have_text("60 of 60 keys")
+    page.click("#key-team")  # the team filter goes, the search with it
+    playwright_api.expect(page.locator("#keys-shown")).to_have_text(f"100 of {total} keys")
     assert page.problems == []
 
 

@@ -1,5 +1,5 @@
 // Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
-import { api } from "../api.js";
+import { api, query } from "../api.js";
 import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
 import { budgetBar, guard, parseTags, tagsInput } from "./shared.js";
 
@@ -141,33 +141,84 @@ function budgetsCell(k) {
     budgetBar(b, true))));
 }
 
+function columns(models, rerender, guarded) {
+  return [
+    { label: "Name", cell: (k) => h("strong", { text: k.name }) },
+    { label: "Key", cell: (k) => h("span", { class: "mono", text: `mgk_…${k.hint}` }) },
+    { label: "Models", cell: (k) => (k.models ? k.models.join(", ") : h("span", { class: "muted", text: "all" })) },
+    { label: "max_tokens cap", num: true, cell: (k) => (k.max_tokens_cap ? fmt.count(k.max_tokens_cap) : "—") },
+    { label: "Spend today", num: true, cell: (k) => fmt.usd(k.spend_today_nano) },
+    { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
+    { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
+    { label: "Budgets", cell: budgetsCell },
+    { label: "Team", cell: (k) => k.team || "—" },
+    { label: "Created", cell: (k) => fmt.time(k.created_at) },
+    { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
+    { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },
+      h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(k, models, rerender)) }),
+      h("button", { type: "button", class: "danger small", text: "Revoke", dataset: { action: "revoke" }, onclick: guarded(() => revoke(k, rerender)) }))
+      : null) },
+  ];
+}
+
+const keyRows = (keys) => keys.map((k) => ({ ...k, __data: { key: k.name, keyId: k.id, state: k.state } }));
+
+/** The list's filters: typed here, or a team from the address (#/keys?team=NAME). */
+function listing() {
+  const given = new URLSearchParams(location.hash.split("?")[1] || "");
+  return { search: given.get("search") || "", state: given.get("state") || "all", team: given.get("team") || "" };
+}
+
+function filterBar(current) {
+  const go = (change) => {
+    const next = new URLSearchParams(Object.entries({ ...current, ...change }).filter(([, v]) => v && v !== "all"));
+    const text = next.toString();
+    location.hash = `#/keys${text ? `?${text}` : ""}`;
+  };
+  const search = h("input", { id: "key-search", type: "search", placeholder: "name, id or last 4", value: current.search, autocomplete: "off" });
+  const form = h("form", { class: "row", id: "key-filters", onsubmit: (event) => {
+    event.preventDefault();
+    go({ search: search.value.trim() });
+  } },
+  h("div", { class: "field" }, h("label", { for: "key-search", text: "Find" }), search),
+  h("div", { class: "field" }, h("label", { for: "key-state", text: "State" }),
+    h("select", { id: "key-state", onchange: (event) => go({ search: search.value.trim(), state: event.target.value }) },
+      [["all", "all"], ["active", "active"], ["revoked", "revoked"]].map(([value, text]) =>
+        h("option", { value, text, selected: current.state === value })))),
+  current.team ? h("button", { type: "button", class: "quiet", id: "key-team", text: `Team ${current.team} ✕`, title: "Show keys of every team", onclick: () => go({ team: "" }) }) : null);
+  return form;
+}
+
 export async function render(root, ctx, keepSecret = false) {
   if (!keepSecret) revealed = null;
-  const data = await api("/admin/api/keys");
+  const current = listing();
+  const data = await api(`/admin/api/keys${query(current)}`);
   if (!ctx.isCurrent()) return;
   const rerender = (keep = false) => render(root, ctx, keep);
   const actionError = h("p", { class: "error", role: "alert", id: "keys-error" });
   const guarded = guard(actionError);
-  const rows = data.keys.map((k) => ({ ...k, __data: { key: k.name, keyId: k.id, state: k.state } }));
+  const cols = columns(data.models, rerender, guarded);
+  const shown = h("span", { class: "muted", id: "keys-shown", role: "status" });
+  let count = data.keys.length;
+  const showCount = () => { shown.textContent = `${fmt.count(count)} of ${fmt.count(data.matched)} keys`; };
+  showCount();
+  const list = table(cols, keyRows(data.keys), current.search || current.team || current.state !== "all" ? "No keys match." : "No keys yet.");
+  let next = data.next_after;
+  const more = h("button", { type: "button", class: "quiet", id: "more-keys", text: "More keys", hidden: !next,
+    onclick: guarded(async () => {
+      const page = await api(`/admin/api/keys${query({ ...current, after: next })}`);
+      const tbody = list.querySelector("tbody");
+      for (const tr of table(cols, keyRows(page.keys)).querySelectorAll("tbody tr")) tbody.append(tr);
+      count += page.keys.length;
+      showCount();
+      next = page.next_after;
+      more.hidden = !next;
+    }) });
   replace(root, h("div", { class: "stack" },
     h("div", { class: "toolbar" }, h("h1", { text: "Keys" })),
     secretPanel(() => rerender(false)),
     createForm(data.models, rerender),
-    h("section", { class: "panel", id: "keys" }, actionError, table([
-      { label: "Name", cell: (k) => h("strong", { text: k.name }) },
-      { label: "Key", cell: (k) => h("span", { class: "mono", text: `mgk_…${k.hint}` }) },
-      { label: "Models", cell: (k) => (k.models ? k.models.join(", ") : h("span", { class: "muted", text: "all" })) },
-      { label: "max_tokens cap", num: true, cell: (k) => (k.max_tokens_cap ? fmt.count(k.max_tokens_cap) : "—") },
-      { label: "Spend today", num: true, cell: (k) => fmt.usd(k.spend_today_nano) },
-      { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
-      { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
-      { label: "Budgets", cell: budgetsCell },
-      { label: "Team", cell: (k) => k.team || "—" },
-      { label: "Created", cell: (k) => fmt.time(k.created_at) },
-      { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
-      { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },
-        h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(k, data.models, rerender)) }),
-        h("button", { type: "button", class: "danger small", text: "Revoke", dataset: { action: "revoke" }, onclick: guarded(() => revoke(k, rerender)) }))
-        : null) },
-    ], rows, "No keys yet."))));
+    h("section", { class: "panel stack", id: "keys" },
+      h("div", { class: "toolbar" }, filterBar(current), shown),
+      actionError, list, h("div", { class: "row" }, more))));
 }

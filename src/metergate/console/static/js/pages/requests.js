@@ -20,6 +20,16 @@ function select(name, label, options, rerender) {
   return h("div", { class: "field" }, h("label", { for: `filter-${name}`, text: label }), el);
 }
 
+/** Too many keys for a menu: the name is typed (Enter or leaving the field applies it). */
+function nameInput(name, label, rerender) {
+  const el = h("input", { id: `filter-${name}`, name, type: "search", value: filters[name], autocomplete: "off", spellcheck: "false",
+    onchange: () => {
+      filters[name] = el.value.trim();
+      rerender();
+    } });
+  return h("div", { class: "field" }, h("label", { for: `filter-${name}`, text: label }), el);
+}
+
 async function exportCsv(status, path = null) {
   status.textContent = "Preparing the download…";
   try {
@@ -82,7 +92,9 @@ export async function render(root, ctx) {
         h("button", { type: "button", id: "export-csv", text: "Export CSV", onclick: () => exportCsv(status) }),
         h("button", { type: "button", class: "quiet", id: "export-log", text: "Export request log", onclick: () => exportCsv(status, "/admin/api/request-log.jsonl?since=7d") }))),
     h("div", { class: "panel row", id: "filters" },
-      select("key", "Key", [["", "all keys"], ...choices.keys.map((k) => [k, k])], rerender),
+      choices.keys_complete
+        ? select("key", "Key", [["", "all keys"], ...choices.keys.map((k) => [k, k])], rerender)
+        : nameInput("key", "Key name (empty: all keys)", rerender),
       select("model", "Model", [["", "all models"], ...choices.models.map((m) => [m, m])], rerender),
       select("outcome", "Outcome", [["", "all outcomes"], ...choices.outcomes.map((o) => [o, o])], rerender),
       select("limit", "Rows", [["50", "50"], ["100", "100"], ["500", "500"], ["1000", "1000"]], rerender),

@@ -157,6 +157,14 @@ async function tagPanel(rerender) {
     ], data.groups.map((g) => ({ ...g, __data: { group: g.name } })), "No requests in this window."));
 }
 
+/** The team's first key names; when it has more, a link to all of them on the Keys page. */
+function keysCell(t) {
+  if (!t.key_count) return h("span", { class: "muted", text: "none" });
+  const more = t.key_count - t.keys.length;
+  return h("div", {}, t.keys.join(", "), more > 0 ? [" ",
+    h("a", { href: `#/keys?team=${encodeURIComponent(t.name)}`, class: "more-keys", text: `and ${fmt.count(more)} more` })] : null);
+}
+
 export async function render(root, ctx) {
   const data = await api("/admin/api/teams");
   const rerender = () => render(root, ctx);
@@ -169,7 +177,7 @@ export async function render(root, ctx) {
     h("div", { class: "toolbar" }, h("h1", { text: "Teams" })),
     h("section", { class: "panel", id: "teams" }, actionError, table([
       { label: "Team", cell: (t) => h("div", {}, h("strong", { text: t.name }), t.description ? h("div", { class: "muted", text: t.description }) : null) },
-      { label: "Keys", cell: (t) => (t.keys.length ? t.keys.join(", ") : h("span", { class: "muted", text: "none" })) },
+      { label: "Keys", cell: keysCell },
       { label: "Spend today", num: true, cell: (t) => fmt.usd(t.spend_today_nano) },
       { label: "Spend this month", num: true, cell: (t) => fmt.usd(t.spend_month_nano) },
       { label: "Budgets", cell: budgetsCell },
