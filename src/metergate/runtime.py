@@ -35,7 +35,7 @@ from metergate.limits.admission import Gate
 from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
-from metergate.metering.metrics import Metrics
+from metergate.metering.metrics import Metrics, key_labels
 from metergate.metering.multiprocess import remove_series
 from metergate.metering.observers import Observers
 from metergate.metering.spool import Spool
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from metergate.shared.state import SharedState
 
 log = logging.getLogger("metergate")
+MANY_KEYS = 1_000  # live keys past which a series per key is worth a warning
 
 
 @dataclass(eq=False)
@@ -112,7 +113,9 @@ class Runtime:
         self.database: Database | None = None
         self.ledger: LedgerWriter | None = None
         self.keys = KeyIndex(self._load_keys, self._find_keys, self._keys_changed)
-        self._live_keys: list[tuple[str, tuple[str, ...] | None]] = []
+        # (name, team, models) of each live key: the series `_prime_series` starts
+        self._live_keys: list[tuple[str, str | None, tuple[str, ...] | None]] = []
+        self._told_many_keys = False
         self.meter = Meter(self.metrics, None)
         self.observers = Observers(self.meter)  # tracing, request log, tag labels
         self.teams = TeamRegistry(self._load_teams, self.meter, lambda: self.plan, self._flush)
@@ -195,8 +198,17 @@ class Runtime:
 
     def _keys_changed(self) -> None:
         records = self.keys.records()
-        self._live_keys = [(k.name, k.models) for k in records if k.revoked_at is None]
+        self._live_keys = [(k.name, k.team, k.models) for k in records if k.revoked_at is None]
         self._prime_series()  # a new key's series exist before its first request
+        by = self.plan.config.server.metrics_key_label
+        if by == "name" and len(self._live_keys) > MANY_KEYS and not self._told_many_keys:
+            self._told_many_keys = True
+            log.warning(
+                "%d keys, each with its own series of requests, tokens and cost per model: "
+                "/metrics grows with them; server.metrics_key_label: team (or none) counts "
+                "them by team (the ledger and console keep each key's spend)",
+                len(self._live_keys),
+            )
 
     async def _find_keys(self, digests: Sequence[str]) -> list[KeyRecord]:
         assert self.database is not None
@@ -439,6 +451,7 @@ class Runtime:
     def _export_static_metrics(self, old: Plan | None) -> None:
         if old is not None:
             self._retire_series(old)
+        self.meter.key_label = self.plan.config.server.metrics_key_label
         self.metrics.build_info.labels(__version__, self.plan.version).set(1)
         for name, deployment in self.plan.router.deployments.items():
             for kind, value in deployment.prices.per_million_usd().items():
@@ -481,7 +494,8 @@ class Runtime:
             ]
             for name, route in plan.router.routes.items()
         }
-        self.metrics.prime(serving, self._live_keys, plan.config.rollouts)
+        keys = key_labels(self._live_keys, plan.config.server.metrics_key_label)
+        self.metrics.prime(serving, keys, plan.config.rollouts)
 
     async def close(self) -> None:
         self.ready = False

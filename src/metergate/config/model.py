@@ -29,6 +29,7 @@ from metergate.config.presets import DEFAULT_PRICE_LISTS, PRESETS, PresetName
 from metergate.mcp.config import McpConfig
 
 ProviderType = Literal["openai", "anthropic", "gemini", "simulated", "azure", "bedrock", "vertex"]
+KeyLabel = Literal["name", "team", "none"]  # what the metrics' `key` label holds
 ErrorKind = Literal["server_error", "rate_limited", "bad_request", "timeout", "connection_error"]
 NativeApi = Literal["responses", "completions"]
 
@@ -416,6 +417,13 @@ class ServerConfig(Strict):
         default=None,
         description="bearer token GET /metrics requires, e.g. ${METERGATE_METRICS_TOKEN}; "
         "none (or empty): /metrics is open, as Prometheus exporters usually are",
+    )
+    metrics_key_label: KeyLabel = Field(
+        default="name",
+        description="what the `key` label of the request, token and cost metrics holds: "
+        "the key's name, its team (`-` for a key in none), or `-` for every key. A "
+        "series per key and model is fine for dozens of keys; with thousands, `team` or "
+        "`none` keeps /metrics small (the ledger and console keep each key's spend)",
     )
     # Slow and oversized clients (applied by `metergate serve`, per connection).
     max_header_bytes: int = Field(

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from metergate.config.model import KeyLabel
 from metergate.errors import GatewayError
 from metergate.metering import tags as tagging
 from metergate.metering.ledger import LedgerRow, LedgerWriter
-from metergate.metering.metrics import NO_UPSTREAM, UNKNOWN_KEY, UNKNOWN_MODEL, Metrics
+from metergate.metering.metrics import ALL_KEYS, NO_UPSTREAM, UNKNOWN_KEY, UNKNOWN_MODEL, Metrics
 from metergate.metering.pricing import nano_to_usd
 from metergate.providers.base import Usage
 
@@ -191,6 +192,7 @@ class Meter:
         self.recorder: Any = None  # metergate.requestlog.RequestRecorder, when enabled
         self.tag_labels: tagging.TagLabels | None = None
         self.team_tags: dict[str, tuple[tuple[str, str], ...]] = {}  # team -> default tags
+        self.key_label: KeyLabel = "name"  # `server.metrics_key_label`
         self._observers: tuple[Observer, ...] = ()
 
     def observe(self, tracing: Any, recorder: Any, tag_labels: tagging.TagLabels | None) -> None:
@@ -216,7 +218,10 @@ class Meter:
 
     def finish(self, log: RequestLog) -> None:
         duration = time.perf_counter() - log.started
-        labels = (log.model, log.upstream, log.key)
+        key = log.key
+        if self.key_label != "name" and key is not UNKNOWN_KEY:
+            key = (log.team or ALL_KEYS) if self.key_label == "team" else ALL_KEYS
+        labels = (log.model, log.upstream, key)
         series = self.metrics.series(*labels)
         self.metrics.count_request(series, labels, log.outcome, log.api)
         series.duration.observe(duration)

@@ -23,6 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from metergate.config.model import KeyLabel
 from metergate.metering import multiprocess as multiprocess_values
 from metergate.metering import multiprocess_exposition
 from metergate.metering.exposition import FastExposition
@@ -53,6 +54,27 @@ APIS = ("chat", "responses", "messages", "completions", "embeddings")
 UNKNOWN_MODEL = "unknown"
 UNKNOWN_KEY = "unknown"
 NO_UPSTREAM = "none"
+# The `key` label of a key not broken out (`server.metrics_key_label` team or none): no
+# key or team name can be "-" (both start with a letter or digit).
+ALL_KEYS = "-"
+
+
+def key_labels(
+    keys: Iterable[tuple[str, str | None, Iterable[str] | None]], by: KeyLabel
+) -> list[tuple[str, tuple[str, ...] | None]]:
+    """The `key` label values live keys are counted under, each with the models any of
+    its keys may use (None: all), from (name, team, models) of each key: what `prime`
+    starts. By name: one per key; by team: one per team, and `-` for keys in none; by
+    none: `-` alone (when there is a key at all)."""
+    if by == "name":
+        return [(name, None if models is None else tuple(models)) for name, _, models in keys]
+    labels: dict[str, frozenset[str] | None] = {}
+    for _, team, models in keys:
+        label = (team or ALL_KEYS) if by == "team" else ALL_KEYS
+        allowed = labels.get(label, frozenset())
+        if allowed is not None:
+            labels[label] = None if models is None else allowed.union(models)
+    return [(label, None if m is None else tuple(m)) for label, m in labels.items()]
 
 
 def multiprocess_dir() -> str | None:
