@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
 import re
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 
+from metergate.console import attribution
 from metergate.console import mcp as mcp_view
 from metergate.metering.ledger import COLUMNS, LedgerRow
 from metergate.rollout import store as rollout_store
@@ -803,6 +805,38 @@ def test_teams_page_creates_a_team_and_groups_spend_by_tag(page, gateway_factory
     page.locator("tr[data-team=search] button[data-action=delete]").click()
     page.locator("dialog[open] button[data-value=ok]").click()
     playwright_api.expect(page.locator("tr[data-team=search]")).to_have_count(0)
+    assert page.problems == []
+
+
+def test_spend_by_a_tag_of_many_values_shows_the_costliest_and_sums_the_rest(
+    page, gateway_factory, monkeypatch
+):
+    """A tag with a value per user: the panel lists the costliest values only and says
+    how many more there are and what they spent together."""
+    monkeypatch.setattr(attribution, "GROUPS_DEFAULT", 2)
+    gateway = gateway_factory(console_config())
+    client = gateway.client()
+    for user, count in (("ann", 3), ("bo", 2), ("cy", 1), ("di", 1)):
+        for _ in range(count):
+            client.chat.completions.create(
+                model="chat", messages=ASK, extra_headers={"x-metergate-tags": f"user={user}"}
+            )
+    rest_nano = sum(
+        r["cost_nano"]
+        for r in gateway.ledger_rows()
+        if json.loads(r["tags"])["user"] in ("cy", "di")
+    )
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "teams")
+    page.fill("#tag-name", "user")
+    page.click("#tag-form button")
+    groups = page.locator("#usage-by tbody tr")
+    playwright_api.expect(groups).to_have_count(2)
+    assert groups.evaluate_all("rows => rows.map(r => r.dataset.group)") == ["ann", "bo"]
+    playwright_api.expect(page.locator("#more-groups")).to_contain_text(
+        f"and 2 more, ${rest_nano / 1e9:.6f} together"
+    )
     assert page.problems == []
 
 

@@ -1,7 +1,8 @@
 """The admin API lists keys in pages, finds them by part of a name, an id or a hint, and
 never answers with every key at once: a gateway may hold a key per end user. Teams show
-their first keys and how many they have; the requests page's key menu stays bounded.
-On SQLite and PostgreSQL alike (the paging query compares rows)."""
+their first keys and how many they have; the requests page's key menu and usage by key
+(or by a tag with a value per user) stay bounded. On SQLite and PostgreSQL alike (the
+paging query compares rows)."""
 
 from __future__ import annotations
 
@@ -184,6 +185,33 @@ def test_team_filter_and_the_teams_list_bound(
     choices = admin(gateway, "/admin/api/requests").json()["filters"]
     assert choices["keys_complete"] is False
     assert choices["keys"] == ["outsider", "test", "user-000", "user-001", "user-002"]
+
+
+def test_usage_by_key_answers_with_the_costliest_keys(gateway_factory, database_url: str) -> None:
+    gateway = gateway_factory(listing_config(database_url))
+    for name, count in (("few", 1), ("most", 3), ("some", 2)):
+        secret = make_key(gateway, name)["secret"]
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+        for i in range(count):
+            client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"{name} {i}"}]
+            )
+    rows = gateway.ledger_rows()
+    whole = admin(gateway, "/admin/api/usage?by=key").json()
+    assert [g["name"] for g in whole["groups"]] == ["most", "some", "few"]
+    assert whole["group_count"] == 3
+    page = admin(gateway, "/admin/api/usage?by=key&limit=2").json()
+    assert page["groups"] == whole["groups"][:2] and page["group_count"] == 3
+    assert page["total"]["cost_nano"] == sum(r["cost_nano"] for r in rows) > 0
+    assert page["total"]["requests"] == 6
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "ten"])
+def test_a_bad_usage_limit_says_what_to_fix(gateway_factory, limit: str) -> None:
+    gateway = gateway_factory(listing_config())
+    answer = admin(gateway, f"/admin/api/usage?by=key&limit={limit}")
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "limit"
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from metergate.cli.usage import PeriodError, parse_period, usd
 from metergate.config import parse_config
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.pricing import load_price_list
-from metergate.metering.report import compare_prices, month_forecast, usage_summary
+from metergate.metering.report import compare_prices, month_forecast, top_usage, usage_summary
 from metergate.storage import Database, open_database
 from tests.services import PostgresServer, running_postgres
 
@@ -182,6 +182,35 @@ async def test_p95_is_nearest_rank(db: Database, count: int, expected: float) ->
     await insert(db, [row(DAY_START + i, duration_ms=float(i)) for i in range(count, 0, -1)])
     group, total = await usage_summary(db, "model", DAY_START, DAY_END)
     assert group.p95_ms == total.p95_ms == expected
+
+
+async def test_the_costliest_groups_are_the_head_of_the_whole_summary(db: Database) -> None:
+    """A grouping with a value per end user answers with its costliest groups only: the
+    same groups, figures and order as the head of the whole summary, ties broken by
+    requests then name, the total and the count of groups still of all of them."""
+    rows = []
+    for n in range(40):
+        cost = (n % 7) * 100  # seven costs, many ties; some groups free
+        for i in range(1 + n % 3):  # ties in cost broken by requests, then by name
+            rows.append(
+                row(
+                    DAY_START + n * 10 + i,
+                    key_name=f"user-{n:02d}",
+                    cost_nano=cost,
+                    duration_ms=float(n + i),
+                    tags=None if n % 5 == 0 else f'{{"user": "u{n % 11}"}}',
+                )
+            )
+    await insert(db, rows)
+    for grouping in ("key", "tag:user", "model"):
+        whole = await usage_summary(db, grouping, DAY_START, DAY_END)
+        for top in (1, 6, 12, 100):
+            page = await top_usage(db, grouping, DAY_START, DAY_END, top=top)
+            assert page.groups == whole[:-1][:top], (grouping, top)
+            assert page.group_count == len(whole) - 1
+            assert page.total == whole[-1]
+    empty = await top_usage(db, "key", DAY_END + 1, DAY_END + 2, top=5)
+    assert (empty.groups, empty.group_count, empty.total.requests) == ([], 0, 0)
 
 
 async def test_empty_period_has_a_zero_total(db: Database) -> None:

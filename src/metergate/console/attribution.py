@@ -19,7 +19,7 @@ from metergate.metering.report import (
     UnknownGrouping,
     UsageFilter,
     group_expression,
-    usage_summary,
+    top_usage,
 )
 from metergate.runtime import Runtime
 from metergate.storage import teams as store
@@ -27,6 +27,8 @@ from metergate.storage.database import Database
 from metergate.teams import TeamError, TeamRecord, budget_name, check_name, check_tags
 
 TEAM_KEYS_SHOWN = 50  # key names listed per team; the Keys page filters by team for all
+GROUPS_DEFAULT = 100  # usage groups per answer: a key or tag value per end user is many
+GROUPS_MAX = 1_000
 
 
 def invalid(error: TeamError | UnknownGrouping) -> InvalidRequest:
@@ -130,14 +132,21 @@ def parse_grouping(by: str | None, team: str | None, tag: str | None) -> tuple[s
 
 
 async def usage_view(
-    database: Database, window: Window, grouping: str, only: UsageFilter
+    database: Database,
+    window: Window,
+    grouping: str,
+    only: UsageFilter,
+    limit: int = GROUPS_DEFAULT,
 ) -> dict[str, Any]:
+    """The `limit` costliest groups; `total` covers every group, `group_count` counts
+    them."""
     now = time.time()
-    groups = await usage_summary(database, grouping, now - window.seconds, now, only)
+    usage = await top_usage(database, grouping, now - window.seconds, now, only, limit)
     return {
         "window": window.name,
         "now": now,
         "by": grouping,
-        "groups": [{"name": g.name, **group_json(g)} for g in groups[:-1]],
-        "total": group_json(groups[-1]),
+        "groups": [{"name": g.name, **group_json(g)} for g in usage.groups],
+        "group_count": usage.group_count,
+        "total": group_json(usage.total),
     }

@@ -961,9 +961,14 @@ def _attribution_paths() -> dict[str, Any]:
                         {"type": "string", "pattern": f"^{_TAG_NAME}:[\\s\\S]"},
                         "Only requests with this tag, as NAME:VALUE",
                     ),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "The costliest groups to return",
+                    ),
                 ],
                 "responses": _responses(
-                    "Groups, costliest first, and the total",
+                    "The costliest groups first, and the total of all",
                     _object(
                         {
                             "window": _STR,
@@ -972,6 +977,10 @@ def _attribution_paths() -> dict[str, Any]:
                             "groups": {
                                 "type": "array",
                                 "items": {"allOf": [_object({"name": _STR}), _ref("UsageGroup")]},
+                            },
+                            "group_count": {
+                                **_INT,
+                                "description": "groups in all; `groups` holds the costliest",
                             },
                             "total": _ref("UsageGroup"),
                         }

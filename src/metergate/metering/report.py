@@ -97,18 +97,28 @@ SELECT grp, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_to
   SUM(cost_nano), SUM(saved_nano),
   SUM(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END),
   SUM(CASE WHEN outcome IN ({refused}) THEN 1 ELSE 0 END),
-  MAX(CASE WHEN rn = (95 * n + 99) / 100 THEN duration_ms END)
-FROM ranked GROUP BY grp"""
+  MAX(CASE WHEN rn = (95 * n + 99) / 100 THEN duration_ms END){count}
+FROM ranked GROUP BY grp{order}"""
 
 
-def _summary_sql(column: str | None, where: str = "") -> str:
-    """The per-group query, or with no column the single-group query for the total."""
+# The costliest groups first, in `usage_summary`'s order, and how many groups there are
+# in all (the window counts the groups before LIMIT cuts them).
+_TOP_COUNT = ",\n  COUNT(*) OVER ()"
+_TOP_ORDER = f"\nORDER BY SUM(cost_nano) DESC, COUNT(*) DESC, COALESCE(grp, '{NO_VALUE}')\nLIMIT ?"
+
+
+def _summary_sql(column: str | None, where: str = "", top: bool = False) -> str:
+    """The per-group query, or with no column the single-group query for the total;
+    `top`: only the costliest groups (LIMIT is the last parameter), each row ending in
+    the number of groups."""
     return _SUMMARY_SQL.format(
         group=column or "'*'",
         window=f"PARTITION BY {column}" if column else "",
         errors=_sql_list(ERROR_OUTCOMES),
         refused=_sql_list(REFUSED_OUTCOMES),
         where=where,
+        count=_TOP_COUNT if top else "",
+        order=_TOP_ORDER if top else "",
     )
 
 
@@ -198,9 +208,42 @@ async def usage_summary(
     rows = await db.fetch(_summary_sql(column, where), period)
     groups = [_usage_group(NO_VALUE if row[0] is None else str(row[0]), row[1:]) for row in rows]
     groups.sort(key=lambda g: (-g.cost_nano, -g.requests, g.name or ""))
-    total_rows = await db.fetch(_summary_sql(None, where), period)
-    total = _usage_group(None, total_rows[0][1:] if total_rows else (None,) * 9)
-    return [*groups, total]
+    return [*groups, await _total(db, where, period)]
+
+
+async def _total(db: Database, where: str, period: tuple[Any, ...]) -> UsageGroup:
+    rows = await db.fetch(_summary_sql(None, where), period)
+    return _usage_group(None, rows[0][1:] if rows else (None,) * 9)
+
+
+@dataclass(frozen=True, slots=True)
+class TopUsage:
+    """The costliest groups, the total of all, and how many groups there are in all."""
+
+    groups: list[UsageGroup]
+    total: UsageGroup
+    group_count: int
+
+
+async def top_usage(
+    db: Database,
+    group_by: GroupBy,
+    start: float,
+    end: float,
+    only: UsageFilter | None = None,
+    top: int = 100,
+) -> TopUsage:
+    """`usage_summary` cut to the `top` costliest groups in the database, so that a
+    grouping with a value per end user (a key or a tag each) answers in a page, not
+    with every group."""
+    where, params = (only or UsageFilter()).sql(db.dialect)
+    period = (start, end, *params)
+    column = group_expression(db.dialect, group_by)
+    rows = await db.fetch(_summary_sql(column, where, top=True), (*period, top))
+    # in the database's order, which chose them (its collation breaks the last ties)
+    groups = [_usage_group(NO_VALUE if row[0] is None else str(row[0]), row[1:]) for row in rows]
+    count = int(rows[0][-1]) if rows else 0
+    return TopUsage(groups, await _total(db, where, period), count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,17 @@ async function tagPanel(rerender) {
       { label: "Errors", num: true, cell: (g) => fmt.pct(g.error_rate) },
       { label: "Tokens in / out", num: true, cell: (g) => `${fmt.count(g.input_tokens)} / ${fmt.count(g.output_tokens)}` },
       { label: "Cost", num: true, cell: (g) => fmt.usd(g.cost_nano) },
-    ], data.groups.map((g) => ({ ...g, __data: { group: g.name } })), "No requests in this window."));
+    ], data.groups.map((g) => ({ ...g, __data: { group: g.name } })), "No requests in this window."),
+    otherGroups(data));
+}
+
+/** What the costliest groups leave out: how many more, and what they spent together. */
+function otherGroups(data) {
+  const more = data.group_count - data.groups.length;
+  if (more <= 0) return null;
+  const shown = data.groups.reduce((sum, g) => sum + g.cost_nano, 0);
+  return h("p", { class: "muted", id: "more-groups",
+    text: `and ${fmt.count(more)} more, ${fmt.usd(data.total.cost_nano - shown)} together; ${fmt.usd(data.total.cost_nano)} in all` });
 }
 
 /** The team's first key names; when it has more, a link to all of them on the Keys page. */
