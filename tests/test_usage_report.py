@@ -19,7 +19,14 @@ from metergate.cli.usage import PeriodError, parse_period, usd
 from metergate.config import parse_config
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.pricing import load_price_list
-from metergate.metering.report import compare_prices, month_forecast, top_usage, usage_summary
+from metergate.metering.report import (
+    compare_prices,
+    month_forecast,
+    spend_between,
+    spend_by,
+    top_usage,
+    usage_summary,
+)
 from metergate.storage import Database, open_database
 from tests.services import PostgresServer, running_postgres
 
@@ -211,6 +218,24 @@ async def test_the_costliest_groups_are_the_head_of_the_whole_summary(db: Databa
             assert page.total == whole[-1]
     empty = await top_usage(db, "key", DAY_END + 1, DAY_END + 2, top=5)
     assert (empty.groups, empty.group_count, empty.total.requests) == ([], 0, 0)
+
+
+async def test_spend_by_group_agrees_with_the_whole_summary(db: Database) -> None:
+    """The console's key and team lists read requests and cost alone, without the
+    percentile: the same figures as the summary's, (none) group and filters included."""
+    from metergate.metering.report import UsageFilter
+
+    await insert(db, mixed_day())
+    await insert(db, [row(DAY_START + 5, cost_nano=7, team="ads", tags='{"f": "x"}')])
+    for grouping in ("model", "key", "team", "tag:f"):
+        for only in (None, UsageFilter(keys=("a", "svc"))):
+            whole = await usage_summary(db, grouping, DAY_START, DAY_END, only)
+            sums = await spend_by(db, grouping, DAY_START, DAY_END, only)
+            assert {k: (v.requests, v.cost_nano) for k, v in sums.items()} == {
+                g.name: (g.requests, g.cost_nano) for g in whole[:-1]
+            }, (grouping, only)
+            if only is None:
+                assert await spend_between(db, DAY_START, DAY_END) == whole[-1].cost_nano
 
 
 async def test_empty_period_has_a_zero_total(db: Database) -> None:

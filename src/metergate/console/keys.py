@@ -23,7 +23,7 @@ from metergate.auth.keys import KeyRecord
 from metergate.console.overview import budget_json, day_and_month
 from metergate.console.requests_log import check_query, int_value, query_value
 from metergate.errors import InvalidRequest, NotFound
-from metergate.metering.report import UsageFilter, UsageGroup
+from metergate.metering.report import Spend, UsageFilter
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import KeyState, key_by_id, page_of_keys, revoke
@@ -171,8 +171,8 @@ async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery)
         database, query.limit, query.after, query.state, query.search, query.team
     )
     names = tuple(dict.fromkeys(record.name for record in page.records))
-    day: dict[str | None, UsageGroup] = {}
-    month: dict[str | None, UsageGroup] = {}
+    day: dict[str, Spend] = {}
+    month: dict[str, Spend] = {}
     if names:
         day, month = await day_and_month(database, "key", now, UsageFilter(keys=names))
     key_budgets: dict[str, list[dict[str, Any]]] = {}

@@ -14,7 +14,15 @@ from metergate.budgets.book import Budget, ledger_spend
 from metergate.budgets.period import period_bounds
 from metergate.console.series import model_series
 from metergate.console.windows import Window
-from metergate.metering.report import UsageFilter, UsageGroup, month_forecast, usage_summary
+from metergate.metering.report import (
+    Spend,
+    UsageFilter,
+    UsageGroup,
+    month_forecast,
+    spend_between,
+    spend_by,
+    usage_summary,
+)
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 
@@ -43,21 +51,21 @@ def group_json(group: UsageGroup) -> dict[str, Any]:
 
 async def day_and_month(
     database: Database, group_by: str, now: float, only: UsageFilter | None = None
-) -> tuple[dict[str | None, UsageGroup], dict[str | None, UsageGroup]]:
-    """Usage per group (key, team, ...) today and this month, UTC, up to `now`."""
+) -> tuple[dict[str, Spend], dict[str, Spend]]:
+    """Requests and spend per group (key, team, ...) today and this month, UTC, up to
+    `now`."""
     midnight = _utc_midnight(now)
     day = dt.datetime.fromtimestamp(now, dt.UTC).date()
     month_start = dt.datetime.combine(day.replace(day=1), dt.time(), dt.UTC).timestamp()
-    today = await usage_summary(database, group_by, midnight, now, only)
-    month = await usage_summary(database, group_by, month_start, now, only)
-    return {g.name: g for g in today[:-1]}, {g.name: g for g in month[:-1]}
+    today = await spend_by(database, group_by, midnight, now, only)
+    return today, await spend_by(database, group_by, month_start, now, only)
 
 
 async def spend(database: Database, now: float) -> dict[str, Any]:
-    today = await usage_summary(database, "model", _utc_midnight(now), now)
+    today = await spend_between(database, _utc_midnight(now), now)
     forecast = await month_forecast(database, now, "UTC")
     return {
-        "today_nano": today[-1].cost_nano,
+        "today_nano": today,
         "month": forecast.month,
         "month_nano": forecast.so_far_nano,
         "forecast_nano": forecast.projected_nano,

@@ -217,6 +217,35 @@ async def _total(db: Database, where: str, period: tuple[Any, ...]) -> UsageGrou
 
 
 @dataclass(frozen=True, slots=True)
+class Spend:
+    requests: int
+    cost_nano: int
+
+
+async def spend_by(
+    db: Database,
+    group_by: GroupBy,
+    start: float,
+    end: float,
+    only: UsageFilter | None = None,
+) -> dict[str, Spend]:
+    """Requests and cost per group in `[start, end)`: what the console's lists of keys
+    and teams show, without `usage_summary`'s percentile, which sorts every row of the
+    period (ten times the time of these sums on 200,000 rows)."""
+    where, params = (only or UsageFilter()).sql(db.dialect)
+    column = group_expression(db.dialect, group_by)
+    rows = await db.fetch(
+        f"SELECT {column}, COUNT(*), SUM(cost_nano) FROM requests "
+        f"WHERE ts >= ? AND ts < ?{where} GROUP BY {column}",
+        (start, end, *params),
+    )
+    return {
+        NO_VALUE if name is None else str(name): Spend(int(count), int(cost or 0))
+        for name, count, cost in rows
+    }
+
+
+@dataclass(frozen=True, slots=True)
 class TopUsage:
     """The costliest groups, the total of all, and how many groups there are in all."""
 
@@ -353,7 +382,8 @@ def _midnight(day: dt.date, zone: ZoneInfo) -> float:
     return dt.datetime.combine(day, dt.time(), zone).timestamp()
 
 
-async def _spend(db: Database, start: float, end: float) -> int:
+async def spend_between(db: Database, start: float, end: float) -> int:
+    """What the requests of `[start, end)` cost, in nano-USD."""
     rows = await db.fetch(
         "SELECT SUM(cost_nano) FROM requests WHERE ts >= ? AND ts < ?", (start, end)
     )
@@ -387,8 +417,8 @@ async def month_forecast(db: Database, now: float, tz: str = "UTC") -> MonthFore
     if young:
         basis_start, basis_end = float(ledger_start), now
 
-    so_far = await _spend(db, month_start, now)
-    basis = await _spend(db, basis_start, basis_end)
+    so_far = await spend_between(db, month_start, now)
+    basis = await spend_between(db, basis_start, basis_end)
     basis_seconds = Fraction(basis_end) - Fraction(basis_start)
     if young:
         basis_seconds = max(basis_seconds, Fraction(_HOUR))
