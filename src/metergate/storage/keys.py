@@ -155,10 +155,11 @@ async def page_of_keys(
         f"SELECT {_COLUMNS}, {_REVOKED} FROM keys{filters} ORDER BY {_REVOKED}, name, id LIMIT ?",
         (*params, limit + 1),
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = (int(rows[-1][10]), rows[-1][1], rows[-1][0]) if more else None
-    return KeyPage([_record(row) for row in rows], last, int(matched))
+    records = _records(rows[:limit])
+    last = None
+    if len(rows) > limit:  # another page follows: it starts after this page's last key
+        last = (int(rows[limit - 1][-1]), records[-1].name, records[-1].id)
+    return KeyPage(records, last, int(matched))
 
 
 async def keys_changed(database: Database, since: int) -> tuple[list[KeyRecord], int]:
