@@ -71,3 +71,35 @@ def test_configured_series_start_at_zero_and_follow_keys_and_reloads(gateway_fac
     )
     assert answer.json()["applied"] is True
     assert series(gateway, "metergate_cost_usd_total") == expected | {("d", "u4", "test")}
+
+
+def test_each_call_starts_what_changed_since_the_last() -> None:
+    """Priming runs at each change of keys: it starts a new key, a key's newly allowed
+    model, a new model's series for every key, and a new rollout's count."""
+    from metergate.metering.metrics import Metrics
+
+    metrics = Metrics()
+
+    def started() -> set[tuple[str, str, str]]:
+        return {
+            (s.labels["model"], s.labels["upstream"], s.labels["key"])
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if s.name == "metergate_cost_usd_total"
+        }
+
+    serving = {"a": ["u1"], "b": ["u2"]}
+    metrics.prime(serving, [("k1", None), ("k2", ["a"])])
+    assert started() == {("a", "u1", "k1"), ("b", "u2", "k1"), ("a", "u1", "k2")}
+    metrics.prime(serving, [("k1", None), ("k2", ["a", "b"]), ("k3", ["b"])])
+    assert started() >= {("b", "u2", "k2"), ("b", "u2", "k3")}
+    assert ("a", "u1", "k3") not in started()
+    metrics.prime({**serving, "c": ["u3"]}, [("k1", None), ("k2", ["a", "b"])], ["r"])
+    assert ("c", "u3", "k1") in started() and ("c", "u3", "k2") not in started()
+    rolled = [
+        s.labels["rollout"]
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "metergate_rollout_transitions_total"
+    ]
+    assert rolled == ["r"]
