@@ -335,6 +335,41 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
+def test_keys_list_finds_keys_and_stops_at_a_limit(tmp_path):
+    """With a key per end user the list must not print them all: it stops at --limit
+    (1000) and says how many there are; --search, --team and --state find the others."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
+        "providers: {s: {type: simulated}}\n"
+        "upstreams: {u: {provider: s, model: m}}\n"
+        "models: {m: {upstreams: [u]}}\n"
+    )
+    cli = CliRunner()
+
+    def keys(*args: str) -> str:
+        result = cli.invoke(cli_app, ["keys", *args, "-c", str(config)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    team = cli.invoke(cli_app, ["teams", "create", "crowd", "-c", str(config)])
+    assert team.exit_code == 0, team.output
+    for n in range(6):
+        keys("create", "--name", f"user-{n}", *(["--team", "crowd"] if n < 2 else []))
+    keys("revoke", "user-5")
+    listed = keys("list", "--limit", "3")
+    assert [f"user-{n}" in listed for n in range(6)] == [True] * 3 + [False] * 3
+    assert "3 of 6 keys; --search, --team or --limit" in listed
+    found = keys("list", "--search", "USER-3")
+    assert "user-3" in found and "user-4" not in found and " of " not in found
+    in_team = keys("list", "--team", "crowd")
+    assert "user-0" in in_team and "user-1" in in_team and "user-2" not in in_team
+    revoked = keys("list", "--state", "revoked")
+    assert "user-5" in revoked and "user-0" not in revoked
+    wrong = cli.invoke(cli_app, ["keys", "list", "--state", "expired", "-c", str(config)])
+    assert wrong.exit_code == 2 and "--state" in wrong.output
+
+
 def test_the_banner_hint_names_the_config_served(tmp_path):
     """Without -c, `keys create` would write to ./.metergate, which this gateway never reads."""
     config = tmp_path / "my gw.yaml"

@@ -72,13 +72,29 @@ def create(
 
 
 @app.command("list")
-def list_(config: ConfigOption = None) -> None:
-    """List keys: name, id, last four characters, allowed models, state."""
+def list_(
+    search: Annotated[
+        str | None,
+        typer.Option("--search", help="part of a name (any case), an id, or the last four"),
+    ] = None,
+    team: Annotated[str | None, typer.Option("--team", help="only this team's keys")] = None,
+    state: Annotated[
+        store.KeyState, typer.Option("--state", help="active, revoked or all")
+    ] = "all",
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="at most this many keys (1000)")
+    ] = 1_000,
+    config: ConfigOption = None,
+) -> None:
+    """List keys, active first, then by name: name, id, last four characters, allowed
+    models, state."""
     loaded = load_or_exit(config)
-    records = with_database(loaded, store.list_keys)
+    page = with_database(
+        loaded, lambda db: store.page_of_keys(db, limit, state=state, search=search, team=team)
+    )
     table = Table("name", "id", "key", "models", "max_tokens cap", "team", "created", "state")
     table.columns[1].overflow = "fold"  # folded in a narrow terminal, never cut: revoke takes it
-    for record in records:
+    for record in page.records:
         table.add_row(
             record.name,
             record.id,
@@ -90,6 +106,11 @@ def list_(config: ConfigOption = None) -> None:
             f"revoked {_when(record.revoked_at)}" if record.revoked_at else "active",
         )
     console.print(table)
+    if page.matched > len(page.records):
+        console.print(
+            f"{len(page.records):,} of {page.matched:,} keys; --search, --team or --limit "
+            "for the others"
+        )
 
 
 @app.command("update")
