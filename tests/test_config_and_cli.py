@@ -335,9 +335,8 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert unknown_model.returncode == 2 and "unknown model" in unknown_model.stderr
 
 
-def test_keys_list_finds_keys_and_stops_at_a_limit(tmp_path):
-    """With a key per end user the list must not print them all: it stops at --limit
-    (1000) and says how many there are; --search, --team and --state find the others."""
+def one_model_config(tmp_path: Path) -> Path:
+    """A config of one simulated model `m` with its ledger in `tmp_path`."""
     config = tmp_path / "gw.yaml"
     config.write_text(
         f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
@@ -345,6 +344,13 @@ def test_keys_list_finds_keys_and_stops_at_a_limit(tmp_path):
         "upstreams: {u: {provider: s, model: m}}\n"
         "models: {m: {upstreams: [u]}}\n"
     )
+    return config
+
+
+def test_keys_list_finds_keys_and_stops_at_a_limit(tmp_path):
+    """With a key per end user the list must not print them all: it stops at --limit
+    (1000) and says how many there are; --search, --team and --state find the others."""
+    config = one_model_config(tmp_path)
     cli = CliRunner()
 
     def keys(*args: str) -> str:
@@ -456,13 +462,7 @@ def test_the_serve_banner_hides_the_ledger_password(tmp_path, fresh_postgres_url
 def test_tables_are_not_cut_when_stdout_is_no_terminal(tmp_path):
     """Piped (or `kubectl exec` without -t), a table is as wide as its content: a key's id
     can be copied for `revoke`, a cost read whole."""
-    config = tmp_path / "gw.yaml"
-    config.write_text(
-        f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n"
-        "providers: {s: {type: simulated}}\n"
-        "upstreams: {u: {provider: s, model: m}}\n"
-        "models: {m: {upstreams: [u]}}\n"
-    )
+    config = one_model_config(tmp_path)
     name = "a-rather-long-service-name-for-a-table"
     created = run("keys", "create", "--name", name, "-c", str(config), cwd=tmp_path)
     key_id = created.stdout.split("(")[1].split(")")[0]
