@@ -515,6 +515,22 @@ def test_cli_table(ledger_config: Path) -> None:
         assert text in result.stdout
 
 
+def test_cli_shows_the_costliest_groups_and_sums_the_rest(ledger_config: Path) -> None:
+    """A table stops at --top (100 by default: a key per user is many groups) and says
+    what the rest spent; csv and json keep every group unless --top is given."""
+    table = run(ledger_config, "--top", "1")
+    assert table.returncode == 0, table.stderr
+    assert "smart" in table.stdout and "demo" not in table.stdout
+    assert "and 1 more group, $0.000000 together" in table.stdout
+    whole = run(ledger_config)
+    assert "demo" in whole.stdout and "more groups" not in whole.stdout
+    report = json.loads(run(ledger_config, "--format", "json", "--top", "1").stdout)
+    assert [g["name"] for g in report["groups"]] == ["smart"]
+    assert report["total"]["requests"] == 11  # the total is of every group
+    every = run(ledger_config, "--format", "csv").stdout.splitlines()
+    assert len(every) == 1 + 2 + 1  # header, both groups, total
+
+
 def test_cli_compares_with_a_price_file(ledger_config: Path) -> None:
     (ledger_config / "contract.yaml").write_text("gpt-4.1: {input: 1.5, output: 6}\n")
     result = run(ledger_config, "--format", "json", "--compare", "contract.yaml")

@@ -36,17 +36,20 @@ from metergate.metering.report import (
     group_expression,
     month_forecast,
     tag_expression,
+    top_usage,
     usage_summary,
 )
 from metergate.storage.database import Database
 
 Format = Literal["table", "csv", "json"]
-Report = tuple[list[UsageGroup], list[ModelComparison] | None, MonthForecast]
+# the groups then the total, how many groups in all (when cut), the comparison, forecast
+Report = tuple[list[UsageGroup], int | None, list[ModelComparison] | None, MonthForecast]
 
 _SINCE = re.compile(r"([1-9][0-9]*)([mhd])")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86_400}
 _NANO = 1_000_000_000
 _FIRST_DAY = dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp()  # the earliest a report shows
+TABLE_TOP = 100  # groups a table shows unless --top says otherwise: a key per user is many
 
 
 def usage(
@@ -72,6 +75,15 @@ def usage(
         typer.Option("--tag", metavar="NAME=VALUE", help="only requests with this tag (repeat)"),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="csv/json: machine-readable")] = "table",
+    top: Annotated[
+        int | None,
+        typer.Option(
+            "--top",
+            min=1,
+            help="only the N costliest groups, the total still of all (a table: 100; "
+            "csv and json: every group)",
+        ),
+    ] = None,
     compare: Annotated[
         str | None,
         typer.Option(
@@ -98,14 +110,21 @@ def usage(
     loaded = load_or_exit(config)
     prices = None if compare is None else _price_list_or_exit(compare)
 
+    shown = top if top is not None or fmt != "table" else TABLE_TOP
+
     async def gather(db: Database) -> Report:
-        summary = await usage_summary(db, by, *period, only)
+        group_count: int | None = None
+        if shown is None:
+            summary = await usage_summary(db, by, *period, only)
+        else:
+            cut = await top_usage(db, by, *period, only, shown)
+            summary, group_count = [*cut.groups, cut.total], cut.group_count
         comparison = None
         if prices is not None:
             comparison = await compare_prices(db, loaded, prices, *period)
-        return summary, comparison, await month_forecast(db, now)
+        return summary, group_count, comparison, await month_forecast(db, now)
 
-    summary, comparison, forecast = with_database(loaded, gather)
+    summary, group_count, comparison, forecast = with_database(loaded, gather)
     if fmt == "json":
         print(json.dumps(_json(by, period, summary, compare, comparison, forecast), indent=2))
     elif fmt == "csv":
@@ -117,6 +136,14 @@ def usage(
         errors.print(_forecast_line(forecast), markup=False, highlight=False)
     else:
         console.print(_usage_table(by, period, summary))
+        if group_count is not None and group_count > len(summary) - 1:
+            rest = summary[-1].cost_nano - sum(g.cost_nano for g in summary[:-1])
+            more = group_count - len(summary) + 1
+            console.print(
+                f"and {more:,} more {'group' if more == 1 else 'groups'}, {_money(rest)} "
+                "together; --top N or --format csv for all",
+                highlight=False,
+            )
         if comparison is not None and compare is not None:
             _print_comparison(compare, comparison)
         console.print(_forecast_line(forecast), highlight=False)
