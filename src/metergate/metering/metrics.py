@@ -379,7 +379,7 @@ class Metrics:
         routes = {model: tuple(sorted(set(ups))) for model, ups in serving.items()}
         allowed = {name: None if m is None else frozenset(m) for name, m in keys}
         if routes == self._primed_routes:
-            # only keys that are new or may use other models (100,000 keys: ~20 ms, where
+            # only keys that are new or may use other models (100,000 keys: ~40 ms, where
             # starting them all again took ~190 ms of the event loop per change of keys)
             known = self._primed_keys
             fresh = {k: m for k, m in allowed.items() if k not in known or known[k] != m}
