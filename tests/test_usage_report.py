@@ -220,6 +220,34 @@ async def test_the_costliest_groups_are_the_head_of_the_whole_summary(db: Databa
     assert (empty.groups, empty.group_count, empty.total.requests) == ([], 0, 0)
 
 
+async def test_few_groups_rank_their_p95_as_numbering_every_row_does(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models, upstreams and teams (a few values each) rank each group's p95 from the top
+    in a query of its own; the figures must be those of the query that numbers every row,
+    the group of requests without a team and filters included."""
+    from metergate.metering import report
+    from metergate.metering.report import UsageFilter
+
+    await insert(db, mixed_day())
+    await insert(
+        db,
+        [
+            row(DAY_START + i, "demo", upstream="sim", team="ads" if i % 3 else None,
+                duration_ms=float(i * 7 % 40), cost_nano=i, tags='{"f": "x"}')
+            for i in range(1, 40)
+        ],
+    )  # fmt: skip
+    for grouping in ("model", "upstream", "team"):
+        for only in (None, UsageFilter(keys=("a", "svc")), UsageFilter(tags=(("f", "x"),))):
+            ranked = await usage_summary(db, grouping, DAY_START, DAY_END, only)
+            with monkeypatch.context() as patch:
+                patch.setattr(report, "_FEW", 0)  # every grouping numbers its rows
+                numbered = await usage_summary(db, grouping, DAY_START, DAY_END, only)
+            assert ranked == numbered, (grouping, only)
+            assert all(g.p95_ms is not None for g in ranked if g.requests)
+
+
 async def test_spend_by_group_agrees_with_the_whole_summary(db: Database) -> None:
     """The console's key and team lists read requests and cost alone, without the
     percentile: the same figures as the summary's, (none) group and filters included."""
