@@ -129,6 +129,20 @@ def test_n_stop_and_max_tokens(gateway):
     assert reply.usage.completion_tokens == 6
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_more_choices_than_openai_allows_are_refused_at_once(gateway_factory, stream):
+    """`n` beyond OpenAI's 128, from a demo model that paces its tokens: a 400 naming `n`
+    at once, where it used to sleep for n x tokens (hours for n=100000)."""
+    gateway = gateway_factory(simulated_config(output_tokens=5, tokens_per_second=100))
+    client = gateway.client(timeout=30)
+    ask = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match=r"n: at most 128 choices"):
+        client.chat.completions.create(model="sim", messages=ask, n=100_000, stream=stream)
+    reply = client.chat.completions.create(model="sim", messages=ask, n=128, max_tokens=1)
+    assert len(reply.choices) == 128
+    assert [row["outcome"] for row in gateway.ledger_rows()] == ["upstream_rejected", "success"]
+
+
 def test_simulated_errors_follow_the_config(gateway_factory):
     gateway = gateway_factory(simulated_config(error_rate=1.0, error_kind="rate_limited"))
     with pytest.raises(openai.RateLimitError) as raised:

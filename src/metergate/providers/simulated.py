@@ -209,6 +209,9 @@ class SimulatedAdapter(Adapter):
         )
 
 
+MAX_CHOICES = 128  # OpenAI's bound on `n`
+
+
 class _Answer:
     """The deterministic answer to one request (a malformed one is a 400 naming the field,
     read with the same checks as the translating adapters)."""
@@ -220,6 +223,12 @@ class _Answer:
         digest = hashlib.sha256(prompt + call.model.encode()).digest()
         self.id = "chatcmpl-sim-" + digest[:12].hex()
         self.n = max(1, int(body.get("n") or 1))
+        if self.n > MAX_CHOICES:  # as OpenAI: n choices of up to `tokens` each is real work
+            raise UpstreamRejected(
+                f"n: at most {MAX_CHOICES} choices per request (got {self.n})",
+                status=400,
+                upstream_status=400,
+            )
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         wanted = default_tokens
         self.finish_reason = "stop"
