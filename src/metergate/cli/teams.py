@@ -17,7 +17,7 @@ from metergate.storage import teams as store
 from metergate.storage.database import Database
 from metergate.teams import TeamError, TeamRecord, check_change, parse_budget_option
 
-_KEYS_SHOWN = 10  # key names per team in `teams list`; `keys list` shows them all
+_KEYS_SHOWN = 10  # key names per team in `teams list`; `keys list --team NAME` shows them all
 
 app = typer.Typer(help="Create, list, change and delete teams.", no_args_is_help=True)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from metergate.auth.keys import KeyRecord
 from metergate.console.overview import budget_json, day_and_month
@@ -108,7 +108,7 @@ def check_models(
 KEY_FILTERS = ("limit", "after", "search", "state", "team")
 PAGE_DEFAULT = 100
 PAGE_MAX = 1_000
-_STATES: tuple[KeyState, ...] = ("active", "revoked", "all")
+KEY_STATES: tuple[KeyState, ...] = get_args(KeyState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +124,9 @@ def parse_key_query(query: dict[str, list[str]]) -> KeyQuery:
     """The keys list's paging and filters; `after` is the `next_after` of a page before."""
     check_query(query, KEY_FILTERS)
     given = query_value(query, "state") or "all"
-    state = next((known for known in _STATES if known == given), None)
+    state = next((known for known in KEY_STATES if known == given), None)
     if state is None:
-        raise InvalidRequest(f"`state` must be one of: {', '.join(_STATES)}", param="state")
+        raise InvalidRequest(f"`state` must be one of: {', '.join(KEY_STATES)}", param="state")
     after = query_value(query, "after")
     return KeyQuery(
         limit=int_value(query, "limit", 1, PAGE_MAX) or PAGE_DEFAULT,

@@ -12,8 +12,10 @@ from typing import Any
 from metergate import teams
 from metergate.auth.rules import CAP_MAX
 from metergate.config.observe import TAG_NAME
-from metergate.console.keys import CURSOR
+from metergate.console import attribution
+from metergate.console import keys as console_keys
 from metergate.console.request_detail import SINCE
+from metergate.console.requests_log import KEY_CHOICES_MAX
 from metergate.metering.metrics import OUTCOMES
 from metergate.metering.report import FIXED_GROUPS
 
@@ -126,12 +128,17 @@ def _key_list_params() -> list[dict[str, Any]]:
     return [
         _query(
             "limit",
-            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": console_keys.PAGE_MAX,
+                "default": console_keys.PAGE_DEFAULT,
+            },
             "Keys to return",
         ),
         _query(
             "after",
-            {"type": "string", "pattern": f"^{CURSOR.pattern}$"},
+            {"type": "string", "pattern": f"^{console_keys.CURSOR.pattern}$"},
             "Where the page starts: the `next_after` of the page before",
         ),
         _query(
@@ -141,7 +148,7 @@ def _key_list_params() -> list[dict[str, Any]]:
         ),
         _query(
             "state",
-            {"type": "string", "enum": ["active", "revoked", "all"], "default": "all"},
+            {"type": "string", "enum": list(console_keys.KEY_STATES), "default": "all"},
             "Only active or only revoked keys",
         ),
         _query("team", text, "Only keys of this team"),
@@ -501,7 +508,8 @@ def _attribution_schemas() -> dict[str, Any]:
                         "keys": {
                             "type": "array",
                             "items": _STR,
-                            "description": "the first 50 active keys' names, by name",
+                            "description": f"the first {attribution.TEAM_KEYS_SHOWN} "
+                            "active keys' names, by name",
                         },
                         "key_count": {**_INT, "description": "active keys in the team"},
                         "requests_month": _INT,
@@ -808,8 +816,8 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                                     },
                                     "keys_complete": {
                                         **_BOOL,
-                                        "description": "false: `keys` are the first 1000 "
-                                        "names of more",
+                                        "description": "false: `keys` are the first "
+                                        f"{KEY_CHOICES_MAX} names of more",
                                     },
                                 }
                             ),
@@ -963,7 +971,12 @@ def _attribution_paths() -> dict[str, Any]:
                     ),
                     _query(
                         "limit",
-                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": attribution.GROUPS_MAX,
+                            "default": attribution.GROUPS_DEFAULT,
+                        },
                         "The costliest groups to return",
                     ),
                 ],

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from metergate.storage.database import Database
+from metergate.storage.database import Database, Transaction
 from metergate.storage.keys import encode_tags
 from metergate.teams import TeamBudget, TeamRecord
 
@@ -18,6 +18,9 @@ _COLUMNS = "name, description, tags, budgets, rpm, tpm, created_at, updated_at"
 
 class TeamExists(Exception):
     """A team with this name exists."""
+
+
+IN_USE_SHOWN = 10  # key names a refused delete quotes
 
 
 class TeamInUse(Exception):
@@ -130,7 +133,9 @@ async def update_team(database: Database, name: str, values: dict[str, Any]) -> 
     return _record(rows[0])
 
 
-async def team_keys(database: Database, name: str, limit: int) -> tuple[list[str], int]:
+async def team_keys(
+    database: Database | Transaction, name: str, limit: int
+) -> tuple[list[str], int]:
     """The first `limit` names (alphabetically) of the active keys that belong to the
     team, and how many there are in all (a team may hold a key per end user)."""
     rows = await database.fetch(
@@ -157,15 +162,8 @@ async def delete_team(database: Database, name: str) -> bool:
         )
         if not found:
             return False
-        ((count,),) = await tx.fetch(
-            "SELECT COUNT(*) FROM keys WHERE team = ? AND revoked_at IS NULL", (name,)
-        )
+        keys, count = await team_keys(tx, name, IN_USE_SHOWN)
         if count:
-            keys = await tx.fetch(
-                "SELECT name FROM keys WHERE team = ? AND revoked_at IS NULL "
-                "ORDER BY name LIMIT 10",
-                (name,),
-            )
-            raise TeamInUse([key for (key,) in keys], int(count))
+            raise TeamInUse(keys, count)
         await tx.execute("DELETE FROM teams WHERE name = ?", (name,))
     return True
