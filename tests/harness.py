@@ -119,6 +119,22 @@ class UpstreamServer:
         self.bg.run(self._runner.cleanup())
 
 
+class WebhookReceiver(UpstreamServer):
+    """Keeps the JSON body of every POST to `url` in `received`, in order."""
+
+    def __init__(self, bg: BackgroundLoop) -> None:
+        self.received: list[dict[str, Any]] = []
+
+        async def hook(request: web.Request) -> web.Response:
+            self.received.append(await request.json())
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        super().__init__(bg, app)
+        self.hook_url = f"{self.url}/hook"
+
+
 @dataclass
 class Gateway:
     """A running gateway and a key to call it with."""

@@ -11,13 +11,12 @@ import httpx
 import openai
 import pytest
 import yaml
-from aiohttp import web
 
 from metergate.budgets.book import Budget, exhausted, usd
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.estimate import WorstCase
-from tests.harness import UpstreamServer, eventually, simulated_config, start_gateway
+from tests.harness import WebhookReceiver, eventually, simulated_config, start_gateway
 
 ASK = [{"role": "user", "content": "budget me"}]
 
@@ -116,19 +115,12 @@ async def test_a_reload_that_changes_a_budget_keeps_its_spend_and_holds(gateway_
 
 
 def test_soft_thresholds_notify_once_each(gateway_factory, bg):
-    received: list[dict] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        received.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    receiver = UpstreamServer(bg, app)
+    receiver = WebhookReceiver(bg)
+    received = receiver.received
     try:
         gateway = gateway_factory(
             budget_config(
-                400, hard=False, alert_at_percent=[10, 50, 100], webhook_url=f"{receiver.url}/hook"
+                400, hard=False, alert_at_percent=[10, 50, 100], webhook_url=receiver.hook_url
             )
         )
         client = gateway.client()

@@ -975,3 +975,32 @@ def test_a_page_still_loading_is_not_asked_again(page, gateway_factory):
     page.clock.run_for(150_000)  # 750 s after it: past ten loads whenever its tick came
     assert page.evaluate("window.__calls") >= calls + 2
     assert page.problems == []
+
+
+def test_a_budget_for_each_key_on_the_overview_and_keys_pages(page, gateway_factory):
+    config = console_config()
+    config["budgets"] = {
+        "per-user": {"scope": "key", "target": "*", "period": "day", "limit_usd": 0.001}
+    }
+    gateway = gateway_factory(config)
+    heavy = openai.OpenAI(
+        base_url=gateway.base_url, api_key=gateway.new_key("heavy-user"), max_retries=0
+    )
+    with pytest.raises(openai.RateLimitError, match="key heavy-user"):
+        for _ in range(200):
+            heavy.chat.completions.create(model="chat", messages=ASK, max_tokens=12)
+    gateway.client().chat.completions.create(model="chat", messages=ASK, max_tokens=12)
+    sign_in(page, gateway)
+    row = page.locator("#budgets .budget[data-budget=per-user]")
+    playwright_api.expect(row).to_contain_text("each key apart")
+    playwright_api.expect(row).to_contain_text("most: heavy-user")
+    playwright_api.expect(row).to_contain_text("1 key past it")
+    assert row.locator(".bar").get_attribute("data-state") in ("warning", "exceeded")
+    open_page(page, "keys")
+    heavy_row = page.locator("tr", has_text="heavy-user")
+    playwright_api.expect(heavy_row).to_contain_text("per-user:")
+    assert heavy_row.locator(".bar").get_attribute("data-state") in ("warning", "exceeded")
+    light_row = page.locator("tr", has=page.locator("td", has_text=re.compile(r"^test$")))
+    assert light_row.locator(".bar").get_attribute("data-state") == "ok"
+    shot(page, "each-key-budget")
+    assert page.problems == []

@@ -73,7 +73,8 @@ def stack(
     """metergate with the MCP gateway wired in, and keys: test (all), two restricted ones."""
     config = simulated_config()
     config["budgets"] = {
-        "test-daily": {"scope": "key", "target": "test", "period": "day", "limit_usd": 5}
+        "test-daily": {"scope": "key", "target": "test", "period": "day", "limit_usd": 5},
+        "each-key": {"scope": "key", "target": "*", "limit_usd": 50, "hard": False},
     }
     config["mcp"] = {
         "servers": {
@@ -373,9 +374,16 @@ async def test_metergate_tools_chat_list_models_and_usage(stack: Any) -> None:
     assert usage["today"]["cost_usd"] == pytest.approx(spent)
     assert usage["today"]["requests"] == len(rows)
     assert usage["this_month"]["requests"] >= len(rows)
-    (budget,) = usage["budgets"]
+    budget, own_share = usage["budgets"]
     assert budget["name"] == "test-daily" and budget["limit_usd"] == 5
     assert budget["spent_usd"] == pytest.approx(spent)
+    # a budget for each key: the caller's own share, not all keys' spend
+    assert (own_share["name"], own_share["target"], own_share["limit_usd"]) == (
+        "each-key",
+        "test",
+        50,
+    )
+    assert own_share["spent_usd"] == pytest.approx(spent)
 
 
 async def test_a_crashed_stdio_server_is_started_again(stack: Any) -> None:

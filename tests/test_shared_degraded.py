@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -238,3 +240,51 @@ def test_outage_spend_is_kept_per_tenth_of_a_second_not_per_request():
     cut = _next_slot(1_000.43)
     assert cut == 1_000.5
     assert _dated_from(cut, kept) == 7 * sum(at >= cut for at in dates)
+
+
+async def test_a_budget_for_each_key_catches_up_when_redis_answers_again(
+    bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer
+):
+    """Redis stops answering but keeps its data (a pause, a partition): what a key
+    spent meanwhile reaches its counter in the recovery, before the link is up again,
+    not only at that key's next request."""
+    redis_server.flushall()
+    config = simulated_config(latency_ms=5, output_tokens=8)
+    config["budgets"] = {"per-user": {"scope": "key", "target": "*", "limit_usd": 1000}}
+    config["redis"] = {"url": redis_server.url, "on_failure": "open"}
+    gateway = start_gateway(bg, config, tmp_path)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    try:
+        client = gateway.async_client()
+
+        async def ask(n: int) -> None:
+            for i in range(n):
+                await client.chat.completions.create(
+                    model="sim", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8
+                )
+
+        await ask(3)
+        counters = gateway.runtime.plan.shared.counters
+        await counters.drain()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await ask(1)  # finds Redis silent (the socket timeout), served in process
+            await until(lambda: gateway.metric("metergate_redis_up") == 0, 5, "redis_up 0")
+            await ask(3)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await until(lambda: gateway.metric("metergate_redis_up") == 1, 10, "redis_up 1")
+        member = gateway.runtime.plan.budgets.each[0].members["test"]
+        keys = counters.keys(member)
+        store = redis.Redis(port=redis_server.port)
+        try:
+            counter = int(store.get(keys.spent))
+            held = {k.decode(): int(v) for k, v in store.hgetall(keys.held).items()}
+        finally:
+            store.close()
+        spent = sum(r["cost_nano"] for r in gateway.ledger_rows("key_name = 'test'"))
+        assert counter == spent > 0
+        assert not any(held.values()), held  # nothing in flight holds anything
+    finally:
+        gateway.stop()

@@ -249,3 +249,42 @@ def test_a_reload_carries_the_redis_link_and_dropping_redis_retires_it(
     )
     raw = fresh.chat.completions.with_raw_response.create(model="sim", messages=ASK)
     assert raw.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+async def test_a_budget_for_each_key_holds_across_two_gateways(fleet):
+    """Each key's share of a budget for each key is one counter for the fleet: the key
+    spends its limit once across both gateways, and another key keeps its own."""
+    limit = 120
+    config = priced_config()
+    config["upstreams"]["sim-up"]["price"] = {"input": 10_000, "output": 1_000_000}
+    config["budgets"] = {"per-user": {"scope": "key", "target": "*", "limit_usd": limit}}
+    a, b, _ = gateways = fleet(config)
+    both = clients(gateways)
+
+    async def one(i: int) -> str:
+        try:
+            await both[i % 2].chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
+            )
+            return "ok"
+        except openai.RateLimitError as error:
+            assert "budget 'per-user' (key svc, per month)" in error.message
+            return "refused"
+
+    results = [await one(i) for i in range(30)]  # ~10 USD each: 12 fit, on both gateways
+    settled(a, b)
+    b.flush_ledger()
+    rows = a.ledger_rows("key_name = 'svc'")
+    spent = sum(r["cost_nano"] for r in rows)
+    assert (limit - 12) * 10**9 <= spent <= limit * 10**9  # not twice the limit
+    assert results.count("ok") == sum(r["outcome"] == "success" for r in rows)
+    assert "refused" in results
+    member = a.runtime.plan.budgets.each[0].members["svc"]
+    store = redis.Redis.from_url(a.runtime.plan.config.redis.url)
+    try:
+        assert int(store.get(a.runtime.plan.shared.counters.keys(member).spent)) == spent
+    finally:
+        store.close()
+    # the gateways' own keys have their own shares
+    for gateway in (a, b):
+        assert gateway.client().chat.completions.create(model="sim", messages=ASK, max_tokens=10)

@@ -29,7 +29,7 @@ from metergate.budgets import BudgetBook
 from metergate.budgets.book import Budget, ledger_spend
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
-from metergate.config.model import GatewayConfig, LedgerConfig
+from metergate.config.model import EACH, GatewayConfig, LedgerConfig
 from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
 from metergate.limits.rate import RateLimiter
@@ -472,6 +472,10 @@ class Runtime:
         for budget in old.config.budgets.keys() - new.config.budgets.keys():
             remove_series(metrics.budget_spent, budget)
             remove_series(metrics.budget_limit, budget)
+        for budget, cfg in new.config.budgets.items():  # now for each key: no spent series
+            before = old.config.budgets.get(budget)
+            if cfg.target == EACH and before is not None and before.target != EACH:
+                remove_series(metrics.budget_spent, budget)
         targets = {
             (name, target)
             for name, rollout in new.config.rollouts.items()

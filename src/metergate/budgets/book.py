@@ -7,11 +7,16 @@ After the call the reservation is replaced by the real cost. Spend is in integer
 nano-USD, like the ledger, and is rebuilt from the ledger at start.
 
 This book holds the policy (which budgets apply, periods, thresholds, the refusal) and
-the in-process counters. Besides the config's budgets it holds the teams' (managed in
-the database, installed by `metergate.teams.registry` with `set_team_budgets`, carried
-over a reload like the config's). With Redis configured, `metergate.limits.admission` reserves
-and settles on the fleet's shared counters instead (`metergate.shared.counters`), and
-reports the fleet's spend back here through `observe`.
+the in-process counters. A budget with `target: "*"` is one budget for each key (team,
+model) apart (`EachBudget`): its members are made on their first request, from the
+spend the ledger gave each in one grouped query, and are kept out of the metric of
+spend per budget (a series per key would be unbounded).
+
+Besides the config's budgets it holds the teams' (managed in the database, installed by
+`metergate.teams.registry` with `set_team_budgets`, carried over a reload like the
+config's). With Redis configured, `metergate.limits.admission` reserves and settles on
+the fleet's shared counters instead (`metergate.shared.counters`), and reports the
+fleet's spend back here through `observe`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.budgets.period import iso, period_bounds
-from metergate.config.model import BudgetConfig
+from metergate.config.model import EACH, BudgetConfig
 from metergate.errors import BudgetExceeded
 from metergate.metering.estimate import WorstCase
 from metergate.metering.metrics import Metrics, value_of
@@ -34,7 +39,7 @@ from metergate.webhooks import WebhookNotifier
 log = logging.getLogger("metergate.budgets")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Budget:
     name: str
     config: BudgetConfig
@@ -48,10 +53,54 @@ class Budget:
     unsynced: list[tuple[int, int]] = field(default_factory=list)
     announced: set[int] = field(default_factory=set)
     spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
+    target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = self.config.target
+
+    @property
+    def member(self) -> bool:
+        """One key's (team's, model's) share of an `EachBudget`: no gauge of its own."""
+        return self.config.target == EACH
 
     def describe(self) -> str:
-        target = "" if self.config.scope == "global" else f" {self.config.target}"
+        target = "" if self.config.scope == "global" else f" {self.target}"
         return f"{self.config.scope}{target}, per {self.config.period}"
+
+
+@dataclass(slots=True, eq=False)
+class EachBudget:
+    """A budget every key (team, model) has for itself (`target: "*"`). A member is made
+    on its target's first request, with the spend `loaded` gave it when its period is
+    the loaded one (targets absent there had spent nothing; since then, only members
+    spend), else none: so one grouped ledger query serves any number of keys."""
+
+    name: str
+    config: BudgetConfig
+    limit_nano: int
+    start: float = 0.0  # the period `loaded` is of
+    end: float = 0.0
+    loaded: dict[str, int] = field(default_factory=dict)
+    members: dict[str, Budget] = field(default_factory=dict)
+
+    def member_for(self, target: str) -> Budget:
+        found = self.members.get(target)
+        if found is None:
+            cfg = self.config
+            found = Budget(self.name, cfg, self.limit_nano, target=target)
+            found.start, found.end = period_bounds(time.time(), cfg.period, cfg.timezone)
+            if found.start > self.start:  # a period after the loaded one: nobody spent yet
+                self.start, self.end, self.loaded = found.start, found.end, {}
+            found.spent_nano = self.loaded.pop(target, 0)
+            found.announced = _passed(found)
+            self.members[target] = found
+        return found
+
+    def applies(self, key: str, model: str, team: str | None) -> str | None:
+        """The target whose member a request of `key` for `model` counts on, if any."""
+        scope = self.config.scope
+        return key if scope == "key" else model if scope == "model" else team
 
 
 @dataclass(slots=True)
@@ -74,12 +123,17 @@ class BudgetBook:
         spend and reservations (requests in flight settle on the same objects)."""
         self.metrics = metrics
         previous = {b.name: b for b in carry.budgets} if carry else {}
+        previous_each = {b.name: b for b in carry.each} if carry else {}
         self.budgets: list[Budget] = []
+        self.each: list[EachBudget] = []
         self._carried: set[str] = set()
         self._teams: dict[str, Budget] = dict(carry._teams) if carry else {}
-        self._changes: list[tuple[Budget, BudgetConfig]] = []  # applied by `take_over`
+        self._changes: list[tuple[Budget | EachBudget, BudgetConfig]] = []  # by `take_over`
         now = time.time()
         for name, cfg in budgets.items():
+            if cfg.target == EACH:
+                self._add_each(name, cfg, previous_each.get(name))
+                continue
             kept = previous.get(name)
             if kept is not None and _same_spend(kept.config, cfg):
                 if kept.config != cfg:  # a new limit, hardness or alerts: same spend
@@ -96,29 +150,53 @@ class BudgetBook:
         self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
         self._applicable: dict[tuple[str, str, str | None], tuple[Budget, ...]] = {}
 
+    def _add_each(self, name: str, cfg: BudgetConfig, kept: EachBudget | None) -> None:
+        """A budget for each target: kept over a reload (with its members) when it counts
+        the same spend, else new (its spend read by `load`)."""
+        if kept is not None and _same_spend(kept.config, cfg):
+            if kept.config != cfg:
+                self._changes.append((kept, cfg))
+            self._carried.add(name)
+        else:
+            kept = EachBudget(name, cfg, int(cfg.limit_usd * 1_000_000_000))
+        self.metrics.budget_limit.labels(name).set(kept.limit_nano / 1e9)
+        self.each.append(kept)
+
     def __bool__(self) -> bool:
-        return bool(self.budgets)
+        return bool(self.budgets) or bool(self.each)
 
     def hard_limits(self) -> bool:
-        return any(budget.config.hard for budget in self.budgets)
+        return any(b.config.hard for b in self.budgets) or any(e.config.hard for e in self.each)
+
+    def members(self) -> list[Budget]:
+        """Every key's (team's, model's) member of an `EachBudget` made so far."""
+        return [member for each in self.each for member in each.members.values()]
 
     async def load(self, database: Database, only_new: bool = False) -> None:
         """Rebuild each budget's spend in its current period from the ledger."""
         for budget in self.loadable(only_new):
             budget.spent_nano = await ledger_spend(database, budget)
-            budget.announced = {
-                p
-                for p in budget.config.alert_at_percent
-                if budget.spent_nano * 100 >= budget.limit_nano * p
-            }
+            budget.announced = _passed(budget)
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
+        for each in self.each:
+            if only_new and each.name in self._carried:
+                continue
+            cfg = each.config
+            each.start, each.end = period_bounds(time.time(), cfg.period, cfg.timezone)
+            each.loaded = await ledger_spend_each(database, each, each.start, each.end)
+            each.members = {}
 
     def take_over(self) -> None:
         """This book's config goes live: budgets kept over the reload with a new limit,
         hardness or thresholds take them now (not when the book was built, since a
         reload that fails after that leaves the running config as it was)."""
         for budget, config in self._changes:
-            _update(budget, config)
+            if isinstance(budget, EachBudget):
+                budget.config, budget.limit_nano = config, int(config.limit_usd * 1_000_000_000)
+                for member in budget.members.values():
+                    _update(member, config)
+            else:
+                _update(budget, config)
             self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
         self._changes.clear()
 
@@ -137,6 +215,10 @@ class BudgetBook:
                 or (b.config.scope == "model" and b.config.target == model)
                 or (b.config.scope == "team" and team is not None and b.config.target == team)
             )
+            for each in self.each:
+                target = each.applies(key, model, team)
+                if target is not None:
+                    found += (each.member_for(target),)
             self._applicable[(key, model, team)] = found
         return found
 
@@ -169,11 +251,7 @@ class BudgetBook:
             chosen[name] = budget
         for budget in fresh:
             budget.spent_nano = await ledger_spend(database, budget)
-            budget.announced = {
-                p
-                for p in budget.config.alert_at_percent
-                if budget.spent_nano * 100 >= budget.limit_nano * p
-            }
+            budget.announced = _passed(budget)
             self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
         current = self._teams  # what is installed now (a concurrent call may have run)
@@ -243,12 +321,15 @@ class BudgetBook:
         budget.spent_nano = 0
         budget.unsynced = []
         budget.announced.clear()
-        self.metrics.budget_spent.labels(budget.name).set(0)
+        if not budget.member:
+            self.metrics.budget_spent.labels(budget.name).set(0)
         log.info("budget %s: new period from %s", budget.name, iso(budget.start))
 
     def _show_spent(self, budget: Budget) -> None:
         """Per request: the gauge's value is looked up once (`labels()` costs a lock and a
-        tuple per call)."""
+        tuple per call). A member of an `EachBudget` has none."""
+        if budget.member:
+            return
         gauge = budget.spent_gauge
         if gauge is None:
             child = self.metrics.budget_spent.labels(budget.name)
@@ -282,6 +363,7 @@ class BudgetBook:
                 text,
                 {
                     "budget": budget.name,
+                    **({budget.config.scope: budget.target} if budget.member else {}),
                     "percent": percent,
                     "spent_usd": spent,
                     "limit_usd": limit,
@@ -312,6 +394,15 @@ def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
     )
 
 
+def _passed(budget: Budget) -> set[int]:
+    """The thresholds its spend has reached: announced before (or not worth announcing)."""
+    return {
+        p
+        for p in budget.config.alert_at_percent
+        if budget.spent_nano * 100 >= budget.limit_nano * p
+    }
+
+
 def _update(budget: Budget, config: BudgetConfig) -> None:
     """Apply a changed limit, hardness or thresholds to a budget in use. A threshold no
     longer reached at the new limit may be announced again when it is."""
@@ -332,9 +423,40 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
     params: list[object] = [budget.start, end]
     if budget.config.scope != "global":
         sql += f" AND {_SCOPE_COLUMNS[budget.config.scope]} = ?"
-        params.append(budget.config.target)
+        params.append(budget.target)
     ((spent,),) = await database.fetch(sql, params)
     return int(spent)
+
+
+async def ledger_spend_each(
+    database: Database, each: EachBudget, start: float, end: float, top: int | None = None
+) -> dict[str, int]:
+    """What the ledger says each target of `each` spent from `start` to `end` (spenders
+    only; with `top`, the `top` who spent most, most first)."""
+    column = _SCOPE_COLUMNS[each.config.scope]
+    sql = (
+        f"SELECT {column}, SUM(cost_nano) AS spent FROM requests WHERE ts >= ? AND ts < ? "
+        f"AND {column} IS NOT NULL AND cost_nano > 0 GROUP BY {column}"
+    )
+    params: list[object] = [start, end]
+    if top is not None:
+        sql += f" ORDER BY spent DESC, {column} LIMIT ?"
+        params.append(top)
+    rows = await database.fetch(sql, params)
+    return {str(target): int(spent) for target, spent in rows}
+
+
+async def ledger_count_each(
+    database: Database, each: EachBudget, start: float, end: float, at_least_nano: int
+) -> int:
+    """How many targets of `each` spent at least `at_least_nano` from `start` to `end`."""
+    column = _SCOPE_COLUMNS[each.config.scope]
+    ((count,),) = await database.fetch(
+        f"SELECT COUNT(*) FROM (SELECT {column} FROM requests WHERE ts >= ? AND ts < ? "
+        f"AND {column} IS NOT NULL GROUP BY {column} HAVING SUM(cost_nano) >= ?) AS spenders",
+        [start, end, at_least_nano],
+    )
+    return int(count)
 
 
 def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int) -> BudgetExceeded:

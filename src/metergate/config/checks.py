@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from metergate.config.model import GatewayConfig
+from metergate.config.model import EACH, GatewayConfig
 from metergate.config.provider_checks import Problem, price_warnings, provider_problems
 
 __all__ = ["Problem", "config_warnings", "cross_reference_problems", "price_warnings"]
@@ -67,9 +67,20 @@ def cross_reference_problems(config: GatewayConfig) -> Iterator[Problem]:
             yield (
                 ("budgets", name, "target"),
                 f"a {budget.scope} budget needs a target",
-                f"name the {budget.scope} it limits",
+                f'name the {budget.scope} it limits, or "*" for each {budget.scope} apart',
             )
-        if budget.scope == "model" and budget.target and budget.target not in config.models:
+        if budget.scope == "global" and budget.target:
+            yield (
+                ("budgets", name, "target"),
+                "a global budget counts everything: it takes no target",
+                'remove target, or set scope: key, team or model (target "*" for each apart)',
+            )
+        if (
+            budget.scope == "model"
+            and budget.target
+            and budget.target != EACH
+            and budget.target not in config.models
+        ):
             yield (
                 ("budgets", name, "target"),
                 f"unknown model {budget.target!r}",

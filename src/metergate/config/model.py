@@ -489,9 +489,13 @@ class LedgerConfig(Strict):
         return value
 
 
+EACH = "*"  # a budget's target meaning "each key (team, model) apart", each with the limit
+
+
 class BudgetConfig(Strict):
     """Spend allowed per day or calendar month, for everything, one key, one model or one
-    team (a team's keys together; teams are managed with `metergate teams`)."""
+    team (a team's keys together; teams are managed with `metergate teams`), or with
+    `target: "*"` for each key (team, model) apart."""
 
     scope: Literal["global", "key", "model", "team"] = "global"
     target: str | None = None

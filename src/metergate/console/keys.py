@@ -7,9 +7,10 @@ Creating, listing and changing reuse `storage.keys`. Revoking by id alone lives 
 because only the admin API needs it (the CLI's `revoke_key` also matches names, which
 is right for a person typing, wrong for a button that means one row).
 
-A key's *budget* is a config budget with `scope: key` (enforced by the budget book and
-rebuilt from the ledger); the console shows those next to the key, read-only. Giving
-keys an editable budget would need a column and enforcement in the budget book.
+A key's *budget* is a config budget with `scope: key`, naming it or `target: "*"` (each
+key its own share; enforced by the budget book and rebuilt from the ledger); the console
+shows those next to the key, read-only. Giving one key an editable budget would need a
+column and enforcement in the budget book.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 from metergate.auth.keys import KeyRecord
+from metergate.budgets.book import Budget
 from metergate.console.overview import budget_json, day_and_month
 from metergate.console.requests_log import check_query, int_value, query_value
 from metergate.errors import InvalidRequest, NotFound
@@ -176,10 +178,19 @@ async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery)
     if names:
         day, month = await day_and_month(database, "key", now, UsageFilter(keys=names))
     key_budgets: dict[str, list[dict[str, Any]]] = {}
-    for budget in runtime.plan.budgets.budgets:
-        target = budget.config.target
+    book = runtime.plan.budgets
+    for budget in book.budgets:
+        target = budget.target
         if budget.config.scope == "key" and target in names:
             key_budgets.setdefault(target, []).append(await budget_json(database, budget, now))
+    for each in book.each:  # each key's own share, its spend read for this page's names
+        if each.config.scope != "key":
+            continue
+        for name in names:
+            share = each.members.get(name) or Budget(
+                each.name, each.config, each.limit_nano, target=name
+            )
+            key_budgets.setdefault(name, []).append(await budget_json(database, share, now))
     rows = []
     for record in page.records:
         spent_month, spent_today = month.get(record.name), day.get(record.name)

@@ -190,6 +190,19 @@ def _schemas() -> dict[str, Any]:
             },
             "alert_at_percent": {"type": "array", "items": _INT},
             "state": {"type": "string", "enum": ["ok", "warning", "exceeded"]},
+            "each": {
+                **_BOOL,
+                "description": 'target "*": each key (team, model) has the limit apart; '
+                "spent_nano is the one that spent most",
+            },
+            "top_target": {
+                **_nullable(_STR),
+                "description": "of a budget for each: the one that spent most",
+            },
+            "past_soft": {
+                **_INT,
+                "description": "of a budget for each: how many spent soft_percent or more",
+            },
         },
         ["name", "limit_nano", "spent_nano", "state"],
     )

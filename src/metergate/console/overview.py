@@ -10,7 +10,13 @@ import datetime as dt
 import time
 from typing import Any
 
-from metergate.budgets.book import Budget, ledger_spend
+from metergate.budgets.book import (
+    Budget,
+    EachBudget,
+    ledger_count_each,
+    ledger_spend,
+    ledger_spend_each,
+)
 from metergate.budgets.period import period_bounds
 from metergate.console.series import model_series
 from metergate.console.windows import Window
@@ -75,7 +81,7 @@ async def spend(database: Database, now: float) -> dict[str, Any]:
     }
 
 
-def soft_percent(budget: Budget) -> int:
+def soft_percent(budget: Budget | EachBudget) -> int:
     """Where a bar turns amber: the highest alert threshold below 100% (80% if none)."""
     below = [p for p in budget.config.alert_at_percent if p < 100]
     return max(below) if below else _FALLBACK_SOFT_PERCENT
@@ -85,14 +91,43 @@ async def budget_json(database: Database, budget: Budget, now: float) -> dict[st
     """A budget as the ledger (the fleet's source of truth) sees its current period."""
     cfg = budget.config
     start, end = period_bounds(now, cfg.period, cfg.timezone)
-    spent = await ledger_spend(database, Budget(budget.name, cfg, budget.limit_nano, start, end))
+    counted = Budget(budget.name, cfg, budget.limit_nano, start, end, target=budget.target)
+    spent = await ledger_spend(database, counted)
+    return _bar(budget, budget.target, (start, end), spent, budget.reserved_nano)
+
+
+async def each_json(database: Database, each: EachBudget, now: float) -> dict[str, Any]:
+    """A budget for each key (team, model) as the ledger sees its current period: the
+    bar is the one that spent most (`top_target`); `past_soft` counts those at or past
+    its amber mark (a hard limit refuses before a key's spend reaches it)."""
+    cfg = each.config
+    start, end = period_bounds(now, cfg.period, cfg.timezone)
+    top = await ledger_spend_each(database, each, start, end, top=1)
+    target, spent = next(iter(top.items()), (None, 0))
+    amber = each.limit_nano * soft_percent(each) // 100
+    past_soft = await ledger_count_each(database, each, start, end, amber)
+    held = sum(m.reserved_nano for m in each.members.values())
+    bar = _bar(each, cfg.target, (start, end), spent, held)
+    return {**bar, "each": True, "top_target": target, "past_soft": past_soft}
+
+
+def _bar(
+    budget: Budget | EachBudget,
+    target: str | None,
+    period: tuple[float, float],
+    spent: int,
+    held: int,
+) -> dict[str, Any]:
+    """The fields of a budget's bar: `spent` of its limit in `period`, `held` in flight."""
+    cfg = budget.config
+    start, end = period
     soft = soft_percent(budget)
     percent = 100 * spent / budget.limit_nano if budget.limit_nano else 0.0
     state = "exceeded" if percent >= 100 else "warning" if percent >= soft else "ok"
     return {
         "name": budget.name,
         "scope": cfg.scope,
-        "target": cfg.target,
+        "target": target,
         "period": cfg.period,
         "timezone": cfg.timezone,
         "period_start": start,
@@ -100,7 +135,7 @@ async def budget_json(database: Database, budget: Budget, now: float) -> dict[st
         "hard": cfg.hard,
         "limit_nano": budget.limit_nano,
         "spent_nano": spent,
-        "reserved_nano": budget.reserved_nano,
+        "reserved_nano": held,
         "percent": round(percent, 3),
         "soft_percent": soft,
         "alert_at_percent": list(cfg.alert_at_percent),
@@ -109,7 +144,9 @@ async def budget_json(database: Database, budget: Budget, now: float) -> dict[st
 
 
 async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict[str, Any]]:
-    return [await budget_json(database, b, now) for b in runtime.plan.budgets.budgets]
+    book = runtime.plan.budgets
+    found = [await budget_json(database, b, now) for b in book.budgets]
+    return found + [await each_json(database, each, now) for each in book.each]
 
 
 async def overview(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:

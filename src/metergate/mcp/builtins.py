@@ -168,20 +168,31 @@ class Builtins:
 
     def _budgets(self, key: KeyRecord) -> list[dict[str, Any]]:
         models = set(self.runtime.plan.router.models_for(key))
+        book = self.runtime.plan.budgets
+        mine = [
+            b
+            for b in book.budgets
+            if not (
+                (b.config.scope == "key" and b.target != key.name)
+                or (b.config.scope == "model" and b.target not in models)
+                or (b.config.scope == "team" and b.target != key.team)
+            )
+        ]
+        for each in book.each:  # the key's own share of budgets for each key (team, model)
+            targets = {
+                "key": [key.name],
+                "team": [key.team] if key.team is not None else [],
+                "model": sorted(models),
+            }[each.config.scope]
+            mine += (each.member_for(target) for target in targets)
+        book.roll(mine)
         found = []
-        for budget in self.runtime.plan.budgets.budgets:
-            scope, target = budget.config.scope, budget.config.target
-            if (
-                (scope == "key" and target != key.name)
-                or (scope == "model" and target not in models)
-                or (scope == "team" and target != key.team)
-            ):
-                continue
+        for budget in mine:
             found.append(
                 {
                     "name": budget.name,
-                    "scope": scope,
-                    "target": target,
+                    "scope": budget.config.scope,
+                    "target": budget.target,
                     "period": budget.config.period,
                     "hard": budget.config.hard,
                     "limit_usd": budget.limit_nano / 1e9,

@@ -54,16 +54,23 @@ class SharedCounters:
         # rows appended so far are committed
         self.spend_of: Callable[[Budget, float], Awaitable[int]] | None = None
         self._cuts: dict[str, float] = {}  # spent key -> its cut, once synced with it
-        self._keys: dict[tuple[str, str, str | None, float], BudgetKeys] = {}
+        # (name, scope, target) -> the keys of its current period: one entry per budget
+        # (and per key of a budget for each key), however many periods pass
+        self._keys: dict[tuple[str, str, str | None], BudgetKeys] = {}
         self._rate_specs: dict[tuple[Bucket, ...], tuple[list[str], str]] = {}
         self._seeding: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        # members of budgets for each key whose Redis counters an outage may have left
+        # behind (a settle or admission that failed): `resync` syncs them with the rest
+        self._unshared: set[Budget] = set()
 
     def keys(self, budget: Budget) -> BudgetKeys:
-        ident = (budget.name, budget.config.scope, budget.config.target, budget.start)
+        ident = (budget.name, budget.config.scope, budget.target)
         found = self._keys.get(ident)
-        if found is None:
-            scope = f"{budget.config.scope}={budget.config.target or '*'}"
+        if found is None or found.start != budget.start:
+            if found is not None:
+                self._cuts.pop(found.spent, None)  # a past period's
+            scope = f"{budget.config.scope}={budget.target or '*'}"
             base = f"{self.link.prefix}budget:{budget.name}:{scope}:{int(budget.start)}"
             found = self._keys[ident] = BudgetKeys(
                 f"{base}:spent",
@@ -96,6 +103,9 @@ class SharedCounters:
                 reply = [int(n) for n in (await asyncio.shield(call)).split()]
             except asyncio.CancelledError:  # the caller left: release what it may still get
                 call.add_done_callback(lambda done: self._release(done, budgets, keys, worst_nano))
+                raise
+            except Unavailable:  # it may have held there: the resync after the outage knows
+                self._unshared.update(b for b in budgets if b.member)
                 raise
             code, index = reply[0], reply[1] - 1
             if code == scripts.NEEDS_SEED:
@@ -161,9 +171,18 @@ class SharedCounters:
         """After an outage (and at start): seed missing counters from the ledger, add what
         was settled here meanwhile that they lack, and set this process's holds to
         exactly what it holds. Runs while the link is down."""
-        budgets = tuple(book.budgets)
+        unshared, self._unshared = self._unshared, set()
+        members = (  # of budgets for each key: only those the outage may have touched
+            m for m in book.members() if m in unshared or self.holding.get(self.keys(m).held)
+        )
+        budgets = (*book.budgets, *members)
         book.roll(budgets)
-        for budget, spent in zip(budgets, await self._sync(budgets, hold=True), strict=True):
+        try:
+            synced = await self._sync(budgets, hold=True)
+        except BaseException:
+            self._unshared |= unshared
+            raise
+        for budget, spent in zip(budgets, synced, strict=True):
             book.observe(budget, spent, claimed=set())
 
     async def _sync(
@@ -349,6 +368,8 @@ class SharedCounters:
     def _keep(self, book: BudgetBook, admission: Admission, cost_nano: int, at: float) -> None:
         """Redis is unreachable: count the cost here, and share it after the outage."""
         for budget in admission.reservation.budgets:
+            if budget.member:
+                self._unshared.add(budget)
             if cost_nano:
                 _keep_dated(budget.unsynced, at, cost_nano)
             if admission.keys is not None:  # held on Redis: not yet in the book's spend

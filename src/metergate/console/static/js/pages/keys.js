@@ -101,7 +101,7 @@ async function edit(key, models, rerender) {
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
     h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (one name=value a line)" }), tags),
-    h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key)." }));
+    h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key, and its name or \"*\" for each key apart) or by its team." }));
   // Only the fields the operator changed are sent: one left alone is never rewritten.
   const changes = () => {
     const change = {};

@@ -59,16 +59,23 @@ export function budgetBar(budget, mini = false) {
 }
 
 export function budgetRow(budget) {
-  const scope = budget.scope === "global" ? "everything" : `${budget.scope} ${budget.target}`;
+  const scope = budget.scope === "global" ? "everything"
+    : budget.each ? `each ${budget.scope} apart` : `${budget.scope} ${budget.target}`;
   const kind = budget.hard ? "hard limit" : "soft (alerts only)";
+  // A budget for each key (team, model): the bar is the one that spent most.
+  const spent = budget.each
+    ? (budget.top_target === null ? "nobody spent yet" : `most: ${budget.top_target}, ${fmt.usd(budget.spent_nano)}`)
+    : fmt.usd(budget.spent_nano);
+  const meta = `${budget.percent.toFixed(1)}% · amber at ${budget.soft_percent}%`
+    + (budget.each ? ` · ${budget.past_soft} ${budget.scope}${budget.past_soft === 1 ? "" : "s"} past it` : "");
   return h("div", { class: "budget", dataset: { budget: budget.name } },
     h("div", {},
       h("div", { class: "name", text: budget.name }),
       h("div", { class: "meta", text: `${scope} · per ${budget.period} (${budget.timezone}) · ${kind}` })),
     budgetBar(budget),
     h("div", { class: "amount" },
-      h("div", { text: `${fmt.usd(budget.spent_nano)} of ${fmt.usd(budget.limit_nano)}` }),
-      h("div", { class: "meta", text: `${budget.percent.toFixed(1)}% · amber at ${budget.soft_percent}%` })));
+      h("div", { text: `${spent} of ${fmt.usd(budget.limit_nano)}${budget.each ? " each" : ""}` }),
+      h("div", { class: "meta", text: meta })));
 }
 
 export const ERROR_OUTCOMES = new Set(["upstream_error", "upstream_rejected", "timeout", "connection_error", "gateway_error"]);
