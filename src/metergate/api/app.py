@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from metergate.api.admin import AdminHandlers
 from metergate.api.admin_api import AdminApi
+from metergate.api.azure_paths import MODEL_IN_PATH, PREFIXES, deployment_route
 from metergate.api.chat import ChatDoor, CompletionsHandler, EmbeddingsDoor
 from metergate.api.cors import Cors
 from metergate.api.doors.completions import CompletionsDoor
@@ -80,7 +81,7 @@ class GatewayApp:
             ("POST", "/admin/reload"): admin.reload,
             **self._admin_api.routes(),
         }
-        for prefix in ("/v1", ""):  # some clients put /v1 in base_url, some do not
+        for prefix in ("/v1", "", *PREFIXES):  # /v1 in base_url or not; Azure's clients
             routes[("POST", f"{prefix}/chat/completions")] = chat
             routes[("POST", f"{prefix}/embeddings")] = embeddings
             routes[("POST", f"{prefix}/messages")] = messages
@@ -157,11 +158,17 @@ class GatewayApp:
         path: str = request.scope["path"]
         if await self._admin_api.dispatch(request, send, self.routes):  # /admin/api/keys/{id}...
             return
-        for prefix in ("/v1/models/", "/models/"):
+        deployment = deployment_route(path)
+        if deployment is not None and request.scope["method"] == "POST":
+            request.scope[MODEL_IN_PATH], endpoint = deployment
+            await self.routes[("POST", f"/v1/{endpoint}")](request, send)
+            return
+        for base in ("/v1", "", *PREFIXES):
+            prefix = f"{base}/models/"
             if path.startswith(prefix) and request.scope["method"] in ("GET", "HEAD"):
                 await self._info.model(request, send, path.removeprefix(prefix))
                 return
-        for prefix in ("/v1/responses/", "/responses/"):
+            prefix = f"{base}/responses/"
             if path.startswith(prefix) and len(path) > len(prefix):
                 await self.responses.stored(request, send, path.removeprefix(prefix))
                 return

@@ -186,8 +186,8 @@ def _presented_key(headers: dict[bytes, bytes]) -> str:
                 code="malformed_api_key",
             )
         secret = value.strip()
-    elif (api_key := headers.get(b"x-api-key")) is not None:
-        secret = api_key.decode("latin-1").strip()
+    elif (api_key := headers.get(b"x-api-key") or headers.get(b"api-key")) is not None:
+        secret = api_key.decode("latin-1").strip()  # Anthropic's header, or Azure's
     else:
         raise Unauthorized(
             "no API key: send your gateway key as `Authorization: Bearer mgk_...`",
