@@ -555,6 +555,8 @@ def test_cli_shows_the_costliest_groups_and_sums_the_rest(ledger_config: Path) -
     report = json.loads(run(ledger_config, "--format", "json", "--top", "1").stdout)
     assert [g["name"] for g in report["groups"]] == ["smart"]
     assert report["total"]["requests"] == 11  # the total is of every group
+    assert report["group_count"] == 2  # and how many groups there are in all
+    assert json.loads(run(ledger_config, "--format", "json").stdout)["group_count"] == 2
     every = run(ledger_config, "--format", "csv").stdout.splitlines()
     assert len(every) == 1 + 2 + 1  # header, both groups, total
 

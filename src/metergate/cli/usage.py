@@ -126,7 +126,9 @@ def usage(
 
     summary, group_count, comparison, forecast = with_database(loaded, gather)
     if fmt == "json":
-        print(json.dumps(_json(by, period, summary, compare, comparison, forecast), indent=2))
+        report = _json(by, period, summary, compare, comparison, forecast)
+        report["group_count"] = len(summary) - 1 if group_count is None else group_count
+        print(json.dumps(report, indent=2))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         if comparison is None:
