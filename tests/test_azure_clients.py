@@ -82,9 +82,7 @@ def test_the_api_key_header_is_checked_like_any_key(gateway):
         )
     assert raised.value.code == "malformed_api_key"
     with pytest.raises(openai.AuthenticationError):
-        azure(gateway, api_key="mgk_" + "x" * 43).chat.completions.create(
-            model="sim", messages=ASK
-        )
+        azure(gateway, api_key="mgk_" + "x" * 43).chat.completions.create(model="sim", messages=ASK)
     assert all(r["outcome"] != "success" for r in gateway.ledger_rows())
 
 
