@@ -372,7 +372,7 @@ def test_keys_list_finds_keys_and_stops_at_a_limit(tmp_path):
     assert "user-0" in in_team and "user-1" in in_team and "user-2" not in in_team
     revoked = keys("list", "--state", "revoked")
     assert "user-5" in revoked and "user-0" not in revoked
-    wrong = cli.invoke(cli_app, ["keys", "list", "--state", "expired", "-c", str(config)])
+    wrong = cli.invoke(cli_app, ["keys", "list", "--state", "gone", "-c", str(config)])
     assert wrong.exit_code == 2 and "--state" in wrong.output
 
 

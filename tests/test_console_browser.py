@@ -1004,3 +1004,45 @@ def test_a_budget_for_each_key_on_the_overview_and_keys_pages(page, gateway_fact
     assert light_row.locator(".bar").get_attribute("data-state") == "ok"
     shot(page, "each-key-budget")
     assert page.problems == []
+
+
+def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_factory):
+    gateway = gateway_factory(console_config())
+    secret = gateway.new_key("contractor")
+    sent = patches(page)
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "keys")
+    row = page.locator("tr[data-key=contractor]")
+    row.locator("button[data-action=edit]").click()
+    dialog = page.locator("dialog[open]")
+    dialog.locator("#edit-expires").fill("2020-01-01")  # a day already past: expired at once
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert sent == [{"expires_at": 1577836800}]  # 2020-01-01T00:00:00Z
+    playwright_api.expect(row.locator(".badge")).to_contain_text("expired")
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="expired at 2020-01-01T00:00:00Z"):
+        client.chat.completions.create(model="chat", messages=ASK)
+    shot(page, "key-expired")
+    # an expired key can still be edited: a later day, then none
+    row.locator("button[data-action=edit]").click()
+    assert dialog.locator("#edit-expires").input_value() == "2020-01-01"
+    dialog.locator("#edit-expires").fill("2999-12-31")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(row).to_contain_text("expires")
+    assert client.chat.completions.create(model="chat", messages=ASK).usage
+    row.locator("button[data-action=edit]").click()
+    dialog.locator("#edit-expires").fill("")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert sent[1:] == [{"expires_at": 32503593600}, {"expires_at": None}]
+    playwright_api.expect(row).not_to_contain_text("expires")
+    # a new key may be given a day from the create form
+    page.fill("#key-name", "trial")
+    page.fill("#key-expires", "2999-12-31")
+    page.click("#create-key")
+    playwright_api.expect(page.locator("tr[data-key=trial]")).to_contain_text("expires")
+    trial = admin(gateway, "/admin/api/keys", params={"search": "trial"}).json()["keys"][0]
+    assert trial["expires_at"] == 32503593600
+    assert page.problems == []

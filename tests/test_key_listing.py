@@ -220,7 +220,7 @@ def test_a_bad_usage_limit_says_what_to_fix(gateway_factory, limit: str) -> None
         ("after=not-a-place", "after"),
         ("after=2.key_0123456789abcdef.k1", "after"),  # flag neither 0 nor 1
         ("after=0.key_0123.k1", "after"),  # not a key id
-        ("state=expired", "state"),
+        ("state=gone", "state"),
         ("limit=0", "limit"),
         ("limit=1001", "limit"),
         ("search=", "search"),

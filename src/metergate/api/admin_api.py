@@ -19,7 +19,7 @@ import orjson
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
-from metergate.auth.rules import check_cap, check_name
+from metergate.auth.rules import check_cap, check_expiry, check_name
 from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
 from metergate.console import request_detail as detail
@@ -273,16 +273,19 @@ class AdminApi:
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(body, {"name", "models", "max_tokens_cap", "team", "tags"})
+        console_keys.check_fields(
+            body, {"name", "models", "max_tokens_cap", "team", "tags", "expires_at"}
+        )
         name = check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = check_cap(body.get("max_tokens_cap"))
+        expires_at = check_expiry(body.get("expires_at"))
         given = attribution.key_attribution(body)
         database = await self._database()
         team = given.get("team")
         tags = dict(given.get("tags", ()))
         try:
-            secret, record = await create_key(database, name, models, cap, team, tags)
+            secret, record = await create_key(database, name, models, cap, team, tags, expires_at)
         except TeamMissing:  # checked in the insert's transaction: never a deleted team
             raise attribution.no_team(str(team)) from None
         except KeyNameTaken:
@@ -299,17 +302,21 @@ class AdminApi:
 
     async def update_key(self, request: Request, send: Send, key_id: str) -> None:
         """PATCH: the fields present are changed (`models`, `max_tokens_cap`, `team`,
-        `tags`); null clears the first three, `{}` the tags; an empty object changes nothing
-        (and answers the key as it is). All is checked before anything is written."""
+        `tags`, `expires_at`); null clears all but the tags, `{}` those; an empty object
+        changes nothing (and answers the key as it is). All is checked before anything is
+        written. An expired key may be changed (given a later expiry), a revoked one not."""
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags"})
+        console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags", "expires_at"})
         cap = check_cap(body.get("max_tokens_cap"))
+        expires_at = check_expiry(body.get("expires_at"))
         given = attribution.key_attribution(body)
         changes: dict[str, Any] = dict(given)  # team, tags
         if "max_tokens_cap" in body:
             changes["max_tokens_cap"] = cap
+        if "expires_at" in body:
+            changes["expires_at"] = expires_at
         database = await self._database()
         if "models" in body:  # it may keep its own models that have left the config since
             current = console_keys.require_active(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -120,6 +121,13 @@ class KeyIndex:
                 f"API key {record.name!r} (…{record.hint}) was revoked; "
                 "ask the operator for a new key",
                 code="revoked_api_key",
+            )
+        if record.expires_at is not None and record.expires_at <= time.time():
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires_at))
+            raise Unauthorized(
+                f"API key {record.name!r} (…{record.hint}) expired at {when}; "
+                "ask the operator for a new key or a later expiry",
+                code="expired_api_key",
             )
         return record
 

@@ -11,6 +11,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Literal
 
 PREFIX = "mgk_"
 _SHAPE = re.compile(r"^mgk_[A-Za-z0-9_-]{43}$")
@@ -30,9 +31,16 @@ class KeyRecord:
     max_tokens_cap: int | None = None
     team: str | None = None  # its team: team budgets and rate limits apply on top of its own
     tags: tuple[tuple[str, str], ...] = ()  # default tags of its requests, (name, value)
+    expires_at: float | None = None  # refused from then on (epoch seconds); None: never
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def state(self, now: float) -> Literal["active", "expired", "revoked"]:
+        if self.revoked_at is not None:
+            return "revoked"
+        expires = self.expires_at
+        return "expired" if expires is not None and expires <= now else "active"
 
 
 def generate_key() -> str:

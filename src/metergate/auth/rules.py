@@ -1,5 +1,6 @@
-"""What a key may be named and capped at, whoever creates it: the admin API and
-`metergate keys create` apply these same rules, so neither makes a key the other refuses."""
+"""What a key may be named, capped at and expire at, whoever creates it: the admin API
+and `metergate keys create` apply these same rules, so neither makes a key the other
+refuses."""
 
 from __future__ import annotations
 
@@ -38,3 +39,24 @@ def check_cap(
             param="max_tokens_cap",
         )
     return number
+
+
+LAST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z: later is not a date a person can read
+
+
+def check_expiry(value: Any, label: str = "`expires_at`") -> float | None:
+    """When a key stops working, in epoch seconds, or None for never. A time already
+    past expires it at once (unlike a revoked key, it can be given a later one)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= LAST_EXPIRY
+    ):
+        raise InvalidRequest(
+            f"{label} must be a time in epoch seconds (0 to {LAST_EXPIRY}, the end of the "
+            "year 9999), or null for a key that never expires",
+            param="expires_at",
+        )
+    return float(value)

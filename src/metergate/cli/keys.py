@@ -1,16 +1,18 @@
 """`metergate keys create|list|update|revoke`: one key per calling service, in a team or
-not, with default tags for its requests."""
+not, with default tags for its requests, and an expiry if it is to stop by itself."""
 
 from __future__ import annotations
 
 import datetime as dt
+import re
+import time
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from metergate.auth.keys import KeyRecord
-from metergate.auth.rules import CAP_MAX, check_cap, check_name
+from metergate.auth.rules import CAP_MAX, check_cap, check_expiry, check_name
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
 from metergate.errors import InvalidRequest
 from metergate.storage import keys as store
@@ -19,6 +21,13 @@ from metergate.storage.teams import get_team, list_teams
 from metergate.teams import TeamError, check_tags
 
 app = typer.Typer(help="Create, list and revoke gateway keys.", no_args_is_help=True)
+
+EXPIRES_HELP = (
+    "when it stops working: a duration from now (30d, 12h, 90m) or an ISO date or date-time "
+    "(a date is its 00:00 UTC)"
+)
+_DURATION = re.compile(r"(\d{1,7})([dhm])")
+_UNIT = {"d": 86_400, "h": 3_600, "m": 60}
 
 
 @app.command("create")
@@ -36,12 +45,14 @@ def create(
         list[str] | None,
         typer.Option("--tag", metavar="NAME=VALUE", help="default tag of its requests (repeat)"),
     ] = None,
+    expires: Annotated[str | None, typer.Option("--expires", help=EXPIRES_HELP)] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
     try:  # the admin API's rules, so the CLI makes no key the API would refuse
         check_name(name, "--name")
         check_cap(max_tokens_cap, "--max-tokens-cap", unset=None)
+        expires_at = None if expires is None else parse_expiry(expires, time.time())
     except InvalidRequest as error:
         errors.print(error.message, markup=False, highlight=False)
         raise typer.Exit(2) from None
@@ -56,7 +67,7 @@ def create(
 
     async def work(db: Database) -> tuple[str, KeyRecord]:
         await _team_or_exit(db, team)
-        return await store.create_key(db, name, models, max_tokens_cap, team, defaults)
+        return await store.create_key(db, name, models, max_tokens_cap, team, defaults, expires_at)
 
     try:
         secret, record = with_database(loaded, work)
@@ -66,7 +77,7 @@ def create(
     except store.TeamMissing:  # deleted since it was checked
         errors.print(f"no team named {team!r}; create it with metergate teams")
         raise typer.Exit(2) from None
-    console.print(f"created key [bold]{record.name}[/bold] ({record.id})")
+    console.print(f"created key [bold]{record.name}[/bold] ({record.id}){_expiry(record)}")
     console.print("secret (shown once, store it now):")
     print(secret)
 
@@ -79,7 +90,7 @@ def list_(
     ] = None,
     team: Annotated[str | None, typer.Option("--team", help="only this team's keys")] = None,
     state: Annotated[
-        store.KeyState, typer.Option("--state", help="active, revoked or all")
+        store.KeyState, typer.Option("--state", help="active, expired, revoked or all")
     ] = "all",
     limit: Annotated[
         int, typer.Option("--limit", min=1, help="at most this many keys (1000)")
@@ -92,7 +103,10 @@ def list_(
     page = with_database(
         loaded, lambda db: store.page_of_keys(db, limit, state=state, search=search, team=team)
     )
-    table = Table("name", "id", "key", "models", "max_tokens cap", "team", "created", "state")
+    now = time.time()
+    table = Table(
+        "name", "id", "key", "models", "max_tokens cap", "team", "created", "expires", "state"
+    )
     table.columns[1].overflow = "fold"  # folded in a narrow terminal, never cut: revoke takes it
     for record in page.records:
         table.add_row(
@@ -103,7 +117,8 @@ def list_(
             str(record.max_tokens_cap or ""),
             record.team or "",
             _when(record.created_at),
-            f"revoked {_when(record.revoked_at)}" if record.revoked_at else "active",
+            _when(record.expires_at),
+            f"revoked {_when(record.revoked_at)}" if record.revoked_at else record.state(now),
         )
     console.print(table)
     if page.matched > len(page.records):
@@ -123,14 +138,30 @@ def update(
         typer.Option("--tag", metavar="NAME=VALUE", help="its default tags, replacing them"),
     ] = None,
     clear_tags: Annotated[bool, typer.Option("--clear-tags", help="remove its tags")] = False,
+    expires: Annotated[str | None, typer.Option("--expires", help=EXPIRES_HELP)] = None,
+    no_expiry: Annotated[bool, typer.Option("--no-expiry", help="it never expires")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Change a key's team or default tags; running gateways follow within seconds."""
+    """Change a key's team, default tags or expiry (an expired key too); running gateways
+    follow within seconds."""
     if team is not None and no_team:
         errors.print("give --team or --no-team, not both")
         raise typer.Exit(2)
+    if expires is not None and no_expiry:
+        errors.print("give --expires or --no-expiry, not both")
+        raise typer.Exit(2)
+    changes: dict[str, object] = {}
+    try:
+        if expires is not None or no_expiry:
+            changes["expires_at"] = None if no_expiry else parse_expiry(expires, time.time())
+    except InvalidRequest as error:
+        errors.print(error.message, markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    if team is not None or no_team:
+        changes["team"] = team
+    if tags or clear_tags:
+        changes["tags"] = _tags_or_exit(tags or [])
     loaded = load_or_exit(config)
-    new_tags = _tags_or_exit(tags or []) if (tags or clear_tags) else None
 
     async def work(db: Database) -> KeyRecord | None:
         current = next(
@@ -139,9 +170,7 @@ def update(
         if current is None:
             return None
         await _team_or_exit(db, team)
-        chosen = None if no_team else (team or current.team)
-        kept = dict(current.tags) if new_tags is None else new_tags
-        return await store.set_attribution(db, current.id, chosen, kept)
+        return await store.change_key(db, current.id, changes)
 
     try:
         record = with_database(loaded, work)
@@ -152,7 +181,9 @@ def update(
         errors.print(f"no active key named or with id {name!r}")
         raise typer.Exit(1)
     tag_text = ", ".join(f"{k}={v}" for k, v in record.tags) or "none"
-    console.print(f"key {record.name}: team {record.team or 'none'}, tags {tag_text}")
+    console.print(
+        f"key {record.name}: team {record.team or 'none'}, tags {tag_text}{_expiry(record)}"
+    )
 
 
 async def _team_or_exit(db: Database, team: str | None) -> None:
@@ -196,3 +227,37 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return ""
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def parse_expiry(text: str | None, now: float) -> float:
+    """Epoch seconds of `--expires`: a duration from `now`, or an ISO date (its 00:00 UTC)
+    or date-time (UTC unless it says otherwise); InvalidRequest saying how otherwise."""
+    text = (text or "").strip()
+    duration = _DURATION.fullmatch(text)
+    if duration is not None:
+        moment = now + int(duration[1]) * _UNIT[duration[2]]
+    else:
+        try:
+            day = dt.date.fromisoformat(text)
+            moment = dt.datetime.combine(day, dt.time(), dt.UTC).timestamp()
+        except ValueError:
+            try:
+                parsed = dt.datetime.fromisoformat(text)
+            except ValueError:
+                raise InvalidRequest(
+                    "--expires takes a duration from now (30d, 12h, 90m) or an ISO date or "
+                    f"date-time, e.g. 2027-01-31 or 2027-01-31T18:00+01:00 (got {text!r})"
+                ) from None
+            aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+            moment = aware.timestamp()
+    expires_at = check_expiry(moment, "--expires")
+    assert expires_at is not None
+    return expires_at
+
+
+def _expiry(record: KeyRecord) -> str:
+    """How a changed or new key's expiry reads after its name."""
+    if record.expires_at is None:
+        return ", never expires"
+    verb = "expired" if record.expires_at <= time.time() else "expires"
+    return f", {verb} {_when(record.expires_at)}"

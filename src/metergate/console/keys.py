@@ -41,7 +41,8 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "max_tokens_cap": record.max_tokens_cap,
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
-        "state": "revoked" if record.revoked_at is not None else "active",
+        "expires_at": record.expires_at,
+        "state": record.state(time.time()),
         "team": record.team,
         "tags": dict(record.tags),
     }

@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 from metergate import teams
-from metergate.auth.rules import CAP_MAX
+from metergate.auth.rules import CAP_MAX, LAST_EXPIRY
 from metergate.config.observe import TAG_NAME
 from metergate.console import attribution
 from metergate.console import keys as console_keys
@@ -215,7 +215,11 @@ def _schemas() -> dict[str, Any]:
             "max_tokens_cap": _nullable(_INT),
             "created_at": _NUM,
             "revoked_at": _nullable(_NUM),
-            "state": {"type": "string", "enum": ["active", "revoked"]},
+            "expires_at": {**_nullable(_NUM), "description": "refused from then on; null: never"},
+            "state": {
+                "type": "string",
+                "enum": [state for state in console_keys.KEY_STATES if state != "all"],
+            },
             "team": _nullable(_STR),
             "tags": _TAGS,
         },
@@ -630,6 +634,11 @@ def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
             "description": f"configured model names{kept}; null or [] means every model",
         },
         "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
+        "expires_at": {
+            **_nullable({"type": "number", "minimum": 0, "maximum": LAST_EXPIRY}),
+            "description": "epoch seconds from which the key is refused (a past time: at "
+            "once; it can be given a later one); null: never",
+        },
         "team": {**_nullable(_TEAM_NAME), "description": "an existing team's name, or null"},
         "tags": _ref("DefaultTags"),
     }

@@ -23,7 +23,10 @@ from metergate.auth.keys import KeyRecord, generate_key, hash_key
 from metergate.storage.database import Database, Transaction, UniqueViolation
 
 _MANY = 1000  # keys read at once beyond which their records are built in a thread
-_COLUMNS = "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags"
+_COLUMNS = (
+    "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags, "
+    "expires_at"
+)
 
 
 class KeyNameTaken(Exception):
@@ -56,6 +59,7 @@ async def create_key(
     max_tokens_cap: int | None = None,
     team: str | None = None,
     tags: dict[str, str] | None = None,
+    expires_at: float | None = None,
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record.
     KeyNameTaken when an active key has the name, also one created at the same moment
@@ -72,6 +76,7 @@ async def create_key(
         max_tokens_cap=max_tokens_cap,
         team=team,
         tags=tuple(sorted((tags or {}).items())),
+        expires_at=expires_at,
     )
     try:
         async with database.transaction() as tx:
@@ -81,7 +86,7 @@ async def create_key(
             await hold_team(tx, team)
             await tx.execute(
                 f"INSERT INTO keys ({_COLUMNS}, change_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -93,6 +98,7 @@ async def create_key(
                     record.max_tokens_cap,
                     record.team,
                     encode_tags(record.tags),
+                    record.expires_at,
                     await _next_change(tx),
                 ),
             )
@@ -107,9 +113,15 @@ async def list_keys(database: Database, include_revoked: bool = True) -> list[Ke
     return [_record(row) for row in rows]
 
 
-# Listing order: active keys first, then by name, then id (names repeat among revoked keys).
+# Listing order: keys not revoked first, then by name, then id (names repeat among
+# revoked keys). Expired keys are not revoked: they list among the active ones.
 _REVOKED = "CASE WHEN revoked_at IS NULL THEN 0 ELSE 1 END"
-KeyState = Literal["active", "revoked", "all"]
+KeyState = Literal["active", "expired", "revoked", "all"]
+_STATES: dict[str, str] = {  # the condition of each state; `?` is now
+    "active": "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+    "expired": "revoked_at IS NULL AND expires_at <= ?",
+    "revoked": "revoked_at IS NOT NULL",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +149,8 @@ async def page_of_keys(
     where: list[str] = []
     params: list[Any] = []
     if state != "all":
-        where.append("revoked_at IS NULL" if state == "active" else "revoked_at IS NOT NULL")
+        where.append(_STATES[state])
+        params += [time.time()] * _STATES[state].count("?")
     if search:
         where.append("(LOWER(name) LIKE ? ESCAPE '!' OR id = ? OR hint = ?)")
         pattern = search.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
@@ -168,7 +181,7 @@ async def keys_changed(database: Database, since: int) -> tuple[list[KeyRecord],
     rows = await database.fetch(
         f"SELECT {_COLUMNS}, change_seq FROM keys WHERE change_seq > ?", (since,)
     )
-    last = max((int(row[10]) for row in rows), default=since)
+    last = max((int(row[-1]) for row in rows), default=since)
     if len(rows) > _MANY:  # ~5 us a key: 100000 would hold the event loop for 0.5 s
         return await asyncio.to_thread(_records, rows), last
     return _records(rows), last
@@ -206,6 +219,7 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         max_tokens_cap=row[7],
         team=row[8],
         tags=tuple(sorted(orjson.loads(row[9]).items())) if row[9] else (),
+        expires_at=row[10],
     )
 
 
@@ -239,15 +253,16 @@ async def set_attribution(
 
 async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
     """Change the fields named in `changes` (`models`: a list or None for all,
-    `max_tokens_cap`, `team`, `tags`) of the key with this id if it is active, and only
-    those: one UPDATE of those columns, so a concurrent change of another field is kept.
-    The key as it is afterwards (a revoked one unchanged); None when no key has the id;
-    TeamMissing when `team` names no team."""
+    `max_tokens_cap`, `team`, `tags`, `expires_at`) of the key with this id if it is
+    not revoked, and only those: one UPDATE of those columns, so a concurrent change of
+    another field is kept. The key as it is afterwards (a revoked one unchanged); None
+    when no key has the id; TeamMissing when `team` names no team."""
     encode = {
         "models": lambda models: orjson.dumps(list(models)).decode() if models else None,
         "max_tokens_cap": lambda cap: cap,
         "team": lambda team: team,
         "tags": encode_tags,
+        "expires_at": lambda when: when,
     }
     unknown = set(changes) - set(encode)
     if unknown:

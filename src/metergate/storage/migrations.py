@@ -175,6 +175,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             "INSERT INTO key_changes (id, seq) VALUES (1, 0)",
         ),
     ),
+    Migration(
+        9,
+        "key expiry",
+        # A key refused from a given time on (a contractor's, a trial's) without anyone
+        # having to remember to revoke it; NULL: never.
+        ("ALTER TABLE keys ADD COLUMN expires_at DOUBLE PRECISION",),
+    ),
 )
 
 

@@ -1,4 +1,4 @@
-// Keys: spend per key, create (secret shown once), edit allowed models and cap, revoke.
+// Keys: spend per key, create (secret shown once), edit allowed models, cap and expiry, revoke.
 import { api, query } from "../api.js";
 import { badge, confirmAction, fmt, h, modal, replace, table } from "../dom.js";
 import { budgetBar, guard, parseTags, tagsInput } from "./shared.js";
@@ -30,6 +30,14 @@ function capValue(input) {
   return value;
 }
 
+/** A date input's day as epoch seconds of its 00:00 UTC (the key is refused from then
+ * on), or null when empty; and back. */
+function expiryValue(input) {
+  return input.value ? Date.parse(`${input.value}T00:00:00Z`) / 1000 : null;
+}
+const expiryDay = (expiresAt) => (expiresAt == null ? "" : new Date(expiresAt * 1000).toISOString().slice(0, 10));
+const EXPIRY_LABEL = "Expires on (00:00 UTC; empty: never)";
+
 function secretPanel(rerender) {
   if (!revealed) return null;
   const code = h("code", { id: "new-secret", text: revealed.secret });
@@ -57,6 +65,7 @@ function secretPanel(rerender) {
 function createForm(models, rerender) {
   const name = h("input", { id: "key-name", name: "name", placeholder: "e.g. search-mcp", required: true, maxlength: 64, autocomplete: "off" });
   const cap = h("input", { id: "key-cap", name: "cap", inputmode: "numeric", placeholder: "none", autocomplete: "off" });
+  const expires = h("input", { id: "key-expires", name: "expires", type: "date" });
   const checks = modelChecks(models, [], "create");
   const error = h("p", { class: "error", role: "alert", id: "create-error" });
   const button = h("button", { type: "submit", id: "create-key", text: "Create key" });
@@ -64,7 +73,8 @@ function createForm(models, rerender) {
     h("h2", { text: "Create a key" }),
     h("div", { class: "row" },
       h("div", { class: "field" }, h("label", { for: "key-name", text: "Name (the calling service)" }), name),
-      h("div", { class: "field" }, h("label", { for: "key-cap", text: "max_tokens cap" }), cap)),
+      h("div", { class: "field" }, h("label", { for: "key-cap", text: "max_tokens cap" }), cap),
+      h("div", { class: "field" }, h("label", { for: "key-expires", text: EXPIRY_LABEL }), expires)),
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "row" }, button), error);
   form.addEventListener("submit", async (event) => {
@@ -75,7 +85,12 @@ function createForm(models, rerender) {
       const chosen = checked(checks);
       const created = await api("/admin/api/keys", {
         method: "POST",
-        body: { name: name.value.trim(), models: chosen.length ? chosen : null, max_tokens_cap: capValue(cap) },
+        body: {
+          name: name.value.trim(),
+          models: chosen.length ? chosen : null,
+          max_tokens_cap: capValue(cap),
+          expires_at: expiryValue(expires),
+        },
       });
       revealed = { name: created.key.name, secret: created.secret };
       await rerender(true);
@@ -94,12 +109,14 @@ async function edit(key, models, rerender) {
   const checks = modelChecks([...models, ...gone], had, "edit", gone);
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
   const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
+  const expires = h("input", { id: "edit-expires", type: "date", value: expiryDay(key.expires_at) });
   const tags = tagsInput("edit-tags", key.tags);
   const tagText = tags.value;
   const body = h("div", { class: "stack" },
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
+    h("div", { class: "field" }, h("label", { for: "edit-expires", text: EXPIRY_LABEL }), expires),
     h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (one name=value a line)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key, and its name or \"*\" for each key apart) or by its team." }));
   // Only the fields the operator changed are sent: one left alone is never rewritten.
@@ -112,6 +129,7 @@ async function edit(key, models, rerender) {
     const teamNow = team.value.trim() || null;
     if (teamNow !== (key.team ?? null)) change.team = teamNow;
     if (tags.value !== tagText) change.tags = parseTags(tags.value);
+    if (expires.value !== expiryDay(key.expires_at)) change.expires_at = expiryValue(expires);
     return change;
   };
   const saved = await modal(`Edit key “${key.name}”`, body, [
@@ -141,6 +159,14 @@ function budgetsCell(k) {
     budgetBar(b, true))));
 }
 
+function stateCell(k) {
+  if (k.state === "revoked") return badge(`revoked ${fmt.ago(k.revoked_at)}`);
+  if (k.state === "expired") return badge(`expired ${fmt.ago(k.expires_at)}`, "bad");
+  if (k.expires_at == null) return badge("active", "ok");
+  return h("div", { class: "stack" }, badge("active", "ok"),
+    h("span", { class: "muted", text: `expires ${fmt.time(k.expires_at)}` }));
+}
+
 function columns(models, rerender, guarded) {
   return [
     { label: "Name", cell: (k) => h("strong", { text: k.name }) },
@@ -153,8 +179,8 @@ function columns(models, rerender, guarded) {
     { label: "Budgets", cell: budgetsCell },
     { label: "Team", cell: (k) => k.team || "—" },
     { label: "Created", cell: (k) => fmt.time(k.created_at) },
-    { label: "State", cell: (k) => (k.state === "active" ? badge("active", "ok") : badge(`revoked ${fmt.ago(k.revoked_at)}`)) },
-    { label: "", cell: (k) => (k.state === "active" ? h("div", { class: "row" },
+    { label: "State", cell: stateCell },
+    { label: "", cell: (k) => (k.state !== "revoked" ? h("div", { class: "row" },
       h("button", { type: "button", class: "quiet small", text: "Edit", dataset: { action: "edit" }, onclick: guarded(() => edit(k, models, rerender)) }),
       h("button", { type: "button", class: "danger small", text: "Revoke", dataset: { action: "revoke" }, onclick: guarded(() => revoke(k, rerender)) }))
       : null) },
@@ -183,7 +209,7 @@ function filterBar(current) {
   h("div", { class: "field" }, h("label", { for: "key-search", text: "Find" }), search),
   h("div", { class: "field" }, h("label", { for: "key-state", text: "State" }),
     h("select", { id: "key-state", onchange: (event) => go({ search: search.value.trim(), state: event.target.value }) },
-      [["all", "all"], ["active", "active"], ["revoked", "revoked"]].map(([value, text]) =>
+      [["all", "all"], ["active", "active"], ["expired", "expired"], ["revoked", "revoked"]].map(([value, text]) =>
         h("option", { value, text, selected: current.state === value })))),
   current.team ? h("button", { type: "button", class: "quiet", id: "key-team", text: `Team ${current.team} ✕`, title: "Show keys of every team", onclick: () => go({ team: "" }) }) : null);
   return form;
