@@ -157,3 +157,24 @@ def test_settling_counts_the_cost_in_the_period_its_row_is_dated_in():
     budget.reserved_nano = 1_000
     book.settle(held, 300, at=budget.start - 1)  # dated in a day already over: not today's
     assert (budget.spent_nano, budget.reserved_nano) == (700, 0)
+
+
+def test_a_budget_for_each_key_starts_the_new_period_for_every_key():
+    """The spend loaded for each key is of one period: a key first seen after it ended
+    starts the new one at 0 (not at what it spent before), and a key seen before rolls
+    over on its next request."""
+    cfg = BudgetConfig(scope="key", target="*", limit_usd=1, period="day")
+    book = BudgetBook({"per-user": cfg}, Metrics())
+    (each,) = book.each
+    now = time.time()
+    each.start, each.end = now - 20, now + 10  # the loaded day, 30 s long for the test
+    each.loaded = {"alice": 400, "carol": 900}
+    (alice,) = book.applicable("alice", "m")
+    assert (alice.spent_nano, alice.start, alice.end) == (400, each.start, each.end)
+    each.end = alice.end = now - 1  # that day is over
+    (carol,) = book.applicable("carol", "m")
+    assert carol.spent_nano == 0 and carol.target == "carol"
+    assert (carol.start, carol.end) == period_bounds(time.time(), "day", "UTC")
+    assert each.loaded == {}  # the old day's spend is let go
+    book.roll([alice])
+    assert alice.spent_nano == 0 and alice.start == carol.start

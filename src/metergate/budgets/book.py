@@ -87,11 +87,14 @@ class EachBudget:
     def member_for(self, target: str) -> Budget:
         found = self.members.get(target)
         if found is None:
-            cfg = self.config
-            found = Budget(self.name, cfg, self.limit_nano, target=target)
-            found.start, found.end = period_bounds(time.time(), cfg.period, cfg.timezone)
-            if found.start > self.start:  # a period after the loaded one: nobody spent yet
-                self.start, self.end, self.loaded = found.start, found.end, {}
+            now = time.time()
+            if now >= self.end:  # a period after the loaded one: nobody spent in it yet
+                cfg = self.config
+                self.start, self.end = period_bounds(now, cfg.period, cfg.timezone)
+                self.loaded = {}
+            found = Budget(
+                self.name, self.config, self.limit_nano, self.start, self.end, target=target
+            )
             found.spent_nano = self.loaded.pop(target, 0)
             found.announced = _passed(found)
             self.members[target] = found
