@@ -173,7 +173,7 @@ class SharedCounters:
         exactly what it holds. Runs while the link is down."""
         unshared, self._unshared = self._unshared, set()
         members = (  # of budgets for each key: only those the outage may have touched
-            m for m in book.members() if m in unshared or self.holding.get(self.keys(m).held)
+            m for m in book.members() if m in unshared or self._holds(m)
         )
         budgets = (*book.budgets, *members)
         book.roll(budgets)
@@ -184,6 +184,12 @@ class SharedCounters:
             raise
         for budget, spent in zip(budgets, synced, strict=True):
             book.observe(budget, spent, claimed=set())
+
+    def _holds(self, member: Budget) -> bool:
+        """Whether this process holds anything on a member's counter (its keys were made
+        when it was held: members never held make none here)."""
+        found = self._keys.get((member.name, member.config.scope, member.target))
+        return found is not None and self.holding.get(found.held, 0) > 0
 
     async def _sync(
         self, budgets: Sequence[Budget], hold: bool, cut: float | None = None
