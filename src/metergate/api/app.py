@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from metergate.api.admin import AdminHandlers
 from metergate.api.admin_api import AdminApi
-from metergate.api.azure_paths import MODEL_IN_PATH, PREFIXES, deployment_route
+from metergate.api.azure_paths import PREFIXES, DeploymentRequest, deployment_route
 from metergate.api.chat import ChatDoor, CompletionsHandler, EmbeddingsDoor
 from metergate.api.cors import Cors
 from metergate.api.doors.completions import CompletionsDoor
@@ -160,8 +160,8 @@ class GatewayApp:
             return
         deployment = deployment_route(path)
         if deployment is not None and request.scope["method"] == "POST":
-            request.scope[MODEL_IN_PATH], endpoint = deployment
-            await self.routes[("POST", f"/v1/{endpoint}")](request, send)
+            model, endpoint = deployment
+            await self.routes[("POST", f"/v1/{endpoint}")](DeploymentRequest(request, model), send)
             return
         for base in ("/v1", "", *PREFIXES):
             prefix = f"{base}/models/"

@@ -10,8 +10,11 @@ version of its API).
 
 from __future__ import annotations
 
+from typing import Any
+
+from metergate.asgi import MAX_JSON_DEPTH, Request
+
 PREFIXES = ("/openai/v1", "/openai")  # endpoints under these answer as under /v1
-MODEL_IN_PATH = "metergate.model_in_path"  # the scope entry a deployment path sets
 _DEPLOYMENTS = "/openai/deployments/"
 _ENDPOINTS = ("chat/completions", "completions", "embeddings")
 
@@ -24,3 +27,20 @@ def deployment_route(path: str) -> tuple[str, str] | None:
     if not deployment or endpoint not in _ENDPOINTS:
         return None
     return deployment, endpoint
+
+
+class DeploymentRequest(Request):
+    """A request on a deployment path: its body's model is the deployment (so the
+    handlers, and the hot path of every other request, need not know of Azure)."""
+
+    __slots__ = ("deployment",)
+
+    def __init__(self, request: Request, deployment: str) -> None:
+        for name in Request.__slots__:
+            setattr(self, name, getattr(request, name))
+        self.deployment = deployment
+
+    async def json(self, limit: int, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+        body = await super().json(limit, max_depth)
+        body["model"] = self.deployment
+        return body

@@ -22,7 +22,6 @@ import logging
 import time
 from typing import Any
 
-from metergate.api.azure_paths import MODEL_IN_PATH
 from metergate.api.doors import Door, Exchange, Relay, check_integer
 from metergate.asgi import (
     JSON_HEADERS,
@@ -112,9 +111,6 @@ class CompletionsHandler:
         log.identify(key)
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
-        in_path = request.scope.get(MODEL_IN_PATH)
-        if in_path is not None:  # an Azure deployment path names the model
-            body["model"] = in_path
         log.attach(body, request.body_size)
         route = plan.router.route(body.get("model"), key)
         log.model = route.name

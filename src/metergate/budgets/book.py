@@ -54,15 +54,13 @@ class Budget:
     announced: set[int] = field(default_factory=set)
     spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
     target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
+    # one key's (team's, model's) share of an `EachBudget`: no gauge of its own
+    member: bool = field(init=False)
 
     def __post_init__(self) -> None:
         if self.target is None:
             self.target = self.config.target
-
-    @property
-    def member(self) -> bool:
-        """One key's (team's, model's) share of an `EachBudget`: no gauge of its own."""
-        return self.config.target == EACH
+        self.member = self.config.target == EACH
 
     def describe(self) -> str:
         target = "" if self.config.scope == "global" else f" {self.target}"
