@@ -270,3 +270,75 @@ def test_a_keys_alert_names_the_key(gateway_factory, bg):
     (notice,) = received
     assert notice["budget"] == "per-user" and notice["key"] == "erin"
     assert notice["percent"] == 50 and "(key erin, per day) passed 50%" in notice["text"]
+
+
+def test_a_key_may_have_its_own_limit_of_a_budget_for_each_key(gateway_factory):
+    """A plan: every key may spend $30 a day unless its own `budget_limits` says more (or
+    less); a change applies to the key's next request, its day's spend kept."""
+    gateway = gateway_factory(each_config(30))
+    base = gateway.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    def create(name: str, **fields: object) -> dict:
+        answer = httpx.post(
+            f"{base}/admin/api/keys", headers=headers, json={"name": name, **fields}
+        )
+        assert answer.status_code == 201, answer.text
+        return answer.json()
+
+    def change(key_id: str, **fields: object) -> httpx.Response:
+        return httpx.patch(f"{base}/admin/api/keys/{key_id}", headers=headers, json=fields)
+
+    basic, pro = create("basic"), create("pro", budget_limits={"per-user": "100"})
+    assert pro["key"]["budget_limits"] == {"per-user": "100"}
+    answered, message = until_refused(client_of(gateway, basic["secret"]))
+    assert 1 <= answered <= 3 and "limit $30.000000" in message
+    answered, message = until_refused(client_of(gateway, pro["secret"]))
+    assert answered >= 7 and "budget 'per-user' (key pro, per day)" in message
+    assert "limit $100.000000" in message and spent_by(gateway, "pro") <= 100 * 10**9
+
+    raised = change(basic["key"]["id"], budget_limits={"per-user": 60.5})
+    assert raised.status_code == 200 and raised.json()["key"]["budget_limits"] == {
+        "per-user": "60.5"
+    }
+    answered, message = until_refused(client_of(gateway, basic["secret"]))
+    assert answered >= 2 and "limit $60.500000" in message
+    assert spent_by(gateway, "basic") <= 60.5 * 10**9
+    assert change(pro["key"]["id"], budget_limits=None).json()["key"]["budget_limits"] == {}
+    with pytest.raises(openai.RateLimitError, match=r"limit \$30\.000000"):  # back to $30
+        client_of(gateway, pro["secret"]).chat.completions.create(
+            model="sim", messages=ASK, max_tokens=10
+        )
+    keys = httpx.get(f"{base}/admin/api/keys", headers=headers, timeout=10).json()["keys"]
+    limits = {k["name"]: k["budgets"][0]["limit_nano"] for k in keys}
+    assert limits == {"basic": 60_500_000_000, "pro": 30 * 10**9, "test": 30 * 10**9}
+
+    for wrong in ({"per-day": 5}, {"per-user": 0}, {"per-user": "lots"}, ["per-user"]):
+        refused = change(basic["key"]["id"], budget_limits=wrong)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "budget_limits"
+    unknown = change(basic["key"]["id"], budget_limits={"per-day": 5}).json()["error"]
+    assert "'per-day' is not a budget for each key" in unknown["message"]
+    assert "those a key may set: per-user" in unknown["message"]
+
+
+def test_the_cli_sets_and_clears_a_keys_budget_limits(gateway_factory):
+    from typer.testing import CliRunner
+
+    from metergate.cli import app as cli_app
+
+    gateway = gateway_factory(each_config(30))
+    config = gateway.runtime.source
+
+    def keys(*args: str, code: int = 0) -> str:
+        result = CliRunner().invoke(cli_app, ["keys", *args, "-c", config])
+        assert result.exit_code == code, result.output
+        return result.output
+
+    secret = keys("create", "--name", "vip", "--budget-limit", "per-user=100").split()[-1]
+    answered, message = until_refused(client_of(gateway, secret))
+    assert answered >= 7 and "limit $100.000000" in message
+    assert "budget limits as configured" in keys("update", "vip", "--clear-budget-limits")
+    assert "per-user $12.5" in keys("update", "vip", "--budget-limit", "per-user=12.5")
+    wrong = keys("update", "vip", "--budget-limit", "per-day=5", code=2)
+    assert "'per-day' is not a budget for each key" in wrong

@@ -1003,6 +1003,19 @@ def test_a_budget_for_each_key_on_the_overview_and_keys_pages(page, gateway_fact
     light_row = page.locator("tr", has=page.locator("td", has_text=re.compile(r"^test$")))
     assert light_row.locator(".bar").get_attribute("data-state") == "ok"
     shot(page, "each-key-budget")
+    # the heavy user gets a plan of its own: ten times the limit, and is served again
+    sent = patches(page)
+    heavy_row.locator("button[data-action=edit]").click()
+    dialog = page.locator("dialog[open]")
+    dialog.locator("#edit-limits").fill("per-user=0.01")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert sent == [{"budget_limits": {"per-user": "0.01"}}]
+    playwright_api.expect(heavy_row).to_contain_text("/ $0.0100 per day")
+    assert heavy.chat.completions.create(model="chat", messages=ASK, max_tokens=12).usage
+    heavy_row.locator("button[data-action=edit]").click()
+    assert dialog.locator("#edit-limits").input_value() == "per-user=0.01"
+    dialog.locator("button[data-value=cancel]").click()
     assert page.problems == []
 
 

@@ -14,6 +14,7 @@ import redis
 import yaml
 
 from metergate.config import parse_config
+from metergate.storage import keys as store
 from tests.harness import BackgroundLoop, Gateway, simulated_config, start_gateway
 from tests.services import RedisServer
 
@@ -288,3 +289,32 @@ async def test_a_budget_for_each_key_holds_across_two_gateways(fleet):
     # the gateways' own keys have their own shares
     for gateway in (a, b):
         assert gateway.client().chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+
+
+async def test_a_keys_own_limit_holds_across_two_gateways(fleet):
+    """A key's own limit of a budget for each key is what both gateways enforce on the
+    one shared counter."""
+    config = priced_config()
+    config["upstreams"]["sim-up"]["price"] = {"input": 10_000, "output": 1_000_000}
+    config["budgets"] = {"per-user": {"scope": "key", "target": "*", "limit_usd": 30}}
+    a, b, _ = gateways = fleet(config)
+    (svc,) = [k for k in a.bg.run(store.list_keys(a.runtime.database)) if k.name == "svc"]
+    a.bg.run(store.change_key(a.runtime.database, svc.id, {"budget_limits": {"per-user": 70}}))
+    for gateway in (a, b):
+        gateway.bg.run(gateway.runtime.keys.reload())
+    both = clients(gateways)
+    results = []
+    for i in range(20):
+        try:
+            await both[i % 2].chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"q{i:03d}"}], max_tokens=10
+            )
+            results.append("ok")
+        except openai.RateLimitError as error:
+            assert "limit $70.000000" in error.message
+            results.append("refused")
+    settled(a, b)
+    b.flush_ledger()
+    spent = sum(r["cost_nano"] for r in a.ledger_rows("key_name = 'svc'"))
+    assert (70 - 12) * 10**9 <= spent <= 70 * 10**9  # over $30, and not twice $70
+    assert "refused" in results

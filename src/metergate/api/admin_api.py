@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -19,7 +20,8 @@ import orjson
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
-from metergate.auth.rules import check_cap, check_expiry, check_name
+from metergate.auth.rules import check_budget_limits, check_cap, check_expiry, check_name
+from metergate.config.model import each_key_budgets
 from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
 from metergate.console import request_detail as detail
@@ -173,7 +175,9 @@ class AdminApi:
         plan = self.runtime.plan
         version = plan.version.encode()
         if self._openapi[0] != version:
-            document = openapi_document(__version__, list(plan.config.models))
+            document = openapi_document(
+                __version__, list(plan.config.models), each_key_budgets(plan.config.budgets)
+            )
             self._openapi = (version, orjson.dumps(document))
         headers = [
             *base_headers(request),
@@ -274,18 +278,22 @@ class AdminApi:
         query_params(request)
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(
-            body, {"name", "models", "max_tokens_cap", "team", "tags", "expires_at"}
+            body,
+            {"name", "models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"},
         )
         name = check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = check_cap(body.get("max_tokens_cap"))
         expires_at = check_expiry(body.get("expires_at"))
+        limits = self._budget_limits(body)
         given = attribution.key_attribution(body)
         database = await self._database()
         team = given.get("team")
         tags = dict(given.get("tags", ()))
         try:
-            secret, record = await create_key(database, name, models, cap, team, tags, expires_at)
+            secret, record = await create_key(
+                database, name, models, cap, team, tags, expires_at, limits
+            )
         except TeamMissing:  # checked in the insert's transaction: never a deleted team
             raise attribution.no_team(str(team)) from None
         except KeyNameTaken:
@@ -308,15 +316,20 @@ class AdminApi:
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(body, {"models", "max_tokens_cap", "team", "tags", "expires_at"})
+        console_keys.check_fields(
+            body, {"models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
+        )
         cap = check_cap(body.get("max_tokens_cap"))
         expires_at = check_expiry(body.get("expires_at"))
+        limits = self._budget_limits(body)
         given = attribution.key_attribution(body)
         changes: dict[str, Any] = dict(given)  # team, tags
         if "max_tokens_cap" in body:
             changes["max_tokens_cap"] = cap
         if "expires_at" in body:
             changes["expires_at"] = expires_at
+        if "budget_limits" in body:
+            changes["budget_limits"] = limits
         database = await self._database()
         if "models" in body:  # it may keep its own models that have left the config since
             current = console_keys.require_active(
@@ -332,6 +345,10 @@ class AdminApi:
         record = console_keys.require_active(changed, key_id)
         await self.runtime.keys.refresh()
         await send_json(request, send, {"key": console_keys.key_json(record)})
+
+    def _budget_limits(self, body: dict[str, Any]) -> dict[str, Decimal] | None:
+        budgets = each_key_budgets(self.runtime.plan.config.budgets)
+        return check_budget_limits(body.get("budget_limits"), budgets)
 
     async def revoke_key(self, request: Request, send: Send, key_id: str) -> None:
         """Revoke at once here; other gateway processes follow within two seconds.

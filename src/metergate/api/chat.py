@@ -122,7 +122,7 @@ class CompletionsHandler:
             log.prompt = body
         if self.kind == "chat":
             apply_max_tokens_cap(body, route.config, key)
-        budgets = gate.budgets.applicable(key.name, route.name, key.team)
+        budgets = gate.budgets.applicable(key.name, route.name, key.team, key.budget_limits)
         assumed = (  # a hard budget must bound the worst case; a soft one only alerts
             bool(budgets)
             and self.kind == "chat"

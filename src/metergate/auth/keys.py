@@ -32,6 +32,8 @@ class KeyRecord:
     team: str | None = None  # its team: team budgets and rate limits apply on top of its own
     tags: tuple[tuple[str, str], ...] = ()  # default tags of its requests, (name, value)
     expires_at: float | None = None  # refused from then on (epoch seconds); None: never
+    # its own limits of budgets for each key, (budget name, nano-USD): a plan's key
+    budget_limits: tuple[tuple[str, int], ...] = ()
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -5,10 +5,12 @@ refuses."""
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from decimal import Decimal
 from typing import Any
 
 from metergate.errors import InvalidRequest
-from metergate.teams import whole_number
+from metergate.teams import TeamError, check_usd, whole_number
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
 CAP_MAX = 2**31 - 1  # the column is a 32-bit INTEGER in PostgreSQL
@@ -60,3 +62,33 @@ def check_expiry(value: Any, label: str = "`expires_at`") -> float | None:
             param="expires_at",
         )
     return float(value)
+
+
+def check_budget_limits(
+    value: Any, budgets: Collection[str], label: str = "`budget_limits`"
+) -> dict[str, Decimal] | None:
+    """A key's own limits of budgets for each key, {budget name: USD}: its plan, above or
+    below the config's default. `budgets`: those the config has (`each_key_budgets`).
+    None (or {}) for none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"{label} must be an object of budget name: USD, or null", param="budget_limits"
+        )
+    for name in value:
+        if name not in budgets:
+            known = ", ".join(sorted(budgets)) or 'none (a budget with scope: key, target: "*")'
+            raise InvalidRequest(
+                f"{label}: {name!r} is not a budget for each key in the config; those a key "
+                f"may set: {known}",
+                param="budget_limits",
+            )
+    try:
+        return {name: check_usd(amount) for name, amount in value.items()} or None
+    except TeamError:
+        raise InvalidRequest(
+            f"{label}: a limit is a positive amount of USD below 10^9: a decimal string with "
+            'at most 9 decimals ("12.50") or a number',
+            param="budget_limits",
+        ) from None

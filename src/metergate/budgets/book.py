@@ -149,7 +149,9 @@ class BudgetBook:
         self.budgets.extend(self._teams.values())
         self._carried.update(self._teams)
         self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
-        self._applicable: dict[tuple[str, str, str | None], tuple[Budget, ...]] = {}
+        self._applicable: dict[
+            tuple[str, str, str | None, tuple[tuple[str, int], ...]], tuple[Budget, ...]
+        ] = {}
 
     def _add_each(self, name: str, cfg: BudgetConfig, kept: EachBudget | None) -> None:
         """A budget for each target: kept over a reload (with its members) when it counts
@@ -205,8 +207,17 @@ class BudgetBook:
         """The budgets `load` rebuilds: all, or only those a reload did not carry over."""
         return [b for b in self.budgets if not (only_new and b.name in self._carried)]
 
-    def applicable(self, key: str, model: str, team: str | None = None) -> tuple[Budget, ...]:
-        found = self._applicable.get((key, model, team))
+    def applicable(
+        self,
+        key: str,
+        model: str,
+        team: str | None = None,
+        limits: tuple[tuple[str, int], ...] = (),
+    ) -> tuple[Budget, ...]:
+        """The budgets a request of `key` (of `team`, with its own `limits` of budgets for
+        each key) for `model` counts on. Cached: a key's changed team or limits is
+        another entry."""
+        found = self._applicable.get((key, model, team, limits))
         if found is None:
             found = tuple(
                 b
@@ -219,8 +230,8 @@ class BudgetBook:
             for each in self.each:
                 target = each.applies(key, model, team)
                 if target is not None:
-                    found += (each.member_for(target),)
-            self._applicable[(key, model, team)] = found
+                    found += (share(each, target, limits),)
+            self._applicable[(key, model, team, limits)] = found
         return found
 
     def team_budgets(self) -> dict[str, Budget]:
@@ -393,6 +404,19 @@ def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
         new.period,
         new.timezone,
     )
+
+
+def share(each: EachBudget, target: str, limits: tuple[tuple[str, int], ...] = ()) -> Budget:
+    """`target`'s member of `each`, at the limit its key gives that budget in `limits`
+    (a plan other than the default), else at the budget's own."""
+    member = each.member_for(target)
+    limit = each.limit_nano
+    if limits and each.config.scope == "key":
+        limit = dict(limits).get(each.name, limit)
+    if member.limit_nano != limit:
+        member.limit_nano = limit
+        member.announced = _passed(member)
+    return member
 
 
 def _passed(budget: Budget) -> set[int]:

@@ -6,14 +6,22 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+from decimal import Decimal
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from metergate.auth.keys import KeyRecord
-from metergate.auth.rules import CAP_MAX, check_cap, check_expiry, check_name
+from metergate.auth.rules import (
+    CAP_MAX,
+    check_budget_limits,
+    check_cap,
+    check_expiry,
+    check_name,
+)
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.config.model import GatewayConfig, each_key_budgets
 from metergate.errors import InvalidRequest
 from metergate.storage import keys as store
 from metergate.storage.database import Database
@@ -26,6 +34,7 @@ EXPIRES_HELP = (
     "when it stops working: a duration from now (30d, 12h, 90m) or an ISO date or date-time "
     "(a date is its 00:00 UTC)"
 )
+LIMIT_HELP = 'its own limit of a budget for each key (target "*"), e.g. per-user-daily=10 (repeat)'
 _DURATION = re.compile(r"(\d{1,7})([dhm])")
 _UNIT = {"d": 86_400, "h": 3_600, "m": 60}
 
@@ -46,6 +55,10 @@ def create(
         typer.Option("--tag", metavar="NAME=VALUE", help="default tag of its requests (repeat)"),
     ] = None,
     expires: Annotated[str | None, typer.Option("--expires", help=EXPIRES_HELP)] = None,
+    budget_limits: Annotated[
+        list[str] | None,
+        typer.Option("--budget-limit", metavar="BUDGET=USD", help=LIMIT_HELP),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
@@ -64,10 +77,13 @@ def create(
         )
         raise typer.Exit(2)
     defaults = _tags_or_exit(tags or [])
+    limits = _limits_or_exit(budget_limits or [], loaded)
 
     async def work(db: Database) -> tuple[str, KeyRecord]:
         await _team_or_exit(db, team)
-        return await store.create_key(db, name, models, max_tokens_cap, team, defaults, expires_at)
+        return await store.create_key(
+            db, name, models, max_tokens_cap, team, defaults, expires_at, limits
+        )
 
     try:
         secret, record = with_database(loaded, work)
@@ -140,6 +156,13 @@ def update(
     clear_tags: Annotated[bool, typer.Option("--clear-tags", help="remove its tags")] = False,
     expires: Annotated[str | None, typer.Option("--expires", help=EXPIRES_HELP)] = None,
     no_expiry: Annotated[bool, typer.Option("--no-expiry", help="it never expires")] = False,
+    budget_limits: Annotated[
+        list[str] | None,
+        typer.Option("--budget-limit", metavar="BUDGET=USD", help=LIMIT_HELP + ", replacing"),
+    ] = None,
+    clear_limits: Annotated[
+        bool, typer.Option("--clear-budget-limits", help="the config's limits again")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Change a key's team, default tags or expiry (an expired key too); running gateways
@@ -162,6 +185,8 @@ def update(
     if tags or clear_tags:
         changes["tags"] = _tags_or_exit(tags or [])
     loaded = load_or_exit(config)
+    if budget_limits or clear_limits:
+        changes["budget_limits"] = _limits_or_exit(budget_limits or [], loaded)
 
     async def work(db: Database) -> KeyRecord | None:
         current = next(
@@ -183,6 +208,7 @@ def update(
     tag_text = ", ".join(f"{k}={v}" for k, v in record.tags) or "none"
     console.print(
         f"key {record.name}: team {record.team or 'none'}, tags {tag_text}{_expiry(record)}"
+        f", budget limits {_limits(record) or 'as configured'}"
     )
 
 
@@ -191,6 +217,22 @@ async def _team_or_exit(db: Database, team: str | None) -> None:
         known = ", ".join(t.name for t in await list_teams(db)) or "none yet"
         errors.print(f"no team named {team!r} (teams: {known}); create it with metergate teams")
         raise typer.Exit(2)
+
+
+def _limits_or_exit(items: list[str], config: GatewayConfig) -> dict[str, Decimal] | None:
+    """`--budget-limit NAME=USD` options, checked as the admin API checks them."""
+    limits: dict[str, str] = {}
+    for item in items:
+        name, sep, usd = item.partition("=")
+        if not sep:
+            errors.print(f"--budget-limit takes BUDGET=USD (got {item!r})")
+            raise typer.Exit(2)
+        limits[name] = usd
+    try:
+        return check_budget_limits(limits, each_key_budgets(config.budgets), "--budget-limit")
+    except InvalidRequest as error:
+        errors.print(error.message, markup=False, highlight=False)
+        raise typer.Exit(2) from None
 
 
 def _tags_or_exit(items: list[str]) -> dict[str, str]:
@@ -261,3 +303,7 @@ def _expiry(record: KeyRecord) -> str:
         return ", never expires"
     verb = "expired" if record.expires_at <= time.time() else "expires"
     return f", {verb} {_when(record.expires_at)}"
+
+
+def _limits(record: KeyRecord) -> str:
+    return ", ".join(f"{name} ${Decimal(nano) / 10**9}" for name, nano in record.budget_limits)

@@ -675,3 +675,8 @@ class GatewayConfig(Strict):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
     tags: TagsConfig = Field(default_factory=TagsConfig)
+
+
+def each_key_budgets(budgets: dict[str, BudgetConfig]) -> list[str]:
+    """The budgets for each key apart, whose limit a key may set for itself."""
+    return [name for name, b in budgets.items() if b.scope == "key" and b.target == EACH]

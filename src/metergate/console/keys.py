@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, get_args
 
 from metergate.auth.keys import KeyRecord
@@ -29,6 +30,7 @@ from metergate.metering.report import Spend, UsageFilter
 from metergate.runtime import Runtime
 from metergate.storage.database import Database
 from metergate.storage.keys import KeyState, key_by_id, page_of_keys, revoke
+from metergate.teams import usd_text
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
@@ -42,6 +44,7 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "revoked_at": record.revoked_at,
         "expires_at": record.expires_at,
+        "budget_limits": {name: usd_text(Decimal(n) / 10**9) for name, n in record.budget_limits},
         "state": record.state(time.time()),
         "team": record.team,
         "tags": dict(record.tags),
@@ -184,13 +187,15 @@ async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery)
         target = budget.target
         if budget.config.scope == "key" and target in names:
             key_budgets.setdefault(target, []).append(await budget_json(database, budget, now))
+    limits = {r.name: dict(r.budget_limits) for r in page.records if r.revoked_at is None}
     for each in book.each:  # each key's own share, its spend read for this page's names
         if each.config.scope != "key":
             continue
         for name in names:
-            share = each.members.get(name) or Budget(
-                each.name, each.config, each.limit_nano, target=name
-            )
+            limit = limits.get(name, {}).get(each.name, each.limit_nano)
+            share = Budget(each.name, each.config, limit, target=name)
+            held = each.members.get(name)
+            share.reserved_nano = 0 if held is None else held.reserved_nano
             key_budgets.setdefault(name, []).append(await budget_json(database, share, now))
     rows = []
     for record in page.records:

@@ -41,6 +41,24 @@ _INT = {"type": "integer"}
 _NUM = {"type": "number"}
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
+_USD_LIMIT = {  # a budget's limit as `teams.check_usd` takes it
+    "anyOf": [
+        {
+            "type": "string",
+            "pattern": f"^{teams.USD.pattern}$",
+            "not": {"pattern": f"^{teams.USD_ZERO.pattern}$"},
+        },
+        {
+            "type": "number",
+            # rounded to nano-USD, half to even: 5e-10 is 0
+            "exclusiveMinimum": 5e-10,
+            "exclusiveMaximum": teams.USD_MAX,
+        },
+    ],
+    "description": "USD, above 0 and below 10^9: a decimal string "
+    '(exact, at most 9 decimals: "12.50") or a number (rounded to 9 '
+    "decimals, half to even; one that rounds to 0 is refused)",
+}
 _NANO = {"type": "integer", "description": "nano-USD (1e-9 USD)"}
 _COUNTS = {"type": "object", "additionalProperties": _NUM}
 _SERIES = {"type": "array", "items": _nullable(_NUM)}
@@ -216,6 +234,11 @@ def _schemas() -> dict[str, Any]:
             "created_at": _NUM,
             "revoked_at": _nullable(_NUM),
             "expires_at": {**_nullable(_NUM), "description": "refused from then on; null: never"},
+            "budget_limits": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "its own limits of budgets for each key, USD as decimal strings",
+            },
             "state": {
                 "type": "string",
                 "enum": [state for state in console_keys.KEY_STATES if state != "all"],
@@ -565,7 +588,6 @@ def _printable() -> str:
 
 def _input_schemas() -> dict[str, Any]:
     """What request bodies take, exactly as the server checks it (`metergate.teams`)."""
-    usd = teams.USD.pattern
     return {
         "DefaultTags": {
             "type": "object",
@@ -585,24 +607,7 @@ def _input_schemas() -> dict[str, Any]:
             **_object(
                 {
                     "period": {"type": "string", "enum": list(teams.PERIODS)},
-                    "limit_usd": {
-                        "anyOf": [
-                            {
-                                "type": "string",
-                                "pattern": f"^{usd}$",
-                                "not": {"pattern": f"^{teams.USD_ZERO.pattern}$"},
-                            },
-                            {
-                                "type": "number",
-                                # rounded to nano-USD, half to even: 5e-10 is 0
-                                "exclusiveMinimum": 5e-10,
-                                "exclusiveMaximum": teams.USD_MAX,
-                            },
-                        ],
-                        "description": "USD, above 0 and below 10^9: a decimal string "
-                        '(exact, at most 9 decimals: "12.50") or a number (rounded to 9 '
-                        "decimals, half to even; one that rounds to 0 is refused)",
-                    },
+                    "limit_usd": _USD_LIMIT,
                     "hard": {**_BOOL, "default": True},
                     "timezone": {
                         "type": "string",
@@ -623,8 +628,11 @@ def _input_schemas() -> dict[str, Any]:
     }
 
 
-def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
-    """A key's writable fields; nothing else is accepted."""
+def _key_body(
+    models: list[str] | None, required: list[str], key_budgets: list[str]
+) -> dict[str, Any]:
+    """A key's writable fields; nothing else is accepted. `key_budgets`: the config's
+    budgets for each key, whose limit a key may set for itself."""
     model = {"type": "string", "enum": models} if models else _STR
     creating = "name" in required
     kept = "" if creating else " (or the key's own that have left the config since)"
@@ -641,6 +649,17 @@ def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
         },
         "team": {**_nullable(_TEAM_NAME), "description": "an existing team's name, or null"},
         "tags": _ref("DefaultTags"),
+        "budget_limits": {
+            **_nullable(
+                {
+                    "type": "object",
+                    "properties": {name: _USD_LIMIT for name in key_budgets},
+                    "additionalProperties": False,
+                }
+            ),
+            "description": 'this key\'s own limit of budgets for each key (target "*"), '
+            "replacing the config's for it; null or {} for none",
+        },
     }
     if "name" in required:
         properties = {
@@ -650,7 +669,7 @@ def _key_body(models: list[str] | None, required: list[str]) -> dict[str, Any]:
     return {**_object(properties, required), "additionalProperties": False}
 
 
-def _paths(models: list[str] | None) -> dict[str, Any]:
+def _paths(models: list[str] | None, key_budgets: list[str]) -> dict[str, Any]:
     key_id = {"name": "id", "in": "path", "required": True, "schema": _STR}
     return {
         "/admin/api/session": {
@@ -720,7 +739,7 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                 "operationId": "createKey",
                 "requestBody": {
                     "required": True,
-                    "content": {JSON: {"schema": _key_body(models, ["name"])}},
+                    "content": {JSON: {"schema": _key_body(models, ["name"], key_budgets)}},
                 },
                 "responses": _responses(
                     "Created",
@@ -751,7 +770,7 @@ def _paths(models: list[str] | None) -> dict[str, Any]:
                 "parameters": [key_id],
                 "requestBody": {
                     "required": True,
-                    "content": {JSON: {"schema": _key_body(models, [])}},
+                    "content": {JSON: {"schema": _key_body(models, [], key_budgets)}},
                 },
                 "responses": _responses(
                     "Updated",
@@ -1077,8 +1096,11 @@ def _attribution_paths() -> dict[str, Any]:
     }
 
 
-def openapi_document(version: str, models: list[str] | None = None) -> dict[str, Any]:
-    """The document; `models`, the configured model names, are what a key may allow."""
+def openapi_document(
+    version: str, models: list[str] | None = None, key_budgets: list[str] | None = None
+) -> dict[str, Any]:
+    """The document; `models`, the configured model names, are what a key may allow,
+    `key_budgets`, the budgets for each key, those whose limit it may set."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -1092,7 +1114,7 @@ def openapi_document(version: str, models: list[str] | None = None) -> dict[str,
         },
         "servers": [{"url": "/"}],
         "security": [{"adminKey": []}],
-        "paths": _paths(models),
+        "paths": _paths(models, key_budgets or []),
         "components": {
             "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
             "schemas": _schemas(),

@@ -17,6 +17,7 @@ import orjson
 from mcp_types import CallToolResult, TextContent, Tool
 
 from metergate.auth.keys import KeyRecord
+from metergate.budgets.book import share
 from metergate.budgets.period import iso, period_bounds
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ class Builtins:
                 "team": [key.team] if key.team is not None else [],
                 "model": sorted(models),
             }[each.config.scope]
-            mine += (each.member_for(target) for target in targets)
+            mine += (share(each, target, key.budget_limits) for target in targets)
         book.roll(mine)
         found = []
         for budget in mine:

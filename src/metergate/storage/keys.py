@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
@@ -25,7 +26,7 @@ from metergate.storage.database import Database, Transaction, UniqueViolation
 _MANY = 1000  # keys read at once beyond which their records are built in a thread
 _COLUMNS = (
     "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags, "
-    "expires_at"
+    "expires_at, budget_limits"
 )
 
 
@@ -60,6 +61,7 @@ async def create_key(
     team: str | None = None,
     tags: dict[str, str] | None = None,
     expires_at: float | None = None,
+    budget_limits: dict[str, Decimal] | None = None,
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record.
     KeyNameTaken when an active key has the name, also one created at the same moment
@@ -77,6 +79,7 @@ async def create_key(
         team=team,
         tags=tuple(sorted((tags or {}).items())),
         expires_at=expires_at,
+        budget_limits=_nanos(budget_limits),
     )
     try:
         async with database.transaction() as tx:
@@ -86,7 +89,7 @@ async def create_key(
             await hold_team(tx, team)
             await tx.execute(
                 f"INSERT INTO keys ({_COLUMNS}, change_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -99,6 +102,7 @@ async def create_key(
                     record.team,
                     encode_tags(record.tags),
                     record.expires_at,
+                    encode_limits(budget_limits),
                     await _next_change(tx),
                 ),
             )
@@ -220,7 +224,24 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         team=row[8],
         tags=tuple(sorted(orjson.loads(row[9]).items())) if row[9] else (),
         expires_at=row[10],
+        budget_limits=_nanos(_decode_limits(row[11])),
     )
+
+
+def encode_limits(limits: dict[str, Decimal] | None) -> str | None:
+    """A key's budget limits as the database keeps them: {name: "USD"}, or NULL for none."""
+    if not limits:
+        return None
+    texts = {name: format(amount, "f") for name, amount in limits.items()}
+    return orjson.dumps(texts, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _decode_limits(text: str | None) -> dict[str, Decimal]:
+    return {name: Decimal(usd) for name, usd in orjson.loads(text).items()} if text else {}
+
+
+def _nanos(limits: dict[str, Decimal] | None) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((name, int(usd * 1_000_000_000)) for name, usd in (limits or {}).items()))
 
 
 def encode_tags(tags: Sequence[tuple[str, str]] | dict[str, str] | None) -> str | None:
@@ -253,16 +274,17 @@ async def set_attribution(
 
 async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
     """Change the fields named in `changes` (`models`: a list or None for all,
-    `max_tokens_cap`, `team`, `tags`, `expires_at`) of the key with this id if it is
-    not revoked, and only those: one UPDATE of those columns, so a concurrent change of
-    another field is kept. The key as it is afterwards (a revoked one unchanged); None
-    when no key has the id; TeamMissing when `team` names no team."""
+    `max_tokens_cap`, `team`, `tags`, `expires_at`, `budget_limits`) of the key with this
+    id if it is not revoked, and only those: one UPDATE of those columns, so a concurrent
+    change of another field is kept. The key as it is afterwards (a revoked one
+    unchanged); None when no key has the id; TeamMissing when `team` names no team."""
     encode = {
         "models": lambda models: orjson.dumps(list(models)).decode() if models else None,
         "max_tokens_cap": lambda cap: cap,
         "team": lambda team: team,
         "tags": encode_tags,
         "expires_at": lambda when: when,
+        "budget_limits": encode_limits,
     }
     unknown = set(changes) - set(encode)
     if unknown:

@@ -182,6 +182,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         # having to remember to revoke it; NULL: never.
         ("ALTER TABLE keys ADD COLUMN expires_at DOUBLE PRECISION",),
     ),
+    Migration(
+        10,
+        "key budget limits",
+        # A key's own limits of the config's budgets for each key (a plan above the
+        # default): a JSON object of budget name -> USD as a decimal string; NULL: none.
+        ("ALTER TABLE keys ADD COLUMN budget_limits TEXT",),
+    ),
 )
 
 

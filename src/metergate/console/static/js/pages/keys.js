@@ -38,6 +38,17 @@ function expiryValue(input) {
 const expiryDay = (expiresAt) => (expiresAt == null ? "" : new Date(expiresAt * 1000).toISOString().slice(0, 10));
 const EXPIRY_LABEL = "Expires on (00:00 UTC; empty: never)";
 
+/** "budget=USD" lines as {budget: "USD"}; the server checks names and amounts. */
+function parseLimits(text) {
+  const limits = {};
+  for (const line of text.split("\n").map((l) => l.trim()).filter(Boolean)) {
+    const at = line.indexOf("=");
+    if (at < 1) throw new Error(`A budget limit is budget=USD, one a line (got “${line}”).`);
+    limits[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+  }
+  return Object.keys(limits).length ? limits : null;
+}
+
 function secretPanel(rerender) {
   if (!revealed) return null;
   const code = h("code", { id: "new-secret", text: revealed.secret });
@@ -110,6 +121,8 @@ async function edit(key, models, rerender) {
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
   const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
   const expires = h("input", { id: "edit-expires", type: "date", value: expiryDay(key.expires_at) });
+  const limitText = Object.entries(key.budget_limits || {}).map(([name, usd]) => `${name}=${usd}`).join("\n");
+  const limits = h("textarea", { id: "edit-limits", rows: 2, spellcheck: "false", autocomplete: "off", placeholder: "per-user-daily=10", text: limitText });
   const tags = tagsInput("edit-tags", key.tags);
   const tagText = tags.value;
   const body = h("div", { class: "stack" },
@@ -117,8 +130,9 @@ async function edit(key, models, rerender) {
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
     h("div", { class: "field" }, h("label", { for: "edit-expires", text: EXPIRY_LABEL }), expires),
+    h("div", { class: "field" }, h("label", { for: "edit-limits", text: "Its own limits of budgets for each key (budget=USD a line; empty: the config's)" }), limits),
     h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (one name=value a line)" }), tags),
-    h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key, and its name or \"*\" for each key apart) or by its team." }));
+    h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key, and its name or \"*\" for each key apart) or by its team; a key's own limits replace the config's limit of a budget for each key." }));
   // Only the fields the operator changed are sent: one left alone is never rewritten.
   const changes = () => {
     const change = {};
@@ -130,6 +144,7 @@ async function edit(key, models, rerender) {
     if (teamNow !== (key.team ?? null)) change.team = teamNow;
     if (tags.value !== tagText) change.tags = parseTags(tags.value);
     if (expires.value !== expiryDay(key.expires_at)) change.expires_at = expiryValue(expires);
+    if (limits.value !== limitText) change.budget_limits = parseLimits(limits.value);
     return change;
   };
   const saved = await modal(`Edit key “${key.name}”`, body, [
