@@ -342,3 +342,23 @@ def test_the_cli_sets_and_clears_a_keys_budget_limits(gateway_factory):
     assert "per-user $12.5" in keys("update", "vip", "--budget-limit", "per-user=12.5")
     wrong = keys("update", "vip", "--budget-limit", "per-day=5", code=2)
     assert "'per-day' is not a budget for each key" in wrong
+
+
+def test_the_overview_counts_keys_past_the_amber_mark_of_their_own_limit(gateway_factory):
+    gateway = gateway_factory(each_config(30, hard=False))  # soft: nobody is refused
+    base = gateway.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    for name, limits in (("plain", None), ("big", {"per-user": 1000}), ("small", {"per-user": 10})):
+        made = httpx.post(
+            f"{base}/admin/api/keys",
+            headers=headers,
+            json={"name": name, "budget_limits": limits},
+        )
+        assert made.status_code == 201, made.text
+        client = client_of(gateway, made.json()["secret"])
+        for _ in range(3):  # ~$30 each: past 80% of $30 and of $10, not of $1000
+            client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    gateway.flush_ledger()
+    overview = httpx.get(f"{base}/admin/api/overview", headers=headers, timeout=10).json()
+    (budget,) = overview["budgets"]
+    assert budget["past_soft"] == 2  # plain and small; big is far from its own limit

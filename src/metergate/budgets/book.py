@@ -454,16 +454,25 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
 
 
 async def ledger_spend_each(
-    database: Database, each: EachBudget, start: float, end: float, top: int | None = None
+    database: Database,
+    each: EachBudget,
+    start: float,
+    end: float,
+    top: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """What the ledger says each target of `each` spent from `start` to `end` (spenders
-    only; with `top`, the `top` who spent most, most first)."""
+    only; with `top`, the `top` who spent most, most first; with `only`, of those)."""
     column = _SCOPE_COLUMNS[each.config.scope]
+    params: list[object] = [start, end]
+    among = ""
+    if only is not None:
+        among = f" AND {column} IN ({', '.join('?' * len(only))})"
+        params += only
     sql = (
         f"SELECT {column}, SUM(cost_nano) AS spent FROM requests WHERE ts >= ? AND ts < ? "
-        f"AND {column} IS NOT NULL AND cost_nano > 0 GROUP BY {column}"
+        f"AND {column} IS NOT NULL AND cost_nano > 0{among} GROUP BY {column}"
     )
-    params: list[object] = [start, end]
     if top is not None:
         sql += f" ORDER BY spent DESC, {column} LIMIT ?"
         params.append(top)

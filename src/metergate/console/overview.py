@@ -33,6 +33,7 @@ from metergate.runtime import Runtime
 from metergate.storage.database import Database
 
 _FALLBACK_SOFT_PERCENT = 80
+_OWN_LIMITS_LISTED = 500  # keys with limits of their own named in one query, at most
 
 
 def _utc_midnight(now: float) -> float:
@@ -96,16 +97,28 @@ async def budget_json(database: Database, budget: Budget, now: float) -> dict[st
     return _bar(budget, budget.target, (start, end), spent, budget.reserved_nano)
 
 
-async def each_json(database: Database, each: EachBudget, now: float) -> dict[str, Any]:
+async def each_json(
+    database: Database, each: EachBudget, now: float, own: dict[str, int]
+) -> dict[str, Any]:
     """A budget for each key (team, model) as the ledger sees its current period: the
     bar is the one that spent most (`top_target`); `past_soft` counts those at or past
-    its amber mark (a hard limit refuses before a key's spend reaches it)."""
+    their amber mark (a hard limit refuses before a key's spend reaches it), each key at
+    its own limit when it has one (`own`: key name -> nano-USD)."""
     cfg = each.config
     start, end = period_bounds(now, cfg.period, cfg.timezone)
     top = await ledger_spend_each(database, each, start, end, top=1)
     target, spent = next(iter(top.items()), (None, 0))
-    amber = each.limit_nano * soft_percent(each) // 100
+    soft = soft_percent(each)
+    amber = each.limit_nano * soft // 100
     past_soft = await ledger_count_each(database, each, start, end, amber)
+    if own:  # keys with a limit of their own: counted by it, not by the default
+        many = len(own) > _OWN_LIMITS_LISTED  # then every spender: fewer than the names
+        spenders = await ledger_spend_each(
+            database, each, start, end, only=None if many else list(own)
+        )
+        for name, limit in own.items():
+            spent_by = spenders.get(name, 0)
+            past_soft += (spent_by * 100 >= limit * soft) - (spent_by >= amber)
     held = sum(m.reserved_nano for m in each.members.values())
     bar = _bar(each, cfg.target, (start, end), spent, held)
     return {**bar, "each": True, "top_target": target, "past_soft": past_soft}
@@ -146,7 +159,15 @@ def _bar(
 async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict[str, Any]]:
     book = runtime.plan.budgets
     found = [await budget_json(database, b, now) for b in book.budgets]
-    return found + [await each_json(database, each, now) for each in book.each]
+    for each in book.each:
+        own = {}
+        if each.config.scope == "key":  # keys' own limits (a plan), from the key index
+            for record in runtime.keys.records():
+                limit = dict(record.budget_limits).get(each.name)
+                if limit is not None and record.revoked_at is None:
+                    own[record.name] = limit
+        found.append(await each_json(database, each, now, own))
+    return found
 
 
 async def overview(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:
