@@ -178,3 +178,27 @@ def test_a_budget_for_each_key_starts_the_new_period_for_every_key():
     assert each.loaded == {}  # the old day's spend is let go
     book.roll([alice])
     assert alice.spent_nano == 0 and alice.start == carol.start
+
+
+def test_members_of_a_past_period_are_let_go_once_it_ends():
+    """A key per end user: members of keys that made no request since their period
+    ended (and hold nothing) are dropped, so they do not pile up for as long as the
+    process runs; one still in flight stays, and a key seen again starts at 0."""
+    cfg = BudgetConfig(scope="key", target="*", limit_usd=1, period="day")
+    book = BudgetBook({"per-user": cfg}, Metrics())
+    (each,) = book.each
+    now = time.time()
+    for name in ("gone", "busy", "back"):
+        (member,) = book.applicable(name, "m")
+        member.spent_nano = 700
+    book.sweep(now)
+    assert set(each.members) == {"gone", "busy", "back"}  # their day is not over
+    midnight = each.swept_until  # the next sweep is due when the day ends
+    assert midnight == each.members["gone"].end
+    each.members["busy"].reserved_nano = 100  # a request still in flight
+    book.sweep(midnight)
+    assert set(each.members) == {"busy"}
+    (back,) = book.applicable("back", "m")  # its cached member was let go: a new one
+    assert back is not each.members["busy"] and back.spent_nano == 0
+    book.sweep(midnight)  # once a period: nothing more to do
+    assert set(each.members) == {"busy", "back"}

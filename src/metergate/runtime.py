@@ -311,6 +311,7 @@ class Runtime:
             try:
                 self.plan.router.tick_circuits()  # open ones whose time is up: half-open
                 self.plan.budgets.roll(self.plan.budgets.budgets)
+                self.plan.budgets.sweep()  # past periods' members of budgets for each key
                 refused = await self._take_recorded(refused)
             except Exception:
                 log.exception("following the config history failed; retrying")

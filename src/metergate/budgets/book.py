@@ -81,6 +81,7 @@ class EachBudget:
     end: float = 0.0
     loaded: dict[str, int] = field(default_factory=dict)
     members: dict[str, Budget] = field(default_factory=dict)
+    swept_until: float = 0.0  # members of periods ending before this were let go
 
     def member_for(self, target: str) -> Budget:
         found = self.members.get(target)
@@ -170,6 +171,26 @@ class BudgetBook:
 
     def hard_limits(self) -> bool:
         return any(b.config.hard for b in self.budgets) or any(e.config.hard for e in self.each)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Let go of members whose period has ended and who hold nothing (a key's next
+        request makes it a new one, at 0 as it would roll to), once per period: members
+        of keys gone since (revoked, or one per end user who never returns) would pile up
+        for as long as the process runs."""
+        if now is None:
+            now = time.time()
+        swept = False
+        for each in self.each:
+            if now < each.swept_until:
+                continue
+            cfg = each.config
+            each.swept_until = period_bounds(now, cfg.period, cfg.timezone)[1]
+            stale = [t for t, m in each.members.items() if m.end <= now and not m.reserved_nano]
+            for target in stale:
+                del each.members[target]
+            swept = swept or bool(stale)
+        if swept:  # cached tuples name the members let go: a key must find its new one
+            self._applicable.clear()
 
     def members(self) -> list[Budget]:
         """Every key's (team's, model's) member of an `EachBudget` made so far."""
