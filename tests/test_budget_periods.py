@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from metergate.budgets.book import Budget, BudgetBook, Reservation
+from metergate.budgets.book import BudgetBook, Reservation
+from metergate.budgets.budget import Budget
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.metrics import Metrics

@@ -12,7 +12,8 @@ import openai
 import pytest
 import yaml
 
-from metergate.budgets.book import Budget, exhausted, usd
+from metergate.budgets.book import exhausted, usd
+from metergate.budgets.budget import Budget
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.estimate import WorstCase

@@ -26,7 +26,7 @@ from metergate import __version__
 from metergate.auth.index import KeyIndex
 from metergate.auth.keys import KeyRecord
 from metergate.budgets import BudgetBook
-from metergate.budgets.book import Budget, ledger_spend
+from metergate.budgets.budget import Budget, ledger_spend
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
 from metergate.config.model import EACH, GatewayConfig, LedgerConfig

@@ -33,7 +33,7 @@ from metergate.asgi import (
     base_headers,
 )
 from metergate.auth.keys import KeyRecord
-from metergate.budgets.book import Budget
+from metergate.budgets.budget import Budget
 from metergate.cache import CachedResponse
 from metergate.errors import GatewayError, InternalError, InvalidRequest, ShutDown
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens

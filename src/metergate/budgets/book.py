@@ -8,9 +8,7 @@ nano-USD, like the ledger, and is rebuilt from the ledger at start.
 
 This book holds the policy (which budgets apply, periods, thresholds, the refusal) and
 the in-process counters. A budget with `target: "*"` is one budget for each key (team,
-model) apart (`EachBudget`): its members are made on their first request, from the
-spend the ledger gave each in one grouped query, and are kept out of the metric of
-spend per budget (a series per key would be unbounded).
+model) apart (`metergate.budgets.each`).
 
 Besides the config's budgets it holds the teams' (managed in the database, installed by
 `metergate.teams.registry` with `set_team_budgets`, carried over a reload like the
@@ -24,9 +22,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from metergate.budgets.budget import Budget, ledger_spend, passed
+from metergate.budgets.each import EachBudget, ledger_spend_each, share
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import EACH, BudgetConfig
 from metergate.errors import BudgetExceeded
@@ -37,72 +36,6 @@ from metergate.storage.database import Database
 from metergate.webhooks import WebhookNotifier
 
 log = logging.getLogger("metergate.budgets")
-
-
-@dataclass(slots=True, eq=False)
-class Budget:
-    name: str
-    config: BudgetConfig
-    limit_nano: int
-    start: float = 0.0
-    end: float = 0.0
-    spent_nano: int = 0
-    reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
-    # settled here while Redis was unreachable, not yet shared: (the tenth of a second
-    # its ledger rows are dated in, nano-USD) (`shared.counters._keep_dated`)
-    unsynced: list[tuple[int, int]] = field(default_factory=list)
-    announced: set[int] = field(default_factory=set)
-    spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
-    target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
-    # one key's (team's, model's) share of an `EachBudget`: no gauge of its own
-    member: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.target is None:
-            self.target = self.config.target
-        self.member = self.config.target == EACH
-
-    def describe(self) -> str:
-        target = "" if self.config.scope == "global" else f" {self.target}"
-        return f"{self.config.scope}{target}, per {self.config.period}"
-
-
-@dataclass(slots=True, eq=False)
-class EachBudget:
-    """A budget every key (team, model) has for itself (`target: "*"`). A member is made
-    on its target's first request, with the spend `loaded` gave it when its period is
-    the loaded one (targets absent there had spent nothing; since then, only members
-    spend), else none: so one grouped ledger query serves any number of keys."""
-
-    name: str
-    config: BudgetConfig
-    limit_nano: int
-    start: float = 0.0  # the period `loaded` is of
-    end: float = 0.0
-    loaded: dict[str, int] = field(default_factory=dict)
-    members: dict[str, Budget] = field(default_factory=dict)
-    swept_until: float = 0.0  # members of periods ending before this were let go
-
-    def member_for(self, target: str) -> Budget:
-        found = self.members.get(target)
-        if found is None:
-            now = time.time()
-            if now >= self.end:  # a period after the loaded one: nobody spent in it yet
-                cfg = self.config
-                self.start, self.end = period_bounds(now, cfg.period, cfg.timezone)
-                self.loaded = {}
-            found = Budget(
-                self.name, self.config, self.limit_nano, self.start, self.end, target=target
-            )
-            found.spent_nano = self.loaded.pop(target, 0)
-            found.announced = _passed(found)
-            self.members[target] = found
-        return found
-
-    def applies(self, key: str, model: str, team: str | None) -> str | None:
-        """The target whose member a request of `key` for `model` counts on, if any."""
-        scope = self.config.scope
-        return key if scope == "key" else model if scope == "model" else team
 
 
 @dataclass(slots=True)
@@ -200,7 +133,7 @@ class BudgetBook:
         """Rebuild each budget's spend in its current period from the ledger."""
         for budget in self.loadable(only_new):
             budget.spent_nano = await ledger_spend(database, budget)
-            budget.announced = _passed(budget)
+            budget.announced = passed(budget)
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
         for each in self.each:
             if only_new and each.name in self._carried:
@@ -284,7 +217,7 @@ class BudgetBook:
             chosen[name] = budget
         for budget in fresh:
             budget.spent_nano = await ledger_spend(database, budget)
-            budget.announced = _passed(budget)
+            budget.announced = passed(budget)
             self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
         current = self._teams  # what is installed now (a concurrent call may have run)
@@ -427,28 +360,6 @@ def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
     )
 
 
-def share(each: EachBudget, target: str, limits: tuple[tuple[str, int], ...] = ()) -> Budget:
-    """`target`'s member of `each`, at the limit its key gives that budget in `limits`
-    (a plan other than the default), else at the budget's own."""
-    member = each.member_for(target)
-    limit = each.limit_nano
-    if limits and each.config.scope == "key":
-        limit = dict(limits).get(each.name, limit)
-    if member.limit_nano != limit:
-        member.limit_nano = limit
-        member.announced = _passed(member)
-    return member
-
-
-def _passed(budget: Budget) -> set[int]:
-    """The thresholds its spend has reached: announced before (or not worth announcing)."""
-    return {
-        p
-        for p in budget.config.alert_at_percent
-        if budget.spent_nano * 100 >= budget.limit_nano * p
-    }
-
-
 def _update(budget: Budget, config: BudgetConfig) -> None:
     """Apply a changed limit, hardness or thresholds to a budget in use. A threshold no
     longer reached at the new limit may be announced again when it is."""
@@ -456,62 +367,6 @@ def _update(budget: Budget, config: BudgetConfig) -> None:
     budget.announced = {
         p for p in budget.announced if budget.spent_nano * 100 >= budget.limit_nano * p
     }
-
-
-_SCOPE_COLUMNS = {"key": "key_name", "model": "model", "team": "team"}
-
-
-async def ledger_spend(database: Database, budget: Budget, until: float | None = None) -> int:
-    """What the ledger (the source of truth) says this budget spent in its period
-    (by requests that finished before `until`, when given)."""
-    sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
-    end = budget.end if until is None else min(budget.end, until)
-    params: list[object] = [budget.start, end]
-    if budget.config.scope != "global":
-        sql += f" AND {_SCOPE_COLUMNS[budget.config.scope]} = ?"
-        params.append(budget.target)
-    ((spent,),) = await database.fetch(sql, params)
-    return int(spent)
-
-
-async def ledger_spend_each(
-    database: Database,
-    each: EachBudget,
-    start: float,
-    end: float,
-    top: int | None = None,
-    only: Sequence[str] | None = None,
-) -> dict[str, int]:
-    """What the ledger says each target of `each` spent from `start` to `end` (spenders
-    only; with `top`, the `top` who spent most, most first; with `only`, of those)."""
-    column = _SCOPE_COLUMNS[each.config.scope]
-    params: list[object] = [start, end]
-    among = ""
-    if only is not None:
-        among = f" AND {column} IN ({', '.join('?' * len(only))})"
-        params += only
-    sql = (
-        f"SELECT {column}, SUM(cost_nano) AS spent FROM requests WHERE ts >= ? AND ts < ? "
-        f"AND {column} IS NOT NULL AND cost_nano > 0{among} GROUP BY {column}"
-    )
-    if top is not None:
-        sql += f" ORDER BY spent DESC, {column} LIMIT ?"
-        params.append(top)
-    rows = await database.fetch(sql, params)
-    return {str(target): int(spent) for target, spent in rows}
-
-
-async def ledger_count_each(
-    database: Database, each: EachBudget, start: float, end: float, at_least_nano: int
-) -> int:
-    """How many targets of `each` spent at least `at_least_nano` from `start` to `end`."""
-    column = _SCOPE_COLUMNS[each.config.scope]
-    ((count,),) = await database.fetch(
-        f"SELECT COUNT(*) FROM (SELECT {column} FROM requests WHERE ts >= ? AND ts < ? "
-        f"AND {column} IS NOT NULL GROUP BY {column} HAVING SUM(cost_nano) >= ?) AS spenders",
-        [start, end, at_least_nano],
-    )
-    return int(count)
 
 
 def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int) -> BudgetExceeded:

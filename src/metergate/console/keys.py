@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any, get_args
 
 from metergate.auth.keys import KeyRecord
-from metergate.budgets.book import Budget
+from metergate.budgets.budget import Budget
 from metergate.console.overview import budget_json, day_and_month
 from metergate.console.requests_log import check_query, int_value, query_value
 from metergate.errors import InvalidRequest, NotFound

@@ -10,13 +10,8 @@ import datetime as dt
 import time
 from typing import Any
 
-from metergate.budgets.book import (
-    Budget,
-    EachBudget,
-    ledger_count_each,
-    ledger_spend,
-    ledger_spend_each,
-)
+from metergate.budgets.budget import Budget, ledger_spend
+from metergate.budgets.each import EachBudget, ledger_count_each, ledger_spend_each
 from metergate.budgets.period import period_bounds
 from metergate.console.series import model_series
 from metergate.console.windows import Window

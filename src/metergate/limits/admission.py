@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from metergate.budgets.book import Budget, BudgetBook, Reservation
+from metergate.budgets.book import BudgetBook, Reservation
+from metergate.budgets.budget import Budget
 from metergate.errors import GatewayLimit
 from metergate.limits.rate import Bucket, RateLimiter, ratelimit_headers
 from metergate.metering.estimate import WorstCase

@@ -17,7 +17,7 @@ import orjson
 from mcp_types import CallToolResult, TextContent, Tool
 
 from metergate.auth.keys import KeyRecord
-from metergate.budgets.book import share
+from metergate.budgets.each import share
 from metergate.budgets.period import iso, period_bounds
 
 if TYPE_CHECKING:

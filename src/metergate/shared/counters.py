@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from metergate.budgets.book import Budget, BudgetBook, Reservation, exhausted
+from metergate.budgets.book import BudgetBook, Reservation, exhausted
+from metergate.budgets.budget import Budget
 from metergate.limits.admission import Admission
 from metergate.limits.rate import Bucket, Verdict, rate_limited, ratelimit_headers
 from metergate.metering.estimate import WorstCase

@@ -1,0 +1,63 @@
+"""A budget's state: its spend in the current period, what requests in flight hold, the
+thresholds announced; and what the ledger (the source of truth) says it spent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from metergate.config.model import EACH, BudgetConfig
+from metergate.storage.database import Database
+
+
+@dataclass(slots=True, eq=False)
+class Budget:
+    name: str
+    config: BudgetConfig
+    limit_nano: int
+    start: float = 0.0
+    end: float = 0.0
+    spent_nano: int = 0
+    reserved_nano: int = 0  # held by this process's requests in flight (in-process mode)
+    # settled here while Redis was unreachable, not yet shared: (the tenth of a second
+    # its ledger rows are dated in, nano-USD) (`shared.counters._keep_dated`)
+    unsynced: list[tuple[int, int]] = field(default_factory=list)
+    announced: set[int] = field(default_factory=set)
+    spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
+    target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
+    # one key's (team's, model's) share of an `EachBudget`: no gauge of its own
+    member: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = self.config.target
+        self.member = self.config.target == EACH
+
+    def describe(self) -> str:
+        target = "" if self.config.scope == "global" else f" {self.target}"
+        return f"{self.config.scope}{target}, per {self.config.period}"
+
+
+def passed(budget: Budget) -> set[int]:
+    """The thresholds its spend has reached: announced before (or not worth announcing)."""
+    return {
+        p
+        for p in budget.config.alert_at_percent
+        if budget.spent_nano * 100 >= budget.limit_nano * p
+    }
+
+
+SCOPE_COLUMNS = {"key": "key_name", "model": "model", "team": "team"}
+
+
+async def ledger_spend(database: Database, budget: Budget, until: float | None = None) -> int:
+    """What the ledger (the source of truth) says this budget spent in its period
+    (by requests that finished before `until`, when given)."""
+    sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
+    end = budget.end if until is None else min(budget.end, until)
+    params: list[object] = [budget.start, end]
+    if budget.config.scope != "global":
+        sql += f" AND {SCOPE_COLUMNS[budget.config.scope]} = ?"
+        params.append(budget.target)
+    ((spent,),) = await database.fetch(sql, params)
+    return int(spent)
