@@ -3,6 +3,7 @@ the console. An expired key gets a 401 that says so; it can be given a later exp
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -123,3 +124,22 @@ def test_the_cli_sets_lists_and_clears_an_expiry(gateway: Gateway, tmp_path: Pat
     assert "--expires takes a duration from now (30d, 12h, 90m)" in wrong
     both = keys("update", "contractor", "--expires", "1d", "--no-expiry", code=2)
     assert "not both" in both
+
+
+def test_a_stale_key_still_in_use_is_logged_by_name_once_a_minute(gateway, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING, logger="metergate.auth")
+    made = admin(gateway, "POST", "/admin/api/keys", json={"name": "old-svc", "expires_at": 0})
+    secret = made.json()["secret"]
+    for _ in range(3):
+        expired_error(gateway, secret)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metergate.auth"]
+    hint = secret[-4:]
+    assert lines == [
+        f"key 'old-svc' (…{hint}, expired at 1970-01-01T00:00:00Z) is still in use: "
+        "1 request refused since the last report"
+    ]
+    monkeypatch.setattr("metergate.auth.index._REFUSALS_LOGGED_EVERY", 0.0)  # a minute on
+    expired_error(gateway, secret)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metergate.auth"]
+    assert lines[1].endswith("is still in use: 3 requests refused since the last report")
+    assert secret not in caplog.text  # the secret itself is never logged
