@@ -191,6 +191,19 @@ class Gateway:
                     total += sample.value
         return total
 
+    def keys_cli(self, *args: str, code: int = 0) -> str:
+        """Run `metergate keys ARGS -c <this gateway's config>`; its output, once it
+        exited with `code`."""
+        from typer.testing import CliRunner
+
+        from metergate.cli import app
+
+        result = CliRunner().invoke(
+            app, ["keys", *args, "-c", self.runtime.source], env={"COLUMNS": "200"}
+        )
+        assert result.exit_code == code, result.output
+        return result.output
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.serving.result(30)

@@ -323,17 +323,8 @@ def test_a_key_may_have_its_own_limit_of_a_budget_for_each_key(gateway_factory):
 
 
 def test_the_cli_sets_and_clears_a_keys_budget_limits(gateway_factory):
-    from typer.testing import CliRunner
-
-    from metergate.cli import app as cli_app
-
     gateway = gateway_factory(each_config(30))
-    config = gateway.runtime.source
-
-    def keys(*args: str, code: int = 0) -> str:
-        result = CliRunner().invoke(cli_app, ["keys", *args, "-c", config])
-        assert result.exit_code == code, result.output
-        return result.output
+    keys = gateway.keys_cli
 
     secret = keys("create", "--name", "vip", "--budget-limit", "per-user=100").split()[-1]
     answered, message = until_refused(client_of(gateway, secret))

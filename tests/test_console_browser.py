@@ -1019,16 +1019,21 @@ def test_a_budget_for_each_key_on_the_overview_and_keys_pages(page, gateway_fact
     assert page.problems == []
 
 
+def edit_key(page, gateway: Gateway, name: str):  # type: ignore[no-untyped-def]
+    """Sign in, open the keys page and the Edit dialog of key `name`: its row, the dialog."""
+    sign_in(page, gateway)
+    page.wait_for_selector("#page[data-page=overview]")
+    open_page(page, "keys")
+    row = page.locator(f"tr[data-key={name}]")
+    row.locator("button[data-action=edit]").click()
+    return row, page.locator("dialog[open]")
+
+
 def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_factory):
     gateway = gateway_factory(console_config())
     secret = gateway.new_key("contractor")
     sent = patches(page)
-    sign_in(page, gateway)
-    page.wait_for_selector("#page[data-page=overview]")
-    open_page(page, "keys")
-    row = page.locator("tr[data-key=contractor]")
-    row.locator("button[data-action=edit]").click()
-    dialog = page.locator("dialog[open]")
+    row, dialog = edit_key(page, gateway, "contractor")
     dialog.locator("#edit-expires").fill("2020-01-01")  # a day already past: expired at once
     dialog.locator("button[data-value=save]").click()
     playwright_api.expect(dialog).to_have_count(0)
@@ -1058,4 +1063,25 @@ def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_fact
     playwright_api.expect(page.locator("tr[data-key=trial]")).to_contain_text("expires")
     trial = admin(gateway, "/admin/api/keys", params={"search": "trial"}).json()["keys"][0]
     assert trial["expires_at"] == 32503593600
+    assert page.problems == []
+
+
+def test_a_keys_own_rates_are_edited_and_shown(page, gateway_factory):
+    gateway = gateway_factory(console_config())
+    gateway.new_key("metered")
+    sent = patches(page)
+    row, dialog = edit_key(page, gateway, "metered")
+    dialog.locator("#edit-rpm").fill("3")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert sent == [{"rpm": 3}]
+    playwright_api.expect(row).to_contain_text("3 / —")
+    row.locator("button[data-action=edit]").click()
+    assert dialog.locator("#edit-rpm").input_value() == "3"
+    dialog.locator("#edit-rpm").fill("")
+    dialog.locator("#edit-tpm").fill("5000")
+    dialog.locator("button[data-value=save]").click()
+    playwright_api.expect(dialog).to_have_count(0)
+    assert sent[1] == {"rpm": None, "tpm": 5000}
+    playwright_api.expect(row).to_contain_text("— / 5,000")
     assert page.problems == []

@@ -10,9 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from typer.testing import CliRunner
 
-from metergate.cli import app as cli_app
 from tests.harness import Gateway, simulated_config
 from tests.test_console_api import ADMIN_KEY
 
@@ -92,14 +90,7 @@ def test_a_malformed_expiry_is_refused_naming_the_field(gateway, value):
 
 
 def test_the_cli_sets_lists_and_clears_an_expiry(gateway: Gateway, tmp_path: Path):
-    config = gateway.runtime.source
-    cli = CliRunner()
-
-    def keys(*args: str, code: int = 0) -> str:
-        result = cli.invoke(cli_app, ["keys", *args, "-c", config], env={"COLUMNS": "200"})
-        assert result.exit_code == code, result.output
-        return result.output
-
+    keys = gateway.keys_cli
     created = keys("create", "--name", "contractor", "--expires", "30d")
     secret = created.strip().splitlines()[-1]
     in_30_days = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 30 * 86_400))

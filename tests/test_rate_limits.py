@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -187,3 +188,83 @@ def test_rate_limits_config_is_checked():
         parse_config(base + "rate_limits: {keys: {a: {rpm: 0}}}\n")
     with pytest.raises(ConfigError, match=r"redis.url: .*must be redis://"):
         parse_config(base + "redis: {url: 'http://127.0.0.1:6379'}\n")
+
+
+ADMIN = "admin-secret-0123456789abcdef"
+
+
+def test_a_key_has_its_own_rpm_and_tpm(gateway_factory):
+    """A key's own limits (its plan) replace `keys."*"` for it; a named entry in the
+    config still wins; with no key limits in the config at all, a key's own still apply;
+    clearing them gives the config's back."""
+    config = limited_config({"keys": {"*": {"rpm": 2}, "pinned": {"rpm": 1}}})
+    config["admin"] = {"api_key": ADMIN}
+    gateway = gateway_factory(config)
+    base = gateway.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+
+    def create(name: str, **fields: object) -> tuple[str, openai.OpenAI]:
+        made = httpx.post(f"{base}/admin/api/keys", headers=headers, json={"name": name, **fields})
+        assert made.status_code == 201, made.text
+        secret = made.json()["secret"]
+        return made.json()["key"]["id"], openai.OpenAI(
+            base_url=gateway.base_url, api_key=secret, max_retries=0
+        )
+
+    def admitted(client: openai.OpenAI, most: int = 10) -> int:
+        for count in range(most):
+            try:
+                client.chat.completions.create(model="sim", messages=ASK)
+            except openai.RateLimitError as error:
+                assert error.code == "rate_limit_exceeded"
+                return count
+        return most
+
+    pro_id, pro = create("pro", rpm=5)
+    assert admitted(pro) == 5  # its own 5, not the default 2
+    _, pinned = create("pinned", rpm=5)
+    assert admitted(pinned) == 1  # the config names it: the config wins
+    assert admitted(create("basic")[1]) == 2
+    changed = httpx.patch(
+        f"{base}/admin/api/keys/{pro_id}", headers=headers, json={"rpm": None, "tpm": 50}
+    )
+    assert changed.status_code == 200 and changed.json()["key"]["tpm"] == 50
+    raw = pro.chat.completions.with_raw_response.create  # now the default rpm, its own tpm
+    with pytest.raises(openai.RateLimitError):
+        raw(model="sim", messages=ASK)  # its 5 of this minute are used; 2 is the limit
+    for bad in ({"rpm": 0}, {"tpm": 1.5}, {"rpm": "10"}):
+        refused = httpx.patch(f"{base}/admin/api/keys/{pro_id}", headers=headers, json=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] in bad
+
+
+def test_a_keys_own_rpm_applies_without_any_config_limit(gateway_factory):
+    config = simulated_config(output_tokens=10)
+    config["admin"] = {"api_key": ADMIN}
+    gateway = gateway_factory(config)
+    base = gateway.base_url.removesuffix("/v1")
+    made = httpx.post(
+        f"{base}/admin/api/keys",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        json={"name": "trial", "rpm": 1, "tpm": 1000},
+    )
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=made.json()["secret"], max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="sim", messages=ASK)
+    assert raw.headers["x-ratelimit-limit-requests"] == "1"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "1000"
+    with pytest.raises(openai.RateLimitError, match="key 'trial'"):
+        client.chat.completions.create(model="sim", messages=ASK)
+    for _ in range(3):  # other keys are not limited at all
+        gateway.client().chat.completions.create(model="sim", messages=ASK)
+
+
+def test_the_cli_sets_and_clears_a_keys_own_rates(gateway_factory):
+    gateway = gateway_factory(simulated_config(output_tokens=10))
+    keys = gateway.keys_cli
+
+    secret = keys("create", "--name", "cli-trial", "--rpm", "1").split()[-1]
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+    client.chat.completions.create(model="sim", messages=ASK)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="sim", messages=ASK)
+    assert "rate limits 5 rpm 900 tpm" in keys("update", "cli-trial", "--rpm", "5", "--tpm", "900")
+    assert "rate limits as configured" in keys("update", "cli-trial", "--rpm", "0", "--tpm", "0")

@@ -20,7 +20,14 @@ import orjson
 from metergate import __version__
 from metergate.api.admin import AdminGuard, admin_endpoint, query_params, send_json
 from metergate.asgi import Request, Send, base_headers, respond
-from metergate.auth.rules import check_budget_limits, check_cap, check_expiry, check_name
+from metergate.auth.rules import (
+    RATE_FIELDS,
+    check_budget_limits,
+    check_cap,
+    check_expiry,
+    check_name,
+    check_rates,
+)
 from metergate.config.model import each_key_budgets
 from metergate.console import attribution, requests_log
 from metergate.console import keys as console_keys
@@ -279,20 +286,31 @@ class AdminApi:
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(
             body,
-            {"name", "models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"},
+            {"name", "models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
+            | RATE_FIELDS,
         )
         name = check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = check_cap(body.get("max_tokens_cap"))
         expires_at = check_expiry(body.get("expires_at"))
         limits = self._budget_limits(body)
+        rates = check_rates(body)
         given = attribution.key_attribution(body)
         database = await self._database()
         team = given.get("team")
         tags = dict(given.get("tags", ()))
         try:
             secret, record = await create_key(
-                database, name, models, cap, team, tags, expires_at, limits
+                database,
+                name,
+                models,
+                cap,
+                team,
+                tags,
+                expires_at,
+                limits,
+                rates["rpm"],
+                rates["tpm"],
             )
         except TeamMissing:  # checked in the insert's transaction: never a deleted team
             raise attribution.no_team(str(team)) from None
@@ -317,7 +335,9 @@ class AdminApi:
         query_params(request)
         body = await request.json(BODY_LIMIT)
         console_keys.check_fields(
-            body, {"models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
+            body,
+            {"models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
+            | RATE_FIELDS,
         )
         cap = check_cap(body.get("max_tokens_cap"))
         expires_at = check_expiry(body.get("expires_at"))
@@ -330,6 +350,7 @@ class AdminApi:
             changes["expires_at"] = expires_at
         if "budget_limits" in body:
             changes["budget_limits"] = limits
+        changes.update((name, value) for name, value in check_rates(body).items() if name in body)
         database = await self._database()
         if "models" in body:  # it may keep its own models that have left the config since
             current = console_keys.require_active(

@@ -159,7 +159,7 @@ class CompletionsHandler:
             extras,
             self.door.max_tokens_field,
         )
-        admission = await gate.admit(key.name, route.name, budgets, worst, key.team)
+        admission = await gate.admit(key.name, route.name, budgets, worst, key.team, key.rates)
         headers += admission.headers
         active = runtime.metrics.active(route.name)
         active.inc(1)

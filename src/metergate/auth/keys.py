@@ -34,6 +34,9 @@ class KeyRecord:
     expires_at: float | None = None  # refused from then on (epoch seconds); None: never
     # its own limits of budgets for each key, (budget name, nano-USD): a plan's key
     budget_limits: tuple[tuple[str, int], ...] = ()
+    # its own requests and tokens per minute, replacing `rate_limits.keys."*"` for it
+    # (a named entry there still wins); None when it has neither
+    rates: tuple[int | None, int | None] | None = None
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models

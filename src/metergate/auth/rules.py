@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from metergate.errors import InvalidRequest
-from metergate.teams import TeamError, check_usd, whole_number
+from metergate.teams import TeamError, check_limit, check_usd, whole_number
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole string: fullmatch
 CAP_MAX = 2**31 - 1  # the column is a 32-bit INTEGER in PostgreSQL
@@ -92,3 +92,15 @@ def check_budget_limits(
             'at most 9 decimals ("12.50") or a number',
             param="budget_limits",
         ) from None
+
+
+RATE_FIELDS = frozenset({"rpm", "tpm"})
+
+
+def check_rates(body: dict[str, Any]) -> dict[str, int | None]:
+    """A key's own `rpm` and `tpm` (integers from 1, or null for the config's), as a
+    team's are checked; both, None where absent."""
+    try:
+        return {name: check_limit(body.get(name), name) for name in ("rpm", "tpm")}
+    except TeamError as error:
+        raise InvalidRequest(str(error), param=error.field) from None

@@ -19,6 +19,7 @@ from metergate.auth.rules import (
     check_cap,
     check_expiry,
     check_name,
+    check_rates,
 )
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
 from metergate.config.model import GatewayConfig, each_key_budgets
@@ -34,6 +35,12 @@ EXPIRES_HELP = (
     "when it stops working: a duration from now (30d, 12h, 90m) or an ISO date or date-time "
     "(a date is its 00:00 UTC)"
 )
+Rpm = Annotated[
+    int | None, typer.Option("--rpm", min=0, help="its own requests per minute (0: the config's)")
+]
+Tpm = Annotated[
+    int | None, typer.Option("--tpm", min=0, help="its own tokens per minute (0: the config's)")
+]
 LIMIT_HELP = 'its own limit of a budget for each key (target "*"), e.g. per-user-daily=10 (repeat)'
 _DURATION = re.compile(r"(\d{1,7})([dhm])")
 _UNIT = {"d": 86_400, "h": 3_600, "m": 60}
@@ -59,6 +66,8 @@ def create(
         list[str] | None,
         typer.Option("--budget-limit", metavar="BUDGET=USD", help=LIMIT_HELP),
     ] = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key. Its secret is printed once and stored only as a hash."""
@@ -66,6 +75,7 @@ def create(
         check_name(name, "--name")
         check_cap(max_tokens_cap, "--max-tokens-cap", unset=None)
         expires_at = None if expires is None else parse_expiry(expires, time.time())
+        rates = check_rates({"rpm": rpm or None, "tpm": tpm or None})
     except InvalidRequest as error:
         errors.print(error.message, markup=False, highlight=False)
         raise typer.Exit(2) from None
@@ -82,7 +92,16 @@ def create(
     async def work(db: Database) -> tuple[str, KeyRecord]:
         await _team_or_exit(db, team)
         return await store.create_key(
-            db, name, models, max_tokens_cap, team, defaults, expires_at, limits
+            db,
+            name,
+            models,
+            max_tokens_cap,
+            team,
+            defaults,
+            expires_at,
+            limits,
+            rates["rpm"],
+            rates["tpm"],
         )
 
     try:
@@ -163,6 +182,8 @@ def update(
     clear_limits: Annotated[
         bool, typer.Option("--clear-budget-limits", help="the config's limits again")
     ] = False,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
     config: ConfigOption = None,
 ) -> None:
     """Change a key's team, default tags or expiry (an expired key too); running gateways
@@ -177,6 +198,10 @@ def update(
     try:
         if expires is not None or no_expiry:
             changes["expires_at"] = None if no_expiry else parse_expiry(expires, time.time())
+        rates = check_rates({"rpm": rpm or None, "tpm": tpm or None})
+        for field, given in (("rpm", rpm), ("tpm", tpm)):
+            if given is not None:  # 0: back to the config's
+                changes[field] = rates[field]
     except InvalidRequest as error:
         errors.print(error.message, markup=False, highlight=False)
         raise typer.Exit(2) from None
@@ -208,7 +233,7 @@ def update(
     tag_text = ", ".join(f"{k}={v}" for k, v in record.tags) or "none"
     console.print(
         f"key {record.name}: team {record.team or 'none'}, tags {tag_text}{_expiry(record)}"
-        f", budget limits {_limits(record) or 'as configured'}"
+        f", budget limits {_limits(record) or 'as configured'}, rate limits {_rates(record)}"
     )
 
 
@@ -307,3 +332,9 @@ def _expiry(record: KeyRecord) -> str:
 
 def _limits(record: KeyRecord) -> str:
     return ", ".join(f"{name} ${Decimal(nano) / 10**9}" for name, nano in record.budget_limits)
+
+
+def _rates(record: KeyRecord) -> str:
+    rpm, tpm = record.rates or (None, None)
+    parts = [f"{rpm} rpm" if rpm else "", f"{tpm} tpm" if tpm else ""]
+    return " ".join(p for p in parts if p) or "as configured"

@@ -45,6 +45,8 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "revoked_at": record.revoked_at,
         "expires_at": record.expires_at,
         "budget_limits": {name: usd_text(Decimal(n) / 10**9) for name, n in record.budget_limits},
+        "rpm": None if record.rates is None else record.rates[0],
+        "tpm": None if record.rates is None else record.rates[1],
         "state": record.state(time.time()),
         "team": record.team,
         "tags": dict(record.tags),

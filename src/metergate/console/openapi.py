@@ -239,6 +239,8 @@ def _schemas() -> dict[str, Any]:
                 "additionalProperties": {"type": "string"},
                 "description": "its own limits of budgets for each key, USD as decimal strings",
             },
+            "rpm": _nullable(_INT),
+            "tpm": _nullable(_INT),
             "state": {
                 "type": "string",
                 "enum": [state for state in console_keys.KEY_STATES if state != "all"],
@@ -659,6 +661,14 @@ def _key_body(
             ),
             "description": 'this key\'s own limit of budgets for each key (target "*"), '
             "replacing the config's for it; null or {} for none",
+        },
+        **{
+            field: {
+                **_nullable({"type": "integer", "minimum": 1, "maximum": teams.LIMIT_MAX}),
+                "description": f"this key's own {what} per minute, replacing "
+                '`rate_limits.keys."*"` for it (a named entry there still wins); null: none',
+            }
+            for field, what in (("rpm", "requests"), ("tpm", "tokens"))
         },
     }
     if "name" in required:

@@ -57,11 +57,13 @@ class Gate:
         budgets: tuple[Budget, ...],
         worst: WorstCase,
         team: str | None = None,
+        own_rates: tuple[int | None, int | None] | None = None,
     ) -> Admission:
         """Take the request from its rate limits (its key's, model's and team's) and hold
         its worst case on its budgets, or raise the 429 (or, degraded and closed, the 503)
-        that refuses it."""
-        buckets = self.rates.applicable(key, model, team) if self.rates else ()
+        that refuses it. `own_rates`: the key's own rpm and tpm, if it has any."""
+        rates = self.rates
+        buckets = rates.applicable(key, model, team, own_rates) if rates or own_rates else ()
         if not buckets and not budgets:
             return NOTHING
         shared = self.shared

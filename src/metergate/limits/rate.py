@@ -97,7 +97,9 @@ class RateLimiter:
         """`carry`: the limiter being replaced; bucket state carries over a reload."""
         self.config = config
         self._tat: dict[str, float] = carry._tat if carry else {}
-        self._applicable: dict[tuple[str, str, str | None], tuple[Bucket, ...]] = {}
+        self._applicable: dict[
+            tuple[str, str, str | None, tuple[int | None, int | None] | None], tuple[Bucket, ...]
+        ] = {}
         # teams' own limits (from the database), under the config's `rate_limits.teams`
         self._team_limits: dict[str, RateLimit] = carry._team_limits if carry else {}
         self._teams = self._team_table()
@@ -105,11 +107,20 @@ class RateLimiter:
     def __bool__(self) -> bool:
         return bool(self.config.keys or self.config.models or self._teams)
 
-    def applicable(self, key: str, model: str, team: str | None = None) -> tuple[Bucket, ...]:
-        found = self._applicable.get((key, model, team))
+    def applicable(
+        self,
+        key: str,
+        model: str,
+        team: str | None = None,
+        own: tuple[int | None, int | None] | None = None,
+    ) -> tuple[Bucket, ...]:
+        """The buckets of a request of `key` (of `team`, with its own rpm and tpm, `own`)
+        for `model`. A key's own limits replace the `*` entry's for it; a named entry in
+        the config still wins, field by field."""
+        found = self._applicable.get((key, model, team, own))
         if found is None:
-            found = self._applicable[(key, model, team)] = (
-                *_buckets("key", key, self.config.keys),
+            found = self._applicable[(key, model, team, own)] = (
+                *_buckets("key", key, self.config.keys, own),
                 *_buckets("model", model, self.config.models),
                 *(_buckets("team", team, self._teams) if team is not None else ()),
             )
@@ -149,12 +160,20 @@ class RateLimiter:
                 self._tat[bucket.state_key] = tat + token_debit_us(bucket, tokens)
 
 
-def _buckets(scope: Literal["key", "model", "team"], name: str, table: dict[str, RateLimit]):  # type: ignore[no-untyped-def]
-    """A named entry overrides `*` field by field; `null` in a named entry lifts a limit."""
+def _buckets(  # type: ignore[no-untyped-def]
+    scope: Literal["key", "model", "team"],
+    name: str,
+    table: dict[str, RateLimit],
+    own: tuple[int | None, int | None] | None = None,
+):
+    """A named entry overrides `*` field by field; `null` in a named entry lifts a limit.
+    `own`: a key's own rpm and tpm, between the two (None: not set)."""
     base, named = table.get("*"), table.get(name)
-    for field, kind in (("rpm", "requests"), ("tpm", "tokens")):
+    for index, (field, kind) in enumerate((("rpm", "requests"), ("tpm", "tokens"))):
         if named is not None and field in named.model_fields_set:
             value = getattr(named, field)
+        elif own is not None and own[index] is not None:
+            value = own[index]
         else:
             value = getattr(base, field) if base is not None else None
         if value is not None:

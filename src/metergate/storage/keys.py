@@ -26,7 +26,7 @@ from metergate.storage.database import Database, Transaction, UniqueViolation
 _MANY = 1000  # keys read at once beyond which their records are built in a thread
 _COLUMNS = (
     "id, name, key_hash, hint, models, created_at, revoked_at, max_tokens_cap, team, tags, "
-    "expires_at, budget_limits"
+    "expires_at, budget_limits, rpm, tpm"
 )
 
 
@@ -62,6 +62,8 @@ async def create_key(
     tags: dict[str, str] | None = None,
     expires_at: float | None = None,
     budget_limits: dict[str, Decimal] | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> tuple[str, KeyRecord]:
     """Create a key; return the secret (shown once, never stored) and its record.
     KeyNameTaken when an active key has the name, also one created at the same moment
@@ -80,6 +82,7 @@ async def create_key(
         tags=tuple(sorted((tags or {}).items())),
         expires_at=expires_at,
         budget_limits=_nanos(budget_limits),
+        rates=_rates(rpm, tpm),
     )
     try:
         async with database.transaction() as tx:
@@ -89,7 +92,7 @@ async def create_key(
             await hold_team(tx, team)
             await tx.execute(
                 f"INSERT INTO keys ({_COLUMNS}, change_seq) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.name,
@@ -103,6 +106,8 @@ async def create_key(
                     encode_tags(record.tags),
                     record.expires_at,
                     encode_limits(budget_limits),
+                    rpm,
+                    tpm,
                     await _next_change(tx),
                 ),
             )
@@ -225,6 +230,7 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         tags=tuple(sorted(orjson.loads(row[9]).items())) if row[9] else (),
         expires_at=row[10],
         budget_limits=_nanos(_decode_limits(row[11])),
+        rates=_rates(row[12], row[13]),
     )
 
 
@@ -238,6 +244,10 @@ def encode_limits(limits: dict[str, Decimal] | None) -> str | None:
 
 def _decode_limits(text: str | None) -> dict[str, Decimal]:
     return {name: Decimal(usd) for name, usd in orjson.loads(text).items()} if text else {}
+
+
+def _rates(rpm: int | None, tpm: int | None) -> tuple[int | None, int | None] | None:
+    return None if rpm is None and tpm is None else (rpm, tpm)
 
 
 def _nanos(limits: dict[str, Decimal] | None) -> tuple[tuple[str, int], ...]:
@@ -274,10 +284,11 @@ async def set_attribution(
 
 async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
     """Change the fields named in `changes` (`models`: a list or None for all,
-    `max_tokens_cap`, `team`, `tags`, `expires_at`, `budget_limits`) of the key with this
-    id if it is not revoked, and only those: one UPDATE of those columns, so a concurrent
-    change of another field is kept. The key as it is afterwards (a revoked one
-    unchanged); None when no key has the id; TeamMissing when `team` names no team."""
+    `max_tokens_cap`, `team`, `tags`, `expires_at`, `budget_limits`, `rpm`, `tpm`) of the
+    key with this id if it is not revoked, and only those: one UPDATE of those columns,
+    so a concurrent change of another field is kept. The key as it is afterwards (a
+    revoked one unchanged); None when no key has the id; TeamMissing when `team` names no
+    team."""
     encode = {
         "models": lambda models: orjson.dumps(list(models)).decode() if models else None,
         "max_tokens_cap": lambda cap: cap,
@@ -285,6 +296,8 @@ async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -
         "tags": encode_tags,
         "expires_at": lambda when: when,
         "budget_limits": encode_limits,
+        "rpm": lambda rpm: rpm,
+        "tpm": lambda tpm: tpm,
     }
     unknown = set(changes) - set(encode)
     if unknown:

@@ -189,6 +189,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         # default): a JSON object of budget name -> USD as a decimal string; NULL: none.
         ("ALTER TABLE keys ADD COLUMN budget_limits TEXT",),
     ),
+    Migration(
+        11,
+        "key rate limits",
+        # A key's own requests and tokens per minute (its plan): NULL, the config's.
+        ("ALTER TABLE keys ADD COLUMN rpm INTEGER", "ALTER TABLE keys ADD COLUMN tpm INTEGER"),
+    ),
 )
 
 

@@ -38,6 +38,15 @@ function expiryValue(input) {
 const expiryDay = (expiresAt) => (expiresAt == null ? "" : new Date(expiresAt * 1000).toISOString().slice(0, 10));
 const EXPIRY_LABEL = "Expires on (00:00 UTC; empty: never)";
 
+/** A per-minute limit typed in, or null when empty (the config's applies). */
+function perMinute(input, field) {
+  const raw = input.value.trim();
+  if (!raw) return null;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 1) throw new Error(`The ${field} must be a positive whole number.`);
+  return value;
+}
+
 /** "budget=USD" lines as {budget: "USD"}; the server checks names and amounts. */
 function parseLimits(text) {
   const limits = {};
@@ -121,6 +130,8 @@ async function edit(key, models, rerender) {
   const cap = h("input", { id: "edit-cap", inputmode: "numeric", placeholder: "none", value: key.max_tokens_cap ?? "" });
   const team = h("input", { id: "edit-team", placeholder: "none", value: key.team ?? "", autocomplete: "off" });
   const expires = h("input", { id: "edit-expires", type: "date", value: expiryDay(key.expires_at) });
+  const rpm = h("input", { id: "edit-rpm", inputmode: "numeric", placeholder: "the config's", value: key.rpm ?? "" });
+  const tpm = h("input", { id: "edit-tpm", inputmode: "numeric", placeholder: "the config's", value: key.tpm ?? "" });
   const limitText = Object.entries(key.budget_limits || {}).map(([name, usd]) => `${name}=${usd}`).join("\n");
   const limits = h("textarea", { id: "edit-limits", rows: 2, spellcheck: "false", autocomplete: "off", placeholder: "per-user-daily=10", text: limitText });
   const tags = tagsInput("edit-tags", key.tags);
@@ -130,6 +141,9 @@ async function edit(key, models, rerender) {
     h("div", { class: "field" }, h("label", { for: "edit-cap", text: "max_tokens cap (empty: none)" }), cap),
     h("div", { class: "field" }, h("label", { for: "edit-team", text: "Team (empty: none)" }), team),
     h("div", { class: "field" }, h("label", { for: "edit-expires", text: EXPIRY_LABEL }), expires),
+    h("div", { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "edit-rpm", text: "Its own requests per minute" }), rpm),
+      h("div", { class: "field" }, h("label", { for: "edit-tpm", text: "Its own tokens per minute" }), tpm)),
     h("div", { class: "field" }, h("label", { for: "edit-limits", text: "Its own limits of budgets for each key (budget=USD a line; empty: the config's)" }), limits),
     h("div", { class: "field" }, h("label", { for: "edit-tags", text: "Default tags (one name=value a line)" }), tags),
     h("p", { class: "muted", text: "Budgets for a key are set in the config (budgets: with scope: key, and its name or \"*\" for each key apart) or by its team; a key's own limits replace the config's limit of a budget for each key." }));
@@ -145,6 +159,10 @@ async function edit(key, models, rerender) {
     if (tags.value !== tagText) change.tags = parseTags(tags.value);
     if (expires.value !== expiryDay(key.expires_at)) change.expires_at = expiryValue(expires);
     if (limits.value !== limitText) change.budget_limits = parseLimits(limits.value);
+    for (const [field, input] of [["rpm", rpm], ["tpm", tpm]]) {
+      const now = perMinute(input, field);
+      if (now !== (key[field] ?? null)) change[field] = now;
+    }
     return change;
   };
   const saved = await modal(`Edit key “${key.name}”`, body, [
@@ -188,6 +206,7 @@ function columns(models, rerender, guarded) {
     { label: "Key", cell: (k) => h("span", { class: "mono", text: `mgk_…${k.hint}` }) },
     { label: "Models", cell: (k) => (k.models ? k.models.join(", ") : h("span", { class: "muted", text: "all" })) },
     { label: "max_tokens cap", num: true, cell: (k) => (k.max_tokens_cap ? fmt.count(k.max_tokens_cap) : "—") },
+    { label: "Own rpm / tpm", num: true, cell: (k) => (k.rpm || k.tpm ? `${k.rpm ? fmt.count(k.rpm) : "—"} / ${k.tpm ? fmt.count(k.tpm) : "—"}` : "—") },
     { label: "Spend today", num: true, cell: (k) => fmt.usd(k.spend_today_nano) },
     { label: "Spend this month", num: true, cell: (k) => fmt.usd(k.spend_month_nano) },
     { label: "Requests (month)", num: true, cell: (k) => fmt.count(k.requests_month) },
