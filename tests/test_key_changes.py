@@ -59,7 +59,8 @@ async def test_a_refresh_reads_only_the_keys_changed_since(database_url: str) ->
             database, (await index.authenticate(bearer(secrets[1]))).id, {"models": ["gpt"]}
         )
         assert changed is not None
-        await store.set_attribution(database, "svc-2", None, {"feature": "search"})
+        third = (await index.authenticate(bearer(secrets[2]))).id
+        await store.change_key(database, third, {"tags": {"feature": "search"}})
         await index.refresh()
         assert loader.reads[-1] == 2
         assert (await index.authenticate(bearer(secrets[1]))).models == ("gpt",)
@@ -85,11 +86,11 @@ async def test_changes_made_at_once_by_several_processes_are_all_read(
 
         async def write(database: Database, n: int) -> None:
             for round_ in range(15):
-                await store.create_key(database, f"w{n}-{round_}", models=["m"])
+                _, record = await store.create_key(database, f"w{n}-{round_}", models=["m"])
                 if round_ % 3 == 0:
                     await store.revoke_key(database, f"w{n}-{round_}")
                 else:
-                    await store.set_attribution(database, f"w{n}-{round_}", None, {"r": "1"})
+                    await store.change_key(database, record.id, {"tags": {"r": "1"}})
 
         async def read() -> None:
             while not done.is_set():

@@ -186,8 +186,8 @@ def update(
     tpm: Tpm = None,
     config: ConfigOption = None,
 ) -> None:
-    """Change a key's team, default tags or expiry (an expired key too); running gateways
-    follow within seconds."""
+    """Change a key's team, default tags, expiry or own limits (an expired key too);
+    running gateways follow within seconds."""
     if team is not None and no_team:
         errors.print("give --team or --no-team, not both")
         raise typer.Exit(2)

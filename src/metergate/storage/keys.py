@@ -1,5 +1,4 @@
-"""Gateway keys in the database: create, list, revoke, load for the key index; a key's
-team and default tags (attribution).
+"""Gateway keys in the database: create, list, change, revoke, load for the key index.
 
 Every change of a key stamps its row with the next number of the `key_changes` counter
 (`_next_change`, in the change's transaction), so the key index can ask for the keys
@@ -258,28 +257,6 @@ def encode_tags(tags: Sequence[tuple[str, str]] | dict[str, str] | None) -> str 
     """Tags as the database keeps them: a JSON object, or NULL for none."""
     pairs = dict(tags.items() if isinstance(tags, dict) else tags or ())
     return orjson.dumps(pairs, option=orjson.OPT_SORT_KEYS).decode() if pairs else None
-
-
-async def set_attribution(
-    database: Database, name_or_id: str, team: str | None, tags: dict[str, str] | None
-) -> KeyRecord | None:
-    """Set an active key's team (None: no team) and default tags; None when no such key,
-    TeamMissing when the team does not exist."""
-    async with database.transaction() as tx:
-        matches = await tx.fetch(
-            "SELECT id FROM keys WHERE (name = ? OR id = ?) AND revoked_at IS NULL",
-            (name_or_id, name_or_id),
-        )
-        if not matches:
-            return None
-        ((key_id,),) = matches[:1]
-        await hold_team(tx, team)
-        await tx.execute(
-            "UPDATE keys SET team = ?, tags = ?, change_seq = ? WHERE id = ?",
-            (team, encode_tags(tags), await _next_change(tx), key_id),
-        )
-        rows = await tx.fetch(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (key_id,))
-    return _record(rows[0])
 
 
 async def change_key(database: Database, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
