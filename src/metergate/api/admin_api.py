@@ -75,6 +75,13 @@ def _match(segments: list[str], pattern: tuple[str | None, ...]) -> list[str] | 
     return params
 
 
+# what a key's create and PATCH may set (create also takes `name`)
+KEY_FIELDS = (
+    frozenset({"models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"})
+    | RATE_FIELDS
+)
+
+
 class AdminApi:
     def __init__(self, runtime: Runtime, guard: AdminGuard) -> None:
         self.runtime = runtime
@@ -284,11 +291,7 @@ class AdminApi:
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(
-            body,
-            {"name", "models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
-            | RATE_FIELDS,
-        )
+        console_keys.check_fields(body, KEY_FIELDS | {"name"})
         name = check_name(body.get("name"))
         models = console_keys.check_models(self.runtime, body.get("models"))
         cap = check_cap(body.get("max_tokens_cap"))
@@ -327,18 +330,14 @@ class AdminApi:
         )
 
     async def update_key(self, request: Request, send: Send, key_id: str) -> None:
-        """PATCH: the fields present are changed (`models`, `max_tokens_cap`, `team`,
-        `tags`, `expires_at`); null clears all but the tags, `{}` those; an empty object
-        changes nothing (and answers the key as it is). All is checked before anything is
-        written. An expired key may be changed (given a later expiry), a revoked one not."""
+        """PATCH: the fields present are changed (`KEY_FIELDS`); null clears all but the
+        tags, `{}` those; an empty object changes nothing (and answers the key as it is).
+        All is checked before anything is written. An expired key may be changed (given a
+        later expiry), a revoked one not."""
         self.guard.authorize(request)
         query_params(request)
         body = await request.json(BODY_LIMIT)
-        console_keys.check_fields(
-            body,
-            {"models", "max_tokens_cap", "team", "tags", "expires_at", "budget_limits"}
-            | RATE_FIELDS,
-        )
+        console_keys.check_fields(body, KEY_FIELDS)
         cap = check_cap(body.get("max_tokens_cap"))
         expires_at = check_expiry(body.get("expires_at"))
         limits = self._budget_limits(body)

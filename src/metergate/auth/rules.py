@@ -1,6 +1,6 @@
-"""What a key may be named, capped at and expire at, whoever creates it: the admin API
-and `metergate keys create` apply these same rules, so neither makes a key the other
-refuses."""
+"""What a key may be named, capped at, expire at and be limited to, whoever creates or
+changes it: the admin API and `metergate keys` apply these same rules, so neither makes
+a key the other refuses."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, get_args
@@ -83,7 +84,7 @@ async def revoke_key_by_id(database: Database, key_id: str) -> KeyRecord:
     return await find_key(database, key_id)
 
 
-def check_fields(body: dict[str, Any], known: set[str]) -> None:
+def check_fields(body: dict[str, Any], known: AbstractSet[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise InvalidRequest(
