@@ -1084,4 +1084,11 @@ def test_a_keys_own_rates_are_edited_and_shown(page, gateway_factory):
     playwright_api.expect(dialog).to_have_count(0)
     assert sent[1] == {"rpm": None, "tpm": 5000}
     playwright_api.expect(row).to_contain_text("— / 5,000")
+    # a key on a plan is created with its rates at once
+    page.fill("#key-name", "planned")
+    page.fill("#key-rpm", "60")
+    page.click("#create-key")
+    playwright_api.expect(page.locator("tr[data-key=planned]")).to_contain_text("60 / —")
+    planned = admin(gateway, "/admin/api/keys", params={"search": "planned"}).json()["keys"][0]
+    assert (planned["rpm"], planned["tpm"]) == (60, None)
     assert page.problems == []

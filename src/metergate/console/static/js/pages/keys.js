@@ -86,6 +86,8 @@ function createForm(models, rerender) {
   const name = h("input", { id: "key-name", name: "name", placeholder: "e.g. search-mcp", required: true, maxlength: 64, autocomplete: "off" });
   const cap = h("input", { id: "key-cap", name: "cap", inputmode: "numeric", placeholder: "none", autocomplete: "off" });
   const expires = h("input", { id: "key-expires", name: "expires", type: "date" });
+  const rpm = h("input", { id: "key-rpm", inputmode: "numeric", placeholder: "the config's", autocomplete: "off" });
+  const tpm = h("input", { id: "key-tpm", inputmode: "numeric", placeholder: "the config's", autocomplete: "off" });
   const checks = modelChecks(models, [], "create");
   const error = h("p", { class: "error", role: "alert", id: "create-error" });
   const button = h("button", { type: "submit", id: "create-key", text: "Create key" });
@@ -94,7 +96,9 @@ function createForm(models, rerender) {
     h("div", { class: "row" },
       h("div", { class: "field" }, h("label", { for: "key-name", text: "Name (the calling service)" }), name),
       h("div", { class: "field" }, h("label", { for: "key-cap", text: "max_tokens cap" }), cap),
-      h("div", { class: "field" }, h("label", { for: "key-expires", text: EXPIRY_LABEL }), expires)),
+      h("div", { class: "field" }, h("label", { for: "key-expires", text: EXPIRY_LABEL }), expires),
+      h("div", { class: "field" }, h("label", { for: "key-rpm", text: "Its own requests per minute" }), rpm),
+      h("div", { class: "field" }, h("label", { for: "key-tpm", text: "Its own tokens per minute" }), tpm)),
     h("div", { class: "field" }, h("label", { text: "Allowed models (none ticked: all models)" }), checks),
     h("div", { class: "row" }, button), error);
   form.addEventListener("submit", async (event) => {
@@ -110,6 +114,8 @@ function createForm(models, rerender) {
           models: chosen.length ? chosen : null,
           max_tokens_cap: capValue(cap),
           expires_at: expiryValue(expires),
+          rpm: perMinute(rpm, "rpm"),
+          tpm: perMinute(tpm, "tpm"),
         },
       });
       revealed = { name: created.key.name, secret: created.secret };
