@@ -203,3 +203,15 @@ def test_members_of_a_past_period_are_let_go_once_it_ends():
     assert back is not each.members["busy"] and back.spent_nano == 0
     book.sweep(midnight)  # once a period: nothing more to do
     assert set(each.members) == {"busy", "back"}
+
+
+def test_a_keys_limit_changed_back_is_its_limit_again():
+    """A key's own limit of a budget for each key set, lifted and set again: the book
+    answers the member at the limit of the key's present limits each time (an entry
+    cached under earlier limits names the same member, so it must not be reused as is)."""
+    cfg = BudgetConfig(scope="key", target="*", limit_usd=1, period="day")
+    book = BudgetBook({"per-user": cfg}, Metrics())
+    plan = (("per-user", 5 * 10**9),)
+    for limits, expected in ((plan, 5 * 10**9), ((), 10**9), (plan, 5 * 10**9), ((), 10**9)):
+        (member,) = book.applicable("alice", "m", None, limits)
+        assert member.limit_nano == expected

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metergate.budgets.budget import Budget, ledger_spend, passed
-from metergate.budgets.each import EachBudget, ledger_spend_each, share
+from metergate.budgets.each import EachBudget, ledger_spend_each, set_limit
 from metergate.budgets.period import iso, period_bounds
 from metergate.config.model import EACH, BudgetConfig
 from metergate.errors import BudgetExceeded
@@ -184,9 +184,20 @@ class BudgetBook:
             for each in self.each:
                 target = each.applies(key, model, team)
                 if target is not None:
-                    found += (share(each, target, limits),)
+                    found += (self.share(each, target, limits),)
             self._applicable[(key, model, team, limits)] = found
         return found
+
+    def share(
+        self, each: EachBudget, target: str, limits: tuple[tuple[str, int], ...] = ()
+    ) -> Budget:
+        """`target`'s member of `each` at its key's own limit (`limits`) or the budget's.
+        A changed limit empties the cache of `applicable`: an entry made under the key's
+        earlier limits names the same member, and must not be found again as it was."""
+        member = each.member_for(target)
+        if set_limit(each, member, limits):
+            self._applicable.clear()
+        return member
 
     def team_budgets(self) -> dict[str, Budget]:
         return dict(self._teams)

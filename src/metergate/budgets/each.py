@@ -3,7 +3,7 @@
 One `EachBudget` holds a member (a `Budget` of its own) per key that made a request, made
 on its first one from the spend the ledger gave every key in one grouped query, so any
 number of keys costs one query, not one each. A key may carry its own limit of such a
-budget (`KeyRecord.budget_limits`, its plan): `share` gives the member at that limit.
+budget (`KeyRecord.budget_limits`, its plan): `set_limit` gives the member that limit.
 Members have no spend series in the metrics (one per key would be unbounded).
 """
 
@@ -57,17 +57,17 @@ class EachBudget:
         return key if scope == "key" else model if scope == "model" else team
 
 
-def share(each: EachBudget, target: str, limits: tuple[tuple[str, int], ...] = ()) -> Budget:
-    """`target`'s member of `each`, at the limit its key gives that budget in `limits`
-    (a plan other than the default), else at the budget's own."""
-    member = each.member_for(target)
+def set_limit(each: EachBudget, member: Budget, limits: tuple[tuple[str, int], ...]) -> bool:
+    """Give `member` of `each` the limit its key gives that budget in `limits` (a plan
+    other than the default), else the budget's own; whether that changed it."""
     limit = each.limit_nano
     if limits and each.config.scope == "key":
         limit = dict(limits).get(each.name, limit)
-    if member.limit_nano != limit:
-        member.limit_nano = limit
-        member.announced = passed(member)
-    return member
+    if member.limit_nano == limit:
+        return False
+    member.limit_nano = limit
+    member.announced = passed(member)
+    return True
 
 
 async def ledger_spend_each(

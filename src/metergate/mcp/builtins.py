@@ -17,7 +17,6 @@ import orjson
 from mcp_types import CallToolResult, TextContent, Tool
 
 from metergate.auth.keys import KeyRecord
-from metergate.budgets.each import share
 from metergate.budgets.period import iso, period_bounds
 
 if TYPE_CHECKING:
@@ -185,7 +184,7 @@ class Builtins:
                 "team": [key.team] if key.team is not None else [],
                 "model": sorted(models),
             }[each.config.scope]
-            mine += (share(each, target, key.budget_limits) for target in targets)
+            mine += (book.share(each, target, key.budget_limits) for target in targets)
         book.roll(mine)
         found = []
         for budget in mine:
