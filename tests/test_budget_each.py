@@ -191,6 +191,13 @@ def test_a_budget_for_each_model_and_each_team(gateway_factory):
     # keys without a team are not under a budget for each team
     for _ in range(5):
         gateway.client().chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    # the teams page shows each team's share
+    teams = httpx.get(f"{base}/admin/api/teams", headers=headers, timeout=10).json()["teams"]
+    shares = {t["name"]: t["budget_state"] for t in teams}
+    red_rows = gateway.ledger_rows("team = 'red'")
+    assert [(b["name"], b["target"]) for b in shares["red"]] == [("per-user", "red")]
+    assert shares["red"][0]["spent_nano"] == sum(r["cost_nano"] for r in red_rows) > 0
+    assert shares["blue"][0]["spent_nano"] < shares["red"][0]["spent_nano"]
 
 
 def test_a_target_of_star_is_for_key_team_or_model_scopes():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from metergate.budgets.budget import Budget
 from metergate.config.observe import TAG_NAME
 from metergate.console.overview import budget_json, day_and_month, group_json
 from metergate.console.windows import Window
@@ -72,10 +73,12 @@ def no_team(team: str) -> InvalidRequest:
 
 async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
     """Every team: its record, active keys (the first TEAM_KEYS_SHOWN names and how many
-    in all), spend today and this month, budgets' state."""
+    in all), spend today and this month, budgets' state: its own, then the config's
+    that name it or are for each team."""
     now = time.time()
     today, month = await day_and_month(database, "team", now)
-    installed = runtime.plan.budgets.team_budgets()
+    book = runtime.plan.budgets
+    installed = book.team_budgets()
     rows = []
     for record in await store.list_teams(database):
         budgets = [
@@ -83,6 +86,15 @@ async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
             for b in record.budgets
             if (name := budget_name(record.name, b.period)) in installed
         ]
+        for budget in book.budgets:
+            if budget.config.scope == "team" and budget.target == record.name:
+                budgets.append(await budget_json(database, budget, now))
+        for each in book.each:
+            if each.config.scope == "team":
+                share = Budget(each.name, each.config, each.limit_nano, target=record.name)
+                held = each.members.get(record.name)
+                share.reserved_nano = 0 if held is None else held.reserved_nano
+                budgets.append(await budget_json(database, share, now))
         spent_month, spent_today = month.get(record.name), today.get(record.name)
         keys, key_count = await store.team_keys(database, record.name, TEAM_KEYS_SHOWN)
         rows.append(

@@ -130,7 +130,8 @@ async function remove(team, rerender) {
 function budgetsCell(team) {
   if (!team.budget_state.length) return h("span", { class: "muted", text: "—" });
   return h("div", { class: "stack" }, team.budget_state.map((b) => h("div", {},
-    h("div", { class: "muted", text: `${fmt.usd(b.spent_nano)} / ${fmt.usd(b.limit_nano)} per ${b.period}${b.hard ? "" : " (soft)"}` }),
+    // the team's own budgets go unnamed; the config's (naming it, or for each team) by name
+    h("div", { class: "muted", text: `${b.name.startsWith("team:") ? "" : `${b.name}: `}${fmt.usd(b.spent_nano)} / ${fmt.usd(b.limit_nano)} per ${b.period}${b.hard ? "" : " (soft)"}` }),
     budgetBar(b, true))));
 }
 
