@@ -23,8 +23,7 @@ from decimal import Decimal
 from typing import Any, get_args
 
 from metergate.auth.keys import KeyRecord
-from metergate.budgets.budget import Budget
-from metergate.console.overview import budget_json, day_and_month
+from metergate.console.overview import budget_json, day_and_month, shares_json
 from metergate.console.requests_log import check_query, int_value, query_value
 from metergate.errors import InvalidRequest, NotFound
 from metergate.metering.report import Spend, UsageFilter
@@ -191,15 +190,11 @@ async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery)
         if budget.config.scope == "key" and target in names:
             key_budgets.setdefault(target, []).append(await budget_json(database, budget, now))
     limits = {r.name: dict(r.budget_limits) for r in page.records if r.revoked_at is None}
-    for each in book.each:  # each key's own share, its spend read for this page's names
-        if each.config.scope != "key":
-            continue
-        for name in names:
-            limit = limits.get(name, {}).get(each.name, each.limit_nano)
-            share = Budget(each.name, each.config, limit, target=name)
-            held = each.members.get(name)
-            share.reserved_nano = 0 if held is None else held.reserved_nano
-            key_budgets.setdefault(name, []).append(await budget_json(database, share, now))
+    for each in book.each:  # each key's own share, read for this page's names at once
+        if each.config.scope == "key" and names:
+            shares = await shares_json(database, each, names, limits, now)
+            for name, share in shares.items():
+                key_budgets.setdefault(name, []).append(share)
     rows = []
     for record in page.records:
         spent_month, spent_today = month.get(record.name), day.get(record.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from metergate.budgets.budget import Budget, ledger_spend
@@ -117,6 +118,29 @@ async def each_json(
     held = sum(m.reserved_nano for m in each.members.values())
     bar = _bar(each, cfg.target, (start, end), spent, held)
     return {**bar, "each": True, "top_target": target, "past_soft": past_soft}
+
+
+async def shares_json(
+    database: Database,
+    each: EachBudget,
+    names: Sequence[str],
+    limits: dict[str, dict[str, int]],
+    now: float,
+) -> dict[str, dict[str, Any]]:
+    """The share of each key in `names` of a budget for each key, as the ledger sees its
+    current period (one query for all of them), at the key's own limit when `limits`
+    (key name -> its own limits) gives one."""
+    cfg = each.config
+    start, end = period_bounds(now, cfg.period, cfg.timezone)
+    spent = await ledger_spend_each(database, each, start, end, only=list(names))
+    found = {}
+    for name in names:
+        limit = limits.get(name, {}).get(each.name, each.limit_nano)
+        share = Budget(each.name, cfg, limit, target=name)
+        member = each.members.get(name)
+        held = 0 if member is None else member.reserved_nano
+        found[name] = _bar(share, name, (start, end), spent.get(name, 0), held)
+    return found
 
 
 def _bar(
