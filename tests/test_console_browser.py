@@ -1031,6 +1031,17 @@ def edit_key(page, gateway: Gateway, name: str):  # type: ignore[no-untyped-def]
     return row, page.locator("dialog[open]")
 
 
+def create_in_form(page, gateway: Gateway, name: str, fields: dict[str, str], shows: str):  # type: ignore[no-untyped-def]
+    """Create key `name` with the create form's `fields` (input id -> text); wait until
+    its row shows `shows`; the key as the admin API lists it."""
+    page.fill("#key-name", name)
+    for field, text in fields.items():
+        page.fill(f"#{field}", text)
+    page.click("#create-key")
+    playwright_api.expect(page.locator(f"tr[data-key={name}]")).to_contain_text(shows)
+    return admin(gateway, "/admin/api/keys", params={"search": name}).json()["keys"][0]
+
+
 def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_factory):
     gateway = gateway_factory(console_config())
     secret = gateway.new_key("contractor")
@@ -1059,11 +1070,7 @@ def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_fact
     assert sent[1:] == [{"expires_at": 32503593600}, {"expires_at": None}]
     playwright_api.expect(row).not_to_contain_text("expires")
     # a new key may be given a day from the create form
-    page.fill("#key-name", "trial")
-    page.fill("#key-expires", "2999-12-31")
-    page.click("#create-key")
-    playwright_api.expect(page.locator("tr[data-key=trial]")).to_contain_text("expires")
-    trial = admin(gateway, "/admin/api/keys", params={"search": "trial"}).json()["keys"][0]
+    trial = create_in_form(page, gateway, "trial", {"key-expires": "2999-12-31"}, "expires")
     assert trial["expires_at"] == 32503593600
     assert page.problems == []
 
@@ -1087,10 +1094,6 @@ def test_a_keys_own_rates_are_edited_and_shown(page, gateway_factory):
     assert sent[1] == {"rpm": None, "tpm": 5000}
     playwright_api.expect(row).to_contain_text("— / 5,000")
     # a key on a plan is created with its rates at once
-    page.fill("#key-name", "planned")
-    page.fill("#key-rpm", "60")
-    page.click("#create-key")
-    playwright_api.expect(page.locator("tr[data-key=planned]")).to_contain_text("60 / —")
-    planned = admin(gateway, "/admin/api/keys", params={"search": "planned"}).json()["keys"][0]
+    planned = create_in_form(page, gateway, "planned", {"key-rpm": "60"}, "60 / —")
     assert (planned["rpm"], planned["tpm"]) == (60, None)
     assert page.problems == []
