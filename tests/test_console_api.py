@@ -29,6 +29,8 @@ from metergate.console.security import FailedSignIns
 from metergate.metering.ledger import COLUMNS as LEDGER_COLUMNS
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.report import month_forecast
+from metergate.metering.spend_hours import UPSERT as SPEND_UPSERT
+from metergate.metering.spend_hours import hour_rows
 from metergate.storage.database import open_database
 from tests.harness import Gateway
 
@@ -175,13 +177,14 @@ def insert_rows(gateway: Gateway, rows: list[dict[str, Any]]) -> None:
         "team": None,
         "tags": None,
     }
-    values = [tuple({**defaults, **row}[c] for c in LEDGER_COLUMNS) for row in rows]
+    values = [LedgerRow(*({**defaults, **row}[c] for c in LEDGER_COLUMNS)) for row in rows]
     sql = (
         f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) "
         f"VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)})"
     )
-    assert gateway.runtime.database is not None
-    gateway.bg.run(gateway.runtime.database.executemany(sql, values))
+    assert gateway.runtime.database is not None  # as the ledger writer writes a batch:
+    batch = [(sql, values), (SPEND_UPSERT, hour_rows(values))]  # rows and their sums by hour
+    gateway.bg.run(gateway.runtime.database.write(batch))
 
 
 def lenient(gateway: Gateway) -> None:

@@ -59,19 +59,19 @@ class RecordingDatabase(Database):
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self.inner.execute(sql, params)
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = list(rows)
+    async def write(self, statements: Sequence[tuple[str, Iterable[Sequence[Any]]]]) -> None:
+        statements = [(sql, list(rows)) for sql, rows in statements]
         if self.fail_next:
             self.fail_next -= 1
             self.failures += 1
             raise ConnectionResetError("simulated: connection to the database lost")
         try:
-            await self.inner.executemany(sql, rows)
+            await self.inner.write(statements)
         except Exception:
             self.failures += 1
             raise
         self.transactions += 1
-        self.batch_sizes.append(len(rows))
+        self.batch_sizes.append(len(statements[0][1]))  # the ledger rows, not their sums
         if self.lose_answer_next:
             self.lose_answer_next -= 1
             self.failures += 1

@@ -66,9 +66,9 @@ class Unreachable(RecordingDatabase):
         self._check()
         await super().execute(sql, params)
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    async def write(self, statements: Sequence[tuple[str, Iterable[Sequence[Any]]]]) -> None:
         self._check()
-        await super().executemany(sql, rows)
+        await super().write(statements)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         self._check()

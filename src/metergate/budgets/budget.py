@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.config.model import EACH, BudgetConfig
+from metergate.metering.spend_hours import spend_source
 from metergate.storage.database import Database
 
 
@@ -53,11 +54,10 @@ SCOPE_COLUMNS = {"key": "key_name", "model": "model", "team": "team"}
 async def ledger_spend(database: Database, budget: Budget, until: float | None = None) -> int:
     """What the ledger (the source of truth) says this budget spent in its period
     (by requests that finished before `until`, when given)."""
-    sql = "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE ts >= ? AND ts < ?"
     end = budget.end if until is None else min(budget.end, until)
-    params: list[object] = [budget.start, end]
+    where, among = "", []
     if budget.config.scope != "global":
-        sql += f" AND {SCOPE_COLUMNS[budget.config.scope]} = ?"
-        params.append(budget.target)
-    ((spent,),) = await database.fetch(sql, params)
+        where, among = f" AND {SCOPE_COLUMNS[budget.config.scope]} = ?", [budget.target]
+    source, params = spend_source(budget.start, end, where, among)
+    ((spent,),) = await database.fetch(f"SELECT COALESCE(SUM(cost_nano), 0) FROM {source}", params)
     return int(spent)

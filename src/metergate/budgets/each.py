@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from metergate.budgets.budget import SCOPE_COLUMNS, Budget, passed
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
+from metergate.metering.spend_hours import spend_source
 from metergate.storage.database import Database
 
 
@@ -81,14 +82,15 @@ async def ledger_spend_each(
     """What the ledger says each target of `each` spent from `start` to `end` (spenders
     only; with `top`, the `top` who spent most, most first; with `only`, of those)."""
     column = SCOPE_COLUMNS[each.config.scope]
-    params: list[object] = [start, end]
-    among = ""
+    where, among = "", list(only or ())
     if only is not None:
-        among = f" AND {column} IN ({', '.join('?' * len(only))})"
-        params += only
+        if not only:
+            return {}
+        where = f" AND {column} IN ({', '.join('?' * len(only))})"
+    source, params = spend_source(start, end, where, among)
     sql = (
-        f"SELECT {column}, SUM(cost_nano) AS spent FROM requests WHERE ts >= ? AND ts < ? "
-        f"AND {column} IS NOT NULL AND cost_nano > 0{among} GROUP BY {column}"
+        f"SELECT {column}, SUM(cost_nano) AS spent FROM {source} WHERE {column} IS NOT NULL "
+        f"GROUP BY {column} HAVING SUM(cost_nano) > 0"
     )
     if top is not None:
         sql += f" ORDER BY spent DESC, {column} LIMIT ?"
@@ -102,9 +104,10 @@ async def ledger_count_each(
 ) -> int:
     """How many targets of `each` spent at least `at_least_nano` from `start` to `end`."""
     column = SCOPE_COLUMNS[each.config.scope]
+    source, params = spend_source(start, end)
     ((count,),) = await database.fetch(
-        f"SELECT COUNT(*) FROM (SELECT {column} FROM requests WHERE ts >= ? AND ts < ? "
-        f"AND {column} IS NOT NULL GROUP BY {column} HAVING SUM(cost_nano) >= ?) AS spenders",
-        [start, end, at_least_nano],
+        f"SELECT COUNT(*) FROM (SELECT {column} FROM {source} WHERE {column} IS NOT NULL "
+        f"GROUP BY {column} HAVING SUM(cost_nano) >= ?) AS spenders",
+        [*params, at_least_nano],
     )
     return int(count)

@@ -18,6 +18,7 @@ from mcp_types import CallToolResult, TextContent, Tool
 
 from metergate.auth.keys import KeyRecord
 from metergate.budgets.period import iso, period_bounds
+from metergate.metering.spend_hours import spend_source
 
 if TYPE_CHECKING:
     from metergate.runtime import Runtime
@@ -154,10 +155,10 @@ class Builtins:
             start, end = period_bounds(now, period, "UTC")
             total = requests = 0
             if runtime.database is not None:
+                source, params = spend_source(start, end, " AND key_name = ?", [key.name])
                 ((total, requests),) = await runtime.database.fetch(
-                    "SELECT COALESCE(SUM(cost_nano), 0), COUNT(*) FROM requests "
-                    "WHERE key_name = ? AND ts >= ? AND ts < ?",
-                    (key.name, start, end),
+                    f"SELECT COALESCE(SUM(cost_nano), 0), COALESCE(SUM(requests), 0) FROM {source}",
+                    params,
                 )
             spend["today" if period == "day" else "this_month"] = {
                 "cost_usd": int(total) / 1e9,

@@ -15,6 +15,9 @@ Outages: rows the database has refused for `spool_after` seconds go to the local
 (`metering.spool`), and so do the rows still held when the gateway stops while the
 database is unreachable. `flush` replays this process's spool before anything newer, so
 after a flush every row appended so far is in the ledger, as the budget rebuilds expect.
+
+Each batch also adds its sums to the spend by hour (`metering.spend_hours`) in the same
+transaction, so what budgets and the console sum there is what the rows say.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from metergate.metering.ledger_row import LedgerRow as LedgerRow
+from metergate.metering.spend_hours import UPSERT, hour_rows
 from metergate.metering.spool import Spool, SpoolFileError
 from metergate.storage.database import Database
 
@@ -153,8 +157,12 @@ class LedgerWriter:
         """Insert a batch unless its commit already happened (all or nothing)."""
         if await self._stored(batch[0]):
             return 0
-        await self.database.executemany(_INSERT, batch)
+        await self._write(batch)
         return len(batch)
+
+    async def _write(self, batch: list[LedgerRow]) -> None:
+        """Insert a batch and add its spend by hour: one transaction."""
+        await self.database.write([(_INSERT, batch), (UPSERT, hour_rows(batch))])
 
     async def _spool_held(self) -> None:
         """Move every row held in memory to a new spool file (under `_flushing`)."""
@@ -186,7 +194,7 @@ class LedgerWriter:
         if not batch:
             return
         try:
-            await self.database.executemany(_INSERT, batch)
+            await self._write(batch)
         except Exception:
             self._uncertain.append(batch)  # retried, or found committed, before newer rows
             raise

@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 from metergate.config.model import GatewayConfig, Price
 from metergate.config.observe import TAG_NAME
 from metergate.metering.pricing import UnitPrices
+from metergate.metering.spend_hours import spend_source
 from metergate.providers.base import Usage
 from metergate.storage.database import Database
 
@@ -127,6 +128,7 @@ FROM requests WHERE ts >= ? AND ts < ?{{where}}"""
 # Groupings with few values in practice, and how many values still get a p95 query each
 # (from the top, as the total's) rather than one that numbers every row of the period.
 _FEW_VALUED = ("model", "upstream", "team")
+_HOURLY_GROUPS = ("model", "key", "team")  # what `spend_by` reads from the sums by hour
 _FEW = 8
 
 
@@ -291,13 +293,19 @@ async def spend_by(
     """Requests and cost per group in `[start, end)`: what the console's lists of keys
     and teams show, without `usage_summary`'s percentile, which sorts every row of the
     period (ten times the time of these sums on 200,000 rows)."""
-    where, params = (only or UsageFilter()).sql(db.dialect)
+    only = only or UsageFilter()
+    where, params = only.sql(db.dialect)
     column = group_expression(db.dialect, group_by)
-    rows = await db.fetch(
-        f"SELECT {column}, COUNT(*), SUM(cost_nano) FROM requests "
-        f"WHERE ts >= ? AND ts < ?{where} GROUP BY {column}",
-        (start, end, *params),
-    )
+    if group_by in _HOURLY_GROUPS and not only.tags:  # sums by hour hold these columns
+        source, values = spend_source(start, end, where, params)
+        sql = f"SELECT {column}, SUM(requests), SUM(cost_nano) FROM {source} GROUP BY {column}"
+    else:
+        sql = (
+            f"SELECT {column}, COUNT(*), SUM(cost_nano) FROM requests "
+            f"WHERE ts >= ? AND ts < ?{where} GROUP BY {column}"
+        )
+        values = [start, end, *params]
+    rows = await db.fetch(sql, values)
     return {
         NO_VALUE if name is None else str(name): Spend(int(count), int(cost or 0))
         for name, count, cost in rows
@@ -446,9 +454,8 @@ def _midnight(day: dt.date, zone: ZoneInfo) -> float:
 
 async def spend_between(db: Database, start: float, end: float) -> int:
     """What the requests of `[start, end)` cost, in nano-USD."""
-    rows = await db.fetch(
-        "SELECT SUM(cost_nano) FROM requests WHERE ts >= ? AND ts < ?", (start, end)
-    )
+    source, params = spend_source(start, end)
+    rows = await db.fetch(f"SELECT SUM(cost_nano) FROM {source}", params)
     return int(rows[0][0] or 0)
 
 

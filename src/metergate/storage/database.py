@@ -63,9 +63,14 @@ class Database(abc.ABC):
     @abc.abstractmethod
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
 
-    @abc.abstractmethod
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement for many rows in a single transaction (group commit)."""
+        await self.write([(sql, rows)])
+
+    @abc.abstractmethod
+    async def write(self, statements: Sequence[tuple[str, Iterable[Sequence[Any]]]]) -> None:
+        """Run each statement for each of its rows, all in one transaction: a batch of
+        ledger rows and the sums they add commit together or not at all."""
 
     @abc.abstractmethod
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
@@ -209,11 +214,12 @@ class SQLiteDatabase(Database):
         async with self._lock:
             await self._conn.execute(sql, params)
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    async def write(self, statements: Sequence[tuple[str, Iterable[Sequence[Any]]]]) -> None:
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
-                await self._conn.executemany(sql, rows)
+                for sql, rows in statements:
+                    await self._conn.executemany(sql, rows)
             except BaseException:
                 await self._conn.execute("ROLLBACK")
                 raise
@@ -315,9 +321,10 @@ class PostgresDatabase(Database):
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         await self._pool.execute(self._sql(sql), *params)
 
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    async def write(self, statements: Sequence[tuple[str, Iterable[Sequence[Any]]]]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.executemany(self._sql(sql), list(rows))
+            for sql, rows in statements:
+                await conn.executemany(self._sql(sql), list(rows))
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [tuple(row) for row in await self._pool.fetch(self._sql(sql), *params)]

@@ -1,0 +1,197 @@
+"""The spend by hour (`metering.spend_hours`) that budgets, the forecast and the console
+sum: for any period, on SQLite and on PostgreSQL, its sums are the ledger rows' sums to
+the nano-dollar, however the period's ends fall against the hours, after a migration
+filled it from older rows, and when a commit's answer was lost and the batch retried."""
+
+# ruff: noqa: F811 - test parameters named like the fixtures imported from tests.services
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from metergate.budgets.budget import Budget, ledger_spend
+from metergate.budgets.each import EachBudget, ledger_count_each, ledger_spend_each
+from metergate.config.model import BudgetConfig
+from metergate.metering.ledger import COLUMNS, LedgerRow, LedgerWriter
+from metergate.metering.report import UsageFilter, spend_between, spend_by
+from metergate.storage.database import Database
+from metergate.storage.migrations import migrate
+from tests.services import (  # noqa: F401 - fixtures, also when conftest.py lacks them
+    PostgresServer,
+    fresh_postgres_url,
+    postgres_server,
+)
+from tests.test_ledger import RecordingDatabase, database, wait_for  # noqa: F401 - a fixture
+
+HOUR = 3600.0
+EPOCH = 1_764_547_200.0  # 2025-12-01 00:00 UTC: an hour's start
+KEYS = ("alice", "bob", "carol", "dave")
+TEAMS = ("search", "support", None)
+MODELS = ("small", "large")
+
+
+def ledger_rows(count: int, seed: int = 3) -> list[LedgerRow]:
+    """Rows over 30 hours, a few on an hour's start and a hair before it, with costs
+    whose sums a float could not hold."""
+    rng = random.Random(seed)
+    times = [EPOCH + rng.uniform(0, 30 * HOUR) for _ in range(count)]
+    for hour in range(1, 30, 3):  # the edges an hour's sum must get right
+        times += [EPOCH + hour * HOUR, math.nextafter(EPOCH + hour * HOUR, 0)]
+    rows = []
+    for n, ts in enumerate(sorted(times)):
+        key = rng.choice(KEYS)
+        rows.append(
+            LedgerRow(
+                ts=ts,
+                request_id=f"req-{n}",
+                key_name=key,
+                model=rng.choice(MODELS),
+                upstream="up",
+                attempts=1,
+                input_tokens=10,
+                cached_input_tokens=0,
+                output_tokens=5,
+                cost_nano=2**44 + rng.randrange(0, 10**9) if n % 7 else 0,  # sums past 2**53
+                saved_nano=0,
+                duration_ms=1.0,
+                ttft_ms=None,
+                outcome="success",
+                status=200,
+                cache_hit=0,
+                stream=0,
+                team=TEAMS[KEYS.index(key) % 3],
+            )
+        )
+    return rows
+
+
+async def raw_sums(database: Database, column: str, start: float, end: float) -> dict:
+    rows = await database.fetch(
+        f"SELECT {column}, COUNT(*), SUM(cost_nano) FROM requests "
+        f"WHERE ts >= ? AND ts < ? GROUP BY {column}",
+        (start, end),
+    )
+    return {name: (int(count), int(cost)) for name, count, cost in rows}
+
+
+def periods(rng: random.Random, count: int) -> list[tuple[float, float]]:
+    """Periods within, around and across the rows' hours: ends on an hour's start, a
+    hair either side of it, or anywhere; some shorter than an hour."""
+
+    def point() -> float:
+        hour = EPOCH + rng.randrange(-2, 33) * HOUR
+        return rng.choice(
+            [
+                hour,
+                math.nextafter(hour, 0),
+                math.nextafter(hour, math.inf),
+                hour + rng.uniform(0, HOUR),
+            ]
+        )
+
+    found = []
+    while len(found) < count:
+        start, end = sorted((point(), point()))
+        if rng.random() < 0.2:
+            end = start + rng.uniform(0, HOUR)
+        found.append((start, end))
+    return found
+
+
+async def assert_sums_match(database: Database, rng: random.Random, count: int = 60) -> None:
+    for start, end in periods(rng, count):
+        where = f"[{start!r}, {end!r})"
+        by_key = await raw_sums(database, "key_name", start, end)
+        total = sum(cost for _, cost in by_key.values())
+        assert await spend_between(database, start, end) == total, where
+        for group, column in (("key", "key_name"), ("team", "team"), ("model", "model")):
+            raw = await raw_sums(database, column, start, end)
+            found = await spend_by(database, group, start, end)
+            expected = {("(none)" if k is None else k): v for k, v in raw.items()}
+            assert {k: (s.requests, s.cost_nano) for k, s in found.items()} == expected, where
+        only = await spend_by(database, "key", start, end, UsageFilter(team="search"))
+        raw_team = await database.fetch(
+            "SELECT key_name, COUNT(*), SUM(cost_nano) FROM requests WHERE ts >= ? AND ts < ? "
+            "AND team = 'search' GROUP BY key_name",
+            (start, end),
+        )
+        assert {k: (s.requests, s.cost_nano) for k, s in only.items()} == {
+            k: (int(c), int(s)) for k, c, s in raw_team
+        }, where
+        budget = Budget(
+            "b", BudgetConfig(scope="key", target="bob", limit_usd=1), 1, start, end, target="bob"
+        )
+        assert await ledger_spend(database, budget) == by_key.get("bob", (0, 0))[1], where
+        each = EachBudget("each", BudgetConfig(scope="team", target="*", limit_usd=1), 1)
+        raw_teams = await raw_sums(database, "team", start, end)
+        spenders = {k: v[1] for k, v in raw_teams.items() if k is not None and v[1] > 0}
+        assert await ledger_spend_each(database, each, start, end) == spenders, where
+        top = await ledger_spend_each(database, each, start, end, top=1)
+        assert list(top.values()) == sorted(spenders.values(), reverse=True)[:1], where
+        middle = sorted(spenders.values())[len(spenders) // 2] if spenders else 1
+        counted = await ledger_count_each(database, each, start, end, middle)
+        assert counted == sum(v >= middle for v in spenders.values()), where
+
+
+async def test_sums_by_hour_are_the_rows_sums_for_any_period(database: Database) -> None:
+    writer = LedgerWriter(database, flush_seconds=0.01, batch_rows=97)
+    await writer.start()
+    for row in ledger_rows(3000):
+        writer.append(row)
+    await writer.close()
+    ((stored,),) = await database.fetch("SELECT COUNT(*) FROM requests")
+    ((hours,),) = await database.fetch("SELECT COUNT(*) FROM spend_hours")
+    assert stored == 3020
+    assert hours <= 30 * len(KEYS) * len(MODELS)  # sums, not rows
+    await assert_sums_match(database, random.Random(11))
+
+
+async def test_the_migration_fills_the_sums_from_the_rows_before_it(database: Database) -> None:
+    """A ledger from before the table: its rows are summed by the migration, and the
+    writer's later batches add to those sums."""
+    rows = ledger_rows(1500, seed=5)
+    await database.execute("DROP TABLE spend_hours")
+    await database.execute("DELETE FROM schema_migrations WHERE version = 12")
+    insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    await database.executemany(insert, rows[:1000])
+    assert await migrate(database) == [12]
+    await assert_sums_match(database, random.Random(13), count=30)
+    writer = LedgerWriter(database, flush_seconds=0.01)
+    await writer.start()
+    for row in rows[1000:]:  # some in the same hours as the migrated ones
+        writer.append(row)
+    await writer.close()
+    await assert_sums_match(database, random.Random(17), count=30)
+
+
+async def test_a_batch_retried_after_its_answer_was_lost_is_summed_once(
+    database: Database,
+) -> None:
+    recording = RecordingDatabase(database)
+    writer = LedgerWriter(recording, flush_seconds=0.01)
+    await writer.start()
+    rows = ledger_rows(400, seed=9)
+    recording.lose_answer_next = 1  # committed, then the connection "dropped"
+    for row in rows[:200]:
+        writer.append(row)
+    await wait_for(lambda: recording.failures >= 1)
+    for row in rows[200:]:
+        writer.append(row)
+    await wait_for(lambda: writer.committed == len(rows))
+    await writer.close()
+    ((stored,),) = await database.fetch("SELECT COUNT(*) FROM requests")
+    assert stored == 420
+    ((summed,),) = await database.fetch("SELECT SUM(requests) FROM spend_hours")
+    assert int(summed) == 420
+    await assert_sums_match(database, random.Random(19), count=20)
+
+
+async def test_rows_and_their_sums_commit_together_or_not_at_all(database: Database) -> None:
+    rows = ledger_rows(10)
+    insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    with pytest.raises(Exception, match=r"no_such_table|no such table"):
+        await database.write([(insert, rows), ("INSERT INTO no_such_table VALUES (?)", [(1,)])])
+    assert await database.fetch("SELECT COUNT(*) FROM requests") == [(0,)]
