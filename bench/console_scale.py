@@ -144,6 +144,7 @@ def seed(ledger: Path, args: argparse.Namespace) -> int:
         # back to the version before it, so the gateway's migration sums them (timed)
         if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'spend_hours'").fetchall():
             connection.execute("DROP TABLE spend_hours")
+            connection.execute("DROP TABLE key_spend_hours")
             connection.execute("DELETE FROM schema_migrations WHERE version = 12")
     return count
 

@@ -29,8 +29,7 @@ from metergate.console.security import FailedSignIns
 from metergate.metering.ledger import COLUMNS as LEDGER_COLUMNS
 from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.report import month_forecast
-from metergate.metering.spend_hours import UPSERT as SPEND_UPSERT
-from metergate.metering.spend_hours import hour_rows
+from metergate.metering.spend_hours import sum_statements
 from metergate.storage.database import open_database
 from tests.harness import Gateway
 
@@ -183,7 +182,7 @@ def insert_rows(gateway: Gateway, rows: list[dict[str, Any]]) -> None:
         f"VALUES ({', '.join('?' for _ in LEDGER_COLUMNS)})"
     )
     assert gateway.runtime.database is not None  # as the ledger writer writes a batch:
-    batch = [(sql, values), (SPEND_UPSERT, hour_rows(values))]  # rows and their sums by hour
+    batch = [(sql, values), *sum_statements(values)]  # rows and their sums by hour
     gateway.bg.run(gateway.runtime.database.write(batch))
 
 

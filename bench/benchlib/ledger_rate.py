@@ -25,6 +25,7 @@ from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.storage.database import open_database
 
 REPO = Path(__file__).resolve().parents[2]
+KEYS = 100  # the keys the rows come from
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _row(index: int, now: float, prefix: str = "req_bench") -> LedgerRow:
     return LedgerRow(
         now,
         f"{prefix}{index:012x}",
-        "bench",
+        f"bench-{index % KEYS}",  # a batch adds a sum by hour for each of its keys
         "bench",
         "bench-upstream",
         1,
@@ -69,14 +70,14 @@ async def measure(
     commits = 0
     try:
         writer = LedgerWriter(database)
-        original = database.executemany
+        original = database.write
 
-        async def counted(sql: str, batch: object) -> None:
+        async def counted(statements: Any) -> None:
             nonlocal commits
             commits += 1
-            await original(sql, batch)  # type: ignore[arg-type]
+            await original(statements)
 
-        database.executemany = counted  # type: ignore[method-assign]
+        database.write = counted  # type: ignore[method-assign]
         await writer.start()
         now = time.time()
         max_pending = 0

@@ -58,6 +58,7 @@ async def ledger_spend(database: Database, budget: Budget, until: float | None =
     where, among = "", []
     if budget.config.scope != "global":
         where, among = f" AND {SCOPE_COLUMNS[budget.config.scope]} = ?", [budget.target]
-    source, params = spend_source(budget.start, end, where, among)
+    keys = budget.config.scope == "key"
+    source, params = spend_source(budget.start, end, where, among, keys=keys)
     ((spent,),) = await database.fetch(f"SELECT COALESCE(SUM(cost_nano), 0) FROM {source}", params)
     return int(spent)

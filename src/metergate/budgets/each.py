@@ -87,7 +87,7 @@ async def ledger_spend_each(
         if not only:
             return {}
         where = f" AND {column} IN ({', '.join('?' * len(only))})"
-    source, params = spend_source(start, end, where, among)
+    source, params = spend_source(start, end, where, among, keys=column == "key_name")
     sql = (
         f"SELECT {column}, SUM(cost_nano) AS spent FROM {source} WHERE {column} IS NOT NULL "
         f"GROUP BY {column} HAVING SUM(cost_nano) > 0"
@@ -104,7 +104,7 @@ async def ledger_count_each(
 ) -> int:
     """How many targets of `each` spent at least `at_least_nano` from `start` to `end`."""
     column = SCOPE_COLUMNS[each.config.scope]
-    source, params = spend_source(start, end)
+    source, params = spend_source(start, end, keys=column == "key_name")
     ((count,),) = await database.fetch(
         f"SELECT COUNT(*) FROM (SELECT {column} FROM {source} WHERE {column} IS NOT NULL "
         f"GROUP BY {column} HAVING SUM(cost_nano) >= ?) AS spenders",

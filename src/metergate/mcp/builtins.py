@@ -155,7 +155,9 @@ class Builtins:
             start, end = period_bounds(now, period, "UTC")
             total = requests = 0
             if runtime.database is not None:
-                source, params = spend_source(start, end, " AND key_name = ?", [key.name])
+                source, params = spend_source(
+                    start, end, " AND key_name = ?", [key.name], keys=True
+                )
                 ((total, requests),) = await runtime.database.fetch(
                     f"SELECT COALESCE(SUM(cost_nano), 0), COALESCE(SUM(requests), 0) FROM {source}",
                     params,

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from metergate.metering.ledger_row import LedgerRow as LedgerRow
-from metergate.metering.spend_hours import UPSERT, hour_rows
+from metergate.metering.spend_hours import sum_statements
 from metergate.metering.spool import Spool, SpoolFileError
 from metergate.storage.database import Database
 
@@ -162,7 +162,7 @@ class LedgerWriter:
 
     async def _write(self, batch: list[LedgerRow]) -> None:
         """Insert a batch and add its spend by hour: one transaction."""
-        await self.database.write([(_INSERT, batch), (UPSERT, hour_rows(batch))])
+        await self.database.write([(_INSERT, batch), *sum_statements(batch)])
 
     async def _spool_held(self) -> None:
         """Move every row held in memory to a new spool file (under `_flushing`)."""

@@ -297,7 +297,8 @@ async def spend_by(
     where, params = only.sql(db.dialect)
     column = group_expression(db.dialect, group_by)
     if group_by in _HOURLY_GROUPS and not only.tags:  # sums by hour hold these columns
-        source, values = spend_source(start, end, where, params)
+        keys = group_by == "key" or bool(only.keys)
+        source, values = spend_source(start, end, where, params, keys=keys)
         sql = f"SELECT {column}, SUM(requests), SUM(cost_nano) FROM {source} GROUP BY {column}"
     else:
         sql = (
