@@ -50,10 +50,14 @@ def sum_statements(batch: Iterable[LedgerRow]) -> list[tuple[str, list[tuple[Any
     every writer takes the rows' locks in the same order (PostgreSQL), so two batches
     cannot deadlock."""
     by_key: Sums = {}
-    for row in batch:
-        _add(
-            by_key, (int(row.ts // HOUR), row.key_name, row.team or "", row.model), 1, row.cost_nano
-        )
+    for row in batch:  # once for every request: _add written out
+        group = (int(row.ts // HOUR), row.key_name, row.team or "", row.model)
+        found = by_key.get(group)
+        if found is None:
+            by_key[group] = [1, row.cost_nano]
+        else:
+            found[0] += 1
+            found[1] += row.cost_nano
     by_model: Sums = {}
     for (hour, _, team, model), (count, cost) in by_key.items():
         _add(by_model, (hour, team, model), count, cost)
