@@ -21,6 +21,7 @@ import pytest
 
 from tests.harness import BackgroundLoop, Gateway, UpstreamServer, simulated_config
 from tests.upstreams import RECORDER, Recorder, anthropic_server, gemini_server
+from tests.upstreams.openai_server import API_KEY as OPENAI_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 PYTHON_TALK = re.compile(r"[A-Z][a-z]+Error|object has no attribute|NoneType|unhashable")
@@ -75,6 +76,76 @@ def test_other_wrong_types_name_the_field(
     response = post(simulated, {"model": "sim", "messages": MESSAGES, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+WRONG_TYPES = ["hot", True, [0.5], {"value": 0.5}]
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("chat/completions", "temperature"),
+        ("chat/completions", "top_p"),
+        ("chat/completions", "presence_penalty"),
+        ("chat/completions", "frequency_penalty"),
+        ("completions", "temperature"),
+        ("completions", "frequency_penalty"),
+        ("responses", "temperature"),
+        ("responses", "top_p"),
+        ("messages", "temperature"),
+        ("messages", "top_p"),
+    ],
+)
+def test_sampling_numbers_of_another_type_are_refused_here(
+    simulated: Gateway, path: str, field: str
+) -> None:
+    """Every provider refuses them; refused by the gateway they are the caller's
+    mistake (`invalid_request`), not an upstream's refusal counted in its error rate."""
+    body: dict[str, Any] = {"model": "sim", "max_tokens": 5}
+    body |= {"prompt": "hi"} if path == "completions" else {"input": "hi"}
+    if path in ("chat/completions", "messages"):
+        body = {"model": "sim", "max_tokens": 5, "messages": MESSAGES}
+    for value in WRONG_TYPES:
+        response = post(simulated, {**body, field: value}, path)
+        assert response.status_code == 400, (value, response.text)
+        error = response.json()["error"]
+        assert f"`{field}` must be a number" in error["message"], error
+        if path != "messages":  # Anthropic's error shape has no param
+            assert error["param"] == field
+    rows = simulated.ledger_rows()
+    assert {row["outcome"] for row in rows} == {"invalid_request"}, rows
+    assert post(simulated, {**body, field: 0.5}, path).status_code == 200  # numbers pass
+    assert post(simulated, {**body, field: 1}, path).status_code == 200
+
+
+@pytest.fixture
+def passed_through(gateway_factory: Callable[..., Gateway], openai_upstream: Any) -> Gateway:
+    """An OpenAI-compatible upstream, to which the gateway passes the body on as it is."""
+    server, _ = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": OPENAI_KEY}
+    return gateway_factory(
+        {
+            "providers": {"up": provider},
+            "upstreams": {"up-gpt": {"provider": "up", "model": "gpt-4.1"}},
+            "models": {"sim": {"upstreams": ["up-gpt"]}},
+        }
+    )
+
+
+@pytest.mark.parametrize("stop", [5, [1, 2], {"a": "b"}, True])
+def test_stop_must_be_a_string_or_strings(
+    passed_through: Gateway, openai_upstream: Any, stop: Any
+) -> None:
+    _, upstream = openai_upstream
+    response = post(passed_through, {"model": "sim", "messages": MESSAGES, "stop": stop})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "stop"
+    response = post(passed_through, {"model": "sim", "prompt": "hi", "stop": stop}, "completions")
+    assert response.status_code == 400, response.text
+    assert upstream.requests == []  # refused before any upstream saw them
+    for good in ("\n", ["a", "b"], None):
+        response = post(passed_through, {"model": "sim", "messages": MESSAGES, "stop": good})
+        assert response.status_code == 200, response.text
 
 
 def test_embedding_dimensions_must_be_an_integer(simulated: Gateway) -> None:

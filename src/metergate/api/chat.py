@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from metergate.api.doors import Door, Exchange, Relay, check_integer
+from metergate.api.doors import Door, Exchange, Relay, check_integer, check_number, check_stop
 from metergate.asgi import (
     JSON_HEADERS,
     ON_DEPARTURE,
@@ -434,15 +436,21 @@ def _affinity(sticky: str, key: str, headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
-# Integer fields the gateway or an adapter reads, with their least value (None: any).
-# JSON's true/false are not numbers here, although Python's bool is an int.
-_CHAT_INTEGERS = (
-    ("max_tokens", 1),
-    ("max_completion_tokens", 1),
-    ("n", 1),
-    ("top_logprobs", 0),
-    ("seed", None),
-)
+# What the gateway checks of a chat body before an upstream sees it: the integers it or
+# an adapter reads, with their least value (JSON's true/false are not numbers here,
+# although Python's bool is an int), and the fields every provider takes of one type only.
+_CHAT_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
+    "max_tokens": partial(check_integer, least=1),
+    "max_completion_tokens": partial(check_integer, least=1),
+    "n": partial(check_integer, least=1),
+    "top_logprobs": partial(check_integer, least=0),
+    "seed": partial(check_integer, least=None),
+    "temperature": check_number,
+    "top_p": check_number,
+    "presence_penalty": check_number,
+    "frequency_penalty": check_number,
+    "stop": check_stop,
+}
 
 
 def _check_chat(body: dict[str, Any]) -> bool:
@@ -453,9 +461,8 @@ def _check_chat(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
-    for name, least in _CHAT_INTEGERS:
-        if name in body:  # most requests send one or none of them
-            check_integer(body, name, least)
+    for name in body.keys() & _CHAT_CHECKS.keys():  # most requests send one or two
+        _CHAT_CHECKS[name](body, name)
     options = body.get("stream_options")
     if options is not None and (
         not isinstance(options, dict)

@@ -80,6 +80,27 @@ def check_integer(body: dict[str, Any], name: str, least: int | None) -> None:
     raise InvalidRequest(f"`{name}` must be {wanted}, not {got}", param=name)
 
 
+def check_number(body: dict[str, Any], name: str) -> None:
+    """A 400 naming `name` unless it is absent or a number (`temperature`, `top_p`, ...).
+    Every provider refuses any other type; refused there, the caller's mistake would
+    count as the upstream's in error rates and rollout judgments."""
+    value = body.get(name)
+    if value is None or type(value) is float or type(value) is int:
+        return
+    got = "a boolean" if isinstance(value, bool) else f"{value!r}"[:40]
+    raise InvalidRequest(f"`{name}` must be a number, not {got}", param=name)
+
+
+def check_stop(body: dict[str, Any], name: str) -> None:
+    """A 400 naming `name` unless it is absent, a string or an array of strings."""
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return
+    raise InvalidRequest(f"`{name}` must be a string or an array of strings", param=name)
+
+
 def is_web_search(tool: Any) -> bool:
     """A provider's built-in web search tool (Anthropic's `web_search_2025...`, OpenAI's
     `web_search`, `web_search_preview`), billed per search."""

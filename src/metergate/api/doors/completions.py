@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay, check_integer
+from metergate.api.doors import Door, Exchange, Relay, check_integer, check_number, check_stop
 from metergate.asgi import Request
 from metergate.auth.keys import KeyRecord
 from metergate.errors import GatewayError, InvalidRequest
@@ -40,6 +40,7 @@ _PASSED = (
 
 # The integers the legacy API takes, with their least value (as the chat door checks).
 _INTEGERS = (("max_tokens", 1), ("n", 1), ("best_of", 1), ("logprobs", 0), ("seed", None))
+_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 
 class CompletionsDoor(Door):
@@ -54,6 +55,9 @@ class CompletionsDoor(Door):
             raise InvalidRequest("`stream` must be true or false", param="stream")
         for name, least in _INTEGERS:
             check_integer(body, name, least)
+        for name in _NUMBERS:
+            check_number(body, name)
+        check_stop(body, "stop")
         chat, lost = to_chat(body)
         return Exchange(chat, bool(stream), NativeRequest("completions", body, {}, lost))
 

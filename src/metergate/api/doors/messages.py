@@ -20,7 +20,14 @@ from typing import Any
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay, is_web_search, search_limit
+from metergate.api.doors import (
+    Door,
+    Exchange,
+    Relay,
+    check_number,
+    is_web_search,
+    search_limit,
+)
 from metergate.api.doors.messages_translate import (
     MessageStream,
     NativeMessageStream,
@@ -134,6 +141,8 @@ def check(body: dict[str, Any], require_max_tokens: bool) -> bool:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream: must be true or false", param="stream")
+    for name in ("temperature", "top_p"):
+        check_number(body, name)
     return bool(stream)
 
 

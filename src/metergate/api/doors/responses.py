@@ -25,7 +25,15 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from metergate.api.doors import Door, Exchange, Relay, check_integer, is_web_search, search_limit
+from metergate.api.doors import (
+    Door,
+    Exchange,
+    Relay,
+    check_integer,
+    check_number,
+    is_web_search,
+    search_limit,
+)
 from metergate.api.doors.responses_shape import check_request
 from metergate.api.doors.responses_stream import NativeResponseStream, ResponseStream
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
@@ -94,6 +102,8 @@ class ResponsesDoor(Door):
         stream, store = _flag(body, "stream", False), _flag(body, "store", True)
         for name, least in _INTEGERS:  # read as numbers by caps, budgets and translators
             check_integer(body, name, least)
+        for name in ("temperature", "top_p"):
+            check_number(body, name)
         for name, reason in _UNSUPPORTED.items():
             if body.get(name):
                 raise InvalidRequest(reason, param=name)
