@@ -461,8 +461,8 @@ def _check_chat(body: dict[str, Any]) -> bool:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
-    for name in body.keys() & _CHAT_CHECKS.keys():  # most requests send one or two
-        _CHAT_CHECKS[name](body, name)
+    for name in sorted(body.keys() & _CHAT_CHECKS.keys()):  # one or two, mostly; in order,
+        _CHAT_CHECKS[name](body, name)  # so a body wrong twice is always told the same
     options = body.get("stream_options")
     if options is not None and (
         not isinstance(options, dict)

@@ -292,7 +292,7 @@ async def spend_by(
 ) -> dict[str, Spend]:
     """Requests and cost per group in `[start, end)`: what the console's lists of keys
     and teams show, without `usage_summary`'s percentile, which sorts every row of the
-    period (ten times the time of these sums on 200,000 rows)."""
+    period; by model, key or team from the spend by hour (`metering.spend_hours`)."""
     only = only or UsageFilter()
     where, params = only.sql(db.dialect)
     column = group_expression(db.dialect, group_by)
