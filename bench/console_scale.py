@@ -142,9 +142,9 @@ def seed(ledger: Path, args: argparse.Namespace) -> int:
             connection.executemany(INSERT, batch)
         # rows written around the ledger writer: a schema with the spend by hour is put
         # back to the version before it, so the gateway's migration sums them (timed)
-        if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'spend_hours'").fetchall():
-            connection.execute("DROP TABLE spend_hours")
-            connection.execute("DROP TABLE key_spend_hours")
+        if connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage_hours'").fetchall():
+            for table in ("usage_hours", "key_spend_hours", "latency_hours"):
+                connection.execute(f"DROP TABLE {table}")
             connection.execute("DELETE FROM schema_migrations WHERE version = 12")
     return count
 

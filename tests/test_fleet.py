@@ -353,7 +353,7 @@ def test_fleet_behind_nginx_holds_limits_shares_cache_and_is_counted(fleet: Flee
     # the holds were released and the spend counted: the budget was used up, not just held
     assert spent >= (LIMIT_USD - IN_FLIGHT * MAX_HOLD_USD) * 10**9, spent
     # the spend by hour both replicas added to (what budgets and the console sum) is the rows'
-    for table in ("spend_hours", "key_spend_hours"):
+    for table in ("usage_hours", "key_spend_hours"):
         summed = fleet.ledger(f"SELECT sum(requests) || '|' || sum(cost_nano) FROM {table}")
         assert summed.strip() == f"{total}|{spent}", (table, summed)
 

@@ -106,7 +106,7 @@ async def test_rows_refused_at_shutdown_are_spooled_and_written_at_the_next_star
     assert await stored_rows(database) == appended  # none lost, none twice, in order
     assert spool_files(spool) == [] and restarted.pending == 0
     await restarted.close()
-    for table in ("spend_hours", "key_spend_hours"):  # the replayed rows summed once too
+    for table in ("usage_hours", "key_spend_hours"):  # the replayed rows summed once too
         ((count, cost),) = await database.fetch(
             f"SELECT SUM(requests), SUM(cost_nano) FROM {table}"
         )

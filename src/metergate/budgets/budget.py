@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metergate.config.model import EACH, BudgetConfig
-from metergate.metering.spend_hours import spend_source
+from metergate.metering.hourly import spend_source
 from metergate.storage.database import Database
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from metergate.budgets.budget import SCOPE_COLUMNS, Budget, passed
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
-from metergate.metering.spend_hours import spend_source
+from metergate.metering.hourly import spend_source
 from metergate.storage.database import Database
 
 

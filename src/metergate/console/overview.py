@@ -14,8 +14,10 @@ from typing import Any
 from metergate.budgets.budget import Budget, ledger_spend
 from metergate.budgets.each import EachBudget, ledger_count_each, ledger_spend_each
 from metergate.budgets.period import period_bounds
+from metergate.console.long_windows import long_window
 from metergate.console.series import model_series
 from metergate.console.windows import Window
+from metergate.metering.hourly import HOUR
 from metergate.metering.report import (
     Spend,
     UsageFilter,
@@ -191,13 +193,17 @@ async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict
 
 async def overview(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:
     now = time.time()
-    groups = await usage_summary(database, "model", now - window.seconds, now)
+    if window.step >= HOUR:  # 7 and 30 days: from the sums by hour
+        groups, series = await long_window(database, window, now)
+    else:
+        groups = await usage_summary(database, "model", now - window.seconds, now)
+        series = await model_series(database, window, now)
     return {
         "window": window.name,
         "now": now,
         "spend": await spend(database, now),
         "totals": group_json(groups[-1]),
         "models": [{"model": g.name, **group_json(g)} for g in groups[:-1]],
-        "series": await model_series(database, window, now),
+        "series": series,
         "budgets": await budgets(runtime, database, now),
     }

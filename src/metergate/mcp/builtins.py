@@ -18,7 +18,7 @@ from mcp_types import CallToolResult, TextContent, Tool
 
 from metergate.auth.keys import KeyRecord
 from metergate.budgets.period import iso, period_bounds
-from metergate.metering.spend_hours import spend_source
+from metergate.metering.hourly import spend_source
 
 if TYPE_CHECKING:
     from metergate.runtime import Runtime

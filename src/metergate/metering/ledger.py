@@ -16,7 +16,7 @@ Outages: rows the database has refused for `spool_after` seconds go to the local
 database is unreachable. `flush` replays this process's spool before anything newer, so
 after a flush every row appended so far is in the ledger, as the budget rebuilds expect.
 
-Each batch also adds its sums to the spend by hour (`metering.spend_hours`) in the same
+Each batch also adds its sums by hour (`metering.hourly`) in the same
 transaction, so what budgets and the console sum there is what the rows say.
 """
 
@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from metergate.metering.hourly import sum_statements
 from metergate.metering.ledger_row import LedgerRow as LedgerRow
-from metergate.metering.spend_hours import sum_statements
 from metergate.metering.spool import Spool, SpoolFileError
 from metergate.storage.database import Database
 
@@ -161,8 +161,8 @@ class LedgerWriter:
         return len(batch)
 
     async def _write(self, batch: list[LedgerRow]) -> None:
-        """Insert a batch and add its spend by hour: one transaction."""
-        await self.database.write([(_INSERT, batch), *sum_statements(batch)])
+        """Insert a batch and add its sums by hour: one transaction."""
+        await self.database.write([(_INSERT, batch), *sum_statements(self.database.dialect, batch)])
 
     async def _spool_held(self) -> None:
         """Move every row held in memory to a new spool file (under `_flushing`)."""

@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 
 from metergate.config.model import GatewayConfig, Price
 from metergate.config.observe import TAG_NAME
+from metergate.metering.hourly import spend_source
 from metergate.metering.pricing import UnitPrices
-from metergate.metering.spend_hours import spend_source
 from metergate.providers.base import Usage
 from metergate.storage.database import Database
 
@@ -292,7 +292,7 @@ async def spend_by(
 ) -> dict[str, Spend]:
     """Requests and cost per group in `[start, end)`: what the console's lists of keys
     and teams show, without `usage_summary`'s percentile, which sorts every row of the
-    period; by model, key or team from the spend by hour (`metering.spend_hours`)."""
+    period; by model, key or team from the spend by hour (`metering.hourly`)."""
     only = only or UsageFilter()
     where, params = only.sql(db.dialect)
     column = group_expression(db.dialect, group_by)

@@ -10,6 +10,7 @@ import abc
 import asyncio
 import contextlib
 import errno
+import math
 import re
 import socket
 import sqlite3
@@ -209,6 +210,16 @@ class SQLiteDatabase(Database):
                     raise
                 await asyncio.sleep(0.05)
         await self._conn.execute("PRAGMA synchronous=NORMAL")
+        await self._math_functions()
+
+    async def _math_functions(self) -> None:
+        """LN and FLOOR, which a migration uses (`storage.migrations`), from Python where
+        the SQLite library was built without its math functions."""
+        try:
+            await self._conn.execute("SELECT LN(2), FLOOR(2.5)")
+        except sqlite3.OperationalError:
+            await self._conn.create_function("LN", 1, math.log, deterministic=True)
+            await self._conn.create_function("FLOOR", 1, math.floor, deterministic=True)
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         async with self._lock:

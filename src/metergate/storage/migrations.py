@@ -13,16 +13,23 @@ from metergate.storage.database import Database
 
 _LOCK_KEY = 0x6D657465  # "mete": PostgreSQL advisory lock id for migrations
 _PK = {"sqlite": "INTEGER PRIMARY KEY", "postgresql": "BIGSERIAL PRIMARY KEY"}
-# A ledger row's hour, floor(ts / 3600), as the ledger writer computes it in Python: the
-# division can round a row a hair before an hour's start up into that hour, so the
+# A ledger row's hour, floor(ts / 3600), as `metering.hourly` reads it (ts >= h * 3600):
+# the division can round a row a hair before an hour's start up into that hour, so the
 # quotient is checked against the row's time (exact: an integer times 3600).
 _QUOTIENT = {
     "sqlite": "CAST(ts / 3600 AS INTEGER)",
     "postgresql": "CAST(FLOOR(ts / 3600) AS BIGINT)",
 }
-_HOUR = {
+HOUR_OF_TS = {
     dialect: f"CASE WHEN {q} * 3600 > ts THEN {q} - 1 ELSE {q} END"
     for dialect, q in _QUOTIENT.items()
+}
+# A latency's bin, as `metering.hourly.latency_bin` computes it: floor(8 * log2(ms)), with
+# anything under 2**-10 ms in the lowest bin (-80). (LN: SQLite's math functions, which
+# `storage.database` provides where the library was built without them.)
+LATENCY_BIN = {
+    "sqlite": "CAST(FLOOR(8 * LN(MAX({x}, 0.0009765625)) / LN(2)) AS INTEGER)",
+    "postgresql": "CAST(FLOOR(8 * LN(GREATEST({x}, 0.0009765625)) / LN(2)) AS INTEGER)",
 }
 
 
@@ -208,12 +215,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         12,
-        "spend by hour",
-        # The sums budgets and the console read (`metering.spend_hours`), kept by the
-        # ledger writer in each batch's transaction; filled here from the rows so far
-        # (~20 s for 6,000,000 rows on SQLite, once). A team is '' for none. NUMERIC: a
-        # sum past 2**63 (absurd prices) must not fail the batch that carries its rows
-        # (PostgreSQL keeps it exact; SQLite turns it into a float).
+        "sums by hour",
+        # What budgets and the console read instead of every row of a period
+        # (`metering.hourly`), kept by the ledger writer in each batch's transaction;
+        # filled here from the rows so far (~20 s for 6,000,000 rows on SQLite, once). A
+        # team is '' for none. NUMERIC: a sum past 2**63 (absurd prices) must not fail
+        # the batch that carries its rows (PostgreSQL keeps it exact; SQLite turns it into
+        # a float). Latencies are counted in bins an eighth of a power of two wide.
         (
             """CREATE TABLE key_spend_hours (
                 hour BIGINT NOT NULL,
@@ -225,20 +233,41 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (hour, key_name, team, model)
             )""",
             "CREATE INDEX key_spend_hours_key ON key_spend_hours (key_name, hour)",
-            """CREATE TABLE spend_hours (
+            """CREATE TABLE usage_hours (
                 hour BIGINT NOT NULL,
                 team TEXT NOT NULL,
                 model TEXT NOT NULL,
+                outcome TEXT NOT NULL,
                 requests NUMERIC NOT NULL,
+                input_tokens NUMERIC NOT NULL,
+                cached_input_tokens NUMERIC NOT NULL,
+                output_tokens NUMERIC NOT NULL,
                 cost_nano NUMERIC NOT NULL,
-                PRIMARY KEY (hour, team, model)
+                saved_nano NUMERIC NOT NULL,
+                PRIMARY KEY (hour, team, model, outcome)
+            )""",
+            """CREATE TABLE latency_hours (
+                hour BIGINT NOT NULL,
+                model TEXT NOT NULL,
+                kind INTEGER NOT NULL,
+                bin INTEGER NOT NULL,
+                requests NUMERIC NOT NULL,
+                PRIMARY KEY (hour, model, kind, bin)
             )""",
             """INSERT INTO key_spend_hours (hour, key_name, team, model, requests, cost_nano)
             SELECT {hour}, key_name, COALESCE(team, ''), model, COUNT(*), SUM(cost_nano)
             FROM requests GROUP BY 1, 2, 3, 4""",
-            """INSERT INTO spend_hours (hour, team, model, requests, cost_nano)
-            SELECT hour, team, model, SUM(requests), SUM(cost_nano)
-            FROM key_spend_hours GROUP BY hour, team, model""",
+            """INSERT INTO usage_hours (hour, team, model, outcome, requests, input_tokens,
+                cached_input_tokens, output_tokens, cost_nano, saved_nano)
+            SELECT {hour}, COALESCE(team, ''), model, outcome, COUNT(*), SUM(input_tokens),
+                SUM(cached_input_tokens), SUM(output_tokens), SUM(cost_nano), SUM(saved_nano)
+            FROM requests GROUP BY 1, 2, 3, 4""",
+            """INSERT INTO latency_hours (hour, model, kind, bin, requests)
+            SELECT {hour}, model, 0, {bin:duration_ms}, COUNT(*) FROM requests
+            GROUP BY 1, 2, 3, 4""",
+            """INSERT INTO latency_hours (hour, model, kind, bin, requests)
+            SELECT {hour}, model, 1, {bin:ttft_ms}, COUNT(*) FROM requests
+            WHERE ttft_ms IS NOT NULL GROUP BY 1, 2, 3, 4""",
         ),
     ),
 )
@@ -257,10 +286,7 @@ async def migrate(database: Database) -> list[int]:
         )
         if done:
             continue
-        statements = [
-            s.replace("{pk}", _PK[database.dialect]).replace("{hour}", _HOUR[database.dialect])
-            for s in migration.statements
-        ]
+        statements = [_for_dialect(s, database.dialect) for s in migration.statements]
         record = (
             "INSERT INTO schema_migrations (version, name, applied_at) "
             f"SELECT {migration.version}, '{migration.name}', {time.time()} "
@@ -278,6 +304,13 @@ async def migrate(database: Database) -> list[int]:
             continue
         applied_now.append(migration.version)
     return applied_now
+
+
+def _for_dialect(statement: str, dialect: str) -> str:
+    statement = statement.replace("{pk}", _PK[dialect]).replace("{hour}", HOUR_OF_TS[dialect])
+    for column in ("duration_ms", "ttft_ms"):
+        statement = statement.replace(f"{{bin:{column}}}", LATENCY_BIN[dialect].format(x=column))
+    return statement
 
 
 def latest_version() -> int:

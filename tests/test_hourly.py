@@ -1,4 +1,4 @@
-"""The spend by hour (`metering.spend_hours`) that budgets, the forecast and the console
+"""The spend by hour (`metering.hourly`) that budgets, the forecast and the console
 sum: for any period, on SQLite and on PostgreSQL, its sums are the ledger rows' sums to
 the nano-dollar, however the period's ends fall against the hours, after a migration
 filled it from older rows, and when a commit's answer was lost and the batch retried."""
@@ -16,8 +16,17 @@ import pytest
 from metergate.budgets.budget import Budget, ledger_spend
 from metergate.budgets.each import EachBudget, ledger_count_each, ledger_spend_each
 from metergate.config.model import BudgetConfig
+from metergate.console.long_windows import long_window
+from metergate.console.windows import WINDOWS
+from metergate.metering.hourly import USAGE_SUMS, HourSums
 from metergate.metering.ledger import COLUMNS, LedgerRow, LedgerWriter
-from metergate.metering.report import UsageFilter, spend_between, spend_by
+from metergate.metering.report import (
+    ERROR_OUTCOMES,
+    REFUSED_OUTCOMES,
+    UsageFilter,
+    spend_between,
+    spend_by,
+)
 from metergate.storage.database import Database, open_database
 from metergate.storage.migrations import migrate
 from tests.services import (  # noqa: F401 - fixtures, also when conftest.py lacks them
@@ -32,6 +41,7 @@ EPOCH = 1_764_547_200.0  # 2025-12-01 00:00 UTC: an hour's start
 KEYS = ("alice", "bob", "carol", "dave")
 TEAMS = ("search", "support", None)
 MODELS = ("small", "large")
+OUTCOMES = ("success", "success", "success", "upstream_error", "rate_limited")
 
 
 def ledger_rows(count: int, seed: int = 3) -> list[LedgerRow]:
@@ -57,9 +67,9 @@ def ledger_rows(count: int, seed: int = 3) -> list[LedgerRow]:
                 output_tokens=5,
                 cost_nano=2**44 + rng.randrange(0, 10**9) if n % 7 else 0,  # sums past 2**53
                 saved_nano=0,
-                duration_ms=1.0,
-                ttft_ms=None,
-                outcome="success",
+                duration_ms=rng.lognormvariate(5, 1.5) if n % 50 else 0.0,
+                ttft_ms=rng.lognormvariate(4, 1) if n % 3 else None,
+                outcome=rng.choice(OUTCOMES),
                 status=200,
                 cache_hit=0,
                 stream=0,
@@ -102,7 +112,27 @@ def periods(rng: random.Random, count: int) -> list[tuple[float, float]]:
     return found
 
 
+async def assert_tables_hold_the_rows_sums(database: Database) -> None:
+    """Every hour's sums, counts and latency bins are those of its rows."""
+    stored = await database.fetch(f"SELECT {', '.join(COLUMNS)} FROM requests")
+    expected = HourSums(LedgerRow(*row) for row in stored)
+    tables = {
+        "key_spend_hours": ("hour, key_name, team, model", "requests, cost_nano"),
+        "usage_hours": ("hour, team, model, outcome", ", ".join(USAGE_SUMS)),
+        "latency_hours": ("hour, model, kind, bin", "requests"),
+    }
+    found = {}
+    for table, (group, sums) in tables.items():
+        width = group.count(",") + 1
+        rows = await database.fetch(f"SELECT {group}, {sums} FROM {table}")
+        found[table] = {tuple(row[:width]): [int(v) for v in row[width:]] for row in rows}
+    assert found["key_spend_hours"] == expected.keys
+    assert found["usage_hours"] == expected.usage
+    assert found["latency_hours"] == {group: [n] for group, n in expected.latency.items()}
+
+
 async def assert_sums_match(database: Database, rng: random.Random, count: int = 60) -> None:
+    await assert_tables_hold_the_rows_sums(database)
     for start, end in periods(rng, count):
         where = f"[{start!r}, {end!r})"
         by_key = await raw_sums(database, "key_name", start, end)
@@ -145,10 +175,10 @@ async def test_sums_by_hour_are_the_rows_sums_for_any_period(database: Database)
     await writer.close()
     ((stored,),) = await database.fetch("SELECT COUNT(*) FROM requests")
     ((by_key,),) = await database.fetch("SELECT COUNT(*) FROM key_spend_hours")
-    ((by_model,),) = await database.fetch("SELECT COUNT(*) FROM spend_hours")
+    ((by_model,),) = await database.fetch("SELECT COUNT(*) FROM usage_hours")
     assert stored == 3020
     assert by_key <= 31 * len(KEYS) * len(MODELS)  # sums, not rows
-    assert by_model <= 31 * len(TEAMS) * len(MODELS)
+    assert by_model <= 31 * len(TEAMS) * len(MODELS) * 3  # three outcomes
     await assert_sums_match(database, random.Random(11))
 
 
@@ -156,8 +186,8 @@ async def test_the_migration_fills_the_sums_from_the_rows_before_it(database: Da
     """A ledger from before the table: its rows are summed by the migration, and the
     writer's later batches add to those sums."""
     rows = ledger_rows(1500, seed=5)
-    await database.execute("DROP TABLE spend_hours")
-    await database.execute("DROP TABLE key_spend_hours")
+    for table in ("usage_hours", "key_spend_hours", "latency_hours"):
+        await database.execute(f"DROP TABLE {table}")
     await database.execute("DELETE FROM schema_migrations WHERE version = 12")
     insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
     await database.executemany(insert, rows[:1000])
@@ -188,7 +218,7 @@ async def test_a_batch_retried_after_its_answer_was_lost_is_summed_once(
     await writer.close()
     ((stored,),) = await database.fetch("SELECT COUNT(*) FROM requests")
     assert stored == 420
-    for table in ("spend_hours", "key_spend_hours"):
+    for table in ("usage_hours", "key_spend_hours"):
         ((summed,),) = await database.fetch(f"SELECT SUM(requests) FROM {table}")
         assert int(summed) == 420
     await assert_sums_match(database, random.Random(19), count=20)
@@ -207,8 +237,8 @@ async def test_gateways_writing_the_same_hours_at_once_do_not_deadlock(
 ) -> None:
     """Four gateways' writers on one PostgreSQL ledger commit batches of the same hour's
     1,000 keys at the same moment, each meeting the keys in its own order: each batch
-    takes its sums' row locks in key order, so no commit fails on a deadlock (taken in
-    the order met, a round of this test had two), and the sums are the rows'."""
+    adds its sums in key order, so no commit fails on a deadlock (when the writer added
+    them in the order met, a round of this test had two), and the sums are the rows'."""
     databases = [await open_database(fresh_postgres_url) for _ in range(4)]
     writers = [LedgerWriter(db, flush_seconds=3600, batch_rows=10**6) for db in databases]
     (row,) = ledger_rows(0)[:1]
@@ -227,3 +257,44 @@ async def test_gateways_writing_the_same_hours_at_once_do_not_deadlock(
     finally:
         for db in databases:
             await db.close()
+
+
+@pytest.mark.parametrize("name", ["7d", "30d"])
+async def test_long_windows_count_exactly_and_rank_within_a_bin(
+    database: Database, name: str
+) -> None:
+    """The Overview's 7 and 30 days, from the sums by hour and the hour under way's rows:
+    every count and sum the rows' own, every p95 within 4.5 % of their nearest rank."""
+    writer = LedgerWriter(database, flush_seconds=0.01)
+    await writer.start()
+    rows = ledger_rows(4000, seed=37)
+    for row in rows:
+        writer.append(row)
+    await writer.close()
+    window = WINDOWS[name]
+    now = EPOCH + 29.5 * HOUR  # half of hour 29 under way; the rows after now not yet
+    groups, series = await long_window(database, window, now)
+    first = series["timestamps"][0]
+    assert first % window.step == 0 and now - first <= window.seconds
+    seen = [row for row in rows if first <= row.ts < now]
+    for group in groups:
+        mine = [row for row in seen if group.name in (None, row.model)]
+        assert group.requests == len(mine)
+        assert group.errors == sum(row.outcome in ERROR_OUTCOMES for row in mine)
+        assert group.refused == sum(row.outcome in REFUSED_OUTCOMES for row in mine)
+        assert group.cost_nano == sum(row.cost_nano for row in mine)
+        assert group.input_tokens == sum(row.input_tokens for row in mine)
+        exact = sorted(row.duration_ms for row in mine)[math.ceil(0.95 * len(mine)) - 1]
+        assert abs(math.log2(group.p95_ms / max(exact, 2**-10))) <= 1 / 16 + 1e-9
+    for model, line in series["models"].items():
+        for index, rate in enumerate(line["requests_per_second"]):
+            start = first + index * window.step
+            end = min(start + window.step, now)
+            inside = [r for r in seen if r.model == model and start <= r.ts < end]
+            assert round(rate * (end - start)) == len(inside), (model, index)
+            ttfts = sorted(r.ttft_ms for r in inside if r.ttft_ms is not None)
+            if ttfts:
+                exact = ttfts[math.ceil(0.95 * len(ttfts)) - 1]
+                assert abs(math.log2(line["ttft_p95_ms"][index] / exact)) <= 1 / 16 + 1e-9
+            else:
+                assert line["ttft_p95_ms"][index] is None
