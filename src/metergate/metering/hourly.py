@@ -51,29 +51,35 @@ USAGE_SUMS = (
 )
 # A batch's rows as the statements that sum them read them: on SQLite the last rows of
 # `requests` (the batch's transaction holds the one write lock, so its rows took the
-# next ids), on PostgreSQL the batch itself, sent again as one array per column (other
-# transactions take ids in between).
-_BATCH_COLUMNS = (
-    ("ts", "float8", 0),
-    ("key_name", "text", 2),
-    ("team", "text", 19),
-    ("model", "text", 3),
-    ("outcome", "text", 13),
-    ("input_tokens", "bigint", 6),
-    ("cached_input_tokens", "bigint", 7),
-    ("output_tokens", "bigint", 8),
-    ("cost_nano", "bigint", 9),
-    ("saved_nano", "bigint", 10),
-    ("duration_ms", "float8", 11),
-    ("ttft_ms", "float8", 12),
-)
-_BATCH = {
-    "sqlite": "requests WHERE id > (SELECT MAX(id) FROM requests) - ?",
-    "postgresql": (
-        f"unnest({', '.join(f'?::{kind}[]' for _, kind, _ in _BATCH_COLUMNS)}) "
-        f"AS batch({', '.join(name for name, _, _ in _BATCH_COLUMNS)}) WHERE true"
-    ),
+# next ids), on PostgreSQL the batch itself, sent again as one array per column read
+# (other transactions take ids in between). Column: (type, index in a LedgerRow).
+_COLUMNS = {
+    "ts": ("float8", 0),
+    "key_name": ("text", 2),
+    "model": ("text", 3),
+    "input_tokens": ("bigint", 6),
+    "cached_input_tokens": ("bigint", 7),
+    "output_tokens": ("bigint", 8),
+    "cost_nano": ("bigint", 9),
+    "saved_nano": ("bigint", 10),
+    "duration_ms": ("float8", 11),
+    "ttft_ms": ("float8", 12),
+    "outcome": ("text", 13),
+    "team": ("text", 19),
 }
+_KEY_COLUMNS = ("ts", "key_name", "team", "model", "cost_nano")
+_USAGE_COLUMNS = ("ts", "team", "model", "outcome", *USAGE_SUMS[1:])
+_LATENCY_COLUMNS = ("ts", "model", "duration_ms", "ttft_ms")
+
+
+def _batch(dialect: str, columns: tuple[str, ...]) -> str:
+    """The batch's rows, with their hour, as a subquery named `rows`."""
+    if dialect == "sqlite":
+        source = "requests WHERE id > (SELECT MAX(id) FROM requests) - ?"
+    else:
+        arrays = ", ".join(f"?::{_COLUMNS[name][0]}[]" for name in columns)
+        source = f"unnest({arrays}) AS batch({', '.join(columns)})"
+    return f"(SELECT {HOUR_OF_TS[dialect]} AS hour, {', '.join(columns)} FROM {source}) AS rows"
 
 
 def _sum_into(
@@ -97,40 +103,38 @@ _TEAM = ("COALESCE(team, '')", "team")
 
 
 def _statements(dialect: str) -> tuple[str, str, str]:
-    hour = HOUR_OF_TS[dialect]
-    batch = _BATCH[dialect]
-    rows = f"(SELECT {hour} AS hour, * FROM {batch}) AS rows"
     keys = _sum_into(
         "key_spend_hours",
         (("key_name", "key_name"), _TEAM, ("model", "model")),
         "COUNT(*), SUM(cost_nano)",
-        rows,
+        _batch(dialect, _KEY_COLUMNS),
         ("requests", "cost_nano"),
     )
     usage = _sum_into(
         "usage_hours",
         (_TEAM, ("model", "model"), ("outcome", "outcome")),
         "COUNT(*), " + ", ".join(f"SUM({name})" for name in USAGE_SUMS[1:]),
-        rows,
+        _batch(dialect, _USAGE_COLUMNS),
         USAGE_SUMS,
     )
     duration, ttft = (LATENCY_BIN[dialect].format(x=x) for x in ("duration_ms", "ttft_ms"))
-    latencies = (
-        f"(SELECT {hour} AS hour, model, {DURATION} AS kind, {duration} AS bin FROM {batch} "
-        f"UNION ALL SELECT {hour}, model, {TTFT}, {ttft} FROM {batch} "
-        "AND ttft_ms IS NOT NULL) AS latencies"
-    )
+    kinds = f"(SELECT {DURATION} AS kind UNION ALL SELECT {TTFT}) AS kinds"
     latency = _sum_into(
         "latency_hours",
-        (("model", "model"), ("kind", "kind"), ("bin", "bin")),
+        (
+            ("model", "model"),
+            ("kind", "kind"),
+            (f"CASE kind WHEN {DURATION} THEN {duration} ELSE {ttft} END", "bin"),
+        ),
         "COUNT(*)",
-        latencies,
+        f"{_batch(dialect, _LATENCY_COLUMNS)} CROSS JOIN {kinds} "
+        f"WHERE kind = {DURATION} OR ttft_ms IS NOT NULL",
         ("requests",),
     )
     return keys, usage, latency
 
 
-_STATEMENTS = {dialect: _statements(dialect) for dialect in _BATCH}
+_STATEMENTS = {dialect: _statements(dialect) for dialect in ("sqlite", "postgresql")}
 
 
 def sum_statements(dialect: str, batch: Sequence[LedgerRow]) -> list[tuple[str, list[Any]]]:
@@ -138,11 +142,18 @@ def sum_statements(dialect: str, batch: Sequence[LedgerRow]) -> list[tuple[str, 
     that inserts it, right after: the database sums the rows, not the event loop."""
     keys, usage, latency = _STATEMENTS[dialect]
     if dialect == "sqlite":
-        count = (len(batch),)
-        return [(keys, [count]), (usage, [count]), (latency, [count + count])]
+        count = [(len(batch),)]
+        return [(keys, count), (usage, count), (latency, count)]
     columns = list(zip(*batch, strict=True))
-    arrays = [list(columns[index]) for _, _, index in _BATCH_COLUMNS]
-    return [(keys, [arrays]), (usage, [arrays]), (latency, [arrays + arrays])]
+
+    def arrays(names: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        return [tuple(list(columns[_COLUMNS[name][1]]) for name in names)]
+
+    return [
+        (keys, arrays(_KEY_COLUMNS)),
+        (usage, arrays(_USAGE_COLUMNS)),
+        (latency, arrays(_LATENCY_COLUMNS)),
+    ]
 
 
 def latency_bin(ms: float) -> int:
