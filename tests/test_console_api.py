@@ -461,10 +461,15 @@ def test_overview_series_percentiles_and_budget_states(gateway_factory):
 # -- upstreams --------------------------------------------------------------------------
 
 
-def test_upstreams_show_circuits_errors_retries_and_fallbacks(gateway):
+@pytest.mark.parametrize("window", ["1h", "30d"])  # 30 d: from the sums by hour
+def test_upstreams_show_circuits_errors_retries_and_fallbacks(gateway, window):
     send_traffic(gateway)
+    old = {"ts": time.time() - 7200, "model": "flaky", "upstream": "shaky", "attempts": 3}
+    insert_rows(gateway, [{**old, "outcome": "upstream_error", "duration_ms": 50.0}])
     rows = gateway.ledger_rows()
-    data = admin(gateway, "/admin/api/upstreams?window=1h").json()
+    if window == "1h":
+        rows = [r for r in rows if r["ts"] > old["ts"]]
+    data = admin(gateway, f"/admin/api/upstreams?window={window}").json()
     ups = {u["name"]: u for u in data["upstreams"]}
     assert set(ups) == {"fast", "shaky", "broken", "old", "new"}
     assert ups["broken"]["circuit"] == "open"
@@ -485,6 +490,8 @@ def test_upstreams_show_circuits_errors_retries_and_fallbacks(gateway):
         "metergate_upstream_attempts_total", upstream="shaky", outcome="upstream_error"
     )
     assert ups["fast"]["serves"] == ["chat"] and ups["new"]["serves"] == ["moving"]
+    assert ups["shaky"]["window"]["requests"] == len(shaky_rows)
+    assert ups["shaky"]["window"]["errors"] == outcomes["upstream_error"]
 
 
 # -- keys -------------------------------------------------------------------------------

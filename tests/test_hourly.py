@@ -42,6 +42,7 @@ KEYS = ("alice", "bob", "carol", "dave")
 TEAMS = ("search", "support", None)
 MODELS = ("small", "large")
 OUTCOMES = ("success", "success", "success", "upstream_error", "rate_limited")
+UPSTREAMS = ("up-a", "up-b")
 
 
 def ledger_rows(count: int, seed: int = 3) -> list[LedgerRow]:
@@ -60,8 +61,8 @@ def ledger_rows(count: int, seed: int = 3) -> list[LedgerRow]:
                 request_id=f"req-{n}",
                 key_name=key,
                 model=rng.choice(MODELS),
-                upstream="up",
-                attempts=1,
+                upstream=rng.choice(UPSTREAMS),
+                attempts=rng.choice((1, 1, 1, 2, 3)),
                 input_tokens=10,
                 cached_input_tokens=0,
                 output_tokens=5,
@@ -118,8 +119,8 @@ async def assert_tables_hold_the_rows_sums(database: Database) -> None:
     expected = HourSums(LedgerRow(*row) for row in stored)
     tables = {
         "key_spend_hours": ("hour, key_name, team, model", "requests, cost_nano"),
-        "usage_hours": ("hour, team, model, outcome", ", ".join(USAGE_SUMS)),
-        "latency_hours": ("hour, model, kind, bin", "requests"),
+        "usage_hours": ("hour, team, model, upstream, outcome", ", ".join(USAGE_SUMS)),
+        "latency_hours": ("hour, model, upstream, kind, bin", "requests"),
     }
     found = {}
     for table, (group, sums) in tables.items():
@@ -178,7 +179,7 @@ async def test_sums_by_hour_are_the_rows_sums_for_any_period(database: Database)
     ((by_model,),) = await database.fetch("SELECT COUNT(*) FROM usage_hours")
     assert stored == 3020
     assert by_key <= 31 * len(KEYS) * len(MODELS)  # sums, not rows
-    assert by_model <= 31 * len(TEAMS) * len(MODELS) * 3  # three outcomes
+    assert by_model <= 31 * len(TEAMS) * len(MODELS) * len(UPSTREAMS) * 3  # three outcomes
     await assert_sums_match(database, random.Random(11))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from metergate.console.series import MAX_SERIES
 from metergate.console.windows import Window
-from metergate.metering.hourly import DURATION, HOUR, HourSums, nearest_rank
+from metergate.metering.hourly import DURATION, HOUR, USAGE_SUMS, HourSums, nearest_rank
 from metergate.metering.ledger import COLUMNS, LedgerRow
 from metergate.metering.report import ERROR_OUTCOMES, REFUSED_OUTCOMES, UsageGroup
 from metergate.storage.database import Database
@@ -27,13 +27,13 @@ _REFUSED = frozenset(REFUSED_OUTCOMES)
 
 
 @dataclass(slots=True)
-class _Counts:
-    """Requests of one model (or of all) in one bucket (or in the whole window)."""
+class Counts:
+    """Requests of one model or upstream (or of all) in one bucket (or the window)."""
 
     requests: int = 0
     errors: int = 0
     refused: int = 0
-    sums: list[int] = field(default_factory=lambda: [0] * 5)  # tokens in/cached/out, cost, saved
+    sums: list[int] = field(default_factory=lambda: [0] * (len(USAGE_SUMS) - 1))  # the rest
     latency: dict[int, int] = field(default_factory=dict)
     ttft: dict[int, int] = field(default_factory=dict)
 
@@ -49,7 +49,7 @@ class _Counts:
         bins = self.latency if kind == DURATION else self.ttft
         bins[bin_] = bins.get(bin_, 0) + count
 
-    def merge(self, other: _Counts) -> None:
+    def merge(self, other: Counts) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.refused += other.refused
@@ -59,7 +59,7 @@ class _Counts:
                 mine[bin_] = mine.get(bin_, 0) + count
 
     def group(self, name: str | None) -> UsageGroup:
-        tokens_in, cached, tokens_out, cost, saved = self.sums
+        tokens_in, cached, tokens_out, cost, saved, _ = self.sums
         p95 = nearest_rank(self.latency)
         return UsageGroup(
             name,
@@ -75,52 +75,67 @@ class _Counts:
         )
 
 
-async def long_window(
-    database: Database, window: Window, now: float
-) -> tuple[list[UsageGroup], dict[str, Any]]:
-    """The models' totals (costliest first, then the total of all, as
-    `metering.report.usage_summary`) and the charts' series (as `console.series`)."""
-    step, size = window.step, window.buckets
-    first = (int(now // step) - (size - 1)) * step  # the first bucket's start: whole hours
+def window_start(window: Window, now: float) -> int:
+    """Where a long window's first bucket starts: whole buckets, the last under way."""
+    return (int(now // window.step) - (window.buckets - 1)) * window.step
+
+
+async def read_hours(
+    database: Database, first: int, now: float
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """From `first` (an hour's start) to `now`: usage as `(hour, model, upstream, outcome,
+    *USAGE_SUMS)` and latencies as `(hour, model, upstream, kind, bin, requests)`, from
+    the sums of whole hours and the rows of the hour under way (a group can come twice)."""
     this_hour = int(now // HOUR)
     hours = (first // HOUR, this_hour)
-    usage = await database.fetch(
-        "SELECT hour, model, outcome, SUM(requests), SUM(input_tokens), "
-        "SUM(cached_input_tokens), SUM(output_tokens), SUM(cost_nano), SUM(saved_nano) "
-        "FROM usage_hours WHERE hour >= ? AND hour < ? GROUP BY hour, model, outcome",
-        hours,
-    )
-    latency = await database.fetch(
-        "SELECT hour, model, kind, bin, SUM(requests) FROM latency_hours "
-        "WHERE hour >= ? AND hour < ? GROUP BY hour, model, kind, bin",
-        hours,
-    )
+    sums = ", ".join(f"SUM({name})" for name in USAGE_SUMS)
+    usage = [
+        (int(hour), str(model), str(upstream), str(outcome), *(int(v) for v in values))
+        for hour, model, upstream, outcome, *values in await database.fetch(
+            f"SELECT hour, model, upstream, outcome, {sums} FROM usage_hours "
+            "WHERE hour >= ? AND hour < ? GROUP BY hour, model, upstream, outcome",
+            hours,
+        )
+    ]
+    latency = [
+        (int(hour), str(model), str(upstream), int(kind), int(bin_), int(count))
+        for hour, model, upstream, kind, bin_, count in await database.fetch(
+            "SELECT hour, model, upstream, kind, bin, SUM(requests) FROM latency_hours "
+            "WHERE hour >= ? AND hour < ? GROUP BY hour, model, upstream, kind, bin",
+            hours,
+        )
+    ]
     rows = await database.fetch(
         f"SELECT {', '.join(COLUMNS)} FROM requests WHERE ts >= ? AND ts < ?",
         (float(this_hour * HOUR), now),
     )
     recent = HourSums(LedgerRow(*row) for row in rows)  # the hour under way
-    buckets: dict[tuple[str, int], _Counts] = {}
-    models: dict[str, _Counts] = {}
+    usage += [(*group[:1], *group[2:], *values) for group, values in recent.usage.items()]
+    latency += [(*group, count) for group, count in recent.latency.items()]
+    return usage, latency
 
-    def counts(hour: int, model: str) -> tuple[_Counts, _Counts]:
-        index = (hour * HOUR - first) // step
-        return buckets.setdefault((model, index), _Counts()), models.setdefault(model, _Counts())
 
-    for hour, model, outcome, *values in usage:
-        for found in counts(int(hour), str(model)):
-            found.add_usage(str(outcome), [int(v) for v in values])
-    for (hour, _, model, outcome), values in recent.usage.items():
+async def long_window(
+    database: Database, window: Window, now: float
+) -> tuple[list[UsageGroup], dict[str, Any]]:
+    """The models' totals (costliest first, then the total of all, as
+    `metering.report.usage_summary`) and the charts' series (as `console.series`)."""
+    first = window_start(window, now)
+    usage, latency = await read_hours(database, first, now)
+    buckets: dict[tuple[str, int], Counts] = {}
+    models: dict[str, Counts] = {}
+
+    def counts(hour: int, model: str) -> tuple[Counts, Counts]:
+        index = (hour * HOUR - first) // window.step
+        return buckets.setdefault((model, index), Counts()), models.setdefault(model, Counts())
+
+    for hour, model, _, outcome, *values in usage:
         for found in counts(hour, model):
             found.add_usage(outcome, values)
-    for hour, model, kind, bin_, count in latency:
-        for found in counts(int(hour), str(model)):
-            found.add_latency(int(kind), int(bin_), int(count))
-    for (hour, model, kind, bin_), count in recent.latency.items():
+    for hour, model, _, kind, bin_, count in latency:
         for found in counts(hour, model):
             found.add_latency(kind, bin_, count)
-
-    total = _Counts()
+    total = Counts()
     for found in models.values():
         total.merge(found)
     groups = sorted(
@@ -132,8 +147,8 @@ async def long_window(
 
 
 def _series(
-    buckets: dict[tuple[str, int], _Counts],
-    models: dict[str, _Counts],
+    buckets: dict[tuple[str, int], Counts],
+    models: dict[str, Counts],
     window: Window,
     first: int,
     now: float,
@@ -146,9 +161,9 @@ def _series(
         group = f"{len(models) - (MAX_SERIES - 1)} other models"
         for model in busiest[MAX_SERIES - 1 :]:
             line_of[model] = group
-    merged: dict[tuple[str, int], _Counts] = {}
+    merged: dict[tuple[str, int], Counts] = {}
     for (model, index), found in buckets.items():
-        merged.setdefault((line_of[model], index), _Counts()).merge(found)
+        merged.setdefault((line_of[model], index), Counts()).merge(found)
     lines: dict[str, dict[str, list[float | None]]] = {}
     last_seconds = max(now - (first + (size - 1) * step), 1e-3)  # the bucket under way
     for (name, index), found in merged.items():

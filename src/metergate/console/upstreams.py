@@ -5,7 +5,8 @@ ended, by outcome; retries (attempts beyond the first of the requests it ended a
 the model's own deployments); fallbacks served (requests for a model this upstream is
 not a deployment of, so it served as a fallback). From this process's counters since
 it started: attempts by outcome (every try, including the ones that were retried
-elsewhere) and fallbacks from/to it.
+elsewhere) and fallbacks from/to it. The 7- and 30-day windows read the ledger's sums by
+hour, as the Overview's do (`console.long_windows`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from metergate.console.long_windows import Counts, read_hours, window_start
 from metergate.console.overview import group_json
 from metergate.console.samples import samples
 from metergate.console.windows import Window
-from metergate.metering.report import usage_summary
+from metergate.metering.hourly import HOUR
+from metergate.metering.report import UsageGroup, usage_summary
 from metergate.routing.circuit import STATE_NAMES
 from metergate.runtime import Plan, Runtime
 from metergate.storage.database import Database
@@ -50,21 +53,53 @@ def _process_counters(runtime: Runtime) -> tuple[dict[str, dict[str, float]], di
     return attempts, fallbacks
 
 
+class _Window:
+    """What the ledger says of each upstream over the window."""
+
+    def __init__(self, own: dict[str, set[str]]) -> None:
+        self.own = own
+        self.summary: dict[str, UsageGroup] = {}
+        self.outcomes: dict[str, dict[str, int]] = defaultdict(dict)
+        self.retries: dict[str, int] = defaultdict(int)
+        self.fallback_served: dict[str, int] = defaultdict(int)
+
+    def add(self, upstream: str, model: str, outcome: str, count: int, extra: int) -> None:
+        """`count` requests it ended with `outcome`, `extra` attempts beyond their first."""
+        self.outcomes[upstream][outcome] = self.outcomes[upstream].get(outcome, 0) + count
+        if model in self.own and upstream not in self.own[model]:
+            self.fallback_served[upstream] += count  # its extra attempts were elsewhere
+        else:
+            self.retries[upstream] += extra
+
+
+async def _from_rows(database: Database, seen: _Window, window: Window, now: float) -> None:
+    start = now - window.seconds
+    groups = await usage_summary(database, "upstream", start, now)
+    seen.summary = {str(g.name): g for g in groups[:-1]}
+    for upstream, model, outcome, count, extra in await database.fetch(_OUTCOMES_SQL, (start, now)):
+        seen.add(upstream, model, outcome, int(count), int(extra or 0))
+
+
+async def _from_hours(database: Database, seen: _Window, window: Window, now: float) -> None:
+    """7 and 30 days: from the ledger's sums by hour, as the Overview's long windows."""
+    usage, latency = await read_hours(database, window_start(window, now), now)
+    found: dict[str, Counts] = defaultdict(Counts)
+    for _, model, upstream, outcome, *values in usage:
+        found[upstream].add_usage(outcome, values)
+        seen.add(upstream, model, outcome, values[0], values[-1])
+    for _, _, upstream, kind, bin_, count in latency:
+        found[upstream].add_latency(kind, bin_, count)
+    seen.summary = {upstream: counts.group(upstream) for upstream, counts in found.items()}
+
+
 async def upstreams(runtime: Runtime, database: Database, window: Window) -> dict[str, Any]:
     plan = runtime.plan  # one config throughout, whatever reloads during the queries
     now = time.time()
-    start = now - window.seconds
-    summary = {g.name: g for g in (await usage_summary(database, "upstream", start, now))[:-1]}
-    outcomes: dict[str, dict[str, int]] = defaultdict(dict)
-    retries: dict[str, int] = defaultdict(int)
-    fallback_served: dict[str, int] = defaultdict(int)
-    own = _own_deployments(plan)
-    for upstream, model, outcome, count, extra in await database.fetch(_OUTCOMES_SQL, (start, now)):
-        outcomes[upstream][outcome] = outcomes[upstream].get(outcome, 0) + int(count)
-        if model in own and upstream not in own[model]:
-            fallback_served[upstream] += int(count)  # its extra attempts were elsewhere
-        else:
-            retries[upstream] += int(extra or 0)
+    seen = _Window(_own_deployments(plan))
+    read = _from_hours if window.step >= HOUR else _from_rows
+    await read(database, seen, window, now)
+    summary, outcomes = seen.summary, seen.outcomes
+    retries, fallback_served, own = seen.retries, seen.fallback_served, seen.own
     # In a thread: with several workers this merges every worker's metric files.
     attempts, fallbacks = await asyncio.to_thread(_process_counters, runtime)
     models_of: dict[str, list[str]] = defaultdict(list)

@@ -2,12 +2,13 @@
 instead of every request of a period.
 
 Three tables, each a row per hour and group:
-- `usage_hours`, by team, model and outcome: requests, tokens, cost and saved cost (a
-  few rows an hour: what the whole gateway, a team or a model did);
+- `usage_hours`, by team, model, upstream and outcome: requests, tokens, cost, saved
+  cost and retries (a few rows an hour: what the gateway, a team, a model or an
+  upstream did);
 - `key_spend_hours`, by key, team and model: requests and cost (up to a row per key an
   hour: what a key spent);
-- `latency_hours`, by model, kind (0: a request's whole latency, 1: its time to first
-  token) and bin: how many requests took that long, in bins an eighth of a power of two
+- `latency_hours`, by model, upstream, kind (0: a request's whole latency, 1: its time
+  to first token) and bin: how many requests took that long, in bins an eighth of a power of two
   wide (`latency_bin`), so a percentile read from them is within 4.5 % of the rows' own.
 
 The ledger writer adds a batch's sums in the transaction that inserts its rows
@@ -48,6 +49,7 @@ USAGE_SUMS = (
     "output_tokens",
     "cost_nano",
     "saved_nano",
+    "retries",  # attempts beyond each request's first
 )
 # A batch's rows as the statements that sum them read them: on SQLite the last rows of
 # `requests` (the batch's transaction holds the one write lock, so its rows took the
@@ -57,6 +59,8 @@ _COLUMNS = {
     "ts": ("float8", 0),
     "key_name": ("text", 2),
     "model": ("text", 3),
+    "upstream": ("text", 4),
+    "attempts": ("bigint", 5),
     "input_tokens": ("bigint", 6),
     "cached_input_tokens": ("bigint", 7),
     "output_tokens": ("bigint", 8),
@@ -68,8 +72,9 @@ _COLUMNS = {
     "team": ("text", 19),
 }
 _KEY_COLUMNS = ("ts", "key_name", "team", "model", "cost_nano")
-_USAGE_COLUMNS = ("ts", "team", "model", "outcome", *USAGE_SUMS[1:])
-_LATENCY_COLUMNS = ("ts", "model", "duration_ms", "ttft_ms")
+_USAGE_COLUMNS = ("ts", "team", "model", "upstream", "outcome", *USAGE_SUMS[1:-1], "attempts")
+_LATENCY_COLUMNS = ("ts", "model", "upstream", "duration_ms", "ttft_ms")
+_RETRIES = "SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END)"
 
 
 def _batch(dialect: str, columns: tuple[str, ...]) -> str:
@@ -112,8 +117,8 @@ def _statements(dialect: str) -> tuple[str, str, str]:
     )
     usage = _sum_into(
         "usage_hours",
-        (_TEAM, ("model", "model"), ("outcome", "outcome")),
-        "COUNT(*), " + ", ".join(f"SUM({name})" for name in USAGE_SUMS[1:]),
+        (_TEAM, ("model", "model"), ("upstream", "upstream"), ("outcome", "outcome")),
+        ", ".join(["COUNT(*)", *(f"SUM({name})" for name in USAGE_SUMS[1:-1]), _RETRIES]),
         _batch(dialect, _USAGE_COLUMNS),
         USAGE_SUMS,
     )
@@ -123,6 +128,7 @@ def _statements(dialect: str) -> tuple[str, str, str]:
         "latency_hours",
         (
             ("model", "model"),
+            ("upstream", "upstream"),
             ("kind", "kind"),
             (f"CASE kind WHEN {DURATION} THEN {duration} ELSE {ttft} END", "bin"),
         ),
@@ -190,8 +196,9 @@ class HourSums:
 
     def __init__(self, rows: Iterable[LedgerRow] = ()) -> None:
         self.keys: dict[tuple[Any, ...], list[int]] = {}  # (hour, key, team, model)
-        self.usage: dict[tuple[Any, ...], list[int]] = {}  # (hour, team, model, outcome)
-        self.latency: dict[tuple[Any, ...], int] = {}  # (hour, model, kind, bin)
+        # (hour, team, model, upstream, outcome): USAGE_SUMS
+        self.usage: dict[tuple[Any, ...], list[int]] = {}
+        self.latency: dict[tuple[Any, ...], int] = {}  # (hour, model, upstream, kind, bin)
         self.add(rows)
 
     def add(self, rows: Iterable[LedgerRow]) -> None:
@@ -200,13 +207,15 @@ class HourSums:
             found = self.keys.setdefault((hour, row.key_name, team, model), [0, 0])
             found[0] += 1
             found[1] += row.cost_nano
-            sums = self.usage.setdefault((hour, team, model, row.outcome), [0] * 6)
+            group: tuple[Any, ...] = (hour, team, model, row.upstream, row.outcome)
+            sums = self.usage.setdefault(group, [0] * len(USAGE_SUMS))
             values = (1, row.input_tokens, row.cached_input_tokens, row.output_tokens)
-            for index, value in enumerate((*values, row.cost_nano, row.saved_nano)):
+            retries = max(row.attempts - 1, 0)
+            for index, value in enumerate((*values, row.cost_nano, row.saved_nano, retries)):
                 sums[index] += value
             for kind, ms in ((DURATION, row.duration_ms), (TTFT, row.ttft_ms)):
                 if ms is not None:
-                    group = (hour, model, kind, latency_bin(ms))
+                    group = (hour, model, row.upstream, kind, latency_bin(ms))
                     self.latency[group] = self.latency.get(group, 0) + 1
 
 

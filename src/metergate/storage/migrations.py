@@ -218,10 +218,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "sums by hour",
         # What budgets and the console read instead of every row of a period
         # (`metering.hourly`), kept by the ledger writer in each batch's transaction;
-        # filled here from the rows so far (~20 s for 6,000,000 rows on SQLite, once). A
+        # filled here from the rows so far (~30 s for 6,000,000 rows on SQLite, once). A
         # team is '' for none. NUMERIC: a sum past 2**63 (absurd prices) must not fail
         # the batch that carries its rows (PostgreSQL keeps it exact; SQLite turns it into
-        # a float). Latencies are counted in bins an eighth of a power of two wide.
+        # a float). Latencies are counted in bins an eighth of a power of two wide;
+        # retries are the attempts beyond each request's first.
         (
             """CREATE TABLE key_spend_hours (
                 hour BIGINT NOT NULL,
@@ -237,6 +238,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 hour BIGINT NOT NULL,
                 team TEXT NOT NULL,
                 model TEXT NOT NULL,
+                upstream TEXT NOT NULL,
                 outcome TEXT NOT NULL,
                 requests NUMERIC NOT NULL,
                 input_tokens NUMERIC NOT NULL,
@@ -244,30 +246,34 @@ MIGRATIONS: tuple[Migration, ...] = (
                 output_tokens NUMERIC NOT NULL,
                 cost_nano NUMERIC NOT NULL,
                 saved_nano NUMERIC NOT NULL,
-                PRIMARY KEY (hour, team, model, outcome)
+                retries NUMERIC NOT NULL,
+                PRIMARY KEY (hour, team, model, upstream, outcome)
             )""",
             """CREATE TABLE latency_hours (
                 hour BIGINT NOT NULL,
                 model TEXT NOT NULL,
+                upstream TEXT NOT NULL,
                 kind INTEGER NOT NULL,
                 bin INTEGER NOT NULL,
                 requests NUMERIC NOT NULL,
-                PRIMARY KEY (hour, model, kind, bin)
+                PRIMARY KEY (hour, model, upstream, kind, bin)
             )""",
             """INSERT INTO key_spend_hours (hour, key_name, team, model, requests, cost_nano)
             SELECT {hour}, key_name, COALESCE(team, ''), model, COUNT(*), SUM(cost_nano)
             FROM requests GROUP BY 1, 2, 3, 4""",
-            """INSERT INTO usage_hours (hour, team, model, outcome, requests, input_tokens,
-                cached_input_tokens, output_tokens, cost_nano, saved_nano)
-            SELECT {hour}, COALESCE(team, ''), model, outcome, COUNT(*), SUM(input_tokens),
-                SUM(cached_input_tokens), SUM(output_tokens), SUM(cost_nano), SUM(saved_nano)
-            FROM requests GROUP BY 1, 2, 3, 4""",
-            """INSERT INTO latency_hours (hour, model, kind, bin, requests)
-            SELECT {hour}, model, 0, {bin:duration_ms}, COUNT(*) FROM requests
-            GROUP BY 1, 2, 3, 4""",
-            """INSERT INTO latency_hours (hour, model, kind, bin, requests)
-            SELECT {hour}, model, 1, {bin:ttft_ms}, COUNT(*) FROM requests
-            WHERE ttft_ms IS NOT NULL GROUP BY 1, 2, 3, 4""",
+            """INSERT INTO usage_hours (hour, team, model, upstream, outcome, requests,
+                input_tokens, cached_input_tokens, output_tokens, cost_nano, saved_nano, retries)
+            SELECT {hour}, COALESCE(team, ''), model, upstream, outcome, COUNT(*),
+                SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+                SUM(cost_nano), SUM(saved_nano),
+                SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END)
+            FROM requests GROUP BY 1, 2, 3, 4, 5""",
+            """INSERT INTO latency_hours (hour, model, upstream, kind, bin, requests)
+            SELECT {hour}, model, upstream, 0, {bin:duration_ms}, COUNT(*) FROM requests
+            GROUP BY 1, 2, 3, 4, 5""",
+            """INSERT INTO latency_hours (hour, model, upstream, kind, bin, requests)
+            SELECT {hour}, model, upstream, 1, {bin:ttft_ms}, COUNT(*) FROM requests
+            WHERE ttft_ms IS NOT NULL GROUP BY 1, 2, 3, 4, 5""",
         ),
     ),
 )
