@@ -9,7 +9,8 @@ appends them) over `--keys` keys, 3 teams and 4 models, with the costs and laten
 chat service would have; then each gateway is started on a copy of it (its own CLI
 migrates the schema first, so a migration that fills a table is timed too) with one
 budget per scope and a budget for each key, and the console's pages are read: the
-overview for each window, the keys and teams pages, and `usage` for the month. Medians
+overview for each window, the upstreams page at 24 h and 30 d, the keys and teams pages,
+and `usage` for the month. Medians
 of `--reads` reads after a first one. `bench/results/console-scale.md`.
 """
 
@@ -43,6 +44,8 @@ PAGES = (
     ("overview 24h", "/admin/api/overview?window=24h"),
     ("overview 7d", "/admin/api/overview?window=7d"),
     ("overview 30d", "/admin/api/overview?window=30d"),
+    ("upstreams 24h", "/admin/api/upstreams?window=24h"),
+    ("upstreams 30d", "/admin/api/upstreams?window=30d"),
     ("keys", "/admin/api/keys"),
     ("teams", "/admin/api/teams"),
 )
