@@ -1,7 +1,9 @@
-"""The Overview's long windows (7 and 30 days), read from the ledger's sums by hour.
+"""The long windows (7 and 30 days) of the Overview and the Upstreams page, read from
+the ledger's sums by hour.
 
 Ranking every row of a month for its percentiles took the Overview 47 s at 200,000
-requests a day. These windows read the hours' sums and latency bins instead
+requests a day (the Upstreams page 25 s). These windows read the hours' sums and
+latency bins instead
 (`metering.hourly`), and the rows of the hour under way only. Their buckets are whole
 UTC hours (four of them at 30 days), the last the one under way, so far (its rate is
 over the time it has run); the window so starts up to a bucket later than
