@@ -98,19 +98,17 @@ async def upstreams(runtime: Runtime, database: Database, window: Window) -> dic
     seen = _Window(_own_deployments(plan))
     read = _from_hours if window.step >= HOUR else _from_rows
     await read(database, seen, window, now)
-    summary, outcomes = seen.summary, seen.outcomes
-    retries, fallback_served, own = seen.retries, seen.fallback_served, seen.own
     # In a thread: with several workers this merges every worker's metric files.
     attempts, fallbacks = await asyncio.to_thread(_process_counters, runtime)
     models_of: dict[str, list[str]] = defaultdict(list)
-    for model, names in own.items():
+    for model, names in seen.own.items():
         for name in sorted(names):
             models_of[name].append(model)
     rows = []
     for name, deployment in plan.router.deployments.items():
         config = plan.config.upstreams[name]
         breaker = deployment.breaker
-        group = summary.get(name)
+        group = seen.summary.get(name)
         rows.append(
             {
                 "name": name,
@@ -124,9 +122,9 @@ async def upstreams(runtime: Runtime, database: Database, window: Window) -> dic
                 "in_flight": deployment.in_flight,
                 "window": {
                     **(group_json(group) if group else _empty()),
-                    "outcomes": dict(sorted(outcomes.get(name, {}).items())),
-                    "retries": retries.get(name, 0),
-                    "fallbacks_served": fallback_served.get(name, 0),
+                    "outcomes": dict(sorted(seen.outcomes.get(name, {}).items())),
+                    "retries": seen.retries.get(name, 0),
+                    "fallbacks_served": seen.fallback_served.get(name, 0),
                 },
                 "since_start": {
                     "attempts": dict(sorted(attempts.get(name, {}).items())),

@@ -8,13 +8,15 @@ Three tables, each a row per hour and group:
 - `key_spend_hours`, by key, team and model: requests and cost (up to a row per key an
   hour: what a key spent);
 - `latency_hours`, by model, upstream, kind (0: a request's whole latency, 1: its time
-  to first token) and bin: how many requests took that long, in bins an eighth of a power of two
-  wide (`latency_bin`), so a percentile read from them is within 4.5 % of the rows' own.
+  to first token) and bin: how many requests took that long, in bins an eighth of a
+  power of two wide (`latency_bin`), so a percentile read from them is within 4.5 % of
+  the rows' own.
 
-The ledger writer adds a batch's sums in the transaction that inserts its rows
-(`HourSums`), and migration 12 filled them from the rows before it (the same hours and
-bins, `storage.migrations`), so the counts and sums always equal those of `requests`: a
-reader sees both or neither.
+The database adds a batch's sums in the transaction that inserts its rows, right after
+the insert (`sum_statements`: the event loop does none of it), and migration 12 filled
+them from the rows before it (the same hours and bins, `storage.migrations`), so the
+counts and sums always equal those of `requests`: a reader sees both or neither.
+`HourSums` sums rows the same way in Python, for the hour under way the console adds.
 
 A sum over `[start, end)` (`spend_source`) takes the whole hours inside it from a table
 and the parts of an hour at either end from `requests` (its `ts` index finds them): at
@@ -54,22 +56,22 @@ USAGE_SUMS = (
 # A batch's rows as the statements that sum them read them: on SQLite the last rows of
 # `requests` (the batch's transaction holds the one write lock, so its rows took the
 # next ids), on PostgreSQL the batch itself, sent again as one array per column read
-# (other transactions take ids in between). Column: (type, index in a LedgerRow).
-_COLUMNS = {
-    "ts": ("float8", 0),
-    "key_name": ("text", 2),
-    "model": ("text", 3),
-    "upstream": ("text", 4),
-    "attempts": ("bigint", 5),
-    "input_tokens": ("bigint", 6),
-    "cached_input_tokens": ("bigint", 7),
-    "output_tokens": ("bigint", 8),
-    "cost_nano": ("bigint", 9),
-    "saved_nano": ("bigint", 10),
-    "duration_ms": ("float8", 11),
-    "ttft_ms": ("float8", 12),
-    "outcome": ("text", 13),
-    "team": ("text", 19),
+# (other transactions take ids in between). Column: its PostgreSQL type.
+_TYPES = {
+    "ts": "float8",
+    "key_name": "text",
+    "model": "text",
+    "upstream": "text",
+    "attempts": "bigint",
+    "input_tokens": "bigint",
+    "cached_input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cost_nano": "bigint",
+    "saved_nano": "bigint",
+    "duration_ms": "float8",
+    "ttft_ms": "float8",
+    "outcome": "text",
+    "team": "text",
 }
 _KEY_COLUMNS = ("ts", "key_name", "team", "model", "cost_nano")
 _USAGE_COLUMNS = ("ts", "team", "model", "upstream", "outcome", *USAGE_SUMS[1:-1], "attempts")
@@ -82,7 +84,7 @@ def _batch(dialect: str, columns: tuple[str, ...]) -> str:
     if dialect == "sqlite":
         source = "requests WHERE id > (SELECT MAX(id) FROM requests) - ?"
     else:
-        arrays = ", ".join(f"?::{_COLUMNS[name][0]}[]" for name in columns)
+        arrays = ", ".join(f"?::{_TYPES[name]}[]" for name in columns)
         source = f"unnest({arrays}) AS batch({', '.join(columns)})"
     return f"(SELECT {HOUR_OF_TS[dialect]} AS hour, {', '.join(columns)} FROM {source}) AS rows"
 
@@ -153,7 +155,7 @@ def sum_statements(dialect: str, batch: Sequence[LedgerRow]) -> list[tuple[str, 
     columns = list(zip(*batch, strict=True))
 
     def arrays(names: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        return [tuple(list(columns[_COLUMNS[name][1]]) for name in names)]
+        return [tuple(list(columns[LedgerRow._fields.index(name)]) for name in names)]
 
     return [
         (keys, arrays(_KEY_COLUMNS)),
