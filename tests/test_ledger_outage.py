@@ -477,12 +477,18 @@ def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
     """A hung server keeps its connections open and answers nothing: calls give up after
-    `ledger.timeout_seconds`, so rows spool, an unknown key gets its 503 and a stop ends."""
+    `ledger.timeout_seconds`, so rows spool, an unknown key gets its 503, a console page
+    its 503 (a report may run for a minute, but not on a server that has stopped
+    answering) and a stop ends."""
     name, key, config, gateway = served_on(own_postgres, "frozen", tmp_path, timeout_seconds=1)
+    overview = f"{gateway.base_url.removesuffix('/v1')}/admin/api/overview"
+    signed_in = {"authorization": f"Bearer {ADMIN_KEY}"}
     try:
         gateway.wait_ready()
         for i in range(5):
             ask(gateway, key, f"before-{i}")
+        # the reports' own pool is open, its connection idle, when the server freezes
+        assert httpx.get(overview, headers=signed_in, timeout=30).status_code == 200
         own_postgres.freeze()
         try:
             for i in range(10):
@@ -495,6 +501,9 @@ def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
             )
             assert unknown.status_code == 503
             assert unknown.json()["error"]["code"] == "key_store_unavailable"
+            page = httpx.get(overview, headers=signed_in, timeout=30)  # was 2 x 60 s
+            assert page.status_code == 503
+            assert page.json()["error"]["code"] == "ledger_unavailable"
             ready = httpx.get(f"{gateway.base_url}/readyz", timeout=30)
             assert ready.status_code == 200 and ready.json()["ledger"].startswith("unreachable")
             gateway.process.send_signal(signal.SIGTERM)

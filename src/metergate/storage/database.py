@@ -25,7 +25,10 @@ Dialect = Literal["sqlite", "postgresql"]
 DEFAULT_TIMEOUT = 10.0  # seconds; `ledger.timeout_seconds`
 REPORT_CONNECTIONS = 2  # PostgreSQL connections for the console's reports
 # seconds a report's statement may run on PostgreSQL: a month of a busy ledger takes
-# tens of seconds, and a report holds up nothing but the console page that asked for it
+# tens of seconds, and a report holds up nothing but the console page that asked for it.
+# Only while the server answers, though: past `ledger.timeout_seconds` the server is
+# asked `SELECT 1` on the ledger's own pool, and a report on a hung server gives up
+# with it (`PostgresDatabase._watched`).
 REPORT_TIMEOUT = 60.0
 _MIGRATING = 24 * 3600.0  # a migration (or the wait for another process's) may take long
 
@@ -306,7 +309,8 @@ class PostgresDatabase(Database):
         self.statement_timeout = timeout if statement_timeout is None else statement_timeout
         self._pool: Any = None
         self._sql_cache: dict[str, str] = {}
-        self.for_reports = False  # this is another database's pool for reports
+        # for a pool of reports: the database whose pool it is, asked if the server lives
+        self._ledger: PostgresDatabase | None = None
         self._reports: PostgresDatabase | None = None
         self._opening = asyncio.Lock()
 
@@ -338,7 +342,34 @@ class PostgresDatabase(Database):
                 await conn.executemany(self._sql(sql), list(rows))
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if self._ledger is not None:
+            return await self._watched(self._sql(sql), params, self._ledger)
         return [tuple(row) for row in await self._pool.fetch(self._sql(sql), *params)]
+
+    async def _watched(
+        self, sql: str, params: Sequence[Any], ledger: PostgresDatabase
+    ) -> list[Row]:
+        """A report's statement, which may run for `REPORT_TIMEOUT` while the server
+        answers: every `timeout` seconds it runs, the ledger's pool asks `SELECT 1`
+        (itself bounded by `timeout`). A hung host (frozen, its packets dropped) fails
+        that, and the report gives up with the same unreachable error, in about twice
+        `timeout` instead of a minute for each statement of the page."""
+        async with self._pool.acquire() as conn:
+            query = asyncio.ensure_future(conn.fetch(sql, *params))
+            try:
+                while True:
+                    done, _ = await asyncio.wait((query,), timeout=self.timeout)
+                    if done:
+                        return [tuple(row) for row in query.result()]
+                    await ledger.fetch("SELECT 1")
+            except BaseException as error:
+                if not query.done():
+                    if unreachable(error):  # a cancel would wait on the hung server
+                        conn.terminate()
+                    query.cancel()  # the page went away: the server stops the statement
+                    with contextlib.suppress(BaseException):
+                        await query
+                raise
 
     async def script(self, statements: Sequence[str], lock_key: int) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -359,7 +390,7 @@ class PostgresDatabase(Database):
     async def reports(self) -> Database:
         """A pool of its own (of 2), so reports cannot take the connections the ledger
         writer and the requests need; its statements may run for `REPORT_TIMEOUT`."""
-        if self.for_reports:
+        if self._ledger is not None:
             return self
         async with self._opening:
             if self._reports is None:
@@ -369,7 +400,7 @@ class PostgresDatabase(Database):
                     REPORT_CONNECTIONS,
                     max(self.statement_timeout, REPORT_TIMEOUT),
                 )
-                reports.for_reports = True
+                reports._ledger = self
                 await reports.connect()
                 self._reports = reports
         return self._reports
