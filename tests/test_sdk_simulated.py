@@ -88,6 +88,17 @@ def test_embeddings_float_and_base64(gateway):
     assert default.data[0].embedding[:4] == pytest.approx(floats.data[0].embedding, abs=1e-6)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_embeddings_model_refuses_chat(gateway, stream):
+    """As a real provider's does: the caller learns they asked the wrong model instead of
+    getting text."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="embed", messages=[{"role": "user", "content": "hello"}], stream=stream
+        )
+    assert "embed is an embeddings model" in refused.value.message
+
+
 def test_tools_and_response_format(gateway):
     client = gateway.client()
     tools = [

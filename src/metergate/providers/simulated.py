@@ -86,6 +86,7 @@ class SimulatedAdapter(Adapter):
         self._dice = random.Random(self.settings.seed)
 
     async def chat(self, call: UpstreamCall) -> Completion:
+        _refuse_embeddings_model(call.model)
         await self._maybe_fail()
         answer = _Answer(call, self.settings.output_tokens)
         if self.settings.tokens_per_second:
@@ -111,6 +112,7 @@ class SimulatedAdapter(Adapter):
         return Completion(orjson.dumps(body), answer.usage)
 
     async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+        _refuse_embeddings_model(call.model)
         await self._maybe_fail()
         answer = _Answer(call, self.settings.output_tokens)
         base = {
@@ -206,6 +208,19 @@ class SimulatedAdapter(Adapter):
             status=400 if kind is UpstreamRejected else None,
             upstream_status=status,
             retry_after=1.0 if settings.error_kind == "rate_limited" else None,
+        )
+
+
+def _refuse_embeddings_model(model: str) -> None:
+    """A model named with `embed` (`sim-embed`) is an embeddings model, and, as a real
+    provider's is, it refuses a chat request (or a Responses or Messages one, which reach
+    it as chat): a demo that asks the wrong model learns so instead of getting text."""
+    if "embed" in model.lower():
+        raise UpstreamRejected(
+            f"{model} is an embeddings model: it answers /v1/embeddings, not chat, "
+            "completions, Responses or Messages requests; use a chat model",
+            status=400,
+            upstream_status=400,
         )
 
 
