@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 
 from tests.harness import simulated_config
@@ -128,6 +130,42 @@ def test_tools_and_response_format(gateway):
         response_format={"type": "json_object"},
     )
     assert "answer" in json.loads(structured.choices[0].message.content)
+
+
+class Address(pydantic.BaseModel):
+    city: str
+    zip_code: int | None
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+    score: float
+    member: bool
+    role: Literal["admin", "user"]
+    home: Address
+    past: list[Address]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_answer_an_instance_of_the_schema(gateway, stream):
+    """The SDK's `parse` validates the answer against the schema it sent, as it would a
+    provider's strict structured output: nested models ($ref), Optional (anyOf with
+    null), lists and Literal (enum) included."""
+    client = gateway.client()
+    ask = {"model": "sim", "messages": [{"role": "user", "content": "who?"}]}
+    if stream:
+        with client.chat.completions.stream(**ask, response_format=Person) as events:
+            for _ in events:
+                pass
+            person = events.get_final_completion().choices[0].message.parsed
+    else:
+        person = client.chat.completions.parse(**ask, response_format=Person)
+        person = person.choices[0].message.parsed
+    assert isinstance(person, Person)
+    assert person.role == "admin" and person.home.zip_code == 1 and len(person.past) == 1
+    answered = client.responses.parse(model="sim", input="who?", text_format=Person)
+    assert isinstance(answered.output_parsed, Person)
 
 
 def test_n_stop_and_max_tokens(gateway):

@@ -251,7 +251,11 @@ class _Answer:
             wanted, self.finish_reason = max(1, int(limit)), "length"
         self.words = [_WORDS[(digest[i % 32] + i) % len(_WORDS)] for i in range(wanted)]
         self.tool_call = _pick_tool(body)
-        self.json_mode = response_format_of(body)[0] in ("json_object", "json_schema")
+        kind, spec = response_format_of(body)
+        self.json_mode = kind in ("json_object", "json_schema")
+        # a json_schema answer is an instance of the schema, as strict structured outputs
+        # guarantee (the SDKs' `parse` helpers validate it); json_object is free-form
+        self.schema = an_object(spec.get("schema") or {}, "response_format.json_schema.schema")
         self._cut_at_stop(stop_sequences(body.get("stop")))
         if self.tool_call:
             self.finish_reason = "tool_calls"
@@ -269,7 +273,11 @@ class _Answer:
 
     def text(self) -> str:
         text = " ".join(self.words)
-        return orjson.dumps({"answer": text}).decode() if self.json_mode else text
+        if not self.json_mode:
+            return text
+        if self.schema:
+            return orjson.dumps(example_of(self.schema, text)).decode()
+        return orjson.dumps({"answer": text}).decode()
 
     def message(self) -> dict[str, Any]:
         if self.tool_call:
@@ -329,7 +337,7 @@ def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     properties = an_object(schema.get("properties") or {}, f"{where}.properties")
     required = a_list(schema.get("required"), f"{where}.required")
     arguments = {
-        name: _example_value(spec)
+        name: example_of(spec, "example", schema)
         for name, spec in properties.items()
         if name in required and isinstance(spec, dict)
     }
@@ -341,17 +349,45 @@ def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _example_value(spec: dict[str, Any]) -> Any:
-    if spec.get("enum"):
+_SCALARS: dict[str, Any] = {"integer": 1, "number": 1.0, "boolean": True, "null": None}
+_DEPTH = 16  # a schema that refers to itself (a tree) is cut here
+
+
+def example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: int = 0) -> Any:
+    """A value valid against the JSON schema `spec` (strings are `text`): every property
+    of an object, one item of an array, the first of `enum`/`anyOf`/`oneOf` (not the
+    null one: Optional fields get a value), `$ref`s into `root`'s `$defs` (what pydantic
+    writes for a nested model). Keywords beyond those (lengths, patterns) are not met."""
+    root = root if root is not None else spec
+    if not isinstance(spec, dict) or depth > _DEPTH:
+        return text
+    reference = spec.get("$ref")
+    if isinstance(reference, str) and reference.startswith("#"):
+        target: Any = root
+        for part in reference.lstrip("#").strip("/").split("/"):
+            target = target.get(part) if isinstance(target, dict) and part else target
+        return example_of(target, text, root, depth + 1)
+    if "const" in spec:
+        return spec["const"]
+    if isinstance(spec.get("enum"), list) and spec["enum"]:
         return spec["enum"][0]
-    return {
-        "string": "example",
-        "integer": 1,
-        "number": 1.0,
-        "boolean": True,
-        "array": [],
-        "object": {},
-    }.get(spec.get("type", "string"), "example")
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = spec.get(key)
+        if isinstance(options, list) and options:
+            typed = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            return example_of((typed or options)[0], text, root, depth + 1)
+    kind = spec.get("type", "object" if "properties" in spec else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        properties = spec.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        return {name: example_of(sub, text, root, depth + 1) for name, sub in properties.items()}
+    if kind == "array":
+        items = spec.get("items")
+        return [example_of(items, text, root, depth + 1)] if isinstance(items, dict) else []
+    return _SCALARS.get(kind, text) if isinstance(kind, str) else text
 
 
 def _count_tokens(text: str) -> int:
