@@ -32,6 +32,7 @@ from metergate.config import ConfigError, ConfigProblem, parse_config, read_conf
 from metergate.config.model import EACH, GatewayConfig, LedgerConfig
 from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
+from metergate.limits.host import HostTats
 from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
@@ -102,12 +103,15 @@ class Runtime:
         text: str | None = None,
         source: str = "<config>",
         joining: bool = False,
+        host_rates: Path | None = None,
     ) -> None:
         """`joining`: a worker of `serve --workers N`, whose parent recorded the config:
         it takes the version the gateway runs (a newer one, when it replaces a worker that
-        died) instead of recording its own."""
+        died) instead of recording its own. `host_rates`: the rate-limit table the
+        workers of the host share (`limits.host`)."""
         self.metrics = metrics or Metrics()
         self.joining = joining
+        self.host_rates = HostTats(host_rates) if host_rates is not None else None
         self.source = source
         self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
@@ -175,7 +179,9 @@ class Runtime:
             )
         )
         budgets = BudgetBook(config.budgets, self.metrics, carry=old.budgets if old else None)
-        rates = RateLimiter(config.rate_limits, carry=old.gate.rates if old else None)
+        rates = RateLimiter(
+            config.rate_limits, carry=old.gate.rates if old else None, host=self.host_rates
+        )
         return Plan(
             config=config,
             version=version,

@@ -11,6 +11,7 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from metergate.api.admin import AdminHandlers
 from metergate.api.admin_api import AdminApi
@@ -57,10 +58,13 @@ class GatewayApp:
         source: str = "<config>",
         *,
         joining: bool = False,
+        host_rates: Path | None = None,
     ) -> None:
         """`text` and `source`: the config file's content and path, for config history
-        and reloads; `joining`: see `Runtime`."""
-        self.runtime = Runtime(config, text=text, source=source, joining=joining)
+        and reloads; `joining` and `host_rates`: see `Runtime`."""
+        self.runtime = Runtime(
+            config, text=text, source=source, joining=joining, host_rates=host_rates
+        )
         info = InfoHandlers(self.runtime)
         admin = AdminHandlers(self.runtime)
         self._admin_api = AdminApi(self.runtime, admin.guard)  # the console and its JSON API

@@ -4,7 +4,8 @@ A worker builds its app from what `serve` read, checked and recorded (`CONFIG_CO
 from the file as it is when the worker starts: the file may have been edited since (not
 yet reloaded) or broken. The copy is named after the file (`CONFIG_SOURCE`), which
 reloads read. A worker (`JOINING`) takes the config version the gateway runs before it
-serves, instead of recording its own as the newest.
+serves, instead of recording its own as the newest. The workers share one rate-limit
+table (`HOST_RATES`), made by `serve`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 CONFIG_SOURCE = "METERGATE_CONFIG"  # the config file (the embedded default when unset)
 CONFIG_COPY = "METERGATE_CONFIG_COPY"  # its text as `serve` read it
 JOINING = "METERGATE_JOINING"  # set by `serve --workers N`, which records the config
+HOST_RATES = "METERGATE_HOST_RATES"  # the workers' shared rate-limit table (`limits.host`)
 
 
 def create_app() -> GatewayApp:
@@ -36,4 +38,11 @@ def create_app() -> GatewayApp:
         source = os.environ[CONFIG_SOURCE]
         text = Path(copy).read_text(encoding="utf-8")
         config = parse_config(text, source)
-    return GatewayApp(config, text, source, joining=bool(os.environ.get(JOINING)))
+    host_rates = os.environ.get(HOST_RATES)
+    return GatewayApp(
+        config,
+        text,
+        source,
+        joining=bool(os.environ.get(JOINING)),
+        host_rates=Path(host_rates) if host_rates else None,
+    )

@@ -39,12 +39,6 @@ def serve(
                 "make the budgets soft (hard: false)."
             )
             raise typer.Exit(2)
-        if loaded.rate_limits.keys or loaded.rate_limits.models:
-            console.print(
-                f"[yellow]warning:[/yellow] without redis: each of the {workers} workers "
-                "enforces the rate limits on its own, so together they admit up to "
-                f"{workers} times each limit"
-            )
         if loaded.budgets:
             console.print(
                 f"[yellow]warning:[/yellow] without redis: each of the {workers} workers "

@@ -29,9 +29,10 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, JOINING
+from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, HOST_RATES, JOINING
 from metergate.cli.common import with_database
 from metergate.config import LoadedConfig
+from metergate.limits.host import create_table
 from metergate.storage import config_versions
 
 log = logging.getLogger("metergate")
@@ -135,6 +136,9 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         os.environ[CONFIG_COPY] = str(copy)
         os.environ[JOINING] = "1"
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # any worker's scrape sums all
+        rates = Path(private, "rate-limits")
+        create_table(rates)  # before any worker maps it
+        os.environ[HOST_RATES] = str(rates)
         supervisor = Supervisor(config, sockets=[socket])
         supervisor.run()
     if supervisor.failed_start:

@@ -81,9 +81,11 @@ class Gate:
     ) -> Admission:
         if not buckets:  # budgets only
             return Admission(buckets, self.budgets.reserve(budgets, worst), [])
-        verdicts = self.rates.check(buckets, _now_us())
-        reservation = self.budgets.reserve(budgets, worst)
-        self.rates.take(buckets, verdicts)
+        rates = self.rates
+        with rates.lock:  # no other worker of the host between check and take
+            verdicts = rates.check(buckets, _now_us())
+            reservation = self.budgets.reserve(budgets, worst)
+            rates.take(buckets, verdicts)
         return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
 
     def settle(self, admission: Admission, cost_nano: int, usage: Usage | None, at: float) -> None:
@@ -98,7 +100,8 @@ class Gate:
             else (usage.input_tokens + usage.cached_input_tokens + usage.output_tokens)
         )
         if admission.buckets:
-            self.rates.debit(admission.buckets, tokens, _now_us())
+            with self.rates.lock:
+                self.rates.debit(admission.buckets, tokens, _now_us())
         if admission.keys is None:
             self.budgets.settle(admission.reservation, cost_nano, at)
         if self.shared is not None:

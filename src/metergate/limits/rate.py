@@ -12,21 +12,25 @@ gives OpenAI's `remaining` and `reset` headers and a precise `Retry-After`.
   Concurrent requests can push it into debt; the debt then blocks new requests until it
   is repaid, so over any long stretch the rate stays within `tpm`.
 
-Times are integer microseconds. This module is the in-process implementation, used
-without Redis (and by a degraded fleet); `metergate.shared.scripts` does the same
+Times are integer microseconds. This module is the implementation on one host, used
+without Redis (and by a degraded fleet), its state shared by the workers of
+`serve --workers N` (`limits.host`); `metergate.shared.scripts` does the same
 arithmetic in Lua on Redis's clock for a fleet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 from metergate.config.model import RateLimit, RateLimitsConfig
 from metergate.errors import RateLimited
+from metergate.limits.host import HostTats
 
 MINUTE_US = 60_000_000
+_UNLOCKED = contextlib.nullcontext()  # this process's own buckets: nothing to lock
 Kind = Literal["requests", "tokens"]
 
 
@@ -91,12 +95,23 @@ def token_debit_us(bucket: Bucket, tokens: int) -> int:
 
 
 class RateLimiter:
-    """Which buckets apply to a (key, model), and their in-process state."""
+    """Which buckets apply to a (key, model), and their state: this process's, or that of
+    every worker of the host (`limits.host`), read and written while holding `lock`."""
 
-    def __init__(self, config: RateLimitsConfig, carry: RateLimiter | None = None) -> None:
-        """`carry`: the limiter being replaced; bucket state carries over a reload."""
+    def __init__(
+        self,
+        config: RateLimitsConfig,
+        carry: RateLimiter | None = None,
+        host: HostTats | None = None,
+    ) -> None:
+        """`carry`: the limiter being replaced; bucket state carries over a reload.
+        `host`: the workers' shared table, when there is one (else a dict of our own)."""
         self.config = config
-        self._tat: dict[str, float] = carry._tat if carry else {}
+        self._tat: dict[str, float] | HostTats = carry._tat if carry else (host or {})
+        # `with limiter.lock:` around a check and its take, and around a debit
+        self.lock: contextlib.AbstractContextManager[None] = (
+            self._tat if isinstance(self._tat, HostTats) else _UNLOCKED
+        )
         self._applicable: dict[
             tuple[str, str, str | None, tuple[int | None, int | None] | None], tuple[Bucket, ...]
         ] = {}
