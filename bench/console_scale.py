@@ -48,6 +48,9 @@ PAGES = (
     ("upstreams 30d", "/admin/api/upstreams?window=30d"),
     ("keys", "/admin/api/keys"),
     ("teams", "/admin/api/teams"),
+    ("spend by team 24h", "/admin/api/usage?by=team&window=24h"),
+    ("spend by team 30d", "/admin/api/usage?by=team&window=30d"),
+    ("spend by model 30d", "/admin/api/usage?by=model&window=30d"),
 )
 COLUMNS = (
     "ts, request_id, key_name, model, upstream, attempts, input_tokens, cached_input_tokens, "

@@ -610,6 +610,8 @@ def test_a_key_may_keep_models_that_left_the_config(gateway):
         "usage?tag=feature",  # NAME:VALUE
         "usage?by=tag:a%0A",  # a tag name is the whole string
         "usage?by=cost",
+        "usage?p95=no",  # true or false
+        "usage?p95=",
         "request-log.jsonl?since=",
         "request-log.jsonl?since=0h",
         "request-log.jsonl?since=%C2%B2h",  # a digit to str.isdigit, not to int()

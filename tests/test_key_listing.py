@@ -204,6 +204,14 @@ def test_usage_by_key_answers_with_the_costliest_keys(gateway_factory, database_
     assert page["groups"] == whole["groups"][:2] and page["group_count"] == 3
     assert page["total"]["cost_nano"] == sum(r["cost_nano"] for r in rows) > 0
     assert page["total"]["requests"] == 6
+    assert whole["total"]["p95_ms"] > 0
+    # the console's spend panel: the same figures without the percentiles
+    spend = admin(gateway, "/admin/api/usage?by=key&p95=false").json()
+    for group in (*spend["groups"], spend["total"]):
+        assert group.pop("p95_ms") is None
+    for group in (*whole["groups"], whole["total"]):
+        del group["p95_ms"]
+    assert (spend["groups"], spend["total"]) == (whole["groups"], whole["total"])
 
 
 @pytest.mark.parametrize("limit", ["0", "1001", "ten"])

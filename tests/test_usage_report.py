@@ -266,6 +266,89 @@ async def test_spend_by_group_agrees_with_the_whole_summary(db: Database) -> Non
                 assert await spend_between(db, DAY_START, DAY_END) == whole[-1].cost_nano
 
 
+# Periods whose ends fall inside hours, on an hour's first instant, and a hair off one.
+ODD_PERIODS = [
+    (DAY_START + 1234.5, DAY_END - 777.25),
+    (DAY_START + 3600, DAY_START + 7200),
+    (DAY_START + 3599.999, DAY_START + 7200.001),
+    (DAY_START + 60.5, DAY_START + 3000),  # inside one hour: the rows alone
+]
+_ROW_SUMS = """SELECT {column}, COUNT(*), SUM(input_tokens), SUM(cached_input_tokens),
+  SUM(output_tokens), SUM(cost_nano), SUM(saved_nano),
+  SUM(CASE WHEN outcome IN ('upstream_error', 'upstream_rejected', 'timeout',
+    'connection_error', 'gateway_error') THEN 1 ELSE 0 END),
+  SUM(CASE WHEN outcome IN ('invalid_request', 'unauthorized', 'rate_limited',
+    'budget_exceeded') THEN 1 ELSE 0 END)
+FROM requests WHERE ts >= ? AND ts < ? GROUP BY {column}"""
+
+
+def sums_of(group) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
+    return (
+        group.requests,
+        group.input_tokens,
+        group.cached_input_tokens,
+        group.output_tokens,
+        group.cost_nano,
+        group.saved_nano,
+        group.errors,
+        group.refused,
+    )
+
+
+async def test_sums_read_by_hour_equal_the_rows_at_any_period(db: Database) -> None:
+    """By model, upstream, team and in total a report sums whole hours from the sums by
+    hour and only its period's edges from the rows: every figure equals the rows' own,
+    whatever the edges."""
+    await insert(db, mixed_day())
+    await insert(
+        db,
+        [
+            row(DAY_START + 2000 + i * 97.3, "demo", upstream="sim", team="ads" if i % 2 else None,
+                input_tokens=i, output_tokens=2 * i, cost_nano=3 * i, saved_nano=i % 4,
+                outcome=("timeout", "rate_limited", "success")[min(i % 9, 2)])
+            for i in range(300)
+        ],
+    )  # fmt: skip
+    edges = [DAY_START + hour * 3600 + off for hour in range(1, 5) for off in (-0.001, 0, 0.001)]
+    await insert(db, [row(ts, team="ads", cost_nano=11, input_tokens=5) for ts in edges])
+    for start, end in ODD_PERIODS:
+        for grouping in ("model", "upstream", "team"):
+            expected = {
+                name: tuple(int(v or 0) for v in sums)
+                for name, *sums in await db.fetch(_ROW_SUMS.format(column=grouping), (start, end))
+            }
+            report = await usage_summary(db, grouping, start, end, p95=False)
+            got = {None if g.name == "(none)" else g.name: sums_of(g) for g in report[:-1]}
+            assert got == expected, (grouping, start, end)
+            totals = [sum(column) for column in zip(*expected.values(), strict=True)]
+            assert list(sums_of(report[-1])) == (totals or [0] * 8), (start, end)
+
+
+async def test_a_report_without_p95_has_the_same_figures(db: Database) -> None:
+    """`p95=False` (the console's spend panel) leaves out the percentiles and nothing
+    else: every grouping, the costliest groups cut by `top` too."""
+    from metergate.metering.report import UsageFilter
+
+    await insert(db, mixed_day())
+    await insert(db, [row(DAY_START + 5, cost_nano=7, team="ads", tags='{"f": "x"}')])
+    for grouping in ("model", "key", "upstream", "team", "tag:f"):
+        for only in (None, UsageFilter(team="ads"), UsageFilter(tags=(("f", "x"),))):
+            whole = await usage_summary(db, grouping, DAY_START, DAY_END, only)
+            spend = await usage_summary(db, grouping, DAY_START, DAY_END, only, p95=False)
+            assert [(g.name, sums_of(g)) for g in spend] == [(g.name, sums_of(g)) for g in whole], (
+                grouping,
+                only,
+            )
+            assert all(g.p95_ms is None for g in spend)
+            for top in (1, 100):
+                page = await top_usage(db, grouping, DAY_START, DAY_END, only, top, p95=False)
+                assert [(g.name, sums_of(g)) for g in page.groups] == [
+                    (g.name, sums_of(g)) for g in whole[:-1][:top]
+                ], (grouping, only, top)
+                assert page.group_count == len(whole) - 1
+                assert sums_of(page.total) == sums_of(whole[-1])
+
+
 async def test_empty_period_has_a_zero_total(db: Database) -> None:
     await insert(db, mixed_day())
     [total] = await usage_summary(db, "model", DAY_END + 1, DAY_END + 2)

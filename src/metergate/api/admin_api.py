@@ -452,16 +452,17 @@ class AdminApi:
     async def usage(self, request: Request, send: Send) -> None:
         """Usage grouped by model, key, upstream, team or tag:NAME over a window."""
         self.guard.authorize(request)
-        query = query_params(request, "window", "by", "team", "tag", "limit")
+        query = query_params(request, "window", "by", "team", "tag", "limit", "p95")
         value = requests_log.query_value
         window = parse_window(value(query, "window"))
         grouping, only = attribution.parse_grouping(
             value(query, "by"), value(query, "team"), value(query, "tag")
         )
         limit = requests_log.int_value(query, "limit", 1, attribution.GROUPS_MAX)
+        p95 = attribution.parse_p95(value(query, "p95"))
         database = await self._database(fresh=True)
         view = await attribution.usage_view(
-            database, window, grouping, only, limit or attribution.GROUPS_DEFAULT
+            database, window, grouping, only, limit or attribution.GROUPS_DEFAULT, p95
         )
         await send_json(request, send, view)
 

@@ -143,17 +143,28 @@ def parse_grouping(by: str | None, team: str | None, tag: str | None) -> tuple[s
     return grouping, UsageFilter(team, tags)
 
 
+def parse_p95(value: str | None) -> bool:
+    """`p95=false`: spend alone, without the latency percentiles that rank every request
+    of the window (seconds at a month of a busy ledger; the sums take milliseconds)."""
+    if value is None or value == "true":
+        return True
+    if value == "false":
+        return False
+    raise InvalidRequest(f"`p95` takes true or false (got {value!r})", param="p95")
+
+
 async def usage_view(
     database: Database,
     window: Window,
     grouping: str,
     only: UsageFilter,
     limit: int = GROUPS_DEFAULT,
+    p95: bool = True,
 ) -> dict[str, Any]:
     """The `limit` costliest groups; `total` covers every group, `group_count` counts
     them."""
     now = time.time()
-    usage = await top_usage(database, grouping, now - window.seconds, now, only, limit)
+    usage = await top_usage(database, grouping, now - window.seconds, now, only, limit, p95)
     return {
         "window": window.name,
         "now": now,

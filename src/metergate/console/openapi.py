@@ -1030,6 +1030,12 @@ def _attribution_paths() -> dict[str, Any]:
                         },
                         "The costliest groups to return",
                     ),
+                    _query(
+                        "p95",
+                        {"type": "boolean", "default": True},
+                        "false: leave out `p95_ms` (null), which ranks every request of "
+                        "the window; the sums read the ledger's sums by hour",
+                    ),
                 ],
                 "responses": _responses(
                     "The costliest groups first, and the total of all",

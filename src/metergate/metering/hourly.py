@@ -230,15 +230,43 @@ def spend_source(
 
     `where` (`" AND ..."` with `params`) may name `team` and `model` (and `key_name`
     when `keys`) compared with values (never NULL): both tables answer it as they stand."""
+    group = "key_name, team, model" if keys else "team, model"
+    table = "key_spend_hours" if keys else "usage_hours"
+    return _hours_and_edges(start, end, where, params, table, group, "cost_nano")
+
+
+USAGE_GROUPS = ("team", "model", "upstream")  # what `usage_source` can be grouped by
+
+
+def usage_source(
+    start: float, end: float, where: str = "", params: Sequence[Any] = ()
+) -> tuple[str, list[Any]]:
+    """As `spend_source`, rows `(team, model, upstream, outcome, requests, input_tokens,
+    cached_input_tokens, output_tokens, cost_nano, saved_nano)`: what a usage report sums
+    by team, model or upstream. `where` may name those three and `outcome`."""
+    sums = "input_tokens, cached_input_tokens, output_tokens, cost_nano, saved_nano"
+    group = "team, model, upstream, outcome"
+    return _hours_and_edges(start, end, where, params, "usage_hours", group, sums)
+
+
+def _hours_and_edges(
+    start: float,
+    end: float,
+    where: str,
+    params: Sequence[Any],
+    table: str,
+    group: str,
+    sums: str,
+) -> tuple[str, list[Any]]:
+    """`table`'s whole hours inside `[start, end)` and the ledger's rows of the parts of
+    an hour at either end, as one subquery of `group`, `requests` and `sums`."""
     first = -int(-start // HOUR)  # whole hours [first, last); a float's // is exact, its
     last = int(end // HOUR)  # quotient is not (an hour's start could round either way)
-    group = "key_name, team, model" if keys else "team, model"
-    raw = f"SELECT {group}, 1 AS requests, cost_nano FROM requests WHERE ts >= ? AND ts < ?"
+    raw = f"SELECT {group}, 1 AS requests, {sums} FROM requests WHERE ts >= ? AND ts < ?"
     if first >= last:
         return f"({raw}{where}) AS spend", [start, end, *params]
-    sums = group.replace("team", "NULLIF(team, '') AS team")
-    table = "key_spend_hours" if keys else "usage_hours"
-    hours = f"SELECT {sums}, requests, cost_nano FROM {table} WHERE hour >= ? AND hour < ?"
+    stored = group.replace("team", "NULLIF(team, '') AS team")
+    hours = f"SELECT {stored}, requests, {sums} FROM {table} WHERE hour >= ? AND hour < ?"
     sql = f"({hours}{where} UNION ALL {raw}{where} UNION ALL {raw}{where}) AS spend"
     return sql, [
         first,

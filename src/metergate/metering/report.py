@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from metergate.config.model import GatewayConfig, Price
 from metergate.config.observe import TAG_NAME
-from metergate.metering.hourly import spend_source
+from metergate.metering.hourly import USAGE_GROUPS, spend_source, usage_source
 from metergate.metering.pricing import UnitPrices
 from metergate.providers.base import Usage
 from metergate.storage.database import Database
@@ -108,11 +108,12 @@ _TOP_COUNT = ",\n  COUNT(*) OVER ()"
 _TOP_ORDER = f"\nORDER BY SUM(cost_nano) DESC, COUNT(*) DESC, COALESCE(grp, '{NO_VALUE}')\nLIMIT ?"
 
 
-# A group's sums, without its percentile.
-_SUMS = """COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+# A group's sums, without its percentile, over a `_source` (whose `requests` column
+# counts the requests each of its rows stands for).
+_SUMS = f"""SUM(requests), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
   SUM(cost_nano), SUM(saved_nano),
-  SUM(CASE WHEN outcome IN ({errors}) THEN 1 ELSE 0 END),
-  SUM(CASE WHEN outcome IN ({refused}) THEN 1 ELSE 0 END)"""
+  SUM(CASE WHEN outcome IN ({_sql_list(ERROR_OUTCOMES)}) THEN requests ELSE 0 END),
+  SUM(CASE WHEN outcome IN ({_sql_list(REFUSED_OUTCOMES)}) THEN requests ELSE 0 END)"""
 # The same nearest-rank p95 as the value at rank n - ceil(0.95 n) from the top: the
 # database then keeps only that many rows while sorting (5 % of them) instead of
 # numbering every row, 4x faster on 200,000 rows. The rank is counted in the same
@@ -121,10 +122,12 @@ _SUMS = """COUNT(*), SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tok
 _P95_FROM_TOP = """SELECT duration_ms FROM requests WHERE ts >= ? AND ts < ?{where}
 ORDER BY duration_ms DESC LIMIT 1 OFFSET (
   SELECT COUNT(*) - (95 * COUNT(*) + 99) / 100 FROM requests WHERE ts >= ? AND ts < ?{where})"""
-# The total of every group; parameters: the period and the filter's, three times.
-_TOTAL_SQL = f"""SELECT '*', {_SUMS},
-  ({_P95_FROM_TOP})
-FROM requests WHERE ts >= ? AND ts < ?{{where}}"""
+# The costliest groups of a `_source` without percentiles, each row ending in the
+# number of groups; parameters: the source's, then the LIMIT.
+_TOP_SUMS = f"""SELECT {{column}} AS grp, {_SUMS}, COUNT(*) OVER ()
+FROM {{source}} GROUP BY {{column}}
+ORDER BY SUM(cost_nano) DESC, SUM(requests) DESC, COALESCE({{column}}, '{NO_VALUE}')
+LIMIT ?"""
 # Groupings with few values in practice, and how many values still get a p95 query each
 # (from the top, as the total's) rather than one that numbers every row of the period.
 _FEW_VALUED = ("model", "upstream", "team")
@@ -218,23 +221,45 @@ async def usage_summary(
     start: float,
     end: float,
     only: UsageFilter | None = None,
+    p95: bool = True,
 ) -> list[UsageGroup]:
     """Per-group totals in `[start, end)`, costliest first, then one total row (name None).
 
     `group_by` is model, key, upstream, team or `tag:NAME`; requests without a team (or
     without the tag) form the group `(none)`. Latency p95 covers every request of the
     group, refused ones included: it is what the callers waited. Percentiles do not add
-    up, so the total row has its own query.
+    up, so the total row has its own query; they rank every request of the period, so
+    `p95=False` leaves them out (None) for a report of spend alone.
     """
-    where, params = (only or UsageFilter()).sql(db.dialect)
+    only = only or UsageFilter()
+    where, params = only.sql(db.dialect)
     period = (start, end, *params)
     column = group_expression(db.dialect, group_by)
+    source = _source(db.dialect, group_by, start, end, only)
     rows = None
     if group_by in _FEW_VALUED:
-        rows = await _few_groups(db, column, where, period)
+        rows = await _few_groups(db, column, source, where, period, p95)
     if rows is None:
-        rows = await db.fetch(_summary_sql(column, where), period)
-    return [*_costliest_first(rows), await _total(db, where, period)]
+        if p95:
+            rows = await db.fetch(_summary_sql(column, where), period)
+        else:
+            sql = f"SELECT {column}, {_SUMS}, NULL FROM {source[0]} GROUP BY {column}"
+            rows = await db.fetch(sql, source[1])
+    total = await _total(db, _source(db.dialect, None, start, end, only), where, period, p95)
+    return [*_costliest_first(rows), total]
+
+
+def _source(
+    dialect: str, group_by: GroupBy | None, start: float, end: float, only: UsageFilter
+) -> tuple[str, list[Any]]:
+    """What a report's sums read, with its parameters: the sums by hour and the rows of
+    the period's edges when the grouping (None: the total) and the filter are among their
+    columns (`hourly.usage_source`), else every row of the period, each one request."""
+    where, params = only.sql(dialect)
+    if (group_by is None or group_by in USAGE_GROUPS) and not only.tags and not only.keys:
+        return usage_source(start, end, where, params)
+    rows = f"(SELECT *, 1 AS requests FROM requests WHERE ts >= ? AND ts < ?{where}) AS spend"
+    return rows, [start, end, *params]
 
 
 def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
@@ -247,15 +272,17 @@ def _costliest_first(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
 
 
 async def _few_groups(
-    db: Database, column: str, where: str, period: tuple[Any, ...]
+    db: Database,
+    column: str,
+    source: tuple[str, list[Any]],
+    where: str,
+    period: tuple[Any, ...],
+    p95: bool,
 ) -> list[tuple[Any, ...]] | None:
-    """The summary's rows from the groups' sums and one p95 query per group, or None
-    when there are more than `_FEW` groups (numbering every row once is then cheaper)."""
-    sums = _SUMS.format(errors=_sql_list(ERROR_OUTCOMES), refused=_sql_list(REFUSED_OUTCOMES))
-    rows = await db.fetch(
-        f"SELECT {column}, {sums} FROM requests WHERE ts >= ? AND ts < ?{where} GROUP BY {column}",
-        period,
-    )
+    """The summary's rows from the groups' sums and, with `p95`, one p95 query per group,
+    or None when there are more than `_FEW` groups (numbering every row once is then
+    cheaper)."""
+    rows = await db.fetch(f"SELECT {column}, {_SUMS} FROM {source[0]} GROUP BY {column}", source[1])
     if len(rows) > _FEW:
         return None
     found = []
@@ -264,17 +291,27 @@ async def _few_groups(
             one, bound = f"{where} AND {column} IS NULL", period
         else:
             one, bound = f"{where} AND {column} = ?", (*period, value)
-        p95 = await db.fetch(_P95_FROM_TOP.format(where=one), bound * 2)
-        found.append((value, *figures, p95[0][0] if p95 else None))
+        p95_ms = None
+        if p95:
+            ranked = await db.fetch(_P95_FROM_TOP.format(where=one), bound * 2)
+            p95_ms = ranked[0][0] if ranked else None
+        found.append((value, *figures, p95_ms))
     return found
 
 
-async def _total(db: Database, where: str, period: tuple[Any, ...]) -> UsageGroup:
-    sql = _TOTAL_SQL.format(
-        errors=_sql_list(ERROR_OUTCOMES), refused=_sql_list(REFUSED_OUTCOMES), where=where
-    )
-    rows = await db.fetch(sql, period * 3)
-    return _usage_group(None, rows[0][1:] if rows else (None,) * 9)
+async def _total(
+    db: Database,
+    source: tuple[str, list[Any]],
+    where: str,
+    period: tuple[Any, ...],
+    p95: bool,
+) -> UsageGroup:
+    sums = await db.fetch(f"SELECT {_SUMS} FROM {source[0]}", source[1])
+    p95_ms = None
+    if p95:
+        ranked = await db.fetch(_P95_FROM_TOP.format(where=where), period * 2)
+        p95_ms = ranked[0][0] if ranked else None
+    return _usage_group(None, (*(sums[0] if sums else (None,) * 8), p95_ms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,19 +366,26 @@ async def top_usage(
     end: float,
     only: UsageFilter | None = None,
     top: int = 100,
+    p95: bool = True,
 ) -> TopUsage:
     """`usage_summary` cut to the `top` costliest groups in the database, so that a
     grouping with a value per end user (a key or a tag each) answers in a page, not
     with every group."""
-    where, params = (only or UsageFilter()).sql(db.dialect)
+    only = only or UsageFilter()
+    where, params = only.sql(db.dialect)
     period = (start, end, *params)
     column = group_expression(db.dialect, group_by)
-    total = await _total(db, where, period)
+    total = await _total(db, _source(db.dialect, None, start, end, only), where, period, p95)
+    source = _source(db.dialect, group_by, start, end, only)
     if group_by in _FEW_VALUED:
-        few = await _few_groups(db, column, where, period)
+        few = await _few_groups(db, column, source, where, period, p95)
         if few is not None and len(few) <= top:  # all of them, in `usage_summary`'s order
             return TopUsage(_costliest_first(few), total, len(few))
-    rows = await db.fetch(_summary_sql(column, where, top=True), (*period, top))
+    if p95:
+        rows = await db.fetch(_summary_sql(column, where, top=True), (*period, top))
+    else:
+        found = await db.fetch(_TOP_SUMS.format(column=column, source=source[0]), (*source[1], top))
+        rows = [(name, *sums, None, count) for name, *sums, count in found]
     # in the database's order, which chose them (its collation breaks the last ties)
     return TopUsage(_groups(rows), total, int(rows[0][-1]) if rows else 0)
 
