@@ -259,6 +259,12 @@ def test_a_connection_redis_closed_while_idle_is_replaced_unnoticed(
         ask = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
         client.chat.completions.create(**ask)
         link = gateway.runtime.plan.shared.link
+        # Idle means idle: the request's settle (sent after its answer) has its reply,
+        # or the kill would cut a call in flight, which rightly marks the link down.
+        deadline = time.monotonic() + 10
+        while not gateway.metric("metergate_budget_spent_usd", budget="month"):
+            assert time.monotonic() < deadline, "the first request was never settled"
+            time.sleep(0.01)
         pipe = link._pipe
         assert pipe is not None and not pipe.closed
         assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
