@@ -446,11 +446,15 @@ def fleet_config(models: list[str] = MODELS) -> dict[str, Any]:
 
 
 def traffic(gateway: Gateway, models: list[str]) -> None:
-    """More requests for the first models, so the busiest are known; and a failure."""
+    """More requests for the first models, so the busiest are known; and a failure. An
+    embeddings model gets embeddings requests (it refuses chat, as a real one does)."""
     client = gateway.client()
     for rank, name in enumerate(models):
         for _ in range(len(models) - rank):
-            client.chat.completions.create(model=name, messages=ASK)
+            if "embed" in name:
+                client.embeddings.create(model=name, input="console")
+            else:
+                client.chat.completions.create(model=name, messages=ASK)
     with pytest.raises(Exception):  # noqa: B017 - the upstream fails, the circuit opens
         client.chat.completions.create(model="broken-route", messages=ASK)
 
