@@ -644,6 +644,18 @@ def test_cli_shows_the_costliest_groups_and_sums_the_rest(ledger_config: Path) -
     assert len(every) == 1 + 2 + 1  # header, both groups, total
 
 
+def test_cli_without_p95_reports_the_same_figures(ledger_config: Path) -> None:
+    exact = json.loads(run(ledger_config, "--format", "json").stdout)
+    spend = json.loads(run(ledger_config, "--format", "json", "--no-p95").stdout)
+    assert exact["total"]["p95_ms"] is not None
+    assert all(g["p95_ms"] is None for g in (*spend["groups"], spend["total"]))
+    for group in (*exact["groups"], exact["total"]):
+        group["p95_ms"] = None
+    for report in (exact, spend):
+        del report["period"], report["forecast"]  # of each run's own `now`
+    assert spend == exact
+
+
 def test_cli_compares_with_a_price_file(ledger_config: Path) -> None:
     (ledger_config / "contract.yaml").write_text("gpt-4.1: {input: 1.5, output: 6}\n")
     result = run(ledger_config, "--format", "json", "--compare", "contract.yaml")

@@ -84,6 +84,14 @@ def usage(
             "csv and json: every group)",
         ),
     ] = None,
+    p95: Annotated[
+        bool,
+        typer.Option(
+            "--p95/--no-p95",
+            help="latency p95 per group (ranks every request of the period: seconds at a "
+            "month of a busy ledger; --no-p95 reads spend and counts from the sums by hour)",
+        ),
+    ] = True,
     compare: Annotated[
         str | None,
         typer.Option(
@@ -100,7 +108,8 @@ def usage(
 
     Errors are upstream/provider failures; their rate leaves out requests refused
     because of the caller (invalid, unauthorized, rate-limited, over budget), which are
-    counted apart. p95 latency is nearest-rank over every request of the group. With
+    counted apart. p95 latency is nearest-rank over every request of the group
+    (--no-p95 leaves it out, for a faster report of spend). With
     --format csv the total row has an empty group cell, --compare makes the CSV the
     comparison table, and the forecast goes to stderr.
     """
@@ -115,9 +124,9 @@ def usage(
     async def gather(db: Database) -> Report:
         group_count: int | None = None
         if shown is None:
-            summary = await usage_summary(db, by, *period, only)
+            summary = await usage_summary(db, by, *period, only, p95)
         else:
-            cut = await top_usage(db, by, *period, only, shown)
+            cut = await top_usage(db, by, *period, only, shown, p95)
             summary, group_count = [*cut.groups, cut.total], cut.group_count
         comparison = None
         if prices is not None:

@@ -9,8 +9,9 @@ private directory), so a worker remembers where each of its buckets is.
 
 Every read and write of the table happens under an exclusive `flock` on the file,
 taken for a whole admission (check, then take) and again for a debit: four system
-calls a limited request (~2 µs), nothing for one without limits. A worker that dies holding the lock releases
-it with its file. Times are `CLOCK_MONOTONIC`, one clock for every process of the host.
+calls a limited request (~2 µs), nothing for one without limits. A worker that dies
+holding the lock releases it with its file. Times are `CLOCK_MONOTONIC`, one clock for
+every process of the host.
 Replicas on other hosts still need Redis; a full table (`capacity` buckets) keeps the
 rest in the worker's own memory and says so once in the log.
 """
