@@ -68,7 +68,8 @@ def test_token_debts_are_shared_and_a_full_table_keeps_the_rest_apart(tmp_path: 
     table = tmp_path / "rate-limits"
     create_table(table, capacity=2)
     config = RateLimitsConfig.model_validate({"keys": {"*": {"tpm": 600}}})
-    first, second = (RateLimiter(config, host=HostTats(table)) for _ in range(2))
+    tables = [HostTats(table), HostTats(table)]  # as two workers map it
+    first, second = (RateLimiter(config, host=mapped) for mapped in tables)
     alice = first.applicable("alice", "sim")
     with first.lock:
         first.debit(alice, 600, NOW)  # the whole minute's tokens
@@ -83,6 +84,8 @@ def test_token_debts_are_shared_and_a_full_table_keeps_the_rest_apart(tmp_path: 
             first.check(carol, NOW)
     with second.lock:
         second.check(second.applicable("carol", "sim"), NOW)  # not seen: admitted
+    for mapped in tables:
+        mapped.close()
 
 
 def test_serve_with_two_workers_admits_each_limit_once(tmp_path: Path) -> None:

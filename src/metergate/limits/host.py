@@ -12,8 +12,9 @@ taken for a whole admission (check, then take) and again for a debit: four syste
 calls a limited request (~2 µs), nothing for one without limits. A worker that dies
 holding the lock releases it with its file. Times are `CLOCK_MONOTONIC`, one clock for
 every process of the host.
-Replicas on other hosts still need Redis; a full table (`capacity` buckets) keeps the
-rest in the worker's own memory and says so once in the log.
+
+Replicas on other hosts still need Redis. A full table (`capacity` buckets) keeps the
+rest in each worker's own memory and says so once in the log.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class HostTats:
         return None
 
     def close(self) -> None:
+        """A worker maps the table for as long as it runs; tests let go of theirs."""
         self._map.close()
         os.close(self._fd)
 
