@@ -276,7 +276,7 @@ class _Answer:
         if not self.json_mode:
             return text
         if self.schema:
-            return orjson.dumps(example_of(self.schema, text)).decode()
+            return orjson.dumps(_example_of(self.schema, text)).decode()
         return orjson.dumps({"answer": text}).decode()
 
     def message(self) -> dict[str, Any]:
@@ -337,7 +337,7 @@ def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     properties = an_object(schema.get("properties") or {}, f"{where}.properties")
     required = a_list(schema.get("required"), f"{where}.required")
     arguments = {
-        name: example_of(spec, "example", schema)
+        name: _example_of(spec, "example", schema)
         for name, spec in properties.items()
         if name in required and isinstance(spec, dict)
     }
@@ -353,7 +353,7 @@ _SCALARS: dict[str, Any] = {"integer": 1, "number": 1.0, "boolean": True, "null"
 _DEPTH = 16  # a schema that refers to itself (a tree) is cut here
 
 
-def example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: int = 0) -> Any:
+def _example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: int = 0) -> Any:
     """A value valid against the JSON schema `spec` (strings are `text`): every property
     of an object, one item of an array, the first of `enum`/`anyOf`/`oneOf` (not the
     null one: Optional fields get a value), `$ref`s into `root`'s `$defs` (what pydantic
@@ -366,7 +366,7 @@ def example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: 
         target: Any = root
         for part in reference.lstrip("#").strip("/").split("/"):
             target = target.get(part) if isinstance(target, dict) and part else target
-        return example_of(target, text, root, depth + 1)
+        return _example_of(target, text, root, depth + 1)
     if "const" in spec:
         return spec["const"]
     if isinstance(spec.get("enum"), list) and spec["enum"]:
@@ -375,7 +375,7 @@ def example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: 
         options = spec.get(key)
         if isinstance(options, list) and options:
             typed = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
-            return example_of((typed or options)[0], text, root, depth + 1)
+            return _example_of((typed or options)[0], text, root, depth + 1)
     kind = spec.get("type", "object" if "properties" in spec else "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -383,10 +383,10 @@ def example_of(spec: Any, text: str, root: dict[str, Any] | None = None, depth: 
         properties = spec.get("properties")
         if not isinstance(properties, dict):
             return {}
-        return {name: example_of(sub, text, root, depth + 1) for name, sub in properties.items()}
+        return {name: _example_of(sub, text, root, depth + 1) for name, sub in properties.items()}
     if kind == "array":
         items = spec.get("items")
-        return [example_of(items, text, root, depth + 1)] if isinstance(items, dict) else []
+        return [_example_of(items, text, root, depth + 1)] if isinstance(items, dict) else []
     return _SCALARS.get(kind, text) if isinstance(kind, str) else text
 
 
