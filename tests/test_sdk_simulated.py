@@ -98,7 +98,7 @@ def test_an_embeddings_model_refuses_chat(gateway, stream):
         gateway.client().chat.completions.create(
             model="embed", messages=[{"role": "user", "content": "hello"}], stream=stream
         )
-    assert "embed is an embeddings model" in refused.value.message
+    assert "upstream model embed is an embeddings model" in refused.value.message
 
 
 def test_tools_and_response_format(gateway):

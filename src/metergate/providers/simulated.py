@@ -217,7 +217,7 @@ def _refuse_embeddings_model(model: str) -> None:
     it as chat): a demo that asks the wrong model learns so instead of getting text."""
     if "embed" in model.lower():
         raise UpstreamRejected(
-            f"{model} is an embeddings model: it answers /v1/embeddings, not chat, "
+            f"upstream model {model} is an embeddings model: it answers /v1/embeddings, not chat, "
             "completions, Responses or Messages requests; use a chat model",
             status=400,
             upstream_status=400,
