@@ -17,11 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from metergate.console.series import MAX_SERIES
+from metergate.console.series import MAX_SERIES, Line, empty_line, shared_line_last
 from metergate.console.windows import Window
 from metergate.metering.hourly import DURATION, HOUR, USAGE_SUMS, HourSums, nearest_rank
 from metergate.metering.ledger import COLUMNS, LedgerRow
-from metergate.metering.report import ERROR_OUTCOMES, REFUSED_OUTCOMES, UsageGroup
+from metergate.metering.report import (
+    ERROR_OUTCOMES,
+    REFUSED_OUTCOMES,
+    UsageGroup,
+    costliest_first,
+)
 from metergate.storage.database import Database
 
 _ERRORS = frozenset(ERROR_OUTCOMES)
@@ -140,10 +145,7 @@ async def long_window(
     total = Counts()
     for found in models.values():
         total.merge(found)
-    groups = sorted(
-        (found.group(model) for model, found in models.items()),
-        key=lambda g: (-g.cost_nano, -g.requests, g.name or ""),
-    )
+    groups = costliest_first(found.group(model) for model, found in models.items())
     series = _series(buckets, models, window, first, now)
     return [*groups, total.group(None)], series
 
@@ -166,18 +168,12 @@ def _series(
     merged: dict[tuple[str, int], Counts] = {}
     for (model, index), found in buckets.items():
         merged.setdefault((line_of[model], index), Counts()).merge(found)
-    lines: dict[str, dict[str, list[float | None]]] = {}
+    lines: dict[str, Line] = {}
     last_seconds = max(now - (first + (size - 1) * step), 1e-3)  # the bucket under way
     for (name, index), found in merged.items():
-        line = lines.setdefault(
-            name,
-            {
-                "requests_per_second": [0.0] * size,
-                "error_percent": [None] * size,
-                "p95_ms": [None] * size,
-                "ttft_p95_ms": [None] * size,
-            },
-        )
+        line = lines.get(name)
+        if line is None:
+            line = lines[name] = empty_line(size)
         seconds = last_seconds if index == size - 1 else step
         served = found.requests - found.refused
         p95, ttft = nearest_rank(found.latency), nearest_rank(found.ttft)
@@ -185,12 +181,9 @@ def _series(
         line["error_percent"][index] = round(100 * found.errors / served, 3) if served else None
         line["p95_ms"][index] = None if p95 is None else round(p95, 3)
         line["ttft_p95_ms"][index] = None if ttft is None else round(ttft, 3)
-    ordered = dict(sorted((name, line) for name, line in lines.items() if name != group))
-    if group in lines:
-        ordered[group] = lines[group]  # the shared line comes last
     return {
         "start": float(first),
         "step": step,
         "timestamps": [float(first + i * step) for i in range(size)],
-        "models": ordered,
+        "models": shared_line_last(lines, group),
     }

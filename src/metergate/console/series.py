@@ -32,6 +32,7 @@ def _quoted(values: tuple[str, ...]) -> str:
 
 
 MAX_SERIES = 10
+Line = dict[str, list[float | None]]  # a model's (or the shared) line: metric -> buckets
 
 _COUNTS_SQL = """WITH bucketed AS (
   SELECT {label} AS model, {bucket} AS bucket, outcome, duration_ms FROM requests
@@ -83,16 +84,11 @@ async def model_series(database: Database, window: Window, now: float) -> dict[s
     )
     ttfts = await database.fetch(_TTFT_SQL.format(label=label, bucket=bucket), params)
     size = window.buckets
-    models: dict[str, dict[str, list[float | None]]] = {}
+    models: dict[str, Line] = {}
 
-    def lines(model: str) -> dict[str, list[float | None]]:
+    def lines(model: str) -> Line:
         if model not in models:
-            models[model] = {
-                "requests_per_second": [0.0] * size,
-                "error_percent": [None] * size,
-                "p95_ms": [None] * size,
-                "ttft_p95_ms": [None] * size,
-            }
+            models[model] = empty_line(size)
         return models[model]
 
     for model, index, requests, errors, refused, p95 in counts:
@@ -105,15 +101,30 @@ async def model_series(database: Database, window: Window, now: float) -> dict[s
     for model, index, p95 in ttfts:
         i = min(int(index), size - 1)
         lines(str(model))["ttft_p95_ms"][i] = None if p95 is None else round(float(p95), 3)
-    ordered = dict(sorted((name, line) for name, line in models.items() if name != group))
-    if group in models:
-        ordered[group] = models[group]  # the shared line comes last
     return {
         "start": start,
         "step": window.step,
         "timestamps": [start + i * window.step for i in range(size)],
-        "models": ordered,
+        "models": shared_line_last(models, group),
     }
+
+
+def empty_line(size: int) -> Line:
+    """A line before its buckets are read: no requests, nothing measured."""
+    return {
+        "requests_per_second": [0.0] * size,
+        "error_percent": [None] * size,
+        "p95_ms": [None] * size,
+        "ttft_p95_ms": [None] * size,
+    }
+
+
+def shared_line_last(lines: dict[str, Line], group: str) -> dict[str, Line]:
+    """The models' lines by name, then the shared one (`group`, "" for none)."""
+    ordered = dict(sorted((name, line) for name, line in lines.items() if name != group))
+    if group in lines:
+        ordered[group] = lines[group]
+    return ordered
 
 
 async def _labels(database: Database, start: float, end: float) -> tuple[str, tuple[str, ...], str]:

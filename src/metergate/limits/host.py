@@ -55,6 +55,7 @@ class HostTats:
             raise ValueError(f"{path} is not a rate-limit table")
         self._slot_of: dict[str, int] = {}  # bucket name: offset of its slot
         self._overflow: dict[str, float] = {}  # buckets the full table has no slot for
+        self._unplaced: set[str] = set()  # ... found so: never probed for again
         self._told_full = False
 
     def __enter__(self) -> None:
@@ -80,7 +81,7 @@ class HostTats:
     def _find(self, name: str, claim: bool) -> int | None:
         """The offset of `name`'s slot; a free one when `claim`; else None."""
         offset = self._slot_of.get(name)
-        if offset is not None:
+        if offset is not None or name in self._unplaced:
             return offset
         wanted = _hash(name)
         start = wanted % self.capacity
@@ -96,6 +97,7 @@ class HostTats:
                 _SLOT.pack_into(self._map, at, wanted, 0.0)
                 self._slot_of[name] = at
                 return at
+        self._unplaced.add(name)  # slots are never freed: a full table stays full
         if not self._told_full:
             self._told_full = True
             log.warning(

@@ -244,7 +244,7 @@ def usage_source(
     """As `spend_source`, rows `(team, model, upstream, outcome, requests, input_tokens,
     cached_input_tokens, output_tokens, cost_nano, saved_nano)`: what a usage report sums
     by team, model or upstream. `where` may name those three and `outcome`."""
-    sums = "input_tokens, cached_input_tokens, output_tokens, cost_nano, saved_nano"
+    sums = ", ".join(USAGE_SUMS[1:-1])  # requests are counted apart; retries not read
     group = "team, model, upstream, outcome"
     return _hours_and_edges(start, end, where, params, "usage_hours", group, sums)
 

@@ -10,7 +10,7 @@ PostgreSQL. Periods are half-open: `start <= ts < end`, in epoch seconds.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -267,8 +267,12 @@ def _groups(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
 
 
 def _costliest_first(rows: Sequence[Sequence[Any]]) -> list[UsageGroup]:
+    return costliest_first(_groups(rows))
+
+
+def costliest_first(groups: Iterable[UsageGroup]) -> list[UsageGroup]:
     """The order of every summary: cost, then requests, then name."""
-    return sorted(_groups(rows), key=lambda g: (-g.cost_nano, -g.requests, g.name or ""))
+    return sorted(groups, key=lambda g: (-g.cost_nano, -g.requests, g.name or ""))
 
 
 async def _few_groups(
