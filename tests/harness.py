@@ -7,6 +7,7 @@ official SDKs' synchronous clients as well as their async ones.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import shutil
 import socket
 import threading
@@ -282,3 +283,18 @@ def simulated_config(**settings: Any) -> dict[str, Any]:
         },
         "models": {"sim": {"upstreams": ["sim-up"]}},
     }
+
+
+def counts_at_once(target: Callable[..., None], argsets: list[tuple[Any, ...]]) -> list[int]:
+    """Run `target(*args, start, counts)` for each of `argsets` in a spawned process of its
+    own (as uvicorn starts its workers), all let go at one instant by the barrier
+    `start`; the count each puts on the queue `counts`."""
+    spawn = multiprocessing.get_context("spawn")
+    start, counts = spawn.Barrier(len(argsets)), spawn.Queue()
+    processes = [spawn.Process(target=target, args=(*args, start, counts)) for args in argsets]
+    for process in processes:
+        process.start()
+    got = [counts.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(30)
+    return got

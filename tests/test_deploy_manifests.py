@@ -288,8 +288,8 @@ def kube_metergate_command() -> list[str]:
 def test_serve_starts_the_example_config_with_the_deployments_command(
     where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """`serve` refuses some configs only at start (hard budgets with --workers > 1), and
-    its options may change: each deployment's command with its config gets past them."""
+    """`serve` checks some things only at start (the config with its options), and its
+    options may change: each deployment's command with its config gets past them."""
     text = kube_gateway_text() if where == "kubernetes" else COMPOSE_GATEWAY.read_text()
     load_example(text, where, monkeypatch)  # sets the variables
     path = tmp_path / "gateway.yaml"

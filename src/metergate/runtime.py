@@ -27,12 +27,13 @@ from metergate.auth.index import KeyIndex
 from metergate.auth.keys import KeyRecord
 from metergate.budgets import BudgetBook
 from metergate.budgets.budget import Budget, ledger_spend
+from metergate.budgets.host import BUDGETS_FILE, HostBudgets
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
 from metergate.config.model import EACH, GatewayConfig, LedgerConfig
 from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
-from metergate.limits.host import HostTats
+from metergate.limits.host import RATES_FILE, HostTats
 from metergate.limits.rate import RateLimiter
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
@@ -103,15 +104,21 @@ class Runtime:
         text: str | None = None,
         source: str = "<config>",
         joining: bool = False,
-        host_rates: Path | None = None,
+        host: tuple[Path, int] | None = None,
     ) -> None:
         """`joining`: a worker of `serve --workers N`, whose parent recorded the config:
         it takes the version the gateway runs (a newer one, when it replaces a worker that
-        died) instead of recording its own. `host_rates`: the rate-limit table the
-        workers of the host share (`limits.host`)."""
+        died) instead of recording its own. `host`: the directory of the tables the
+        workers of the host share (rate limits, `limits.host`; budgets, `budgets.host`)
+        and this worker's number among them."""
         self.metrics = metrics or Metrics()
         self.joining = joining
-        self.host_rates = HostTats(host_rates) if host_rates is not None else None
+        self.host_rates: HostTats | None = None
+        self.host_budgets: HostBudgets | None = None
+        if host is not None:
+            directory, worker = host
+            self.host_rates = HostTats(directory / RATES_FILE)
+            self.host_budgets = HostBudgets(directory / BUDGETS_FILE, worker, self.host_rates)
         self.source = source
         self.text = text if text is not None else config.model_dump_json()
         self.database: Database | None = None
@@ -191,7 +198,12 @@ class Runtime:
             budgets=budgets,
             cache=cache,
             rollouts=rollouts,
-            gate=Gate(budgets, rates, shared.counters if shared else None),
+            gate=Gate(
+                budgets,
+                rates,
+                shared.counters if shared else None,
+                None if shared else self.host_budgets,  # Redis, when configured, shares them
+            ),
             shared=shared,
         )
 

@@ -58,13 +58,11 @@ class GatewayApp:
         source: str = "<config>",
         *,
         joining: bool = False,
-        host_rates: Path | None = None,
+        host: tuple[Path, int] | None = None,
     ) -> None:
         """`text` and `source`: the config file's content and path, for config history
-        and reloads; `joining` and `host_rates`: see `Runtime`."""
-        self.runtime = Runtime(
-            config, text=text, source=source, joining=joining, host_rates=host_rates
-        )
+        and reloads; `joining` and `host`: see `Runtime`."""
+        self.runtime = Runtime(config, text=text, source=source, joining=joining, host=host)
         info = InfoHandlers(self.runtime)
         admin = AdminHandlers(self.runtime)
         self._admin_api = AdminApi(self.runtime, admin.guard)  # the console and its JSON API

@@ -4,8 +4,9 @@ A worker builds its app from what `serve` read, checked and recorded (`CONFIG_CO
 from the file as it is when the worker starts: the file may have been edited since (not
 yet reloaded) or broken. The copy is named after the file (`CONFIG_SOURCE`), which
 reloads read. A worker (`JOINING`) takes the config version the gateway runs before it
-serves, instead of recording its own as the newest. The workers share one rate-limit
-table (`HOST_RATES`), made by `serve`.
+serves, instead of recording its own as the newest. The workers share the tables of
+their rate limits and budgets, in a directory made by `serve` (`HOST_DIR`), each worker
+in its own column of the budgets' (`WORKER`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 CONFIG_SOURCE = "METERGATE_CONFIG"  # the config file (the embedded default when unset)
 CONFIG_COPY = "METERGATE_CONFIG_COPY"  # its text as `serve` read it
 JOINING = "METERGATE_JOINING"  # set by `serve --workers N`, which records the config
-HOST_RATES = "METERGATE_HOST_RATES"  # the workers' shared rate-limit table (`limits.host`)
+HOST_DIR = "METERGATE_HOST_DIR"  # the workers' shared tables (`limits.host`, `budgets.host`)
+WORKER = "METERGATE_WORKER"  # this worker's number, 0 to N - 1
 
 
 def create_app() -> GatewayApp:
@@ -38,11 +40,11 @@ def create_app() -> GatewayApp:
         source = os.environ[CONFIG_SOURCE]
         text = Path(copy).read_text(encoding="utf-8")
         config = parse_config(text, source)
-    host_rates = os.environ.get(HOST_RATES)
+    host_dir = os.environ.get(HOST_DIR)
     return GatewayApp(
         config,
         text,
         source,
         joining=bool(os.environ.get(JOINING)),
-        host_rates=Path(host_rates) if host_rates else None,
+        host=(Path(host_dir), int(os.environ[WORKER])) if host_dir else None,
     )

@@ -42,6 +42,8 @@ log = logging.getLogger("metergate.budgets")
 class Reservation:
     budgets: tuple[Budget, ...]
     amount_nano: int
+    # where each budget's hold is in the workers' shared table (`budgets.host`), if there
+    slots: tuple[int | None, ...] = ()
 
 
 _NONE = Reservation((), 0)

@@ -13,7 +13,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from metergate import logs
 from metergate.auth.keys import hash_key
-from metergate.cli.common import ConfigOption, console, errors, read_or_exit, with_database
+from metergate.cli.common import ConfigOption, console, read_or_exit, with_database
 from metergate.cli.supervisor import run_workers
 from metergate.config import GatewayConfig, LoadedConfig
 from metergate.config.secrets import without_password
@@ -30,22 +30,6 @@ def serve(
     """Start the gateway. Without --config it serves simulated demo models on SQLite."""
     source = read_or_exit(config)
     loaded = source.config
-    if workers > 1 and loaded.redis is None:
-        if any(budget.hard for budget in loaded.budgets.values()):
-            errors.print(
-                "hard budgets are enforced exactly within one process; with --workers > 1 "
-                "each worker would admit the whole limit. Configure redis: (budgets and rate "
-                "limits shared by all workers and replicas), run one worker per gateway, or "
-                "make the budgets soft (hard: false)."
-            )
-            raise typer.Exit(2)
-        if loaded.budgets:
-            console.print(
-                f"[yellow]warning:[/yellow] without redis: each of the {workers} workers "
-                "counts only its own spend against the budgets, so their alerts fire late "
-                "and metergate_budget_spent_usd shows one worker's part (the ledger and "
-                "`metergate usage` have all of it)"
-            )
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
     logs.configure()

@@ -13,6 +13,11 @@ gateway's operators rely on.
   ledger outage) is tried again while the other workers serve, where uvicorn would stop
   the whole gateway. A first worker that cannot start stops it, with exit status 3
   (uvicorn: 0), so that a process manager sees a failed start.
+- The workers share their rate limits and budgets through tables in the supervisor's
+  private directory (`limits.host`, `budgets.host`). Worker N (of 0 to N - 1) keeps its
+  number for life, and its replacement takes it over: what a dead worker's requests
+  held on the budgets is let go first. SIGTTIN (one worker more) is refused past the
+  number the gateway started with, which the budgets' table has columns for.
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from socket import socket
 from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, HOST_RATES, JOINING
+from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, HOST_DIR, JOINING, WORKER
+from metergate.budgets import host as host_budgets
 from metergate.cli.common import with_database
 from metergate.config import LoadedConfig
-from metergate.limits.host import create_table
+from metergate.limits import host as host_rates
 from metergate.storage import config_versions
 
 log = logging.getLogger("metergate")
@@ -40,8 +47,14 @@ RETRY_SECONDS = 5
 
 
 class Supervisor(Multiprocess):
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], tables: Path) -> None:
+        super().__init__(config, sockets)
+        self.tables = tables  # of the rate limits and budgets the workers share
+        self.columns = self.processes_num  # workers the budgets' table has columns for
+
     def init_processes(self) -> None:
-        super().init_processes()
+        for slot in range(self.processes_num):
+            self.processes.append(self._start(slot))
         self._first = set(self.processes)  # those whose failed start stops the gateway
         self._start_at: dict[int, float] = {}  # slot -> when to try a replacement again
         self.failed_start = False
@@ -98,10 +111,42 @@ class Supervisor(Multiprocess):
                 )
                 self._start_at[slot] = time.monotonic() + RETRY_SECONDS
 
+    def handle_ttin(self) -> None:
+        """One worker more, as uvicorn does, up to the number the gateway started with
+        (after a SIGTTOU): past it the budgets' table has no column for another."""
+        slot = len(self.processes)
+        if slot >= self.columns:
+            log.warning(
+                "SIGTTIN: not starting a worker beyond the %d the gateway started with "
+                "(restart it with more --workers)",
+                self.columns,
+            )
+            return
+        self.processes_num += 1
+        self.processes.append(self._start(slot))
+
     def _replace(self, slot: int) -> None:
+        """The dead worker's holds on the budgets go with it (its requests are gone)."""
+        rates = host_rates.HostTats(self.tables / host_rates.RATES_FILE)  # the lock
+        try:
+            released = host_budgets.release_worker(
+                self.tables / host_budgets.BUDGETS_FILE, slot, rates
+            )
+        finally:
+            rates.close()
+        if released:
+            log.warning(
+                "worker %d's requests in flight held $%.6f of budgets: let go",
+                slot,
+                released / 1e9,
+            )
+        self.processes[slot] = self._start(slot)
+
+    def _start(self, slot: int) -> Process:
+        os.environ[WORKER] = str(slot)  # read by the worker as it starts (spawned)
         process = Process(self.config, self.sockets)
         process.start()
-        self.processes[slot] = process
+        return process
 
 
 def _ending(process: Process) -> str:
@@ -136,10 +181,12 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         os.environ[CONFIG_COPY] = str(copy)
         os.environ[JOINING] = "1"
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)  # any worker's scrape sums all
-        rates = Path(private, "rate-limits")
-        create_table(rates)  # before any worker maps it
-        os.environ[HOST_RATES] = str(rates)
-        supervisor = Supervisor(config, sockets=[socket])
+        tables = Path(private, "tables")
+        tables.mkdir()
+        host_rates.create_table(tables / host_rates.RATES_FILE)  # before any worker maps it
+        host_budgets.create_table(tables / host_budgets.BUDGETS_FILE, workers)
+        os.environ[HOST_DIR] = str(tables)
+        supervisor = Supervisor(config, [socket], tables)
         supervisor.run()
     if supervisor.failed_start:
         raise SystemExit(STARTUP_FAILURE)  # uvicorn's supervisor would exit 0

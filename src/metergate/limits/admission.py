@@ -3,7 +3,9 @@
 Rate limits are checked first, then hard budgets; only when every one passes is
 anything taken (a request from each request bucket, a hold on each budget), so a
 refused request costs nothing. Without Redis this is the in-process rate limiter and
-budget book, with no `await` between check and take. With Redis it is one script call
+budget book, with no `await` between check and take; the workers of `serve --workers N`
+keep both in tables they share (`limits.host`, `budgets.host`), under one lock held from
+check to take. With Redis it is one script call
 (`metergate.shared.counters`); when Redis is unreachable, `redis.on_failure` decides:
 `open` falls back to this process's counters, `closed` refuses with a 503.
 """
@@ -24,6 +26,7 @@ from metergate.providers.base import Usage
 from metergate.shared.errors import Unavailable
 
 if TYPE_CHECKING:
+    from metergate.budgets.host import HostBudgets
     from metergate.shared.counters import BudgetKeys, SharedCounters
 
 
@@ -44,11 +47,18 @@ class Gate:
     """Admits requests against one config's rate limits and budgets, and settles them."""
 
     def __init__(
-        self, budgets: BudgetBook, rates: RateLimiter, shared: SharedCounters | None
+        self,
+        budgets: BudgetBook,
+        rates: RateLimiter,
+        shared: SharedCounters | None,
+        host: HostBudgets | None = None,
     ) -> None:
+        """`host`: the budgets the workers of this host share (none with Redis); its
+        lock is the rate limiter's."""
         self.budgets = budgets
         self.rates = rates
         self.shared = shared
+        self.host = host
 
     async def admit(
         self,
@@ -79,12 +89,19 @@ class Gate:
     def _admit_here(
         self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Admission:
+        host = self.host
         if not buckets:  # budgets only
-            return Admission(buckets, self.budgets.reserve(budgets, worst), [])
+            if host is None:
+                return Admission(buckets, self.budgets.reserve(budgets, worst), [])
+            with host.lock:
+                return Admission(buckets, host.reserve(self.budgets, budgets, worst), [])
         rates = self.rates
         with rates.lock:  # no other worker of the host between check and take
             verdicts = rates.check(buckets, _now_us())
-            reservation = self.budgets.reserve(budgets, worst)
+            if host is None:
+                reservation = self.budgets.reserve(budgets, worst)
+            else:
+                reservation = host.reserve(self.budgets, budgets, worst)
             rates.take(buckets, verdicts)
         return Admission(buckets, reservation, ratelimit_headers(buckets, verdicts))
 
@@ -102,7 +119,10 @@ class Gate:
         if admission.buckets:
             with self.rates.lock:
                 self.rates.debit(admission.buckets, tokens, _now_us())
-        if admission.keys is None:
+        host = self.host
+        if host is not None and admission.reservation.slots:  # held on the host's table
+            host.settle(self.budgets, admission.reservation, cost_nano, at)
+        elif admission.keys is None:
             self.budgets.settle(admission.reservation, cost_nano, at)
         if self.shared is not None:
             self.shared.settle(self.budgets, admission, cost_nano, tokens, at)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("metergate.limits")
 
+RATES_FILE = "rate-limits"  # in the directory of the host's tables (`serve --workers N`)
 CAPACITY = 1 << 16  # buckets: two per key, model and team with limits; 1 MiB of file
 _HEADER = struct.Struct("<8sQ")  # magic, capacity
 _MAGIC = b"mgtats01"

@@ -1,0 +1,280 @@
+"""Budgets shared by the workers of one host: `serve --workers N` without Redis counts
+every worker's spend and holds against each budget (`metergate.budgets.host`), where
+each worker used to count its own (so N workers could spend N limits)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.queues
+import multiprocessing.synchronize
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from metergate.budgets import BudgetBook
+from metergate.budgets.host import HostBudgets, create_table, release_worker
+from metergate.config.model import BudgetConfig
+from metergate.errors import BudgetExceeded
+from metergate.limits import host as host_rates
+from metergate.metering.estimate import WorstCase
+from metergate.metering.metrics import Metrics
+from tests.harness import counts_at_once, simulated_config, write_config
+from tests.services import GatewayProcess, create_key_sync
+
+NANO = 1_000_000_000
+CAP = BudgetConfig(limit_usd=Decimal(1), alert_at_percent=[50, 80])  # $1, hard
+
+
+def cost(nano: int) -> WorstCase:
+    return WorstCase(nano=nano, byte_pico=0, prompt_pico=0, token_pico=0, max_tokens=0)
+
+
+class Worker:
+    """One worker's book and view of the host's tables, as a worker process has them."""
+
+    def __init__(self, tables: Path, number: int, config: BudgetConfig = CAP) -> None:
+        self.metrics = Metrics()
+        self.book = BudgetBook({"cap": config}, self.metrics)
+        self.lock = host_rates.HostTats(tables / "rates")
+        self.host = HostBudgets(tables / "budgets", number, self.lock)
+
+    def reserve(self, nano: int):
+        with self.lock:
+            return self.host.reserve(self.book, tuple(self.book.budgets), cost(nano))
+
+    def alerts(self, percent: int) -> float:
+        sample = self.metrics.budget_alerts.labels("cap", str(percent))
+        return float(sample._value.get())
+
+    def close(self) -> None:
+        self.host.close()
+        self.lock.close()
+
+
+def make_tables(tmp_path: Path, workers: int = 2, capacity: int = 64) -> Path:
+    host_rates.create_table(tmp_path / "rates", capacity=4)
+    create_table(tmp_path / "budgets", workers, capacity=capacity)
+    return tmp_path
+
+
+def spend_all(
+    tables: str,
+    number: int,
+    start: multiprocessing.synchronize.Barrier,
+    counts: multiprocessing.queues.Queue[int],
+) -> None:
+    """In a process of its own, as worker `number`: admit $0.01 requests until refused,
+    each settled at what it held; how many it got."""
+    worker = Worker(Path(tables), number)
+    start.wait()
+    admitted = 0
+    while True:
+        try:
+            reservation = worker.reserve(NANO // 100)
+        except BudgetExceeded:
+            break
+        worker.host.settle(worker.book, reservation, NANO // 100, time.time())
+        admitted += 1
+    counts.put(admitted)
+
+
+def test_two_processes_spend_a_hard_limit_once_between_them(tmp_path: Path) -> None:
+    """Each tries to spend the whole $1 at $0.01 a request, at the same time: together
+    they get 100 requests, where books of their own each got 100."""
+    tables = make_tables(tmp_path)
+    got = counts_at_once(spend_all, [(str(tables), number) for number in range(2)])
+    assert sum(got) == 100, got
+
+
+def test_holds_count_across_workers_until_a_dead_workers_are_let_go(tmp_path: Path) -> None:
+    tables = make_tables(tmp_path)
+    first, second = Worker(tables, 0), Worker(tables, 1)
+    first.reserve(NANO * 6 // 10)  # in flight on worker 0: $0.60 held
+    with pytest.raises(BudgetExceeded, match=r"held by requests in flight \$0\.600000"):
+        second.reserve(NANO // 2)
+    first.close()  # worker 0 dies with its request in flight
+    released = release_worker(tables / "budgets", 0, second.lock)
+    assert released == NANO * 6 // 10
+    second.reserve(NANO // 2)  # what it held is free again
+    second.close()
+
+
+def test_each_threshold_is_announced_by_one_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tables = make_tables(tmp_path)
+    first, second = Worker(tables, 0), Worker(tables, 1)
+    caplog.set_level(logging.WARNING, logger="metergate.budgets")
+    for worker, nano in ((first, 55), (second, 10), (second, 20), (first, 5)):
+        reservation = worker.reserve(nano * NANO // 100)
+        worker.host.settle(worker.book, reservation, nano * NANO // 100, time.time())
+    crossings = [r.getMessage() for r in caplog.records if "passed" in r.getMessage()]
+    assert len(crossings) == 2, crossings
+    assert "passed 50%: $0.55 of $1.00" in crossings[0]
+    assert "passed 80%: $0.85 of $1.00" in crossings[1]
+    assert (first.alerts(50), second.alerts(50)) == (1, 0)
+    assert (first.alerts(80), second.alerts(80)) == (0, 1)
+    # each shows the host's spend as of its last settle, and knows what was announced
+    assert first.book.budgets[0].spent_nano == 0.9 * NANO
+    assert second.book.budgets[0].spent_nano == 0.85 * NANO
+    assert first.book.budgets[0].announced == second.book.budgets[0].announced == {50, 80}
+    first.close()
+    second.close()
+
+
+def test_the_first_worker_seeds_the_spend_and_a_full_table_counts_apart(tmp_path: Path) -> None:
+    tables = make_tables(tmp_path, capacity=1)
+    first, second = Worker(tables, 0), Worker(tables, 1)
+    first.book.budgets[0].spent_nano = NANO * 9 // 10  # what it read from the ledger
+    second.book.budgets[0].spent_nano = 0  # read before a row, say: the table wins
+    first.reserve(0)
+    with pytest.raises(BudgetExceeded, match=r"spent \$0\.900000"):
+        second.reserve(NANO // 5)
+    # one slot, taken: a second budget is counted by each worker on its own
+    other = BudgetConfig(limit_usd=Decimal(1), period="day")
+    third, fourth = Worker(tables, 0, other), Worker(tables, 1, other)
+    reservation = third.reserve(NANO * 9 // 10)
+    assert reservation.slots == (None,)
+    fourth.reserve(NANO * 9 // 10)
+    for worker in (first, second, third, fourth):
+        worker.close()
+
+
+def test_a_budget_for_each_key_is_shared_key_by_key(tmp_path: Path) -> None:
+    """Alice's share is one across the workers; Bob's is his own."""
+    tables = make_tables(tmp_path)
+    each = BudgetConfig(scope="key", target="*", limit_usd=Decimal(1))
+    first, second = Worker(tables, 0, each), Worker(tables, 1, each)
+
+    def hold(worker: Worker, key: str, nano: int) -> None:
+        with worker.lock:
+            worker.host.reserve(worker.book, worker.book.applicable(key, "sim"), cost(nano))
+
+    hold(first, "alice", NANO * 7 // 10)
+    with pytest.raises(BudgetExceeded, match="budget 'cap' \\(key alice, per month\\)"):
+        hold(second, "alice", NANO * 4 // 10)
+    hold(second, "bob", NANO * 7 // 10)
+    first.close()
+    second.close()
+
+
+# -- `serve --workers 2` ---------------------------------------------------------------
+
+
+def budget_config(tmp_path: Path, limit_usd: float, latency_ms: float = 0) -> tuple[Path, str]:
+    """A hard global budget over the simulated models `sim` (answering after
+    `latency_ms`) and `quick` (at once), and a key for them."""
+    config = simulated_config(latency_ms=latency_ms)
+    config["providers"]["fast"] = {"type": "simulated"}
+    config["upstreams"]["fast-up"] = {**config["upstreams"]["sim-up"], "provider": "fast"}
+    config["models"]["quick"] = {"upstreams": ["fast-up"]}
+    config["budgets"] = {"cap": {"limit_usd": limit_usd, "alert_at_percent": [50]}}
+    path = write_config(config, tmp_path)
+    secret = create_key_sync(yaml.safe_load(path.read_text())["ledger"]["url"], "alice")
+    return path, secret
+
+
+def ask(
+    http: httpx.Client, gateway: GatewayProcess, secret: str, model: str = "sim"
+) -> httpx.Response:
+    """A request on a connection of its own, so that either worker may take it."""
+    return http.post(
+        f"{gateway.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {secret}", "Connection": "close"},
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+    )
+
+
+def worst_case(refusal: httpx.Response) -> Decimal:
+    """What the gateway said the refused request might cost."""
+    found = re.search(
+        r"this request may cost up to \$([0-9.]+)", refusal.json()["error"]["message"]
+    )
+    assert found, refusal.text
+    return Decimal(found[1])
+
+
+def test_serve_with_two_workers_spends_a_hard_budget_once(tmp_path: Path) -> None:
+    """One request after another, each on a new connection: both workers admit them
+    until the budget's spend (every worker's) leaves no room for one more's worst case,
+    where each worker used to admit until its own spend did. A restart finds the budget
+    spent (from the ledger)."""
+    path, secret = budget_config(tmp_path, 0.001)
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        with httpx.Client(timeout=30) as http:
+            replies = [ask(http, gateway, secret) for _ in range(60)]
+        gateway.process.send_signal(signal.SIGTERM)  # the workers write their last rows
+        assert gateway.wait(60) == 0
+    finally:
+        gateway.kill_all()
+    statuses = [reply.status_code for reply in replies]
+    assert set(statuses) == {200, 429}, statuses
+    admitted = statuses.count(200)
+    assert statuses == [200] * admitted + [429] * (60 - admitted)
+    costs = {Decimal(r.headers["x-metergate-cost-usd"]) for r in replies if r.status_code == 200}
+    (each,) = costs  # the same prompt and answer every time
+    worst = worst_case(replies[-1])
+    limit = Decimal("0.001")
+    assert (admitted - 1) * each + worst <= limit < admitted * each + worst, (admitted, each)
+    assert "budget 'cap'" in replies[-1].json()["error"]["message"]
+    assert gateway.log().count("passed 50%") == 1
+
+    again = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        again.wait_ready()
+        with httpx.Client(timeout=30) as http:
+            assert ask(http, again, secret).status_code == 429
+    finally:
+        again.kill_all()
+
+
+def test_a_worker_killed_with_a_request_in_flight_lets_its_hold_go(tmp_path: Path) -> None:
+    """The budget fits one request's worst case: while a slow one is in flight, the next
+    is refused for what it holds. Its worker is killed (both are, to be sure of it); the
+    supervisor lets the dead worker's holds go, so the budget admits again."""
+    path, secret = budget_config(tmp_path, 0.0002, latency_ms=600_000)
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        workers = gateway.worker_pids()
+        with httpx.Client(timeout=120) as http, ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(ask, http, gateway, secret)
+            refused = poll_until(lambda: ask(http, gateway, secret, "quick"), 429)
+            assert "held by requests in flight" in refused.json()["error"]["message"]
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            with pytest.raises(httpx.TransportError):
+                slow.result(60)
+        deadline = time.monotonic() + 60
+        while len(gateway.worker_pids() - workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gateway.wait_ready()
+        with httpx.Client(timeout=30) as http:
+            answer = poll_until(lambda: ask(http, gateway, secret, "quick"), 200)
+    finally:
+        gateway.kill_all()
+    assert answer.status_code == 200
+    assert "requests in flight held $0.000115 of budgets: let go" in gateway.log()
+
+
+def poll_until(call: Callable[[], httpx.Response], status: int) -> httpx.Response:
+    """`call()` until it answers `status` (or 30 s pass: then fail with its answer)."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = call()
+        if reply.status_code == status or time.monotonic() > deadline:
+            assert reply.status_code == status, reply.text
+            return reply
+        time.sleep(0.05)
