@@ -25,7 +25,8 @@ STREAM_MODEL = "bench-stream"
 SLOW_MODEL = "bench-slow"
 PRICE = {"input": 1.0, "output": 2.0}  # USD per million tokens
 # Every feature on while measured: a hard budget so large it never refuses, but still
-# reserved before and settled after every request (which also pins serve to 1 worker).
+# reserved before and settled after every request (with several workers, in the table
+# they share).
 BUDGET = {"limit_usd": 1_000_000, "period": "month", "hard": True}
 MAX_CONNECTIONS = 2048  # per provider: the memory test holds 1,000 streams open upstream
 

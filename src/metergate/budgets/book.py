@@ -287,6 +287,11 @@ class BudgetBook:
             elif spent_nano * 100 >= budget.limit_nano * percent:
                 budget.announced.add(percent)
 
+    def show(self, budget: Budget, spent_nano: int) -> None:
+        """Take the host's spend (`budgets.host`) as this budget's, no threshold crossed."""
+        budget.spent_nano = spent_nano
+        self._show_spent(budget)
+
     def roll(self, budgets: Sequence[Budget], now: float | None = None) -> None:
         """Start a new period on every budget whose period has ended (by `now`)."""
         if now is None:

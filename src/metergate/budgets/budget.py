@@ -24,6 +24,9 @@ class Budget:
     # its ledger rows are dated in, nano-USD) (`shared.counters._keep_dated`)
     unsynced: list[tuple[int, int]] = field(default_factory=list)
     announced: set[int] = field(default_factory=set)
+    # its slot in the table the workers of a host share (`budgets.host`): (period start,
+    # index, the slot's name hash), found once a period
+    host_slot: tuple[float, int, int] | None = None
     spent_gauge: Any = None  # its metergate_budget_spent_usd value, looked up once
     target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
     # one key's (team's, model's) share of an `EachBudget`: no gauge of its own

@@ -32,7 +32,6 @@ import hashlib
 import logging
 import mmap
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -41,44 +40,38 @@ from metergate.budgets.budget import Budget, passed
 from metergate.metering.estimate import WorstCase
 
 log = logging.getLogger("metergate.budgets")
+Seen = tuple[Budget, int, set[int]]  # a budget, its spend now, thresholds to announce
 
 BUDGETS_FILE = "budgets"  # in the directory of the host's tables, beside the rate limits
 CAPACITY = 1 << 14  # budgets, and members of budgets for each key, in live periods
 REUSE_AFTER = 86_400  # seconds past a slot's period end before it may be taken
-_HEADER = struct.Struct("<8sQQ")  # magic, capacity, workers
-_MAGIC = b"mgbudg01"
-_HEAD = struct.Struct("<QqqdQ")  # name hash (0: free), spent, announced up to, end, spare
-_NAME = struct.Struct("<Q")
-_SPENT = struct.Struct("<q")  # also a column of holds, and the threshold mark
-_HELD = _SPENT
-_ANNOUNCED = _SPENT
-_SPENT_AT, _ANNOUNCED_AT = 8, 16  # offsets in a slot
-
-
-def _slot_size(workers: int) -> int:
-    return _HEAD.size + workers * _HELD.size
+_MAGIC = int.from_bytes(b"mgbudg02", "little")
+# The file is signed 64-bit words: a header (magic, capacity, workers), then the slots:
+_HASH, _SPENT, _ANNOUNCED, _END, _HELD = range(5)  # the name's hash (0: free), nano-USD
+# spent, the highest threshold announced, the period's end (epoch s), then each
+# worker's holds: 4 + workers words
+_HEADER = 3
 
 
 def create_table(path: Path, workers: int, capacity: int = CAPACITY) -> None:
     """Make the zeroed file (the supervisor does, before any worker opens it)."""
     with path.open("wb") as file:
-        file.write(_HEADER.pack(_MAGIC, capacity, workers))
-        file.truncate(_HEADER.size + capacity * _slot_size(workers))
+        for word in (_MAGIC, capacity, workers):
+            file.write(word.to_bytes(8, "little", signed=True))
+        file.truncate(8 * (_HEADER + capacity * (_HELD + workers)))
 
 
 def release_worker(path: Path, worker: int, lock: contextlib.AbstractContextManager[None]) -> int:
     """Zero what `worker` holds on every budget (it died with requests in flight; its
     replacement starts in its column); the nano-USD let go."""
     table = HostBudgets(path, worker, lock)
-    released = 0
+    words, released = table._words, 0
     try:
         with lock:
-            for at in range(_HEADER.size, len(table._map), table._slot):
-                column = at + _HEAD.size + worker * _HELD.size
-                (held,) = _HELD.unpack_from(table._map, column)
-                if held:
-                    released += held
-                    _HELD.pack_into(table._map, column, 0)
+            for at in range(_HEADER, len(words), table._slot):
+                column = at + table._mine
+                released += words[column]
+                words[column] = 0
     finally:
         table.close()
     return released
@@ -86,22 +79,23 @@ def release_worker(path: Path, worker: int, lock: contextlib.AbstractContextMana
 
 class HostBudgets:
     """One worker's view of the table: `reserve` and `settle` are `BudgetBook.reserve`
-    and `settle` on the host's counters. The caller holds `lock` around `reserve`;
-    `settle` takes it."""
+    and `settle` on the host's counters. The caller holds `lock` around each (`Gate`
+    takes it once for the rate limits and budgets together), and calls `show` after."""
 
     def __init__(self, path: Path, worker: int, lock: contextlib.AbstractContextManager[None]):
         self.lock = lock
         self._fd = os.open(path, os.O_RDWR)
         self._map = mmap.mmap(self._fd, 0)
-        magic, self.capacity, self.workers = _HEADER.unpack_from(self._map, 0)
-        self._slot = _slot_size(self.workers)
-        if magic != _MAGIC or len(self._map) != _HEADER.size + self.capacity * self._slot:
+        self._words = memoryview(self._map).cast("q")  # a word read or written: ~30 ns
+        magic, self.capacity, self.workers = self._words[:_HEADER]
+        self._slot = _HELD + self.workers
+        if magic != _MAGIC or len(self._words) != _HEADER + self.capacity * self._slot:
+            self.close()
             raise ValueError(f"{path} is not a budget table")
         if not 0 <= worker < self.workers:
+            self.close()
             raise ValueError(f"worker {worker} has no column in {path} ({self.workers})")
-        self._mine = _HEAD.size + worker * _HELD.size  # this worker's column in a slot
-        self._helds = struct.Struct(f"<{self.workers}q")
-        self._slot_of: dict[tuple[str, str | None, float], tuple[int, int]] = {}
+        self._mine = _HELD + worker  # this worker's column in a slot
         self._unplaced: set[tuple[str, str | None, float]] = set()
         self._told_full = False
 
@@ -113,108 +107,121 @@ class HostBudgets:
         if not budgets:
             return Reservation((), 0)
         book.roll(budgets)
-        worst_nano = worst.nano
-        slots = tuple(self._find(budget) for budget in budgets)
-        for budget, at in zip(budgets, slots, strict=True):
+        worst_nano, words, width = worst.nano, self._words, self._slot
+        slots: list[int | None] = []
+        for budget in budgets:
+            at = self._find(budget)
+            slots.append(at)
             if at is None:  # the full table has no slot for it: this worker's counts
                 spent, held = budget.spent_nano, budget.reserved_nano
             else:
-                spent = budget.spent_nano = _SPENT.unpack_from(self._map, at + _SPENT_AT)[0]
-                held = sum(self._helds.unpack_from(self._map, at + _HEAD.size))
+                spent = budget.spent_nano = words[at + _SPENT]
+                held = sum(words[at + _HELD : at + width])
             if budget.config.hard and spent + held + worst_nano > budget.limit_nano:
                 raise exhausted(budget, worst, spent, held)
+        mine = self._mine
         for budget, at in zip(budgets, slots, strict=True):
             budget.reserved_nano += worst_nano
             if at is not None:
-                self._add(at + self._mine, worst_nano)
-        return Reservation(budgets, worst_nano, slots)
+                words[at + mine] += worst_nano
+        return Reservation(budgets, worst_nano, tuple(slots))
 
     def settle(
         self, book: BudgetBook, reservation: Reservation, actual_nano: int, at: float
-    ) -> None:
+    ) -> list[Seen]:
         """Replace the holds by what the request cost, dated `at` as its ledger row (see
-        `BudgetBook.settle`); then show the host's spend and announce the thresholds
-        this worker was first to see crossed, outside the lock."""
-        seen: list[tuple[Budget, int, set[int]]] = []
-        with self.lock:
-            for budget, held_at in zip(reservation.budgets, reservation.slots, strict=True):
-                budget.reserved_nano -= reservation.amount_nano
-                if held_at is not None:
-                    self._add(held_at + self._mine, -reservation.amount_nano)
+        `BudgetBook.settle`); what each budget's spend is now, for `show` once the
+        lock is let go. Call with `lock` held."""
+        words, mine, amount = self._words, self._mine, reservation.amount_nano
+        seen: list[Seen] = []
+        for budget, held_at in zip(reservation.budgets, reservation.slots, strict=True):
+            budget.reserved_nano -= amount
+            if held_at is not None:
+                words[held_at + mine] -= amount
+            if at >= budget.end:
                 book.roll((budget,), at)
-                if at < budget.start:  # dated in a period another request ended
-                    continue
-                slot = self._find(budget)
-                if slot is None:
-                    budget.spent_nano += actual_nano
-                    seen.append((budget, budget.spent_nano, _crossed(budget, budget.spent_nano)))
-                    continue
-                spent = self._add(slot + _SPENT_AT, actual_nano)
-                seen.append((budget, spent, self._claim(slot, budget, spent)))
-        for budget, spent, claimed in seen:
-            book.observe(budget, spent, claimed)
+            elif at < budget.start:  # dated in a period another request ended
+                continue
+            slot = self._find(budget)
+            if slot is None:
+                budget.spent_nano += actual_nano
+                seen.append((budget, budget.spent_nano, _crossed(budget, budget.spent_nano)))
+                continue
+            words[slot + _SPENT] += actual_nano
+            spent = words[slot + _SPENT]
+            seen.append((budget, spent, self._claim(slot, budget, spent)))
+        return seen
 
-    def _add(self, at: int, nano: int) -> int:
-        (value,) = _SPENT.unpack_from(self._map, at)
-        value += nano
-        _SPENT.pack_into(self._map, at, value)
-        return int(value)
+    @staticmethod
+    def show(book: BudgetBook, seen: list[Seen]) -> None:
+        """Show the host's spend, and announce the thresholds this worker was first to
+        see crossed (outside the lock: a webhook is queued, a line logged)."""
+        for budget, spent, claimed in seen:
+            if claimed:
+                book.observe(budget, spent, claimed)
+            else:
+                book.show(budget, spent)
 
     def _claim(self, at: int, budget: Budget, spent: int) -> set[int]:
         """The thresholds `spent` crosses that no worker announced yet, now this one's.
         Under a raised limit the mark comes down, as `book._update` lets thresholds be
         announced again when they are reached again."""
-        crossed = _crossed(budget, spent)
-        top = max(crossed, default=0)
-        (announced,) = _ANNOUNCED.unpack_from(self._map, at + _ANNOUNCED_AT)
+        top, limit = 0, budget.limit_nano
+        for percent in reversed(budget.config.alert_at_percent):  # sorted
+            if spent * 100 >= limit * percent:
+                top = percent
+                break
+        announced = self._words[at + _ANNOUNCED]
         if top == announced:
-            return set()
-        _ANNOUNCED.pack_into(self._map, at + _ANNOUNCED_AT, top)
-        return {p for p in crossed if p > announced}
+            return _NOTHING
+        self._words[at + _ANNOUNCED] = top
+        return {p for p in _crossed(budget, spent) if p > announced}
 
     def _find(self, budget: Budget) -> int | None:
-        """The offset of the budget's slot in its current period, made (seeded with the
+        """The index of the budget's slot in its current period, made (seeded with the
         spend this worker knows) when no worker made it yet; None if the table is full."""
+        words = self._words
+        known = budget.host_slot
+        if known is not None and known[0] == budget.start and words[known[1]] == known[2]:
+            return known[1]  # unless let go by every worker and taken for another
         ident = (budget.name, budget.target, budget.start)
-        known = self._slot_of.get(ident)
-        if known is not None:
-            at, wanted = known
-            if _NAME.unpack_from(self._map, at)[0] == wanted:
-                return at
-            del self._slot_of[ident]  # let go by every worker and taken for another
         if ident in self._unplaced:
             return None
         config = budget.config
-        name = f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0{config.timezone}"
-        wanted = _hash(f"{name}\0{int(budget.start)}")
-        start = wanted % self.capacity
+        wanted = _hash(
+            f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0"
+            f"{config.timezone}\0{int(budget.start)}"
+        )
+        first = wanted % self.capacity
         reusable: int | None = None
         stale_before = time.time() - REUSE_AFTER
+        free: int | None = None
         for step in range(self.capacity):
-            at = _HEADER.size + ((start + step) % self.capacity) * self._slot
-            found, _, _, end, _ = _HEAD.unpack_from(self._map, at)
+            at = _HEADER + ((first + step) % self.capacity) * self._slot
+            found = words[at + _HASH]
             if found == wanted:
-                self._slot_of[ident] = (at, wanted)
+                budget.host_slot = (budget.start, at, wanted)
                 return at
             if found == 0:
+                free = at
                 break
             if (
                 reusable is None
-                and end < stale_before
-                and not any(self._helds.unpack_from(self._map, at + _HEAD.size))
+                and words[at + _END] < stale_before
+                and not any(words[at + _HELD : at + self._slot])
             ):
                 reusable = at
-        else:
-            at = -1  # every slot probed: only a reusable one may be taken
-        if reusable is not None:
-            at = reusable
-        if at < 0:
+        at_or_none = reusable if reusable is not None else free
+        if at_or_none is None:
             self._full(ident)
             return None
-        announced = max(passed(budget), default=0)
-        _HEAD.pack_into(self._map, at, wanted, budget.spent_nano, announced, budget.end, 0)
-        self._helds.pack_into(self._map, at + _HEAD.size, *([0] * self.workers))
-        self._slot_of[ident] = (at, wanted)
+        at = at_or_none
+        words[at + _SPENT] = budget.spent_nano
+        words[at + _ANNOUNCED] = max(passed(budget), default=0)
+        words[at + _END] = int(budget.end)
+        words[at + _HELD : at + self._slot] = memoryview(bytes(8 * self.workers)).cast("q")
+        words[at + _HASH] = wanted
+        budget.host_slot = (budget.start, at, wanted)
         return at
 
     def _full(self, ident: tuple[str, str | None, float]) -> None:
@@ -229,8 +236,12 @@ class HostBudgets:
 
     def close(self) -> None:
         """A worker maps the table for as long as it runs; tests let go of theirs."""
+        self._words.release()
         self._map.close()
         os.close(self._fd)
+
+
+_NOTHING: set[int] = set()  # claimed nothing (never changed)
 
 
 def _crossed(budget: Budget, spent: int) -> set[int]:
@@ -238,6 +249,6 @@ def _crossed(budget: Budget, spent: int) -> set[int]:
 
 
 def _hash(name: str) -> int:
-    """Never 0, which marks a free slot."""
+    """63 bits (a signed word), never 0, which marks a free slot."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+    return (int.from_bytes(digest, "little") >> 1) or 1

@@ -116,13 +116,18 @@ class Gate:
             if usage is None
             else (usage.input_tokens + usage.cached_input_tokens + usage.output_tokens)
         )
+        host = self.host
+        if host is not None and admission.reservation.slots:  # held on the host's table
+            with host.lock:  # the rate limiter's too: one lock for both
+                if admission.buckets:
+                    self.rates.debit(admission.buckets, tokens, _now_us())
+                seen = host.settle(self.budgets, admission.reservation, cost_nano, at)
+            host.show(self.budgets, seen)
+            return
         if admission.buckets:
             with self.rates.lock:
                 self.rates.debit(admission.buckets, tokens, _now_us())
-        host = self.host
-        if host is not None and admission.reservation.slots:  # held on the host's table
-            host.settle(self.budgets, admission.reservation, cost_nano, at)
-        elif admission.keys is None:
+        if admission.keys is None:
             self.budgets.settle(admission.reservation, cost_nano, at)
         if self.shared is not None:
             self.shared.settle(self.budgets, admission, cost_nano, tokens, at)
