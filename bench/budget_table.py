@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
 import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
 
 from benchlib import report
-from benchlib.report import table
 from metergate.budgets import BudgetBook
 from metergate.budgets.host import HostBudgets
 from metergate.budgets.host import create_table as create_budgets
@@ -87,19 +85,13 @@ def main() -> None:
             runs[kinds[0]].append(per_request_us(None, 0, args.requests))
             runs[kinds[1]].append(per_request_us(str(tables), 0, args.requests))
             runs[kinds[2]].append(both_at_once(str(tables), args.requests))
-    rows = [
-        [kind, f"{statistics.median(times):.2f}", ", ".join(f"{t:.2f}" for t in times)]
-        for kind, times in runs.items()
-    ]
-    lines = [
-        "# Budgets shared by the workers: cost per request under budgets",
-        "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
-        "",
-        table(["budgets kept in", "µs per request, median", "rounds"], rows, "lrl"),
-        "",
-    ]
-    report.publish_measured(lines, args.output)
+    report.publish_medians(
+        "Budgets shared by the workers: cost per request under budgets",
+        __doc__,
+        "budgets kept in",
+        runs,
+        args.output,
+    )
 
 
 if __name__ == "__main__":

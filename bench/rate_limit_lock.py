@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from benchlib import report
-from benchlib.report import table
 from metergate.config.model import RateLimitsConfig
 from metergate.limits.host import HostTats, create_table
 from metergate.limits.rate import RateLimiter
@@ -66,19 +64,13 @@ def main() -> None:
             runs["own (dict)"].append(per_request_us(None, "alice", args.requests))
             runs["shared"].append(per_request_us(path, "alice", args.requests))
             runs["shared, 2 processes"].append(contended(path, args.requests))
-    rows = [
-        [name, f"{statistics.median(values):.2f}", ", ".join(f"{v:.2f}" for v in values)]
-        for name, values in runs.items()
-    ]
-    lines = [
-        "# Rate limits shared by the workers: cost per limited request",
-        "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
-        "",
-        table(["buckets", "µs per request, median", "rounds"], rows, "lrl"),
-        "",
-    ]
-    report.publish_measured(lines, args.output)
+    report.publish_medians(
+        "Rate limits shared by the workers: cost per limited request",
+        __doc__,
+        "buckets",
+        runs,
+        args.output,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -178,6 +179,20 @@ def publish_measured(lines: list[str], output: Path) -> None:
     """A report without checks, measured unpinned: `lines`, then the environment."""
     lines = [*lines, *checks_and_environment([], environment("not pinned"))]
     publish("\n".join(lines) + "\n", output, [])
+
+
+def publish_medians(
+    title: str, doc: str | None, kind: str, runs: dict[str, list[float]], output: Path
+) -> None:
+    """A per-request timing in µs: the median and every round of each kind in `runs`,
+    under `title` and the scenario's description (its docstring after the usage)."""
+    rows = [
+        [name, f"{statistics.median(times):.2f}", ", ".join(f"{t:.2f}" for t in times)]
+        for name, times in runs.items()
+    ]
+    header = [kind, "µs per request, median", "rounds"]
+    description = (doc or "").split("\n\n", 2)[2].strip()
+    publish_measured([f"# {title}", "", description, "", table(header, rows, "lrl"), ""], output)
 
 
 def publish(text: str, output: Path, checks: list[Check]) -> bool:
