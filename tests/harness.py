@@ -136,6 +136,11 @@ class WebhookReceiver(UpstreamServer):
         self.hook_url = f"{self.url}/hook"
 
 
+# A call the gateway never answers fails the test with the SDK's timeout error, saying
+# which call, instead of waiting out the SDK's 600 s into the test's own timeout.
+CLIENT_TIMEOUT = 60
+
+
 @dataclass
 class Gateway:
     """A running gateway and a key to call it with."""
@@ -152,9 +157,11 @@ class Gateway:
         return self.app.runtime
 
     def client(self, **options: Any) -> openai.OpenAI:
+        options = {"timeout": CLIENT_TIMEOUT, **options}
         return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **options)
 
     def async_client(self, **options: Any) -> openai.AsyncOpenAI:
+        options = {"timeout": CLIENT_TIMEOUT, **options}
         return openai.AsyncOpenAI(
             base_url=self.base_url, api_key=self.key, max_retries=0, **options
         )
