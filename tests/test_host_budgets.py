@@ -283,3 +283,40 @@ def poll_until(call: Callable[[], httpx.Response], status: int) -> httpx.Respons
             assert reply.status_code == status, reply.text
             return reply
         time.sleep(0.05)
+
+
+def test_sigttin_starts_no_worker_beyond_the_budget_tables_columns(tmp_path: Path) -> None:
+    """The budgets' table has a column for each of the N workers the gateway started
+    with: one more is refused, saying so; after SIGTTOU takes one away, SIGTTIN brings
+    it back into the freed column."""
+    path, secret = budget_config(tmp_path, 1)
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        os.kill(gateway.pid, signal.SIGTTIN)
+        poll_log(gateway, "SIGTTIN: not starting a worker beyond the 2")
+        assert len(gateway.worker_pids()) == 2
+        os.kill(gateway.pid, signal.SIGTTOU)
+        poll_workers(gateway, 1)
+        os.kill(gateway.pid, signal.SIGTTIN)
+        poll_workers(gateway, 2)
+        gateway.wait_ready()
+        with httpx.Client(timeout=30) as http:
+            statuses = {ask(http, gateway, secret, "quick").status_code for _ in range(6)}
+    finally:
+        gateway.kill_all()
+    assert statuses == {200}
+
+
+def poll_log(gateway: GatewayProcess, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in gateway.log():
+        assert time.monotonic() < deadline, gateway.log()
+        time.sleep(0.05)
+
+
+def poll_workers(gateway: GatewayProcess, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(gateway.worker_pids()) != count:
+        assert time.monotonic() < deadline, gateway.log()
+        time.sleep(0.1)

@@ -15,9 +15,10 @@ gateway's operators rely on.
   (uvicorn: 0), so that a process manager sees a failed start.
 - The workers share their rate limits and budgets through tables in the supervisor's
   private directory (`limits.host`, `budgets.host`). Worker N (of 0 to N - 1) keeps its
-  number for life, and its replacement takes it over: what a dead worker's requests
-  held on the budgets is let go first. SIGTTIN (one worker more) is refused past the
-  number the gateway started with, which the budgets' table has columns for.
+  number for life, and its replacement takes it over: what a dead (or, after SIGTTOU,
+  stopped) worker's requests held on the budgets is let go first. SIGTTIN (one worker
+  more) is refused past the number the gateway started with, which the budgets' table
+  has columns for.
 """
 
 from __future__ import annotations
@@ -125,8 +126,27 @@ class Supervisor(Multiprocess):
         self.processes_num += 1
         self.processes.append(self._start(slot))
 
+    def handle_ttou(self) -> None:
+        """One worker fewer, as uvicorn does; what it held, should a request not have
+        settled as it stopped, is let go with it."""
+        slot = len(self.processes) - 1
+        super().handle_ttou()
+        if len(self.processes) == slot:
+            self._release(slot)
+
     def _replace(self, slot: int) -> None:
-        """The dead worker's holds on the budgets go with it (its requests are gone)."""
+        self.processes[slot] = self._start(slot)
+
+    def _start(self, slot: int) -> Process:
+        """Worker `slot`, in the column its predecessor (if any) held: what that one's
+        requests held on the budgets goes first, as the requests went with it."""
+        self._release(slot)
+        os.environ[WORKER] = str(slot)  # read by the worker as it starts (spawned)
+        process = Process(self.config, self.sockets)
+        process.start()
+        return process
+
+    def _release(self, slot: int) -> None:
         rates = host_rates.HostTats(self.tables / host_rates.RATES_FILE)  # the lock
         try:
             released = host_budgets.release_worker(
@@ -140,13 +160,6 @@ class Supervisor(Multiprocess):
                 slot,
                 released / 1e9,
             )
-        self.processes[slot] = self._start(slot)
-
-    def _start(self, slot: int) -> Process:
-        os.environ[WORKER] = str(slot)  # read by the worker as it starts (spawned)
-        process = Process(self.config, self.sockets)
-        process.start()
-        return process
 
 
 def _ending(process: Process) -> str:
