@@ -59,8 +59,9 @@ class Worker:
         self.host.show(self.book, seen)
 
     def alerts(self, percent: int) -> float:
-        sample = self.metrics.budget_alerts.labels("cap", str(percent))
-        return float(sample._value.get())
+        """metergate_budget_alerts_total for `percent`, as this worker counted it."""
+        labels = {"budget": "cap", "threshold": str(percent)}
+        return self.metrics.registry.get_sample_value("metergate_budget_alerts_total", labels) or 0
 
     def close(self) -> None:
         self.host.close()
