@@ -283,8 +283,8 @@ def run(
     """Fill the label set, then time the scrapes (sampled by py-spy into `profile_to`).
 
     With `workers` > 1 the gateway runs `serve --workers N` (multi-process metrics; the
-    budget soft, as serve requires without Redis), the label set spreads over every
-    worker's metric files, and the render is also timed in the suite's process
+    budget soft: older trees refused hard ones with several workers), the label set
+    spreads over every worker's metric files, and the render is also timed in the suite's process
     (`RenderBreakdown`).
     """
     filled = fill(

@@ -8,10 +8,11 @@ the client's CPUs are also gateway CPUs: the report says so, since the workers t
 a CPU with nginx and wrk and cannot scale fully. The N variants are started together and
 loaded one at a time, interleaved run by run like the rest of the suite.
 
-The config is the suite's (key auth, metrics, SQLite ledger, prices, a hard budget, which
-the workers hold and settle in their shared table, `budgets/host.py`) and, so that the
-rollout controller's lease runs as it would in production, a rollout on a model no load
-uses.
+The config is the suite's (key auth, metrics, SQLite ledger, prices) with the budget soft
+(`hard: false`: a soft budget is reserved and settled per request as a hard one is, in
+the table the workers share, and trees from before that table, which `metrics_ab.py`
+runs as baselines, refused hard budgets with several workers) and, so that the rollout
+controller's lease runs as it would in production, a rollout on a model no load uses.
 The same config for every N, so N = 1 is the baseline the others are compared with.
 
 Exactness, per N, in the same run:
@@ -107,8 +108,10 @@ def placements(counts: list[int], cpus: list[int], client_cpus: int, pin: bool) 
 
 
 def write_config(workdir: Path, upstream_port: int) -> Path:
-    """The suite's gateway config with a rollout on an idle model."""
+    """The suite's gateway config with the budget soft and a rollout on an idle model."""
     raw = yaml.safe_load(gw.write_config(workdir, upstream_port).read_text())
+    for budget in raw["budgets"].values():
+        budget["hard"] = False
     raw["models"][CANARY_MODEL] = {"upstreams": [f"{gw.MODEL}-upstream"]}
     raw["rollouts"] = {
         "canary": {
@@ -309,7 +312,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "ledger (LedgerWriter, aiosqlite)": ("metergate/metering/ledger.py", "aiosqlite/"),
     "key reloads (KeyIndex.reload every 2 s)": ("KeyIndex.reload", "KeyIndex._refresh_forever"),
     "rollout controller (lease, state)": ("metergate/rollout/",),
-    "budgets (hold and settle, in the shared table)": ("metergate/budgets/",),
+    "budgets (soft: reserve and settle)": ("metergate/budgets/",),
     "/metrics render": (
         "prometheus_client/multiprocess.py",
         "metergate/metering/exposition.py",

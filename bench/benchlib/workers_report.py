@@ -108,9 +108,10 @@ def section(result: WorkersResult) -> list[str]:
         "## Scaling with cores: `metergate serve --workers N`",
         "",
         "Same config for every N: the suite's (key auth, metrics, SQLite ledger, prices) "
-        "with the budget soft (serve refuses hard budgets with several workers unless Redis "
-        "holds them) and a rollout on a model no load uses (its controller takes the lease "
-        "every second). Medians of interleaved runs (`bench/benchlib/workers.py`).",
+        "with the budget soft (held and settled in the workers' shared table as a hard "
+        "one; older trees refused hard budgets with several workers) and a rollout on a "
+        "model no load uses (its controller takes the lease every second). Medians of "
+        "interleaved runs (`bench/benchlib/workers.py`).",
         "",
         table(
             [
