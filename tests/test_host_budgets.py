@@ -4,6 +4,7 @@ each worker used to count its own (so N workers could spend N limits)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.queues
@@ -49,14 +50,15 @@ class Worker:
         self.host = HostBudgets(tables / "budgets", number, self.lock)
 
     def reserve(self, nano: int) -> Reservation:
-        with self.lock:
-            return self.host.reserve(self.book, tuple(self.book.budgets), cost(nano))
+        """As `Gate.admit` does: under the admission lock when a budget is hard."""
+        budgets = tuple(self.book.budgets)
+        lock = self.lock if self.host.needs_lock(budgets) else contextlib.nullcontext()
+        with lock:
+            return self.host.reserve(self.book, budgets, cost(nano))
 
     def settle(self, reservation: Reservation, nano: int) -> None:
-        """As `Gate.settle` does: under the lock, then the spend shown outside it."""
-        with self.lock:
-            seen = self.host.settle(self.book, reservation, nano, time.time())
-        self.host.show(self.book, seen)
+        """As `Gate.settle` does: no lock, then the spend shown."""
+        self.host.show(self.book, self.host.settle(self.book, reservation, nano, time.time()))
 
     def alerts(self, percent: int) -> float:
         """metergate_budget_alerts_total for `percent`, as this worker counted it."""
@@ -103,6 +105,40 @@ def test_two_processes_spend_a_hard_limit_once_between_them(tmp_path: Path) -> N
     assert sum(got) == 100, got
 
 
+SOFT = BudgetConfig(limit_usd=Decimal(1), hard=False, alert_at_percent=list(range(10, 101, 10)))
+
+
+def spend_soft(
+    tables: str,
+    number: int,
+    start: multiprocessing.synchronize.Barrier,
+    counts: multiprocessing.queues.Queue[int],
+) -> None:
+    """In a process of its own, as worker `number`: 500 requests of $0.001 under a soft
+    budget (no lock); how many thresholds it announced."""
+    worker = Worker(Path(tables), number, SOFT)
+    start.wait()
+    for _ in range(500):
+        worker.settle(worker.reserve(NANO // 1000), NANO // 1000)
+    counts.put(sum(int(worker.alerts(percent)) for percent in SOFT.alert_at_percent))
+
+
+def test_two_processes_spending_on_a_soft_budget_lose_nothing_and_announce_once(
+    tmp_path: Path,
+) -> None:
+    """Without a lock each writes only its own column: the spend is every request's,
+    and each of the ten thresholds is announced by one of them."""
+    tables = make_tables(tmp_path)
+    announced = counts_at_once(spend_soft, [(str(tables), number) for number in range(2)])
+    assert sum(announced) == 10, announced
+    view = Worker(tables, 0, SOFT)
+    reservation = view.reserve(0)
+    view.settle(reservation, 0)
+    assert view.book.budgets[0].spent_nano == NANO  # 1,000 x $0.001
+    assert view.book.budgets[0].reserved_nano == 0
+    view.close()
+
+
 def test_holds_count_across_workers_until_a_dead_workers_are_let_go(tmp_path: Path) -> None:
     tables = make_tables(tmp_path)
     first, second = Worker(tables, 0), Worker(tables, 1)
@@ -110,7 +146,7 @@ def test_holds_count_across_workers_until_a_dead_workers_are_let_go(tmp_path: Pa
     with pytest.raises(BudgetExceeded, match=r"held by requests in flight \$0\.600000"):
         second.reserve(NANO // 2)
     first.close()  # worker 0 dies with its request in flight
-    released = release_worker(tables / "budgets", 0, second.lock)
+    released = release_worker(tables / "budgets", 0)
     assert released == NANO * 6 // 10
     second.reserve(NANO // 2)  # what it held is free again
     second.close()

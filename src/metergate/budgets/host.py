@@ -3,38 +3,43 @@ without Redis).
 
 Each worker used to count only its own spend, so N workers could each spend a hard
 budget's whole limit. The workers now keep every budget's state in one file they all
-map, beside the rate-limit table (`limits.host`), read and written only under that
-table's lock. A slot holds, for one budget (or one key's member of a budget for each
-key) in one period:
+map, beside the rate-limit table (`limits.host`). A slot holds, for one budget (or one
+key's member of a budget for each key) in one period:
 
-- its spend in nano-USD, seeded by the first worker to use it from what that worker
-  read from the ledger (no worker had spent on it then), and counted here from then on;
-- what each worker's requests in flight hold, one column per worker: a worker that
-  dies is replaced in its column, and the supervisor zeroes that column first
-  (`release_worker`), so holds never outlive their requests;
-- the highest alert threshold announced, so each crossing is announced by one worker.
+- the spend the ledger gave it when the first worker to use it made it (no worker had
+  spent on it then);
+- one column of spend and one of holds per worker, written by that worker alone, so
+  that spending and settling take no lock: a word is one aligned 8-byte store, and the
+  others only read it;
+- the highest alert threshold announced, so each crossing is announced by one worker;
+- the period's end, after which (and a day more) the slot may be taken for another.
 
-A worker checks a hard budget against the spend and every worker's holds, holds the
-worst case in its column, and on settling moves it to the spend, all under the lock:
-N workers admit a limit once. A slot is named by a hash of the budget's name, target,
-period and its start, so a new period (or a reload that changes the period) starts a
-new slot; a slot whose period ended a day ago, holding nothing, is taken for another.
+A budget's spend is the seed plus every worker's column; what requests in flight hold
+is the sum of the holds. A hard budget's admission reads both and holds the worst case
+under the host's admission lock (the rate limits' `flock`), so admissions are one at a
+time and N workers admit a limit once. A settle adds the cost to its worker's spend
+before it lets the hold go, so what an admission reads is never less than the truth.
+Requests under soft budgets only take no lock at all. Making a slot and claiming a
+threshold take a second lock, on this file, only when they happen.
+
+A dead worker's replacement takes over its columns: its spend stays (it was spent),
+and the supervisor zeroes its holds first (`release_worker`), as its requests are gone.
 A full table keeps further budgets in each worker's memory and says so once.
 
 Bounds: a budget new in a reload misses what workers still on the old config spend in
-the seconds (≤ 2 s) before they follow it; a worker killed while it settles a request
-may have added its cost to some of the request's budgets and not yet to the others.
-The ledger has both, and a restart counts them.
+the seconds (≤ 2 s) before they follow it; the ledger has it, and a restart counts it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from metergate.budgets.book import BudgetBook, Reservation, exhausted
@@ -47,11 +52,11 @@ Seen = tuple[Budget, int, set[int]]  # a budget, its spend now, thresholds to an
 BUDGETS_FILE = "budgets"  # in the directory of the host's tables, beside the rate limits
 CAPACITY = 1 << 14  # budgets, and members of budgets for each key, in live periods
 REUSE_AFTER = 86_400  # seconds past a slot's period end before it may be taken
-_MAGIC = int.from_bytes(b"mgbudg02", "little")
+_MAGIC = int.from_bytes(b"mgbudg03", "little")
 # The file is signed 64-bit words: a header (magic, capacity, workers), then the slots:
-_HASH, _SPENT, _ANNOUNCED, _END, _HELD = range(5)  # the name's hash (0: free), nano-USD
-# spent, the highest threshold announced, the period's end (epoch s), then each
-# worker's holds: 4 + workers words
+_HASH, _SEED, _ANNOUNCED, _END, _COLUMNS = range(5)  # the name's hash (0: free), the
+# ledger's spend when made, the highest threshold announced, the period's end (epoch
+# s), then each worker's spend and each worker's holds (nano-USD): 4 + 2 x workers words
 _HEADER = 3
 
 
@@ -60,18 +65,18 @@ def create_table(path: Path, workers: int, capacity: int = CAPACITY) -> None:
     with path.open("wb") as file:
         for word in (_MAGIC, capacity, workers):
             file.write(word.to_bytes(8, "little", signed=True))
-        file.truncate(8 * (_HEADER + capacity * (_HELD + workers)))
+        file.truncate(8 * (_HEADER + capacity * (_COLUMNS + 2 * workers)))
 
 
-def release_worker(path: Path, worker: int, lock: contextlib.AbstractContextManager[None]) -> int:
+def release_worker(path: Path, worker: int) -> int:
     """Zero what `worker` holds on every budget (it died with requests in flight; its
-    replacement starts in its column); the nano-USD let go."""
-    table = HostBudgets(path, worker, lock)
+    replacement starts in its columns); the nano-USD let go."""
+    table = HostBudgets(path, worker, contextlib.nullcontext())
     words, released = table._words, 0
     try:
-        with lock:
+        with table._structure():
             for at in range(_HEADER, len(words), table._slot):
-                column = at + table._mine
+                column = at + table._held
                 released += words[column]
                 words[column] = 0
     finally:
@@ -81,8 +86,9 @@ def release_worker(path: Path, worker: int, lock: contextlib.AbstractContextMana
 
 class HostBudgets:
     """One worker's view of the table: `reserve` and `settle` are `BudgetBook.reserve`
-    and `settle` on the host's counters. The caller holds `lock` around each (`Gate`
-    takes it once for the rate limits and budgets together), and calls `show` after."""
+    and `settle` on the host's counters. The caller holds `lock`, the host's admission
+    lock, around `reserve` when a budget is hard (`needs_lock`); `settle` takes none
+    (`show` after it, outside any lock, says what it found)."""
 
     def __init__(self, path: Path, worker: int, lock: contextlib.AbstractContextManager[None]):
         self.lock = lock
@@ -90,38 +96,49 @@ class HostBudgets:
         self._map = mmap.mmap(self._fd, 0)
         self._words = memoryview(self._map).cast("q")  # a word read or written: ~30 ns
         magic, self.capacity, self.workers = self._words[:_HEADER]
-        self._slot = _HELD + self.workers
+        self._slot = _COLUMNS + 2 * self.workers
         if magic != _MAGIC or len(self._words) != _HEADER + self.capacity * self._slot:
             self.close()
             raise ValueError(f"{path} is not a budget table")
         if not 0 <= worker < self.workers:
             self.close()
             raise ValueError(f"worker {worker} has no column in {path} ({self.workers})")
-        self._mine = _HELD + worker  # this worker's column in a slot
+        self._spent = _COLUMNS + worker  # this worker's columns in a slot
+        self._held = _COLUMNS + self.workers + worker
         self._unplaced: set[tuple[str, str | None, float]] = set()
         self._told_full = False
+
+    @staticmethod
+    def needs_lock(budgets: tuple[Budget, ...]) -> bool:
+        """Whether admitting under `budgets` takes the admission lock: a hard one."""
+        return any(budget.config.hard for budget in budgets)
 
     def reserve(
         self, book: BudgetBook, budgets: tuple[Budget, ...], worst: WorstCase
     ) -> Reservation:
         """Hold the worst case on every budget, or raise the 429 of a hard one it would
-        pass, counting every worker's spend and holds. Call with `lock` held."""
+        pass, counting every worker's spend and holds. Call with `lock` held if
+        `needs_lock(budgets)`."""
         if not budgets:
             return Reservation((), 0)
         book.roll(budgets)
-        worst_nano, words, width = worst.nano, self._words, self._slot
+        worst_nano, words = worst.nano, self._words
+        spent_at, held_at, end_at = _COLUMNS, _COLUMNS + self.workers, self._slot
         slots: list[int | None] = []
         for budget in budgets:
             at = self._find(budget)
             slots.append(at)
+            if not budget.config.hard:
+                continue
             if at is None:  # the full table has no slot for it: this worker's counts
                 spent, held = budget.spent_nano, budget.reserved_nano
             else:
-                spent = budget.spent_nano = words[at + _SPENT]
-                held = sum(words[at + _HELD : at + width])
-            if budget.config.hard and spent + held + worst_nano > budget.limit_nano:
+                spent = words[at + _SEED] + sum(words[at + spent_at : at + held_at])
+                held = sum(words[at + held_at : at + end_at])
+                budget.spent_nano = spent
+            if spent + held + worst_nano > budget.limit_nano:
                 raise exhausted(budget, worst, spent, held)
-        mine = self._mine
+        mine = self._held
         for budget, at in zip(budgets, slots, strict=True):
             budget.reserved_nano += worst_nano
             if at is not None:
@@ -132,25 +149,28 @@ class HostBudgets:
         self, book: BudgetBook, reservation: Reservation, actual_nano: int, at: float
     ) -> list[Seen]:
         """Replace the holds by what the request cost, dated `at` as its ledger row (see
-        `BudgetBook.settle`); what each budget's spend is now, for `show` once the
-        lock is let go. Call with `lock` held."""
-        words, mine, amount = self._words, self._mine, reservation.amount_nano
+        `BudgetBook.settle`): the cost into this worker's spend first, then the hold let
+        go. What each budget's spend is now, for `show`."""
+        words, amount = self._words, reservation.amount_nano
+        spent_at, held_at = _COLUMNS, _COLUMNS + self.workers
         seen: list[Seen] = []
-        for budget, held_at in zip(reservation.budgets, reservation.slots, strict=True):
-            budget.reserved_nano -= amount
-            if held_at is not None:
-                words[held_at + mine] -= amount
+        for budget, slot_held in zip(reservation.budgets, reservation.slots, strict=True):
             if at >= budget.end:
                 book.roll((budget,), at)
-            elif at < budget.start:  # dated in a period another request ended
+            counted = at >= budget.start  # not when dated in a period another request ended
+            slot = self._find(budget) if counted else None
+            if slot is not None:
+                words[slot + self._spent] += actual_nano
+            budget.reserved_nano -= amount
+            if slot_held is not None:
+                words[slot_held + self._held] -= amount
+            if not counted:
                 continue
-            slot = self._find(budget)
             if slot is None:
                 budget.spent_nano += actual_nano
                 seen.append((budget, budget.spent_nano, _crossed(budget, budget.spent_nano)))
                 continue
-            words[slot + _SPENT] += actual_nano
-            spent = words[slot + _SPENT]
+            spent = words[slot + _SEED] + sum(words[slot + spent_at : slot + held_at])
             seen.append((budget, spent, self._claim(slot, budget, spent)))
         return seen
 
@@ -173,18 +193,19 @@ class HostBudgets:
             if spent * 100 >= limit * percent:
                 top = percent
                 break
-        announced = self._words[at + _ANNOUNCED]
-        if top == announced:
+        words = self._words
+        if top == words[at + _ANNOUNCED]:
             return _NOTHING
-        self._words[at + _ANNOUNCED] = top
+        with self._structure():  # another worker may be claiming it too
+            announced = words[at + _ANNOUNCED]
+            words[at + _ANNOUNCED] = top
         return {p for p in _crossed(budget, spent) if p > announced}
 
     def _find(self, budget: Budget) -> int | None:
         """The index of the budget's slot in its current period, made (seeded with the
         spend this worker knows) when no worker made it yet; None if the table is full."""
-        words = self._words
         known = budget.host_slot
-        if known is not None and known[0] == budget.start and words[known[1]] == known[2]:
+        if known is not None and known[0] == budget.start and self._words[known[1]] == known[2]:
             return known[1]  # unless let go by every worker and taken for another
         ident = (budget.name, budget.target, budget.start)
         if ident in self._unplaced:
@@ -194,15 +215,26 @@ class HostBudgets:
             f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0"
             f"{config.timezone}\0{int(budget.start)}"
         )
+        with self._structure():
+            at = self._probe(wanted, budget)
+        if at is None:
+            self._full(ident)
+        else:
+            budget.host_slot = (budget.start, at, wanted)
+        return at
+
+    def _probe(self, wanted: int, budget: Budget) -> int | None:
+        """Find the slot named `wanted`, or make it (under the structure lock)."""
+        words = self._words
         first = wanted % self.capacity
         reusable: int | None = None
-        stale_before = time.time() - REUSE_AFTER
         free: int | None = None
+        stale_before = time.time() - REUSE_AFTER
+        held_at = _COLUMNS + self.workers
         for step in range(self.capacity):
             at = _HEADER + ((first + step) % self.capacity) * self._slot
             found = words[at + _HASH]
             if found == wanted:
-                budget.host_slot = (budget.start, at, wanted)
                 return at
             if found == 0:
                 free = at
@@ -210,21 +242,29 @@ class HostBudgets:
             if (
                 reusable is None
                 and words[at + _END] < stale_before
-                and not any(words[at + _HELD : at + self._slot])
+                and not any(words[at + held_at : at + self._slot])
             ):
                 reusable = at
         at_or_none = reusable if reusable is not None else free
         if at_or_none is None:
-            self._full(ident)
             return None
         at = at_or_none
-        words[at + _SPENT] = budget.spent_nano
+        words[at + _SEED] = budget.spent_nano
         words[at + _ANNOUNCED] = max(passed(budget), default=0)
         words[at + _END] = int(budget.end)
-        words[at + _HELD : at + self._slot] = memoryview(bytes(8 * self.workers)).cast("q")
+        words[at + _COLUMNS : at + self._slot] = memoryview(bytes(16 * self.workers)).cast("q")
         words[at + _HASH] = wanted
-        budget.host_slot = (budget.start, at, wanted)
         return at
+
+    @contextlib.contextmanager
+    def _structure(self) -> Iterator[None]:
+        """The lock for making slots and claiming thresholds (rare): on this file, apart
+        from the admission lock, and never held while taking that one."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _full(self, ident: tuple[str, str | None, float]) -> None:
         self._unplaced.add(ident)

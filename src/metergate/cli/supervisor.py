@@ -147,13 +147,7 @@ class Supervisor(Multiprocess):
         return process
 
     def _release(self, slot: int) -> None:
-        rates = host_rates.HostTats(self.tables / host_rates.RATES_FILE)  # the lock
-        try:
-            released = host_budgets.release_worker(
-                self.tables / host_budgets.BUDGETS_FILE, slot, rates
-            )
-        finally:
-            rates.close()
+        released = host_budgets.release_worker(self.tables / host_budgets.BUDGETS_FILE, slot)
         if released:
             log.warning(
                 "worker %d's requests in flight held $%.6f of budgets: let go",

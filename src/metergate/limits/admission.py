@@ -5,7 +5,7 @@ anything taken (a request from each request bucket, a hold on each budget), so a
 refused request costs nothing. Without Redis this is the in-process rate limiter and
 budget book, with no `await` between check and take; the workers of `serve --workers N`
 keep both in tables they share (`limits.host`, `budgets.host`), under one lock held from
-check to take. With Redis it is one script call
+check to take (none for soft budgets alone, which refuse nothing). With Redis it is one script call
 (`metergate.shared.counters`); when Redis is unreachable, `redis.on_failure` decides:
 `open` falls back to this process's counters, `closed` refuses with a 503.
 """
@@ -54,7 +54,7 @@ class Gate:
         host: HostBudgets | None = None,
     ) -> None:
         """`host`: the budgets the workers of this host share (none with Redis); its
-        lock is the rate limiter's."""
+        admission lock is the rate limiter's."""
         self.budgets = budgets
         self.rates = rates
         self.shared = shared
@@ -93,6 +93,8 @@ class Gate:
         if not buckets:  # budgets only
             if host is None:
                 return Admission(buckets, self.budgets.reserve(budgets, worst), [])
+            if not host.needs_lock(budgets):  # soft ones: nothing to check
+                return Admission(buckets, host.reserve(self.budgets, budgets, worst), [])
             with host.lock:
                 return Admission(buckets, host.reserve(self.budgets, budgets, worst), [])
         rates = self.rates
@@ -116,18 +118,13 @@ class Gate:
             if usage is None
             else (usage.input_tokens + usage.cached_input_tokens + usage.output_tokens)
         )
-        host = self.host
-        if host is not None and admission.reservation.slots:  # held on the host's table
-            with host.lock:  # the rate limiter's too: one lock for both
-                if admission.buckets:
-                    self.rates.debit(admission.buckets, tokens, _now_us())
-                seen = host.settle(self.budgets, admission.reservation, cost_nano, at)
-            host.show(self.budgets, seen)
-            return
         if admission.buckets:
             with self.rates.lock:
                 self.rates.debit(admission.buckets, tokens, _now_us())
-        if admission.keys is None:
+        host = self.host
+        if host is not None and admission.reservation.slots:  # held on the host's table
+            host.show(self.budgets, host.settle(self.budgets, admission.reservation, cost_nano, at))
+        elif admission.keys is None:
             self.budgets.settle(admission.reservation, cost_nano, at)
         if self.shared is not None:
             self.shared.settle(self.budgets, admission, cost_nano, tokens, at)
