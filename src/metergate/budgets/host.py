@@ -18,7 +18,8 @@ A budget's spend is the seed plus every worker's column; what requests in flight
 is the sum of the holds. A hard budget's admission reads both and holds the worst case
 under the host's admission lock (the rate limits' `flock`), so admissions are one at a
 time and N workers admit a limit once. A settle adds the cost to its worker's spend
-before it lets the hold go, so what an admission reads is never less than the truth.
+before it lets the hold go, and an admission reads the holds before the spend, so what
+it reads is never less than the truth.
 Requests under soft budgets only take no lock at all. Making a slot and claiming a
 threshold take a second lock, on this file, only when they happen.
 
@@ -133,8 +134,10 @@ class HostBudgets:
             if at is None:  # the full table has no slot for it: this worker's counts
                 spent, held = budget.spent_nano, budget.reserved_nano
             else:
-                spent = words[at + _SEED] + sum(words[at + spent_at : at + held_at])
+                # holds first: a settle between the two reads is then counted twice
+                # (its cost and its hold), never not at all
                 held = sum(words[at + held_at : at + end_at])
+                spent = words[at + _SEED] + sum(words[at + spent_at : at + held_at])
                 budget.spent_nano = spent
             if spent + held + worst_nano > budget.limit_nano:
                 raise exhausted(budget, worst, spent, held)
