@@ -73,16 +73,10 @@ def release_worker(path: Path, worker: int) -> int:
     """Zero what `worker` holds on every budget (it died with requests in flight; its
     replacement starts in its columns); the nano-USD let go."""
     table = HostBudgets(path, worker, contextlib.nullcontext())
-    words, released = table._words, 0
     try:
-        with table._structure():
-            for at in range(_HEADER, len(words), table._slot):
-                column = at + table._held
-                released += words[column]
-                words[column] = 0
+        return table.release_holds()
     finally:
         table.close()
-    return released
 
 
 class HostBudgets:
@@ -258,6 +252,15 @@ class HostBudgets:
         words[at + _COLUMNS : at + self._slot] = memoryview(bytes(16 * self.workers)).cast("q")
         words[at + _HASH] = wanted
         return at
+
+    def release_holds(self) -> int:
+        """Zero this worker's holds on every budget; the nano-USD let go."""
+        words, released = self._words, 0
+        with self._structure():
+            for at in range(_HEADER + self._held, len(words), self._slot):
+                released += words[at]
+                words[at] = 0
+        return released
 
     @contextlib.contextmanager
     def _structure(self) -> Iterator[None]:
