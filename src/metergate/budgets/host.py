@@ -28,7 +28,9 @@ and the supervisor zeroes its holds first (`release_worker`), as its requests ar
 A full table keeps further budgets in each worker's memory and says so once.
 
 Bounds: a budget new in a reload misses what workers still on the old config spend in
-the seconds (≤ 2 s) before they follow it; the ledger has it, and a restart counts it.
+the seconds (≤ 2 s) before they follow it; a worker killed while it settles a request
+may have added its cost to some of the request's budgets and not yet to the others.
+The ledger has both, and a restart counts them.
 """
 
 from __future__ import annotations
