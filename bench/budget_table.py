@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing
-import multiprocessing.queues
 import multiprocessing.synchronize
 import tempfile
 import time
 from decimal import Decimal
 from pathlib import Path
 
-from benchlib import report
+from benchlib import report, together
 from metergate.budgets import BudgetBook
 from metergate.budgets.host import HostBudgets
 from metergate.budgets.host import create_table as create_budgets
@@ -71,32 +69,11 @@ def per_request_us(
     return (time.perf_counter() - began) / requests * 1e6
 
 
-def in_process(
-    times: multiprocessing.queues.Queue[float],
-    tables: str,
-    worker: int,
-    requests: int,
-    hard: bool,
-    start: multiprocessing.synchronize.Barrier,
-) -> None:
-    times.put(per_request_us(tables, worker, requests, hard, start))
-
-
 def both_at_once(tables: str, requests: int, hard: bool) -> float:
-    """Two processes spending on the same budgets, let go at one instant: the slower's
-    time (both run for the whole of it)."""
-    spawn = multiprocessing.get_context("spawn")
-    start, times = spawn.Barrier(2), spawn.Queue()
-    processes = [
-        spawn.Process(target=in_process, args=(times, tables, worker, requests, hard, start))
-        for worker in (0, 1)
-    ]
-    for process in processes:
-        process.start()
-    slowest = max(times.get(timeout=300) for _ in processes)
-    for process in processes:
-        process.join(30)
-    return slowest
+    """Two processes spending on the same budgets at once: the slower's time."""
+    return together.slowest_at_once(
+        per_request_us, [(tables, 0, requests, hard), (tables, 1, requests, hard)]
+    )
 
 
 def main() -> None:

@@ -6,19 +6,19 @@ A limited request takes its rate limits once (check and take) and debits its tok
 once; both run here, in a loop, against a key's rpm and tpm buckets: kept by the process
 (a dict, one worker) and in the workers' shared table (`limits.host`: a file lock and
 the mapped file), alone and with a second process doing the same at the same time on
-another key. Microseconds per request, the median of `--rounds`;
-`bench/results/rate-limit-lock.md`.
+another key (both let go by a barrier; the slower's time). Microseconds per request,
+the median of `--rounds`; `bench/results/rate-limit-lock.md`.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import multiprocessing.synchronize
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import report
+from benchlib import report, together
 from metergate.config.model import RateLimitsConfig
 from metergate.limits.host import HostTats, create_table
 from metergate.limits.rate import RateLimiter
@@ -28,10 +28,17 @@ BENCH = Path(__file__).resolve().parent
 LIMITS = {"keys": {"*": {"rpm": 60_000_000, "tpm": 60_000_000_000}}}
 
 
-def per_request_us(path: str | None, key: str, requests: int) -> float:
+def per_request_us(
+    path: str | None,
+    key: str,
+    requests: int,
+    start: multiprocessing.synchronize.Barrier | None = None,
+) -> float:
     config = RateLimitsConfig.model_validate(LIMITS)
     limiter = RateLimiter(config, host=HostTats(Path(path)) if path else None)
     buckets = limiter.applicable(key, "model")
+    if start is not None:
+        start.wait()
     began = time.perf_counter()
     for _ in range(requests):
         now = time.monotonic_ns() / 1000
@@ -43,11 +50,10 @@ def per_request_us(path: str | None, key: str, requests: int) -> float:
 
 
 def contended(path: str, requests: int) -> float:
-    """Two processes at once, each on its own key: the first's time per request."""
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(2) as pool:
-        times = pool.starmap(per_request_us, [(path, "alice", requests), (path, "bob", requests)])
-    return times[0]
+    """Two processes at once, each on its own key: the slower's time per request."""
+    return together.slowest_at_once(
+        per_request_us, [(path, "alice", requests), (path, "bob", requests)]
+    )
 
 
 def main() -> None:
