@@ -132,6 +132,7 @@ class Supervisor(Multiprocess):
         slot = len(self.processes) - 1
         super().handle_ttou()
         if len(self.processes) == slot:
+            self._start_at.pop(slot, None)  # a retry of its start is not due any more
             self._release(slot)
 
     def _replace(self, slot: int) -> None:
