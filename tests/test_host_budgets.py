@@ -174,6 +174,26 @@ def test_each_threshold_is_announced_by_one_worker(
     second.close()
 
 
+def test_a_late_claim_with_an_older_spend_announces_nothing_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker 1 read the spend at 55 % and claims after worker 0 announced 80 %: the
+    mark stays at 80 %, so its next settle announces nothing again."""
+    tables = make_tables(tmp_path)
+    first, second = Worker(tables, 0), Worker(tables, 1)
+    caplog.set_level(logging.WARNING, logger="metergate.budgets")
+    first.settle(first.reserve(NANO * 85 // 100), NANO * 85 // 100)  # announces 50 and 80
+    budget = second.book.budgets[0]
+    second.reserve(0)  # finds the slot
+    assert budget.host_slot is not None
+    assert second.host._claim(budget.host_slot[1], budget, NANO * 55 // 100) == set()
+    second.settle(second.reserve(NANO // 100), NANO // 100)
+    crossings = [r.getMessage() for r in caplog.records if "passed" in r.getMessage()]
+    assert len(crossings) == 2, crossings
+    first.close()
+    second.close()
+
+
 def test_the_first_worker_seeds_the_spend_and_a_full_table_counts_apart(tmp_path: Path) -> None:
     tables = make_tables(tmp_path, capacity=1)
     first, second = Worker(tables, 0), Worker(tables, 1)

@@ -187,16 +187,15 @@ class HostBudgets:
         """The thresholds `spent` crosses that no worker announced yet, now this one's.
         Under a raised limit the mark comes down, as `book._update` lets thresholds be
         announced again when they are reached again."""
-        top, limit = 0, budget.limit_nano
-        for percent in reversed(budget.config.alert_at_percent):  # sorted
-            if spent * 100 >= limit * percent:
-                top = percent
-                break
         words = self._words
-        if top == words[at + _ANNOUNCED]:
+        if _top(budget, spent) == words[at + _ANNOUNCED]:
             return _NOTHING
         with self._structure():  # another worker may be claiming it too
-            announced = words[at + _ANNOUNCED]
+            # the spend as it is now: `spent` may be older than another worker's claim,
+            # and a mark brought down by it would have a crossing announced twice
+            held_at = _COLUMNS + self.workers
+            spent = words[at + _SEED] + sum(words[at + _COLUMNS : at + held_at])
+            announced, top = words[at + _ANNOUNCED], _top(budget, spent)
             words[at + _ANNOUNCED] = top
         return {p for p in _crossed(budget, spent) if p > announced}
 
@@ -292,6 +291,15 @@ class HostBudgets:
 
 
 _NOTHING: set[int] = set()  # claimed nothing (never changed)
+
+
+def _top(budget: Budget, spent: int) -> int:
+    """The highest threshold `spent` crosses, 0 for none."""
+    limit = budget.limit_nano
+    for percent in reversed(budget.config.alert_at_percent):  # sorted
+        if spent * 100 >= limit * percent:
+            return percent
+    return 0
 
 
 def _crossed(budget: Budget, spent: int) -> set[int]:
