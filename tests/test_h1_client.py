@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import shutil
 import ssl
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -292,6 +294,31 @@ async def test_an_answer_over_the_configured_maximum_is_refused():
     async with server(handler) as (url, _):
         with pytest.raises(ProtocolError, match="larger than 1 MiB"):
             await HttpClient(url, 1, max_body=1024 * 1024).post("/", HEAD, b"{}", FAST)
+
+
+async def test_a_compressed_answer_is_refused_before_it_inflates_past_the_maximum():
+    """512 MiB of zeros gzip to half a MiB: the client must stop at the 1 MiB maximum,
+    not inflate each read (up to 256 KiB, 256 MiB inflated) before it counts."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    zeros = bytes(1024 * 1024)
+    packed = b"".join(packer.compress(zeros) for _ in range(512)) + packer.flush()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(packed, b"Content-Encoding: gzip\r\n"))
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, 1, max_body=1024 * 1024)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ProtocolError, match="larger than 1 MiB"):
+                await client.post("/", HEAD, b"{}", FAST)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        await client.close()
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated at the peak"
 
 
 async def test_servers_that_close_after_every_answer_silently_fail_no_request():

@@ -232,8 +232,9 @@ class _Connection(asyncio.Protocol):
             self.headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self.decoder is not None:
-            body = self.decoder.decompress(body)
+        if self.decoder is not None:  # never more than one byte past the maximum: a
+            # small gzip answer can inflate a thousandfold
+            body = self.decoder.decompress(body, max(1, self.max_body - self.received + 1))
         if not body:
             return
         self.chunks.append(body)
