@@ -178,3 +178,65 @@ def test_a_port_in_use_stops_serve_before_it_records_its_config(
     assert "address already in use" in (done.stdout + done.stderr).lower()
     with sqlite3.connect(tmp_path / "ledger.db") as ledger:
         assert ledger.execute("SELECT count(*) FROM config_versions").fetchone() == (0,)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for whoever inherited it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _private_dirs(temp: Path) -> set[Path]:
+    return set(temp.glob("metergate-*"))
+
+
+def test_workers_stop_with_a_killed_supervisor_and_the_next_start_removes_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL (or the OOM killer) on the supervisor: its workers would serve on alone,
+    holding the port, and its private directory (a copy of the config, secrets
+    included) would stay. The workers stop, and the next start removes the directory;
+    a running gateway's is kept."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the gateways' private directories go here
+    path = write_config(priced(1_000_000), tmp_path)
+    key = create_key_sync(yaml.safe_load(path.read_text())["ledger"]["url"], "ops")
+    killed = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        killed.wait_ready()
+        wait_until(lambda: killed.log().count("joined the gateway") == 2, "both workers")
+        assert costs(killed, key, calls=2) == {"10.000000000"}
+        pids, left = killed.worker_pids(), _private_dirs(temp)
+        assert len(pids) == 2 and len(left) == 1
+        os.kill(killed.pid, signal.SIGKILL)
+        wait_until(lambda: not any(_running(pid) for pid in pids), "the workers to stop")
+        with socket.socket() as probe:  # nobody serves on the port any more
+            assert probe.connect_ex(("127.0.0.1", killed.port)) != 0
+        assert _private_dirs(temp) == left  # SIGKILL: nothing cleaned up yet
+    finally:
+        killed.kill_all()
+
+    second = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        second.wait_ready()
+        kept = _private_dirs(temp)
+        assert len(kept) == 1 and not kept & left  # the killed one's removed, its own made
+        assert "removed 1 private directory left in" in second.log()
+        third = GatewayProcess(path, tmp_path, workers=2)  # its start sweeps again
+        try:
+            third.wait_ready()
+            assert kept < _private_dirs(temp)  # the running gateway's is kept
+            third.process.send_signal(signal.SIGTERM)
+            assert third.wait(60) == 0
+        finally:
+            third.kill_all()
+        assert costs(second, key, calls=2) == {"10.000000000"}
+        assert _private_dirs(temp) == kept
+        second.process.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+        assert _private_dirs(temp) == set()
+    finally:
+        second.kill_all()

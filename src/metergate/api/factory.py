@@ -6,7 +6,8 @@ yet reloaded) or broken. The copy is named after the file (`CONFIG_SOURCE`), whi
 reloads read. A worker (`JOINING`) takes the config version the gateway runs before it
 serves, instead of recording its own as the newest. The workers share the tables of
 their rate limits and budgets, in a directory made by `serve` (`HOST_DIR`), each worker
-in its own column of the budgets' (`WORKER`).
+in its own column of the budgets' (`WORKER`), and stops when the supervisor dies
+(`SUPERVISOR`, `private_dir.join`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from metergate import logs
+from metergate import logs, private_dir
 from metergate.config import parse_config, read_config
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ CONFIG_COPY = "METERGATE_CONFIG_COPY"  # its text as `serve` read it
 JOINING = "METERGATE_JOINING"  # set by `serve --workers N`, which records the config
 HOST_DIR = "METERGATE_HOST_DIR"  # the workers' shared tables (`limits.host`, `budgets.host`)
 WORKER = "METERGATE_WORKER"  # this worker's number, 0 to N - 1
+SUPERVISOR = "METERGATE_SUPERVISOR"  # its pid: a worker stops when it dies
 
 
 def create_app() -> GatewayApp:
@@ -41,6 +43,8 @@ def create_app() -> GatewayApp:
         text = Path(copy).read_text(encoding="utf-8")
         config = parse_config(text, source)
     host_dir = os.environ.get(HOST_DIR)
+    if host_dir:
+        private_dir.join(Path(host_dir).parent, int(os.environ[SUPERVISOR]))
     return GatewayApp(
         config,
         text,

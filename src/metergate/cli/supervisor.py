@@ -19,6 +19,9 @@ gateway's operators rely on.
   stopped) worker's requests held on the budgets is let go first. SIGTTIN (one worker
   more) is refused past the number the gateway started with, which the budgets' table
   has columns for.
+- A worker stops when the supervisor dies, however it dies (it would serve on alone,
+  holding the port), and the next start removes the private directory a killed
+  supervisor left behind (`private_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from socket import socket
@@ -36,11 +38,19 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from metergate.api.factory import CONFIG_COPY, CONFIG_SOURCE, HOST_DIR, JOINING, WORKER
+from metergate.api.factory import (
+    CONFIG_COPY,
+    CONFIG_SOURCE,
+    HOST_DIR,
+    JOINING,
+    SUPERVISOR,
+    WORKER,
+)
 from metergate.budgets import host as host_budgets
 from metergate.cli.common import with_database
 from metergate.config import LoadedConfig
 from metergate.limits import host as host_rates
+from metergate.private_dir import private_directory
 from metergate.storage import config_versions
 
 log = logging.getLogger("metergate")
@@ -179,12 +189,13 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         loaded.config,
         lambda database: config_versions.record(database, loaded.text, loaded.source, "started"),
     )
-    with tempfile.TemporaryDirectory(prefix="metergate-") as private:  # mode 0700
+    with private_directory() as private:
         copy = Path(private, "config.yaml")
         copy.write_text(loaded.text, encoding="utf-8")
         copy.chmod(0o600)  # it holds what the file holds, literal secrets included
         metrics = Path(private, "metrics")
         metrics.mkdir()
+        os.environ[SUPERVISOR] = str(os.getpid())
         os.environ[CONFIG_SOURCE] = loaded.source
         os.environ[CONFIG_COPY] = str(copy)
         os.environ[JOINING] = "1"
