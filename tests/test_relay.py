@@ -4,6 +4,7 @@ the whole stream (a fast upstream, a buffering proxy) does not hold the first to
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -103,3 +104,42 @@ def test_a_crlf_split_between_two_reads_is_one_line_end() -> None:
             Event("message_start", b"{}", b"event: message_start\ndata: {}\n\n"),
             Event("ping", b"1", b"event: ping\ndata: 1\n\n"),
         ], cut
+
+
+def test_events_cut_anywhere_across_three_reads_decode_the_same() -> None:
+    """Reads in which no event ends are held apart; a blank line may straddle them."""
+    stream = b"data: one\n\nevent: ping\ndata: {}\n\ndata: a\r\ndata: b\r\n\r\ndata: end\n\n"
+    whole = SSEDecoder().feed(stream)
+    assert len(whole) == 4
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            decoder = SSEDecoder()
+            found = [
+                *decoder.feed(stream[:first]),
+                *decoder.feed(stream[first:second]),
+                *decoder.feed(stream[second:]),
+                *decoder.flush(),
+            ]
+            assert found == whole, (first, second)
+
+
+def test_an_event_that_has_not_ended_is_not_copied_again_with_each_read() -> None:
+    """An upstream that never ends its event (a stream that is not SSE, one huge event)
+    may send up to the answer's 64 MiB bound in 64 KiB reads: copying what is held on
+    every read would be quadratic, seconds of a blocked event loop. A read that ends no
+    event adds itself and copies nothing."""
+    decoder = SSEDecoder()
+    read = b"x" * 65536
+    decoder.feed(b'data: {"choices":[{"index":0,"delta":{"content":"')
+    for _ in range(256):  # 16 MiB held
+        assert decoder.feed(read) == []
+    tracemalloc.start()
+    try:
+        for _ in range(16):
+            assert decoder.feed(read) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"{peak / 2**20:.1f} MiB allocated for 16 reads of 64 KiB"
+    (event,) = decoder.feed(b'"}}]}\n\n')
+    assert len(event.data) == 272 * 65536 + len(b'{"choices":[{"index":0,"delta":{"content":""}}]}')

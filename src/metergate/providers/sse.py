@@ -20,32 +20,51 @@ class Event:
 
 
 class SSEDecoder:
-    """Incremental decoder: feed it chunks as they arrive, get back complete events."""
+    """Incremental decoder: feed it chunks as they arrive, get back complete events.
 
-    __slots__ = ("_after_cr", "_buffer")
+    Reads in which no event ends are kept apart and joined once one does: copying what
+    is held on every read would make an event that never ends (a stream that is not
+    SSE, one huge event) quadratic, seconds of a blocked event loop before the answer's
+    size bound stops it."""
+
+    __slots__ = ("_after_cr", "_buffer", "_parts")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = b""  # the start of an event that has not ended
+        self._parts: list[bytes] = []  # the reads since, in which no event ended
         self._after_cr = False  # the last read ended with \r: a \n opening the next ends it
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if self._after_cr:  # a CRLF split between two reads is one line end, not two
+        if self._after_cr and chunk:  # a CRLF split between reads is one line end, not two
             self._after_cr = False
             if chunk.startswith(b"\n"):
                 chunk = chunk[1:]
         if chunk.find(b"\r") >= 0:  # not `in`: it formats and drops a TypeError per call
             self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + chunk
+        parts = self._parts
+        if chunk.find(b"\n\n") < 0 and not (chunk[:1] == b"\n" and self._held_ends_a_line()):
+            if chunk:
+                parts.append(chunk)
+            return []
+        if parts:
+            buffer = b"".join((self._buffer, *parts, chunk))
+            parts.clear()
+        else:
+            buffer = self._buffer + chunk
         blocks = buffer.split(b"\n\n")
         self._buffer = blocks.pop()
         return [event for block in blocks if (event := _parse(block)) is not None]
 
     def flush(self) -> list[Event]:
         """Whatever the upstream left without a closing blank line when it ended."""
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join((self._buffer, *self._parts))
+        self._buffer, self._parts = b"", []
         event = _parse(rest) if rest.strip() else None
         return [event] if event else []
+
+    def _held_ends_a_line(self) -> bool:
+        return (self._parts[-1] if self._parts else self._buffer)[-1:] == b"\n"
 
 
 def _parse(block: bytes) -> Event | None:
