@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import resource
 import socket
 import ssl
 import subprocess
@@ -219,6 +221,54 @@ def test_a_full_connection_pool_is_a_503_of_the_gateway_not_an_upstream_failure(
     assert gateway.metric(ATTEMPTS, upstream="up", outcome="gateway_error") == 6
     assert gateway.metric(REQUESTS, model="m", outcome="gateway_error") == 6
     assert gateway.metric(ATTEMPTS, upstream="up", outcome="upstream_error") == 0
+    assert client.chat.completions.create(model="m", messages=ASK).choices[0].message.content
+
+
+@contextlib.contextmanager
+def _no_descriptor_left() -> Iterator[None]:
+    """This process (the gateway's, in these tests) at its limit of open files: every
+    number below a lowered soft limit taken, so the next socket fails with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    taken: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+    try:
+        with contextlib.suppress(OSError):
+            while len(taken) < 4096:
+                taken.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_running_out_of_open_files_is_a_503_of_the_gateway_not_an_upstream_failure(
+    gateway_factory, fault_server: FaultServer
+):
+    """A gateway at its limit of open files cannot open an upstream connection: its own
+    limit, to be said as such (and raised), never a failure held against the upstream
+    (its breaker opening on a healthy provider)."""
+    config = _config(fault_server.url)
+    config["providers"]["sim"] = {"type": "simulated"}
+    config["upstreams"]["sim-up"] = {"provider": "sim", "model": "sim-model"}
+    config["models"]["warm"] = {"upstreams": ["sim-up"]}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    client.chat.completions.create(model="warm", messages=ASK)  # the caller's connection
+    refused = []
+    with _no_descriptor_left():
+        for _ in range(6):  # more than the breaker's failure_threshold (5)
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.chat.completions.create(model="m", messages=ASK)
+            refused.append(caught.value)
+    error = refused[0]
+    assert error.status_code == 503
+    assert error.code == "gateway_out_of_files"
+    assert "no file descriptor left" in error.message and "LimitNOFILE" in error.message
+    assert fault_server.plan.requests == 0  # nothing reached the upstream
+    assert gateway.metric(CIRCUIT, upstream="up") == 0  # the breaker stays closed
+    assert gateway.metric(ATTEMPTS, upstream="up", outcome="gateway_error") == 6
+    assert gateway.metric(ATTEMPTS, upstream="up", outcome="connection_error") == 0
     assert client.chat.completions.create(model="m", messages=ASK).choices[0].message.content
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import errno
 import math
 import re
+import resource
 import weakref
 from typing import Any
 from urllib.parse import urlsplit
@@ -167,6 +169,15 @@ class HttpTransport:
                 f"timeouts.pool); raise max_connections or add capacity",
                 code="gateway_pool_exhausted",
             )
+        if _out_of_files(exc):  # the gateway's own limit: never held against the upstream
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            return GatewayLimit(
+                f"the gateway has no file descriptor left to reach provider {self.name!r} "
+                f"(it may open {soft} files, and each request in flight holds two: its "
+                "caller's connection and its upstream's); raise the limit (systemd "
+                "LimitNOFILE=, docker --ulimit nofile=, ulimit -n) or add capacity",
+                code="gateway_out_of_files",
+            )
         if isinstance(exc, h1.ConnectTimeout):
             return ConnectTimeout(f"could not reach the upstream: {detail} (timeouts.connect)")
         if isinstance(exc, h1.ReadTimeout | TimeoutError):
@@ -214,6 +225,16 @@ class HttpTransport:
 
     def redact(self, text: str) -> str:
         return redact(text)
+
+
+def _out_of_files(exc: BaseException) -> bool:
+    """Did the failure come from this process (or host) running out of descriptors?"""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> tuple[str, ...]:
