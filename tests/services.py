@@ -22,6 +22,7 @@ import glob
 import itertools
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -532,11 +534,23 @@ def create_key_sync(ledger_url: str, name: str) -> str:
     return result[0]
 
 
+def _limit_files(limits: tuple[int, int]) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
 class GatewayProcess:
     """`python -m metergate serve` in a session of its own, so that it and every worker it
     spawns can be killed together whatever a test does to it."""
 
-    def __init__(self, config: Path, workdir: Path, *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path,
+        *,
+        workers: int = 1,
+        open_files: tuple[int, int] | None = None,
+    ) -> None:
+        """`open_files`: the (soft, hard) limit of open files it starts with."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gateway-{self.port}.log"
@@ -552,6 +566,7 @@ class GatewayProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=None if open_files is None else partial(_limit_files, open_files),
             )
 
     @property

@@ -240,3 +240,36 @@ def test_workers_stop_with_a_killed_supervisor_and_the_next_start_removes_its_di
         assert _private_dirs(temp) == set()
     finally:
         second.kill_all()
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_one_and_warns_when_that_is_low(
+    tmp_path: Path,
+) -> None:
+    """Each request in flight holds two descriptors: under the usual soft limit of 1,024
+    a busy gateway would drop connections without a line in its log."""
+    path = write_config(priced(1_000_000), tmp_path)
+    roomy = GatewayProcess(path, tmp_path, workers=2, open_files=(1024, 8192))
+    try:
+        roomy.wait_ready()
+        wait_until(lambda: len(roomy.worker_pids()) == 2, "both workers")
+        for pid in (roomy.pid, *roomy.worker_pids()):
+            assert _open_files_limit(pid) == (8192, 8192)
+        assert "may open only" not in roomy.log()
+    finally:
+        roomy.kill_all()
+    cramped = GatewayProcess(path, tmp_path, open_files=(1024, 1024))
+    try:
+        cramped.wait_ready()
+        assert _open_files_limit(cramped.pid) == (1024, 1024)
+        assert "this gateway may open only 1024 files" in cramped.log()
+        assert "raise the limit to at least 4096" in cramped.log()
+    finally:
+        cramped.kill_all()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import resource
 import shlex
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +23,10 @@ from metergate.config.secrets import without_password
 from metergate.storage import keys as store
 from metergate.storage.database import Database, sqlite_path
 
+log = logging.getLogger("metergate")
+MIN_OPEN_FILES = 4096  # a thousand streams in flight and room to spare
+_NR_OPEN = 1 << 20  # Linux's default fs.nr_open
+
 
 def serve(
     config: ConfigOption = None,
@@ -33,6 +40,7 @@ def serve(
     host = host or loaded.server.host
     port = port if port is not None else loaded.server.port
     logs.configure()
+    _raise_open_files_limit()
     demo_key, active_keys = _check_ledger(loaded, make_demo=config is None)
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
@@ -58,6 +66,29 @@ def serve(
         run_one(source, options)
     else:
         run_workers(source, workers, options)
+
+
+def _raise_open_files_limit() -> None:
+    """Take the hard limit of open files as the soft one, for this process and the
+    workers it starts: each request in flight holds two descriptors (its caller's
+    connection and its upstream's), and the usual soft limit of 1,024 (a shell's,
+    systemd's) would have a busy gateway drop connections unlogged. Warn when the hard
+    limit itself is low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, _NR_OPEN)  # the kernel's own ceiling for one process
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft < MIN_OPEN_FILES:
+        log.warning(
+            "this gateway may open only %d files, and each request in flight holds two "
+            "(its caller's connection and its upstream's): raise the limit to at least "
+            "%d (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n)",
+            soft,
+            MIN_OPEN_FILES,
+        )
 
 
 def run_one(loaded: LoadedConfig, options: dict[str, Any]) -> None:
