@@ -8,6 +8,7 @@ The worker in a ledger outage is in test_ledger_outage.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -273,3 +274,33 @@ def test_serve_raises_its_open_files_limit_to_the_hard_one_and_warns_when_that_i
         assert "raise the limit to at least 4096" in cramped.log()
     finally:
         cramped.kill_all()
+
+
+def test_a_hung_worker_does_not_keep_the_gateway_from_stopping(tmp_path: Path) -> None:
+    """SIGTERM while a worker is stuck (SIGSTOP here; a blocking call looks the same):
+    its supervisor waited on it for ever, and the gateway never exited. It now waits the
+    grace for requests in flight and the ledger's last commit (0 + 2 x 1 + 5 s here),
+    then kills it."""
+    config = priced(1_000_000)
+    config["server"] = {"shutdown_grace_seconds": 0}
+    config["ledger"] = {"url": f"sqlite:///{tmp_path / 'ledger.db'}", "timeout_seconds": 1}
+    gateway = GatewayProcess(write_config(config, tmp_path), tmp_path, workers=2)
+    victim: int | None = None
+    try:
+        gateway.wait_ready()
+        wait_until(lambda: gateway.log().count("joined the gateway") == 2, "both workers")
+        victim = min(gateway.worker_pids())
+        gateway.process.send_signal(signal.SIGTERM)
+        os.kill(victim, signal.SIGSTOP)  # before the supervisor passes SIGTERM on to it
+        assert gateway.wait(60) == 0, gateway.log()
+        log = gateway.log()
+        # (or, should SIGSTOP land in a health check, replaced as hung: killed all the same)
+        assert f"worker {victim} did not stop within 7 s of SIGTERM: killed" in log or (
+            f"worker {victim} hung" in log
+        ), log
+        assert not _running(victim)
+    finally:
+        if victim is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        gateway.kill_all()

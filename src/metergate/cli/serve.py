@@ -55,7 +55,7 @@ def serve(
         lifespan="on",
         access_log=False,
         log_level="warning",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=loaded.server.shutdown_grace_seconds,
         timeout_keep_alive=loaded.server.idle_timeout_seconds,
         # X-Forwarded-For rewrites the client address (the admin sign-in limiter's key)
         # only when it comes from a listed proxy; uvicorn's default trusts loopback.

@@ -19,6 +19,9 @@ gateway's operators rely on.
   stopped) worker's requests held on the budgets is let go first. SIGTTIN (one worker
   more) is refused past the number the gateway started with, which the budgets' table
   has columns for.
+- On SIGTERM, a worker that has not stopped once its grace for requests in flight and
+  the ledger's last commit have passed is hung, and is killed: uvicorn would wait on it
+  for ever.
 - A worker stops when the supervisor dies, however it dies (it would serve on alone,
   holding the port), and the next start removes the private directory a killed
   supervisor left behind (`private_dir`).
@@ -58,10 +61,13 @@ RETRY_SECONDS = 5
 
 
 class Supervisor(Multiprocess):
-    def __init__(self, config: uvicorn.Config, sockets: list[socket], tables: Path) -> None:
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket], tables: Path, stop_within: float
+    ) -> None:
         super().__init__(config, sockets)
         self.tables = tables  # of the rate limits and budgets the workers share
         self.columns = self.processes_num  # workers the budgets' table has columns for
+        self.stop_within = stop_within  # seconds a worker has to stop after SIGTERM
 
     def init_processes(self) -> None:
         for slot in range(self.processes_num):
@@ -121,6 +127,23 @@ class Supervisor(Multiprocess):
                     RETRY_SECONDS,
                 )
                 self._start_at[slot] = time.monotonic() + RETRY_SECONDS
+
+    def join_all(self) -> None:
+        """Wait for the workers to stop, as uvicorn does, but not for ever: one still
+        running `stop_within` seconds after SIGTERM is hung (uvicorn would wait on it,
+        and the gateway would never exit), and is killed."""
+        deadline = time.monotonic() + self.stop_within
+        for process in self.processes:
+            process.process.join(max(0.0, deadline - time.monotonic()))
+            if process.process.exitcode is None:
+                log.warning(
+                    "worker %s did not stop within %g s of SIGTERM: killed (its requests "
+                    "in flight and unflushed ledger rows are lost)",
+                    process.pid,
+                    self.stop_within,
+                )
+                process.kill()
+                process.join()
 
     def handle_ttin(self) -> None:
         """One worker more, as uvicorn does, up to the number the gateway started with
@@ -205,7 +228,13 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
         host_rates.create_table(tables / host_rates.RATES_FILE)  # before any worker maps it
         host_budgets.create_table(tables / host_budgets.BUDGETS_FILE, workers)
         os.environ[HOST_DIR] = str(tables)
-        supervisor = Supervisor(config, [socket], tables)
+        # the grace for requests in flight, then the ledger's last commit (or its spool)
+        stop_within = (
+            loaded.config.server.shutdown_grace_seconds
+            + 2 * loaded.config.ledger.timeout_seconds
+            + 5
+        )
+        supervisor = Supervisor(config, [socket], tables, stop_within)
         supervisor.run()
     if supervisor.failed_start:
         raise SystemExit(STARTUP_FAILURE)  # uvicorn's supervisor would exit 0

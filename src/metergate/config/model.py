@@ -441,6 +441,13 @@ class ServerConfig(Strict):
     idle_timeout_seconds: float = Field(
         default=75, gt=0, description="a kept-alive connection idle this long is closed"
     )
+    shutdown_grace_seconds: float = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="on SIGTERM, requests in flight may finish within this; then 503 "
+        "`shutting_down` (a stream: its last event), and a worker still running is killed",
+    )
     trusted_proxies: list[str] = Field(
         default_factory=list,
         description="addresses or CIDRs whose X-Forwarded-For is believed; default none",
