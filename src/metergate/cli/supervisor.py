@@ -23,8 +23,8 @@ gateway's operators rely on.
   the ledger's last commit have passed is hung, and is killed: uvicorn would wait on it
   for ever.
 - A worker stops when the supervisor dies, however it dies (it would serve on alone,
-  holding the port), and the next start removes the private directory a killed
-  supervisor left behind (`private_dir`).
+  holding the port), and the next start with `--workers` removes the private directory
+  a killed supervisor left behind (`private_dir`).
 """
 
 from __future__ import annotations
