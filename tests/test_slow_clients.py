@@ -29,6 +29,7 @@ LIMITS = {
     "header_timeout_seconds": 2,
     "body_timeout_seconds": 3,  # room for the test that sends its body in time
     "idle_timeout_seconds": 1,
+    "send_timeout_seconds": 2,
 }
 PATIENCE = 10.0  # seconds a test waits for the gateway to act on a limit of a few
 ADMIN_KEY = "admin-secret-for-tests-0123456789"
@@ -40,9 +41,18 @@ def serve(workdir: Path, server: dict[str, object]) -> tuple[GatewayProcess, str
         "server": server,
         "ledger": {"url": ledger},
         "admin": {"api_key": ADMIN_KEY},
-        "providers": {"sim": {"type": "simulated"}},
-        "upstreams": {"sim-up": {"provider": "sim", "model": "sim-1"}},
-        "models": {"sim": {"upstreams": ["sim-up"]}},
+        "providers": {
+            "sim": {"type": "simulated"},
+            "long": {  # ~15 MB of stream, token by token
+                "type": "simulated",
+                "simulated": {"output_tokens": 100_000, "tokens_per_second": 100_000},
+            },
+        },
+        "upstreams": {
+            "sim-up": {"provider": "sim", "model": "sim-1"},
+            "long-up": {"provider": "long", "model": "sim-long"},
+        },
+        "models": {"sim": {"upstreams": ["sim-up"]}, "long": {"upstreams": ["long-up"]}},
     }
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -189,6 +199,28 @@ def test_a_body_that_never_finishes_gets_a_408(gateway: tuple[GatewayProcess, st
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert b"server.body_timeout_seconds" in reply
     assert ledger_row(process, "slow-body") == ("invalid_request", 408)
+
+
+def test_a_client_that_takes_none_of_its_answer_is_cut_off(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """It asks for a long stream, reads none of it and keeps its socket open: once the
+    buffers are full and nothing has been taken for `send_timeout_seconds` (2 s here),
+    the gateway cuts it off and the request ends (billed as a caller that left), instead
+    of living, with its budget hold and its buffered answer, as long as the socket."""
+    process, key = gateway
+    body = json.dumps(
+        {"model": "long", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little room on this side
+    sock.settimeout(PATIENCE)
+    sock.connect(("127.0.0.1", process.port))
+    try:
+        sock.sendall(chat_request(key, len(body), body, "X-Request-Id: stalled-reader"))
+        assert ledger_row(process, "stalled-reader") == ("cancelled", 499)
+    finally:
+        sock.close()
 
 
 def test_refusals_take_anthropic_shape_for_anthropic_callers(

@@ -12,7 +12,11 @@ config, read when the app is loaded):
 - `body_timeout_seconds`: from the end of the headers to the end of the body; past it,
   a 408 (or, if the answer has started, a plain close) and the handler sees the client
   gone;
-- `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed.
+- `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed;
+- `send_timeout_seconds`: a client that takes none of the answer for this long (the
+  write buffer stays over its high-water mark: the client reads nothing, or its socket
+  is stuck) is cut off, as nginx's `send_timeout` does; else the request (its budget
+  hold, its stream, its buffered answer) would live as long as the client's socket.
 
 The common request arrives in one read, headers and body together: it arms no timer
 and costs a few attribute writes. Timers are armed only when a read ends mid-headers or
@@ -65,6 +69,7 @@ class ConnectionLimits:
     header_seconds: float
     body_seconds: float
     idle_seconds: float
+    send_seconds: float
 
     @classmethod
     def of(cls, server: ServerConfig) -> ConnectionLimits:
@@ -73,6 +78,7 @@ class ConnectionLimits:
             server.header_timeout_seconds,
             server.body_timeout_seconds,
             server.idle_timeout_seconds,
+            server.send_timeout_seconds,
         )
 
 
@@ -113,6 +119,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timed = _UNTIMED  # the phase the timer is for
         self._idle_since = 0.0
+        self._stalled: asyncio.TimerHandle | None = None  # while writing is paused
         self._root_path_bytes = self.root_path.encode("ascii")
         self.url = b""  # the parser's, from a request's first bytes (uvicorn sets it then)
 
@@ -122,9 +129,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         super().connection_lost(exc)
         if self.cycle is not None:
             _tell_departed(self.cycle)
+
+    def pause_writing(self) -> None:
+        """The client is not taking the answer as fast as it comes: it must take some
+        within `send_seconds`."""
+        super().pause_writing()
+        if self._stalled is None:
+            self._stalled = self.loop.call_later(self.limits.send_seconds, self._cut_off)
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        super().resume_writing()
+
+    def _cut_off(self) -> None:
+        """Nothing of the answer taken for `send_seconds`: the connection goes, and the
+        request's handler sees its client gone."""
+        self._stalled = None
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase

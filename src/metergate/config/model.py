@@ -441,6 +441,11 @@ class ServerConfig(Strict):
     idle_timeout_seconds: float = Field(
         default=75, gt=0, description="a kept-alive connection idle this long is closed"
     )
+    send_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="a client that takes none of its answer for this long is cut off",
+    )
     shutdown_grace_seconds: float = Field(
         default=30,
         ge=0,

@@ -18,6 +18,7 @@ _SERVER_AT_START = (
     "header_timeout_seconds",
     "body_timeout_seconds",
     "idle_timeout_seconds",
+    "send_timeout_seconds",
     "shutdown_grace_seconds",
     "trusted_proxies",
 )
