@@ -223,6 +223,34 @@ def test_a_client_that_takes_none_of_its_answer_is_cut_off(
         sock.close()
 
 
+def test_a_slow_client_that_takes_some_of_its_answer_in_time_is_not_cut_off(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """It reads 1 KiB every 0.1 s, far slower than the answer comes: writing stays paused
+    past `send_timeout_seconds` (2 s), but something is taken in every period, so the
+    request goes on (no ledger row yet) until the client leaves."""
+    process, key = gateway
+    body = json.dumps(
+        {"model": "long", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(PATIENCE)
+    sock.connect(("127.0.0.1", process.port))
+    try:
+        sock.sendall(chat_request(key, len(body), body, "X-Request-Id: slow-reader"))
+        reading_until = time.monotonic() + 5 * LIMITS["send_timeout_seconds"]  # type: ignore[operator]
+        while time.monotonic() < reading_until:
+            assert sock.recv(1024)
+            time.sleep(0.1)
+        with contextlib.closing(sqlite3.connect(process.log_path.parent / "ledger.db")) as db:
+            ended = db.execute("SELECT outcome FROM requests WHERE request_id = 'slow-reader'")
+            assert ended.fetchall() == []  # still being answered
+    finally:
+        sock.close()
+    assert ledger_row(process, "slow-reader") == ("cancelled", 499)  # it left, unfinished
+
+
 def test_refusals_take_anthropic_shape_for_anthropic_callers(
     gateway: tuple[GatewayProcess, str],
 ) -> None:

@@ -13,10 +13,11 @@ config, read when the app is loaded):
   a 408 (or, if the answer has started, a plain close) and the handler sees the client
   gone;
 - `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed;
-- `send_timeout_seconds`: a client that takes none of the answer for this long (the
-  write buffer stays over its high-water mark: the client reads nothing, or its socket
-  is stuck) is cut off, as nginx's `send_timeout` does; else the request (its budget
-  hold, its stream, its buffered answer) would live as long as the client's socket.
+- `send_timeout_seconds`: a client that takes none of the answer for this long, while
+  the write buffer is over its high-water mark (the client reads nothing, or its socket
+  is stuck), is cut off, as nginx's `send_timeout` does; else the request (its budget
+  hold, its stream, its buffered answer) would live as long as the client's socket. A
+  slow client that takes some of it in each period is not.
 
 The common request arrives in one read, headers and body together: it arms no timer
 and costs a few attribute writes. Timers are armed only when a read ends mid-headers or
@@ -33,6 +34,10 @@ websocket hand-over) is uvicorn's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -61,6 +66,8 @@ _KEPT_READ = 4096  # bytes kept of a read that ended mid-headers (a connection's
 # that closing with unread data (which resets the connection) cannot destroy the
 # answer before the client has read it.
 LINGER_SECONDS = 2.0
+_OUTQ = struct.Struct("i")  # the kernel's count of a socket's unsent bytes (TIOCOUTQ)
+_EMPTY = bytes(_OUTQ.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +127,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timed = _UNTIMED  # the phase the timer is for
         self._idle_since = 0.0
         self._stalled: asyncio.TimerHandle | None = None  # while writing is paused
+        self._unsent = 0  # bytes the client had not taken when that timer was armed
         self._root_path_bytes = self.root_path.encode("ascii")
         self.url = b""  # the parser's, from a request's first bytes (uvicorn sets it then)
 
@@ -141,6 +149,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         within `send_seconds`."""
         super().pause_writing()
         if self._stalled is None:
+            self._unsent = self._untaken()
             self._stalled = self.loop.call_later(self.limits.send_seconds, self._cut_off)
 
     def resume_writing(self) -> None:
@@ -151,9 +160,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _cut_off(self) -> None:
         """Nothing of the answer taken for `send_seconds`: the connection goes, and the
-        request's handler sees its client gone."""
+        request's handler sees its client gone. Some taken: another period."""
+        untaken = self._untaken()
+        if untaken < self._unsent:
+            self._unsent = untaken
+            self._stalled = self.loop.call_later(self.limits.send_seconds, self._cut_off)
+            return
         self._stalled = None
         self.transport.abort()
+
+    def _untaken(self) -> int:
+        """Bytes of the answer the client has not taken: in the write buffer, and in the
+        kernel's send queue (which the kernel refills from the buffer only once much of
+        it has drained, so that the buffer alone shows a slow reader no progress)."""
+        queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _EMPTY))[0]
+        return self.transport.get_write_buffer_size() + queued
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase
