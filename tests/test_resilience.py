@@ -306,7 +306,8 @@ def test_malformed_json_is_an_upstream_error(gateway_factory, fault_server):
     with pytest.raises(openai.APIStatusError) as raised:
         create(gateway)
     assert raised.value.status_code == 502
-    assert "malformed JSON" in raised.value.message
+    # how the body began, so that the operator sees what came instead
+    assert 'malformed JSON: \'{"id": "chatcmpl-broken", "choices": [\'' in raised.value.message
     assert server.plan.requests == 2
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="upstream_error") == 2
     row = last_row(gateway)
@@ -316,7 +317,15 @@ def test_malformed_json_is_an_upstream_error(gateway_factory, fault_server):
 @pytest.mark.parametrize(
     ("body", "said"),
     [
-        (b"[1, 2, 3]", "not a JSON object"),
+        (b"[1, 2, 3]", "not a JSON object): '[1, 2, 3]'"),
+        (  # a proxy's page, or a base_url that names a web site: quoted, so it is seen
+            b"<html>\n  <body><h1>Sign in to the proxy</h1></body>\n</html>",
+            "'<html> <body><h1>Sign in to the proxy</h1></body> </html>'",
+        ),
+        (  # a page that echoes the request's headers: quoted without the credential
+            b"<pre>authorization: Bearer sk-fault-drill</pre>",
+            "'<pre>authorization: ***</pre>'",
+        ),
         (b'{"error": {"message": "engine overloaded"}}', "engine overloaded"),
         (b'{"id": "x", "usage": {"prompt_tokens": 3}}', "without `choices`"),
     ],

@@ -263,6 +263,19 @@ def error_message(body: bytes) -> str:
     return redact(_error_text(body))
 
 
+def how_it_began(body: bytes) -> str:
+    """The start of an upstream body that is not the JSON asked for, for an error
+    message: an HTML page says at once that `base_url` is wrong or a proxy answered.
+    Whitespace collapsed, credentials taken out."""
+    began = " ".join(body[:_QUOTED].decode("utf-8", "replace").split())
+    if not began:
+        return "an empty body"
+    return repr(redact(began) + ("..." if len(body) > _QUOTED else ""))
+
+
+_QUOTED = 120  # bytes of an unusable body quoted
+
+
 def _error_text(body: bytes) -> str:
     try:
         data = orjson.loads(body)

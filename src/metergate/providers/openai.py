@@ -24,7 +24,7 @@ from metergate.providers.base import (
     UpstreamCall,
     Usage,
 )
-from metergate.providers.http import HttpAdapter, HttpTransport, error_message
+from metergate.providers.http import HttpAdapter, HttpTransport, error_message, how_it_began
 from metergate.providers.sse import DONE, Event, event_object
 from metergate.providers.translation import load_answer, relay
 
@@ -149,7 +149,9 @@ def completion_of(body: bytes, field: str = "choices") -> Completion:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamProtocolError("the upstream answered with malformed JSON") from exc
+        raise UpstreamProtocolError(
+            f"the upstream answered with malformed JSON: {how_it_began(body)}"
+        ) from exc
     if type(data) is not dict or type(data.get(field)) is not list:
         what = "chat completion" if field == "choices" else "embeddings answer"
         load_answer(body, what, field)  # raises, saying what came instead

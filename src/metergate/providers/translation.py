@@ -20,7 +20,7 @@ import orjson
 from metergate.errors import GatewayError, InvalidRequest, UpstreamProtocolError
 from metergate.providers.base import Completion, Usage
 from metergate.providers.h1 import StreamResponse
-from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.http import HttpTransport, error_message, how_it_began
 from metergate.providers.sse import DONE, Event, SSEDecoder, chunk_event
 
 log = logging.getLogger("metergate.providers")
@@ -241,7 +241,9 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise UpstreamProtocolError(f"the upstream sent a malformed {what} (not a JSON object)")
+        raise UpstreamProtocolError(
+            f"the upstream sent a malformed {what} (not a JSON object): {how_it_began(data)}"
+        )
     return value
 
 
