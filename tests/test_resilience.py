@@ -103,6 +103,19 @@ def streamed_text(gateway: Gateway) -> str:
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
+def broken_stream(gateway: Gateway) -> tuple[str, openai.APIError]:
+    """A streamed call to `primary` that ends in an error event: the text before it, and
+    the error."""
+    stream = gateway.client(timeout=30).chat.completions.create(
+        model="primary", messages=ASK, stream=True
+    )
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+    return "".join(received), raised.value
+
+
 def last_row(gateway: Gateway) -> dict[str, Any]:
     return gateway.ledger_rows()[-1]
 
@@ -405,7 +418,7 @@ def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(
 @pytest.mark.parametrize(
     ("fault", "outcome", "status", "message"),
     [
-        (Fault.stall(3, after=3), "timeout", 504, "did not answer in time"),
+        (Fault.stall(3, after=3), "timeout", 504, "nothing more for 0.3 s (timeouts.stream_idle)"),
         (Fault.cut(after=3), "upstream_error", 502, "ended before [DONE]"),
         (Fault.reset(after=3), "connection_error", 502, "closed the connection in the middle"),
     ],
@@ -418,15 +431,9 @@ def test_stream_failure_after_first_chunk_is_an_error_event(
     server = fault_server("p")
     server.plan.fail_until_cleared(fault)
     gateway = gateway_factory(config(server.url, fallback=True))
-    stream = gateway.client(timeout=10).chat.completions.create(
-        model="primary", messages=ASK, stream=True
-    )
-    received: list[str] = []
-    with pytest.raises(openai.APIError) as raised:
-        for chunk in stream:
-            received.append(chunk.choices[0].delta.content or "")
-    assert "".join(received) == "Hello from"  # role chunk, "Hello", " from"
-    assert message in raised.value.message
+    received, error = broken_stream(gateway)
+    assert received == "Hello from"  # role chunk, "Hello", " from"
+    assert message in error.message
     assert server.plan.requests == 1
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome=outcome) == 1
     assert gateway.metric(ATTEMPTS, upstream="backup-up") == 0
@@ -456,6 +463,36 @@ def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
     assert first_chunk_at is not None
     waited = time.monotonic() - first_chunk_at
     assert 0.25 <= waited < 1.0
+    assert last_row(gateway)["outcome"] == "timeout"
+
+
+def test_a_stream_kept_open_by_pings_alone_ends_at_stream_total(gateway_factory, fault_server):
+    """Keep-alive comments are bytes, so `stream_idle` never fires on them: an upstream
+    that stopped generating but pings on is cut by `stream_total`, the caller told which
+    setting ended it, and the row billed for what was relayed."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.pings(60, after=3))
+    gateway = gateway_factory(config(server.url, timeouts={"stream_total": 1.5}))
+    received, error = broken_stream(gateway)
+    assert received == "Hello from"
+    assert "did not finish its stream within 1.5 s (timeouts.stream_total)" in error.message
+    assert server.plan.requests == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["stream"]) == ("timeout", 504, 1)
+    assert row["output_tokens"] > 0
+
+
+def test_a_deployments_timeouts_override_its_providers_key_by_key(gateway_factory, fault_server):
+    """An upstream that sets only `first_byte` keeps its provider's `stream_idle` (0.3 s),
+    not the 60 s default."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.stall(10, after=2))
+    cfg = config(server.url)
+    cfg["upstreams"]["p-up"]["timeouts"] = {"first_byte": 5.0}
+    gateway = gateway_factory(cfg)
+    received, error = broken_stream(gateway)
+    assert received == "Hello"
+    assert "sent nothing more for 0.3 s (timeouts.stream_idle)" in error.message
     assert last_row(gateway)["outcome"] == "timeout"
 
 

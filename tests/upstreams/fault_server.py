@@ -46,7 +46,7 @@ class Fault:
     kind: str = "healthy"
     status: int = 200
     retry_after: str | None = None
-    seconds: float = 0.0  # hang / stall duration
+    seconds: float = 0.0  # hang / stall / pings duration
     after: int = 0  # stall / cut / reset (streams): SSE events sent first
     body: bytes = b""  # what `answered` sends
 
@@ -77,6 +77,12 @@ class Fault:
     @classmethod
     def stall(cls, seconds: float = 3.0, after: int = 2) -> Fault:
         return cls("stall", seconds=seconds, after=after)
+
+    @classmethod
+    def pings(cls, seconds: float = 30.0, after: int = 2) -> Fault:
+        """A stream that stops generating after `after` events but keeps its connection
+        busy with SSE keep-alive comments, 10 a second, for `seconds`; then the rest."""
+        return cls("pings", seconds=seconds, after=after)
 
     @classmethod
     def malformed(cls) -> Fault:
@@ -315,6 +321,16 @@ async def _stream(request: web.Request, fault: Fault, events: list[bytes]) -> we
             assert request.transport is not None
             request.transport.abort()
         return response  # cut: the chunked body ends cleanly, without [DONE]
+    if fault.kind == "pings":
+        await response.write(b"".join(events[: fault.after]))
+        until = time.monotonic() + fault.seconds
+        while time.monotonic() < until:
+            await asyncio.sleep(0.1)
+            try:
+                await response.write(b": keep-alive\n\n")
+            except ConnectionError:  # the gateway gave up on this stream
+                return response
+        events = events[fault.after :]
     if fault.kind == "garbage":
         events = [*events[: fault.after], b"data: {not json\n\n", *events[fault.after :]]
     for event in events:

@@ -99,14 +99,26 @@ class SimulatedSettings(Strict):
 
 
 class Timeouts(Strict):
-    """Seconds. `total` bounds a whole attempt; `stream_idle` the gap between chunks;
+    """Seconds. `total` bounds a whole attempt that is not streamed; `stream_idle` the gap
+    between chunks; `stream_total`, when set, a whole stream (an upstream that keeps a
+    stream open with keep-alive comments or pings alone is bounded by nothing else);
     `pool` the wait for a free connection when all `max_connections` are busy."""
 
     connect: float = Field(default=5, gt=0)
     first_byte: float = Field(default=60, gt=0)
     total: float = Field(default=600, gt=0)
     stream_idle: float = Field(default=60, gt=0)
+    stream_total: float | None = Field(default=None, gt=0)
     pool: float = Field(default=10, gt=0)
+
+    def under(self, override: Timeouts | None) -> Timeouts:
+        """These timeouts with the keys `override` sets (a deployment's over its
+        provider's): a key it leaves out keeps this value, not the default."""
+        if override is None or not override.model_fields_set:
+            return self
+        return self.model_copy(
+            update={key: getattr(override, key) for key in override.model_fields_set}
+        )
 
 
 # --- cloud provider settings (Azure OpenAI, AWS Bedrock, Google Vertex AI) -----------

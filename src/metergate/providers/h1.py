@@ -24,8 +24,8 @@ client does only what the gateway needs, and does it the way mature clients do:
 - bound what an upstream may send before its body: `MAX_HEADER_BYTES`, `MAX_HEADERS`;
 - decode gzip and deflate;
 - enforce the timeouts: connect (TCP, proxy tunnel and TLS handshake), pool, first byte
-  (also every later gap of a whole answer), total (a whole answer), stream idle (the gap
-  between chunks once a stream's first chunk arrived).
+  (also every later gap of a whole answer), total (a whole answer, or a whole stream when
+  one is given), stream idle (the gap between chunks once a stream's first chunk arrived).
 
 A connection that timed out, failed or was abandoned half way is closed, never reused.
 Errors are this module's own kinds (like httpcore's); `providers.http` maps them to the
@@ -84,7 +84,12 @@ class Disconnected(H1Error):
 
 
 class ReadTimeout(H1Error):
-    """The answer (or its next part) did not arrive in time."""
+    """The answer (or its next part) did not arrive in time; `setting` names the deadline
+    that ran out, as the `timeouts` setting that sets it is called."""
+
+    def __init__(self, message: str, partial: bool, setting: str) -> None:
+        super().__init__(message, partial)
+        self.setting = setting
 
 
 class ProtocolError(H1Error):
@@ -95,7 +100,7 @@ class ProtocolError(H1Error):
 class Deadlines:
     connect: float
     first_byte: float
-    total: float | None  # None for streams
+    total: float | None  # a whole answer, or a whole stream (None: a stream without one)
     idle: float | None  # streams: gap allowed between chunks after the first one
     pool: float = 10.0  # waiting for a free connection when all are busy
 
@@ -275,13 +280,15 @@ class _Connection(asyncio.Protocol):
             self.readable.set()
         self.close()
 
-    def _arm(self, gap: float) -> None:
-        """Allow `gap` seconds without a byte from now on (and keep the total deadline).
+    def _arm(self, gap: float, setting: str = "first_byte") -> None:
+        """Allow `gap` seconds without a byte from now on (and keep the total deadline);
+        `setting` is the gap's name in a timeout's message.
 
         One timer handle per connection: a read only notes its time, and the timer, when
         it fires, sleeps on if a byte came meanwhile (a timer per read cost more than the
         read); one still armed from an earlier answer is kept if it is due no later."""
         self.gap = gap
+        self.gap_setting = setting
         self.last_read = now = self.loop.time()
         due = now + gap if self.finish_by is None else min(now + gap, self.finish_by)
         timer = self.timer
@@ -301,8 +308,13 @@ class _Connection(asyncio.Protocol):
             return  # armed for an answer that has ended; the next one arms again
         now = self.loop.time()
         if self.finish_by is not None and now >= self.finish_by:
+            what = "its stream" if self.streaming else "its answer"
             self._fail(
-                ReadTimeout("the upstream did not finish its answer in time", self.got_bytes)
+                ReadTimeout(
+                    f"the upstream did not finish {what} within {self.total:g} s",
+                    self.got_bytes,
+                    "stream_total" if self.streaming else "total",
+                )
             )
             return
         quiet_until = self.last_read + self.gap
@@ -310,7 +322,11 @@ class _Connection(asyncio.Protocol):
             due = quiet_until if self.finish_by is None else min(quiet_until, self.finish_by)
             self.timer = self.loop.call_at(due, self._timed_out)
             return
-        self._fail(ReadTimeout("the upstream did not answer in time", self.got_bytes))
+        if self.got_bytes:
+            message = f"the upstream sent nothing more for {self.gap:g} s"
+        else:
+            message = f"the upstream did not answer within {self.gap:g} s"
+        self._fail(ReadTimeout(message, self.got_bytes, self.gap_setting))
 
     def looks_dead(self, now: float | None = None) -> bool:
         """An idle keep-alive socket has nothing to say: readable means the server closed
@@ -341,6 +357,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         assert self.transport is not None
         self.transport.write(request)
+        self.total = total
         self.finish_by = None if total is None else self.loop.time() + total
         self._arm(first_byte)
 
@@ -395,7 +412,7 @@ class StreamResponse:
                 if self._first:
                     self._first = False
                     if not conn.done.done():
-                        conn._arm(self._idle)  # after the first chunk: the idle gap
+                        conn._arm(self._idle, "stream_idle")  # after the first chunk
                 yield conn.take()
             elif conn.done.done():
                 return
@@ -576,7 +593,7 @@ class HttpClient:
         while True:
             conn = await self._checkout(deadlines, fresh)
             try:
-                conn.send(request, deadlines.first_byte, streaming=True)
+                conn.send(request, deadlines.first_byte, streaming=True, total=deadlines.total)
                 assert conn.headers_done is not None
                 await conn.headers_done
             except Disconnected as exc:

@@ -89,15 +89,16 @@ class HttpTransport:
             self.client = None
 
     def deadlines(self, timeouts: Timeouts, stream: bool) -> Deadlines:
-        """A stream has no total (it may legitimately run long); its gaps after the first
-        chunk are bounded by `stream_idle` instead of `first_byte`."""
+        """A stream is bounded as a whole only by `stream_total`, if set (it may
+        legitimately run long); its gaps after the first chunk by `stream_idle` instead of
+        `first_byte`."""
         cached = self._deadlines.get((id(timeouts), stream))
         if cached is not None and cached[0] is timeouts:  # (an id can be reused)
             return cached[1]
         found = Deadlines(
             connect=timeouts.connect,
             first_byte=timeouts.first_byte,
-            total=None if stream else timeouts.total,
+            total=timeouts.stream_total if stream else timeouts.total,
             idle=timeouts.stream_idle if stream else None,
             pool=timeouts.pool,
         )
@@ -180,7 +181,9 @@ class HttpTransport:
             )
         if isinstance(exc, h1.ConnectTimeout):
             return ConnectTimeout(f"could not reach the upstream: {detail} (timeouts.connect)")
-        if isinstance(exc, h1.ReadTimeout | TimeoutError):
+        if isinstance(exc, h1.ReadTimeout):
+            return UpstreamTimeout(f"{detail} (timeouts.{exc.setting})", partial=partial)
+        if isinstance(exc, TimeoutError):
             return UpstreamTimeout("the upstream did not answer in time", partial=partial)
         if isinstance(exc, h1.Disconnected):  # it says when: before or while answering
             return ConnectFailed(detail, partial=partial)

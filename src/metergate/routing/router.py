@@ -162,7 +162,7 @@ class Router:
                 prices=UnitPrices.from_price(price),
                 priced=price is not None,
                 weight=upstream.weight,
-                timeouts=upstream.timeouts or provider.timeouts,
+                timeouts=provider.timeouts.under(upstream.timeouts),
                 breaker=(
                     kept.breaker
                     if same and kept is not None
