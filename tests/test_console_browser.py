@@ -1076,6 +1076,14 @@ def test_a_keys_expiry_is_set_shown_and_lifted_in_the_console(page, gateway_fact
     # a new key may be given a day from the create form
     trial = create_in_form(page, gateway, "trial", {"key-expires": "2999-12-31"}, "expires")
     assert trial["expires_at"] == 32503593600
+    # but not a day already begun: such a key would never work (a slip), so none is made
+    page.fill("#key-name", "late")
+    page.fill("#key-expires", "2020-01-01")
+    page.click("#create-key")
+    playwright_api.expect(page.locator("#create-error")).to_contain_text(
+        "2020-01-01 00:00 UTC is already past"
+    )
+    assert admin(gateway, "/admin/api/keys", params={"search": "late"}).json()["keys"] == []
     assert page.problems == []
 
 

@@ -89,6 +89,14 @@ def test_a_malformed_expiry_is_refused_naming_the_field(gateway, value):
     assert admin(gateway, "GET", "/admin/api/keys", params={"search": "x"}).json()["keys"] == []
 
 
+def test_the_cli_refuses_to_make_a_key_whose_expiry_is_past(gateway: Gateway):
+    """A new key born expired never works: a past date typed is a slip (last year for
+    this one), so the CLI refuses it and makes no key."""
+    refused = gateway.keys_cli("create", "--name", "late", "--expires", "2020-01-01", code=2)
+    assert "--expires is already past (2020-01-01T00:00:00Z)" in refused
+    assert admin(gateway, "GET", "/admin/api/keys", params={"search": "late"}).json()["keys"] == []
+
+
 def test_the_cli_sets_lists_and_clears_an_expiry(gateway: Gateway, tmp_path: Path):
     keys = gateway.keys_cli
     created = keys("create", "--name", "contractor", "--expires", "30d")

@@ -5,6 +5,7 @@ a key the other refuses."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Collection
 from decimal import Decimal
 from typing import Any
@@ -46,9 +47,15 @@ def check_cap(
 LAST_EXPIRY = 253_402_300_799  # 9999-12-31T23:59:59Z: later is not a date a person can read
 
 
-def check_expiry(value: Any, label: str = "`expires_at`") -> float | None:
+def check_expiry(
+    value: Any, label: str = "`expires_at`", not_before: float | None = None
+) -> float | None:
     """When a key stops working, in epoch seconds, or None for never. A time already
-    past expires it at once (unlike a revoked key, it can be given a later one)."""
+    past expires a key at once (unlike a revoked key, it can be given a later one).
+    Given `not_before` (now), an earlier time is refused: where a person types a new
+    key's expiry (the CLI, the console's form), a past one is most likely a slip (last
+    year for this one), and the key would never work. The admin API takes it, as its
+    document can say no more than a range, and a program means the time it computes."""
     if value is None:
         return None
     if (
@@ -59,6 +66,13 @@ def check_expiry(value: Any, label: str = "`expires_at`") -> float | None:
         raise InvalidRequest(
             f"{label} must be a time in epoch seconds (0 to {LAST_EXPIRY}, the end of the "
             "year 9999), or null for a key that never expires",
+            param="expires_at",
+        )
+    if not_before is not None and value <= not_before:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+        raise InvalidRequest(
+            f"{label} is already past ({when}): a key made with it would never work; "
+            "give a later time, or none for a key that never expires",
             param="expires_at",
         )
     return float(value)

@@ -74,7 +74,7 @@ def create(
     try:  # the admin API's rules, so the CLI makes no key the API would refuse
         check_name(name, "--name")
         check_cap(max_tokens_cap, "--max-tokens-cap", unset=None)
-        expires_at = None if expires is None else parse_expiry(expires, time.time())
+        expires_at = None if expires is None else parse_expiry(expires, time.time(), new=True)
         rates = check_rates({"rpm": rpm or None, "tpm": tpm or None})
     except InvalidRequest as error:
         errors.print(error.message, markup=False, highlight=False)
@@ -296,9 +296,10 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def parse_expiry(text: str | None, now: float) -> float:
+def parse_expiry(text: str | None, now: float, new: bool = False) -> float:
     """Epoch seconds of `--expires`: a duration from `now`, or an ISO date (its 00:00 UTC)
-    or date-time (UTC unless it says otherwise); InvalidRequest saying how otherwise."""
+    or date-time (UTC unless it says otherwise); InvalidRequest saying how otherwise, or,
+    for a `new` key, that the time is past."""
     text = (text or "").strip()
     duration = _DURATION.fullmatch(text)
     if duration is not None:
@@ -317,7 +318,7 @@ def parse_expiry(text: str | None, now: float) -> float:
                 ) from None
             aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
             moment = aware.timestamp()
-    expires_at = check_expiry(moment, "--expires")
+    expires_at = check_expiry(moment, "--expires", not_before=now if new else None)
     assert expires_at is not None
     return expires_at
 

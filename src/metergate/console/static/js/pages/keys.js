@@ -35,6 +35,14 @@ function capValue(input) {
 function expiryValue(input) {
   return input.value ? Date.parse(`${input.value}T00:00:00Z`) / 1000 : null;
 }
+/** A new key's expiry: a day already begun would make a key that never works (a slip). */
+function newExpiry(input) {
+  const value = expiryValue(input);
+  if (value !== null && value * 1000 <= Date.now()) {
+    throw new Error(`${input.value} 00:00 UTC is already past: a new key needs a later day, or none`);
+  }
+  return value;
+}
 const expiryDay = (expiresAt) => (expiresAt == null ? "" : new Date(expiresAt * 1000).toISOString().slice(0, 10));
 const EXPIRY_LABEL = "Expires on (00:00 UTC; empty: never)";
 
@@ -113,7 +121,7 @@ function createForm(models, rerender) {
           name: name.value.trim(),
           models: chosen.length ? chosen : null,
           max_tokens_cap: capValue(cap),
-          expires_at: expiryValue(expires),
+          expires_at: newExpiry(expires),
           rpm: perMinute(rpm, "rpm"),
           tpm: perMinute(tpm, "tpm"),
         },
