@@ -466,6 +466,35 @@ def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
     assert last_row(gateway)["outcome"] == "timeout"
 
 
+@pytest.mark.parametrize("done", [True, False], ids=["then-done", "then-end"])
+def test_an_error_event_after_the_200_fails_the_stream_with_its_message(
+    gateway_factory, fault_server, done
+):
+    """An upstream that reports a failure as a stream event (OpenRouter's chunk with an
+    `error` and `finish_reason: "error"`), even one followed by `[DONE]`, has failed:
+    the caller gets the upstream's message and the row says so, where it passed as a
+    complete stream (or as one that merely ended early)."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.failed_midway(after=3, done=done))
+    gateway = gateway_factory(config(server.url))
+    received, error = broken_stream(gateway)
+    assert received == "Hello from"
+    assert "Provider disconnected unexpectedly" in error.message
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_error", 502, 1)
+    assert row["output_tokens"] > 0  # billed what was relayed
+    claude = anthropic.Anthropic(
+        base_url=gateway.base_url.removesuffix("/v1"), api_key=gateway.key, max_retries=0
+    )
+    with (
+        pytest.raises(anthropic.APIStatusError, match="Provider disconnected") as broken,
+        claude.messages.stream(model="primary", max_tokens=50, messages=ASK) as events,
+    ):
+        for _ in events:
+            pass
+    assert broken.value.body["error"]["type"] == "api_error"
+
+
 def test_a_stream_kept_open_by_pings_alone_ends_at_stream_total(gateway_factory, fault_server):
     """Keep-alive comments are bytes, so `stream_idle` never fires on them: an upstream
     that stopped generating but pings on is cut by `stream_total`, the caller told which

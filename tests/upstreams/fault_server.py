@@ -12,8 +12,9 @@ Faults: `error` (any status, OpenAI error body), `rate_limited` (429 + Retry-Aft
 then abort the connection), `hang` (nothing, not even headers, for a while), `stall`
 (a few SSE chunks, or part of a JSON body, then silence), `malformed` (200 with broken
 JSON), `answered` (200 with a given body), `cut` (some SSE chunks, then a clean end
-without `[DONE]`), `garbage` (a stream with an event that is not JSON), `unstreamed` (a
-whole answer to a streamed request).
+without `[DONE]`), `garbage` (a stream with an event that is not JSON), `pings` (a
+stream kept open by keep-alive comments alone), `failed_midway` (a stream whose event
+reports an error after its 200), `unstreamed` (a whole answer to a streamed request).
 Anything else gets a healthy answer with usage. The plan records every request's
 arrival time and body.
 """
@@ -49,6 +50,7 @@ class Fault:
     seconds: float = 0.0  # hang / stall / pings duration
     after: int = 0  # stall / cut / reset (streams): SSE events sent first
     body: bytes = b""  # what `answered` sends
+    done: bool = True  # failed_midway: `[DONE]` follows the error event
 
     @classmethod
     def healthy(cls) -> Fault:
@@ -83,6 +85,13 @@ class Fault:
         """A stream that stops generating after `after` events but keeps its connection
         busy with SSE keep-alive comments, 10 a second, for `seconds`; then the rest."""
         return cls("pings", seconds=seconds, after=after)
+
+    @classmethod
+    def failed_midway(cls, after: int = 2, done: bool = True) -> Fault:
+        """A stream whose event number `after` reports an error, as OpenRouter sends one
+        once the answer began: a chunk with an `error` beside `finish_reason: "error"`;
+        then `[DONE]` if `done`, and the end."""
+        return cls("failed_midway", after=after, done=done)
 
     @classmethod
     def malformed(cls) -> Fault:
@@ -331,6 +340,16 @@ async def _stream(request: web.Request, fault: Fault, events: list[bytes]) -> we
             except ConnectionError:  # the gateway gave up on this stream
                 return response
         events = events[fault.after :]
+    if fault.kind == "failed_midway":
+        failed = {
+            "id": "gen-fault",
+            "object": "chat.completion.chunk",
+            "error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+        }
+        events = [*events[: fault.after], b"data: " + orjson.dumps(failed) + b"\n\n"]
+        if fault.done:
+            events.append(b"data: [DONE]\n\n")
     if fault.kind == "garbage":
         events = [*events[: fault.after], b"data: {not json\n\n", *events[fault.after :]]
     for event in events:

@@ -99,8 +99,12 @@ class _PassThrough:
         if data == b"[DONE]":
             self.done = True
             return DONE
-        if data.startswith(b'{"error"'):
-            raise UpstreamServerError(f"upstream stream error: {error_message(data)}")
+        # Unescaped, `"error"` is a key or a whole string value, never text the model
+        # wrote (its quotes come escaped): the rare event holding it is read.
+        if data.find(b'"error"') >= 0:
+            failed = stream_failure(data)
+            if failed is not None:
+                raise failed
         if not self.checked:
             event_object(data)
             self.checked = True
@@ -141,6 +145,29 @@ class _PassThrough:
         if not self.done:
             raise UpstreamProtocolError("the upstream stream ended before [DONE]")
         return b""
+
+
+def stream_failure(data: bytes) -> UpstreamServerError | None:
+    """The failure an OpenAI-format stream event reports after its 200, if it is one:
+    OpenAI's `{"error": {...}}`, vLLM's `{"object": "error", "message"}`, or a chunk
+    with an `error` beside its choices and `finish_reason: "error"` (OpenRouter's, which
+    may be followed by `[DONE]`, so that the stream would otherwise pass as complete)."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None  # not JSON: judged as any other event
+    if type(event) is not dict:
+        return None
+    if event.get("error") or event.get("object") == "error":
+        return UpstreamServerError(f"upstream stream error: {error_message(data)}")
+    choices = event.get("choices")
+    for choice in choices if type(choices) is list else ():
+        if type(choice) is dict and choice.get("finish_reason") == "error":
+            return UpstreamServerError(
+                "upstream stream error: the upstream ended its answer with "
+                "finish_reason 'error' and no message"
+            )
+    return None
 
 
 def completion_of(body: bytes, field: str = "choices") -> Completion:
