@@ -332,7 +332,7 @@ class UpstreamConfig(Strict):
     model: str
     price: Price | None = None
     weight: int = Field(default=1, ge=0, description="0 takes it out of rotation")
-    timeouts: Timeouts | None = None  # the provider's when omitted
+    timeouts: Timeouts | None = None  # overrides the provider's, key by key
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
 
 
