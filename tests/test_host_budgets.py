@@ -33,6 +33,7 @@ from tests.harness import counts_at_once, simulated_config, write_config
 from tests.services import GatewayProcess, create_key_sync
 
 NANO = 1_000_000_000
+ADMIN_KEY = "host-budgets-admin-key-0123456789"
 CAP = BudgetConfig(limit_usd=Decimal(1), alert_at_percent=[50, 80])  # $1, hard
 
 
@@ -152,6 +153,23 @@ def test_holds_count_across_workers_until_a_dead_workers_are_let_go(tmp_path: Pa
     second.close()
 
 
+def test_what_every_worker_holds_is_read_for_the_console(tmp_path: Path) -> None:
+    """Any worker answers the console: each reads every worker's holds on a budget, not
+    its own alone; a budget no worker placed holds nothing."""
+    tables = make_tables(tmp_path)
+    first, second = Worker(tables, 0), Worker(tables, 1)
+    (budget,) = second.book.budgets  # never used by worker 1
+    assert second.host.held_nano(budget) == 0
+    held = first.reserve(NANO * 6 // 10)
+    assert second.host.held_nano(budget) == first.host.held_nano(budget) == NANO * 6 // 10
+    second.reserve(NANO // 10)
+    assert first.host.held_nano(first.book.budgets[0]) == NANO * 7 // 10
+    first.settle(held, NANO // 2)
+    assert second.host.held_nano(budget) == NANO // 10
+    first.close()
+    second.close()
+
+
 def test_each_threshold_is_announced_by_one_worker(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -233,10 +251,14 @@ def test_a_budget_for_each_key_is_shared_key_by_key(tmp_path: Path) -> None:
 # -- `serve --workers 2` ---------------------------------------------------------------
 
 
-def budget_config(tmp_path: Path, limit_usd: float, latency_ms: float = 0) -> tuple[Path, str]:
+def budget_config(
+    tmp_path: Path, limit_usd: float, latency_ms: float = 0, admin_key: str | None = None
+) -> tuple[Path, str]:
     """A hard global budget over the simulated models `sim` (answering after
     `latency_ms`) and `quick` (at once), and a key for them."""
     config = simulated_config(latency_ms=latency_ms)
+    if admin_key is not None:
+        config["admin"] = {"api_key": admin_key}
     config["providers"]["fast"] = {"type": "simulated"}
     config["upstreams"]["fast-up"] = {**config["upstreams"]["sim-up"], "provider": "fast"}
     config["models"]["quick"] = {"upstreams": ["fast-up"]}
@@ -329,6 +351,39 @@ def test_a_worker_killed_with_a_request_in_flight_lets_its_hold_go(tmp_path: Pat
         gateway.kill_all()
     assert answer.status_code == 200
     assert "requests in flight held $0.000115 of budgets: let go" in gateway.log()
+
+
+def test_the_console_of_either_worker_shows_the_hold_of_a_request_on_the_other(
+    tmp_path: Path,
+) -> None:
+    """While a slow request is in flight on one worker, the overview's budget says what it
+    holds whichever worker answers (each question on a connection of its own)."""
+    path, secret = budget_config(tmp_path, 1.0, latency_ms=600_000, admin_key=ADMIN_KEY)
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+
+    def held(http: httpx.Client) -> int:
+        answer = http.get(
+            f"{gateway.base_url}/admin/api/overview",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Connection": "close"},
+        )
+        (budget,) = answer.raise_for_status().json()["budgets"]
+        return int(budget["reserved_nano"])
+
+    try:
+        gateway.wait_ready()
+        with httpx.Client(timeout=120) as http, ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(ask, http, gateway, secret)
+            deadline = time.monotonic() + 30
+            while (first := held(http)) == 0:
+                assert time.monotonic() < deadline, "the slow request held nothing"
+                time.sleep(0.05)
+            seen = [held(http) for _ in range(16)]
+            gateway.kill_all()
+            with pytest.raises(httpx.TransportError):
+                slow.result(60)
+    finally:
+        gateway.kill_all()
+    assert seen == [first] * 16
 
 
 def poll_until(call: Callable[[], httpx.Response], status: int) -> httpx.Response:

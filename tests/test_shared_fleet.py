@@ -211,6 +211,27 @@ def test_only_live_processes_holds_count(fleet, redis_server):
         store.close()
 
 
+def test_the_console_of_one_gateway_reads_what_the_fleets_live_processes_hold(fleet, redis_server):
+    """What requests in flight hold on a budget, as the console and the usage tool show
+    it, is the fleet's (a dead process's holds not counted), not the answering one's."""
+    config = priced_config(latency_ms=0)
+    config["budgets"] = {"cap": {"limit_usd": 1000}}
+    a, b, secret = fleet(config)
+    client = openai.OpenAI(base_url=a.base_url, api_key=secret, max_retries=0)
+    client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)  # seeds the keys
+    settled(a)
+    held = a.runtime.plan.shared.counters.keys(a.runtime.plan.budgets.budgets[0]).held
+    store = redis.Redis(port=redis_server.port)
+    try:
+        store.set("mg:live:busy-host:2:def", 1, px=10_000)
+        store.hset(held, "busy-host:2:def", 7 * 10**9)
+        store.hset(held, "crashed-host:1:abc", 5 * 10**9)  # no live key: not counted
+        gate = b.runtime.plan.gate
+        assert b.bg.run(gate.held_nano(b.runtime.plan.budgets.budgets)) == [7 * 10**9]
+    finally:
+        store.close()
+
+
 def test_a_reload_carries_the_redis_link_and_dropping_redis_retires_it(
     gateway_factory, redis_server
 ):

@@ -208,11 +208,7 @@ class HostBudgets:
         ident = (budget.name, budget.target, budget.start)
         if ident in self._unplaced:
             return None
-        config = budget.config
-        wanted = _hash(
-            f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0"
-            f"{config.timezone}\0{int(budget.start)}"
-        )
+        wanted = _name_hash(budget)
         with self._structure():
             at = self._probe(wanted, budget)
         if at is None:
@@ -221,17 +217,44 @@ class HostBudgets:
             budget.host_slot = (budget.start, at, wanted)
         return at
 
+    def held_nano(self, budget: Budget) -> int:
+        """What every worker's requests in flight hold on `budget` now (for the console:
+        a snapshot, read without a lock); this worker's own when no worker placed it."""
+        at = self._placed(budget)
+        if at is None:
+            return budget.reserved_nano
+        return sum(self._words[at + _COLUMNS + self.workers : at + self._slot])
+
+    def _placed(self, budget: Budget) -> int | None:
+        """The index of the budget's slot in its period if some worker made it; never
+        makes one (a slot's name is written last, so a slot being made reads as free)."""
+        known = budget.host_slot
+        if known is not None and known[0] == budget.start and self._words[known[1]] == known[2]:
+            return known[1]
+        wanted = _name_hash(budget)
+        for at, found in self._probing(wanted):
+            if found == wanted:
+                return at
+            if found == 0:
+                return None
+        return None
+
+    def _probing(self, wanted: int) -> Iterator[tuple[int, int]]:
+        """The slots the name `wanted` may be in, in the order it is looked for there:
+        (index, the name the slot holds)."""
+        first = wanted % self.capacity
+        for step in range(self.capacity):
+            at = _HEADER + ((first + step) % self.capacity) * self._slot
+            yield at, self._words[at + _HASH]
+
     def _probe(self, wanted: int, budget: Budget) -> int | None:
         """Find the slot named `wanted`, or make it (under the structure lock)."""
         words = self._words
-        first = wanted % self.capacity
         reusable: int | None = None
         free: int | None = None
         stale_before = time.time() - REUSE_AFTER
         held_at = _COLUMNS + self.workers
-        for step in range(self.capacity):
-            at = _HEADER + ((first + step) % self.capacity) * self._slot
-            found = words[at + _HASH]
+        for at, found in self._probing(wanted):
             if found == wanted:
                 return at
             if found == 0:
@@ -310,3 +333,12 @@ def _hash(name: str) -> int:
     """63 bits (a signed word), never 0, which marks a free slot."""
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 1) or 1
+
+
+def _name_hash(budget: Budget) -> int:
+    """A budget's slot name: what it counts, in which period."""
+    config = budget.config
+    return _hash(
+        f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0"
+        f"{config.timezone}\0{int(budget.start)}"
+    )

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from metergate.budgets.budget import Budget
 from metergate.config.observe import TAG_NAME
-from metergate.console.overview import budget_json, day_and_month, group_json
+from metergate.console.overview import budget_json, day_and_month, group_json, share_of
 from metergate.console.windows import Window
 from metergate.errors import InvalidRequest, NotFound
 from metergate.metering.report import (
@@ -77,24 +76,22 @@ async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
     that name it or are for each team."""
     now = time.time()
     today, month = await day_and_month(database, "team", now)
-    book = runtime.plan.budgets
+    book, gate = runtime.plan.budgets, runtime.plan.gate
     installed = book.team_budgets()
     rows = []
     for record in await store.list_teams(database):
         budgets = [
-            await budget_json(database, installed[name], now)
+            await budget_json(database, gate, installed[name], now)
             for b in record.budgets
             if (name := budget_name(record.name, b.period)) in installed
         ]
         for budget in book.budgets:
             if budget.config.scope == "team" and budget.target == record.name:
-                budgets.append(await budget_json(database, budget, now))
+                budgets.append(await budget_json(database, gate, budget, now))
         for each in book.each:
             if each.config.scope == "team":
-                share = Budget(each.name, each.config, each.limit_nano, target=record.name)
-                held = each.members.get(record.name)
-                share.reserved_nano = 0 if held is None else held.reserved_nano
-                budgets.append(await budget_json(database, share, now))
+                share = share_of(each, record.name, each.limit_nano, now)
+                budgets.append(await budget_json(database, gate, share, now))
         spent_month, spent_today = month.get(record.name), today.get(record.name)
         keys, key_count = await store.team_keys(database, record.name, TEAM_KEYS_SHOWN)
         rows.append(

@@ -184,15 +184,16 @@ async def keys_with_spend(runtime: Runtime, database: Database, query: KeyQuery)
     if names:
         day, month = await day_and_month(database, "key", now, UsageFilter(keys=names))
     key_budgets: dict[str, list[dict[str, Any]]] = {}
-    book = runtime.plan.budgets
+    book, gate = runtime.plan.budgets, runtime.plan.gate
     for budget in book.budgets:
         target = budget.target
         if budget.config.scope == "key" and target in names:
-            key_budgets.setdefault(target, []).append(await budget_json(database, budget, now))
+            shown = await budget_json(database, gate, budget, now)
+            key_budgets.setdefault(target, []).append(shown)
     limits = {r.name: dict(r.budget_limits) for r in page.records if r.revoked_at is None}
     for each in book.each:  # each key's own share, read for this page's names at once
         if each.config.scope == "key" and names:
-            shares = await shares_json(database, each, names, limits, now)
+            shares = await shares_json(database, gate, each, names, limits, now)
             for name, share in shares.items():
                 key_budgets.setdefault(name, []).append(share)
     rows = []

@@ -17,6 +17,7 @@ from metergate.budgets.period import period_bounds
 from metergate.console.long_windows import long_window
 from metergate.console.series import model_series
 from metergate.console.windows import Window
+from metergate.limits.admission import Gate
 from metergate.metering.hourly import HOUR
 from metergate.metering.report import (
     Spend,
@@ -86,17 +87,32 @@ def soft_percent(budget: Budget | EachBudget) -> int:
     return max(below) if below else _FALLBACK_SOFT_PERCENT
 
 
-async def budget_json(database: Database, budget: Budget, now: float) -> dict[str, Any]:
-    """A budget as the ledger (the fleet's source of truth) sees its current period."""
+async def budget_json(database: Database, gate: Gate, budget: Budget, now: float) -> dict[str, Any]:
+    """A budget as the ledger (the fleet's source of truth) sees its current period, and
+    what requests in flight hold on it wherever they run (`gate`: the plan's)."""
     cfg = budget.config
     start, end = period_bounds(now, cfg.period, cfg.timezone)
     counted = Budget(budget.name, cfg, budget.limit_nano, start, end, target=budget.target)
     spent = await ledger_spend(database, counted)
-    return _bar(budget, budget.target, (start, end), spent, budget.reserved_nano)
+    (held,) = await gate.held_nano((budget,))
+    return _bar(budget, budget.target, (start, end), spent, held)
+
+
+def share_of(each: EachBudget, target: str, limit_nano: int, now: float) -> Budget:
+    """One target's share of a budget for each, in the period of `now`, to be asked what
+    is held on it: with what this process's member (if any) holds, for when the holds
+    are this process's alone."""
+    cfg = each.config
+    start, end = period_bounds(now, cfg.period, cfg.timezone)
+    share = Budget(each.name, cfg, limit_nano, start, end, target=target)
+    member = each.members.get(target)
+    if member is not None and member.start == start:
+        share.reserved_nano = member.reserved_nano
+    return share
 
 
 async def each_json(
-    database: Database, each: EachBudget, now: float, own: dict[str, int]
+    database: Database, gate: Gate, each: EachBudget, now: float, own: dict[str, int]
 ) -> dict[str, Any]:
     """A budget for each key (team, model) as the ledger sees its current period: the
     bar is the one that spent most (`top_target`); `past_soft` counts those at or past
@@ -117,13 +133,14 @@ async def each_json(
         for name, limit in own.items():
             spent_by = spenders.get(name, 0)
             past_soft += (spent_by * 100 >= limit * soft) - (spent_by >= amber)
-    held = sum(m.reserved_nano for m in each.members.values())
+    held = sum(await gate.held_nano(tuple(each.members.values())))
     bar = _bar(each, cfg.target, (start, end), spent, held)
     return {**bar, "each": True, "top_target": target, "past_soft": past_soft}
 
 
 async def shares_json(
     database: Database,
+    gate: Gate,
     each: EachBudget,
     names: Sequence[str],
     limits: dict[str, dict[str, int]],
@@ -135,14 +152,15 @@ async def shares_json(
     cfg = each.config
     start, end = period_bounds(now, cfg.period, cfg.timezone)
     spent = await ledger_spend_each(database, each, start, end, only=list(names))
-    found = {}
-    for name in names:
-        limit = limits.get(name, {}).get(each.name, each.limit_nano)
-        share = Budget(each.name, cfg, limit, target=name)
-        member = each.members.get(name)
-        held = 0 if member is None else member.reserved_nano
-        found[name] = _bar(share, name, (start, end), spent.get(name, 0), held)
-    return found
+    shares = [
+        share_of(each, name, limits.get(name, {}).get(each.name, each.limit_nano), now)
+        for name in names
+    ]
+    held = await gate.held_nano(shares)
+    return {
+        name: _bar(share, name, (start, end), spent.get(name, 0), held_by)
+        for name, share, held_by in zip(names, shares, held, strict=True)
+    }
 
 
 def _bar(
@@ -178,8 +196,8 @@ def _bar(
 
 
 async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict[str, Any]]:
-    book = runtime.plan.budgets
-    found = [await budget_json(database, b, now) for b in book.budgets]
+    book, gate = runtime.plan.budgets, runtime.plan.gate
+    found = [await budget_json(database, gate, b, now) for b in book.budgets]
     for each in book.each:
         own = {}
         if each.config.scope == "key":  # keys' own limits (a plan), from the key index
@@ -187,7 +205,7 @@ async def budgets(runtime: Runtime, database: Database, now: float) -> list[dict
                 limit = dict(record.budget_limits).get(each.name)
                 if limit is not None and record.revoked_at is None:
                     own[record.name] = limit
-        found.append(await each_json(database, each, now, own))
+        found.append(await each_json(database, gate, each, now, own))
     return found
 
 

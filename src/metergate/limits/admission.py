@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,15 @@ class Gate:
         self.rates = rates
         self.shared = shared
         self.host = host
+
+    async def held_nano(self, budgets: Sequence[Budget]) -> list[int]:
+        """What requests in flight hold on each budget now, wherever they are held: in
+        the fleet's Redis, the host's table, or this process."""
+        if self.shared is not None:
+            return await self.shared.held_nano(budgets)
+        if self.host is not None:
+            return [self.host.held_nano(budget) for budget in budgets]
+        return [budget.reserved_nano for budget in budgets]
 
     async def admit(
         self,

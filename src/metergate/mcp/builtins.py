@@ -167,9 +167,9 @@ class Builtins:
                 "requests": int(requests),
                 "since": iso(start),
             }
-        return _result({"key": key.name, **spend, "budgets": self._budgets(key)})
+        return _result({"key": key.name, **spend, "budgets": await self._budgets(key)})
 
-    def _budgets(self, key: KeyRecord) -> list[dict[str, Any]]:
+    async def _budgets(self, key: KeyRecord) -> list[dict[str, Any]]:
         models = set(self.runtime.plan.router.models_for(key))
         book = self.runtime.plan.budgets
         mine = [
@@ -189,8 +189,9 @@ class Builtins:
             }[each.config.scope]
             mine += (book.share(each, target, key.budget_limits) for target in targets)
         book.roll(mine)
+        held = await self.runtime.plan.gate.held_nano(mine)  # wherever requests hold it
         found = []
-        for budget in mine:
+        for budget, held_nano in zip(mine, held, strict=True):
             found.append(
                 {
                     "name": budget.name,
@@ -200,7 +201,7 @@ class Builtins:
                     "hard": budget.config.hard,
                     "limit_usd": budget.limit_nano / 1e9,
                     "spent_usd": budget.spent_nano / 1e9,
-                    "held_usd": budget.reserved_nano / 1e9,
+                    "held_usd": held_nano / 1e9,
                     "remaining_usd": max(0, budget.limit_nano - budget.spent_nano) / 1e9,
                     "resets_at": iso(budget.end),
                 }

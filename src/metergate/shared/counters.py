@@ -71,8 +71,7 @@ class SharedCounters:
         if found is None or found.start != budget.start:
             if found is not None:
                 self._cuts.pop(found.spent, None)  # a past period's
-            scope = f"{budget.config.scope}={budget.target or '*'}"
-            base = f"{self.link.prefix}budget:{budget.name}:{scope}:{int(budget.start)}"
+            base = self._base(budget)
             found = self._keys[ident] = BudgetKeys(
                 f"{base}:spent",
                 f"{base}:held",
@@ -82,6 +81,26 @@ class SharedCounters:
                 budget.start,
             )
         return found
+
+    def _base(self, budget: Budget) -> str:
+        scope = f"{budget.config.scope}={budget.target or '*'}"
+        return f"{self.link.prefix}budget:{budget.name}:{scope}:{int(budget.start)}"
+
+    async def held_nano(self, budgets: Sequence[Budget]) -> list[int]:
+        """What the fleet's live processes hold on each budget now (for the console), in
+        one round trip; this process's own when Redis cannot be asked. Reads no cached
+        keys, so a budget made up for the question changes nothing."""
+        if not budgets:
+            return []
+        keys = [f"{self._base(budget)}:held" for budget in budgets]
+        if self.link.up:
+            with contextlib.suppress(Unavailable):
+                reply = await self.link.call(self.link.held, keys, [self.link.live_prefix])
+                return [int(held) for held in reply]
+        return [
+            self.holding.get(key, 0) + budget.reserved_nano
+            for key, budget in zip(keys, budgets, strict=True)
+        ]
 
     async def admit(
         self, buckets: tuple[Bucket, ...], budgets: tuple[Budget, ...], worst: WorstCase

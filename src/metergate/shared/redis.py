@@ -70,6 +70,7 @@ class RedisLink:
         self.admit = self.client.register_script(scripts.ADMIT)
         self.settle = self.client.register_script(scripts.SETTLE)
         self.sync = self.client.register_script(scripts.SYNC)
+        self.held = self.client.register_script(scripts.HELD)
         self._heartbeat = self.client.register_script(scripts.HEARTBEAT)
         self.up = False
         self.on_recover: Callable[[], Awaitable[None]] | None = None

@@ -221,3 +221,19 @@ local existed = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return existed
 """
+
+# KEYS: budgets' held hashes. ARGV: live prefix. Reply: per hash, what its live holders
+# hold (a dead process's holds left in it, which the next admission drops, are skipped).
+HELD = """
+local out = {}
+for k = 1, #KEYS do
+  local held, fields = 0, redis.call('HGETALL', KEYS[k])
+  for f = 1, #fields, 2 do
+    if redis.call('EXISTS', ARGV[1] .. fields[f]) == 1 then
+      held = held + tonumber(fields[f + 1])
+    end
+  end
+  out[k] = held
+end
+return out
+"""
