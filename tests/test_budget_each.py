@@ -230,6 +230,53 @@ def test_console_shows_the_key_that_spent_most_and_each_keys_share(gateway_facto
     assert shares["test"][0]["spent_nano"] == spent_by(gateway, "test") > 0
 
 
+async def test_the_overview_bar_holds_what_its_top_key_holds_not_every_keys(
+    gateway_factory,
+):
+    """The bar of a budget for each key is the key that spent most: what it shows held
+    is that key's requests in flight, not every key's (which could fill a bar past its
+    limit with other keys' holds)."""
+    config = each_config(100)
+    config["providers"]["slow"] = {"type": "simulated", "simulated": {"latency_ms": 600_000}}
+    config["upstreams"]["slow-up"] = {**config["upstreams"]["sim-up"], "provider": "slow"}
+    config["models"]["slow"] = {"upstreams": ["slow-up"]}
+    gateway = gateway_factory(config)
+    alice, bob = gateway.new_key("alice"), gateway.new_key("bob")
+    client_of(gateway, alice).chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+    gateway.flush_ledger()
+    each = gateway.runtime.plan.budgets.each[0]
+
+    def holding(name: str) -> int:
+        member = each.members.get(name)
+        return 0 if member is None else member.reserved_nano
+
+    clients = {
+        name: openai.AsyncOpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
+        for name, secret in (("alice", alice), ("bob", bob))
+    }
+    slow = [
+        asyncio.create_task(  # streams: a caller that leaves one ends its upstream call
+            c.chat.completions.create(model="slow", messages=ASK, max_tokens=10, stream=True)
+        )
+        for c in clients.values()
+    ]
+    try:
+        assert await eventually(lambda: holding("alice") > 0 and holding("bob") > 0)
+        async with httpx.AsyncClient(timeout=10) as http:
+            answer = await http.get(
+                f"{gateway.base_url.removesuffix('/v1')}/admin/api/overview",
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+        (bar,) = answer.json()["budgets"]
+        assert bar["top_target"] == "alice"
+        assert bar["reserved_nano"] == holding("alice")
+    finally:
+        for task in slow:
+            task.cancel()
+        for c in clients.values():
+            await c.close()
+
+
 async def test_members_appear_on_first_request_without_a_ledger_query_each(
     gateway_factory, monkeypatch
 ):

@@ -115,9 +115,10 @@ async def each_json(
     database: Database, gate: Gate, each: EachBudget, now: float, own: dict[str, int]
 ) -> dict[str, Any]:
     """A budget for each key (team, model) as the ledger sees its current period: the
-    bar is the one that spent most (`top_target`); `past_soft` counts those at or past
-    their amber mark (a hard limit refuses before a key's spend reaches it), each key at
-    its own limit when it has one (`own`: key name -> nano-USD)."""
+    bar is the one that spent most (`top_target`), with what its requests in flight
+    hold; `past_soft` counts those at or past their amber mark (a hard limit refuses
+    before a key's spend reaches it), each key at its own limit when it has one (`own`:
+    key name -> nano-USD)."""
     cfg = each.config
     start, end = period_bounds(now, cfg.period, cfg.timezone)
     top = await ledger_spend_each(database, each, start, end, top=1)
@@ -133,7 +134,9 @@ async def each_json(
         for name, limit in own.items():
             spent_by = spenders.get(name, 0)
             past_soft += (spent_by * 100 >= limit * soft) - (spent_by >= amber)
-    held = sum(await gate.held_nano(tuple(each.members.values())))
+    held = 0  # the bar is the top target's: so is what it shows held
+    if target is not None:
+        (held,) = await gate.held_nano((share_of(each, target, each.limit_nano, now),))
     bar = _bar(each, cfg.target, (start, end), spent, held)
     return {**bar, "each": True, "top_target": target, "past_soft": past_soft}
 
