@@ -260,3 +260,90 @@ def test_fallback_is_metered_at_the_fallback_price(gateway_factory, openai_upstr
         )
         == 1
     )
+
+
+TIERS = {
+    "flex": {"input": 1, "output": 4},
+    "priority": {"input": 4, "cached_input": 1, "output": 16},
+}
+
+
+@pytest.mark.parametrize("door", ["chat", "chat-stream", "responses"])
+def test_a_request_is_priced_on_the_tier_the_upstream_served_it_on(
+    gateway_factory, openai_upstream, door, caplog
+):
+    """OpenAI says in each answer which processing tier served it (`service_tier`), and
+    prices flex at about half the standard rate and priority at about twice: a request is
+    billed at its tier's price when the config lists one, else at the standard price,
+    said once in the log."""
+    server, _ = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY}
+    gateway = gateway_factory(
+        {
+            "providers": {"up": {**provider, "apis": ["responses"]}},
+            "upstreams": {
+                "tiered": {"provider": "up", "model": "gpt-x", "price": {**PRICE, **TIERS}},
+                "plain": {"provider": "up", "model": "gpt-x", "price": PRICE},
+            },
+            "models": {"tiered": {"upstreams": ["tiered"]}, "plain": {"upstreams": ["plain"]}},
+        }
+    )
+    client = gateway.client()
+
+    def ask(model: str, tier: str | None) -> dict:
+        extra = {} if tier is None else {"service_tier": tier}
+        if door == "responses":
+            client.responses.create(model=model, input="hi", **extra)
+        else:
+            messages = [{"role": "user", "content": "hi"}]
+            stream = door == "chat-stream"
+            answer = client.chat.completions.create(
+                model=model, messages=messages, stream=stream, **extra
+            )
+            if stream:
+                list(answer)
+        return gateway.ledger_rows()[-1]
+
+    for tier, price in ((None, PRICE), ("auto", PRICE), *TIERS.items()):
+        row = ask("tiered", tier)
+        pico = row["input_tokens"] * Decimal(str(price["input"])) + row["output_tokens"] * Decimal(
+            str(price["output"])
+        )
+        assert row["cost_nano"] == int(pico * 10**6 / 1000), tier
+        assert row["cost_nano"] > 0
+    row = ask("plain", "priority")  # no priority price: the standard one, and a warning
+    standard = row["input_tokens"] * PRICE["input"] + row["output_tokens"] * PRICE["output"]
+    assert row["cost_nano"] == standard * 10**3
+    ask("plain", "priority")
+    warned = [r.getMessage() for r in caplog.records if "'priority' tier" in r.getMessage()]
+    assert warned == [
+        "upstream 'plain' served a request on its 'priority' tier, which its price does not "
+        "list: billed at the standard price; set its price.priority"
+    ]
+
+
+def test_budgets_hold_a_requests_worst_case_at_its_dearest_tier(gateway_factory, openai_upstream):
+    """A deployment whose price lists a priority tier may bill at it (a project can make
+    priority its default): a hard budget holds the worst case at that price."""
+    server, _ = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY}
+    budget = {"limit_usd": 0.012, "scope": "model", "hard": True}
+    gateway = gateway_factory(
+        {
+            "providers": {"up": provider},
+            "upstreams": {
+                "tiered": {"provider": "up", "model": "gpt-x", "price": {**PRICE, **TIERS}},
+                "plain": {"provider": "up", "model": "gpt-x", "price": PRICE},
+            },
+            "models": {"tiered": {"upstreams": ["tiered"]}, "plain": {"upstreams": ["plain"]}},
+            "budgets": {
+                "tiered-cap": {**budget, "target": "tiered"},
+                "plain-cap": {**budget, "target": "plain"},
+            },
+        }
+    )
+    client = gateway.client()
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    assert client.chat.completions.create(model="plain", **ask).usage  # worst case < $0.009
+    with pytest.raises(openai.RateLimitError, match=r"may cost up to \$0\.016"):
+        client.chat.completions.create(model="tiered", **ask)  # worst case > $0.016

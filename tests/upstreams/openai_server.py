@@ -12,6 +12,8 @@ Control words in the last user message choose the behaviour:
   TRIGGER:cache_write                      report 1500 of 2000 prompt tokens as written to
                                            the prompt cache (`cache_write_tokens`)
   TRIGGER:reasoning                        report 5 of the completion tokens as reasoning
+`service_tier: flex | priority` is said back in every answer and chunk as the tier used
+(any other value, or none, as "default").
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
   TRIGGER:nousage                          an answer or stream without `usage` (as some
@@ -54,6 +56,13 @@ class State:
 def _error(status: int, message: str, kind: str, code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status)
+
+
+def served_tier(body: dict[str, Any]) -> str:
+    """The processing tier OpenAI says it used, in every answer and chunk: the one asked
+    for when it is flex or priority, else the standard one (auto as on a plain project)."""
+    asked = body.get("service_tier")
+    return asked if asked in ("flex", "priority") else "default"
 
 
 def _trigger(body: dict[str, Any]) -> str:
@@ -113,6 +122,7 @@ def create_app() -> tuple[web.Application, State]:
             "id": "chatcmpl-fake",
             "created": int(time.time()),
             "model": body["model"],
+            "service_tier": served_tier(body),
             "system_fingerprint": "fp_fake",
         }
         tools = body.get("tools")

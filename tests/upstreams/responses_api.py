@@ -26,6 +26,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.upstreams.openai_server import served_tier
+
 TEXT = "Hello from the fake Responses API."
 COMPLETION = "Hello from the fake completions API."
 _ids = itertools.count(1)
@@ -157,6 +159,7 @@ def _response(body: dict[str, Any], word: str | None) -> dict[str, Any]:
         "output": [output, *searches],
         "parallel_tool_calls": True,
         "previous_response_id": None,
+        "service_tier": served_tier(body),
         "store": body.get("store", True),
         "tool_choice": body.get("tool_choice", "auto"),
         "tools": body.get("tools") or [],

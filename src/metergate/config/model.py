@@ -55,7 +55,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Price(Strict):
+class TokenPrice(Strict):
     """USD per million tokens. `cached_input` defaults to `input` when omitted; prompt
     cache writes (reported by Anthropic, and by OpenAI from GPT-5.6 on) default to the
     published multipliers of the input price: 1.25 for writes (Anthropic's 5-minute ones,
@@ -66,13 +66,6 @@ class Price(Strict):
     output: Decimal = Field(default=Decimal(0), ge=0)
     cache_write: Decimal | None = Field(default=None, ge=0)
     cache_write_1h: Decimal | None = Field(default=None, ge=0)
-    web_search: Decimal = Field(
-        default=Decimal(10),
-        ge=0,
-        description="USD per 1,000 calls of a provider's server-side web search tool "
-        "(Anthropic's web_search, OpenAI's web_search_call items; the default is their "
-        "common published price)",
-    )
 
     @property
     def cached(self) -> Decimal:
@@ -85,6 +78,36 @@ class Price(Strict):
     @property
     def write_1h(self) -> Decimal:
         return self.input * 2 if self.cache_write_1h is None else self.cache_write_1h
+
+
+# The processing tiers an upstream may report having served a request on (OpenAI's
+# `service_tier`, also OpenRouter's and Azure's), priced apart from the standard one.
+SERVICE_TIERS = ("flex", "priority")
+
+
+class Price(TokenPrice):
+    """A deployment's prices: the standard tier's tokens (see `TokenPrice`), its web
+    searches, and those of the processing tiers it may serve on (`flex`, `priority`),
+    which OpenAI prices apart and says in each answer (`service_tier`) which it used."""
+
+    web_search: Decimal = Field(
+        default=Decimal(10),
+        ge=0,
+        description="USD per 1,000 calls of a provider's server-side web search tool "
+        "(Anthropic's web_search, OpenAI's web_search_call items; the default is their "
+        "common published price)",
+    )
+    flex: TokenPrice | None = Field(
+        default=None,
+        description="tokens served on the flex tier (OpenAI: about half the standard "
+        "price); without it they are billed at the standard price",
+    )
+    priority: TokenPrice | None = Field(
+        default=None,
+        description="tokens served on the priority tier (OpenAI: about twice the "
+        "standard price); without it they are billed at the standard price, and "
+        "budgets hold a request's worst case at it when it is set",
+    )
 
 
 class SimulatedSettings(Strict):

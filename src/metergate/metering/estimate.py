@@ -157,14 +157,13 @@ def stream_usage(
     if reported is None:
         return Usage(input_tokens=prompt_tokens(body), output_tokens=output), True
     prompt_known = reported.input_tokens + reported.cached_input_tokens > 0
-    return (
-        Usage(
-            reported.input_tokens if prompt_known else prompt_tokens(body),
-            reported.cached_input_tokens,
-            max(reported.output_tokens, output),
-        ),
-        True,
+    found = Usage(
+        reported.input_tokens if prompt_known else prompt_tokens(body),
+        reported.cached_input_tokens,
+        max(reported.output_tokens, output),
     )
+    found.service_tier = reported.service_tier  # priced on the tier it was served on
+    return found, True
 
 
 def answer_usage(body: dict[str, Any], answer: bytes) -> Usage:

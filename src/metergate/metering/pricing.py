@@ -7,7 +7,9 @@ is exact in pico-USD and rounded once, half up, to the nano-USD the ledger store
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from metergate.config.model import Price
+from metergate.config.model import SERVICE_TIERS, Price, TokenPrice
 from metergate.providers.base import Usage
 
 PRICE_LISTS_FILE = Path(__file__).with_name("prices.yaml")
@@ -25,6 +27,8 @@ FREE = "free"  # every model at 0: local servers (the ollama and vllm presets)
 # Geographies of Bedrock's cross-region inference profiles, the prefix of their ids.
 _PROFILE_PREFIXES = frozenset({"us", "eu", "apac", "global", "us-gov", "jp", "au", "ca"})
 _PICO_PER_MILLION = Decimal(1_000_000)  # USD per 1e6 tokens -> pico-USD per token
+_PRICED_APART = frozenset(SERVICE_TIERS)  # other tiers ("default", "auto") are standard
+log = logging.getLogger("metergate.metering")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,23 +41,52 @@ class UnitPrices:
     cache_write: int = 0  # prompt-cache writes (5 minutes), which are also input tokens
     cache_write_1h: int = 0  # ... and writes kept for an hour
     web_search: int = 0  # one search by a provider's server-side tool
+    # Those of the processing tiers priced apart (`Price.flex`, `.priority`), by name.
+    tiers: tuple[tuple[str, UnitPrices], ...] = ()
+    owner: str = ""  # the deployment they are of, named when a tier has no price
+    # tiers said to have no price (once per deployment and config: a reload says again)
+    unpriced: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
-    def from_price(cls, price: Price | None) -> UnitPrices:
+    def from_price(cls, price: Price | None, owner: str = "") -> UnitPrices:
         if price is None:
-            return cls()
+            return cls(owner=owner)
+        web_search = _pico(price.web_search) * 1000  # per 1,000 searches, not 1e6
+        tiers = tuple(
+            (name, cls._of(tier, web_search, owner=owner))
+            for name in SERVICE_TIERS
+            if (tier := getattr(price, name)) is not None
+        )
+        return cls._of(price, web_search, tiers, owner)
+
+    @classmethod
+    def _of(
+        cls,
+        price: TokenPrice,
+        web_search: int,
+        tiers: tuple[tuple[str, UnitPrices], ...] = (),
+        owner: str = "",
+    ) -> UnitPrices:
         return cls(
             _pico(price.input),
             _pico(price.cached),
             _pico(price.output),
             _pico(price.write),
             _pico(price.write_1h),
-            _pico(price.web_search) * 1000,  # its price is per 1,000 searches, not 1e6
+            web_search,
+            tiers,
+            owner,
         )
 
     def cost_nano(self, usage: Usage) -> int:
         if usage.billed_nano is not None:  # the upstream's own figure (Usage.billed_nano)
             return usage.billed_nano
+        if usage.service_tier is not None and usage.service_tier in _PRICED_APART:
+            return self._tier(usage.service_tier).tokens_nano(usage)
+        return self.tokens_nano(usage)
+
+    def tokens_nano(self, usage: Usage) -> int:
+        """What `usage`'s tokens and searches cost at these prices, whatever its tier."""
         pico = (
             usage.input_tokens * self.input
             + usage.cached_input_tokens * self.cached_input
@@ -66,6 +99,40 @@ class UnitPrices:
         if usage.web_searches:
             pico += usage.web_searches * self.web_search
         return (pico + 500) // 1000
+
+    def _tier(self, name: str) -> UnitPrices:
+        """The prices of tier `name`: its own when the config has them, else the standard
+        ones, said once (the answer is billed either way)."""
+        for found, prices in self.tiers:
+            if found == name:
+                return prices
+        if name not in self.unpriced:
+            self.unpriced.add(name)
+            log.warning(
+                "upstream %r served a request on its %r tier, which its price does not "
+                "list: billed at the standard price; set its price.%s",
+                self.owner,
+                name,
+                name,
+            )
+        return self
+
+    def every_tier(self) -> tuple[UnitPrices, ...]:
+        """These prices and those of each tier priced apart."""
+        return (self, *(prices for _, prices in self.tiers))
+
+    @staticmethod
+    def dearest(prices: Iterable[UnitPrices]) -> UnitPrices:
+        """Each price at its highest among `prices` (what budgets hold a worst case at)."""
+        every = tuple(prices)
+        return UnitPrices(
+            max(p.input for p in every),
+            max(p.cached_input for p in every),
+            max(p.output for p in every),
+            max(p.cache_write for p in every),
+            max(p.cache_write_1h for p in every),
+            max(p.web_search for p in every),
+        )
 
     def per_million_usd(self) -> dict[str, float]:
         return {

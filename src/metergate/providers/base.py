@@ -45,6 +45,17 @@ class Usage:
     # What the upstream says the request cost, when it says (Perplexity states its
     # tokens, request and tool fees): that is the cost, whatever the price list says.
     billed_nano: int | None = None
+    # The processing tier the upstream says it served the request on (OpenAI's
+    # `service_tier`: "default", "flex", "priority"), which may be priced apart.
+    service_tier: str | None = None
+
+    def served_on(self, answer: dict[str, Any]) -> Usage:
+        """This usage, with the tier an OpenAI-format answer (or chunk, or Responses
+        object) says it was served on."""
+        tier = answer.get("service_tier")
+        if tier.__class__ is str:
+            self.service_tier = tier
+        return self
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage:

@@ -119,6 +119,7 @@ class _Relay(_PassThrough):
         if not raw:
             return event.raw
         self.state.usage, fixed = normalized(raw)
+        self.state.usage.served_on(chunk)
         if not chunk.get("choices") and not self.include_usage:
             return b""
         if fixed is not None and chunk.get("usage"):

@@ -135,7 +135,7 @@ class _PassThrough:
             except orjson.JSONDecodeError:
                 raise UpstreamProtocolError("the upstream sent a malformed stream chunk") from None
             if chunk.get("usage"):
-                self.state.usage = Usage.from_openai(chunk["usage"])
+                self.state.usage = Usage.from_openai(chunk["usage"]).served_on(chunk)
                 if not chunk.get("choices") and not self.include_usage:
                     return b""
         return event.raw
@@ -183,4 +183,4 @@ def completion_of(body: bytes, field: str = "choices") -> Completion:
         what = "chat completion" if field == "choices" else "embeddings answer"
         load_answer(body, what, field)  # raises, saying what came instead
     usage = data.get("usage")
-    return Completion(body, Usage.from_openai(usage), reported=bool(usage))
+    return Completion(body, Usage.from_openai(usage).served_on(data), reported=bool(usage))

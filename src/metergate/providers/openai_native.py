@@ -90,10 +90,10 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
     usage = data.get("usage")
     reported = bool(usage)  # some compatible servers send none: the gateway estimates
     if native.protocol == "responses":
-        found = responses_usage(usage)
+        found = responses_usage(usage).served_on(data)
         found.web_searches = web_search_calls(data.get("output"))
         return Completion(body, found, reported)
-    return Completion(body, Usage.from_openai(usage), reported)
+    return Completion(body, Usage.from_openai(usage).served_on(data), reported)
 
 
 async def stream(
@@ -142,7 +142,7 @@ class _ResponsesRelay:
                 response = data.get("response") or {}
                 usage = response.get("usage")
                 if usage:  # else it stays unknown, and the relayed text is billed
-                    self.state.usage = responses_usage(usage)
+                    self.state.usage = responses_usage(usage).served_on(response)
                     self.state.usage.web_searches = web_search_calls(response.get("output"))
         return event.raw
 

@@ -133,7 +133,7 @@ def from_response(data: dict[str, Any], model: str) -> Completion:
         "logprobs": None,
     }
     raw_usage = data.get("usage")
-    usage = responses_usage(raw_usage)
+    usage = responses_usage(raw_usage).served_on(data)
     body: dict[str, Any] = {
         "id": "chatcmpl-" + str(data.get("id") or "responses"),
         "object": "chat.completion",
@@ -295,7 +295,7 @@ class StreamTranslator:
     def _end(self, writer: ChunkWriter, response: dict[str, Any]) -> bytes:
         self.done = True
         if response.get("usage"):
-            self.state.usage = responses_usage(response["usage"])
+            self.state.usage = responses_usage(response["usage"]).served_on(response)
         if not self.output.results:  # not announced item by item: read from the response
             for item in response.get("output") or []:
                 if isinstance(item, dict) and item.get("type") == "search_results":

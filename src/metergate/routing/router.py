@@ -159,7 +159,7 @@ class Router:
                 name=name,
                 adapter=adapters[upstream.provider],
                 model=upstream.model,
-                prices=UnitPrices.from_price(price),
+                prices=UnitPrices.from_price(price, name),
                 priced=price is not None,
                 weight=upstream.weight,
                 timeouts=provider.timeouts.under(upstream.timeouts),
@@ -183,19 +183,15 @@ class Router:
                     deployment.observers.append(rollout)
         for route in self.routes.values():
             route.fallbacks = [self.routes[name] for name in route.config.fallbacks]
-            # Budgets reserve at the dearest price any deployment that may serve could charge.
+            # Budgets reserve at the dearest price any deployment that may serve could
+            # charge, on any tier its price lists (one may be the account's default).
             serving = [
                 d
                 for r in (route, *route.fallbacks)
                 for d in (*r.deployments, *r.baseline, *r.candidate)
             ]
-            route.worst_prices = UnitPrices(
-                max(d.prices.input for d in serving),
-                max(d.prices.cached_input for d in serving),
-                max(d.prices.output for d in serving),
-                max(d.prices.cache_write for d in serving),
-                max(d.prices.cache_write_1h for d in serving),
-                max(d.prices.web_search for d in serving),
+            route.worst_prices = UnitPrices.dearest(
+                prices for d in serving for prices in d.prices.every_tier()
             )
 
     def route(self, model: object, key: KeyRecord) -> Route:
