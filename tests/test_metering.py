@@ -347,3 +347,34 @@ def test_budgets_hold_a_requests_worst_case_at_its_dearest_tier(gateway_factory,
     assert client.chat.completions.create(model="plain", **ask).usage  # worst case < $0.009
     with pytest.raises(openai.RateLimitError, match=r"may cost up to \$0\.016"):
         client.chat.completions.create(model="tiered", **ask)  # worst case > $0.016
+
+
+def test_a_stream_cut_before_its_usage_is_estimated_on_the_tier_its_chunks_named(
+    gateway_factory, openai_upstream
+):
+    """A stream that ends before its usage chunk is billed an estimate; OpenAI names the
+    tier in every chunk, so the estimate is priced on it (priority here costs exactly
+    twice the standard price per token)."""
+    server, _ = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY}
+    gateway = gateway_factory(
+        {
+            "providers": {"up": provider},
+            "upstreams": {"up": {"provider": "up", "model": "gpt-x", "price": {**PRICE, **TIERS}}},
+            "models": {"m": {"upstreams": ["up"], "retry": {"max_retries": 0}}},
+        }
+    )
+    client = gateway.client()
+    costs = {}
+    for tier in (None, "priority"):
+        extra = {} if tier is None else {"service_tier": tier}
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "TRIGGER:cut"}], stream=True, **extra
+        )
+        with pytest.raises(openai.APIError, match="ended before"):
+            list(stream)
+        row = gateway.ledger_rows()[-1]
+        assert (row["usage_estimated"], row["outcome"]) == (1, "upstream_error")
+        costs[tier] = row["cost_nano"]
+    assert costs[None] > 0
+    assert abs(costs["priority"] - 2 * costs[None]) <= 1

@@ -283,7 +283,9 @@ class CompletionsHandler:
                 waited = time.perf_counter()
             if outward is not None:
                 if state.usage is None:  # none from the upstream: the door reports the bill
-                    state.usage = estimate.stream_usage(body, None, relayed, complete=True)[0]
+                    state.usage = estimate.stream_usage(
+                        body, None, relayed, True, state.service_tier
+                    )[0]
                     log.usage_estimated = True
                 last = await outward.end()
         except asyncio.CancelledError as cancelled:
@@ -315,7 +317,9 @@ class CompletionsHandler:
             dispatcher.stream_finished(deployment, error, log)
             # A stream that did not complete is billed at least what the caller received,
             # also when it was cancelled here (a shutdown's timeout) and the error goes on.
-            usage, estimated = estimate.stream_usage(body, state.usage, relayed, error is None)
+            usage, estimated = estimate.stream_usage(
+                body, state.usage, relayed, error is None, state.service_tier
+            )
             log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
             log.cost_nano = deployment.prices.cost_nano(usage)
             if kept is not None:

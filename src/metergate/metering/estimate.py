@@ -146,23 +146,30 @@ def _native_delta_bytes(delta: Any) -> int:
 
 
 def stream_usage(
-    body: dict[str, Any], reported: Usage | None, relayed: RelayedText, complete: bool
+    body: dict[str, Any],
+    reported: Usage | None,
+    relayed: RelayedText,
+    complete: bool,
+    tier: str | None = None,
 ) -> tuple[Usage, bool]:
     """What a stream is billed, and whether that is an estimate: the upstream's usage
     when the stream completed with it, else at least what was relayed (up to what
-    `max_tokens` lets the upstream bill)."""
+    `max_tokens` lets the upstream bill), on the processing `tier` its first event named
+    when no usage did."""
     if complete and reported is not None:
         return reported, False
     output = _billable(relayed.tokens(), body)
     if reported is None:
-        return Usage(input_tokens=prompt_tokens(body), output_tokens=output), True
+        found = Usage(input_tokens=prompt_tokens(body), output_tokens=output)
+        found.service_tier = tier
+        return found, True
     prompt_known = reported.input_tokens + reported.cached_input_tokens > 0
     found = Usage(
         reported.input_tokens if prompt_known else prompt_tokens(body),
         reported.cached_input_tokens,
         max(reported.output_tokens, output),
     )
-    found.service_tier = reported.service_tier  # priced on the tier it was served on
+    found.service_tier = reported.service_tier or tier  # priced on the tier served on
     return found, True
 
 

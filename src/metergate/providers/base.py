@@ -168,6 +168,9 @@ class StreamState:
     usage: Usage | None = None
     finish_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the processing tier the first event named (OpenAI's chunks each name it): the
+    # tier of a stream that ends before its usage says
+    service_tier: str | None = None
 
 
 class Adapter(abc.ABC):

@@ -106,7 +106,9 @@ class _PassThrough:
             if failed is not None:
                 raise failed
         if not self.checked:
-            event_object(data)
+            tier = event_object(data).get("service_tier")
+            if tier.__class__ is str:
+                self.state.service_tier = tier
             self.checked = True
         return None
 
