@@ -81,7 +81,7 @@ class TokenPrice(Strict):
 
 
 # The processing tiers an upstream may report having served a request on (OpenAI's
-# `service_tier`, also OpenRouter's and Azure's), priced apart from the standard one.
+# `service_tier`, also OpenRouter's), priced apart from the standard one.
 SERVICE_TIERS = ("flex", "priority")
 
 
