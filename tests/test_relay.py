@@ -10,7 +10,7 @@ from contextlib import aclosing
 from typing import Any
 
 from metergate.providers.base import StreamState
-from metergate.providers.openai import _PassThrough
+from metergate.providers.openai import _PassThrough, stream_failure
 from metergate.providers.sse import Event, SSEDecoder
 from metergate.providers.translation import relay
 
@@ -143,3 +143,12 @@ def test_an_event_that_has_not_ended_is_not_copied_again_with_each_read() -> Non
     assert peak < 1024 * 1024, f"{peak / 2**20:.1f} MiB allocated for 16 reads of 64 KiB"
     (event,) = decoder.feed(b'"}}]}\n\n')
     assert len(event.data) == 272 * 65536 + len(b'{"choices":[{"index":0,"delta":{"content":""}}]}')
+
+
+def test_an_error_event_that_broke_off_still_fails_the_stream() -> None:
+    """An OpenAI error event cut before its JSON ends is still the upstream's failure,
+    its text quoted; other events that are not JSON are judged as any event."""
+    failed = stream_failure(b'{"error": {"message": "overloaded, try ag')
+    assert failed is not None and failed.outcome == "upstream_error"
+    assert "overloaded" in failed.message
+    assert stream_failure(b'{"choices": [{"delta": {"content": "an \\"error\\" here"}}') is None

@@ -81,7 +81,7 @@ class UnitPrices:
     def cost_nano(self, usage: Usage) -> int:
         if usage.billed_nano is not None:  # the upstream's own figure (Usage.billed_nano)
             return usage.billed_nano
-        if usage.service_tier is not None and usage.service_tier in _PRICED_APART:
+        if usage.service_tier in _PRICED_APART:  # (None is not)
             return self._tier(usage.service_tier).tokens_nano(usage)
         return self.tokens_nano(usage)
 

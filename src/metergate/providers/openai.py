@@ -156,8 +156,10 @@ def stream_failure(data: bytes) -> UpstreamServerError | None:
     may be followed by `[DONE]`, so that the stream would otherwise pass as complete)."""
     try:
         event = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None  # not JSON: judged as any other event
+    except orjson.JSONDecodeError:  # not JSON: judged as any other event, unless it is
+        if data.startswith(b'{"error"'):  # an error that broke off (its text is quoted)
+            return UpstreamServerError(f"upstream stream error: {error_message(data)}")
+        return None
     if type(event) is not dict:
         return None
     if event.get("error") or event.get("object") == "error":
