@@ -108,6 +108,45 @@ async def test_chunked_gzip_and_close_delimited_bodies():
         await client.close()
 
 
+async def test_a_head_that_arrives_in_pieces_is_read_as_one():
+    """The head is read once it is complete, however the reads cut it: byte by byte,
+    after blank lines a server may send first, behind an interim answer, with names and
+    codings in any case and whitespace around values."""
+    payload = b'{"id": "x"}'
+    packed = gzip.compress(payload)
+    head = (
+        b"\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: Chunked\r\nContent-Encoding: GZIP \t\r\n"
+        b"X-Spaced:   v  \r\nX-Empty:\r\n\r\n"
+    )
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        for i in range(len(head)):
+            writer.write(head[i : i + 1])
+            await writer.drain()
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed))
+        await writer.drain()
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # no header lines at all
+        await writer.drain()
+
+    async with server(handler) as (url, connections):
+        client = HttpClient(url, max_connections=1)
+        response = await client.post("/", HEAD, b"{}", FAST)
+        assert (response.status, response.body) == (200, payload)
+        assert response.headers == {
+            b"transfer-encoding": b"Chunked",
+            b"content-encoding": b"GZIP",
+            b"x-spaced": b"v",
+            b"x-empty": b"",
+        }
+        empty = await client.post("/", HEAD, b"{}", FAST)
+        assert (empty.status, empty.body, empty.headers) == (204, b"", {})
+        assert len(connections) == 1  # the chunked answer ended where its chunks did
+        await client.close()
+
+
 async def test_headers_are_read_by_lowercase_name_and_bounded_in_number():
     many = b"".join(b"X-Filler-%d: %d\r\n" % (n, n) for n in range(125))
 

@@ -105,11 +105,27 @@ class Deadlines:
     pool: float = 10.0  # waiting for a free connection when all are busy
 
 
+def header_fields(block: bytes) -> dict[bytes, bytes]:
+    """The header lines of an answer's head by lower-case name (a repeated name: its last
+    value). `block` runs from the CRLF that ends the status line to the blank line; the
+    parser has checked every line's syntax by the time it is complete."""
+    fields: dict[bytes, bytes] = {}
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            fields[name.lower()] = value.strip(b" \t")
+    return fields
+
+
 @dataclass(slots=True)
 class Response:
     status: int
-    headers: dict[bytes, bytes]
+    head: bytes  # the header lines, as `header_fields` reads them
     body: bytes
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return header_fields(self.head)
 
 
 class _Connection(asyncio.Protocol):
@@ -130,9 +146,11 @@ class _Connection(asyncio.Protocol):
     def _reset(self, streaming: bool) -> None:
         self.streaming = streaming
         self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.header_count = 0
-        self.head_bytes = 0
+        # What arrived before the head was complete, and then its header lines, read
+        # when needed (`header_fields`): a success's are not, and a parser callback per
+        # header line cost more than the rest of reading the answer.
+        self.head = b""
+        self.head_block = b""
         self.got_bytes = False
         self.got_headers = False
         self.interim = False  # reading a 1xx answer, which the final one follows
@@ -168,28 +186,23 @@ class _Connection(asyncio.Protocol):
         self.got_bytes = True
         if self.timer is not None:
             self.last_read = self.loop.time()  # the timer checks it when it fires
+        if not self.got_headers:
+            self.head += data  # no copy while it is empty
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.closed:  # a callback closed it and stopped the parser (_StopParsing)
                 return
-            problem = (
-                f"the upstream sent more than {MAX_HEADERS} headers"
-                if self.header_count > MAX_HEADERS
-                else f"malformed HTTP answer: {exc}"
-            )
-            self._fail(ProtocolError(problem, partial=True))
+            self._fail(ProtocolError(f"malformed HTTP answer: {exc}", partial=True))
             return
-        if not self.got_headers:
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEADER_BYTES:
-                self._fail(
-                    ProtocolError(
-                        f"the upstream sent more than {MAX_HEADER_BYTES // 1024} KiB of "
-                        "status line and headers",
-                        partial=True,
-                    )
+        if not self.got_headers and len(self.head) > MAX_HEADER_BYTES:
+            self._fail(
+                ProtocolError(
+                    f"the upstream sent more than {MAX_HEADER_BYTES // 1024} KiB of "
+                    "status line and headers",
+                    partial=True,
                 )
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -207,19 +220,11 @@ class _Connection(asyncio.Protocol):
             self.close()
             raise _StopParsing  # not into the body the caller is about to take
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_count += 1
-        if self.header_count > MAX_HEADERS:
-            raise httptools.HttpParserError("too many headers")  # reported by data_received
-        key = name.lower()
-        self.headers[key] = value
-        chunked = key == b"transfer-encoding" and value.find(b"chunked") >= 0
-        if key == b"content-length" or chunked:
-            self.delimited = True
-        elif key == b"content-encoding" and value.lower() in (b"gzip", b"deflate"):
-            self.decoder = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
-
+    # No on_header: the head is read whole once complete (see `head` in _reset).
     def on_headers_complete(self) -> None:
+        head = self.head  # only CR and LF may come before the status line
+        line_end = head.find(b"\r\n", head.find(b"HTTP/"))
+        end = head.find(b"\r\n\r\n", line_end)
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:  # never asked for: what follows would not be HTTP
@@ -229,8 +234,22 @@ class _Connection(asyncio.Protocol):
             # Interim (100 Continue, 103 Early Hints): the final answer follows. Read on,
             # without these headers.
             self.interim = True
-            self.headers, self.header_count, self.delimited, self.decoder = {}, 0, False, None
+            self.head = head[end + 4 :]
             return
+        block = head[line_end:end]
+        self.head = b""  # not kept: it may hold the first read of the body
+        self.head_block = block
+        lowered = block.lower()
+        if lowered.count(b"\r\n") > MAX_HEADERS:
+            self._fail(ProtocolError(f"the upstream sent more than {MAX_HEADERS} headers", True))
+            raise _StopParsing
+        if b"\r\ncontent-length:" in lowered:
+            self.delimited = True
+        elif b"\r\ntransfer-encoding:" in lowered:
+            self.delimited = b"chunked" in header_fields(lowered)[b"transfer-encoding"]
+        encoded = b"\r\ncontent-encoding:" in lowered
+        if encoded and header_fields(lowered)[b"content-encoding"] in (b"gzip", b"deflate"):
+            self.decoder = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
         self.status = status
         self.got_headers = True
         if self.headers_done is not None and not self.headers_done.done():
@@ -386,9 +405,13 @@ class StreamResponse:
         self._conn = conn
         self._idle = idle
         self.status = conn.status
-        self.headers = conn.headers
+        self.head = conn.head_block
         self._first = True
         self._released = False
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return header_fields(self.head)
 
     async def read(self) -> bytes:
         """The whole remaining body (for error answers)."""
@@ -576,7 +599,7 @@ class HttpClient:
                 conn.send(request, deadlines.first_byte, streaming=False, total=deadlines.total)
                 await conn.done
                 reuse = conn.keep_alive
-                return Response(conn.status, conn.headers, conn.take())
+                return Response(conn.status, conn.head_block, conn.take())
             except Disconnected as exc:
                 if fresh or exc.partial or conn.exchanges < 2:
                     raise
