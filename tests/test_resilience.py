@@ -398,6 +398,32 @@ def test_reset_mid_body_is_not_retried(gateway_factory, fault_server):
     )
 
 
+# A CDN's error page as it comes: kilobytes of markup before anything a person reads.
+_CDN_PAGE = (
+    b'<!DOCTYPE html>\n<!--[if lt IE 7]> <html class="no-js ie6 oldie" lang="en-US"> '
+    b'<![endif]-->\n<!--[if gt IE 8]><!--> <html class="no-js" lang="en-US"> <!--<![endif]-->'
+    b'\n<head>\n<meta charset="UTF-8" />\n<style>' + b"body{margin:0} " * 300 + b"</style>\n"
+    b"<title>api.example.com | 502: Bad gateway</title>\n</head><body>...</body></html>"
+)
+
+
+def test_an_error_page_from_a_proxy_is_told_by_its_title(gateway_factory, fault_server):
+    """A 502 page from a CDN or load balancer in front of the upstream begins with
+    kilobytes of markup: the caller is told its title, not its first bytes."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.page(502, _CDN_PAGE))
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
+    with pytest.raises(openai.APIStatusError) as raised:
+        create(gateway)
+    assert raised.value.status_code == 502
+    message = raised.value.body["message"]
+    assert message == (
+        "upstream error 502: an HTML page titled 'api.example.com | 502: Bad gateway'"
+    )
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"]) == ("upstream_error", 502)
+
+
 def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(
     gateway_factory, fault_server
 ):

@@ -61,6 +61,12 @@ class Fault:
         return cls("error", status, retry_after)
 
     @classmethod
+    def page(cls, status: int, body: bytes) -> Fault:
+        """An error status with an HTML page, as a proxy, load balancer or CDN in front
+        of the upstream answers."""
+        return cls("page", status, body=body)
+
+    @classmethod
     def rate_limited(cls, retry_after: str) -> Fault:
         return cls("error", 429, retry_after)
 
@@ -277,6 +283,8 @@ def create_app(plan: FaultPlan, name: str) -> web.Application:
             return _error(
                 fault.status, f"fault server {name} says {fault.status}", fault.retry_after
             )
+        if fault.kind == "page":
+            return web.Response(body=fault.body, status=fault.status, content_type="text/html")
         if fault.kind == "drop":
             assert request.transport is not None
             request.transport.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import errno
+import html
 import math
 import re
 import resource
@@ -283,7 +284,7 @@ def _error_text(body: bytes) -> str:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:300].decode("utf-8", "replace").strip()
+        return _page_title(body) or " ".join(body[:300].decode("utf-8", "replace").split())
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and error.get("message"):
@@ -293,6 +294,23 @@ def _error_text(body: bytes) -> str:
         if data.get("message"):
             return str(data["message"])
     return body[:300].decode("utf-8", "replace").strip()
+
+
+_TITLE = re.compile(rb"<title[^>]*>([^<]*)</title", re.IGNORECASE)
+_PAGE_HEAD = 16 * 1024  # where a page's title is looked for
+
+
+def _page_title(body: bytes) -> str | None:
+    """What an HTML error page says, by its title: a proxy's, a load balancer's or a
+    CDN's page (Cloudflare's "api.example.com | 502: Bad gateway") begins with markup
+    and scripts for a few kilobytes, so its first bytes say nothing."""
+    if body.lstrip()[:1] != b"<":
+        return None
+    found = _TITLE.search(body, 0, _PAGE_HEAD)
+    if found is None:
+        return None
+    title = " ".join(html.unescape(found.group(1).decode("utf-8", "replace")).split())
+    return f"an HTML page titled {title[:200]!r}" if title else None
 
 
 MAX_RETRY_AFTER = 86_400.0  # a day: longer is no wait anyone means, and is not relayed
