@@ -407,21 +407,47 @@ _CDN_PAGE = (
 )
 
 
-def test_an_error_page_from_a_proxy_is_told_by_its_title(gateway_factory, fault_server):
-    """A 502 page from a CDN or load balancer in front of the upstream begins with
-    kilobytes of markup: the caller is told its title, not its first bytes."""
+# nginx's own page for a body over its client_max_body_size, sent before it reads it.
+_NGINX_413 = (
+    b"<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+    b"<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>"
+    b"\r\n</body>\r\n</html>\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "page", "outcome", "message"),
+    [
+        (
+            502,
+            _CDN_PAGE,
+            "upstream_error",
+            "upstream error 502: an HTML page titled 'api.example.com | 502: Bad gateway'",
+        ),
+        (
+            413,
+            _NGINX_413,
+            "upstream_rejected",
+            "the upstream answered 413: an HTML page titled '413 Request Entity Too Large'",
+        ),
+    ],
+    ids=["cdn-502", "proxy-413"],
+)
+def test_an_error_page_from_a_proxy_is_told_by_its_title(
+    gateway_factory, fault_server, status, page, outcome, message
+):
+    """An error page from a CDN, load balancer or proxy in front of the upstream begins
+    with markup (kilobytes of it, a CDN's): the caller is told its title, and that the
+    upstream sent it, not its first bytes."""
     server = fault_server("p")
-    server.plan.fail_until_cleared(Fault.page(502, _CDN_PAGE))
+    server.plan.fail_until_cleared(Fault.page(status, page))
     gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
     with pytest.raises(openai.APIStatusError) as raised:
         create(gateway)
-    assert raised.value.status_code == 502
-    message = raised.value.body["message"]
-    assert message == (
-        "upstream error 502: an HTML page titled 'api.example.com | 502: Bad gateway'"
-    )
+    assert raised.value.status_code == status
+    assert raised.value.body["message"] == message
     row = last_row(gateway)
-    assert (row["outcome"], row["status"]) == ("upstream_error", 502)
+    assert (row["outcome"], row["status"]) == (outcome, status)
 
 
 def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(

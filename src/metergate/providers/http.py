@@ -221,6 +221,8 @@ class HttpTransport:
                 error_type="upstream_error",
                 upstream_status=status,
             )
+        if not body.lstrip().startswith(b"{"):  # a proxy's page or text, not the API's words
+            message = f"the upstream answered {status}: {message}"
         return UpstreamRejected(
             message,
             status=status if status in (400, 413, 422) else 400,
