@@ -501,9 +501,18 @@ async def test_header_bytes_and_count_are_bounded():
         writer.write(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 2\r\n\r\n{}")
         await writer.drain()
 
+    async def endless_interim(reader, writer):  # interim answers count toward the bound
+        await read_request(reader)
+        for _ in range(100_000):  # ~3 MiB, unless the client hangs up first
+            writer.write(b"HTTP/1.1 100 Continue\r\nX-Pad: 0123456789\r\n\r\n")
+            await writer.drain()
+
     async with server(huge_header) as (url, _):
         with pytest.raises(ProtocolError, match="64 KiB"):
             await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)
+    async with server(endless_interim) as (url, _):
+        with pytest.raises(ProtocolError, match="64 KiB"):
+            await HttpClient(url, 1).stream("/", HEAD, b"{}", STREAM)
     async with server(many_headers) as (url, _):
         with pytest.raises(ProtocolError, match="headers"):
             await HttpClient(url, 1).post("/", HEAD, b"{}", FAST)

@@ -150,6 +150,7 @@ class _Connection(asyncio.Protocol):
         # when needed (`header_fields`): a success's are not, and a parser callback per
         # header line cost more than the rest of reading the answer.
         self.head = b""
+        self.head_start = 0  # where the final answer's head begins, past interim ones
         self.head_block = b""
         self.got_bytes = False
         self.got_headers = False
@@ -223,7 +224,7 @@ class _Connection(asyncio.Protocol):
     # No on_header: the head is read whole once complete (see `head` in _reset).
     def on_headers_complete(self) -> None:
         head = self.head  # only CR and LF may come before the status line
-        line_end = head.find(b"\r\n", head.find(b"HTTP/"))
+        line_end = head.find(b"\r\n", head.find(b"HTTP/", self.head_start))
         end = head.find(b"\r\n\r\n", line_end)
         status = self.parser.get_status_code()
         if status < 200:
@@ -232,9 +233,9 @@ class _Connection(asyncio.Protocol):
                 self._fail(ProtocolError(problem, partial=True))
                 raise _StopParsing
             # Interim (100 Continue, 103 Early Hints): the final answer follows. Read on,
-            # without these headers.
+            # without these headers (kept, to count in MAX_HEADER_BYTES).
             self.interim = True
-            self.head = head[end + 4 :]
+            self.head_start = end + 4
             return
         block = head[line_end:end]
         self.head = b""  # not kept: it may hold the first read of the body
