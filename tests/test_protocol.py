@@ -153,6 +153,21 @@ async def test_answers_are_the_bytes_uvicorn_writes(case: str) -> None:
     assert ours.closed_by_server == theirs.closed_by_server
 
 
+async def test_a_stream_to_an_http_1_0_client_ends_with_the_connection() -> None:
+    """HTTP/1.0 has no chunked framing (uvicorn sends it anyway): a streamed answer goes
+    out as it is, and the connection's close ends it."""
+    events = (b"data: 1\n\n", b"data: 2\n\n")
+    messages = [start([(b"content-type", b"text/event-stream")])]
+    messages += [body(event, True) for event in events] + [body(b"")]
+    request = POST.replace(b"HTTP/1.1", b"HTTP/1.0")
+    transport = await serve(GuardedHttpToolsProtocol, app_answering(*messages), request)
+    head, _, rest = b"".join(transport.writes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding" not in head and b"\r\nconnection: close" in head
+    assert rest == b"".join(events)
+    assert transport.closed_by_server
+
+
 async def test_a_whole_answer_is_one_write() -> None:
     transport = await serve(GuardedHttpToolsProtocol, app_answering(start(WHOLE), body(BODY)), POST)
     assert len(transport.writes) == 1

@@ -17,7 +17,9 @@ work on it unchanged; what it changes is the cost of the usual request:
   header, no access log, not HEAD) is composed here in C-level joins; anything else takes
   uvicorn's own `send` (`_composed`), which decides and raises exactly as uvicorn does.
   A streamed answer (no content-length: an SSE stream may wait long for its first event)
-  still gets its headers at once.
+  still gets its headers at once;
+- a streamed answer to an HTTP/1.0 request goes out without the chunked framing uvicorn
+  would give it (1.0 has none): the connection's close ends it.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Cycle:
         "response_started",
         "scope",
         "transport",
+        "until_close",
         "waiting_for_100_continue",
     )
     # What uvicorn's send reads and never changes.
@@ -130,6 +133,7 @@ class Cycle:
         self.chunked_encoding: bool | None = None
         self.expected_content_length = 0
         self._start: Any = None  # the held `http.response.start` of a whole answer
+        self.until_close = False  # a streamed answer to HTTP/1.0: it ends with the connection
 
     async def run_asgi(self, app: Any) -> None:
         """Run the app for this request; what it leaves undone, done as uvicorn does
@@ -185,14 +189,16 @@ class Cycle:
             self.disconnected = True
         start = self._start
         if start is None:
-            if (
-                message["type"] == "http.response.start"
-                and not self.response_started
-                and type(headers := message.get("headers")) in (list, tuple)
-                and b"content-length" in map(_NAME, headers)
-            ):
-                self._start = message
-                return
+            if message["type"] == "http.response.start" and not self.response_started:
+                headers = message.get("headers")
+                if type(headers) in (list, tuple) and b"content-length" in map(_NAME, headers):
+                    self._start = message
+                    return
+                if self.scope["http_version"] == "1.0":
+                    self._end_by_closing()
+            elif self.until_close and not message.get("more_body", False):
+                # uvicorn checks a length-delimited body's end; this one's is the close
+                self.expected_content_length = len(message.get("body", b""))
             await _uvicorn_send(self, message)
             return
         self._start = None
@@ -213,6 +219,14 @@ class Cycle:
         if not self.keep_alive:
             self.transport.close()
         self.on_response()
+
+    def _end_by_closing(self) -> None:
+        """An HTTP/1.0 client knows no chunked framing, which uvicorn gives every answer
+        without a length (RFC 9112 forbids it for 1.0): the answer is sent as it is and
+        ends when the connection closes, as it does after every HTTP/1.0 answer here."""
+        self.chunked_encoding = False
+        self.expected_content_length = _UNTIL_CLOSE
+        self.until_close = True
 
     def _whole_answer(self, start: Any, body: bytes) -> bytes | None:
         """The bytes of the answer, as uvicorn would write them; None where uvicorn's own
@@ -287,3 +301,4 @@ _NAME, _VALUE = itemgetter(0), itemgetter(1)
 _NAME_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _VALUE_BYTES = bytes(b for b in range(256) if b == 9 or 0x20 <= b != 0x7F)
 _LENGTH = b"\r\ncontent-length: "
+_UNTIL_CLOSE = 1 << 62  # what uvicorn may count down from while the answer streams
