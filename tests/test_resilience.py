@@ -416,25 +416,28 @@ _NGINX_413 = (
 
 
 @pytest.mark.parametrize(
-    ("status", "page", "outcome", "message"),
+    ("status", "page", "outcome", "caller_status", "message"),
     [
         (
             502,
             _CDN_PAGE,
             "upstream_error",
+            502,
             "upstream error 502: an HTML page titled 'api.example.com | 502: Bad gateway'",
         ),
         (
             413,
             _NGINX_413,
             "upstream_rejected",
+            413,
             "the upstream answered 413: an HTML page titled '413 Request Entity Too Large'",
         ),
+        (409, b"", "upstream_rejected", 400, "the upstream answered 409 with an empty body"),
     ],
-    ids=["cdn-502", "proxy-413"],
+    ids=["cdn-502", "proxy-413", "empty-409"],
 )
 def test_an_error_page_from_a_proxy_is_told_by_its_title(
-    gateway_factory, fault_server, status, page, outcome, message
+    gateway_factory, fault_server, status, page, outcome, caller_status, message
 ):
     """An error page from a CDN, load balancer or proxy in front of the upstream begins
     with markup (kilobytes of it, a CDN's): the caller is told its title, and that the
@@ -444,10 +447,10 @@ def test_an_error_page_from_a_proxy_is_told_by_its_title(
     gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
     with pytest.raises(openai.APIStatusError) as raised:
         create(gateway)
-    assert raised.value.status_code == status
+    assert raised.value.status_code == caller_status
     assert raised.value.body["message"] == message
     row = last_row(gateway)
-    assert (row["outcome"], row["status"]) == (outcome, status)
+    assert (row["outcome"], row["status"]) == (outcome, caller_status)
 
 
 def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(

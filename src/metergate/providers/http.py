@@ -221,7 +221,9 @@ class HttpTransport:
                 error_type="upstream_error",
                 upstream_status=status,
             )
-        if not body.lstrip().startswith(b"{"):  # a proxy's page or text, not the API's words
+        if not body.strip():
+            message = f"the upstream answered {status} with an empty body"
+        elif not body.lstrip().startswith(b"{"):  # a proxy's page or text, not the API's
             message = f"the upstream answered {status}: {message}"
         return UpstreamRejected(
             message,
@@ -298,7 +300,7 @@ def _error_text(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip()
 
 
-_TITLE = re.compile(rb"<title[^>]*>([^<]*)</title", re.IGNORECASE)
+_TITLE = re.compile(rb"<title(?:\s[^>]*)?>([^<]*)</title", re.IGNORECASE)
 _PAGE_HEAD = 16 * 1024  # where a page's title is looked for
 
 
