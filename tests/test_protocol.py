@@ -127,6 +127,16 @@ CASES = {
         POST,
         [start([(b"content-type", b"text/event-stream")]), body(b"data: 1\n\n", True), body(b"")],
     ),
+    "a stream of several chunks, one empty": (
+        POST,
+        [
+            start([(b"content-type", b"text/event-stream")]),
+            body(b"data: 1\n\n", True),
+            body(b"", True),
+            body(b"data: " + b"x" * 5000 + b"\n\n", True),
+            body(b"data: [DONE]\n\n"),
+        ],
+    ),
     "a header smuggled in a value": (POST, [start([(b"x-odd", b"a\r\nb: c"), *WHOLE]), body(BODY)]),
     "a line feed in a value": (POST, [start([(b"x-odd", b"a\nb"), *WHOLE]), body(BODY)]),
     "a space in a name": (POST, [start([(b"x odd", b"1"), *WHOLE]), body(BODY)]),

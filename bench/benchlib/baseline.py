@@ -10,11 +10,13 @@ a minute or two). Either way the tree actually imported is checked before measur
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from benchlib.gateway import Install
 from benchlib.procs import BenchError
@@ -40,6 +42,21 @@ def _git(*args: str) -> str:
     if done.returncode != 0:
         raise BenchError(f"git {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout.strip()
+
+
+def module_at(rev: str, path: str, into: Path) -> ModuleType:
+    """One module of `src/metergate` (`path`, e.g. "providers/h1.py") as it was at `rev`,
+    loaded under a name of its own beside this tree's (for in-process A/Bs of one step;
+    its own imports resolve to this tree)."""
+    name = "baseline_" + path.removesuffix(".py").replace("/", "_")
+    file = into / f"{name}.py"
+    file.write_text(_git("show", f"{rev}:src/metergate/{path}"))
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
 
 
 def head() -> tuple[str, str]:

@@ -18,6 +18,8 @@ work on it unchanged; what it changes is the cost of the usual request:
   uvicorn's own `send` (`_composed`), which decides and raises exactly as uvicorn does.
   A streamed answer (no content-length: an SSE stream may wait long for its first event)
   still gets its headers at once;
+- a streamed answer's chunks are framed here, as uvicorn frames them, its end by
+  uvicorn's `send`;
 - a streamed answer to an HTTP/1.0 request goes out without the chunked framing uvicorn
   would give it (1.0 has none): the connection's close ends it.
 """
@@ -189,13 +191,27 @@ class Cycle:
             self.disconnected = True
         start = self._start
         if start is None:
-            if message["type"] == "http.response.start" and not self.response_started:
+            kind = message["type"]
+            if kind == "http.response.start" and not self.response_started:
                 headers = message.get("headers")
                 if type(headers) in (list, tuple) and b"content-length" in map(_NAME, headers):
                     self._start = message
                     return
                 if self.scope["http_version"] == "1.0":
                     self._end_by_closing()
+            elif (
+                self.chunked_encoding
+                and kind == "http.response.body"
+                and message.get("more_body", False)
+                and not self.response_complete
+            ):
+                # A stream's chunk, framed as uvicorn's `send` frames it, without a second
+                # coroutine per chunk; its last message (the end) goes to uvicorn's.
+                if self.flow.write_paused and not self.disconnected:
+                    await self.flow.drain()
+                if not self.disconnected and (body := message.get("body", b"")):
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+                return
             elif self.until_close and not message.get("more_body", False):
                 # uvicorn checks a length-delimited body's end; this one's is the close
                 self.expected_content_length = len(message.get("body", b""))
