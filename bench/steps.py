@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/steps.py head-read --baseline bde508d [--count 20000] [--rounds 7]
     .venv/bin/python bench/steps.py stream-send --baseline 736cb88 [--count 2000] [--rounds 7]
+    .venv/bin/python bench/steps.py relay-layer [--count 2000] [--rounds 7]
 
 - `head-read`: one connection of the upstream client (`providers/h1.py`) reads the same
   whole answer `--count` times (reset, feed, take; no socket, no event-loop turn), with
@@ -11,6 +12,11 @@
   through the gateway's HTTP protocol (`api/protocol.py`) with each tree's request
   cycle (`api/cycle.py`), to a transport that counts what is written. An upstream such
   as OpenAI's sends a token an event, so a long answer is this many sends. µs per chunk.
+
+- `relay-layer`: an OpenAI stream of `--count` reads, one event each, through the
+  pass-through's `relay` as the adapters now return it, and wrapped in the one async
+  generator that re-yielded it until 2026-12-07 (`async for out in chunks: yield out`).
+  No baseline commit: both sides are this tree's. µs per read.
 
 The baseline's module is loaded from the commit beside this tree's
 (`benchlib.baseline.module_at`); rounds alternate the two; medians of `--rounds`.
@@ -25,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from uvicorn.config import Config
@@ -35,6 +40,9 @@ import metergate.api.protocol as protocol
 from benchlib.baseline import module_at
 from metergate.api import cycle
 from metergate.providers import h1
+from metergate.providers.base import StreamState
+from metergate.providers.openai import _PassThrough
+from metergate.providers.translation import relay
 from protocol_overhead import REQUEST, Transport
 
 # --- head-read ---------------------------------------------------------------------------
@@ -115,10 +123,53 @@ async def stream_send_us(module: Any, _: None, count: int) -> float:
     return spent / count * 1e6
 
 
+# --- relay-layer ---------------------------------------------------------------------------
+
+CHAT_EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+
+
+class _Reads:
+    """An upstream stream as its network reads, one event each, then the end."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    async def __aiter__(self) -> Any:
+        for _ in range(self.count):
+            yield CHAT_EVENT
+        yield b"data: [DONE]\n\n"
+
+    def close(self) -> None:
+        pass
+
+
+async def _opened(count: int) -> Any:
+    return _Reads(count)
+
+
+async def _re_yielded(chunks: Any) -> Any:
+    async for out in chunks:
+        yield out
+
+
+async def relay_layer_us(wrapped: bool, _: None, count: int) -> float:
+    transport: Any = None  # only names a failure, and none comes
+    chunks = relay(transport, _opened(count), _PassThrough(False, StreamState()))
+    if wrapped:
+        chunks = _re_yielded(chunks)
+    began = time.perf_counter()
+    reads = 0
+    async for _ in chunks:
+        reads += 1
+    spent = time.perf_counter() - began
+    assert reads == count + 1 or reads == count
+    return spent / count * 1e6
+
+
 # --- the A/B -----------------------------------------------------------------------------
 
 Timed = Callable[[Any, Any, int], Awaitable[float]]
-STEPS: dict[str, tuple[str, ModuleType, Timed, tuple[tuple[str, Any], ...], str]] = {
+STEPS: dict[str, tuple[str, Any, Timed, tuple[tuple[str, Any], ...], str]] = {
     "head-read": (
         "providers/h1.py",
         h1,
@@ -127,10 +178,12 @@ STEPS: dict[str, tuple[str, ModuleType, Timed, tuple[tuple[str, Any], ...], str]
         "µs per answer",
     ),
     "stream-send": ("api/cycle.py", cycle, stream_send_us, (("a streamed chunk", None),), "µs"),
+    # no module: the "baseline" side is the same relay wrapped in one re-yielding layer
+    "relay-layer": ("", False, relay_layer_us, (("an upstream read, relayed", None),), "µs"),
 }
 
 
-async def measure(step: str, baseline: ModuleType, count: int, rounds: int) -> list[str]:
+async def measure(step: str, baseline: Any, count: int, rounds: int) -> list[str]:
     _, current, timed, cases, unit = STEPS[step]
     rows = []
     for name, case in cases:
@@ -147,15 +200,19 @@ async def measure(step: str, baseline: ModuleType, count: int, rounds: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("step", choices=sorted(STEPS))
-    parser.add_argument("--baseline", required=True, help="the commit to compare with")
+    parser.add_argument("--baseline", help="the commit to compare with (not for relay-layer)")
     parser.add_argument("--count", type=int, default=0, help="answers or chunks per round")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     count = args.count or (20_000 if args.step == "head-read" else 2_000)
+    path = STEPS[args.step][0]
+    if path and not args.baseline:
+        parser.error(f"{args.step} needs --baseline")
     with tempfile.TemporaryDirectory() as workdir:
-        baseline = module_at(args.baseline, STEPS[args.step][0], Path(workdir))
+        baseline = module_at(args.baseline, path, Path(workdir)) if path else True
         rows = asyncio.run(measure(args.step, baseline, count, args.rounds))
-    print(f"| {args.step} | {args.baseline} | this tree | this tree / baseline |")
+    before = args.baseline or "re-yielded"
+    print(f"| {args.step} | {before} | this tree | this tree / baseline |")
     print("| --- | ---: | ---: | ---: |")
     print("\n".join(rows))
 

@@ -30,6 +30,10 @@ class Reads:
         self.closed = True
 
 
+async def opened(response: Reads) -> Reads:
+    return response
+
+
 def event(n: int) -> bytes:
     return b'data: {"choices":[{"index":0,"delta":{"content":"tok%d "}}]}\n\n' % n
 
@@ -43,7 +47,7 @@ async def items(*reads: bytes, include_usage: bool = True) -> tuple[list[bytes],
     response = Reads(*reads)
     translator = _PassThrough(include_usage, state)
     transport: Any = None  # only used to name a failure
-    async with aclosing(relay(transport, response, translator)) as chunks:  # type: ignore[arg-type]
+    async with aclosing(relay(transport, opened(response), translator)) as chunks:  # type: ignore[arg-type]
         found = [chunk async for chunk in chunks]
     assert response.closed
     return found, state

@@ -22,7 +22,6 @@ through as they are (`anthropic_native`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from metergate.config.model import ProviderConfig
@@ -63,21 +62,12 @@ class AnthropicAdapter(HttpAdapter):
         )
         return from_message(load_answer(answer, "Messages API answer", "content"), call.model)
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:
-            native = anthropic_native.message_stream(self.transport, self.url, call, state)
-            async with aclosing(native) as chunks:
-                async for out in chunks:
-                    yield out
-            return
+            return anthropic_native.message_stream(self.transport, self.url, call, state)
         payload = {**to_messages_request(call.body, call.model), "stream": True}
-        response = await self.transport.open_stream(
-            self.url, payload, call.timeouts, call.extra_headers
-        )
-        translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        opening = self.transport.open_stream(self.url, payload, call.timeouts, call.extra_headers)
+        return relay(self.transport, opening, _StreamTranslator(call, state))
 
     async def count_tokens(self, call: UpstreamCall) -> bytes:
         """Anthropic's own count of the input tokens of `call.native` (free of charge)."""

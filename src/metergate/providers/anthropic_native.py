@@ -11,7 +11,6 @@ on the way, from the answer or from `message_start` / `message_delta`.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any
 
 from metergate.errors import InvalidRequest, UpstreamProtocolError, UpstreamServerError
@@ -46,15 +45,13 @@ async def message(transport: HttpTransport, url: str, call: UpstreamCall) -> Com
     return Completion(answer, usage_of(usage), reported=bool(usage))
 
 
-async def message_stream(
+def message_stream(
     transport: HttpTransport, url: str, call: UpstreamCall, state: StreamState
 ) -> AsyncGenerator[bytes, None]:
     assert call.native is not None
     body = {**payload(call), "stream": True}
-    response = await transport.open_stream(url, body, call.timeouts, own_headers(call))
-    async with aclosing(relay(transport, response, _Relay(state))) as chunks:
-        async for out in chunks:
-            yield out
+    opening = transport.open_stream(url, body, call.timeouts, own_headers(call))
+    return relay(transport, opening, _Relay(state))
 
 
 async def count_tokens(transport: HttpTransport, url: str, call: UpstreamCall) -> bytes:

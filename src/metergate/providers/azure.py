@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +28,7 @@ from metergate.config.model import AzureSettings, ProviderConfig
 from metergate.errors import UpstreamFailure, UpstreamRejected, error_body
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.entra import EntraToken
+from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpAdapter, HttpTransport
 from metergate.providers.openai import _PassThrough, completion_of
 from metergate.providers.sse import Event
@@ -91,17 +91,18 @@ class AzureOpenAIAdapter(HttpAdapter):
         )
         return completion_of(body, "data")
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url, deployment = self.target(call.model, "chat/completions")
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": deployment, "stream": True, "stream_options": options}
-        response = await self.transport.open_stream(
-            url, payload, call.timeouts, await self._auth(call)
-        )
         translator = _AzurePassThrough(call.include_usage, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return relay(self.transport, self._open_stream(url, payload, call), translator)
+
+    async def _open_stream(
+        self, url: str, payload: dict[str, Any], call: UpstreamCall
+    ) -> StreamResponse:
+        """Open a stream once the credentials are at hand (a token may need fetching)."""
+        return await self.transport.open_stream(url, payload, call.timeouts, await self._auth(call))
 
 
 class _AzurePassThrough(_PassThrough):

@@ -22,7 +22,6 @@ the cost header and the ledger agree.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -66,15 +65,12 @@ class PresetAdapter(OpenAIAdapter):
             answer = orjson.dumps({**data, "usage": fixed})
         return Completion(answer, usage, reported=bool(data.get("usage")))
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         payload = self.payload(call, True)
-        response = await self.transport.open_stream(
+        opening = self.transport.open_stream(
             self.chat_url, payload, call.timeouts, call.extra_headers
         )
-        translator = _Relay(call.include_usage, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return relay(self.transport, opening, _Relay(call.include_usage, state))
 
 
 def normalized(raw: Any) -> tuple[Usage, dict[str, Any] | None]:

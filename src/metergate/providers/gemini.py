@@ -17,7 +17,6 @@ import base64
 import math
 import struct
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -82,15 +81,12 @@ class GeminiAdapter(HttpAdapter):
         )
         return from_response(load_json(answer, "generateContent answer"), call.model)
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         url = self._url(call.model, "streamGenerateContent") + "?alt=sse"
-        response = await self.transport.open_stream(
+        opening = self.transport.open_stream(
             url, to_generate_request(call.body), call.timeouts, call.extra_headers
         )
-        translator = _StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return relay(self.transport, opening, _StreamTranslator(call, state))
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         model = call.model.removeprefix("models/")

@@ -10,7 +10,6 @@ they are too (`openai_native`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -61,25 +60,18 @@ class OpenAIAdapter(HttpAdapter):
         )
         return completion_of(body, "data")
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:
             asked = (call.native.body.get("stream_options") or {}).get("include_usage")
-            native = openai_native.stream(
+            return openai_native.stream(
                 self.transport, self.base, call, state, _PassThrough(bool(asked), state)
             )
-            async with aclosing(native) as chunks:
-                async for out in chunks:
-                    yield out
-            return
         options = {**(call.body.get("stream_options") or {}), "include_usage": True}
         payload = {**call.body, "model": call.model, "stream": True, "stream_options": options}
-        response = await self.transport.open_stream(
+        opening = self.transport.open_stream(
             self.chat_url, payload, call.timeouts, call.extra_headers
         )
-        translator = _PassThrough(call.include_usage, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return relay(self.transport, opening, _PassThrough(call.include_usage, state))
 
 
 class _PassThrough:

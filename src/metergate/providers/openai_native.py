@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from decimal import Decimal
 from typing import Any
 
@@ -96,7 +95,7 @@ async def answer(transport: HttpTransport, base: str, call: UpstreamCall) -> Com
     return Completion(body, Usage.from_openai(usage).served_on(data), reported)
 
 
-async def stream(
+def stream(
     transport: HttpTransport,
     base: str,
     call: UpstreamCall,
@@ -113,12 +112,10 @@ async def stream(
     else:
         options = {**(native.body.get("stream_options") or {}), "include_usage": True}
         payload["stream_options"] = options
-    response = await transport.open_stream(
+    opening = transport.open_stream(
         f"{base}/{native.protocol}", payload, call.timeouts, call.extra_headers
     )
-    async with aclosing(relay(transport, response, translator)) as chunks:
-        async for out in chunks:
-            yield out
+    return relay(transport, opening, translator)
 
 
 class _ResponsesRelay:

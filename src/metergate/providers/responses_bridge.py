@@ -32,7 +32,6 @@ What the translation does, as a caller sees it:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -95,22 +94,15 @@ class ResponsesBridgeAdapter(OpenAIAdapter):
         )
         return from_response(load_answer(answer, "Responses answer", "output"), call.model)
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         if call.native is not None:
-            native_stream = super().chat_stream(call, state)  # an async generator
-            async with aclosing(native_stream) as native:  # type: ignore[type-var]
-                async for out in native:
-                    yield out
-            return
+            return super().chat_stream(call, state)
         request = self.request(call)
         request["stream"] = True
-        response = await self.transport.open_stream(
+        opening = self.transport.open_stream(
             self.responses_url, request, call.timeouts, call.extra_headers
         )
-        translator = StreamTranslator(call, state)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return relay(self.transport, opening, StreamTranslator(call, state))
 
 
 # -- answer ------------------------------------------------------------------------------

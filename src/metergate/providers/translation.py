@@ -11,7 +11,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -357,7 +357,7 @@ def _translated(
 
 
 async def relay(
-    transport: HttpTransport, response: StreamResponse, translator: EventTranslator
+    transport: HttpTransport, opening: Awaitable[StreamResponse], translator: EventTranslator
 ) -> AsyncGenerator[bytes, None]:
     """Read an upstream SSE stream and yield its translation, one item per network read,
     except that the first event with something to send goes out alone: a read holding
@@ -368,7 +368,12 @@ async def relay(
     by `stream_idle`; closing returns the connection to the pool only if the stream was
     read to its end. An upstream error event still lets what came before it in the same
     read go out first: the caller gets the text the upstream generated (and bills).
+
+    `opening` is the stream's opening, not yet awaited (`HttpTransport.open_stream`, or
+    a coroutine that gets credentials first), so that an adapter's `chat_stream` returns
+    this generator itself: re-yielding it cost an async generator more per read.
     """
+    response = await opening  # its failures are classified already
     decoder = SSEDecoder()
     started = False
     try:

@@ -19,7 +19,6 @@ models/{model}:{method}`, the endpoint being `https://{location}-aiplatform.goog
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +31,7 @@ from metergate.providers.anthropic_translate import from_message, to_messages_re
 from metergate.providers.base import Completion, StreamState, UpstreamCall, Usage
 from metergate.providers.gcp_auth import GoogleToken
 from metergate.providers.gemini_translate import from_response, to_generate_request
+from metergate.providers.h1 import StreamResponse
 from metergate.providers.http import HttpAdapter
 from metergate.providers.translation import (
     EventTranslator,
@@ -88,7 +88,7 @@ class VertexAdapter(HttpAdapter):
         )
         return from_response(load_json(answer, "generateContent answer"), call.model)
 
-    async def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
+    def chat_stream(self, call: UpstreamCall, state: StreamState) -> AsyncIterator[bytes]:
         path, claude = self.model_path(call.model)
         translator: EventTranslator
         if claude:
@@ -97,11 +97,14 @@ class VertexAdapter(HttpAdapter):
         else:
             url, payload = f"{path}:streamGenerateContent?alt=sse", to_generate_request(call.body)
             translator = gemini._StreamTranslator(call, state)
+        return relay(self.transport, self._open_stream(url, payload, call), translator)
+
+    async def _open_stream(
+        self, url: str, payload: dict[str, Any], call: UpstreamCall
+    ) -> StreamResponse:
+        """Open a stream once the credentials are at hand (a token may need fetching)."""
         auth = await self.token.header() + call.extra_headers
-        response = await self.transport.open_stream(url, payload, call.timeouts, auth)
-        async with aclosing(relay(self.transport, response, translator)) as chunks:
-            async for out in chunks:
-                yield out
+        return await self.transport.open_stream(url, payload, call.timeouts, auth)
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         path, claude = self.model_path(call.model)
