@@ -52,8 +52,8 @@ class Usage:
     def served_on(self, answer: dict[str, Any]) -> Usage:
         """This usage, with the tier an OpenAI-format answer (or chunk, or Responses
         object) says it was served on."""
-        tier = answer.get("service_tier")
-        if tier.__class__ is str:
+        tier = tier_of(answer)
+        if tier is not None:
             self.service_tier = tier
         return self
 
@@ -85,6 +85,12 @@ class Usage:
         if self.reasoning_tokens:
             usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return usage
+
+
+def tier_of(answer: dict[str, Any]) -> str | None:
+    """The processing tier an OpenAI-format answer, chunk or Responses object names."""
+    tier = answer.get("service_tier")
+    return tier if tier.__class__ is str else None
 
 
 def reported_part(details: dict[str, Any], field: str, of: int) -> int:

@@ -244,12 +244,11 @@ class _Connection(asyncio.Protocol):
         if lowered.count(b"\r\n") > MAX_HEADERS:
             self._fail(ProtocolError(f"the upstream sent more than {MAX_HEADERS} headers", True))
             raise _StopParsing
-        if b"\r\ncontent-length:" in lowered:
-            self.delimited = True
-        elif b"\r\ntransfer-encoding:" in lowered:
-            self.delimited = b"chunked" in header_fields(lowered)[b"transfer-encoding"]
-        encoded = b"\r\ncontent-encoding:" in lowered
-        if encoded and header_fields(lowered)[b"content-encoding"] in (b"gzip", b"deflate"):
+        framed = b"\r\ncontent-length:" in lowered
+        coded = b"\r\ntransfer-encoding:" in lowered or b"\r\ncontent-encoding:" in lowered
+        fields = header_fields(lowered) if coded else {}  # the usual answer: neither
+        self.delimited = framed or b"chunked" in fields.get(b"transfer-encoding", b"")
+        if fields.get(b"content-encoding") in (b"gzip", b"deflate"):
             self.decoder = zlib.decompressobj(47)  # gzip or zlib header, auto-detected
         self.status = status
         self.got_headers = True

@@ -275,7 +275,7 @@ def how_it_began(body: bytes) -> str:
     """The start of an upstream body that is not the JSON asked for, for an error
     message: an HTML page says at once that `base_url` is wrong or a proxy answered.
     Whitespace collapsed, credentials taken out."""
-    began = " ".join(body[:_QUOTED].decode("utf-8", "replace").split())
+    began = _one_line(body, _QUOTED)
     if not began:
         return "an empty body"
     return repr(redact(began) + ("..." if len(body) > _QUOTED else ""))
@@ -288,7 +288,7 @@ def _error_text(body: bytes) -> str:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return _page_title(body) or " ".join(body[:300].decode("utf-8", "replace").split())
+        return _page_title(body) or _one_line(body, 300)
     if isinstance(data, dict):
         error = data.get("error")
         if isinstance(error, dict) and error.get("message"):
@@ -298,6 +298,11 @@ def _error_text(body: bytes) -> str:
         if data.get("message"):
             return str(data["message"])
     return body[:300].decode("utf-8", "replace").strip()
+
+
+def _one_line(body: bytes, limit: int) -> str:
+    """The start of a body, its whitespace (newlines too) collapsed into single spaces."""
+    return " ".join(body[:limit].decode("utf-8", "replace").split())
 
 
 _TITLE = re.compile(rb"<title(?:\s[^>]*)?>([^<]*)</title", re.IGNORECASE)

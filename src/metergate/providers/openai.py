@@ -22,6 +22,7 @@ from metergate.providers.base import (
     StreamState,
     UpstreamCall,
     Usage,
+    tier_of,
 )
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message, how_it_began
 from metergate.providers.sse import DONE, Event, event_object
@@ -98,9 +99,7 @@ class _PassThrough:
             if failed is not None:
                 raise failed
         if not self.checked:
-            tier = event_object(data).get("service_tier")
-            if tier.__class__ is str:
-                self.state.service_tier = tier
+            self.state.service_tier = tier_of(event_object(data))
             self.checked = True
         return None
 
