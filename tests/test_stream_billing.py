@@ -207,6 +207,27 @@ def test_a_translated_answer_without_usage_is_billed_what_it_answered(gateway: G
     )
 
 
+def test_a_translated_stream_without_usage_is_billed_what_it_relayed(gateway: Gateway) -> None:
+    """An Anthropic stream that reports no usage (neither in `message_start` nor in
+    `message_delta`, as a compatible server may) is billed its relayed text as an
+    estimate, like any stream without usage: not read as a report of zero tokens. The
+    caller asked for usage and gets no usage chunk rather than zeros."""
+    stream = gateway.client(timeout=30).chat.completions.create(
+        model="claude",
+        messages=[{"role": "user", "content": "Tell me. TRIGGER:nousage"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"x-request-id": "billing-translated-stream-nousage"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and all(chunk.usage is None for chunk in chunks)
+    row = ledger_row(gateway, "billing-translated-stream-nousage")
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 1)
+    assert row["output_tokens"] == len(text.encode()) and row["input_tokens"] > 0
+    assert row["cost_nano"] == cost_nano(row) > 0
+
+
 def test_a_door_stream_without_upstream_usage_reports_what_it_is_billed(
     gateway_factory: Callable[..., Gateway], upstreams: dict[str, UpstreamServer]
 ) -> None:

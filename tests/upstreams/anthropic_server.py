@@ -20,8 +20,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `stream_error` -> (streaming) a few events, then an `error` event (`overloaded_error`);
 * `stream_cut` -> (streaming) a few events, then a clean end without `message_stop`;
 * `stream_abort` -> (streaming) a few events, then the connection is dropped.
-* `nousage` -> (not streaming) an answer without `usage`, as an Anthropic-compatible
-  server might send;
+* `nousage` -> an answer without `usage` (streamed: neither `message_start` nor
+  `message_delta` carries one), as an Anthropic-compatible server might send;
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
   content delta, then a clean end without `message_stop`, or a stall until the client
   leaves.
@@ -311,7 +311,7 @@ def _content(body: dict[str, Any], serial: int) -> tuple[list[dict[str, Any]], s
 async def _stream(
     request: web.Request, answer: dict[str, Any], word: str | None
 ) -> web.StreamResponse:
-    events = _events(answer)
+    events = _events(answer, with_usage=word != "nousage")
     if word in ("stream_error", "stream_cut", "stream_abort"):
         events = events[:5]
         if word == "stream_error":
@@ -351,8 +351,9 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def _events(answer: dict[str, Any]) -> list[bytes]:
-    """The stream of events the real API sends for `answer`."""
+def _events(answer: dict[str, Any], with_usage: bool = True) -> list[bytes]:
+    """The stream of events the real API sends for `answer` (`with_usage` False: as a
+    compatible server that reports none)."""
     usage = answer["usage"]
     start = {
         **answer,
@@ -361,6 +362,8 @@ def _events(answer: dict[str, Any]) -> list[bytes]:
         "stop_sequence": None,
         "usage": {**usage, "output_tokens": 1},
     }
+    if not with_usage:
+        del start["usage"]
     events = [
         _event("message_start", {"type": "message_start", "message": start}),
         _event("ping", {"type": "ping"}),
@@ -398,25 +401,16 @@ def _events(answer: dict[str, Any]) -> list[bytes]:
             for d in deltas
         ]
         events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
-    events.append(
-        _event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {
-                    "stop_reason": answer["stop_reason"],
-                    "stop_sequence": answer["stop_sequence"],
-                },
-                "usage": {
-                    "output_tokens": usage["output_tokens"],
-                    **(
-                        {"server_tool_use": usage["server_tool_use"]}
-                        if "server_tool_use" in usage
-                        else {}
-                    ),
-                },
-            },
-        )
-    )
+    delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": answer["stop_reason"], "stop_sequence": answer["stop_sequence"]},
+        "usage": {
+            "output_tokens": usage["output_tokens"],
+            **({"server_tool_use": usage["server_tool_use"]} if "server_tool_use" in usage else {}),
+        },
+    }
+    if not with_usage:
+        del delta["usage"]
+    events.append(_event("message_delta", delta))
     events.append(_event("message_stop", {"type": "message_stop"}))
     return events

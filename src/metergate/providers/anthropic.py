@@ -160,9 +160,12 @@ class _StreamTranslator:
         return writer.delta({}, reason) + writer.end(self.state.usage, self.call.include_usage)
 
     def _add_usage(self, usage: dict[str, Any] | None) -> None:
-        """message_start carries input counts, message_delta the (cumulative) output count."""
+        """message_start carries input counts, message_delta the (cumulative) output count.
+        A stream that reports none (a compatible server's) keeps `state.usage` None, so
+        that it is billed as one without usage, not as a report of zero tokens."""
         self.raw_usage.update({k: v for k, v in (usage or {}).items() if v is not None})
-        self.state.usage = usage_of(self.raw_usage)
+        if self.raw_usage:
+            self.state.usage = usage_of(self.raw_usage)
 
     def _writer(self) -> ChunkWriter:
         if self.writer is None:
