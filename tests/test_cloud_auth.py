@@ -258,3 +258,43 @@ def test_bedrock_credentials_from_a_web_identity_are_refreshed(
     assert state.issued >= 3 and asked > state.issued
     keys = {r.headers["authorization"].split("/")[0] for r in clouds.recorder("bedrock").requests}
     assert len(keys) >= 2 and all("ASIAFAKEWEBIDENTITY" in key for key in keys)
+
+
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_bedrock_keys_echoed_by_the_upstream_do_not_reach_the_caller(
+    gateway_factory: Callable[..., Gateway],
+    clouds: Clouds,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+) -> None:
+    """An upstream (or a proxy before it) that quotes the request's signing headers and
+    secret in its error: the caller reads the message without the AWS keys, whether
+    they came from the config or were fetched from the environment's chain (a role's
+    session token travels with every request)."""
+    if source == "config":
+        access, secret, token = bedrock_server.ACCESS_KEY, bedrock_server.SECRET_KEY, None
+        settings = bedrock_only(clouds, access_key_id=access, secret_access_key=secret)
+    else:
+        access, secret, token = "ASIAFAKETEMPORARY002", "temp/secret/two", "session-token-two"
+        clouds.bedrock_state.credentials[access] = (secret, token)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+        settings = bedrock_only(clouds)
+    gateway = gateway_factory(settings)
+    client = gateway.client()
+    messages = []
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="bedrock", messages=ask("TRIGGER:echo_credentials"))
+    messages.append(refused.value.response.text)
+    with pytest.raises(openai.APIError) as broken:  # (before or after its first chunk)
+        list(
+            client.chat.completions.create(
+                model="bedrock", messages=ask("TRIGGER:stream_echo_credentials"), stream=True
+            )
+        )
+    messages.append(str(broken.value.message))
+    for message in messages:
+        assert "request rejected" in message and "***" in message, message
+        for leaked in (access, secret, token):
+            assert leaked is None or leaked not in message, message

@@ -27,11 +27,13 @@ import orjson
 import pytest
 from aiohttp import web
 
+from metergate.config.model import ProviderConfig
 from metergate.errors import UpstreamProtocolError
 from metergate.providers.anthropic_translate import usage_of as anthropic_usage
 from metergate.providers.base import Usage
 from metergate.providers.bedrock_translate import usage_of as bedrock_usage
 from metergate.providers.gemini_translate import usage_of as gemini_usage
+from metergate.providers.http import HttpTransport, redact
 from metergate.providers.openai_native import responses_usage
 from tests.harness import BackgroundLoop, UpstreamServer, eventually
 from tests.services import ServerProcess, binary, free_port
@@ -607,3 +609,20 @@ def test_credentials_an_upstream_echoes_never_reach_the_caller(
     assert token not in message and team not in message
     assert "***" in message
     upstream.close()
+
+
+def test_tokens_fetched_at_run_time_are_hidden_while_they_may_be_valid() -> None:
+    """Entra and Google access tokens are fetched by the gateway and sent as bearer
+    headers: once fetched, upstream text that quotes one loses it, like a configured
+    key; after two refreshes the oldest is no longer valid and no longer looked for."""
+    config = ProviderConfig.model_validate({"type": "openai", "base_url": "http://127.0.0.1:9"})
+    transport = HttpTransport(config, {}, "http://127.0.0.1:9")
+    tokens = [f"eyJ0eXAiOiJKV1QifQ.token-number-{n}" for n in range(3)]
+    text = f"tokens {tokens[0]} and {tokens[1]}"
+    assert redact(text) == text
+    transport.hide_bearer(f"authorization: Bearer {tokens[0]}\r\n".encode())
+    assert redact(text) == f"tokens *** and {tokens[1]}"
+    transport.hide_bearer(f"authorization: Bearer {tokens[1]}\r\n".encode())
+    assert redact(text) == "tokens *** and ***"
+    transport.hide_bearer(f"authorization: Bearer {tokens[2]}\r\n".encode())
+    assert redact(f"{text} {tokens[2]}") == f"tokens {tokens[0]} and *** ***"

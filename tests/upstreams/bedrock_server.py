@@ -28,7 +28,10 @@ not answering tool uses) the answer is "Let me check." plus tool uses of the for
 first) tool with `{"location": "Paris"}` and `{"location": "Tokyo"}`; otherwise `ANSWER`
 cut by `stopSequences` or after `maxTokens` words. `TRIGGER:nousage` leaves the usage out
 of the answer (streamed: the metadata event carries none), as a gateway in front of
-Bedrock might.
+Bedrock might. `TRIGGER:echo_credentials` answers a 400 whose message quotes the
+request's signing headers and the secret key they were signed with, as a proxy or a
+debugging endpoint might; `TRIGGER:stream_echo_credentials` sends the same text in an
+exception frame after a few events.
 """
 
 from __future__ import annotations
@@ -120,15 +123,32 @@ def create_app(state: State | None = None) -> web.Application:
         word = trigger(_last_user_text(body["messages"]))
         if word in _ERRORS:
             return _error(*_ERRORS[word])
+        if word == "echo_credentials":
+            return _error(400, "ValidationException", _echoed(request, app[STATE]))
         answer = _answer(body, len(app[RECORDER].requests))
         if word == "nousage":
             answer["usage"] = None
         if operation == "converse":
             return web.json_response(answer)
+        if word == "stream_echo_credentials":
+            frames = _frames(answer)[:5]
+            frames.append(exception("internalServerException", _echoed(request, app[STATE])))
+            return await send_stream(request, "application/vnd.amazon.eventstream", frames)
         return await _stream(request, answer, word)
 
     app.router.add_post(r"/model/{model}/{operation:converse|converse-stream|invoke}", model)
     return app
+
+
+def _echoed(request: web.Request, state: State) -> str:
+    """A message that quotes the request's credentials, and the secret they sign with."""
+    authorization = request.headers.get("authorization", "")
+    access_key = authorization.partition("Credential=")[2].partition("/")[0]
+    secret = state.credentials.get(access_key, ("", None))[0]
+    return (
+        f"request rejected: authorization {authorization!r}, security token "
+        f"{request.headers.get('x-amz-security-token')!r}, signed with {secret!r}"
+    )
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

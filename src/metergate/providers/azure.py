@@ -49,6 +49,8 @@ class AzureOpenAIAdapter(HttpAdapter):
         self.endpoint = config.base_url or ""
         self.transport = _AzureTransport(config, headers, self.endpoint)
         self.entra = EntraToken(name, config, self.settings) if self.settings.client_id else None
+        if self.entra is not None:
+            self.entra.cache.fetched = self.transport.hide_bearer
         self._targets: dict[tuple[str, str], tuple[str, str]] = {}
 
     async def close(self) -> None:

@@ -81,6 +81,8 @@ class BedrockAdapter(HttpAdapter):
         self.base = config.base_url or f"https://bedrock-runtime.{region}.amazonaws.com"
         self.transport = _BedrockTransport(config, headers, self.base)
         self.signer = None if config.api_key is not None else AwsSigner(name, settings, region)
+        if self.signer is not None:  # keys from the environment or a role, once fetched
+            self.signer.cache.fetched = lambda keys: self.transport.hide(*keys)
 
     async def close(self) -> None:
         await super().close()

@@ -38,7 +38,7 @@ from metergate.providers.base import Adapter
 from metergate.providers.h1 import Deadlines, H1Error, HttpClient, StreamResponse
 from metergate.providers.proxy import proxy_for
 
-_KEYLIKE = re.compile(r"\b(sk|pk|key|AIza)[-_A-Za-z0-9]{12,}")
+_KEYLIKE = re.compile(r"\b(sk|pk|key|AIza)[-_A-Za-z0-9]{12,}|\b(AKIA|ASIA)[A-Z0-9]{16}\b")
 # Headers that carry a provider credential, whatever the adapter; every header the
 # operator configured (`providers.*.headers`) is treated as one too.
 _CREDENTIAL_HEADERS = frozenset(
@@ -70,7 +70,9 @@ class HttpTransport:
             if any(c in name + value for c in "\r\n"):
                 raise ValueError(f"header {name!r} of provider contains a line break")
         self.head = "".join(f"{name}: {value}\r\n" for name, value in merged.items()).encode()
-        _credentials[self] = _credentials_of(config, merged)
+        self._configured = set(_credentials_of(config, merged))
+        self._fetched: tuple[set[str], ...] = ()
+        _credentials[self] = _longest_first(self._configured)
         self.client: HttpClient | None = None
         # Keyed by the Timeouts object's identity: hashing a frozen pydantic model hashes
         # every field, per request. A deployment's Timeouts live as long as its plan.
@@ -234,6 +236,18 @@ class HttpTransport:
     def redact(self, text: str) -> str:
         return redact(text)
 
+    def hide(self, *secrets: str | None) -> None:
+        """Credentials fetched at run time (AWS role keys, Entra and Google access
+        tokens): taken out of upstream text like the configured ones. The last two
+        fetches' are kept (the one before is valid a while after a refresh), so that
+        refreshed tokens do not pile up."""
+        self._fetched = ({s for s in secrets if s}, *self._fetched[:1])
+        _credentials[self] = _longest_first(self._configured.union(*self._fetched))
+
+    def hide_bearer(self, line: bytes) -> None:
+        """`hide` the token of an `authorization: Bearer <token>` header line."""
+        self.hide(line.decode("latin-1").partition("Bearer ")[2].strip())
+
 
 def _out_of_files(exc: BaseException) -> bool:
     """Did the failure come from this process (or host) running out of descriptors?"""
@@ -246,14 +260,31 @@ def _out_of_files(exc: BaseException) -> bool:
 
 
 def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> tuple[str, ...]:
-    """The secrets among a provider's request headers: the whole value and, after an
-    auth scheme (`Bearer x`), the token alone; longest first, short values left out."""
+    """The secrets among a provider's request headers (the whole value and, after an
+    auth scheme (`Bearer x`), the token alone) and in its settings (Bedrock's keys, an
+    Entra client secret)."""
     found = {config.api_key.get_secret_value()} if config.api_key else set()
     for name, value in headers.items():
         if name.lower() in _CREDENTIAL_HEADERS or name in config.headers:
             found.add(value)
             found.add(value.partition(" ")[2])
-    return tuple(sorted((s for s in found if len(s) >= 8), key=len, reverse=True))
+    bedrock, azure = config.bedrock, config.azure
+    for secret in (
+        bedrock and bedrock.secret_access_key,
+        bedrock and bedrock.session_token,
+        azure and azure.client_secret,
+    ):
+        if secret:
+            found.add(secret.get_secret_value())
+    if bedrock and bedrock.access_key_id:  # not a secret, but whose keys they are
+        found.add(bedrock.access_key_id)
+    return _longest_first(found)
+
+
+def _longest_first(secrets: set[str]) -> tuple[str, ...]:
+    """Longest first (a secret that holds another is taken out whole), short ones left
+    out (they would take ordinary words out of messages)."""
+    return tuple(sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True))
 
 
 def redact(text: str) -> str:

@@ -30,9 +30,12 @@ Fetch = Callable[[], Awaitable[tuple[T, float | None]]]
 class Refreshing(Generic[T]):
     """One credential, fetched by `fetch` at most once at a time."""
 
-    def __init__(self, fetch: Fetch[T], what: str) -> None:
+    def __init__(
+        self, fetch: Fetch[T], what: str, fetched: Callable[[T], None] | None = None
+    ) -> None:
         self._fetch = fetch
         self.what = what
+        self.fetched = fetched  # told every new value (to hide it from upstream text)
         self._value: T | None = None
         self._refresh_at = 0.0  # monotonic times
         self._expires_at = 0.0
@@ -78,6 +81,8 @@ class Refreshing(Generic[T]):
             raise
         now = time.monotonic()
         self._value, self._failure = value, None
+        if self.fetched is not None:
+            self.fetched(value)
         if lifetime is None:
             self._refresh_at = self._expires_at = float("inf")
         else:

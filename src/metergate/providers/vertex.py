@@ -62,6 +62,7 @@ class VertexAdapter(HttpAdapter):
         # Google's error details (RetryInfo) are read as for the Gemini API.
         self.transport = gemini._GeminiTransport(config, {}, base)
         self.token = GoogleToken(name, settings)
+        self.token.cache.fetched = self.transport.hide_bearer
 
     async def close(self) -> None:
         await super().close()
