@@ -264,6 +264,32 @@ def test_a_bedrock_answer_without_usage_is_billed_what_it_answered(
     assert row["output_tokens"] == len(text.encode()) > 0 and row["cost_nano"] > 0
 
 
+@pytest.mark.parametrize(
+    ("trigger", "said"),
+    [
+        ("stream_error_at_once", "modelStreamErrorException"),
+        ("stream_corrupt_at_once", "malformed event stream"),
+    ],
+)
+def test_bedrock_text_before_a_broken_frame_in_the_same_read_reaches_the_caller(
+    gateway: Gateway, trigger: str, said: str
+) -> None:
+    """An exception frame, or a frame whose checksum is wrong, in the same network read
+    as the text before it: that text is relayed and billed, then the stream ends with
+    the error (it was all dropped, the caller got a bare 502 and the ledger $0)."""
+    text = ""
+    with pytest.raises(openai.APIError) as broken:
+        for chunk in gateway.client().chat.completions.create(
+            model="bedrock", messages=ask(f"Tell me. TRIGGER:{trigger}"), stream=True
+        ):
+            text += "".join(choice.delta.content or "" for choice in chunk.choices)
+    assert said in str(broken.value.message)
+    assert text == " ".join(ANSWER.split(" ")[:4])  # the four words before the break
+    row = ledger_row(gateway, "1=1")
+    assert (row["outcome"], row["usage_estimated"]) == ("upstream_error", 1)
+    assert row["output_tokens"] >= len(text.encode()) and row["cost_nano"] > 0
+
+
 def test_a_bedrock_model_failure_is_an_upstream_error_not_the_callers(gateway: Gateway) -> None:
     """HTTP 424 ModelErrorException: the model failed on a valid request. A 502 the
     caller may retry (and the gateway does), not a 400 telling it its request is wrong."""

@@ -21,7 +21,9 @@ Behaviour by `TRIGGER:<word>` in the last user turn's text (see `tests.upstreams
 `overloaded` -> 503 ServiceUnavailableException; `rate_limit` -> 429
 ThrottlingException; `invalid` -> 400 ValidationException; `model_error` -> 424
 ModelErrorException; `stream_error` (a few events,
-then a `modelStreamErrorException` frame), `stream_cut`, `stream_abort`. `state.throttle`
+then a `modelStreamErrorException` frame), `stream_cut`, `stream_abort`;
+`stream_error_at_once` and `stream_corrupt_at_once` send a few events and then an
+exception frame, or a frame whose checksum is wrong, all in one write. `state.throttle`
 answers that many next requests with ThrottlingException. `TRIGGER:cached` in the system
 prompt reports 1024 cache-read and 256 cache-write tokens. With tools (and the last turn
 not answering tool uses) the answer is "Let me check." plus tool uses of the forced (else
@@ -328,6 +330,12 @@ async def _stream(
     request: web.Request, answer: dict[str, Any], word: str | None
 ) -> web.StreamResponse:
     frames = _frames(answer)
+    if word in ("stream_error_at_once", "stream_corrupt_at_once"):
+        broken = exception("modelStreamErrorException", "The model is overloaded.")
+        if word == "stream_corrupt_at_once":
+            broken = frames[5][:-1] + bytes([frames[5][-1] ^ 0xFF])  # its checksum is wrong
+        together = b"".join(frames[:5]) + broken
+        return await send_stream(request, "application/vnd.amazon.eventstream", [together])
     if word in ("stream_error", "stream_cut", "stream_abort"):
         frames = frames[:5]
         if word == "stream_error":

@@ -114,9 +114,11 @@ class BedrockAdapter(HttpAdapter):
         try:
             async for data in response:
                 frames.add_data(data)
-                out = b"".join(translator.feed(frame.headers, frame.payload) for frame in frames)
+                out, failed = _translated(translator, frames)
                 if out:
                     yield out
+                if failed is not None:
+                    raise failed
             yield translator.finish()
         except GatewayError:
             raise
@@ -171,6 +173,21 @@ class BedrockAdapter(HttpAdapter):
         if isinstance(vectors, dict):  # when embedding_types was given: {"float": [...]}
             vectors = vectors.get("float") or []
         return vectors, counted
+
+
+def _translated(
+    translator: _StreamTranslator, frames: EventStreamBuffer
+) -> tuple[bytes, Exception | None]:
+    """The translation of the complete frames of a read, and what stopped it (None: all
+    went). What came before an exception frame, or a corrupt one, still goes out first:
+    the caller gets the text the upstream generated, and it is billed."""
+    parts = []
+    try:
+        for frame in frames:
+            parts.append(translator.feed(frame.headers, frame.payload))
+    except (GatewayError, ParserError) as error:
+        return b"".join(parts), error
+    return b"".join(parts), None
 
 
 class _StreamTranslator:
