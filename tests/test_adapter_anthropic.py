@@ -436,6 +436,29 @@ async def test_broken_streams(
     assert state.usage is not None and state.usage.input_tokens > 0  # known from message_start
 
 
+@pytest.mark.parametrize(
+    ("word", "outcome", "status", "upstream"),
+    [
+        ("stream_overloaded_first", "upstream_error", 502, 529),
+        ("stream_rate_limited_first", "rate_limited", 429, 429),
+    ],
+)
+async def test_stream_error_events_are_classed_as_their_answers_are(
+    adapter: AnthropicAdapter, word: str, outcome: str, status: int, upstream: int
+) -> None:
+    """An `error` event after the 200 is the same failure as the same error answered
+    with its status: an overload a 529 (which the Messages door keeps), a rate limit
+    a 429, not a generic 502."""
+    with pytest.raises(GatewayError) as caught:
+        async for _ in adapter.chat_stream(
+            UpstreamCall(user(f"TRIGGER:{word}"), MODEL), StreamState()
+        ):
+            pass
+    failure = caught.value
+    assert (failure.outcome, failure.status, failure.upstream_status) == (outcome, status, upstream)
+    assert "mid-stream" in failure.message
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize(
     ("word", "outcome", "status", "upstream", "message", "retry"),

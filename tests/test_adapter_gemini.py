@@ -481,6 +481,18 @@ async def test_error_classification(
     assert failure.retry_after == retry
 
 
+async def test_a_stream_error_event_is_classed_by_its_code(adapter: GeminiAdapter) -> None:
+    """RESOURCE_EXHAUSTED as a stream's first event is the rate limit its 429 answer
+    would be, with the retry delay it names, not a generic 502."""
+    call = UpstreamCall(user("TRIGGER:stream_rate_limited_first"), MODEL)
+    with pytest.raises(GatewayError) as caught:
+        async for _ in adapter.chat_stream(call, StreamState()):
+            pass
+    failure = caught.value
+    assert (failure.outcome, failure.status, failure.upstream_status) == ("rate_limited", 429, 429)
+    assert "exhausted" in failure.message and failure.retry_after == 7.0
+
+
 async def test_bad_api_key_is_the_gateways_problem(server: tuple[web.Application, str]) -> None:
     wrong = "AIzaWrongKeyabcdefghijklmnop"
     adapter = GeminiAdapter(

@@ -387,6 +387,17 @@ def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
     with pytest.raises(anthropic.APIStatusError) as broken, stream as events:
         events.get_final_message()
     assert broken.value.body["error"]["type"] == "overloaded_error"
+    for word, raised in (
+        ("overloaded", anthropic.OverloadedError),
+        ("rate_limited", anthropic.RateLimitError),
+    ):
+        # an error event as the stream's first: its 529 (or 429), as if answered so
+        trouble = [{"role": "user", "content": f"TRIGGER:stream_{word}_first"}]
+        with (
+            pytest.raises(raised),
+            client.messages.stream(model="claude", max_tokens=50, messages=trouble) as events,
+        ):
+            events.get_final_message()
     # After the first byte, a failure is an `error` event (the OpenAI fake's `cut` ends
     # its stream before [DONE]).
     trouble = [{"role": "user", "content": "TRIGGER:cut"}]

@@ -19,7 +19,10 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `invalid` -> 400 `invalid_request_error`;
 * `stream_error` -> (streaming) a few events, then an `error` event (`overloaded_error`);
 * `stream_cut` -> (streaming) a few events, then a clean end without `message_stop`;
-* `stream_abort` -> (streaming) a few events, then the connection is dropped.
+* `stream_abort` -> (streaming) a few events, then the connection is dropped;
+* `stream_overloaded_first` / `stream_rate_limited_first` -> (streaming) an `error`
+  event (`overloaded_error` / `rate_limit_error`) as the stream's first event, which
+  the API sends when it fails after answering 200;
 * `nousage` -> an answer without `usage` (streamed: neither `message_start` nor
   `message_delta` carries one), as an Anthropic-compatible server might send;
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
@@ -312,6 +315,11 @@ async def _stream(
     request: web.Request, answer: dict[str, Any], word: str | None
 ) -> web.StreamResponse:
     events = _events(answer, with_usage=word != "nousage")
+    first = {"stream_overloaded_first": "overloaded_error", "stream_rate_limited_first": ""}
+    if word in first:
+        kind = first[word] or "rate_limit_error"
+        error = {"type": "error", "error": {"type": kind, "message": f"{kind} mid-stream"}}
+        events = [_event("error", error)]
     if word in ("stream_error", "stream_cut", "stream_abort"):
         events = events[:5]
         if word == "stream_error":

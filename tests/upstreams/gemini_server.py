@@ -24,7 +24,9 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user turn:
 * `thinking` -> a thought part first, `thoughtsTokenCount: 40`, signed function calls;
 * `stream_error` -> (streaming) a few events, then `data: {"error": {...}}`;
 * `stream_cut` -> (streaming) a few events, then a clean end without any finishReason;
-* `stream_abort` -> (streaming) a few events, then the connection is dropped.
+* `stream_abort` -> (streaming) a few events, then the connection is dropped;
+* `stream_rate_limited_first` -> (streaming) a 429 RESOURCE_EXHAUSTED error object, with
+  a RetryInfo detail `retryDelay: "7s"`, as the stream's first event.
 
 `TRIGGER:cached` in `systemInstruction` reports 1024 of the prompt tokens as cached.
 
@@ -279,6 +281,16 @@ async def _stream(
     request: web.Request, answer: dict[str, Any], word: str | None
 ) -> web.StreamResponse:
     events = [b"data: " + orjson.dumps(event) + b"\r\n\r\n" for event in _events(answer)]
+    if word == "stream_rate_limited_first":
+        error = {
+            "error": {
+                "code": 429,
+                "message": "Resource has been exhausted (e.g. check quota).",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [_RETRY_INFO],
+            }
+        }
+        events = [b"data: " + orjson.dumps(error) + b"\r\n\r\n"]
     if word in ("stream_error", "stream_cut", "stream_abort"):
         events = events[:3]
         if word == "stream_error":

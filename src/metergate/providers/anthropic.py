@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from metergate.config.model import ProviderConfig
-from metergate.errors import UpstreamProtocolError, UpstreamServerError
+from metergate.errors import UpstreamProtocolError
 from metergate.providers import anthropic_native
 from metergate.providers.anthropic_translate import (
     finish_reason,
@@ -34,7 +34,7 @@ from metergate.providers.anthropic_translate import (
     usage_of,
 )
 from metergate.providers.base import Completion, StreamState, UpstreamCall
-from metergate.providers.http import HttpAdapter, HttpTransport, error_message
+from metergate.providers.http import HttpAdapter, HttpTransport
 from metergate.providers.sse import Event
 from metergate.providers.translation import ChunkWriter, load_answer, load_json, relay
 
@@ -92,7 +92,7 @@ class _StreamTranslator:
         data = load_json(event.data, "stream event")
         kind = data.get("type") or event.name
         if kind == "error":
-            raise UpstreamServerError(f"upstream stream error: {error_message(event.data)}")
+            raise anthropic_native.stream_failure(data, event.data)
         if kind == "message_start":
             message = data.get("message") or {}
             self.writer = ChunkWriter(

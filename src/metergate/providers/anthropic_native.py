@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from metergate.errors import InvalidRequest, UpstreamProtocolError, UpstreamServerError
+from metergate.errors import (
+    InvalidRequest,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamServerError,
+)
 from metergate.providers.anthropic_translate import usage_of
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpTransport, error_message
@@ -80,11 +86,7 @@ class _Relay:
             data = load_json(event.data, "stream event")
             name = data.get("type") or name
             if name == "error":
-                error = data.get("error") or {}
-                raise UpstreamServerError(
-                    f"upstream stream error: {error_message(event.data)}",
-                    error_type=str(error.get("type") or "api_error"),
-                )
+                raise stream_failure(data, event.data, as_told=True)
             usage = (data.get("message") or {}).get("usage") or data.get("usage")
             if usage:
                 self.raw_usage.update({k: v for k, v in usage.items() if v is not None})
@@ -97,3 +99,19 @@ class _Relay:
         if not self.done:
             raise UpstreamProtocolError("the upstream stream ended before message_stop")
         return b""
+
+
+def stream_failure(data: dict[str, Any], raw: bytes, as_told: bool = False) -> UpstreamFailure:
+    """A Messages stream's `error` event, classed as the same error answered with its
+    HTTP status would be: `overloaded_error` as a 529 (which the Messages door keeps),
+    `rate_limit_error` as a rate limit (429), anything else as a server error.
+    `as_told`: the error keeps Anthropic's type, for the door that speaks it."""
+    error = data.get("error")
+    kind = str((error.get("type") if type(error) is dict else None) or "api_error")
+    message = f"upstream stream error: {error_message(raw)}"
+    if kind == "rate_limit_error":
+        return UpstreamRateLimited(message, upstream_status=429)
+    told = kind if as_told else None
+    if kind == "overloaded_error":
+        return UpstreamServerError(message, upstream_status=529, error_type=told)
+    return UpstreamServerError(message, error_type=told)

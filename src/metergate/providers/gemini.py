@@ -26,6 +26,7 @@ from metergate.config.model import ProviderConfig
 from metergate.errors import (
     UpstreamFailure,
     UpstreamProtocolError,
+    UpstreamRateLimited,
     UpstreamRejected,
     UpstreamServerError,
 )
@@ -136,7 +137,7 @@ class _StreamTranslator:
             return b""
         data = load_json(event.data, "stream event")
         if "error" in data:
-            raise UpstreamServerError(f"upstream stream error: {error_message(event.data)}")
+            raise _stream_failure(data, event.data)
         if self.writer is None:
             response_id = "chatcmpl-" + (data.get("responseId") or new_call_id()[5:])
             self.writer = ChunkWriter(response_id, data.get("modelVersion") or self.call.model)
@@ -198,6 +199,20 @@ class _GeminiTransport(HttpTransport):
         if failure.retry_after is None:
             failure.retry_after = _retry_delay(details)
         return failure
+
+
+def _stream_failure(data: dict[str, Any], raw: bytes) -> UpstreamFailure:
+    """An error object in a stream, classed by its code as the same error answered with
+    that HTTP status would be: 429 (RESOURCE_EXHAUSTED) a rate limit with its retry
+    delay, 503 kept, anything else a 502."""
+    error = data.get("error")
+    code = error.get("code") if type(error) is dict else None
+    message = f"upstream stream error: {error_message(raw)}"
+    if code == 429:
+        delay = _retry_delay(_error_details(raw))
+        return UpstreamRateLimited(message, upstream_status=429, retry_after=delay)
+    status = code if type(code) is int else None
+    return UpstreamServerError(message, status=503 if code == 503 else 502, upstream_status=status)
 
 
 def _error_details(body: bytes) -> list[dict[str, Any]]:
