@@ -13,11 +13,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from metergate.config.model import CircuitConfig, RetryBudgetConfig, RetryConfig, Timeouts
+from metergate.errors import ClientGone, UpstreamServerError
+from metergate.metering.meter import RequestLog
+from metergate.metering.metrics import Metrics
 from metergate.metering.pricing import UnitPrices
 from metergate.routing import retry as retry_module
 from metergate.routing.circuit import CLOSED, FAILURES, HALF_OPEN, OPEN, CircuitBreaker
+from metergate.routing.dispatch import Dispatcher
 from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route
 
@@ -418,3 +423,36 @@ def test_weight_zero_and_open_circuits_are_skipped_and_untried_preferred():
     clock.advance(10)
     assert r.pick(set()) is a  # a's open_seconds passed, b's (default 30) not
     assert a.breaker.state == HALF_OPEN
+
+
+async def test_a_caller_gone_before_its_next_attempt_gives_back_the_probe_slot():
+    """The caller left during a failed attempt; the fallback's half-open circuit was
+    picked for the next one, which is not made. The probe slot `pick` took must be
+    given back: two such callers would otherwise hold both slots for good, and the
+    healthy fallback would never be probed again (every request a 503)."""
+    clock = Clock()
+    failing = deployment("a", 1, clock)
+    fallback = deployment("b", 1, clock, failure_threshold=1, open_seconds=5, half_open_probes=2)
+    fallback.breaker.record("upstream_error")
+    clock.advance(5)
+    config: Any = SimpleNamespace(retry=RetryConfig(max_retries=0))
+    main = Route("m", config, [failing], fallbacks=[Route("f", config, [fallback])])
+    dispatcher = Dispatcher(Metrics(CollectorRegistry()), RetryBudget(RetryBudgetConfig()))
+
+    async def attempt(chosen: Deployment) -> None:
+        assert chosen is failing, "no attempt is made for a caller that left"
+        log.gone = True  # the caller leaves while its first attempt is on its way
+        raise UpstreamServerError("upstream error 500")
+
+    for _ in range(3):
+        log = RequestLog("r", 0.0)
+        with pytest.raises(ClientGone):
+            await dispatcher._run(main, log, attempt, keep_open=False)
+    assert fallback.breaker.state == HALF_OPEN and fallback.breaker.available()
+    assert main.fallbacks[0].pick(set()) is fallback  # still probed
+    assert main.fallbacks[0].pick(set()) is fallback  # by two at a time, then
+    log = RequestLog("r", 0.0)
+    with pytest.raises(UpstreamServerError) as busy:
+        await dispatcher._run(main.fallbacks[0], log, attempt, keep_open=False)
+    assert busy.value.status == 503 and busy.value.retry_after == 1.0
+    assert "circuits half-open with every probe in flight for b; retry in 1s" in str(busy.value)

@@ -44,6 +44,7 @@ from metergate.errors import (
 from metergate.metering.meter import AttemptRecord, RequestLog
 from metergate.metering.metrics import Metrics
 from metergate.providers.base import Completion, NativeRequest, StreamState, UpstreamCall
+from metergate.routing.circuit import CLOSED, HALF_OPEN, OPEN
 from metergate.routing.retry import RetryBudget, backoff_seconds
 from metergate.routing.router import Deployment, Route, any_untried
 from metergate.tracing.context import new_span_id
@@ -141,6 +142,7 @@ class Dispatcher:
             retries = 0
             while (deployment := current.pick(tried, log.affinity)) is not None:
                 if log.gone:  # told by the HTTP protocol: no attempt for a caller that left
+                    deployment.breaker.release()  # the half-open probe slot `pick` took
                     raise ClientGone("the caller closed the connection before its answer")
                 if origin is None:
                     origin = deployment.name
@@ -242,13 +244,26 @@ def _record(deployment: Deployment, started: float, log: RequestLog) -> AttemptR
 
 
 def _no_upstream(route: Route) -> UpstreamFailure:
-    """Every deployment of the model and its fallbacks has its circuit open."""
-    chain = [route, *route.fallbacks]
-    wait = min(d.breaker.retry_in() for r in chain for d in r.serving())
-    names = ", ".join(d.name for r in chain for d in r.serving())
+    """No deployment of the model or its fallbacks lets a request through: their
+    circuits are open, or half-open with every probe slot taken by a request in flight
+    (the one that frees first decides), or their weight is 0."""
+    deployments = [d for r in (route, *route.fallbacks) for d in r.serving()]
+    wait = max(1.0, min(d.breaker.retry_in() for d in deployments))
+    by_state: dict[int, list[str]] = {}
+    for deployment in deployments:
+        by_state.setdefault(deployment.breaker.state, []).append(deployment.name)
+    reasons = [
+        f"{what} for {', '.join(by_state[state])}"
+        for state, what in (
+            (OPEN, "circuits open"),
+            (HALF_OPEN, "circuits half-open with every probe in flight"),
+            (CLOSED, "weight 0"),
+        )
+        if state in by_state
+    ]
     return UpstreamServerError(
-        f"no upstream can serve model {route.name!r} now: circuits open for {names}; "
+        f"no upstream can serve model {route.name!r} now: {'; '.join(reasons)}; "
         f"retry in {wait:.0f}s",
         status=503,
-        retry_after=max(1.0, wait),
+        retry_after=wait,
     )
