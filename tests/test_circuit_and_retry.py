@@ -15,11 +15,18 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from metergate.config.model import CircuitConfig, RetryBudgetConfig, RetryConfig, Timeouts
+from metergate.config.model import (
+    CircuitConfig,
+    RetryBudgetConfig,
+    RetryConfig,
+    RolloutConfig,
+    Timeouts,
+)
 from metergate.errors import ClientGone, UpstreamServerError
 from metergate.metering.meter import RequestLog
 from metergate.metering.metrics import Metrics
 from metergate.metering.pricing import UnitPrices
+from metergate.rollout.state import Rollout
 from metergate.routing import retry as retry_module
 from metergate.routing.circuit import CLOSED, FAILURES, HALF_OPEN, OPEN, CircuitBreaker
 from metergate.routing.dispatch import Dispatcher
@@ -456,3 +463,23 @@ async def test_a_caller_gone_before_its_next_attempt_gives_back_the_probe_slot()
         await dispatcher._run(main.fallbacks[0], log, attempt, keep_open=False)
     assert busy.value.status == 503 and busy.value.retry_after == 1.0
     assert "circuits half-open with every probe in flight for b; retry in 1s" in str(busy.value)
+
+
+def test_a_candidate_probing_its_half_open_circuit_is_not_judged_by_what_it_cannot_take():
+    """A request meant for the candidate that its open circuit turns away counts against
+    it; one turned away while the circuit is half-open and its probes are in flight does
+    not (the probes judge it): a healthy but slow candidate, half-open after an earlier
+    incident, was failed by the requests queued behind its probe."""
+    clock = Clock()
+    base = deployment("base", 1, clock)
+    cand = deployment("cand", 1, clock, failure_threshold=1, open_seconds=5, half_open_probes=1)
+    config = RolloutConfig(model="m", baseline=["base"], candidate=["cand"], stages=[100.0])
+    rollout = Rollout("move", config, state="running")
+    moving = Route("m", None, [base], rollout=rollout, baseline=[base], candidate=[cand])  # type: ignore[arg-type]
+    cand.breaker.record("upstream_error")
+    assert moving.pick(set()) is base  # turned away by the open circuit: a failure
+    assert rollout.candidate_stats.attempts == rollout.candidate_stats.errors == 1
+    clock.advance(5)
+    assert moving.pick(set()) is cand  # its one probe
+    assert moving.pick(set()) is base  # the probe slot is taken: not the candidate's doing
+    assert rollout.candidate_stats.attempts == 1

@@ -274,6 +274,31 @@ async def test_a_candidate_behind_its_open_circuit_at_the_last_stage_is_rolled_b
     assert set(after) == {"base"}
 
 
+async def test_a_rollout_is_judged_on_its_own_models_traffic_only(gateway_factory, servers):
+    """Another model served by the candidate's upstream fails there (its callers' bad
+    requests, say): that says nothing about moving `m`, which sends the rollout no
+    traffic here, so its judgments only hold the stage."""
+    base, cand = servers
+    config = rollout_config(base, cand)
+    config["models"]["other"] = {"upstreams": ["cand"], "retry": {"max_retries": 0}}
+    gateway = gateway_factory(config)
+    start_rollout(gateway)
+    rollout = rollout_of(gateway)
+    cand.plan.fail_until_cleared(Fault.error(400))
+    client = gateway.async_client()
+
+    def held() -> float:
+        return gateway.metric("metergate_rollout_transitions_total", rollout="move", event="held")
+
+    deadline = time.monotonic() + 20
+    while held() < 3 and rollout.state == "running" and time.monotonic() < deadline:
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="other", messages=ASK)
+    assert (rollout.state, rollout.failures) == ("running", 0)
+    assert held() >= 3 and cand.plan.requests >= 5  # more than min_requests failed there
+    assert rollout.last_judgment["verdict"] == "insufficient"
+
+
 def test_too_few_attempts_fail_only_when_more_could_not_change_the_verdict():
     config = RolloutConfig(
         model="m", baseline=["b"], candidate=["c"], min_requests=50, gates={"max_5xx": 10}

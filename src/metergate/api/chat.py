@@ -242,7 +242,7 @@ class CompletionsHandler:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
         dispatcher = plan.dispatcher
-        deployment, chunks, first = await dispatcher.open_stream(
+        deployment, served, chunks, first = await dispatcher.open_stream(
             route, body, include_usage, state, log, exchange.native
         )
         outward = self.door.relay(exchange, deployment, state)  # None: chunks as they are
@@ -314,7 +314,7 @@ class CompletionsHandler:
             if watcher is not None:
                 watcher.cancel()
             await chunks.aclose()  # type: ignore[attr-defined]
-            dispatcher.stream_finished(deployment, error, log)
+            dispatcher.stream_finished(deployment, served, error, log)
             # A stream that did not complete is billed at least what the caller received,
             # also when it was cancelled here (a shutdown's timeout) and the error goes on.
             usage, estimated = estimate.stream_usage(

@@ -99,6 +99,7 @@ async def prometheus_observations(
     """Fleet-wide numbers from Prometheus over the judgment window, per side."""
     assert rollout.config.prometheus_url
     window = f"{max(1, int(window_seconds))}s"
+    model = rollout.config.model.replace("\\", "\\\\").replace('"', '\\"')
 
     async def side(upstreams: list[str]) -> Observed:
         match = "|".join(upstreams)
@@ -114,8 +115,11 @@ async def prometheus_observations(
             f'rate_limited"}}[{window}]))',
             "server_errors": f'sum(increase(metergate_upstream_attempts_total{{upstream=~"{match}",'
             f'outcome=~"upstream_error|timeout|connection_error"}}[{window}]))',
+            # Requests of the rollout's model only; attempts have no model label (the
+            # metric contract), so other models on these upstreams count there.
             "p99": "histogram_quantile(0.99, sum by (le) (rate("
-            f'metergate_request_duration_seconds_bucket{{upstream=~"{match}"}}[{window}])))',
+            f'metergate_request_duration_seconds_bucket{{upstream=~"{match}",model="{model}"}}'
+            f"[{window}])))",
             # The least open of the side's circuits (2 open, 1 half-open, 0 closed), now.
             "circuit": f'min(metergate_circuit_state{{upstream=~"{match}"}})',
         }

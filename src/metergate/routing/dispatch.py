@@ -17,7 +17,9 @@ to its circuit breaker and rollout statistics: a failure of the gateway itself (
 connection pool, a request it could not encode, a bug) is final, counted as
 `gateway_error`, and leaves the upstream's health untouched (`metergate.errors`). A
 request turned away by the candidate's open circuits counts in the rollout statistics
-as a failed candidate attempt (what the candidate did opened them).
+as a failed candidate attempt (what the candidate did opened them). A rollout is judged
+on its own model's attempts only: another model served by the same upstreams (its
+callers' mistakes, its load) says nothing about this move.
 
 When the request is traced or logged (`RequestLog.steps` is a list), each attempt is
 also recorded there, gets its own span id, and sends the upstream a `traceparent` that
@@ -84,7 +86,8 @@ class Dispatcher:
             return await deployment.adapter.embeddings(call)
 
         log.operation = kind
-        return await self._run(route, log, attempt, keep_open=False)
+        deployment, _, completion = await self._run(route, log, attempt, keep_open=False)
+        return deployment, completion
 
     async def open_stream(
         self,
@@ -94,10 +97,11 @@ class Dispatcher:
         state: StreamState,
         log: RequestLog,
         native: NativeRequest | None = None,
-    ) -> tuple[Deployment, AsyncIterator[bytes], bytes]:
+    ) -> tuple[Deployment, Route, AsyncIterator[bytes], bytes]:
         """Start a stream and wait for its first chunk, the last point a retry is safe.
 
-        The attempt stays open: call `stream_finished` when the stream ends.
+        The attempt stays open: call `stream_finished` with the deployment and the route
+        (`route` or a fallback) that serve it when the stream ends.
         """
 
         async def attempt(deployment: Deployment) -> tuple[AsyncIterator[bytes], bytes]:
@@ -119,20 +123,26 @@ class Dispatcher:
                 await chunks.aclose()  # type: ignore[attr-defined]
                 raise
 
-        deployment, (chunks, first) = await self._run(route, log, attempt, keep_open=True)
-        return deployment, chunks, first
+        deployment, served, (chunks, first) = await self._run(route, log, attempt, True)
+        return deployment, served, chunks, first
 
     def stream_finished(
-        self, deployment: Deployment, error: BaseException | None, log: RequestLog
+        self,
+        deployment: Deployment,
+        served: Route,
+        error: BaseException | None,
+        log: RequestLog,
     ) -> None:
         """Account for a stream's attempt, however it ended (`error` None: completely)."""
         if log.steps:
             log.steps[-1].end(error)
-        self._account(deployment, error, log.attempt_seconds)
+        self._account(deployment, served, error, log.attempt_seconds)
 
     async def _run(
         self, route: Route, log: RequestLog, attempt: Attempt[T], keep_open: bool
-    ) -> tuple[Deployment, T]:
+    ) -> tuple[Deployment, Route, T]:
+        """The deployment that answered, the route it served for (`route` or one of its
+        fallbacks), and its answer."""
         self.retry_budget.on_request()
         failure: GatewayError | None = None
         origin: str | None = None  # the first deployment chosen: "from" of a fallback
@@ -150,7 +160,8 @@ class Dispatcher:
                     self.metrics.fallbacks.labels(route.name, origin, deployment.name).inc()
                 tried.add(deployment.name)
                 try:
-                    return deployment, await self._attempt(deployment, attempt, log, keep_open)
+                    done = await self._attempt(deployment, current, attempt, log, keep_open)
+                    return deployment, current, done
                 except GatewayError as error:
                     failure = error
                 if is_final(failure):  # the caller's fault, the gateway's, or work done
@@ -178,7 +189,12 @@ class Dispatcher:
         raise failure or _no_upstream(route)
 
     async def _attempt(
-        self, deployment: Deployment, attempt: Attempt[T], log: RequestLog, keep_open: bool
+        self,
+        deployment: Deployment,
+        route: Route,
+        attempt: Attempt[T],
+        log: RequestLog,
+        keep_open: bool,
     ) -> T:
         log.upstream = deployment.name
         log.attempts += 1
@@ -209,11 +225,14 @@ class Dispatcher:
             if not keep_open or error is not None:
                 if record is not None:
                     record.end(error)
-                self._account(deployment, error, log.attempt_seconds)
+                self._account(deployment, route, error, log.attempt_seconds)
 
-    def _account(self, deployment: Deployment, error: BaseException | None, seconds: float) -> None:
+    def _account(
+        self, deployment: Deployment, route: Route, error: BaseException | None, seconds: float
+    ) -> None:
         """Count the attempt; judge the upstream only by what it did (success or an
-        upstream failure), never by the caller's mistakes or the gateway's own."""
+        upstream failure), never by the caller's mistakes or the gateway's own; and the
+        rollout of the model it served, if any, by this attempt."""
         deployment.in_flight -= 1
         if error is None:
             outcome = "success"
@@ -226,8 +245,8 @@ class Dispatcher:
             deployment.breaker.release()  # a half-open probe slot, if it held one
             return
         deployment.breaker.record(outcome)
-        for rollout in deployment.observers:
-            rollout.observe(deployment.name, outcome, seconds)
+        if route.rollout is not None:
+            route.rollout.observe(deployment.name, outcome, seconds)
 
 
 def _record(deployment: Deployment, started: float, log: RequestLog) -> AttemptRecord:

@@ -20,7 +20,7 @@ from metergate.metering.pricing import UnitPrices, price_for
 from metergate.providers.base import Adapter
 from metergate.rollout.controller import RolloutController
 from metergate.rollout.state import Rollout
-from metergate.routing.circuit import CircuitBreaker
+from metergate.routing.circuit import OPEN, CircuitBreaker
 
 
 @dataclass(slots=True, eq=False)
@@ -36,7 +36,6 @@ class Deployment:
     timeouts: Timeouts
     breaker: CircuitBreaker
     in_flight: int = 0
-    observers: list[Rollout] = field(default_factory=list)  # rollouts judging this upstream
     credit: int = 0  # smooth weighted round robin among equally loaded deployments
 
 
@@ -111,7 +110,7 @@ class Route:
             return (self.serving(),)
         if not rollout.to_candidate(affinity):
             return (self.baseline, self.candidate)
-        if first and not any_untried(self.candidate, set()):
+        if first and not any_untried(self.candidate, set()) and _open(self.candidate):
             rollout.turned_away()
         return (self.candidate, self.baseline)
 
@@ -119,6 +118,13 @@ class Route:
 def any_untried(deployments: list[Deployment], tried: set[str]) -> bool:
     """Is one of `deployments` untried, weighted and let through by its circuit?"""
     return any(d.name not in tried and d.weight and d.breaker.available() for d in deployments)
+
+
+def _open(deployments: list[Deployment]) -> bool:
+    """Is one of `deployments` turning traffic away behind an open circuit? (One that
+    is half-open with its probes in flight is being judged by them, not by the
+    requests it cannot take meanwhile.)"""
+    return any(d.weight and d.breaker.state == OPEN for d in deployments)
 
 
 def _least_loaded(pool: list[Deployment]) -> Deployment:
@@ -179,8 +185,6 @@ class Router:
                 route.rollout = rollout
                 route.baseline = [self.deployments[u] for u in rollout.config.baseline]
                 route.candidate = [self.deployments[u] for u in rollout.config.candidate]
-                for deployment in {*route.baseline, *route.candidate}:
-                    deployment.observers.append(rollout)
         for route in self.routes.values():
             route.fallbacks = [self.routes[name] for name in route.config.fallbacks]
             # Budgets reserve at the dearest price any deployment that may serve could
