@@ -165,6 +165,8 @@ def test_persistent_server_error_gives_up_after_max_retries(
     assert raised.value.status_code == caller_status
     assert f"says {status}" in raised.value.message  # the provider's message is kept
     assert server.plan.requests == 3  # 1 + max_retries
+    said = raised.value.response.headers  # the failure says where, and how often, it was tried
+    assert (said["x-metergate-upstream"], said["x-metergate-attempts"]) == ("p-up", "3")
     row = last_row(gateway)
     assert (row["outcome"], row["status"], row["attempts"]) == (
         "upstream_error",

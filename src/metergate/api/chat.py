@@ -344,6 +344,12 @@ def _error_reply(
     log.status = status  # the door's (Anthropic's overloaded is 529, say)
     if log.steps is not None:  # traced or logged: the error as its caller gets it
         log.response = body
+    if log.attempts:  # where the failure came from, and how often it was tried
+        headers = [
+            *headers,
+            (b"x-metergate-upstream", log.upstream.encode()),
+            (b"x-metergate-attempts", b"%d" % log.attempts),
+        ]
     return Reply(body, status, headers + JSON_HEADERS + error.headers)
 
 
