@@ -511,6 +511,7 @@ async def test_bad_api_key_is_the_gateways_problem(server: tuple[web.Application
         400,
     )
     assert "API key not valid" in failure.message and wrong not in failure.message
+    assert failure.error_type == "upstream_error"  # not the caller's invalid request
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])

@@ -417,6 +417,21 @@ _NGINX_413 = (
 )
 
 
+def test_an_answer_past_max_response_bytes_names_the_setting(gateway_factory, fault_server):
+    """The limit is the gateway's: the error says which setting to raise, not that the
+    upstream broke the protocol."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.answered(b'{"choices": []' + b" " * 5000 + b"}"))
+    settings = config(server.url, retry={"max_retries": 0})
+    settings["providers"]["p"]["max_response_bytes"] = 4096
+    gateway = gateway_factory(settings)
+    with pytest.raises(openai.InternalServerError) as raised:
+        create(gateway)
+    message = raised.value.message
+    assert "larger than 4,096 bytes (max_response_bytes of provider 'p')" in message, message
+    assert "broke the HTTP protocol" not in message
+
+
 @pytest.mark.parametrize(
     ("status", "page", "outcome", "caller_status", "message"),
     [

@@ -193,6 +193,7 @@ class _GeminiTransport(HttpTransport):
                 f"upstream refused the gateway's API key: {message}; "
                 "check this provider's api_key in the gateway config",
                 status=502,
+                error_type="upstream_error",  # not the caller's request: the gateway's key
                 upstream_status=status,
             )
         failure = super().failure_from_response(status, headers, body)

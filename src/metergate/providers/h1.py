@@ -96,6 +96,10 @@ class ProtocolError(H1Error):
     """The answer broke HTTP/1.1, or a limit of this client (headers, body size)."""
 
 
+class TooLarge(ProtocolError):
+    """The answer's body passed the client's `max_body`."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deadlines:
     connect: float
@@ -268,8 +272,9 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None:
             self._wake()
         if self.received > self.max_body:
-            limit = self.max_body // (1024 * 1024)
-            self._fail(ProtocolError(f"the upstream answer is larger than {limit} MiB", True))
+            limit = self.max_body
+            size = f"{limit >> 20} MiB" if limit & 0xFFFFF == 0 else f"{limit:,} bytes"
+            self._fail(TooLarge(f"the upstream answer is larger than {size}", True))
         elif self.streaming and self.buffered > _BUFFER_HIGH and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()

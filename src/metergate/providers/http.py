@@ -182,6 +182,10 @@ class HttpTransport:
                 "LimitNOFILE=, docker --ulimit nofile=, ulimit -n) or add capacity",
                 code="gateway_out_of_files",
             )
+        if isinstance(exc, h1.TooLarge):  # a limit of this gateway, named so it can be raised
+            return UpstreamProtocolError(
+                f"{detail} (max_response_bytes of provider {self.name!r})", partial=partial
+            )
         if isinstance(exc, h1.ConnectTimeout):
             return ConnectTimeout(f"could not reach the upstream: {detail} (timeouts.connect)")
         if isinstance(exc, h1.ReadTimeout):
