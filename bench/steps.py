@@ -13,6 +13,10 @@
   cycle (`api/cycle.py`), to a transport that counts what is written. An upstream such
   as OpenAI's sends a token an event, so a long answer is this many sends. µs per chunk.
 
+- `relayed-text`: a stream's 2,000 OpenAI token events, one `add` each, through the
+  relayed-text count that bills a cut stream (`metering/estimate.py`: `RelayedText`).
+  µs per event.
+
 - `relay-layer`: an OpenAI stream of `--count` reads, one event each, through the
   pass-through's `relay` as the adapters now return it, and wrapped in the one async
   generator that re-yielded it until 2026-12-07 (`async for out in chunks: yield out`).
@@ -33,12 +37,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 import metergate.api.protocol as protocol
 from benchlib.baseline import module_at
 from metergate.api import cycle
+from metergate.metering import estimate
 from metergate.providers import h1
 from metergate.providers.base import StreamState
 from metergate.providers.openai import _PassThrough
@@ -166,6 +172,45 @@ async def relay_layer_us(wrapped: bool, _: None, count: int) -> float:
     return spent / count * 1e6
 
 
+# --- relayed-text ----------------------------------------------------------------------------
+
+
+def _token_events(count: int, model: str) -> list[bytes]:
+    """An OpenAI stream as a caller gets it: a token an event, one event a send."""
+    words = [" the", " gateway", " relays", " every", " token", ",", " and", " bills", " it"]
+    return [
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-AbC123",
+                "object": "chat.completion.chunk",
+                "created": 1765000000,
+                "model": model,
+                "system_fingerprint": "fp_1a2b3c",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": words[n % len(words)]},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+        + b"\n\n"
+        for n in range(count)
+    ]
+
+
+async def relayed_text_us(module: Any, events: list[bytes], count: int) -> float:
+    relayed = module.RelayedText()
+    began = time.perf_counter()
+    for event in events:
+        relayed.add(event)
+    relayed.tokens()
+    return (time.perf_counter() - began) / len(events) * 1e6
+
+
 # --- the A/B -----------------------------------------------------------------------------
 
 Timed = Callable[[Any, Any, int], Awaitable[float]]
@@ -180,6 +225,18 @@ STEPS: dict[str, tuple[str, Any, Timed, tuple[tuple[str, Any], ...], str]] = {
     "stream-send": ("api/cycle.py", cycle, stream_send_us, (("a streamed chunk", None),), "µs"),
     # no module: the "baseline" side is the same relay wrapped in one re-yielding layer
     "relay-layer": ("", False, relay_layer_us, (("an upstream read, relayed", None),), "µs"),
+    "relayed-text": (
+        "metering/estimate.py",
+        estimate,
+        relayed_text_us,
+        (
+            (
+                "an OpenAI token event, measured for the cut-stream bound",
+                _token_events(2_000, "gpt-4.1"),
+            ),
+        ),
+        "µs",
+    ),
 }
 
 

@@ -9,6 +9,7 @@ figure is an estimate, and its cost is that figure at the configured prices.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -307,6 +308,68 @@ def test_relayed_text_is_counted_across_batches_and_split_events() -> None:
         for start in range(0, len(stream), 13):  # events split anywhere
             relayed.add(stream[start : start + 13])
         assert relayed.tokens() == 12 + 3 + 8 + 8, batch
+
+
+def _chat_event(text: str, id_: str = "chatcmpl-1") -> dict[str, Any]:
+    delta = {"content": text}
+    return {"id": id_, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
+
+
+# Events of every form a relayed stream holds, with texts that are plain and texts
+# that are not (escapes, quotes, non-ASCII, control characters, empty).
+TEXTS = [" word", " hello", "", "é", 'say "hi"', "tab\t", "x" * 300, "\\n", "日本語", "🙂", " z"]
+STREAM_FORMS: dict[str, Callable[[str, int], dict[str, Any]]] = {
+    "chat": lambda text, n: _chat_event(text),
+    "tool arguments": lambda text, n: {
+        "choices": [
+            {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}}
+        ]
+    },
+    "legacy completions": lambda text, n: {"choices": [{"index": 0, "text": text}]},
+    "anthropic text": lambda text, n: {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": text},
+    },
+    "anthropic thinking": lambda text, n: {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "thinking_delta", "thinking": text},
+    },
+    "responses": lambda text, n: {
+        "type": "response.output_text.delta",
+        "sequence_number": n,
+        "delta": text,
+    },
+    "a text field and a fixed one": lambda text, n: {
+        "choices": [{"index": 0, "delta": {"refusal": "no", "content": text}}]
+    },
+    "an uncounted field": lambda text, n: {"choices": [{"index": 0, "delta": {"role": text}}]},
+}
+
+
+@pytest.mark.parametrize("form", list(STREAM_FORMS))
+def test_relayed_text_is_counted_exactly_as_each_event_reads(form: str) -> None:
+    """A long stream's events are measured by their length once their shape is known
+    (they differ only in their text); the count must be exactly what reading each event
+    gives, whatever the texts hold, however the stream is cut into chunks and batches,
+    and when events of another shape come between."""
+    rng = random.Random(form)
+    make = STREAM_FORMS[form]
+    for trial in range(60):
+        events = [make(rng.choice(TEXTS), n) for n in range(rng.randint(1, 80))]
+        if trial % 3 == 0:  # another form in the middle, then this one again
+            events.insert(len(events) // 2, STREAM_FORMS["chat"](" other", 0))
+        lines = [b"data: " + orjson.dumps(event) for event in events]
+        if trial % 5 == 0:
+            lines.insert(len(lines) // 3, b"data: not json")
+        stream = b"".join(line + b"\n\n" for line in lines) + b"data: [DONE]\n\n"
+        expected = sum(estimate._delta_text_bytes(line[6:]) for line in lines)
+        relayed = RelayedText(batch_bytes=rng.choice([1, 100, 4096]))
+        step = rng.choice([7, 64, len(stream)])
+        for start in range(0, len(stream), step):
+            relayed.add(stream[start : start + step])
+        assert relayed.tokens() == expected, (form, trial)
 
 
 def test_a_long_stream_holds_a_bounded_amount_of_relayed_text() -> None:

@@ -17,6 +17,7 @@ start), else four characters per token of the messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +40,33 @@ class RelayedText:
     The relay only keeps the chunks, and reads them in batches of `batch_bytes`: a
     stream that ends (with the upstream's usage) before its first batch is full is
     never read at all, and a stream holds at most one batch (plus the event it ends
-    in) however long it runs: 4 KiB x 1,000 open streams is 4 MiB. Reading costs 1 to
-    2 µs per event (`orjson` and a walk of the deltas).
+    in, and an event of at most 2 KiB to learn its shape from) however long it runs:
+    4 KiB x 1,000 open streams is 4 MiB. Reading an event
+    costs 1 to 2 µs (`orjson` and a walk of the deltas), except for an event of the
+    stream's shape once learnt (`_shape_of`): a token's event differs from the one
+    before only in its text, and is measured by the text's length.
     """
 
-    __slots__ = ("_pending", "_pending_size", "batch_bytes", "text_bytes")
+    __slots__ = (
+        "_last",
+        "_pending",
+        "_pending_size",
+        "_shape",
+        "_tries",
+        "batch_bytes",
+        "text_bytes",
+    )
 
     def __init__(self, batch_bytes: int = 4 * 1024) -> None:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self.batch_bytes = batch_bytes
         self.text_bytes = 0
+        # (the data line up to the text's opening quote, the rest from its closing
+        # quote, the text elsewhere in such an event): see `_shape_of`
+        self._shape: tuple[bytes, bytes, int] | None = None
+        self._last = b""  # the last event read in full: a shape is learnt from two
+        self._tries = 0  # shapes looked for in this stream (bounded: `_SHAPE_TRIES`)
 
     def add(self, chunk: bytes) -> None:
         """A chunk of OpenAI SSE events as sent to the caller."""
@@ -71,10 +88,72 @@ class RelayedText:
         else:
             self._pending, self._pending_size = [], 0
         size = 0
+        head, tail, fixed = self._shape or (b"", b"", -1)
+        least = len(head) + len(tail)
         for line in data.split(b"\n"):
-            if line[:5] == b"data:" and line[-6:] != b"[DONE]":
-                size += _delta_text_bytes(line[6:] if line[5:6] == b" " else line[5:])
+            if fixed >= 0 and line.startswith(head) and line.endswith(tail) and len(line) >= least:
+                text = line[len(head) : len(line) - len(tail)]
+                if _NOT_PLAIN.search(text) is None:  # the shape's event, with another text
+                    size += fixed + len(text)
+                    continue
+            if line[:5] != b"data:" or line[-6:] == b"[DONE]":
+                continue
+            event = line[6:] if line[5:6] == b" " else line[5:]
+            size += _delta_text_bytes(event)
+            if self._tries < _SHAPE_TRIES and self._last:
+                self._tries += 1
+                found = _shape_of(self._last, event)
+                if found is not None:
+                    lead = line[: len(line) - len(event)]
+                    self._shape = (lead + found[0], found[1], found[2])
+                    head, tail, fixed = self._shape
+                    least = len(head) + len(tail)
+            # kept while shapes are looked for, and if small (a token's event is)
+            self._last = event if len(event) <= _SHAPE_EVENT and self._tries < _SHAPE_TRIES else b""
         self.text_bytes += size
+
+
+# Shapes looked for per stream: a stream whose events never share one (Responses events
+# number themselves) costs at most this many extra reads.
+_SHAPE_TRIES = 8
+_SHAPE_EVENT = 2048  # the largest event a shape is learnt from
+# A byte that may not stand in a JSON string's raw text for its length to be the text's
+# UTF-8 size: anything but printable ASCII, and the quote and backslash.
+_NOT_PLAIN = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+_PROBE = b"abc"
+
+
+def _shape_of(one: bytes, other: bytes) -> tuple[bytes, bytes, int] | None:
+    """The shape two events share when they differ only inside one JSON string that is
+    counted text (a delta's `content`, `arguments`, `text`, ...): the event up to and
+    with the string's opening quote, the rest from its closing quote, and the text
+    bytes elsewhere in the event. An event made of the two with plain ASCII between
+    (no quote, backslash or control character) is then an event of the same structure
+    with another text: it counts that fixed part plus the text's length. The shape is
+    checked by reading it with two texts, so that this count is exactly what reading
+    such an event in full gives."""
+    same = 0
+    limit = min(len(one), len(other))
+    while same < limit and one[same] == other[same]:
+        same += 1
+    tail = 0
+    while tail < limit - same and one[-1 - tail] == other[-1 - tail]:
+        tail += 1
+    # The string the difference is in: its opening quote in the common start, its
+    # closing quote in the common end (so that both events have the prefix and suffix).
+    opening = one.rfind(b'"', 0, same)
+    closing = one.find(b'"', len(one) - tail) if tail else -1
+    if opening < 0 or closing < 0:
+        return None
+    prefix, suffix = one[: opening + 1], one[closing:]
+    try:  # with plain text between, the shape must be an object whose text counts
+        probe = orjson.loads(prefix + _PROBE + suffix)
+    except orjson.JSONDecodeError:
+        return None
+    fixed = _delta_text_bytes(prefix + suffix)
+    if probe.__class__ is not dict or _delta_text_bytes(prefix + _PROBE + suffix) != fixed + 3:
+        return None
+    return prefix, suffix, fixed
 
 
 def _delta_text_bytes(data: bytes) -> int:
