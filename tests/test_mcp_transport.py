@@ -8,6 +8,7 @@ waits, then fails alone as the gateway's own limit.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from collections import Counter
@@ -437,3 +438,52 @@ async def test_an_http_error_answer_says_what_the_server_said(
     finally:
         gateway.stop()
         bg.run(runner.cleanup())
+
+
+_REPORT_SOCKETS = """
+import json, os, socket, sys
+names = []
+for name in os.listdir("/proc/self/fd"):
+    try:
+        found = socket.socket(fileno=os.dup(int(name)))
+    except OSError:
+        continue
+    try:
+        names.append(list(found.getsockname()))
+    except OSError:
+        pass
+    found.detach()
+open(sys.argv[1], "w").write(json.dumps(names))
+print('{"jsonrpc": "2.0", "method": "notifications/looked"}', flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_stdio_server_inherits_none_of_the_gateways_sockets(tmp_path: Path) -> None:
+    """Served under uvloop, a child keeps every inheritable descriptor, and uvicorn makes
+    its listening socket inheritable for its workers: a stdio MCP server holding it
+    could accept the gateway's callers and read their keys. It must hold none."""
+    import socket
+
+    import uvloop
+
+    from metergate.mcp.config import McpServerConfig
+    from metergate.mcp.stdio import bounded_stdio
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    listening.set_inheritable(True)  # as uvicorn's bind_socket leaves it
+    report = tmp_path / "sockets.json"
+    config = McpServerConfig(command=sys.executable, args=["-c", _REPORT_SOCKETS, str(report)])
+
+    async def start_and_look() -> None:
+        async with bounded_stdio("probe", config) as (read, _):
+            await asyncio.wait_for(read.receive(), 30)  # it has looked
+
+    try:
+        uvloop.run(start_and_look())
+        held = [tuple(name) for name in json.loads(report.read_text())]
+        assert listening.getsockname() not in held, held
+    finally:
+        listening.close()

@@ -6,6 +6,12 @@ transport does what the SDK's does (start the server in its own process group wi
 minimal environment, newline-delimited JSON-RPC both ways, on shutdown close its stdin,
 wait, then end the whole group) but never holds more than `max_response_bytes` of a line.
 
+The server inherits nothing of the gateway's but its stderr: under uvloop a child is
+started by libuv, which leaves every inheritable descriptor open in it (`close_fds` is
+not honoured), and uvicorn makes its listening socket inheritable for its workers. A
+stdio server holding that socket could accept the gateway's callers, keys and all; so
+the gateway's descriptors are made non-inheritable before a server starts.
+
 A line over the limit cannot be read, so nothing in it can be trusted to say which
 request it answers. The connection is then ended: every request in flight on it gets a
 JSON-RPC error (-32603) that names the limit, in place of its answer, and the gateway's
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -78,10 +85,23 @@ def parse(line: bytes | bytearray) -> Incoming:
         return exc
 
 
+def _keep_descriptors() -> None:
+    """Make every descriptor of this process above stderr non-inheritable (see above).
+    A serving process passes none to its children on purpose: the supervisor, which
+    hands the socket to the workers it starts, runs no MCP server."""
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # (the listing's own, closed since)
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+
+
 @contextlib.asynccontextmanager
 async def bounded_stdio(server: str, config: McpServerConfig) -> AsyncIterator[Streams]:
     """Start `config.command` and talk to it over its stdin and stdout."""
     assert config.command is not None
+    _keep_descriptors()
     try:
         process = await anyio.open_process(
             [config.command, *config.args],
