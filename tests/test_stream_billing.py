@@ -142,6 +142,29 @@ def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
     assert row["input_tokens"] > 0 and row["cost_nano"] == cost_nano(row)
 
 
+def test_a_caller_that_hangs_up_on_done_had_the_whole_answer(gateway: Gateway) -> None:
+    """The openai SDK closes its connection as soon as it reads `[DONE]`. An upstream
+    whose body ends a moment later (its terminating chunk in a later packet) must not
+    make that whole answer a cancelled one, billed by the relayed-text bound."""
+    chunks = list(
+        gateway.client(timeout=30).chat.completions.create(
+            model="gpt",
+            messages=[{"role": "user", "content": "Tell me. TRIGGER:slow_end"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-request-id": "billing-done-hangup"},
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None
+    row = ledger_row(gateway, "billing-done-hangup")
+    assert (row["outcome"], row["status"], row["usage_estimated"]) == ("success", 200, 0)
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+
+
 def test_a_cut_stream_is_billed_no_more_than_its_max_tokens_allows(gateway: Gateway) -> None:
     """The relayed-text bound is ~4x the real count for English; an upstream cannot
     bill more than max_tokens, nor can the estimate pass the worst case held for it."""

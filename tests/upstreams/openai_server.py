@@ -16,6 +16,8 @@ Control words in the last user message choose the behaviour:
 (any other value, or none, as "default").
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
+  TRIGGER:slow_end                         end the stream's body 2 s after `[DONE]`
+                                           (its terminating chunk in a later packet)
   TRIGGER:nousage                          an answer or stream without `usage` (as some
                                            compatible servers send)
   TRIGGER:cut_after_N / TRIGGER:stall_after_N  stream N content chunks of three words
@@ -230,6 +232,8 @@ async def _stream(
             }
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        if trigger == "slow_end":
+            await asyncio.sleep(2)
         state.streams_finished += 1
     except (ConnectionResetError, asyncio.CancelledError):
         state.streams_cancelled += 1

@@ -42,6 +42,7 @@ from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import Answered, RequestLog
 from metergate.providers.base import StreamState
+from metergate.providers.sse import DONE
 from metergate.routing.router import Route
 from metergate.runtime import Plan, Runtime
 
@@ -259,7 +260,7 @@ class CompletionsHandler:
         relayed.add(first)
         kept = Answered() if log.capture else None  # what the caller gets, for the record
         error: BaseException | None = None
-        last = b""
+        last = out = b""
         try:  # from here on, whatever happens, the attempt is accounted for below
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             out = first if outward is None else outward.feed(first)
@@ -290,7 +291,13 @@ class CompletionsHandler:
                 last = await outward.end()
         except asyncio.CancelledError as cancelled:
             error = cancelled
-            if gone.is_set() or log.gone:
+            if (gone.is_set() or log.gone) and (state.ended or out.endswith(DONE)):
+                # It left after the stream's last event (an SDK hangs up on [DONE]),
+                # while the upstream's end of the body was still on its way: the answer
+                # was whole, and is billed as the upstream reported it.
+                relay.uncancel()
+                error, log.gone = None, False
+            elif gone.is_set() or log.gone:
                 relay.uncancel()
                 log.outcome, log.status = "cancelled", 499
             elif relay.cancelling() > 1:

@@ -92,7 +92,7 @@ class _Relay:
                 self.raw_usage.update({k: v for k, v in usage.items() if v is not None})
                 self.state.usage = usage_of(self.raw_usage)
         if name == "message_stop":
-            self.done = True
+            self.done = self.state.ended = True
         return event.raw
 
     def finish(self) -> bytes:

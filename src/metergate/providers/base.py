@@ -177,6 +177,9 @@ class StreamState:
     # the processing tier the first event named (OpenAI's chunks each name it): the
     # tier of a stream that ends before its usage says
     service_tier: str | None = None
+    # the upstream's closing event (Messages' message_stop, Responses' completion) has
+    # been relayed as it came: a caller that leaves now has had the whole answer
+    ended: bool = False
 
 
 class Adapter(abc.ABC):

@@ -135,7 +135,7 @@ class _ResponsesRelay:
                 message = failure.get("message") if isinstance(failure, dict) else None
                 raise UpstreamServerError(f"upstream stream error: {message or 'it failed'}")
             if name in TERMINAL:
-                self.done = True
+                self.done = self.state.ended = True
                 response = data.get("response") or {}
                 usage = response.get("usage")
                 if usage:  # else it stays unknown, and the relayed text is billed
