@@ -215,6 +215,32 @@ async def test_a_low_level_server_learns_tool_names_from_its_own_listing() -> No
     assert parse(response.text) == registry_samples(registry)
 
 
+async def test_error_codes_a_server_makes_up_share_one_label() -> None:
+    """A server may answer any integer as its error code, even one its caller chose:
+    each would be a new series. The codes JSON-RPC and MCP define are labels as they
+    are; any other is `_OTHER`."""
+    registry = CollectorRegistry()
+
+    async def list_tools(ctx: Any, params: Any) -> ListToolsResult:
+        return ListToolsResult(tools=[Tool(name="fail", input_schema={"type": "object"})])
+
+    async def call_tool(ctx: Any, params: Any) -> CallToolResult:
+        raise MCPError(int(params.arguments["code"]), "as asked")
+
+    server: Server[Any] = Server("codes", on_list_tools=list_tools, on_call_tool=call_tool)
+    instrument(server, registry=registry)
+    async with Client(server) as client:
+        await client.list_tools()
+        for code in (100_001, 100_002, -31999, 7, -32602):
+            with pytest.raises(MCPError):
+                await client.call_tool("fail", {"code": code})
+    samples = registry_samples(registry)
+    assert count(samples, "fail", "_OTHER") == 4
+    assert count(samples, "fail", "-32602") == 1
+    kinds = {dict(labels).get("error_type") for (name, labels) in samples if name == f"{OP}_count"}
+    assert kinds <= {"", "_OTHER", "-32602"}, kinds
+
+
 def test_docs_show_the_two_lines_the_test_server_uses() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "mcp.md").read_text()
     server = SEARCH_SERVER.read_text()

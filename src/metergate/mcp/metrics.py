@@ -2,7 +2,8 @@
 
 Names follow the OpenTelemetry MCP semantic conventions (dots become underscores), so
 dashboards built for those work unchanged. `error_type` is empty on success, else the
-JSON-RPC error code, `tool_error` (a result with isError), `timeout` or `transport`.
+JSON-RPC error code (one JSON-RPC or MCP defines; `_OTHER` for any other), `tool_error`
+(a result with isError), `timeout` or `transport`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ UNKNOWN_TOOL = "unknown"
 come from request text, or a caller could create series without bound."""
 
 
+# The codes JSON-RPC and MCP define, which are labels as they are; a server may answer
+# any other integer (from its caller's arguments, say), so any other is `_OTHER`, as
+# OpenTelemetry bounds `error.type`: else series would grow without bound.
+KNOWN_CODES = frozenset({-32700, -32600, -32601, -32602, -32603, -32002, -32042})
+OTHER_CODE = "_OTHER"
+
+
 def code_error_type(code: int) -> str:
     """`error_type` of a JSON-RPC error code; timeouts and lost connections by name."""
     if code == REQUEST_TIMEOUT:
         return "timeout"
     if code == CONNECTION_CLOSED:
         return "transport"
-    return str(code)
+    return str(code) if code in KNOWN_CODES else OTHER_CODE
 
 
 def is_tool_error(result: Any) -> bool:
