@@ -337,6 +337,50 @@ async def test_a_broken_answer_is_the_servers_fault_not_the_callers(
         bg.run(runner.cleanup())
 
 
+# A stdio MCP server that answers every tool call with JSON that is not JSON-RPC: an
+# error without its message, or with a code that is no integer.
+_MALFORMED_STDIO = """
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    ident, method = message.get("id"), message.get("method")
+    if ident is None:
+        continue
+    if method == "initialize":
+        result = {"protocolVersion": message["params"]["protocolVersion"], "capabilities":
+                  {"tools": {}}, "serverInfo": {"name": "raw", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": name, "inputSchema": {"type": "object"}}
+                            for name in ("no_message", "text_code")]}
+    elif method == "tools/call":
+        error = {"code": -32050} if message["params"]["name"] == "no_message" else {
+            "code": "abc", "message": "a code that is text"}
+        print(json.dumps({"jsonrpc": "2.0", "id": ident, "error": error}), flush=True)
+        continue
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": ident, "result": result}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("tool", ["no_message", "text_code"])
+async def test_a_stdio_answer_that_is_no_json_rpc_fails_its_call_at_once(
+    bg: BackgroundLoop, tmp_path: Path, tool: str
+) -> None:
+    """Over HTTP such an answer fails its call at once; over stdio the call used to wait
+    for its timeout (here a minute), counted as one, with nothing logged. It fails at
+    once now, as the server's fault (-32603, `transport`)."""
+    server = {"command": sys.executable, "args": ["-c", _MALFORMED_STDIO], "timeout_seconds": 60}
+    gateway = gateway_with(bg, tmp_path, raw=server)
+    try:
+        error = await failed_call(gateway, f"raw.{tool}")
+        assert "MCP server 'raw' sent an answer that is not valid JSON-RPC" in error.message
+        assert calls(gateway, "raw", tool, "transport") == 1
+        assert calls(gateway, "raw", tool, "timeout") == 0
+    finally:
+        gateway.stop()
+
+
 def test_a_stdio_line_is_read_whole_across_reads_and_refused_past_the_limit() -> None:
     lines = Lines(limit=8)
     assert lines.feed(b'{"a"') == []

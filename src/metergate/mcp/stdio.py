@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import mcp_types as types
+import orjson
 from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.client.stdio import get_default_environment
@@ -82,7 +83,28 @@ def parse(line: bytes | bytearray) -> Incoming:
     try:
         return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
     except ValueError as exc:
-        return exc
+        answered = _answered_id(line)
+        if answered is None:
+            return exc
+        # An answer to a request in flight that is not valid JSON-RPC (an error without
+        # a message, a code that is no integer): that request fails now, as over HTTP,
+        # rather than at its timeout (-32600: `upstream` reports it as a broken answer).
+        detail = str(exc).splitlines()[0][:200]
+        error = types.ErrorData(code=-32600, message=f"answer to request {answered}: {detail}")
+        return SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=answered, error=error))
+
+
+def _answered_id(line: bytes | bytearray) -> int | str | None:
+    """The id of the request a line answers, if it is an answer (a JSON object with an
+    id and no method) at all."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict or "method" in value:
+        return None
+    answered = value.get("id")
+    return answered if type(answered) in (int, str) else None
 
 
 def _keep_descriptors() -> None:
