@@ -416,6 +416,24 @@ async def test_stream_tool_calls(adapter: AnthropicAdapter) -> None:
     assert state.finish_reason == "tool_calls"
 
 
+async def test_a_streamed_tool_call_without_arguments_has_an_empty_object(
+    adapter: AnthropicAdapter,
+) -> None:
+    """Anthropic streams a call of a tool without parameters as one empty `partial_json`:
+    its arguments are "{}", as in the whole answer, not "" (which no JSON parser, the
+    openai SDK's helpers included, reads)."""
+    now = {"name": "now", "description": "The time", "input_schema": {"type": "object"}}
+    events, _ = await stream(adapter, user("What time is it?", tools=[now]))
+    calls = [call for c in events[:-1] for call in c["choices"][0]["delta"].get("tool_calls") or []]
+    arguments = ["", ""]
+    for call in calls:
+        arguments[call["index"]] += call["function"]["arguments"]
+    assert arguments == ["{}", "{}"]
+    whole = await adapter.chat(UpstreamCall(user("What time is it?", tools=[now]), MODEL))
+    message = orjson.loads(whole.body)["choices"][0]["message"]
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == ["{}", "{}"]
+
+
 @pytest.mark.parametrize(
     ("word", "outcome", "fragment"),
     [

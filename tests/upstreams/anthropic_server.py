@@ -36,7 +36,9 @@ there, `server_tool_use` of 3 web searches and 1 web fetch (in `message_delta` t
 Without a trigger the answer is a tool use when the request has tools, `tool_choice` is
 not `none` and the last user turn holds no `tool_result`: a `tool_use` block with input
 `{"location": "Paris"}` for the forced tool (else the first tool), plus one with
-`{"location": "Tokyo"}` unless `disable_parallel_tool_use`, preceded by a "Let me check."
+`{"location": "Tokyo"}` unless `disable_parallel_tool_use` (a tool whose schema has no
+properties gets `{}`, streamed as one empty `input_json_delta`, as the API sends it),
+preceded by a "Let me check."
 text block unless a tool was forced. Otherwise it is `ANSWER`, cut by `stop_sequences`
 (stop_reason `stop_sequence`) or after `max_tokens` words (stop_reason `max_tokens`).
 Streams use real SSE framing: `event:` lines, a `ping`, one delta per word, tool input
@@ -293,6 +295,8 @@ def _content(body: dict[str, Any], serial: int) -> tuple[list[dict[str, Any]], s
     if body.get("tools") and choice["type"] != "none" and not answered:
         name = choice.get("name") or body["tools"][0]["name"]
         cities = ["Paris"] if choice.get("disable_parallel_tool_use") else ["Paris", "Tokyo"]
+        tool = next(t for t in body["tools"] if t["name"] == name)
+        takes = bool((tool.get("input_schema") or {}).get("properties"))
         blocks: list[dict[str, Any]] = (
             [] if choice["type"] in ("any", "tool") else [{"type": "text", "text": "Let me check."}]
         )
@@ -301,7 +305,7 @@ def _content(body: dict[str, Any], serial: int) -> tuple[list[dict[str, Any]], s
                 "type": "tool_use",
                 "id": f"toolu_fake{serial:04d}{n}",
                 "name": name,
-                "input": {"location": city},
+                "input": {"location": city} if takes else {},
             }
             for n, city in enumerate(cities)
         ]
@@ -395,6 +399,8 @@ def _events(answer: dict[str, Any], with_usage: bool = True) -> list[bytes]:
             arguments = orjson.dumps(block["input"]).decode()
             third = max(1, len(arguments) // 3)
             pieces = ["", arguments[:third], arguments[third : 2 * third], arguments[2 * third :]]
+            if not block["input"]:  # a tool without arguments: one empty fragment, no "{}"
+                pieces = [""]
             deltas = [{"type": "input_json_delta", "partial_json": p} for p in pieces]
         events.append(
             _event(

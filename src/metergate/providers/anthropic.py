@@ -83,6 +83,7 @@ class _StreamTranslator:
         self.writer: ChunkWriter | None = None
         self.raw_usage: dict[str, Any] = {}
         self.tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI index
+        self.silent: set[int] = set()  # tool use blocks no argument text has come for yet
         self.stop_reason: str | None = None
         self.done = False
 
@@ -109,7 +110,9 @@ class _StreamTranslator:
             self._add_usage(data.get("usage"))
         elif kind == "message_stop":
             return self._stop()
-        return b""  # ping, content_block_stop, and event types added after this was written
+        elif kind == "content_block_stop":
+            return self._block_stop(data.get("index", 0))
+        return b""  # ping, and event types added after this was written
 
     def finish(self) -> bytes:
         if not self.done:
@@ -119,6 +122,7 @@ class _StreamTranslator:
     def _block_start(self, index: int, block: dict[str, Any]) -> bytes:
         if block.get("type") == "tool_use":
             position = self.tool_index[index] = len(self.tool_index)
+            self.silent.add(index)
             return self._writer().delta(
                 {
                     "tool_calls": [
@@ -140,6 +144,7 @@ class _StreamTranslator:
         if kind == "text_delta" and delta.get("text"):
             return self._writer().delta({"content": delta["text"]})
         if kind == "input_json_delta" and delta.get("partial_json") and index in self.tool_index:
+            self.silent.discard(index)
             return self._writer().delta(
                 {
                     "tool_calls": [
@@ -151,6 +156,15 @@ class _StreamTranslator:
                 }
             )
         return b""  # thinking and signature deltas have no OpenAI equivalent
+
+    def _block_stop(self, index: int) -> bytes:
+        """A tool call without arguments comes as an empty `partial_json` alone: its
+        arguments are `{}`, as in a whole answer, not "" (which no JSON parser reads)."""
+        if index not in self.silent:
+            return b""
+        self.silent.discard(index)
+        call = {"index": self.tool_index[index], "function": {"arguments": "{}"}}
+        return self._writer().delta({"tool_calls": [call]})
 
     def _stop(self) -> bytes:
         writer = self._writer()
