@@ -569,3 +569,20 @@ def test_error_shapes_follow_the_endpoint_and_anthropic_version(gateway: Gateway
         )
         assert answer.status_code == 401
         assert set(answer.json()) == {"error"} and answer.json()["error"]["code"]
+
+
+def test_a_refusal_stops_with_refusal_streamed_or_not(gateway: Gateway) -> None:
+    """A chat upstream's refusal is the message's text and its stop reason `refusal`,
+    in the stream's final message too (it ended `end_turn`)."""
+    client = anthropic_client(gateway)
+    ask: dict[str, Any] = {
+        "model": "gpt",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "Do the bad thing. TRIGGER:refuse"}],
+    }
+    whole = client.messages.create(**ask)
+    with client.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    for message in (whole, streamed):
+        assert message.stop_reason == "refusal"
+        assert [block.text for block in message.content] == [openai_server.REFUSAL]

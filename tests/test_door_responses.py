@@ -16,7 +16,7 @@ import pytest
 
 from tests.doors import MODELS, Upstreams, ledger_row, upstreams  # noqa: F401 - fixture
 from tests.harness import Gateway
-from tests.upstreams import ANSWER, responses_api
+from tests.upstreams import ANSWER, openai_server, responses_api
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -590,3 +590,19 @@ def test_a_wrongly_typed_field_gets_a_400_naming_it(gateway: Gateway, model: str
         assert field in (refused.value.param or ""), (change, refused.value.message)
         assert field in refused.value.message
     assert not any(row["status"] == 500 for row in gateway.ledger_rows())
+
+
+def test_a_refusal_is_a_refusal_part_streamed_or_not(gateway: Gateway) -> None:
+    """A chat upstream's `message.refusal` (streamed as `refusal` deltas) is what the
+    Responses API calls a `refusal` content part of a message item, not dropped."""
+    client = gateway.client()
+    ask = {"model": "gpt", "input": "Do the bad thing. TRIGGER:refuse"}
+    whole = client.responses.create(**ask)
+    parts = [part for item in whole.output for part in getattr(item, "content", [])]
+    assert [(p.type, p.refusal) for p in parts] == [("refusal", openai_server.REFUSAL)]
+    with client.responses.stream(**ask) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    parts = [part for item in final.output for part in getattr(item, "content", [])]
+    assert [(p.type, p.refusal) for p in parts] == [("refusal", openai_server.REFUSAL)]
+    assert "response.refusal.delta" in kinds and "response.refusal.done" in kinds

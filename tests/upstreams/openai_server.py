@@ -16,6 +16,8 @@ Control words in the last user message choose the behaviour:
 (any other value, or none, as "default").
   TRIGGER:slowstream                       stream one chunk every 100 ms for 5 s
   TRIGGER:cut                              end the stream before `[DONE]`
+  TRIGGER:refuse                           the model refuses: `message.refusal` (streamed
+                                           as `refusal` deltas), `content` null
   TRIGGER:slow_end                         end the stream's body 2 s after `[DONE]`
                                            (its terminating chunk in a later packet)
   TRIGGER:nousage                          an answer or stream without `usage` (as some
@@ -45,6 +47,8 @@ from tests.upstreams import ANSWER, stall
 API_KEY = "sk-upstream-test-key-0123456789"
 WORDS = ["Hello", " from", " the", " fake", " OpenAI", " upstream", "."]
 ANSWER_WORDS = [" " + word for word in ANSWER.split(" ")]
+
+REFUSAL = "I cannot help with that request."
 
 
 @dataclass
@@ -144,6 +148,9 @@ def create_app() -> tuple[web.Application, State]:
                     ],
                 }
                 finish = "tool_calls"
+            elif trigger == "refuse":
+                message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+                finish = "stop"
             else:
                 message = {"role": "assistant", "content": "".join(WORDS)}
                 finish = "stop"
@@ -218,8 +225,11 @@ async def _stream(
             for _ in range(50):
                 await asyncio.sleep(0.1)
                 await event({"content": "."})
-        for word in WORDS:
+        for word in WORDS if trigger != "refuse" else ():
             await event({"content": word})
+        if trigger == "refuse":
+            await event({"content": None, "refusal": REFUSAL[:7]})
+            await event({"refusal": REFUSAL[7:]})
         if trigger == "cut":
             return response
         await event({}, "stop")

@@ -337,6 +337,7 @@ class MessageStream(Blocks):
         self.decoder = SSEDecoder()
         self.started = False
         self.reason: str | None = None
+        self.refused = False  # the model refused (OpenAI's `refusal`): so the stop says
 
     def feed(self, chunk: bytes) -> bytes:
         out = bytearray()
@@ -371,6 +372,8 @@ class MessageStream(Blocks):
         text = delta.get("content") or delta.get("refusal")
         if text:
             out += self._add_text(text)
+        if delta.get("refusal"):
+            self.refused = True
         for call in delta.get("tool_calls") or []:
             out += self._add_call(call)
         return bytes(out)
@@ -395,7 +398,8 @@ class MessageStream(Blocks):
         out = bytearray() if self.started else bytearray(self._start({}))
         out += self._finish()
         usage = usage_of(self.state.usage or Usage())
-        delta = {"stop_reason": STOP_REASONS.get(self.reason or "stop"), "stop_sequence": None}
+        reason = "refusal" if self.refused else STOP_REASONS.get(self.reason or "stop")
+        delta = {"stop_reason": reason, "stop_sequence": None}
         out += event("message_delta", {"delta": delta, "usage": usage})
         out += event("message_stop", {})
         return bytes(out)

@@ -78,6 +78,7 @@ class ResponseStream(Blocks):
         self.output: list[dict[str, Any]] = []  # the items opened, by block index
         self.reason: str | None = None
         self.started = False
+        self.refusals: set[int] = set()  # the blocks that are a refusal, not text
 
     def feed(self, chunk: bytes) -> bytes:
         out = bytearray()
@@ -105,6 +106,13 @@ class ResponseStream(Blocks):
         out = bytearray()
         if delta.get("content"):
             out += self._add_text(delta["content"])
+        if delta.get("refusal"):  # its own message item, with a `refusal` part
+            last = self.blocks[-1] if self.blocks else None
+            if last is None or last.call is not None or last.index not in self.refusals:
+                self.refusals.add(len(self.blocks))
+                self.blocks.append(Block(len(self.blocks), None))
+            self.blocks[-1].text += delta["refusal"]
+            out += self._release()
         for call in delta.get("tool_calls") or []:
             out += self._add_call(call)
         return bytes(out)
@@ -116,7 +124,14 @@ class ResponseStream(Blocks):
             self.output.append(item)
             return self.events("response.output_item.added", output_index=block.index, item=item)
         item = text_item(new_id("msg"), "", "in_progress")
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        part: dict[str, Any] = {
+            "type": "output_text",
+            "text": "",
+            "annotations": [],
+            "logprobs": [],
+        }
+        if block.index in self.refusals:
+            part = {"type": "refusal", "refusal": ""}
         item["content"] = [part]
         self.output.append(item)
         added = {**item, "content": []}
@@ -127,7 +142,7 @@ class ResponseStream(Blocks):
             item_id=item["id"],
             output_index=block.index,
             content_index=0,
-            part={**part, "text": ""},
+            part=dict(part),
         )
 
     def _grew(self, block: Block, piece: str) -> bytes:
@@ -138,6 +153,15 @@ class ResponseStream(Blocks):
                 "response.function_call_arguments.delta",
                 item_id=item["id"],
                 output_index=block.index,
+                delta=piece,
+            )
+        if block.index in self.refusals:
+            item["content"][0]["refusal"] += piece
+            return self.events(
+                "response.refusal.delta",
+                item_id=item["id"],
+                output_index=block.index,
+                content_index=0,
                 delta=piece,
             )
         item["content"][0]["text"] += piece
@@ -165,8 +189,11 @@ class ResponseStream(Blocks):
             ) + self.events("response.output_item.done", output_index=index, item=item)
         part = item["content"][0]
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        done = self.events("response.output_text.done", **ids, text=part.get("text"), logprobs=[])
+        if index in self.refusals:
+            done = self.events("response.refusal.done", **ids, refusal=part["refusal"])
         return (
-            self.events("response.output_text.done", **ids, text=part["text"], logprobs=[])
+            done
             + self.events("response.content_part.done", **ids, part=part)
             + self.events("response.output_item.done", output_index=index, item=item)
         )

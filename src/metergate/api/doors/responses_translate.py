@@ -212,8 +212,14 @@ def response_object(
     }
 
 
-def text_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_item(
+    item_id: str, text: str, status: str = "completed", refusal: bool = False
+) -> dict[str, Any]:
+    """A message item: the model's text, or its refusal (a `refusal` part, as the
+    Responses API gives what chat calls `message.refusal`)."""
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    if refusal:
+        part = {"type": "refusal", "refusal": text}
     return {
         "id": item_id,
         "type": "message",
@@ -255,6 +261,8 @@ def to_response(
     text = message.get("content")
     if text:
         output.append(text_item(new_id("msg"), text))
+    if message.get("refusal"):
+        output.append(text_item(new_id("msg"), message["refusal"], refusal=True))
     for call in message.get("tool_calls") or []:
         output.append(call_item(new_id("fc"), call))
     status, incomplete = finished(choice.get("finish_reason"))
