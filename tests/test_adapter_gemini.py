@@ -137,6 +137,25 @@ async def test_translates_request_and_answer(adapter: GeminiAdapter, recorder: R
     assert answer["usage"] == usage.to_openai()
 
 
+async def test_a_system_prompt_in_parts_keeps_them_apart(
+    adapter: GeminiAdapter, recorder: Recorder
+) -> None:
+    """A system message in text parts (as the Messages door makes of system blocks)
+    reaches the model with the parts apart, as separate system messages do: not glued
+    into one line ("You are terse.Answer in French.")."""
+    parts = [
+        {"type": "text", "text": "You are terse."},
+        {"type": "text", "text": "Answer in French."},
+    ]
+    body = {
+        "model": "gw-model",
+        "messages": [{"role": "system", "content": parts}, *user("Hi")["messages"]],
+    }
+    await chat(adapter, body)
+    sent = recorder.last.body["systemInstruction"]["parts"]
+    assert sent == [{"text": "You are terse.\n\nAnswer in French."}]
+
+
 async def test_token_limit_ends_with_length(adapter: GeminiAdapter) -> None:
     answer, usage = await chat(adapter, user("Hi", max_completion_tokens=3))
     assert answer["choices"][0]["message"]["content"] == "The quick brown"

@@ -110,7 +110,8 @@ def _kind(value: Any) -> str:
 
 def text_of(content: Any, where: str) -> str:
     """The text of an OpenAI message `content`: a string, or a list of parts whose text
-    parts are joined (other parts carry no text here)."""
+    parts are joined as separate system messages are, by a blank line (other parts carry
+    no text here): a system prompt in two blocks must not read as one run-on line."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -120,7 +121,7 @@ def text_of(content: Any, where: str) -> str:
         part = an_object(part, f"{where}[{index}]")
         if part.get("type") == "text":
             texts.append(a_string(part.get("text"), f"{where}[{index}].text") or "")
-    return "".join(texts)
+    return "\n\n".join(text for text in texts if text)
 
 
 def image_url_of(part: dict[str, Any], where: str) -> str:
