@@ -156,6 +156,27 @@ async def test_a_system_prompt_in_parts_keeps_them_apart(
     assert sent == [{"text": "You are terse.\n\nAnswer in French."}]
 
 
+async def test_a_pdf_file_part_is_inline_data(adapter: GeminiAdapter, recorder: Recorder) -> None:
+    """A base64 PDF (a chat `file` part, as the Messages door makes of a `document`
+    block) is Gemini inline data; a file id, which names a file stored with OpenAI, is
+    refused naming the part."""
+    pdf = base64.b64encode(b"%PDF-1.4 tiny").decode()
+    file_part = {
+        "type": "file",
+        "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{pdf}"},
+    }
+    content = [{"type": "text", "text": "Summarise."}, file_part]
+    await chat(adapter, {"model": "gw-model", "messages": [{"role": "user", "content": content}]})
+    sent = recorder.last.body["contents"][0]["parts"]
+    assert sent[1] == {"inlineData": {"mimeType": "application/pdf", "data": pdf}}
+    stored = {"type": "file", "file": {"file_id": "file-abc"}}
+    with pytest.raises(GatewayError) as refused:
+        await chat(
+            adapter, {"model": "gw-model", "messages": [{"role": "user", "content": [stored]}]}
+        )
+    assert refused.value.param == "messages[0].content[0].file"
+
+
 async def test_token_limit_ends_with_length(adapter: GeminiAdapter) -> None:
     answer, usage = await chat(adapter, user("Hi", max_completion_tokens=3))
     assert answer["choices"][0]["message"]["content"] == "The quick brown"

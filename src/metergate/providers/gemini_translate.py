@@ -213,12 +213,30 @@ def _user_parts(content: Any, where: str) -> list[dict[str, Any]]:
                 parts.append({"text": text})
         elif kind == "image_url":
             parts.append(_image(image_url_of(part, at), at))
+        elif kind == "file":
+            parts.append(_file(part, at))
         else:
             raise invalid_request(
-                f"`{at}.type` {shown(kind)} is not supported for Gemini; use text or image_url",
+                f"`{at}.type` {shown(kind)} is not supported for Gemini; use text, image_url "
+                "or file",
                 f"{at}.type",
             )
     return parts
+
+
+def _file(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """A `file` part with its data inline (a base64 PDF, as the Messages door makes of a
+    document block), which Gemini reads as inline data; an OpenAI file id it cannot."""
+    ref = part.get("file")
+    data = ref.get("file_data") if isinstance(ref, dict) else None
+    inline = parse_data_url(data, f"{where}.file.file_data") if isinstance(data, str) else None
+    if inline is None:
+        raise invalid_request(
+            f"`{where}.file` must carry its data for Gemini (`file_data`, a base64 data: URL); "
+            "a `file_id` names a file stored with OpenAI",
+            f"{where}.file",
+        )
+    return {"inlineData": {"mimeType": inline[0], "data": inline[1]}}
 
 
 def _image(url: str, where: str) -> dict[str, Any]:
