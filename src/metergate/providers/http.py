@@ -70,7 +70,7 @@ class HttpTransport:
             if any(c in name + value for c in "\r\n"):
                 raise ValueError(f"header {name!r} of provider contains a line break")
         self.head = "".join(f"{name}: {value}\r\n" for name, value in merged.items()).encode()
-        self._configured = set(_credentials_of(config, merged))
+        self._configured = _credentials_of(config, merged)
         self._fetched: tuple[set[str], ...] = ()
         _credentials[self] = _longest_first(self._configured)
         self.client: HttpClient | None = None
@@ -263,7 +263,7 @@ def _out_of_files(exc: BaseException) -> bool:
     return False
 
 
-def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> tuple[str, ...]:
+def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> set[str]:
     """The secrets among a provider's request headers (the whole value and, after an
     auth scheme (`Bearer x`), the token alone) and in its settings (Bedrock's keys, an
     Entra client secret)."""
@@ -282,7 +282,7 @@ def _credentials_of(config: ProviderConfig, headers: dict[str, str]) -> tuple[st
             found.add(secret.get_secret_value())
     if bedrock and bedrock.access_key_id:  # not a secret, but whose keys they are
         found.add(bedrock.access_key_id)
-    return _longest_first(found)
+    return found
 
 
 def _longest_first(secrets: set[str]) -> tuple[str, ...]:

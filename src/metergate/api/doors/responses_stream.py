@@ -189,9 +189,10 @@ class ResponseStream(Blocks):
             ) + self.events("response.output_item.done", output_index=index, item=item)
         part = item["content"][0]
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        done = self.events("response.output_text.done", **ids, text=part.get("text"), logprobs=[])
         if index in self.refusals:
             done = self.events("response.refusal.done", **ids, refusal=part["refusal"])
+        else:
+            done = self.events("response.output_text.done", **ids, text=part["text"], logprobs=[])
         return (
             done
             + self.events("response.content_part.done", **ids, part=part)
