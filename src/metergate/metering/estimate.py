@@ -18,6 +18,7 @@ start), else four characters per token of the messages.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,19 @@ _NOT_PLAIN = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 _PROBE = b"abc"
 
 
+def _agreeing(agree: Callable[[int], bool], limit: int) -> int:
+    """The largest n <= limit for which `agree(n)` (true up to some n, false after),
+    found by bisection: slices compared in C, not a byte at a time in Python."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if agree(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 def _shape_of(one: bytes, other: bytes) -> tuple[bytes, bytes, int] | None:
     """The shape two events share when they differ only inside one JSON string that is
     counted text (a delta's `content`, `arguments`, `text`, ...): the event up to and
@@ -132,13 +146,9 @@ def _shape_of(one: bytes, other: bytes) -> tuple[bytes, bytes, int] | None:
     with another text: it counts that fixed part plus the text's length. The shape is
     checked by reading it with two texts, so that this count is exactly what reading
     such an event in full gives."""
-    same = 0
     limit = min(len(one), len(other))
-    while same < limit and one[same] == other[same]:
-        same += 1
-    tail = 0
-    while tail < limit - same and one[-1 - tail] == other[-1 - tail]:
-        tail += 1
+    same = _agreeing(lambda n: one[:n] == other[:n], limit)
+    tail = _agreeing(lambda n: one[len(one) - n :] == other[len(other) - n :], limit - same)
     # The string the difference is in: its opening quote in the common start, its
     # closing quote in the common end (so that both events have the prefix and suffix).
     opening = one.rfind(b'"', 0, same)
