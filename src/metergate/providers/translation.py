@@ -389,6 +389,11 @@ async def relay(
                         break
                 else:
                     continue  # nothing to send yet
+            if len(events) == 1:  # the usual read of an upstream that streams as it goes:
+                out = translator.feed(events[0])  # (a failure has nothing before it)
+                if out:
+                    yield out
+                continue
             out, failed = _translated(translator, events)
             if out:
                 yield out
