@@ -394,6 +394,11 @@ def test_a_refusal_says_why_no_max_tokens_fits():
     assert "the prompt alone may cost up to $0.000100, more than the $0.000050 left" in spent
     room = exhausted(budget, worst, spent_nano=900_000_000, held_nano=0).message
     assert "send max_tokens of at most 99 to fit the $0.100000 left" in room
+    # A request that sent max_tokens does not grow when it sends a smaller one: all the
+    # room after its prompt is for tokens (it was refused as if it would add the field).
+    dear = WorstCase(210_000_000, 100_000_000, 10_000_000_000, 10_000_000_000, 20)
+    tight = exhausted(budget, dear, spent_nano=950_000_000, held_nano=0).message
+    assert "send max_tokens of at most 4 to fit the $0.050000 left" in tight
 
 
 def test_a_refusal_for_what_requests_in_flight_hold_says_retry_soon():

@@ -374,9 +374,11 @@ class WorstCase:
         return self.prompt_pico + self.searches_pico
 
     def fitting_max_tokens(self, available_nano: int) -> int:
-        """The largest max_tokens whose worst case, once the caller adds it to the
-        request, fits in `available_nano`; 0 when none does."""
-        room = available_nano * 1000 - self.fixed_pico - _FIELD_BYTES * self.byte_pico
+        """The largest max_tokens whose worst case fits in `available_nano`; 0 when none
+        does. A request without the field grows by it (`_FIELD_BYTES`); one that has it
+        does not (a smaller value than the refused one has no more digits)."""
+        added = _FIELD_BYTES * self.byte_pico if self.assumed else 0
+        room = available_nano * 1000 - self.fixed_pico - added
         if room < self.token_pico:
             return 0
         return self.max_tokens if self.token_pico == 0 else room // self.token_pico
