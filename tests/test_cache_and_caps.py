@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import pytest
 
@@ -166,3 +168,50 @@ def test_key_cap_is_the_tighter_one(gateway_factory):
     client = openai.OpenAI(base_url=gateway.base_url, api_key=secret, max_retries=0)
     reply = client.chat.completions.create(model="sim", messages=ASK, max_tokens=8)
     assert reply.usage.completion_tokens == 3
+
+
+def test_a_reload_that_changes_a_models_upstreams_or_prices_serves_no_older_answer(
+    gateway_factory,
+):
+    """Cached answers depend on the model's upstreams and prices: after a reload that
+    changes either, the same request is answered fresh (by the new upstream, at the new
+    price), not from an answer of the old config; a reload that changes nothing else of
+    the model keeps its answers."""
+    import httpx
+    import yaml
+
+    config = simulated_config(output_tokens=8)
+    config["cache"] = {"enabled": True, "ttl_seconds": 300}
+    config["admin"] = {"api_key": "admin-secret-0123456789abcdef"}
+    config["upstreams"]["other-up"] = {"provider": "sim", "model": "other"}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    base = gateway.base_url.removesuffix("/v1")
+
+    def reload_with(change) -> None:
+        source = Path(gateway.runtime.source)
+        raw = yaml.safe_load(source.read_text())
+        change(raw)
+        source.write_text(yaml.safe_dump(raw, sort_keys=False))
+        answer = httpx.post(
+            f"{base}/admin/reload",
+            headers={"Authorization": "Bearer admin-secret-0123456789abcdef"},
+            timeout=30,
+        )
+        assert answer.status_code == 200 and answer.json()["applied"], answer.text
+
+    def ask():
+        return client.chat.completions.with_raw_response.create(model="sim", messages=ASK)
+
+    assert "x-metergate-cache" not in ask().headers
+    assert ask().headers["x-metergate-cache"] == "hit"
+    reload_with(lambda c: c["models"].update(other={"upstreams": ["other-up"]}))
+    assert ask().headers["x-metergate-cache"] == "hit"  # nothing of `sim` changed
+    reload_with(lambda c: c["models"]["sim"].update(upstreams=["other-up"]))
+    moved = ask()
+    assert "x-metergate-cache" not in moved.headers
+    assert moved.headers["x-metergate-upstream"] == "other-up"
+    reload_with(lambda c: c["upstreams"]["other-up"].update(price={"input": 7, "output": 9}))
+    repriced = ask()
+    assert "x-metergate-cache" not in repriced.headers
+    assert float(repriced.headers["x-metergate-cost-usd"]) > 0

@@ -144,7 +144,7 @@ class CompletionsHandler:
                 exchange.native.body[self.door.max_tokens_field] = limit
         cache_key = None
         if plan.cache is not None and route.config.cache and not streaming:
-            cache_key, hit = await self._cache_lookup(plan, request, exchange, key.name, route.name)
+            cache_key, hit = await self._cache_lookup(plan, request, exchange, key.name, route)
             if hit is not None:
                 hit_body = await self.door.from_cache(exchange, hit.body, key)
                 return _from_cache(hit, hit_body, log, headers)
@@ -183,7 +183,7 @@ class CompletionsHandler:
             gate.settle(admission, log.cost_nano, log.usage, log.ended)
 
     async def _cache_lookup(
-        self, plan: Plan, request: Request, exchange: Exchange, key: str, model: str
+        self, plan: Plan, request: Request, exchange: Exchange, key: str, route: Route
     ) -> tuple[bytes | None, CachedResponse | None]:
         """Honour `Cache-Control: no-store` (skip the cache) and `no-cache` (refresh it)."""
         cache = plan.cache
@@ -191,11 +191,13 @@ class CompletionsHandler:
         control = request.headers.get(b"cache-control", b"").lower()  # directives ignore case
         if b"no-store" in control:
             return None, None
-        cache_key = cache.key(self.door.api, self.door.cache_material(exchange), key)
+        material = self.door.cache_material(exchange)
+        cache_key = cache.key(self.door.api, material, key, route.version)
         if b"no-cache" in control:
             return cache_key, None
         hit = await cache.lookup(cache_key)
-        self.runtime.metrics.cache_requests.labels(model, "miss" if hit is None else "hit").inc()
+        result = "miss" if hit is None else "hit"
+        self.runtime.metrics.cache_requests.labels(route.name, result).inc()
         return cache_key, hit
 
     async def _unary(

@@ -85,10 +85,12 @@ class ResponseCache:
                 pass
         self.put(key, body, usage, upstream, cost_nano)
 
-    def key(self, kind: str, body: dict[str, Any], key_name: str) -> bytes:
+    def key(self, kind: str, body: dict[str, Any], key_name: str, version: bytes = b"") -> bytes:
+        """`version`: what the model's answers depend on in the config (`Route.version`),
+        so that a reload that changes its upstreams or prices does not serve older ones."""
         scope = "" if self.config.shared_across_keys else key_name
         material = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(f"{kind}\0{scope}\0".encode() + material).digest()
+        return hashlib.sha256(f"{kind}\0{scope}\0".encode() + version + material).digest()
 
     def get(self, key: bytes) -> CachedResponse | None:
         entry = self._entries.get(key)

@@ -10,8 +10,12 @@ mostly measures how long the answers were.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from metergate.auth.keys import KeyRecord
 from metergate.config.model import GatewayConfig, ModelConfig, Timeouts
@@ -49,6 +53,7 @@ class Route:
     rollout: Rollout | None = None
     baseline: list[Deployment] = field(default_factory=list)
     candidate: list[Deployment] = field(default_factory=list)
+    version: bytes = b""  # what its answers depend on in the config (`_version`)
 
     @property
     def description(self) -> str:
@@ -113,6 +118,19 @@ class Route:
         if first and not any_untried(self.candidate, set()) and _open(self.candidate):
             rollout.turned_away()
         return (self.candidate, self.baseline)
+
+
+def _version(config: GatewayConfig, model: str, upstreams: set[str]) -> bytes:
+    """A digest of what a model's answers depend on in the config: its own settings and
+    those of every upstream that may serve it, and their providers'. The response cache
+    keys answers by it, so that a reload that changes any of them (another upstream,
+    another price) does not serve answers from before."""
+    parts: list[Any] = [config.models[model].model_dump(mode="json")]
+    for name in sorted(upstreams):
+        upstream = config.upstreams[name]
+        provider = config.providers[upstream.provider]
+        parts.append([name, upstream.model_dump(mode="json"), provider.model_dump(mode="json")])
+    return hashlib.sha256(orjson.dumps(parts)).digest()[:16]
 
 
 def any_untried(deployments: list[Deployment], tried: set[str]) -> bool:
@@ -197,6 +215,7 @@ class Router:
             route.worst_prices = UnitPrices.dearest(
                 prices for d in serving for prices in d.prices.every_tier()
             )
+            route.version = _version(config, route.name, {d.name for d in serving})
 
     def route(self, model: object, key: KeyRecord) -> Route:
         if not isinstance(model, str) or not model:
