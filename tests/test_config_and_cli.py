@@ -62,6 +62,26 @@ def test_every_problem_is_reported_with_its_location():
     assert len(rendered) >= 3
 
 
+def test_a_key_written_twice_is_a_problem_not_a_silent_replacement():
+    """YAML keeps the last of two equal keys: a second `models:` pasted at the end would
+    silently drop every model of the first. Each repeat is a problem with its lines."""
+    valid = (
+        "server:\n  port: 4000\n"
+        "models:\n  a: {upstreams: [sim-up]}\n"
+        "providers: {sim: {type: simulated}}\n"
+        "upstreams: {sim-up: {provider: sim, model: m}}\n"
+    )
+    parse_config(valid, "gw.yaml")
+    repeated = (
+        valid.replace("4000\n", "4000\n  port: 4001\n") + "models:\n  b: {upstreams: [sim-up]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(repeated, "gw.yaml")
+    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    assert "gw.yaml:3: server.port: written twice in the same mapping (lines 2 and 3)" in rendered
+    assert "gw.yaml:8: models: written twice in the same mapping (lines 4 and 8)" in rendered
+
+
 def test_cross_references_are_checked():
     text = (
         BROKEN.replace("${METERGATE_TEST_UNSET_VAR}", "sk-x")

@@ -120,6 +120,7 @@ def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
         raise ConfigError([ConfigProblem(name, (), "the top level must be a mapping")])
 
     problems: list[ConfigProblem] = []
+    _duplicates(root, (), problems, name)
     raw = _substitute_env(raw, (), problems, name, lines)
     config: GatewayConfig | None = None
     try:
@@ -149,6 +150,33 @@ def _index_lines(node: yaml.Node | None, path: KeyPath, out: dict[KeyPath, int])
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _index_lines(item, (*path, index), out)
+
+
+def _duplicates(
+    node: yaml.Node | None, path: KeyPath, problems: list[ConfigProblem], name: str
+) -> None:
+    """A key written twice in one mapping: YAML keeps the last one and drops the first
+    without a word, so a pasted second `models:` block would silently replace the first."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen and key != "<<":  # (merge keys may repeat)
+                problems.append(
+                    ConfigProblem(
+                        name,
+                        (*path, key),
+                        f"written twice in the same mapping (lines {seen[key]} and {line}); "
+                        "YAML would keep only the last one",
+                        "merge the two into one, or remove the one not meant",
+                        line,
+                    )
+                )
+            seen.setdefault(key, line)
+            _duplicates(value_node, (*path, key), problems, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _duplicates(item, (*path, index), problems, name)
 
 
 def _line_for(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
