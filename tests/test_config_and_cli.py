@@ -300,6 +300,33 @@ def test_serve_refuses_an_invalid_config(tmp_path):
     assert "problem(s)" in result.stderr and "unknown key" in result.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_named_and_no_banner_says_listening(tmp_path, workers):
+    """Another process holds the port: serve ends with a message naming the address and
+    the setting to change, and never printed that it was listening there."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = str(holder.getsockname()[1])
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}\n"
+        "providers: {sim: {type: simulated}}\n"
+        "upstreams: {sim-up: {provider: sim, model: m}}\n"
+        "models: {sim: {upstreams: [sim-up]}}\n"
+    )
+    try:
+        result = run("serve", "-c", str(config), "--port", port, "--workers", workers, cwd=tmp_path)
+    finally:
+        holder.close()
+    said = result.stdout + result.stderr
+    assert result.returncode != 0, said
+    assert f"cannot listen on 127.0.0.1:{port}" in said and "server.port" in said, said
+    assert "listening on" not in said, said
+
+
 def test_a_config_that_is_not_utf8_is_a_config_problem(tmp_path):
     """A file saved as Latin-1 is reported like any invalid config, not as a traceback."""
     latin = tmp_path / "latin.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import typer
+import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
@@ -79,3 +81,18 @@ def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]
             await database.close()
 
     return asyncio.run(run())
+
+
+def bind_or_exit(config: uvicorn.Config) -> socket.socket:
+    """The listening socket, or a message naming the address and what to change, and
+    uvicorn's startup failure status. (uvicorn alone logs a bare errno.)"""
+    try:
+        return config.bind_socket()
+    except SystemExit:
+        errors.print(
+            f"[red]cannot listen on {config.host}:{config.port}[/red] (the error above): "
+            "another process may hold the port, or the address is not this machine's; "
+            "stop it, or change server.port / server.host (--port / --host)",
+            highlight=False,
+        )
+        raise

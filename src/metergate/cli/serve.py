@@ -6,6 +6,7 @@ import contextlib
 import logging
 import resource
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from metergate import logs
 from metergate.auth.keys import hash_key
-from metergate.cli.common import ConfigOption, console, read_or_exit, with_database
+from metergate.cli.common import ConfigOption, bind_or_exit, console, read_or_exit, with_database
 from metergate.cli.supervisor import run_workers
 from metergate.config import GatewayConfig, LoadedConfig
 from metergate.config.secrets import without_password
@@ -44,7 +45,10 @@ def serve(
     demo_key, active_keys = _check_ledger(loaded, make_demo=config is None)
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
-    _banner(loaded, host, port, demo_key, active_keys, workers, with_config)
+
+    def announce() -> None:  # once the socket is bound: "listening" must be true
+        _banner(loaded, host, port, demo_key, active_keys, workers, with_config)
+
     trusted = loaded.server.trusted_proxies
     options = dict(
         host=host,
@@ -63,9 +67,9 @@ def serve(
         forwarded_allow_ips=",".join(trusted) or None,
     )
     if workers == 1:
-        run_one(source, options)
+        run_one(source, options, announce)
     else:
-        run_workers(source, workers, options)
+        run_workers(source, workers, options, announce)
 
 
 def _raise_open_files_limit() -> None:
@@ -91,13 +95,16 @@ def _raise_open_files_limit() -> None:
         )
 
 
-def run_one(loaded: LoadedConfig, options: dict[str, Any]) -> None:
+def run_one(
+    loaded: LoadedConfig, options: dict[str, Any], announce: Callable[[], None] = lambda: None
+) -> None:
     """Serve in this process. The socket is bound before the app starts, which records
     its config: a gateway that cannot have its port must not make the fleet follow it."""
     from metergate.api.app import GatewayApp
 
     config = uvicorn.Config(GatewayApp(loaded.config, loaded.text, loaded.source), **options)
-    socket = config.bind_socket()
+    socket = bind_or_exit(config)
+    announce()
     server = uvicorn.Server(config)
     server.run(sockets=[socket])
     if not server.started:

@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from socket import socket
 from typing import Any
@@ -50,7 +51,7 @@ from metergate.api.factory import (
     WORKER,
 )
 from metergate.budgets import host as host_budgets
-from metergate.cli.common import with_database
+from metergate.cli.common import bind_or_exit, with_database
 from metergate.config import LoadedConfig
 from metergate.limits import host as host_rates
 from metergate.private_dir import private_directory
@@ -198,7 +199,12 @@ def _ending(process: Process) -> str:
     return f"exit status {code}"
 
 
-def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> None:
+def run_workers(
+    loaded: LoadedConfig,
+    workers: int,
+    options: dict[str, Any],
+    announce: Callable[[], None] = lambda: None,
+) -> None:
     """Serve with `workers` processes sharing one socket and one set of metric files.
 
     The config is recorded as started here, once the socket is bound, and every worker
@@ -207,7 +213,8 @@ def run_workers(loaded: LoadedConfig, workers: int, options: dict[str, Any]) -> 
     config = uvicorn.Config(
         "metergate.api.factory:create_app", factory=True, workers=workers, **options
     )
-    socket = config.bind_socket()  # a port in use ends here, before anything is recorded
+    socket = bind_or_exit(config)  # a port in use ends here, before anything is recorded
+    announce()
     with_database(
         loaded.config,
         lambda database: config_versions.record(database, loaded.text, loaded.source, "started"),
