@@ -208,6 +208,12 @@ def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):
     assert path.read_text() == original  # a restart keeps the rolled-back config
     after = metergate("config", "history", "-c", str(path), cwd=tmp_path)
     assert "rollback to v1" in after.stdout
+    again = metergate("config", "rollback", "v2", "-c", str(path), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr  # a version as `config history` writes it
+    assert "rolled back to v2" in again.stdout
+    wait_for_cost(gateway, key, "50.000000000")
+    assert metergate("config", "rollback", "1", "-c", str(path), cwd=tmp_path).returncode == 0
+    wait_for_cost(gateway, key, "10.000000000")
 
     path.write_text("providers: {broken")
     os.kill(gateway.pid, signal.SIGHUP)

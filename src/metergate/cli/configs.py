@@ -42,7 +42,14 @@ def history(
 
 @app.command("rollback")
 def rollback(
-    version: Annotated[int | None, typer.Argument(help="version id; default: the previous")] = None,
+    version: Annotated[
+        int | None,
+        typer.Argument(
+            help="version id, as `config history` shows it (v8 or 8); default: the previous",
+            parser=lambda text: int(text.removeprefix("v")),
+            metavar="VERSION",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Return to an earlier config: running gateways apply it within seconds, and the
