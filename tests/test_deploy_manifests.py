@@ -259,10 +259,10 @@ def serve_accepts(
     def no_keys(config: GatewayConfig, make_demo: bool) -> tuple[None, int]:
         return None, 1  # the ledger database is not reachable from here
 
-    def fake_one(loaded: object, options: dict[str, Any]) -> None:
+    def fake_one(loaded: object, options: dict[str, Any], announce: Any) -> None:
         started.update(options, workers=1)
 
-    def fake_workers(loaded: object, workers: int, options: dict[str, Any]) -> None:
+    def fake_workers(loaded: object, workers: int, options: dict[str, Any], announce: Any) -> None:
         started.update(options, workers=workers)
 
     monkeypatch.setattr(serve_module, "_check_ledger", no_keys)
