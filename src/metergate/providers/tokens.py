@@ -30,12 +30,11 @@ Fetch = Callable[[], Awaitable[tuple[T, float | None]]]
 class Refreshing(Generic[T]):
     """One credential, fetched by `fetch` at most once at a time."""
 
-    def __init__(
-        self, fetch: Fetch[T], what: str, fetched: Callable[[T], None] | None = None
-    ) -> None:
+    def __init__(self, fetch: Fetch[T], what: str) -> None:
         self._fetch = fetch
         self.what = what
-        self.fetched = fetched  # told every new value (to hide it from upstream text)
+        # told every new value (its adapter hides it from upstream text)
+        self.fetched: Callable[[T], None] | None = None
         self._value: T | None = None
         self._refresh_at = 0.0  # monotonic times
         self._expires_at = 0.0

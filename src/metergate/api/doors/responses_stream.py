@@ -155,23 +155,15 @@ class ResponseStream(Blocks):
                 output_index=block.index,
                 delta=piece,
             )
-        if block.index in self.refusals:
-            item["content"][0]["refusal"] += piece
-            return self.events(
-                "response.refusal.delta",
-                item_id=item["id"],
-                output_index=block.index,
-                content_index=0,
-                delta=piece,
-            )
-        item["content"][0]["text"] += piece
+        refusal = block.index in self.refusals
+        item["content"][0]["refusal" if refusal else "text"] += piece
         return self.events(
-            "response.output_text.delta",
+            "response.refusal.delta" if refusal else "response.output_text.delta",
             item_id=item["id"],
             output_index=block.index,
             content_index=0,
             delta=piece,
-            logprobs=[],
+            **({} if refusal else {"logprobs": []}),
         )
 
     def _closed(self, block: Block) -> bytes:
