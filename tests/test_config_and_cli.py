@@ -82,6 +82,21 @@ def test_a_key_written_twice_is_a_problem_not_a_silent_replacement():
     assert "gw.yaml:8: models: written twice in the same mapping (lines 4 and 8)" in rendered
 
 
+def test_problems_are_listed_in_file_order():
+    """A repeated key (found while reading the YAML) at the end of the file and a wrong
+    type (found while validating) at its top are listed as an editor shows them."""
+    text = (
+        "server: {port: not-a-port}\n"
+        "providers: {sim: {type: simulated}}\n"
+        "upstreams: {sim-up: {provider: sim, model: m}}\n"
+        "models:\n  a: {upstreams: [sim-up]}\n  a: {upstreams: [sim-up]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    lines = [problem.line for problem in raised.value.problems]
+    assert lines == [1, 6], raised.value
+
+
 def test_cross_references_are_checked():
     text = (
         BROKEN.replace("${METERGATE_TEST_UNSET_VAR}", "sk-x")

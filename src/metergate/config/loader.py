@@ -132,7 +132,8 @@ def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
 
         for path, message, hint in cross_reference_problems(config):
             problems.append(ConfigProblem(name, path, message, hint, _line_for(path, lines)))
-    if problems:
+    if problems:  # in file order, as an editor shows them; unplaced ones last
+        problems.sort(key=lambda problem: (problem.line is None, problem.line or 0))
         raise ConfigError(problems)
     assert config is not None
     return config
