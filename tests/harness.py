@@ -157,8 +157,8 @@ class Gateway:
         return self.app.runtime
 
     def client(self, **options: Any) -> openai.OpenAI:
-        options = {"timeout": CLIENT_TIMEOUT, **options}
-        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **options)
+        options = {"timeout": CLIENT_TIMEOUT, "api_key": self.key, **options}
+        return openai.OpenAI(base_url=self.base_url, max_retries=0, **options)
 
     def async_client(self, **options: Any) -> openai.AsyncOpenAI:
         options = {"timeout": CLIENT_TIMEOUT, **options}

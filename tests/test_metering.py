@@ -262,6 +262,46 @@ def test_fallback_is_metered_at_the_fallback_price(gateway_factory, openai_upstr
     )
 
 
+def test_a_key_is_served_by_no_fallback_outside_its_allow_list(gateway_factory, openai_upstream):
+    """A key limited to `primary` is not answered by `backup`, which it may not ask for
+    by name (another price, another provider); a key that may use both is."""
+    server, _ = openai_upstream
+    gateway = gateway_factory(
+        {
+            "providers": {
+                "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
+                "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY},
+            },
+            "upstreams": {
+                "broken-up": {"provider": "broken", "model": "b", "price": {"input": 1}},
+                "dear": {"provider": "up", "model": "gpt-x", "price": {"input": 1000}},
+            },
+            "models": {
+                "primary": {
+                    "upstreams": ["broken-up"],
+                    "fallbacks": ["backup"],
+                    "retry": {"max_retries": 0},
+                },
+                "backup": {"upstreams": ["dear"]},
+            },
+        }
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    limited = gateway.client(api_key=gateway.new_key("limited", ["primary"]))
+    with pytest.raises(openai.APIStatusError) as refused:
+        limited.chat.completions.create(model="primary", messages=messages)
+    assert refused.value.response.headers["x-metergate-upstream"] == "broken-up"
+    assert refused.value.response.headers["x-metergate-attempts"] == "1"
+    both = gateway.client(api_key=gateway.new_key("both", ["primary", "backup"]))
+    raw = both.chat.completions.with_raw_response.create(model="primary", messages=messages)
+    assert raw.headers["x-metergate-upstream"] == "dear"
+    rows = gateway.ledger_rows()
+    assert [(row["upstream"], row["outcome"]) for row in rows[-2:]] == [
+        ("broken-up", "upstream_error"),
+        ("dear", "success"),
+    ]
+
+
 TIERS = {
     "flex": {"input": 1, "output": 4},
     "priority": {"input": 4, "cached_input": 1, "output": 16},

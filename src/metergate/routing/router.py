@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -120,6 +120,35 @@ class Route:
         return (self.candidate, self.baseline)
 
 
+def _within(route: Route, key: KeyRecord) -> Route:
+    """`route` for a key with an allow-list: without the fallbacks the key may not use.
+    A fallback answers for a model the key could not ask for by name, at that model's
+    price and with that provider, which an allow-list exists to rule out."""
+    allowed = [fallback for fallback in route.fallbacks if key.allows(fallback.name)]
+    if len(allowed) == len(route.fallbacks):
+        return route
+    # Cached answers are kept apart from those a left-out fallback may have given.
+    names = ",".join(fallback.name for fallback in allowed).encode()
+    return replace(
+        route,
+        fallbacks=allowed,
+        worst_prices=_worst_prices(route, allowed),
+        version=route.version + b"/" + names,
+    )
+
+
+def _may_serve(route: Route, fallbacks: list[Route]) -> list[Deployment]:
+    return [d for r in (route, *fallbacks) for d in (*r.deployments, *r.baseline, *r.candidate)]
+
+
+def _worst_prices(route: Route, fallbacks: list[Route]) -> UnitPrices:
+    """Budgets reserve at the dearest price any deployment that may serve could charge,
+    on any tier its price lists (one may be the account's default)."""
+    return UnitPrices.dearest(
+        prices for d in _may_serve(route, fallbacks) for prices in d.prices.every_tier()
+    )
+
+
 def _version(config: GatewayConfig, model: str, upstreams: set[str]) -> bytes:
     """A digest of what a model's answers depend on in the config: its own settings and
     those of every upstream that may serve it, and their providers'. The response cache
@@ -205,16 +234,8 @@ class Router:
                 route.candidate = [self.deployments[u] for u in rollout.config.candidate]
         for route in self.routes.values():
             route.fallbacks = [self.routes[name] for name in route.config.fallbacks]
-            # Budgets reserve at the dearest price any deployment that may serve could
-            # charge, on any tier its price lists (one may be the account's default).
-            serving = [
-                d
-                for r in (route, *route.fallbacks)
-                for d in (*r.deployments, *r.baseline, *r.candidate)
-            ]
-            route.worst_prices = UnitPrices.dearest(
-                prices for d in serving for prices in d.prices.every_tier()
-            )
+            route.worst_prices = _worst_prices(route, route.fallbacks)
+            serving = _may_serve(route, route.fallbacks)
             route.version = _version(config, route.name, {d.name for d in serving})
 
     def route(self, model: object, key: KeyRecord) -> Route:
@@ -233,6 +254,8 @@ class Router:
                 code="model_not_found",
                 param="model",
             )
+        if key.models is not None and found.fallbacks:
+            return _within(found, key)
         return found
 
     def models_for(self, key: KeyRecord) -> list[str]:
