@@ -553,6 +553,9 @@ def test_key_requests_are_validated(gateway):
     assert create({}).status_code == 400
     unknown = create({"name": "x", "models": ["gpt-9"]})
     assert unknown.status_code == 400 and "gpt-9" in unknown.json()["error"]["message"]
+    # An empty list (a script's list filtered down to nothing) is no unrestricted key.
+    empty = create({"name": "x", "models": []})
+    assert empty.status_code == 400 and "give null for every model" in empty.text
     assert create({"name": "x", "max_tokens_cap": 0}).status_code == 400
     assert create({"name": "x", "max_tokens_cap": True}).status_code == 400
     bad_json = admin(gateway, "/admin/api/keys", "POST", content=b"{nope")
@@ -567,6 +570,8 @@ def test_key_requests_are_validated(gateway):
     unchanged = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={})
     assert unchanged.status_code == 200  # an empty patch changes nothing
     assert unchanged.json()["key"] == {k: v for k, v in key.items() if k in unchanged.json()["key"]}
+    emptied = admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"models": []})
+    assert emptied.status_code == 400 and emptied.json()["error"]["param"] == "models"
     assert (
         admin(gateway, f"/admin/api/keys/{key['id']}", "PATCH", json={"name": "rename"}).status_code
         == 400

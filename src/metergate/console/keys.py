@@ -96,13 +96,21 @@ def check_fields(body: dict[str, Any], known: AbstractSet[str]) -> None:
 def check_models(
     runtime: Runtime, value: Any, kept: tuple[str, ...] | list[str] | None = None
 ) -> list[str] | None:
-    """None or [] means every model; otherwise each must be a configured model, or one of
+    """None means every model; otherwise each must be a configured model, or one of
     `kept`: the models the key has now, which it may keep after they left the config (a
-    change that keeps them must not have to drop them, or worse, allow every model)."""
+    change that keeps them must not have to drop them, or worse, allow every model).
+    An empty list is refused: read as "every model" it would turn a list a script
+    filtered down to nothing into an unrestricted key."""
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
         raise InvalidRequest("`models` must be a list of model names or null", param="models")
+    if not value:
+        raise InvalidRequest(
+            "`models` is empty: a key may not be limited to no model; give null for every "
+            "model, or revoke the key",
+            param="models",
+        )
     configured = runtime.plan.config.models
     unknown = [m for m in value if m not in configured and m not in (kept or ())]
     if unknown:
@@ -110,7 +118,7 @@ def check_models(
             f"unknown model(s): {', '.join(unknown)}; configured: {', '.join(configured)}",
             param="models",
         )
-    return list(dict.fromkeys(value)) or None
+    return list(dict.fromkeys(value))
 
 
 KEY_FILTERS = ("limit", "after", "search", "state", "team")
