@@ -466,6 +466,21 @@ def test_the_banner_hint_names_the_config_served(tmp_path):
     assert f"metergate keys create --name my-service -c '{config}'" in line
 
 
+def test_a_command_run_away_from_the_gateway_makes_no_second_ledger(tmp_path):
+    """The embedded default's ledger is relative to where a command runs: run in another
+    directory, `keys create` would put a key into a new ledger no gateway reads. It says
+    where it looked instead, and creates nothing; a config with an absolute path still
+    makes its ledger."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in (["keys", "create", "--name", "svc"], ["keys", "list"], ["usage"]):
+        refused = run(*command, cwd=elsewhere)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"no ledger at {elsewhere}/.metergate/metergate.db" in refused.stderr
+        assert "run this command where the gateway runs" in refused.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
 SIMULATED = (
     "providers: {s: {type: simulated}}\n"
     "upstreams: {u: {provider: s, model: m}}\n"

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from metergate.config import ConfigError, GatewayConfig, LoadedConfig, read_config
 from metergate.config.secrets import without_password
-from metergate.storage.database import Database, open_database, unreachable
+from metergate.storage.database import Database, open_database, sqlite_path, unreachable
 
 T = TypeVar("T")
 # Off a terminal (a pipe, `kubectl exec` without -t) rich would fit tables into 80
@@ -53,9 +53,12 @@ def read_or_exit(path: Path | None) -> LoadedConfig:
         raise typer.Exit(2) from None
 
 
-def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]]) -> T:
+def with_database(
+    config: GatewayConfig, work: Callable[[Database], Awaitable[T]], create: bool = False
+) -> T:
     """Run `work` on the ledger database. One that cannot be opened, or stops answering,
-    is a message and exit status 1, not a traceback."""
+    is a message and exit status 1, not a traceback. `create`: the gateway starting, which
+    may make a SQLite ledger at a relative path (see `_no_stray_ledger`)."""
     where = without_password(config.ledger.url)
     password = urlsplit(config.ledger.url).password
 
@@ -65,6 +68,9 @@ def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]
         errors.print(f"[red]{escape(message)}[/red]")
         errors.print("  hint: check `ledger.url` in the config and that the database is running")
         raise typer.Exit(1)
+
+    if not create:
+        _no_stray_ledger(config.ledger.url)
 
     async def run() -> T:
         try:
@@ -81,6 +87,29 @@ def with_database(config: GatewayConfig, work: Callable[[Database], Awaitable[T]
             await database.close()
 
     return asyncio.run(run())
+
+
+def _no_stray_ledger(url: str) -> None:
+    """A SQLite ledger at a relative path (the embedded default's `.metergate/`) is
+    relative to where a command runs: run elsewhere, a command would make a second,
+    empty ledger that no gateway reads (a key created there is refused, a usage report
+    is empty). So a command makes none; the gateway does, where it runs."""
+    path = sqlite_path(url)
+    if path in (None, ":memory:") or Path(path).is_absolute() or Path(path).exists():
+        return
+    errors.print(
+        f"[red]no ledger at {escape(str(Path(path).resolve()))}[/red]: the config's "
+        f"ledger.url ({escape(url)}) is relative to the directory a command runs in, and "
+        "no gateway has run in this one",
+        highlight=False,
+    )
+    errors.print(
+        "  hint: run this command where the gateway runs (./scripts/serve runs in the "
+        "repository's root), or give the gateway's config with -c and an absolute "
+        "ledger.url",
+        highlight=False,
+    )
+    raise typer.Exit(1)
 
 
 def bind_or_exit(config: uvicorn.Config) -> socket.socket:

@@ -114,7 +114,9 @@ def run_one(
 def _check_ledger(config: GatewayConfig, make_demo: bool) -> tuple[str | None, int]:
     """Open the ledger before the server starts: it is migrated, and a database that
     cannot be opened is a message and exit 1. Returns what `_startup_keys` found."""
-    return with_database(config, lambda database: _startup_keys(database, config, make_demo))
+    return with_database(
+        config, lambda database: _startup_keys(database, config, make_demo), create=True
+    )
 
 
 async def _startup_keys(

@@ -218,6 +218,7 @@ def run_workers(
     with_database(
         loaded.config,
         lambda database: config_versions.record(database, loaded.text, loaded.source, "started"),
+        create=True,
     )
     with private_directory() as private:
         copy = Path(private, "config.yaml")
