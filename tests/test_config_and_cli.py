@@ -57,6 +57,8 @@ def test_every_problem_is_reported_with_its_location():
         "gw.yaml:4: providers.openai.api_key: environment variable "
         "METERGATE_TEST_UNSET_VAR is not set" in text
     )
+    # `check` runs in the caller's shell, a reload in the gateway's own environment
+    assert "a running gateway keeps the environment it started with" in text
     assert "gw.yaml:7: providers.claude.base_url" in text and "http://" in text
     assert "upstreams.gpt.pricee: unknown key" in text
     assert len(rendered) >= 3

@@ -210,7 +210,9 @@ def _substitute_env(
                 name,
                 path,
                 f"environment variable {variable} is not set",
-                f"export {variable}=... or write ${{{variable}:-default}}",
+                f"set {variable} where this config is read (a running gateway keeps the "
+                f"environment it started with: set it there and restart the gateway), or "
+                f"write ${{{variable}:-default}}",
                 _line_for(path, lines),
             )
         )
