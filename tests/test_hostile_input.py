@@ -68,6 +68,11 @@ def test_integer_fields_still_take_integers(simulated: Gateway) -> None:
         ({"max_tokens": 2.5}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"top_logprobs": -1}, "top_logprobs"),
+        ({"messages": [*MESSAGES, 5]}, "messages[1]"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"content": "no role"}]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
     ],
 )
 def test_other_wrong_types_name_the_field(

@@ -477,6 +477,18 @@ def _check_chat(body: dict[str, Any]) -> bool:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("`messages` must be a non-empty array", param="messages")
+    for number, message in enumerate(messages):  # as every provider reads them
+        if type(message) is not dict or type(message.get("role")) is not str:
+            raise InvalidRequest(
+                f"`messages[{number}]` must be an object with a string `role`",
+                param=f"messages[{number}]",
+            )
+        content = message.get("content")
+        if content is not None and type(content) is not str and type(content) is not list:
+            raise InvalidRequest(
+                f"`messages[{number}].content` must be a string or an array of content parts",
+                param=f"messages[{number}].content",
+            )
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
