@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -43,10 +44,10 @@ def history(
 @app.command("rollback")
 def rollback(
     version: Annotated[
-        int | None,
+        str | None,
         typer.Argument(
-            help="version id, as `config history` shows it (v8 or 8); default: the previous",
-            parser=lambda text: int(text.removeprefix("v")),
+            help="version id, as `config history` shows it (v8 or 8), or its hash (as "
+            "`config reload` and /readyz show it); default: the previous",
             metavar="VERSION",
         ),
     ] = None,
@@ -54,19 +55,21 @@ def rollback(
 ) -> None:
     """Return to an earlier config: running gateways apply it within seconds, and the
     config file is rewritten so a restart keeps it."""
+    wanted = _version_or_exit(version)
     loaded = read_or_exit(config)
 
     async def go(db):  # type: ignore[no-untyped-def]
         versions = await config_versions.history(db, 1000)
-        if len(versions) < 2 and version is None:
+        if len(versions) < 2 and wanted is None:
             return None, "there is no earlier version to return to"
-        target = (
-            next((v for v in versions if v.id == version), None)
-            if version is not None
+        target = (  # newest first: of a hash applied more than once, the latest
+            next((v for v in versions if wanted in (v.id, v.hash)), None)
+            if wanted is not None
             else next((v for v in versions[1:] if v.hash != versions[0].hash), None)
         )
         if target is None:
-            return None, f"no version v{version}; see `metergate config history`"
+            shown = f"v{wanted}" if isinstance(wanted, int) else wanted
+            return None, f"no version {shown}; see `metergate config history`"
         try:  # literal secrets are not in the history: back from the live config
             text = config_versions.with_secrets(target, target.source, loaded.text)
             parse_config(text, target.source)
@@ -97,6 +100,23 @@ def rollback(
         f"config rolled back to v{target.id} (recorded as v{result.id}); "
         "running gateways apply it within a few seconds"
     )
+
+
+def _version_or_exit(text: str | None) -> int | str | None:
+    """A version id (`v8`, `8`) or a config hash (12 hex digits, as reload shows it)."""
+    if text is None:
+        return None
+    if re.fullmatch(r"[0-9a-f]{12}", text):
+        return text
+    if re.fullmatch(r"v?[0-9]{1,11}", text):
+        return int(text.removeprefix("v"))
+    errors.print(
+        f"{text!r} is not a version: give its id as `metergate config history` shows it "
+        "(v8), or its 12-digit hash",
+        markup=False,
+        highlight=False,
+    )
+    raise typer.Exit(2)
 
 
 @app.command("reload")
