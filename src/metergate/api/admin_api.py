@@ -319,7 +319,8 @@ class AdminApi:
             raise attribution.no_team(str(team)) from None
         except KeyNameTaken:
             raise InvalidRequest(
-                f"an active key named {name!r} exists; revoke it first or pick another name",
+                f"a key named {name!r} exists and is not revoked (an expired key keeps its "
+                "name); revoke it first or pick another name",
                 status=409,
                 code="key_name_taken",
                 param="name",

@@ -107,7 +107,10 @@ def create(
     try:
         secret, record = with_database(loaded, work)
     except store.KeyNameTaken:
-        errors.print(f"an active key named {name!r} exists; revoke it first or pick another name")
+        errors.print(
+            f"a key named {name!r} exists and is not revoked (an expired key keeps its "
+            "name); revoke it first or pick another name"
+        )
         raise typer.Exit(2) from None
     except store.TeamMissing:  # deleted since it was checked
         errors.print(f"no team named {team!r}; create it with metergate teams")
