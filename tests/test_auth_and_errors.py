@@ -77,6 +77,9 @@ def test_key_model_allow_list(gateway):
         client.chat.completions.create(model="sim", messages=MESSAGES)
     assert "not allowed for this key" in raised.value.message
     assert "models this key may use: other" in raised.value.message
+    # recorded under the model asked for (a configured one), not as `unknown`
+    (row,) = gateway.ledger_rows("key_name = 'only-other'")
+    assert (row["model"], row["outcome"]) == ("sim", "invalid_request")
     assert [m.id for m in client.models.list()] == ["other"]
     assert client.chat.completions.create(model="other", messages=MESSAGES).choices
 

@@ -37,7 +37,7 @@ from metergate.asgi import (
 from metergate.auth.keys import KeyRecord
 from metergate.budgets.budget import Budget
 from metergate.cache import CachedResponse
-from metergate.errors import GatewayError, InternalError, InvalidRequest, ShutDown
+from metergate.errors import GatewayError, InternalError, InvalidRequest, NotFound, ShutDown
 from metergate.limits import apply_max_tokens_cap, requested_max_tokens
 from metergate.metering import estimate
 from metergate.metering.meter import Answered, RequestLog
@@ -115,7 +115,13 @@ class CompletionsHandler:
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
         log.attach(body, request.body_size)
-        route = plan.router.route(body.get("model"), key)
+        try:
+            route = plan.router.route(body.get("model"), key)
+        except NotFound:
+            model = body.get("model")
+            if type(model) is str and model in plan.router.routes:  # configured, not the
+                log.model = model  # key's: its row names it (a bounded metric label)
+            raise
         log.model = route.name
         if route.rollout is not None:
             log.affinity = _affinity(route.rollout.config.sticky, key.name, request.headers)
