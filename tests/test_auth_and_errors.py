@@ -7,6 +7,7 @@ import http.client
 import json
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -44,7 +45,8 @@ def test_missing_key_is_a_401(gateway):
 @pytest.mark.parametrize(
     ("key", "code", "says"),
     [
-        ("sk-proj-someopenaikey", "malformed_api_key", "malformed API key"),
+        ("sk-proj-someopenaikey", "malformed_api_key", "a provider key will not work here"),
+        ("mgk_" + "x" * 20, "malformed_api_key", "this one has 20 after it (cut off"),
         ("mgk_" + "x" * 43, "invalid_api_key", "unknown API key"),
         # the gateway's config, or the key lands in another ledger; but no server path
         ("mgk_" + "x" * 43, "invalid_api_key", "`metergate keys create --name SERVICE -c FILE`"),
@@ -174,6 +176,11 @@ def test_unknown_endpoint_and_method(gateway):
     assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]["message"]
     wrong = httpx.get(f"{root}/v1/chat/completions")
     assert wrong.status_code == 405
+    # Anthropic's SDK adds /v1 itself: a base URL ending in it is the usual slip
+    claude = anthropic.Anthropic(base_url=f"{root}/v1", api_key=gateway.key, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as raised:
+        claude.messages.create(model="sim", max_tokens=5, messages=MESSAGES)
+    assert "drop /v1 from the client's base URL" in str(raised.value)
 
 
 def test_health_and_readiness(gateway):

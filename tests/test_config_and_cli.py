@@ -84,6 +84,14 @@ def test_a_key_written_twice_is_a_problem_not_a_silent_replacement():
     assert "gw.yaml:8: models: written twice in the same mapping (lines 4 and 8)" in rendered
 
 
+def test_a_validators_message_is_shown_without_pydantics_prefix():
+    text = "server: {metrics_token: short}\n" + SIMULATED
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    (problem,) = raised.value.problems
+    assert problem.message.startswith("use at least 16 characters"), problem.message
+
+
 def test_problems_are_listed_in_file_order():
     """A repeated key (found while reading the YAML) at the end of the file and a wrong
     type (found while validating) at its top are listed as an editor shows them."""

@@ -182,9 +182,14 @@ class GatewayApp:
                 code="method_not_allowed",
                 headers=[(b"allow", allowed.encode())],
             )
+        hint = (  # SDKs that add /v1 themselves (Anthropic's) given a base URL ending in it
+            "; drop /v1 from the client's base URL (this SDK adds it)"
+            if path.startswith("/v1/v1/")
+            else ""
+        )
         raise NotFound(
             f"no such endpoint: {path}; the API is under /v1 "
-            "(chat/completions, responses, messages, completions, embeddings, models)",
+            f"(chat/completions, responses, messages, completions, embeddings, models){hint}",
             code="unknown_endpoint",
         )
 

@@ -230,9 +230,14 @@ def _presented_key(headers: dict[bytes, bytes]) -> str:
             code="missing_api_key",
         )
     if not well_formed(secret):
+        what = (
+            f"this one has {len(secret) - len(PREFIX)} after it (cut off, or mistyped?)"
+            if secret.startswith(PREFIX)
+            else "this is not a metergate key (a provider key will not work here)"
+        )
         raise Unauthorized(
             f"malformed API key: gateway keys start with {PREFIX} followed by 43 "
-            "characters; this is not a metergate key (a provider key will not work here)",
+            f"characters; {what}",
             code="malformed_api_key",
         )
     return secret

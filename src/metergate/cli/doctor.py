@@ -363,4 +363,5 @@ def doctor(
     if failed:
         console.print(f"[red]{failed} of {len(results)} checks failed[/red]")
         raise typer.Exit(1)
-    console.print(f"[green]all {len(results)} checks passed[/green]")
+    passed = "the check passed" if len(results) == 1 else f"all {len(results)} checks passed"
+    console.print(f"[green]{passed}[/green]")

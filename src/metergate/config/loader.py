@@ -234,7 +234,7 @@ def _from_validation(exc: ValidationError, name: str, lines: dict) -> list[Confi
             message = "required key is missing"
         elif kind == "literal_error":
             message = error["msg"].replace("Input should be", "must be")
-        else:
-            message = error["msg"]
+        else:  # a validator's own message, without pydantic's "Value error, " before it
+            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         problems.append(ConfigProblem(name, path, message, hint, _line_for(path, lines)))
     return problems
