@@ -337,6 +337,10 @@ def test_cli_manages_teams_a_running_gateway_follows(gateway_factory):
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip().splitlines()[-1]
     assert run(config, "keys", "create", "--name", "y", "--team", "nope").returncode == 2
+    listed = run(config, "keys", "list", "--team", "search")
+    assert listed.returncode == 0 and "crawler" in listed.stdout
+    misspelt = run(config, "keys", "list", "--team", "serch")
+    assert misspelt.returncode == 2 and "no team named 'serch' (teams: search)" in misspelt.stderr
     client = client_for(gateway, secret)  # the running gateway learns the key and its team
     deadline = time.monotonic() + 10
     while True:  # the team's 2 rpm reaches the gateway within its refresh (2 s)

@@ -138,9 +138,14 @@ def list_(
     """List keys, active first, then by name: name, id, last four characters, allowed
     models, state."""
     loaded = load_or_exit(config)
-    page = with_database(
-        loaded, lambda db: store.page_of_keys(db, limit, state=state, search=search, team=team)
-    )
+
+    async def listing(db: Database) -> store.KeyPage:
+        page = await store.page_of_keys(db, limit, state=state, search=search, team=team)
+        if team is not None and not page.records:  # a misspelt team, not an empty one
+            await _team_or_exit(db, team)
+        return page
+
+    page = with_database(loaded, listing)
     now = time.time()
     table = Table(
         "name", "id", "key", "models", "max_tokens cap", "team", "created", "expires", "state"
