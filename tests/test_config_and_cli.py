@@ -92,6 +92,14 @@ def test_a_validators_message_is_shown_without_pydantics_prefix():
     assert problem.message.startswith("use at least 16 characters"), problem.message
 
 
+def test_a_yaml_error_names_the_file_not_a_unicode_string():
+    with pytest.raises(ConfigError) as raised:
+        parse_config("server: {port: [4000}\n", "gw.yaml")
+    rendered = raised.value.problems[0].render()
+    assert rendered.startswith("gw.yaml:1: (top level): not valid YAML")
+    assert 'in "gw.yaml", line 1, column 21' in rendered and "<unicode string>" not in rendered
+
+
 def test_problems_are_listed_in_file_order():
     """A repeated key (found while reading the YAML) at the end of the file and a wrong
     type (found while validating) at its top are listed as an editor shows them."""

@@ -110,6 +110,9 @@ def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
+        for either in (mark, getattr(exc, "context_mark", None)):
+            if either is not None:  # the file's name, where PyYAML says "<unicode string>"
+                either.name = name
         raise ConfigError(
             [ConfigProblem(name, (), f"not valid YAML: {exc}", "fix the YAML syntax", line)]
         ) from exc
