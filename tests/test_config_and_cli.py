@@ -100,6 +100,14 @@ def test_a_yaml_error_names_the_file_not_a_unicode_string():
     assert 'in "gw.yaml", line 1, column 21' in rendered and "<unicode string>" not in rendered
 
 
+def test_an_unset_variable_is_one_problem():
+    text = "redis: {url: '${METERGATE_TEST_UNSET_VAR}'}\n" + SIMULATED
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    (problem,) = raised.value.problems
+    assert problem.message == "environment variable METERGATE_TEST_UNSET_VAR is not set"
+
+
 def test_problems_are_listed_in_file_order():
     """A repeated key (found while reading the YAML) at the end of the file and a wrong
     type (found while validating) at its top are listed as an editor shows them."""

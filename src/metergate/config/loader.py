@@ -124,12 +124,16 @@ def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
 
     problems: list[ConfigProblem] = []
     _duplicates(root, (), problems, name)
+    found = len(problems)
     raw = _substitute_env(raw, (), problems, name, lines)
+    unset = {problem.path for problem in problems[found:]}
     config: GatewayConfig | None = None
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_from_validation(exc, name, lines))
+        problems.extend(  # a variable not set is told once, not also that the empty
+            p for p in _from_validation(exc, name, lines) if p.path not in unset
+        )  # string it became is, say, no URL
     if config is not None:
         from metergate.config.checks import cross_reference_problems
 
