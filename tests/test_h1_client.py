@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import shutil
 import ssl
@@ -358,6 +359,59 @@ async def test_a_compressed_answer_is_refused_before_it_inflates_past_the_maximu
             tracemalloc.stop()
         await client.close()
     assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated at the peak"
+
+
+async def test_an_answer_refused_as_too_large_is_not_kept():
+    """The refused body (up to the maximum) goes with the failure, not with the dropped
+    connection, which the error's traceback keeps in a cycle: with the collector as
+    rarely run as the gateway runs it, each refusal kept a whole maximum before."""
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer(b"x" * (3 * 1024 * 1024)))
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, 4, max_body=2 * 1024 * 1024)
+        gc.disable()
+        tracemalloc.start()
+        try:
+            for _ in range(5):
+                with pytest.raises(ProtocolError, match="larger than 2 MiB"):
+                    await client.post("/", HEAD, b"{}", FAST)
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+        await client.close()
+    assert held < 4 * 1024 * 1024, f"{held / 2**20:.0f} MiB still held after 5 refusals"
+
+
+async def test_a_slow_reader_does_not_make_the_upstream_look_idle():
+    """Reading pauses while the stream's reader is behind (its caller reads slowly);
+    the upstream, blocked meanwhile, is not idle: its gap starts when reading resumes."""
+    payload = b"y" * (3 * 1024 * 1024)
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(payload), 64 * 1024):
+            piece = payload[start : start + 64 * 1024]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with server(handler) as (url, _):
+        client = HttpClient(url, 1)
+        response = await client.stream("/", HEAD, b"{}", STREAM)  # stream idle 0.3 s
+        received = bytearray()
+        async for chunk in response:
+            received += chunk
+            await asyncio.sleep(0.4)  # a caller slower than the idle gap, read by read
+        response.close()
+        await client.close()
+    assert received == payload
 
 
 async def test_servers_that_close_after_every_answer_silently_fail_no_request():

@@ -298,6 +298,11 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: H1Error) -> None:
         self.error = error
+        # Nobody reads a failed answer's body (up to max_response_bytes): it goes now,
+        # not with the connection, which the error's traceback keeps in a cycle.
+        self.chunks.clear()
+        self.buffered = 0
+        self.decoder = None
         for future in (self.headers_done, self.done):
             if future is not None and not future.done():
                 future.set_exception(error)
@@ -351,6 +356,8 @@ class _Connection(asyncio.Protocol):
             )
             return
         quiet_until = self.last_read + self.gap
+        if self.paused:  # the stream's reader is behind, not the upstream: `take` starts
+            quiet_until = now + self.gap  # the gap afresh when it reads on
         if now < quiet_until:  # a byte came since: wait for the rest of the gap
             due = quiet_until if self.finish_by is None else min(quiet_until, self.finish_by)
             self.timer = self.loop.call_at(due, self._timed_out)
@@ -401,6 +408,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         if self.paused:
             self.paused = False
+            self.last_read = self.loop.time()  # the upstream's gap counts from here
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
         return data
