@@ -583,6 +583,23 @@ def test_a_stream_kept_open_by_pings_alone_ends_at_stream_total(gateway_factory,
     assert row["output_tokens"] > 0
 
 
+def test_a_stream_of_pings_before_any_event_ends_at_first_byte(gateway_factory, fault_server):
+    """Headers, then keep-alive comments and no event: the caller has had nothing, not
+    even a status, and no byte timer fires on comments. `first_byte` bounds the wait
+    for the first event; the upstream may be generating, so it is not retried."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.pings(60, after=0))
+    gateway = gateway_factory(config(server.url, timeouts={"first_byte": 1.0}))
+    with pytest.raises(openai.APIStatusError) as timed_out:
+        gateway.client().chat.completions.create(model="primary", messages=ASK, stream=True)
+    assert timed_out.value.status_code == 504
+    assert "no stream event within 1 s" in timed_out.value.message
+    assert "(timeouts.first_byte)" in timed_out.value.message
+    assert server.plan.requests == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("timeout", 504, 1)
+
+
 def test_a_deployments_timeouts_override_its_providers_key_by_key(gateway_factory, fault_server):
     """An upstream that sets only `first_byte` keeps its provider's `stream_idle` (0.3 s),
     not the 60 s default."""

@@ -398,7 +398,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(request)
         self.total = total
-        self.finish_by = None if total is None else self.loop.time() + total
+        self.sent_at = now = self.loop.time()
+        self.finish_by = None if total is None else now + total
         self._arm(first_byte)
 
     def take(self) -> bytes:
@@ -422,10 +423,13 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class StreamResponse:
     """An answer whose body is read as it arrives. Iterate it; `close()` when done."""
 
-    def __init__(self, client: HttpClient, conn: _Connection, idle: float) -> None:
+    def __init__(
+        self, client: HttpClient, conn: _Connection, idle: float, first_byte: float
+    ) -> None:
         self._client = client
         self._conn = conn
         self._idle = idle
+        self._first_byte = first_byte
         self.status = conn.status
         self.head = conn.head_block
         self._first = True
@@ -442,6 +446,19 @@ class StreamResponse:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
+
+    def no_event_yet(self) -> None:
+        """Told by a reader that what came so far holds no event: past `first_byte` from
+        the request, that is a timeout. (Bytes alone, keep-alive comments or an answer
+        dribbled a byte at a time, keep the byte timers content for ever.)"""
+        conn = self._conn
+        if conn.loop.time() - conn.sent_at > self._first_byte:
+            raise ReadTimeout(
+                f"the upstream sent no stream event within {self._first_byte:g} s, only "
+                "keep-alive comments or part of one",
+                partial=True,
+                setting="first_byte",
+            )
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -648,7 +665,8 @@ class HttpClient:
             except BaseException:
                 self._release(conn, reuse=False)
                 raise
-            return StreamResponse(self, conn, deadlines.idle or deadlines.first_byte)
+            idle = deadlines.idle or deadlines.first_byte
+            return StreamResponse(self, conn, idle, deadlines.first_byte)
 
     async def close(self) -> None:
         while self._idle:

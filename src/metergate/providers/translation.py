@@ -388,6 +388,7 @@ async def relay(
                         events = events[index + 1 :]
                         break
                 else:
+                    response.no_event_yet()  # raises once past first_byte
                     continue  # nothing to send yet
             if len(events) == 1:  # the usual read of an upstream that streams as it goes:
                 out = translator.feed(events[0])  # (a failure has nothing before it)
