@@ -518,6 +518,26 @@ def test_stream_failure_after_first_chunk_is_an_error_event(
     )
 
 
+def test_a_stream_whose_usage_came_is_whole_without_done(gateway_factory, fault_server):
+    """Its finish reason and usage chunk arrived, then the server closed the stream
+    without `[DONE]`: the answer is whole, and billed as reported, not estimated."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.cut(after=7))  # all but [DONE]
+    gateway = gateway_factory(config(server.url))
+    chunks = list(
+        gateway.client().chat.completions.create(
+            model="primary", messages=ASK, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "Hello from p."
+    )
+    assert chunks[-1].usage is not None
+    row = last_row(gateway)
+    assert (row["outcome"], row["usage_estimated"]) == ("success", 0)
+    assert row["output_tokens"] == chunks[-1].usage.completion_tokens
+
+
 def test_stream_idle_not_first_byte_bounds_the_gap_after_the_first_chunk(
     gateway_factory, fault_server
 ):

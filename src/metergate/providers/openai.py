@@ -138,9 +138,11 @@ class _PassThrough:
 
     def finish(self) -> bytes:
         self.require_events()
-        if not self.done:
-            raise UpstreamProtocolError("the upstream stream ended before [DONE]")
-        return b""
+        if self.done:
+            return b""
+        if self.state.usage is not None:  # the usage chunk comes last, after the finish
+            return DONE  # reason: whole, only its [DONE] left out (a server that closes)
+        raise UpstreamProtocolError("the upstream stream ended before [DONE]")
 
 
 def stream_failure(data: bytes) -> UpstreamServerError | None:
