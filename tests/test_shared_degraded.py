@@ -242,6 +242,55 @@ def test_outage_spend_is_kept_per_tenth_of_a_second_not_per_request():
     assert _dated_from(cut, kept) == 7 * sum(at >= cut for at in dates)
 
 
+async def test_a_settle_redis_runs_after_it_stalled_counts_once(
+    bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer
+):
+    """Redis stalls (its process stopped, its connections open) while a settle is on its
+    way: the gateway times the call out and counts the spend to add after the outage,
+    but Redis, resumed, still runs the settle it had received. The recovery fences this
+    process's late calls off and learns which of the unanswered ones Redis ran: the
+    counter equals the ledger, the request's spend counted once."""
+    redis_server.flushall()
+    config = simulated_config(latency_ms=150, output_tokens=8)
+    config["budgets"] = {"all": {"limit_usd": 1000}}
+    config["redis"] = {"url": redis_server.url, "on_failure": "open"}
+    gateway = start_gateway(bg, config, tmp_path)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    try:
+        client = gateway.async_client()
+
+        async def ask(i: int) -> None:
+            await client.chat.completions.create(
+                model="sim", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8
+            )
+
+        await ask(0)
+        counters = gateway.runtime.plan.shared.counters
+        await counters.drain()
+        in_flight = asyncio.create_task(ask(1))  # admitted now; settled after the stop
+        await until(lambda: any(counters.holding.values()), 5, "the request admitted")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await in_flight  # its settle reaches the stopped Redis and times out
+            await until(lambda: gateway.metric("metergate_redis_up") == 0, 5, "redis_up 0")
+            await ask(2)  # counted in process meanwhile
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await until(lambda: gateway.metric("metergate_redis_up") == 1, 10, "redis_up 1")
+        budget = gateway.runtime.plan.budgets.budgets[0]
+        store = redis.Redis(port=redis_server.port)
+        try:
+            counter = int(store.get(counters.keys(budget).spent))
+        finally:
+            store.close()
+        spent = sum(r["cost_nano"] for r in gateway.ledger_rows())
+        assert len(gateway.ledger_rows()) == 3
+        assert counter == spent > 0
+    finally:
+        gateway.stop()
+
+
 async def test_a_budget_for_each_key_catches_up_when_redis_answers_again(
     bg: BackgroundLoop, tmp_path: Path, redis_server: RedisServer
 ):

@@ -9,6 +9,9 @@ This process also tracks what it holds on each budget (`holding`): after an outa
 tells Redis exactly that (`scripts.SYNC`), whatever calls were lost on the way, and it
 keeps spend settled during the outage (`Budget.unsynced`, dated like its ledger rows)
 to add then, except what the ledger already gives a counter seeded meanwhile (`_sync`).
+A settle Redis did not answer may still have run (a stalled Redis runs it on resuming):
+its spend waits (`_doubts`) until the recovery's fence says whether it ran
+(`scripts.FENCE`), and is added only if it did not.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ from metergate.shared.errors import Unavailable
 from metergate.shared.redis import RedisLink
 
 log = logging.getLogger("metergate.redis")
+
+
+@dataclass(frozen=True, slots=True)
+class _Doubt:
+    """A settle sent and not answered: Redis may have run it, or not."""
+
+    number: int
+    budgets: tuple[Budget, ...]
+    crossed: list[bool]  # held in a period that ended: its cost was not in the call
+    cost_nano: int
+    at: float
+    carried: list[list[tuple[int, int]]]  # outage spend the call carried, per budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,7 @@ class SharedCounters:
         # members of budgets for each key whose Redis counters an outage may have left
         # behind (a settle or admission that failed): `resync` syncs them with the rest
         self._unshared: set[Budget] = set()
+        self._doubts: list[_Doubt] = []
 
     def keys(self, budget: Budget) -> BudgetKeys:
         ident = (budget.name, budget.config.scope, budget.target)
@@ -115,9 +131,11 @@ class SharedCounters:
             for b, k in zip(budgets, keys, strict=True)
         )
         args = [self.link.holder, self.link.live_prefix, worst_nano, rate_spec, budget_spec]
+        args += (self.link.fence_key, 0)
         for _ in range(3):
             if not self.link.up:
                 raise Unavailable("redis went down during admission")
+            args[-1] = self.link.number()
             call = self.link.submit(self.link.admit, redis_keys, args)
             try:
                 reply = [int(n) for n in (await asyncio.shield(call)).split()]
@@ -128,6 +146,8 @@ class SharedCounters:
                 self._unshared.update(b for b in budgets if b.member)
                 raise
             code, index = reply[0], reply[1] - 1
+            if code == scripts.FENCED:  # (only a late call is: this one is not)
+                raise Unavailable("redis fenced off an admission")
             if code == scripts.NEEDS_SEED:
                 await self.seed([budgets[i - 1] for i in reply[4:]])
                 continue
@@ -191,6 +211,7 @@ class SharedCounters:
         """After an outage (and at start): seed missing counters from the ledger, add what
         was settled here meanwhile that they lack, and set this process's holds to
         exactly what it holds. Runs while the link is down."""
+        await self._fence()
         unshared, self._unshared = self._unshared, set()
         members = (  # of budgets for each key: only those the outage may have touched
             m for m in book.members() if m in unshared or self._holds(m)
@@ -204,6 +225,24 @@ class SharedCounters:
             raise
         for budget, spent in zip(budgets, synced, strict=True):
             book.observe(budget, spent, claimed=set())
+
+    async def _fence(self) -> None:
+        """Fence off this process's calls sent before the outage that Redis may run yet,
+        and count the spend of the unanswered settles it did not run (`_doubts`)."""
+        reply = await self.link.call(
+            self.link.fence, [self.link.fence_key], [self.link.last_number], recovery=True
+        )
+        ran = int(reply)
+        doubts, self._doubts = self._doubts, []
+        for doubt in doubts:
+            for budget, crossed, carried in zip(
+                doubt.budgets, doubt.crossed, doubt.carried, strict=True
+            ):
+                if doubt.number > ran:  # it did not run: all it carried is still owed
+                    budget.unsynced += carried
+                    _keep_dated(budget.unsynced, doubt.at, doubt.cost_nano)
+                elif crossed:  # it ran without the cost, owed to the new period's counter
+                    _keep_dated(budget.unsynced, doubt.at, doubt.cost_nano)
 
     def _holds(self, member: Budget) -> bool:
         """Whether this process holds anything on a member's counter (its keys were made
@@ -251,7 +290,7 @@ class SharedCounters:
                 args += (repr(cut), before, _dated_from(cut, kept[i]), held, k.expire_at)
                 args += (budget.limit_nano, _percents(budget))
             try:
-                reply = await self.link.call(self.link.sync, keys, args)
+                reply = await self.link.call(self.link.sync, keys, args, recovery=True)
             except BaseException:
                 for i in todo:
                     budgets[i].unsynced += kept[i]
@@ -315,8 +354,16 @@ class SharedCounters:
             redis_keys, args = self._settle_call(
                 budgets, keys, amount, costs, token_buckets, tokens
             )
-            with contextlib.suppress(Unavailable):
+            try:
                 reply = await self.link.call(self.link.settle, redis_keys, args)
+            except Unavailable as error:
+                if error.uncertain:  # it may have run: the recovery's fence will say
+                    doubt = _Doubt(args[-1], budgets, crossed, cost_nano, at, carried)
+                    self._doubts.append(doubt)
+                    self._keep(book, admission, cost_nano, at, owed=False)
+                    return
+                reply = None  # it did not run
+            if reply:  # (empty: fenced, which only a late call is; as if it did not run)
                 for i, (budget, k) in enumerate(zip(budgets, keys, strict=True)):
                     spent, claimed = reply[2 * i], reply[2 * i + 1]
                     # -1: evicted, the next admission re-seeds it; a past period's key
@@ -371,7 +418,8 @@ class SharedCounters:
             f"{amount} {cost} {k.expire_at} {b.limit_nano} {_percents(b) or '-'}"
             for b, k, cost in zip(budgets, keys, costs, strict=True)
         )
-        return redis_keys, [self.link.holder, tokens, intervals, spec]
+        fence = (self.link.fence_key, self.link.number())  # numbered as it is sent
+        return redis_keys, [self.link.holder, tokens, intervals, spec, *fence]
 
     def _release(
         self,
@@ -391,12 +439,15 @@ class SharedCounters:
         )
         call.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    def _keep(self, book: BudgetBook, admission: Admission, cost_nano: int, at: float) -> None:
-        """Redis is unreachable: count the cost here, and share it after the outage."""
+    def _keep(
+        self, book: BudgetBook, admission: Admission, cost_nano: int, at: float, owed: bool = True
+    ) -> None:
+        """Redis is unreachable: count the cost here, and share it after the outage
+        (`owed` False: the fence decides whether it is owed, `_fence`)."""
         for budget in admission.reservation.budgets:
             if budget.member:
                 self._unshared.add(budget)
-            if cost_nano:
+            if cost_nano and owed:
                 _keep_dated(budget.unsynced, at, cost_nano)
             if admission.keys is not None:  # held on Redis: not yet in the book's spend
                 book.observe(budget, budget.spent_nano + cost_nano)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -37,8 +38,9 @@ from metergate.shared.pipe import Command, RedisPipe, Settings
 
 log = logging.getLogger("metergate.redis")
 T = TypeVar("T")
-# queued for the next batch: the command, its script if it runs one, who waits for the reply
-Call = tuple[Command, AsyncScript | None, "asyncio.Future[Any]"]
+# queued for the next batch: the command, its script if it runs one, whether it may go
+# only while the link is up (all but the recovery's own), who waits for the reply
+Call = tuple[Command, AsyncScript | None, bool, "asyncio.Future[Any]"]
 
 # What "Redis is unreachable" looks like: refused or reset connections, timeouts, a
 # server still loading or out of memory. All of them degrade; none become a 500.
@@ -55,6 +57,9 @@ class RedisLink:
         self.prefix = config.key_prefix
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.live_prefix = f"{self.prefix}live:"
+        self.fence_key = f"{self.prefix}fence:{self.holder}"
+        self._numbers = itertools.count(1)
+        self.last_number = 0  # of the calls numbered so far (`number`)
         self.where = without_password(config.url)
         pool = BlockingConnectionPool.from_url(
             config.url,
@@ -71,6 +76,7 @@ class RedisLink:
         self.settle = self.client.register_script(scripts.SETTLE)
         self.sync = self.client.register_script(scripts.SYNC)
         self.held = self.client.register_script(scripts.HELD)
+        self.fence = self.client.register_script(scripts.FENCE)
         self._heartbeat = self.client.register_script(scripts.HEARTBEAT)
         self.up = False
         self.on_recover: Callable[[], Awaitable[None]] | None = None
@@ -100,24 +106,39 @@ class RedisLink:
             self._mark_up(first=True)
         self._beating = asyncio.create_task(self._beat(), name="redis-heartbeat")
 
-    async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """Run a script; any failure marks the link down and raises `Unavailable`."""
-        return await self.submit(script, keys, args)
+    def number(self) -> int:
+        """The next number of a fenced call (`scripts`: ADMIT, SETTLE), in sending order:
+        take it right before `submit`, with no await between."""
+        self.last_number = next(self._numbers)
+        return self.last_number
 
-    def submit(self, script: AsyncScript, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    async def call(
+        self, script: AsyncScript, keys: list[str], args: list[Any], recovery: bool = False
+    ) -> Any:
+        """Run a script; any failure marks the link down and raises `Unavailable`."""
+        return await self.submit(script, keys, args, recovery)
+
+    def submit(
+        self, script: AsyncScript, keys: list[str], args: list[Any], recovery: bool = False
+    ) -> asyncio.Future[Any]:
         """Queue a script call; calls queued while a round trip is in flight go together
         in the next batch (each script is still atomic on its own), sent on a connection
         of its own (`shared.pipe`: ~45 us of CPU for a lone call, ~5 us per call in a
-        batch, where redis-py's pipeline took ~100 and ~25)."""
-        return self._enqueue((b"EVALSHA", script.sha, len(keys), *keys, *args), script)
+        batch, where redis-py's pipeline took ~100 and ~25). While the link is down only
+        `recovery` calls go out: the rest fail unsent, so that every call of an up
+        period goes on its one connection, in order (the fence relies on it)."""
+        command = (b"EVALSHA", script.sha, len(keys), *keys, *args)
+        return self._enqueue(command, script, not recovery)
 
     def send(self, *command: str | bytes | int | float) -> asyncio.Future[Any]:
         """Queue a plain command (the shared cache's GET and SET) for the next batch."""
-        return self._enqueue(command, None)
+        return self._enqueue(command, None, True)
 
-    def _enqueue(self, command: Command, script: AsyncScript | None) -> asyncio.Future[Any]:
+    def _enqueue(
+        self, command: Command, script: AsyncScript | None, needs_up: bool
+    ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, script, future))
+        self._queue.append((command, script, needs_up, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send(), name="redis-sender")
         return future
@@ -126,9 +147,14 @@ class RedisLink:
         await asyncio.sleep(0)  # one loop turn: handlers ready now join this round trip
         while self._queue:
             batch, self._queue = self._queue, []
+            if not self.up:  # down, recovering: only the recovery's calls go out
+                batch = _recovery_calls(batch)
+                if not batch:
+                    continue
             try:
                 replies = await self.run(self._batch(batch))
-            except Unavailable as error:
+            except Unavailable as error:  # sent (or not): the outcome is unknown
+                error.uncertain = True
                 replies = [error] * len(batch)
             for (*_, future), reply in zip(batch, replies, strict=True):
                 if future.done():  # the caller was cancelled (it handles that itself)
@@ -142,7 +168,7 @@ class RedisLink:
         pipe = self._pipe
         if pipe is None or pipe.closed:
             pipe = self._pipe = await RedisPipe.open(self._pipe_settings)
-        commands = [command for command, _, _ in batch]
+        commands = [command for command, *_ in batch]
         replies = await pipe.execute(commands)
         missing = [i for i, reply in enumerate(replies) if _no_script(reply)]
         if missing:  # a restarted Redis forgot the scripts: load them, run those again
@@ -276,6 +302,18 @@ def _unavailable(link: RedisLink, error: Exception) -> Unavailable:
         link.mark_down(error)
         return Unavailable(f"{type(error).__name__}: {error}")
     return error
+
+
+def _recovery_calls(batch: list[Call]) -> list[Call]:
+    """The recovery's calls of `batch`; the others fail unsent (the link is down)."""
+    kept = []
+    for call in batch:
+        future = call[3]
+        if not call[2]:
+            kept.append(call)
+        elif not future.done():
+            future.set_exception(Unavailable("redis is unreachable; the call was not sent"))
+    return kept
 
 
 def _no_script(reply: Any) -> bool:

@@ -12,26 +12,48 @@ Key layout (prefix `mg:` by default):
   budget:...:alerts  hash: threshold percent -> 1 once some process announced it
   budget:...:seed    hash: cut -> when the counter was seeded, seen -> ledger spend before it
   live:{holder id}   exists while that process is alive (short TTL, refreshed)
-Budget keys expire a day after their period ends.
+  fence:{holder id}  the sequence number of that process's last settle Redis ran, or
+                     after an outage the fence below which its late calls are not run
+Budget keys expire a day after their period ends; a fence a day after its last use.
 
 Scripts must touch only the keys they are given, except `live:*`, which the admit
-script checks for each holder in a hash: so Redis Cluster is not supported (one primary,
-with replicas or Sentinel, is).
+script checks for each holder in a hash, and the caller's own `fence:*`, named in its
+arguments: so Redis Cluster is not supported (one primary, with replicas or Sentinel, is).
+
+Why the fence: a call Redis did not answer in time may still run. A stalled Redis (a
+paused process, a partition) runs what it received once it resumes, after the caller
+has counted that spend to add in the recovery: without the fence it would count twice.
+Each process numbers its settles and admissions in the order it sends them, on one
+connection, so Redis runs them in that order; a settle records its number. The
+recovery (`FENCE`) reads the last number Redis ran, which says which unanswered
+settles ran, and raises the fence to the last number sent, so that none runs later.
 """
 
 from __future__ import annotations
 
+# The fence check that starts ADMIT and SETTLE: ARGV[fence_at] names this process's
+# fence key, ARGV[fence_at + 1] is the call's number. A call at or below the fence is a
+# late one from before an outage's recovery: it does nothing.
+_FENCED = """
+local fence_key, number = ARGV[%d], tonumber(ARGV[%d])
+local fenced = tonumber(redis.call('GET', fence_key) or '0') >= number
+"""
+
 # Reply codes of ADMIT.
-ADMITTED, RATE_LIMITED, OVER_BUDGET, NEEDS_SEED = 1, 0, -1, -2
+ADMITTED, RATE_LIMITED, OVER_BUDGET, NEEDS_SEED, FENCED = 1, 0, -1, -2, -3
 
 # KEYS: one per rate-limit bucket, then (spent, held) per budget.
 # ARGV: holder, live prefix, worst (nano-USD),
 #       "kind interval_us window_us ..." per bucket (kind r = requests, t = tokens),
-#       "limit hard expire_at ..." per budget (hard 1|0).
+#       "limit hard expire_at ..." per budget (hard 1|0), fence key, call number.
 # Reply: "code index a b remaining_1 reset_1 ... remaining_n reset_n" (integers)
 #   ADMITTED: index 0;  RATE_LIMITED: bucket index, a = retry_us;
-#   OVER_BUDGET: budget index, a = spent, b = held;  NEEDS_SEED: the budgets' indexes.
-ADMIT = """
+#   OVER_BUDGET: budget index, a = spent, b = held;  NEEDS_SEED: the budgets' indexes;
+#   FENCED: nothing done (a late call; its caller has long given up on it).
+ADMIT = (
+    (_FENCED % (6, 7))
+    + """
+if fenced then return '-3 0 0 0' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local holder, live, worst = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -104,15 +126,21 @@ for j = 1, worst > 0 and n_budget or 0 do
 end
 return reply(1, 0, 0, 0)
 """
+)
 
 # KEYS: one per token bucket, then (spent, held, alerts) per budget.
 # ARGV: holder, tokens, "interval_us ..." per token bucket,
 #       "amount cost expire_at limit percents ..." per budget: the hold to release, the
-#       real cost, and the alert thresholds as "50,80,100" ("-" for none).
+#       real cost, and the alert thresholds as "50,80,100" ("-" for none); fence key,
+#       call number (recorded as the last one run).
 # Reply: {spent_1, claimed_1, ...}: spent -1 when the counter is missing (evicted: the
 #   next admission re-seeds it from the ledger); claimed: bit k-1 set when this caller
-#   is the one process that announces threshold k.
-SETTLE = """
+#   is the one process that announces threshold k. Empty when fenced (nothing done).
+SETTLE = (
+    (_FENCED % (5, 6))
+    + """
+if fenced then return {} end
+redis.call('SET', fence_key, ARGV[6], 'EX', 86400)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local holder, tokens = ARGV[1], tonumber(ARGV[2])
@@ -156,6 +184,7 @@ for j = 1, n_budget do
 end
 return out
 """
+)
 
 # Seed budgets from the ledger, count spend Redis missed, and re-assert this process's
 # holds (at start, after an outage, and when a counter went missing).
@@ -212,6 +241,16 @@ for j = 1, #KEYS / 4 do
   out[#out + 1] = tonumber(redis.call('GET', spent_key)); out[#out + 1] = cut
 end
 return out
+"""
+
+# After an outage, before anything else: KEYS: this process's fence key. ARGV: the
+# number of the last call this process sent. Reply: the number of the last settle
+# Redis ran (0: none, or Redis lost its data), which the caller compares with those it
+# had no answer for; no call numbered up to ARGV[1] runs from now on.
+FENCE = """
+local ran = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+return ran
 """
 
 # KEYS: this process's liveness key. ARGV: TTL in ms. Reply: 1 when it still existed
