@@ -640,8 +640,9 @@ def _key_body(
     kept = "" if creating else " (or the key's own that have left the config since)"
     properties: dict[str, Any] = {
         "models": {
-            **_nullable({"type": "array", "items": model}),
-            "description": f"configured model names{kept}; null or [] means every model",
+            **_nullable({"type": "array", "items": model, "minItems": 1}),
+            "description": f"configured model names{kept}; null means every model (an "
+            "empty list is refused)",
         },
         "max_tokens_cap": _nullable({"type": "integer", "minimum": 1, "maximum": CAP_MAX}),
         "expires_at": {
