@@ -77,6 +77,22 @@ def key_labels(
     return [(label, None if m is None else tuple(m)) for label, m in labels.items()]
 
 
+# How each gauge combines the workers' values with `serve --workers N` (its
+# `multiprocess_mode`). Every gauge here is the state of a running process: the config it
+# runs (prices, budget limits, rollout weights, build info), its circuit breakers, what
+# it holds in flight, its last sight of the shared budget spend. So every mode is a
+# `live*` one, which leaves out the file of a worker that died: that file keeps its last
+# values for as long as the gateway runs, and would show an open circuit, an old limit, a
+# removed budget, a past period's spend or a past config version after the live workers
+# moved on. (A dead worker's counters and histograms still count: totals never go back.)
+# - livesum: what each worker holds apart (requests in flight, ledger rows not written);
+# - livemax: what every worker sets alike from the config; the worst of their circuits;
+#   and budget spend, which each worker shows as of its last settle against the spend it
+#   shares with the others (the host's table, or Redis): within a period it only grows,
+#   so the highest is the latest (a replacement shows the ledger's at its start);
+# - livemin: up (Redis, an MCP server) only while every worker is.
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -202,7 +218,7 @@ class Metrics:
             "Configured price per upstream.",
             ["upstream", "type"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.active_requests = Gauge(
             "metergate_active_requests",
@@ -222,7 +238,7 @@ class Metrics:
             "0 closed, 1 half-open, 2 open.",
             ["upstream"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.cache_requests = Counter(
             "metergate_cache_requests", "Response cache lookups.", ["model", "result"], registry=r
@@ -232,14 +248,14 @@ class Metrics:
             "Spend in the budget's current period.",
             ["budget"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.budget_limit = Gauge(
             "metergate_budget_limit_usd",
             "Limit of the budget in its period (hard: enforced; soft: alerts only).",
             ["budget"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.budget_alerts = Counter(
             "metergate_budget_alerts",
@@ -252,7 +268,7 @@ class Metrics:
             "Share of a rollout's traffic per target.",
             ["rollout", "target"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.rollout_transitions = Counter(
             "metergate_rollout_transitions",
@@ -271,7 +287,7 @@ class Metrics:
             "Version of the running gateway and its config.",
             ["version", "config_version"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.team_cost_usd = Counter(
             "metergate_team_cost_usd",
