@@ -10,9 +10,11 @@ prometheus_client expects someone to do; metergate decides liveness by pid inste
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -513,3 +515,99 @@ def test_a_file_a_worker_has_only_just_created_is_skipped(
     newcomer.unlink()  # prometheus_client's collector cannot read it either
     expected, _ = parse(reference(directory, [], tmp_path / "ref"))
     assert same(shown, expected)
+
+
+# A worker with the gateway's own metrics, set as a config (`sys.argv[1]`) and its state
+# make them, then waiting on stdin until told to exit (or killed).
+GATEWAY_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from metergate.metering.metrics import Metrics
+    from metergate.mcp.metrics import ClientMetrics
+    from prometheus_client import CollectorRegistry
+    state = json.loads(sys.argv[1])
+    metrics = Metrics()
+    up = ClientMetrics(CollectorRegistry()).up
+    metrics.build_info.labels("1.0", state["config"]).set(1)
+    metrics.circuit_state.labels("b1").set(state["circuit"])
+    for budget, (limit, spent) in state["budgets"].items():
+        metrics.budget_limit.labels(budget).set(limit)
+        metrics.budget_spent.labels(budget).set(spent)
+    metrics.model_price.labels("b1", "output").set(state["price"])
+    metrics.rollout_weight.labels("r", "b1").set(state["weight"])
+    metrics.active(model="m").inc(state["active"])
+    metrics.ledger_pending.set(state["pending"])
+    metrics.redis_up().set(state["redis"])
+    up.labels("tools").set(state["redis"])
+    metrics.requests.labels("m", "b1", "k", "success", "chat").inc(state["requests"])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_a_killed_workers_gauges_leave_the_merged_metrics_and_its_counts_stay(
+    tmp_path: Path,
+) -> None:
+    """A worker SIGKILLed with a circuit open, on a config a reload has changed since (a
+    lower limit, a budget removed, another version), its budget spend from a past
+    period: its file keeps all of it, and none of its gauges may show once it is dead,
+    while its requests still count."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def start(**state: Any) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", GATEWAY_WORKER, json.dumps(state)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        return process
+
+    old = {"monthly": (100, 90), "removed": (5, 1)}
+    killed = start(
+        config="v1", circuit=2, budgets=old, price=30, weight=1, active=3, pending=4,
+        redis=0, requests=7,
+    )  # fmt: skip
+    alive = start(
+        config="v2", circuit=0, budgets={"monthly": (50, 0)}, price=10, weight=0.5, active=1,
+        pending=2, redis=1, requests=5,
+    )  # fmt: skip
+    view = MultiProcessExposition(str(tmp_path))
+    try:
+        both, _ = parse(view.render().decode())
+        assert both[("metergate_circuit_state", (("upstream", "b1"),))] == 2  # while it runs
+        assert both[("metergate_active_requests", (("model", "m"),))] == 4
+
+        killed.kill()
+        assert killed.wait(30) == -signal.SIGKILL
+        shown, families = parse(view.render().decode())
+        names = {name for name, (kind, _) in families.items() if kind == "gauge"}
+        gauges = {key: value for key, value in shown.items() if key[0] in names}
+        assert gauges == {
+            ("metergate_build_info", (("config_version", "v2"), ("version", "1.0"))): 1,
+            ("metergate_circuit_state", (("upstream", "b1"),)): 0,
+            ("metergate_budget_limit_usd", (("budget", "monthly"),)): 50,
+            ("metergate_budget_spent_usd", (("budget", "monthly"),)): 0,
+            (
+                "metergate_model_price_usd_per_million_tokens",
+                (("type", "output"), ("upstream", "b1")),
+            ): 10,
+            ("metergate_rollout_weight", (("rollout", "r"), ("target", "b1"))): 0.5,
+            ("metergate_active_requests", (("model", "m"),)): 1,
+            ("metergate_ledger_pending_rows", ()): 2,
+            ("metergate_redis_up", ()): 1,
+            ("metergate_mcp_server_up", (("mcp_server_name", "tools"),)): 1,
+        }
+        requests = ("metergate_requests_total", tuple(sorted({
+            "model": "m", "upstream": "b1", "key": "k", "outcome": "success", "api": "chat"
+        }.items())))  # fmt: skip
+        assert shown[requests] == 7 + 5  # the dead worker's count stays
+    finally:
+        for process in (killed, alive):
+            if process.poll() is None:
+                process.kill()
+            process.wait(30)
