@@ -326,6 +326,57 @@ def test_a_restarted_worker_with_the_same_pid_carries_on(tmp_path: Path) -> None
     assert shown == {("t_total_things_total", (("k", "a"),)): 7.0}
 
 
+def test_a_worker_with_a_dead_workers_pid_starts_its_gauges_afresh(tmp_path: Path) -> None:
+    """A replacement that got a dead worker's pid opens that worker's files: its counters
+    carry on, but the dead worker's gauges neither show as the new one's (a circuit the
+    new one never opened, a budget its config no longer has) nor are they a base its
+    in-flight count would go up and down from."""
+    script = textwrap.dedent(
+        """
+        from prometheus_client import values
+        from metergate.metering.metrics import Metrics
+        dead = Metrics()
+        dead.circuit_state.labels("b1").set(2)
+        dead.budget_limit.labels("removed").set(5)
+        dead.active("m").inc(3)
+        dead.requests.labels("m", "b1", "k", "success", "chat").inc(7)
+        values.ValueClass.close_all_files()  # as if it died, and another took its pid
+        from metergate.metering.multiprocess import value_class
+        import os
+        values.ValueClass = value_class(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+        again = Metrics()
+        again.circuit_state.labels("b1").set(0)
+        again.active("m").inc(1)
+        again.requests.labels("m", "b1", "k", "success", "chat").inc(2)
+        print("ready", flush=True)
+        input()
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"  # alive while it is read
+        shown, families = parse(MultiProcessExposition(str(tmp_path)).render().decode())
+    finally:
+        process.kill()
+        process.wait(30)
+    names = {name for name, (kind, _) in families.items() if kind == "gauge"}
+    assert {key: value for key, value in shown.items() if key[0] in names} == {
+        ("metergate_circuit_state", (("upstream", "b1"),)): 0,
+        ("metergate_active_requests", (("model", "m"),)): 1,
+        ("metergate_ledger_pending_rows", ()): 0,  # made anew (no labels): at 0, as it was
+    }
+    labels = {"model": "m", "upstream": "b1", "key": "k", "outcome": "success", "api": "chat"}
+    assert shown[("metergate_requests_total", tuple(sorted(labels.items())))] == 9
+
+
 # A worker whose gauge series come and go (an MCP server a reload adds, then removes).
 SETTER = textwrap.dedent(
     """

@@ -79,7 +79,17 @@ def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[...
                 raise ForkedWrite(f"process {os.getpid()} creates a metric forked from {owner}")
             path = os.path.join(directory, f"{kind}_{owner}.db")
             found = files[kind] = WritableFile(path)
+            if kind.startswith("gauge_live"):
+                forget(found)
         return found
+
+    def forget(file: WritableFile) -> None:
+        """A `live*` gauge file already there was a dead process's (its pid used again
+        by this one): a scrape counts it as this process's, so its values are marked
+        removed, as that process's gauges must not show (counters, and gauges of the
+        other modes, count a dead process's values: theirs carry on)."""
+        for index in file.positions.values():
+            file.doubles[index] = math.nan
 
     def after_fork() -> None:
         nonlocal lock
@@ -111,10 +121,15 @@ def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[...
             with lock:  # the files and their growth are shared with the locked values
                 self._file = file_of(kind)
                 self._index = self._file.index(key)
-                # An existing entry (a restarted worker that got the same pid) carries on;
-                # one marked removed (`remove_series`) starts again from 0.
-                value = self._file.doubles[self._index]
-                self._value: float = 0.0 if value != value else value
+                # An existing entry (a restarted worker that got the same pid) carries on,
+                # except one marked removed (`remove_series`, or a dead process's gauge
+                # `forget` marked): it starts again from 0 and shows, as a new one does
+                # (a "mostrecent" one once it is set).
+                doubles = self._file.doubles
+                value = doubles[self._index]
+                if value != value:
+                    value = doubles[self._index] = doubles[self._index + 1] = 0.0
+                self._value: float = value
 
         def inc(self, amount: float) -> None:
             self._value += amount

@@ -23,7 +23,9 @@ count only processes still running, and a gauge series a process removed (its va
 NaN, `multiprocess.remove_series`) is shown only while another process that counts
 still has it. prometheus_client leaves liveness to
 `mark_process_dead` deleting a dead process's `live*` files, which nothing calls when a
-uvicorn worker dies; so liveness is decided here by the pid in the file name.
+uvicorn worker dies; so liveness is decided here by the pid in the file name (and a
+process given a dead one's pid marks that one's `live*` gauges removed as it opens the
+file: `multiprocess.value_class`).
 """
 
 from __future__ import annotations
