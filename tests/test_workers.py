@@ -140,6 +140,63 @@ def test_a_worker_that_dies_is_replaced_by_one_running_the_gateways_config(worke
     assert gateway.process.poll() is None
 
 
+def budget_gauges(gateway: GatewayProcess) -> dict[tuple[str, str], float]:
+    """(metric, budget) -> value of the metergate_budget_* gauges in /metrics."""
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    return {
+        (sample.name, sample.labels["budget"]): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("metergate_budget_") and family.type == "gauge"
+        for sample in family.samples
+    }
+
+
+def requests_counted(gateway: GatewayProcess) -> float:
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "metergate_requests"
+        for sample in family.samples
+        if sample.name == "metergate_requests_total"
+    )
+
+
+def test_a_dead_workers_gauges_leave_metrics_and_its_counts_stay(tmp_path: Path) -> None:
+    """A worker SIGKILLed before a reload that lowers a budget's limit and removes
+    another: /metrics shows the live workers' config alone (one version, the new limit,
+    no removed budget), and the requests the dead worker served still count."""
+    config = priced(1_000_000)
+    config["budgets"] = {
+        "cap": {"scope": "global", "period": "month", "limit_usd": 100_000},
+        "gone": {"scope": "global", "period": "month", "limit_usd": 500_000},
+    }
+    path = write_config(config, tmp_path)
+    key = create_key_sync(yaml.safe_load(path.read_text())["ledger"]["url"], "ops")
+    gateway = GatewayProcess(path, tmp_path, workers=2)
+    try:
+        gateway.wait_ready()
+        wait_until(lambda: gateway.log().count("joined the gateway") == 2, "both workers")
+        costs(gateway, key, calls=8)
+        assert requests_counted(gateway) == 8
+        os.kill(min(gateway.worker_pids()), signal.SIGKILL)
+        wait_until(lambda: gateway.log().count("joined the gateway") == 3, "the replacement")
+
+        config["budgets"] = {"cap": {"scope": "global", "period": "month", "limit_usd": 50_000}}
+        rewrite(path, config)
+        os.kill(gateway.pid, signal.SIGHUP)
+        wait_until(
+            lambda: len(config_versions_served(gateway)) == 1
+            and budget_gauges(gateway).keys() == {("metergate_budget_limit_usd", "cap"),
+                                                  ("metergate_budget_spent_usd", "cap")}
+            and budget_gauges(gateway)[("metergate_budget_limit_usd", "cap")] == 50_000,
+            "the live workers' config alone in /metrics: one version, the new limit",
+        )  # fmt: skip
+        assert requests_counted(gateway) == 8  # the dead worker's count stays
+    finally:
+        gateway.kill_all()
+
+
 def test_a_worker_that_hangs_is_said_to_and_replaced(workers):
     """SIGSTOP: alive, answering nothing (a worker stuck in a blocking call looks the same
     to its supervisor). The log tells it from a worker killed from outside."""
