@@ -487,6 +487,21 @@ def test_caller_fault_400_is_neither_retried_nor_sent_to_the_fallback(
     assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_rejected", 400, 1)
 
 
+def test_an_upstream_400_keeps_the_field_it_names(gateway_factory, fault_server):
+    """The upstream's `param` reaches the caller, so its SDK says which field was refused."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.error(400, param="messages[0].content"))
+    gateway = gateway_factory(config(server.url))
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(gateway)
+    assert raised.value.param == "messages[0].content"
+    assert raised.value.body["message"] == "fault server p says 400"
+    server.plan.fail_until_cleared(Fault.error(400, param="x" * 500))  # no field's name
+    with pytest.raises(openai.BadRequestError) as raised:
+        create(gateway)
+    assert raised.value.param is None
+
+
 @pytest.mark.parametrize(
     ("fault", "outcome", "status", "message"),
     [

@@ -51,14 +51,15 @@ class Fault:
     after: int = 0  # stall / cut / reset (streams): SSE events sent first
     body: bytes = b""  # what `answered` sends
     done: bool = True  # failed_midway: `[DONE]` follows the error event
+    param: str | None = None  # error: the field its body blames
 
     @classmethod
     def healthy(cls) -> Fault:
         return cls()
 
     @classmethod
-    def error(cls, status: int, retry_after: str | None = None) -> Fault:
-        return cls("error", status, retry_after)
+    def error(cls, status: int, retry_after: str | None = None, param: str | None = None) -> Fault:
+        return cls("error", status, retry_after, param=param)
 
     @classmethod
     def page(cls, status: int, body: bytes) -> Fault:
@@ -211,10 +212,12 @@ class FaultServer:
         self.bg.run(self._runner.cleanup())
 
 
-def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
+def _error(
+    status: int, message: str, retry_after: str | None = None, param: str | None = None
+) -> web.Response:
     kind = {429: "rate_limit_error"}.get(status, "server_error" if status >= 500 else "")
     kind = kind or "invalid_request_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     headers = {"retry-after": retry_after} if retry_after is not None else None
     return web.json_response(body, status=status, headers=headers)
 
@@ -281,7 +284,10 @@ def create_app(plan: FaultPlan, name: str) -> web.Application:
             await asyncio.sleep(fault.seconds)
         if fault.kind == "error":
             return _error(
-                fault.status, f"fault server {name} says {fault.status}", fault.retry_after
+                fault.status,
+                f"fault server {name} says {fault.status}",
+                fault.retry_after,
+                fault.param,
             )
         if fault.kind == "page":
             return web.Response(body=fault.body, status=fault.status, content_type="text/html")

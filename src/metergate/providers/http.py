@@ -234,6 +234,7 @@ class HttpTransport:
         return UpstreamRejected(
             message,
             status=status if status in (400, 413, 422) else 400,
+            param=error_param(body),
             upstream_status=status,
         )
 
@@ -304,6 +305,25 @@ def error_message(body: bytes) -> str:
     """The human message of an OpenAI, Anthropic or Gemini error body (all use error.message),
     credentials taken out."""
     return redact(_error_text(body))
+
+
+def error_param(body: bytes) -> str | None:
+    """The field an OpenAI-format error body blames (`error.param`), so that the caller's
+    SDK shows which one was refused; None when it names none (or not as a short string)."""
+    if body.lstrip()[:1] != b"{":
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = data.get("error") if type(data) is dict else None
+    param = error.get("param") if type(error) is dict else None
+    if type(param) is not str or not param or len(param) > _PARAM_LONGEST:
+        return None
+    return redact(param)
+
+
+_PARAM_LONGEST = 200  # a field path (`messages[12].content[3].image_url`), never a text
 
 
 def how_it_began(body: bytes) -> str:
