@@ -93,6 +93,20 @@ def test_unknown_model_lists_the_allowed_ones(gateway):
     assert "models this key may use: sim, other" in raised.value.message
 
 
+def test_a_long_unknown_model_name_is_cut_in_the_message(gateway):
+    """A name echoed back is cut to its first 100 characters and its length: a huge one
+    does not come back whole."""
+    name = "m" * 1500  # (the gateway here takes bodies of 2 KiB at most)
+    with pytest.raises(openai.NotFoundError) as raised:
+        gateway.client().chat.completions.create(model=name, messages=MESSAGES)
+    message = raised.value.message
+    assert f"model '{'m' * 100}'... (1,500 characters) does not exist" in message
+    assert len(message) < 300, len(message)
+    with pytest.raises(openai.NotFoundError) as raised:  # a short one is quoted whole
+        gateway.client().chat.completions.create(model="m" * 100, messages=MESSAGES)
+    assert f"model '{'m' * 100}' does not exist" in raised.value.message
+
+
 def raw(gateway, body: bytes, **headers: str) -> httpx.Response:
     return httpx.post(
         f"{gateway.base_url}/chat/completions",

@@ -86,6 +86,15 @@ def error_body(
     return orjson.dumps(payload)
 
 
+def quoted(value: str, limit: int = 100) -> str:
+    """A caller's string in an error message, quoted: a long one cut to its first `limit`
+    characters and followed by its length, so that a megabyte of model name does not come
+    back whole in the answer (and in logs)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
 # --- the caller's side: never retried, never charged --------------------------------
 
 

@@ -19,7 +19,7 @@ import orjson
 
 from metergate.auth.keys import KeyRecord
 from metergate.config.model import GatewayConfig, ModelConfig, Timeouts
-from metergate.errors import InvalidRequest, NotFound
+from metergate.errors import InvalidRequest, NotFound, quoted
 from metergate.metering.pricing import UnitPrices, price_for
 from metergate.providers.base import Adapter
 from metergate.rollout.controller import RolloutController
@@ -250,7 +250,7 @@ class Router:
             allowed = ", ".join(self.models_for(key)) or "none"
             reason = "does not exist" if found is None else "is not allowed for this key"
             raise NotFound(
-                f"model {model!r} {reason}; models this key may use: {allowed}",
+                f"model {quoted(model)} {reason}; models this key may use: {allowed}",
                 code="model_not_found",
                 param="model",
             )

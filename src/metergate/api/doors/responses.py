@@ -39,7 +39,7 @@ from metergate.api.doors.responses_stream import NativeResponseStream, ResponseS
 from metergate.api.doors.responses_translate import input_items, new_id, to_chat, to_response
 from metergate.asgi import JSON_HEADERS, Request, Send, base_headers, respond
 from metergate.auth.keys import KeyRecord
-from metergate.errors import GatewayLimit, InvalidRequest, NotFound
+from metergate.errors import GatewayLimit, InvalidRequest, NotFound, quoted
 from metergate.metering.estimate import NO_EXTRAS, Extras
 from metergate.providers.base import Completion, NativeRequest, StreamState
 from metergate.routing.router import Deployment
@@ -145,7 +145,7 @@ class ResponsesDoor(Door):
             history = await self.store.conversation(previous, key.id, time.time())
         except BrokenChain as broken:
             raise NotFound(
-                f"previous response {previous!r} continues response {broken.missing!r}, "
+                f"previous response {quoted(previous)} continues response {broken.missing!r}, "
                 "which is no longer stored",
                 param="previous_response_id",
             ) from None
@@ -155,7 +155,7 @@ class ResponsesDoor(Door):
             raise _store_unreachable(previous) from None
         if history is None:
             raise NotFound(
-                f"previous response {previous!r} not found (a response is visible only to "
+                f"previous response {quoted(previous)} not found (a response is visible only to "
                 "the key that made it, while it is stored)",
                 param="previous_response_id",
             )
@@ -331,7 +331,7 @@ def _store_unreachable(response_id: str) -> GatewayLimit:
     internal error, since nothing is wrong with the request or the gateway."""
     logger.warning("could not read stored response %s: ledger unreachable", response_id)
     return GatewayLimit(
-        f"stored response {response_id!r} cannot be read now: the response store (the "
+        f"stored response {quoted(response_id)} cannot be read now: the response store (the "
         "ledger database) is unreachable; try again shortly",
         code="response_store_unavailable",
         retry_after=1,
