@@ -122,6 +122,28 @@ def test_malformed_json_says_where(gateway):
     assert error["code"] == "invalid_json" and "column" in error["message"]
 
 
+def test_a_body_that_is_not_utf8_says_which_byte(gateway):
+    """Bytes that are not UTF-8 are told as such, with the first bad byte and its offset,
+    not as a JSON error at column 1; a lone surrogate escape is still read as U+FFFD."""
+    body = b'{"model": "sim", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
+    response = raw(gateway, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    offset = body.index(b"\xe9")
+    assert error["message"] == (
+        f"request body is not valid UTF-8: byte 0xe9 at offset {offset}; "
+        "send the JSON encoded as UTF-8"
+    )
+    response = raw(gateway, '{"model": "sim", "messages": []}'.encode("utf-16"))
+    assert response.json()["error"]["message"] == (
+        "request body is not valid UTF-8: byte 0xff at offset 0 (it begins with a UTF-16 "
+        "byte order mark); send the JSON encoded as UTF-8"
+    )
+    escaped = b'{"model": "sim", "messages": [{"role": "user", "content": "\\ud83d"}]}'
+    assert raw(gateway, escaped).status_code == 200
+
+
 def test_a_compressed_body_is_refused_by_name(gateway):
     """Some HTTP clients compress request bodies; the gateway reads JSON as sent."""
     body = gzip.compress(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')

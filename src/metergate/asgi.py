@@ -140,7 +140,8 @@ class Request:
         reason = str(exc)
         if reason.startswith("depth limit exceeded"):
             raise _too_deep(max_depth) from None
-        if "surrogate" in reason:
+        not_utf8 = reason.startswith("str is not valid UTF-8")  # (orjson: "surrogates not
+        if "surrogate" in reason and not not_utf8:  # allowed" too, whatever the bytes)
             try:
                 return _surrogates_replaced(json.loads(raw))
             except (ValueError, RecursionError):
@@ -153,7 +154,26 @@ class Request:
                 status=415,
                 code="unsupported_content_encoding",
             ) from None
+        if not_utf8:
+            raise _not_utf8(raw) from None
         raise InvalidRequest(f"request body is not valid JSON: {reason}", code="invalid_json")
+
+
+def _not_utf8(raw: bytes) -> InvalidRequest:
+    """The refusal of a body that is not UTF-8, naming its first bad byte and where."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        where = f": byte 0x{raw[bad.start]:02x} at offset {bad.start}"
+    else:  # (orjson found what Python does not: said without a place)
+        where = ""
+    bom = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+    return InvalidRequest(
+        f"request body is not valid UTF-8{where}"
+        + (" (it begins with a UTF-16 byte order mark)" if bom else "")
+        + "; send the JSON encoded as UTF-8",
+        code="invalid_json",
+    )
 
 
 def _too_large(limit: int, headers: list[tuple[bytes, bytes]] | None = None) -> InvalidRequest:
