@@ -29,6 +29,9 @@ class Reads:
     def close(self) -> None:
         self.closed = True
 
+    def no_event_yet(self) -> None:
+        """(The client's `first_byte` check: these reads all come at once.)"""
+
 
 async def opened(response: Reads) -> Reads:
     return response
