@@ -7,7 +7,10 @@ from __future__ import annotations
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from types import SimpleNamespace
 from typing import Any
+
+import orjson
 
 from metergate.providers.base import StreamState
 from metergate.providers.openai import _PassThrough, stream_failure
@@ -49,7 +52,7 @@ async def items(*reads: bytes, include_usage: bool = True) -> tuple[list[bytes],
     state = StreamState()
     response = Reads(*reads)
     translator = _PassThrough(include_usage, state)
-    transport: Any = None  # only used to name a failure
+    transport: Any = SimpleNamespace(name="up")  # only used to name the upstream
     async with aclosing(relay(transport, opened(response), translator)) as chunks:  # type: ignore[arg-type]
         found = [chunk async for chunk in chunks]
     assert response.closed
@@ -80,6 +83,59 @@ async def test_an_event_split_across_reads_is_sent_once_whole() -> None:
     first = event(0)
     found, _ = await items(first[:10], first[10:] + event(1), DONE)
     assert found == [first, event(1), DONE]
+
+
+async def test_a_whole_answer_is_relayed_as_the_stream_it_would_have_been() -> None:
+    """A server that ignored `stream: true`: each choice's message becomes its delta, tool
+    calls numbered as a stream numbers them; the usage is read, and sent if asked for."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    answer = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    body = orjson.dumps(answer)
+    for include_usage in (True, False):
+        found, state = await items(body[:20], body[20:], include_usage=include_usage)
+        (sent,) = found
+        chunks = [orjson.loads(line[6:]) for line in sent.split(b"\n\n")[:-2]]
+        assert sent.endswith(DONE)
+        assert chunks[0]["object"] == "chat.completion.chunk"
+        assert chunks[0]["choices"] == [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "tool_calls": [{"index": 0, **call}]},
+                "finish_reason": "tool_calls",
+                "logprobs": None,
+            }
+        ]
+        assert [c["usage"]["completion_tokens"] for c in chunks[1:]] == [2] * include_usage
+        assert state.usage is not None and state.usage.output_tokens == 2
+
+
+async def test_a_whole_legacy_completion_is_its_own_chunk() -> None:
+    choice = {"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None}
+    answer = {"id": "cmpl-1", "object": "text_completion", "choices": [choice]}
+    found, _ = await items(orjson.dumps(answer))
+    assert found == [b"data: " + orjson.dumps(answer) + b"\n\n" + DONE]
+
+
+async def test_events_sent_without_data_are_relayed_as_events() -> None:
+    bare = [e.removeprefix(b"data: ") for e in (event(0), event(1), USAGE, DONE)]
+    found, state = await items(
+        bare[0] + bare[1][:7], bare[1][7:].replace(b"\n", b"\r\n"), *bare[2:]
+    )
+    assert found == [event(0) + event(1) + USAGE + DONE]
+    assert state.usage is not None and state.usage.output_tokens == 2
 
 
 def test_sse_events_decode_by_their_fields() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 
 from tests.harness import BackgroundLoop, Gateway, free_port
@@ -698,9 +699,10 @@ def test_an_event_that_is_not_json_mid_stream_is_the_upstreams_fault_on_every_do
     assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="gateway_error") == 0
 
 
-def test_a_whole_answer_to_a_streamed_request_is_named_as_such(gateway_factory, fault_server):
+def test_a_stream_without_events_is_refused_as_such(gateway_factory, fault_server):
+    """A 200 to a streamed request holding no event and no answer the gateway can read."""
     server = fault_server("p")
-    server.plan.fail_until_cleared(Fault.unstreamed())
+    server.plan.fail_until_cleared(Fault.answered(b'{"id": "chatcmpl-x"}'))
     gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
     with pytest.raises(openai.APIStatusError) as raised:
         for _ in gateway.client(timeout=10).chat.completions.create(
@@ -709,6 +711,55 @@ def test_a_whole_answer_to_a_streamed_request_is_named_as_such(gateway_factory, 
             pass
     assert raised.value.status_code == 502
     assert "without a single stream event" in raised.value.message
+    assert last_row(gateway)["outcome"] == "upstream_error"
+
+
+@pytest.mark.parametrize("fault", [Fault.unstreamed(), Fault.bare()], ids=["whole", "bare"])
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_an_answer_that_did_not_stream_is_relayed_and_metered_once(
+    gateway_factory, fault_server, fault, include_usage
+):
+    """A server that ignores `stream: true` (a whole JSON answer), or sends its events
+    without `data: `: it generated and billed the answer, so the caller gets it as a
+    stream, the ledger the usage it reported, and nothing is retried."""
+    server = fault_server("p")
+    server.plan.fail_until_cleared(fault)
+    gateway = gateway_factory(config(server.url))
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = list(
+        gateway.client(timeout=10).chat.completions.create(
+            model="primary", messages=ASK, stream=True, **options
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from p."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert [(u.prompt_tokens, u.completion_tokens) for u in usage] == (
+        [(11, 4)] if include_usage else []
+    )
+    assert server.plan.requests == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("success", 200, 1)
+    assert (row["input_tokens"], row["output_tokens"], row["usage_estimated"]) == (11, 4, 0)
+    assert row["cost_nano"] == 11 * 1000 + 4 * 2000
+
+
+def test_an_error_sent_with_200_to_a_stream_keeps_its_message(gateway_factory, fault_server):
+    server = fault_server("p")
+    overloaded = {"error": {"message": "The model is overloaded, try later", "code": "busy"}}
+    server.plan.fail_until_cleared(Fault.answered(orjson.dumps(overloaded)))
+    gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
+    with pytest.raises(openai.APIStatusError) as raised:
+        for _ in gateway.client(timeout=10).chat.completions.create(
+            model="primary", messages=ASK, stream=True
+        ):
+            pass
+    assert raised.value.status_code == 502
+    assert raised.value.body["message"] == (
+        "the upstream answered 200 with an error instead of a stream: "
+        "The model is overloaded, try later"
+    )
     assert last_row(gateway)["outcome"] == "upstream_error"
 
 

@@ -14,7 +14,8 @@ then abort the connection), `hang` (nothing, not even headers, for a while), `st
 JSON), `answered` (200 with a given body), `cut` (some SSE chunks, then a clean end
 without `[DONE]`), `garbage` (a stream with an event that is not JSON), `pings` (a
 stream kept open by keep-alive comments alone), `failed_midway` (a stream whose event
-reports an error after its 200), `unstreamed` (a whole answer to a streamed request).
+reports an error after its 200), `unstreamed` (a whole answer to a streamed request),
+`bare` (a stream whose events lack `data: `).
 Anything else gets a healthy answer with usage. The plan records every request's
 arrival time and body.
 """
@@ -117,6 +118,11 @@ class Fault:
     def unstreamed(cls) -> Fault:
         """A whole JSON answer to a streamed request (a server that cannot stream)."""
         return cls("unstreamed")
+
+    @classmethod
+    def bare(cls) -> Fault:
+        """A stream whose events are sent without `data: `: each a JSON object alone."""
+        return cls("bare")
 
     @classmethod
     def garbage(cls, after: int = 0) -> Fault:
@@ -366,6 +372,8 @@ async def _stream(request: web.Request, fault: Fault, events: list[bytes]) -> we
             events.append(b"data: [DONE]\n\n")
     if fault.kind == "garbage":
         events = [*events[: fault.after], b"data: {not json\n\n", *events[fault.after :]]
+    if fault.kind == "bare":
+        events = [event.removeprefix(b"data: ") for event in events]
     for event in events:
         await response.write(event)
     return response

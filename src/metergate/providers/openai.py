@@ -136,6 +136,32 @@ class _PassThrough:
                     return b""
         return event.raw
 
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        """A whole answer sent to a streamed request (a server that ignores `stream`), as
+        the stream it would have been: a chunk per choice with its message as the delta
+        (a legacy completion's choice is its own chunk), one with the usage, `[DONE]`.
+        Anything else (no `choices`): none, and the stream is refused as it was."""
+        choices = answer.get("choices")
+        if type(choices) is not list:
+            return []
+        base = {key: value for key, value in answer.items() if key not in ("choices", "usage")}
+        if answer.get("object") == "chat.completion":
+            base["object"] = "chat.completion.chunk"
+        events = []
+        for choice in choices:
+            if type(choice) is not dict:
+                return []
+            message = choice.get("message")
+            if type(message) is dict:
+                choice = _as_delta(choice, message)
+            elif "text" not in choice:
+                return []
+            events.append(_event({**base, "choices": [choice]}))
+        if answer.get("usage"):
+            events.append(_event({**base, "choices": [], "usage": answer["usage"]}))
+        events.append(Event("", b"[DONE]", DONE))
+        return events
+
     def finish(self) -> bytes:
         self.require_events()
         if self.done:
@@ -143,6 +169,25 @@ class _PassThrough:
         if self.state.usage is not None:  # the usage chunk comes last, after the finish
             return DONE  # reason: whole, only its [DONE] left out (a server that closes)
         raise UpstreamProtocolError("the upstream stream ended before [DONE]")
+
+
+def _as_delta(choice: dict[str, Any], message: dict[str, Any]) -> dict[str, Any]:
+    """A whole answer's choice as a stream chunk's: its message as the delta (fields that
+    are null left out, each tool call numbered by its `index`)."""
+    delta = {key: value for key, value in message.items() if value is not None}
+    calls = delta.get("tool_calls")
+    if type(calls) is list:
+        delta["tool_calls"] = [
+            {"index": index, **call} if type(call) is dict else call
+            for index, call in enumerate(calls)
+        ]
+    chunk = {key: value for key, value in choice.items() if key != "message"}
+    return {"index": chunk.pop("index", 0), "delta": delta, **chunk}
+
+
+def _event(chunk: dict[str, Any]) -> Event:
+    data = orjson.dumps(chunk)
+    return Event("", data, b"data: " + data + b"\n\n")
 
 
 def stream_failure(data: bytes) -> UpstreamServerError | None:

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 import orjson
 
@@ -357,6 +357,71 @@ def _translated(
     return b"".join(parts), None
 
 
+@runtime_checkable
+class Restreams(Protocol):
+    """A translator that can relay a whole answer as the stream it would have been."""
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        """The events of a stream holding `answer`, `[DONE]` included; [] if it is not
+        an answer this translator knows."""
+        ...
+
+
+def _unstreamed(translator: EventTranslator, body: bytes, upstream: str) -> bytes:
+    """What to relay of an answer to a streamed request in which no event was found.
+
+    Some servers ignore `stream: true` and send a whole JSON answer; others send their
+    events without `data: `. Either way the upstream generated (and billed) the answer:
+    retrying would have it generate and bill it again, so it is relayed, its usage
+    metered as reported: a whole answer as the stream it would have been (where the
+    translator knows its format), events without `data: ` (one JSON object a line) as
+    the events they are. An error object sent with the 200 fails the attempt with its
+    own message, as a whole answer's does; anything else is left to the translator's
+    `finish`, which refuses it."""
+    events: list[Event] = []
+    what = "a whole answer"
+    try:
+        whole = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        events, what = _bare_events(body), "events without `data: `"
+    else:
+        if type(whole) is dict:
+            if whole.get("error") or whole.get("object") == "error":
+                raise UpstreamProtocolError(
+                    "the upstream answered 200 with an error instead of a stream: "
+                    f"{error_message(body)}"
+                )
+            if isinstance(translator, Restreams):
+                events = translator.restream(whole)
+    if not events:
+        return b""
+    log.warning(
+        "upstream %s answered a streamed request with %s; relayed as a stream", upstream, what
+    )
+    return b"".join(translator.feed(event) for event in events)
+
+
+def _bare_events(body: bytes) -> list[Event]:
+    """The events of a stream sent without `data: `: each line a JSON object (or
+    `[DONE]`), keep-alive comments aside; [] unless every line is one."""
+    events = []
+    for line in body.splitlines():
+        line = line.strip()
+        if not line or line.startswith(b":"):
+            continue
+        if line == b"[DONE]":
+            events.append(Event("", line, DONE))
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return []
+        if type(value) is not dict:
+            return []
+        events.append(Event("", line, b"data: " + line + b"\n\n"))
+    return events
+
+
 async def relay(
     transport: HttpTransport, opening: Awaitable[StreamResponse], translator: EventTranslator
 ) -> AsyncGenerator[bytes, None]:
@@ -377,6 +442,7 @@ async def relay(
     response = await opening  # its failures are classified already
     decoder = SSEDecoder()
     started = False
+    unsent: list[bytes] = []  # the reads in which nothing was sent yet (`_unstreamed`)
     try:
         async for chunk in response:
             events = decoder.feed(chunk)
@@ -384,10 +450,12 @@ async def relay(
                 for index, event in enumerate(events):
                     if first := translator.feed(event):
                         started = True
+                        unsent = []
                         yield first
                         events = events[index + 1 :]
                         break
                 else:
+                    unsent.append(chunk)
                     response.no_event_yet()  # raises once past first_byte
                     continue  # nothing to send yet
             if len(events) == 1:  # the usual read of an upstream that streams as it goes:
@@ -401,6 +469,8 @@ async def relay(
             if failed is not None:
                 raise failed
         tail = b"".join(translator.feed(event) for event in decoder.flush())
+        if not started and not tail and unsent:
+            tail = _unstreamed(translator, b"".join(unsent), transport.name)
         tail += translator.finish()
         if tail:
             yield tail
