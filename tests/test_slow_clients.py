@@ -314,6 +314,84 @@ def test_refusals_find_an_anthropic_caller_in_what_has_arrived(
     assert plain["error"]["code"] == "request_timeout"  # OpenAI's shape
 
 
+def responses(reply: bytes) -> list[tuple[bytes, dict]]:
+    """The sized JSON responses in `reply`, each as (status line, parsed body)."""
+    found = []
+    while reply:
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(
+            int(line[15:]) for line in lines if line.lower().startswith(b"content-length:")
+        )
+        assert b"content-type: application/json" in head.lower(), head
+        found.append((lines[0], json.loads(rest[:length])))
+        reply = rest[length:]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            "Content-Length",
+        ),
+        (b"GARBAGE\x01 / HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            "Transfer-Encoding",
+        ),
+    ],
+    ids=["content-length", "request-line", "length-and-chunked"],
+)
+def test_broken_framing_gets_a_json_400(
+    gateway: tuple[GatewayProcess, str], raw: bytes, detail: str
+) -> None:
+    """Bytes that break HTTP's framing get a 400 in the API's error shape, as every other
+    refusal, and the connection closes."""
+    process, _ = gateway
+    with connection(process) as sock:
+        sock.sendall(raw)
+        reply = answer(sock)
+    ((status, body),) = responses(reply)
+    assert status.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert body["error"]["code"] == "invalid_http_request", body
+    assert body["error"]["message"].startswith("malformed HTTP request: "), body
+    assert detail.lower() in body["error"]["message"].lower(), body
+
+
+def test_a_bad_chunk_size_is_the_requests_own_400(gateway: tuple[GatewayProcess, str]) -> None:
+    process, key = gateway
+    raw = chat_request(key, 0, b"", "X-Request-Id: bad-chunk").replace(
+        b"Content-Length: 0", b"Transfer-Encoding: chunked"
+    )
+    with connection(process) as sock:
+        sock.sendall(raw + b"zz\r\n{}\r\n0\r\n\r\n")
+        reply = answer(sock)
+    ((status, body),) = responses(reply)
+    assert status.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert body["error"]["code"] == "invalid_http_request", body
+    assert ledger_row(process, "bad-chunk") == ("invalid_request", 400)
+
+
+def test_bytes_past_a_short_content_length_are_refused_after_its_answer(
+    gateway: tuple[GatewayProcess, str],
+) -> None:
+    """A Content-Length 5 bytes short: the request gets its own answer (its body is cut
+    JSON) and only then are the 5 bytes left over refused, as a message of their own."""
+    process, key = gateway
+    body = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}'
+    with connection(process) as sock:
+        sock.sendall(chat_request(key, len(body) - 5, body, "X-Request-Id: short-length"))
+        reply = answer(sock)
+    (first, own), (second, refused) = responses(reply)
+    assert first.startswith(b"HTTP/1.1 400 ") and own["error"]["code"] == "invalid_json", own
+    assert second.startswith(b"HTTP/1.1 400 "), reply[:600]
+    assert refused["error"]["code"] == "invalid_http_request", refused
+    assert ledger_row(process, "short-length") == ("invalid_request", 400)
+
+
 @pytest.mark.parametrize("expect", [True, False])
 def test_a_body_announced_too_large_is_refused_before_it_is_sent(
     gateway: tuple[GatewayProcess, str], expect: bool

@@ -13,6 +13,10 @@ config, read when the app is loaded):
   a 408 (or, if the answer has started, a plain close) and the handler sees the client
   gone;
 - `idle_timeout_seconds`: a kept-alive connection waiting for its next request is closed;
+- bytes that break HTTP's framing (a bad Content-Length or chunk size, a garbled request
+  line) get a 400 in the API's error shape, not uvicorn's plain text, and the connection
+  closes; bytes left after a whole request (a Content-Length that fell short) are
+  refused only once the requests before them are answered;
 - `send_timeout_seconds`: a client that takes none of the answer for this long, while
   the write buffer is over its high-water mark (the client reads nothing, or its socket
   is stuck), is cut off, as nginx's `send_timeout` does; else the request (its budget
@@ -27,8 +31,8 @@ connection (uvicorn arms and cancels a keep-alive timer for every request).
 The per-request path is the gateway's own, uvicorn's parser callbacks rewritten without
 what it does not need (one `asyncio.Event` and one timer per request, a scope built in
 two steps) and each request served by an `api.cycle.Cycle`; the connection's life
-(addresses, flow control, a client gone, a bad request's 400, graceful shutdown,
-websocket hand-over) is uvicorn's.
+(addresses, flow control, a client gone, graceful shutdown, websocket hand-over) is
+uvicorn's.
 """
 
 from __future__ import annotations
@@ -130,6 +134,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unsent = 0  # bytes the client had not taken when that timer was armed
         self._root_path_bytes = self.root_path.encode("ascii")
         self.url = b""  # the parser's, from a request's first bytes (uvicorn sets it then)
+        # A refusal of bytes that broke the framing after requests still being answered:
+        # sent once they are (`_malformed`).
+        self._deferred: tuple[int, str, str, bytes, bytes] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -194,10 +201,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes = total
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            message = "Invalid HTTP request received."
-            self.logger.warning(message)
-            self.send_400_response(message)
+        except httptools.HttpParserError as exc:
+            self._malformed(exc, data)
             return
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
@@ -296,9 +301,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.message_event.set()
 
     def on_response_complete(self) -> None:
-        """An answer is out: start a pipelined request, or wait for the next one."""
+        """An answer is out: start a pipelined request, or wait for the next one (or, if
+        bytes after these requests broke the framing, refuse them and close)."""
         self.server_state.total_requests += 1
         if self.transport.is_closing():
+            return
+        if self._deferred is not None and not self.pipeline:
+            refusal, self._deferred = self._deferred, None
+            self._phase = _HEADERS  # (the refused bytes start a message)
+            self._refuse(*refusal)
             return
         self.flow.resume_reading()
         if self.pipeline:
@@ -314,6 +325,37 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(_IDLE, self.limits.idle_seconds)
 
     # -- limits -------------------------------------------------------------------
+
+    def _malformed(self, exc: httptools.HttpParserError, data: bytes) -> None:
+        """The bytes broke HTTP's framing (a bad Content-Length or chunk size, a garbled
+        request line or header): a 400 in the API's error shape, then close, since what
+        follows cannot be told apart. Bytes that break a message's body are that
+        request's fault, answered at once (its handler records the refusal). Bytes after
+        a whole request (a Content-Length that fell short) begin a message of their
+        own: the requests before it are answered first, then it is refused."""
+        detail = str(exc).strip().rstrip(".") or type(exc).__name__
+        message = f"malformed HTTP request: {detail}"
+        self.logger.warning("%s (from %s)", message, self.client)
+        head = recent = b""  # its head, for the shape of the answer (`_error_body`)
+        if self._phase == _HEADERS:
+            limit = self.limits.header_bytes
+            if self._header_bytes == len(data):  # this message's first read
+                head = data[:limit]
+            else:
+                recent = self._last_read + data[:limit]
+        refusal = (400, message, "invalid_http_request", head, recent)
+        self._disarm()
+        if self._phase == _BODY:
+            self._refuse(*refusal)
+            return
+        cycle = self.cycle
+        if self.pipeline or (cycle is not None and not cycle.response_complete):
+            self._phase = _CLOSING  # nothing more is read; it is refused once they are out
+            self._deferred = refusal
+            self.flow.pause_reading()
+            return
+        self._phase = _HEADERS
+        self._refuse(*refusal)
 
     def _headers_too_large(self, data: bytes, total: int) -> bool:
         """Refuse the request if its headers pass the limit (`total`: bytes of this
