@@ -22,7 +22,8 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from itertools import repeat
+from typing import Any, NoReturn
 
 from metergate.api.doors import Door, Exchange, Relay, check_integer, check_number, check_stop
 from metergate.asgi import (
@@ -478,23 +479,41 @@ _CHAT_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
 }
 
 
-def _check_chat(body: dict[str, Any]) -> bool:
-    """Validate what the gateway itself relies on; return whether the call streams."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("`messages` must be a non-empty array", param="messages")
-    for number, message in enumerate(messages):  # as every provider reads them
+_DICT, _STR = frozenset((dict,)), frozenset((str,))
+_CONTENT_TYPES = frozenset((str, list, type(None)))
+
+
+def _refuse_message(messages: list[Any]) -> NoReturn:
+    """The 400 for the first message that is not an object with a string `role` and a
+    string, array or null `content`."""
+    for number, message in enumerate(messages):
         if type(message) is not dict or type(message.get("role")) is not str:
             raise InvalidRequest(
                 f"`messages[{number}]` must be an object with a string `role`",
                 param=f"messages[{number}]",
             )
-        content = message.get("content")
-        if content is not None and type(content) is not str and type(content) is not list:
+        if type(message.get("content")) not in _CONTENT_TYPES:
             raise InvalidRequest(
                 f"`messages[{number}].content` must be a string or an array of content parts",
                 param=f"messages[{number}].content",
             )
+    raise AssertionError("no message is malformed")
+
+
+def _check_chat(body: dict[str, Any]) -> bool:
+    """Validate what the gateway itself relies on; return whether the call streams."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("`messages` must be a non-empty array", param="messages")
+    # Each message an object with a string role and a string, array or null content, as
+    # every provider reads them; checked in C (map, issuperset), whatever the number of
+    # messages: a Python loop cost ~35 bytecodes a message.
+    if (
+        not _DICT.issuperset(map(type, messages))
+        or not _STR.issuperset(map(type, map(dict.get, messages, repeat("role"))))
+        or not _CONTENT_TYPES.issuperset(map(type, map(dict.get, messages, repeat("content"))))
+    ):
+        _refuse_message(messages)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("`stream` must be true or false", param="stream")
