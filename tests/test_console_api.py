@@ -736,15 +736,16 @@ def test_mcp_page_reads_the_contract_metrics(gateway):
         calls.labels("search", "tools/call", "lookup", "").observe(0.015)
     calls.labels("search", "tools/call", "lookup", "tool_error").observe(0.015)
     calls.labels("search", "tools/call", "crawl", "timeout").observe(4.0)
+    calls.labels("search", "tools/call", "lookup", "cancelled").observe(0.015)  # not an error
     calls.labels("search", "tools/list", "", "").observe(0.005)
     servers = {s["name"]: s for s in admin(gateway, "/admin/api/mcp").json()["servers"]}
     assert servers["files"]["up"] is False and servers["files"]["tool_calls"] == 0
     search = servers["search"]
     assert search["up"] is True
-    assert search["tool_calls"] == 10
-    assert search["tool_error_rate"] == pytest.approx(0.2)
+    assert search["tool_calls"] == 11
+    assert search["tool_error_rate"] == pytest.approx(2 / 11)
     assert search["errors_by_type"] == {"timeout": 1, "tool_error": 1}
-    assert search["requests_by_method"] == {"tools/call": 10, "tools/list": 1}
+    assert search["requests_by_method"] == {"tools/call": 11, "tools/list": 1}
     assert [t["tool"] for t in search["slow_tools"]] == ["crawl", "lookup"]
     assert 2 <= search["slow_tools"][0]["p95_seconds"] <= 5
     assert search["tool_calls_per_second"] > 0

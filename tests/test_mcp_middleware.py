@@ -84,19 +84,26 @@ async def test_http_server_exports_calls_by_tool_and_outcome(search: HttpMcpServ
     assert counts == sorted(counts)
 
 
-async def test_a_call_the_client_abandons_is_a_timeout(search: HttpMcpServer) -> None:
-    labels = {"mcp_method_name": "tools/call", "gen_ai_tool_name": "slow", "error_type": "timeout"}
+async def test_a_call_the_client_abandons_is_cancelled(search: HttpMcpServer) -> None:
+    """The client gave up (here its own read timeout; an interrupted agent looks the same
+    to the server): `cancelled`, not the server's `timeout`."""
+    labels = {
+        "mcp_method_name": "tools/call",
+        "gen_ai_tool_name": "slow",
+        "error_type": "cancelled",
+    }
     before = scrape(search.metrics_url)
     async with Client(search.url) as client:
         with pytest.raises(MCPError) as raised:
             await client.call_tool("slow", {"seconds": 5}, read_timeout_seconds=0.3)
         assert raised.value.error.code == -32001
-    old = count(before, "slow", "timeout")
+    old = count(before, "slow", "cancelled")
     after = await eventually(
-        lambda: (s := scrape(search.metrics_url)) and count(s, "slow", "timeout") > old and s,
+        lambda: (s := scrape(search.metrics_url)) and count(s, "slow", "cancelled") > old and s,
         within=5,
     )
-    assert count(after, "slow", "timeout") == old + 1
+    assert count(after, "slow", "cancelled") == old + 1
+    assert count(after, "slow", "timeout") == count(before, "slow", "timeout")
     was, now = buckets(before, OP, **labels), buckets(after, OP, **labels)
     grew = [now[le] - was.get(le, 0) for le in LE_ALL]  # about 0.3 s: above 0.2, below 2
     low, high = LE_ALL.index("0.2") + 1, LE_ALL.index("2.0")

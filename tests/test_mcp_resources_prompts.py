@@ -279,7 +279,8 @@ async def test_progress_reaches_the_caller_under_its_own_token(stack: Any, mode:
 @pytest.mark.parametrize("mode", ERAS)
 async def test_a_cancelled_call_is_cancelled_upstream(stack: Any, mode: str) -> None:
     """2026-07-28 clients cancel by closing the request's stream, handshake-era ones with
-    notifications/cancelled; either way the server's handler is cancelled."""
+    notifications/cancelled; either way the server's handler is cancelled, and the call is
+    counted as `cancelled` (the caller's doing, not a timeout of the server)."""
     gateway, keys = stack
     label = f"hold-{mode}"
     before = samples_of(gateway)
@@ -308,11 +309,16 @@ async def test_a_cancelled_call_is_cancelled_upstream(stack: Any, mode: str) -> 
         "mcp_server_name": "search",
         "mcp_method_name": "tools/call",
         "gen_ai_tool_name": "hold",
-        "error_type": "timeout",
+        "error_type": "cancelled",
     }
     key = (CLIENT_OP, frozenset(labels.items()))
     assert after.get(key, 0) - before.get(key, 0) == 1
-    assert delta(front_count, before, after, "tools/call", "timeout", "search.hold") == 1
+    assert delta(front_count, before, after, "tools/call", "cancelled", "search.hold") == 1
+    timeouts = {**labels, "error_type": "timeout"}
+    assert after.get((CLIENT_OP, frozenset(timeouts.items())), 0) == before.get(
+        (CLIENT_OP, frozenset(timeouts.items())), 0
+    )
+    assert delta(front_count, before, after, "tools/call", "timeout", "search.hold") == 0
 
 
 async def test_a_listen_stream_gets_updates_of_what_it_may_read(stack: Any) -> None:

@@ -586,7 +586,8 @@ def test_mcp_and_rollout_series_line_up_in_prometheus(stack: Stack) -> None:
         'mcp_server:mcp_client_tool_calls_errors:ratio_rate5m{mcp_server_name="search"} > 0',
         'mcp_server:mcp_server_tool_calls_errors:ratio_rate5m{mcp_server_name="search"} > 0',
         'mcp_server_error_type:mcp_client_tool_calls:rate5m{error_type="timeout"} > 0',
-        'mcp_server_error_type:mcp_server_tool_calls:rate5m{error_type="timeout"} > 0',
+        # the server sees the gateway give up on the call: cancelled, not failed
+        'mcp_server_error_type:mcp_server_tool_calls:rate5m{error_type="cancelled"} > 0',
         'mcp_server_error_type:mcp_client_tool_calls:rate5m{error_type="tool_error"} > 0',
         'metergate_mcp_server_up{mcp_server_name="search"} == 1',
         'metergate_mcp_server_up{mcp_server_name="gone"} == 0',

@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from metergate.console.samples import samples
+from metergate.mcp.metrics import CANCELLED
 
 UP = "metergate_mcp_server_up"
 OPERATION = "mcp_client_operation_duration_seconds"
@@ -96,11 +97,12 @@ def _read(registry: CollectorRegistry) -> dict[str, _Server]:
         tool = server.tools[labels.get("gen_ai_tool_name", "")] if method == TOOL_CALL else None
         if sample.name.endswith("_count"):
             server.methods[method] += sample.value
-            if error:
+            failed = bool(error) and error != CANCELLED  # a caller's cancel is not the server's
+            if failed:
                 server.errors_by_type[error] += sample.value
             if tool is not None:
                 tool.count += sample.value
-                tool.errors += sample.value if error else 0.0
+                tool.errors += sample.value if failed else 0.0
         elif sample.name.endswith("_sum"):
             if tool is not None:
                 tool.total_seconds += sample.value

@@ -52,6 +52,7 @@ from metergate.mcp.catalog import PROMPTS, RESOURCES, TEMPLATES, Catalog, offers
 from metergate.mcp.config import McpAccess, McpConfig
 from metergate.mcp.listeners import Listeners
 from metergate.mcp.metrics import (
+    CANCELLED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     client_metrics,
@@ -432,7 +433,7 @@ class McpGateway:
             error_type = str(INTERNAL_ERROR)
             raise
         except BaseException:
-            error_type = "timeout"  # the caller went away
+            error_type = CANCELLED  # the caller went away
             raise
         else:
             error_type = "tool_error" if is_tool_error(result) else ""

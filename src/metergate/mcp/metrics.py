@@ -3,7 +3,9 @@
 Names follow the OpenTelemetry MCP semantic conventions (dots become underscores), so
 dashboards built for those work unchanged. `error_type` is empty on success, else the
 JSON-RPC error code (one JSON-RPC or MCP defines; `_OTHER` for any other), `tool_error`
-(a result with isError), `timeout` or `transport`.
+(a result with isError), `timeout`, `transport` or `cancelled`: the caller stopped waiting
+(its own timeout, a cancel notification, a closed connection), which says nothing about the
+server, so the error-rate rules leave it out, as the LLM side does its `cancelled` outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ come from request text, or a caller could create series without bound."""
 # OpenTelemetry bounds `error.type`: else series would grow without bound.
 KNOWN_CODES = frozenset({-32700, -32600, -32601, -32602, -32603, -32002, -32042})
 OTHER_CODE = "_OTHER"
+CANCELLED = "cancelled"
 
 
 def code_error_type(code: int) -> str:

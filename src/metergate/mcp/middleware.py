@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from metergate.mcp.metrics import (
+    CANCELLED,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     REQUEST_TIMEOUT,
@@ -54,8 +55,9 @@ class MetricsMiddleware:
     `known_tool` says whether a `tools/call` name is a real tool, so that an unknown name
     is labelled `unknown` instead of becoming a series; without it, names are learned from
     the server's own `tools/list` answers. A request the client abandons (its timeout, a
-    cancel notification, a dropped connection) is cancelled and counted as `timeout`;
-    a `subscriptions/listen` stream lasts until the client closes it, which is no error.
+    cancel notification, a dropped connection) is cancelled and counted as `cancelled`,
+    not as the server's `timeout`; a `subscriptions/listen` stream lasts until the client
+    closes it, which is no error.
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class MetricsMiddleware:
             if not cancelled:
                 error_type = str(INTERNAL_ERROR)
             elif method != _LISTEN:
-                error_type = "timeout"
+                error_type = CANCELLED
             raise
         else:
             if method == "tools/call" and is_tool_error(result):

@@ -38,6 +38,7 @@ from metergate.mcp.bounded import SSE_MARGIN, BoundedTransport
 from metergate.mcp.config import McpConfig, McpServerConfig
 from metergate.mcp.metrics import (
     BROKEN_ANSWER,
+    CANCELLED,
     CONNECTION_CLOSED,
     INTERNAL_ERROR,
     REQUEST_TIMEOUT,
@@ -362,7 +363,8 @@ class Upstream:
     async def request(self, method: str, send: Send[T], *, what: str, tool: str = "") -> T:
         """Run `send` on the live client within the server's timeout; metered as `method`
         whatever the outcome (`tool` labels `tools/call`). A caller that goes away
-        cancels the request upstream too (the SDK tells the server).
+        cancels the request upstream too (the SDK tells the server), counted as
+        `cancelled`, not as a failure of the server.
 
         One deadline covers the wait for a connection slot and the request, so no
         request takes longer than `timeout_seconds`; where it passed decides the error:
@@ -430,8 +432,8 @@ class Upstream:
             raise mcp_error(
                 CONNECTION_CLOSED, f"MCP server {self.name!r} failed: {_describe(exc)}"
             ) from None
-        except BaseException:  # the caller went away
-            error_type = "timeout"
+        except BaseException:  # the caller went away: no fault of the server's
+            error_type = CANCELLED
             raise
         else:
             if method == "tools/call" and is_tool_error(result):
