@@ -300,9 +300,17 @@ def test_alertmanager_routes_each_severity_to_its_receiver(
     assert done.stdout.strip() == receiver
 
 
-def test_alertmanager_groups_by_alertname_and_model_or_mcp_server() -> None:
+def test_alertmanager_groups_by_alertname_and_what_the_alert_is_about() -> None:
     config = yaml.safe_load(ALERTMANAGER.read_text())
-    assert config["route"]["group_by"] == ["alertname", "model", "mcp_server_name"]
+    assert config["route"]["group_by"] == [
+        "alertname", "model", "upstream", "budget", "mcp_server_name", "rollout"
+    ]  # fmt: skip
+    # every label an alert is per (its `by` clause) is one it is grouped by
+    grouped = set(config["route"]["group_by"])
+    for rule in alert_rules():
+        for clause in re.findall(r"\b(?:max|sum|count) by \(([^)]*)\)", rule["expr"]):
+            labels = {label.strip() for label in clause.split(",")} - {"job", "le"}
+            assert labels <= grouped, f"{rule['alert']}: {labels - grouped}"
     generic = config["inhibit_rules"][0]
     assert generic["source_matchers"] == ['severity="critical"']
     assert 'severity="warning"' in generic["target_matchers"]
@@ -408,6 +416,82 @@ def test_alertmanager_templates_render() -> None:
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[FIRING:1] MetergateMcpServerDown · MCP server search"
+
+
+def render_template(data: dict[str, Any], text: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(data, file)
+        file.flush()
+        done = run(
+            tool("amtool"),
+            "template",
+            "render",
+            f"--template.glob={ALERTMANAGER.parent / 'templates' / '*.tmpl'}",
+            f"--template.data={file.name}",
+            f"--template.text={text}",
+        )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_alertmanager_templates_tell_resolved_alerts_from_firing_ones() -> None:
+    """A group holding a resolved alert and a firing one (the 1h burn over, the 6h one
+    still on) says which is which: the page is about the firing one."""
+
+    def alert(status: str, window: str, summary: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "labels": {
+                "alertname": "MetergateErrorBudgetBurn",
+                "model": "gpt-4.1",
+                "severity": "critical",
+                "window": window,
+            },
+            "annotations": {
+                "summary": summary,
+                "description": f"{summary}: what to check.",
+                "runbook": "docs/monitoring.md#metergateerrorbudgetburn",
+            },
+            "startsAt": "2026-01-01T00:00:00Z",
+            "endsAt": "2026-01-01T00:30:00Z" if status == "resolved" else "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus/graph",
+            "fingerprint": window,
+        }
+
+    common = {"alertname": "MetergateErrorBudgetBurn", "model": "gpt-4.1", "severity": "critical"}
+    data = {
+        "receiver": "pagerduty-critical",
+        "status": "firing",
+        "alerts": [
+            alert("resolved", "1h", "Model gpt-4.1 burns its error budget 14.4x too fast"),
+            alert("firing", "6h", "Model gpt-4.1 burns its error budget 6x too fast"),
+        ],
+        "groupLabels": {"alertname": "MetergateErrorBudgetBurn", "model": "gpt-4.1"},
+        "commonLabels": common,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager",
+    }
+    title = render_template(data, '{{ template "metergate.title" . }}').strip()
+    assert title == "[FIRING:1] MetergateErrorBudgetBurn · model gpt-4.1 (+1 resolved)"
+    lines = render_template(data, '{{ template "metergate.text" . }}').splitlines()
+    # the firing alert first, in full; the resolved one after, marked, without its advice
+    assert lines[0] == "*CRITICAL* Model gpt-4.1 burns its error budget 6x too fast"
+    assert "Model gpt-4.1 burns its error budget 6x too fast: what to check." in lines
+    resolved = lines.index("*Resolved* (no longer firing):")
+    assert lines[resolved + 1] == (
+        "- RESOLVED (critical) Model gpt-4.1 burns its error budget 14.4x too fast"
+    )
+    assert not any("14.4x" in line for line in lines[:resolved])
+    assert not any("what to check" in line for line in lines[resolved:])
+
+    # all resolved: the title says so, and nothing reads as firing
+    for item in data["alerts"]:
+        item["status"] = "resolved"
+    data["status"] = "resolved"
+    title = render_template(data, '{{ template "metergate.title" . }}').strip()
+    assert title == "[RESOLVED] MetergateErrorBudgetBurn · model gpt-4.1"
+    text = render_template(data, '{{ template "metergate.text" . }}')
+    assert "*CRITICAL*" not in text and text.count("- RESOLVED (critical) ") == 2
 
 
 # --- Grafana --------------------------------------------------------------------------------
