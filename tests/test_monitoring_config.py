@@ -682,6 +682,62 @@ def test_rollout_transitions_panel_counts_each_event_once(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("interval", ["5s", "15s", "1m", "2m"])
+def test_rollout_transitions_panel_loses_no_event_when_zoomed_in(
+    tmp_path: Path, interval: str
+) -> None:
+    """Scraped every 15 s, one rollback at 10m15s shows as exactly 1, in exactly one bar,
+    whatever the panel's interval: below the scrape interval (Grafana's `$__interval`
+    when zoomed in), at it, and at or past the panel's 1m minimum, where `increase()`
+    over one interval would miss an event that falls between two bars' windows."""
+    panel = next(p for p in panels(json.loads(
+        (DEPLOY / "grafana" / "dashboards" / "metergate-rollouts.json").read_text()
+    )) if p["title"] == "Transitions by event")  # fmt: skip
+    assert panel["interval"] == "1m"  # Grafana's minimum $__interval for this panel
+    (expr,) = [target["expr"] for target in panel["targets"]]
+    expr = expr.replace("$__interval", interval).replace("$rollout", ".*")
+    step = {"5s": 5, "15s": 15, "1m": 60, "2m": 120}[interval]
+    # the bars (evaluation times) from 8m to 14m, one interval apart and, as in Grafana,
+    # not aligned with the scrapes: 7 s after them
+    times = list(range(8 * 60 + 7, 14 * 60 + 1, step))
+    name = "metergate_rollout_transitions_total"
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "5s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    {"series": 'up{job="metergate",instance="gw-1:4000"}', "values": "1x80"},
+                    {
+                        "series": f'{name}{{job="metergate",instance="gw-1:4000",'
+                        'rollout="move",event="rolled_back"}',
+                        "values": "0x40 1x40",  # 0 until 10m, 1 from 10m15s
+                    },
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": f"{at}s",
+                        "exp_samples": [
+                            {
+                                "labels": '{rollout="move",event="rolled_back"}',
+                                # the one bar whose interval holds 10m15s
+                                "value": 1 if at - step < 615 <= at else 0,
+                            }
+                        ],
+                    }
+                    for at in times
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "zoomed_test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = run(tool("promtool"), "test", "rules", path.name, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_provider_is_file_based_and_locked() -> None:
     (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
     assert provider["type"] == "file"
