@@ -738,6 +738,57 @@ def test_rollout_transitions_panel_loses_no_event_when_zoomed_in(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_retries_panel_does_not_count_fallbacks(tmp_path: Path) -> None:
+    """Upstream health's Retries/s, run by promtool. `fb` has no retries and a dead
+    upstream with a fallback: each request is two attempts (the failed one, then the
+    fallback's) and one fallback, and no retry. `rt` retries once per request on its own
+    upstream: one retry a request. Cache hits make no attempt."""
+    (expr,) = dashboard_exprs("metergate-upstreams")["Retries/s (all upstreams)"]
+    expr = expr.replace("$__rate_interval", "5m")
+
+    def series(name: str, labels: str, per_minute: int) -> dict[str, str]:
+        return {
+            "series": f'{name}{{job="metergate",instance="gw-1:4000",{labels}}}',
+            "values": f"0+{per_minute}x20",
+        }
+
+    requests, attempts = "metergate_requests_total", "metergate_upstream_attempts_total"
+    inputs = [
+        # fb: 60 requests a minute, served by the fallback's upstream
+        series(requests, 'model="fb",upstream="backup",key="k",outcome="success"', 60),
+        series(attempts, 'upstream="dead",outcome="connection_error"', 60),
+        series(attempts, 'upstream="backup",outcome="success"', 60),
+        series(
+            "metergate_fallbacks_total", 'model="fb",from_upstream="dead",to_upstream="backup"', 60
+        ),
+        # rt: 30 requests a minute, each retried once on its upstream
+        series(requests, 'model="rt",upstream="flaky",key="k",outcome="success"', 30),
+        series(attempts, 'upstream="flaky",outcome="upstream_error"', 30),
+        series(attempts, 'upstream="flaky",outcome="success"', 30),
+        # cached: 120 requests a minute answered from the cache, no attempt
+        series(requests, 'model="cached",upstream="steady",key="k",outcome="success"', 120),
+        series("metergate_cache_requests_total", 'model="cached",result="hit"', 120),
+    ]
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "promql_expr_test": [
+                    # rt's 30 retries a minute, none of fb's fallbacks
+                    {"expr": expr, "eval_time": "10m", "exp_samples": [{"value": 0.5}]},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "retries_test.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = run(tool("promtool"), "test", "rules", path.name, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_dashboard_provider_is_file_based_and_locked() -> None:
     (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
     assert provider["type"] == "file"
