@@ -37,6 +37,12 @@ ROLLOUT_SOURCES = sorted((ROOT / "src" / "metergate" / "rollout").glob("*.py"))
 SEVERITIES = {"critical", "warning", "info"}
 # Alerts about an event rather than a state: they fire at once, without `for:`.
 EVENT_ALERTS = {"MetergateRolloutRolledBack"}
+# Each alert's `runbook`: the runbook URL of metergate-settings.yml and the alert's section
+# (repo-relative until that rule has been evaluated once).
+RUNBOOK = (
+    '{{ with query "metergate:runbook_url" }}{{ . | first | label "url" }}'
+    "{{ else }}docs/monitoring.md{{ end }}#"
+)
 
 
 def tool(name: str) -> str:
@@ -173,8 +179,37 @@ def test_alert_rules_have_severity_for_and_runbook_annotations() -> None:
         annotations = rule["annotations"]
         assert {"summary", "description", "runbook"} <= set(annotations), name
         assert len(annotations["description"]) > 120, f"{name}: say what to check and do"
-        page, _, anchor = annotations["runbook"].partition("#")
-        assert page == "docs/monitoring.md" and anchor in anchors, f"{name}: {anchor}"
+        assert annotations["runbook"].startswith(RUNBOOK), f"{name}: {annotations['runbook']}"
+        anchor = annotations["runbook"].removeprefix(RUNBOOK)
+        assert anchor in anchors, f"{name}: {anchor}"
+
+
+def runbook_url() -> str:
+    """The runbook URL metergate-settings.yml ships."""
+    settings = yaml.safe_load((PROMETHEUS / "rules" / "metergate-settings.yml").read_text())
+    (rule,) = [
+        rule
+        for group in settings["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == "metergate:runbook_url"
+    ]
+    assert rule["expr"] == "vector(1)"
+    return str(rule["labels"]["url"])
+
+
+def test_runbooks_are_absolute_links_under_one_documented_url() -> None:
+    url = runbook_url()
+    assert url.startswith("https://") and url.endswith("/docs/monitoring.md"), url
+    assert "metergate:runbook_url" in DOCS.read_text()
+    # the unit tests see every alert's runbook as that URL and its section: the template
+    # above expands to the link
+    expanded = set()
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                for alert in case.get("exp_alerts") or []:
+                    expanded.add(alert["exp_annotations"]["runbook"].partition("#")[0])
+    assert expanded == {url}
 
 
 def test_recording_rules_follow_conventions_and_aggregate_histograms_correctly() -> None:

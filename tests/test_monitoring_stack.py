@@ -171,6 +171,18 @@ def start_prometheus(
     return process
 
 
+def runbook_url() -> str:
+    """The base of every alert's runbook link (metergate-settings.yml)."""
+    settings = yaml.safe_load((PROMETHEUS_DIR / "rules" / "metergate-settings.yml").read_text())
+    (url,) = [
+        rule["labels"]["url"]
+        for group in settings["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == "metergate:runbook_url"
+    ]
+    return str(url)
+
+
 # --- the receiving end and the traffic ------------------------------------------------------
 
 
@@ -554,7 +566,7 @@ def test_error_rate_alert_reaches_its_receiver(stack: Stack) -> None:
     assert receiver == "slack-warning"  # severity warning → Slack
     assert alert["labels"]["severity"] == "warning"
     assert "of the requests for model sim failed" in alert["annotations"]["description"]
-    assert alert["annotations"]["runbook"] == "docs/monitoring.md#metergatehigherrorrate"
+    assert alert["annotations"]["runbook"] == f"{runbook_url()}#metergatehigherrorrate"
     # the model whose upstream never fails raises nothing
     noisy = [
         a for _, a in stack.receiver.alerts()
@@ -615,7 +627,7 @@ def test_mcp_server_down_alert_reaches_its_receiver_and_silences_its_target_down
     assert receiver == "slack-warning"
     assert alert["labels"]["mcp_server_name"] == "gone"
     assert "marked down for 2 minutes" in alert["annotations"]["description"]
-    assert alert["annotations"]["runbook"] == "docs/monitoring.md#metergatemcpserverdown"
+    assert alert["annotations"]["runbook"] == f"{runbook_url()}#metergatemcpserverdown"
 
     # Prometheus cannot scrape `gone` either; that alert is inhibited by the one above
     deadline = time.monotonic() + 30
