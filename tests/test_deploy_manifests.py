@@ -438,6 +438,23 @@ def test_alertmanager_secrets_mounted_where_its_config_reads_them() -> None:
     assert wanted and wanted <= mounted, wanted - mounted
 
 
+def test_compose_alertmanager_resolves_its_webhooks_hosts() -> None:
+    """Each webhook host alertmanager.yml names is a compose service or is mapped in the
+    Alertmanager container (`extra_hosts`), never its own loopback."""
+    config = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    hosts = {
+        urlsplit(item["url"]).hostname
+        for receiver in config["receivers"]
+        for item in receiver.get("webhook_configs", [])
+    }
+    assert hosts
+    service = compose_raw()["services"]["alertmanager"]
+    mapped = {entry.split(":")[0] for entry in service.get("extra_hosts", [])}
+    for host in hosts:
+        assert host not in {"127.0.0.1", "localhost", "::1"}, f"{host} is Alertmanager itself"
+        assert host in mapped or host in compose_raw()["services"], host
+
+
 def test_compose_grafana_datasource_is_the_shipped_one_pointed_at_compose() -> None:
     shipped = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "datasources" / "metergate.yml").read_text()

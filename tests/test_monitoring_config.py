@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -384,6 +385,18 @@ def test_alertmanager_takes_every_secret_from_a_file() -> None:
     webhook = receivers["webhook-info"]["webhook_configs"][0]
     assert webhook["http_config"]["authorization"]["credentials_file"]
     assert "@" not in webhook["url"] and "token" not in webhook["url"].lower()
+
+
+def test_every_receiver_hears_when_its_alerts_resolve_and_none_calls_itself() -> None:
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    for receiver in config["receivers"]:
+        for key in [k for k in receiver if k.endswith("_configs")]:
+            for item in receiver[key]:
+                assert item.get("send_resolved") is True, receiver["name"]
+                url = item.get("url")
+                if url:  # in a container, loopback is Alertmanager itself
+                    host = urlsplit(url).hostname or ""
+                    assert host not in {"127.0.0.1", "localhost", "::1"}, url
 
 
 def test_alertmanager_templates_render() -> None:
