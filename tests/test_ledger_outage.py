@@ -13,6 +13,7 @@ spool) once it is back.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
@@ -184,6 +185,35 @@ async def test_writers_racing_for_one_spool_write_each_row_once(
     finally:
         for db in databases:
             await db.close()
+
+
+async def test_a_spool_file_written_held_waits_for_its_commit_before_a_replay(
+    database: Database, tmp_path: Path
+) -> None:
+    """A file with the batch of a commit under way: no other replay takes it before the
+    writer lets go, and the one that takes it then finds the batch committed."""
+    spool = Spool(tmp_path / "spool")
+    appended = [make_row(i) for i in range(20)]
+    path, lock = spool.write_held([appended[:10], appended[10:]])
+    probe = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):  # as a replay in another process finds it
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(probe)
+    other = LedgerWriter(database, spool=Spool(spool.directory))  # another worker, starting
+    other.adopt_spool()
+    assert other.pending == 20
+    replaying = asyncio.create_task(other.flush())
+    committing = LedgerWriter(database)  # the commit under way ends, and succeeds
+    for row in appended[:10]:
+        committing.append(row)
+    await committing.flush()
+    assert not replaying.done()
+    Spool.release(lock)
+    await replaying
+    assert await stored_rows(database) == appended  # the first batch once
+    assert other.committed == 10 and spool_files(spool.directory) == []
 
 
 async def test_an_unreadable_spool_file_is_left_in_place_and_the_rest_written(

@@ -13,7 +13,10 @@ writes no row twice. A process takes a file by an exclusive `flock` and checks t
 path still names the file it locked, so two workers (or a worker and a restart) never
 replay one file at the same time, and one that finds a file taken waits until its rows
 are in: every worker loads budgets from a ledger that holds them. A file is deleted only
-when all of it is in.
+when all of it is in. A file that holds the batch of a commit still under way (rows are
+spooled on time even while a commit hangs) is written locked, and the writer keeps the lock
+until that commit has ended: no replay asks whether the batch is in while it may still be
+committed.
 """
 
 from __future__ import annotations
@@ -45,23 +48,44 @@ class Spool:
 
     def write(self, batches: list[Batch]) -> Path:
         """Put `batches` in a new file, durably; raise OSError when the disk will not."""
+        return self._write(batches, hold=False)[0]
+
+    def write_held(self, batches: list[Batch]) -> tuple[Path, int]:
+        """`write`, the file locked as a replay locks it, from before it has its name until
+        `release` (or this process ends): a batch whose commit is still under way goes in,
+        and no replay may ask whether it is in the ledger before that commit has ended."""
+        path, lock = self._write(batches, hold=True)
+        assert lock is not None
+        return path, lock
+
+    @staticmethod
+    def release(lock: int) -> None:
+        os.close(lock)
+
+    def _write(self, batches: list[Batch], hold: bool) -> tuple[Path, int | None]:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"ledger-{time.time_ns()}-{os.getpid()}-{next(self._names)}"
         temporary = self.directory / f".{name}.tmp"
         final = self.directory / f"{name}{_SUFFIX}"
         data = b"".join(orjson.dumps([list(row) for row in batch]) + b"\n" for batch in batches)
+        lock = None
         try:
             with open(temporary, "wb") as file:
+                if hold:  # a new file: nobody else holds it
+                    lock = os.dup(file.fileno())
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
             os.rename(temporary, final)
-        except OSError:
+            _sync_directory(self.directory)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
             with contextlib.suppress(OSError):
                 temporary.unlink()
             raise
-        _sync_directory(self.directory)
-        return final
+        return final, lock
 
     def problem(self) -> str | None:
         """Why a spool file could not be written here, found at start rather than in an
