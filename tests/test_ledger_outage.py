@@ -13,14 +13,17 @@ spool) once it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import re
 import signal
 import sqlite3
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import yaml
 
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.spool import Spool
-from metergate.storage.database import Database, Row, open_database, unreachable
+from metergate.storage.database import Database, Row, open_database, sqlite_path, unreachable
 from metergate.storage.response_saves import RetriedSaves, Save
 from metergate.storage.responses import ResponseStore
 from tests.harness import Gateway, simulated_config
@@ -291,6 +294,149 @@ async def test_responses_refused_in_an_outage_are_stored_once_it_ends_within_a_b
     for response in kept[:2]:
         assert await store.get(response["id"], "key-1", time.time()) is None
     await saves.close()
+
+
+# --- a commit that hangs on a lock held elsewhere ----------------------------------------
+
+_HOLD_SQLITE = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+connection.execute("ROLLBACK")
+"""
+
+
+@contextlib.asynccontextmanager
+async def write_lock_held_elsewhere(database_url: str) -> AsyncIterator[None]:
+    """The ledger's write lock, held until the block ends: on SQLite by another process in
+    `BEGIN EXCLUSIVE`, on PostgreSQL by another session's `LOCK TABLE requests` (reads go
+    on, inserts wait). A commit begun meanwhile waits for it: it hangs, it does not fail."""
+    path = sqlite_path(database_url)
+    if path is not None:
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _HOLD_SQLITE, path, stdin=PIPE, stdout=PIPE
+        )
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert await asyncio.wait_for(holder.stdout.readline(), 60) == b"locked\n"
+            yield
+        finally:
+            holder.stdin.write(b"\n")
+            holder.stdin.close()
+            await holder.wait()
+        return
+    import asyncpg
+
+    session = await asyncpg.connect(database_url)
+    try:
+        await session.execute("BEGIN; LOCK TABLE requests IN EXCLUSIVE MODE")
+        yield
+    finally:
+        await session.execute("ROLLBACK")
+        await session.close()
+
+
+async def assert_written_once(database: Database, appended: list[Any]) -> None:
+    """Every row in the ledger once, in order, and summed by hour once."""
+    assert await stored_rows(database) == appended
+    for table in ("usage_hours", "key_spend_hours"):
+        ((count, cost),) = await database.fetch(
+            f"SELECT SUM(requests), SUM(cost_nano) FROM {table}"
+        )
+        assert (int(count), int(cost)) == (
+            len(appended),
+            sum(row.cost_nano for row in appended),
+        ), table
+
+
+async def test_rows_of_a_commit_hung_on_a_lock_are_counted_and_spooled_on_time(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gauge follows the rows not committed, and they reach the spool after
+    `spool_after`, while a commit waits on the lock (SQLite's busy timeout is 30 s; this
+    PostgreSQL answers within 120 s). When the lock goes, the hung commit succeeds after
+    its rows were spooled: the replay of the spool finds that batch in, and does not write
+    it twice."""
+    database = await open_database(database_url, 120)
+    spool = tmp_path / "spool"
+    gauge: list[int] = []
+    writer = LedgerWriter(
+        database,
+        flush_seconds=0.05,
+        spool=Spool(spool),
+        spool_after=0.5,
+        on_pending=gauge.append,
+    )
+    await writer.start()
+    appended = [make_row(i) for i in range(400)]
+    try:
+        for row in appended[:100]:
+            writer.append(row)
+        await wait_for(lambda: writer.committed == 100)
+        with caplog.at_level(logging.WARNING, "metergate.ledger"):
+            async with write_lock_held_elsewhere(database_url):
+                for row in appended[100:200]:
+                    writer.append(row)
+                await wait_for(lambda: gauge[-1] == 100)  # then a commit takes them, and waits
+                for row in appended[200:300]:
+                    writer.append(row)
+                await wait_for(lambda: gauge[-1] == 200, within=20)
+                await wait_for(lambda: spool_files(spool) != [] and writer.held == 0, within=20)
+                assert writer.pending == 200  # the commit's batch spooled too, counted once
+                await wait_for(lambda: gauge[-1] == 200)
+                failing = writer.failing_for
+                assert failing is not None and failing >= 0.5  # /readyz: unwritable
+            for row in appended[300:]:
+                writer.append(row)
+            await wait_for(lambda: writer.committed == 400 and writer.pending == 0, within=60)
+            await wait_for(lambda: gauge[-1] == 0)
+        assert "ledger commit failed" not in caplog.text  # the hung commit succeeded
+        await writer.close()
+        await assert_written_once(database, appended)
+        assert spool_files(spool) == [] and writer.committed == 400
+    finally:
+        await writer.close()
+        await database.close()
+
+
+async def test_a_commit_that_gives_up_after_its_rows_were_spooled_leaves_them_to_the_spool(
+    database_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Spooled while the commit still waited on the lock; the commit then times out: its
+    rows are written from the spool once the lock goes, once, and not kept in memory too."""
+    database = await open_database(database_url, 4)  # PostgreSQL: statements give up at 4 s
+    if database.dialect == "sqlite":
+        await database.execute("PRAGMA busy_timeout=4000")
+    spool = tmp_path / "spool"
+    writer = LedgerWriter(database, flush_seconds=0.05, spool=Spool(spool), spool_after=0.2)
+    await writer.start()
+    appended = [make_row(i) for i in range(250)]
+    try:
+        for row in appended[:50]:
+            writer.append(row)
+        await wait_for(lambda: writer.committed == 50)
+        with caplog.at_level(logging.WARNING, "metergate.ledger"):
+            async with write_lock_held_elsewhere(database_url):
+                for row in appended[50:150]:
+                    writer.append(row)
+                await wait_for(lambda: "ledger commit failed" in caplog.text, within=60)
+                log = caplog.text
+                assert "rows spooled to" in log, log
+                assert log.index("rows spooled to") < log.index("ledger commit failed"), log
+                assert writer.held == 0 and writer.pending == 100  # on disk only
+                for row in appended[150:200]:
+                    writer.append(row)
+            for row in appended[200:]:
+                writer.append(row)
+            await wait_for(lambda: writer.committed == 250 and writer.pending == 0, within=60)
+        await writer.close()
+        await assert_written_once(database, appended)
+        assert spool_files(spool) == []
+    finally:
+        await writer.close()
+        await database.close()
 
 
 # --- a real gateway on a real PostgreSQL --------------------------------------------------

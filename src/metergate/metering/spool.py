@@ -1,9 +1,9 @@
 """Ledger rows the database would not take, kept on local disk until it does.
 
-When commits have failed for `ledger.spool_after_seconds`, or the gateway stops while the
-database is unreachable, the writer moves the rows it holds into a new file here: one
-line per batch (a JSON array of rows), written under a temporary name, fsynced, then
-renamed, so a spool file is whole or absent. The rows then survive a restart, a kill
+When commits have failed or hung for `ledger.spool_after_seconds`, or the gateway stops
+while the database is unreachable, the writer moves the rows it holds into a new file
+here: one line per batch (a JSON array of rows), written under a temporary name, fsynced,
+then renamed, so a spool file is whole or absent. The rows then survive a restart, a kill
 and a long outage without growing the process.
 
 A file is replayed batch by batch, each batch in one transaction and only when its first
