@@ -523,8 +523,9 @@ class LedgerConfig(Strict):
     # PostgreSQL: a connection attempt or statement unanswered this long fails (a hung
     # server or a network dropping packets counts as unreachable, not as slow).
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
-    # Rows the database refuses for spool_after_seconds, or holds at a stop while it is
-    # unreachable, wait here on local disk until it is back (metering.spool).
+    # Rows that wait spool_after_seconds while commits fail or hang, and those held at a
+    # stop while the database is unreachable, wait here on local disk until it is back
+    # (metering.spool).
     spool_directory: str = ".metergate/ledger-spool"
     spool_after_seconds: float = Field(default=5.0, gt=0, le=3600)
 
