@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from asyncio.subprocess import PIPE
@@ -491,6 +492,61 @@ def ask(gateway: GatewayProcess, key: str, request_id: str) -> None:
         extra_headers={"x-request-id": request_id},
     )
     assert answer.http_response.status_code == 200
+
+
+def test_a_sqlite_ledger_locked_by_another_process_shows_in_metrics_and_spools_on_time(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the SQLite ledger's write lock (a backup, a tool with the file
+    open): the gateway's commits wait on it for SQLite's busy timeout (30 s). Meanwhile
+    /metrics counts the rows waiting as /readyz does, they reach the spool after
+    `spool_after_seconds` (1 here), and once the lock goes each is in the ledger once."""
+    ledger = tmp_path / "ledger.db"
+    url = f"sqlite:///{ledger}"
+    key = create_key_sync(url, "locked-test")
+    gateway = GatewayProcess(gateway_config(tmp_path, url), tmp_path)
+    spool = tmp_path / ".metergate" / "ledger-spool"
+
+    def waiting() -> tuple[float, int]:
+        metrics = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+        found = re.search(r"^metergate_ledger_pending_rows (\S+)$", metrics, re.M)
+        assert found is not None, metrics
+        ready = httpx.get(f"{gateway.base_url}/readyz", timeout=10).json()
+        return float(found.group(1)), ready["ledger_pending_rows"]
+
+    try:
+        gateway.wait_ready()
+        for i in range(5):
+            ask(gateway, key, f"before-{i}")
+        wait_until(lambda: waiting() == (0, 0), "the first rows committed")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_SQLITE, str(ledger)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert holder.stdout.readline() == b"locked\n"
+            for i in range(10):
+                ask(gateway, key, f"during-{i}")
+            # within 20 s: a commit waiting on the lock gives up after 30
+            wait_until(lambda: waiting() == (10, 10), "/metrics to count the rows waiting", 20)
+            wait_until(lambda: spool_files(spool) != [], "the rows spooled, lock held", 20)
+            assert waiting() == (10, 10)  # spooled, and counted still
+        finally:
+            holder.stdin.write(b"\n")
+            holder.stdin.close()
+            holder.wait(60)
+        for i in range(5):
+            ask(gateway, key, f"after-{i}")
+        wait_until(lambda: waiting() == (0, 0), "every row committed")
+    finally:
+        gateway.kill_all()
+    with contextlib.closing(sqlite3.connect(ledger)) as connection:
+        rows = [row[0] for row in connection.execute("SELECT request_id FROM requests")]
+    expected = [f"before-{i}" for i in range(5)] + [f"during-{i}" for i in range(10)]
+    assert sorted(rows) == sorted([*expected, *(f"after-{i}" for i in range(5))])  # once
+    assert spool_files(spool) == []
 
 
 def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
