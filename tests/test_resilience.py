@@ -8,10 +8,13 @@ ledger), backoff timing, fallbacks, circuit state, attempt metrics and the ledge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import gc
 import itertools
 import logging
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,8 +23,9 @@ import anthropic
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
-from tests.harness import BackgroundLoop, Gateway, free_port
+from tests.harness import BackgroundLoop, Gateway, UpstreamServer, free_port
 from tests.upstreams.fault_server import Fault, FaultServer
 
 FAST = {"connect": 1, "first_byte": 0.3, "total": 5, "stream_idle": 0.3}
@@ -634,6 +638,45 @@ def test_a_stream_of_pings_before_any_event_ends_at_first_byte(gateway_factory, 
     assert server.plan.requests == 1
     row = last_row(gateway)
     assert (row["outcome"], row["status"], row["attempts"]) == ("timeout", 504, 1)
+
+
+def test_a_stream_refused_as_too_large_is_not_kept(gateway_factory, bg):
+    """A streamed answer over max_response_bytes whose event never ends: the relay held
+    all of it, and the failure's traceback kept the relay's frame (and so that buffer)
+    in a cycle the gateway's rare collections leave: ~max_response_bytes per refusal."""
+    line = b"data: " + b"x" * (3 * 1024 * 1024)  # one event that never ends
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(line), 256 * 1024):
+                await response.write(line[start : start + 256 * 1024])
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", huge)
+    server = UpstreamServer(bg, app)
+    try:
+        cfg = config(server.url)
+        cfg["providers"]["p"]["max_response_bytes"] = 2 * 1024 * 1024
+        gateway = gateway_factory(cfg)
+        client = gateway.client()
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(4):
+                with pytest.raises(openai.APIStatusError, match="larger than 2 MiB"):
+                    client.chat.completions.create(model="primary", messages=ASK, stream=True)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+    finally:
+        server.close()
+    assert held < 3 * 1024 * 1024, f"{held / 2**20:.0f} MiB still held after 4 refusals"
 
 
 def test_a_deployments_timeouts_override_its_providers_key_by_key(gateway_factory, fault_server):

@@ -128,6 +128,7 @@ class BedrockAdapter(HttpAdapter):
             raise self.transport.failure_from_exception(exc) from exc
         finally:
             response.close()
+            del frames  # what it held goes now (see `translation.relay`)
 
     async def embeddings(self, call: UpstreamCall) -> Completion:
         texts = _texts(call.body)

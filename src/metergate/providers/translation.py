@@ -480,3 +480,7 @@ async def relay(
         raise transport.failure_from_exception(exc) from exc
     finally:
         response.close()
+        # What it held (up to max_response_bytes of an event that never ended) goes now:
+        # a failure's traceback keeps this frame in a cycle the gateway's rare
+        # collections leave for long.
+        del decoder, unsent
