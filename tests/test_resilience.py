@@ -640,6 +640,51 @@ def test_a_stream_of_pings_before_any_event_ends_at_first_byte(gateway_factory, 
     assert (row["outcome"], row["status"], row["attempts"]) == ("timeout", 504, 1)
 
 
+def test_a_stream_sent_for_a_whole_answer_is_assembled(gateway_factory, fault_server):
+    """A server that streams what it is not asked to stream has generated (and billed)
+    the answer: it is read back into the whole answer, metered by the usage it reported,
+    not retried into a second generation."""
+    base = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def event(choices: list[Any], **extra: Any) -> bytes:
+        return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
+
+    call = {"index": 0, "id": "call_1", "function": {"name": "look", "arguments": '{"q":'}}
+    body = b"".join(
+        [
+            event([{"index": 0, "delta": {"role": "assistant", "content": "Hello"}}]),
+            event([{"index": 0, "delta": {"content": " there"}}]),
+            event([{"index": 0, "delta": {"tool_calls": [call]}}]),
+            event(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"x"}'}}]},
+                    }
+                ]
+            ),
+            event([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]),
+            event([], usage={"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    server = fault_server("p")
+    server.plan.fail_until_cleared(Fault.answered(body))
+    gateway = gateway_factory(config(server.url))
+    reply = gateway.client().chat.completions.create(model="primary", messages=ASK)
+    message = reply.choices[0].message
+    assert message.content == "Hello there" and reply.choices[0].finish_reason == "tool_calls"
+    assert message.tool_calls is not None
+    assert (message.tool_calls[0].function.name, message.tool_calls[0].function.arguments) == (
+        "look",
+        '{"q":"x"}',
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens == 6
+    assert server.plan.requests == 1
+    row = last_row(gateway)
+    assert (row["outcome"], row["usage_estimated"], row["output_tokens"]) == ("success", 0, 6)
+
+
 def test_a_stream_refused_as_too_large_is_not_kept(gateway_factory, bg):
     """A streamed answer over max_response_bytes whose event never ends: the relay held
     all of it, and the failure's traceback kept the relay's frame (and so that buffer)

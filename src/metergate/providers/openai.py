@@ -9,6 +9,7 @@ they are too (`openai_native`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 from metergate.config.model import ProviderConfig
 from metergate.errors import UpstreamProtocolError, UpstreamServerError
 from metergate.providers import openai_native
+from metergate.providers.assembly import answer_from_stream
 from metergate.providers.base import (
     Completion,
     StreamState,
@@ -27,6 +29,8 @@ from metergate.providers.base import (
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message, how_it_began
 from metergate.providers.sse import DONE, Event, event_object
 from metergate.providers.translation import load_answer, relay
+
+log = logging.getLogger("metergate.providers")
 
 
 class OpenAIAdapter(HttpAdapter):
@@ -221,9 +225,13 @@ def completion_of(body: bytes, field: str = "choices") -> Completion:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamProtocolError(
-            f"the upstream answered with malformed JSON: {how_it_began(body)}"
-        ) from exc
+        streamed = answer_from_stream(body) if field == "choices" else None
+        if streamed is None:
+            raise UpstreamProtocolError(
+                f"the upstream answered with malformed JSON: {how_it_began(body)}"
+            ) from exc
+        log.warning("the upstream streamed an answer it was not asked to; assembled")
+        data, body = streamed, orjson.dumps(streamed)
     if type(data) is not dict or type(data.get(field)) is not list:
         what = "chat completion" if field == "choices" else "embeddings answer"
         load_answer(body, what, field)  # raises, saying what came instead
