@@ -216,12 +216,12 @@ def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):
     # by its hash, as `config reload` and /readyz name a version
     first = next(line for line in history.stdout.splitlines() if re.search(r"\bv1\b", line))
     (digest,) = re.findall(r"\b[0-9a-f]{12}\b", first)
-    by_hash = metergate("config", "rollback", digest, "-c", str(path), cwd=tmp_path)
+    by_hash = metergate("config", "rollback", digest.upper(), "-c", str(path), cwd=tmp_path)
     assert by_hash.returncode == 0, by_hash.stderr  # (v3, the rollback to v1, is newest)
     assert "rolled back to v3" in by_hash.stdout
     wait_for_cost(gateway, key, "10.000000000")
     bad = metergate("config", "rollback", "latest", "-c", str(path), cwd=tmp_path)
-    assert bad.returncode == 2 and "12-digit hash" in bad.stderr
+    assert bad.returncode == 2 and "hash (12 hexadecimal characters)" in bad.stderr
 
     path.write_text("providers: {broken")
     os.kill(gateway.pid, signal.SIGHUP)

@@ -556,6 +556,8 @@ def test_key_requests_are_validated(gateway):
     # An empty list (a script's list filtered down to nothing) is no unrestricted key.
     empty = create({"name": "x", "models": []})
     assert empty.status_code == 400 and "give null for every model" in empty.text
+    blank = create({"name": "x", "models": ["chat", ""]})
+    assert blank.status_code == 400 and "an empty model name" in blank.text
     assert create({"name": "x", "max_tokens_cap": 0}).status_code == 400
     assert create({"name": "x", "max_tokens_cap": True}).status_code == 400
     bad_json = admin(gateway, "/admin/api/keys", "POST", content=b"{nope")

@@ -73,6 +73,8 @@ def test_integer_fields_still_take_integers(simulated: Gateway) -> None:
         ({"messages": [{"content": "no role"}]}, "messages[0]"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+        ({"tools": "x"}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}, 3]}, "tools[1]"),
     ],
 )
 def test_other_wrong_types_name_the_field(

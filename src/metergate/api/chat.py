@@ -476,7 +476,19 @@ _CHAT_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     "presence_penalty": check_number,
     "frequency_penalty": check_number,
     "stop": check_stop,
+    "tools": lambda body, name: _check_tools(body[name]),
 }
+
+
+def _check_tools(tools: Any) -> None:
+    """`tools`, when sent, is an array of objects, as every provider reads it."""
+    if tools is None:
+        return
+    if type(tools) is not list:
+        raise InvalidRequest("`tools` must be an array of tool objects", param="tools")
+    for number, tool in enumerate(tools):
+        if type(tool) is not dict:
+            raise InvalidRequest(f"`tools[{number}]` must be an object", param=f"tools[{number}]")
 
 
 _DICT, _STR = frozenset((dict,)), frozenset((str,))

@@ -103,16 +103,17 @@ def rollback(
 
 
 def _version_or_exit(text: str | None) -> int | str | None:
-    """A version id (`v8`, `8`) or a config hash (12 hex digits, as reload shows it)."""
+    """A version id (`v8`, `8`) or a config hash (12 hexadecimal characters, as reload
+    shows it)."""
     if text is None:
         return None
-    if re.fullmatch(r"[0-9a-f]{12}", text):
-        return text
+    if re.fullmatch(r"[0-9a-fA-F]{12}", text):
+        return text.lower()
     if re.fullmatch(r"v?[0-9]{1,11}", text):
         return int(text.removeprefix("v"))
     errors.print(
         f"{text!r} is not a version: give its id as `metergate config history` shows it "
-        "(v8), or its 12-digit hash",
+        "(v8), or its hash (12 hexadecimal characters)",
         markup=False,
         highlight=False,
     )

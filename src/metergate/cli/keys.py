@@ -83,7 +83,8 @@ def create(
     unknown = [m for m in models or [] if m not in loaded.models]
     if unknown:
         errors.print(
-            f"unknown model(s): {', '.join(unknown)}; configured: {', '.join(loaded.models)}"
+            f"unknown model(s): {', '.join(map(repr, unknown))}; "
+            f"configured: {', '.join(loaded.models)}"
         )
         raise typer.Exit(2)
     defaults = _tags_or_exit(tags or [])
@@ -113,7 +114,7 @@ def create(
         )
         raise typer.Exit(2) from None
     except store.TeamMissing:  # deleted since it was checked
-        errors.print(f"no team named {team!r}; create it with metergate teams")
+        errors.print(f"no team named {team!r}; create it with `metergate teams create NAME`")
         raise typer.Exit(2) from None
     console.print(f"created key [bold]{record.name}[/bold] ({record.id}){_expiry(record)}")
     console.print("secret (shown once, store it now):")
@@ -233,7 +234,7 @@ def update(
     try:
         record = with_database(loaded, work)
     except store.TeamMissing:  # deleted since it was checked
-        errors.print(f"no team named {team!r}; create it with metergate teams")
+        errors.print(f"no team named {team!r}; create it with `metergate teams create NAME`")
         raise typer.Exit(2) from None
     if record is None:
         errors.print(f"no active key named or with id {name!r}")
@@ -248,7 +249,9 @@ def update(
 async def _team_or_exit(db: Database, team: str | None) -> None:
     if team is not None and await get_team(db, team) is None:
         known = ", ".join(t.name for t in await list_teams(db)) or "none yet"
-        errors.print(f"no team named {team!r} (teams: {known}); create it with metergate teams")
+        errors.print(
+            f"no team named {team!r} (teams: {known}); create it with `metergate teams create NAME`"
+        )
         raise typer.Exit(2)
 
 

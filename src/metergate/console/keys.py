@@ -111,6 +111,8 @@ def check_models(
             "model, or revoke the key",
             param="models",
         )
+    if not all(value):
+        raise InvalidRequest("`models` holds an empty model name", param="models")
     configured = runtime.plan.config.models
     unknown = [m for m in value if m not in configured and m not in (kept or ())]
     if unknown:
