@@ -462,6 +462,18 @@ def _affinity(sticky: str, key: str, headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
+def _check_tools(body: dict[str, Any], name: str) -> None:
+    """`tools`, when sent, is an array of objects, as every provider reads it."""
+    tools = body.get(name)
+    if tools is None:
+        return
+    if type(tools) is not list:
+        raise InvalidRequest("`tools` must be an array of tool objects", param="tools")
+    for number, tool in enumerate(tools):
+        if type(tool) is not dict:
+            raise InvalidRequest(f"`tools[{number}]` must be an object", param=f"tools[{number}]")
+
+
 # What the gateway checks of a chat body before an upstream sees it: the integers it or
 # an adapter reads, with their least value (JSON's true/false are not numbers here,
 # although Python's bool is an int), and the fields every provider takes of one type only.
@@ -476,19 +488,8 @@ _CHAT_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     "presence_penalty": check_number,
     "frequency_penalty": check_number,
     "stop": check_stop,
-    "tools": lambda body, name: _check_tools(body[name]),
+    "tools": _check_tools,
 }
-
-
-def _check_tools(tools: Any) -> None:
-    """`tools`, when sent, is an array of objects, as every provider reads it."""
-    if tools is None:
-        return
-    if type(tools) is not list:
-        raise InvalidRequest("`tools` must be an array of tool objects", param="tools")
-    for number, tool in enumerate(tools):
-        if type(tool) is not dict:
-            raise InvalidRequest(f"`tools[{number}]` must be an object", param=f"tools[{number}]")
 
 
 _DICT, _STR = frozenset((dict,)), frozenset((str,))
