@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import openai
 import pytest
@@ -212,28 +213,32 @@ def test_cost_is_exact_integer_arithmetic():
     assert total == 1_000_000 * 450  # 3 tokens x 150_000 pico = 450 nano, exactly
 
 
+def fallback_config(url: str, backup: str, backup_price: dict[str, Any]) -> dict[str, Any]:
+    """Model `primary` on an upstream that always fails, falling back to model `backup`
+    on upstream `backup` of the OpenAI test server at `url`."""
+    return {
+        "providers": {
+            "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
+            "up": {"type": "openai", "base_url": f"{url}/v1", "api_key": API_KEY},
+        },
+        "upstreams": {
+            "broken-up": {"provider": "broken", "model": "b", "price": {"input": 100}},
+            backup: {"provider": "up", "model": "gpt-x", "price": backup_price},
+        },
+        "models": {
+            "primary": {
+                "upstreams": ["broken-up"],
+                "fallbacks": ["backup"],
+                "retry": {"max_retries": 0},
+            },
+            "backup": {"upstreams": [backup]},
+        },
+    }
+
+
 def test_fallback_is_metered_at_the_fallback_price(gateway_factory, openai_upstream):
     server, _ = openai_upstream
-    gateway = gateway_factory(
-        {
-            "providers": {
-                "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
-                "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY},
-            },
-            "upstreams": {
-                "broken-up": {"provider": "broken", "model": "b", "price": {"input": 100}},
-                "up-priced": {"provider": "up", "model": "gpt-x", "price": PRICE},
-            },
-            "models": {
-                "primary": {
-                    "upstreams": ["broken-up"],
-                    "fallbacks": ["backup"],
-                    "retry": {"max_retries": 0},
-                },
-                "backup": {"upstreams": ["up-priced"]},
-            },
-        }
-    )
+    gateway = gateway_factory(fallback_config(server.url, "up-priced", PRICE))
     before = snapshot(gateway, "primary")
     raw = gateway.client().chat.completions.with_raw_response.create(
         model="primary", messages=[{"role": "user", "content": "hi"}]
@@ -266,26 +271,7 @@ def test_a_key_is_served_by_no_fallback_outside_its_allow_list(gateway_factory, 
     """A key limited to `primary` is not answered by `backup`, which it may not ask for
     by name (another price, another provider); a key that may use both is."""
     server, _ = openai_upstream
-    gateway = gateway_factory(
-        {
-            "providers": {
-                "broken": {"type": "simulated", "simulated": {"error_rate": 1.0}},
-                "up": {"type": "openai", "base_url": f"{server.url}/v1", "api_key": API_KEY},
-            },
-            "upstreams": {
-                "broken-up": {"provider": "broken", "model": "b", "price": {"input": 1}},
-                "dear": {"provider": "up", "model": "gpt-x", "price": {"input": 1000}},
-            },
-            "models": {
-                "primary": {
-                    "upstreams": ["broken-up"],
-                    "fallbacks": ["backup"],
-                    "retry": {"max_retries": 0},
-                },
-                "backup": {"upstreams": ["dear"]},
-            },
-        }
-    )
+    gateway = gateway_factory(fallback_config(server.url, "dear", {"input": 1000}))
     messages = [{"role": "user", "content": "hi"}]
     limited = gateway.client(api_key=gateway.new_key("limited", ["primary"]))
     with pytest.raises(openai.APIStatusError) as refused:

@@ -431,19 +431,9 @@ def test_alertmanager_templates_render() -> None:
         "commonAnnotations": {},
         "externalURL": "http://alertmanager",
     }
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-        json.dump(data, file)
-        file.flush()
-        done = run(
-            tool("amtool"),
-            "template",
-            "render",
-            f"--template.glob={ALERTMANAGER.parent / 'templates' / '*.tmpl'}",
-            f"--template.data={file.name}",
-            '--template.text={{ template "metergate.title" . }}\n{{ template "metergate.text" . }}',
-        )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = render_template(
+        data, '{{ template "metergate.title" . }}\n{{ template "metergate.text" . }}'
+    ).splitlines()
     assert lines[0] == "[FIRING:1] MetergateHighErrorRate · model gpt-4.1"
     assert "*WARNING* Model gpt-4.1: 12% of requests fail" in lines
     assert "Runbook: docs/monitoring.md#metergatehigherrorrate" in lines
@@ -451,19 +441,8 @@ def test_alertmanager_templates_render() -> None:
     mcp = {"alertname": "MetergateMcpServerDown", "mcp_server_name": "search"}
     data["alerts"][0]["labels"] = data["commonLabels"] = {**mcp, "severity": "warning"}
     data["groupLabels"] = mcp
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-        json.dump(data, file)
-        file.flush()
-        done = run(
-            tool("amtool"),
-            "template",
-            "render",
-            f"--template.glob={ALERTMANAGER.parent / 'templates' / '*.tmpl'}",
-            f"--template.data={file.name}",
-            '--template.text={{ template "metergate.title" . }}',
-        )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[FIRING:1] MetergateMcpServerDown · MCP server search"
+    title = render_template(data, '{{ template "metergate.title" . }}')
+    assert title.strip() == "[FIRING:1] MetergateMcpServerDown · MCP server search"
 
 
 def render_template(data: dict[str, Any], text: str) -> str:

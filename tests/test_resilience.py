@@ -121,6 +121,16 @@ def broken_stream(gateway: Gateway) -> tuple[str, openai.APIError]:
     return "".join(received), raised.value
 
 
+def refused_stream(gateway: Gateway) -> openai.APIStatusError:
+    """A streamed call to `primary` refused before its first chunk: the error status."""
+    with pytest.raises(openai.APIStatusError) as raised:
+        for _ in gateway.client(timeout=30).chat.completions.create(
+            model="primary", messages=ASK, stream=True
+        ):
+            pass
+    return raised.value
+
+
 def last_row(gateway: Gateway) -> dict[str, Any]:
     return gateway.ledger_rows()[-1]
 
@@ -630,11 +640,10 @@ def test_a_stream_of_pings_before_any_event_ends_at_first_byte(gateway_factory, 
     server = fault_server("p")
     server.plan.fail_until_cleared(Fault.pings(60, after=0))
     gateway = gateway_factory(config(server.url, timeouts={"first_byte": 1.0}))
-    with pytest.raises(openai.APIStatusError) as timed_out:
-        gateway.client().chat.completions.create(model="primary", messages=ASK, stream=True)
-    assert timed_out.value.status_code == 504
-    assert "no stream event within 1 s" in timed_out.value.message
-    assert "(timeouts.first_byte)" in timed_out.value.message
+    timed_out = refused_stream(gateway)
+    assert timed_out.status_code == 504
+    assert "no stream event within 1 s" in timed_out.message
+    assert "(timeouts.first_byte)" in timed_out.message
     assert server.plan.requests == 1
     row = last_row(gateway)
     assert (row["outcome"], row["status"], row["attempts"]) == ("timeout", 504, 1)
@@ -792,13 +801,9 @@ def test_a_stream_without_events_is_refused_as_such(gateway_factory, fault_serve
     server = fault_server("p")
     server.plan.fail_until_cleared(Fault.answered(b'{"id": "chatcmpl-x"}'))
     gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
-    with pytest.raises(openai.APIStatusError) as raised:
-        for _ in gateway.client(timeout=10).chat.completions.create(
-            model="primary", messages=ASK, stream=True
-        ):
-            pass
-    assert raised.value.status_code == 502
-    assert "without a single stream event" in raised.value.message
+    refused = refused_stream(gateway)
+    assert refused.status_code == 502
+    assert "without a single stream event" in refused.message
     assert last_row(gateway)["outcome"] == "upstream_error"
 
 
@@ -838,13 +843,9 @@ def test_an_error_sent_with_200_to_a_stream_keeps_its_message(gateway_factory, f
     overloaded = {"error": {"message": "The model is overloaded, try later", "code": "busy"}}
     server.plan.fail_until_cleared(Fault.answered(orjson.dumps(overloaded)))
     gateway = gateway_factory(config(server.url, retry={"max_retries": 0}))
-    with pytest.raises(openai.APIStatusError) as raised:
-        for _ in gateway.client(timeout=10).chat.completions.create(
-            model="primary", messages=ASK, stream=True
-        ):
-            pass
-    assert raised.value.status_code == 502
-    assert raised.value.body["message"] == (
+    refused = refused_stream(gateway)
+    assert refused.status_code == 502
+    assert refused.body["message"] == (
         "the upstream answered 200 with an error instead of a stream: "
         "The model is overloaded, try later"
     )

@@ -278,13 +278,7 @@ async def test_a_settle_redis_runs_after_it_stalled_counts_once(
         finally:
             os.kill(pid, signal.SIGCONT)
         await until(lambda: gateway.metric("metergate_redis_up") == 1, 10, "redis_up 1")
-        budget = gateway.runtime.plan.budgets.budgets[0]
-        store = redis.Redis(port=redis_server.port)
-        try:
-            counter = int(store.get(counters.keys(budget).spent))
-        finally:
-            store.close()
-        spent = sum(r["cost_nano"] for r in gateway.ledger_rows())
+        counter, spent = counter_and_ledger(redis_server, gateway)
         assert len(gateway.ledger_rows()) == 3
         assert counter == spent > 0
     finally:
