@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,7 @@ from metergate.config.model import ProviderConfig
 from metergate.errors import GatewayError
 from metergate.providers.anthropic import AnthropicAdapter
 from metergate.providers.base import StreamState, UpstreamCall, Usage
-from tests.upstreams import ANSWER, RECORDER, Recorder, parse_sse, running
+from tests.upstreams import ANSWER, RECORDER, Recorder, assert_relayed_once, parse_sse, running
 from tests.upstreams.anthropic_server import API_KEY, create_app
 
 MODEL = "claude-test-1"
@@ -607,3 +608,14 @@ async def test_fake_server_speaks_the_sdk_format(server: tuple[web.Application, 
     assert final.content[0].type == "text" and final.content[0].text == ANSWER
     assert final.usage.output_tokens == len(ANSWER.split())
     await client.close()
+
+
+@pytest.mark.parametrize("extra", [{}, {"tools": [WEATHER]}], ids=["text", "tools"])
+async def test_a_whole_answer_to_a_stream_is_relayed_as_its_stream(
+    adapter: AnthropicAdapter, recorder: Recorder, extra: dict[str, Any]
+) -> None:
+    """A server that ignores `stream: true` sends the whole message. The upstream made
+    (and billed) it, so it is relayed as the stream it would have been, once: the same
+    text, tool calls, finish reason and usage as the answer, not a failure to retry."""
+    body = user("Weather? TRIGGER:unstreamed", **extra)
+    await assert_relayed_once(recorder, partial(chat, adapter), partial(stream, adapter), body)

@@ -7,6 +7,7 @@ import copy
 import math
 import struct
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,7 @@ from metergate.config.model import ProviderConfig
 from metergate.errors import GatewayError
 from metergate.providers.base import StreamState, UpstreamCall, Usage
 from metergate.providers.gemini import GeminiAdapter
-from tests.upstreams import ANSWER, RECORDER, Recorder, parse_sse, running
+from tests.upstreams import ANSWER, RECORDER, Recorder, assert_relayed_once, parse_sse, running
 from tests.upstreams.gemini_server import API_KEY, create_app
 
 MODEL = "gemini-test-flash"
@@ -661,3 +662,14 @@ async def test_fake_server_validates_like_the_api(
         error = (await response.json())["error"]
     assert error["status"] == "INVALID_ARGUMENT" and error["code"] == 400
     assert fragment in error["message"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"tools": [WEATHER]}], ids=["text", "tools"])
+async def test_a_whole_answer_to_a_stream_is_relayed_as_its_stream(
+    adapter: GeminiAdapter, recorder: Recorder, extra: dict[str, Any]
+) -> None:
+    """A server that ignores `alt=sse` streaming sends the whole GenerateContentResponse
+    (which is what each stream event is): relayed once, with the answer's text, calls,
+    finish reason and usage, not failed and retried."""
+    body = user("Weather? TRIGGER:unstreamed", **extra)
+    await assert_relayed_once(recorder, partial(chat, adapter), partial(stream, adapter), body)

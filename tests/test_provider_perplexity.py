@@ -269,13 +269,9 @@ def openai_responses(bg: BackgroundLoop) -> Iterator[tuple[UpstreamServer, Any]]
     server.close()
 
 
-def test_chat_via_responses_on_an_openai_upstream(
-    gateway_factory: Any, openai_responses: Any
-) -> None:
-    """OpenAI's Responses-only models: chat goes to `/responses` in OpenAI's shape
-    (`text.format` for response_format, function call arguments streamed in deltas)."""
-    server, state = openai_responses
-    gateway = gateway_factory(
+def _via_responses(gateway_factory: Any, server: UpstreamServer) -> Any:
+    """A gateway whose model `o3-pro` is served by `server`'s Responses API."""
+    return gateway_factory(
         {
             "providers": {
                 "o": {
@@ -291,7 +287,15 @@ def test_chat_via_responses_on_an_openai_upstream(
             "models": {"o3-pro": {"upstreams": ["pro-up"], "retry": {"max_retries": 0}}},
         }
     )
-    client = gateway.client()
+
+
+def test_chat_via_responses_on_an_openai_upstream(
+    gateway_factory: Any, openai_responses: Any
+) -> None:
+    """OpenAI's Responses-only models: chat goes to `/responses` in OpenAI's shape
+    (`text.format` for response_format, function call arguments streamed in deltas)."""
+    server, state = openai_responses
+    client = _via_responses(gateway_factory, server).client()
     schema = {"name": "answer", "schema": {"type": "object"}, "strict": True}
     reply = client.chat.completions.create(
         model="o3-pro",
@@ -318,3 +322,34 @@ def test_chat_via_responses_on_an_openai_upstream(
     assert state.requests[-1]["tools"] == [
         {"type": "function", **{k: v for k, v in WEATHER["function"].items()}}
     ]
+
+
+def test_a_whole_answer_to_a_chat_stream_via_responses_is_relayed_once(
+    gateway_factory: Any, openai_responses: Any
+) -> None:
+    """A Responses server that ignores `stream: true` sends the whole response, which it
+    made and billed: the chat stream translated from it carries its text and usage, and
+    it is metered once as reported, not failed and retried."""
+    server, state = openai_responses
+    gateway = _via_responses(gateway_factory, server)
+    sent = len(state.requests)
+    chunks = list(
+        gateway.client().chat.completions.create(
+            model="o3-pro",
+            messages=[{"role": "user", "content": "hi TRIGGER:unstreamed"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-request-id": "whole-via-responses"},
+        )
+    )
+    assert len(state.requests) == sent + 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == responses_api.TEXT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    (usage,) = [c.usage for c in chunks if c.usage is not None]
+    row = ledger_row(gateway, "whole-via-responses")
+    assert (row["outcome"], row["attempts"], row["usage_estimated"]) == ("success", 1, 0)
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )

@@ -29,7 +29,7 @@ from tests.harness import (
     cancel_requests,
     simulated_config,
 )
-from tests.upstreams import anthropic_server, openai_server, responses_api
+from tests.upstreams import ANSWER, RECORDER, anthropic_server, openai_server, responses_api
 
 PRICE = {"input": 1, "output": 10}  # USD per million tokens
 PICO = {"input": 1_000_000, "output": 10_000_000}  # the same, per token
@@ -552,6 +552,45 @@ def test_an_answer_passed_through_with_usage_is_billed_as_reported(
     row = ledger_row(gateway, request_id)
     assert (row["outcome"], row["usage_estimated"]) == ("success", 0)
     assert row["output_tokens"] == told and row["cost_nano"] == cost_nano(row)
+
+
+def test_a_whole_answer_to_a_door_stream_is_relayed_in_its_own_events(
+    gateway: Gateway, upstreams: dict[str, UpstreamServer]
+) -> None:
+    """A server that ignores `stream: true` sends the whole answer, which it made and
+    billed: the Messages and Responses doors relay it as the events their SDKs read
+    (text deltas, the final answer and its usage), metered once as reported, not failed
+    and retried."""
+    claude = upstreams["claude"].app[RECORDER]
+    sent = len(claude.requests)
+    with _anthropic(gateway).messages.stream(
+        model="claude",
+        max_tokens=1000,
+        messages=[{"role": "user", "content": "Tell me. TRIGGER:unstreamed"}],
+        extra_headers={"x-request-id": "whole-messages"},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        message = stream.get_final_message()
+    assert text == ANSWER and message.content[0].type == "text"
+    assert message.content[0].text == text and message.stop_reason == "end_turn"
+    assert len(claude.requests) == sent + 1
+    told = (message.usage.input_tokens, message.usage.output_tokens)
+    with gateway.client().responses.stream(
+        model="gpt",
+        input="Tell me. TRIGGER:unstreamed",
+        extra_headers={"x-request-id": "whole-responses"},
+    ) as events:
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        final = events.get_final_response()
+    assert text == final.output_text == responses_api.TEXT
+    assert final.usage is not None
+    for request_id, api, usage in (
+        ("whole-messages", "messages", told),
+        ("whole-responses", "responses", (final.usage.input_tokens, final.usage.output_tokens)),
+    ):
+        row = ledger_row(gateway, request_id)
+        assert (row["api"], row["outcome"], row["attempts"]) == (api, "success", 1)
+        assert (row["input_tokens"], row["output_tokens"], row["usage_estimated"]) == (*usage, 0)
 
 
 def test_a_cut_legacy_completions_stream_is_billed_what_was_relayed(gateway: Gateway) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +107,41 @@ def parse_sse(data: bytes) -> list[Any]:
         payload = block[6:]
         events.append(payload if payload == "[DONE]" else orjson.loads(payload))
     return events
+
+
+def assert_stream_holds(events: list[Any], answer: dict[str, Any]) -> None:
+    """The chat stream `events` (`parse_sse`'s, its usage chunk and `[DONE]` last) says
+    what the whole chat completion `answer` says: text, tool calls, finish reason, usage."""
+    assert events[-1] == "[DONE]" and events[-2]["usage"] == answer["usage"]
+    deltas = [c["choices"][0]["delta"] for c in events[:-2]]
+    message, reason = answer["choices"][0]["message"], answer["choices"][0]["finish_reason"]
+    assert "".join(d.get("content") or "" for d in deltas) == (message["content"] or "")
+    calls: dict[int, list[str]] = {}
+    for call in (call for d in deltas for call in d.get("tool_calls") or []):
+        named = calls.setdefault(call["index"], ["", ""])
+        named[0] += call["function"].get("name") or ""
+        named[1] += call["function"]["arguments"]
+    expected = [
+        [c["function"]["name"], c["function"]["arguments"]] for c in message.get("tool_calls") or []
+    ]
+    assert [calls[index] for index in sorted(calls)] == expected
+    assert events[-3]["choices"][0]["finish_reason"] == reason
+
+
+async def assert_relayed_once(
+    recorder: Recorder,
+    chat: Callable[..., Awaitable[tuple[dict[str, Any], Any]]],
+    stream: Callable[..., Awaitable[tuple[list[Any], Any]]],
+    body: dict[str, Any],
+) -> None:
+    """`body` streamed (`stream`, the usage asked for) makes one upstream request and says
+    what its whole answer (`chat`) says; the stream's state holds the same usage."""
+    answer, usage = await chat(body)
+    sent = len(recorder.requests)
+    events, state = await stream(body, include_usage=True)
+    assert len(recorder.requests) == sent + 1
+    assert_stream_holds(events, answer)
+    assert (state.usage, state.finish_reason) == (usage, answer["choices"][0]["finish_reason"])
 
 
 async def send_stream(

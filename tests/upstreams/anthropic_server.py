@@ -27,7 +27,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
   `message_delta` carries one), as an Anthropic-compatible server might send;
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
   content delta, then a clean end without `message_stop`, or a stall until the client
-  leaves.
+  leaves;
+* `unstreamed` -> (streaming) the whole answer, as a server that cannot stream sends it.
 
 `TRIGGER:cached` in the *system prompt* makes usage report
 `cache_creation_input_tokens=256` and `cache_read_input_tokens=1024`; `TRIGGER:searched`
@@ -118,7 +119,7 @@ def create_app(api_key: str = API_KEY) -> web.Application:
             headers = {"retry-after": "7"} if status == 429 else {}
             return _error(status, kind, message, headers)
         answer = _answer(body, len(app[RECORDER].requests))
-        if body.get("stream"):
+        if body.get("stream") and word != "unstreamed":
             return await _stream(request, answer, word)
         if word == "nousage":
             del answer["usage"]

@@ -26,7 +26,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user turn:
 * `stream_cut` -> (streaming) a few events, then a clean end without any finishReason;
 * `stream_abort` -> (streaming) a few events, then the connection is dropped;
 * `stream_rate_limited_first` -> (streaming) a 429 RESOURCE_EXHAUSTED error object, with
-  a RetryInfo detail `retryDelay: "7s"`, as the stream's first event.
+  a RetryInfo detail `retryDelay: "7s"`, as the stream's first event;
+* `unstreamed` -> (streaming) the whole answer, as a server that cannot stream sends it.
 
 `TRIGGER:cached` in `systemInstruction` reports 1024 of the prompt tokens as cached.
 
@@ -127,7 +128,7 @@ def create_app(api_key: str = API_KEY) -> web.Application:
             status, code, message = _ERRORS[word]
             return _error(status, code, message, [_RETRY_INFO] if status == 429 else [])
         answer = _answer(body, model, word, len(app[RECORDER].requests))
-        if method == "generateContent":
+        if method == "generateContent" or word == "unstreamed":
             return web.json_response(answer)
         if request.query.get("alt") != "sse":
             return _error(400, "INVALID_ARGUMENT", "this fake only streams with alt=sse")

@@ -13,7 +13,8 @@ the 7 output tokens spent reasoning; `TRIGGER:searched` lists two `web_search_ca
 `TRIGGER:cut` ends a stream after its text, without its terminal event (`[DONE]` for
 legacy completions); `TRIGGER:nousage` answers without usage, as some compatible servers
 do (a Responses answer's `usage` is null; legacy completions send no usage, streamed or
-not, even when `stream_options.include_usage` asks for it).
+not, even when `stream_options.include_usage` asks for it); `TRIGGER:unstreamed` answers a
+streamed Responses request with the whole answer, as a server that cannot stream does.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def add_routes(app: web.Application, state: Any, api_key: str) -> None:
         response = _response(body, word)
         if word == "nousage":
             response["usage"] = None
-        if body.get("stream"):
+        if body.get("stream") and word != "unstreamed":
             return await _stream_response(request, response, cut=word == "cut")
         return web.json_response(response)
 

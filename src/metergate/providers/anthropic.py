@@ -35,6 +35,7 @@ from metergate.providers.anthropic_translate import (
 )
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpAdapter, HttpTransport
+from metergate.providers.restream import anthropic_events
 from metergate.providers.sse import Event
 from metergate.providers.translation import ChunkWriter, load_answer, load_json, relay
 
@@ -113,6 +114,9 @@ class _StreamTranslator:
         elif kind == "content_block_stop":
             return self._block_stop(data.get("index", 0))
         return b""  # ping, and event types added after this was written
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        return anthropic_events(answer)
 
     def finish(self) -> bytes:
         if not self.done:

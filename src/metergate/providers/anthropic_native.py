@@ -23,6 +23,7 @@ from metergate.errors import (
 from metergate.providers.anthropic_translate import usage_of
 from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpTransport, error_message
+from metergate.providers.restream import anthropic_events
 from metergate.providers.sse import Event
 from metergate.providers.translation import load_answer, load_json, relay
 
@@ -94,6 +95,9 @@ class _Relay:
         if name == "message_stop":
             self.done = self.state.ended = True
         return event.raw
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        return anthropic_events(answer)
 
     def finish(self) -> bytes:
         if not self.done:

@@ -45,6 +45,7 @@ from metergate.providers.gemini_translate import (
     usage_of,
 )
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
+from metergate.providers.restream import gemini_events
 from metergate.providers.sse import Event
 from metergate.providers.translation import (
     ChunkWriter,
@@ -168,6 +169,9 @@ class _StreamTranslator:
             self.finished[index] = reason
             out += writer.delta({}, reason, index=index)
         return bytes(out)
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        return gemini_events(answer)
 
     def finish(self) -> bytes:
         """Gemini has no end-of-stream event: a finish reason is the only sign of a full answer."""

@@ -24,6 +24,7 @@ from metergate.providers.base import (
     token_count,
 )
 from metergate.providers.http import HttpTransport
+from metergate.providers.restream import responses_events
 from metergate.providers.sse import Event
 from metergate.providers.translation import EventTranslator, load_answer, load_json, relay
 
@@ -142,6 +143,9 @@ class _ResponsesRelay:
                     self.state.usage = responses_usage(usage).served_on(response)
                     self.state.usage.web_searches = web_search_calls(response.get("output"))
         return event.raw
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        return responses_events(answer)
 
     def finish(self) -> bytes:
         if not self.done:

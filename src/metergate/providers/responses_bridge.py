@@ -42,6 +42,7 @@ from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.openai import OpenAIAdapter
 from metergate.providers.openai_native import responses_usage
 from metergate.providers.responses_request import to_responses_request
+from metergate.providers.restream import responses_events
 from metergate.providers.sse import Event, chunk_event
 from metergate.providers.translation import (
     ChunkWriter,
@@ -296,6 +297,9 @@ class StreamTranslator:
         self.state.finish_reason = reason
         choice = {"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}
         return chunk_event({**writer.base, "choices": [choice], **self.output.sources()})
+
+    def restream(self, answer: dict[str, Any]) -> list[Event]:
+        return responses_events(answer)
 
     def finish(self) -> bytes:
         if not self.done or self.writer is None:
