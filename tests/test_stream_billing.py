@@ -142,6 +142,43 @@ def test_a_cut_or_stalled_stream_is_billed_at_least_what_was_relayed(
     assert row["input_tokens"] > 0 and row["cost_nano"] == cost_nano(row)
 
 
+def test_a_cut_stream_keeps_the_cache_writes_its_first_event_reported(gateway: Gateway) -> None:
+    """Anthropic reports the prompt's cache writes (256 tokens here, and 1,024 read) in
+    its first event. A stream cut after it still bills those writes at the write price
+    (1.25x input by default), in the chat door's translation and the Messages door's
+    own events alike: the upstream charged them whether or not the answer ended."""
+    system = "Be brief. TRIGGER:cached"
+    ask = [{"role": "user", "content": "Tell me. TRIGGER:stream_cut_after_4"}]
+    with pytest.raises(openai.APIError):
+        for _ in gateway.client().chat.completions.create(
+            model="claude",
+            messages=[{"role": "system", "content": system}, *ask],
+            stream=True,
+            extra_headers={"x-request-id": "cut-cached-chat"},
+        ):
+            pass
+    with (
+        pytest.raises(anthropic.APIError),
+        _anthropic(gateway).messages.stream(
+            model="claude",
+            max_tokens=200,
+            system=system,
+            messages=ask,
+            extra_headers={"x-request-id": "cut-cached-messages"},
+        ) as stream,
+    ):
+        for _ in stream:
+            pass
+    for request_id in ("cut-cached-chat", "cut-cached-messages"):
+        row = ledger_row(gateway, request_id)
+        assert (row["usage_estimated"], row["cached_input_tokens"]) == (1, 1024)
+        assert row["input_tokens"] > 256
+        # In nano-USD a token: input and cache reads 1,000 (the reads at the input price,
+        # as configured), cache writes 1,250, output 10,000.
+        expected = cost_nano(row) + 1024 * 1000 + 256 * (1250 - 1000)
+        assert row["cost_nano"] == expected, row
+
+
 def test_a_caller_that_hangs_up_on_done_had_the_whole_answer(gateway: Gateway) -> None:
     """The openai SDK closes its connection as soon as it reads `[DONE]`. An upstream
     whose body ends a moment later (its terminating chunk in a later packet) must not

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -244,7 +244,12 @@ def stream_usage(
     """What a stream is billed, and whether that is an estimate: the upstream's usage
     when the stream completed with it, else at least what was relayed (up to what
     `max_tokens` lets the upstream bill), on the processing `tier` its first event named
-    when no usage did."""
+    when no usage did.
+
+    What an unfinished stream did report is kept whole: Anthropic states its prompt's
+    cache writes (priced above plain input) in its first event, and searches run or
+    reasoning spent are billed whether or not the stream ends well. A stated cost stands
+    only while the output it covers is at least what was relayed."""
     if complete and reported is not None:
         return reported, False
     output = _billable(relayed.tokens(), body)
@@ -252,12 +257,11 @@ def stream_usage(
         found = Usage(input_tokens=prompt_tokens(body), output_tokens=output)
         found.service_tier = tier
         return found, True
-    prompt_known = reported.input_tokens + reported.cached_input_tokens > 0
-    found = Usage(
-        reported.input_tokens if prompt_known else prompt_tokens(body),
-        reported.cached_input_tokens,
-        max(reported.output_tokens, output),
-    )
+    found = replace(reported, output_tokens=max(reported.output_tokens, output))
+    if reported.input_tokens + reported.cached_input_tokens == 0:  # no prompt count yet
+        found.input_tokens = prompt_tokens(body)
+    if found.output_tokens > reported.output_tokens:
+        found.billed_nano = None  # it did not cover what was relayed: priced by tokens
     found.service_tier = reported.service_tier or tier  # priced on the tier served on
     return found, True
 
