@@ -179,6 +179,20 @@ def test_a_cut_stream_keeps_the_cache_writes_its_first_event_reported(gateway: G
         assert row["cost_nano"] == expected, row
 
 
+def test_a_cut_stream_is_billed_no_more_than_the_limit_sent_for_the_caller(
+    gateway: Gateway,
+) -> None:
+    """Anthropic requires max_tokens: a caller that set none is sent 4,096, which the
+    upstream bills no more than. A stream cut after 5,279 bytes of text (counted one
+    token a byte when cut) is billed at most those 4,096 tokens, as if the caller had
+    set them."""
+    text, _, failed = relay(gateway, "claude", "stream_cut_long", "cut-long-no-limit")
+    assert failed and len(text.encode()) > 5000
+    row = ledger_row(gateway, "cut-long-no-limit")
+    assert (row["usage_estimated"], row["output_tokens"]) == (1, 4096)
+    assert row["cost_nano"] == cost_nano(row)
+
+
 def test_a_caller_that_hangs_up_on_done_had_the_whole_answer(gateway: Gateway) -> None:
     """The openai SDK closes its connection as soon as it reads `[DONE]`. An upstream
     whose body ends a moment later (its terminating chunk in a later packet) must not

@@ -28,6 +28,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
   content delta, then a clean end without `message_stop`, or a stall until the client
   leaves;
+* `stream_cut_long` -> (streaming) 120 times `ANSWER` (5,279 bytes), then a clean end
+  without `message_delta` or `message_stop`;
 * `unstreamed` -> (streaming) the whole answer, as a server that cannot stream sends it.
 
 `TRIGGER:cached` in the *system prompt* makes usage report
@@ -62,7 +64,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.upstreams import RECORDER, Recorder, answer_within, stall, trigger
+from tests.upstreams import ANSWER, RECORDER, Recorder, answer_within, stall, trigger
 
 API_KEY = "sk-ant-test-key-0123456789"
 THOUGHT = "The user wants an answer."
@@ -337,6 +339,9 @@ async def _stream(
                     },
                 )
             )
+    if word == "stream_cut_long":
+        long = {**answer, "content": [{"type": "text", "text": " ".join([ANSWER] * 120)}]}
+        events = _events(long)[:-2]  # without message_delta and message_stop
     partial = re.fullmatch(r"stream_(cut|stall)_after_(\d+)", word or "")
     if partial:
         deltas = [n for n, e in enumerate(events) if e.startswith(b"event: content_block_delta")]

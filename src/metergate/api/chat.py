@@ -294,7 +294,7 @@ class CompletionsHandler:
             if outward is not None:
                 if state.usage is None:  # none from the upstream: the door reports the bill
                     state.usage = estimate.stream_usage(
-                        body, None, relayed, True, state.service_tier
+                        body, None, relayed, True, state.service_tier, state.output_limit
                     )[0]
                     log.usage_estimated = True
                 last = await outward.end()
@@ -334,7 +334,7 @@ class CompletionsHandler:
             # A stream that did not complete is billed at least what the caller received,
             # also when it was cancelled here (a shutdown's timeout) and the error goes on.
             usage, estimated = estimate.stream_usage(
-                body, state.usage, relayed, error is None, state.service_tier
+                body, state.usage, relayed, error is None, state.service_tier, state.output_limit
             )
             log.usage, log.usage_estimated = usage, estimated or log.usage_estimated
             log.cost_nano = deployment.prices.cost_nano(usage)

@@ -240,11 +240,12 @@ def stream_usage(
     relayed: RelayedText,
     complete: bool,
     tier: str | None = None,
+    limit: int = 0,
 ) -> tuple[Usage, bool]:
     """What a stream is billed, and whether that is an estimate: the upstream's usage
     when the stream completed with it, else at least what was relayed (up to what
-    `max_tokens` lets the upstream bill), on the processing `tier` its first event named
-    when no usage did.
+    `max_tokens` lets the upstream bill, or the `limit` the adapter sent in its place),
+    on the processing `tier` its first event named when no usage did.
 
     What an unfinished stream did report is kept whole: Anthropic states its prompt's
     cache writes (priced above plain input) in its first event, and searches run or
@@ -252,7 +253,7 @@ def stream_usage(
     only while the output it covers is at least what was relayed."""
     if complete and reported is not None:
         return reported, False
-    output = _billable(relayed.tokens(), body)
+    output = _billable(relayed.tokens(), body, limit)
     if reported is None:
         found = Usage(input_tokens=prompt_tokens(body), output_tokens=output)
         found.service_tier = tier
@@ -333,10 +334,10 @@ def _max_tokens(body: dict[str, Any]) -> int:
     return int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
 
 
-def _billable(tokens: int, body: dict[str, Any]) -> int:
+def _billable(tokens: int, body: dict[str, Any], sent: int = 0) -> int:
     """`tokens` of output, but no more than an upstream may bill for the request: its
-    max_tokens for each of its `n` choices."""
-    limit = _max_tokens(body)
+    max_tokens (else the limit `sent` in its place) for each of its `n` choices."""
+    limit = _max_tokens(body) or sent
     return min(tokens, limit * int(body.get("n") or 1)) if limit else tokens
 
 

@@ -28,6 +28,7 @@ from metergate.config.model import ProviderConfig
 from metergate.errors import UpstreamProtocolError
 from metergate.providers import anthropic_native
 from metergate.providers.anthropic_translate import (
+    DEFAULT_MAX_TOKENS,
     finish_reason,
     from_message,
     to_messages_request,
@@ -37,7 +38,13 @@ from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpAdapter, HttpTransport
 from metergate.providers.restream import anthropic_events
 from metergate.providers.sse import Event
-from metergate.providers.translation import ChunkWriter, load_answer, load_json, relay
+from metergate.providers.translation import (
+    ChunkWriter,
+    load_answer,
+    load_json,
+    max_output_tokens,
+    relay,
+)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -87,6 +94,8 @@ class _StreamTranslator:
         self.silent: set[int] = set()  # tool use blocks no argument text has come for yet
         self.stop_reason: str | None = None
         self.done = False
+        if max_output_tokens(call.body) is None:  # the request went with the default
+            state.output_limit = DEFAULT_MAX_TOKENS
 
     def feed(self, event: Event) -> bytes:
         if not event.data:

@@ -180,6 +180,9 @@ class StreamState:
     # the upstream's closing event (Messages' message_stop, Responses' completion) has
     # been relayed as it came: a caller that leaves now has had the whole answer
     ended: bool = False
+    # the output limit the adapter sent for a caller that set none (Anthropic requires
+    # one): it bounds what a cut stream may be billed, as the caller's own would; 0: none
+    output_limit: int = 0
 
 
 class Adapter(abc.ABC):
