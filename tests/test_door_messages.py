@@ -356,6 +356,22 @@ def test_errors_outside_the_door_take_anthropic_shape_for_anthropic_callers(
     assert openai_missing.value.code == "model_not_found"
 
 
+def test_a_body_over_the_bound_is_anthropics_request_too_large(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """A body over `server.max_body_bytes` gets the 413 type Anthropic's API uses, not
+    the generic 400 one."""
+    gateway = gateway_factory(upstreams.config() + "server:\n  max_body_bytes: 4096\n")
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="sim", max_tokens=5, messages=[{"role": "user", "content": "x" * 8192}]
+        )
+    assert refused.value.status_code == 413
+    assert refused.value.body["error"]["type"] == "request_too_large"
+    assert "max_body_bytes" in refused.value.body["error"]["message"]
+
+
 def test_errors_take_anthropic_shape_and_sdk_classes(gateway: Gateway) -> None:
     client = anthropic_client(gateway)
     ask: dict[str, Any] = {"max_tokens": 50, "messages": HELLO}

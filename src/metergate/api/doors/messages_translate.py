@@ -310,7 +310,9 @@ def error_payload(error: GatewayError) -> tuple[int, dict[str, Any]]:
     """Status and body of an error in Anthropic's shape (an upstream's 529 kept as such)."""
     status = 529 if error.upstream_status == 529 else error.status
     kind = error.error_type
-    if kind not in ERROR_TYPES.values():
+    if kind not in ERROR_TYPES.values() or (kind == "invalid_request_error" and status != 400):
+        # (the request's own faults of other statuses have their own types: a body too
+        # large is `request_too_large`, an unknown path `not_found_error`)
         kind = ERROR_TYPES.get(status) or (
             "api_error" if status >= 500 else "invalid_request_error"
         )
