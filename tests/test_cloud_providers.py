@@ -290,6 +290,20 @@ def test_bedrock_text_before_a_broken_frame_in_the_same_read_reaches_the_caller(
     assert row["output_tokens"] >= len(text.encode()) and row["cost_nano"] > 0
 
 
+def test_a_bedrock_throttle_right_after_the_opening_is_the_callers_429(gateway: Gateway) -> None:
+    """A throttle Bedrock reports right after `messageStart`, before any content: no
+    byte has reached the caller, so it is a rate limit answered as one (a 429 the
+    gateway could retry or reroute), not a 200 stream ending in an error, and not billed."""
+    with pytest.raises(openai.RateLimitError) as throttled:
+        for _ in gateway.client().chat.completions.create(
+            model="bedrock", messages=ask("TRIGGER:stream_throttled_after_start"), stream=True
+        ):
+            pass
+    assert "throttlingException" in throttled.value.message
+    row = ledger_row(gateway, "1=1")
+    assert (row["outcome"], row["status"], row["cost_nano"]) == ("rate_limited", 429, 0)
+
+
 def test_a_bedrock_model_failure_is_an_upstream_error_not_the_callers(gateway: Gateway) -> None:
     """HTTP 424 ModelErrorException: the model failed on a valid request. A 502 the
     caller may retry (and the gateway does), not a 400 telling it its request is wrong."""

@@ -356,6 +356,49 @@ def test_errors_outside_the_door_take_anthropic_shape_for_anthropic_callers(
     assert openai_missing.value.code == "model_not_found"
 
 
+OVERLOADED_AFTER_START = [{"role": "user", "content": "TRIGGER:stream_overloaded_after_start"}]
+
+
+def test_an_overload_right_after_the_opening_goes_to_the_fallback(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """Anthropic may report an overload after `message_start`, before any content. No
+    byte has reached the caller then, so the request still goes to the model's fallback,
+    on the Messages door (events passed through) and the chat door (translated) alike;
+    without one the caller gets the 529 itself, not a 200 stream that ends in an error."""
+    config = upstreams.config().replace(
+        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}}",
+        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}, fallbacks: [sim]}\n"
+        "  claude-alone: {upstreams: [claude-up], retry: {max_retries: 0}}",
+    )
+    gateway = gateway_factory(config)
+    ask: dict[str, Any] = {"max_tokens": 50, "messages": OVERLOADED_AFTER_START}
+    with anthropic_client(gateway).messages.stream(model="claude", **ask) as events:
+        answer = events.get_final_message()
+    assert answer.content[0].type == "text" and answer.content[0].text
+    chunks = list(
+        gateway.client().chat.completions.create(
+            model="claude", messages=OVERLOADED_AFTER_START, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with (
+        pytest.raises(anthropic.OverloadedError),  # an HTTP 529, not an event after a 200
+        anthropic_client(gateway).messages.stream(model="claude-alone", **ask) as events,
+    ):
+        events.get_final_message()
+    deadline = time.monotonic() + 10  # (a stream's row is written as it ends)
+    while len(rows := gateway.ledger_rows()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [(r["api"], r["upstream"], r["outcome"], r["attempts"]) for r in rows] == [
+        ("messages", "sim-up", "success", 2),
+        ("chat", "sim-up", "success", 2),
+        ("messages", "claude-up", "upstream_error", 1),
+    ]
+    assert rows[-1]["cost_nano"] == 0  # the failed opening is not billed
+
+
 def test_a_body_over_the_bound_is_anthropics_request_too_large(
     gateway_factory: Any,
     upstreams: Upstreams,  # noqa: F811

@@ -23,6 +23,8 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 * `stream_overloaded_first` / `stream_rate_limited_first` -> (streaming) an `error`
   event (`overloaded_error` / `rate_limit_error`) as the stream's first event, which
   the API sends when it fails after answering 200;
+* `stream_overloaded_after_start` -> (streaming) `message_start` and a `ping`, then an
+  `overloaded_error` event, before any content;
 * `nousage` -> an answer without `usage` (streamed: neither `message_start` nor
   `message_delta` carries one), as an Anthropic-compatible server might send;
 * `stream_cut_after_N` / `stream_stall_after_N` -> (streaming) everything up to the Nth
@@ -327,6 +329,9 @@ async def _stream(
         kind = first[word] or "rate_limit_error"
         error = {"type": "error", "error": {"type": kind, "message": f"{kind} mid-stream"}}
         events = [_event("error", error)]
+    if word == "stream_overloaded_after_start":
+        overloaded = {"type": "overloaded_error", "message": "Overloaded"}
+        events = [*events[:2], _event("error", {"type": "error", "error": overloaded})]
     if word in ("stream_error", "stream_cut", "stream_abort"):
         events = events[:5]
         if word == "stream_error":

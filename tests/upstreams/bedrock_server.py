@@ -20,20 +20,21 @@ model id -> 400 `ValidationException`.
 Behaviour by `TRIGGER:<word>` in the last user turn's text (see `tests.upstreams`):
 `overloaded` -> 503 ServiceUnavailableException; `rate_limit` -> 429
 ThrottlingException; `invalid` -> 400 ValidationException; `model_error` -> 424
-ModelErrorException; `stream_error` (a few events,
-then a `modelStreamErrorException` frame), `stream_cut`, `stream_abort`;
-`stream_error_at_once` and `stream_corrupt_at_once` send a few events and then an
-exception frame, or a frame whose checksum is wrong, all in one write. `state.throttle`
-answers that many next requests with ThrottlingException. `TRIGGER:cached` in the system
-prompt reports 1024 cache-read and 256 cache-write tokens. With tools (and the last turn
-not answering tool uses) the answer is "Let me check." plus tool uses of the forced (else
-first) tool with `{"location": "Paris"}` and `{"location": "Tokyo"}`; otherwise `ANSWER`
-cut by `stopSequences` or after `maxTokens` words. `TRIGGER:nousage` leaves the usage out
-of the answer (streamed: the metadata event carries none), as a gateway in front of
-Bedrock might. `TRIGGER:echo_credentials` answers a 400 whose message quotes the
-request's signing headers and the secret key they were signed with, as a proxy or a
-debugging endpoint might; `TRIGGER:stream_echo_credentials` sends the same text in an
-exception frame after a few events.
+ModelErrorException; `stream_error` (a few events, then a `modelStreamErrorException`
+frame), `stream_cut`, `stream_abort`; `stream_error_at_once` and
+`stream_corrupt_at_once` send a few events and then an exception frame, or a frame whose
+checksum is wrong, all in one write; `stream_throttled_after_start` sends
+`messageStart`, then a `throttlingException` frame. `state.throttle` answers that many
+next requests with ThrottlingException. `TRIGGER:cached` in the system prompt reports
+1024 cache-read and 256 cache-write tokens. With tools (and the last turn not answering
+tool uses) the answer is "Let me check." plus tool uses of the forced (else first) tool
+with `{"location": "Paris"}` and `{"location": "Tokyo"}`; otherwise `ANSWER` cut by
+`stopSequences` or after `maxTokens` words. `TRIGGER:nousage` leaves the usage out of
+the answer (streamed: the metadata event carries none), as a gateway in front of Bedrock
+might. `TRIGGER:echo_credentials` answers a 400 whose message quotes the request's
+signing headers and the secret key they were signed with, as a proxy or a debugging
+endpoint might; `TRIGGER:stream_echo_credentials` sends the same text in an exception
+frame after a few events.
 """
 
 from __future__ import annotations
@@ -336,6 +337,8 @@ async def _stream(
             broken = frames[5][:-1] + bytes([frames[5][-1] ^ 0xFF])  # its checksum is wrong
         together = b"".join(frames[:5]) + broken
         return await send_stream(request, "application/vnd.amazon.eventstream", [together])
+    if word == "stream_throttled_after_start":
+        frames = [frames[0], exception("throttlingException", "Too many requests.")]
     if word in ("stream_error", "stream_cut", "stream_abort"):
         frames = frames[:5]
         if word == "stream_error":

@@ -40,6 +40,7 @@ from metergate.providers.restream import anthropic_events
 from metergate.providers.sse import Event
 from metergate.providers.translation import (
     ChunkWriter,
+    HoldsOpening,
     load_answer,
     load_json,
     max_output_tokens,
@@ -82,7 +83,7 @@ class AnthropicAdapter(HttpAdapter):
         return await anthropic_native.count_tokens(self.transport, f"{self.url}/count_tokens", call)
 
 
-class _StreamTranslator:
+class _StreamTranslator(HoldsOpening):
     """Anthropic stream events -> OpenAI chunks; keeps `state` up to date as usage arrives."""
 
     def __init__(self, call: UpstreamCall, state: StreamState) -> None:
@@ -110,7 +111,12 @@ class _StreamTranslator:
                 message.get("id") or "", message.get("model") or self.call.model
             )
             self._add_usage(message.get("usage"))
-            return self.writer.delta({"role": "assistant", "content": ""})
+            return self.hold(self.writer.delta({"role": "assistant", "content": ""}))
+        if self.held and kind != "ping":
+            return self.release(self._event(kind, data))
+        return self._event(kind, data)
+
+    def _event(self, kind: str, data: dict[str, Any]) -> bytes:
         if kind == "content_block_start":
             return self._block_start(data.get("index", 0), data.get("content_block") or {})
         if kind == "content_block_delta":

@@ -25,7 +25,7 @@ from metergate.providers.base import Completion, StreamState, UpstreamCall
 from metergate.providers.http import HttpTransport, error_message
 from metergate.providers.restream import anthropic_events
 from metergate.providers.sse import Event
-from metergate.providers.translation import load_answer, load_json, relay
+from metergate.providers.translation import HoldsOpening, load_answer, load_json, relay
 
 FORWARDED_HEADERS = ("anthropic-beta",)  # the caller's, sent upstream as they came
 
@@ -73,8 +73,9 @@ async def count_tokens(transport: HttpTransport, url: str, call: UpstreamCall) -
     return answer
 
 
-class _Relay:
-    """Passes every event on as received; reads usage, and insists on `message_stop`."""
+class _Relay(HoldsOpening):
+    """Passes every event on as received, but `message_start` waits for the next one
+    but a ping (`HoldsOpening`); reads usage, and insists on `message_stop`."""
 
     def __init__(self, state: StreamState) -> None:
         self.state = state
@@ -92,8 +93,12 @@ class _Relay:
             if usage:
                 self.raw_usage.update({k: v for k, v in usage.items() if v is not None})
                 self.state.usage = usage_of(self.raw_usage)
+            if name == "message_start":
+                return self.hold(event.raw)
         if name == "message_stop":
             self.done = self.state.ended = True
+        if self.held:  # a ping stays behind the opening it follows
+            return self.hold(event.raw) if name == "ping" else self.release(event.raw)
         return event.raw
 
     def restream(self, answer: dict[str, Any]) -> list[Event]:

@@ -184,6 +184,15 @@ class StreamState:
     # one): it bounds what a cut stream may be billed, as the caller's own would; 0: none
     output_limit: int = 0
 
+    def forget(self) -> None:
+        """Drop what an attempt that failed before its first chunk filled in (the usage
+        its opening reported, its limit): the next attempt, maybe at another provider,
+        starts afresh."""
+        self.usage = self.finish_reason = self.service_tier = None
+        self.extra = {}
+        self.ended = False
+        self.output_limit = 0
+
 
 class Adapter(abc.ABC):
     """One instance per configured provider; holds its pooled HTTP client."""

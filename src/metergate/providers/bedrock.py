@@ -49,6 +49,7 @@ from metergate.providers.h1 import H1Error
 from metergate.providers.http import HttpAdapter, HttpTransport, error_message
 from metergate.providers.translation import (
     ChunkWriter,
+    HoldsOpening,
     invalid_request,
     load_json,
     new_call_id,
@@ -191,8 +192,9 @@ def _translated(
     return b"".join(parts), None
 
 
-class _StreamTranslator:
-    """ConverseStream events -> OpenAI chunks; keeps `state` up to date."""
+class _StreamTranslator(HoldsOpening):
+    """ConverseStream events -> OpenAI chunks; keeps `state` up to date. The opening
+    waits for the next event (`HoldsOpening`): a throttle right after it is retried."""
 
     def __init__(self, call: UpstreamCall, state: StreamState) -> None:
         self.call = call
@@ -211,7 +213,12 @@ class _StreamTranslator:
         event = headers.get(":event-type")
         data = load_json(payload, "stream event") if payload else {}
         if event == "messageStart":
-            return self.writer.delta({"role": "assistant", "content": ""})
+            return self.hold(self.writer.delta({"role": "assistant", "content": ""}))
+        if self.held:
+            return self.release(self._event(event, data))
+        return self._event(event, data)
+
+    def _event(self, event: Any, data: dict[str, Any]) -> bytes:
         if event == "contentBlockStart":
             use = (data.get("start") or {}).get("toolUse")
             if use:

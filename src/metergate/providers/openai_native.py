@@ -26,10 +26,18 @@ from metergate.providers.base import (
 from metergate.providers.http import HttpTransport
 from metergate.providers.restream import responses_events
 from metergate.providers.sse import Event
-from metergate.providers.translation import EventTranslator, load_answer, load_json, relay
+from metergate.providers.translation import (
+    EventTranslator,
+    HoldsOpening,
+    load_answer,
+    load_json,
+    relay,
+)
 
 # The events that end a Responses stream, and those of them that mean it failed.
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+# The events that open a Responses stream before any output: held (`HoldsOpening`).
+_OPENING = frozenset({"response.created", "response.in_progress"})
 
 
 def responses_usage(usage: dict[str, Any] | None) -> Usage:
@@ -119,8 +127,10 @@ def stream(
     return relay(transport, opening, translator)
 
 
-class _ResponsesRelay:
-    """Passes Responses events on as received; reads usage from the terminal event."""
+class _ResponsesRelay(HoldsOpening):
+    """Passes Responses events on as received, but `response.created` and
+    `response.in_progress` wait for the next one (`HoldsOpening`); reads usage from the
+    terminal event."""
 
     def __init__(self, state: StreamState) -> None:
         self.state = state
@@ -142,6 +152,10 @@ class _ResponsesRelay:
                 if usage:  # else it stays unknown, and the relayed text is billed
                     self.state.usage = responses_usage(usage).served_on(response)
                     self.state.usage.web_searches = web_search_calls(response.get("output"))
+        if name in _OPENING:
+            return self.hold(event.raw)
+        if self.held:
+            return self.release(event.raw)
         return event.raw
 
     def restream(self, answer: dict[str, Any]) -> list[Event]:

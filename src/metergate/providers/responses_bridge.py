@@ -46,6 +46,7 @@ from metergate.providers.restream import responses_events
 from metergate.providers.sse import Event, chunk_event
 from metergate.providers.translation import (
     ChunkWriter,
+    HoldsOpening,
     assistant_message,
     load_answer,
     load_json,
@@ -206,7 +207,7 @@ _TERMINAL = frozenset({"response.completed", "response.incomplete"})
 _FAILED = frozenset({"response.failed", "error"})
 
 
-class StreamTranslator:
+class StreamTranslator(HoldsOpening):
     """Responses stream events -> chat chunks. Text and refusal deltas and function calls
     (streamed in pieces, as OpenAI does, or whole, as Perplexity does) are relayed as
     they arrive; reasoning and search progress events have no chat counterpart."""
@@ -229,8 +230,15 @@ class StreamTranslator:
             failure = (data.get("response") or {}).get("error") or data.get("error") or data
             raise UpstreamServerError(f"upstream stream error: {_error_text(failure)}")
         writer = self._writer(data)
-        if kind == "response.created":
-            return writer.delta({"role": "assistant", "content": ""})
+        if kind == "response.created":  # held until the first output (`HoldsOpening`)
+            return self.hold(writer.delta({"role": "assistant", "content": ""}))
+        if kind == "response.in_progress":
+            return b""
+        if self.held:
+            return self.release(self._event(kind, data, writer))
+        return self._event(kind, data, writer)
+
+    def _event(self, kind: str, data: dict[str, Any], writer: ChunkWriter) -> bytes:
         if kind == "response.output_text.delta":
             return writer.delta({"content": str(data.get("delta") or "")})
         if kind == "response.refusal.delta":

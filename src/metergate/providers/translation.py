@@ -357,6 +357,27 @@ def _translated(
     return b"".join(parts), None
 
 
+class HoldsOpening:
+    """A translator that keeps an answer's opening (a role chunk, Anthropic's
+    `message_start`) until the upstream's next event that is not a keep-alive.
+
+    Anthropic and Bedrock report an overload right after opening a stream; while no
+    byte of it has reached the caller that failure may still be retried or sent to a
+    fallback, which it cannot be once the opening went out. The wait is one event: the
+    next one (the first content block, a thinking one included) releases it."""
+
+    held = b""
+
+    def hold(self, out: bytes) -> bytes:
+        self.held += out
+        return b""
+
+    def release(self, out: bytes) -> bytes:
+        """`out` with the held opening before it (once)."""
+        held, self.held = self.held, b""
+        return held + out
+
+
 @runtime_checkable
 class Restreams(Protocol):
     """A translator that can relay a whole answer as the stream it would have been."""
@@ -455,8 +476,9 @@ async def relay(
                         events = events[index + 1 :]
                         break
                 else:
-                    unsent.append(chunk)
-                    response.no_event_yet()  # raises once past first_byte
+                    if not (isinstance(translator, HoldsOpening) and translator.held):
+                        unsent.append(chunk)
+                        response.no_event_yet()  # raises once past first_byte
                     continue  # nothing to send yet
             if len(events) == 1:  # the usual read of an upstream that streams as it goes:
                 out = translator.feed(events[0])  # (a failure has nothing before it)

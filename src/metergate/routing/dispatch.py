@@ -121,6 +121,7 @@ class Dispatcher:
                 raise UpstreamProtocolError("the upstream sent an empty stream") from None
             except BaseException:
                 await chunks.aclose()  # type: ignore[attr-defined]
+                state.forget()
                 raise
 
         deployment, served, (chunks, first) = await self._run(route, log, attempt, True)
