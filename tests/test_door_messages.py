@@ -399,6 +399,37 @@ def test_an_overload_right_after_the_opening_goes_to_the_fallback(
     assert rows[-1]["cost_nano"] == 0  # the failed opening is not billed
 
 
+def test_a_fallback_after_a_failed_opening_is_billed_on_its_own_usage(
+    gateway_factory: Any,
+    upstreams: Upstreams,  # noqa: F811
+) -> None:
+    """The failed attempt's opening reported its prompt (1,024 tokens read from the
+    cache here); the fallback that serves the request, cut short by its caller, is
+    billed on its own estimate, not on the usage the failed opening reported."""
+    config = upstreams.config().replace(
+        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}}",
+        "  claude: {upstreams: [claude-up], retry: {max_retries: 0}, fallbacks: [slow]}\n"
+        "  slow: {upstreams: [slow-up], retry: {max_retries: 0}}",
+    )
+    slow = "{type: simulated, simulated: {output_tokens: 500, tokens_per_second: 20}}"
+    slow_up = "{provider: slow, model: slow-model, price: {input: 1, output: 2}}"
+    config = config.replace("upstreams:\n", f"upstreams:\n  slow-up: {slow_up}\n").replace(
+        "providers:\n", f"providers:\n  slow: {slow}\n"
+    )
+    gateway = gateway_factory(config)
+    system = {"role": "system", "content": "TRIGGER:cached"}
+    stream = gateway.client().chat.completions.create(
+        model="claude", messages=[system, *OVERLOADED_AFTER_START], stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()  # the caller leaves
+    row = ledger_row(gateway, "outcome = 'cancelled'")
+    assert (row["upstream"], row["attempts"], row["usage_estimated"]) == ("slow-up", 2, 1)
+    assert row["cached_input_tokens"] == 0
+
+
 def test_a_body_over_the_bound_is_anthropics_request_too_large(
     gateway_factory: Any,
     upstreams: Upstreams,  # noqa: F811
