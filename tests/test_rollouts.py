@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 
 import metergate.runtime as runtime_module
-from metergate.config import parse_config
+from metergate.config import ConfigError, parse_config
 from metergate.config.model import ProviderConfig, RolloutConfig
 from metergate.providers import Adapter, build_adapter
 from metergate.rollout import store, transitions
@@ -493,3 +493,36 @@ async def test_a_reload_the_database_refuses_midway_changes_nothing(
     assert all(a.transport.client is None for a in built)  # never opened, or closed
     await load_until(gateway, lambda: rollout.state == "completed", 15)
     assert rollout.state == "completed"  # the controller in force went on judging
+
+
+ONE_MOVE = """\
+providers:
+  p: {type: openai, base_url: "http://127.0.0.1:9/v1", api_key: k}
+upstreams:
+  old: {provider: p, model: m}
+  new: {provider: p, model: n}
+models:
+  m: {upstreams: [old]}
+rollouts:
+  move: {model: m, %s}
+"""
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("baseline: [old], candidate: [new], stages: [.nan, 100]", "finite"),
+        ("baseline: [old], candidate: [new], stages: [1, .nan, 100]", "finite"),
+        ("baseline: [old], candidate: [new], stages: [10, .inf]", "finite"),
+        ("baseline: [old], candidate: [old]", "on both sides: old"),
+        ("baseline: [old], candidate: [new, old]", "on both sides: old"),
+    ],
+)
+def test_a_rollout_that_could_never_be_judged_is_refused(fields, message):
+    """A NaN stage passed every comparison: the rollout ran at "nan%" for ever, sent the
+    candidate nothing and exported NaN weights. An upstream on both sides counted every
+    baseline attempt as the candidate's."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(ONE_MOVE % fields, "gw.yaml")
+    rendered = "\n".join(problem.render() for problem in raised.value.problems)
+    assert "rollouts.move" in rendered and message in rendered

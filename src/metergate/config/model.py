@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import itertools
+import math
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -664,11 +665,26 @@ class RolloutConfig(Strict):
     @field_validator("stages")
     @classmethod
     def _increasing(cls, value: list[float]) -> list[float]:
+        # NaN fails every comparison below, so it would pass them all (`.nan` in YAML)
+        if not all(math.isfinite(stage) for stage in value):
+            raise ValueError("stages must be finite percentages (not .nan or .inf)")
         if not value or any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("stages must be increasing percentages")
         if value[0] <= 0 or value[-1] != 100:
             raise ValueError("stages must be above 0 and end at 100")
         return value
+
+    @model_validator(mode="after")
+    def _sides_apart(self) -> RolloutConfig:
+        """An upstream on both sides would have each of its attempts judged as the
+        candidate's and its failures retried on itself as the baseline."""
+        shared = [name for name in self.candidate if name in self.baseline]
+        if shared:
+            raise ValueError(
+                f"an upstream cannot be on both sides: {', '.join(shared)}; the candidate "
+                "is what the baseline's traffic moves to"
+            )
+        return self
 
 
 class ResponsesConfig(Strict):
