@@ -247,6 +247,29 @@ async def test_at_the_last_stage_a_failing_candidate_is_served_by_the_baseline(
     assert base.plan.requests == served
 
 
+@pytest.mark.parametrize("fault", [Fault.error(503), Fault.error(401)])
+async def test_a_failed_candidate_attempt_goes_to_the_baseline_whatever_retry_on_says(
+    gateway_factory, servers, fault
+):
+    """`retry_on` chooses which failures a model retries on its own deployments; it left
+    out the candidate's 503 (or a 401 of its misconfigured key, never retried) and that
+    reached the caller. The baseline is the model's own upstream from before the move:
+    it serves what the candidate fails, as the README promises."""
+    base, cand = servers
+    cand.plan.fail_until_cleared(fault)
+    config = rollout_config(base, cand, stages=[50, 100], interval_seconds=600)
+    config["models"]["m"]["retry"] = {"max_retries": 0, "retry_on": ["connection_error"]}
+    gateway = gateway_factory(config)
+    at_last_stage(gateway)
+    outcomes = await load_until(gateway, lambda: cand.plan.requests >= 10, 10)
+    assert cand.plan.requests >= 10
+    assert outcomes and all(outcome == "base" for outcome in outcomes)
+    rows = gateway.ledger_rows("model = 'm'")
+    assert all(
+        (row["outcome"], row["upstream"], row["attempts"]) == ("success", "base", 2) for row in rows
+    )
+
+
 async def test_a_candidate_behind_its_open_circuit_at_the_last_stage_is_rolled_back(
     gateway_factory, servers
 ):

@@ -7,10 +7,10 @@ blames on the request) is never retried nor sent elsewhere, and neither is a fai
 after part of the answer arrived (the upstream did the work). Streams are retried only
 until their first chunk: once a byte has reached the caller, a failure is final. No
 attempt is made once the caller has left (`RequestLog.gone`). While a rollout is in
-progress, its last stage (100 %) included, a candidate's retryable failure is always
-tried again on the baseline, and a request the candidate's open circuits turn away is
-served by the baseline (`Route.pick`); once the rollout completes the baseline serves
-nothing.
+progress, its last stage (100 %) included, a candidate's failure that is not final is
+always tried again on the baseline (whatever the model's `retry_on`), and a request the
+candidate's open circuits turn away is served by the baseline (`Route.pick`); once the
+rollout completes the baseline serves nothing.
 
 Every attempt is counted by outcome and timed. Only what the upstream did is reported
 to its circuit breaker and rollout statistics: a failure of the gateway itself (a full
@@ -167,13 +167,16 @@ class Dispatcher:
                     failure = error
                 if is_final(failure):  # the caller's fault, the gateway's, or work done
                     raise failure
-                if failure.outcome not in policy.retry_on:
-                    break
                 if current.baseline_after(deployment, tried):
                     # A bad candidate is not the caller's to pay for: the baseline serves
-                    # it, outside max_retries and the retry budget (the baseline gets at
-                    # most the traffic it had before the rollout).
+                    # it, whatever the model's retry_on, outside max_retries and the retry
+                    # budget (the baseline gets at most the traffic it had before the
+                    # rollout). retry_on chooses what is retried on the same deployments;
+                    # what it leaves out still goes on to fallbacks, and the baseline is
+                    # the model's own deployment from before the rollout.
                     continue
+                if failure.outcome not in policy.retry_on:
+                    break
                 if retries >= policy.max_retries:
                     break
                 wait: float | None = 0.0
