@@ -13,15 +13,20 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from typer.testing import CliRunner
 
 import metergate.runtime as runtime_module
+from metergate.cli import app as cli_app
 from metergate.config import ConfigError, parse_config
 from metergate.config.model import ProviderConfig, RolloutConfig
 from metergate.providers import Adapter, build_adapter
 from metergate.rollout import store, transitions
 from metergate.rollout.gates import Observed, judge
-from tests.harness import Gateway, UpstreamServer, start_gateway
+from metergate.storage.database import open_database
+from metergate.storage.migrations import migrate
+from tests.harness import Gateway, UpstreamServer, start_gateway, two_gateways
 from tests.services import ServerProcess, run_prometheus
+from tests.test_ledger import wait_for
 from tests.upstreams.fault_server import Fault, FaultServer
 
 ASK = [{"role": "user", "content": "roll"}]
@@ -387,6 +392,96 @@ def test_restart_finds_the_rollout_where_it_was(bg, tmp_path, servers):
         assert second.metric("metergate_rollout_weight", rollout="move", target="cand") == 0.5
     finally:
         second.stop()
+
+
+def announced(gateway: Gateway, event: str) -> float:
+    """How many times this gateway announced `event` of the rollout (its counter)."""
+    return gateway.metric("metergate_rollout_transitions_total", rollout="move", event=event)
+
+
+def leads(gateway: Gateway) -> bool:
+    return gateway.runtime.plan.rollouts.leader
+
+
+async def test_each_transition_is_announced_once_as_the_lease_changes_hands(
+    bg, tmp_path, servers, database_url
+):
+    """Each process kept where it had announced up to in its memory, from its own start:
+    a follower that took the lease over announced again what the leader had, and a new
+    process skipped what a dying leader had not announced yet. The position is kept in
+    the database with the lease, so a new leader goes on from where the last stopped."""
+    base, cand = servers
+    config = {**rollout_config(base, cand, interval_seconds=600), "ledger": {"url": database_url}}
+    started: list[Gateway] = []
+    try:
+        first, second = two_gateways(bg, config, tmp_path, started)
+        await wait_for(lambda: leads(first) or leads(second))
+        leader, follower = (first, second) if leads(first) else (second, first)
+        database, rollout = leader.runtime.database, rollout_of(leader)
+        for action in (transitions.start, transitions.pause, transitions.resume):
+            await asyncio.wrap_future(bg.submit(transitions.apply(database, rollout, action, "t")))
+        await wait_for(lambda: announced(leader, "resumed") == 1)
+        started.remove(leader)
+        leader.stop()
+        await wait_for(lambda: leads(follower), within=20)
+        database, rollout = follower.runtime.database, rollout_of(follower)
+        await asyncio.wrap_future(
+            bg.submit(transitions.apply(database, rollout, transitions.promote, "t"))
+        )
+        await wait_for(lambda: announced(follower, "promoted") == 1)
+        for event in ("started", "paused", "resumed"):
+            assert (announced(leader, event), announced(follower, event)) == (1, 0), event
+    finally:
+        for gateway in started:
+            gateway.stop()
+
+
+def test_a_transition_made_while_the_gateway_was_down_is_announced_at_its_restart(
+    bg, tmp_path, servers
+):
+    """`rollout rollback` from the CLI while no gateway runs: the next gateway to hold
+    the lease announces it (log line, counter, webhook), and nothing from before."""
+    base, cand = servers
+    config = rollout_config(base, cand, interval_seconds=600)
+    first = start_gateway(bg, config, tmp_path)
+    try:
+        start_rollout(first)
+        bg.run(wait_for(lambda: announced(first, "started") == 1))
+    finally:
+        first.stop()
+    rolled = CliRunner().invoke(
+        cli_app, ["rollout", "rollback", "move", "-c", str(tmp_path / "gateway.yaml")]
+    )
+    assert rolled.exit_code == 0, rolled.output
+    second = start_gateway(bg, config, tmp_path, key_name="again")
+    try:
+        bg.run(wait_for(lambda: announced(second, "rolled_back") == 1, within=20))
+        assert announced(second, "started") == 0
+    finally:
+        second.stop()
+
+
+async def test_a_ledger_from_before_the_position_was_kept_announces_no_history(tmp_path):
+    """Upgrading: the events already there were announced by the gateway that recorded
+    them (or left unannounced by it long ago), so they are not all announced again at
+    once; what comes after them is."""
+    database = await open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        await migrate(database)
+        await database.execute("ALTER TABLE leases DROP COLUMN announced")
+        await database.execute("DELETE FROM leases")
+        await database.execute("DELETE FROM schema_migrations WHERE version = 13")
+        for event in ("started", "promoted", "rolled_back"):
+            await database.execute(
+                "INSERT INTO rollout_events (ts, rollout, event, stage, detail)"
+                " VALUES (0, 'move', ?, 0, '{}')",
+                (event,),
+            )
+        assert await migrate(database) == [13]
+        position, rows = await store.unannounced(database)
+        assert (position, rows) == (3, [])
+    finally:
+        await database.close()
 
 
 def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:

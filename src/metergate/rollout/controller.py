@@ -4,12 +4,17 @@ Every process follows the rollout state in the database (so a CLI command or ano
 replica's decision takes effect everywhere within a tick). One process at a time holds
 a lease and judges: at each interval it promotes when every gate holds, holds when
 data is short, and rolls back when a gate has failed `failure_threshold` times. The
-lease holder also announces each transition once: log line, counter, webhook.
+lease holder also announces each transition once: log line, counter, webhook. How far
+the holders have announced is kept with the lease (`store.unannounced`), so a process
+that takes the lease over goes on from where the last holder stopped: what a dying
+holder had not announced, or the CLI recorded while no gateway ran, is announced by the
+next, and nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -35,6 +40,9 @@ if TYPE_CHECKING:
     import httpx2
 
 log = logging.getLogger("metergate.rollout")
+# An event announced this long after it was recorded (by the CLI while no gateway ran,
+# or left by a holder that died) says when it happened.
+LATE_SECONDS = 60.0
 
 
 class RolloutController:
@@ -45,7 +53,7 @@ class RolloutController:
         carry: RolloutController | None = None,
     ) -> None:
         """`carry`: the controller of the config being replaced; a rollout whose config
-        did not change keeps its live numbers, and announcements continue where they were."""
+        did not change keeps its live numbers."""
         previous = carry.rollouts if carry else {}
         self.rollouts: dict[str, Rollout] = {
             name: previous[name]
@@ -61,7 +69,6 @@ class RolloutController:
         self.tick_seconds = max(0.05, min(1.0, shortest / 4))
         self._database: Database | None = None
         self._task: asyncio.Task[None] | None = None
-        self._last_event_id: int | None = carry._last_event_id if carry else None
         self._http: httpx2.AsyncClient | None = None
         self._owns_notifier = True  # the newest controller closes the shared notifier
 
@@ -76,9 +83,6 @@ class RolloutController:
         """Read the rollouts' state; nothing runs yet, so a config reload that fails
         after this has changed nothing (`replace` starts the loop)."""
         self._database = database
-        if self._last_event_id is None:  # announce what happens from now on, not history
-            rows = await database.fetch("SELECT COALESCE(MAX(id), 0) FROM rollout_events")
-            self._last_event_id = int(rows[0][0])
         for rollout in self.rollouts.values():
             await store.load(database, rollout)
 
@@ -87,8 +91,6 @@ class RolloutController:
         webhook notifier they share passes on instead of closing."""
         old._owns_notifier = False
         await old.close()
-        if old._last_event_id is not None:  # it may have announced since we were built
-            self._last_event_id = old._last_event_id
         self._begin()
 
     def _begin(self) -> None:
@@ -184,13 +186,16 @@ class RolloutController:
             log.info("rollout controller: %s", refused)
 
     async def _announce(self, database: Database) -> None:
-        """Log, count and post every event recorded since the last tick, exactly once."""
-        rows = await database.fetch(
-            "SELECT id, rollout, event, stage, detail FROM rollout_events WHERE id > ? ORDER BY id",
-            (self._last_event_id,),
-        )
-        for event_id, name, event, stage, detail in rows:
-            self._last_event_id = int(event_id)
+        """Log, count and post every event no lease holder has announced yet, once. The
+        position moves first and then they are announced: a holder that dies in between
+        loses them (the webhooks it had queued go with it anyway), but none is announced
+        twice, and one that lost the lease meanwhile announces nothing."""
+        position, rows = await store.unannounced(database)
+        if not rows or not await store.claim_announced(
+            database, self.holder, position, int(rows[-1][0])
+        ):
+            return
+        for _, recorded, name, event, stage, detail in rows:
             rollout = self.rollouts.get(name)
             if rollout is None:
                 continue
@@ -199,11 +204,15 @@ class RolloutController:
                 f"metergate rollout {name!r} ({rollout.config.model}): {event} "
                 f"at stage {stage + 1}/{len(rollout.config.stages)} ({percent:g}%)"
             )
+            if time.time() - recorded > LATE_SECONDS:  # say when: it happened before now
+                when = datetime.datetime.fromtimestamp(recorded, datetime.UTC)
+                text += f", recorded {when:%Y-%m-%d %H:%M:%S} UTC"
             fields: dict[str, Any] = {
                 "rollout": name,
                 "event": event,
                 "stage": stage,
                 "detail": orjson.loads(detail),
+                "recorded_at": recorded,
             }
             (log.warning if event in ("rolled_back", "gate_failed") else log.info)(text)
             self.metrics.rollout_transitions.labels(name, event).inc()

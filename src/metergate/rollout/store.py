@@ -15,6 +15,7 @@ from metergate.rollout.state import Rollout
 from metergate.storage.database import Database
 
 LEASE = "rollout-controller"
+ANNOUNCE_BATCH = 100  # events announced per tick at most: a backlog drains, bounded
 
 
 def holder_id() -> str:
@@ -111,3 +112,31 @@ async def take_lease(database: Database, holder: str, seconds: float) -> bool:
     )
     rows = await database.fetch("SELECT holder FROM leases WHERE name = ?", (LEASE,))
     return bool(rows) and rows[0][0] == holder
+
+
+async def unannounced(
+    database: Database, limit: int = ANNOUNCE_BATCH
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """How far the lease holders have announced (the last event id), and the events
+    recorded after it, oldest first: (id, ts, rollout, event, stage, detail)."""
+    rows = await database.fetch("SELECT announced FROM leases WHERE name = ?", (LEASE,))
+    position = int(rows[0][0]) if rows else 0
+    events = await database.fetch(
+        "SELECT id, ts, rollout, event, stage, detail FROM rollout_events WHERE id > ?"
+        " ORDER BY id LIMIT ?",
+        (position, limit),
+    )
+    return position, list(events)
+
+
+async def claim_announced(database: Database, holder: str, position: int, through: int) -> bool:
+    """Move the announced position from `position` to `through` for `holder`, before it
+    announces those events: True only while it still holds the lease and no one moved
+    the position since it was read. A holder that lost the lease (stopped for longer
+    than its lease) or raced another announces nothing, so no event is announced twice."""
+    async with database.transaction() as tx:
+        changed = await tx.execute(
+            "UPDATE leases SET announced = ? WHERE name = ? AND holder = ? AND announced = ?",
+            (through, LEASE, holder, position),
+        )
+    return changed == 1

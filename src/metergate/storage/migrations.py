@@ -276,6 +276,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE ttft_ms IS NOT NULL GROUP BY 1, 2, 3, 4, 5""",
         ),
     ),
+    Migration(
+        13,
+        "rollout announcements kept with the lease",
+        # How far the rollout controller's lease holders have announced the rollout
+        # events (the last id announced), so that a new holder goes on from there:
+        # each event is announced once, whichever process holds the lease and however
+        # often it changes hands or the gateway restarts. A ledger that already has
+        # events starts after them (its gateways announced them, or long ago chose not
+        # to); a new one at 0, so every event is announced, the CLI's before a first
+        # `serve` included.
+        (
+            "ALTER TABLE leases ADD COLUMN announced BIGINT NOT NULL DEFAULT 0",
+            "UPDATE leases SET announced = (SELECT COALESCE(MAX(id), 0) FROM rollout_events)"
+            " WHERE name = 'rollout-controller'",
+            "INSERT INTO leases (name, holder, expires_at, announced)"
+            " SELECT 'rollout-controller', '', 0, (SELECT COALESCE(MAX(id), 0) FROM rollout_events)"
+            " WHERE NOT EXISTS (SELECT 1 FROM leases WHERE name = 'rollout-controller')",
+        ),
+    ),
 )
 
 
