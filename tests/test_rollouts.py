@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +25,10 @@ from metergate.rollout import store, transitions
 from metergate.rollout.gates import Observed, judge
 from metergate.storage.database import open_database
 from metergate.storage.migrations import migrate
-from tests.harness import Gateway, UpstreamServer, start_gateway, two_gateways
-from tests.services import ServerProcess, run_prometheus
+from tests.harness import Gateway, UpstreamServer, start_gateway, two_gateways, write_config
+from tests.services import GatewayProcess, ServerProcess, run_prometheus
 from tests.test_ledger import wait_for
+from tests.test_metrics_workers import metrics_dir_of
 from tests.upstreams.fault_server import Fault, FaultServer
 
 ASK = [{"role": "user", "content": "roll"}]
@@ -482,6 +484,46 @@ async def test_a_ledger_from_before_the_position_was_kept_announces_no_history(t
         assert (position, rows) == (3, [])
     finally:
         await database.close()
+
+
+def test_serve_with_workers_warns_that_a_local_rollout_sees_one_workers_traffic(tmp_path, servers):
+    """With `--workers 2` the lease holder judges the attempts it made itself, and a bad
+    candidate that the other worker serves is never rolled back: `serve` says so, naming
+    the source that sees every worker."""
+    base, cand = servers
+    local = rollout_config(base, cand)
+    config = write_config(
+        {
+            **local,
+            "rollouts": {
+                **local["rollouts"],
+                "fleet": {
+                    **local["rollouts"]["move"],
+                    "model": "n",
+                    "source": "prometheus",
+                    "prometheus_url": "http://127.0.0.1:9",
+                },
+            },
+            "models": {**local["models"], "n": {"upstreams": ["base"]}},
+        },
+        tmp_path,
+    )
+    gateway = GatewayProcess(config, tmp_path, workers=2)
+    directories: set[Path | None] = set()
+    try:
+        gateway.wait_ready(timeout=60)
+        directories = {metrics_dir_of(pid) for pid in gateway.worker_pids()}
+        said = " ".join(gateway.log().split())
+    finally:
+        gateway.kill_all()
+        for directory in directories:  # `serve` leaves its metric files behind
+            if directory is not None and directory.name.startswith("metergate-metrics-"):
+                shutil.rmtree(directory, ignore_errors=True)
+    assert (
+        "rollout 'move' is judged with source: local, on the traffic of the one worker of 2" in said
+    )
+    assert "set source: prometheus and prometheus_url" in said
+    assert "rollout 'fleet'" not in said
 
 
 def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:
