@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -264,7 +265,8 @@ def test_admin_key_required_and_export(gateway_factory, upstream_url):
     assert said == ["one", "two", "three"]  # oldest first
 
 
-def test_jsonl_store_rotates_finds_and_expires(gateway_factory, upstream_url, tmp_path):
+def test_jsonl_store_rotates_finds_and_expires(gateway_factory, upstream_url, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="metergate.requestlog")
     directory = tmp_path / "request-log"
     directory.mkdir()
     expired = directory / "requests-20200101T000000-1-000001.jsonl"
@@ -293,6 +295,7 @@ def test_jsonl_store_rotates_finds_and_expires(gateway_factory, upstream_url, tm
     while expired.exists():  # past retention: removed when the writer starts
         assert time.monotonic() < deadline, "the expired file was not removed"
         time.sleep(0.05)
+    assert "request log: 1 files past retention removed" in caplog.messages
     files = sorted(directory.glob("requests-*.jsonl"))
     assert len(files) >= 2 and all(f.stat().st_size <= 64 * 1024 for f in files)
     lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -300,6 +303,31 @@ def test_jsonl_store_rotates_finds_and_expires(gateway_factory, upstream_url, tm
     exported = admin(gateway, "/admin/api/request-log.jsonl?since=1h").text.splitlines()
     assert len(exported) == 30
     assert gateway.metric("metergate_request_log_records_total", result="written") == 30
+
+
+def test_a_line_cut_short_leaves_the_jsonl_log_readable(gateway_factory, upstream_url, tmp_path):
+    """A process killed while appending (or a full disk) leaves a line cut short, maybe
+    naming the request id: export and lookup skip it and read every whole record."""
+    directory = tmp_path / "request-log"
+    directory.mkdir()
+    torn = directory / "requests-20261207T235000-99999-000001.jsonl"
+    torn.write_text(
+        f'{{"request_id": "whole", "ts": {time.time()}}}\n'
+        f'{{"request_id": "torn", "ts": {time.time()}, "request": {{"body": "ab'
+    )
+    config = logged_config(upstream_url, store="jsonl", directory=str(directory))
+    gateway = gateway_factory(config)
+    gateway.client().chat.completions.create(
+        model="gpt-4.1",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-request-id": "torn"},  # its id also begins the cut-off line
+    )
+    row = latest_row(gateway)
+    assert detail(gateway, row["id"])["log"]["request_id"] == "torn"
+    exported = admin(gateway, "/admin/api/request-log.jsonl?since=1h")
+    assert exported.status_code == 200
+    ids = sorted(json.loads(line)["request_id"] for line in exported.text.splitlines())
+    assert ids == ["torn", "whole"]
 
 
 def test_ledger_store_expires_old_records(upstream_url, bg, tmp_path):

@@ -103,7 +103,9 @@ class RequestRecorder:
                     cutoff = time.time() - self.config.retention_days * 86_400
                     removed = await self.store.purge(cutoff)
                     if removed:
-                        log.info("request log: %d records past retention removed", removed)
+                        log.info(
+                            "request log: %d %s past retention removed", removed, self.store.purges
+                        )
             except Exception:
                 log.exception("request log writer failed; retrying")
                 await asyncio.sleep(1.0)

@@ -12,9 +12,10 @@ files whose last record is older than the period.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,12 +25,15 @@ from metergate.config.observe import RequestLogConfig
 from metergate.storage.database import Database
 
 Row = tuple[Any, ...]  # (ts, request_id, key_name, outcome, record JSON)
+log = logging.getLogger("metergate.requestlog")
 _INSERT = (
     "INSERT INTO request_log (ts, request_id, key_name, outcome, record) VALUES (?, ?, ?, ?, ?)"
 )
 
 
 class Store(Protocol):
+    purges: str  # what `purge` counts: "records", or "files" of them
+
     async def write(self, rows: Sequence[Row]) -> None: ...
 
     async def find(self, request_id: str, ts: float | None) -> dict[str, Any] | None: ...
@@ -40,6 +44,8 @@ class Store(Protocol):
 
 
 class LedgerStore:
+    purges = "records"
+
     def __init__(self, database: Database) -> None:
         self.database = database
 
@@ -70,6 +76,8 @@ class LedgerStore:
 
 
 class JsonlStore:
+    purges = "files"
+
     def __init__(self, directory: str, max_file_bytes: int) -> None:
         self.directory = Path(directory)
         self.max_file_bytes = max_file_bytes
@@ -113,17 +121,13 @@ class JsonlStore:
         needle = orjson.dumps(request_id)
         best: dict[str, Any] | None = None
         for path in self._files():
-            with path.open("rb") as lines:
-                for line in lines:
-                    if needle not in line:
-                        continue
-                    record = orjson.loads(line)
-                    if record.get("request_id") != request_id:
-                        continue
-                    if (ts is None or record.get("ts") == ts) and (
-                        best is None or record["ts"] > best["ts"]
-                    ):
-                        best = record
+            for _, record in _records(path, needle):
+                if record.get("request_id") != request_id:
+                    continue
+                if (ts is None or record.get("ts") == ts) and (
+                    best is None or _ts(record) > _ts(best)
+                ):
+                    best = record
             if best is not None and ts is not None:
                 return best
         return best
@@ -134,11 +138,9 @@ class JsonlStore:
     def _export(self, start: float, end: float, limit: int) -> list[str]:
         found: list[tuple[float, str]] = []
         for path in self._files():
-            with path.open("rb") as lines:
-                for line in lines:
-                    record = orjson.loads(line)
-                    if start <= record.get("ts", 0) < end:
-                        found.append((record["ts"], line.decode().rstrip("\n")))
+            for line, record in _records(path):
+                if start <= _ts(record) < end:
+                    found.append((_ts(record), line.decode().rstrip("\n")))
         found.sort()
         return [line for _, line in found[:limit]]
 
@@ -155,6 +157,35 @@ class JsonlStore:
 
     async def purge(self, before: float) -> int:
         return await asyncio.to_thread(self._purge, before)
+
+
+def _records(path: Path, needle: bytes = b"") -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """The lines of a JSONL file holding `needle` that are records, each with its record.
+
+    A line that is not one is skipped and counted in a warning: what a process killed
+    while appending (or a full disk) leaves, a line cut short, must not make the whole
+    log unreadable, or the records after it in the file."""
+    torn = 0
+    with path.open("rb") as lines:
+        for line in lines:
+            if needle not in line:
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                record = None
+            if type(record) is dict:
+                yield line, record
+            else:
+                torn += 1
+    if torn:
+        log.warning("request log: %d line(s) of %s are not whole records; skipped", torn, path)
+
+
+def _ts(record: dict[str, Any]) -> float:
+    """A record's finish time (0 if a hand-edited line lacks one, or it is not a number)."""
+    ts = record.get("ts")
+    return float(ts) if isinstance(ts, int | float) else 0.0
 
 
 def open_store(config: RequestLogConfig, database: Database | None) -> Store:
