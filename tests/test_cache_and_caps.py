@@ -12,6 +12,7 @@ from metergate.cache.response_cache import ENTRY_OVERHEAD
 from metergate.config.model import CacheConfig
 from metergate.providers.base import Usage
 from tests.harness import eventually, simulated_config
+from tests.upstreams import openai_server
 
 ASK = [{"role": "user", "content": "cache me"}]
 
@@ -215,3 +216,33 @@ def test_a_reload_that_changes_a_models_upstreams_or_prices_serves_no_older_answ
     repriced = ask()
     assert "x-metergate-cache" not in repriced.headers
     assert float(repriced.headers["x-metergate-cost-usd"]) > 0
+
+
+def test_both_output_limits_are_capped_and_held_by_the_larger(gateway_factory, openai_upstream):
+    """A request may set `max_completion_tokens` and `max_tokens` together, and upstreams
+    differ in which they read (DeepSeek reads `max_tokens` alone): the cap brings both
+    down, `over_cap: reject` refuses by the larger, and a hard budget holds the larger."""
+    server, state = openai_upstream
+    provider = {"type": "openai", "base_url": f"{server.url}/v1", "api_key": openai_server.API_KEY}
+    price = {"input": 1, "output": 10}
+    config = {
+        "providers": {"up": provider},
+        "upstreams": {"up": {"provider": "up", "model": "gpt-x", "price": price}},
+        "models": {
+            "capped": {"upstreams": ["up"], "max_tokens_cap": 50},
+            "strict": {"upstreams": ["up"], "max_tokens_cap": 50, "over_cap": "reject"},
+            "held": {"upstreams": ["up"]},
+        },
+        # 5,000 output tokens at $10 a million are $0.05: over the limit, 10 are not
+        "budgets": {"tight": {"scope": "model", "target": "held", "limit_usd": 0.01, "hard": True}},
+    }
+    client = gateway_factory(config).client()
+    both = {"max_completion_tokens": 10, "max_tokens": 5000}
+    client.chat.completions.create(model="capped", messages=ASK, **both)
+    sent = state.requests[-1]
+    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (10, 50)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 5000 is above"):
+        client.chat.completions.create(model="strict", messages=ASK, **both)
+    client.chat.completions.create(model="held", messages=ASK, max_completion_tokens=10)
+    with pytest.raises(openai.RateLimitError, match="budget 'tight'"):
+        client.chat.completions.create(model="held", messages=ASK, **both)

@@ -12,11 +12,11 @@ _FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 def requested_max_tokens(body: dict[str, Any]) -> int | None:
-    for name in _FIELDS:
-        value = body.get(name)
-        if value is not None:
-            return int(value)
-    return None
+    """The most output the request lets an upstream generate: with both fields set, the
+    larger, since upstreams differ in which one they read (DeepSeek reads `max_tokens`
+    alone)."""
+    asked = [int(body[name]) for name in _FIELDS if body.get(name) is not None]
+    return max(asked) if asked else None
 
 
 def apply_max_tokens_cap(body: dict[str, Any], model: ModelConfig, key: KeyRecord) -> None:
@@ -35,5 +35,7 @@ def apply_max_tokens_cap(body: dict[str, Any], model: ModelConfig, key: KeyRecor
             code="max_tokens_over_cap",
             param="max_tokens",
         )
-    field = next((name for name in _FIELDS if body.get(name) is not None), "max_tokens")
-    body[field] = cap
+    # Every field set is brought down to the cap (upstreams differ in which they read).
+    for name in [name for name in _FIELDS if body.get(name) is not None] or ["max_tokens"]:
+        value = body.get(name)
+        body[name] = cap if value is None else min(int(value), cap)

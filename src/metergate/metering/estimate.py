@@ -330,8 +330,9 @@ def _strings_bytes(value: Any, names: tuple[str, ...]) -> int:
 
 
 def _max_tokens(body: dict[str, Any]) -> int:
-    """The request's limit on each choice's output tokens; 0 when it sets none."""
-    return int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+    """The request's limit on each choice's output tokens; 0 when it sets none. With
+    both fields set, the larger: upstreams differ in which they read."""
+    return max(int(body.get("max_completion_tokens") or 0), int(body.get("max_tokens") or 0))
 
 
 def _billable(tokens: int, body: dict[str, Any], sent: int = 0) -> int:
