@@ -17,7 +17,14 @@ from metergate.budgets.budget import Budget
 from metergate.budgets.period import period_bounds
 from metergate.config.model import BudgetConfig
 from metergate.metering.estimate import WorstCase
-from tests.harness import WebhookReceiver, eventually, simulated_config, start_gateway
+from tests.harness import (
+    UpstreamServer,
+    WebhookReceiver,
+    eventually,
+    simulated_config,
+    start_gateway,
+)
+from tests.upstreams import anthropic_server
 
 ASK = [{"role": "user", "content": "budget me"}]
 
@@ -413,3 +420,40 @@ def test_a_refusal_for_what_requests_in_flight_hold_says_retry_soon():
     spent = exhausted(budget, worst, spent_nano=950_000_000, held_nano=0)
     assert spent.retry_after is not None and spent.retry_after > 1
     assert "the budget resets at" in spent.message
+
+
+def test_tools_are_held_at_the_prompt_a_provider_adds_for_them(gateway_factory, bg):
+    """A request with tools is billed a tool-use system prompt its bytes do not show
+    (Anthropic's 346 tokens here): the hold counts it, so one request after another
+    stops before a hard limit, not past it."""
+    server = UpstreamServer(bg, anthropic_server.create_app())
+    try:
+        provider = {
+            "type": "anthropic",
+            "base_url": server.url,
+            "api_key": anthropic_server.API_KEY,
+        }
+        price = {"input": 1_000_000, "output": 1_000_000}  # $1 a token
+        config = {
+            "providers": {"claude": provider},
+            "upstreams": {"claude-up": {"provider": "claude", "model": "m", "price": price}},
+            "models": {"claude": {"upstreams": ["claude-up"]}},
+            "budgets": {"cap": {"limit_usd": 1_900}},
+        }
+        gateway = gateway_factory(config)
+        ask = [
+            {"role": "system", "content": "TRIGGER:tool_prompt"},
+            {"role": "user", "content": "Weather?"},
+        ]
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+        client = gateway.client()
+        with pytest.raises(openai.RateLimitError, match="budget 'cap'"):
+            for _ in range(20):
+                client.chat.completions.create(
+                    model="claude", messages=ask, tools=[tool], max_tokens=10
+                )
+        rows = gateway.ledger_rows("outcome = 'success'")
+        assert rows and rows[0]["input_tokens"] > 346  # the tool-use prompt was billed
+        assert sum(r["cost_nano"] for r in rows) <= 1_900 * 10**9
+    finally:
+        server.close()

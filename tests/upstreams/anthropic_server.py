@@ -36,7 +36,9 @@ Behaviour is chosen by `TRIGGER:<word>` in the text of the last user message:
 
 `TRIGGER:cached` in the *system prompt* makes usage report
 `cache_creation_input_tokens=256` and `cache_read_input_tokens=1024`; `TRIGGER:searched`
-there, `server_tool_use` of 3 web searches and 1 web fetch (in `message_delta` too).
+there, `server_tool_use` of 3 web searches and 1 web fetch (in `message_delta` too);
+`TRIGGER:tool_prompt` there, 346 more input tokens when the request has tools: the
+tool-use system prompt the real API adds (Claude 4 models, `tool_choice` auto or none).
 
 Without a trigger the answer is a tool use when the request has tools, `tool_choice` is
 not `none` and the last user turn holds no `tool_result`: a `tool_use` block with input
@@ -268,7 +270,8 @@ def _answer(body: dict[str, Any], serial: int) -> dict[str, Any]:
     system_text = system if isinstance(system, str) else _text_of(system)
     cached = trigger(system_text) == "cached"
     usage: dict[str, Any] = {
-        "input_tokens": _prompt_tokens(body),
+        "input_tokens": _prompt_tokens(body)
+        + (346 if body.get("tools") and trigger(system_text) == "tool_prompt" else 0),
         "cache_creation_input_tokens": 256 if cached else 0,
         "cache_read_input_tokens": 1024 if cached else 0,
         "output_tokens": 0,

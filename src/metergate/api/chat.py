@@ -161,6 +161,11 @@ class CompletionsHandler:
         if budgets and (exchange.added_bytes or estimate.may_attach(request.raw)):
             forms = (body,) if exchange.native is None else (body, exchange.native.body)
             prompt = estimate.prompt_bound(prompt, forms, route.config.budget_attachment_tokens)
+        if budgets and (
+            body.get("tools") or (exchange.native is not None and exchange.native.body.get("tools"))
+        ):
+            forms = (body,) if exchange.native is None else (body, exchange.native.body)
+            prompt += estimate.tool_tokens(forms)  # what providers add that bytes do not show
         worst = estimate.worst_case(
             prompt,
             body,

@@ -405,6 +405,33 @@ def prompt_bound(body_size: int, bodies: tuple[Any, ...], attachment_tokens: int
     return body_size + max(map(_attachments, bodies)) * attachment_tokens
 
 
+# What a provider adds to the prompt of a request with tools that its bytes do not show:
+# a system prompt on tool use (Anthropic's is 313 to 530 tokens by model and tool_choice),
+# and the definition of each built-in tool, which a request names alone (Anthropic's text
+# editor is 700 tokens, its computer use 735; OpenAI's Responses tools likewise).
+TOOL_USE_TOKENS = 600
+BUILT_IN_TOOL_TOKENS = 1_000
+_DECLARED_TOOLS = frozenset({"function", "custom"})  # defined in the request's own bytes
+
+
+def tool_tokens(bodies: tuple[Any, ...]) -> int:
+    """Prompt tokens a request's tools may add beyond its bytes, in the form an upstream
+    may get it that adds the most (`bodies`, as for `prompt_bound`); 0 without tools."""
+    most = 0
+    for body in bodies:
+        tools = body.get("tools")
+        if type(tools) is list and tools:
+            built_in = sum(
+                1
+                for tool in tools
+                if type(tool) is dict
+                and tool.get("type", "custom") not in _DECLARED_TOOLS
+                and "input_schema" not in tool
+            )
+            most = max(most, TOOL_USE_TOKENS + built_in * BUILT_IN_TOOL_TOKENS)
+    return most
+
+
 def may_attach(raw: bytes) -> bool:
     """Whether a request body, as it came, may hold an attachment: any whose `type` is
     one of them spells "image", "file" or "document" in its bytes, or escapes a letter
