@@ -546,3 +546,34 @@ async def test_a_call_in_flight_across_a_reload_that_removes_its_server_keeps_it
         assert client_count(samples, "search", "nap", "") == 1
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_chat_the_client_cancels_is_metered_as_cancelled(
+    bg: BackgroundLoop, tmp_path: Path, mode: str
+) -> None:
+    """A client cancels `chat` while the model answers (2026-07-28: it closes the
+    request's stream; handshake era: `notifications/cancelled`). That is a caller who
+    left, as an HTTP caller closing its connection: the model call in flight finishes
+    and is billed, under `cancelled` / 499, not as a fault of the gateway."""
+    config = simulated_config(latency_ms=1500)
+    config["mcp"] = {"servers": {}}
+    gateway = start_gateway(bg, config, tmp_path / "gw")
+    deployment = gateway.runtime.plan.router.routes["sim"].deployments[0]
+    try:
+        async with connect(mcp_url(gateway), gateway.key, mode=mode) as client:
+            call = asyncio.create_task(client.call_tool("chat", {"model": "sim", "prompt": "hi"}))
+            await eventually(lambda: deployment.in_flight, within=10)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await eventually(lambda: not deployment.in_flight, within=10)
+
+        await eventually(lambda: gateway.ledger_rows("request_id LIKE 'mcp_%'"), within=10)
+        (row,) = gateway.ledger_rows("request_id LIKE 'mcp_%'")
+        assert (row["outcome"], row["status"]) == ("cancelled", 499)
+        assert row["cost_nano"] > 0  # the model answered, and its provider bills that
+        assert gateway.metric("metergate_requests_total", outcome="cancelled", api="chat") == 1
+        assert gateway.metric("metergate_requests_total", outcome="gateway_error") == 0
+    finally:
+        gateway.stop()

@@ -2,7 +2,8 @@
 
 `chat` is an in-process call of the gateway's own `POST /v1/chat/completions` with the
 caller's key, so routing, caps, budgets, retries, metrics and the ledger apply exactly
-as to any other request: there is no second path to keep in step.
+as to any other request: there is no second path to keep in step. A client that cancels
+`chat` is to that request a caller who closed its connection (`asgi.ON_DEPARTURE`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from mcp_types import CallToolResult, TextContent, Tool
 
+from metergate.asgi import ON_DEPARTURE
 from metergate.auth.keys import KeyRecord
 from metergate.budgets.period import iso, period_bounds
 from metergate.metering.hourly import spend_source
@@ -85,6 +87,14 @@ class Builtins:
         self.runtime = runtime
         self._app = app
         self.tools = {tool.name: tool for tool in TOOLS}
+        self._abandoned: set[asyncio.Future[None]] = set()  # chats whose client cancelled
+
+    async def close(self) -> None:
+        """Stop the chats still finishing for clients that cancelled them (a shutdown):
+        they are recorded as `cancelled` while the ledger still takes rows."""
+        for task in self._abandoned:
+            task.cancel()
+        await asyncio.gather(*self._abandoned, return_exceptions=True)
 
     async def call(
         self,
@@ -113,7 +123,7 @@ class Builtins:
             if arguments.get(option) is not None:
                 body[option] = arguments[option]
         status, headers, raw = await asgi_post(
-            app, "/v1/chat/completions", orjson.dumps(body), credentials
+            app, "/v1/chat/completions", orjson.dumps(body), credentials, self._abandoned
         )
         reply = _json(raw)
         if status != 200:
@@ -210,9 +220,18 @@ class Builtins:
 
 
 async def asgi_post(
-    app: ASGIApp, path: str, body: bytes, extra_headers: list[tuple[bytes, bytes]]
+    app: ASGIApp,
+    path: str,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]],
+    abandoned: set[asyncio.Future[None]],
 ) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One POST through an ASGI app in process: no socket, no second HTTP stack."""
+    """One POST through an ASGI app in process: no socket, no second HTTP stack.
+
+    The app runs in a task of its own, as under an HTTP server, so that a cancelled
+    caller reaches it the way a closed connection does: told through `ON_DEPARTURE` (the
+    request ends as `cancelled`, not as a server shutting down), it finishes on its own,
+    in `abandoned` until then (a model call in flight is answered and billed)."""
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -255,10 +274,19 @@ async def asgi_post(
             if not message.get("more_body"):
                 finished.set()
 
+    handler = asyncio.ensure_future(app(scope, receive, send))
     try:
-        await app(scope, receive, send)
+        await asyncio.shield(handler)
+    except asyncio.CancelledError:
+        departed = scope.pop(ON_DEPARTURE, None)
+        if departed is not None:
+            departed()
+        if not handler.done():
+            abandoned.add(handler)
+            handler.add_done_callback(abandoned.discard)
+        raise
     finally:
-        finished.set()
+        finished.set()  # and receive() tells the handler its caller is gone
     return status, response_headers, b"".join(chunks)
 
 

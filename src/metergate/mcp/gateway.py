@@ -226,6 +226,7 @@ class McpGateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._serving, 10)
             self._serving = None
+        await self.builtins.close()  # after the sessions, which may leave chats behind
 
     async def apply(self, config: McpConfig) -> None:
         """Take a reloaded `mcp:` section without a restart.
