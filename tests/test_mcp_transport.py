@@ -28,6 +28,7 @@ from tests.harness import BackgroundLoop, Gateway, free_port, start_gateway
 from tests.harness import simulated_config as base_config
 from tests.mcp_servers.support import (
     FILES_SERVER,
+    LEGACY_SERVER,
     SEARCH_SERVER,
     HttpMcpServer,
     connect,
@@ -258,6 +259,18 @@ async def test_answers_are_asked_for_uncompressed_so_the_limit_counts_what_is_re
     assert seen == ["identity"]
 
 
+async def serve(handle: Any) -> tuple[web.AppRunner, str]:
+    """An HTTP 'MCP server' answering every request with `handle`, and its /mcp URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/mcp"
+
+
 async def broken_server() -> tuple[web.AppRunner, str]:
     """An HTTP 'MCP server' whose tool answers are not JSON-RPC (as a proxy's error page,
     a crashed handler or another service on the port would answer)."""
@@ -297,14 +310,7 @@ async def broken_server() -> tuple[web.AppRunner, str]:
         error = {"code": -32601, "message": f"no {method}"}
         return web.json_response({"jsonrpc": "2.0", "id": ident, "error": error})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}/mcp"
+    return await serve(handle)
 
 
 async def failed_call(gateway: Gateway, tool: str) -> Any:
@@ -531,3 +537,105 @@ def test_a_stdio_server_inherits_none_of_the_gateways_sockets(tmp_path: Path) ->
         assert listening.getsockname() not in held, held
     finally:
         listening.close()
+
+
+async def test_a_session_the_server_forgot_is_opened_again_and_the_call_sent_once_more(
+    bg: BackgroundLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handshake-era server that forgets the gateway's session (a restart; the SDK's
+    session_idle_timeout does the same) answers its requests 404. Per the spec the
+    gateway opens a new session and sends the request again, which the server never
+    took: the call succeeds, counted once, and the server is not taken for down."""
+    memos = HttpMcpServer(LEGACY_SERVER, free_port(), tmp_path / "memos.log")
+    memos.start()
+    config = base_config()
+    config["mcp"] = {
+        "servers": {"memos": {"url": memos.url, "timeout_seconds": 10}},
+        "default_access": {"servers": ["memos"]},
+        "health_interval_seconds": 600,  # no probe meets the forgotten session first
+    }
+    gateway = start_gateway(bg, config, tmp_path / "gw")
+    mcp = gateway.runtime.mcp
+    assert mcp is not None
+    touch = {"uri": "memo://a"}
+    try:
+        assert mcp.upstreams["memos"].modern is False
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            assert (await client.call_tool("memos.touch", touch)).content[0].text == "touched"
+            memos.stop()
+            memos.start()  # with no session of anybody's
+            assert (await client.call_tool("memos.touch", touch)).content[0].text == "touched"
+        assert calls(gateway, "memos", "touch", "") == 2
+        assert calls(gateway, "memos", "touch", "transport") == 0
+        samples = registry_samples(gateway.runtime.metrics.registry)
+        assert value(samples, UP, mcp_server_name="memos") == 1
+        assert not [r.getMessage() for r in caplog.records if "is down" in r.getMessage()]
+    finally:
+        gateway.stop()
+        memos.stop()
+
+
+async def forgetful_server() -> tuple[web.AppRunner, str, list[str]]:
+    """A handshake-era HTTP 'MCP server' that answers every tool call 404 "Session not
+    found", as the SDK's servers do for a session they ended; and the methods it got."""
+    got: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return web.Response(status=405)
+        message = await request.json()
+        got.append(message.get("method"))
+        if "id" not in message:
+            return web.Response(status=202)
+        ident, method = message["id"], message.get("method")
+        if method == "tools/call":
+            error = {"code": -32600, "message": "Session not found"}
+            return web.json_response({"jsonrpc": "2.0", "id": None, "error": error}, status=404)
+        if method == "initialize":
+            info = {"name": "forgetful", "version": "1"}
+            result: dict[str, Any] = {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {"tools": {}},
+                "serverInfo": info,
+            }
+        elif method == "tools/list":
+            result = {"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}
+        else:
+            error = {"code": -32601, "message": f"no {method}"}
+            return web.json_response({"jsonrpc": "2.0", "id": ident, "error": error})
+        headers = {"Mcp-Session-Id": f"session-{got.count('initialize')}"}
+        return web.json_response({"jsonrpc": "2.0", "id": ident, "result": result}, headers=headers)
+
+    runner, url = await serve(handle)
+    return runner, url, got
+
+
+async def test_a_call_whose_new_session_is_ended_too_fails_naming_the_server_and_why(
+    bg: BackgroundLoop, tmp_path: Path
+) -> None:
+    """The request is sent again once, on one new session: when that session is ended
+    too, the call fails with an error that names the server and the cause."""
+    runner, url, got = bg.run(forgetful_server())
+    config = base_config()
+    config["mcp"] = {
+        "servers": {"forgetful": {"url": url, "timeout_seconds": 10}},
+        "default_access": {"servers": ["forgetful"]},
+        "health_interval_seconds": 600,
+    }
+    gateway = start_gateway(bg, config, tmp_path / "gw")
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            with pytest.raises(MCPError) as raised:
+                await client.call_tool("forgetful.echo", {})
+        error = raised.value.error
+        assert error.code == -32000, outcome(raised.value)
+        assert error.message == (
+            "MCP server 'forgetful' ended metergate's session (HTTP 404 Not Found: "
+            "Session not found)"
+        )
+        assert error.data is None
+        assert got.count("tools/call") == 2 and got.count("initialize") == 2
+        assert calls(gateway, "forgetful", "echo", "transport") == 1
+    finally:
+        gateway.stop()
+        bg.run(runner.cleanup())

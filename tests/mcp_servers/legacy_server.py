@@ -2,22 +2,27 @@
 before 2026 are: the low-level `Server`, served by the handshake-only loop, with
 `resources/subscribe` and updates on the session.
 
-Run: python legacy_server.py (stdio). Resources `memo://a` and `memo://b`, listed one
-per page; tools `touch` (changes a memo and tells its subscribers) and `subscribed` (the
+Run: python legacy_server.py (stdio), or python legacy_server.py PORT (streamable HTTP,
+where it refuses `server/discover` as servers of that era do, and keeps its sessions in
+memory: a restart forgets them). Resources `memo://a` and `memo://b`, listed one per
+page; tools `touch` (changes a memo and tells its subscribers) and `subscribed` (the
 URIs subscribed to now).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import anyio
 import mcp_types as types
+import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.runner import serve_loop
 from mcp.server.session import ServerSession
 from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
 
 MEMOS = {"memo://a": "first", "memo://b": "second"}
 SUBSCRIBERS: dict[str, list[ServerSession]] = {}
@@ -98,10 +103,19 @@ server: Server[Any] = Server(
 )
 
 
+async def no_discover(ctx: ServerRequestContext[Any], params: Any) -> types.EmptyResult:
+    raise MCPError(types.METHOD_NOT_FOUND, "Method not found")
+
+
 async def main() -> None:
     async with stdio_server() as (read, write):
         await serve_loop(server, read, write, lifespan_state={})
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    if len(sys.argv) > 1:
+        server.add_request_handler("server/discover", types.RequestParams, no_discover)
+        app = server.streamable_http_app()
+        uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    else:
+        anyio.run(main)

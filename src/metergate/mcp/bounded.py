@@ -11,19 +11,25 @@ failure is counted against the server that sent it.
 An HTTP error answer without a JSON-RPC error of its own (a 401 from a proxy, a 502 page)
 would reach the caller and the log as the SDK's "Server returned an error response";
 it is replaced by a JSON-RPC error (-32603) naming the server, the status and the start
-of what it said. A 404 is left to the SDK, which reads it as an ended session.
+of what it said. A 404 to a request in a handshake-era session says the server ended
+that session (its idle timeout, a restart): it is replaced by an error that says so, and
+that `Upstream` knows to answer by opening a new session (`session_ended`); ending that
+session at the close of its connection then finds it gone, as intended, not failed.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
 import httpx2
 import orjson
+from mcp.client.streamable_http import MCP_SESSION_ID
+from mcp_types import ErrorData
 
-from metergate.mcp.metrics import INTERNAL_ERROR
+from metergate.mcp.metrics import CONNECTION_CLOSED, INTERNAL_ERROR
 
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _CUT = b"\nevent: metergate-dropped\n\n"
@@ -31,6 +37,9 @@ _QUOTED = 200  # bytes of an HTTP error answer quoted in the caller's error
 SSE_MARGIN = 64
 """What the SDK's own per-event limit must allow beyond ours: the line that ends a cut
 event (our limit fires first, and the SDK's would fail the whole stream instead)."""
+_SESSION_ENDED = secrets.token_hex(8)
+"""Marks the error standing for a 404 to a request in a session: random per process, so
+no server can forge one in an answer of its own and have a request it took sent again."""
 
 
 class BoundedTransport(httpx2.AsyncBaseTransport):
@@ -44,6 +53,9 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         # before it expands, so ask for it uncompressed.
         request.headers["Accept-Encoding"] = "identity"
         response = await self.inner.handle_async_request(request)
+        if request.method == "DELETE" and response.status_code == 404:
+            await response.aclose()  # the session to end is gone already (not a failure)
+            return httpx2.Response(204, request=request)
         if request.method != "POST":
             return response  # the server's notification stream: no results on it
         refusal = self._refusal(request)
@@ -66,10 +78,15 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
             return httpx2.Response(200, json=refusal, request=request)
         status = response.status_code
         content_type = response.headers.get("content-type", "").lower()
-        own_error = content_type.startswith("application/json") and _is_jsonrpc_error(body)
+        # An HTTP error answer with a JSON-RPC error of its own: the SDK reads that one.
+        own_error = content_type.startswith("application/json") and bool(_jsonrpc_error(body))
+        if status == 404 and MCP_SESSION_ID in request.headers:
+            ended = self._session_ended(request, bytes(body))
+            return httpx2.Response(status, json=ended, request=request)
         if status >= 400 and status != 404 and not own_error:
-            # The SDK would say only "Server returned an error response" (404 it reads
-            # itself: an ended session). Say what the server said, so a 401 reads as one.
+            # The SDK would say only "Server returned an error response" (a 404 outside a
+            # session it reads itself: an unknown method). Say what the server said, so a
+            # 401 reads as one.
             failure = self._failure(request, status, bytes(body))
             return httpx2.Response(status, json=failure, request=request)
         return httpx2.Response(
@@ -101,25 +118,45 @@ class BoundedTransport(httpx2.AsyncBaseTransport):
         message = f"MCP server {self.server!r} answered HTTP {status} {reason}".rstrip()
         return _error(request, f"{message}: {said}" if said else message, {"http_status": status})
 
+    def _session_ended(self, request: httpx2.Request, body: bytes) -> dict[str, Any]:
+        """The JSON-RPC error that stands for a 404 to a request in a session: the server
+        ended the session, and never took the request."""
+        said = (_jsonrpc_error(body) or {}).get("message")
+        if not isinstance(said, str):
+            said = " ".join(body[:_QUOTED].decode("utf-8", "replace").split())
+        message = f"MCP server {self.server!r} ended metergate's session (HTTP 404 Not Found"
+        message += f": {said})" if said else ")"
+        data = {"http_status": 404, "session_ended": _SESSION_ENDED}
+        return _error(request, message, data, CONNECTION_CLOSED)
 
-def _error(request: httpx2.Request, message: str, data: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-RPC error (-32603) answering the request `request` carries."""
+
+def session_ended(error: ErrorData) -> bool:
+    """Whether `error` stands for the server ending the session the request was sent in."""
+    data = error.data
+    return isinstance(data, dict) and data.get("session_ended") == _SESSION_ENDED
+
+
+def _error(
+    request: httpx2.Request, message: str, data: dict[str, Any], code: int = INTERNAL_ERROR
+) -> dict[str, Any]:
+    """A JSON-RPC error answering the request `request` carries."""
     try:
         sent = orjson.loads(request.content)
     except (orjson.JSONDecodeError, httpx2.RequestNotRead):
         sent = {}
     request_id = sent.get("id") if isinstance(sent, dict) else None
-    error = {"code": INTERNAL_ERROR, "message": message, "data": data}
+    error = {"code": code, "message": message, "data": data}
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
-def _is_jsonrpc_error(body: bytes | bytearray) -> bool:
-    """Whether an HTTP error answer carries its own JSON-RPC error (the SDK reads it)."""
+def _jsonrpc_error(body: bytes | bytearray) -> dict[str, Any] | None:
+    """The JSON-RPC error an answer carries, if it carries one."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 class _BoundedEvents(httpx2.AsyncByteStream):

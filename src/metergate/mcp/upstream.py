@@ -5,11 +5,14 @@ be entered and left in one task). While connected it probes the server with `too
 every `health_interval_seconds` (which also picks up changed tool lists; a server without
 tools gets `resources/list` or `prompts/list` instead); a failed probe, a failed request
 or a dropped connection marks the server down (`metergate_mcp_server_up` 0) and the task
-reconnects with exponential backoff and jitter until it answers again. Requests from
-handlers use the live `Client` concurrently, each within the server's timeout and
-metered whatever its outcome; while the server is down they fail at once instead of
-waiting on a connection that is not there. What the server announced at connection
-(capabilities, protocol era) is kept, so the gateway can say what its servers support.
+reconnects with exponential backoff and jitter until it answers again. A handshake-era
+server that ended the gateway's session (its idle timeout, a restart: it answers 404) is
+not down: the task opens a new session at once, and the requests that met the end are
+sent again on it. Requests from handlers use the live `Client` concurrently, each within
+the server's timeout and metered whatever its outcome; while the server is down they
+fail at once instead of waiting on a connection that is not there. What the server
+announced at connection (capabilities, protocol era) is kept, so the gateway can say
+what its servers support.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from mcp_types import CallToolResult, ErrorData, ServerCapabilities, Tool
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
-from metergate.mcp.bounded import SSE_MARGIN, BoundedTransport
+from metergate.mcp.bounded import SSE_MARGIN, BoundedTransport, session_ended
 from metergate.mcp.config import McpConfig, McpServerConfig
 from metergate.mcp.metrics import (
     BROKEN_ANSWER,
@@ -68,6 +71,10 @@ Send = Callable[[Client, float], Awaitable[T]]
 
 def mcp_error(code: int, message: str, data: Any = None) -> MCPError:
     return MCPError.from_error_data(ErrorData(code=code, message=message, data=data))
+
+
+class _Unavailable(MCPError):
+    """The gateway's own word that a server takes no requests now (it names the server)."""
 
 
 class Upstream:
@@ -107,6 +114,9 @@ class Upstream:
         self._idle = asyncio.Event()  # set while no request is in flight
         self._idle.set()
         self._retired = False  # replaced by a reload: serves only what it already has
+        # A new session asked for in place of one the server ended: the new client, or
+        # None when none could be opened.
+        self._renewal: asyncio.Future[Client | None] | None = None
 
     @property
     def up(self) -> bool:
@@ -205,6 +215,7 @@ class Upstream:
     async def _supervise(self) -> None:
         delay = self.settings.reconnect_min_seconds
         while not self._stopping.is_set():
+            renewing = False
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     client = await self._connect(stack)
@@ -214,7 +225,7 @@ class Upstream:
                     await self._refresh(client)
                     self._mark_up(client)
                     delay = self.settings.reconnect_min_seconds
-                    await self._watch(client)
+                    renewing = await self._watch(client)
             except Exception as exc:  # includes the SDK's ExceptionGroups from its task groups
                 if not self._stopping.is_set():
                     log.warning("MCP server %s: %s", self.name, _describe(exc))
@@ -225,8 +236,12 @@ class Upstream:
                 # The SDK's transport cancelled this task's scope when the connection broke.
                 log.warning("MCP server %s: connection lost", self.name)
             finally:
-                self._mark_down()
+                renewing = renewing and not self._stopping.is_set()
+                if not renewing:
+                    self._mark_down()
                 self._first_attempt.set()
+            if renewing:
+                continue  # at once, still up: the server only ended the session
             if self._stopping.is_set() or self._retired:
                 return  # a retired connection that broke has no requests left to serve
             pause = delay * random.uniform(0.8, 1.2)
@@ -234,8 +249,9 @@ class Upstream:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), pause)
 
-    async def _watch(self, client: Client) -> None:
-        """Probe until a probe fails (raise) or the gateway stops (return)."""
+    async def _watch(self, client: Client) -> bool:
+        """Probe until a probe fails (raise), the server ended the session (True: open
+        a new one) or the gateway stops (False)."""
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -243,14 +259,37 @@ class Upstream:
                 )
             self._probe_now.clear()
             if self._stopping.is_set():
-                return
-            await self._refresh(client)
+                return False
+            if self._renewal is not None:
+                return True
+            try:
+                await self._refresh(client)
+            except MCPError as exc:
+                if not session_ended(exc.error):
+                    raise
+                self._renew()
+                return True
+        return False
+
+    def _renew(self) -> None:
+        """Have the supervisor open a new session in place of the one the server ended
+        (one for all the requests that met its end)."""
+        if self._renewal is None:
+            log.info("MCP server %s ended metergate's session; opening a new one", self.name)
+            self._renewal = asyncio.get_running_loop().create_future()
+            self._probe_now.set()
+
+    def _settle_renewal(self, client: Client | None) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and not renewal.done():
+            renewal.set_result(client)
 
     def _mark_up(self, client: Client) -> None:
         if self.client is None:
             log.info("MCP server %s is up (%d tools)", self.name, len(self.tools))
         self.client = client
         self._first_attempt.set()
+        self._settle_renewal(client)
         if not self._retired:
             self._up.set(1)
             self.subscriptions.connected()
@@ -259,6 +298,7 @@ class Upstream:
         if self.client is not None and not self._stopping.is_set() and not self._retired:
             log.warning("MCP server %s is down; reconnecting", self.name)
         self.client = None
+        self._settle_renewal(None)
         if not self._retired:
             self._up.set(0)
         self.subscriptions.disconnected()
@@ -377,16 +417,12 @@ class Upstream:
         self._in_flight += 1
         self._idle.clear()
         try:
-            client = self.client
-            if client is None:
-                raise mcp_error(
-                    CONNECTION_CLOSED,
-                    f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
-                )
+            if self.client is None:
+                raise self._unavailable()
             with anyio.fail_after(timeout):
                 async with self._slot() as queued:
                     waited = time.perf_counter() - started if queued else 0.0
-                    result = await send(client, timeout + 1)
+                    result = await self._send(send, timeout + 1)
         except TimeoutError:
             if waited is None:
                 error_type = "gateway_error"  # metergate's own limit, not the server's fault
@@ -408,6 +444,10 @@ class Upstream:
                 f"{what} did not answer within {timeout:g} s "
                 f"(timeout_seconds of MCP server {self.name!r}){queue}",
             ) from None
+        except _Unavailable:
+            error_type = "transport"
+            self._probe_now.set()
+            raise
         except MCPError as exc:
             if exc.error.code in BROKEN_ANSWER:  # the server's answer, never the caller's
                 error_type = "transport"
@@ -418,8 +458,11 @@ class Upstream:
                     f"{exc.error.message[:200]}",
                 ) from None
             error_type = code_error_type(exc.error.code)
-            if error_type == "transport":
-                self._probe_now.set()
+            if error_type != "transport":
+                raise
+            self._probe_now.set()
+            if session_ended(exc.error):  # the new session's too; the message says so
+                raise mcp_error(CONNECTION_CLOSED, exc.error.message) from None
             raise
         except Exception as exc:
             if not _is_transport(exc):  # e.g. a result that breaks the tool's output schema
@@ -445,6 +488,40 @@ class Upstream:
             if not self._in_flight:
                 self._idle.set()
         return result
+
+    async def _send(self, send: Send[T], seconds: float) -> T:
+        """`send` on the live session; if the server had ended it (its idle timeout, a
+        restart), once more on a new one: the server never took the request, and the
+        spec has a client that gets 404 for its session start a new one."""
+        client = await self._session()
+        try:
+            return await send(client, seconds)
+        except MCPError as exc:
+            if not session_ended(exc.error):
+                raise
+        if self.client is client:  # else another request had it replaced already
+            self._renew()
+        return await send(await self._session(), seconds)
+
+    async def _session(self) -> Client:
+        """The client to send on; while an ended session is replaced, the new one's."""
+        renewal = self._renewal
+        if renewal is not None and await asyncio.shield(renewal) is None:
+            raise _Unavailable(
+                code=CONNECTION_CLOSED,
+                message=f"MCP server {self.name!r} ended metergate's session and a new one "
+                f"could not be opened; metergate is reconnecting to it",
+            )
+        client = self.client
+        if client is None:
+            raise self._unavailable()
+        return client
+
+    def _unavailable(self) -> _Unavailable:
+        return _Unavailable(
+            code=CONNECTION_CLOSED,
+            message=f"MCP server {self.name!r} is unavailable; metergate is reconnecting to it",
+        )
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[bool]:
