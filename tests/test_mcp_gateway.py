@@ -107,6 +107,18 @@ def stack(
     gateway.stop()
 
 
+def open_to_all(
+    bg: BackgroundLoop, workdir: Path, **servers: dict[str, Any]
+) -> tuple[Gateway, McpGateway]:
+    """metergate with `servers` behind its /mcp, all of them open to every key."""
+    config = simulated_config()
+    config["mcp"] = {"servers": servers, "default_access": {"servers": list(servers)}}
+    gateway = start_gateway(bg, config, workdir / "gw")
+    mcp = gateway.runtime.mcp
+    assert mcp is not None
+    return gateway, mcp
+
+
 def console_servers(gateway: Gateway) -> dict[str, bool]:
     """The console's MCP page (`/admin/api/mcp`): each server listed and whether it is up."""
     page = McpView().read(gateway.runtime.metrics.registry)
@@ -525,14 +537,7 @@ async def test_a_call_in_flight_across_a_reload_that_removes_its_server_keeps_it
     """A reload removes the server while a call to it is on the server: the call
     finishes on the old connection and is counted under its tool's name, on the
     gateway's endpoint as upstream, not as a call to an `unknown` tool."""
-    config = simulated_config()
-    config["mcp"] = {
-        "servers": {"search": {"url": search.url, "timeout_seconds": 10}},
-        "default_access": {"servers": ["search"]},
-    }
-    gateway = start_gateway(bg, config, tmp_path / "gw")
-    mcp = gateway.runtime.mcp
-    assert mcp is not None
+    gateway, mcp = open_to_all(bg, tmp_path, search={"url": search.url, "timeout_seconds": 10})
     try:
         async with connect(mcp_url(gateway), gateway.key) as client:
             call = await on_the_server(client, "search.nap", {"seconds": 3})
@@ -577,3 +582,32 @@ async def test_a_chat_the_client_cancels_is_metered_as_cancelled(
         assert gateway.metric("metergate_requests_total", outcome="gateway_error") == 0
     finally:
         gateway.stop()
+
+
+@pytest.mark.parametrize("tool", ["hold", "slow"])
+async def test_a_server_that_dies_mid_call_is_named_in_the_callers_error(
+    bg: BackgroundLoop, tmp_path: Path, tool: str
+) -> None:
+    """The SDK ends a call whose server died under it with a bare -32000 ("Connection
+    closed", for an SSE answer "SSE stream ended without a response"); with several
+    servers behind the gateway the caller must learn which one."""
+    doomed = HttpMcpServer(SEARCH_SERVER, free_port(), tmp_path / "doomed.log")
+    doomed.start()
+    gateway, mcp = open_to_all(bg, tmp_path, doomed={"url": doomed.url, "timeout_seconds": 20})
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            if tool == "hold":  # an SSE answer: it reports progress first
+                call = await on_the_server(client, "doomed.hold", {"label": "doomed"})
+            else:  # a JSON answer, the request on its way or on the server
+                call = asyncio.create_task(client.call_tool("doomed.slow", {"seconds": 20}))
+                await eventually(lambda: mcp.upstreams["doomed"]._in_flight, within=10)
+            doomed.kill()
+            with pytest.raises(MCPError) as raised:
+                await call
+        error = raised.value.error
+        assert error.code == -32000
+        assert error.message.startswith("MCP server 'doomed' failed: "), error.message
+        assert client_count(samples_of(gateway), "doomed", tool, "transport") == 1
+    finally:
+        gateway.stop()
+        doomed.stop()

@@ -463,7 +463,13 @@ class Upstream:
             self._probe_now.set()
             if session_ended(exc.error):  # the new session's too; the message says so
                 raise mcp_error(CONNECTION_CLOSED, exc.error.message) from None
-            raise
+            # The connection broke under the request (the SDK's bare "Connection closed"),
+            # or the server said -32000 itself: either way, name the server.
+            raise mcp_error(
+                CONNECTION_CLOSED,
+                f"MCP server {self.name!r} failed: {exc.error.message}",
+                exc.error.data,
+            ) from None
         except Exception as exc:
             if not _is_transport(exc):  # e.g. a result that breaks the tool's output schema
                 error_type = str(INTERNAL_ERROR)
