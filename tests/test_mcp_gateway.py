@@ -22,6 +22,8 @@ from typing import Any
 import httpx2
 import orjson
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from metergate.console.mcp import McpView
@@ -611,3 +613,39 @@ async def test_a_server_that_dies_mid_call_is_named_in_the_callers_error(
     finally:
         gateway.stop()
         doomed.stop()
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_call_whose_connection_drops_is_cancelled_not_timed_out(
+    bg: BackgroundLoop, search: HttpMcpServer, tmp_path: Path, mode: str
+) -> None:
+    """The connection that carried a call closes under it, with no cancel notification
+    (a killed agent). Nobody can receive the answer any more (handshake era too: no
+    event store replays it on another stream), so the call is cancelled upstream at
+    once and counted `cancelled` on both sides, not held until the server's
+    timeout_seconds and then counted as the server's `timeout`."""
+    gateway, _ = open_to_all(bg, tmp_path, search={"url": search.url, "timeout_seconds": 8})
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    try:
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            Client(streamable_http_client(mcp_url(gateway), http_client=http), mode=mode) as client,
+        ):
+            call = await on_the_server(client, "search.hold", {"label": f"dropped-{mode}"})
+            await http.aclose()  # the connection drops: the client says nothing more
+
+            def ended() -> float:
+                samples = samples_of(gateway)
+                return sum(
+                    client_count(samples, "search", "hold", e) for e in ("cancelled", "timeout")
+                )
+
+            await eventually(ended, within=20)
+            call.cancel()
+        samples = samples_of(gateway)
+        assert client_count(samples, "search", "hold", "cancelled") == 1
+        assert client_count(samples, "search", "hold", "timeout") == 0
+        await eventually(lambda: front_count(samples_of(gateway), "search.hold", "cancelled"), 5)
+        assert front_count(samples_of(gateway), "search.hold", "timeout") == 0
+    finally:
+        gateway.stop()

@@ -50,6 +50,7 @@ from metergate.errors import GatewayError
 from metergate.mcp.builtins import ASGIApp, Builtins
 from metergate.mcp.catalog import PROMPTS, RESOURCES, TEMPLATES, Catalog, offers, own_tool_result
 from metergate.mcp.config import McpAccess, McpConfig
+from metergate.mcp.departure import DEPARTURE, Departure, cancel_on_departure
 from metergate.mcp.listeners import Listeners
 from metergate.mcp.metrics import (
     CANCELLED,
@@ -143,7 +144,8 @@ class McpGateway:
         self.server.offers = self._offers
         replace_sdk_spans(self.server)  # the gateway's spans follow its `tracing:` config
         # SSE answers where needed: progress rides the request's stream, and a client
-        # that closes it (2026-07-28) or sends notifications/cancelled cancels the call.
+        # that closes it (either era: `departure`) or sends notifications/cancelled
+        # cancels the call.
         # A handshake session lives in one process's memory: with several workers on the
         # port its next request may reach another, so there each request stands alone.
         stateless = config.stateless
@@ -158,6 +160,7 @@ class McpGateway:
                 sessions=not stateless,  # stateless: a handshake's "session" is one request
             ),
         )
+        self.server.middleware.insert(0, cancel_on_departure)
         self.sessions = StreamableHTTPSessionManager(
             self.server, json_response=False, stateless=stateless
         )
@@ -291,7 +294,9 @@ class McpGateway:
             except GatewayError as error:
                 await _json_rpc_error(send, error.status, error.message, error.code or "invalid")
                 return
-            receive = _replay(body, receive)
+            departure = Departure()
+            receive = departure.watching(_replay(body, receive))
+            scope = {**scope, DEPARTURE: departure}
         scope = {**scope, _KEY: key, "user": self._principal(key)}
         await self._http(scope, receive, send)
 
