@@ -108,20 +108,28 @@ async def connect(url: str, key: str) -> AsyncIterator[Client]:
         yield client
 
 
-async def test_one_trace_runs_caller_gateway_mcp_server(
-    bg: BackgroundLoop, traced_server: HttpMcpServer, collector: HttpCollector, tmp_path: Path
-) -> None:
+def traced_gateway(
+    bg: BackgroundLoop, collector: HttpCollector, mcp: dict[str, Any], tmp_path: Path
+) -> Gateway:
+    """A gateway with this `mcp:` section, exporting its spans to `collector` at once."""
     config = simulated_config()
-    config["mcp"] = {
-        "servers": {"search": {"url": traced_server.url}},
-        "access": {"test": {"servers": ["search"]}},
-    }
+    config["mcp"] = mcp
     config["tracing"] = {
         "enabled": True,
         "endpoint": collector.endpoint,
         "export_interval_seconds": 0.05,
     }
-    gateway: Gateway = start_gateway(bg, config, tmp_path / "gw")
+    return start_gateway(bg, config, tmp_path / "gw")
+
+
+async def test_one_trace_runs_caller_gateway_mcp_server(
+    bg: BackgroundLoop, traced_server: HttpMcpServer, collector: HttpCollector, tmp_path: Path
+) -> None:
+    mcp = {
+        "servers": {"search": {"url": traced_server.url}},
+        "access": {"test": {"servers": ["search"]}},
+    }
+    gateway = traced_gateway(bg, collector, mcp, tmp_path)
     try:
         async with connect(mcp_url(gateway), gateway.key) as client:
             answer = await client.call_tool("search.lookup", {"text": "otel"}, meta=META)
@@ -159,3 +167,23 @@ async def test_one_trace_runs_caller_gateway_mcp_server(
     assert front["start"] <= behind["start"] <= behind["end"] <= front["end"]
     unknown = named(spans, "tools/call search.nothing")
     assert unknown["status"] == "ERROR" and unknown["attributes"]["error.type"] == "-32602"
+
+
+async def test_the_chat_tool_s_model_call_joins_the_mcp_call_s_trace(
+    bg: BackgroundLoop, collector: HttpCollector, tmp_path: Path
+) -> None:
+    """The built-in `chat` tool calls a model through the gateway's own chat door: that
+    request's spans are children of the `tools/call chat` span, in the caller's trace,
+    and name the caller's key, as any other call's."""
+    gateway = traced_gateway(bg, collector, {"servers": {}}, tmp_path)
+    try:
+        async with connect(mcp_url(gateway), gateway.key) as client:
+            answer = await client.call_tool("chat", {"model": "sim", "prompt": "hi"}, meta=META)
+            assert not answer.is_error
+        spans = collector.wait(lambda s: {"tools/call chat", "chat sim"} <= {x["name"] for x in s})
+    finally:
+        gateway.stop()
+    tool, model = named(spans, "tools/call chat"), named(spans, "chat sim")
+    assert tool["trace_id"] == model["trace_id"] == TRACE
+    assert model["parent_span_id"] == tool["span_id"]
+    assert tool["attributes"]["metergate.key"] == model["attributes"]["metergate.key"] == "test"

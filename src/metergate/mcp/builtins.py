@@ -101,16 +101,18 @@ class Builtins:
         name: str,
         arguments: dict[str, Any],
         key: KeyRecord,
-        credentials: list[tuple[bytes, bytes]],
+        forwarded: list[tuple[bytes, bytes]],
     ) -> CallToolResult:
+        """`forwarded`: the headers `chat`'s request carries of the call's, the caller's
+        credentials and the trace context."""
         if name == "chat":
-            return await self.chat(arguments, credentials)
+            return await self.chat(arguments, forwarded)
         if name == "list_models":
             return self.list_models(key)
         return await self.usage(key)
 
     async def chat(
-        self, arguments: dict[str, Any], credentials: list[tuple[bytes, bytes]]
+        self, arguments: dict[str, Any], forwarded: list[tuple[bytes, bytes]]
     ) -> CallToolResult:
         app = self._app()
         if app is None:
@@ -123,7 +125,7 @@ class Builtins:
             if arguments.get(option) is not None:
                 body[option] = arguments[option]
         status, headers, raw = await asgi_post(
-            app, "/v1/chat/completions", orjson.dumps(body), credentials, self._abandoned
+            app, "/v1/chat/completions", orjson.dumps(body), forwarded, self._abandoned
         )
         reply = _json(raw)
         if status != 200:

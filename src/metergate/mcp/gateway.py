@@ -324,6 +324,11 @@ class McpGateway:
         key, credentials = _caller(ctx)
         name = params.name
         if name in self.builtins.tools:
+            if self._tracer() is not None:  # `chat`'s request continues this call's trace
+                from metergate.mcp import spans
+
+                spans.annotate({"metergate.key": key.name})
+                credentials = [*credentials, *spans.trace_headers()]
             return await self.builtins.call(name, params.arguments or {}, key, credentials)
         server, tool = split_name(name) or ("", "")
         upstream = self.upstreams.get(server)

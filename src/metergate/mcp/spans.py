@@ -97,6 +97,14 @@ def start_client_span(tracer: Any, server: str, tool: str, url: str | None) -> S
     return tracer.start_span(f"tools/call {tool}", kind=SpanKind.CLIENT, attributes=attributes)
 
 
+def trace_headers() -> list[tuple[bytes, bytes]]:
+    """The current span's W3C trace context as HTTP headers: a request the gateway makes
+    to itself (the `chat` tool's) joins the trace of the MCP call it serves."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return [(name.encode(), value.encode()) for name, value in carrier.items()]
+
+
 def annotate(attributes: dict[str, Any]) -> None:
     """Add attributes to the current span (the gateway's server span: the caller's key)."""
     span = trace.get_current_span()
