@@ -167,7 +167,7 @@ def test_bedrock_persistent_throttling_is_a_429(
     with pytest.raises(openai.RateLimitError) as raised:
         gateway.client().chat.completions.create(model="bedrock", messages=ask("Hi"))
     assert "ThrottlingException" in raised.value.message
-    assert ledger_row(gateway, "1=1")["outcome"] == "rate_limited"
+    assert ledger_row(gateway, "1=1")["outcome"] == "upstream_rejected"  # the provider's 429
 
 
 def test_azure_filtered_prompt_is_a_final_400(

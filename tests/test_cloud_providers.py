@@ -164,7 +164,8 @@ async def test_tool_results_round_trip(gateway: Gateway, provider: Cloud) -> Non
 def test_upstream_errors_through_the_sdk(gateway: Gateway, provider: Cloud, word: str) -> None:
     status, message, error_class, outcome = {
         "overloaded": (*provider.overloaded, openai.APIStatusError, "upstream_error"),
-        "rate_limit": (429, provider.rate_limited, openai.RateLimitError, "rate_limited"),
+        # the provider's 429: its attempt is rate_limited, the request it ends an error
+        "rate_limit": (429, provider.rate_limited, openai.RateLimitError, "upstream_rejected"),
         "invalid": (400, "trigger asked for a 400", openai.BadRequestError, "upstream_rejected"),
     }[word]
     with pytest.raises(error_class) as raised:
@@ -301,7 +302,7 @@ def test_a_bedrock_throttle_right_after_the_opening_is_the_callers_429(gateway: 
             pass
     assert "throttlingException" in throttled.value.message
     row = ledger_row(gateway, "1=1")
-    assert (row["outcome"], row["status"], row["cost_nano"]) == ("rate_limited", 429, 0)
+    assert (row["outcome"], row["status"], row["cost_nano"]) == ("upstream_rejected", 429, 0)
 
 
 def test_a_bedrock_model_failure_is_an_upstream_error_not_the_callers(gateway: Gateway) -> None:

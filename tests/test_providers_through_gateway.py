@@ -276,7 +276,8 @@ async def test_tool_calls(gateway: Gateway, provider: Provider, stream: bool) ->
 def test_upstream_errors_through_the_sdk(gateway: Gateway, provider: Provider, word: str) -> None:
     status, message, error_class, outcome = {
         "overloaded": (*provider.overloaded, openai.APIStatusError, "upstream_error"),
-        "rate_limit": (429, provider.rate_limited, openai.RateLimitError, "rate_limited"),
+        # the provider's 429: its attempt is rate_limited, the request it ends an error
+        "rate_limit": (429, provider.rate_limited, openai.RateLimitError, "upstream_rejected"),
         "invalid": (400, "trigger asked for a 400", openai.BadRequestError, "upstream_rejected"),
     }[word]
     with pytest.raises(error_class) as raised:

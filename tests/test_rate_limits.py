@@ -12,6 +12,7 @@ import pytest
 
 from metergate.config import ConfigError, parse_config
 from metergate.limits.rate import MINUTE_US, Bucket, judge, openai_duration
+from metergate.metering.report import usage_summary
 from tests.harness import simulated_config
 
 ASK = [{"role": "user", "content": "limit me"}]
@@ -268,3 +269,27 @@ def test_the_cli_sets_and_clears_a_keys_own_rates(gateway_factory):
         client.chat.completions.create(model="sim", messages=ASK)
     assert "rate limits 5 rpm 900 tpm" in keys("update", "cli-trial", "--rpm", "5", "--tpm", "900")
     assert "rate limits as configured" in keys("update", "cli-trial", "--rpm", "0", "--tpm", "0")
+
+
+def test_a_providers_429_is_an_error_the_gateways_own_a_refusal(gateway_factory):
+    """Both answer the caller 429. The gateway's own limit refuses the caller (`rate_limited`,
+    left out of the error rate); a provider's 429 that retries could not get past is a
+    failure of the service (`upstream_rejected`), which reports and alerts count."""
+    config = limited_config({"keys": {"*": {"rpm": 1}}}, error_rate=1.0, error_kind="rate_limited")
+    config["models"]["sim"]["retry"] = {"max_retries": 0}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+    with pytest.raises(openai.RateLimitError, match="simulated upstream rate limit"):
+        client.chat.completions.create(model="sim", messages=ASK)
+    with pytest.raises(openai.RateLimitError, match="key 'test'"):
+        client.chat.completions.create(model="sim", messages=ASK)
+    rows = gateway.ledger_rows()
+    assert [(r["outcome"], r["status"]) for r in rows] == [
+        ("upstream_rejected", 429),
+        ("rate_limited", 429),
+    ]
+    assert gateway.runtime.database is not None
+    *_, total = gateway.bg.run(
+        usage_summary(gateway.runtime.database, "model", rows[0]["ts"] - 1, time.time() + 1)
+    )
+    assert (total.requests, total.errors, total.refused) == (2, 1, 1)

@@ -224,7 +224,7 @@ def test_long_retry_after_is_not_waited_for_and_spends_no_budget(gateway_factory
     assert server.plan.requests == 1
     assert budget.tokens == pytest.approx(budget.capacity)  # no retry made, none paid for
     row = last_row(gateway)
-    assert (row["outcome"], row["status"], row["attempts"]) == ("rate_limited", 429, 1)
+    assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_rejected", 429, 1)
 
 
 @pytest.mark.parametrize("retry_after", ["inf", "1e400", "nan", "soon"])
@@ -240,8 +240,12 @@ def test_a_retry_after_that_is_no_number_is_no_advice(gateway_factory, fault_ser
     assert "retry-after" not in raised.value.response.headers
     assert server.plan.requests == 3  # retried with backoff, not given up on
     row = last_row(gateway)
-    assert (row["outcome"], row["status"], row["attempts"]) == ("rate_limited", 429, 3)
-    assert gateway.metric("metergate_requests_total", outcome="rate_limited") == 1
+    # Each attempt was the upstream's rate limit; the request that ends is the provider's
+    # refusal, an error of the service (not the caller refused by the gateway's limits).
+    assert (row["outcome"], row["status"], row["attempts"]) == ("upstream_rejected", 429, 3)
+    assert gateway.metric("metergate_requests_total", outcome="upstream_rejected") == 1
+    assert gateway.metric("metergate_requests_total", outcome="rate_limited") == 0
+    assert gateway.metric(ATTEMPTS, upstream="p-up", outcome="rate_limited") == 3
 
 
 def test_retry_after_as_an_http_date_is_honoured(gateway_factory, fault_server):

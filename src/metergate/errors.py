@@ -36,6 +36,12 @@ class GatewayError(Exception):
     retryable: ClassVar[bool] = False
     charged: ClassVar[bool] = False
 
+    @property
+    def request_outcome(self) -> str:
+        """The outcome of the request this error ends (the ledger's, and
+        `metergate_requests_total`'s): its attempt's `outcome`, but where a subclass says."""
+        return self.outcome
+
     def __init__(
         self,
         message: str,
@@ -212,9 +218,17 @@ class UpstreamProtocolError(UpstreamFailure):
 
 
 class UpstreamRateLimited(UpstreamFailure):
+    """The upstream's 429. Its attempt is `rate_limited` (retried, and held against the
+    upstream); a request it ends is `upstream_rejected`, the provider's 4xx, an error of
+    the service: `rate_limited` is the gateway's own limits refusing the caller."""
+
     status = 429
     outcome = "rate_limited"
     error_type = "rate_limit_error"
+
+    @property
+    def request_outcome(self) -> str:
+        return "upstream_rejected"
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -319,14 +319,14 @@ class CompletionsHandler:
             else:  # cancelled by the server (a shutdown's grace period ran out)
                 relay.uncancel()
                 error = ShutDown.of(request.id)
-                log.outcome, log.status = error.outcome, error.status
+                log.outcome, log.status = error.request_outcome, error.status
                 last = await _stream_error(outward, error)
         except Exception as exc:
             # After the first byte the status is sent: the stream ends with an error event.
             if not isinstance(exc, GatewayError):
                 logger.exception("internal error relaying stream %s", request.id)
             error = exc if isinstance(exc, GatewayError) else _internal(request.id)
-            log.outcome, log.status = error.outcome, error.status
+            log.outcome, log.status = error.request_outcome, error.status
             last = await _stream_error(outward, error)
         except BaseException as exc:
             error = exc

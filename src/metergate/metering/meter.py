@@ -153,7 +153,7 @@ class RequestLog:
             self.tags = tags
 
     def fail(self, error: GatewayError) -> None:
-        self.outcome, self.status, self.failure = error.outcome, error.status, error
+        self.outcome, self.status, self.failure = error.request_outcome, error.status, error
 
 
 class Answered:
