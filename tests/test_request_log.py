@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -153,6 +154,28 @@ def test_only_failed_requests_with_capture_errors(gateway_factory, upstream_url)
     refused = detail(gateway, latest_row(gateway)["id"])["log"]
     assert refused["outcome"] == "invalid_request" and refused["attempts"] == []
     assert "messages" in refused["error"]["message"]
+
+
+def test_a_body_is_kept_as_it_came_also_one_refused_as_not_json(gateway_factory, upstream_url):
+    """The record keeps what was sent: a body refused because it is not JSON (cut short)
+    or not UTF-8 is there, masked, when it is most wanted; and `bytes` is the size sent,
+    not that of a copy the gateway made."""
+    gateway = gateway_factory(logged_config(upstream_url))
+    headers = {"authorization": f"Bearer {gateway.key}", "content-type": "application/json"}
+    cut = b'{"model": "gpt-4.1", "messages": [{"role": "user", "content": "order ACME-123456'
+    latin1 = '{"model": "gpt-4.1", "messages": [{"role": "user", "content": "caf\xe9"}]}'
+    spaced = b'{ "model" : "gpt-4.1" ,  "messages" : [ {"role": "user", "content": "hi"} ] }'
+    for sent, status in ((cut, 400), (latin1.encode("latin-1"), 400), (spaced, 200)):
+        answer = httpx.post(
+            f"{gateway.base_url}/chat/completions", content=sent, headers=headers, timeout=30
+        )
+        assert answer.status_code == status, answer.text
+        record = detail(gateway, latest_row(gateway)["id"])["log"]
+        assert record["request"]["bytes"] == len(sent)
+        if status == 400:
+            assert record["outcome"] == "invalid_request"
+            kept = sent.decode("utf-8", "replace").replace("ACME-123456", "[REDACTED]")
+            assert record["request"]["body"] == kept
 
 
 def test_a_sample(gateway_factory, upstream_url):
@@ -431,7 +454,7 @@ def test_a_queue_holding_max_pending_mb_of_bodies_drops_records(tmp_path):
         record = RequestLog(f"req-{n}", time.time(), {b"content-type": b"application/json"})
         record.capture = True
         body = {"model": "gpt-4.1", "messages": [{"role": "user", "content": content}]}
-        record.attach(body, len(json.dumps(body)))
+        record.attach(body, json.dumps(body).encode())
         record.response = b'{"id": "x"}'
         recorder.finish(record, time.time(), 0.01, {})
 

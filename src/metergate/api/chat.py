@@ -72,6 +72,8 @@ class CompletionsHandler:
             try:
                 reply = await self._handle(plan, request, send, log, headers)
             except GatewayError as error:
+                if not log.raw:  # a body refused as it came (not JSON, not UTF-8): logged so
+                    log.raw, log.body_bytes = request.raw, len(request.raw)
                 reply = _error_reply(self.door, error, log, headers)
             except Exception:
                 logger.exception("internal error serving request %s", request.id)
@@ -115,7 +117,7 @@ class CompletionsHandler:
         log.identify(key)
         server = plan.config.server
         body = await request.json(server.max_body_bytes, server.max_json_depth)
-        log.attach(body, request.body_size)
+        log.attach(body, request.raw)
         try:
             route = plan.router.route(body.get("model"), key)
         except NotFound:

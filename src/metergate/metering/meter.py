@@ -81,6 +81,7 @@ class RequestLog:
         "operation",
         "outcome",
         "prompt",
+        "raw",
         "request_id",
         "response",
         "saved_nano",
@@ -126,6 +127,7 @@ class RequestLog:
         self.headers = headers
         self.body: dict[str, Any] | None = None
         self.body_bytes = 0  # its size as received (what a queued record holds of it)
+        self.raw = b""  # the body as received, for the request log (b"": none read)
         self.team: str | None = None
         self.key_tags: tuple[tuple[str, str], ...] = ()
         self.tags: dict[str, str] | None = None  # the request's own (header, metadata)
@@ -145,9 +147,9 @@ class RequestLog:
         self.team = key.team
         self.key_tags = key.tags
 
-    def attach(self, body: dict[str, Any], size: int) -> None:
+    def attach(self, body: dict[str, Any], raw: bytes) -> None:
         """The body is parsed: read the request's tags (a 400 when they are malformed)."""
-        self.body, self.body_bytes = body, size
+        self.body, self.raw, self.body_bytes = body, raw, len(raw)
         tags = tagging.request_tags(self.headers, body)
         if tags:
             self.tags = tags

@@ -33,9 +33,11 @@ class Pending:
 
 
 def _body(raw: bytes | None, parsed: Any, redactor: Redactor, cap: int) -> dict[str, Any] | None:
-    """A body as text: JSON paths masked (when it is JSON), regexes masked, then cut."""
+    """A body as text: JSON paths masked (when it is JSON), regexes masked, then cut;
+    `bytes` is its size as it came (`raw`'s, when given)."""
     if raw is None and parsed is None:
         return None
+    size = None if raw is None else len(raw)
     if parsed is None and raw is not None and redactor.paths and raw.lstrip()[:1] in (b"{", b"["):
         try:
             parsed = orjson.loads(raw)
@@ -46,7 +48,8 @@ def _body(raw: bytes | None, parsed: Any, redactor: Redactor, cap: int) -> dict[
             parsed = redactor.json(orjson.loads(orjson.dumps(parsed)))  # a copy to mask
         raw = orjson.dumps(parsed)
     assert raw is not None
-    size = len(raw)
+    if size is None:
+        size = len(raw)
     text = raw.decode("utf-8", "replace")
     window = cap + REDACT_BEYOND_CUT  # characters: at least as many bytes
     truncated = len(text) > window
@@ -114,7 +117,11 @@ def build(item: Pending, redactor: Redactor, cap: int) -> tuple[Any, ...]:
         "trace_id": f"{log.trace.trace_id:032x}" if log.trace is not None else None,
         "request": {
             "headers": redactor.header_map(log.headers),
-            **(_body(None, log.body, redactor, cap) or {"body": None, "bytes": 0}),
+            # the body as it came when it was read (also one refused as not JSON)
+            **(
+                _body(log.raw or None, None if log.raw else log.body, redactor, cap)
+                or {"body": None, "bytes": 0}
+            ),
         },
         "response": _body(_answer(log), None, redactor, cap) if log.capture else None,
         "error": None
