@@ -687,22 +687,23 @@ def test_a_worker_replaced_while_postgres_is_down_waits_for_it_as_the_other_serv
 def test_a_worker_that_cannot_start_with_the_gateway_stops_it_with_status_3(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:
-    """A role with one grant missing (the rollouts' events): `serve` opens the ledger,
-    counts its keys and records its config, but its workers cannot start. The gateway
-    never ran: it stops, and says so in its exit status for a process manager."""
+    """A role with one grant missing (the sums by hour a budget's spend is read from):
+    `serve` opens the ledger, counts its keys and records its config, but its workers
+    cannot start. The gateway never ran: it stops, and says so in its exit status for a
+    process manager."""
     name = own_postgres.create_database("grants").rsplit("/", 1)[1]
     own_postgres.psql(name, "CREATE ROLE ungranted LOGIN")
     own_postgres.psql(name, f"ALTER DATABASE {name} OWNER TO ungranted")
     url = own_postgres.url(name).replace("postgres@", "ungranted@")
     create_key_sync(url, "grants-test")  # migrates as the role
-    own_postgres.psql(name, "REVOKE ALL ON rollout_events FROM ungranted")
+    own_postgres.psql(name, "REVOKE ALL ON usage_hours FROM ungranted")
     gateway = GatewayProcess(gateway_config(tmp_path, url), tmp_path, workers=2)
     try:
         assert gateway.wait(90) == 3, gateway.log()
     finally:
         gateway.kill_all()
     assert "could not start; stopping the gateway" in gateway.log()
-    assert "permission denied for table rollout_events" in gateway.log()
+    assert "permission denied for table usage_hours" in gateway.log()
 
 
 def test_a_postgres_that_stops_answering_is_unreachable_not_slow(
