@@ -72,8 +72,8 @@ class CompletionsHandler:
             try:
                 reply = await self._handle(plan, request, send, log, headers)
             except GatewayError as error:
-                if not log.raw:  # a body refused as it came (not JSON, not UTF-8): logged so
-                    log.raw, log.body_bytes = request.raw, len(request.raw)
+                if not log.raw:  # refused before it was parsed (not JSON, not UTF-8): the
+                    log.raw, log.body_bytes = request.raw, len(request.raw)  # log keeps it
                 reply = _error_reply(self.door, error, log, headers)
             except Exception:
                 logger.exception("internal error serving request %s", request.id)
