@@ -7,6 +7,7 @@ leaves its `RequestLog` (references to what it already had) in a queue.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,24 +33,15 @@ class Pending:
     size: int  # bytes of the bodies it holds (the queue's bound)
 
 
-def _body(raw: bytes | None, parsed: Any, redactor: Redactor, cap: int) -> dict[str, Any] | None:
+def _body(raw: bytes | None, redactor: Redactor, cap: int) -> dict[str, Any] | None:
     """A body as text: JSON paths masked (when it is JSON), regexes masked, then cut;
-    `bytes` is its size as it came (`raw`'s, when given)."""
-    if raw is None and parsed is None:
+    `bytes` is its size as it came."""
+    if raw is None:
         return None
-    size = None if raw is None else len(raw)
-    if parsed is None and raw is not None and redactor.paths and raw.lstrip()[:1] in (b"{", b"["):
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            parsed = None
-    if parsed is not None:
-        if redactor.paths:
-            parsed = redactor.json(orjson.loads(orjson.dumps(parsed)))  # a copy to mask
-        raw = orjson.dumps(parsed)
-    assert raw is not None
-    if size is None:
-        size = len(raw)
+    size = len(raw)
+    if redactor.paths and raw.lstrip()[:1] in (b"{", b"["):
+        with contextlib.suppress(orjson.JSONDecodeError):  # not JSON: the regexes alone
+            raw = orjson.dumps(redactor.json(orjson.loads(raw)))
     text = raw.decode("utf-8", "replace")
     window = cap + REDACT_BEYOND_CUT  # characters: at least as many bytes
     truncated = len(text) > window
@@ -118,12 +110,9 @@ def build(item: Pending, redactor: Redactor, cap: int) -> tuple[Any, ...]:
         "request": {
             "headers": redactor.header_map(log.headers),
             # the body as it came when it was read (also one refused as not JSON)
-            **(
-                _body(log.raw or None, None if log.raw else log.body, redactor, cap)
-                or {"body": None, "bytes": 0}
-            ),
+            **(_body(log.raw or None, redactor, cap) or {"body": None, "bytes": 0}),
         },
-        "response": _body(_answer(log), None, redactor, cap) if log.capture else None,
+        "response": _body(_answer(log), redactor, cap) if log.capture else None,
         "error": None
         if failure is None
         else {
