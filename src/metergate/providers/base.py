@@ -188,10 +188,9 @@ class StreamState:
         """Drop what an attempt that failed before its first chunk filled in (the usage
         its opening reported, its limit): the next attempt, maybe at another provider,
         starts afresh."""
-        self.usage = self.finish_reason = self.service_tier = None
-        self.extra = {}
-        self.ended = False
-        self.output_limit = 0
+        fresh = StreamState()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
 
 
 class Adapter(abc.ABC):
