@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -89,6 +90,24 @@ def counter_and_ledger(server: RedisServer, *gateways: Gateway) -> tuple[int, in
     finally:
         store.close()
     return counter, sum(r["cost_nano"] for r in first.ledger_rows())
+
+
+def budgets_in_redis(
+    bg: BackgroundLoop,
+    tmp_path: Path,
+    server: RedisServer,
+    latency_ms: float,
+    budgets: dict[str, Any],
+) -> tuple[Gateway, int]:
+    """A gateway keeping `budgets` in an emptied `server` (open on failure), and the pid
+    of the Redis process, for a test to stop and resume it."""
+    server.flushall()
+    config = simulated_config(latency_ms=latency_ms, output_tokens=8)
+    config["budgets"] = budgets
+    config["redis"] = {"url": server.url, "on_failure": "open"}
+    gateway = start_gateway(bg, config, tmp_path)
+    assert server.process is not None
+    return gateway, server.process.pid
 
 
 async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
@@ -250,13 +269,7 @@ async def test_a_settle_redis_runs_after_it_stalled_counts_once(
     but Redis, resumed, still runs the settle it had received. The recovery fences this
     process's late calls off and learns which of the unanswered ones Redis ran: the
     counter equals the ledger, the request's spend counted once."""
-    redis_server.flushall()
-    config = simulated_config(latency_ms=150, output_tokens=8)
-    config["budgets"] = {"all": {"limit_usd": 1000}}
-    config["redis"] = {"url": redis_server.url, "on_failure": "open"}
-    gateway = start_gateway(bg, config, tmp_path)
-    assert redis_server.process is not None
-    pid = redis_server.process.pid
+    gateway, pid = budgets_in_redis(bg, tmp_path, redis_server, 150, {"all": {"limit_usd": 1000}})
     try:
         client = gateway.async_client()
 
@@ -291,13 +304,8 @@ async def test_a_budget_for_each_key_catches_up_when_redis_answers_again(
     """Redis stops answering but keeps its data (a pause, a partition): what a key
     spent meanwhile reaches its counter in the recovery, before the link is up again,
     not only at that key's next request."""
-    redis_server.flushall()
-    config = simulated_config(latency_ms=5, output_tokens=8)
-    config["budgets"] = {"per-user": {"scope": "key", "target": "*", "limit_usd": 1000}}
-    config["redis"] = {"url": redis_server.url, "on_failure": "open"}
-    gateway = start_gateway(bg, config, tmp_path)
-    assert redis_server.process is not None
-    pid = redis_server.process.pid
+    budgets = {"per-user": {"scope": "key", "target": "*", "limit_usd": 1000}}
+    gateway, pid = budgets_in_redis(bg, tmp_path, redis_server, 5, budgets)
     try:
         client = gateway.async_client()
 
