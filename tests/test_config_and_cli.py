@@ -333,6 +333,34 @@ mcp:
     assert "mcp.servers.shell" not in result.stderr
 
 
+def test_check_warns_of_a_rollout_baseline_the_model_does_not_serve(tmp_path):
+    """Until `rollout start` the model's own upstreams serve it, then the baseline does:
+    a baseline other than those upstreams is a switch no gate judges. A baseline that
+    is the model's upstreams is quiet."""
+    config = tmp_path / "gateway.yaml"
+    body = """
+providers: {sim: {type: simulated}}
+upstreams:
+  old: {provider: sim, model: a}
+  other: {provider: sim, model: b}
+  new: {provider: sim, model: c}
+models: {gpt: {upstreams: [%s]}}
+rollouts:
+  move: {model: gpt, baseline: [old], candidate: [new]}
+"""
+    for upstreams in ("other, new", "new", "old, other"):
+        config.write_text(body % upstreams)
+        result = run("check", str(config), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"rollouts.move.baseline: model 'gpt' is served by {upstreams} until the rollout "
+            "starts, then by its baseline old: starting it moves the model's traffic ungated"
+        ) in " ".join(result.stderr.split()), result.stderr
+    config.write_text(body % "old")
+    result = run("check", str(config), cwd=tmp_path)
+    assert result.returncode == 0 and "rollouts.move" not in result.stderr, result.stderr
+
+
 def test_serve_refuses_an_invalid_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BROKEN)

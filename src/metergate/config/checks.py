@@ -179,6 +179,7 @@ def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
                 "api_key is empty: the provider will refuse every request",
                 "set the environment variable it names, or remove api_key",
             )
+    yield from _rollout_warnings(config)
     servers = config.mcp.servers if config.mcp is not None else {}
     for name, server in servers.items():
         command = server.command
@@ -191,6 +192,26 @@ def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
                 f"command {command!r} is not found on this machine's PATH",
                 "install it, or give its full path; it is started on every gateway worker",
             )
+
+
+def _rollout_warnings(config: GatewayConfig) -> Iterator[Problem]:
+    """Until `rollout start` a model is served by its own upstreams, then by the rollout's
+    baseline and candidate: a baseline that is not those upstreams moves the model's
+    traffic, ungated, the moment the rollout starts (and a candidate among them takes
+    traffic before it). A warning, not an error: a completed rollout about to be removed
+    beside upstreams already set to its candidate looks the same."""
+    for name, rollout in config.rollouts.items():
+        model = config.models.get(rollout.model)
+        if model is None or set(rollout.baseline) == set(model.upstreams):
+            continue
+        yield (
+            ("rollouts", name, "baseline"),
+            f"model {rollout.model!r} is served by {', '.join(model.upstreams)} until the "
+            f"rollout starts, then by its baseline {', '.join(rollout.baseline)}: starting "
+            "it moves the model's traffic ungated",
+            "the baseline is the model's upstreams; once the rollout completes, set the "
+            "upstreams to the candidate and remove the rollout",
+        )
 
 
 def _environment_proxy_warnings() -> Iterator[Problem]:
