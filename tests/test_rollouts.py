@@ -396,6 +396,48 @@ def test_restart_finds_the_rollout_where_it_was(bg, tmp_path, servers):
         second.stop()
 
 
+async def test_a_controller_that_fails_every_tick_says_so_once_and_again_when_it_recovers(
+    gateway_factory, servers, caplog, monkeypatch
+):
+    """The lease table gone (a database restored without it, a role without its grant):
+    every tick fails, about ten a second here. One traceback says why, not one a tick;
+    the recovery is said once."""
+    caplog.set_level(logging.INFO, logger="metergate.rollout")
+    base, cand = servers
+    gateway = gateway_factory(rollout_config(base, cand))
+    database = gateway.runtime.database
+    ticks = 0
+    take_lease = store.take_lease
+
+    async def counted(*args: object) -> bool:
+        nonlocal ticks
+        ticks += 1
+        return await take_lease(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "take_lease", counted)
+
+    def said(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "metergate.rollout" and text in r.message]
+
+    await asyncio.wrap_future(
+        gateway.bg.submit(database.execute("ALTER TABLE leases RENAME TO gone"))
+    )
+    await wait_for(lambda: ticks >= 3 and said("failed"))
+    failing_from = ticks
+    await wait_for(lambda: ticks >= failing_from + 10)
+    failed = said("failed")
+    assert len(failed) == 1 and failed[0].exc_info is not None, [r.message for r in failed]
+    assert failed[0].message == "the rollout controller's tick failed; retrying"
+    await asyncio.wrap_future(
+        gateway.bg.submit(database.execute("ALTER TABLE gone RENAME TO leases"))
+    )
+    await wait_for(lambda: said("works again"))
+    assert said("works again")[0].message.startswith(
+        "the rollout controller's tick works again after "
+    )
+    assert len(said("failed")) == 1
+
+
 def announced(gateway: Gateway, event: str) -> float:
     """How many times this gateway announced `event` of the rollout (its counter)."""
     return gateway.metric("metergate_rollout_transitions_total", rollout="move", event=event)

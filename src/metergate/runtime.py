@@ -35,6 +35,7 @@ from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
 from metergate.limits.host import RATES_FILE, HostTats
 from metergate.limits.rate import RateLimiter
+from metergate.logs import RepeatedFailures
 from metergate.metering.ledger import LedgerWriter
 from metergate.metering.meter import Meter
 from metergate.metering.metrics import Metrics, key_labels
@@ -324,6 +325,7 @@ class Runtime:
         SIGHUP, a replica, `metergate config rollback`) recorded one. Also shows, within
         `every` seconds, the circuits whose open time is up as half-open, and budgets
         whose period has ended as the new period's (no request may come to roll them)."""
+        failures = RepeatedFailures(log, "following the config history")
         while True:
             await asyncio.sleep(every)
             try:
@@ -331,8 +333,10 @@ class Runtime:
                 self.plan.budgets.roll(self.plan.budgets.budgets)
                 self.plan.budgets.sweep()  # past periods' members of budgets for each key
                 refused = await self._take_recorded(refused)
-            except Exception:
-                log.exception("following the config history failed; retrying")
+            except Exception as error:
+                failures.failed(error)
+            else:
+                failures.succeeded()
 
     async def _catch_up(self) -> str | None:
         """A joining process takes the version the gateway runs before it serves; failing

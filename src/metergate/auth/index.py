@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from metergate.auth.keys import PREFIX, KeyRecord, hash_key, well_formed
 from metergate.errors import GatewayLimit, Unauthorized
+from metergate.logs import RepeatedFailures
 
 log = logging.getLogger("metergate.auth")
 
@@ -98,6 +99,7 @@ class KeyIndex:
     async def _refresh_forever(self) -> None:
         loop = asyncio.get_running_loop()
         full_at = loop.time() + self._full_reload_seconds
+        failures = RepeatedFailures(log, "reloading gateway keys", "keeping the previous set")
         while True:
             await asyncio.sleep(self._refresh_seconds)
             try:
@@ -106,8 +108,10 @@ class KeyIndex:
                     await self.reload()
                 else:
                     await self.refresh()
-            except Exception:
-                log.exception("could not reload gateway keys; keeping the previous set")
+            except Exception as error:
+                failures.failed(error)
+            else:
+                failures.succeeded()
 
     async def authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
         """Return the key of a request or raise a 401 that says what is wrong with it."""

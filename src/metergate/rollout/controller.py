@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from metergate.config.model import RolloutConfig
+from metergate.logs import RepeatedFailures
 from metergate.metering.metrics import Metrics
 from metergate.rollout import store, transitions
 from metergate.rollout.gates import (
@@ -112,11 +113,14 @@ class RolloutController:
             self._http = None
 
     async def _run(self) -> None:
+        failures = RepeatedFailures(log, "the rollout controller's tick")
         while True:
             try:
                 await self.tick()
-            except Exception:
-                log.exception("rollout controller tick failed; retrying")
+            except Exception as error:
+                failures.failed(error)
+            else:
+                failures.succeeded()
             await asyncio.sleep(self.tick_seconds)
 
     async def tick(self) -> None:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from metergate.logs import RepeatedFailures
 from metergate.metering.meter import Meter
 from metergate.teams import TeamRecord
 
@@ -76,9 +77,12 @@ class TeamRegistry:
         self._meter.team_tags = {name: r.tags for name, r in self.teams.items() if r.tags}
 
     async def _refresh_forever(self) -> None:
+        failures = RepeatedFailures(log, "reloading teams", "keeping the previous set")
         while True:
             await asyncio.sleep(self._refresh_seconds)
             try:
                 await self.reload()
-            except Exception:
-                log.exception("could not reload teams; keeping the previous set")
+            except Exception as error:
+                failures.failed(error)
+            else:
+                failures.succeeded()
