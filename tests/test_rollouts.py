@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -531,31 +533,45 @@ async def test_a_ledger_from_before_the_position_was_kept_announces_no_history(t
 def test_serve_with_workers_warns_that_a_local_rollout_sees_one_workers_traffic(tmp_path, servers):
     """With `--workers 2` the lease holder judges the attempts it made itself, and a bad
     candidate that the other worker serves is never rolled back: `serve` says so, naming
-    the source that sees every worker."""
+    the source that sees every worker, and so does a reload that adds such a rollout
+    (once, though each worker applies it)."""
     base, cand = servers
     local = rollout_config(base, cand)
-    config = write_config(
-        {
-            **local,
-            "rollouts": {
-                **local["rollouts"],
-                "fleet": {
-                    **local["rollouts"]["move"],
-                    "model": "n",
-                    "source": "prometheus",
-                    "prometheus_url": "http://127.0.0.1:9",
-                },
+    first = {
+        **local,
+        "rollouts": {
+            **local["rollouts"],
+            "fleet": {
+                **local["rollouts"]["move"],
+                "model": "n",
+                "source": "prometheus",
+                "prometheus_url": "http://127.0.0.1:9",
             },
-            "models": {**local["models"], "n": {"upstreams": ["base"]}},
         },
-        tmp_path,
-    )
+        "models": {**local["models"], "n": {"upstreams": ["base"]}},
+    }
+    config = write_config(first, tmp_path)
     gateway = GatewayProcess(config, tmp_path, workers=2)
     directories: set[Path | None] = set()
     try:
         gateway.wait_ready(timeout=60)
         directories = {metrics_dir_of(pid) for pid in gateway.worker_pids()}
         said = " ".join(gateway.log().split())
+        later = {**local["rollouts"]["move"], "model": "o", "baseline": ["base"]}
+        write_config(
+            {
+                **first,
+                "rollouts": {**first["rollouts"], "later": later},
+                "models": {**first["models"], "o": {"upstreams": ["base"]}},
+            },
+            tmp_path,
+        )
+        os.kill(gateway.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while gateway.log().count(" applied (was ") < 2:  # by both workers
+            assert time.monotonic() < deadline, gateway.log()
+            time.sleep(0.05)
+        reloaded = " ".join(gateway.log().split())
     finally:
         gateway.kill_all()
         for directory in directories:  # `serve` leaves its metric files behind
@@ -566,6 +582,9 @@ def test_serve_with_workers_warns_that_a_local_rollout_sees_one_workers_traffic(
     )
     assert "set source: prometheus and prometheus_url" in said
     assert "rollout 'fleet'" not in said
+    assert reloaded.count("rollout 'later' is judged with source: local") == 1, reloaded
+    assert reloaded.count("rollout 'move' is judged") == 1  # said at start, not again
+    assert "rollout 'fleet'" not in reloaded
 
 
 def _prometheus(workdir: Path) -> tuple[ServerProcess, Path]:

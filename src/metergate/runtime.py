@@ -43,7 +43,7 @@ from metergate.metering.multiprocess import remove_series
 from metergate.metering.observers import Observers
 from metergate.metering.spool import Spool
 from metergate.providers import Adapter, build_adapter
-from metergate.rollout import RolloutController
+from metergate.rollout import RolloutController, warn_of_one_workers_judging
 from metergate.routing.dispatch import Dispatcher
 from metergate.routing.retry import RetryBudget
 from metergate.routing.router import Router
@@ -116,8 +116,10 @@ class Runtime:
         self.joining = joining
         self.host_rates: HostTats | None = None
         self.host_budgets: HostBudgets | None = None
+        self.worker: int | None = None  # this worker's number (serve --workers N)
         if host is not None:
             directory, worker = host
+            self.worker = worker
             self.host_rates = HostTats(directory / RATES_FILE)
             self.host_budgets = HostBudgets(directory / BUDGETS_FILE, worker, self.host_rates)
         self.source = source
@@ -396,6 +398,8 @@ class Runtime:
         self._draining.add(old)
         old.when_idle(lambda: self._drained(old))
         log.info("config %s applied (was %s) from %s", version, old.version, source)
+        if self.worker == 0:  # every worker applies it: one says what serve said at start
+            warn_of_one_workers_judging(config.rollouts, old.config.rollouts, None)
         pending = self.restart_pending()
         if pending:
             log.warning("these settings take effect only after a restart: %s", ", ".join(pending))

@@ -21,6 +21,7 @@ from metergate.cli.common import ConfigOption, bind_or_exit, console, read_or_ex
 from metergate.cli.supervisor import run_workers
 from metergate.config import GatewayConfig, LoadedConfig
 from metergate.config.secrets import without_password
+from metergate.rollout import warn_of_one_workers_judging
 from metergate.storage import keys as store
 from metergate.storage.database import Database, sqlite_path
 
@@ -43,7 +44,7 @@ def serve(
     logs.configure()
     _raise_open_files_limit()
     if workers > 1:
-        _warn_of_rollouts_judged_by_one_worker(loaded, workers)
+        warn_of_one_workers_judging(loaded.rollouts, {}, workers)
     demo_key, active_keys = _check_ledger(loaded, make_demo=config is None)
     # The key commands must open this ledger: without -c they would use the default one.
     with_config = escape(f" -c {shlex.quote(source.source)}") if config is not None else ""
@@ -95,24 +96,6 @@ def _raise_open_files_limit() -> None:
             soft,
             MIN_OPEN_FILES,
         )
-
-
-def _warn_of_rollouts_judged_by_one_worker(config: GatewayConfig, workers: int) -> None:
-    """`source: local` judges the attempts the process holding the controller's lease made
-    itself: of N workers, about 1/N of the traffic (the others' never counts). Its
-    `min_requests` and `max_5xx` then take N times the traffic, and a bad candidate that
-    the other workers serve is not rolled back. A worker's numbers by model, with the
-    requests open circuits turn away, are not in the metric files the workers share, so
-    there is no whole to judge locally; Prometheus sees every worker's attempts."""
-    for name, rollout in config.rollouts.items():
-        if rollout.source == "local":
-            log.warning(
-                "rollout %r is judged with source: local, on the traffic of the one worker "
-                "of %d holding the lease (the others' attempts do not count): set "
-                "source: prometheus and prometheus_url for the gates to see every worker",
-                name,
-                workers,
-            )
 
 
 def run_one(

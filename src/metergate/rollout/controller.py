@@ -46,6 +46,29 @@ log = logging.getLogger("metergate.rollout")
 LATE_SECONDS = 60.0
 
 
+def warn_of_one_workers_judging(
+    configs: dict[str, RolloutConfig], before: dict[str, RolloutConfig], workers: int | None
+) -> None:
+    """`source: local` judges the attempts the process holding the controller's lease made
+    itself: of N workers, about 1/N of the traffic (the others' never counts). Its
+    `min_requests` and `max_5xx` then take N times the traffic, and a bad candidate that
+    the other workers serve is not rolled back. A worker's numbers by model, with the
+    requests open circuits turn away, are not in the metric files the workers share, so
+    there is no whole to judge locally; Prometheus sees every worker's attempts. Warns of
+    each such rollout in `configs` that was not one in `before` (the config replaced);
+    `workers`: how many, when known."""
+    for name, rollout in configs.items():
+        was = before.get(name)
+        if rollout.source == "local" and (was is None or was.source != "local"):
+            log.warning(
+                "rollout %r is judged with source: local, on the traffic of the one worker "
+                "%sholding the lease (the others' attempts do not count): set "
+                "source: prometheus and prometheus_url for the gates to see every worker",
+                name,
+                f"of {workers} " if workers else "",
+            )
+
+
 class RolloutController:
     def __init__(
         self,
