@@ -18,7 +18,7 @@ import pytest
 
 from metergate.storage.database import open_database
 from tests.doors import anthropic_client, upstreams  # noqa: F401 - fixture
-from tests.harness import Gateway
+from tests.harness import Gateway, free_port
 from tests.test_console_api import ADMIN_KEY, admin
 from tests.upstreams.openai_server import API_KEY
 
@@ -105,6 +105,7 @@ def test_a_request_is_kept_with_its_secrets_masked(gateway_factory, upstream_url
     (attempt,) = record["attempts"]
     assert attempt["upstream"] == "up-gpt" and attempt["model"] == "gpt-4.1-2025-04-14"
     assert attempt["outcome"] == "success" and attempt["error"] is None
+    assert attempt["upstream_status"] == 200
     # headers: credentials masked always, the rest through the text rules
     headers = record["request"]["headers"]
     assert headers["authorization"] == "[REDACTED]"
@@ -154,6 +155,35 @@ def test_only_failed_requests_with_capture_errors(gateway_factory, upstream_url)
     refused = detail(gateway, latest_row(gateway)["id"])["log"]
     assert refused["outcome"] == "invalid_request" and refused["attempts"] == []
     assert "messages" in refused["error"]["message"]
+
+
+def test_each_attempt_of_a_stream_shows_the_status_its_upstream_answered(
+    gateway_factory, upstream_url
+):
+    """A stream that fell back from an upstream nobody answers: its attempts have no
+    status (no answer came), the one that served the 200 it got."""
+    config = logged_config(upstream_url)
+    config["providers"]["gone"] = {
+        "type": "openai",
+        "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        "api_key": API_KEY,
+    }
+    config["upstreams"]["up-gone"] = {"provider": "gone", "model": "gpt-4.1"}
+    config["models"] = {
+        "gpt-4.1": {"upstreams": ["up-gone"], "fallbacks": ["backup"]},
+        "backup": {"upstreams": ["up-gpt"]},
+    }
+    gateway = gateway_factory(config)
+    stream = gateway.client().chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    *refused, served = [
+        (a["upstream"], a["outcome"], a["upstream_status"]) for a in record["attempts"]
+    ]
+    assert refused and set(refused) == {("up-gone", "connection_error", None)}  # and retried
+    assert served == ("up-gpt", "success", 200)
 
 
 def test_a_body_is_kept_as_it_came_also_one_refused_as_not_json(gateway_factory, upstream_url):

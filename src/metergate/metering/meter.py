@@ -23,6 +23,7 @@ from metergate.metering.ledger import LedgerRow, LedgerWriter
 from metergate.metering.metrics import ALL_KEYS, NO_UPSTREAM, UNKNOWN_KEY, UNKNOWN_MODEL, Metrics
 from metergate.metering.pricing import nano_to_usd
 from metergate.providers.base import Usage
+from metergate.providers.http import answered_status
 
 if TYPE_CHECKING:
     from metergate.auth.keys import KeyRecord
@@ -43,10 +44,12 @@ class AttemptRecord:
         self.error: str | None = None
         self.status: int | None = None  # the upstream's HTTP status, when it answered one
         self.span_id = span_id  # its span, named in the traceparent sent upstream
+        answered_status.set(None)  # not an earlier attempt's
 
     def end(self, error: BaseException | None) -> None:
         self.ended = time.perf_counter()
         if error is None:
+            self.status = answered_status.get()
             return
         if isinstance(error, GatewayError):
             self.outcome, self.error, self.status = (

@@ -15,6 +15,7 @@ import math
 import re
 import resource
 import weakref
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +50,11 @@ _CREDENTIAL_HEADERS = frozenset(
 _credentials: weakref.WeakKeyDictionary[HttpTransport, tuple[str, ...]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+# The status of the 2xx answer the current attempt got (set in the attempt's task): the
+# request log's attempt shows it; a failure carries its own (`upstream_status`).
+answered_status: ContextVar[int | None] = ContextVar("answered_status", default=None)
 
 
 class HttpTransport:
@@ -132,6 +138,7 @@ class HttpTransport:
             raise self.failure_from_exception(exc) from exc
         if response.status >= 300:
             raise self.failure_from_response(response.status, response.headers, response.body)
+        answered_status.set(response.status)
         return response.body
 
     async def open_stream(
@@ -160,6 +167,7 @@ class HttpTransport:
             finally:
                 response.close()
             raise self.failure_from_response(response.status, response.headers, body)
+        answered_status.set(response.status)
         return response
 
     def failure_from_exception(self, exc: BaseException) -> UpstreamFailure | GatewayLimit:
