@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import openai
@@ -23,9 +24,9 @@ from metergate.cli import app as cli_app
 from metergate.config import ConfigError, parse_config
 from metergate.config.model import ProviderConfig, RolloutConfig
 from metergate.providers import Adapter, build_adapter
-from metergate.rollout import store, transitions
+from metergate.rollout import Rollout, store, transitions
 from metergate.rollout.gates import Observed, judge
-from metergate.storage.database import open_database
+from metergate.storage.database import Database, Transaction, open_database
 from metergate.storage.migrations import migrate
 from tests.harness import Gateway, UpstreamServer, start_gateway, two_gateways, write_config
 from tests.services import GatewayProcess, ServerProcess, run_prometheus
@@ -526,6 +527,63 @@ async def test_a_ledger_from_before_the_position_was_kept_announces_no_history(t
         assert await migrate(database) == [13]
         position, rows = await store.unannounced(database)
         assert (position, rows) == (3, [])
+    finally:
+        await database.close()
+
+
+class PausedAfterEvent:
+    """The ledger database as `store.save` uses it, its transaction held open once the
+    event is inserted, until `go` is set."""
+
+    def __init__(self, database: Database) -> None:
+        self.database, self.inserted, self.go = database, asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self.database.transaction() as tx:
+            execute = tx.execute
+
+            async def paused(sql: str, params: Sequence[object] = ()) -> int:
+                changed = await execute(sql, params)
+                if sql.startswith("INSERT INTO rollout_events"):
+                    self.inserted.set()
+                    await self.go.wait()
+                return changed
+
+            tx.execute = paused  # type: ignore[method-assign]
+            yield tx
+
+
+async def test_an_event_recorded_while_an_earlier_one_commits_waits_for_it(fresh_postgres_url):
+    """Two rollouts' transitions recorded at once on PostgreSQL: the event given the lower
+    id must be visible first, or the announcer, which goes on from the highest id it
+    announced, would skip it for good (a rollback no webhook ever told)."""
+    database = await open_database(fresh_postgres_url)
+    try:
+        await migrate(database)
+        config = RolloutConfig(model="m", baseline=["a"], candidate=["b"])
+        paused = PausedAfterEvent(database)
+        earlier = asyncio.create_task(store.save(paused, Rollout("one", config), "started"))  # type: ignore[arg-type]
+        await asyncio.wait_for(paused.inserted.wait(), 10)
+        later = asyncio.create_task(store.save(database, Rollout("two", config), "started"))
+        deadline = time.monotonic() + 10
+        while not later.done():  # recorded at once (as before), or waiting for a lock
+            (waiting,) = await database.fetch(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            if waiting[0]:
+                break
+            assert time.monotonic() < deadline, "the later event neither waits nor commits"
+            await asyncio.sleep(0.01)
+        assert (await store.unannounced(database))[1] == []
+        paused.go.set()
+        assert await earlier and await later
+        _, rows = await store.unannounced(database)
+        assert [(rollout, event) for _, _, rollout, event, _, _ in rows] == [
+            ("one", "started"),
+            ("two", "started"),
+        ]
     finally:
         await database.close()
 

@@ -16,6 +16,7 @@ from metergate.storage.database import Database
 
 LEASE = "rollout-controller"
 ANNOUNCE_BATCH = 100  # events announced per tick at most: a backlog drains, bounded
+_EVENTS_KEY = 0x6D677265  # "mgre": events are recorded one transaction at a time
 
 
 def holder_id() -> str:
@@ -79,6 +80,9 @@ async def save(
         if changed != 1:
             return False
         if event is not None:
+            # Ids are read in order by the announcer (`unannounced`): one given here must
+            # not commit after a later one, or the announcer, past the later, skips it.
+            await tx.take_turns(_EVENTS_KEY)
             await tx.execute(
                 "INSERT INTO rollout_events (ts, rollout, event, stage, detail)"
                 " VALUES (?, ?, ?, ?, ?)",

@@ -60,6 +60,10 @@ class Transaction(abc.ABC):
         (nothing on SQLite, where the transaction already holds the database's write lock)."""
         return f" FOR {mode}" if self.dialect == "postgresql" else ""
 
+    async def take_turns(self, key: int) -> None:
+        """Wait until no other transaction that took `key` is open, and keep it until this
+        one ends (nothing to do on SQLite, whose transactions all take turns already)."""
+
 
 class Database(abc.ABC):
     dialect: Dialect
@@ -175,6 +179,9 @@ class _PostgresTransaction(Transaction):
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [tuple(row) for row in await self._conn.fetch(self._sql(sql), *params)]
+
+    async def take_turns(self, key: int) -> None:
+        await self._conn.execute("SELECT pg_advisory_xact_lock($1)", key)
 
 
 class SQLiteDatabase(Database):
