@@ -85,8 +85,12 @@ async def teams_view(runtime: Runtime, database: Database) -> dict[str, Any]:
             for b in record.budgets
             if (name := budget_name(record.name, b.period)) in installed
         ]
-        for budget in book.budgets:
-            if budget.config.scope == "team" and budget.target == record.name:
+        for budget in book.budgets:  # the config's (the teams' own are in it too)
+            if (
+                budget.config.scope == "team"
+                and budget.target == record.name
+                and budget.name not in installed
+            ):
                 budgets.append(await budget_json(database, gate, budget, now))
         for each in book.each:
             if each.config.scope == "team":
