@@ -127,6 +127,21 @@ def test_a_request_is_kept_with_its_secrets_masked(gateway_factory, upstream_url
         assert gateway.key not in stored and API_KEY not in stored
 
 
+def test_the_openapi_document_names_every_field_of_a_record(gateway_factory, upstream_url):
+    """The console's OpenAPI document is what clients are generated from: a field the
+    record has and the document lacks is one a typed client drops."""
+    gateway = gateway_factory(logged_config(upstream_url))
+    gateway.client().chat.completions.create(
+        model="gpt-4.1", messages=[{"role": "user", "content": "hi"}]
+    )
+    record = detail(gateway, latest_row(gateway)["id"])["log"]
+    schemas = admin(gateway, "/admin/openapi.json").json()["components"]["schemas"]
+    schema = schemas["RequestLogRecord"]["properties"]
+    assert set(record) == set(schema)
+    attempt = schema["attempts"]["items"]["properties"]
+    assert set(record["attempts"][0]) == set(attempt)
+
+
 def test_only_failed_requests_with_capture_errors(gateway_factory, upstream_url):
     gateway = gateway_factory(logged_config(upstream_url, capture="errors"))
     client = gateway.client()

@@ -522,10 +522,13 @@ def _attribution_schemas() -> dict[str, Any]:
             "operation": _STR,
             "outcome": _ref("Outcome"),
             "status": _INT,
+            "stream": _BOOL,
+            "cache_hit": _BOOL,
             "duration_ms": _NUM,
             "ttft_ms": _nullable(_NUM),
             "upstream_ms": _NUM,
             "cost_nano": _NANO,
+            "saved_nano": {**_NANO, "description": "what a cache hit saved"},
             "usage": _COUNTS,
             "trace_id": _nullable(_STR),
             "request": {
