@@ -744,6 +744,9 @@ def test_a_request_opens_with_its_attempts_headers_and_bodies(page, gateway_fact
         model="chat",
         messages=[{"role": "user", "content": "hello, write to kim@example.com"}],
         extra_headers={"x-metergate-tags": "feature=console"},
+        seed=9007199254740993,  # past 2^53: a JavaScript number would show ...992
+        temperature=1.0,
+        extra_body={"metadata": {}},
     )
     client.chat.completions.create(model="resilient", messages=ASK)  # shaky, then chat
     gateway.flush_ledger()
@@ -761,6 +764,11 @@ def test_a_request_opens_with_its_attempts_headers_and_bodies(page, gateway_fact
     playwright_api.expect(page.locator("#request-headers")).to_contain_text("[REDACTED]")
     body = page.inner_text("#request-body pre")
     assert "[REDACTED:email]" in body and "kim@example.com" not in page.content()
+    # indented, and as it was sent
+    lines = body.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    for line in ('  "seed": 9007199254740993,', '  "temperature": 1.0', '  "metadata": {}'):
+        assert any(seen.startswith(line) for seen in lines), (line, body)
     playwright_api.expect(page.locator("#response-body pre")).to_contain_text("chat.completion")
     playwright_api.expect(page.locator("#attempts tbody tr")).to_have_count(1)
     shot(page, "07-request")

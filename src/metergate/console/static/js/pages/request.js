@@ -23,13 +23,50 @@ function facts(pairs) {
   ]));
 }
 
+const BLANK = " \n\r\t";
+
+// A JSON body indented as JSON.stringify(value, null, 2) would, from its own text: the
+// value itself would show something else than was sent (an integer past 2^53, 1.0 as
+// 1, a key given twice once). A stream (SSE), a cut body or not JSON is shown as it is.
 function pretty(text) {
   if (text === null || text === undefined) return null;
   try {
-    return JSON.stringify(JSON.parse(text), null, 2);
+    JSON.parse(text);
   } catch {
-    return text; // a stream (SSE), a cut body, or not JSON
+    return text;
   }
+  let out = "";
+  let depth = 0;
+  const newline = () => "\n" + "  ".repeat(depth);
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') {
+      let end = i + 1;
+      while (text[end] !== '"') end += text[end] === "\\" ? 2 : 1;
+      out += text.slice(i, end + 1);
+      i = end;
+    } else if (c === "{" || c === "[") {
+      let next = i + 1;
+      while (BLANK.includes(text[next])) next++;
+      if (text[next] === (c === "{" ? "}" : "]")) {
+        out += c + text[next]; // empty: {} or []
+        i = next;
+      } else {
+        depth++;
+        out += c + newline();
+      }
+    } else if (c === "}" || c === "]") {
+      depth--;
+      out += newline() + c;
+    } else if (c === ",") {
+      out += "," + newline();
+    } else if (c === ":") {
+      out += ": ";
+    } else if (!BLANK.includes(c)) {
+      out += c;
+    }
+  }
+  return out;
 }
 
 function bodyPanel(title, id, part) {
