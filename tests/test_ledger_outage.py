@@ -549,6 +549,49 @@ def test_a_sqlite_ledger_locked_by_another_process_shows_in_metrics_and_spools_o
     assert spool_files(spool) == []
 
 
+def test_a_sighup_while_postgres_is_down_applies_once_it_is_back(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A reload needs the ledger (it records the version). The admin API answers 503 and
+    its caller tries again; a signal has no caller, so the gateway tries again itself
+    (README: "the same reload applies once the database is back")."""
+    url = own_postgres.create_database("hup")
+    key = create_key_sync(url, "hup-test")
+    config = gateway_config(tmp_path, url)
+    gateway = GatewayProcess(config, tmp_path)
+
+    def cost() -> str:
+        answer = httpx.post(
+            f"{gateway.base_url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "sim", "messages": [{"role": "user", "content": "price?"}]},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-metergate-cost-usd"]
+
+    try:
+        gateway.wait_ready()
+        before = cost()
+        raw = yaml.safe_load(config.read_text())
+        raw["upstreams"]["sim-up"]["price"] = {"input": 100, "output": 200}
+        own_postgres.pause()
+        try:
+            config.write_text(yaml.safe_dump(raw))
+            os.kill(gateway.pid, signal.SIGHUP)
+            wait_until(
+                lambda: "config reload (SIGHUP) waits for the ledger database" in gateway.log(),
+                "the reload said it waits",
+            )
+            assert cost() == before  # the old config serves meanwhile
+        finally:
+            own_postgres.resume()
+        wait_until(lambda: " applied (was " in gateway.log(), "the reload applied", limit=60)
+        assert float(cost()) == 100 * float(before)
+    finally:
+        gateway.kill_all()
+
+
 def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:

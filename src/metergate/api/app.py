@@ -47,6 +47,7 @@ YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collecti
 Handler = Callable[[Request, Send], Awaitable[None]]
 
 # Paths that answer HEAD as GET without the body (the server drops it, keeps the length).
+SIGHUP_RETRY_FIRST, SIGHUP_RETRY_LONGEST = 1.0, 30.0  # seconds between a SIGHUP's tries
 _PROBED = ("/healthz", "/readyz", "/metrics", "/v1/metrics", "/v1/models", "/models")
 
 
@@ -100,6 +101,7 @@ class GatewayApp:
         self.routes = routes
         self.paths = {path for _, path in routes}
         self._background: set[asyncio.Task[bool]] = set()
+        self._sighups = 0  # SIGHUPs received: a reload waiting for the ledger yields to a newer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -198,13 +200,38 @@ class GatewayApp:
         loop = asyncio.get_running_loop()
 
         def reload() -> None:
-            task = loop.create_task(self.runtime.reload_from_source("SIGHUP"))
+            self._sighups += 1
+            task = loop.create_task(self._reload_when_the_ledger_answers(self._sighups))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             task.add_done_callback(_log_reload_failure)
 
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def _reload_when_the_ledger_answers(self, sighup: int) -> bool:
+        """A SIGHUP reload needs the ledger database (it records the version); while that
+        cannot be reached the reload is tried again, at growing intervals, until it
+        answers: a signal has no caller to tell "try again" (the admin API answers 503).
+        A newer SIGHUP takes over, re-reading the file itself."""
+        wait = SIGHUP_RETRY_FIRST
+        while True:
+            try:
+                return await self.runtime.reload_from_source("SIGHUP")
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+                log.warning(
+                    "config reload (SIGHUP) waits for the ledger database, which cannot be "
+                    "reached (%s: %s); trying again in %.0f s",
+                    type(error).__name__,
+                    error,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            if sighup != self._sighups:
+                return False
+            wait = min(wait * 2, SIGHUP_RETRY_LONGEST)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
