@@ -53,7 +53,7 @@ from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
     stored_rows,
     wait_for,
 )
-from tests.test_workers import wait_until
+from tests.test_workers import costs, wait_until
 
 ADMIN_KEY = "outage-admin-key-0123456789abcdef"
 
@@ -561,14 +561,8 @@ def test_a_sighup_while_postgres_is_down_applies_once_it_is_back(
     gateway = GatewayProcess(config, tmp_path)
 
     def cost() -> str:
-        answer = httpx.post(
-            f"{gateway.base_url}/v1/chat/completions",
-            headers={"authorization": f"Bearer {key}"},
-            json={"model": "sim", "messages": [{"role": "user", "content": "price?"}]},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
-        return answer.headers["x-metergate-cost-usd"]
+        (seen,) = costs(gateway, key, calls=1)
+        return seen
 
     try:
         gateway.wait_ready()
