@@ -25,6 +25,7 @@ import sys
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -581,7 +582,7 @@ def test_a_sighup_while_postgres_is_down_applies_once_it_is_back(
         finally:
             own_postgres.resume()
         wait_until(lambda: " applied (was " in gateway.log(), "the reload applied", limit=60)
-        assert float(cost()) == 100 * float(before)
+        assert Decimal(cost()) == 100 * Decimal(before)
     finally:
         gateway.kill_all()
 
