@@ -14,6 +14,7 @@ provided, and no secret is written in a file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -31,6 +33,8 @@ from typer.testing import CliRunner
 from metergate.cli import app as cli_app
 from metergate.cli import serve as serve_module
 from metergate.config import GatewayConfig, parse_config
+from tests.harness import simulated_config, write_config
+from tests.services import GatewayProcess, ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -209,9 +213,12 @@ GATEWAY_CONFIGS = {
 
 
 def load_example(text: str, name: str, monkeypatch: pytest.MonkeyPatch) -> GatewayConfig:
-    """Parse an example config with every variable it reads set (a URL where one is due:
-    the loader checks their form)."""
-    for variable in variables(text):
+    """Parse an example config with every variable it requires set (a URL where one is
+    due: the loader checks their form), and those with a default at it."""
+    for variable, required in variables(text).items():
+        if not required:
+            monkeypatch.delenv(variable, raising=False)
+            continue
         dummy = f"dummy{variable.lower().replace('_', '')}"
         if variable.endswith("_URL"):
             dummy = f"https://{dummy}.example/hook"
@@ -361,7 +368,15 @@ def test_compose_env_example_lists_every_variable() -> None:
         assert re.search(rf"^{name}=$", example, re.M), f"{name} must be left empty to fill in"
 
 
-def test_compose_fleet_shape() -> None:
+def stop_within(text: str, monkeypatch: pytest.MonkeyPatch) -> float:
+    """How long a replica of this config may take to stop: the grace for requests in
+    flight, then the ledger's last commit; a worker still running is killed then
+    (`serve`'s supervisor)."""
+    config = load_example(text, "example", monkeypatch)
+    return config.server.shutdown_grace_seconds + 2 * config.ledger.timeout_seconds + 5
+
+
+def test_compose_fleet_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two identical gateway replicas with 2 workers each, ready on /readyz, started after
     PostgreSQL and Redis are healthy, behind nginx which waits for them."""
     raw = compose_raw()
@@ -379,7 +394,8 @@ def test_compose_fleet_shape() -> None:
         volume.split(":")[1] == spool and volume.split(":")[0] in raw["volumes"]
         for volume in first["volumes"]
     ), "the ledger spool is a named volume, outliving the container"
-    assert int(first["stop_grace_period"].rstrip("s")) > 30, "longer than serve's 30 s drain"
+    grace = int(first["stop_grace_period"].rstrip("s"))
+    assert grace > stop_within(COMPOSE_GATEWAY.read_text(), monkeypatch), "killed mid-commit"
     assert first["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
@@ -503,6 +519,82 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
         assert directive in text, f"streams need {directive}"
 
 
+def shipped_nginx(workdir: Path, replica: str) -> ServerProcess:
+    """deploy/compose/nginx.conf as shipped but for its addresses (a loopback port, one
+    replica) and the paths it writes to, in front of `replica`."""
+    workdir.mkdir()
+    text = NGINX_CONF.read_text()
+    text = re.sub(r"(\n\s*server [^;\n]+:4000 [^;]*;)+", f"\n        server {replica};", text)
+    text = text.replace("pid /tmp/nginx.pid;", f"pid {workdir}/nginx.pid;")
+    temp = "".join(
+        f"\n    {kind}_temp_path {workdir}/{kind}_temp;"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    text = text.replace("http {", "http {" + temp, 1)
+
+    def command(port: int) -> list[str]:
+        (workdir / "nginx.conf").write_text(
+            text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+        )
+        conf = str(workdir / "nginx.conf")
+        return [tool("nginx"), "-p", f"{workdir}/", "-c", conf, "-e", "stderr", "-g", "daemon off;"]
+
+    return ServerProcess("nginx", workdir, command, "/nginx-healthz").start()
+
+
+def test_the_shipped_nginx_hides_metrics_and_names_each_client(tmp_path: Path) -> None:
+    """Through deploy/compose/nginx.conf in front of a real gateway: its metrics (key
+    names, spend) are not served at either path the gateway has them at, and with nginx
+    trusted (`server.trusted_proxies`, as the compose config sets it) the admin sign-in
+    limit counts each client, so one guessing locks out nobody else, however it forges
+    its X-Forwarded-For."""
+    admin_key = "deploy-admin-key-0123456789abcdef"
+    config = simulated_config()
+    config["server"] = {"trusted_proxies": ["127.0.0.1"]}
+    config["admin"] = {"api_key": admin_key}
+    gateway = GatewayProcess(write_config(config, tmp_path / "gw"), tmp_path / "gw")
+    nginx: ServerProcess | None = None
+
+    def sign_in(client: str, key: str, forged: str | None = None) -> int:
+        headers = {"authorization": f"Bearer {key}"}
+        if forged is not None:
+            headers["x-forwarded-for"] = forged
+        transport = httpx.HTTPTransport(local_address=client)
+        with httpx.Client(transport=transport, timeout=10) as http:
+            assert nginx is not None
+            return http.get(f"{nginx.url}/admin/api/keys", headers=headers).status_code
+
+    try:
+        gateway.wait_ready()
+        nginx = shipped_nginx(tmp_path / "nginx", gateway.base_url.removeprefix("http://"))
+        for path in ("/metrics", "/v1/metrics", "/v1/metrics/", "/v1//metrics", "/%6Detrics"):
+            hidden = httpx.get(f"{nginx.url}{path}", timeout=10)
+            assert hidden.status_code == 404, (path, hidden.text)
+            assert hidden.json()["error"]["code"] == "unknown_endpoint"
+        for path in ("/metrics", "/v1/metrics"):  # what it hides is there
+            assert httpx.get(f"{gateway.base_url}{path}", timeout=10).status_code == 200
+        assert [sign_in("127.0.0.2", "wrong-key") for _ in range(6)][-1] == 429
+        assert sign_in("127.0.0.2", admin_key, forged="127.0.0.9") == 429
+        assert sign_in("127.0.0.3", admin_key) == 200
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        gateway.kill_all()
+
+
+def test_compose_gateways_trust_nginx_alone() -> None:
+    """nginx has a fixed address in the compose network, and the gateways' config lists
+    that address, from the same variable, as its one trusted proxy."""
+    raw = compose_raw()
+    placed = raw["services"]["nginx"]["networks"]["default"]["ipv4_address"]
+    subnet = with_defaults(raw["networks"]["default"]["ipam"]["config"][0]["subnet"])
+    assert ipaddress.ip_address(with_defaults(placed)) in ipaddress.ip_network(subnet)
+    (trusted,) = yaml.safe_load(COMPOSE_GATEWAY.read_text())["server"]["trusted_proxies"]
+    assert trusted == placed
+    for _, service in compose_metergate_services():
+        assert service["environment"]["METERGATE_LB_ADDRESS"].split()[0] == placed
+
+
 def prometheus_dir(tmp_path: Path, targets: Path) -> Path:
     """deploy/prometheus as Prometheus sees it in a deployment: its config and rules, with
     the deployment's targets directory."""
@@ -572,7 +664,7 @@ def test_kustomization_applies_every_manifest_but_the_secret_template() -> None:
             assert document["metadata"]["namespace"] == namespace, path.name
 
 
-def test_kubernetes_deployment_runs_the_image_safely() -> None:
+def test_kubernetes_deployment_runs_the_image_safely(monkeypatch: pytest.MonkeyPatch) -> None:
     deployment = kube_object("Deployment", "metergate")
     assert deployment["spec"]["replicas"] == 2
     pod = kube_pod_spec()
@@ -603,7 +695,9 @@ def test_kubernetes_deployment_runs_the_image_safely() -> None:
     resources = container["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
     assert int(resources["limits"]["cpu"]) == workers, "one worker per CPU"
-    assert pod["terminationGracePeriodSeconds"] > 30, "longer than serve's 30 s drain"
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    needed = 5 + stop_within(kube_gateway_text(), monkeypatch)  # the grace counts preStop's
+    assert pod["terminationGracePeriodSeconds"] > needed, "killed mid-commit"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(GATEWAY_PORT)
