@@ -659,7 +659,7 @@ def test_default_serve_prints_a_working_demo_key(tmp_path):
         output = process.communicate(timeout=30)[0]
     # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit here
     assert process.returncode in (0, -15)
-    assert "ledger flushed: 1 rows committed" in output
+    assert "ledger flushed: 1 rows committed since the process started" in output
     assert key in output and f"http://127.0.0.1:{port}/v1" in output
     assert "from openai import OpenAI" in output and "curl" in output
     # where the ledger is: a sqlite:/// URL is relative to the directory served from

@@ -546,6 +546,9 @@ class Runtime:
         await self.observers.close()
         if self.ledger is not None:
             await self.ledger.close()
-            log.info("ledger flushed: %d rows committed", self.ledger.committed)
+            log.info(
+                "ledger flushed: %d rows committed since the process started",
+                self.ledger.committed,
+            )
         if self.database is not None:
             await self.database.close()
