@@ -328,6 +328,9 @@ providers:
   b: {type: openai, api_key: "${B_KEY:-sk-default-secret}", base_url: "https://h/v1?key=k-3"}
   c: {type: anthropic, api_key: &shared sk-shared}
   d: {type: anthropic, api_key: *shared, headers: {anthropic-beta: tools, Cookie: "s=1"}}
+  apim:
+    type: azure
+    headers: {Ocp-Apim-Subscription-Key: apim-1, X-Access-Key: acc-2, AccessKey: acc-3}
   e: {type: simulated, api_key: null}
 admin:
   api_key: |
@@ -342,7 +345,7 @@ tracing:
     redacted = redact(text)
     for secret in ("pg-secret", "pw-2", "sk-default-secret", "k-3", "sk-shared", "s=1",
                    "block-secret", "ghp-secret", "debug", "trace-pw", "trace-tok",
-                   "hc-secret"):  # fmt: skip
+                   "hc-secret", "apim-1", "acc-2", "acc-3"):  # fmt: skip
         assert secret not in redacted, secret
     kept = (
         "${REDIS_PASSWORD}",

@@ -70,9 +70,10 @@ _FIELDS: tuple[tuple[tuple[str, ...], Kind], ...] = (
     (("tracing", "endpoint"), "url"),
     (("tracing", "headers", _ANY), "whole"),  # a collector's token, whatever its name
 )
+# `key` anywhere: Ocp-Apim-Subscription-Key (Azure API Management), X-Access-Key,
+# AccessKey, Gemini's `?key=` all carry credentials.
 _SECRET_NAME = re.compile(
-    r"auth|token|secret|passw|pwd|api[-_]?key|x-key|cookie|session|signature|credential|"
-    r"^key$|^sig$|^code$",
+    r"auth|token|secret|passw|pwd|key|cookie|session|signature|credential|^sig$|^code$",
     re.IGNORECASE,
 )
 # `${VAR}` (or `${VAR:-}`, `${VAR-}`: empty default): a name, not a secret. A non-empty
