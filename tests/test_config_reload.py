@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
+from metergate.cli import app as cli_app
 from tests.harness import simulated_config, write_config
 from tests.services import GatewayProcess, create_key_sync
 
@@ -104,6 +108,42 @@ def test_invalid_reload_is_refused_and_reported(gateway_factory):
     assert any("unknown upstream 'nowhere'" in problem for problem in error["problems"])
     assert gateway.runtime.plan.version == version
     assert cost(gateway.base_url, gateway.key) == "10.000000000"
+
+
+def test_config_reload_command_reports_the_gateway_and_a_proxy_in_its_place(
+    gateway_factory, monkeypatch
+):
+    """`metergate config reload` says what the gateway did, and an answer that is not the
+    gateway's (a proxy's HTML 502 page) in one line naming the status, not a traceback."""
+    monkeypatch.setenv("METERGATE_ADMIN_KEY", ADMIN_KEY)
+    gateway = gateway_factory(config_with_price(1_000_000))
+    base = gateway.base_url.removesuffix("/v1")
+    done = CliRunner().invoke(cli_app, ["config", "reload", "--gateway", base])
+    assert done.exit_code == 0, done.output
+    assert f"config unchanged: version {gateway.runtime.plan.version}" in done.output
+
+    class BadGateway(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(502)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BadGateway)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{proxy.server_address[1]}"
+        done = CliRunner().invoke(cli_app, ["config", "reload", "--gateway", address])
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert done.exit_code == 1, done.output
+    assert isinstance(done.exception, SystemExit), done.exception  # an exit, not a crash
+    said = " ".join(done.output.split())
+    assert f"{address}/admin/reload answered HTTP 502, and not with the gateway's JSON" in said
+    assert "Traceback" not in done.output
 
 
 def test_a_reload_says_which_settings_wait_for_a_restart(gateway_factory, caplog):

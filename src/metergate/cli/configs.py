@@ -141,7 +141,19 @@ def reload(
     except httpx2.HTTPError as exc:
         errors.print(f"cannot reach {gateway}: {exc}")
         raise typer.Exit(1) from None
-    body = answer.json()
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):  # a proxy's error page, another server at this address
+        errors.print(
+            f"{gateway.rstrip('/')}/admin/reload answered HTTP {answer.status_code}, and not "
+            f"with the gateway's JSON: {answer.text[:200]!r}; is --gateway the gateway's "
+            "own address?",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1)
     if answer.status_code != 200:
         errors.print(body.get("error", {}).get("message", answer.text))
         for problem in body.get("error", {}).get("problems", []):
