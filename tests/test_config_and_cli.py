@@ -523,8 +523,8 @@ def test_the_banner_hint_names_the_config_served(tmp_path):
 def test_a_command_run_away_from_the_gateway_makes_no_second_ledger(tmp_path):
     """The embedded default's ledger is relative to where a command runs: run in another
     directory, `keys create` would put a key into a new ledger no gateway reads. It says
-    where it looked instead, and creates nothing; a config with an absolute path still
-    makes its ledger."""
+    where it looked instead, and creates nothing; so for an absolute path in a directory
+    that does not exist (a typo, another host's path)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for command in (["keys", "create", "--name", "svc"], ["keys", "list"], ["usage"]):
@@ -532,6 +532,16 @@ def test_a_command_run_away_from_the_gateway_makes_no_second_ledger(tmp_path):
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert f"no ledger at {elsewhere}/.metergate/metergate.db" in refused.stderr
         assert "run this command where the gateway runs" in refused.stderr
+    assert list(elsewhere.iterdir()) == []
+    typo = elsewhere / "typo-dir" / "ledger.db"
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"ledger: {{url: 'sqlite:///{typo}'}}\n" + SIMULATED)
+    for command in (["keys", "create", "--name", "svc"], ["keys", "list"], ["usage"]):
+        refused = run(*command, "-c", str(config), cwd=elsewhere)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        said = " ".join(refused.stderr.split())
+        assert f"no ledger at {typo}: its directory does not exist" in said, said
+        assert "mgk_" not in refused.stdout
     assert list(elsewhere.iterdir()) == []
 
 

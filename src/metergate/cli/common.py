@@ -90,17 +90,34 @@ def with_database(
 
 
 def _no_stray_ledger(url: str) -> None:
-    """A SQLite ledger at a relative path (the embedded default's `.metergate/`) is
-    relative to where a command runs: run elsewhere, a command would make a second,
-    empty ledger that no gateway reads (a key created there is refused, a usage report
-    is empty). So a command makes none; the gateway does, where it runs."""
+    """A SQLite ledger a command would make where no gateway looks is a second, empty
+    ledger (a key created there is refused, a usage report is empty): the embedded
+    default's `.metergate/`, relative to where a command runs, from another directory;
+    an absolute path in a directory that does not exist (a typo, the path on another
+    host). So a command makes neither; the gateway does, where it runs. In a directory
+    that exists, a command may make the ledger at an absolute path (keys made before the
+    gateway's first start)."""
     path = sqlite_path(url)
-    if path in (None, ":memory:") or Path(path).is_absolute() or Path(path).exists():
+    if path in (None, ":memory:") or Path(path).exists():
         return
+    where = escape(str(Path(path).resolve()))
+    if Path(path).is_absolute():
+        if Path(path).parent.is_dir():
+            return
+        errors.print(
+            f"[red]no ledger at {where}[/red]: its directory does not exist, so no gateway "
+            "has run with it (a command makes none)",
+            highlight=False,
+        )
+        errors.print(
+            f"  hint: check the config's ledger.url ({escape(url)}), or run this command on "
+            "the gateway's host",
+            highlight=False,
+        )
+        raise typer.Exit(1)
     errors.print(
-        f"[red]no ledger at {escape(str(Path(path).resolve()))}[/red]: the config's "
-        f"ledger.url ({escape(url)}) is relative to the directory a command runs in, and "
-        "no gateway has run in this one",
+        f"[red]no ledger at {where}[/red]: the config's ledger.url ({escape(url)}) is "
+        "relative to the directory a command runs in, and no gateway has run in this one",
         highlight=False,
     )
     errors.print(
