@@ -508,6 +508,34 @@ def test_a_transition_made_while_the_gateway_was_down_is_announced_at_its_restar
         second.stop()
 
 
+def test_the_cli_warns_of_a_rollout_the_gateways_do_not_run_yet(gateway_factory, servers):
+    """A rollout added to the file but not reloaded: `rollout start` records its state
+    (the reload takes it up), yet no traffic moves until then, which start and status
+    say, naming the version the gateways run; once it is applied they say nothing."""
+    base, cand = servers
+    config = rollout_config(base, cand)
+    without = {name: value for name, value in config.items() if name != "rollouts"}
+    gateway = gateway_factory(without)
+    path = Path(gateway.runtime.source)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **config}))
+    version = gateway.runtime.plan.version
+
+    def cli(*args: str) -> str:
+        done = CliRunner().invoke(cli_app, ["rollout", *args, "move", "-c", str(path)])
+        assert done.exit_code == 0, done.output
+        return " ".join(done.output.split())
+
+    warning = (
+        f"warning: the gateways run config version {version}, which has no rollout 'move': "
+        "no traffic moves until a config with it is applied (metergate config reload)"
+    )
+    started = cli("start")
+    assert "rollout move: started" in started and warning in started
+    assert warning in cli("status")
+    assert gateway.bg.run(gateway.runtime.reload_from_source("test"))
+    assert "warning" not in cli("status")
+
+
 async def test_a_ledger_from_before_the_position_was_kept_announces_no_history(tmp_path):
     """Upgrading: the events already there were announced by the gateway that recorded
     them (or left unannounced by it long ago), so they are not all announced again at

@@ -11,11 +11,13 @@ import time
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.table import Table
 
 from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
 from metergate.config import GatewayConfig
 from metergate.rollout import Rollout, store, transitions
+from metergate.storage import config_versions
 from metergate.storage.database import Database
 
 app = typer.Typer(help="Staged rollouts between upstreams.", no_args_is_help=True)
@@ -30,22 +32,47 @@ def _rollout(config: GatewayConfig, name: str) -> Rollout:
     return Rollout(name, config.rollouts[name])
 
 
+async def _unknown_to_the_fleet(db: Database, name: str) -> str | None:
+    """Why the gateways do not act on rollout `name`: the config they run (the newest
+    version recorded) has no rollout of that name, as when it was added to this file but
+    not reloaded. Its state is kept all the same, and taken up by the reload."""
+    version = await config_versions.latest(db)
+    if version is None:
+        return None  # no gateway has run on this ledger yet: it starts with this file
+    try:
+        rollouts = yaml.safe_load(version.body).get("rollouts") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if isinstance(rollouts, dict) and name in rollouts:
+        return None
+    return (
+        f"the gateways run config version {version.hash}, which has no rollout {name!r}: "
+        "no traffic moves until a config with it is applied (metergate config reload)"
+    )
+
+
+def _warn(unknown: str | None) -> None:
+    if unknown is not None:
+        errors.print(f"[yellow]warning:[/yellow] {unknown}", highlight=False)
+
+
 def _change(config: ConfigOption, name: str, action: Action, done: str) -> None:
     loaded = load_or_exit(config)
     rollout = _rollout(loaded, name)
 
-    async def go(db: Database) -> str | None:
+    async def go(db: Database) -> tuple[str | None, str | None]:
         try:
             await transitions.apply(db, rollout, action, "operator")
         except transitions.TransitionRefused as refused:
-            return str(refused)
-        return None
+            return str(refused), None
+        return None, await _unknown_to_the_fleet(db, name)
 
-    refused = with_database(loaded, go)
+    refused, unknown = with_database(loaded, go)
     if refused:
         errors.print(refused)
         raise typer.Exit(1)
     console.print(f"rollout {name}: {done}; candidate weight now {rollout.weight:.0%}")
+    _warn(unknown)
 
 
 @app.command("start")
@@ -84,11 +111,12 @@ def status(name: Name, config: ConfigOption = None) -> None:
     loaded = load_or_exit(config)
     rollout = _rollout(loaded, name)
 
-    async def go(db: Database) -> list[tuple[Any, ...]]:
+    async def go(db: Database) -> tuple[list[tuple[Any, ...]], str | None]:
         await store.load(db, rollout)
-        return await store.events(db, name, 10)
+        return await store.events(db, name, 10), await _unknown_to_the_fleet(db, name)
 
-    events = with_database(loaded, go)
+    events, unknown = with_database(loaded, go)
+    _warn(unknown)
     cfg = rollout.config
     stage = f"{rollout.stage + 1}/{len(cfg.stages)} ({cfg.stages[rollout.stage]:g}%)"
     console.print(
