@@ -552,6 +552,45 @@ SIMULATED = (
 )
 
 
+def test_ledger_commands_need_no_provider_secret_in_the_shell(tmp_path):
+    """The provider keys and webhooks a config reads from `${VAR}` live in the gateway's
+    environment (a systemd EnvironmentFile, a secret store), not in an operator's shell:
+    the commands that work on the ledger alone run without them; `check` and `serve`,
+    which need them, still say which is not set, and so does every command for one in
+    `ledger:`."""
+    config = tmp_path / "gw.yaml"
+    body = (
+        "providers:\n"
+        "  oa:\n"
+        "    type: openai\n"
+        "    base_url: https://api.openai.com/v1\n"
+        "    api_key: '${MG_TEST_UNSET_KEY}'\n"
+        "    headers: {X-Key: '${MG_TEST_UNSET_H}'}\n"
+        "upstreams: {u: {provider: oa, model: gpt-4.1}}\n"
+        "models: {m: {upstreams: [u]}}\n"
+        "budgets: {b: {limit_usd: 5, webhook_url: '${MG_TEST_UNSET_HOOK}'}}\n"
+    )
+    config.write_text(f"ledger: {{url: 'sqlite:///{tmp_path}/l.db'}}\n" + body)
+    for command in (
+        ["keys", "create", "--name", "svc"],
+        ["keys", "list"],
+        ["teams", "list"],
+        ["usage"],
+        ["config", "history"],
+    ):
+        result = run(*command, "-c", str(config), cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stdout + result.stderr)
+    checked = run("check", str(config), cwd=tmp_path)
+    assert checked.returncode == 2
+    for variable in ("MG_TEST_UNSET_KEY", "MG_TEST_UNSET_H", "MG_TEST_UNSET_HOOK"):
+        assert f"environment variable {variable} is not set" in checked.stderr
+    config.write_text(f"ledger: {{url: 'sqlite:///{tmp_path}/${{MG_TEST_UNSET_DB}}.db'}}\n" + body)
+    refused = run("keys", "list", "-c", str(config), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "ledger.url: environment variable MG_TEST_UNSET_DB is not set" in refused.stderr
+    assert "MG_TEST_UNSET_KEY" not in refused.stderr
+
+
 def test_a_ledger_that_cannot_be_opened_is_named_without_its_password(tmp_path):
     """`serve` and the commands that read the ledger say which database they could not
     open and exit 1: no traceback, and the URL's password never printed."""

@@ -42,10 +42,16 @@ def load_or_exit(path: Path | None) -> GatewayConfig:
     return read_or_exit(path).config
 
 
-def read_or_exit(path: Path | None) -> LoadedConfig:
+def load_for_ledger(path: Path | None) -> GatewayConfig:
+    """The config of a command that works on the ledger database alone: the provider keys
+    and webhooks a gateway's environment holds need not be set in the operator's shell."""
+    return read_or_exit(path, ledger_only=True).config
+
+
+def read_or_exit(path: Path | None, ledger_only: bool = False) -> LoadedConfig:
     """The validated config with its text, or the list of problems and exit status 2."""
     try:
-        return read_config(path)
+        return read_config(path, ledger_only)
     except ConfigError as error:
         errors.print(f"[red]config has {len(error.problems)} problem(s):[/red]")
         for problem in error.problems:

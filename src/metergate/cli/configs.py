@@ -15,7 +15,7 @@ from metergate.cli.common import (
     ConfigOption,
     console,
     errors,
-    load_or_exit,
+    load_for_ledger,
     read_or_exit,
     with_database,
 )
@@ -32,7 +32,7 @@ def history(
     config: ConfigOption = None,
 ) -> None:
     """List applied configs, newest first (the newest is what gateways run)."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     versions = with_database(loaded, lambda db: config_versions.history(db, limit))
     table = Table("version", "applied", "hash", "note", "source")
     for index, version in enumerate(versions):
@@ -56,7 +56,7 @@ def rollback(
     """Return to an earlier config: running gateways apply it within seconds, and the
     config file is rewritten so a restart keeps it."""
     wanted = _version_or_exit(version)
-    loaded = read_or_exit(config)
+    loaded = read_or_exit(config, ledger_only=True)
 
     async def go(db):  # type: ignore[no-untyped-def]
         versions = await config_versions.history(db, 1000)

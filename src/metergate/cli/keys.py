@@ -21,7 +21,7 @@ from metergate.auth.rules import (
     check_name,
     check_rates,
 )
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
 from metergate.config.model import GatewayConfig, each_key_budgets
 from metergate.errors import InvalidRequest
 from metergate.storage import keys as store
@@ -79,7 +79,7 @@ def create(
     except InvalidRequest as error:
         errors.print(error.message, markup=False, highlight=False)
         raise typer.Exit(2) from None
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     unknown = [m for m in models or [] if m not in loaded.models]
     if unknown:
         errors.print(
@@ -138,7 +138,7 @@ def list_(
 ) -> None:
     """List keys, active first, then by name: name, id, last four characters, allowed
     models, state."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
 
     async def listing(db: Database) -> store.KeyPage:
         page = await store.page_of_keys(db, limit, state=state, search=search, team=team)
@@ -218,7 +218,7 @@ def update(
         changes["team"] = team
     if tags or clear_tags:
         changes["tags"] = _tags_or_exit(tags or [])
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     if budget_limits or clear_limits:
         changes["budget_limits"] = _limits_or_exit(budget_limits or [], loaded)
 
@@ -293,7 +293,7 @@ def revoke(
     config: ConfigOption = None,
 ) -> None:
     """Revoke a key; running gateways refuse it within seconds."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     count = with_database(loaded, lambda db: store.revoke_key(db, name))
     if not count:
         errors.print(f"no active key named or with id {name!r}")

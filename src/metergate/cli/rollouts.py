@@ -14,7 +14,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
 from metergate.config import GatewayConfig
 from metergate.rollout import Rollout, store, transitions
 from metergate.storage import config_versions
@@ -57,7 +57,7 @@ def _warn(unknown: str | None) -> None:
 
 
 def _change(config: ConfigOption, name: str, action: Action, done: str) -> None:
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     rollout = _rollout(loaded, name)
 
     async def go(db: Database) -> tuple[str | None, str | None]:
@@ -108,7 +108,7 @@ def rollback(name: Name, config: ConfigOption = None) -> None:
 @app.command("status")
 def status(name: Name, config: ConfigOption = None) -> None:
     """Stage, weights, the last judgment against each gate, and the next decision."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     rollout = _rollout(loaded, name)
 
     async def go(db: Database) -> tuple[list[tuple[Any, ...]], str | None]:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
 from metergate.console.overview import day_and_month
 from metergate.storage import teams as store
 from metergate.storage.database import Database
@@ -94,7 +94,7 @@ def create(
             creating=True,
         )
     )
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     try:
         record = with_database(loaded, lambda db: store.create_team(db, values))
     except store.TeamExists:
@@ -121,7 +121,7 @@ def update(
         errors.print("nothing to change: give --budget, --rpm, --tpm, --tag or --description")
         raise typer.Exit(2)
     values = _or_exit(lambda: check_change(body, creating=False))
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     record = with_database(loaded, lambda db: store.update_team(db, name, values))
     if record is None:
         errors.print(f"no team named {name!r}")
@@ -132,7 +132,7 @@ def update(
 @app.command("delete")
 def delete(name: Annotated[str, typer.Argument()], config: ConfigOption = None) -> None:
     """Delete a team that no active key belongs to."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     try:
         found = with_database(loaded, lambda db: store.delete_team(db, name))
     except store.TeamInUse as in_use:
@@ -150,7 +150,7 @@ def delete(name: Annotated[str, typer.Argument()], config: ConfigOption = None) 
 @app.command("list")
 def list_(config: ConfigOption = None) -> None:
     """Teams with their keys, limits, and spend today and this month (UTC)."""
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     records, keys, today, month = with_database(loaded, _overview)
     table = Table("team", "keys", "budgets", "rate limits", "tags", "today", "this month")
     for record in records:

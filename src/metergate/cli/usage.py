@@ -21,7 +21,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from metergate.cli.common import ConfigOption, console, errors, load_or_exit, with_database
+from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
 from metergate.config.model import Price
 from metergate.metering.pricing import load_price_list, shipped_price_lists
 from metergate.metering.report import (
@@ -116,7 +116,7 @@ def usage(
     now = time.time()
     period = _period_or_exit(since, start, end, now)
     only = _filter_or_exit(by, team, tags or [])
-    loaded = load_or_exit(config)
+    loaded = load_for_ledger(config)
     prices = None if compare is None else _price_list_or_exit(compare)
 
     shown = top if top is not None or fmt != "table" else TABLE_TOP

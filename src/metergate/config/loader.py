@@ -68,7 +68,8 @@ def load_config(path: str | Path | None = None) -> GatewayConfig:
     return read_config(path).config
 
 
-def read_config(path: str | Path | None = None) -> LoadedConfig:
+def read_config(path: str | Path | None = None, ledger_only: bool = False) -> LoadedConfig:
+    """`ledger_only`: for a command that works on the ledger database alone (`parse_config`)."""
     source = Path(path).resolve() if path else DEFAULT_CONFIG
     name = str(source)
     try:
@@ -78,7 +79,7 @@ def read_config(path: str | Path | None = None) -> LoadedConfig:
             [ConfigProblem(name, (), f"cannot read file: {exc.strerror}", "check the path")]
         ) from exc
     text = _decode(data, name)
-    return LoadedConfig(parse_config(text, name), text, name)
+    return LoadedConfig(parse_config(text, name, ledger_only), text, name)
 
 
 def _decode(data: bytes, name: str) -> str:
@@ -104,7 +105,13 @@ def _decode(data: bytes, name: str) -> str:
         ) from exc
 
 
-def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
+def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -> GatewayConfig:
+    """The validated config, or a ConfigError with every problem found.
+
+    `ledger_only`: for a command that works on the ledger database alone (`keys`, `usage`,
+    `rollout`, ...): a `${VAR}` outside `ledger:` that is not set (a provider's key, a
+    webhook, kept in the gateway's environment only) is left empty, unless its field
+    cannot be empty. The gateway and `check` need every one."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -127,13 +134,20 @@ def parse_config(text: str, name: str = "<config>") -> GatewayConfig:
     found = len(problems)
     raw = _substitute_env(raw, (), problems, name, lines)
     unset = {problem.path for problem in problems[found:]}
+    tolerated: list[ConfigProblem] = []
+    if ledger_only:
+        tolerated = [p for p in problems[found:] if p.path[:1] != ("ledger",)]
+        problems = [p for p in problems if p not in tolerated]
     config: GatewayConfig | None = None
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
+        invalid = _from_validation(exc, name, lines)
         problems.extend(  # a variable not set is told once, not also that the empty
-            p for p in _from_validation(exc, name, lines) if p.path not in unset
+            p for p in invalid if p.path not in unset
         )  # string it became is, say, no URL
+        failed = {p.path for p in invalid}
+        problems.extend(p for p in tolerated if p.path in failed)  # it could not be empty
     if config is not None:
         from metergate.config.checks import cross_reference_problems
 
