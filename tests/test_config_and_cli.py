@@ -552,6 +552,29 @@ SIMULATED = (
 )
 
 
+def test_a_value_from_the_environment_that_is_wrong_names_its_variable(monkeypatch):
+    """The file shows `${MG_PORT:-4000}`, not the `abc` that failed: the problem says where
+    the value came from, and what it was unless the field holds a secret."""
+    monkeypatch.setenv("MG_TEST_PORT", "abc")
+    monkeypatch.setenv("MG_TEST_ADMIN", "short-secret")
+    monkeypatch.delenv("MG_TEST_CACHE", raising=False)
+    text = (
+        "server: {port: '${MG_TEST_PORT:-4000}'}\n"
+        "cache: {enabled: '${MG_TEST_CACHE:-maybe}'}\n"
+        "admin: {api_key: '${MG_TEST_ADMIN}'}\n"
+        "providers: {s: {type: simulated}}\n"
+        "upstreams: {u: {provider: s, model: m}}\n"
+        "models: {m: {upstreams: [u]}}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    said = {problem.path: problem.message for problem in raised.value.problems}
+    assert said[("server", "port")].endswith("(from MG_TEST_PORT='abc')")
+    assert said[("cache", "enabled")].endswith("(from MG_TEST_CACHE unset: the default 'maybe')")
+    assert said[("admin", "api_key")].endswith("(from MG_TEST_ADMIN)")
+    assert "short-secret" not in str(raised.value.problems)
+
+
 def test_ledger_commands_need_no_provider_secret_in_the_shell(tmp_path):
     """The provider keys and webhooks a config reads from `${VAR}` live in the gateway's
     environment (a systemd EnvironmentFile, a secret store), not in an operator's shell:

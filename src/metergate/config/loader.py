@@ -6,6 +6,7 @@ when known, and a hint, so `metergate check` and a refused start say exactly wha
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -
     problems: list[ConfigProblem] = []
     _duplicates(root, (), problems, name)
     found = len(problems)
-    raw = _substitute_env(raw, (), problems, name, lines)
+    sources: dict[KeyPath, list[str]] = {}  # the variables each value was made from
+    raw = _substitute_env(raw, (), problems, name, lines, sources)
     unset = {problem.path for problem in problems[found:]}
     tolerated: list[ConfigProblem] = []
     if ledger_only:
@@ -142,7 +144,7 @@ def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
-        invalid = _from_validation(exc, name, lines)
+        invalid = [_named_source(p, sources) for p in _from_validation(exc, name, lines)]
         problems.extend(  # a variable not set is told once, not also that the empty
             p for p in invalid if p.path not in unset
         )  # string it became is, say, no URL
@@ -210,12 +212,25 @@ def _line_for(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
 
 
 def _substitute_env(
-    value: Any, path: KeyPath, problems: list[ConfigProblem], name: str, lines: dict
+    value: Any,
+    path: KeyPath,
+    problems: list[ConfigProblem],
+    name: str,
+    lines: dict,
+    sources: dict[KeyPath, list[str]],
 ) -> Any:
+    """`value` with its `${VAR}` references replaced; `sources` gets, for each value that
+    had any, what each became (`VAR='value'`), for a message about that value."""
     if isinstance(value, dict):
-        return {k: _substitute_env(v, (*path, k), problems, name, lines) for k, v in value.items()}
+        return {
+            k: _substitute_env(v, (*path, k), problems, name, lines, sources)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_substitute_env(v, (*path, i), problems, name, lines) for i, v in enumerate(value)]
+        return [
+            _substitute_env(v, (*path, i), problems, name, lines, sources)
+            for i, v in enumerate(value)
+        ]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -223,8 +238,10 @@ def _substitute_env(
         variable, form, default = match.group(1, 2, 3)
         found = os.environ.get(variable)
         if found is not None and (found or form != ":-"):
+            sources.setdefault(path, []).append(f"{variable}={found!r}")
             return found
         if default is not None:
+            sources.setdefault(path, []).append(f"{variable} unset: the default {default!r}")
             return default
         problems.append(
             ConfigProblem(
@@ -240,6 +257,19 @@ def _substitute_env(
         return ""
 
     return _ENV_PATTERN.sub(replace, value)
+
+
+def _named_source(problem: ConfigProblem, sources: dict[KeyPath, list[str]]) -> ConfigProblem:
+    """A value made from `${VAR}` is not what the file shows: say what it was made of
+    (the variable alone for a secret field)."""
+    from metergate.config.secrets import holds_secret  # (it reads ConfigError from here)
+
+    made_of = sources.get(problem.path)
+    if not made_of:
+        return problem
+    if holds_secret(problem.path):
+        made_of = [part.split("=", 1)[0].split(" ", 1)[0] for part in made_of]
+    return dataclasses.replace(problem, message=f"{problem.message} (from {'; '.join(made_of)})")
 
 
 def _from_validation(exc: ValidationError, name: str, lines: dict) -> list[ConfigProblem]:

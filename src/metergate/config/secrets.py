@@ -201,6 +201,11 @@ def _walk(node: yaml.Node | None, path: tuple[str, ...], above: set[int]) -> Ite
     above.discard(id(node))
 
 
+def holds_secret(path: tuple[str | int, ...]) -> bool:
+    """Does the config field at `path` carry a secret (all of it, or a URL's parts)?"""
+    return _kind(tuple(str(part) for part in path)) is not None
+
+
 def _kind(path: tuple[str, ...]) -> Kind | None:
     for pattern, kind in _FIELDS:
         if len(pattern) == len(path) and all(
