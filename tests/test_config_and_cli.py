@@ -552,6 +552,31 @@ SIMULATED = (
 )
 
 
+def test_words_and_numbers_yaml_reads_as_something_else_are_named_as_written():
+    """YAML 1.1 reads an unquoted `on:` as the key true and `model: 3.5` as a number: the
+    problem names the key as written, on its own line, and says to quote it (validation
+    alone said `models[1].[key]` at the line of `models:`)."""
+    text = (
+        "providers: {s: {type: simulated}}\n"
+        "upstreams:\n"
+        "  u: {provider: s, model: m}\n"
+        "  v: {provider: s, model: 3.5}\n"
+        "models:\n"
+        "  m: {upstreams: [u]}\n"
+        "  on: {upstreams: [u]}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "gw.yaml")
+    rendered = [problem.render() for problem in raised.value.problems]
+    assert rendered == [
+        "gw.yaml:4: upstreams.v.model: Input should be a valid string\n"
+        '    hint: YAML reads 3.5 unquoted as a number: quote it ("3.5")',
+        "gw.yaml:7: models.on: YAML reads the key on as a boolean, not as a name\n"
+        '    hint: quote it: "on": (YAML reads on, off, yes, no, true and false unquoted as '
+        "booleans)",
+    ]
+
+
 def test_a_value_from_the_environment_that_is_wrong_names_its_variable(monkeypatch):
     """The file shows `${MG_PORT:-4000}`, not the `abc` that failed: the problem says where
     the value came from, and what it was unless the field holds a secret."""

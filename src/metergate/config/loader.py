@@ -7,6 +7,7 @@ when known, and a hint, so `metergate check` and a refused start say exactly wha
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -
 
     problems: list[ConfigProblem] = []
     _duplicates(root, (), problems, name)
+    _keys_that_are_not_names(root, (), problems, name)
+    odd_keys = bool(problems) and any(p.message.startswith("YAML reads") for p in problems)
     found = len(problems)
     sources: dict[KeyPath, list[str]] = {}  # the variables each value was made from
     raw = _substitute_env(raw, (), problems, name, lines, sources)
@@ -145,6 +148,8 @@ def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
         invalid = [_named_source(p, sources) for p in _from_validation(exc, name, lines)]
+        if odd_keys:  # said above, with the key as written and its line
+            invalid = [p for p in invalid if p.path[-1:] != ("[key]",)]
         problems.extend(  # a variable not set is told once, not also that the empty
             p for p in invalid if p.path not in unset
         )  # string it became is, say, no URL
@@ -201,6 +206,43 @@ def _duplicates(
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _duplicates(item, (*path, index), problems, name)
+
+
+_READ_AS = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    "tag:yaml.org,2002:int": "a number",
+    "tag:yaml.org,2002:float": "a number",
+    "tag:yaml.org,2002:timestamp": "a date",
+    "tag:yaml.org,2002:null": "null",
+}
+_BOOLEAN_WORDS = "YAML reads on, off, yes, no, true and false unquoted as booleans"
+
+
+def _keys_that_are_not_names(
+    node: yaml.Node | None, path: KeyPath, problems: list[ConfigProblem], name: str
+) -> None:
+    """Every key of this config is a name (a model, a key, a header); YAML reads some
+    unquoted words and numbers as something else, so `on:` became the key true, which
+    validation would call `models[1].[key]`, at the line of `models:`."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            read_as = _READ_AS.get(key_node.tag)
+            if read_as is not None and isinstance(key_node, yaml.ScalarNode):
+                text = str(key_node.value)
+                problems.append(
+                    ConfigProblem(
+                        name,
+                        (*path, text),
+                        f"YAML reads the key {text} as {read_as}, not as a name",
+                        f'quote it: "{text}":'
+                        + (f" ({_BOOLEAN_WORDS})" if read_as == "a boolean" else ""),
+                        key_node.start_mark.line + 1,
+                    )
+                )
+            _keys_that_are_not_names(value_node, (*path, str(key_node.value)), problems, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _keys_that_are_not_names(item, (*path, index), problems, name)
 
 
 def _line_for(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
@@ -272,6 +314,16 @@ def _named_source(problem: ConfigProblem, sources: dict[KeyPath, list[str]]) -> 
     return dataclasses.replace(problem, message=f"{problem.message} (from {'; '.join(made_of)})")
 
 
+def _quote_hint(value: Any) -> str:
+    """What to do about a value YAML read as something other than the text it is."""
+    if isinstance(value, bool):
+        return f"quote it ({_BOOLEAN_WORDS})"
+    if isinstance(value, int | float | datetime.date):
+        kind = "date" if isinstance(value, datetime.date) else "number"
+        return f'YAML reads {value} unquoted as a {kind}: quote it ("{value}")'
+    return ""
+
+
 def _from_validation(exc: ValidationError, name: str, lines: dict) -> list[ConfigProblem]:
     problems = []
     for error in exc.errors():
@@ -287,5 +339,7 @@ def _from_validation(exc: ValidationError, name: str, lines: dict) -> list[Confi
             message = error["msg"].replace("Input should be", "must be")
         else:  # a validator's own message, without pydantic's "Value error, " before it
             message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if kind == "string_type":
+            hint = _quote_hint(error.get("input"))
         problems.append(ConfigProblem(name, path, message, hint, _line_for(path, lines)))
     return problems
