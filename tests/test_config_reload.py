@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import re
 import shutil
@@ -144,6 +145,38 @@ def test_config_reload_command_reports_the_gateway_and_a_proxy_in_its_place(
     said = " ".join(done.output.split())
     assert f"{address}/admin/reload answered HTTP 502, and not with the gateway's JSON" in said
     assert "Traceback" not in done.output
+
+
+def test_budgets_and_rate_limits_for_nobody_are_said_at_start_and_reload(gateway_factory, caplog):
+    """Keys and teams live in the ledger, so `check` cannot tell a typo in a budget's or
+    rate limit's target; the gateway, which reads the ledger, says which name nobody
+    has (such a limit applies to nobody), and no longer once a key of that name exists."""
+    caplog.set_level(logging.WARNING, logger="metergate")
+    config = config_with_price(1_000_000)
+    config["budgets"] = {
+        "for-a-key": {"limit_usd": 1, "scope": "key", "target": "ghost-key"},
+        "for-a-team": {"limit_usd": 1, "scope": "team", "target": "ghost-team"},
+        "for-each": {"limit_usd": 1, "scope": "key", "target": "*"},
+    }
+    config["rate_limits"] = {"keys": {"*": {"rpm": 100}, "ghost-2": {"rpm": 5}}}
+    gateway = gateway_factory(config)
+    said = [r.message for r in caplog.records if r.message.startswith("config ")]
+    assert said == [
+        "config budgets.for-a-key.target: no key is named 'ghost-key': the budget limits "
+        "nobody; check the name (`metergate keys list`)",
+        "config budgets.for-a-team.target: no team is named 'ghost-team': the budget limits "
+        "nobody; check the name (`metergate teams list`)",
+        "config rate_limits.keys.ghost-2: no key is named 'ghost-2': the rate limit applies to "
+        "nobody; check the name (`metergate keys list`)",
+    ]
+    caplog.clear()
+    gateway.new_key("ghost-key")
+    gateway.bg.run(gateway.runtime.keys.reload())
+    config["budgets"]["for-a-key"]["limit_usd"] = 2
+    Path(gateway.runtime.source).write_text(yaml.safe_dump(config))
+    assert reload(gateway.base_url.removesuffix("/v1")).json()["applied"] is True
+    said = " ".join(r.message for r in caplog.records if r.message.startswith("config "))
+    assert "ghost-team" in said and "'ghost-key'" not in said
 
 
 def test_a_reload_says_which_settings_wait_for_a_restart(gateway_factory, caplog):

@@ -30,6 +30,8 @@ from metergate.budgets.budget import Budget, ledger_spend
 from metergate.budgets.host import BUDGETS_FILE, HostBudgets
 from metergate.cache import ResponseCache
 from metergate.config import ConfigError, ConfigProblem, parse_config, read_config
+from metergate.config.checks import targets_nobody_has
+from metergate.config.loader import format_path
 from metergate.config.model import EACH, GatewayConfig, LedgerConfig
 from metergate.config.restart import restart_needed
 from metergate.limits.admission import Gate
@@ -231,6 +233,15 @@ class Runtime:
                 len(self._live_keys),
             )
 
+    def _warn_of_targets_nobody_has(self, config: GatewayConfig) -> None:
+        """A budget or rate limit for a key or team the ledger has none of (one process
+        of a host says it)."""
+        if self.worker not in (None, 0):
+            return
+        keys = {k.name for k in self.keys.records() if k.revoked_at is None}
+        for path, message, hint in targets_nobody_has(config, keys, set(self.teams.teams)):
+            log.warning("config %s: %s; %s", format_path(path), message, hint)
+
     async def _find_keys(self, digests: Sequence[str]) -> list[KeyRecord]:
         assert self.database is not None
         return await find_keys(self.database, digests)
@@ -255,6 +266,7 @@ class Runtime:
         await self.teams.start(self.database)
         await self._start_shared(plan)
         await self.keys.start()
+        self._warn_of_targets_nobody_has(plan.config)
         if self.mcp is not None:
             await self.mcp.start()
         for adapter in plan.adapters.values():
@@ -400,6 +412,7 @@ class Runtime:
         log.info("config %s applied (was %s) from %s", version, old.version, source)
         if self.worker == 0:  # every worker applies it: one says what serve said at start
             warn_of_one_workers_judging(config.rollouts, old.config.rollouts, None)
+        self._warn_of_targets_nobody_has(config)
         pending = self.restart_pending()
         if pending:
             log.warning("these settings take effect only after a restart: %s", ", ".join(pending))

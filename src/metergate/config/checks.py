@@ -7,7 +7,13 @@ from collections.abc import Iterator
 from metergate.config.model import EACH, GatewayConfig
 from metergate.config.provider_checks import Problem, price_warnings, provider_problems
 
-__all__ = ["Problem", "config_warnings", "cross_reference_problems", "price_warnings"]
+__all__ = [
+    "Problem",
+    "config_warnings",
+    "cross_reference_problems",
+    "price_warnings",
+    "targets_nobody_has",
+]
 
 _NEEDS_BASE_URL = {"openai"}
 _NEEDS_KEY = {"anthropic", "gemini"}
@@ -192,6 +198,32 @@ def config_warnings(config: GatewayConfig) -> Iterator[Problem]:
                 f"command {command!r} is not found on this machine's PATH",
                 "install it, or give its full path; it is started on every gateway worker",
             )
+
+
+def targets_nobody_has(config: GatewayConfig, keys: set[str], teams: set[str]) -> Iterator[Problem]:
+    """Budgets and rate limits for a key or team no key or team in the ledger is named:
+    a typo limits nobody. Keys and teams live in the database, so only a process that
+    reads it can say (`serve`, a reload); a warning, as one may be made later."""
+    for name, budget in config.budgets.items():
+        if budget.scope in ("key", "team") and budget.target and budget.target != EACH:
+            known = keys if budget.scope == "key" else teams
+            if budget.target not in known:
+                yield (
+                    ("budgets", name, "target"),
+                    f"no {budget.scope} is named {budget.target!r}: the budget limits nobody",
+                    f"check the name (`metergate {budget.scope}s list`)",
+                )
+    for scope, limits, known in (
+        ("key", config.rate_limits.keys, keys),
+        ("team", config.rate_limits.teams, teams),
+    ):
+        for target in limits:
+            if target != "*" and target not in known:
+                yield (
+                    ("rate_limits", f"{scope}s", target),
+                    f"no {scope} is named {target!r}: the rate limit applies to nobody",
+                    f"check the name (`metergate {scope}s list`)",
+                )
 
 
 def _rollout_warnings(config: GatewayConfig) -> Iterator[Problem]:
