@@ -122,6 +122,59 @@ async def test_a_reload_that_changes_a_budget_keeps_its_spend_and_holds(gateway_
     assert gateway.metric("metergate_budget_limit_usd", budget="cap") == limit
 
 
+@pytest.mark.parametrize("where", ["config", "team"])
+async def test_a_budget_rebuilt_while_requests_run_counts_what_they_spend(gateway_factory, where):
+    """A budget given another time zone (or period) is rebuilt from the ledger, where
+    the requests in flight have no row yet: they settle on it, and it holds what they
+    hold meanwhile (they settled on the replaced one, which counted for nobody, and a
+    hard limit went unenforced by what they spent). A config budget, and a team's."""
+    admin = "admin-secret-0123456789abcdef"
+    config = budget_config(10_000, period="day", timezone="UTC", hard=True)
+    config["providers"]["sim"]["simulated"]["latency_ms"] = 400  # in flight at the change
+    config["admin"] = {"api_key": admin}
+    base = "team:crew:day"
+    if where == "team":
+        del config["budgets"]
+    gateway = gateway_factory(config)
+    path = Path(gateway.runtime.source)
+    headers = {"Authorization": f"Bearer {admin}"}
+    origin = gateway.base_url.removesuffix("/v1")
+    async with httpx.AsyncClient(timeout=30, headers=headers) as http:
+        if where == "team":
+            team = {"name": "crew", "budgets": [{"period": "day", "limit_usd": "10000"}]}
+            made = await http.post(f"{origin}/admin/api/teams", json=team)
+            assert made.status_code in (200, 201), made.text
+            key = await http.post(f"{origin}/admin/api/keys", json={"name": "c", "team": "crew"})
+            client = openai.AsyncOpenAI(
+                base_url=gateway.base_url, api_key=key.json()["secret"], max_retries=0
+            )
+        else:
+            client = gateway.async_client()
+
+        def budget() -> Budget:
+            book = gateway.runtime.plan.budgets
+            return book.team_budgets()[base] if where == "team" else book.budgets[0]
+
+        before = budget()
+        requests = [asyncio.ensure_future(one(client, i)) for i in range(10)]
+        assert await eventually(lambda: before.reserved_nano > 0)
+        if where == "team":
+            zone = {"budgets": [{"period": "day", "limit_usd": "10000", "timezone": "Etc/UTC"}]}
+            changed = await http.patch(f"{origin}/admin/api/teams/crew", json=zone)
+        else:
+            config["budgets"]["cap"]["timezone"] = "Etc/UTC"
+            await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+            changed = await http.post(f"{origin}/admin/reload")
+        assert changed.status_code == 200, changed.text
+        assert budget() is not before  # rebuilt, not kept
+        assert budget().reserved_nano == before.reserved_nano  # holding what is in flight
+        assert await asyncio.gather(*requests) == ["ok"] * 10
+    gateway.flush_ledger()
+    spent = sum(r["cost_nano"] for r in gateway.ledger_rows())
+    assert spent > 0
+    assert (budget().spent_nano, budget().reserved_nano) == (spent, 0)
+
+
 def test_soft_thresholds_notify_once_each(gateway_factory, bg):
     receiver = WebhookReceiver(bg)
     received = receiver.received
@@ -406,6 +459,12 @@ def test_a_refusal_says_why_no_max_tokens_fits():
     dear = WorstCase(210_000_000, 100_000_000, 10_000_000_000, 10_000_000_000, 20)
     tight = exhausted(budget, dear, spent_nano=950_000_000, held_nano=0).message
     assert "send max_tokens of at most 4 to fit the $0.050000 left" in tight
+    # Nothing left (spent to the limit, or past a limit lowered since): no prompt fits,
+    # so none is to be shortened.
+    for spent_nano in (10**9, 2 * 10**9):
+        gone = exhausted(budget, worst, spent_nano=spent_nano, held_nano=0).message
+        assert "; nothing of it is left; the budget resets at" in gone
+        assert "shorten" not in gone and " left:" not in gone
 
 
 def test_a_refusal_for_what_requests_in_flight_hold_says_retry_soon():

@@ -66,6 +66,7 @@ class BudgetBook:
         self._carried: set[str] = set()
         self._teams: dict[str, Budget] = dict(carry._teams) if carry else {}
         self._changes: list[tuple[Budget | EachBudget, BudgetConfig]] = []  # by `take_over`
+        self._rebuilt: list[tuple[Budget, Budget]] = []  # (replaced, new): by `take_over`
         now = time.time()
         for name, cfg in budgets.items():
             if cfg.target == EACH:
@@ -82,6 +83,8 @@ class BudgetBook:
             budget.start, budget.end = period_bounds(now, cfg.period, cfg.timezone)
             metrics.budget_limit.labels(name).set(budget.limit_nano / 1e9)
             self.budgets.append(budget)
+            if kept is not None and (kept.config.scope, kept.target) == (cfg.scope, cfg.target):
+                self._rebuilt.append((kept, budget))
         self.budgets.extend(self._teams.values())
         self._carried.update(self._teams)
         self.notifier: WebhookNotifier = carry.notifier if carry else WebhookNotifier()
@@ -148,7 +151,11 @@ class BudgetBook:
     def take_over(self) -> None:
         """This book's config goes live: budgets kept over the reload with a new limit,
         hardness or thresholds take them now (not when the book was built, since a
-        reload that fails after that leaves the running config as it was)."""
+        reload that fails after that leaves the running config as it was); budgets
+        rebuilt for the same requests take over the holds of the ones they replace."""
+        for replaced, rebuilt in self._rebuilt:
+            _succeed(replaced, rebuilt)
+        self._rebuilt.clear()
         for budget, config in self._changes:
             if isinstance(budget, EachBudget):
                 budget.config, budget.limit_nano = config, int(config.limit_usd * 1_000_000_000)
@@ -234,6 +241,10 @@ class BudgetBook:
             self.metrics.budget_limit.labels(budget.name).set(budget.limit_nano / 1e9)
             self.metrics.budget_spent.labels(budget.name).set(budget.spent_nano / 1e9)
         current = self._teams  # what is installed now (a concurrent call may have run)
+        for budget in fresh:
+            replaced = current.get(budget.name)  # the same team and period, another zone
+            if replaced is not None and replaced is not budget:
+                _succeed(replaced, budget)
         self._teams = chosen
         self.budgets = [b for b in self.budgets if b.name not in current] + list(chosen.values())
         self._carried = (self._carried - set(current)) | set(chosen)
@@ -260,9 +271,15 @@ class BudgetBook:
     def settle(self, reservation: Reservation, actual_nano: int, at: float) -> None:
         """Replace a reservation by what the request really cost, counted in the period
         its ledger row is dated in (`at`): a request in flight when its period ends is
-        spend of the next one, where the ledger (and so a restart) counts it."""
+        spend of the next one, where the ledger (and so a restart) counts it. A budget a
+        reload rebuilt while the request ran is settled on what it was rebuilt as, which
+        holds what it held (and read its spend from the ledger before this request's row
+        was there)."""
         for budget in reservation.budgets:
             budget.reserved_nano -= reservation.amount_nano
+            while budget.successor is not None:
+                budget = budget.successor
+                budget.reserved_nano -= reservation.amount_nano
             if at >= budget.end:
                 self._roll_over(budget, at)
             elif at < budget.start:  # dated in a period that another request ended
@@ -378,6 +395,13 @@ def _same_spend(old: BudgetConfig, new: BudgetConfig) -> bool:
     )
 
 
+def _succeed(replaced: Budget, budget: Budget) -> None:
+    """`budget` counts the requests `replaced` did (another period or time zone): it
+    holds what the requests in flight hold there, and they settle on it."""
+    budget.reserved_nano += replaced.reserved_nano
+    replaced.successor = budget
+
+
 def _update(budget: Budget, config: BudgetConfig) -> None:
     """Apply a changed limit, hardness or thresholds to a budget in use. A threshold no
     longer reached at the new limit may be announced again when it is."""
@@ -403,7 +427,9 @@ def exhausted(budget: Budget, worst: WorstCase, spent_nano: int, held_nano: int)
             f"model's budget_max_tokens, {worst.max_tokens})"
         )
     fits = worst.fitting_max_tokens(left) if worst.max_tokens else 0
-    if fits:
+    if not left:
+        message += "; nothing of it is left"
+    elif fits:
         message += f"; send {worst.limit_field} of at most {fits} to fit the ${left / 1e9:.6f} left"
     elif worst.searches_pico and worst.fixed_pico > left * 1000:
         message += (

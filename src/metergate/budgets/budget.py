@@ -31,6 +31,9 @@ class Budget:
     target: str | None = None  # whose spend it counts: the config's, or an `EACH` member's
     # one key's (team's, model's) share of an `EachBudget`: no gauge of its own
     member: bool = field(init=False)
+    # the budget a reload rebuilt this one as (same requests, another period or time
+    # zone): it took over this one's holds, and the requests in flight here settle there
+    successor: Budget | None = None
 
     def __post_init__(self) -> None:
         if self.target is None:
