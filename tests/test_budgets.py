@@ -199,6 +199,38 @@ def test_soft_thresholds_notify_once_each(gateway_factory, bg):
     assert gateway.metric("metergate_budget_alerts_total", budget="cap", threshold="50") == 1
 
 
+@pytest.mark.parametrize("shared", ["process", "redis"])
+def test_a_raised_limit_announces_its_thresholds_again(gateway_factory, request, shared):
+    """A limit raised mid-period is a new limit to be warned about: 50 % of it is
+    announced when reached, as 50 % of the old one was; with Redis too (the fleet's
+    record of announced thresholds kept the percent alone, so it never was)."""
+    config = budget_config(400, hard=False, alert_at_percent=[50])
+    if shared == "redis":
+        redis_server = request.getfixturevalue("redis_server")
+        redis_server.flushall()
+        config["redis"] = {"url": redis_server.url}
+    gateway = gateway_factory(config)
+    client = gateway.client()
+
+    def announced() -> float:
+        return gateway.metric("metergate_budget_alerts_total", budget="cap", threshold="50")
+
+    def spend_until(count: float) -> None:
+        deadline = time.monotonic() + 30
+        while announced() < count:  # ~16 USD a request
+            assert time.monotonic() < deadline, "the threshold was not announced"
+            client.chat.completions.create(model="sim", messages=ASK, max_tokens=10)
+
+    spend_until(1)
+    config["budgets"]["cap"]["limit_usd"] = 800
+    Path(gateway.runtime.source).write_text(yaml.safe_dump(config))
+    assert gateway.bg.run(gateway.runtime.reload_from_source("test"))
+    spend_until(2)
+    gateway.flush_ledger()
+    spent = sum(r["cost_nano"] for r in gateway.ledger_rows())
+    assert 400 * 10**9 <= spent < 480 * 10**9  # said when reached, not long after
+
+
 def test_alert_text_shows_a_small_budgets_digits():
     """Cents, and below them what a small budget needs: "$0.0015 of $0.002", not
     "$0.00 of $0.00"."""

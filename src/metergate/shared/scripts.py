@@ -9,7 +9,9 @@ Key layout (prefix `mg:` by default):
   rate:{key|model}:{name}:{rpm|tpm}   GCRA theoretical arrival time, microseconds (PX TTL)
   budget:{name}:{scope}={target}:{period start}:spent   nano-USD settled in the period
   budget:...:held    hash: holder id -> nano-USD held by that process's requests in flight
-  budget:...:alerts  hash: threshold percent -> 1 once some process announced it
+  budget:...:alerts  hash: threshold percent -> the limit (nano-USD) at which some process
+                     announced it (1: by an older release, at the limit then); a raised
+                     limit announces it again when reached, as a process alone does
   budget:...:seed    hash: cut -> when the counter was seeded, seen -> ledger spend before it
   live:{holder id}   exists while that process is alive (short TTL, refreshed)
   fence:{holder id}  the sequence number of that process's last settle Redis ran, or
@@ -172,9 +174,13 @@ for j = 1, n_budget do
     spent = redis.call('INCRBY', spent_key, actual)
     local bit = 1
     for percent in string.gmatch(budget[a + 5], '%d+') do
-      if spent * 100 >= limit * tonumber(percent)
-          and redis.call('HSETNX', alerts_key, percent, 1) == 1 then
-        claimed = claimed + bit
+      if spent * 100 >= limit * tonumber(percent) then
+        local at = tonumber(redis.call('HGET', alerts_key, percent) or '0')
+        if at == 1 then at = limit end  -- claimed by an older release at this limit
+        if at ~= limit then redis.call('HSET', alerts_key, percent, limit) end
+        if at < limit then  -- never announced, or below a limit raised since
+          claimed = claimed + bit
+        end
       end
       bit = bit * 2
     end
@@ -214,7 +220,7 @@ for j = 1, #KEYS / 4 do
     redis.call('EXPIREAT', seed_key, expire_at)
     for percent in string.gmatch(ARGV[a + 7], '%d+') do
       if total * 100 >= limit * tonumber(percent) then
-        redis.call('HSETNX', alerts_key, percent, 1)
+        redis.call('HSETNX', alerts_key, percent, limit)
       end
     end
     redis.call('EXPIREAT', alerts_key, expire_at)
