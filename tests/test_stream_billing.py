@@ -733,6 +733,24 @@ def test_a_stream_the_gateway_cancels_is_billed_what_it_relayed(gateway_factory:
     assert row["cost_nano"] > 0
 
 
+def test_a_stream_its_caller_leaves_before_the_first_chunk_is_billed_its_prompt(
+    gateway_factory: Any,
+) -> None:
+    """The caller gave up while the upstream worked on the prompt, which it bills: the
+    ledger and the budget count the prompt (four characters a token, estimated), not $0
+    marked exact."""
+    gateway = gateway_factory(simulated_config(latency_ms=60_000))
+    prompt = "x" * 4000
+    with pytest.raises(openai.APITimeoutError):
+        gateway.client(timeout=0.5).chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+    row = only_row(gateway)
+    assert (row["outcome"], row["status"], row["usage_estimated"]) == ("cancelled", 499, 1)
+    assert row["input_tokens"] >= 1000 and row["output_tokens"] == 0
+    assert row["cost_nano"] > 0
+
+
 def test_an_answer_the_gateway_cancels_gets_a_json_error(gateway_factory: Any) -> None:
     """A request still waiting for its upstream when a shutdown's grace period runs out
     gets a 503 in the OpenAI error shape with its request id, as every other failure
@@ -758,3 +776,6 @@ def test_an_answer_the_gateway_cancels_gets_a_json_error(gateway_factory: Any) -
     assert error.response.headers["retry-after"] == "1"
     row = only_row(gateway)
     assert (row["outcome"], row["status"]) == ("gateway_error", 503)
+    # its upstream had the prompt, and bills it: so does the ledger (an estimate)
+    assert row["input_tokens"] > 0 and (row["output_tokens"], row["usage_estimated"]) == (0, 1)
+    assert row["cost_nano"] > 0

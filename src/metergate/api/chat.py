@@ -223,9 +223,13 @@ class CompletionsHandler:
         log: RequestLog,
         headers: list[tuple[bytes, bytes]],
     ) -> Reply:
-        deployment, completion = await plan.dispatcher.complete(
-            route, exchange.body, log, self.kind, exchange.native
-        )
+        try:
+            deployment, completion = await plan.dispatcher.complete(
+                route, exchange.body, log, self.kind, exchange.native
+            )
+        except asyncio.CancelledError:  # a shutdown's grace ran out while it was upstream
+            _bill_the_prompt(plan, exchange.body, log, None)
+            raise
         usage = completion.usage
         if not completion.reported:  # billed at least what it answered (metering.estimate)
             usage = estimate.answer_usage(exchange.body, completion.body)
@@ -259,9 +263,13 @@ class CompletionsHandler:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         state = StreamState()
         dispatcher = plan.dispatcher
-        deployment, served, chunks, first = await dispatcher.open_stream(
-            route, body, include_usage, state, log, exchange.native
-        )
+        try:
+            deployment, served, chunks, first = await dispatcher.open_stream(
+                route, body, include_usage, state, log, exchange.native
+            )
+        except asyncio.CancelledError:  # the caller left, or a shutdown's grace ran out
+            _bill_the_prompt(plan, body, log, state)
+            raise
         outward = self.door.relay(exchange, deployment, state)  # None: chunks as they are
         headers += (
             (b"x-metergate-upstream", deployment.name.encode()),
@@ -349,6 +357,25 @@ class CompletionsHandler:
                 kept.add(last)
                 log.response = kept.body()
         return Reply(last)
+
+
+def _bill_the_prompt(
+    plan: Plan, body: dict[str, Any], log: RequestLog, state: StreamState | None
+) -> None:
+    """A request cancelled while an attempt had it upstream (its caller left before a
+    stream's first chunk; a shutdown's grace ran out) was sent there whole, and the
+    upstream bills its prompt: so do the ledger and the budgets, as the upstream counted
+    it in a stream's opening (Anthropic's message_start), else at four characters a
+    token, marked estimated. What it may have answered meanwhile is not known."""
+    deployment = plan.router.deployments.get(log.upstream) if log.attempts else None
+    if deployment is None:
+        return
+    reported = None if state is None else state.usage
+    usage, _ = estimate.stream_usage(
+        body, reported, estimate.RelayedText(), False, None if state is None else state.service_tier
+    )
+    log.usage, log.usage_estimated = usage, True
+    log.cost_nano = deployment.prices.cost_nano(usage)
 
 
 def _hard(budgets: tuple[Budget, ...]) -> bool:

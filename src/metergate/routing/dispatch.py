@@ -119,6 +119,9 @@ class Dispatcher:
                 return chunks, await anext(chunks)
             except StopAsyncIteration:
                 raise UpstreamProtocolError("the upstream sent an empty stream") from None
+            except asyncio.CancelledError:  # the request ends here: what its opening
+                await chunks.aclose()  # type: ignore[attr-defined]  # reported is billed
+                raise
             except BaseException:
                 await chunks.aclose()  # type: ignore[attr-defined]
                 state.forget()
