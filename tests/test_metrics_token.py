@@ -141,6 +141,9 @@ def test_prometheus_scrapes_with_the_token_from_its_file(gateway_factory, promet
     args = ["doctor", "--gateway", root(gateway), "--prometheus", prometheus.url]
     result = CliRunner().invoke(cli_app, args, env=env)
     assert result.exit_code == 0, result.output
+    bare = root(gateway).removeprefix("http://")  # HOST:PORT, as one often types it
+    result = CliRunner().invoke(cli_app, ["doctor", "--gateway", bare], env=env)
+    assert result.exit_code == 0, result.output
     result = CliRunner().invoke(cli_app, ["doctor", "--gateway", root(gateway)])
     assert result.exit_code == 1
     assert "needs the metrics token" in result.output

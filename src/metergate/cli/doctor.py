@@ -60,7 +60,8 @@ class Unreachable(Exception):
 
 
 def _base(url: str) -> str:
-    return url.rstrip("/")
+    """A base URL as given, `http://` assumed when it names no scheme (`127.0.0.1:4000`)."""
+    return (url if "://" in url else f"http://{url}").rstrip("/")
 
 
 def _netloc(url: str) -> str:
@@ -133,12 +134,16 @@ async def check_gateway(session: httpx2.AsyncClient, gateway: str) -> Result:
             "set METERGATE_METRICS_TOKEN to the gateway's server.metrics_token",
         )
     if status != 200:
+        with_path = urlsplit(_base(gateway)).path not in ("", "/")
         return Result(
             name,
             False,
             f"{url} answered HTTP {status}",
             "metrics are served at /metrics on the root: pass --gateway as "
-            "http://HOST:PORT without a path",
+            "http://HOST:PORT without a path"
+            if with_path
+            else "--gateway must be a metergate replica's own address (a proxy in front "
+            "of it may hide /metrics or fail to reach it)",
         )
     found = _BUILD_INFO.search(text)
     if found is None:
