@@ -122,7 +122,12 @@ def test_the_cli_sets_lists_and_clears_an_expiry(gateway: Gateway, tmp_path: Pat
     wrong = keys("update", "contractor", "--expires", "soon", code=2)
     assert "--expires takes a duration from now (30d, 12h, 90m)" in wrong
     both = keys("update", "contractor", "--expires", "1d", "--no-expiry", code=2)
-    assert "not both" in both
+    assert "give --expires or --no-expiry, not both" in both
+    # every pair of options that undo each other is refused, not one of them kept
+    both = keys("update", "contractor", "--tag", "a=1", "--clear-tags", code=2)
+    assert "give --tag or --clear-tags, not both" in both
+    nothing = keys("update", "contractor", code=2)
+    assert "nothing to change" in nothing
 
 
 def test_a_stale_key_still_in_use_is_logged_by_name_once_a_minute(gateway, caplog, monkeypatch):

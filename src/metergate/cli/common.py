@@ -38,6 +38,15 @@ ConfigOption = Annotated[
 ]
 
 
+def not_both(*pairs: tuple[str, object, str, object]) -> None:
+    """Exit 2 when two options that undo each other are both given: (name, value, name,
+    value), a value given when it is not None, False or empty."""
+    for first, one, second, other in pairs:
+        if one not in (None, False, []) and other not in (None, False, []):
+            errors.print(f"give {first} or {second}, not both")
+            raise typer.Exit(2)
+
+
 def load_or_exit(path: Path | None) -> GatewayConfig:
     return read_or_exit(path).config
 

@@ -21,7 +21,14 @@ from metergate.auth.rules import (
     check_name,
     check_rates,
 )
-from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
+from metergate.cli.common import (
+    ConfigOption,
+    console,
+    errors,
+    load_for_ledger,
+    not_both,
+    with_database,
+)
 from metergate.config.model import GatewayConfig, each_key_budgets
 from metergate.errors import InvalidRequest
 from metergate.storage import keys as store
@@ -197,12 +204,12 @@ def update(
 ) -> None:
     """Change a key's team, default tags, expiry or own limits (an expired key too);
     running gateways follow within seconds."""
-    if team is not None and no_team:
-        errors.print("give --team or --no-team, not both")
-        raise typer.Exit(2)
-    if expires is not None and no_expiry:
-        errors.print("give --expires or --no-expiry, not both")
-        raise typer.Exit(2)
+    not_both(
+        ("--team", team, "--no-team", no_team),
+        ("--expires", expires, "--no-expiry", no_expiry),
+        ("--tag", tags, "--clear-tags", clear_tags),
+        ("--budget-limit", budget_limits, "--clear-budget-limits", clear_limits),
+    )
     changes: dict[str, object] = {}
     try:
         if expires is not None or no_expiry:
@@ -221,6 +228,12 @@ def update(
     loaded = load_for_ledger(config)
     if budget_limits or clear_limits:
         changes["budget_limits"] = _limits_or_exit(budget_limits or [], loaded)
+    if not changes:
+        errors.print(
+            "nothing to change: give --team, --tag, --expires, --budget-limit, --rpm or --tpm "
+            "(or what clears one)"
+        )
+        raise typer.Exit(2)
 
     async def work(db: Database) -> KeyRecord | None:
         current = next(

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from metergate.cli import common
 from metergate.cli.common import ConfigOption, console, errors, load_for_ledger, with_database
 from metergate.console.overview import day_and_month
 from metergate.storage import teams as store
@@ -116,6 +117,10 @@ def update(
     config: ConfigOption = None,
 ) -> None:
     """Change a team: options given replace what it had (budgets and tags as a whole)."""
+    common.not_both(
+        ("--budget", budgets, "--no-budgets", no_budgets),
+        ("--tag", tags, "--clear-tags", clear_tags),
+    )
     body = _or_exit(lambda: _body(description, budgets, no_budgets, tags, clear_tags, rpm, tpm))
     if not body:
         errors.print("nothing to change: give --budget, --rpm, --tpm, --tag or --description")
