@@ -251,6 +251,45 @@ def test_a_budget_for_each_key_is_shared_key_by_key(tmp_path: Path) -> None:
 # -- `serve --workers 2` ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("zone", ["Etc/UTC", "Asia/Tokyo"])
+def test_a_budget_rebuilt_while_requests_run_counts_them_in_every_worker(
+    tmp_path: Path, zone: str
+) -> None:
+    """A reload gives the budget another time zone while requests run, and the workers
+    apply it one after the other. A request that reserved on the replaced budget settles
+    on the rebuilt one's slot, so every worker counts it; its hold goes from the slot it
+    was put in. The same period under another name (Etc/UTC for UTC) is the same slot,
+    so a worker that applies the reload late counts there too; Tokyo's day is another
+    period, with a slot of its own."""
+    tables = make_tables(tmp_path)
+    workers = [Worker(tables, 0), Worker(tables, 1)]
+    moved = CAP.model_copy(update={"timezone": zone})
+
+    def reload(worker: Worker) -> None:
+        book = BudgetBook({"cap": moved}, worker.metrics, carry=worker.book)
+        book.take_over()
+        worker.book = book
+
+    try:
+        in_flight = workers[0].reserve(NANO // 10)
+        reload(workers[0])
+        spent = NANO // 10
+        if zone == "Etc/UTC":  # the other worker, not reloaded yet, spends meanwhile
+            workers[1].settle(workers[1].reserve(NANO // 20), NANO // 20)
+            spent += NANO // 20
+        reload(workers[1])
+        workers[0].settle(in_flight, NANO // 10)
+        (rebuilt,) = workers[1].book.budgets
+        assert workers[1].host.held_nano(rebuilt) == 0
+        with pytest.raises(BudgetExceeded) as refused:
+            workers[1].reserve(NANO)  # the whole limit: refused, saying what was spent
+        said = f"spent ${spent / NANO:.6f}, held by requests in flight $0.000000"
+        assert said in str(refused.value)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
 def budget_config(
     tmp_path: Path, limit_usd: float, latency_ms: float = 0, admin_key: str | None = None
 ) -> tuple[Path, str]:

@@ -154,6 +154,9 @@ class HostBudgets:
         spent_at, held_at = _COLUMNS, _COLUMNS + self.workers
         seen: list[Seen] = []
         for budget, slot_held in zip(reservation.budgets, reservation.slots, strict=True):
+            while budget.successor is not None:  # rebuilt by a reload meanwhile: the cost
+                budget.reserved_nano -= amount  # goes to its slot (the hold, from where
+                budget = budget.successor  # it was put)
             if at >= budget.end:
                 book.roll((budget,), at)
             counted = at >= budget.start  # not when dated in a period another request ended
@@ -336,9 +339,11 @@ def _hash(name: str) -> int:
 
 
 def _name_hash(budget: Budget) -> int:
-    """A budget's slot name: what it counts, in which period."""
+    """A budget's slot name: what it counts, in which period. The period by its kind and
+    start, not its time zone: a zone renamed (UTC, Etc/UTC) or one with the same offset
+    now is the same period, so a budget a reload rebuilds for it keeps its slot, also in
+    the workers that apply the reload later than the others."""
     config = budget.config
     return _hash(
-        f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0"
-        f"{config.timezone}\0{int(budget.start)}"
+        f"{budget.name}\0{config.scope}\0{budget.target}\0{config.period}\0{int(budget.start)}"
     )
