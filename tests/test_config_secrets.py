@@ -330,7 +330,8 @@ providers:
   d: {type: anthropic, api_key: *shared, headers: {anthropic-beta: tools, Cookie: "s=1"}}
   apim:
     type: azure
-    headers: {Ocp-Apim-Subscription-Key: apim-1, X-Access-Key: acc-2, AccessKey: acc-3}
+    headers: {Ocp-Apim-Subscription-Key: apim-1, X-Access-Key: acc-2, AccessKey: acc-3,
+              X-Keyspace: tenant-7}
   e: {type: simulated, api_key: null}
 admin:
   api_key: |
@@ -353,6 +354,7 @@ tracing:
         "Bearer ${TOKEN}",
         "files-mcp",
         "anthropic-beta: tools",
+        "X-Keyspace: tenant-7",  # not a credential: a change to it is a new version
         "sslmode=require",
         "postgresql://mg:",
         "api_key: null",

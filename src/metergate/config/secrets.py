@@ -70,10 +70,12 @@ _FIELDS: tuple[tuple[tuple[str, ...], Kind], ...] = (
     (("tracing", "endpoint"), "url"),
     (("tracing", "headers", _ANY), "whole"),  # a collector's token, whatever its name
 )
-# `key` anywhere: Ocp-Apim-Subscription-Key (Azure API Management), X-Access-Key,
-# AccessKey, Gemini's `?key=` all carry credentials.
+# A name ending in `key` (at a word's end): Ocp-Apim-Subscription-Key (Azure API
+# Management), X-Access-Key, AccessKey, Gemini's `?key=` carry credentials; X-Keyspace
+# does not (and a header hidden in the history changes no version when it changes).
 _SECRET_NAME = re.compile(
-    r"auth|token|secret|passw|pwd|key|cookie|session|signature|credential|^sig$|^code$",
+    r"auth|token|secret|passw|pwd|key(?![a-z])|cookie|session|signature|credential|"
+    r"^sig$|^code$",
     re.IGNORECASE,
 )
 # `${VAR}` (or `${VAR:-}`, `${VAR-}`: empty default): a name, not a secret. A non-empty
