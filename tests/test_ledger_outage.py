@@ -587,6 +587,46 @@ def test_a_sighup_while_postgres_is_down_applies_once_it_is_back(
         gateway.kill_all()
 
 
+def test_a_reload_while_postgres_is_down_changes_nothing(
+    own_postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """A reload records its version in the ledger database: while that is down the
+    admin API answers 503 and the config served stays, also when nothing the new config
+    changes reads the database (a price alone), where it used to run, unrecorded, until
+    the database was back and the fleet's recorded version replaced it."""
+    url = own_postgres.create_database("reload_down")
+    key = create_key_sync(url, "reload-down-test")
+    config = gateway_config(tmp_path, url)
+    raw = yaml.safe_load(config.read_text())
+    del raw["budgets"]
+    config.write_text(yaml.safe_dump(raw))
+    gateway = GatewayProcess(config, tmp_path)
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+
+    def cost() -> Decimal:
+        (seen,) = costs(gateway, key, calls=1)
+        return Decimal(seen)
+
+    try:
+        gateway.wait_ready()
+        raw["upstreams"]["sim-up"]["price"] = {"input": 100, "output": 200}
+        own_postgres.pause()
+        try:
+            config.write_text(yaml.safe_dump(raw))
+            refused = httpx.post(f"{gateway.base_url}/admin/reload", headers=admin, timeout=30)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "ledger_unavailable"
+            during = cost()
+        finally:
+            own_postgres.resume()
+        assert cost() == during  # the config it started with, still
+        applied = httpx.post(f"{gateway.base_url}/admin/reload", headers=admin, timeout=30)
+        assert applied.status_code == 200 and applied.json()["applied"] is True
+        assert cost() == 100 * during
+    finally:
+        gateway.kill_all()
+
+
 def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:

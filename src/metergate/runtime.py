@@ -330,6 +330,10 @@ class Runtime:
             )
             raise
         async with self._switching:  # the follower must not apply the previous version
+            # The version is recorded after it is applied: a database that cannot record
+            # it must fail the reload before anything changed (a config that reads
+            # nothing from it would otherwise run here, unrecorded, through the outage).
+            await config_versions.latest(self.database)
             applied = await self.apply(loaded.config, loaded.text, loaded.source)
             await config_versions.record(self.database, loaded.text, loaded.source, trigger)
         return applied
