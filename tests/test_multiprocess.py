@@ -510,6 +510,38 @@ def test_a_fork_after_metrics_exist_fails_loudly(tmp_path: Path) -> None:
     assert shown[key] == 2.0
 
 
+def test_a_metrics_file_that_cannot_grow_keeps_new_series_in_memory(tmp_path: Path) -> None:
+    """No space for a worker's metrics file to grow (a full filesystem; here a file size
+    limit, which fails the same way): a new series is counted in memory, said once, and
+    the request goes on. The file was grown sparse, written through its mapping, so a
+    full tmpfs killed the worker with SIGBUS between answering and writing the ledger
+    row; it is now given its blocks first, and a refusal is an error to handle."""
+    script = textwrap.dedent(
+        """
+        import logging, resource
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        from metergate.metering.metrics import Metrics
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+        metrics = Metrics()
+        for n in range(2_000):  # far more series than 64 KiB holds
+            metrics.requests.labels(f"model-{n:04d}", "u", "k", "success", "chat").inc(n)
+        kept = metrics.requests.labels("model-1999", "u", "k", "success", "chat")
+        print(kept._value.get())
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1999.0"  # counted, in memory
+    assert done.stderr.count("metrics file in") == 1, done.stderr  # said once
+    assert "cannot grow" in done.stderr and "the ledger and budgets are not affected" in done.stderr
+    shown, _ = parse(MultiProcessExposition(str(tmp_path)).render().decode())
+    models = {dict(labels)["model"] for name, labels in shown if name == "metergate_requests_total"}
+    assert "model-0000" in models and "model-1999" not in models  # the file's, as far as it went
+
+
 def test_metrics_written_from_threads_stay_exact(tmp_path: Path) -> None:
     """The export thread and the event loop both count dropped spans: no increment lost.
     CPython 3.11 happens not to switch threads inside `value += amount`; an opcode tracer

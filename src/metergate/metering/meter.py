@@ -223,37 +223,14 @@ class Meter:
 
     def finish(self, log: RequestLog) -> None:
         duration = time.perf_counter() - log.started
-        key = log.key
-        if self.key_label != "name" and key is not UNKNOWN_KEY:
-            key = (log.team or ALL_KEYS) if self.key_label == "team" else ALL_KEYS
-        labels = (log.model, log.upstream, key)
-        series = self.metrics.series(*labels)
-        self.metrics.count_request(series, labels, log.outcome, log.api)
-        series.duration.observe(duration)
-        if log.ttft is not None:
-            series.ttft.observe(log.ttft)
-        if log.attempts:
-            self.metrics.observe_overhead(max(0.0, duration - log.upstream_seconds))
         usage = log.usage or _NO_USAGE
-        if usage.input_tokens:
-            series.tokens[0].inc(usage.input_tokens)
-        if usage.cached_input_tokens:
-            series.tokens[1].inc(usage.cached_input_tokens)
-        if usage.output_tokens:
-            series.tokens[2].inc(usage.output_tokens)
-        if log.cost_nano:
-            series.cost.inc(nano_to_usd(log.cost_nano))
         tags = self._tags(log)
-        if log.team is not None and log.cost_nano:
-            self.metrics.team_cost(log.team).inc(nano_to_usd(log.cost_nano))
-        if tags and self.tag_labels is not None:
-            for name, value in self.tag_labels.labels(tags):
-                self.metrics.count_tag(name, value, log.cost_nano)
         # dated when it was settled: spend kept through a Redis outage is dated alike
         now = time.time() if log.ended is None else log.ended
         if self.ledger is not None and log.key is not UNKNOWN_KEY:
             # Unauthenticated requests are counted in metrics only: a flood of bad keys
-            # must not be able to fill the ledger's disk.
+            # must not be able to fill the ledger's disk. The row goes first: a metric
+            # that cannot be written (a full disk under the workers' files) loses no row.
             self.ledger.append(
                 LedgerRow(
                     now,
@@ -279,6 +256,30 @@ class Meter:
                     orjson.dumps(tags).decode() if tags else None,
                 )
             )
+        key = log.key
+        if self.key_label != "name" and key is not UNKNOWN_KEY:
+            key = (log.team or ALL_KEYS) if self.key_label == "team" else ALL_KEYS
+        labels = (log.model, log.upstream, key)
+        series = self.metrics.series(*labels)
+        self.metrics.count_request(series, labels, log.outcome, log.api)
+        series.duration.observe(duration)
+        if log.ttft is not None:
+            series.ttft.observe(log.ttft)
+        if log.attempts:
+            self.metrics.observe_overhead(max(0.0, duration - log.upstream_seconds))
+        if usage.input_tokens:
+            series.tokens[0].inc(usage.input_tokens)
+        if usage.cached_input_tokens:
+            series.tokens[1].inc(usage.cached_input_tokens)
+        if usage.output_tokens:
+            series.tokens[2].inc(usage.output_tokens)
+        if log.cost_nano:
+            series.cost.inc(nano_to_usd(log.cost_nano))
+        if log.team is not None and log.cost_nano:
+            self.metrics.team_cost(log.team).inc(nano_to_usd(log.cost_nano))
+        if tags and self.tag_labels is not None:
+            for name, value in self.tag_labels.labels(tags):
+                self.metrics.count_tag(name, value, log.cost_nano)
         for observer in self._observers:
             observer.finish(log, now, duration, tags)
 

@@ -12,6 +12,7 @@ checks both ways), so either side may be ours or theirs.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -67,7 +68,7 @@ class WritableFile:
         size = os.fstat(self._file.fileno()).st_size
         if size == 0:
             size = INITIAL_SIZE
-            self._file.truncate(size)
+            self._allocate(size)
         self._map(size)
         self.used = _INT.unpack_from(self._mapped, 0)[0]
         if self.used == 0:
@@ -75,6 +76,17 @@ class WritableFile:
             self._mapped[0:4] = _INT.pack(self.used)
         # A file already there (a pid used again): its values carry on from where they are.
         self.positions = {key.decode(): index for key, index in entries(self._mapped, 8, self.used)}
+
+    def _allocate(self, size: int) -> None:
+        """Give the file `size` bytes of disk, or raise OSError (ENOSPC) now: a sparse file
+        (`truncate`) gets its blocks when the mapping is written, and a full filesystem
+        then kills the process with SIGBUS instead."""
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._file.truncate(size)  # a filesystem without it: as before
 
     def _map(self, size: int) -> None:
         self._mapped = mmap.mmap(self._file.fileno(), size)
@@ -91,7 +103,7 @@ class WritableFile:
         while self.used + len(entry) > size:
             size *= 2
         if size != self.size:
-            self._file.truncate(size)
+            self._allocate(size)
             self._map(size)
         self._mapped[self.used : self.used + len(entry)] = entry
         self.used += len(entry)

@@ -23,6 +23,8 @@ writes per request) skip it.
 
 from __future__ import annotations
 
+import array
+import logging
 import math
 import os
 import threading
@@ -34,6 +36,17 @@ from prometheus_client import Gauge, values
 from prometheus_client.mmap_dict import mmap_key
 
 from metergate.metering.mmapfile import WritableFile
+
+log = logging.getLogger("metergate.metrics")
+
+
+class _Apart:
+    """Where a value lives when its file could not be made or grown (the filesystem is
+    full): in this process's memory only, so the request that made it is still served
+    and metered in the ledger, though /metrics will not show the series."""
+
+    def __init__(self) -> None:
+        self.doubles = array.array("d", (0.0, 0.0))
 
 
 class ForkedWrite(RuntimeError):
@@ -71,6 +84,7 @@ def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[...
     lock = threading.Lock()
     files: dict[str, WritableFile] = {}
     owner = os.getpid()
+    told: list[str] = []  # the kinds a full filesystem kept out of their file, said once
 
     def file_of(kind: str) -> WritableFile:
         found = files.get(kind)
@@ -119,8 +133,22 @@ def value_class(directory: str, loop_only: Collection[str] = ()) -> Callable[...
 
         def __init__(self, kind: str, key: str) -> None:
             with lock:  # the files and their growth are shared with the locked values
-                self._file = file_of(kind)
-                self._index = self._file.index(key)
+                try:
+                    self._file: WritableFile | _Apart = file_of(kind)
+                    self._index = self._file.index(key)
+                except OSError as error:  # no space for the file, or for it to grow
+                    self._file, self._index = _Apart(), 0
+                    if kind not in told:
+                        told.append(kind)
+                        log.error(
+                            "the %s metrics file in %s cannot grow (%s): new series are "
+                            "counted in this process's memory only and do not show in "
+                            "/metrics until the process restarts with space (the ledger "
+                            "and budgets are not affected)",
+                            kind,
+                            directory,
+                            error,
+                        )
                 # An existing entry (a restarted worker that got the same pid) carries on,
                 # except one marked removed (`remove_series`, or a dead process's gauge
                 # `forget` marked): it starts again from 0 and shows, as a new one does
