@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.server
 import logging
 import os
@@ -22,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from metergate.cli import app as cli_app
+from metergate.storage import config_versions
+from metergate.storage.database import open_database
 from tests.harness import simulated_config, write_config
 from tests.services import GatewayProcess, create_key_sync
 
@@ -260,6 +264,48 @@ def wait_for_cost(gateway: GatewayProcess, key: str, expected: str, limit: float
             return
         time.sleep(0.1)
     raise AssertionError(f"cost stayed {seen}, expected {expected}")
+
+
+def test_a_rollback_that_cannot_rewrite_the_file_leaves_it_whole(tmp_path):
+    """The config file on a full filesystem: the rollback is recorded (gateways follow
+    the history), the file it could not rewrite is left as it was, not cut short (a cut
+    file may be a valid config of other values, which a restart would run), and the
+    command says so and exits 1."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
+    try:
+        path = small / "gateway.yaml"
+        ledger = {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}
+        padding = "#" + "x" * 80 + "\n"
+        older = padding * 80 + yaml.safe_dump(config_with_price(1_000_000) | {"ledger": ledger})
+        newer = yaml.safe_dump(config_with_price(5_000_000) | {"ledger": ledger})
+
+        async def record_both() -> None:
+            database = await open_database(ledger["url"])
+            try:
+                for text in (older, newer):
+                    await config_versions.record(database, text, str(path), "test")
+            finally:
+                await database.close()
+
+        asyncio.run(record_both())
+        path.write_text(newer)
+        # until the filesystem is full
+        with open(small / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        done = metergate("config", "rollback", "-c", str(path), cwd=tmp_path)
+        assert done.returncode == 1, done.stdout + done.stderr
+        said = " ".join(done.stderr.split())
+        assert "could not be rewritten (No space left on device; it is as it was)" in said
+        assert "rolled back to v1" in done.stdout  # recorded: the gateways follow it
+        assert path.read_text() == newer
+        assert sorted(p.name for p in small.iterdir()) == ["filler", "gateway.yaml"]
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -86,20 +88,42 @@ def rollback(
         raise typer.Exit(1)
     target, text = found
     path = Path(target.source)
+    unwritten = False
     if path.is_file() and path.resolve() != DEFAULT_CONFIG.resolve():
         try:
-            path.write_text(text, encoding="utf-8")
+            _replace_file(path.resolve(), text)
             console.print(f"wrote v{target.id} back to {path}")
         except OSError as exc:
+            unwritten = True
             errors.print(
                 f"gateways run v{target.id} now, but {path} could not be rewritten "
-                f"({exc.strerror}); restore it by hand (e.g. the ConfigMap) so that a restart "
-                "keeps this version"
+                f"({exc.strerror}; it is as it was); restore it by hand (e.g. the ConfigMap) "
+                "so that a restart keeps this version"
             )
     console.print(
         f"config rolled back to v{target.id} (recorded as v{result.id}); "
         "running gateways apply it within a few seconds"
     )
+    if unwritten:
+        raise typer.Exit(1)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` as `path` whole or not at all: into a new file beside it, synced,
+    then renamed over it. Written in place, a full disk cut the file short: a valid
+    config of other values, maybe, that a restart would have run."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _version_or_exit(text: str | None) -> int | str | None:
