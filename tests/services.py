@@ -687,3 +687,27 @@ def run_prometheus(workdir: Path, config: dict[str, Any]) -> ServerProcess:
             "--log.level=warn",
         ],
     ).start()
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str = "64k") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `where` (made), unmounted after: a disk that a test
+    can fill. Mounting needs root; the test is skipped without it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into `directory` until its filesystem is full; the file (remove it to
+    free the space)."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 4096)
+    return filler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.server
 import logging
 import os
@@ -27,7 +26,7 @@ from metergate.cli import app as cli_app
 from metergate.storage import config_versions
 from metergate.storage.database import open_database
 from tests.harness import simulated_config, write_config
-from tests.services import GatewayProcess, create_key_sync
+from tests.services import GatewayProcess, create_key_sync, fill, small_filesystem
 
 ADMIN_KEY = "admin-secret-0123456789abcdef"
 ASK = [{"role": "user", "content": "reload"}]
@@ -271,12 +270,7 @@ def test_a_rollback_that_cannot_rewrite_the_file_leaves_it_whole(tmp_path):
     the history), the file it could not rewrite is left as it was, not cut short (a cut
     file may be a valid config of other values, which a restart would run), and the
     command says so and exits 1."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=True)
-    try:
+    with small_filesystem(tmp_path / "small") as small:
         path = small / "gateway.yaml"
         ledger = {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}
         padding = "#" + "x" * 80 + "\n"
@@ -293,10 +287,7 @@ def test_a_rollback_that_cannot_rewrite_the_file_leaves_it_whole(tmp_path):
 
         asyncio.run(record_both())
         path.write_text(newer)
-        # until the filesystem is full
-        with open(small / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
-            while True:
-                filler.write(b"\0" * 4096)
+        fill(small)
         done = metergate("config", "rollback", "-c", str(path), cwd=tmp_path)
         assert done.returncode == 1, done.stdout + done.stderr
         said = " ".join(done.stderr.split())
@@ -304,8 +295,6 @@ def test_a_rollback_that_cannot_rewrite_the_file_leaves_it_whole(tmp_path):
         assert "rolled back to v1" in done.stdout  # recorded: the gateways follow it
         assert path.read_text() == newer
         assert sorted(p.name for p in small.iterdir()) == ["filler", "gateway.yaml"]
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_sighup_reloads_and_config_rollback_restores(process_gateway, tmp_path):

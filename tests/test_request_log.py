@@ -16,9 +16,11 @@ import httpx
 import openai
 import pytest
 
+from metergate.requestlog.store import JsonlStore
 from metergate.storage.database import open_database
 from tests.doors import anthropic_client, upstreams  # noqa: F401 - fixture
 from tests.harness import Gateway, free_port
+from tests.services import fill, small_filesystem
 from tests.test_console_api import ADMIN_KEY, admin
 from tests.upstreams.openai_server import API_KEY
 
@@ -396,6 +398,41 @@ def test_a_line_cut_short_leaves_the_jsonl_log_readable(gateway_factory, upstrea
     assert exported.status_code == 200
     ids = sorted(json.loads(line)["request_id"] for line in exported.text.splitlines())
     assert ids == ["torn", "whole"]
+
+
+async def test_a_write_a_full_disk_cut_short_leaves_no_half_line(tmp_path):
+    """A batch written to a full disk fails whole: what it got onto the disk is cut back
+    off, so the next batch, once there is space, starts on a line of its own (it was
+    glued onto the half line, unreadable, yet counted written)."""
+    with small_filesystem(tmp_path / "small", "128k") as small:
+        store = JsonlStore(str(small / "log"), 10 * 2**20)
+
+        def batch(prefix: str, count: int) -> list[tuple[Any, ...]]:
+            body = "x" * 2000  # a record of a few KiB, as a captured body makes
+            return [
+                (
+                    time.time(),
+                    f"{prefix}-{n}",
+                    "k",
+                    "success",
+                    json.dumps({"request_id": f"{prefix}-{n}", "ts": time.time(), "body": body}),
+                )
+                for n in range(count)
+            ]
+
+        await store.write(batch("before", 5))
+        filler = fill(small)
+        with pytest.raises(OSError):
+            await store.write(batch("full", 20))
+        filler.unlink()
+        await store.write(batch("after", 5))
+        exported = await store.export(0, time.time() + 1, 1000)
+        ids = sorted(json.loads(line)["request_id"] for line in exported)
+        assert ids == sorted([f"before-{n}" for n in range(5)] + [f"after-{n}" for n in range(5)])
+        for path in (small / "log").iterdir():
+            text = path.read_bytes()
+            assert not text or text.endswith(b"\n")
+            assert all(json.loads(line) for line in text.splitlines())
 
 
 def test_ledger_store_expires_old_records(upstream_url, bg, tmp_path):

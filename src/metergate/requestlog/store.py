@@ -12,6 +12,7 @@ files whose last record is older than the period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -91,10 +92,13 @@ class JsonlStore:
         return self.directory / f"requests-{stamp}-{unique}.jsonl"
 
     def _append(self, rows: Sequence[Row]) -> None:
-        """Append the records, starting a new file before one would pass the size limit."""
+        """Append the records, starting a new file before one would pass the size limit;
+        all of them or none: a write that fails (a full disk) is cut back off, since half
+        a line would swallow the next record appended after it."""
         current, size = self._current, self._size
         if current is None or not current.exists():
             current, size = self._new_file(), 0
+        touched = [(current, size)]  # each file written to, and its size before
         out = current.open("ab")
         try:
             for row in rows:
@@ -102,12 +106,19 @@ class JsonlStore:
                 if size and size + len(line) > self.max_file_bytes:
                     out.close()
                     current, size = self._new_file(), 0
+                    touched.append((current, 0))
                     out = current.open("ab")
                 out.write(line)
                 size += len(line)
-        finally:
             out.close()
-            self._current, self._size = current, size
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.close()  # (what it still held is cut off next)
+            for path, before in touched:
+                with contextlib.suppress(OSError):
+                    os.truncate(path, before)
+            raise
+        self._current, self._size = current, size
 
     async def write(self, rows: Sequence[Row]) -> None:
         await asyncio.to_thread(self._append, rows)
