@@ -45,7 +45,9 @@ from tests.services import (
     PostgresServer,
     _make_postgres,
     create_key_sync,
+    fill,
     free_port,
+    small_filesystem,
 )
 from tests.test_ledger import (  # noqa: F401 - `database` is a fixture
     RecordingDatabase,
@@ -401,6 +403,45 @@ async def test_rows_of_a_commit_hung_on_a_lock_are_counted_and_spooled_on_time(
     finally:
         await writer.close()
         await database.close()
+
+
+async def test_a_spool_on_a_full_disk_is_said_once_and_shown_until_it_takes_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Commits hang (the write lock held elsewhere) and the spool's disk is full: the
+    rows stay in memory, which `spool_failing` (/readyz) says, with one traceback, not
+    one a tick; once the disk has room they are spooled, then written once."""
+    database_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    database = await open_database(database_url)
+    with small_filesystem(tmp_path / "small") as small:
+        spool = small / "spool"
+        spool.mkdir()
+        writer = LedgerWriter(database, flush_seconds=0.05, spool=Spool(spool), spool_after=0.2)
+        await writer.start()
+        appended = [make_row(i) for i in range(100)]
+        try:
+            with caplog.at_level(logging.INFO, "metergate.ledger"):
+                async with write_lock_held_elsewhere(database_url):
+                    filler = fill(small)
+                    for row in appended:
+                        writer.append(row)
+                    await wait_for(lambda: writer.spool_failing is not None, within=30)
+                    assert "No space left on device" in writer.spool_failing
+                    tried = writer._spool_failures  # every 0.2 s
+                    await wait_for(lambda: tried.failures >= 3, within=30)
+                    assert caplog.text.count("writing ledger rows to the spool failed") == 1
+                    filler.unlink()
+                    await wait_for(lambda: writer.spool_failing is None, within=30)
+                    assert spool_files(spool), "spooled once there was room"
+                said = [r for r in caplog.records if "ledger rows to the spool" in r.message]
+                assert said[0].exc_info is not None
+                assert said[-1].message.startswith("writing ledger rows to the spool works again")
+            await wait_for(lambda: writer.committed == 100 and writer.pending == 0, within=60)
+            await writer.close()
+            await assert_written_once(database, appended)
+        finally:
+            await writer.close()
+            await database.close()
 
 
 async def test_a_commit_that_gives_up_after_its_rows_were_spooled_leaves_them_to_the_spool(

@@ -106,6 +106,12 @@ class InfoHandlers:
                 "config_version": runtime.plan.version,
                 "ledger": ledger,
                 "ledger_pending_rows": runtime.ledger.pending if runtime.ledger else 0,
+                # rows the spool should hold but cannot (a full disk) are in memory only
+                "ledger_spool": (
+                    f"unwritable: {runtime.ledger.spool_failing}"
+                    if runtime.ledger and runtime.ledger.spool_failing
+                    else "ok"
+                ),
             }
         )
         await respond(send, status, body, base_headers(request) + JSON_HEADERS)

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from metergate.logs import RepeatedFailures
 from metergate.metering.hourly import sum_statements
 from metergate.metering.ledger_row import LedgerRow as LedgerRow
 from metergate.metering.spool import Spool, SpoolFileError
@@ -103,6 +104,13 @@ class LedgerWriter:
         self._closed = asyncio.Event()
         self._on_pending = on_pending or (lambda n: None)
         self.committed = 0
+        # why the spool cannot be written now (a full or read-only disk): the rows it
+        # should hold are in memory only, lost if the process dies (`/readyz` says so)
+        self.spool_failing: str | None = None
+        self._spool_failures = RepeatedFailures(
+            log, "writing ledger rows to the spool", "they are kept in memory"
+        )
+        self._commit_failures = RepeatedFailures(log, "ledger commit", "its rows are kept")
 
     def append(self, row: LedgerRow) -> None:
         if not self._pending:
@@ -312,8 +320,12 @@ class LedgerWriter:
                     written = await asyncio.to_thread(self.spool.write_held, batches)
                 else:
                     written = await asyncio.to_thread(self.spool.write, batches), None
-            except Exception:  # a full or read-only disk, mostly
-                log.exception("could not spool ledger rows; %d kept in memory", rows)
+            except Exception as error:  # a full or read-only disk, mostly
+                self.spool_failing = f"{type(error).__name__}: {error}"
+                self._spool_failures.failed(error)
+            else:
+                self.spool_failing = None
+                self._spool_failures.succeeded()
             finally:
                 self._in_spool_write = 0
                 if written is None:  # each batch still all or nothing, oldest first
@@ -346,8 +358,9 @@ class LedgerWriter:
             try:
                 await self.flush()
                 self._failing_since = None
-            except Exception:
-                log.exception("ledger commit failed; %d rows kept for retry", self.pending)
+                self._commit_failures.succeeded()
+            except Exception as error:
+                self._commit_failures.failed(error)
                 if self._failing_since is None:  # since it began: it may have hung first
                     self._failing_since = began
                 await asyncio.sleep(min(5.0, self.flush_seconds * 10))
