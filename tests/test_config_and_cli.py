@@ -444,6 +444,10 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert secret not in listed.stdout
     revoked = run("keys", "revoke", "search-mcp", "-c", str(config), cwd=tmp_path)
     assert revoked.returncode == 0
+    for command in (["keys", "revoke", "nobody"], ["keys", "update", "nobody", "--rpm", "5"]):
+        unknown = run(*command, "-c", str(config), cwd=tmp_path)  # a name given wrong: 2,
+        assert unknown.returncode == 2, unknown.stderr  # as an unknown model or team is
+        assert "no active key named or with id 'nobody'" in unknown.stderr
     assert "revoked" in run("keys", "list", "-c", str(config), cwd=tmp_path).stdout
     unknown_model = run(
         "keys", "create", "--name", "x", "--models", "zzz", "-c", str(config), cwd=tmp_path

@@ -251,7 +251,7 @@ def update(
         raise typer.Exit(2) from None
     if record is None:
         errors.print(f"no active key named or with id {name!r}")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a name given wrong, as elsewhere
     tag_text = ", ".join(f"{k}={v}" for k, v in record.tags) or "none"
     console.print(
         f"key {record.name}: team {record.team or 'none'}, tags {tag_text}{_expiry(record)}"
@@ -310,7 +310,7 @@ def revoke(
     count = with_database(loaded, lambda db: store.revoke_key(db, name))
     if not count:
         errors.print(f"no active key named or with id {name!r}")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a name given wrong, as elsewhere
     console.print(f"revoked {name}")
 
 

@@ -130,7 +130,7 @@ def update(
     record = with_database(loaded, lambda db: store.update_team(db, name, values))
     if record is None:
         errors.print(f"no team named {name!r}")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a name given wrong, as elsewhere
     console.print(f"updated team [bold]{record.name}[/bold]: {_limits(record)}")
 
 
@@ -148,7 +148,7 @@ def delete(name: Annotated[str, typer.Argument()], config: ConfigOption = None) 
         raise typer.Exit(2) from None
     if not found:
         errors.print(f"no team named {name!r}")
-        raise typer.Exit(1)
+        raise typer.Exit(2)  # a name given wrong, as elsewhere
     console.print(f"deleted team {name}")
 
 
