@@ -668,6 +668,24 @@ def test_a_reload_while_postgres_is_down_changes_nothing(
         gateway.kill_all()
 
 
+def test_a_ledger_file_deleted_under_the_gateway_is_reported(gateway_factory) -> None:
+    """Deleted (or replaced) while the gateway has it open, a SQLite ledger goes on
+    taking rows into a file no restart will find: /readyz says so, where it said
+    "reachable" (and ?ledger=required takes the replica out)."""
+    gateway: Gateway = gateway_factory(simulated_config())
+    root = gateway.base_url.removesuffix("/v1")
+    assert httpx.get(f"{root}/readyz", timeout=10).json()["ledger"] == "reachable"
+    path = Path(sqlite_path(gateway.runtime.plan.config.ledger.url) or "")
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        name.unlink(missing_ok=True)
+    ready = httpx.get(f"{root}/readyz", timeout=10).json()
+    assert ready["ledger"].startswith(
+        f"unwritable: its file {path} was deleted or moved since it was opened"
+    ), ready
+    strict = httpx.get(f"{root}/readyz?ledger=required", timeout=10)
+    assert strict.status_code == 503
+
+
 def test_while_postgres_is_down_the_gateway_answers_and_says_what_it_cannot_do(
     own_postgres: PostgresServer, tmp_path: Path
 ) -> None:

@@ -40,6 +40,9 @@ class LedgerProbe:
         error = probe.exception()
         if error is not None:
             return f"unreachable: {type(error).__name__}: {error}"
+        gone = database.file_gone()
+        if gone is not None:  # it answers, from a file no process will open again
+            return f"unwritable: {gone}; rows go where no restart finds them: restart it"
         return "reachable"
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import math
+import os
 import re
 import socket
 import sqlite3
@@ -67,6 +68,12 @@ class Transaction(abc.ABC):
 
 class Database(abc.ABC):
     dialect: Dialect
+
+    def file_gone(self) -> str | None:
+        """Why the database's file is no longer the one it writes to (a SQLite file
+        deleted, or replaced, since it was opened): rows then go where no process will
+        read them. None when it is, or the database is no file."""
+        return None
 
     @abc.abstractmethod
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> None: ...
@@ -194,6 +201,7 @@ class SQLiteDatabase(Database):
     def __init__(self, path: str, query_only: bool = False) -> None:
         self.path = path
         self.query_only = query_only
+        self._inode: int | None = None  # the file's, once opened
         self._conn: Any = None
         self._lock = asyncio.Lock()
         self._reader: SQLiteDatabase | None = None
@@ -205,6 +213,8 @@ class SQLiteDatabase(Database):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30)
+        if self.path != ":memory:":
+            self._inode = os.stat(self.path).st_ino
         await self._conn.execute("PRAGMA busy_timeout=30000")
         if self.query_only:  # the file is in WAL mode already: readers do not block writers
             await self._conn.execute("PRAGMA query_only=ON")
@@ -221,6 +231,17 @@ class SQLiteDatabase(Database):
                 await asyncio.sleep(0.05)
         await self._conn.execute("PRAGMA synchronous=NORMAL")
         await self._math_functions()
+
+    def file_gone(self) -> str | None:
+        if self._inode is None:
+            return None
+        try:
+            found = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return f"its file {self.path} was deleted or moved since it was opened"
+        if found != self._inode:
+            return f"its file {self.path} was replaced since it was opened"
+        return None
 
     async def _math_functions(self) -> None:
         """LN and FLOOR, which a migration uses (`storage.migrations`), from Python where
