@@ -134,7 +134,7 @@ def parse_config(text: str, name: str = "<config>", ledger_only: bool = False) -
     problems: list[ConfigProblem] = []
     _duplicates(root, (), problems, name)
     _keys_that_are_not_names(root, (), problems, name)
-    odd_keys = bool(problems) and any(p.message.startswith("YAML reads") for p in problems)
+    odd_keys = any(p.message.startswith("YAML reads") for p in problems)
     found = len(problems)
     sources: dict[KeyPath, list[str]] = {}  # the variables each value was made from
     raw = _substitute_env(raw, (), problems, name, lines, sources)
