@@ -12,6 +12,9 @@ import multiprocessing.synchronize
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +33,7 @@ from metergate.limits import host as host_rates
 from metergate.metering.estimate import WorstCase
 from metergate.metering.metrics import Metrics
 from tests.harness import counts_at_once, simulated_config, write_config
-from tests.services import GatewayProcess, create_key_sync
+from tests.services import GatewayProcess, create_key_sync, fill, small_filesystem
 
 NANO = 1_000_000_000
 ADMIN_KEY = "host-budgets-admin-key-0123456789"
@@ -288,6 +291,33 @@ def test_a_budget_rebuilt_while_requests_run_counts_them_in_every_worker(
     finally:
         for worker in workers:
             worker.close()
+
+
+def test_the_host_tables_have_their_disk_before_it_fills(tmp_path: Path) -> None:
+    """The workers write the tables through a mapping: made sparse, a page first written
+    after the disk filled killed the worker with SIGBUS (a new key's rate-limit bucket,
+    say), answered requests cut off. They are made with their blocks, so a full disk
+    later changes nothing for them."""
+    with small_filesystem(tmp_path / "small", "4m") as small:
+        host_rates.create_table(small / "rates")
+        create_table(small / "budgets", workers=2)
+        fill(small)
+        script = textwrap.dedent(
+            f"""
+            import mmap, os
+            for name in ("rates", "budgets"):
+                fd = os.open({str(small)!r} + "/" + name, os.O_RDWR)
+                mapped = mmap.mmap(fd, 0)
+                for at in range(0, len(mapped), mmap.PAGESIZE):  # every page, as workers may
+                    mapped[at] = 1
+                mapped.close()
+            print("written")
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout.strip()) == (0, "written"), done
 
 
 def budget_config(

@@ -48,6 +48,7 @@ from pathlib import Path
 from metergate.budgets.book import BudgetBook, Reservation, exhausted
 from metergate.budgets.budget import Budget, passed
 from metergate.metering.estimate import WorstCase
+from metergate.metering.mmapfile import allocate
 
 log = logging.getLogger("metergate.budgets")
 Seen = tuple[Budget, int, set[int]]  # a budget, its spend now, thresholds to announce
@@ -68,7 +69,8 @@ def create_table(path: Path, workers: int, capacity: int = CAPACITY) -> None:
     with path.open("wb") as file:
         for word in (_MAGIC, capacity, workers):
             file.write(word.to_bytes(8, "little", signed=True))
-        file.truncate(8 * (_HEADER + capacity * (_COLUMNS + 2 * workers)))
+        file.flush()
+        allocate(file, 8 * (_HEADER + capacity * (_COLUMNS + 2 * workers)))  # (as the rates')
 
 
 def release_worker(path: Path, worker: int) -> int:

@@ -27,6 +27,8 @@ import os
 import struct
 from pathlib import Path
 
+from metergate.metering.mmapfile import allocate
+
 log = logging.getLogger("metergate.limits")
 
 RATES_FILE = "rate-limits"  # in the directory of the host's tables (`serve --workers N`)
@@ -41,7 +43,8 @@ def create_table(path: Path, capacity: int = CAPACITY) -> None:
     """Make the zeroed file (the supervisor does, before any worker opens it)."""
     with path.open("wb") as file:
         file.write(_HEADER.pack(_MAGIC, capacity))
-        file.truncate(_HEADER.size + capacity * _SLOT.size)
+        file.flush()
+        allocate(file, _HEADER.size + capacity * _SLOT.size)  # no SIGBUS on a full disk later
 
 
 class HostTats:

@@ -24,6 +24,18 @@ _INT = struct.Struct("i")
 _DOUBLES = struct.Struct("dd")
 
 
+def allocate(file: Any, size: int) -> None:
+    """Give a file that is to be mapped `size` bytes of disk, or raise OSError (ENOSPC)
+    now: a sparse file (`truncate`) gets its blocks when the mapping is written, and a
+    full filesystem then kills the process with SIGBUS instead."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        file.truncate(size)  # a filesystem without it: as before
+
+
 class CorruptFile(Exception):
     """An entry runs past the used part of its file."""
 
@@ -78,15 +90,7 @@ class WritableFile:
         self.positions = {key.decode(): index for key, index in entries(self._mapped, 8, self.used)}
 
     def _allocate(self, size: int) -> None:
-        """Give the file `size` bytes of disk, or raise OSError (ENOSPC) now: a sparse file
-        (`truncate`) gets its blocks when the mapping is written, and a full filesystem
-        then kills the process with SIGBUS instead."""
-        try:
-            os.posix_fallocate(self._file.fileno(), 0, size)
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            self._file.truncate(size)  # a filesystem without it: as before
+        allocate(self._file, size)
 
     def _map(self, size: int) -> None:
         self._mapped = mmap.mmap(self._file.fileno(), size)
