@@ -46,8 +46,8 @@ YOUNG_GC_THRESHOLD = 10_000  # net allocations between young-generation collecti
 
 Handler = Callable[[Request, Send], Awaitable[None]]
 
-# Paths that answer HEAD as GET without the body (the server drops it, keeps the length).
 SIGHUP_RETRY_FIRST, SIGHUP_RETRY_LONGEST = 1.0, 30.0  # seconds between a SIGHUP's tries
+# Paths that answer HEAD as GET without the body (the server drops it, keeps the length).
 _PROBED = ("/healthz", "/readyz", "/metrics", "/v1/metrics", "/v1/models", "/models")
 
 
