@@ -80,7 +80,7 @@ class WritableFile:
         size = os.fstat(self._file.fileno()).st_size
         if size == 0:
             size = INITIAL_SIZE
-            self._allocate(size)
+            allocate(self._file, size)
         self._map(size)
         self.used = _INT.unpack_from(self._mapped, 0)[0]
         if self.used == 0:
@@ -88,9 +88,6 @@ class WritableFile:
             self._mapped[0:4] = _INT.pack(self.used)
         # A file already there (a pid used again): its values carry on from where they are.
         self.positions = {key.decode(): index for key, index in entries(self._mapped, 8, self.used)}
-
-    def _allocate(self, size: int) -> None:
-        allocate(self._file, size)
 
     def _map(self, size: int) -> None:
         self._mapped = mmap.mmap(self._file.fileno(), size)
@@ -107,7 +104,7 @@ class WritableFile:
         while self.used + len(entry) > size:
             size *= 2
         if size != self.size:
-            self._allocate(size)
+            allocate(self._file, size)
             self._map(size)
         self._mapped[self.used : self.used + len(entry)] = entry
         self.used += len(entry)
